@@ -1,0 +1,17 @@
+"""velodiff: fast, controllable, measurable diffusion-model generation."""
+
+from .denoisers import Cost, ModelDenoiser
+from .errors import VelodiffError
+from .grids import GRIDS, make_grid
+from .guidance import ClassifierFreeGuidance, GuidedCond
+from .sampling import SampleResult, StepInfo, sample
+from .schedules import EDM, ContinuousVP, DiscreteVP, NoiseSchedule, RectifiedFlow, get_schedule
+from .solvers import SOLVERS, get_solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EDM", "GRIDS", "SOLVERS", "ClassifierFreeGuidance", "ContinuousVP", "Cost", "DiscreteVP",
+    "GuidedCond", "ModelDenoiser", "NoiseSchedule", "RectifiedFlow", "SampleResult", "StepInfo",
+    "VelodiffError", "get_schedule", "get_solver", "make_grid", "sample",
+]

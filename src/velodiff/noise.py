@@ -1,0 +1,62 @@
+"""Seeded noise: the initial sample and the per-step noise of stochastic solvers.
+
+Contract: noise is drawn on the CPU in float32 from a generator seeded by (seed, purpose) and then
+moved to the sample's device and dtype, so the same seed gives the same images on every device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .schedules import NoiseSchedule
+
+
+def _generator(*key: int) -> torch.Generator:
+    state = np.random.SeedSequence([abs(int(k)) for k in key]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def randn(shape: tuple[int, ...], seed: int, *key: int, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise of ``shape`` determined by (seed, *key) only."""
+    z = torch.randn(shape, generator=_generator(seed, *key), dtype=torch.float32)
+    return z.to(device=device, dtype=dtype)
+
+
+def prior_sample(schedule: NoiseSchedule, t: float, noise: Tensor) -> Tensor:
+    """x at time t from standard normal noise: noise * sqrt(alpha^2 + sigma^2), the marginal std of
+    x_t for unit-variance data (1 for VP and for flow at t = 1; about sigma for EDM)."""
+    a, s = float(schedule.alpha(t)), float(schedule.sigma(t))
+    return noise * (a * a + s * s) ** 0.5
+
+
+class GaussianNoise:
+    """Fresh standard normal noise per step i, a pure function of (seed, i)."""
+
+    def __init__(self, like: Tensor, seed: int) -> None:
+        self.shape, self.device, self.dtype, self.seed = tuple(like.shape), like.device, like.dtype, seed
+
+    def __call__(self, i: int) -> Tensor:
+        return randn(self.shape, self.seed, 1, i, device=self.device, dtype=self.dtype)
+
+
+class BrownianNoise:
+    """Normalized Brownian increments (W(t_i) - W(t_{i+1})) / sqrt(t_i - t_{i+1}) from one Brownian
+    tree over schedule time, so a path is consistent across step counts for the same seed
+    (as k-diffusion's BrownianTreeNoiseSampler)."""
+
+    def __init__(self, like: Tensor, seed: int, ts: Tensor) -> None:
+        import torchsde
+
+        self.ts, self.device, self.dtype = ts, like.device, like.dtype
+        t_hi = float(ts.max())
+        self.tree = torchsde.BrownianTree(
+            0.0, torch.zeros(like.shape, dtype=torch.float32), t_hi, entropy=int(seed) % (2**31)
+        )
+
+    def __call__(self, i: int) -> Tensor:
+        t0, t1 = float(self.ts[i + 1]), float(self.ts[i])
+        w = self.tree(t0, t1) / (t1 - t0) ** 0.5
+        return w.to(device=self.device, dtype=self.dtype)
