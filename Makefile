@@ -1,0 +1,25 @@
+# Two commands for a newcomer: `make demo` (the main job) and `make test` (the test suite).
+# Each creates .venv, installs torch==2.13.0 first (a CPU build here; GPU users keep theirs), then velodiff.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/velodiff: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,ray]"
+	touch $(BIN)/velodiff
+
+install: $(BIN)/velodiff
+
+demo: install
+	$(BIN)/velodiff bench solvers --json out/bench_solvers.json
+
+test: install
+	$(BIN)/python -m pytest -n 2 tests
+
+lint: install
+	$(BIN)/ruff check src tests
+
+.PHONY: install demo test lint
