@@ -1,0 +1,1 @@
+"""Data: the synthetic captioned shapes world."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, ShapesEval, benchmarks and reports."""
