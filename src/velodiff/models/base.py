@@ -1,0 +1,247 @@
+"""What a loaded model is to velodiff: a denoiser over a noise schedule, plus text and image codecs.
+
+A family module (``sd``, ``sdxl``, ...) turns a diffusers folder or a single checkpoint file into a
+:class:`LoadedModel` and registers itself with :func:`register_family`::
+
+    register_family("sd1", detect=..., build=..., priority=10)
+
+``detect(source) -> bool`` looks at a :class:`~velodiff.models.loading.Source` (the folder's
+``model_index.json`` and component configs, or a single file's tensor names); ``build(source, *,
+dtype, device, prediction_type, config)`` returns the model. Families are tried by descending
+priority, so a more specific family (SDXL) is asked before a general one (SD1).
+
+The network adapter (:class:`UNetNetwork`) calls the diffusers module with the conditioning dict
+the family's ``encode_prompt`` made; :class:`NetworkDenoiser` turns its prediction into x0 with the
+sample kept in float32 and the time input kept in float32 whatever the weights' dtype (bfloat16
+would round timestep 999 to 1000).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..denoisers import Cond, ModelDenoiser, broadcast_time
+from ..errors import VelodiffError, unknown_name
+from ..guidance import GuidedCond
+from ..schedules import F64, NoiseSchedule
+
+if TYPE_CHECKING:
+    from .loading import Source
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise unknown_name("dtype", str(dtype), ["float32", "bfloat16", "float16"])
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VelodiffError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+# --- the network adapter and the denoiser -----------------------------------------------------
+
+#: conditioning keys that diffusers' UNet takes in ``added_cond_kwargs`` (SDXL's micro-conditioning)
+ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+
+class UNetNetwork:
+    """``network(x, timestep, cond) -> prediction`` over a diffusers ``UNet2DConditionModel``.
+
+    ``cond`` is a dict: ``encoder_hidden_states``, optional ``text_embeds`` / ``time_ids`` (SDXL)
+    and optional ``concat`` (extra input channels, e.g. an inpainting UNet's mask and masked-image
+    latents). x arrives in float32 and is cast to the weights' dtype for the call only."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+        self.dtype = next(unet.parameters()).dtype
+
+    def __call__(self, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        if not isinstance(cond, Mapping):
+            raise VelodiffError("a UNet needs a conditioning dict with 'encoder_hidden_states'")
+        h = x if x.dtype == self.dtype else x.to(self.dtype)
+        extra = cond.get("concat")
+        if extra is not None:
+            h = torch.cat([h, extra.to(self.dtype)], dim=1)
+        added = {k: cond[k] for k in ADDED_COND_KEYS if k in cond}
+        out = self.unet(
+            h,
+            timestep,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+@dataclass
+class NetworkDenoiser(ModelDenoiser):
+    """:class:`~velodiff.denoisers.ModelDenoiser` for real networks: the time input stays float32,
+    the schedule is evaluated on the CPU in float64 and enters as scalars (no host-device syncs,
+    no per-step tensors on the device for a shared time)."""
+
+    def __call__(self, x: Tensor, t: Tensor | float, cond: Cond = None) -> Tensor:
+        t = torch.as_tensor(t, dtype=F64).cpu()
+        to_timestep = self.timestep or self.schedule.timestep
+        ts = to_timestep(t).to(torch.float32)
+        ts = ts.expand(x.shape[0]) if ts.ndim == 0 else ts
+        out = self.network(x, ts.to(x.device), cond)
+        if out.shape != x.shape:
+            raise VelodiffError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        if t.ndim == 0:
+            a, s = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        else:
+            tb = broadcast_time(t, x)
+            a = self.schedule.alpha(tb).to(x.device, x.dtype)
+            s = self.schedule.sigma(tb).to(x.device, x.dtype)
+        p = self.prediction_type
+        if p == "epsilon":
+            return (x - s * out) / a
+        if p == "v_prediction":  # x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)  (Salimans & Ho 2022)
+            return (a * x - s * out) / (a * a + s * s)
+        if p == "sample":
+            return out
+        return x - s * out  # flow: v = eps - x0 with alpha = 1 - t, sigma = t
+
+
+# --- the loaded model ---------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for velodiff's sampling core. Families subclass it and fill the codecs.
+
+    ``denoiser(x, t, cond) -> x0`` takes float32 latents; ``encode_prompt`` returns the cond it
+    needs (a :class:`GuidedCond` when ``guided``); ``decode`` maps latents to images in [0, 1];
+    ``encode`` maps images in [0, 1] to latents (image-to-image, inpainting)."""
+
+    family: str
+    schedule: NoiseSchedule
+    prediction_type: str
+    denoiser: NetworkDenoiser
+    latent_channels: int
+    vae_scale_factor: int
+    default_size: tuple[int, int]
+    default_steps: int
+    default_guidance: float
+    default_solver: str
+    default_grid: str
+    components: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    path: str = ""
+    #: options for the default grid (e.g. diffusers' ``steps_offset`` for "leading")
+    default_grid_options: dict[str, Any] = field(default_factory=dict)
+    #: "zero": the last step jumps to clean data (diffusers' final_sigmas_type="zero")
+    default_final: str = "zero"
+    #: the most tokens a prompt may have (CLIP: 77)
+    max_tokens: int = 77
+
+    # -- codecs (filled by the family) --
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative: list[str] | None = None,
+        *,
+        guided: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Cond:
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- what pipelines ask --
+
+    @property
+    def network_in_channels(self) -> int:
+        """Input channels of the network: latent_channels, or more for an inpainting UNet."""
+        unet = self.components.get("unet")
+        return int(unet.config.in_channels) if unet is not None else self.latent_channels
+
+    @property
+    def is_inpainting(self) -> bool:
+        """True for a network trained for inpainting (mask and masked-image latents as extra input
+        channels: 4 + 1 + 4 = 9 for Stable Diffusion)."""
+        return self.network_in_channels == 2 * self.latent_channels + 1
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise VelodiffError(
+                f"height and width must be positive multiples of {f} for {self.family} "
+                f"(the latent factor), got {height}x{width}"
+            )
+        return (batch, self.latent_channels, height // f, width // f)
+
+    def describe(self) -> str:
+        h, w = self.default_size
+        return (
+            f"{self.family} ({self.prediction_type}, {self.latent_channels}-channel latents, "
+            f"{h}x{w}, {str(self.dtype).removeprefix('torch.')} on {self.device})"
+        )
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A registered model family: ``detect(source) -> bool`` and ``build(source, **kw) -> LoadedModel``."""
+
+    name: str
+    detect: Callable[[Source], bool]
+    build: Callable[..., LoadedModel]
+    priority: int = 0
+    description: str = ""
+    #: for the no-family error: the tensor names (or name prefixes) a single file must have
+    expected_keys: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, FamilySpec] = {}
+
+
+def register_family(
+    name: str,
+    detect: Callable[[Source], bool],
+    build: Callable[..., LoadedModel],
+    *,
+    priority: int = 0,
+    description: str = "",
+    expected_keys: tuple[str, ...] = (),
+) -> FamilySpec:
+    spec = FamilySpec(name, detect, build, priority, description, tuple(expected_keys))
+    FAMILIES[name] = spec
+    return spec
+
+
+def families_by_priority() -> list[FamilySpec]:
+    return sorted(FAMILIES.values(), key=lambda f: -f.priority)
+
+
+def as_guided(cond: Cond, uncond: Cond | None) -> Cond:
+    return GuidedCond(cond, uncond) if uncond is not None else cond

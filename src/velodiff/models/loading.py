@@ -1,0 +1,184 @@
+"""``load(path)``: a diffusers folder or a single ``.safetensors`` file, offline, as a LoadedModel.
+
+The path is inspected without loading weights (a folder's JSON configs, a file's tensor names), the
+family is detected by asking each registered family in priority order (or taken from ``family=``),
+and the family builds the model with diffusers' own classes. Nothing is fetched from the network:
+``HF_HUB_OFFLINE=1`` is set and every diffusers/transformers call passes ``local_files_only=True``.
+Pickle checkpoints (.ckpt, .bin, .pt, .pth) are refused; they can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import VelodiffError, unknown_name
+from .base import FAMILIES, LoadedModel, families_by_priority, resolve_device, resolve_dtype
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+CONVERT_HINT = (
+    "convert it to .safetensors first, in a trusted environment: "
+    'python -c "import torch, safetensors.torch as st; '
+    "sd = torch.load('IN', map_location='cpu', weights_only=True); "
+    "st.save_file({k: v.contiguous() for k, v in sd.get('state_dict', sd).items() "
+    "if isinstance(v, torch.Tensor)}, 'OUT.safetensors')\""
+)
+
+
+def offline() -> None:
+    """Forbid the Hugging Face hub for this process (weights and configs come from local files)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@dataclass
+class Source:
+    """What a path holds, read without loading weights."""
+
+    path: Path
+    kind: str  # "folder" | "single_file"
+    model_index: dict[str, Any] = field(default_factory=dict)
+    #: a single file's tensor names (empty for folders)
+    keys: frozenset[str] = frozenset()
+    #: a single file's metadata header
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.model_index.get("_class_name", ""))
+
+    def config(self, component: str) -> dict[str, Any]:
+        """A folder component's config.json (unet, vae, ...) or scheduler_config.json; {} if absent."""
+        if self.kind != "folder":
+            return {}
+        for name in ("config.json", "scheduler_config.json"):
+            p = self.path / component / name
+            if p.is_file():
+                return _read_json(p)
+        return {}
+
+    @cached_property
+    def unet_config(self) -> dict[str, Any]:
+        return self.config("unet")
+
+    def has_key(self, *prefixes: str) -> bool:
+        """Whether a single file has a tensor whose name starts with one of the prefixes."""
+        return any(k.startswith(prefixes) for k in self.keys)
+
+    def tensor_shape(self, key: str) -> tuple[int, ...] | None:
+        from safetensors import safe_open
+
+        if key not in self.keys:
+            return None
+        with safe_open(str(self.path), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise VelodiffError(f"cannot read {p}: {e}") from None
+
+
+def inspect_source(path: str | os.PathLike[str]) -> Source:
+    """Classify ``path`` (folder with model_index.json, or .safetensors file); refuse anything else."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise VelodiffError(f"model path {str(p)!r} does not exist")
+    if p.is_dir():
+        index = p / "model_index.json"
+        if not index.is_file():
+            if any(p.glob("*.safetensors")) or (p / "config.json").is_file():
+                hint = "; pass the .safetensors file itself, or the pipeline folder above it"
+            else:
+                hint = "; expected a diffusers pipeline folder (model_index.json with unet/, vae/, ...)"
+            raise VelodiffError(f"{str(p)!r} is not a diffusers model folder: no model_index.json{hint}")
+        return Source(p, "folder", model_index=_read_json(index))
+    suffix = p.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise VelodiffError(
+            f"{p.name} is a pickle checkpoint, which velodiff never loads "
+            f"(unpickling can run code); {CONVERT_HINT}"
+        )
+    if suffix != ".safetensors":
+        raise VelodiffError(
+            f"{p.name}: expected a diffusers folder or a .safetensors file, got {suffix or 'no suffix'!r}"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys, meta = frozenset(f.keys()), dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise VelodiffError(f"{p.name} is not a readable safetensors file: {e}") from None
+    return Source(p, "single_file", keys=keys, metadata=meta)
+
+
+def detect_family(source: Source) -> str:
+    for spec in families_by_priority():
+        if spec.detect(source):
+            return spec.name
+    if source.kind == "folder":
+        raise VelodiffError(
+            f"{str(source.path)!r}: pipeline {source.pipeline_class or '(no _class_name)'} "
+            f"matches no known family "
+            f"({', '.join(sorted(FAMILIES))}); pass family= to force one"
+        )
+    expected = "; ".join(
+        f"{s.name}: {', '.join(s.expected_keys)}" for s in families_by_priority() if s.expected_keys
+    )
+    sample = ", ".join(sorted(source.keys)[:3]) or "no tensors"
+    raise VelodiffError(
+        f"{source.path.name}: its tensor names match no known model family (found e.g. {sample}); "
+        f"expected keys like {expected}"
+    )
+
+
+def load(
+    path: str | os.PathLike[str],
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+    family: str | None = None,
+    prediction_type: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+) -> LoadedModel:
+    """Load a model for velodiff's sampling core.
+
+    * ``path``: a diffusers pipeline folder (``model_index.json``) or a single ``.safetensors``
+      checkpoint (original Stable Diffusion / SDXL layout; configs from ``config``, a local
+      diffusers folder, else velodiff's bundled ones).
+    * ``dtype``: "float32", "bfloat16" or "float16" for the weights (latents are kept in float32).
+    * ``family``: force a family ("sd1", "sd2", "sdxl", ... see ``FAMILIES``) instead of detecting it.
+    * ``prediction_type``: override the scheduler config's ("epsilon", "v_prediction", "sample").
+    """
+    from . import _register_builtin
+
+    _register_builtin()
+    offline()
+    source = inspect_source(path)
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    if family is not None and family not in FAMILIES:
+        raise unknown_name("model family", family, FAMILIES)
+    name = family or detect_family(source)
+    if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction", "sample", "flow"):
+        raise unknown_name("prediction type", prediction_type, ["epsilon", "v_prediction", "sample", "flow"])
+    with torch.inference_mode(False):
+        model = FAMILIES[name].build(
+            source,
+            dtype=torch_dtype,
+            device=dev,
+            prediction_type=prediction_type,
+            config=Path(config).expanduser() if config is not None else None,
+        )
+    model.path = str(source.path)
+    return model

@@ -1,0 +1,412 @@
+"""Stable Diffusion 1.x and 2.x: a diffusers UNet2DConditionModel, AutoencoderKL and CLIP text encoder.
+
+SD1 and SD2 differ in the text encoder (CLIP ViT-L/14, 768 wide, vs OpenCLIP ViT-H/14, 1024 wide),
+the UNet's attention layout (SD2: linear projections, per-level head dims) and, for the 768-pixel
+SD2 checkpoints, the prediction type (v). The prompt is encoded as diffusers' StableDiffusionPipeline
+does: padded to 77 tokens, last hidden state (``clip_skip`` = k uses the k-th layer from the end
+followed by the final layer norm), the negative prompt "" when none is given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoisers import Cond
+from ..errors import VelodiffError
+from ..schedules import DiscreteVP
+from .base import LoadedModel, NetworkDenoiser, UNetNetwork, as_guided, register_family
+from .loading import Source
+
+SD_PIPELINES = {
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInpaintPipelineLegacy",
+    "AltDiffusionPipeline",
+}
+
+# tensor names in original (CompVis / Stability) single-file checkpoints
+LDM_UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+SD1_TEXT_KEY = "cond_stage_model.transformer."
+SD2_TEXT_KEY = "cond_stage_model.model.transformer.resblocks."
+
+
+def _from_pretrained(cls: Any, path: Path, subfolder: str, **kwargs: Any) -> Any:
+    """diffusers / transformers from_pretrained, local safetensors only, errors as one line."""
+    try:
+        return cls.from_pretrained(str(path), subfolder=subfolder, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VelodiffError(f"cannot load {subfolder}/ from {path}: {msg}") from None
+
+
+def load_clip_tokenizer(path: Path, subfolder: str = "tokenizer", max_length: int | None = None) -> Any:
+    from transformers import CLIPTokenizer
+
+    tok = _from_pretrained(CLIPTokenizer, path, subfolder)
+    if max_length is not None:
+        tok.model_max_length = max_length
+    return tok
+
+
+@dataclass
+class SDModel(LoadedModel):
+    """Stable Diffusion 1.x / 2.x. ``components``: unet, vae, text_encoder, tokenizer, scheduler_config."""
+
+    clip_skip: int = 0
+
+    @property
+    def unet(self) -> Any:
+        return self.components["unet"]
+
+    @property
+    def vae(self) -> Any:
+        return self.components["vae"]
+
+    # -- text --
+
+    def tokenize(self, tokenizer: Any, texts: Sequence[str]) -> Tensor:
+        """Token ids padded / truncated to the tokenizer's length; warns with the words dropped."""
+        n = int(min(tokenizer.model_max_length, 10_000))
+        ids = tokenizer(
+            list(texts), padding="max_length", max_length=n, truncation=True, return_tensors="pt"
+        ).input_ids
+        full = tokenizer(list(texts), truncation=False).input_ids
+        for i, row in enumerate(full):
+            if len(row) > n:
+                dropped = tokenizer.decode(row[n - 1 : -1]).strip()
+                warnings.warn(
+                    f"prompt {i} has {len(row)} tokens; the text encoder reads {n}, "
+                    f"so these words were dropped: "
+                    f"{dropped!r}",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        return ids
+
+    def _text_hidden(
+        self,
+        encoder: Any,
+        ids: Tensor,
+        *,
+        layer_from_end: int = 0,
+        pooled: bool = False,
+        final_norm: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = (ids != getattr(encoder.config, "pad_token_id", -1)).long().to(self.device)
+        want_hidden = layer_from_end > 0
+        out = encoder(ids.to(self.device), attention_mask=mask, output_hidden_states=want_hidden)
+        if want_hidden:
+            h = out.hidden_states[-(layer_from_end + 1)]
+            if final_norm:
+                h = encoder.text_model.final_layer_norm(h)
+        else:
+            h = out[0]
+        return h, (out[0] if pooled else None)
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative: list[str] | None = None,
+        *,
+        guided: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Cond:
+        """{"encoder_hidden_states": (B, 77, D)} for the prompts, and for the negatives ("" by default)
+        as a GuidedCond when ``guided``; prompt and negative run as one text-encoder batch."""
+        prompts = list(prompts)
+        negs = _negatives(prompts, negative) if guided else []
+        te = self.components["text_encoder"]
+        ids = self.tokenize(self.components["tokenizer"], prompts + negs)
+        with torch.inference_mode():
+            h, _ = self._text_hidden(te, ids, layer_from_end=self.clip_skip)
+        h = h.to(self.dtype)
+        cond = {"encoder_hidden_states": h[: len(prompts)]}
+        uncond = {"encoder_hidden_states": h[len(prompts) :]} if guided else None
+        return as_guided(cond, uncond)
+
+    # -- images --
+
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images (B, 3, H, W) float32 in [0, 1]."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None):
+            z = z + cfg.shift_factor
+        with torch.inference_mode():
+            img = self.vae.decode(z.to(self._vae_dtype()), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp_(0, 1)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> latents (float32): the mean of the VAE posterior (deterministic;
+        diffusers samples it with the generator, a difference of about the posterior's std, ~1e-3)."""
+        cfg = self.vae.config
+        x = images.to(self.device, self._vae_dtype()) * 2 - 1
+        with torch.inference_mode():
+            z = self.vae.encode(x, return_dict=False)[0].mode().float()
+        if getattr(cfg, "shift_factor", None):
+            z = z - cfg.shift_factor
+        return z * cfg.scaling_factor
+
+    # -- interop --
+
+    def to_diffusers(self, scheduler: Any = None) -> Any:
+        """The same modules as a diffusers StableDiffusion pipeline (shared weights), for comparisons.
+        ``scheduler``: a diffusers scheduler instance (default: DDIM from the model's scheduler config)."""
+        from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+        c = self.components
+        sched = scheduler or DDIMScheduler.from_config(c["scheduler_config"])
+        cls = StableDiffusionInpaintPipeline if self.is_inpainting else StableDiffusionPipeline
+        return cls(
+            vae=c["vae"],
+            text_encoder=c["text_encoder"],
+            tokenizer=c["tokenizer"],
+            unet=c["unet"],
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def _negatives(prompts: list[str], negative: Sequence[str] | str | None) -> list[str]:
+    if negative is None:
+        return [""] * len(prompts)
+    if isinstance(negative, str):
+        return [negative] * len(prompts)
+    negative = list(negative)
+    if len(negative) == 1:
+        return negative * len(prompts)
+    if len(negative) != len(prompts):
+        raise VelodiffError(
+            f"{len(negative)} negative prompts for {len(prompts)} prompts; give one or one per prompt"
+        )
+    return negative
+
+
+# --- detection ---------------------------------------------------------------------------------
+
+
+def _is_sd_folder(src: Source) -> bool:
+    if src.kind != "folder":
+        return False
+    if src.pipeline_class in SD_PIPELINES:
+        return True
+    idx = src.model_index
+    return not src.pipeline_class and "unet" in idx and "text_encoder" in idx and "text_encoder_2" not in idx
+
+
+def _sd2_unet(cfg: dict[str, Any]) -> bool:
+    return bool(cfg.get("use_linear_projection")) or cfg.get("cross_attention_dim") == 1024
+
+
+def detect_sd1(src: Source) -> bool:
+    if src.kind == "folder":
+        return _is_sd_folder(src) and not _sd2_unet(src.unet_config)
+    return LDM_UNET_KEY in src.keys and src.has_key(SD1_TEXT_KEY) and not src.has_key("conditioner.")
+
+
+def detect_sd2(src: Source) -> bool:
+    if src.kind == "folder":
+        return _is_sd_folder(src) and _sd2_unet(src.unet_config)
+    return LDM_UNET_KEY in src.keys and src.has_key(SD2_TEXT_KEY) and not src.has_key("conditioner.")
+
+
+# --- building ----------------------------------------------------------------------------------
+
+
+def scheduler_setup(sched_cfg: dict[str, Any], prediction_type: str | None) -> tuple[DiscreteVP, str]:
+    """The schedule and prediction type from a diffusers scheduler config (override wins)."""
+    if "beta_schedule" not in sched_cfg and "trained_betas" not in sched_cfg and sched_cfg:
+        raise VelodiffError(
+            f"scheduler {sched_cfg.get('_class_name', '?')} has no beta schedule; "
+            "this family needs a DDPM-type one"
+        )
+    schedule = DiscreteVP.from_diffusers_config(sched_cfg or {"beta_schedule": "scaled_linear"})
+    return schedule, prediction_type or str(sched_cfg.get("prediction_type", "epsilon"))
+
+
+def default_grid_for(sched_cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """DPM++ 2M with Karras times (the common 'DPM++ 2M Karras'); zero-terminal-SNR models use
+    diffusers' 'trailing' spacing, which starts at the last trained step (Lin et al. 2023, Sec. 3.3)."""
+    if sched_cfg.get("rescale_betas_zero_snr"):
+        return "trailing", {}
+    return "karras", {}
+
+
+def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device)
+    module.eval().requires_grad_(False)
+    return module
+
+
+def vae_dtype_for(vae_cfg: dict[str, Any] | Any, dtype: torch.dtype) -> torch.dtype:
+    """float16 VAEs that overflow (SDXL's: config force_upcast) decode in float32, as diffusers does."""
+    force = (
+        vae_cfg.get("force_upcast", False)
+        if isinstance(vae_cfg, dict)
+        else getattr(vae_cfg, "force_upcast", False)
+    )
+    return torch.float32 if dtype == torch.float16 and force else dtype
+
+
+def read_folder_modules(
+    src: Source, dtype: torch.dtype, device: torch.device, *, text_encoders: Sequence[tuple[str, str, Any]]
+) -> dict[str, Any]:
+    """unet, vae, scheduler_config and the named (text_encoder, tokenizer, class) triples of a folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    c: dict[str, Any] = {}
+    c["unet"] = place(
+        _from_pretrained(UNet2DConditionModel, src.path, "unet", torch_dtype=dtype, use_safetensors=True),
+        device,
+    )
+    vae_cfg = src.config("vae")
+    c["vae"] = place(
+        _from_pretrained(AutoencoderKL, src.path, "vae", use_safetensors=True),
+        device,
+        vae_dtype_for(vae_cfg, dtype),
+    )
+    for te_name, tok_name, cls in text_encoders:
+        if (
+            te_name in src.model_index
+            and src.model_index[te_name]
+            and src.model_index[te_name][0] is not None
+        ):
+            c[te_name] = place(
+                _from_pretrained(cls, src.path, te_name, dtype=dtype, use_safetensors=True), device
+            )
+            c[tok_name] = load_clip_tokenizer(src.path, tok_name)
+        else:
+            c[te_name], c[tok_name] = None, None
+    c["scheduler_config"] = src.config("scheduler")
+    return c
+
+
+def read_single_file(
+    src: Source, pipeline_cls: Any, config_dir: Path, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    """A single original-layout checkpoint through diffusers' from_single_file, configs from config_dir."""
+    try:
+        pipe = (
+            pipeline_cls.from_single_file(
+                str(src.path),
+                config=str(config_dir),
+                local_files_only=True,
+                torch_dtype=dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+            if "XL" not in pipeline_cls.__name__
+            else pipeline_cls.from_single_file(
+                str(src.path),
+                config=str(config_dir),
+                local_files_only=True,
+                torch_dtype=dtype,
+            )
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VelodiffError(f"cannot load {src.path.name} with the configs in {config_dir}: {msg}") from None
+    c: dict[str, Any] = {
+        k: v
+        for k, v in pipe.components.items()
+        if k in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    }
+    for k in ("unet", "text_encoder", "text_encoder_2"):
+        if c.get(k) is not None:
+            place(c[k], device, dtype)
+    place(c["vae"], device, vae_dtype_for(c["vae"].config, dtype))
+    c["scheduler_config"] = dict(pipe.scheduler.config)
+    return c
+
+
+def build_sd(
+    src: Source,
+    *,
+    family: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    prediction_type: str | None = None,
+    config: Path | None = None,
+) -> SDModel:
+    from transformers import CLIPTextModel
+
+    if src.kind == "folder":
+        c = read_folder_modules(
+            src, dtype, device, text_encoders=[("text_encoder", "tokenizer", CLIPTextModel)]
+        )
+        if c["text_encoder"] is None:
+            raise VelodiffError(f"{src.path} has no text_encoder/; a Stable Diffusion folder needs one")
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        from .configs import single_file_config
+
+        cfg_dir = single_file_config(family, src, config)
+        c = read_single_file(src, StableDiffusionPipeline, cfg_dir, dtype, device)
+        if prediction_type is None:
+            prediction_type = single_file_prediction_type(src, c["scheduler_config"])
+    schedule, ptype = scheduler_setup(c["scheduler_config"], prediction_type)
+    unet, vae = c["unet"], c["vae"]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = int(unet.config.sample_size) * factor
+    grid, grid_opts = default_grid_for(c["scheduler_config"])
+    return SDModel(
+        family=family,
+        schedule=schedule,
+        prediction_type=ptype,
+        denoiser=NetworkDenoiser(UNetNetwork(unet), schedule, ptype),
+        latent_channels=int(vae.config.latent_channels),
+        vae_scale_factor=factor,
+        default_size=(size, size),
+        default_steps=25,
+        default_guidance=7.5,
+        default_solver="dpmpp_2m",
+        default_grid=grid,
+        default_grid_options=grid_opts,
+        components=c,
+        device=device,
+        dtype=dtype,
+        max_tokens=int(min(c["tokenizer"].model_max_length, 10_000)),
+    )
+
+
+def single_file_prediction_type(src: Source, sched_cfg: dict[str, Any]) -> str | None:
+    """A single file's prediction type from its ModelSpec metadata, if it states one."""
+    meta = src.metadata.get("modelspec.prediction_type", "")
+    return {"v": "v_prediction", "epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction"}.get(
+        meta
+    )
+
+
+register_family(
+    "sd1",
+    detect_sd1,
+    lambda src, **kw: build_sd(src, family="sd1", **kw),
+    priority=10,
+    description="Stable Diffusion 1.x (CLIP ViT-L text encoder)",
+    expected_keys=(LDM_UNET_KEY, SD1_TEXT_KEY + "text_model.*"),
+)
+register_family(
+    "sd2",
+    detect_sd2,
+    lambda src, **kw: build_sd(src, family="sd2", **kw),
+    priority=11,
+    description="Stable Diffusion 2.x (OpenCLIP ViT-H text encoder; 768-px models predict v)",
+    expected_keys=(LDM_UNET_KEY, SD2_TEXT_KEY + "*"),
+)

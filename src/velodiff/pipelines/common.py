@@ -1,0 +1,312 @@
+"""What every pipeline shares: prompts and seeds, initial noise, the plan (solver, grid, guidance), the
+run itself, and images in and out.
+
+Noise contract. Each image's initial latents come from ``velodiff.noise.randn`` on the CPU, seeded
+by that image's own seed (``noise="velodiff"``): the same seed gives the same image on every device
+and in every batch composition. ``noise="torch"`` instead draws the whole batch with one
+``torch.Generator("cpu").manual_seed(seeds[0])`` call, which is what diffusers does with a CPU
+generator and what ComfyUI does (it always draws on the CPU), so a seed reproduces their starting
+noise. diffusers with a CUDA generator draws on the GPU and gives different noise from the same
+seed (and from CPU noise); velodiff never draws on the device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoisers import Cond
+from ..errors import VelodiffError, unknown_name
+from ..grids import make_grid
+from ..guidance import ClassifierFreeGuidance, GuidedCond
+from ..noise import BrownianNoise, GaussianNoise, randn
+from ..sampling import StepInfo, sample
+from ..solvers import SolverSpec, get_solver
+
+NOISE_MODES = ("velodiff", "torch")
+OUTPUTS = ("pil", "tensor", "latent")
+
+
+@dataclass
+class GenerationResult:
+    """``images``: PIL images, a float tensor (B, 3, H, W) in [0, 1], or None for output="latent";
+    ``latents``: the final latents (float32); ``nfe`` / ``evals``: batched network calls and
+    network-sample evaluations per image; ``ts``: the grid that was run."""
+
+    images: Any
+    latents: Tensor
+    nfe: int
+    evals: int
+    steps: int
+    seeds: list[int]
+    ts: Tensor
+    solver: str
+    guidance: float
+    stopped: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def normalize_prompts(prompts: str | Sequence[str]) -> list[str]:
+    ps = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not ps:
+        raise VelodiffError("no prompt given; pass at least one prompt")
+    for i, p in enumerate(ps):
+        if not isinstance(p, str):
+            raise VelodiffError(f"prompt {i} is a {type(p).__name__}, not text")
+        if not p.strip():
+            raise VelodiffError(f"prompt {i} is empty; describe the image in a few words")
+    return ps
+
+
+def batch_prompts_and_seeds(
+    prompts: list[str], seeds: int | Sequence[int] | None
+) -> tuple[list[str], list[int]]:
+    """One image per (prompt, seed): a single prompt repeats over a seed list; an int seed s gives
+    s, s+1, ... per prompt; None means 0, 1, ... ."""
+    if seeds is None:
+        seeds = 0
+    if isinstance(seeds, int):
+        return prompts, [seeds + i for i in range(len(prompts))]
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise VelodiffError("seeds is an empty list")
+    if len(prompts) == 1:
+        return prompts * len(seeds), seeds
+    if len(seeds) != len(prompts):
+        raise VelodiffError(
+            f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt, or one prompt"
+        )
+    return prompts, seeds
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int], mode: str = "velodiff") -> Tensor:
+    """Standard normal starting noise (B, C, h, w) on the CPU, float32 (see the module's contract)."""
+    if mode == "velodiff":
+        return torch.cat([randn((1, *shape[1:]), s) for s in seeds])
+    if mode == "torch":
+        return torch.randn(shape, generator=torch.Generator().manual_seed(int(seeds[0])), dtype=torch.float32)
+    raise unknown_name("noise mode", mode, NOISE_MODES)
+
+
+class PerImageNoise:
+    """A stochastic solver's step noise, drawn per image from that image's seed, so an image does
+    not depend on what else is in its batch."""
+
+    def __init__(self, like: Tensor, seeds: list[int], kind: str, ts: Tensor) -> None:
+        one = like[:1]
+        self.parts = [
+            BrownianNoise(one, s, ts) if kind == "brownian" else GaussianNoise(one, s) for s in seeds
+        ]
+
+    def __call__(self, i: int) -> Tensor:
+        return torch.cat([p(i) for p in self.parts])
+
+
+@dataclass
+class Plan:
+    solver: SolverSpec
+    ts: Tensor
+    steps: int
+    guidance: float
+
+
+def make_plan(
+    model: Any,
+    *,
+    steps: int | None,
+    nfe: int | None,
+    solver: str | None,
+    grid: str | Sequence[float] | None,
+    guidance: float | None,
+    grid_options: dict[str, Any] | None = None,
+    final: str | None = None,
+) -> Plan:
+    spec = get_solver(solver or model.default_solver)
+    guidance = float(model.default_guidance if guidance is None else guidance)
+    if grid is not None and not isinstance(grid, str):
+        ts = make_grid(grid, model.schedule)
+        return Plan(spec, ts, len(ts) - 1, guidance)
+    final = final or model.default_final
+    if steps is not None and nfe is not None:
+        raise VelodiffError("give steps or nfe, not both")
+    if nfe is not None:
+        if nfe < 1:
+            raise VelodiffError(f"nfe must be >= 1, got {nfe}")
+        steps = spec.steps_for_nfe(int(nfe), ends_at_zero=final == "zero")
+    steps = int(model.default_steps if steps is None else steps)
+    if steps < 1:
+        raise VelodiffError(f"steps must be >= 1, got {steps}")
+    name = grid or model.default_grid
+    opts = dict(model.default_grid_options if grid is None else {})
+    opts.update(grid_options or {})
+    ts = make_grid(name, model.schedule, steps, final=final, **opts)
+    return Plan(spec, ts, steps, guidance)
+
+
+def guided_denoiser(
+    model: Any, guidance: float, rescale: float = 0.0, interval: tuple[float, float] | None = None
+) -> Any:
+    if guidance == 1.0:
+        return model.denoiser
+    return ClassifierFreeGuidance(model.denoiser, guidance, rescale=rescale, interval=interval)
+
+
+def run(
+    model: Any,
+    plan: Plan,
+    x: Tensor,
+    cond: Cond,
+    seeds: list[int],
+    *,
+    callback: Callable[[StepInfo], bool | None] | None = None,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    ts: Tensor | None = None,
+    solver_options: dict[str, Any] | None = None,
+) -> Any:
+    """Sample from x at ts[0] (the plan's grid unless ``ts``) under inference mode."""
+    ts = plan.ts if ts is None else ts
+    den = guided_denoiser(model, plan.guidance, guidance_rescale, guidance_interval)
+    noise = None
+    opts = dict(solver_options or {})
+    if plan.solver.noise != "none" and (plan.solver.stochastic or float(opts.get("eta", 0) or 0) > 0):
+        noise = PerImageNoise(x, seeds, plan.solver.noise, ts)
+    with torch.inference_mode():
+        return sample(
+            den, x, ts, plan.solver, cond=cond, seed=seeds[0], noise=noise, callback=callback, **opts
+        )
+
+
+def check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise unknown_name("output", output, OUTPUTS)
+
+
+def finish(model: Any, res: Any, plan: Plan, seeds: list[int], output: str, ts: Tensor, **info: Any) -> Any:
+    images: Any = None
+    if output != "latent":
+        images = model.decode(res.x)
+        if output == "pil":
+            images = to_pil(images)
+    return GenerationResult(
+        images=images,
+        latents=res.x,
+        nfe=res.nfe,
+        evals=res.evals,
+        steps=res.steps,
+        seeds=seeds,
+        ts=ts,
+        solver=plan.solver.name,
+        guidance=plan.guidance,
+        stopped=res.stopped,
+        info=info,
+    )
+
+
+def prepare_cond(
+    model: Any, prompts: list[str], negative: Any, guidance: float, height: int, width: int
+) -> Cond:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        return model.encode_prompt(prompts, negative, guided=guidance != 1.0, height=height, width=width)
+
+
+def repeat_cond(cond: Cond, n: int) -> Cond:
+    """Cond for n images from a cond for one (used when one prompt serves a batch)."""
+    if isinstance(cond, GuidedCond):
+        return GuidedCond(repeat_cond(cond.cond, n), repeat_cond(cond.uncond, n))
+    if isinstance(cond, dict):
+        return {k: repeat_cond(v, n) for k, v in cond.items()}
+    if isinstance(cond, Tensor):
+        return cond.expand(n, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+    return cond
+
+
+def encode_batch_prompts(
+    model: Any, prompts: list[str], negative: Any, guidance: float, height: int, width: int
+) -> Cond:
+    """Encode each distinct prompt once (a seed sweep of one prompt encodes it once)."""
+    if len(set(prompts)) == 1 and len(prompts) > 1 and (negative is None or isinstance(negative, str)):
+        return repeat_cond(prepare_cond(model, prompts[:1], negative, guidance, height, width), len(prompts))
+    return prepare_cond(model, prompts, negative, guidance, height, width)
+
+
+# --- images in and out -------------------------------------------------------------------------
+
+
+def to_pil(images: Tensor) -> list[Any]:
+    from PIL import Image
+
+    arr = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_tensor(image: Any, what: str = "init image") -> Tensor:
+    """A PIL image (RGB, RGBA without transparency, L), a list of them, or a float tensor in [0, 1]
+    of shape (3, H, W) / (B, 3, H, W) -> float32 (B, 3, H, W)."""
+    import numpy as np
+
+    if isinstance(image, (list, tuple)):
+        parts = [image_tensor(im, what) for im in image]
+        if len({p.shape[-2:] for p in parts}) > 1:
+            raise VelodiffError(f"the {what}s have different sizes")
+        return torch.cat(parts)
+    if isinstance(image, Tensor):
+        x = image.detach().float()
+        x = x[None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise VelodiffError(
+                f"the {what} tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}"
+            )
+        if x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
+            raise VelodiffError(f"the {what} tensor must hold values in [0, 1]")
+        return x.cpu()
+    mode = getattr(image, "mode", None)
+    if mode is None:
+        raise VelodiffError(f"the {what} must be a PIL image or a tensor, got {type(image).__name__}")
+    if mode == "RGBA":
+        alpha = np.asarray(image.getchannel("A"))
+        if alpha.min() < 255:
+            raise VelodiffError(
+                f"the {what} has transparent pixels (mode RGBA); flatten it onto a background first"
+            )
+        image = image.convert("RGB")
+    elif mode == "L":
+        image = image.convert("RGB")
+    elif mode != "RGB":
+        raise VelodiffError(f"the {what} has mode {mode!r}; give an RGB (or grayscale L) image")
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
+
+
+def mask_tensor(mask: Any) -> Tensor:
+    """A mask (white / 1 = repaint): PIL L or 1 (or RGB, read as luminance), or a tensor in [0, 1] of shape
+    (H, W), (1, H, W) or (B, 1, H, W) -> float32 (B, 1, H, W)."""
+    import numpy as np
+
+    if isinstance(mask, (list, tuple)):
+        return torch.cat([mask_tensor(m) for m in mask])
+    if isinstance(mask, Tensor):
+        m = mask.detach().float()
+        m = m[None, None] if m.ndim == 2 else (m[None] if m.ndim == 3 else m)
+        if m.ndim != 4 or m.shape[1] != 1:
+            raise VelodiffError(
+                f"the mask tensor must be (H, W), (1, H, W) or (B, 1, H, W), got {tuple(mask.shape)}"
+            )
+        if m.numel() and (float(m.min()) < -1e-6 or float(m.max()) > 1 + 1e-6):
+            raise VelodiffError("the mask tensor must hold values in [0, 1] (1 = repaint)")
+        return m.cpu()
+    mode = getattr(mask, "mode", None)
+    if mode is None:
+        raise VelodiffError(f"the mask must be a PIL image or a tensor, got {type(mask).__name__}")
+    if mode not in ("L", "1", "RGB"):
+        raise VelodiffError(f"the mask has mode {mode!r}; give a grayscale (L) image, white = repaint")
+    arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy())[None, None]

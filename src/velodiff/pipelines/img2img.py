@@ -1,0 +1,143 @@
+"""Image to image (SDEdit, Meng et al. 2022): noise the encoded image to an intermediate time and
+sample from there.
+
+``strength`` in [0, 1] picks the start as diffusers does: of the grid for ``steps`` steps, the last
+``int(steps * strength)`` steps are run, from the image latents noised to that grid time
+(x = alpha(t) z0 + sigma(t) eps, diffusers' ``add_noise``). strength 1 starts from pure noise at
+the top of the grid; strength 0 returns the image through the VAE, with no network call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import VelodiffError
+from ..sampling import SampleResult, StepInfo
+from .common import (
+    GenerationResult,
+    batch_prompts_and_seeds,
+    check_output,
+    encode_batch_prompts,
+    finish,
+    image_tensor,
+    initial_noise,
+    make_plan,
+    normalize_prompts,
+    run,
+)
+
+
+def check_strength(strength: float) -> float:
+    s = float(strength)
+    if not 0.0 <= s <= 1.0:
+        raise VelodiffError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it), got {strength}")
+    return s
+
+
+def start_index(steps: int, strength: float) -> int:
+    """diffusers' get_timesteps: run the last int(steps * strength) of the grid's steps."""
+    return steps - min(int(steps * strength), steps)
+
+
+def init_image_latents(
+    model: Any,
+    image: Any,
+    batch: int,
+    height: int | None,
+    width: int | None,
+    image_latents: Tensor | None = None,
+) -> tuple[Tensor, int, int]:
+    """Encode the init image(s) and check their size; one image serves the whole batch."""
+    if image_latents is not None:
+        z0 = image_latents.to(model.device, torch.float32)
+        h, w = z0.shape[-2] * model.vae_scale_factor, z0.shape[-1] * model.vae_scale_factor
+    else:
+        img = image_tensor(image, "init image")
+        h, w = int(img.shape[-2]), int(img.shape[-1])
+        if (height and height != h) or (width and width != w):
+            raise VelodiffError(
+                f"the init image is {w}x{h} (width x height) but {width or w}x{height or h} was asked for; "
+                "resize the image or leave height/width out"
+            )
+        model.latent_shape(1, h, w)  # the size check, with its error message
+        z0 = model.encode(img)
+    if z0.shape[0] not in (1, batch):
+        raise VelodiffError(f"{z0.shape[0]} init images for {batch} images; give one, or one per image")
+    return z0.expand(batch, *z0.shape[1:]) if z0.shape[0] == 1 else z0, h, w
+
+
+def img2img(
+    model: Any,
+    prompts: str | Sequence[str],
+    image: Any,
+    strength: float = 0.8,
+    *,
+    negative: str | Sequence[str] | None = None,
+    steps: int | None = None,
+    nfe: int | None = None,
+    solver: str | None = None,
+    grid: str | Sequence[float] | None = None,
+    guidance: float | None = None,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    seeds: int | Sequence[int] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    callback: Callable[[StepInfo], bool | None] | None = None,
+    latents: Tensor | None = None,
+    image_latents: Tensor | None = None,
+    output: str = "pil",
+    noise: str = "velodiff",
+    solver_options: dict[str, Any] | None = None,
+    grid_options: dict[str, Any] | None = None,
+    final: str | None = None,
+) -> GenerationResult:
+    """Re-generate ``image`` (PIL, list, or (B, 3, H, W) in [0, 1]) toward ``prompts``.
+
+    ``latents`` is the noise added to the image (standard normal, default from the seeds);
+    ``image_latents`` skips the VAE encoder. Other arguments as :func:`text2img`; ``nfe`` counts
+    the whole grid, of which the last ``strength`` fraction runs."""
+    check_output(output)
+    s = check_strength(strength)
+    ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), seeds)
+    z0, h, w = init_image_latents(model, image, len(ps), height, width, image_latents)
+    shape = model.latent_shape(len(ps), h, w)
+    plan = make_plan(
+        model,
+        steps=steps,
+        nfe=nfe,
+        solver=solver,
+        grid=grid,
+        guidance=guidance,
+        grid_options=grid_options,
+        final=final,
+    )
+    ts = plan.ts[start_index(plan.steps, s) :]
+    if len(ts) < 2:  # strength 0 (or too small for one step): the image back through the VAE
+        res = SampleResult(z0.clone(), 0, 0, 0)
+        return finish(model, res, plan, seeds_l, output, ts, prompts=ps, height=h, width=w, strength=s)
+    eps = (initial_noise(shape, seeds_l, noise) if latents is None else latents.float()).to(model.device)
+    if tuple(eps.shape) != shape:
+        raise VelodiffError(f"latents have shape {tuple(eps.shape)}; expected {shape}")
+    t0 = float(ts[0])
+    x = float(model.schedule.alpha(t0)) * z0 + float(model.schedule.sigma(t0)) * eps
+    if model.is_inpainting:
+        raise VelodiffError(f"{model.family} model at {model.path} is an inpainting model; use inpaint(...)")
+    cond = encode_batch_prompts(model, ps, negative, plan.guidance, h, w)
+    res = run(
+        model,
+        plan,
+        x,
+        cond,
+        seeds_l,
+        callback=callback,
+        guidance_rescale=guidance_rescale,
+        guidance_interval=guidance_interval,
+        ts=ts,
+        solver_options=solver_options,
+    )
+    return finish(model, res, plan, seeds_l, output, ts, prompts=ps, height=h, width=w, strength=s)

@@ -1,0 +1,166 @@
+"""Inpainting: repaint where the mask is white (1), keep the rest.
+
+* A model trained for inpainting (UNet with 2 C + 1 input channels, e.g. SD 1.5 / 2 inpainting)
+  gets the mask and the masked image's latents as extra input channels at every call
+  (Rombach et al. 2022, Sec. 4.5), as diffusers' StableDiffusionInpaintPipeline does.
+* Any other model inpaints by masked re-noising (RePaint without resampling, Lugmayr et al. 2022,
+  Eq. 8; diffusers' legacy inpainting): after every step, x = m x + (1 - m) x_known(t_next), with
+  x_known(t) = alpha(t) z0 + sigma(t) eps the original's latents noised with the starting noise to the
+  next time (clean after the last step). It runs as a sampling callback steering x.
+
+The mask is binarized at 0.5 and downsampled (nearest) to the latent grid, as diffusers does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..denoisers import Cond
+from ..errors import VelodiffError
+from ..guidance import GuidedCond
+from ..sampling import SampleResult, StepInfo
+from .common import (
+    GenerationResult,
+    batch_prompts_and_seeds,
+    check_output,
+    encode_batch_prompts,
+    finish,
+    image_tensor,
+    initial_noise,
+    make_plan,
+    mask_tensor,
+    normalize_prompts,
+    run,
+)
+from .img2img import check_strength, start_index
+
+
+def _with_concat(cond: Cond, extra: Tensor) -> Cond:
+    if isinstance(cond, GuidedCond):
+        return GuidedCond(_with_concat(cond.cond, extra), _with_concat(cond.uncond, extra))
+    return {**cond, "concat": extra}
+
+
+def inpaint(
+    model: Any,
+    prompts: str | Sequence[str],
+    image: Any,
+    mask: Any,
+    strength: float = 1.0,
+    *,
+    negative: str | Sequence[str] | None = None,
+    steps: int | None = None,
+    nfe: int | None = None,
+    solver: str | None = None,
+    grid: str | Sequence[float] | None = None,
+    guidance: float | None = None,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    seeds: int | Sequence[int] | None = None,
+    callback: Callable[[StepInfo], bool | None] | None = None,
+    latents: Tensor | None = None,
+    image_latents: Tensor | None = None,
+    masked_image_latents: Tensor | None = None,
+    output: str = "pil",
+    noise: str = "velodiff",
+    solver_options: dict[str, Any] | None = None,
+    grid_options: dict[str, Any] | None = None,
+    final: str | None = None,
+) -> GenerationResult:
+    """Repaint the white part of ``mask`` in ``image`` toward ``prompts``.
+
+    ``image``: PIL / list / (B, 3, H, W) in [0, 1]; ``mask``: PIL L / tensor in [0, 1], same size.
+    ``strength`` < 1 starts from the noised original instead of pure noise (as img2img).
+    ``image_latents`` / ``masked_image_latents`` skip the VAE encoder (for exact comparisons)."""
+    check_output(output)
+    s = check_strength(strength)
+    ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), seeds)
+    b = len(ps)
+    img = image_tensor(image, "init image")
+    h, w = int(img.shape[-2]), int(img.shape[-1])
+    shape = model.latent_shape(b, h, w)
+    m = mask_tensor(mask)
+    if tuple(m.shape[-2:]) != (h, w):
+        raise VelodiffError(
+            f"the mask is {m.shape[-1]}x{m.shape[-2]} but the image is {w}x{h}; "
+            "give a mask of the image's size"
+        )
+    for name, n in (("init image", img.shape[0]), ("mask", m.shape[0])):
+        if n not in (1, b):
+            raise VelodiffError(f"{n} {name}s for {b} images; give one, or one per image")
+    m = (m >= 0.5).float()
+    m_lat = F.interpolate(m, size=shape[-2:]).to(model.device)  # nearest, as diffusers
+    m_lat = m_lat.expand(b, -1, -1, -1) if m_lat.shape[0] == 1 else m_lat
+
+    z0 = image_latents.to(model.device, torch.float32) if image_latents is not None else model.encode(img)
+    z0 = z0.expand(b, *z0.shape[1:]) if z0.shape[0] == 1 else z0
+    plan = make_plan(
+        model,
+        steps=steps,
+        nfe=nfe,
+        solver=solver,
+        grid=grid,
+        guidance=guidance,
+        grid_options=grid_options,
+        final=final,
+    )
+    ts = plan.ts[start_index(plan.steps, s) :]
+    if len(ts) < 2:
+        return finish(
+            model, SampleResult(z0.clone(), 0, 0, 0), plan, seeds_l, output, ts, prompts=ps, strength=s
+        )
+    eps = (initial_noise(shape, seeds_l, noise) if latents is None else latents.float()).to(model.device)
+    if tuple(eps.shape) != shape:
+        raise VelodiffError(f"latents have shape {tuple(eps.shape)}; expected {shape}")
+    sched = model.schedule
+    t0 = float(ts[0])
+    x = (
+        float(sched.alpha(t0)) * z0 + float(sched.sigma(t0)) * eps
+        if s < 1.0
+        else float((sched.alpha(t0) ** 2 + sched.sigma(t0) ** 2).sqrt()) * eps
+    )
+    cond = encode_batch_prompts(model, ps, negative, plan.guidance, h, w)
+    steer = callback
+    if model.is_inpainting:
+        if masked_image_latents is None:
+            # diffusers: masked image = image * (mask < 0.5) in [-1, 1], i.e. gray 0.5 where repainted
+            masked = img * (1 - m) + 0.5 * m
+            masked_image_latents = model.encode(masked)
+        mz = masked_image_latents.to(model.device, torch.float32)
+        mz = mz.expand(b, *mz.shape[1:]) if mz.shape[0] == 1 else mz
+        cond = _with_concat(cond, torch.cat([m_lat, mz], dim=1).to(model.dtype))
+    elif model.network_in_channels != model.latent_channels:
+        raise VelodiffError(
+            f"the network takes {model.network_in_channels} input channels; cannot inpaint with it"
+        )
+    else:
+        keep = 1 - m_lat
+        last = len(ts) - 2
+
+        def steer(info: StepInfo) -> bool | None:
+            tn = float(ts[info.i + 1])
+            if info.i == last:
+                known = z0
+            else:
+                known = float(sched.alpha(tn)) * z0 + float(sched.sigma(tn)) * eps
+            info.x.mul_(m_lat).add_(keep * known)
+            return callback(info) if callback is not None else None
+
+    res = run(
+        model,
+        plan,
+        x,
+        cond,
+        seeds_l,
+        callback=steer,
+        guidance_rescale=guidance_rescale,
+        guidance_interval=guidance_interval,
+        ts=ts,
+        solver_options=solver_options,
+    )
+    return finish(model, res, plan, seeds_l, output, ts, prompts=ps, height=h, width=w, strength=s)
