@@ -13,28 +13,42 @@ import pytest
 import torch
 
 import sd_tiny
+from velodiff.errors import VelodiffError
 from velodiff.models import FAMILIES, load
-from velodiff.pipelines import text2img
+from velodiff.pipelines import img2img, inpaint, text2img
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 PROMPT = "a photo of a red cube"
 H = W = 16  # the tiny VAE's factor is 2: latents 4 x 8 x 8
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    return {
-        "sd1": sd_tiny.save_sd(root / "sd1", "sd1"),
-        "sd2": sd_tiny.save_sd(root / "sd2", "sd2", prediction_type="v_prediction"),
-        "sdxl": sd_tiny.save_sd(root / "sdxl", "sdxl"),
-        "sd1-inpaint": sd_tiny.save_sd(root / "sd1-inpaint", "sd1", inpainting=True),
+class _Tiny(dict):
+    """Tiny models saved as diffusers folders and loaded through velodiff, made on first use."""
+
+    KINDS = {
+        "sd1": dict(kind="sd1"),
+        "sd2": dict(kind="sd2", prediction_type="v_prediction"),
+        "sdxl": dict(kind="sdxl"),
+        "sd1-inpaint": dict(kind="sd1", inpainting=True),
     }
 
+    def __init__(self, root):
+        super().__init__()
+        self.root, self.folders = root, {}
+
+    def folder(self, name):
+        if name not in self.folders:
+            self.folders[name] = sd_tiny.save_sd(self.root / name, **self.KINDS[name])
+        return self.folders[name]
+
+    def __missing__(self, name):
+        self[name] = load(self.folder(name))
+        return self[name]
+
 
 @pytest.fixture(scope="module")
-def models(folders):
-    return {k: load(p) for k, p in folders.items()}
+def models(tmp_path_factory):
+    return _Tiny(tmp_path_factory.mktemp("sd"))
 
 
 def diffusers_times(model, scheduler, steps: int, final: str) -> list[float]:
@@ -106,3 +120,204 @@ def test_parity_sd1_text2img(models, solver):
     r = text2img(m, PROMPT, grid=ts, solver=solver, guidance=7.5, latents=z, output="latent")
     assert r.nfe == steps
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize(("kind", "solver"), [("sd2", "ddim"), ("sd2", "dpmpp_2m"), ("sdxl", "euler")])
+def test_parity_sd2_v_and_sdxl(models, kind, solver):
+    m = models[kind]
+    steps, z = 4, noise(1)
+    guidance = 5.0
+    ref = m.to_diffusers(scheduler(m, solver))(
+        PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=z.clone(),
+        output_type="latent",
+        height=H,
+        width=W,
+    ).images
+    ts = diffusers_times(m, scheduler(m, solver), steps, FINAL[solver])
+    r = text2img(m, PROMPT, grid=ts, solver=solver, guidance=guidance, latents=z, output="latent")
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_parity_guidance_rescale_and_negative(models):
+    m = models["sd1"]
+    z = noise(2)
+    ref = m.to_diffusers(scheduler(m, "ddim"))(
+        PROMPT,
+        negative_prompt="blurry ugly painting",
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        guidance_rescale=0.7,
+        latents=z.clone(),
+        output_type="latent",
+        height=H,
+        width=W,
+    ).images
+    ts = diffusers_times(m, scheduler(m, "ddim"), 3, "t_min")
+    r = text2img(
+        m,
+        PROMPT,
+        negative="blurry ugly painting",
+        grid=ts,
+        solver="ddim",
+        guidance=6.0,
+        guidance_rescale=0.7,
+        latents=z,
+        output="latent",
+    )
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_torch_noise_matches_diffusers_cpu_generator(models):
+    """noise="torch": a seed gives the starting noise of diffusers with a CPU generator (and ComfyUI)."""
+    m = models["sd1"]
+    ref = m.to_diffusers(scheduler(m, "ddim"))(
+        [PROMPT] * 2,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(42),
+        output_type="latent",
+        height=H,
+        width=W,
+    ).images
+    ts = diffusers_times(m, scheduler(m, "ddim"), 2, "t_min")
+    r = text2img(
+        m, [PROMPT] * 2, grid=ts, solver="ddim", guidance=7.5, seeds=[42, 43], noise="torch", output="latent"
+    )
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_parity_img2img(models):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    m = models["sd1"]
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(3))
+    z0 = m.encode(image)
+    steps, strength = 5, 0.6
+    pipe = StableDiffusionImg2ImgPipeline(**m.to_diffusers(scheduler(m, "dpmpp_2m")).components)
+    ref = pipe(
+        PROMPT,
+        image=z0,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(7),
+        output_type="latent",
+    ).images
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(7))
+    ts = diffusers_times(m, scheduler(m, "dpmpp_2m"), steps, "zero")
+    r = img2img(
+        m, PROMPT, image, strength, grid=ts, solver="dpmpp_2m", guidance=7.5, latents=eps, output="latent"
+    )
+    assert r.nfe == int(steps * strength)
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    # strength 0 returns the image through the VAE without a network call
+    keep = img2img(m, PROMPT, image, 0.0, steps=4, output="tensor")
+    assert keep.nfe == 0 and keep.images.shape == (1, 3, H, W)
+
+
+def _mask() -> torch.Tensor:
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., 4:12, 2:10] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd1-inpaint"])
+def test_parity_inpaint(models, kind):
+    """A plain UNet inpaints by masked re-noising each step, an inpainting UNet through its extra
+    channels; both equal diffusers' StableDiffusionInpaintPipeline."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    m = models[kind]
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(4))
+    mask = _mask()
+    z0 = m.encode(image)
+    masked = m.encode(image * (1 - mask) + 0.5 * mask)
+    steps, z = 4, noise(5)
+    pipe = StableDiffusionInpaintPipeline(**m.to_diffusers(scheduler(m, "ddim")).components)
+    ref = pipe(
+        PROMPT,
+        image=z0,
+        mask_image=mask,
+        masked_image_latents=masked,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        latents=z.clone(),
+        output_type="latent",
+        height=H,
+        width=W,
+        strength=1.0,
+    ).images
+    ts = diffusers_times(m, scheduler(m, "ddim"), steps, "t_min")
+    r = inpaint(
+        m,
+        PROMPT,
+        image,
+        mask,
+        grid=ts,
+        solver="ddim",
+        guidance=7.5,
+        latents=z,
+        image_latents=z0,
+        masked_image_latents=masked,
+        output="latent",
+    )
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    if kind == "sd1":  # outside the mask (latent pixels wholly outside it) the original latents are kept
+        keep = torch.ones(1, 1, H // 2, W // 2, dtype=torch.bool)
+        keep[..., 2:6, 1:5] = False
+        torch.testing.assert_close(r.latents[keep.expand_as(r.latents)], z0[keep.expand_as(z0)])
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(VelodiffError, match="not a diffusers model folder"):
+        load(tmp_path)
+    with pytest.raises(VelodiffError, match="does not exist"):
+        load(tmp_path / "missing")
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x02}q\x00.")
+    with pytest.raises(VelodiffError, match=r"pickle checkpoint.*safetensors"):
+        load(ckpt)
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd.safetensors"
+    save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, str(odd))
+    with pytest.raises(VelodiffError, match=r"match no known model family.*model\.diffusion_model"):
+        load(odd)
+    with pytest.raises(VelodiffError, match="unknown model family"):
+        load(odd, family="sd9")
+
+
+def test_generation_errors(models):
+    m = models["sd1"]
+    with pytest.raises(VelodiffError, match="multiples of 2"):
+        text2img(m, PROMPT, height=15, steps=1)
+    with pytest.raises(VelodiffError, match="empty"):
+        text2img(m, "  ", steps=1)
+    with pytest.raises(VelodiffError, match="no prompt"):
+        text2img(m, [], steps=1)
+    image = torch.rand(1, 3, H, W)
+    with pytest.raises(VelodiffError, match=r"strength must be in \[0, 1\]"):
+        img2img(m, PROMPT, image, 1.5)
+    with pytest.raises(VelodiffError, match="init image is 16x16"):
+        img2img(m, PROMPT, image, 0.5, height=32)
+    from PIL import Image
+
+    with pytest.raises(VelodiffError, match="mode 'CMYK'"):
+        img2img(m, PROMPT, Image.new("CMYK", (W, H)), 0.5)
+    with pytest.raises(VelodiffError, match="mask is 8x8 but the image is 16x16"):
+        inpaint(m, PROMPT, image, torch.ones(1, 1, 8, 8))
+    with pytest.raises(VelodiffError, match="mode 'P'"):
+        inpaint(m, PROMPT, image, Image.new("P", (W, H)))
+
+
+def test_long_prompt_truncated_with_warning(models):
+    long = " ".join(["red cube"] * 40 + ["green sphere"])
+    with pytest.warns(UserWarning, match=r"dropped: '.*green sphere'"):
+        cond = models["sd1"].encode_prompt([long])
+    assert cond.cond["encoder_hidden_states"].shape[1] == 77
