@@ -20,6 +20,9 @@ app.add_typer(bench, name="bench")
 #: modules that add subcommands; each defines register(app, bench)
 COMMAND_MODULES = [
     "velodiff.commands.solvers",
+    "velodiff.commands.train",
+    "velodiff.commands.generate",
+    "velodiff.commands.eval_shapes",
 ]
 
 

@@ -1,0 +1,196 @@
+"""`velodiff eval shapes --json FILE`: ShapesEval accuracy (overall and by category) of a model on a
+fixed prompt set, with the configuration used, a markdown table and a contact sheet of samples.
+
+A comma list of guidance scales (``--guidance 1.5,3,5``) runs a sweep; the top-level numbers are the
+best scale's, and every scale's are under ``sweep``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import VelodiffError
+
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
+
+
+def parse_scales(text: str | None, default: float | None) -> list[float | None]:
+    if text is None:
+        return [default]
+    try:
+        scales = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise VelodiffError(f"--guidance must be a number or a comma list of numbers, got {text!r}") from None
+    if not scales:
+        raise VelodiffError("--guidance is empty")
+    for s in scales:
+        if not s >= 0:
+            raise VelodiffError(f"guidance must be >= 0, got {s}")
+    return scales
+
+
+def generate_for_prompts(
+    model: Any, texts: list[str], k: int, *, seed: int, batch: int, **kw: Any
+) -> tuple[list[Any], float, dict[str, Any]]:
+    """k images per prompt (prompt-major), seeds seed + j*k + i; returns images, seconds, last result info."""
+    from ..pipelines import text2img
+
+    prompts = [t for t in texts for _ in range(k)]
+    seeds = [seed + j for j in range(len(prompts))]
+    images: list[Any] = []
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    for i in range(0, len(prompts), batch):
+        res = text2img(model, prompts[i : i + batch], seeds=seeds[i : i + batch], **kw)
+        images.extend(res.images)
+        info = {"nfe": res.nfe, "evals": res.evals, "steps": res.steps, "solver": res.solver, "guidance": res.guidance}
+    return images, time.perf_counter() - t0, info
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    cats = list(result["by_category"])
+    lines = [
+        "| guidance | overall | " + " | ".join(cats) + " |",
+        "|---:|---:|" + "---:|" * len(cats),
+    ]
+    for row in result["sweep"]:
+        cells = " | ".join(f"{row['by_category'][c]:.3f}" for c in cats)
+        mark = " **(best)**" if row["guidance"] == result["config"]["guidance"] else ""
+        lines.append(f"| {row['guidance']:g}{mark} | {row['overall']:.3f} | {cells} |")
+    c = result["config"]
+    lines.append("")
+    lines.append(
+        f"Model `{c['model']}`, prompt set `{c['prompts']}` ({c['n_prompts']} prompts x {c['images_per_prompt']} "
+        f"images), solver `{c['solver']}`, {c['steps']} steps ({c['nfe']} NFE), grid `{c['grid']}`, seed {c['seed']}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def contact_sheet(images: list[Any], records: list[dict[str, Any]], cols: int = 8, scale: int = 2) -> Any:
+    """Samples with their prompts; a green bar under correct ones, red under wrong ones."""
+    from PIL import Image, ImageDraw
+
+    w = images[0].size[0] * scale
+    text_h, pad = 30, 4
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (w + text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, rec) in enumerate(zip(images, records, strict=True)):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (w + pad), pad + r * (w + text_h + pad)
+        sheet.paste(im.resize((w, w), Image.NEAREST), (x, y))
+        draw.rectangle([x, y + w, x + w - 1, y + w + 2], fill=(40, 170, 60) if rec["correct"] else (210, 40, 40))
+        words, lines, line = rec["text"].split(), [], ""
+        for word in words:
+            if len(line) + len(word) + 1 > w // 6:
+                lines.append(line)
+                line = word
+            else:
+                line = (line + " " + word).strip()
+        lines.append(line)
+        draw.multiline_text((x, y + w + 3), "\n".join(lines[:2]), fill=(0, 0, 0), spacing=0)
+    return sheet
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@eval_app.command("shapes")
+def shapes(
+    json_out: Path = typer.Option(..., "--json", help="write the results here (JSON)"),
+    markdown: Path = typer.Option(None, help="markdown table (default: beside --json, .md)"),
+    sheet: Path = typer.Option(None, help="contact sheet PNG of samples (default: beside --json, .png)"),
+    model: Path = typer.Option(None, help="a diffusers folder or .safetensors file (default: the shipped model)"),
+    prompts: str = typer.Option("v1", help="prompt set: v1 or v1-holdout"),
+    images_per_prompt: int = typer.Option(2, min=1),
+    solver: str = typer.Option(None, help="solver (default dpmpp_2m)"),
+    steps: int = typer.Option(None, min=1, help="solver steps (default 20 for the default model)"),
+    grid: str = typer.Option(None, help="time grid name (default: the model's)"),
+    guidance: str = typer.Option(None, help="guidance scale, or a comma list to sweep"),
+    seed: int = typer.Option(0),
+    batch: int = typer.Option(16, min=1, help="images per batched call"),
+    threads: int = typer.Option(2, min=1),
+) -> None:
+    """Generate for a fixed prompt set and report ShapesEval accuracy (JSON, markdown, contact sheet)."""
+    from .generate import check_output_path, load_model, quiet_libraries
+
+    for p in (json_out, markdown, sheet):
+        if p is not None and not (p.parent if str(p.parent) else Path(".")).is_dir():
+            raise VelodiffError(f"output folder {str(p.parent)!r} does not exist; create it first")
+    markdown = markdown or json_out.with_suffix(".md")
+    sheet = sheet or json_out.with_suffix(".png")
+    check_output_path(sheet)
+    from ..eval.shapes_eval import evaluate, load_prompts
+
+    try:
+        plist = load_prompts(prompts)
+    except ValueError as e:
+        raise VelodiffError(str(e)) from None
+    quiet_libraries()
+    loaded, defaults = load_model(model, threads)
+    scales = parse_scales(guidance, defaults.get("guidance"))
+    texts = [p.text for p in plist]
+    kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid)
+    sweep, best = [], None
+    for g in scales:
+        images, secs, info = generate_for_prompts(loaded, texts, images_per_prompt, seed=seed, batch=batch,
+                                                  guidance=g, **kw)
+        res = evaluate(images, plist)
+        row = {"guidance": info["guidance"], "overall": res["overall"], "by_category": res["by_category"],
+               "counts": res["counts"], "seconds": round(secs, 2), "seconds_per_image": round(secs / len(images), 4)}
+        sweep.append(row)
+        typer.echo(
+            f"guidance {info['guidance']:g}: overall {res['overall']:.3f} "
+            + " ".join(f"{c} {v:.3f}" for c, v in res["by_category"].items())
+            + f" ({secs:.0f} s)"
+        )
+        if best is None or res["overall"] > best[0]["overall"]:
+            best = (res, images, info)
+    assert best is not None
+    res, images, info = best
+    result = {
+        "overall": res["overall"],
+        "by_category": res["by_category"],
+        "counts": res["counts"],
+        "config": {
+            "model": str(model) if model is not None else "default",
+            "prompts": prompts,
+            "n_prompts": len(plist),
+            "images_per_prompt": images_per_prompt,
+            "solver": info["solver"],
+            "steps": info["steps"],
+            "nfe": info["nfe"],
+            "grid": grid or "model default",
+            "guidance": info["guidance"],
+            "seed": seed,
+            "threads": threads,
+        },
+        "sweep": sweep,
+        "per_prompt": [{k: v for k, v in r.items() if k != "detections"} for r in res["per_prompt"]],
+    }
+    _write_atomic(json_out, (json.dumps(result, indent=1) + "\n").encode())
+    _write_atomic(markdown, markdown_table(result).encode())
+    k = images_per_prompt
+    pick = list(range(0, len(images), k))  # the first image of every prompt
+    sheet_img = contact_sheet([images[i] for i in pick], [res["per_prompt"][i] for i in pick])
+    import io
+
+    buf = io.BytesIO()
+    sheet_img.save(buf, format="PNG")
+    _write_atomic(sheet, buf.getvalue())
+    typer.echo(f"best guidance {info['guidance']:g}: overall {res['overall']:.3f}; wrote {json_out}, {markdown}, {sheet}")
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")

@@ -1,0 +1,177 @@
+"""`velodiff generate PROMPT --out out.png`: text to image with the shipped default model (offline) or
+any model folder / .safetensors file (``--model``), through velodiff's sampling core."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import VelodiffError
+
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers / transformers chatter (and their Python warnings) off the CLI; velodiff's own
+    warnings print as one ``warning:`` line each."""
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, UserWarning) and "velodiff" in filename:
+            print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - quieting is best-effort
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def check_output_path(out: Path) -> str:
+    """The PIL format for ``out``; refuse a missing folder or an unknown suffix before any work."""
+    fmt = IMAGE_SUFFIXES.get(out.suffix.lower())
+    if fmt is None:
+        raise VelodiffError(f"output {str(out)!r}: unknown image type; use one of {', '.join(IMAGE_SUFFIXES)}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise VelodiffError(f"output folder {str(parent)!r} does not exist; create it first")
+    if out.is_dir():
+        raise VelodiffError(f"output {str(out)!r} is a folder; give a file name like out.png")
+    return fmt
+
+
+def save_atomic(image: Any, out: Path, fmt: str) -> None:
+    """Write to a temporary file in the same folder and rename it over ``out``: an existing file is
+    replaced whole or not at all."""
+    parent = out.parent if str(out.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def image_grid(images: list[Any], cols: int | None = None) -> Any:
+    """Several images as one grid image (near-square, 2 px white gaps)."""
+    from PIL import Image
+
+    if len(images) == 1:
+        return images[0]
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    gap = 2
+    sheet = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), (255, 255, 255))
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        sheet.paste(im, (c * (w + gap), r * (h + gap)))
+    return sheet
+
+
+@contextmanager
+def user_errors(what: str):
+    """Turn a library's failure while ``what`` into one VelodiffError line."""
+    try:
+        yield
+    except VelodiffError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EnvironmentError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VelodiffError(f"{what}: {msg}") from None
+
+
+def load_model(model: Path | None, threads: int) -> tuple[Any, dict[str, Any]]:
+    """The model (default: the shipped one) and its sampling defaults."""
+    import torch
+
+    from ..default_model import DEFAULT_SAMPLING, default_model_path
+
+    torch.set_num_threads(threads)
+    path = Path(model).expanduser() if model is not None else default_model_path()
+    if model is None and not (path / "model_index.json").is_file():
+        raise VelodiffError(f"the default model is missing from the package ({path}); reinstall velodiff")
+    from ..models import load
+
+    with user_errors(f"cannot load model {str(path)!r}"):
+        loaded = load(path)
+    defaults = dict(DEFAULT_SAMPLING) if model is None else {}
+    return loaded, defaults
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="what to draw"),
+    out: Path = typer.Option(..., "--out", "-o", help="image file to write (.png, .jpg, .webp)"),
+    seed: int = typer.Option(0, help="seed of the first image (image i uses seed + i)"),
+    steps: int = typer.Option(None, min=1, help="solver steps (default: the model's, 20 for the default model)"),
+    guidance: float = typer.Option(None, help="classifier-free guidance scale (>= 0; 1 = no guidance)"),
+    solver: str = typer.Option(None, help="any solver of `velodiff solvers` (default dpmpp_2m)"),
+    grid: str = typer.Option(None, help="time grid name (default: the model's)"),
+    negative: str = typer.Option(None, help="negative prompt (replaces the unconditional branch of CFG)"),
+    n: int = typer.Option(1, "--n", min=1, max=64, help="number of images, saved as one grid image"),
+    model: Path = typer.Option(None, help="a diffusers folder or .safetensors file (default: the shipped model)"),
+    threads: int = typer.Option(2, min=1, help="CPU threads"),
+) -> None:
+    """Generate an image from a text prompt (offline, CPU by default)."""
+    t0 = time.perf_counter()
+    if not prompt.strip():
+        raise VelodiffError("the prompt is empty; describe the image, e.g. \"a red circle above a blue square\"")
+    if guidance is not None and not guidance >= 0:
+        raise VelodiffError(f"--guidance must be >= 0, got {guidance}")
+    fmt = check_output_path(out)
+    if solver is not None:
+        from ..solvers import get_solver
+
+        get_solver(solver)
+    quiet_libraries()
+    loaded, defaults = load_model(model, threads)
+    from ..pipelines import text2img
+
+    res = text2img(
+        loaded,
+        prompt,
+        negative=negative,
+        steps=steps if steps is not None else defaults.get("steps"),
+        solver=solver or defaults.get("solver"),
+        grid=grid,
+        guidance=guidance if guidance is not None else defaults.get("guidance"),
+        seeds=[seed + i for i in range(n)],
+    )
+    save_atomic(image_grid(list(res.images)), out, fmt)
+    typer.echo(
+        f"wrote {out} ({n} image{'s' if n > 1 else ''}, {res.solver}, {res.steps} steps, {res.nfe} NFE, "
+        f"guidance {res.guidance:g}) in {time.perf_counter() - t0:.2f} s"
+    )
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("generate")(generate)

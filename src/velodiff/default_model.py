@@ -1,0 +1,190 @@
+"""The tiny Stable-Diffusion-architecture default model: its configs, its tokenizer, and where it lives.
+
+The architecture is Stable Diffusion's (AutoencoderKL + UNet2DConditionModel with cross-attention +
+CLIPTextModel over the real CLIP BPE vocabulary, 77 tokens) at a scale that trains on 2 CPU cores.
+The shipped weights are a diffusers folder inside the package (``assets/default-model``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import VelodiffError
+
+#: the CLIP context length (tokens, incl. start and end)
+MAX_TOKENS = 77
+IMAGE_SIZE = 64
+#: diffusers' SD1.x/2.x pipeline component names in model_index.json
+PIPELINE_CLASS = "StableDiffusionPipeline"
+
+#: where open_clip's wheel keeps CLIP's BPE file (the source of the vocabulary we ship)
+CLIP_BPE_CANDIDATES = ("/tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz",)
+
+
+def default_model_path() -> Path:
+    """The shipped default model (a diffusers folder inside the package)."""
+    return Path(str(resources.files("velodiff") / "assets" / "default-model"))
+
+
+# --- architecture configs ----------------------------------------------------------------------
+
+
+def vae_config(size: str = "default") -> dict[str, Any]:
+    """A small AutoencoderKL: 2 downsamplings (64x64x3 -> 16x16x4)."""
+    ch = {"default": (16, 32, 64), "micro": (8, 16, 16)}[size]
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(ch),
+        up_block_types=["UpDecoderBlock2D"] * len(ch),
+        block_out_channels=list(ch),
+        layers_per_block=1,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=8 if size == "default" else 4,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=1.0,  # measured and written after the autoencoder is trained
+        mid_block_add_attention=False,
+    )
+
+
+def text_encoder_config(size: str = "default") -> dict[str, Any]:
+    """A CLIPTextModel over CLIP's 49408-token vocabulary, 77 positions."""
+    hidden, layers, heads = {"default": (64, 2, 4), "micro": (16, 1, 2)}[size]
+    return dict(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=hidden,
+    )
+
+
+def unet_config(size: str = "default") -> dict[str, Any]:
+    """A UNet2DConditionModel on 16x16x4 latents: a convolutional 16x16 level, then cross-attention
+    (and self-attention) blocks at 8x8 and 4x4 and in the middle block."""
+    ch, cross, head = {"default": ((32, 64, 128), 64, 32), "micro": ((8, 16), 16, 8)}[size]
+    n = len(ch)
+    return dict(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1),
+        up_block_types=["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"],
+        block_out_channels=list(ch),
+        layers_per_block=1,
+        cross_attention_dim=cross,
+        attention_head_dim=head,
+        norm_num_groups=8 if size == "default" else 4,
+    )
+
+
+def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
+    """SD's scaled-linear 1000-step schedule, DPM-Solver++ 2M as the diffusers default."""
+    return {
+        "_class_name": "DPMSolverMultistepScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": prediction_type,
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "clip_sample": False,
+    }
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def clip_vocab_and_merges(bpe_gz: str | Path) -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary and merges, built from its BPE file exactly as CLIP's SimpleTokenizer does."""
+    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    if len(vocab) != 49408:
+        raise VelodiffError(f"unexpected CLIP vocabulary size {len(vocab)} from {bpe_gz}")
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_tokenizer(folder: str | Path, bpe_gz: str | Path | None = None) -> Path:
+    """Write a transformers CLIPTokenizer (vocab.json + merges.txt, 77 tokens, pad = <|endoftext|>)."""
+    if bpe_gz is None:
+        found = [p for p in CLIP_BPE_CANDIDATES if Path(p).exists()]
+        if not found:
+            raise VelodiffError("CLIP's BPE file (bpe_simple_vocab_16e6.txt.gz) not found; pass its path")
+        bpe_gz = found[0]
+    vocab, merges = clip_vocab_and_merges(bpe_gz)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            },
+            indent=2,
+        )
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": MAX_TOKENS,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "do_lower_case": True,
+                "errors": "replace",
+                "add_prefix_space": False,
+            },
+            indent=2,
+        )
+    )
+    return folder
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(folder: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+#: how the default model samples unless told otherwise (guidance: the best of the ShapesEval sweep)
+DEFAULT_SAMPLING: dict[str, Any] = {"steps": 20, "solver": "dpmpp_2m", "guidance": 3.0}

@@ -1,0 +1,85 @@
+"""Run checkpoints as safetensors + JSON only (never pickle): weights, EMA, optimizer moments, step.
+
+A checkpoint is a folder ``step-NNNNNNN`` with ``state.safetensors`` (every tensor, by prefixed name)
+and ``state.json`` (step, config, optimizer hyper-parameters, the loss log position). It is written to
+a temporary folder and renamed, so a crash never leaves a half-written checkpoint; ``latest`` names
+the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import VelodiffError
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdamW state as flat tensors plus JSON-able hyper-parameters."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"{pid}.{name}"] = t.detach().clone().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    final = run / f"step-{step:07d}"
+    tmp = run / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**meta, "step": step}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = run / ".latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, run / "latest")
+    old = sorted(p for p in run.glob("step-*") if p.is_dir())
+    for p in old[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    marker = run / "latest"
+    if not marker.exists():
+        return None
+    p = run / marker.read_text().strip()
+    return p if (p / "state.json").exists() else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+        meta = json.loads((path / "state.json").read_text())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VelodiffError(f"cannot read checkpoint {path}: {e}") from None
+    return tensors, meta
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    n = len(prefix)
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in tensors.items()}

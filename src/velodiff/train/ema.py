@@ -1,0 +1,41 @@
+"""Exponential moving average of parameters with diffusers-style warm-up of the decay."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """``shadow = d * shadow + (1 - d) * param`` with ``d = min(decay, (1 + n) / (10 + n))``."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if v.is_floating_point():
+                s.mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                s.copy_(v)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+        self.updates = updates
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(self.shadow)

@@ -1,0 +1,210 @@
+"""The shared training loop: steps, LR warm-up, gradient clipping, EMA, loss CSV, progress bar,
+time budget, and checkpoints that resume bit-exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import VelodiffError
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    save_checkpoint,
+    split_prefix,
+    with_prefix,
+)
+from .ema import EMA
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for every random draw of one step: a pure function of (seed, step)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    lr: float
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 250
+    max_minutes: float | None = None
+    log_every: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: step_fn(step, generator) -> (loss to backpropagate, dict of floats to log)
+StepFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+def lr_at(cfg: LoopConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def run_loop(
+    run: Path,
+    cfg: LoopConfig,
+    modules: dict[str, nn.Module],
+    step_fn: StepFn,
+    *,
+    extra_state: tuple[Callable[[], dict[str, torch.Tensor]], Callable[[dict[str, torch.Tensor]], None]] | None = None,
+    desc: str = "train",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train ``modules`` with AdamW until ``cfg.steps`` (or the time budget); resume from ``run``'s
+    latest checkpoint when there is one. Returns a summary (steps, wall seconds, final loss)."""
+    run.mkdir(parents=True, exist_ok=True)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    emas = {name: EMA(m, cfg.ema_decay) for name, m in modules.items()}
+    step, wall = 0, 0.0
+    log_path = run / "loss.csv"
+
+    ck = latest_checkpoint(run)
+    if ck is not None:
+        tensors, meta = load_checkpoint(ck)
+        saved_cfg = meta.get("config", {})
+        for key in ("lr", "seed", "warmup", "weight_decay", "grad_clip", "ema_decay"):
+            if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
+                raise VelodiffError(
+                    f"run {run} was started with {key}={saved_cfg[key]}, not {getattr(cfg, key)}; use a new --run folder"
+                )
+        for name, m in modules.items():
+            m.load_state_dict(split_prefix(tensors, f"model.{name}."))
+            emas[name].load_state_dict(split_prefix(tensors, f"ema.{name}."), meta["ema_updates"])
+        load_optimizer_tensors(opt, split_prefix(tensors, "opt."), meta["optimizer"])
+        if extra_state is not None:
+            extra_state[1](split_prefix(tensors, "extra."))
+        step, wall = int(meta["step"]), float(meta["wall_s"])
+        _truncate_log(log_path, step)
+        if not quiet:
+            print(f"resumed {run} at step {step} ({wall / 60:.1f} min trained)", flush=True)
+
+    def checkpoint() -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, m in modules.items():
+            tensors.update(with_prefix(f"model.{name}.", m.state_dict()))
+            tensors.update(with_prefix(f"ema.{name}.", emas[name].state_dict()))
+        ot, ometa = optimizer_tensors(opt)
+        tensors.update(with_prefix("opt.", ot))
+        if extra_state is not None:
+            tensors.update(with_prefix("extra.", extra_state[0]()))
+        cfg_json = {k: v for k, v in vars(cfg).items() if k not in ("max_minutes",)}
+        save_checkpoint(
+            run,
+            step,
+            {k: v.detach().cpu() for k, v in tensors.items()},
+            {
+                "config": cfg_json,
+                "optimizer": ometa,
+                "ema_updates": next(iter(emas.values())).updates,
+                "wall_s": wall,
+                "torch_threads": torch.get_num_threads(),
+            },
+        )
+
+    stop = {"flag": False}
+
+    def on_term(signum: int, frame: Any) -> None:
+        stop["flag"] = True
+
+    old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    new_log = not log_path.exists()
+    logf = log_path.open("a", newline="")
+    writer = csv.writer(logf)
+    if new_log:
+        writer.writerow(["step", "loss", "lr", "grad_norm", "wall_s", "extra"])
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=5.0, dynamic_ncols=True)
+    t_start = time.perf_counter() - wall
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    last = float("nan")
+    smooth = None
+    try:
+        for m in modules.values():
+            m.train()
+        while step < cfg.steps and not stop["flag"]:
+            lr = lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, logs = step_fn(step, step_generator(cfg.seed, step))
+            if not bool(torch.isfinite(loss)):
+                raise VelodiffError(f"the loss became {float(loss)} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            opt.step()
+            for name, m in modules.items():
+                emas[name].update(m)
+            step += 1
+            wall = time.perf_counter() - t_start
+            last = loss.item()
+            smooth = last if smooth is None else 0.98 * smooth + 0.02 * last
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                writer.writerow([step, f"{last:.6f}", f"{lr:.3e}", f"{float(gn):.4f}", f"{wall:.1f}", json.dumps(logs)])
+                logf.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+            if wall >= budget:
+                stop["flag"] = True
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["flag"]:
+                checkpoint()
+    finally:
+        logf.close()
+        if bar is not None:
+            bar.close()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    return {"steps": step, "wall_s": wall, "final_loss": last, "smoothed_loss": smooth, "emas": emas, "completed": step >= cfg.steps}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop loss rows after the resumed step (written after the last checkpoint of a killed run)."""
+    if not path.exists():
+        return
+    rows = list(csv.reader(path.open()))
+    keep = [r for r in rows if not r or r[0] == "step" or int(r[0]) <= step]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(keep)
+
+
+def load_run_weights(run: Path, name: str, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The (EMA) weights of module ``name`` from a run's latest checkpoint."""
+    ck = latest_checkpoint(run)
+    if ck is None:
+        raise VelodiffError(f"no checkpoint in {run}")
+    tensors, _ = load_checkpoint(ck)
+    return split_prefix(tensors, f"{'ema' if ema else 'model'}.{name}.")
+
+
+def run_meta(run: Path) -> dict[str, Any]:
+    ck = latest_checkpoint(run)
+    if ck is None:
+        raise VelodiffError(f"no checkpoint in {run}")
+    return json.loads((ck / "state.json").read_text())
