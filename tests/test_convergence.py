@@ -19,6 +19,9 @@ MIX = GaussianMixture.random((2,), components=3, seed=1, min_var=0.2, max_var=0.
 DEN = MixtureDenoiser(MIX, SCHED)
 X = starting_noise((2,), 32, seed=3)
 NFES = (16, 24, 32, 48)
+#: solvers whose asymptotic regime starts later: LMS(4)'s Lagrange coefficients on a grid uneven in
+#: sigma/alpha reach slope 3.6 at 48-128 NFE and 3.8 at 128-256 (it matches diffusers to 1e-15)
+NFES_FOR = {"lms": (128, 192, 256)}
 
 _refs: dict[tuple, torch.Tensor] = {}
 
@@ -40,7 +43,7 @@ DETERMINISTIC = [n for n, s in SOLVERS.items() if not s.stochastic]
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_order_of_convergence(name):
     spec = SOLVERS[name]
-    errs, nfes = zip(*(_error(name, n) for n in NFES), strict=True)
+    errs, nfes = zip(*(_error(name, n) for n in NFES_FOR.get(name, NFES)), strict=True)
     slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
     assert all(math.isfinite(e) for e in errs)
     assert abs(slope - spec.order) <= 0.35, f"{name}: slope {slope:.2f}, order {spec.order}, errors {errs}"

@@ -1,0 +1,123 @@
+"""UniPC, data-prediction form (Zhao et al. 2023, 'UniPC: A Unified Predictor-Corrector Framework for
+Fast Sampling of Diffusion Models', Sec. 3 and Algs. 2-3; diffusers' ``predict_x0=True``).
+
+With h = lambda_{i+1} - lambda_i, hh = -h, r_k = (lambda_{i-k} - lambda_i) / h and
+D_k = (x0_{i-k} - x0_i) / r_k, both halves share one update from t_i to t_{i+1}:
+
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^hh - 1) x0_i - alpha_{i+1} B(h) sum_k c_k D_k
+
+* UniP-p (predictor) uses the p - 1 older points k = 1..p-1;
+* UniC-p (corrector) adds the new point D_p = x0(x~_{i+1}) - x0_i at r_p = 1, so it raises the order
+  to p + 1 for free: the model evaluation at the predicted x~_{i+1} is the one the next step needs anyway.
+
+The c solve the order conditions R c = g with R_{mk} = r_k^m and g_m = hh phi_{m+2}(hh) (m+1)! / B(h),
+phi_{m+1}(z) = (phi_m(z) - 1/m!) / z; a single unknown is set to 1/2 instead (UniP-2 and UniC-1, as
+the authors' code and diffusers do). B(h) = hh ('bh1') or e^hh - 1 ('bh2').
+
+As in diffusers, the corrected sample is what the next predictor starts from, while the returned x0
+is the evaluation at the predicted sample; ``disable_corrector`` lists the step indices whose result is
+left uncorrected. The final jump to t = 0 returns x0 (diffusers' lower_order_final does the same).
+``lower_order_final`` follows diffusers' documented rule (grids below 15 steps); diffusers' UniPC code
+lowers the last steps' order at every step count, which costs an order of accuracy on grids that end
+at t_min, so velodiff does not copy that.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import unknown_name
+from .base import SolverSpec, StepContext
+
+
+def lower_order_final(ctx: StepContext, i: int, order: int) -> int:
+    """diffusers' documented rule: near the end of grids shorter than 15 steps, use lower orders
+    (step i uses at most steps - i points); the final jump to t = 0 is first order."""
+    if ctx.ends_at_zero(i):
+        return 1
+    if ctx.options.get("lower_order_final", True) and ctx.steps < 15:
+        order = min(order, ctx.steps - i)
+    return order
+
+
+def _uni_update(
+    ctx: StepContext, i: int, x: Tensor, x0s: tuple[Tensor, ...], order: int, x0_new: Tensor | None = None
+) -> Tensor:
+    """UniP-``order`` from t_i to t_{i+1} (x0s[-1] at t_i, x0s[-2] at t_{i-1}, ...), or UniC-``order``
+    when ``x0_new``, the evaluation at the predicted x_{i+1}, is given."""
+    h = ctx.h(i)
+    hh = -h
+    kind = ctx.options["solver_type"]
+    if kind not in ("bh1", "bh2"):
+        raise unknown_name("UniPC solver_type", kind, ("bh1", "bh2"))
+    b_h = hh if kind == "bh1" else math.expm1(hh)
+    m0 = x0s[-1]
+    rks = [(ctx.lam(i - k) - ctx.lam(i)) / h for k in range(1, order)]
+    ds = [(x0s[-1 - k] - m0) / r for k, r in enumerate(rks, 1)]
+    if x0_new is not None:
+        rks.append(1.0)
+        ds.append(x0_new - m0)
+    x_next = (ctx.s(i + 1) / ctx.s(i)) * x - ctx.a(i + 1) * math.expm1(hh) * m0
+    if not ds:
+        return x_next
+    if len(ds) == 1:
+        rhos = [0.5]
+    else:
+        g, h_phi, fact = [], math.expm1(hh) / hh - 1.0, 1.0  # h_phi = hh phi_2(hh)
+        for m in range(1, len(ds) + 1):
+            g.append(h_phi * fact / b_h)
+            fact *= m + 1
+            h_phi = h_phi / hh - 1.0 / fact  # hh phi_{m+2}(hh)
+        r = torch.tensor(rks, dtype=torch.float64)
+        mat = torch.stack([r**m for m in range(len(ds))])
+        rhos = torch.linalg.solve(mat, torch.tensor(g, dtype=torch.float64)).tolist()
+    return x_next - ctx.a(i + 1) * b_h * sum(c * d for c, d in zip(rhos, ds, strict=True))
+
+
+def unipc_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
+    x0 = ctx.denoise(x, ctx.t(i))
+    x0s, x_prev, p_prev = state if state is not None else ((), None, 0)
+    if ctx.ends_at_zero(i):
+        return x0, x0, ((*x0s, x0), x, 1)
+    opts = ctx.options
+    if x_prev is not None and opts["use_corrector"] and (i - 1) not in opts["disable_corrector"]:
+        x = _uni_update(ctx, i - 1, x_prev, x0s, p_prev, x0_new=x0)  # UniC on the last prediction
+    x0s = (*x0s, x0)[-int(opts["order"]) :]
+    p = lower_order_final(ctx, i, len(x0s))  # warm-up: the points there are
+    x_next = _uni_update(ctx, i, x, x0s, p)  # UniP
+    return x_next, x0, (x0s, x, p)
+
+
+_DEFAULTS = {
+    "order": 2,
+    "solver_type": "bh2",
+    "use_corrector": True,
+    "disable_corrector": (),
+    "lower_order_final": True,
+}
+
+UNIPC = SolverSpec(
+    name="unipc",
+    step=unipc_step,
+    order=3,
+    defaults=_DEFAULTS,
+    description="UniPC-2 with B(h)=e^h-1 (Zhao et al. 2023): UniP predictor + free UniC corrector, order 3",
+)
+UNIPC_BH1 = SolverSpec(
+    name="unipc_bh1",
+    step=unipc_step,
+    order=3,
+    defaults={**_DEFAULTS, "solver_type": "bh1"},
+    description="UniPC-2 with B(h)=h (Zhao et al. 2023), order 3; for few-step unconditional sampling",
+)
+UNIPC_3 = SolverSpec(
+    name="unipc_3",
+    step=unipc_step,
+    order=4,
+    defaults={**_DEFAULTS, "order": 3},
+    description="UniPC-3 with B(h)=e^h-1 (Zhao et al. 2023), order 4",
+)
