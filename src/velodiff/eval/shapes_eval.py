@@ -162,7 +162,9 @@ def _classify(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _hull_area(mask: np.ndarray) -> float:
-    ys, xs = np.nonzero(mask)
+    """Area of the convex hull of the mask's pixel squares (corners of its boundary pixels)."""
+    edge = mask & ~ndimage.binary_erosion(mask)
+    ys, xs = np.nonzero(edge)
     pts = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
     try:
         return float(ConvexHull(pts).volume)
@@ -179,13 +181,14 @@ def shape_features(mask: np.ndarray) -> dict[str, float]:
     w, h = x1 - x0, y1 - y0
     area = float(len(xs))
     box = mask[y0:y1, x0:x1]
+    padded = np.pad(box, 1)
     cw, ch = max(1, int(round(0.25 * w))), max(1, int(round(0.25 * h)))
     cells = (box[:ch, :cw], box[:ch, -cw:], box[-ch:, :cw], box[-ch:, -cw:])
     corners = np.mean([c.mean() for c in cells])
     return {
         "corners": float(corners),
         "extent": area / float(w * h),
-        "solidity": area / _hull_area(mask),
+        "solidity": area / _hull_area(padded),
         "ycent": float((ys.mean() + 0.5 - (y0 + y1) / 2) / h),
         "aspect": float(w / h),
     }
@@ -272,24 +275,34 @@ def _components(image: np.ndarray) -> list[tuple[int, np.ndarray]]:
         if n == 0:
             continue
         areas = ndimage.sum_labels(m, groups, index=np.arange(1, n + 1))
+        slices = ndimage.find_objects(groups)
         for j in np.nonzero(areas >= min_area)[0]:
-            part = m & (groups == j + 1)
+            # work in the group's box plus a 4 px frame (the ring below reaches 3 px out)
+            ys, xs = slices[j]
+            y0, y1 = max(ys.start - 4, 0), min(ys.stop + 4, H)
+            x0, x1 = max(xs.start - 4, 0), min(xs.stop + 4, W)
+            part = m[y0:y1, x0:x1] & (groups[y0:y1, x0:x1] == j + 1)
             part = ndimage.binary_closing(part, structure=box3, border_value=0) | part
             part = ndimage.binary_fill_holes(part)
             # an object stands on the background: most of a thin ring around it is background
             ring = ndimage.binary_dilation(part, structure=box3, iterations=3) & \
                 ~ndimage.binary_dilation(part, structure=box3)
-            on_background = ring.any() and (~fg[ring]).mean() >= RING_MIN_BACKGROUND
+            on_background = ring.any() and (~fg[y0:y1, x0:x1][ring]).mean() >= RING_MIN_BACKGROUND
             if not on_background or part.sum() > MAX_AREA_FRACTION * H * W:
                 continue
-            comps.append((ci, part))
+            full = np.zeros((H, W), bool)
+            full[y0:y1, x0:x1] = part
+            comps.append((ci, full))
     # colour fringes: a component touching a much larger component of another colour is part of it
     areas_ = [int(m.sum()) for _, m in comps]
-    grown = [ndimage.binary_dilation(m, structure=box3, iterations=2) for _, m in comps]
     keep = []
-    for a in range(len(comps)):
-        fringe = any(a != b and comps[a][0] != comps[b][0] and areas_[a] < FRINGE_RATIO * areas_[b]
-                     and (grown[a] & comps[b][1]).any() for b in range(len(comps)))
+    for a, (ca, ma) in enumerate(comps):
+        bigger = [mb for b, (cb, mb) in enumerate(comps)
+                  if cb != ca and areas_[a] < FRINGE_RATIO * areas_[b]]
+        fringe = False
+        if bigger:
+            grown = ndimage.binary_dilation(ma, structure=box3, iterations=2)
+            fringe = any((grown & mb).any() for mb in bigger)
         keep.append(not fringe)
     return [c for c, k in zip(comps, keep, strict=True) if k]
 
