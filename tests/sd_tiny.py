@@ -158,7 +158,7 @@ def unet(kind: str = "sd1", in_channels: int = 4, seed: int = 0):
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=6 * 8 + 32,
-            cross_attention_dim=64,
+            cross_attention_dim=32 + 48,
         )
     else:
         raise ValueError(kind)
@@ -196,7 +196,7 @@ def save_sd(
             vae=vae(force_upcast=True),
             text_encoder=text_encoder(tok, seed=1),
             tokenizer=tok,
-            text_encoder_2=text_encoder(tok, projection=32, seed=2),
+            text_encoder_2=text_encoder(tok, hidden=48, projection=32, seed=2),
             tokenizer_2=clip_tokenizer(),
             unet=u,
             scheduler=sched,

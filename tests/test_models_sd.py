@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+import ldm_layout
 import sd_tiny
 from velodiff.errors import VelodiffError
 from velodiff.models import FAMILIES, load
@@ -98,6 +99,22 @@ def test_text2img_images_and_counts(models):
     torch.testing.assert_close(t.latents[0], r.latents[1], atol=1e-4, rtol=1e-4)
     one = text2img(models["sd1"], PROMPT, nfe=2, guidance=1.0, output="latent")
     assert (one.nfe, one.evals, one.images) == (2, 2, None)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_single_file_equals_folder(models, tmp_path, kind):
+    """An original-layout .safetensors (diffusers' from_single_file, configs from a local folder) gives
+    the same model as the diffusers folder; without configs the error says what to pass."""
+    folder = models.folder(kind)
+    save = ldm_layout.save_sd1_single_file if kind == "sd1" else ldm_layout.save_sdxl_single_file
+    f = save(folder, tmp_path / f"{kind}.safetensors")
+    single = load(f, config=folder)
+    assert single.family == kind
+    a = text2img(models[kind], PROMPT, steps=2, seeds=[3], output="latent")
+    b = text2img(single, PROMPT, steps=2, seeds=[3], output="latent")
+    torch.testing.assert_close(a.latents, b.latents)
+    with pytest.raises(VelodiffError, match="config"):
+        load(f)
 
 
 # --- parity with diffusers ----------------------------------------------------------------------

@@ -327,6 +327,15 @@ def read_single_file(
         for k, v in pipe.components.items()
         if k in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     }
+    for name, module in c.items():
+        params = module.named_parameters() if hasattr(module, "named_parameters") else []
+        missing = [k for k, v in params if v.is_meta]
+        if missing:
+            kind = pipeline_cls.__name__.removesuffix("Pipeline")
+            raise VelodiffError(
+                f"{src.path.name} has no weights for {name} ({missing[0]}, ...); "
+                f"is it a {kind} checkpoint of the architecture in {config_dir}?"
+            )
     for k in ("unet", "text_encoder", "text_encoder_2"):
         if c.get(k) is not None:
             place(c[k], device, dtype)
