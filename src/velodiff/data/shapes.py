@@ -40,10 +40,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import VelodiffError, unknown_name
+
 __all__ = [
     "BACKGROUND", "COLORS", "HOLDOUT_PAIRS", "PALETTE", "RELATIONS", "SHAPES", "SIZES", "SIZE_PX",
-    "ObjectSpec", "Scene", "ShapesWorld", "caption_from_spec", "category_of", "normalize_spec",
-    "parse_caption", "relation_components",
+    "ObjectSpec", "Scene", "ShapesSpecError", "ShapesWorld", "caption_from_spec", "category_of",
+    "contact_sheet", "normalize_spec", "parse_caption", "relation_components",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -79,6 +81,14 @@ REL_MAX_OTHER = 0.35      # generator: and every other relation's component at m
 POSITION_THRESHOLD = 0.1  # GenEval's box-size discount on centre offsets
 SUPERSAMPLE = 4
 CROSS_BAR = 0.36      # width of a cross's bars as a fraction of its side
+
+
+class ShapesSpecError(VelodiffError, ValueError):
+    """A spec, caption or prompt the shapes world cannot read: one clear line (also a ValueError)."""
+
+
+def _unknown(kind: str, name: Any, valid) -> ShapesSpecError:
+    return ShapesSpecError(str(unknown_name(kind, str(name), valid)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +156,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, sid
         draw.rectangle([x0, cy * k - t, x1 - 1, cy * k + t - 1], fill=255)
         draw.rectangle([cx * k - t, y0, cx * k + t - 1, y1 - 1], fill=255)
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+        raise _unknown("shape", shape, SHAPES)
 
 
 def _coverage(shape: str, cx: float, cy: float, side: float, size: int) -> np.ndarray:
@@ -192,37 +202,37 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
     if hasattr(spec, "spec") and not isinstance(spec, dict):
         spec = spec.spec
     if not isinstance(spec, dict) or "objects" not in spec:
-        raise ValueError(f"a spec is a dict with an 'objects' list; got {spec!r}")
+        raise ShapesSpecError(f"a spec is a dict with an 'objects' list; got {spec!r}")
     objs = []
     for o in spec["objects"]:
         shape, color = o.get("shape"), o.get("color")
         if shape not in SHAPES:
-            raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+            raise _unknown("shape", shape, SHAPES)
         if color not in PALETTE:
-            raise ValueError(f"unknown colour {color!r}; expected one of {', '.join(COLORS)}")
+            raise _unknown("colour", color, COLORS)
         count = int(o.get("count", 1))
         if not 1 <= count <= 3:
-            raise ValueError(f"count must be 1..3, got {count}")
+            raise ShapesSpecError(f"count must be 1..3, got {count}")
         size = o.get("size")
         if size is not None and size not in SIZES:
-            raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+            raise _unknown("size", size, SIZES)
         item = {"shape": shape, "color": color, "count": count}
         if size is not None:
             item["size"] = size
         objs.append(item)
     if not objs:
-        raise ValueError("a spec needs at least one object")
+        raise ShapesSpecError("a spec needs at least one object")
     if sum(o["count"] for o in objs) > 3:
-        raise ValueError("a scene holds at most 3 objects")
+        raise ShapesSpecError("a scene holds at most 3 objects")
     rel = spec.get("relation")
     if rel is not None:
         if rel.get("type") not in RELATIONS:
-            raise ValueError(f"unknown relation {rel.get('type')!r}; expected one of {', '.join(RELATIONS)}")
+            raise _unknown("relation", rel.get("type"), RELATIONS)
         a, b = int(rel.get("a", 0)), int(rel.get("b", 1))
         if not (0 <= a < len(objs) and 0 <= b < len(objs) and a != b):
-            raise ValueError(f"relation indices {a}, {b} do not name two object groups")
+            raise ShapesSpecError(f"relation indices {a}, {b} do not name two object groups")
         if objs[a]["count"] != 1 or objs[b]["count"] != 1:
-            raise ValueError("a relation relates two single objects (count 1)")
+            raise ShapesSpecError("a relation relates two single objects (count 1)")
         rel = {"type": rel["type"], "a": a, "b": b}
     return {"objects": objs, "relation": rel}
 
@@ -273,13 +283,13 @@ _COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 
 def _parse_phrase(words: list[str], text: str) -> dict[str, Any]:
     if len(words) not in (3, 4) or words[0] not in _COUNTS:
-        raise ValueError(f"cannot parse object phrase {' '.join(words)!r} in caption {text!r}")
+        raise ShapesSpecError(f"cannot parse object phrase {' '.join(words)!r} in caption {text!r}")
     count = _COUNTS[words[0]]
     size = words[1] if len(words) == 4 else None
     color, noun = words[-2], words[-1]
     shape = noun if noun in SHAPES else _SINGULAR.get(noun)
     if shape is None or color not in PALETTE or (size is not None and size not in SIZES):
-        raise ValueError(f"cannot parse object phrase {' '.join(words)!r} in caption {text!r}")
+        raise ShapesSpecError(f"cannot parse object phrase {' '.join(words)!r} in caption {text!r}")
     o: dict[str, Any] = {"shape": shape, "color": color, "count": count}
     if size is not None:
         o["size"] = size
@@ -287,7 +297,7 @@ def _parse_phrase(words: list[str], text: str) -> dict[str, Any]:
 
 
 def parse_caption(text: str) -> dict[str, Any]:
-    """Parse a caption of this world's closed grammar back into a spec (raises ValueError otherwise)."""
+    """Parse a caption of this world's closed grammar back into a spec (raises ShapesSpecError otherwise)."""
     t = " ".join(text.lower().replace(",", " , ").split())
     for p in ("a photo of ", *PREFIXES[1:]):
         if t.startswith(p):
@@ -327,7 +337,7 @@ def parse_caption(text: str) -> dict[str, Any]:
     rel = None
     if rel_type is not None:
         if rel_after is None or rel_after + 1 >= len(objs):
-            raise ValueError(f"cannot parse the relation in caption {text!r}")
+            raise ShapesSpecError(f"cannot parse the relation in caption {text!r}")
         rel = {"type": rel_type, "a": rel_after, "b": rel_after + 1}
     return normalize_spec({"objects": objs, "relation": rel})
 
@@ -344,7 +354,7 @@ class ShapesWorld:
     def __init__(self, seed: int = 0, size: int = 64, holdout: bool = True,
                  holdout_pairs: Sequence[tuple[str, str]] = HOLDOUT_PAIRS):
         if size < 32:
-            raise ValueError(f"size must be at least 32 pixels, got {size}")
+            raise ShapesSpecError(f"size must be at least 32 pixels, got {size}")
         self.seed = int(seed)
         self.size = int(size)
         self.holdout = bool(holdout)
@@ -378,7 +388,8 @@ class ShapesWorld:
             placed = self._place(spec, sizes, rng)
             if placed is not None:
                 return self._compose(spec, placed, prefix)
-        raise ValueError(f"cannot place the objects of {caption_from_spec(spec)!r} in a {self.size}px image")
+        raise ShapesSpecError(
+            f"cannot place the objects of {caption_from_spec(spec)!r} in a {self.size}px image")
 
     def batch(self, start: int, n: int):
         """Scenes start..start+n-1 as (float32 tensor (n, 3, H, W) in [-1, 1], list of captions)."""
@@ -497,7 +508,7 @@ def contact_sheet(scenes: Sequence[Scene], cols: int = 4, scale: int = 3,
                   captions: bool = True) -> Image.Image:
     """A grid of scenes (upscaled, nearest) with their captions underneath, for eyeballing."""
     if not scenes:
-        raise ValueError("no scenes to show")
+        raise ShapesSpecError("no scenes to show")
     H = scenes[0].image.shape[0] * scale
     pad, text_h = 4, (28 if captions else 0)
     rows = math.ceil(len(scenes) / cols)

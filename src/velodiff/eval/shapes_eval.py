@@ -63,12 +63,14 @@ from ..data.shapes import (
     SHAPES,
     SIZE_PX,
     SIZES,
+    ShapesSpecError,
     ShapesWorld,
     caption_from_spec,
     category_of,
     normalize_spec,
     relation_components,
 )
+from ..errors import unknown_name
 
 __all__ = [
     "CATEGORIES", "PROMPT_SETS", "Detection", "Prompt", "build_prompt_set", "calibration",
@@ -237,7 +239,8 @@ def _to_uint8_images(images: Any) -> list[np.ndarray]:
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4:
-            raise ValueError(f"expected images of shape (N, 3, H, W) or (N, H, W, 3), got {images.shape}")
+            raise ShapesSpecError(
+                f"expected images of shape (N, 3, H, W) or (N, H, W, 3), got {images.shape}")
         if images.shape[1] == 3 and images.shape[-1] != 3:
             images = images.transpose(0, 2, 3, 1)
         images = list(images)
@@ -247,7 +250,7 @@ def _to_uint8_images(images: Any) -> list[np.ndarray]:
         if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
             a = a.transpose(1, 2, 0)
         if a.ndim != 3 or a.shape[-1] != 3:
-            raise ValueError(f"expected an RGB image (H, W, 3), got shape {a.shape}")
+            raise ShapesSpecError(f"expected an RGB image (H, W, 3), got shape {a.shape}")
         if a.dtype != np.uint8:
             a = np.clip(np.rint((a.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
         out.append(a)
@@ -401,9 +404,9 @@ def evaluate(images: Any, prompts: Sequence[Any], strict: bool = False,
     prompts = [_as_prompt(p) for p in prompts]
     imgs = _to_uint8_images(images)
     if not prompts:
-        raise ValueError("no prompts to evaluate")
+        raise ShapesSpecError("no prompts to evaluate")
     if len(imgs) % len(prompts) != 0 or not imgs:
-        raise ValueError(f"got {len(imgs)} images for {len(prompts)} prompts; "
+        raise ShapesSpecError(f"got {len(imgs)} images for {len(prompts)} prompts; "
                          "pass the same number of images per prompt, prompt-major")
     k = len(imgs) // len(prompts)
     per_prompt = []
@@ -440,7 +443,7 @@ def load_prompts(name: str = "v1") -> list[Prompt]:
     """A fixed, versioned prompt set: "v1" (100 prompts, 25 per category) or "v1-holdout" (36, 9 per
     category, all using the held-out colour-shape pair)."""
     if name not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {name!r}; available: {', '.join(PROMPT_SETS)}")
+        raise ShapesSpecError(str(unknown_name("prompt set", name, PROMPT_SETS)))
     data = json.loads(_prompt_path(name).read_text())
     return [Prompt(text=p["text"], category=p["category"], spec=normalize_spec(p["spec"]))
             for p in data["prompts"]]
@@ -503,7 +506,7 @@ def build_prompt_set(name: str) -> dict[str, Any]:
             add("position", {"objects": objs if k % 2 == 0 else objs[::-1],
                              "relation": {"type": RELATIONS[k % 4], "a": 0, "b": 1}})
     else:
-        raise ValueError(f"unknown prompt set {name!r}")
+        raise ShapesSpecError(str(unknown_name("prompt set", name, PROMPT_SETS)))
     return {
         "name": name,
         "version": PROMPT_SET_VERSION,
