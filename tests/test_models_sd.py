@@ -102,7 +102,7 @@ def test_text2img_images_and_counts(models):
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_single_file_equals_folder(models, tmp_path, kind):
+def test_single_file_equals_folder(models, tmp_path, monkeypatch, kind):
     """An original-layout .safetensors (diffusers' from_single_file, configs from a local folder) gives
     the same model as the diffusers folder; without configs the error says what to pass."""
     folder = models.folder(kind)
@@ -113,8 +113,9 @@ def test_single_file_equals_folder(models, tmp_path, kind):
     a = text2img(models[kind], PROMPT, steps=2, seeds=[3], output="latent")
     b = text2img(single, PROMPT, steps=2, seeds=[3], output="latent")
     torch.testing.assert_close(a.latents, b.latents)
-    with pytest.raises(VelodiffError, match="config"):
-        load(f)
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(VelodiffError, match="pass config="):
+        load(f)  # velodiff's bundled configs are the published (full-size) architectures
 
 
 # --- parity with diffusers ----------------------------------------------------------------------
@@ -338,3 +339,26 @@ def test_long_prompt_truncated_with_warning(models):
     with pytest.warns(UserWarning, match=r"dropped: '.*green sphere'"):
         cond = models["sd1"].encode_prompt([long])
     assert cond.cond["encoder_hidden_states"].shape[1] == 77
+
+
+def test_bundled_single_file_configs(tmp_path, monkeypatch):
+    """The bundled configs build the published architectures (parameter counts of SD 1.5's UNet and
+    SDXL's UNet / OpenCLIP-bigG text tower), and the CLIP vocabulary tokenizes as CLIP does."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from velodiff.models.configs import clip_tokenizer, published_folder
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+    tok = clip_tokenizer()
+    assert len(tok) == 49408
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    for name, millions in (("sd15", 859.5), ("sdxl", 2567.5)):
+        folder = published_folder(name)
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+        assert abs(sum(p.numel() for p in unet.parameters()) / 1e6 - millions) < 1.0
+        assert (folder / "tokenizer" / "tokenizer.json").is_file()
+    assert published_folder("sdxl") == folder  # written once

@@ -321,7 +321,12 @@ def read_single_file(
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VelodiffError(f"cannot load {src.path.name} with the configs in {config_dir}: {msg}") from None
+        msg = msg.split(". If you want")[0].replace("Cannot load  because ", "")
+        raise VelodiffError(
+            f"cannot load {src.path.name} with the configs in {config_dir} ({msg}); if it is not a "
+            "standard checkpoint of that architecture, pass config= (CLI: --config) a local diffusers folder "
+            "of its own"
+        ) from None
     c: dict[str, Any] = {
         k: v
         for k, v in pipe.components.items()
