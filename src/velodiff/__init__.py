@@ -10,8 +10,17 @@ from .solvers import SOLVERS, get_solver
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # velodiff.load without importing the model families up front
+    if name == "load":
+        from .models import load
+
+        return load
+    raise AttributeError(f"module 'velodiff' has no attribute {name!r}")
+
+
 __all__ = [
     "EDM", "GRIDS", "SOLVERS", "ClassifierFreeGuidance", "ContinuousVP", "Cost", "DiscreteVP",
     "GuidedCond", "ModelDenoiser", "NoiseSchedule", "RectifiedFlow", "SampleResult", "StepInfo",
-    "VelodiffError", "get_schedule", "get_solver", "make_grid", "sample",
+    "VelodiffError", "get_schedule", "get_solver", "load", "make_grid", "sample",
 ]
