@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "velodiff.commands.train",
     "velodiff.commands.generate",
     "velodiff.commands.eval_shapes",
+    "velodiff.commands.generate_set",
 ]
 
 

@@ -1,0 +1,227 @@
+"""`velodiff generate-set`: prompt files (errors name the line), a set killed with SIGKILL at random
+points and resumed ends byte-identical to an uninterrupted run, corrupt or missing images are made
+again, a different model or config is refused, and `velodiff eval --manifest` reads a partial set."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from velodiff.cli import main
+from velodiff.errors import VelodiffError
+from velodiff.eval.generate_set import (
+    LINES,
+    generate_set,
+    load_prompt_file,
+    lock_folder,
+    read_records,
+    read_set,
+)
+
+N = 16
+CONFIG = dict(seed=7, images_per_prompt=1, steps=2, solver=None, grid=None, guidance=None, negative=None,
+              height=None, width=None, batch=2, threads=1, noise="velodiff")
+FAST = ["--steps", "2", "--batch", "2", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import sd_tiny
+
+    return sd_tiny.save_sd(tmp_path_factory.mktemp("gs") / "tiny", "sd1")
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    words = ["red", "blue", "green"], ["cube", "sphere", "cat", "dog"]
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("\n".join(f"a {words[0][i % 3]} {words[1][i % 4]} on the table" for i in range(N)) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, prompt_file, tmp_path_factory):
+    """An uninterrupted run (in process)."""
+    out = tmp_path_factory.mktemp("ref") / "set"
+    generate_set(load_prompt_file(prompt_file), out, model_path=tiny, config=CONFIG)
+    return out
+
+
+def cli(*args: str) -> int:
+    """Run the CLI in process; its exit status (typer exits with SystemExit on success)."""
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def one_error_line(capsys, *args: str) -> str:
+    code = cli(*args)
+    _, err = capsys.readouterr()
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --- prompt files -------------------------------------------------------------------------------
+
+
+def test_text_json_and_coco_prompts(tmp_path):
+    t = tmp_path / "p.txt"
+    t.write_text("a red cube\n\n  a blue cat  \r\n")
+    ps = load_prompt_file(t)
+    assert [p.text for p in ps] == ["a red cube", "a blue cat"] and ps[1].source == {"line": 3}
+    j = tmp_path / "p.json"
+    j.write_text('[\n "a red cube",\n {"prompt": "a dog"}\n]')
+    assert [(p.text, p.source["line"]) for p in load_prompt_file(j)] == [("a red cube", 2), ("a dog", 3)]
+    coco = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "id": 10, "caption": "A cat  on a mat. "},
+                                                   {"image_id": 1, "id": 11, "caption": "a sleeping cat"}]}
+    c = tmp_path / "captions_val.json"
+    c.write_text(json.dumps(coco, indent=1))
+    ps = load_prompt_file(c, limit=1)
+    assert len(ps) == 1 and ps[0].text == "A cat on a mat." and ps[0].source["id"] == 10
+
+
+@pytest.mark.parametrize(
+    "name,data,expect",
+    [
+        ("empty.txt", b"\n \n", "has no prompts"),
+        ("bad.txt", b"a red cube\na \xff cat\n", "line 2 is not UTF-8"),
+        ("bad.json", b'[\n "a",\n "b"\n "c"\n]', "invalid JSON at line 4"),
+        ("num.json", b'[\n "a",\n\n 3\n]', "line 4 (item 1): expected a prompt string, got a number"),
+        ("empty.json", b"[]", "has no prompts"),
+        ("obj.json", b'{"a": 1}', "expected a JSON list of prompts or COCO captions"),
+        ("coco.json", b'{"annotations": [\n {"caption": "x"},\n {"id": 3}\n]}', "line 3 (annotation 1)"),
+    ],
+)
+def test_bad_prompt_files_name_the_line(tmp_path, capsys, name, data, expect):
+    p = tmp_path / name
+    p.write_bytes(data)
+    with pytest.raises(VelodiffError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+        load_prompt_file(p)
+    line = one_error_line(capsys, "generate-set", str(p), "--out", str(tmp_path / "o"), "--model", str(p))
+    assert expect.split(" (")[0] in line
+    assert not (tmp_path / "o").exists()
+
+
+# --- kill, resume, refuse to mix -----------------------------------------------------------------
+
+
+def _lines(folder: Path) -> int:
+    try:
+        return (folder / LINES).read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def _kill_when(cmd: list[str], folder: Path, at_lines: int, extra_s: float) -> bool:
+    """Start the CLI, SIGKILL it once the manifest has ``at_lines`` lines (+ a random delay);
+    True if it was killed before it finished."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and _lines(folder) < at_lines and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(extra_s)
+        killed = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    return killed
+
+
+def test_sigkill_twice_then_resume_is_byte_identical(tiny, prompt_file, reference, tmp_path, capsys):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    out = tmp_path / "set"
+    cmd = [sys.executable, "-m", "velodiff.cli", "generate-set", str(prompt_file), "--out", str(out),
+           "--model", str(tiny), *FAST]
+    for lo, hi in ((1, N // 3), (N // 3 + 1, 2 * N // 3)):
+        killed = _kill_when(cmd, out, rng.randint(lo, hi), rng.uniform(0, 0.2))
+        assert killed, f"the run finished before it was killed (seed {seed})"
+    done_after_kills = len(read_set(out).records)
+    assert 0 < done_after_kills < N, f"seed {seed}"
+    # damage: a torn manifest line, a corrupt image and a missing image
+    recs = read_set(out).records
+    (out / recs[0]["file"]).write_bytes(b"not a png")
+    (out / recs[-1]["file"]).unlink()
+    with open(out / LINES, "ab") as f:
+        f.write(b'{"index": 3, "prompt": "a')
+    code = cli("generate-set", str(prompt_file), "--out", str(out))  # config comes from the set
+    o, err = capsys.readouterr()
+    assert code == 0, err
+    assert "dropped 1 unreadable manifest line" in err
+    assert (out / LINES).read_bytes() == (reference / LINES).read_bytes(), f"seed {seed}"
+    records, bad = read_records(out)
+    assert sorted(records) == list(range(N)) and bad == 0
+    for r in records.values():
+        assert (out / r["file"]).read_bytes() == (reference / r["file"]).read_bytes()
+    assert not list(out.rglob(".*.tmp"))
+    # a finished set resumed again does nothing
+    assert cli("generate-set", str(prompt_file), "--out", str(out)) == 0
+    assert f"({N} already there, 0 generated now)" in capsys.readouterr().out
+
+
+def test_refuses_to_mix_and_keeps_what_is_there(tiny, prompt_file, reference, tmp_path, capsys):
+    out = tmp_path / "set"
+    shutil.copytree(reference, out)
+    before = (out / LINES).read_bytes()
+    line = one_error_line(capsys, "generate-set", str(prompt_file), "--out", str(out), "--steps", "3")
+    assert "steps=2" in line and "steps=3" in line and "refusing to mix" in line
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny, other)
+    idx = other / "model_index.json"
+    idx.write_text(idx.read_text() + "\n")  # same network, different files: a different model
+    line = one_error_line(capsys, "generate-set", str(prompt_file), "--out", str(out), "--model", str(other))
+    assert "another model" in line
+    fewer = tmp_path / "fewer.txt"
+    fewer.write_text("\n".join(prompt_file.read_text().splitlines()[:5]))
+    assert "other prompts" in one_error_line(capsys, "generate-set", str(fewer), "--out", str(out))
+    assert (out / LINES).read_bytes() == before
+    lock = lock_folder(out)
+    try:
+        assert "another velodiff process" in one_error_line(
+            capsys, "generate-set", str(prompt_file), "--out", str(out))
+    finally:
+        lock.close()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    assert "holds no image set" in one_error_line(
+        capsys, "generate-set", str(prompt_file), "--out", str(junk), "--model", str(tiny))
+
+
+# --- eval --manifest -----------------------------------------------------------------------------
+
+
+def test_eval_manifest_partial_set_and_missing_weights(reference, tmp_path, capsys):
+    pytest.importorskip("velodiff.eval.metrics")
+    part = tmp_path / "part"
+    shutil.copytree(reference, part)
+    recs = (part / LINES).read_bytes().splitlines(keepends=True)
+    (part / LINES).write_bytes(b"".join(recs[:5]))  # a partial set: 5 of 16 finished
+    out_json = tmp_path / "m.json"
+    code = cli("eval", "--manifest", str(part), "--reference", str(reference), "--json", str(out_json))
+    o, err = capsys.readouterr()
+    assert code == 0, err
+    res = json.loads(out_json.read_text())
+    assert res["images"] == 5 and res["total"] == N and not res["complete"]
+    assert res["reference"]["n"] == 5 and res["reference"]["ssim"] == pytest.approx(1.0)
+    before = sorted(p.name for p in part.rglob("*"))
+    line = one_error_line(capsys, "eval", "--manifest", str(part), "--real", str(reference),
+                          "--features", str(tmp_path / "inception-2015-12-05.pt"))
+    assert "Inception" in line
+    line = one_error_line(capsys, "eval", "--manifest", str(part), "--clip", str(tmp_path / "clip"))
+    assert "CLIP" in line
+    assert sorted(p.name for p in part.rglob("*")) == before
+    assert "not a folder made by" in one_error_line(capsys, "eval", "--manifest", str(tmp_path / "nope"))
