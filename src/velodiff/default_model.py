@@ -113,7 +113,11 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's (and GPT-2's) reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

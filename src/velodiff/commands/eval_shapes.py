@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -49,8 +49,40 @@ def generate_for_prompts(
     for i in range(0, len(prompts), batch):
         res = text2img(model, prompts[i : i + batch], seeds=seeds[i : i + batch], **kw)
         images.extend(res.images)
-        info = {"nfe": res.nfe, "evals": res.evals, "steps": res.steps, "solver": res.solver, "guidance": res.guidance}
+        info = {
+            "nfe": res.nfe,
+            "evals": res.evals,
+            "steps": res.steps,
+            "solver": res.solver,
+            "guidance": res.guidance,
+        }
     return images, time.perf_counter() - t0, info
+
+
+def measure_speed(model: Any, runs: int, **kw: Any) -> dict[str, Any]:
+    """Seconds for one 64x64 image end to end in process (text encoding, sampling with CFG, decoding)."""
+    import statistics
+
+    import torch
+
+    from ..pipelines import text2img
+
+    text2img(model, "a red circle", seeds=[0], **kw)  # warm-up
+    times, res = [], None
+    for i in range(runs):
+        t0 = time.perf_counter()
+        res = text2img(model, "a red circle above a blue square", seeds=[i], **kw)
+        times.append(time.perf_counter() - t0)
+    assert res is not None
+    return {
+        "median_s": round(statistics.median(times), 4),
+        "min_s": round(min(times), 4),
+        "runs": runs,
+        "nfe": res.nfe,
+        "evals": res.evals,
+        "solver": res.solver,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -66,8 +98,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     c = result["config"]
     lines.append("")
     lines.append(
-        f"Model `{c['model']}`, prompt set `{c['prompts']}` ({c['n_prompts']} prompts x {c['images_per_prompt']} "
-        f"images), solver `{c['solver']}`, {c['steps']} steps ({c['nfe']} NFE), grid `{c['grid']}`, seed {c['seed']}."
+        f"Model `{c['model']}`, prompt set `{c['prompts']}` ({c['n_prompts']} prompts x "
+        f"{c['images_per_prompt']} images), solver `{c['solver']}`, {c['steps']} steps ({c['nfe']} NFE), "
+        f"grid `{c['grid']}`, seed {c['seed']}."
     )
     return "\n".join(lines) + "\n"
 
@@ -85,7 +118,9 @@ def contact_sheet(images: list[Any], records: list[dict[str, Any]], cols: int = 
         r, c = divmod(i, cols)
         x, y = pad + c * (w + pad), pad + r * (w + text_h + pad)
         sheet.paste(im.resize((w, w), Image.NEAREST), (x, y))
-        draw.rectangle([x, y + w, x + w - 1, y + w + 2], fill=(40, 170, 60) if rec["correct"] else (210, 40, 40))
+        draw.rectangle(
+            [x, y + w, x + w - 1, y + w + 2], fill=(40, 170, 60) if rec["correct"] else (210, 40, 40)
+        )
         words, lines, line = rec["text"].split(), [], ""
         for word in words:
             if len(line) + len(word) + 1 > w // 6:
@@ -108,10 +143,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 @eval_app.command("shapes")
 def shapes(
-    json_out: Path = typer.Option(..., "--json", help="write the results here (JSON)"),
-    markdown: Path = typer.Option(None, help="markdown table (default: beside --json, .md)"),
-    sheet: Path = typer.Option(None, help="contact sheet PNG of samples (default: beside --json, .png)"),
-    model: Path = typer.Option(None, help="a diffusers folder or .safetensors file (default: the shipped model)"),
+    json_out: Path = typer.Option(..., "--json", help="write the results here (JSON)"),  # noqa: B008
+    markdown: Annotated[
+        Path | None, typer.Option(help="markdown table (default: beside --json, .md)")
+    ] = None,
+    sheet: Annotated[
+        Path | None, typer.Option(help="contact sheet PNG of samples (default: beside --json, .png)")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="a diffusers folder or .safetensors file (default: the shipped model)")
+    ] = None,
     prompts: str = typer.Option("v1", help="prompt set: v1 or v1-holdout"),
     images_per_prompt: int = typer.Option(2, min=1),
     solver: str = typer.Option(None, help="solver (default dpmpp_2m)"),
@@ -121,6 +162,10 @@ def shapes(
     seed: int = typer.Option(0),
     batch: int = typer.Option(16, min=1, help="images per batched call"),
     threads: int = typer.Option(2, min=1),
+    limit: int = typer.Option(
+        None, min=1, help="use only this many prompts, spread over the set (quick checks)"
+    ),
+    speed_runs: int = typer.Option(0, min=0, help="also time this many single-image generations (median)"),
 ) -> None:
     """Generate for a fixed prompt set and report ShapesEval accuracy (JSON, markdown, contact sheet)."""
     from .generate import check_output_path, load_model, quiet_libraries
@@ -137,6 +182,8 @@ def shapes(
         plist = load_prompts(prompts)
     except ValueError as e:
         raise VelodiffError(str(e)) from None
+    if limit is not None and limit < len(plist):
+        plist = [plist[int(i * len(plist) / limit)] for i in range(limit)]
     quiet_libraries()
     loaded, defaults = load_model(model, threads)
     scales = parse_scales(guidance, defaults.get("guidance"))
@@ -144,11 +191,18 @@ def shapes(
     kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid)
     sweep, best = [], None
     for g in scales:
-        images, secs, info = generate_for_prompts(loaded, texts, images_per_prompt, seed=seed, batch=batch,
-                                                  guidance=g, **kw)
+        images, secs, info = generate_for_prompts(
+            loaded, texts, images_per_prompt, seed=seed, batch=batch, guidance=g, **kw
+        )
         res = evaluate(images, plist)
-        row = {"guidance": info["guidance"], "overall": res["overall"], "by_category": res["by_category"],
-               "counts": res["counts"], "seconds": round(secs, 2), "seconds_per_image": round(secs / len(images), 4)}
+        row = {
+            "guidance": info["guidance"],
+            "overall": res["overall"],
+            "by_category": res["by_category"],
+            "counts": res["counts"],
+            "seconds": round(secs, 2),
+            "seconds_per_image": round(secs / len(images), 4),
+        }
         sweep.append(row)
         typer.echo(
             f"guidance {info['guidance']:g}: overall {res['overall']:.3f} "
@@ -177,6 +231,7 @@ def shapes(
             "threads": threads,
         },
         "sweep": sweep,
+        "speed": measure_speed(loaded, speed_runs, guidance=info["guidance"], **kw) if speed_runs else None,
         "per_prompt": [{k: v for k, v in r.items() if k != "detections"} for r in res["per_prompt"]],
     }
     _write_atomic(json_out, (json.dumps(result, indent=1) + "\n").encode())
@@ -189,7 +244,15 @@ def shapes(
     buf = io.BytesIO()
     sheet_img.save(buf, format="PNG")
     _write_atomic(sheet, buf.getvalue())
-    typer.echo(f"best guidance {info['guidance']:g}: overall {res['overall']:.3f}; wrote {json_out}, {markdown}, {sheet}")
+    if result["speed"]:
+        sp = result["speed"]
+        typer.echo(
+            f"one image, {sp['nfe']} NFE with CFG: median {sp['median_s']:.3f} s over {sp['runs']} runs"
+        )
+    typer.echo(
+        f"best guidance {info['guidance']:g}: overall {res['overall']:.3f}; "
+        f"wrote {json_out}, {markdown}, {sheet}"
+    )
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

@@ -11,7 +11,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -28,7 +28,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    def show(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
         if issubclass(category, UserWarning) and "velodiff" in filename:
             print(f"warning: {message}", file=sys.stderr)
 
@@ -53,7 +55,9 @@ def check_output_path(out: Path) -> str:
     """The PIL format for ``out``; refuse a missing folder or an unknown suffix before any work."""
     fmt = IMAGE_SUFFIXES.get(out.suffix.lower())
     if fmt is None:
-        raise VelodiffError(f"output {str(out)!r}: unknown image type; use one of {', '.join(IMAGE_SUFFIXES)}")
+        raise VelodiffError(
+            f"output {str(out)!r}: unknown image type; use one of {', '.join(IMAGE_SUFFIXES)}"
+        )
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise VelodiffError(f"output folder {str(parent)!r} does not exist; create it first")
@@ -105,7 +109,7 @@ def user_errors(what: str):
         yield
     except VelodiffError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VelodiffError(f"{what}: {msg}") from None
 
@@ -130,21 +134,27 @@ def load_model(model: Path | None, threads: int) -> tuple[Any, dict[str, Any]]:
 
 def generate(
     prompt: str = typer.Argument(..., help="what to draw"),
-    out: Path = typer.Option(..., "--out", "-o", help="image file to write (.png, .jpg, .webp)"),
+    out: Path = typer.Option(..., "--out", "-o", help="image file to write (.png, .jpg, .webp)"),  # noqa: B008
     seed: int = typer.Option(0, help="seed of the first image (image i uses seed + i)"),
-    steps: int = typer.Option(None, min=1, help="solver steps (default: the model's, 20 for the default model)"),
+    steps: int = typer.Option(
+        None, min=1, help="solver steps (default: the model's, 20 for the default model)"
+    ),
     guidance: float = typer.Option(None, help="classifier-free guidance scale (>= 0; 1 = no guidance)"),
     solver: str = typer.Option(None, help="any solver of `velodiff solvers` (default dpmpp_2m)"),
     grid: str = typer.Option(None, help="time grid name (default: the model's)"),
     negative: str = typer.Option(None, help="negative prompt (replaces the unconditional branch of CFG)"),
     n: int = typer.Option(1, "--n", min=1, max=64, help="number of images, saved as one grid image"),
-    model: Path = typer.Option(None, help="a diffusers folder or .safetensors file (default: the shipped model)"),
+    model: Annotated[
+        Path | None, typer.Option(help="a diffusers folder or .safetensors file (default: the shipped model)")
+    ] = None,
     threads: int = typer.Option(2, min=1, help="CPU threads"),
 ) -> None:
     """Generate an image from a text prompt (offline, CPU by default)."""
     t0 = time.perf_counter()
     if not prompt.strip():
-        raise VelodiffError("the prompt is empty; describe the image, e.g. \"a red circle above a blue square\"")
+        raise VelodiffError(
+            'the prompt is empty; describe the image, e.g. "a red circle above a blue square"'
+        )
     if guidance is not None and not guidance >= 0:
         raise VelodiffError(f"--guidance must be >= 0, got {guidance}")
     fmt = check_output_path(out)

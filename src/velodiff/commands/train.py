@@ -10,6 +10,7 @@ resumes from the latest checkpoint and gives bit-identical weights to an uninter
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -33,7 +34,9 @@ def _threads(threads: int, device: str) -> str:
 
 @train_app.command("autoencoder")
 def autoencoder(
-    run: Path = typer.Option(..., help="run folder (checkpoints, loss.csv); resumes when it has a checkpoint"),
+    run: Path = typer.Option(  # noqa: B008
+        ..., help="run folder (checkpoints, loss.csv); resumes when it has a checkpoint"
+    ),  # noqa: B008
     steps: int = typer.Option(600, min=1),
     batch: int = typer.Option(16, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
@@ -42,7 +45,7 @@ def autoencoder(
     ema_decay: float = typer.Option(0.99, min=0.0, max=1.0),
     seed: int = typer.Option(0),
     size: str = typer.Option("default", help="architecture size: default or micro"),
-    init: Path = typer.Option(None, help="start from this autoencoder run's weights"),
+    init: Annotated[Path | None, typer.Option(help="start from this autoencoder run's weights")] = None,
     decoder_only: bool = typer.Option(False, help="freeze the encoder, fine-tune the decoder"),
     max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much training time"),
     checkpoint_every: int = typer.Option(100, min=1),
@@ -54,12 +57,34 @@ def autoencoder(
     from ..train.loop import LoopConfig, load_run_weights
 
     _threads(threads, "cpu")
-    cfg = LoopConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema_decay, seed=seed,
-                     checkpoint_every=checkpoint_every, max_minutes=max_minutes,
-                     extra={"stage": "autoencoder", "batch": batch, "kl_weight": kl_weight, "size": size,
-                            "init": str(init) if init else None, "decoder_only": decoder_only})
-    s = train_autoencoder(run, cfg, batch=batch, size=size, kl_weight=kl_weight, init=init,
-                          decoder_only=decoder_only, quiet=quiet)
+    cfg = LoopConfig(
+        steps=steps,
+        lr=lr,
+        warmup=warmup,
+        weight_decay=0.0,
+        ema_decay=ema_decay,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
+        extra={
+            "stage": "autoencoder",
+            "batch": batch,
+            "kl_weight": kl_weight,
+            "size": size,
+            "init": str(init) if init else None,
+            "decoder_only": decoder_only,
+        },
+    )
+    s = train_autoencoder(
+        run,
+        cfg,
+        batch=batch,
+        size=size,
+        kl_weight=kl_weight,
+        init=init,
+        decoder_only=decoder_only,
+        quiet=quiet,
+    )
     from ..data.shapes import ShapesWorld
 
     vae = build_vae(size)
@@ -78,8 +103,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 @train_app.command("ldm")
 def ldm(
-    vae: Path = typer.Option(..., help="the autoencoder run folder (from `velodiff train autoencoder`)"),
-    run: Path = typer.Option(..., help="run folder (checkpoints, loss.csv); resumes when it has a checkpoint"),
+    vae: Path = typer.Option(  # noqa: B008
+        ..., help="the autoencoder run folder (from `velodiff train autoencoder`)"
+    ),
+    run: Path = typer.Option(  # noqa: B008
+        ..., help="run folder (checkpoints, loss.csv); resumes when it has a checkpoint"
+    ),  # noqa: B008
     steps: int = typer.Option(3000, min=1),
     batch: int = typer.Option(32, min=1),
     lr: float = typer.Option(5e-4, min=0.0),
@@ -94,7 +123,9 @@ def ldm(
     size: str = typer.Option("default", help="architecture size: default or micro"),
     max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much training time"),
     checkpoint_every: int = typer.Option(100, min=1),
-    out: Path = typer.Option(None, help="export the EMA model as a diffusers folder here when done"),
+    out: Annotated[
+        Path | None, typer.Option(help="export the EMA model as a diffusers folder here when done")
+    ] = None,
     threads: int = typer.Option(2, min=1),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False),
@@ -104,10 +135,24 @@ def ldm(
     from ..train.trainer import LDMConfig, train_ldm
 
     _threads(threads, device)
-    cfg = LoopConfig(steps=steps, lr=lr, warmup=warmup, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed,
-                     checkpoint_every=checkpoint_every, max_minutes=max_minutes)
-    lcfg = LDMConfig(batch=batch, size=size, prediction_type=prediction, min_snr_gamma=min_snr_gamma or None,
-                     cond_dropout=cond_dropout, cache_size=cache_size)
+    cfg = LoopConfig(
+        steps=steps,
+        lr=lr,
+        warmup=warmup,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
+    )
+    lcfg = LDMConfig(
+        batch=batch,
+        size=size,
+        prediction_type=prediction,
+        min_snr_gamma=min_snr_gamma or None,
+        cond_dropout=cond_dropout,
+        cache_size=cache_size,
+    )
     s = train_ldm(run, vae, cfg, lcfg, quiet=quiet)
     typer.echo(f"ldm: {s['steps']} steps, {s['wall_s'] / 60:.1f} min, loss {s['final_loss']:.4f}")
     if out is not None:
@@ -118,12 +163,15 @@ def ldm(
 
 @train_app.command("export")
 def export(
-    vae: Path = typer.Option(..., help="the autoencoder run folder"),
-    ldm: Path = typer.Option(..., help="the ldm run folder"),
-    out: Path = typer.Option(..., help="the diffusers folder to write"),
+    vae: Path = typer.Option(..., help="the autoencoder run folder"),  # noqa: B008
+    ldm: Path = typer.Option(..., help="the ldm run folder"),  # noqa: B008
+    out: Path = typer.Option(..., help="the diffusers folder to write"),  # noqa: B008
     raw: bool = typer.Option(False, help="export the raw weights instead of the EMA"),
+    half: bool = typer.Option(
+        True, help="store UNet and text encoder weights as float16 (loaded as float32)"
+    ),
 ) -> None:
     """Write the latest checkpoint as a diffusers Stable Diffusion folder (safetensors)."""
     from ..train.export import export_model
 
-    typer.echo(f"exported {export_model(vae, ldm, out, ema=not raw)}")
+    typer.echo(f"exported {export_model(vae, ldm, out, ema=not raw, half=half)}")

@@ -66,9 +66,7 @@ def train_autoencoder(
     vae.eval()
     summary["scaling_factor"] = measure_scaling_factor(vae, world)
     summary["recon_mse"] = recon_error(vae, world)
-    (run / "summary.json").write_text(
-        json.dumps({k: v for k, v in summary.items() if k != "emas"}, indent=1)
-    )
+    (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "emas"}, indent=1))
     return summary
 
 

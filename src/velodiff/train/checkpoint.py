@@ -40,7 +40,9 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2
+) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     final = run / f"step-{step:07d}"
     tmp = run / f".tmp-step-{step:07d}"

@@ -15,6 +15,17 @@ from .loop import load_run_weights, run_meta
 from .trainer import build_models, load_vae
 
 
+def _to_half(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path))
+    save_file(
+        {k: v.half() if v.is_floating_point() else v for k, v in sd.items()},
+        str(path),
+        metadata={"format": "pt"},
+    )
+
+
 def model_index() -> dict[str, Any]:
     return {
         "_class_name": PIPELINE_CLASS,
@@ -31,14 +42,22 @@ def model_index() -> dict[str, Any]:
     }
 
 
-def export_model(vae_run: Path, ldm_run: Path, out: Path, *, ema: bool = True, card: str | None = None) -> Path:
-    """Assemble the folder in a temporary sibling and swap it in (never a half-written model)."""
+def export_model(
+    vae_run: Path, ldm_run: Path, out: Path, *, ema: bool = True, card: str | None = None, half: bool = True
+) -> Path:
+    """Assemble the folder in a temporary sibling and swap it in (never a half-written model).
+
+    ``half``: store the UNet and text encoder weights as float16 (half the size; diffusers and
+    transformers load them into float32 models, and velodiff computes in float32); the small
+    autoencoder stays float32."""
     from diffusers import DPMSolverMultistepScheduler
 
     meta = run_meta(ldm_run)
     extra = meta["config"]["extra"]
     size, prediction = extra["size"], extra["prediction_type"]
     vae, _ = load_vae(vae_run, size)
+    # the latent scale the diffusion model was trained with (the same encoder gives the same value)
+    vae.register_to_config(scaling_factor=float(extra.get("scaling_factor", vae.config.scaling_factor)))
     unet, text = build_models(size)
     unet.load_state_dict(load_run_weights(ldm_run, "unet", ema))
     text.load_state_dict(load_run_weights(ldm_run, "text_encoder", ema))
@@ -49,11 +68,15 @@ def export_model(vae_run: Path, ldm_run: Path, out: Path, *, ema: bool = True, c
     vae.save_pretrained(tmp / "vae", safe_serialization=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    if half:
+        for f in (tmp / "unet").glob("*.safetensors"), (tmp / "text_encoder").glob("*.safetensors"):
+            for p in f:
+                _to_half(p)
     write_tokenizer(tmp / "tokenizer")
     sc = scheduler_config(prediction)
-    DPMSolverMultistepScheduler.from_config({k: v for k, v in sc.items() if k != "_class_name"}).save_pretrained(
-        tmp / "scheduler"
-    )
+    DPMSolverMultistepScheduler.from_config(
+        {k: v for k, v in sc.items() if k != "_class_name"}
+    ).save_pretrained(tmp / "scheduler")
     (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
     if card is not None:
         (tmp / "MODEL_CARD.md").write_text(card)

@@ -63,7 +63,8 @@ def run_loop(
     modules: dict[str, nn.Module],
     step_fn: StepFn,
     *,
-    extra_state: tuple[Callable[[], dict[str, torch.Tensor]], Callable[[dict[str, torch.Tensor]], None]] | None = None,
+    extra_state: tuple[Callable[[], dict[str, torch.Tensor]], Callable[[dict[str, torch.Tensor]], None]]
+    | None = None,
     desc: str = "train",
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -83,7 +84,8 @@ def run_loop(
         for key in ("lr", "seed", "warmup", "weight_decay", "grad_clip", "ema_decay"):
             if key in saved_cfg and saved_cfg[key] != getattr(cfg, key):
                 raise VelodiffError(
-                    f"run {run} was started with {key}={saved_cfg[key]}, not {getattr(cfg, key)}; use a new --run folder"
+                    f"run {run} was started with {key}={saved_cfg[key]}, not {getattr(cfg, key)}; "
+                    "use a new --run folder"
                 )
         for name, m in modules.items():
             m.load_state_dict(split_prefix(tensors, f"model.{name}."))
@@ -151,7 +153,11 @@ def run_loop(
                 raise VelodiffError(f"the loss became {float(loss)} at step {step}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            gn = (
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if cfg.grad_clip > 0
+                else torch.tensor(0.0)
+            )
             opt.step()
             for name, m in modules.items():
                 emas[name].update(m)
@@ -160,7 +166,9 @@ def run_loop(
             last = loss.item()
             smooth = last if smooth is None else 0.98 * smooth + 0.02 * last
             if step % cfg.log_every == 0 or step == cfg.steps:
-                writer.writerow([step, f"{last:.6f}", f"{lr:.3e}", f"{float(gn):.4f}", f"{wall:.1f}", json.dumps(logs)])
+                writer.writerow(
+                    [step, f"{last:.6f}", f"{lr:.3e}", f"{float(gn):.4f}", f"{wall:.1f}", json.dumps(logs)]
+                )
                 logf.flush()
             if bar is not None:
                 bar.update(1)
@@ -175,7 +183,14 @@ def run_loop(
             bar.close()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-    return {"steps": step, "wall_s": wall, "final_loss": last, "smoothed_loss": smooth, "emas": emas, "completed": step >= cfg.steps}
+    return {
+        "steps": step,
+        "wall_s": wall,
+        "final_loss": last,
+        "smoothed_loss": smooth,
+        "emas": emas,
+        "completed": step >= cfg.steps,
+    }
 
 
 def _main_thread() -> bool:

@@ -46,7 +46,9 @@ def load_vae(vae_run: Path, size: str) -> tuple[Any, float]:
 
     summary = vae_run / "summary.json"
     if not summary.exists():
-        raise VelodiffError(f"{vae_run} has no finished autoencoder run (summary.json); run `velodiff train autoencoder`")
+        raise VelodiffError(
+            f"{vae_run} has no finished autoencoder run (summary.json); run `velodiff train autoencoder`"
+        )
     scaling = float(json.loads(summary.read_text())["scaling_factor"])
     vae = AutoencoderKL(**{**vae_config(size), "scaling_factor": scaling})
     vae.load_state_dict(load_run_weights(vae_run, "vae"))
@@ -85,7 +87,11 @@ class LatentCache:
 
 def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     return tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
@@ -104,7 +110,9 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     return torch.cat(out)[:batch]
 
 
-def train_ldm(run: Path, vae_run: Path, cfg: LoopConfig, lcfg: LDMConfig, quiet: bool = False) -> dict[str, Any]:
+def train_ldm(
+    run: Path, vae_run: Path, cfg: LoopConfig, lcfg: LDMConfig, quiet: bool = False
+) -> dict[str, Any]:
     from transformers import CLIPTokenizer
 
     from ..data.shapes import ShapesWorld
@@ -136,8 +144,13 @@ def train_ldm(run: Path, vae_run: Path, cfg: LoopConfig, lcfg: LDMConfig, quiet:
 
     cfg.extra = {**cfg.extra, **vars(lcfg), "stage": "ldm", "scaling_factor": scaling}
     summary = run_loop(
-        run, cfg, {"unet": unet, "text_encoder": text}, step_fn,
-        extra_state=(cache.state, cache.load), desc="ldm", quiet=quiet,
+        run,
+        cfg,
+        {"unet": unet, "text_encoder": text},
+        step_fn,
+        extra_state=(cache.state, cache.load),
+        desc="ldm",
+        quiet=quiet,
     )
     summary.pop("emas")
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
