@@ -20,10 +20,13 @@ app.add_typer(bench, name="bench")
 #: modules that add subcommands; each defines register(app, bench)
 COMMAND_MODULES = [
     "velodiff.commands.solvers",
+    "velodiff.commands.bench_solvers",
     "velodiff.commands.train",
     "velodiff.commands.generate",
     "velodiff.commands.eval_shapes",
     "velodiff.commands.generate_set",
+    "velodiff.commands.bench_sweep",
+    "velodiff.commands.report",
 ]
 
 

@@ -56,8 +56,8 @@ def uniform_log_snr(
         lam_hi = sched.log_snr(hi - 1e-3 * (hi - lo))
     lams = torch.linspace(float(lam_hi), float(lam_lo), steps if final == "zero" else steps + 1, dtype=F64)
     ts = sched.t_from_log_snr(lams)
-    ts[0] = hi
     ts[-1] = lo
+    ts[0] = hi  # after ts[-1]: a one-point grid (steps=1, final="zero") starts at hi
     return _finish(sched, ts, final)
 
 
@@ -71,8 +71,8 @@ def _sigma_span(sched: NoiseSchedule, t_start: float | None) -> tuple[float, flo
 
 def _from_sigmas(sched: NoiseSchedule, sigmas: Tensor, hi: float, final: str) -> Tensor:
     ts = sched.t_from_sigma_ve(sigmas)
-    ts[0] = hi
     ts[-1] = sched.t_min
+    ts[0] = hi  # after ts[-1]: a one-point grid (steps=1, final="zero") starts at hi
     return _finish(sched, ts, final)
 
 
@@ -122,7 +122,9 @@ def _discrete_timesteps(sched: NoiseSchedule, spacing: str, steps: int, steps_of
         ks = (torch.arange(steps, dtype=F64) * ratio).round().flip(0) + steps_offset
     else:  # trailing
         ratio = n / steps
-        ks = (torch.arange(n, 0, -ratio, dtype=F64)).round() - 1
+        # = diffusers' np.arange(n, 0, -ratio).round() - 1, which for some steps (e.g. 121) rounds
+        # into one extra timestep, -1; this always gives `steps` of them
+        ks = (n - torch.arange(steps, dtype=F64) * ratio).round() - 1
     return ks
 
 
@@ -156,11 +158,15 @@ def flow_shifted(
 ) -> Tensor:
     """Uniform t then SD3/Flux's shift (diffusers' FlowMatchEulerDiscreteScheduler grid).
 
-    ``shift`` defaults to the schedule's own (``RectifiedFlow.shift``), else 1."""
+    ``shift`` defaults to the schedule's own (``RectifiedFlow.shift``), else 1. The grid starts at
+    ``t_start`` itself (the uniform ramp starts at the shift's inverse of it) and ends, as diffusers'
+    does, at the shifted t_min."""
     hi, lo = _span(sched, t_start)
     s = shift if shift is not None else (sched.shift if isinstance(sched, RectifiedFlow) else 1.0)
     n = steps if final == "zero" else steps + 1
-    ts = flow_shift(torch.linspace(hi, lo, n, dtype=F64), s)
+    u_hi = hi / (s - (s - 1.0) * hi)  # inverse of flow_shift; = hi for t_start None (hi = 1) or s = 1
+    ts = flow_shift(torch.linspace(u_hi, lo, n, dtype=F64), s)
+    ts[0] = hi
     return _finish(sched, ts, final)
 
 

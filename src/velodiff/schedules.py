@@ -105,7 +105,12 @@ class DiscreteVP(NoiseSchedule):
         betas = self.betas.to(F64)
         if betas.ndim != 1 or len(betas) < 2 or bool((betas <= 0).any()) or bool((betas > 1).any()):
             raise VelodiffError("betas must be a 1-D sequence of values in (0, 1]")
-        alphas_cumprod = torch.cumprod(1.0 - betas, 0).clamp_min(2.0**-24)
+        alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        # alpha = 0 (zero terminal SNR) is stored as diffusers' 2^-24, or below half the smallest
+        # positive value so log-SNR stays strictly decreasing; positive values are kept as they are.
+        positive = alphas_cumprod[alphas_cumprod > 0]
+        floor = min(2.0**-24, 0.5 * float(positive.min())) if len(positive) else 2.0**-24
+        alphas_cumprod = alphas_cumprod.clamp_min(floor)
         n = len(betas)
         log_alphas = torch.cat([torch.zeros(1, dtype=F64), 0.5 * torch.log(alphas_cumprod)])
         object.__setattr__(self, "betas", betas)
@@ -199,7 +204,8 @@ class DiscreteVP(NoiseSchedule):
 
     def rescale_zero_terminal_snr(self) -> DiscreteVP:
         """Lin et al. 2023, 'Common Diffusion Noise Schedules and Sample Steps are Flawed', Alg. 1:
-        shift and scale sqrt(alpha_bar) so the last step has alpha = 0 (stored as 2^-24, as diffusers)."""
+        shift and scale sqrt(alpha_bar) so the last step has alpha = 0 (stored as 2^-24, as diffusers,
+        or lower if needed; see __post_init__)."""
         sqrt_abar = torch.cumprod(1.0 - self.betas, 0).sqrt()
         first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
         sqrt_abar = (sqrt_abar - last) * first / (first - last)

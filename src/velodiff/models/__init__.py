@@ -18,6 +18,9 @@ from .loading import Source, inspect_source, load
 FAMILY_MODULES = [
     "velodiff.models.sd",
     "velodiff.models.sdxl",
+    "velodiff.models.sd3",
+    "velodiff.models.flux",
+    "velodiff.models.pixart",
 ]
 
 

@@ -174,7 +174,7 @@ def run(
     den = guided_denoiser(model, plan.guidance, guidance_rescale, guidance_interval)
     noise = None
     opts = dict(solver_options or {})
-    if plan.solver.noise != "none" and (plan.solver.stochastic or float(opts.get("eta", 0) or 0) > 0):
+    if plan.solver.noise != "none":
         noise = PerImageNoise(x, seeds, plan.solver.noise, ts)
     with torch.inference_mode():
         return sample(

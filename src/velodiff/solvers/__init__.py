@@ -7,9 +7,20 @@ from __future__ import annotations
 from ..errors import unknown_name
 from .base import SolverSpec, StepContext
 from .ddim import DDIM, DDPM, EULER
-from .dpm_solver_pp import DPMPP_2M
+from .deis import DEIS, DEIS_3
+from .dpm_solver import DPM_SOLVER_1, DPM_SOLVER_2, DPM_SOLVER_3, DPMPP_2S
+from .dpm_solver_pp import DPMPP_2M, DPMPP_3M
+from .euler_ancestral import EULER_ANCESTRAL
+from .heun import HEUN
+from .ipndm import IPNDM
+from .lms import LMS
+from .sde_dpm_solver_pp import SDE_DPMPP_2M, SDE_DPMPP_3M
+from .unipc import UNIPC, UNIPC_3, UNIPC_BH1
 
-SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (DDIM, EULER, DDPM, DPMPP_2M)}
+SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (DDIM, EULER, DDPM, DPMPP_2M, HEUN, EULER_ANCESTRAL)}
+SOLVERS.update({s.name: s for s in (DPM_SOLVER_1, DPM_SOLVER_2, DPM_SOLVER_3, DPMPP_2S, DPMPP_3M)})
+SOLVERS.update({s.name: s for s in (SDE_DPMPP_2M, SDE_DPMPP_3M)})
+SOLVERS.update({s.name: s for s in (UNIPC, UNIPC_BH1, UNIPC_3, DEIS, DEIS_3, IPNDM, LMS)})
 
 
 def get_solver(name: str | SolverSpec) -> SolverSpec:

@@ -1,0 +1,107 @@
+"""`velodiff bench`: the quality-vs-speed sweep (solvers x grids x NFE x guidance) of one model on a
+prompt set; writes results.json, results.md, pareto.png and sample sheets into ``--out``.
+
+    velodiff bench --solvers dpmpp_2m,unipc,ddim --nfe 4,8,16 --out bench/default-model
+    velodiff bench --sweep sweep.yaml --out bench/run1 --repeat 3
+
+Registered as the callback of the ``bench`` group (``invoke_without_command``), so ``velodiff bench
+solvers`` and the other subcommands keep working. See ``velodiff.eval.sweep``."""
+
+from __future__ import annotations
+
+# ruff: noqa: B008  (typer declares options as argument defaults)
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import VelodiffError
+
+
+def bench_sweep(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("bench/sweep"), "--out", "-o", help="output folder"),
+    model: Path = typer.Option(None, "--model", help="diffusers folder or .safetensors [default: shipped]"),
+    sweep_file: Path = typer.Option(None, "--sweep", help="YAML/JSON file of sweep keys (options override)"),
+    solvers: str = typer.Option(None, "--solvers", help="comma list [default: dpmpp_2m,unipc,ddim]"),
+    grids: str = typer.Option(None, "--grids", help="comma list of grid names [default: the model's]"),
+    nfe: str = typer.Option(None, "--nfe", help="comma list of NFE budgets [default: 4,8,16]"),
+    guidance: str = typer.Option(None, "--guidance", help="comma list of guidance scales [default: model's]"),
+    prompts: str = typer.Option(None, "--prompts", help="v1, v1-holdout, or a .txt/.json file [default: v1]"),
+    limit: int = typer.Option(None, "--limit", min=1, help="prompts used, spread over the set [default: 16]"),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt", min=1),
+    seed: int = typer.Option(None, "--seed", help="seed of the first image (image j uses seed + j)"),
+    repeat: int = typer.Option(None, "--repeat", min=1, help="timed runs per configuration (median)"),
+    batch: int = typer.Option(None, "--batch", min=1, help="images per batched call"),
+    metrics: str = typer.Option(None, "--metrics",
+                                help="comma list of shapes,fd,reference,clip [default: all that apply]"),
+    reference_solver: str = typer.Option(None, "--reference-solver", help="[default: dpmpp_3m]"),
+    reference_steps: int = typer.Option(None, "--reference-steps", min=1, help="[default: 100]"),
+    fd_features: str = typer.Option(None, "--fd-features",
+                                    help="'fd-shapes' or an Inception TorchScript file for FID"),
+    clip: Path = typer.Option(None, "--clip", help="local CLIP folder (transformers) for CLIP score"),
+    quality: str = typer.Option(None, "--quality", help="quality axis of the Pareto plot"),
+    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads"),
+    device: str = typer.Option(None, "--device", help="cpu or cuda [default: cuda when available]"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Quality vs speed of every solver x grid x NFE x guidance configuration, from the same seeds."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..eval.sweep import load_sweep_file, make_sweep, run_sweep
+
+    t0 = time.perf_counter()
+    values: dict[str, Any] = load_sweep_file(sweep_file) if sweep_file is not None else {}
+    cli = {
+        "solvers": solvers, "grids": grids, "nfe": nfe, "guidance": guidance, "prompts": prompts,
+        "limit": limit, "images_per_prompt": images_per_prompt, "seed": seed, "repeat": repeat,
+        "batch": batch,
+        "metrics": metrics, "reference_solver": reference_solver, "reference_steps": reference_steps,
+        "fd_features": fd_features, "clip": str(clip) if clip is not None else None, "quality": quality,
+    }
+    values.update({k: v for k, v in cli.items() if v is not None})
+    sw = make_sweep(values)
+    if not out.parent.is_dir() and str(out.parent) not in ("", "."):
+        raise VelodiffError(f"--out: the folder {out.parent} does not exist; create it or choose another")
+    if out.exists() and not out.is_dir():
+        raise VelodiffError(f"--out: {out} is a file; give a folder")
+    from .generate import load_model, quiet_libraries, user_errors
+
+    quiet_libraries()
+    if model is not None and not Path(model).expanduser().exists():
+        raise VelodiffError(f"model {str(model)!r} not found; give a diffusers folder or a .safetensors file")
+    if device is not None:
+        import torch
+
+        from ..models import load
+        from ..models.base import resolve_device
+
+        torch.set_num_threads(threads)
+        dev = resolve_device(device)
+        from ..default_model import DEFAULT_SAMPLING, default_model_path
+
+        path = Path(model).expanduser() if model is not None else default_model_path()
+        with user_errors(f"cannot load model {str(path)!r}"):
+            loaded = load(path, device=dev)
+        defaults = dict(DEFAULT_SAMPLING) if model is None else {}
+    else:
+        loaded, defaults = load_model(model, threads)
+    from ..eval.reference import model_hash
+
+    res = run_sweep(
+        loaded, sw, out, model_id=model_hash(loaded.path), model_name=str(model) if model else "default",
+        defaults=defaults, progress=progress, log=lambda m: typer.echo(m, err=True),
+        command="velodiff " + shlex.join(sys.argv[1:]),
+    )
+    ok = [r for r in res["records"] if "error" not in r]
+    front = [r["id"] for r in ok if r.get("pareto")]
+    typer.echo(f"{len(ok)} of {len(res['records'])} configurations in {time.perf_counter() - t0:.0f} s; "
+               f"Pareto front ({res.get('quality', '-')}): {', '.join(front) or '-'}")
+    typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}")
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    bench.callback(invoke_without_command=True)(bench_sweep)

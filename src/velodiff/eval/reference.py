@@ -1,0 +1,163 @@
+"""Reference runs: the same prompt from the same noise, solved accurately, cached on disk.
+
+DPM-Solver-v3 (Zheng et al. 2023, sec. 6) and DC-Solver (Zhao et al. 2024) score a fast sampler by its
+distance to a reference sample drawn from the *same* initial noise and prompt with a many-step solver:
+MSE in latent space, PSNR / SSIM in pixel space (``velodiff.eval.metrics``). A reference costs hundreds of
+network calls, so each one is stored under a key of (model hash, prompt, seed, reference config, size,
+noise mode) and computed once.
+
+The cache lives in ``$VELODIFF_CACHE/reference`` (default ``~/.cache/velodiff/reference``); each entry is
+one safetensors file holding the final latents and the decoded image of one (prompt, seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import VelodiffError
+
+#: bytes read from the start and the end of each weight file for the model fingerprint
+HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """How a reference is solved. ``guidance`` must equal the guidance of the runs compared to it.
+    The default, a third-order multistep solver at 100 steps on a log-SNR grid, ends the way the
+    solvers under test end (the model's final step), so the comparison carries no end-point mismatch."""
+
+    solver: str = "dpmpp_3m"
+    steps: int = 100
+    grid: str | None = "logsnr"
+    guidance: float = 3.0
+
+    def key(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("VELODIFF_CACHE") or Path.home() / ".cache" / "velodiff"
+    return Path(root) / "reference"
+
+
+@lru_cache(maxsize=16)
+def _hash_folder(path: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for p in files:
+        if p.name.startswith(".") or p.suffix not in (".safetensors", ".json", ".txt", ".bin", ".ckpt"):
+            continue
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(root) if p != root else p.name}:{size}\n".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(HASH_CHUNK))
+            if size > 2 * HASH_CHUNK:
+                f.seek(size - HASH_CHUNK)
+                h.update(f.read(HASH_CHUNK))
+            elif size > HASH_CHUNK:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def model_hash(path: str | Path) -> str:
+    """A fingerprint of a model folder or file: names, sizes and the first and last MiB of every weight
+    and config file (changes when the weights change; reads at most 2 MiB per file)."""
+    p = Path(path)
+    if not p.exists():
+        raise VelodiffError(f"cannot hash model {str(p)!r}: it does not exist")
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    stamp = tuple((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in files)
+    return _hash_folder(str(p.resolve()), stamp)
+
+
+def entry_key(model_id: str, prompt: str, seed: int, config: ReferenceConfig, size: Sequence[int]) -> str:
+    """The cache key: (model hash, prompt, seed, reference config, image size); the noise is velodiff's
+    per-image noise, so a key does not depend on batching."""
+    blob = json.dumps({"model": model_id, "prompt": prompt, "seed": int(seed), "config": config.key(),
+                       "size": [int(s) for s in size], "noise": "velodiff"}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class ReferenceCache:
+    root: Path
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[Tensor, Tensor] | None:
+        from safetensors.torch import load_file
+
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            d = load_file(str(p))
+        except Exception:  # noqa: BLE001 - a damaged entry is recomputed
+            return None
+        return d["latents"], d["image"]
+
+    def put(self, key: str, latents: Tensor, image: Tensor, meta: dict[str, Any]) -> Path:
+        from safetensors.torch import save_file
+
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tensors = {"latents": latents.detach().float().cpu().contiguous(),
+                   "image": image.detach().float().cpu().contiguous()}
+        save_file(tensors, str(tmp), metadata={"velodiff": json.dumps(meta)})
+        os.replace(tmp, p)
+        return p
+
+
+def reference_runs(
+    model: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    config: ReferenceConfig,
+    *,
+    cache_dir: str | Path | None = None,
+    model_id: str | None = None,
+    batch: int = 16,
+) -> tuple[Tensor, Tensor, dict[str, int]]:
+    """Reference latents (B, C, h, w) and images (B, 3, H, W) in [0, 1] for each (prompt, seed) pair,
+    from the cache where present; returns them with {"hits": ..., "computed": ...}."""
+    from ..pipelines import text2img
+
+    if len(prompts) != len(seeds):
+        raise VelodiffError(f"{len(prompts)} prompts for {len(seeds)} seeds; give one seed per prompt")
+    cache = ReferenceCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    mid = model_id or model_hash(model.path)
+    size = tuple(model.default_size)
+    keys = [entry_key(mid, p, s, config, size) for p, s in zip(prompts, seeds, strict=True)]
+    found: dict[int, tuple[Tensor, Tensor]] = {}
+    for i, k in enumerate(keys):
+        hit = cache.get(k)
+        if hit is not None:
+            found[i] = hit
+    hits = len(found)
+    todo = [i for i in range(len(keys)) if i not in found]
+    for j in range(0, len(todo), batch):
+        idx = todo[j : j + batch]
+        res = text2img(model, [prompts[i] for i in idx], seeds=[int(seeds[i]) for i in idx],
+                       solver=config.solver, steps=config.steps, grid=config.grid, guidance=config.guidance,
+                       output="tensor")
+        for n, i in enumerate(idx):
+            lat, img = res.latents[n : n + 1].cpu(), res.images[n : n + 1].cpu()
+            cache.put(keys[i], lat, img, {"prompt": prompts[i], "seed": int(seeds[i]), "model": mid,
+                                          "config": config.key(), "nfe": res.nfe})
+            found[i] = (lat, img)
+    lats = torch.cat([found[i][0] for i in range(len(keys))])
+    imgs = torch.cat([found[i][1] for i in range(len(keys))])
+    return lats, imgs, {"hits": hits, "computed": len(todo)}

@@ -1,0 +1,159 @@
+"""`velodiff report DIR`: one markdown page (``DIR/report.md``) from a bench or eval folder, with its
+tables, plots and a contact sheet of sample images, ready to paste into an issue (images are linked by
+relative path; attach the PNGs beside it).
+
+* a bench folder holds ``results.json`` of ``kind: "bench"`` (``velodiff bench``);
+* an eval folder holds ``velodiff eval shapes`` JSON files (``overall``, ``by_category``, ``config``),
+  each with its contact sheet (same name, ``.png``) when present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import VelodiffError
+
+REPORT = "report.md"
+SHEET = "report_samples.png"
+EVAL_PLOT = "report_eval.png"
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    from .sweep import _write_atomic
+
+    _write_atomic(path, data)
+
+
+def _label_strip(label: str, image: Any, width: int = 230) -> Any:
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (width + image.width, max(image.height, 14)), (255, 255, 255))
+    strip.paste(image, (width, 0))
+    ImageDraw.Draw(strip).multiline_text((4, 2), label, fill=(0, 0, 0), spacing=1)
+    return strip
+
+
+def bench_contact_sheet(folder: Path, records: list[dict[str, Any]], max_rows: int = 12) -> Any | None:
+    """One row per configuration (Pareto-optimal first): its label and the first row of its samples."""
+    from PIL import Image
+
+    recs = [r for r in records if "error" not in r and r.get("sheet") and (folder / r["sheet"]).is_file()]
+    recs.sort(key=lambda r: (not r.get("pareto"), r["seconds_per_image"]))
+    rows = []
+    for r in recs[:max_rows]:
+        im = Image.open(folder / r["sheet"]).convert("RGB")
+        cell = int(r.get("sheet_cell") or im.height)
+        first = im.crop((0, 0, im.width, min(cell, im.height)))
+        if first.height < 64:
+            s = 64 // first.height + 1
+            first = first.resize((first.width * s, first.height * s), Image.NEAREST)
+        star = " *" if r.get("pareto") else ""
+        label = f"{r['solver']}{star}\n{r['nfe']} NFE, g {r['guidance']:g}\n{r['grid'] or 'default grid'}"
+        rows.append(_label_strip(label, first))
+    if not rows:
+        return None
+    w = max(r.width for r in rows)
+    sheet = Image.new("RGB", (w, sum(r.height + 4 for r in rows)), (255, 255, 255))
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + 4
+    return sheet
+
+
+def bench_report(folder: Path, result: dict[str, Any]) -> str:
+    from .sweep import PLOT, markdown_table
+
+    recs = result["records"]
+    ok = [r for r in recs if "error" not in r]
+    q = result.get("quality")
+    lines = [f"# velodiff bench: {result.get('model', '')}", ""]
+    if result.get("command"):
+        lines += ["```", result["command"], "```", ""]
+    n_img = result["n_images"]
+    lines += [f"{len(ok)} configurations ({len(recs) - len(ok)} failed), {n_img} images each.", ""]
+    if q and ok:
+        front = sorted((r for r in ok if r.get("pareto")), key=lambda r: r["seconds_per_image"])
+        lines.append("Pareto front (fastest first): " + ", ".join(
+            f"`{r['solver']}` {r['nfe']} NFE ({r['seconds_per_image']:.3f} s, {q} {r[q]:.3g})"
+            for r in front))
+        lines.append("")
+    lines += ["## Results", "", markdown_table(result)]
+    if (folder / PLOT).is_file():
+        lines += ["## Quality vs time", "", f"![quality vs time]({PLOT})", ""]
+    sheet = bench_contact_sheet(folder, recs)
+    if sheet is not None:
+        import io
+
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        _write(folder / SHEET, buf.getvalue())
+        lines += ["## Samples", "", "First samples of each configuration (* = on the Pareto front), "
+                  "the same seeds in every row.", "", f"![samples]({SHEET})", ""]
+    return "\n".join(lines)
+
+
+def _eval_files(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            d = json.loads(p.read_text())
+        except (ValueError, OSError):
+            continue
+        if isinstance(d, dict) and "overall" in d and "by_category" in d:
+            out.append((p, d))
+    return out
+
+
+def eval_report(folder: Path, evals: list[tuple[Path, dict[str, Any]]]) -> str:
+    from .plots import bars_png
+
+    cats: list[str] = []
+    for _, d in evals:
+        cats += [c for c in d["by_category"] if c not in cats]
+    lines = [f"# velodiff eval: {folder.name}", "", "## ShapesEval", "",
+             "| run | model | prompts | solver | NFE | guidance | overall | " + " | ".join(cats) + " |",
+             "|---|---|---|---|---:|---:|---:|" + "---:|" * len(cats)]
+    for p, d in evals:
+        c = d.get("config", {})
+        cells = " | ".join(f"{d['by_category'][k]:.3f}" if k in d["by_category"] else "-" for k in cats)
+        lines.append(f"| {p.stem} | {c.get('model', '-')} | {c.get('prompts', '-')} | "
+                     f"{c.get('solver', '-')} | "
+                     f"{c.get('nfe', '-')} | {c.get('guidance', '-')} | {d['overall']:.3f} | {cells} |")
+    lines.append("")
+    if len(evals) > 1:
+        _write(folder / EVAL_PLOT, bars_png([p.stem for p, _ in evals], [d["overall"] for _, d in evals],
+                                            "ShapesEval overall", "accuracy"))
+        lines += [f"![ShapesEval overall]({EVAL_PLOT})", ""]
+    sheets = [(p, p.with_suffix(".png")) for p, _ in evals if p.with_suffix(".png").is_file()]
+    if sheets:
+        lines += ["## Samples", ""]
+        for p, s in sheets:
+            lines += [f"**{p.stem}** (green bar: correct, red: wrong)", "", f"![{p.stem}]({s.name})", ""]
+    return "\n".join(lines)
+
+
+def build_report(folder: str | Path) -> Path:
+    """Write ``folder/report.md`` for a bench or eval folder; return its path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VelodiffError(f"{str(folder)!r} is not a folder; give a bench or eval output folder")
+    res_path = folder / "results.json"
+    if res_path.is_file():
+        try:
+            result = json.loads(res_path.read_text())
+        except ValueError:
+            raise VelodiffError(f"{res_path} is not valid JSON") from None
+        if result.get("kind") != "bench":
+            raise VelodiffError(f"{res_path} is not a `velodiff bench` result")
+        text = bench_report(folder, result)
+    else:
+        evals = _eval_files(folder)
+        if not evals:
+            raise VelodiffError(f"no bench results.json and no `velodiff eval` JSON in {str(folder)!r}")
+        text = eval_report(folder, evals)
+    out = folder / REPORT
+    _write(out, text)
+    return out

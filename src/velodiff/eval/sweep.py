@@ -1,0 +1,520 @@
+"""The quality-vs-speed sweep behind ``velodiff bench``: every configuration (solver x grid x NFE x
+guidance) generates the same prompts from the same seeds; each is scored and timed, and the Pareto front
+of time against quality is marked.
+
+Per configuration (one record): ShapesEval accuracy and FD-shapes / KID against renders of the same
+prompts (when every prompt is in the shapes world's grammar), latent MSE / PSNR / SSIM against a cached
+reference run of the same noise and prompt (``velodiff.eval.reference``), CLIP score when a CLIP folder
+is given, and cost: NFE (batched network calls), evals (network-sample evaluations), median wall seconds
+per image over ``repeat`` timed generations of the whole set (batched), and peak memory.
+
+Results are written after every configuration; a rerun with the same sweep in the same folder resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import VelodiffError, unknown_name
+
+RESULTS = "results.json"
+TABLE = "results.md"
+PLOT = "pareto.png"
+SAMPLES = "samples"
+
+#: quality metrics and whether higher is better
+QUALITY: dict[str, bool] = {
+    "shapes_eval": True,
+    "fd_shapes": False,
+    "kid_shapes": False,
+    "psnr": True,
+    "ssim": True,
+    "latent_mse": False,
+    "clip_score": True,
+}
+LABELS = {
+    "shapes_eval": "ShapesEval",
+    "fd_shapes": "FD-shapes",
+    "kid_shapes": "KID-shapes",
+    "fid": "FID",
+    "kid": "KID",
+    "psnr": "PSNR vs ref (dB)",
+    "ssim": "SSIM vs ref",
+    "latent_mse": "latent MSE vs ref",
+    "clip_score": "CLIP score",
+}
+METRICS = ("shapes", "fd", "reference", "clip")
+
+
+@dataclass
+class Sweep:
+    """What to run. ``grids``/``guidance`` entries of None mean the model's default."""
+
+    solvers: list[str] = field(default_factory=lambda: ["dpmpp_2m", "unipc", "ddim"])
+    nfe: list[int] = field(default_factory=lambda: [4, 8, 16])
+    grids: list[str | None] = field(default_factory=lambda: [None])
+    guidance: list[float | None] = field(default_factory=lambda: [None])
+    prompts: str | list[str] = "v1"
+    limit: int | None = 16
+    images_per_prompt: int = 1
+    seed: int = 0
+    repeat: int = 1
+    batch: int = 16
+    metrics: list[str] | None = None  # None: every metric that applies
+    reference_solver: str = "dpmpp_3m"
+    reference_steps: int = 100
+    reference_grid: str | None = "logsnr"
+    fd_features: str = "fd-shapes"
+    fd_real_per_prompt: int = 4
+    clip: str | None = None
+    quality: str | None = None  # the Pareto plot's quality axis (default: the first that applies)
+
+    def configs(self) -> list[dict[str, Any]]:
+        out = []
+        for g, s, grid, n in itertools.product(self.guidance, self.solvers, self.grids, self.nfe):
+            out.append({"solver": s, "grid": grid, "nfe_budget": int(n), "guidance": g})
+        return out
+
+
+SWEEP_KEYS = {f for f in Sweep.__dataclass_fields__}
+
+
+def load_sweep_file(path: str | Path) -> dict[str, Any]:
+    """A sweep as YAML or JSON: keys of :class:`Sweep` (lists may be given as comma strings)."""
+    p = Path(path)
+    if not p.is_file():
+        raise VelodiffError(f"sweep file {str(p)!r} not found")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - parse errors are the user's file
+        raise VelodiffError(f"cannot parse sweep file {str(p)!r}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise VelodiffError(f"sweep file {str(p)!r} must hold a mapping of sweep keys")
+    bad = sorted(set(data) - SWEEP_KEYS)
+    if bad:
+        raise unknown_name("sweep key", bad[0], SWEEP_KEYS)
+    return data
+
+
+def _split(v: Any) -> list[Any]:
+    if v is None:
+        return [None]
+    if isinstance(v, str):
+        return [x.strip() for x in v.split(",") if x.strip()]
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def make_sweep(values: dict[str, Any]) -> Sweep:
+    """Validate and normalise sweep values (from a file and/or the command line) into a Sweep."""
+    from ..grids import GRIDS
+    from ..solvers import SOLVERS
+
+    v = dict(values)
+    for k in ("solvers", "grids", "nfe", "guidance", "metrics"):
+        if k in v:
+            v[k] = _split(v[k])
+    s = Sweep(**v)
+    for n in s.solvers:
+        if n not in SOLVERS:
+            raise unknown_name("solver", n, SOLVERS)
+    s.grids = [None if g in (None, "default", "") else str(g) for g in s.grids]
+    for g in s.grids:
+        if g is not None and g not in GRIDS:
+            raise unknown_name("grid", g, GRIDS)
+    try:
+        s.nfe = [int(n) for n in s.nfe]
+        s.guidance = [None if g in (None, "default", "") else float(g) for g in s.guidance]
+    except (TypeError, ValueError):
+        raise VelodiffError("nfe takes integers and guidance takes numbers (comma-separated)") from None
+    if not s.nfe or min(s.nfe) < 1:
+        raise VelodiffError("nfe must be a list of integers >= 1")
+    if any(g is not None and g < 0 for g in s.guidance):
+        raise VelodiffError("guidance scales must be >= 0")
+    if s.metrics is not None and s.metrics != [None]:
+        for m in s.metrics:
+            if m not in METRICS:
+                raise unknown_name("metric", m, METRICS)
+    else:
+        s.metrics = None
+    if s.quality is not None and s.quality not in QUALITY:
+        raise unknown_name("quality metric", s.quality, QUALITY)
+    check_weights(s)
+    for k in ("repeat", "batch", "images_per_prompt", "reference_steps", "fd_real_per_prompt"):
+        if int(getattr(s, k)) < 1:
+            raise VelodiffError(f"{k} must be >= 1")
+    return s
+
+
+def check_weights(s: Sweep) -> None:
+    """Fail early, in one line, when a metric's weights are absent."""
+    if s.fd_features != "fd-shapes":
+        from .metrics import feature_extractor
+
+        if not Path(s.fd_features).expanduser().is_file():
+            feature_extractor(s.fd_features)  # raises the one-line error
+    if s.clip is not None and not (Path(s.clip).expanduser() / "config.json").is_file():
+        from .metrics import ClipScore
+
+        ClipScore(s.clip)  # raises the one-line error
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+
+def resolve_prompts(spec: str | Sequence[str], limit: int | None = None) -> list[str]:
+    """A shapes prompt set name (v1, v1-holdout), a .txt file (one prompt a line), a .json file (a list
+    of strings or ShapesEval's {"prompts": [{"text": ...}]}), or a list of prompts; ``limit`` keeps that
+    many, spread evenly over the set."""
+    from .shapes_eval import PROMPT_SETS, load_prompts
+
+    if isinstance(spec, str):
+        if spec in PROMPT_SETS:
+            texts = [p.text for p in load_prompts(spec)]
+        else:
+            p = Path(spec)
+            if not p.is_file():
+                raise VelodiffError(
+                    f"prompts {spec!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing file"
+                )
+            if p.suffix.lower() == ".json":
+                data = json.loads(p.read_text())
+                data = data.get("prompts", data) if isinstance(data, dict) else data
+                texts = [d["text"] if isinstance(d, dict) else str(d) for d in data]
+            else:
+                texts = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    else:
+        texts = [str(t) for t in spec]
+    if not texts:
+        raise VelodiffError("the prompt set is empty")
+    if limit is not None and limit < len(texts):
+        texts = [texts[int(i * len(texts) / limit)] for i in range(limit)]
+    return texts
+
+
+def shapes_specs(texts: Sequence[str]) -> list[dict[str, Any]] | None:
+    """The shapes-world spec of every prompt, or None when some prompt is outside its grammar."""
+    from ..data.shapes import normalize_spec
+
+    try:
+        return [normalize_spec(t) for t in texts]
+    except ValueError:
+        return None
+
+
+# --- Pareto front ----------------------------------------------------------------------------------
+
+
+def pareto_front(points: Sequence[tuple[float, float]], higher_better: bool = True) -> list[bool]:
+    """Which (time, quality) points no other point dominates (no slower-or-equal time with
+    better-or-equal quality, one of them strictly)."""
+    sign = 1.0 if higher_better else -1.0
+    q = [(t, sign * v) for t, v in points]
+    out = []
+    for i, (t, v) in enumerate(q):
+        dominated = any(
+            (t2 <= t and v2 >= v) and (t2 < t or v2 > v) for j, (t2, v2) in enumerate(q) if j != i
+        )
+        out.append(not dominated)
+    return out
+
+
+def config_id(c: dict[str, Any]) -> str:
+    g = "default" if c["guidance"] is None else f"{c['guidance']:g}"
+    return f"{c['solver']}_{c['grid'] or 'default'}_nfe{c['nfe_budget']}_g{g}"
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _generate(model: Any, texts: list[str], seeds: list[int], batch: int, **kw: Any) -> tuple[Any, Any, Any]:
+    from ..pipelines import text2img
+
+    lats, imgs, res = [], [], None
+    for i in range(0, len(texts), batch):
+        res = text2img(model, texts[i : i + batch], seeds=seeds[i : i + batch], output="tensor", **kw)
+        lats.append(res.latents.cpu())
+        imgs.append(res.images.cpu())
+    return torch.cat(lats), torch.cat(imgs), res
+
+
+def _sheet(images: torch.Tensor, cols: int = 8) -> bytes:
+    import io
+
+    from ..pipelines.common import to_pil
+    from .plots import image_grid
+
+    buf = io.BytesIO()
+    image_grid(to_pil(images), cols=cols).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sweep_key(sweep: Sweep, model_id: str) -> str:
+    d = asdict(sweep)
+    for k in ("solvers", "nfe", "grids", "guidance", "repeat", "quality"):
+        d.pop(k)
+    return hashlib.sha256(json.dumps([model_id, d], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_sweep(
+    model: Any,
+    sweep: Sweep,
+    out_dir: str | Path,
+    *,
+    model_id: str,
+    model_name: str = "",
+    defaults: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run every configuration, write ``results.json``, ``results.md``, ``pareto.png`` and sample
+    sheets under ``out_dir``; return the results dict."""
+    from tqdm import tqdm
+
+    from .metrics import (
+        ClipScore,
+        DistributionMetrics,
+        median,
+        peak_memory,
+        reference_distances,
+        time_repeats,
+    )
+    from .reference import ReferenceConfig, reference_runs
+
+    out = Path(out_dir)
+    (out / SAMPLES).mkdir(parents=True, exist_ok=True)
+    defaults = dict(defaults or {})
+    texts = resolve_prompts(sweep.prompts, sweep.limit)
+    k = sweep.images_per_prompt
+    jobs = [t for t in texts for _ in range(k)]
+    seeds = [sweep.seed + j for j in range(len(jobs))]
+    specs = shapes_specs(texts)
+    wanted = set(sweep.metrics or METRICS)
+    use_shapes = "shapes" in wanted and specs is not None
+    use_fd = "fd" in wanted and (specs is not None or sweep.fd_features != "fd-shapes")
+    use_ref = "reference" in wanted
+    use_clip = "clip" in wanted and sweep.clip is not None
+    if sweep.metrics and "clip" in sweep.metrics and sweep.clip is None:
+        raise VelodiffError("the clip metric needs CLIP weights: pass --clip PATH to a local CLIP folder")
+    if sweep.metrics and "shapes" in sweep.metrics and specs is None:
+        raise VelodiffError("ShapesEval needs prompts of the shapes world; some are outside its grammar")
+    clip = ClipScore(sweep.clip) if use_clip else None
+
+    fd = None
+    if use_fd:
+        fd = DistributionMetrics(sweep.fd_features)
+        if specs is None:
+            raise VelodiffError("FD needs a real image set; only the shapes world provides one here")
+        from ..data.shapes import ShapesWorld
+
+        world = ShapesWorld(size=int(model.default_size[0]))
+        import numpy as np
+
+        reals = [world.render(s, seed=r).image for s in specs for r in range(sweep.fd_real_per_prompt)]
+        fd.add_real(np.stack(reals))
+    fd_key = "fd_shapes" if fd is not None and fd.name == "FD-shapes" else "fid"
+    kid_key = "kid_shapes" if fd_key == "fd_shapes" else "kid"
+
+    configs = sweep.configs()
+    results_path = out / RESULTS
+    key = sweep_key(sweep, model_id)
+    done: dict[str, dict[str, Any]] = {}
+    if results_path.is_file():
+        try:
+            old = json.loads(results_path.read_text())
+            if old.get("sweep_key") == key:
+                done = {r["id"]: r for r in old.get("records", []) if "error" not in r}
+        except (ValueError, KeyError):
+            done = {}
+
+    result: dict[str, Any] = {
+        "kind": "bench",
+        "sweep_key": key,
+        "command": command,
+        "model": model_name or model.path,
+        "model_hash": model_id,
+        "model_info": model.describe(),
+        "device": str(model.device),
+        "threads": torch.get_num_threads(),
+        "sweep": asdict(sweep),
+        "prompts": texts,
+        "seeds": seeds,
+        "n_images": len(jobs),
+        "metrics": {"shapes_eval": use_shapes, fd_key: use_fd, "reference": use_ref, "clip_score": use_clip},
+        "records": [],
+    }
+    if use_ref:
+        result["reference"] = {"solver": sweep.reference_solver, "steps": sweep.reference_steps,
+                               "grid": sweep.reference_grid}
+
+    def save() -> None:
+        finish(result, out, sweep.quality)
+
+    weights = [c["nfe_budget"] * sweep.repeat for c in configs]
+    refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    # warm-up (first-call costs stay out of the timings)
+    _generate(model, jobs[:1], seeds[:1], 1, steps=1, solver="ddim", guidance=1.0)
+    bar = tqdm(total=sum(weights), desc="bench", unit="nfe", disable=not progress, dynamic_ncols=True)
+    for c, w in zip(configs, weights, strict=True):
+        cid = config_id(c)
+        bar.set_description(f"bench {cid}")
+        if cid in done:
+            result["records"].append(done[cid])
+            bar.update(w)
+            continue
+        g = c["guidance"] if c["guidance"] is not None else defaults.get("guidance", model.default_guidance)
+        kw = {"solver": c["solver"], "grid": c["grid"], "nfe": c["nfe_budget"], "guidance": g}
+        rec: dict[str, Any] = {"id": cid, **c, "guidance": float(g)}
+        try:
+            with peak_memory(model.device) as mem:
+                (lat, imgs, res), times = time_repeats(
+                    lambda kw=kw: _generate(model, jobs, seeds, sweep.batch, **kw), sweep.repeat
+                )
+        except VelodiffError as e:
+            rec["error"] = str(e)
+            log(f"warning: {cid}: {e}")
+            result["records"].append(rec)
+            bar.update(w)
+            save()
+            continue
+        rec.update(steps=res.steps, nfe=res.nfe, evals=res.evals,
+                   seconds_per_image=median(times) / len(jobs), seconds=[round(t, 4) for t in times],
+                   peak_memory_mb=round(mem["peak_memory_mb"], 1), memory_kind=mem["memory_kind"])
+        if use_shapes:
+            from .shapes_eval import evaluate
+
+            ev = evaluate(imgs, texts, keep_detections=False)
+            rec["shapes_eval"] = ev["overall"]
+            rec["shapes_by_category"] = ev["by_category"]
+        if fd is not None:
+            fd.reset_fake()
+            fd.add_fake(imgs)
+            m = fd.compute()
+            rec[fd_key], rec[kid_key] = m["fd"], m.get("kid")
+        if use_ref:
+            gk = float(g)
+            if gk not in refs:
+                bar.set_description(f"bench reference (guidance {gk:g})")
+                rc = ReferenceConfig(sweep.reference_solver, sweep.reference_steps, sweep.reference_grid, gk)
+                rl, ri, info = reference_runs(model, jobs, seeds, rc, model_id=model_id, batch=sweep.batch)
+                refs[gk] = (rl, ri)
+            rec.update(reference_distances(lat, imgs, *refs[gk]))
+        if clip is not None:
+            clip.scores = []
+            clip.update(imgs, jobs)
+            rec["clip_score"] = clip.compute()["clip_score"]
+        sheet = f"{SAMPLES}/{cid}.png"
+        _write_atomic(out / sheet, _sheet(imgs[:16]))
+        rec["sheet"], rec["sheet_cell"] = sheet, int(imgs.shape[-2])
+        result["records"].append(rec)
+        bar.update(w)
+        save()
+    bar.close()
+    save()
+    return result
+
+
+def quality_metric(result: dict[str, Any], quality: str | None = None) -> str | None:
+    recs = [r for r in result["records"] if "error" not in r]
+    if quality is not None:
+        return quality if any(r.get(quality) is not None for r in recs) else None
+    for q in ("shapes_eval", "psnr", "fd_shapes", "clip_score", "ssim", "latent_mse"):
+        if recs and all(r.get(q) is not None for r in recs):
+            return q
+    return None
+
+
+def mark_pareto(result: dict[str, Any], quality: str | None) -> str | None:
+    q = quality_metric(result, quality)
+    recs = [r for r in result["records"] if "error" not in r]
+    for r in result["records"]:
+        r.pop("pareto", None)
+    if q is None:
+        return None
+    marks = pareto_front([(r["seconds_per_image"], r[q]) for r in recs], QUALITY.get(q, True))
+    for r, m in zip(recs, marks, strict=True):
+        r["pareto"] = bool(m)
+    result["quality"] = q
+    return q
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{nd}f}"
+    return str(v)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    recs = result["records"]
+    cols = [("solver", "solver"), ("grid", "grid"), ("guidance", "guidance"), ("nfe", "NFE"),
+            ("steps", "steps"), ("seconds_per_image", "s / image")]
+    for key in ("shapes_eval", "fd_shapes", "kid_shapes", "fid", "kid", "latent_mse", "psnr", "ssim",
+                "clip_score"):
+        if any(r.get(key) is not None for r in recs):
+            cols.append((key, LABELS[key]))
+    lines = ["| " + " | ".join(h for _, h in cols) + " | Pareto |", "|" + "---|" * (len(cols) + 1)]
+    for r in recs:
+        if "error" in r:
+            lines.append(f"| {r['solver']} | {r['grid'] or 'default'} | {_fmt(r['guidance'])} | "
+                         f"NFE {r['nfe_budget']}: {r['error']} |")
+            continue
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            if key == "grid":
+                v = v or "default"
+            if key == "seconds_per_image":
+                v = f"{v:.3f}"
+            cells.append(_fmt(v, 2) if key == "psnr" and isinstance(v, float) else _fmt(v))
+        lines.append("| " + " | ".join(cells) + " | " + ("**yes**" if r.get("pareto") else "") + " |")
+    ref = result.get("reference")
+    notes = [
+        "",
+        f"Model `{result['model']}` ({result['model_info']}), {result['n_images']} images "
+        f"({len(result['prompts'])} prompts), the same seeds for every configuration; "
+        f"s / image: median over {result['sweep']['repeat']} timed run(s) of the whole set, batch "
+        f"{result['sweep']['batch']}, {result['threads']} threads on {result['device']}.",
+    ]
+    if ref:
+        notes.append(f"Reference: `{ref['solver']}`, {ref['steps']} steps, grid `{ref['grid']}`, same noise, "
+                     "prompt and guidance (DPM-Solver-v3 protocol).")
+    if result.get("quality"):
+        notes.append(f"Pareto front: seconds per image against {LABELS[result['quality']]}.")
+    return "\n".join(lines + notes) + "\n"
+
+
+def finish(result: dict[str, Any], out: Path, quality: str | None = None) -> None:
+    """Mark the Pareto front and write results.json, results.md and pareto.png (atomically)."""
+    from .plots import pareto_png
+
+    q = mark_pareto(result, quality)
+    _write_atomic(out / RESULTS, json.dumps(result, indent=1) + "\n")
+    _write_atomic(out / TABLE, markdown_table(result))
+    if q is not None:
+        _write_atomic(out / PLOT, pareto_png(result["records"], q, LABELS[q], QUALITY.get(q, True)))

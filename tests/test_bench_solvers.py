@@ -1,0 +1,130 @@
+"""`velodiff bench solvers`: the sweep's records, the adapter that runs diffusers' schedulers on the
+oracle, the written files, and the headline bar at small scale."""
+
+import json
+
+import pytest
+import torch
+
+from velodiff.cli import main
+from velodiff.eval import solver_bench as sb
+from velodiff.grids import make_grid
+from velodiff.sampling import sample
+
+
+def _velodiff(args: list[str]) -> int:
+    try:
+        return main(args)
+    except SystemExit as e:  # typer's standalone mode exits after a command that succeeds
+        return int(e.code or 0)
+
+
+@pytest.fixture(scope="module")
+def small_records():
+    oracles = sb.make_oracles(samples=24, image_samples=6, image_shape=(1, 4, 4), seed=1)
+    return sb.run_sweep(
+        oracles, ["ddim", "dpmpp_2m"], ["logsnr", "leading"], [3, 6], ["DPMSolverMultistep", "DDIM", "Heun"]
+    )
+
+
+def test_records_have_the_keys(small_records):
+    assert {r["data"] for r in small_records} == {"mixture-2d", "mixture-1x4x4"}
+    assert {r["source"] for r in small_records} == {"velodiff", "diffusers"}
+    for r in small_records:
+        assert set(sb.RECORD_KEYS) <= set(r)
+        assert r["nfe_used"] <= r["nfe"] and r["error"] > 0
+    # 2 solvers x 2 grids x 2 NFE + 3 schedulers x 2 NFE, per mixture
+    assert len(small_records) == 2 * (8 + 6)
+    json.dumps(small_records)
+
+
+def test_starts_and_ends_are_recorded(small_records):
+    by = {(r["data"], r["solver"], r["grid"], r["nfe"]): r for r in small_records}
+    # DDIM's leading spacing under steps_offset=1 starts at k = 5 * (1000 // 6) + 1 = 831 for 6 steps
+    ddim = by[("mixture-2d", "DDIM", "leading", 6)]
+    assert ddim["t_start"] == pytest.approx(832 / 1000) and ddim["final"] == "t_min"
+    dpm = by[("mixture-2d", "DPMSolverMultistep", "linspace", 6)]
+    assert dpm["t_start"] == 1.0 and dpm["final"] == "zero" and dpm["nfe_used"] == 6
+    heun = by[("mixture-2d", "Heun", "linspace", 6)]
+    assert heun["steps"] == 3 and heun["nfe_used"] == 5  # 2 n - 1 calls
+    assert by[("mixture-2d", "dpmpp_2m", "logsnr", 6)]["t_start"] == 1.0
+
+
+def test_diffusers_adapter_matches_velodiff_on_the_same_grid():
+    """diffusers' DDIM fed the oracle's eps equals velodiff's DDIM on DDIM's own timesteps: the eps,
+    timestep and noise-scaling conventions of the adapter are right."""
+    oracle = sb.make_oracles(("2d",), samples=16)[0]
+    x_d, info = sb.run_diffusers(oracle, "DDIM", 5)
+    sched = sb.diffusers_scheduler("DDIM")
+    sched.set_timesteps(5)
+    ts = oracle.schedule.t_from_timestep(sched.timesteps.to(torch.float64))
+    ts = torch.cat([ts, torch.tensor([oracle.schedule.t_min], dtype=torch.float64)])  # ends at k = 0
+    x_v = sample(oracle.denoiser, oracle.noise, make_grid(ts.tolist(), oracle.schedule), "ddim").x
+    assert info["final"] == "t_min"
+    assert sb.rms_error(x_d, x_v) < 1e-5 * sb.rms_error(x_v, torch.zeros_like(x_v))
+
+
+def test_reference_is_not_the_solver():
+    """The reference is the ODE's limit: solvers converge to it as NFE grows, at about their order."""
+    oracle = sb.make_oracles(("2d",), samples=32)[0]
+    recs = sb.velodiff_records(oracle, ["dpmpp_2m"], ["logsnr"], [10, 40])
+    e10, e40 = (r["error"] for r in recs)
+    assert e40 < e10 / 8  # second order: (40/10)^2 = 16
+
+
+def test_markdown_and_plot(small_records):
+    md = sb.markdown_report(small_records, command="velodiff bench solvers")
+    assert "## mixture-2d" in md and "## mixture-1x4x4" in md and "DPMSolverMultistep" in md
+    assert "| NFE | best velodiff" in md
+    png = sb.plot_png(small_records)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_writes_files(tmp_path, capsys):
+    out = tmp_path / "new" / "bench.json"  # the folder is created: its parent exists
+    rc = _velodiff(
+        [
+            "bench",
+            "solvers",
+            "--json",
+            str(out),
+            "--solvers",
+            "dpmpp_2m",
+            "--grids",
+            "logsnr",
+            "--nfe",
+            "5,6,8,10",
+            "--samples",
+            "16",
+            "--data",
+            "2d",
+            "--schedulers",
+            "DPMSolverMultistep",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    records = json.loads(out.read_text())
+    assert isinstance(records, list) and len(records) == 8
+    assert out.with_suffix(".md").read_text().startswith("# Solver benchmark")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+    text = capsys.readouterr().out
+    assert "NFE  5:" in text and "NFE 10:" in text
+    assert "velodiff bench solvers --json" in out.with_suffix(".md").read_text()
+
+
+def test_command_refuses_a_missing_parent(tmp_path, capsys):
+    rc = _velodiff(["bench", "solvers", "--json", str(tmp_path / "a" / "b" / "x.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --json: the folder") and err.count("\n") == 1
+
+
+def test_bar_at_small_scale():
+    """The headline bar on the 2-D oracle under SD's schedule: velodiff's best solver+grid has at most
+    0.5x the error of diffusers' DPMSolverMultistepScheduler (default config) at NFE 5, 6, 8, 10."""
+    oracle = sb.make_oracles(("2d",), samples=128)[0]
+    records = sb.velodiff_records(oracle, sb.deterministic_solvers(), ["logsnr", "karras"], sb.BAR_NFES)
+    records += sb.diffusers_records(oracle, [sb.BAR_BASELINE], sb.BAR_NFES)
+    rows = sb.bar_ratios(records)
+    assert sb.bar_met(rows), sb.bar_table(rows)

@@ -1,0 +1,139 @@
+"""`velodiff generate` and the shipped default model: loads offline (velodiff and diffusers), writes
+images atomically, and turns bad input into one clear error line."""
+
+from __future__ import annotations
+
+import shutil
+
+from PIL import Image
+
+from velodiff.cli import main
+from velodiff.default_model import default_model_path
+
+MODEL = default_model_path()
+FAST = ["--steps", "2", "--threads", "2"]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def test_shipped_model_is_small_safetensors_only():
+    assert (MODEL / "model_index.json").is_file() and (MODEL / "MODEL_CARD.md").is_file()
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".json", ".safetensors", ".txt", ".md"}
+    assert sum(p.stat().st_size for p in files) < 25e6
+
+
+def test_generate_writes_png_and_grid(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(capsys, "generate", "a red circle above a blue square", "--out", str(out), *FAST)
+    assert code == 0, err
+    assert Image.open(out).size == (64, 64) and "wrote" in o
+    code, o, err = run_cli(
+        capsys,
+        "generate",
+        "a red circle",
+        "--out",
+        str(out),
+        "--n",
+        "4",
+        "--seed",
+        "3",
+        "--solver",
+        "ddim",
+        "--guidance",
+        "2",
+        "--negative",
+        "a blue square",
+        *FAST,
+    )
+    assert code == 0, err
+    assert Image.open(out).size == (130, 130)  # 2x2 grid with 2 px gaps
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary left behind
+
+
+def test_existing_output_is_never_half_written(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"old")
+
+    def boom(self, fp, format=None, **kw):
+        fp.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--out", str(out), *FAST)
+    assert code == 2 and "disk full" in err
+    assert out.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_bad_inputs_give_one_line(tmp_path, capsys):
+    out = str(tmp_path / "o.png")
+    cases = [
+        (["generate", "", "--out", out], "prompt is empty"),
+        (["generate", "   ", "--out", out], "prompt is empty"),
+        (["generate", "a red circle", "--out", str(tmp_path / "missing" / "o.png")], "does not exist"),
+        (["generate", "a red circle", "--out", out, "--guidance", "-1"], "guidance"),
+        (["generate", "a red circle", "--out", out, "--model", str(tmp_path / "nowhere")], "does not exist"),
+        (["generate", "a red circle", "--out", out, "--solver", "nope"], "unknown solver"),
+        (["generate", "a red circle", "--out", str(tmp_path / "o.xyz")], "unknown image type"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2, (args, err)
+        assert needle in one_error_line(err), (args, err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_bad_weights_are_refused_without_unpickling(tmp_path, capsys):
+    out = str(tmp_path / "o.png")
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04\x95 not really")
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--out", out, "--model", str(pickle))
+    assert code == 2 and "pickle" in one_error_line(err)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--out", out, "--model", str(bad))
+    assert code == 2 and "safetensors" in one_error_line(err)
+    # a model folder whose UNet weights are truncated
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder)
+    w = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--out", out, "--model", str(folder), *FAST)
+    assert code == 2
+    one_error_line(err)
+    # a model folder that holds a pickle instead of safetensors
+    w.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04\x95 not really")
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--out", out, "--model", str(folder), *FAST)
+    assert code == 2
+    one_error_line(err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_long_prompt_is_truncated_with_a_warning(tmp_path, capsys):
+    prompt = " ".join(["a red circle"] * 30) + " zebra"
+    code, _, err = run_cli(capsys, "generate", prompt, "--out", str(tmp_path / "o.png"), *FAST)
+    assert code == 0
+    assert "warning:" in err and "dropped" in err and "zebra" in err
+
+
+def test_shipped_model_loads_in_diffusers():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL), safety_checker=None)
+    assert pipe.unet.dtype == torch.float32
+    img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert img.shape == (1, 64, 64, 3)

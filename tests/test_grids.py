@@ -1,0 +1,203 @@
+"""Step grids: shape and range contracts for every grid on every schedule it applies to, and equality
+with diffusers' timesteps and Karras sigmas.
+
+Deliberate differences, asserted below rather than hidden:
+
+* diffusers' spacings (``linspace``, ``leading``, ``trailing``) start where diffusers starts them
+  (e.g. ``leading`` at k = 901 for 10 steps), not at t_max.
+* With ``final="t_min"``, a spacing whose last timestep is already k = 0 (``linspace``, and
+  ``leading`` without ``steps_offset``) has ``steps`` times, i.e. one step fewer than asked:
+  diffusers' DDIM (set_alpha_to_one=False) spends its last evaluation on a step from k = 0 to k = 0
+  that leaves the sample unchanged; velodiff drops that no-op step.
+* ``flow-shifted`` shifts every time including the last, so with shift s it ends at
+  flow_shift(t_min, s) >= t_min, as diffusers' FlowMatchEulerDiscreteScheduler does.
+* diffusers' ``trailing`` (np.arange(N, 0, -N / steps)) rounds into one extra timestep, -1, for
+  some step counts (121 of 1000, for one); velodiff always gives ``steps`` timesteps, the same ones.
+* diffusers' EulerDiscreteScheduler keeps ``linspace`` timesteps fractional; velodiff rounds them
+  to trained timesteps as DDIMScheduler does.
+"""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from velodiff import EDM, GRIDS, ContinuousVP, DiscreteVP, RectifiedFlow, make_grid
+from velodiff.errors import VelodiffError
+from velodiff.grids import flow_shift
+from velodiff.schedules import F64
+
+SCHEDULES = {
+    "scaled_linear": DiscreteVP.scaled_linear(),
+    "squaredcos_cap_v2": DiscreteVP.squaredcos_cap_v2(),
+    "zero_snr": DiscreteVP.scaled_linear().rescale_zero_terminal_snr(),
+    "vp": ContinuousVP(),
+    "edm": EDM(),
+    "flow": RectifiedFlow(),
+    "flow_shift3": RectifiedFlow(shift=3.0),
+}
+SPACINGS = ("linspace", "leading", "trailing")
+CONTINUOUS_GRIDS = [g for g in GRIDS if g not in SPACINGS]
+SD = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def _check_shape(ts, steps, final, sched):
+    assert ts.dtype == F64 and ts.ndim == 1
+    assert bool((ts[1:] < ts[:-1]).all()), ts
+    if final == "zero":
+        assert float(ts[-1]) == 0.0
+        assert float(ts[-2]) >= sched.t_min * (1 - 1e-12)
+    else:
+        assert float(ts[-1]) >= sched.t_min * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("grid", CONTINUOUS_GRIDS)
+@pytest.mark.parametrize("name", SCHEDULES)
+@settings(max_examples=25, deadline=None)
+@given(
+    steps=st.integers(1, 60),
+    final=st.sampled_from(["zero", "t_min"]),
+    u=st.one_of(st.none(), st.floats(0.01, 0.999)),
+)
+def test_grid_contract(grid, name, steps, final, u):
+    # (u <= 0.999: a t_start within ~1e-15 of a flow's t = 1 has sigma/alpha ~ 1e15, where grids in
+    # sigma collapse in float64 and make_grid refuses them as not strictly decreasing)
+    sched = SCHEDULES[name]
+    t_start = None if u is None else sched.t_min + u * (sched.t_max - sched.t_min)
+    ts = make_grid(grid, sched, steps, final=final, t_start=t_start)
+    assert len(ts) == steps + 1
+    _check_shape(ts, steps, final, sched)
+    assert float(ts[0]) == pytest.approx(sched.t_max if t_start is None else t_start, rel=1e-12)
+    end = float(ts[-1] if final == "t_min" else ts[-2])
+    shift = getattr(sched, "shift", 1.0) if grid == "flow-shifted" else 1.0
+    if final == "t_min" or steps > 1:
+        assert end == pytest.approx(float(flow_shift(torch.tensor(sched.t_min, dtype=F64), shift)), rel=1e-9)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", ["scaled_linear", "squaredcos_cap_v2", "zero_snr"])
+@settings(max_examples=25, deadline=None)
+@given(steps=st.integers(1, 200), final=st.sampled_from(["zero", "t_min"]), offset=st.sampled_from([0, 1]))
+def test_spacing_contract(spacing, name, steps, final, offset):
+    sched = SCHEDULES[name]
+    ends_at_k0 = spacing == "linspace" or (spacing == "leading" and offset == 0)
+    if ends_at_k0 and steps == 1 and final == "t_min":
+        with pytest.raises(VelodiffError):  # diffusers' one step is at k = 0 itself
+            make_grid(spacing, sched, steps, final=final, steps_offset=offset)
+        return
+    ts = make_grid(spacing, sched, steps, final=final, steps_offset=offset)
+    _check_shape(ts, steps, final, sched)
+    assert len(ts) == (steps if final == "t_min" and ends_at_k0 else steps + 1)
+    if final == "t_min":
+        assert float(ts[-1]) == sched.t_min
+    ks = sched.timestep(ts[:steps] if not (final == "t_min" and ends_at_k0) else ts)
+    assert torch.equal(ks, ks.round()), "spacings sit on trained timesteps"
+
+
+@pytest.mark.parametrize("steps", [1, 4, 5, 10, 20, 25, 50, 120, 999])
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_spacings_equal_diffusers_timesteps(spacing, steps):
+    sched = SCHEDULES["scaled_linear"]
+    ts = make_grid(spacing, sched, steps, final="zero", steps_offset=1)
+    ks = sched.timestep(ts[:-1])
+    for cls in (DDIMScheduler, DDPMScheduler):
+        ref = cls(
+            **{k: v for k, v in SD.items() if cls is DDIMScheduler or k != "set_alpha_to_one"},
+            timestep_spacing=spacing,
+        )
+        ref.set_timesteps(steps)
+        assert torch.equal(ks, ref.timesteps.to(F64)), (cls.__name__, ks, ref.timesteps)
+    if spacing != "linspace":  # Euler's linspace timesteps are fractional (see the module docstring)
+        ref = EulerDiscreteScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            timestep_spacing=spacing,
+        )
+        ref.set_timesteps(steps)
+        assert torch.equal(ks, ref.timesteps.to(F64))
+        # diffusers' float32 sqrt((1 - abar) / abar) loses digits to cancellation where abar ~ 1
+        assert torch.allclose(sched.sigma_ve(ts), ref.sigmas.to(F64), rtol=5e-5, atol=0)
+
+
+def test_trailing_never_adds_a_timestep():
+    """diffusers gives 122 timesteps (the last -1) for 121 trailing steps; velodiff the first 121."""
+    sched = SCHEDULES["scaled_linear"]
+    ref = DDIMScheduler(**SD, timestep_spacing="trailing")
+    ref.set_timesteps(121)
+    ks = sched.timestep(make_grid("trailing", sched, 121)[:-1])
+    assert len(ref.timesteps) == 122 and int(ref.timesteps[-1]) == -1  # diffusers' quirk, still there?
+    assert torch.equal(ks, ref.timesteps[:121].to(F64))
+
+
+@pytest.mark.parametrize("steps", [2, 5, 10, 25, 50])
+def test_karras_equals_diffusers_karras_sigmas(steps):
+    sched = SCHEDULES["scaled_linear"]
+    ts = make_grid("karras", sched, steps)
+    ref = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True
+    )
+    ref.set_timesteps(steps)
+    assert len(ts) == len(ref.sigmas)
+    assert torch.allclose(sched.sigma_ve(ts), ref.sigmas.to(F64), rtol=5e-5, atol=0)  # float32, as above
+
+
+def test_flow_shifted_equals_diffusers_flow_match():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(12)
+    # diffusers shifts its smallest sigma twice (once at init, again in set_timesteps): a schedule
+    # whose t_min is the once-shifted value reproduces it
+    sched = RectifiedFlow(shift=3.0, t_min=ref.sigma_min)
+    ts = make_grid("flow-shifted", sched, 12)
+    assert torch.allclose(ts, ref.sigmas.to(F64), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "times, match",
+    [
+        ([0.5, 0.7, 0.0], "strictly decreasing"),
+        ([0.9, 0.5, 0.5, 0.0], "strictly decreasing"),
+        ([1.5, 0.5, 0.0], "outside the schedule's range"),
+        ([0.9, 0.5, -0.1], "outside the schedule's range"),
+        ([0.9, 0.0005, 0.0], "t_min"),
+        ([0.9, 0.5, 0.0005], "t_min"),
+        ([0.9], "at least two"),
+        ([0.9, float("nan"), 0.0], "finite"),
+    ],
+)
+def test_explicit_lists_validated(times, match):
+    with pytest.raises(VelodiffError, match=match):
+        make_grid(times, SCHEDULES["scaled_linear"])
+
+
+def test_explicit_list_accepted_as_float64():
+    ts = make_grid([0.9, 0.5, 0.1, 0.0], SCHEDULES["scaled_linear"])
+    assert ts.dtype == F64 and ts.tolist() == [0.9, 0.5, 0.1, 0.0]
+
+
+def test_grid_errors():
+    sched = SCHEDULES["scaled_linear"]
+    with pytest.raises(VelodiffError, match="valid: .*karras"):
+        make_grid("nope", sched, 10)
+    with pytest.raises(VelodiffError, match="steps >= 1"):
+        make_grid("karras", sched, 0)
+    with pytest.raises(VelodiffError, match="t_start"):
+        make_grid("karras", sched, 10, t_start=2.0)
+    with pytest.raises(VelodiffError, match="discrete"):
+        make_grid("leading", EDM(), 10)
+    with pytest.raises(VelodiffError, match="exceed"):
+        make_grid("trailing", sched, 1001)
+    with pytest.raises(VelodiffError, match="valid: "):
+        make_grid("karras", sched, 10, final="nope")

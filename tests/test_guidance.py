@@ -1,0 +1,99 @@
+"""Classifier-free guidance: linearity across prediction spaces, diffusers' guidance rescale, the
+cost of interval guidance, and honest NFE / evaluation counts from sample()."""
+
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from velodiff import ClassifierFreeGuidance, Cost, DiscreteVP, GuidedCond, ModelDenoiser, make_grid, sample
+from velodiff.denoisers import eps_from_x0
+from velodiff.errors import VelodiffError
+from velodiff.schedules import F64
+
+SCHED = DiscreteVP.scaled_linear()
+B, SHAPE = 3, (4, 5)
+G = torch.Generator().manual_seed(0)
+X = torch.randn(B, *SHAPE, generator=G, dtype=F64)
+COND = torch.randn(B, *SHAPE, generator=G, dtype=F64)
+UNCOND = torch.zeros(B, *SHAPE, dtype=F64)
+
+
+def network(x, timestep, cond):
+    """A nonlinear, conditioned stand-in for a network (any prediction type)."""
+    k = timestep.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) / 1000.0
+    return torch.tanh(0.7 * x + cond * (1.0 + k)) + 0.3 * cond - 0.2 * k
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("t", [0.05, 0.4, 0.97])
+def test_cfg_on_x0_equals_cfg_on_eps(prediction_type, t):
+    den = ModelDenoiser(network, SCHED, prediction_type)
+    w = 7.5
+    x0 = ClassifierFreeGuidance(den, w)(X, t, GuidedCond(COND, UNCOND))
+    eps_c = eps_from_x0(SCHED, X, t, den(X, t, COND))
+    eps_u = eps_from_x0(SCHED, X, t, den(X, t, UNCOND))
+    eps_cfg = eps_u + w * (eps_c - eps_u)  # Ho & Salimans 2022, Eq. 6, as diffusers applies it
+    assert torch.allclose(eps_from_x0(SCHED, X, t, x0), eps_cfg, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("t", [0.1, 0.6, 0.95])
+def test_rescale_equals_diffusers_rescale_noise_cfg(phi, t):
+    den = ModelDenoiser(network, SCHED, "epsilon")
+    w = 6.0
+    x0 = ClassifierFreeGuidance(den, w, rescale=phi)(X, t, GuidedCond(COND, UNCOND))
+    eps_c = network(X, SCHED.timestep(t).expand(B), COND)
+    eps_u = network(X, SCHED.timestep(t).expand(B), UNCOND)
+    ref = rescale_noise_cfg(eps_u + w * (eps_c - eps_u), eps_c, guidance_rescale=phi)
+    assert torch.allclose(eps_from_x0(SCHED, X, t, x0), ref, rtol=1e-9, atol=1e-9)
+
+
+class CountingNetwork:
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def __call__(self, x, timestep, cond):
+        self.batches.append(x.shape[0])
+        return network(x, timestep, cond)
+
+
+def test_interval_guidance_cost():
+    den = ModelDenoiser(network, SCHED)
+    cfg = ClassifierFreeGuidance(den, 5.0, interval=(0.2, 0.6))
+    assert cfg.cost(0.5) == Cost(nfe=1, evals=2)
+    assert cfg.cost(0.2) == cfg.cost(0.6) == Cost(1, 2)
+    assert cfg.cost(0.1) == cfg.cost(0.9) == Cost(1, 1)
+    assert ClassifierFreeGuidance(den, 1.0).cost(0.5) == Cost(1, 1)  # scale 1: conditional only
+    # outside the interval the result is the conditional prediction itself
+    assert torch.equal(cfg(X, 0.9, GuidedCond(COND, UNCOND)), den(X, 0.9, COND))
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "dpmpp_2m", "euler_ancestral"])
+@pytest.mark.parametrize("interval", [None, (0.2, 0.6), (2.0, 3.0)])
+def test_sample_counts_nfe_and_evals(solver, interval):
+    net = CountingNetwork()
+    cfg = ClassifierFreeGuidance(ModelDenoiser(net, SCHED), 4.0, interval=interval)
+    ts = make_grid("uniform", SCHED, 9)
+    res = sample(cfg, X, ts, solver, cond=GuidedCond(COND, UNCOND))
+    assert res.nfe == len(net.batches)  # one batched network call per denoiser call
+    assert res.evals == sum(net.batches) // B  # network-sample evaluations per image
+    guided = sum(b == 2 * B for b in net.batches)
+    assert res.evals == res.nfe + guided
+    if interval is None:
+        assert guided == res.nfe
+    elif interval[0] > SCHED.t_max:
+        assert guided == 0
+    else:
+        assert 0 < guided < res.nfe
+
+
+def test_guidance_errors():
+    den = ModelDenoiser(network, SCHED)
+    with pytest.raises(VelodiffError, match="scale"):
+        ClassifierFreeGuidance(den, -1.0)
+    with pytest.raises(VelodiffError, match="rescale"):
+        ClassifierFreeGuidance(den, 5.0, rescale=1.5)
+    with pytest.raises(VelodiffError, match="interval"):
+        ClassifierFreeGuidance(den, 5.0, interval=(0.6, 0.2))
+    with pytest.raises(VelodiffError, match="GuidedCond"):
+        ClassifierFreeGuidance(den, 5.0)(X, 0.5, COND)

@@ -1,0 +1,169 @@
+"""velodiff.eval.metrics: FD / KID wiring through torchmetrics (exact on a shift), streaming, PSNR / SSIM /
+latent MSE identities, CLIP score on a tiny local CLIP, clear errors for absent weights, and the FD-shapes
+bar: real vs itself ~ 0 < real vs default-model samples < samples at 2 NFE / from a random network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from velodiff.errors import VelodiffError
+from velodiff.eval import metrics as M
+
+
+class ChannelMeans(nn.Module):
+    """Features = per-channel pixel means (3-d): FD of a shifted set is exactly 3 * shift^2."""
+
+    num_features = 3
+
+    def forward(self, x):
+        return x.float().mean(dim=(2, 3))
+
+
+def _images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g) * 0.5 + 0.25
+
+
+def test_fd_of_a_shift_is_the_squared_mean_difference_and_streams():
+    real = _images(40, 0)
+    shift = 0.1
+    m = M.DistributionMetrics(ChannelMeans(), kid=True, kid_subset_size=20)
+    for i in range(0, 40, 7):  # uneven batches: the statistics are running sums
+        m.add_real(real[i : i + 7])
+    m.add_fake(real + shift)
+    out = m.compute()
+    # equal covariances: FD = ||mu_r - mu_g||^2 = 3 shift^2  (Heusel et al. 2017, eq. 6)
+    assert out["fd"] == pytest.approx(3 * shift**2, rel=1e-4)
+    assert out["n_real"] == out["n_fake"] == 40 and out["name"] == "FD"
+    m.reset_fake()
+    m.add_fake(real)
+    same = m.compute()
+    assert same["fd"] < 1e-8 and abs(same["kid"]) < 1e-4 < out["kid"]
+
+
+def test_pixel_and_latent_distances():
+    a = _images(4, 1)
+    assert torch.isinf(M.psnr(a, a)).all()
+    assert M.psnr(a, (a + 0.1).clamp(0, 1)).mean().item() == pytest.approx(20.0, abs=1e-3)  # 10 log10(1/0.01)
+    s = [M.ssim(a, (a + torch.randn_like(a) * k).clamp(0, 1)).mean().item() for k in (0.0, 0.05, 0.2)]
+    assert s[0] == pytest.approx(1.0, abs=1e-5) and s[0] > s[1] > s[2]
+    z = torch.randn(3, 4, 2, 2)
+    assert M.latent_mse(z, z + 0.5).tolist() == pytest.approx([0.25] * 3)
+    d = M.reference_distances(z, a[:3], z, a[:3])
+    assert d["latent_mse"] == 0 and d["ssim"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_image_inputs_agree():
+    from PIL import Image
+
+    arr = (np.random.default_rng(0).random((2, 8, 8, 3)) * 255).astype(np.uint8)
+    a = M.as_images(arr)
+    b = M.as_images([Image.fromarray(x) for x in arr])
+    c = M.as_images(torch.from_numpy(arr).permute(0, 3, 1, 2))
+    assert a.shape == (2, 3, 8, 8) and torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(VelodiffError):
+        M.as_images(torch.zeros(2, 4, 8, 8))
+
+
+def test_absent_weights_are_one_clear_error(tmp_path, capsys):
+    from velodiff.cli import main
+    from velodiff.eval.features import load_encoder
+
+    with pytest.raises(VelodiffError, match="Inception"):
+        M.DistributionMetrics(str(tmp_path / "inception-2015-12-05.pt"))
+    with pytest.raises(VelodiffError, match="CLIP"):
+        M.ClipScore(tmp_path / "clip")
+    with pytest.raises(VelodiffError, match="encoder"):
+        load_encoder(tmp_path / "enc.safetensors")
+    for args in (["--fd-features", str(tmp_path / "x.pt")], ["--clip", str(tmp_path / "clip")]):
+        code = main(["bench", "--out", str(tmp_path / "b"), *args])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+        assert "Traceback" not in err
+
+
+def test_clip_score_with_a_tiny_local_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from sd_tiny import clip_tokenizer
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    tok = clip_tokenizer()
+    cfg.text_config.vocab_size = len(tok)
+    CLIPModel(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cs = M.ClipScore(tmp_path)
+    imgs = _images(3, 2)
+    s = cs.update(imgs, ["a red cube", "a blue sphere", "a red cube"])
+    assert len(s) == 3 and all(0.0 <= v <= 100.0 for v in s)
+    assert cs.update(imgs[:1], ["a red cube"]) == pytest.approx(s[:1], abs=1e-4)  # batch-independent
+    assert cs.compute()["n"] == 4
+
+
+# --- the FD-shapes bar --------------------------------------------------------------------------------
+
+
+def _model_path() -> Path:
+    from velodiff.default_model import default_model_path
+
+    return Path(os.environ.get("VELODIFF_TEST_MODEL") or default_model_path())
+
+
+def test_fd_shapes_orders_real_good_degraded_random():
+    path = _model_path()
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no default model at {path}")
+    from diffusers import UNet2DConditionModel
+
+    from velodiff.data.shapes import ShapesWorld
+    from velodiff.default_model import DEFAULT_SAMPLING
+    from velodiff.eval.sweep import resolve_prompts
+    from velodiff.models import load
+    from velodiff.pipelines import text2img
+
+    texts = resolve_prompts("v1", limit=32)
+    seeds = list(range(len(texts)))
+    world = ShapesWorld()
+    from velodiff.data.shapes import normalize_spec
+
+    real = np.stack([world.render(normalize_spec(t), seed=s).image for t, s in zip(texts, seeds, strict=True)])
+    real2 = np.stack([world.render(normalize_spec(t), seed=100 + s).image for t, s in zip(texts, seeds, strict=True)])
+    model = load(path)
+    g = DEFAULT_SAMPLING["guidance"]
+
+    def gen(m, nfe):
+        return text2img(m, texts, seeds=seeds, nfe=nfe, guidance=g, output="tensor").images
+
+    good, two = gen(model, 12), gen(model, 2)
+    rand = load(path)
+    unet = rand.components["unet"]
+    torch.manual_seed(0)
+    unet.load_state_dict(UNet2DConditionModel.from_config(unet.config).state_dict())
+    random_net = gen(rand, 12)
+
+    m = M.DistributionMetrics("fd-shapes", kid=False)
+    m.add_real(real)
+    fd = {}
+    for name, imgs in (("itself", real), ("real", real2), ("model", good), ("2nfe", two), ("random", random_net)):
+        m.reset_fake()
+        m.add_fake(imgs)
+        fd[name] = m.compute()["fd"]
+    print("FD-shapes:", {k: round(v, 3) for k, v in fd.items()})
+    assert m.compute()["name"] == "FD-shapes"
+    assert fd["itself"] < 1e-6 * fd["random"]
+    assert fd["real"] < fd["model"] < fd["2nfe"] and fd["model"] < fd["random"]
+    assert min(fd["2nfe"], fd["random"]) > 1.5 * fd["model"]

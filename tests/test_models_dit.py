@@ -1,0 +1,337 @@
+"""Transformer families (SD3, Flux, PixArt-alpha/sigma) with tiny random weights, loaded through
+velodiff.models and run by velodiff's sampling core: detection, defaults, errors, and parity with
+diffusers' own pipelines.
+
+Parity: from the same starting noise and the same time steps, with a solver both implement (flow
+Euler for SD3 and Flux; DPM-Solver++(2M) and DDIM for PixArt), the final latents of velodiff's
+text2img equal diffusers' (output_type="latent", latents passed in) to float32 round-off."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from velodiff.errors import VelodiffError
+from velodiff.grids import make_grid
+from velodiff.models import FAMILIES, load
+from velodiff.models.flux import pack, unpack
+from velodiff.models.tiny import save_tiny
+from velodiff.pipelines import img2img, text2img
+from velodiff.schedules import DiscreteVP, RectifiedFlow
+
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+PROMPT = "a photo of a red cat"
+H = W = 64  # the tiny VAE's factor is 4: latents 16 x 16
+KINDS = ("sd3", "sd3-no-t5", "flux", "flux-schnell", "pixart-sigma", "pixart-alpha")
+SEQ = 32  # T5 tokens in these tests (diffusers' max_sequence_length), to keep them fast
+DEFAULT_SEQ: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit")
+    return {k: save_tiny(k, root / k) for k in KINDS}
+
+
+@pytest.fixture(scope="module")
+def models(folders):
+    out = {k: load(p) for k, p in folders.items()}
+    out["sd3-drop-t5"] = load(folders["sd3"], family="sd3-no-t5")
+    for k, m in out.items():
+        DEFAULT_SEQ[k], m.max_sequence_length = m.max_sequence_length, SEQ
+    return out
+
+
+def noise(model, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    shape = model.latent_shape(batch, H, W)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def close(actual: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, ref, atol=1e-5 * max(1.0, float(ref.abs().max())), rtol=0)
+
+
+# --- loading, detection, defaults ---------------------------------------------------------------
+
+
+def test_families_detected_with_their_defaults(models):
+    assert {"sd3", "sd3-no-t5", "flux", "pixart"} <= set(FAMILIES)
+    sd3, flux, schnell = models["sd3"], models["flux"], models["flux-schnell"]
+    assert sd3.family == "sd3" and sd3.prediction_type == "flow" and isinstance(sd3.schedule, RectifiedFlow)
+    assert (sd3.latent_channels, sd3.vae_scale_factor, sd3.default_size) == (16, 4, (64, 64))
+    assert (sd3.default_steps, sd3.default_guidance, sd3.default_solver) == (28, 7.0, "euler")
+    assert sd3.components["text_encoder_3"] is not None
+    assert models["sd3-no-t5"].components["text_encoder_3"] is None  # a folder without T5
+    assert models["sd3-drop-t5"].components["text_encoder_3"] is None  # T5 left out at load
+    assert flux.family == "flux" and flux.latent_channels == 16 and flux.default_guidance == 1.0
+    assert (flux.embedded_guidance, flux.default_steps) == (3.5, 28)
+    assert (schnell.embedded_guidance, schnell.default_steps) == (None, 4)
+    pix, alpha = models["pixart-sigma"], models["pixart-alpha"]
+    assert (
+        pix.family == "pixart" and pix.prediction_type == "epsilon" and isinstance(pix.schedule, DiscreteVP)
+    )
+    assert (pix.latent_channels, alpha.pipeline_class) == (4, "PixArtAlphaPipeline")
+    assert DEFAULT_SEQ == {
+        "sd3": 256,
+        "sd3-no-t5": 256,
+        "sd3-drop-t5": 256,
+        "flux": 512,
+        "flux-schnell": 512,
+        "pixart-sigma": 300,
+        "pixart-alpha": 120,
+    }
+    assert (pix.default_steps, pix.default_guidance, pix.default_solver) == (20, 4.5, "dpmpp_2m")
+
+
+def stop_after_first_step(pipe, i, t, kwargs):
+    pipe._interrupt = True  # diffusers skips the remaining steps; the scheduler keeps its sigmas
+    return kwargs
+
+
+def test_default_grids_are_diffusers(models):
+    """SD3's default grid is FlowMatchEulerDiscreteScheduler's (shift 3, twice-shifted sigma_min);
+    Flux's is FluxPipeline's at the image's resolution-dependent shift."""
+    for kind, steps in (("sd3", 28), ("sd3", 5), ("flux", 28), ("flux", 3)):
+        m = models[kind]
+        pipe = m.to_diffusers()
+        pipe.set_progress_bar_config(disable=True)
+        pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            height=H,
+            width=W,
+            output_type="latent",
+            max_sequence_length=SEQ,
+            guidance_scale=1.0,
+            callback_on_step_end=stop_after_first_step,
+        )
+        ts = make_grid(m.default_grid, m.schedule, steps, **m.grid_options(H, W))
+        torch.testing.assert_close(ts, pipe.scheduler.sigmas.double(), atol=1e-6, rtol=0)
+    big = models["flux"].grid_options(1024, 1024)["shift"]
+    assert big > models["flux"].grid_options(256, 256)["shift"] > 1.0  # the shift grows with resolution
+
+
+def test_sizes_are_checked(models):
+    with pytest.raises(VelodiffError, match="multiples of 8 for flux"):
+        models["flux"].latent_shape(1, 68, 64)
+    with pytest.raises(VelodiffError, match="multiples of 8 for sd3"):
+        models["sd3"].latent_shape(1, 64, 36)
+    assert models["pixart-sigma"].latent_shape(2, 40, 64) == (2, 4, 10, 16)
+
+
+# --- parity with diffusers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "guidance"), [("sd3", 5.0), ("sd3-no-t5", 4.0), ("sd3-drop-t5", 1.0)])
+def test_parity_sd3_flow_euler(models, kind, guidance):
+    m = models[kind]
+    pipe = m.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    z = noise(m)
+    ref = pipe(
+        PROMPT,
+        negative_prompt="blurry",
+        num_inference_steps=5,
+        guidance_scale=guidance,
+        latents=z.clone(),
+        height=H,
+        width=W,
+        output_type="latent",
+        max_sequence_length=SEQ,
+    ).images
+    sigmas = pipe.scheduler.sigmas.double().tolist()
+    r = text2img(
+        m,
+        PROMPT,
+        negative="blurry",
+        grid=sigmas,
+        solver="euler",
+        guidance=guidance,
+        latents=z,
+        output="latent",
+        height=H,
+        width=W,
+    )
+    assert (r.nfe, r.evals) == (5, 10 if guidance != 1.0 else 5)
+    close(r.latents, ref)
+
+
+@pytest.mark.parametrize(
+    ("kind", "true_cfg", "embedded"), [("flux", 1.0, 3.5), ("flux", 3.0, 2.0), ("flux-schnell", 1.0, None)]
+)
+def test_parity_flux(models, kind, true_cfg, embedded):
+    """Flux: packed latents, image ids, embedded guidance (dev), optional true CFG with a negative prompt."""
+    m = models[kind]
+    pipe = m.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    z = noise(m, seed=1)
+    extra = {"negative_prompt": "blurry", "true_cfg_scale": true_cfg} if true_cfg > 1 else {}
+    ref = pipe(
+        PROMPT,
+        num_inference_steps=4,
+        guidance_scale=embedded or 0.0,
+        latents=pack(z),
+        height=H,
+        width=W,
+        output_type="latent",
+        max_sequence_length=SEQ,
+        **extra,
+    ).images
+    ref = unpack(ref, H // 4, W // 4)
+    m.embedded_guidance = embedded
+    try:
+        r = text2img(
+            m,
+            PROMPT,
+            negative="blurry" if true_cfg > 1 else None,
+            grid=pipe.scheduler.sigmas.tolist(),
+            solver="euler",
+            guidance=true_cfg,
+            latents=z,
+            output="latent",
+            height=H,
+            width=W,
+        )
+    finally:
+        m.embedded_guidance = 3.5 if kind == "flux" else None
+    close(r.latents, ref)
+
+
+def test_flux_torch_noise_matches_diffusers_cpu_generator(models):
+    """noise="torch" draws what FluxPipeline draws (before packing) from a CPU generator."""
+    m = models["flux-schnell"]
+    pipe = m.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        [PROMPT] * 2,
+        num_inference_steps=2,
+        height=H,
+        width=W,
+        output_type="latent",
+        max_sequence_length=SEQ,
+        generator=torch.Generator("cpu").manual_seed(7),
+    ).images
+    r = text2img(
+        m,
+        [PROMPT] * 2,
+        steps=2,
+        grid=pipe.scheduler.sigmas.tolist(),
+        seeds=[7, 8],
+        noise="torch",
+        output="latent",
+        height=H,
+        width=W,
+    )
+    close(r.latents, unpack(ref, H // 4, W // 4))
+
+
+def pixart_scheduler(model, solver: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cfg = model.components["scheduler_config"]
+    if (
+        solver == "ddim"
+    ):  # diffusers' DDIM steps by num_train_timesteps // steps: consistent with 'leading' only
+        return DDIMScheduler.from_config(
+            cfg, clip_sample=False, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=True
+        )
+    return DPMSolverMultistepScheduler.from_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("kind", "solver"), [("pixart-sigma", "dpmpp_2m"), ("pixart-sigma", "ddim"), ("pixart-alpha", "dpmpp_2m")]
+)
+def test_parity_pixart(models, kind, solver):
+    """PixArt: T5 with attention mask, learned-variance channels dropped, alpha's resolution conditioning."""
+    m = models[kind]
+    pipe = m.to_diffusers(pixart_scheduler(m, solver))
+    pipe.set_progress_bar_config(disable=True)
+    z = noise(m, seed=2)
+    ref = pipe(
+        "A Photo of a RED cat ",
+        num_inference_steps=6,
+        guidance_scale=4.5,
+        latents=z.clone(),
+        height=H,
+        width=W,
+        output_type="latent",
+        max_sequence_length=SEQ,
+        use_resolution_binning=False,
+    ).images
+    ts = m.schedule.t_from_timestep(pipe.scheduler.timesteps.double()).tolist() + [0.0]
+    r = text2img(
+        m,
+        "A Photo of a RED cat ",
+        grid=ts,
+        solver=solver,
+        guidance=4.5,
+        latents=z,
+        output="latent",
+        height=H,
+        width=W,
+    )
+    close(r.latents, ref)
+
+
+def test_pixart_alpha_conditions_on_size(models):
+    """The 1024-px alpha model's output depends on the (height, width) it is told; sigma's does not."""
+    for kind, depends in (("pixart-alpha", True), ("pixart-sigma", False)):
+        m = models[kind]
+        a = m.encode_prompt([PROMPT], guided=False, height=64, width=64)
+        b = m.encode_prompt([PROMPT], guided=False, height=128, width=64)
+        x = noise(m)
+        same = torch.equal(m.denoiser(x, 0.5, a), m.denoiser(x, 0.5, b))
+        assert same != depends
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_images_match_diffusers(models, kind):
+    """Decoding (scaling and shift factor of the SD3 / Flux VAE) as diffusers decodes."""
+    m = models[kind]
+    pipe = m.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    z = noise(m, seed=3)
+    ref = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        guidance_scale=1.0 if kind == "sd3" else 3.5,
+        height=H,
+        width=W,
+        latents=z if kind == "sd3" else pack(z),
+        output_type="pt",
+        max_sequence_length=SEQ,
+    ).images
+    r = text2img(
+        m,
+        PROMPT,
+        grid=pipe.scheduler.sigmas.tolist(),
+        guidance=1.0,
+        latents=z,
+        output="tensor",
+        height=H,
+        width=W,
+    )
+    assert r.images.shape == (1, 3, H, W)
+    torch.testing.assert_close(r.images, ref, atol=1e-5, rtol=0)
+
+
+# --- generation through the pipelines -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text2img_defaults_make_images(models, kind):
+    m = models[kind]
+    seeds = [1, 2] if kind == "sd3" else [1]
+    r = text2img(m, PROMPT, steps=2, seeds=seeds, height=H, width=W)
+    assert len(r.images) == len(seeds) and r.images[0].size == (W, H) and r.images[0].mode == "RGB"
+    assert (r.nfe, r.evals) == (2, 4 if m.default_guidance != 1.0 else 2)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_img2img_runs_from_noised_image(models, kind):
+    m = models[kind]
+    img = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    r = img2img(m, PROMPT, img, strength=0.5, steps=4, output="tensor")
+    assert r.steps == 2 and r.images.shape == (1, 3, H, W)

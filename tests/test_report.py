@@ -1,0 +1,63 @@
+"""`velodiff report DIR`: a bench folder and an eval folder each become one markdown page with tables,
+plots and a contact sheet; a folder with neither is one clear error line."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from velodiff.cli import main
+from velodiff.eval.sweep import finish
+
+
+def _bench_folder(tmp_path):
+    out = tmp_path / "bench"
+    (out / "samples").mkdir(parents=True)
+    recs = []
+    for i, (solver, nfe, secs, acc) in enumerate(
+        [("ddim", 2, 0.1, 0.2), ("ddim", 4, 0.2, 0.5), ("unipc", 2, 0.1, 0.4), ("unipc", 4, 0.25, 0.45)]
+    ):
+        cid = f"{solver}_default_nfe{nfe}_g2"
+        Image.new("RGB", (8 * 16 + 14, 16), (40 * i, 100, 200)).save(out / "samples" / f"{cid}.png")
+        recs.append({"id": cid, "solver": solver, "grid": None, "nfe_budget": nfe, "guidance": 2.0,
+                     "steps": nfe, "nfe": nfe, "evals": 2 * nfe, "seconds_per_image": secs,
+                     "shapes_eval": acc, "psnr": 20.0 + nfe, "sheet": f"samples/{cid}.png", "sheet_cell": 16})
+    result = {"kind": "bench", "command": "velodiff bench --nfe 2,4", "model": "default", "model_info": "tiny",
+              "device": "cpu", "threads": 2, "sweep": {"repeat": 3, "batch": 16}, "prompts": ["a red circle"],
+              "n_images": 8, "records": recs}
+    finish(result, out)
+    return out
+
+
+def test_bench_report(tmp_path, capsys):
+    out = _bench_folder(tmp_path)
+    res = json.loads((out / "results.json").read_text())
+    assert [r["pareto"] for r in res["records"]] == [False, True, True, False]
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "velodiff bench --nfe 2,4" in text and "![quality vs time](pareto.png)" in text
+    assert text.count("**yes**") == 2 and "![samples](report_samples.png)" in text
+    sheet = Image.open(out / "report_samples.png")
+    assert sheet.height >= 4 * 16  # one row per configuration
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_report_and_errors(tmp_path, capsys):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    for name, overall in (("steps10", 0.5), ("steps20", 0.7)):
+        (ev / f"{name}.json").write_text(json.dumps({
+            "overall": overall, "by_category": {"single": overall, "counting": overall / 2},
+            "config": {"model": "default", "prompts": "v1", "solver": "dpmpp_2m", "nfe": 10, "guidance": 3.0}}))
+        Image.new("RGB", (32, 32)).save(ev / f"{name}.png")
+    assert main(["report", str(ev)]) == 0
+    text = (ev / "report.md").read_text()
+    assert "| steps20 | default | v1 | dpmpp_2m | 10 | 3.0 | 0.700 | 0.700 | 0.350 |" in text
+    assert "![steps10](steps10.png)" in text and (ev / "report_eval.png").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["report", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no bench results.json" in err[0]

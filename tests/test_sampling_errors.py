@@ -1,0 +1,141 @@
+"""User errors in the sampling core: one clear VelodiffError naming what is wrong; callbacks stop."""
+
+import pytest
+import torch
+
+from velodiff import SOLVERS, DiscreteVP, ModelDenoiser, VelodiffError, get_solver, make_grid, sample
+from velodiff.schedules import F64
+from velodiff.solvers import SolverSpec
+from velodiff.solvers.ddim import ddim_step
+
+SCHED = DiscreteVP.scaled_linear()
+X = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+TS = make_grid("uniform", SCHED, 6)
+
+
+def eps_net(x, timestep, cond):
+    return 0.5 * x
+
+
+DEN = ModelDenoiser(eps_net, SCHED)
+
+
+def test_unknown_solver_lists_valid_ones():
+    with pytest.raises(VelodiffError) as e:
+        sample(DEN, X, TS, "nope")
+    msg = str(e.value)
+    assert "unknown solver 'nope'" in msg
+    for name in ("ddim", "heun", "euler_ancestral", "dpmpp_2m"):
+        assert name in msg
+    assert "\n" not in msg
+    with pytest.raises(VelodiffError, match="valid: "):
+        get_solver("Heun")
+
+
+def test_unknown_grid_lists_valid_ones():
+    with pytest.raises(VelodiffError) as e:
+        make_grid("karas", SCHED, 10)
+    assert "unknown grid 'karas'" in str(e.value)
+    assert all(name in str(e.value) for name in ("karras", "logsnr", "trailing", "flow-shifted"))
+
+
+def test_too_few_steps():
+    with pytest.raises(VelodiffError, match="steps >= 1"):
+        make_grid("karras", SCHED, 0)
+    with pytest.raises(VelodiffError, match="at least two times"):
+        sample(DEN, X, torch.tensor([0.5], dtype=F64), "ddim")
+    needs_three = SolverSpec(name="three", step=ddim_step, order=1, min_steps=3)
+    with pytest.raises(VelodiffError, match="needs at least 3 steps, got 2"):
+        sample(DEN, X, torch.tensor([0.9, 0.5, 0.0], dtype=F64), needs_three)
+
+
+@pytest.mark.parametrize(
+    "ts, match",
+    [
+        ([1.2, 0.5, 0.0], "outside the schedule's range"),
+        ([0.9, 0.5, -0.01], "outside the schedule's range"),
+        ([0.9, 0.0004, 0.0], "t_min"),
+        ([0.5, 0.9, 0.0], "strictly decreasing"),
+    ],
+)
+def test_grid_outside_the_schedule(ts, match):
+    with pytest.raises(VelodiffError, match=match):
+        sample(DEN, X, torch.tensor(ts, dtype=F64), "ddim")
+
+
+class NaNAt:
+    """An eps network that returns NaN from its `bad`-th call on (0-based)."""
+
+    def __init__(self, bad: int):
+        self.bad, self.calls = bad, 0
+
+    def __call__(self, x, timestep, cond):
+        self.calls += 1
+        out = 0.5 * x
+        return out * float("nan") if self.calls > self.bad else out
+
+
+@pytest.mark.parametrize(
+    "solver, bad_call, step",
+    [
+        ("ddim", 0, 0),
+        ("ddim", 3, 3),
+        ("dpmpp_2m", 4, 4),
+        ("heun", 3, 1),  # calls 0, 1 in step 0; 2, 3 in step 1
+        ("heun", 4, 2),
+        ("euler_ancestral", 2, 2),
+    ],
+)
+def test_nan_names_the_step(solver, bad_call, step):
+    with pytest.raises(VelodiffError, match=rf"NaN or inf at step {step}\b"):
+        sample(ModelDenoiser(NaNAt(bad_call), SCHED), X, TS, solver)
+
+
+def test_nan_in_initial_sample():
+    with pytest.raises(VelodiffError, match="initial sample"):
+        sample(DEN, X * float("nan"), TS, "ddim")
+
+
+def test_model_output_shape_mismatch():
+    def bad_net(x, timestep, cond):
+        return x[:, :2]
+
+    with pytest.raises(VelodiffError, match=r"shape \(2, 2, 4\) for input \(2, 3, 4\)"):
+        sample(ModelDenoiser(bad_net, SCHED), X, TS, "ddim")
+
+    class BadDenoiser:  # a denoiser that is not a ModelDenoiser: the loop checks and names the step
+        schedule = SCHED
+        calls = 0
+
+        def __call__(self, x, t, cond=None):
+            self.calls += 1
+            return x if self.calls < 3 else x[:1]
+
+        def cost(self, t):
+            return DEN.cost(t)
+
+    with pytest.raises(VelodiffError, match="at step 2"):
+        sample(BadDenoiser(), X, TS, "ddim")
+
+
+def test_unknown_solver_option():
+    with pytest.raises(VelodiffError, match=r"solver 'ddim' has no option 'order'; options: \['eta'\]"):
+        sample(DEN, X, TS, "ddim", order=2)
+    with pytest.raises(VelodiffError, match="has no option 'eta'"):
+        sample(DEN, X, TS, "heun", eta=1.0)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_callback_true_stops_and_returns_x0(solver):
+    seen = []
+
+    def callback(info):
+        seen.append(info)
+        return info.i == 1
+
+    res = sample(DEN, X, TS, solver, callback=callback)
+    assert res.stopped and res.steps == 2 and [s.i for s in seen] == [0, 1]
+    assert torch.equal(res.x, seen[-1].x0)
+    assert seen[-1].t == float(TS[1])
+    full = sample(DEN, X, TS, solver, callback=lambda info: None)
+    assert not full.stopped and full.steps == len(TS) - 1

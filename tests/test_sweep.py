@@ -1,0 +1,109 @@
+"""velodiff bench (the quality-vs-speed sweep): Pareto front properties, sweep parsing and validation,
+and one end-to-end run of 3 solvers x 3 NFE that writes JSON, markdown and a Pareto PNG, scores a
+configuration equal to the reference at distance 0, and resumes from its own results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from velodiff.errors import VelodiffError
+from velodiff.eval.sweep import Sweep, load_sweep_file, make_sweep, pareto_front, resolve_prompts
+
+
+def test_pareto_front_small_example():
+    pts = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.6), (3.0, 0.7), (0.5, 0.1)]
+    assert pareto_front(pts) == [True, True, False, False, True]
+    # lower-is-better metrics flip the quality axis
+    assert pareto_front([(1.0, 5.0), (2.0, 1.0), (3.0, 2.0)], higher_better=False) == [True, True, False]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 6)), min_size=1, max_size=12))
+def test_pareto_front_is_exactly_the_undominated_set(pts):
+    front = pareto_front(pts)
+    assert any(front)
+
+    def dom(a, b):  # a dominates b
+        return a[0] <= b[0] and a[1] >= b[1] and a != b
+
+    for p, on in zip(pts, front, strict=True):
+        assert on == (not any(dom(q, p) for q in pts))
+
+
+def test_sweep_values_are_validated(tmp_path):
+    s = make_sweep({"solvers": "ddim,unipc", "nfe": "4,8", "guidance": "1,3", "grids": "karras,default"})
+    assert len(s.configs()) == 2 * 2 * 2 * 2 and s.grids == ["karras", None]
+    for bad in ({"solvers": "nope"}, {"grids": "nope"}, {"nfe": "0"}, {"nfe": "x"}, {"metrics": "psnr"},
+                {"guidance": "-1"}, {"quality": "speed"}):
+        with pytest.raises(VelodiffError):
+            make_sweep(bad)
+    y = tmp_path / "s.yaml"
+    y.write_text("solvers: [ddim, unipc, dpmpp_2m]\nnfe: [3, 5]\nguidance: 2\nlimit: 4\n")
+    j = tmp_path / "s.json"
+    j.write_text(json.dumps({"solvers": "ddim,unipc,dpmpp_2m", "nfe": [3, 5], "guidance": [2], "limit": 4}))
+    assert make_sweep(load_sweep_file(y)) == make_sweep(load_sweep_file(j))
+    (tmp_path / "bad.yaml").write_text("solverz: [ddim]\n")
+    with pytest.raises(VelodiffError, match="sweep key"):
+        load_sweep_file(tmp_path / "bad.yaml")
+    assert Sweep().configs()[0] == {"solver": "dpmpp_2m", "grid": None, "nfe_budget": 4, "guidance": None}
+
+
+def test_prompts_from_sets_and_files(tmp_path):
+    assert len(resolve_prompts("v1")) == 100 and len(resolve_prompts("v1", limit=5)) == 5
+    f = tmp_path / "p.txt"
+    f.write_text("a red circle\n\na blue square\n")
+    assert resolve_prompts(str(f)) == ["a red circle", "a blue square"]
+    with pytest.raises(VelodiffError):
+        resolve_prompts(str(tmp_path / "missing.txt"))
+
+
+def _model_path() -> Path:
+    from velodiff.default_model import default_model_path
+
+    return Path(os.environ.get("VELODIFF_TEST_MODEL") or default_model_path())
+
+
+def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys):
+    path = _model_path()
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no default model at {path}")
+    from velodiff.cli import main
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep.yaml"
+    # the reference is ddim at 3 steps on the model's grid: the ddim/3 configuration must match it exactly
+    sweep.write_text("solvers: [ddim, dpmpp_2m, unipc]\nnfe: [1, 2, 3]\nguidance: [2]\nlimit: 2\n"
+                     "reference_solver: ddim\nreference_steps: 3\nreference_grid: null\nfd_real_per_prompt: 2\n")
+    out = tmp_path / "bench"
+    args = ["bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress"]
+    code = main(args)
+    o, err = capsys.readouterr()
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    recs = res["records"]
+    assert len(recs) == 9 and not [r for r in recs if "error" in r]
+    assert {(r["solver"], r["nfe_budget"]) for r in recs} == {(s, n) for s in ("ddim", "dpmpp_2m", "unipc")
+                                                                for n in (1, 2, 3)}
+    for r in recs:
+        assert r["nfe"] <= r["nfe_budget"] and r["evals"] == 2 * r["nfe"]  # CFG: 2 samples per call
+        assert r["seconds_per_image"] > 0 and 0 <= r["shapes_eval"] <= 1 and r["fd_shapes"] >= 0
+        assert (out / r["sheet"]).is_file()
+    ref = next(r for r in recs if r["solver"] == "ddim" and r["nfe_budget"] == 3)
+    assert ref["latent_mse"] == 0.0 and ref["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert max(r["latent_mse"] for r in recs) > 0
+    assert any(r["pareto"] for r in recs)
+    table = (out / "results.md").read_text()
+    assert table.count("\n| ddim ") + table.count("\n| dpmpp_2m ") + table.count("\n| unipc ") == 9
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the references were cached: one file per (prompt, seed)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+    # a rerun of the same sweep resumes: every record comes back as it was
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())["records"]
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in recs]

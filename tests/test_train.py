@@ -1,0 +1,134 @@
+"""velodiff's trainer: bit-exact resume, safetensors-only checkpoints, objectives that match the sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from velodiff.errors import VelodiffError
+from velodiff.train.checkpoint import latest_checkpoint, load_checkpoint
+from velodiff.train.loop import LoopConfig
+
+
+def _vae_run(path: Path, steps: int) -> None:
+    from velodiff.train.autoencoder import train_autoencoder
+
+    cfg = LoopConfig(steps=steps, lr=1e-3, warmup=1, weight_decay=0.0, ema_decay=0.9, checkpoint_every=100)
+    train_autoencoder(path, cfg, batch=2, size="micro", quiet=True)
+
+
+def _ldm_run(path: Path, vae: Path, steps: int, **kw) -> dict:
+    from velodiff.train.trainer import LDMConfig, train_ldm
+
+    cfg = LoopConfig(steps=steps, lr=1e-3, warmup=2, ema_decay=0.9, checkpoint_every=100)
+    return train_ldm(path, vae, cfg, LDMConfig(batch=3, size="micro", cache_size=5, **kw), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("vae")
+    _vae_run(p, 2)
+    return p
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    ck = latest_checkpoint(run)
+    assert ck is not None
+    return load_file(str(ck / "state.safetensors"))
+
+
+def test_autoencoder_resume_is_bit_exact(tmp_path, vae_run):
+    _vae_run(tmp_path / "a", 1)
+    _vae_run(tmp_path / "a", 2)  # resumes at step 1
+    a, b = _state(tmp_path / "a"), _state(vae_run)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_ldm_resume_is_bit_exact(tmp_path, vae_run, prediction):
+    full = tmp_path / "full"
+    part = tmp_path / "part"
+    s = _ldm_run(full, vae_run, 4, prediction_type=prediction)
+    assert s["steps"] == 4 and s["completed"]
+    _ldm_run(part, vae_run, 2, prediction_type=prediction)
+    _ldm_run(part, vae_run, 4, prediction_type=prediction)
+    a, b = _state(full), _state(part)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff[:5]
+    # model, EMA and optimizer moments are all in the checkpoint
+    assert any(k.startswith("ema.unet.") for k in a) and any(k.startswith("opt.") for k in a)
+    # the loss log has one row per logged step, none duplicated by the resume
+    rows = (part / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("step") and len(rows) == 1 + len({r.split(",")[0] for r in rows[1:]})
+
+
+def test_runs_hold_no_pickles(tmp_path, vae_run):
+    _ldm_run(tmp_path / "r", vae_run, 1)
+    suffixes = {p.suffix for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json", ".csv", ".txt", ""}, suffixes
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, vae_run):
+    _ldm_run(tmp_path / "r", vae_run, 1)
+    ck = latest_checkpoint(tmp_path / "r")
+    data = (ck / "state.safetensors").read_bytes()
+    (ck / "state.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(VelodiffError, match="cannot read checkpoint"):
+        load_checkpoint(ck)
+    (ck / "state.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle header
+    with pytest.raises(VelodiffError, match="cannot read checkpoint"):
+        _ldm_run(tmp_path / "r", vae_run, 2)
+
+
+def test_changed_hyperparameters_are_refused_on_resume(tmp_path, vae_run):
+    from velodiff.train.trainer import LDMConfig, train_ldm
+
+    _ldm_run(tmp_path / "r", vae_run, 1)
+    cfg = LoopConfig(steps=2, lr=5e-3, warmup=2, ema_decay=0.9)
+    with pytest.raises(VelodiffError, match="lr="):
+        train_ldm(tmp_path / "r", vae_run, cfg, LDMConfig(batch=3, size="micro", cache_size=5), quiet=True)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_training_target_matches_the_samplers_conversion(prediction):
+    """The trainer's target, converted by the core's x0_from_prediction, gives back the clean latent."""
+    from velodiff.default_model import scheduler_config
+    from velodiff.denoisers import x0_from_prediction
+    from velodiff.schedules import DiscreteVP
+    from velodiff.train.objectives import alphas_cumprod, noisy_and_target
+
+    sched_cfg = scheduler_config(prediction)
+    abar = alphas_cumprod(sched_cfg).double()
+    sched = DiscreteVP.from_diffusers_config(sched_cfg)
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(4, 4, 2, 2, generator=g).double(), torch.randn(4, 4, 2, 2, generator=g).double()
+    k = torch.tensor([0, 10, 500, 999])
+    x, target = noisy_and_target(z0, k, eps, abar, prediction)
+    t = sched.t_from_timestep(k.double())
+    back = x0_from_prediction(prediction, sched, x, t, target)
+    assert torch.allclose(back, z0, atol=1e-6)
+
+
+def test_min_snr_weights():
+    from velodiff.train.objectives import loss_weights
+
+    abar = torch.tensor([0.99, 0.5, 0.01])
+    k = torch.arange(3)
+    snr = abar / (1 - abar)
+    assert torch.allclose(loss_weights(k, abar, "epsilon", 5.0), snr.clamp(max=5) / snr)
+    assert torch.allclose(loss_weights(k, abar, "v_prediction", 5.0), snr.clamp(max=5) / (snr + 1))
+    assert torch.equal(loss_weights(k, abar, "epsilon", None), torch.ones(3))
+
+
+def test_clip_tokenizer_matches_clip():
+    from velodiff.default_model import default_model_path, load_tokenizer
+
+    tok = load_tokenizer(str(default_model_path() / "tokenizer"))
+    assert tok("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's README
+    assert tok.model_max_length == 77 and tok.pad_token_id == 49407 and len(tok) == 49408
