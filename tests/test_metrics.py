@@ -75,6 +75,7 @@ def test_absent_weights_are_one_clear_error(tmp_path, capsys):
     from velodiff.cli import main
     from velodiff.eval.features import load_encoder
 
+
     with pytest.raises(VelodiffError, match="Inception"):
         M.DistributionMetrics(str(tmp_path / "inception-2015-12-05.pt"))
     with pytest.raises(VelodiffError, match="CLIP"):
@@ -140,8 +141,9 @@ def test_fd_shapes_orders_real_good_degraded_random():
     world = ShapesWorld()
     from velodiff.data.shapes import normalize_spec
 
-    real = np.stack([world.render(normalize_spec(t), seed=s).image for t, s in zip(texts, seeds, strict=True)])
-    real2 = np.stack([world.render(normalize_spec(t), seed=100 + s).image for t, s in zip(texts, seeds, strict=True)])
+    specs = [normalize_spec(t) for t in texts]
+    real = np.stack([world.render(sp, seed=s).image for sp, s in zip(specs, seeds, strict=True)])
+    real2 = np.stack([world.render(sp, seed=100 + s).image for sp, s in zip(specs, seeds, strict=True)])
     model = load(path)
     g = DEFAULT_SAMPLING["guidance"]
 
@@ -158,7 +160,8 @@ def test_fd_shapes_orders_real_good_degraded_random():
     m = M.DistributionMetrics("fd-shapes", kid=False)
     m.add_real(real)
     fd = {}
-    for name, imgs in (("itself", real), ("real", real2), ("model", good), ("2nfe", two), ("random", random_net)):
+    sets = (("itself", real), ("real", real2), ("model", good), ("2nfe", two), ("random", random_net))
+    for name, imgs in sets:
         m.reset_fake()
         m.add_fake(imgs)
         fd[name] = m.compute()["fd"]

@@ -7,8 +7,17 @@ import json
 
 from PIL import Image
 
-from velodiff.cli import main
 from velodiff.eval.sweep import finish
+
+
+def cli(*args: str) -> int:
+    """Run the velodiff command in process; its exit status (typer exits on success)."""
+    from velodiff.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
 
 
 def _bench_folder(tmp_path):
@@ -22,8 +31,10 @@ def _bench_folder(tmp_path):
         Image.new("RGB", (8 * 16 + 14, 16), (40 * i, 100, 200)).save(out / "samples" / f"{cid}.png")
         recs.append({"id": cid, "solver": solver, "grid": None, "nfe_budget": nfe, "guidance": 2.0,
                      "steps": nfe, "nfe": nfe, "evals": 2 * nfe, "seconds_per_image": secs,
-                     "shapes_eval": acc, "psnr": 20.0 + nfe, "sheet": f"samples/{cid}.png", "sheet_cell": 16})
-    result = {"kind": "bench", "command": "velodiff bench --nfe 2,4", "model": "default", "model_info": "tiny",
+                     "shapes_eval": acc, "psnr": 20.0 + nfe, "sheet": f"samples/{cid}.png",
+                     "sheet_cell": 16})
+    result = {"kind": "bench", "command": "velodiff bench --nfe 2,4", "model": "default",
+              "model_info": "tiny",
               "device": "cpu", "threads": 2, "sweep": {"repeat": 3, "batch": 16}, "prompts": ["a red circle"],
               "n_images": 8, "records": recs}
     finish(result, out)
@@ -34,7 +45,7 @@ def test_bench_report(tmp_path, capsys):
     out = _bench_folder(tmp_path)
     res = json.loads((out / "results.json").read_text())
     assert [r["pareto"] for r in res["records"]] == [False, True, True, False]
-    assert main(["report", str(out)]) == 0
+    assert cli("report", str(out)) == 0
     text = (out / "report.md").read_text()
     assert "velodiff bench --nfe 2,4" in text and "![quality vs time](pareto.png)" in text
     assert text.count("**yes**") == 2 and "![samples](report_samples.png)" in text
@@ -49,15 +60,16 @@ def test_eval_report_and_errors(tmp_path, capsys):
     for name, overall in (("steps10", 0.5), ("steps20", 0.7)):
         (ev / f"{name}.json").write_text(json.dumps({
             "overall": overall, "by_category": {"single": overall, "counting": overall / 2},
-            "config": {"model": "default", "prompts": "v1", "solver": "dpmpp_2m", "nfe": 10, "guidance": 3.0}}))
+            "config": {"model": "default", "prompts": "v1", "solver": "dpmpp_2m", "nfe": 10,
+                       "guidance": 3.0}}))
         Image.new("RGB", (32, 32)).save(ev / f"{name}.png")
-    assert main(["report", str(ev)]) == 0
+    assert cli("report", str(ev)) == 0
     text = (ev / "report.md").read_text()
     assert "| steps20 | default | v1 | dpmpp_2m | 10 | 3.0 | 0.700 | 0.700 | 0.350 |" in text
     assert "![steps10](steps10.png)" in text and (ev / "report_eval.png").is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
     capsys.readouterr()
-    assert main(["report", str(empty)]) == 2
+    assert cli("report", str(empty)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no bench results.json" in err[0]

@@ -16,6 +16,16 @@ from velodiff.errors import VelodiffError
 from velodiff.eval.sweep import Sweep, load_sweep_file, make_sweep, pareto_front, resolve_prompts
 
 
+def cli(*args: str) -> int:
+    """Run the velodiff command in process; its exit status (typer exits on success)."""
+    from velodiff.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
 def test_pareto_front_small_example():
     pts = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.6), (3.0, 0.7), (0.5, 0.1)]
     assert pareto_front(pts) == [True, True, False, False, True]
@@ -73,23 +83,22 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     path = _model_path()
     if not (path / "model_index.json").is_file():
         pytest.skip(f"no default model at {path}")
-    from velodiff.cli import main
-
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
     sweep = tmp_path / "sweep.yaml"
     # the reference is ddim at 3 steps on the model's grid: the ddim/3 configuration must match it exactly
     sweep.write_text("solvers: [ddim, dpmpp_2m, unipc]\nnfe: [1, 2, 3]\nguidance: [2]\nlimit: 2\n"
-                     "reference_solver: ddim\nreference_steps: 3\nreference_grid: null\nfd_real_per_prompt: 2\n")
+                     "reference_solver: ddim\nreference_steps: 3\nreference_grid: null\n"
+                     "fd_real_per_prompt: 2\n")
     out = tmp_path / "bench"
     args = ["bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress"]
-    code = main(args)
+    code = cli(*args)
     o, err = capsys.readouterr()
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     recs = res["records"]
     assert len(recs) == 9 and not [r for r in recs if "error" in r]
-    assert {(r["solver"], r["nfe_budget"]) for r in recs} == {(s, n) for s in ("ddim", "dpmpp_2m", "unipc")
-                                                                for n in (1, 2, 3)}
+    want = {(s, n) for s in ("ddim", "dpmpp_2m", "unipc") for n in (1, 2, 3)}
+    assert {(r["solver"], r["nfe_budget"]) for r in recs} == want
     for r in recs:
         assert r["nfe"] <= r["nfe_budget"] and r["evals"] == 2 * r["nfe"]  # CFG: 2 samples per call
         assert r["seconds_per_image"] > 0 and 0 <= r["shapes_eval"] <= 1 and r["fd_shapes"] >= 0
@@ -104,6 +113,6 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     # the references were cached: one file per (prompt, seed)
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
     # a rerun of the same sweep resumes: every record comes back as it was
-    assert main(args) == 0
+    assert cli(*args) == 0
     again = json.loads((out / "results.json").read_text())["records"]
     assert [r["seconds"] for r in again] == [r["seconds"] for r in recs]

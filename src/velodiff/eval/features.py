@@ -5,11 +5,13 @@ features of real and generated images. Inception was trained on ImageNet and kno
 world, so on that world velodiff uses a feature extractor trained on the world itself, and the number it
 gives is reported as **FD-shapes**, never as FID.
 
-The encoder is a 4-level strided CNN (64x64 -> 4x4) whose flattened last map is projected to a 64-d
-embedding (``num_features``, the features FD and KID use). It is trained, multi-task, to predict from the
-image what the generator drew (``scene_targets``):
+The encoder is a 4-level strided CNN (64x64 -> 4x4); its last map, flattened (where things are) and
+max-pooled over space (what is anywhere), is projected to a 64-d embedding (``num_features``, the
+features FD and KID use). It is trained, multi-task, to predict from the image what the generator drew
+(``scene_targets``):
 
-* which colour-shape pairs are present (7 x 4 = 28, multi-label, held-out pair included),
+* which colour-shape pairs, colours and shapes are present (28 + 7 + 4, multi-label, held-out pair
+  included),
 * which object sizes are present (small, large),
 * the number of objects (1-5, softmax),
 * a 4x4 occupancy map (which cells an object covers).
@@ -43,7 +45,7 @@ MAX_OBJECTS = 5
 GRID = 4
 #: widths of the four stride-2 convolutions
 WIDTHS = (32, 48, 64, 64)
-ENCODER_VERSION = "fd-shapes-v1"
+ENCODER_VERSION = "fd-shapes-v2"
 
 
 def default_encoder_path() -> Path:
@@ -57,7 +59,10 @@ def _pairs() -> list[tuple[str, str]]:
 
 
 def head_sizes() -> dict[str, int]:
-    return {"pairs": len(_pairs()), "sizes": 2, "count": MAX_OBJECTS, "occupancy": GRID * GRID}
+    from ..data.shapes import COLORS, SHAPES
+
+    return {"pairs": len(_pairs()), "colors": len(COLORS), "shapes": len(SHAPES), "sizes": 2,
+            "count": MAX_OBJECTS, "occupancy": GRID * GRID}
 
 
 class ShapesEncoder(nn.Module):
@@ -74,7 +79,7 @@ class ShapesEncoder(nn.Module):
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
             c_in = c
         self.body = nn.Sequential(*layers)
-        self.embed = nn.Linear(WIDTHS[-1] * 4 * 4, NUM_FEATURES)
+        self.embed = nn.Linear(WIDTHS[-1] * (4 * 4 + 1), NUM_FEATURES)
         self.heads = nn.Linear(NUM_FEATURES, sum(head_sizes().values()))
 
     def prepare(self, images: Tensor) -> Tensor:
@@ -86,7 +91,7 @@ class ShapesEncoder(nn.Module):
 
     def features(self, images: Tensor) -> Tensor:
         h = self.body(self.prepare(images))
-        return self.embed(h.flatten(1))
+        return self.embed(torch.cat([h.flatten(1), h.amax(dim=(2, 3))], dim=1))
 
     def forward(self, images: Tensor) -> Tensor:
         return self.features(images)
@@ -102,20 +107,25 @@ class ShapesEncoder(nn.Module):
 
 def scene_targets(scene: Any) -> dict[str, np.ndarray]:
     """What the encoder learns to read off a scene (from the generator's ground truth)."""
-    from ..data.shapes import SIZES
+    from ..data.shapes import COLORS, SHAPES, SIZES
 
     idx = {p: i for i, p in enumerate(_pairs())}
     pairs = np.zeros(len(idx), np.float32)
+    colors = np.zeros(len(COLORS), np.float32)
+    shapes = np.zeros(len(SHAPES), np.float32)
     sizes = np.zeros(len(SIZES), np.float32)
     occ = np.zeros((GRID, GRID), np.float32)
     h = scene.image.shape[0]
     for o in scene.objects:
         pairs[idx[(o.color, o.shape)]] = 1.0
+        colors[COLORS.index(o.color)] = 1.0
+        shapes[SHAPES.index(o.shape)] = 1.0
         sizes[SIZES.index(o.size)] = 1.0
         cells = o.mask.reshape(GRID, h // GRID, GRID, h // GRID).any(axis=(1, 3))
         occ = np.maximum(occ, cells.astype(np.float32))
     count = min(len(scene.objects), MAX_OBJECTS) - 1
-    return {"pairs": pairs, "sizes": sizes, "count": np.int64(count), "occupancy": occ.reshape(-1)}
+    return {"pairs": pairs, "colors": colors, "shapes": shapes, "sizes": sizes, "count": np.int64(count),
+            "occupancy": occ.reshape(-1)}
 
 
 def make_dataset(n: int, seed: int, degrade_fraction: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
@@ -141,7 +151,9 @@ def make_dataset(n: int, seed: int, degrade_fraction: float = 0.5) -> tuple[Tens
 def _loss(logits: dict[str, Tensor], t: dict[str, Tensor]) -> Tensor:
     bce = nn.functional.binary_cross_entropy_with_logits
     return (
-        bce(logits["pairs"], t["pairs"])
+        4.0 * bce(logits["pairs"], t["pairs"])
+        + bce(logits["colors"], t["colors"])
+        + bce(logits["shapes"], t["shapes"])
         + bce(logits["sizes"], t["sizes"])
         + nn.functional.cross_entropy(logits["count"], t["count"])
         + bce(logits["occupancy"], t["occupancy"])
@@ -150,14 +162,17 @@ def _loss(logits: dict[str, Tensor], t: dict[str, Tensor]) -> Tensor:
 
 @torch.no_grad()
 def accuracy(model: ShapesEncoder, x: Tensor, t: dict[str, Tensor], batch: int = 256) -> dict[str, float]:
-    """Exact-set accuracy of the colour-shape pairs, count accuracy, occupancy cell accuracy."""
+    """Exact-set accuracy of the colour-shape pairs, colours and shapes; count accuracy; occupancy cell
+    accuracy."""
     model.eval()
     outs = [model.logits(x[i : i + batch]) for i in range(0, len(x), batch)]
     lg = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-    pairs = ((lg["pairs"] > 0).float() == t["pairs"]).all(1).float().mean()
+    exact = {k: float(((lg[k] > 0).float() == t[k]).all(1).float().mean())
+             for k in ("pairs", "colors", "shapes")}
     count = (lg["count"].argmax(1) == t["count"]).float().mean()
     occ = ((lg["occupancy"] > 0).float() == t["occupancy"]).float().mean()
-    return {"pairs_exact": float(pairs), "count": float(count), "occupancy_cells": float(occ)}
+    out = {f"{k}_exact": v for k, v in exact.items()}
+    return {**out, "count": float(count), "occupancy_cells": float(occ)}
 
 
 def train_encoder(
