@@ -21,6 +21,7 @@ app.add_typer(bench, name="bench")
 COMMAND_MODULES = [
     "velodiff.commands.solvers",
     "velodiff.commands.bench_solvers",
+    "velodiff.commands.bench_pipeline",
     "velodiff.commands.train",
     "velodiff.commands.generate",
     "velodiff.commands.eval_shapes",
