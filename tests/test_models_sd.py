@@ -159,12 +159,22 @@ def test_parity_sd2_v_and_sdxl(models, kind, solver):
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
 
 
-def test_parity_guidance_rescale_and_negative(models):
+def test_parity_guidance_rescale_negative_clip_skip(models):
+    """Negative prompt, guidance rescale (Lin et al. 2023) and clip_skip=1 (the penultimate CLIP layer
+    and the final layer norm; diffusers' own clip_skip path breaks on transformers 5's flattened
+    CLIPTextModel, so its embeddings are made here by that definition and passed in)."""
     m = models["sd1"]
     z = noise(2)
+    te, tok = m.components["text_encoder"], m.components["tokenizer"]
+
+    def penultimate(text):
+        ids = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return te.final_layer_norm(te(ids, output_hidden_states=True).hidden_states[-2])
+
     ref = m.to_diffusers(scheduler(m, "ddim"))(
-        PROMPT,
-        negative_prompt="blurry ugly painting",
+        prompt_embeds=penultimate(PROMPT),
+        negative_prompt_embeds=penultimate("blurry ugly painting"),
         num_inference_steps=3,
         guidance_scale=6.0,
         guidance_rescale=0.7,
@@ -174,17 +184,21 @@ def test_parity_guidance_rescale_and_negative(models):
         width=W,
     ).images
     ts = diffusers_times(m, scheduler(m, "ddim"), 3, "t_min")
-    r = text2img(
-        m,
-        PROMPT,
-        negative="blurry ugly painting",
-        grid=ts,
-        solver="ddim",
-        guidance=6.0,
-        guidance_rescale=0.7,
-        latents=z,
-        output="latent",
-    )
+    m.clip_skip = 1  # ComfyUI's "CLIP Set Last Layer" -2
+    try:
+        r = text2img(
+            m,
+            PROMPT,
+            negative="blurry ugly painting",
+            grid=ts,
+            solver="ddim",
+            guidance=6.0,
+            guidance_rescale=0.7,
+            latents=z,
+            output="latent",
+        )
+    finally:
+        m.clip_skip = 0
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
 
 

@@ -108,7 +108,7 @@ class SDModel(LoadedModel):
         if want_hidden:
             h = out.hidden_states[-(layer_from_end + 1)]
             if final_norm:
-                h = encoder.text_model.final_layer_norm(h)
+                h = getattr(encoder, "text_model", encoder).final_layer_norm(h)
         else:
             h = out[0]
         return h, (out[0] if pooled else None)
