@@ -90,6 +90,10 @@ def test_text_json_and_coco_prompts(tmp_path):
     c.write_text(json.dumps(coco, indent=1))
     ps = load_prompt_file(c, limit=1)
     assert len(ps) == 1 and ps[0].text == "A cat on a mat." and ps[0].source["id"] == 10
+    from importlib import resources
+
+    shapes = load_prompt_file(str(resources.files("velodiff") / "assets" / "prompts" / "shapes_v1.json"))
+    assert len(shapes) == 100 and shapes[0].text == "a blue cross"
 
 
 @pytest.mark.parametrize(

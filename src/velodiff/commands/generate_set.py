@@ -86,7 +86,7 @@ def generate_set_cmd(
     assert set(config) >= set(CONFIG_KEYS)
     quiet_libraries()
     fingerprint = model_fingerprint(model_path)
-    bar = _progress()
+    bar = Progress()
     try:
         summary = generate_set(plist, out, model_path=model_path, config=config, prompt_file=str(prompts),
                                ray=ray, workers=workers, progress=bar, fingerprint=fingerprint)
@@ -98,7 +98,7 @@ def generate_set_cmd(
     typer.echo("wrote " + summary.line())
 
 
-class _progress:
+class Progress:
     """A progress bar on a terminal, nothing otherwise."""
 
     def __init__(self) -> None:

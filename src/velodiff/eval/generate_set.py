@@ -147,6 +147,10 @@ def _json_prompts(path: Path, data: bytes) -> list[Prompt]:
         return bisect.bisect_right(starts, offset)
 
     start = _skip_ws(text, 0)
+    if isinstance(doc, dict) and isinstance(doc.get("prompts"), list):  # {"prompts": [...]} (ShapesEval sets)
+        pos = _object_value_offset(text, start, "prompts")
+        assert pos is not None
+        doc, start = doc["prompts"], pos
     if isinstance(doc, list):
         out = []
         for (item, off), i in zip(_array_items(text, start), range(len(doc)), strict=True):
@@ -179,7 +183,8 @@ def _json_prompts(path: Path, data: bytes) -> list[Prompt]:
             out.append(Prompt(" ".join(cap.split()), {"line": line_of(off), **src}))
         return out
     raise VelodiffError(
-        f"{path}: expected a JSON list of prompts or COCO captions (an object with 'annotations'), "
+        f"{path}: expected a JSON list of prompts, an object with 'prompts', or COCO captions "
+        "(an object with 'annotations'), "
         f"got {_json_type(doc)}"
     )
 
@@ -192,8 +197,8 @@ def _json_type(v: Any) -> str:
 
 def load_prompt_file(path: str | os.PathLike[str], limit: int | None = None) -> list[Prompt]:
     """Prompts from a text file (one a line; blank lines skipped), a JSON list (strings, or objects
-    with 'prompt'), or a COCO captions JSON (every annotation's caption, in file order). Errors name
-    the line."""
+    with 'prompt' / 'text'; also under an object's 'prompts' key, as ShapesEval's sets), or a COCO
+    captions JSON (every annotation's caption, in file order). Errors name the line."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise VelodiffError(f"prompt file {str(p)!r} is a folder; give a .txt or .json file")
