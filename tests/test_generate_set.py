@@ -104,7 +104,7 @@ def test_text_json_and_coco_prompts(tmp_path):
         ("bad.json", b'[\n "a",\n "b"\n "c"\n]', "invalid JSON at line 4"),
         ("num.json", b'[\n "a",\n\n 3\n]', "line 4 (item 1): expected a prompt string, got a number"),
         ("empty.json", b"[]", "has no prompts"),
-        ("obj.json", b'{"a": 1}', "expected a JSON list of prompts or COCO captions"),
+        ("obj.json", b'{"a": 1}', "expected a JSON list of prompts"),
         ("coco.json", b'{"annotations": [\n {"caption": "x"},\n {"id": 3}\n]}', "line 3 (annotation 1)"),
     ],
 )
