@@ -1,4 +1,4 @@
-"""User errors in the sampling core: one clear VelodiffError naming what is wrong; callbacks stop."""
+"""User errors in the sampling core and the CLI: one clear VelodiffError line; callbacks stop."""
 
 import pytest
 import torch
@@ -139,3 +139,21 @@ def test_callback_true_stops_and_returns_x0(solver):
     assert seen[-1].t == float(TS[1])
     full = sample(DEN, X, TS, solver, callback=lambda info: None)
     assert not full.stopped and full.steps == len(TS) - 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--solvers", "nope"], "error: unknown solver 'nope'; valid: "),
+    (["--grids", "karas"], "error: unknown grid 'karas'; valid: "),
+    (["--solvers", "euler_ancestral"], "error: solver 'euler_ancestral' is stochastic"),
+    (["--nfe", "0"], "error: --nfe takes comma-separated integers >= 1"),
+])
+def test_cli_bench_solvers_bad_input_is_one_line(args, message, tmp_path, capsys):
+    from velodiff.cli import main
+
+    rc = main(["bench", "solvers", "--json", str(tmp_path / "b.json"), "--no-progress", *args])
+    out = capsys.readouterr()
+    assert rc == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), out.err
+    assert "Traceback" not in out.err + out.out
+    assert not list(tmp_path.iterdir())  # refused before any work or output

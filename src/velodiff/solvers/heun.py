@@ -16,7 +16,8 @@ One step from sigma_i to sigma_{i+1}:
         x~_{i+1} = x~^ + (sigma_{i+1} - sigma^) (d + d') / 2                               (l. 11)
 
 so a step costs two evaluations, and the final jump to sigma = 0 one (an Euler step that returns the
-denoiser's x0). The x0 a step reports (to callbacks) is its first evaluation, k-diffusion's `denoised`. With the default s_churn = 0 the method is deterministic (EDM Alg. 1), which is
+denoiser's x0). The x0 a step reports (to callbacks) is its first evaluation, k-diffusion's
+`denoised`. With the default s_churn = 0 the method is deterministic (EDM Alg. 1), which is
 diffusers' HeunDiscreteScheduler and k-diffusion's sample_heun.
 
 Two boundary cases the paper does not meet:
