@@ -93,7 +93,7 @@ def stop_after_first_step(pipe, i, t, kwargs):
 def test_default_grids_are_diffusers(models):
     """SD3's default grid is FlowMatchEulerDiscreteScheduler's (shift 3, twice-shifted sigma_min);
     Flux's is FluxPipeline's at the image's resolution-dependent shift."""
-    for kind, steps in (("sd3", 28), ("sd3", 5), ("flux", 28), ("flux", 3)):
+    for kind, steps in (("sd3", 28), ("flux", 28), ("flux", 3)):
         m = models[kind]
         pipe = m.to_diffusers()
         pipe.set_progress_bar_config(disable=True)
@@ -320,7 +320,7 @@ def test_images_match_diffusers(models, kind):
 # --- generation through the pipelines -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["sd3", "flux-schnell", "pixart-sigma"])
 def test_text2img_defaults_make_images(models, kind):
     m = models[kind]
     seeds = [1, 2] if kind == "sd3" else [1]
@@ -335,3 +335,16 @@ def test_img2img_runs_from_noised_image(models, kind):
     img = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))
     r = img2img(m, PROMPT, img, strength=0.5, steps=4, output="tensor")
     assert r.steps == 2 and r.images.shape == (1, 3, H, W)
+
+
+def test_bench_pipeline_records(folders, tmp_path):
+    """`velodiff bench pipeline`'s measurement on one model: both records, equal outputs."""
+    from velodiff.eval.pipeline_bench import bench_model, markdown_table
+
+    recs = bench_model("sd3-no-t5", folders["sd3-no-t5"], nfe=2, runs=1, device="cpu", dtype="float32")
+    assert [r["impl"] for r in recs] == ["velodiff", "diffusers"]
+    for r in recs:
+        assert {"model", "impl", "nfe", "seconds_median", "peak_mb", "max_abs_diff"} <= set(r)
+        assert r["nfe"] == 2 and r["seconds_median"] > 0 and r["peak_mb"] > 0
+    assert recs[0]["max_abs_diff"] <= recs[0]["tolerance"]
+    assert "| sd3-no-t5 (sd3) | cpu / float32 | 2 |" in markdown_table(recs)
