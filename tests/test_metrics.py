@@ -136,7 +136,7 @@ def test_fd_shapes_orders_real_good_degraded_random():
     from velodiff.models import load
     from velodiff.pipelines import text2img
 
-    texts = resolve_prompts("v1", limit=32)
+    texts = resolve_prompts("v1", limit=24)
     seeds = list(range(len(texts)))
     world = ShapesWorld()
     from velodiff.data.shapes import normalize_spec
@@ -150,12 +150,12 @@ def test_fd_shapes_orders_real_good_degraded_random():
     def gen(m, nfe):
         return text2img(m, texts, seeds=seeds, nfe=nfe, guidance=g, output="tensor").images
 
-    good, two = gen(model, 12), gen(model, 2)
+    good, two = gen(model, 8), gen(model, 2)
     rand = load(path)
     unet = rand.components["unet"]
     torch.manual_seed(0)
     unet.load_state_dict(UNet2DConditionModel.from_config(unet.config).state_dict())
-    random_net = gen(rand, 12)
+    random_net = gen(rand, 2)
 
     m = M.DistributionMetrics("fd-shapes", kid=False)
     m.add_real(real)

@@ -186,6 +186,7 @@ def train_encoder(
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> tuple[ShapesEncoder, dict[str, Any]]:
     """Train the encoder from scratch (deterministic for a seed and thread count); save it to ``out``
     (safetensors, with the training settings and validation accuracy in its metadata)."""
@@ -198,6 +199,10 @@ def train_encoder(
     x, t = make_dataset(n_train, seed=1000 + seed)
     xv, tv = make_dataset(n_val, seed=2000 + seed)
     model = ShapesEncoder()
+    if init is not None:  # continue from saved weights (a further stage of training)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(init)))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((n_train + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -224,6 +229,7 @@ def train_encoder(
         "batch": batch,
         "lr": lr,
         "seed": seed,
+        "init": encoder_info(init) if init is not None else None,
         "val": accuracy(model, xv, tv),
         "train_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -290,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", default=None, help="continue from these weights")
     a = ap.parse_args(argv)
-    _, info = train_encoder(a.out, n_train=a.n_train, epochs=a.epochs, seed=a.seed, threads=a.threads)
+    _, info = train_encoder(a.out, n_train=a.n_train, epochs=a.epochs, seed=a.seed, threads=a.threads,
+                            init=a.init)
     print(json.dumps(info))
     return 0
 

@@ -371,8 +371,9 @@ def run_sweep(
         result["reference"] = {"solver": sweep.reference_solver, "steps": sweep.reference_steps,
                                "grid": sweep.reference_grid}
 
-    def save() -> None:
-        finish(result, out, sweep.quality)
+    def save() -> None:  # after every configuration: the JSON only (the table and plot at the end)
+        mark_pareto(result, sweep.quality)
+        _write_atomic(results_path, json.dumps(result, indent=1) + "\n")
 
     weights = [c["nfe_budget"] * sweep.repeat for c in configs]
     refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -434,7 +435,7 @@ def run_sweep(
         bar.update(w)
         save()
     bar.close()
-    save()
+    finish(result, out, sweep.quality)
     return result
 
 
