@@ -16,7 +16,7 @@ import torch
 from velodiff.errors import VelodiffError
 from velodiff.grids import make_grid
 from velodiff.models import FAMILIES, load
-from velodiff.models.flux import pack, unpack
+from velodiff.models.flux import flux_grid, pack, unpack
 from velodiff.models.tiny import save_tiny
 from velodiff.pipelines import img2img, text2img
 from velodiff.schedules import DiscreteVP, RectifiedFlow
@@ -90,9 +90,9 @@ def stop_after_first_step(pipe, i, t, kwargs):
     return kwargs
 
 
-def test_default_grids_are_diffusers(models):
+def test_grids_are_diffusers(models):
     """SD3's default grid is FlowMatchEulerDiscreteScheduler's (shift 3, twice-shifted sigma_min);
-    Flux's is FluxPipeline's at the image's resolution-dependent shift."""
+    flux_grid at the image's resolution-dependent shift is FluxPipeline's."""
     for kind, steps in (("sd3", 28), ("flux", 28), ("flux", 3)):
         m = models[kind]
         pipe = m.to_diffusers()
@@ -107,7 +107,11 @@ def test_default_grids_are_diffusers(models):
             guidance_scale=1.0,
             callback_on_step_end=stop_after_first_step,
         )
-        ts = make_grid(m.default_grid, m.schedule, steps, **m.grid_options(H, W))
+        if kind == "sd3":
+            ts = make_grid(m.default_grid, m.schedule, steps, **m.grid_options(H, W))
+        else:
+            ts = flux_grid(m.schedule, steps, **m.grid_options(H, W))
+            assert m.default_grid == "flow-shifted"  # velodiff's default: the same shift, ends at t_min
         torch.testing.assert_close(ts, pipe.scheduler.sigmas.double(), atol=1e-6, rtol=0)
     big = models["flux"].grid_options(1024, 1024)["shift"]
     assert big > models["flux"].grid_options(256, 256)["shift"] > 1.0  # the shift grows with resolution

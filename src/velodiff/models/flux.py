@@ -7,9 +7,11 @@ each 2x2 patch into one token (B, HW/4, 64) with image position ids (0, row, col
 transformer, and unpacks the velocity.
 
 Time. The transformer receives t = sigma (it multiplies by 1000 itself). The schedule is
-RectifiedFlow; Flux's grid ("flux") is N + 1 times uniform from 1 to 0, time-shifted with
-shift = exp(mu), mu linear in the image's token count (diffusers' ``calculate_shift``; the reference
-code's ``get_schedule``): the shift grows with resolution (Esser et al. 2024, Sec. 5.3.2).
+RectifiedFlow with shift = exp(mu), mu linear in the image's token count (diffusers'
+``calculate_shift``): the shift grows with resolution (Esser et al. 2024, Sec. 5.3.2). velodiff's
+default grid is "flow-shifted" with that shift (ending at the shifted t_min, then 0); Flux's own grid,
+N + 1 times uniform from 1 to 0 then shifted (the reference code's ``get_schedule``, diffusers'
+FluxPipeline), is :func:`flux_grid`, which pass as ``grid=`` to reproduce diffusers' time steps.
 
 Guidance. Flux-dev is guidance-distilled: the guidance scale is an input of the network
 (``embedded_guidance``, diffusers' ``guidance_scale``, default 3.5), not a second pass. velodiff's
@@ -29,7 +31,7 @@ from torch import Tensor
 
 from ..denoisers import Cond
 from ..errors import VelodiffError
-from ..grids import GRIDS, _finish, _span, flow_shift
+from ..grids import _finish, _span, flow_shift
 from ..schedules import F64, NoiseSchedule
 from .base import register_family
 from .loading import Source
@@ -124,9 +126,6 @@ def flux_grid(
     return _finish(sched, ts, final)
 
 
-GRIDS.setdefault("flux", flux_grid)
-
-
 @dataclass
 class FluxModel(DiTModel):
     """Flux.1. ``components``: transformer, vae, text_encoder (CLIP-L), tokenizer, text_encoder_2 (T5),
@@ -209,7 +208,7 @@ def build_flux(
         steps=28 if distilled else 4,
         guidance=1.0,
         solver="euler",
-        grid="flux",
+        grid="flow-shifted",
         network=FluxNetwork(c["transformer"]),
         timestep=flux_timestep,
         max_sequence_length=512,
