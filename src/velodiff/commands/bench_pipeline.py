@@ -35,16 +35,20 @@ def bench_pipeline(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     cache: Annotated[Path, typer.Option(help="where the tiny models are built")] = Path("out/tiny-models"),
     seed: Annotated[int, typer.Option(help="seed of the starting noise")] = 0,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """End-to-end seconds per image (median of paired, alternating runs), peak memory and max abs
     output difference, velodiff vs diffusers, per model."""
     import json
 
+    import torch
     from tqdm import tqdm
 
     from ..eval import pipeline_bench as pb
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     names = _names(models, pb.MODELS, "model") or list(pb.MODELS)
     json_path = _output(json_path, "--json")
     md_path = _output(markdown or json_path.with_suffix(".md"), "--markdown")
