@@ -130,7 +130,11 @@ def _discrete_timesteps(sched: NoiseSchedule, spacing: str, steps: int, steps_of
 
 def _spacing(spacing: str) -> Callable[..., Tensor]:
     def grid(
-        sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None, steps_offset: int = 0
+        sched: NoiseSchedule,
+        steps: int,
+        final: str = "zero",
+        t_start: float | None = None,
+        steps_offset: int = 0,
     ) -> Tensor:
         if t_start is not None:
             raise VelodiffError(f"grid {spacing!r} always starts where diffusers starts it; use another grid")
@@ -154,7 +158,11 @@ def flow_shift(t: Tensor, shift: float) -> Tensor:
 
 
 def flow_shifted(
-    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None, shift: float | None = None
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    shift: float | None = None,
 ) -> Tensor:
     """Uniform t then SD3/Flux's shift (diffusers' FlowMatchEulerDiscreteScheduler grid).
 

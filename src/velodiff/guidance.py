@@ -68,7 +68,9 @@ class ClassifierFreeGuidance:
         t = torch.as_tensor(t, dtype=torch.float64)
         if not self.active(float(t.max())):
             return self.inner(x, t, cond.cond)
-        both = self.inner(torch.cat([x, x]), t.repeat(2) if t.ndim else t, concat_cond(cond.cond, cond.uncond))
+        both = self.inner(
+            torch.cat([x, x]), t.repeat(2) if t.ndim else t, concat_cond(cond.cond, cond.uncond)
+        )
         x0_c, x0_u = both.chunk(2)
         x0 = x0_u + self.scale * (x0_c - x0_u)
         if self.rescale > 0:

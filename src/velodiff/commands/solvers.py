@@ -15,7 +15,9 @@ def solvers() -> None:
     table = Table("solver", "order", "NFE/step", "stochastic", "options", "description")
     for s in SOLVERS.values():
         opts = ", ".join(f"{k}={v}" for k, v in s.defaults.items())
-        table.add_row(s.name, str(s.order), str(s.nfe_per_step), "yes" if s.stochastic else "no", opts, s.description)
+        table.add_row(
+            s.name, str(s.order), str(s.nfe_per_step), "yes" if s.stochastic else "no", opts, s.description
+        )
     Console(width=200).print(table)
 
 
