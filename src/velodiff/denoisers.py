@@ -70,7 +70,8 @@ def x0_from_prediction(
     if prediction_type == "epsilon":
         return (x - s * out) / a
     if prediction_type == "v_prediction":
-        # v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4); x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)
+        # v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4)
+        # => x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)
         return (a * x - s * out) / (a * a + s * s)
     if prediction_type == "sample":
         return out

@@ -60,7 +60,8 @@ def sample(
     unknown = set(options) - set(spec.defaults)
     if unknown:
         raise VelodiffError(
-            f"solver {spec.name!r} has no option {sorted(unknown)[0]!r}; options: {sorted(spec.defaults) or 'none'}"
+            f"solver {spec.name!r} has no option {sorted(unknown)[0]!r}; "
+            f"options: {sorted(spec.defaults) or 'none'}"
         )
     sched = denoiser.schedule
     ts = torch.as_tensor(ts, dtype=F64).cpu()
@@ -79,7 +80,8 @@ def sample(
         x0 = denoiser(x_in, t, cond)
         if x0.shape != x_in.shape:
             raise VelodiffError(
-                f"the model returned shape {tuple(x0.shape)} for input {tuple(x_in.shape)} at step {counts['step']}"
+                f"the model returned shape {tuple(x0.shape)} for input {tuple(x_in.shape)} "
+                f"at step {counts['step']}"
             )
         if not bool(torch.isfinite(x0).all()):
             raise VelodiffError(f"the model returned NaN or inf at step {counts['step']} (t={float(t):.4g})")
