@@ -45,6 +45,7 @@ def test_starts_and_ends_are_recorded(small_records):
     assert ddim["t_start"] == pytest.approx(832 / 1000) and ddim["final"] == "t_min"
     dpm = by[("mixture-2d", "DPMSolverMultistep", "linspace", 6)]
     assert dpm["t_start"] == 1.0 and dpm["final"] == "zero" and dpm["nfe_used"] == 6
+    assert dpm["t_last"] == pytest.approx(167 / 1000)  # linspace jumps to 0 from k = 166: its floor
     heun = by[("mixture-2d", "Heun", "linspace", 6)]
     assert heun["steps"] == 3 and heun["nfe_used"] == 5  # 2 n - 1 calls
     assert by[("mixture-2d", "dpmpp_2m", "logsnr", 6)]["t_start"] == 1.0

@@ -103,10 +103,12 @@ def bench_solvers(
     schedulers: Annotated[str, typer.Option(help="diffusers schedulers, comma-separated, or 'none'")] = (
         "DPMSolverMultistep,UniPCMultistep,DEISMultistep,DDIM,Euler,Heun"),
     seed: Annotated[int, typer.Option(help="seed of the starting noise")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads (tiny tensors: 1 is fastest)")] = 1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Error against an exact reference for every solver x grid x NFE on the mixture oracle, with
     diffusers' schedulers (default configs, SD's schedule) side by side."""
+    import torch
     from tqdm import tqdm
 
     from ..errors import VelodiffError
@@ -134,6 +136,7 @@ def bench_solvers(
     md_path = _output(markdown or json_path.with_suffix(".md"), "--markdown")
     png_path = _output(plot or json_path.with_suffix(".png"), "--plot")
 
+    torch.set_num_threads(threads)
     oracles = sb.make_oracles(datas, samples, image_samples, shape, seed)
     solver_list = solver_names or sb.deterministic_solvers()
     grid_list = grid_names or sb.default_grids(oracles[0].schedule)

@@ -96,32 +96,25 @@ class Oracle:
     data: str
     denoiser: MixtureDenoiser
     noise: Tensor
-    _refs: dict[tuple[float, bool], Tensor] = field(default_factory=dict, repr=False)
+    _refs: dict[bool, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def schedule(self) -> DiscreteVP:
         return self.denoiser.schedule  # type: ignore[return-value]
 
-    @property
-    def dim(self) -> int:
-        return int(self.noise[0].numel())
-
-    def reference(self, t_last: float, jump: bool) -> Tensor:
-        """The exact sample from ``t_max`` to ``t_last``, then the x0 jump if ``jump`` (as
-        ``oracle.reference_sample``); one ODE solve per ``t_last``, cached."""
-        key = (round(t_last, 12), jump)
-        if key not in self._refs:
-            ode = self._refs.get((key[0], False))
-            if ode is None:
-                ts = torch.tensor([self.schedule.t_max, t_last], dtype=F64)
-                ode = self._refs[(key[0], False)] = reference_sample(self.denoiser, self.noise, ts,
-                                                                     **REFERENCE_TOL)
+    def reference(self, jump: bool) -> Tensor:
+        """The exact sample: the ODE from ``t_max`` to ``t_min``, then the x0 jump to t = 0 if ``jump``
+        (as ``oracle.reference_sample``); one ODE solve, cached."""
+        if jump not in self._refs:
+            if False not in self._refs:
+                ts = torch.tensor([self.schedule.t_max, self.schedule.t_min], dtype=F64)
+                self._refs[False] = reference_sample(self.denoiser, self.noise, ts, **REFERENCE_TOL)
             if jump:
-                self._refs[key] = self.denoiser(ode, t_last)
-        return self._refs[key]
+                self._refs[True] = self.denoiser(self._refs[False], self.schedule.t_min)
+        return self._refs[jump]
 
-    def error(self, x: Tensor, t_last: float, jump: bool) -> float:
-        return rms_error(x, self.reference(t_last, jump))
+    def error(self, x: Tensor, jump: bool) -> float:
+        return rms_error(x, self.reference(jump))
 
 
 def rms_error(x: Tensor, ref: Tensor) -> float:
@@ -220,7 +213,7 @@ def velodiff_records(
                 t_last, jump = _ending(ts)
                 records.append({
                     "source": "velodiff", "solver": name, "grid": grid, "nfe": nfe,
-                    "error": oracle.error(res.x, sched.t_min, jump), "t_start": float(ts[0]),
+                    "error": oracle.error(res.x, jump), "t_start": float(ts[0]),
                     "data": oracle.data, "nfe_used": res.nfe, "steps": steps, "t_last": t_last,
                     "final": "zero" if jump else "t_min",
                 })
@@ -283,10 +276,10 @@ def run_diffusers(oracle: Oracle, name: str, nfe: int) -> tuple[Tensor, dict[str
         e = eps(sched.scale_model_input(x, t), t)
         calls += 1
         x = sched.step(e, t, x).prev_sample
-    t_start = (float(sched.timesteps[0]) + 1.0) / n_train
-    info = {"steps": steps, "nfe_used": calls, "t_start": t_start,
-            "final": "zero" if _final_is_zero(sched) else "t_min",
-            "grid": str(sched.config.get("timestep_spacing", "default"))}
+    zero = _final_is_zero(sched)
+    info = {"steps": steps, "nfe_used": calls, "t_start": (float(sched.timesteps[0]) + 1.0) / n_train,
+            "t_last": (float(sched.timesteps[-1]) + 1.0) / n_train if zero else oracle.schedule.t_min,
+            "final": "zero" if zero else "t_min", "grid": str(sched.config.timestep_spacing)}
     return x, info
 
 
@@ -306,9 +299,9 @@ def diffusers_records(
                 x, info = out
                 records.append({
                     "source": "diffusers", "solver": name, "grid": info["grid"], "nfe": nfe,
-                    "error": oracle.error(x, oracle.schedule.t_min, info["final"] == "zero"),
+                    "error": oracle.error(x, info["final"] == "zero"),
                     "t_start": info["t_start"], "data": oracle.data, "nfe_used": info["nfe_used"],
-                    "steps": info["steps"], "final": info["final"],
+                    "steps": info["steps"], "t_last": info["t_last"], "final": info["final"],
                 })
     return records
 
