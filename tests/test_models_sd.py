@@ -23,6 +23,16 @@ PROMPT = "a photo of a red cube"
 H = W = 16  # the tiny VAE's factor is 2: latents 4 x 8 x 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models gain nothing from threads, and on a busy machine waiting for a second one
+    costs 100x: run this module on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class _Tiny(dict):
     """Tiny models saved as diffusers folders and loaded through velodiff, made on first use."""
 
