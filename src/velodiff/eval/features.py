@@ -18,7 +18,9 @@ features FD and KID use). It is trained, multi-task, to predict from the image w
 
 Half of the training images are degraded (blur + pixel noise, ``shapes_eval.degrade``) so the features
 stay meaningful on imperfect samples. A low-dimensional embedding keeps the covariance estimate usable at
-the few hundred samples a CPU can generate.
+the few hundred samples a CPU can generate. The features are standardised by the mean and standard
+deviation of the embedding over 2000 clean real scenes (``calibrate``), so FD-shapes is in units of
+real-data standard deviations and KID's polynomial kernel sees features of unit scale, as with Inception.
 
 Train and ship (a few CPU minutes; the shipped file is ``assets/fd-shapes/encoder.safetensors``)::
 
@@ -81,6 +83,8 @@ class ShapesEncoder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.embed = nn.Linear(WIDTHS[-1] * (4 * 4 + 1), NUM_FEATURES)
         self.heads = nn.Linear(NUM_FEATURES, sum(head_sizes().values()))
+        self.register_buffer("feat_mean", torch.zeros(NUM_FEATURES))
+        self.register_buffer("feat_std", torch.ones(NUM_FEATURES))
 
     def prepare(self, images: Tensor) -> Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
@@ -89,15 +93,19 @@ class ShapesEncoder(nn.Module):
                                           align_corners=False)
         return x * 2.0 - 1.0
 
-    def features(self, images: Tensor) -> Tensor:
+    def embedding(self, images: Tensor) -> Tensor:
         h = self.body(self.prepare(images))
         return self.embed(torch.cat([h.flatten(1), h.amax(dim=(2, 3))], dim=1))
+
+    def features(self, images: Tensor) -> Tensor:
+        """The FD / KID features: the embedding standardised by real-data statistics."""
+        return (self.embedding(images) - self.feat_mean) / self.feat_std
 
     def forward(self, images: Tensor) -> Tensor:
         return self.features(images)
 
     def logits(self, images: Tensor) -> dict[str, Tensor]:
-        out = self.heads(nn.functional.silu(self.features(images)))
+        out = self.heads(nn.functional.silu(self.embedding(images)))
         parts = torch.split(out, list(head_sizes().values()), dim=1)
         return dict(zip(head_sizes(), parts, strict=True))
 
@@ -146,6 +154,17 @@ def make_dataset(n: int, seed: int, degrade_fraction: float = 0.5) -> tuple[Tens
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     targets = {k: torch.from_numpy(np.stack([t[k] for t in tg])) for k in tg[0]}
     return x, targets
+
+
+@torch.no_grad()
+def calibrate(model: ShapesEncoder, n: int = 2000, seed: int = 3000) -> ShapesEncoder:
+    """Set the feature standardisation from n clean scenes of ``ShapesWorld(seed, holdout=False)``."""
+    x, _ = make_dataset(n, seed=seed, degrade_fraction=0.0)
+    model.eval()
+    e = torch.cat([model.embedding(x[i : i + 256]) for i in range(0, n, 256)]).double()
+    model.feat_mean.copy_(e.mean(0).float())
+    model.feat_std.copy_(e.std(0).clamp(min=1e-6).float())
+    return model
 
 
 def _loss(logits: dict[str, Tensor], t: dict[str, Tensor]) -> Tensor:
@@ -202,7 +221,8 @@ def train_encoder(
     if init is not None:  # continue from saved weights (a further stage of training)
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(init)))
+        state = {k: v for k, v in load_file(str(init)).items() if not k.startswith("feat_")}
+        model.load_state_dict(state, strict=False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((n_train + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -221,7 +241,7 @@ def train_encoder(
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     bar.close()
-    model.eval()
+    calibrate(model)
     info = {
         "version": ENCODER_VERSION,
         "n_train": n_train,

@@ -26,7 +26,7 @@ def _write(path: Path, data: str | bytes) -> None:
     _write_atomic(path, data)
 
 
-def _label_strip(label: str, image: Any, width: int = 230) -> Any:
+def _label_strip(label: str, image: Any, width: int = 120) -> Any:
     from PIL import Image, ImageDraw
 
     strip = Image.new("RGB", (width + image.width, max(image.height, 14)), (255, 255, 255))
