@@ -15,7 +15,10 @@ FAST = ["--steps", "2", "--threads", "2"]
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # typer's standalone mode exits after a successful command
+        code = e.code or 0
     out, err = capsys.readouterr()
     return code, out, err
 

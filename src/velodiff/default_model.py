@@ -191,4 +191,4 @@ def load_tokenizer(folder: str) -> Any:
 
 
 #: how the default model samples unless told otherwise (guidance: the best of the ShapesEval sweep)
-DEFAULT_SAMPLING: dict[str, Any] = {"steps": 20, "solver": "dpmpp_2m", "guidance": 3.0}
+DEFAULT_SAMPLING: dict[str, Any] = {"steps": 20, "solver": "dpmpp_2m", "guidance": 2.5}

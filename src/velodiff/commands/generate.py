@@ -38,14 +38,14 @@ def quiet_libraries() -> None:
     try:
         from diffusers.utils import logging as dlog
 
-        dlog.set_verbosity_error()
+        dlog.set_verbosity(dlog.CRITICAL)  # their failures reach the user as one VelodiffError line
         dlog.disable_progress_bar()
     except Exception:  # noqa: BLE001 - quieting is best-effort
         pass
     try:
         from transformers.utils import logging as tlog
 
-        tlog.set_verbosity_error()
+        tlog.set_verbosity(tlog.CRITICAL)
         tlog.disable_progress_bar()
     except Exception:  # noqa: BLE001
         pass
@@ -70,18 +70,23 @@ def save_atomic(image: Any, out: Path, fmt: str) -> None:
     """Write to a temporary file in the same folder and rename it over ``out``: an existing file is
     replaced whole or not at all."""
     parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise VelodiffError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise VelodiffError(f"cannot write {out}: {e.strerror or e}") from None
         raise
 
 
