@@ -156,6 +156,10 @@ class LoadedModel:
     #: the most tokens a prompt may have (CLIP: 77)
     max_tokens: int = 77
 
+    def grid_options(self, height: int, width: int) -> dict[str, Any]:
+        """Options of the default grid for images of this size (resolution-dependent shifts override)."""
+        return dict(self.default_grid_options)
+
     # -- codecs (filled by the family) --
 
     def encode_prompt(

@@ -125,7 +125,10 @@ def make_plan(
     guidance: float | None,
     grid_options: dict[str, Any] | None = None,
     final: str | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Plan:
+    """The solver, grid and guidance of a run; the default grid's options depend on the image
+    ``size`` (h, w) for models with resolution-dependent shifts (Flux, SD3.5)."""
     spec = get_solver(solver or model.default_solver)
     guidance = float(model.default_guidance if guidance is None else guidance)
     if grid is not None and not isinstance(grid, str):
@@ -142,7 +145,9 @@ def make_plan(
     if steps < 1:
         raise VelodiffError(f"steps must be >= 1, got {steps}")
     name = grid or model.default_grid
-    opts = dict(model.default_grid_options if grid is None else {})
+    opts = {}
+    if grid is None:
+        opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
     opts.update(grid_options or {})
     ts = make_grid(name, model.schedule, steps, final=final, **opts)
     return Plan(spec, ts, steps, guidance)

@@ -115,6 +115,7 @@ def img2img(
         guidance=guidance,
         grid_options=grid_options,
         final=final,
+        size=(h, w),
     )
     ts = plan.ts[start_index(plan.steps, s) :]
     if len(ts) < 2:  # strength 0 (or too small for one step): the image back through the VAE

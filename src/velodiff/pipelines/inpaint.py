@@ -108,6 +108,7 @@ def inpaint(
         guidance=guidance,
         grid_options=grid_options,
         final=final,
+        size=(h, w),
     )
     ts = plan.ts[start_index(plan.steps, s) :]
     if len(ts) < 2:

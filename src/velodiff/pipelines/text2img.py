@@ -70,6 +70,7 @@ def text2img(
         guidance=guidance,
         grid_options=grid_options,
         final=final,
+        size=(h, w),
     )
     if latents is None:
         z = initial_noise(shape, seeds_l, noise)
