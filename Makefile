@@ -14,9 +14,12 @@ $(BIN)/velodiff: pyproject.toml
 install: $(BIN)/velodiff
 
 demo: install
+	mkdir -p out
+	$(BIN)/velodiff generate "a red circle above a blue square" --out out/demo.png --n 4 --seed 0
 	$(BIN)/velodiff bench solvers --json out/bench_solvers.json
 
 test: install
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -n 2 tests
 
 lint: install

@@ -21,7 +21,8 @@ X = starting_noise((2,), 32, seed=3)
 NFES = (16, 24, 32, 48)
 #: solvers whose asymptotic regime starts later: LMS(4)'s Lagrange coefficients on a grid uneven in
 #: sigma/alpha reach slope 3.6 at 48-128 NFE and 3.8 at 128-256 (it matches diffusers to 1e-15)
-NFES_FOR = {"lms": (128, 192, 256)}
+#: DPM-Solver-3 at 16 NFE takes 5 steps of log-SNR length ~1.9; error * NFE^3 settles from 16 steps on
+NFES_FOR = {"lms": (128, 192, 256), "dpm_solver_3": (48, 72, 96)}
 
 _refs: dict[tuple, torch.Tensor] = {}
 
@@ -47,3 +48,14 @@ def test_order_of_convergence(name):
     slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
     assert all(math.isfinite(e) for e in errs)
     assert abs(slope - spec.order) <= 0.35, f"{name}: slope {slope:.2f}, order {spec.order}, errors {errs}"
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("final", ["zero", "t_min"])
+def test_declared_nfe_matches_counted(name, final):
+    """SolverSpec.nfe(steps) is what sample() counts, so NFE budgets are planned honestly."""
+    spec = SOLVERS[name]
+    for steps in (3, 7):
+        ts = make_grid("logsnr", SCHED, steps, final=final)
+        result = sample(DEN, X[:4], ts, spec)
+        assert result.nfe == spec.nfe(steps, ends_at_zero=final == "zero"), (steps, result.nfe)

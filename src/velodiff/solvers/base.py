@@ -83,11 +83,13 @@ class SolverSpec:
     min_steps: int = 1
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
-    #: the final step to t = 0 saves the second evaluation (Heun, Karras et al. 2022, Alg. 1 line 9)
+    #: the final jump to t = 0 costs one evaluation, not nfe_per_step (Heun: Karras et al. 2022,
+    #: Alg. 1 line 9; singlestep DPM-Solver: the jump returns x0)
     saves_final_eval: bool = False
 
     def nfe(self, steps: int, ends_at_zero: bool = True) -> int:
-        return self.nfe_per_step * steps - (1 if self.saves_final_eval and ends_at_zero else 0)
+        saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0
+        return self.nfe_per_step * steps - saved
 
     def steps_for_nfe(self, nfe: int, ends_at_zero: bool = True) -> int:
         """The most steps whose NFE does not exceed ``nfe`` (at least ``min_steps``)."""

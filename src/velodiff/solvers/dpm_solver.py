@@ -25,23 +25,27 @@ DPM-Solver++(2S) (Alg. 1 of 2022b, r1 = 0.5):
     D   = (1 - 1 / (2 r1)) x0_0 + 1 / (2 r1) x0(u, s)
     x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) D
 
-Options: ``r1`` (and ``r2`` for order 3) place the intermediate times; each is a number or one number
-per step (so a grid whose intermediate points are prescribed, e.g. diffusers' DPMSolverSinglestep
-timesteps, can be reproduced exactly). DPM-Solver-3's ``variant="diffusers"`` computes u2 as
-diffusers' DPMSolverSinglestepScheduler (solver_type="midpoint") does: its 2nd-order singlestep update
-from x_i through u1, coefficient 0.5 sigma_s2 (r2 / r1) (e^{r2 h} - 1) on D1; the default "paper" is Alg. 2.
-Both are third order; they differ by O(h^4) per step.
+Options: ``r1`` (and ``r2`` for order 3, r1 < r2 <= 1) place the intermediate times; each is a number
+or one number per step, the final jump's unused (so a grid whose intermediate points are prescribed,
+e.g. diffusers' DPMSolverSinglestep timesteps, can be reproduced exactly).
+
+DPM-Solver-3's ``variant="diffusers"`` computes u2 as diffusers' DPMSolverSinglestepScheduler
+(solver_type="midpoint") does: its 2nd-order singlestep update from x_i through u1, coefficient
+0.5 sigma_s2 (r2 / r1) (e^{r2 h} - 1) on D1; the default "paper" is Alg. 2. Both are third order;
+they differ by O(h^4) per step.
 
 Boundary steps:
 
 * the final jump to t = 0 (h = inf) is first order and returns x0(x_i, t_i), one evaluation, as
   diffusers does (its singlestep order plan ends with order 1 for final_sigmas_type="zero");
-* a step starting where alpha = 0 (lambda = -inf: rectified flow at t = 1, zero-terminal SNR) has no
-  finite intermediate log-SNR; it is the first-order (DDIM) step x_{i+1} = alpha_{i+1} x0_0 +
-  sigma_{i+1} eps_0, one evaluation, and its O(h^2)-weighted local error is damped by alpha ~ 0.
+* a step starting where alpha = 0 (lambda = -inf: rectified flow at t = 1) has no finite
+  intermediate log-SNR; it is the first-order (DDIM) step x_{i+1} = alpha_{i+1} x0_0 +
+  sigma_{i+1} eps_0, one evaluation. Its error, alpha_{i+1} times the change of x0 over the step,
+  is small with alpha_{i+1}, and the observed orders hold (tests/test_dpm_solver.py).
 
-``sample()`` counts the evaluations actually made; ``SolverSpec.nfe`` knows only that the final jump
-saves one (exact for order 2, one too many for order 3).
+``sample()`` counts the evaluations actually made. ``SolverSpec.nfe`` knows only that the final jump
+saves one evaluation: exact for order 2; for order 3 it counts one more than is made, and a start at
+alpha = 0 saves k - 1 more.
 """
 
 from __future__ import annotations

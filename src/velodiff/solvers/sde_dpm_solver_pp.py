@@ -26,8 +26,9 @@ the same update is k-diffusion's line for line. The first step is first order; t
 t = 0 (h = inf) returns x0 and draws no noise. 2M lowers the order of the last steps of short
 grids as diffusers does (``lower_order_final``); 3M does not, as k-diffusion.
 
-Order: the multistep terms make the drift 2nd/3rd order, but the noise is only sampled through its
-Brownian increment per step, so the paths converge with strong order 1 (Gonzalez et al. 2023).
+Order: the multistep terms make the drift 2nd/3rd order, but the noise enters through one Brownian
+increment per step, which limits pathwise (strong) convergence; ``order=1`` records that. Measured on
+the oracle: the distance between a seed's paths at N and 2N steps halves or better as N doubles.
 """
 
 from __future__ import annotations
