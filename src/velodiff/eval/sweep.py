@@ -443,10 +443,10 @@ def quality_metric(result: dict[str, Any], quality: str | None = None) -> str | 
     recs = [r for r in result["records"] if "error" not in r]
     if quality is not None:
         return quality if any(r.get(quality) is not None for r in recs) else None
-    for q in ("shapes_eval", "psnr", "fd_shapes", "clip_score", "ssim", "latent_mse"):
-        if recs and all(r.get(q) is not None for r in recs):
-            return q
-    return None
+    present = [q for q in ("shapes_eval", "psnr", "fd_shapes", "clip_score", "ssim", "latent_mse")
+               if recs and all(r.get(q) is not None for r in recs)]
+    varying = [q for q in present if len({r[q] for r in recs}) > 1]  # a constant metric ranks nothing
+    return (varying or present or [None])[0]
 
 
 def mark_pareto(result: dict[str, Any], quality: str | None) -> str | None:
