@@ -23,7 +23,8 @@ IMAGE_SIZE = 64
 PIPELINE_CLASS = "StableDiffusionPipeline"
 
 #: where open_clip's wheel keeps CLIP's BPE file (the source of the vocabulary we ship)
-CLIP_BPE_CANDIDATES = ("/tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz",)
+#: CLIP's BPE merges, bundled in the package (velodiff/assets/clip, MIT licence)
+CLIP_BPE_FILE = Path(__file__).parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def default_model_path() -> Path:
@@ -143,11 +144,9 @@ def clip_vocab_and_merges(bpe_gz: str | Path) -> tuple[dict[str, int], list[str]
 
 def write_tokenizer(folder: str | Path, bpe_gz: str | Path | None = None) -> Path:
     """Write a transformers CLIPTokenizer (vocab.json + merges.txt, 77 tokens, pad = <|endoftext|>)."""
-    if bpe_gz is None:
-        found = [p for p in CLIP_BPE_CANDIDATES if Path(p).exists()]
-        if not found:
-            raise VelodiffError("CLIP's BPE file (bpe_simple_vocab_16e6.txt.gz) not found; pass its path")
-        bpe_gz = found[0]
+    bpe_gz = CLIP_BPE_FILE if bpe_gz is None else bpe_gz
+    if not Path(bpe_gz).exists():
+        raise VelodiffError(f"CLIP's BPE file not found: {bpe_gz}")
     vocab, merges = clip_vocab_and_merges(bpe_gz)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
