@@ -408,7 +408,8 @@ def run_sweep(
         if use_shapes:
             from .shapes_eval import evaluate
 
-            ev = evaluate(imgs, texts, keep_detections=False)
+            # text2img gives [0, 1]; ShapesEval reads float tensors in [-1, 1] (ShapesWorld.batch's range)
+            ev = evaluate(imgs * 2 - 1, texts, keep_detections=False)
             rec["shapes_eval"] = ev["overall"]
             rec["shapes_by_category"] = ev["by_category"]
         if fd is not None:
