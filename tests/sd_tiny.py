@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from velodiff.models.configs import bytes_to_unicode
+
 WORDS = [
     "a",
     "photo",
@@ -27,23 +29,6 @@ WORDS = [
     "painting",
     "green",
 ]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-to-unicode table."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def clip_tokenizer(max_length: int = 77):

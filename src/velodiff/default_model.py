@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VelodiffError
+from .models.configs import bytes_to_unicode as _bytes_to_unicode
 
 #: the CLIP context length (tokens, incl. start and end)
 MAX_TOKENS = 77
@@ -110,23 +111,6 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible byte -> printable unicode map."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def clip_vocab_and_merges(bpe_gz: str | Path) -> tuple[dict[str, int], list[str]]:

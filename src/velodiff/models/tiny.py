@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .configs import bytes_to_unicode as _bytes_to_unicode
+
 #: words with whole-word tokens in both tokenizers (anything else is spelled out)
 WORDS = (
     "a",
@@ -43,23 +45,6 @@ WORDS = (
     "painting",
 )
 IMAGE_SIZE = 64
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (GPT-2's) reversible byte -> printable character map."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def clip_tokenizer(max_length: int = 77) -> Any:
