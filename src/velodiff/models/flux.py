@@ -164,11 +164,7 @@ class FluxModel(DiTModel):
 
 
 def detect_flux(src: Source) -> bool:
-    if src.kind != "folder":
-        return False
-    return src.pipeline_class in FLUX_PIPELINES or (
-        src.config("transformer").get("_class_name") == "FluxTransformer2DModel"
-    )
+    return src.is_transformer_folder(FLUX_PIPELINES, "FluxTransformer2DModel")
 
 
 def build_flux(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -81,6 +82,14 @@ class Source:
             return None
         with safe_open(str(self.path), framework="pt") as f:
             return tuple(f.get_slice(key).get_shape())
+
+    def is_transformer_folder(self, pipelines: Collection[str], transformer_class: str) -> bool:
+        """A diffusers folder of one of ``pipelines`` or with a ``transformer_class`` transformer."""
+        if self.kind != "folder":
+            return False
+        return self.pipeline_class in pipelines or (
+            self.config("transformer").get("_class_name") == transformer_class
+        )
 
 
 def _read_json(p: Path) -> dict[str, Any]:

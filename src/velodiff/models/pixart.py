@@ -95,11 +95,7 @@ class PixArtModel(DiTModel):
 
 
 def detect_pixart(src: Source) -> bool:
-    if src.kind != "folder":
-        return False
-    return src.pipeline_class in PIXART_PIPELINES or (
-        src.config("transformer").get("_class_name") == "PixArtTransformer2DModel"
-    )
+    return src.is_transformer_folder(PIXART_PIPELINES, "PixArtTransformer2DModel")
 
 
 def build_pixart(

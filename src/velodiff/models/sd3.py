@@ -286,11 +286,7 @@ class SD3Model(DiTModel):
 
 
 def detect_sd3(src: Source) -> bool:
-    if src.kind != "folder":
-        return False
-    return src.pipeline_class in SD3_PIPELINES or (
-        src.config("transformer").get("_class_name") == "SD3Transformer2DModel"
-    )
+    return src.is_transformer_folder(SD3_PIPELINES, "SD3Transformer2DModel")
 
 
 def build_sd3(
