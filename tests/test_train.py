@@ -132,3 +132,58 @@ def test_clip_tokenizer_matches_clip():
     assert tok("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's README
     assert tok.model_max_length == 77 and tok.pad_token_id == 49407 and len(tok) == 49408
+
+
+def test_ldm_init_starts_from_an_exported_model(tmp_path, vae_run):
+    """--init: a fine-tune starts from a diffusers folder's UNet and text encoder (float16 or not)."""
+    from velodiff.train.export import export_model
+    from velodiff.train.trainer import build_models, load_init_weights
+
+    _ldm_run(tmp_path / "r", vae_run, 2)
+    export_model(vae_run, tmp_path / "r", tmp_path / "m", half=False)
+    unet, text = build_models("micro")
+    load_init_weights(unet, text, tmp_path / "m")
+    ema = load_file(str(latest_checkpoint(tmp_path / "r") / "state.safetensors"))
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, ema[f"ema.unet.{k}"]), k
+    # a fine-tune run logs its first loss from those weights, and a wrong folder is one clear error
+    _ldm_run(tmp_path / "ft", vae_run, 1, init=str(tmp_path / "m"))
+    with pytest.raises(VelodiffError, match="expected a diffusers model folder"):
+        _ldm_run(tmp_path / "bad", vae_run, 1, init=str(tmp_path))
+
+
+def test_ldm_init_refuses_another_architecture(tmp_path):
+    from velodiff.default_model import default_model_path
+    from velodiff.train.trainer import build_models, load_init_weights
+
+    unet, text = build_models("micro")
+    with pytest.raises(VelodiffError, match="do not fit this architecture"):
+        load_init_weights(unet, text, default_model_path())
+
+
+def test_latent_cache_is_the_same_from_worker_processes(vae_run):
+    """Scenes rendered by a process pool give the very latents the in-process path gives (resume relies on
+    rebuilding the cache bit-identically)."""
+    from velodiff.data.shapes import ShapesWorld
+    from velodiff.default_model import default_model_path, load_tokenizer
+    from velodiff.train.trainer import LatentCache, load_vae
+
+    vae, scaling = load_vae(vae_run, "micro")
+    tok = load_tokenizer(str(default_model_path() / "tokenizer"))
+    world = ShapesWorld(seed=0)
+    one = LatentCache(world, vae, tok, 300, scaling, workers=1)
+    two = LatentCache(world, vae, tok, 300, scaling, workers=2)
+    assert torch.equal(one.latents, two.latents) and torch.equal(one.ids, two.ids)
+    assert one.latents.shape == (300, 4, 16, 16)
+
+
+def test_default_unet_attends_with_32_channels_per_head():
+    """diffusers' UNet2DConditionModel reads attention_head_dim as the number of heads: the config sets it
+    per block so every attention layer has 32-channel heads (not 32 heads of 2 channels)."""
+    from diffusers import UNet2DConditionModel
+
+    from velodiff.default_model import unet_config
+
+    unet = UNet2DConditionModel(**unet_config("default"))
+    attns = [m for m in unet.modules() if type(m).__name__ == "Attention"]
+    assert attns and all(a.inner_dim // a.heads == 32 for a in attns)

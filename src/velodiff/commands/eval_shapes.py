@@ -162,6 +162,7 @@ def shapes(
     seed: int = typer.Option(0),
     batch: int = typer.Option(16, min=1, help="images per batched call"),
     threads: int = typer.Option(2, min=1),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
     limit: int = typer.Option(
         None, min=1, help="use only this many prompts, spread over the set (quick checks)"
     ),
@@ -185,7 +186,7 @@ def shapes(
     if limit is not None and limit < len(plist):
         plist = [plist[int(i * len(plist) / limit)] for i in range(limit)]
     quiet_libraries()
-    loaded, defaults = load_model(model, threads)
+    loaded, defaults = load_model(model, threads, device)
     scales = parse_scales(guidance, defaults.get("guidance"))
     texts = [p.text for p in plist]
     kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid)
@@ -229,6 +230,7 @@ def shapes(
             "guidance": info["guidance"],
             "seed": seed,
             "threads": threads,
+            "device": device,
         },
         "sweep": sweep,
         "speed": measure_speed(loaded, speed_runs, guidance=info["guidance"], **kw) if speed_runs else None,

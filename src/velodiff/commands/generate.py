@@ -119,7 +119,7 @@ def user_errors(what: str):
         raise VelodiffError(f"{what}: {msg}") from None
 
 
-def load_model(model: Path | None, threads: int) -> tuple[Any, dict[str, Any]]:
+def load_model(model: Path | None, threads: int, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """The model (default: the shipped one) and its sampling defaults."""
     import torch
 
@@ -132,7 +132,7 @@ def load_model(model: Path | None, threads: int) -> tuple[Any, dict[str, Any]]:
     from ..models import load
 
     with user_errors(f"cannot load model {str(path)!r}"):
-        loaded = load(path)
+        loaded = load(path, device=device)
     defaults = dict(DEFAULT_SAMPLING) if model is None else {}
     return loaded, defaults
 

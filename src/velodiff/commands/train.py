@@ -128,13 +128,17 @@ def ldm(
     ] = None,
     threads: int = typer.Option(2, min=1),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    workers: int = typer.Option(1, min=1, help="processes that render the training scenes (once, up front)"),
+    init: Annotated[
+        Path | None, typer.Option(help="start from this diffusers model folder's UNet and text encoder")
+    ] = None,
     quiet: bool = typer.Option(False),
 ) -> None:
     """Train the UNet and the CLIP text encoder from scratch on the autoencoder's latents."""
     from ..train.loop import LoopConfig
     from ..train.trainer import LDMConfig, train_ldm
 
-    _threads(threads, device)
+    device = _threads(threads, device)
     cfg = LoopConfig(
         steps=steps,
         lr=lr,
@@ -152,8 +156,9 @@ def ldm(
         min_snr_gamma=min_snr_gamma or None,
         cond_dropout=cond_dropout,
         cache_size=cache_size,
+        init=str(init) if init else None,
     )
-    s = train_ldm(run, vae, cfg, lcfg, quiet=quiet)
+    s = train_ldm(run, vae, cfg, lcfg, quiet=quiet, device=device, workers=workers)
     typer.echo(f"ldm: {s['steps']} steps, {s['wall_s'] / 60:.1f} min, loss {s['final_loss']:.4f}")
     if out is not None:
         from ..train.export import export_model

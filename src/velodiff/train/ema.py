@@ -21,12 +21,15 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
+        floats, shadows, others = [], [], []
         for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if v.is_floating_point():
-                s.mul_(d).add_(v.detach(), alpha=1 - d)
-            else:
-                s.copy_(v)
+            (floats if v.is_floating_point() else others).append(v.detach())
+            (shadows if v.is_floating_point() else others).append(self.shadow[k])
+        if floats:
+            torch._foreach_mul_(shadows, d)
+            torch._foreach_add_(shadows, floats, alpha=1 - d)
+        for v, s in zip(others[0::2], others[1::2], strict=True):
+            s.copy_(v)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -49,8 +49,8 @@ class LoopConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-#: step_fn(step, generator) -> (loss to backpropagate, dict of floats to log)
-StepFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+#: step_fn(step, generator) -> (loss to backpropagate, dict of scalars (floats or 0-d tensors) to log)
+StepFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict[str, Any]]]
 
 
 def lr_at(cfg: LoopConfig, step: int) -> float:
@@ -63,16 +63,20 @@ def run_loop(
     modules: dict[str, nn.Module],
     step_fn: StepFn,
     *,
-    extra_state: tuple[Callable[[], dict[str, torch.Tensor]], Callable[[dict[str, torch.Tensor]], None]]
-    | None = None,
     desc: str = "train",
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Train ``modules`` with AdamW until ``cfg.steps`` (or the time budget); resume from ``run``'s
-    latest checkpoint when there is one. Returns a summary (steps, wall seconds, final loss)."""
+    latest checkpoint when there is one. Returns a summary (steps, wall seconds, final loss).
+
+    The modules train on the device they are on; the loss is read back to the host only every
+    ``cfg.log_every`` steps (a GPU runs ahead in between)."""
     run.mkdir(parents=True, exist_ok=True)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    fused = bool(params) and params[0].is_cuda
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused or None
+    )
     emas = {name: EMA(m, cfg.ema_decay) for name, m in modules.items()}
     step, wall = 0, 0.0
     log_path = run / "loss.csv"
@@ -91,8 +95,6 @@ def run_loop(
             m.load_state_dict(split_prefix(tensors, f"model.{name}."))
             emas[name].load_state_dict(split_prefix(tensors, f"ema.{name}."), meta["ema_updates"])
         load_optimizer_tensors(opt, split_prefix(tensors, "opt."), meta["optimizer"])
-        if extra_state is not None:
-            extra_state[1](split_prefix(tensors, "extra."))
         step, wall = int(meta["step"]), float(meta["wall_s"])
         _truncate_log(log_path, step)
         if not quiet:
@@ -105,8 +107,6 @@ def run_loop(
             tensors.update(with_prefix(f"ema.{name}.", emas[name].state_dict()))
         ot, ometa = optimizer_tensors(opt)
         tensors.update(with_prefix("opt.", ot))
-        if extra_state is not None:
-            tensors.update(with_prefix("extra.", extra_state[0]()))
         cfg_json = {k: v for k, v in vars(cfg).items() if k not in ("max_minutes",)}
         save_checkpoint(
             run,
@@ -149,8 +149,6 @@ def run_loop(
             for g in opt.param_groups:
                 g["lr"] = lr
             loss, logs = step_fn(step, step_generator(cfg.seed, step))
-            if not bool(torch.isfinite(loss)):
-                raise VelodiffError(f"the loss became {float(loss)} at step {step}; lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = (
@@ -163,16 +161,20 @@ def run_loop(
                 emas[name].update(m)
             step += 1
             wall = time.perf_counter() - t_start
-            last = loss.item()
-            smooth = last if smooth is None else 0.98 * smooth + 0.02 * last
             if step % cfg.log_every == 0 or step == cfg.steps:
+                last = loss.item()
+                if not math.isfinite(last):
+                    raise VelodiffError(f"the loss became {last} by step {step}; lower --lr")
+                smooth = last if smooth is None else 0.8 * smooth + 0.2 * last
+                logs = {k: round(float(v), 5) for k, v in logs.items()}
                 writer.writerow(
                     [step, f"{last:.6f}", f"{lr:.3e}", f"{float(gn):.4f}", f"{wall:.1f}", json.dumps(logs)]
                 )
                 logf.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
             if wall >= budget:
                 stop["flag"] = True
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["flag"]:

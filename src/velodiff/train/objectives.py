@@ -34,7 +34,7 @@ def loss_weights(k: Tensor, abar: Tensor, prediction_type: str, min_snr_gamma: f
     """Per-sample weights: 1, or min-SNR-gamma (Hang et al. 2023, Eq. 10 and its v-form):
     eps: min(snr, g) / snr; v: min(snr, g) / (snr + 1)."""
     if not min_snr_gamma:
-        return torch.ones(k.shape, dtype=abar.dtype)
+        return torch.ones(k.shape, dtype=abar.dtype, device=abar.device)
     snr = abar[k] / (1 - abar[k])
     clipped = snr.clamp(max=min_snr_gamma)
     return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)

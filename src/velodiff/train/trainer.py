@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class LDMConfig:
     cond_dropout: float = 0.1
     cache_size: int = 16384
     data_seed: int = 0
+    init: str | None = None
 
 
 def build_models(size: str) -> tuple[Any, Any]:
@@ -39,6 +41,26 @@ def build_models(size: str) -> tuple[Any, Any]:
     unet = UNet2DConditionModel(**unet_config(size))
     text = CLIPTextModel(CLIPTextConfig(**text_encoder_config(size)))
     return unet, text
+
+
+def load_init_weights(unet: Any, text: Any, folder: Path) -> None:
+    """Start from the UNet and text encoder of a diffusers folder (e.g. an exported model): fine-tuning."""
+    from safetensors.torch import load_file
+
+    files = {
+        unet: folder / "unet" / "diffusion_pytorch_model.safetensors",
+        text: folder / "text_encoder" / "model.safetensors",
+    }
+    for module, f in files.items():
+        if not f.is_file():
+            raise VelodiffError(
+                f"--init {folder}: no {f.relative_to(folder)} (expected a diffusers model folder)"
+            )
+        try:
+            module.load_state_dict(load_file(str(f)))
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise VelodiffError(f"--init {folder}: weights do not fit this architecture: {first}") from None
 
 
 def load_vae(vae_run: Path, size: str) -> tuple[Any, float]:
@@ -56,33 +78,62 @@ def load_vae(vae_run: Path, size: str) -> tuple[Any, float]:
     return vae, scaling
 
 
+def _render_chunk(world: Any, start: int, stop: int) -> tuple[Any, list[str]]:
+    """Images (uint8, n x H x W x 3) and captions of scenes start..stop-1 (runs in a worker process)."""
+    import numpy as np
+
+    scenes = [world.scene(i) for i in range(start, stop)]
+    return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
+
+
 class LatentCache:
-    """Scaled latent means and token ids of scenes 0..n-1, encoded on first use."""
+    """Scaled latent means and token ids of scenes 0..n-1, all encoded up front on ``device``.
 
-    def __init__(self, world: Any, vae: Any, tokenizer: Any, n: int, scaling: float) -> None:
-        self.world, self.vae, self.tok, self.scaling = world, vae, tokenizer, scaling
-        self.latents = torch.zeros(n, 4, 16, 16)
-        self.ids = torch.zeros(n, tokenizer.model_max_length, dtype=torch.int64)
-        self.filled = torch.zeros(n, dtype=torch.bool)
+    Scenes are rendered by ``workers`` processes and encoded in fixed chunks, so the cache is a pure
+    function of (world, autoencoder, n, device): a resumed run rebuilds it bit-identically instead of
+    storing it in every checkpoint."""
 
-    @torch.no_grad()
+    CHUNK = 256
+
+    def __init__(
+        self, world: Any, vae: Any, tokenizer: Any, n: int, scaling: float, device: str = "cpu",
+        workers: int = 1, quiet: bool = True,
+    ) -> None:
+        starts = range(0, n, self.CHUNK)
+        chunks = [(s, min(n, s + self.CHUNK)) for s in starts]
+        latents, ids = [], []
+        for images, captions in _map_chunks(world, chunks, workers, quiet):
+            x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                latents.append(vae.encode(x).latent_dist.mean * scaling)
+            ids.append(tokenize(tokenizer, captions).to(device))
+        self.latents = torch.cat(latents)
+        self.ids = torch.cat(ids)
+
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = idx[~self.filled[idx]].unique()
-        if len(missing):
-            scenes = [self.world.scene(int(i)) for i in missing]
-            x = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
-            self.latents[missing] = self.vae.encode(x).latent_dist.mean * self.scaling
-            self.ids[missing] = tokenize(self.tok, [s.caption for s in scenes])
-            self.filled[missing] = True
+        idx = idx.to(self.latents.device)
         return self.latents[idx], self.ids[idx]
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"latents": self.latents, "ids": self.ids, "filled": self.filled}
 
-    def load(self, st: dict[str, torch.Tensor]) -> None:
-        self.latents.copy_(st["latents"])
-        self.ids.copy_(st["ids"])
-        self.filled.copy_(st["filled"])
+def _map_chunks(world: Any, chunks: list[tuple[int, int]], workers: int, quiet: bool):
+    """Rendered chunks in order, from a process pool when ``workers > 1``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(chunks), desc="render scenes", disable=quiet, mininterval=5.0)
+    if workers <= 1:
+        for a, b in chunks:
+            yield _render_chunk(world, a, b)
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for out in pool.map(_render_chunk, [world] * len(chunks), *zip(*chunks, strict=True)):
+                yield out
+                bar.update(1)
+    bar.close()
 
 
 def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
@@ -101,7 +152,7 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     pos = step * batch
     while len(out) < batch:
         epoch, off = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        perm = _epoch_permutation(n, seed, epoch)
         take = min(batch - len(out), n - off)
         out.append(perm[off : off + take])
         pos += take
@@ -110,48 +161,55 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     return torch.cat(out)[:batch]
 
 
+@lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
 def train_ldm(
-    run: Path, vae_run: Path, cfg: LoopConfig, lcfg: LDMConfig, quiet: bool = False
+    run: Path, vae_run: Path, cfg: LoopConfig, lcfg: LDMConfig, quiet: bool = False, device: str = "cpu",
+    workers: int = 1,
 ) -> dict[str, Any]:
+    """Train on ``device``; ``workers`` processes render the training scenes once, up front."""
     from transformers import CLIPTokenizer
 
     from ..data.shapes import ShapesWorld
 
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convolutions on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
     world = ShapesWorld(seed=lcfg.data_seed, size=64, holdout=True)
     vae, scaling = load_vae(vae_run, lcfg.size)
     tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(run / "tokenizer")))
     unet, text = build_models(lcfg.size)
+    if lcfg.init:
+        load_init_weights(unet, text, Path(lcfg.init))
+    unet, text = unet.to(device), text.to(device)
     sched = scheduler_config(lcfg.prediction_type)
-    abar = alphas_cumprod(sched)
-    cache = LatentCache(world, vae, tok, lcfg.cache_size, scaling)
-    uncond = tokenize(tok, [""])[0]
+    abar = alphas_cumprod(sched).to(device)
+    cache = LatentCache(world, vae.to(device), tok, lcfg.cache_size, scaling, device, workers, quiet)
+    del vae
+    uncond = tokenize(tok, [""])[0].to(device)
 
-    def step_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_fn(step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # every draw comes from the step's CPU generator: the same run on CPU and GPU sees the same data
         idx = batch_indices(step, lcfg.batch, lcfg.cache_size, cfg.seed)
         z0, ids = cache.get(idx)
         b = len(idx)
-        drop = torch.rand(b, generator=gen) < lcfg.cond_dropout
+        drop = (torch.rand(b, generator=gen) < lcfg.cond_dropout).to(device)
         ids = torch.where(drop[:, None], uncond[None], ids)
-        k = torch.randint(0, len(abar), (b,), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
+        k = torch.randint(0, len(abar), (b,), generator=gen).to(device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
         x, target = noisy_and_target(z0, k, eps, abar, lcfg.prediction_type)
         ctx = text(ids).last_hidden_state
         pred = unet(x, k, ctx).sample
         per = (pred - target).pow(2).mean(dim=(1, 2, 3))
         w = loss_weights(k, abar, lcfg.prediction_type, lcfg.min_snr_gamma)
         loss = (w * per).mean()
-        return loss, {"mse": round(per.mean().item(), 5)}
+        return loss, {"mse": per.detach().mean()}
 
     cfg.extra = {**cfg.extra, **vars(lcfg), "stage": "ldm", "scaling_factor": scaling}
-    summary = run_loop(
-        run,
-        cfg,
-        {"unet": unet, "text_encoder": text},
-        step_fn,
-        extra_state=(cache.state, cache.load),
-        desc="ldm",
-        quiet=quiet,
-    )
+    summary = run_loop(run, cfg, {"unet": unet, "text_encoder": text}, step_fn, desc="ldm", quiet=quiet)
     summary.pop("emas")
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
