@@ -168,5 +168,8 @@ def test_fd_shapes_orders_real_good_degraded_random():
     print("FD-shapes:", {k: round(v, 3) for k, v in fd.items()})
     assert m.compute()["name"] == "FD-shapes"
     assert fd["itself"] < 1e-6 * fd["random"]
-    assert fd["real"] < fd["model"] < fd["2nfe"] and fd["model"] < fd["random"]
-    assert min(fd["2nfe"], fd["random"]) > 1.5 * fd["model"]
+    # the trained model at 8 NFE is about as close to the renders as other renders of the same prompts
+    # (two 24-image sets: FD's sampling noise is of that size); 2 NFE and a random UNet are far off
+    assert fd["model"] < 1.5 * fd["real"]
+    assert fd["model"] < fd["2nfe"] < fd["random"]
+    assert min(fd["2nfe"], fd["random"]) > 1.5 * max(fd["model"], fd["real"])

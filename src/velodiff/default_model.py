@@ -57,7 +57,7 @@ def vae_config(size: str = "default") -> dict[str, Any]:
 
 def text_encoder_config(size: str = "default") -> dict[str, Any]:
     """A CLIPTextModel over CLIP's 49408-token vocabulary, 77 positions."""
-    hidden, layers, heads = {"default": (64, 2, 4), "micro": (16, 1, 2)}[size]
+    hidden, layers, heads = {"default": (64, 4, 2), "micro": (16, 1, 2)}[size]
     return dict(
         vocab_size=49408,
         hidden_size=hidden,
@@ -75,8 +75,11 @@ def text_encoder_config(size: str = "default") -> dict[str, Any]:
 
 def unet_config(size: str = "default") -> dict[str, Any]:
     """A UNet2DConditionModel on 16x16x4 latents: a convolutional 16x16 level, then cross-attention
-    (and self-attention) blocks at 8x8 and 4x4 and in the middle block."""
-    ch, cross, head = {"default": ((32, 64, 128), 64, 32), "micro": ((8, 16), 16, 8)}[size]
+    (and self-attention) blocks at 8x8 and 4x4 and in the middle block, 32 channels per head.
+
+    diffusers' ``attention_head_dim`` is, for UNet2DConditionModel, the number of heads per block (its
+    documented naming quirk, kept for SD1.x configs), so it is set from the channel counts here."""
+    ch, cross, head_channels = {"default": ((48, 96, 192), 64, 32), "micro": ((8, 16), 16, 8)}[size]
     n = len(ch)
     return dict(
         sample_size=IMAGE_SIZE // 4,
@@ -87,7 +90,7 @@ def unet_config(size: str = "default") -> dict[str, Any]:
         block_out_channels=list(ch),
         layers_per_block=1,
         cross_attention_dim=cross,
-        attention_head_dim=head,
+        attention_head_dim=[c // head_channels for c in ch],
         norm_num_groups=8 if size == "default" else 4,
     )
 
