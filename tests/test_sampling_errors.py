@@ -86,7 +86,13 @@ class NaNAt:
         ("euler_ancestral", 2, 2),
     ],
 )
-def test_nan_names_the_step(solver, bad_call, step):
+@pytest.mark.parametrize("lazy", [False, True], ids=["cpu", "accelerator-path"])
+def test_nan_names_the_step(solver, bad_call, step, lazy, monkeypatch):
+    if lazy:  # as on a GPU: checks recorded on the device, the first failure raised after the loop
+        from velodiff.sampling import FiniteCheck
+
+        init = FiniteCheck.__init__
+        monkeypatch.setattr(FiniteCheck, "__init__", lambda self, lazy: init(self, True))
     with pytest.raises(VelodiffError, match=rf"NaN or inf at step {step}\b"):
         sample(ModelDenoiser(NaNAt(bad_call), SCHED), X, TS, solver)
 

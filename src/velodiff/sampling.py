@@ -40,6 +40,35 @@ class SampleResult:
     stopped: bool = False
 
 
+class FiniteCheck:
+    """NaN/inf checks that name the step where they fail.
+
+    On the CPU each check is immediate. On an accelerator (``lazy``) a check only records, on the device,
+    the index of the first failing check, and ``raise_first`` reads it once after the loop: one host sync
+    per run instead of two per step, with the same error."""
+
+    NONE = 2**62
+
+    def __init__(self, lazy: bool) -> None:
+        self.lazy = lazy
+        self.messages: list[str] = []
+        self.first: Tensor | None = None
+
+    def __call__(self, value: Tensor, message: str) -> None:
+        finite = torch.isfinite(value).all()
+        if not self.lazy:
+            if not bool(finite):
+                raise VelodiffError(message)
+            return
+        code = torch.where(finite, self.NONE, len(self.messages))
+        self.messages.append(message)
+        self.first = code if self.first is None else torch.minimum(self.first, code)
+
+    def raise_first(self) -> None:
+        if self.first is not None and (k := int(self.first)) != self.NONE:
+            raise VelodiffError(self.messages[k])
+
+
 def sample(
     denoiser: Denoiser,
     x: Tensor,
@@ -72,6 +101,7 @@ def sample(
         raise VelodiffError("the initial sample contains NaN or inf")
 
     counts = {"nfe": 0, "evals": 0, "step": 0}
+    check = FiniteCheck(lazy=x.device.type != "cpu")
 
     def denoise(x_in: Tensor, t: float) -> Tensor:
         cost = denoiser.cost(float(t))
@@ -83,8 +113,7 @@ def sample(
                 f"the model returned shape {tuple(x0.shape)} for input {tuple(x_in.shape)} "
                 f"at step {counts['step']}"
             )
-        if not bool(torch.isfinite(x0).all()):
-            raise VelodiffError(f"the model returned NaN or inf at step {counts['step']} (t={float(t):.4g})")
+        check(x0, f"the model returned NaN or inf at step {counts['step']} (t={float(t):.4g})")
         return x0
 
     if noise is None and spec.noise != "none":
@@ -103,8 +132,9 @@ def sample(
     for i in range(ctx.steps):
         counts["step"] = i
         x, x0, state = spec.step(ctx, i, x, state)
-        if not bool(torch.isfinite(x).all()):
-            raise VelodiffError(f"the sample became NaN or inf at step {i} (t={ctx.t(i):.4g})")
+        check(x, f"the sample became NaN or inf at step {i} (t={ctx.t(i):.4g})")
         if callback is not None and callback(StepInfo(i, ctx.t(i), x, x0)):
+            check.raise_first()
             return SampleResult(x0, counts["nfe"], counts["evals"], i + 1, stopped=True)
+    check.raise_first()
     return SampleResult(x, counts["nfe"], counts["evals"], ctx.steps)
