@@ -116,3 +116,20 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     assert cli(*args) == 0
     again = json.loads((out / "results.json").read_text())["records"]
     assert [r["seconds"] for r in again] == [r["seconds"] for r in recs]
+
+
+def test_bench_shapes_eval_reads_images_as_eval_shapes_does(tmp_path, monkeypatch, capsys):
+    """Regression: the sweep once passed [0, 1] images to ShapesEval (which reads [-1, 1] tensors) and
+    scored every record 0. The shipped model draws v1's first prompt (one object) right at 10 NFE."""
+    path = _model_path()
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no default model at {path}")
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("solvers: [dpmpp_2m]\nnfe: [10]\nguidance: [2.5]\nlimit: 1\nimages_per_prompt: 2\n"
+                     "metrics: [shapes]\n")
+    out = tmp_path / "bench"
+    code = cli("bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    (rec,) = json.loads((out / "results.json").read_text())["records"]
+    assert rec["shapes_eval"] == 1.0
