@@ -14,11 +14,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from ..errors import VelodiffError
+from .generate import THREADS_HELP
 
 
 def bench_sweep(
@@ -44,7 +45,7 @@ def bench_sweep(
                                     help="'fd-shapes' or an Inception TorchScript file for FID"),
     clip: Path = typer.Option(None, "--clip", help="local CLIP folder (transformers) for CLIP score"),
     quality: str = typer.Option(None, "--quality", help="quality axis of the Pareto plot"),
-    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads"),
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
     device: str = typer.Option(None, "--device", help="cpu or cuda [default: cuda when available]"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -68,27 +69,12 @@ def bench_sweep(
         raise VelodiffError(f"--out: the folder {out.parent} does not exist; create it or choose another")
     if out.exists() and not out.is_dir():
         raise VelodiffError(f"--out: {out} is a file; give a folder")
-    from .generate import load_model, quiet_libraries, user_errors
+    from .generate import load_model, quiet_libraries
 
     quiet_libraries()
     if model is not None and not Path(model).expanduser().exists():
         raise VelodiffError(f"model {str(model)!r} not found; give a diffusers folder or a .safetensors file")
-    if device is not None:
-        import torch
-
-        from ..models import load
-        from ..models.base import resolve_device
-
-        torch.set_num_threads(threads)
-        dev = resolve_device(device)
-        from ..default_model import DEFAULT_SAMPLING, default_model_path
-
-        path = Path(model).expanduser() if model is not None else default_model_path()
-        with user_errors(f"cannot load model {str(path)!r}"):
-            loaded = load(path, device=dev)
-        defaults = dict(DEFAULT_SAMPLING) if model is None else {}
-    else:
-        loaded, defaults = load_model(model, threads)
+    loaded, defaults = load_model(model, threads, device or "cpu")
     from ..eval.reference import model_hash
 
     res = run_sweep(

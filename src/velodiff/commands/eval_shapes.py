@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
+from .generate import THREADS_HELP
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
 
@@ -161,7 +162,7 @@ def shapes(
     guidance: str = typer.Option(None, help="guidance scale, or a comma list to sweep"),
     seed: int = typer.Option(0),
     batch: int = typer.Option(16, min=1, help="images per batched call"),
-    threads: int = typer.Option(2, min=1),
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
     device: str = typer.Option("cpu", help="cpu or cuda"),
     limit: int = typer.Option(
         None, min=1, help="use only this many prompts, spread over the set (quick checks)"
@@ -187,6 +188,8 @@ def shapes(
         plist = [plist[int(i * len(plist) / limit)] for i in range(limit)]
     quiet_libraries()
     loaded, defaults = load_model(model, threads, device)
+    import torch
+
     scales = parse_scales(guidance, defaults.get("guidance"))
     texts = [p.text for p in plist]
     kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid)
@@ -229,7 +232,7 @@ def shapes(
             "grid": grid or "model default",
             "guidance": info["guidance"],
             "seed": seed,
-            "threads": threads,
+            "threads": torch.get_num_threads(),
             "device": device,
         },
         "sweep": sweep,

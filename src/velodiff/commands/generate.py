@@ -119,13 +119,24 @@ def user_errors(what: str):
         raise VelodiffError(f"{what}: {msg}") from None
 
 
-def load_model(model: Path | None, threads: int, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """The model (default: the shipped one) and its sampling defaults."""
+#: help text of every command's --threads that loads a model through load_model
+THREADS_HELP = "CPU threads (default: 1 for the shipped tiny model, where more do not help; else torch's)"
+
+
+def load_model(
+    model: Path | None, threads: int | None, device: str = "cpu"
+) -> tuple[Any, dict[str, Any]]:
+    """The model (default: the shipped one) and its sampling defaults. ``threads=None``: one thread for
+    the shipped model (its tensors are too small to split; a second thread only adds waiting, and on a
+    loaded machine far more than that), torch's default for any other."""
     import torch
 
     from ..default_model import DEFAULT_SAMPLING, default_model_path
 
-    torch.set_num_threads(threads)
+    if threads is None and model is None:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
     path = Path(model).expanduser() if model is not None else default_model_path()
     if model is None and not (path / "model_index.json").is_file():
         raise VelodiffError(f"the default model is missing from the package ({path}); reinstall velodiff")
@@ -152,7 +163,7 @@ def generate(
     model: Annotated[
         Path | None, typer.Option(help="a diffusers folder or .safetensors file (default: the shipped model)")
     ] = None,
-    threads: int = typer.Option(2, min=1, help="CPU threads"),
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
     """Generate an image from a text prompt (offline, CPU by default)."""
     t0 = time.perf_counter()
