@@ -187,3 +187,21 @@ def test_default_unet_attends_with_32_channels_per_head():
     unet = UNet2DConditionModel(**unet_config("default"))
     attns = [m for m in unet.modules() if type(m).__name__ == "Attention"]
     assert attns and all(a.inner_dim // a.heads == 32 for a in attns)
+
+
+def test_nan_loss_stops_before_any_checkpoint_holds_it(tmp_path):
+    """The loss is read back only on log and checkpoint steps, so a NaN is caught before it is saved."""
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step_fn(step, gen):
+        loss = lin(torch.randn(4, 2, generator=gen)).pow(2).mean()
+        return (loss * float("nan") if step >= 2 else loss), {"loss": loss.detach()}
+
+    cfg = LoopConfig(steps=10, lr=1e-2, warmup=1, checkpoint_every=1, log_every=5)
+    with pytest.raises(VelodiffError, match="loss became nan by step 3"):
+        run_loop(tmp_path / "r", cfg, {"lin": lin}, step_fn, quiet=True)
+    state = _state(tmp_path / "r")
+    assert latest_checkpoint(tmp_path / "r").name == "step-0000002"
+    assert all(bool(torch.isfinite(v).all()) for v in state.values())

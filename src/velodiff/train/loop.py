@@ -161,8 +161,11 @@ def run_loop(
                 emas[name].update(m)
             step += 1
             wall = time.perf_counter() - t_start
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                last = loss.item()
+            if wall >= budget:
+                stop["flag"] = True
+            save = step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["flag"]
+            if step % cfg.log_every == 0 or step == cfg.steps or save:
+                last = loss.item()  # a NaN stops the run before it reaches a checkpoint
                 if not math.isfinite(last):
                     raise VelodiffError(f"the loss became {last} by step {step}; lower --lr")
                 smooth = last if smooth is None else 0.8 * smooth + 0.2 * last
@@ -175,9 +178,7 @@ def run_loop(
                     bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            if wall >= budget:
-                stop["flag"] = True
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop["flag"]:
+            if save:
                 checkpoint()
     finally:
         logf.close()
