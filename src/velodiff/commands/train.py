@@ -130,7 +130,7 @@ def ldm(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     workers: int = typer.Option(1, min=1, help="processes that render the training scenes (once, up front)"),
     init: Annotated[
-        Path | None, typer.Option(help="start from this diffusers model folder's UNet and text encoder")
+        Path | None, typer.Option(help="fine-tune: start from this model folder's UNet and text encoder")
     ] = None,
     quiet: bool = typer.Option(False),
 ) -> None:

@@ -1,9 +1,9 @@
 """Stage 2: text-to-image latent diffusion. A UNet2DConditionModel and a CLIPTextModel trained jointly
 from scratch on ShapesWorld captions, over the frozen stage-1 autoencoder's latents.
 
-Latents of scenes ``0..cache_size-1`` are encoded on first use and kept (in the checkpoint), and every
-step's batch, timesteps, noise and condition dropout come from the step's own generator, so a resumed
-run is bit-identical to an uninterrupted one."""
+Latents of scenes ``0..cache_size-1`` are rendered and encoded once, up front (``LatentCache``), and
+every step's batch, timesteps, noise and condition dropout come from the step's own generator, so a
+resumed run is bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -44,20 +44,18 @@ def build_models(size: str) -> tuple[Any, Any]:
 
 
 def load_init_weights(unet: Any, text: Any, folder: Path) -> None:
-    """Start from the UNet and text encoder of a diffusers folder (e.g. an exported model): fine-tuning."""
-    from safetensors.torch import load_file
+    """Start from the UNet and text encoder of an SD1-family model (e.g. an exported one): fine-tuning."""
+    from ..models import load
 
-    files = {
-        unet: folder / "unet" / "diffusion_pytorch_model.safetensors",
-        text: folder / "text_encoder" / "model.safetensors",
-    }
-    for module, f in files.items():
-        if not f.is_file():
-            raise VelodiffError(
-                f"--init {folder}: no {f.relative_to(folder)} (expected a diffusers model folder)"
-            )
+    try:
+        model = load(folder)
+    except VelodiffError as e:
+        raise VelodiffError(f"--init: {e}") from None
+    for module, name in ((unet, "unet"), (text, "text_encoder")):
+        if name not in model.components:
+            raise VelodiffError(f"--init {folder}: the model has no {name} (expected an SD1-family model)")
         try:
-            module.load_state_dict(load_file(str(f)))
+            module.load_state_dict(model.components[name].state_dict())
         except RuntimeError as e:
             first = str(e).strip().splitlines()[-1].strip()
             raise VelodiffError(f"--init {folder}: weights do not fit this architecture: {first}") from None
