@@ -8,6 +8,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from velodiff import ClassifierFreeGuidance, Cost, DiscreteVP, GuidedCond, ModelDenoiser, make_grid, sample
 from velodiff.denoisers import eps_from_x0
 from velodiff.errors import VelodiffError
+from velodiff.guidance import GuidanceRescale
+from velodiff.sampling import denoise_once
 from velodiff.schedules import F64
 
 SCHED = DiscreteVP.scaled_linear()
@@ -29,7 +31,7 @@ def network(x, timestep, cond):
 def test_cfg_on_x0_equals_cfg_on_eps(prediction_type, t):
     den = ModelDenoiser(network, SCHED, prediction_type)
     w = 7.5
-    x0 = ClassifierFreeGuidance(den, w)(X, t, GuidedCond(COND, UNCOND))
+    x0 = denoise_once(den, X, t, GuidedCond(COND, UNCOND), ClassifierFreeGuidance(scale=w)).x0
     eps_c = eps_from_x0(SCHED, X, t, den(X, t, COND))
     eps_u = eps_from_x0(SCHED, X, t, den(X, t, UNCOND))
     eps_cfg = eps_u + w * (eps_c - eps_u)  # Ho & Salimans 2022, Eq. 6, as diffusers applies it
@@ -41,7 +43,8 @@ def test_cfg_on_x0_equals_cfg_on_eps(prediction_type, t):
 def test_rescale_equals_diffusers_rescale_noise_cfg(phi, t):
     den = ModelDenoiser(network, SCHED, "epsilon")
     w = 6.0
-    x0 = ClassifierFreeGuidance(den, w, rescale=phi)(X, t, GuidedCond(COND, UNCOND))
+    plan = [ClassifierFreeGuidance(scale=w), GuidanceRescale(phi=phi)]
+    x0 = denoise_once(den, X, t, GuidedCond(COND, UNCOND), plan).x0
     eps_c = network(X, SCHED.timestep(t).expand(B), COND)
     eps_u = network(X, SCHED.timestep(t).expand(B), UNCOND)
     ref = rescale_noise_cfg(eps_u + w * (eps_c - eps_u), eps_c, guidance_rescale=phi)
@@ -59,22 +62,27 @@ class CountingNetwork:
 
 def test_interval_guidance_cost():
     den = ModelDenoiser(network, SCHED)
-    cfg = ClassifierFreeGuidance(den, 5.0, interval=(0.2, 0.6))
-    assert cfg.cost(0.5) == Cost(nfe=1, evals=2)
-    assert cfg.cost(0.2) == cfg.cost(0.6) == Cost(1, 2)
-    assert cfg.cost(0.1) == cfg.cost(0.9) == Cost(1, 1)
-    assert ClassifierFreeGuidance(den, 1.0).cost(0.5) == Cost(1, 1)  # scale 1: conditional only
+    both = GuidedCond(COND, UNCOND)
+
+    def cost(t, plan="cfg:scale=5,t_lo=0.2,t_hi=0.6"):
+        return denoise_once(den, X, t, both, plan).cost
+
+    assert cost(0.5) == Cost(nfe=1, evals=2)
+    assert cost(0.2) == cost(0.6) == Cost(1, 2)
+    assert cost(0.1) == cost(0.9) == Cost(1, 1)
+    assert cost(0.5, "cfg:scale=1") == Cost(1, 1)  # scale 1: conditional only
     # outside the interval the result is the conditional prediction itself
-    assert torch.equal(cfg(X, 0.9, GuidedCond(COND, UNCOND)), den(X, 0.9, COND))
+    assert torch.equal(denoise_once(den, X, 0.9, both, "cfg:scale=5,t_lo=0.2,t_hi=0.6").x0, den(X, 0.9, COND))
 
 
 @pytest.mark.parametrize("solver", ["ddim", "heun", "dpmpp_2m", "euler_ancestral"])
 @pytest.mark.parametrize("interval", [None, (0.2, 0.6), (2.0, 3.0)])
 def test_sample_counts_nfe_and_evals(solver, interval):
     net = CountingNetwork()
-    cfg = ClassifierFreeGuidance(ModelDenoiser(net, SCHED), 4.0, interval=interval)
+    lo_hi = {} if interval is None else {"t_lo": interval[0], "t_hi": interval[1]}
+    cfg = ClassifierFreeGuidance(scale=4.0, **lo_hi)
     ts = make_grid("uniform", SCHED, 9)
-    res = sample(cfg, X, ts, solver, cond=GuidedCond(COND, UNCOND))
+    res = sample(ModelDenoiser(net, SCHED), X, ts, solver, cond=GuidedCond(COND, UNCOND), plan=cfg)
     assert res.nfe == len(net.batches)  # one batched network call per denoiser call
     assert res.evals == sum(net.batches) // B  # network-sample evaluations per image
     guided = sum(b == 2 * B for b in net.batches)
@@ -89,11 +97,14 @@ def test_sample_counts_nfe_and_evals(solver, interval):
 
 def test_guidance_errors():
     den = ModelDenoiser(network, SCHED)
+    ts = make_grid("uniform", SCHED, 4)
     with pytest.raises(VelodiffError, match="scale"):
-        ClassifierFreeGuidance(den, -1.0)
-    with pytest.raises(VelodiffError, match="rescale"):
-        ClassifierFreeGuidance(den, 5.0, rescale=1.5)
+        ClassifierFreeGuidance(scale=-1.0)
+    with pytest.raises(VelodiffError, match="phi"):
+        GuidanceRescale(phi=1.5)
     with pytest.raises(VelodiffError, match="interval"):
-        ClassifierFreeGuidance(den, 5.0, interval=(0.6, 0.2))
+        sample(den, X, ts, cond=GuidedCond(COND, UNCOND), plan="cfg:scale=5,t_lo=0.6,t_hi=0.2")
     with pytest.raises(VelodiffError, match="GuidedCond"):
-        ClassifierFreeGuidance(den, 5.0)(X, 0.5, COND)
+        sample(den, X, ts, cond=COND, plan="cfg:scale=5")
+    with pytest.raises(VelodiffError, match="needs a guidance scale"):
+        sample(den, X, ts, cond=GuidedCond(COND, UNCOND), plan="cfg")

@@ -117,9 +117,6 @@ def test_model_output_shape_mismatch():
             self.calls += 1
             return x if self.calls < 3 else x[:1]
 
-        def cost(self, t):
-            return DEN.cost(t)
-
     with pytest.raises(VelodiffError, match="at step 2"):
         sample(BadDenoiser(), X, TS, "ddim")
 
@@ -142,7 +139,7 @@ def test_callback_true_stops_and_returns_x0(solver):
     res = sample(DEN, X, TS, solver, callback=callback)
     assert res.stopped and res.steps == 2 and [s.i for s in seen] == [0, 1]
     assert torch.equal(res.x, seen[-1].x0)
-    assert seen[-1].t == float(TS[1])
+    assert seen[-1].t_from == float(TS[1]) and seen[-1].t == float(TS[2])  # x0 made at t_from, x is at t
     full = sample(DEN, X, TS, solver, callback=lambda info: None)
     assert not full.stopped and full.steps == len(TS) - 1
 

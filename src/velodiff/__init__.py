@@ -4,6 +4,7 @@ from .denoisers import Cost, ModelDenoiser
 from .errors import VelodiffError
 from .grids import GRIDS, make_grid
 from .guidance import ClassifierFreeGuidance, GuidedCond
+from .plan import Plan
 from .sampling import SampleResult, StepInfo, sample
 from .schedules import EDM, ContinuousVP, DiscreteVP, NoiseSchedule, RectifiedFlow, get_schedule
 from .solvers import SOLVERS, get_solver
@@ -21,6 +22,6 @@ def __getattr__(name: str):  # velodiff.load without importing the model familie
 
 __all__ = [
     "EDM", "GRIDS", "SOLVERS", "ClassifierFreeGuidance", "ContinuousVP", "Cost", "DiscreteVP",
-    "GuidedCond", "ModelDenoiser", "NoiseSchedule", "RectifiedFlow", "SampleResult", "StepInfo",
+    "GuidedCond", "ModelDenoiser", "NoiseSchedule", "Plan", "RectifiedFlow", "SampleResult", "StepInfo",
     "VelodiffError", "get_schedule", "get_solver", "load", "make_grid", "sample",
 ]

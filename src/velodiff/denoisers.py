@@ -1,9 +1,9 @@
 """The denoiser contract: ``denoise(x, t, cond) -> x0``, and the adapters that produce it.
 
 A network predicts one of eps, v, x0 or a flow velocity; :class:`ModelDenoiser` turns any of them
-into an x0-prediction using the schedule's alpha(t) and sigma(t). Every denoiser declares its cost
-per call (:class:`Cost`) so the sampling loop counts NFE honestly. Guidance rules live in
-``velodiff.guidance`` and wrap a denoiser.
+into an x0-prediction using the schedule's alpha(t) and sigma(t). Guidance rules and accelerators
+(``velodiff.guidance``, ``velodiff.accel``) sit on the plan (``velodiff.plan``) above a denoiser and
+report what each evaluation cost (:class:`Cost`) after it ran.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 @dataclass(frozen=True)
 class Cost:
-    """What one denoiser call costs: ``nfe`` batched network calls, ``evals`` network-sample
-    evaluations per image (CFG batched as one call: nfe = 1, evals = 2)."""
+    """What one evaluation cost: ``nfe`` batched network calls, ``evals`` network-sample evaluations per
+    image (CFG batched as one call: nfe = 1, evals = 2; a fraction when a branch ran for some images)."""
 
     nfe: int = 1
-    evals: int = 1
+    evals: float = 1
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.nfe + other.nfe, self.evals + other.evals)
@@ -44,8 +44,6 @@ class Denoiser(Protocol):
     schedule: NoiseSchedule
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond = None) -> Tensor: ...
-
-    def cost(self, t: float) -> Cost: ...
 
 
 def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
@@ -108,8 +106,14 @@ class ModelDenoiser:
             raise VelodiffError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         return x0_from_prediction(self.prediction_type, self.schedule, x, t.to(x.device), out)
 
-    def cost(self, t: float) -> Cost:
-        return Cost()
+
+def index_cond(cond: Cond, rows: Tensor) -> Cond:
+    """The conditioning of the sample ``rows`` (tensors and mappings of tensors, batch first)."""
+    if isinstance(cond, Tensor):
+        return cond[rows.to(cond.device)]
+    if isinstance(cond, Mapping):
+        return {k: index_cond(v, rows) for k, v in cond.items()}
+    return cond
 
 
 def concat_cond(a: Cond, b: Cond) -> Cond:

@@ -19,7 +19,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from .denoisers import Cost, broadcast_time
+from .denoisers import broadcast_time
 from .noise import randn
 from .schedules import F64, NoiseSchedule
 
@@ -90,9 +90,6 @@ class MixtureDenoiser:
     def __call__(self, x: Tensor, t: Tensor | float, cond: object = None) -> Tensor:
         tb = broadcast_time(t, x).flatten()
         return self.mixture.x0(x, self.schedule.alpha(tb), self.schedule.sigma(tb))
-
-    def cost(self, t: float) -> Cost:
-        return Cost()
 
 
 def reference_solution(

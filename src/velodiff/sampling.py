@@ -1,16 +1,21 @@
-"""The sampling loop: one function that runs any solver over any grid with any denoiser.
+"""The sampling loop: one function that runs any solver over any grid with any denoiser and plan.
 
-    result = sample(denoiser, x_T, ts, "dpmpp_2m", cond=cond)
+    result = sample(denoiser, x_T, ts, "dpmpp_2m", cond=GuidedCond(c, u), plan="cfg:scale=5")
 
-It binds the conditioning, counts NFE and network-sample evaluations as each denoiser declares,
-stops with the step index on NaN/inf or a shape mismatch, and calls ``callback(StepInfo)`` after
-every step; a callback returning True stops the run, which then returns the latest x0 estimate.
+Every evaluation the solver asks for goes through the plan's stack of accelerators
+(``velodiff.plan``) down to one batched call of the denoiser per request; NFE and network-sample
+evaluations are counted from what each evaluation reports after the call. The loop stops with the
+step index on NaN/inf or a shape mismatch. After every step the plan's rules may edit x
+(``after_step``), then ``callback(StepInfo)`` is called: it may return an edited x (a tensor) or
+True to stop the run, which then returns the latest x0 estimate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,17 +23,28 @@ from torch import Tensor
 from .denoisers import Cond, Denoiser
 from .errors import VelodiffError
 from .grids import check_grid
+from .guidance.cfg import GuidedCond
 from .noise import BrownianNoise, GaussianNoise
+from .plan import Accelerator, EvalRequest, EvalResult, Plan, RunInfo, branch_evaluator
 from .schedules import F64
 from .solvers import SolverSpec, StepContext, get_solver
+from .solvers.base import EvalRecord
 
 
 @dataclass(frozen=True)
 class StepInfo:
+    """After step ``i``: ``x`` is the sample at time ``t`` (= ts[i + 1]); ``x0`` is the clean-data
+    prediction the step made at time ``t_from`` (= ts[i])."""
+
     i: int
     t: float
     x: Tensor
     x0: Tensor
+    t_from: float
+
+
+#: what a callback may return: None (go on), True (stop), or an edited x
+Callback = Callable[[StepInfo], "bool | Tensor | None"]
 
 
 @dataclass
@@ -38,6 +54,8 @@ class SampleResult:
     evals: int
     steps: int
     stopped: bool = False
+    #: the canonical plan string of the run ("none" without one)
+    plan: str = "none"
 
 
 class FiniteCheck:
@@ -69,6 +87,14 @@ class FiniteCheck:
             raise VelodiffError(self.messages[k])
 
 
+def branches_of(cond: Cond) -> dict[str, Cond]:
+    """The named conditionings of a run: a GuidedCond gives ``cond`` and ``uncond``; a mapping of
+    branch names is taken as is; anything else is the single ``cond`` branch."""
+    if isinstance(cond, GuidedCond):
+        return {"cond": cond.cond, "uncond": cond.uncond}
+    return {"cond": cond}
+
+
 def sample(
     denoiser: Denoiser,
     x: Tensor,
@@ -78,13 +104,19 @@ def sample(
     cond: Cond = None,
     seed: int = 0,
     noise: Callable[[int], Tensor] | None = None,
-    callback: Callable[[StepInfo], bool | None] | None = None,
+    callback: Callback | None = None,
+    plan: str | Plan | Accelerator | Sequence[Accelerator | str] | None = None,
+    context: Mapping[str, Any] | None = None,
+    grad: bool = False,
     **options: object,
 ) -> SampleResult:
-    """Integrate from ``x`` at ``ts[0]`` down to ``ts[-1]`` with ``solver``.
+    """Integrate from ``x`` at ``ts[0]`` down to ``ts[-1]`` with ``solver`` under ``plan``.
 
     ``options`` are the solver's own (e.g. ``eta``, ``order``); unknown ones are refused.
-    Stochastic solvers draw noise from ``noise`` or, by default, from ``seed``."""
+    Stochastic solvers draw noise from ``noise`` or, by default, from ``seed``. ``context`` adds what
+    a rule may need of the model (``RunInfo`` fields: model, network, encode, prompts). ``grad=True``
+    (or a rule that needs it) runs with gradients enabled; otherwise sampling runs under
+    ``torch.inference_mode``."""
     spec = get_solver(solver)
     unknown = set(options) - set(spec.defaults)
     if unknown:
@@ -99,25 +131,61 @@ def sample(
         raise VelodiffError(f"solver {spec.name!r} needs at least {spec.min_steps} steps, got {len(ts) - 1}")
     if not bool(torch.isfinite(x).all()):
         raise VelodiffError("the initial sample contains NaN or inf")
+    plan = Plan.parse(plan)
+    conds = branches_of(cond)
+    run = RunInfo(
+        schedule=sched,
+        ts=ts,
+        solver=spec,
+        batch=x.shape[0],
+        conds=conds,
+        prediction_type=getattr(denoiser, "prediction_type", None),
+        **dict(context or {}),
+    )
+    for rule in plan.rules:
+        rule.check(run)
+    grad = grad or plan.needs_grad
+    mode = contextlib.nullcontext() if grad else torch.inference_mode()
+    with mode:
+        return _loop(denoiser, x, ts, spec, plan, run, seed, noise, callback, options)
 
-    counts = {"nfe": 0, "evals": 0, "step": 0}
+
+def _loop(
+    denoiser: Denoiser,
+    x: Tensor,
+    ts: Tensor,
+    spec: SolverSpec,
+    plan: Plan,
+    run: RunInfo,
+    seed: int,
+    noise: Callable[[int], Tensor] | None,
+    callback: Callback | None,
+    options: Mapping[str, object],
+) -> SampleResult:
+    counts = {"nfe": 0, "evals": 0, "step": 0, "stage": 0}
     check = FiniteCheck(lazy=x.device.type != "cpu")
+    record = EvalRecord()
+    evaluate = plan.chain(branch_evaluator(denoiser))
 
     def denoise(x_in: Tensor, t: float) -> Tensor:
-        cost = denoiser.cost(float(t))
-        counts["nfe"] += cost.nfe
-        counts["evals"] += cost.evals
-        x0 = denoiser(x_in, t, cond)
+        step = counts["step"]
+        req = EvalRequest(step, counts["stage"], torch.as_tensor(t, dtype=F64), x_in, run.conds)
+        counts["stage"] += 1
+        res = evaluate(req)
+        counts["nfe"] += res.cost.nfe
+        counts["evals"] += res.cost.evals
+        record.note(step, res.exact, res.renoise_x0)
+        x0 = res.x0
         if x0.shape != x_in.shape:
             raise VelodiffError(
-                f"the model returned shape {tuple(x0.shape)} for input {tuple(x_in.shape)} "
-                f"at step {counts['step']}"
+                f"the model returned shape {tuple(x0.shape)} for input {tuple(x_in.shape)} at step {step}"
             )
-        check(x0, f"the model returned NaN or inf at step {counts['step']} (t={float(t):.4g})")
+        check(x0, f"the model returned NaN or inf at step {step} (t={float(t):.4g})")
         return x0
 
     if noise is None and spec.noise != "none":
         noise = BrownianNoise(x, seed, ts) if spec.noise == "brownian" else GaussianNoise(x, seed)
+    sched = run.schedule
     ctx = StepContext(
         denoise=denoise,
         schedule=sched,
@@ -127,14 +195,77 @@ def sample(
         lambdas=sched.log_snr(ts),
         noise=noise,
         options={**spec.defaults, **options},
+        record=record,
     )
-    state = None
-    for i in range(ctx.steps):
-        counts["step"] = i
-        x, x0, state = spec.step(ctx, i, x, state)
-        check(x, f"the sample became NaN or inf at step {i} (t={ctx.t(i):.4g})")
-        if callback is not None and callback(StepInfo(i, ctx.t(i), x, x0)):
-            check.raise_first()
-            return SampleResult(x0, counts["nfe"], counts["evals"], i + 1, stopped=True)
-    check.raise_first()
-    return SampleResult(x, counts["nfe"], counts["evals"], ctx.steps)
+    with running(plan, run):
+        state = None
+        for i in range(ctx.steps):
+            counts["step"], counts["stage"] = i, 0
+            x, x0, state = spec.step(ctx, i, x, state)
+            check(x, f"the sample became NaN or inf at step {i} (t={ctx.t(i):.4g})")
+            info = StepInfo(i, ctx.t(i + 1), x, x0, ctx.t(i))
+            for rule in reversed(plan.rules):  # innermost first, as the evaluations ran
+                edited = rule.after_step(info)
+                if edited is not None:
+                    info = replace(info, x=_edited(edited, x, f"plan rule {rule.name!r}"))
+            x = info.x
+            reply = callback(info) if callback is not None else None
+            if isinstance(reply, Tensor):
+                x = _edited(reply, x, "the callback")
+            elif reply:
+                check.raise_first()
+                return SampleResult(x0, counts["nfe"], counts["evals"], i + 1, stopped=True, plan=str(plan))
+        check.raise_first()
+        return SampleResult(x, counts["nfe"], counts["evals"], ctx.steps, plan=str(plan))
+
+
+@contextlib.contextmanager
+def running(plan: Plan, run: RunInfo):
+    """The rules' lifecycle around a run: begin each (outermost first), end those begun (innermost
+    first) however the run ends."""
+    started: list[Accelerator] = []
+    try:
+        for rule in plan.rules:
+            rule.begin(run)
+            started.append(rule)
+        yield
+    finally:
+        for rule in reversed(started):
+            rule.end()
+
+
+def _edited(new: Tensor, old: Tensor, who: str) -> Tensor:
+    if new.shape != old.shape:
+        raise VelodiffError(f"{who} returned x of shape {tuple(new.shape)}; the sample is {tuple(old.shape)}")
+    return new
+
+
+def denoise_once(
+    denoiser: Denoiser,
+    x: Tensor,
+    t: float | Tensor,
+    cond: Cond = None,
+    plan: str | Plan | Accelerator | Sequence[Accelerator | str] | None = None,
+    *,
+    step: int = 0,
+    ts: Tensor | None = None,
+    context: Mapping[str, Any] | None = None,
+) -> EvalResult:
+    """One evaluation at (x, t) through ``plan``, as step ``step`` of a run over ``ts`` (default: the
+    one step from t to 0) would get it: the rules begin, evaluate once and end."""
+    plan = Plan.parse(plan)
+    t = torch.as_tensor(t, dtype=F64)
+    ts = torch.tensor([float(t.max()), 0.0], dtype=F64) if ts is None else torch.as_tensor(ts, dtype=F64)
+    run = RunInfo(
+        schedule=denoiser.schedule,
+        ts=ts,
+        solver=get_solver("ddim"),
+        batch=x.shape[0],
+        conds=branches_of(cond),
+        prediction_type=getattr(denoiser, "prediction_type", None),
+        **dict(context or {}),
+    )
+    for rule in plan.rules:
+        rule.check(run)
+    with running(plan, run):
+        return plan.chain(branch_evaluator(denoiser))(EvalRequest(step, 0, t, x, run.conds))

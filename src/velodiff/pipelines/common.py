@@ -23,8 +23,9 @@ from torch import Tensor
 from ..denoisers import Cond
 from ..errors import VelodiffError, unknown_name
 from ..grids import make_grid
-from ..guidance import ClassifierFreeGuidance, GuidedCond
+from ..guidance import ClassifierFreeGuidance, GuidanceRescale, GuidedCond
 from ..noise import BrownianNoise, GaussianNoise, randn
+from ..plan import Plan
 from ..sampling import StepInfo, sample
 from ..solvers import SolverSpec, get_solver
 
@@ -36,7 +37,7 @@ OUTPUTS = ("pil", "tensor", "latent")
 class GenerationResult:
     """``images``: PIL images, a float tensor (B, 3, H, W) in [0, 1], or None for output="latent";
     ``latents``: the final latents (float32); ``nfe`` / ``evals``: batched network calls and
-    network-sample evaluations per image; ``ts``: the grid that was run."""
+    network-sample evaluations per image; ``ts``: the grid that was run; ``plan``: the plan that ran."""
 
     images: Any
     latents: Tensor
@@ -48,6 +49,8 @@ class GenerationResult:
     solver: str
     guidance: float
     stopped: bool = False
+    #: the canonical string of the plan that ran (implicit CFG included)
+    plan: str = "none"
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,33 +111,80 @@ class PerImageNoise:
 
 
 @dataclass
-class Plan:
+class Sampling:
+    """The keywords text2img, img2img and inpaint share, declared once (each pipeline takes them as
+    ``**options``; an unknown one is refused in one line).
+
+    * ``steps`` or ``nfe`` (the most steps whose network calls fit), ``solver``, ``grid`` (a name or an
+      explicit list of times) and ``guidance`` (the classifier-free guidance scale) default to the model's;
+      ``solver_options``, ``grid_options`` and ``final`` ("zero" / "t_min") refine them.
+    * ``plan``: the step plan (``velodiff.plan``): a string such as ``"ag:threshold=0.99+pag"``, a rule
+      object, or a list of them. CFG at ``guidance`` is added unless a rule of the plan claims the
+      unconditional branch; ``guidance_rescale`` and ``guidance_interval`` (t_lo, t_hi) configure it.
+    * ``seeds``: an int s (images get s, s+1, ...), a list (one prompt repeats over it), or None (0, 1, ...).
+    * ``latents``: the starting noise (B, C, h, w), standard normal, instead of drawing it from the seeds.
+    * ``output``: "pil" (PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" (no decode).
+    * ``noise``: "velodiff" (per-image seed) or "torch" (one CPU generator for the batch, as diffusers'
+      CPU generator and ComfyUI).
+    * ``callback(StepInfo)``: after every step; may return an edited x, or True to stop.
+    * ``grad``: sample with gradients enabled (off: inference mode; a rule that needs them turns it on).
+    """
+
+    negative: str | Sequence[str] | None = None
+    steps: int | None = None
+    nfe: int | None = None
+    solver: str | None = None
+    grid: str | Sequence[float] | None = None
+    guidance: float | None = None
+    guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
+    plan: Any = None
+    seeds: int | Sequence[int] | None = None
+    callback: Callable[[StepInfo], Any] | None = None
+    latents: Tensor | None = None
+    output: str = "pil"
+    noise: str = "velodiff"
+    solver_options: dict[str, Any] | None = None
+    grid_options: dict[str, Any] | None = None
+    final: str | None = None
+    grad: bool = False
+
+    @classmethod
+    def of(cls, what: str, options: dict[str, Any]) -> Sampling:
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise VelodiffError(
+                f"{what}() got an unknown keyword {unknown[0]!r}; "
+                f"valid: {', '.join(cls.__dataclass_fields__)}"
+            )
+        opts = cls(**options)
+        check_output(opts.output)
+        return opts
+
+
+@dataclass
+class Setup:
+    """What a run samples with: the solver, the grid, the guidance scale and the resolved plan."""
+
     solver: SolverSpec
     ts: Tensor
     steps: int
     guidance: float
+    plan: Plan
 
 
-def make_plan(
-    model: Any,
-    *,
-    steps: int | None,
-    nfe: int | None,
-    solver: str | None,
-    grid: str | Sequence[float] | None,
-    guidance: float | None,
-    grid_options: dict[str, Any] | None = None,
-    final: str | None = None,
-    size: tuple[int, int] | None = None,
-) -> Plan:
-    """The solver, grid and guidance of a run; the default grid's options depend on the image
+def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) -> Setup:
+    """The solver, grid, guidance and plan of a run; the default grid's options depend on the image
     ``size`` (h, w) for models with resolution-dependent shifts (Flux, SD3.5)."""
-    spec = get_solver(solver or model.default_solver)
-    guidance = float(model.default_guidance if guidance is None else guidance)
+    spec = get_solver(opts.solver or model.default_solver)
+    guidance = float(model.default_guidance if opts.guidance is None else opts.guidance)
+    plan = resolve_plan(opts.plan, guidance, opts.guidance_rescale, opts.guidance_interval)
+    grid = opts.grid
     if grid is not None and not isinstance(grid, str):
         ts = make_grid(grid, model.schedule)
-        return Plan(spec, ts, len(ts) - 1, guidance)
-    final = final or model.default_final
+        return Setup(spec, ts, len(ts) - 1, guidance, plan)
+    final = opts.final or model.default_final
+    steps, nfe = opts.steps, opts.nfe
     if steps is not None and nfe is not None:
         raise VelodiffError("give steps or nfe, not both")
     if nfe is not None:
@@ -145,46 +195,71 @@ def make_plan(
     if steps < 1:
         raise VelodiffError(f"steps must be >= 1, got {steps}")
     name = grid or model.default_grid
-    opts = {}
+    grid_opts = {}
     if grid is None:
-        opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
-    opts.update(grid_options or {})
-    ts = make_grid(name, model.schedule, steps, final=final, **opts)
-    return Plan(spec, ts, steps, guidance)
+        grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
+    grid_opts.update(opts.grid_options or {})
+    ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
+    return Setup(spec, ts, steps, guidance, plan)
 
 
-def guided_denoiser(
-    model: Any, guidance: float, rescale: float = 0.0, interval: tuple[float, float] | None = None
-) -> Any:
-    if guidance == 1.0:
-        return model.denoiser
-    return ClassifierFreeGuidance(model.denoiser, guidance, rescale=rescale, interval=interval)
+def resolve_plan(
+    plan: Any, guidance: float, rescale: float = 0.0, interval: tuple[float, float] | None = None
+) -> Plan:
+    """The user's plan, with classifier-free guidance at ``guidance`` (and its interval) added unless a
+    rule claims the unconditional branch, and guidance rescale unless the plan has its own."""
+    p = Plan.parse(plan)
+    if not 0.0 <= rescale <= 1.0:
+        raise VelodiffError(f"guidance rescale must be in [0, 1], got {rescale}")
+    if not guidance >= 0:
+        raise VelodiffError(f"guidance scale must be >= 0, got {guidance}")
+    extra: list[Any] = []
+    if guidance != 1.0 and not p.claims("uncond"):
+        lo_hi = {} if interval is None else {"t_lo": float(interval[0]), "t_hi": float(interval[1])}
+        if interval is not None and not lo_hi["t_lo"] <= lo_hi["t_hi"]:
+            raise VelodiffError(f"guidance interval must have t_lo <= t_hi, got {tuple(interval)}")
+        extra.append(ClassifierFreeGuidance(**lo_hi))
+    if rescale > 0 and p.find("rescale") is None:
+        extra.append(GuidanceRescale(phi=rescale))
+    return p.with_rules(extra) if extra else p
 
 
 def run(
     model: Any,
-    plan: Plan,
+    setup: Setup,
+    opts: Sampling,
     x: Tensor,
     cond: Cond,
     seeds: list[int],
+    prompts: list[str],
+    size: tuple[int, int],
     *,
-    callback: Callable[[StepInfo], bool | None] | None = None,
-    guidance_rescale: float = 0.0,
-    guidance_interval: tuple[float, float] | None = None,
     ts: Tensor | None = None,
-    solver_options: dict[str, Any] | None = None,
+    callback: Callable[[StepInfo], Any] | None = None,
+    encode: Callable[[list[str]], Cond] | None = None,
 ) -> Any:
-    """Sample from x at ts[0] (the plan's grid unless ``ts``) under inference mode."""
-    ts = plan.ts if ts is None else ts
-    den = guided_denoiser(model, plan.guidance, guidance_rescale, guidance_interval)
+    """Sample from x at ts[0] (the setup's grid unless ``ts``) under the setup's plan."""
+    ts = setup.ts if ts is None else ts
     noise = None
-    opts = dict(solver_options or {})
-    if plan.solver.noise != "none":
-        noise = PerImageNoise(x, seeds, plan.solver.noise, ts)
-    with torch.inference_mode():
-        return sample(
-            den, x, ts, plan.solver, cond=cond, seed=seeds[0], noise=noise, callback=callback, **opts
-        )
+    if setup.solver.noise != "none":
+        noise = PerImageNoise(x, seeds, setup.solver.noise, ts)
+    h, w = size
+
+    def encode_plain(texts: list[str]) -> Cond:
+        return prepare_cond(model, texts, None, False, h, w)
+
+    context = {
+        "model": model,
+        "network": model.components.get("unet", model.components.get("transformer")),
+        "encode": encode or encode_plain,
+        "prompts": tuple(prompts),
+        "guidance": setup.guidance,
+    }
+    return sample(
+        model.denoiser, x, ts, setup.solver, cond=cond, seed=seeds[0], noise=noise,
+        callback=opts.callback if callback is None else callback, plan=setup.plan, context=context,
+        grad=opts.grad, **dict(opts.solver_options or {}),
+    )
 
 
 def check_output(output: str) -> None:
@@ -192,7 +267,7 @@ def check_output(output: str) -> None:
         raise unknown_name("output", output, OUTPUTS)
 
 
-def finish(model: Any, res: Any, plan: Plan, seeds: list[int], output: str, ts: Tensor, **info: Any) -> Any:
+def finish(model: Any, res: Any, setup: Setup, seeds: list[int], output: str, ts: Tensor, **info: Any) -> Any:
     images: Any = None
     if output != "latent":
         images = model.decode(res.x)
@@ -206,19 +281,20 @@ def finish(model: Any, res: Any, plan: Plan, seeds: list[int], output: str, ts: 
         steps=res.steps,
         seeds=seeds,
         ts=ts,
-        solver=plan.solver.name,
-        guidance=plan.guidance,
+        solver=setup.solver.name,
+        guidance=setup.guidance,
         stopped=res.stopped,
+        plan=str(setup.plan),
         info=info,
     )
 
 
 def prepare_cond(
-    model: Any, prompts: list[str], negative: Any, guidance: float, height: int, width: int
+    model: Any, prompts: list[str], negative: Any, guided: bool, height: int, width: int
 ) -> Cond:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        return model.encode_prompt(prompts, negative, guided=guidance != 1.0, height=height, width=width)
+        return model.encode_prompt(prompts, negative, guided=guided, height=height, width=width)
 
 
 def repeat_cond(cond: Cond, n: int) -> Cond:
@@ -233,12 +309,13 @@ def repeat_cond(cond: Cond, n: int) -> Cond:
 
 
 def encode_batch_prompts(
-    model: Any, prompts: list[str], negative: Any, guidance: float, height: int, width: int
+    model: Any, prompts: list[str], negative: Any, guided: bool, height: int, width: int
 ) -> Cond:
-    """Encode each distinct prompt once (a seed sweep of one prompt encodes it once)."""
+    """Encode each distinct prompt once (a seed sweep of one prompt encodes it once); with the
+    unconditional (or negative) conditioning too when ``guided``."""
     if len(set(prompts)) == 1 and len(prompts) > 1 and (negative is None or isinstance(negative, str)):
-        return repeat_cond(prepare_cond(model, prompts[:1], negative, guidance, height, width), len(prompts))
-    return prepare_cond(model, prompts, negative, guidance, height, width)
+        return repeat_cond(prepare_cond(model, prompts[:1], negative, guided, height, width), len(prompts))
+    return prepare_cond(model, prompts, negative, guided, height, width)
 
 
 # --- images in and out -------------------------------------------------------------------------

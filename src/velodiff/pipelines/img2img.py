@@ -9,23 +9,23 @@ the top of the grid; strength 0 returns the image through the VAE, with no netwo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
-from ..sampling import SampleResult, StepInfo
+from ..sampling import SampleResult
 from .common import (
     GenerationResult,
+    Sampling,
     batch_prompts_and_seeds,
-    check_output,
     encode_batch_prompts,
     finish,
     image_tensor,
     initial_noise,
-    make_plan,
+    make_setup,
     normalize_prompts,
     run,
 )
@@ -76,69 +76,34 @@ def img2img(
     image: Any,
     strength: float = 0.8,
     *,
-    negative: str | Sequence[str] | None = None,
-    steps: int | None = None,
-    nfe: int | None = None,
-    solver: str | None = None,
-    grid: str | Sequence[float] | None = None,
-    guidance: float | None = None,
-    guidance_rescale: float = 0.0,
-    guidance_interval: tuple[float, float] | None = None,
-    seeds: int | Sequence[int] | None = None,
     height: int | None = None,
     width: int | None = None,
-    callback: Callable[[StepInfo], bool | None] | None = None,
-    latents: Tensor | None = None,
     image_latents: Tensor | None = None,
-    output: str = "pil",
-    noise: str = "velodiff",
-    solver_options: dict[str, Any] | None = None,
-    grid_options: dict[str, Any] | None = None,
-    final: str | None = None,
+    **options: Any,
 ) -> GenerationResult:
     """Re-generate ``image`` (PIL, list, or (B, 3, H, W) in [0, 1]) toward ``prompts``.
 
-    ``latents`` is the noise added to the image (standard normal, default from the seeds);
-    ``image_latents`` skips the VAE encoder. Other arguments as :func:`text2img`; ``nfe`` counts
-    the whole grid, of which the last ``strength`` fraction runs."""
-    check_output(output)
+    ``options`` as :func:`text2img` (:class:`velodiff.pipelines.common.Sampling`); ``latents`` is the
+    noise added to the image (standard normal, default from the seeds); ``image_latents`` skips the VAE
+    encoder; ``nfe`` counts the whole grid, of which the last ``strength`` fraction runs."""
+    opts = Sampling.of("img2img", options)
     s = check_strength(strength)
-    ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), seeds)
+    ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), opts.seeds)
     z0, h, w = init_image_latents(model, image, len(ps), height, width, image_latents)
     shape = model.latent_shape(len(ps), h, w)
-    plan = make_plan(
-        model,
-        steps=steps,
-        nfe=nfe,
-        solver=solver,
-        grid=grid,
-        guidance=guidance,
-        grid_options=grid_options,
-        final=final,
-        size=(h, w),
-    )
-    ts = plan.ts[start_index(plan.steps, s) :]
+    setup = make_setup(model, opts, size=(h, w))
+    ts = setup.ts[start_index(setup.steps, s) :]
     if len(ts) < 2:  # strength 0 (or too small for one step): the image back through the VAE
         res = SampleResult(z0.clone(), 0, 0, 0)
-        return finish(model, res, plan, seeds_l, output, ts, prompts=ps, height=h, width=w, strength=s)
-    eps = (initial_noise(shape, seeds_l, noise) if latents is None else latents.float()).to(model.device)
+        return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)
+    eps = (initial_noise(shape, seeds_l, opts.noise) if opts.latents is None else opts.latents.float())
+    eps = eps.to(model.device)
     if tuple(eps.shape) != shape:
         raise VelodiffError(f"latents have shape {tuple(eps.shape)}; expected {shape}")
     t0 = float(ts[0])
     x = float(model.schedule.alpha(t0)) * z0 + float(model.schedule.sigma(t0)) * eps
     if model.is_inpainting:
         raise VelodiffError(f"{model.family} model at {model.path} is an inpainting model; use inpaint(...)")
-    cond = encode_batch_prompts(model, ps, negative, plan.guidance, h, w)
-    res = run(
-        model,
-        plan,
-        x,
-        cond,
-        seeds_l,
-        callback=callback,
-        guidance_rescale=guidance_rescale,
-        guidance_interval=guidance_interval,
-        ts=ts,
-        solver_options=solver_options,
-    )
-    return finish(model, res, plan, seeds_l, output, ts, prompts=ps, height=h, width=w, strength=s)
+    cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.claims("uncond"), h, w)
+    res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w), ts=ts)
+    return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)

@@ -14,6 +14,7 @@ The mask is binarized at 0.5 and downsampled (nearest) to the latent grid, as di
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,15 +27,16 @@ from ..guidance import GuidedCond
 from ..sampling import SampleResult, StepInfo
 from .common import (
     GenerationResult,
+    Sampling,
     batch_prompts_and_seeds,
-    check_output,
     encode_batch_prompts,
     finish,
     image_tensor,
     initial_noise,
-    make_plan,
+    make_setup,
     mask_tensor,
     normalize_prompts,
+    prepare_cond,
     run,
 )
 from .img2img import check_strength, start_index
@@ -53,33 +55,19 @@ def inpaint(
     mask: Any,
     strength: float = 1.0,
     *,
-    negative: str | Sequence[str] | None = None,
-    steps: int | None = None,
-    nfe: int | None = None,
-    solver: str | None = None,
-    grid: str | Sequence[float] | None = None,
-    guidance: float | None = None,
-    guidance_rescale: float = 0.0,
-    guidance_interval: tuple[float, float] | None = None,
-    seeds: int | Sequence[int] | None = None,
-    callback: Callable[[StepInfo], bool | None] | None = None,
-    latents: Tensor | None = None,
     image_latents: Tensor | None = None,
     masked_image_latents: Tensor | None = None,
-    output: str = "pil",
-    noise: str = "velodiff",
-    solver_options: dict[str, Any] | None = None,
-    grid_options: dict[str, Any] | None = None,
-    final: str | None = None,
+    **options: Any,
 ) -> GenerationResult:
     """Repaint the white part of ``mask`` in ``image`` toward ``prompts``.
 
     ``image``: PIL / list / (B, 3, H, W) in [0, 1]; ``mask``: PIL L / tensor in [0, 1], same size.
     ``strength`` < 1 starts from the noised original instead of pure noise (as img2img).
-    ``image_latents`` / ``masked_image_latents`` skip the VAE encoder (for exact comparisons)."""
-    check_output(output)
+    ``image_latents`` / ``masked_image_latents`` skip the VAE encoder (for exact comparisons).
+    ``options`` as :func:`text2img` (:class:`velodiff.pipelines.common.Sampling`)."""
+    opts = Sampling.of("inpaint", options)
     s = check_strength(strength)
-    ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), seeds)
+    ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), opts.seeds)
     b = len(ps)
     img = image_tensor(image, "init image")
     h, w = int(img.shape[-2]), int(img.shape[-1])
@@ -99,23 +87,13 @@ def inpaint(
 
     z0 = image_latents.to(model.device, torch.float32) if image_latents is not None else model.encode(img)
     z0 = z0.expand(b, *z0.shape[1:]) if z0.shape[0] == 1 else z0
-    plan = make_plan(
-        model,
-        steps=steps,
-        nfe=nfe,
-        solver=solver,
-        grid=grid,
-        guidance=guidance,
-        grid_options=grid_options,
-        final=final,
-        size=(h, w),
-    )
-    ts = plan.ts[start_index(plan.steps, s) :]
+    setup = make_setup(model, opts, size=(h, w))
+    ts = setup.ts[start_index(setup.steps, s) :]
     if len(ts) < 2:
-        return finish(
-            model, SampleResult(z0.clone(), 0, 0, 0), plan, seeds_l, output, ts, prompts=ps, strength=s
-        )
-    eps = (initial_noise(shape, seeds_l, noise) if latents is None else latents.float()).to(model.device)
+        res = SampleResult(z0.clone(), 0, 0, 0)
+        return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, strength=s)
+    eps = (initial_noise(shape, seeds_l, opts.noise) if opts.latents is None else opts.latents.float())
+    eps = eps.to(model.device)
     if tuple(eps.shape) != shape:
         raise VelodiffError(f"latents have shape {tuple(eps.shape)}; expected {shape}")
     sched = model.schedule
@@ -125,8 +103,8 @@ def inpaint(
         if s < 1.0
         else float((sched.alpha(t0) ** 2 + sched.sigma(t0) ** 2).sqrt()) * eps
     )
-    cond = encode_batch_prompts(model, ps, negative, plan.guidance, h, w)
-    steer = callback
+    cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.claims("uncond"), h, w)
+    steer, encode = opts.callback, None
     if model.is_inpainting:
         if masked_image_latents is None:
             # diffusers: masked image = image * (mask < 0.5) in [-1, 1], i.e. gray 0.5 where repainted
@@ -134,34 +112,38 @@ def inpaint(
             masked_image_latents = model.encode(masked)
         mz = masked_image_latents.to(model.device, torch.float32)
         mz = mz.expand(b, *mz.shape[1:]) if mz.shape[0] == 1 else mz
-        cond = _with_concat(cond, torch.cat([m_lat, mz], dim=1).to(model.dtype))
+        extra = torch.cat([m_lat, mz], dim=1).to(model.dtype)
+        cond = _with_concat(cond, extra)
+
+        def encode(texts: list[str]) -> Cond:  # extra prompts of a plan rule get the same channels
+            return _with_concat(prepare_cond(model, texts, None, False, h, w), extra)
+
     elif model.network_in_channels != model.latent_channels:
         raise VelodiffError(
             f"the network takes {model.network_in_channels} input channels; cannot inpaint with it"
         )
     else:
-        keep = 1 - m_lat
-        last = len(ts) - 2
+        steer = masked_renoising(sched, ts, z0, eps, m_lat, opts.callback)
+    res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w), ts=ts, callback=steer, encode=encode)
+    return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)
 
-        def steer(info: StepInfo) -> bool | None:
-            tn = float(ts[info.i + 1])
-            if info.i == last:
-                known = z0
-            else:
-                known = float(sched.alpha(tn)) * z0 + float(sched.sigma(tn)) * eps
-            info.x.mul_(m_lat).add_(keep * known)
-            return callback(info) if callback is not None else None
 
-    res = run(
-        model,
-        plan,
-        x,
-        cond,
-        seeds_l,
-        callback=steer,
-        guidance_rescale=guidance_rescale,
-        guidance_interval=guidance_interval,
-        ts=ts,
-        solver_options=solver_options,
-    )
-    return finish(model, res, plan, seeds_l, output, ts, prompts=ps, height=h, width=w, strength=s)
+def masked_renoising(
+    sched: Any, ts: Tensor, z0: Tensor, eps: Tensor, m_lat: Tensor, callback: Callable[[StepInfo], Any] | None
+) -> Callable[[StepInfo], Any]:
+    """The callback of masked re-noising: after the step to time t, x = m x + (1 - m) x_known(t), with
+    x_known(t) = alpha(t) z0 + sigma(t) eps (clean after the last step); then the user's callback sees
+    the edited x (and may edit it further, or stop)."""
+    keep = 1 - m_lat
+    last = len(ts) - 2
+
+    def steer(info: StepInfo) -> Any:
+        tn = info.t
+        known = z0 if info.i == last else float(sched.alpha(tn)) * z0 + float(sched.sigma(tn)) * eps
+        x = info.x * m_lat + keep * known
+        if callback is None:
+            return x
+        reply = callback(replace(info, x=x))
+        return x if reply is None else reply
+
+    return steer

@@ -6,6 +6,16 @@ the sample from ``ctx.ts[i]`` to ``ctx.ts[i + 1]``. Everything constant over a r
 corrector) lives in the explicit ``state`` the solver returns, which starts as ``None``.
 The sampling loop (``velodiff.sampling.sample``) owns iteration, callbacks, NaN checks and
 NFE accounting, so a solver file contains only its paper's update equations.
+
+Approximate evaluations. A plan may answer an evaluation with an estimate (a cached feature, an
+extrapolated branch); the loop notes it in ``ctx.record``. Multistep solvers ask
+:func:`usable_order`: a step combines only the run of exact evaluations that ends at its own, so the
+difference of an estimate and an exact prediction (dominated by the estimate's error, not by the
+curvature a higher-order term models) never enters a higher-order term; after an approximate
+evaluation the order builds up again as a warm-up does. UniPC also skips its corrector when the
+evaluation it would correct with is approximate. Single-step solvers (DDIM / Euler, Heun,
+singlestep DPM-Solver, ancestral samplers) keep no history and use every evaluation as given.
+With no plan every evaluation is exact and nothing changes.
 """
 
 from __future__ import annotations
@@ -24,6 +34,21 @@ DenoiseFn = Callable[[Tensor, float], Tensor]
 NoiseFn = Callable[[int], Tensor]
 
 
+@dataclass
+class EvalRecord:
+    """What the loop learned of the evaluations so far: per step, whether all were exact, and the
+    latest evaluation's ``renoise_x0`` (CFG++), which the solvers that honour it read."""
+
+    exact: list[bool] = field(default_factory=list)
+    renoise: Tensor | None = None
+
+    def note(self, step: int, exact: bool, renoise: Tensor | None) -> None:
+        while len(self.exact) <= step:
+            self.exact.append(True)
+        self.exact[step] = self.exact[step] and exact
+        self.renoise = renoise
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What a solver sees of a run. ``alphas``, ``sigmas`` and ``lambdas`` (log-SNR) are the
@@ -37,6 +62,17 @@ class StepContext:
     lambdas: Tensor
     noise: NoiseFn | None
     options: Mapping[str, Any] = field(default_factory=dict)
+    record: EvalRecord = field(default_factory=EvalRecord)
+
+    def exact(self, i: int) -> bool:
+        """True when every evaluation of step i was exact (or step i made none yet)."""
+        return i >= len(self.record.exact) or self.record.exact[i]
+
+    def renoise_x0(self, x0: Tensor) -> Tensor:
+        """The x0 whose implied noise the step re-adds: the latest evaluation's ``renoise_x0`` when a
+        rule gave one (CFG++, Chung et al. 2024), else ``x0``."""
+        r = self.record.renoise
+        return x0 if r is None else r
 
     @property
     def steps(self) -> int:
@@ -60,6 +96,27 @@ class StepContext:
 
     def ends_at_zero(self, i: int) -> bool:
         return float(self.sigmas[i + 1]) == 0.0
+
+
+def usable_order(ctx: StepContext, i: int, order: int) -> int:
+    """``order`` limited to the run of exact evaluations ending at step i (at least 1); see the
+    module docstring."""
+    run = 0
+    while run < order and i - run >= 0 and ctx.exact(i - run):
+        run += 1
+    return max(1, min(order, run))
+
+
+def lower_order_final(ctx: StepContext, i: int, order: int) -> int:
+    """The order a multistep step may use: 1 for the final jump to t = 0; at most the run of exact
+    evaluations ending at step i (:func:`usable_order`); and diffusers' documented rule, near the end
+    of grids shorter than 15 steps, at most steps - i (``lower_order_final`` option, default on)."""
+    if ctx.ends_at_zero(i):
+        return 1
+    order = usable_order(ctx, i, order)
+    if ctx.options.get("lower_order_final", True) and ctx.steps < 15:
+        order = min(order, ctx.steps - i)
+    return order
 
 
 StepFn = Callable[[StepContext, int, Tensor, Any], tuple[Tensor, Tensor, Any]]
@@ -86,6 +143,8 @@ class SolverSpec:
     #: the final jump to t = 0 costs one evaluation, not nfe_per_step (Heun: Karras et al. 2022,
     #: Alg. 1 line 9; singlestep DPM-Solver: the jump returns x0)
     saves_final_eval: bool = False
+    #: the step re-adds noise from ``ctx.renoise_x0`` (the rules that set it, CFG++, need such a solver)
+    renoises: bool = False
 
     def nfe(self, steps: int, ends_at_zero: bool = True) -> int:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0

@@ -24,7 +24,7 @@ def ddim_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, 
     a_next, s_next = ctx.a(i + 1), ctx.s(i + 1)
     if s_next == 0.0:
         return x0, x0, state
-    eps = (x - ctx.a(i) * x0) / ctx.s(i)
+    eps = (x - ctx.a(i) * ctx.renoise_x0(x0)) / ctx.s(i)  # CFG++ renoises with another x0
     eta = float(ctx.options.get("eta", 0.0))
     c = eta * s_next * math.sqrt(-math.expm1(-2.0 * ctx.h(i))) if eta > 0 else 0.0
     x_next = a_next * x0 + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps
@@ -40,6 +40,7 @@ DDIM = SolverSpec(
     order=1,
     defaults={"eta": 0.0},
     noise="gaussian",
+    renoises=True,
     description="DDIM (Song et al. 2021); eta=0 deterministic, eta=1 DDPM ancestral",
 )
 EULER = SolverSpec(
@@ -48,6 +49,7 @@ EULER = SolverSpec(
     order=1,
     defaults={"eta": 0.0},
     noise="gaussian",
+    renoises=True,
     description="Euler on the probability-flow ODE in sigma/alpha (identical to DDIM; flow Euler)",
 )
 DDPM = SolverSpec(
@@ -57,5 +59,6 @@ DDPM = SolverSpec(
     defaults={"eta": 1.0},
     noise="gaussian",
     stochastic=True,
+    renoises=True,
     description="DDPM ancestral sampling (Ho et al. 2020) = DDIM with eta=1",
 )

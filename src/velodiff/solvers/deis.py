@@ -31,8 +31,7 @@ import numpy as np
 from torch import Tensor
 
 from ..errors import unknown_name
-from .base import SolverSpec, StepContext
-from .unipc import lower_order_final
+from .base import SolverSpec, StepContext, lower_order_final
 
 _GAUSS = np.polynomial.legendre.leggauss(20)
 INTERPS = ("log_rho", "t")

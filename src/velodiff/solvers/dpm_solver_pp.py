@@ -21,8 +21,9 @@ k-diffusion) uses D2 without the factor 2, i.e. half the x0'' term; its step is 
 accurate and the method converges at order 2 (measured on the oracle: slope 2.0 against 3.0 with the
 factor). ``variant="diffusers"`` reproduces it exactly; the default ``"taylor"`` is third order.
 
-Warm-up: a step uses the history it has, so the first step is first order (DDIM) and the second
-of 3M is 2M. The final jump to t = 0 (h = inf) is first order too and returns x0;
+Warm-up: a step uses the history it has (its exact part: ``base.usable_order``), so the first
+step is first order (DDIM) and the second of 3M is 2M. The final jump to t = 0 (h = inf) is first
+order too and returns x0;
 ``lower_order_final`` also lowers the last steps of grids shorter than 15 steps (3M: the last two
 to orders 2 and 1), as diffusers does. A first step from alpha = 0 (h_0 = inf) is harmless: the
 later ratios r = inf make its difference terms vanish.
@@ -36,19 +37,10 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import unknown_name
-from .base import SolverSpec, StepContext
+from .base import SolverSpec, StepContext, lower_order_final
 
 #: variants of the 3M step: the factor on its second divided difference D2 (see the docstring)
 D2_FACTORS = {"taylor": 2.0, "diffusers": 1.0}
-
-
-def _lower_order_final(ctx: StepContext, i: int, order: int) -> int:
-    """diffusers' rule: near the end of grids shorter than 15 steps, use lower orders."""
-    if ctx.ends_at_zero(i):
-        return 1
-    if ctx.options.get("lower_order_final", True) and ctx.steps < 15:
-        order = min(order, ctx.steps - i)
-    return order
 
 
 def dpmpp_2m_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
@@ -56,7 +48,7 @@ def dpmpp_2m_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tens
     if ctx.ends_at_zero(i):
         return x0, x0, (x0,)
     h = ctx.h(i)
-    order = _lower_order_final(ctx, i, 2 if state else 1)
+    order = lower_order_final(ctx, i, 2 if state else 1)
     d = x0
     if order == 2:
         (x0_prev,) = state
@@ -73,7 +65,7 @@ def dpmpp_3m_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tens
     if ctx.ends_at_zero(i):
         return x0, x0, hist[:2]
     h, a_next = ctx.h(i), ctx.a(i + 1)
-    order = _lower_order_final(ctx, i, len(hist))
+    order = lower_order_final(ctx, i, len(hist))
     phi_1 = math.expm1(-h)
     x_next = (ctx.s(i + 1) / ctx.s(i)) * x - a_next * phi_1 * x0
     if order >= 2:

@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import VelodiffError
-from .base import SolverSpec, StepContext
+from .base import SolverSpec, StepContext, usable_order
 
 AB_COEFFS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
@@ -42,7 +42,8 @@ def ipndm_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor,
     epss = (*(state or ()), eps)[-order:]
     if ctx.ends_at_zero(i):
         return x0, x0, epss
-    eps_ab = sum(c * e for c, e in zip(AB_COEFFS[len(epss) - 1], reversed(epss), strict=True))
+    k = usable_order(ctx, i, len(epss))
+    eps_ab = sum(c * e for c, e in zip(AB_COEFFS[k - 1], reversed(epss[-k:]), strict=True))
     rho, rho_next = ctx.s(i) / ctx.a(i), ctx.s(i + 1) / ctx.a(i + 1)
     x_next = ctx.a(i + 1) * (x / ctx.a(i) + (rho_next - rho) * eps_ab)
     return x_next, x0, epss

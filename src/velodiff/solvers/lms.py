@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .base import SolverSpec, StepContext
+from .base import SolverSpec, StepContext, usable_order
 from .deis import lagrange_integrals
 
 
@@ -34,8 +34,9 @@ def lms_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, T
     x0 = ctx.denoise(x, ctx.t(i))
     eps = (x - ctx.a(i) * x0) / ctx.s(i)
     epss = (*(state or ()), eps)[-int(ctx.options["order"]) :]
-    coeffs = lms_coefficients(ctx, i, len(epss))
-    eps_sum = sum(c * e for c, e in zip(coeffs, reversed(epss), strict=True))
+    k = usable_order(ctx, i, len(epss))
+    coeffs = lms_coefficients(ctx, i, k)
+    eps_sum = sum(c * e for c, e in zip(coeffs, reversed(epss[-k:]), strict=True))
     x_next = ctx.a(i + 1) * (x / ctx.a(i) + eps_sum)
     return x_next, x0, epss
 

@@ -38,8 +38,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import SolverSpec, StepContext
-from .dpm_solver_pp import _d2_factor, _lower_order_final
+from .base import SolverSpec, StepContext, lower_order_final, usable_order
+from .dpm_solver_pp import _d2_factor
 
 #: the factor on 3M's D2: "taylor" is the third-order drift, "k-diffusion" reproduces sample_dpmpp_3m_sde
 SDE_D2_FACTORS = {"taylor": 2.0, "k-diffusion": 1.0}
@@ -67,7 +67,7 @@ def sde_dpmpp_2m_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[
     if ctx.ends_at_zero(i):
         return x0, x0, (x0,)
     x_next, h_eta, eta_h = _sde_base(ctx, i, x, x0)
-    if _lower_order_final(ctx, i, 2 if state else 1) == 2:
+    if lower_order_final(ctx, i, 2 if state else 1) == 2:
         d1 = (x0 - state[0]) / (ctx.h(i - 1) / ctx.h(i))
         x_next = x_next - 0.5 * ctx.a(i + 1) * math.expm1(-h_eta) * d1
     return _add_noise(ctx, i, x_next, eta_h), x0, (x0,)
@@ -79,13 +79,14 @@ def sde_dpmpp_3m_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[
     hist = (x0, *(state or ()))  # x0_i, x0_{i-1}, x0_{i-2}
     if ctx.ends_at_zero(i):
         return x0, x0, hist[:2]
+    order = usable_order(ctx, i, len(hist))
     x_next, h_eta, eta_h = _sde_base(ctx, i, x, x0)
     h, a_next = ctx.h(i), ctx.a(i + 1)
     phi_2 = math.expm1(-h_eta) / h_eta + 1.0
-    if len(hist) >= 2:
+    if order >= 2:
         r0 = ctx.h(i - 1) / h
         d1_0 = (x0 - hist[1]) / r0
-        if len(hist) == 2:
+        if order == 2:
             x_next = x_next + a_next * phi_2 * d1_0
         else:
             r1 = ctx.h(i - 2) / h

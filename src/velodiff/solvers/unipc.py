@@ -16,7 +16,8 @@ the authors' code and diffusers do). B(h) = hh ('bh1') or e^hh - 1 ('bh2').
 
 As in diffusers, the corrected sample is what the next predictor starts from, while the returned x0
 is the evaluation at the predicted sample; ``disable_corrector`` lists the step indices whose result is
-left uncorrected. The final jump to t = 0 returns x0 (diffusers' lower_order_final does the same).
+left uncorrected, and so is a step whose correcting evaluation was approximate (a plan's estimate).
+The final jump to t = 0 returns x0 (diffusers' lower_order_final does the same).
 ``lower_order_final`` follows diffusers' documented rule (grids below 15 steps); diffusers' UniPC code
 lowers the last steps' order at every step count, which costs an order of accuracy on grids that end
 at t_min, so velodiff does not copy that.
@@ -31,17 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import unknown_name
-from .base import SolverSpec, StepContext
-
-
-def lower_order_final(ctx: StepContext, i: int, order: int) -> int:
-    """diffusers' documented rule: near the end of grids shorter than 15 steps, use lower orders
-    (step i uses at most steps - i points); the final jump to t = 0 is first order."""
-    if ctx.ends_at_zero(i):
-        return 1
-    if ctx.options.get("lower_order_final", True) and ctx.steps < 15:
-        order = min(order, ctx.steps - i)
-    return order
+from .base import SolverSpec, StepContext, lower_order_final
 
 
 def _uni_update(
@@ -84,7 +75,8 @@ def unipc_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor,
     if ctx.ends_at_zero(i):
         return x0, x0, ((*x0s, x0), x, 1)
     opts = ctx.options
-    if x_prev is not None and opts["use_corrector"] and (i - 1) not in opts["disable_corrector"]:
+    corrector = opts["use_corrector"] and (i - 1) not in opts["disable_corrector"]
+    if x_prev is not None and corrector and ctx.exact(i):  # no correction from an estimate
         x = _uni_update(ctx, i - 1, x_prev, x0s, p_prev, x0_new=x0)  # UniC on the last prediction
     x0s = (*x0s, x0)[-int(opts["order"]) :]
     p = lower_order_final(ctx, i, len(x0s))  # warm-up: the points there are

@@ -1,0 +1,3 @@
+"""Network-level accelerators and instruments: they hook diffusers modules through diffusers' own APIs
+(attention processors, ``diffusers.hooks.HookRegistry``), never by replacing ``forward`` methods, and
+read the step index from the evaluation request."""

@@ -1,0 +1,233 @@
+"""Attention hooks through diffusers' attention-processor API (``Attention.set_processor``), installed
+for one run and removed at its end: perturbed self-attention (PAG's identity map) and the capture of
+cross-attention maps per token per step.
+
+A processor here wraps the module's own processor and acts only on the batch rows its rule names for
+the current call (``RowState.rows``, set by the rule from ``EvalRequest.rows``); every other row goes
+through the original processor unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import VelodiffError
+from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
+
+
+@dataclass
+class RowState:
+    """The rows of the current batched call a processor acts on (None: none, pass through)."""
+
+    rows: slice | None = None
+
+
+def attention_modules(network: Any, cross: bool, layers: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """(name, module) of the network's diffusers ``Attention`` layers that are cross- (or self-)
+    attention, whose name matches one of ``layers`` (regular expressions, as diffusers'
+    ``pag_applied_layers``; a trailing number must match whole: 'mid' matches 'mid_block...', '1' does
+    not match '...11'). Joint (text + image) attention, as in SD3 and Flux, is neither."""
+    if network is None:
+        return []
+    from diffusers.models.attention_processor import Attention
+
+    out = []
+    for name, module in network.named_modules():
+        if not isinstance(module, Attention) or getattr(module, "add_q_proj", None) is not None:
+            continue
+        if bool(module.is_cross_attention) != cross:
+            continue
+        if layers and not any(_matches(layer, name) for layer in layers):
+            continue
+        out.append((name, module))
+    return out
+
+
+def _matches(layer: str, name: str) -> bool:
+    last_l, last_n = layer.split(".")[-1], name.split(".")[-1]
+    fake_integral = last_l.isnumeric() and last_n.isnumeric() and last_l == last_n
+    return re.search(layer, name) is not None and not fake_integral
+
+
+class ProcessorSwap:
+    """Install processors on modules for one run and put the originals back."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[Any, Any]] = []
+
+    def install(self, modules: list[tuple[str, Any]], make: Callable[[str, Any, Any], Any]) -> None:
+        for name, module in modules:
+            original = module.processor
+            self.saved.append((module, original))
+            module.set_processor(make(name, module, original))
+
+    def restore(self) -> None:
+        for module, original in reversed(self.saved):
+            module.set_processor(original)
+        self.saved.clear()
+
+
+def _split_rows(value: Any, rows: slice, batch: int) -> tuple[Any, Any]:
+    """(the other rows, the selected rows) of a per-row tensor; anything else serves both."""
+    if isinstance(value, Tensor) and value.ndim and value.shape[0] == batch:
+        return torch.cat([value[: rows.start], value[rows.stop :]]), value[rows]
+    return value, value
+
+
+def _to_tokens(attn: Any, h: Tensor, temb: Tensor | None) -> tuple[Tensor, Tensor, tuple[int, ...] | None]:
+    """diffusers' processor prelude: spatial norm, (B, C, H, W) -> (B, HW, C), group norm."""
+    residual = h
+    if attn.spatial_norm is not None:
+        h = attn.spatial_norm(h, temb)
+    shape = None
+    if h.ndim == 4:
+        shape = tuple(h.shape)
+        h = h.view(shape[0], shape[1], shape[2] * shape[3]).transpose(1, 2)
+    if attn.group_norm is not None:
+        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+    return h, residual, shape
+
+
+def _from_tokens(attn: Any, h: Tensor, residual: Tensor, shape: tuple[int, ...] | None) -> Tensor:
+    """diffusers' processor epilogue: output projection, back to (B, C, H, W), residual, rescale."""
+    h = attn.to_out[1](attn.to_out[0](h))
+    if shape is not None:
+        h = h.transpose(-1, -2).reshape(shape)
+    if attn.residual_connection:
+        h = h + residual
+    return h / attn.rescale_output_factor
+
+
+class IdentitySelfAttention:
+    """Perturbed self-attention (Ahn et al. 2024, 'Self-Rectifying Diffusion Sampling with
+    Perturbed-Attention Guidance', Sec. 3.2): on the selected rows the attention map is the identity,
+    so the layer outputs its value projection, to_out(to_v(h)); the other rows use the original
+    processor."""
+
+    def __init__(self, original: Any, state: RowState) -> None:
+        self.original, self.state = original, state
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        rows = self.state.rows
+        if rows is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        b = hidden_states.shape[0]
+        h_rest, h_sel = _split_rows(hidden_states, rows, b)
+        parts = [_split_rows(v, rows, b) for v in (encoder_hidden_states, attention_mask, temb)]
+        out_rest = self.original(attn, h_rest, *(p[0] for p in parts), **kwargs)
+        tokens, residual, shape = _to_tokens(attn, h_sel, parts[2][1])
+        out_sel = _from_tokens(attn, attn.to_v(tokens), residual, shape)
+        return torch.cat([out_rest[: rows.start], out_sel, out_rest[rows.start :]])
+
+
+class CaptureCrossAttention:
+    """Cross-attention computed with an explicit attention map (diffusers' classic AttnProcessor math),
+    handing the selected rows' maps, averaged over heads, (rows, HW, tokens), to ``sink``."""
+
+    def __init__(self, original: Any, state: RowState, sink: Callable[[Tensor], None]) -> None:
+        self.original, self.state, self.sink = original, state, sink
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        rows = self.state.rows
+        if rows is None or encoder_hidden_states is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        h, residual, shape = _to_tokens(attn, hidden_states, temb)
+        b, n, _ = h.shape
+        mask = attn.prepare_attention_mask(attention_mask, n, b)
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q = attn.head_to_batch_dim(attn.to_q(h))
+        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, mask)  # (B * heads, N, T), softmax over tokens
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        self.sink(probs.view(b, attn.heads, n, -1).mean(1)[rows].detach())
+        return _from_tokens(attn, out, residual, shape)
+
+
+@register_rule
+class AttentionMaps(Accelerator):
+    """Capture the cross-attention maps of the conditional branch per token per step: after the run,
+    ``maps[i]`` is a (B, tokens, h, w) float32 CPU tensor for step i, the head- and layer-averaged
+    softmax over tokens at latent resolution (each layer's map resized bilinearly). Layout guidance and
+    prompt-to-prompt read these; ``velodiff generate --attention-maps FILE`` saves them."""
+
+    name = "attention_maps"
+    layer = 0
+    summary = "instrument: capture cross-attention maps per token per step (for layout and editing)"
+    cost = "free in evaluations; the captured layers use explicit attention (slower than SDPA)"
+    options = {
+        "every": Option(1, "capture every k-th step", kind=int, lo=1, hi=10000),
+        "layers": Option(
+            (), "regular expressions of layer names (default: every cross-attention layer)", kind=tuple
+        ),
+    }
+
+    def check(self, run: RunInfo) -> None:
+        mods = [m for m in attention_modules(run.network, True, self.layers) if m[1].norm_q is None]
+        if not mods:
+            raise VelodiffError(
+                "plan rule 'attention_maps': the model has no matching cross-attention layers"
+            )
+
+    def begin(self, run: RunInfo) -> None:
+        super().begin(run)
+        self.maps: dict[int, Tensor] = {}
+        self.state, self.swap, self.pending = RowState(), ProcessorSwap(), []
+        mods = [m for m in attention_modules(run.network, True, self.layers) if m[1].norm_q is None]
+        self.swap.install(
+            mods, lambda name, mod, orig: CaptureCrossAttention(orig, self.state, self.pending.append)
+        )
+
+    def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
+        if req.stage != 0 or req.step % self.every:
+            return inner(req)
+        self.state.rows = req.rows("cond")
+        try:
+            r = inner(req)
+        finally:
+            self.state.rows = None
+        h, w = req.x.shape[-2:]
+        resized = [_spatial(p, h, w) for p in self.pending]
+        self.pending.clear()
+        if resized:
+            self.maps[req.step] = torch.stack(resized).mean(0).float().cpu()
+        return r
+
+    def end(self) -> None:
+        self.swap.restore()
+
+
+def _spatial(probs: Tensor, h: int, w: int) -> Tensor:
+    """(B, N, T) maps over N = h' w' tokens of a downsampled grid -> (B, T, h, w)."""
+    b, n, t = probs.shape
+    f = math.sqrt(h * w / n)
+    hh, ww = round(h / f), round(w / f)
+    grid = probs.transpose(1, 2).reshape(b, t, hh, ww).float()
+    return (
+        grid if (hh, ww) == (h, w) else F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+    )

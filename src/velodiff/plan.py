@@ -1,0 +1,427 @@
+"""The step plan: the seam where accelerators decide, per network evaluation, what to run.
+
+Every evaluation the solver asks for becomes an :class:`EvalRequest` (step index, stage within the
+step, t, x, the run's named conditionings and the branches to evaluate) and comes back as an
+:class:`EvalResult` (x0, the per-branch predictions, the cost actually spent, whether it is exact).
+Between the solver and the network sits a stack of :class:`Accelerator` objects, each with a per-run
+lifecycle::
+
+    begin(run)               fresh state for this run (nothing leaks from one run to the next)
+    evaluate(req, inner)     call inner (the rest of the stack), reuse, add or drop a branch, combine
+    after_step(info)         optionally return an edited x (inpainting, layout steering)
+    end()                    remove hooks, release state (also when the run fails)
+
+A :class:`Plan` is one string and one object: ``name[:key=value,...]`` joined by ``+``, e.g.
+``ag:threshold=0.99+pag:scale=3``; ``none`` is the empty plan. Rules stack by their declared
+``layer`` (lower = closer to the network; the plan string's order breaks ties), so a guidance rule
+always combines what the caches below it returned. Two rules may not claim the same branch.
+
+The base evaluator at the bottom of the stack batches the requested branches of one request into a
+single network call, in request order, one block of B rows per branch (``EvalRequest.rows``): one
+NFE, and as many network-sample evaluations per image as there are branches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .denoisers import Cond, Cost, Denoiser, concat_cond, index_cond
+from .errors import VelodiffError, unknown_name
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """One evaluation the solver asked for. ``t`` is a float64 scalar (or per-sample) tensor; ``conds``
+    holds every conditioning of the run (``cond``, ``uncond``, and any a rule added); ``branches``
+    names the ones to evaluate, batched in this order."""
+
+    step: int
+    stage: int
+    t: Tensor
+    x: Tensor
+    conds: Mapping[str, Cond]
+    branches: tuple[str, ...] = ("cond",)
+    #: branch -> the sample rows (a long tensor) it is evaluated for; absent: every row
+    subsets: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def with_branch(self, name: str, cond: Cond | None = None, rows: Tensor | None = None) -> EvalRequest:
+        """This request with branch ``name`` added (its conditioning ``cond`` when it is new), for the
+        sample ``rows`` only when given (its part then holds those rows, in that order)."""
+        conds = self.conds if cond is None else {**self.conds, name: cond}
+        if name not in conds:
+            raise VelodiffError(f"no conditioning for branch {name!r}; the run has {sorted(conds)}")
+        branches = self.branches if name in self.branches else (*self.branches, name)
+        subsets = dict(self.subsets)
+        if rows is not None:
+            subsets[name] = rows
+        return replace(self, conds=conds, branches=branches, subsets=subsets)
+
+    def size(self, name: str) -> int:
+        """How many rows branch ``name`` has in the batched call."""
+        rows = self.subsets.get(name)
+        return self.x.shape[0] if rows is None else int(rows.numel())
+
+    def rows(self, name: str) -> slice:
+        """The rows of branch ``name`` in the batched network call."""
+        start = sum(self.size(b) for b in self.branches[: self.branches.index(name)])
+        return slice(start, start + self.size(name))
+
+
+@dataclass
+class EvalResult:
+    """``x0``: the prediction the solver uses; ``parts``: x0 per evaluated branch; ``cost``: what was
+    spent (counted after the call); ``exact``: False when x0 is an estimate (reused, extrapolated);
+    ``renoise_x0``: the x0 whose implied noise a solver re-adds (CFG++: the unconditional one), None = x0."""
+
+    x0: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    cost: Cost = field(default_factory=lambda: Cost(0, 0))
+    exact: bool = True
+    renoise_x0: Tensor | None = None
+
+
+Evaluate = Callable[[EvalRequest], EvalResult]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What an accelerator may know of a run, given at ``begin``. ``model`` is the loaded model
+    (None for a bare denoiser), ``network`` its diffusers module (for hooks), ``encode`` encodes extra
+    prompts into conditionings (None without a text encoder)."""
+
+    schedule: Any
+    ts: Tensor
+    solver: Any
+    batch: int
+    conds: Mapping[str, Cond]
+    prediction_type: str | None = None
+    model: Any = None
+    network: Any = None
+    encode: Callable[[list[str]], Cond] | None = None
+    prompts: tuple[str, ...] = ()
+    #: the run's classifier-free guidance scale (the default of the rules' ``scale``)
+    guidance: float | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.ts) - 1
+
+
+# --- accelerators and their options ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a rule: its default (None: given by the run, e.g. the guidance scale), a range or
+    choices, the kind its string parses to, and a line of help."""
+
+    default: Any
+    help: str
+    kind: type = float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+
+class Accelerator:
+    """Base of every plan rule. Subclasses declare ``name``, ``layer``, ``options`` (name -> Option),
+    ``claims`` (branches they own), ``cost`` (a line for ``velodiff plans``) and override what they need.
+    Option values are attributes; ``values`` holds those the user gave (the canonical string)."""
+
+    name: ClassVar[str] = ""
+    layer: ClassVar[int] = 0
+    options: ClassVar[dict[str, Option]] = {}
+    claims: ClassVar[tuple[str, ...]] = ()
+    cost: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: True when the rule differentiates through the network (sampling runs with gradients)
+    needs_grad: ClassVar[bool] = False
+
+    def __init__(self, **values: Any) -> None:
+        unknown = set(values) - set(self.options)
+        if unknown:
+            raise unknown_option(self.name, sorted(unknown)[0], self.options)
+        self.values = {k: check_option(self.name, k, self.options[k], v) for k, v in values.items()}
+        for k, opt in self.options.items():
+            setattr(self, k, self.values.get(k, opt.default))
+
+    def __repr__(self) -> str:
+        return f"<plan rule {self.spec()}>"
+
+    def spec(self) -> str:
+        """The rule as ``name[:key=value,...]`` with the options the user gave."""
+        if not self.values:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in self.values.items())
+
+    def defaults_from(self, **run_values: Any) -> None:
+        """Fill options whose default is None from the run (e.g. ``scale`` from the guidance scale)."""
+        for k, v in run_values.items():
+            if k in self.options and getattr(self, k) is None and v is not None:
+                setattr(self, k, check_option(self.name, k, self.options[k], v))
+
+    # -- the lifecycle --
+
+    def check(self, run: RunInfo) -> None:
+        """Refuse a run this rule cannot serve (one line); called before ``begin``."""
+
+    def begin(self, run: RunInfo) -> None:
+        self.run = run
+
+    def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
+        return inner(req)
+
+    def after_step(self, info: Any) -> Tensor | None:
+        return None
+
+    def end(self) -> None:
+        pass
+
+
+def unknown_option(rule: str, key: str, options: Iterable[str]) -> VelodiffError:
+    return VelodiffError(f"plan rule {rule!r} has no option {key!r}; options: {', '.join(options) or 'none'}")
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (tuple, list)):
+        return "|".join(format_value(x) for x in v)
+    return str(v)
+
+
+def check_option(rule: str, key: str, opt: Option, value: Any) -> Any:
+    """Parse (from a string) and range-check one option value; errors are one line."""
+    where = f"plan rule {rule!r} option {key!r}"
+    if isinstance(value, str) and opt.kind is not str:
+        text = value.strip()
+        try:
+            if opt.kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1", "yes")
+            elif opt.kind is tuple:
+                value = tuple(p.strip() for p in text.split("|") if p.strip())
+            else:
+                value = opt.kind(text)
+        except ValueError:
+            raise VelodiffError(f"{where}: {value!r} is not a {opt.kind.__name__}") from None
+    elif opt.kind is tuple and isinstance(value, str):
+        value = tuple(p.strip() for p in value.split("|") if p.strip())
+    elif opt.kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    elif opt.kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif opt.kind is tuple and isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, opt.kind) or (opt.kind is int and isinstance(value, bool)):
+        raise VelodiffError(f"{where}: {value!r} is not a {opt.kind.__name__}")
+    if opt.kind in (int, float):
+        if not math.isfinite(value):
+            raise VelodiffError(f"{where} must be finite, got {value}")
+        below = opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo)
+        if below or (opt.hi is not None and value > opt.hi):
+            lo = "-inf" if opt.lo is None else f"{opt.lo:g}"
+            hi = "inf" if opt.hi is None else f"{opt.hi:g}"
+            raise VelodiffError(f"{where} must be in {'(' if opt.lo_open else '['}{lo}, {hi}], got {value:g}")
+    if opt.choices and value not in opt.choices:
+        raise unknown_name(f"value of {where}", str(value), opt.choices)
+    return value
+
+
+# --- the registry and the plan string ---------------------------------------------------------------
+
+RULES: dict[str, type[Accelerator]] = {}
+
+
+def register_rule(cls: type[Accelerator]) -> type[Accelerator]:
+    """Class decorator: make ``cls`` available to plan strings under ``cls.name``."""
+    RULES[cls.name] = cls
+    return cls
+
+
+def _load_rules() -> None:
+    from . import guidance  # noqa: F401 - registers the guidance family
+    from .accel import attention  # noqa: F401 - attention-map capture
+
+
+def parse_rule(text: str) -> Accelerator:
+    _load_rules()
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    if name not in RULES:
+        raise unknown_name("plan rule", name, [*RULES, "none"])
+    cls = RULES[name]
+    aliases = {a: k for k, o in cls.options.items() for a in o.aliases}
+    values: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))) if rest.strip() else ():
+        key, eq, value = item.partition("=")
+        key = aliases.get(key.strip(), key.strip())
+        if not eq:
+            raise VelodiffError(f"plan rule {name!r}: write options as key=value, got {item!r}")
+        if key in values:
+            raise VelodiffError(f"plan rule {name!r}: option {key!r} given twice")
+        if key not in cls.options:
+            raise unknown_option(name, key, cls.options)
+        values[key] = value
+    return cls(**values)
+
+
+class Plan:
+    """An ordered stack of accelerators (outermost first), built from a plan string, a list of rules,
+    or both. ``str(plan)`` is its canonical string (``none`` when empty)."""
+
+    def __init__(self, rules: Iterable[Accelerator] = ()) -> None:
+        rules = list(rules)
+        for r in rules:
+            if not isinstance(r, Accelerator):
+                raise VelodiffError(f"a plan holds plan rules, got {type(r).__name__}")
+        # outermost first: higher layer outside; among equals, the given order (outer first)
+        self.rules = sorted(rules, key=lambda r: -r.layer)
+        claimed: dict[str, str] = {}
+        for r in self.rules:
+            for b in r.claims:
+                if b in claimed:
+                    raise VelodiffError(
+                        f"plan rules {claimed[b]!r} and {r.name!r} both claim the {b!r} branch; keep one"
+                    )
+                claimed[b] = r.name
+
+    @classmethod
+    def parse(cls, plan: str | Plan | Accelerator | Sequence[Accelerator | str] | None) -> Plan:
+        if plan is None:
+            return cls()
+        if isinstance(plan, Plan):
+            return plan
+        if isinstance(plan, Accelerator):
+            return cls([plan])
+        if isinstance(plan, str):
+            text = plan.strip()
+            if text in ("", "none"):
+                return cls()
+            return cls(parse_rule(p) for p in text.split("+"))
+        return cls(r if isinstance(r, Accelerator) else parse_rule(r) for r in plan)
+
+    def __str__(self) -> str:
+        return "+".join(r.spec() for r in reversed(self.rules)) or "none"
+
+    def __repr__(self) -> str:
+        return f"Plan({str(self)!r})"
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def find(self, name: str) -> Accelerator | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+    def claims(self, branch: str) -> bool:
+        return any(branch in r.claims for r in self.rules)
+
+    @property
+    def needs_grad(self) -> bool:
+        return any(r.needs_grad for r in self.rules)
+
+    def with_rules(self, extra: Iterable[Accelerator]) -> Plan:
+        return Plan([*reversed(self.rules), *extra])
+
+    def chain(self, base: Evaluate) -> Evaluate:
+        """The evaluation function of the whole stack: the outermost rule's evaluate, whose inner is
+        the next rule's, ..., down to ``base``."""
+        fn = base
+        for r in reversed(self.rules):
+            fn = _bind(r, fn)
+        return fn
+
+
+def _bind(rule: Accelerator, inner: Evaluate) -> Evaluate:
+    return lambda req: rule.evaluate(req, inner)
+
+
+def branch_evaluator(denoiser: Denoiser) -> Evaluate:
+    """The bottom of every stack: the requested branches as one batched call of ``denoiser``."""
+
+    def evaluate(req: EvalRequest) -> EvalResult:
+        names = req.branches
+        if not req.subsets:
+            if len(names) == 1:
+                x0 = denoiser(req.x, req.t, req.conds[names[0]])
+                return EvalResult(x0, {names[0]: x0}, Cost(1, 1))
+            n = len(names)
+            cond = req.conds[names[0]]
+            for name in names[1:]:
+                cond = concat_cond(cond, req.conds[name])
+            t = req.t.repeat(n) if req.t.ndim else req.t
+            out = denoiser(torch.cat([req.x] * n), t, cond)
+            parts = dict(zip(names, out.chunk(n), strict=True))
+            return EvalResult(parts.get("cond", parts[names[0]]), parts, Cost(1, n))
+        xs, ts, conds = [], [], []
+        for name in names:
+            rows = req.subsets.get(name)
+            xs.append(req.x if rows is None else req.x[rows.to(req.x.device)])
+            ts.append(req.t if rows is None or not req.t.ndim else req.t[rows])
+            conds.append(req.conds[name] if rows is None else index_cond(req.conds[name], rows))
+        cond = conds[0]
+        for c in conds[1:]:
+            cond = concat_cond(cond, c)
+        t = (
+            torch.cat([t.reshape(-1).expand(len(x)) for t, x in zip(ts, xs, strict=True)])
+            if req.t.ndim
+            else req.t
+        )
+        out = denoiser(torch.cat(xs), t, cond)
+        parts = dict(zip(names, out.split([len(x) for x in xs]), strict=True))
+        rows_total = sum(len(x) for x in xs)
+        b = req.x.shape[0]
+        evals = rows_total // b if rows_total % b == 0 else rows_total / b
+        return EvalResult(parts.get("cond", parts[names[0]]), parts, Cost(1, evals))
+
+    return evaluate
+
+
+def rule_table() -> list[dict[str, Any]]:
+    """Every registered rule with its options, for ``velodiff plans`` and the docs."""
+    _load_rules()
+    out = []
+    for cls in RULES.values():
+        opts = [
+            {"name": k, "default": o.default, "help": o.help, "aliases": list(o.aliases)}
+            for k, o in cls.options.items()
+        ]
+        out.append(
+            {
+                "name": cls.name,
+                "summary": cls.summary,
+                "cost": cls.cost,
+                "options": opts,
+                "claims": list(cls.claims),
+                "layer": cls.layer,
+            }
+        )
+    return out
+
+
+__all__ = [
+    "RULES",
+    "Accelerator",
+    "EvalRequest",
+    "EvalResult",
+    "Evaluate",
+    "Option",
+    "Plan",
+    "RunInfo",
+    "branch_evaluator",
+    "check_option",
+    "parse_rule",
+    "register_rule",
+    "rule_table",
+]
