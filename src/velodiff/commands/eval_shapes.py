@@ -7,8 +7,6 @@ best scale's, and every scale's are under ``sweep``."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 from .generate import THREADS_HELP
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
@@ -134,14 +133,6 @@ def contact_sheet(images: list[Any], records: list[dict[str, Any]], cols: int = 
     return sheet
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 @eval_app.command("shapes")
 def shapes(
     json_out: Path = typer.Option(..., "--json", help="write the results here (JSON)"),  # noqa: B008
@@ -239,8 +230,8 @@ def shapes(
         "speed": measure_speed(loaded, speed_runs, guidance=info["guidance"], **kw) if speed_runs else None,
         "per_prompt": [{k: v for k, v in r.items() if k != "detections"} for r in res["per_prompt"]],
     }
-    _write_atomic(json_out, (json.dumps(result, indent=1) + "\n").encode())
-    _write_atomic(markdown, markdown_table(result).encode())
+    write_atomic(json_out, (json.dumps(result, indent=1) + "\n").encode())
+    write_atomic(markdown, markdown_table(result).encode())
     k = images_per_prompt
     pick = list(range(0, len(images), k))  # the first image of every prompt
     sheet_img = contact_sheet([images[i] for i in pick], [res["per_prompt"][i] for i in pick])
@@ -248,7 +239,7 @@ def shapes(
 
     buf = io.BytesIO()
     sheet_img.save(buf, format="PNG")
-    _write_atomic(sheet, buf.getvalue())
+    write_atomic(sheet, buf.getvalue())
     if result["speed"]:
         sp = result["speed"]
         typer.echo(

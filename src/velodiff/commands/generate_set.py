@@ -149,7 +149,7 @@ def eval_manifest_cmd(
     result = evaluate_set(manifest, real=real, features=features, clip=clip, reference=reference)
     text = json.dumps(result, indent=1)
     if json_out is not None:
-        from ..eval.generate_set import write_atomic
+        from ..files import write_atomic
 
         if not (json_out.parent if str(json_out.parent) else Path(".")).is_dir():
             raise VelodiffError(f"output folder {str(json_out.parent)!r} does not exist; create it first")

@@ -28,13 +28,13 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 
 FORMAT = "velodiff-image-set/1"
 HEADER = "manifest.json"
@@ -330,23 +330,6 @@ def render_chunk(model: Any, chunk: Sequence[Item], config: dict[str, Any]) -> l
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename over ``path``: whole or not at all."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def read_header(folder: Path) -> dict[str, Any] | None:

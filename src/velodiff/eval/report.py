@@ -14,16 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 
 REPORT = "report.md"
 SHEET = "report_samples.png"
 EVAL_PLOT = "report_eval.png"
-
-
-def _write(path: Path, data: str | bytes) -> None:
-    from .sweep import _write_atomic
-
-    _write_atomic(path, data)
 
 
 def _label_strip(label: str, image: Any, width: int = 120) -> Any:
@@ -89,7 +84,7 @@ def bench_report(folder: Path, result: dict[str, Any]) -> str:
 
         buf = io.BytesIO()
         sheet.save(buf, format="PNG")
-        _write(folder / SHEET, buf.getvalue())
+        write_atomic(folder / SHEET, buf.getvalue())
         lines += ["## Samples", "", "First samples of each configuration (* = on the Pareto front), "
                   "the same seeds in every row.", "", f"![samples]({SHEET})", ""]
     return "\n".join(lines)
@@ -124,8 +119,9 @@ def eval_report(folder: Path, evals: list[tuple[Path, dict[str, Any]]]) -> str:
                      f"{c.get('nfe', '-')} | {c.get('guidance', '-')} | {d['overall']:.3f} | {cells} |")
     lines.append("")
     if len(evals) > 1:
-        _write(folder / EVAL_PLOT, bars_png([p.stem for p, _ in evals], [d["overall"] for _, d in evals],
-                                            "ShapesEval overall", "accuracy"))
+        plot = bars_png([p.stem for p, _ in evals], [d["overall"] for _, d in evals], "ShapesEval overall",
+                        "accuracy")
+        write_atomic(folder / EVAL_PLOT, plot)
         lines += [f"![ShapesEval overall]({EVAL_PLOT})", ""]
     sheets = [(p, p.with_suffix(".png")) for p, _ in evals if p.with_suffix(".png").is_file()]
     if sheets:
@@ -155,5 +151,5 @@ def build_report(folder: str | Path) -> Path:
             raise VelodiffError(f"no bench results.json and no `velodiff eval` JSON in {str(folder)!r}")
         text = eval_report(folder, evals)
     out = folder / REPORT
-    _write(out, text)
+    write_atomic(out, text)
     return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError, unknown_name
+from ..files import write_atomic
 
 RESULTS = "results.json"
 TABLE = "results.md"
@@ -241,15 +241,6 @@ def config_id(c: dict[str, Any]) -> str:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _generate(model: Any, texts: list[str], seeds: list[int], batch: int, **kw: Any) -> tuple[Any, Any, Any]:
     from ..pipelines import text2img
 
@@ -373,7 +364,7 @@ def run_sweep(
 
     def save() -> None:  # after every configuration: the JSON only (the table and plot at the end)
         mark_pareto(result, sweep.quality)
-        _write_atomic(results_path, json.dumps(result, indent=1) + "\n")
+        write_atomic(results_path, json.dumps(result, indent=1) + "\n")
 
     weights = [c["nfe_budget"] * sweep.repeat for c in configs]
     refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -430,7 +421,7 @@ def run_sweep(
             clip.update(imgs, jobs)
             rec["clip_score"] = clip.compute()["clip_score"]
         sheet = f"{SAMPLES}/{cid}.png"
-        _write_atomic(out / sheet, _sheet(imgs[:16]))
+        write_atomic(out / sheet, _sheet(imgs[:16]))
         rec["sheet"], rec["sheet_cell"] = sheet, int(imgs.shape[-2])
         result["records"].append(rec)
         bar.update(w)
@@ -516,7 +507,7 @@ def finish(result: dict[str, Any], out: Path, quality: str | None = None) -> Non
     from .plots import pareto_png
 
     q = mark_pareto(result, quality)
-    _write_atomic(out / RESULTS, json.dumps(result, indent=1) + "\n")
-    _write_atomic(out / TABLE, markdown_table(result))
+    write_atomic(out / RESULTS, json.dumps(result, indent=1) + "\n")
+    write_atomic(out / TABLE, markdown_table(result))
     if q is not None:
-        _write_atomic(out / PLOT, pareto_png(result["records"], q, LABELS[q], QUALITY.get(q, True)))
+        write_atomic(out / PLOT, pareto_png(result["records"], q, LABELS[q], QUALITY.get(q, True)))
