@@ -3,7 +3,6 @@ any model folder / .safetensors file (``--model``), through velodiff's sampling 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ import typer
 
 from ..errors import VelodiffError
 from ..files import save_image_atomic
+from ..images import image_grid
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -64,23 +64,6 @@ def check_output_path(out: Path) -> str:
     if out.is_dir():
         raise VelodiffError(f"output {str(out)!r} is a folder; give a file name like out.png")
     return fmt
-
-
-def image_grid(images: list[Any], cols: int | None = None) -> Any:
-    """Several images as one grid image (near-square, 2 px white gaps)."""
-    from PIL import Image
-
-    if len(images) == 1:
-        return images[0]
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    gap = 2
-    sheet = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), (255, 255, 255))
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        sheet.paste(im, (c * (w + gap), r * (h + gap)))
-    return sheet
 
 
 @contextmanager

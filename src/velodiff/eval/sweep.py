@@ -25,6 +25,7 @@ import torch
 
 from ..errors import VelodiffError, unknown_name
 from ..files import write_atomic
+from . import tables
 
 RESULTS = "results.json"
 TABLE = "results.md"
@@ -255,11 +256,12 @@ def _generate(model: Any, texts: list[str], seeds: list[int], batch: int, **kw: 
 def _sheet(images: torch.Tensor, cols: int = 8) -> bytes:
     import io
 
+    from ..images import image_grid
     from ..pipelines.common import to_pil
-    from .plots import image_grid
 
+    pils = to_pil(images)
     buf = io.BytesIO()
-    image_grid(to_pil(images), cols=cols).save(buf, format="PNG")
+    image_grid(pils, cols=min(cols, len(pils))).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -471,11 +473,11 @@ def markdown_table(result: dict[str, Any]) -> str:
                 "clip_score"):
         if any(r.get(key) is not None for r in recs):
             cols.append((key, LABELS[key]))
-    lines = ["| " + " | ".join(h for _, h in cols) + " | Pareto |", "|" + "---|" * (len(cols) + 1)]
+    rows = []
     for r in recs:
         if "error" in r:
-            lines.append(f"| {r['solver']} | {r['grid'] or 'default'} | {_fmt(r['guidance'])} | "
-                         f"NFE {r['nfe_budget']}: {r['error']} |")
+            rows.append([r["solver"], r["grid"] or "default", _fmt(r["guidance"]),
+                         f"NFE {r['nfe_budget']}: {r['error']}"])
             continue
         cells = []
         for key, _ in cols:
@@ -485,7 +487,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             if key == "seconds_per_image":
                 v = f"{v:.3f}"
             cells.append(_fmt(v, 2) if key == "psnr" and isinstance(v, float) else _fmt(v))
-        lines.append("| " + " | ".join(cells) + " | " + ("**yes**" if r.get("pareto") else "") + " |")
+        rows.append([*cells, "**yes**" if r.get("pareto") else ""])
     ref = result.get("reference")
     notes = [
         "",
@@ -499,7 +501,8 @@ def markdown_table(result: dict[str, Any]) -> str:
                      "prompt and guidance (DPM-Solver-v3 protocol).")
     if result.get("quality"):
         notes.append(f"Pareto front: seconds per image against {LABELS[result['quality']]}.")
-    return "\n".join(lines + notes) + "\n"
+    table = tables.markdown_table([h for _, h in cols] + ["Pareto"], rows)
+    return "\n".join([table, *notes]) + "\n"
 
 
 def finish(result: dict[str, Any], out: Path, quality: str | None = None) -> None:
