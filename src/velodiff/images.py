@@ -1,5 +1,6 @@
 """Image grids: many PIL images as one sheet, the one helper behind ``velodiff generate --n``'s grid,
-the sweep's and ``velodiff eval shapes``' contact sheets and the shapes world's preview sheets.
+the sweep's and ``velodiff eval shapes``' contact sheets, the shapes world's preview sheets and the
+autoencoder's reconstruction sheet.
 
 Images sit in ``cols`` columns, row by row, ``gap`` pixels apart and ``margin`` pixels from the edge,
 on white. Optionally each is upscaled (nearest neighbour, pixels stay crisp), marked by a coloured
