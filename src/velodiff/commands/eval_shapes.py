@@ -15,7 +15,7 @@ import typer
 
 from ..errors import VelodiffError
 from ..eval import tables
-from ..files import write_atomic
+from ..files import save_image_atomic, write_atomic
 from .generate import THREADS_HELP
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
@@ -215,11 +215,7 @@ def shapes(
     k = images_per_prompt
     pick = list(range(0, len(images), k))  # the first image of every prompt
     sheet_img = contact_sheet([images[i] for i in pick], [res["per_prompt"][i] for i in pick])
-    import io
-
-    buf = io.BytesIO()
-    sheet_img.save(buf, format="PNG")
-    write_atomic(sheet, buf.getvalue())
+    save_image_atomic(sheet_img, sheet, "PNG")
     if result["speed"]:
         sp = result["speed"]
         typer.echo(
