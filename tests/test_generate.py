@@ -3,7 +3,9 @@ images atomically, and turns bad input into one clear error line."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 
 from PIL import Image
 
@@ -42,6 +44,9 @@ def test_generate_writes_png_and_grid(tmp_path, capsys):
     code, o, err = run_cli(capsys, "generate", "a red circle above a blue square", "--out", str(out), *FAST)
     assert code == 0, err
     assert Image.open(out).size == (64, 64) and "wrote" in o
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # as open(path, "w"): not owner-only
     code, o, err = run_cli(
         capsys,
         "generate",

@@ -18,14 +18,9 @@ import pytest
 
 from velodiff.cli import main
 from velodiff.errors import VelodiffError
-from velodiff.eval.generate_set import (
-    LINES,
-    generate_set,
-    load_prompt_file,
-    lock_folder,
-    read_records,
-    read_set,
-)
+from velodiff.sets.prompts import load_prompt_file
+from velodiff.sets.run import generate_set
+from velodiff.sets.store import LINES, lock_folder, read_records, read_set
 
 N = 16
 CONFIG = dict(seed=7, images_per_prompt=1, steps=2, solver=None, grid=None, guidance=None, negative=None,

@@ -1,15 +1,26 @@
 """`velodiff generate-set --ray local`: a local 2-worker Ray cluster gives the same manifest and the
 same image bytes as the single-process run, also when a worker dies mid-shard (retried, no duplicates);
-an unreachable address is one error line. Skipped when Ray is not installed."""
+an unreachable address is one error line. Skipped when Ray is not installed.
+
+The dying worker is the test's own: a subclass of the production actor whose ``render`` kills its
+process the first time (a marker file makes it once per test, across restarts), put in place of
+``ray_runner.ShardWorker`` for the test. Defined inside a function, cloudpickle ships the class to
+the workers by value (its base, the production actor, by reference)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 
 from velodiff.cli import main  # noqa: E402
-from velodiff.eval.generate_set import LINES, generate_set, load_prompt_file, read_records  # noqa: E402
+from velodiff.sets import ray_runner  # noqa: E402
+from velodiff.sets.prompts import load_prompt_file  # noqa: E402
+from velodiff.sets.run import generate_set  # noqa: E402
+from velodiff.sets.store import LINES, read_records  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +42,26 @@ def setup(tmp_path_factory):
     return model, prompts, ref
 
 
-def test_ray_local_two_workers_same_bytes_with_a_dead_worker(setup, tmp_path):
+def worker_that_dies_once(marker: str) -> type:
+    """The production actor, except that the first shard any replica gets kills its process."""
+
+    class DiesOnceMidShard(ray_runner.ShardWorker):
+        def render(self, chunk):
+            if not os.path.exists(marker):
+                Path(marker).write_text(str(chunk[0].index))
+                os._exit(1)
+            return super().render(chunk)
+
+    return DiesOnceMidShard
+
+
+def test_ray_local_two_workers_same_bytes_with_a_dead_worker(setup, tmp_path, monkeypatch):
     model, prompts, ref = setup
     out = tmp_path / "ray"
     marker = tmp_path / "died"
+    monkeypatch.setattr(ray_runner, "ShardWorker", worker_that_dies_once(str(marker)))
     summary = generate_set(load_prompt_file(prompts), out, model_path=model, config=CONFIG, ray="local",
-                           workers=2, fail_once=str(marker))
+                           workers=2)
     assert marker.is_file(), "the fault hook did not fire: no worker died"
     assert summary.generated == N
     assert (out / LINES).read_bytes() == (ref / LINES).read_bytes()

@@ -59,12 +59,13 @@ def eps_from_x0(schedule: NoiseSchedule, x: Tensor, t: Tensor | float, x0: Tenso
     return (x - a * x0) / s
 
 
-def x0_from_prediction(
-    prediction_type: str, schedule: NoiseSchedule, x: Tensor, t: Tensor | float, out: Tensor
+def x0_from_alpha_sigma(
+    prediction_type: str, x: Tensor, out: Tensor, alpha: Tensor | float, sigma: Tensor | float
 ) -> Tensor:
-    """Convert a network output of the given type into x0 (diffusers' names for the types)."""
-    tb = broadcast_time(t, x)
-    a, s = schedule.alpha(tb).to(x.dtype), schedule.sigma(tb).to(x.dtype)
+    """Convert a network output of the given type (diffusers' names) into x0, given alpha(t) and
+    sigma(t): tensors broadcastable against x, or Python floats for a time shared by the batch (so no
+    per-step tensor is made on the device). The one place the prediction types are converted."""
+    a, s = alpha, sigma
     if prediction_type == "epsilon":
         return (x - s * out) / a
     if prediction_type == "v_prediction":
@@ -77,6 +78,15 @@ def x0_from_prediction(
         # velocity v = dx/dt = eps - x0 for alpha = 1 - t, sigma = t (Liu et al. 2022)  =>  x0 = x - t v
         return x - s * out
     raise unknown_name("prediction type", prediction_type, PREDICTION_TYPES)
+
+
+def x0_from_prediction(
+    prediction_type: str, schedule: NoiseSchedule, x: Tensor, t: Tensor | float, out: Tensor
+) -> Tensor:
+    """Convert a network output of the given type into x0 (diffusers' names for the types)."""
+    tb = broadcast_time(t, x)
+    a, s = schedule.alpha(tb).to(x.dtype), schedule.sigma(tb).to(x.dtype)
+    return x0_from_alpha_sigma(prediction_type, x, out, a, s)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from .bench_solvers import _command_line, _names, _output, write_atomic
+from ..files import write_atomic
+from .bench_solvers import _command_line, _names, _output
 
 DEFAULT_JSON = Path("out/bench_pipeline.json")
 

@@ -7,13 +7,14 @@ See ``velodiff.eval.solver_bench`` for what is measured and how."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from ..files import write_atomic
 
 DEFAULT_JSON = Path("out/bench_solvers.json")
 
@@ -76,16 +77,6 @@ def _command_line(ctx: typer.Context) -> str:
         else:
             parts += [param.opts[0], shlex.quote(str(value))]
     return " ".join(parts)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def bench_solvers(

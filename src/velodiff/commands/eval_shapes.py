@@ -7,8 +7,6 @@ best scale's, and every scale's are under ``sweep``."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
+from ..eval import tables
+from ..files import save_image_atomic, write_atomic
 from .generate import THREADS_HELP
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
@@ -88,14 +88,12 @@ def measure_speed(model: Any, runs: int, **kw: Any) -> dict[str, Any]:
 
 def markdown_table(result: dict[str, Any]) -> str:
     cats = list(result["by_category"])
-    lines = [
-        "| guidance | overall | " + " | ".join(cats) + " |",
-        "|---:|---:|" + "---:|" * len(cats),
-    ]
+    rows = []
     for row in result["sweep"]:
-        cells = " | ".join(f"{row['by_category'][c]:.3f}" for c in cats)
         mark = " **(best)**" if row["guidance"] == result["config"]["guidance"] else ""
-        lines.append(f"| {row['guidance']:g}{mark} | {row['overall']:.3f} | {cells} |")
+        rows.append([f"{row['guidance']:g}{mark}", f"{row['overall']:.3f}",
+                     *(f"{row['by_category'][c]:.3f}" for c in cats)])
+    lines = [tables.markdown_table(["guidance", "overall", *cats], rows, align="rr" + "r" * len(cats))]
     c = result["config"]
     lines.append("")
     lines.append(
@@ -108,38 +106,11 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def contact_sheet(images: list[Any], records: list[dict[str, Any]], cols: int = 8, scale: int = 2) -> Any:
     """Samples with their prompts; a green bar under correct ones, red under wrong ones."""
-    from PIL import Image, ImageDraw
+    from ..images import image_grid
 
-    w = images[0].size[0] * scale
-    text_h, pad = 30, 4
-    rows = (len(images) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (w + text_h + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, rec) in enumerate(zip(images, records, strict=True)):
-        r, c = divmod(i, cols)
-        x, y = pad + c * (w + pad), pad + r * (w + text_h + pad)
-        sheet.paste(im.resize((w, w), Image.NEAREST), (x, y))
-        draw.rectangle(
-            [x, y + w, x + w - 1, y + w + 2], fill=(40, 170, 60) if rec["correct"] else (210, 40, 40)
-        )
-        words, lines, line = rec["text"].split(), [], ""
-        for word in words:
-            if len(line) + len(word) + 1 > w // 6:
-                lines.append(line)
-                line = word
-            else:
-                line = (line + " " + word).strip()
-        lines.append(line)
-        draw.multiline_text((x, y + w + 3), "\n".join(lines[:2]), fill=(0, 0, 0), spacing=0)
-    return sheet
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    marks = [(40, 170, 60) if rec["correct"] else (210, 40, 40) for rec in records]
+    return image_grid(images, cols, gap=4, margin=4, scale=scale, captions=[rec["text"] for rec in records],
+                      caption_lines=2, caption_height=30, marks=marks)
 
 
 @eval_app.command("shapes")
@@ -239,16 +210,12 @@ def shapes(
         "speed": measure_speed(loaded, speed_runs, guidance=info["guidance"], **kw) if speed_runs else None,
         "per_prompt": [{k: v for k, v in r.items() if k != "detections"} for r in res["per_prompt"]],
     }
-    _write_atomic(json_out, (json.dumps(result, indent=1) + "\n").encode())
-    _write_atomic(markdown, markdown_table(result).encode())
+    write_atomic(json_out, (json.dumps(result, indent=1) + "\n").encode())
+    write_atomic(markdown, markdown_table(result).encode())
     k = images_per_prompt
     pick = list(range(0, len(images), k))  # the first image of every prompt
     sheet_img = contact_sheet([images[i] for i in pick], [res["per_prompt"][i] for i in pick])
-    import io
-
-    buf = io.BytesIO()
-    sheet_img.save(buf, format="PNG")
-    _write_atomic(sheet, buf.getvalue())
+    save_image_atomic(sheet_img, sheet, "PNG")
     if result["speed"]:
         sp = result["speed"]
         typer.echo(

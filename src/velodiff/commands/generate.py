@@ -3,10 +3,8 @@ any model folder / .safetensors file (``--model``), through velodiff's sampling 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -16,6 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
+from ..files import save_image_atomic
+from ..images import image_grid
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -64,47 +64,6 @@ def check_output_path(out: Path) -> str:
     if out.is_dir():
         raise VelodiffError(f"output {str(out)!r} is a folder; give a file name like out.png")
     return fmt
-
-
-def save_atomic(image: Any, out: Path, fmt: str) -> None:
-    """Write to a temporary file in the same folder and rename it over ``out``: an existing file is
-    replaced whole or not at all."""
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise VelodiffError(f"cannot write {out}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise VelodiffError(f"cannot write {out}: {e.strerror or e}") from None
-        raise
-
-
-def image_grid(images: list[Any], cols: int | None = None) -> Any:
-    """Several images as one grid image (near-square, 2 px white gaps)."""
-    from PIL import Image
-
-    if len(images) == 1:
-        return images[0]
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    gap = 2
-    sheet = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), (255, 255, 255))
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        sheet.paste(im, (c * (w + gap), r * (h + gap)))
-    return sheet
 
 
 @contextmanager
@@ -192,7 +151,7 @@ def generate(
         guidance=guidance if guidance is not None else defaults.get("guidance"),
         seeds=[seed + i for i in range(n)],
     )
-    save_atomic(image_grid(list(res.images)), out, fmt)
+    save_image_atomic(image_grid(list(res.images)), out, fmt)
     typer.echo(
         f"wrote {out} ({n} image{'s' if n > 1 else ''}, {res.solver}, {res.steps} steps, {res.nfe} NFE, "
         f"guidance {res.guidance:g}) in {time.perf_counter() - t0:.2f} s"

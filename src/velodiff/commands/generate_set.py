@@ -45,14 +45,10 @@ def generate_set_cmd(
     ] = None,
 ) -> None:
     """Generate an image set from a prompt file; killed and run again, it finishes what is missing."""
-    from ..eval.generate_set import (
-        CONFIG_KEYS,
-        generate_set,
-        load_prompt_file,
-        model_fingerprint,
-        read_header,
-        resolve_config,
-    )
+    from ..sets.fingerprint import model_fingerprint
+    from ..sets.prompts import load_prompt_file
+    from ..sets.run import generate_set
+    from ..sets.store import CONFIG_KEYS, read_header, resolve_config
     from .generate import quiet_libraries
 
     if guidance is not None and not guidance >= 0:
@@ -144,12 +140,12 @@ def eval_manifest_cmd(
     if manifest is None:
         typer.echo(ctx.get_help())
         return
-    from ..eval.generate_set import evaluate_set
+    from ..eval.set_metrics import evaluate_set
 
     result = evaluate_set(manifest, real=real, features=features, clip=clip, reference=reference)
     text = json.dumps(result, indent=1)
     if json_out is not None:
-        from ..eval.generate_set import write_atomic
+        from ..files import write_atomic
 
         if not (json_out.parent if str(json_out.parent) else Path(".")).is_dir():
             raise VelodiffError(f"output folder {str(json_out.parent)!r} does not exist; create it first")

@@ -32,7 +32,6 @@ A *spec* is the structured content of a caption, plain JSON data::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -509,23 +508,8 @@ def contact_sheet(scenes: Sequence[Scene], cols: int = 4, scale: int = 3,
     """A grid of scenes (upscaled, nearest) with their captions underneath, for eyeballing."""
     if not scenes:
         raise ShapesSpecError("no scenes to show")
-    H = scenes[0].image.shape[0] * scale
-    pad, text_h = 4, (28 if captions else 0)
-    rows = math.ceil(len(scenes) / cols)
-    sheet = Image.new("RGB", (cols * (H + pad) + pad, rows * (H + text_h + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for k, s in enumerate(scenes):
-        r, c = divmod(k, cols)
-        x, y = pad + c * (H + pad), pad + r * (H + text_h + pad)
-        sheet.paste(Image.fromarray(s.image).resize((H, H), Image.NEAREST), (x, y))
-        if captions:
-            words, lines, line = s.caption.split(), [], ""
-            for w in words:
-                if len(line) + len(w) + 1 > H // 6:
-                    lines.append(line)
-                    line = w
-                else:
-                    line = (line + " " + w).strip()
-            lines.append(line)
-            draw.multiline_text((x, y + H + 1), "\n".join(lines[:3]), fill=(0, 0, 0), spacing=0)
-    return sheet
+    from ..images import image_grid
+
+    return image_grid([Image.fromarray(s.image) for s in scenes], cols, gap=4, margin=4, scale=scale,
+                      captions=[s.caption for s in scenes] if captions else None, caption_lines=3,
+                      caption_height=28)

@@ -259,17 +259,14 @@ def train_encoder(
 
 
 def save_encoder(model: ShapesEncoder, path: str | Path, info: dict[str, Any]) -> Path:
-    import os
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
+    from ..files import write_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"velodiff": json.dumps(info)})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, save(state, metadata={"velodiff": json.dumps(info)}))
     return path
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from . import tables
+
 #: the models of the benchmark: the shipped default model and tiny random models (velodiff.models.tiny)
 MODELS = ("default", "sd15", "sdxl", "sd3", "flux")
 PROMPT = "a photo of a red cat on the table"
@@ -270,19 +272,18 @@ def markdown_table(records: Sequence[dict[str, Any]], command: str = "") -> str:
     lines = []
     if command:
         lines += [f"`{command}`", ""]
-    lines += [
-        "| model | device / dtype | NFE | velodiff s/img | diffusers s/img | ratio (median of pairs) "
-        "| CPU-time ratio | peak MB velodiff / diffusers | max abs diff | bar |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    headers = ["model", "device / dtype", "NFE", "velodiff s/img", "diffusers s/img",
+               "ratio (median of pairs)", "CPU-time ratio", "peak MB velodiff / diffusers",
+               "max abs diff", "bar"]
+    rows = []
     for name, pair in by_model.items():
         v, d = pair["velodiff"], pair["diffusers"]
         ok = v["ratio_median"] <= BAR_MAX_RATIO and v["max_abs_diff"] <= v["tolerance"]
-        lines.append(
-            f"| {name} ({v['family']}) | {v['device']} / {v['dtype']} | {v['nfe']} "
-            f"| {v['seconds_median']:.4f} | {d['seconds_median']:.4f} | {v['ratio_median']:.3f} "
-            f"| {v['cpu_ratio_median']:.3f} "
-            f"| {v['peak_mb']:.0f} / {d['peak_mb']:.0f} | {v['max_abs_diff']:.2e} "
-            f"| {'pass' if ok else 'FAIL'} |"
-        )
+        rows.append([
+            f"{name} ({v['family']})", f"{v['device']} / {v['dtype']}", v["nfe"],
+            f"{v['seconds_median']:.4f}", f"{d['seconds_median']:.4f}", f"{v['ratio_median']:.3f}",
+            f"{v['cpu_ratio_median']:.3f}", f"{v['peak_mb']:.0f} / {d['peak_mb']:.0f}",
+            f"{v['max_abs_diff']:.2e}", "pass" if ok else "FAIL",
+        ])
+    lines.append(tables.markdown_table(headers, rows, align="llrrrrrrrl"))
     return "\n".join(lines) + "\n"

@@ -1,25 +1,10 @@
-"""Plots and image sheets for benchmarks and reports (matplotlib, Agg backend, PNG bytes out)."""
+"""Plots for benchmarks and reports (matplotlib, Agg backend, PNG bytes out)."""
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from typing import Any
-
-
-def image_grid(images: Sequence[Any], cols: int = 8, gap: int = 2) -> Any:
-    """PIL images as one grid (white gaps)."""
-    from PIL import Image
-
-    cols = max(1, min(cols, len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    sheet = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), (255, 255, 255))
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        sheet.paste(im, (c * (w + gap), r * (h + gap)))
-    return sheet
 
 
 def pareto_png(

@@ -109,15 +109,15 @@ class ReferenceCache:
         return d["latents"], d["image"]
 
     def put(self, key: str, latents: Tensor, image: Tensor, meta: dict[str, Any]) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from ..files import write_atomic
 
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         tensors = {"latents": latents.detach().float().cpu().contiguous(),
                    "image": image.detach().float().cpu().contiguous()}
-        save_file(tensors, str(tmp), metadata={"velodiff": json.dumps(meta)})
-        os.replace(tmp, p)
+        write_atomic(p, save(tensors, metadata={"velodiff": json.dumps(meta)}))
         return p
 
 

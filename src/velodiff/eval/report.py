@@ -14,16 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
+from ..files import write_atomic
+from .tables import markdown_table
 
 REPORT = "report.md"
 SHEET = "report_samples.png"
 EVAL_PLOT = "report_eval.png"
-
-
-def _write(path: Path, data: str | bytes) -> None:
-    from .sweep import _write_atomic
-
-    _write_atomic(path, data)
 
 
 def _label_strip(label: str, image: Any, width: int = 120) -> Any:
@@ -64,7 +60,8 @@ def bench_contact_sheet(folder: Path, records: list[dict[str, Any]], max_rows: i
 
 
 def bench_report(folder: Path, result: dict[str, Any]) -> str:
-    from .sweep import PLOT, markdown_table
+    from .sweep import PLOT
+    from .sweep import markdown_table as sweep_table
 
     recs = result["records"]
     ok = [r for r in recs if "error" not in r]
@@ -80,7 +77,7 @@ def bench_report(folder: Path, result: dict[str, Any]) -> str:
             f"`{r['solver']}` {r['nfe']} NFE ({r['seconds_per_image']:.3f} s, {q} {r[q]:.3g})"
             for r in front))
         lines.append("")
-    lines += ["## Results", "", markdown_table(result)]
+    lines += ["## Results", "", sweep_table(result)]
     if (folder / PLOT).is_file():
         lines += ["## Quality vs time", "", f"![quality vs time]({PLOT})", ""]
     sheet = bench_contact_sheet(folder, recs)
@@ -89,7 +86,7 @@ def bench_report(folder: Path, result: dict[str, Any]) -> str:
 
         buf = io.BytesIO()
         sheet.save(buf, format="PNG")
-        _write(folder / SHEET, buf.getvalue())
+        write_atomic(folder / SHEET, buf.getvalue())
         lines += ["## Samples", "", "First samples of each configuration (* = on the Pareto front), "
                   "the same seeds in every row.", "", f"![samples]({SHEET})", ""]
     return "\n".join(lines)
@@ -113,19 +110,19 @@ def eval_report(folder: Path, evals: list[tuple[Path, dict[str, Any]]]) -> str:
     cats: list[str] = []
     for _, d in evals:
         cats += [c for c in d["by_category"] if c not in cats]
-    lines = [f"# velodiff eval: {folder.name}", "", "## ShapesEval", "",
-             "| run | model | prompts | solver | NFE | guidance | overall | " + " | ".join(cats) + " |",
-             "|---|---|---|---|---:|---:|---:|" + "---:|" * len(cats)]
+    rows = []
     for p, d in evals:
         c = d.get("config", {})
-        cells = " | ".join(f"{d['by_category'][k]:.3f}" if k in d["by_category"] else "-" for k in cats)
-        lines.append(f"| {p.stem} | {c.get('model', '-')} | {c.get('prompts', '-')} | "
-                     f"{c.get('solver', '-')} | "
-                     f"{c.get('nfe', '-')} | {c.get('guidance', '-')} | {d['overall']:.3f} | {cells} |")
-    lines.append("")
+        cells = [f"{d['by_category'][k]:.3f}" if k in d["by_category"] else "-" for k in cats]
+        rows.append([p.stem, c.get("model", "-"), c.get("prompts", "-"), c.get("solver", "-"),
+                     c.get("nfe", "-"), c.get("guidance", "-"), f"{d['overall']:.3f}", *cells])
+    headers = ["run", "model", "prompts", "solver", "NFE", "guidance", "overall", *cats]
+    lines = [f"# velodiff eval: {folder.name}", "", "## ShapesEval", "",
+             markdown_table(headers, rows, align="llllrrr" + "r" * len(cats)), ""]
     if len(evals) > 1:
-        _write(folder / EVAL_PLOT, bars_png([p.stem for p, _ in evals], [d["overall"] for _, d in evals],
-                                            "ShapesEval overall", "accuracy"))
+        plot = bars_png([p.stem for p, _ in evals], [d["overall"] for _, d in evals], "ShapesEval overall",
+                        "accuracy")
+        write_atomic(folder / EVAL_PLOT, plot)
         lines += [f"![ShapesEval overall]({EVAL_PLOT})", ""]
     sheets = [(p, p.with_suffix(".png")) for p, _ in evals if p.with_suffix(".png").is_file()]
     if sheets:
@@ -155,5 +152,5 @@ def build_report(folder: str | Path) -> Path:
             raise VelodiffError(f"no bench results.json and no `velodiff eval` JSON in {str(folder)!r}")
         text = eval_report(folder, evals)
     out = folder / REPORT
-    _write(out, text)
+    write_atomic(out, text)
     return out

@@ -47,6 +47,7 @@ from ..oracle import GaussianMixture, MixtureDenoiser, reference_sample, startin
 from ..sampling import sample
 from ..schedules import F64, DiscreteVP
 from ..solvers import SOLVERS
+from .tables import markdown_table
 
 DEFAULT_NFES = (3, 4, 5, 6, 8, 10, 12, 15, 20)
 BAR_NFES = (5, 6, 8, 10)
@@ -402,13 +403,13 @@ def _fmt(e: float | None) -> str:
 
 
 def bar_table(rows: Sequence[dict[str, object]], baseline: str = BAR_BASELINE) -> str:
-    lines = [f"| NFE | best velodiff (solver / grid) | error | diffusers {baseline} | ratio |",
-             "|---:|---|---:|---:|---:|"]
+    table_rows = []
     for r in rows:
         cfg = f"{r['solver']} / {r['grid']}" if r["solver"] else "—"
         ratio = "—" if r["ratio"] is None else f"{float(r['ratio']):.3f}"
-        lines.append(f"| {r['nfe']} | {cfg} | {_fmt(r['error'])} | {_fmt(r['baseline_error'])} | {ratio} |")
-    return "\n".join(lines)
+        table_rows.append([r["nfe"], cfg, _fmt(r["error"]), _fmt(r["baseline_error"]), ratio])
+    headers = ["NFE", "best velodiff (solver / grid)", "error", f"diffusers {baseline}", "ratio"]
+    return markdown_table(headers, table_rows, align="rlrrr")
 
 
 def results_table(records: Sequence[Record], data: str, best_only: bool = False) -> str:
@@ -419,8 +420,7 @@ def results_table(records: Sequence[Record], data: str, best_only: bool = False)
     keep = best_grids(records, data) if best_only else None
     col_best = {n: min((float(rows[n]["error"]) for (_, src, _, _), rows in series.items()
                         if src == "velodiff" and n in rows), default=None) for n in nfes}
-    head = "| source | solver | grid | t_start | " + " | ".join(str(n) for n in nfes) + " |"
-    lines = [head, "|---|---|---|---:|" + "---:|" * len(nfes)]
+    rows_out = []
     order = sorted(series, key=lambda k: (k[1] != "diffusers",))  # diffusers rows first, stable
     for key in order:
         _, src, solver, grid = key
@@ -436,8 +436,9 @@ def results_table(records: Sequence[Record], data: str, best_only: bool = False)
                 continue
             e = float(rows[n]["error"])
             cells.append(f"**{e:.3g}**" if src == "velodiff" and e == col_best[n] else f"{e:.3g}")
-        lines.append(f"| {src} | {solver} | {grid} | {t_start} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows_out.append([src, solver, grid, t_start, *cells])
+    headers = ["source", "solver", "grid", "t_start", *nfes]
+    return markdown_table(headers, rows_out, align="lllr" + "r" * len(nfes))
 
 
 def markdown_report(records: Sequence[Record], command: str = "", best_only: bool = False) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError, unknown_name
+from ..files import write_atomic
+from . import tables
 
 RESULTS = "results.json"
 TABLE = "results.md"
@@ -241,15 +242,6 @@ def config_id(c: dict[str, Any]) -> str:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _generate(model: Any, texts: list[str], seeds: list[int], batch: int, **kw: Any) -> tuple[Any, Any, Any]:
     from ..pipelines import text2img
 
@@ -264,11 +256,12 @@ def _generate(model: Any, texts: list[str], seeds: list[int], batch: int, **kw: 
 def _sheet(images: torch.Tensor, cols: int = 8) -> bytes:
     import io
 
+    from ..images import image_grid
     from ..pipelines.common import to_pil
-    from .plots import image_grid
 
+    pils = to_pil(images)
     buf = io.BytesIO()
-    image_grid(to_pil(images), cols=cols).save(buf, format="PNG")
+    image_grid(pils, cols=min(cols, len(pils))).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -373,7 +366,7 @@ def run_sweep(
 
     def save() -> None:  # after every configuration: the JSON only (the table and plot at the end)
         mark_pareto(result, sweep.quality)
-        _write_atomic(results_path, json.dumps(result, indent=1) + "\n")
+        write_atomic(results_path, json.dumps(result, indent=1) + "\n")
 
     weights = [c["nfe_budget"] * sweep.repeat for c in configs]
     refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -430,7 +423,7 @@ def run_sweep(
             clip.update(imgs, jobs)
             rec["clip_score"] = clip.compute()["clip_score"]
         sheet = f"{SAMPLES}/{cid}.png"
-        _write_atomic(out / sheet, _sheet(imgs[:16]))
+        write_atomic(out / sheet, _sheet(imgs[:16]))
         rec["sheet"], rec["sheet_cell"] = sheet, int(imgs.shape[-2])
         result["records"].append(rec)
         bar.update(w)
@@ -480,11 +473,11 @@ def markdown_table(result: dict[str, Any]) -> str:
                 "clip_score"):
         if any(r.get(key) is not None for r in recs):
             cols.append((key, LABELS[key]))
-    lines = ["| " + " | ".join(h for _, h in cols) + " | Pareto |", "|" + "---|" * (len(cols) + 1)]
+    rows = []
     for r in recs:
         if "error" in r:
-            lines.append(f"| {r['solver']} | {r['grid'] or 'default'} | {_fmt(r['guidance'])} | "
-                         f"NFE {r['nfe_budget']}: {r['error']} |")
+            rows.append([r["solver"], r["grid"] or "default", _fmt(r["guidance"]),
+                         f"NFE {r['nfe_budget']}: {r['error']}"])
             continue
         cells = []
         for key, _ in cols:
@@ -494,7 +487,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             if key == "seconds_per_image":
                 v = f"{v:.3f}"
             cells.append(_fmt(v, 2) if key == "psnr" and isinstance(v, float) else _fmt(v))
-        lines.append("| " + " | ".join(cells) + " | " + ("**yes**" if r.get("pareto") else "") + " |")
+        rows.append([*cells, "**yes**" if r.get("pareto") else ""])
     ref = result.get("reference")
     notes = [
         "",
@@ -508,7 +501,8 @@ def markdown_table(result: dict[str, Any]) -> str:
                      "prompt and guidance (DPM-Solver-v3 protocol).")
     if result.get("quality"):
         notes.append(f"Pareto front: seconds per image against {LABELS[result['quality']]}.")
-    return "\n".join(lines + notes) + "\n"
+    table = tables.markdown_table([h for _, h in cols] + ["Pareto"], rows)
+    return "\n".join([table, *notes]) + "\n"
 
 
 def finish(result: dict[str, Any], out: Path, quality: str | None = None) -> None:
@@ -516,7 +510,7 @@ def finish(result: dict[str, Any], out: Path, quality: str | None = None) -> Non
     from .plots import pareto_png
 
     q = mark_pareto(result, quality)
-    _write_atomic(out / RESULTS, json.dumps(result, indent=1) + "\n")
-    _write_atomic(out / TABLE, markdown_table(result))
+    write_atomic(out / RESULTS, json.dumps(result, indent=1) + "\n")
+    write_atomic(out / TABLE, markdown_table(result))
     if q is not None:
-        _write_atomic(out / PLOT, pareto_png(result["records"], q, LABELS[q], QUALITY.get(q, True)))
+        write_atomic(out / PLOT, pareto_png(result["records"], q, LABELS[q], QUALITY.get(q, True)))

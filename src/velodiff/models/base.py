@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..denoisers import Cond, ModelDenoiser, broadcast_time
+from ..denoisers import Cond, ModelDenoiser, broadcast_time, x0_from_alpha_sigma
 from ..errors import VelodiffError, unknown_name
 from ..guidance import GuidedCond
 from ..schedules import F64, NoiseSchedule
@@ -113,14 +113,7 @@ class NetworkDenoiser(ModelDenoiser):
             tb = broadcast_time(t, x)
             a = self.schedule.alpha(tb).to(x.device, x.dtype)
             s = self.schedule.sigma(tb).to(x.device, x.dtype)
-        p = self.prediction_type
-        if p == "epsilon":
-            return (x - s * out) / a
-        if p == "v_prediction":  # x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)  (Salimans & Ho 2022)
-            return (a * x - s * out) / (a * a + s * s)
-        if p == "sample":
-            return out
-        return x - s * out  # flow: v = eps - x0 with alpha = 1 - t, sigma = t
+        return x0_from_alpha_sigma(self.prediction_type, x, out, a, s)
 
 
 # --- the loaded model ---------------------------------------------------------------------------

@@ -34,8 +34,7 @@ from ..errors import VelodiffError
 from ..grids import _finish, _span, flow_shift
 from ..schedules import F64, NoiseSchedule
 from .base import register_family
-from .loading import Source
-from .sd3 import (
+from .dit import (
     DiTModel,
     finish_dit,
     flow_schedule,
@@ -45,6 +44,7 @@ from .sd3 import (
     load_transformer,
     load_vae,
 )
+from .loading import Source
 
 FLUX_PIPELINES = {"FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"}
 

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from ..errors import VelodiffError
 from .base import register_family
+from .dit import DiTModel, finish_dit, load_text_encoder, load_tokenizer, load_transformer, load_vae
 from .loading import Source
 from .sd import scheduler_setup
-from .sd3 import DiTModel, finish_dit, load_text_encoder, load_tokenizer, load_transformer, load_vae
 
 PIXART_PIPELINES = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 

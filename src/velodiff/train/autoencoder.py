@@ -90,9 +90,11 @@ def recon_sheet(vae: Any, world: Any, path: Path, n: int = 8, start: int = 10_00
     """Originals (top row) over reconstructions (bottom row), 3x upscaled."""
     from PIL import Image
 
+    from ..files import save_image_atomic
+    from ..images import image_grid
+
     x, _ = world.batch(start, n)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    both = torch.cat([torch.cat(list(x), 2), torch.cat(list(rec), 2)], 1)
-    arr = ((both.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    img = Image.fromarray(arr)
-    img.resize((img.width * 3, img.height * 3), Image.NEAREST).save(path)
+    tiles = [Image.fromarray(((im.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+             for im in torch.cat([x, rec])]
+    save_image_atomic(image_grid(tiles, n, gap=0, scale=3), path)

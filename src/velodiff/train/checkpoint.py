@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -52,9 +53,7 @@ def save_checkpoint(
     (tmp / "state.json").write_text(json.dumps({**meta, "step": step}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = run / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, run / "latest")
+    write_atomic(run / "latest", final.name)
     old = sorted(p for p in run.glob("step-*") if p.is_dir())
     for p in old[:-keep]:
         shutil.rmtree(p, ignore_errors=True)

@@ -1,6 +1,6 @@
-"""Scale-out of ``generate_set`` on Ray: one actor per worker holds a model replica and renders shards
-(the set's batch-aligned chunks); the driver is the set folder's only writer, so the manifest and the
-files are exactly the single-process run's.
+"""Generating a set on Ray: one actor per worker holds a model replica and renders shards (the set's
+batch-aligned chunks); the driver is the set folder's only writer, so the manifest and the files are
+exactly the single-process run's.
 
 A worker that dies mid-shard is restarted by Ray (``max_restarts``) and its shard retried
 (``max_task_retries``, then again by the driver on a live worker); an index already written is skipped
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
-from .generate_set import Item, SetWriter
+from .items import Item
+from .store import SetWriter
 
 #: seconds to wait for a Ray address to answer before giving up
 CONNECT_TIMEOUT_S = 5.0
@@ -93,26 +94,22 @@ class ShardWorker:
     """A Ray actor: one model replica, rendering shards. Load errors are kept and raised on the first
     shard as one VelodiffError line (an exception in an actor's __init__ would only say it died)."""
 
-    def __init__(self, model_path: str, fingerprint: str, config: dict[str, Any],
-                 fail_once: str | None = None) -> None:
+    def __init__(self, model_path: str, fingerprint: str, config: dict[str, Any]) -> None:
         from ..commands.generate import quiet_libraries
-        from .generate_set import load_model_checked
+        from .render import load_model_checked
 
         quiet_libraries()
-        self.config, self.fail_once, self.error, self.model = config, fail_once, None, None
+        self.config, self.error, self.model = config, None, None
         try:
             self.model = load_model_checked(model_path, fingerprint, int(config["threads"]))
         except VelodiffError as e:
             self.error = str(e)
 
     def render(self, chunk: list[Item]) -> list[tuple[int, bytes]]:
-        from .generate_set import render_chunk
+        from .render import render_chunk
 
         if self.error is not None:
             raise VelodiffError(f"on a Ray worker ({socket.gethostname()}): {self.error}")
-        if self.fail_once and not os.path.exists(self.fail_once):  # tests: die once, mid-shard
-            Path(self.fail_once).write_text(str(chunk[0].index))
-            os._exit(1)
         return render_chunk(self.model, chunk, self.config)
 
     def pid(self) -> int:
@@ -130,7 +127,6 @@ def run_on_ray(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     total: int = 0,
-    fail_once: str | None = None,
 ) -> None:
     """Render the shards ``todo`` on Ray workers and write them through ``writer`` (the driver)."""
     ray = import_ray()
@@ -145,7 +141,7 @@ def run_on_ray(
         remote = ray.remote(num_cpus=1, max_restarts=ACTOR_RESTARTS,
                             max_task_retries=ACTOR_RESTARTS)(ShardWorker)
         path = str(Path(model_path).expanduser().resolve())
-        actors = [remote.remote(path, fingerprint, config, fail_once) for _ in range(n)]
+        actors = [remote.remote(path, fingerprint, config) for _ in range(n)]
         pending = deque(todo)
         tries: dict[int, int] = {}
         inflight: dict[Any, tuple[Any, list[Item]]] = {}
@@ -170,7 +166,7 @@ def run_on_ray(
                     results = _retry(chunk, tries, pending, e)
                 except RayActorError as e:
                     if actor in actors:  # Ray gave up restarting it: a fresh replica
-                        actors[actors.index(actor)] = remote.remote(path, fingerprint, config, fail_once)
+                        actors[actors.index(actor)] = remote.remote(path, fingerprint, config)
                     results = _retry(chunk, tries, pending, e)
                 for index, data in results or []:
                     writer.write(index, data)  # skips an index already written (a retried shard)

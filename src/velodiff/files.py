@@ -1,0 +1,78 @@
+"""Writing a file whole or not at all: the one atomic writer every command uses.
+
+:func:`write_atomic` (bytes or text) and :func:`save_image_atomic` (a PIL image) write to a temporary
+file in the destination's folder (``.NAME.XXXXXXXX.tmp``), flush and fsync it, then rename it over
+the destination (``os.replace``, atomic on POSIX and Windows): a reader sees the old file or the new
+one, never a half-written one, and a killed process leaves at most a stray temporary file. On any
+failure the temporary file is removed; an ``OSError`` (missing folder, no permission, disk full)
+becomes one :class:`~velodiff.errors.VelodiffError` line naming the file.
+
+The temporary file is created with mode 0o666 and the kernel applies the process umask (and a
+folder's default ACL), as for ``open(path, "w")``: the result is readable by whoever could read a
+plainly written file (``tempfile.mkstemp`` would leave 0o600, owner-only).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import VelodiffError
+
+#: the suffix of temporary files (a set folder's resume removes stale ones: ``.*.tmp``)
+TEMP_SUFFIX = ".tmp"
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new, exclusive temporary file beside ``path`` with the mode a plain ``open`` would give."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name beside {path}")
+
+
+def _write_with(path: str | os.PathLike[str], fill: Callable[[IO[bytes]], Any]) -> None:
+    path = Path(path)
+    try:
+        fd, tmp = _create_temporary(path)
+    except OSError as e:
+        raise VelodiffError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise VelodiffError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write ``data`` (text is UTF-8 encoded) to ``path``, replacing it whole or not at all."""
+    blob = data.encode() if isinstance(data, str) else data
+    _write_with(path, lambda f: f.write(blob))
+
+
+def save_image_atomic(image: Any, path: str | os.PathLike[str], fmt: str | None = None) -> None:
+    """``image.save(path, format=fmt)`` for a PIL image, replacing ``path`` whole or not at all (``fmt``
+    defaults to the format PIL gives the suffix: PNG for .png, JPEG for .jpg ...)."""
+    if fmt is None:
+        from PIL import Image
+
+        Image.init()
+        fmt = Image.EXTENSION.get(Path(path).suffix.lower())
+        if fmt is None:
+            raise VelodiffError(f"cannot write {path}: unknown image type {Path(path).suffix!r}")
+    _write_with(path, lambda f: image.save(f, format=fmt))

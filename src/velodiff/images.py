@@ -1,0 +1,75 @@
+"""Image grids: many PIL images as one sheet, the one helper behind ``velodiff generate --n``'s grid,
+the sweep's and ``velodiff eval shapes``' contact sheets, the shapes world's preview sheets and the
+autoencoder's reconstruction sheet.
+
+Images sit in ``cols`` columns, row by row, ``gap`` pixels apart and ``margin`` pixels from the edge,
+on white. Optionally each is upscaled (nearest neighbour, pixels stay crisp), marked by a coloured
+bar under it (e.g. green for a correct sample, red for a wrong one) and captioned: its text wrapped
+to the cell width, at most ``caption_lines`` lines, in ``caption_height`` pixels below the image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+#: height of a mark bar under an image, in pixels
+MARK_HEIGHT = 3
+
+
+def wrap_caption(text: str, chars: int) -> list[str]:
+    """``text``'s words in lines of at most ``chars`` characters (a longer word gets a line of its own)."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + len(word) + 1 > chars:
+            lines.append(line)
+            line = word
+        else:
+            line = (line + " " + word).strip()
+    lines.append(line)
+    return lines
+
+
+def image_grid(
+    images: Sequence[Any],
+    cols: int | None = None,
+    *,
+    gap: int = 2,
+    margin: int = 0,
+    scale: int = 1,
+    captions: Sequence[str] | None = None,
+    caption_lines: int = 2,
+    caption_height: int = 30,
+    marks: Sequence[tuple[int, int, int]] | None = None,
+) -> Any:
+    """PIL images (all of the first one's size) as one RGB grid; ``cols`` defaults to a near-square
+    grid (ceil(sqrt(n)) columns). A single image without decoration comes back as it is."""
+    from PIL import Image, ImageDraw
+
+    if not images:
+        raise ValueError("no images to put in a grid")
+    decorated = scale != 1 or captions is not None or marks is not None or margin
+    if len(images) == 1 and not decorated:
+        return images[0]
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size[0] * scale, images[0].size[1] * scale
+    below = caption_height if captions is not None or marks is not None else 0
+    cell_h = h + below
+    size = (cols * w + (cols - 1) * gap + 2 * margin, rows * cell_h + (rows - 1) * gap + 2 * margin)
+    sheet = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(sheet) if below else None
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        x, y = margin + c * (w + gap), margin + r * (cell_h + gap)
+        sheet.paste(im.resize((w, h), Image.NEAREST) if scale != 1 else im, (x, y))
+        if draw is None:
+            continue
+        if marks is not None:
+            draw.rectangle([x, y + h, x + w - 1, y + h + MARK_HEIGHT - 1], fill=marks[i])
+        if captions is not None:
+            text = "\n".join(wrap_caption(captions[i], w // 6)[:caption_lines])
+            top = y + h + (MARK_HEIGHT if marks is not None else 1)
+            draw.multiline_text((x, top), text, fill=(0, 0, 0), spacing=0)
+    return sheet

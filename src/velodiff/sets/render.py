@@ -1,0 +1,65 @@
+"""Rendering a set's images: one chunk of items as one batched ``text2img`` call, PNG bytes out; the
+same function in process and on Ray workers. Determinism: ``threads`` CPU threads and torch's
+deterministic algorithms, set before the model is loaded (:func:`load_model_checked`), so a chunk's
+bytes do not depend on which process renders it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import VelodiffError
+from .fingerprint import model_fingerprint
+from .items import Item
+
+
+def set_determinism(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(int(threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def png_bytes(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def render_chunk(model: Any, chunk: Sequence[Item], config: dict[str, Any]) -> list[tuple[int, bytes]]:
+    """PNG bytes of one chunk's images, rendered as one batch."""
+    from ..pipelines import text2img
+
+    res = text2img(
+        model,
+        [it.prompt for it in chunk],
+        seeds=[it.seed for it in chunk],
+        negative=config.get("negative"),
+        steps=config.get("steps"),
+        solver=config.get("solver"),
+        grid=config.get("grid"),
+        guidance=config.get("guidance"),
+        height=config.get("height"),
+        width=config.get("width"),
+        noise=config.get("noise", "velodiff"),
+    )
+    return [(it.index, png_bytes(im)) for it, im in zip(chunk, res.images, strict=True)]
+
+
+def load_model_checked(model_path: str | os.PathLike[str], fingerprint: str, threads: int) -> Any:
+    """The model, after checking it is the one the set was made with; threads and determinism set."""
+    from ..models import load
+
+    set_determinism(threads)
+    if model_fingerprint(model_path) != fingerprint:
+        raise VelodiffError(f"model at {model_path} is not the one this set was made with")
+    try:
+        return load(model_path)
+    except VelodiffError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VelodiffError(f"cannot load model {str(model_path)!r}: {msg}") from None
