@@ -24,7 +24,7 @@ from velodiff.sets.store import LINES, lock_folder, read_records, read_set
 
 N = 16
 CONFIG = dict(seed=7, images_per_prompt=1, steps=2, solver=None, grid=None, guidance=None, negative=None,
-              height=None, width=None, batch=2, threads=1, noise="velodiff")
+              height=None, width=None, batch=2, threads=1, noise="velodiff", plan="none")
 FAST = ["--steps", "2", "--batch", "2", "--seed", "7"]
 
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 N = 8
 CONFIG = dict(seed=3, images_per_prompt=1, steps=2, solver=None, grid=None, guidance=None, negative=None,
-              height=None, width=None, batch=2, threads=1, noise="velodiff")
+              height=None, width=None, batch=2, threads=1, noise="velodiff", plan="none")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from velodiff.errors import VelodiffError
-from velodiff.eval.sweep import Sweep, load_sweep_file, make_sweep, pareto_front, resolve_prompts
+from velodiff.eval.sweep import Sweep, config_id, load_sweep_file, make_sweep, pareto_front, resolve_prompts
 
 
 def cli(*args: str) -> int:
@@ -61,7 +61,16 @@ def test_sweep_values_are_validated(tmp_path):
     (tmp_path / "bad.yaml").write_text("solverz: [ddim]\n")
     with pytest.raises(VelodiffError, match="sweep key"):
         load_sweep_file(tmp_path / "bad.yaml")
-    assert Sweep().configs()[0] == {"solver": "dpmpp_2m", "grid": None, "nfe_budget": 4, "guidance": None}
+    assert Sweep().configs()[0] == {"solver": "dpmpp_2m", "grid": None, "nfe_budget": 4, "guidance": None,
+                                    "plan": "none"}
+    # plans: a ';'-separated string or a list, canonicalised; a bad one refused before any work
+    s = make_sweep({"plans": "none; pag:pag_scale=2+ag:threshold=0.99", "solvers": "ddim", "nfe": "4"})
+    assert s.plans == ["none", "ag:threshold=0.99+pag:scale=2"] and len(s.configs()) == 2
+    assert {config_id(c) for c in s.configs()} == {"ddim_default_nfe4_gdefault",
+                                                  "ddim_default_nfe4_gdefault_ag-threshold-0.99-pag-scale-2"}
+    for bad in ("agg", "ag:threshold=2", "ag+cfg"):
+        with pytest.raises(VelodiffError):
+            make_sweep({"plans": [bad]})
 
 
 def test_prompts_from_sets_and_files(tmp_path):

@@ -1,7 +1,8 @@
-"""`velodiff bench`: the quality-vs-speed sweep (solvers x grids x NFE x guidance) of one model on a
-prompt set; writes results.json, results.md, pareto.png and sample sheets into ``--out``.
+"""`velodiff bench`: the quality-vs-speed sweep (plans x solvers x grids x NFE x guidance) of one model
+on a prompt set; writes results.json, results.md, pareto.png and sample sheets into ``--out``.
 
     velodiff bench --solvers dpmpp_2m,unipc,ddim --nfe 4,8,16 --out bench/default-model
+    velodiff bench --plans "none;ag:threshold=0.99" --solvers dpmpp_2m --nfe 20 --out bench/ag
     velodiff bench --sweep sweep.yaml --out bench/run1 --repeat 3
 
 Registered as the callback of the ``bench`` group (``invoke_without_command``), so ``velodiff bench
@@ -31,6 +32,7 @@ def bench_sweep(
     grids: str = typer.Option(None, "--grids", help="comma list of grid names [default: the model's]"),
     nfe: str = typer.Option(None, "--nfe", help="comma list of NFE budgets [default: 4,8,16]"),
     guidance: str = typer.Option(None, "--guidance", help="comma list of guidance scales [default: model's]"),
+    plans: str = typer.Option(None, "--plans", help="step plans, ;-separated [default: none]"),
     prompts: str = typer.Option(None, "--prompts", help="v1, v1-holdout, or a .txt/.json file [default: v1]"),
     limit: int = typer.Option(None, "--limit", min=1, help="prompts used, spread over the set [default: 16]"),
     images_per_prompt: int = typer.Option(None, "--images-per-prompt", min=1),
@@ -49,7 +51,7 @@ def bench_sweep(
     device: str = typer.Option(None, "--device", help="cpu or cuda [default: cuda when available]"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Quality vs speed of every solver x grid x NFE x guidance configuration, from the same seeds."""
+    """Quality vs speed of every plan x solver x grid x NFE x guidance configuration, from the same seeds."""
     if ctx.invoked_subcommand is not None:
         return
     from ..eval.sweep import load_sweep_file, make_sweep, run_sweep
@@ -57,7 +59,8 @@ def bench_sweep(
     t0 = time.perf_counter()
     values: dict[str, Any] = load_sweep_file(sweep_file) if sweep_file is not None else {}
     cli = {
-        "solvers": solvers, "grids": grids, "nfe": nfe, "guidance": guidance, "prompts": prompts,
+        "solvers": solvers, "grids": grids, "nfe": nfe, "guidance": guidance, "plans": plans,
+        "prompts": prompts,
         "limit": limit, "images_per_prompt": images_per_prompt, "seed": seed, "repeat": repeat,
         "batch": batch,
         "metrics": metrics, "reference_solver": reference_solver, "reference_steps": reference_steps,

@@ -47,15 +47,18 @@ def generate_for_prompts(
     images: list[Any] = []
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
+    evals = 0.0
     for i in range(0, len(prompts), batch):
         res = text2img(model, prompts[i : i + batch], seeds=seeds[i : i + batch], **kw)
         images.extend(res.images)
+        evals += res.evals * len(res.images)
         info = {
             "nfe": res.nfe,
-            "evals": res.evals,
+            "evals": round(evals / len(images), 4),  # per image, over every batch
             "steps": res.steps,
             "solver": res.solver,
             "guidance": res.guidance,
+            "plan": res.plan,
         }
     return images, time.perf_counter() - t0, info
 
@@ -131,6 +134,7 @@ def shapes(
     steps: int = typer.Option(None, min=1, help="solver steps (default 20 for the default model)"),
     grid: str = typer.Option(None, help="time grid name (default: the model's)"),
     guidance: str = typer.Option(None, help="guidance scale, or a comma list to sweep"),
+    plan: str = typer.Option(None, help="step plan, e.g. ag:threshold=0.99 (velodiff plans)"),
     seed: int = typer.Option(0),
     batch: int = typer.Option(16, min=1, help="images per batched call"),
     threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
@@ -142,6 +146,11 @@ def shapes(
 ) -> None:
     """Generate for a fixed prompt set and report ShapesEval accuracy (JSON, markdown, contact sheet)."""
     from .generate import check_output_path, load_model, quiet_libraries
+
+    if plan is not None:
+        from ..plan import Plan
+
+        plan = str(Plan.parse(plan))  # refused in one line before any work
 
     for p in (json_out, markdown, sheet):
         if p is not None and not (p.parent if str(p.parent) else Path(".")).is_dir():
@@ -163,7 +172,8 @@ def shapes(
 
     scales = parse_scales(guidance, defaults.get("guidance"))
     texts = [p.text for p in plist]
-    kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid)
+    kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid,
+              plan=plan)
     sweep, best = [], None
     for g in scales:
         images, secs, info = generate_for_prompts(
@@ -177,6 +187,7 @@ def shapes(
             "counts": res["counts"],
             "seconds": round(secs, 2),
             "seconds_per_image": round(secs / len(images), 4),
+            "evals": info["evals"],
         }
         sweep.append(row)
         typer.echo(
@@ -200,6 +211,8 @@ def shapes(
             "solver": info["solver"],
             "steps": info["steps"],
             "nfe": info["nfe"],
+            "evals": info["evals"],
+            "plan": info["plan"],
             "grid": grid or "model default",
             "guidance": info["guidance"],
             "seed": seed,

@@ -118,6 +118,7 @@ def generate(
     solver: str = typer.Option(None, help="any solver of `velodiff solvers` (default dpmpp_2m)"),
     grid: str = typer.Option(None, help="time grid name (default: the model's)"),
     negative: str = typer.Option(None, help="negative prompt (replaces the unconditional branch of CFG)"),
+    plan: str = typer.Option(None, help="step plan, e.g. ag:threshold=0.99+pag:scale=3 (see velodiff plans)"),
     n: int = typer.Option(1, "--n", min=1, max=64, help="number of images, saved as one grid image"),
     model: Annotated[
         Path | None, typer.Option(help="a diffusers folder or .safetensors file (default: the shipped model)")
@@ -137,6 +138,10 @@ def generate(
         from ..solvers import get_solver
 
         get_solver(solver)
+    if plan is not None:
+        from ..plan import Plan
+
+        Plan.parse(plan)  # refused in one line before the model loads
     quiet_libraries()
     loaded, defaults = load_model(model, threads)
     from ..pipelines import text2img
@@ -150,11 +155,13 @@ def generate(
         grid=grid,
         guidance=guidance if guidance is not None else defaults.get("guidance"),
         seeds=[seed + i for i in range(n)],
+        plan=plan,
     )
     save_image_atomic(image_grid(list(res.images)), out, fmt)
     typer.echo(
         f"wrote {out} ({n} image{'s' if n > 1 else ''}, {res.solver}, {res.steps} steps, {res.nfe} NFE, "
-        f"guidance {res.guidance:g}) in {time.perf_counter() - t0:.2f} s"
+        f"{res.evals:g} evals/image, guidance {res.guidance:g}, plan {res.plan}) "
+        f"in {time.perf_counter() - t0:.2f} s"
     )
 
 

@@ -33,6 +33,7 @@ def generate_set_cmd(
     ] = None,
     grid: Annotated[str | None, typer.Option(help="time grid name (default: the model's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
+    plan: Annotated[str | None, typer.Option(help="step plan (see velodiff plans)")] = None,
     negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="use only the first N prompts")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="images per batched call (default 4)")] = None,
@@ -57,6 +58,10 @@ def generate_set_cmd(
         from ..solvers import get_solver
 
         get_solver(solver)
+    if plan is not None:
+        from ..plan import Plan
+
+        plan = str(Plan.parse(plan))  # canonical: the set's config compares plans as strings
     plist = load_prompt_file(prompts, limit)
     header = read_header(out) if out.is_dir() else None
     previous = header["config"] if header else None
@@ -72,12 +77,14 @@ def generate_set_cmd(
         model_path = model.expanduser()
     from ..default_model import DEFAULT_SAMPLING, default_model_path
 
-    defaults: dict[str, Any] = dict(seed=0, images_per_prompt=1, batch=4, threads=1, noise="velodiff")
+    defaults: dict[str, Any] = dict(
+        seed=0, images_per_prompt=1, batch=4, threads=1, noise="velodiff", plan="none"
+    )
 
     if model_path.resolve() == default_model_path().resolve():
         defaults.update({k: DEFAULT_SAMPLING[k] for k in ("steps", "solver", "guidance")})
     requested = dict(seed=seed, images_per_prompt=images_per_prompt, steps=steps, solver=solver, grid=grid,
-                     guidance=guidance, negative=negative, batch=batch, threads=threads)
+                     guidance=guidance, plan=plan, negative=negative, batch=batch, threads=threads)
     config = resolve_config(requested, previous, defaults)
     assert set(config) >= set(CONFIG_KEYS)
     quiet_libraries()

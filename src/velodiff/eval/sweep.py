@@ -1,5 +1,5 @@
-"""The quality-vs-speed sweep behind ``velodiff bench``: every configuration (solver x grid x NFE x
-guidance) generates the same prompts from the same seeds; each is scored and timed, and the Pareto front
+"""The quality-vs-speed sweep behind ``velodiff bench``: every configuration (plan x solver x grid x NFE
+x guidance) generates the same prompts from the same seeds; each is scored and timed, and the Pareto front
 of time against quality is marked.
 
 Per configuration (one record): ShapesEval accuracy and FD-shapes / KID against renders of the same
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class Sweep:
     nfe: list[int] = field(default_factory=lambda: [4, 8, 16])
     grids: list[str | None] = field(default_factory=lambda: [None])
     guidance: list[float | None] = field(default_factory=lambda: [None])
+    #: step plans (``velodiff.plan`` strings); "none" is the baseline (CFG at the guidance scale)
+    plans: list[str] = field(default_factory=lambda: ["none"])
     prompts: str | list[str] = "v1"
     limit: int | None = 16
     images_per_prompt: int = 1
@@ -81,8 +84,9 @@ class Sweep:
 
     def configs(self) -> list[dict[str, Any]]:
         out = []
-        for g, s, grid, n in itertools.product(self.guidance, self.solvers, self.grids, self.nfe):
-            out.append({"solver": s, "grid": grid, "nfe_budget": int(n), "guidance": g})
+        axes = (self.guidance, self.plans, self.solvers, self.grids, self.nfe)
+        for g, p, s, grid, n in itertools.product(*axes):
+            out.append({"solver": s, "grid": grid, "nfe_budget": int(n), "guidance": g, "plan": p})
         return out
 
 
@@ -129,7 +133,13 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
     for k in ("solvers", "grids", "nfe", "guidance", "metrics"):
         if k in v:
             v[k] = _split(v[k])
+    if "plans" in v:  # plan strings hold commas: a list, or one string of plans separated by ';'
+        plans = v["plans"]
+        v["plans"] = [p.strip() for p in plans.split(";")] if isinstance(plans, str) else list(plans)
     s = Sweep(**v)
+    from ..plan import Plan
+
+    s.plans = [str(Plan.parse(p)) for p in s.plans if p] or ["none"]  # canonical; bad ones refused
     for n in s.solvers:
         if n not in SOLVERS:
             raise unknown_name("solver", n, SOLVERS)
@@ -236,20 +246,26 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_better: bool = Tr
 
 def config_id(c: dict[str, Any]) -> str:
     g = "default" if c["guidance"] is None else f"{c['guidance']:g}"
-    return f"{c['solver']}_{c['grid'] or 'default'}_nfe{c['nfe_budget']}_g{g}"
+    plan = c.get("plan", "none")
+    tail = "" if plan == "none" else "_" + re.sub(r"[^A-Za-z0-9._-]+", "-", plan)
+    return f"{c['solver']}_{c['grid'] or 'default'}_nfe{c['nfe_budget']}_g{g}{tail}"
 
 
 # --- the run --------------------------------------------------------------------------------------
 
 
 def _generate(model: Any, texts: list[str], seeds: list[int], batch: int, **kw: Any) -> tuple[Any, Any, Any]:
+    """Latents, images and the last batch's result, whose ``evals`` is made the mean over every image
+    (a plan may spend different evaluations on different images)."""
     from ..pipelines import text2img
 
-    lats, imgs, res = [], [], None
+    lats, imgs, res, evals = [], [], None, 0.0
     for i in range(0, len(texts), batch):
         res = text2img(model, texts[i : i + batch], seeds=seeds[i : i + batch], output="tensor", **kw)
         lats.append(res.latents.cpu())
         imgs.append(res.images.cpu())
+        evals += res.evals * len(res.seeds)
+    res.evals = round(evals / len(texts), 4)
     return torch.cat(lats), torch.cat(imgs), res
 
 
@@ -267,7 +283,7 @@ def _sheet(images: torch.Tensor, cols: int = 8) -> bytes:
 
 def sweep_key(sweep: Sweep, model_id: str) -> str:
     d = asdict(sweep)
-    for k in ("solvers", "nfe", "grids", "guidance", "repeat", "quality"):
+    for k in ("solvers", "nfe", "grids", "guidance", "plans", "repeat", "quality"):
         d.pop(k)
     return hashlib.sha256(json.dumps([model_id, d], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -381,7 +397,8 @@ def run_sweep(
             bar.update(w)
             continue
         g = c["guidance"] if c["guidance"] is not None else defaults.get("guidance", model.default_guidance)
-        kw = {"solver": c["solver"], "grid": c["grid"], "nfe": c["nfe_budget"], "guidance": g}
+        kw = {"solver": c["solver"], "grid": c["grid"], "nfe": c["nfe_budget"], "guidance": g,
+              "plan": c["plan"]}
         rec: dict[str, Any] = {"id": cid, **c, "guidance": float(g)}
         try:
             with peak_memory(model.device) as mem:
@@ -469,6 +486,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     recs = result["records"]
     cols = [("solver", "solver"), ("grid", "grid"), ("guidance", "guidance"), ("nfe", "NFE"),
             ("steps", "steps"), ("seconds_per_image", "s / image")]
+    if any(r.get("plan", "none") != "none" for r in recs):
+        cols[:0] = [("plan", "plan")]
+        cols.insert(-1, ("evals", "evals / image"))
     for key in ("shapes_eval", "fd_shapes", "kid_shapes", "fid", "kid", "latent_mse", "psnr", "ssim",
                 "clip_score"):
         if any(r.get(key) is not None for r in recs):
@@ -476,7 +496,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     rows = []
     for r in recs:
         if "error" in r:
-            rows.append([r["solver"], r["grid"] or "default", _fmt(r["guidance"]),
+            head = [r.get("plan", "none")] if cols[0][0] == "plan" else []
+            rows.append([*head, r["solver"], r["grid"] or "default", _fmt(r["guidance"]),
                          f"NFE {r['nfe_budget']}: {r['error']}"])
             continue
         cells = []

@@ -42,6 +42,7 @@ def render_chunk(model: Any, chunk: Sequence[Item], config: dict[str, Any]) -> l
         solver=config.get("solver"),
         grid=config.get("grid"),
         guidance=config.get("guidance"),
+        plan=config.get("plan"),
         height=config.get("height"),
         width=config.get("width"),
         noise=config.get("noise", "velodiff"),

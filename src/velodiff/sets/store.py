@@ -42,6 +42,7 @@ CONFIG_KEYS = (
     "solver",
     "grid",
     "guidance",
+    "plan",
     "negative",
     "height",
     "width",
@@ -200,13 +201,15 @@ def resolve_config(requested: dict[str, Any], previous: dict[str, Any] | None,
                    defaults: dict[str, Any]) -> dict[str, Any]:
     """The config of this run: the folder's (on resume) or the defaults, with what was asked for on top;
     asking for a value other than the folder's is refused."""
-    base = dict(previous) if previous is not None else {k: defaults.get(k) for k in CONFIG_KEYS}
+    base = {k: defaults.get(k) for k in CONFIG_KEYS}
+    if previous is not None:  # a key newer than the set's header keeps its default (plan: none)
+        base.update(previous)
     for k, v in requested.items():
         if v is None:
             continue
-        if previous is not None and previous.get(k) != v:
+        if previous is not None and base.get(k) != v:
             raise VelodiffError(
-                f"the set was generated with {k}={previous.get(k)!r}, this run asks {k}={v!r}; "
+                f"the set was generated with {k}={base.get(k)!r}, this run asks {k}={v!r}; "
                 "refusing to mix; use another --out"
             )
         base[k] = v
