@@ -1,0 +1,194 @@
+"""Wall time of the `velodiff` command as a user runs it: a fresh process per run, timed from start to
+exit, for `--help`, `generate --help`, an early error (unknown solver) and a real `generate`.
+
+    PYTHONPATH=$PWD/src python bench/startup/run.py --label after --runs 7
+    python bench/startup/run.py --compare bench/startup/before.json bench/startup/after.json
+
+Runs are interleaved (case 1, case 2, ..., case 1, ...) so a burst of load from other processes lands
+on every case alike; each case also gets one untimed warm-up run (file cache). A separate untimed run
+per case records which heavy libraries ended up imported. Writes LABEL.json and LABEL.md beside this
+script (or into --dir) and prints the markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "a red circle above a blue square"
+HEAVY = ("torch", "diffusers", "transformers", "numpy", "scipy", "PIL", "matplotlib", "safetensors")
+
+# Runs velodiff.cli:main exactly as the console script does, then writes which heavy libraries are in
+# sys.modules (SystemExit from typer's --help passes through the finally).
+PROBE = """
+import os, sys
+from velodiff.cli import main
+sys.argv[0] = "velodiff"
+try:
+    rc = main()
+finally:
+    with open(os.environ["VELODIFF_STARTUP_PROBE"], "w") as f:
+        f.write(",".join(m for m in {heavy!r} if m in sys.modules))
+sys.exit(rc)
+"""
+
+
+def cases(tmp: Path) -> dict[str, list[str]]:
+    return {
+        "help": ["--help"],
+        "generate --help": ["generate", "--help"],
+        "error: unknown solver": ["generate", PROMPT, "--out", str(tmp / "e.png"), "--solver", "nope"],
+        "generate": ["generate", PROMPT, "--out", str(tmp / "x.png")],
+    }
+
+
+def expected_rc(name: str) -> int:
+    return 2 if name.startswith("error") else 0
+
+
+def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, int, list[str]]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return time.perf_counter() - t0, p.returncode, (p.stderr or p.stdout).strip().splitlines()[-1:]
+
+
+def measure(args: argparse.Namespace) -> dict:
+    exe = args.velodiff or shutil.which("velodiff") or str(Path(sys.executable).parent / "velodiff")
+    spec = importlib.util.find_spec("velodiff")  # where the timed runs import velodiff from (no import)
+    env = dict(os.environ)
+    tmp = Path(tempfile.mkdtemp(prefix="velodiff-startup-"))
+    todo = cases(tmp)
+    if args.only:
+        todo = {k: v for k, v in todo.items() if k in args.only}
+    times: dict[str, list[float]] = {k: [] for k in todo}
+    imported: dict[str, list[str]] = {}
+    try:
+        for name, argv in todo.items():  # warm-up + which modules get imported
+            probe_file = tmp / "probe.txt"
+            env_probe = dict(env, VELODIFF_STARTUP_PROBE=str(probe_file))
+            code = PROBE.format(heavy=HEAVY)
+            _, rc, last = run_once([sys.executable, "-c", code, *argv], env_probe)
+            if rc != expected_rc(name):
+                raise SystemExit(f"{name}: exit {rc}, expected {expected_rc(name)}: {last}")
+            imported[name] = [m for m in probe_file.read_text().split(",") if m]
+        baseline = []
+        for _ in range(args.runs):
+            baseline.append(run_once([sys.executable, "-c", "pass"], env)[0])
+            for name, argv in todo.items():
+                dt, rc, last = run_once([exe, *argv], env)
+                if rc != expected_rc(name):
+                    raise SystemExit(f"{name}: exit {rc}, expected {expected_rc(name)}: {last}")
+                times[name].append(dt)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for name, argv in todo.items():
+        ts = times[name]
+        rows.append({
+            "case": name,
+            "command": "velodiff " + " ".join(_quote(a) for a in argv).replace(str(tmp), "$TMP"),
+            "median_s": round(statistics.median(ts), 3),
+            "min_s": round(min(ts), 3),
+            "max_s": round(max(ts), 3),
+            "runs_s": [round(t, 3) for t in ts],
+            "imported": imported[name],
+        })
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--", "../../src"],
+                           capture_output=True, text=True).stdout.strip()
+    return {
+        "label": args.label,
+        "commit": commit + ("+uncommitted src changes" if dirty else ""),
+        "velodiff_source": str(Path(spec.origin).parent) if spec and spec.origin else None,
+        "executable": exe,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "runs": args.runs,
+        "python_startup_median_s": round(statistics.median(baseline), 3),
+        "results": rows,
+    }
+
+
+def _quote(a: str) -> str:
+    return f'"{a}"' if " " in a else a
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        f"## velodiff start-up: {res['label']} ({res['commit']})",
+        "",
+        f"{res['runs']} runs per case, interleaved, wall time of the whole process; python {res['python']}, "
+        f"{res['cpus']} CPUs, load average at start {_load(res)}; `python -c pass`: "
+        f"{res['python_startup_median_s']:.3f} s.",
+        "",
+        "| case | command | median s | min s | max s | heavy libraries imported |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in res["results"]:
+        lines.append(f"| {r['case']} | `{r['command']}` | {r['median_s']:.3f} | {r['min_s']:.3f} | "
+                     f"{r['max_s']:.3f} | {', '.join(r['imported']) or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _load(res: dict) -> str:
+    la = res.get("loadavg_before")
+    return "n/a" if not la else " / ".join(f"{x:.2f}" for x in la)
+
+
+def compare(before: dict, after: dict) -> str:
+    b = {r["case"]: r for r in before["results"]}
+    lines = [
+        f"## velodiff start-up: {before['label']} ({before['commit']}) vs "
+        f"{after['label']} ({after['commit']})",
+        "",
+        "| case | before median s (min-max) | after median s (min-max) | saved |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in after["results"]:
+        if r["case"] not in b:
+            continue
+        x = b[r["case"]]
+        saved = x["median_s"] - r["median_s"]
+        lines.append(f"| {r['case']} | {x['median_s']:.3f} ({x['min_s']:.3f}-{x['max_s']:.3f}) | "
+                     f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | "
+                     f"{saved:.3f} s ({saved / x['median_s']:.0%}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--label", default="run", help="names the output files LABEL.json / LABEL.md")
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--dir", type=Path, default=HERE, help="where LABEL.json / LABEL.md go")
+    ap.add_argument("--velodiff", help="the console script to time (default: `velodiff` on PATH, "
+                    "else beside this Python)")
+    ap.add_argument("--only", action="append", help="time only this case (repeatable)")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                    help="print (and write COMPARE.md) a before/after table from two JSON files")
+    args = ap.parse_args()
+    if args.compare:
+        text = compare(*(json.loads(p.read_text()) for p in args.compare))
+        (args.dir / "compare.md").write_text(text)
+        print(text)
+        return
+    res = measure(args)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    (args.dir / f"{args.label}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.dir / f"{args.label}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
