@@ -1,6 +1,6 @@
 """Start-up: `velodiff --help`, every subcommand's `--help` and the errors found before any model work
 do not import torch, diffusers or transformers (a fresh interpreter each, since the test process has
-torch loaded); the lazy package keeps its public names."""
+torch loaded); the lazy package keeps its public names; the CLI's own exit keeps codes and output."""
 
 from __future__ import annotations
 
@@ -125,3 +125,29 @@ def test_package_import_is_light_and_names_resolve():
     assert set(velodiff.__all__) <= set(dir(velodiff))
     with pytest.raises(AttributeError):
         velodiff.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("argv, code, stream, text", [
+    (["--help"], 0, "stdout", "Usage: velodiff"),
+    (["generate", "  ", "--out", "x.png"], 2, "stderr", "error: the prompt is empty"),
+])
+def test_console_exit_keeps_code_output_and_atexit(tmp_path, argv, code, stream, text):
+    """With torch loaded the console entry ends the process with os._exit (skipping ~1 s of module
+    teardown): the exit code, both streams and atexit handlers must come through unchanged."""
+    marker = tmp_path / "atexit.txt"
+    p = run_python(
+        f"""
+        import atexit, sys
+        import torch  # noqa: F401  (the fast exit applies once torch is loaded)
+        atexit.register(lambda: open({str(marker)!r}, "w").write("ran"))
+        sys.argv = ["velodiff", *sys.argv[1:]]
+        from velodiff.cli import main
+        print("before", flush=False)  # buffered output must be flushed
+        sys.exit(main())
+        """,
+        *argv,
+    )
+    assert p.returncode == code, p.stderr
+    assert text in getattr(p, stream)
+    assert p.stdout.startswith("before")
+    assert marker.read_text() == "ran"

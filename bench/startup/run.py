@@ -28,18 +28,19 @@ HERE = Path(__file__).resolve().parent
 PROMPT = "a red circle above a blue square"
 HEAVY = ("torch", "diffusers", "transformers", "numpy", "scipy", "PIL", "matplotlib", "safetensors")
 
-# Runs velodiff.cli:main exactly as the console script does, then writes which heavy libraries are in
-# sys.modules (SystemExit from typer's --help passes through the finally).
+# Runs velodiff.cli:main exactly as the console script does; an atexit handler (which runs on every
+# way out, also the CLI's own os._exit) writes which heavy libraries are in sys.modules.
 PROBE = """
-import os, sys
-from velodiff.cli import main
-sys.argv[0] = "velodiff"
-try:
-    rc = main()
-finally:
+import atexit, os, sys
+
+def probe():
     with open(os.environ["VELODIFF_STARTUP_PROBE"], "w") as f:
         f.write(",".join(m for m in {heavy!r} if m in sys.modules))
-sys.exit(rc)
+
+atexit.register(probe)
+from velodiff.cli import main
+sys.argv[0] = "velodiff"
+sys.exit(main())
 """
 
 
