@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VelodiffError
-from .models.configs import bytes_to_unicode as _bytes_to_unicode
 
 #: the CLIP context length (tokens, incl. start and end)
 MAX_TOKENS = 77
@@ -118,9 +117,11 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
 
 def clip_vocab_and_merges(bpe_gz: str | Path) -> tuple[dict[str, int], list[str]]:
     """CLIP's vocabulary and merges, built from its BPE file exactly as CLIP's SimpleTokenizer does."""
+    from .models.configs import bytes_to_unicode  # imports velodiff.models (torch): only when needed
+
     lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars]
     vocab += ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -135,9 +135,9 @@ def generate(
         raise VelodiffError(f"--guidance must be >= 0, got {guidance}")
     fmt = check_output_path(out)
     if solver is not None:
-        from ..solvers import get_solver
+        from .names import check_solver
 
-        get_solver(solver)
+        check_solver(solver)
     if plan is not None:
         from ..plan import Plan
 

@@ -55,9 +55,9 @@ def generate_set_cmd(
     if guidance is not None and not guidance >= 0:
         raise VelodiffError(f"--guidance must be >= 0, got {guidance}")
     if solver is not None:
-        from ..solvers import get_solver
+        from .names import check_solver
 
-        get_solver(solver)
+        check_solver(solver)
     if plan is not None:
         from ..plan import Plan
 

@@ -1,0 +1,27 @@
+"""Names the CLI checks before any model work, without importing the registries (they import torch).
+
+``tests/test_cli_startup.py`` keeps these equal to the registries."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import unknown_name
+
+#: the names of ``velodiff.solvers.SOLVERS``, in its order
+SOLVER_NAMES = (
+    "ddim", "euler", "ddpm", "dpmpp_2m", "heun", "euler_ancestral", "dpm_solver_1", "dpm_solver_2",
+    "dpm_solver_3", "dpmpp_2s", "dpmpp_3m", "sde_dpmpp_2m", "sde_dpmpp_3m", "unipc", "unipc_bh1", "unipc_3",
+    "deis", "deis_3", "ipndm", "lms",
+)
+
+
+def check_solver(name: str) -> None:
+    """Refuse an unknown solver name with the registry's own message (``unknown solver 'x'; valid:
+    ...``). When the registry is already imported (velodiff used as a library), it decides."""
+    if "velodiff.solvers" in sys.modules:
+        from ..solvers import get_solver
+
+        get_solver(name)
+    elif name not in SOLVER_NAMES:
+        raise unknown_name("solver", name, SOLVER_NAMES)
