@@ -75,7 +75,8 @@ class EvalRequest:
 
 @dataclass
 class EvalResult:
-    """``x0``: the prediction the solver uses; ``parts``: x0 per evaluated branch; ``cost``: what was
+    """``x0``: the prediction the solver uses; ``parts``: x0 of every requested branch (a rule that
+    answers without the network still gives each, e.g. from a cache); ``cost``: what was
     spent (counted after the call); ``exact``: False when x0 is an estimate (reused, extrapolated);
     ``renoise_x0``: the x0 whose implied noise a solver re-adds (CFG++: the unconditional one), None = x0."""
 

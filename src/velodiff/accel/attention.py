@@ -130,9 +130,11 @@ class IdentitySelfAttention:
         b = hidden_states.shape[0]
         h_rest, h_sel = _split_rows(hidden_states, rows, b)
         parts = [_split_rows(v, rows, b) for v in (encoder_hidden_states, attention_mask, temb)]
-        out_rest = self.original(attn, h_rest, *(p[0] for p in parts), **kwargs)
         tokens, residual, shape = _to_tokens(attn, h_sel, parts[2][1])
         out_sel = _from_tokens(attn, attn.to_v(tokens), residual, shape)
+        if not len(h_rest):
+            return out_sel
+        out_rest = self.original(attn, h_rest, *(p[0] for p in parts), **kwargs)
         return torch.cat([out_rest[: rows.start], out_sel, out_rest[rows.start :]])
 
 

@@ -2,11 +2,13 @@
 x guidance) generates the same prompts from the same seeds; each is scored and timed, and the Pareto front
 of time against quality is marked.
 
-Per configuration (one record): ShapesEval accuracy and FD-shapes / KID against renders of the same
-prompts (when every prompt is in the shapes world's grammar), latent MSE / PSNR / SSIM against a cached
-reference run of the same noise and prompt (``velodiff.eval.reference``), CLIP score when a CLIP folder
-is given, and cost: NFE (batched network calls), evals (network-sample evaluations), median wall seconds
-per image over ``repeat`` timed generations of the whole set (batched), and peak memory.
+Per configuration (one record): its plan's canonical string; ShapesEval accuracy and FD-shapes / KID
+against renders of the same prompts (when every prompt is in the shapes world's grammar); latent MSE /
+PSNR / SSIM against a cached reference run of the same noise and prompt (``velodiff.eval.reference``);
+CLIP score when a CLIP folder is given; for a plan other than "none", the same distances to the plain
+("none") run of the same seeds, solver, grid, NFE and guidance (``psnr_vs_plain``, ...); and cost: NFE
+(batched network calls), evals (network-sample evaluations per image), median wall seconds per image over
+``repeat`` timed generations of the whole set (batched), and peak memory.
 
 Results are written after every configuration; a rerun with the same sweep in the same folder resumes.
 """
@@ -50,6 +52,7 @@ LABELS = {
     "fid": "FID",
     "kid": "KID",
     "psnr": "PSNR vs ref (dB)",
+    "psnr_vs_plain": "PSNR vs plain (dB)",
     "ssim": "SSIM vs ref",
     "latent_mse": "latent MSE vs ref",
     "clip_score": "CLIP score",
@@ -386,6 +389,7 @@ def run_sweep(
 
     weights = [c["nfe_budget"] * sweep.repeat for c in configs]
     refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    plain: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the "none" plan's outputs
     # warm-up (first-call costs stay out of the timings)
     _generate(model, jobs[:1], seeds[:1], 1, steps=1, solver="ddim", guidance=1.0)
     bar = tqdm(total=sum(weights), desc="bench", unit="nfe", disable=not progress, dynamic_ncols=True)
@@ -435,6 +439,12 @@ def run_sweep(
                 rl, ri, info = reference_runs(model, jobs, seeds, rc, model_id=model_id, batch=sweep.batch)
                 refs[gk] = (rl, ri)
             rec.update(reference_distances(lat, imgs, *refs[gk]))
+        # an accelerated plan beside the plain run of the same seeds (same solver, grid, NFE, guidance)
+        same = (c["solver"], c["grid"], c["nfe_budget"], float(g))
+        if c["plan"] == "none":
+            plain[same] = (lat, imgs)
+        elif same in plain:
+            rec.update({f"{k}_vs_plain": v for k, v in reference_distances(lat, imgs, *plain[same]).items()})
         if clip is not None:
             clip.scores = []
             clip.update(imgs, jobs)
@@ -490,7 +500,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         cols[:0] = [("plan", "plan")]
         cols.insert(-1, ("evals", "evals / image"))
     for key in ("shapes_eval", "fd_shapes", "kid_shapes", "fid", "kid", "latent_mse", "psnr", "ssim",
-                "clip_score"):
+                "clip_score", "psnr_vs_plain"):
         if any(r.get(key) is not None for r in recs):
             cols.append((key, LABELS[key]))
     rows = []
@@ -507,7 +517,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                 v = v or "default"
             if key == "seconds_per_image":
                 v = f"{v:.3f}"
-            cells.append(_fmt(v, 2) if key == "psnr" and isinstance(v, float) else _fmt(v))
+            cells.append(_fmt(v, 2) if key in ("psnr", "psnr_vs_plain") and isinstance(v, float) else _fmt(v))
         rows.append([*cells, "**yes**" if r.get("pareto") else ""])
     ref = result.get("reference")
     notes = [

@@ -1,0 +1,283 @@
+"""The guidance family on the plan: each rule's defining property (against its paper's formula, diffusers'
+implementation, or an independent computation), the passes it reports, and its one-line refusals.
+Network-level rules (PAG, attention maps, composable prompts) run on the shipped default model."""
+
+import pytest
+import torch
+
+from velodiff import DiscreteVP, GuidedCond, ModelDenoiser, Plan, RectifiedFlow, VelodiffError, make_grid
+from velodiff.denoisers import Cost
+from velodiff.guidance import split_prompt
+from velodiff.guidance.adaptive import fit_affine
+from velodiff.sampling import denoise_once, sample
+from velodiff.schedules import F64
+
+SCHED = DiscreteVP.scaled_linear()
+B = 3
+G = torch.Generator().manual_seed(0)
+X = torch.randn(B, 4, 5, generator=G, dtype=F64)
+COND = torch.randn(B, 4, 5, generator=G, dtype=F64)
+UNCOND = torch.zeros(B, 4, 5, dtype=F64)
+BOTH = GuidedCond(COND, UNCOND)
+
+
+def network(x, timestep, cond):
+    k = timestep.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) / 1000.0
+    return torch.tanh(0.7 * x + cond * (1.0 + k)) + 0.3 * cond - 0.2 * k
+
+
+TOY = ModelDenoiser(network, SCHED)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    import velodiff
+    from velodiff.default_model import default_model_path
+
+    return velodiff.load(default_model_path())
+
+
+PROMPTS = ["a red circle above a blue square", "two green crosses"]
+
+
+# --- adaptive guidance ---------------------------------------------------------------------------------
+
+
+def test_ag_between_never_and_always_agreeing():
+    ts = make_grid("uniform", SCHED, 8)
+    cfg = sample(TOY, X, ts, "dpmpp_2m", cond=BOTH, plan="cfg:scale=3")
+    never = sample(TOY, X, ts, "dpmpp_2m", cond=BOTH, plan="ag:scale=3,threshold=1")
+    assert torch.equal(never.x, cfg.x) and never.evals == cfg.evals == 16
+    always = sample(TOY, X, ts, "dpmpp_2m", cond=BOTH, plan="ag:scale=3,threshold=-1")
+    assert always.evals == 2 + 7  # CFG on the first step, then each image's conditional pass only
+    cond_only = sample(TOY, X, ts, "dpmpp_2m", cond=COND)
+    assert not torch.allclose(always.x, cond_only.x)  # the first, guided step stays in the result
+
+
+def test_ag_decides_per_image_and_counts_per_image(model):
+    """An image's result and cost do not depend on its batch; the batch's evals are the mean."""
+    from velodiff.pipelines import text2img
+
+    prompts = [*PROMPTS, "a yellow triangle"]
+    kw = dict(steps=10, guidance=2.5, plan="ag:threshold=0.999", output="latent")
+    batch = text2img(model, prompts, seeds=[5, 6, 7], **kw)
+    alone = [text2img(model, p, seeds=s, **kw) for p, s in zip(prompts, [5, 6, 7], strict=True)]
+    for k, r in enumerate(alone):
+        assert torch.allclose(batch.latents[k], r.latents[0], atol=1e-4)
+    assert batch.evals == pytest.approx(sum(r.evals for r in alone) / 3)
+    assert 10 < batch.evals < 20 and len({r.evals for r in alone}) >= 1
+
+
+# --- LinearAG ------------------------------------------------------------------------------------------
+
+
+def test_linear_ag_fit_recovers_an_affine_law_and_estimates_are_marked():
+    g = torch.Generator().manual_seed(1)
+    c, c_prev, u_prev = (torch.randn(2, 4, 8, 8, generator=g, dtype=F64) for _ in range(3))
+    coef = torch.tensor([[0.7, -0.2, 0.4], [1.1, 0.3, -0.5]], dtype=F64)
+    u = sum(coef[:, k].reshape(2, 1, 1, 1) * v for k, v in enumerate((c, c_prev, u_prev)))
+    assert torch.allclose(fit_affine(c, c_prev, u_prev, u), coef, atol=1e-8)
+    ts = make_grid("uniform", SCHED, 10)
+    res = sample(TOY, X, ts, "ddim", cond=BOTH, plan="linear_ag:scale=3,every=2,warmup=3")
+    estimated = [i for i in range(10) if i >= 3 and (i - 3) % 2 == 0]  # steps 3, 5, 7, 9
+    assert res.evals == 2 * 10 - len(estimated) and res.nfe == 10
+
+
+# --- APG, CFG++, CFG-Zero*, interval ------------------------------------------------------------------
+
+
+def test_apg_is_cfg_at_eta_1_and_drops_the_parallel_part_at_eta_0():
+    cfg = denoise_once(TOY, X, 0.6, BOTH, "cfg:scale=4").x0
+    apg1 = denoise_once(TOY, X, 0.6, BOTH, "apg:scale=4,eta=1").x0
+    assert torch.allclose(apg1, cfg, rtol=1e-12, atol=1e-12)
+    parts = denoise_once(TOY, X, 0.6, BOTH, "apg:scale=4").parts
+    c = parts["cond"]
+    update = denoise_once(TOY, X, 0.6, BOTH, "apg:scale=4,eta=0").x0 - c
+    inner = (update * c).flatten(1).sum(1) / (update.flatten(1).norm(dim=1) * c.flatten(1).norm(dim=1))
+    assert inner.abs().max() < 1e-10  # Sadat et al. 2024, Sec. 4.1: only the orthogonal update remains
+    capped = denoise_once(TOY, X, 0.6, BOTH, "apg:scale=4,eta=1,norm_threshold=0.1").x0 - c
+    assert torch.allclose(capped.flatten(1).norm(dim=1), torch.full((B,), 3 * 0.1, dtype=F64))
+
+
+def test_cfgpp_renoises_with_the_unconditional_noise():
+    """One DDIM step under CFG++ (Chung et al. 2024, Eq. 9): x' = alpha' x0_lambda + sigma' eps_u."""
+    ts = torch.tensor([0.8, 0.5], dtype=F64)
+    got = sample(TOY, X, ts, "ddim", cond=BOTH, plan="cfgpp:scale=0.4").x
+    t, tn = 0.8, 0.5
+    c, u = TOY(X, t, COND), TOY(X, t, UNCOND)
+    x0 = u + 0.4 * (c - u)
+    eps_u = (X - SCHED.alpha(torch.tensor(t, dtype=F64)) * u) / SCHED.sigma(torch.tensor(t, dtype=F64))
+    want = SCHED.alpha(torch.tensor(tn, dtype=F64)) * x0 + SCHED.sigma(torch.tensor(tn, dtype=F64)) * eps_u
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(VelodiffError, match="use solver ddim, euler or ddpm, not 'dpmpp_2m'"):
+        sample(TOY, X, ts, "dpmpp_2m", cond=BOTH, plan="cfgpp")
+
+
+def test_cfg_zero_star_matches_diffusers_and_zero_init_costs_nothing():
+    from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
+
+    flow = RectifiedFlow()
+    den = ModelDenoiser(network, flow, "flow")
+    t = 0.7
+    r = denoise_once(den, X, t, BOTH, "cfg_zero:scale=4,zero_init_steps=0")
+    v_c, v_u = (X - r.parts["cond"]) / t, (X - r.parts["uncond"]) / t
+    s = cfg_zero_star_scale(v_c.flatten(1), v_u.flatten(1)).reshape(-1, 1, 1)
+    v = s * v_u + 4 * (v_c - s * v_u)  # diffusers' ClassifierFreeZeroStarGuidance.forward
+    assert torch.allclose(r.x0, X - t * v, atol=1e-5)  # diffusers computes s* in float32
+    ts = make_grid("uniform", flow, 4)
+    res = sample(den, X, ts, "euler", cond=BOTH, plan="cfg_zero:scale=4", callback=lambda i: None)
+    assert res.evals == 2 * 3 and res.nfe == 3  # step 0 is zero velocity: no network call
+    zero = denoise_once(den, X, 1.0, BOTH, "cfg_zero:scale=4")
+    assert torch.equal(zero.x0, X) and zero.cost == Cost(0, 0)
+    with pytest.raises(VelodiffError, match="for flow-matching models"):
+        sample(TOY, X, make_grid("uniform", SCHED, 3), cond=BOTH, plan="cfg_zero:scale=3")
+
+
+def test_start_stop_and_interval_decide_the_guided_steps():
+    ts = make_grid("uniform", SCHED, 10)
+    assert sample(TOY, X, ts, "ddim", cond=BOTH, plan="cfg:scale=3,start=0.2,stop=0.7").evals == 10 + 5
+    assert sample(TOY, X, ts, "ddim", cond=BOTH, plan="apg:scale=3,stop=0.3").evals == 10 + 3
+    with pytest.raises(VelodiffError, match="start .* must not exceed stop"):
+        sample(TOY, X, ts, "ddim", cond=BOTH, plan="cfg:scale=3,start=0.8,stop=0.2")
+
+
+# --- PAG, attention maps, composable prompts (shipped model) -------------------------------------------
+
+
+def _mid_self_attention(model):
+    from velodiff.accel.attention import attention_modules
+
+    return attention_modules(model.components["unet"], False, ("mid",))
+
+
+def test_pag_perturbs_only_its_rows_and_restores_processors(model):
+    from velodiff.accel.attention import IdentitySelfAttention, RowState
+    from velodiff.pipelines.common import prepare_cond
+
+    den = model.denoiser
+    cond = prepare_cond(model, PROMPTS, None, True, 64, 64)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    t = 0.6
+    mods = _mid_self_attention(model)
+    originals = [m.processor for _, m in mods]
+    ctx = {"network": model.components["unet"], "guidance": 2.5}
+    r = denoise_once(den, x, t, cond, "cfg+pag:scale=2", context=ctx)
+    assert [m.processor for _, m in mods] == originals  # put back after the run
+    assert r.cost == Cost(1, 3)
+    plain = denoise_once(den, x, t, cond, "cfg", context=ctx)
+    assert torch.allclose(r.parts["cond"], plain.parts["cond"], atol=1e-5)
+    state = RowState(slice(0, 2))
+    for _, m in mods:
+        m.set_processor(IdentitySelfAttention(m.processor, state))
+    try:
+        with torch.inference_mode():
+            perturbed = den(x, torch.tensor(t, dtype=F64), cond.cond)
+    finally:
+        for (_, m), p in zip(mods, originals, strict=True):
+            m.set_processor(p)
+    assert torch.allclose(r.parts["perturbed"], perturbed, atol=1e-5)
+    assert not torch.allclose(perturbed, r.parts["cond"], atol=1e-3)
+    assert torch.allclose(r.x0, plain.x0 + 2 * (r.parts["cond"] - perturbed), atol=1e-4)  # Ahn et al., Eq. 10
+
+
+def test_pag_refuses_models_without_matching_self_attention(model):
+    from velodiff.pipelines import text2img
+
+    with pytest.raises(VelodiffError, match="plan rule 'pag' needs plain self-attention layers matching"):
+        text2img(model, PROMPTS[0], steps=2, plan="pag:applied_layers=nowhere")
+    with pytest.raises(VelodiffError, match="plan rule 'pag' needs a network to hook"):
+        sample(TOY, X, make_grid("uniform", SCHED, 2), cond=COND, plan="pag")
+
+
+def test_attention_maps_are_distributions_and_change_nothing(model):
+    from velodiff.accel.attention import AttentionMaps
+    from velodiff.pipelines import text2img
+
+    cap = AttentionMaps(every=2)
+    kw = dict(steps=6, guidance=2.5, seeds=[1, 2], output="latent")
+    got = text2img(model, PROMPTS, plan=[cap], **kw)
+    plain = text2img(model, PROMPTS, **kw)
+    assert torch.allclose(got.latents, plain.latents, atol=1e-4) and got.evals == plain.evals
+    assert sorted(cap.maps) == [0, 2, 4]
+    m = cap.maps[2]
+    assert m.shape == (2, 77, 16, 16) and torch.allclose(m.sum(1), torch.ones(2, 16, 16), atol=1e-4)
+    assert all(type(mod.processor).__name__ != "CaptureCrossAttention"
+               for mod in model.components["unet"].modules() if hasattr(mod, "processor"))
+
+
+def test_split_prompt():
+    assert split_prompt("a red circle AND a blue square :0.5 AND a cross :-1") == [
+        ("a red circle", 1.0), ("a blue square", 0.5), ("a cross", -1.0)]
+    assert split_prompt("one thing") == [("one thing", 1.0)]
+    with pytest.raises(VelodiffError, match="empty part"):
+        split_prompt("a red circle AND :2")
+
+
+def test_compose_sums_the_parts_terms(model):
+    from velodiff.pipelines.common import prepare_cond
+
+    prompt = "a red circle AND a blue square :0.5"
+    cond = prepare_cond(model, [prompt], None, True, 64, 64)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    ctx = {"network": model.components["unet"], "guidance": 3.0, "prompts": (prompt,),
+           "encode": lambda texts: prepare_cond(model, texts, None, False, 64, 64)}
+    r = denoise_once(model.denoiser, x, 0.5, cond, "cfg+compose", context=ctx)
+    assert r.cost == Cost(1, 3)
+    with torch.inference_mode():
+        t = torch.tensor(0.5, dtype=F64)
+        c0, c1 = (model.denoiser(x, t, prepare_cond(model, [p], None, False, 64, 64))
+                  for p in ("a red circle", "a blue square"))
+        u = model.denoiser(x, t, cond.uncond)
+    want = u + 3.0 * (c0 - u) + 3.0 * 0.5 * (c1 - u)  # Liu et al. 2022, Eq. 10
+    assert torch.allclose(r.x0, want, atol=1e-4)
+
+
+# --- through the pipelines and the CLI ---------------------------------------------------------------
+
+
+def test_pipeline_plan_errors_are_one_line(model):
+    from velodiff.pipelines import text2img
+
+    for kw, message in [
+        ({"plan": "ag+cfg"}, "plan rules 'ag' and 'cfg' both claim the 'uncond' branch"),
+        ({"plan": "ag:threshold=1.5"}, "plan rule 'ag' option 'threshold' must be in [-1, 1]"),
+        ({"plan": "cfgpp"}, "plan rule 'cfgpp' re-noises inside the solver step"),
+        ({"plan": "cfg_zero"}, "plan rule 'cfg_zero' is for flow-matching models"),
+        ({"plans": "ag"}, "text2img() got an unknown keyword 'plans'"),
+    ]:
+        with pytest.raises(VelodiffError) as e:
+            text2img(model, PROMPTS[0], steps=2, **kw)
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pipeline_result_names_the_plan_that_ran(model):
+    from velodiff.pipelines import text2img
+
+    r = text2img(model, PROMPTS[0], steps=3, guidance=2.0, guidance_rescale=0.5, plan="pag", output="latent")
+    assert r.plan == "cfg+pag+rescale:phi=0.5" and r.evals == 9
+    assert text2img(model, PROMPTS[0], steps=3, guidance=1.0, output="latent").plan == "none"
+    assert str(Plan.parse(r.plan)) == r.plan
+
+
+def cli(*args: str) -> int:
+    """The velodiff command in process; its exit status (typer exits on success)."""
+    from velodiff.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def test_cli_plan(tmp_path, capsys):
+    assert cli("generate", "a red circle", "--out", str(tmp_path / "a.png"), "--plan", "agg") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown plan rule 'agg'; valid: ag, ")
+    assert not list(tmp_path.iterdir())
+    out = tmp_path / "b.png"
+    assert cli("generate", "a red circle", "-o", str(out), "--steps", "4", "--plan", "ag:threshold=0.9") == 0
+    assert out.is_file() and "plan ag:threshold=0.9)" in capsys.readouterr().out
+    assert cli("plans") == 0
+    listing = capsys.readouterr().out
+    assert all(n in listing for n in ("cfg", "ag", "linear_ag", "pag", "apg", "cfgpp", "cfg_zero", "compose"))

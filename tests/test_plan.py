@@ -1,0 +1,291 @@
+"""The step plan (velodiff.plan): plan strings, the accelerator lifecycle, cost counted after the call,
+approximate evaluations and the solvers' answer to them, callbacks that edit x, gradients; and that
+the seam changes nothing without a plan (bit-identical to the loop as it was before the seam)."""
+
+import pytest
+import torch
+
+from velodiff import (
+    SOLVERS,
+    DiscreteVP,
+    GuidedCond,
+    ModelDenoiser,
+    Plan,
+    VelodiffError,
+    get_solver,
+    make_grid,
+)
+from velodiff.denoisers import Cost, concat_cond
+from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
+from velodiff.plan import Accelerator, EvalResult, Option, register_rule
+from velodiff.sampling import sample
+from velodiff.schedules import F64
+from velodiff.solvers import StepContext
+
+SCHED = DiscreteVP.scaled_linear()
+MIX = GaussianMixture.random((16,), components=3, seed=1)
+ORACLE = MixtureDenoiser(MIX, SCHED)
+X = starting_noise((16,), 2, seed=3)
+COND = torch.linspace(-1, 1, 32, dtype=F64).reshape(2, 16)
+UNCOND = torch.zeros(2, 16, dtype=F64)
+
+
+def network(x, timestep, cond):
+    k = timestep.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) / 1000.0
+    return torch.tanh(0.7 * x + cond * (1.0 + k)) + 0.3 * cond - 0.2 * k
+
+
+TOY = ModelDenoiser(network, SCHED)
+DETERMINISTIC = sorted(n for n, s in SOLVERS.items() if not s.stochastic and s.name not in ("ddpm",))
+
+
+# --- the plan string -------------------------------------------------------------------------------
+
+
+def test_plan_strings_canonical_and_errors():
+    p = Plan.parse("pag:pag_scale=2 + ag:threshold=0.999")
+    assert str(p) == "ag:threshold=0.999+pag:scale=2"  # by layer, aliases resolved, numbers as %g
+    assert str(Plan.parse(str(p))) == str(p)
+    assert str(Plan.parse("none")) == str(Plan.parse("")) == str(Plan.parse(None)) == "none"
+    assert str(Plan.parse("pag:applied_layers=mid|up")) == "pag:applied_layers=mid|up"
+    for bad, message in [
+        ("agg", "unknown plan rule 'agg'; valid: ag, "),
+        ("ag:thresh=0.9", "plan rule 'ag' has no option 'thresh'; options: scale, start, stop, threshold"),
+        ("ag:threshold=2", "plan rule 'ag' option 'threshold' must be in [-1, 1], got 2"),
+        ("ag:threshold=high", "plan rule 'ag' option 'threshold': 'high' is not a float"),
+        ("ag:threshold", "plan rule 'ag': write options as key=value, got 'threshold'"),
+        ("ag:threshold=0.9,threshold=0.8", "plan rule 'ag': option 'threshold' given twice"),
+        ("ag+apg", "plan rules 'ag' and 'apg' both claim the 'uncond' branch; keep one"),
+        ("linear_ag:every=1", "plan rule 'linear_ag' option 'every' must be in [2, 1000], got 1"),
+        ("cfg:scale=nan", "plan rule 'cfg' option 'scale' must be finite"),
+    ]:
+        with pytest.raises(VelodiffError) as e:
+            Plan.parse(bad)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+# --- lifecycle, stacking, cost ---------------------------------------------------------------------
+
+
+class Recorder(Accelerator):
+    """Logs its lifecycle; at layer `layer`."""
+
+    name = "recorder"
+
+    def __init__(self, log, tag, layer=0):
+        super().__init__()
+        self.log, self.tag, self.layer = log, tag, layer
+
+    def begin(self, run):
+        super().begin(run)
+        self.log.append((self.tag, "begin"))
+
+    def evaluate(self, req, inner):
+        self.log.append((self.tag, "eval", req.step, req.stage))
+        return inner(req)
+
+    def after_step(self, info):
+        self.log.append((self.tag, "after", info.i))
+
+    def end(self):
+        self.log.append((self.tag, "end"))
+
+
+def test_lifecycle_order_and_end_on_failure():
+    log = []
+    outer, inner = Recorder(log, "outer", layer=5), Recorder(log, "inner", layer=1)
+    ts = make_grid("uniform", SCHED, 2)
+    sample(ORACLE, X, ts, "heun", plan=[inner, outer])  # given inner first: layers decide
+    evals = [e for e in log if e[1] == "eval"]
+    assert log[:2] == [("outer", "begin"), ("inner", "begin")]
+    assert log[-2:] == [("inner", "end"), ("outer", "end")]
+    assert [e[2:] for e in evals[::2]] == [(0, 0), (0, 1), (1, 0)]  # heun: 2 stages, then the final jump
+    assert all(evals[k][0] == "outer" and evals[k + 1][0] == "inner" for k in range(0, len(evals), 2))
+    assert [e for e in log if e[1] == "after"] == [("inner", "after", 0), ("outer", "after", 0),
+                                                   ("inner", "after", 1), ("outer", "after", 1)]
+
+    log.clear()
+
+    def nan_net(x, timestep, cond):
+        return x * float("nan")
+
+    with pytest.raises(VelodiffError, match="NaN"):
+        sample(ModelDenoiser(nan_net, SCHED), X, ts, "ddim", plan=[outer])
+    assert log[-1] == ("outer", "end")  # hooks come off however the run ends
+
+
+class Skipper(Accelerator):
+    """Answers odd steps without the network (a cache would): free, and not exact."""
+
+    name = "skipper"
+
+    def begin(self, run):
+        super().begin(run)
+        self.last = None
+
+    def evaluate(self, req, inner):
+        if req.step % 2 and self.last is not None:  # every requested branch, from the last evaluation
+            return EvalResult(self.last.x0, dict(self.last.parts), Cost(0, 0), exact=False)
+        self.last = inner(req)
+        return self.last
+
+
+def test_cost_is_counted_after_the_call():
+    calls = []
+
+    def counting(x, timestep, cond):
+        calls.append(x.shape[0])
+        return network(x, timestep, cond)
+
+    den = ModelDenoiser(counting, SCHED)
+    ts = make_grid("uniform", SCHED, 6)
+    res = sample(den, X, ts, "ddim", cond=COND, plan=[Skipper()])
+    assert res.nfe == len(calls) == 3 and res.evals == 3
+    calls.clear()
+    res = sample(den, X, ts, "ddim", cond=GuidedCond(COND, UNCOND), plan=[Skipper(), "cfg:scale=3"])
+    assert res.nfe == 3 and res.evals == 6 and calls == [4, 4, 4]
+
+
+# --- approximate evaluations and the solvers ---------------------------------------------------------
+
+
+class AllApproximate(Accelerator):
+    name = "all_approximate"
+
+    def evaluate(self, req, inner):
+        r = inner(req)
+        r.exact = False
+        return r
+
+
+MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "deis", "deis_3", "ipndm", "lms", "unipc", "unipc_3"]
+
+
+@pytest.mark.parametrize("solver", MULTISTEP)
+def test_multistep_solvers_drop_to_first_order_on_approximate_evaluations(solver):
+    """Every evaluation approximate: no history point may enter a higher-order term and UniPC skips its
+    corrector, so each multistep solver takes DDIM's steps (to round-off)."""
+    ts = make_grid("logsnr", SCHED, 8)
+    got = sample(ORACLE, X, ts, solver, plan=[AllApproximate()]).x
+    ddim = sample(ORACLE, X, ts, "ddim").x
+    exact = sample(ORACLE, X, ts, solver).x
+    assert torch.allclose(got, ddim, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(exact, ddim, rtol=1e-4, atol=1e-4)  # with exact evaluations they differ
+
+
+def test_usable_order_restarts_after_an_estimate():
+    from velodiff.solvers.base import EvalRecord, usable_order
+
+    record = EvalRecord()
+    for step, exact in enumerate([True, True, False, True, True, True]):
+        record.note(step, exact, None)
+    ctx = StepContext(denoise=None, schedule=SCHED, ts=torch.zeros(7), alphas=None, sigmas=None,
+                      lambdas=None, noise=None, record=record)
+    assert [usable_order(ctx, i, 3) for i in range(6)] == [1, 2, 1, 1, 2, 3]
+
+
+# --- callbacks edit x; rules edit x; gradients ---------------------------------------------------------
+
+
+def test_callback_returns_an_edited_x():
+    ts = make_grid("uniform", SCHED, 5)
+    start = torch.full_like(X, 0.3)
+
+    def reset(info):
+        return start if info.i == 0 else None
+
+    edited = sample(TOY, X, ts, "ddim", cond=COND, callback=reset).x
+    assert torch.equal(edited, sample(TOY, start, ts[1:], "ddim", cond=COND).x)
+    with pytest.raises(VelodiffError, match=r"the callback returned x of shape \(1, 16\)"):
+        sample(TOY, X, ts, "ddim", cond=COND, callback=lambda info: start[:1])
+
+
+class Clamp(Accelerator):
+    name = "clamp"
+
+    def after_step(self, info):
+        return info.x.clamp(-0.1, 0.1)
+
+
+def test_rule_edits_before_the_callback_sees_x():
+    seen = []
+    ts = make_grid("uniform", SCHED, 4)
+    sample(TOY, X, ts, "ddim", cond=COND, plan=[Clamp()], callback=lambda info: seen.append(info.x))
+    assert all(float(x.abs().max()) <= 0.1 for x in seen)
+
+
+class NeedsGrad(Accelerator):
+    name = "needs_grad"
+    needs_grad = True
+
+
+def test_gradients_only_when_asked():
+    ts = make_grid("uniform", SCHED, 3)
+    x = X.clone().requires_grad_(True)
+    assert not sample(TOY, x, ts, "ddim", cond=COND).x.requires_grad  # inference mode by default
+    for kw in ({"grad": True}, {"plan": [NeedsGrad()]}):
+        out = sample(TOY, x, ts, "ddim", cond=COND, **kw).x
+        (g,) = torch.autograd.grad(out.sum(), x)
+        assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
+
+
+def test_state_never_leaks_between_runs():
+    """One plan object run twice (adaptive guidance keeps per-image state) gives the same result."""
+    ts = make_grid("uniform", SCHED, 8)
+    plan = Plan.parse("ag:threshold=0.9,scale=3")
+    runs = [sample(TOY, X, ts, "dpmpp_2m", cond=GuidedCond(COND, UNCOND), plan=plan) for _ in range(2)]
+    fresh = sample(TOY, X, ts, "dpmpp_2m", cond=GuidedCond(COND, UNCOND), plan="ag:threshold=0.9,scale=3")
+    assert torch.equal(runs[0].x, runs[1].x) and torch.equal(runs[0].x, fresh.x)
+    assert runs[0].evals == runs[1].evals == fresh.evals < 2 * runs[0].nfe
+
+
+# --- the seam changes nothing without a plan ---------------------------------------------------------
+
+
+def old_loop(denoiser, x, ts, solver, cond, scale):
+    """The sampling loop as it was before the seam: the solver's denoise is the guided denoiser itself
+    (CFG on one batched call, Ho & Salimans Eq. 6 on x0)."""
+    spec = get_solver(solver)
+
+    def denoise(x_in, t):
+        if scale == 1.0:
+            return denoiser(x_in, t, cond.cond)
+        x0_c, x0_u = denoiser(torch.cat([x_in, x_in]), t, concat_cond(cond.cond, cond.uncond)).chunk(2)
+        return x0_u + scale * (x0_c - x0_u)
+
+    ts = torch.as_tensor(ts, dtype=F64)
+    ctx = StepContext(denoise=denoise, schedule=SCHED, ts=ts, alphas=SCHED.alpha(ts), sigmas=SCHED.sigma(ts),
+                      lambdas=SCHED.log_snr(ts), noise=None, options=dict(spec.defaults))
+    state = None
+    for i in range(ctx.steps):
+        x, _, state = spec.step(ctx, i, x, state)
+    return x
+
+
+@pytest.mark.parametrize("solver", DETERMINISTIC)
+@pytest.mark.parametrize("scale", [1.0, 3.5])
+def test_no_plan_is_bit_identical_to_the_loop_before_the_seam(solver, scale):
+    ts = make_grid("logsnr", SCHED, 7)
+    cond = GuidedCond(COND, UNCOND)
+    plan = "none" if scale == 1.0 else f"cfg:scale={scale}"
+    got = sample(TOY, X, ts, solver, cond=cond.cond if scale == 1.0 else cond, plan=plan).x
+    assert torch.equal(got, old_loop(TOY, X.clone(), ts, solver, cond, scale))
+
+
+def test_rule_options_are_declared_and_checked():
+    @register_rule
+    class Tmp(Accelerator):
+        name = "tmp_rule_for_test"
+        options = {"k": Option(2, "an int", kind=int, lo=1, hi=4),
+                   "mode": Option("a", "a or b", kind=str, choices=("a", "b"))}
+
+    try:
+        assert Plan.parse("tmp_rule_for_test:k=3,mode=b").rules[0].k == 3
+        with pytest.raises(VelodiffError, match="unknown value"):
+            Plan.parse("tmp_rule_for_test:mode=c")
+        with pytest.raises(VelodiffError, match=r"must be in \[1, 4\]"):
+            Tmp(k=9)
+    finally:
+        from velodiff.plan import RULES
+
+        RULES.pop("tmp_rule_for_test")
