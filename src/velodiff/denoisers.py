@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import VelodiffError, unknown_name
+from .plan import Cost  # noqa: F401 - what an evaluation cost; re-exported
 from .schedules import NoiseSchedule
 
 #: Conditioning handed to the network: None, a tensor, or a mapping of tensors (batch first).
@@ -25,18 +26,6 @@ Cond = Any
 Network = Callable[[Tensor, Tensor, Cond], Tensor]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
-
-
-@dataclass(frozen=True)
-class Cost:
-    """What one evaluation cost: ``nfe`` batched network calls, ``evals`` network-sample evaluations per
-    image (CFG batched as one call: nfe = 1, evals = 2; a fraction when a branch ran for some images)."""
-
-    nfe: int = 1
-    evals: float = 1
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(self.nfe + other.nfe, self.evals + other.evals)
 
 
 @runtime_checkable

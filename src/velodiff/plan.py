@@ -26,13 +26,31 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import Tensor
-
-from .denoisers import Cond, Cost, Denoiser, concat_cond, index_cond
 from .errors import VelodiffError, unknown_name
+
+if TYPE_CHECKING:  # torch loads with the first evaluation, so plan strings parse without it (CLI errors)
+    from torch import Tensor
+
+    from .denoisers import Denoiser
+
+#: conditioning handed to the network (see velodiff.denoisers)
+Cond = Any
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one evaluation cost: ``nfe`` batched network calls, ``evals`` network-sample evaluations per
+    image (CFG batched as one call: nfe = 1, evals = 2; a fraction when a branch ran for some images)."""
+
+    nfe: int = 1
+    evals: float = 1
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.nfe + other.nfe, self.evals + other.evals)
+
+
 
 
 @dataclass(frozen=True)
@@ -350,6 +368,9 @@ def _bind(rule: Accelerator, inner: Evaluate) -> Evaluate:
 
 def branch_evaluator(denoiser: Denoiser) -> Evaluate:
     """The bottom of every stack: the requested branches as one batched call of ``denoiser``."""
+    import torch
+
+    from .denoisers import concat_cond, index_cond
 
     def evaluate(req: EvalRequest) -> EvalResult:
         names = req.branches

@@ -13,14 +13,13 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VelodiffError
 from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass
@@ -77,7 +76,8 @@ class ProcessorSwap:
 
 def _split_rows(value: Any, rows: slice, batch: int) -> tuple[Any, Any]:
     """(the other rows, the selected rows) of a per-row tensor; anything else serves both."""
-    if isinstance(value, Tensor) and value.ndim and value.shape[0] == batch:
+    import torch
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
         return torch.cat([value[: rows.start], value[rows.stop :]]), value[rows]
     return value, value
 
@@ -124,6 +124,7 @@ class IdentitySelfAttention:
         temb: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
+        import torch
         rows = self.state.rows
         if rows is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
@@ -154,6 +155,7 @@ class CaptureCrossAttention:
         temb: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
+        import torch
         rows = self.state.rows
         if rows is None or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
@@ -206,6 +208,7 @@ class AttentionMaps(Accelerator):
         )
 
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
+        import torch
         if req.stage != 0 or req.step % self.every:
             return inner(req)
         self.state.rows = req.rows("cond")
@@ -226,10 +229,11 @@ class AttentionMaps(Accelerator):
 
 def _spatial(probs: Tensor, h: int, w: int) -> Tensor:
     """(B, N, T) maps over N = h' w' tokens of a downsampled grid -> (B, T, h, w)."""
+    import torch
     b, n, t = probs.shape
     f = math.sqrt(h * w / n)
     hh, ww = round(h / f), round(w / f)
     grid = probs.transpose(1, 2).reshape(b, t, hh, ww).float()
-    return (
-        grid if (hh, ww) == (h, w) else F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
-    )
+    if (hh, ww) == (h, w):
+        return grid
+    return torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)

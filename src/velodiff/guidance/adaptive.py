@@ -19,11 +19,13 @@ of Conditional Diffusion Models'): spend the unconditional pass only where it ch
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..plan import EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
 from .cfg import UncondCombiner, cosine
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register_rule
@@ -41,6 +43,7 @@ class AdaptiveGuidance(UncondCombiner):
     }
 
     def begin(self, run: RunInfo) -> None:
+        import torch
         super().begin(run)
         self.guided = torch.ones(run.batch, dtype=torch.bool)  # images still under CFG
 
@@ -88,6 +91,7 @@ class LinearAG(UncondCombiner):
         return self.coef is not None and step >= self.warmup and (step - self.warmup) % self.every == 0
 
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
+        import torch
         if not self.active(req):
             return inner(req)
         first_stage = req.stage == 0
@@ -113,6 +117,7 @@ class LinearAG(UncondCombiner):
 def fit_affine(c: Tensor, c_prev: Tensor, u_prev: Tensor, u: Tensor) -> Tensor:
     """Per image, the least-squares b of u ~ b0 c + b1 c_prev + b2 u_prev over the latent elements
     (float64 normal equations with a tiny ridge): (B, 3)."""
+    import torch
     a = torch.stack([c, c_prev, u_prev], dim=-1).flatten(1, -2).double()  # (B, D, 3)
     y = u.flatten(1).double().unsqueeze(-1)
     gram = a.transpose(1, 2) @ a

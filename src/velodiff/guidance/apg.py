@@ -14,11 +14,13 @@ its ``..._momentum`` beta). Two deviations from diffusers, both the paper's: the
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..plan import EvalRequest, EvalResult, Option, RunInfo, register_rule
 from .cfg import UncondCombiner
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register_rule
@@ -49,6 +51,7 @@ class AdaptiveProjectedGuidance(UncondCombiner):
         self.running: Tensor | None = None
 
     def combine(self, req: EvalRequest, c: Tensor, u: Tensor, r: EvalResult) -> Tensor:
+        import torch
         dims = list(range(1, c.ndim))
         d = c - u
         if self.momentum != 0.0:

@@ -9,13 +9,13 @@ needs another space (rescale: eps; CFG-Zero*: velocity).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
-from ..denoisers import Cond, broadcast_time, eps_from_x0
 from ..errors import VelodiffError
-from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
+from ..plan import Accelerator, Cond, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,8 @@ class GuidanceRescale(Accelerator):
 
 
 def rescaled(sched, x: Tensor, t: Tensor, x0: Tensor, x0_c: Tensor, phi: float) -> Tensor:
+    from ..denoisers import broadcast_time, eps_from_x0
+
     eps_cfg, eps_c = eps_from_x0(sched, x, t, x0), eps_from_x0(sched, x, t, x0_c)
     dims = list(range(1, x.ndim))
     eps_r = eps_cfg * eps_c.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True)
@@ -153,5 +155,6 @@ def rescaled(sched, x: Tensor, t: Tensor, x0: Tensor, x0_c: Tensor, phi: float) 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample cosine similarity of two batches (computed in float64)."""
+    import torch
     a, b = a.flatten(1).double(), b.flatten(1).double()
     return torch.nn.functional.cosine_similarity(a, b, dim=1)

@@ -12,12 +12,14 @@ ClassifierFreeZeroStarGuidance.
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from ..denoisers import Cost
 from ..errors import VelodiffError
-from ..plan import EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
+from ..plan import Cost, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
 from .cfg import UncondCombiner
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register_rule
