@@ -281,3 +281,49 @@ def test_cli_plan(tmp_path, capsys):
     assert cli("plans") == 0
     listing = capsys.readouterr().out
     assert all(n in listing for n in ("cfg", "ag", "linear_ag", "pag", "apg", "cfgpp", "cfg_zero", "compose"))
+
+
+# --- per-block hooks (diffusers.hooks.HookRegistry) on the UNet and the DiT families --------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dits(tmp_path_factory):
+    import velodiff
+    from velodiff.models.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("dits")
+    return {k: velodiff.load(save_tiny(k, root / k)) for k in ("sd3", "flux", "pixart-sigma")}
+
+
+def test_feature_change_hooks_every_family_and_comes_off(model, tiny_dits):
+    from velodiff.accel.hooks import FeatureChange, network_blocks
+    from velodiff.pipelines import text2img
+
+    fc = FeatureChange()
+    text2img(model, PROMPTS, steps=6, plan=[fc, "ag:threshold=0.99"], output="latent")
+    curves = fc.curves()
+    assert list(curves) == [n for n, _ in network_blocks(model.components["unet"])]
+    assert list(curves)[:1] == ["down_blocks.0"] and "mid_block" in curves
+    assert all(len(v) == 5 and all(c > 0 for c in v) for v in curves.values())  # steps 1..5 vs the one before
+    assert all(not getattr(m, "_diffusers_hook", None) or m._diffusers_hook.get_hook(fc.hooks.name) is None
+               for _, m in network_blocks(model.components["unet"]))
+    for kind, dit in tiny_dits.items():
+        fc = FeatureChange(blocks=("transformer_blocks",))
+        text2img(dit, "a red cube", steps=3, plan=[fc], output="latent")
+        assert fc.curves() and all(n.startswith(("transformer_blocks", "single_transformer_blocks"))
+                                   for n in fc.curves()), kind
+
+
+def test_pag_and_attention_maps_on_dits(tiny_dits):
+    from velodiff.accel.attention import AttentionMaps
+    from velodiff.pipelines import text2img
+
+    pixart = tiny_dits["pixart-sigma"]
+    r = text2img(pixart, "a red cube", steps=3, guidance=2.0, plan="pag:applied_layers=transformer_blocks.1",
+                 output="latent")
+    assert r.evals == 9 and r.plan == "cfg+pag:applied_layers=transformer_blocks.1"
+    maps = AttentionMaps()
+    text2img(pixart, "a red cube", steps=2, plan=[maps], output="latent")
+    assert len(maps.maps) == 2
+    with pytest.raises(VelodiffError, match="SD3 and Flux have joint attention only"):
+        text2img(tiny_dits["sd3"], "a red cube", steps=2, plan="pag")

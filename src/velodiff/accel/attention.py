@@ -161,7 +161,7 @@ class CaptureCrossAttention:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         h, residual, shape = _to_tokens(attn, hidden_states, temb)
         b, n, _ = h.shape
-        mask = attn.prepare_attention_mask(attention_mask, n, b)
+        mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
         context = encoder_hidden_states
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
