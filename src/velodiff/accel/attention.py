@@ -106,11 +106,9 @@ def _from_tokens(attn: Any, h: Tensor, residual: Tensor, shape: tuple[int, ...] 
     return h / attn.rescale_output_factor
 
 
-class IdentitySelfAttention:
-    """Perturbed self-attention (Ahn et al. 2024, 'Self-Rectifying Diffusion Sampling with
-    Perturbed-Attention Guidance', Sec. 3.2): on the selected rows the attention map is the identity,
-    so the layer outputs its value projection, to_out(to_v(h)); the other rows use the original
-    processor."""
+class RowProcessor:
+    """Base of the processors here: wraps the module's own processor, which serves every call while
+    ``state.rows`` is None; otherwise ``act`` handles the call."""
 
     def __init__(self, original: Any, state: RowState) -> None:
         self.original, self.state = original, state
@@ -124,10 +122,25 @@ class IdentitySelfAttention:
         temb: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        import torch
-        rows = self.state.rows
-        if rows is None:
+        if self.state.rows is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        rows = self.state.rows
+        return self.act(attn, rows, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+
+    def act(self, attn: Any, rows: slice, hidden_states: Tensor, encoder_hidden_states: Tensor | None,
+            attention_mask: Tensor | None, temb: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+
+class IdentitySelfAttention(RowProcessor):
+    """Perturbed self-attention (Ahn et al. 2024, 'Self-Rectifying Diffusion Sampling with
+    Perturbed-Attention Guidance', Sec. 3.2): on the selected rows the attention map is the identity,
+    so the layer outputs its value projection, to_out(to_v(h)); the other rows use the original
+    processor."""
+
+    def act(self, attn, rows, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
+        import torch
+
         b = hidden_states.shape[0]
         h_rest, h_sel = _split_rows(hidden_states, rows, b)
         parts = [_split_rows(v, rows, b) for v in (encoder_hidden_states, attention_mask, temb)]
@@ -139,25 +152,18 @@ class IdentitySelfAttention:
         return torch.cat([out_rest[: rows.start], out_sel, out_rest[rows.start :]])
 
 
-class CaptureCrossAttention:
+class CaptureCrossAttention(RowProcessor):
     """Cross-attention computed with an explicit attention map (diffusers' classic AttnProcessor math),
     handing the selected rows' maps, averaged over heads, (rows, HW, tokens), to ``sink``."""
 
     def __init__(self, original: Any, state: RowState, sink: Callable[[Tensor], None]) -> None:
-        self.original, self.state, self.sink = original, state, sink
+        super().__init__(original, state)
+        self.sink = sink
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-        **kwargs: Any,
-    ) -> Tensor:
+    def act(self, attn, rows, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
         import torch
-        rows = self.state.rows
-        if rows is None or encoder_hidden_states is None:
+
+        if encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         h, residual, shape = _to_tokens(attn, hidden_states, temb)
         b, n, _ = h.shape
