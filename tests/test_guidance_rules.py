@@ -278,6 +278,12 @@ def test_cli_plan(tmp_path, capsys):
     out = tmp_path / "b.png"
     assert cli("generate", "a red circle", "-o", str(out), "--steps", "4", "--plan", "ag:threshold=0.9") == 0
     assert out.is_file() and "plan ag:threshold=0.9)" in capsys.readouterr().out
+    sheet = tmp_path / "maps.png"
+    assert cli("generate", "a red circle", "-o", str(out), "--steps", "3", "--attention-maps", str(sheet)) == 0
+    from PIL import Image
+
+    with Image.open(sheet) as im:  # the image and one map per token: a, red, circle
+        assert im.size[0] == 4 * 128 + 3 * 2
     assert cli("plans") == 0
     listing = capsys.readouterr().out
     assert all(n in listing for n in ("cfg", "ag", "linear_ag", "pag", "apg", "cfgpp", "cfg_zero", "compose"))

@@ -233,6 +233,27 @@ class AttentionMaps(Accelerator):
         self.swap.restore()
 
 
+def attention_sheet(maps: dict[int, Tensor], tokens: list[str], image: Any, scale: int = 1) -> Any:
+    """A PIL sheet: the image, then one heat map per prompt token (token k at map index k + 1, after the
+    start token), each the mean over the captured steps, stretched to its own min..max, at the image's
+    size, captioned with its token."""
+    import torch
+    from PIL import Image
+
+    from ..images import image_grid
+
+    mean = torch.stack([m[0] for m in maps.values()]).mean(0)  # (T, h, w), first image
+    size = image.size
+    cells, captions = [image], ["image"]
+    for k, tok in enumerate(tokens[: mean.shape[0] - 1]):
+        m = mean[k + 1]
+        m = ((m - m.min()) / (m.max() - m.min()).clamp_min(1e-12) * 255).round().to(torch.uint8).numpy()
+        cells.append(Image.fromarray(m, mode="L").resize(size, Image.BILINEAR).convert("RGB"))
+        captions.append(tok.replace("</w>", ""))
+    return image_grid(cells, cols=min(len(cells), 8), scale=scale, captions=captions, caption_lines=1,
+                      caption_height=14)
+
+
 def _spatial(probs: Tensor, h: int, w: int) -> Tensor:
     """(B, N, T) maps over N = h' w' tokens of a downsampled grid -> (B, T, h, w)."""
     import torch

@@ -119,6 +119,9 @@ def generate(
     grid: str = typer.Option(None, help="time grid name (default: the model's)"),
     negative: str = typer.Option(None, help="negative prompt (replaces the unconditional branch of CFG)"),
     plan: str = typer.Option(None, help="step plan, e.g. ag:threshold=0.99+pag:scale=3 (see velodiff plans)"),
+    attention_maps: Annotated[
+        Path | None, typer.Option(help="also write the first image's cross-attention map per token (PNG)")
+    ] = None,
     n: int = typer.Option(1, "--n", min=1, max=64, help="number of images, saved as one grid image"),
     model: Annotated[
         Path | None, typer.Option(help="a diffusers folder or .safetensors file (default: the shipped model)")
@@ -142,10 +145,17 @@ def generate(
         from ..plan import Plan
 
         Plan.parse(plan)  # refused in one line before the model loads
+    if attention_maps is not None:
+        check_output_path(attention_maps)
     quiet_libraries()
     loaded, defaults = load_model(model, threads)
     from ..pipelines import text2img
 
+    rules: list[Any] = [plan] if plan else []
+    if attention_maps is not None:
+        from ..accel.attention import AttentionMaps
+
+        rules.append(capture := AttentionMaps())
     res = text2img(
         loaded,
         prompt,
@@ -155,7 +165,7 @@ def generate(
         grid=grid,
         guidance=guidance if guidance is not None else defaults.get("guidance"),
         seeds=[seed + i for i in range(n)],
-        plan=plan,
+        plan=rules,
     )
     save_image_atomic(image_grid(list(res.images)), out, fmt)
     typer.echo(
@@ -163,6 +173,13 @@ def generate(
         f"{res.evals:g} evals/image, guidance {res.guidance:g}, plan {res.plan}) "
         f"in {time.perf_counter() - t0:.2f} s"
     )
+    if attention_maps is not None:
+        from ..accel.attention import attention_sheet
+
+        tokens = loaded.components["tokenizer"].tokenize(prompt) if "tokenizer" in loaded.components else []
+        sheet = attention_sheet(capture.maps, tokens, res.images[0], scale=2)
+        save_image_atomic(sheet, attention_maps)
+        typer.echo(f"wrote {attention_maps} (cross-attention per token, mean over the steps)")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
