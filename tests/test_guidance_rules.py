@@ -82,6 +82,9 @@ def test_linear_ag_fit_recovers_an_affine_law_and_estimates_are_marked():
     res = sample(TOY, X, ts, "ddim", cond=BOTH, plan="linear_ag:scale=3,every=2,warmup=3")
     estimated = [i for i in range(10) if i >= 3 and (i - 3) % 2 == 0]  # steps 3, 5, 7, 9
     assert res.evals == 2 * 10 - len(estimated) and res.nfe == 10
+    keep, lower = (sample(TOY, X, ts, "dpmpp_2m", cond=BOTH, plan=f"linear_ag:scale=3,lower_order={v}")
+                   for v in ("false", "true"))
+    assert keep.evals == lower.evals and not torch.allclose(keep.x, lower.x)  # the solver was told
 
 
 # --- APG, CFG++, CFG-Zero*, interval ------------------------------------------------------------------

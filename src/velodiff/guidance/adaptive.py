@@ -14,7 +14,10 @@ of Conditional Diffusion Models'): spend the unconditional pass only where it ch
   u_i ~ b0 c_i + b1 c_{i-1} + b2 u_{i-1} (the paper's LinearAG form). The paper fits b by least squares
   offline on a set of trajectories; velodiff fits them online, per image, on the latest step where
   u was evaluated (three unknowns, one equation per latent element), so no calibration file is
-  needed. Estimated evaluations are reported as approximate (multistep solvers lower their order).
+  needed. With ``lower_order=true`` estimated evaluations are reported as approximate, so multistep
+  solvers lower their order around them; off by default, because the estimate is close enough that
+  keeping the order stays nearer the plain CFG run (shipped model, 25 v1 prompts, seeds 1000+,
+  DPM-Solver++ 2M, 20 steps: PSNR to plain 35.9 vs 32.9 dB at every=2, 46.6 vs 40.6 dB at every=3).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class LinearAG(UncondCombiner):
             2, "estimate the unconditional prediction on every k-th step", kind=int, lo=2, hi=1000
         ),
         "warmup": Option(3, "full CFG steps before the first estimate", kind=int, lo=2, hi=1000),
+        "lower_order": Option(False, "report estimates as approximate (multistep solvers lower their order)",
+                              kind=bool),
     }
 
     def begin(self, run: RunInfo) -> None:
@@ -101,7 +106,7 @@ class LinearAG(UncondCombiner):
             _, c_prev, u_prev = self.prev
             feats = torch.stack([c, c_prev, u_prev], dim=-1).flatten(1, -2)  # (B, D, 3)
             u = (feats @ self.coef.to(c.dtype).unsqueeze(-1)).squeeze(-1).reshape(c.shape)
-            r.x0, r.exact = u + self.w * (c - u), False
+            r.x0, r.exact = u + self.w * (c - u), not self.lower_order
             self.prev = (req.step, c, u)
             return r
         r = inner(req.with_branch("uncond"))
