@@ -142,3 +142,29 @@ def test_bench_shapes_eval_reads_images_as_eval_shapes_does(tmp_path, monkeypatc
     assert code == 0, capsys.readouterr().err
     (rec,) = json.loads((out / "results.json").read_text())["records"]
     assert rec["shapes_eval"] == 1.0
+
+
+def test_bench_plans_records_and_distance_to_plain(tmp_path, monkeypatch, capsys):
+    """Plans are a sweep axis: each record carries its canonical plan, its evaluations per image, and
+    for a plan other than none the distance to the plain run of the same seeds, also when a resumed
+    sweep adds the plan later (the plain run is then made again, untimed)."""
+    path = _model_path()
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no default model at {path}")
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep.yaml"
+    base = "solvers: [dpmpp_2m]\nnfe: [4]\nguidance: [2.5]\nlimit: 2\nmetrics: [shapes]\n"
+    sweep.write_text(base + 'plans: ["none", "ag:threshold=-1"]\n')
+    out = tmp_path / "bench"
+    args = ["bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress"]
+    assert cli(*args) == 0, capsys.readouterr().err
+    recs = {r["plan"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert recs["none"]["evals"] == 8 and "psnr_vs_plain" not in recs["none"]
+    assert recs["ag:threshold=-1"]["evals"] == 2 + 3  # CFG on the first step only
+    assert 10 < recs["ag:threshold=-1"]["psnr_vs_plain"] < 100
+    sweep.write_text(base + 'plans: ["none", "ag:threshold=-1", "cfg:stop=0.5"]\n')
+    assert cli(*args) == 0
+    recs2 = {r["plan"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert recs2["ag:threshold=-1"] == recs["ag:threshold=-1"]  # resumed, not rerun
+    assert recs2["cfg:stop=0.5"]["evals"] == 6 and recs2["cfg:stop=0.5"]["psnr_vs_plain"] > 10
+    assert "| plan |" in (out / "results.md").read_text()

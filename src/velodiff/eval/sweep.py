@@ -443,7 +443,9 @@ def run_sweep(
         same = (c["solver"], c["grid"], c["nfe_budget"], float(g))
         if c["plan"] == "none":
             plain[same] = (lat, imgs)
-        elif same in plain:
+        elif "none" in sweep.plans:
+            if same not in plain:  # a resumed sweep: the plain run again, untimed
+                plain[same] = _generate(model, jobs, seeds, sweep.batch, **{**kw, "plan": "none"})[:2]
             rec.update({f"{k}_vs_plain": v for k, v in reference_distances(lat, imgs, *plain[same]).items()})
         if clip is not None:
             clip.scores = []
