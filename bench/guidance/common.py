@@ -142,16 +142,20 @@ def fmt_paired(p: dict[str, Any] | None) -> str:
 
 
 def image_stats(images: torch.Tensor) -> dict[str, float]:
-    """Oversaturation measures on images in [0, 1]: mean HSV saturation, the fraction of channel values
-    clipped to 0 or 1 (the shapes world's renders have none: background 20/255, palette <= 235/255),
-    and the mean per-image standard deviation of the intensity (contrast)."""
+    """Oversaturation measures on images in [0, 1]. The shapes world is flat palette objects (value
+    >= 0.75) on a dark background (20/255), so colour is measured on the object pixels only
+    (foreground: brightest channel >= 0.35): their mean HSV saturation and value, the fraction of the
+    image they cover, the mean intensity of the background (value < 0.2), the fraction of channel
+    values clipped to 0 or 1 (the renders have none), and the intensity contrast (per-image std)."""
     x = images.clamp(0, 1).double()
     mx, mn = x.max(1).values, x.min(1).values
     sat = torch.where(mx > 0, (mx - mn) / mx.clamp_min(1e-12), torch.zeros_like(mx))
+    fg, bg = mx >= 0.35, mx < 0.2
     clipped = ((x <= 0.5 / 255) | (x >= 254.5 / 255)).double().mean()
     inten = x.mean(1)
-    return {"saturation": float(sat.mean()), "clipped": float(clipped),
-            "contrast": float(inten.flatten(1).std(1).mean()), "mean_intensity": float(inten.mean())}
+    return {"fg_saturation": float(sat[fg].mean()), "fg_value": float(mx[fg].mean()),
+            "fg_fraction": float(fg.double().mean()), "bg_level": float(inten[bg].mean()),
+            "clipped": float(clipped), "contrast": float(inten.flatten(1).std(1).mean())}
 
 
 def real_renders(js: list[Job], per_prompt: int = 4) -> np.ndarray:
@@ -235,9 +239,17 @@ def write(out: Path, title: str, sections: list[str], data: dict[str, Any]) -> N
 
     out.mkdir(parents=True, exist_ok=True)
     cmd = "/work/main/.venv/bin/python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(HERE.parent.parent)), *sys.argv[1:]])
-    md = "\n\n".join([f"# {title}", f"Command (from the repository root): `{cmd}`", *sections]) + "\n"
+    import subprocess
+
+    rev = subprocess.run(["git", "-C", str(HERE), "log", "-1", "--format=%h", "--", "../../src"],
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--short", "--", "../../src"],
+                           capture_output=True, text=True).stdout.strip()
+    src = f"velodiff src at commit {rev}" + (" (with uncommitted changes)" if dirty else "")
+    md = "\n\n".join([f"# {title}", f"Command (from the repository root): `{cmd}`; {src}; 1 CPU thread.",
+                       *filter(None, sections)]) + "\n"
     write_atomic(out / "results.md", md.encode())
-    write_atomic(out / "results.json", (json.dumps(jsonable({"command": cmd, **data}), indent=1) + "\n").encode())
+    write_atomic(out / "results.json", (json.dumps(jsonable({"command": cmd, "src": src, **data}), indent=1) + "\n").encode())
     print(md)
 
 
