@@ -51,8 +51,6 @@ class Cost:
         return Cost(self.nfe + other.nfe, self.evals + other.evals)
 
 
-
-
 @dataclass(frozen=True)
 class EvalRequest:
     """One evaluation the solver asked for. ``t`` is a float64 scalar (or per-sample) tensor; ``conds``
@@ -145,7 +143,6 @@ class Option:
     kind: type = float
     lo: float | None = None
     hi: float | None = None
-    lo_open: bool = False
     choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
 
@@ -180,12 +177,6 @@ class Accelerator:
         if not self.values:
             return self.name
         return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in self.values.items())
-
-    def defaults_from(self, **run_values: Any) -> None:
-        """Fill options whose default is None from the run (e.g. ``scale`` from the guidance scale)."""
-        for k, v in run_values.items():
-            if k in self.options and getattr(self, k) is None and v is not None:
-                setattr(self, k, check_option(self.name, k, self.options[k], v))
 
     # -- the lifecycle --
 
@@ -248,11 +239,11 @@ def check_option(rule: str, key: str, opt: Option, value: Any) -> Any:
     if opt.kind in (int, float):
         if not math.isfinite(value):
             raise VelodiffError(f"{where} must be finite, got {value}")
-        below = opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo)
+        below = opt.lo is not None and value < opt.lo
         if below or (opt.hi is not None and value > opt.hi):
             lo = "-inf" if opt.lo is None else f"{opt.lo:g}"
             hi = "inf" if opt.hi is None else f"{opt.hi:g}"
-            raise VelodiffError(f"{where} must be in {'(' if opt.lo_open else '['}{lo}, {hi}], got {value:g}")
+            raise VelodiffError(f"{where} must be in [{lo}, {hi}], got {value:g}")
     if opt.choices and value not in opt.choices:
         raise unknown_name(f"value of {where}", str(value), opt.choices)
     return value
