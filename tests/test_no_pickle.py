@@ -246,12 +246,17 @@ def test_train_resume_from_a_pickled_checkpoint_is_refused(tmp_path, capsys, vae
     assert not marker.exists()
 
 
-def test_train_from_a_pickled_autoencoder_run_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["ldm --vae", "autoencoder --init"])
+def test_train_from_a_pickled_autoencoder_run_is_refused(tmp_path, capsys, command):
     marker = tmp_path / "marker"
     vae = fake_run(tmp_path / "vae", None, marker)
     (vae / "summary.json").write_text(json.dumps({"scaling_factor": 1.0}))
     capsys.readouterr()
-    assert train_ldm(tmp_path, vae) == 2
+    if command == "ldm --vae":
+        assert train_ldm(tmp_path, vae) == 2
+    else:
+        assert cli("train", "autoencoder", "--init", str(vae), "--run", str(tmp_path / "run"), "--steps", "1",
+                   "--batch", "1", "--size", "micro", "--threads", "1", "--quiet") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pickle" in err, err
     assert not marker.exists()
