@@ -174,7 +174,9 @@ def write_tokenizer(folder: str | Path, bpe_gz: str | Path | None = None) -> Pat
 def load_tokenizer(folder: str) -> Any:
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(folder)
+    from .models.weights import from_pretrained
+
+    return from_pretrained(CLIPTokenizer, folder, weights=False)
 
 
 #: how the default model samples unless told otherwise (guidance: the best of the ShapesEval sweep)

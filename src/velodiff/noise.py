@@ -20,7 +20,9 @@ def _generator(*key: int) -> torch.Generator:
 
 def randn(shape: tuple[int, ...], seed: int, *key: int, device: torch.device | str = "cpu",
           dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise of ``shape`` determined by (seed, *key) only."""
+    """Standard normal noise of ``shape`` determined by (seed, *key) only: always drawn in float32 on the
+    CPU, then moved and cast, so ``randn(shape, s, dtype=d)`` is ``randn(shape, s).to(d)`` bit for bit
+    (float16, bfloat16, float64: a float64 draw is the float32 one widened, not a fresh float64 draw)."""
     z = torch.randn(shape, generator=_generator(seed, *key), dtype=torch.float32)
     return z.to(device=device, dtype=dtype)
 

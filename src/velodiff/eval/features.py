@@ -219,9 +219,9 @@ def train_encoder(
     xv, tv = make_dataset(n_val, seed=2000 + seed)
     model = ShapesEncoder()
     if init is not None:  # continue from saved weights (a further stage of training)
-        from safetensors.torch import load_file
+        from ..models.weights import load_file
 
-        state = {k: v for k, v in load_file(str(init)).items() if not k.startswith("feat_")}
+        state = {k: v for k, v in load_file(init).items() if not k.startswith("feat_")}
         model.load_state_dict(state, strict=False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((n_train + batch - 1) // batch)
@@ -272,10 +272,9 @@ def save_encoder(model: ShapesEncoder, path: str | Path, info: dict[str, Any]) -
 
 @lru_cache(maxsize=4)
 def _load(path: str) -> ShapesEncoder:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from ..models.weights import load_file, safe_open
 
-    with safe_open(path, "pt") as f:
+    with safe_open(path) as f:
         meta = json.loads((f.metadata() or {}).get("velodiff", "{}"))
     if meta.get("version") != ENCODER_VERSION:
         raise VelodiffError(f"{path} is not a {ENCODER_VERSION} encoder (found {meta.get('version')!r})")
@@ -297,10 +296,10 @@ def load_encoder(path: str | Path | None = None) -> ShapesEncoder:
 
 
 def encoder_info(path: str | Path | None = None) -> dict[str, Any]:
-    from safetensors import safe_open
+    from ..models.weights import safe_open
 
     p = Path(path) if path is not None else default_encoder_path()
-    with safe_open(str(p), "pt") as f:
+    with safe_open(p) as f:
         return json.loads((f.metadata() or {}).get("velodiff", "{}"))
 
 

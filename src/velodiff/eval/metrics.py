@@ -85,8 +85,12 @@ class InceptionTorchScript(nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
+        from ..models.weights import load_torchscript
+
         try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            self.net = load_torchscript(path).eval()
+        except VelodiffError:
+            raise
         except Exception as e:  # noqa: BLE001 - any load failure is the user's file
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise VelodiffError(f"cannot load Inception weights {str(path)!r} (TorchScript): {msg}") from None
@@ -238,11 +242,13 @@ class ClipScore:
             )
         from transformers import AutoTokenizer, CLIPModel
 
+        from ..models.weights import from_pretrained
+
         try:
-            self.model = CLIPModel.from_pretrained(str(p), local_files_only=True).eval().to(device)
-            self.tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise VelodiffError(f"cannot load CLIP from {str(p)!r}: {str(e).splitlines()[0]}") from None
+            self.model = from_pretrained(CLIPModel, p).eval().to(device)
+            self.tokenizer = from_pretrained(AutoTokenizer, p, weights=False)
+        except VelodiffError as e:
+            raise VelodiffError(f"cannot load CLIP from {str(p)!r}: {e}") from None
         self.size = int(self.model.config.vision_config.image_size)
         self.device = device
         self.scores: list[float] = []

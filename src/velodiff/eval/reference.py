@@ -97,13 +97,13 @@ class ReferenceCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> tuple[Tensor, Tensor] | None:
-        from safetensors.torch import load_file
+        from ..models.weights import load_file
 
         p = self.path(key)
         if not p.is_file():
             return None
         try:
-            d = load_file(str(p))
+            d = load_file(p)
         except Exception:  # noqa: BLE001 - a damaged entry is recomputed
             return None
         return d["latents"], d["image"]

@@ -27,7 +27,8 @@ from ..grids import flow_shift
 from ..schedules import RectifiedFlow
 from .base import NetworkDenoiser, as_guided
 from .loading import Source
-from .sd import SDModel, _from_pretrained, _negatives, place, vae_dtype_for
+from .sd import SDModel, _negatives, place, vae_dtype_for
+from .weights import from_pretrained
 
 
 class TransformerNetwork:
@@ -58,14 +59,14 @@ def load_transformer(src: Source, cls_name: str, dtype: torch.dtype, device: tor
 
     cls = getattr(diffusers, cls_name)
     return place(
-        _from_pretrained(cls, src.path, "transformer", torch_dtype=dtype, use_safetensors=True), device
+        from_pretrained(cls, src.path, "transformer", torch_dtype=dtype), device
     )
 
 
 def load_vae(src: Source, dtype: torch.dtype, device: torch.device) -> Any:
     from diffusers import AutoencoderKL
 
-    vae = _from_pretrained(AutoencoderKL, src.path, "vae", use_safetensors=True)
+    vae = from_pretrained(AutoencoderKL, src.path, "vae")
     return place(vae, device, vae_dtype_for(src.config("vae"), dtype))
 
 
@@ -75,14 +76,14 @@ def has_component(src: Source, name: str) -> bool:
 
 
 def load_text_encoder(src: Source, name: str, cls: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    return place(_from_pretrained(cls, src.path, name, dtype=dtype, use_safetensors=True), device)
+    return place(from_pretrained(cls, src.path, name, dtype=dtype), device)
 
 
 def load_tokenizer(src: Source, name: str) -> Any:
     """A folder's tokenizer (CLIP or T5, as its own config says)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, src.path, name)
+    return from_pretrained(AutoTokenizer, src.path, name, weights=False)
 
 
 @dataclass

@@ -21,16 +21,7 @@ import torch
 
 from ..errors import VelodiffError, unknown_name
 from .base import FAMILIES, LoadedModel, families_by_priority, resolve_device, resolve_dtype
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
-
-CONVERT_HINT = (
-    "convert it to .safetensors first, in a trusted environment: "
-    'python -c "import torch, safetensors.torch as st; '
-    "sd = torch.load('IN', map_location='cpu', weights_only=True); "
-    "st.save_file({k: v.contiguous() for k, v in sd.get('state_dict', sd).items() "
-    "if isinstance(v, torch.Tensor)}, 'OUT.safetensors')\""
-)
+from .weights import CONVERT_HINT, PICKLE_SUFFIXES, check_safetensors, safe_open
 
 
 def offline() -> None:
@@ -76,11 +67,9 @@ class Source:
         return any(k.startswith(prefixes) for k in self.keys)
 
     def tensor_shape(self, key: str) -> tuple[int, ...] | None:
-        from safetensors import safe_open
-
         if key not in self.keys:
             return None
-        with safe_open(str(self.path), framework="pt") as f:
+        with safe_open(self.path) as f:
             return tuple(f.get_slice(key).get_shape())
 
     def is_transformer_folder(self, pipelines: Collection[str], transformer_class: str) -> bool:
@@ -123,13 +112,9 @@ def inspect_source(path: str | os.PathLike[str]) -> Source:
         raise VelodiffError(
             f"{p.name}: expected a diffusers folder or a .safetensors file, got {suffix or 'no suffix'!r}"
         )
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            keys, meta = frozenset(f.keys()), dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise VelodiffError(f"{p.name} is not a readable safetensors file: {e}") from None
+    check_safetensors(p)  # pickle bytes under a .safetensors name are refused before any parser sees them
+    with safe_open(p) as f:
+        keys, meta = frozenset(f.keys()), dict(f.metadata() or {})
     return Source(p, "single_file", keys=keys, metadata=meta)
 
 

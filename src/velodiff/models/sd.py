@@ -23,6 +23,7 @@ from ..errors import VelodiffError
 from ..schedules import DiscreteVP
 from .base import LoadedModel, NetworkDenoiser, UNetNetwork, as_guided, register_family
 from .loading import Source
+from .weights import from_pretrained, from_single_file
 
 SD_PIPELINES = {
     "StableDiffusionPipeline",
@@ -38,19 +39,10 @@ SD1_TEXT_KEY = "cond_stage_model.transformer."
 SD2_TEXT_KEY = "cond_stage_model.model.transformer.resblocks."
 
 
-def _from_pretrained(cls: Any, path: Path, subfolder: str, **kwargs: Any) -> Any:
-    """diffusers / transformers from_pretrained, local safetensors only, errors as one line."""
-    try:
-        return cls.from_pretrained(str(path), subfolder=subfolder, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VelodiffError(f"cannot load {subfolder}/ from {path}: {msg}") from None
-
-
 def load_clip_tokenizer(path: Path, subfolder: str = "tokenizer", max_length: int | None = None) -> Any:
     from transformers import CLIPTokenizer
 
-    tok = _from_pretrained(CLIPTokenizer, path, subfolder)
+    tok = from_pretrained(CLIPTokenizer, path, subfolder, weights=False)
     if max_length is not None:
         tok.model_max_length = max_length
     return tok
@@ -272,12 +264,12 @@ def read_folder_modules(
 
     c: dict[str, Any] = {}
     c["unet"] = place(
-        _from_pretrained(UNet2DConditionModel, src.path, "unet", torch_dtype=dtype, use_safetensors=True),
+        from_pretrained(UNet2DConditionModel, src.path, "unet", torch_dtype=dtype),
         device,
     )
     vae_cfg = src.config("vae")
     c["vae"] = place(
-        _from_pretrained(AutoencoderKL, src.path, "vae", use_safetensors=True),
+        from_pretrained(AutoencoderKL, src.path, "vae"),
         device,
         vae_dtype_for(vae_cfg, dtype),
     )
@@ -288,7 +280,7 @@ def read_folder_modules(
             and src.model_index[te_name][0] is not None
         ):
             c[te_name] = place(
-                _from_pretrained(cls, src.path, te_name, dtype=dtype, use_safetensors=True), device
+                from_pretrained(cls, src.path, te_name, dtype=dtype), device
             )
             c[tok_name] = load_clip_tokenizer(src.path, tok_name)
         else:
@@ -303,21 +295,16 @@ def read_single_file(
     """A single original-layout checkpoint through diffusers' from_single_file, configs from config_dir."""
     try:
         pipe = (
-            pipeline_cls.from_single_file(
-                str(src.path),
+            from_single_file(
+                pipeline_cls,
+                src.path,
                 config=str(config_dir),
-                local_files_only=True,
                 torch_dtype=dtype,
                 safety_checker=None,
                 requires_safety_checker=False,
             )
             if "XL" not in pipeline_cls.__name__
-            else pipeline_cls.from_single_file(
-                str(src.path),
-                config=str(config_dir),
-                local_files_only=True,
-                torch_dtype=dtype,
-            )
+            else from_single_file(pipeline_cls, src.path, config=str(config_dir), torch_dtype=dtype)
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import VelodiffError
 from ..files import write_atomic
+from ..models.weights import load_file
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -70,9 +71,9 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
-        tensors = load_file(str(path / "state.safetensors"))
+        tensors = load_file(path / "state.safetensors")
         meta = json.loads((path / "state.json").read_text())
-    except (SafetensorError, OSError, ValueError) as e:
+    except (VelodiffError, SafetensorError, OSError, ValueError) as e:
         raise VelodiffError(f"cannot read checkpoint {path}: {e}") from None
     return tensors, meta
 

@@ -16,9 +16,11 @@ from .trainer import build_models, load_vae
 
 
 def _to_half(path: Path) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    sd = load_file(str(path))
+    from ..models.weights import load_file
+
+    sd = load_file(path)
     save_file(
         {k: v.half() if v.is_floating_point() else v for k, v in sd.items()},
         str(path),

@@ -172,13 +172,14 @@ def train_ldm(
     from transformers import CLIPTokenizer
 
     from ..data.shapes import ShapesWorld
+    from ..models.weights import from_pretrained
 
     if str(device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convolutions on Ampere and later
         torch.backends.cudnn.allow_tf32 = True
     world = ShapesWorld(seed=lcfg.data_seed, size=64, holdout=True)
     vae, scaling = load_vae(vae_run, lcfg.size)
-    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(run / "tokenizer")))
+    tok = from_pretrained(CLIPTokenizer, write_tokenizer(run / "tokenizer"), weights=False)
     unet, text = build_models(lcfg.size)
     if lcfg.init:
         load_init_weights(unet, text, Path(lcfg.init))
