@@ -16,7 +16,20 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from common import HERE, f3, fmt_paired, image_stats, jobs, model, real_renders, run_configs, sheet, table, write
+from common import (
+    HERE,
+    f3,
+    fmt_paired,
+    image_stats,
+    jobs,
+    model,
+    real_renders,
+    run_configs,
+    sheet,
+    table,
+    write,
+)
+
 from velodiff.guidance.cfg import UncondCombiner
 from velodiff.plan import register_rule
 
@@ -43,8 +56,15 @@ def probe(w: float) -> dict:
 
     js = jobs("cal")[::4]
     NormProbe.log = []
-    text2img(model(), [j.text for j in js], seeds=[j.seed for j in js], guidance=w, plan="bench_norm_probe",
-             output="tensor", **BASE)
+    text2img(
+        model(),
+        [j.text for j in js],
+        seeds=[j.seed for j in js],
+        guidance=w,
+        plan="bench_norm_probe",
+        output="tensor",
+        **BASE,
+    )
     per_step = {}
     for step, n in NormProbe.log:
         per_step.setdefault(step, []).append(n)
@@ -53,23 +73,51 @@ def probe(w: float) -> dict:
 
 
 def variants(r_values: list[float]) -> list[str]:
-    return ["apg:eta=0", "apg:eta=0,momentum=-0.5",
-            *(f"apg:eta=0,momentum=-0.5,norm_threshold={r:g}" for r in r_values),
-            f"apg:eta=0,norm_threshold={r_values[0]:g}"]
+    return [
+        "apg:eta=0",
+        "apg:eta=0,momentum=-0.5",
+        *(f"apg:eta=0,momentum=-0.5,norm_threshold={r:g}" for r in r_values),
+        f"apg:eta=0,norm_threshold={r_values[0]:g}",
+    ]
 
 
-HEAD = ["config", "evals/img", "ShapesEval", "single", "binding", "counting", "position", "FD-shapes",
-        "object saturation", "object value", "object area", "background level", "clipped", "contrast",
-        "paired diff vs CFG same w [95% CI] (wins/losses, p)"]
+HEAD = [
+    "config",
+    "evals/img",
+    "ShapesEval",
+    "single",
+    "binding",
+    "counting",
+    "position",
+    "FD-shapes",
+    "object saturation",
+    "object value",
+    "object area",
+    "background level",
+    "clipped",
+    "contrast",
+    "paired diff vs CFG same w [95% CI] (wins/losses, p)",
+]
 
 
 STATS = ["fg_saturation", "fg_value", "fg_fraction", "bg_level"]
 
 
 def rows_of(recs: dict) -> list[list]:
-    return [[r["label"], f3(r["evals"]), f3(r["shapes"]), *(f3(v) for v in r["by_category"].values()),
-             f3(r["fd_shapes"]), *(f3(r[k]) for k in STATS), f"{r['clipped']:.4f}", f3(r["contrast"]),
-             fmt_paired(r.get("paired_vs_baseline"))] for r in recs.values()]
+    return [
+        [
+            r["label"],
+            f3(r["evals"]),
+            f3(r["shapes"]),
+            *(f3(v) for v in r["by_category"].values()),
+            f3(r["fd_shapes"]),
+            *(f3(r[k]) for k in STATS),
+            f"{r['clipped']:.4f}",
+            f3(r["contrast"]),
+            fmt_paired(r.get("paired_vs_baseline")),
+        ]
+        for r in recs.values()
+    ]
 
 
 def main() -> None:
@@ -84,8 +132,13 @@ def main() -> None:
             configs.append((f"w{w:g} {v}", {**BASE, "guidance": w, "plan": v}))
             base[f"w{w:g} {v}"] = f"w{w:g} cfg"
     cal, _ = run_configs("cal", configs, "apg", baselines=base, stats=True)
-    score = {v: (np.mean([cal[f"w{w:g} {v}"]["shapes"] for w in W_CAL]),
-                 -np.mean([cal[f"w{w:g} {v}"]["clipped"] for w in W_CAL])) for v in variants(r_values)}
+    score = {
+        v: (
+            np.mean([cal[f"w{w:g} {v}"]["shapes"] for w in W_CAL]),
+            -np.mean([cal[f"w{w:g} {v}"]["clipped"] for w in W_CAL]),
+        )
+        for v in variants(r_values)
+    }
     chosen = max(score, key=score.get)
 
     configs, base = [], {}
@@ -99,19 +152,38 @@ def main() -> None:
     renders = image_stats(torch.from_numpy(real_renders(jobs("report"), 2)).permute(0, 3, 1, 2) / 255.0)
     sheet([(lab, o["images"][::25][:8]) for lab, o in outs.items()], OUT / "sheet.png")
 
-    rr = [["renders of the prompts (2 per prompt)", "", "", "", "", "", "", "", *(f3(renders[k]) for k in STATS),
-           f"{renders['clipped']:.4f}", f3(renders["contrast"]), ""]]
-    write(OUT, "APG (Adaptive Projected Guidance) vs CFG at high scales on the default model", [
-        f"Probe (w=8, 34 calibration images): median ||x0_c - x0_u|| per step (latent) = "
-        + ", ".join(f"{v:.1f}" for v in norms["median_norm_per_step"])
-        + f"; norm thresholds tried r = {', '.join(f'{r:g}' for r in r_values)}.",
-        f"Calibration set (136 images); chosen APG setting: `{chosen}` "
-        f"(mean ShapesEval over w=8,12: {score[chosen][0]:.3f}).",
-        table(HEAD, rows_of(cal)),
-        "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
-        table(HEAD, rows_of(rep) + rr),
-        "![sheet](sheet.png) (every 25th image; rows as the report table)",
-    ], {"probe": norms, "chosen": chosen, "calibration": cal, "report": rep, "renders": renders})
+    rr = [
+        [
+            "renders of the prompts (2 per prompt)",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            *(f3(renders[k]) for k in STATS),
+            f"{renders['clipped']:.4f}",
+            f3(renders["contrast"]),
+            "",
+        ]
+    ]
+    write(
+        OUT,
+        "APG (Adaptive Projected Guidance) vs CFG at high scales on the default model",
+        [
+            "Probe (w=8, 34 calibration images): median ||x0_c - x0_u|| per step (latent) = "
+            + ", ".join(f"{v:.1f}" for v in norms["median_norm_per_step"])
+            + f"; norm thresholds tried r = {', '.join(f'{r:g}' for r in r_values)}.",
+            f"Calibration set (136 images); chosen APG setting: `{chosen}` "
+            f"(mean ShapesEval over w=8,12: {score[chosen][0]:.3f}).",
+            table(HEAD, rows_of(cal)),
+            "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
+            table(HEAD, rows_of(rep) + rr),
+            "![sheet](sheet.png) (every 25th image; rows as the report table)",
+        ],
+        {"probe": norms, "chosen": chosen, "calibration": cal, "report": rep, "renders": renders},
+    )
 
 
 if __name__ == "__main__":

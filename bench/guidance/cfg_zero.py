@@ -23,21 +23,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import HERE, f3, log, table, write
+from common import HERE, log, table, write
+
 from velodiff.guidance.cfg import UncondCombiner
 from velodiff.guidance.cfg_zero import CFGZeroStar
 from velodiff.plan import register_rule
 
 OUT = HERE / "cfg_zero"
-PROMPTS = ["a photo of a red cat", "a blue cube on the table", "a green sphere in the garden",
-           "a painting of a dog", "the red circle", "a photo of a blue square", "a green triangle on the table",
-           "an ugly blurry painting of a cat"]
+PROMPTS = [
+    "a photo of a red cat",
+    "a blue cube on the table",
+    "a green sphere in the garden",
+    "a painting of a dog",
+    "the red circle",
+    "a photo of a blue square",
+    "a green triangle on the table",
+    "an ugly blurry painting of a cat",
+]
 SEEDS = 4
 STEPS = [2, 4, 8]
 REF_STEPS = 64
 GUIDANCE = {"sd3": 7.0, "flux": 3.5}
-RULES = {"cfg": "none", "cfg_zero s* only": "cfg_zero:zero_init_steps=0", "cfg_zero s* + zero-init": "cfg_zero",
-         "zero-init only": "bench_zero_init_only"}
+RULES = {
+    "cfg": "none",
+    "cfg_zero s* only": "cfg_zero:zero_init_steps=0",
+    "cfg_zero s* + zero-init": "cfg_zero",
+    "zero-init only": "bench_zero_init_only",
+}
 
 
 @register_rule
@@ -62,7 +74,9 @@ class SStarProbe(CFGZeroStar):
         v_c, v_u = (req.x - c) / t, (req.x - u) / t
         dims = list(range(1, c.ndim))
         s = (v_c * v_u).sum(dim=dims) / ((v_u * v_u).sum(dim=dims) + 1e-8)
-        SStarProbe.log.append((req.step, float(t.flatten()[0]), float(s.mean()), float(s.min()), float(s.max())))
+        SStarProbe.log.append(
+            (req.step, float(t.flatten()[0]), float(s.mean()), float(s.min()), float(s.max()))
+        )
         return super().combine(req, c, u, r)
 
 
@@ -82,8 +96,18 @@ def main() -> None:
             g = GUIDANCE[kind]
 
             def gen(steps: int, plan: str):  # noqa: ANN202
-                return text2img(m, texts, steps=steps, solver="euler", guidance=g, plan=plan, seeds=seeds,
-                                height=64, width=64, output="tensor")
+                return text2img(
+                    m,
+                    texts,
+                    steps=steps,
+                    solver="euler",
+                    guidance=g,
+                    plan=plan,
+                    seeds=seeds,
+                    height=64,
+                    width=64,
+                    output="tensor",
+                )
 
             lat = {}
             for rule, plan in RULES.items():
@@ -104,11 +128,28 @@ def main() -> None:
                 move = ((ref - cfg_ref).flatten(1).norm(dim=1) / cfg_ref.flatten(1).norm(dim=1)).numpy()
                 rec["ref_vs_cfg_ref"] = float(move.mean())
                 results[f"{kind}/{rule}"] = rec
-                rows.append([kind, rule, rec["plan"], *(f"{rec[f'rel_err_{n}']:.4f} ({rec[f'evals_{n}']})" for n in STEPS),
-                             f"{rec['ref_vs_cfg_ref']:.4f}"])
+                rows.append(
+                    [
+                        kind,
+                        rule,
+                        rec["plan"],
+                        *(f"{rec[f'rel_err_{n}']:.4f} ({rec[f'evals_{n}']})" for n in STEPS),
+                        f"{rec['ref_vs_cfg_ref']:.4f}",
+                    ]
+                )
             SStarProbe.log = []
-            text2img(m, texts, steps=8, solver="euler", guidance=g, plan="bench_sstar_probe:zero_init_steps=0",
-                     seeds=seeds, height=64, width=64, output="tensor")
+            text2img(
+                m,
+                texts,
+                steps=8,
+                solver="euler",
+                guidance=g,
+                plan="bench_sstar_probe:zero_init_steps=0",
+                seeds=seeds,
+                height=64,
+                width=64,
+                output="tensor",
+            )
             for step, t, mean, lo, hi in SStarProbe.log:
                 probe_rows.append([kind, step, f"{t:.3f}", f"{mean:.3f}", f"{lo:.3f}", f"{hi:.3f}"])
             results[f"{kind}/sstar_8_steps"] = SStarProbe.log
@@ -119,20 +160,38 @@ def main() -> None:
                     b = np.array(results[f"{kind}/{rule}"][f"rel_err_{n}_per_sample"])
                     results[f"{kind}/{rule}/better_than_cfg_fraction_{n}"] = float((b < a).mean())
 
-    better = [[k, n, *(f"{results[f'{k}/{rule}/better_than_cfg_fraction_{n}']:.2f}" for rule in ("cfg_zero s* only", "cfg_zero s* + zero-init"))]
-              for k in GUIDANCE for n in STEPS]
-    write(OUT, "CFG-Zero* vs CFG on the tiny random-weight SD3 / Flux models (solver accuracy only)", [
-        "Random weights: these numbers say nothing about image quality or prompt alignment, only how each rule "
-        "behaves as an ODE sampler and how much it changes the sample. 8 prompts x 4 seeds, Euler, model default "
-        "flow-shifted grid.",
-        "Relative latent L2 error of the N-step sample to the same rule's 64-step sample (mean over 32 samples), "
-        "evals per image in brackets; last column: relative distance of the rule's 64-step sample to CFG's.",
-        table(["model", "rule", "plan that ran", *(f"{n} steps" for n in STEPS), "64-step sample vs CFG's"], rows),
-        "Fraction of the 32 samples where the rule's N-step sample is closer to its own 64-step sample than CFG's is to CFG's:",
-        table(["model", "steps", "cfg_zero s* only", "cfg_zero s* + zero-init"], better),
-        "s* per step (8 Euler steps, no zero-init; mean / min / max over the 32 samples):",
-        table(["model", "step", "t", "mean s*", "min", "max"], probe_rows),
-    ], {"prompts": PROMPTS, "seeds_per_prompt": SEEDS, "results": results})
+    better = [
+        [
+            k,
+            n,
+            *(
+                f"{results[f'{k}/{rule}/better_than_cfg_fraction_{n}']:.2f}"
+                for rule in ("cfg_zero s* only", "cfg_zero s* + zero-init")
+            ),
+        ]
+        for k in GUIDANCE
+        for n in STEPS
+    ]
+    write(
+        OUT,
+        "CFG-Zero* vs CFG on the tiny random-weight SD3 / Flux models (solver accuracy only)",
+        [
+            "Random weights: these numbers say nothing about image quality or prompt alignment, only how each rule "
+            "behaves as an ODE sampler and how much it changes the sample. 8 prompts x 4 seeds, Euler, model default "
+            "flow-shifted grid.",
+            "Relative latent L2 error of the N-step sample to the same rule's 64-step sample (mean over 32 samples), "
+            "evals per image in brackets; last column: relative distance of the rule's 64-step sample to CFG's.",
+            table(
+                ["model", "rule", "plan that ran", *(f"{n} steps" for n in STEPS), "64-step sample vs CFG's"],
+                rows,
+            ),
+            "Fraction of the 32 samples where the rule's N-step sample is closer to its own 64-step sample than CFG's is to CFG's:",
+            table(["model", "steps", "cfg_zero s* only", "cfg_zero s* + zero-init"], better),
+            "s* per step (8 Euler steps, no zero-init; mean / min / max over the 32 samples):",
+            table(["model", "step", "t", "mean s*", "min", "max"], probe_rows),
+        ],
+        {"prompts": PROMPTS, "seeds_per_prompt": SEEDS, "results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -40,13 +40,33 @@ def cfgpp(steps: int, lam: float) -> dict:
     return {"steps": steps, "solver": "ddim", "guidance": 1.0, "plan": f"cfgpp:scale={lam:g}"}
 
 
-HEAD = ["config", "plan that ran", "evals/img", "ShapesEval", "single", "binding", "counting", "position",
-        "FD-shapes", "paired diff vs row's CFG baseline [95% CI] (wins/losses, p)"]
+HEAD = [
+    "config",
+    "plan that ran",
+    "evals/img",
+    "ShapesEval",
+    "single",
+    "binding",
+    "counting",
+    "position",
+    "FD-shapes",
+    "paired diff vs row's CFG baseline [95% CI] (wins/losses, p)",
+]
 
 
 def rows_of(recs: dict) -> list[list]:
-    return [[r["label"], r["plan"], f3(r["evals"]), f3(r["shapes"]), *(f3(v) for v in r["by_category"].values()),
-             f3(r["fd_shapes"]), fmt_paired(r.get("paired_vs_baseline"))] for r in recs.values()]
+    return [
+        [
+            r["label"],
+            r["plan"],
+            f3(r["evals"]),
+            f3(r["shapes"]),
+            *(f3(v) for v in r["by_category"].values()),
+            f3(r["fd_shapes"]),
+            fmt_paired(r.get("paired_vs_baseline")),
+        ]
+        for r in recs.values()
+    ]
 
 
 def main() -> None:
@@ -54,10 +74,26 @@ def main() -> None:
     configs = [(f"{n} steps cfg w={w:g}", cfg(n, w)) for n in STEPS for w in WS]
     configs += [(f"{n} steps cfgpp lambda={lam:g}", cfgpp(n, lam)) for n in STEPS for lam in LAMBDAS]
     cal, _ = run_configs("cal", configs, "cfgpp")
-    best_w = {n: max(WS, key=lambda w: (cal[f"{n} steps cfg w={w:g}"]["shapes"], -cal[f"{n} steps cfg w={w:g}"]["fd_shapes"]))
-              for n in STEPS}
-    best_l = {n: max(LAMBDAS, key=lambda lam: (cal[f"{n} steps cfgpp lambda={lam:g}"]["shapes"],
-                                               -cal[f"{n} steps cfgpp lambda={lam:g}"]["fd_shapes"])) for n in STEPS}
+    best_w = {
+        n: max(
+            WS,
+            key=lambda w: (
+                cal[f"{n} steps cfg w={w:g}"]["shapes"],
+                -cal[f"{n} steps cfg w={w:g}"]["fd_shapes"],
+            ),
+        )
+        for n in STEPS
+    }
+    best_l = {
+        n: max(
+            LAMBDAS,
+            key=lambda lam: (
+                cal[f"{n} steps cfgpp lambda={lam:g}"]["shapes"],
+                -cal[f"{n} steps cfgpp lambda={lam:g}"]["fd_shapes"],
+            ),
+        )
+        for n in STEPS
+    }
 
     configs, base = [], {}
     for n in STEPS:
@@ -80,18 +116,29 @@ def main() -> None:
     sheet([(lab, o["images"][::25][:8]) for lab, o in outs.items()], OUT / "sheet.png")
 
     eq_rows = [[f"{lam:g}", *(f"{eq[(lam, n)]:.2f}" for n in STEPS)] for lam in LAMBDAS]
-    write(OUT, "CFG++ vs CFG (DDIM) on the default model", [
-        "Effective CFG scale w_eq of CFG++'s lambda on this grid (mean per-step equivalent w, last step excluded):",
-        table(["lambda", *(f"w_eq, {n} steps" for n in STEPS)], eq_rows),
-        "Calibration set (136 images); chosen: " + "; ".join(f"{n} steps: CFG w={best_w[n]:g}, CFG++ lambda={best_l[n]:g}" for n in STEPS),
-        table(HEAD, rows_of(cal)),
-        "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
-        table(HEAD, rows_of(rep)),
-        "CFG++ (chosen lambda) minus CFG at matched strength w_eq, paired: "
-        + "; ".join(f"{n} steps: {fmt_paired(p)}" for n, p in matched.items()),
-        "![sheet](sheet.png) (every 25th image; rows as the report table)",
-    ], {"w_eq": {f"{lam:g}/{n}": v for (lam, n), v in eq.items()}, "chosen": {"cfg_w": best_w, "cfgpp_lambda": best_l},
-        "calibration": cal, "report": rep, "cfgpp_minus_cfg_at_w_eq": matched})
+    write(
+        OUT,
+        "CFG++ vs CFG (DDIM) on the default model",
+        [
+            "Effective CFG scale w_eq of CFG++'s lambda on this grid (mean per-step equivalent w, last step excluded):",
+            table(["lambda", *(f"w_eq, {n} steps" for n in STEPS)], eq_rows),
+            "Calibration set (136 images); chosen: "
+            + "; ".join(f"{n} steps: CFG w={best_w[n]:g}, CFG++ lambda={best_l[n]:g}" for n in STEPS),
+            table(HEAD, rows_of(cal)),
+            "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
+            table(HEAD, rows_of(rep)),
+            "CFG++ (chosen lambda) minus CFG at matched strength w_eq, paired: "
+            + "; ".join(f"{n} steps: {fmt_paired(p)}" for n, p in matched.items()),
+            "![sheet](sheet.png) (every 25th image; rows as the report table)",
+        ],
+        {
+            "w_eq": {f"{lam:g}/{n}": v for (lam, n), v in eq.items()},
+            "chosen": {"cfg_w": best_w, "cfgpp_lambda": best_l},
+            "calibration": cal,
+            "report": rep,
+            "cfgpp_minus_cfg_at_w_eq": matched,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ def model() -> Any:
 
 @dataclass(frozen=True)
 class Job:
-    text: str          # prompt given to the model
-    spec_text: str     # prompt ShapesEval scores against (the plain caption)
+    text: str  # prompt given to the model
+    spec_text: str  # prompt ShapesEval scores against (the plain caption)
     category: str
-    prompt_id: str     # images of one prompt share it (cluster for the bootstrap)
+    prompt_id: str  # images of one prompt share it (cluster for the bootstrap)
     seed: int
 
 
@@ -91,14 +91,21 @@ def generate(js: list[Job], cfg: dict[str, Any], *, tag: str, batch: int = 34, g
         evals += float(r.evals) * len(part)
         plan, nfe = r.plan, r.nfe
     sec = (time.perf_counter() - t0) / len(js)
-    out = {"images": torch.cat(imgs), "latents": torch.cat(lats), "evals": evals / len(js), "nfe": nfe,
-           "plan": str(plan), "seconds_per_image": sec}
+    out = {
+        "images": torch.cat(imgs),
+        "latents": torch.cat(lats),
+        "evals": evals / len(js),
+        "nfe": nfe,
+        "plan": str(plan),
+        "seconds_per_image": sec,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
     return out | {"cached": False}
 
 
 # --- scoring ------------------------------------------------------------------------------------
+
 
 def shapes(images: torch.Tensor, js: list[Job]) -> dict[str, Any]:
     """ShapesEval per image against each job's spec text: overall (mean over categories), per
@@ -112,7 +119,9 @@ def shapes(images: torch.Tensor, js: list[Job]) -> dict[str, Any]:
     return {"shapes": float(np.mean(list(by_cat.values()))), "by_category": by_cat, "correct": correct}
 
 
-def paired(base: np.ndarray, new: np.ndarray, js: list[Job], reps: int = 4000, seed: int = 0) -> dict[str, Any]:
+def paired(
+    base: np.ndarray, new: np.ndarray, js: list[Job], reps: int = 4000, seed: int = 0
+) -> dict[str, Any]:
     """new - base on per-image 0/1 (or real) scores from the same seeds: mean difference, 95% CI of a
     bootstrap over prompts (images of one prompt resampled together), wins/losses and the two-sided
     sign test on the discordant pairs."""
@@ -130,8 +139,13 @@ def paired(base: np.ndarray, new: np.ndarray, js: list[Job], reps: int = 4000, s
     boots = sums[pick].sum(1) / cnts[pick].sum(1)
     wins, losses = int((d > 0).sum()), int((d < 0).sum())
     p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
-    return {"diff": float(d.mean()), "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
-            "wins": wins, "losses": losses, "sign_p": float(p)}
+    return {
+        "diff": float(d.mean()),
+        "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+        "wins": wins,
+        "losses": losses,
+        "sign_p": float(p),
+    }
 
 
 def fmt_paired(p: dict[str, Any] | None) -> str:
@@ -153,9 +167,14 @@ def image_stats(images: torch.Tensor) -> dict[str, float]:
     fg, bg = mx >= 0.35, mx < 0.2
     clipped = ((x <= 0.5 / 255) | (x >= 254.5 / 255)).double().mean()
     inten = x.mean(1)
-    return {"fg_saturation": float(sat[fg].mean()), "fg_value": float(mx[fg].mean()),
-            "fg_fraction": float(fg.double().mean()), "bg_level": float(inten[bg].mean()),
-            "clipped": float(clipped), "contrast": float(inten.flatten(1).std(1).mean())}
+    return {
+        "fg_saturation": float(sat[fg].mean()),
+        "fg_value": float(mx[fg].mean()),
+        "fg_fraction": float(fg.double().mean()),
+        "bg_level": float(inten[bg].mean()),
+        "clipped": float(clipped),
+        "contrast": float(inten.flatten(1).std(1).mean()),
+    }
 
 
 def real_renders(js: list[Job], per_prompt: int = 4) -> np.ndarray:
@@ -193,6 +212,7 @@ def vs_plain(res: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
 
 
 # --- output -------------------------------------------------------------------------------------
+
 
 def table(headers: list[str], rows: list[list[Any]], align: str = "") -> str:
     from velodiff.eval.tables import markdown_table
@@ -238,18 +258,35 @@ def write(out: Path, title: str, sections: list[str], data: dict[str, Any]) -> N
     from velodiff.files import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "/work/main/.venv/bin/python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(HERE.parent.parent)), *sys.argv[1:]])
+    cmd = "/work/main/.venv/bin/python " + " ".join(
+        [str(Path(sys.argv[0]).resolve().relative_to(HERE.parent.parent)), *sys.argv[1:]]
+    )
     import subprocess
 
-    rev = subprocess.run(["git", "-C", str(HERE), "log", "-1", "--format=%h", "--", "../../src"],
-                         capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--short", "--", "../../src"],
-                           capture_output=True, text=True).stdout.strip()
+    rev = subprocess.run(
+        ["git", "-C", str(HERE), "log", "-1", "--format=%h", "--", "../../src"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(HERE), "status", "--short", "--", "../../src"], capture_output=True, text=True
+    ).stdout.strip()
     src = f"velodiff src at commit {rev}" + (" (with uncommitted changes)" if dirty else "")
-    md = "\n\n".join([f"# {title}", f"Command (from the repository root): `{cmd}`; {src}; 1 CPU thread.",
-                       *filter(None, sections)]) + "\n"
+    md = (
+        "\n\n".join(
+            [
+                f"# {title}",
+                f"Command (from the repository root): `{cmd}`; {src}; 1 CPU thread.",
+                *filter(None, sections),
+            ]
+        )
+        + "\n"
+    )
     write_atomic(out / "results.md", md.encode())
-    write_atomic(out / "results.json", (json.dumps(jsonable({"command": cmd, "src": src, **data}), indent=1) + "\n").encode())
+    write_atomic(
+        out / "results.json",
+        (json.dumps(jsonable({"command": cmd, "src": src, **data}), indent=1) + "\n").encode(),
+    )
     print(md)
 
 
@@ -257,9 +294,17 @@ def log(*a: Any) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def run_configs(set_name: str, configs: list[tuple[str, dict[str, Any]]], tag: str, *,
-                baselines: dict[str, str] | None = None, fd: bool = True, stats: bool = False,
-                js: list[Job] | None = None, gen=None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def run_configs(
+    set_name: str,
+    configs: list[tuple[str, dict[str, Any]]],
+    tag: str,
+    *,
+    baselines: dict[str, str] | None = None,
+    fd: bool = True,
+    stats: bool = False,
+    js: list[Job] | None = None,
+    gen=None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Generate and score every (label, text2img keywords) on one set; a label's baseline (another
     label, run earlier in the list) gives the paired ShapesEval difference and the distances to it.
     Returns (records by label, outputs by label)."""
@@ -270,8 +315,15 @@ def run_configs(set_name: str, configs: list[tuple[str, dict[str, Any]]], tag: s
     for label, cfg in configs:
         res = generate(js, cfg, tag=f"{tag}-{set_name}", gen=gen)
         sc = shapes(res["images"], js)
-        rec = {"label": label, "config": cfg, "plan": res["plan"], "evals": res["evals"], "nfe": res["nfe"],
-               "seconds_per_image": res["seconds_per_image"], **sc}
+        rec = {
+            "label": label,
+            "config": cfg,
+            "plan": res["plan"],
+            "evals": res["evals"],
+            "nfe": res["nfe"],
+            "seconds_per_image": res["seconds_per_image"],
+            **sc,
+        }
         if fd:
             rec["fd_shapes"] = fd_shapes(res["images"], js)
         if stats:
@@ -282,6 +334,8 @@ def run_configs(set_name: str, configs: list[tuple[str, dict[str, Any]]], tag: s
             rec["paired_vs_baseline"] = paired(recs[b]["correct"], sc["correct"], js)
             rec.update(vs_plain(res, outs[b]))
         recs[label], outs[label] = rec, res
-        log(f"[{tag}/{set_name}] {label:40s} shapes {sc['shapes']:.3f} evals {res['evals']:.1f}"
-            f"{' fd %.2f' % rec['fd_shapes'] if fd else ''} {'(cached)' if res['cached'] else '%.3fs/img' % res['seconds_per_image']}")
+        log(
+            f"[{tag}/{set_name}] {label:40s} shapes {sc['shapes']:.3f} evals {res['evals']:.1f}"
+            f"{' fd %.2f' % rec['fd_shapes'] if fd else ''} {'(cached)' if res['cached'] else '%.3fs/img' % res['seconds_per_image']}"
+        )
     return recs, outs

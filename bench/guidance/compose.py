@@ -16,8 +16,7 @@ detected. DPM-Solver++(2M), 20 steps. Run: .venv/bin/python bench/guidance/compo
 
 from __future__ import annotations
 
-import numpy as np
-from common import HERE, Job, f3, fmt_paired, paired, run_configs, sheet, shapes, table, write
+from common import HERE, Job, f3, fmt_paired, paired, run_configs, shapes, sheet, table, write
 
 OUT = HERE / "compose"
 BASE = {"steps": 20, "solver": "dpmpp_2m"}
@@ -42,8 +41,13 @@ def make_jobs(set_name: str, how: str) -> list[Job]:
     js = []
     for pset, k, seed in parts:
         for j, (a, b, cat) in enumerate(x for x in pairs(pset) for _ in range(k)):
-            text = {"plain": f"{a} and {b}", "compose": f"{a} AND {b}", "only_a": a,
-                    "neg1": f"{a} and {b} AND {b} :-1", "neg05": f"{a} and {b} AND {b} :-0.5"}[how]
+            text = {
+                "plain": f"{a} and {b}",
+                "compose": f"{a} AND {b}",
+                "only_a": a,
+                "neg1": f"{a} and {b} AND {b} :-1",
+                "neg05": f"{a} and {b} AND {b} :-0.5",
+            }[how]
             js.append(Job(text, f"{a} and {b}", cat, f"{pset}/{a}/{b}", seed + j))
     return js
 
@@ -53,6 +57,7 @@ def with_negative(js: list[Job]):  # noqa: ANN201
 
     def gen(texts, seeds, negative_of=None, **kw):  # noqa: ANN001
         from common import model
+
         from velodiff.pipelines import text2img
 
         return text2img(model(), texts, seeds=seeds, negative=[neg[t] for t in texts], output="tensor", **kw)
@@ -60,13 +65,33 @@ def with_negative(js: list[Job]):  # noqa: ANN201
     return gen
 
 
-HEAD = ["config", "prompt (first pair)", "plan that ran", "evals/img", "ShapesEval (both objects)", "binding pairs", "position pairs",
-        "FD-shapes", "paired diff vs baseline [95% CI] (wins/losses, p)"]
+HEAD = [
+    "config",
+    "prompt (first pair)",
+    "plan that ran",
+    "evals/img",
+    "ShapesEval (both objects)",
+    "binding pairs",
+    "position pairs",
+    "FD-shapes",
+    "paired diff vs baseline [95% CI] (wins/losses, p)",
+]
 
 
 def rows_of(recs: dict) -> list[list]:
-    return [[r["label"], r["form"], r["plan"], f3(r["evals"]), f3(r["shapes"]), *(f3(v) for v in r["by_category"].values()),
-             f3(r["fd_shapes"]), fmt_paired(r.get("paired_vs_baseline"))] for r in recs.values()]
+    return [
+        [
+            r["label"],
+            r["form"],
+            r["plan"],
+            f3(r["evals"]),
+            f3(r["shapes"]),
+            *(f3(v) for v in r["by_category"].values()),
+            f3(r["fd_shapes"]),
+            fmt_paired(r.get("paired_vs_baseline")),
+        ]
+        for r in recs.values()
+    ]
 
 
 def run_forms(set_name: str, items: list[tuple[str, str, float]], **kw) -> tuple[dict, dict]:
@@ -74,7 +99,9 @@ def run_forms(set_name: str, items: list[tuple[str, str, float]], **kw) -> tuple
     for label, how, w in items:
         js = make_jobs(set_name, how)
         plan = "compose" if " AND " in js[0].text else "none"
-        r, o = run_configs(set_name, [(label, {**BASE, "guidance": w, "plan": plan})], f"compose-{how}", js=js, **kw)
+        r, o = run_configs(
+            set_name, [(label, {**BASE, "guidance": w, "plan": plan})], f"compose-{how}", js=js, **kw
+        )
         r[label]["form"] = js[0].text
         recs |= r
         outs |= o
@@ -86,14 +113,16 @@ def best(recs: dict, labels: list[str]) -> str:
 
 
 def main() -> None:
-    items = [(f"plain w={w:g}", "plain", w) for w in W_PLAIN] + [(f"compose w={w:g}", "compose", w) for w in W_COMPOSE]
+    items = [(f"plain w={w:g}", "plain", w) for w in W_PLAIN] + [
+        (f"compose w={w:g}", "compose", w) for w in W_COMPOSE
+    ]
     cal, _ = run_forms("cal", items)
     bp = best(cal, [f"plain w={w:g}" for w in W_PLAIN])
     bc = best(cal, [f"compose w={w:g}" for w in W_COMPOSE])
     wp, wc = cal[bp]["config"]["guidance"], cal[bc]["config"]["guidance"]
 
     items = [(f"plain w={wp:g} (chosen)", "plain", wp), (f"compose w={wc:g} (chosen)", "compose", wc)]
-    items += [(f"plain w=2.5", "plain", 2.5)] * (wp != 2.5) + [(f"compose w=2.5", "compose", 2.5)] * (wc != 2.5)
+    items += [("plain w=2.5", "plain", 2.5)] * (wp != 2.5) + [("compose w=2.5", "compose", 2.5)] * (wc != 2.5)
     rep, outs = run_forms("report", items)
     js = make_jobs("report", "plain")
     labels = list(rep)
@@ -106,9 +135,13 @@ def main() -> None:
         same_w = paired(rep[pl]["correct"], rep[co]["correct"], js)
 
     # negation
-    neg_items = [("plain 'A and B'", "plain", None), ("plain 'A'", "only_a", None),
-                 ("compose 'A and B AND B :-1'", "neg1", None), ("compose 'A and B AND B :-0.5'", "neg05", None),
-                 ("'A and B', negative prompt 'B'", "plain", "negative")]
+    neg_items = [
+        ("plain 'A and B'", "plain", None),
+        ("plain 'A'", "only_a", None),
+        ("compose 'A and B AND B :-1'", "neg1", None),
+        ("compose 'A and B AND B :-0.5'", "neg05", None),
+        ("'A and B', negative prompt 'B'", "plain", "negative"),
+    ]
     neg_rows, neg_data, neg_outs = [], {}, {}
     for label, how, special in neg_items:
         njs = make_jobs("report", how)
@@ -117,27 +150,69 @@ def main() -> None:
         from common import generate
 
         res = generate(njs, cfg, tag=f"compose-{how}-report", gen=with_negative(njs) if special else None)
-        a_ok = shapes(res["images"], [Job(j.text, j.spec_text.split(" and ")[0], j.category, j.prompt_id, j.seed) for j in njs])["correct"]
-        b_ok = shapes(res["images"], [Job(j.text, j.spec_text.split(" and ", 1)[1], j.category, j.prompt_id, j.seed) for j in njs])["correct"]
-        d = {"A present": float(a_ok.mean()), "B present": float(b_ok.mean()), "A and not B": float((a_ok & ~b_ok).mean()),
-             "evals": res["evals"], "plan": res["plan"]}
+        a_ok = shapes(
+            res["images"],
+            [Job(j.text, j.spec_text.split(" and ")[0], j.category, j.prompt_id, j.seed) for j in njs],
+        )["correct"]
+        b_ok = shapes(
+            res["images"],
+            [Job(j.text, j.spec_text.split(" and ", 1)[1], j.category, j.prompt_id, j.seed) for j in njs],
+        )["correct"]
+        d = {
+            "A present": float(a_ok.mean()),
+            "B present": float(b_ok.mean()),
+            "A and not B": float((a_ok & ~b_ok).mean()),
+            "evals": res["evals"],
+            "plan": res["plan"],
+        }
         neg_data[label], neg_outs[label] = d, res
-        neg_rows.append([label, njs[0].text, d["plan"], f3(d["evals"]), f3(d["A present"]), f3(d["B present"]), f3(d["A and not B"])])
+        neg_rows.append(
+            [
+                label,
+                njs[0].text,
+                d["plan"],
+                f3(d["evals"]),
+                f3(d["A present"]),
+                f3(d["B present"]),
+                f3(d["A and not B"]),
+            ]
+        )
     sheet([(lab, o["images"][::13][:8]) for lab, o in (outs | neg_outs).items()], OUT / "sheet.png")
 
-    write(OUT, "Composable Diffusion ('A AND B') vs one conjunction prompt on the default model", [
-        f"Calibration set (68 two-object prompts x 1 image); chosen: plain w={wp:g}, compose w={wc:g}.",
-        table(HEAD, rows_of(cal)),
-        "Report set (the 50 two-object v1 prompts x 2 images, seeds 0-99), same seeds for every row; "
-        "paired diff: compose (chosen) minus plain (chosen):",
-        table(HEAD, rows_of(rep)),
-        f"Compose minus plain at the same w = 2.5: {fmt_paired(same_w)}" if same_w else "",
-        "Negation (report set, w = 2.5, no tuning; the example prompt is the first pair): fraction of images "
-        "with object A detected, with object B detected, and with A but no B.",
-        table(["config", "prompt (first pair)", "plan that ran", "evals/img", "A present", "B present", "A and not B"], neg_rows),
-        "![sheet](sheet.png) (every 13th image; rows: the report table, then the negation table)",
-    ], {"chosen": {"plain_w": wp, "compose_w": wc}, "calibration": cal, "report": rep,
-        "compose_minus_plain_same_w": same_w, "negation": neg_data})
+    write(
+        OUT,
+        "Composable Diffusion ('A AND B') vs one conjunction prompt on the default model",
+        [
+            f"Calibration set (68 two-object prompts x 1 image); chosen: plain w={wp:g}, compose w={wc:g}.",
+            table(HEAD, rows_of(cal)),
+            "Report set (the 50 two-object v1 prompts x 2 images, seeds 0-99), same seeds for every row; "
+            "paired diff: compose (chosen) minus plain (chosen):",
+            table(HEAD, rows_of(rep)),
+            f"Compose minus plain at the same w = 2.5: {fmt_paired(same_w)}" if same_w else "",
+            "Negation (report set, w = 2.5, no tuning; the example prompt is the first pair): fraction of images "
+            "with object A detected, with object B detected, and with A but no B.",
+            table(
+                [
+                    "config",
+                    "prompt (first pair)",
+                    "plan that ran",
+                    "evals/img",
+                    "A present",
+                    "B present",
+                    "A and not B",
+                ],
+                neg_rows,
+            ),
+            "![sheet](sheet.png) (every 13th image; rows: the report table, then the negation table)",
+        ],
+        {
+            "chosen": {"plain_w": wp, "compose_w": wc},
+            "calibration": cal,
+            "report": rep,
+            "compose_minus_plain_same_w": same_w,
+            "negation": neg_data,
+        },
+    )
 
 
 if __name__ == "__main__":

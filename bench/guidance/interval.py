@@ -16,15 +16,23 @@ from __future__ import annotations
 
 import math
 
-from common import HERE, f3, fmt_paired, model, paired, jobs, run_configs, sheet, table, write
+from common import HERE, f3, fmt_paired, jobs, model, paired, run_configs, sheet, table, write
 
 OUT = HERE / "interval"
 BASE = {"steps": 20, "solver": "dpmpp_2m"}
-INTERVALS = {"(0.28, 5.42] (paper)": (0.28, 5.42), "(0, 5.42]": (0.0, 5.42), "(0.28, inf)": (0.28, math.inf),
-             "(0.5, 3]": (0.5, 3.0)}
+INTERVALS = {
+    "(0.28, 5.42] (paper)": (0.28, 5.42),
+    "(0, 5.42]": (0.0, 5.42),
+    "(0.28, inf)": (0.28, math.inf),
+    "(0.5, 3]": (0.5, 3.0),
+}
 W_FULL = [1.5, 2.5, 4.0]
-W_INT = {"(0.28, 5.42] (paper)": [2.5, 4.0, 6.0], "(0, 5.42]": [2.5, 4.0], "(0.28, inf)": [2.5, 4.0],
-         "(0.5, 3]": [2.5, 4.0]}
+W_INT = {
+    "(0.28, 5.42] (paper)": [2.5, 4.0, 6.0],
+    "(0, 5.42]": [2.5, 4.0],
+    "(0.28, inf)": [2.5, 4.0],
+    "(0.5, 3]": [2.5, 4.0],
+}
 
 
 def t_of(rho: float) -> float:
@@ -45,18 +53,40 @@ def plan(name: str) -> str:
     return "cfg:" + ",".join(parts)
 
 
-HEAD = ["config", "plan that ran", "evals/img", "ShapesEval", "single", "binding", "counting", "position",
-        "FD-shapes", "paired diff vs full CFG (chosen w) [95% CI] (wins/losses, p)"]
+HEAD = [
+    "config",
+    "plan that ran",
+    "evals/img",
+    "ShapesEval",
+    "single",
+    "binding",
+    "counting",
+    "position",
+    "FD-shapes",
+    "paired diff vs full CFG (chosen w) [95% CI] (wins/losses, p)",
+]
 
 
 def rows_of(recs: dict) -> list[list]:
-    return [[r["label"], r["plan"], f3(r["evals"]), f3(r["shapes"]), *(f3(v) for v in r["by_category"].values()),
-             f3(r["fd_shapes"]), fmt_paired(r.get("paired_vs_baseline"))] for r in recs.values()]
+    return [
+        [
+            r["label"],
+            r["plan"],
+            f3(r["evals"]),
+            f3(r["shapes"]),
+            *(f3(v) for v in r["by_category"].values()),
+            f3(r["fd_shapes"]),
+            fmt_paired(r.get("paired_vs_baseline")),
+        ]
+        for r in recs.values()
+    ]
 
 
 def main() -> None:
     configs = [(f"full w={w:g}", {**BASE, "guidance": w, "plan": "none"}) for w in W_FULL]
-    configs += [(f"{n} w={w:g}", {**BASE, "guidance": w, "plan": plan(n)}) for n in INTERVALS for w in W_INT[n]]
+    configs += [
+        (f"{n} w={w:g}", {**BASE, "guidance": w, "plan": plan(n)}) for n in INTERVALS for w in W_INT[n]
+    ]
     cal, _ = run_configs("cal", configs, "interval")
 
     def pick(labels: list[str]) -> str:
@@ -68,7 +98,9 @@ def main() -> None:
     if cal[bf]["config"]["guidance"] != 2.5:
         configs.append(("full w=2.5", {**BASE, "guidance": 2.5, "plan": "none"}))
     configs += [(lab + " (chosen)", cal[lab]["config"]) for lab in chosen.values()]
-    rep, outs = run_configs("report", configs, "interval", baselines={lab: configs[0][0] for lab, _ in configs[1:]})
+    rep, outs = run_configs(
+        "report", configs, "interval", baselines={lab: configs[0][0] for lab, _ in configs[1:]}
+    )
     same_w = {}
     if "full w=2.5" in rep:
         for lab in rep:
@@ -76,19 +108,33 @@ def main() -> None:
                 same_w[lab] = paired(rep["full w=2.5"]["correct"], rep[lab]["correct"], jobs("report"))
     sheet([(lab, o["images"][::25][:8]) for lab, o in outs.items()], OUT / "sheet.png")
 
-    write(OUT, "CFG in a limited interval vs CFG on every step, on the default model", [
-        "Intervals in sigma/alpha and the t they map to: "
-        + "; ".join(f"{n}: `{plan(n)}`" for n in INTERVALS),
-        f"Calibration set (136 images); chosen: full CFG {bf}; " + "; ".join(chosen.values()),
-        table(HEAD, rows_of(cal)),
-        "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
-        table(HEAD, rows_of(rep)),
-        ("Each interval (at its chosen w) minus full CFG at w = 2.5 (the model's usual scale, and the better full-CFG row "
-         "on this set), paired: " + "; ".join(f"{k}: {fmt_paired(v)}" for k, v in same_w.items()))
-        if same_w else "",
-        "![sheet](sheet.png) (every 25th image; rows as the report table)",
-    ], {"intervals_rho": {k: list(v) for k, v in INTERVALS.items()}, "plans": {n: plan(n) for n in INTERVALS},
-        "chosen": {"full": bf, **chosen}, "calibration": cal, "report": rep, "same_w_2.5": same_w})
+    write(
+        OUT,
+        "CFG in a limited interval vs CFG on every step, on the default model",
+        [
+            "Intervals in sigma/alpha and the t they map to: "
+            + "; ".join(f"{n}: `{plan(n)}`" for n in INTERVALS),
+            f"Calibration set (136 images); chosen: full CFG {bf}; " + "; ".join(chosen.values()),
+            table(HEAD, rows_of(cal)),
+            "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
+            table(HEAD, rows_of(rep)),
+            (
+                "Each interval (at its chosen w) minus full CFG at w = 2.5 (the model's usual scale, and the better full-CFG row "
+                "on this set), paired: " + "; ".join(f"{k}: {fmt_paired(v)}" for k, v in same_w.items())
+            )
+            if same_w
+            else "",
+            "![sheet](sheet.png) (every 25th image; rows as the report table)",
+        ],
+        {
+            "intervals_rho": {k: list(v) for k, v in INTERVALS.items()},
+            "plans": {n: plan(n) for n in INTERVALS},
+            "chosen": {"full": bf, **chosen},
+            "calibration": cal,
+            "report": rep,
+            "same_w_2.5": same_w,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -23,24 +23,51 @@ def la(e: int, w: int) -> str:
     return f"linear_ag:every={e},warmup={w}"
 
 
-HEAD = ["config", "evals/img", "ShapesEval", "single", "binding", "counting", "position", "FD-shapes",
-        "PSNR vs CFG-20 (dB)", "SSIM vs CFG-20", "latent MSE vs CFG-20", "paired diff vs CFG-20 [95% CI] (wins/losses, p)"]
+HEAD = [
+    "config",
+    "evals/img",
+    "ShapesEval",
+    "single",
+    "binding",
+    "counting",
+    "position",
+    "FD-shapes",
+    "PSNR vs CFG-20 (dB)",
+    "SSIM vs CFG-20",
+    "latent MSE vs CFG-20",
+    "paired diff vs CFG-20 [95% CI] (wins/losses, p)",
+]
 
 
 def rows_of(recs: dict) -> list[list]:
-    return [[r["label"], f3(r["evals"]), f3(r["shapes"]), *(f3(v) for v in r["by_category"].values()),
-             f3(r["fd_shapes"]), f3(r.get("psnr_vs_plain")), f3(r.get("ssim_vs_plain")),
-             f"{r['latent_mse_vs_plain']:.4f}" if "latent_mse_vs_plain" in r else "-",
-             fmt_paired(r.get("paired_vs_baseline"))] for r in recs.values()]
+    return [
+        [
+            r["label"],
+            f3(r["evals"]),
+            f3(r["shapes"]),
+            *(f3(v) for v in r["by_category"].values()),
+            f3(r["fd_shapes"]),
+            f3(r.get("psnr_vs_plain")),
+            f3(r.get("ssim_vs_plain")),
+            f"{r['latent_mse_vs_plain']:.4f}" if "latent_mse_vs_plain" in r else "-",
+            fmt_paired(r.get("paired_vs_baseline")),
+        ]
+        for r in recs.values()
+    ]
 
 
 def main() -> None:
     base_cfg = {"steps": 20, "solver": "dpmpp_2m", "guidance": G}
     configs = [("dpmpp_2m cfg", {**base_cfg, "plan": "none"})]
     configs += [(f"dpmpp_2m {la(e, w)}", {**base_cfg, "plan": la(e, w)}) for e, w in GRID]
-    cal, _ = run_configs("cal", configs, "linear_ag", baselines={lab: "dpmpp_2m cfg" for lab, _ in configs[1:]})
-    ok = [(cal[f"dpmpp_2m {la(e, w)}"]["evals"], -cal[f"dpmpp_2m {la(e, w)}"]["psnr_vs_plain"], (e, w)) for e, w in GRID
-          if cal[f"dpmpp_2m {la(e, w)}"]["shapes"] >= cal["dpmpp_2m cfg"]["shapes"] - 0.02]
+    cal, _ = run_configs(
+        "cal", configs, "linear_ag", baselines={lab: "dpmpp_2m cfg" for lab, _ in configs[1:]}
+    )
+    ok = [
+        (cal[f"dpmpp_2m {la(e, w)}"]["evals"], -cal[f"dpmpp_2m {la(e, w)}"]["psnr_vs_plain"], (e, w))
+        for e, w in GRID
+        if cal[f"dpmpp_2m {la(e, w)}"]["shapes"] >= cal["dpmpp_2m cfg"]["shapes"] - 0.02
+    ]
     chosen = min(ok)[2] if ok else (2, 3)
     ctrl_steps = round(cal[f"dpmpp_2m {la(*chosen)}"]["evals"] / 2)
 
@@ -59,14 +86,24 @@ def main() -> None:
     rep, outs = run_configs("report", configs, "linear_ag", baselines=base)
     sheet([(lab, o["images"][::25][:8]) for lab, o in outs.items()], OUT / "sheet.png")
 
-    write(OUT, f"LinearAG vs CFG (guidance {G:g}, 20 steps) on the default model", [
-        f"Calibration set (136 images, DPM-Solver++(2M)); chosen: every={chosen[0]}, warmup={chosen[1]} "
-        f"(fewest evals with ShapesEval within 0.02 of CFG); control: CFG at {ctrl_steps} steps.",
-        table(HEAD, rows_of(cal)),
-        "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
-        table(HEAD, rows_of(rep)),
-        "![sheet](sheet.png) (every 25th image; rows as the report table)",
-    ], {"chosen": {"every": chosen[0], "warmup": chosen[1]}, "control_steps": ctrl_steps, "calibration": cal, "report": rep})
+    write(
+        OUT,
+        f"LinearAG vs CFG (guidance {G:g}, 20 steps) on the default model",
+        [
+            f"Calibration set (136 images, DPM-Solver++(2M)); chosen: every={chosen[0]}, warmup={chosen[1]} "
+            f"(fewest evals with ShapesEval within 0.02 of CFG); control: CFG at {ctrl_steps} steps.",
+            table(HEAD, rows_of(cal)),
+            "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
+            table(HEAD, rows_of(rep)),
+            "![sheet](sheet.png) (every 25th image; rows as the report table)",
+        ],
+        {
+            "chosen": {"every": chosen[0], "warmup": chosen[1]},
+            "control_steps": ctrl_steps,
+            "calibration": cal,
+            "report": rep,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,34 @@ def rows_of(recs: dict) -> list[list]:
     out = []
     for r in recs.values():
         bc = r["by_category"]
-        out.append([r["label"], r["plan"], f3(r["evals"]), f3(r["shapes"]), *(f3(bc[c]) for c in bc),
-                    f3(r.get("fd_shapes")), fmt_paired(r.get("paired_vs_baseline")),
-                    f3(r.get("psnr_vs_plain"))])
+        out.append(
+            [
+                r["label"],
+                r["plan"],
+                f3(r["evals"]),
+                f3(r["shapes"]),
+                *(f3(bc[c]) for c in bc),
+                f3(r.get("fd_shapes")),
+                fmt_paired(r.get("paired_vs_baseline")),
+                f3(r.get("psnr_vs_plain")),
+            ]
+        )
     return out
 
 
-HEAD = ["config", "plan that ran", "evals/img", "ShapesEval", "single", "binding", "counting", "position",
-        "FD-shapes", "paired diff vs plain [95% CI] (wins/losses, sign p)", "PSNR vs plain"]
+HEAD = [
+    "config",
+    "plan that ran",
+    "evals/img",
+    "ShapesEval",
+    "single",
+    "binding",
+    "counting",
+    "position",
+    "FD-shapes",
+    "paired diff vs plain [95% CI] (wins/losses, sign p)",
+    "PSNR vs plain",
+]
 
 
 def main() -> None:
@@ -50,8 +70,14 @@ def main() -> None:
     chosen = {}
     for g in GUIDANCE:
         for layers in LAYERS:
-            cands = [(cal[f"g{g:g} pag s={s:g} {layers}"]["shapes"], -cal[f"g{g:g} pag s={s:g} {layers}"]["fd_shapes"], s)
-                     for s in SCALES[layers]]
+            cands = [
+                (
+                    cal[f"g{g:g} pag s={s:g} {layers}"]["shapes"],
+                    -cal[f"g{g:g} pag s={s:g} {layers}"]["fd_shapes"],
+                    s,
+                )
+                for s in SCALES[layers]
+            ]
             chosen[(g, layers)] = max(cands)[2]
 
     # report
@@ -66,14 +92,19 @@ def main() -> None:
     rep, outs = run_configs("report", configs, "pag", baselines=base)
     sheet([(lab, o["images"][::25][:8]) for lab, o in outs.items()], OUT / "sheet.png")
 
-    write(OUT, "PAG (Perturbed-Attention Guidance) on the default model", [
-        "Calibration set (v1 x1 from seed 1000 + v1-holdout x1 from seed 1100, 136 images); chosen scales: "
-        + ", ".join(f"guidance {g:g} / {lay}: s={s:g}" for (g, lay), s in chosen.items()),
-        table(HEAD, rows_of(cal)),
-        "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
-        table(HEAD, rows_of(rep)),
-        "![sheet](sheet.png) (one image per prompt group, every 25th image; rows as the report table)",
-    ], {"chosen": {f"{g:g}/{lay}": s for (g, lay), s in chosen.items()}, "calibration": cal, "report": rep})
+    write(
+        OUT,
+        "PAG (Perturbed-Attention Guidance) on the default model",
+        [
+            "Calibration set (v1 x1 from seed 1000 + v1-holdout x1 from seed 1100, 136 images); chosen scales: "
+            + ", ".join(f"guidance {g:g} / {lay}: s={s:g}" for (g, lay), s in chosen.items()),
+            table(HEAD, rows_of(cal)),
+            "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
+            table(HEAD, rows_of(rep)),
+            "![sheet](sheet.png) (one image per prompt group, every 25th image; rows as the report table)",
+        ],
+        {"chosen": {f"{g:g}/{lay}": s for (g, lay), s in chosen.items()}, "calibration": cal, "report": rep},
+    )
 
 
 if __name__ == "__main__":

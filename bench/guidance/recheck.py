@@ -8,11 +8,27 @@ import torch
 from common import CACHE, generate, jobs, key_of
 
 CHECKS = [
-    ("pag", "cal", {"steps": 20, "solver": "dpmpp_2m", "guidance": 1.0, "plan": "pag:scale=3,applied_layers=mid|up"}),
-    ("pag", "cal", {"steps": 20, "solver": "dpmpp_2m", "guidance": 1.5, "plan": "pag:scale=3,applied_layers=mid"}),
+    (
+        "pag",
+        "cal",
+        {"steps": 20, "solver": "dpmpp_2m", "guidance": 1.0, "plan": "pag:scale=3,applied_layers=mid|up"},
+    ),
+    (
+        "pag",
+        "cal",
+        {"steps": 20, "solver": "dpmpp_2m", "guidance": 1.5, "plan": "pag:scale=3,applied_layers=mid"},
+    ),
     ("pag", "report", {"steps": 20, "solver": "dpmpp_2m", "guidance": 1.5, "plan": "none"}),
-    ("apg", "report", {"steps": 20, "solver": "dpmpp_2m", "guidance": 8.0, "plan": "apg:eta=0,norm_threshold=1.7"}),
-    ("linear_ag", "report", {"steps": 20, "solver": "dpmpp_2m", "guidance": 2.5, "plan": "linear_ag:every=3,warmup=2"}),
+    (
+        "apg",
+        "report",
+        {"steps": 20, "solver": "dpmpp_2m", "guidance": 8.0, "plan": "apg:eta=0,norm_threshold=1.7"},
+    ),
+    (
+        "linear_ag",
+        "report",
+        {"steps": 20, "solver": "dpmpp_2m", "guidance": 2.5, "plan": "linear_ag:every=3,warmup=2"},
+    ),
 ]
 
 
