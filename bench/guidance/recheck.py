@@ -4,6 +4,8 @@ Run: .venv/bin/python bench/guidance/recheck.py"""
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 from common import CACHE, generate, jobs, key_of
 
@@ -33,6 +35,7 @@ CHECKS = [
 
 
 def main() -> None:
+    shutil.rmtree(CACHE / "recheck", ignore_errors=True)  # always generate anew
     for tag, set_name, cfg in CHECKS:
         js = jobs(set_name)
         old = torch.load(CACHE / f"{tag}-{set_name}" / f"{key_of(cfg, js)}.pt", weights_only=True)
