@@ -234,6 +234,20 @@ def test_compose_sums_the_parts_terms(model):
         u = model.denoiser(x, t, cond.uncond)
     want = u + 3.0 * (c0 - u) + 3.0 * 0.5 * (c1 - u)  # Liu et al. 2022, Eq. 10
     assert torch.allclose(r.x0, want, atol=1e-4)
+    # at w = 1 there is no CFG rule; the sum still needs (and evaluates) the unconditional branch
+    r1 = denoise_once(model.denoiser, x, 0.5, cond, "compose", context={**ctx, "guidance": 1.0})
+    assert r1.cost == Cost(1, 3)
+    assert torch.allclose(r1.x0, u + (c0 - u) + 0.5 * (c1 - u), atol=1e-4)
+
+
+def test_compose_stacks_with_per_image_adaptive_guidance(model):
+    from velodiff.pipelines import text2img
+
+    prompts = ["a red circle AND a blue square", "two green crosses AND a yellow triangle"]
+    r = text2img(model, prompts, steps=6, seeds=[1, 2], plan="ag:threshold=0.99+compose", output="latent")
+    assert r.plan == "ag:threshold=0.99+compose" and torch.isfinite(r.latents).all()
+    with pytest.warns(UserWarning, match="add the plan rule compose"):
+        text2img(model, prompts[0], steps=2, output="latent")
 
 
 # --- through the pipelines and the CLI ---------------------------------------------------------------

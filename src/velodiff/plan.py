@@ -74,8 +74,8 @@ class EvalRequest:
             raise VelodiffError(f"no conditioning for branch {name!r}; the run has {sorted(conds)}")
         branches = self.branches if name in self.branches else (*self.branches, name)
         subsets = dict(self.subsets)
-        if rows is not None:
-            subsets[name] = rows
+        if rows is not None and not (name in self.branches and name not in self.subsets):
+            subsets[name] = rows  # (a branch already asked for every row keeps them all)
         return replace(self, conds=conds, branches=branches, subsets=subsets)
 
     def size(self, name: str) -> int:
@@ -158,6 +158,8 @@ class Accelerator:
     claims: ClassVar[tuple[str, ...]] = ()
     cost: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    #: branches the rule reads without owning them (the pipelines then provide their conditioning)
+    uses: ClassVar[tuple[str, ...]] = ()
     #: True when the rule differentiates through the network (sampling runs with gradients)
     needs_grad: ClassVar[bool] = False
 
@@ -336,6 +338,10 @@ class Plan:
 
     def claims(self, branch: str) -> bool:
         return any(branch in r.claims for r in self.rules)
+
+    def needs(self, branch: str) -> bool:
+        """Whether a rule owns or reads ``branch`` (the pipelines encode the unconditional prompt then)."""
+        return any(branch in r.claims or branch in r.uses for r in self.rules)
 
     @property
     def needs_grad(self) -> bool:

@@ -57,6 +57,8 @@ class AdaptiveGuidance(UncondCombiner):
         r = inner(req.with_branch("uncond", rows=rows))
         c, u = r.parts["cond"], r.parts["uncond"]
         c_g = c if rows is None else c[rows.to(c.device)]
+        if rows is not None and len(u) != len(rows):  # a rule above asked for every row's uncond
+            u = u[rows.to(u.device)]
         x0_g = u + self.w * (c_g - u)
         agree = cosine(c_g, u).cpu() > self.threshold
         if rows is None:

@@ -7,9 +7,10 @@ Diffusion Models', Eq. 10 and 12): a prompt of parts joined by ``AND``, each wit
     x0 = x0_u + w * sum_k weight_k (x0_k - x0_u)                  (weight 1 when not given)
 
 Part 0 is the ``cond`` branch; parts 1.. are branches ``part1``, ``part2``, ... encoded by the model's
-text encoder at the start of the run and evaluated in the same batched call. On top of the CFG-family
-rule that forms x0_u + w (x0_0 - x0_u), this rule adds the other parts' terms; where no unconditional
-branch was evaluated (guidance off at that step) the terms are taken against part 0.
+text encoder at the start of the run and evaluated in the same batched call, with the unconditional
+branch, which the sum needs at every step (also at w = 1, where there is no CFG rule). On top of what
+the CFG-family rule made of part 0 (x0_u + w (x0_0 - x0_u); x0_0 where it is off), this rule adds part
+0's own weight and the other parts' terms.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ComposableGuidance(GuidanceRule):
     name = "compose"
     layer = TERM
     claims = ("parts",)
+    uses = ("uncond",)
     summary = "composable diffusion (Liu et al. 2022): prompts 'a AND b :w' combined (negative w: negation)"
     cost = "+1 eval per step per extra AND part (same batched call)"
     options = {
@@ -49,6 +51,10 @@ class ComposableGuidance(GuidanceRule):
     }
 
     def check(self, run: RunInfo) -> None:
+        if "uncond" not in run.conds:
+            raise VelodiffError(
+                "plan rule 'compose' needs an unconditional branch: pass cond=GuidedCond(cond, uncond)"
+            )
         if run.encode is None or not run.prompts:
             raise VelodiffError(
                 "plan rule 'compose' needs prompts and the model's text encoder (use a pipeline)"
@@ -69,22 +75,18 @@ class ComposableGuidance(GuidanceRule):
         self.conds = {f"part{k}": run.encode([parts[k][0] for parts in split]) for k in range(len(split[0]))}
 
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
-        if not self.in_range(req.step):
-            return inner(req.with_branch("cond", self.conds["part0"]))
         req = req.with_branch("cond", self.conds["part0"])
+        if not self.in_range(req.step):
+            return inner(req)
         for k in range(1, len(self.weights)):
             req = req.with_branch(f"part{k}", self.conds[f"part{k}"])
-        r = inner(req)
-        c0 = r.parts["cond"]
-        base = r.parts.get("uncond")
-        base = c0 if base is None else base
+        r = inner(req.with_branch("uncond"))
+        c0, u = r.parts["cond"], r.parts["uncond"]
         shape = (-1, *([1] * (c0.ndim - 1)))
-        x0 = r.x0
         w0 = c0.new_tensor(self.weights[0]).reshape(shape)
-        if "uncond" in r.parts:
-            x0 = x0 + self.w * (w0 - 1) * (c0 - base)  # part 0's own weight beyond the combiner's 1
+        x0 = r.x0 + self.w * (w0 - 1) * (c0 - u)  # part 0's own weight beyond the CFG rule's 1
         for k in range(1, len(self.weights)):
             wk = c0.new_tensor(self.weights[k]).reshape(shape)
-            x0 = x0 + self.w * wk * (r.parts[f"part{k}"] - base)
+            x0 = x0 + self.w * wk * (r.parts[f"part{k}"] - u)
         r.x0 = x0
         return r

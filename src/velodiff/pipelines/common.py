@@ -239,6 +239,12 @@ def run(
     encode: Callable[[list[str]], Cond] | None = None,
 ) -> Any:
     """Sample from x at ts[0] (the setup's grid unless ``ts``) under the setup's plan."""
+    if setup.plan.find("compose") is None and any(" AND " in p for p in prompts):
+        warnings.warn(
+            "the prompt joins parts with AND, which the text encoder reads as 'and'; "
+            "add the plan rule compose (--plan compose) to combine them as composable prompts",
+            stacklevel=3,
+        )
     ts = setup.ts if ts is None else ts
     noise = None
     if setup.solver.noise != "none":

@@ -103,7 +103,7 @@ def inpaint(
         if s < 1.0
         else float((sched.alpha(t0) ** 2 + sched.sigma(t0) ** 2).sqrt()) * eps
     )
-    cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.claims("uncond"), h, w)
+    cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.needs("uncond"), h, w)
     steer, encode = opts.callback, None
     if model.is_inpainting:
         if masked_image_latents is None:

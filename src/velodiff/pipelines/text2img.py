@@ -48,7 +48,7 @@ def text2img(
             )
     if model.is_inpainting:
         raise VelodiffError(f"{model.family} model at {model.path} is an inpainting model; use inpaint(...)")
-    cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.claims("uncond"), h, w)
+    cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.needs("uncond"), h, w)
     x = prior_sample(model.schedule, float(setup.ts[0]), z.to(model.device))
     res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w))
     return finish(model, res, setup, seeds_l, opts.output, setup.ts, prompts=ps, height=h, width=w)
