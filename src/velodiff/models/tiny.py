@@ -6,7 +6,8 @@ and a T5-style Unigram over a few words). Nothing is downloaded.
     from velodiff.models.tiny import save_tiny
     path = save_tiny("sd3", "/tmp/tiny-sd3")      # then velodiff.models.load(path)
 
-All images are 64 x 64 by default: a 3-level VAE (factor 4) gives 16 x 16 latents.
+Images are 64 x 64 by default (a 3-level VAE, factor 4, gives 16 x 16 latents), except Flux's: its
+loader takes FluxPipeline's default of 512 px (128 x 128 latents), so pass height / width = 64 there.
 """
 
 from __future__ import annotations
