@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from common import (
     HERE,
+    SCORE_HEAD,
     f3,
     fmt_paired,
     image_stats,
@@ -25,6 +26,7 @@ from common import (
     model,
     real_renders,
     run_configs,
+    score_cells,
     sheet,
     table,
     write,
@@ -83,13 +85,7 @@ def variants(r_values: list[float]) -> list[str]:
 
 HEAD = [
     "config",
-    "evals/img",
-    "ShapesEval",
-    "single",
-    "binding",
-    "counting",
-    "position",
-    "FD-shapes",
+    *SCORE_HEAD,
     "object saturation",
     "object value",
     "object area",
@@ -107,10 +103,7 @@ def rows_of(recs: dict) -> list[list]:
     return [
         [
             r["label"],
-            f3(r["evals"]),
-            f3(r["shapes"]),
-            *(f3(v) for v in r["by_category"].values()),
-            f3(r["fd_shapes"]),
+            *score_cells(r),
             *(f3(r[k]) for k in STATS),
             f"{r['clipped']:.4f}",
             f3(r["contrast"]),

@@ -15,7 +15,18 @@ same seeds. DDIM (eta 0) on the model's default (Karras) grid. Run: .venv/bin/py
 from __future__ import annotations
 
 import numpy as np
-from common import HERE, f3, fmt_paired, model, paired, run_configs, sheet, table, write
+from common import (
+    HERE,
+    SCORE_HEAD,
+    fmt_paired,
+    model,
+    paired,
+    run_configs,
+    score_cells,
+    sheet,
+    table,
+    write,
+)
 
 OUT = HERE / "cfgpp"
 STEPS = [10, 20]
@@ -43,13 +54,7 @@ def cfgpp(steps: int, lam: float) -> dict:
 HEAD = [
     "config",
     "plan that ran",
-    "evals/img",
-    "ShapesEval",
-    "single",
-    "binding",
-    "counting",
-    "position",
-    "FD-shapes",
+    *SCORE_HEAD,
     "paired diff vs row's CFG baseline [95% CI] (wins/losses, p)",
 ]
 
@@ -59,10 +64,7 @@ def rows_of(recs: dict) -> list[list]:
         [
             r["label"],
             r["plan"],
-            f3(r["evals"]),
-            f3(r["shapes"]),
-            *(f3(v) for v in r["by_category"].values()),
-            f3(r["fd_shapes"]),
+            *score_cells(r),
             fmt_paired(r.get("paired_vs_baseline")),
         ]
         for r in recs.values()

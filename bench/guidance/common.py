@@ -220,6 +220,15 @@ def table(headers: list[str], rows: list[list[Any]], align: str = "") -> str:
     return markdown_table(headers, rows, align or "l" + "r" * (len(headers) - 1))
 
 
+#: the score columns every guidance bench reports (after its config column), and their cells
+SCORE_HEAD = ["evals/img", "ShapesEval", "single", "binding", "counting", "position", "FD-shapes"]
+
+
+def score_cells(r: dict[str, Any]) -> list[str]:
+    cats = (f3(v) for v in r["by_category"].values())
+    return [f3(r["evals"]), f3(r["shapes"]), *cats, f3(r.get("fd_shapes"))]
+
+
 def f3(x: Any) -> str:
     return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 

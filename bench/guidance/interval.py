@@ -16,7 +16,19 @@ from __future__ import annotations
 
 import math
 
-from common import HERE, f3, fmt_paired, jobs, model, paired, run_configs, sheet, table, write
+from common import (
+    HERE,
+    SCORE_HEAD,
+    fmt_paired,
+    jobs,
+    model,
+    paired,
+    run_configs,
+    score_cells,
+    sheet,
+    table,
+    write,
+)
 
 OUT = HERE / "interval"
 BASE = {"steps": 20, "solver": "dpmpp_2m"}
@@ -56,13 +68,7 @@ def plan(name: str) -> str:
 HEAD = [
     "config",
     "plan that ran",
-    "evals/img",
-    "ShapesEval",
-    "single",
-    "binding",
-    "counting",
-    "position",
-    "FD-shapes",
+    *SCORE_HEAD,
     "paired diff vs full CFG (chosen w) [95% CI] (wins/losses, p)",
 ]
 
@@ -72,10 +78,7 @@ def rows_of(recs: dict) -> list[list]:
         [
             r["label"],
             r["plan"],
-            f3(r["evals"]),
-            f3(r["shapes"]),
-            *(f3(v) for v in r["by_category"].values()),
-            f3(r["fd_shapes"]),
+            *score_cells(r),
             fmt_paired(r.get("paired_vs_baseline")),
         ]
         for r in recs.values()

@@ -12,7 +12,7 @@ steps from the same seeds. Run: .venv/bin/python bench/guidance/linear_ag.py
 
 from __future__ import annotations
 
-from common import HERE, f3, fmt_paired, run_configs, sheet, table, write
+from common import HERE, SCORE_HEAD, f3, fmt_paired, run_configs, score_cells, sheet, table, write
 
 OUT = HERE / "linear_ag"
 G = 2.5
@@ -25,13 +25,7 @@ def la(e: int, w: int) -> str:
 
 HEAD = [
     "config",
-    "evals/img",
-    "ShapesEval",
-    "single",
-    "binding",
-    "counting",
-    "position",
-    "FD-shapes",
+    *SCORE_HEAD,
     "PSNR vs CFG-20 (dB)",
     "SSIM vs CFG-20",
     "latent MSE vs CFG-20",
@@ -43,10 +37,7 @@ def rows_of(recs: dict) -> list[list]:
     return [
         [
             r["label"],
-            f3(r["evals"]),
-            f3(r["shapes"]),
-            *(f3(v) for v in r["by_category"].values()),
-            f3(r["fd_shapes"]),
+            *score_cells(r),
             f3(r.get("psnr_vs_plain")),
             f3(r.get("ssim_vs_plain")),
             f"{r['latent_mse_vs_plain']:.4f}" if "latent_mse_vs_plain" in r else "-",

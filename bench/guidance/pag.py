@@ -9,7 +9,7 @@ DPM-Solver++(2M), 20 steps. Run: .venv/bin/python bench/guidance/pag.py
 
 from __future__ import annotations
 
-from common import HERE, f3, fmt_paired, run_configs, sheet, table, write
+from common import HERE, SCORE_HEAD, f3, fmt_paired, run_configs, score_cells, sheet, table, write
 
 OUT = HERE / "pag"
 BASE = {"steps": 20, "solver": "dpmpp_2m"}
@@ -25,15 +25,11 @@ def plan(s: float, layers: str) -> str:
 def rows_of(recs: dict) -> list[list]:
     out = []
     for r in recs.values():
-        bc = r["by_category"]
         out.append(
             [
                 r["label"],
                 r["plan"],
-                f3(r["evals"]),
-                f3(r["shapes"]),
-                *(f3(bc[c]) for c in bc),
-                f3(r.get("fd_shapes")),
+                *score_cells(r),
                 fmt_paired(r.get("paired_vs_baseline")),
                 f3(r.get("psnr_vs_plain")),
             ]
@@ -44,13 +40,7 @@ def rows_of(recs: dict) -> list[list]:
 HEAD = [
     "config",
     "plan that ran",
-    "evals/img",
-    "ShapesEval",
-    "single",
-    "binding",
-    "counting",
-    "position",
-    "FD-shapes",
+    *SCORE_HEAD,
     "paired diff vs plain [95% CI] (wins/losses, sign p)",
     "PSNR vs plain",
 ]
