@@ -3,7 +3,8 @@ run by velodiff's sampling core: loading, errors, and parity with diffusers' own
 
 Parity: from the same starting noise and the same time steps, with a solver both implement, the
 final latents of velodiff's text2img / img2img / inpaint equal diffusers' (output_type="latent",
-latents passed in, guidance on) to float32 round-off."""
+latents passed in, guidance on) to float32 round-off, at a square size and at both non-square ones
+(a height / width swap anywhere, e.g. in SDXL's size conditioning, shows only there)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from velodiff.pipelines import img2img, inpaint, text2img
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 PROMPT = "a photo of a red cube"
 H = W = 16  # the tiny VAE's factor is 2: latents 4 x 8 x 8
+#: (height, width): square, landscape and portrait
+SIZES = [(H, W), (H, W * 3 // 2), (H * 3 // 2, W)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,8 +85,8 @@ def scheduler(model, name: str):
 FINAL = {"ddim": "t_min", "euler": "zero", "dpmpp_2m": "zero"}
 
 
-def noise(seed: int = 0, batch: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(seed))
+def noise(seed: int = 0, batch: int = 1, height: int = H, width: int = W) -> torch.Tensor:
+    return torch.randn(batch, 4, height // 2, width // 2, generator=torch.Generator().manual_seed(seed))
 
 
 # --- loading and detection ---------------------------------------------------------------------
@@ -131,42 +134,83 @@ def test_single_file_equals_folder(models, tmp_path, monkeypatch, kind):
 # --- parity with diffusers ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("solver", ["ddim", "euler", "dpmpp_2m"])
-def test_parity_sd1_text2img(models, solver):
+def test_parity_sd1_text2img(models, solver, size):
     m = models["sd1"]
-    steps, z = 6, noise(0)
+    (h, w), steps = size, 6
+    z = noise(0, height=h, width=w)
     ref = m.to_diffusers(scheduler(m, solver))(
         PROMPT,
         num_inference_steps=steps,
         guidance_scale=7.5,
         latents=z.clone(),
         output_type="latent",
-        height=H,
-        width=W,
+        height=h,
+        width=w,
     ).images
     ts = diffusers_times(m, scheduler(m, solver), steps, FINAL[solver])
-    r = text2img(m, PROMPT, grid=ts, solver=solver, guidance=7.5, latents=z, output="latent")
+    r = text2img(
+        m, PROMPT, grid=ts, solver=solver, guidance=7.5, latents=z, output="latent", height=h, width=w
+    )
     assert r.nfe == steps
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(("kind", "solver"), [("sd2", "ddim"), ("sd2", "dpmpp_2m"), ("sdxl", "euler")])
-def test_parity_sd2_v_and_sdxl(models, kind, solver):
+def test_parity_sd2_v_and_sdxl(models, kind, solver, size):
     m = models[kind]
-    steps, z = 4, noise(1)
-    guidance = 5.0
+    (h, w), steps, guidance = size, 4, 5.0
+    z = noise(1, height=h, width=w)
     ref = m.to_diffusers(scheduler(m, solver))(
         PROMPT,
         num_inference_steps=steps,
         guidance_scale=guidance,
         latents=z.clone(),
         output_type="latent",
-        height=H,
-        width=W,
+        height=h,
+        width=w,
     ).images
     ts = diffusers_times(m, scheduler(m, solver), steps, FINAL[solver])
-    r = text2img(m, PROMPT, grid=ts, solver=solver, guidance=guidance, latents=z, output="latent")
+    r = text2img(
+        m, PROMPT, grid=ts, solver=solver, guidance=guidance, latents=z, output="latent", height=h, width=w
+    )
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_parity_sdxl_micro_conditioning(models):
+    """SDXL's size and crop conditioning (Podell et al. 2023, Sec. 2.2): original size, crop top-left
+    and target size set apart from the image size, as diffusers' pipeline takes them."""
+    m = models["sdxl"]
+    h, w = SIZES[1]
+    z = noise(6, height=h, width=w)
+    micro = {"original_size": (40, 24), "crops_coords_top_left": (4, 2), "target_size": (24, 32)}
+    ref = m.to_diffusers(scheduler(m, "euler"))(
+        PROMPT,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        latents=z.clone(),
+        output_type="latent",
+        height=h,
+        width=w,
+        **micro,
+    ).images
+    ts = diffusers_times(m, scheduler(m, "euler"), 3, "zero")
+    for key, value in micro.items():
+        setattr(m, key, value)
+    try:
+        r = text2img(
+            m, PROMPT, grid=ts, solver="euler", guidance=5.0, latents=z, output="latent", height=h, width=w
+        )
+    finally:
+        for key in micro:
+            setattr(m, key, None)
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    plain = text2img(
+        m, PROMPT, grid=ts, solver="euler", guidance=5.0, latents=z, output="latent", height=h, width=w
+    )
+    assert not torch.allclose(plain.latents, r.latents)  # the conditioning is used
 
 
 def test_parity_guidance_rescale_negative_clip_skip(models):
@@ -231,11 +275,13 @@ def test_torch_noise_matches_diffusers_cpu_generator(models):
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
 
 
-def test_parity_img2img(models):
+@pytest.mark.parametrize("size", SIZES)
+def test_parity_img2img(models, size):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     m = models["sd1"]
-    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(3))
+    h, w = size
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(3))
     z0 = m.encode(image)
     steps, strength = 5, 0.6
     pipe = StableDiffusionImg2ImgPipeline(**m.to_diffusers(scheduler(m, "dpmpp_2m")).components)
@@ -257,27 +303,29 @@ def test_parity_img2img(models):
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
     # strength 0 returns the image through the VAE without a network call
     keep = img2img(m, PROMPT, image, 0.0, steps=4, output="tensor")
-    assert keep.nfe == 0 and keep.images.shape == (1, 3, H, W)
+    assert keep.nfe == 0 and keep.images.shape == (1, 3, h, w)
 
 
-def _mask() -> torch.Tensor:
-    mask = torch.zeros(1, 1, H, W)
+def _mask(height: int = H, width: int = W) -> torch.Tensor:
+    mask = torch.zeros(1, 1, height, width)
     mask[..., 4:12, 2:10] = 1.0
     return mask
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("kind", ["sd1", "sd1-inpaint"])
-def test_parity_inpaint(models, kind):
+def test_parity_inpaint(models, kind, size):
     """A plain UNet inpaints by masked re-noising each step, an inpainting UNet through its extra
     channels; both equal diffusers' StableDiffusionInpaintPipeline."""
     from diffusers import StableDiffusionInpaintPipeline
 
     m = models[kind]
-    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(4))
-    mask = _mask()
+    h, w = size
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(4))
+    mask = _mask(h, w)
     z0 = m.encode(image)
     masked = m.encode(image * (1 - mask) + 0.5 * mask)
-    steps, z = 4, noise(5)
+    steps, z = 4, noise(5, height=h, width=w)
     pipe = StableDiffusionInpaintPipeline(**m.to_diffusers(scheduler(m, "ddim")).components)
     ref = pipe(
         PROMPT,
@@ -288,8 +336,8 @@ def test_parity_inpaint(models, kind):
         guidance_scale=7.5,
         latents=z.clone(),
         output_type="latent",
-        height=H,
-        width=W,
+        height=h,
+        width=w,
         strength=1.0,
     ).images
     ts = diffusers_times(m, scheduler(m, "ddim"), steps, "t_min")
@@ -308,7 +356,7 @@ def test_parity_inpaint(models, kind):
     )
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
     if kind == "sd1":  # outside the mask (latent pixels wholly outside it) the original latents are kept
-        keep = torch.ones(1, 1, H // 2, W // 2, dtype=torch.bool)
+        keep = torch.ones(1, 1, h // 2, w // 2, dtype=torch.bool)
         keep[..., 2:6, 1:5] = False
         torch.testing.assert_close(r.latents[keep.expand_as(r.latents)], z0[keep.expand_as(z0)])
 

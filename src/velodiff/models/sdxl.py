@@ -2,7 +2,8 @@
 
 The prompt is encoded as diffusers' StableDiffusionXLPipeline does: the penultimate hidden states of
 both encoders concatenated (768 + 1280 = 2048 wide), the second encoder's projected pooled output as
-``text_embeds``, and ``time_ids`` = (original size, crop top-left, target size) (Sec. 2.2); with no
+``text_embeds``, and ``time_ids`` = (original size, crop top-left, target size) (Sec. 2.2; each
+(height, width), by default the image size, (0, 0) and the image size, as in diffusers); with no
 negative prompt and ``force_zeros_for_empty_prompt`` the unconditional embeddings are zeros. The
 refiner (one encoder, ``requires_aesthetics_score``) conditions on an aesthetic score instead of
 the target size.
@@ -42,6 +43,11 @@ class SDXLModel(SDModel):
     requires_aesthetics_score: bool = False
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    #: size conditioning, (height, width) each, as diffusers' pipeline arguments of the same names;
+    #: None: the image size, (0, 0) and the image size
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
 
     def _encoders(self) -> list[tuple[Any, Any]]:
         c = self.components
@@ -61,11 +67,13 @@ class SDXLModel(SDModel):
         return torch.cat(hidden, dim=-1), pooled
 
     def time_ids(self, batch: int, height: int, width: int, negative: bool = False) -> Tensor:
+        original = list(self.original_size or (height, width))
+        crops = list(self.crops_coords_top_left or (0, 0))
         if self.requires_aesthetics_score:
             score = self.negative_aesthetic_score if negative else self.aesthetic_score
-            ids = [height, width, 0, 0, score]
+            ids = [*original, *crops, score]
         else:
-            ids = [height, width, 0, 0, height, width]
+            ids = [*original, *crops, *(self.target_size or (height, width))]
         return torch.tensor([ids], dtype=self.dtype, device=self.device).expand(batch, -1)
 
     def encode_prompt(
