@@ -4,7 +4,9 @@ diffusers' own pipelines.
 
 Parity: from the same starting noise and the same time steps, with a solver both implement (flow
 Euler for SD3 and Flux; DPM-Solver++(2M) and DDIM for PixArt), the final latents of velodiff's
-text2img equal diffusers' (output_type="latent", latents passed in) to float32 round-off."""
+text2img equal diffusers' (output_type="latent", latents passed in) to float32 round-off, at a
+square size and at both non-square ones (SD3's patch positions, Flux's packing and position ids,
+PixArt-alpha's resolution and aspect-ratio conditioning read height and width apart)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from velodiff.schedules import DiscreteVP, RectifiedFlow
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 PROMPT = "a photo of a red cat"
 H = W = 64  # the tiny VAE's factor is 4: latents 16 x 16
+#: (height, width): square, landscape and portrait
+SIZES = [(H, W), (H, W * 3 // 2), (H * 3 // 2, W)]
 KINDS = ("sd3", "sd3-no-t5", "flux", "flux-schnell", "pixart-sigma", "pixart-alpha")
 SEQ = 32  # T5 tokens in these tests (diffusers' max_sequence_length), to keep them fast
 DEFAULT_SEQ: dict[str, int] = {}
@@ -44,8 +48,8 @@ def models(folders):
     return out
 
 
-def noise(model, seed: int = 0, batch: int = 1) -> torch.Tensor:
-    shape = model.latent_shape(batch, H, W)
+def noise(model, seed: int = 0, batch: int = 1, height: int = H, width: int = W) -> torch.Tensor:
+    shape = model.latent_shape(batch, height, width)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -128,12 +132,14 @@ def test_sizes_are_checked(models):
 # --- parity with diffusers ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(("kind", "guidance"), [("sd3", 5.0), ("sd3-no-t5", 4.0), ("sd3-drop-t5", 1.0)])
-def test_parity_sd3_flow_euler(models, kind, guidance):
+def test_parity_sd3_flow_euler(models, kind, guidance, size):
     m = models[kind]
     pipe = m.to_diffusers()
     pipe.set_progress_bar_config(disable=True)
-    z = noise(m)
+    H, W = size  # noqa: N806 - the module's names, for this size
+    z = noise(m, height=H, width=W)
     ref = pipe(
         PROMPT,
         negative_prompt="blurry",
@@ -162,15 +168,17 @@ def test_parity_sd3_flow_euler(models, kind, guidance):
     close(r.latents, ref)
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(
     ("kind", "true_cfg", "embedded"), [("flux", 1.0, 3.5), ("flux", 3.0, 2.0), ("flux-schnell", 1.0, None)]
 )
-def test_parity_flux(models, kind, true_cfg, embedded):
+def test_parity_flux(models, kind, true_cfg, embedded, size):
     """Flux: packed latents, image ids, embedded guidance (dev), optional true CFG with a negative prompt."""
     m = models[kind]
     pipe = m.to_diffusers()
     pipe.set_progress_bar_config(disable=True)
-    z = noise(m, seed=1)
+    H, W = size  # noqa: N806
+    z = noise(m, seed=1, height=H, width=W)
     extra = {"negative_prompt": "blurry", "true_cfg_scale": true_cfg} if true_cfg > 1 else {}
     ref = pipe(
         PROMPT,
@@ -244,15 +252,17 @@ def pixart_scheduler(model, solver: str):
     return DPMSolverMultistepScheduler.from_config(cfg)
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(
     ("kind", "solver"), [("pixart-sigma", "dpmpp_2m"), ("pixart-sigma", "ddim"), ("pixart-alpha", "dpmpp_2m")]
 )
-def test_parity_pixart(models, kind, solver):
+def test_parity_pixart(models, kind, solver, size):
     """PixArt: T5 with attention mask, learned-variance channels dropped, alpha's resolution conditioning."""
     m = models[kind]
     pipe = m.to_diffusers(pixart_scheduler(m, solver))
     pipe.set_progress_bar_config(disable=True)
-    z = noise(m, seed=2)
+    H, W = size  # noqa: N806
+    z = noise(m, seed=2, height=H, width=W)
     ref = pipe(
         "A Photo of a RED cat ",
         num_inference_steps=6,
