@@ -171,3 +171,57 @@ def test_bench_plans_records_and_distance_to_plain(tmp_path, monkeypatch, capsys
     assert kept(recs2["ag:threshold=-1"]) == kept(recs["ag:threshold=-1"])  # resumed, not rerun
     assert recs2["cfg:stop=0.5"]["evals"] == 6 and recs2["cfg:stop=0.5"]["psnr_vs_plain"] > 10
     assert "| plan |" in (out / "results.md").read_text()
+
+
+def test_bench_fd_kid_ordered_and_equal_to_a_direct_computation(tmp_path, monkeypatch, capsys):
+    """The sweep's FD / KID are the numbers DistributionMetrics gives on the same images (regenerated
+    here from the recorded prompts and seeds), and they order as they must: the trained model at 8 NFE
+    closer to the real renders than at 2 NFE, a random-init UNet farthest (margins as in test_metrics:
+    24 prompts, FD-shapes' sampling noise is well below them)."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from velodiff.data.shapes import ShapesWorld, normalize_spec
+    from velodiff.eval.metrics import DistributionMetrics
+    from velodiff.models import load
+    from velodiff.pipelines import text2img
+
+    path = _model_path()
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no default model at {path}")
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    random_model = tmp_path / "random"
+    shutil.copytree(path, random_model)
+    unet_config = UNet2DConditionModel.load_config(random_model / "unet")
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(unet_config).save_pretrained(random_model / "unet")
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("solvers: [dpmpp_2m]\nnfe: [2, 8]\nguidance: [2.5]\nlimit: 24\nmetrics: [fd]\n"
+                     "fd_real_per_prompt: 1\n")
+    fd, kid = {}, {}
+    for name, model in (("trained", path), ("random", random_model)):
+        out = tmp_path / name
+        args = ["bench", "--sweep", str(sweep), "--out", str(out), "--model", str(model), "--no-progress"]
+        assert cli(*args) == 0, capsys.readouterr().err
+        res = json.loads((out / "results.json").read_text())
+        for r in res["records"]:
+            fd[name, r["nfe_budget"]], kid[name, r["nfe_budget"]] = r["fd_shapes"], r["kid_shapes"]
+    print("FD-shapes:", fd, "KID-shapes:", kid)
+    assert fd["trained", 8] < fd["trained", 2] < fd["random", 2]
+    assert fd["trained", 8] < fd["random", 8]
+    assert kid["trained", 8] < kid["trained", 2] < kid["random", 2]
+
+    texts, seeds = res["prompts"], res["seeds"]
+    m = load(path)
+    images = text2img(m, texts, seeds=seeds, nfe=8, solver="dpmpp_2m", guidance=2.5, output="tensor").images
+    world = ShapesWorld(size=int(m.default_size[0]))
+    direct = DistributionMetrics("fd-shapes")
+    direct.add_real(np.stack([world.render(normalize_spec(t), seed=0).image for t in texts]))
+    direct.add_fake(images)
+    values = direct.compute()
+    assert values["fd"] == pytest.approx(fd["trained", 8], rel=1e-3)
+    assert values["kid"] == pytest.approx(kid["trained", 8], rel=1e-3, abs=1e-6)
