@@ -155,6 +155,19 @@ def test_a_folder_with_bin_and_safetensors_loads_the_safetensors(tiny, tmp_path,
     assert (tmp_path / "x.png").is_file() and not marker.exists()
 
 
+def test_a_pickle_beside_only_a_variants_safetensors_is_refused(tiny, tmp_path, capsys):
+    """A folder passes the choke point's folder check when any .safetensors is there, here only the fp16
+    variant's; the plain weights exist only as a pickle .bin. What keeps diffusers from falling back
+    to that pickle is ``use_safetensors=True`` at the one from_pretrained call (with None it would)."""
+    marker = tmp_path / "marker"
+    model = tmp_path / "m"
+    shutil.copytree(tiny, model)
+    st = model / "unet" / "diffusion_pytorch_model.safetensors"
+    write_torch_pickle(st.with_suffix(".bin"), marker, read_state(st))
+    st.rename(st.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    assert_refused_everywhere(model, marker, capsys, tmp_path, words="diffusion_pytorch_model.safetensors")
+
+
 def test_a_pickle_renamed_safetensors_inside_a_folder_is_refused(tiny, tmp_path, capsys):
     marker = tmp_path / "marker"
     model = tmp_path / "m"

@@ -35,6 +35,27 @@ def test_step_noise_follows_the_sample_dtype_by_casting(dtype):
     assert torch.equal(GaussianNoise(like, 3)(4), GaussianNoise(like.float(), 3)(4).to(dtype))
 
 
+def devices() -> list[str]:
+    """Every device this machine has: the CPU, and CUDA / MPS where present (a GPU runner checks those)."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_noise_is_the_same_on_every_device(device, dtype):
+    """Drawn on the CPU and moved: the numbers do not depend on the device asked for."""
+    for seed, key in ((0, ()), (11, (1, 2))):
+        z = randn(SHAPE, seed, *key, device=device, dtype=dtype)
+        assert z.device.type == device and z.dtype == dtype
+        assert torch.equal(z.cpu(), randn(SHAPE, seed, *key).to(dtype))
+        assert torch.equal(GaussianNoise(z, seed)(3).cpu(), GaussianNoise(z.cpu(), seed)(3))
+
+
 @pytest.fixture(scope="module")
 def default_runs():
     """text2img on the shipped default model (4 steps, 1 image) in float32 and bfloat16 (plus one float16
