@@ -108,3 +108,20 @@ def test_bfloat16_gives_the_float32_image(default_runs):
     d = (a - b).abs()
     assert d.max().item() < 0.4 and d.mean().item() < 0.03, (d.max().item(), d.mean().item())
     assert (a - a.roll(1, -1)).abs().mean() > 0.02  # not a flat image, so the bound means something
+
+
+@pytest.mark.skipif(devices() == ["cpu"], reason="needs a GPU (CUDA or MPS): the image on it vs the CPU's")
+@pytest.mark.parametrize("device", [d for d in devices() if d != "cpu"])
+def test_a_gpu_gives_the_cpu_image(device):
+    """The same seed on the shipped model in float32: the GPU's image is the CPU's up to kernel round-off
+    (bounded as bfloat16 vs float32 is above; the measured figure is printed for the record)."""
+    from velodiff.default_model import default_model_path
+    from velodiff.pipelines import text2img
+
+    images = {}
+    for where in ("cpu", device):
+        model = velodiff.load(default_model_path(), device=where)
+        images[where] = text2img(model, "a red circle", steps=4, seeds=[3], output="tensor").images.cpu()
+    d = (images["cpu"] - images[device]).abs()
+    print(f"{device} vs cpu: max {d.max().item():.4g}, mean {d.mean().item():.4g}")
+    assert d.max().item() < 0.4 and d.mean().item() < 0.03
