@@ -35,6 +35,12 @@ def quiet_libraries() -> None:
             print(f"warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show
+    import logging
+
+    from ..accel.quantize import TORCHAO_LOGGERS
+
+    for name in TORCHAO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as dlog
 
