@@ -145,3 +145,17 @@ def test_shipped_model_loads_in_diffusers():
     assert pipe.unet.dtype == torch.float32
     img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert img.shape == (1, 64, 64, 3)
+
+
+def test_a_plan_file_sets_the_run(tmp_path, capsys):
+    """`--plan @FILE` with settings: the plan's solver, steps and guidance win over the command's."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text("solver=ddim\nsteps=3\nguidance=1.5\nag:threshold=0.999\n")
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(capsys, "generate", "a red circle", "--out", str(out), "--steps", "7",
+                           "--solver", "unipc", "--plan", f"@{plan}")
+    assert code == 0, err
+    assert "ddim, 3 steps, 3 NFE" in o and "guidance 1.5" in o
+    assert "plan solver=ddim+steps=3+guidance=1.5+ag" in o
+    code, o, err = run_cli(capsys, "generate", "a red circle", "--out", str(out), "--plan", "@missing.txt")
+    assert code == 2 and one_error_line(err).startswith("error: cannot read the plan file")

@@ -64,6 +64,34 @@ def test_plan_strings_canonical_and_errors():
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
+def test_plan_settings_and_plan_files(tmp_path):
+    """A plan may fix the run (solver, grid, steps or nfe, guidance): parsed, canonical (settings
+    first), read from @FILE (one item per line, comments), each bad value one line."""
+    p = Plan.parse("ag:threshold=0.99+solver=unipc+nfe=8+guidance=3")
+    assert p.settings == {"solver": "unipc", "nfe": 8, "guidance": 3.0}
+    assert str(p) == "solver=unipc+nfe=8+guidance=3+ag:threshold=0.99" == str(Plan.parse(str(p)))
+    f = tmp_path / "plan.txt"
+    f.write_text("# found by velodiff tune\nsolver=unipc\nnfe=8   # budget\n\nag:threshold=0.99\n")
+    assert str(Plan.parse(f"@{f}")) == "solver=unipc+nfe=8+ag:threshold=0.99"
+    assert str(Plan.parse(["solver=ddim", "ag"])) == "solver=ddim+ag"
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    for bad, message in [
+        ("solver=nope", "unknown solver 'nope'"),
+        ("steps=0", "plan setting steps must be >= 1, got 0"),
+        ("nfe=x", "plan setting nfe='x': not an integer"),
+        ("guidance=-1", "plan setting guidance must be >= 0"),
+        ("sampler=ddim", "unknown plan setting 'sampler'; valid: grid, guidance, nfe, solver, steps"),
+        ("steps=4+nfe=8", "a plan sets steps or nfe, not both"),
+        (f"@{tmp_path / 'missing.txt'}", "cannot read the plan file"),
+        (f"@{tmp_path / 'empty.txt'}", "the plan file"),
+    ]:
+        with pytest.raises(VelodiffError) as e:
+            Plan.parse(bad)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(VelodiffError, match="sample\\(\\) takes its solver"):
+        sample(TOY, X, make_grid("logsnr", SCHED, 4), "ddim", cond=COND, plan="solver=euler")
+
+
 # --- lifecycle, stacking, cost ---------------------------------------------------------------------
 
 

@@ -29,7 +29,8 @@ def model():
 
 
 def run(model, plan, **kw):
-    return text2img(model, [PROMPT] * 2, steps=6, guidance=2.5, seeds=[0, 1], output="tensor", plan=plan, **kw)
+    return text2img(model, [PROMPT] * 2, steps=6, guidance=2.5, seeds=[0, 1], output="tensor", plan=plan,
+                    **kw)
 
 
 def test_int8_runs_quantized_then_restores_the_weights(model):

@@ -12,9 +12,13 @@ lifecycle::
     end()                    remove hooks, release state (also when the run fails)
 
 A :class:`Plan` is one string and one object: ``name[:key=value,...]`` joined by ``+``, e.g.
-``ag:threshold=0.99+pag:scale=3``; ``none`` is the empty plan. Rules stack by their declared
-``layer`` (lower = closer to the network; the plan string's order breaks ties), so a guidance rule
-always combines what the caches below it returned. Two rules may not claim the same branch.
+``ag:threshold=0.99+pag:scale=3``; ``none`` is the empty plan. A plan may also set the run itself
+(``solver=unipc+nfe=8+grid=karras+guidance=2.5+ag``: :data:`SETTINGS`), overriding the command's or
+the sweep's own values for that run, so one plan is a whole recipe (``velodiff tune`` writes such a
+plan); ``@FILE`` reads a plan from a file (one item per line or joined by ``+``, ``#`` comments).
+Rules stack by their declared ``layer`` (lower = closer to the network; the plan string's order
+breaks ties), so a guidance rule always combines what the caches below it returned. Two rules may not
+claim the same branch.
 
 The base evaluator at the bottom of the stack batches the requested branches of one request into a
 single network call, in request order, one block of B rows per branch (``EvalRequest.rows``): one
@@ -289,11 +293,60 @@ def parse_rule(text: str) -> Accelerator:
     return cls(**values)
 
 
-class Plan:
-    """An ordered stack of accelerators (outermost first), built from a plan string, a list of rules,
-    or both. ``str(plan)`` is its canonical string (``none`` when empty)."""
+#: run settings a plan may carry (``key=value`` items), with the kind each parses to
+SETTINGS: dict[str, type] = {"solver": str, "grid": str, "steps": int, "nfe": int, "guidance": float}
 
-    def __init__(self, rules: Iterable[Accelerator] = ()) -> None:
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``key=value`` of :data:`SETTINGS`, checked (solver names without importing the registry)."""
+    key, _, raw = (p.strip() for p in text.partition("="))
+    if key not in SETTINGS:
+        raise unknown_name("plan setting", key, SETTINGS)
+    kind = SETTINGS[key]
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise VelodiffError(f"plan setting {key}={raw!r}: not {what}") from None
+    if kind is str and not value:
+        raise VelodiffError(f"plan setting {key!r} is empty")
+    if key in ("steps", "nfe") and value < 1:
+        raise VelodiffError(f"plan setting {key} must be >= 1, got {value}")
+    if key == "guidance" and not (math.isfinite(value) and value >= 0):
+        raise VelodiffError(f"plan setting guidance must be >= 0, got {raw}")
+    if key == "solver":
+        from .commands.names import check_solver
+
+        check_solver(value)
+    return key, value
+
+
+def read_plan_file(path: str) -> str:
+    """The plan in a file: its items, one per line or joined by ``+``; blank lines and ``#`` comments
+    are skipped."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise VelodiffError(f"cannot read the plan file {str(p)!r}: {e.strerror or e}") from None
+    items = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    plan = "+".join(i for i in items if i)
+    if not plan:
+        raise VelodiffError(f"the plan file {str(p)!r} holds no plan (e.g. 'ag:threshold=0.99' or 'none')")
+    return plan
+
+
+class Plan:
+    """An ordered stack of accelerators (outermost first) and the run settings the plan fixes, built
+    from a plan string, a list of rules, or both. ``str(plan)`` is its canonical string (``none`` when
+    empty; settings first)."""
+
+    def __init__(self, rules: Iterable[Accelerator] = (), settings: Mapping[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})
+        if "steps" in self.settings and "nfe" in self.settings:
+            raise VelodiffError("a plan sets steps or nfe, not both")
         rules = list(rules)
         for r in rules:
             if not isinstance(r, Accelerator):
@@ -319,19 +372,32 @@ class Plan:
             return cls([plan])
         if isinstance(plan, str):
             text = plan.strip()
+            if text.startswith("@"):
+                text = read_plan_file(text[1:])
             if text in ("", "none"):
                 return cls()
-            return cls(parse_rule(p) for p in text.split("+"))
-        return cls(r if isinstance(r, Accelerator) else parse_rule(r) for r in plan)
+            items = [p.strip() for p in text.split("+")]
+            settings = dict(parse_setting(p) for p in items if _is_setting(p))
+            return cls((parse_rule(p) for p in items if not _is_setting(p) and p != "none"), settings)
+        rules, settings = [], {}
+        for r in plan:
+            if isinstance(r, Accelerator):
+                rules.append(r)
+            else:
+                sub = cls.parse(r)
+                rules += list(reversed(sub.rules))
+                settings.update(sub.settings)
+        return cls(rules, settings)
 
     def __str__(self) -> str:
-        return "+".join(r.spec() for r in reversed(self.rules)) or "none"
+        items = [f"{k}={format_value(v)}" for k, v in self.settings.items()]
+        return "+".join(items + [r.spec() for r in reversed(self.rules)]) or "none"
 
     def __repr__(self) -> str:
         return f"Plan({str(self)!r})"
 
     def __bool__(self) -> bool:
-        return bool(self.rules)
+        return bool(self.rules or self.settings)
 
     def find(self, name: str) -> Accelerator | None:
         return next((r for r in self.rules if r.name == name), None)
@@ -348,7 +414,11 @@ class Plan:
         return any(r.needs_grad for r in self.rules)
 
     def with_rules(self, extra: Iterable[Accelerator]) -> Plan:
-        return Plan([*reversed(self.rules), *extra])
+        return Plan([*reversed(self.rules), *extra], self.settings)
+
+    def without_settings(self) -> Plan:
+        """The rules alone (what the sampling loop runs once a pipeline has applied the settings)."""
+        return Plan(list(reversed(self.rules)))
 
     def chain(self, base: Evaluate) -> Evaluate:
         """The evaluation function of the whole stack: the outermost rule's evaluate, whose inner is
@@ -357,6 +427,12 @@ class Plan:
         for r in reversed(self.rules):
             fn = _bind(r, fn)
         return fn
+
+
+def _is_setting(item: str) -> bool:
+    """``key=value`` (a run setting) rather than ``name[:options]`` (a rule)."""
+    name, eq, _ = item.partition("=")
+    return bool(eq) and ":" not in name
 
 
 def _bind(rule: Accelerator, inner: Evaluate) -> Evaluate:

@@ -132,6 +132,11 @@ def sample(
     if not bool(torch.isfinite(x).all()):
         raise VelodiffError("the initial sample contains NaN or inf")
     plan = Plan.parse(plan)
+    if plan.settings:
+        raise VelodiffError(
+            f"plan settings ({', '.join(plan.settings)}) choose the solver and grid of a pipeline run "
+            "(text2img, img2img, inpaint, the CLI); sample() takes its solver and ts as arguments"
+        )
     conds = branches_of(cond)
     run = RunInfo(
         schedule=sched,

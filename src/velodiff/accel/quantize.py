@@ -41,7 +41,7 @@ def _torchao() -> Any:
     try:
         import torchao.quantization as q
     except ImportError:
-        raise VelodiffError("quantization needs torchao: pip install 'velodiff[quant]' (or torchao)") from None
+        raise VelodiffError("quantization needs torchao: pip install 'velodiff[quant]'") from None
     return q
 
 
@@ -148,7 +148,7 @@ class Int4(Quantize):
 
     def check(self, run: RunInfo) -> None:
         if self.group_size not in (32, 64, 128, 256):
-            raise VelodiffError(f"plan rule 'int4': group_size must be 32, 64, 128 or 256, not {self.group_size}")
+            raise VelodiffError(f"plan rule 'int4': group_size is 32, 64, 128 or 256, not {self.group_size}")
         super().check(run)
 
     def config(self) -> Any:

@@ -416,6 +416,8 @@ def run_sweep(
             bar.update(w)
             save()
             continue
+        # a plan that sets the solver or guidance ran with its own (velodiff.plan.SETTINGS)
+        rec.update(solver=res.solver, guidance=float(res.guidance))
         rec.update(steps=res.steps, nfe=res.nfe, evals=res.evals,
                    seconds_per_image=median(times) / len(jobs), seconds=[round(t, 4) for t in times],
                    peak_memory_mb=round(mem["peak_memory_mb"], 1), memory_kind=mem["memory_kind"])

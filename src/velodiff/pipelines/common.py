@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -176,9 +176,15 @@ class Setup:
 def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) -> Setup:
     """The solver, grid, guidance and plan of a run; the default grid's options depend on the image
     ``size`` (h, w) for models with resolution-dependent shifts (Flux, SD3.5)."""
+    given = Plan.parse(opts.plan)
+    if given.settings:  # the plan's own solver / grid / steps / nfe / guidance win over the call's
+        fixed = dict(given.settings)
+        if "steps" in fixed or "nfe" in fixed:
+            fixed = {"steps": None, "nfe": None, **fixed}
+        opts = replace(opts, **fixed)
     spec = get_solver(opts.solver or model.default_solver)
     guidance = float(model.default_guidance if opts.guidance is None else opts.guidance)
-    plan = resolve_plan(opts.plan, guidance, opts.guidance_rescale, opts.guidance_interval)
+    plan = resolve_plan(given, guidance, opts.guidance_rescale, opts.guidance_interval)
     grid = opts.grid
     if grid is not None and not isinstance(grid, str):
         ts = make_grid(grid, model.schedule)
@@ -263,7 +269,8 @@ def run(
     }
     return sample(
         model.denoiser, x, ts, setup.solver, cond=cond, seed=seeds[0], noise=noise,
-        callback=opts.callback if callback is None else callback, plan=setup.plan, context=context,
+        callback=opts.callback if callback is None else callback, plan=setup.plan.without_settings(),
+        context=context,
         grad=opts.grad, **dict(opts.solver_options or {}),
     )
 
