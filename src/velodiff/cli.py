@@ -16,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Fast, measurable diffusion generation.",
 )
 bench = typer.Typer(no_args_is_help=True, help="Measure quality and speed.")
@@ -29,6 +30,8 @@ COMMAND_MODULES = [
     "velodiff.commands.bench_pipeline",
     "velodiff.commands.train",
     "velodiff.commands.generate",
+    "velodiff.commands.img2img",
+    "velodiff.commands.inpaint",
     "velodiff.commands.eval_shapes",
     "velodiff.commands.generate_set",
     "velodiff.commands.bench_sweep",

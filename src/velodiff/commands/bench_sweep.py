@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
-from .generate import THREADS_HELP
+from .options import THREADS_HELP
 
 
 def bench_sweep(

@@ -16,7 +16,7 @@ import typer
 from ..errors import VelodiffError
 from ..eval import tables
 from ..files import save_image_atomic, write_atomic
-from .generate import THREADS_HELP
+from .options import THREADS_HELP
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
 
