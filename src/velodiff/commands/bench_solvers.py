@@ -154,4 +154,8 @@ def bench_solvers(
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    bench.command("solvers")(bench_solvers)
+    from .options import example
+
+    bench.command("solvers", epilog=example("velodiff bench solvers --solvers ddim,dpmpp_2m --nfe 5,10,20"))(
+        bench_solvers
+    )

@@ -179,8 +179,11 @@ def generate(
         typer.echo(f"wrote {attention_maps} (cross-attention per token, mean over the steps)")
 
 
-GENERATE_EXAMPLE = 'Example: velodiff generate "a red circle above a blue square" --out circle.png'
+EXAMPLE = o.example(
+    'velodiff generate "a lighthouse at dusk" --model sd15.safetensors \\',
+    "    --width 512 --height 768 --steps 20 --out lighthouse.png",
+)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("generate", epilog=GENERATE_EXAMPLE)(generate)
+    app.command("generate", epilog=EXAMPLE)(generate)

@@ -15,7 +15,10 @@ from . import options as o
 from .generate import check_output_path
 from .image_run import ImageRun, fit_size, read_image
 
-EXAMPLE = 'Example: velodiff img2img "a watercolor lighthouse" --image photo.png --strength 0.6 --out out.png'
+EXAMPLE = o.example(
+    'velodiff img2img "a watercolor lighthouse" --image photo.png \\',
+    "    --strength 0.6 --out watercolor.png",
+)
 
 
 def check_strength(strength: float) -> None:

@@ -17,7 +17,10 @@ from .generate import check_output_path
 from .image_run import ImageRun, fit_size, read_image
 from .img2img import check_strength
 
-EXAMPLE = 'Example: velodiff inpaint "a red sailboat" --image sea.png --mask boat-mask.png --out out.png'
+EXAMPLE = o.example(
+    'velodiff inpaint "a red sailboat" --image sea.png --mask boat-mask.png \\',
+    "    --out sailboat.png",
+)
 
 
 def inpaint_cmd(

@@ -25,7 +25,7 @@ Config = Annotated[
     Path | None,
     typer.Option(
         help="diffusers folder with the configs a single .safetensors file needs (default: velodiff's "
-        "bundled SD 1.5 / SD 2 / SDXL configs)"
+        "bundled SD 1.5 / SDXL configs)"
     ),
 ]
 Device = Annotated[
@@ -78,3 +78,9 @@ Noise = Annotated[
 Image = Annotated[
     Path, typer.Option("--image", help="the input image (resized to --width / --height if given)")
 ]
+
+
+def example(*lines: str) -> str:
+    """A command's help epilog: one example, kept as written (click's \\b: no re-wrapping), each line
+    short enough for an 80-column terminal (tests/test_cli_checkpoint.py checks)."""
+    return "\b\nExample:\n" + "\n".join(f"  {line}" for line in lines)

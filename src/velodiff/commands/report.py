@@ -17,4 +17,6 @@ def report(folder: Path = typer.Argument(..., help="a `velodiff bench` or `velod
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("report")(report)
+    from .options import example
+
+    app.command("report", epilog=example("velodiff report bench/run1"))(report)
