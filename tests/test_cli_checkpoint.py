@@ -85,7 +85,7 @@ def test_single_file_size_dtype_from_cli(tiny_single_file, tmp_path, capsys):
     assert "256x384" in o and "bfloat16 on cpu" in o  # the device it ran on is said
 
 
-@pytest.mark.skipif(not os.environ.get("VELODIFF_FULL_SIZE"), reason="4.3 GB file; VELODIFF_FULL_SIZE=1 runs it")
+@pytest.mark.skipif(not os.environ.get("VELODIFF_FULL_SIZE"), reason="a 4.3 GB file: VELODIFF_FULL_SIZE=1")
 def test_full_size_sd15_single_file(tmp_path, capsys):
     f = ldm_layout.save_sd15_full_size(tmp_path / "sd15.safetensors")
     out = tmp_path / "out.png"
