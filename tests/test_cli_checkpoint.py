@@ -296,3 +296,27 @@ def test_help_fits_80_columns_with_an_example(monkeypatch, capsys):
         for param in cmd.params:
             for name in param.opts:
                 assert name in text, (where, name)
+
+
+def test_new_early_errors_import_no_torch(tmp_path):
+    """The checks made before any model work stay light (tests/test_cli_startup.py's probe)."""
+    from test_cli_startup import HEAVY, probe
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    out, image = str(tmp_path / "out.png"), str(tmp_path / "in.png")
+    cases = [
+        ["img2img", "a cube", "--image", image, "--strength", "1.5", "--out", out],
+        ["inpaint", "a cube", "--image", image, "--mask", image, "--strength", "-1", "--out", out],
+        ["generate", "a cube", "--device", "cpu", "--dtype", "float16", "--out", out],
+        ["generate", "a cube", "--dtype", "half", "--out", out],
+        ["generate", "a cube", "--model", "defualt", "--out", out],
+        ["generate", "a cube", "--noise", "numpy", "--out", out],
+        ["generate", "a cube", "--guidance-rescale", "2", "--out", out],
+        ["generate", "a cube", "--width", "-8", "--out", out],
+        ["img2img", "a cube", "--image", str(tmp_path / "missing.png"), "--out", out],
+    ]
+    rows = [r for r in probe(cases) if r["argv"][-1] != "--help"]
+    assert len(rows) == len(cases)
+    for r in rows:
+        assert r["code"] == 2, r
+        assert r["heavy"] == [], f"`velodiff {' '.join(r['argv'])}` imported {r['heavy']} (of {HEAVY})"
