@@ -292,6 +292,8 @@ def test_help_fits_80_columns_with_an_example(monkeypatch, capsys):
         where = "velodiff " + " ".join(path)
         assert max(len(line) for line in text.splitlines()) <= 80, where
         assert "…" not in text, where
+        listing = text.partition("\nCommands:\n")[2].partition("\n\n")[0]
+        assert "..." not in listing, (where, listing)  # click cuts a long first sentence of a command
         assert text.count("Example:") == 1, where
         for param in cmd.params:
             for name in param.opts:

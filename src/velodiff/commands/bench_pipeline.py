@@ -82,6 +82,8 @@ def bench_pipeline(
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    bench.command("pipeline", epilog=example("velodiff bench pipeline --model default --nfe 8 --runs 3"))(
-        bench_pipeline
-    )
+    bench.command(
+        "pipeline",
+        epilog=example("velodiff bench pipeline --model default --nfe 8 --runs 3"),
+        short_help="Seconds per image and output, velodiff vs diffusers.",
+    )(bench_pipeline)

@@ -156,6 +156,8 @@ def bench_solvers(
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     from .options import example
 
-    bench.command("solvers", epilog=example("velodiff bench solvers --solvers ddim,dpmpp_2m --nfe 5,10,20"))(
-        bench_solvers
-    )
+    bench.command(
+        "solvers",
+        epilog=example("velodiff bench solvers --solvers ddim,dpmpp_2m --nfe 5,10,20"),
+        short_help="Solver error vs NFE on the exact mixture oracle.",
+    )(bench_solvers)

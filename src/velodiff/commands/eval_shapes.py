@@ -117,7 +117,11 @@ def contact_sheet(images: list[Any], records: list[dict[str, Any]], cols: int = 
                       caption_lines=2, caption_height=30, marks=marks)
 
 
-@eval_app.command("shapes", epilog=o.example("velodiff eval shapes --json out/shapes.json --limit 8"))
+@eval_app.command(
+    "shapes",
+    epilog=o.example("velodiff eval shapes --json out/shapes.json --limit 8"),
+    short_help="ShapesEval accuracy of a model on a fixed prompt set.",
+)
 def shapes(
     json_out: Path = typer.Option(..., "--json", help="write the results here (JSON)"),  # noqa: B008
     markdown: Annotated[

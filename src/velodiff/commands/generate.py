@@ -144,7 +144,8 @@ def generate(
                      "last batch)"),
     ] = None,
 ) -> None:
-    """Generate an image from a text prompt (offline; the shipped model on the CPU by default)."""
+    """Generate images from a text prompt. Offline; the shipped model unless --model says otherwise, on
+    the best device there is."""
     if not prompt.strip():
         raise VelodiffError(
             'the prompt is empty; describe the image, e.g. "a red circle above a blue square"'

@@ -163,7 +163,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     from .options import example
 
     epilog = example("velodiff generate-set prompts.txt --out out/set --model default")
-    app.command("generate-set", epilog=epilog)(generate_set_cmd)
+    app.command("generate-set", epilog=epilog, short_help="Generate a resumable image set from prompts.")(
+        generate_set_cmd
+    )
     from .eval_shapes import eval_app
 
     eval_app.callback(

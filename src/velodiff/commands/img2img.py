@@ -56,7 +56,7 @@ def img2img_cmd(
     config: o.Config = None,
     threads: o.Threads = None,
 ) -> None:
-    """Re-generate an image toward a prompt; --steps counts the whole grid, of which the last
+    """Re-draw an image toward a prompt (SDEdit). --steps counts the whole grid, of which the last
     --strength part runs."""
     if not prompt.strip():
         raise VelodiffError('the prompt is empty; describe the image, e.g. "a watercolor lighthouse"')

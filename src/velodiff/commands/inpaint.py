@@ -62,8 +62,8 @@ def inpaint_cmd(
     config: o.Config = None,
     threads: o.Threads = None,
 ) -> None:
-    """Repaint the white part of a mask; an inpainting checkpoint gets the mask as input, any other
-    model inpaints by masked re-noising."""
+    """Repaint the white part of a mask toward a prompt. An inpainting checkpoint gets the mask as
+    input; any other model inpaints by masked re-noising."""
     if not prompt.strip():
         raise VelodiffError('the prompt is empty; describe what to paint, e.g. "a red sailboat"')
     check_strength(strength)

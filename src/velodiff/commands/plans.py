@@ -31,4 +31,4 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     from .options import example
 
     epilog = example('velodiff generate "a red cube" --plan ag:threshold=0.99 --out cube.png')
-    app.command("plans", epilog=epilog)(plans)
+    app.command("plans", epilog=epilog, short_help="List plan rules: name, cost, options.")(plans)

@@ -19,4 +19,5 @@ def report(folder: Path = typer.Argument(..., help="a `velodiff bench` or `velod
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     from .options import example
 
-    app.command("report", epilog=example("velodiff report bench/run1"))(report)
+    epilog = example("velodiff report bench/run1")
+    app.command("report", epilog=epilog, short_help="A bench or eval folder as one markdown page.")(report)
