@@ -222,11 +222,17 @@ def test_default_by_name(tmp_path, capsys):
         velodiff.load("defualt")
 
 
-def test_bench_pipeline_by_name(tmp_path, capsys):
+def test_bench_by_name(tmp_path, capsys):
     code, o, err = run_cli(capsys, "bench", "pipeline", "--model", "default", "--nfe", "2", "--runs", "1",
                            "--no-progress", "--json", tmp_path / "b.json")
     assert code == 0, err
     assert "| default" in o
+    # the quality-vs-speed sweep (`velodiff bench`), by name too
+    code, o, err = run_cli(capsys, "bench", "--model", "default", "--solvers", "ddim", "--nfe", "2",
+                           "--limit", "1", "--images-per-prompt", "1", "--metrics", "shapes", "--no-progress",
+                           "--out", tmp_path / "sweep")
+    assert code == 0, err
+    assert (tmp_path / "sweep" / "results.json").is_file()
 
 
 # --- bad input: one line each -------------------------------------------------------------------
