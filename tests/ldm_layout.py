@@ -183,3 +183,58 @@ def save_sdxl_single_file(folder: Path, out: Path) -> Path:
     sd.update(openclip_text_to_ldm(te2.state_dict(), "conditioner.embedders.1.model."))
     save_file({k: v.contiguous() for k, v in sd.items()}, str(out))
     return out
+
+
+def save_sd15_full_size(out: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A full-size Stable Diffusion 1.5 single file (860M-parameter UNet, KL VAE, CLIP ViT-L/14 text
+    tower; 4.3 GB in float32) with random weights, in the original (LDM) layout: the published
+    architectures (velodiff's bundled configs) are built on the meta device for their tensor names
+    and shapes only, then every tensor is drawn directly, so no 4 GB model is ever initialized.
+
+    Weights: normal(0, 0.02), biases 0, norm scales 1, so activations stay finite through the network
+    (the image is noise, its size and the loading path are what a test checks)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from velodiff.models.configs import published_folder
+
+    folder = published_folder("sd15")
+
+    def config(sub: str) -> dict:
+        return json.loads((folder / sub / "config.json").read_text())
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        vae = AutoencoderKL.from_config(config("vae"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, meta in state.items():
+            if k.endswith("position_ids"):
+                out[k] = torch.arange(meta.shape[-1])[None]
+            elif k.endswith("bias"):
+                out[k] = torch.zeros(meta.shape, dtype=dtype)
+            elif meta.ndim == 1:  # norm scales
+                out[k] = torch.ones(meta.shape, dtype=dtype)
+            else:
+                out[k] = (torch.randn(meta.shape, generator=g) * 0.02).to(dtype)
+        return out
+
+    sd = {
+        **unet_to_ldm(draw(unet.state_dict()), unet.config),
+        **vae_to_ldm(draw(vae.state_dict()), vae.config),
+    }
+    sd.update(
+        {
+            f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v
+            for k, v in draw(te.state_dict()).items()
+        }
+    )
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out))
+    return out

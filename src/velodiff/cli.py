@@ -16,7 +16,10 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # click's plain help: rich's panels cut long option names (--images-per-pro…) at 80 columns
+    rich_markup_mode=None,
     help="Fast, measurable diffusion generation.",
+    epilog='\b\nExample:\n  velodiff generate "a red circle above a blue square" --out circle.png',
 )
 bench = typer.Typer(no_args_is_help=True, help="Measure quality and speed.")
 app.add_typer(bench, name="bench")
@@ -29,6 +32,8 @@ COMMAND_MODULES = [
     "velodiff.commands.bench_pipeline",
     "velodiff.commands.train",
     "velodiff.commands.generate",
+    "velodiff.commands.img2img",
+    "velodiff.commands.inpaint",
     "velodiff.commands.eval_shapes",
     "velodiff.commands.generate_set",
     "velodiff.commands.bench_sweep",

@@ -16,6 +16,7 @@ import typer
 
 from ..files import write_atomic
 from .bench_solvers import _command_line, _names, _output
+from .options import example
 
 DEFAULT_JSON = Path("out/bench_pipeline.json")
 
@@ -27,7 +28,9 @@ def bench_pipeline(
     models: Annotated[
         str,
         typer.Option(
-            help="comma-separated: default (the shipped model), sd15, sdxl, sd3, flux (tiny random models)"
+            "--models",
+            "--model",
+            help="comma-separated: default (the shipped model), sd15, sdxl, sd3, flux (tiny random models)",
         ),
     ] = "default,sd15,sdxl,sd3,flux",
     nfe: Annotated[int, typer.Option(min=1, help="network calls per image (steps of a 1-call solver)")] = 20,
@@ -79,4 +82,8 @@ def bench_pipeline(
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    bench.command("pipeline")(bench_pipeline)
+    bench.command(
+        "pipeline",
+        epilog=example("velodiff bench pipeline --model default --nfe 8 --runs 3"),
+        short_help="Seconds per image and output, velodiff vs diffusers.",
+    )(bench_pipeline)

@@ -154,4 +154,10 @@ def bench_solvers(
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    bench.command("solvers")(bench_solvers)
+    from .options import example
+
+    bench.command(
+        "solvers",
+        epilog=example("velodiff bench solvers --solvers ddim,dpmpp_2m --nfe 5,10,20"),
+        short_help="Solver error vs NFE on the exact mixture oracle.",
+    )(bench_solvers)

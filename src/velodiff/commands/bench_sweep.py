@@ -20,13 +20,14 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
-from .generate import THREADS_HELP
+from . import options as o
+from .options import THREADS_HELP
 
 
 def bench_sweep(
     ctx: typer.Context,
     out: Path = typer.Option(Path("bench/sweep"), "--out", "-o", help="output folder"),
-    model: Path = typer.Option(None, "--model", help="diffusers folder or .safetensors [default: shipped]"),
+    model: o.Model = None,
     sweep_file: Path = typer.Option(None, "--sweep", help="YAML/JSON file of sweep keys (options override)"),
     solvers: str = typer.Option(None, "--solvers", help="comma list [default: dpmpp_2m,unipc,ddim]"),
     grids: str = typer.Option(None, "--grids", help="comma list of grid names [default: the model's]"),
@@ -75,8 +76,6 @@ def bench_sweep(
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()
-    if model is not None and not Path(model).expanduser().exists():
-        raise VelodiffError(f"model {str(model)!r} not found; give a diffusers folder or a .safetensors file")
     loaded, defaults = load_model(model, threads, device or "cpu")
     from ..eval.reference import model_hash
 
@@ -93,4 +92,9 @@ def bench_sweep(
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    bench.callback(invoke_without_command=True)(bench_sweep)
+    bench.callback(
+        invoke_without_command=True,
+        epilog=o.example(
+            "velodiff bench --model default --solvers dpmpp_2m,unipc --nfe 4,8 \\", "    --out bench/run1"
+        ),
+    )(bench_sweep)

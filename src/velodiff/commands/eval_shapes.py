@@ -16,9 +16,10 @@ import typer
 from ..errors import VelodiffError
 from ..eval import tables
 from ..files import save_image_atomic, write_atomic
-from .generate import THREADS_HELP
+from . import options as o
+from .options import THREADS_HELP
 
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")  # example: on its callback
 
 
 def parse_scales(text: str | None, default: float | None) -> list[float | None]:
@@ -116,7 +117,11 @@ def contact_sheet(images: list[Any], records: list[dict[str, Any]], cols: int = 
                       caption_lines=2, caption_height=30, marks=marks)
 
 
-@eval_app.command("shapes")
+@eval_app.command(
+    "shapes",
+    epilog=o.example("velodiff eval shapes --json out/shapes.json --limit 8"),
+    short_help="ShapesEval accuracy of a model on a fixed prompt set.",
+)
 def shapes(
     json_out: Path = typer.Option(..., "--json", help="write the results here (JSON)"),  # noqa: B008
     markdown: Annotated[
@@ -125,9 +130,7 @@ def shapes(
     sheet: Annotated[
         Path | None, typer.Option(help="contact sheet PNG of samples (default: beside --json, .png)")
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option(help="a diffusers folder or .safetensors file (default: the shipped model)")
-    ] = None,
+    model: o.Model = None,
     prompts: str = typer.Option("v1", help="prompt set: v1 or v1-holdout"),
     images_per_prompt: int = typer.Option(2, min=1),
     solver: str = typer.Option(None, help="solver (default dpmpp_2m)"),

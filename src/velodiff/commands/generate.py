@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,8 @@ import typer
 from ..errors import VelodiffError
 from ..files import save_image_atomic
 from ..images import image_grid
+from . import options as o
+from .image_run import ImageRun
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -84,109 +85,106 @@ def user_errors(what: str):
         raise VelodiffError(f"{what}: {msg}") from None
 
 
-#: help text of every command's --threads that loads a model through load_model
-THREADS_HELP = "CPU threads (default: 1 for the shipped tiny model, torch's default for others)"
-
-
 def load_model(
-    model: Path | None, threads: int | None, device: str = "cpu"
+    model: str | Path | None,
+    threads: int | None,
+    device: str = "cpu",
+    *,
+    dtype: str = "float32",
+    config: Path | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The model (default: the shipped one) and its sampling defaults. ``threads=None``: one thread for
-    the shipped model (a second saves ~15% on an idle 2-core machine, but beside a busy core its
-    threads wait on each other: 100x slower, measured), torch's default for any other."""
+    """The model (a shipped name, a path; default: the shipped one) and its sampling defaults.
+    ``threads=None``: one thread for a shipped model (a second saves ~15% on an idle 2-core machine, but
+    beside a busy core its threads wait on each other: 100x slower, measured), torch's default for any
+    other."""
     import torch
 
-    from ..default_model import DEFAULT_SAMPLING, default_model_path
+    from ..default_model import DEFAULT_SAMPLING
+    from ..shipped import is_shipped, resolve_model
 
-    if threads is None and model is None:
+    shipped = is_shipped(model)
+    if threads is None and shipped:
         threads = 1
     if threads is not None:
         torch.set_num_threads(threads)
-    path = Path(model).expanduser() if model is not None else default_model_path()
-    if model is None and not (path / "model_index.json").is_file():
-        raise VelodiffError(f"the default model is missing from the package ({path}); reinstall velodiff")
+    path = resolve_model(model)
     from ..models import load
 
     with user_errors(f"cannot load model {str(path)!r}"):
-        loaded = load(path, device=device)
-    defaults = dict(DEFAULT_SAMPLING) if model is None else {}
+        loaded = load(path, device=device, dtype=dtype, config=config)
+    defaults = dict(DEFAULT_SAMPLING) if shipped else {}
     return loaded, defaults
 
 
 def generate(
-    prompt: str = typer.Argument(..., help="what to draw"),
-    out: Path = typer.Option(..., "--out", "-o", help="image file to write (.png, .jpg, .webp)"),  # noqa: B008
-    seed: int = typer.Option(0, help="seed of the first image (image i uses seed + i)"),
-    steps: int = typer.Option(
-        None, min=1, help="solver steps (default: the model's, 20 for the default model)"
-    ),
-    guidance: float = typer.Option(None, help="classifier-free guidance scale (>= 0; 1 = no guidance)"),
-    solver: str = typer.Option(None, help="any solver of `velodiff solvers` (default dpmpp_2m)"),
-    grid: str = typer.Option(None, help="time grid name (default: the model's)"),
-    negative: str = typer.Option(None, help="negative prompt (replaces the unconditional branch of CFG)"),
-    plan: str = typer.Option(None, help="step plan, e.g. ag:threshold=0.99+pag:scale=3 (see velodiff plans)"),
+    prompt: Annotated[str, typer.Argument(help="what to draw")],
+    out: o.Out,
+    model: o.Model = None,
+    width: o.Width = None,
+    height: o.Height = None,
+    device: o.Device = None,
+    dtype: o.Dtype = None,
+    seed: o.Seed = 0,
+    n: o.N = 1,
+    batch: o.Batch = None,
+    steps: o.Steps = None,
+    solver: o.Solver = None,
+    grid: o.Grid = None,
+    guidance: o.Guidance = None,
+    guidance_rescale: o.GuidanceRescale = 0.0,
+    negative: o.Negative = None,
+    plan: o.PlanOpt = None,
+    clip_skip: o.ClipSkip = None,
+    noise: o.Noise = "velodiff",
+    config: o.Config = None,
+    threads: o.Threads = None,
     attention_maps: Annotated[
-        Path | None, typer.Option(help="also write the first image's cross-attention map per token (PNG)")
+        Path | None,
+        typer.Option(help="also write an image's cross-attention map per token (PNG; the first image of the "
+                     "last batch)"),
     ] = None,
-    n: int = typer.Option(1, "--n", min=1, max=64, help="number of images, saved as one grid image"),
-    model: Annotated[
-        Path | None, typer.Option(help="a diffusers folder or .safetensors file (default: the shipped model)")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
-    """Generate an image from a text prompt (offline, CPU by default)."""
-    t0 = time.perf_counter()
+    """Generate images from a text prompt. Offline; the shipped model unless --model says otherwise, on
+    the best device there is."""
     if not prompt.strip():
         raise VelodiffError(
             'the prompt is empty; describe the image, e.g. "a red circle above a blue square"'
         )
-    if guidance is not None and not guidance >= 0:
-        raise VelodiffError(f"--guidance must be >= 0, got {guidance}")
+    run = ImageRun(
+        model=model, config=config, device=device, dtype=dtype, threads=threads, width=width, height=height,
+        seed=seed, n=n, batch=batch, steps=steps, solver=solver, grid=grid, guidance=guidance,
+        guidance_rescale=guidance_rescale, negative=negative, plan=plan, clip_skip=clip_skip, noise=noise,
+    )
+    run.check()
     fmt = check_output_path(out)
-    if solver is not None:
-        from .names import check_solver
-
-        check_solver(solver)
-    if plan is not None:
-        from ..plan import Plan
-
-        Plan.parse(plan)  # refused in one line before the model loads
     if attention_maps is not None:
         check_output_path(attention_maps)
-    quiet_libraries()
-    loaded, defaults = load_model(model, threads)
+    loaded = run.load()
     from ..pipelines import text2img
 
-    rules: list[Any] = [plan] if plan else []
+    extra: list[Any] = []
     if attention_maps is not None:
         from ..accel.attention import AttentionMaps
 
-        rules.append(capture := AttentionMaps())
-    res = text2img(
-        loaded,
-        prompt,
-        negative=negative,
-        steps=steps if steps is not None else defaults.get("steps"),
-        solver=solver or defaults.get("solver"),
-        grid=grid,
-        guidance=guidance if guidance is not None else defaults.get("guidance"),
-        seeds=[seed + i for i in range(n)],
-        plan=rules,
-    )
+        extra.append(capture := AttentionMaps())
+    res = run.run(text2img, prompt, plan=extra, width=width, height=height)
     save_image_atomic(image_grid(list(res.images)), out, fmt)
-    typer.echo(
-        f"wrote {out} ({n} image{'s' if n > 1 else ''}, {res.solver}, {res.steps} steps, {res.nfe} NFE, "
-        f"{res.evals:g} evals/image, guidance {res.guidance:g}, plan {res.plan}) "
-        f"in {time.perf_counter() - t0:.2f} s"
-    )
+    typer.echo(run.summary(out, res))
     if attention_maps is not None:
         from ..accel.attention import attention_sheet
 
         tokens = loaded.components["tokenizer"].tokenize(prompt) if "tokenizer" in loaded.components else []
-        sheet = attention_sheet(capture.maps, tokens, res.images[0], scale=2)
+        step = batch or n  # the rule saw each batch in turn: its maps are the last batch's
+        sheet = attention_sheet(capture.maps, tokens, res.images[(n - 1) // step * step], scale=2)
         save_image_atomic(sheet, attention_maps)
         typer.echo(f"wrote {attention_maps} (cross-attention per token, mean over the steps)")
 
 
+EXAMPLE = o.example(
+    'velodiff generate "a lighthouse at dusk" --model sd15.safetensors \\',
+    "    --width 512 --height 768 --steps 20 --out lighthouse.png",
+)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("generate")(generate)
+    app.command("generate", epilog=EXAMPLE)(generate)

@@ -21,8 +21,11 @@ def generate_set_cmd(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="the set folder (created; a set there is resumed)")
     ],
-    model: Annotated[Path | None, typer.Option(help="a diffusers folder or .safetensors file "
-                                               "(default: the set's, else the shipped model)")] = None,
+    model: Annotated[str | None, typer.Option(
+        metavar="<name|path>",
+        help="a shipped model by name (default) or a diffusers folder / .safetensors file (default: the "
+        "set's, else the shipped model)",
+    )] = None,
     seed: Annotated[int | None, typer.Option(help="base seed; image i uses seed + i (default 0)")] = None,
     images_per_prompt: Annotated[
         int | None, typer.Option(min=1, help="images per prompt (default 1)")
@@ -67,14 +70,10 @@ def generate_set_cmd(
     previous = header["config"] if header else None
     if model is None and header is not None:
         model_path = Path(header["model"]["path"])
-    elif model is None:
-        from ..default_model import default_model_path
-
-        model_path = default_model_path()
-        if not (model_path / "model_index.json").is_file():
-            raise VelodiffError(f"the default model is missing from the package ({model_path}); pass --model")
     else:
-        model_path = model.expanduser()
+        from ..shipped import resolve_model
+
+        model_path = resolve_model(model)
     from ..default_model import DEFAULT_SAMPLING, default_model_path
 
     defaults: dict[str, Any] = dict(
@@ -161,7 +160,14 @@ def eval_manifest_cmd(
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("generate-set")(generate_set_cmd)
+    from .options import example
+
+    epilog = example("velodiff generate-set prompts.txt --out out/set --model default")
+    app.command("generate-set", epilog=epilog, short_help="Generate a resumable image set from prompts.")(
+        generate_set_cmd
+    )
     from .eval_shapes import eval_app
 
-    eval_app.callback(invoke_without_command=True)(eval_manifest_cmd)
+    eval_app.callback(
+        invoke_without_command=True, epilog=example("velodiff eval --manifest out/set --real shapes")
+    )(eval_manifest_cmd)

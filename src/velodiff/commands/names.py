@@ -25,3 +25,14 @@ def check_solver(name: str) -> None:
         get_solver(name)
     elif name not in SOLVER_NAMES:
         raise unknown_name("solver", name, SOLVER_NAMES)
+
+
+#: ``velodiff.pipelines.common.NOISE_MODES``
+NOISE_MODES = ("velodiff", "torch")
+#: the weight dtypes the CLI offers (``velodiff.models.base.DTYPES`` also takes fp32 / bf16 / fp16)
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def check_name(kind: str, name: str, valid: tuple[str, ...]) -> None:
+    if name not in valid:
+        raise unknown_name(kind, name, valid)

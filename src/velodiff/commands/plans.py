@@ -28,4 +28,7 @@ def plans() -> None:
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("plans")(plans)
+    from .options import example
+
+    epilog = example('velodiff generate "a red cube" --plan ag:threshold=0.99 --out cube.png')
+    app.command("plans", epilog=epilog, short_help="List plan rules: name, cost, options.")(plans)

@@ -17,4 +17,7 @@ def report(folder: Path = typer.Argument(..., help="a `velodiff bench` or `velod
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("report")(report)
+    from .options import example
+
+    epilog = example("velodiff report bench/run1")
+    app.command("report", epilog=epilog, short_help="A bench or eval folder as one markdown page.")(report)

@@ -22,4 +22,6 @@ def solvers() -> None:
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("solvers")(solvers)
+    from .options import example
+
+    app.command("solvers", epilog=example("velodiff solvers"))(solvers)

@@ -14,7 +14,13 @@ from typing import Annotated
 
 import typer
 
-train_app = typer.Typer(no_args_is_help=True, help="Train the autoencoder and the text-to-image model.")
+from .options import example
+
+train_app = typer.Typer(
+    no_args_is_help=True,
+    help="Train the autoencoder and the text-to-image model.",
+    epilog=example("velodiff train autoencoder --run runs/vae"),
+)
 
 
 def _threads(threads: int, device: str) -> str:
@@ -32,7 +38,11 @@ def _threads(threads: int, device: str) -> str:
     return device
 
 
-@train_app.command("autoencoder")
+@train_app.command(
+    "autoencoder",
+    epilog=example("velodiff train autoencoder --run runs/vae"),
+    short_help="Train the autoencoder on shapes-world images.",
+)
 def autoencoder(
     run: Path = typer.Option(  # noqa: B008
         ..., help="run folder (checkpoints, loss.csv); resumes when it has a checkpoint"
@@ -101,7 +111,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
 
 
-@train_app.command("ldm")
+@train_app.command(
+    "ldm",
+    epilog=example("velodiff train ldm --vae runs/vae --run runs/ldm"),
+    short_help="Train the UNet and the text encoder on the latents.",
+)
 def ldm(
     vae: Path = typer.Option(  # noqa: B008
         ..., help="the autoencoder run folder (from `velodiff train autoencoder`)"
@@ -166,7 +180,11 @@ def ldm(
         typer.echo(f"exported {export_model(vae, run, out)}")
 
 
-@train_app.command("export")
+@train_app.command(
+    "export",
+    epilog=example("velodiff train export --vae runs/vae --ldm runs/ldm --out my-model"),
+    short_help="Write the latest checkpoint as a diffusers folder.",
+)
 def export(
     vae: Path = typer.Option(..., help="the autoencoder run folder"),  # noqa: B008
     ldm: Path = typer.Option(..., help="the ldm run folder"),  # noqa: B008

@@ -51,11 +51,45 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def best_device() -> str:
+    """The fastest device here: a CUDA GPU, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VelodiffError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    """``device`` (cpu, cuda, cuda:N, mps; None: :func:`best_device`) checked against this machine,
+    so a missing GPU is one line here, not a CUDA error inside diffusers."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(device or best_device())
+        except (RuntimeError, ValueError):
+            raise VelodiffError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VelodiffError(f"device {str(dev)!r} was asked for but no CUDA GPU is available; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VelodiffError(
+                f"device {str(dev)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise VelodiffError("device 'mps' was asked for but Apple's MPS is not available; use cpu")
+    elif dev.type != "cpu":
+        raise VelodiffError(f"unsupported device {str(dev)!r}; use cpu, cuda, cuda:N or mps")
     return dev
+
+
+def default_dtype(device: torch.device) -> str:
+    """The weights' dtype a diffusers user expects on ``device``: float16 on a GPU (half the memory,
+    tensor cores), float32 on the CPU (torch's float16 kernels there are slow or missing)."""
+    return "float32" if device.type == "cpu" else "float16"
 
 
 # --- the network adapter and the denoiser -----------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError, unknown_name
+from ..shipped import SHIPPED, no_such_model, shipped_path
 from .base import FAMILIES, LoadedModel, families_by_priority, resolve_device, resolve_dtype
 from .weights import CONVERT_HINT, PICKLE_SUFFIXES, check_safetensors, safe_open
 
@@ -92,7 +93,7 @@ def inspect_source(path: str | os.PathLike[str]) -> Source:
     """Classify ``path`` (folder with model_index.json, or .safetensors file); refuse anything else."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise VelodiffError(f"model path {str(p)!r} does not exist")
+        raise no_such_model(path)
     if p.is_dir():
         index = p / "model_index.json"
         if not index.is_file():
@@ -148,10 +149,11 @@ def load(
 ) -> LoadedModel:
     """Load a model for velodiff's sampling core.
 
-    * ``path``: a diffusers pipeline folder (``model_index.json``) or a single ``.safetensors``
-      checkpoint (original Stable Diffusion / SDXL layout; configs from ``config``, a local
-      diffusers folder, else velodiff's bundled ones).
+    * ``path``: a shipped model's name (``"default"``, see ``velodiff.shipped``), a diffusers pipeline
+      folder (``model_index.json``) or a single ``.safetensors`` checkpoint (original Stable Diffusion /
+      SDXL layout; configs from ``config``, a local diffusers folder, else velodiff's bundled ones).
     * ``dtype``: "float32", "bfloat16" or "float16" for the weights (latents are kept in float32).
+    * ``device``: "cpu", "cuda", "cuda:N", "mps", or None for the best one available.
     * ``family``: force a family ("sd1", "sd2", "sdxl", ... see ``FAMILIES``) instead of detecting it.
     * ``prediction_type``: override the scheduler config's ("epsilon", "v_prediction", "sample").
     """
@@ -159,6 +161,8 @@ def load(
 
     _register_builtin()
     offline()
+    if isinstance(path, str) and path in SHIPPED:
+        path = shipped_path(path)
     source = inspect_source(path)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     if family is not None and family not in FAMILIES:

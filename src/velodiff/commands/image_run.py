@@ -1,0 +1,180 @@
+"""What generate, img2img and inpaint do alike with the options of ``commands.options``: refuse bad
+values before any model work, load the model on the chosen device and precision, hand the sampling
+keywords to the pipeline in batches of ``--batch`` images, and describe the run in one line."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import VelodiffError
+
+
+@dataclass
+class ImageRun:
+    """The shared options' values (``None``: the model's default)."""
+
+    model: str | None = None
+    config: Path | None = None
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int = 0
+    n: int = 1
+    batch: int | None = None
+    steps: int | None = None
+    solver: str | None = None
+    grid: str | None = None
+    guidance: float | None = None
+    guidance_rescale: float = 0.0
+    negative: str | None = None
+    plan: str | None = None
+    clip_skip: int | None = None
+    noise: str = "velodiff"
+    #: set by check(): the model's folder or file; by load(): the model and its sampling defaults
+    path: Path | None = None
+    loaded: Any = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def check(self) -> None:
+        """Refuse what is wrong without importing torch (one line each)."""
+        from ..shipped import resolve_model
+        from .names import DTYPE_NAMES, NOISE_MODES, check_name, check_solver
+
+        if self.guidance is not None and not self.guidance >= 0:
+            raise VelodiffError(f"--guidance must be >= 0, got {self.guidance}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise VelodiffError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
+        for name, value in (("--width", self.width), ("--height", self.height)):
+            if value is not None and value <= 0:
+                raise VelodiffError(f"{name} must be a positive number of pixels, got {value}")
+        if self.clip_skip is not None and self.clip_skip < 0:
+            raise VelodiffError(f"--clip-skip must be >= 0, got {self.clip_skip}")
+        if self.solver is not None:
+            check_solver(self.solver)
+        check_name("noise mode", self.noise, NOISE_MODES)
+        if self.dtype is not None:
+            check_name("dtype", self.dtype, DTYPE_NAMES)
+            if self.device == "cpu":
+                check_cpu_dtype(self.dtype)
+        if self.plan is not None:
+            from ..plan import Plan
+
+            Plan.parse(self.plan)  # refused in one line before the model loads
+        self.path = resolve_model(self.model)
+        if self.config is not None and not self.config.is_dir():
+            raise VelodiffError(f"--config {str(self.config)!r} is not a folder; give a diffusers folder")
+
+    def load(self) -> Any:
+        """The model on its device and in its precision (defaults: the best device, float32 on the CPU,
+        float16 on a GPU); --clip-skip set and --width / --height checked against its latent factor."""
+        from ..models.base import default_dtype, resolve_device
+        from .generate import load_model, quiet_libraries
+
+        quiet_libraries()
+        device = resolve_device(self.device)
+        dtype = self.dtype or default_dtype(device)
+        if device.type == "cpu":
+            check_cpu_dtype(dtype)
+        self.loaded, self.defaults = load_model(
+            self.model, self.threads, str(device), dtype=dtype, config=self.config
+        )
+        m = self.loaded
+        if self.clip_skip:
+            if not hasattr(m, "clip_skip"):
+                raise VelodiffError(f"--clip-skip: this {m.family} model has no CLIP text encoder")
+            m.clip_skip = self.clip_skip
+        f = m.vae_scale_factor
+        for name, value in (("--width", self.width), ("--height", self.height)):
+            if value is not None and value % f:
+                raise VelodiffError(
+                    f"{name} {value} is not a multiple of {f}, the latent factor of this {m.family} model; "
+                    f"try {max(f, round(value / f) * f)}"
+                )
+        return m
+
+    def sampling(self) -> dict[str, Any]:
+        """The pipeline keywords (model defaults for what was not given)."""
+        d = self.defaults
+        return dict(
+            negative=self.negative,
+            steps=self.steps if self.steps is not None else d.get("steps"),
+            solver=self.solver or d.get("solver"),
+            grid=self.grid,
+            guidance=self.guidance if self.guidance is not None else d.get("guidance"),
+            guidance_rescale=self.guidance_rescale,
+            noise=self.noise,
+        )
+
+    def run(self, pipeline: Callable[..., Any], *args: Any, plan: list[Any] | None = None, **kw: Any) -> Any:
+        """``pipeline(model, *args, seeds=..., plan=..., **sampling, **kw)`` over --n images in batches
+        of --batch; returns the first batch's result with every image in ``images``."""
+        rules: list[Any] = [self.plan] if self.plan else []
+        rules += plan or []
+        seeds = [self.seed + i for i in range(self.n)]
+        step = self.batch or self.n
+        first, images = None, []
+        for i in range(0, self.n, step):
+            res = pipeline(self.loaded, *args, seeds=seeds[i : i + step], plan=rules, **self.sampling(), **kw)
+            first = res if first is None else first
+            images += list(res.images)
+        assert first is not None
+        first.images = images
+        return first
+
+    def summary(self, out: Path, res: Any, size: tuple[int, int] | None = None) -> str:
+        """`wrote out.png (1 image, 256x384, sd1 bfloat16 on cpu, dpmpp_2m, ...) in 3.1 s`."""
+        m = self.loaded
+        w, h = size or res.images[0].size
+        calls = -(-self.n // (self.batch or self.n))
+        batches = f" in {calls} batches" if calls > 1 else ""
+        return (
+            f"wrote {out} ({self.n} image{'s' if self.n > 1 else ''}{batches}, {w}x{h}, {m.family} "
+            f"{str(m.dtype).removeprefix('torch.')} on {m.device}, {res.solver}, {res.steps} steps, "
+            f"{res.nfe} NFE, {res.evals:g} evals/image, guidance {res.guidance:g}, plan {res.plan}) "
+            f"in {time.perf_counter() - self.started:.2f} s"
+        )
+
+
+def check_cpu_dtype(dtype: str) -> None:
+    """float16 on the CPU: refused, since torch's CPU float16 kernels are slow or missing (a
+    convolution runs many times slower than in float32) and diffusers users run float32 there."""
+    if dtype in ("float16", "fp16"):
+        raise VelodiffError(
+            "--dtype float16 is slow or unsupported on the CPU; use float32 (the default there) or bfloat16"
+        )
+
+
+def read_image(path: Path, what: str = "image") -> Any:
+    """An image file as PIL RGB (one line if it is missing or not an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise VelodiffError(f"{what} {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (UnidentifiedImageError, OSError) as e:
+        kind = type(e).__name__
+        raise VelodiffError(f"{what} {str(path)!r} is not an image PIL can read ({kind})") from None
+
+
+def fit_size(run: ImageRun, image: Any, what: str = "image") -> tuple[int, int]:
+    """The output size (w, h): --width/--height if given (the image is resized to it), else the
+    image's own, which must then be a multiple of the model's latent factor."""
+    w, h = image.size
+    f = run.loaded.vae_scale_factor
+    tw, th = run.width or w, run.height or h
+    if (run.width is None and w % f) or (run.height is None and h % f):
+        raise VelodiffError(
+            f"the {what} is {w}x{h}; its sides must be multiples of {f} for this {run.loaded.family} model: "
+            f"pass --width {max(f, w // f * f)} --height {max(f, h // f * f)} to resize it"
+        )
+    return tw, th

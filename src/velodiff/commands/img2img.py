@@ -1,0 +1,86 @@
+"""`velodiff img2img PROMPT --image IN --strength S --out OUT`: re-generate an image toward a prompt
+(SDEdit, ``velodiff.pipelines.img2img``), with generate's model, size, device, precision, solver, grid,
+guidance and seed options."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import VelodiffError
+from ..files import save_image_atomic
+from ..images import image_grid
+from . import options as o
+from .generate import check_output_path
+from .image_run import ImageRun, fit_size, read_image
+
+EXAMPLE = o.example(
+    'velodiff img2img "a watercolor lighthouse" --image photo.png \\',
+    "    --strength 0.6 --out watercolor.png",
+)
+
+
+def check_strength(strength: float) -> None:
+    if not 0 <= strength <= 1:
+        raise VelodiffError(
+            f"--strength must be in [0, 1] (0 returns the image, 1 ignores it), got {strength:g}"
+        )
+
+
+def img2img_cmd(
+    prompt: Annotated[str, typer.Argument(help="what the image should become")],
+    image: o.Image,
+    out: o.Out,
+    strength: Annotated[
+        float,
+        typer.Option(help="how much to change: 0 returns the image, 1 draws anew (diffusers' strength)"),
+    ] = 0.8,
+    model: o.Model = None,
+    width: o.Width = None,
+    height: o.Height = None,
+    device: o.Device = None,
+    dtype: o.Dtype = None,
+    seed: o.Seed = 0,
+    n: o.N = 1,
+    batch: o.Batch = None,
+    steps: o.Steps = None,
+    solver: o.Solver = None,
+    grid: o.Grid = None,
+    guidance: o.Guidance = None,
+    guidance_rescale: o.GuidanceRescale = 0.0,
+    negative: o.Negative = None,
+    plan: o.PlanOpt = None,
+    clip_skip: o.ClipSkip = None,
+    noise: o.Noise = "velodiff",
+    config: o.Config = None,
+    threads: o.Threads = None,
+) -> None:
+    """Re-draw an image toward a prompt (SDEdit). --steps counts the whole grid, of which the last
+    --strength part runs."""
+    if not prompt.strip():
+        raise VelodiffError('the prompt is empty; describe the image, e.g. "a watercolor lighthouse"')
+    check_strength(strength)
+    run = ImageRun(
+        model=model, config=config, device=device, dtype=dtype, threads=threads, width=width, height=height,
+        seed=seed, n=n, batch=batch, steps=steps, solver=solver, grid=grid, guidance=guidance,
+        guidance_rescale=guidance_rescale, negative=negative, plan=plan, clip_skip=clip_skip, noise=noise,
+    )
+    run.check()
+    fmt = check_output_path(out)
+    picture = read_image(image).convert("RGB")
+    run.load()
+    size = fit_size(run, picture)
+    if size != picture.size:
+        from PIL import Image
+
+        picture = picture.resize(size, Image.Resampling.LANCZOS)
+    from ..pipelines import img2img
+
+    res = run.run(img2img, prompt, picture, strength)
+    save_image_atomic(image_grid(list(res.images)), out, fmt)
+    typer.echo(run.summary(out, res) + f" (strength {strength:g})")
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("img2img", epilog=EXAMPLE)(img2img_cmd)

@@ -1,0 +1,86 @@
+"""The options the image commands (generate, img2img, inpaint) share, declared once. Each command
+lists them as parameters typed with these aliases, so their names, help and defaults cannot drift
+apart; ``velodiff.commands.image_run`` turns the values into a loaded model and pipeline keywords."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+#: help text of every --threads that loads a model through load_model
+THREADS_HELP = "CPU threads (default: 1 for the shipped tiny model, torch's default for others)"
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="image file to write (.png, .jpg, .webp)")]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        metavar="<name|path>",
+        help="a shipped model by name (default) or a diffusers folder / .safetensors file "
+        "(default: the shipped model)",
+    ),
+]
+Config = Annotated[
+    Path | None,
+    typer.Option(
+        help="diffusers folder with the configs a single .safetensors file needs (default: velodiff's "
+        "bundled SD 1.5 / SDXL configs)"
+    ),
+]
+Device = Annotated[
+    str | None, typer.Option(help="cpu, cuda, cuda:1 or mps (default: the best available)")
+]
+Dtype = Annotated[
+    str | None,
+    typer.Option(help="weights' precision: float32, float16 or bfloat16 (default: float32 on the CPU, "
+                 "float16 on a GPU)"),
+]
+Threads = Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)]
+Width = Annotated[
+    int | None,
+    typer.Option(help="image width in pixels, a multiple of the model's latent factor (8 for SD) "
+                 "(default: the model's)"),
+]
+Height = Annotated[int | None, typer.Option(help="image height in pixels, as --width (default: the model's)")]
+Seed = Annotated[int, typer.Option(help="seed of the first image (image i uses seed + i)")]
+N = Annotated[int, typer.Option("--n", min=1, max=64, help="number of images, saved as one grid image")]
+Batch = Annotated[
+    int | None, typer.Option(min=1, help="images per network call (default: all --n at once)")
+]
+Steps = Annotated[
+    int | None, typer.Option(min=1, help="solver steps (default: the model's, 20 for the default model)")
+]
+Solver = Annotated[str | None, typer.Option(help="any solver of `velodiff solvers` (default dpmpp_2m)")]
+Grid = Annotated[str | None, typer.Option(help="time grid name (default: the model's)")]
+Guidance = Annotated[
+    float | None, typer.Option(help="classifier-free guidance scale (>= 0; 1 = no guidance)")
+]
+GuidanceRescale = Annotated[
+    float, typer.Option(help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for v-prediction)")
+]
+Negative = Annotated[
+    str | None, typer.Option(help="negative prompt (replaces the unconditional branch of CFG)")
+]
+PlanOpt = Annotated[
+    str | None, typer.Option("--plan", help="step plan, e.g. ag:threshold=0.99+pag:scale=3 (velodiff plans)")
+]
+ClipSkip = Annotated[
+    int | None,
+    typer.Option(help="skip the text encoder's last k layers, as diffusers' clip_skip (1: the penultimate "
+                 "layer, A1111's 'clip skip 2'; default 0)"),
+]
+Noise = Annotated[
+    str,
+    typer.Option(help="velodiff: noise per image from its own seed (same on every device and batch); "
+                 "torch: one CPU generator for the batch, as diffusers and ComfyUI"),
+]
+Image = Annotated[
+    Path, typer.Option("--image", help="the input image (resized to --width / --height if given)")
+]
+
+
+def example(*lines: str) -> str:
+    """A command's help epilog: one example, kept as written (click's \\b: no re-wrapping), each line
+    short enough for an 80-column terminal (tests/test_cli_checkpoint.py checks)."""
+    return "\b\nExample:\n" + "\n".join(f"  {line}" for line in lines)

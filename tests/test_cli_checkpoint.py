@@ -1,0 +1,330 @@
+"""The command line of a user with their own checkpoint (issue 16): image size, device and precision
+options, `velodiff img2img` and `velodiff inpaint`, shipped models by name, one-line errors, help that
+fits an 80-column terminal.
+
+The single-file bar runs on a tiny SD 1.x checkpoint written in the original (LDM) layout with an
+8x latent factor, as the real one has. The same run on a full-size SD 1.5 file (4.3 GB of random
+weights, ``ldm_layout.save_sd15_full_size``: ~30 s to write, ~30 s to run on 2 cores, 6.7 GB of
+memory) is too slow and too big for the suite; ``VELODIFF_FULL_SIZE=1`` runs it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ldm_layout
+import sd_tiny
+from velodiff.cli import main
+from velodiff.default_model import default_model_path
+
+FAST = ["--steps", "2"]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # typer's standalone mode exits after a successful command
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(capsys, *args: str) -> str:
+    code, out, err = run_cli(capsys, *args)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, (code, out, err)
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_single_file(tmp_path_factory):
+    """(file, config folder): a tiny SD 1.x pipeline whose VAE has four levels (latent factor 8, as SD's),
+    saved as a diffusers folder (the configs) and as one original-layout .safetensors file."""
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("tiny-sd8")
+    folder = sd_tiny.save_sd(root / "folder")
+    torch.manual_seed(0)
+    AutoencoderKL(
+        block_out_channels=[32] * 4, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        sample_size=64,
+    ).save_pretrained(folder / "vae")
+    return ldm_layout.save_sd1_single_file(folder, root / "tiny-sd15.safetensors"), folder
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    """A 64x64 input image (the default model's size) made by the default model, and its path."""
+    root = tmp_path_factory.mktemp("inputs")
+    path = root / "in.png"
+    try:
+        main(["generate", "a red circle above a blue square", "--out", str(path), *FAST])
+    except SystemExit as e:
+        assert not e.code
+    return path
+
+
+# --- a single-file checkpoint from the command line ---------------------------------------------
+
+
+def test_single_file_size_dtype_from_cli(tiny_single_file, tmp_path, capsys):
+    f, config = tiny_single_file
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(
+        capsys, "generate", "a photo of a red cube", "--model", f, "--config", config,
+        "--width", "256", "--height", "384", "--dtype", "bfloat16", *FAST, "--out", out,
+    )
+    assert code == 0, err
+    assert Image.open(out).size == (256, 384)
+    assert "256x384" in o and "bfloat16 on cpu" in o  # the device it ran on is said
+
+
+@pytest.mark.skipif(not os.environ.get("VELODIFF_FULL_SIZE"), reason="a 4.3 GB file: VELODIFF_FULL_SIZE=1")
+def test_full_size_sd15_single_file(tmp_path, capsys):
+    f = ldm_layout.save_sd15_full_size(tmp_path / "sd15.safetensors")
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(
+        capsys, "generate", "a lighthouse at dusk", "--model", f, "--width", "256", "--height", "384",
+        "--dtype", "bfloat16", *FAST, "--out", out,
+    )
+    assert code == 0, err
+    assert Image.open(out).size == (256, 384)
+    msg = one_error_line(capsys, "generate", "a lighthouse", "--model", f, "--width", "100", "--out", out)
+    assert "not a multiple of 8" in msg
+
+
+def test_sdxl_single_file_from_cli(tmp_path, capsys):
+    folder = sd_tiny.save_sd(tmp_path / "sdxl", "sdxl")
+    f = ldm_layout.save_sdxl_single_file(folder, tmp_path / "sdxl.safetensors")
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(capsys, "generate", "a photo of a red cube", "--model", f, "--config", folder,
+                           "--width", "32", "--height", "48", "--dtype", "bfloat16", *FAST, "--out", out)
+    assert code == 0, err
+    assert Image.open(out).size == (32, 48) and "sdxl bfloat16 on cpu" in o
+
+
+def test_device_and_dtype_rules(monkeypatch):
+    """Defaults as diffusers users expect (float16 on a GPU, float32 on the CPU); devices this machine
+    lacks are one line. CUDA is faked for the checks a GPU machine would make."""
+    from velodiff.errors import VelodiffError
+    from velodiff.models.base import best_device, default_dtype, resolve_device
+
+    assert default_dtype(torch.device("cpu")) == "float32"
+    assert default_dtype(torch.device("cuda")) == default_dtype(torch.device("mps")) == "float16"
+    if not torch.cuda.is_available():
+        assert best_device() in ("cpu", "mps")
+        with pytest.raises(VelodiffError, match="no CUDA GPU"):
+            resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert best_device() == "cuda" and resolve_device(None) == torch.device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(VelodiffError, match=r"1 CUDA GPU\(s\), cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+
+
+def test_light_name_lists_match_the_library():
+    from velodiff.commands.names import DTYPE_NAMES, NOISE_MODES
+    from velodiff.models.base import DTYPES
+    from velodiff.pipelines.common import NOISE_MODES as PIPELINE_NOISE_MODES
+
+    assert NOISE_MODES == PIPELINE_NOISE_MODES
+    assert set(DTYPE_NAMES) <= set(DTYPES)
+
+
+def test_batch_clip_skip_noise_rescale(tiny_single_file, tmp_path, capsys):
+    """--batch splits the images over network calls without changing them (per-image noise); the other
+    text2img options reach the pipeline."""
+    f, config = tiny_single_file
+    common = ["a photo of a red cube", "--model", f, "--config", config, "--width", "32", "--height", "32",
+              "--n", "3", *FAST]
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    assert run_cli(capsys, "generate", *common, "--out", one)[0] == 0
+    code, o, err = run_cli(capsys, "generate", *common, "--batch", "2", "--out", two)
+    assert code == 0 and "in 2 batches" in o, err
+    assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(two)))
+    opts = ["--clip-skip", "1", "--noise", "torch", "--guidance-rescale", "0.7", "--negative", "blurry"]
+    code, o, err = run_cli(capsys, "generate", *common, *opts, "--out", two)
+    assert code == 0, err
+    assert "rescale" in o  # the plan that ran: cfg + rescale
+    assert not np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(two)))
+
+
+# --- img2img and inpaint on the shipped model ---------------------------------------------------
+
+
+def test_img2img_sizes_and_strength_zero(picture, tmp_path, capsys):
+    from velodiff import load
+    from velodiff.pipelines.common import image_tensor, to_pil
+
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(capsys, "img2img", "a blue circle", "--image", picture, "--strength", "0.5",
+                           *FAST, "--out", out)
+    assert code == 0, err
+    assert Image.open(out).size == (64, 64)
+    code, o, err = run_cli(capsys, "img2img", "a blue circle", "--image", picture, "--width", "96",
+                           "--height", "64", *FAST, "--out", out)
+    assert code == 0, err
+    assert Image.open(out).size == (96, 64)  # the input resized to the asked size
+    # strength 0: the input through the autoencoder, no network call
+    code, o, err = run_cli(capsys, "img2img", "a blue circle", "--image", picture, "--strength", "0",
+                           "--out", out)
+    assert code == 0 and "0 NFE" in o, err
+    model = load("default")
+    with torch.inference_mode():
+        trip = to_pil(model.decode(model.encode(image_tensor(Image.open(picture).convert("RGB")))))[0]
+    diff = np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(trip, dtype=int))
+    assert diff.max() <= 1
+
+
+def test_inpaint_keeps_outside_of_mask(picture, tmp_path, capsys):
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 40))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(capsys, "inpaint", "a green triangle", "--image", picture, "--mask",
+                           tmp_path / "mask.png", *FAST, "--out", out)
+    assert code == 0, err
+    before = np.asarray(Image.open(picture).convert("RGB"), dtype=int)
+    after = np.asarray(Image.open(out), dtype=int)
+    assert after.shape == before.shape
+    keep = np.asarray(mask) < 128
+    assert np.abs(after - before)[keep].max() <= 1
+    assert np.abs(after - before)[~keep].mean() > 5  # the white part was repainted
+    # --no-keep: the pipeline's own output, outside the mask the autoencoder's round trip
+    code, o, err = run_cli(capsys, "inpaint", "a green triangle", "--image", picture, "--mask",
+                           tmp_path / "mask.png", *FAST, "--no-keep", "--out", out)
+    assert code == 0, err
+    raw = np.asarray(Image.open(out), dtype=int)
+    assert np.abs(raw - before)[keep].mean() < 12
+
+
+# --- shipped models by name ---------------------------------------------------------------------
+
+
+def test_default_by_name(tmp_path, capsys):
+    import velodiff
+
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(capsys, "generate", "a red circle", "--model", "default", *FAST, "--out", out)
+    assert code == 0 and "float32 on cpu" in o, err
+    m = velodiff.load("default")
+    assert m.family == "sd1" and os.path.samefile(m.path, default_model_path())
+    msg = one_error_line(capsys, "generate", "a red circle", "--model", "defualt", "--out", out)
+    assert "neither a path nor a shipped model (default)" in msg
+    with pytest.raises(velodiff.VelodiffError, match=r"shipped model \(default\)"):
+        velodiff.load("defualt")
+
+
+def test_bench_by_name(tmp_path, capsys):
+    code, o, err = run_cli(capsys, "bench", "pipeline", "--model", "default", "--nfe", "2", "--runs", "1",
+                           "--no-progress", "--json", tmp_path / "b.json")
+    assert code == 0, err
+    assert "| default" in o
+    # the quality-vs-speed sweep (`velodiff bench`), by name too
+    code, o, err = run_cli(capsys, "bench", "--model", "default", "--solvers", "ddim", "--nfe", "2",
+                           "--limit", "1", "--images-per-prompt", "1", "--metrics", "shapes", "--no-progress",
+                           "--out", tmp_path / "sweep")
+    assert code == 0, err
+    assert (tmp_path / "sweep" / "results.json").is_file()
+
+
+# --- bad input: one line each -------------------------------------------------------------------
+
+
+def test_bad_input_one_line_each(picture, tiny_single_file, tmp_path, capsys):
+    f, config = tiny_single_file
+    out = tmp_path / "out.png"
+    sd = ["--model", f, "--config", config]
+    assert "not a multiple of 8" in one_error_line(capsys, "generate", "a cube", *sd, "--width", "100",
+                                                  "--out", out)
+    assert "not a multiple of 4" in one_error_line(capsys, "generate", "a cube", "--height", "30",
+                                                  "--out", out)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in one_error_line(capsys, "generate", "a cube", "--device", "cuda",
+                                              "--out", out)
+    assert "unknown device" in one_error_line(capsys, "generate", "a cube", "--device", "gpu", "--out", out)
+    assert "float16" in one_error_line(capsys, "generate", "a cube", "--device", "cpu", "--dtype", "float16",
+                                       "--out", out)
+    assert "unknown dtype" in one_error_line(capsys, "generate", "a cube", "--dtype", "half", "--out", out)
+    assert "--strength must be in [0, 1]" in one_error_line(
+        capsys, "img2img", "a cube", "--image", picture, "--strength", "1.5", "--out", out
+    )
+    Image.new("L", (32, 64)).save(tmp_path / "small.png")
+    assert "give a mask of the image's size" in one_error_line(
+        capsys, "inpaint", "a cube", "--image", picture, "--mask", tmp_path / "small.png", "--out", out
+    )
+    assert "does not exist" in one_error_line(capsys, "img2img", "a cube", "--image", tmp_path / "no.png",
+                                              "--out", out)
+    Image.new("RGB", (30, 30)).save(tmp_path / "odd.png")
+    assert "--width 28 --height 28" in one_error_line(capsys, "img2img", "a cube", "--image",
+                                                      tmp_path / "odd.png", "--out", out)
+    assert "--guidance-rescale" in one_error_line(capsys, "generate", "a cube", "--guidance-rescale", "2",
+                                                  "--out", out)
+    assert "noise mode" in one_error_line(capsys, "generate", "a cube", "--noise", "numpy", "--out", out)
+
+
+# --- help ---------------------------------------------------------------------------------------
+
+
+def test_help_fits_80_columns_with_an_example(monkeypatch, capsys):
+    """Every command's help, at 80 columns: no line longer, no option name cut, one example."""
+    import typer
+
+    from velodiff import cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    cli._register()
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            yield from walk(sub, [*path, name])
+
+    root = typer.main.get_command(cli.app)  # built once: ~0.5 s per build
+    for path, cmd in walk(root, []):
+        try:
+            root.main([*path, "--help"], prog_name="velodiff")
+        except SystemExit as e:
+            assert not e.code
+        text = capsys.readouterr().out
+        assert "Usage: velodiff" in text, path
+        where = "velodiff " + " ".join(path)
+        assert max(len(line) for line in text.splitlines()) <= 80, where
+        assert "…" not in text, where
+        listing = text.partition("\nCommands:\n")[2].partition("\n\n")[0]
+        assert "..." not in listing, (where, listing)  # click cuts a long first sentence of a command
+        assert text.count("Example:") == 1, where
+        for param in cmd.params:
+            for name in param.opts:
+                assert name in text, (where, name)
+
+
+def test_new_early_errors_import_no_torch(tmp_path):
+    """The checks made before any model work stay light (tests/test_cli_startup.py's probe)."""
+    from test_cli_startup import HEAVY, probe
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    out, image = str(tmp_path / "out.png"), str(tmp_path / "in.png")
+    cases = [
+        ["img2img", "a cube", "--image", image, "--strength", "1.5", "--out", out],
+        ["inpaint", "a cube", "--image", image, "--mask", image, "--strength", "-1", "--out", out],
+        ["generate", "a cube", "--device", "cpu", "--dtype", "float16", "--out", out],
+        ["generate", "a cube", "--dtype", "half", "--out", out],
+        ["generate", "a cube", "--model", "defualt", "--out", out],
+        ["generate", "a cube", "--noise", "numpy", "--out", out],
+        ["generate", "a cube", "--guidance-rescale", "2", "--out", out],
+        ["generate", "a cube", "--width", "-8", "--out", out],
+        ["img2img", "a cube", "--image", str(tmp_path / "missing.png"), "--out", out],
+    ]
+    rows = [r for r in probe(cases) if r["argv"][-1] != "--help"]
+    assert len(rows) == len(cases)
+    for r in rows:
+        assert r["code"] == 2, r
+        assert r["heavy"] == [], f"`velodiff {' '.join(r['argv'])}` imported {r['heavy']} (of {HEAVY})"
