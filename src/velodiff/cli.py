@@ -38,6 +38,7 @@ COMMAND_MODULES = [
     "velodiff.commands.generate_set",
     "velodiff.commands.bench_sweep",
     "velodiff.commands.report",
+    "velodiff.commands.tune",
 ]
 
 

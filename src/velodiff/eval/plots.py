@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
 def pareto_png(
-    records: Sequence[dict[str, Any]], quality: str, label: str, higher_better: bool = True
+    records: Sequence[dict[str, Any]], quality: str, label: str, higher_better: bool = True,
+    group: str = "solver", name: Callable[[dict[str, Any]], str] | None = None,
 ) -> bytes:
-    """Seconds per image (log x) against a quality metric, one colour per solver, marker size by NFE;
-    the Pareto-optimal configurations are ringed, joined by a step line and labelled."""
+    """Seconds per image (log x) against a quality metric, one colour per ``group`` value (the solver),
+    marker size by NFE; the Pareto-optimal configurations are ringed, joined by a step line and
+    labelled (by ``name(record)``: solver and NFE, and guidance when it varies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,10 +21,10 @@ def pareto_png(
 
     recs = [r for r in records if "error" not in r and r.get(quality) is not None]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    solvers = sorted({r["solver"] for r in recs})
+    solvers = list(dict.fromkeys(r[group] for r in recs))
     cmap = plt.get_cmap("tab10")
     for i, s in enumerate(solvers):
-        rs = [r for r in recs if r["solver"] == s]
+        rs = [r for r in recs if r[group] == s]
         ax.scatter([r["seconds_per_image"] for r in rs], [r[quality] for r in rs],
                    s=[18 + 4 * r["nfe"] for r in rs], color=cmap(i % 10), alpha=0.8, label=s, zorder=2)
     front = sorted((r for r in recs if r.get("pareto")), key=lambda r: r["seconds_per_image"])
@@ -31,9 +33,13 @@ def pareto_png(
         ys = [r[quality] for r in front]
         ax.step(xs, ys, where="post", color="black", lw=1.0, ls="--", zorder=1, label="Pareto front")
         ax.scatter(xs, ys, s=140, facecolors="none", edgecolors="black", lw=1.2, zorder=3)
+        several = len({x.get("guidance") for x in recs}) > 1
+
+        def default_name(r: dict[str, Any]) -> str:
+            return f"{r['solver']} {r['nfe']}" + (f" g{r['guidance']:g}" if several else "")
+
         for r in front:
-            g = f" g{r['guidance']:g}" if len({x['guidance'] for x in recs}) > 1 else ""
-            ax.annotate(f"{r['solver']} {r['nfe']}{g}", (r["seconds_per_image"], r[quality]),
+            ax.annotate((name or default_name)(r), (r["seconds_per_image"], r[quality]),
                         textcoords="offset points", xytext=(5, 5), fontsize=7)
     if recs and min(r["seconds_per_image"] for r in recs) > 0:
         ax.set_xscale("log")

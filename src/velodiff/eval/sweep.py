@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,11 +96,13 @@ class Sweep:
 SWEEP_KEYS = {f for f in Sweep.__dataclass_fields__}
 
 
-def load_sweep_file(path: str | Path) -> dict[str, Any]:
-    """A sweep as YAML or JSON: keys of :class:`Sweep` (lists may be given as comma strings)."""
+def load_sweep_file(path: str | Path, keys: Iterable[str] = (), what: str = "sweep") -> dict[str, Any]:
+    """A sweep as YAML or JSON: keys of :class:`Sweep` (lists may be given as comma strings), or of
+    another mapping (``keys``, e.g. velodiff tune's search space)."""
+    keys = set(keys) or SWEEP_KEYS
     p = Path(path)
     if not p.is_file():
-        raise VelodiffError(f"sweep file {str(p)!r} not found")
+        raise VelodiffError(f"{what} file {str(p)!r} not found")
     text = p.read_text()
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
@@ -110,12 +112,12 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - parse errors are the user's file
-        raise VelodiffError(f"cannot parse sweep file {str(p)!r}: {str(e).splitlines()[0]}") from None
+        raise VelodiffError(f"cannot parse {what} file {str(p)!r}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise VelodiffError(f"sweep file {str(p)!r} must hold a mapping of sweep keys")
-    bad = sorted(set(data) - SWEEP_KEYS)
+        raise VelodiffError(f"{what} file {str(p)!r} must hold a mapping of {what} keys")
+    bad = sorted(set(data) - keys)
     if bad:
-        raise unknown_name("sweep key", bad[0], SWEEP_KEYS)
+        raise unknown_name(f"{what} key", bad[0], keys)
     return data
 
 
@@ -257,6 +259,14 @@ def config_id(c: dict[str, Any]) -> str:
 # --- the run --------------------------------------------------------------------------------------
 
 
+def _planned_nfe(c: dict[str, Any]) -> int:
+    """The configuration's NFE budget, or the one its plan sets (steps count as NFE, for progress)."""
+    from ..plan import Plan
+
+    settings = Plan.parse(c["plan"]).settings
+    return int(settings.get("nfe", settings.get("steps", c["nfe_budget"])))
+
+
 def _generate(model: Any, texts: list[str], seeds: list[int], batch: int, **kw: Any) -> tuple[Any, Any, Any]:
     """Latents, images and the last batch's result, whose ``evals`` is made the mean over every image
     (a plan may spend different evaluations on different images)."""
@@ -387,7 +397,7 @@ def run_sweep(
         mark_pareto(result, sweep.quality)
         write_atomic(results_path, json.dumps(result, indent=1) + "\n")
 
-    weights = [c["nfe_budget"] * sweep.repeat for c in configs]
+    weights = [_planned_nfe(c) * sweep.repeat for c in configs]
     refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     plain: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the "none" plan's outputs
     # warm-up (first-call costs stay out of the timings)
@@ -416,8 +426,9 @@ def run_sweep(
             bar.update(w)
             save()
             continue
-        # a plan that sets the solver or guidance ran with its own (velodiff.plan.SETTINGS)
-        rec.update(solver=res.solver, guidance=float(res.guidance))
+        # a plan that sets the solver or guidance ran with its own (velodiff.plan.SETTINGS); its
+        # distance to the plain run is to the sweep's own configuration (for velodiff tune: the baseline)
+        rec.update(solver=res.solver, guidance=float(res.guidance), nfe_budget=_planned_nfe(c))
         rec.update(steps=res.steps, nfe=res.nfe, evals=res.evals,
                    seconds_per_image=median(times) / len(jobs), seconds=[round(t, 4) for t in times],
                    peak_memory_mb=round(mem["peak_memory_mb"], 1), memory_kind=mem["memory_kind"])

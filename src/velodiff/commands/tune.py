@@ -1,0 +1,90 @@
+"""`velodiff tune --budget 0.02 --metric shapes_eval --out DIR`: the fastest plan (solver, NFE, guidance
+rule, cache, quantization) whose quality loss against the 20-step DPM-Solver++ 2M baseline is within the
+budget on calibration prompts, confirmed on held-out prompts; writes DIR/plan.txt (use it with
+``--plan @DIR/plan.txt``), report.md, pareto.png and tune.json. See ``velodiff.eval.tune``."""
+
+from __future__ import annotations
+
+# ruff: noqa: B008  (typer declares options as argument defaults)
+import time
+from pathlib import Path
+
+import typer
+
+from ..errors import VelodiffError
+from . import options as o
+
+
+def tune(
+    budget: float = typer.Option(..., "--budget", help="quality loss allowed against the baseline (>= 0)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (resumes a tune found there)"),
+    metric: str = typer.Option(
+        "shapes_eval", "--metric", help="shapes_eval, fd_shapes, clip_score, psnr, ..."
+    ),
+    model: o.Model = None,
+    space: Path = typer.Option(None, "--space", help="YAML/JSON search space: solvers, nfe, grids, axes"),
+    beam: int = typer.Option(3, "--beam", min=1, help="plans kept after each stage"),
+    calibration: str = typer.Option("v1-holdout", "--calibration", help="calibration prompt set or file"),
+    holdout: str = typer.Option("v1", "--holdout", help="held-out prompt set or file"),
+    images_per_prompt: int = typer.Option(2, "--images-per-prompt", min=1),
+    limit: int = typer.Option(1000, "--limit", min=1, help="prompts used from each set"),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="timed runs per plan (median)"),
+    threads: o.Threads = None,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Find the fastest plan within a quality budget."""
+    t0 = time.perf_counter()
+    from ..eval.tune import SearchSpace, TuneConfig, check_config
+
+    cfg = TuneConfig(
+        budget=budget,
+        metric=metric,
+        beam=beam,
+        calibration_prompts=calibration,
+        holdout_prompts=holdout,
+        images_per_prompt=images_per_prompt,
+        limit=limit,
+        repeat=repeat,
+    )
+    check_config(cfg)
+    values = {}
+    if space is not None:
+        from ..eval.sweep import load_sweep_file
+
+        values = load_sweep_file(space, SearchSpace.__dataclass_fields__, "search space")
+    sp = SearchSpace.of(values)
+    if out.exists() and not out.is_dir():
+        raise VelodiffError(f"--out: {out} is a file; give a folder")
+    from .generate import load_model, quiet_libraries
+
+    quiet_libraries()
+    loaded, defaults = load_model(model, threads)
+    from ..eval.reference import model_hash
+    from ..eval.tune import tune as run_tune
+
+    res = run_tune(
+        loaded,
+        cfg,
+        sp,
+        out,
+        model_id=model_hash(loaded.path),
+        model_name=model or "default",
+        defaults=defaults,
+        progress=progress,
+        log=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(
+        f"plan {res['plan']}: {res['speedup']:.2f}x faster than the baseline on {holdout}, "
+        f"in {time.perf_counter() - t0:.0f} s; wrote {out / 'plan.txt'}, {out / 'report.md'}"
+    )
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command(
+        "tune",
+        epilog=o.example(
+            "velodiff tune --budget 0.02 --out tuned",
+            'velodiff generate "a red circle" -o a.png \\',
+            "    --plan @tuned/plan.txt",
+        ),
+    )(tune)

@@ -1,0 +1,357 @@
+"""`velodiff tune`: the fastest plan whose quality loss against a baseline stays within a budget.
+
+Every candidate is a plan string that fixes the whole run (``solver=unipc+nfe=6+ag:threshold=0.999``,
+see ``velodiff.plan.SETTINGS``), measured by the quality-vs-speed sweep (``velodiff.eval.sweep``) on
+calibration prompts and seeds beside the baseline (DPM-Solver++ 2M, 20 steps, CFG at the model's
+guidance: the sweep's own configuration, the ``none`` plan). The search is a beam search over axes:
+
+1. ``solvers`` x ``nfe`` (x ``grids``): every combination, plain CFG;
+2. then each accelerator axis in turn (guidance rules, feature caches, quantization): every option
+   added to each plan of the beam;
+
+after each stage the beam is the ``beam`` fastest plans (measured seconds per image, text encoding and
+decoding included) whose loss ``baseline - quality`` (``quality - baseline`` for lower-is-better
+metrics) is within the budget. The plans of the last beam, fastest first, are then run on held-out
+prompts and seeds beside the baseline; the first whose held-out loss is within the budget wins and is
+written as ``plan.txt`` (``--plan @DIR/plan.txt`` runs it anywhere), with ``report.md``,
+``pareto.png`` (every calibration record) and ``tune.json``. Nothing is chosen on the held-out set
+except which calibrated plan confirms. Each stage is a sweep in its own folder, so an interrupted tune
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import VelodiffError
+from ..files import write_atomic
+from .sweep import LABELS, QUALITY, make_sweep, run_sweep
+
+
+@dataclass
+class SearchSpace:
+    """What ``tune`` may combine. Each accelerator axis lists plan-rule strings; "" (keep the plan as
+    it is) is always an option. Axes whose rules this installation lacks are dropped."""
+
+    solvers: list[str] = field(default_factory=lambda: ["ddim", "dpmpp_2m", "unipc", "deis"])
+    nfe: list[int] = field(default_factory=lambda: [4, 5, 6, 8, 10])
+    grids: list[str | None] = field(default_factory=lambda: [None])
+    axes: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "guidance": ["ag:threshold=0.999", "ag:threshold=0.99", "cfg:stop=0.5"],
+            "cache": ["deepcache:interval=2", "deepcache:interval=3"],
+            "quantization": ["int8"],
+        }
+    )
+
+    @classmethod
+    def of(cls, values: dict[str, Any]) -> SearchSpace:
+        unknown = set(values) - {"solvers", "nfe", "grids", "axes"}
+        if unknown:
+            raise VelodiffError(
+                f"search space: unknown key {sorted(unknown)[0]!r}; keys: solvers, nfe, grids, axes"
+            )
+        space = cls(**values)
+        if not space.solvers or not space.nfe:
+            raise VelodiffError("search space: give at least one solver and one NFE")
+        return space
+
+    def available(self) -> SearchSpace:
+        """The space without the rules this installation does not have (e.g. int8 without torchao)."""
+        from ..plan import Plan
+
+        axes = {}
+        for name, options in self.axes.items():
+            kept = []
+            for opt in options:
+                try:
+                    rules = Plan.parse(opt).rules
+                    if any(type(r).__module__.endswith("quantize") for r in rules):
+                        from ..accel.quantize import _torchao
+
+                        _torchao()
+                    kept.append(opt)
+                except VelodiffError:
+                    continue
+            if kept:
+                axes[name] = kept
+        return SearchSpace(self.solvers, self.nfe, self.grids, axes)
+
+
+@dataclass
+class TuneConfig:
+    budget: float
+    metric: str = "shapes_eval"
+    beam: int = 3
+    #: calibration: prompts and seeds the held-out check does not use
+    calibration_prompts: str = "v1-holdout"
+    calibration_seed: int = 1000
+    holdout_prompts: str = "v1"
+    holdout_seed: int = 0
+    images_per_prompt: int = 2
+    limit: int = 1000
+    #: the baseline: the sweep's own configuration
+    baseline_solver: str = "dpmpp_2m"
+    baseline_steps: int = 20
+    guidance: float | None = None
+    repeat: int = 1
+    batch: int = 25
+
+
+def check_config(cfg: TuneConfig) -> None:
+    if not cfg.budget >= 0:
+        raise VelodiffError(f"--budget must be >= 0 (a quality loss), got {cfg.budget}")
+    if cfg.metric not in QUALITY:
+        raise VelodiffError(f"--metric {cfg.metric!r}: use one of {', '.join(QUALITY)}")
+    if cfg.beam < 1:
+        raise VelodiffError(f"--beam must be >= 1, got {cfg.beam}")
+
+
+def _metrics_for(metric: str) -> list[str]:
+    return {"shapes_eval": ["shapes"], "fd_shapes": ["fd"], "kid_shapes": ["fd"], "clip_score": ["clip"]}.get(
+        metric, ["reference"]
+    )
+
+
+def loss(metric: str, baseline: float, value: float) -> float:
+    """Quality lost against the baseline (positive = worse), in the metric's units."""
+    return baseline - value if QUALITY[metric] else value - baseline
+
+
+def tune(
+    model: Any,
+    cfg: TuneConfig,
+    space: SearchSpace,
+    out: str | Path,
+    *,
+    model_id: str,
+    model_name: str = "",
+    defaults: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Search ``space`` for the fastest plan within ``cfg.budget``; write the results under ``out``."""
+    check_config(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    space = space.available()
+    stages: list[dict[str, Any]] = []
+
+    def measure(name: str, plans: list[str], prompts: str, seed: int) -> dict[str, dict[str, Any]]:
+        """The sweep of ``plans`` beside the baseline: records by plan string (``none``: the baseline)."""
+        sw = make_sweep(
+            {
+                "solvers": [cfg.baseline_solver],
+                "nfe": [cfg.baseline_steps],
+                "guidance": [cfg.guidance],
+                "plans": ["none", *plans],
+                "prompts": prompts,
+                "limit": cfg.limit,
+                "seed": seed,
+                "images_per_prompt": cfg.images_per_prompt,
+                "repeat": cfg.repeat,
+                "batch": cfg.batch,
+                "metrics": _metrics_for(cfg.metric),
+                "quality": cfg.metric,
+            }
+        )
+        log(f"tune: {name}: {len(plans)} plans beside the baseline on {prompts} (seeds from {seed})")
+        res = run_sweep(
+            model,
+            sw,
+            out / name,
+            model_id=model_id,
+            model_name=model_name,
+            defaults=defaults,
+            progress=progress,
+            log=log,
+            command=f"velodiff tune ({name})",
+        )
+        return {r["plan"]: r for r in res["records"]}
+
+    def score(records: dict[str, dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+        base = records["none"][cfg.metric]
+        rows = []
+        for plan, r in records.items():
+            if plan == "none" or "error" in r or r.get(cfg.metric) is None:
+                continue
+            rows.append(
+                {
+                    "stage": stage,
+                    "plan": plan,
+                    "seconds_per_image": r["seconds_per_image"],
+                    "evals": r["evals"],
+                    cfg.metric: r[cfg.metric],
+                    "loss": loss(cfg.metric, base, r[cfg.metric]),
+                    "psnr_vs_baseline": r.get("psnr_vs_plain"),
+                }
+            )
+        return rows
+
+    def fastest_within(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ok = sorted((r for r in rows if r["loss"] <= cfg.budget), key=lambda r: r["seconds_per_image"])
+        return ok[: cfg.beam]
+
+    # stage 1: solver x grid x NFE
+    first = []
+    for solver in space.solvers:
+        for grid in space.grids:
+            for n in space.nfe:
+                first.append(f"solver={solver}+nfe={n}" + (f"+grid={grid}" if grid else ""))
+    recs = measure("1-solvers", first, cfg.calibration_prompts, cfg.calibration_seed)
+    baseline_cal = recs["none"]
+    rows = score(recs, "solvers")
+    beam = fastest_within(rows)
+    stages.append({"stage": "solvers", "rows": rows, "beam": [r["plan"] for r in beam]})
+    # stages 2..: one accelerator axis at a time, on every plan of the beam
+    for i, (axis, options) in enumerate(space.axes.items(), start=2):
+        if not beam:
+            break
+        plans = [f"{b['plan']}+{opt}" for b in beam for opt in options]
+        recs = measure(f"{i}-{axis}", plans, cfg.calibration_prompts, cfg.calibration_seed)
+        rows = score(recs, axis)
+        beam = fastest_within(beam + rows)
+        stages.append({"stage": axis, "rows": rows, "beam": [r["plan"] for r in beam]})
+
+    result: dict[str, Any] = {
+        "config": asdict(cfg),
+        "space": asdict(space),
+        "model": model_name,
+        "model_hash": model_id,
+        "baseline": {
+            "solver": cfg.baseline_solver,
+            "steps": cfg.baseline_steps,
+            "calibration": {k: baseline_cal.get(k) for k in (cfg.metric, "seconds_per_image", "evals")},
+        },
+        "stages": stages,
+        "plan": None,
+    }
+    if not beam:
+        result["why"] = (
+            f"no plan of the space is within {cfg.budget:g} of the baseline on the calibration set"
+        )
+        _write(out, result, cfg)
+        raise VelodiffError(f"tune: {result['why']}; raise --budget or widen the space (more NFE)")
+    # the held-out check: the beam, fastest first; the first within the budget wins
+    recs = measure("holdout", [b["plan"] for b in beam], cfg.holdout_prompts, cfg.holdout_seed)
+    held = score(recs, "holdout")
+    result["holdout"] = held
+    result["baseline"]["holdout"] = {
+        k: recs["none"].get(k) for k in (cfg.metric, "seconds_per_image", "evals")
+    }
+    winner = next(
+        (r for r in sorted(held, key=lambda r: r["seconds_per_image"]) if r["loss"] <= cfg.budget), None
+    )
+    if winner is None:
+        result["why"] = "no calibrated plan kept its quality on the held-out prompts"
+        _write(out, result, cfg)
+        raise VelodiffError(f"tune: {result['why']} (see {out / 'report.md'}); try a larger --beam")
+    result["plan"] = winner["plan"]
+    result["speedup"] = result["baseline"]["holdout"]["seconds_per_image"] / winner["seconds_per_image"]
+    _write(out, result, cfg)
+    return result
+
+
+def _write(out: Path, result: dict[str, Any], cfg: TuneConfig) -> None:
+    from .plots import pareto_png
+    from .sweep import mark_pareto
+
+    write_atomic(out / "tune.json", json.dumps(result, indent=1) + "\n")
+    if result.get("plan"):
+        write_atomic(
+            out / "plan.txt",
+            (
+                f"# velodiff tune: the fastest plan within {cfg.budget:g} "
+                f"{LABELS.get(cfg.metric, cfg.metric)} of "
+                f"{cfg.baseline_solver} {cfg.baseline_steps} steps (calibrated on {cfg.calibration_prompts}, "
+                f"confirmed on {cfg.holdout_prompts}); run it with --plan @plan.txt\n{result['plan']}\n"
+            ),
+        )
+    write_atomic(out / "report.md", report(result, cfg))
+    cal = result["baseline"]["calibration"]
+    records = [{"stage": "baseline", "plan": "baseline", "nfe": cal["evals"], **cal}]
+    for st in result["stages"]:
+        records += [
+            {
+                "stage": st["stage"],
+                "plan": r["plan"],
+                "nfe": r["evals"],
+                "seconds_per_image": r["seconds_per_image"],
+                cfg.metric: r[cfg.metric],
+            }
+            for r in st["rows"]
+        ]
+    res = {"records": records}
+    mark_pareto(res, cfg.metric)
+    png = pareto_png(
+        res["records"],
+        cfg.metric,
+        LABELS.get(cfg.metric, cfg.metric),
+        QUALITY[cfg.metric],
+        group="stage",
+        name=lambda r: r["plan"],
+    )
+    write_atomic(out / "pareto.png", png)
+
+
+def report(result: dict[str, Any], cfg: TuneConfig) -> str:
+    from .tables import markdown_table
+
+    label = LABELS.get(cfg.metric, cfg.metric)
+    base = result["baseline"]
+    lines = [
+        "# velodiff tune",
+        "",
+        f"Budget: {cfg.budget:g} {label} below the baseline ({cfg.baseline_solver}, "
+        f"{cfg.baseline_steps} steps, CFG), {cfg.images_per_prompt} images per prompt. Calibration: "
+        f"`{cfg.calibration_prompts}` from seed {cfg.calibration_seed}; held out: `{cfg.holdout_prompts}` "
+        f"from seed {cfg.holdout_seed}.",
+        "",
+    ]
+    if result.get("plan"):
+        hb = base["holdout"]
+        win = next(r for r in result["holdout"] if r["plan"] == result["plan"])
+        lines += [
+            f"**Plan: `{result['plan']}`**: {result['speedup']:.2f}x faster than the baseline on the "
+            f"held-out prompts ({win['seconds_per_image']:.4f} vs {hb['seconds_per_image']:.4f} s / image), "
+            f"{label} {win[cfg.metric]:.3f} vs {hb[cfg.metric]:.3f} (loss {win['loss']:+.3f}).",
+            "",
+        ]
+    else:
+        lines += [f"**No plan**: {result.get('why', '')}.", ""]
+
+    def table(rows: list[dict[str, Any]], head: str) -> list[str]:
+        body = [
+            [
+                f"`{r['plan']}`",
+                f"{r['seconds_per_image']:.4f}",
+                f"{r['evals']:g}",
+                f"{r[cfg.metric]:.3f}",
+                f"{r['loss']:+.3f}",
+                "-" if r.get("psnr_vs_baseline") is None else f"{r['psnr_vs_baseline']:.1f}",
+            ]
+            for r in sorted(rows, key=lambda r: r["seconds_per_image"])
+        ]
+        return [
+            head,
+            "",
+            markdown_table(
+                ["plan", "s / image", "evals / image", label, "loss", "PSNR vs baseline (dB)"], body
+            ),
+            "",
+        ]
+
+    cal = base["calibration"]
+    lines += [
+        f"Baseline on calibration: {cal[cfg.metric]:.3f} {label}, {cal['seconds_per_image']:.4f} s / image.",
+        "",
+    ]
+    for st in result["stages"]:
+        lines += table(st["rows"], f"## Stage: {st['stage']} (beam after it: {', '.join(st['beam']) or '-'})")
+    if result.get("holdout"):
+        lines += table(result["holdout"], "## Held-out check")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""`velodiff tune`: a beam search over plans that writes the fastest plan within the budget, confirmed on
+held-out prompts, as a plan file the other commands run; resumable; bad input is one line. (The speed
+and quality it reaches on the shipped model are measured in bench/tune, not here.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from velodiff.default_model import default_model_path
+from velodiff.eval.tune import SearchSpace, loss
+from velodiff.plan import Plan
+
+
+def cli(*args: str) -> int:
+    from velodiff.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.fixture(autouse=True)
+def _needs_model():
+    if not (Path(default_model_path()) / "model_index.json").is_file():
+        pytest.skip("no shipped default model")
+
+
+def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    space = tmp_path / "space.yaml"
+    space.write_text("solvers: [ddim]\nnfe: [3, 6]\naxes:\n  guidance: ['cfg:stop=0.5']\n")
+    out = tmp_path / "tuned"
+    args = [
+        "tune",
+        "--budget",
+        "1",
+        "--out",
+        str(out),
+        "--space",
+        str(space),
+        "--limit",
+        "3",
+        "--images-per-prompt",
+        "1",
+        "--no-progress",
+    ]
+    assert cli(*args) == 0, capsys.readouterr().err
+    res = json.loads((out / "tune.json").read_text())
+    rows = [r for st in res["stages"] for r in st["rows"]]
+    assert {r["plan"] for r in rows} >= {
+        "solver=ddim+nfe=3",
+        "solver=ddim+nfe=6",
+        "solver=ddim+nfe=3+cfg:stop=0.5",
+    }
+    assert all(
+        r["loss"]
+        == pytest.approx(loss("shapes_eval", res["baseline"]["calibration"]["shapes_eval"], r["shapes_eval"]))
+        for r in rows
+    )
+    # with a budget of 1 every plan qualifies: the winner is the fastest held-out plan of the last beam
+    held = sorted(res["holdout"], key=lambda r: r["seconds_per_image"])
+    assert res["plan"] == held[0]["plan"] and res["speedup"] > 1
+    written = (out / "plan.txt").read_text()
+    assert written.startswith("# velodiff tune") and str(Plan.parse(f"@{out / 'plan.txt'}")) == res["plan"]
+    for f in ("report.md", "pareto.png"):
+        assert (out / f).stat().st_size > 0
+    assert "Held-out check" in (out / "report.md").read_text()
+    # the plan file runs anywhere a plan is taken
+    img = tmp_path / "x.png"
+    assert cli("generate", "a red circle", "--out", str(img), "--plan", f"@{out / 'plan.txt'}") == 0
+    assert img.is_file()
+    # resumed: every stage's sweep comes back from its folder, the same plan and timings
+    capsys.readouterr()
+    assert cli(*args) == 0
+    again = json.loads((out / "tune.json").read_text())
+    assert again["plan"] == res["plan"] and again["holdout"] == res["holdout"]
+
+
+def test_tune_bad_input_is_one_line(tmp_path, capsys):
+    for args, message in [
+        (["--budget", "-0.1"], "--budget must be >= 0"),
+        (["--budget", "0.02", "--metric", "speed"], "--metric 'speed'"),
+    ]:
+        assert cli("tune", *args, "--out", str(tmp_path / "t"), "--no-progress") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    space = tmp_path / "bad.yaml"
+    space.write_text("solver: [ddim]\n")
+    assert cli("tune", "--budget", "0.02", "--out", str(tmp_path / "t"), "--space", str(space)) == 2
+    assert "unknown search space key 'solver'" in capsys.readouterr().err
+
+
+def test_the_space_drops_rules_this_installation_lacks():
+    space = SearchSpace(axes={"cache": ["nosuchcache:interval=2"], "guidance": ["ag:threshold=0.99"]})
+    assert space.available().axes == {"guidance": ["ag:threshold=0.99"]}
