@@ -32,7 +32,7 @@ def _needs_model():
 def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
     space = tmp_path / "space.yaml"
-    space.write_text("solvers: [ddim]\nnfe: [3, 6]\naxes:\n  guidance: ['cfg:stop=0.5']\n")
+    space.write_text("solvers: [ddim]\nnfe: [3, 6]\ngrids: [null]\naxes:\n  guidance: ['cfg:stop=0.5']\n")
     out = tmp_path / "tuned"
     args = [
         "tune",
@@ -45,6 +45,8 @@ def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys
         "--limit",
         "3",
         "--images-per-prompt",
+        "1",
+        "--calibration-images",
         "1",
         "--no-progress",
     ]
@@ -61,8 +63,11 @@ def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys
         == pytest.approx(loss("shapes_eval", res["baseline"]["calibration"]["shapes_eval"], r["shapes_eval"]))
         for r in rows
     )
-    # with a budget of 1 every plan qualifies: the winner is the fastest held-out plan of the last beam
+    # with a budget of 1 every plan qualifies: the first held-out round holds the `beam` (3) plans
+    # fastest on calibration, and the winner is the fastest of them there
+    calibrated = sorted(rows, key=lambda r: r["seconds_per_image"])
     held = sorted(res["holdout"], key=lambda r: r["seconds_per_image"])
+    assert {r["plan"] for r in held} == {r["plan"] for r in calibrated[:3]}
     assert res["plan"] == held[0]["plan"] and res["speedup"] > 1
     written = (out / "plan.txt").read_text()
     assert written.startswith("# velodiff tune") and str(Plan.parse(f"@{out / 'plan.txt'}")) == res["plan"]

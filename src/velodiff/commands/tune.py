@@ -26,7 +26,8 @@ def tune(
     beam: int = typer.Option(3, "--beam", min=1, help="plans kept after each stage"),
     calibration: str = typer.Option("v1-holdout", "--calibration", help="calibration prompt set or file"),
     holdout: str = typer.Option("v1", "--holdout", help="held-out prompt set or file"),
-    images_per_prompt: int = typer.Option(2, "--images-per-prompt", min=1),
+    calibration_images: int = typer.Option(4, "--calibration-images", min=1, help="images per prompt"),
+    images_per_prompt: int = typer.Option(2, "--images-per-prompt", min=1, help="held-out images per prompt"),
     limit: int = typer.Option(1000, "--limit", min=1, help="prompts used from each set"),
     repeat: int = typer.Option(1, "--repeat", min=1, help="timed runs per plan (median)"),
     threads: o.Threads = None,
@@ -43,6 +44,7 @@ def tune(
         calibration_prompts=calibration,
         holdout_prompts=holdout,
         images_per_prompt=images_per_prompt,
+        calibration_images=calibration_images,
         limit=limit,
         repeat=repeat,
     )
