@@ -264,7 +264,7 @@ def register_rule(cls: type[Accelerator]) -> type[Accelerator]:
 
 def _load_rules() -> None:
     from . import guidance  # noqa: F401 - registers the guidance family
-    from .accel import attention, hooks  # noqa: F401 - attention maps, block hooks
+    from .accel import attention, deepcache, hooks  # noqa: F401 - attention maps, DeepCache, block hooks
 
 
 def parse_rule(text: str) -> Accelerator:
