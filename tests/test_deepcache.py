@@ -283,3 +283,22 @@ def test_equals_the_peer_deepcache_helper_on_the_same_unet(model):
     for i, (out, call) in enumerate(zip(outs, rec.calls, strict=True)):
         torch.testing.assert_close(out, call[3], rtol=1e-5, atol=1e-5, msg=f"call {i}")
     assert not torch.allclose(outs[1], outs[0], atol=1e-3)
+
+
+def test_cli_generate_and_plans(tmp_path, capsys):
+    from velodiff.cli import main
+
+    def cli(*args):
+        try:
+            return main([str(a) for a in args])
+        except SystemExit as e:
+            return int(e.code or 0)
+
+    out = tmp_path / "a.png"
+    plan = "deepcache:interval=3,branch=0"
+    assert cli("generate", "a red circle", "-o", out, "--steps", "4", "--plan", plan) == 0
+    assert out.is_file() and "plan deepcache:interval=3,branch=0+cfg)" in capsys.readouterr().out
+    assert cli("generate", "a red circle", "-o", tmp_path / "b.png", "--plan", "deepcache:branch=-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: plan rule 'deepcache' option 'branch' must be in [0, 1000], got -1"]
+    assert cli("plans") == 0 and "deepcache" in capsys.readouterr().out
