@@ -127,7 +127,7 @@ def quality(pipe: Any) -> tuple[list[list[str]], dict[str, Any]]:
     return rows, {"velodiff": recs, "peer": peer_recs}
 
 
-def timing(pipe: Any, rounds: int, n: int) -> tuple[list[list[str]], list[dict[str, Any]]]:
+def timing(pipe: Any, rounds: int, n: int, only_peer: bool = False) -> tuple[list[list[str]], list[Any]]:
     from velodiff.eval.shapes_eval import load_prompts
     from velodiff.pipelines import text2img
 
@@ -136,7 +136,8 @@ def timing(pipe: Any, rounds: int, n: int) -> tuple[list[list[str]], list[dict[s
     seeds = [5000 + 2 * i for i in range(n)]
     runs: dict[str, Any] = {"plain": lambda: text2img(model, texts, seeds=seeds, output="tensor", **BASE)}
     for label, cfg in DC + FEWER:
-        runs[label] = (lambda cfg=cfg: text2img(model, texts, seeds=seeds, output="tensor", **cfg))
+        if not only_peer or label == "deepcache N=3":
+            runs[label] = (lambda cfg=cfg: text2img(model, texts, seeds=seeds, output="tensor", **cfg))
     runs["diffusers plain"] = lambda: diffusers_gen(pipe, False)(texts, seeds, **BASE)
     runs["diffusers + DeepCacheSDHelper"] = lambda: diffusers_gen(pipe, True)(texts, seeds, **BASE)
     for fn in runs.values():  # warm-up
@@ -157,7 +158,10 @@ def timing(pipe: Any, rounds: int, n: int) -> tuple[list[list[str]], list[dict[s
         rows.append([k, f"{med:.4f}", f"{ref / med:.2f}x"])
     dc3 = statistics.median(times["deepcache N=3"])
     peer = statistics.median(times["diffusers + DeepCacheSDHelper"])
-    rows.append(["velodiff deepcache N=3 / peer helper N=3 (time ratio)", f"{dc3 / peer:.3f}", ""])
+    pairs = zip(times["deepcache N=3"], times["diffusers + DeepCacheSDHelper"], strict=True)
+    paired = statistics.median(a / b for a, b in pairs)
+    rows.append(["velodiff deepcache N=3 / peer helper N=3: ratio of medians; median of per-round ratios",
+                 f"{dc3 / peer:.3f}", f"{paired:.3f}"])
     return rows, out
 
 
@@ -165,9 +169,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--prompts", type=int, default=25)
+    ap.add_argument("--peer-timing", action="store_true",
+                    help="only time plain, deepcache N=3 and the peer's two rows (to peer_timing.md)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = pipeline()
+    if args.peer_timing:
+        t_rows, t = timing(pipe, args.rounds, args.prompts, only_peer=True)
+        text = common.table(["configuration", "median s / image", "speed-up"], t_rows)
+        cmd = "/work/main/.venv/bin/python bench/deepcache/run.py " + " ".join(sys.argv[1:])
+        (HERE / "peer_timing.md").write_text(
+            f"# velodiff DeepCache vs DeepCacheSDHelper: time side by side\n\nCommand: `{cmd}`; "
+            f"{args.prompts} v1 prompts in one batch, {args.rounds} rounds, 1 thread.\n\n{text}\n")
+        print(text)
+        return
     q_rows, q = quality(pipe)
     t_rows, t = timing(pipe, args.rounds, args.prompts)
     cats = ["single", "binding", "counting", "position"]
