@@ -302,3 +302,53 @@ def test_cli_generate_and_plans(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: plan rule 'deepcache' option 'branch' must be in [0, 1000], got -1"]
     assert cli("plans") == 0 and "deepcache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("branch", range(6))
+def test_branch_numbering_is_the_peers_on_an_sd_layout(branch):
+    """On a UNet with SD's layout (two layers and a downsampler per down block: three skips a block), the
+    branch is the peer's cache_branch_id: a tiny random UNet gives the peer's outputs call by call."""
+    helper_mod = pytest.importorskip("DeepCache")
+    from diffusers import UNet2DConditionModel
+
+    from velodiff.plan import EvalResult, RunInfo
+    from velodiff.solvers import get_solver
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
+        "CrossAttnUpBlock2D"), cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4).eval()
+    assert skip_branches(unet) == 6
+    g = torch.Generator().manual_seed(1)
+    ehs = torch.randn(2, 5, 16, generator=g)
+    steps = [(torch.randn(2, 4, 8, 8, generator=g), 900 - 100 * i) for i in range(5)]
+    rule = DeepCache(interval=2, branch=branch)
+    run = RunInfo(schedule=None, ts=torch.linspace(1, 0, 6), solver=get_solver("ddim"), batch=2,
+                  conds={"cond": {"encoder_hidden_states": ehs}}, network=unet)
+    rule.check(run)
+    ours = []
+    with torch.inference_mode():
+        rule.begin(run)
+        try:
+            for i, (x, t) in enumerate(steps):
+                def inner(req, t=t):
+                    return EvalResult(unet(req.x, torch.tensor(t), encoder_hidden_states=ehs).sample)
+
+                ours.append(rule.evaluate(EvalRequest(i, 0, torch.tensor(0.5), x, run.conds), inner).x0)
+        finally:
+            rule.end()
+        pipe = type("Pipe", (), {})()
+        pipe.unet, pipe.scheduler = unet, type("Sched", (), {})()
+        pipe.scheduler.timesteps = torch.tensor([t for _, t in steps])
+        helper = helper_mod.DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=2, cache_branch_id=branch)
+        helper.enable()
+        try:
+            peer = [unet(x, torch.tensor(t), encoder_hidden_states=ehs).sample for x, t in steps]
+        finally:
+            helper.disable()
+        plain = [unet(x, torch.tensor(t), encoder_hidden_states=ehs).sample for x, t in steps]
+    for i, (a, b) in enumerate(zip(ours, peer, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"branch {branch}, call {i}")
+        assert torch.equal(a, plain[i]) == (i % 2 == 0)  # the cached calls (1, 3) are not the full network
