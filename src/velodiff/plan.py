@@ -268,7 +268,7 @@ def register_rule(cls: type[Accelerator]) -> type[Accelerator]:
 
 def _load_rules() -> None:
     from . import guidance  # noqa: F401 - registers the guidance family
-    from .accel import attention, hooks, quantize  # noqa: F401 - attention maps, block hooks, quantizers
+    from .accel import attention, deepcache, hooks, quantize  # noqa: F401 - maps, DeepCache, hooks, quantizers
 
 
 def parse_rule(text: str) -> Accelerator:
