@@ -43,3 +43,56 @@ def test_full_steps_go_where_features_change():
     )
     with pytest.raises(ValueError):
         budgeted_schedule([0.0, -1.0], 1)
+
+
+def test_deepcache_budget_schedule_uses_the_models_calibration(tmp_path, monkeypatch, capsys):
+    """`velodiff calibrate cache` saves the model's curves by its hash; deepcache:schedule=budget finds
+    them and runs the dynamic program's full steps (as many as 1:N); a missing or foreign calibration is
+    one line."""
+    import json
+    from pathlib import Path
+
+    import velodiff
+    from velodiff.accel.cache_schedule import budgeted_schedule
+    from velodiff.accel.calibration import cache_calibration_path, step_changes
+    from velodiff.accel.deepcache import DeepCache
+    from velodiff.cli import main
+    from velodiff.default_model import default_model_path
+    from velodiff.errors import VelodiffError
+    from velodiff.eval.reference import model_hash
+    from velodiff.pipelines import text2img
+
+    path = Path(default_model_path())
+    if not (path / "model_index.json").is_file():
+        pytest.skip("no shipped default model")
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    model = velodiff.load(path)
+    rule = DeepCache(interval=3, schedule="budget")
+    with pytest.raises(VelodiffError, match="velodiff calibrate cache --model"):
+        text2img(model, "a red circle", steps=12, plan=[rule])
+    try:
+        main(["calibrate", "cache", "--limit", "2", "--steps", "12"])
+    except SystemExit as e:
+        assert not e.code
+    artefact = cache_calibration_path(model_hash(path))
+    assert "wrote" in capsys.readouterr().out and artefact.is_file()
+    res = text2img(
+        model,
+        ["a red circle", "two blue squares"],
+        steps=12,
+        guidance=2.5,
+        seeds=[0, 1],
+        plan=[rule],
+        output="latent",
+    )
+    expected = budgeted_schedule(
+        step_changes(
+            json.loads(artefact.read_text()), res.ts.tolist(), ["mid_block", "up_blocks.0", "up_blocks.1"]
+        ),
+        4,
+    )
+    assert sorted(rule.full_steps) == [i for i, f in enumerate(expected) if f] and len(rule.full_steps) == 4
+    other = tmp_path / "other.json"
+    other.write_text(artefact.read_text().replace(model_hash(path), "0" * 16))
+    with pytest.raises(VelodiffError, match="made for another model"):
+        text2img(model, "a red circle", steps=12, plan=f"deepcache:schedule=budget,calibration={other}")

@@ -39,6 +39,7 @@ COMMAND_MODULES = [
     "velodiff.commands.bench_sweep",
     "velodiff.commands.report",
     "velodiff.commands.tune",
+    "velodiff.commands.calibrate",
 ]
 
 

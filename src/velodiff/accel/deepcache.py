@@ -26,8 +26,11 @@ evaluates (-c)^(1/p) in complex arithmetic, which gives a near-uniform spacing; 
 real, signed root the equation means. The default centre, 0.3, is where the deep features of the
 shipped model change most (``feature_change`` on up_blocks.0/1 and the mid block, 20 DPM-Solver++ steps:
 the step-to-step change peaks at steps 2-10 and falls below a third of its peak after step 12).
-Steps outside [start, stop) are full. A cached evaluation whose rows (branch, image) were not all in
-the latest full one runs full instead.
+``schedule=budget`` places the same number of full steps where the model's own calibrated feature
+changes (``velodiff calibrate cache``, ``accel/calibration.py``: the mid block and the skipped up
+blocks, mapped onto this run's grid) make reuse cost the most, by the dynamic program of
+``accel/cache_schedule.py`` (CacheQuant's schedule). Steps outside [start, stop) are full. A cached
+evaluation whose rows (branch, image) were not all in the latest full one runs full instead.
 
 Mechanics: diffusers hooks (``HookRegistry`` with a ``ModelHook.new_forward``, as diffusers' own cache
 hooks do) on the modules deeper than the branch: on a full step each passes through and keeps its
@@ -64,7 +67,7 @@ from .hooks import HookSet
 if TYPE_CHECKING:
     from torch import Tensor
 
-SCHEDULES = ("uniform", "nonuniform")
+SCHEDULES = ("uniform", "nonuniform", "budget")
 
 #: per network, (branch, sample shape, conditioning shape) -> (full, cached) FLOPs per image row
 _FLOPS: weakref.WeakKeyDictionary[Any, dict[tuple, list[float | None]]] = weakref.WeakKeyDictionary()
@@ -228,9 +231,12 @@ class DeepCache(Accelerator):
                            hi=1000, aliases=("cache_interval",)),
         "branch": Option(0, "skip branch whose deeper features are cached (0: conv_in's, the shallowest)",
                          kind=int, lo=0, hi=1000, aliases=("cache_branch_id",)),
-        "schedule": Option("uniform", "which steps are full: uniform (every N-th) or nonuniform "
-                           "(the paper's, denser around center)", kind=str, choices=SCHEDULES,
-                           aliases=("skip_mode",)),
+        "schedule": Option("uniform", "which steps are full: uniform (every N-th), nonuniform "
+                           "(the paper's, denser around center) or budget (the same number, placed by "
+                           "dynamic programming on the model's calibrated feature changes)", kind=str,
+                           choices=SCHEDULES, aliases=("skip_mode",)),
+        "calibration": Option("", "budget: a cache calibration file (default: the one saved for the "
+                              "model by velodiff calibrate cache)", kind=str),
         "center": Option(0.3, "nonuniform: where full steps are densest, as a fraction of the steps",
                          lo=0.0, hi=1.0),
         "power": Option(1.4, "nonuniform: the power p of the spacing (> 1; larger: denser at center)",
@@ -244,7 +250,16 @@ class DeepCache(Accelerator):
     def check(self, run: RunInfo) -> None:
         if run.network is None:
             raise VelodiffError("plan rule 'deepcache' needs a UNet to hook; this denoiser has no network")
-        cached_modules(run.network, self.branch)
+        cached = cached_modules(run.network, self.branch)
+        if self.schedule == "budget":
+            from .calibration import load_cache_calibration, step_changes
+
+            if run.model is None:
+                raise VelodiffError("plan rule 'deepcache': schedule=budget needs a loaded model")
+            artefact = load_cache_calibration(run.model, self.calibration or None)
+            # the deep features the cached steps reuse: the mid block and the whole up blocks skipped
+            blocks = [n for n, _ in cached if n == "mid_block" or n.count(".") == 1 and n.startswith("up_")]
+            self.changes = step_changes(artefact, run.ts.tolist(), blocks or ["mid_block"])
         if not self.start <= self.stop:
             raise VelodiffError(
                 f"plan rule 'deepcache': start ({self.start:g}) must not exceed stop ({self.stop:g})"
@@ -277,6 +292,11 @@ class DeepCache(Accelerator):
         if m > 0:
             if self.schedule == "uniform":
                 inside = list(range(0, m, self.interval))
+            elif self.schedule == "budget":
+                from .cache_schedule import budgeted_schedule
+
+                chosen = budgeted_schedule(self.changes[first:last], math.ceil(m / self.interval))
+                inside = [i for i, full in enumerate(chosen) if full]
             else:
                 inside = nonuniform_steps(m, math.ceil(m / self.interval), self.center * m, self.power)
         return set(range(first)) | {first + i for i in inside} | set(range(last, steps))

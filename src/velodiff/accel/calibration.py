@@ -1,0 +1,136 @@
+"""Cache calibration: how fast each block's features change along the sampling path of one model, measured
+once (``velodiff calibrate cache``) and saved keyed by the model's hash, so a cache schedule is fitted to
+the model instead of copied from a paper (``deepcache:schedule=budget``).
+
+The ``feature_change`` instrument records, at every step i of a fine run, the relative L1 change of each
+block's output from step i-1 to i (conditional branch, mean over the images). The artefact stores it as
+a rate per unit of time at the middle of each step, so it transfers to any grid of the same model:
+the change a run's step from t_a to t_b > ... is expected to see is ``rate(t_mid) * |t_a - t_b|``
+(linear interpolation of the rate in t).
+
+The artefact lives in ``$VELODIFF_CACHE/calibration/cache-<model hash>.json`` (default
+``~/.cache/velodiff``) and is found by the model's hash; a file made for another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import VelodiffError
+from ..files import write_atomic
+
+VERSION = 1
+
+
+def calibration_dir() -> Path:
+    root = os.environ.get("VELODIFF_CACHE") or Path.home() / ".cache" / "velodiff"
+    return Path(root) / "calibration"
+
+
+def cache_calibration_path(model_hash: str) -> Path:
+    return calibration_dir() / f"cache-{model_hash}.json"
+
+
+def calibrate_cache(
+    model: Any,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    steps: int = 50,
+    solver: str = "dpmpp_2m",
+    guidance: float | None = None,
+    batch: int = 16,
+) -> dict[str, Any]:
+    """Run ``steps``-step generations of ``prompts`` x ``seeds`` with the feature-change instrument on
+    every block; return the artefact (rates per block at each step's middle time)."""
+    import numpy as np
+
+    from ..eval.reference import model_hash
+    from ..pipelines import text2img
+    from .hooks import FeatureChange
+
+    if steps < 3:
+        raise VelodiffError(f"cache calibration needs at least 3 steps, got {steps}")
+    sums: dict[str, np.ndarray] = {}
+    count, ts = 0, None
+    for i in range(0, len(prompts), batch):
+        probe = FeatureChange()
+        res = text2img(model, prompts[i : i + batch], seeds=seeds[i : i + batch], steps=steps, solver=solver,
+                       guidance=guidance, plan=[probe], output="latent")
+        ts = res.ts.double().numpy()
+        n = len(res.seeds)
+        for block, curve in probe.curves().items():
+            sums[block] = sums.get(block, np.zeros(len(curve))) + n * np.asarray(curve)
+        count += n
+    assert ts is not None
+    # the change recorded at step i (i >= 1) is from the evaluation at ts[i-1] to the one at ts[i]
+    dt = ts[:-2] - ts[1:-1]
+    mid = (ts[:-2] + ts[1:-1]) / 2
+    return {
+        "version": VERSION,
+        "kind": "cache",
+        "model_hash": model_hash(model.path),
+        "model": str(model.path),
+        "solver": solver,
+        "steps": steps,
+        "guidance": guidance if guidance is not None else model.default_guidance,
+        "images": count,
+        "t_mid": mid.tolist(),
+        "rate": {b: (s / count / dt).tolist() for b, s in sums.items()},
+    }
+
+
+def save_cache_calibration(artefact: dict[str, Any]) -> Path:
+    path = cache_calibration_path(artefact["model_hash"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(artefact, indent=1) + "\n")
+    return path
+
+
+def load_cache_calibration(model: Any, path: str | Path | None = None) -> dict[str, Any]:
+    """The model's cache calibration (``path``, or the one saved for its hash); one line when missing
+    or made for another model."""
+    from ..eval.reference import model_hash
+
+    want = model_hash(model.path)
+    p = Path(path) if path is not None else cache_calibration_path(want)
+    if not p.is_file():
+        raise VelodiffError(
+            f"no cache calibration for this model ({p}); make one with: velodiff calibrate cache --model "
+            f"{model.path}"
+        )
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise VelodiffError(f"cache calibration {p} is not valid JSON: {e}") from None
+    if data.get("kind") != "cache" or data.get("version") != VERSION:
+        raise VelodiffError(f"{p} is not a velodiff cache calibration (version {VERSION})")
+    if data.get("model_hash") != want:
+        raise VelodiffError(
+            f"cache calibration {p} was made for another model (hash {data.get('model_hash')}, "
+            f"this one {want}); calibrate this model"
+        )
+    return data
+
+
+def step_changes(artefact: dict[str, Any], ts: Any, blocks: list[str]) -> list[float]:
+    """The expected relative change of ``blocks``' features (their mean) at each step of grid ``ts``:
+    entry i is the change from the evaluation at ts[i-1] to the one at ts[i] (entry 0 is 0)."""
+    import numpy as np
+
+    missing = [b for b in blocks if b not in artefact["rate"]]
+    if missing:
+        raise VelodiffError(f"the cache calibration has no curve for {missing[0]}; calibrate the model again")
+    t = np.asarray(ts, dtype=float)
+    order = np.argsort(artefact["t_mid"])
+    mids = np.asarray(artefact["t_mid"])[order]
+    rate = np.mean([np.asarray(artefact["rate"][b])[order] for b in blocks], axis=0)
+    n = len(t) - 1  # evaluations at ts[0] .. ts[n-1]
+    out = [0.0]
+    for i in range(1, n):
+        m = (t[i - 1] + t[i]) / 2
+        out.append(float(np.interp(m, mids, rate) * abs(t[i - 1] - t[i])))
+    return out
