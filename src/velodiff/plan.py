@@ -268,7 +268,7 @@ def register_rule(cls: type[Accelerator]) -> type[Accelerator]:
 
 def _load_rules() -> None:
     from . import guidance  # noqa: F401 - registers the guidance family
-    from .accel import attention, deepcache, hooks, quantize  # noqa: F401 - maps, DeepCache, hooks, quantizers
+    from .accel import attention, block_cache, deepcache, hooks, quantize  # noqa: F401 - registers the rules
 
 
 def parse_rule(text: str) -> Accelerator:

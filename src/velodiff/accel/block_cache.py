@@ -1,0 +1,142 @@
+"""Block caches for diffusion transformers (Flux, PixArt) as plan rules, on diffusers' own cache hooks.
+
+``fbcache``: First-Block Cache (ParaAttention's FBCache, the TeaCache idea: Liu et al. 2024): every
+evaluation runs the first transformer block; when its residual changed by less than ``threshold``
+(relative mean absolute difference) since the last full evaluation, the remaining blocks are skipped
+and their cached residual is added instead (diffusers' ``apply_first_block_cache``). SD3 is refused:
+its last block returns no text stream, which diffusers' hook cannot cache.
+
+The rule applies the hooks for one run and removes them at its end (what ``CacheMixin.enable_cache`` /
+``disable_cache`` do, on any transformer: SD3's and PixArt's have no ``CacheMixin``), and runs each
+evaluation in a cache context named after its batch composition (branches and rows: CFG's batched
+cond + uncond call, AG's cond-only call and PAG's three-branch call each keep their own state, as
+diffusers' pipelines keep "cond" and "uncond"). A probe hook on the last block, registered beneath the
+cache's, tells whether an evaluation ran in full; one that did not is reported approximate
+(``exact=False``) and counted at its FLOP share of a full one (``torch.utils.flop_counter``, once per
+shape). ``fbcache:threshold=0`` reuses nothing and equals the plain run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import VelodiffError
+from ..plan import Accelerator, Cost, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
+from .hooks import HookSet
+
+#: the transformer block lists diffusers' cache hooks walk
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def transformer_blocks(network: Any) -> list[Any]:
+    return [b for name in BLOCK_LISTS for b in (getattr(network, name, None) or [])]
+
+
+class DiffusersCache(Accelerator):
+    """Base: ``config()`` is diffusers' cache config, ``hook_names`` the hooks it registers."""
+
+    layer = 0
+    cost = "1 eval on full evaluations; the measured FLOP share on cached ones (approximate)"
+    hook_names: tuple[str, ...] = ()
+
+    def config(self) -> Any:
+        raise NotImplementedError
+
+    def apply(self, network: Any) -> None:
+        raise NotImplementedError
+
+    def check(self, run: RunInfo) -> None:
+        if run.network is None or len(transformer_blocks(run.network)) < 2:
+            what = type(run.network).__name__ if run.network is not None else "no network"
+            raise VelodiffError(
+                f"plan rule {self.name!r} is for diffusion transformers (Flux, PixArt); "
+                f"this model has {what}"
+                + (" (use deepcache on a UNet)" if hasattr(run.network, "up_blocks") else "")
+            )
+        last = transformer_blocks(run.network)[-1]
+        if getattr(last, "context_pre_only", False):
+            raise VelodiffError(
+                f"plan rule {self.name!r}: this model's last block returns no text stream (SD3), which "
+                "diffusers' first-block cache cannot cache"
+            )
+
+    def begin(self, run: RunInfo) -> None:
+        super().begin(run)
+        from diffusers.hooks import HookRegistry
+
+        from .hooks import output_hook
+
+        self.ran = False
+        self.probe = HookSet("velodiff_block_cache_probe")
+        self.probe.add(transformer_blocks(run.network)[-1], output_hook(self._ran))
+        self.registry = HookRegistry.check_if_exists_or_initialize(run.network)
+        try:
+            self.apply(run.network)
+        except BaseException:
+            self.end()
+            raise
+        self.registry.invalidate_child_registries_cache()
+        self.flops: dict[tuple, list[float | None]] = {}
+        self.cached_evals = 0
+
+    def _ran(self, output: Any) -> None:
+        self.ran = True
+
+    def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
+        from diffusers.models.cache_utils import CacheMixin
+
+        rows = ";".join(f"{b}:{req.subsets[b].tolist() if b in req.subsets else 'all'}" for b in req.branches)
+        self.ran = False
+        shape = (rows, tuple(req.x.shape))
+        counts = self.flops.setdefault(shape, [None, None])
+        # CacheMixin.cache_context sets the context on every stateful hook under the module; it only needs
+        # the module, so it serves the transformers without the mixin too
+        with CacheMixin.cache_context(
+            self.run.network, rows, step_index=req.step, num_inference_steps=self.run.steps
+        ):
+            if None in counts:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as fc:
+                    r = inner(req)
+                counts[0 if self.ran else 1] = counts[0 if self.ran else 1] or fc.get_total_flops()
+            else:
+                r = inner(req)
+        if self.ran:
+            return r
+        self.cached_evals += 1
+        share = counts[1] / counts[0] if counts[0] and counts[1] else 1.0
+        r.cost = Cost(r.cost.nfe, r.cost.evals * share)
+        r.exact = False
+        return r
+
+    def end(self) -> None:
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            for name in self.hook_names:
+                registry.remove_hook(name, recurse=True)
+            registry.invalidate_child_registries_cache()
+            self.registry = None
+        if getattr(self, "probe", None) is not None:
+            self.probe.remove()
+
+
+@register_rule
+class FirstBlockCache(DiffusersCache):
+    name = "fbcache"
+    summary = "First-Block Cache (FBCache, TeaCache's idea), DiTs: skip the rest while block 1 barely changes"
+    options = {
+        "threshold": Option(
+            0.05,
+            "relative change of the first block's residual below which the rest is reused "
+            "(diffusers' FirstBlockCacheConfig.threshold; 0: never reuse)",
+            lo=0.0,
+            hi=10.0,
+        ),
+    }
+    hook_names = ("fbc_leader_block_hook", "fbc_block_hook")
+
+    def apply(self, network: Any) -> None:
+        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+        apply_first_block_cache(network, FirstBlockCacheConfig(threshold=self.threshold))

@@ -1,0 +1,66 @@
+"""First-Block Cache on the diffusion transformers (velodiff.accel.block_cache, diffusers' hooks): no
+reuse is the plain run bit for bit, reuse costs less and is reported approximate, the hooks are gone after
+the run, batch compositions that change mid-run (AG) keep their own state, and models it cannot serve
+are one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from velodiff.errors import VelodiffError
+from velodiff.models import load
+from velodiff.models.tiny import save_tiny
+from velodiff.pipelines import text2img
+
+SIZE = {"height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit")
+    out = {}
+    for kind in ("flux-schnell", "pixart-sigma", "sd3"):
+        m = load(save_tiny(kind, root / kind))
+        m.max_sequence_length = 32
+        out[kind] = m
+    return out
+
+
+def run(model, plan=None, **kw):
+    return text2img(model, "a cat", steps=6, guidance=3.0, seeds=[1], output="latent", plan=plan, **SIZE, **kw)
+
+
+def hook_names(network):
+    names = set()
+    for m in network.modules():
+        reg = getattr(m, "_diffusers_hook", None)
+        if reg is not None:
+            names |= set(reg.hooks)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["flux-schnell", "pixart-sigma"])
+def test_fbcache_reuses_and_cleans_up(models, kind):
+    m = models[kind]
+    plain = run(m)
+    assert torch.equal(run(m, "fbcache:threshold=0").latents, plain.latents)  # never reuses
+    reused = run(m, "fbcache:threshold=5")  # every evaluation after the first reuses the blocks
+    assert not torch.equal(reused.latents, plain.latents)
+    assert plain.evals == 12 and 2 < reused.evals < 12  # cached evaluations cost their FLOP share
+    assert not {n for n in hook_names(m.components["transformer"]) if "fbc" in n or "probe" in n}
+    assert torch.equal(run(m).latents, plain.latents)  # nothing left behind
+    mixed = run(m, "ag:threshold=0.5+fbcache:threshold=5")  # CFG, then cond-only calls: own states
+    assert torch.isfinite(mixed.latents).all() and mixed.evals < reused.evals
+
+
+def test_fbcache_refusals(models):
+    with pytest.raises(VelodiffError, match="returns no text stream") as e:
+        run(models["sd3"], "fbcache")
+    assert "\n" not in str(e.value)
+    import velodiff
+    from velodiff.default_model import default_model_path
+
+    unet = velodiff.load(default_model_path())
+    with pytest.raises(VelodiffError, match="use deepcache on a UNet"):
+        text2img(unet, "a red circle", steps=2, plan="fbcache")
