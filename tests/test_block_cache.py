@@ -28,7 +28,8 @@ def models(tmp_path_factory):
 
 
 def run(model, plan=None, **kw):
-    return text2img(model, "a cat", steps=6, guidance=3.0, seeds=[1], output="latent", plan=plan, **SIZE, **kw)
+    return text2img(model, "a cat", steps=6, guidance=3.0, seeds=[1], output="latent", plan=plan, **SIZE,
+                    **kw)
 
 
 def hook_names(network):
