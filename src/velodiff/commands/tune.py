@@ -30,6 +30,7 @@ def tune(
     images_per_prompt: int = typer.Option(2, "--images-per-prompt", min=1, help="held-out images per prompt"),
     limit: int = typer.Option(1000, "--limit", min=1, help="prompts used from each set"),
     repeat: int = typer.Option(1, "--repeat", min=1, help="timed runs per plan (median)"),
+    rank: str = typer.Option("evals", "--rank", help="fastest by: evals (counted per image) or time"),
     threads: o.Threads = None,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -45,6 +46,7 @@ def tune(
         holdout_prompts=holdout,
         images_per_prompt=images_per_prompt,
         calibration_images=calibration_images,
+        rank=rank,
         limit=limit,
         repeat=repeat,
     )
