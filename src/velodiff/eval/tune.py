@@ -15,7 +15,8 @@ fewest network evaluations per image, counted after each call (a cached evaluati
 with the measured seconds per image (text encoding and decoding included) breaking ties: one timed run
 per plan on a shared machine varies by tens of percent, evaluations do not (``rank="time"`` ranks by
 the measured seconds). Every plan within the budget on calibration is then run on held-out prompts and
-seeds beside the baseline, fastest first, ``beam`` at a time; the fastest within the budget of the
+seeds, fastest first, ``beam`` at a time (the baseline beside the first round: the same seeds give it
+the same images in every round); the fastest within the budget of the
 first round that has one wins and is written as ``plan.txt`` (``--plan @DIR/plan.txt`` runs it
 anywhere), with ``report.md``, ``pareto.png`` (every calibration record) and ``tune.json``. The
 held-out check rejects plans, so a figure to report is measured again on other seeds. Each stage is a
@@ -155,15 +156,15 @@ def tune(
     stages: list[dict[str, Any]] = []
 
     def measure(
-        name: str, plans: list[str], prompts: str, seed: int, images: int
+        name: str, plans: list[str], prompts: str, seed: int, images: int, baseline: bool = True
     ) -> dict[str, dict[str, Any]]:
-        """The sweep of ``plans`` beside the baseline: records by plan string (``none``: the baseline)."""
+        """The sweep of ``plans`` (beside the baseline): records by plan string (``none``: the baseline)."""
         sw = make_sweep(
             {
                 "solvers": [cfg.baseline_solver],
                 "nfe": [cfg.baseline_steps],
                 "guidance": [cfg.guidance],
-                "plans": ["none", *plans],
+                "plans": ["none", *plans] if baseline else plans,
                 "prompts": prompts,
                 "limit": cfg.limit,
                 "seed": seed,
@@ -174,7 +175,8 @@ def tune(
                 "quality": cfg.metric,
             }
         )
-        log(f"tune: {name}: {len(plans)} plans beside the baseline on {prompts} (seeds from {seed})")
+        log(f"tune: {name}: {len(plans)} plans{' beside the baseline' if baseline else ''} on {prompts} "
+            f"(seeds from {seed})")
         res = run_sweep(
             model,
             sw,
@@ -188,8 +190,10 @@ def tune(
         )
         return {r["plan"]: r for r in res["records"]}
 
-    def score(records: dict[str, dict[str, Any]], stage: str) -> list[dict[str, Any]]:
-        base = records["none"][cfg.metric]
+    def score(
+        records: dict[str, dict[str, Any]], stage: str, base_record: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        base = (base_record or records["none"])[cfg.metric]
         rows = []
         for plan, r in records.items():
             if plan == "none" or "error" in r or r.get(cfg.metric) is None:
@@ -269,6 +273,7 @@ def tune(
                 seen.setdefault(r["plan"], r)
     queue = sorted(seen.values(), key=speed)
     result["holdout"], winner = [], None
+    base_held: dict[str, Any] | None = None  # the baseline runs in the first round only (same seeds)
     for k in range(0, len(queue), cfg.beam):
         batch = [r["plan"] for r in queue[k : k + cfg.beam]]
         recs = measure(
@@ -277,11 +282,13 @@ def tune(
             cfg.holdout_prompts,
             cfg.holdout_seed,
             cfg.images_per_prompt,
+            baseline=base_held is None,
         )
-        held = score(recs, "holdout")
+        base_held = base_held or recs["none"]
+        held = score(recs, "holdout", base_held)
         result["holdout"] += held
         result["baseline"]["holdout"] = {
-            key: recs["none"].get(key) for key in (cfg.metric, "seconds_per_image", "evals")
+            key: base_held.get(key) for key in (cfg.metric, "seconds_per_image", "evals")
         }
         passing = sorted((r for r in held if r["loss"] <= cfg.budget), key=speed)
         if passing:
