@@ -56,6 +56,9 @@ def test_plan_strings_canonical_and_errors():
         ("ag:threshold", "plan rule 'ag': write options as key=value, got 'threshold'"),
         ("ag:threshold=0.9,threshold=0.8", "plan rule 'ag': option 'threshold' given twice"),
         ("ag+apg", "plan rules 'ag' and 'apg' both claim the 'uncond' branch; keep one"),
+        ("deepcache+fbcache", "plan rules 'deepcache' and 'fbcache' are both a feature cache; keep one"),
+        ("int8+int8:activations=dynamic", "plan rules 'int8' and 'int8' are both a quantization; keep one"),
+        ("feature_change+feature_change", "plan rules 'feature_change' and 'feature_change' are both the"),
         ("linear_ag:every=1", "plan rule 'linear_ag' option 'every' must be in [2, 1000], got 1"),
         ("cfg:scale=nan", "plan rule 'cfg' option 'scale' must be finite"),
     ]:

@@ -166,6 +166,9 @@ class Accelerator:
     uses: ClassVar[tuple[str, ...]] = ()
     #: True when the rule differentiates through the network (sampling runs with gradients)
     needs_grad: ClassVar[bool] = False
+    #: rules that change or hook the same part of the network share a group; a plan holds at most one
+    #: of each ("" = no group)
+    exclusive: ClassVar[str] = ""
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(self.options)
@@ -361,6 +364,14 @@ class Plan:
                         f"plan rules {claimed[b]!r} and {r.name!r} both claim the {b!r} branch; keep one"
                     )
                 claimed[b] = r.name
+        groups: dict[str, str] = {}
+        for r in self.rules:
+            if r.exclusive and r.exclusive in groups:
+                raise VelodiffError(
+                    f"plan rules {groups[r.exclusive]!r} and {r.name!r} are both {r.exclusive}; keep one"
+                )
+            if r.exclusive:
+                groups[r.exclusive] = r.name
 
     @classmethod
     def parse(cls, plan: str | Plan | Accelerator | Sequence[Accelerator | str] | None) -> Plan:

@@ -188,6 +188,7 @@ class AttentionMaps(Accelerator):
 
     name = "attention_maps"
     layer = 0
+    exclusive = "the attention-map instrument"
     summary = "instrument: capture cross-attention maps per token per step (for layout and editing)"
     cost = "free in evaluations; the captured layers use explicit attention (slower than SDPA)"
     options = {

@@ -36,6 +36,7 @@ class DiffusersCache(Accelerator):
     """Base: ``config()`` is diffusers' cache config, ``hook_names`` the hooks it registers."""
 
     layer = 0
+    exclusive = "a feature cache"
     cost = "1 eval on full evaluations; the measured FLOP share on cached ones (approximate)"
     hook_names: tuple[str, ...] = ()
 

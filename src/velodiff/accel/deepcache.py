@@ -224,6 +224,7 @@ def _hook(state: _State, name: str) -> Any:
 class DeepCache(Accelerator):
     name = "deepcache"
     layer = 0
+    exclusive = "a feature cache"
     summary = "DeepCache (Ma et al. 2024): reuse the UNet's deep features on cached steps (1:N, branch)"
     cost = "1 eval on full steps; the measured FLOP share of the shallow path on cached steps (approximate)"
     options = {

@@ -84,6 +84,7 @@ class FeatureChange(Accelerator):
 
     name = "feature_change"
     layer = 0
+    exclusive = "the feature-change instrument"
     summary = "instrument: relative change of each block's output from step to step (cache calibration)"
     cost = "free"
     options = {"blocks": Option((), "regular expressions of block names (default: every block)", kind=tuple)}

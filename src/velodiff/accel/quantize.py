@@ -64,6 +64,7 @@ class Quantize(Accelerator):
     """Base of the quantization rules: ``config()`` gives torchao's config for the options."""
 
     layer = 0
+    exclusive = "a quantization"
     cost = "same evaluations; cheaper matmuls where the kernels are (time in bench/quantize)"
     #: device types the scheme has kernels for
     devices: tuple[str, ...] = ("cpu", "cuda")
