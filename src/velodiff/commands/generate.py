@@ -150,11 +150,7 @@ def generate(
         raise VelodiffError(
             'the prompt is empty; describe the image, e.g. "a red circle above a blue square"'
         )
-    run = ImageRun(
-        model=model, config=config, device=device, dtype=dtype, threads=threads, width=width, height=height,
-        seed=seed, n=n, batch=batch, steps=steps, solver=solver, grid=grid, guidance=guidance,
-        guidance_rescale=guidance_rescale, negative=negative, plan=plan, clip_skip=clip_skip, noise=noise,
-    )
+    run = ImageRun.of(locals())
     run.check()
     fmt = check_output_path(out)
     if attention_maps is not None:

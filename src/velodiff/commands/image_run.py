@@ -42,6 +42,13 @@ class ImageRun:
     defaults: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> ImageRun:
+        """The shared options out of a command's arguments (its ``locals()``): each command declares
+        them for typer, this reads them once."""
+        names = [f for f in cls.__dataclass_fields__ if f not in ("path", "loaded", "defaults", "started")]
+        return cls(**{k: options[k] for k in names})
+
     def check(self) -> None:
         """Refuse what is wrong without importing torch (one line each)."""
         from ..shipped import resolve_model

@@ -67,11 +67,7 @@ def inpaint_cmd(
     if not prompt.strip():
         raise VelodiffError('the prompt is empty; describe what to paint, e.g. "a red sailboat"')
     check_strength(strength)
-    run = ImageRun(
-        model=model, config=config, device=device, dtype=dtype, threads=threads, width=width, height=height,
-        seed=seed, n=n, batch=batch, steps=steps, solver=solver, grid=grid, guidance=guidance,
-        guidance_rescale=guidance_rescale, negative=negative, plan=plan, clip_skip=clip_skip, noise=noise,
-    )
+    run = ImageRun.of(locals())
     run.check()
     fmt = check_output_path(out)
     picture = read_image(image).convert("RGB")
