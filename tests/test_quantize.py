@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("torchao")
 
 import velodiff  # noqa: E402
-from velodiff.accel.quantize import Int8, evaluation_error, linear_layers, network_of  # noqa: E402
+from velodiff.accel.quantize import Int8, evaluation_error, linear_layers  # noqa: E402
 from velodiff.default_model import default_model_path  # noqa: E402
 from velodiff.errors import VelodiffError  # noqa: E402
 from velodiff.pipelines import text2img  # noqa: E402
@@ -34,7 +34,7 @@ def run(model, plan, **kw):
 
 
 def test_int8_runs_quantized_then_restores_the_weights(model):
-    network = network_of(model)
+    network = model.network
     layers = linear_layers(network)
     assert layers, "the default UNet has Linear layers to quantize"
     originals = {n: m.weight for n, m in layers}

@@ -177,11 +177,6 @@ class Fp8(Quantize):
         return q.Float8WeightOnlyConfig()
 
 
-def network_of(model: Any) -> Any:
-    """The loaded model's denoising network (a UNet or a transformer)."""
-    return model.components.get("unet", model.components.get("transformer"))
-
-
 def evaluation_error(model: Any, rule: Quantize, *, t: float = 0.5, seed: int = 0, prompt: str = "") -> float:
     """Relative L2 error ``|f_q(x) - f(x)| / |f(x)|`` of one conditional network evaluation (x0) of the
     quantized network against the float one, at time ``t`` from the prior's noise scaled as at t."""
@@ -189,7 +184,7 @@ def evaluation_error(model: Any, rule: Quantize, *, t: float = 0.5, seed: int = 
 
     from ..noise import randn
 
-    network = network_of(model)
+    network = model.network
     x = randn(model.latent_shape(1, *model.default_size), seed).to(model.device, model.dtype)
     cond = model.encode_prompt([prompt or "a photo"], guided=False)
     den = model.denoiser

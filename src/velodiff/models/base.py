@@ -209,6 +209,11 @@ class LoadedModel:
     # -- what pipelines ask --
 
     @property
+    def network(self) -> Any:
+        """The denoising network (a UNet or a transformer): what plan rules hook."""
+        return self.components.get("unet", self.components.get("transformer"))
+
+    @property
     def network_in_channels(self) -> int:
         """Input channels of the network: latent_channels, or more for an inpainting UNet."""
         unet = self.components.get("unet")

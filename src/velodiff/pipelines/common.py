@@ -262,7 +262,7 @@ def run(
 
     context = {
         "model": model,
-        "network": model.components.get("unet", model.components.get("transformer")),
+        "network": model.network,
         "encode": encode or encode_plain,
         "prompts": tuple(prompts),
         "guidance": setup.guidance,
