@@ -10,6 +10,7 @@ from .ddim import DDIM, DDPM, EULER
 from .deis import DEIS, DEIS_3
 from .dpm_solver import DPM_SOLVER_1, DPM_SOLVER_2, DPM_SOLVER_3, DPMPP_2S
 from .dpm_solver_pp import DPMPP_2M, DPMPP_3M
+from .dpm_solver_v3 import DPM_SOLVER_V3
 from .euler_ancestral import EULER_ANCESTRAL
 from .heun import HEUN
 from .ipndm import IPNDM
@@ -19,7 +20,7 @@ from .unipc import UNIPC, UNIPC_3, UNIPC_BH1
 
 SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (DDIM, EULER, DDPM, DPMPP_2M, HEUN, EULER_ANCESTRAL)}
 SOLVERS.update({s.name: s for s in (DPM_SOLVER_1, DPM_SOLVER_2, DPM_SOLVER_3, DPMPP_2S, DPMPP_3M)})
-SOLVERS.update({s.name: s for s in (SDE_DPMPP_2M, SDE_DPMPP_3M)})
+SOLVERS.update({s.name: s for s in (SDE_DPMPP_2M, SDE_DPMPP_3M, DPM_SOLVER_V3)})
 SOLVERS.update({s.name: s for s in (UNIPC, UNIPC_BH1, UNIPC_3, DEIS, DEIS_3, IPNDM, LMS)})
 
 

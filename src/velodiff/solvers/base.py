@@ -145,6 +145,8 @@ class SolverSpec:
     saves_final_eval: bool = False
     #: the step re-adds noise from ``ctx.renoise_x0`` (the rules that set it, CFG++, need such a solver)
     renoises: bool = False
+    #: options with no usable default, fitted to the model (DPM-Solver-v3's statistics ``ems``)
+    requires: tuple[str, ...] = ()
 
     def nfe(self, steps: int, ends_at_zero: bool = True) -> int:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0
