@@ -162,7 +162,8 @@ def make_oracles(
 
 
 def deterministic_solvers() -> list[str]:
-    return [name for name, spec in SOLVERS.items() if not spec.stochastic]
+    """The deterministic solvers that run as they are (not those needing a calibration: DPM-Solver-v3)."""
+    return [name for name, spec in SOLVERS.items() if not spec.stochastic and not spec.requires]
 
 
 def default_grids(sched: DiscreteVP, probe_steps: int = 7) -> list[str]:
