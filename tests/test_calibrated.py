@@ -203,3 +203,38 @@ def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, ca
     assert v3.nfe == 4 and bool(torch.isfinite(v3.latents).all())
     with pytest.raises(VelodiffError, match="at guidance 7.5"):
         text2img(model, "a red circle", nfe=4, guidance=7.5, grid="calibrated", solver="unipc")
+
+
+def test_a_killed_calibration_writes_nothing_and_keeps_the_last_artefact(tmp_path, monkeypatch, capsys):
+    """Killed mid-run (here: interrupted inside the grid descent), the command leaves the previous
+    artefact as it was and no half-written file; run again, it starts clean."""
+    import velodiff.calibrated.calibrate as cal
+    from velodiff.cli import main
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+    args = ["calibrate", "solver", "--nfe", "3", "--guidance", "2.5", "--methods", "grid", "--solvers", "ddim",
+            "--limit", "2", "--max-runs", "1", "--reference-steps", "20"]
+
+    def run() -> None:
+        try:
+            main(args)
+        except SystemExit as e:
+            assert not e.code
+
+    run()
+    (path,) = (tmp_path / "calibration").glob("solver-*.json")
+    before = path.read_bytes()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cal, "refine_grid", killed)
+    with pytest.raises(SystemExit) as e:  # the CLI turns the interrupt into exit status 130
+        main(args)
+    assert e.value.code == 130
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    monkeypatch.undo()
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+    run()
+    assert json.loads(path.read_text())["entries"][0]["solver"] == "ddim"
+    capsys.readouterr()
