@@ -415,6 +415,9 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
     "trailing": _spacing("trailing"),
     "flow-shifted": flow_shifted,
 }
+#: the grids defined by another tool's table of levels (ComfyUI's schedulers, AYS): they start at the
+#: schedule's top (no ``t_start``) and may end above t_min before the final point
+TOOL_GRIDS = ("normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "ays")
 GRIDS.update(
     normal=normal,
     sgm_uniform=sgm_uniform,
