@@ -109,6 +109,10 @@ class PerImageNoise:
     def __call__(self, i: int) -> Tensor:
         return torch.cat([p(i) for p in self.parts])
 
+    def between(self, t_from: float, t_to: float) -> Tensor:
+        """Brownian increments over part of a step (``dpmpp_sde``), per image."""
+        return torch.cat([p.between(t_from, t_to) for p in self.parts])  # type: ignore[union-attr]
+
 
 @dataclass
 class Sampling:

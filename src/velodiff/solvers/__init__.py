@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from ..errors import unknown_name
 from .base import SolverSpec, StepContext
-from .ddim import DDIM, DDPM, EULER
+from .ddim import DDIM, DDPM
 from .deis import DEIS, DEIS_3
+from .dpm_2 import DPM_2, DPM_2_ANCESTRAL
+from .dpm_fast import DPM_ADAPTIVE, DPM_FAST
 from .dpm_solver import DPM_SOLVER_1, DPM_SOLVER_2, DPM_SOLVER_3, DPMPP_2S
 from .dpm_solver_pp import DPMPP_2M, DPMPP_3M
+from .dpmpp_2s_ancestral import DPMPP_2S_ANCESTRAL
+from .dpmpp_sde import DPMPP_SDE
+from .euler import EULER
 from .euler_ancestral import EULER_ANCESTRAL
 from .heun import HEUN
 from .ipndm import IPNDM
@@ -21,6 +26,10 @@ SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (DDIM, EULER, DDPM, DPMPP_2
 SOLVERS.update({s.name: s for s in (DPM_SOLVER_1, DPM_SOLVER_2, DPM_SOLVER_3, DPMPP_2S, DPMPP_3M)})
 SOLVERS.update({s.name: s for s in (SDE_DPMPP_2M, SDE_DPMPP_3M)})
 SOLVERS.update({s.name: s for s in (UNIPC, UNIPC_BH1, UNIPC_3, DEIS, DEIS_3, IPNDM, LMS)})
+# k-diffusion's samplers velodiff had no equivalent of (tests/test_kdiffusion_parity.py)
+SOLVERS.update(
+    {s.name: s for s in (DPM_2, DPM_2_ANCESTRAL, DPMPP_2S_ANCESTRAL, DPMPP_SDE, DPM_FAST, DPM_ADAPTIVE)}
+)
 
 
 def get_solver(name: str | SolverSpec) -> SolverSpec:
