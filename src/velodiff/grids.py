@@ -436,10 +436,16 @@ def make_grid(
     final: str = "zero",
     **options: float,
 ) -> Tensor:
-    """A grid by name (see ``GRIDS``), or an explicit decreasing list of times, validated."""
+    """A grid by name (see ``GRIDS``; other tools' scheduler names, ComfyUI's "align_your_steps" or
+    A1111's "SGM Uniform", resolve through ``velodiff.aliases``), or an explicit decreasing list of
+    times, validated."""
     if isinstance(name, str):
-        if name not in GRIDS:
-            raise unknown_name("grid", name, GRIDS)
+        if name not in GRIDS:  # another tool's scheduler name (velodiff.aliases), or refused
+            from .aliases import resolve_grid
+
+            r = resolve_grid(name, tuple(GRIDS))
+            assert r.grid is not None
+            name, options = r.grid, {**r.grid_options, **options}
         if steps is None or steps < 1:
             raise VelodiffError(f"grid {name!r} needs steps >= 1, got {steps}")
         ts = GRIDS[name](sched, steps, final=final, **options)

@@ -187,6 +187,7 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
             fixed = {"steps": None, "nfe": None, **fixed}
         opts = replace(opts, **fixed)
     spec = get_solver(opts.solver or model.default_solver)
+    opts = _alias_grid(opts)
     guidance = float(model.default_guidance if opts.guidance is None else opts.guidance)
     plan = resolve_plan(given, guidance, opts.guidance_rescale, opts.guidance_interval)
     grid = opts.grid
@@ -211,6 +212,25 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     grid_opts.update(opts.grid_options or {})
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
     return Setup(spec, ts, steps, guidance, plan)
+
+
+def _alias_grid(opts: Sampling) -> Sampling:
+    """A solver named by another tool's label that fixes a grid too ("DPM++ 2M Karras", A1111's "DDIM")
+    gives the run that grid (and its final point) unless the call names its own."""
+    if not isinstance(opts.solver, str) or opts.grid is not None:
+        return opts
+    from ..aliases import resolve_solver
+    from ..solvers import SOLVERS
+
+    r = resolve_solver(opts.solver, tuple(SOLVERS))
+    if r.grid is None:
+        return opts
+    return replace(
+        opts,
+        grid=r.grid,
+        grid_options={**r.grid_options, **(opts.grid_options or {})},
+        final=opts.final or r.final,
+    )
 
 
 def resolve_plan(
