@@ -171,24 +171,29 @@ _A1111 = [
     _g("Beta", A1111, "beta"),
 ]  # fmt: skip
 
+MULTI = {"drop_last": True}  # DPMSolverMultistep / UniPC / DEIS space steps + 1 points, drop the last
+FRAC = {"fractional": True}  # the Euler family's 'linspace' keeps fractional timesteps
+
 #: diffusers' scheduler classes with their default config (flags: :func:`from_diffusers`)
 _DIFFUSERS_DEFAULT_NOTE = "default config; flags: DPMSolverMultistepScheduler:use_karras_sigmas=true,..."
 _DIFFUSERS = [
-    _s("DPMSolverMultistepScheduler", DIFFUSERS, "dpmpp_2m", "linspace", note=_DIFFUSERS_DEFAULT_NOTE),
-    _s("EulerDiscreteScheduler", DIFFUSERS, "euler", "linspace"),
-    _s("EulerAncestralDiscreteScheduler", DIFFUSERS, "euler_ancestral", "linspace"),
-    _s("HeunDiscreteScheduler", DIFFUSERS, "heun", "linspace"),
-    _s("KDPM2DiscreteScheduler", DIFFUSERS, "dpm_2", "linspace"),
-    _s("KDPM2AncestralDiscreteScheduler", DIFFUSERS, "dpm_2_ancestral", "linspace"),
-    _s("LMSDiscreteScheduler", DIFFUSERS, "lms", "linspace"),
+    _s("DPMSolverMultistepScheduler", DIFFUSERS, "dpmpp_2m", "linspace", grid_options=MULTI,
+       note=_DIFFUSERS_DEFAULT_NOTE),
+    _s("EulerDiscreteScheduler", DIFFUSERS, "euler", "linspace", grid_options=FRAC),
+    _s("EulerAncestralDiscreteScheduler", DIFFUSERS, "euler_ancestral", "linspace", grid_options=FRAC),
+    _s("HeunDiscreteScheduler", DIFFUSERS, "heun", "linspace", grid_options=FRAC),
+    _s("KDPM2DiscreteScheduler", DIFFUSERS, "dpm_2", "linspace", grid_options=FRAC),
+    _s("KDPM2AncestralDiscreteScheduler", DIFFUSERS, "dpm_2_ancestral", "linspace", grid_options=FRAC),
+    _s("LMSDiscreteScheduler", DIFFUSERS, "lms", "linspace", grid_options=FRAC),
     _s("DDIMScheduler", DIFFUSERS, "ddim", "leading", grid_options={"steps_offset": 1}, final="t_min",
        note="the SD pipelines' config: steps_offset 1, set_alpha_to_one False (ends at alphas_cumprod[0])"),
-    _s("DDPMScheduler", DIFFUSERS, "ddpm", "leading"),
-    _s("UniPCMultistepScheduler", DIFFUSERS, "unipc", "linspace"),
-    _s("DEISMultistepScheduler", DIFFUSERS, "deis", "linspace", final="t_min"),
-    _s("DPMSolverSDEScheduler", DIFFUSERS, "dpmpp_sde", "linspace",
+    _s("DDPMScheduler", DIFFUSERS, "ddpm", "leading", grid_options={"steps_offset": 1}),
+    _s("UniPCMultistepScheduler", DIFFUSERS, "unipc", "linspace", grid_options=MULTI),
+    _s("DEISMultistepScheduler", DIFFUSERS, "deis", "linspace", grid_options=MULTI, final="t_min"),
+    _s("DPMSolverSDEScheduler", DIFFUSERS, "dpmpp_sde", "linspace", grid_options=FRAC,
        note="same steps; diffusers' Brownian tree runs over sigma, velodiff's over t"),
-    _s("LCMScheduler", DIFFUSERS, "lcm", "leading"),
+    _s("LCMScheduler", DIFFUSERS, "lcm", "leading", grid_options={"steps_offset": 1},
+       note="LCM's boundary condition c_skip x + c_out F belongs to the model's denoiser"),
     _s("FlowMatchEulerDiscreteScheduler", DIFFUSERS, "euler", "flow-shifted"),
     _s("EDMEulerScheduler", DIFFUSERS, "euler", "karras"),
 ]  # fmt: skip
@@ -330,9 +335,15 @@ def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[st
         raise VelodiffError(
             f"{cls}: unknown timestep_spacing {spacing!r}; valid: leading, linspace, trailing"
         )
-    opts = (
-        {"steps_offset": int(cfg["steps_offset"])} if spacing == "leading" and "steps_offset" in cfg else {}
-    )
+    opts: dict[str, Any] = {}
+    if spacing == "leading" and "steps_offset" in cfg:
+        opts["steps_offset"] = int(cfg["steps_offset"])
+    row = find(cls, SAMPLER)
+    if row is not None and spacing != "trailing":
+        if row.grid_options.get("drop_last"):
+            opts["drop_last"] = True
+        if row.grid_options.get("fractional") and spacing == "linspace":
+            opts["fractional"] = True
     return spacing, opts
 
 

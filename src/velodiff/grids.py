@@ -150,24 +150,29 @@ def polyexponential(
     return _from_sigmas(sched, sigmas, hi, lo, final)
 
 
-def _discrete_timesteps(sched: NoiseSchedule, spacing: str, steps: int, steps_offset: int = 0) -> Tensor:
-    """diffusers' timestep spacings (Lin et al. 2023, Table 2), as integer timesteps k."""
+def _discrete_timesteps(
+    sched: NoiseSchedule, spacing: str, steps: int, steps_offset: int = 0, drop_last: bool = False
+) -> Tensor:
+    """diffusers' timestep spacings (Lin et al. 2023, Table 2), as integer timesteps k. ``drop_last``:
+    the multistep schedulers' form (DPMSolverMultistep, UniPC, DEIS), which spaces steps + 1 points
+    and drops the last ('linspace' then ends above k = 0; 'leading' uses the ratio N // (steps + 1))."""
     if not isinstance(sched, DiscreteVP):
         raise VelodiffError(f"grid {spacing!r} needs a discrete schedule, not {sched.kind!r}")
     n = sched.num_train_timesteps
     if steps > n:
         raise VelodiffError(f"{steps} steps exceed the schedule's {n} trained timesteps")
+    m = steps + 1 if drop_last and spacing != "trailing" else steps
     if spacing == "linspace":
-        ks = torch.linspace(0, n - 1, steps, dtype=F64).round().flip(0)
+        ks = torch.linspace(0, n - 1, m, dtype=F64).round().flip(0)
     elif spacing == "leading":
-        ratio = n // steps
-        ks = (torch.arange(steps, dtype=F64) * ratio).round().flip(0) + steps_offset
+        ratio = n // m
+        ks = (torch.arange(m, dtype=F64) * ratio).round().flip(0) + steps_offset
     else:  # trailing
         ratio = n / steps
         # = diffusers' np.arange(n, 0, -ratio).round() - 1, which for some steps (e.g. 121) rounds
         # into one extra timestep, -1; this always gives `steps` of them
         ks = (n - torch.arange(steps, dtype=F64) * ratio).round() - 1
-    return ks
+    return ks[:steps]
 
 
 def _spacing(spacing: str) -> Callable[..., Tensor]:
@@ -177,19 +182,34 @@ def _spacing(spacing: str) -> Callable[..., Tensor]:
         final: str = "zero",
         t_start: float | None = None,
         steps_offset: int = 0,
+        drop_last: bool = False,
+        fractional: bool = False,
     ) -> Tensor:
         if t_start is not None:
             raise VelodiffError(f"grid {spacing!r} always starts where diffusers starts it; use another grid")
-        ks = _discrete_timesteps(sched, spacing, steps, int(steps_offset))
-        assert isinstance(sched, DiscreteVP)
-        ts = sched.t_from_timestep(ks)
+        if fractional and spacing != "linspace":
+            raise VelodiffError(f"grid {spacing!r}: fractional applies to 'linspace' only")
+        if fractional:  # diffusers' Euler family: k unrounded, sigma interpolated linearly in k
+            assert isinstance(sched, DiscreteVP)
+            n = sched.num_train_timesteps
+            ks = torch.linspace(0, n - 1, steps, dtype=F64).flip(0)
+            table = sched.sigma_ve(sched.t_from_timestep(torch.arange(n, dtype=F64)))
+            lo = ks.floor().clamp(max=n - 2).long()
+            w = ks - lo
+            sig = (1 - w) * table[lo] + w * table[lo + 1]
+            ts = torch.where(w == 0, sched.t_from_timestep(ks), sched.t_from_sigma_ve(sig))
+        else:
+            ks = _discrete_timesteps(sched, spacing, steps, int(steps_offset), bool(drop_last))
+            assert isinstance(sched, DiscreteVP)
+            ts = sched.t_from_timestep(ks)
         if final == "t_min" and float(ts[-1]) != sched.t_min:
             ts = torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
         return _finish(sched, ts, final) if final == "zero" else ts
 
     grid.__doc__ = (
         f"diffusers' timestep_spacing='{spacing}' over the trained integer timesteps"
-        " (steps_offset applies to 'leading', as in diffusers)."
+        " (steps_offset applies to 'leading', as in diffusers; drop_last=True is the multistep"
+        " schedulers' variant; fractional=True the Euler family's unrounded 'linspace')."
     )
     return grid
 
