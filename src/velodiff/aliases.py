@@ -392,8 +392,8 @@ def _deis(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 _SIMPLE_SOLVERS = {a.name: a.solver for a in _DIFFUSERS}
 #: what a bare class name stands for: the config the Stable Diffusion pipelines give it
 _SD_CONFIG = {
-    "DDIMScheduler": {"steps_offset": 1, "set_alpha_to_one": False},
-    "DDPMScheduler": {"steps_offset": 1},
+    "DDIMScheduler": {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False},
+    "DDPMScheduler": {"steps_offset": 1, "clip_sample": False},
     "LCMScheduler": {"steps_offset": 1},
 }
 _DIFFUSERS_CLASSES = tuple(_SIMPLE_SOLVERS)
@@ -446,10 +446,11 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
             f"{cls}: flag {unknown[0]!r} has no velodiff equivalent yet; flags read: "
             f"{', '.join(sorted(set(_SIGMA_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))))}"
         )
-    if _flag(cfg.get("thresholding", False)) or _flag(cfg.get("use_flow_sigmas", False)):
-        raise VelodiffError(f"{cls}: thresholding / use_flow_sigmas have no velodiff equivalent yet")
     if strict:  # a bare class name means the Stable Diffusion pipelines' config of it
         cfg = {**_SD_CONFIG.get(cls, {}), **cfg}
+    for flag in ("thresholding", "use_flow_sigmas", "clip_sample"):
+        if _flag(cfg.get(flag, False)):
+            raise VelodiffError(f"{cls}: {flag}=True has no velodiff equivalent yet")
     solver, solver_opts = alias.solver, dict(alias.solver_options)
     if cls == "DPMSolverMultistepScheduler":
         solver, solver_opts = _dpmsolver_multistep(cfg)
@@ -464,7 +465,7 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
             cls, "linspace"
         )
         grid, grid_opts = _grid_of(cls, cfg, spacing)
-    final = alias.final
+    final = alias.final or "zero"
     if "final_sigmas_type" in cfg:
         final = {"zero": "zero", "sigma_min": "t_min"}.get(str(cfg["final_sigmas_type"]))
         if final is None:
