@@ -268,6 +268,20 @@ def test_sampler_alias_matches_k_diffusion(alias):
     assert a.k == b.k
 
 
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_ipndm_is_lms_only_on_grids_uniform_in_rho(order):
+    """iPNDM's fixed Adams-Bashforth weights are the variable-step ones (lms) where the steps in
+    rho = sigma / alpha are equal, and differ elsewhere from order 2 on (its docstring)."""
+    rho = torch.linspace(float(SCHED.sigma_ve(1.0)), float(SCHED.sigma_ve(SCHED.t_min)), 9, dtype=F64)
+    ts = SCHED.t_from_sigma_ve(rho)
+    ts[0], ts[-1] = 1.0, SCHED.t_min
+    a, b = sample(DEN, X, ts, "ipndm", order=order).x, sample(DEN, X, ts, "lms", order=order).x
+    assert torch.allclose(a, b, rtol=0, atol=1e-9)
+    ts = make_grid("karras", SCHED, 8, final="t_min")
+    a, b = sample(DEN, X, ts, "ipndm", order=order).x, sample(DEN, X, ts, "lms", order=order).x
+    assert torch.allclose(a, b, rtol=0, atol=1e-9) == (order == 1)
+
+
 def test_lcm_is_its_definition():
     ts = make_grid("leading", SCHED, 4, steps_offset=1)
     z = Replay()
