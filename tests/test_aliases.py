@@ -261,6 +261,8 @@ def test_sampler_alias_matches_k_diffusion(alias):
     a0 = float(SCHED.alpha(ts[0]))
     a, b = Replay(), Replay()
     kw = {"noise_sampler": a.sampler} if "noise_sampler" in inspect.signature(fn).parameters else {}
+    if "solver_type" in alias.solver_options:  # k-diffusion's dpmpp_2m_sde(solver_type=...)
+        kw["solver_type"] = alias.solver_options["solver_type"]
     ref = fn(_k_model, x_top / a0, sigmas, disable=True, **kw)
     res = sample(DEN, x_top, ts, alias.name, noise=b)
     err = float((ref - res.x).abs().max())
@@ -432,6 +434,7 @@ CASES = [
     (DPMSolverMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True}),
     (DPMSolverMultistepScheduler, {"lower_order_final": False, "timestep_spacing": "trailing"}),
     (DPMSolverMultistepScheduler, {"final_sigmas_type": "sigma_min"}),
+    (DPMSolverMultistepScheduler, {"solver_type": "heun", "use_karras_sigmas": True}),
     (EulerDiscreteScheduler, {}),
     (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     (EulerDiscreteScheduler, {"timestep_spacing": "leading", "steps_offset": 1}),
@@ -474,18 +477,18 @@ def test_diffusers_ancestral_same_noise(cls):
     assert err < TOL_DIFFUSERS, f"{cls.__name__}: max |diffusers - velodiff| = {err:.3g}"
 
 
-def test_diffusers_sde_dpmsolver_same_noise():
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_diffusers_sde_dpmsolver_same_noise(solver_type):
     # (default spacing: with Karras' float32 sigmas diffusers' noise terms differ from velodiff's by ~5e-5)
-    sched = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++")
+    sched = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", solver_type=solver_type)
     sched.set_timesteps(8)
     z = starting_noise(SHAPE, 32, seed=9).reshape(8, 4, *SHAPE)
     x = X.clone()
     for i, k in enumerate(sched.timesteps):
         t = SCHED.t_from_sigma_ve(sched.sigmas[i].double())
         x = sched.step(eps_from_x0(SCHED, x, t, DEN(x, t)), k, x, variance_noise=z[i]).prev_sample
-    res, _ = _velodiff_of(
-        sched, 8, X, noise=lambda i: z[i], typed=_typed(type(sched), {"algorithm_type": "sde-dpmsolver++"})
-    )
+    typed = _typed(type(sched), {"algorithm_type": "sde-dpmsolver++", "solver_type": solver_type})
+    res, _ = _velodiff_of(sched, 8, X, noise=lambda i: z[i], typed=typed)
     err = float((x - res.x).abs().max())
     assert err < TOL_DIFFUSERS, err
 
@@ -500,8 +503,10 @@ def test_a1111_ddim_is_diffusers_sd_ddim():
 
 
 def test_diffusers_object_flags_refused_when_not_reproducible():
-    with pytest.raises(VelodiffError, match="solver_type='heun'"):
-        from_diffusers(DPMSolverMultistepScheduler(**SD, solver_type="heun"))
+    with pytest.raises(VelodiffError, match="algorithm_type='dpmsolver'.*no velodiff solver"):
+        from_diffusers(
+            DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+        )
     with pytest.raises(VelodiffError, match="use_beta_sigmas"):
         from_diffusers(EulerDiscreteScheduler(**SD, use_beta_sigmas=True))
     with pytest.raises(VelodiffError, match="no velodiff mapping yet"):

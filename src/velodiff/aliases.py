@@ -69,6 +69,7 @@ def normalize(name: str) -> str:
 KD, COMFY, A1111, DIFFUSERS = "k-diffusion", "ComfyUI", "A1111", "diffusers"
 KD_COMFY = "k-diffusion / ComfyUI"
 NO_LOF = {"lower_order_final": False}  # k-diffusion's multistep samplers keep their order to the end
+SDE_HEUN = {**NO_LOF, "solver_type": "heun"}  # k-diffusion's dpmpp_2m_sde(solver_type="heun")
 KD_3M = {"variant": "k-diffusion"}  # k-diffusion's 3M SDE halves the x0'' term (sde_dpm_solver_pp.py)
 CALIBRATED = "the calibrated-solver work (issue 11, items 1-4)"
 
@@ -101,6 +102,8 @@ _KD_SAMPLERS = [
        "diffusers does; lower_order_final=False is k-diffusion's"),
     _s("dpmpp_2m_sde", KD_COMFY, "sde_dpmpp_2m", solver_options=NO_LOF),
     _s("dpmpp_2m_sde_gpu", COMFY, "sde_dpmpp_2m", solver_options=NO_LOF),
+    _s("dpmpp_2m_sde_heun", COMFY, "sde_dpmpp_2m", solver_options={**NO_LOF, "solver_type": "heun"}),
+    _s("dpmpp_2m_sde_heun_gpu", COMFY, "sde_dpmpp_2m", solver_options={**NO_LOF, "solver_type": "heun"}),
     _s("dpmpp_3m_sde", KD_COMFY, "sde_dpmpp_3m", solver_options=KD_3M),
     _s("dpmpp_3m_sde_gpu", COMFY, "sde_dpmpp_3m", solver_options=KD_3M),
     _s("ddpm", COMFY, "ddpm"),
@@ -147,6 +150,9 @@ _A1111 = [
     _s("DPM++ 2M SDE", A1111, "sde_dpmpp_2m", solver_options=NO_LOF),
     _s("DPM++ 2M SDE Karras", A1111, "sde_dpmpp_2m", "karras", solver_options=NO_LOF),
     _s("DPM++ 2M SDE Exponential", A1111, "sde_dpmpp_2m", "exponential", solver_options=NO_LOF),
+    _s("DPM++ 2M SDE Heun", A1111, "sde_dpmpp_2m", solver_options=SDE_HEUN),
+    _s("DPM++ 2M SDE Heun Karras", A1111, "sde_dpmpp_2m", "karras", solver_options=SDE_HEUN),
+    _s("DPM++ 2M SDE Heun Exponential", A1111, "sde_dpmpp_2m", "exponential", solver_options=SDE_HEUN),
     _s("DPM++ 3M SDE", A1111, "sde_dpmpp_3m", solver_options=KD_3M),
     _s("DPM++ 3M SDE Karras", A1111, "sde_dpmpp_3m", "karras", solver_options=KD_3M),
     _s("DPM++ 3M SDE Exponential", A1111, "sde_dpmpp_3m", "exponential", solver_options=KD_3M),
@@ -358,16 +364,22 @@ def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         raise VelodiffError("DPMSolverMultistepScheduler: euler_at_final has no velodiff option yet")
     if order == 1 and algo in ("dpmsolverpp", "dpmsolver"):
         return "ddim", {}
-    if algo == "dpmsolverpp" and order in (2, 3):
-        if order == 2 and solver_type != "midpoint":
-            raise VelodiffError("DPMSolverMultistepScheduler: solver_type='heun' has no velodiff solver yet")
-        return ("dpmpp_2m", opts) if order == 2 else ("dpmpp_3m", {**opts, "variant": "diffusers"})
-    if algo == "sde_dpmsolverpp" and order in (1, 2) and solver_type == "midpoint":
-        return "sde_dpmpp_2m", opts
+    if solver_type not in ("midpoint", "heun"):
+        raise VelodiffError(
+            f"DPMSolverMultistepScheduler: unknown solver_type {solver_type!r}; valid: heun, midpoint"
+        )
+    if algo == "dpmsolverpp" and order == 2:
+        return "dpmpp_2m", {**opts, "solver_type": solver_type}
+    if algo == "dpmsolverpp" and order == 3:
+        return "dpmpp_3m", {**opts, "variant": "diffusers"}
+    if algo == "sde_dpmsolverpp" and order == 1:  # = DDIM with eta = 1 (ddim.py)
+        return "ddpm", {}
+    if algo == "sde_dpmsolverpp" and order == 2:
+        return "sde_dpmpp_2m", {**opts, "solver_type": solver_type}
     raise VelodiffError(
         f"DPMSolverMultistepScheduler: algorithm_type={cfg.get('algorithm_type')!r}, solver_order={order}, "
         f"solver_type={cfg.get('solver_type', 'midpoint')!r} has no velodiff solver yet; provided: "
-        "dpmsolver++ orders 1-3 and sde-dpmsolver++ order 2 (midpoint)"
+        "dpmsolver++ orders 1-3 and sde-dpmsolver++ orders 1-2"
     )
 
 
