@@ -170,6 +170,9 @@ def test_pipeline_setup_takes_the_alias_grid():
     assert s.solver.name == "sde_dpmpp_2m" and torch.equal(s.ts, make_grid("karras", SCHED, 6))
     s = make_setup(model, Sampling(solver="euler_ancestral", steps=6))
     assert torch.equal(s.ts, make_grid("trailing", SCHED, 6))  # no alias grid: the model's
+    sdxl = SimpleNamespace(**{**vars(model), "family": "sdxl"})
+    s = make_setup(sdxl, Sampling(grid="align_your_steps", steps=10))
+    assert SCHED.timestep(s.ts[:-1]).round().tolist() == AysSchedules["StableDiffusionXLTimesteps"]
 
 
 # --- k-diffusion / ComfyUI sampler names and A1111 labels --------------------------------------------

@@ -210,8 +210,18 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     if grid is None:
         grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
     grid_opts.update(opts.grid_options or {})
+    if getattr(model, "family", None) == "sdxl" and _grid_name(name) == "ays":
+        grid_opts.setdefault("model", "sdxl")  # AYS published SDXL's own schedule
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
     return Setup(spec, ts, steps, guidance, plan)
+
+
+def _grid_name(name: str) -> str | None:
+    """velodiff's name of a grid given by any tool's name (``velodiff.aliases``)."""
+    from ..aliases import resolve_grid
+    from ..grids import GRIDS
+
+    return resolve_grid(name, tuple(GRIDS)).grid
 
 
 def _alias_grid(opts: Sampling) -> Sampling:
