@@ -32,10 +32,12 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
@@ -45,7 +47,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import AysSchedules
 
 from kdiffusion import load_k_sampling
-from velodiff import GRIDS, SOLVERS, DiscreteVP, VelodiffError, get_solver, make_grid, sample
+from velodiff import GRIDS, SOLVERS, DiscreteVP, RectifiedFlow, VelodiffError, get_solver, make_grid, sample
 from velodiff.aliases import ALIASES, SAMPLER, SCHEDULER, find, from_diffusers, normalize, resolve_solver
 from velodiff.denoisers import eps_from_x0
 from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
@@ -170,6 +172,10 @@ def test_pipeline_setup_takes_the_alias_grid():
     assert s.solver.name == "sde_dpmpp_2m" and torch.equal(s.ts, make_grid("karras", SCHED, 6))
     s = make_setup(model, Sampling(solver="euler_ancestral", steps=6))
     assert torch.equal(s.ts, make_grid("trailing", SCHED, 6))  # no alias grid: the model's
+    s = make_setup(model, Sampling(solver="DPM fast", nfe=10))  # the budget plans dpm_fast's orders
+    assert s.steps == 4 and s.solver.defaults["nfe"] == 10
+    assert torch.equal(s.ts, make_grid("logsnr", SCHED, 4, final="t_min"))
+    assert sample(DEN, X, s.ts, s.solver).nfe == 10
     sdxl = SimpleNamespace(**{**vars(model), "family": "sdxl"})
     s = make_setup(sdxl, Sampling(grid="align_your_steps", steps=10))
     assert SCHED.timestep(s.ts[:-1]).round().tolist() == AysSchedules["StableDiffusionXLTimesteps"]
@@ -494,6 +500,37 @@ def test_diffusers_sde_dpmsolver_same_noise(solver_type):
     res, _ = _velodiff_of(sched, 8, X, noise=lambda i: z[i], typed=typed)
     err = float((x - res.x).abs().max())
     assert err < TOL_DIFFUSERS, err
+
+
+def test_diffusers_ddpm_same_noise():
+    sched = DDPMScheduler(**SD, clip_sample=False, steps_offset=1)
+    sched.set_timesteps(10)
+    gen, gen_copy = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x = X.clone()
+    for k in sched.timesteps:
+        t = SCHED.t_from_timestep(float(k))
+        x = sched.step(eps_from_x0(SCHED, x, t, DEN(x, t)), k, x, generator=gen).prev_sample
+    z = [torch.randn(X.shape, generator=gen_copy, dtype=X.dtype) for _ in range(10)]
+    res, _ = _velodiff_of(sched, 10, X, noise=lambda i: z[i], typed="DDPMScheduler")
+    assert float((x - res.x).abs().max()) < TOL_DIFFUSERS
+
+
+def test_diffusers_flow_match_euler():
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(8)
+    # diffusers shifts its smallest sigma twice (tests/test_parity_basic.py): the schedule takes it as t_min
+    flow = RectifiedFlow(shift=3.0, t_min=sched.sigma_min)
+    den = MixtureDenoiser(MIX, flow)
+    x = X.clone()
+    for k in sched.timesteps:
+        t = float(k) / 1000.0
+        x = sched.step((x - den(x, t)) / t, k, x).prev_sample
+    r = from_diffusers(sched)
+    assert (r.solver, r.grid) == ("euler", "flow-shifted")
+    res = sample(den, X, make_grid(r.grid, flow, 8, final=r.final), r.solver)
+    assert float((x - res.x).abs().max()) < TOL_DIFFUSERS
+    with pytest.raises(VelodiffError, match="use_karras_sigmas"):
+        from_diffusers(FlowMatchEulerDiscreteScheduler(shift=3.0, use_karras_sigmas=True))
 
 
 def test_a1111_ddim_is_diffusers_sd_ddim():

@@ -473,6 +473,10 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
         solver, solver_opts = _deis(cfg)
     if cls in ("FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler"):
         grid, grid_opts = alias.grid, {}
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                     "stochastic_sampling", "use_dynamic_shifting"):  # fmt: skip
+            if _flag(cfg.get(flag, False)):
+                raise VelodiffError(f"{cls}: {flag}=True has no velodiff mapping yet")
     else:
         spacing = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "LCMScheduler": "leading"}.get(
             cls, "linspace"
