@@ -67,6 +67,8 @@ SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_sch
 BETAS = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
 SIGMAS = np.sqrt((1 - np.cumprod(1 - BETAS)) / np.cumprod(1 - BETAS))  # sigma / alpha at k = 0..999
 TOL_DIFFUSERS, TOL_K = 2e-5, 1e-9
+FLOW = RectifiedFlow(shift=3.0)
+FLOW_GRIDS = ("linear_quadratic",)  # defined for rectified flows only
 
 
 def _target_exists(a) -> bool:
@@ -90,9 +92,10 @@ def test_every_alias_resolves_to_a_valid_target(alias):
         if not own and alias.name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
             assert {k: spec.defaults[k] for k in alias.solver_options} == dict(alias.solver_options)
     else:
-        ts = make_grid(alias.name, SCHED, 10)
-        assert torch.equal(ts, make_grid(alias.grid, SCHED, 10, **alias.grid_options))
-    if alias.grid is not None:
+        sched = FLOW if alias.grid in FLOW_GRIDS else SCHED
+        ts = make_grid(alias.name, sched, 10)
+        assert torch.equal(ts, make_grid(alias.grid, sched, 10, **alias.grid_options))
+    if alias.grid is not None and alias.grid not in FLOW_GRIDS:
         make_grid(alias.grid, SCHED, 10, final=alias.final or "zero", **alias.grid_options)
 
 
@@ -339,7 +342,30 @@ def _definition(name: str, n: int) -> np.ndarray:
     raise AssertionError(name)
 
 
-SCHEDULER_ALIASES = [a for a in ALIASES if a.kind == SCHEDULER and a.grid in GRIDS]
+SCHEDULER_ALIASES = [
+    a for a in ALIASES if a.kind == SCHEDULER and a.grid in GRIDS and a.grid not in FLOW_GRIDS
+]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 50])
+def test_linear_quadratic_is_movie_gens_schedule(steps):
+    """Movie Gen's linear-quadratic t-schedule: equal steps of threshold_noise / L for the first L = N // 2,
+    then a quadratic with the same value and slope at L that ends at t = 0; checked against the
+    schedule's closed form and its defining properties."""
+    ts = make_grid("linear_quadratic", FLOW, steps)
+    assert len(ts) == steps + 1 and float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
+    u = 1.0 - ts.numpy()
+    if steps == 1:
+        return
+    n, lin, th = steps, steps // 2, 0.025
+    assert np.allclose(u[:lin], th * np.arange(lin) / lin, rtol=0, atol=1e-15)
+    q = np.polyfit(np.arange(lin, n + 1), u[lin:], 2) if n - lin >= 2 else None
+    if q is not None:  # the quadratic part: value theta and slope theta / L at L, 1 at N
+        assert np.polyval(q, lin) == pytest.approx(th, abs=1e-12)
+        assert np.polyval(np.polyder(q), lin) == pytest.approx(th / lin, abs=1e-9)
+        assert np.polyval(q, n) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(VelodiffError, match="rectified flows"):
+        make_grid("linear_quadratic", SCHED, steps)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 7, 10, 25])

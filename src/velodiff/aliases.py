@@ -128,6 +128,7 @@ _COMFY_SCHEDULERS = [
     _g("beta", COMFY, "beta", note="alpha = beta = 0.6 (Lee et al. 2024)"),
     _g("kl_optimal", COMFY, "kl_optimal"),
     _g("align_your_steps", COMFY, "ays", note="SD 1.5 levels by default; grid option model=sdxl|svd"),
+    _g("linear_quadratic", COMFY, "linear_quadratic", note="rectified flows (Movie Gen / Mochi)"),
     _g("gits", COMFY, "gits", provided_by=CALIBRATED),
 ]
 

@@ -360,6 +360,44 @@ def kl_optimal(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: f
     return _from_sigmas(sched, sigmas, hi, lo, final)
 
 
+def linear_quadratic(
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    threshold_noise: float = 0.025,
+    linear_steps: int | None = None,
+) -> Tensor:
+    """The linear-quadratic t-schedule of Movie Gen (Polyak et al. 2024, Sec. 3.1.6; Mochi; ComfyUI's
+    "linear_quadratic"), for rectified flows. With N = ``steps``, L = ``linear_steps`` (default N // 2)
+    and theta = ``threshold_noise``, the fraction of noise removed before step i is
+
+        u_i = theta i / L                          for i < L   (small, equal steps at high noise)
+        u_i = a i^2 + b i + c                      for L <= i <= N,
+
+    the quadratic that continues the line with the same value and slope at i = L and reaches u_N = 1
+    (a = (L - theta N) / (L (N - L)^2), b = theta / L - 2 a L, c = a L^2); t_i = 1 - u_i."""
+    _no_start("linear_quadratic", t_start)
+    if not isinstance(sched, RectifiedFlow):
+        raise VelodiffError(f"grid 'linear_quadratic' is defined for rectified flows, not {sched.kind!r}")
+    n = steps
+    lin = n // 2 if linear_steps is None else int(linear_steps)
+    if n == 1:
+        u = torch.zeros(1, dtype=F64)
+    else:
+        if not 0 < lin < n or not 0 < threshold_noise < 1:
+            raise VelodiffError(
+                "grid 'linear_quadratic' needs 0 < linear_steps < steps and 0 < threshold_noise < 1"
+            )
+        i = torch.arange(n, dtype=F64)
+        a = (lin - threshold_noise * n) / (lin * (n - lin) ** 2)
+        b = threshold_noise / lin - 2 * a * lin
+        u = torch.where(i < lin, threshold_noise * i / lin, a * i**2 + b * i + a * lin**2)
+    ts = (1.0 - u).clamp(min=sched.t_min)
+    ts[0] = min(float(ts[0]), sched.t_max)
+    return _end(sched, ts, final)
+
+
 #: Align Your Steps (Sabour et al. 2024): the 10-step schedules NVIDIA published and diffusers ships
 #: (``diffusers.schedulers.scheduling_utils.AysSchedules``): trained timesteps for SD 1.5 and SDXL,
 #: sigma / alpha for Stable Video Diffusion (an EDM model). Ten evaluation points each; the grid adds
@@ -437,7 +475,7 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
 }
 #: the grids defined by another tool's table of levels (ComfyUI's schedulers, AYS): they start at the
 #: schedule's top (no ``t_start``) and may end above t_min before the final point
-TOOL_GRIDS = ("normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "ays")
+TOOL_GRIDS = ("normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "ays", "linear_quadratic")
 GRIDS.update(
     normal=normal,
     sgm_uniform=sgm_uniform,
@@ -446,6 +484,7 @@ GRIDS.update(
     beta=beta,
     kl_optimal=kl_optimal,
     ays=ays,
+    linear_quadratic=linear_quadratic,
 )
 
 
