@@ -162,7 +162,9 @@ def make_oracles(
 
 
 def deterministic_solvers() -> list[str]:
-    return [name for name, spec in SOLVERS.items() if not spec.stochastic]
+    """The solvers the benchmark compares at equal NFE: deterministic, with a planned NFE (not
+    dpm_adaptive, whose error controller spends what it needs)."""
+    return [name for name, spec in SOLVERS.items() if not spec.stochastic and not spec.adaptive]
 
 
 def default_grids(sched: DiscreteVP, probe_steps: int = 7) -> list[str]:

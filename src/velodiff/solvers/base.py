@@ -145,6 +145,8 @@ class SolverSpec:
     saves_final_eval: bool = False
     #: the step re-adds noise from ``ctx.renoise_x0`` (the rules that set it, CFG++, need such a solver)
     renoises: bool = False
+    #: an error controller decides the evaluations of each step (dpm_adaptive): ``nfe`` does not plan them
+    adaptive: bool = False
 
     def nfe(self, steps: int, ends_at_zero: bool = True) -> int:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0

@@ -23,8 +23,8 @@ the K steps (the paper and k-diffusion: uniform in lambda, ``logsnr``); the opti
 accepted or retried by k-diffusion's PID step-size controller (h_init, pcoeff, icoeff, dcoeff,
 accept_safety; h *= 1 + atan(factor - 1)), until the interval is covered. k-diffusion integrates one
 interval from sigma_max to sigma_min; a grid of one step (``steps=1, final="t_min"``) is that run.
-Its NFE is whatever the controller spends (``sample`` counts it); the registered ``nfe_per_step`` is a
-placeholder.
+Its NFE is whatever the controller spends (``sample`` counts it); the spec says so (``adaptive``) and
+its ``nfe_per_step`` is a placeholder.
 
 Boundary steps as in ``dpm_solver``: the final jump to t = 0 returns D(x_i), one evaluation; a step
 from alpha = 0 is the first-order DDIM step. ``eta`` (k-diffusion's ancestral variant of both) is not
@@ -195,6 +195,7 @@ DPM_ADAPTIVE = SolverSpec(
     order=3,
     nfe_per_step=3,
     saves_final_eval=True,
+    adaptive=True,
     defaults={
         "order": 3,
         "rtol": 0.05,
