@@ -3,3 +3,17 @@ import torch
 # `make test` runs two xdist workers on two cores: one torch thread each avoids oversubscription,
 # which slows small-tensor work by orders of magnitude on a busy machine.
 torch.set_num_threads(1)
+
+
+def required_options(name: str, schedule) -> dict:
+    """What a solver needs beyond its defaults to run in the tests that run every solver: DPM-Solver-v3
+    gets degenerate statistics (l = 1, s = b = 0) over the schedule's log-SNR range, under which it is a
+    DPM-Solver++-type multistep method (its own tests use measured ones)."""
+    from velodiff.grids import make_grid
+    from velodiff.solvers import get_solver
+    from velodiff.solvers.dpm_solver_v3 import ModelStatistics
+
+    if "ems" not in get_solver(name).requires:
+        return {}
+    lams = schedule.log_snr(make_grid("logsnr", schedule, 50)[:-1])
+    return {"ems": ModelStatistics.degenerate(lams)}

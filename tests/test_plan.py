@@ -5,6 +5,7 @@ the seam changes nothing without a plan (bit-identical to the loop as it was bef
 import pytest
 import torch
 
+from conftest import required_options
 from velodiff import (
     SOLVERS,
     DiscreteVP,
@@ -289,7 +290,8 @@ def old_loop(denoiser, x, ts, solver, cond, scale):
     if spec.noise != "none":  # sample()'s default noise for a seed of 0
         noise = BrownianNoise(x, 0, ts) if spec.noise == "brownian" else GaussianNoise(x, 0)
     ctx = StepContext(denoise=denoise, schedule=SCHED, ts=ts, alphas=SCHED.alpha(ts), sigmas=SCHED.sigma(ts),
-                      lambdas=SCHED.log_snr(ts), noise=noise, options=dict(spec.defaults))
+                      lambdas=SCHED.log_snr(ts), noise=noise,
+                      options={**spec.defaults, **required_options(spec.name, SCHED)})
     state = None
     for i in range(ctx.steps):
         x, _, state = spec.step(ctx, i, x, state)
@@ -302,7 +304,8 @@ def test_no_plan_is_bit_identical_to_the_loop_before_the_seam(solver, scale):
     ts = make_grid("logsnr", SCHED, 7)
     cond = GuidedCond(COND, UNCOND)
     plan = "none" if scale == 1.0 else f"cfg:scale={scale}"
-    got = sample(TOY, X, ts, solver, cond=cond.cond if scale == 1.0 else cond, plan=plan).x
+    got = sample(TOY, X, ts, solver, cond=cond.cond if scale == 1.0 else cond, plan=plan,
+                 **required_options(solver, SCHED)).x
     assert torch.equal(got, old_loop(TOY, X.clone(), ts, solver, cond, scale))
 
 

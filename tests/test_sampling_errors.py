@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import required_options
 from velodiff import SOLVERS, DiscreteVP, ModelDenoiser, VelodiffError, get_solver, make_grid, sample
 from velodiff.schedules import F64
 from velodiff.solvers import SolverSpec
@@ -147,11 +148,11 @@ def test_callback_true_stops_and_returns_x0(solver):
         seen.append(info)
         return info.i == 1
 
-    res = sample(DEN, X, TS, solver, callback=callback)
+    res = sample(DEN, X, TS, solver, callback=callback, **required_options(solver, DEN.schedule))
     assert res.stopped and res.steps == 2 and [s.i for s in seen] == [0, 1]
     assert torch.equal(res.x, seen[-1].x0)
     assert seen[-1].t_from == float(TS[1]) and seen[-1].t == float(TS[2])  # x0 made at t_from, x is at t
-    full = sample(DEN, X, TS, solver, callback=lambda info: None)
+    full = sample(DEN, X, TS, solver, callback=lambda info: None, **required_options(solver, DEN.schedule))
     assert not full.stopped and full.steps == len(TS) - 1
 
 

@@ -308,7 +308,8 @@ def resolve_grid(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     if alias.provided_by and alias.grid not in own:
         raise VelodiffError(
             f"grid {name!r} ({alias.source}) maps to velodiff's {alias.grid!r}, which {alias.provided_by} "
-            "provides; it is not in this build"
+            "provides; it is not in this build (a GITS-fitted grid for your model: velodiff calibrate "
+            "solver, then --grid calibrated)"
         )
     return Resolved(grid=alias.grid, grid_options=dict(alias.grid_options), alias=alias)
 

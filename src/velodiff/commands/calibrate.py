@@ -1,11 +1,17 @@
 """`velodiff calibrate cache --model M`: measure how fast the model's block features change along the
 sampling path and save it keyed by the model's hash (``velodiff.accel.calibration``), for cache
-schedules fitted to the model (``--plan deepcache:schedule=budget``)."""
+schedules fitted to the model (``--plan deepcache:schedule=budget``).
+
+`velodiff calibrate solver --model M --nfe 5,6,8 --guidance 2.5`: fit grids, DC ratios, per-step solver
+choices and DPM-Solver-v3's statistics to the model (``velodiff.calibrated``), saved keyed by the
+model's hash and guidance scale, for ``--grid calibrated`` and ``--solver dpm_solver_v3``."""
 
 from __future__ import annotations
 
 # ruff: noqa: B008  (typer declares options as argument defaults)
+import sys
 import time
+from pathlib import Path
 
 import typer
 
@@ -21,9 +27,11 @@ def calibrate() -> None:
 
 @calibrate_app.command(
     "cache",
-    epilog=o.example("velodiff calibrate cache --model default",
-                     "velodiff generate \"a red circle\" -o a.png \\",
-                     "    --plan deepcache:schedule=budget,interval=3"),
+    epilog=o.example(
+        "velodiff calibrate cache --model default",
+        'velodiff generate "a red circle" -o a.png \\',
+        "    --plan deepcache:schedule=budget,interval=3",
+    ),
 )
 def calibrate_cache(
     model: o.Model = None,
@@ -49,11 +57,114 @@ def calibrate_cache(
     from ..accel.calibration import calibrate_cache as measure
     from ..accel.calibration import save_cache_calibration
 
-    art = measure(loaded, texts, [seed + i for i in range(len(texts))], steps=steps, solver=solver,
-                  guidance=defaults.get("guidance"))
+    art = measure(
+        loaded,
+        texts,
+        [seed + i for i in range(len(texts))],
+        steps=steps,
+        solver=solver,
+        guidance=defaults.get("guidance"),
+    )
     path = save_cache_calibration(art)
-    typer.echo(f"wrote {path} ({art['images']} images, {steps} {solver} steps, {len(art['rate'])} blocks) "
-               f"in {time.perf_counter() - t0:.1f} s")
+    typer.echo(
+        f"wrote {path} ({art['images']} images, {steps} {solver} steps, {len(art['rate'])} blocks) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+
+
+@calibrate_app.command(
+    "solver",
+    epilog=o.example(
+        "velodiff calibrate solver --model default --nfe 5,6,8 --guidance 2.5",
+        'velodiff generate "a red circle" -o a.png --guidance 2.5 \\',
+        "    --solver unipc --grid calibrated --nfe 6",
+    ),
+)
+def calibrate_solver(
+    model: o.Model = None,
+    nfe: str = typer.Option("5,6,8,10", "--nfe", help="NFE values to calibrate, comma-separated"),
+    guidance: float = typer.Option(..., "--guidance", min=0.0, help="guidance scale the runs will use"),
+    methods: str = typer.Option(
+        "grid,dpm_solver_v3,dc,search", "--methods", help="grid, dpm_solver_v3, dc, search (comma-separated)"
+    ),
+    solvers: str = typer.Option("dpmpp_2m,unipc", "--solvers", help="solvers to fit grids for"),
+    prompts: str = typer.Option(
+        "world", "--prompts", help="world (shapes-world captions in no eval set), a prompt set or a file"
+    ),
+    limit: int = typer.Option(16, "--limit", min=2, help="calibration images (one per prompt)"),
+    seed: int = typer.Option(1000, "--seed", help="seed of the first image"),
+    max_runs: int = typer.Option(30, "--max-runs", min=1, help="runs of each grid descent"),
+    reference_steps: int = typer.Option(200, "--reference-steps", min=10, help="steps of the reference"),
+    out: Path | None = typer.Option(None, "--out", help="write the artefact here instead of the cache"),
+    threads: o.Threads = None,
+) -> None:
+    """Fit the sampler (grids, DC ratios, per-step orders, DPM-Solver-v3 statistics) to a model."""
+    t0 = time.perf_counter()
+    from ..errors import VelodiffError
+
+    try:
+        nfes = [int(v) for v in nfe.split(",") if v.strip()]
+    except ValueError:
+        raise VelodiffError(f"--nfe takes integers separated by commas, got {nfe!r}") from None
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    solver_list = [s.strip() for s in solvers.split(",") if s.strip()]
+    from .names import check_solver
+
+    for s in solver_list:
+        check_solver(s)
+    from ..eval.sweep import resolve_prompts
+
+    texts = resolve_prompts(prompts, limit)
+    from .generate import load_model, quiet_libraries
+
+    quiet_libraries()
+    loaded, _ = load_model(model, threads)
+    from tqdm import tqdm
+
+    from ..calibrated import calibrate_solver as fit
+    from ..calibrated import model_problem, save_solver_calibration
+    from ..eval.reference import model_hash
+
+    problem = model_problem(loaded, texts, [seed + i for i in range(len(texts))], guidance)
+    problem.reference_steps = reference_steps
+    bar = tqdm(unit="run", file=sys.stderr, disable=None, leave=False)
+
+    def progress(what: str) -> None:
+        bar.set_description(what, refresh=False)
+        bar.update(1)
+
+    try:
+        res = fit(problem, nfes, method_list, solver_list, max_runs=max_runs, progress=progress)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    artefact = {
+        "version": 1,
+        "kind": "solver",
+        "model_hash": model_hash(loaded.path),
+        "model": str(loaded.path),
+        "guidance": float(guidance),
+        "size": list(loaded.default_size),
+        "prompts": prompts,
+        "images": len(texts),
+        "seed": seed,
+        "reference_steps": reference_steps,
+        "methods": method_list,
+        "evaluations": res["evaluations"],
+        "seconds": round(seconds, 1),
+        "entries": res["entries"],
+        "baselines": res["baselines"],
+    }
+    path = save_solver_calibration(artefact, res["ems"], out)
+    for e in res["entries"]:
+        b = res["baselines"][str(e["nfe"])]
+        typer.echo(
+            f"  {e['solver']:>13} NFE {e['nfe']:>2}: {e['method']:<10} MSE {e['error']:.3g} "
+            f"(best uncalibrated {b['solver']}/{b['grid']}: {b['error']:.3g})"
+        )
+    typer.echo(
+        f"wrote {path} ({len(texts)} images, {res['evaluations']} batch evaluations) in {seconds:.0f} s"
+    )
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

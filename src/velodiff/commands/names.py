@@ -11,9 +11,9 @@ from ..errors import unknown_name
 #: the names of ``velodiff.solvers.SOLVERS``, in its order
 SOLVER_NAMES = (
     "ddim", "euler", "ddpm", "dpmpp_2m", "heun", "euler_ancestral", "dpm_solver_1", "dpm_solver_2",
-    "dpm_solver_3", "dpmpp_2s", "dpmpp_3m", "sde_dpmpp_2m", "sde_dpmpp_3m", "unipc", "unipc_bh1", "unipc_3",
-    "deis", "deis_3", "ipndm", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-    "dpm_fast", "dpm_adaptive", "lcm",
+    "dpm_solver_3", "dpmpp_2s", "dpmpp_3m", "sde_dpmpp_2m", "sde_dpmpp_3m", "dpm_solver_v3", "unipc",
+    "unipc_bh1", "unipc_3", "deis", "deis_3", "ipndm", "lms", "dpm_2", "dpm_2_ancestral",
+    "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "dpm_adaptive", "lcm",
 )
 
 

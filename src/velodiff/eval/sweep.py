@@ -192,14 +192,34 @@ def check_weights(s: Sweep) -> None:
 # --- prompts --------------------------------------------------------------------------------------
 
 
+def world_prompts(n: int, seed: int = 7) -> list[str]:
+    """``n`` distinct captions drawn by the shapes world (seed ``seed``), none in a fixed prompt set."""
+    from ..data.shapes import ShapesWorld
+    from .shapes_eval import PROMPT_SETS, load_prompts
+
+    fixed = {p.text for name in PROMPT_SETS for p in load_prompts(name)}
+    world = ShapesWorld(seed=seed)
+    texts: list[str] = []
+    i = 0
+    while len(texts) < n and i < 100 * n:
+        caption = world.scene(i).caption
+        if caption not in fixed and caption not in texts:
+            texts.append(caption)
+        i += 1
+    return texts
+
+
 def resolve_prompts(spec: str | Sequence[str], limit: int | None = None) -> list[str]:
-    """A shapes prompt set name (v1, v1-holdout), a .txt file (one prompt a line), a .json file (a list
-    of strings or ShapesEval's {"prompts": [{"text": ...}]}), or a list of prompts; ``limit`` keeps that
-    many, spread evenly over the set."""
+    """A shapes prompt set name (v1, v1-holdout), ``world`` (captions the shapes world draws, none of
+    them in a fixed set: prompts to calibrate on that no evaluation uses), a .txt file (one prompt a
+    line), a .json file (a list of strings or ShapesEval's {"prompts": [{"text": ...}]}), or a list of
+    prompts; ``limit`` keeps that many, spread evenly over the set."""
     from .shapes_eval import PROMPT_SETS, load_prompts
 
     if isinstance(spec, str):
-        if spec in PROMPT_SETS:
+        if spec == "world":
+            texts = world_prompts(limit or 32)
+        elif spec in PROMPT_SETS:
             texts = [p.text for p in load_prompts(spec)]
         else:
             p = Path(spec)

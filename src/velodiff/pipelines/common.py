@@ -175,6 +175,8 @@ class Setup:
     steps: int
     guidance: float
     plan: Plan
+    #: the solver options of the run (the call's, over what a calibration fitted)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) -> Setup:
@@ -191,9 +193,12 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     guidance = float(model.default_guidance if opts.guidance is None else opts.guidance)
     plan = resolve_plan(given, guidance, opts.guidance_rescale, opts.guidance_interval)
     grid = opts.grid
+    options = dict(opts.solver_options or {})
+    if grid == CALIBRATED or (spec.name == "dpm_solver_v3" and options.get("ems") is None):
+        return calibrated_setup(model, opts, spec, guidance, plan, options)
     if grid is not None and not isinstance(grid, str):
         ts = make_grid(grid, model.schedule)
-        return Setup(spec, ts, len(ts) - 1, guidance, plan)
+        return Setup(spec, ts, len(ts) - 1, guidance, plan, options)
     final = opts.final or model.default_final
     steps, nfe = opts.steps, opts.nfe
     if steps is not None and nfe is not None:
@@ -217,7 +222,34 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     if getattr(model, "family", None) == "sdxl" and _grid_name(name) == "ays":
         grid_opts.setdefault("model", "sdxl")  # AYS published SDXL's own schedule
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
-    return Setup(spec, ts, steps, guidance, plan)
+    return Setup(spec, ts, steps, guidance, plan, options)
+
+
+#: the grid name that asks for the model's calibrated grid (``velodiff calibrate solver``)
+CALIBRATED = "calibrated"
+
+
+def calibrated_setup(
+    model: Any, opts: Sampling, spec: SolverSpec, guidance: float, plan: Plan, options: dict[str, Any]
+) -> Setup:
+    """A run on what ``velodiff calibrate solver`` fitted for this model and guidance scale: with
+    ``grid="calibrated"``, the solver's calibrated grid and fitted options at the run's NFE; for
+    ``dpm_solver_v3``, its model statistics (on any grid)."""
+    from ..calibrated.artefact import find_entry, load_solver_calibration, load_statistics
+    from ..calibrated.calibrate import entry_options
+    from ..eval.reference import model_hash
+
+    art = load_solver_calibration(model_hash(model.path), guidance, str(model.path))
+    if spec.name == "dpm_solver_v3" and options.get("ems") is None:
+        options = {**options, "ems": load_statistics(art)}
+    if opts.grid != CALIBRATED:
+        return make_setup(model, replace(opts, solver=spec, solver_options=options))
+    if opts.steps is not None and opts.nfe is not None:
+        raise VelodiffError("give steps or nfe, not both")
+    nfe = opts.nfe if opts.nfe is not None else spec.nfe(int(opts.steps or model.default_steps))
+    entry = find_entry(art, spec.name, int(nfe))
+    ts = torch.tensor(entry["ts"], dtype=torch.float64)
+    return Setup(spec, ts, len(ts) - 1, guidance, plan, {**entry_options(entry), **options})
 
 
 def _grid_name(name: str) -> str | None:
@@ -309,7 +341,7 @@ def run(
         model.denoiser, x, ts, setup.solver, cond=cond, seed=seeds[0], noise=noise,
         callback=opts.callback if callback is None else callback, plan=setup.plan.without_settings(),
         context=context,
-        grad=opts.grad, **dict(opts.solver_options or {}),
+        grad=opts.grad, **setup.options,
     )
 
 

@@ -14,6 +14,7 @@ from .dpm_2 import DPM_2, DPM_2_ANCESTRAL
 from .dpm_fast import DPM_ADAPTIVE, DPM_FAST
 from .dpm_solver import DPM_SOLVER_1, DPM_SOLVER_2, DPM_SOLVER_3, DPMPP_2S
 from .dpm_solver_pp import DPMPP_2M, DPMPP_3M
+from .dpm_solver_v3 import DPM_SOLVER_V3
 from .dpmpp_2s_ancestral import DPMPP_2S_ANCESTRAL
 from .dpmpp_sde import DPMPP_SDE
 from .euler import EULER
@@ -27,7 +28,7 @@ from .unipc import UNIPC, UNIPC_3, UNIPC_BH1
 
 SOLVERS: dict[str, SolverSpec] = {s.name: s for s in (DDIM, EULER, DDPM, DPMPP_2M, HEUN, EULER_ANCESTRAL)}
 SOLVERS.update({s.name: s for s in (DPM_SOLVER_1, DPM_SOLVER_2, DPM_SOLVER_3, DPMPP_2S, DPMPP_3M)})
-SOLVERS.update({s.name: s for s in (SDE_DPMPP_2M, SDE_DPMPP_3M)})
+SOLVERS.update({s.name: s for s in (SDE_DPMPP_2M, SDE_DPMPP_3M, DPM_SOLVER_V3)})
 SOLVERS.update({s.name: s for s in (UNIPC, UNIPC_BH1, UNIPC_3, DEIS, DEIS_3, IPNDM, LMS)})
 # k-diffusion's samplers velodiff had no equivalent of (tests/test_kdiffusion_parity.py)
 SOLVERS.update(

@@ -147,6 +147,8 @@ class SolverSpec:
     renoises: bool = False
     #: an error controller decides the evaluations of each step (dpm_adaptive): ``nfe`` does not plan them
     adaptive: bool = False
+    #: options with no usable default, fitted to the model (DPM-Solver-v3's statistics ``ems``)
+    requires: tuple[str, ...] = ()
 
     def nfe(self, steps: int, ends_at_zero: bool = True) -> int:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0

@@ -18,6 +18,12 @@ As in diffusers, the corrected sample is what the next predictor starts from, wh
 is the evaluation at the predicted sample; ``disable_corrector`` lists the step indices whose result is
 left uncorrected, and so is a step whose correcting evaluation was approximate (a plan's estimate).
 The final jump to t = 0 returns x0 (diffusers' lower_order_final does the same).
+
+Calibrated options (``velodiff calibrate solver`` fits them; empty = off): ``orders`` caps each step's
+predictor order (a per-step solver choice, as USF / S3 search it); ``dc_ratios`` applies DC-Solver's
+dynamic compensation (Zhao et al. 2024, Eq. 11): the new evaluation x0_i is replaced by the Lagrange
+polynomial through the last ``dc_order`` + 1 evaluations taken at t_i + (rho_i - 1)(t_i - t_{i-1}), with
+rho_i = ``dc_ratios[i]`` (1 = no change); the predictor and the corrector both use the compensated value.
 ``lower_order_final`` follows diffusers' documented rule (grids below 15 steps); diffusers' UniPC code
 lowers the last steps' order at every step count, which costs an order of accuracy on grids that end
 at t_min, so velodiff does not copy that.
@@ -69,17 +75,37 @@ def _uni_update(
     return x_next - ctx.a(i + 1) * b_h * sum(c * d for c, d in zip(rhos, ds, strict=True))
 
 
+def compensate(ctx: StepContext, i: int, x0s: tuple[Tensor, ...], x0: Tensor, ratio: float, k: int) -> Tensor:
+    """DC-Solver's compensation (module docstring): the Lagrange polynomial through x0 at t_i, t_{i-1},
+    ..., t_{i-k} evaluated at ratio * t_i + (1 - ratio) * t_{i-1}."""
+    ts = [ctx.t(i - j) for j in range(k + 1)]
+    vals = [x0, *reversed(x0s[-k:])]
+    at = ratio * ts[0] + (1 - ratio) * ts[1]
+    out = torch.zeros_like(x0)
+    for a, (ta, va) in enumerate(zip(ts, vals, strict=True)):
+        w = 1.0
+        for b, tb in enumerate(ts):
+            if b != a:
+                w *= (at - tb) / (ta - tb)
+        out = out + w * va
+    return out
+
+
 def unipc_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
     x0 = ctx.denoise(x, ctx.t(i))
     x0s, x_prev, p_prev = state if state is not None else ((), None, 0)
     if ctx.ends_at_zero(i):
         return x0, x0, ((*x0s, x0), x, 1)
     opts = ctx.options
+    ratios, k = opts["dc_ratios"], int(opts["dc_order"])
+    if i < len(ratios) and float(ratios[i]) != 1.0 and len(x0s) >= k and ctx.exact(i):
+        x0 = compensate(ctx, i, x0s, x0, float(ratios[i]), k)
     corrector = opts["use_corrector"] and (i - 1) not in opts["disable_corrector"]
     if x_prev is not None and corrector and ctx.exact(i):  # no correction from an estimate
         x = _uni_update(ctx, i - 1, x_prev, x0s, p_prev, x0_new=x0)  # UniC on the last prediction
-    x0s = (*x0s, x0)[-int(opts["order"]) :]
-    p = lower_order_final(ctx, i, len(x0s))  # warm-up: the points there are
+    x0s = (*x0s, x0)[-max(int(opts["order"]), k) :]
+    cap = int(opts["orders"][i]) if i < len(opts["orders"]) else int(opts["order"])
+    p = lower_order_final(ctx, i, min(len(x0s), int(opts["order"]), cap))  # warm-up: the points there are
     x_next = _uni_update(ctx, i, x, x0s, p)  # UniP
     return x_next, x0, (x0s, x, p)
 
@@ -90,6 +116,9 @@ _DEFAULTS = {
     "use_corrector": True,
     "disable_corrector": (),
     "lower_order_final": True,
+    "orders": (),
+    "dc_ratios": (),
+    "dc_order": 2,
 }
 
 UNIPC = SolverSpec(

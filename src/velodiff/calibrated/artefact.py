@@ -1,0 +1,111 @@
+"""The solver calibration artefact: what ``velodiff calibrate solver`` fitted for one model at one guidance
+scale, found again by the model's hash.
+
+``$VELODIFF_CACHE/calibration/solver-<model hash>-cfg<guidance>.json`` holds, per (solver, NFE), the best
+calibrated configuration (``method``: grid, dc or search; its grid ``ts``; its fitted solver
+``options``; its error and the best uncalibrated error on the calibration batch) and, when measured,
+the name of a safetensors file beside it with DPM-Solver-v3's model statistics. Both are written
+atomically (a killed calibration leaves the previous artefact or none, never half of one). A file made
+for another model or guidance scale is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import VelodiffError
+from ..files import write_atomic
+from ..solvers.dpm_solver_v3 import ModelStatistics
+
+VERSION = 1
+
+
+def solver_calibration_path(model_hash: str, guidance: float) -> Path:
+    from ..accel.calibration import calibration_dir
+
+    return calibration_dir() / f"solver-{model_hash}-cfg{float(guidance):g}.json"
+
+
+def save_solver_calibration(
+    artefact: dict[str, Any], ems: ModelStatistics | None, path: str | Path | None = None
+) -> Path:
+    """Write the artefact (and the statistics beside it); returns the JSON's path."""
+    from safetensors.torch import save
+
+    p = (
+        Path(path)
+        if path is not None
+        else solver_calibration_path(artefact["model_hash"], artefact["guidance"])
+    )
+    p.parent.mkdir(parents=True, exist_ok=True)
+    artefact = dict(artefact)
+    if ems is not None:
+        ems_path = p.with_suffix(".ems.safetensors")
+        tensors = {"lambdas": ems.raw["lambdas"], "l": ems.raw["l"], "s": ems.raw["s"], "b": ems.raw["b"]}
+        write_atomic(ems_path, save({k: v.contiguous() for k, v in tensors.items()}))
+        artefact["ems"] = ems_path.name
+    write_atomic(p, json.dumps(artefact, indent=1) + "\n")
+    return p
+
+
+def load_solver_calibration(
+    model_hash: str, guidance: float, model_name: str = "M", path: str | Path | None = None
+) -> dict[str, Any]:
+    """The artefact for this model hash and guidance scale; one line when it is missing or made for
+    another model or scale."""
+    p = Path(path) if path is not None else solver_calibration_path(model_hash, guidance)
+    hint = f"velodiff calibrate solver --model {model_name} --guidance {float(guidance):g}"
+    if not p.is_file():
+        raise VelodiffError(
+            f"no solver calibration for this model at guidance {float(guidance):g}; run: {hint}"
+        )
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise VelodiffError(f"solver calibration {p} is not valid JSON: {e}") from None
+    if data.get("kind") != "solver" or data.get("version") != VERSION:
+        raise VelodiffError(f"{p} is not a velodiff solver calibration (version {VERSION})")
+    if data.get("model_hash") != model_hash:
+        raise VelodiffError(
+            f"solver calibration {p} was made for another model (hash {data.get('model_hash')}, this one "
+            f"{model_hash}); run: {hint}"
+        )
+    if abs(float(data.get("guidance", float("nan"))) - float(guidance)) > 1e-9:
+        raise VelodiffError(
+            f"solver calibration {p} was made at guidance {data.get('guidance')}, not {float(guidance):g}; "
+            f"run: {hint}"
+        )
+    data["_path"] = str(p)
+    return data
+
+
+def load_statistics(artefact: dict[str, Any]) -> ModelStatistics:
+    """DPM-Solver-v3's statistics of an artefact."""
+    from ..models.weights import load_file
+
+    name = artefact.get("ems")
+    if not name:
+        raise VelodiffError(
+            f"solver calibration {artefact.get('_path')} has no DPM-Solver-v3 statistics; calibrate with "
+            "--methods dpm_solver_v3"
+        )
+    p = Path(artefact["_path"]).parent / name
+    if not p.is_file():
+        raise VelodiffError(f"DPM-Solver-v3 statistics {p} are missing; calibrate again")
+    d = load_file(p)
+    return ModelStatistics(d["lambdas"], d["l"], d["s"], d["b"])
+
+
+def find_entry(artefact: dict[str, Any], solver: str, nfe: int) -> dict[str, Any]:
+    """The calibrated configuration of ``solver`` at ``nfe``; one line listing what there is if none."""
+    for e in artefact.get("entries", []):
+        if e["solver"] == solver and int(e["nfe"]) == int(nfe):
+            return e
+    have = sorted({(e["solver"], int(e["nfe"])) for e in artefact.get("entries", [])})
+    listed = ", ".join(f"{s}@{n}" for s, n in have) or "none"
+    raise VelodiffError(
+        f"no calibrated grid for solver {solver!r} at {nfe} NFE in {artefact.get('_path')} (calibrated: "
+        f"{listed}); run velodiff calibrate solver with --nfe {nfe} --solvers {solver}"
+    )

@@ -1,0 +1,201 @@
+"""``calibrate_solver``: fit the sampler to a model once, on a calibration batch, for a list of NFEs.
+
+For each NFE and each solver in ``solvers`` (DPM-Solver-v3 among them when ``dpm_solver_v3`` is a method:
+its model statistics are measured first, ``ems.measure_statistics``):
+
+* ``grid``: the GITS grid and the named grids (karras, logsnr, uniform) are scored; the best starts the
+  Align-Your-Steps-style descent on the solver's final error (``grids.refine_grid``);
+* ``dc`` (UniPC): DC-Solver's compensation ratios, one per step, fitted on that grid by the same kind of
+  coordinate descent on the final error against the reference (Zhao et al. 2024 fit them by gradient
+  descent on the same target);
+* ``search`` (UniPC): a per-step solver search in the spirit of USF / S3: for each step, the predictor
+  order (1-3) and whether the corrector runs, kept where the final error drops.
+
+Each (solver, NFE) keeps its best configuration; the result also records the best *uncalibrated*
+configuration's error on the same batch. Every candidate is one run of the batch, so the cost is counted
+in runs and network evaluations (``Problem.evaluations``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import VelodiffError, unknown_name
+from ..grids import make_grid
+from ..solvers import get_solver
+from .ems import measure_statistics
+from .grids import gits_grid, refine_grid
+from .problem import Problem
+
+METHODS = ("grid", "dpm_solver_v3", "dc", "search")
+NAMED_GRIDS = ("karras", "logsnr", "uniform")
+#: the fewest steps each method can fit
+MIN_NFE = 3
+
+
+def _tick(progress: Callable[[str], None] | None, what: str) -> Callable[[], None]:
+    return (lambda: progress(what)) if progress is not None else (lambda: None)
+
+
+def fit_ratios(
+    problem: Problem,
+    ts: Tensor,
+    options: dict[str, Any],
+    err: float,
+    *,
+    max_runs: int = 24,
+    progress: Callable[[], None] | None = None,
+) -> tuple[dict[str, Any], float]:
+    """DC ratios for UniPC on grid ``ts`` by coordinate descent from 1 (no compensation)."""
+    steps = len(ts) - 1
+    ratios = [1.0] * steps
+    runs, delta = 0, 0.1
+    while delta >= 0.02 and runs < max_runs:
+        improved = False
+        for k in range(2, steps - 1):  # compensation needs dc_order = 2 earlier points; none on the jump
+            for sign in (1, -1):
+                if runs >= max_runs:
+                    break
+                cand = list(ratios)
+                cand[k] += sign * delta
+                opts = {**options, "dc_ratios": tuple(cand)}
+                e = problem.score(ts, "unipc", opts)
+                runs += 1
+                if progress is not None:
+                    progress()
+                if e < err:
+                    ratios, err, improved = cand, e, True
+                    break
+        if not improved:
+            delta /= 2
+    return {**options, "dc_ratios": tuple(round(r, 6) for r in ratios)}, err
+
+
+def search_steps(
+    problem: Problem,
+    ts: Tensor,
+    options: dict[str, Any],
+    err: float,
+    *,
+    progress: Callable[[], None] | None = None,
+) -> tuple[dict[str, Any], float]:
+    """Per-step UniPC choices: predictor order 1-3 and the corrector, one step at a time."""
+    steps = len(ts) - 1
+    orders = [int(options.get("order", 2))] * steps  # the current choice; caps up to 3 are tried
+    off: set[int] = set(options.get("disable_corrector", ()))
+    base = {**options, "order": 3}
+    best = dict(options)
+    for k in range(steps - 1):
+        for change in ("o1", "o2", "o3", "corrector"):
+            cand_orders, cand_off = list(orders), set(off)
+            if change == "corrector":
+                cand_off ^= {k}
+            else:
+                cand_orders[k] = int(change[1])
+            opts = {**base, "orders": tuple(cand_orders), "disable_corrector": tuple(sorted(cand_off))}
+            e = problem.score(ts, "unipc", opts)
+            if progress is not None:
+                progress()
+            if e < err:
+                orders, off, err, best = cand_orders, cand_off, e, opts
+    return best, err
+
+
+def calibrate_solver(
+    problem: Problem,
+    nfes: Sequence[int],
+    methods: Sequence[str] = METHODS,
+    solvers: Sequence[str] = ("dpmpp_2m", "unipc"),
+    *,
+    max_runs: int = 30,
+    ems_points: int = 100,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Calibrate; returns ``{"entries": [...], "baselines": {nfe: best uncalibrated}, "ems": stats or
+    None, "runs": ..., "evaluations": ...}`` (entries: solver, nfe, method, ts, options, error)."""
+    for m in methods:
+        if m not in METHODS:
+            raise unknown_name("calibration method", m, METHODS)
+    for s in solvers:
+        spec = get_solver(s)
+        if spec.nfe_per_step != 1 or spec.stochastic:
+            raise VelodiffError(
+                f"solver {s!r}: calibrated grids are for deterministic one-call-per-step solvers"
+            )
+    for n in nfes:
+        if int(n) < MIN_NFE:
+            raise VelodiffError(f"NFE {n} is below the calibration's minimum of {MIN_NFE}")
+    problem.reference()
+    ems = None
+    solvers = list(solvers)
+    if "dpm_solver_v3" in methods:
+        ems = measure_statistics(problem, points=ems_points, progress=_tick(progress, "statistics"))
+        if "dpm_solver_v3" not in solvers:
+            solvers.append("dpm_solver_v3")
+    if ("dc" in methods or "search" in methods) and "unipc" not in solvers:
+        solvers.append("unipc")
+    entries: list[dict[str, Any]] = []
+    baselines: dict[int, dict[str, Any]] = {}
+    for nfe in nfes:
+        tick = _tick(progress, f"NFE {nfe}")
+        for solver in solvers:
+            spec = get_solver(solver)
+            steps = spec.steps_for_nfe(int(nfe))
+            base_opts = {"ems": ems} if solver == "dpm_solver_v3" else {}
+            named = [
+                (g, ts, problem.score(ts, solver, base_opts))
+                for g in NAMED_GRIDS
+                for ts in [make_grid(g, problem.schedule, steps)]
+            ]
+            for g, _, e in named:
+                if solver != "dpm_solver_v3":  # uncalibrated baselines: fixed solvers on named grids
+                    b = baselines.get(int(nfe))
+                    if b is None or e < b["error"]:
+                        baselines[int(nfe)] = {"solver": solver, "grid": g, "error": e}
+            gits = gits_grid(problem, steps)
+            start = min(
+                [(ts, e) for _, ts, e in named] + [(gits, problem.score(gits, solver, base_opts))],
+                key=lambda c: c[1],
+            )
+            method, options = "grid", dict(base_opts)
+            ts, err = start
+            if "grid" in methods or solver == "dpm_solver_v3":
+                ts, err = refine_grid(problem, solver, start[0], base_opts, max_runs=max_runs, progress=tick)
+            if solver == "unipc" and "dc" in methods:
+                o, e = fit_ratios(problem, ts, options, err, progress=tick)
+                if e < err:
+                    method, options, err = "dc", o, e
+            if solver == "unipc" and "search" in methods:
+                o, e = search_steps(problem, ts, options, err, progress=tick)
+                if e < err:
+                    method, options, err = ("search" if method == "grid" else f"{method}+search"), o, e
+            saved = {k: v for k, v in options.items() if k != "ems"}
+            entries.append(
+                {
+                    "solver": solver,
+                    "nfe": int(nfe),
+                    "method": method,
+                    "ts": ts.tolist(),
+                    "options": {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()},
+                    "error": err,
+                }
+            )
+    return {
+        "entries": entries,
+        "baselines": {str(k): v for k, v in baselines.items()},
+        "ems": ems,
+        "evaluations": problem.evaluations,
+    }
+
+
+def entry_options(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry's solver options as the solver takes them (lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in entry.get("options", {}).items()}
+
+
+def as_tensor(ts: Sequence[float]) -> Tensor:
+    return torch.tensor(list(ts), dtype=torch.float64)

@@ -1,0 +1,205 @@
+"""Calibrated solvers and grids (velodiff.calibrated, `velodiff calibrate solver`): DPM-Solver-v3 and its
+statistics against closed forms, DC compensation and per-step orders as exact identities, GITS and the
+grid descent, the artefact's refusals, and the whole path from the command to `--grid calibrated`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from velodiff.calibrated import (
+    calibrate_solver,
+    denoiser_problem,
+    find_entry,
+    gits_grid,
+    load_solver_calibration,
+    measure_statistics,
+    refine_grid,
+    save_solver_calibration,
+)
+from velodiff.errors import VelodiffError
+from velodiff.grids import make_grid
+from velodiff.oracle import GaussianMixture, MixtureDenoiser
+from velodiff.sampling import sample
+from velodiff.schedules import get_schedule
+from velodiff.solvers.dpm_solver_v3 import ModelStatistics
+from velodiff.solvers.unipc import compensate
+
+F64 = torch.float64
+SCHED = get_schedule("scaled_linear")
+
+
+def _noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(n, *shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def _mixture(components: int, seed: int, shape=(2, 3, 3)) -> MixtureDenoiser:
+    return MixtureDenoiser(GaussianMixture.random(shape, components=components, seed=seed), SCHED)
+
+
+def test_dpm_solver_v3_with_degenerate_statistics_is_ddim():
+    """l = 1, s = b = 0 make DPM-Solver-v3's first-order step DPM-Solver++'s, i.e. DDIM (Zheng et al.
+    2023, Sec. 3.2); the tabulated integrals are accurate to ~1e-6."""
+    den = _mixture(4, 3)
+    x = _noise(16, (2, 3, 3), 0)
+    ts = make_grid("logsnr", SCHED, 7)
+    lams = SCHED.log_snr(make_grid("logsnr", SCHED, 30)[:-1])
+    ems = ModelStatistics.degenerate(lams)
+    v3 = sample(den, x, ts, "dpm_solver_v3", ems=ems, order=1, use_corrector=False).x
+    ddim = sample(den, x, ts, "ddim").x
+    assert float((v3 - ddim).abs().max()) < 1e-4
+    assert float((ddim - sample(den, x, ts, "dpmpp_2m").x).abs().max()) > 1e-2  # the check can fail
+
+
+def test_statistics_of_a_gaussian_are_exact_and_make_v3_exact():
+    """For Gaussian data N(mu, diag(v)) the denoiser is linear, so dN/dx is diagonal, sigma^2 / (alpha^2 v
+    + sigma^2), and Hutchinson's estimate of its diagonal is exact; f = -l mu is the same for every
+    sample, so g is flat once b is fitted and DPM-Solver-v3 solves the ODE in a few steps where DDIM
+    cannot (Eq. 9-11)."""
+    den = _mixture(1, 5)
+    mix = den.mixture
+    problem = denoiser_problem(den, _noise(32, (2, 3, 3), 1))
+    ems = measure_statistics(problem, points=120, share="none")
+    raw = ems.raw
+    lam = raw["lambdas"]
+    ts = SCHED.t_from_log_snr(lam)
+    a, s = SCHED.alpha(ts).reshape(-1, 1, 1, 1), SCHED.sigma(ts).reshape(-1, 1, 1, 1)
+    exact_l = s**2 / (a**2 * mix.variances[0] + s**2)
+    assert float((raw["l"] - exact_l).abs().max()) < 1e-6
+    ref = problem.reference().final
+    grid = make_grid("logsnr", SCHED, 4)
+    v3 = problem.run(grid, "dpm_solver_v3", {"ems": ems})
+    ddim = problem.run(grid, "ddim")
+    err_v3, err_ddim = float(((v3 - ref) ** 2).mean()), float(((ddim - ref) ** 2).mean())
+    assert err_v3 < 1e-3 * err_ddim, (err_v3, err_ddim)
+
+
+def test_dc_compensation_and_per_step_orders_are_exact_identities():
+    """ratio 1 leaves x0 as evaluated (the Lagrange polynomial at its own node); ratio 0 gives the
+    previous evaluation; all-ones ratios and per-step caps equal to the order change nothing."""
+    den = _mixture(4, 7)
+    x = _noise(8, (2, 3, 3), 2)
+    ts = make_grid("karras", SCHED, 8)
+    plain = sample(den, x, ts, "unipc").x
+    same = sample(den, x, ts, "unipc", dc_ratios=(1.0,) * 8, orders=(2,) * 8).x
+    assert torch.equal(plain, same)
+    moved = sample(den, x, ts, "unipc", dc_ratios=(1.0, 1.0, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0)).x
+    assert float((moved - plain).abs().max()) > 1e-6
+
+    class Ctx:
+        def t(self, i):
+            return [0.9, 0.7, 0.5, 0.3][i]
+
+    vals = (torch.tensor([1.0]), torch.tensor([2.0]))  # at t 0.7, 0.5; new at 0.3
+    new = torch.tensor([5.0])
+    assert torch.allclose(compensate(Ctx(), 3, vals, new, 1.0, 2), new)
+    assert torch.allclose(compensate(Ctx(), 3, vals, new, 0.0, 2), vals[-1])
+
+
+def test_gits_grid_and_descent():
+    """The GITS path has exactly N steps from t_max to 0, decreasing; the descent never ends worse than
+    it starts and spends at most its runs."""
+    problem = denoiser_problem(_mixture(6, 9), _noise(24, (2, 3, 3), 3))
+    grid = gits_grid(problem, 5)
+    assert len(grid) == 6 and float(grid[0]) == SCHED.t_max and float(grid[-1]) == 0.0
+    assert bool((grid[1:] < grid[:-1]).all())
+    start = make_grid("uniform", SCHED, 5)
+    before = problem.score(start, "dpmpp_2m")
+    runs0 = problem.evaluations
+    refined, after = refine_grid(problem, "dpmpp_2m", start, max_runs=12)
+    assert after <= before and after == pytest.approx(problem.score(refined, "dpmpp_2m"))
+    assert problem.evaluations - runs0 <= 13 * 5
+
+
+def test_calibrated_configuration_transfers_to_unseen_noise():
+    """Calibrated on one batch of a Gaussian mixture, the fitted UniPC beats every named grid with
+    UniPC on a batch of other noise (the calibration property at small scale)."""
+    den = _mixture(6, 21)
+    cal = denoiser_problem(den, _noise(32, (2, 3, 3), 10))
+    test = denoiser_problem(den, _noise(32, (2, 3, 3), 11))
+    res = calibrate_solver(cal, [5], methods=("grid", "dc"), solvers=("unipc",), max_runs=16)
+    (entry,) = res["entries"]
+    ts = torch.tensor(entry["ts"], dtype=F64)
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["options"].items()}
+    calibrated = test.score(ts, "unipc", opts)
+    named = min(test.score(make_grid(g, SCHED, 5), "unipc") for g in ("karras", "logsnr", "uniform"))
+    assert calibrated < named
+
+
+def test_artefact_refusals(tmp_path, monkeypatch):
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+    with pytest.raises(VelodiffError, match="velodiff calibrate solver --model M --guidance 2.5"):
+        load_solver_calibration("abc", 2.5)
+    art = {
+        "version": 1,
+        "kind": "solver",
+        "model_hash": "abc",
+        "guidance": 2.5,
+        "entries": [{"solver": "unipc", "nfe": 6, "method": "grid", "ts": [1.0, 0.0], "options": {}}],
+    }
+    path = save_solver_calibration(art, None)
+    assert json.loads(path.read_text())["model_hash"] == "abc"
+    loaded = load_solver_calibration("abc", 2.5)
+    assert find_entry(loaded, "unipc", 6)["method"] == "grid"
+    with pytest.raises(VelodiffError, match=r"calibrated: unipc@6\)"):
+        find_entry(loaded, "unipc", 5)
+    with pytest.raises(VelodiffError, match="another model"):
+        load_solver_calibration("xyz", 2.5, path=path)
+    with pytest.raises(VelodiffError, match="made at guidance 2.5, not 7.5"):
+        load_solver_calibration("abc", 7.5, path=path)
+    with pytest.raises(VelodiffError, match="below the calibration's minimum"):
+        calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [2])
+
+
+def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, capsys):
+    """`velodiff calibrate solver` writes the artefact; text2img with grid="calibrated" runs exactly the
+    calibrated times; dpm_solver_v3 finds its statistics; without an artefact both are one line."""
+    import velodiff
+    from velodiff.cli import main
+    from velodiff.default_model import default_model_path
+    from velodiff.pipelines import text2img
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    model = velodiff.load(default_model_path())
+    with pytest.raises(VelodiffError, match="velodiff calibrate solver --model"):
+        text2img(model, "a red circle", nfe=4, guidance=2.5, grid="calibrated", solver="unipc")
+    with pytest.raises(VelodiffError, match="velodiff calibrate solver --model"):
+        text2img(model, "a red circle", nfe=4, guidance=2.5, solver="dpm_solver_v3")
+    args = [
+        "calibrate",
+        "solver",
+        "--nfe",
+        "4",
+        "--guidance",
+        "2.5",
+        "--methods",
+        "grid,dpm_solver_v3",
+        "--solvers",
+        "unipc",
+        "--limit",
+        "2",
+        "--max-runs",
+        "2",
+        "--reference-steps",
+        "40",
+    ]
+    try:
+        main(args)
+    except SystemExit as e:
+        assert not e.code
+    out = capsys.readouterr().out
+    assert "wrote" in out and "unipc NFE  4" in out
+    res = text2img(
+        model, "a red circle", nfe=4, guidance=2.5, grid="calibrated", solver="unipc", output="latent"
+    )
+    from velodiff.calibrated import find_entry as find
+    from velodiff.eval.reference import model_hash
+
+    art = load_solver_calibration(model_hash(model.path), 2.5)
+    assert res.ts.tolist() == find(art, "unipc", 4)["ts"] and res.nfe == 4
+    v3 = text2img(model, "a red circle", nfe=4, guidance=2.5, solver="dpm_solver_v3", output="latent")
+    assert v3.nfe == 4 and bool(torch.isfinite(v3.latents).all())
+    with pytest.raises(VelodiffError, match="at guidance 7.5"):
+        text2img(model, "a red circle", nfe=4, guidance=7.5, grid="calibrated", solver="unipc")
