@@ -212,8 +212,8 @@ def test_a_killed_calibration_writes_nothing_and_keeps_the_last_artefact(tmp_pat
     from velodiff.cli import main
 
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
-    args = ["calibrate", "solver", "--nfe", "3", "--guidance", "2.5", "--methods", "grid", "--solvers", "ddim",
-            "--limit", "2", "--max-runs", "1", "--reference-steps", "20"]
+    args = ["calibrate", "solver", "--nfe", "3", "--guidance", "2.5", "--methods", "grid", "--solvers",
+            "ddim", "--limit", "2", "--max-runs", "1", "--reference-steps", "20"]
 
     def run() -> None:
         try:

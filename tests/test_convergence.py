@@ -85,7 +85,10 @@ def _error(name: str, nfe: int, grid: str = "logsnr") -> float:
     return float((out - _refs[key]).flatten(1).norm(dim=1).mean()), spec.nfe(steps, ends_at_zero=False)
 
 
-DETERMINISTIC = [n for n, s in SOLVERS.items() if not s.stochastic]
+#: solvers whose evaluations per step follow a budget or an error controller, not the grid: dpm_fast
+#: (orders from its ``nfe`` option) and dpm_adaptive; tests/test_kdiffusion_parity.py checks them
+BUDGETED = ("dpm_fast", "dpm_adaptive")
+DETERMINISTIC = [n for n, s in SOLVERS.items() if not s.stochastic and n not in BUDGETED]
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
@@ -126,7 +129,7 @@ def test_order_on_variable_steps(name, grid):
     assert slope >= order - 0.35, f"{name} on {grid}: slope {slope:.2f}, order {order}, errors {errs}"
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", sorted(set(SOLVERS) - set(BUDGETED)))
 @pytest.mark.parametrize("final", ["zero", "t_min"])
 def test_declared_nfe_matches_counted(name, final):
     """SolverSpec.nfe(steps) is what sample() counts, so NFE budgets are planned honestly."""

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from velodiff import EDM, GRIDS, ContinuousVP, DiscreteVP, RectifiedFlow, make_grid
 from velodiff.errors import VelodiffError
-from velodiff.grids import flow_shift
+from velodiff.grids import TOOL_GRIDS, flow_shift
 from velodiff.schedules import F64
 
 SCHEDULES = {
@@ -38,7 +38,7 @@ SCHEDULES = {
     "flow_shift3": RectifiedFlow(shift=3.0),
 }
 SPACINGS = ("linspace", "leading", "trailing")
-CONTINUOUS_GRIDS = [g for g in GRIDS if g not in SPACINGS]
+CONTINUOUS_GRIDS = [g for g in GRIDS if g not in SPACINGS + TOOL_GRIDS]  # tests/test_aliases.py: TOOL_GRIDS
 SD = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,

@@ -29,8 +29,19 @@ def test_unknown_solver_lists_valid_ones():
     for name in ("ddim", "heun", "euler_ancestral", "dpmpp_2m"):
         assert name in msg
     assert "\n" not in msg
-    with pytest.raises(VelodiffError, match="valid: "):
-        get_solver("Heun")
+    assert get_solver("Heun").name == "heun"  # A1111's label (velodiff.aliases)
+    with pytest.raises(VelodiffError, match="valid: .*did you mean 'heun'"):
+        get_solver("Hune")
+
+
+def test_plain_callable_denoiser_is_refused_in_one_line():
+    """A function of (x, t) has no noise schedule: one clear line, not an AttributeError."""
+    with pytest.raises(VelodiffError, match="noise schedule.*'eps_net'.*ModelDenoiser") as e:
+        sample(eps_net, X, TS, "ddim")
+    assert "\n" not in str(e.value)
+    with pytest.raises(VelodiffError, match="ModelDenoiser"):
+        sample(lambda x, t: x, X, TS, "dpmpp_2m")
+    assert sample(ModelDenoiser(eps_net, SCHED), X, TS, "ddim").nfe == len(TS) - 1
 
 
 def test_unknown_grid_lists_valid_ones():

@@ -61,71 +61,118 @@ def uniform_log_snr(
     return _finish(sched, ts, final)
 
 
-def _sigma_span(sched: NoiseSchedule, t_start: float | None) -> tuple[float, float, float]:
+def _sigma_span(
+    sched: NoiseSchedule,
+    t_start: float | None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> tuple[float, float, float, float]:
+    """(t of the first point, t of the last, sigma_max, sigma_min) in sigma_ve = sigma / alpha: the
+    schedule's own range unless ``sigma_min`` / ``sigma_max`` are given (k-diffusion's and ComfyUI's
+    explicit bounds), which must lie inside it (a network is not evaluated where it was not trained)."""
     hi, lo = _span(sched, t_start)
-    s_max = float(sched.sigma_ve(hi))
-    if not math.isfinite(s_max):
-        s_max = float(sched.sigma_ve(hi - 1e-3 * (hi - lo)))
-    return hi, s_max, float(sched.sigma_ve(lo))
+    s_top = float(sched.sigma_ve(hi))
+    if not math.isfinite(s_top):
+        s_top = float(sched.sigma_ve(hi - 1e-3 * (hi - lo)))
+    s_bottom = float(sched.sigma_ve(lo))
+    s_max = s_top if sigma_max is None else float(sigma_max)
+    s_min = s_bottom if sigma_min is None else float(sigma_min)
+    tol = 1e-9
+    if not s_bottom * (1 - tol) <= s_min < s_max <= s_top * (1 + tol):
+        raise VelodiffError(
+            f"sigma_min={s_min:g}, sigma_max={s_max:g}: need {s_bottom:.6g} <= sigma_min < sigma_max <= "
+            f"{s_top:.6g}, the schedule's noise levels (sigma / alpha) from t_min to the start"
+        )
+    s_min, s_max = max(s_min, s_bottom), min(s_max, s_top)
+    if sigma_max is not None:
+        hi = min(float(sched.t_from_sigma_ve(s_max)), hi)
+    if sigma_min is not None:
+        lo = max(float(sched.t_from_sigma_ve(s_min)), lo)
+    return hi, lo, s_max, s_min
 
 
-def _from_sigmas(sched: NoiseSchedule, sigmas: Tensor, hi: float, final: str) -> Tensor:
+def _from_sigmas(sched: NoiseSchedule, sigmas: Tensor, hi: float, lo: float, final: str) -> Tensor:
     ts = sched.t_from_sigma_ve(sigmas)
-    ts[-1] = sched.t_min
+    ts[-1] = lo
     ts[0] = hi  # after ts[-1]: a one-point grid (steps=1, final="zero") starts at hi
     return _finish(sched, ts, final)
 
 
 def karras(
-    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None, rho: float = 7.0
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
 ) -> Tensor:
-    """Karras et al. 2022, Eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
-    hi, s_max, s_min = _sigma_span(sched, t_start)
+    """Karras et al. 2022, Eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
+
+    ``sigma_min`` / ``sigma_max`` (sigma / alpha) default to the schedule's range."""
+    hi, lo, s_max, s_min = _sigma_span(sched, t_start, sigma_min, sigma_max)
     n = steps if final == "zero" else steps + 1
     ramp = torch.linspace(0, 1, n, dtype=F64)
     sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    return _from_sigmas(sched, sigmas, hi, final)
+    return _from_sigmas(sched, sigmas, hi, lo, final)
 
 
 def exponential(
-    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
 ) -> Tensor:
-    """Equally spaced in log sigma_ve (k-diffusion's get_sigmas_exponential)."""
-    hi, s_max, s_min = _sigma_span(sched, t_start)
+    """Equally spaced in log sigma_ve (k-diffusion's get_sigmas_exponential); ``sigma_min`` /
+    ``sigma_max`` (sigma / alpha) default to the schedule's range."""
+    hi, lo, s_max, s_min = _sigma_span(sched, t_start, sigma_min, sigma_max)
     n = steps if final == "zero" else steps + 1
     sigmas = torch.exp(torch.linspace(math.log(s_max), math.log(s_min), n, dtype=F64))
-    return _from_sigmas(sched, sigmas, hi, final)
+    return _from_sigmas(sched, sigmas, hi, lo, final)
 
 
 def polyexponential(
-    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None, rho: float = 1.0
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    rho: float = 1.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
 ) -> Tensor:
     """k-diffusion's get_sigmas_polyexponential: log sigma interpolated with ramp**rho."""
-    hi, s_max, s_min = _sigma_span(sched, t_start)
+    hi, lo, s_max, s_min = _sigma_span(sched, t_start, sigma_min, sigma_max)
     n = steps if final == "zero" else steps + 1
     ramp = torch.linspace(1, 0, n, dtype=F64) ** rho
     sigmas = torch.exp(ramp * (math.log(s_max) - math.log(s_min)) + math.log(s_min))
-    return _from_sigmas(sched, sigmas, hi, final)
+    return _from_sigmas(sched, sigmas, hi, lo, final)
 
 
-def _discrete_timesteps(sched: NoiseSchedule, spacing: str, steps: int, steps_offset: int = 0) -> Tensor:
-    """diffusers' timestep spacings (Lin et al. 2023, Table 2), as integer timesteps k."""
+def _discrete_timesteps(
+    sched: NoiseSchedule, spacing: str, steps: int, steps_offset: int = 0, drop_last: bool = False
+) -> Tensor:
+    """diffusers' timestep spacings (Lin et al. 2023, Table 2), as integer timesteps k. ``drop_last``:
+    the multistep schedulers' form (DPMSolverMultistep, UniPC, DEIS), which spaces steps + 1 points
+    and drops the last ('linspace' then ends above k = 0; 'leading' uses the ratio N // (steps + 1))."""
     if not isinstance(sched, DiscreteVP):
         raise VelodiffError(f"grid {spacing!r} needs a discrete schedule, not {sched.kind!r}")
     n = sched.num_train_timesteps
     if steps > n:
         raise VelodiffError(f"{steps} steps exceed the schedule's {n} trained timesteps")
+    m = steps + 1 if drop_last and spacing != "trailing" else steps
     if spacing == "linspace":
-        ks = torch.linspace(0, n - 1, steps, dtype=F64).round().flip(0)
+        ks = torch.linspace(0, n - 1, m, dtype=F64).round().flip(0)
     elif spacing == "leading":
-        ratio = n // steps
-        ks = (torch.arange(steps, dtype=F64) * ratio).round().flip(0) + steps_offset
+        ratio = n // m
+        ks = (torch.arange(m, dtype=F64) * ratio).round().flip(0) + steps_offset
     else:  # trailing
         ratio = n / steps
         # = diffusers' np.arange(n, 0, -ratio).round() - 1, which for some steps (e.g. 121) rounds
         # into one extra timestep, -1; this always gives `steps` of them
         ks = (n - torch.arange(steps, dtype=F64) * ratio).round() - 1
-    return ks
+    return ks[:steps]
 
 
 def _spacing(spacing: str) -> Callable[..., Tensor]:
@@ -135,19 +182,34 @@ def _spacing(spacing: str) -> Callable[..., Tensor]:
         final: str = "zero",
         t_start: float | None = None,
         steps_offset: int = 0,
+        drop_last: bool = False,
+        fractional: bool = False,
     ) -> Tensor:
         if t_start is not None:
             raise VelodiffError(f"grid {spacing!r} always starts where diffusers starts it; use another grid")
-        ks = _discrete_timesteps(sched, spacing, steps, int(steps_offset))
-        assert isinstance(sched, DiscreteVP)
-        ts = sched.t_from_timestep(ks)
+        if fractional and spacing != "linspace":
+            raise VelodiffError(f"grid {spacing!r}: fractional applies to 'linspace' only")
+        if fractional:  # diffusers' Euler family: k unrounded, sigma interpolated linearly in k
+            assert isinstance(sched, DiscreteVP)
+            n = sched.num_train_timesteps
+            ks = torch.linspace(0, n - 1, steps, dtype=F64).flip(0)
+            table = sched.sigma_ve(sched.t_from_timestep(torch.arange(n, dtype=F64)))
+            lo = ks.floor().clamp(max=n - 2).long()
+            w = ks - lo
+            sig = (1 - w) * table[lo] + w * table[lo + 1]
+            ts = torch.where(w == 0, sched.t_from_timestep(ks), sched.t_from_sigma_ve(sig))
+        else:
+            ks = _discrete_timesteps(sched, spacing, steps, int(steps_offset), bool(drop_last))
+            assert isinstance(sched, DiscreteVP)
+            ts = sched.t_from_timestep(ks)
         if final == "t_min" and float(ts[-1]) != sched.t_min:
             ts = torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
         return _finish(sched, ts, final) if final == "zero" else ts
 
     grid.__doc__ = (
         f"diffusers' timestep_spacing='{spacing}' over the trained integer timesteps"
-        " (steps_offset applies to 'leading', as in diffusers)."
+        " (steps_offset applies to 'leading', as in diffusers; drop_last=True is the multistep"
+        " schedulers' variant; fractional=True the Euler family's unrounded 'linspace')."
     )
     return grid
 
@@ -178,6 +240,228 @@ def flow_shifted(
     return _finish(sched, ts, final)
 
 
+# --- grids as other tools' schedulers define them ------------------------------------------------
+#
+# ComfyUI's schedulers index the model's table of N trained noise levels (timesteps k = 0..N-1, sigma
+# ascending with k). The grids below are written from those definitions (the scheduler's documented
+# behaviour, not its code): a discrete schedule's trained times t = (k + 1) / N; a rectified flow's
+# levels are ComfyUI's ModelSamplingDiscreteFlow ones, shift(k / N) for k = 1..N; any other schedule
+# gets N = 1000 levels equally spaced in t. Each grid ends at sigma = 0 (final="zero", as ComfyUI) or,
+# for final="t_min", at the smallest level.
+
+LEVELS = 1000
+
+
+def _n_levels(sched: NoiseSchedule) -> int:
+    return sched.num_train_timesteps if isinstance(sched, DiscreteVP) else LEVELS
+
+
+def _level(sched: NoiseSchedule, k: Tensor) -> Tensor:
+    """The time of (fractional) level k in [0, N - 1]. Between trained levels of a discrete schedule
+    log sigma_ve is interpolated linearly in k (ComfyUI's ModelSamplingDiscrete.sigma); a flow's and the
+    generic levels are linear in k before the shift."""
+    n = _n_levels(sched)
+    k = k.to(F64).clamp(0, n - 1)
+    if isinstance(sched, DiscreteVP):
+        lo, hi = k.floor(), k.ceil()
+        log_s = torch.log(sched.sigma_ve(sched.t_from_timestep(torch.stack([lo, hi]))))
+        w = k - lo
+        ts = sched.t_from_sigma_ve(torch.exp((1 - w) * log_s[0] + w * log_s[1]))
+        exact = w == 0  # trained levels exactly, not through the sigma round trip
+        return torch.where(exact, sched.t_from_timestep(lo), ts)
+    if isinstance(sched, RectifiedFlow):
+        return flow_shift((k + 1) / n, sched.shift).clamp(sched.t_min, sched.t_max)
+    return sched.t_min + (sched.t_max - sched.t_min) * k / (n - 1)
+
+
+def _end(sched: NoiseSchedule, ts: Tensor, final: str) -> Tensor:
+    """ComfyUI's grids end with sigma = 0; final="t_min" ends at the smallest level instead."""
+    if final == "t_min" and float(ts[-1]) > sched.t_min:
+        ts = torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
+    return _finish(sched, ts, final)
+
+
+def _no_start(name: str, t_start: float | None) -> None:
+    if t_start is not None:
+        raise VelodiffError(f"grid {name!r} starts at the schedule's top, as defined; use another grid")
+
+
+def normal(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None) -> Tensor:
+    """ComfyUI's "normal" scheduler: ``steps`` levels equally spaced in (fractional) timestep from the
+    top level N - 1 down to 0, then sigma = 0."""
+    _no_start("normal", t_start)
+    n = _n_levels(sched)
+    return _end(sched, _level(sched, torch.linspace(n - 1, 0, steps, dtype=F64)), final)
+
+
+def sgm_uniform(
+    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None
+) -> Tensor:
+    """ComfyUI's "sgm_uniform" (Stability's generative-models discretization): ``steps + 1`` levels
+    equally spaced in timestep from N - 1 to 0, the last (level 0) replaced by sigma = 0."""
+    _no_start("sgm_uniform", t_start)
+    n = _n_levels(sched)
+    return _end(sched, _level(sched, torch.linspace(n - 1, 0, steps + 1, dtype=F64)[:-1]), final)
+
+
+def simple(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None) -> Tensor:
+    """ComfyUI's "simple": every (N / steps)-th trained level from the top, level N - 1 - floor(i N /
+    steps) for i = 0..steps-1, then sigma = 0."""
+    _no_start("simple", t_start)
+    n = _n_levels(sched)
+    ks = torch.tensor([n - 1 - math.floor(i * n / steps) for i in range(steps)], dtype=F64)
+    return _end(sched, _level(sched, ks), final)
+
+
+def ddim_uniform(
+    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None
+) -> Tensor:
+    """ComfyUI's "ddim_uniform": levels 1, 1 + c, 1 + 2c, ... below N with c = max(N // steps, 1),
+    from the top, then sigma = 0. As in ComfyUI the count can differ from ``steps`` where c does not
+    divide N - 1 well (SD, 7 steps: 8)."""
+    _no_start("ddim_uniform", t_start)
+    n = _n_levels(sched)
+    c = max(n // steps, 1)
+    ks = torch.arange(1, n, c, dtype=F64).flip(0)
+    return _end(sched, _level(sched, ks), final)
+
+
+def beta(
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    alpha: float = 0.6,
+    beta: float = 0.6,
+) -> Tensor:
+    """Beta sampling (Lee et al. 2024, "Beta Sampling is All You Need", Sec. 3; ComfyUI's "beta"):
+    levels at the Beta(alpha, beta) quantiles, k_i = round(F^-1(1 - i / steps) (N - 1)) for
+    i = 0..steps-1 (F the Beta CDF; alpha = beta = 0.6 spends more steps at both ends), repeated
+    levels dropped, then sigma = 0."""
+    from scipy.stats import beta as beta_dist
+
+    _no_start("beta", t_start)
+    if not (alpha > 0 and beta > 0):
+        raise VelodiffError(f"grid 'beta' needs alpha > 0 and beta > 0, got {alpha:g}, {beta:g}")
+    n = _n_levels(sched)
+    qs = 1.0 - torch.arange(steps, dtype=F64) / steps
+    ks = torch.from_numpy(beta_dist.ppf(qs.numpy(), alpha, beta)).to(F64).mul(n - 1).round()
+    ks = torch.unique_consecutive(ks)
+    return _end(sched, _level(sched, ks), final)
+
+
+def kl_optimal(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None) -> Tensor:
+    """The KL-optimal schedule of Align Your Steps (Sabour et al. 2024, Eq. 6 / ComfyUI's "kl_optimal"):
+    sigma_i = tan(atan(sigma_max) + i / (steps - 1) (atan(sigma_min) - atan(sigma_max))), then 0."""
+    hi, lo, s_max, s_min = _sigma_span(sched, t_start)
+    n = steps if final == "zero" else steps + 1
+    ramp = torch.linspace(0, 1, n, dtype=F64)
+    sigmas = torch.tan(math.atan(s_max) + ramp * (math.atan(s_min) - math.atan(s_max)))
+    return _from_sigmas(sched, sigmas, hi, lo, final)
+
+
+def linear_quadratic(
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    threshold_noise: float = 0.025,
+    linear_steps: int | None = None,
+) -> Tensor:
+    """The linear-quadratic t-schedule of Movie Gen (Polyak et al. 2024, Sec. 3.1.6; Mochi; ComfyUI's
+    "linear_quadratic"), for rectified flows. With N = ``steps``, L = ``linear_steps`` (default N // 2)
+    and theta = ``threshold_noise``, the fraction of noise removed before step i is
+
+        u_i = theta i / L                          for i < L   (small, equal steps at high noise)
+        u_i = a i^2 + b i + c                      for L <= i <= N,
+
+    the quadratic that continues the line with the same value and slope at i = L and reaches u_N = 1
+    (a = (L - theta N) / (L (N - L)^2), b = theta / L - 2 a L, c = a L^2); t_i = 1 - u_i."""
+    _no_start("linear_quadratic", t_start)
+    if not isinstance(sched, RectifiedFlow):
+        raise VelodiffError(f"grid 'linear_quadratic' is defined for rectified flows, not {sched.kind!r}")
+    n = steps
+    lin = n // 2 if linear_steps is None else int(linear_steps)
+    if n == 1:
+        u = torch.zeros(1, dtype=F64)
+    else:
+        if not 0 < lin < n or not 0 < threshold_noise < 1:
+            raise VelodiffError(
+                "grid 'linear_quadratic' needs 0 < linear_steps < steps and 0 < threshold_noise < 1"
+            )
+        i = torch.arange(n, dtype=F64)
+        a = (lin - threshold_noise * n) / (lin * (n - lin) ** 2)
+        b = threshold_noise / lin - 2 * a * lin
+        u = torch.where(i < lin, threshold_noise * i / lin, a * i**2 + b * i + a * lin**2)
+    ts = (1.0 - u).clamp(min=sched.t_min)
+    ts[0] = min(float(ts[0]), sched.t_max)
+    return _end(sched, ts, final)
+
+
+#: Align Your Steps (Sabour et al. 2024): the 10-step schedules NVIDIA published and diffusers ships
+#: (``diffusers.schedulers.scheduling_utils.AysSchedules``): trained timesteps for SD 1.5 and SDXL,
+#: sigma / alpha for Stable Video Diffusion (an EDM model). Ten evaluation points each; the grid adds
+#: the final point.
+AYS_TIMESTEPS = {
+    "sd": (999, 850, 736, 645, 545, 455, 343, 233, 124, 24),
+    "sdxl": (999, 845, 730, 587, 443, 310, 193, 116, 53, 13),
+}
+AYS_SIGMAS = {"svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034)}
+
+
+def loglinear_interp(levels: Tensor, n: int) -> Tensor:
+    """The AYS authors' rule for other step counts: log of the decreasing ``levels`` interpolated
+    linearly over their index, resampled at ``n`` equally spaced points (ends kept)."""
+    xs = torch.linspace(0, 1, len(levels), dtype=F64)
+    new = torch.linspace(0, 1, n, dtype=F64)
+    idx = torch.searchsorted(xs, new, right=True).clamp(1, len(xs) - 1)
+    x0, x1 = xs[idx - 1], xs[idx]
+    y = torch.log(levels.to(F64))
+    w = (new - x0) / (x1 - x0)
+    return torch.exp(y[idx - 1] + w * (y[idx] - y[idx - 1]))
+
+
+def ays(
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    model: str | None = None,
+) -> Tensor:
+    """Align Your Steps (Sabour et al. 2024) as published for ``model`` ("sd", "sdxl", "svd"; default
+    "sd", "svd" for an EDM schedule). At 10 steps: the published points, then the final one. At other
+    counts: the 11 levels (the 10 points and the schedule's smallest, as the authors' lists end) are
+    interpolated log-linearly in sigma / alpha over their index to ``steps + 1`` (the authors' and
+    ComfyUI's AlignYourStepsScheduler rule) and the last becomes the final point."""
+    _no_start("ays", t_start)
+    variants = (*AYS_TIMESTEPS, *AYS_SIGMAS)
+    model = model or ("svd" if sched.kind == "edm" else "sd")
+    if model not in variants:
+        raise unknown_name("ays model", model, variants)
+    if model in AYS_TIMESTEPS:
+        if not isinstance(sched, DiscreteVP) or sched.num_train_timesteps != 1000:
+            raise VelodiffError(
+                f"grid 'ays' model={model!r} lists trained timesteps of a 1000-step discrete schedule; "
+                f"this schedule is {sched.kind!r} (model='svd' lists noise levels)"
+            )
+        points = sched.t_from_timestep(torch.tensor(AYS_TIMESTEPS[model], dtype=F64))
+    else:
+        sig = torch.tensor(AYS_SIGMAS[model], dtype=F64)
+        top, bottom = float(sched.sigma_ve(sched.t_max)), float(sched.sigma_ve(sched.t_min))
+        if not bottom <= float(sig.min()) and float(sig.max()) <= top:
+            raise VelodiffError(
+                f"grid 'ays' model={model!r} spans noise levels {float(sig.min()):g}..{float(sig.max()):g}, "
+                f"outside this schedule's {bottom:.4g}..{top:.4g}"
+            )
+        points = sched.t_from_sigma_ve(sig)
+    levels = torch.cat([points, torch.tensor([sched.t_min], dtype=F64)])
+    if steps != len(points):
+        sig = loglinear_interp(sched.sigma_ve(levels), steps + 1)
+        levels = sched.t_from_sigma_ve(sig)
+        levels[0], levels[-1] = points[0], sched.t_min
+    return _finish(sched, levels[:-1] if final == "zero" else levels, final)
+
+
 GRIDS: dict[str, Callable[..., Tensor]] = {
     "uniform": uniform_t,
     "logsnr": uniform_log_snr,
@@ -189,6 +473,19 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
     "trailing": _spacing("trailing"),
     "flow-shifted": flow_shifted,
 }
+#: the grids defined by another tool's table of levels (ComfyUI's schedulers, AYS): they start at the
+#: schedule's top (no ``t_start``) and may end above t_min before the final point
+TOOL_GRIDS = ("normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "ays", "linear_quadratic")
+GRIDS.update(
+    normal=normal,
+    sgm_uniform=sgm_uniform,
+    simple=simple,
+    ddim_uniform=ddim_uniform,
+    beta=beta,
+    kl_optimal=kl_optimal,
+    ays=ays,
+    linear_quadratic=linear_quadratic,
+)
 
 
 def make_grid(
@@ -198,10 +495,16 @@ def make_grid(
     final: str = "zero",
     **options: float,
 ) -> Tensor:
-    """A grid by name (see ``GRIDS``), or an explicit decreasing list of times, validated."""
+    """A grid by name (see ``GRIDS``; other tools' scheduler names, ComfyUI's "align_your_steps" or
+    A1111's "SGM Uniform", resolve through ``velodiff.aliases``), or an explicit decreasing list of
+    times, validated."""
     if isinstance(name, str):
-        if name not in GRIDS:
-            raise unknown_name("grid", name, GRIDS)
+        if name not in GRIDS:  # another tool's scheduler name (velodiff.aliases), or refused
+            from .aliases import resolve_grid
+
+            r = resolve_grid(name, tuple(GRIDS))
+            assert r.grid is not None
+            name, options = r.grid, {**r.grid_options, **options}
         if steps is None or steps < 1:
             raise VelodiffError(f"grid {name!r} needs steps >= 1, got {steps}")
         ts = GRIDS[name](sched, steps, final=final, **options)

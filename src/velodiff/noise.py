@@ -59,6 +59,10 @@ class BrownianNoise:
         )
 
     def __call__(self, i: int) -> Tensor:
-        t0, t1 = float(self.ts[i + 1]), float(self.ts[i])
+        return self.between(float(self.ts[i]), float(self.ts[i + 1]))
+
+    def between(self, t_from: float, t_to: float) -> Tensor:
+        """The normalized increment over [t_to, t_from] of the same path (a solver stage's noise)."""
+        t0, t1 = min(t_from, t_to), max(t_from, t_to)
         w = self.tree(t0, t1) / (t1 - t0) ** 0.5
         return w.to(device=self.device, dtype=self.dtype)

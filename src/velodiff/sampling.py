@@ -95,6 +95,18 @@ def branches_of(cond: Cond) -> dict[str, Cond]:
     return {"cond": cond}
 
 
+def check_denoiser(denoiser: object) -> None:
+    """Refuse, in one line, what is not a denoiser: a plain function or a network has no noise schedule,
+    so the loop could not place the grid's times on it."""
+    if not callable(denoiser) or not hasattr(getattr(denoiser, "schedule", None), "alpha"):
+        what = getattr(denoiser, "__name__", type(denoiser).__name__)
+        raise VelodiffError(
+            f"sample() needs a denoiser with a noise schedule (denoiser.schedule), got {what!r}; wrap a "
+            "network or function f(x, timestep, cond) as velodiff.ModelDenoiser(f, schedule, "
+            "prediction_type='epsilon' | 'v_prediction' | 'sample' | 'flow')"
+        )
+
+
 def sample(
     denoiser: Denoiser,
     x: Tensor,
@@ -118,6 +130,7 @@ def sample(
     (or a rule that needs it) runs with gradients enabled; otherwise sampling runs under
     ``torch.inference_mode``."""
     spec = get_solver(solver)
+    check_denoiser(denoiser)
     unknown = set(options) - set(spec.defaults)
     if unknown:
         raise VelodiffError(
@@ -258,6 +271,7 @@ def denoise_once(
 ) -> EvalResult:
     """One evaluation at (x, t) through ``plan``, as step ``step`` of a run over ``ts`` (default: the
     one step from t to 0) would get it: the rules begin, evaluate once and end."""
+    check_denoiser(denoiser)
     plan = Plan.parse(plan)
     t = torch.as_tensor(t, dtype=F64)
     ts = torch.tensor([float(t.max()), 0.0], dtype=F64) if ts is None else torch.as_tensor(ts, dtype=F64)

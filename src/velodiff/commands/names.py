@@ -12,7 +12,8 @@ from ..errors import unknown_name
 SOLVER_NAMES = (
     "ddim", "euler", "ddpm", "dpmpp_2m", "heun", "euler_ancestral", "dpm_solver_1", "dpm_solver_2",
     "dpm_solver_3", "dpmpp_2s", "dpmpp_3m", "sde_dpmpp_2m", "sde_dpmpp_3m", "dpm_solver_v3", "unipc",
-    "unipc_bh1", "unipc_3", "deis", "deis_3", "ipndm", "lms",
+    "unipc_bh1", "unipc_3", "deis", "deis_3", "ipndm", "lms", "dpm_2", "dpm_2_ancestral",
+    "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "dpm_adaptive", "lcm",
 )
 
 
@@ -24,7 +25,9 @@ def check_solver(name: str) -> None:
 
         get_solver(name)
     elif name not in SOLVER_NAMES:
-        raise unknown_name("solver", name, SOLVER_NAMES)
+        from ..aliases import resolve_solver
+
+        resolve_solver(name, SOLVER_NAMES)  # another tool's name ("DPM++ 2M Karras"), or refused
 
 
 #: ``velodiff.pipelines.common.NOISE_MODES``

@@ -1,14 +1,29 @@
-"""`velodiff solvers`: list the registered solvers with their orders and NFE per step."""
+"""`velodiff solvers`: list the registered solvers with their orders and NFE per step; with
+``--aliases``, the table of other tools' sampler and scheduler names (``velodiff.aliases``)."""
 
 from __future__ import annotations
 
 import typer
 
 
-def solvers() -> None:
+def solvers(
+    aliases: bool = typer.Option(
+        False, "--aliases", help="list k-diffusion / ComfyUI / A1111 / diffusers names and what they map to"
+    ),
+) -> None:
     """List solvers: name, order, NFE per step, noise, options."""
     from rich.console import Console
     from rich.table import Table
+
+    if aliases:
+        from ..aliases import ALIASES
+
+        table = Table("name", "from", "kind", "velodiff", "note")
+        for a in ALIASES:
+            note = f"provided by {a.provided_by}" if a.provided_by else a.note
+            table.add_row(a.name, a.source, a.kind, a.target(), note)
+        Console(width=200).print(table)
+        return
 
     from ..solvers import SOLVERS
 
@@ -24,4 +39,4 @@ def solvers() -> None:
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     from .options import example
 
-    app.command("solvers", epilog=example("velodiff solvers"))(solvers)
+    app.command("solvers", epilog=example("velodiff solvers --aliases"))(solvers)

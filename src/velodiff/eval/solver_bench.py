@@ -162,8 +162,10 @@ def make_oracles(
 
 
 def deterministic_solvers() -> list[str]:
-    """The deterministic solvers that run as they are (not those needing a calibration: DPM-Solver-v3)."""
-    return [name for name, spec in SOLVERS.items() if not spec.stochastic and not spec.requires]
+    """The solvers the benchmark compares at equal NFE: deterministic, with a planned NFE (not
+    dpm_adaptive, whose error controller spends what it needs) and runnable without fitted options
+    (not dpm_solver_v3, which needs the model's statistics)."""
+    return [n for n, s in SOLVERS.items() if not (s.stochastic or s.adaptive or s.requires)]
 
 
 def default_grids(sched: DiscreteVP, probe_steps: int = 7) -> list[str]:

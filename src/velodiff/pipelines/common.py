@@ -109,6 +109,10 @@ class PerImageNoise:
     def __call__(self, i: int) -> Tensor:
         return torch.cat([p(i) for p in self.parts])
 
+    def between(self, t_from: float, t_to: float) -> Tensor:
+        """Brownian increments over part of a step (``dpmpp_sde``), per image."""
+        return torch.cat([p.between(t_from, t_to) for p in self.parts])  # type: ignore[union-attr]
+
 
 @dataclass
 class Sampling:
@@ -185,6 +189,7 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
             fixed = {"steps": None, "nfe": None, **fixed}
         opts = replace(opts, **fixed)
     spec = get_solver(opts.solver or model.default_solver)
+    opts = _alias_grid(opts)
     guidance = float(model.default_guidance if opts.guidance is None else opts.guidance)
     plan = resolve_plan(given, guidance, opts.guidance_rescale, opts.guidance_interval)
     grid = opts.grid
@@ -202,6 +207,10 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
         if nfe < 1:
             raise VelodiffError(f"nfe must be >= 1, got {nfe}")
         steps = spec.steps_for_nfe(int(nfe), ends_at_zero=final == "zero")
+        if "nfe" in spec.defaults and not (opts.solver_options or {}).get("nfe"):
+            # a solver that plans its orders from the budget (dpm_fast, Lu et al. 2022, Sec. 3.4)
+            steps = int(nfe) // 3 + 1
+            spec = replace(spec, defaults={**spec.defaults, "nfe": int(nfe)})
     steps = int(model.default_steps if steps is None else steps)
     if steps < 1:
         raise VelodiffError(f"steps must be >= 1, got {steps}")
@@ -210,6 +219,8 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     if grid is None:
         grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
     grid_opts.update(opts.grid_options or {})
+    if getattr(model, "family", None) == "sdxl" and _grid_name(name) == "ays":
+        grid_opts.setdefault("model", "sdxl")  # AYS published SDXL's own schedule
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
     return Setup(spec, ts, steps, guidance, plan, options)
 
@@ -239,6 +250,33 @@ def calibrated_setup(
     entry = find_entry(art, spec.name, int(nfe))
     ts = torch.tensor(entry["ts"], dtype=torch.float64)
     return Setup(spec, ts, len(ts) - 1, guidance, plan, {**entry_options(entry), **options})
+
+
+def _grid_name(name: str) -> str | None:
+    """velodiff's name of a grid given by any tool's name (``velodiff.aliases``)."""
+    from ..aliases import resolve_grid
+    from ..grids import GRIDS
+
+    return resolve_grid(name, tuple(GRIDS)).grid
+
+
+def _alias_grid(opts: Sampling) -> Sampling:
+    """A solver named by another tool's label that fixes a grid too ("DPM++ 2M Karras", A1111's "DDIM")
+    gives the run that grid (and its final point) unless the call names its own."""
+    if not isinstance(opts.solver, str) or opts.grid is not None:
+        return opts
+    from ..aliases import resolve_solver
+    from ..solvers import SOLVERS
+
+    r = resolve_solver(opts.solver, tuple(SOLVERS))
+    if r.grid is None:
+        return opts
+    return replace(
+        opts,
+        grid=r.grid,
+        grid_options={**r.grid_options, **(opts.grid_options or {})},
+        final=opts.final or r.final,
+    )
 
 
 def resolve_plan(

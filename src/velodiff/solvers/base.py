@@ -145,6 +145,8 @@ class SolverSpec:
     saves_final_eval: bool = False
     #: the step re-adds noise from ``ctx.renoise_x0`` (the rules that set it, CFG++, need such a solver)
     renoises: bool = False
+    #: an error controller decides the evaluations of each step (dpm_adaptive): ``nfe`` does not plan them
+    adaptive: bool = False
     #: options with no usable default, fitted to the model (DPM-Solver-v3's statistics ``ems``)
     requires: tuple[str, ...] = ()
 

@@ -43,15 +43,6 @@ DDIM = SolverSpec(
     renoises=True,
     description="DDIM (Song et al. 2021); eta=0 deterministic, eta=1 DDPM ancestral",
 )
-EULER = SolverSpec(
-    name="euler",
-    step=ddim_step,
-    order=1,
-    defaults={"eta": 0.0},
-    noise="gaussian",
-    renoises=True,
-    description="Euler on the probability-flow ODE in sigma/alpha (identical to DDIM; flow Euler)",
-)
 DDPM = SolverSpec(
     name="ddpm",
     step=ddim_step,

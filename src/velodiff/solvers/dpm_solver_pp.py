@@ -5,6 +5,10 @@ With h_i = lambda_{i+1} - lambda_i and r_i = h_{i-1} / h_i:
     D_i = (1 + 1 / (2 r_i)) x0_i - 1 / (2 r_i) x0_{i-1}                      (2M)
     x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i
 
+``solver_type="heun"`` (diffusers' flag) weights the difference by the exact integral of a linear x0
+instead: x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) x0_i + alpha_{i+1} phi_2 D1_0
+(phi_2 and D1_0 as below); both are second order. "midpoint" (default) is the form above.
+
 3M adds a second divided difference. With r0 = h_{i-1} / h_i, r1 = h_{i-2} / h_i,
 
     D1_0 = (x0_i - x0_{i-1}) / r0,   D1_1 = (x0_{i-1} - x0_{i-2}) / r1
@@ -50,11 +54,17 @@ def dpmpp_2m_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tens
     h = ctx.h(i)
     order = lower_order_final(ctx, i, 2 if state else 1)
     d = x0
-    if order == 2:
+    kind = ctx.options.get("solver_type", "midpoint")
+    if kind not in ("midpoint", "heun"):
+        raise unknown_name("solver_type", kind, ("heun", "midpoint"))
+    heun = kind == "heun"
+    if order == 2 and not heun:
         (x0_prev,) = state
         r = ctx.h(i - 1) / h
         d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
     x_next = (ctx.s(i + 1) / ctx.s(i)) * x - ctx.a(i + 1) * math.expm1(-h) * d
+    if order == 2 and heun:  # diffusers' solver_type="heun": + alpha phi_2 D1_0, phi_2 = (e^-h - 1) / h + 1
+        x_next = x_next + ctx.a(i + 1) * (math.expm1(-h) / h + 1.0) * (x0 - state[0]) * (h / ctx.h(i - 1))
     return x_next, x0, (x0,)
 
 
@@ -95,7 +105,7 @@ DPMPP_2M = SolverSpec(
     name="dpmpp_2m",
     step=dpmpp_2m_step,
     order=2,
-    defaults={"lower_order_final": True},
+    defaults={"lower_order_final": True, "solver_type": "midpoint"},
     description="DPM-Solver++(2M), multistep data prediction (Lu et al. 2022b, Alg. 2)",
 )
 DPMPP_3M = SolverSpec(

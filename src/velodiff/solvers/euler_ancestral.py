@@ -25,6 +25,16 @@ from torch import Tensor
 from .base import SolverSpec, StepContext
 
 
+def ancestral_split(sig_from: float, sig_to: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from sig_from to sig_to (k-diffusion's
+    get_ancestral_step, in sigma / alpha; sig_from may be inf)."""
+    if eta <= 0 or sig_to == 0.0:
+        return sig_to, 0.0
+    frac = -math.expm1(2.0 * (math.log(sig_to) - math.log(sig_from)))  # 1 - (sig_to / sig_from)^2
+    up = min(sig_to, eta * sig_to * math.sqrt(max(frac, 0.0)))
+    return math.sqrt(max(sig_to**2 - up**2, 0.0)), up
+
+
 def euler_ancestral_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
     x0 = ctx.denoise(x, ctx.t(i))
     a_next, s_next = ctx.a(i + 1), ctx.s(i + 1)

@@ -23,7 +23,7 @@ diffusers' HeunDiscreteScheduler and k-diffusion's sample_heun.
 Two boundary cases the paper does not meet:
 
 * sigma^ is capped at the schedule's largest noise level (t <= t_max), so churn never asks the
-  network for a time it was not trained on.
+  network for a time it was not trained on (``churn.py``).
 * where alpha(t_i) = 0 (rectified flow at t = 1) sigma_i is infinite and no trapezoid over
   [sigma_{i+1}, inf) exists; that step is the Euler (DDIM) step x_{i+1} = alpha_{i+1} x0 +
   sigma_{i+1} eps, which is finite, costs one evaluation, and keeps the global order 2 (one step's
@@ -32,16 +32,15 @@ Two boundary cases the paper does not meet:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import Tensor
 
 from .base import SolverSpec, StepContext
+from .churn import CHURN_DEFAULTS, churn
 
 
 def heun_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
-    sched, opts = ctx.schedule, ctx.options
     a_i, s_i = ctx.a(i), ctx.s(i)
     t_next, a_next, s_next = ctx.t(i + 1), ctx.a(i + 1), ctx.s(i + 1)
 
@@ -49,22 +48,11 @@ def heun_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, 
         x0 = ctx.denoise(x, ctx.t(i))
         return (x0 if s_next == 0.0 else a_next * x0 + s_next * (x - a_i * x0) / s_i), x0, state
 
-    sig = s_i / a_i
-    x_ve = x / a_i
     # Churn: raise the noise level to sigma^ by adding fresh noise (Alg. 2, lines 4-6).
-    churn, s_tmin, s_tmax = float(opts["s_churn"]), float(opts["s_tmin"]), float(opts["s_tmax"])
-    gamma = min(churn / ctx.steps, math.sqrt(2.0) - 1.0) if churn > 0 and s_tmin <= sig <= s_tmax else 0.0
-    t_hat, sig_hat = ctx.t(i), sig
-    if gamma > 0 and t_hat < sched.t_max:  # at t_max already: nothing to churn
-        t_hat = min(float(sched.t_from_sigma_ve(sig * (1.0 + gamma))), sched.t_max)
-        sig_hat = float(sched.sigma_ve(t_hat))
-        assert ctx.noise is not None
-        z = ctx.noise(i) * float(opts["s_noise"])
-        x_ve = x_ve + math.sqrt(max(sig_hat**2 - sig**2, 0.0)) * z
-
+    c = churn(ctx, i, x)
+    x_ve, sig_hat = c.x_ve, c.sig
     # Euler predictor (line 7-8).
-    a_hat = float(sched.alpha(t_hat)) if t_hat != ctx.t(i) else a_i
-    x0 = ctx.denoise(a_hat * x_ve, t_hat)
+    x0 = ctx.denoise(c.a * x_ve, c.t)
     d = (x_ve - x0) / sig_hat
     if s_next == 0.0:  # final jump to clean data: no correction (line 9)
         return x0, x0, state
@@ -85,7 +73,7 @@ HEUN = SolverSpec(
     noise="gaussian",
     stochastic=False,
     saves_final_eval=True,
-    defaults={"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0},
+    defaults=CHURN_DEFAULTS,
     description="Heun's 2nd-order method in sigma/alpha with optional churn (Karras et al. 2022, Alg. 2)",
 )
 

@@ -16,9 +16,11 @@ uniform in rho (log-SNR, Karras, any discrete spacing) the local error keeps a t
 rho''(u) eps'(u) du^3 (u the parameter the grid is uniform in) and the global order is 2 whatever
 ``order`` is; the registered order says so
 (measured on the oracle: 1.96 at 16-48 NFE, 2.01 at 128-256). The higher orders still cut the error
-constant, which is why iPNDM does well at few steps. Coefficients recomputed from the actual rho
-spacing are ``lms`` (diff-solvers' 'iPNDM_v' but for its last step). The final jump to t = 0
-returns x0.
+constant, which is why iPNDM does well at few steps. The weights recomputed from the actual rho
+spacing (variable-step Adams-Bashforth, the integral of the interpolating polynomial) are ``lms``;
+iPNDM equals it only on grids uniform in rho (tests/test_aliases.py checks both). Nor is ``lms``
+diff-solvers' / ComfyUI's 'iPNDM_v': that variant adapts the weights to the spacing only up to order
+2, and its orders 3 and 4 are not variable-step Adams-Bashforth. The final jump to t = 0 returns x0.
 """
 
 from __future__ import annotations

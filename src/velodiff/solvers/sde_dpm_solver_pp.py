@@ -10,7 +10,8 @@ Brownian increment of the step (``noise="brownian"``), the exponential integrato
 
 with the corrections, r0 = h_{i-1} / h, r1 = h_{i-2} / h, D1_0 = (x0_i - x0_{i-1}) / r0:
 
-    2M (diffusers' "midpoint"):   + alpha_{i+1} (1 - e^{-h_eta}) D1_0 / 2
+    2M, solver_type "midpoint":  + alpha_{i+1} (1 - e^{-h_eta}) D1_0 / 2
+    2M, solver_type "heun":      + alpha_{i+1} phi_2 D1_0   (diffusers' / k-diffusion's "heun")
     3M (k-diffusion):             + alpha_{i+1} (phi_2 D1 - phi_3 D2),
         phi_2 = (e^{-h_eta} - 1) / h_eta + 1,  phi_3 = phi_2 / h_eta - 1/2,
         D1_1 = (x0_{i-1} - x0_{i-2}) / r1,  D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),
@@ -38,6 +39,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import unknown_name
 from .base import SolverSpec, StepContext, lower_order_final, usable_order
 from .dpm_solver_pp import _d2_factor
 
@@ -69,8 +71,20 @@ def sde_dpmpp_2m_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[
     x_next, h_eta, eta_h = _sde_base(ctx, i, x, x0)
     if lower_order_final(ctx, i, 2 if state else 1) == 2:
         d1 = (x0 - state[0]) / (ctx.h(i - 1) / ctx.h(i))
-        x_next = x_next - 0.5 * ctx.a(i + 1) * math.expm1(-h_eta) * d1
+        x_next = x_next + ctx.a(i + 1) * _c1(ctx, h_eta) * d1
     return _add_noise(ctx, i, x_next, eta_h), x0, (x0,)
+
+
+SOLVER_TYPES = ("midpoint", "heun")
+
+
+def _c1(ctx: StepContext, h_eta: float) -> float:
+    """The weight of D1_0 in 2M: "midpoint" (1 - e^{-h_eta}) / 2, or "heun" phi_2 = (e^{-h_eta} - 1) /
+    h_eta + 1 (the exact integral of a linear x0; diffusers' and k-diffusion's solver_type)."""
+    kind = ctx.options.get("solver_type", "midpoint")
+    if kind not in SOLVER_TYPES:
+        raise unknown_name("solver_type", kind, SOLVER_TYPES)
+    return -0.5 * math.expm1(-h_eta) if kind == "midpoint" else math.expm1(-h_eta) / h_eta + 1.0
 
 
 def sde_dpmpp_3m_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
@@ -104,7 +118,7 @@ SDE_DPMPP_2M = SolverSpec(
     order=1,
     noise="brownian",
     stochastic=True,
-    defaults={"eta": 1.0, "s_noise": 1.0, "lower_order_final": True},
+    defaults={"eta": 1.0, "s_noise": 1.0, "lower_order_final": True, "solver_type": "midpoint"},
     description="SDE-DPM-Solver++(2M) (Lu et al. 2022b; diffusers sde-dpmsolver++, k-diffusion dpmpp_2m_sde)",
 )
 SDE_DPMPP_3M = SolverSpec(

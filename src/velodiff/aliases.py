@@ -1,0 +1,511 @@
+"""Sampler and scheduler names from other tools, mapped to velodiff's solver, grid and options.
+
+One table (:data:`ALIASES`) holds the names users know: k-diffusion's and ComfyUI's samplers
+(``dpmpp_2m_sde``, ``dpm_2_ancestral``, ...), ComfyUI's schedulers (``karras``, ``sgm_uniform``,
+``align_your_steps``, ...), AUTOMATIC1111's labels ("DPM++ 2M Karras", "Euler a", ...) and
+diffusers' scheduler classes; :func:`from_diffusers` reads a diffusers scheduler (class name and
+config flags: ``use_karras_sigmas``, ``algorithm_type``, ``solver_order``, ``timestep_spacing``, ...).
+Every place that takes a solver or a grid name resolves through here: ``get_solver`` and
+``make_grid``, the pipelines (a sampler alias that fixes a grid, "DPM++ 2M Karras", gives the run
+that grid unless one is given), the CLI's ``--solver`` / ``--grid`` and plan settings ``solver=`` /
+``grid=``. velodiff's own names always win; an alias is matched after normalization (case,
+spaces, hyphens and ``++`` -> ``pp``: "DPM++ 2M Karras" = ``dpmpp_2m_karras``, which a plan string,
+where ``+`` joins items, can spell). A sampler alias is looked up where a solver is expected and a
+scheduler alias where a grid is, so ComfyUI's sampler "ddim" and A1111's schedule type "DDIM"
+(``ddim_uniform``) do not collide.
+
+Each row says what it reproduces and how that is checked (``tests/test_aliases.py``: diffusers'
+scheduler where one exists, else k-diffusion's sampler, from the same noise and times). This
+module imports no torch: the CLI checks names before any model work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import VelodiffError
+
+SAMPLER, SCHEDULER = "sampler", "scheduler"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """One foreign name: ``kind`` "sampler" (fixes a solver, maybe a grid) or "scheduler" (a grid)."""
+
+    name: str
+    source: str
+    kind: str
+    solver: str | None = None
+    grid: str | None = None
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    grid_options: Mapping[str, Any] = field(default_factory=dict)
+    final: str | None = None
+    #: who provides the target where velodiff does not yet (the grid ``gits``)
+    provided_by: str = ""
+    note: str = ""
+
+    def target(self) -> str:
+        """``solver + grid (options)`` as the table prints it."""
+        parts = [p for p in (self.solver, self.grid and f"grid {self.grid}") if p]
+        opts = {**self.solver_options, **self.grid_options}
+        if self.final:
+            opts["final"] = self.final
+        text = " + ".join(parts)
+        if opts:
+            text += " (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")"
+        return text
+
+
+def normalize(name: str) -> str:
+    """The key an alias is matched by: lower case, ``++`` -> ``pp``, runs of other characters -> ``_``."""
+    key = name.strip().lower().replace("++", "pp").replace("+", "p")
+    return re.sub(r"[^a-z0-9]+", "_", key).strip("_")
+
+
+KD, COMFY, A1111, DIFFUSERS = "k-diffusion", "ComfyUI", "A1111", "diffusers"
+KD_COMFY = "k-diffusion / ComfyUI"
+NO_LOF = {"lower_order_final": False}  # k-diffusion's multistep samplers keep their order to the end
+SDE_HEUN = {**NO_LOF, "solver_type": "heun"}  # k-diffusion's dpmpp_2m_sde(solver_type="heun")
+KD_3M = {"variant": "k-diffusion"}  # k-diffusion's 3M SDE halves the x0'' term (sde_dpm_solver_pp.py)
+CALIBRATED = "the calibrated-solver work (issue 11, items 1-4)"
+
+
+def _s(name: str, source: str, solver: str, grid: str | None = None, note: str = "", **kw: Any) -> Alias:
+    return Alias(name, source, SAMPLER, solver, grid, note=note, **kw)
+
+
+def _g(name: str, source: str, grid: str, note: str = "", **kw: Any) -> Alias:
+    return Alias(name, source, SCHEDULER, grid=grid, note=note, **kw)
+
+
+#: k-diffusion's sample_* names, which ComfyUI's KSampler lists (with more of its own)
+_KD_SAMPLERS = [
+    _s("euler", KD_COMFY, "euler", note="sample_euler; s_churn / s_tmin / s_tmax / s_noise as options"),
+    _s("euler_ancestral", KD_COMFY, "euler_ancestral"),
+    _s("heun", KD_COMFY, "heun"),
+    _s("dpm_2", KD_COMFY, "dpm_2"),
+    _s("dpm_2_ancestral", KD_COMFY, "dpm_2_ancestral"),
+    _s("lms", KD_COMFY, "lms"),
+    _s("dpm_fast", KD_COMFY, "dpm_fast", "logsnr", final="t_min",
+       note="k-diffusion spends an NFE budget N on floor(N/3)+1 steps: give --nfe N, or option nfe"),
+    _s("dpm_adaptive", KD_COMFY, "dpm_adaptive", "logsnr", final="t_min",
+       note="each grid interval is integrated adaptively; steps=1 is k-diffusion's single interval"),
+    _s("dpmpp_2s_ancestral", KD_COMFY, "dpmpp_2s_ancestral"),
+    _s("dpmpp_sde", KD_COMFY, "dpmpp_sde"),
+    _s("dpmpp_sde_gpu", COMFY, "dpmpp_sde", note="ComfyUI draws its noise on the GPU, velodiff on the CPU"),
+    _s("dpmpp_2m", KD_COMFY, "dpmpp_2m", solver_options=NO_LOF,
+       note="the name gives velodiff's own dpmpp_2m, which lowers the last order on grids < 15 steps as "
+       "diffusers does; lower_order_final=False is k-diffusion's"),
+    _s("dpmpp_2m_sde", KD_COMFY, "sde_dpmpp_2m", solver_options=NO_LOF),
+    _s("dpmpp_2m_sde_gpu", COMFY, "sde_dpmpp_2m", solver_options=NO_LOF),
+    _s("dpmpp_2m_sde_heun", COMFY, "sde_dpmpp_2m", solver_options={**NO_LOF, "solver_type": "heun"}),
+    _s("dpmpp_2m_sde_heun_gpu", COMFY, "sde_dpmpp_2m", solver_options={**NO_LOF, "solver_type": "heun"}),
+    _s("dpmpp_3m_sde", KD_COMFY, "sde_dpmpp_3m", solver_options=KD_3M),
+    _s("dpmpp_3m_sde_gpu", COMFY, "sde_dpmpp_3m", solver_options=KD_3M),
+    _s("ddpm", COMFY, "ddpm"),
+    _s("ddim", COMFY, "ddim", note="ComfyUI's ddim sampler is its Euler, the same step"),
+    _s("lcm", COMFY, "lcm", note="x0, then fresh noise to the next level (Luo et al. 2023, Alg. 1)"),
+    _s("uni_pc", COMFY, "unipc", solver_options={"solver_type": "bh1", "order": 3},
+       note="ComfyUI ends its last step at sigma 0.001 rather than jumping to 0"),
+    _s("uni_pc_bh2", COMFY, "unipc", solver_options={"order": 3}),
+    _s("ipndm", COMFY, "ipndm"),
+    _s("ipndm_v", COMFY, "lms", note="variable-step Adams-Bashforth on eps; differs on the final step"),
+    _s("deis", COMFY, "deis_3"),
+]  # fmt: skip
+
+#: ComfyUI's SCHEDULER_NAMES (and its AlignYourSteps / GITS nodes)
+_COMFY_SCHEDULERS = [
+    _g("normal", COMFY, "normal"),
+    _g("karras", COMFY, "karras"),
+    _g("exponential", COMFY, "exponential"),
+    _g("sgm_uniform", COMFY, "sgm_uniform"),
+    _g("simple", COMFY, "simple"),
+    _g("ddim_uniform", COMFY, "ddim_uniform"),
+    _g("beta", COMFY, "beta", note="alpha = beta = 0.6 (Lee et al. 2024)"),
+    _g("kl_optimal", COMFY, "kl_optimal"),
+    _g("align_your_steps", COMFY, "ays", note="SD 1.5 levels by default; grid option model=sdxl|svd"),
+    _g("linear_quadratic", COMFY, "linear_quadratic", note="rectified flows (Movie Gen / Mochi)"),
+    _g("gits", COMFY, "gits", provided_by=CALIBRATED),
+]
+
+#: AUTOMATIC1111's sampler labels (before 1.9 they carried the schedule: "... Karras") and schedule types
+_A1111 = [
+    _s("Euler", A1111, "euler"),
+    _s("Euler a", A1111, "euler_ancestral"),
+    _s("Heun", A1111, "heun"),
+    _s("LMS", A1111, "lms"),
+    _s("LMS Karras", A1111, "lms", "karras"),
+    _s("DPM2", A1111, "dpm_2"),
+    _s("DPM2 Karras", A1111, "dpm_2", "karras"),
+    _s("DPM2 a", A1111, "dpm_2_ancestral"),
+    _s("DPM2 a Karras", A1111, "dpm_2_ancestral", "karras"),
+    _s("DPM++ 2S a", A1111, "dpmpp_2s_ancestral"),
+    _s("DPM++ 2S a Karras", A1111, "dpmpp_2s_ancestral", "karras"),
+    _s("DPM++ 2M", A1111, "dpmpp_2m", solver_options=NO_LOF),
+    _s("DPM++ 2M Karras", A1111, "dpmpp_2m", "karras", solver_options=NO_LOF),
+    _s("DPM++ SDE", A1111, "dpmpp_sde"),
+    _s("DPM++ SDE Karras", A1111, "dpmpp_sde", "karras"),
+    _s("DPM++ 2M SDE", A1111, "sde_dpmpp_2m", solver_options=NO_LOF),
+    _s("DPM++ 2M SDE Karras", A1111, "sde_dpmpp_2m", "karras", solver_options=NO_LOF),
+    _s("DPM++ 2M SDE Exponential", A1111, "sde_dpmpp_2m", "exponential", solver_options=NO_LOF),
+    _s("DPM++ 2M SDE Heun", A1111, "sde_dpmpp_2m", solver_options=SDE_HEUN),
+    _s("DPM++ 2M SDE Heun Karras", A1111, "sde_dpmpp_2m", "karras", solver_options=SDE_HEUN),
+    _s("DPM++ 2M SDE Heun Exponential", A1111, "sde_dpmpp_2m", "exponential", solver_options=SDE_HEUN),
+    _s("DPM++ 3M SDE", A1111, "sde_dpmpp_3m", solver_options=KD_3M),
+    _s("DPM++ 3M SDE Karras", A1111, "sde_dpmpp_3m", "karras", solver_options=KD_3M),
+    _s("DPM++ 3M SDE Exponential", A1111, "sde_dpmpp_3m", "exponential", solver_options=KD_3M),
+    _s("DPM fast", A1111, "dpm_fast", "logsnr", final="t_min"),
+    _s("DPM adaptive", A1111, "dpm_adaptive", "logsnr", final="t_min"),
+    _s("DDIM", A1111, "ddim", "ddim_uniform", final="t_min",
+       note="timesteps 1, 1 + c, ... (c = 1000 // steps); the last step lands on alphas_cumprod[0]"),
+    _s("UniPC", A1111, "unipc", "uniform", solver_options={"solver_type": "bh1", "order": 3},
+       note="A1111's defaults: variant bh1, order 3, time-uniform steps"),
+    _s("LCM", A1111, "lcm"),
+    _g("Automatic", A1111, "normal", note="the model's own discretization"),
+    _g("Uniform", A1111, "normal"),
+    _g("Karras", A1111, "karras"),
+    _g("Exponential", A1111, "exponential"),
+    _g("Polyexponential", A1111, "polyexponential"),
+    _g("SGM Uniform", A1111, "sgm_uniform"),
+    _g("KL Optimal", A1111, "kl_optimal"),
+    _g("Align Your Steps", A1111, "ays"),
+    _g("Simple", A1111, "simple"),
+    _g("Normal", A1111, "normal"),
+    _g("DDIM", A1111, "ddim_uniform"),
+    _g("Beta", A1111, "beta"),
+]  # fmt: skip
+
+MULTI = {"drop_last": True}  # DPMSolverMultistep / UniPC / DEIS space steps + 1 points, drop the last
+FRAC = {"fractional": True}  # the Euler family's 'linspace' keeps fractional timesteps
+
+#: diffusers' scheduler classes with their default config (flags: :func:`from_diffusers`)
+_DIFFUSERS_DEFAULT_NOTE = "default config; flags: DPMSolverMultistepScheduler:use_karras_sigmas=true,..."
+_DIFFUSERS = [
+    _s("DPMSolverMultistepScheduler", DIFFUSERS, "dpmpp_2m", "linspace", grid_options=MULTI,
+       note=_DIFFUSERS_DEFAULT_NOTE),
+    _s("EulerDiscreteScheduler", DIFFUSERS, "euler", "linspace", grid_options=FRAC),
+    _s("EulerAncestralDiscreteScheduler", DIFFUSERS, "euler_ancestral", "linspace", grid_options=FRAC),
+    _s("HeunDiscreteScheduler", DIFFUSERS, "heun", "linspace", grid_options=FRAC),
+    _s("KDPM2DiscreteScheduler", DIFFUSERS, "dpm_2", "linspace", grid_options=FRAC),
+    _s("KDPM2AncestralDiscreteScheduler", DIFFUSERS, "dpm_2_ancestral", "linspace", grid_options=FRAC),
+    _s("LMSDiscreteScheduler", DIFFUSERS, "lms", "linspace", grid_options=FRAC),
+    _s("DDIMScheduler", DIFFUSERS, "ddim", "leading", grid_options={"steps_offset": 1}, final="t_min",
+       note="the SD pipelines' config: steps_offset 1, set_alpha_to_one False (ends at alphas_cumprod[0])"),
+    _s("DDPMScheduler", DIFFUSERS, "ddpm", "leading", grid_options={"steps_offset": 1}),
+    _s("UniPCMultistepScheduler", DIFFUSERS, "unipc", "linspace", grid_options=MULTI),
+    _s("DEISMultistepScheduler", DIFFUSERS, "deis", "linspace", grid_options=MULTI, final="t_min"),
+    _s("DPMSolverSDEScheduler", DIFFUSERS, "dpmpp_sde", "linspace", grid_options=FRAC,
+       note="same steps; diffusers' Brownian tree runs over sigma, velodiff's over t"),
+    _s("LCMScheduler", DIFFUSERS, "lcm", "leading", grid_options={"steps_offset": 1},
+       note="LCM's boundary condition c_skip x + c_out F belongs to the model's denoiser"),
+    _s("FlowMatchEulerDiscreteScheduler", DIFFUSERS, "euler", "flow-shifted"),
+    _s("EDMEulerScheduler", DIFFUSERS, "euler", "karras"),
+]  # fmt: skip
+
+ALIASES: tuple[Alias, ...] = (*_KD_SAMPLERS, *_COMFY_SCHEDULERS, *_A1111, *_DIFFUSERS)
+
+_BY_NAME = {(a.kind, a.name): a for a in ALIASES}
+_BY_KEY: dict[tuple[str, str], Alias] = {}
+for _a in ALIASES:  # of names equal when normalized, the first row wins unless spelled exactly
+    _BY_KEY.setdefault((_a.kind, normalize(_a.name)), _a)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a name means to velodiff: a solver and/or a grid with options (``alias`` None: its own)."""
+
+    solver: str | None = None
+    grid: str | None = None
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    grid_options: Mapping[str, Any] = field(default_factory=dict)
+    final: str | None = None
+    alias: Alias | None = None
+
+
+def _own_solvers() -> tuple[str, ...]:
+    import sys
+
+    from .commands.names import SOLVER_NAMES  # torch-free copy of the registry's names
+
+    if "velodiff.solvers" in sys.modules:
+        return tuple(sys.modules["velodiff.solvers"].SOLVERS)
+    return SOLVER_NAMES
+
+
+def _own_grids() -> tuple[str, ...]:
+    import sys
+
+    if "velodiff.grids" in sys.modules:
+        return tuple(sys.modules["velodiff.grids"].GRIDS)
+    return ()
+
+
+def _unknown(kind: str, name: str, own: tuple[str, ...]) -> VelodiffError:
+    """`unknown solver 'x'; did you mean a, b? valid: ...` with near matches among velodiff's names and
+    the aliases."""
+    alias_kind = SAMPLER if kind == "solver" else SCHEDULER
+    candidates = {normalize(n): n for n in own}
+    candidates.update(
+        {k: a.name for (ak, k), a in _BY_KEY.items() if ak == alias_kind and k not in candidates}
+    )
+    near = difflib.get_close_matches(normalize(name), list(candidates), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(candidates[k]) for k in near)}?" if near else ""
+    return VelodiffError(
+        f"unknown {kind} {name!r}; valid: {', '.join(sorted(own))} and other tools' names "
+        f"(velodiff solvers --aliases){hint}"
+    )
+
+
+def _split(text: str) -> tuple[str, dict[str, str]]:
+    """``Name:key=value,key=value`` (a diffusers class with config flags) -> (name, flags)."""
+    name, _, rest = text.partition(":")
+    flags: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise VelodiffError(f"{name}: write its flags as key=value, got {item!r}")
+        flags[key.strip()] = value.strip()
+    return name.strip(), flags
+
+
+def find(name: str, kind: str) -> Alias | None:
+    """The row of ``name`` ("sampler" or "scheduler"): spelled exactly ("DDIM" is A1111's), else
+    normalized ("ddim" is ComfyUI's)."""
+    return _BY_NAME.get((kind, name)) or _BY_KEY.get((kind, normalize(name)))
+
+
+def resolve_solver(name: str, own: tuple[str, ...] | None = None) -> Resolved:
+    """A solver name as velodiff reads it: its own, or a sampler alias, or a diffusers class with flags
+    (``DPMSolverMultistepScheduler:use_karras_sigmas=true,algorithm_type=sde-dpmsolver++``)."""
+    own = _own_solvers() if own is None else own
+    if name in own:
+        return Resolved(solver=name)
+    base, flags = _split(name)
+    if base in _DIFFUSERS_CLASSES:
+        return from_diffusers(base, flags)
+    if flags:
+        raise VelodiffError(f"{base!r}: key=value flags follow a diffusers scheduler class name only")
+    alias = find(name, SAMPLER)
+    if alias is None:
+        raise _unknown("solver", name, own)
+    return Resolved(
+        alias.solver, alias.grid, dict(alias.solver_options), dict(alias.grid_options), alias.final, alias
+    )
+
+
+def resolve_grid(name: str, own: tuple[str, ...] | None = None) -> Resolved:
+    """A grid name as velodiff reads it: its own, or a scheduler alias (ComfyUI's, A1111's)."""
+    own = _own_grids() if own is None else own
+    if name in own:
+        return Resolved(grid=name)
+    alias = find(name, SCHEDULER)
+    if alias is None:
+        raise _unknown("grid", name, own)
+    if alias.provided_by and alias.grid not in own:
+        raise VelodiffError(
+            f"grid {name!r} ({alias.source}) maps to velodiff's {alias.grid!r}, which {alias.provided_by} "
+            "provides; it is not in this build (a GITS-fitted grid for your model: velodiff calibrate "
+            "solver, then --grid calibrated)"
+        )
+    return Resolved(grid=alias.grid, grid_options=dict(alias.grid_options), alias=alias)
+
+
+# --- diffusers' scheduler classes and their flags ----------------------------------------------------
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "none")
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise VelodiffError(f"expected true or false, got {value!r}")
+
+
+def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[str, dict[str, Any]]:
+    """The grid a diffusers scheduler's sigma flags choose."""
+    for flag, grid in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
+                       ("use_lu_lambdas", "logsnr")):  # fmt: skip
+        if _flag(cfg.get(flag, False)):
+            return grid, {}
+    if _flag(cfg.get("use_beta_sigmas", False)):
+        raise VelodiffError(
+            f"{cls}: use_beta_sigmas (beta quantiles in sigma) has no velodiff grid yet; ComfyUI's 'beta' "
+            "(quantiles in timestep) is grid 'beta'"
+        )
+    spacing = str(cfg.get("timestep_spacing", default_spacing))
+    if spacing not in ("linspace", "leading", "trailing"):
+        raise VelodiffError(
+            f"{cls}: unknown timestep_spacing {spacing!r}; valid: leading, linspace, trailing"
+        )
+    opts: dict[str, Any] = {}
+    if spacing == "leading" and "steps_offset" in cfg:
+        opts["steps_offset"] = int(cfg["steps_offset"])
+    row = find(cls, SAMPLER)
+    if row is not None and spacing != "trailing":
+        if row.grid_options.get("drop_last"):
+            opts["drop_last"] = True
+        if row.grid_options.get("fractional") and spacing == "linspace":
+            opts["fractional"] = True
+    return spacing, opts
+
+
+def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    algo = normalize(str(cfg.get("algorithm_type", "dpmsolver++")))
+    order = int(cfg.get("solver_order", 2))
+    solver_type = normalize(str(cfg.get("solver_type", "midpoint")))
+    opts: dict[str, Any] = {}
+    if "lower_order_final" in cfg:
+        opts["lower_order_final"] = _flag(cfg["lower_order_final"])
+    if _flag(cfg.get("euler_at_final", False)):
+        raise VelodiffError("DPMSolverMultistepScheduler: euler_at_final has no velodiff option yet")
+    if order == 1 and algo in ("dpmsolverpp", "dpmsolver"):
+        return "ddim", {}
+    if solver_type not in ("midpoint", "heun"):
+        raise VelodiffError(
+            f"DPMSolverMultistepScheduler: unknown solver_type {solver_type!r}; valid: heun, midpoint"
+        )
+    if algo == "dpmsolverpp" and order == 2:
+        return "dpmpp_2m", {**opts, "solver_type": solver_type}
+    if algo == "dpmsolverpp" and order == 3:
+        return "dpmpp_3m", {**opts, "variant": "diffusers"}
+    if algo == "sde_dpmsolverpp" and order == 1:  # = DDIM with eta = 1 (ddim.py)
+        return "ddpm", {}
+    if algo == "sde_dpmsolverpp" and order == 2:
+        return "sde_dpmpp_2m", {**opts, "solver_type": solver_type}
+    raise VelodiffError(
+        f"DPMSolverMultistepScheduler: algorithm_type={cfg.get('algorithm_type')!r}, solver_order={order}, "
+        f"solver_type={cfg.get('solver_type', 'midpoint')!r} has no velodiff solver yet; provided: "
+        "dpmsolver++ orders 1-3 and sde-dpmsolver++ orders 1-2"
+    )
+
+
+def _unipc(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    opts: dict[str, Any] = {"order": int(cfg.get("solver_order", 2))}
+    opts["solver_type"] = str(cfg.get("solver_type", "bh2"))
+    if "lower_order_final" in cfg:
+        opts["lower_order_final"] = _flag(cfg["lower_order_final"])
+    if not _flag(cfg.get("predict_x0", True)):
+        raise VelodiffError(
+            "UniPCMultistepScheduler: predict_x0=False (noise prediction) has no velodiff solver"
+        )
+    return "unipc", opts
+
+
+def _deis(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    order = int(cfg.get("solver_order", 2))
+    opts = {"lower_order_final": _flag(cfg["lower_order_final"])} if "lower_order_final" in cfg else {}
+    return ("deis" if order <= 2 else "deis_3"), {**opts, "order": order}
+
+
+_SIMPLE_SOLVERS = {a.name: a.solver for a in _DIFFUSERS}
+#: what a bare class name stands for: the config the Stable Diffusion pipelines give it
+_SD_CONFIG = {
+    "DDIMScheduler": {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False},
+    "DDPMScheduler": {"steps_offset": 1, "clip_sample": False},
+    "LCMScheduler": {"steps_offset": 1},
+}
+_DIFFUSERS_CLASSES = tuple(_SIMPLE_SOLVERS)
+#: the flags each class's mapping reads (others are refused rather than silently ignored)
+_SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                "timestep_spacing", "steps_offset", "final_sigmas_type")  # fmt: skip
+#: config entries that describe the model or are shared defaults, not the sampler (read elsewhere or moot)
+_MODEL_FLAGS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
+                "dynamic_thresholding_ratio",
+                "sample_max_value", "rescale_betas_zero_snr", "timestep_type", "interpolation_type",
+                "sigma_min", "sigma_max", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                "base_image_seq_len", "max_image_seq_len", "set_alpha_to_one", "variance_type",
+                "skip_prk_steps", "_class_name", "_diffusers_version", "disable_corrector", "solver_p",
+                "lambda_min_clipped", "use_flow_sigmas", "flow_shift", "original_inference_steps",
+                "timestep_scaling", "noise_sampler_seed", "sigma_data", "final_sigmas_type")  # fmt: skip
+_CLASS_FLAGS = {
+    "DPMSolverMultistepScheduler": ("algorithm_type", "solver_order", "solver_type", "lower_order_final",
+                                    "euler_at_final", "variance_type"),
+    "UniPCMultistepScheduler": ("solver_order", "solver_type", "lower_order_final", "predict_x0"),
+    "DEISMultistepScheduler": ("solver_order", "solver_type", "algorithm_type", "lower_order_final"),
+}  # fmt: skip
+
+
+def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> Resolved:
+    """The velodiff solver, grid and options of a diffusers scheduler: a scheduler object, or its class
+    name with ``config`` (flags as values or strings: ``{"use_karras_sigmas": "true"}``).
+
+    Reproduced: the class's step and its sigma flags (``use_karras_sigmas``, ``use_exponential_sigmas``,
+    ``use_lu_lambdas``, ``timestep_spacing`` with ``steps_offset``, ``final_sigmas_type``); for
+    DPMSolverMultistep ``algorithm_type`` (dpmsolver++, sde-dpmsolver++), ``solver_order``,
+    ``solver_type``, ``lower_order_final``; UniPC's ``solver_order`` / ``solver_type``; DEIS's
+    ``solver_order``. A flag velodiff cannot reproduce is refused, naming it."""
+    strict = isinstance(scheduler, str)  # typed flags are checked; a live config holds every key
+    if strict:
+        cls, cfg = scheduler, dict(config or {})
+    else:
+        cls, cfg = type(scheduler).__name__, {**dict(getattr(scheduler, "config", {})), **dict(config or {})}
+    if cls not in _SIMPLE_SOLVERS:
+        raise VelodiffError(
+            f"diffusers scheduler {cls!r} has no velodiff mapping yet; mapped: "
+            f"{', '.join(_DIFFUSERS_CLASSES)}"
+        )
+    alias = find(cls, SAMPLER)
+    assert alias is not None and alias.solver is not None
+    known = set(_SIGMA_FLAGS) | set(_MODEL_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))
+    unknown = sorted(k for k in cfg if k not in known)
+    if strict and unknown:
+        raise VelodiffError(
+            f"{cls}: flag {unknown[0]!r} has no velodiff equivalent yet; flags read: "
+            f"{', '.join(sorted(set(_SIGMA_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))))}"
+        )
+    if strict:  # a bare class name means the Stable Diffusion pipelines' config of it
+        cfg = {**_SD_CONFIG.get(cls, {}), **cfg}
+    for flag in ("thresholding", "use_flow_sigmas", "clip_sample"):
+        if _flag(cfg.get(flag, False)):
+            raise VelodiffError(f"{cls}: {flag}=True has no velodiff equivalent yet")
+    solver, solver_opts = alias.solver, dict(alias.solver_options)
+    if cls == "DPMSolverMultistepScheduler":
+        solver, solver_opts = _dpmsolver_multistep(cfg)
+    elif cls == "UniPCMultistepScheduler":
+        solver, solver_opts = _unipc(cfg)
+    elif cls == "DEISMultistepScheduler":
+        solver, solver_opts = _deis(cfg)
+    if cls in ("FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler"):
+        grid, grid_opts = alias.grid, {}
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                     "stochastic_sampling", "use_dynamic_shifting"):  # fmt: skip
+            if _flag(cfg.get(flag, False)):
+                raise VelodiffError(f"{cls}: {flag}=True has no velodiff mapping yet")
+    else:
+        spacing = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "LCMScheduler": "leading"}.get(
+            cls, "linspace"
+        )
+        grid, grid_opts = _grid_of(cls, cfg, spacing)
+    final = alias.final or "zero"
+    if "final_sigmas_type" in cfg:
+        final = {"zero": "zero", "sigma_min": "t_min"}.get(str(cfg["final_sigmas_type"]))
+        if final is None:
+            raise VelodiffError(f"{cls}: final_sigmas_type must be zero or sigma_min")
+    if cls == "DDIMScheduler":
+        final = "zero" if _flag(cfg.get("set_alpha_to_one", True)) else "t_min"
+    return Resolved(solver, grid, solver_opts, grid_opts, final, alias)
+
+
+def table(kind: str | None = None) -> list[Alias]:
+    """The rows of :data:`ALIASES` (of one kind)."""
+    return [a for a in ALIASES if kind is None or a.kind == kind]
+
+
+__all__ = [
+    "ALIASES",
+    "Alias",
+    "Resolved",
+    "find",
+    "from_diffusers",
+    "normalize",
+    "resolve_grid",
+    "resolve_solver",
+]

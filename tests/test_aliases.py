@@ -1,0 +1,579 @@
+"""Other tools' sampler and scheduler names (``velodiff.aliases``): the table is consistent, every place
+that takes a name resolves it, and each alias reproduces its reference from the same noise and times.
+
+References, per row of the table:
+
+* diffusers' scheduler classes: the scheduler itself, run on the exact Gaussian-mixture oracle
+  (``velodiff.oracle``) under Stable Diffusion's schedule, mapped by ``from_diffusers`` from the live
+  scheduler object and from the typed ``Class:flag=value`` form. diffusers keeps its sigma tables in
+  float32, so agreement is ~1e-6 on samples of size ~4 (tolerance 2e-5, as tests/test_parity_basic.py).
+  diffusers' Karras / Lu grids round the model's timestep while stepping with the unrounded sigma; the
+  oracle here is evaluated at the sigma (a continuous-time model), which is what velodiff does.
+* k-diffusion / ComfyUI sampler names and A1111's labels: k-diffusion's sampler (``tests/kdiffusion.py``)
+  on the alias's grid (Karras' where the name fixes none) in float64, to 1e-9.
+* ComfyUI's and A1111's scheduler names: the grid's noise levels against the scheduler's definition
+  written here a second time over diffusers' float64 beta table (k-diffusion's get_sigmas_* for
+  Karras / exponential / polyexponential), and diffusers' published AYS schedules.
+
+Not compared, and why: ComfyUI-only samplers without a k-diffusion or diffusers implementation
+(``lcm``: checked against its definition; ``ipndm``, ``ipndm_v``, ``deis``, ``uni_pc``: the solvers'
+own parity tests cover the steps, tests/test_multistep_parity.py); diffusers' DPMSolverSDEScheduler,
+whose Brownian tree cannot be given a noise source (its steps are k-diffusion's sample_dpmpp_sde, compared
+with injected noise); LCMScheduler (its boundary condition belongs to an LCM network's denoiser).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import AysSchedules
+
+from kdiffusion import load_k_sampling
+from velodiff import GRIDS, SOLVERS, DiscreteVP, RectifiedFlow, VelodiffError, get_solver, make_grid, sample
+from velodiff.aliases import ALIASES, SAMPLER, SCHEDULER, find, from_diffusers, normalize, resolve_solver
+from velodiff.denoisers import eps_from_x0
+from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
+from velodiff.plan import Plan
+from velodiff.schedules import F64
+
+K = load_k_sampling()
+needs_k = pytest.mark.skipif(K is None, reason="k-diffusion is not installed")
+
+SCHED = DiscreteVP.scaled_linear()
+SHAPE = (2, 6)
+MIX = GaussianMixture.random(SHAPE, components=3, seed=1)
+DEN = MixtureDenoiser(MIX, SCHED)
+X = starting_noise(SHAPE, 4, seed=3)
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+#: diffusers' scaled_linear table in float64, written independently of velodiff's DiscreteVP
+BETAS = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+SIGMAS = np.sqrt((1 - np.cumprod(1 - BETAS)) / np.cumprod(1 - BETAS))  # sigma / alpha at k = 0..999
+TOL_DIFFUSERS, TOL_K = 2e-5, 1e-9
+FLOW = RectifiedFlow(shift=3.0)
+FLOW_GRIDS = ("linear_quadratic",)  # defined for rectified flows only
+
+
+def _target_exists(a) -> bool:
+    return (a.solver is None or a.solver in SOLVERS) and (a.grid is None or a.grid in GRIDS)
+
+
+# --- the table ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", ALIASES, ids=lambda a: f"{a.kind}:{a.name}")
+def test_every_alias_resolves_to_a_valid_target(alias):
+    if alias.provided_by and not _target_exists(alias):
+        pytest.skip(f"{alias.grid!r} comes with {alias.provided_by}")
+    assert _target_exists(alias), alias
+    assert alias.kind in (SAMPLER, SCHEDULER) and alias.final in (None, "zero", "t_min")
+    if alias.kind == SAMPLER:
+        spec = get_solver(alias.name)
+        own = alias.name in SOLVERS  # velodiff's own name wins (the row documents the difference)
+        assert spec.name == (alias.name if own else alias.solver)
+        assert set(alias.solver_options) <= set(SOLVERS[alias.solver].defaults)
+        if not own and alias.name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+            assert {k: spec.defaults[k] for k in alias.solver_options} == dict(alias.solver_options)
+    else:
+        sched = FLOW if alias.grid in FLOW_GRIDS else SCHED
+        ts = make_grid(alias.name, sched, 10)
+        assert torch.equal(ts, make_grid(alias.grid, sched, 10, **alias.grid_options))
+    if alias.grid is not None and alias.grid not in FLOW_GRIDS:
+        make_grid(alias.grid, SCHED, 10, final=alias.final or "zero", **alias.grid_options)
+
+
+def test_names_are_matched_normalized_and_exact_spelling_first():
+    assert normalize("DPM++ 2M SDE Karras") == "dpmpp_2m_sde_karras"
+    assert find("dpmpp_2m_karras", SAMPLER).name == "DPM++ 2M Karras"
+    assert find("euler A", SAMPLER).name == "Euler a"
+    # ComfyUI's sampler "ddim" (no grid) and A1111's "DDIM" (its timesteps, ending at alphas_cumprod[0])
+    assert find("DDIM", SAMPLER).grid == "ddim_uniform" and find("Ddim", SAMPLER).grid is None
+    assert find("DDIM", SCHEDULER).grid == "ddim_uniform"  # A1111's schedule type
+    # in a plan string, where + joins items, a label is written normalized
+    plan = Plan.parse("solver=dpmpp_2m_sde_karras+grid=align_your_steps+steps=8")
+    assert plan.settings["solver"] == "dpmpp_2m_sde_karras"
+    assert get_solver(plan.settings["solver"]).name == "sde_dpmpp_2m"
+    assert torch.equal(make_grid("align_your_steps", SCHED, 8), make_grid("ays", SCHED, 8))
+
+
+def test_unknown_names_list_near_matches():
+    with pytest.raises(VelodiffError) as e:
+        get_solver("dpmpp_2m_sdee")
+    msg = str(e.value)
+    assert "unknown solver 'dpmpp_2m_sdee'" in msg and "did you mean 'dpmpp_2m_sde'" in msg
+    assert "velodiff solvers --aliases" in msg and "\n" not in msg
+    with pytest.raises(VelodiffError, match="did you mean 'DPM\\+\\+ 2M Karras'"):
+        get_solver("DPM++ 2M Karas")
+    with pytest.raises(VelodiffError, match="unknown grid 'sgm_unifrom'.*did you mean 'sgm_uniform'"):
+        make_grid("sgm_unifrom", SCHED, 10)
+    with pytest.raises(VelodiffError, match="flag 'use_karas_sigmas' has no velodiff equivalent"):
+        get_solver("DPMSolverMultistepScheduler:use_karas_sigmas=true")
+    with pytest.raises(VelodiffError, match="sde-dpmsolver.*solver_order=3.*no velodiff solver"):
+        get_solver("DPMSolverMultistepScheduler:algorithm_type=sde-dpmsolver++,solver_order=3")
+    with pytest.raises(VelodiffError, match="flags follow a diffusers scheduler class"):
+        get_solver("euler:eta=1")
+
+
+def test_cli_check_and_table(capsys):
+    from velodiff.commands.names import check_solver
+    from velodiff.commands.solvers import solvers
+
+    check_solver("DPM++ 2M SDE Karras")
+    with pytest.raises(VelodiffError, match="did you mean"):
+        check_solver("dpmpp_3m_sd")
+    solvers(aliases=True)
+    out = capsys.readouterr().out
+    assert "DPM++ 2M Karras" in out and "align_your_steps" in out and "DPMSolverMultistepScheduler" in out
+
+
+def test_gits_maps_to_the_calibrated_grid():
+    alias = find("gits", SCHEDULER)
+    assert alias.grid == "gits" and alias.provided_by
+    if "gits" not in GRIDS:
+        with pytest.raises(VelodiffError, match="calibrated-solver work"):
+            make_grid("gits", SCHED, 10)
+    else:
+        make_grid("gits", SCHED, 10)
+
+
+def test_pipeline_setup_takes_the_alias_grid():
+    """A label that fixes a grid ("DPM++ 2M Karras") gives the run that grid unless the call names one;
+    the solver gets the alias's options."""
+    from types import SimpleNamespace
+
+    from velodiff.pipelines.common import Sampling, make_setup
+
+    model = SimpleNamespace(
+        schedule=SCHED, default_solver="dpmpp_2m", default_guidance=1.0, default_final="zero",
+        default_steps=10, default_grid="trailing", default_grid_options={},
+    )  # fmt: skip
+    s = make_setup(model, Sampling(solver="DPM++ 2M Karras", steps=8))
+    assert s.solver.name == "dpmpp_2m" and s.solver.defaults["lower_order_final"] is False
+    assert torch.equal(s.ts, make_grid("karras", SCHED, 8))
+    s = make_setup(model, Sampling(solver="DPM++ 2M Karras", steps=8, grid="exponential"))
+    assert torch.equal(s.ts, make_grid("exponential", SCHED, 8))
+    s = make_setup(model, Sampling(solver="DDIM", steps=10))  # A1111's: ddim_uniform to alphas_cumprod[0]
+    assert torch.equal(s.ts, make_grid("ddim_uniform", SCHED, 10, final="t_min"))
+    s = make_setup(model, Sampling(plan="solver=dpmpp_2m_sde_karras+steps=6"))
+    assert s.solver.name == "sde_dpmpp_2m" and torch.equal(s.ts, make_grid("karras", SCHED, 6))
+    s = make_setup(model, Sampling(solver="euler_ancestral", steps=6))
+    assert torch.equal(s.ts, make_grid("trailing", SCHED, 6))  # no alias grid: the model's
+    s = make_setup(model, Sampling(solver="DPM fast", nfe=10))  # the budget plans dpm_fast's orders
+    assert s.steps == 4 and s.solver.defaults["nfe"] == 10
+    assert torch.equal(s.ts, make_grid("logsnr", SCHED, 4, final="t_min"))
+    assert sample(DEN, X, s.ts, s.solver).nfe == 10
+    sdxl = SimpleNamespace(**{**vars(model), "family": "sdxl"})
+    s = make_setup(sdxl, Sampling(grid="align_your_steps", steps=10))
+    assert SCHED.timestep(s.ts[:-1]).round().tolist() == AysSchedules["StableDiffusionXLTimesteps"]
+
+
+# --- k-diffusion / ComfyUI sampler names and A1111 labels --------------------------------------------
+
+#: k-diffusion's function for each velodiff solver an alias names (options as the alias sets them)
+K_FUNCTIONS = {
+    "euler": "sample_euler", "euler_ancestral": "sample_euler_ancestral", "heun": "sample_heun",
+    "dpm_2": "sample_dpm_2", "dpm_2_ancestral": "sample_dpm_2_ancestral", "lms": "sample_lms",
+    "dpmpp_2s_ancestral": "sample_dpmpp_2s_ancestral", "dpmpp_sde": "sample_dpmpp_sde",
+    "dpmpp_2m": "sample_dpmpp_2m", "sde_dpmpp_2m": "sample_dpmpp_2m_sde",
+    "sde_dpmpp_3m": "sample_dpmpp_3m_sde",
+    "ddim": "sample_euler", "dpm_fast": "sample_dpm_fast", "dpm_adaptive": "sample_dpm_adaptive",
+}  # fmt: skip
+K_ALIASES = [
+    a for a in ALIASES
+    if a.kind == SAMPLER and a.source in ("k-diffusion / ComfyUI", "ComfyUI", "A1111")
+    and a.solver in K_FUNCTIONS
+    and a.grid not in ("ddim_uniform", "uniform")  # A1111's DDIM / UniPC: compared with diffusers below
+]  # fmt: skip
+
+
+class Replay:
+    """One noise sequence for both sides: the k-th draw of either is z[k]."""
+
+    def __init__(self, n: int = 40, seed: int = 7) -> None:
+        self.z = starting_noise(SHAPE, 4 * n, seed=seed).reshape(n, 4, *SHAPE)
+        self.k = 0
+
+    def _next(self) -> torch.Tensor:
+        self.k += 1
+        return self.z[self.k - 1]
+
+    def sampler(self, *_: object) -> torch.Tensor:
+        return self._next()
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return self._next()
+
+    def between(self, t_from: float, t_to: float) -> torch.Tensor:
+        return self._next()
+
+
+def _k_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    t = SCHED.t_from_sigma_ve(sigma.reshape(-1)[0].to(F64))
+    return DEN(float(SCHED.alpha(t)) * x, t)
+
+
+def _k_sigmas(grid: str | None, n: int) -> torch.Tensor:
+    lo, hi = float(SIGMAS[0]), float(SIGMAS[-1])
+    torch.set_default_dtype(F64)  # k-diffusion's get_sigmas_* ramp with the default dtype
+    try:
+        if grid in (None, "karras"):
+            return K.get_sigmas_karras(n, lo, hi)
+        if grid == "exponential":
+            return K.get_sigmas_exponential(n, lo, hi)
+        raise AssertionError(grid)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@needs_k
+@pytest.mark.parametrize("alias", K_ALIASES, ids=lambda a: a.name)
+def test_sampler_alias_matches_k_diffusion(alias):
+    fn = getattr(K, K_FUNCTIONS[alias.solver])
+    x_top = X * 1.0  # VP: unit marginal std at t_max
+    if alias.solver in ("dpm_fast", "dpm_adaptive"):
+        nfe = 8
+        steps = nfe // 3 + 1 if alias.solver == "dpm_fast" else 1
+        ts = make_grid(alias.grid, SCHED, steps, final=alias.final)
+        sig = SCHED.sigma_ve(ts)
+        kw = {"n": nfe} if alias.solver == "dpm_fast" else {}
+        torch.set_default_dtype(F64)
+        try:
+            ref = fn(_k_model, x_top / float(SCHED.alpha(ts[0])), sig[-1], sig[0], disable=True, **kw)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        opts = {"nfe": nfe} if alias.solver == "dpm_fast" else {}
+        res = sample(DEN, x_top, ts, alias.name, **opts)
+        err = float((ref - res.x / float(SCHED.alpha(ts[-1]))).abs().max())
+        assert err < 1e-8, err
+        return
+    steps = 8
+    sigmas = _k_sigmas(alias.grid, steps)
+    if alias.grid is None:
+        ts = torch.cat([SCHED.t_from_sigma_ve(sigmas[:-1]), torch.zeros(1, dtype=F64)])
+    else:  # the alias's own grid is k-diffusion's
+        ts = make_grid(alias.grid, SCHED, steps)
+        assert torch.allclose(SCHED.sigma_ve(ts[:-1]), sigmas[:-1], rtol=1e-12, atol=0)
+    a0 = float(SCHED.alpha(ts[0]))
+    a, b = Replay(), Replay()
+    kw = {"noise_sampler": a.sampler} if "noise_sampler" in inspect.signature(fn).parameters else {}
+    if "solver_type" in alias.solver_options:  # k-diffusion's dpmpp_2m_sde(solver_type=...)
+        kw["solver_type"] = alias.solver_options["solver_type"]
+    ref = fn(_k_model, x_top / a0, sigmas, disable=True, **kw)
+    res = sample(DEN, x_top, ts, alias.name, noise=b)
+    err = float((ref - res.x).abs().max())
+    assert err < TOL_K * float(ref.abs().max()), f"{alias.name}: max |k-diffusion - velodiff| = {err:.3g}"
+    assert a.k == b.k
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_ipndm_is_lms_only_on_grids_uniform_in_rho(order):
+    """iPNDM's fixed Adams-Bashforth weights are the variable-step ones (lms) where the steps in
+    rho = sigma / alpha are equal, and differ elsewhere from order 2 on (its docstring)."""
+    rho = torch.linspace(float(SCHED.sigma_ve(1.0)), float(SCHED.sigma_ve(SCHED.t_min)), 9, dtype=F64)
+    ts = SCHED.t_from_sigma_ve(rho)
+    ts[0], ts[-1] = 1.0, SCHED.t_min
+    a, b = sample(DEN, X, ts, "ipndm", order=order).x, sample(DEN, X, ts, "lms", order=order).x
+    assert torch.allclose(a, b, rtol=0, atol=1e-9)
+    ts = make_grid("karras", SCHED, 8, final="t_min")
+    a, b = sample(DEN, X, ts, "ipndm", order=order).x, sample(DEN, X, ts, "lms", order=order).x
+    assert torch.allclose(a, b, rtol=0, atol=1e-9) == (order == 1)
+
+
+def test_lcm_is_its_definition():
+    ts = make_grid("leading", SCHED, 4, steps_offset=1)
+    z = Replay()
+    res = sample(DEN, X, ts, "lcm", noise=z)
+    x = X.clone()
+    for i in range(4):
+        x0 = DEN(x, ts[i])
+        x = x0 if i == 3 else SCHED.alpha(ts[i + 1]) * x0 + SCHED.sigma(ts[i + 1]) * z.z[i]
+    assert torch.allclose(res.x, x, rtol=0, atol=1e-12) and res.nfe == 4
+
+
+# --- ComfyUI's and A1111's scheduler names -------------------------------------------------------------
+
+
+def _levels_of(ks: np.ndarray) -> np.ndarray:
+    """sigma / alpha at (fractional) timesteps: log sigma interpolated linearly between trained ones."""
+    lo = np.clip(np.floor(ks).astype(int), 0, 998)
+    w = ks - lo
+    return np.exp((1 - w) * np.log(SIGMAS[lo]) + w * np.log(SIGMAS[np.minimum(lo + 1, 999)]))
+
+
+def _definition(name: str, n: int) -> np.ndarray:
+    """The scheduler's noise levels before the final 0, from its definition."""
+    if name == "normal":
+        return _levels_of(np.linspace(999, 0, n))
+    if name == "sgm_uniform":
+        return _levels_of(np.linspace(999, 0, n + 1)[:-1])
+    if name == "simple":
+        return np.array([SIGMAS[-(1 + int(i * 1000 / n))] for i in range(n)])
+    if name == "ddim_uniform":
+        return SIGMAS[np.arange(1, 1000, max(1000 // n, 1))][::-1]
+    if name == "beta":
+        from scipy.stats import beta
+
+        ks = np.rint(beta.ppf(1 - np.arange(n) / n, 0.6, 0.6) * 999).astype(int)
+        return SIGMAS[ks[np.r_[True, ks[1:] != ks[:-1]]]]
+    if name == "kl_optimal":
+        u = np.arange(n) / max(n - 1, 1)
+        return np.tan(u * math.atan(SIGMAS[0]) + (1 - u) * math.atan(SIGMAS[-1]))
+    if name == "ays":  # the AYS authors' loglinear_interp of the 10-step list ending at sigma_min
+        levels = np.r_[SIGMAS[AysSchedules["StableDiffusionTimesteps"]], SIGMAS[0]]
+        xs, new = np.linspace(0, 1, len(levels)), np.linspace(0, 1, n + 1)
+        return np.exp(np.interp(new, xs, np.log(levels[::-1])))[::-1][:-1]
+    raise AssertionError(name)
+
+
+SCHEDULER_ALIASES = [
+    a for a in ALIASES if a.kind == SCHEDULER and a.grid in GRIDS and a.grid not in FLOW_GRIDS
+]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 50])
+def test_linear_quadratic_is_movie_gens_schedule(steps):
+    """Movie Gen's linear-quadratic t-schedule: equal steps of threshold_noise / L for the first L = N // 2,
+    then a quadratic with the same value and slope at L that ends at t = 0; checked against the
+    schedule's closed form and its defining properties."""
+    ts = make_grid("linear_quadratic", FLOW, steps)
+    assert len(ts) == steps + 1 and float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
+    u = 1.0 - ts.numpy()
+    if steps == 1:
+        return
+    n, lin, th = steps, steps // 2, 0.025
+    assert np.allclose(u[:lin], th * np.arange(lin) / lin, rtol=0, atol=1e-15)
+    q = np.polyfit(np.arange(lin, n + 1), u[lin:], 2) if n - lin >= 2 else None
+    if q is not None:  # the quadratic part: value theta and slope theta / L at L, 1 at N
+        assert np.polyval(q, lin) == pytest.approx(th, abs=1e-12)
+        assert np.polyval(np.polyder(q), lin) == pytest.approx(th / lin, abs=1e-9)
+        assert np.polyval(q, n) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(VelodiffError, match="rectified flows"):
+        make_grid("linear_quadratic", SCHED, steps)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7, 10, 25])
+@pytest.mark.parametrize("alias", SCHEDULER_ALIASES, ids=lambda a: f"{a.source}:{a.name}")
+def test_scheduler_alias_matches_its_definition(alias, steps):
+    ts = make_grid(alias.name, SCHED, steps)
+    assert float(ts[-1]) == 0.0
+    got = SCHED.sigma_ve(ts[:-1]).numpy()
+    if alias.grid in ("karras", "exponential", "polyexponential"):
+        if K is None:
+            pytest.skip("k-diffusion is not installed")
+        torch.set_default_dtype(F64)
+        try:
+            fn = getattr(K, f"get_sigmas_{alias.grid}")
+            want = fn(steps, float(SIGMAS[0]), float(SIGMAS[-1]))[:-1].numpy()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    else:
+        want = _definition(alias.grid, steps)
+    assert got.shape == want.shape, (got, want)
+    assert np.allclose(got, want, rtol=1e-9, atol=0), (got, want)
+
+
+def test_ays_is_diffusers_published_schedule():
+    ts = make_grid("align_your_steps", SCHED, 10)
+    assert SCHED.timestep(ts[:-1]).round().tolist() == AysSchedules["StableDiffusionTimesteps"]
+    published = np.array(AysSchedules["StableDiffusionSigmas"][:-1])  # rounded to 3 decimals there
+    assert np.allclose(SCHED.sigma_ve(ts[:-1]).numpy(), published, rtol=0, atol=5e-3)
+    sdxl = make_grid("ays", SCHED, 10, model="sdxl")
+    assert SCHED.timestep(sdxl[:-1]).round().tolist() == AysSchedules["StableDiffusionXLTimesteps"]
+    with pytest.raises(VelodiffError, match="unknown ays model 'sd3'"):
+        make_grid("ays", SCHED, 10, model="sd3")
+
+
+def test_karras_and_exponential_take_explicit_sigma_bounds():
+    ts = make_grid("karras", SCHED, 6, sigma_min=0.1, sigma_max=10.0)
+    sig = SCHED.sigma_ve(ts[:-1])
+    assert float(sig[0]) == pytest.approx(10.0, rel=1e-12) and float(sig[-1]) == pytest.approx(0.1, rel=1e-12)
+    ts = make_grid("exponential", SCHED, 6, sigma_min=0.5, final="t_min")
+    assert float(SCHED.sigma_ve(ts[-1])) == pytest.approx(0.5, rel=1e-12)
+    with pytest.raises(VelodiffError, match="sigma_max=100"):
+        make_grid("karras", SCHED, 6, sigma_max=100.0)
+
+
+# --- diffusers' scheduler classes ----------------------------------------------------------------------
+
+VE_CLASSES = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+              KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LMSDiscreteScheduler)  # fmt: skip
+
+
+def _run_diffusers(sched, steps: int, x_vp: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    """diffusers' loop on the oracle. The Euler family carries x / alpha and hands the network
+    scale_model_input(x) = alpha x: the call's sigma is read back from that scale, so every stage
+    (Heun's, KDPM2's interpolated one) is evaluated where diffusers means it."""
+    sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    ve = isinstance(sched, VE_CLASSES)
+    x = x_vp * float((sched.sigmas[0].double() ** 2 + 1) ** 0.5) if ve else x_vp.clone()
+    for i, k in enumerate(sched.timesteps):
+        if ve:
+            x_in = sched.scale_model_input(x, k)
+            sigma = ((x.norm() / x_in.norm()) ** 2 - 1).sqrt()
+            t = SCHED.t_from_sigma_ve(sigma.double())
+        else:
+            x_in = x
+            has_sigmas = getattr(sched, "sigmas", None) is not None
+            t = (
+                SCHED.t_from_sigma_ve(sched.sigmas[i].double())
+                if has_sigmas
+                else SCHED.t_from_timestep(float(k))
+            )
+        eps = eps_from_x0(SCHED, x_in, t, DEN(x_in, t))
+        kw = {"generator": gen} if gen is not None else {}
+        x = sched.step(eps, k, x, **kw).prev_sample
+    return x
+
+
+def _velodiff_of(sched, steps: int, x_vp: torch.Tensor, noise=None, typed: str | None = None):
+    r = from_diffusers(sched)
+    if typed is not None:  # the same mapping from the typed form
+        t = resolve_solver(typed)
+        assert (t.solver, t.grid, dict(t.grid_options), t.final) == (
+            r.solver,
+            r.grid,
+            dict(r.grid_options),
+            r.final,
+        )
+        assert dict(t.solver_options).items() <= {**SOLVERS[r.solver].defaults, **r.solver_options}.items()
+    ts = make_grid(r.grid, SCHED, steps, final=r.final or "zero", **r.grid_options)
+    return sample(DEN, x_vp, ts, r.solver, noise=noise, **r.solver_options), ts
+
+
+CASES = [
+    (DPMSolverMultistepScheduler, {}),
+    (DPMSolverMultistepScheduler, {"timestep_spacing": "leading", "steps_offset": 1}),
+    (DPMSolverMultistepScheduler, {"timestep_spacing": "trailing"}),
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}),
+    (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}),
+    (DPMSolverMultistepScheduler, {"solver_order": 3}),
+    (DPMSolverMultistepScheduler, {"solver_order": 3, "use_karras_sigmas": True}),
+    (DPMSolverMultistepScheduler, {"lower_order_final": False, "timestep_spacing": "trailing"}),
+    (DPMSolverMultistepScheduler, {"final_sigmas_type": "sigma_min"}),
+    (DPMSolverMultistepScheduler, {"solver_type": "heun", "use_karras_sigmas": True}),
+    (EulerDiscreteScheduler, {}),
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    (EulerDiscreteScheduler, {"timestep_spacing": "leading", "steps_offset": 1}),
+    (HeunDiscreteScheduler, {}),
+    (HeunDiscreteScheduler, {"use_karras_sigmas": True}),
+    (KDPM2DiscreteScheduler, {}),
+    (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
+    (LMSDiscreteScheduler, {"use_karras_sigmas": True}),
+    (UniPCMultistepScheduler, {}),
+    (UniPCMultistepScheduler, {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    (UniPCMultistepScheduler, {"solver_order": 3}),
+    (DEISMultistepScheduler, {}),
+    (DDIMScheduler, {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}),
+]
+
+
+def _typed(cls, flags) -> str:
+    return cls.__name__ + (":" + ",".join(f"{k}={v}" for k, v in flags.items()) if flags else "")
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+@pytest.mark.parametrize("cls, flags", CASES, ids=lambda c: c.__name__ if isinstance(c, type) else str(c))
+def test_diffusers_class_with_flags(cls, flags, steps):
+    sched = cls(**SD, **flags)
+    ref = _run_diffusers(sched, steps, X)
+    res, ts = _velodiff_of(sched, steps, X, typed=_typed(cls, flags))
+    err = float((ref - res.x).abs().max())
+    assert err < TOL_DIFFUSERS, f"{_typed(cls, flags)}: max |diffusers - velodiff| = {err:.3g}"
+
+
+@pytest.mark.parametrize("cls", [EulerAncestralDiscreteScheduler, KDPM2AncestralDiscreteScheduler])
+def test_diffusers_ancestral_same_noise(cls):
+    """diffusers draws one randn per step from its generator (randn_tensor, CPU, the sample's dtype)."""
+    sched = cls(**SD)
+    ref = _run_diffusers(sched, 8, X, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    z = [torch.randn(X.shape, generator=gen, dtype=X.dtype) for _ in range(8)]
+    res, _ = _velodiff_of(sched, 8, X, noise=lambda i: z[i])
+    err = float((ref - res.x).abs().max())
+    assert err < TOL_DIFFUSERS, f"{cls.__name__}: max |diffusers - velodiff| = {err:.3g}"
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_diffusers_sde_dpmsolver_same_noise(solver_type):
+    # (default spacing: with Karras' float32 sigmas diffusers' noise terms differ from velodiff's by ~5e-5)
+    sched = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", solver_type=solver_type)
+    sched.set_timesteps(8)
+    z = starting_noise(SHAPE, 32, seed=9).reshape(8, 4, *SHAPE)
+    x = X.clone()
+    for i, k in enumerate(sched.timesteps):
+        t = SCHED.t_from_sigma_ve(sched.sigmas[i].double())
+        x = sched.step(eps_from_x0(SCHED, x, t, DEN(x, t)), k, x, variance_noise=z[i]).prev_sample
+    typed = _typed(type(sched), {"algorithm_type": "sde-dpmsolver++", "solver_type": solver_type})
+    res, _ = _velodiff_of(sched, 8, X, noise=lambda i: z[i], typed=typed)
+    err = float((x - res.x).abs().max())
+    assert err < TOL_DIFFUSERS, err
+
+
+def test_diffusers_ddpm_same_noise():
+    sched = DDPMScheduler(**SD, clip_sample=False, steps_offset=1)
+    sched.set_timesteps(10)
+    gen, gen_copy = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x = X.clone()
+    for k in sched.timesteps:
+        t = SCHED.t_from_timestep(float(k))
+        x = sched.step(eps_from_x0(SCHED, x, t, DEN(x, t)), k, x, generator=gen).prev_sample
+    z = [torch.randn(X.shape, generator=gen_copy, dtype=X.dtype) for _ in range(10)]
+    res, _ = _velodiff_of(sched, 10, X, noise=lambda i: z[i], typed="DDPMScheduler")
+    assert float((x - res.x).abs().max()) < TOL_DIFFUSERS
+
+
+def test_diffusers_flow_match_euler():
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(8)
+    # diffusers shifts its smallest sigma twice (tests/test_parity_basic.py): the schedule takes it as t_min
+    flow = RectifiedFlow(shift=3.0, t_min=sched.sigma_min)
+    den = MixtureDenoiser(MIX, flow)
+    x = X.clone()
+    for k in sched.timesteps:
+        t = float(k) / 1000.0
+        x = sched.step((x - den(x, t)) / t, k, x).prev_sample
+    r = from_diffusers(sched)
+    assert (r.solver, r.grid) == ("euler", "flow-shifted")
+    res = sample(den, X, make_grid(r.grid, flow, 8, final=r.final), r.solver)
+    assert float((x - res.x).abs().max()) < TOL_DIFFUSERS
+    with pytest.raises(VelodiffError, match="use_karras_sigmas"):
+        from_diffusers(FlowMatchEulerDiscreteScheduler(shift=3.0, use_karras_sigmas=True))
+
+
+def test_a1111_ddim_is_diffusers_sd_ddim():
+    sched = DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    ref = _run_diffusers(sched, 10, X)  # 1000 / 10 steps: A1111's ddim_uniform = diffusers' leading + 1
+    alias = find("DDIM", SAMPLER)
+    ts = make_grid(alias.grid, SCHED, 10, final=alias.final)
+    err = float((ref - sample(DEN, X, ts, "DDIM").x).abs().max())
+    assert err < TOL_DIFFUSERS, err
+
+
+def test_diffusers_object_flags_refused_when_not_reproducible():
+    with pytest.raises(VelodiffError, match="algorithm_type='dpmsolver'.*no velodiff solver"):
+        from_diffusers(
+            DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+        )
+    with pytest.raises(VelodiffError, match="use_beta_sigmas"):
+        from_diffusers(EulerDiscreteScheduler(**SD, use_beta_sigmas=True))
+    with pytest.raises(VelodiffError, match="no velodiff mapping yet"):
+        from_diffusers("PNDMScheduler")

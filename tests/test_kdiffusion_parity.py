@@ -1,0 +1,163 @@
+"""k-diffusion's samplers and velodiff's, step for step, to float64 round-off.
+
+k-diffusion (MIT) is the reference where diffusers has no scheduler (dpm_2 churn, DPM++ 2S ancestral,
+DPM++ SDE, DPM fast / adaptive) and where ComfyUI and A1111 call it directly. Only its ``sampling``
+module is loaded (its package ``__init__`` imports training dependencies: jsonmerge, torchvision,
+...), with the one helper of ``utils`` it uses; the tests are skipped where k-diffusion is not
+installed (``pip install --no-deps k-diffusion``).
+
+Set-up: the exact x0-denoiser of a Gaussian mixture (``velodiff.oracle``), float64. k-diffusion's model
+is D(x~; sigma) in x~ = x / alpha: on the EDM schedule (alpha = 1, t = sigma) that is the oracle
+itself; on Stable Diffusion's discrete schedule it is the oracle at t = t_from_sigma_ve(sigma) applied
+to alpha(t) x~, and the comparison is of x~. Both sides get the same grid (sigma = sigma_ve(ts)) and,
+where they draw noise, the same noise in the same order (k-diffusion's noise_sampler calls and its
+torch.randn_like calls are replayed to velodiff's noise source).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdiffusion import load_k_sampling
+from velodiff import EDM, DiscreteVP, make_grid, sample
+from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
+from velodiff.schedules import F64
+
+K = load_k_sampling()
+pytestmark = pytest.mark.skipif(K is None, reason="k-diffusion is not installed")
+
+SHAPE = (2, 6)
+MIX = GaussianMixture.random(SHAPE, components=3, seed=1)
+X = starting_noise(SHAPE, 4, seed=3)
+TOL = 1e-9
+SCHEDS = {"edm": EDM(), "sd": DiscreteVP.scaled_linear()}
+
+
+class Setup:
+    def __init__(self, name: str, grid: str = "karras", steps: int = 8, final: str = "zero") -> None:
+        self.sched = SCHEDS[name]
+        self.den = MixtureDenoiser(MIX, self.sched)
+        self.ts = make_grid(grid, self.sched, steps, final=final)
+        self.sigmas = torch.where(self.ts > 0, self.sched.sigma_ve(self.ts), torch.zeros_like(self.ts))
+        a0 = float(self.sched.alpha(self.ts[0]))
+        self.x = X * (a0**2 + float(self.sched.sigma(self.ts[0])) ** 2) ** 0.5  # x at ts[0]
+        self.x_ve = self.x / a0
+        self.calls = 0
+
+    def model(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        s = sigma.reshape(-1)[0].to(F64)
+        t = self.sched.t_from_sigma_ve(s)
+        return self.den(float(self.sched.alpha(t)) * x, t)
+
+    def velodiff_ve(self, result) -> torch.Tensor:
+        a = float(self.sched.alpha(self.ts[-1]))
+        return result.x / a
+
+
+class Replay:
+    """One noise sequence for both sides: the k-th draw of either is z[k]."""
+
+    def __init__(self, n: int, seed: int = 7) -> None:
+        self.z = starting_noise(SHAPE, 4 * n, seed=seed).reshape(n, 4, *SHAPE)
+        self.k = 0
+
+    def _next(self) -> torch.Tensor:
+        self.k += 1
+        return self.z[self.k - 1]
+
+    def sampler(self, *_: object) -> torch.Tensor:  # k-diffusion's noise_sampler(sigma, sigma_next)
+        return self._next()
+
+    def __call__(self, i: int) -> torch.Tensor:  # velodiff's noise(i)
+        return self._next()
+
+    def between(self, t_from: float, t_to: float) -> torch.Tensor:  # velodiff's interval increments
+        return self._next()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
+    err = float((a - b).abs().max())
+    assert err < tol * max(1.0, float(b.abs().max())), f"max |k-diffusion - velodiff| = {err:.3g}"
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+@pytest.mark.parametrize(
+    "name, solver",
+    [("sample_euler", "euler"), ("sample_heun", "heun"), ("sample_dpm_2", "dpm_2"), ("sample_lms", "lms"),
+     ("sample_dpmpp_2m", "dpmpp_2m")],
+)  # fmt: skip
+def test_deterministic(sched, name, solver):
+    s = Setup(sched)
+    ref = getattr(K, name)(s.model, s.x_ve.clone(), s.sigmas, disable=True)
+    opts = {"lower_order_final": False} if solver == "dpmpp_2m" else {}
+    res = sample(s.den, s.x, s.ts, solver, **opts)
+    _close(ref, s.velodiff_ve(res), 1e-6 if solver == "lms" else TOL)  # lms: scipy quad, epsrel 1e-4
+    assert res.nfe == s.calls
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+@pytest.mark.parametrize(
+    "name, solver", [("sample_euler", "euler"), ("sample_heun", "heun"), ("sample_dpm_2", "dpm_2")]
+)
+def test_churn(sched, name, solver):
+    """EDM churn: k-diffusion draws randn_like(x) every step; velodiff draws where gamma > 0."""
+    s = Setup(sched, steps=10)
+    sig = s.sigmas
+    kw = dict(s_churn=2.0, s_tmin=0.1, s_tmax=float(sig[1]) * 1.01, s_noise=1.003)  # not the top step
+    torch.manual_seed(4)
+    ref = getattr(K, name)(s.model, s.x_ve.clone(), sig, disable=True, **kw)
+    torch.manual_seed(4)
+    z = [torch.randn_like(s.x_ve) for _ in range(10)]
+    res = sample(s.den, s.x, s.ts, solver, noise=lambda i: z[i], **kw)
+    _close(ref, s.velodiff_ve(res))
+    assert res.nfe == s.calls
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+@pytest.mark.parametrize(
+    "name, solver",
+    [("sample_euler_ancestral", "euler_ancestral"), ("sample_dpm_2_ancestral", "dpm_2_ancestral"),
+     ("sample_dpmpp_2s_ancestral", "dpmpp_2s_ancestral"), ("sample_dpmpp_sde", "dpmpp_sde"),
+     ("sample_dpmpp_2m_sde", "sde_dpmpp_2m"), ("sample_dpmpp_3m_sde", "sde_dpmpp_3m")],
+)  # fmt: skip
+def test_stochastic_same_noise(sched, eta, name, solver):
+    s = Setup(sched)
+    a, b = Replay(40), Replay(40)
+    ref = getattr(K, name)(
+        s.model, s.x_ve.clone(), s.sigmas, disable=True, eta=eta, s_noise=0.97, noise_sampler=a.sampler
+    )
+    opts = {"lower_order_final": False} if solver == "sde_dpmpp_2m" else {}
+    if solver == "sde_dpmpp_3m":
+        opts = {"variant": "k-diffusion"}
+    res = sample(s.den, s.x, s.ts, solver, noise=b, eta=eta, s_noise=0.97, **opts)
+    _close(ref, s.velodiff_ve(res))
+    assert a.k == b.k and res.nfe == s.calls
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+@pytest.mark.parametrize("nfe", [4, 6, 8, 10, 11])
+def test_dpm_fast(sched, nfe):
+    s = Setup(sched, grid="logsnr", steps=nfe // 3 + 1, final="t_min")
+    torch.set_default_dtype(F64)  # k-diffusion builds its grid with torch.linspace of the default dtype
+    try:
+        ref = K.sample_dpm_fast(s.model, s.x_ve.clone(), s.sigmas[-1], s.sigmas[0], nfe, disable=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    res = sample(s.den, s.x, s.ts, "dpm_fast", nfe=nfe)
+    _close(ref, s.velodiff_ve(res), 1e-8)
+    assert res.nfe == s.calls == nfe
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_adaptive(sched, order):
+    s = Setup(sched, grid="logsnr", steps=1, final="t_min")
+    ref, info = K.sample_dpm_adaptive(
+        s.model, s.x_ve.clone(), s.sigmas[-1], s.sigmas[0], order=order, disable=True, return_info=True
+    )
+    res = sample(s.den, s.x, s.ts, "dpm_adaptive", order=order)
+    _close(ref, s.velodiff_ve(res), 1e-8)
+    assert res.nfe == s.calls == info["nfe"]
