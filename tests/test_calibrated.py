@@ -167,24 +167,8 @@ def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, ca
         text2img(model, "a red circle", nfe=4, guidance=2.5, grid="calibrated", solver="unipc")
     with pytest.raises(VelodiffError, match="velodiff calibrate solver --model"):
         text2img(model, "a red circle", nfe=4, guidance=2.5, solver="dpm_solver_v3")
-    args = [
-        "calibrate",
-        "solver",
-        "--nfe",
-        "4",
-        "--guidance",
-        "2.5",
-        "--methods",
-        "grid,dpm_solver_v3",
-        "--solvers",
-        "unipc",
-        "--limit",
-        "2",
-        "--max-runs",
-        "2",
-        "--reference-steps",
-        "40",
-    ]
+    args = "calibrate solver --nfe 4 --guidance 2.5 --methods grid,dpm_solver_v3 --solvers unipc".split()
+    args += "--limit 2 --max-runs 2 --reference-steps 40".split()
     try:
         main(args)
     except SystemExit as e:
@@ -212,8 +196,8 @@ def test_a_killed_calibration_writes_nothing_and_keeps_the_last_artefact(tmp_pat
     from velodiff.cli import main
 
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
-    args = ["calibrate", "solver", "--nfe", "3", "--guidance", "2.5", "--methods", "grid", "--solvers",
-            "ddim", "--limit", "2", "--max-runs", "1", "--reference-steps", "20"]
+    args = "calibrate solver --nfe 3 --guidance 2.5 --methods grid --solvers ddim --limit 2".split()
+    args += "--max-runs 1 --reference-steps 20".split()
 
     def run() -> None:
         try:
@@ -238,3 +222,21 @@ def test_a_killed_calibration_writes_nothing_and_keeps_the_last_artefact(tmp_pat
     run()
     assert json.loads(path.read_text())["entries"][0]["solver"] == "ddim"
     capsys.readouterr()
+
+
+def test_a_grid_suffix_keeps_each_steps_fitted_options():
+    """img2img and inpainting run the grid from a later step: the per-step options a calibration fitted
+    move with their steps."""
+    from velodiff.pipelines.common import Setup
+
+    setup = Setup(
+        None,
+        torch.linspace(1, 0, 5),
+        4,
+        2.5,
+        None,
+        {"dc_ratios": (1.0, 0.9, 1.1, 1.0), "orders": (1, 2, 3, 2), "disable_corrector": (0, 2), "x": 1},
+    )
+    tail = setup.from_step(2)
+    assert tail.ts.tolist() == [0.5, 0.25, 0.0]
+    assert tail.options == {"dc_ratios": (1.1, 1.0), "orders": (3, 2), "disable_corrector": (0,), "x": 1}

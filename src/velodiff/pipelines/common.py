@@ -166,6 +166,10 @@ class Sampling:
         return opts
 
 
+#: solver options that hold one value per step (index = step of the grid)
+PER_STEP_OPTIONS = ("dc_ratios", "orders", "disable_corrector")
+
+
 @dataclass
 class Setup:
     """What a run samples with: the solver, the grid, the guidance scale and the resolved plan."""
@@ -177,6 +181,21 @@ class Setup:
     plan: Plan
     #: the solver options of the run (the call's, over what a calibration fitted)
     options: dict[str, Any] = field(default_factory=dict)
+
+    def from_step(self, start: int) -> Setup:
+        """The run from step ``start`` of the grid on (img2img, inpainting): the grid's suffix, with the
+        per-step solver options (a calibration's ``dc_ratios``, ``orders``, ``disable_corrector``)
+        shifted so each remaining step keeps its own."""
+        opts = dict(self.options)
+        for key in set(PER_STEP_OPTIONS) & set(opts):
+            values = tuple(opts[key])
+            # disable_corrector lists step indices; the others hold one value per step
+            opts[key] = (
+                tuple(i - start for i in values if i >= start)
+                if key == "disable_corrector"
+                else values[start:]
+            )
+        return replace(self, ts=self.ts[start:], options=opts)
 
 
 def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) -> Setup:
@@ -338,10 +357,18 @@ def run(
         "guidance": setup.guidance,
     }
     return sample(
-        model.denoiser, x, ts, setup.solver, cond=cond, seed=seeds[0], noise=noise,
-        callback=opts.callback if callback is None else callback, plan=setup.plan.without_settings(),
+        model.denoiser,
+        x,
+        ts,
+        setup.solver,
+        cond=cond,
+        seed=seeds[0],
+        noise=noise,
+        callback=opts.callback if callback is None else callback,
+        plan=setup.plan.without_settings(),
         context=context,
-        grad=opts.grad, **setup.options,
+        grad=opts.grad,
+        **setup.options,
     )
 
 

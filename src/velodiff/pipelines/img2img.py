@@ -92,7 +92,8 @@ def img2img(
     z0, h, w = init_image_latents(model, image, len(ps), height, width, image_latents)
     shape = model.latent_shape(len(ps), h, w)
     setup = make_setup(model, opts, size=(h, w))
-    ts = setup.ts[start_index(setup.steps, s) :]
+    setup = setup.from_step(start_index(setup.steps, s))
+    ts = setup.ts
     if len(ts) < 2:  # strength 0 (or too small for one step): the image back through the VAE
         res = SampleResult(z0.clone(), 0, 0, 0)
         return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)

@@ -88,7 +88,8 @@ def inpaint(
     z0 = image_latents.to(model.device, torch.float32) if image_latents is not None else model.encode(img)
     z0 = z0.expand(b, *z0.shape[1:]) if z0.shape[0] == 1 else z0
     setup = make_setup(model, opts, size=(h, w))
-    ts = setup.ts[start_index(setup.steps, s) :]
+    setup = setup.from_step(start_index(setup.steps, s))
+    ts = setup.ts
     if len(ts) < 2:
         res = SampleResult(z0.clone(), 0, 0, 0)
         return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, strength=s)
