@@ -91,9 +91,9 @@ def calibrate_solver(
     prompts: str = typer.Option(
         "world", "--prompts", help="world (shapes-world captions in no eval set), a prompt set or a file"
     ),
-    limit: int = typer.Option(16, "--limit", min=2, help="calibration images (one per prompt)"),
+    limit: int = typer.Option(12, "--limit", min=2, help="calibration images (one per prompt)"),
     seed: int = typer.Option(1000, "--seed", help="seed of the first image"),
-    max_runs: int = typer.Option(30, "--max-runs", min=1, help="runs of each grid descent"),
+    max_runs: int = typer.Option(24, "--max-runs", min=1, help="runs of each grid descent"),
     reference_steps: int = typer.Option(200, "--reference-steps", min=10, help="steps of the reference"),
     out: Path | None = typer.Option(None, "--out", help="write the artefact here instead of the cache"),
     threads: o.Threads = None,

@@ -28,6 +28,7 @@ the step, so it lowers the error constant (about 2x) without raising the order.
 The integrals are tabulated on a fine log-SNR grid and interpolated linearly at the step times, so any
 grid works; the final jump to t = 0 returns x0. Options: ``ems`` (the statistics, required), ``order``
 (2), ``predictor_pseudo`` (False), ``use_corrector`` (True), ``corrector_pseudo`` (True),
+``half`` (False: True corrects only while t > t_max / 2, the authors' option for guided sampling),
 ``lower_order_final`` (True).
 """
 
@@ -186,14 +187,13 @@ def dpm_solver_v3_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple
     f = ((1 - l_i) * x) / a_i - x0  # (N - l x) / alpha with N = x - alpha x0
     pts, p_prev = state if state is not None else ([], 0)
     pts = [(lam, a_i, x, f), *pts]  # newest first
-    if opts["use_corrector"] and p_prev > 0 and ctx.exact(i):
+    correct = opts["use_corrector"] and not (opts["half"] and ctx.t(i) <= 0.5 * ctx.schedule.t_max)
+    if correct and p_prev > 0 and ctx.exact(i):
         pseudo = bool(opts["corrector_pseudo"])
         c_order = p_prev + int(pseudo)
         if c_order > 1:  # x_i again from the previous point, the new evaluation as its first extra point
-            x_new = _update(ems, [pts[1], pts[0], *pts[2:]], a_i, lam, c_order, pseudo)
-            n_old = a_i * f + l_i * x  # keep N - l x: the stored output moves with the corrected x
-            x, f = x_new, (n_old - l_i * x_new) / a_i
-            pts[0] = (lam, a_i, x, f)
+            x = _update(ems, [pts[1], pts[0], *pts[2:]], a_i, lam, c_order, pseudo)
+            pts[0] = (lam, a_i, x, f)  # N - l x = alpha f is kept: the stored output moves with x
     pts = pts[: int(opts["order"]) + 1]
     p = lower_order_final(ctx, i, min(len(pts), int(opts["order"])))
     x_next = _update(ems, pts, ctx.a(i + 1), ctx.lam(i + 1), p, bool(opts["predictor_pseudo"]))
@@ -211,6 +211,7 @@ DPM_SOLVER_V3 = SolverSpec(
         "predictor_pseudo": False,
         "use_corrector": True,
         "corrector_pseudo": True,
+        "half": False,
         "lower_order_final": True,
     },
     description="DPM-Solver-v3 (Zheng et al. 2023): multistep predictor-corrector on empirical model "
