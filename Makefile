@@ -8,7 +8,7 @@ $(BIN)/velodiff: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,ray,quant,peers]"
+	$(BIN)/pip install -q -e ".[dev,ray,quant,peers,serve]"
 	touch $(BIN)/velodiff
 
 install: $(BIN)/velodiff
