@@ -30,7 +30,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {
-    "batched": ["--max-batch", "8", "--batch-wait", "0.05"],
+    "batched": ["--max-batch", "8", "--batch-wait", "0.2"],
     "one-by-one": ["--max-batch", "1", "--batch-wait", "0"],
 }
 

@@ -26,8 +26,12 @@ def serve(
         int, typer.Option(min=1, help="images per batched network call (1: no batching)")
     ] = 8,
     batch_wait: Annotated[
-        float, typer.Option(min=0, help="seconds to wait for compatible jobs to batch")
-    ] = 0.05,
+        float,
+        typer.Option(
+            min=0,
+            help="most seconds to wait for compatible jobs to batch (a lone job waits a quarter of it)",
+        ),
+    ] = 0.2,
     max_n: Annotated[int, typer.Option(min=1, help="most images one request may ask for")] = 8,
     timeout: Annotated[
         float, typer.Option(min=0, help="a job's run-time limit in seconds (0: none)")

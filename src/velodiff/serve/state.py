@@ -24,7 +24,7 @@ class ServeConfig:
     db: Path = Path("velodiff-jobs.sqlite")
     max_queue: int = 64
     max_batch: int = 8
-    batch_wait: float = 0.05
+    batch_wait: float = 0.2
     max_n: int = 8
     timeout_s: float | None = 600.0
     device: str | None = None

@@ -2,7 +2,8 @@
 
 Batching: when a job is waiting, the worker waits up to ``batch_wait`` seconds for more queued jobs with
 the same batch key (same model, size, steps, solver, grid, guidance, negative prompt and plan), until
-their images reach ``max_batch``; then it claims them and runs one pipeline call. Jobs that arrive while
+their images reach ``max_batch`` or none came for a quarter of ``batch_wait``; then it claims them and
+runs one pipeline call. Jobs that arrive while
 a batch runs are claimed together right after it, so under load batches fill without any wait.
 
 Per step it publishes progress (and a preview of the predicted image to jobs that asked for one), and
@@ -40,7 +41,7 @@ class Worker:
         broker: Broker,
         *,
         max_batch: int = 8,
-        batch_wait: float = 0.05,
+        batch_wait: float = 0.2,
         timeout_s: float | None = None,
     ) -> None:
         self.store, self.engine, self.broker = store, engine, broker
@@ -80,13 +81,7 @@ class Worker:
                 with self.store.changed:
                     self.store.changed.wait(0.5)
                 continue
-            deadline = time.monotonic() + self.batch_wait
-            while self.store.queued_images(first.batch_key) < self.max_batch and not self._stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                with self.store.changed:
-                    self.store.changed.wait(left)
+            self._gather(first.batch_key)
             jobs = self.store.claim(self.max_batch)
             if jobs:
                 try:
@@ -95,6 +90,23 @@ class Worker:
                     log.exception("batch failed")
                     for j in jobs:
                         self._fail(j, f"internal error: {type(e).__name__}: {e}")
+
+    def _gather(self, key: str) -> None:
+        """Wait for compatible jobs: until their images fill ``max_batch``, no new one came for a
+        quarter of ``batch_wait`` (a lone request waits only that), or ``batch_wait`` is over."""
+        now = time.monotonic()
+        deadline, quiet = now + self.batch_wait, self.batch_wait / 4
+        have, last = self.store.queued_images(key), now
+        while have < self.max_batch and not self._stop.is_set():
+            now = time.monotonic()
+            left = min(deadline, last + quiet) - now
+            if left <= 0:
+                return
+            with self.store.changed:
+                self.store.changed.wait(left)
+            more = self.store.queued_images(key)
+            if more > have:
+                have, last = more, time.monotonic()
 
     def _fail(self, job: Job, message: str) -> None:
         if self.store.finish(job.id, "failed", message):
