@@ -51,7 +51,7 @@ def running_server(tmp: Path, **config: Any):
     srv = Server(cfg, engine=engine())
     app = create_app(cfg, server=srv)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
     )
     t = threading.Thread(target=server.run, daemon=True)
     t.start()

@@ -74,6 +74,8 @@ class Engine:
         self.max_pixels = max_pixels
         self._models: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        #: held by whatever runs a network (the worker's batches, a stream's frames): one at a time
+        self.run_lock = threading.Lock()
 
     # --- models -----------------------------------------------------------------------------------
 
@@ -197,20 +199,21 @@ class Engine:
         def callback(info: Any) -> bool | None:
             return None if on_step is None else on_step(info.i, steps, info.x0)
 
-        res = text2img(
-            m,
-            prompts,
-            seeds=seeds,
-            height=p["height"],
-            width=p["width"],
-            steps=steps,
-            solver=p["solver"],
-            grid=p["grid"],
-            guidance=p["guidance"],
-            negative=p["negative"],
-            plan=p["plan"] or None,
-            callback=callback,
-        )
+        with self.run_lock:
+            res = text2img(
+                m,
+                prompts,
+                seeds=seeds,
+                height=p["height"],
+                width=p["width"],
+                steps=steps,
+                solver=p["solver"],
+                grid=p["grid"],
+                guidance=p["guidance"],
+                negative=p["negative"],
+                plan=p["plan"] or None,
+                callback=callback,
+            )
         out, i = [], 0
         for j in jobs:
             out.append(list(res.images[i : i + j.params["n"]]))
