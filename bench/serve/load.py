@@ -41,9 +41,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], db: Path) -> tuple[subprocess.Popen, str]:
+def start(args: list[str], db: Path, device: str, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     cmd = [
         sys.executable,
         "-m",
@@ -54,7 +55,9 @@ def start(args: list[str], db: Path) -> tuple[subprocess.Popen, str]:
         "--db",
         str(db),
         "--threads",
-        "1",
+        str(threads),
+        "--device",
+        device,
         "--max-queue",
         "256",
         *args,
@@ -86,9 +89,9 @@ def one(url: str, i: int, steps: int | None) -> float:
     return time.perf_counter() - t
 
 
-def run(args: list[str], requests: int, clients: int, steps: int | None) -> dict:
+def run(args: list[str], requests: int, clients: int, steps: int | None, device: str, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start(args, Path(tmp) / "jobs.sqlite")
+        proc, url = start(args, Path(tmp) / "jobs.sqlite", device, threads)
         try:
             one(url, 10_000, steps)  # warm-up
             t = time.perf_counter()
@@ -116,12 +119,14 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default: the model's, 20)")
+    ap.add_argument("--device", default="cpu", help="the server's device (cpu, cuda)")
+    ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("load.json"))
     a = ap.parse_args()
     rounds: dict[str, list[dict]] = {k: [] for k in VARIANTS}
     for r in range(a.rounds):
         for name, args in VARIANTS.items():
-            res = run(args, a.requests, a.clients, a.steps)
+            res = run(args, a.requests, a.clients, a.steps, a.device, a.threads)
             rounds[name].append(res)
             print(
                 f"round {r + 1} {name}: {res['completed']} images in {res['wall_s']:.2f} s, "
