@@ -80,7 +80,7 @@ def wait_up(url: str, timeout: float = 120, proc: subprocess.Popen | None = None
 
 @contextmanager
 def server_process(db: Path, port: int, *args: str):
-    """``velodiff serve`` as a subprocess (the real command); killed with SIGKILL on exit."""
+    """``velodiff serve`` as a subprocess (the real command); stopped with SIGTERM on exit."""
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [
@@ -101,8 +101,12 @@ def server_process(db: Path, port: int, *args: str):
         wait_up(f"http://127.0.0.1:{port}", proc=proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        if proc.poll() is None:  # a clean stop (a Ray cluster it started goes down with it), else SIGKILL
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         if proc.stderr is not None:
             proc.stderr.close()

@@ -38,6 +38,15 @@ def serve(
     ] = 600.0,
     device: o.Device = None,
     threads: o.Threads = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="local|ADDRESS",
+            help="run as a Ray Serve deployment: 'local' starts a cluster here, HOST:PORT joins one "
+            "(pip install 'ray[serve]')",
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Ray Serve replicas (one model each)")] = 2,
 ) -> None:
     """Serve the model over HTTP: velodiff's jobs API (/api, docs at /docs), OpenAI's images API (/v1),
     ComfyUI's API (/prompt, /ws) and a web page (/)."""
@@ -69,6 +78,15 @@ def serve(
         device=device,
         threads=threads,
     )
+    if ray is not None:
+        try:
+            from ray import serve as _  # noqa: F401 (the parameter `ray` keeps its value)
+        except ImportError:
+            raise VelodiffError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
+        from ..serve.ray_serve import serve_with_ray
+
+        serve_with_ray(config, ray, replicas)
+        return
     typer.echo(
         f"velodiff serve: {config.model} on http://{host}:{port}/ (docs /docs, jobs in {db})", err=True
     )

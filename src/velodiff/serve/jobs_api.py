@@ -59,6 +59,7 @@ def job_json(job: Job, srv: Server) -> dict[str, Any]:
         "finished": job.finished,
         "attempts": job.attempts,
         "completions": job.completions,
+        "runner": job.runner,
         "error": job.error,
         "images": [f"/api/jobs/{job.id}/images/{i}.png" for i in range(len(job.filenames))],
         "filenames": job.filenames,
@@ -142,10 +143,13 @@ async def events(job_id: str, request: Request) -> StreamingResponse:
                 return
             while True:
                 try:
-                    ev = await asyncio.wait_for(q.get(), 15)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
+                    ev = await asyncio.wait_for(q.get(), 1.0)
+                except asyncio.TimeoutError:  # another process may run it (Ray Serve replicas)
+                    job = await get_job(srv, job_id)
+                    if job.state not in FINAL_EVENTS:
+                        yield ": keep-alive\n\n"
+                        continue
+                    ev = {"type": job.state, "job": job_id}
                 if ev["type"] in FINAL_EVENTS:
                     job = await get_job(srv, job_id)
                     ev = {**ev, **job_json(job, srv), "type": ev["type"]}

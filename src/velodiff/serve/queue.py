@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   finished REAL,
   attempts INTEGER NOT NULL DEFAULT 0,
   completions INTEGER NOT NULL DEFAULT 0,
-  error TEXT
+  error TEXT,
+  runner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS images (
@@ -79,6 +80,7 @@ class Job:
     attempts: int
     completions: int
     error: str | None
+    runner: str | None = None
     filenames: list[str] = field(default_factory=list)
 
     @classmethod
@@ -175,7 +177,7 @@ class JobStore:
             lambda db: db.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE state = 'running'")
         ).rowcount
 
-    def claim(self, max_images: int) -> list[Job]:
+    def claim(self, max_images: int, runner: str | None = None) -> list[Job]:
         """Take the oldest queued job and, behind it, the queued jobs with the same batch key while their
         images fit in ``max_images`` (the first job is taken whatever its size); mark them running."""
 
@@ -197,8 +199,9 @@ class JobStore:
                 total += row["images"]
             now = time.time()
             db.executemany(
-                "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 WHERE id = ?",
-                [(now, i) for i in ids],
+                "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, runner = ? "
+                "WHERE id = ?",
+                [(now, runner, i) for i in ids],
             )
             return ids
 
@@ -294,6 +297,15 @@ class JobStore:
                 (batch_key,),
             ).fetchone()
             return int(row[0])
+
+    def not_running(self, ids: list[str]) -> set[str]:
+        """Those of ``ids`` that are no longer running (cancelled by any process sharing the store)."""
+        if not ids:
+            return set()
+        marks = ", ".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(f"SELECT id FROM jobs WHERE id IN ({marks}) AND state != 'running'", ids)
+            return {r[0] for r in rows}
 
     def oldest_queued(self) -> Job | None:
         with self._lock:

@@ -15,6 +15,9 @@ from .events import FINAL_EVENTS, Broker
 from .queue import Job, JobStore
 from .worker import Worker
 
+#: seconds between looks at the store while waiting for a job another process may run
+POLL = 0.25
+
 
 @dataclass
 class ServeConfig:
@@ -29,6 +32,9 @@ class ServeConfig:
     timeout_s: float | None = 600.0
     device: str | None = None
     threads: int | None = None
+    #: put the jobs a killed server left running back in the queue at start (off for Ray Serve replicas:
+    #: the driver recovers once, before any replica runs)
+    recover: bool = True
 
 
 class Server:
@@ -51,7 +57,8 @@ class Server:
 
     def start(self) -> None:
         self.engine.model(None)  # load the served model once, before the first request
-        self.recovered = self.store.recover()
+        if self.config.recover:
+            self.recovered = self.store.recover()
         self.worker.start()
 
     def stop(self) -> None:
@@ -69,14 +76,21 @@ class Server:
         return await run_in_threadpool(self.submit_sync, req, meta)
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """The job once it is done, failed or cancelled."""
+        """The job once it is done, failed or cancelled: on this process's event, or seen in the store
+        (polled every ``POLL`` seconds: another process sharing the store, e.g. a Ray Serve replica,
+        may run it)."""
         q = self.broker.subscribe(job_id)
         try:
 
             async def until_final() -> None:
-                job = await run_in_threadpool(self.store.get, job_id)
-                while job is not None and job.state not in FINAL_EVENTS:
-                    ev = await q.get()
+                while True:
+                    job = await run_in_threadpool(self.store.get, job_id)
+                    if job is None or job.state in FINAL_EVENTS:
+                        return
+                    try:
+                        ev = await asyncio.wait_for(q.get(), POLL)
+                    except asyncio.TimeoutError:
+                        continue
                     if ev["type"] in FINAL_EVENTS:
                         return
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import socket
 import threading
 import time
 from typing import Any
@@ -25,6 +27,9 @@ from .events import Broker
 from .queue import Job, JobStore
 
 log = logging.getLogger("velodiff.serve")
+
+#: who runs a job (stored with it): this process, e.g. one of several Ray Serve replicas
+RUNNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def filenames(job: Job) -> list[str]:
@@ -82,7 +87,7 @@ class Worker:
                     self.store.changed.wait(0.5)
                 continue
             self._gather(first.batch_key)
-            jobs = self.store.claim(self.max_batch)
+            jobs = self.store.claim(self.max_batch, RUNNER)
             if jobs:
                 try:
                     self._run(jobs)
@@ -128,9 +133,10 @@ class Worker:
 
         def on_step(i: int, steps: int, x0: Any) -> bool | None:
             now = time.monotonic()
+            gone = self.store.not_running(list(alive))  # cancelled here or by another process
             for jid, j in list(alive.items()):
                 timeout = j.timeout_s or self.timeout_s
-                if jid in self._cancelled:
+                if jid in self._cancelled or jid in gone:
                     del alive[jid]
                 elif timeout and now - starts[jid] > timeout:
                     del alive[jid]
