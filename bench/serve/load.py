@@ -8,7 +8,10 @@ seeds, b64_json). Reported per variant: wall time, throughput (images per second
 (submission to answer, per request), and the batch sizes the worker ran. Variants alternate round by
 round (--rounds); the README quotes the medians.
 
-    python bench/serve/load.py --rounds 3 --out bench/serve/load.json
+    python bench/serve/load.py --rounds 3 --ray --out bench/serve/load.json
+
+``--ray`` adds a third variant: ``--ray local --replicas 2`` (two Ray Serve replicas, each batching, over
+the shared job store).
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def run(args: list[str], requests: int, clients: int, steps: int | None, device:
             batches = httpx.get(f"{url}/api/health").json()["batches"][1:]
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            proc.wait(timeout=120)
     q = statistics.quantiles(lat, n=100)
     return {
         "wall_s": wall,
@@ -121,17 +124,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default: the model's, 20)")
     ap.add_argument("--device", default="cpu", help="the server's device (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    ap.add_argument("--ray", action="store_true", help="also a local Ray Serve cluster of 2 replicas")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("load.json"))
     a = ap.parse_args()
-    rounds: dict[str, list[dict]] = {k: [] for k in VARIANTS}
+    variants = dict(VARIANTS)
+    if a.ray:
+        variants["ray 2 replicas, batched"] = ["--ray", "local", "--replicas", "2", *VARIANTS["batched"]]
+    rounds: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(a.rounds):
-        for name, args in VARIANTS.items():
+        for name, args in variants.items():
             res = run(args, a.requests, a.clients, a.steps, a.device, a.threads)
             rounds[name].append(res)
             print(
                 f"round {r + 1} {name}: {res['completed']} images in {res['wall_s']:.2f} s, "
                 f"{res['images_per_s']:.2f} img/s, p50 {res['p50_s']:.2f} s, p95 {res['p95_s']:.2f} s, "
-                f"mean batch {statistics.mean(res['batches']):.1f}",
+                f"mean batch {statistics.mean(res['batches'] or [0]):.1f}",
                 flush=True,
             )
     summary = {}
@@ -139,13 +146,19 @@ def main() -> None:
         summary[name] = {
             k: statistics.median(x[k] for x in rs) for k in ("wall_s", "images_per_s", "p50_s", "p95_s")
         }
-        summary[name]["mean_batch"] = statistics.mean(b for x in rs for b in x["batches"])
+        summary[name]["mean_batch"] = statistics.mean([b for x in rs for b in x["batches"]] or [0])
     ratios = [
         b["images_per_s"] / o["images_per_s"]
         for b, o in zip(rounds["batched"], rounds["one-by-one"], strict=True)
     ]
     summary["throughput_ratio_per_round"] = ratios
     summary["throughput_ratio_median"] = statistics.median(ratios)
+    if a.ray:
+        rr = [
+            b["images_per_s"] / o["images_per_s"]
+            for b, o in zip(rounds["ray 2 replicas, batched"], rounds["one-by-one"], strict=True)
+        ]
+        summary["ray_throughput_ratio_per_round"] = rr
     a.out.write_text(
         json.dumps({"config": vars(a) | {"out": str(a.out)}, "summary": summary, "rounds": rounds}, indent=2)
     )
