@@ -100,4 +100,5 @@ EXAMPLE = o.example(
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    app.command("serve", epilog=EXAMPLE)(serve)
+    short = "HTTP server: jobs, OpenAI and ComfyUI APIs, a web page."
+    app.command("serve", epilog=EXAMPLE, short_help=short)(serve)
