@@ -137,3 +137,15 @@ def test_a_job_past_its_timeout_fails(server):
     job = run_job(url, prompt="slow", steps=200, solver="heun", timeout_s=0.3)
     assert job["state"] == "failed" and "timed out after 0.3 s" in job["error"]
     assert job["images"] == []
+
+
+def test_bench_reports_are_listed_and_served(tmp_path):
+    (tmp_path / "reports" / "serve").mkdir(parents=True)
+    (tmp_path / "reports" / "serve" / "README.md").write_text("| a | b |\n|---|---|\n")
+    (tmp_path / "reports" / "pareto.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "reports" / "notes.txt").write_text("not a report")
+    with running_server(tmp_path, reports=tmp_path / "reports") as (url, _):
+        listed = httpx.get(f"{url}/api/reports").json()
+        assert [r["path"] for r in listed] == ["pareto.png", "serve/README.md"]
+        assert httpx.get(f"{url}/reports/serve/README.md").text.startswith("| a | b |")
+        assert httpx.get(f"{url}/reports/%2e%2e/jobs.sqlite").status_code == 404

@@ -45,7 +45,8 @@ def test_page_submits_shows_progress_and_the_image(tmp_path):
     exe = chromium()
     from playwright.sync_api import sync_playwright
 
-    with running_server(tmp_path, max_batch=1) as (url, _), sync_playwright() as p:
+    reports = Path(__file__).resolve().parents[1] / "bench" / "serve"  # the page lists bench reports
+    with running_server(tmp_path, max_batch=1, reports=reports) as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, headless=True, args=FLAGS)
         try:
             page = browser.new_page(viewport={"width": 900, "height": 700})
@@ -80,6 +81,7 @@ def test_page_submits_shows_progress_and_the_image(tmp_path):
             caption = page.inner_text("#gallery figure.result figcaption")
             assert "seed 11" in caption and "60 steps" in caption and "dpmpp_2m" in caption
             assert page.inner_text("#progress-text") == "done"
+            assert page.locator("#reports li").count() >= 3  # bench/serve's README, JSON, screenshot
             assert not errors
             assert all(r.startswith(url) or r.startswith("data:") for r in requests)  # no CDN
             shot = tmp_path / "page.png"

@@ -38,6 +38,10 @@ def serve(
     ] = 600.0,
     device: o.Device = None,
     threads: o.Threads = None,
+    reports: Annotated[
+        Path | None,
+        typer.Option(help="a folder of bench reports (e.g. bench/) the page lists: tables, JSON, plots"),
+    ] = None,
     ray: Annotated[
         str | None,
         typer.Option(
@@ -63,6 +67,8 @@ def serve(
 
     if model is not None:
         resolve_model(model)  # refused in one line before anything binds
+    if reports is not None and not reports.is_dir():
+        raise VelodiffError(f"--reports {str(reports)!r} is not a folder")
     if not db.parent.is_dir():
         raise VelodiffError(f"--db folder {str(db.parent)!r} does not exist; create it first")
     config = ServeConfig(
@@ -77,6 +83,7 @@ def serve(
         timeout_s=timeout or None,
         device=device,
         threads=threads,
+        reports=reports.resolve() if reports is not None else None,
     )
     if ray is not None:
         try:

@@ -117,4 +117,26 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None) 
         return FileResponse(PAGE / "index.html")
 
     app.mount("/page", StaticFiles(directory=PAGE), name="page")
+    reports = srv.config.reports
+
+    @app.get("/api/reports", tags=["jobs"], summary="The bench reports the server shows (--reports)")
+    async def report_list() -> list[dict[str, Any]]:
+        if reports is None:
+            return []
+        files = sorted(p for p in reports.rglob("*") if p.is_file() and p.suffix in REPORT_SUFFIXES)
+        return [
+            {
+                "path": p.relative_to(reports).as_posix(),
+                "url": "/reports/" + p.relative_to(reports).as_posix(),
+                "kind": p.suffix.lstrip("."),
+            }
+            for p in files[:500]
+        ]
+
+    if reports is not None:
+        app.mount("/reports", StaticFiles(directory=reports), name="reports")
     return app
+
+
+#: what /api/reports lists (served as files: markdown shows as text, plots as images)
+REPORT_SUFFIXES = (".md", ".png", ".json", ".svg", ".csv")

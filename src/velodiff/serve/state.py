@@ -35,6 +35,8 @@ class ServeConfig:
     #: put the jobs a killed server left running back in the queue at start (off for Ray Serve replicas:
     #: the driver recovers once, before any replica runs)
     recover: bool = True
+    #: a folder of bench reports (markdown, JSON, PNG plots) the page lists and serves under /reports
+    reports: Path | None = None
 
 
 class Server:

@@ -21,6 +21,20 @@ async function init() {
   $("status").textContent = `ready: ${opts.models[0]}`;
   const jobs = await (await fetch("/api/jobs?state=done")).json();
   jobs.forEach(addToGallery);
+  const reports = await (await fetch("/api/reports")).json();
+  reports.forEach((r) => {
+    const li = document.createElement("li");
+    const a = document.createElement("a");
+    a.href = r.url; a.textContent = r.path; a.target = "_blank";
+    li.appendChild(a);
+    if (r.kind === "png" || r.kind === "svg") {
+      const img = document.createElement("img");
+      img.src = r.url; img.alt = r.path; img.className = "plot"; img.loading = "lazy";
+      li.appendChild(img);
+    }
+    $("reports").appendChild(li);
+  });
+  $("reports-section").hidden = reports.length === 0;
 }
 
 function body() {
