@@ -162,8 +162,8 @@ class JobStore:
         return job
 
     def _retry_after(self, db: sqlite3.Connection, active: int) -> int:
-        """Seconds until a slot is likely free: the mean run time of the last jobs (1 s without any)
-        times the jobs ahead, at least 1."""
+        """Seconds until a slot is likely free, a rough guess: the mean run time of the last 32 jobs
+        (1 s without any) times the active jobs, over 4 (jobs run in batches), at least 1."""
         row = db.execute(
             "SELECT AVG(finished - started) FROM (SELECT finished, started FROM jobs WHERE state = 'done' "
             "ORDER BY seq DESC LIMIT 32)"
