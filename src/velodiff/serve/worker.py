@@ -53,7 +53,6 @@ class Worker:
         self.max_batch = max(1, int(max_batch))
         self.batch_wait = float(batch_wait)
         self.timeout_s = timeout_s
-        self._cancelled: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="velodiff-worker", daemon=True)
         #: sizes of the batches run (the bench and tests read it)
@@ -70,8 +69,8 @@ class Worker:
         self._thread.join(timeout=30)
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
-        """Cancel a queued or running job (its slot is free at once); False if it had finished."""
-        self._cancelled.add(job_id)
+        """Cancel a queued or running job (its slot is free at once; a running one leaves its batch at
+        the next step, when the worker reads its state); False if it had finished."""
         if not self.store.finish(job_id, "cancelled", reason):
             return False
         self.broker.publish({"type": "cancelled", "job": job_id, "error": reason})
@@ -136,7 +135,7 @@ class Worker:
             gone = self.store.not_running(list(alive))  # cancelled here or by another process
             for jid, j in list(alive.items()):
                 timeout = j.timeout_s or self.timeout_s
-                if jid in self._cancelled or jid in gone:
+                if jid in gone:
                     del alive[jid]
                 elif timeout and now - starts[jid] > timeout:
                     del alive[jid]
@@ -163,4 +162,3 @@ class Worker:
             names = filenames(j)
             if self.store.complete(j.id, [png_bytes(im) for im in images], names):
                 self.broker.publish({"type": "done", "job": j.id, "filenames": names})
-        self._cancelled.difference_update(j.id for j in jobs)
