@@ -8,7 +8,7 @@ $(BIN)/velodiff: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,ray,quant,peers]"
+	$(BIN)/pip install -q -e ".[dev,ray,quant,peers,serve]"
 	# k-diffusion's samplers are the parity reference where diffusers has none (tests/test_kdiffusion_parity.py);
 	# only its sampling module is loaded, so none of its other requirements (torchvision, ...) are installed
 	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1

@@ -23,4 +23,4 @@ def test_bundled_clip_vocabulary_has_its_licence():
     text = (clip / "LICENSE").read_text()
     assert text.startswith("MIT License") and "Copyright (c) 2021 OpenAI" in text
     # package-data "assets/**/*" ships every file of the folder in the wheel
-    assert 'velodiff = ["py.typed", "assets/**/*"]' in (ROOT / "pyproject.toml").read_text()
+    assert 'velodiff = ["py.typed", "assets/**/*",' in (ROOT / "pyproject.toml").read_text()

@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "velodiff.commands.report",
     "velodiff.commands.tune",
     "velodiff.commands.calibrate",
+    "velodiff.commands.serve",
 ]
 
 

@@ -1,0 +1,111 @@
+"""`velodiff serve --model M --port P`: the HTTP server (velodiff's jobs API, OpenAI's images API,
+ComfyUI's prompt API, a web page) over one model loaded once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import VelodiffError
+from . import options as o
+
+
+def serve(
+    model: o.Model = None,
+    host: Annotated[
+        str, typer.Option(help="address to bind (loopback by default; 0.0.0.0 exposes it)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (ComfyUI's default, 8188)")] = 8188,
+    db: Annotated[Path, typer.Option(help="the SQLite job store; accepted jobs survive a restart")] = Path(
+        "velodiff-jobs.sqlite"
+    ),
+    max_queue: Annotated[int, typer.Option(min=1, help="jobs queued or running before 429")] = 64,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="images per batched network call (1: no batching)")
+    ] = 8,
+    batch_wait: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="most seconds to wait for compatible jobs to batch (a lone job waits a quarter of it)",
+        ),
+    ] = 0.2,
+    max_n: Annotated[int, typer.Option(min=1, help="most images one request may ask for")] = 8,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="a job's run-time limit in seconds (0: none)")
+    ] = 600.0,
+    device: o.Device = None,
+    threads: o.Threads = None,
+    reports: Annotated[
+        Path | None,
+        typer.Option(help="a folder of bench reports (e.g. bench/) the page lists: tables, JSON, plots"),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="local|ADDRESS",
+            help="run as a Ray Serve deployment: 'local' starts a cluster here, HOST:PORT joins one "
+            "(pip install 'ray[serve]')",
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Ray Serve replicas (one model each)")] = 2,
+) -> None:
+    """Serve the model over HTTP: velodiff's jobs API (/api, docs at /docs), OpenAI's images API (/v1),
+    ComfyUI's API (/prompt, /ws) and a web page (/)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise VelodiffError(
+            "velodiff serve needs FastAPI and uvicorn: pip install 'velodiff[serve]'"
+        ) from None
+    from ..serve.app import create_app
+    from ..serve.state import ServeConfig
+    from ..shipped import resolve_model
+
+    if model is not None:
+        resolve_model(model)  # refused in one line before anything binds
+    if reports is not None and not reports.is_dir():
+        raise VelodiffError(f"--reports {str(reports)!r} is not a folder")
+    if not db.parent.is_dir():
+        raise VelodiffError(f"--db folder {str(db.parent)!r} does not exist; create it first")
+    config = ServeConfig(
+        model=model or "default",
+        host=host,
+        port=port,
+        db=db,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        batch_wait=batch_wait,
+        max_n=max_n,
+        timeout_s=timeout or None,
+        device=device,
+        threads=threads,
+        reports=reports.resolve() if reports is not None else None,
+    )
+    if ray is not None:
+        try:
+            from ray import serve as _  # noqa: F401 (the parameter `ray` keeps its value)
+        except ImportError:
+            raise VelodiffError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
+        from ..serve.ray_serve import serve_with_ray
+
+        serve_with_ray(config, ray, replicas)
+        return
+    typer.echo(
+        f"velodiff serve: {config.model} on http://{host}:{port}/ (docs /docs, jobs in {db})", err=True
+    )
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+
+
+EXAMPLE = o.example(
+    "velodiff serve --port 8188",
+    'curl -s localhost:8188/v1/images/generations -d \'{"prompt": "a red circle"}\'',
+)
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    short = "HTTP server: jobs, OpenAI and ComfyUI APIs, a web page."
+    app.command("serve", epilog=EXAMPLE, short_help=short)(serve)

@@ -1,0 +1,228 @@
+"""The models a server holds and what it runs with them: a request's checks (one line each, before it is
+queued) and one batch of compatible jobs through ``velodiff.pipelines.text2img``.
+
+A model is loaded once, on first use (the served one at start-up). Requests name it by the name the
+server was started with (``--model``), or by a shipped name (``default``). A job's parameters are
+normalized here (the model's defaults filled in, the plan written canonically), so jobs that sample
+alike share one ``batch_key`` and run as one batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import VelodiffError, unknown_name
+
+#: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
+BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "grid", "guidance", "negative", "plan")
+
+
+@dataclass
+class Request:
+    """What a client asks for (every API turns its own body into this)."""
+
+    prompt: str
+    model: str | None = None
+    negative: str | None = None
+    width: int | None = None
+    height: int | None = None
+    n: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    solver: str | None = None
+    grid: str | None = None
+    guidance: float | None = None
+    plan: str | None = None
+    timeout_s: float | None = None
+    preview: bool = False
+
+
+def batch_key(params: dict[str, Any]) -> str:
+    return json.dumps({k: params.get(k) for k in BATCH_FIELDS}, sort_keys=True)
+
+
+def png_bytes(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Engine:
+    """Loads models on demand (thread-safe) and runs batches (from the worker thread only)."""
+
+    def __init__(
+        self,
+        model: str = "default",
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+        max_n: int = 8,
+        max_steps: int = 200,
+        max_pixels: int = 1024 * 1024,
+    ) -> None:
+        self.served = model
+        self.device = device
+        self.threads = threads
+        self.max_n = max_n
+        self.max_steps = max_steps
+        self.max_pixels = max_pixels
+        self._models: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        #: held by whatever runs a network (the worker's batches, a stream's frames): one at a time
+        self.run_lock = threading.Lock()
+
+    # --- models -----------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """The model names requests may give: the served one first, then the shipped ones."""
+        from ..shipped import SHIPPED
+
+        return list(dict.fromkeys([self.served, *SHIPPED]))
+
+    def model(self, name: str | None) -> tuple[Any, dict[str, Any]]:
+        """(LoadedModel, sampling defaults) of ``name`` (None: the served model), loaded once."""
+        name = name or self.served
+        if name not in self.names():
+            raise unknown_name("model", name, self.names())
+        with self._lock:
+            if name not in self._models:
+                from ..commands.generate import load_model, quiet_libraries
+                from ..models.base import default_dtype, resolve_device
+
+                quiet_libraries()
+                device = resolve_device(self.device)
+                self._models[name] = load_model(name, self.threads, str(device), dtype=default_dtype(device))
+            return self._models[name]
+
+    # --- checks -----------------------------------------------------------------------------------
+
+    def check(self, req: Request) -> dict[str, Any]:
+        """The job's normalized parameters, or one VelodiffError line saying what is wrong."""
+        from ..grids import GRIDS
+        from ..plan import Plan
+        from ..solvers import get_solver
+
+        if not req.prompt or not req.prompt.strip():
+            raise VelodiffError(
+                'the prompt is empty; describe the image, e.g. "a red circle above a blue square"'
+            )
+        if not 1 <= req.n <= self.max_n:
+            raise VelodiffError(f"n must be between 1 and {self.max_n} (this server's bound), got {req.n}")
+        name = req.model or self.served
+        m, defaults = self.model(name)
+        h = int(req.height or m.default_size[0])
+        w = int(req.width or m.default_size[1])
+        f = m.vae_scale_factor
+        for what, v in (("width", w), ("height", h)):
+            if v <= 0 or v % f:
+                raise VelodiffError(
+                    f"{what} {v} is not a positive multiple of {f}, the latent factor of this "
+                    f"{m.family} model; try {max(f, round(v / f) * f)}"
+                )
+        if w * h > self.max_pixels:
+            raise VelodiffError(
+                f"{w}x{h} is more than this server's bound of {self.max_pixels} pixels per image"
+            )
+        steps = req.steps if req.steps is not None else defaults.get("steps", m.default_steps)
+        if not 1 <= int(steps) <= self.max_steps:
+            raise VelodiffError(f"steps must be between 1 and {self.max_steps}, got {steps}")
+        solver = req.solver or defaults.get("solver") or m.default_solver
+        get_solver(solver)  # unknown: "unknown solver 'x'; valid: ..."
+        if req.grid is not None and req.grid not in GRIDS:
+            raise unknown_name("grid", req.grid, GRIDS)
+        guidance = float(
+            req.guidance if req.guidance is not None else defaults.get("guidance", m.default_guidance)
+        )
+        if not 0 <= guidance <= 100:
+            raise VelodiffError(f"guidance must be in [0, 100], got {guidance}")
+        plan = str(Plan.parse(req.plan)) if req.plan else None
+        for what, text in (("prompt", req.prompt), ("negative prompt", req.negative)):
+            if text:
+                self.check_tokens(m, what, text)
+        if req.timeout_s is not None and not req.timeout_s > 0:
+            raise VelodiffError(f"timeout_s must be > 0, got {req.timeout_s}")
+        seed = req.seed if req.seed is not None else random.randrange(2**31)
+        if not 0 <= seed < 2**63:
+            raise VelodiffError(f"seed must be in [0, 2**63), got {seed}")
+        return dict(
+            kind="text2img",
+            model=name,
+            prompt=req.prompt,
+            negative=req.negative or None,
+            width=w,
+            height=h,
+            n=int(req.n),
+            seed=int(seed),
+            steps=int(steps),
+            solver=solver,
+            grid=req.grid,
+            guidance=guidance,
+            plan=plan,
+            preview=bool(req.preview),
+        )
+
+    @staticmethod
+    def check_tokens(m: Any, what: str, text: str) -> None:
+        tok = m.components.get("tokenizer") if hasattr(m, "components") else None
+        limit = getattr(m, "max_tokens", None)
+        if tok is None or limit is None:
+            return
+        n = len(tok(text, truncation=False).input_ids)
+        if n > limit:
+            raise VelodiffError(
+                f"the {what} is {n} tokens long; this model reads at most {limit} (start and end included)"
+            )
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def run(
+        self, jobs: list[Any], on_step: Callable[[int, int, Any], bool | None] | None = None
+    ) -> list[list[Any]]:
+        """One text2img call for the jobs (same batch key): images i..i+n of the batch are job k's
+        (seeds seed..seed+n-1). ``on_step(i, steps, x0)`` after each step; True stops the run."""
+        from ..pipelines import text2img
+
+        p = jobs[0].params
+        m, _ = self.model(p["model"])
+        prompts, seeds = [], []
+        for j in jobs:
+            prompts += [j.params["prompt"]] * j.params["n"]
+            seeds += [j.params["seed"] + i for i in range(j.params["n"])]
+        steps = p["steps"]
+
+        def callback(info: Any) -> bool | None:
+            return None if on_step is None else on_step(info.i, steps, info.x0)
+
+        with self.run_lock:
+            res = text2img(
+                m,
+                prompts,
+                seeds=seeds,
+                height=p["height"],
+                width=p["width"],
+                steps=steps,
+                solver=p["solver"],
+                grid=p["grid"],
+                guidance=p["guidance"],
+                negative=p["negative"],
+                plan=p["plan"] or None,
+                callback=callback,
+            )
+        out, i = [], 0
+        for j in jobs:
+            out.append(list(res.images[i : i + j.params["n"]]))
+            i += j.params["n"]
+        return out
+
+    def preview(self, model: str | None, x0: Any, index: int) -> bytes:
+        """A PNG of the clean-image prediction ``x0[index]`` (decoded by the model's VAE)."""
+        from ..pipelines.common import to_pil
+
+        m, _ = self.model(model)
+        return png_bytes(to_pil(m.decode(x0[index : index + 1]))[0])

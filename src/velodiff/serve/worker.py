@@ -1,0 +1,164 @@
+"""The worker: one thread that takes batches of compatible jobs from the store and runs them.
+
+Batching: when a job is waiting, the worker waits up to ``batch_wait`` seconds for more queued jobs with
+the same batch key (same model, size, steps, solver, grid, guidance, negative prompt and plan), until
+their images reach ``max_batch`` or none came for a quarter of ``batch_wait``; then it claims them and
+runs one pipeline call. Jobs that arrive while
+a batch runs are claimed together right after it, so under load batches fill without any wait.
+
+Per step it publishes progress (and a preview of the predicted image to jobs that asked for one), and
+drops from the batch the jobs that were cancelled or ran past their timeout; the run stops when no job
+of the batch is left. A dropped job's images are discarded (the store refuses to complete it).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from ..errors import VelodiffError
+from .engine import Engine, png_bytes
+from .events import Broker
+from .queue import Job, JobStore
+
+log = logging.getLogger("velodiff.serve")
+
+#: who runs a job (stored with it): this process, e.g. one of several Ray Serve replicas
+RUNNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def filenames(job: Job) -> list[str]:
+    """The job's image names (ComfyUI's SaveImage style: ``prefix_<job>_00001_.png``)."""
+    prefix = str(job.meta.get("filename_prefix") or "velodiff").replace("/", "_")
+    return [f"{prefix}_{job.id[:12]}_{i + 1:05}_.png" for i in range(job.params["n"])]
+
+
+class Worker:
+    def __init__(
+        self,
+        store: JobStore,
+        engine: Engine,
+        broker: Broker,
+        *,
+        max_batch: int = 8,
+        batch_wait: float = 0.2,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.store, self.engine, self.broker = store, engine, broker
+        self.max_batch = max(1, int(max_batch))
+        self.batch_wait = float(batch_wait)
+        self.timeout_s = timeout_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="velodiff-worker", daemon=True)
+        #: sizes of the batches run (the bench and tests read it)
+        self.batches: list[int] = []
+        self.running: list[str] = []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.store.changed:
+            self.store.changed.notify_all()
+        self._thread.join(timeout=30)
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a queued or running job (its slot is free at once; a running one leaves its batch at
+        the next step, when the worker reads its state); False if it had finished."""
+        if not self.store.finish(job_id, "cancelled", reason):
+            return False
+        self.broker.publish({"type": "cancelled", "job": job_id, "error": reason})
+        return True
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            first = self.store.oldest_queued()
+            if first is None:
+                with self.store.changed:
+                    self.store.changed.wait(0.5)
+                continue
+            self._gather(first.batch_key)
+            jobs = self.store.claim(self.max_batch, RUNNER)
+            if jobs:
+                try:
+                    self._run(jobs)
+                except Exception as e:  # noqa: BLE001 - a failed batch fails its jobs, the server goes on
+                    log.exception("batch failed")
+                    for j in jobs:
+                        self._fail(j, f"internal error: {type(e).__name__}: {e}")
+
+    def _gather(self, key: str) -> None:
+        """Wait for compatible jobs: until their images fill ``max_batch``, no new one came for a
+        quarter of ``batch_wait`` (a lone request waits only that), or ``batch_wait`` is over."""
+        now = time.monotonic()
+        deadline, quiet = now + self.batch_wait, self.batch_wait / 4
+        have, last = self.store.queued_images(key), now
+        while have < self.max_batch and not self._stop.is_set():
+            now = time.monotonic()
+            left = min(deadline, last + quiet) - now
+            if left <= 0:
+                return
+            with self.store.changed:
+                self.store.changed.wait(left)
+            more = self.store.queued_images(key)
+            if more > have:
+                have, last = more, time.monotonic()
+
+    def _fail(self, job: Job, message: str) -> None:
+        if self.store.finish(job.id, "failed", message):
+            self.broker.publish({"type": "failed", "job": job.id, "error": message})
+
+    def _run(self, jobs: list[Job]) -> None:
+        self.batches.append(sum(j.params["n"] for j in jobs))
+        alive = {j.id: j for j in jobs}
+        starts = {j.id: time.monotonic() for j in jobs}
+        self.running = list(alive)
+        for j in jobs:
+            self.broker.publish(
+                {"type": "started", "job": j.id, "steps": j.params["steps"], "batch": len(jobs)}
+            )
+        offsets, i = {}, 0
+        for j in jobs:
+            offsets[j.id] = i
+            i += j.params["n"]
+
+        def on_step(i: int, steps: int, x0: Any) -> bool | None:
+            now = time.monotonic()
+            gone = self.store.not_running(list(alive))  # cancelled here or by another process
+            for jid, j in list(alive.items()):
+                timeout = j.timeout_s or self.timeout_s
+                if jid in gone:
+                    del alive[jid]
+                elif timeout and now - starts[jid] > timeout:
+                    del alive[jid]
+                    self._fail(j, f"timed out after {timeout:g} s (the job's timeout)")
+            for jid, j in alive.items():
+                ev: dict[str, Any] = {"type": "progress", "job": jid, "step": i + 1, "steps": steps}
+                if j.params.get("preview"):
+                    png = self.engine.preview(j.params["model"], x0, offsets[jid])
+                    ev["preview"] = "data:image/png;base64," + base64.b64encode(png).decode()
+                self.broker.publish(ev)
+            return True if not alive else None
+
+        try:
+            results = self.engine.run(jobs, on_step)
+        except VelodiffError as e:
+            for j in alive.values():
+                self._fail(j, str(e))
+            return
+        finally:
+            self.running = []
+        for j, images in zip(jobs, results, strict=True):
+            if j.id not in alive:
+                continue
+            names = filenames(j)
+            if self.store.complete(j.id, [png_bytes(im) for im in images], names):
+                self.broker.publish({"type": "done", "job": j.id, "filenames": names})

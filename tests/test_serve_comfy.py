@@ -1,0 +1,240 @@
+"""ComfyUI's API: the default text-to-image graph, queued and followed the way ComfyUI's own
+``script_examples/websockets_api_example.py`` does it (urllib + a websocket), gives the images velodiff's
+own API gives for the mapped solver and grid; /queue, /history, /view, /interrupt answer in ComfyUI's
+shapes; unsupported nodes and names are refused with ``node_errors``."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+import pytest
+from PIL import Image
+
+from serve_fixtures import httpx, running_server
+
+ws_client = pytest.importorskip("websockets.sync.client")
+
+#: ComfyUI's default workflow in API format (as in its websockets_api_example.py), scaled to the tiny model
+GRAPH = {
+    "3": {
+        "class_type": "KSampler",
+        "inputs": {
+            "cfg": 2.5,
+            "denoise": 1,
+            "latent_image": ["5", 0],
+            "model": ["4", 0],
+            "negative": ["7", 0],
+            "positive": ["6", 0],
+            "sampler_name": "euler",
+            "scheduler": "karras",
+            "seed": 5,
+            "steps": 6,
+        },
+    },
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "default.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 64, "width": 64}},
+    "6": {
+        "class_type": "CLIPTextEncode",
+        "inputs": {"clip": ["4", 1], "text": "a red circle above a blue square"},
+    },
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": ""}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve-comfy"), max_batch=1) as s:
+        yield s
+
+
+# --- the example client's functions, as ComfyUI ships them (urllib + websocket) ---------------------
+
+
+def queue_prompt(server_address, prompt, client_id):
+    data = json.dumps({"prompt": prompt, "client_id": client_id}).encode("utf-8")
+    req = urllib.request.Request(f"http://{server_address}/prompt", data=data)
+    return json.loads(urllib.request.urlopen(req).read())
+
+
+def get_image(server_address, filename, subfolder, folder_type):
+    url_values = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": folder_type})
+    with urllib.request.urlopen(f"http://{server_address}/view?{url_values}") as response:
+        return response.read()
+
+
+def get_history(server_address, prompt_id):
+    with urllib.request.urlopen(f"http://{server_address}/history/{prompt_id}") as response:
+        return json.loads(response.read())
+
+
+def get_images(ws, server_address, prompt, client_id, seen):
+    prompt_id = queue_prompt(server_address, prompt, client_id)["prompt_id"]
+    output_images = {}
+    while True:
+        out = ws.recv()
+        if isinstance(out, str):
+            message = json.loads(out)
+            seen.append(message)
+            if message["type"] == "executing":
+                data = message["data"]
+                if data["node"] is None and data["prompt_id"] == prompt_id:
+                    break  # execution is done
+    history = get_history(server_address, prompt_id)[prompt_id]
+    for node_id in history["outputs"]:
+        node_output = history["outputs"][node_id]
+        images_output = []
+        if "images" in node_output:
+            for image in node_output["images"]:
+                images_output.append(
+                    get_image(server_address, image["filename"], image["subfolder"], image["type"])
+                )
+        output_images[node_id] = images_output
+    return prompt_id, output_images
+
+
+def test_comfyui_example_client_runs_the_default_graph(server):
+    url, _ = server
+    address = url.removeprefix("http://")
+    client_id = str(uuid.uuid4())
+    seen: list[dict] = []
+    with ws_client.connect(f"ws://{address}/ws?clientId={client_id}") as ws:
+        prompt_id, images = get_images(ws, address, GRAPH, client_id, seen)
+    assert list(images) == ["9"] and len(images["9"]) == 1
+    im = Image.open(io.BytesIO(images["9"][0]))
+    assert im.format == "PNG" and im.size == (64, 64)
+    kinds = [m["type"] for m in seen]
+    assert kinds[0] == "status" and "execution_start" in kinds and "executed" in kinds
+    progress = [m["data"]["value"] for m in seen if m["type"] == "progress"]
+    assert progress == list(range(1, 7)) and all(
+        m["data"]["max"] == 6 for m in seen if m["type"] == "progress"
+    )
+    executed = next(m for m in seen if m["type"] == "executed")
+    assert executed["data"]["node"] == "9" and executed["data"]["prompt_id"] == prompt_id
+    # the graph is velodiff's euler solver on its karras grid: the jobs API gives the same bytes
+    r = httpx.post(
+        f"{url}/api/jobs",
+        json={
+            "prompt": "a red circle above a blue square",
+            "seed": 5,
+            "steps": 6,
+            "solver": "euler",
+            "grid": "karras",
+            "guidance": 2.5,
+        },
+    )
+    job = httpx.get(f"{url}/api/jobs/{r.json()['id']}/result", timeout=60).json()
+    assert httpx.get(f"{url}{job['images'][0]}").content == images["9"][0]
+
+
+def test_queue_history_and_interrupt(server):
+    url, _ = server
+    g = copy.deepcopy(GRAPH)
+    g["3"]["inputs"].update(steps=200, sampler_name="heun")
+    first = httpx.post(f"{url}/prompt", json={"prompt": g, "client_id": "c1"}).json()
+    second = httpx.post(f"{url}/prompt", json={"prompt": g, "client_id": "c1"}).json()
+    assert first["node_errors"] == {} and second["number"] == first["number"] + 1
+    deadline = time.monotonic() + 30
+    while not (q := httpx.get(f"{url}/queue").json())["queue_running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert (
+        q["queue_running"][0][1] == first["prompt_id"]
+        and q["queue_running"][0][2]["3"]["class_type"] == "KSampler"
+    )
+    assert [item[1] for item in q["queue_pending"]] == [second["prompt_id"]]
+    assert httpx.get(f"{url}/prompt").json()["exec_info"]["queue_remaining"] == 2
+    assert httpx.get(f"{url}/history/{first['prompt_id']}").json() == {}  # not finished yet
+    httpx.post(f"{url}/queue", json={"delete": [second["prompt_id"]]})
+    httpx.post(f"{url}/interrupt", json={})
+    deadline = time.monotonic() + 30
+    while not (h := httpx.get(f"{url}/history/{first['prompt_id']}").json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    status = h[first["prompt_id"]]["status"]
+    assert status["completed"] is False and status["status_str"] == "error"
+    assert httpx.get(f"{url}/queue").json() == {"queue_running": [], "queue_pending": []}
+
+
+def refused(url: str, graph: dict) -> dict:
+    req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": graph}).encode())
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400
+    return json.loads(e.value.read())
+
+
+def test_unsupported_node_is_refused_with_node_errors(server):
+    url, _ = server
+    g = copy.deepcopy(GRAPH)
+    g["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "x"}}
+    body = refused(url, g)
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    err = body["node_errors"]["10"]
+    assert err["class_type"] == "LoraLoader" and err["errors"][0]["type"] == "node_not_supported"
+    assert err["dependent_outputs"] == ["9"]
+    assert httpx.get(f"{url}/api/health").json()["ok"]
+
+
+@pytest.mark.parametrize(
+    ("node", "inputs", "kind", "needle"),
+    [
+        ("3", {"sampler_name": "res_multistep"}, "value_not_in_list", "sampler_name"),
+        ("3", {"scheduler": "beta"}, "value_not_in_list", "scheduler"),
+        ("3", {"denoise": 0.5}, "value_not_supported", "denoise"),
+        ("4", {"ckpt_name": "sdxl.safetensors"}, "value_not_in_list", "ckpt_name"),
+        ("3", {"steps": "many"}, "invalid_input_type", "steps"),
+    ],
+)
+def test_values_velodiff_cannot_honour_are_node_errors(server, node, inputs, kind, needle):
+    url, _ = server
+    g = copy.deepcopy(GRAPH)
+    g[node]["inputs"].update(inputs)
+    err = refused(url, g)["node_errors"][node]["errors"][0]
+    assert err["type"] == kind and needle in err["details"]
+
+
+def test_a_size_the_model_refuses_is_a_node_error_too(server):
+    url, _ = server
+    g = copy.deepcopy(GRAPH)
+    g["5"]["inputs"]["width"] = 66
+    body = refused(url, g)
+    assert "not a positive multiple of 4" in body["node_errors"]["3"]["errors"][0]["message"]
+
+
+def test_every_mapped_comfy_name_is_a_velodiff_solver_and_grid():
+    from velodiff.grids import GRIDS
+    from velodiff.serve.comfy_api import comfy_sampling
+    from velodiff.solvers import get_solver
+
+    samplers = [
+        "euler",
+        "euler_ancestral",
+        "heun",
+        "dpm_2",
+        "lms",
+        "dpmpp_2m",
+        "dpmpp_2m_sde",
+        "dpmpp_3m_sde",
+        "ddim",
+        "ddpm",
+        "uni_pc",
+        "uni_pc_bh2",
+        "ipndm",
+        "deis",
+    ]
+    for s in samplers:
+        for sched in ["normal", "karras", "exponential", "simple", "ddim_uniform", "sgm_uniform"]:
+            solver, grid = comfy_sampling(s, sched)
+            get_solver(solver)
+            assert grid in GRIDS
+    with pytest.raises(KeyError):
+        comfy_sampling("res_multistep", "normal")

@@ -1,0 +1,151 @@
+"""velodiff's own jobs API: a job runs once and gives the images its seed gives; progress streams over
+SSE; bad input is a 4xx with one line and the server keeps serving; a full queue is a 429 with
+Retry-After; cancelling frees the slot; a job past its timeout fails."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+from PIL import Image, ImageChops
+
+from serve_fixtures import httpx, running_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve"), max_queue=3, max_batch=1, batch_wait=0.0) as s:
+        yield s
+
+
+def run_job(url: str, **body) -> dict:
+    r = httpx.post(f"{url}/api/jobs", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "queued"
+    r = httpx.get(f"{url}/api/jobs/{job['id']}/result", timeout=120)
+    return r.json()
+
+
+def png(url: str, path: str) -> Image.Image:
+    r = httpx.get(f"{url}{path}", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    return Image.open(io.BytesIO(r.content))
+
+
+def test_job_runs_once_and_its_seed_fixes_its_images(server):
+    url, _ = server
+    a = run_job(url, prompt="a red circle", n=2, seed=7, steps=4)
+    assert a["state"] == "done" and a["completions"] == 1 and a["attempts"] == 1
+    assert len(a["images"]) == 2
+    ims = [png(url, p) for p in a["images"]]
+    assert all(im.size == (64, 64) for im in ims)
+    assert ims[0].tobytes() != ims[1].tobytes()  # seeds 7 and 8
+    b = run_job(url, prompt="a red circle", n=2, seed=7, steps=4)  # the same request: the same bytes
+    for pa, pb in zip(a["images"], b["images"], strict=True):
+        assert httpx.get(f"{url}{pa}").content == httpx.get(f"{url}{pb}").content
+    c = run_job(url, prompt="a red circle", n=1, seed=8, steps=4)  # image i of a job is seed + i's image
+    diff = ImageChops.difference(png(url, c["images"][0]).convert("RGB"), ims[1].convert("RGB"))
+    assert max(hi for _, hi in diff.getextrema()) <= 2  # a batch of 1 vs 2: float sums in another order
+
+
+def test_progress_streams_over_sse(server):
+    url, _ = server
+    job = httpx.post(f"{url}/api/jobs", json={"prompt": "a blue square", "steps": 20, "preview": True}).json()
+    events = []
+    with httpx.stream("GET", f"{url}/api/jobs/{job['id']}/events", timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "done" and events[-1]["images"]
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    # the stream may start after the first step: from there on, every step in order
+    assert steps and steps == list(range(steps[0], 21)) and len(steps) >= 3
+    previews = [e["preview"] for e in events if e["type"] == "progress"]
+    assert all(p.startswith("data:image/png;base64,") for p in previews)
+
+
+LONG = "red " * 100
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("{bad json", "malformed JSON"),
+        ('"just a string"', "JSON object"),
+        ({"prompt": "x", "model": "nope"}, "unknown model 'nope'"),
+        ({"prompt": "x", "plan": "nope"}, "unknown plan rule 'nope'"),
+        ({"prompt": "x", "solver": "nope"}, "unknown solver 'nope'"),
+        ({"prompt": "x", "grid": "nope"}, "unknown grid 'nope'"),
+        ({"prompt": "x", "width": 66}, "not a positive multiple of 4"),
+        ({"prompt": "x", "n": 99}, "n must be between 1 and 8"),
+        ({"prompt": LONG}, "tokens long"),
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": "x", "steps": "many"}, "steps"),
+        ({"prompt": "x", "colour": "red"}, "unknown field 'colour'"),
+    ],
+)
+def test_bad_input_is_one_line_4xx_and_the_server_goes_on(server, body, needle):
+    url, _ = server
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{url}/api/jobs", content=data, timeout=30)
+    assert 400 <= r.status_code < 500
+    msg = r.json()["error"]
+    assert needle in msg and "\n" not in msg and "Traceback" not in msg
+    assert httpx.get(f"{url}/api/health").json()["ok"]
+
+
+def wait_state(url: str, job_id: str, states: tuple[str, ...], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/api/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached {states}: {job['state']}")
+
+
+def test_full_queue_429_and_cancel_frees_the_slot(server):
+    url, srv = server
+    assert srv.store.max_queue == 3
+    slow = {"prompt": "slow", "steps": 200, "solver": "heun"}
+    ids = [httpx.post(f"{url}/api/jobs", json=slow).json()["id"] for _ in range(3)]
+    wait_state(url, ids[0], ("running",))
+    r = httpx.post(f"{url}/api/jobs", json=slow)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert "queue is full" in r.json()["error"]
+    # cancel a queued job: its slot is free at once
+    assert httpx.post(f"{url}/api/jobs/{ids[2]}/cancel").json()["state"] == "cancelled"
+    r = httpx.post(f"{url}/api/jobs", json=slow)
+    assert r.status_code == 202
+    ids.append(r.json()["id"])
+    # cancel the running one and the rest: none completes
+    for i in ids:
+        httpx.post(f"{url}/api/jobs/{i}/cancel")
+    for i in ids:
+        job = wait_state(url, i, ("cancelled", "done"))
+        assert job["state"] == "cancelled" and job["completions"] == 0 and job["images"] == []
+    assert httpx.get(f"{url}/api/health").json()["active"] == 0
+
+
+def test_a_job_past_its_timeout_fails(server):
+    url, _ = server
+    job = run_job(url, prompt="slow", steps=200, solver="heun", timeout_s=0.3)
+    assert job["state"] == "failed" and "timed out after 0.3 s" in job["error"]
+    assert job["images"] == []
+
+
+def test_bench_reports_are_listed_and_served(tmp_path):
+    (tmp_path / "reports" / "serve").mkdir(parents=True)
+    (tmp_path / "reports" / "serve" / "README.md").write_text("| a | b |\n|---|---|\n")
+    (tmp_path / "reports" / "pareto.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "reports" / "notes.txt").write_text("not a report")
+    with running_server(tmp_path, reports=tmp_path / "reports") as (url, _):
+        listed = httpx.get(f"{url}/api/reports").json()
+        assert [r["path"] for r in listed] == ["pareto.png", "serve/README.md"]
+        assert httpx.get(f"{url}/reports/serve/README.md").text.startswith("| a | b |")
+        assert httpx.get(f"{url}/reports/%2e%2e/jobs.sqlite").status_code == 404

@@ -1,0 +1,71 @@
+"""The official ``openai`` client, unchanged, against ``velodiff serve``'s /v1/images/generations."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from serve_fixtures import httpx, running_server
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve-openai")) as s:
+        yield s
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+
+def test_openai_client_gets_two_decodable_64x64_pngs(server):
+    url, _ = server
+    r = client(url).images.generate(
+        model="default",
+        prompt="a red circle above a blue square",
+        n=2,
+        response_format="b64_json",
+        extra_body={"seed": 3, "steps": 6},
+    )
+    assert len(r.data) == 2
+    images = []
+    for d in r.data:
+        raw = base64.b64decode(d.b64_json)
+        assert raw.startswith(b"\x89PNG\r\n\x1a\n")
+        im = Image.open(io.BytesIO(raw))
+        im.load()
+        assert im.format == "PNG" and im.size == (64, 64)
+        images.append(im.tobytes())
+    assert images[0] != images[1]  # two seeds, two images
+
+
+def test_url_response_and_size(server):
+    url, _ = server
+    r = client(url).images.generate(
+        model="default", prompt="a green triangle", size="64x64", extra_body={"steps": 3}
+    )
+    assert len(r.data) == 1 and r.data[0].url.startswith(url)
+    got = httpx.get(r.data[0].url)
+    assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"model": "dall-e-9"}, "unknown model 'dall-e-9'"),
+        ({"size": "63x64"}, "not a positive multiple of 4"),
+        ({"n": 50}, "n must be between 1 and 8"),
+        ({"size": "big"}, "WIDTHxHEIGHT"),
+    ],
+)
+def test_openai_errors_reach_the_client_as_bad_requests(server, kw, needle):
+    url, _ = server
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).images.generate(prompt="x", **{"model": "default", **kw})
+    assert needle in e.value.body["message"]
+    assert e.value.body["type"] == "invalid_request_error"

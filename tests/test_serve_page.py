@@ -1,0 +1,93 @@
+"""The web page at ``/`` in a real browser (Debian's headless Chromium driven by Playwright): submit a
+prompt, watch the progress bar move and the step previews change, see the image appear in the gallery
+with its settings; leave a screenshot (in the test's tmp folder, and at $VELODIFF_SCREENSHOT if set).
+
+Skipped when Chromium or Playwright is missing, unless $VELODIFF_REQUIRE_BROWSER is set (CI sets it:
+.ci/run installs chromium)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serve_fixtures import running_server
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        path = None
+    if path is None:
+        why = "needs Debian's chromium (apt-get install chromium) and playwright (velodiff[serve])"
+        if os.environ.get("VELODIFF_REQUIRE_BROWSER"):
+            pytest.fail(f"browser test required but unavailable: {why}")
+        pytest.skip(why)
+    return path
+
+
+def test_page_submits_shows_progress_and_the_image(tmp_path):
+    exe = chromium()
+    from playwright.sync_api import sync_playwright
+
+    reports = Path(__file__).resolve().parents[1] / "bench" / "serve"  # the page lists bench reports
+    with running_server(tmp_path, max_batch=1, reports=reports) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').options.length > 0")
+            assert page.input_value("#model") == "default"
+            page.fill("#prompt", "a red circle above a blue square")
+            page.fill("#steps", "60")
+            page.fill("#seed", "11")
+            # record every value the progress bar and the preview take
+            page.evaluate("""() => {
+                window.seen = []; window.previews = new Set();
+                const bar = document.getElementById('progress'), img = document.getElementById('preview');
+                new MutationObserver(() => window.seen.push(Number(bar.value)))
+                    .observe(bar, {attributes: true});
+                new MutationObserver(() => window.previews.add(img.src)).observe(img, {attributes: true});
+            }""")
+            page.click("#generate")
+            page.wait_for_selector("#gallery figure.result img", timeout=120_000)
+            page.wait_for_function(
+                "document.querySelector('#gallery figure.result img').naturalWidth === 64", timeout=30_000
+            )
+            seen = page.evaluate("window.seen")
+            moved = [v for v in seen if 0 < v < 60]
+            assert len(set(moved)) >= 3, seen  # the bar moved through intermediate steps
+            assert seen == sorted(seen) and seen[-1] == 60
+            assert page.evaluate("window.previews.size") >= 3  # step previews changed
+            caption = page.inner_text("#gallery figure.result figcaption")
+            assert "seed 11" in caption and "60 steps" in caption and "dpmpp_2m" in caption
+            assert page.inner_text("#progress-text") == "done"
+            assert page.locator("#reports li").count() >= 3  # bench/serve's README, JSON, screenshot
+            assert not errors
+            assert all(r.startswith(url) or r.startswith("data:") for r in requests)  # no CDN
+            shot = tmp_path / "page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 1000
+            if os.environ.get("VELODIFF_SCREENSHOT"):
+                shutil.copy(shot, Path(os.environ["VELODIFF_SCREENSHOT"]))
+        finally:
+            browser.close()
