@@ -188,7 +188,7 @@ def test_unsupported_node_is_refused_with_node_errors(server):
     ("node", "inputs", "kind", "needle"),
     [
         ("3", {"sampler_name": "res_multistep"}, "value_not_in_list", "sampler_name"),
-        ("3", {"scheduler": "beta"}, "value_not_in_list", "scheduler"),
+        ("3", {"scheduler": "gits"}, "value_not_in_list", "scheduler"),
         ("3", {"denoise": 0.5}, "value_not_supported", "denoise"),
         ("4", {"ckpt_name": "sdxl.safetensors"}, "value_not_in_list", "ckpt_name"),
         ("3", {"steps": "many"}, "invalid_input_type", "steps"),
@@ -210,31 +210,24 @@ def test_a_size_the_model_refuses_is_a_node_error_too(server):
     assert "not a positive multiple of 4" in body["node_errors"]["3"]["errors"][0]["message"]
 
 
-def test_every_mapped_comfy_name_is_a_velodiff_solver_and_grid():
+def test_every_comfy_name_resolves_to_a_velodiff_solver_and_grid():
+    """Every ComfyUI sampler and scheduler name the alias table knows is accepted and runs through the
+    pipelines' own resolution; one it does not know is refused with ComfyUI's list."""
+    from velodiff.aliases import COMFY, KD_COMFY, SAMPLER, SCHEDULER, resolve_grid, resolve_solver, table
     from velodiff.grids import GRIDS
     from velodiff.serve.comfy_api import comfy_sampling
     from velodiff.solvers import get_solver
 
-    samplers = [
-        "euler",
-        "euler_ancestral",
-        "heun",
-        "dpm_2",
-        "lms",
-        "dpmpp_2m",
-        "dpmpp_2m_sde",
-        "dpmpp_3m_sde",
-        "ddim",
-        "ddpm",
-        "uni_pc",
-        "uni_pc_bh2",
-        "ipndm",
-        "deis",
-    ]
+    samplers = [a.name for a in table(SAMPLER) if a.source in (COMFY, KD_COMFY)]
+    schedulers = [a.name for a in table(SCHEDULER) if a.source in (COMFY, KD_COMFY) and not a.provided_by]
+    assert {"dpmpp_2m_sde", "uni_pc", "euler_ancestral"} <= set(samplers) and "karras" in schedulers
     for s in samplers:
-        for sched in ["normal", "karras", "exponential", "simple", "ddim_uniform", "sgm_uniform"]:
-            solver, grid = comfy_sampling(s, sched)
-            get_solver(solver)
-            assert grid in GRIDS
+        solver, _ = comfy_sampling(s, "karras")
+        get_solver(resolve_solver(solver).solver)
+    for sched in schedulers:
+        _, grid = comfy_sampling("euler", sched)
+        assert resolve_grid(grid).grid in GRIDS
     with pytest.raises(KeyError):
         comfy_sampling("res_multistep", "normal")
+    with pytest.raises(KeyError):
+        comfy_sampling("euler", "gits")  # a calibrated grid in velodiff, not a fixed ComfyUI table

@@ -44,38 +44,17 @@ SUPPORTED = (
 
 
 def comfy_sampling(sampler_name: str, scheduler: str) -> tuple[str, str | None]:
-    """ComfyUI's KSampler ``sampler_name`` and ``scheduler`` -> velodiff's (solver, grid); a KeyError
-    names what has no counterpart. Kept small and in one place: velodiff's general alias table
-    (``velodiff.aliases``) will replace it."""
-    solvers = {
-        "euler": "euler",
-        "euler_ancestral": "euler_ancestral",
-        "heun": "heun",
-        "dpm_2": "dpm_solver_2",
-        "lms": "lms",
-        "dpmpp_2m": "dpmpp_2m",
-        "dpmpp_2m_sde": "sde_dpmpp_2m",
-        "dpmpp_3m_sde": "sde_dpmpp_3m",
-        "ddim": "ddim",
-        "ddpm": "ddpm",
-        "uni_pc": "unipc_bh1",
-        "uni_pc_bh2": "unipc",
-        "ipndm": "ipndm",
-        "deis": "deis",
-    }
-    grids = {
-        "normal": "uniform",
-        "karras": "karras",
-        "exponential": "exponential",
-        "simple": "trailing",
-        "ddim_uniform": "leading",
-        "sgm_uniform": "uniform",
-    }
-    if sampler_name not in solvers:
-        raise KeyError(("sampler_name", sampler_name, list(solvers)))
-    if scheduler not in grids:
-        raise KeyError(("scheduler", scheduler, list(grids)))
-    return solvers[sampler_name], grids[scheduler]
+    """ComfyUI's KSampler ``sampler_name`` and ``scheduler``, checked against velodiff's alias table
+    (``velodiff.aliases``: each maps to the velodiff solver, grid and options that reproduce it, which
+    the pipelines resolve from these same names); a KeyError names what has no counterpart."""
+    from ..aliases import COMFY, KD_COMFY, SAMPLER, SCHEDULER, find, table
+
+    for kind, name, label in ((SAMPLER, sampler_name, "sampler_name"), (SCHEDULER, scheduler, "scheduler")):
+        alias = find(name, kind)
+        if alias is None or alias.source not in (COMFY, KD_COMFY) or alias.provided_by:
+            valid = sorted(a.name for a in table(kind) if a.source in (COMFY, KD_COMFY) and not a.provided_by)
+            raise KeyError((label, name, valid))
+    return sampler_name, scheduler
 
 
 class ComfyRefusal(Exception):
