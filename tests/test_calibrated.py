@@ -149,6 +149,15 @@ def test_artefact_refusals(tmp_path, monkeypatch):
         load_solver_calibration("xyz", 2.5, path=path)
     with pytest.raises(VelodiffError, match="made at guidance 2.5, not 7.5"):
         load_solver_calibration("abc", 7.5, path=path)
+    from velodiff.calibrated.artefact import beside_model_path
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    beside = save_solver_calibration({**art, "model_hash": "def"}, None, beside_model_path(folder, 2.5))
+    assert beside == folder / "velodiff" / "solver-cfg2.5.json"
+    assert load_solver_calibration("def", 2.5, model_path=folder)["_path"] == str(beside)  # found beside it
+    with pytest.raises(VelodiffError, match="no solver calibration"):
+        load_solver_calibration("def", 2.5)
     with pytest.raises(VelodiffError, match="below the calibration's minimum"):
         calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [2])
 

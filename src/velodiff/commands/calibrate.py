@@ -96,6 +96,7 @@ def calibrate_solver(
     max_runs: int = typer.Option(24, "--max-runs", min=1, help="runs of each grid descent"),
     reference_steps: int = typer.Option(200, "--reference-steps", min=10, help="steps of the reference"),
     out: Path | None = typer.Option(None, "--out", help="write the artefact here instead of the cache"),
+    beside_model: bool = typer.Option(False, "--beside-model", help="write it beside the model (it travels)"),
     threads: o.Threads = None,
 ) -> None:
     """Fit the sampler (grids, DC ratios, per-step orders, DPM-Solver-v3 statistics) to a model."""
@@ -155,6 +156,10 @@ def calibrate_solver(
         "entries": res["entries"],
         "baselines": res["baselines"],
     }
+    if beside_model and out is None:
+        from ..calibrated.artefact import beside_model_path
+
+        out = beside_model_path(loaded.path, guidance)
     path = save_solver_calibration(artefact, res["ems"], out)
     for e in res["entries"]:
         b = res["baselines"][str(e["nfe"])]

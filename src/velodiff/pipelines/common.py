@@ -258,7 +258,7 @@ def calibrated_setup(
     from ..calibrated.calibrate import entry_options
     from ..eval.reference import model_hash
 
-    art = load_solver_calibration(model_hash(model.path), guidance, str(model.path))
+    art = load_solver_calibration(model_hash(model.path), guidance, str(model.path), model_path=model.path)
     if spec.name == "dpm_solver_v3" and options.get("ems") is None:
         options = {**options, "ems": load_statistics(art)}
     if opts.grid != CALIBRATED:
