@@ -59,11 +59,18 @@ def save_solver_calibration(
 
 
 def load_solver_calibration(
-    model_hash: str, guidance: float, model_name: str = "M", path: str | Path | None = None
+    model_hash: str,
+    guidance: float,
+    model_name: str = "M",
+    path: str | Path | None = None,
+    model_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The artefact for this model hash and guidance scale; one line when it is missing or made for
-    another model or scale."""
+    """The artefact for this model hash and guidance scale: ``path``, else the cache's, else the one
+    beside the model (``model_path``); one line when it is missing or made for another model or scale."""
     p = Path(path) if path is not None else solver_calibration_path(model_hash, guidance)
+    if path is None and not p.is_file() and model_path is not None:
+        if beside_model_path(model_path, guidance).is_file():
+            p = beside_model_path(model_path, guidance)
     hint = f"velodiff calibrate solver --model {model_name} --guidance {float(guidance):g}"
     if not p.is_file():
         raise VelodiffError(
