@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "velodiff.commands.generate",
     "velodiff.commands.img2img",
     "velodiff.commands.inpaint",
+    "velodiff.commands.invert",
     "velodiff.commands.eval_shapes",
     "velodiff.commands.generate_set",
     "velodiff.commands.bench_sweep",
