@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "velodiff.commands.img2img",
     "velodiff.commands.inpaint",
     "velodiff.commands.invert",
+    "velodiff.commands.edit",
     "velodiff.commands.eval_shapes",
     "velodiff.commands.generate_set",
     "velodiff.commands.bench_sweep",
