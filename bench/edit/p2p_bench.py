@@ -25,6 +25,7 @@ import velodiff
 from velodiff.edit.p2p import edit_prompt
 from velodiff.eval.shapes_eval import COLORS, detect, evaluate, load_prompts
 from velodiff.pipelines import text2img
+from velodiff.pipelines.invert import invert
 
 
 def swap_colour(text: str) -> str | None:
@@ -88,9 +89,32 @@ def main() -> None:
                 )
                 plain = text2img(model, target, seeds=[seed], steps=args.steps, guidance=args.guidance)
                 src, edit, base = r.images[0], r.images[1], plain.images[0]
-                score = evaluate([src, edit, base], [text, target, target], keep_detections=False)[
-                    "per_prompt"
-                ]
+                # the same edit from the source image inverted (fixed-point of DDIM), regenerated with DDIM
+                inv = invert(
+                    model,
+                    src,
+                    text,
+                    "fixed-point",
+                    solver="ddim",
+                    steps=args.steps,
+                    guidance=args.guidance,
+                    measure=False,
+                )
+                ri = edit_prompt(
+                    model,
+                    text,
+                    target,
+                    latents=inv.latents,
+                    solver="ddim",
+                    steps=args.steps,
+                    guidance=args.guidance,
+                    cross_steps=args.cross_steps,
+                    self_steps=args.self_steps,
+                )
+                inv_edit = ri.images[1]
+                score = evaluate(
+                    [src, edit, base, inv_edit], [text, target, target, target], keep_detections=False
+                )["per_prompt"]
                 m_src = foreground(src)
                 rows.append(
                     {
@@ -103,6 +127,8 @@ def main() -> None:
                         "plain_ok": score[2]["correct"],
                         "p2p_iou": iou(m_src, foreground(edit)),
                         "plain_iou": iou(m_src, foreground(base)),
+                        "inverted_ok": score[3]["correct"],
+                        "inverted_iou": iou(m_src, foreground(inv_edit)),
                     }
                 )
     seconds = time.perf_counter() - t0
@@ -118,6 +144,9 @@ def main() -> None:
             "plain_iou_median": float(np.median([r["plain_iou"] for r in rs])),
             "p2p_iou>=0.8": float(np.mean([r["p2p_iou"] >= 0.8 for r in rs])),
             "plain_iou>=0.8": float(np.mean([r["plain_iou"] >= 0.8 for r in rs])),
+            "inverted_new_colour": float(np.mean([r["inverted_ok"] for r in rs])),
+            "inverted_iou_median": float(np.median([r["inverted_iou"] for r in rs])),
+            "inverted_iou>=0.8": float(np.mean([r["inverted_iou"] >= 0.8 for r in rs])),
         }
     out = {
         "settings": vars(args) | {"out": str(args.out)},
@@ -127,15 +156,16 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(
-        "| prompts | pairs | source correct | new colour: p2p / plain | mask IoU median: p2p / plain "
-        "| IoU >= 0.8: p2p / plain |"
+        "| prompts | pairs | source correct | new colour: p2p / p2p inverted / plain | mask IoU median: "
+        "p2p / p2p inverted / plain | IoU >= 0.8: p2p / p2p inverted / plain |"
     )
     print("|---|---:|---:|---:|---:|---:|")
     for cat, s in summary.items():
         print(
             f"| {cat} | {s['pairs']} | {s['source_correct']:.2f} | {s['p2p_new_colour']:.2f} / "
-            f"{s['plain_new_colour']:.2f} | {s['p2p_iou_median']:.2f} / {s['plain_iou_median']:.2f} | "
-            f"{s['p2p_iou>=0.8']:.2f} / {s['plain_iou>=0.8']:.2f} |"
+            f"{s['inverted_new_colour']:.2f} / {s['plain_new_colour']:.2f} | {s['p2p_iou_median']:.2f} / "
+            f"{s['inverted_iou_median']:.2f} / {s['plain_iou_median']:.2f} | {s['p2p_iou>=0.8']:.2f} / "
+            f"{s['inverted_iou>=0.8']:.2f} / {s['plain_iou>=0.8']:.2f} |"
         )
 
 

@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "velodiff.commands.inpaint",
     "velodiff.commands.invert",
     "velodiff.commands.edit",
+    "velodiff.commands.brush",
     "velodiff.commands.eval_shapes",
     "velodiff.commands.generate_set",
     "velodiff.commands.bench_sweep",
