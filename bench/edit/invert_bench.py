@@ -50,7 +50,8 @@ def main() -> None:
             m["images"] = len(prompts)
             rows.append(m)
             print(json.dumps(m), flush=True)
-    args.out.write_text(json.dumps(rows, indent=2, default=lambda v: None) + "\n")
+    clean = [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in m.items()} for m in rows]
+    args.out.write_text(json.dumps(clean, indent=2) + "\n")  # psnr null: identical images
     print(
         "\n| guidance | method | solver | latent max error | latent rms error | PSNR (dB) | NFE to invert |"
     )
