@@ -159,6 +159,12 @@ class LayoutGuidance(Accelerator):
             self.objects.append(objs)
         self.guided = int(self.steps * run.steps)
 
+    def evaluate(self, req: Any, inner: Any) -> Any:
+        import torch
+
+        with torch.no_grad():  # only the energy's own passes need a graph
+            return inner(req)
+
     def after_step(self, info: Any) -> Tensor | None:
         import torch
 
