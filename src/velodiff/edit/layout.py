@@ -119,9 +119,9 @@ class LayoutGuidance(Accelerator):
     summary = "layout guidance from cross-attention (Chen et al. 2024), regions from boxes or spatial words"
     cost = "a forward and backward conditional pass per guided step and iteration"
     options = {
-        "scale": Option(0.3, "step size, a fraction of sigma_t per iteration", lo=0, hi=10),
+        "scale": Option(0.05, "step size, a fraction of sigma_t per iteration", lo=0, hi=10),
         "steps": Option(0.5, "share of the steps that are guided", lo=0, hi=1),
-        "iters": Option(2, "gradient iterations per guided step", kind=int, lo=1, hi=20),
+        "iters": Option(3, "gradient iterations per guided step", kind=int, lo=1, hi=20),
     }
 
     def __init__(self, boxes: dict[str, Box] | None = None, **values: Any) -> None:
