@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=[2.5])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("invert.json"))
+    ap.add_argument("--only", nargs="*", help="METHOD:SOLVER rows to run (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = velodiff.load("default")
@@ -43,6 +44,8 @@ def main() -> None:
     for g in args.guidance:
         gen = text2img(model, prompts, seeds=0, steps=args.steps, guidance=g, output="tensor")
         for method, kw in CONFIGS:
+            if args.only and f"{method}:{kw.get('solver', 'ddim')}" not in args.only:
+                continue
             t0 = time.perf_counter()
             inv = invert(model, gen.images, prompts, method, steps=args.steps, guidance=g, **kw)
             m = dict(inv.metrics)

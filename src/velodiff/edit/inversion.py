@@ -25,7 +25,10 @@ Denoiser` with any conditioning and plan (guidance included); the grid ``ts`` is
   warm-up order), every further sweep with the history replayed from the previous sweep's trajectory
   (a Jacobi iteration over the history terms: the history's error moves about one step per sweep,
   so it converges slowly, faster on log-SNR grids; measured in bench/edit/README.md), until the whole
-  trajectory inverts the solver's own.
+  trajectory inverts the solver's own. Such a sweep can also make things worse (with strong guidance
+  the per-step solves leave errors the next sweep's history amplifies), so after each sweep the solver
+  is run forward from the noise found (one more evaluation per step) and the best sweep is kept; two
+  worse sweeps in a row end the iteration.
 * ``rf``: RF-Inversion (Rout et al. 2024, 'Semantic Image Inversion and Editing using Rectified
   Stochastic Differential Equations', Eq. 8 and Alg. 1) for flow models: the controlled forward ODE
   dY/dt = v(Y, t) + gamma ((y1 - Y) / (1 - t) - v(Y, t)) toward a drawn noise y1 (gamma = 0: plain
@@ -366,6 +369,22 @@ def _fixed_point_invert(
         )
 
     live_ctx, replay_ctx = ctx_with(live), ctx_with(replayed)
+
+    def plain(x: Tensor, t: float) -> Tensor:
+        return ev.x0(x, t, plain.step)  # type: ignore[attr-defined]
+
+    plain_ctx = ctx_with(plain)
+
+    def forward_error(noise: Tensor) -> float:
+        """Max error of the solver's own run from ``noise`` against z0 (n more evaluations)."""
+        x, state = noise, None
+        for j in range(n):
+            plain.step, ev.stage = j, 0  # type: ignore[attr-defined]
+            x, _, state = spec.step(plain_ctx, j, x, state)
+        return float((x - z0).abs().max())
+
+    best: tuple[float, Tensor | None, int] = (math.inf, None, 0)
+    worse = 0
     traj: list[Tensor] = [z0] * (n + 1)  # traj[i]: x at ts[i]; traj[n] = z0
     states: list[Any] = [None] * n
     has_history = False
@@ -400,6 +419,14 @@ def _fixed_point_invert(
         done += 1
         if sweeps is None and done == 1 and has_history:
             limit = MAX_SWEEPS
+        if has_history:  # a sweep may make the trajectory worse (the history's error): keep the best
+            err = forward_error(traj[0])
+            if err < best[0]:
+                best, worse = (err, traj[0], done), 0
+            else:
+                worse += 1
+            if sweeps is None and worse >= 2:
+                break
         if sweeps is None and change <= tol:
             break
         if done < limit:  # the history each step sees in the next sweep: replayed on this trajectory
@@ -408,7 +435,11 @@ def _fixed_point_invert(
                 states[j] = state
                 replayed.step = j  # type: ignore[attr-defined]
                 _, _, state = spec.step(replay_ctx, j, traj[j], state)
-    return traj[0], {"iters": iters, "sweeps": done, "residual": worst, "iterations": total_iters}
+    info = {"iters": iters, "sweeps": done, "residual": worst, "iterations": total_iters}
+    if best[1] is not None:
+        info.update(kept_sweep=best[2], forward_error=best[0])
+        return best[1], info
+    return traj[0], info
 
 
 def regenerate_latents(
