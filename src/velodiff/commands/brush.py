@@ -71,7 +71,9 @@ def brush_cmd(
     config: o.Config = None,
     threads: o.Threads = None,
 ) -> None:
-    """Layered region brushes: a base image, then each layer repaints its region from cached latents."""
+    """Paint regions over a base image with layered brushes.
+
+    Each layer repaints its region from the cached latents of the layers below."""
     if not prompt.strip():
         raise VelodiffError("the prompt is empty; describe the base image")
     run = ImageRun(

@@ -49,7 +49,9 @@ def edit_cmd(
     config: o.Config = None,
     threads: o.Threads = None,
 ) -> None:
-    """Prompt-to-prompt editing (Hertz et al. 2022): writes the source then each edit, as one grid."""
+    """Edit by prompt, keeping the layout (prompt-to-prompt).
+
+    Hertz et al. 2022: writes the source, then each edit, as one grid."""
     if not source.strip() or not all(t.strip() for t in to):
         raise VelodiffError("a prompt is empty; give the source prompt and each --to prompt")
     if method not in ("fixed-point", "ddim"):

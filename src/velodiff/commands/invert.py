@@ -63,7 +63,9 @@ def invert_cmd(
     config: o.Config = None,
     threads: o.Threads = None,
 ) -> None:
-    """Invert an image (DDIM, EDICT, fixed-point, RF-Inversion) and report invert-then-regenerate error."""
+    """Invert an image to noise; report the round trip's error.
+
+    Methods: DDIM, EDICT, fixed-point (of any deterministic solver), RF-Inversion (flow models)."""
     if not prompt.strip():
         raise VelodiffError('the prompt is empty; describe the image, e.g. "a red circle"')
     if method not in METHODS:
