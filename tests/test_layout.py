@@ -81,3 +81,27 @@ def test_no_relation_no_change_and_refusals(model):
         text2img(
             model, "a red circle", steps=2, plan=[LayoutGuidance(boxes={"blue square": (0, 0, 0.5, 0.5)})]
         )
+
+
+def test_generate_layout_option(tmp_path, capsys):
+    from test_invert import cli
+    from velodiff.edit.layout import parse_layout
+
+    assert parse_layout("Red circle: 0,0.5,1,1; blue square: 0,0,1,0.5") == {
+        "red circle": (0.0, 0.5, 1.0, 1.0),
+        "blue square": (0.0, 0.0, 1.0, 0.5),
+    }
+    out = tmp_path / "l.png"
+    prompt = "a red circle above a blue square"
+    assert cli("generate", prompt, "-o", str(out), "--steps", "3", "--layout", "red circle: 0,0.5,1,1") == 0
+    assert "plan layout+cfg" in capsys.readouterr().out
+    for bad, match in [
+        ("red circle 0,0,1,1", "write 'words: x0,y0,x1,y1'"),
+        ("green circle: 0,0,1,1", "'green' is not in the prompt"),
+        ("red circle: 0,0,1.5,1", "must satisfy"),
+    ]:
+        assert cli("generate", prompt, "-o", str(out), "--layout", bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err
+    assert cli("generate", prompt, "-o", str(out), "--layout", "red circle: 0,0,1,1", "--plan", "layout") == 2
+    assert "drop layout from --plan" in capsys.readouterr().err

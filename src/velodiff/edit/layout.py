@@ -56,6 +56,24 @@ def regions_from_prompt(prompt: str) -> dict[str, Box]:
     return {}
 
 
+def parse_layout(text: str) -> dict[str, Box]:
+    """'red circle: 0.1,0.1,0.45,0.45; blue square: 0.55,0.5,0.95,0.95' -> {words: box} (one line if
+    malformed)."""
+    boxes: dict[str, Box] = {}
+    for item in filter(None, (p.strip() for p in text.split(";"))):
+        name, colon, coords = item.partition(":")
+        try:
+            box = tuple(float(v) for v in coords.split(","))
+        except ValueError:
+            box = ()
+        if not colon or not name.strip() or len(box) != 4:
+            raise VelodiffError(f"layout {item!r}: write 'words: x0,y0,x1,y1' with four numbers in [0, 1]")
+        boxes[name.strip().lower()] = box  # type: ignore[assignment]
+    if not boxes:
+        raise VelodiffError("the layout is empty; write 'red circle: 0.1,0.1,0.45,0.45; blue square: ...'")
+    return boxes
+
+
 def check_boxes(boxes: dict[str, Box], prompt: str) -> None:
     words = set(prompt.lower().replace(",", " ").split())
     for name, box in boxes.items():
