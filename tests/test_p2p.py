@@ -119,3 +119,16 @@ def test_cli_edit_writes_the_grid_and_refuses_in_one_line(tmp_path, capsys):
         cli("edit", "a red circle", "--to", "x", "-o", str(out), "--image", str(out), "--method", "edict")
         == 2
     )
+
+
+def test_local_blend_keeps_the_source_outside_its_region(model):
+    """An empty region (threshold 1: no attention exceeds its maximum) makes the edit the source; a full
+    one (threshold 0) is the edit without blending."""
+    kw = dict(seed=0, steps=4, output="latent")
+    plain = edit_prompt(model, "a red circle", "a blue circle", **kw)
+    empty = edit_prompt(model, "a red circle", "a blue circle", blend=["red", "blue"], threshold=1, **kw)
+    full = edit_prompt(model, "a red circle", "a blue circle", blend=["red", "blue"], threshold=0, **kw)
+    assert torch.equal(empty.latents[1], empty.latents[0])
+    assert torch.allclose(full.latents, plain.latents, atol=1e-3)  # explicit attention vs SDPA round-off
+    with pytest.raises(VelodiffError, match="in none of the prompts"):
+        edit_prompt(model, "a red circle", "a blue circle", blend=["green"], steps=2)

@@ -44,6 +44,8 @@ class EditState:
     #: the row groups (source first, then the edits) edited in this call: the conditional branch's, and
     #: the unconditional branch's too with ``uncond``
     groups: tuple[slice, ...] = ()
+    #: collect the conditional rows' cross-attention maps (the local blend's mask)
+    collect: bool = False
     cross: bool = False
     self_attn: bool = False
 
@@ -104,7 +106,9 @@ class EditAttention(RowProcessor):
         import torch
 
         st = self.state
-        if not (st.cross if self.cross else st.self_attn):
+        edit = st.cross if self.cross else st.self_attn
+        collect = self.cross and st.collect
+        if not (edit or collect):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         h, residual, shape = _to_tokens(attn, hidden_states, temb)
         b, n, _ = h.shape
@@ -118,7 +122,9 @@ class EditAttention(RowProcessor):
         k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(q, k, mask)  # (B * heads, N, T)
         p = probs.view(b, attn.heads, n, -1).clone()
-        for sl in self.state.groups:
+        if collect:  # the conditional rows' maps, heads averaged, for the local blend
+            self.rule.blend_maps.append(p[st.groups[0]].mean(1).detach())
+        for sl in self.state.groups if edit else ():
             src = p[sl.start]
             for r in range(sl.start + 1, sl.stop):
                 p[r] = self.rule.edited(src, p[r], r - sl.start, self.cross)
@@ -144,6 +150,10 @@ class PromptToPrompt(Accelerator):
         "uncond": Option(
             False, "edit the unconditional branch's maps too (the reference code: no)", kind=bool
         ),
+        "blend": Option(
+            (), "local blend: words whose attention bounds the edit (outside: the source)", kind=tuple
+        ),
+        "threshold": Option(0.3, "local blend: the share of a map's maximum inside the region", lo=0, hi=1),
     }
 
     def check(self, run: RunInfo) -> None:
@@ -172,11 +182,20 @@ class PromptToPrompt(Accelerator):
             self.index.append(torch.tensor(index))
             self.alpha.append(torch.tensor(alpha))
             self.scale.append(scale)
+        self.blend_pos = []
+        for prompt in run.prompts:
+            words = set(prompt.lower().replace(",", " ").split())
+            pos = [q for w in self.blend if w.lower() in words for q in word_positions(run, prompt, w)]
+            self.blend_pos.append(pos)
+        if self.blend and not any(self.blend_pos):
+            raise VelodiffError(
+                f"plan rule 'p2p': the blend words {list(self.blend)} are in none of the prompts"
+            )
 
     def begin(self, run: RunInfo) -> None:
         super().begin(run)
         self._plan(run)
-        self.state, self.swap = EditState(), ProcessorSwap()
+        self.state, self.swap, self.blend_maps = EditState(), ProcessorSwap(), []
         for cross in (True, False):
             mods = [m for m in attention_modules(run.network, cross) if m[1].norm_q is None]
             self.swap.install(mods, lambda name, mod, orig, c=cross: EditAttention(orig, self.state, self, c))
@@ -198,7 +217,8 @@ class PromptToPrompt(Accelerator):
         n = max(1, self.run.steps)
         self.state.cross = req.step < self.cross_steps * n
         self.state.self_attn = req.step < self.self_steps * n
-        active = self.state.cross or self.state.self_attn
+        self.state.collect = bool(self.blend) and req.stage == 0
+        active = self.state.cross or self.state.self_attn or self.state.collect
         groups = [req.rows("cond")]
         if self.uncond and "uncond" in req.branches and "uncond" not in req.subsets:
             groups.append(req.rows("uncond"))
@@ -208,6 +228,34 @@ class PromptToPrompt(Accelerator):
             return inner(req)
         finally:
             self.state.rows = None
+
+    def after_step(self, info: Any) -> Tensor | None:
+        """Local blend (Hertz et al. 2022, Sec. 3.2, 'local editing'; the reference code's LocalBlend):
+        the region is where the blend words' attention (layers averaged, max-pooled 3x3, over its
+        maximum) exceeds ``threshold`` in the source or the edit; outside it the edit takes the source's
+        sample, x_k <- x_0 + M (x_k - x_0)."""
+        import torch
+        import torch.nn.functional as F
+
+        from ..accel.attention import _spatial
+
+        maps, self.blend_maps = self.blend_maps, []
+        if not self.blend or not maps:
+            return None
+        h, w = info.x.shape[-2:]
+        a = torch.stack([_spatial(m.float(), h, w) for m in maps]).mean(0)  # (B, T, h, w)
+        region = []
+        for r, pos in enumerate(self.blend_pos[: a.shape[0]]):
+            if not pos:
+                region.append(torch.zeros(h, w, device=a.device))
+                continue
+            m = F.max_pool2d(a[r, pos].mean(0)[None, None], 3, stride=1, padding=1)[0, 0]
+            region.append((m / m.max().clamp_min(1e-12) > self.threshold).float())
+        x = info.x.clone()
+        for k in range(1, min(len(region), x.shape[0])):
+            mask = torch.maximum(region[0], region[k]).to(x)
+            x[k] = x[0] + mask * (x[k] - x[0])
+        return x
 
     def end(self) -> None:
         self.swap.restore()
@@ -225,6 +273,8 @@ def edit_prompt(
     words: Sequence[str] = (),
     weight: float = 1.0,
     uncond: bool = False,
+    blend: Sequence[str] = (),
+    threshold: float = 0.3,
     latents: Any = None,
     plan: Any = None,
     **options: Any,
@@ -247,6 +297,8 @@ def edit_prompt(
         words=tuple(words),
         weight=weight,
         uncond=uncond,
+        blend=tuple(blend),
+        threshold=threshold,
     )
     rule = PromptToPrompt(**{k: v for k, v in given.items() if v != PromptToPrompt.options[k].default})
     h = options.pop("height", None) or model.default_size[0]
