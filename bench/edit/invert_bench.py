@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("invert.json"))
     ap.add_argument("--only", nargs="*", help="METHOD:SOLVER rows to run (default: all)")
+    ap.add_argument("--iters", type=int, default=8, help="fixed-point iterations per step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = velodiff.load("default")
@@ -47,6 +48,8 @@ def main() -> None:
             if args.only and f"{method}:{kw.get('solver', 'ddim')}" not in args.only:
                 continue
             t0 = time.perf_counter()
+            if method == "fixed-point":
+                kw = {**kw, "iters": args.iters}
             inv = invert(model, gen.images, prompts, method, steps=args.steps, guidance=g, **kw)
             m = dict(inv.metrics)
             m["seconds"] = round(time.perf_counter() - t0, 2)
