@@ -346,15 +346,16 @@ def _fixed_point_invert(
     alphas, sigmas = sched.alpha(ts), sched.sigma(ts)
     depth = 3
     cache: dict[int, Tensor] = {}  # step -> the x0 its solve evaluated last (its stage-0 prediction)
+    at = {"step": 0}  # the step the solver is on: set before each spec.step call
 
     def live(x: Tensor, t: float) -> Tensor:
-        out = ev.x0(x, t, live.step)  # type: ignore[attr-defined]
+        out = ev.x0(x, t, at["step"])
         if ev.stage == 1:
-            cache[live.step] = out  # type: ignore[attr-defined]
+            cache[at["step"]] = out
         return out
 
     def replayed(x: Tensor, t: float) -> Tensor:
-        return cache[replayed.step]  # type: ignore[attr-defined]
+        return cache[at["step"]]
 
     def ctx_with(fn: Any) -> StepContext:
         return StepContext(
@@ -371,7 +372,7 @@ def _fixed_point_invert(
     live_ctx, replay_ctx = ctx_with(live), ctx_with(replayed)
 
     def plain(x: Tensor, t: float) -> Tensor:
-        return ev.x0(x, t, plain.step)  # type: ignore[attr-defined]
+        return ev.x0(x, t, at["step"])
 
     plain_ctx = ctx_with(plain)
 
@@ -379,7 +380,7 @@ def _fixed_point_invert(
         """Max error of the solver's own run from ``noise`` against z0 (n more evaluations)."""
         x, state = noise, None
         for j in range(n):
-            plain.step, ev.stage = j, 0  # type: ignore[attr-defined]
+            at["step"], ev.stage = j, 0
             x, _, state = spec.step(plain_ctx, j, x, state)
         return float((x - z0).abs().max())
 
@@ -401,7 +402,7 @@ def _fixed_point_invert(
             res = None
             mix = Anderson(depth)
             for _ in range(iters):
-                live.step, ev.stage = i, 0  # type: ignore[attr-defined]
+                at["step"], ev.stage = i, 0
                 x_next, _, state = spec.step(live_ctx, i, x, states[i])
                 has_history = has_history or state is not None and spec.order > 1
                 r = target - x_next
@@ -433,7 +434,7 @@ def _fixed_point_invert(
             state = None
             for j in range(n):
                 states[j] = state
-                replayed.step = j  # type: ignore[attr-defined]
+                at["step"] = j
                 _, _, state = spec.step(replay_ctx, j, traj[j], state)
     info = {"iters": iters, "sweeps": done, "residual": worst, "iterations": total_iters}
     if best[1] is not None:
