@@ -22,6 +22,7 @@ _EXPORTS = {
     "RectifiedFlow": "schedules", "get_schedule": "schedules",
     "SOLVERS": "solvers", "get_solver": "solvers",
     "load": "models",  # without importing the model families up front
+    "invert": "pipelines.invert",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .grids import GRIDS, make_grid
     from .guidance import ClassifierFreeGuidance, GuidedCond
     from .models import load
+    from .pipelines.invert import invert
     from .plan import Plan
     from .sampling import SampleResult, StepInfo, sample
     from .schedules import EDM, ContinuousVP, DiscreteVP, NoiseSchedule, RectifiedFlow, get_schedule
@@ -59,5 +61,5 @@ def __dir__() -> list[str]:
 __all__ = [
     "EDM", "GRIDS", "SOLVERS", "ClassifierFreeGuidance", "ContinuousVP", "Cost", "DiscreteVP",
     "GuidedCond", "ModelDenoiser", "NoiseSchedule", "Plan", "RectifiedFlow", "SampleResult", "StepInfo",
-    "VelodiffError", "get_schedule", "get_solver", "load", "make_grid", "sample",
+    "VelodiffError", "get_schedule", "get_solver", "invert", "load", "make_grid", "sample",
 ]

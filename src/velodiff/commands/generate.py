@@ -143,6 +143,11 @@ def generate(
         typer.Option(help="also write an image's cross-attention map per token (PNG; the first image of the "
                      "last batch)"),
     ] = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(help="layout guidance boxes: 'red circle: 0.1,0.1,0.45,0.45; blue square: ...' "
+                     "(fractions x0,y0,x1,y1, y down; plan rule layout)"),
+    ] = None,
 ) -> None:
     """Generate images from a text prompt. Offline; the shipped model unless --model says otherwise, on
     the best device there is."""
@@ -152,6 +157,15 @@ def generate(
         )
     run = ImageRun.of(locals())
     run.check()
+    boxes = None
+    if layout is not None:
+        from ..edit.layout import check_boxes, parse_layout
+        from ..plan import Plan
+
+        boxes = parse_layout(layout)
+        check_boxes(boxes, prompt)
+        if plan is not None and Plan.parse(plan).find("layout") is not None:
+            raise VelodiffError("--layout adds the plan rule layout with its boxes; drop layout from --plan")
     fmt = check_output_path(out)
     if attention_maps is not None:
         check_output_path(attention_maps)
@@ -163,6 +177,10 @@ def generate(
         from ..accel.attention import AttentionMaps
 
         extra.append(capture := AttentionMaps())
+    if boxes is not None:
+        from ..edit.layout import LayoutGuidance
+
+        extra.append(LayoutGuidance(boxes=boxes))
     res = run.run(text2img, prompt, plan=extra, width=width, height=height)
     save_image_atomic(image_grid(list(res.images)), out, fmt)
     typer.echo(run.summary(out, res))

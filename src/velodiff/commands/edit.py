@@ -1,0 +1,125 @@
+"""`velodiff edit SOURCE --to TARGET --out OUT`: prompt-to-prompt editing (``velodiff.edit.p2p``): the source
+prompt and its edits from one noise, the source's attention maps injected; from a drawn seed, or from an
+image inverted under the source prompt (``--image``, ddim or fixed-point inversion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import VelodiffError
+from ..files import save_image_atomic
+from ..images import image_grid
+from . import options as o
+from .image_run import ImageRun, fit_size, read_image
+
+EXAMPLE = o.example(
+    'velodiff edit "a red circle" --to "a blue circle" --to "a green circle" \\',
+    "    --mode replace --out edits.png",
+)
+
+
+def edit_cmd(
+    source: Annotated[str, typer.Argument(help="the source prompt")],
+    out: o.Out,
+    to: Annotated[list[str], typer.Option("--to", help="an edited prompt (repeat for several)")],
+    mode: Annotated[str, typer.Option(help="replace (word swap), refine (added words) or auto")] = "auto",
+    cross_steps: Annotated[
+        float, typer.Option(help="share of steps with the source's cross-attention")
+    ] = 0.8,
+    self_steps: Annotated[float, typer.Option(help="share of steps with the source's self-attention")] = 0.4,
+    words: Annotated[list[str] | None, typer.Option("--word", help="a word to re-weight (repeat)")] = None,
+    weight: Annotated[float, typer.Option(help="the re-weighting factor of --word")] = 1.0,
+    image: Annotated[Path | None, typer.Option(help="edit this image: invert it under SOURCE first")] = None,
+    method: Annotated[str, typer.Option(help="inversion for --image: fixed-point or ddim")] = "fixed-point",
+    model: o.Model = None,
+    width: o.Width = None,
+    height: o.Height = None,
+    device: o.Device = None,
+    dtype: o.Dtype = None,
+    seed: o.Seed = 0,
+    steps: o.Steps = None,
+    solver: o.Solver = None,
+    grid: o.Grid = None,
+    guidance: o.Guidance = None,
+    negative: o.Negative = None,
+    plan: o.PlanOpt = None,
+    config: o.Config = None,
+    threads: o.Threads = None,
+) -> None:
+    """Edit by prompt, keeping the layout (prompt-to-prompt).
+
+    Hertz et al. 2022: writes the source, then each edit, as one grid."""
+    if not source.strip() or not all(t.strip() for t in to):
+        raise VelodiffError("a prompt is empty; give the source prompt and each --to prompt")
+    if method not in ("fixed-point", "ddim"):
+        raise VelodiffError(
+            f"--method {method!r}: prompt-to-prompt starts from one noise; use fixed-point or ddim inversion"
+        )
+    run = ImageRun(
+        model=model,
+        config=config,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        width=width,
+        height=height,
+        seed=seed,
+        steps=steps,
+        solver=solver,
+        grid=grid,
+        guidance=guidance,
+        negative=negative,
+        plan=plan,
+    )
+    run.check()
+    from .generate import check_output_path
+
+    fmt = check_output_path(out)
+    picture = read_image(image).convert("RGB") if image is not None else None
+    m = run.load()
+    kw = {k: v for k, v in run.sampling().items() if v is not None and k != "noise"}
+    latents, size = None, (height, width)
+    if picture is not None:
+        w_h = fit_size(run, picture)
+        if w_h != picture.size:
+            from PIL import Image
+
+            picture = picture.resize(w_h, Image.Resampling.LANCZOS)
+        from ..pipelines.invert import invert
+
+        inv_kw = dict(kw)
+        if method == "ddim":
+            inv_kw.pop("solver", None)
+            kw["solver"] = "ddim"
+        inv = invert(m, picture, source, method, measure=False, plan=plan, **inv_kw)
+        latents, size = inv.latents, inv.size
+    from ..edit.p2p import edit_prompt
+
+    res = edit_prompt(
+        m,
+        source,
+        to,
+        seed=seed,
+        mode=mode,
+        cross_steps=cross_steps,
+        self_steps=self_steps,
+        words=tuple(words or ()),
+        weight=weight,
+        latents=latents,
+        plan=plan,
+        height=size[0],
+        width=size[1],
+        **kw,
+    )
+    save_image_atomic(image_grid(list(res.images)), out, fmt)
+    typer.echo(
+        f"wrote {out} (source + {len(to)} edit{'s' if len(to) > 1 else ''}, {res.solver}, {res.steps} steps, "
+        f"plan {res.plan})"
+    )
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("edit", epilog=EXAMPLE)(edit_cmd)

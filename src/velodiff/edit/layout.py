@@ -1,0 +1,224 @@
+"""Training-free layout guidance from cross-attention (Chen et al. 2024, 'Training-Free Layout Control with
+Cross-Attention Guidance', backward guidance, Sec. 3.3): after each of the first ``steps`` share of the
+steps, the sample is moved down the gradient of an energy that is small when each object's words attend
+inside the object's box:
+
+    E(x_t) = sum_objects (1 - sum_{u in box} A_u / sum_u A_u)^2         (Chen et al., Eq. 3)
+    x_t <- x_t - scale * sigma_t * grad E / rms(grad E)                  (Eq. 4, with a normalized step)
+
+A_u is the conditional pass's cross-attention (heads averaged, every plain cross-attention layer) to the
+object's colour and shape tokens at position u. The paper scales the gradient by eta sigma_t^2; the
+normalized step here makes ``scale`` a fraction of the noise level, the same for every model and prompt.
+
+Regions come from explicit boxes (``boxes``: words -> (x0, y0, x1, y1) in [0, 1], y down) or from the
+prompt's spatial words: "A above B", "A below B", "A to the left of B", "A to the right of B" give A and
+B the two halves of the image. A prompt with no such relation is sampled unguided.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from ..accel.attention import (
+    ProcessorSwap,
+    RowProcessor,
+    RowState,
+    _from_tokens,
+    _to_tokens,
+    attention_modules,
+)
+from ..errors import VelodiffError
+from ..plan import Accelerator, Option, RunInfo, register_rule
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+Box = tuple[float, float, float, float]
+HALVES: dict[str, tuple[Box, Box]] = {
+    "above": ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)),
+    "below": ((0.0, 0.5, 1.0, 1.0), (0.0, 0.0, 1.0, 0.5)),
+    "to the left of": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)),
+    "to the right of": ((0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 1.0)),
+}
+ARTICLES = {"a", "an", "the", "one", "two", "three"}
+
+
+def regions_from_prompt(prompt: str) -> dict[str, Box]:
+    """Object words -> box from the prompt's spatial relation (empty if it has none)."""
+    text = prompt.lower().strip().rstrip(".")
+    for rel, (box_a, box_b) in HALVES.items():
+        parts = re.split(rf"\s+{rel}\s+", text)
+        if len(parts) == 2:
+            a, b = (" ".join(w for w in p.split() if w not in ARTICLES) for p in parts)
+            if a and b:
+                return {a: box_a, b: box_b}
+    return {}
+
+
+def parse_layout(text: str) -> dict[str, Box]:
+    """'red circle: 0.1,0.1,0.45,0.45; blue square: 0.55,0.5,0.95,0.95' -> {words: box} (one line if
+    malformed)."""
+    boxes: dict[str, Box] = {}
+    for item in filter(None, (p.strip() for p in text.split(";"))):
+        name, colon, coords = item.partition(":")
+        try:
+            box = tuple(float(v) for v in coords.split(","))
+        except ValueError:
+            box = ()
+        if not colon or not name.strip() or len(box) != 4:
+            raise VelodiffError(f"layout {item!r}: write 'words: x0,y0,x1,y1' with four numbers in [0, 1]")
+        boxes[name.strip().lower()] = box  # type: ignore[assignment]
+    if not boxes:
+        raise VelodiffError("the layout is empty; write 'red circle: 0.1,0.1,0.45,0.45; blue square: ...'")
+    return boxes
+
+
+def check_boxes(boxes: dict[str, Box], prompt: str) -> None:
+    words = set(prompt.lower().replace(",", " ").split())
+    for name, box in boxes.items():
+        if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise VelodiffError(
+                f"layout box {name!r} {tuple(box)} must satisfy 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
+            )
+        missing = [w for w in name.lower().split() if w not in words]
+        if missing:
+            raise VelodiffError(f"layout object {name!r}: {missing[0]!r} is not in the prompt {prompt!r}")
+
+
+class GradCapture(RowProcessor):
+    """Cross-attention with an explicit map, handing the selected rows' head-averaged maps (rows, N, T)
+    to ``sink`` with their graph (for the energy's gradient)."""
+
+    def __init__(self, original: Any, state: RowState, sink: Any) -> None:
+        super().__init__(original, state)
+        self.sink = sink
+
+    def act(self, attn, rows, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
+        import torch
+
+        h, residual, shape = _to_tokens(attn, hidden_states, temb)
+        b, n, _ = h.shape
+        mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q = attn.head_to_batch_dim(attn.to_q(h))
+        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, mask)
+        self.sink(probs.view(b, attn.heads, n, -1).mean(1)[rows])
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return _from_tokens(attn, out, residual, shape)
+
+
+def box_mask(box: Box, n: int, aspect: float = 1.0) -> Tensor:
+    """A (n,) mask over a row-major grid of n cells (h x w, w / h = aspect): 1 where the cell centre is in
+    the box."""
+    import math
+
+    import torch
+
+    h = max(1, round(math.sqrt(n / aspect)))
+    w = n // h
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    inside = ((ys >= box[1]) & (ys <= box[3]))[:, None] & ((xs >= box[0]) & (xs <= box[2]))[None, :]
+    return inside.reshape(-1).float()
+
+
+@register_rule
+class LayoutGuidance(Accelerator):
+    """Layout guidance (module docstring); ``boxes`` (Python only): words -> box, for every image."""
+
+    name = "layout"
+    layer = 0
+    exclusive = "attention processors"
+    needs_grad = True
+    summary = "layout guidance from cross-attention (Chen et al. 2024), regions from boxes or spatial words"
+    cost = "a forward and backward conditional pass per guided step and iteration"
+    options = {
+        "scale": Option(0.05, "step size, a fraction of sigma_t per iteration", lo=0, hi=10),
+        "steps": Option(0.5, "share of the steps that are guided", lo=0, hi=1),
+        "iters": Option(3, "gradient iterations per guided step", kind=int, lo=1, hi=20),
+    }
+
+    def __init__(self, boxes: dict[str, Box] | None = None, **values: Any) -> None:
+        super().__init__(**values)
+        self.boxes = dict(boxes or {})
+
+    def check(self, run: RunInfo) -> None:
+        if not [m for m in attention_modules(run.network, True) if m[1].norm_q is None]:
+            raise VelodiffError(
+                "plan rule 'layout': the model has no plain cross-attention layers (SD family)"
+            )
+        if run.model is None or not run.prompts:
+            raise VelodiffError("plan rule 'layout' needs a pipeline run (text2img) with its prompts")
+        for p in run.prompts:
+            if self.boxes:
+                check_boxes(self.boxes, p)
+
+    def begin(self, run: RunInfo) -> None:
+        import torch
+
+        from .p2p import word_positions
+
+        super().begin(run)
+        self.state, self.swap, self.maps = RowState(), ProcessorSwap(), []
+        mods = [m for m in attention_modules(run.network, True) if m[1].norm_q is None]
+        self.swap.install(mods, lambda name, mod, orig: GradCapture(orig, self.state, self.maps.append))
+        prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts))) if run.prompts else []
+        self.objects: list[list[tuple[Tensor, Box]]] = []
+        for p in prompts[: run.batch]:
+            regions = self.boxes or regions_from_prompt(p)
+            objs = []
+            for words, box in regions.items():
+                pos = [q for w in words.split() for q in word_positions(run, p, w)]
+                objs.append((torch.tensor(pos), box))
+            self.objects.append(objs)
+        self.guided = int(self.steps * run.steps)
+
+    def evaluate(self, req: Any, inner: Any) -> Any:
+        import torch
+
+        with torch.no_grad():  # only the energy's own passes need a graph
+            return inner(req)
+
+    def after_step(self, info: Any) -> Tensor | None:
+        import torch
+
+        if info.i + 1 >= self.guided or info.t <= 0 or not any(self.objects):
+            return None
+        run, x = self.run, info.x
+        sigma = float(run.schedule.sigma(info.t))
+        cond = run.conds["cond"]
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().clone()
+            for _ in range(self.iters):
+                x.requires_grad_(True)
+                self.maps.clear()
+                self.state.rows = slice(0, x.shape[0])
+                try:
+                    run.model.denoiser(x, info.t, cond)
+                finally:
+                    self.state.rows = None
+                energy = self.energy(self.maps)
+                (g,) = torch.autograd.grad(energy, x)
+                self.maps.clear()
+                rms = g.pow(2).mean(dim=tuple(range(1, g.ndim)), keepdim=True).sqrt().clamp_min(1e-12)
+                x = (x - self.scale * sigma * g / rms).detach()
+        return x
+
+    def energy(self, maps: list[Tensor]) -> Tensor:
+        """Chen et al. 2024, Eq. 3, averaged over the layers, summed over images."""
+        total = 0.0
+        for a in maps:  # (B, N, T)
+            for b, objs in enumerate(self.objects):
+                for pos, box in objs:
+                    att = a[b][:, pos.to(a.device)].mean(-1)  # (N,)
+                    m = box_mask(box, att.shape[0]).to(att)
+                    total = total + (1 - (att * m).sum() / att.sum().clamp_min(1e-12)) ** 2
+        return total / max(1, len(maps))
+
+    def end(self) -> None:
+        self.swap.restore()
+        self.maps = []

@@ -1,0 +1,95 @@
+"""Layered region brushes: outside its mask a layer leaves the composite below exactly; an edit runs only the
+last strength share of the steps; changing one layer re-renders it and the layers above only."""
+
+import pytest
+import torch
+
+import velodiff
+from velodiff import VelodiffError
+from velodiff.edit.brushes import Canvas
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    from velodiff.default_model import default_model_path
+
+    return velodiff.load(default_model_path())
+
+
+def latent_mask(mask):
+    return torch.nn.functional.interpolate(mask[None, None], size=(16, 16), mode="area")[0, 0]
+
+
+def test_layers_change_their_region_only_and_cost_a_fraction(model):
+    from velodiff.pipelines import text2img
+
+    c = Canvas(model, "a red circle above a blue square", seed=0, steps=10, guidance=2.5)
+    base = c.render(output="latent")
+    assert c.last_nfe == 10
+    plain = text2img(
+        model, "a red circle above a blue square", seeds=[0], steps=10, guidance=2.5, output="latent"
+    )
+    assert torch.equal(base.latents, plain.latents)  # the base is the ordinary generation
+    low = torch.zeros(64, 64)
+    low[32:] = 1
+    left = torch.zeros(64, 64)
+    left[:, :24] = 1
+    c.add(low, "a green triangle", seed=1, strength=0.6)
+    one = c.render(output="latent")
+    assert c.last_nfe == 6  # only the last 60% of the steps
+    lm = latent_mask(low)
+    assert torch.equal(one.latents[..., lm == 0], base.latents[..., lm == 0])
+    assert float((one.latents - base.latents)[..., lm == 1].abs().max()) > 0.1
+    c.add(left, "a yellow cross", seed=2, strength=0.3)
+    two = c.render(output="latent")
+    assert c.last_nfe == 3  # layer 0 came from its cache
+    lm2 = latent_mask(left)
+    assert torch.equal(two.latents[..., lm2 == 0], one.latents[..., lm2 == 0])
+    c.update(0, seed=5)
+    c.render(output="latent")
+    assert c.last_nfe == 6 + 3
+    c.move(1, 0)
+    c.render(output="latent")
+    assert c.last_nfe == 3 + 6 and [layer.prompt for layer in c.layers] == [
+        "a yellow cross",
+        "a green triangle",
+    ]
+
+
+def test_bad_layers_are_one_line(model):
+    c = Canvas(model, "a red circle", steps=4)
+    for kw, match in [
+        (dict(mask=torch.zeros(64, 64)), "covers nothing"),
+        (dict(mask=torch.ones(30, 30)), "give it at the image's size"),
+        (dict(mask=torch.ones(64, 64), strength=0), "strength must be in"),
+        (dict(mask=torch.ones(64, 64), prompt=" "), "prompt is empty"),
+    ]:
+        with pytest.raises(VelodiffError, match=match) as e:
+            c.layers.clear()
+            del c._cache[1:]
+            c.add(**{"prompt": "a blue square", **kw})
+            c.render(output="latent")
+        assert "\n" not in str(e.value)
+    with pytest.raises(VelodiffError, match="no layer 3"):
+        c.remove(3)
+
+
+def test_cli_brush(tmp_path, capsys):
+    from test_invert import cli
+
+    out = tmp_path / "b.png"
+    layer = "box=0,0.5,1,1;a blue square above a green triangle;1;0.5"
+    assert (
+        cli("brush", "a red circle above a blue square", "--layer", layer, "-o", str(out), "--steps", "4")
+        == 0
+    )
+    assert out.is_file() and "layers: 2 NFE" in capsys.readouterr().out
+    for bad, match in [
+        ("box=0,0.5,1.2,1;a;1;0.5", "the box must satisfy"),
+        ("a;b", "4 fields"),
+        ("box=0,0,1,1;a;x;0.5", "SEED must be an integer"),
+    ]:
+        assert cli("brush", "a red circle", "--layer", bad, "-o", str(out)) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err

@@ -1,0 +1,189 @@
+"""Inversion: EDICT's round trip is exact to float round-off (float64, a tiny random UNet; float32, the
+shipped model); fixed-point inversion beats DDIM inversion; RF-Inversion on a tiny random flow model; one-line
+refusals."""
+
+import math
+
+import pytest
+import torch
+
+import velodiff
+from velodiff import DiscreteVP, GuidedCond, VelodiffError, make_grid
+from velodiff.edit.inversion import invert_latents, regenerate_latents
+from velodiff.models.base import NetworkDenoiser, UNetNetwork
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    """A random SD1-architecture UNet in float64 over SD's schedule (v-prediction, as the shipped model),
+    with random text conditionings."""
+    import sd_tiny
+
+    unet = sd_tiny.unet("sd1").double()
+    den = NetworkDenoiser(UNetNetwork(unet), DiscreteVP.scaled_linear(), "v_prediction")
+    g = torch.Generator().manual_seed(1)
+    ehs = {"encoder_hidden_states": torch.randn(2, 6, 32, generator=g, dtype=torch.float64)}
+    unc = {"encoder_hidden_states": torch.zeros(2, 6, 32, dtype=torch.float64)}
+    z0 = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    return den, GuidedCond(ehs, unc), z0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    from velodiff.default_model import default_model_path
+
+    return velodiff.load(default_model_path())
+
+
+def round_trip(den, cond, z0, ts, method, plan="cfg:scale=3", **kw):
+    inv = invert_latents(den, z0, ts, method, cond=cond, plan=plan, **kw)
+    back, _, _ = regenerate_latents(den, inv, cond=cond, plan=plan)
+    return inv, float((back - z0).abs().max())
+
+
+def test_edict_round_trip_is_exact_in_float64_and_ddim_is_not(tiny64):
+    den, cond, z0 = tiny64
+    ts = make_grid("uniform", den.schedule, 10)  # ends at t = 0
+    inv, err = round_trip(den, cond, z0, ts, "edict")
+    assert inv.latents.dtype == torch.float64 and inv.nfe == 2 * 10
+    assert err < 1e-10
+    assert float((inv.latents - z0).abs().max()) > 0.5  # it did move: z0 is not the noise
+    _, err_ddim = round_trip(den, cond, z0, ts, "ddim")
+    assert err_ddim > 1e4 * max(err, 1e-16)
+
+
+def test_edict_mixing_weight_matters_and_is_checked(tiny64):
+    den, cond, z0 = tiny64
+    ts = make_grid("uniform", den.schedule, 4)
+    a = invert_latents(den, z0, ts, "edict", cond=cond, p=0.93).latents
+    b = invert_latents(den, z0, ts, "edict", cond=cond, p=0.8).latents
+    assert not torch.allclose(a, b)
+    with pytest.raises(VelodiffError, match="mixing weight"):
+        invert_latents(den, z0, ts, "edict", cond=cond, p=1.0)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m"])
+def test_fixed_point_beats_ddim_inversion(tiny64, solver):
+    den, cond, z0 = tiny64
+    ts = make_grid("logsnr", den.schedule, 10)
+    _, err_ddim = round_trip(den, cond, z0, ts, "ddim", plan=None)
+    sweeps = 8 if solver == "dpmpp_2m" else None
+    inv, err_fp = round_trip(
+        den, cond, z0, ts, "fixed-point", plan=None, solver=solver, iters=12, sweeps=sweeps
+    )
+    assert inv.solver == solver
+    assert err_fp < err_ddim / 10, (err_fp, err_ddim)
+    if solver == "dpmpp_2m":
+        assert inv.info["sweeps"] > 1  # a multistep solver's history is replayed
+
+
+def test_fixed_point_regenerates_with_its_solver(tiny64):
+    """The round trip runs the solver the user samples with: regenerate is sample() with that solver."""
+    den, cond, z0 = tiny64
+    ts = make_grid("uniform", den.schedule, 6)
+    inv = invert_latents(den, z0, ts, "fixed-point", cond=cond.cond, solver="unipc", iters=10)
+    back, nfe, _ = regenerate_latents(den, inv, cond=cond.cond)
+    direct = velodiff.sample(den, inv.latents, ts, "unipc", cond=cond.cond)
+    assert torch.equal(back, direct.x) and nfe == 6
+
+
+def test_bad_input_is_one_line(tiny64):
+    den, cond, z0 = tiny64
+    ts = make_grid("uniform", den.schedule, 4)
+    for kw, match in [
+        (dict(method="nope"), "unknown inversion method"),
+        (dict(method="rf"), "needs a flow model"),
+        (dict(method="fixed-point", solver="euler_ancestral"), "stochastic"),
+        (dict(method="fixed-point", solver="ddim", eta=0.5), "stochastic"),
+        (dict(method="edict", solver="dpmpp_2m"), "inverts its own sampler"),
+    ]:
+        with pytest.raises(VelodiffError, match=match) as e:
+            kw = dict(kw)
+            invert_latents(den, z0, ts, kw.pop("method"), cond=cond.cond, **kw)
+        assert "\n" not in str(e.value)
+
+
+def test_rf_inversion_on_a_tiny_flow_model(tmp_path):
+    from velodiff.models.tiny import save_tiny
+    from velodiff.pipelines.invert import invert
+
+    flux = velodiff.load(save_tiny("flux", tmp_path / "flux"))
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = invert(flux, img, "a red cube", "rf", steps=8, gamma=0.0)
+    assert plain.result.solver == "euler"
+    controlled = invert(flux, img, "a red cube", "rf", steps=8, gamma=0.0, eta=0.9, stop=0.5)
+    # the reverse controller pulls the regeneration toward the image (Rout et al. 2024)
+    assert controlled.metrics["latent_max_error"] < plain.metrics["latent_max_error"]
+    # gamma = 1 drives the inversion onto the drawn noise y1 (the conditional field's endpoint)
+    to_noise = invert(flux, img, "a red cube", "rf", steps=8, gamma=1.0, measure=False)
+    from velodiff.noise import randn
+
+    y1 = randn(tuple(to_noise.latents.shape), 0)
+    assert float((to_noise.latents - y1).abs().max()) < 1e-4
+    with pytest.raises(VelodiffError, match="alpha"):
+        invert(flux, img, "a red cube", "edict", steps=4)
+
+
+def test_edict_on_the_shipped_model_is_exact_and_edits(model):
+    from velodiff.pipelines import text2img
+    from velodiff.pipelines.invert import invert
+
+    img = text2img(model, "a red circle", seeds=[0], steps=8, guidance=2.5, output="tensor").images
+    edict = invert(model, img, "a red circle", "edict", steps=8, guidance=2.5)
+    ddim = invert(model, img, "a red circle", "ddim", steps=8, guidance=2.5)
+    m = edict.metrics
+    assert m["latent_max_error"] <= 1e-5 and m["psnr"] > 80
+    assert ddim.metrics["latent_max_error"] > 100 * max(m["latent_max_error"], 1e-7)
+    assert {"method", "steps", "latent_max_error", "latent_rms_error", "psnr"} <= set(m)
+    edited = edict.regenerate("a blue circle", output="tensor")
+    assert not torch.allclose(edited.latents, edict.z0)
+    assert math.isfinite(m["psnr_input"])
+
+
+def test_pipeline_refusals(model):
+    from velodiff.pipelines.invert import invert
+
+    with pytest.raises(VelodiffError, match="multiples of 4"):
+        invert(model, torch.rand(1, 3, 62, 64), "a red circle", "ddim", steps=2)
+    with pytest.raises(VelodiffError, match="needs a flow model"):
+        invert(model, torch.rand(1, 3, 64, 64), "a red circle", "rf", steps=2)
+    with pytest.raises(VelodiffError, match="stochastic"):
+        invert(model, torch.rand(1, 3, 64, 64), "a red circle", "fixed-point", solver="ddpm", steps=2)
+
+
+def cli(*args: str) -> int:
+    from velodiff.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as e:  # typer's standalone mode exits after a successful command
+        return int(e.code or 0)
+
+
+def test_cli_writes_the_metrics_and_refuses_in_one_line(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    src = tmp_path / "scene.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src)
+    out = tmp_path / "m.json"
+    args = ["invert", str(src), "--prompt", "a red square", "--steps", "3", "--threads", "1"]
+    assert cli(*args, "--method", "edict", "--json", str(out), "-o", str(tmp_path / "r.png")) == 0
+    m = json.loads(out.read_text())
+    assert m["method"] == "edict" and m["steps"] == 3 and m["latent_max_error"] <= 1e-5
+    assert {"latent_rms_error", "psnr", "psnr_input"} <= set(m)
+    assert (tmp_path / "r.png").is_file()
+    for bad, match in [
+        (["--method", "nope", "--json", str(out)], "unknown inversion method"),
+        (["--method", "rf", "--json", str(out)], "needs a flow model"),
+        (["--method", "fixed-point", "--solver", "ddpm", "--json", str(out)], "stochastic"),
+        (["--method", "edict"], "nothing to write"),
+    ]:
+        capsys.readouterr()
+        assert cli(*args, *bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err
+    Image.new("RGB", (62, 64)).save(tmp_path / "odd.png")
+    assert cli("invert", str(tmp_path / "odd.png"), "--prompt", "x", "--json", str(out)) == 2

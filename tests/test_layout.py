@@ -1,0 +1,107 @@
+"""Layout guidance: regions from spatial words, boxes checked, the guided sample's cross-attention mass moves
+into the regions (the energy it descends), and a prompt without a relation is left alone."""
+
+import pytest
+import torch
+
+import velodiff
+from velodiff import VelodiffError
+from velodiff.accel.attention import AttentionMaps
+from velodiff.edit.layout import LayoutGuidance, check_boxes, regions_from_prompt
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    from velodiff.default_model import default_model_path
+
+    return velodiff.load(default_model_path())
+
+
+def test_regions_from_spatial_words():
+    assert regions_from_prompt("a red circle above a blue square") == {
+        "red circle": (0.0, 0.0, 1.0, 0.5),
+        "blue square": (0.0, 0.5, 1.0, 1.0),
+    }
+    left = regions_from_prompt("a white cross to the left of a blue triangle")
+    assert left["white cross"] == (0.0, 0.0, 0.5, 1.0) and left["blue triangle"] == (0.5, 0.0, 1.0, 1.0)
+    assert regions_from_prompt("two green crosses") == {}
+    with pytest.raises(VelodiffError, match="must satisfy"):
+        check_boxes({"red circle": (0.1, 0.1, 1.2, 0.5)}, "a red circle")
+    with pytest.raises(VelodiffError, match="'green' is not in the prompt"):
+        check_boxes({"green circle": (0.1, 0.1, 0.5, 0.5)}, "a red circle")
+
+
+def inside_share(maps, model, prompt, regions):
+    """Mean over the captured steps after the first of each object's attention share inside its box."""
+    from velodiff.edit.layout import box_mask
+    from velodiff.edit.p2p import word_positions
+    from velodiff.plan import RunInfo
+
+    run = RunInfo(None, None, None, 1, {}, model=model)
+    shares = []
+    for words, box in regions.items():
+        pos = [q for w in words.split() for q in word_positions(run, prompt, w)]
+        m = box_mask(box, 16 * 16)
+        for i, a in maps.items():
+            if i == 0:
+                continue
+            att = a[0][pos].mean(0).reshape(-1)
+            shares.append(float((att * m).sum() / att.sum()))
+    return sum(shares) / len(shares)
+
+
+def test_guidance_moves_attention_into_the_regions(model):
+    from velodiff.pipelines import text2img
+
+    prompt = "a red circle above a blue square"
+    regions = regions_from_prompt(prompt)
+    plain, guided = AttentionMaps(), AttentionMaps()
+    text2img(model, prompt, seeds=[0], steps=8, guidance=2.5, plan=[plain])
+    text2img(
+        model,
+        prompt,
+        seeds=[0],
+        steps=8,
+        guidance=2.5,
+        plan=[guided, LayoutGuidance(scale=0.1, iters=3, steps=1.0)],
+    )
+    before = inside_share(plain.maps, model, prompt, regions)
+    after = inside_share(guided.maps, model, prompt, regions)
+    assert after > before + 0.02, (before, after)
+
+
+def test_no_relation_no_change_and_refusals(model):
+    from velodiff.pipelines import text2img
+
+    a = text2img(model, "two green crosses", seeds=[0], steps=4, output="latent")
+    b = text2img(model, "two green crosses", seeds=[0], steps=4, output="latent", plan="layout")
+    assert torch.equal(a.latents, b.latents)
+    with pytest.raises(VelodiffError, match="is not in the prompt"):
+        text2img(
+            model, "a red circle", steps=2, plan=[LayoutGuidance(boxes={"blue square": (0, 0, 0.5, 0.5)})]
+        )
+
+
+def test_generate_layout_option(tmp_path, capsys):
+    from test_invert import cli
+    from velodiff.edit.layout import parse_layout
+
+    assert parse_layout("Red circle: 0,0.5,1,1; blue square: 0,0,1,0.5") == {
+        "red circle": (0.0, 0.5, 1.0, 1.0),
+        "blue square": (0.0, 0.0, 1.0, 0.5),
+    }
+    out = tmp_path / "l.png"
+    prompt = "a red circle above a blue square"
+    assert cli("generate", prompt, "-o", str(out), "--steps", "3", "--layout", "red circle: 0,0.5,1,1") == 0
+    assert "plan layout+cfg" in capsys.readouterr().out
+    for bad, match in [
+        ("red circle 0,0,1,1", "write 'words: x0,y0,x1,y1'"),
+        ("green circle: 0,0,1,1", "'green' is not in the prompt"),
+        ("red circle: 0,0,1.5,1", "must satisfy"),
+    ]:
+        assert cli("generate", prompt, "-o", str(out), "--layout", bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err
+    assert cli("generate", prompt, "-o", str(out), "--layout", "red circle: 0,0,1,1", "--plan", "layout") == 2
+    assert "drop layout from --plan" in capsys.readouterr().err
