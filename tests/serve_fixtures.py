@@ -98,7 +98,8 @@ def server_process(db: Path, port: int, *args: str):
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_up(f"http://127.0.0.1:{port}", proc=proc)
+        # a Ray Serve start (a local cluster, two replicas loading the model) takes minutes on 2 busy cores
+        wait_up(f"http://127.0.0.1:{port}", timeout=300 if "--ray" in args else 120, proc=proc)
         yield proc
     finally:
         if proc.poll() is None:  # a clean stop (a Ray cluster it started goes down with it), else SIGKILL

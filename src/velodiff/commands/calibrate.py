@@ -99,7 +99,7 @@ def calibrate_solver(
     beside_model: bool = typer.Option(False, "--beside-model", help="write it beside the model (it travels)"),
     threads: o.Threads = None,
 ) -> None:
-    """Fit the sampler (grids, DC ratios, per-step orders, DPM-Solver-v3 statistics) to a model."""
+    """Fit solvers and grids to a model (grids, DC, DPM-Solver-v3)."""
     t0 = time.perf_counter()
     from ..errors import VelodiffError
 
