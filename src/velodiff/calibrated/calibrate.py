@@ -3,7 +3,7 @@
 For each NFE and each solver in ``solvers`` (DPM-Solver-v3 among them when ``dpm_solver_v3`` is a method:
 its model statistics are measured first, ``ems.measure_statistics``):
 
-* ``grid``: the GITS grid and the named grids (karras, logsnr, uniform) are scored; the best starts the
+* ``grid``: the GITS grid and the named grids (``NAMED_GRIDS``) are scored; the best starts the
   Align-Your-Steps-style descent on the solver's final error (``grids.refine_grid``); DPM-Solver-v3 also
   keeps its corrector only where it lowers the error (on the shipped model at CFG 2.5 it does not);
 * ``dc`` (UniPC): DC-Solver's compensation ratios, one per step, fitted on that grid by the same kind of
@@ -33,9 +33,20 @@ from .grids import gits_grid, refine_grid
 from .problem import Problem
 
 METHODS = ("grid", "dpm_solver_v3", "dc", "search")
-NAMED_GRIDS = ("karras", "logsnr", "uniform")
+#: the grids every calibration scores first (those that apply to the schedule); the best starts the descent
+NAMED_GRIDS = ("karras", "logsnr", "uniform", "trailing", "sgm_uniform", "beta", "ays")
 #: the fewest steps each method can fit
 MIN_NFE = 3
+
+
+def _named_grids(problem: Problem, steps: int) -> list[tuple[str, Tensor]]:
+    out = []
+    for g in NAMED_GRIDS:
+        try:
+            out.append((g, make_grid(g, problem.schedule, steps)))
+        except VelodiffError:  # a grid for another kind of schedule
+            continue
+    return out
 
 
 def _tick(progress: Callable[[str], None] | None, what: str) -> Callable[[], None]:
@@ -112,7 +123,7 @@ def calibrate_solver(
     methods: Sequence[str] = METHODS,
     solvers: Sequence[str] = ("dpmpp_2m", "unipc"),
     *,
-    max_runs: int = 24,
+    max_runs: int = 20,
     ems_points: int = 100,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -147,11 +158,7 @@ def calibrate_solver(
             spec = get_solver(solver)
             steps = spec.steps_for_nfe(int(nfe))
             base_opts = {"ems": ems} if solver == "dpm_solver_v3" else {}
-            named = [
-                (g, ts, problem.score(ts, solver, base_opts))
-                for g in NAMED_GRIDS
-                for ts in [make_grid(g, problem.schedule, steps)]
-            ]
+            named = [(g, ts, problem.score(ts, solver, base_opts)) for g, ts in _named_grids(problem, steps)]
             for g, _, e in named:
                 if solver != "dpm_solver_v3":  # uncalibrated baselines: fixed solvers on named grids
                     b = baselines.get(int(nfe))

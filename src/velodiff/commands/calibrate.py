@@ -93,7 +93,8 @@ def calibrate_solver(
     ),
     limit: int = typer.Option(12, "--limit", min=2, help="calibration images (one per prompt)"),
     seed: int = typer.Option(1000, "--seed", help="seed of the first image"),
-    max_runs: int = typer.Option(24, "--max-runs", min=1, help="runs of each grid descent"),
+    max_runs: int = typer.Option(20, "--max-runs", min=1, help="runs of each grid descent"),
+    objective: str = typer.Option("geomean", "--objective", help="geomean (of each image's MSE) or mse"),
     reference_steps: int = typer.Option(200, "--reference-steps", min=10, help="steps of the reference"),
     out: Path | None = typer.Option(None, "--out", help="write the artefact here instead of the cache"),
     beside_model: bool = typer.Option(False, "--beside-model", help="write it beside the model (it travels)"),
@@ -128,6 +129,9 @@ def calibrate_solver(
 
     problem = model_problem(loaded, texts, [seed + i for i in range(len(texts))], guidance)
     problem.reference_steps = reference_steps
+    if objective not in ("geomean", "mse"):
+        raise VelodiffError(f"unknown objective {objective!r}; valid: geomean, mse")
+    problem.objective = objective
     bar = tqdm(unit="run", file=sys.stderr, disable=None, leave=False)
 
     def progress(what: str) -> None:
