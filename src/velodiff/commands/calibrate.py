@@ -168,7 +168,7 @@ def calibrate_solver(
     for e in res["entries"]:
         b = res["baselines"][str(e["nfe"])]
         typer.echo(
-            f"  {e['solver']:>13} NFE {e['nfe']:>2}: {e['method']:<10} MSE {e['error']:.3g} "
+            f"  {e['solver']:>13} NFE {e['nfe']:>2}: {e['method']:<10} {objective} {e['error']:.3g} "
             f"(best uncalibrated {b['solver']}/{b['grid']}: {b['error']:.3g})"
         )
     typer.echo(
