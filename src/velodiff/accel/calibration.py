@@ -58,8 +58,16 @@ def calibrate_cache(
     count, ts = 0, None
     for i in range(0, len(prompts), batch):
         probe = FeatureChange()
-        res = text2img(model, prompts[i : i + batch], seeds=seeds[i : i + batch], steps=steps, solver=solver,
-                       guidance=guidance, plan=[probe], output="latent")
+        res = text2img(
+            model,
+            prompts[i : i + batch],
+            seeds=seeds[i : i + batch],
+            steps=steps,
+            solver=solver,
+            guidance=guidance,
+            plan=[probe],
+            output="latent",
+        )
         ts = res.ts.double().numpy()
         n = len(res.seeds)
         for block, curve in probe.curves().items():
@@ -97,21 +105,27 @@ def load_cache_calibration(model: Any, path: str | Path | None = None) -> dict[s
 
     want = model_hash(model.path)
     p = Path(path) if path is not None else cache_calibration_path(want)
+    return read_artefact(p, "cache", VERSION, want, f"velodiff calibrate cache --model {model.path}")
+
+
+def read_artefact(
+    p: Path, kind: str, version: int, model_hash: str, hint: str, what: str = ""
+) -> dict[str, Any]:
+    """A calibration artefact of ``kind`` made for ``model_hash``; one line (ending with the command that
+    makes one, ``hint``) when it is missing, not JSON, of another kind or version, or for another model.
+    ``what`` qualifies the missing case (e.g. " at guidance 2.5")."""
     if not p.is_file():
-        raise VelodiffError(
-            f"no cache calibration for this model ({p}); make one with: velodiff calibrate cache --model "
-            f"{model.path}"
-        )
+        raise VelodiffError(f"no {kind} calibration for this model{what} ({p}); make one with: {hint}")
     try:
         data = json.loads(p.read_text())
     except ValueError as e:
-        raise VelodiffError(f"cache calibration {p} is not valid JSON: {e}") from None
-    if data.get("kind") != "cache" or data.get("version") != VERSION:
-        raise VelodiffError(f"{p} is not a velodiff cache calibration (version {VERSION})")
-    if data.get("model_hash") != want:
+        raise VelodiffError(f"{kind} calibration {p} is not valid JSON: {e}") from None
+    if data.get("kind") != kind or data.get("version") != version:
+        raise VelodiffError(f"{p} is not a velodiff {kind} calibration (version {version})")
+    if data.get("model_hash") != model_hash:
         raise VelodiffError(
-            f"cache calibration {p} was made for another model (hash {data.get('model_hash')}, "
-            f"this one {want}); calibrate this model"
+            f"{kind} calibration {p} was made for another model (hash {data.get('model_hash')}, this one "
+            f"{model_hash}); make one with: {hint}"
         )
     return data
 

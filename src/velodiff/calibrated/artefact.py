@@ -71,26 +71,14 @@ def load_solver_calibration(
     if path is None and not p.is_file() and model_path is not None:
         if beside_model_path(model_path, guidance).is_file():
             p = beside_model_path(model_path, guidance)
+    from ..accel.calibration import read_artefact
+
     hint = f"velodiff calibrate solver --model {model_name} --guidance {float(guidance):g}"
-    if not p.is_file():
-        raise VelodiffError(
-            f"no solver calibration for this model at guidance {float(guidance):g}; run: {hint}"
-        )
-    try:
-        data = json.loads(p.read_text())
-    except ValueError as e:
-        raise VelodiffError(f"solver calibration {p} is not valid JSON: {e}") from None
-    if data.get("kind") != "solver" or data.get("version") != VERSION:
-        raise VelodiffError(f"{p} is not a velodiff solver calibration (version {VERSION})")
-    if data.get("model_hash") != model_hash:
-        raise VelodiffError(
-            f"solver calibration {p} was made for another model (hash {data.get('model_hash')}, this one "
-            f"{model_hash}); run: {hint}"
-        )
+    data = read_artefact(p, "solver", VERSION, model_hash, hint, f" at guidance {float(guidance):g}")
     if abs(float(data.get("guidance", float("nan"))) - float(guidance)) > 1e-9:
         raise VelodiffError(
             f"solver calibration {p} was made at guidance {data.get('guidance')}, not {float(guidance):g}; "
-            f"run: {hint}"
+            f"make one with: {hint}"
         )
     data["_path"] = str(p)
     return data
