@@ -76,19 +76,7 @@ def brush_cmd(
     Each layer repaints its region from the cached latents of the layers below."""
     if not prompt.strip():
         raise VelodiffError("the prompt is empty; describe the base image")
-    run = ImageRun(
-        model=model,
-        config=config,
-        device=device,
-        dtype=dtype,
-        threads=threads,
-        seed=seed,
-        steps=steps,
-        solver=solver,
-        grid=grid,
-        guidance=guidance,
-        plan=plan,
-    )
+    run = ImageRun.of(locals())
     run.check()
     from .generate import check_output_path
 

@@ -58,22 +58,7 @@ def edit_cmd(
         raise VelodiffError(
             f"--method {method!r}: prompt-to-prompt starts from one noise; use fixed-point or ddim inversion"
         )
-    run = ImageRun(
-        model=model,
-        config=config,
-        device=device,
-        dtype=dtype,
-        threads=threads,
-        width=width,
-        height=height,
-        seed=seed,
-        steps=steps,
-        solver=solver,
-        grid=grid,
-        guidance=guidance,
-        negative=negative,
-        plan=plan,
-    )
+    run = ImageRun.of(locals())
     run.check()
     from .generate import check_output_path
 

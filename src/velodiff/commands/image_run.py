@@ -45,9 +45,9 @@ class ImageRun:
     @classmethod
     def of(cls, options: dict[str, Any]) -> ImageRun:
         """The shared options out of a command's arguments (its ``locals()``): each command declares
-        them for typer, this reads them once."""
+        those it offers for typer, this reads them once (the others keep their defaults)."""
         names = [f for f in cls.__dataclass_fields__ if f not in ("path", "loaded", "defaults", "started")]
-        return cls(**{k: options[k] for k in names})
+        return cls(**{k: options[k] for k in names if k in options})
 
     def check(self) -> None:
         """Refuse what is wrong without importing torch (one line each)."""

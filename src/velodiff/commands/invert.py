@@ -74,21 +74,7 @@ def invert_cmd(
         raise VelodiffError("--edit is empty; give the prompt to regenerate under")
     if out is None and json_out is None:
         raise VelodiffError("nothing to write: give --json and/or --out")
-    run = ImageRun(
-        model=model,
-        config=config,
-        device=device,
-        dtype=dtype,
-        threads=threads,
-        width=width,
-        height=height,
-        steps=steps,
-        solver=solver,
-        grid=grid,
-        guidance=guidance,
-        negative=negative,
-        plan=plan,
-    )
+    run = ImageRun.of(locals())
     run.check()
     fmt = None
     if out is not None:
