@@ -196,6 +196,16 @@ def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, ca
     assert v3.nfe == 4 and bool(torch.isfinite(v3.latents).all())
     with pytest.raises(VelodiffError, match="at guidance 7.5"):
         text2img(model, "a red circle", nfe=4, guidance=7.5, grid="calibrated", solver="unipc")
+    capsys.readouterr()
+    out_png = tmp_path / "a.png"
+    args = ["generate", "a red circle", "-o", str(out_png), "--guidance", "2.5", "--solver", "unipc"]
+    try:
+        main([*args, "--grid", "calibrated", "--nfe", "4"])
+    except SystemExit as e:
+        assert not e.code
+    assert "unipc, 4 steps, 4 NFE" in capsys.readouterr().out and out_png.is_file()
+    assert main([*args, "--steps", "2", "--nfe", "4"]) == 2
+    assert "give --steps or --nfe, not both" in capsys.readouterr().err
 
 
 def test_a_killed_calibration_writes_nothing_and_keeps_the_last_artefact(tmp_path, monkeypatch, capsys):

@@ -45,6 +45,14 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
     raise no_such_model(model)
 
 
+def model_name(path: str | os.PathLike[str]) -> str:
+    """How a user names the model at ``path``: its shipped name, else the path."""
+    for name, folder in SHIPPED.items():
+        if Path(path).name == folder and Path(path).parent.name == "assets":
+            return name
+    return str(path)
+
+
 def no_such_model(model: str | os.PathLike[str]) -> VelodiffError:
     """The one line for a model that is neither an existing path nor a shipped name."""
     return VelodiffError(

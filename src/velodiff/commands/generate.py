@@ -128,6 +128,7 @@ def generate(
     n: o.N = 1,
     batch: o.Batch = None,
     steps: o.Steps = None,
+    nfe: o.Nfe = None,
     solver: o.Solver = None,
     grid: o.Grid = None,
     guidance: o.Guidance = None,

@@ -28,6 +28,7 @@ class ImageRun:
     n: int = 1
     batch: int | None = None
     steps: int | None = None
+    nfe: int | None = None
     solver: str | None = None
     grid: str | None = None
     guidance: float | None = None
@@ -54,6 +55,8 @@ class ImageRun:
         from ..shipped import resolve_model
         from .names import DTYPE_NAMES, NOISE_MODES, check_name, check_solver
 
+        if self.steps is not None and self.nfe is not None:
+            raise VelodiffError("give --steps or --nfe, not both")
         if self.guidance is not None and not self.guidance >= 0:
             raise VelodiffError(f"--guidance must be >= 0, got {self.guidance}")
         if not 0 <= self.guidance_rescale <= 1:
@@ -111,7 +114,8 @@ class ImageRun:
         d = self.defaults
         return dict(
             negative=self.negative,
-            steps=self.steps if self.steps is not None else d.get("steps"),
+            steps=None if self.nfe is not None else self.steps if self.steps is not None else d.get("steps"),
+            nfe=self.nfe,
             solver=self.solver or d.get("solver"),
             grid=self.grid,
             guidance=self.guidance if self.guidance is not None else d.get("guidance"),

@@ -45,6 +45,7 @@ def img2img_cmd(
     n: o.N = 1,
     batch: o.Batch = None,
     steps: o.Steps = None,
+    nfe: o.Nfe = None,
     solver: o.Solver = None,
     grid: o.Grid = None,
     guidance: o.Guidance = None,

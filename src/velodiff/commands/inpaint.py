@@ -51,6 +51,7 @@ def inpaint_cmd(
     n: o.N = 1,
     batch: o.Batch = None,
     steps: o.Steps = None,
+    nfe: o.Nfe = None,
     solver: o.Solver = None,
     grid: o.Grid = None,
     guidance: o.Guidance = None,

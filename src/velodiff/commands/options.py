@@ -51,6 +51,9 @@ Batch = Annotated[
 Steps = Annotated[
     int | None, typer.Option(min=1, help="solver steps (default: the model's, 20 for the default model)")
 ]
+Nfe = Annotated[
+    int | None, typer.Option(min=1, help="network calls instead of --steps: the most steps that fit")
+]
 Solver = Annotated[str | None, typer.Option(help="any solver of `velodiff solvers` (default dpmpp_2m)")]
 Grid = Annotated[str | None, typer.Option(help="time grid name (default: the model's)")]
 Guidance = Annotated[

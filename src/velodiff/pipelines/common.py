@@ -257,8 +257,10 @@ def calibrated_setup(
     from ..calibrated.artefact import find_entry, load_solver_calibration, load_statistics
     from ..calibrated.calibrate import entry_options
     from ..eval.reference import model_hash
+    from ..shipped import model_name
 
-    art = load_solver_calibration(model_hash(model.path), guidance, str(model.path), model_path=model.path)
+    name = model_name(model.path)
+    art = load_solver_calibration(model_hash(model.path), guidance, name, model_path=model.path)
     if spec.name == "dpm_solver_v3" and options.get("ems") is None:
         options = {**options, "ems": load_statistics(art)}
     if opts.grid != CALIBRATED:
