@@ -6,12 +6,13 @@ The calibration sees 256 starting noises (seed 1); every score is on 512 others 
 exact reference (scipy, as ``velodiff bench solvers``). The calibrated configuration at each NFE is the
 one with the lowest *calibration* error (picked before the test noise is seen).
 
-    python bench/calibrate/oracle.py        # writes bench/calibrate/oracle.json and prints the table
+    python bench/calibrate/oracle.py [mse|geomean]   # the objective (default mse); writes oracle-<objective>.json
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ MIXTURES = {
 }
 
 
-def main() -> None:
+def main(objective: str) -> None:
     torch.set_num_threads(1)
     sched = sd_schedule()
     out = {}
@@ -48,6 +49,7 @@ def main() -> None:
         den = MixtureDenoiser(mix, sched)
         t0 = time.perf_counter()
         cal = denoiser_problem(den, prior_sample(sched, sched.t_max, starting_noise(mix.shape, 256, seed=1)))
+        cal.objective = objective
         res = calibrate_solver(cal, NFES, solvers=("dpmpp_2m", "unipc"))
         seconds = time.perf_counter() - t0
         test = Oracle(name, den, starting_noise(mix.shape, 512, seed=0))
@@ -76,7 +78,7 @@ def main() -> None:
                          "ratio_to_velodiff_uncalibrated": err / best_unc["error"]}
             print(name, nfe, rows[nfe], flush=True)
         out[name] = {"calibration_seconds": seconds, "calibration_evaluations": res["evaluations"], "nfe": rows}
-    Path(__file__).with_name("oracle.json").write_text(json.dumps(out, indent=1) + "\n")
+    Path(__file__).with_name(f"oracle-{objective}.json").write_text(json.dumps(out, indent=1) + "\n")
     print("| mixture | NFE | calibrated (solver / method) | error | best diffusers | error | ratio |")
     print("|---|---:|---|---:|---|---:|---:|")
     for name, r in out.items():
@@ -87,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "mse")
