@@ -85,9 +85,8 @@ def main(out: Path) -> None:
             ]
             res, sec = timed(lambda plan=plan: text2img(base, prompts, output="tensor", plan=plan, **kw), repeat=3)
             imgs = text2img(base, texts, seeds=eseeds, steps=STEPS, guidance=GUIDANCE, plan=plan,
-                            output="tensor").images
-            score = evaluate(imgs.float().cpu(), [p for p in eval_prompts for _ in range(2)],
-                             keep_detections=False)
+                            output="pil").images
+            score = evaluate(imgs, eval_prompts, keep_detections=False)  # 2 images per prompt
             quant[scheme] = {"seconds_8_images": sec, "shapes_eval": score["overall"],
                              "eval_error_median": statistics.median(errs) if errs else 0.0,
                              "eval_error_max": max(errs) if errs else 0.0}
