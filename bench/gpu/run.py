@@ -4,6 +4,9 @@ quantization schemes (fp8, int4 weight-only) beside int8, with their single-eval
 ShapesEval change (v1 x 2 images) and the time, all in one run.
 
     python bench/gpu/run.py OUT_DIR      # on a machine with CUDA; writes OUT_DIR/gpu.json, sheet.png
+
+Prepared on the CPU (a CPU copy of its flow ran); not yet run on a GPU: the lent device time of the
+session that wrote it went to the serving benchmarks.
 """
 
 from __future__ import annotations
