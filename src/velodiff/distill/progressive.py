@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..grids import uniform_t
+from ..grids import make_grid
 from ..schedules import DiscreteVP
 
 
@@ -38,9 +38,10 @@ def student_target(x: Tensor, x2: Tensor, a: Tensor, s: Tensor, a2: Tensor, s2: 
 
 
 def student_grid(sched: DiscreteVP, steps: int) -> Tensor:
-    """The student's time grid (steps + 1 points, ending at clean data): the ``uniform`` grid the
-    ``ddim`` solver samples it with; the teacher takes the midpoints as its extra steps."""
-    return uniform_t(sched, steps, final="zero")
+    """The student's time grid (steps + 1 points, ending at clean data): diffusers' ``trailing``
+    spacing, t = 1, 1 - 1/N, ..., 1/N, 0, which the ``ddim`` solver samples it with. The grids nest:
+    the midpoints are the 2N-step grid's extra points, so the teacher runs its own 2N-step DDIM."""
+    return make_grid("trailing", sched, steps, final="zero")
 
 
 def teacher_two_steps(

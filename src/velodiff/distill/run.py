@@ -119,7 +119,7 @@ def distill_progressive(
     if not done["completed"]:
         return {"rounds": log, "wall_s": wall, "out": None}
     n = done["student_steps"]
-    sampling = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "uniform"}
+    sampling = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "trailing"}
     card = (
         f"# progressive-distilled student ({n} steps)\n\nTeacher: {tpath}\nRounds: {json.dumps(log)}\n"
         f"Sampling: {json.dumps(sampling)} (guidance {pcfg.guidance} folded in by round 0)\n"
