@@ -59,11 +59,32 @@ def _main(argv: list[str]) -> int:
 
 
 def _distill(tmp_path, run: str, steps: int, *extra: str) -> int:
-    return _main([
-        "distill", "progressive", "--out", str(tmp_path / f"{run}-student"), "--run", str(tmp_path / run),
-        "--teacher-steps", "4", "--rounds", "1", "--steps", str(steps), "--batch", "2", "--cache-size", "4",
-        "--checkpoint-every", "1", "--device", "cpu", "--quiet", *extra,
-    ])
+    return _main(
+        [
+            "distill",
+            "progressive",
+            "--out",
+            str(tmp_path / f"{run}-student"),
+            "--run",
+            str(tmp_path / run),
+            "--teacher-steps",
+            "4",
+            "--rounds",
+            "1",
+            "--steps",
+            str(steps),
+            "--batch",
+            "2",
+            "--cache-size",
+            "4",
+            "--checkpoint-every",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def _unet_state(folder) -> dict[str, torch.Tensor]:
@@ -105,7 +126,20 @@ def test_bad_teacher_is_one_line(tmp_path, capsys) -> None:
 
 
 def test_steps_that_cannot_be_halved_are_refused(tmp_path, capsys) -> None:
-    code = _main(["distill", "progressive", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"),
-                 "--teacher-steps", "6", "--rounds", "2", "--quiet"])
+    code = _main(
+        [
+            "distill",
+            "progressive",
+            "--out",
+            str(tmp_path / "s"),
+            "--run",
+            str(tmp_path / "r"),
+            "--teacher-steps",
+            "6",
+            "--rounds",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code != 0
     assert "cannot be halved" in capsys.readouterr().err

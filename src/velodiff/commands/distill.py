@@ -53,10 +53,20 @@ def progressive(
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = LoopConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=0.0, seed=seed,
-                     checkpoint_every=checkpoint_every, max_minutes=max_minutes, log_every=1)
-    pcfg = ProgressiveConfig(teacher_steps=teacher_steps, rounds=rounds, guidance=guidance, batch=batch,
-                             cache_size=cache_size)
+    cfg = LoopConfig(
+        steps=steps,
+        lr=lr,
+        warmup=warmup,
+        weight_decay=0.0,
+        ema_decay=0.0,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
+        log_every=1,
+    )
+    pcfg = ProgressiveConfig(
+        teacher_steps=teacher_steps, rounds=rounds, guidance=guidance, batch=batch, cache_size=cache_size
+    )
     res = distill_progressive(teacher, out, run, cfg, pcfg, quiet=quiet, device=dev)
     if res["out"] is None:
         typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")

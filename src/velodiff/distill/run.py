@@ -53,7 +53,12 @@ def make_x0_fn(unet: Any, sched: Any, ctx: torch.Tensor, uctx: torch.Tensor | No
 
 
 def distill_progressive(
-    teacher: str, out: Path, run: Path, cfg: LoopConfig, pcfg: ProgressiveConfig, quiet: bool = False,
+    teacher: str,
+    out: Path,
+    run: Path,
+    cfg: LoopConfig,
+    pcfg: ProgressiveConfig,
+    quiet: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
     from ..data.shapes import ShapesWorld
@@ -83,7 +88,9 @@ def distill_progressive(
         rcfg = copy.deepcopy(cfg)
         rcfg.extra = {**cfg.extra, **vars(pcfg), "round": r, "student_steps": n, "method": "progressive"}
 
-        def step_fn(step: int, gen: torch.Generator, student=student, teacher=teacher_unet, grid=grid, w=w, n=n):
+        def step_fn(
+            step: int, gen: torch.Generator, student=student, teacher=teacher_unet, grid=grid, w=w, n=n
+        ):
             idx = batch_indices(step, pcfg.batch, pcfg.cache_size, cfg.seed)
             z0, ids = cache.get(idx)
             b = len(idx)
@@ -107,8 +114,14 @@ def distill_progressive(
             per = (pred - target).pow(2).mean(dim=(1, 2, 3))
             return (snr * per).mean(), {"mse": per.detach().mean()}
 
-        summary = run_loop(run / f"round-{r}", rcfg, {"unet": student}, step_fn, desc=f"progressive {2 * n}->{n}",
-                           quiet=quiet)
+        summary = run_loop(
+            run / f"round-{r}",
+            rcfg,
+            {"unet": student},
+            step_fn,
+            desc=f"progressive {2 * n}->{n}",
+            quiet=quiet,
+        )
         summary.pop("emas")
         log.append({"round": r, "student_steps": n, **summary})
         if not summary["completed"]:
