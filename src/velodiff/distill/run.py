@@ -127,6 +127,15 @@ def distill_progressive(
         if not summary["completed"]:
             break
         teacher_unet = student.eval().requires_grad_(False)
+        if r < pcfg.rounds - 1:  # every round's student is a model of its own: out-<n>steps
+            mid = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "trailing"}
+            save_student(
+                tpath,
+                copy.deepcopy(student),
+                out.with_name(f"{out.name}-{n}steps"),
+                mid,
+                f"# progressive-distilled student ({n} steps), round {r} of {pcfg.rounds}\n",
+            )
     wall = time.perf_counter() - t0
     done = log[-1]
     if not done["completed"]:
