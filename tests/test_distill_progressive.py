@@ -116,6 +116,15 @@ def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path)
     assert (model.default_solver, model.default_steps, model.default_guidance) == ("ddim", 2, 1.0)
     assert json.loads((tmp_path / "full-student" / "sampling.json").read_text())["steps"] == 2
 
+    # the guidance is folded in: sampling with the student's own defaults is one pass per step
+    from velodiff.pipelines import text2img
+
+    rows: list[int] = []
+    hook = model.components["unet"].register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    res = text2img(model, "a red circle", seeds=[0])
+    hook.remove()
+    assert res.steps == 2 and res.evals == 2 and sum(rows) == 2
+
 
 def test_bad_teacher_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "notamodel").mkdir()
