@@ -128,7 +128,7 @@ def distill_progressive(
             break
         teacher_unet = student.eval().requires_grad_(False)
         if r < pcfg.rounds - 1:  # every round's student is a model of its own: out-<n>steps
-            mid = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "trailing"}
+            mid = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "trailing", "trained_steps": n}
             save_student(
                 tpath,
                 copy.deepcopy(student),
@@ -141,7 +141,7 @@ def distill_progressive(
     if not done["completed"]:
         return {"rounds": log, "wall_s": wall, "out": None}
     n = done["student_steps"]
-    sampling = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "trailing"}
+    sampling = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "trailing", "trained_steps": n}
     card = (
         f"# progressive-distilled student ({n} steps)\n\nTeacher: {tpath}\nRounds: {json.dumps(log)}\n"
         f"Sampling: {json.dumps(sampling)} (guidance {pcfg.guidance} folded in by round 0)\n"

@@ -196,3 +196,5 @@ def _apply_sampling_file(model: LoadedModel, path: Path) -> None:
     for key in ("solver", "steps", "guidance", "grid"):
         if key in d:
             setattr(model, f"default_{key}", d[key])
+    if "trained_steps" in d:
+        model.trained_steps = int(d["trained_steps"])  # type: ignore[attr-defined]
