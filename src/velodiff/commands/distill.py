@@ -15,7 +15,7 @@ from .options import example
 distill_app = typer.Typer(
     no_args_is_help=True,
     help="Distil few-step students from a teacher model.",
-    epilog=example("velodiff distill progressive --teacher default --out students/pd5 --run runs/pd"),
+    epilog=example("velodiff distill progressive --out students/pd5 --run runs/pd"),
 )
 
 
@@ -25,7 +25,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 @distill_app.command(
     "progressive",
-    epilog=example("velodiff distill progressive --teacher default --out students/pd5 --run runs/pd"),
+    epilog=example("velodiff distill progressive --out students/pd5 --run runs/pd"),
     short_help="Progressive distillation (Salimans & Ho 2022): halve the steps per round.",
 )
 def progressive(
