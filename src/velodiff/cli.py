@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "velodiff.commands.bench_solvers",
     "velodiff.commands.bench_pipeline",
     "velodiff.commands.train",
+    "velodiff.commands.distill",
     "velodiff.commands.generate",
     "velodiff.commands.img2img",
     "velodiff.commands.inpaint",

@@ -179,4 +179,22 @@ def load(
             config=Path(config).expanduser() if config is not None else None,
         )
     model.path = str(source.path)
+    _apply_sampling_file(model, Path(source.path))
     return model
+
+
+def _apply_sampling_file(model: LoadedModel, path: Path) -> None:
+    """A folder's own sampling defaults (``sampling.json``, written by ``velodiff distill`` for its
+    students: solver, steps, guidance, grid) replace the family's."""
+    f = path / "sampling.json"
+    if not path.is_dir() or not f.is_file():
+        return
+    try:
+        d = json.loads(f.read_text())
+    except ValueError as e:
+        raise VelodiffError(f"{f}: not valid JSON ({e})") from None
+    for key in ("solver", "steps", "guidance", "grid"):
+        if key in d:
+            setattr(model, f"default_{key}", d[key])
+    if "trained_steps" in d:
+        model.trained_steps = int(d["trained_steps"])  # type: ignore[attr-defined]

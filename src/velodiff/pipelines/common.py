@@ -233,6 +233,13 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     steps = int(model.default_steps if steps is None else steps)
     if steps < 1:
         raise VelodiffError(f"steps must be >= 1, got {steps}")
+    trained = getattr(model, "trained_steps", None)  # a distilled student's (its sampling.json)
+    if trained is not None and steps > trained:
+        warnings.warn(
+            f"this student was distilled for {trained} steps; {steps} steps leave what it was trained "
+            "for (the result may be worse, not better)",
+            stacklevel=3,
+        )
     name = grid or model.default_grid
     grid_opts = {}
     if grid is None:

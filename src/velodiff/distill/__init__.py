@@ -1,0 +1,1 @@
+"""Trained compression: few-step students distilled from a teacher (``velodiff distill``)."""

@@ -1,0 +1,151 @@
+"""``velodiff distill progressive``: rounds of progressive distillation from a teacher folder, each a
+resumable run (``train/loop.py``: safetensors checkpoints, loss.csv, bit-exact resume), the last
+student written as a diffusers folder with its own sampling defaults (``sampling.json``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import VelodiffError
+from ..train.loop import LoopConfig, run_loop
+from ..train.trainer import LatentCache, batch_indices, tokenize
+from .progressive import student_grid, student_target, teacher_two_steps
+from .teacher import load_teacher, save_student, teacher_folder
+
+
+@dataclass
+class ProgressiveConfig:
+    teacher_steps: int = 20
+    rounds: int = 2
+    guidance: float = 2.5
+    batch: int = 8
+    cache_size: int = 256
+    data_seed: int = 0
+
+
+def _velocity(unet: Any, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, sched: Any) -> torch.Tensor:
+    k = sched.timestep(t).to(x.dtype)
+    return unet(x, k, ctx).sample
+
+
+def make_x0_fn(unet: Any, sched: Any, ctx: torch.Tensor, uctx: torch.Tensor | None, w: float):
+    """x0(x, t) of a v-prediction UNet, classifier-free guided at scale w when uctx is given."""
+
+    def x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = sched.alpha(t).view(-1, 1, 1, 1).to(x.dtype)
+        s = sched.sigma(t).view(-1, 1, 1, 1).to(x.dtype)
+        if uctx is None or w == 1.0:
+            v = _velocity(unet, x, t, ctx, sched)
+        else:
+            both = _velocity(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uctx, ctx]), sched)
+            vu, vc = both.chunk(2)
+            v = vu + w * (vc - vu)
+        return a * x - s * v
+
+    return x0
+
+
+def distill_progressive(
+    teacher: str,
+    out: Path,
+    run: Path,
+    cfg: LoopConfig,
+    pcfg: ProgressiveConfig,
+    quiet: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    from ..data.shapes import ShapesWorld
+
+    tpath = teacher_folder(teacher)
+    comps = load_teacher(tpath)
+    steps = pcfg.teacher_steps
+    if steps % (2**pcfg.rounds) != 0:
+        raise VelodiffError(f"--teacher-steps {steps} cannot be halved {pcfg.rounds} times")
+    from ..models import load
+
+    sched = load(tpath).schedule
+    vae, text, tok = comps["vae"], comps["text_encoder"], comps["tokenizer"]
+    scaling = float(vae.config.scaling_factor)
+    world = ShapesWorld(seed=pcfg.data_seed, size=64, holdout=True)
+    cache = LatentCache(world, vae.to(device), tok, pcfg.cache_size, scaling, device, 1, quiet)
+    text = text.to(device).eval().requires_grad_(False)
+    uncond = tokenize(tok, [""])[0].to(device)
+    teacher_unet = comps["unet"].to(device).eval().requires_grad_(False)
+    log: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for r in range(pcfg.rounds):
+        n = steps // 2 ** (r + 1)
+        w = pcfg.guidance if r == 0 else 1.0  # the first student folds the guidance in
+        grid = student_grid(sched, n).to(torch.float32)
+        student = copy.deepcopy(teacher_unet).train().requires_grad_(True)
+        rcfg = copy.deepcopy(cfg)
+        rcfg.extra = {**cfg.extra, **vars(pcfg), "round": r, "student_steps": n, "method": "progressive"}
+
+        def step_fn(
+            step: int, gen: torch.Generator, student=student, teacher=teacher_unet, grid=grid, w=w, n=n
+        ):
+            idx = batch_indices(step, pcfg.batch, pcfg.cache_size, cfg.seed)
+            z0, ids = cache.get(idx)
+            b = len(idx)
+            i = torch.randint(0, n, (b,), generator=gen)
+            eps = torch.randn(z0.shape, generator=gen).to(device)
+            t, t2 = grid[i].to(device), grid[i + 1].to(device)
+            tm = 0.5 * (t + t2)
+            a = sched.alpha(t).view(-1, 1, 1, 1).float().to(device)
+            s = sched.sigma(t).view(-1, 1, 1, 1).float().to(device)
+            x = a * z0 + s * eps
+            with torch.no_grad():
+                ctx = text(ids).last_hidden_state
+                uctx = text(uncond[None].expand(b, -1)).last_hidden_state
+                x2 = teacher_two_steps(make_x0_fn(teacher, sched, ctx, uctx, w), x, t, tm, t2, sched)
+                pos = t2 > 0
+                a2 = torch.where(pos, sched.alpha(t2.clamp_min(sched.t_min)).float(), torch.ones_like(t2))
+                s2 = torch.where(pos, sched.sigma(t2.clamp_min(sched.t_min)).float(), torch.zeros_like(t2))
+                target = student_target(x, x2, a, s, a2.view(-1, 1, 1, 1), s2.view(-1, 1, 1, 1))
+            pred = make_x0_fn(student, sched, ctx, None, 1.0)(x, t)
+            snr = (a / s).pow(2).view(-1).clamp_min(1.0)
+            per = (pred - target).pow(2).mean(dim=(1, 2, 3))
+            return (snr * per).mean(), {"mse": per.detach().mean()}
+
+        summary = run_loop(
+            run / f"round-{r}",
+            rcfg,
+            {"unet": student},
+            step_fn,
+            desc=f"progressive {2 * n}->{n}",
+            quiet=quiet,
+        )
+        summary.pop("emas")
+        log.append({"round": r, "student_steps": n, **summary})
+        if not summary["completed"]:
+            break
+        teacher_unet = student.eval().requires_grad_(False)
+        if r < pcfg.rounds - 1:  # every round's student is a model of its own: out-<n>steps
+            mid = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "trailing", "trained_steps": n}
+            save_student(
+                tpath,
+                copy.deepcopy(student),
+                out.with_name(f"{out.name}-{n}steps"),
+                mid,
+                f"# progressive-distilled student ({n} steps), round {r} of {pcfg.rounds}\n",
+            )
+    wall = time.perf_counter() - t0
+    done = log[-1]
+    if not done["completed"]:
+        return {"rounds": log, "wall_s": wall, "out": None}
+    n = done["student_steps"]
+    sampling = {"solver": "ddim", "steps": n, "guidance": 1.0, "grid": "trailing", "trained_steps": n}
+    card = (
+        f"# progressive-distilled student ({n} steps)\n\nTeacher: {tpath}\nRounds: {json.dumps(log)}\n"
+        f"Sampling: {json.dumps(sampling)} (guidance {pcfg.guidance} folded in by round 0)\n"
+    )
+    save_student(tpath, teacher_unet, out, sampling, card)
+    (run / "summary.json").write_text(json.dumps({"rounds": log, "wall_s": wall, "out": str(out)}, indent=1))
+    return {"rounds": log, "wall_s": wall, "out": str(out)}

@@ -1,0 +1,156 @@
+"""Progressive distillation: the target is two teacher DDIM steps in one, runs resume bit-exactly, the
+student is a loadable folder with its own sampling defaults, bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from velodiff.cli import main
+from velodiff.distill.progressive import ddim_step, student_grid, student_target, teacher_two_steps
+from velodiff.schedules import DiscreteVP
+
+torch.set_num_threads(1)
+
+
+def _sched() -> DiscreteVP:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return DiscreteVP(betas=betas)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_one_student_step_with_the_target_equals_two_teacher_steps(last: bool) -> None:
+    sched = _sched()
+    grid = student_grid(sched, 5).float()
+    i = 4 if last else 1  # the last step lands on clean data (sigma = 0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    weight = torch.randn(4, 4, generator=g)
+
+    def teacher_x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a nonlinear toy teacher
+        return torch.tanh(torch.einsum("bchw,cd->bdhw", x, weight)) * (1 + 10 * t.view(-1, 1, 1, 1))
+
+    t, t2 = grid[i].expand(3), grid[i + 1].expand(3)
+    x2 = teacher_two_steps(teacher_x0, x, t, 0.5 * (t + t2), t2, sched)
+
+    def coef(tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(tt[0]) == 0:
+            return torch.ones(3, 1, 1, 1), torch.zeros(3, 1, 1, 1)
+        return sched.alpha(tt).float().view(-1, 1, 1, 1), sched.sigma(tt).float().view(-1, 1, 1, 1)
+
+    a, s = coef(t)
+    a2, s2 = coef(t2)
+    target = student_target(x, x2, a, s, a2, s2)
+    one = ddim_step(x, target, a, s, a2, s2)
+    torch.testing.assert_close(one, x2, rtol=1e-4, atol=1e-4)
+    # and a single teacher step does not reach the same point (the test can fail)
+    single = ddim_step(x, teacher_x0(x, t), a, s, a2, s2)
+    assert (single - x2).abs().max() > 1e-2
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # typer's standalone mode exits after a successful command
+        return int(e.code or 0)
+
+
+def _distill(tmp_path, run: str, steps: int, *extra: str) -> int:
+    return _main(
+        [
+            "distill",
+            "progressive",
+            "--out",
+            str(tmp_path / f"{run}-student"),
+            "--run",
+            str(tmp_path / run),
+            "--teacher-steps",
+            "4",
+            "--rounds",
+            "1",
+            "--steps",
+            str(steps),
+            "--batch",
+            "2",
+            "--cache-size",
+            "4",
+            "--checkpoint-every",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+def _unet_state(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _losses(run) -> list[str]:
+    return [r[1] for r in csv.reader((run / "round-0" / "loss.csv").open())][1:]
+
+
+def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path) -> None:
+    assert _distill(tmp_path, "full", 3) == 0
+    assert _distill(tmp_path, "split", 1) == 0  # "killed" after one step, then rerun
+    assert _distill(tmp_path, "split", 3) == 0
+    a, b = _unet_state(tmp_path / "full-student"), _unet_state(tmp_path / "split-student")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "split")
+    assert len(_losses(tmp_path / "full")) == 3
+
+    import velodiff
+    from velodiff.shipped import shipped_path
+
+    teacher = _unet_state(shipped_path("default"))
+    assert any(not torch.equal(a[k], teacher[k].float()) for k in a)  # trained away from the teacher
+    model = velodiff.load(tmp_path / "full-student")
+    assert (model.default_solver, model.default_steps, model.default_guidance) == ("ddim", 2, 1.0)
+    assert json.loads((tmp_path / "full-student" / "sampling.json").read_text())["steps"] == 2
+
+    # the guidance is folded in: sampling with the student's own defaults is one pass per step
+    from velodiff.pipelines import text2img
+
+    rows: list[int] = []
+    hook = model.components["unet"].register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    res = text2img(model, "a red circle", seeds=[0])
+    hook.remove()
+    assert res.steps == 2 and res.evals == 2 and sum(rows) == 2
+    with pytest.warns(UserWarning, match="distilled for 2 steps"):
+        text2img(model, "a red circle", seeds=[0], steps=4)  # more steps than it supports: warn, run
+
+
+def test_bad_teacher_is_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "notamodel").mkdir()
+    code = _distill(tmp_path, "bad", 1, "--teacher", str(tmp_path / "notamodel"))
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and "not a diffusers model folder" in err
+
+
+def test_steps_that_cannot_be_halved_are_refused(tmp_path, capsys) -> None:
+    code = _main(
+        [
+            "distill",
+            "progressive",
+            "--out",
+            str(tmp_path / "s"),
+            "--run",
+            str(tmp_path / "r"),
+            "--teacher-steps",
+            "6",
+            "--rounds",
+            "2",
+            "--quiet",
+        ]
+    )
+    assert code != 0
+    assert "cannot be halved" in capsys.readouterr().err
