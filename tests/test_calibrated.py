@@ -12,6 +12,7 @@ import torch
 from velodiff.calibrated import (
     calibrate_solver,
     denoiser_problem,
+    entry_options,
     find_entry,
     gits_grid,
     load_solver_calibration,
@@ -122,8 +123,7 @@ def test_calibrated_configuration_transfers_to_unseen_noise():
     res = calibrate_solver(cal, [5], methods=("grid", "dc"), solvers=("unipc",), max_runs=16)
     (entry,) = res["entries"]
     ts = torch.tensor(entry["ts"], dtype=F64)
-    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["options"].items()}
-    calibrated = test.score(ts, "unipc", opts)
+    calibrated = test.score(ts, "unipc", entry_options(entry))
     named = min(test.score(make_grid(g, SCHED, 5), "unipc") for g in ("karras", "logsnr", "uniform"))
     assert calibrated < named
 

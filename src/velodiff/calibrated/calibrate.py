@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..errors import VelodiffError, unknown_name
@@ -128,7 +127,7 @@ def calibrate_solver(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Calibrate; returns ``{"entries": [...], "baselines": {nfe: best uncalibrated}, "ems": stats or
-    None, "runs": ..., "evaluations": ...}`` (entries: solver, nfe, method, ts, options, error)."""
+    None, "evaluations": ...}`` (entries: solver, nfe, method, ts, options, error)."""
     for m in methods:
         if m not in METHODS:
             raise unknown_name("calibration method", m, METHODS)
@@ -208,7 +207,3 @@ def calibrate_solver(
 def entry_options(entry: dict[str, Any]) -> dict[str, Any]:
     """An entry's solver options as the solver takes them (lists back to tuples)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in entry.get("options", {}).items()}
-
-
-def as_tensor(ts: Sequence[float]) -> Tensor:
-    return torch.tensor(list(ts), dtype=torch.float64)
