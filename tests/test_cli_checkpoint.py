@@ -217,8 +217,8 @@ def test_default_by_name(tmp_path, capsys):
     m = velodiff.load("default")
     assert m.family == "sd1" and os.path.samefile(m.path, default_model_path())
     msg = one_error_line(capsys, "generate", "a red circle", "--model", "defualt", "--out", out)
-    assert "neither a path nor a shipped model (default)" in msg
-    with pytest.raises(velodiff.VelodiffError, match=r"shipped model \(default\)"):
+    assert "neither a path nor a shipped model (default, default-4step" in msg
+    with pytest.raises(velodiff.VelodiffError, match=r"shipped model \(default, "):
         velodiff.load("defualt")
 
 

@@ -131,7 +131,6 @@ def test_fd_shapes_orders_real_good_degraded_random():
     from diffusers import UNet2DConditionModel
 
     from velodiff.data.shapes import ShapesWorld
-    from velodiff.default_model import DEFAULT_SAMPLING
     from velodiff.eval.sweep import resolve_prompts
     from velodiff.models import load
     from velodiff.pipelines import text2img
@@ -145,7 +144,7 @@ def test_fd_shapes_orders_real_good_degraded_random():
     real = np.stack([world.render(sp, seed=s).image for sp, s in zip(specs, seeds, strict=True)])
     real2 = np.stack([world.render(sp, seed=100 + s).image for sp, s in zip(specs, seeds, strict=True)])
     model = load(path)
-    g = DEFAULT_SAMPLING["guidance"]
+    g = model.default_guidance  # the shipped sampling.json: 2.5
 
     def gen(m, nfe):
         return text2img(m, texts, seeds=seeds, nfe=nfe, guidance=g, output="tensor").images

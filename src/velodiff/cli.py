@@ -27,6 +27,7 @@ app.add_typer(bench, name="bench")
 #: modules that add subcommands; each defines register(app, bench)
 COMMAND_MODULES = [
     "velodiff.commands.solvers",
+    "velodiff.commands.models",
     "velodiff.commands.plans",
     "velodiff.commands.bench_solvers",
     "velodiff.commands.bench_pipeline",

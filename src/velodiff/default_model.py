@@ -178,6 +178,3 @@ def load_tokenizer(folder: str) -> Any:
 
     return from_pretrained(CLIPTokenizer, folder, weights=False)
 
-
-#: how the default model samples unless told otherwise (guidance: the best of the ShapesEval sweep)
-DEFAULT_SAMPLING: dict[str, Any] = {"steps": 20, "solver": "dpmpp_2m", "guidance": 2.5}

@@ -21,6 +21,20 @@ from typing import IO, Any
 
 from .errors import VelodiffError
 
+
+def cache_root() -> Path:
+    """velodiff's cache folder: ``$VELODIFF_CACHE``, else ``~/.cache/velodiff``."""
+    return Path(os.environ.get("VELODIFF_CACHE") or Path.home() / ".cache" / "velodiff").expanduser()
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every file in a folder, sorted, following symbolic links (an assembled shipped student links to
+    its base's folders); ``[root]`` for a file."""
+    if root.is_file():
+        return [root]
+    return sorted(Path(d) / f for d, _, names in os.walk(root, followlinks=True) for f in names)
+
+
 #: the suffix of temporary files (a set folder's resume removes stale ones: ``.*.tmp``)
 TEMP_SUFFIX = ".tmp"
 

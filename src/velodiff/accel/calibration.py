@@ -15,7 +15,6 @@ The artefact lives in ``$VELODIFF_CACHE/calibration/cache-<model hash>.json`` (d
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,9 @@ VERSION = 1
 
 
 def calibration_dir() -> Path:
-    root = os.environ.get("VELODIFF_CACHE") or Path.home() / ".cache" / "velodiff"
-    return Path(root) / "calibration"
+    from ..files import cache_root
+
+    return cache_root() / "calibration"
 
 
 def cache_calibration_path(model_hash: str) -> Path:

@@ -99,7 +99,6 @@ def load_model(
     other."""
     import torch
 
-    from ..default_model import DEFAULT_SAMPLING
     from ..shipped import is_shipped, resolve_model
 
     shipped = is_shipped(model)
@@ -112,7 +111,11 @@ def load_model(
 
     with user_errors(f"cannot load model {str(path)!r}"):
         loaded = load(path, device=device, dtype=dtype, config=config)
-    defaults = dict(DEFAULT_SAMPLING) if shipped else {}
+    defaults = (
+        {"steps": loaded.default_steps, "solver": loaded.default_solver, "guidance": loaded.default_guidance}
+        if shipped
+        else {}
+    )
     return loaded, defaults
 
 

@@ -74,14 +74,14 @@ def generate_set_cmd(
         from ..shipped import resolve_model
 
         model_path = resolve_model(model)
-    from ..default_model import DEFAULT_SAMPLING, default_model_path
+    from ..shipped import sampling_defaults
 
     defaults: dict[str, Any] = dict(
         seed=0, images_per_prompt=1, batch=4, threads=1, noise="velodiff", plan="none"
     )
 
-    if model_path.resolve() == default_model_path().resolve():
-        defaults.update({k: DEFAULT_SAMPLING[k] for k in ("steps", "solver", "guidance")})
+    own = sampling_defaults(model_path) if model_path.is_dir() else {}
+    defaults.update({k: own[k] for k in ("steps", "solver", "guidance") if k in own})
     requested = dict(seed=seed, images_per_prompt=images_per_prompt, steps=steps, solver=solver, grid=grid,
                      guidance=guidance, plan=plan, negative=negative, batch=batch, threads=threads)
     config = resolve_config(requested, previous, defaults)

@@ -10,9 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError
-
-#: file a student folder carries with its own sampling defaults (solver, steps, guidance, grid)
-SAMPLING_FILE = "sampling.json"
+from ..shipped import SAMPLING_FILE
 
 
 def teacher_folder(teacher: str) -> Path:
@@ -38,11 +36,6 @@ def load_teacher(path: Path) -> dict[str, Any]:
     return comps
 
 
-def sampling_defaults(path: Path) -> dict[str, Any]:
-    f = Path(path) / SAMPLING_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
 def save_student(teacher: Path, unet: Any, out: Path, sampling: dict[str, Any], card: str) -> Path:
     """A diffusers folder: the teacher's components with the student's UNet (float32 safetensors) and
     its own sampling defaults. Written to a sibling and swapped in."""
@@ -56,3 +49,34 @@ def save_student(teacher: Path, unet: Any, out: Path, sampling: dict[str, Any], 
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def ship_student(student: Path, asset: Path, base: Path) -> Path:
+    """A student folder as a package asset (``velodiff/assets/<name>``, see ``velodiff.shipped``): only
+    what differs from ``base`` (its UNet in float16, or its ``lora/``), ``sampling.json`` and the card."""
+    from diffusers import UNet2DConditionModel
+
+    tmp = asset.with_name(asset.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if (student / "unet").is_dir() and not _same_file_tree(student / "unet", base / "unet"):
+        unet = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True)
+        unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
+    for name in ("lora", "scheduler"):
+        if (student / name).is_dir() and not _same_file_tree(student / name, base / name):
+            shutil.copytree(student / name, tmp / name)
+    for name in (SAMPLING_FILE, "MODEL_CARD.md"):
+        if (student / name).is_file():
+            shutil.copy2(student / name, tmp / name)
+    shutil.rmtree(asset, ignore_errors=True)
+    tmp.rename(asset)
+    return asset
+
+
+def _same_file_tree(a: Path, b: Path) -> bool:
+    if not b.is_dir():
+        return False
+    files = sorted(q.relative_to(a) for q in a.rglob("*") if q.is_file())
+    return files == sorted(q.relative_to(b) for q in b.rglob("*") if q.is_file()) and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in files
+    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..files import cache_root, files_under
 
 #: bytes read from the start and the end of each weight file for the model fingerprint
 HASH_CHUNK = 1 << 20
@@ -46,16 +46,15 @@ class ReferenceConfig:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("VELODIFF_CACHE") or Path.home() / ".cache" / "velodiff"
-    return Path(root) / "reference"
+
+    return cache_root() / "reference"
 
 
 @lru_cache(maxsize=16)
 def _hash_folder(path: str, stamp: tuple) -> str:
     h = hashlib.sha256()
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for p in files:
+    for p in files_under(root):
         if p.name.startswith(".") or p.suffix not in (".safetensors", ".json", ".txt", ".bin", ".ckpt"):
             continue
         size = p.stat().st_size
@@ -76,7 +75,7 @@ def model_hash(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise VelodiffError(f"cannot hash model {str(p)!r}: it does not exist")
-    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    files = files_under(p)
     stamp = tuple((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in files)
     return _hash_folder(str(p.resolve()), stamp)
 

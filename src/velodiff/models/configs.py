@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import tempfile
 from functools import cache
@@ -222,13 +221,11 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("VELODIFF_CACHE", Path.home() / ".cache" / "velodiff")).expanduser()
-
-
 def published_folder(name: str) -> Path:
     """A diffusers config folder (no weights) for a published architecture, written once."""
     spec = PUBLISHED[name]
+    from ..files import cache_root
+
     dest = cache_root() / "single_file" / f"{name}-v{CONFIG_VERSION}"
     if (dest / "model_index.json").is_file():
         return dest

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError, unknown_name
-from ..shipped import SHIPPED, no_such_model, shipped_path
+from ..shipped import SHIPPED, no_such_model, sampling_defaults, shipped_path
 from .base import FAMILIES, LoadedModel, families_by_priority, resolve_device, resolve_dtype
 from .weights import CONVERT_HINT, PICKLE_SUFFIXES, check_safetensors, safe_open
 
@@ -184,15 +184,9 @@ def load(
 
 
 def _apply_sampling_file(model: LoadedModel, path: Path) -> None:
-    """A folder's own sampling defaults (``sampling.json``, written by ``velodiff distill`` for its
-    students: solver, steps, guidance, grid) replace the family's."""
-    f = path / "sampling.json"
-    if not path.is_dir() or not f.is_file():
-        return
-    try:
-        d = json.loads(f.read_text())
-    except ValueError as e:
-        raise VelodiffError(f"{f}: not valid JSON ({e})") from None
+    """A folder's own sampling defaults (``sampling.json``: the shipped models', and those ``velodiff
+    distill`` writes for its students: solver, steps, guidance, grid) replace the family's."""
+    d = sampling_defaults(path) if path.is_dir() else {}
     for key in ("solver", "steps", "guidance", "grid"):
         if key in d:
             setattr(model, f"default_{key}", d[key])

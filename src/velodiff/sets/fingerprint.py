@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import VelodiffError
+from ..files import files_under
 
 #: files hashed whole up to this size; larger ones by size plus their first and last 16 MiB
 FULL_HASH_LIMIT = 256 * 2**20
@@ -37,9 +38,7 @@ def model_fingerprint(path: str | os.PathLike[str]) -> str:
     p = Path(path).expanduser()
     if not p.exists():
         raise VelodiffError(f"model path {str(p)!r} does not exist")
-    files = [p] if p.is_file() else sorted(
-        f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-    )
+    files = [f for f in files_under(p) if not f.name.startswith(".")]
     h = hashlib.sha256()
     for f in files:
         rel = f.name if f == p else f.relative_to(p).as_posix()
