@@ -72,3 +72,52 @@ def progressive(
         typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
     else:
         typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+
+
+@distill_app.command(
+    "guided",
+    epilog=example("velodiff distill guided --out students/guided --run runs/guided --steps 1000"),
+    short_help="Guided distillation (Meng et al. 2023): the guidance scale as an input, one pass.",
+)
+def guided(
+    out: Path = typer.Option(..., help="the student's diffusers folder"),  # noqa: B008
+    run: Path = typer.Option(..., help="run folder (checkpoints); resumes"),  # noqa: B008
+    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    w_min: float = typer.Option(1.0, min=0.0, help="smallest guidance scale trained"),
+    w_max: float = typer.Option(4.0, min=0.0, help="largest guidance scale trained"),
+    guidance: float = typer.Option(2.5, help="the scale the student samples at by default"),
+    steps: int = typer.Option(1000, min=1, help="training steps"),
+    batch: int = typer.Option(8, min=1),
+    lr: float = typer.Option(2e-5, min=0.0),
+    warmup: int = typer.Option(10, min=0),
+    cache_size: int = typer.Option(256, min=1, help="ShapesWorld scenes encoded as training latents"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(50, min=1),
+    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    threads: int = typer.Option(1, min=1),
+    quiet: bool = typer.Option(False),
+) -> None:
+    """The student takes w as an input and matches the teacher's CFG output in one pass per step."""
+    from ..distill.guided import GuidedConfig, distill_guided
+    from ..train.loop import LoopConfig
+    from .train import _threads
+
+    dev = _threads(threads, device)
+    cfg = LoopConfig(
+        steps=steps,
+        lr=lr,
+        warmup=warmup,
+        weight_decay=0.0,
+        ema_decay=0.0,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
+        log_every=1,
+    )
+    gcfg = GuidedConfig(w_min=w_min, w_max=w_max, guidance=guidance, batch=batch, cache_size=cache_size)
+    res = distill_guided(teacher, out, run, cfg, gcfg, quiet=quiet, device=dev)
+    if res["out"] is None:
+        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
+    else:
+        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")

@@ -59,6 +59,7 @@ def generate_for_prompts(
             "steps": res.steps,
             "solver": res.solver,
             "guidance": res.guidance,
+            "embedded_guidance": model.embedded_guidance,
             "plan": res.plan,
         }
     return images, time.perf_counter() - t0, info
@@ -137,6 +138,9 @@ def shapes(
     steps: int = typer.Option(None, min=1, help="solver steps (default 20 for the default model)"),
     grid: str = typer.Option(None, help="time grid name (default: the model's)"),
     guidance: str = typer.Option(None, help="guidance scale, or a comma list to sweep"),
+    embedded_guidance: float = typer.Option(
+        None, min=0.0, help="the scale a guidance-distilled model takes as input (one pass per step)"
+    ),
     plan: str = typer.Option(None, help="step plan, e.g. ag:threshold=0.99 (velodiff plans)"),
     seed: int = typer.Option(0),
     batch: int = typer.Option(16, min=1, help="images per batched call"),
@@ -171,6 +175,10 @@ def shapes(
         plist = [plist[int(i * len(plist) / limit)] for i in range(limit)]
     quiet_libraries()
     loaded, defaults = load_model(model, threads, device)
+    if embedded_guidance is not None:
+        from .image_run import set_embedded_guidance
+
+        set_embedded_guidance(loaded, embedded_guidance)
     import torch
 
     scales = parse_scales(guidance, defaults.get("guidance"))

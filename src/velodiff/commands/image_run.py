@@ -33,6 +33,7 @@ class ImageRun:
     grid: str | None = None
     guidance: float | None = None
     guidance_rescale: float = 0.0
+    embedded_guidance: float | None = None
     negative: str | None = None
     plan: str | None = None
     clip_skip: int | None = None
@@ -59,6 +60,8 @@ class ImageRun:
             raise VelodiffError("give --steps or --nfe, not both")
         if self.guidance is not None and not self.guidance >= 0:
             raise VelodiffError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.embedded_guidance is not None and not self.embedded_guidance >= 0:
+            raise VelodiffError(f"--embedded-guidance must be >= 0, got {self.embedded_guidance}")
         if not 0 <= self.guidance_rescale <= 1:
             raise VelodiffError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
         for name, value in (("--width", self.width), ("--height", self.height)):
@@ -100,6 +103,8 @@ class ImageRun:
             if not hasattr(m, "clip_skip"):
                 raise VelodiffError(f"--clip-skip: this {m.family} model has no CLIP text encoder")
             m.clip_skip = self.clip_skip
+        if self.embedded_guidance is not None:
+            set_embedded_guidance(m, self.embedded_guidance)
         f = m.vae_scale_factor
         for name, value in (("--width", self.width), ("--height", self.height)):
             if value is not None and value % f:
@@ -151,6 +156,16 @@ class ImageRun:
             f"{res.nfe} NFE, {res.evals:g} evals/image, guidance {res.guidance:g}, plan {res.plan}) "
             f"in {time.perf_counter() - self.started:.2f} s"
         )
+
+
+def set_embedded_guidance(model: Any, w: float) -> None:
+    """--embedded-guidance: the scale input of a guidance-distilled network; refused for others."""
+    if not model.takes_embedded_guidance:
+        raise VelodiffError(
+            f"--embedded-guidance: this {model.family} model has no guidance input (it is not guidance-"
+            f"distilled); use --guidance for classifier-free guidance"
+        )
+    model.embedded_guidance = float(w)
 
 
 def check_cpu_dtype(dtype: str) -> None:

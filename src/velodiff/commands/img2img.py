@@ -50,6 +50,7 @@ def img2img_cmd(
     grid: o.Grid = None,
     guidance: o.Guidance = None,
     guidance_rescale: o.GuidanceRescale = 0.0,
+    embedded_guidance: o.EmbeddedGuidance = None,
     negative: o.Negative = None,
     plan: o.PlanOpt = None,
     clip_skip: o.ClipSkip = None,

@@ -59,6 +59,10 @@ Grid = Annotated[str | None, typer.Option(help="time grid name (default: the mod
 Guidance = Annotated[
     float | None, typer.Option(help="classifier-free guidance scale (>= 0; 1 = no guidance)")
 ]
+EmbeddedGuidance = Annotated[
+    float | None,
+    typer.Option(help="the scale a guidance-distilled model takes as input (one pass; Flux-dev, students)"),
+]
 GuidanceRescale = Annotated[
     float, typer.Option(help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for v-prediction)")
 ]

@@ -18,6 +18,7 @@ would round timestep 999 to 1000).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,19 @@ def default_dtype(device: torch.device) -> str:
 ADDED_COND_KEYS = ("text_embeds", "time_ids")
 
 
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """(B,) guidance scales -> (B, dim) sinusoidal features for a UNet's ``timestep_cond`` input
+    (``time_cond_proj_dim``): VDM's Fourier embedding of 1000 w (Kingma et al. 2021), as diffusers'
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``. A guidance-distilled UNet gets the
+    scale of ``x0_u + w (x0_c - x0_u)`` minus one here (LCM's convention, Luo et al. 2023: w - 1 is the
+    scale of ``x0_c + (w - 1)(x0_c - x0_u)``)."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    arg = (w.to(torch.float32) * 1000.0)[:, None] * freq.to(w.device)[None, :]
+    emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 class UNetNetwork:
     """``network(x, timestep, cond) -> prediction`` over a diffusers ``UNet2DConditionModel``.
 
@@ -117,10 +131,12 @@ class UNetNetwork:
         if extra is not None:
             h = torch.cat([h, extra.to(self.dtype)], dim=1)
         added = {k: cond[k] for k in ADDED_COND_KEYS if k in cond}
+        w = cond.get("timestep_cond")  # a guidance-distilled UNet's embedded scale
         out = self.unet(
             h,
             timestep,
             encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep_cond=None if w is None else w.to(self.dtype),
             added_cond_kwargs=added or None,
             return_dict=False,
         )[0]
@@ -182,6 +198,10 @@ class LoadedModel:
     default_final: str = "zero"
     #: the most tokens a prompt may have (CLIP: 77)
     max_tokens: int = 77
+    #: the guidance scale a guidance-distilled network takes as an input (Flux-dev, a UNet with
+    #: ``time_cond_proj_dim``: ``velodiff distill guided``, LCM): one pass per step; None for others.
+    #: ``guidance`` stays true classifier-free guidance (two passes), 1 by default for such models.
+    embedded_guidance: float | None = None
 
     def grid_options(self, height: int, width: int) -> dict[str, Any]:
         """Options of the default grid for images of this size (resolution-dependent shifts override)."""
@@ -212,6 +232,12 @@ class LoadedModel:
     def network(self) -> Any:
         """The denoising network (a UNet or a transformer): what plan rules hook."""
         return self.components.get("unet", self.components.get("transformer"))
+
+    @property
+    def takes_embedded_guidance(self) -> bool:
+        """Whether the network takes the guidance scale as an input (``embedded_guidance``)."""
+        config = self.network.config
+        return bool(config.get("guidance_embeds") or config.get("time_cond_proj_dim"))
 
     @property
     def network_in_channels(self) -> int:

@@ -185,10 +185,13 @@ def load(
 
 def _apply_sampling_file(model: LoadedModel, path: Path) -> None:
     """A folder's own sampling defaults (``sampling.json``: the shipped models', and those ``velodiff
-    distill`` writes for its students: solver, steps, guidance, grid) replace the family's."""
+    distill`` writes for its students: solver, steps, guidance, grid, embedded_guidance) replace the
+    family's."""
     d = sampling_defaults(path) if path.is_dir() else {}
     for key in ("solver", "steps", "guidance", "grid"):
         if key in d:
             setattr(model, f"default_{key}", d[key])
+    if "embedded_guidance" in d:  # a guidance-distilled student's scale input (one pass per step)
+        model.embedded_guidance = float(d["embedded_guidance"])
     if "trained_steps" in d:
         model.trained_steps = int(d["trained_steps"])  # type: ignore[attr-defined]

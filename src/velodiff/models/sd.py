@@ -21,7 +21,7 @@ from torch import Tensor
 from ..denoisers import Cond
 from ..errors import VelodiffError
 from ..schedules import DiscreteVP
-from .base import LoadedModel, NetworkDenoiser, UNetNetwork, as_guided, register_family
+from .base import LoadedModel, NetworkDenoiser, UNetNetwork, as_guided, guidance_embedding, register_family
 from .loading import Source
 from .weights import from_pretrained, from_single_file
 
@@ -123,9 +123,19 @@ class SDModel(LoadedModel):
         with torch.inference_mode():
             h, _ = self._text_hidden(te, ids, layer_from_end=self.clip_skip)
         h = h.to(self.dtype)
-        cond = {"encoder_hidden_states": h[: len(prompts)]}
-        uncond = {"encoder_hidden_states": h[len(prompts) :]} if guided else None
-        return as_guided(cond, uncond)
+        cond = {"encoder_hidden_states": h[: len(prompts)], **self._embedded_guidance(len(prompts))}
+        uncond = {"encoder_hidden_states": h[len(prompts) :], **self._embedded_guidance(len(negs))}
+        return as_guided(cond, uncond if guided else None)
+
+    def _embedded_guidance(self, n: int) -> dict[str, Tensor]:
+        """``timestep_cond`` for a guidance-distilled UNet (``time_cond_proj_dim``): the embedded scale
+        (``embedded_guidance``, 1 when unset) for ``n`` rows; {} for other UNets."""
+        dim = self.unet.config.get("time_cond_proj_dim")
+        if not dim or n == 0:
+            return {}
+        w = 1.0 if self.embedded_guidance is None else float(self.embedded_guidance)
+        emb = guidance_embedding(torch.full((n,), w - 1.0), int(dim))
+        return {"timestep_cond": emb.to(self.device, self.dtype)}
 
     # -- images --
 

@@ -1,0 +1,115 @@
+"""Guided distillation (Meng et al. 2023): the student takes the guidance scale as an input (diffusers'
+``time_cond_proj_dim``, embedded as diffusers' LCM pipeline does), starts as the teacher's conditional
+model, samples in one pass per step at its embedded scale, runs resume bit-exactly, bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+import velodiff
+from velodiff.cli import main
+from velodiff.distill.guided import EMBEDDING_DIM, guided_student, student_cond
+from velodiff.distill.teacher import save_student
+from velodiff.models.base import guidance_embedding
+from velodiff.pipelines import text2img
+from velodiff.shipped import shipped_path
+
+torch.set_num_threads(1)
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def test_guidance_embedding_is_diffusers_lcm_embedding() -> None:
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.tensor([0.0, 1.5, 7.5])
+    for dim in (256, 33):
+        ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        torch.testing.assert_close(guidance_embedding(w, dim), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_the_student_starts_as_the_teachers_conditional_model_and_samples_in_one_pass(tmp_path) -> None:
+    teacher = velodiff.load("default")
+    unet = teacher.components["unet"]
+    student = guided_student(unet).eval()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.randn(2, 77, unet.config.cross_attention_dim, generator=g),
+    )
+    k = torch.tensor([500.0, 900.0])
+    with torch.no_grad():
+        ref = unet(x, k, ctx).sample
+        for w in (1.0, 4.0):
+            out = student(x, k, ctx, timestep_cond=student_cond(torch.full((2,), w))).sample
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.05)  # as if trained
+    sampling = {"solver": "ddim", "steps": 3, "guidance": 1.0, "embedded_guidance": 2.5}
+    folder = save_student(shipped_path("default"), student, tmp_path / "guided", sampling, "# test\n")
+    model = velodiff.load(folder)
+    assert model.takes_embedded_guidance and model.embedded_guidance == 2.5
+    rows: list[int] = []
+    hook = model.components["unet"].register_forward_hook(
+        lambda m, a, kw, out: rows.append(len(a[0])), with_kwargs=True
+    )
+    a = text2img(model, "a red circle", seeds=[0], output="latent")
+    hook.remove()
+    assert a.evals == 3 and sum(rows) == 3  # one pass per step
+    model.embedded_guidance = 4.0
+    b = text2img(model, "a red circle", seeds=[0], output="latent")
+    assert (a.latents - b.latents).abs().max() > 1e-3  # the scale is an input
+
+
+def test_embedded_guidance_on_a_model_without_that_input_is_one_line(tmp_path, capsys) -> None:
+    code = _main(["generate", "a red circle", "--out", str(tmp_path / "a.png"), "--embedded-guidance", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "has no guidance input" in err
+    assert not (tmp_path / "a.png").exists()
+
+
+def _distill(tmp_path, run: str, steps: int, *extra: str) -> int:
+    args = ["distill", "guided", "--out", str(tmp_path / f"{run}-student"), "--run", str(tmp_path / run)]
+    args += ["--steps", str(steps), "--batch", "2", "--cache-size", "4", "--checkpoint-every", "1"]
+    return _main([*args, "--device", "cpu", "--quiet", *extra])
+
+
+def test_resumed_run_is_bit_identical(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    assert _distill(tmp_path, "full", 3) == 0
+    assert _distill(tmp_path, "split", 1) == 0
+    assert _distill(tmp_path, "split", 3) == 0
+    a, b = (
+        load_file(str(tmp_path / f"{r}-student/unet/diffusion_pytorch_model.safetensors"))
+        for r in ("full", "split")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["time_embedding.cond_proj.weight"].shape == (
+        a["time_embedding.linear_1.weight"].shape[1],
+        EMBEDDING_DIM,
+    )
+    assert a["time_embedding.cond_proj.weight"].abs().max() > 0  # the guidance input learned
+    losses = [[r[1] for r in csv.reader((tmp_path / r / "loss.csv").open())][1:] for r in ("full", "split")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    assert velodiff.load(tmp_path / "full-student").embedded_guidance == 2.5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--w-min", "3", "--w-max", "2"), "--w-min <= --w-max"),
+        (("--guidance", "7"), "outside the trained range"),
+    ],
+)
+def test_impossible_settings_are_one_line(tmp_path, capsys, extra, message) -> None:
+    code = _distill(tmp_path, "bad", 1, *extra)
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and message in err

@@ -1,0 +1,86 @@
+"""Shipped models by name: a student ships only what differs from its base and is assembled into a
+whole diffusers folder in the cache (links, or copies where links fail), keyed by its files; it loads
+with its own sampling defaults; ``velodiff models`` lists every shipped model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import velodiff
+from velodiff import shipped
+from velodiff.cli import main
+from velodiff.eval.reference import model_hash
+from velodiff.shipped import SHIPPED, model_name, shipped_path
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _students() -> list[str]:
+    return [name for name, entry in SHIPPED.items() if entry.base is not None]
+
+
+def test_every_student_assembles_into_a_whole_folder_with_its_own_weights(cache) -> None:
+    base = shipped_path("default")
+    assert _students(), "no shipped student"
+    for name in _students():
+        folder = shipped_path(name)
+        assert folder.parent == cache / "shipped" and model_name(folder) == name
+        assert (folder / "model_index.json").is_file() and (folder / "vae").is_dir()
+        own = shipped._asset(SHIPPED[name].folder)
+        assert (folder / "sampling.json").read_text() == (own / "sampling.json").read_text()
+        assert shipped_path(name) == folder  # assembled once
+        assert model_hash(folder) != model_hash(base)  # the hash reads through the links
+    unet = shipped_path("default-4step") / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet.resolve() != (base / "unet" / "diffusion_pytorch_model.safetensors").resolve()
+
+
+def test_a_student_loads_with_its_own_defaults_and_runs_one_pass_per_step(cache) -> None:
+    model = velodiff.load("default-4step")
+    sampling = json.loads((shipped._asset("default-4step") / "sampling.json").read_text())
+    assert (model.default_solver, model.default_steps, model.default_guidance) == (
+        sampling["solver"],
+        sampling["steps"],
+        sampling["guidance"],
+    )
+    assert model.trained_steps == sampling["trained_steps"]
+    from velodiff.pipelines import text2img
+
+    res = text2img(model, "a red circle", seeds=[0])
+    assert res.evals == sampling["steps"] and res.images[0].size == (64, 64)
+
+
+def test_copies_where_the_file_system_has_no_links(cache, monkeypatch) -> None:
+    def no_links(*args, **kwargs):
+        raise OSError("symbolic links are not permitted here")
+
+    monkeypatch.setattr(Path, "symlink_to", no_links)
+    folder = shipped_path("default-4step")
+    assert not (folder / "unet").is_symlink() and (folder / "unet" / "config.json").is_file()
+    assert velodiff.load(folder).default_steps == velodiff.load("default-4step").default_steps
+
+
+def test_a_student_missing_from_the_package_is_one_line(cache, monkeypatch) -> None:
+    monkeypatch.setitem(SHIPPED, "default-gone", shipped.Shipped("no-such-asset", "gone", "default"))
+    with pytest.raises(velodiff.VelodiffError, match="missing from the package"):
+        shipped_path("default-gone")
+
+
+def test_models_lists_every_shipped_model(capsys) -> None:
+    try:
+        code = main(["models"])
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr().out
+    assert code == 0
+    for name, entry in SHIPPED.items():
+        assert name in out and (entry.base is None or entry.base in out)
