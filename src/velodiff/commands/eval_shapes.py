@@ -226,6 +226,7 @@ def shapes(
             "plan": info["plan"],
             "grid": grid or "model default",
             "guidance": info["guidance"],
+            "embedded_guidance": info.get("embedded_guidance"),
             "seed": seed,
             "threads": torch.get_num_threads(),
             "device": device,
@@ -243,7 +244,7 @@ def shapes(
     if result["speed"]:
         sp = result["speed"]
         typer.echo(
-            f"one image, {sp['nfe']} NFE with CFG: median {sp['median_s']:.3f} s over {sp['runs']} runs"
+            f"one image, {sp['nfe']} NFE: median {sp['median_s']:.3f} s over {sp['runs']} runs"
         )
     typer.echo(
         f"best guidance {info['guidance']:g}: overall {res['overall']:.3f}; "
