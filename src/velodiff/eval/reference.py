@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..errors import VelodiffError
 from ..files import cache_root, files_under
+from ..shipped import SAMPLING_FILE
 
 #: bytes read from the start and the end of each weight file for the model fingerprint
 HASH_CHUNK = 1 << 20
@@ -57,6 +58,8 @@ def _hash_folder(path: str, stamp: tuple) -> str:
     for p in files_under(root):
         if p.name.startswith(".") or p.suffix not in (".safetensors", ".json", ".txt", ".bin", ".ckpt"):
             continue
+        if p.name == SAMPLING_FILE and p.parent == root:  # sampling defaults, not the network
+            continue
         size = p.stat().st_size
         h.update(f"{p.relative_to(root) if p != root else p.name}:{size}\n".encode())
         with open(p, "rb") as f:
@@ -71,7 +74,7 @@ def _hash_folder(path: str, stamp: tuple) -> str:
 
 def model_hash(path: str | Path) -> str:
     """A fingerprint of a model folder or file: names, sizes and the first and last MiB of every weight
-    and config file (changes when the weights change; reads at most 2 MiB per file)."""
+    and config file but ``sampling.json`` (changes when the weights change; reads at most 2 MiB per file)."""
     p = Path(path)
     if not p.exists():
         raise VelodiffError(f"cannot hash model {str(p)!r}: it does not exist")
