@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "velodiff.commands.plans",
     "velodiff.commands.bench_solvers",
     "velodiff.commands.bench_pipeline",
+    "velodiff.commands.bench_roofline",
     "velodiff.commands.train",
     "velodiff.commands.distill",
     "velodiff.commands.generate",
