@@ -65,3 +65,19 @@ def test_fbcache_refusals(models):
     unet = velodiff.load(default_model_path())
     with pytest.raises(VelodiffError, match="use deepcache on a UNet"):
         text2img(unet, "a red circle", steps=2, plan="fbcache")
+
+
+@pytest.mark.parametrize("kind", ["flux-schnell", "pixart-sigma", "sd3"])
+def test_taylorseer_forecasts_between_full_evaluations_and_cleans_up(models, kind):
+    m = models[kind]
+    plain = run(m)
+    assert torch.equal(run(m, "taylorseer:interval=1").latents, plain.latents)  # forecasts nothing
+    fore = run(m, "taylorseer:interval=3,warmup=1")  # calls 0, 1, 4: full; 2, 3, 5: forecast
+    assert not torch.equal(fore.latents, plain.latents) and torch.isfinite(fore.latents).all()
+    assert plain.evals == 12 and 6 < fore.evals < 12  # 3 full calls x 2 rows, the rest at their FLOP share
+    reuse = run(m, "taylorseer:interval=3,warmup=1,order=0")  # order 0: plain reuse of the outputs
+    assert not torch.equal(reuse.latents, fore.latents)
+    assert "taylorseer_cache" not in hook_names(m.components["transformer"])
+    assert torch.equal(run(m).latents, plain.latents)
+    with pytest.raises(VelodiffError, match="a feature cache"):
+        run(m, "taylorseer+fbcache")

@@ -352,3 +352,42 @@ def test_branch_numbering_is_the_peers_on_an_sd_layout(branch):
     for i, (a, b) in enumerate(zip(ours, peer, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"branch {branch}, call {i}")
         assert torch.equal(a, plain[i]) == (i % 2 == 0)  # the cached calls (1, 3) are not the full network
+
+
+def test_first_order_forecast_extrapolates_the_last_two_full_steps(model):
+    """order=1 (TaylorSeer's first order on DeepCache's deep features): on a cached step s the kept
+    feature F(s1) becomes F(s1) + (s - s1) (F(s1) - F(s0)) / (s1 - s0); with no cached step, or before
+    two full steps exist, it is DeepCache itself."""
+    from velodiff.accel.deepcache import DeepCache
+    from velodiff.pipelines import text2img
+
+    def run(spec):
+        return text2img(model, PROMPTS, steps=7, seeds=SEEDS, output="latent", plan=spec).latents
+
+    plain = run(None)
+    assert torch.equal(run("deepcache:interval=1,order=1"), plain)
+    # steps 0, 3, 6 are full: step 1-2 reuse (one full step so far), steps 4-5 forecast from 0 and 3
+    reuse, forecast = run("deepcache:interval=3"), run("deepcache:interval=3,order=1")
+    assert not torch.equal(reuse, forecast) and torch.isfinite(forecast).all()
+    seen = []
+
+    class Watch(DeepCache):
+        name = "watch_deepcache"
+
+        def evaluate(self, req, inner):
+            st = self.state
+            original = st.recall
+
+            def recall(name):
+                seen.append((req.step, st.weight))
+                return original(name)
+
+            st.recall = recall
+            try:
+                return super().evaluate(req, inner)
+            finally:
+                del st.recall
+
+    text2img(model, PROMPTS, steps=7, seeds=SEEDS, output="latent", plan=[Watch(interval=3, order=1)])
+    weights = {step: w for step, w in seen}
+    assert weights == {1: None, 2: None, 4: 1 / 3, 5: 2 / 3}

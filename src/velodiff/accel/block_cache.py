@@ -14,6 +14,9 @@ diffusers' pipelines keep "cond" and "uncond"). A probe hook on the last block, 
 cache's, tells whether an evaluation ran in full; one that did not is reported approximate
 (``exact=False``) and counted at its FLOP share of a full one (``torch.utils.flop_counter``, once per
 shape). ``fbcache:threshold=0`` reuses nothing and equals the plain run.
+
+``taylorseer``: TaylorSeer (Liu et al. 2025): the blocks' outputs forecast by a Taylor series between
+full evaluations (diffusers' ``apply_taylorseer_cache``), with the same contexts, probe and costs.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ class DiffusersCache(Accelerator):
     cost = "1 eval on full evaluations; the measured FLOP share on cached ones (approximate)"
     hook_names: tuple[str, ...] = ()
 
-    def config(self) -> Any:
-        raise NotImplementedError
-
     def apply(self, network: Any) -> None:
         raise NotImplementedError
+
+    def cached_blocks(self, network: Any) -> list[tuple[str, Any]]:
+        """(name, block) of the blocks the cache may skip; the probe watches the last one."""
+        return [(f"{n}.{i}", b) for n in BLOCK_LISTS for i, b in enumerate(getattr(network, n, None) or [])]
 
     def check(self, run: RunInfo) -> None:
         if run.network is None or len(transformer_blocks(run.network)) < 2:
@@ -53,12 +57,6 @@ class DiffusersCache(Accelerator):
                 f"plan rule {self.name!r} is for diffusion transformers (Flux, PixArt); "
                 f"this model has {what}"
                 + (" (use deepcache on a UNet)" if hasattr(run.network, "up_blocks") else "")
-            )
-        last = transformer_blocks(run.network)[-1]
-        if getattr(last, "context_pre_only", False):
-            raise VelodiffError(
-                f"plan rule {self.name!r}: this model's last block returns no text stream (SD3), which "
-                "diffusers' first-block cache cannot cache"
             )
 
     def begin(self, run: RunInfo) -> None:
@@ -69,7 +67,7 @@ class DiffusersCache(Accelerator):
 
         self.ran = False
         self.probe = HookSet("velodiff_block_cache_probe")
-        self.probe.add(transformer_blocks(run.network)[-1], output_hook(self._ran))
+        self.probe.add(self.cached_blocks(run.network)[-1][1], output_hook(self._ran))
         self.registry = HookRegistry.check_if_exists_or_initialize(run.network)
         try:
             self.apply(run.network)
@@ -137,7 +135,61 @@ class FirstBlockCache(DiffusersCache):
     }
     hook_names = ("fbc_leader_block_hook", "fbc_block_hook")
 
+    def check(self, run: RunInfo) -> None:
+        super().check(run)
+        if getattr(transformer_blocks(run.network)[-1], "context_pre_only", False):
+            raise VelodiffError(
+                f"plan rule {self.name!r}: this model's last block returns no text stream (SD3), which "
+                "diffusers' first-block cache cannot cache"
+            )
+
     def apply(self, network: Any) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
         apply_first_block_cache(network, FirstBlockCacheConfig(threshold=self.threshold))
+
+
+@register_rule
+class TaylorSeer(DiffusersCache):
+    """TaylorSeer (Liu et al. 2025, "From Reusing to Forecasting"): between full evaluations every
+    ``interval``-th call, each transformer block's output is forecast by a Taylor series in the step
+    offset, its derivatives the divided differences of the block's outputs at the last full evaluations
+    (the paper's Eq. 8-9; diffusers' ``apply_taylorseer_cache`` on whole blocks, factors in float32). The
+    first ``warmup`` calls run in full. ``interval=1`` forecasts nothing and equals the plain run."""
+
+    name = "taylorseer"
+    summary = "TaylorSeer (Liu et al. 2025), DiTs: forecast every block's output by a Taylor series"
+    options = {
+        "interval": Option(
+            5, "a full evaluation every N calls, forecasts between (diffusers' cache_interval)",
+            kind=int, lo=1, aliases=("cache_interval",),
+        ),
+        "warmup": Option(
+            3, "full evaluations before the first forecast (disable_cache_before_step)", kind=int, lo=0,
+            aliases=("disable_cache_before_step",),
+        ),
+        "order": Option(1, "Taylor order of the forecast (max_order; 0: reuse)", kind=int, lo=0, hi=4,
+                        aliases=("max_order",)),
+    }
+    hook_names = ("taylorseer_cache",)
+
+    def cached_blocks(self, network: Any) -> list[tuple[str, Any]]:
+        """Every block but one that returns no text stream (SD3's last), which runs in full."""
+        blocks = super().cached_blocks(network)
+        return [(n, b) for n, b in blocks if not getattr(b, "context_pre_only", False)]
+
+    def apply(self, network: Any) -> None:
+        import re
+
+        import torch
+        from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+        patterns = [f"^{re.escape(name)}$" for name, _ in self.cached_blocks(network)]
+        config = TaylorSeerCacheConfig(
+            cache_interval=self.interval,
+            disable_cache_before_step=self.warmup,
+            max_order=self.order,
+            taylor_factors_dtype=torch.float32,
+            cache_identifiers=patterns,
+        )
+        apply_taylorseer_cache(network, config)

@@ -180,11 +180,31 @@ class _State:
     def __init__(self) -> None:
         self.mode: str | None = None  # None: pass through; "full": run and keep; "cached": return kept
         self.kept: dict[str, Any] = {}
+        #: the outputs of the full evaluation before the latest (same rows), for a forecast
+        self.previous: dict[str, Any] = {}
+        #: forecast weight w: kept + w (kept - previous); None: reuse the kept output as it is
+        self.weight: float | None = None
         self.index: Tensor | None = None  # rows of the kept outputs for this call (None: as kept)
 
     def recall(self, name: str) -> Any:
         out = self.kept[name]
+        if self.weight is not None and name in self.previous:
+            out = _forecast(out, self.previous[name], self.weight)
         return out if self.index is None else _take(out, self.index)
+
+
+def _forecast(value: Any, previous: Any, w: float) -> Any:
+    """value + w (value - previous) over tensors in nested tuples / lists / dicts (others as they are)."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == previous.shape:
+        return value + w * (value - previous)
+    if isinstance(value, (tuple, list)):
+        items = [_forecast(v, p, w) for v, p in zip(value, previous, strict=True)]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return {k: _forecast(v, previous[k], w) for k, v in value.items()}
+    return value
 
 
 def _take(value: Any, index: Tensor) -> Any:
@@ -246,6 +266,9 @@ class DeepCache(Accelerator):
         "stop": Option(1.0, "fraction of the steps from which every step is full", lo=0.0, hi=1.0),
         "lower_order": Option(False, "report cached evaluations as approximate (multistep solvers lower "
                               "their order; off: keep it, nearer the plain run here)", kind=bool),
+        "order": Option(0, "0: reuse the deep features (DeepCache); 1: forecast them linearly from the "
+                        "last two full steps (TaylorSeer's first order)", kind=int, lo=0, hi=1,
+                        aliases=("max_order",)),
     }
 
     def check(self, run: RunInfo) -> None:
@@ -271,6 +294,7 @@ class DeepCache(Accelerator):
         self.state = _State()
         self.layout: dict[tuple[str, int], int] = {}  # (branch, image) -> row of the kept outputs
         self.full_steps = self.plan_steps(run.steps)
+        self.full_at: list[int] = []  # the steps of the latest full evaluations with the same rows
         self.cached_evals = 0
         #: the FLOP share of the latest cached evaluation (None before one ran)
         self.share: float | None = None
@@ -313,10 +337,15 @@ class DeepCache(Accelerator):
         full = req.step in self.full_steps or not self.layout or any(k not in self.layout for k in keys)
         st = self.state
         if full:
-            st.kept, st.index = {}, None
+            before, st.kept, st.index = (st.kept, self.layout), {}, None
         else:
             rows = [self.layout[k] for k in keys]
             st.index = None if rows == list(range(len(self.layout))) else torch.tensor(rows)
+            if self.order and len(self.full_at) == 2 and st.previous:
+                # TaylorSeer's first-order forecast in the step index (Liu et al. 2025, Eq. 8):
+                # F(s) = F(s1) + (s - s1) (F(s1) - F(s0)) / (s1 - s0)
+                s0, s1 = self.full_at
+                st.weight = (req.step - s1) / (s1 - s0)
         cond = req.conds.get(req.branches[0])
         ehs = cond.get("encoder_hidden_states") if isinstance(cond, dict) else None
         shape = (self.branch, tuple(req.x.shape[1:]), None if ehs is None else tuple(ehs.shape[1:]))
@@ -333,12 +362,18 @@ class DeepCache(Accelerator):
             else:
                 r = inner(req)
         finally:
-            st.mode, st.index = None, None
+            st.mode, st.index, st.weight = None, None, None
         if full:
             if len(st.kept) == len(self.names):
-                self.layout = {k: i for i, k in enumerate(keys)}
+                layout = {k: i for i, k in enumerate(keys)}
+                same = self.order > 0 and before[1] == layout and len(before[0]) == len(self.names)
+                if same and self.full_at and self.full_at[-1] != req.step:
+                    st.previous, self.full_at = before[0], [self.full_at[-1], req.step]
+                elif not same:
+                    st.previous, self.full_at = {}, [req.step]
+                self.layout = layout
             else:  # a hooked module did not run (another code path): never reuse
-                self.layout, st.kept = {}, {}
+                self.layout, st.kept, st.previous, self.full_at = {}, {}, {}, []
             return r
         self.cached_evals += 1
         share = self.share = counts[1] / counts[0] if counts[0] else 1.0
@@ -349,4 +384,5 @@ class DeepCache(Accelerator):
     def end(self) -> None:
         self.hooks.remove()
         self.state.kept.clear()
+        self.state.previous.clear()
         self.layout = {}
