@@ -46,6 +46,11 @@ Cost: a cached evaluation is still one (partial) network call (nfe 1) and counts
 image, both counted by ``torch.utils.flop_counter`` (convolutions, matmuls, attention) on the first
 full and first cached call for each input shape (kept per network for the process).
 
+Forecast: ``order=1`` replaces the reuse by TaylorSeer's first-order forecast (Liu et al. 2025, "From
+Reusing to Forecasting", Eq. 8): on a cached step s the kept feature F(s1) of the latest full step
+becomes F(s1) + (s - s1) (F(s1) - F(s0)) / (s1 - s0), s0 the full step before (with the same rows);
+until two full steps exist it is reused as in DeepCache.
+
 Order: with ``lower_order=true`` cached evaluations are reported approximate (``exact=False``), so
 multistep solvers lower their order around them. The default, ``false``, keeps the order, as the peer
 and the paper's samplers do, because that stays nearer the plain run on the shipped model
