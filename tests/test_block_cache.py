@@ -81,3 +81,30 @@ def test_taylorseer_forecasts_between_full_evaluations_and_cleans_up(models, kin
     assert torch.equal(run(m).latents, plain.latents)
     with pytest.raises(VelodiffError, match="a feature cache"):
         run(m, "taylorseer+fbcache")
+
+
+def test_fbcache_reuse_takes_the_threshold_from_the_models_calibration(models, tmp_path, monkeypatch):
+    from velodiff.accel.calibration import calibrate_cache, fbcache_threshold, save_cache_calibration
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+    m = models["flux-schnell"]
+    with pytest.raises(VelodiffError, match="velodiff calibrate cache"):
+        run(m, "fbcache:reuse=0.5")  # no calibration yet: one line naming the command
+    art = calibrate_cache(m, ["a cat", "a dog"], [1, 2], steps=4, guidance=3.0)
+    table = art["fbcache"]
+    assert len(table["reuse"]) == len(table["thresholds"]) and all(0 <= f <= 1 for f in table["reuse"])
+    assert table["reuse"][-1] > table["reuse"][0]  # larger thresholds reuse more
+    save_cache_calibration(art)
+    assert fbcache_threshold(art, 0.0) == 0.0
+    mid = 0.5 * (table["reuse"][0] + table["reuse"][-1])
+    th = fbcache_threshold(art, mid)
+    assert table["thresholds"][0] <= th <= table["thresholds"][-1]
+    plain = run(m)
+    assert torch.equal(run(m, "fbcache:reuse=0").latents, plain.latents)
+    assert run(m, f"fbcache:reuse={table['reuse'][-1]:.6f}").evals < plain.evals
+    with pytest.raises(VelodiffError, match="threshold or reuse"):
+        run(m, "fbcache:reuse=0.5,threshold=0.1")
+    saved = tmp_path / "calibration" / f"cache-{art['model_hash']}.json"
+    with pytest.raises(VelodiffError, match="another model"):
+        run(models["pixart-sigma"], f"fbcache:reuse=0.5,calibration={saved}")
+    assert "fbcache" not in calibrate_cache(load("default"), ["a red circle"], [1], steps=3)  # a UNet

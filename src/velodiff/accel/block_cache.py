@@ -132,11 +132,29 @@ class FirstBlockCache(DiffusersCache):
             lo=0.0,
             hi=10.0,
         ),
+        "reuse": Option(
+            None,
+            "instead of a threshold: the fraction of evaluations to reuse, mapped to this model's threshold "
+            "by its calibration (velodiff calibrate cache)",
+            lo=0.0,
+            hi=1.0,
+        ),
+        "calibration": Option("", "reuse: a cache calibration file (default: the one saved for the model)",
+                              kind=str),
     }
     hook_names = ("fbc_leader_block_hook", "fbc_block_hook")
 
     def check(self, run: RunInfo) -> None:
         super().check(run)
+        if self.reuse is not None:
+            from .calibration import fbcache_threshold, load_cache_calibration
+
+            if "threshold" in self.values:
+                raise VelodiffError("plan rule 'fbcache': give threshold or reuse, not both")
+            if run.model is None:
+                raise VelodiffError("plan rule 'fbcache': reuse needs a loaded model (its calibration)")
+            self.threshold = fbcache_threshold(load_cache_calibration(run.model, self.calibration or None),
+                                               self.reuse)
         if getattr(transformer_blocks(run.network)[-1], "context_pre_only", False):
             raise VelodiffError(
                 f"plan rule {self.name!r}: this model's last block returns no text stream (SD3), which "

@@ -8,6 +8,12 @@ a rate per unit of time at the middle of each step, so it transfers to any grid 
 the change a run's step from t_a to t_b > ... is expected to see is ``rate(t_mid) * |t_a - t_b|``
 (linear interpolation of the rate in t).
 
+On a diffusion transformer that ``fbcache`` serves, the calibration also runs the rule itself at a
+ladder of thresholds (:data:`FBCACHE_THRESHOLDS`) on the same prompts at the model's default steps and
+records, per threshold, the fraction of evaluations that skipped the remaining blocks and the RMS latent
+distance to the plain run: ``fbcache:reuse=F`` then takes the threshold that reused a fraction F of the
+evaluations on this model (interpolated in log-threshold), instead of a constant copied from a paper.
+
 The artefact lives in ``$VELODIFF_CACHE/calibration/cache-<model hash>.json`` (default
 ``~/.cache/velodiff``) and is found by the model's hash; a file made for another model is refused.
 """
@@ -22,6 +28,9 @@ from ..errors import VelodiffError
 from ..files import write_atomic
 
 VERSION = 1
+
+#: the first-block-cache thresholds the calibration runs (relative L1 change of the first block's residual)
+FBCACHE_THRESHOLDS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
 def calibration_dir() -> Path:
@@ -77,6 +86,9 @@ def calibrate_cache(
     # the change recorded at step i (i >= 1) is from the evaluation at ts[i-1] to the one at ts[i]
     dt = ts[:-2] - ts[1:-1]
     mid = (ts[:-2] + ts[1:-1]) / 2
+    extra = {}
+    if _fbcache_serves(model):
+        extra["fbcache"] = fbcache_table(model, prompts, seeds, solver=solver, guidance=guidance, batch=batch)
     return {
         "version": VERSION,
         "kind": "cache",
@@ -88,7 +100,80 @@ def calibrate_cache(
         "images": count,
         "t_mid": mid.tolist(),
         "rate": {b: (s / count / dt).tolist() for b, s in sums.items()},
+        **extra,
     }
+
+
+def _fbcache_serves(model: Any) -> bool:
+    from ..plan import RunInfo
+    from .block_cache import FirstBlockCache
+
+    try:
+        FirstBlockCache().check(RunInfo(None, None, None, 1, {}, model=model, network=model.network))
+    except VelodiffError:
+        return False
+    return True
+
+
+def fbcache_table(
+    model: Any,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    solver: str = "dpmpp_2m",
+    guidance: float | None = None,
+    batch: int = 16,
+    thresholds: tuple[float, ...] = FBCACHE_THRESHOLDS,
+) -> dict[str, Any]:
+    """``fbcache`` at each threshold on ``prompts`` x ``seeds`` at the model's default steps: the fraction
+    of evaluations that reused the remaining blocks and the RMS latent distance to the plain run."""
+    from ..pipelines import text2img
+    from .block_cache import FirstBlockCache
+
+    steps = int(model.default_steps)
+    kw = dict(steps=steps, solver=solver, guidance=guidance, output="latent")
+    reuse, rms = [], []
+    plains = [
+        text2img(model, prompts[i : i + batch], seeds=seeds[i : i + batch], **kw).latents
+        for i in range(0, len(prompts), batch)
+    ]
+    for th in thresholds:
+        cached = total = 0
+        sq = 0.0
+        for k, i in enumerate(range(0, len(prompts), batch)):
+            rule = FirstBlockCache(threshold=th)
+            res = text2img(model, prompts[i : i + batch], seeds=seeds[i : i + batch], plan=[rule], **kw)
+            cached += rule.cached_evals
+            total += res.nfe
+            sq += float((res.latents - plains[k]).pow(2).sum())
+        reuse.append(cached / max(total, 1))
+        rms.append((sq / sum(p.numel() for p in plains)) ** 0.5)
+    return {"steps": steps, "thresholds": list(thresholds), "reuse": reuse, "rms_to_plain": rms}
+
+
+def fbcache_threshold(artefact: dict[str, Any], reuse: float) -> float:
+    """The threshold that reused a fraction ``reuse`` of the evaluations in the calibration (log-linear
+    between the calibrated thresholds; 0 for no reuse; the largest calibrated beyond the last)."""
+    import numpy as np
+
+    table = artefact.get("fbcache")
+    if table is None:
+        raise VelodiffError(
+            "the cache calibration has no first-block-cache table (made before it existed, or not a "
+            "transformer that fbcache serves); calibrate the model again"
+        )
+    if reuse <= 0:
+        return 0.0
+    fractions = np.maximum.accumulate(np.asarray(table["reuse"], dtype=float))
+    logs = np.log(np.asarray(table["thresholds"], dtype=float))
+    if reuse <= fractions[0]:
+        return float(table["thresholds"][0]) * reuse / max(fractions[0], 1e-12)
+    if reuse >= fractions[-1]:
+        return float(table["thresholds"][-1])
+    j = int(np.searchsorted(fractions, reuse, side="left"))
+    lo, hi = fractions[j - 1], fractions[j]
+    w = 0.0 if hi == lo else (reuse - lo) / (hi - lo)
+    return float(np.exp(logs[j - 1] + w * (logs[j] - logs[j - 1])))
 
 
 def save_cache_calibration(artefact: dict[str, Any]) -> Path:

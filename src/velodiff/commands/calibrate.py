@@ -42,7 +42,8 @@ def calibrate_cache(
     seed: int = typer.Option(1000, "--seed", help="seed of the first image"),
     threads: o.Threads = None,
 ) -> None:
-    """Measure the model's feature changes per step for cache schedules."""
+    """Measure the model's feature changes per step (cache schedules) and, on a transformer, how much
+    fbcache reuses at each threshold (fbcache:reuse=F)."""
     t0 = time.perf_counter()
     from .names import check_solver
 
@@ -66,8 +67,15 @@ def calibrate_cache(
         guidance=defaults.get("guidance"),
     )
     path = save_cache_calibration(art)
+    fb = art.get("fbcache")
+    table = (
+        f"; fbcache at {fb['steps']} steps reuses "
+        + ", ".join(f"{r:.0%} at {t:g}" for t, r in zip(fb["thresholds"], fb["reuse"], strict=True))
+        if fb
+        else ""
+    )
     typer.echo(
-        f"wrote {path} ({art['images']} images, {steps} {solver} steps, {len(art['rate'])} blocks) "
+        f"wrote {path} ({art['images']} images, {steps} {solver} steps, {len(art['rate'])} blocks{table}) "
         f"in {time.perf_counter() - t0:.1f} s"
     )
 
