@@ -1,6 +1,11 @@
-"""Token Merging for SD (Bolya & Hoffman 2023, the `tomesd` package) on the shipped model, as a peer beside
-velodiff's plans: `tomesd.apply_patch` on the default UNet (it swaps the transformer blocks' classes, so
-it runs only here, never inside velodiff), the same prompts, seeds, solver and grid as the plain run.
+"""Token Merging for SD (Bolya & Hoffman 2023): velodiff's plan rule ``tome`` beside the peer package
+``tomesd`` on the shipped model's weights, the same prompts, seeds, solver and grid as the plain run.
+
+tomesd swaps the transformer blocks' classes; diffusers' hook registry (velodiff's rules) wraps a
+module's instance ``forward``, which would hide tomesd's class forward, so the peer runs on its own copy
+of the model (same weights). Both use random destinations here (tomesd's default; velodiff's seeded per
+run, tomesd's from its process-wide generator); with ``use_rand=false`` they are bit-identical
+(tests/test_tome.py).
 
 Quality set: v1 x 2 images, seeds 5000+ (held out, as bench/deepcache). Time: 25 prompts, 7 rounds side
 by side, one thread, medians. Distance: PSNR of each image to the plain image from the same seed.
@@ -19,7 +24,6 @@ from pathlib import Path
 import torch
 
 import velodiff
-from velodiff.default_model import default_model_path
 from velodiff.eval.metrics import psnr
 from velodiff.eval.shapes_eval import evaluate, load_prompts
 from velodiff.pipelines import text2img
@@ -35,47 +39,48 @@ def main() -> None:
     import tomesd
 
     torch.set_num_threads(1)
-    model = velodiff.load(default_model_path())
-    unet = model.components["unet"]
+    ours, peer = velodiff.load("default"), velodiff.load("default")
     prompts = [p.text for p in load_prompts("v1")]
     texts = [t for t in prompts for _ in range(2)]
     seeds = [5000 + i for i in range(len(texts))]
 
-    def images() -> torch.Tensor:
-        return torch.cat([text2img(model, texts[i:i + 25], seeds=seeds[i:i + 25], **KW).images
+    def peer_patch(r: float | None) -> None:
+        tomesd.remove_patch(peer.components["unet"])
+        if r is not None:
+            tomesd.apply_patch(peer.components["unet"], ratio=r, max_downsample=MAX_DOWNSAMPLE)
+
+    runs: dict[str, tuple] = {"plain": (peer, None, None)}
+    for r in RATIOS:
+        runs[f"tomesd ratio={r}"] = (peer, r, None)
+        runs[f"velodiff tome:ratio={r}"] = (ours, None, f"tome:ratio={r},max_downsample={MAX_DOWNSAMPLE}")
+
+    def images(model, plan) -> torch.Tensor:
+        return torch.cat([text2img(model, texts[i:i + 25], seeds=seeds[i:i + 25], plan=plan, **KW).images
                           for i in range(0, len(texts), 25)])
 
-    def timed() -> float:
+    def timed(model, plan) -> float:
         t0 = time.perf_counter()
-        text2img(model, prompts[:25], seeds=5000, **KW)
+        text2img(model, prompts[:25], seeds=5000, plan=plan, **KW)
         return (time.perf_counter() - t0) / 25
 
-    rows, plain = [], images()
-    times: dict[str, list[float]] = {"plain": []}
-    for r in RATIOS:
-        times[f"tomesd ratio={r}"] = []
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(7):
-        tomesd.remove_patch(unet)
-        times["plain"].append(timed())
-        for r in RATIOS:
-            tomesd.apply_patch(unet, ratio=r, max_downsample=MAX_DOWNSAMPLE)
-            times[f"tomesd ratio={r}"].append(timed())
-            tomesd.remove_patch(unet)
-    base_t = statistics.median(times["plain"])
-    for name in times:
-        if name == "plain":
-            imgs = plain
-        else:
-            tomesd.apply_patch(unet, ratio=float(name.split("=")[1]), max_downsample=MAX_DOWNSAMPLE)
-            imgs = images()
-            tomesd.remove_patch(unet)
+        for name, (model, r, plan) in runs.items():
+            peer_patch(r)
+            times[name].append(timed(model, plan))
+    rows, plain = [], None
+    for name, (model, r, plan) in runs.items():
+        peer_patch(r)
+        imgs = images(model, plan)
+        plain = imgs if plain is None else plain
         score = evaluate(imgs * 2 - 1, texts, keep_detections=False)["overall"]
         rows.append({"plan": name, "shapes_eval": score,
                      "psnr_vs_plain": None if name == "plain" else float(psnr(imgs, plain).mean()),
                      "median_s_per_image": statistics.median(times[name]),
-                     "speedup": base_t / statistics.median(times[name])})
+                     "speedup": statistics.median(times["plain"]) / statistics.median(times[name])})
+    peer_patch(None)
     Path(__file__).with_name("tome.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("| peer | ShapesEval | PSNR to plain (dB) | s / image | speed-up |\n|---|---:|---:|---:|---:|")
+    print("| run | ShapesEval | PSNR to plain (dB) | s / image | speed-up |\n|---|---:|---:|---:|---:|")
     for r in rows:
         ps = "-" if r["psnr_vs_plain"] is None else f"{r['psnr_vs_plain']:.1f}"
         print(f"| {r['plan']} | {r['shapes_eval']:.3f} | {ps} | {r['median_s_per_image']:.4f} | {r['speedup']:.2f}x |")
