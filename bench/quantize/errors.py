@@ -18,7 +18,7 @@ from velodiff.default_model import default_model_path
 from velodiff.eval.shapes_eval import load_prompts
 from velodiff.plan import parse_rule
 
-SCHEMES = ["int8", "int8:activations=dynamic"]
+SCHEMES = ["int8", "int8:activations=dynamic", "w4a8", "w4a8:outliers=0"]
 
 
 def main() -> None:

@@ -271,7 +271,7 @@ def register_rule(cls: type[Accelerator]) -> type[Accelerator]:
 
 def _load_rules() -> None:
     from . import guidance  # noqa: F401 - registers the guidance family
-    from .accel import attention, block_cache, compile, deepcache, hooks, quantize, tome  # noqa: F401
+    from .accel import attention, block_cache, compile, deepcache, hooks, quantize, tome, w4a8  # noqa: F401
     from .edit import layout, p2p  # noqa: F401 - layout guidance, prompt-to-prompt
 
 

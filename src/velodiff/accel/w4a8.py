@@ -1,0 +1,131 @@
+"""W4A8 post-training quantization, group-wise and outlier-aware (after DGQ: Ryu et al. 2024,
+"DGQ: Distribution-Aware Group Quantization for Text-to-Image Diffusion Models"), as the plan rule
+``w4a8``, simulated in float ("fake quantization").
+
+No maintained library quantizes a diffusion UNet's layers to 4-bit weights with 8-bit activations and
+outlier handling on a CPU (torchao's ``Int8DynActInt4WeightQuantizer`` swaps modules and has no outlier
+path), so velodiff does it in its own code, to measure what such a kernel would keep of the quality:
+
+* weights: each Linear's weight is cut along its input channels into groups of ``group_size`` and
+  quantized asymmetrically to 4 bits per group, ``q = clamp(round(w / s) + z, 0, 15)``,
+  ``s = (max - min) / 15``, ``z = round(-min / s)``, then dequantized (once per network, swapped in for
+  the run as quantize.py does);
+* activations: each Linear's input is quantized symmetrically to 8 bits per token (row), except the
+  ``outliers`` fraction of its channels with the largest magnitude in that input, which stay in float
+  (the outlier-preserving split of LLM.int8() and DGQ's outlier-aware activation quantization).
+
+A simulated evaluation costs more than a float one (it adds the rounding), so the rule reports quality,
+not speed: its single-evaluation error and end-to-end change are in ``bench/quantize``. Convolutions
+are not quantized (as the ``int8`` rule).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import VelodiffError
+from ..plan import Accelerator, Option, RunInfo, register_rule
+from .hooks import HookSet
+from .quantize import linear_layers
+
+#: (group_size) -> {network: {Linear name: dequantized 4-bit weight}}
+_WEIGHTS: dict[int, weakref.WeakKeyDictionary] = {}
+
+
+def quantize_weight_groups(w: Tensor, group_size: int, bits: int = 4) -> Tensor:
+    """``w`` (out, in) quantized asymmetrically to ``bits`` per group of ``group_size`` input channels,
+    dequantized (a last group shorter than ``group_size`` is its own group)."""
+    out_f, in_f = w.shape
+    levels = 2**bits - 1
+    pad = (-in_f) % group_size
+    g = torch.nn.functional.pad(w.float(), (0, pad)).view(out_f, -1, group_size)
+    if pad:  # the padding must not widen the last group's range: repeat its first value
+        g[:, -1, group_size - pad :] = g[:, -1, :1]
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    zero = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(g / scale) + zero, 0, levels)
+    return ((q - zero) * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
+
+
+def quantize_activations(x: Tensor, outliers: float, bits: int = 8) -> Tensor:
+    """``x`` (..., channels) quantized symmetrically to ``bits`` per token, the ``outliers`` fraction of
+    channels with the largest magnitude over this input kept in float."""
+    c = x.shape[-1]
+    flat = x.reshape(-1, c).float()
+    keep = torch.zeros(c, dtype=torch.bool, device=x.device)
+    k = int(round(outliers * c))
+    if k > 0:
+        keep[flat.abs().amax(0).topk(k).indices] = True
+    inner = flat.masked_fill(keep, 0.0)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (inner.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
+    q = torch.clamp(torch.round(inner / scale), -qmax, qmax) * scale
+    return torch.where(keep, flat, q).view(x.shape).to(x.dtype)
+
+
+@register_rule
+class W4A8(Accelerator):
+    name = "w4a8"
+    layer = 0
+    exclusive = "a quantization"
+    summary = "W4A8, group-wise and outlier-aware (DGQ-style), simulated: what 4/8-bit kernels would keep"
+    cost = "same evaluations; simulated (slower than float): reports quality, not speed"
+    options = {
+        "group_size": Option(64, "input channels per 4-bit weight group", kind=int, lo=8, hi=4096),
+        "outliers": Option(0.01, "fraction of each Linear's input channels kept in float", lo=0.0, hi=0.5),
+    }
+
+    def check(self, run: RunInfo) -> None:
+        if run.network is None or not linear_layers(run.network):
+            raise VelodiffError("plan rule 'w4a8': the model has no Linear layers to quantize")
+
+    def weights(self, network: Any) -> dict[str, Tensor]:
+        per_network = _WEIGHTS.setdefault(int(self.group_size), weakref.WeakKeyDictionary())
+        if network not in per_network:
+            with torch.no_grad():
+                per_network[network] = {
+                    name: torch.nn.Parameter(quantize_weight_groups(m.weight, int(self.group_size)), False)
+                    for name, m in linear_layers(network)
+                }
+        return per_network[network]
+
+    def begin(self, run: RunInfo) -> None:
+        super().begin(run)
+        modules = dict(run.network.named_modules())
+        self.swapped: list[tuple[Any, Any]] = []
+        self.hooks = HookSet("velodiff_w4a8")
+        try:
+            for name, weight in self.weights(run.network).items():
+                module = modules[name]
+                self.swapped.append((module, module.weight))
+                module.weight = weight
+                self.hooks.add(module, _activation_hook(float(self.outliers)))
+        except BaseException:
+            self.end()
+            raise
+
+    def end(self) -> None:
+        for module, original in reversed(getattr(self, "swapped", [])):
+            module.weight = original
+        self.swapped = []
+        if getattr(self, "hooks", None) is not None:
+            self.hooks.remove()
+
+
+def _activation_hook(outliers: float) -> Any:
+    from diffusers.hooks import ModelHook
+
+    class ActivationQuant(ModelHook):
+        def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if args:
+                args = (quantize_activations(args[0], outliers), *args[1:])
+            else:
+                kwargs["input"] = quantize_activations(kwargs["input"], outliers)
+            return args, kwargs
+
+    return ActivationQuant()

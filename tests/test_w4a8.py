@@ -1,0 +1,56 @@
+"""The simulated W4A8 quantizer (``w4a8``): 4-bit group-wise weights with at most 16 levels per group
+and half a step of error, 8-bit per-token activations with the outlier channels kept exactly, a run
+close to (not equal to) the float one, and the float network back after it."""
+
+from __future__ import annotations
+
+import torch
+
+import velodiff
+from velodiff.accel.quantize import evaluation_error, linear_layers
+from velodiff.accel.w4a8 import W4A8, quantize_activations, quantize_weight_groups
+from velodiff.pipelines import text2img
+
+torch.set_num_threads(1)
+
+
+def test_weight_groups_have_16_levels_and_half_a_step_of_error():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 70, generator=g)  # 70 = 64 + a short last group
+    q = quantize_weight_groups(w, 64)
+    for group in (slice(0, 64), slice(64, 70)):
+        block = w[:, group]
+        step = (block.amax(1) - block.amin(1)) / 15
+        assert all(len(torch.unique(row)) <= 16 for row in q[:, group])
+        assert ((q[:, group] - block).abs() <= step[:, None] / 2 + 1e-6).all()
+    assert (
+        torch.equal(quantize_weight_groups(q, 64), q)
+        or (quantize_weight_groups(q, 64) - q).abs().max() < 1e-5
+    )
+
+
+def test_activations_keep_the_outlier_channels_and_round_the_rest():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 10, 100, generator=g)
+    x[..., 7] *= 50  # an outlier channel
+    q = quantize_activations(x, 0.01)
+    assert torch.equal(q[..., 7], x[..., 7])
+    rest = torch.cat([x[..., :7], x[..., 8:]], -1)
+    qr = torch.cat([q[..., :7], q[..., 8:]], -1)
+    step = rest.abs().amax(-1, keepdim=True) / 127
+    assert ((qr - rest).abs() <= step / 2 + 1e-6).all() and not torch.equal(qr, rest)
+    q0 = quantize_activations(x, 0.0)  # no outlier kept: the big channel sets every token's step
+    assert (q0 - x).abs().max() > (q - x).abs().max()
+
+
+def test_a_run_is_close_to_float_and_leaves_the_float_network():
+    model = velodiff.load("default")
+    before = {n: m.weight for n, m in linear_layers(model.network)}
+    err = evaluation_error(model, W4A8(), t=0.5, seed=0, prompt="a red circle")
+    assert 1e-4 < err < 0.1
+    kw = dict(steps=3, seeds=[0], output="latent")
+    plain = text2img(model, "a red circle", **kw).latents
+    quant = text2img(model, "a red circle", plan="w4a8", **kw).latents
+    assert 0 < float((quant - plain).abs().max()) < 0.5 * float(plain.abs().max())
+    assert all(m.weight is before[n] for n, m in linear_layers(model.network))
+    assert torch.equal(text2img(model, "a red circle", **kw).latents, plain)
