@@ -246,6 +246,17 @@ def test_bad_input_one_line_each(picture, tiny_single_file, tmp_path, capsys):
                                                   "--out", out)
     assert "not a multiple of 4" in one_error_line(capsys, "generate", "a cube", "--height", "30",
                                                   "--out", out)
+    import velodiff.commands.generate as gen
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a folder's size is checked before the model loads")
+
+    real, gen.load_model = gen.load_model, no_load
+    try:
+        assert "not a multiple of 4" in one_error_line(capsys, "generate", "a cube", "--width", "30",
+                                                      "--out", out)
+    finally:
+        gen.load_model = real
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in one_error_line(capsys, "generate", "a cube", "--device", "cuda",
                                               "--out", out)

@@ -42,8 +42,10 @@ def calibrate_cache(
     seed: int = typer.Option(1000, "--seed", help="seed of the first image"),
     threads: o.Threads = None,
 ) -> None:
-    """Measure the model's feature changes per step (cache schedules) and, on a transformer, how much
-    fbcache reuses at each threshold (fbcache:reuse=F)."""
+    """Measure feature changes and fbcache reuse for cache rules.
+
+    The feature changes fit cache schedules (deepcache:schedule=budget); on a transformer the reuse
+    table maps fbcache:reuse=F to this model's threshold."""
     t0 = time.perf_counter()
     from .names import check_solver
 

@@ -83,6 +83,13 @@ class ImageRun:
         self.path = resolve_model(self.model)
         if self.config is not None and not self.config.is_dir():
             raise VelodiffError(f"--config {str(self.config)!r} is not a folder; give a diffusers folder")
+        factor = folder_latent_factor(self.path)
+        for name, value in (("--width", self.width), ("--height", self.height)):
+            if factor and value is not None and value % factor:
+                raise VelodiffError(
+                    f"{name} {value} is not a multiple of {factor}, the latent factor of this model; "
+                    f"try {max(factor, round(value / factor) * factor)}"
+                )
 
     def load(self) -> Any:
         """The model on its device and in its precision (defaults: the best device, float32 on the CPU,
@@ -156,6 +163,19 @@ class ImageRun:
             f"{res.nfe} NFE, {res.evals:g} evals/image, guidance {res.guidance:g}, plan {res.plan}) "
             f"in {time.perf_counter() - self.started:.2f} s"
         )
+
+
+def folder_latent_factor(path: Path) -> int | None:
+    """The latent factor of a diffusers folder from its VAE config, read before any model work (2 per
+    down block past the first); None for single files and folders without one (checked after load)."""
+    import json
+
+    f = path / "vae" / "config.json"
+    try:
+        channels = json.loads(f.read_text()).get("block_out_channels") if f.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return 2 ** (len(channels) - 1) if channels else None
 
 
 def set_embedded_guidance(model: Any, w: float) -> None:
