@@ -24,14 +24,15 @@ and a diffusers hook that reads the block's input, and restores both at the end 
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VelodiffError
 from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
 from .hooks import HookSet
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 #: merge, unmerge: (B, N, C) -> (B, N - r, C) and back
 Merge = tuple[Any, Any]
@@ -42,6 +43,8 @@ def bipartite_soft_matching_2d(
 ) -> Merge:
     """ToMe's bipartite soft matching with a 2D (random) stride; ``metric`` (B, h*w, C) gives the
     similarities. ``generator`` None: the first token of each window is its destination."""
+    import torch
+
     b, n, _ = metric.shape
     if r <= 0:
         return _identity, _identity
@@ -185,6 +188,8 @@ class ToMe(Accelerator):
             )
 
     def begin(self, run: RunInfo) -> None:
+        import torch
+
         super().begin(run)
         self.state = _State()
         self.state.generator = torch.Generator().manual_seed(int(self.seed))

@@ -22,15 +22,15 @@ are not quantized (as the ``int8`` rule).
 from __future__ import annotations
 
 import weakref
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VelodiffError
 from ..plan import Accelerator, Option, RunInfo, register_rule
 from .hooks import HookSet
 from .quantize import linear_layers
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: (group_size) -> {network: {Linear name: dequantized 4-bit weight}}
 _WEIGHTS: dict[int, weakref.WeakKeyDictionary] = {}
@@ -39,6 +39,8 @@ _WEIGHTS: dict[int, weakref.WeakKeyDictionary] = {}
 def quantize_weight_groups(w: Tensor, group_size: int, bits: int = 4) -> Tensor:
     """``w`` (out, in) quantized asymmetrically to ``bits`` per group of ``group_size`` input channels,
     dequantized (a last group shorter than ``group_size`` is its own group)."""
+    import torch
+
     out_f, in_f = w.shape
     levels = 2**bits - 1
     pad = (-in_f) % group_size
@@ -55,6 +57,8 @@ def quantize_weight_groups(w: Tensor, group_size: int, bits: int = 4) -> Tensor:
 def quantize_activations(x: Tensor, outliers: float, bits: int = 8) -> Tensor:
     """``x`` (..., channels) quantized symmetrically to ``bits`` per token, the ``outliers`` fraction of
     channels with the largest magnitude over this input kept in float."""
+    import torch
+
     c = x.shape[-1]
     flat = x.reshape(-1, c).float()
     keep = torch.zeros(c, dtype=torch.bool, device=x.device)
@@ -85,6 +89,8 @@ class W4A8(Accelerator):
             raise VelodiffError("plan rule 'w4a8': the model has no Linear layers to quantize")
 
     def weights(self, network: Any) -> dict[str, Tensor]:
+        import torch
+
         per_network = _WEIGHTS.setdefault(int(self.group_size), weakref.WeakKeyDictionary())
         if network not in per_network:
             with torch.no_grad():

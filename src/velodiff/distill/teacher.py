@@ -56,11 +56,13 @@ def ship_student(student: Path, asset: Path, base: Path) -> Path:
     what differs from ``base`` (its UNet in float16, or its ``lora/``), ``sampling.json`` and the card."""
     from diffusers import UNet2DConditionModel
 
+    from ..models.weights import from_pretrained
+
     tmp = asset.with_name(asset.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if (student / "unet").is_dir() and not _same_file_tree(student / "unet", base / "unet"):
-        unet = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True)
+        unet = from_pretrained(UNet2DConditionModel, student, "unet")
         unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
     for name in ("lora", "scheduler"):
         if (student / name).is_dir() and not _same_file_tree(student / name, base / name):
