@@ -97,6 +97,7 @@ class SDXLModel(SDModel):
             "encoder_hidden_states": hidden[:b],
             "text_embeds": pooled[:b],
             "time_ids": self.time_ids(b, h, w),
+            **self._embedded_guidance(b),
         }
         if not guided:
             return cond
@@ -108,6 +109,7 @@ class SDXLModel(SDModel):
         else:
             uncond = {"encoder_hidden_states": hidden[b:], "text_embeds": pooled[b:]}
         uncond["time_ids"] = self.time_ids(b, h, w, negative=True)
+        uncond.update(self._embedded_guidance(b))
         return as_guided(cond, uncond)
 
     def to_diffusers(self, scheduler: Any = None) -> Any:
