@@ -1,6 +1,7 @@
 """The web page at ``/`` in a real browser (Debian's headless Chromium driven by Playwright): submit a
 prompt, watch the progress bar move and the step previews change, see the image appear in the gallery
-with its settings; leave a screenshot (in the test's tmp folder, and at $VELODIFF_SCREENSHOT if set).
+with its settings, paint a brush layer over it in the editor; leave a screenshot (in the test's tmp
+folder, and at $VELODIFF_SCREENSHOT if set).
 
 Skipped when Chromium or Playwright is missing, unless $VELODIFF_REQUIRE_BROWSER is set (CI sets it:
 .ci/run installs chromium)."""
@@ -82,6 +83,30 @@ def test_page_submits_shows_progress_and_the_image(tmp_path):
             assert "seed 11" in caption and "60 steps" in caption and "dpmpp_2m" in caption
             assert page.inner_text("#progress-text") == "done"
             assert page.locator("#reports li").count() >= 3  # bench/serve's README, JSON, screenshot
+            # the brush editor: paint a stroke over the new image, apply it as a layer
+            page.click("#gallery figure.result button.brush-open")
+            page.wait_for_selector("#brush-section:not([hidden])")
+            page.wait_for_function(
+                "document.getElementById('brush-info').textContent.startsWith('ready')", timeout=120_000
+            )
+            page.wait_for_function("document.getElementById('brush-canvas').toDataURL().length > 2000")
+            canvas_png = "document.getElementById('brush-canvas').toDataURL()"
+            before = page.evaluate(canvas_png)
+            box = page.locator("#brush-canvas").bounding_box()
+            page.mouse.move(box["x"] + 20, box["y"] + 20)
+            page.mouse.down()
+            page.mouse.move(box["x"] + 110, box["y"] + 230, steps=12)
+            page.mouse.up()
+            assert page.evaluate(canvas_png) != before  # the stroke shows
+            page.fill("#brush-prompt", "a blue square")
+            page.click("#brush-apply")
+            page.wait_for_function(
+                "document.getElementById('brush-info').textContent.includes('network calls')", timeout=120_000
+            )
+            info = page.inner_text("#brush-info")
+            assert int(info.split()[0]) < 60 and "(a generation: 60)" in info, info  # a fraction of the steps
+            assert page.locator("#brush-layers li").count() == 1
+            page.wait_for_function(f"{canvas_png} !== {before!r}")
             assert not errors
             assert all(r.startswith(url) or r.startswith("data:") for r in requests)  # no CDN
             shot = tmp_path / "page.png"

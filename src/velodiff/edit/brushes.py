@@ -67,7 +67,7 @@ class Canvas:
         check_output("pil")
         self.options = options
         self._cache: list[Trajectory] = []  # _cache[0]: the base; _cache[j + 1]: after layer j
-        self.last_nfe = 0
+        self.last_nfe = self.last_base_nfe = 0
 
     # -- layers --
 
@@ -109,7 +109,7 @@ class Canvas:
 
     def render(self, output: str = "pil") -> Any:
         """The composite of the base and every layer; runs only what changed since the last render.
-        ``last_nfe`` holds the network calls this render made."""
+        ``last_nfe`` holds the network calls this render made, ``last_base_nfe`` those of the base."""
         from ..pipelines.common import finish
         from ..sampling import SampleResult
 
@@ -117,6 +117,7 @@ class Canvas:
         self.last_nfe = 0
         if not self._cache:
             self._cache.append(self._run(setup, None, self.prompt, 0, None, None))
+        self.last_base_nfe = self.last_nfe  # the base's calls (0 once its trajectory is cached)
         for j in range(len(self._cache) - 1, len(self.layers)):
             layer = self.layers[j]
             self._cache.append(self._run(setup, self._cache[-1], layer.prompt, layer.seed, layer, (h, w)))

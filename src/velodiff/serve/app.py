@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import VelodiffError
-from . import comfy_api, jobs_api, openai_api, stream_api
+from . import brush_api, comfy_api, jobs_api, openai_api, stream_api
 from .queue import QueueFull
 from .state import ServeConfig, Server
 
@@ -111,6 +111,7 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None) 
     app.include_router(openai_api.router)
     app.include_router(comfy_api.router)
     app.include_router(stream_api.router)
+    app.include_router(brush_api.router)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

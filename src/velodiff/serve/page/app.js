@@ -1,5 +1,6 @@
 // velodiff serve's page: fill the pickers from /api/options, submit /api/jobs, follow the job's
-// server-sent events (progress bar, step previews), add finished images to the gallery. No framework.
+// server-sent events (progress bar, step previews), add finished images to the gallery, and paint brush
+// layers over a gallery image (/api/brush). No framework.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let current = null;
@@ -56,7 +57,10 @@ function addToGallery(job) {
     const cap = document.createElement("figcaption");
     cap.textContent = `${p.prompt} | ${p.model} ${p.width}x${p.height} seed ${p.seed + i}, ${p.solver}, ` +
       `${p.steps} steps, guidance ${p.guidance}, plan ${p.plan || "none"}`;
-    fig.append(img, cap);
+    const edit = document.createElement("button");
+    edit.type = "button"; edit.className = "brush-open"; edit.textContent = "Brush";
+    edit.addEventListener("click", () => openBrush(job, i, url));
+    fig.append(img, cap, edit);
     $("gallery").prepend(fig);
   });
 }
@@ -102,5 +106,96 @@ $("form").addEventListener("submit", async (e) => {
 $("cancel").addEventListener("click", () => {
   if (current) fetch(`/api/jobs/${current}/cancel`, { method: "POST" });
 });
+
+// --- the brush editor: strokes on a mask canvas, layers sent whole to /api/brush -------------------
+let brush = null;   // {job, index, width, height, layers, image}
+const view = $("brush-canvas");
+const mask = document.createElement("canvas");
+mask.width = view.width; mask.height = view.height;
+
+function clearStroke() {
+  const g = mask.getContext("2d");
+  g.fillStyle = "black"; g.fillRect(0, 0, mask.width, mask.height);
+  draw();
+}
+
+function draw() {
+  const g = view.getContext("2d");
+  g.imageSmoothingEnabled = false;
+  g.clearRect(0, 0, view.width, view.height);
+  if (brush && brush.image) g.drawImage(brush.image, 0, 0, view.width, view.height);
+  g.globalAlpha = 0.45; g.globalCompositeOperation = "screen";
+  g.drawImage(mask, 0, 0);
+  g.globalAlpha = 1; g.globalCompositeOperation = "source-over";
+}
+
+function showImage(src) {
+  const img = new Image();
+  img.onload = () => { brush.image = img; draw(); };
+  img.src = src;
+}
+
+function openBrush(job, index, url) {
+  brush = { job: job.id, index, width: job.params.width, height: job.params.height, layers: [], image: null };
+  $("brush-section").hidden = false; $("brush-info").textContent = ""; $("brush-layers").innerHTML = "";
+  clearStroke(); showImage(url);
+  $("brush-section").scrollIntoView();
+  sendLayers([]);  // cache the base trajectory, so each layer costs only its own steps
+}
+
+let painting = false;
+function paint(e) {
+  if (!painting) return;
+  const r = view.getBoundingClientRect();
+  const x = (e.clientX - r.left) * (view.width / r.width), y = (e.clientY - r.top) * (view.height / r.height);
+  const g = mask.getContext("2d");
+  g.fillStyle = "white"; g.beginPath();
+  g.arc(x, y, Number($("brush-size").value) / 2, 0, 2 * Math.PI); g.fill();
+  draw();
+}
+view.addEventListener("pointerdown", (e) => { painting = true; paint(e); });
+view.addEventListener("pointermove", paint);
+window.addEventListener("pointerup", () => { painting = false; });
+
+function maskPNG() {
+  const small = document.createElement("canvas");
+  small.width = brush.width; small.height = brush.height;
+  const g = small.getContext("2d");
+  g.drawImage(mask, 0, 0, small.width, small.height);
+  return small.toDataURL("image/png");
+}
+
+async function sendLayers(layers) {
+  $("brush-info").textContent = "painting…";
+  const r = await fetch("/api/brush", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ job: brush.job, index: brush.index, layers }),
+  });
+  const out = await r.json();
+  if (!r.ok) { $("brush-info").textContent = out.error; return false; }
+  brush.layers = layers; showImage(out.image);
+  $("brush-layers").innerHTML = "";
+  layers.forEach((l) => {
+    const li = document.createElement("li");
+    li.textContent = `${l.prompt} (strength ${l.strength}, seed ${l.seed})`;
+    $("brush-layers").appendChild(li);
+  });
+  $("brush-info").textContent = layers.length === 0 && out.rendered === 0
+    ? `ready (base trajectory cached: ${out.base_nfe} network calls)`
+    : `${out.nfe} network calls for ${out.rendered} new layer(s) (a generation: ${out.steps}); ` +
+      `${out.seconds.toFixed(2)} s`;
+  return true;
+}
+
+$("brush-apply").addEventListener("click", async () => {
+  if (!brush) return;
+  const layer = {
+    mask: maskPNG(), prompt: $("brush-prompt").value, seed: Number($("brush-seed").value),
+    strength: Number($("brush-strength").value),
+  };
+  if (await sendLayers([...brush.layers, layer])) clearStroke();
+});
+$("brush-clear").addEventListener("click", clearStroke);
+$("brush-undo").addEventListener("click", () => { if (brush && brush.layers.length) sendLayers(brush.layers.slice(0, -1)); });
 
 init().catch((e) => { $("status").textContent = `error: ${e}`; });
