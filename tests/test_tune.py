@@ -63,6 +63,7 @@ def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys
         == pytest.approx(loss("shapes_eval", res["baseline"]["calibration"]["shapes_eval"], r["shapes_eval"]))
         for r in rows
     )
+
     # with a budget of 1 every plan qualifies: the first held-out round holds the `beam` (3) plans
     # fastest on calibration (fewest evaluations per image, then time), the winner the fastest of them
     def speed(r):
@@ -105,3 +106,31 @@ def test_tune_bad_input_is_one_line(tmp_path, capsys):
 def test_the_space_drops_rules_this_installation_lacks():
     space = SearchSpace(axes={"cache": ["nosuchcache:interval=2"], "guidance": ["ag:threshold=0.99"]})
     assert space.available().axes == {"guidance": ["ag:threshold=0.99"]}
+
+
+def test_tune_a_student_against_its_teachers_baseline(tmp_path, capsys, monkeypatch):
+    """--baseline-model: the baseline is the teacher's plain run on the same seeds, the plans run on the
+    student (here the shipped 4-step student, its own guidance 1)."""
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    space = tmp_path / "space.yaml"
+    space.write_text("solvers: [ddim]\nnfe: [2, 4]\ngrids: [trailing]\naxes: {}\n")
+    out = tmp_path / "tuned"
+    args = [
+        "tune",
+        "--model",
+        "default-4step",
+        "--baseline-model",
+        "default",
+        "--budget",
+        "1",
+        "--out",
+        str(out),
+    ]
+    args += ["--space", str(space), "--limit", "2", "--images-per-prompt", "1", "--calibration-images", "1"]
+    assert cli(*args, "--no-progress") == 0, capsys.readouterr().err
+    res = json.loads((out / "tune.json").read_text())
+    assert res["model"] == "default-4step" and res["baseline"]["model"] == "default"
+    assert res["baseline"]["calibration"]["evals"] == 40  # the teacher: 20 steps x CFG
+    assert all(r["evals"] in (2, 4) for st in res["stages"] for r in st["rows"])  # the student: no CFG
+    assert res["plan"] == "solver=ddim+nfe=2+grid=trailing" and res["speedup"] > 1
+    assert (out / "1-solvers-baseline").is_dir() and "`default`" in (out / "report.md").read_text()

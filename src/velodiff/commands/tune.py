@@ -22,6 +22,9 @@ def tune(
         "shapes_eval", "--metric", help="shapes_eval, fd_shapes, clip_score, psnr, ..."
     ),
     model: o.Model = None,
+    baseline_model: str = typer.Option(
+        None, "--baseline-model", help="the baseline's model, if not --model (e.g. a student's teacher)"
+    ),
     space: Path = typer.Option(None, "--space", help="YAML/JSON search space: solvers, nfe, grids, axes"),
     beam: int = typer.Option(3, "--beam", min=1, help="plans kept after each stage"),
     calibration: str = typer.Option("v1-holdout", "--calibration", help="calibration prompt set or file"),
@@ -66,6 +69,11 @@ def tune(
     from ..eval.reference import model_hash
     from ..eval.tune import tune as run_tune
 
+    base = None
+    if baseline_model is not None:
+        bm, bdefaults = load_model(baseline_model, threads)
+        base = (bm, model_hash(bm.path), baseline_model, bdefaults)
+
     res = run_tune(
         loaded,
         cfg,
@@ -76,6 +84,7 @@ def tune(
         defaults=defaults,
         progress=progress,
         log=lambda m: typer.echo(m, err=True),
+        baseline_model=base,
     )
     typer.echo(
         f"plan {res['plan']}: {res['speedup']:.2f}x faster than the baseline on {holdout}, "

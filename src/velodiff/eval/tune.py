@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +147,11 @@ def tune(
     defaults: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    baseline_model: tuple[Any, str, str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Search ``space`` for the fastest plan within ``cfg.budget``; write the results under ``out``."""
+    """Search ``space`` for the fastest plan within ``cfg.budget``; write the results under ``out``.
+    ``baseline_model``: (model, hash, name, defaults) whose plain run is the baseline instead of
+    ``model``'s (a student's plans against its teacher's 20 steps)."""
     check_config(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +180,15 @@ def tune(
         )
         log(f"tune: {name}: {len(plans)} plans{' beside the baseline' if baseline else ''} on {prompts} "
             f"(seeds from {seed})")
+        records: dict[str, dict[str, Any]] = {}
+        if baseline and baseline_model is not None:  # the baseline on its own model, the same seeds
+            bm, bid, bname, bdefaults = baseline_model
+            sw_base = replace(sw, plans=["none"])
+            base = run_sweep(bm, sw_base, out / f"{name}-baseline", model_id=bid, model_name=bname,
+                             defaults=bdefaults, progress=progress, log=log,
+                             command=f"velodiff tune ({name}, baseline {bname})")
+            records["none"] = base["records"][0]
+            sw = replace(sw, plans=plans)
         res = run_sweep(
             model,
             sw,
@@ -188,7 +200,7 @@ def tune(
             log=log,
             command=f"velodiff tune ({name})",
         )
-        return {r["plan"]: r for r in res["records"]}
+        return {**records, **{r["plan"]: r for r in res["records"]}}
 
     def score(
         records: dict[str, dict[str, Any]], stage: str, base_record: dict[str, Any] | None = None
@@ -251,6 +263,7 @@ def tune(
         "model": model_name,
         "model_hash": model_id,
         "baseline": {
+            "model": baseline_model[2] if baseline_model is not None else model_name,
             "solver": cfg.baseline_solver,
             "steps": cfg.baseline_steps,
             "calibration": {k: baseline_cal.get(k) for k in (cfg.metric, "seconds_per_image", "evals")},
@@ -354,8 +367,9 @@ def report(result: dict[str, Any], cfg: TuneConfig) -> str:
     lines = [
         "# velodiff tune",
         "",
-        f"Budget: {cfg.budget:g} {label} below the baseline ({cfg.baseline_solver}, "
-        f"{cfg.baseline_steps} steps, CFG). Calibration: `{cfg.calibration_prompts}` x "
+        f"Model: `{result['model']}`. Budget: {cfg.budget:g} {label} below the baseline "
+        f"(`{base.get('model')}`, {cfg.baseline_solver}, {cfg.baseline_steps} steps, CFG). "
+        f"Calibration: `{cfg.calibration_prompts}` x "
         f"{cfg.calibration_images} images from seed {cfg.calibration_seed}; held out: "
         f"`{cfg.holdout_prompts}` x "
         f"{cfg.images_per_prompt} from seed {cfg.holdout_seed}, every plan within the budget on calibration, "
