@@ -60,9 +60,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="2,3,4,5")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--negation", type=float, nargs="*", help="only measure the compose negation route")
+    ap.add_argument("--sheet", type=Path, help="only draw a contact sheet")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("erase.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sheet:
+        sheet(args)
+        return
     if args.negation:
         negation(args)
         return
@@ -107,6 +111,24 @@ def main() -> None:
             f"| {k} | {r['named_images']} | {r['concept_rate']:.3f} | {r['other_single']:.3f} "
             f"({r['other_images']} images) |"
         )
+
+
+def sheet(args) -> None:
+    """Prompts "a {colour} {concept}" at the first report seed: unedited, erased to "circle", to ""."""
+    from velodiff.images import image_grid
+
+    preserve = [s for s in SHAPES if s != args.concept]
+    named = [f"a {c} {args.concept}" for c in COLORS]
+    seed = [int(args.seeds.split(",")[0])]
+    rows, captions = [], []
+    for target in (None, preserve[0], ""):
+        model = velodiff.load("default")
+        if target is not None:
+            apply_erasure(model, erase_concept(model, args.concept, preserve, target))
+        rows += gen(model, named, seed)
+        tag = "unedited" if target is None else f"-> {target or 'left out'}"
+        captions += [f"{tag}: {c}" for c in COLORS]
+    image_grid(rows, cols=len(COLORS), scale=2, captions=captions).save(args.sheet)
 
 
 def negation(args) -> None:
