@@ -14,7 +14,7 @@ from . import options as o
 from .image_run import ImageRun, read_image
 
 EXAMPLE = o.example(
-    'velodiff classify scene.png --labels "a red circle,a blue square,a green cross"',
+    'velodiff classify scene.png --labels "a red circle,a blue cross"',
     "velodiff classify scene.png --labels-file labels.txt --json out.json",
 )
 
@@ -41,7 +41,7 @@ def classify_cmd(
     dtype: o.Dtype = None,
     threads: o.Threads = None,
 ) -> None:
-    """Classify an image among candidate prompts by the model's denoising error."""
+    """Pick the prompt that best denoises an image (zero-shot)."""
     from ..edit.classify import check_labels, check_rounds
 
     if (labels is None) == (labels_file is None):

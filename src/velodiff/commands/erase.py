@@ -51,7 +51,7 @@ def erase_cmd(
     device: o.Device = None,
     threads: o.Threads = None,
 ) -> None:
-    """Erase a concept in closed form (Unified Concept Editing) and save the model folder."""
+    """Erase a concept in closed form (UCE)."""
     words = [w.strip() for w in preserve.split(",") if w.strip()]
     tpl = [t.strip() for t in templates.split("|") if t.strip()] if templates is not None else None
     if tpl is not None and (not tpl or any("{concept}" not in t for t in tpl)):
