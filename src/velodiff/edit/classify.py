@@ -16,7 +16,8 @@ the first few pairs already cover the range.
 
 Adaptive pruning (the paper's Sec. 3.2, "Efficient classification"): in rounds, every remaining candidate is
 brought to ``samples`` pairs in total, then only the ``keep`` best (lowest mean error) survive; the last
-round's best is the label. The default, 28 -> 6 -> 2 candidates at 4 / 16 / 48 pairs, costs 248 network
+round's best is the label (``rounds`` zips the reference code's ``n_samples`` and ``to_keep`` lists). The
+default, 28 -> 6 -> 2 candidates at 4 / 16 / 48 pairs, costs 248 network
 evaluations instead of 28 x 48 = 1344.
 """
 
