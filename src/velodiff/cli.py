@@ -40,6 +40,8 @@ COMMAND_MODULES = [
     "velodiff.commands.invert",
     "velodiff.commands.edit",
     "velodiff.commands.brush",
+    "velodiff.commands.erase",
+    "velodiff.commands.classify",
     "velodiff.commands.eval_shapes",
     "velodiff.commands.generate_set",
     "velodiff.commands.bench_sweep",

@@ -1,0 +1,156 @@
+"""The diffusion zero-shot classifier (Li et al. 2023): on an exact toy denoiser the true label wins and
+survives every pruning round at the counted cost; on the shipped model a rendered scene is classified
+right; bad input is refused in one line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import velodiff
+from velodiff.edit.classify import classify
+from velodiff.errors import VelodiffError
+from velodiff.schedules import DiscreteVP
+
+
+@dataclass
+class PointMassModel:
+    """Data = one of K point masses mu_k, one per label: the exact conditional denoiser is x0 = mu_k
+    whatever x_t is, so the eps error of label k is (alpha/sigma)^2 ||x0 - mu_k||^2 exactly."""
+
+    protos: torch.Tensor
+    schedule: DiscreteVP = field(default_factory=lambda: DiscreteVP(torch.linspace(1e-4, 0.02, 1000)))
+    vae_scale_factor: int = 1
+    default_size: tuple[int, int] = (8, 8)
+    device: torch.device = torch.device("cpu")
+    calls: int = 0
+
+    def encode(self, images):
+        return images * 2 - 1
+
+    def encode_prompt(self, labels, guided=False):
+        idx = torch.tensor([int(s.split()[-1]) for s in labels])
+        return {"encoder_hidden_states": torch.nn.functional.one_hot(idx, len(self.protos)).float()[:, None]}
+
+    def denoiser(self, x, t, cond):
+        self.calls += x.shape[0]
+        k = cond["encoder_hidden_states"][:, 0].argmax(-1)
+        return self.protos[k]
+
+
+def toy(k=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(k, 3, 8, 8, generator=g) * 2 - 1
+    return PointMassModel(protos), [f"class {i}" for i in range(k)]
+
+
+def test_exact_toy_picks_the_true_label_and_pruning_keeps_it():
+    m, labels = toy()
+    for y in range(len(labels)):
+        image = ((m.protos[y] + 0.1 * torch.randn(3, 8, 8)) + 1) / 2  # near prototype y
+        m.calls = 0
+        r = classify(m, image, labels, rounds=((2, 4), (6, 2), (12, 1)), batch_size=7)
+        assert r.label == labels[y] and r.index == y
+        assert all(labels[y] in alive for alive in r.rounds)  # never pruned
+        assert r.evaluations == m.calls == 10 * 2 + 4 * 4 + 2 * 6  # the pruned schedule's cost
+        assert r.samples[y] == 12 and sorted(r.samples)[:6] == [2] * 6
+        # the score is the exact weighted error: without pruning, it orders the labels by distance
+        full = classify(m, image, labels, rounds=((12, 1),))
+        dist = [float(((m.encode(image) - p) ** 2).mean()) for p in m.protos]
+        assert sorted(range(10), key=lambda i: full.errors[i]) == sorted(range(10), key=lambda i: dist[i])
+
+
+def test_weightings_agree_on_the_toy_and_shared_noise_is_seeded():
+    m, labels = toy(k=5, seed=1)
+    image = (m.protos[3] + 1) / 2
+    a = classify(m, image, labels, weighting="eps", seed=4)
+    assert a.label == classify(m, image, labels, weighting="v").label == "class 3"
+    assert a.errors == classify(m, image, labels, weighting="eps", seed=4).errors
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    from velodiff.default_model import default_model_path
+
+    return velodiff.load(default_model_path())
+
+
+def test_shipped_model_classifies_a_rendered_scene(model):
+    from PIL import Image
+
+    from velodiff.data.shapes import ShapesWorld
+
+    labels = ["a red circle", "a blue square", "a green triangle", "a red triangle"]
+    image = Image.fromarray(ShapesWorld(seed=0).render("a green triangle", seed=3).image)
+    r = classify(model, image, labels, rounds=((4, 2), (12, 1)))
+    assert r.label == "a green triangle" and r.evaluations == 4 * 4 + 2 * 8
+
+
+def test_bad_input_is_one_line(model, tmp_path, capsys):
+    from PIL import Image
+
+    from velodiff.cli import main
+
+    img = Image.new("RGB", (64, 64))
+    cases = [
+        (Image.new("RGB", (32, 32)), ["a", "b"], "trained at 64x64"),
+        (Image.new("RGB", (62, 64)), ["a", "b"], "multiples of"),
+        (Image.new("CMYK", (64, 64)), ["a", "b"], "mode"),
+        (Image.new("RGBA", (64, 64), (0, 0, 0, 0)), ["a", "b"], "mode"),
+        (img, [], "no candidate labels"),
+        (img, ["a red circle"], "one candidate"),
+        (img, ["a red circle", "a red circle"], "repeat"),
+        (img, ["a red circle", ""], "empty"),
+    ]
+    for image, labels, match in cases:
+        with pytest.raises(VelodiffError, match=match) as err:
+            classify(model, image, labels)
+        assert "\n" not in str(err.value)
+    with pytest.raises(VelodiffError, match="weighting"):
+        classify(model, img, ["a", "b"], weighting="l1")
+    with pytest.raises(VelodiffError, match="rounds"):
+        classify(model, img, ["a", "b"], rounds=((8, 2), (4, 1)))
+
+    def cli(*args: str) -> int:
+        try:
+            return main(list(args))
+        except SystemExit as e:
+            return int(e.code or 0)
+
+    path = tmp_path / "s.png"
+    Image.new("RGB", (32, 32)).save(path)
+    for args, match in [
+        (["--labels", "a red circle,a blue square"], "trained at 64x64"),
+        (["--labels", ""], "no candidate labels"),
+        (["--labels-file", str(tmp_path / "missing.txt")], "does not exist"),
+        ([], "--labels or --labels-file"),
+    ]:
+        capsys.readouterr()
+        assert cli("classify", str(path), "--threads", "1", *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err
+
+
+def test_cli_json(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from velodiff.cli import main
+    from velodiff.data.shapes import ShapesWorld
+
+    path = tmp_path / "s.png"
+    Image.fromarray(ShapesWorld(seed=0).render("a blue square", seed=1).image).save(path)
+    (tmp_path / "labels.txt").write_text("a red circle\na blue square\n\na white cross\n")
+    args = ["classify", str(path), "--labels-file", str(tmp_path / "labels.txt"), "--rounds", "4:2,8:1"]
+    try:
+        rc = main([*args, "--json", str(tmp_path / "c.json"), "--threads", "1"])
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    assert rc == 0
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert out["label"] == "a blue square" and out["evaluations"] == 3 * 4 + 2 * 4
+    assert [r["label"] for r in out["ranking"]][0] == "a blue square"

@@ -1,0 +1,129 @@
+"""Concept erasure in closed form (UCE): the closed form meets both of its constraints exactly where they
+are compatible, preserves the kept concepts' keys and values on the shipped model, maps the erased
+concept's to the target's, writes a loadable model folder, and refuses bad input in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import velodiff
+from velodiff.edit.erase import (
+    closed_form,
+    cross_attention_projections,
+    edit_vectors,
+    erase_concept,
+    save_erased,
+)
+from velodiff.errors import VelodiffError
+
+PRESERVE = ["circle", "square", "cross"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    from velodiff.default_model import default_model_path
+
+    return velodiff.load(default_model_path())
+
+
+def test_closed_form_is_exact_when_the_constraints_fit():
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    w = torch.randn(24, d, generator=g, dtype=torch.float64)
+    c, c_star = (
+        torch.randn(3, d, generator=g, dtype=torch.float64),
+        torch.randn(3, d, generator=g, dtype=torch.float64),
+    )
+    keep = torch.randn(9, d, generator=g, dtype=torch.float64)
+    q = closed_form(c, c_star, keep, lamb=1e-8)
+    w_new = w @ q
+    assert torch.allclose(keep @ w_new.T, keep @ w.T, atol=1e-6)  # preserved: W c_j = W_old c_j
+    assert torch.allclose(c @ w_new.T, c_star @ w.T, atol=1e-6)  # erased: W c_i = W_old c*_i
+    # a direction orthogonal to every constraint keeps its output (the ridge term): nothing else moves
+    basis = torch.linalg.qr(torch.cat([c, keep]).T, mode="complete").Q[:, 12:]
+    assert torch.allclose(w_new @ basis, w @ basis, atol=1e-5)
+    # a large ridge weight leaves W as it was
+    assert torch.allclose(w @ closed_form(c, c_star, keep, lamb=1e9), w, atol=1e-6)
+
+
+def test_erasure_on_the_shipped_model_preserves_and_maps(model):
+    before = {k: v.clone() for k, v in model.network.state_dict().items()}
+    e = erase_concept(model, "triangle", PRESERVE, target="circle")
+    assert all(torch.equal(v, model.network.state_dict()[k]) for k, v in before.items())  # a copy
+    assert e.preserve_residual < 0.05 and e.erase_residual < 0.1
+    c, c_star, keep = edit_vectors(model, "triangle", "circle", PRESERVE, ("a {color} {concept}",))
+    new = cross_attention_projections(e.unet)
+    for name, old in cross_attention_projections(model.network).items():
+        w0, w1 = old.weight.double(), new[name].weight.double()
+        kept = (keep @ w1.T - keep @ w0.T).norm() / (keep @ w0.T).norm()
+        assert kept < 0.05, name
+        moved_before = (c @ w0.T - c_star @ w0.T).norm()
+        moved_after = (c @ w1.T - c_star @ w0.T).norm()
+        assert moved_after < 0.2 * moved_before, name  # triangle's keys / values -> circle's
+    names = {n for n, _ in e.unet.named_modules()}
+    changed = {k for k, v in e.unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.rsplit(".", 1)[0] in e.layers for k in changed)
+    assert all(k.split(".")[-2] in ("to_k", "to_v") and ".attn2." in k for k in changed) and names
+
+
+def test_saved_folder_loads_with_the_edited_network(model, tmp_path):
+    e = erase_concept(model, "triangle", PRESERVE, target="", projections=("to_v",))
+    out = save_erased(model, e, tmp_path / "erased")
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "triangle" in (out / "MODEL_CARD.md").read_text()
+    loaded = velodiff.load(str(out))
+    for k, v in e.unet.state_dict().items():
+        assert torch.allclose(loaded.network.state_dict()[k].float(), v.float()), k
+    for comp in ("text_encoder", "vae", "tokenizer"):
+        assert sorted(p.name for p in (out / comp).iterdir()) == sorted(
+            p.name for p in (model_path(model) / comp).iterdir()
+        )
+
+
+def model_path(model):
+    from pathlib import Path
+
+    return Path(model.path)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"concept": "dog"}, "unknown concept word"),
+        ({"concept": ""}, "empty"),
+        ({"concept": "tri4ngle"}, "not a word"),
+        ({"concept": "triangle", "preserve": ["triangle"]}, "both erased and preserved"),
+        ({"concept": "triangle", "target": "triangle"}, "target"),
+        ({"concept": "triangle", "preserve": ["kangaroo"]}, "unknown preserved concept word"),
+        ({"concept": "triangle", "projections": ("to_q",)}, "projections"),
+        ({"concept": "triangle", "lamb": 0.0}, "lamb"),
+    ],
+)
+def test_bad_input_is_one_line(model, kw, match):
+    with pytest.raises(VelodiffError, match=match) as err:
+        erase_concept(model, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_writes_a_folder_and_refuses_in_one_line(tmp_path, capsys):
+    import json
+
+    from velodiff.cli import main
+
+    def cli(*args: str) -> int:
+        try:
+            return main(list(args))
+        except SystemExit as e:
+            return int(e.code or 0)
+
+    out = tmp_path / "erased"
+    args = ["erase", "--concept", "triangle", "--preserve", "circle,square", "--threads", "1"]
+    assert cli(*args, "--target", "cross", "--out", str(out), "--json", str(tmp_path / "e.json")) == 0
+    info = json.loads((tmp_path / "e.json").read_text())
+    assert info["target"] == "cross" and info["preserve"] == ["circle", "square"] and (out / "unet").is_dir()
+    capsys.readouterr()
+    assert cli("erase", "--concept", "giraffe", "--out", str(tmp_path / "x")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown concept word" in err and "\n" not in err
