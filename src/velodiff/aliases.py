@@ -200,8 +200,8 @@ _DIFFUSERS = [
     _s("DEISMultistepScheduler", DIFFUSERS, "deis", "linspace", grid_options=MULTI, final="t_min"),
     _s("DPMSolverSDEScheduler", DIFFUSERS, "dpmpp_sde", "linspace", grid_options=FRAC,
        note="same steps; diffusers' Brownian tree runs over sigma, velodiff's over t"),
-    _s("LCMScheduler", DIFFUSERS, "lcm", "leading", grid_options={"steps_offset": 1},
-       note="LCM's boundary condition c_skip x + c_out F belongs to the model's denoiser"),
+    _s("LCMScheduler", DIFFUSERS, "lcm", "lcm", grid_options={"original_steps": 50},
+       note="the lcm solver applies LCM's boundary condition c_skip x + c_out F on discrete schedules"),
     _s("FlowMatchEulerDiscreteScheduler", DIFFUSERS, "euler", "flow-shifted"),
     _s("EDMEulerScheduler", DIFFUSERS, "euler", "karras"),
 ]  # fmt: skip
@@ -479,8 +479,10 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
                      "stochastic_sampling", "use_dynamic_shifting"):  # fmt: skip
             if _flag(cfg.get(flag, False)):
                 raise VelodiffError(f"{cls}: {flag}=True has no velodiff mapping yet")
+    elif cls == "LCMScheduler":  # its own timesteps: the skipping-step grid it was distilled on
+        grid, grid_opts = "lcm", {"original_steps": int(cfg.get("original_inference_steps", 50))}
     else:
-        spacing = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "LCMScheduler": "leading"}.get(
+        spacing = {"DDIMScheduler": "leading", "DDPMScheduler": "leading"}.get(
             cls, "linspace"
         )
         grid, grid_opts = _grid_of(cls, cfg, spacing)
