@@ -51,7 +51,11 @@ def test_lcm_solver_matches_diffusers_lcm_scheduler(steps: int, original: int) -
     gv = torch.Generator().manual_seed(7)
     traj_v: list[torch.Tensor] = []
     res = sample(
-        DEN, x, ts, "lcm", noise=lambda i: torch.randn(x.shape, generator=gv, dtype=x.dtype),
+        DEN,
+        x,
+        ts,
+        "lcm",
+        noise=lambda i: torch.randn(x.shape, generator=gv, dtype=x.dtype),
         callback=lambda info: traj_v.append(info.x),
     )
     assert res.nfe == steps
@@ -114,11 +118,16 @@ def test_lora_round_trip_through_the_folder_and_the_lora_option(tmp_path) -> Non
     assert torch.equal(_unet_out(velodiff.load("default", lora=weights).components["unet"]), expected)
 
 
-def test_lora_for_another_architecture_is_one_line(tmp_path) -> None:
+def test_lora_for_another_architecture_is_one_line(tmp_path, capsys) -> None:
     other = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2, norm_num_groups=8,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2,
+        norm_num_groups=8,
     )
     add_lora(other, 4, 4.0)
     save_lora(other, tmp_path / "other")
@@ -126,6 +135,16 @@ def test_lora_for_another_architecture_is_one_line(tmp_path) -> None:
         velodiff.load("default", lora=tmp_path / "other")
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and "does not fit" in msg and "architecture" in msg
+    # and on the command line: one line, no traceback
+    code = _main(
+        ["generate", "a red circle", "--out", str(tmp_path / "x.png"), "--lora", str(tmp_path / "other")]
+    )
+    err = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.strip() and "Loading weights" not in line
+    ]
+    assert code != 0 and len(err) == 1 and "does not fit" in err[0], err
     # a pickle under the adapter's name is never unpickled
     (tmp_path / "pk").mkdir()
     shutil.copy(tmp_path / "other" / "adapter_config.json", tmp_path / "pk")
@@ -169,7 +188,10 @@ def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model = velodiff.load(tmp_path / "full-student")
     assert (model.default_solver, model.default_steps, model.default_guidance, model.default_grid) == (
-        "lcm", 4, 1.0, "lcm",
+        "lcm",
+        4,
+        1.0,
+        "lcm",
     )
     assert model.default_grid_options == {"original_steps": 10}
     from velodiff.pipelines import text2img

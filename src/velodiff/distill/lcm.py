@@ -205,7 +205,7 @@ def distill_lcm(
     )
     student.eval()
     if lcfg.r > 0:
-        save_student(tpath, copy.deepcopy(teacher_unet), out, sampling, card)  # the teacher's UNet ...
+        save_student(tpath, None, out, sampling, card)  # the teacher's UNet files ...
         save_lora(student, out / "lora")  # ... and the adapter, applied by velodiff.load
     else:
         save_student(tpath, student, out, sampling, card)
