@@ -15,9 +15,9 @@ between f_theta(x, k_n) and f_target(x', k') (no gradient). f is the boundary-co
 function of diffusers' LCM: f(x, k) = c_skip(k) x + c_out(k) x0_theta(x, k) with
 c_skip = sd^2 / ((10 k)^2 + sd^2), c_out = 10 k / sqrt((10 k)^2 + sd^2), sd = 0.5, so f(x, 0) = x.
 
-The target network: a LoRA student (peft, ``r`` > 0) uses the online network under stop-gradient
-(LCM-LoRA); a full fine-tune keeps an EMA target (decay ``ema``), a module of the run, so a resumed run
-continues bit-exactly."""
+The target network: an EMA of the student (decay ``ema``; for a LoRA student, of its adapter), a module
+of the run, so a resumed run continues bit-exactly; ``ema = 0`` uses the online network under
+stop-gradient instead (LCM-LoRA's choice)."""
 
 from __future__ import annotations
 
@@ -147,17 +147,19 @@ def distill_lcm(
     modules: dict[str, Any] = {"unet": student}
     if lcfg.r > 0:
         add_lora(student, lcfg.r, lcfg.lora_alpha, cfg.seed)
-        target = student  # LCM-LoRA: the online network under stop-gradient
     else:
         student.requires_grad_(True)
-        target = copy.deepcopy(teacher_unet).requires_grad_(False)
-        modules["target"] = target  # checkpointed with the run
+    if lcfg.ema > 0:  # an EMA target, checkpointed with the run (LCM)
+        target = copy.deepcopy(student).requires_grad_(False)
+        modules["target"] = target
+    else:  # the online network under stop-gradient (LCM-LoRA)
+        target = student
     student.train()
     method = "lcm-lora" if lcfg.r > 0 else "lcm"
     rcfg = LoopConfig(**{**vars(cfg), "extra": {**cfg.extra, **vars(lcfg), "method": method}})
 
     def step_fn(step: int, gen: torch.Generator):
-        if lcfg.r == 0 and step > 0:  # target <- EMA of the online weights after the previous step
+        if lcfg.ema > 0 and step > 0:  # target <- EMA of the online weights after the previous step
             with torch.no_grad():
                 for pt, ps in zip(target.parameters(), student.parameters(), strict=True):
                     pt.mul_(lcfg.ema).add_(ps.detach(), alpha=1 - lcfg.ema)
@@ -201,7 +203,8 @@ def distill_lcm(
     }
     card = (
         f"# latent consistency student ({method})\n\nTeacher: {tpath}\nTrained: {summary['steps']} steps x "
-        f"batch {lcfg.batch}, {json.dumps(vars(lcfg))}, {wall:.0f} s on {device}\nSampling: {sampling}\n"
+        f"batch {lcfg.batch}, {json.dumps(vars(lcfg))}, {summary['wall_s']:.0f} s of training on {device}\n"
+        f"Sampling: {sampling}\n"
     )
     student.eval()
     if lcfg.r > 0:
