@@ -136,7 +136,7 @@ def lcm(
     lora_alpha: float = typer.Option(None, help="LoRA lora_alpha (default: the rank, scale 1)"),
     origin_steps: int = typer.Option(50, min=1, help="the teacher's skipping-step grid (num_ddim_timesteps)"),
     guidance: float = typer.Option(2.5, help="the teacher's CFG scale, folded into the student"),
-    ema: float = typer.Option(0.95, help="EMA decay of the target network (0: the online network, stop-gradient)"),
+    ema: float = typer.Option(0.95, help="EMA decay of the target (0: the online network, stop-gradient)"),
     huber_c: float = typer.Option(0.001, min=0.0, help="pseudo-Huber loss constant c"),
     sample_steps: int = typer.Option(4, min=1, help="the student's default sampling steps"),
     steps: int = typer.Option(2000, min=1, help="training steps"),
