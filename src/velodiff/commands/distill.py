@@ -125,7 +125,7 @@ def guided(
 
 @distill_app.command(
     "lcm",
-    epilog=example("velodiff distill lcm --out students/lcm --run runs/lcm --lora-rank 8 --steps 2000"),
+    epilog=example("velodiff distill lcm --out students/lcm --run runs/lcm --lora-rank 16"),
     short_help="Latent consistency distillation (LCM / LCM-LoRA): 1-4 step sampling with the lcm solver.",
 )
 def lcm(

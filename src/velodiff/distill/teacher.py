@@ -59,18 +59,22 @@ def ship_student(student: Path, asset: Path, base: Path) -> Path:
     what differs from ``base`` (its UNet in float16, or its ``lora/``), ``sampling.json`` and the card."""
     from diffusers import UNet2DConditionModel
 
+    from ..models.weights import from_pretrained
+
     tmp = asset.with_name(asset.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if (student / "unet").is_dir() and not _same_file_tree(student / "unet", base / "unet"):
-        unet = UNet2DConditionModel.from_pretrained(student / "unet", use_safetensors=True)
+        unet = from_pretrained(UNet2DConditionModel, student / "unet")
         unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
     for name in ("lora", "scheduler"):
         if (student / name).is_dir() and not _same_file_tree(student / name, base / name):
             shutil.copytree(student / name, tmp / name)
     weights = tmp / "lora" / "adapter_model.safetensors"
     if weights.is_file():  # the adapter in float16, as the shipped UNets
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
+
+        from ..models.weights import load_file
 
         state = {k: v.to(torch.float16) for k, v in load_file(str(weights)).items()}
         save_file(state, str(weights), metadata={"format": "pt", "velodiff": "lora"})

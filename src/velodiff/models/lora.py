@@ -56,9 +56,7 @@ def _adapter_files(path: Path) -> tuple[Path, Path]:
 
 def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(LoraConfig fields, tensors) of a LoRA folder (or its ``.safetensors`` with the config beside it)."""
-    from safetensors.torch import load_file
-
-    from .weights import check_safetensors
+    from .weights import check_safetensors, load_file
 
     cfg_path, weights = _adapter_files(Path(path).expanduser())
     if not weights.is_file():
