@@ -108,7 +108,9 @@ _KD_SAMPLERS = [
     _s("dpmpp_3m_sde_gpu", COMFY, "sde_dpmpp_3m", solver_options=KD_3M),
     _s("ddpm", COMFY, "ddpm"),
     _s("ddim", COMFY, "ddim", note="ComfyUI's ddim sampler is its Euler, the same step"),
-    _s("lcm", COMFY, "lcm", note="x0, then fresh noise to the next level (Luo et al. 2023, Alg. 1)"),
+    _s("lcm", COMFY, "lcm", solver_options={"boundary": False},
+       note="x0, then fresh noise to the next level (Luo et al. 2023, Alg. 1); the model applies LCM's "
+       "boundary condition (ComfyUI's ModelSamplingDiscrete lcm)"),
     _s("uni_pc", COMFY, "unipc", solver_options={"solver_type": "bh1", "order": 3},
        note="ComfyUI ends its last step at sigma 0.001 rather than jumping to 0"),
     _s("uni_pc_bh2", COMFY, "unipc", solver_options={"order": 3}),
@@ -164,7 +166,7 @@ _A1111 = [
        note="timesteps 1, 1 + c, ... (c = 1000 // steps); the last step lands on alphas_cumprod[0]"),
     _s("UniPC", A1111, "unipc", "uniform", solver_options={"solver_type": "bh1", "order": 3},
        note="A1111's defaults: variant bh1, order 3, time-uniform steps"),
-    _s("LCM", A1111, "lcm"),
+    _s("LCM", A1111, "lcm", solver_options={"boundary": False}),
     _g("Automatic", A1111, "normal", note="the model's own discretization"),
     _g("Uniform", A1111, "normal"),
     _g("Karras", A1111, "karras"),
@@ -200,8 +202,8 @@ _DIFFUSERS = [
     _s("DEISMultistepScheduler", DIFFUSERS, "deis", "linspace", grid_options=MULTI, final="t_min"),
     _s("DPMSolverSDEScheduler", DIFFUSERS, "dpmpp_sde", "linspace", grid_options=FRAC,
        note="same steps; diffusers' Brownian tree runs over sigma, velodiff's over t"),
-    _s("LCMScheduler", DIFFUSERS, "lcm", "leading", grid_options={"steps_offset": 1},
-       note="LCM's boundary condition c_skip x + c_out F belongs to the model's denoiser"),
+    _s("LCMScheduler", DIFFUSERS, "lcm", "lcm", grid_options={"original_steps": 50},
+       note="the lcm solver applies LCM's boundary condition c_skip x + c_out F on discrete schedules"),
     _s("FlowMatchEulerDiscreteScheduler", DIFFUSERS, "euler", "flow-shifted"),
     _s("EDMEulerScheduler", DIFFUSERS, "euler", "karras"),
 ]  # fmt: skip
@@ -479,8 +481,10 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
                      "stochastic_sampling", "use_dynamic_shifting"):  # fmt: skip
             if _flag(cfg.get(flag, False)):
                 raise VelodiffError(f"{cls}: {flag}=True has no velodiff mapping yet")
+    elif cls == "LCMScheduler":  # its own timesteps: the skipping-step grid it was distilled on
+        grid, grid_opts = "lcm", {"original_steps": int(cfg.get("original_inference_steps", 50))}
     else:
-        spacing = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "LCMScheduler": "leading"}.get(
+        spacing = {"DDIMScheduler": "leading", "DDPMScheduler": "leading"}.get(
             cls, "linspace"
         )
         grid, grid_opts = _grid_of(cls, cfg, spacing)

@@ -462,6 +462,29 @@ def ays(
     return _finish(sched, levels[:-1] if final == "zero" else levels, final)
 
 
+def lcm(
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    original_steps: int = 50,
+) -> Tensor:
+    """diffusers' LCMScheduler timesteps: ``steps`` of the skipping-step grid k = c - 1, 2c - 1, ...,
+    N - 1 (c = N // original_steps) the consistency model was distilled on, at indices
+    floor(linspace(0, original_steps, steps, endpoint=False)) from the top."""
+    _no_start("lcm", t_start)
+    if not isinstance(sched, DiscreteVP):
+        raise VelodiffError(f"grid 'lcm' needs a discrete schedule, not {sched.kind!r}")
+    n, m = sched.num_train_timesteps, int(original_steps)
+    if not 1 <= m <= n:
+        raise VelodiffError(f"grid 'lcm': original_steps must be in [1, {n}], got {m}")
+    if steps > m:
+        raise VelodiffError(f"grid 'lcm': {steps} steps exceed its {m} original steps")
+    origin = (torch.arange(m, 0, -1, dtype=F64) * (n // m) - 1)
+    idx = torch.floor(torch.arange(steps, dtype=F64) * (m / steps)).long()
+    return _finish(sched, sched.t_from_timestep(origin[idx]), final)
+
+
 GRIDS: dict[str, Callable[..., Tensor]] = {
     "uniform": uniform_t,
     "logsnr": uniform_log_snr,
@@ -475,7 +498,7 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
 }
 #: the grids defined by another tool's table of levels (ComfyUI's schedulers, AYS): they start at the
 #: schedule's top (no ``t_start``) and may end above t_min before the final point
-TOOL_GRIDS = ("normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "ays", "linear_quadratic")
+TOOL_GRIDS = ("normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "ays", "linear_quadratic", "lcm")
 GRIDS.update(
     normal=normal,
     sgm_uniform=sgm_uniform,
@@ -485,6 +508,7 @@ GRIDS.update(
     kl_optimal=kl_optimal,
     ays=ays,
     linear_quadratic=linear_quadratic,
+    lcm=lcm,
 )
 
 

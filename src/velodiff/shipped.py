@@ -42,6 +42,9 @@ SHIPPED: dict[str, Shipped] = {
     "default-4step": Shipped(
         "default-4step", "progressive-distilled student of default: 4 steps, guidance folded in", "default"
     ),
+    "default-lcm": Shipped(
+        "default-lcm", "latent consistency LoRA of default (peft): 4 steps of the lcm solver", "default"
+    ),
 }
 
 

@@ -121,3 +121,67 @@ def guided(
         typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
     else:
         typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+
+
+@distill_app.command(
+    "lcm",
+    epilog=example("velodiff distill lcm --out students/lcm --run runs/lcm --lora-rank 16"),
+    short_help="Latent consistency distillation (LCM / LCM-LoRA): 1-4 step sampling with the lcm solver.",
+)
+def lcm(
+    out: Path = typer.Option(..., help="the student's diffusers folder (a LoRA student: lora/ in it)"),  # noqa: B008
+    run: Path = typer.Option(..., help="run folder (checkpoints); resumes"),  # noqa: B008
+    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    lora_rank: int = typer.Option(8, min=0, help="LoRA rank r (peft); 0 = full fine-tune with an EMA target"),
+    lora_alpha: float = typer.Option(None, help="LoRA lora_alpha (default: the rank, scale 1)"),
+    origin_steps: int = typer.Option(50, min=1, help="the teacher's skipping-step grid (num_ddim_timesteps)"),
+    guidance: float = typer.Option(2.5, help="the teacher's CFG scale, folded into the student"),
+    ema: float = typer.Option(0.95, help="EMA decay of the target (0: the online network, stop-gradient)"),
+    huber_c: float = typer.Option(0.001, min=0.0, help="pseudo-Huber loss constant c"),
+    sample_steps: int = typer.Option(4, min=1, help="the student's default sampling steps"),
+    steps: int = typer.Option(2000, min=1, help="training steps"),
+    batch: int = typer.Option(8, min=1),
+    lr: float = typer.Option(None, help="learning rate (default 1e-4 for a LoRA, 2e-5 full)"),
+    warmup: int = typer.Option(10, min=0),
+    cache_size: int = typer.Option(256, min=1, help="ShapesWorld scenes encoded as training latents"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(50, min=1),
+    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    threads: int = typer.Option(1, min=1),
+    quiet: bool = typer.Option(False),
+) -> None:
+    """The student learns the consistency function of the teacher's guided ODE (skipping-step DDIM
+    teacher, pseudo-Huber loss); sample it with the lcm solver in a few steps."""
+    from ..distill.lcm import LCMConfig, distill_lcm
+    from ..train.loop import LoopConfig
+    from .train import _threads
+
+    dev = _threads(threads, device)
+    cfg = LoopConfig(
+        steps=steps,
+        lr=lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5),
+        warmup=warmup,
+        weight_decay=0.0,
+        ema_decay=0.0,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
+        log_every=1,
+    )
+    lcfg = LCMConfig(
+        origin_steps=origin_steps,
+        guidance=guidance,
+        r=lora_rank,
+        lora_alpha=float(lora_alpha if lora_alpha is not None else max(lora_rank, 1)),
+        ema=ema,
+        huber_c=huber_c,
+        batch=batch,
+        cache_size=cache_size,
+        sample_steps=sample_steps,
+    )
+    res = distill_lcm(teacher, out, run, cfg, lcfg, quiet=quiet, device=dev)
+    if res["out"] is None:
+        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
+    else:
+        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")

@@ -92,6 +92,7 @@ def load_model(
     *,
     dtype: str = "float32",
     config: Path | None = None,
+    lora: Path | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The model (a shipped name, a path; default: the shipped one) and its sampling defaults.
     ``threads=None``: one thread for a shipped model (a second saves ~15% on an idle 2-core machine, but
@@ -110,7 +111,7 @@ def load_model(
     from ..models import load
 
     with user_errors(f"cannot load model {str(path)!r}"):
-        loaded = load(path, device=device, dtype=dtype, config=config)
+        loaded = load(path, device=device, dtype=dtype, config=config, lora=lora)
     defaults = (
         {"steps": loaded.default_steps, "solver": loaded.default_solver, "guidance": loaded.default_guidance}
         if shipped
@@ -142,6 +143,7 @@ def generate(
     clip_skip: o.ClipSkip = None,
     noise: o.Noise = "velodiff",
     config: o.Config = None,
+    lora: o.Lora = None,
     threads: o.Threads = None,
     attention_maps: Annotated[
         Path | None,

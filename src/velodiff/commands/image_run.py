@@ -19,6 +19,7 @@ class ImageRun:
 
     model: str | None = None
     config: Path | None = None
+    lora: Path | None = None
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
@@ -103,7 +104,7 @@ class ImageRun:
         if device.type == "cpu":
             check_cpu_dtype(dtype)
         self.loaded, self.defaults = load_model(
-            self.model, self.threads, str(device), dtype=dtype, config=self.config
+            self.model, self.threads, str(device), dtype=dtype, config=self.config, lora=self.lora
         )
         m = self.loaded
         if self.clip_skip:

@@ -28,6 +28,13 @@ Config = Annotated[
         "bundled SD 1.5 / SDXL configs)"
     ),
 ]
+Lora = Annotated[
+    Path | None,
+    typer.Option(
+        help="a peft LoRA for the model's UNet: a folder with adapter_config.json + "
+        "adapter_model.safetensors, or the .safetensors file (safetensors only)"
+    ),
+]
 Device = Annotated[
     str | None, typer.Option(help="cpu, cuda, cuda:1 or mps (default: the best available)")
 ]

@@ -36,14 +36,17 @@ def load_teacher(path: Path) -> dict[str, Any]:
     return comps
 
 
-def save_student(teacher: Path, unet: Any, out: Path, sampling: dict[str, Any], card: str) -> Path:
+def save_student(teacher: Path, unet: Any | None, out: Path, sampling: dict[str, Any], card: str) -> Path:
     """A diffusers folder: the teacher's components with the student's UNet (float32 safetensors) and
-    its own sampling defaults. Written to a sibling and swapped in."""
+    its own sampling defaults (``unet=None``: the teacher's UNet files as they are, e.g. under a LoRA).
+    Written to a sibling and swapped in."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(teacher, tmp)
-    shutil.rmtree(tmp / "unet")
-    unet.to(torch.float32).save_pretrained(tmp / "unet", safe_serialization=True)
+    shutil.rmtree(tmp / "lora", ignore_errors=True)  # a LoRA teacher's adapter: the student replaces it
+    if unet is not None:
+        shutil.rmtree(tmp / "unet")
+        unet.to(torch.float32).save_pretrained(tmp / "unet", safe_serialization=True)
     (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=1))
     (tmp / "MODEL_CARD.md").write_text(card)
     shutil.rmtree(out, ignore_errors=True)
@@ -67,6 +70,14 @@ def ship_student(student: Path, asset: Path, base: Path) -> Path:
     for name in ("lora", "scheduler"):
         if (student / name).is_dir() and not _same_file_tree(student / name, base / name):
             shutil.copytree(student / name, tmp / name)
+    weights = tmp / "lora" / "adapter_model.safetensors"
+    if weights.is_file():  # the adapter in float16, as the shipped UNets
+        from safetensors.torch import save_file
+
+        from ..models.weights import load_file
+
+        state = {k: v.to(torch.float16) for k, v in load_file(str(weights)).items()}
+        save_file(state, str(weights), metadata={"format": "pt", "velodiff": "lora"})
     for name in (SAMPLING_FILE, "MODEL_CARD.md"):
         if (student / name).is_file():
             shutil.copy2(student / name, tmp / name)

@@ -146,6 +146,7 @@ def load(
     family: str | None = None,
     prediction_type: str | None = None,
     config: str | os.PathLike[str] | None = None,
+    lora: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load a model for velodiff's sampling core.
 
@@ -156,6 +157,8 @@ def load(
     * ``device``: "cpu", "cuda", "cuda:N", "mps", or None for the best one available.
     * ``family``: force a family ("sd1", "sd2", "sdxl", ... see ``FAMILIES``) instead of detecting it.
     * ``prediction_type``: override the scheduler config's ("epsilon", "v_prediction", "sample").
+    * ``lora``: a peft LoRA (a folder with ``adapter_config.json`` + ``adapter_model.safetensors``, or
+      the ``.safetensors`` itself) applied to the UNet; a folder's own ``lora/`` is applied first.
     """
     from . import _register_builtin
 
@@ -180,15 +183,34 @@ def load(
         )
     model.path = str(source.path)
     _apply_sampling_file(model, Path(source.path))
+    own = Path(source.path) / "lora"
+    for i, adapter in enumerate([own] if source.kind == "folder" and own.is_dir() else []):
+        _apply_lora(model, adapter, f"folder_{i}")
+    if lora is not None:
+        _apply_lora(model, Path(lora).expanduser(), "user")
+        if own.is_dir():  # both adapters active, each at its own scale
+            model.components["unet"].set_adapters(["folder_0", "user"])
     return model
+
+
+def _apply_lora(model: LoadedModel, path: Path, adapter: str) -> None:
+    from .lora import apply_lora
+
+    unet = model.components.get("unet")
+    if unet is None:
+        raise VelodiffError(f"LoRA {str(path)!r}: the model has no UNet to apply it to")
+    if not path.exists():
+        raise VelodiffError(f"LoRA {str(path)!r} does not exist")
+    with torch.inference_mode(False):
+        apply_lora(unet, path, adapter)
 
 
 def _apply_sampling_file(model: LoadedModel, path: Path) -> None:
     """A folder's own sampling defaults (``sampling.json``: the shipped models', and those ``velodiff
-    distill`` writes for its students: solver, steps, guidance, grid, embedded_guidance) replace the
-    family's."""
+    distill`` writes for its students: solver, steps, guidance, grid, grid_options, embedded_guidance)
+    replace the family's."""
     d = sampling_defaults(path) if path.is_dir() else {}
-    for key in ("solver", "steps", "guidance", "grid"):
+    for key in ("solver", "steps", "guidance", "grid", "grid_options"):
         if key in d:
             setattr(model, f"default_{key}", d[key])
     if "embedded_guidance" in d:  # a guidance-distilled student's scale input (one pass per step)

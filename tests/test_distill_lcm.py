@@ -1,0 +1,202 @@
+"""Consistency distillation (LCM / LCM-LoRA): the lcm solver agrees with diffusers' LCMScheduler, a LoRA
+round-trips through a model folder, a LoRA for another architecture is one line, runs resume
+bit-exactly and the student carries its sampling defaults."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+import torch
+from diffusers import LCMScheduler, UNet2DConditionModel
+
+import velodiff
+from velodiff import DiscreteVP, VelodiffError, make_grid, sample
+from velodiff.aliases import resolve_solver
+from velodiff.cli import main
+from velodiff.denoisers import eps_from_x0
+from velodiff.distill.lcm import add_lora, boundary_scalings
+from velodiff.models.lora import save_lora
+from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
+from velodiff.shipped import shipped_path
+
+torch.set_num_threads(1)
+F64 = torch.float64
+SCHED = DiscreteVP.scaled_linear()
+DEN = MixtureDenoiser(GaussianMixture.random((2,), components=3, seed=1, min_var=0.05, max_var=0.3), SCHED)
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.mark.parametrize(("steps", "original"), [(4, 50), (1, 50), (3, 20), (8, 50)])
+def test_lcm_solver_matches_diffusers_lcm_scheduler(steps: int, original: int) -> None:
+    x = starting_noise((2,), 16, seed=3)
+    sch = LCMScheduler(**SD, original_inference_steps=original)
+    sch.set_timesteps(steps)
+    ts = make_grid("lcm", SCHED, steps, original_steps=original)
+    assert torch.equal(SCHED.timestep(ts[:-1]).round(), sch.timesteps.to(F64))  # the same timesteps
+    assert float(ts[-1]) == 0.0
+    # diffusers' LCMScheduler by its name: the same solver and grid
+    r = resolve_solver("LCMScheduler")
+    assert (r.solver, r.grid) == ("lcm", "lcm")
+    assert torch.equal(make_grid(r.grid, SCHED, steps, **{**r.grid_options, "original_steps": original}), ts)
+
+    gd = torch.Generator().manual_seed(7)
+    xd, traj_d = x.clone(), []
+    for i, k in enumerate(sch.timesteps):
+        t = float(ts[i])
+        eps = eps_from_x0(SCHED, xd, t, DEN(xd, t))
+        xd = sch.step(eps, k, xd, generator=gd).prev_sample
+        traj_d.append(xd)
+    gv = torch.Generator().manual_seed(7)
+    traj_v: list[torch.Tensor] = []
+    res = sample(
+        DEN,
+        x,
+        ts,
+        "lcm",
+        noise=lambda i: torch.randn(x.shape, generator=gv, dtype=x.dtype),
+        callback=lambda info: traj_v.append(info.x),
+    )
+    assert res.nfe == steps
+    for a, b in zip(traj_v, traj_d, strict=True):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5)
+    # the boundary condition is in it: without it the final sample differs (slightly)
+    gv = torch.Generator().manual_seed(7)
+    raw = sample(
+        DEN, x, ts, "lcm", noise=lambda i: torch.randn(x.shape, generator=gv, dtype=x.dtype), boundary=False
+    )
+    assert not torch.equal(raw.x, traj_v[-1])
+
+
+def test_boundary_scalings_are_diffusers() -> None:
+    sch = LCMScheduler(**SD)
+    for k in (0, 1, 19, 259, 999):
+        c_skip, c_out = boundary_scalings(torch.tensor(float(k), dtype=F64))
+        ds, do = sch.get_scalings_for_boundary_condition_discrete(k)
+        assert abs(float(c_skip) - ds) < 1e-12 and abs(float(c_out) - do) < 1e-12
+    assert boundary_scalings(torch.tensor(0.0))[0] == 1.0  # f(x, 0) = x
+
+
+def _folder_with_lora(tmp_path, seed: int = 0):
+    """A copy (links) of the default model with a random peft LoRA in lora/, and that UNet in memory."""
+    base = shipped_path("default")
+    folder = tmp_path / "with-lora"
+    folder.mkdir()
+    for p in base.iterdir():
+        if p.name not in ("lora", "MODEL_CARD.md"):
+            (folder / p.name).symlink_to(p.resolve(), target_is_directory=p.is_dir())
+    unet = velodiff.load(base).components["unet"]
+    add_lora(unet, 4, 4.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:  # peft starts B at zero (an identity adapter): make it do something
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    save_lora(unet, folder / "lora")
+    return folder, unet.eval()
+
+
+def _unet_out(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([999.0, 259.0]), ctx).sample
+
+
+def test_lora_round_trip_through_the_folder_and_the_lora_option(tmp_path) -> None:
+    folder, mem = _folder_with_lora(tmp_path)
+    expected = _unet_out(mem)
+    plain = _unet_out(velodiff.load("default").components["unet"])
+    assert (expected - plain).abs().max() > 1e-3  # the adapter changes the output
+    got = _unet_out(velodiff.load(folder).components["unet"])
+    assert torch.equal(got, expected)
+    got2 = _unet_out(velodiff.load("default", lora=folder / "lora").components["unet"])
+    assert torch.equal(got2, expected)
+    weights = folder / "lora" / "adapter_model.safetensors"
+    assert torch.equal(_unet_out(velodiff.load("default", lora=weights).components["unet"]), expected)
+
+
+def test_lora_for_another_architecture_is_one_line(tmp_path, capsys) -> None:
+    other = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    add_lora(other, 4, 4.0)
+    save_lora(other, tmp_path / "other")
+    with pytest.raises(VelodiffError) as e:
+        velodiff.load("default", lora=tmp_path / "other")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "does not fit" in msg and "architecture" in msg
+    # and on the command line: one line, no traceback
+    code = _main(
+        ["generate", "a red circle", "--out", str(tmp_path / "x.png"), "--lora", str(tmp_path / "other")]
+    )
+    err = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.strip() and "Loading weights" not in line
+    ]
+    assert code != 0 and len(err) == 1 and "does not fit" in err[0], err
+    # a pickle under the adapter's name is never unpickled
+    (tmp_path / "pk").mkdir()
+    shutil.copy(tmp_path / "other" / "adapter_config.json", tmp_path / "pk")
+    (tmp_path / "pk" / "adapter_model.safetensors").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(VelodiffError):
+        velodiff.load("default", lora=tmp_path / "pk")
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def _distill(tmp_path, run: str, steps: int, *extra: str) -> int:
+    return _main(
+        [
+            "distill", "lcm", "--out", str(tmp_path / f"{run}-student"), "--run", str(tmp_path / run),
+            "--steps", str(steps), "--batch", "2", "--cache-size", "4", "--checkpoint-every", "1",
+            "--origin-steps", "10", "--device", "cpu", "--quiet", *extra,
+        ]
+    )  # fmt: skip
+
+
+def _losses(run) -> list[str]:
+    return [r[1] for r in csv.reader((run / "loss.csv").open())][1:]
+
+
+@pytest.mark.parametrize("rank", ["2", "0"])
+def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path, rank: str) -> None:
+    from safetensors.torch import load_file
+
+    assert _distill(tmp_path, "full", 2, "--lora-rank", rank) == 0
+    assert _distill(tmp_path, "split", 1, "--lora-rank", rank) == 0  # "killed" after one step, then rerun
+    assert _distill(tmp_path, "split", 2, "--lora-rank", rank) == 0
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "split")
+    assert len(_losses(tmp_path / "full")) == 2
+    name = "lora/adapter_model.safetensors" if rank != "0" else "unet/diffusion_pytorch_model.safetensors"
+    a, b = (load_file(str(tmp_path / f"{r}-student" / name)) for r in ("full", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if rank == "0":  # the full fine-tune (EMA target) writes a whole UNet; the rest is the same
+        return
+    model = velodiff.load(tmp_path / "full-student")
+    assert (model.default_solver, model.default_steps, model.default_guidance, model.default_grid) == (
+        "lcm",
+        4,
+        1.0,
+        "lcm",
+    )
+    assert model.default_grid_options == {"original_steps": 10}
+    from velodiff.pipelines import text2img
+
+    res = text2img(model, "a red circle", seeds=[0])
+    assert res.steps == 4 and res.evals == 4
