@@ -42,6 +42,9 @@ SHIPPED: dict[str, Shipped] = {
     "default-4step": Shipped(
         "default-4step", "progressive-distilled student of default: 4 steps, guidance folded in", "default"
     ),
+    "default-2step": Shipped(
+        "default-2step", "reflow (2-rectified flow) student of default: 2 steps, guidance folded", "default"
+    ),
 }
 
 
