@@ -125,9 +125,7 @@ def guided(
 
 @distill_app.command(
     "reflow",
-    epilog=example(
-        "velodiff distill reflow --init students/pd4 --out students/reflow1 --run runs/reflow --pairs 1024"
-    ),
+    epilog=example("velodiff distill reflow --out students/rf1 --run runs/rf --pairs 1024"),
     short_help="Reflow (2-rectified flow) on teacher pairs, then one-step distillation (InstaFlow).",
 )
 def reflow(

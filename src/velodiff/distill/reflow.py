@@ -109,7 +109,7 @@ class PairCache:
         return len(todo)
 
     def load(self) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
+        from ..models.weights import load_file
 
         if self.missing():
             raise VelodiffError(f"pair cache {self.folder} is incomplete; rerun to finish it")
