@@ -185,3 +185,67 @@ def lcm(
         typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
     else:
         typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+
+
+@distill_app.command(
+    "reflow",
+    epilog=example("velodiff distill reflow --out students/rf1 --run runs/rf --pairs 1024"),
+    short_help="Reflow (2-rectified flow) on teacher pairs, then one-step distillation (InstaFlow).",
+)
+def reflow(
+    out: Path = typer.Option(..., help="the 1-step student's folder (the 2-step one goes to OUT-2steps)"),  # noqa: B008
+    run: Path = typer.Option(..., help="run folder (pair cache, checkpoints per phase); resumes"),  # noqa: B008
+    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    init: str = typer.Option(None, help="initialise the student from this model (default: the teacher)"),
+    pairs: int = typer.Option(1024, help="(noise, teacher sample) training pairs"),
+    eval_pairs: int = typer.Option(32, help="held-out pairs for the straightness report"),
+    plan: str = typer.Option(None, help="the teacher's plan for the pairs (default: none)"),
+    solver: str = typer.Option(None, help="the teacher's solver (default: its own)"),
+    teacher_steps: int = typer.Option(None, help="the teacher's steps (default: its own)"),
+    guidance: float = typer.Option(None, help="the teacher's CFG scale (default: its own)"),
+    reflow_steps: int = typer.Option(1500, min=0, help="training steps on the coupled interpolation"),
+    distill_steps: int = typer.Option(1000, min=0, help="one-step distillation steps"),
+    batch: int = typer.Option(8, min=1),
+    lr: float = typer.Option(2e-5, min=0.0),
+    warmup: int = typer.Option(10, min=0),
+    ema: float = typer.Option(0.0, min=0.0, max=1.0, help="EMA decay of the student (0: none)"),
+    ode_steps: int = typer.Option(20, help="DDIM steps of the ODE the straightness is measured on"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(50, min=1),
+    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time per phase"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    threads: int = typer.Option(1, min=1),
+    quiet: bool = typer.Option(False),
+) -> None:
+    """Pairs z -> teacher ODE(z), cached; the student learns the straight coupling, then one step."""
+    from ..distill.reflow import PairConfig, ReflowConfig, distill_reflow
+    from ..train.loop import LoopConfig
+    from .train import _threads
+
+    dev = _threads(threads, device)
+    cfg = LoopConfig(
+        steps=1,
+        lr=lr,
+        warmup=warmup,
+        weight_decay=0.0,
+        ema_decay=ema,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
+        log_every=1,
+    )
+    pcfg = PairConfig(
+        pairs=pairs, eval_pairs=eval_pairs, seed=seed, plan=plan, solver=solver, steps=teacher_steps,
+        guidance=guidance,
+    )
+    rcfg = ReflowConfig(
+        reflow_steps=reflow_steps, distill_steps=distill_steps, batch=batch, ema=ema, ode_steps=ode_steps
+    )
+    res = distill_reflow(teacher, init, out, run, cfg, pcfg, rcfg, quiet=quiet, device=dev)
+    for k, v in res["report"].items():
+        if isinstance(v, dict):
+            typer.echo(f"{k}: " + ", ".join(f"{m} {x:.4g}" for m, x in v.items()))
+    if res["out"] is None:
+        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
+    else:
+        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
