@@ -7,6 +7,7 @@ Rerunning the same command resumes each round from its latest checkpoint (bit-ex
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -17,6 +18,17 @@ distill_app = typer.Typer(
     help="Distil few-step students from a teacher model.",
     epilog=example("velodiff distill progressive --out students/pd5 --run runs/pd"),
 )
+
+
+def loop_config(
+    steps: int, lr: float, warmup: int, seed: int, checkpoint_every: int, max_minutes: float | None,
+    ema: float = 0.0,
+) -> Any:
+    """The training loop's settings every distillation shares: no weight decay, a loss row per step."""
+    from ..train.loop import LoopConfig
+
+    return LoopConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema, seed=seed,
+                      checkpoint_every=checkpoint_every, max_minutes=max_minutes, log_every=1)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -49,21 +61,10 @@ def progressive(
 ) -> None:
     """Each round's student learns two teacher DDIM steps in one, and teaches the next round."""
     from ..distill.run import ProgressiveConfig, distill_progressive
-    from ..train.loop import LoopConfig
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = LoopConfig(
-        steps=steps,
-        lr=lr,
-        warmup=warmup,
-        weight_decay=0.0,
-        ema_decay=0.0,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        max_minutes=max_minutes,
-        log_every=1,
-    )
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
     pcfg = ProgressiveConfig(
         teacher_steps=teacher_steps, rounds=rounds, guidance=guidance, batch=batch, cache_size=cache_size
     )
@@ -100,21 +101,10 @@ def guided(
 ) -> None:
     """The student takes w as an input and matches the teacher's CFG output in one pass per step."""
     from ..distill.guided import GuidedConfig, distill_guided
-    from ..train.loop import LoopConfig
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = LoopConfig(
-        steps=steps,
-        lr=lr,
-        warmup=warmup,
-        weight_decay=0.0,
-        ema_decay=0.0,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        max_minutes=max_minutes,
-        log_every=1,
-    )
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
     gcfg = GuidedConfig(w_min=w_min, w_max=w_max, guidance=guidance, batch=batch, cache_size=cache_size)
     res = distill_guided(teacher, out, run, cfg, gcfg, quiet=quiet, device=dev)
     if res["out"] is None:
@@ -154,21 +144,11 @@ def lcm(
     """The student learns the consistency function of the teacher's guided ODE (skipping-step DDIM
     teacher, pseudo-Huber loss); sample it with the lcm solver in a few steps."""
     from ..distill.lcm import LCMConfig, distill_lcm
-    from ..train.loop import LoopConfig
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = LoopConfig(
-        steps=steps,
-        lr=lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5),
-        warmup=warmup,
-        weight_decay=0.0,
-        ema_decay=0.0,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        max_minutes=max_minutes,
-        log_every=1,
-    )
+    lr = lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5)
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
     lcfg = LCMConfig(
         origin_steps=origin_steps,
         guidance=guidance,
@@ -219,21 +199,10 @@ def reflow(
 ) -> None:
     """Pairs z -> teacher ODE(z), cached; the student learns the straight coupling, then one step."""
     from ..distill.reflow import PairConfig, ReflowConfig, distill_reflow
-    from ..train.loop import LoopConfig
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = LoopConfig(
-        steps=1,
-        lr=lr,
-        warmup=warmup,
-        weight_decay=0.0,
-        ema_decay=ema,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        max_minutes=max_minutes,
-        log_every=1,
-    )
+    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema)
     pcfg = PairConfig(
         pairs=pairs, eval_pairs=eval_pairs, seed=seed, plan=plan, solver=solver, steps=teacher_steps,
         guidance=guidance,
