@@ -218,3 +218,56 @@ def reflow(
         typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
     else:
         typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+
+
+@distill_app.command(
+    "prune",
+    epilog=example("velodiff distill prune --target-flops 0.7 --out students/pruned --run runs/prune"),
+    short_help="Prune UNet blocks (LD-Pruner or magnitude ranking), then repair by distillation.",
+)
+def prune(
+    out: Path = typer.Option(..., help="the pruned student's diffusers folder"),  # noqa: B008
+    run: Path = typer.Option(..., help="run folder (ranking, checkpoints); resumes"),  # noqa: B008
+    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    method: str = typer.Option("ld", help="ranking: ld (LD-Pruner, output-latent impact) or magnitude"),
+    target_flops: float = typer.Option(0.7, help="FLOPs per evaluation kept, a fraction in (0, 1]"),
+    feature_weight: float = typer.Option(1.0, min=0.0, help="weight of the up-block feature loss"),
+    guidance: float = typer.Option(2.5, help="CFG scale of the calibration runs and the student's default"),
+    calib_prompts: int = typer.Option(8, min=2, help="calibration prompts of the LD ranking"),
+    calib_steps: int = typer.Option(10, min=1, help="DDIM steps of the LD calibration runs"),
+    steps: int = typer.Option(1000, min=0, help="repair steps (0: prune only)"),
+    batch: int = typer.Option(8, min=1),
+    lr: float = typer.Option(1e-4, min=0.0),
+    warmup: int = typer.Option(10, min=0),
+    cache_size: int = typer.Option(256, min=1, help="ShapesWorld scenes encoded as training latents"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(50, min=1),
+    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    threads: int = typer.Option(1, min=1),
+    quiet: bool = typer.Option(False),
+) -> None:
+    """Remove the UNet units that change the output least until the FLOPs target is met; repair."""
+    from ..distill.prune import PruneConfig, check_target
+    from ..distill.prune import prune as run_prune
+    from .generate import quiet_libraries
+    from .train import _threads
+
+    check_target(target_flops)
+    quiet_libraries()
+    dev = _threads(threads, device)
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
+    pcfg = PruneConfig(
+        method=method, target_flops=target_flops, feature_weight=feature_weight, guidance=guidance,
+        calib_prompts=calib_prompts, calib_steps=calib_steps, batch=batch, cache_size=cache_size,
+    )
+    res = run_prune(teacher, out, run, cfg, pcfg, quiet=quiet, device=dev)
+    kept = res["params"] / res["teacher_params"], res["flops"] / res["teacher_flops"]
+    typer.echo(
+        f"removed {', '.join(res['removed']) or 'nothing'}: {kept[0]:.2f} of the parameters, "
+        f"{kept[1]:.2f} of the FLOPs per evaluation"
+    )
+    if res["out"] is None:
+        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
+    else:
+        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
