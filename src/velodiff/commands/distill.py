@@ -222,7 +222,7 @@ def reflow(
 
 @distill_app.command(
     "prune",
-    epilog=example("velodiff distill prune --target-flops 0.7 --out students/pruned --run runs/prune"),
+    epilog=example("velodiff distill prune --target-flops 0.7 --out pruned --run runs/prune"),
     short_help="Prune UNet blocks (LD-Pruner or magnitude ranking), then repair by distillation.",
 )
 def prune(
