@@ -36,7 +36,7 @@ def test_every_student_assembles_into_a_whole_folder_with_its_own_weights(cache)
         folder = shipped_path(name)
         assert folder.parent == cache / "shipped" and model_name(folder) == name
         assert (folder / "model_index.json").is_file() and (folder / "vae").is_dir()
-        own = shipped._asset(SHIPPED[name].folder)
+        own = shipped.asset_path(SHIPPED[name].folder)
         assert (folder / "sampling.json").read_text() == (own / "sampling.json").read_text()
         assert shipped_path(name) == folder  # assembled once
         assert model_hash(folder) != model_hash(base)  # the hash reads through the links
@@ -46,7 +46,7 @@ def test_every_student_assembles_into_a_whole_folder_with_its_own_weights(cache)
 
 def test_a_student_loads_with_its_own_defaults_and_runs_one_pass_per_step(cache) -> None:
     model = velodiff.load("default-4step")
-    sampling = json.loads((shipped._asset("default-4step") / "sampling.json").read_text())
+    sampling = json.loads((shipped.asset_path("default-4step") / "sampling.json").read_text())
     assert (model.default_solver, model.default_steps, model.default_guidance) == (
         sampling["solver"],
         sampling["steps"],

@@ -69,7 +69,8 @@ def sampling_defaults(path: str | os.PathLike[str]) -> dict[str, Any]:
     return d
 
 
-def _asset(folder: str) -> Path:
+def asset_path(folder: str) -> Path:
+    """A folder inside the package's assets (``velodiff/assets/<folder>``)."""
     from importlib import resources
 
     return Path(str(resources.files("velodiff") / "assets" / folder))
@@ -78,7 +79,7 @@ def _asset(folder: str) -> Path:
 def shipped_path(name: str) -> Path:
     """The folder of the shipped model ``name`` (refused in one line if the package lacks it)."""
     entry = SHIPPED[name]
-    path = _asset(entry.folder)
+    path = asset_path(entry.folder)
     if entry.base is not None:
         if not path.is_dir():
             raise VelodiffError(f"the shipped model {name!r} is missing from the package ({path}); reinstall")

@@ -12,11 +12,11 @@ def models() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..shipped import SHIPPED, _asset
+    from ..shipped import SHIPPED, asset_path
 
     table = Table("name", "base", "solver", "steps", "guidance", "MB", "summary")
     for name, entry in SHIPPED.items():
-        own = _asset(entry.folder)
+        own = asset_path(entry.folder)
         f = own / "sampling.json"
         d = json.loads(f.read_text()) if f.is_file() else {}
         size = sum(q.stat().st_size for q in own.rglob("*") if q.is_file()) / 2**20 if own.is_dir() else 0.0

@@ -23,8 +23,8 @@ import torch
 from ..errors import VelodiffError
 from ..models.base import guidance_embedding
 from ..train.loop import LoopConfig, run_loop
-from ..train.trainer import LatentCache, batch_indices, tokenize
-from .teacher import load_teacher, save_student, teacher_folder
+from ..train.trainer import batch_indices
+from .teacher import load_teacher, save_student, teacher_folder, training_data
 
 #: width of the student's guidance embedding (diffusers' LCM UNets use 256)
 EMBEDDING_DIM = 256
@@ -69,8 +69,6 @@ def distill_guided(
     quiet: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    from ..data.shapes import ShapesWorld
-    from ..models import load
 
     if not 0 <= gcfg.w_min <= gcfg.w_max:
         raise VelodiffError(f"need 0 <= --w-min <= --w-max, got {gcfg.w_min} and {gcfg.w_max}")
@@ -79,14 +77,9 @@ def distill_guided(
             f"--guidance {gcfg.guidance} is outside the trained range [{gcfg.w_min}, {gcfg.w_max}]"
         )
     tpath = teacher_folder(teacher)
-    comps = load_teacher(tpath)
-    sched = load(tpath).schedule
-    vae, text, tok = comps["vae"], comps["text_encoder"], comps["tokenizer"]
-    world = ShapesWorld(seed=gcfg.data_seed, size=64, holdout=True)
-    cache = LatentCache(world, vae.to(device), tok, gcfg.cache_size, float(vae.config.scaling_factor), device)
-    text = text.to(device).eval().requires_grad_(False)
-    uncond = tokenize(tok, [""])[0].to(device)
-    teacher_unet = comps["unet"].to(device).eval().requires_grad_(False)
+    model = load_teacher(tpath)
+    sched = model.schedule
+    cache, text, uncond, teacher_unet = training_data(model, gcfg.cache_size, gcfg.data_seed, device)
     student = guided_student(teacher_unet).train().requires_grad_(True)
     rcfg = LoopConfig(**{**vars(cfg), "extra": {**cfg.extra, **vars(gcfg), "method": "guided"}})
 

@@ -33,10 +33,10 @@ from torch import Tensor
 
 from ..errors import VelodiffError
 from ..train.loop import LoopConfig, run_loop
-from ..train.trainer import LatentCache, batch_indices, tokenize
+from ..train.trainer import batch_indices
 from .progressive import ddim_step
 from .run import make_x0_fn
-from .teacher import load_teacher, save_student, teacher_folder
+from .teacher import load_teacher, save_student, teacher_folder, training_data
 
 #: diffusers' LCM-LoRA target modules (train_lcm_distill_lora_sd_wds.py) that an SD1 UNet has
 LORA_TARGETS = (
@@ -121,8 +121,6 @@ def distill_lcm(
     quiet: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    from ..data.shapes import ShapesWorld
-    from ..models import load
     from ..models.lora import save_lora
 
     if lcfg.r < 0:
@@ -130,19 +128,14 @@ def distill_lcm(
     if not 0.0 <= lcfg.ema < 1.0:
         raise VelodiffError(f"--ema must be in [0, 1), got {lcfg.ema}")
     tpath = teacher_folder(teacher)
-    comps = load_teacher(tpath)
-    sched = load(tpath).schedule
+    model = load_teacher(tpath)
+    sched = model.schedule
     n_train = int(getattr(sched, "num_train_timesteps", 0) or 0)
     if not n_train:
         raise VelodiffError("consistency distillation needs a teacher with a discrete VP schedule")
     ks = origin_timesteps(n_train, lcfg.origin_steps)
     c = n_train // lcfg.origin_steps
-    vae, text, tok = comps["vae"], comps["text_encoder"], comps["tokenizer"]
-    world = ShapesWorld(seed=lcfg.data_seed, size=64, holdout=True)
-    cache = LatentCache(world, vae.to(device), tok, lcfg.cache_size, float(vae.config.scaling_factor), device)
-    text = text.to(device).eval().requires_grad_(False)
-    uncond = tokenize(tok, [""])[0].to(device)
-    teacher_unet = comps["unet"].to(device).eval().requires_grad_(False)
+    cache, text, uncond, teacher_unet = training_data(model, lcfg.cache_size, lcfg.data_seed, device)
     student = copy.deepcopy(teacher_unet)
     modules: dict[str, Any] = {"unet": student}
     if lcfg.r > 0:

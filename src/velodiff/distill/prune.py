@@ -42,10 +42,10 @@ import torch
 
 from ..errors import VelodiffError
 from ..train.loop import LoopConfig, run_loop
-from ..train.trainer import LatentCache, batch_indices, tokenize
+from ..train.trainer import LatentCache, batch_indices
 from .progressive import ddim_step, student_grid
 from .run import make_x0_fn
-from .teacher import load_teacher, save_student, teacher_folder
+from .teacher import load_teacher, save_student, teacher_folder, training_data
 
 METHODS = ("ld", "magnitude")
 
@@ -267,21 +267,14 @@ def prune(
 ) -> dict[str, Any]:
     """Rank, prune and repair; the ranking and the removed units are kept in ``run/plan.json`` so a
     rerun resumes the same student."""
-    from ..data.shapes import ShapesWorld
-    from ..models import load
 
     check_target(pcfg.target_flops)
     if pcfg.method not in METHODS:
         raise VelodiffError(f"unknown pruning method {pcfg.method!r}; valid: {', '.join(METHODS)}")
     tpath = teacher_folder(teacher)
-    comps = load_teacher(tpath)
-    sched = load(tpath).schedule
-    vae, text, tok = comps["vae"], comps["text_encoder"], comps["tokenizer"]
-    text = text.to(device).eval().requires_grad_(False)
-    teacher_unet = comps["unet"].to(device).eval().requires_grad_(False)
-    world = ShapesWorld(seed=pcfg.data_seed, size=64, holdout=True)
-    cache = LatentCache(world, vae.to(device), tok, pcfg.cache_size, float(vae.config.scaling_factor), device)
-    uncond = tokenize(tok, [""])[0].to(device)
+    model = load_teacher(tpath)
+    sched = model.schedule
+    cache, text, uncond, teacher_unet = training_data(model, pcfg.cache_size, pcfg.data_seed, device)
 
     t0 = time.perf_counter()
     plan_file = run / "plan.json"

@@ -240,13 +240,12 @@ def distill_reflow(
     quiet: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    from ..models import load
 
     _check_pair_config(pcfg, rcfg)
     tpath = teacher_folder(teacher)
     ipath = teacher_folder(init) if init else tpath
-    comps = load_teacher(tpath)
-    tmodel = load(tpath)
+    tmodel = load_teacher(tpath)
+    comps = dict(tmodel.components)
     sched = tmodel.schedule
     t0 = time.perf_counter()
     pairs = make_pairs(tpath, run / "pairs", pcfg, device, quiet)
@@ -262,7 +261,7 @@ def distill_reflow(
     if "teacher" not in report:
         report["teacher"] = measure(comps["unet"].to(device).eval(), sched, text, uncond, pairs, n,
                                     w_teacher, rcfg.ode_steps)
-    init_unet = load_teacher(ipath)["unet"] if init else comps["unet"]
+    init_unet = load_teacher(ipath).components["unet"] if init else comps["unet"]
     if "init" not in report and init:
         report["init"] = measure(init_unet.to(device).eval(), sched, text, uncond, pairs, n, 1.0,
                                  rcfg.ode_steps)

@@ -15,9 +15,9 @@ import torch
 
 from ..errors import VelodiffError
 from ..train.loop import LoopConfig, run_loop
-from ..train.trainer import LatentCache, batch_indices, tokenize
+from ..train.trainer import batch_indices
 from .progressive import student_grid, student_target, teacher_two_steps
-from .teacher import load_teacher, save_student, teacher_folder
+from .teacher import load_teacher, save_student, teacher_folder, training_data
 
 
 @dataclass
@@ -61,23 +61,13 @@ def distill_progressive(
     quiet: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    from ..data.shapes import ShapesWorld
-
     tpath = teacher_folder(teacher)
-    comps = load_teacher(tpath)
+    model = load_teacher(tpath)
     steps = pcfg.teacher_steps
     if steps % (2**pcfg.rounds) != 0:
         raise VelodiffError(f"--teacher-steps {steps} cannot be halved {pcfg.rounds} times")
-    from ..models import load
-
-    sched = load(tpath).schedule
-    vae, text, tok = comps["vae"], comps["text_encoder"], comps["tokenizer"]
-    scaling = float(vae.config.scaling_factor)
-    world = ShapesWorld(seed=pcfg.data_seed, size=64, holdout=True)
-    cache = LatentCache(world, vae.to(device), tok, pcfg.cache_size, scaling, device, 1, quiet)
-    text = text.to(device).eval().requires_grad_(False)
-    uncond = tokenize(tok, [""])[0].to(device)
-    teacher_unet = comps["unet"].to(device).eval().requires_grad_(False)
+    sched = model.schedule
+    cache, text, uncond, teacher_unet = training_data(model, pcfg.cache_size, pcfg.data_seed, device, quiet)
     log: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for r in range(pcfg.rounds):

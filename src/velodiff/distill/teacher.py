@@ -22,18 +22,39 @@ def teacher_folder(teacher: str) -> Path:
     return path
 
 
-def load_teacher(path: Path) -> dict[str, Any]:
+def load_teacher(path: Path) -> Any:
+    """The teacher as a loaded model (its schedule, defaults and components: unet, text encoder, VAE,
+    tokenizer), refused in one line if it is not an SD1-family model."""
     from ..models import load
 
     try:
         model = load(path)
     except VelodiffError as e:
         raise VelodiffError(f"teacher {str(path)!r}: {e}") from None
-    comps = model.components
     for name in ("unet", "text_encoder", "vae", "tokenizer"):
-        if name not in comps:
+        if name not in model.components:
             raise VelodiffError(f"teacher {str(path)!r} has no {name} (expected an SD1-family model)")
-    return comps
+    return model
+
+
+def training_data(
+    teacher: Any, cache_size: int, data_seed: int, device: str, quiet: bool = True
+) -> tuple[Any, Any, torch.Tensor, Any]:
+    """What every distillation trains on: a ShapesWorld latent cache of ``cache_size`` scenes (held-out
+    split), the teacher's frozen text encoder and UNet on ``device``, and the empty prompt's token ids.
+    Returns (cache, text encoder, uncond ids, teacher UNet)."""
+    from ..data.shapes import ShapesWorld
+    from ..train.trainer import LatentCache, tokenize
+
+    c = teacher.components
+    vae, tok = c["vae"], c["tokenizer"]
+    world = ShapesWorld(seed=data_seed, size=64, holdout=True)
+    scaling = float(vae.config.scaling_factor)
+    cache = LatentCache(world, vae.to(device), tok, cache_size, scaling, device, 1, quiet)
+    text = c["text_encoder"].to(device).eval().requires_grad_(False)
+    uncond = tokenize(tok, [""])[0].to(device)
+    unet = c["unet"].to(device).eval().requires_grad_(False)
+    return cache, text, uncond, unet
 
 
 def save_student(teacher: Path, unet: Any | None, out: Path, sampling: dict[str, Any], card: str) -> Path:
