@@ -42,6 +42,11 @@ SHIPPED: dict[str, Shipped] = {
     "default-4step": Shipped(
         "default-4step", "progressive-distilled student of default: 4 steps, guidance folded in", "default"
     ),
+    "default-pruned": Shipped(
+        "default-pruned",
+        "pruned student of default: UNet blocks removed (LD-Pruner ranking), distillation repair",
+        "default",
+    ),
 }
 
 
