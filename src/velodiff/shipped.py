@@ -48,6 +48,11 @@ SHIPPED: dict[str, Shipped] = {
     "default-2step": Shipped(
         "default-2step", "reflow (2-rectified flow) student of default: 2 steps, guidance folded", "default"
     ),
+    "default-pruned": Shipped(
+        "default-pruned",
+        "pruned student of default: 0.70x FLOPs (magnitude-ranked blocks removed), distillation repair",
+        "default",
+    ),
 }
 
 

@@ -329,7 +329,8 @@ def prune(
         f"# pruned student ({pcfg.method} ranking, {plan['flops'] / plan['teacher_flops']:.2f} of the "
         f"teacher's FLOPs)\n\nTeacher: {tpath}\nRemoved: {', '.join(plan['removed'])}\n"
         f"Scores: {json.dumps(plan['scores'])}\nRepair: {summary['steps']} steps x batch {pcfg.batch}, "
-        f"feature weight {pcfg.feature_weight}, {wall:.0f} s on {device}\nSampling: {sampling}\n"
+        f"feature weight {pcfg.feature_weight}, {summary.get('wall_s', 0.0):.0f} s of training on {device}\n"
+        f"Sampling: {sampling}\n"
     )
     save_student(tpath, student.eval(), out, sampling, card)
     return {**info, **summary, "wall_s": wall, "out": str(out)}
