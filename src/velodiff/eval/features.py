@@ -278,8 +278,9 @@ def _load(path: str) -> ShapesEncoder:
         meta = json.loads((f.metadata() or {}).get("velodiff", "{}"))
     if meta.get("version") != ENCODER_VERSION:
         raise VelodiffError(f"{path} is not a {ENCODER_VERSION} encoder (found {meta.get('version')!r})")
-    model = ShapesEncoder()
-    model.load_state_dict(load_file(path))
+    with torch.inference_mode(False):  # normal tensors, so classifier guidance can differentiate it
+        model = ShapesEncoder()
+        model.load_state_dict(load_file(path))
     model.eval().requires_grad_(False)
     return model
 

@@ -10,9 +10,10 @@ branches to evaluate and combine their predictions, each reporting the passes it
     cfg_zero   CFG-Zero*                                           (guidance/cfg_zero.py)
     pag        Perturbed-Attention Guidance                        (guidance/pag.py)
     compose    composable multi-prompt guidance                    (guidance/compose.py)
+    classifier off-the-shelf classifier guidance on x0 (EluCD)       (guidance/classifier.py)
 
 Rules that combine cond and uncond claim the ``uncond`` branch (one per plan); PAG and compose add
-terms on top; rescale acts last.
+terms on top; rescale acts after them, classifier guidance last.
 """
 
 from .adaptive import AdaptiveGuidance, LinearAG
@@ -20,6 +21,7 @@ from .apg import AdaptiveProjectedGuidance
 from .cfg import ClassifierFreeGuidance, GuidanceRescale, GuidedCond
 from .cfg_zero import CFGZeroStar
 from .cfgpp import CFGPlusPlus
+from .classifier import ClassifierGuidance
 from .compose import ComposableGuidance, split_prompt
 from .pag import PerturbedAttentionGuidance
 
@@ -28,6 +30,7 @@ __all__ = [
     "AdaptiveProjectedGuidance",
     "CFGPlusPlus",
     "CFGZeroStar",
+    "ClassifierGuidance",
     "ClassifierFreeGuidance",
     "ComposableGuidance",
     "GuidanceRescale",

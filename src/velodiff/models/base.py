@@ -174,8 +174,9 @@ class LoadedModel:
     """A model ready for velodiff's sampling core. Families subclass it and fill the codecs.
 
     ``denoiser(x, t, cond) -> x0`` takes float32 latents; ``encode_prompt`` returns the cond it
-    needs (a :class:`GuidedCond` when ``guided``); ``decode`` maps latents to images in [0, 1];
-    ``encode`` maps images in [0, 1] to latents (image-to-image, inpainting)."""
+    needs (a :class:`GuidedCond` when ``guided``); ``decode`` maps latents to images in [0, 1]
+    (differentiably with ``grad``); ``encode`` maps images in [0, 1] to latents (image-to-image,
+    inpainting)."""
 
     family: str
     schedule: NoiseSchedule
@@ -220,7 +221,7 @@ class LoadedModel:
     ) -> Cond:
         raise NotImplementedError
 
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
         raise NotImplementedError
 
     def encode(self, images: Tensor) -> Tensor:

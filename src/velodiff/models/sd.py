@@ -142,15 +142,16 @@ class SDModel(LoadedModel):
     def _vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images (B, 3, H, W) float32 in [0, 1]."""
+    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
+        """Latents -> images (B, 3, H, W) float32 in [0, 1]; ``grad``: differentiable in the latents
+        (classifier guidance through x0)."""
         cfg = self.vae.config
         z = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
-        with torch.inference_mode():
+        with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
             img = self.vae.decode(z.to(self._vae_dtype()), return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp_(0, 1)
+            return (img.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> latents (float32): the mean of the VAE posterior (deterministic;
