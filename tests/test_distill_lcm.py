@@ -110,12 +110,18 @@ def test_lora_round_trip_through_the_folder_and_the_lora_option(tmp_path) -> Non
     expected = _unet_out(mem)
     plain = _unet_out(velodiff.load("default").components["unet"])
     assert (expected - plain).abs().max() > 1e-3  # the adapter changes the output
-    got = _unet_out(velodiff.load(folder).components["unet"])
+    got = _unet_out(velodiff.load(folder, fuse_lora=False).components["unet"])
     assert torch.equal(got, expected)
-    got2 = _unet_out(velodiff.load("default", lora=folder / "lora").components["unet"])
+    got2 = _unet_out(velodiff.load("default", lora=folder / "lora", fuse_lora=False).components["unet"])
     assert torch.equal(got2, expected)
     weights = folder / "lora" / "adapter_model.safetensors"
-    assert torch.equal(_unet_out(velodiff.load("default", lora=weights).components["unet"]), expected)
+    unfused = velodiff.load("default", lora=weights, fuse_lora=False).components["unet"]
+    assert torch.equal(_unet_out(unfused), expected)
+    # fused by default: merged into the weights (a plain UNet), the same function to round-off
+    fused = velodiff.load(folder).components["unet"]
+    assert not getattr(fused, "peft_config", None)
+    assert not any("lora_" in k for k in fused.state_dict())
+    torch.testing.assert_close(_unet_out(fused), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_for_another_architecture_is_one_line(tmp_path, capsys) -> None:

@@ -147,6 +147,7 @@ def load(
     prediction_type: str | None = None,
     config: str | os.PathLike[str] | None = None,
     lora: str | os.PathLike[str] | None = None,
+    fuse_lora: bool = True,
 ) -> LoadedModel:
     """Load a model for velodiff's sampling core.
 
@@ -159,6 +160,9 @@ def load(
     * ``prediction_type``: override the scheduler config's ("epsilon", "v_prediction", "sample").
     * ``lora``: a peft LoRA (a folder with ``adapter_config.json`` + ``adapter_model.safetensors``, or
       the ``.safetensors`` itself) applied to the UNet; a folder's own ``lora/`` is applied first.
+    * ``fuse_lora``: merge the adapters into the UNet's weights (diffusers' ``fuse_lora`` then
+      ``unload_lora``: a plain UNet, as fast as one without them); False keeps peft's layers (to train
+      them further or change their scale).
     """
     from . import _register_builtin
 
@@ -190,6 +194,11 @@ def load(
         _apply_lora(model, Path(lora).expanduser(), "user")
         if own.is_dir():  # both adapters active, each at its own scale
             model.components["unet"].set_adapters(["folder_0", "user"])
+    unet = model.components.get("unet")
+    if fuse_lora and getattr(unet, "peft_config", None):
+        with torch.inference_mode(False):
+            unet.fuse_lora()
+            unet.unload_lora()
     return model
 
 
