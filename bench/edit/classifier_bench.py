@@ -1,8 +1,8 @@
 """Classifier guidance (plan rule `classifier`) on the whole ShapesEval v1 set (100 prompts x 2 images,
-DPM-Solver++ 2M, 20 steps, CFG 2.5) against no guidance, per category, with the seconds per image.
-Images use seeds SEED + j (prompt-major, as `velodiff eval shapes --seed SEED`): calibrate on one seed
-base (1000) and report on another (0, the protocol of the model card's 0.84). Appends to
-bench/edit/classifier.json.
+DPM-Solver++ 2M, 20 steps, CFG 2.5; or one ``--category``) against no guidance, per category, with the
+seconds per image. Images use seeds SEED + j (prompt-major, as `velodiff eval shapes --seed SEED`):
+calibrate on one seed base (1000) and report on another (0, the protocol of the model card's 0.84).
+Appends to bench/edit/classifier.json.
 
     python bench/edit/classifier_bench.py --seed 1000 "classifier:head=count,scale=3,through=network"
 """
@@ -26,10 +26,11 @@ def main() -> None:
     ap.add_argument("plans", nargs="+")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", default="v1")
+    ap.add_argument("--category", default=None, help="only this category's prompts (quick sweeps)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = velodiff.load("default")
-    prompts = load_prompts(args.prompts)
+    prompts = [p for p in load_prompts(args.prompts) if args.category in (None, p.category)]
     out = Path(__file__).with_name("classifier.json")
     rows = json.loads(out.read_text()) if out.is_file() else []
     for plan in args.plans:
@@ -41,7 +42,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         res = evaluate(images, prompts, keep_detections=False)
         rows.append({
-            "plan": plan, "prompts": args.prompts, "seed": args.seed, "overall": round(res["overall"], 4),
+            "plan": plan, "prompts": args.prompts, "category": args.category, "seed": args.seed,
+            "overall": round(res["overall"], 4),
             "by_category": res["by_category"], "evals_per_image": info["evals"],
             "seconds_per_image": round(seconds / len(images), 4),
         })

@@ -67,6 +67,55 @@ def head_sizes() -> dict[str, int]:
             "count": MAX_OBJECTS, "occupancy": GRID * GRID}
 
 
+def conv_body() -> nn.Sequential:
+    """Four stride-2 3x3 convolutions (``WIDTHS``) with GroupNorm and SiLU: 64x64 -> 4x4."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c in WIDTHS:
+        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
+def prepare(images: Tensor) -> Tensor:
+    """Images (float in [0, 1] or uint8) as float in [-1, 1] at 64x64."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if x.shape[-2:] != (64, 64):
+        x = nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    return x * 2.0 - 1.0
+
+
+def read_out(h: Tensor) -> Tensor:
+    """The body's last map flattened (where things are) and max-pooled over space (what is anywhere)."""
+    return torch.cat([h.flatten(1), h.amax(dim=(2, 3))], dim=1)
+
+
+def fit(model: nn.Module, loss_fn: Any, x: Tensor, targets: Any, *, epochs: int, batch: int, lr: float,
+        seed: int, desc: str, progress: bool) -> None:
+    """AdamW with a one-cycle learning rate over shuffled minibatches (deterministic for a seed and thread
+    count); ``loss_fn(model, images, index)`` gives a minibatch's loss."""
+    from tqdm import tqdm
+
+    n = len(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((n + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch):
+            loss = loss_fn(model, x, perm[i : i + batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    bar.close()
+
+
 class ShapesEncoder(nn.Module):
     """``encoder(images) -> (B, 64)`` features. Images: float in [0, 1] or uint8 in [0, 255],
     (B, 3, H, W); resized to 64x64 when they are another size."""
@@ -75,27 +124,14 @@ class ShapesEncoder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in WIDTHS:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
-            c_in = c
-        self.body = nn.Sequential(*layers)
+        self.body = conv_body()
         self.embed = nn.Linear(WIDTHS[-1] * (4 * 4 + 1), NUM_FEATURES)
         self.heads = nn.Linear(NUM_FEATURES, sum(head_sizes().values()))
         self.register_buffer("feat_mean", torch.zeros(NUM_FEATURES))
         self.register_buffer("feat_std", torch.ones(NUM_FEATURES))
 
-    def prepare(self, images: Tensor) -> Tensor:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-2:] != (64, 64):
-            x = nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True,
-                                          align_corners=False)
-        return x * 2.0 - 1.0
-
     def embedding(self, images: Tensor) -> Tensor:
-        h = self.body(self.prepare(images))
-        return self.embed(torch.cat([h.flatten(1), h.amax(dim=(2, 3))], dim=1))
+        return self.embed(read_out(self.body(prepare(images))))
 
     def features(self, images: Tensor) -> Tensor:
         """The FD / KID features: the embedding standardised by real-data statistics."""
@@ -136,13 +172,17 @@ def scene_targets(scene: Any) -> dict[str, np.ndarray]:
             "occupancy": occ.reshape(-1)}
 
 
-def make_dataset(n: int, seed: int, degrade_fraction: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
-    """n scenes of ``ShapesWorld(seed, holdout=False)`` as uint8 images and stacked targets."""
+def make_dataset(
+    n: int, seed: int, degrade_fraction: float = 0.5, targets: Any = None, stream: int = 0xFD5
+) -> tuple[Tensor, Any]:
+    """n scenes of ``ShapesWorld(seed, holdout=False)`` as uint8 images (a ``degrade_fraction`` of them
+    blurred and noised, drawn from the random stream ``[seed, stream]``) and their stacked targets:
+    ``targets(scene)`` (default ``scene_targets``: a dict of arrays, stacked per key)."""
     from ..data.shapes import ShapesWorld
     from .shapes_eval import degrade
 
     world = ShapesWorld(seed=seed, holdout=False)
-    rng = np.random.default_rng([seed, 0xFD5])
+    rng = np.random.default_rng([seed, stream])
     imgs, tg = [], []
     for i in range(n):
         s = world.scene(i)
@@ -150,10 +190,11 @@ def make_dataset(n: int, seed: int, degrade_fraction: float = 0.5) -> tuple[Tens
         if rng.random() < degrade_fraction:
             img = degrade(img, rng, blur=float(rng.uniform(0.3, 1.5)), noise=float(rng.uniform(2.0, 16.0)))
         imgs.append(img)
-        tg.append(scene_targets(s))
+        tg.append((targets or scene_targets)(s))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-    targets = {k: torch.from_numpy(np.stack([t[k] for t in tg])) for k in tg[0]}
-    return x, targets
+    if isinstance(tg[0], dict):
+        return x, {k: torch.from_numpy(np.stack([t[k] for t in tg])) for k in tg[0]}
+    return x, torch.from_numpy(np.stack(tg))
 
 
 @torch.no_grad()
@@ -209,8 +250,6 @@ def train_encoder(
 ) -> tuple[ShapesEncoder, dict[str, Any]]:
     """Train the encoder from scratch (deterministic for a seed and thread count); save it to ``out``
     (safetensors, with the training settings and validation accuracy in its metadata)."""
-    from tqdm import tqdm
-
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -223,24 +262,8 @@ def train_encoder(
 
         state = {k: v for k, v in load_file(init).items() if not k.startswith("feat_")}
         model.load_state_dict(state, strict=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((n_train + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    g = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps, desc="fd-shapes encoder", disable=not progress)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(n_train, generator=g)
-        for i in range(0, n_train, batch):
-            j = perm[i : i + batch]
-            loss = _loss(model.logits(x[j]), {k: v[j] for k, v in t.items()})
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    bar.close()
+    fit(model, lambda m, xs, j: _loss(m.logits(xs[j]), {k: v[j] for k, v in t.items()}), x, t,
+        epochs=epochs, batch=batch, lr=lr, seed=seed, desc="fd-shapes encoder", progress=progress)
     calibrate(model)
     info = {
         "version": ENCODER_VERSION,

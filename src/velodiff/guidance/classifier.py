@@ -44,8 +44,8 @@ from .cfg import POST, START, STOP, GuidanceRule
 if TYPE_CHECKING:
     from torch import Tensor
 
-#: the FD-shapes encoder's heads a prompt gives a target for; "scene" sums all four
-HEADS = ("count", "colors", "shapes", "pairs", "scene")
+#: the FD-shapes encoder's heads a prompt gives a target for ("scene" sums all four), and the pair counter
+HEADS = ("count", "colors", "shapes", "pairs", "scene", "pair_counts")
 
 
 def prompt_target(prompt: str, head: str) -> Any:
@@ -60,8 +60,12 @@ def prompt_target(prompt: str, head: str) -> Any:
     except ShapesSpecError:
         return None
     if head == "scene":
-        parts = {h: prompt_target(prompt, h) for h in HEADS[:-1]}
+        parts = {h: prompt_target(prompt, h) for h in HEADS[:4]}
         return None if parts["count"] is None else parts
+    if head == "pair_counts":
+        from .pair_counter import pair_counts
+
+        return pair_counts(objects).tolist()
     if head == "count":
         n = sum(o["count"] for o in objects)
         return n - 1 if 1 <= n <= MAX_OBJECTS else None
@@ -81,7 +85,9 @@ def log_likelihood(
         sign = -torch.ones_like(logits)
         sign[list(target)] = 1.0
         return torch.nn.functional.logsigmoid(sign * temperature * logits).sum()
-    return temperature * logits[target] - torch.logsumexp(temperature * margin * logits, dim=0)
+    y = torch.as_tensor(target, device=logits.device)
+    picked = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # one softmax head, or one per row (K, C)
+    return (temperature * picked - torch.logsumexp(temperature * margin * logits, dim=-1)).sum()
 
 
 @register_rule
@@ -91,7 +97,7 @@ class ClassifierGuidance(GuidanceRule):
     name = "classifier"
     layer = POST + 5  # on the final x0, after every guidance rule and rescale
     summary = "classifier guidance through the decoded x0 with an off-the-shelf classifier (EluCD)"
-    cost = "a VAE decode and a classifier forward + backward per guided evaluation; no UNet backward"
+    cost = "a VAE decode + classifier backward per step; through=network also a cond forward + backward"
     options = {
         "scale": Option(1.0, "classifier guidance scale s", lo=0.0, aliases=("classifier_scale",)),
         "head": Option("count", "what to steer toward, read off the prompt", kind=str, choices=HEADS),
@@ -136,9 +142,9 @@ class ClassifierGuidance(GuidanceRule):
             self.read, self.goals = self.classifier, list(self.targets or [])
             return
         from ..eval.features import load_encoder
+        from .pair_counter import load_counter
 
-        encoder = load_encoder()
-        self.read = encoder.logits
+        self.read = (load_counter() if self.head == "pair_counts" else load_encoder()).logits
         prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts)))
         self.goals = [prompt_target(p, self.head) for p in prompts[: run.batch]]
 
@@ -182,6 +188,6 @@ class ClassifierGuidance(GuidanceRule):
             return log_likelihood(logits[i], target, self.temperature, self.margin, False)
         heads = target if isinstance(target, dict) else {self.head: target}
         return sum(  # type: ignore[return-value]
-            log_likelihood(logits[h][i], y, self.temperature, self.margin, h != "count")
+            log_likelihood(logits[h][i], y, self.temperature, self.margin, h not in ("count", "pair_counts"))
             for h, y in heads.items()
         )
