@@ -53,7 +53,7 @@ def test_erasure_on_the_shipped_model_preserves_and_maps(model):
     e = erase_concept(model, "triangle", PRESERVE, target="circle")
     assert all(torch.equal(v, model.network.state_dict()[k]) for k, v in before.items())  # a copy
     assert e.preserve_residual < 0.05 and e.erase_residual < 0.1
-    c, c_star, keep = edit_vectors(model, "triangle", "circle", PRESERVE, ("a {color} {concept}",))
+    c, c_star, keep = edit_vectors(model, ["triangle"], ["circle"], PRESERVE, ("a {color} {concept}",))
     new = cross_attention_projections(e.unet)
     for name, old in cross_attention_projections(model.network).items():
         w0, w1 = old.weight.double(), new[name].weight.double()
@@ -66,6 +66,35 @@ def test_erasure_on_the_shipped_model_preserves_and_maps(model):
     changed = {k for k, v in e.unet.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.rsplit(".", 1)[0] in e.layers for k in changed)
     assert all(k.split(".")[-2] in ("to_k", "to_v") and ".attn2." in k for k in changed) and names
+
+
+def mapped_share(model, unet, concept, target):
+    """Worst layer's remaining distance of ``concept``'s keys / values from ``target``'s (1 = unmoved)."""
+    c, c_star, _ = edit_vectors(model, [concept], [target], [], ("two {color} {concept}",))
+    new = cross_attention_projections(unet)
+    return max(
+        float((c @ new[n].weight.double().T - c_star @ old.weight.double().T).norm()
+              / (c @ old.weight.double().T - c_star @ old.weight.double().T).norm())
+        for n, old in cross_attention_projections(model.network).items()
+    )
+
+
+def test_several_words_at_once_reach_the_plural(model):
+    from velodiff.edit.erase import SHAPES_TEMPLATES, expand_templates
+
+    plural = expand_templates(SHAPES_TEMPLATES, "triangles")
+    assert "two red triangles" in plural and "three small red triangles" in plural
+    assert not any(p.startswith("a ") for p in plural)
+    assert expand_templates(SHAPES_TEMPLATES, "triangle")[:2] == ["a red triangle", "a yellow triangle"]
+    singular = erase_concept(model, "triangle", PRESERVE, target="circle")
+    both = erase_concept(
+        model, "triangle, triangles", [*PRESERVE, "circles", "squares", "crosses"], target="circle,circles"
+    )
+    assert both.concept == "triangle,triangles" and both.target == "circle,circles"
+    # the plural's keys and values move further toward the target's when the plural is erased too
+    single_share = mapped_share(model, singular.unet, "triangles", "circles")
+    assert mapped_share(model, both.unet, "triangles", "circles") < 0.85 * single_share
+    assert both.preserve_residual < 0.05
 
 
 def test_saved_folder_loads_with_the_edited_network(model, tmp_path):
@@ -99,6 +128,7 @@ def model_path(model):
         ({"concept": "triangle", "preserve": ["kangaroo"]}, "unknown preserved concept word"),
         ({"concept": "triangle", "projections": ("to_q",)}, "projections"),
         ({"concept": "triangle", "lamb": 0.0}, "lamb"),
+        ({"concept": "triangle,triangles", "target": "circle,circles,crosses"}, "one target or one per word"),
     ],
 )
 def test_bad_input_is_one_line(model, kw, match):

@@ -21,7 +21,9 @@ EXAMPLE = o.example(
 
 
 def erase_cmd(
-    concept: Annotated[str, typer.Option(help="the word to erase, e.g. triangle")],
+    concept: Annotated[
+        str, typer.Option(help="the word to erase, or comma-separated words: triangle,triangles")
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="the model folder to write (replaced if it exists)")
     ],
@@ -29,7 +31,11 @@ def erase_cmd(
         str, typer.Option(help="comma-separated words whose keys and values are kept, e.g. circle,square")
     ] = "",
     target: Annotated[
-        str, typer.Option(help="the word the concept is mapped to ('': left out; an anchor such as circle)")
+        str,
+        typer.Option(
+            help="the word the concept is mapped to ('': left out; an anchor such as circle), or one per "
+            "concept word: circle,circles"
+        ),
     ] = "",
     erase_scale: Annotated[float, typer.Option(min=0.0, help="weight of the erase term")] = 1.0,
     preserve_scale: Annotated[
@@ -42,8 +48,8 @@ def erase_cmd(
     templates: Annotated[
         str | None,
         typer.Option(
-            help="'|'-separated prompt templates with {concept} (and {color}, {size}); default: the "
-            "shapes world's"
+            help="'|'-separated prompt templates with {concept} (and {color}, {size}, {count}); default: "
+            "the shapes world's"
         ),
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write what was done")] = None,

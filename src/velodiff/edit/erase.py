@@ -35,8 +35,11 @@ from torch import Tensor
 
 from ..errors import VelodiffError
 
-#: prompt templates per concept word (``{concept}``; ``{color}`` / ``{size}`` expand over the shapes world)
-SHAPES_TEMPLATES: tuple[str, ...] = ("a {color} {concept}", "a {size} {color} {concept}", "a {concept}")
+#: prompt templates per concept word (``{concept}``; ``{color}`` / ``{size}`` expand over the shapes world,
+#: ``{count}`` to "a", or to "two" and "three" for a plural the world knows: "two red triangles")
+SHAPES_TEMPLATES: tuple[str, ...] = (
+    "{count} {color} {concept}", "{count} {size} {color} {concept}", "{count} {concept}"
+)
 PROJECTIONS = ("to_k", "to_v")
 
 
@@ -82,16 +85,20 @@ def _check_word(model: Any, word: str, what: str, allow_empty: bool = False) -> 
 
 
 def expand_templates(templates: Sequence[str], word: str) -> list[str]:
-    """The prompts of ``templates`` for one concept word (``{color}``, ``{size}`` expand over the world)."""
-    from ..data.shapes import COLORS, SIZES
+    """The prompts of ``templates`` for one concept word (``{color}``, ``{size}``, ``{count}`` expand
+    over the world)."""
+    from ..data.shapes import COLORS, PLURALS, SIZES
 
+    plural = word in PLURALS.values()
     out = []
     for tpl in templates:
         colors = COLORS if "{color}" in tpl else ("",)
         sizes = SIZES if "{size}" in tpl else ("",)
-        for c in colors:
-            for s in sizes:
-                out.append(" ".join(tpl.format(concept=word, color=c, size=s).split()))
+        counts = ("two", "three") if plural and "{count}" in tpl else ("a",)
+        for n in counts:
+            for c in colors:
+                for s in sizes:
+                    out.append(" ".join(tpl.format(concept=word, color=c, size=s, count=n).split()))
     return list(dict.fromkeys(out))
 
 
@@ -109,23 +116,33 @@ def _last_token(tokenizer: Any, prompt: str, word: str) -> int:
 
 
 def edit_vectors(
-    model: Any, concept: str, target: str, preserve: Sequence[str], templates: Sequence[str]
+    model: Any,
+    concepts: Sequence[str],
+    targets: Sequence[str],
+    preserve: Sequence[str],
+    templates: Sequence[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(c, c*, c_preserve): the rows the closed form fits (float64, each (n, d))."""
+    """(c, c*, c_preserve): the rows the closed form fits (float64, each (n, d)), every concept word
+    with its target word."""
     tok = model.components["tokenizer"]
-    prompts = expand_templates(templates, concept)
-    targets = [" ".join(re.sub(rf"\b{re.escape(concept)}\b", target, p).split()) for p in prompts]
-    e_old, e_new = _embed(model, prompts), _embed(model, targets)
-    n_tok = e_old.shape[1]
     cs, cts = [], []
-    for k, (p, q) in enumerate(zip(prompts, targets, strict=True)):
-        a, b = _last_token(tok, p, concept), _last_token(tok, q, target)
-        length = n_tok - max(a, b)
-        cs.append(e_old[k, a : a + length])
-        cts.append(e_new[k, b : b + length])
+    for concept, target in zip(concepts, targets, strict=True):
+        prompts = expand_templates(templates, concept)
+        targets_ = [" ".join(re.sub(rf"\b{re.escape(concept)}\b", target, p).split()) for p in prompts]
+        e_old, e_new = _embed(model, prompts), _embed(model, targets_)
+        n_tok = e_old.shape[1]
+        for k, (p, q) in enumerate(zip(prompts, targets_, strict=True)):
+            a, b = _last_token(tok, p, concept), _last_token(tok, q, target)
+            length = n_tok - max(a, b)
+            cs.append(e_old[k, a : a + length])
+            cts.append(e_new[k, b : b + length])
     keep = [p for w in preserve for p in expand_templates(templates, w)] + [""]
-    cp = _embed(model, keep).reshape(-1, e_old.shape[-1])
+    cp = _embed(model, keep).reshape(-1, cs[0].shape[-1])
     return torch.cat(cs), torch.cat(cts), cp
+
+
+def _words(text: str | Sequence[str]) -> list[str]:
+    return [w.strip() for w in (text.split(",") if isinstance(text, str) else text)]
 
 
 def closed_form(
@@ -168,9 +185,9 @@ def cross_attention_projections(unet: Any, which: Sequence[str] = PROJECTIONS) -
 
 def erase_concept(
     model: Any,
-    concept: str,
+    concept: str | Sequence[str],
     preserve: Sequence[str] = (),
-    target: str = "",
+    target: str | Sequence[str] = "",
     *,
     erase_scale: float = 1.0,
     preserve_scale: float = 1.0,
@@ -178,18 +195,27 @@ def erase_concept(
     projections: Sequence[str] = PROJECTIONS,
     templates: Sequence[str] = SHAPES_TEMPLATES,
 ) -> Erasure:
-    """Erase ``concept`` (a word) from ``model``'s cross-attention, mapping it to ``target`` (``""``: the
-    word left out) and keeping each word of ``preserve``. Returns an :class:`Erasure` whose ``unet`` is an
-    edited copy; ``model`` is not changed (see :func:`apply_erasure`, :func:`save_erased`)."""
+    """Erase ``concept`` (a word, or several: ``"triangle,triangles"``) from ``model``'s cross-attention,
+    mapping each to ``target`` (``""``: the word left out; one target for all, or one per word:
+    ``"circle,circles"``) and keeping each word of ``preserve``. Returns an :class:`Erasure` whose
+    ``unet`` is an edited copy; ``model`` is not changed (see :func:`apply_erasure`,
+    :func:`save_erased`)."""
     import copy
 
-    concept = _check_word(model, concept, "concept")
-    target = _check_word(model, target, "target", allow_empty=True)
+    concepts = [_check_word(model, w, "concept") for w in _words(concept)]
+    targets = [_check_word(model, w, "target", allow_empty=True) for w in _words(target)]
+    if len(targets) == 1:
+        targets *= len(concepts)
+    if len(targets) != len(concepts):
+        raise VelodiffError(
+            f"{len(concepts)} concept words and {len(targets)} targets; give one target or one per word"
+        )
     preserve = tuple(dict.fromkeys(_check_word(model, w, "preserved concept") for w in preserve))
-    if concept in preserve:
-        raise VelodiffError(f"{concept!r} is both erased and preserved; drop it from --preserve")
-    if concept == target:
-        raise VelodiffError(f"the target {target!r} is the erased concept itself; pick another word or ''")
+    for c, t in zip(concepts, targets, strict=True):
+        if c in preserve:
+            raise VelodiffError(f"{c!r} is both erased and preserved; drop it from --preserve")
+        if c == t:
+            raise VelodiffError(f"the target {t!r} is the erased concept itself; pick another word or ''")
     bad = [p for p in projections if p not in PROJECTIONS]
     if bad or not projections:
         raise VelodiffError(f"projections must be among {', '.join(PROJECTIONS)}; got {list(projections)}")
@@ -199,7 +225,7 @@ def erase_concept(
         raise VelodiffError(
             f"concept erasure needs a text encoder with a CLIP tokenizer; {model.family} has none"
         )
-    c, c_star, c_keep = edit_vectors(model, concept, target, preserve, templates)
+    c, c_star, c_keep = edit_vectors(model, concepts, targets, preserve, templates)
     q = closed_form(c, c_star, c_keep, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb)
     unet = copy.deepcopy(model.network)
     layers = cross_attention_projections(unet, projections)
@@ -215,8 +241,8 @@ def erase_concept(
             mod.weight.copy_(w_new.to(mod.weight.dtype))
     return Erasure(
         unet=unet,
-        concept=concept,
-        target=target,
+        concept=",".join(concepts),
+        target=",".join(dict.fromkeys(targets)),
         preserve=preserve,
         layers=list(layers),
         erase_residual=(num_e / max(den_e, 1e-30)) ** 0.5,
