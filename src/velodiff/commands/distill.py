@@ -7,7 +7,7 @@ Rerunning the same command resumes each round from its latest checkpoint (bit-ex
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -31,6 +31,26 @@ def loop_config(
                       checkpoint_every=checkpoint_every, max_minutes=max_minutes, log_every=1)
 
 
+# the options every method shares (defaults stay in each command's signature)
+Teacher = Annotated[str, typer.Option(help="a shipped model name or a diffusers folder")]
+Batch = Annotated[int, typer.Option(min=1)]
+Warmup = Annotated[int, typer.Option(min=0)]
+CacheSize = Annotated[int, typer.Option(min=1, help="ShapesWorld scenes encoded as training latents")]
+Seed = Annotated[int, typer.Option()]
+CheckpointEvery = Annotated[int, typer.Option(min=1)]
+MaxMinutes = Annotated[float | None, typer.Option(help="stop (with a checkpoint) after this much time")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")]
+Threads = Annotated[int, typer.Option(min=1)]
+Quiet = Annotated[bool, typer.Option()]
+
+
+def report(res: dict[str, Any], run: Path) -> None:
+    if res["out"] is None:
+        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
+    else:
+        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.add_typer(distill_app, name="distill")
 
@@ -43,21 +63,21 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 def progressive(
     out: Path = typer.Option(..., help="the student's diffusers folder"),  # noqa: B008
     run: Path = typer.Option(..., help="run folder (checkpoints per round); resumes"),  # noqa: B008
-    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    teacher: Teacher = "default",
     teacher_steps: int = typer.Option(20, min=2, help="the teacher's DDIM steps"),
     rounds: int = typer.Option(2, min=1, help="halvings (20 and 2 rounds: a 5-step student)"),
     guidance: float = typer.Option(2.5, help="the teacher's CFG scale, folded into the first student"),
     steps: int = typer.Option(200, min=1, help="training steps per round"),
-    batch: int = typer.Option(8, min=1),
+    batch: Batch = 8,
     lr: float = typer.Option(2e-5, min=0.0),
-    warmup: int = typer.Option(10, min=0),
-    cache_size: int = typer.Option(256, min=1, help="ShapesWorld scenes encoded as training latents"),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(25, min=1),
+    warmup: Warmup = 10,
+    cache_size: CacheSize = 256,
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 25,
     max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time per round"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
-    threads: int = typer.Option(1, min=1),
-    quiet: bool = typer.Option(False),
+    device: Device = "auto",
+    threads: Threads = 1,
+    quiet: Quiet = False,
 ) -> None:
     """Each round's student learns two teacher DDIM steps in one, and teaches the next round."""
     from ..distill.run import ProgressiveConfig, distill_progressive
@@ -69,10 +89,7 @@ def progressive(
         teacher_steps=teacher_steps, rounds=rounds, guidance=guidance, batch=batch, cache_size=cache_size
     )
     res = distill_progressive(teacher, out, run, cfg, pcfg, quiet=quiet, device=dev)
-    if res["out"] is None:
-        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
-    else:
-        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+    report(res, run)
 
 
 @distill_app.command(
@@ -83,21 +100,21 @@ def progressive(
 def guided(
     out: Path = typer.Option(..., help="the student's diffusers folder"),  # noqa: B008
     run: Path = typer.Option(..., help="run folder (checkpoints); resumes"),  # noqa: B008
-    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    teacher: Teacher = "default",
     w_min: float = typer.Option(1.0, min=0.0, help="smallest guidance scale trained"),
     w_max: float = typer.Option(4.0, min=0.0, help="largest guidance scale trained"),
     guidance: float = typer.Option(2.5, help="the scale the student samples at by default"),
     steps: int = typer.Option(1000, min=1, help="training steps"),
-    batch: int = typer.Option(8, min=1),
+    batch: Batch = 8,
     lr: float = typer.Option(2e-5, min=0.0),
-    warmup: int = typer.Option(10, min=0),
-    cache_size: int = typer.Option(256, min=1, help="ShapesWorld scenes encoded as training latents"),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(50, min=1),
-    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
-    threads: int = typer.Option(1, min=1),
-    quiet: bool = typer.Option(False),
+    warmup: Warmup = 10,
+    cache_size: CacheSize = 256,
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 50,
+    max_minutes: MaxMinutes = None,
+    device: Device = "auto",
+    threads: Threads = 1,
+    quiet: Quiet = False,
 ) -> None:
     """The student takes w as an input and matches the teacher's CFG output in one pass per step."""
     from ..distill.guided import GuidedConfig, distill_guided
@@ -107,10 +124,7 @@ def guided(
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
     gcfg = GuidedConfig(w_min=w_min, w_max=w_max, guidance=guidance, batch=batch, cache_size=cache_size)
     res = distill_guided(teacher, out, run, cfg, gcfg, quiet=quiet, device=dev)
-    if res["out"] is None:
-        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
-    else:
-        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+    report(res, run)
 
 
 @distill_app.command(
@@ -121,7 +135,7 @@ def guided(
 def lcm(
     out: Path = typer.Option(..., help="the student's diffusers folder (a LoRA student: lora/ in it)"),  # noqa: B008
     run: Path = typer.Option(..., help="run folder (checkpoints); resumes"),  # noqa: B008
-    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    teacher: Teacher = "default",
     lora_rank: int = typer.Option(8, min=0, help="LoRA rank r (peft); 0 = full fine-tune with an EMA target"),
     lora_alpha: float = typer.Option(None, help="LoRA lora_alpha (default: the rank, scale 1)"),
     origin_steps: int = typer.Option(50, min=1, help="the teacher's skipping-step grid (num_ddim_timesteps)"),
@@ -130,16 +144,16 @@ def lcm(
     huber_c: float = typer.Option(0.001, min=0.0, help="pseudo-Huber loss constant c"),
     sample_steps: int = typer.Option(4, min=1, help="the student's default sampling steps"),
     steps: int = typer.Option(2000, min=1, help="training steps"),
-    batch: int = typer.Option(8, min=1),
+    batch: Batch = 8,
     lr: float = typer.Option(None, help="learning rate (default 1e-4 for a LoRA, 2e-5 full)"),
-    warmup: int = typer.Option(10, min=0),
-    cache_size: int = typer.Option(256, min=1, help="ShapesWorld scenes encoded as training latents"),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(50, min=1),
-    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
-    threads: int = typer.Option(1, min=1),
-    quiet: bool = typer.Option(False),
+    warmup: Warmup = 10,
+    cache_size: CacheSize = 256,
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 50,
+    max_minutes: MaxMinutes = None,
+    device: Device = "auto",
+    threads: Threads = 1,
+    quiet: Quiet = False,
 ) -> None:
     """The student learns the consistency function of the teacher's guided ODE (skipping-step DDIM
     teacher, pseudo-Huber loss); sample it with the lcm solver in a few steps."""
@@ -161,10 +175,7 @@ def lcm(
         sample_steps=sample_steps,
     )
     res = distill_lcm(teacher, out, run, cfg, lcfg, quiet=quiet, device=dev)
-    if res["out"] is None:
-        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
-    else:
-        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+    report(res, run)
 
 
 @distill_app.command(
@@ -175,7 +186,7 @@ def lcm(
 def reflow(
     out: Path = typer.Option(..., help="the 1-step student's folder (the 2-step one goes to OUT-2steps)"),  # noqa: B008
     run: Path = typer.Option(..., help="run folder (pair cache, checkpoints per phase); resumes"),  # noqa: B008
-    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    teacher: Teacher = "default",
     init: str = typer.Option(None, help="initialise the student from this model (default: the teacher)"),
     pairs: int = typer.Option(1024, help="(noise, teacher sample) training pairs"),
     eval_pairs: int = typer.Option(32, help="held-out pairs for the straightness report"),
@@ -185,17 +196,17 @@ def reflow(
     guidance: float = typer.Option(None, help="the teacher's CFG scale (default: its own)"),
     reflow_steps: int = typer.Option(1500, min=0, help="training steps on the coupled interpolation"),
     distill_steps: int = typer.Option(1000, min=0, help="one-step distillation steps"),
-    batch: int = typer.Option(8, min=1),
+    batch: Batch = 8,
     lr: float = typer.Option(2e-5, min=0.0),
-    warmup: int = typer.Option(10, min=0),
+    warmup: Warmup = 10,
     ema: float = typer.Option(0.0, min=0.0, max=1.0, help="EMA decay of the student (0: none)"),
     ode_steps: int = typer.Option(20, help="DDIM steps of the ODE the straightness is measured on"),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(50, min=1),
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 50,
     max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time per phase"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
-    threads: int = typer.Option(1, min=1),
-    quiet: bool = typer.Option(False),
+    device: Device = "auto",
+    threads: Threads = 1,
+    quiet: Quiet = False,
 ) -> None:
     """Pairs z -> teacher ODE(z), cached; the student learns the straight coupling, then one step."""
     from ..distill.reflow import PairConfig, ReflowConfig, distill_reflow
@@ -214,10 +225,7 @@ def reflow(
     for k, v in res["report"].items():
         if isinstance(v, dict):
             typer.echo(f"{k}: " + ", ".join(f"{m} {x:.4g}" for m, x in v.items()))
-    if res["out"] is None:
-        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
-    else:
-        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+    report(res, run)
 
 
 @distill_app.command(
@@ -228,7 +236,7 @@ def reflow(
 def prune(
     out: Path = typer.Option(..., help="the pruned student's diffusers folder"),  # noqa: B008
     run: Path = typer.Option(..., help="run folder (ranking, checkpoints); resumes"),  # noqa: B008
-    teacher: str = typer.Option("default", help="a shipped model name or a diffusers folder"),
+    teacher: Teacher = "default",
     method: str = typer.Option("ld", help="ranking: ld (LD-Pruner, output-latent impact) or magnitude"),
     target_flops: float = typer.Option(0.7, help="FLOPs per evaluation kept, a fraction in (0, 1]"),
     feature_weight: float = typer.Option(1.0, min=0.0, help="weight of the up-block feature loss"),
@@ -236,16 +244,16 @@ def prune(
     calib_prompts: int = typer.Option(8, min=2, help="calibration prompts of the LD ranking"),
     calib_steps: int = typer.Option(10, min=1, help="DDIM steps of the LD calibration runs"),
     steps: int = typer.Option(1000, min=0, help="repair steps (0: prune only)"),
-    batch: int = typer.Option(8, min=1),
+    batch: Batch = 8,
     lr: float = typer.Option(1e-4, min=0.0),
-    warmup: int = typer.Option(10, min=0),
-    cache_size: int = typer.Option(256, min=1, help="ShapesWorld scenes encoded as training latents"),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(50, min=1),
-    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time"),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
-    threads: int = typer.Option(1, min=1),
-    quiet: bool = typer.Option(False),
+    warmup: Warmup = 10,
+    cache_size: CacheSize = 256,
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 50,
+    max_minutes: MaxMinutes = None,
+    device: Device = "auto",
+    threads: Threads = 1,
+    quiet: Quiet = False,
 ) -> None:
     """Remove the UNet units that change the output least until the FLOPs target is met; repair."""
     from ..distill.prune import PruneConfig, check_target
@@ -267,7 +275,4 @@ def prune(
         f"removed {', '.join(res['removed']) or 'nothing'}: {kept[0]:.2f} of the parameters, "
         f"{kept[1]:.2f} of the FLOPs per evaluation"
     )
-    if res["out"] is None:
-        typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
-    else:
-        typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
+    report(res, run)
