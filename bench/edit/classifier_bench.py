@@ -19,6 +19,7 @@ import torch
 import velodiff
 from velodiff.commands.eval_shapes import generate_for_prompts
 from velodiff.eval.shapes_eval import evaluate, load_prompts
+from velodiff.pipelines import text2img
 
 
 def main() -> None:
@@ -27,9 +28,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", default="v1")
     ap.add_argument("--category", default=None, help="only this category's prompts (quick sweeps)")
+    ap.add_argument("--sheet", type=Path, help="only draw a contact sheet: 8 counting prompts, a row a plan")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = velodiff.load("default")
+    if args.sheet:
+        sheet(model, args)
+        return
     prompts = [p for p in load_prompts(args.prompts) if args.category in (None, p.category)]
     out = Path(__file__).with_name("classifier.json")
     rows = json.loads(out.read_text()) if out.is_file() else []
@@ -49,6 +54,18 @@ def main() -> None:
         })
         print(json.dumps(rows[-1]), flush=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def sheet(model, args) -> None:
+    from velodiff.images import image_grid
+
+    prompts = [p.text for p in load_prompts(args.prompts) if p.category == "counting"][:8]
+    rows, captions = [], []
+    for plan in args.plans:
+        rows += text2img(model, prompts, seeds=[args.seed] * len(prompts), steps=20, guidance=2.5,
+                         plan=None if plan == "none" else plan).images
+        captions += [f"{plan.split(',')[0] if plan != 'none' else 'none'}: {p}" for p in prompts]
+    image_grid(rows, cols=len(prompts), scale=2, captions=captions).save(args.sheet)
 
 
 if __name__ == "__main__":
