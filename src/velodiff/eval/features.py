@@ -281,7 +281,8 @@ def train_encoder(
     return model, info
 
 
-def save_encoder(model: ShapesEncoder, path: str | Path, info: dict[str, Any]) -> Path:
+def save_encoder(model: nn.Module, path: str | Path, info: dict[str, Any]) -> Path:
+    """A small network's weights as safetensors, ``info`` (settings, accuracy, ``version``) as metadata."""
     from safetensors.torch import save
 
     from ..files import write_atomic
@@ -293,19 +294,24 @@ def save_encoder(model: ShapesEncoder, path: str | Path, info: dict[str, Any]) -
     return path
 
 
-@lru_cache(maxsize=4)
-def _load(path: str) -> ShapesEncoder:
+def load_versioned(path: str, make: Any, version: str) -> nn.Module:
+    """``make()`` with the weights of ``path`` (refused unless its metadata names ``version``), frozen,
+    in eval mode; its tensors are normal ones, so classifier guidance can differentiate through it."""
     from ..models.weights import load_file, safe_open
 
     with safe_open(path) as f:
         meta = json.loads((f.metadata() or {}).get("velodiff", "{}"))
-    if meta.get("version") != ENCODER_VERSION:
-        raise VelodiffError(f"{path} is not a {ENCODER_VERSION} encoder (found {meta.get('version')!r})")
-    with torch.inference_mode(False):  # normal tensors, so classifier guidance can differentiate it
-        model = ShapesEncoder()
+    if meta.get("version") != version:
+        raise VelodiffError(f"{path} is not a {version} network (found {meta.get('version')!r})")
+    with torch.inference_mode(False):
+        model = make()
         model.load_state_dict(load_file(path))
-    model.eval().requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> ShapesEncoder:
+    return load_versioned(path, ShapesEncoder, ENCODER_VERSION)  # type: ignore[return-value]
 
 
 def load_encoder(path: str | Path | None = None) -> ShapesEncoder:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VelodiffError
-from ..eval.features import WIDTHS, _pairs, conv_body, fit, prepare, read_out
+from ..eval.features import WIDTHS, _pairs, conv_body, fit, load_versioned, prepare, read_out, save_encoder
 
 #: counts 0, 1, 2 and 3-or-more
 COUNTS = 4
@@ -100,29 +100,13 @@ def train(
     info = {"version": VERSION, "n_train": n_train, "epochs": epochs, "batch": batch, "lr": lr, "seed": seed,
             "val": accuracy(model, xv, tv), "train_seconds": round(time.perf_counter() - t0, 1)}
     if out is not None:
-        from safetensors.torch import save
-
-        from ..files import write_atomic
-
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        write_atomic(path, save(state, metadata={"velodiff": json.dumps(info)}))
+        save_encoder(model, out, info)
     return model, info
 
 
 @lru_cache(maxsize=2)
 def _load(path: str) -> PairCounter:
-    from ..models.weights import load_file, safe_open
-
-    with safe_open(path) as f:
-        meta = json.loads((f.metadata() or {}).get("velodiff", "{}"))
-    if meta.get("version") != VERSION:
-        raise VelodiffError(f"{path} is not a {VERSION} classifier (found {meta.get('version')!r})")
-    with torch.inference_mode(False):  # normal tensors: guidance differentiates through it
-        model = PairCounter()
-        model.load_state_dict(load_file(path))
-    return model.eval().requires_grad_(False)
+    return load_versioned(path, PairCounter, VERSION)  # type: ignore[return-value]
 
 
 def load_counter(path: str | Path | None = None) -> PairCounter:
