@@ -10,7 +10,7 @@ import torch
 
 from velodiff.cli import main
 from velodiff.distill.progressive import student_grid
-from velodiff.distill.reflow import CHUNK, PairCache, pair_noise, straightness
+from velodiff.distill.reflow import CHUNK, PairCache, pair_noise, sample_steps, straightness
 from velodiff.errors import VelodiffError
 from velodiff.schedules import DiscreteVP
 
@@ -66,6 +66,29 @@ def test_straightness_is_zero_for_a_straight_flow_and_positive_for_a_curved_one(
     assert curved["S"] > 1e-2 and curved["x0_dev"] > 1e-3 and curved["one_step_err"] > 1e-3
 
 
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_distilled_sampler_is_the_ddim_sampler_it_trains(steps: int) -> None:
+    """The few-step distillation back-propagates through ``sample_steps``: it must be the sampler the
+    student runs with (the ``ddim`` solver on the trailing grid), or it would train the wrong thing."""
+    from velodiff.sampling import sample
+
+    sched = _sched()
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Curved:  # a nonlinear x0(x, t), so every step matters
+        schedule = sched
+
+        def __call__(self, x, t, cond=None):
+            return torch.tanh(x) * (1 + torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1, 1))
+
+    grid = student_grid(sched, steps)
+    ours = sample_steps(lambda x, t: Curved()(x, t), z, grid.float(), sched)
+    ref = sample(Curved(), z, grid.double(), "ddim").x
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    if steps > 1:  # and not a one-step shortcut
+        assert (ours - Curved()(z, grid[:1])).abs().max() > 1e-2
+
+
 def _main(argv: list[str]) -> int:
     try:
         return main(argv)
@@ -110,6 +133,8 @@ def test_killed_run_resumes_bit_exactly(tmp_path) -> None:
     model = velodiff.load(tmp_path / "full-student")
     assert (model.default_solver, model.default_steps, model.default_guidance) == ("ddim", 1, 1.0)
     assert velodiff.load(tmp_path / "full-student-2steps").default_steps == 2
+    assert _reflow(tmp_path, "two", 0, 1, "--student-steps", "2") == 0  # distilled to its 2-step sampler
+    assert velodiff.load(tmp_path / "two-student").default_steps == 2
 
 
 def test_bad_input_is_one_line(tmp_path, capsys) -> None:

@@ -154,6 +154,12 @@ def baselines(model, test) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calibration", help="an artefact file (default: the model's, from the cache)")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("model.json")), help="report file")
+    args = ap.parse_args()
     torch.set_num_threads(1)
     model = velodiff.load("default")
     texts = [p.text for p in load_prompts("v1")][::6][:16]
@@ -162,10 +168,11 @@ def main() -> None:
     t0 = time.perf_counter()
     test.reference()
     base = baselines(model, test)
-    art = load_solver_calibration(model_hash(model.path), GUIDANCE, "default")
+    art = load_solver_calibration(model_hash(model.path), GUIDANCE, "default", path=args.calibration)
     ems = load_statistics(art) if art.get("ems") else None
     report = {"calibration": {k: art.get(k) for k in ("seconds", "evaluations", "images", "prompts", "methods")},
               "held_out": {"prompts": "v1[::6][:16]", "seeds": "0-15"}, "nfe": {}}
+    runs = {}  # (nfe, calibrated entry) -> its text2img options (the artefact's grid and fitted options)
     for nfe in NFES:
         unc = base[nfe]
         cal = {}
@@ -178,6 +185,8 @@ def main() -> None:
             cal[f"{e['solver']} / {e['method']}"] = {
                 "test": test.score(torch.tensor(e["ts"], dtype=torch.float64), e["solver"], opts),
                 "calibration": e["error"]}
+            runs[(nfe, f"{e['solver']} / {e['method']}")] = {"solver": e["solver"], "grid": e["ts"],
+                                                             "solver_options": opts}
         pick = min(cal, key=lambda k: cal[k]["calibration"])
         best = min(unc, key=unc.get)
         best_d = min((k for k in unc if k.startswith("diffusers")), key=unc.get)
@@ -191,11 +200,11 @@ def main() -> None:
     se = {"dpmpp_2m karras 20 NFE": shapes_eval(model, solver="dpmpp_2m", nfe=20)}
     for nfe in (6, 8):
         se[f"dpmpp_2m karras {nfe} NFE"] = shapes_eval(model, solver="dpmpp_2m", nfe=nfe)
-        solver = report["nfe"][nfe]["calibrated_pick"].split(" / ")[0]
-        se[f"calibrated {solver} {nfe} NFE"] = shapes_eval(model, solver=solver, nfe=nfe, grid="calibrated")
+        pick = report["nfe"][nfe]["calibrated_pick"]
+        se[f"calibrated {pick} {nfe} NFE"] = shapes_eval(model, **runs[(nfe, pick)])
     report["shapes_eval"] = se
     print(se, flush=True)
-    Path(__file__).with_name("model.json").write_text(json.dumps(report, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -181,10 +181,10 @@ def lcm(
 @distill_app.command(
     "reflow",
     epilog=example("velodiff distill reflow --out students/rf1 --run runs/rf --pairs 1024"),
-    short_help="Reflow (2-rectified flow) on teacher pairs, then one-step distillation (InstaFlow).",
+    short_help="Reflow (2-rectified flow) on teacher pairs, then few-step distillation (InstaFlow).",
 )
 def reflow(
-    out: Path = typer.Option(..., help="the 1-step student's folder (the 2-step one goes to OUT-2steps)"),  # noqa: B008
+    out: Path = typer.Option(..., help="the distilled student's folder (the reflowed one: OUT-2steps)"),  # noqa: B008
     run: Path = typer.Option(..., help="run folder (pair cache, checkpoints per phase); resumes"),  # noqa: B008
     teacher: Teacher = "default",
     init: str = typer.Option(None, help="initialise the student from this model (default: the teacher)"),
@@ -195,7 +195,8 @@ def reflow(
     teacher_steps: int = typer.Option(None, help="the teacher's steps (default: its own)"),
     guidance: float = typer.Option(None, help="the teacher's CFG scale (default: its own)"),
     reflow_steps: int = typer.Option(1500, min=0, help="training steps on the coupled interpolation"),
-    distill_steps: int = typer.Option(1000, min=0, help="one-step distillation steps"),
+    distill_steps: int = typer.Option(1000, min=0, help="few-step distillation steps"),
+    student_steps: int = typer.Option(1, min=1, help="DDIM steps the distilled student samples with"),
     batch: Batch = 8,
     lr: float = typer.Option(2e-5, min=0.0),
     warmup: Warmup = 10,
@@ -208,7 +209,7 @@ def reflow(
     threads: Threads = 1,
     quiet: Quiet = False,
 ) -> None:
-    """Pairs z -> teacher ODE(z), cached; the student learns the straight coupling, then one step."""
+    """Pairs z -> teacher ODE(z), cached; the student learns the straight coupling, then K steps."""
     from ..distill.reflow import PairConfig, ReflowConfig, distill_reflow
     from .train import _threads
 
@@ -219,7 +220,8 @@ def reflow(
         guidance=guidance,
     )
     rcfg = ReflowConfig(
-        reflow_steps=reflow_steps, distill_steps=distill_steps, batch=batch, ema=ema, ode_steps=ode_steps
+        reflow_steps=reflow_steps, distill_steps=distill_steps, batch=batch, ema=ema, ode_steps=ode_steps,
+        student_steps=student_steps,
     )
     res = distill_reflow(teacher, init, out, run, cfg, pcfg, rcfg, quiet=quiet, device=dev)
     for k, v in res["report"].items():

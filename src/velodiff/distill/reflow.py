@@ -20,9 +20,11 @@
    parameterisation keeps the student a normal SD1 model: the ``ddim`` solver, the trailing grid and
    every plan apply unchanged, no scheduler change is needed.
 
-3. **One-step distillation** (InstaFlow, Eq. 6: min E |T(z) - ODE(z)|^2 with T the one-step model):
-   the student's one DDIM step from t = 1 (input exactly z, as the sampler feeds it) regresses on the
-   pair's x with a plain L2 loss (no LPIPS: no torchvision here).
+3. **Few-step distillation** (InstaFlow, Eq. 6: min E |T(z) - ODE(z)|^2 with T the one-step model):
+   the student's own K-step DDIM sampler on the trailing grid (K = ``student_steps``, 1 by default:
+   one step from t = 1, input exactly z, as the sampler feeds it) regresses on the pair's x with a
+   plain L2 loss (no LPIPS: no torchvision here), back-propagating through all K network passes; for
+   K > 1 this is InstaFlow's objective with T the K-step sampler.
 
 Straightness (``straightness``): Liu et al. 2023, Eq. 5, S(Z) = int_0^1 E |(Z_1 - Z_0) - v(Z_t, t)|^2 dt,
 measured along the model's own DDIM ODE in DDIM's coordinates, where the velocity is eps and the
@@ -171,6 +173,7 @@ class ReflowConfig:
     batch: int = 8
     ema: float = 0.0
     ode_steps: int = 20
+    student_steps: int = 1
 
 
 def _pair_meta(tpath: Path, pcfg: PairConfig) -> dict[str, Any]:
@@ -209,6 +212,23 @@ def _check_pair_config(pcfg: PairConfig, rcfg: ReflowConfig) -> None:
         raise VelodiffError("--pairs and --eval-pairs must be at least 1")
     if rcfg.ode_steps < 2:
         raise VelodiffError("--ode-steps must be at least 2")
+    if rcfg.student_steps < 1:
+        raise VelodiffError("--student-steps must be at least 1")
+
+
+def sample_steps(x0_fn: Any, z: Tensor, grid: Tensor, sched: Any) -> Tensor:
+    """The student's deterministic DDIM sampler from noise ``z`` along ``grid`` (decreasing, ending at
+    0), differentiable: the final step returns the clean estimate itself."""
+    x = z
+    for i in range(len(grid) - 1):
+        t = grid[i].expand(len(z))
+        x0 = x0_fn(x, t)
+        if float(grid[i + 1]) <= 0:
+            return x0
+        a, s = sched.alpha(grid[i]).float(), sched.sigma(grid[i]).float()
+        a2, s2 = sched.alpha(grid[i + 1]).float(), sched.sigma(grid[i + 1]).float()
+        x = ddim_step(x, x0, a, s, a2, s2)
+    return x
 
 
 def measure(unet: Any, sched: Any, text: Any, uncond: Tensor, pairs: dict[str, Tensor], lo: int,
@@ -271,6 +291,7 @@ def distill_reflow(
     student = copy.deepcopy(init_unet).to(device).train().requires_grad_(True)
     z_all, x_all, ids_all = pairs["z"].to(device), pairs["x"].to(device), pairs["ids"].to(device)
     t_min = float(sched.t_min)
+    k_grid = student_grid(sched, rcfg.student_steps).to(torch.float32).to(device)
     log: list[dict[str, Any]] = []
     for phase, steps in (("reflow", rcfg.reflow_steps), ("distill", rcfg.distill_steps)):
         if steps == 0:
@@ -283,18 +304,16 @@ def distill_reflow(
             idx = batch_indices(step, rcfg.batch, n, cfg.seed)
             z, x, ids = z_all[idx], x_all[idx], ids_all[idx]
             b = len(idx)
+            with torch.no_grad():
+                ctx = text(ids).last_hidden_state
+            fn = make_x0_fn(student, sched, ctx, None, 1.0)
             if phase == "reflow":  # t ~ U(t_min, 1] on the coupled interpolation
                 t = (t_min + (1 - t_min) * (1 - torch.rand(b, generator=gen))).to(device)
                 a = sched.alpha(t).view(-1, 1, 1, 1).float()
                 s = sched.sigma(t).view(-1, 1, 1, 1).float()
-                xt = a * x + s * z
-                weight = (a / s).pow(2).view(-1).clamp_min(1.0)
-            else:  # one DDIM step from t = 1, fed exactly the sampler's input z
-                t = torch.ones(b, device=device)
-                xt, weight = z, torch.ones(b, device=device)
-            with torch.no_grad():
-                ctx = text(ids).last_hidden_state
-            pred = make_x0_fn(student, sched, ctx, None, 1.0)(xt, t)
+                pred, weight = fn(a * x + s * z, t), (a / s).pow(2).view(-1).clamp_min(1.0)
+            else:  # the student's K DDIM steps from t = 1, fed exactly the sampler's input z
+                pred, weight = sample_steps(fn, z, k_grid, sched), torch.ones(b, device=device)
             per = (pred - x).pow(2).mean(dim=(1, 2, 3))
             return (weight * per).mean(), {"mse": per.detach().mean()}
 
@@ -315,8 +334,9 @@ def distill_reflow(
             save_student(tpath, copy.deepcopy(student), out.with_name(f"{out.name}-2steps"), sampling,
                          _card("2-rectified flow (reflow) student, 2 steps", tpath, ipath, pcfg, rcfg, log,
                                report, sampling))
-    sampling = {"solver": "ddim", "steps": 1, "guidance": 1.0, "grid": "trailing", "trained_steps": 1}
-    card = _card("reflow + one-step distilled student", tpath, ipath, pcfg, rcfg, log, report, sampling)
+    k = rcfg.student_steps
+    sampling = {"solver": "ddim", "steps": k, "guidance": 1.0, "grid": "trailing", "trained_steps": k}
+    card = _card(f"reflow + {k}-step distilled student", tpath, ipath, pcfg, rcfg, log, report, sampling)
     save_student(tpath, student.eval(), out, sampling, card)
     res = {"phases": log, "out": str(out), "report": report, "wall_s": time.perf_counter() - t0}
     (run / "summary.json").write_text(json.dumps(res, indent=1))
