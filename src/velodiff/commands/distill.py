@@ -231,6 +231,55 @@ def reflow(
 
 
 @distill_app.command(
+    "dmd",
+    epilog=example("velodiff distill dmd --init default-2step --out students/dmd2 --run runs/dmd"),
+    short_help="Distribution matching distillation (DMD, Yin et al. 2024) on teacher pairs.",
+)
+def dmd(
+    out: Path = typer.Option(..., help="the student's diffusers folder"),  # noqa: B008
+    run: Path = typer.Option(..., help="run folder (pair cache, checkpoints); resumes"),  # noqa: B008
+    teacher: Teacher = "default",
+    init: str = typer.Option(None, help="initialise the student from this model (default: the teacher)"),
+    pairs: int = typer.Option(1024, help="(noise, teacher sample) pairs for the regression loss"),
+    eval_pairs: int = typer.Option(32, min=0, help="held-out pairs for the student's error report"),
+    plan: str = typer.Option(None, help="the teacher's plan for the pairs (default: none)"),
+    solver: str = typer.Option(None, help="the teacher's solver for the pairs (default: its own)"),
+    teacher_steps: int = typer.Option(None, help="the teacher's steps for the pairs (default: its own)"),
+    guidance: float = typer.Option(None, help="the teacher's CFG scale (pairs, real score)"),
+    steps: int = typer.Option(2000, min=0, help="training steps"),
+    student_steps: int = typer.Option(1, min=1, help="DDIM steps the student samples with"),
+    regression_weight: float = typer.Option(0.25, min=0.0, help="weight of the regression on the pairs"),
+    batch: Batch = 8,
+    lr: float = typer.Option(1e-5, min=0.0),
+    warmup: Warmup = 10,
+    ema: float = typer.Option(0.0, min=0.0, max=1.0, help="EMA decay of the student (0: none)"),
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 50,
+    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much time"),
+    device: Device = "auto",
+    threads: Threads = 1,
+    quiet: Quiet = False,
+) -> None:
+    """A K-step student whose samples match the teacher's distribution (DMD) and its pairs."""
+    from ..distill.dmd import DMDConfig, distill_dmd
+    from ..distill.reflow import PairConfig
+    from .train import _threads
+
+    dev = _threads(threads, device)
+    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema)
+    pcfg = PairConfig(
+        pairs=pairs, eval_pairs=eval_pairs, seed=seed, plan=plan, solver=solver, steps=teacher_steps,
+        guidance=guidance,
+    )
+    dcfg = DMDConfig(steps=steps, batch=batch, student_steps=student_steps,
+                     regression_weight=regression_weight, ema=ema)
+    res = distill_dmd(teacher, init, out, run, cfg, pcfg, dcfg, quiet=quiet, device=dev)
+    if res["out"] is not None:
+        typer.echo(f"held-out {student_steps}-step error vs the teacher's samples: {res['held_out']:.4g}")
+    report(res, run)
+
+
+@distill_app.command(
     "prune",
     epilog=example("velodiff distill prune --target-flops 0.7 --out pruned --run runs/prune"),
     short_help="Prune UNet blocks (LD-Pruner or magnitude ranking), then repair by distillation.",

@@ -41,6 +41,9 @@ class LoopConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    #: clip each module's gradient norm on its own (two networks trained against each other, as DMD's
+    #: generator and fake score) instead of all modules' together; the logged norm is the first module's
+    clip_per_module: bool = False
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 250
@@ -78,6 +81,8 @@ def run_loop(
         params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused or None
     )
     emas = {name: EMA(m, cfg.ema_decay) for name, m in modules.items()}
+    clip_groups = [[p for p in m.parameters() if p.requires_grad] for m in modules.values()]
+    clip_groups = [g for g in clip_groups if g] if cfg.clip_per_module else [params]
     step, wall = 0, 0.0
     log_path = run / "loss.csv"
 
@@ -152,7 +157,7 @@ def run_loop(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = (
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                [torch.nn.utils.clip_grad_norm_(g, cfg.grad_clip) for g in clip_groups][0]
                 if cfg.grad_clip > 0
                 else torch.tensor(0.0)
             )
