@@ -249,6 +249,7 @@ def dmd(
     steps: int = typer.Option(2000, min=0, help="training steps"),
     student_steps: int = typer.Option(1, min=1, help="DDIM steps the student samples with"),
     regression_weight: float = typer.Option(0.25, min=0.0, help="weight of the regression on the pairs"),
+    real_guidance: float = typer.Option(None, min=0.0, help="CFG of the real score (default: --guidance)"),
     batch: Batch = 8,
     lr: float = typer.Option(1e-5, min=0.0),
     warmup: Warmup = 10,
@@ -272,7 +273,7 @@ def dmd(
         guidance=guidance,
     )
     dcfg = DMDConfig(steps=steps, batch=batch, student_steps=student_steps,
-                     regression_weight=regression_weight, ema=ema)
+                     regression_weight=regression_weight, ema=ema, real_guidance=real_guidance)
     res = distill_dmd(teacher, init, out, run, cfg, pcfg, dcfg, quiet=quiet, device=dev)
     if res["out"] is not None:
         typer.echo(f"held-out {student_steps}-step error vs the teacher's samples: {res['held_out']:.4g}")

@@ -13,9 +13,9 @@ pure noise; K > 1 back-propagates through all K passes). Per training step, on a
 1. x = G(z, caption).
 2. **Distribution matching** (DMD Eq. 7-8): diffuse x to a random time, x_t = alpha_t x + sigma_t eps,
    t ~ U[0.02, 0.98]; the real score is the teacher's guided x0 estimate mu_real(x_t) (CFG at the
-   teacher's scale), the fake score that of a second network mu_fake(x_t) trained online on G's
-   outputs. The gradient pushed into x is (mu_fake - mu_real) / mean|x - mu_real| (the normalisation of
-   DMD Eq. 8), applied through the surrogate 0.5 |x - sg(x - grad)|^2.
+   teacher's scale, or ``real_guidance``), the fake score that of a second network mu_fake(x_t)
+   trained online on G's outputs. The gradient pushed into x is (mu_fake - mu_real) / mean|x - mu_real|
+   (the normalisation of DMD Eq. 8), applied through the surrogate 0.5 |x - sg(x - grad)|^2.
 3. **Regression** (DMD Eq. 9; the paper's LPIPS replaced by the latent L2, as no LPIPS network runs
    here): lambda_reg |x - x_teacher|^2 on the pair.
 4. **The fake score** learns G's current distribution with the denoising loss on sg(x) (DMD Eq. 6),
@@ -56,6 +56,7 @@ class DMDConfig:
     student_steps: int = 1
     regression_weight: float = 0.25
     ema: float = 0.0
+    real_guidance: float | None = None
 
 
 def dm_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
@@ -98,7 +99,8 @@ def distill_dmd(
     pairs = make_pairs(tpath, run / "pairs", pcfg, device, quiet)
     tok, text = comps["tokenizer"], comps["text_encoder"].to(device).eval().requires_grad_(False)
     uncond = tokenize(tok, [""])[0].to(device)
-    w_real = float(pcfg.guidance) if pcfg.guidance else float(tmodel.default_guidance)
+    w_pairs = float(pcfg.guidance) if pcfg.guidance else float(tmodel.default_guidance)
+    w_real = float(dcfg.real_guidance) if dcfg.real_guidance is not None else w_pairs
     real = comps["unet"].to(device).eval().requires_grad_(False)
     fake = copy.deepcopy(real).train().requires_grad_(True)
     init_unet = load_teacher(ipath).components["unet"] if ipath else real
