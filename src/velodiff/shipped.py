@@ -46,7 +46,7 @@ SHIPPED: dict[str, Shipped] = {
         "default-lcm", "latent consistency LoRA of default (peft): 4 steps of the lcm solver", "default"
     ),
     "default-2step": Shipped(
-        "default-2step", "reflow (2-rectified flow) student of default: 2 steps, guidance folded", "default"
+        "default-2step", "reflow + DMD student of default: 2 steps, guidance folded in", "default"
     ),
     "default-pruned": Shipped(
         "default-pruned",
