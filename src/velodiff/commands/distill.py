@@ -42,6 +42,21 @@ MaxMinutes = Annotated[float | None, typer.Option(help="stop (with a checkpoint)
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")]
 Threads = Annotated[int, typer.Option(min=1)]
 Quiet = Annotated[bool, typer.Option()]
+# the teacher pairs (``distill.reflow.PairCache``) that reflow and dmd train on
+Init = Annotated[str, typer.Option(help="initialise the student from this model (default: the teacher)")]
+PairPlan = Annotated[str, typer.Option(help="the teacher's plan for the pairs (default: none)")]
+PairSolver = Annotated[str, typer.Option(help="the teacher's solver for the pairs (default: its own)")]
+TeacherSteps = Annotated[int, typer.Option(help="the teacher's steps for the pairs (default: its own)")]
+PairGuidance = Annotated[float, typer.Option(help="the teacher's CFG scale (default: its own)")]
+StudentSteps = Annotated[int, typer.Option(min=1, help="DDIM steps the distilled student samples with")]
+
+
+def pair_config(pairs: int, eval_pairs: int, seed: int, plan: str | None, solver: str | None,
+                teacher_steps: int | None, guidance: float | None) -> Any:
+    from ..distill.reflow import PairConfig
+
+    return PairConfig(pairs=pairs, eval_pairs=eval_pairs, seed=seed, plan=plan, solver=solver,
+                      steps=teacher_steps, guidance=guidance)
 
 
 def report(res: dict[str, Any], run: Path) -> None:
@@ -187,16 +202,16 @@ def reflow(
     out: Path = typer.Option(..., help="the distilled student's folder (the reflowed one: OUT-2steps)"),  # noqa: B008
     run: Path = typer.Option(..., help="run folder (pair cache, checkpoints per phase); resumes"),  # noqa: B008
     teacher: Teacher = "default",
-    init: str = typer.Option(None, help="initialise the student from this model (default: the teacher)"),
+    init: Init = None,
     pairs: int = typer.Option(1024, help="(noise, teacher sample) training pairs"),
     eval_pairs: int = typer.Option(32, help="held-out pairs for the straightness report"),
-    plan: str = typer.Option(None, help="the teacher's plan for the pairs (default: none)"),
-    solver: str = typer.Option(None, help="the teacher's solver (default: its own)"),
-    teacher_steps: int = typer.Option(None, help="the teacher's steps (default: its own)"),
-    guidance: float = typer.Option(None, help="the teacher's CFG scale (default: its own)"),
+    plan: PairPlan = None,
+    solver: PairSolver = None,
+    teacher_steps: TeacherSteps = None,
+    guidance: PairGuidance = None,
     reflow_steps: int = typer.Option(1500, min=0, help="training steps on the coupled interpolation"),
     distill_steps: int = typer.Option(1000, min=0, help="few-step distillation steps"),
-    student_steps: int = typer.Option(1, min=1, help="DDIM steps the distilled student samples with"),
+    student_steps: StudentSteps = 1,
     batch: Batch = 8,
     lr: float = typer.Option(2e-5, min=0.0),
     warmup: Warmup = 10,
@@ -210,15 +225,12 @@ def reflow(
     quiet: Quiet = False,
 ) -> None:
     """Pairs z -> teacher ODE(z), cached; the student learns the straight coupling, then K steps."""
-    from ..distill.reflow import PairConfig, ReflowConfig, distill_reflow
+    from ..distill.reflow import ReflowConfig, distill_reflow
     from .train import _threads
 
     dev = _threads(threads, device)
     cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema)
-    pcfg = PairConfig(
-        pairs=pairs, eval_pairs=eval_pairs, seed=seed, plan=plan, solver=solver, steps=teacher_steps,
-        guidance=guidance,
-    )
+    pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     rcfg = ReflowConfig(
         reflow_steps=reflow_steps, distill_steps=distill_steps, batch=batch, ema=ema, ode_steps=ode_steps,
         student_steps=student_steps,
@@ -239,15 +251,15 @@ def dmd(
     out: Path = typer.Option(..., help="the student's diffusers folder"),  # noqa: B008
     run: Path = typer.Option(..., help="run folder (pair cache, checkpoints); resumes"),  # noqa: B008
     teacher: Teacher = "default",
-    init: str = typer.Option(None, help="initialise the student from this model (default: the teacher)"),
+    init: Init = None,
     pairs: int = typer.Option(1024, help="(noise, teacher sample) pairs for the regression loss"),
     eval_pairs: int = typer.Option(32, min=0, help="held-out pairs for the student's error report"),
-    plan: str = typer.Option(None, help="the teacher's plan for the pairs (default: none)"),
-    solver: str = typer.Option(None, help="the teacher's solver for the pairs (default: its own)"),
-    teacher_steps: int = typer.Option(None, help="the teacher's steps for the pairs (default: its own)"),
-    guidance: float = typer.Option(None, help="the teacher's CFG scale (pairs, real score)"),
+    plan: PairPlan = None,
+    solver: PairSolver = None,
+    teacher_steps: TeacherSteps = None,
+    guidance: PairGuidance = None,
     steps: int = typer.Option(2000, min=0, help="training steps"),
-    student_steps: int = typer.Option(1, min=1, help="DDIM steps the student samples with"),
+    student_steps: StudentSteps = 1,
     regression_weight: float = typer.Option(0.25, min=0.0, help="weight of the regression on the pairs"),
     real_guidance: float = typer.Option(None, min=0.0, help="CFG of the real score (default: --guidance)"),
     batch: Batch = 8,
@@ -263,15 +275,11 @@ def dmd(
 ) -> None:
     """A K-step student whose samples match the teacher's distribution (DMD) and its pairs."""
     from ..distill.dmd import DMDConfig, distill_dmd
-    from ..distill.reflow import PairConfig
     from .train import _threads
 
     dev = _threads(threads, device)
     cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema)
-    pcfg = PairConfig(
-        pairs=pairs, eval_pairs=eval_pairs, seed=seed, plan=plan, solver=solver, steps=teacher_steps,
-        guidance=guidance,
-    )
+    pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     dcfg = DMDConfig(steps=steps, batch=batch, student_steps=student_steps,
                      regression_weight=regression_weight, ema=ema, real_guidance=real_guidance)
     res = distill_dmd(teacher, init, out, run, cfg, pcfg, dcfg, quiet=quiet, device=dev)
