@@ -1,14 +1,17 @@
-"""Layout guidance (plan rule `layout`, regions from the prompt's spatial words) on the ShapesEval v1 position
-prompts (25 prompts x 2 seeds, 20 steps, guidance 2.5) against no guidance; the other categories have no
-spatial relation, so the rule leaves them unchanged. Writes bench/edit/layout.json.
+"""Layout control (plan rules `layout` and `regional`, regions from the prompt's spatial words) on the
+ShapesEval v1 position prompts (25 prompts x the given seed bases, 20 steps, guidance 2.5) against no
+control; the other categories have no spatial relation, so the rules leave them unchanged. Writes the
+rows to --out (default bench/edit/layout.json).
 
     python bench/edit/layout_bench.py "layout:scale=0.05,iters=3" "layout:scale=0.1,iters=3,steps=0.8"
+    python bench/edit/layout_bench.py --seeds 0,3000,6000,7000 --out bench/edit/regional.json regional
+    python bench/edit/layout_bench.py --seeds 0 --sheet docs/regional.png regional    # contact sheet only
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -20,32 +23,40 @@ from velodiff.pipelines import text2img
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("plans", nargs="*", help="plans measured after 'none'")
+    ap.add_argument("--seeds", default="0,1000", help="seed bases (image j of a base s has seed s + j)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("layout.json"))
+    ap.add_argument("--sheet", type=Path, help="only a contact sheet: 8 prompts, first seed, a row a plan")
+    args = ap.parse_args()
     torch.set_num_threads(1)
     model = velodiff.load("default")
     prompts = [p for p in load_prompts("v1") if p.category == "position"]
     texts = [p.text for p in prompts]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.sheet:
+        from velodiff.images import image_grid
+
+        images, captions = [], []
+        for plan in ["none", *args.plans]:
+            images += text2img(model, texts[:8], seeds=seeds[0], steps=20, guidance=2.5, plan=plan).images
+            captions += [f"{plan}: {t}" for t in texts[:8]]
+        image_grid(images, cols=8, scale=2, captions=captions).save(args.sheet)
+        return
     rows = []
-    for plan in ["none", *sys.argv[1:]]:
+    for plan in ["none", *args.plans]:
         t0 = time.perf_counter()
         per_seed = [
-            list(
-                text2img(
-                    model,
-                    texts,
-                    seeds=s * 1000,
-                    steps=20,
-                    guidance=2.5,
-                    plan=None if plan == "none" else plan,
-                ).images
-            )
-            for s in (0, 1)
+            list(text2img(model, texts, seeds=s, steps=20, guidance=2.5, plan=plan).images) for s in seeds
         ]
         seconds = time.perf_counter() - t0
-        ordered = [per_seed[k][j] for j in range(len(texts)) for k in range(2)]  # prompt-major
+        ordered = [im[j] for j in range(len(texts)) for im in per_seed]  # prompt-major
         score = evaluate(ordered, prompts, keep_detections=False)["by_category"]["position"]
-        rows.append({"plan": plan, "position": score, "seconds_per_image": seconds / (2 * len(texts))})
+        rows.append(
+            {"plan": plan, "seeds": seeds, "position": score, "seconds_per_image": seconds / len(ordered)}
+        )
         print(json.dumps(rows[-1]), flush=True)
-    Path(__file__).with_name("layout.json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
     print("| plan | ShapesEval position | s / image |")
     print("|---|---:|---:|")
     for r in rows:

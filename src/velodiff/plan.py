@@ -69,18 +69,26 @@ class EvalRequest:
     branches: tuple[str, ...] = ("cond",)
     #: branch -> the sample rows (a long tensor) it is evaluated for; absent: every row
     subsets: Mapping[str, Tensor] = field(default_factory=dict)
+    #: branch -> its own input (all B rows, shaped like x); absent: x
+    inputs: Mapping[str, Tensor] = field(default_factory=dict)
 
-    def with_branch(self, name: str, cond: Cond | None = None, rows: Tensor | None = None) -> EvalRequest:
+    def with_branch(
+        self, name: str, cond: Cond | None = None, rows: Tensor | None = None, x: Tensor | None = None
+    ) -> EvalRequest:
         """This request with branch ``name`` added (its conditioning ``cond`` when it is new), for the
-        sample ``rows`` only when given (its part then holds those rows, in that order)."""
+        sample ``rows`` only when given (its part then holds those rows, in that order), evaluated at
+        its own input ``x`` when given (a new branch only)."""
         conds = self.conds if cond is None else {**self.conds, name: cond}
         if name not in conds:
             raise VelodiffError(f"no conditioning for branch {name!r}; the run has {sorted(conds)}")
+        if x is not None and (name in self.branches or x.shape != self.x.shape):
+            raise VelodiffError(f"branch {name!r}: an own input needs a new branch and the shape of x")
         branches = self.branches if name in self.branches else (*self.branches, name)
         subsets = dict(self.subsets)
         if rows is not None and not (name in self.branches and name not in self.subsets):
             subsets[name] = rows  # (a branch already asked for every row keeps them all)
-        return replace(self, conds=conds, branches=branches, subsets=subsets)
+        inputs = self.inputs if x is None else {**self.inputs, name: x}
+        return replace(self, conds=conds, branches=branches, subsets=subsets, inputs=inputs)
 
     def size(self, name: str) -> int:
         """How many rows branch ``name`` has in the batched call."""
@@ -272,7 +280,7 @@ def register_rule(cls: type[Accelerator]) -> type[Accelerator]:
 def _load_rules() -> None:
     from . import guidance  # noqa: F401 - registers the guidance family
     from .accel import attention, block_cache, compile, deepcache, hooks, quantize, tome, w4a8  # noqa: F401
-    from .edit import layout, p2p  # noqa: F401 - layout guidance, prompt-to-prompt
+    from .edit import layout, p2p, regional  # noqa: F401 - layout, prompt-to-prompt, regions
 
 
 def parse_rule(text: str) -> Accelerator:
@@ -459,7 +467,7 @@ def branch_evaluator(denoiser: Denoiser) -> Evaluate:
 
     def evaluate(req: EvalRequest) -> EvalResult:
         names = req.branches
-        if not req.subsets:
+        if not req.subsets and not req.inputs:
             if len(names) == 1:
                 x0 = denoiser(req.x, req.t, req.conds[names[0]])
                 return EvalResult(x0, {names[0]: x0}, Cost(1, 1))
@@ -473,8 +481,8 @@ def branch_evaluator(denoiser: Denoiser) -> Evaluate:
             return EvalResult(parts.get("cond", parts[names[0]]), parts, Cost(1, n))
         xs, ts, conds = [], [], []
         for name in names:
-            rows = req.subsets.get(name)
-            xs.append(req.x if rows is None else req.x[rows.to(req.x.device)])
+            rows, x = req.subsets.get(name), req.inputs.get(name, req.x)
+            xs.append(x if rows is None else x[rows.to(x.device)])
             ts.append(req.t if rows is None or not req.t.ndim else req.t[rows])
             conds.append(req.conds[name] if rows is None else index_cond(req.conds[name], rows))
         cond = conds[0]

@@ -155,6 +155,11 @@ def generate(
         typer.Option(help="layout guidance boxes: 'red circle: 0.1,0.1,0.45,0.45; blue square: ...' "
                      "(fractions x0,y0,x1,y1, y down; plan rule layout)"),
     ] = None,
+    regions: Annotated[
+        str | None,
+        typer.Option(help="regional prompts: 'a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1' (each "
+                     "region its own prompt; plan rule regional)"),
+    ] = None,
 ) -> None:
     """Generate images from a text prompt. Offline; the shipped model unless --model says otherwise, on
     the best device there is."""
@@ -173,6 +178,16 @@ def generate(
         check_boxes(boxes, prompt)
         if plan is not None and Plan.parse(plan).find("layout") is not None:
             raise VelodiffError("--layout adds the plan rule layout with its boxes; drop layout from --plan")
+    regional = None
+    if regions is not None:
+        from ..edit.regional import RegionalPrompting, parse_regions
+        from ..plan import Plan
+
+        parsed = Plan.parse(run.plan)
+        given = parsed.find("regional")  # its options stay; --regions gives its regions
+        regional = RegionalPrompting(regions=parse_regions(regions), **(given.values if given else {}))
+        if given is not None:
+            run.plan = str(Plan([r for r in reversed(parsed.rules) if r is not given], parsed.settings))
     fmt = check_output_path(out)
     if attention_maps is not None:
         check_output_path(attention_maps)
@@ -188,6 +203,8 @@ def generate(
         from ..edit.layout import LayoutGuidance
 
         extra.append(LayoutGuidance(boxes=boxes))
+    if regional is not None:
+        extra.append(regional)
     res = run.run(text2img, prompt, plan=extra, width=width, height=height)
     save_image_atomic(image_grid(list(res.images)), out, fmt)
     typer.echo(run.summary(out, res))

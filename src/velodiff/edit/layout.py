@@ -44,16 +44,25 @@ HALVES: dict[str, tuple[Box, Box]] = {
 ARTICLES = {"a", "an", "the", "one", "two", "three"}
 
 
+def spatial_parts(prompt: str) -> list[tuple[str, Box]]:
+    """The two sides of the prompt's spatial relation, as written, each with its half of the image
+    ("a red circle above a blue square" -> [("a red circle", top), ("a blue square", bottom)]); empty
+    if the prompt has no such relation."""
+    text = prompt.lower().strip().rstrip(".")
+    for rel, boxes in HALVES.items():
+        parts = [p.strip() for p in re.split(rf"\s+{rel}\s+", text)]
+        if len(parts) == 2 and all(object_words(p) for p in parts):
+            return list(zip(parts, boxes, strict=True))
+    return []
+
+
+def object_words(part: str) -> str:
+    return " ".join(w for w in part.split() if w not in ARTICLES)
+
+
 def regions_from_prompt(prompt: str) -> dict[str, Box]:
     """Object words -> box from the prompt's spatial relation (empty if it has none)."""
-    text = prompt.lower().strip().rstrip(".")
-    for rel, (box_a, box_b) in HALVES.items():
-        parts = re.split(rf"\s+{rel}\s+", text)
-        if len(parts) == 2:
-            a, b = (" ".join(w for w in p.split() if w not in ARTICLES) for p in parts)
-            if a and b:
-                return {a: box_a, b: box_b}
-    return {}
+    return {object_words(part): box for part, box in spatial_parts(prompt)}
 
 
 def parse_layout(text: str) -> dict[str, Box]:
@@ -74,13 +83,17 @@ def parse_layout(text: str) -> dict[str, Box]:
     return boxes
 
 
+def check_region_box(name: str, box: Box) -> None:
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise VelodiffError(
+            f"layout box {name!r} {tuple(box)} must satisfy 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
+        )
+
+
 def check_boxes(boxes: dict[str, Box], prompt: str) -> None:
     words = set(prompt.lower().replace(",", " ").split())
     for name, box in boxes.items():
-        if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-            raise VelodiffError(
-                f"layout box {name!r} {tuple(box)} must satisfy 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
-            )
+        check_region_box(name, box)
         missing = [w for w in name.lower().split() if w not in words]
         if missing:
             raise VelodiffError(f"layout object {name!r}: {missing[0]!r} is not in the prompt {prompt!r}")

@@ -1,0 +1,121 @@
+"""Regional prompting: a region covering the image with no base share samples its own prompt exactly
+(both fusions), images without a relation are left alone, the region prompts move the objects into
+their halves, and bad regions are refused in one line."""
+
+import pytest
+import torch
+
+import velodiff
+from velodiff import VelodiffError
+from velodiff.edit.layout import spatial_parts
+from velodiff.edit.regional import RegionalPrompting, finest_layers, parse_regions, region_mask
+from velodiff.pipelines import text2img
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    from velodiff.default_model import default_model_path
+
+    return velodiff.load(default_model_path())
+
+
+def test_regions_parse_and_masks():
+    assert spatial_parts("A red circle to the right of a blue square.") == [
+        ("a red circle", (0.5, 0.0, 1.0, 1.0)),
+        ("a blue square", (0.0, 0.0, 0.5, 1.0)),
+    ]
+    assert spatial_parts("two green crosses") == []
+    assert parse_regions("a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1") == {
+        "a red circle": (0.0, 0.0, 0.5, 1.0),
+        "a blue square": (0.5, 0.0, 1.0, 1.0),
+    }
+    m = region_mask((0.0, 0.0, 0.5, 1.0), 4, 6)
+    assert m.shape == (4, 6) and m[:, :3].eq(1).all() and m[:, 3:].eq(0).all()
+    for bad, match in [
+        ("a red circle 0,0,1,1", "write 'prompt: x0,y0,x1,y1'"),
+        ("a red circle: 0,0,1.5,1", "must satisfy"),
+        (": 0,0,1,1", "write 'prompt"),
+        (" ; ", "no regions given"),
+    ]:
+        with pytest.raises(VelodiffError, match=match):
+            parse_regions(bad)
+    with pytest.raises(VelodiffError, match="must satisfy"):
+        RegionalPrompting(regions={"a red circle": (0.5, 0, 0.2, 1)})
+
+
+def test_finest_layers(model):
+    names = finest_layers(model.network)
+    assert names and all(n.startswith(("down_blocks.1.", "up_blocks.1.")) for n in names)
+
+
+@pytest.mark.parametrize("mode", ["attention", "latent"])
+def test_whole_image_region_samples_its_prompt(model, mode):
+    """With one region over the whole image and no base share, every fused quantity is the region
+    prompt's: the run equals a plain run of that prompt (attention: in every cross-attention layer)."""
+    kw = dict(seeds=[3], steps=6, guidance=2.5, output="latent")
+    want = text2img(model, "a blue square", **kw).latents
+    rule = RegionalPrompting(
+        regions={"a blue square": (0, 0, 1, 1)}, mode=mode, base_ratio=0.0, layers=("attn2",)
+    )
+    got = text2img(model, "a red circle", plan=[rule], **kw).latents
+    other = text2img(model, "a red circle", **kw).latents
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert (other - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("mode", ["attention", "latent"])
+def test_no_relation_left_alone(model, mode):
+    prompts = ["a red circle above a blue square", "two green crosses"]
+    kw = dict(seeds=[0, 1], steps=4, guidance=2.5, output="latent")
+    plain = text2img(model, prompts, **kw).latents
+    ruled = text2img(model, prompts, plan=f"regional:mode={mode}", **kw).latents
+    # (latent mode batches the region branch with the image's other rows: the same up to round-off)
+    assert torch.allclose(ruled[1], plain[1], atol=1e-5)
+    assert mode == "latent" or torch.equal(ruled[1], plain[1])
+    assert (ruled[0] - plain[0]).abs().max() > 0.05
+    one = dict(seeds=[0], steps=4, output="latent")
+    single = text2img(model, "two green crosses", plan="regional", **one).latents
+    assert torch.equal(single, text2img(model, "two green crosses", **one).latents)
+
+
+def test_regions_move_the_objects(model):
+    """The objects land in their halves where the plain run misplaces them (prompts and seeds of the
+    position category, ShapesEval's detector)."""
+    from velodiff.eval.shapes_eval import evaluate, load_prompts
+
+    prompts = [p for p in load_prompts("v1") if p.category == "position"][:8]
+    texts = [p.text for p in prompts]
+    scores = {}
+    for plan in ("none", "regional"):
+        images = text2img(model, texts, seeds=1000, steps=20, guidance=2.5, plan=plan).images
+        scores[plan] = evaluate(list(images), prompts, keep_detections=False)["by_category"]["position"]
+    assert scores["regional"] >= scores["none"] + 0.25, scores
+
+
+def test_refusals(model):
+    from velodiff.sampling import sample
+
+    with pytest.raises(VelodiffError, match="needs a pipeline run"):
+        sample(model.denoiser, torch.randn(1, 4, 16, 16), torch.linspace(1, 0, 3).double(), "ddim",
+               cond=None, plan="regional")
+    with pytest.raises(VelodiffError, match="no matching cross-attention layers"):
+        text2img(model, "a red circle above a blue square", steps=2, plan="regional:layers=nothing_here")
+    with pytest.raises(VelodiffError, match="has no option"):
+        text2img(model, "a red circle", steps=2, plan="regional:weight=2")
+
+
+def test_generate_regions_option(tmp_path, capsys):
+    from test_invert import cli
+
+    out = tmp_path / "r.png"
+    prompt = "a red circle and a blue square"
+    regions = "a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1"
+    assert cli("generate", prompt, "-o", str(out), "--steps", "3", "--regions", regions) == 0
+    assert "plan cfg+regional)" in capsys.readouterr().out
+    args = ("generate", prompt, "-o", str(out), "--steps", "3", "--regions", regions)
+    assert cli(*args, "--plan", "regional:base_ratio=0.2,mode=latent") == 0
+    assert "plan cfg+regional:base_ratio=0.2,mode=latent)" in capsys.readouterr().out
+    assert cli("generate", prompt, "-o", str(out), "--regions", "a red circle: 0,0,2,1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "must satisfy" in err and "\n" not in err
