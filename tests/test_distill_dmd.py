@@ -95,3 +95,16 @@ def test_bad_input_is_one_line(tmp_path, capsys) -> None:
     code = _dmd(tmp_path, "bad2", 1, "--pairs", "0")
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "--pairs" in err
+
+
+def test_two_time_scale_rule_updates_the_generator_every_nth_step(tmp_path) -> None:
+    """--fake-updates 3: step 0 updates G (and the fake score), steps 1-2 the fake score alone, so G
+    after 3 steps is G after 1; with the plain rule it moves on."""
+    assert _dmd(tmp_path, "one", 1, "--fake-updates", "3") == 0
+    assert _dmd(tmp_path, "ttur", 3, "--fake-updates", "3") == 0
+    assert _dmd(tmp_path, "plain", 3) == 0
+    one, ttur, plain = (_unet_state(tmp_path / f"{r}-student") for r in ("one", "ttur", "plain"))
+    assert all(torch.equal(one[k], ttur[k]) for k in one)
+    assert any(not torch.equal(one[k], plain[k]) for k in one)
+    logs = [row[-1] for row in list(csv.reader((tmp_path / "ttur" / "dmd" / "loss.csv").open()))[1:]]
+    assert '"dm": 0.0' in logs[1] and '"dm": 0.0' not in logs[0]

@@ -262,6 +262,7 @@ def dmd(
     student_steps: StudentSteps = 1,
     regression_weight: float = typer.Option(0.25, min=0.0, help="weight of the regression on the pairs"),
     real_guidance: float = typer.Option(None, min=0.0, help="CFG of the real score (default: --guidance)"),
+    fake_updates: int = typer.Option(1, min=1, help="fake-score updates per generator update (DMD2: 5)"),
     batch: Batch = 8,
     lr: float = typer.Option(1e-5, min=0.0),
     warmup: Warmup = 10,
@@ -281,7 +282,8 @@ def dmd(
     cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema)
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     dcfg = DMDConfig(steps=steps, batch=batch, student_steps=student_steps,
-                     regression_weight=regression_weight, ema=ema, real_guidance=real_guidance)
+                     regression_weight=regression_weight, ema=ema, real_guidance=real_guidance,
+                     fake_updates=fake_updates)
     res = distill_dmd(teacher, init, out, run, cfg, pcfg, dcfg, quiet=quiet, device=dev)
     if res["out"] is not None:
         typer.echo(f"held-out {student_steps}-step error vs the teacher's samples: {res['held_out']:.4g}")

@@ -23,7 +23,11 @@ pure noise; K > 1 back-propagates through all K passes). Per training step, on a
 
 The three losses are summed into one AdamW step; gradients of 2 and 3 reach only G, of 4 only the fake
 score (every x it sees is detached), so one optimizer trains both; each network's gradient norm is
-clipped on its own."""
+clipped on its own. With ``fake_updates`` = N > 1 (DMD2, Yin et al. 2024b, "Improved Distribution
+Matching Distillation for Fast Image Synthesis", Sec. 4.1, the two time-scale update rule; the paper
+uses 5), only every N-th step updates G (steps 1-4); the others train the fake score alone on G's
+current samples, so it tracks G's distribution more closely (G's parameters get no gradient there, and
+AdamW leaves them as they are)."""
 
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ class DMDConfig:
     regression_weight: float = 0.25
     ema: float = 0.0
     real_guidance: float | None = None
+    fake_updates: int = 1
 
 
 def dm_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
@@ -90,6 +95,8 @@ def distill_dmd(
         raise VelodiffError("--student-steps must be at least 1")
     if dcfg.regression_weight < 0:
         raise VelodiffError("--regression-weight must be >= 0")
+    if dcfg.fake_updates < 1:
+        raise VelodiffError("--fake-updates must be at least 1")
     tpath = teacher_folder(teacher)
     ipath = teacher_folder(init) if init else None
     tmodel = load_teacher(tpath)
@@ -124,17 +131,21 @@ def distill_dmd(
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
             uctx = text(uncond[None].expand(b, -1)).last_hidden_state
-        x = sample_steps(make_x0_fn(student, sched, ctx, None, 1.0), z, k_grid, sched)
+        update_g = step % dcfg.fake_updates == 0  # DMD2's two time-scale rule (module docstring)
+        with torch.set_grad_enabled(update_g):
+            x = sample_steps(make_x0_fn(student, sched, ctx, None, 1.0), z, k_grid, sched)
         # distribution matching at t ~ U[0.02, 0.98]
         t = (lo + (hi - lo) * torch.rand(b, generator=gen)).to(device)
         eps = torch.randn(x.shape, generator=gen).to(device)
-        a, s = coef(t)
-        xt = a * x.detach() + s * eps
-        with torch.no_grad():
-            real_x0 = make_x0_fn(real, sched, ctx, uctx, w_real)(xt, t)
-            fake_x0 = make_x0_fn(fake, sched, ctx, None, 1.0)(xt, t)
-        dm = dm_loss(x, dm_gradient(x.detach(), real_x0, fake_x0))
-        reg = (x - x_teacher).pow(2).mean()
+        dm = reg = torch.zeros((), device=device)
+        if update_g:
+            a, s = coef(t)
+            xt = a * x.detach() + s * eps
+            with torch.no_grad():
+                real_x0 = make_x0_fn(real, sched, ctx, uctx, w_real)(xt, t)
+                fake_x0 = make_x0_fn(fake, sched, ctx, None, 1.0)(xt, t)
+            dm = dm_loss(x, dm_gradient(x.detach(), real_x0, fake_x0))
+            reg = (x - x_teacher).pow(2).mean()
         # the fake score's denoising loss on the generator's (detached) samples, at a fresh time
         t2 = (t_min + (1 - t_min) * (1 - torch.rand(b, generator=gen))).to(device)
         eps2 = torch.randn(x.shape, generator=gen).to(device)
