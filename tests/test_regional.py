@@ -119,3 +119,16 @@ def test_generate_regions_option(tmp_path, capsys):
     assert cli("generate", prompt, "-o", str(out), "--regions", "a red circle: 0,0,2,1") == 2
     err = capsys.readouterr().err.strip()
     assert "must satisfy" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("mode", ["attention", "latent"])
+def test_sdxl_runs_both_fusions(tmp_path, mode):
+    """SDXL: two text encoders, pooled embeddings and micro-conditioning; the regions' cross-attention
+    contexts (or branches) come from the same encoder the pipeline uses."""
+    import sd_tiny
+
+    model = velodiff.load(sd_tiny.save_sd(tmp_path / "xl", "sdxl"))
+    kw = dict(seeds=[0], steps=3, guidance=2.0, output="latent", height=64, width=64)
+    plain = text2img(model, "a red circle above a blue square", **kw).latents
+    ruled = text2img(model, "a red circle above a blue square", plan=f"regional:mode={mode}", **kw).latents
+    assert torch.isfinite(ruled).all() and not torch.equal(plain, ruled)
