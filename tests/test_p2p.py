@@ -111,6 +111,17 @@ def test_cli_edit_writes_the_grid_and_refuses_in_one_line(tmp_path, capsys):
     out = tmp_path / "e.png"
     assert cli("edit", "a red circle", "--to", "a blue circle", "-o", str(out), "--steps", "2") == 0
     assert out.is_file()
+    blended = tmp_path / "b.png"
+    args = ("edit", "a red circle", "--to", "a blue circle", "--steps", "2", "--blend", "red", "--blend")
+    args = (*args, "blue")
+    assert cli(*args, "-o", str(blended), "--threshold", "1") == 0  # an empty region: the edit is the source
+    from PIL import Image
+
+    grid = np.asarray(Image.open(blended))
+    w = (grid.shape[1] - 2) // 2  # source | 2-pixel gap | edit
+    assert np.abs(grid[:, :w].astype(int) - grid[:, w + 2 :].astype(int)).max() <= 1
+    capsys.readouterr()
+    assert cli(*args, "-o", str(blended), "--blend", "green", "--threshold", "0.5") == 0
     capsys.readouterr()
     assert cli("edit", "a red circle", "--to", "a blue circle", "-o", str(out), "--word", "green") == 2
     err = capsys.readouterr().err.strip()

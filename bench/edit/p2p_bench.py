@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=2.5)
     ap.add_argument("--cross-steps", type=float, default=0.8)
     ap.add_argument("--self-steps", type=float, default=0.4)
+    ap.add_argument("--blend", action="store_true",
+                    help="local blend on the swapped colour words and the object's shape word")
+    ap.add_argument("--threshold", type=float, default=0.3, help="the local blend's threshold")
     ap.add_argument("--limit", type=int, default=25, help="prompts per category")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("p2p.json"))
@@ -79,6 +82,11 @@ def main() -> None:
             target = swap_colour(text)
             if target is None:
                 continue
+            blend = {}
+            if args.blend:  # the first differing word (the colour), its new version, the shape after it
+                a, b = text.split(), target.split()
+                i = next(i for i in range(len(a)) if a[i] != b[i])
+                blend = {"blend": (a[i], b[i], a[i + 1]), "threshold": args.threshold}
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 r = edit_prompt(
                     model,
@@ -89,6 +97,7 @@ def main() -> None:
                     guidance=args.guidance,
                     cross_steps=args.cross_steps,
                     self_steps=args.self_steps,
+                    **blend,
                 )
                 src, edit = r.images[0], r.images[1]
                 if args.p2p_only:
@@ -121,6 +130,7 @@ def main() -> None:
                     guidance=args.guidance,
                     cross_steps=args.cross_steps,
                     self_steps=args.self_steps,
+                    **blend,
                 )
                 inv_edit = ri.images[1]
                 score = evaluate(

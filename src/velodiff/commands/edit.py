@@ -32,6 +32,10 @@ def edit_cmd(
     self_steps: Annotated[float, typer.Option(help="share of steps with the source's self-attention")] = 0.4,
     words: Annotated[list[str] | None, typer.Option("--word", help="a word to re-weight (repeat)")] = None,
     weight: Annotated[float, typer.Option(help="the re-weighting factor of --word")] = 1.0,
+    blend: Annotated[
+        list[str] | None, typer.Option("--blend", help="local blend: a word bounding the edit (repeat)")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="local blend: share of a map's maximum inside")] = 0.3,
     image: Annotated[Path | None, typer.Option(help="edit this image: invert it under SOURCE first")] = None,
     method: Annotated[str, typer.Option(help="inversion for --image: fixed-point or ddim")] = "fixed-point",
     model: o.Model = None,
@@ -93,6 +97,8 @@ def edit_cmd(
         self_steps=self_steps,
         words=tuple(words or ()),
         weight=weight,
+        blend=tuple(blend or ()),
+        threshold=threshold,
         latents=latents,
         plan=plan,
         height=size[0],
