@@ -36,7 +36,7 @@ def test_regions_parse_and_masks():
         ("a red circle 0,0,1,1", "write 'prompt: x0,y0,x1,y1'"),
         ("a red circle: 0,0,1.5,1", "must satisfy"),
         (": 0,0,1,1", "write 'prompt"),
-        (" ; ", "no regions given"),
+        (" ; ", "no region given"),
     ]:
         with pytest.raises(VelodiffError, match=match):
             parse_regions(bad)

@@ -65,22 +65,28 @@ def regions_from_prompt(prompt: str) -> dict[str, Box]:
     return {object_words(part): box for part, box in spatial_parts(prompt)}
 
 
-def parse_layout(text: str) -> dict[str, Box]:
-    """'red circle: 0.1,0.1,0.45,0.45; blue square: 0.55,0.5,0.95,0.95' -> {words: box} (one line if
-    malformed)."""
+def parse_boxes(text: str, what: str, example: str) -> dict[str, Box]:
+    """'NAME: x0,y0,x1,y1; NAME: ...' -> {NAME: box}, each box checked (one line if malformed); ``what``
+    names an item in the messages ("layout", "region"), ``example`` shows one."""
     boxes: dict[str, Box] = {}
     for item in filter(None, (p.strip() for p in text.split(";"))):
-        name, colon, coords = item.partition(":")
+        name, colon, coords = item.rpartition(":")
         try:
             box = tuple(float(v) for v in coords.split(","))
         except ValueError:
             box = ()
         if not colon or not name.strip() or len(box) != 4:
-            raise VelodiffError(f"layout {item!r}: write 'words: x0,y0,x1,y1' with four numbers in [0, 1]")
-        boxes[name.strip().lower()] = box  # type: ignore[assignment]
+            raise VelodiffError(f"{what} {item!r}: write '{example}' with four numbers in [0, 1]")
+        check_region_box(name.strip(), box)  # type: ignore[arg-type]
+        boxes[name.strip()] = box  # type: ignore[assignment]
     if not boxes:
-        raise VelodiffError("the layout is empty; write 'red circle: 0.1,0.1,0.45,0.45; blue square: ...'")
+        raise VelodiffError(f"no {what} given; write '{example}; ...'")
     return boxes
+
+
+def parse_layout(text: str) -> dict[str, Box]:
+    """'red circle: 0.1,0.1,0.45,0.45; blue square: 0.55,0.5,0.95,0.95' -> {words: box}."""
+    return {k.lower(): v for k, v in parse_boxes(text, "layout", "words: x0,y0,x1,y1").items()}
 
 
 def check_region_box(name: str, box: Box) -> None:
@@ -129,14 +135,18 @@ def box_mask(box: Box, n: int, aspect: float = 1.0) -> Tensor:
     the box."""
     import math
 
+    h = max(1, round(math.sqrt(n / aspect)))
+    return region_mask(box, h, n // h).reshape(-1)
+
+
+def region_mask(box: Box, h: int, w: int) -> Tensor:
+    """A (h, w) float mask on a grid: 1 where the cell centre lies in the box."""
     import torch
 
-    h = max(1, round(math.sqrt(n / aspect)))
-    w = n // h
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
     inside = ((ys >= box[1]) & (ys <= box[3]))[:, None] & ((xs >= box[0]) & (xs <= box[2]))[None, :]
-    return inside.reshape(-1).float()
+    return inside.float()
 
 
 @register_rule

@@ -43,7 +43,7 @@ from ..accel.attention import ProcessorSwap, RowProcessor, RowState, attention_m
 from ..errors import VelodiffError
 from ..guidance.cfg import STOP, TERM
 from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
-from .layout import Box, check_region_box, spatial_parts
+from .layout import Box, check_region_box, parse_boxes, region_mask, spatial_parts
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -52,33 +52,9 @@ if TYPE_CHECKING:
 N_COLOURS = 8
 
 
-def region_mask(box: Box, h: int, w: int) -> Tensor:
-    """A (h, w) float mask on a grid: 1 where the cell centre lies in the box."""
-    import torch
-
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    inside = ((ys >= box[1]) & (ys <= box[3]))[:, None] & ((xs >= box[0]) & (xs <= box[2]))[None, :]
-    return inside.float()
-
-
 def parse_regions(text: str) -> dict[str, Box]:
-    """'a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1' -> {region prompt: box} (one line if
-    malformed)."""
-    regions: dict[str, Box] = {}
-    for item in filter(None, (p.strip() for p in text.split(";"))):
-        prompt, colon, coords = item.rpartition(":")
-        try:
-            box = tuple(float(v) for v in coords.split(","))
-        except ValueError:
-            box = ()
-        if not colon or not prompt.strip() or len(box) != 4:
-            raise VelodiffError(f"region {item!r}: write 'prompt: x0,y0,x1,y1' with four numbers in [0, 1]")
-        check_region_box(prompt.strip(), box)  # type: ignore[arg-type]
-        regions[prompt.strip()] = box  # type: ignore[assignment]
-    if not regions:
-        raise VelodiffError("no regions given; write 'a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1'")
-    return regions
+    """'a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1' -> {region prompt: box}."""
+    return parse_boxes(text, "region", "prompt: x0,y0,x1,y1")
 
 
 def finest_layers(network: Any) -> tuple[str, ...]:
