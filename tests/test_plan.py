@@ -326,3 +326,21 @@ def test_rule_options_are_declared_and_checked():
         from velodiff.plan import RULES
 
         RULES.pop("tmp_rule_for_test")
+
+
+def test_a_branch_with_its_own_input_and_rows():
+    """``with_branch(..., rows, x)``: the branch is the denoiser at its own input, for its rows only, in
+    the same batched call as the others (one NFE); the other branches see x."""
+    from velodiff.plan import EvalRequest, branch_evaluator
+
+    t = torch.tensor(500.0, dtype=F64)
+    other = X + 0.5
+    req = EvalRequest(0, 0, t, X, {"cond": COND, "uncond": UNCOND}).with_branch("uncond")
+    req = req.with_branch("own", COND.flip(0), rows=torch.tensor([1]), x=other)
+    r = branch_evaluator(TOY)(req)
+    assert r.cost == Cost(1, 2.5)
+    assert torch.allclose(r.parts["cond"], TOY(X, t, COND))
+    assert torch.allclose(r.parts["uncond"], TOY(X, t, UNCOND))
+    assert torch.allclose(r.parts["own"], TOY(other[1:], t, COND.flip(0)[1:]))
+    with pytest.raises(VelodiffError, match="own input needs a new branch"):
+        req.with_branch("cond", x=other)
