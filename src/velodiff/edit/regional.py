@@ -169,6 +169,7 @@ class RegionalPrompting(Accelerator):
             texts = [r[k][0] if len(r) > k else prompts[b] for b, r in enumerate(per_image)]
             self.branches.append((run.encode(texts), torch.tensor(rows), [per_image[b][k][1] for b in rows]))
         self.colours: Tensor | None = None
+        self.cached: list[Tensor] | None = None
         self.state, self.swap = RegionState(), ProcessorSwap()
         if self.mode == "attention" and self.branches:
             names = set(self.layer_names(run.network))
@@ -177,15 +178,17 @@ class RegionalPrompting(Accelerator):
             self.state.contexts = tuple(cond["encoder_hidden_states"] for cond, _, _ in self.branches)
 
     def weights(self, x: Tensor) -> list[Tensor]:
-        """Per region: its weight (1 - base_ratio inside, 0 outside), (B, 1, h, w) on x's grid."""
-        h, w = x.shape[-2:]
-        out = []
-        for _, rows, boxes in self.branches:
-            weight = x.new_zeros(x.shape[0], 1, h, w)
-            for b, box in zip(rows.tolist(), boxes, strict=True):
-                weight[b, 0] = (1 - self.base_ratio) * region_mask(box, h, w)
-            out.append(weight)
-        return out
+        """Per region: its weight (1 - base_ratio inside, 0 outside), (B, 1, h, w) on x's grid (made
+        once per run)."""
+        if self.cached is None or self.cached[0].shape != (x.shape[0], 1, *x.shape[-2:]):
+            h, w = x.shape[-2:]
+            self.cached = []
+            for _, rows, boxes in self.branches:
+                weight = x.new_zeros(x.shape[0], 1, h, w)
+                for b, box in zip(rows.tolist(), boxes, strict=True):
+                    weight[b, 0] = (1 - self.base_ratio) * region_mask(box, h, w)
+                self.cached.append(weight)
+        return self.cached
 
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
         if not self.branches or req.step >= self.last:
