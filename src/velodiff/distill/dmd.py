@@ -25,7 +25,7 @@ The three losses are summed into one AdamW step; gradients of 2 and 3 reach only
 score (every x it sees is detached), so one optimizer trains both; each network's gradient norm is
 clipped on its own. With ``fake_updates`` = N > 1 (DMD2, Yin et al. 2024b, "Improved Distribution
 Matching Distillation for Fast Image Synthesis", Sec. 4.1, the two time-scale update rule; the paper
-uses 5), only every N-th step updates G (steps 1-4); the others train the fake score alone on G's
+uses 5), only steps 0, N, 2N, ... update G; the others train the fake score alone on G's
 current samples, so it tracks G's distribution more closely (G's parameters get no gradient there, and
 AdamW leaves them as they are)."""
 
