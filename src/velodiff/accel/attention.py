@@ -259,9 +259,14 @@ def _spatial(probs: Tensor, h: int, w: int) -> Tensor:
     """(B, N, T) maps over N = h' w' tokens of a downsampled grid -> (B, T, h, w)."""
     import torch
     b, n, t = probs.shape
-    f = math.sqrt(h * w / n)
-    hh, ww = round(h / f), round(w / f)
+    hh, ww = token_grid(n, h, w)
     grid = probs.transpose(1, 2).reshape(b, t, hh, ww).float()
     if (hh, ww) == (h, w):
         return grid
     return torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def token_grid(n: int, h: int, w: int) -> tuple[int, int]:
+    """The (h', w') grid of a layer's n tokens, downsampled from the latent's h x w with its aspect."""
+    f = math.sqrt(h * w / n)
+    return round(h / f), round(w / f)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from ..accel.attention import ProcessorSwap, RowProcessor, RowState, attention_modules
+from ..accel.attention import ProcessorSwap, RowProcessor, RowState, attention_modules, token_grid
 from ..errors import VelodiffError
 from ..guidance.cfg import STOP, TERM
 from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
@@ -96,10 +96,8 @@ class RegionalCrossAttention(RowProcessor):
         base, fused, total = out[rows], 0.0, 0.0
         for context, weight in zip(self.state.contexts, self.state.weights, strict=True):
             if out.ndim == 3:  # (B, N, C) tokens of an h' x w' grid with the latent's aspect
-                h, w = weight.shape[-2:]
-                f = (h * w / out.shape[1]) ** 0.5
-                weight = F.interpolate(weight, size=(round(h / f), round(w / f)), mode="nearest")
-                weight = weight.flatten(2).transpose(1, 2)
+                grid = token_grid(out.shape[1], *weight.shape[-2:])
+                weight = F.interpolate(weight, size=grid, mode="nearest").flatten(2).transpose(1, 2)
             else:
                 weight = F.interpolate(weight, size=out.shape[-2:], mode="nearest")
             region = self.original(attn, sel, context.to(sel), None, t, **kwargs)
