@@ -79,3 +79,19 @@ def test_schemes_this_device_cannot_run_are_one_line(model):
         velodiff.plan.Plan.parse("int8:activations=static")
     with pytest.raises(VelodiffError, match="group_size"):
         velodiff.plan.Plan.parse("int4:group_size=48").rules[0].check(None)
+
+
+def test_int4_quantizes_the_linears_its_groups_divide_and_refuses_a_network_with_none(monkeypatch):
+    from velodiff.accel.quantize import Int4
+    from velodiff.plan import RunInfo
+
+    rule = Int4(group_size=64)
+    assert rule.quantizable(torch.nn.Linear(192, 16)) and not rule.quantizable(torch.nn.Linear(96, 16))
+    monkeypatch.setattr(Int4, "devices", ("cpu", "cuda"))  # reach the layer rule on a CPU
+    net = torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.Linear(48, 32))
+    info = RunInfo(schedule=None, ts=torch.tensor([1.0, 0.0]), solver=None, batch=1, conds={}, network=net)
+    with pytest.raises(VelodiffError, match="input width is a multiple of group_size 64") as e:
+        rule.check(info)
+    assert len(str(e.value).splitlines()) == 1
+    Int4(group_size=32).check(RunInfo(schedule=None, ts=torch.tensor([1.0, 0.0]), solver=None, batch=1,
+                                      conds={}, network=torch.nn.Sequential(torch.nn.Linear(64, 64))))

@@ -5,8 +5,7 @@ ShapesEval change (v1 x 2 images) and the time, all in one run.
 
     python bench/gpu/run.py OUT_DIR      # on a machine with CUDA; writes OUT_DIR/gpu.json, sheet.png
 
-Prepared on the CPU (a CPU copy of its flow ran); not yet run on a GPU: the lent device time of the
-session that wrote it went to the serving benchmarks.
+Results on one H100 (2026-11-27): bench/gpu/README.md.
 """
 
 from __future__ import annotations
@@ -79,14 +78,16 @@ def main(out: Path) -> None:
     eseeds = list(range(len(texts)))
     base = velodiff.load("default", device="cuda", dtype="float32")
     quant: dict = {}
-    for scheme in ("none", "int8", "int8:activations=dynamic", "fp8", "fp8:activations=dynamic", "int4"):
+    for scheme in ("none", "int8", "int8:activations=dynamic", "fp8", "fp8:activations=dynamic", "int4",
+                   "int4:group_size=32"):
         try:
             plan = None if scheme == "none" else scheme
             errs = [] if plan is None else [
                 evaluation_error(base, parse_rule(scheme), t=tt, seed=i, prompt=p)
                 for i, p in enumerate(prompts[:4]) for tt in (0.1, 0.5, 0.9)
             ]
-            res, sec = timed(lambda plan=plan: text2img(base, prompts, output="tensor", plan=plan, **kw), repeat=3)
+            res, sec = timed(lambda plan=plan: text2img(base, prompts, output="tensor", plan=plan, **kw),
+                             repeat=3)
             imgs = text2img(base, texts, seeds=eseeds, steps=STEPS, guidance=GUIDANCE, plan=plan,
                             output="pil").images
             score = evaluate(imgs, eval_prompts, keep_detections=False)  # 2 images per prompt

@@ -68,6 +68,12 @@ class Quantize(Accelerator):
     cost = "same evaluations; cheaper matmuls where the kernels are (time in bench/quantize)"
     #: device types the scheme has kernels for
     devices: tuple[str, ...] = ("cpu", "cuda")
+    #: the dtype the kernel quantizes from (None: the weight's own)
+    weight_dtype: str | None = None
+
+    def quantizable(self, module: Any) -> bool:
+        """Whether this scheme's kernel takes the Linear (beyond :func:`linear_layers`' rule)."""
+        return True
 
     def config(self) -> Any:
         raise NotImplementedError
@@ -93,10 +99,14 @@ class Quantize(Accelerator):
         if network not in per_network:
             q = _torchao()
             weights = {}
+            dtype = getattr(torch, self.weight_dtype) if self.weight_dtype else None
             for name, m in linear_layers(network):
-                holder = torch.nn.Linear(m.in_features, m.out_features, bias=False, device=m.weight.device,
-                                         dtype=m.weight.dtype)
-                holder.weight = torch.nn.Parameter(m.weight.detach().clone(), requires_grad=False)
+                if not self.quantizable(m):
+                    continue
+                weight = m.weight.detach().to(dtype or m.weight.dtype, copy=True)
+                holder = torch.nn.Linear(m.in_features, m.out_features, bias=False, device=weight.device,
+                                         dtype=weight.dtype)
+                holder.weight = torch.nn.Parameter(weight, requires_grad=False)
                 q.quantize_(holder, self.config())
                 weights[name] = holder.weight
             per_network[network] = weights
@@ -140,10 +150,14 @@ class Int8(Quantize):
 @register_rule
 class Int4(Quantize):
     """int4 weights in groups of ``group_size`` input channels, activations in bfloat16 (torchao's
-    Int4WeightOnlyConfig, diffusers' ``int4wo``); its kernels are CUDA's."""
+    Int4WeightOnlyConfig, diffusers' ``int4wo``) on torch's own CUDA kernel (tinygemm,
+    ``aten._weight_int4pack_mm``: torchao's ``tile_packed_to_4d`` format, quantized from bfloat16
+    weights; torchao's default ``plain`` format needs the separate mslk kernels). Linears whose input
+    width is not a multiple of ``group_size`` stay in float."""
 
     name = "int4"
     devices = ("cuda",)
+    weight_dtype = "bfloat16"
     summary = "int4 group-wise weights through torchao (int4wo; CUDA)"
     options = {"group_size": Option(128, "input channels per scale: 32, 64, 128 or 256", kind=int, lo=32)}
 
@@ -151,9 +165,16 @@ class Int4(Quantize):
         if self.group_size not in (32, 64, 128, 256):
             raise VelodiffError(f"plan rule 'int4': group_size is 32, 64, 128 or 256, not {self.group_size}")
         super().check(run)
+        if not any(self.quantizable(m) for _, m in linear_layers(run.network)):
+            raise VelodiffError(f"plan rule {self.spec()!r}: no Linear layer's input width is a multiple of "
+                                f"group_size {self.group_size}; try a smaller group_size")
 
     def config(self) -> Any:
-        return _torchao().Int4WeightOnlyConfig(group_size=self.group_size)
+        return _torchao().Int4WeightOnlyConfig(group_size=self.group_size,
+                                               int4_packing_format="tile_packed_to_4d")
+
+    def quantizable(self, module: Any) -> bool:
+        return module.in_features % self.group_size == 0
 
 
 @register_rule
