@@ -150,14 +150,18 @@ def test_artefact_refusals(tmp_path, monkeypatch):
     with pytest.raises(VelodiffError, match="made at guidance 2.5, not 7.5"):
         load_solver_calibration("abc", 7.5, path=path)
     from velodiff.calibrated.artefact import beside_model_path
+    from velodiff.eval.reference import model_hash
 
     folder = tmp_path / "my-model"
-    folder.mkdir()
-    beside = save_solver_calibration({**art, "model_hash": "def"}, None, beside_model_path(folder, 2.5))
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    h = model_hash(folder)
+    beside = save_solver_calibration({**art, "model_hash": h}, None, beside_model_path(folder, 2.5))
     assert beside == folder / "velodiff" / "solver-cfg2.5.json"
-    assert load_solver_calibration("def", 2.5, model_path=folder)["_path"] == str(beside)  # found beside it
+    assert model_hash(folder) == h  # the artefact beside the model is not part of its fingerprint
+    assert load_solver_calibration(h, 2.5, model_path=folder)["_path"] == str(beside)  # found beside it
     with pytest.raises(VelodiffError, match="no solver calibration"):
-        load_solver_calibration("def", 2.5)
+        load_solver_calibration(h, 2.5)
     with pytest.raises(VelodiffError, match="below the calibration's minimum"):
         calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [2])
 

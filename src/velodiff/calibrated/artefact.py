@@ -31,9 +31,11 @@ def solver_calibration_path(model_hash: str, guidance: float) -> Path:
 def beside_model_path(model_path: str | Path, guidance: float) -> Path:
     """Where an artefact travels with its model: ``<folder>/velodiff/solver-cfg<g>.json`` for a diffusers
     folder, ``<file stem>.solver-cfg<g>.json`` beside a single-file checkpoint."""
+    from ..eval.reference import ARTEFACTS
+
     p = Path(model_path)
     name = f"solver-cfg{float(guidance):g}.json"
-    return p / "velodiff" / name if p.is_dir() else p.with_name(f"{p.stem}.{name}")
+    return p / ARTEFACTS / name if p.is_dir() else p.with_name(f"{p.stem}.{name}")
 
 
 def save_solver_calibration(

@@ -51,6 +51,11 @@ def default_cache_dir() -> Path:
     return cache_root() / "reference"
 
 
+#: the folder of a model where velodiff's artefacts made for it travel (``velodiff calibrate solver
+#: --beside-model``); not part of the model's fingerprint, so writing one keeps the hash it is keyed by
+ARTEFACTS = "velodiff"
+
+
 @lru_cache(maxsize=16)
 def _hash_folder(path: str, stamp: tuple) -> str:
     h = hashlib.sha256()
@@ -59,6 +64,8 @@ def _hash_folder(path: str, stamp: tuple) -> str:
         if p.name.startswith(".") or p.suffix not in (".safetensors", ".json", ".txt", ".bin", ".ckpt"):
             continue
         if p.name == SAMPLING_FILE and p.parent == root:  # sampling defaults, not the network
+            continue
+        if p.parent != root and p.relative_to(root).parts[0] == ARTEFACTS:  # made for the model, not it
             continue
         size = p.stat().st_size
         h.update(f"{p.relative_to(root) if p != root else p.name}:{size}\n".encode())
@@ -74,7 +81,8 @@ def _hash_folder(path: str, stamp: tuple) -> str:
 
 def model_hash(path: str | Path) -> str:
     """A fingerprint of a model folder or file: names, sizes and the first and last MiB of every weight
-    and config file but ``sampling.json`` (changes when the weights change; reads at most 2 MiB per file)."""
+    and config file but ``sampling.json`` and the ``velodiff/`` artefacts folder (changes when the
+    weights change; reads at most 2 MiB per file)."""
     p = Path(path)
     if not p.exists():
         raise VelodiffError(f"cannot hash model {str(p)!r}: it does not exist")
