@@ -134,3 +134,20 @@ def test_tune_a_student_against_its_teachers_baseline(tmp_path, capsys, monkeypa
     assert all(r["evals"] in (2, 4) for st in res["stages"] for r in st["rows"])  # the student: no CFG
     assert res["plan"] == "solver=ddim+nfe=2+grid=trailing" and res["speedup"] > 1
     assert (out / "1-solvers-baseline").is_dir() and "`default`" in (out / "report.md").read_text()
+
+
+def test_the_calibrated_grid_and_v3_join_the_space_only_where_the_model_has_a_calibration():
+    import velodiff
+    from velodiff.eval.tune import calibration_check
+
+    model = velodiff.load("default")
+    said: list[str] = []
+    runs = calibration_check(model, "default", 2.5, said.append)  # shipped beside the default model
+    assert not said
+    assert runs("unipc", "calibrated", 8) and runs("dpmpp_2m", "calibrated", 5)
+    assert not runs("ddim", "calibrated", 8) and not runs("unipc", "calibrated", 12)  # not calibrated
+    assert runs("dpm_solver_v3", None, 7) and runs("ddim", "trailing", 7)
+    runs = calibration_check(model, "default", 7.5, said.append)  # no calibration at this scale
+    assert len(said) == 1 and "velodiff calibrate solver --model default --guidance 7.5" in said[0]
+    assert not runs("unipc", "calibrated", 8) and not runs("dpm_solver_v3", None, 5)
+    assert runs("unipc", None, 8) and runs("ddim", "trailing", 5)

@@ -5,7 +5,10 @@ see ``velodiff.plan.SETTINGS``), measured by the quality-vs-speed sweep (``velod
 calibration prompts and seeds beside the baseline (DPM-Solver++ 2M, 20 steps, CFG at the model's
 guidance: the sweep's own configuration, the ``none`` plan). The search is a beam search over axes:
 
-1. ``solvers`` x ``nfe`` (x ``grids``): every combination, plain CFG;
+1. ``solvers`` x ``nfe`` (x ``grids``): every combination, plain CFG; the ``calibrated`` grid (and the
+   ``dpm_solver_v3`` solver) where the model has a solver calibration at the run's guidance
+   (``velodiff calibrate solver``), at the solvers and NFE it was made for; left out, with one line,
+   where it has none;
 2. then each accelerator axis in turn (guidance rules, feature caches, quantization): every option
    added to each plan of the beam;
 
@@ -41,11 +44,12 @@ class SearchSpace:
     """What ``tune`` may combine. Each accelerator axis lists plan-rule strings; "" (keep the plan as
     it is) is always an option. Axes whose rules this installation lacks are dropped."""
 
-    solvers: list[str] = field(default_factory=lambda: ["ddim", "dpmpp_2m", "unipc", "deis"])
+    solvers: list[str] = field(default_factory=lambda: ["ddim", "dpmpp_2m", "unipc", "deis", "dpm_solver_v3"])
     nfe: list[int] = field(default_factory=lambda: [5, 6, 8, 10, 12])
     #: None: the model's own grid; 'trailing' starts at the last trained step at any NFE (the shipped
     #: model's 'leading' grid starts at t = 0.8 at 5 steps)
-    grids: list[str | None] = field(default_factory=lambda: [None, "trailing"])
+    #: 'calibrated': the model's calibrated grids (velodiff calibrate solver), where it has them
+    grids: list[str | None] = field(default_factory=lambda: [None, "trailing", "calibrated"])
     axes: dict[str, list[str]] = field(
         default_factory=lambda: {
             "guidance": ["ag:threshold=0.999", "ag:threshold=0.99", "cfg:stop=0.5"],
@@ -134,6 +138,33 @@ def _metrics_for(metric: str) -> list[str]:
 def loss(metric: str, baseline: float, value: float) -> float:
     """Quality lost against the baseline (positive = worse), in the metric's units."""
     return baseline - value if QUALITY[metric] else value - baseline
+
+
+def calibration_check(
+    model: Any, name: str, guidance: float | None, log: Callable[[str], None] = print
+) -> Callable[[str, str | None, int], bool]:
+    """Whether a (solver, grid, NFE) combination can run on this model: the ``calibrated`` grid at the
+    solvers and NFE its solver calibration at ``guidance`` holds, ``dpm_solver_v3`` where it holds the
+    model statistics, anything else always. A model without a calibration loses the first two (said in
+    one line)."""
+    from ..calibrated.artefact import load_solver_calibration
+    from ..pipelines.common import CALIBRATED
+    from .reference import model_hash
+
+    g = float(guidance if guidance is not None else getattr(model, "default_guidance", 1.0))
+    try:
+        art = load_solver_calibration(model_hash(model.path), g, name or "M", model_path=model.path)
+    except VelodiffError as e:
+        log(f"tune: the calibrated grid and dpm_solver_v3 are left out: {e}")
+        art = {}
+    entries = {(e["solver"], int(e["nfe"])) for e in art.get("entries", [])}
+
+    def runs(solver: str, grid: str | None, nfe: int) -> bool:
+        if grid == CALIBRATED:
+            return (solver, int(nfe)) in entries
+        return solver != "dpm_solver_v3" or bool(art.get("ems"))
+
+    return runs
 
 
 def tune(
@@ -234,11 +265,15 @@ def tune(
         ok = sorted((r for r in rows if r["loss"] <= cfg.budget), key=speed)
         return ok[: cfg.beam]
 
-    # stage 1: solver x grid x NFE
+    # stage 1: solver x grid x NFE (what needs a calibration only where the model has it)
+    guidance = cfg.guidance if cfg.guidance is not None else (defaults or {}).get("guidance")
+    runs = calibration_check(model, model_name, guidance, log)
     first = []
     for solver in space.solvers:
         for grid in space.grids:
             for n in space.nfe:
+                if not runs(solver, grid, n):
+                    continue
                 first.append(f"solver={solver}+nfe={n}" + (f"+grid={grid}" if grid else ""))
     recs = measure("1-solvers", first, cfg.calibration_prompts, cfg.calibration_seed, cfg.calibration_images)
     baseline_cal = recs["none"]
