@@ -157,7 +157,7 @@ def calibrate_solver(
         "version": 1,
         "kind": "solver",
         "model_hash": model_hash(loaded.path),
-        "model": str(loaded.path),
+        "model": model or "default",  # as given (a shipped name or a path), not this machine's folder
         "guidance": float(guidance),
         "size": list(loaded.default_size),
         "prompts": prompts,
