@@ -28,10 +28,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1000", help="seed bases (image j of a base s has seed s + j)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("layout.json"))
     ap.add_argument("--sheet", type=Path, help="only a contact sheet: 8 prompts, first seed, a row a plan")
+    ap.add_argument("--category", default="position", help="the ShapesEval v1 category of the prompts")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = velodiff.load("default")
-    prompts = [p for p in load_prompts("v1") if p.category == "position"]
+    prompts = [p for p in load_prompts("v1") if p.category == args.category]
     texts = [p.text for p in prompts]
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.sheet:
@@ -51,16 +52,16 @@ def main() -> None:
         ]
         seconds = time.perf_counter() - t0
         ordered = [im[j] for j in range(len(texts)) for im in per_seed]  # prompt-major
-        score = evaluate(ordered, prompts, keep_detections=False)["by_category"]["position"]
+        score = evaluate(ordered, prompts, keep_detections=False)["by_category"][args.category]
         rows.append(
-            {"plan": plan, "seeds": seeds, "position": score, "seconds_per_image": seconds / len(ordered)}
+            {"plan": plan, "seeds": seeds, args.category: score, "seconds_per_image": seconds / len(ordered)}
         )
         print(json.dumps(rows[-1]), flush=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print("| plan | ShapesEval position | s / image |")
+    print(f"| plan | ShapesEval {args.category} | s / image |")
     print("|---|---:|---:|")
     for r in rows:
-        print(f"| `{r['plan']}` | {r['position']:.2f} | {r['seconds_per_image']:.3f} |")
+        print(f"| `{r['plan']}` | {r[args.category]:.2f} | {r['seconds_per_image']:.3f} |")
 
 
 if __name__ == "__main__":

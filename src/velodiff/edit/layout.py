@@ -12,7 +12,20 @@ normalized step here makes ``scale`` a fraction of the noise level, the same for
 
 Regions come from explicit boxes (``boxes``: words -> (x0, y0, x1, y1) in [0, 1], y down) or from the
 prompt's spatial words: "A above B", "A below B", "A to the left of B", "A to the right of B" give A and
-B the two halves of the image. A prompt with no such relation is sampled unguided.
+B the two halves of the image. A prompt with no such relation is sampled unguided, unless one of the
+A-STAR terms is on.
+
+A-STAR's terms (Agarwal et al. 2023, 'A-STAR: Test-time Attention Segregation and Retention for
+Text-to-image Synthesis', Sec. 3), added to the energy with the weights ``segregation`` and
+``retention`` (0: off), on each object's map normalized to its maximum, a_m = A_m / max A_m:
+
+    L_seg = sum_{m < n} sum_u min(a_m, a_n) / sum_u (a_m + a_n)                 (A-STAR, Eq. 2)
+    L_ret = sum_m (1 - sum_u min(a_m, B_m) / sum_u (a_m + B_m - a_m B_m))      (A-STAR, Eq. 3)
+
+B_m is object m's map at the previous guided step binarized at half its maximum, so a concept the
+model attended to early keeps its region. The objects are the layout's, or, for a prompt without boxes
+or a relation, its phrases between "and" and commas ("a red cross and a white triangle"); A-STAR's
+Gaussian smoothing of the maps is left out (the maps here are 8x8 to 16x16).
 """
 
 from __future__ import annotations
@@ -58,6 +71,13 @@ def spatial_parts(prompt: str) -> list[tuple[str, Box]]:
 
 def object_words(part: str) -> str:
     return " ".join(w for w in part.split() if w not in ARTICLES)
+
+
+def concepts(prompt: str) -> list[str]:
+    """The object words of a prompt's phrases between "and" and commas ("a red cross and a white
+    triangle" -> ["red cross", "white triangle"])."""
+    parts = re.split(r"\s*,\s*|\s+and\s+", prompt.lower().strip().rstrip("."))
+    return [w for w in (object_words(p) for p in parts) if w]
 
 
 def regions_from_prompt(prompt: str) -> dict[str, Box]:
@@ -157,12 +177,17 @@ class LayoutGuidance(Accelerator):
     layer = 0
     exclusive = "attention processors"
     needs_grad = True
-    summary = "layout guidance from cross-attention (Chen et al. 2024), regions from boxes or spatial words"
+    summary = ("layout guidance from cross-attention (Chen et al. 2024; A-STAR's segregation / retention "
+               "terms), regions from boxes or spatial words")
     cost = "a forward and backward conditional pass per guided step and iteration"
     options = {
         "scale": Option(0.05, "step size, a fraction of sigma_t per iteration", lo=0, hi=10),
         "steps": Option(0.5, "share of the steps that are guided", lo=0, hi=1),
         "iters": Option(3, "gradient iterations per guided step", kind=int, lo=1, hi=20),
+        "segregation": Option(0.0, "A-STAR's segregation term's weight (overlap of the objects' maps)",
+                              lo=0, hi=100),
+        "retention": Option(0.0, "A-STAR's retention term's weight (each object keeps its region)", lo=0,
+                            hi=100),
     }
 
     def __init__(self, boxes: dict[str, Box] | None = None, **values: Any) -> None:
@@ -190,15 +215,21 @@ class LayoutGuidance(Accelerator):
         mods = [m for m in attention_modules(run.network, True) if m[1].norm_q is None]
         self.swap.install(mods, lambda name, mod, orig: GradCapture(orig, self.state, self.maps.append))
         prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts))) if run.prompts else []
-        self.objects: list[list[tuple[Tensor, Box]]] = []
+        astar = self.segregation > 0 or self.retention > 0
+        self.objects: list[list[tuple[Tensor, Box | None]]] = []
         for p in prompts[: run.batch]:
-            regions = self.boxes or regions_from_prompt(p)
+            regions: dict[str, Box | None] = {**(self.boxes or regions_from_prompt(p))}
+            if not regions and astar:
+                regions = dict.fromkeys(concepts(p))
             objs = []
             for words, box in regions.items():
                 pos = [q for w in words.split() for q in word_positions(run, p, w)]
                 objs.append((torch.tensor(pos), box))
             self.objects.append(objs)
         self.guided = int(self.steps * run.steps)
+        #: A-STAR's B_m: (layer, image) -> each object's binarized map at the last guided step
+        self.previous: dict[tuple[int, int], list[Tensor]] = {}
+        self.current: dict[tuple[int, int], list[Tensor]] = {}
 
     def evaluate(self, req: Any, inner: Any) -> Any:
         import torch
@@ -225,22 +256,47 @@ class LayoutGuidance(Accelerator):
                 finally:
                     self.state.rows = None
                 energy = self.energy(self.maps)
-                (g,) = torch.autograd.grad(energy, x)
                 self.maps.clear()
+                if not energy.requires_grad:  # nothing to steer yet (retention's first step, one object)
+                    break
+                (g,) = torch.autograd.grad(energy, x)
                 rms = g.pow(2).mean(dim=tuple(range(1, g.ndim)), keepdim=True).sqrt().clamp_min(1e-12)
                 x = (x - self.scale * sigma * g / rms).detach()
-        return x
+        self.previous, self.current = self.current, {}
+        return x.detach()
 
     def energy(self, maps: list[Tensor]) -> Tensor:
-        """Chen et al. 2024, Eq. 3, averaged over the layers, summed over images."""
-        total = 0.0
-        for a in maps:  # (B, N, T)
+        """Chen et al. 2024, Eq. 3 (objects with a box), plus A-STAR's Eqs. 2 and 3 at their weights;
+        averaged over the layers, summed over images."""
+        import torch
+
+        total = torch.zeros(())
+        for layer, a in enumerate(maps):  # (B, N, T)
             for b, objs in enumerate(self.objects):
+                normed = []
                 for pos, box in objs:
                     att = a[b][:, pos.to(a.device)].mean(-1)  # (N,)
-                    m = box_mask(box, att.shape[0]).to(att)
-                    total = total + (1 - (att * m).sum() / att.sum().clamp_min(1e-12)) ** 2
+                    if box is not None:
+                        m = box_mask(box, att.shape[0]).to(att)
+                        total = total + (1 - (att * m).sum() / att.sum().clamp_min(1e-12)) ** 2
+                    normed.append(att / att.max().clamp_min(1e-12))
+                total = total + self.astar(normed, self.previous.get((layer, b)))
+                self.current[(layer, b)] = [(n.detach() >= 0.5).to(n) for n in normed]
         return total / max(1, len(maps))
+
+    def astar(self, maps: list[Tensor], previous: list[Tensor] | None) -> Tensor | float:
+        """A-STAR's segregation (Eq. 2) and retention (Eq. 3) terms of one image's normalized maps."""
+        loss: Tensor | float = 0.0
+        if self.segregation > 0:
+            for i, a_m in enumerate(maps):
+                for a_n in maps[i + 1 :]:
+                    overlap = a_m.minimum(a_n).sum() / (a_m + a_n).sum().clamp_min(1e-12)
+                    loss = loss + self.segregation * overlap
+        if self.retention > 0 and previous is not None:
+            for a_m, b_m in zip(maps, previous, strict=True):
+                iou = a_m.minimum(b_m).sum() / (a_m + b_m - a_m * b_m).sum().clamp_min(1e-12)
+                loss = loss + self.retention * (1 - iou)
+        return loss
 
     def end(self) -> None:
         self.swap.restore()
