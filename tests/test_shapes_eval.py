@@ -8,9 +8,11 @@ from velodiff.eval.shapes_eval import (
     Detection,
     _prompt_path,
     calibration,
+    correct_by_category,
     detect,
     evaluate,
     load_prompts,
+    paired_standard_error,
     prompt_set_json,
     score_prompt,
 )
@@ -163,6 +165,24 @@ def test_evaluate_accepts_tensors_and_several_images_per_prompt():
     assert evaluate(xb, caps)["overall"] == 1.0
     with pytest.raises(ValueError, match="images"):
         evaluate([s.image for s in scenes[:5]], prompts)
+
+
+def test_paired_standard_error_of_the_overall_score():
+    """The standard error of overall(a) - overall(b) on the same images: per category the paired
+    differences' variance over their count, summed, over the number of categories squared."""
+    assert paired_standard_error({"x": "1100"}, {"x": "1000"}) == pytest.approx(0.25)  # var 1/4, n 4
+    two = paired_standard_error({"x": "10", "y": "11"}, {"x": "00", "y": "01"})
+    assert two == pytest.approx(np.sqrt(0.25 + 0.25) / 2)
+    assert paired_standard_error({"x": "1010"}, {"x": "1010"}) == 0  # identical verdicts: no noise
+    with pytest.raises(ValueError, match="not scored on the same images") as e:
+        paired_standard_error({"x": "10"}, {"x": "101"})
+    assert len(str(e.value).splitlines()) == 1
+    w = ShapesWorld(seed=0)
+    prompts = load_prompts("v1")[::25][:4]
+    good = evaluate([w.render(p.spec, seed=0).image for p in prompts], prompts)
+    blank = evaluate([np.zeros((64, 64, 3), np.uint8)] * 4, prompts)
+    assert correct_by_category(good) == dict.fromkeys(CATEGORIES, "1")
+    assert correct_by_category(blank) == dict.fromkeys(CATEGORIES, "0")
 
 
 def test_canonical_prompt_text_roundtrip():

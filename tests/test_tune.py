@@ -63,6 +63,8 @@ def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys
         == pytest.approx(loss("shapes_eval", res["baseline"]["calibration"]["shapes_eval"], r["shapes_eval"]))
         for r in rows
     )
+    assert all(r["loss_se"] >= 0 for r in rows + res["holdout"])  # paired with the baseline's images
+    assert "loss (± paired SE)" in (out / "report.md").read_text()
 
     # with a budget of 1 every plan qualifies: the first held-out round holds the `beam` (3) plans
     # fastest on calibration (fewest evaluations per image, then time), the winner the fastest of them

@@ -433,6 +433,28 @@ def evaluate(images: Any, prompts: Sequence[Any], strict: bool = False,
     }
 
 
+def correct_by_category(result: dict[str, Any]) -> dict[str, str]:
+    """An :func:`evaluate` result's per-image verdicts, compactly: {category: "1011..." in image order}."""
+    out: dict[str, str] = {}
+    for rec in result["per_prompt"]:
+        out[rec["category"]] = out.get(rec["category"], "") + ("1" if rec["correct"] else "0")
+    return out
+
+
+def paired_standard_error(a: dict[str, str], b: dict[str, str]) -> float:
+    """Standard error of ``overall(a) - overall(b)`` for two runs scored on the same prompts and seeds
+    (:func:`correct_by_category` of each): overall is the mean of the C categories' accuracies, so its
+    difference has variance sum_c var(a_i - b_i) / n_c / C^2 over each category's n_c paired images."""
+    if a.keys() != b.keys() or any(len(a[c]) != len(b[c]) for c in a):
+        raise ShapesSpecError("paired standard error: the two runs were not scored on the same images")
+    var = 0.0
+    for c in a:
+        d = np.array([int(x) - int(y) for x, y in zip(a[c], b[c], strict=True)], dtype=float)
+        if len(d) > 1:
+            var += d.var(ddof=1) / len(d)
+    return float(math.sqrt(var) / max(1, len(a)))
+
+
 # ------------------------------------------------------------------------------------------ prompt sets
 
 def _prompt_path(name: str):

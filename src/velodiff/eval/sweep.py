@@ -453,12 +453,13 @@ def run_sweep(
                    seconds_per_image=median(times) / len(jobs), seconds=[round(t, 4) for t in times],
                    peak_memory_mb=round(mem["peak_memory_mb"], 1), memory_kind=mem["memory_kind"])
         if use_shapes:
-            from .shapes_eval import evaluate
+            from .shapes_eval import correct_by_category, evaluate
 
             # text2img gives [0, 1]; ShapesEval reads float tensors in [-1, 1] (ShapesWorld.batch's range)
             ev = evaluate(imgs * 2 - 1, texts, keep_detections=False)
             rec["shapes_eval"] = ev["overall"]
             rec["shapes_by_category"] = ev["by_category"]
+            rec["shapes_correct"] = correct_by_category(ev)  # per image: paired errors against a baseline
         if fd is not None:
             fd.reset_fake()
             fd.add_fake(imgs)

@@ -236,22 +236,26 @@ def tune(
     def score(
         records: dict[str, dict[str, Any]], stage: str, base_record: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        base = (base_record or records["none"])[cfg.metric]
+        from .shapes_eval import paired_standard_error
+
+        base_rec = base_record or records["none"]
+        base = base_rec[cfg.metric]
         rows = []
         for plan, r in records.items():
             if plan == "none" or "error" in r or r.get(cfg.metric) is None:
                 continue
-            rows.append(
-                {
-                    "stage": stage,
-                    "plan": plan,
-                    "seconds_per_image": r["seconds_per_image"],
-                    "evals": r["evals"],
-                    cfg.metric: r[cfg.metric],
-                    "loss": loss(cfg.metric, base, r[cfg.metric]),
-                    "psnr_vs_baseline": r.get("psnr_vs_plain"),
-                }
-            )
+            row = {
+                "stage": stage,
+                "plan": plan,
+                "seconds_per_image": r["seconds_per_image"],
+                "evals": r["evals"],
+                cfg.metric: r[cfg.metric],
+                "loss": loss(cfg.metric, base, r[cfg.metric]),
+                "psnr_vs_baseline": r.get("psnr_vs_plain"),
+            }
+            if cfg.metric == "shapes_eval" and "shapes_correct" in r and "shapes_correct" in base_rec:
+                row["loss_se"] = paired_standard_error(base_rec["shapes_correct"], r["shapes_correct"])
+            rows.append(row)
         return rows
 
     def speed(r: dict[str, Any]) -> tuple[float, float]:
@@ -415,10 +419,11 @@ def report(result: dict[str, Any], cfg: TuneConfig) -> str:
     if result.get("plan"):
         hb = base["holdout"]
         win = next(r for r in result["holdout"] if r["plan"] == result["plan"])
+        se = f", paired standard error {win['loss_se']:.3f}" if win.get("loss_se") is not None else ""
         lines += [
             f"**Plan: `{result['plan']}`**: {result['speedup']:.2f}x faster than the baseline on the "
             f"held-out prompts ({win['seconds_per_image']:.4f} vs {hb['seconds_per_image']:.4f} s / image), "
-            f"{label} {win[cfg.metric]:.3f} vs {hb[cfg.metric]:.3f} (loss {win['loss']:+.3f}).",
+            f"{label} {win[cfg.metric]:.3f} vs {hb[cfg.metric]:.3f} (loss {win['loss']:+.3f}{se}).",
             "",
         ]
     else:
@@ -431,7 +436,7 @@ def report(result: dict[str, Any], cfg: TuneConfig) -> str:
                 f"{r['seconds_per_image']:.4f}",
                 f"{r['evals']:g}",
                 f"{r[cfg.metric]:.3f}",
-                f"{r['loss']:+.3f}",
+                f"{r['loss']:+.3f}" + (f" ± {r['loss_se']:.3f}" if r.get("loss_se") is not None else ""),
                 "-" if r.get("psnr_vs_baseline") is None else f"{r['psnr_vs_baseline']:.1f}",
             ]
             for r in sorted(rows, key=lambda r: r["seconds_per_image"])
@@ -440,7 +445,8 @@ def report(result: dict[str, Any], cfg: TuneConfig) -> str:
             head,
             "",
             markdown_table(
-                ["plan", "s / image", "evals / image", label, "loss", "PSNR vs baseline (dB)"], body
+                ["plan", "s / image", "evals / image", label, "loss (± paired SE)", "PSNR vs baseline (dB)"],
+                body,
             ),
             "",
         ]
