@@ -70,6 +70,12 @@ class SearchSpace:
             raise VelodiffError("search space: give at least one solver and one NFE")
         return space
 
+    def needs_calibration(self) -> bool:
+        """Whether some combination runs on a solver calibration (the calibrated grid, DPM-Solver-v3)."""
+        from ..pipelines.common import CALIBRATED
+
+        return CALIBRATED in self.grids or "dpm_solver_v3" in self.solvers
+
     def available(self) -> SearchSpace:
         """The space without the rules this installation does not have (e.g. int8 without torchao)."""
         from ..plan import Plan
@@ -271,12 +277,12 @@ def tune(
 
     # stage 1: solver x grid x NFE (what needs a calibration only where the model has it)
     guidance = cfg.guidance if cfg.guidance is not None else (defaults or {}).get("guidance")
-    runs = calibration_check(model, model_name, guidance, log)
+    runs = calibration_check(model, model_name, guidance, log) if space.needs_calibration() else None
     first = []
     for solver in space.solvers:
         for grid in space.grids:
             for n in space.nfe:
-                if not runs(solver, grid, n):
+                if runs is not None and not runs(solver, grid, n):
                     continue
                 first.append(f"solver={solver}+nfe={n}" + (f"+grid={grid}" if grid else ""))
     recs = measure("1-solvers", first, cfg.calibration_prompts, cfg.calibration_seed, cfg.calibration_images)
