@@ -1,8 +1,13 @@
 """Wall-clock of plans side by side: the same batch (the first N v1 prompts, seeds from 0), each plan
 timed in turn, round after round, so a change in machine load hits every plan alike; medians and the
-ratio to the first plan. One thread, the shipped model, DPM-Solver++ 2M, 20 steps, guidance 2.5.
+ratio to the first plan. One thread, the shipped model, DPM-Solver++ 2M, 20 steps, guidance 2.5 (a
+plan may set its own solver, NFE and grid). Sampling only (latents out), or with ``--end-to-end`` text
+encoding, sampling and decoding. ``--models`` gives each plan its model (';'-separated as the plans;
+a student samples at its own guidance, e.g. a guided student's 1 with its embedded scale).
 
     python bench/guidance/timing.py --plans "none;ag:threshold=0.999" --rounds 9 --prompts 25
+    python bench/guidance/timing.py --plans "none;solver=unipc+nfe=10+grid=trailing" \
+        --models "default;runs-guided/g1" --end-to-end --rounds 7 --prompts 25
 """
 
 from __future__ import annotations
@@ -27,31 +32,49 @@ def main() -> None:
     ap.add_argument("--plans", default="none;ag:threshold=0.999")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--prompts", type=int, default=25)
+    ap.add_argument("--models", help="each plan's model, ';'-separated (default: the shipped one)")
+    ap.add_argument("--end-to-end", action="store_true", help="time text encoding and decoding too")
     ap.add_argument("--out", default=str(Path(__file__).with_name("timing.json")))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = velodiff.load(default_model_path())
-    texts = [p.text for p in load_prompts("v1")][: args.prompts]
     plans = [p.strip() for p in args.plans.split(";")]
-    kw = dict(steps=20, solver="dpmpp_2m", guidance=2.5, seeds=0, output="latent")
-    text2img(model, texts[:2], **kw)  # warm-up
-    times: dict[str, list[float]] = {p: [] for p in plans}
-    evals: dict[str, float] = {}
+    names = [default_model_path()] * len(plans)
+    if args.models:
+        names = [m.strip() for m in args.models.split(";")]
+    if len(names) != len(plans):
+        raise SystemExit(f"--models: {len(names)} models for {len(plans)} plans")
+    models = {n: velodiff.load(n) for n in dict.fromkeys(names)}
+    texts = [p.text for p in load_prompts("v1")][: args.prompts]
+    output = "tensor" if args.end_to_end else "latent"
+    runs = list(zip(plans, names, strict=True))
+
+    def run(plan: str, name: str):
+        m = models[name]
+        return text2img(m, texts, plan=plan, steps=m.default_steps, solver=m.default_solver,
+                        guidance=m.default_guidance, seeds=0, output=output)
+
+    for plan, name in runs:  # warm-up
+        run(plan, name)
+    times: dict[int, list[float]] = {k: [] for k in range(len(runs))}
+    evals: dict[int, float] = {}
     for _ in range(args.rounds):
-        for p in plans:
+        for k, (plan, name) in enumerate(runs):
             t0 = time.perf_counter()
-            r = text2img(model, texts, plan=p, **kw)
-            times[p].append((time.perf_counter() - t0) / len(texts))
-            evals[p] = r.evals
-    base = statistics.median(times[plans[0]])
-    rows = [{"plan": p, "evals": evals[p], "median_s_per_image": statistics.median(t),
-             "ratio": statistics.median(t) / base} for p, t in times.items()]
+            evals[k] = run(plan, name).evals
+            times[k].append((time.perf_counter() - t0) / len(texts))
+    base = statistics.median(times[0])
+    rows = [
+        {"plan": plan, "model": str(name), "evals": evals[k],
+         "median_s_per_image": statistics.median(times[k]), "ratio": statistics.median(times[k]) / base}
+        for k, (plan, name) in enumerate(runs)
+    ]
     res = {"command": "python bench/guidance/timing.py " + " ".join(sys.argv[1:]), "rounds": args.rounds,
-           "images": len(texts), "threads": 1, "rows": rows}
+           "images": len(texts), "threads": 1, "end_to_end": args.end_to_end, "rows": rows}
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print("| plan | evals / image | median s / image | ratio |\n|---|---:|---:|---:|")
+    print("| model | plan | evals / image | median s / image | ratio |\n|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['plan']} | {r['evals']:g} | {r['median_s_per_image']:.4f} | {r['ratio']:.3f} |")
+        print(f"| {r['model']} | {r['plan']} | {r['evals']:g} | {r['median_s_per_image']:.4f} | "
+              f"{r['ratio']:.3f} |")
 
 
 if __name__ == "__main__":
