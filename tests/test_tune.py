@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from velodiff.default_model import default_model_path
-from velodiff.eval.tune import SearchSpace, loss
+from velodiff.eval.tune import SearchSpace, loss, within
 from velodiff.plan import Plan
 
 
@@ -155,3 +155,8 @@ def test_the_calibrated_grid_and_v3_join_the_space_only_where_the_model_has_a_ca
     assert len(said) == 1 and "velodiff calibrate solver --model default --guidance 7.5" in said[0]
     assert not runs("unipc", "calibrated", 8) and not runs("dpm_solver_v3", None, 5)
     assert runs("unipc", None, 8) and runs("ddim", "trailing", 5)
+
+
+def test_a_loss_of_exactly_the_budget_is_within_it():
+    assert 0.825 - 0.8049999999999999 > 0.02 and within(0.825 - 0.8049999999999999, 0.02)  # round-off
+    assert within(0.0, 0.0) and within(-0.01, 0.0) and not within(0.0201, 0.02)

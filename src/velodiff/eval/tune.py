@@ -141,6 +141,13 @@ def _metrics_for(metric: str) -> list[str]:
     )
 
 
+def within(loss: float, budget: float) -> bool:
+    """A loss within the budget, the budget itself included: scores are means of per-image verdicts,
+    so a loss of exactly the budget arrives with float round-off on either side (0.825 - 0.805 can be
+    0.020000000000000018)."""
+    return loss <= budget + 1e-9
+
+
 def loss(metric: str, baseline: float, value: float) -> float:
     """Quality lost against the baseline (positive = worse), in the metric's units."""
     return baseline - value if QUALITY[metric] else value - baseline
@@ -272,7 +279,7 @@ def tune(
         return (round(r["evals"], 6), r["seconds_per_image"])
 
     def fastest_within(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        ok = sorted((r for r in rows if r["loss"] <= cfg.budget), key=speed)
+        ok = sorted((r for r in rows if within(r["loss"], cfg.budget)), key=speed)
         return ok[: cfg.beam]
 
     # stage 1: solver x grid x NFE (what needs a calibration only where the model has it)
@@ -327,7 +334,7 @@ def tune(
     seen: dict[str, dict[str, Any]] = {}
     for st in stages:
         for r in st["rows"]:
-            if r["loss"] <= cfg.budget:
+            if within(r["loss"], cfg.budget):
                 seen.setdefault(r["plan"], r)
     queue = sorted(seen.values(), key=speed)
     result["holdout"], winner = [], None
@@ -348,7 +355,7 @@ def tune(
         result["baseline"]["holdout"] = {
             key: base_held.get(key) for key in (cfg.metric, "seconds_per_image", "evals")
         }
-        passing = sorted((r for r in held if r["loss"] <= cfg.budget), key=speed)
+        passing = sorted((r for r in held if within(r["loss"], cfg.budget)), key=speed)
         if passing:
             winner = passing[0]
             break
