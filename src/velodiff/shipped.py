@@ -48,6 +48,11 @@ SHIPPED: dict[str, Shipped] = {
     "default-2step": Shipped(
         "default-2step", "reflow + DMD student of default: 2 steps, guidance folded in", "default"
     ),
+    "default-guided": Shipped(
+        "default-guided",
+        "guidance-distilled student of default: CFG 2.5 embedded (w input), one pass per step",
+        "default",
+    ),
     "default-pruned": Shipped(
         "default-pruned",
         "pruned student of default: 0.70x FLOPs (magnitude-ranked blocks removed), distillation repair",
