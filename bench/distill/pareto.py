@@ -25,6 +25,12 @@ ROWS: dict[str, list[str]] = {
         "--plan",
         "solver=ddim+nfe=8+grid=trailing",
     ],
+    "default-guided, dpmpp_2m 8 NFE trailing (tune 0.02 with the guided student)": [
+        "--model",
+        "default-guided",
+        "--plan",
+        "solver=dpmpp_2m+nfe=8+grid=trailing",
+    ],
     "teacher, ddim 4 steps, no CFG": [
         "--model",
         "default",
