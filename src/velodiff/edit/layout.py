@@ -281,7 +281,8 @@ class LayoutGuidance(Accelerator):
                         total = total + (1 - (att * m).sum() / att.sum().clamp_min(1e-12)) ** 2
                     normed.append(att / att.max().clamp_min(1e-12))
                 total = total + self.astar(normed, self.previous.get((layer, b)))
-                self.current[(layer, b)] = [(n.detach() >= 0.5).to(n) for n in normed]
+                if self.retention > 0:  # B_m for the next guided step
+                    self.current[(layer, b)] = [(n.detach() >= 0.5).to(n) for n in normed]
         return total / max(1, len(maps))
 
     def astar(self, maps: list[Tensor], previous: list[Tensor] | None) -> Tensor | float:
