@@ -155,6 +155,16 @@ def generate(
         typer.Option(help="layout guidance boxes: 'red circle: 0.1,0.1,0.45,0.45; blue square: ...' "
                      "(fractions x0,y0,x1,y1, y down; plan rule layout)"),
     ] = None,
+    layout_mode: Annotated[
+        str,
+        typer.Option(help="how --layout places the objects: guidance (steer the attention) or collage "
+                     "(draw each object, paste it into its box, harmonise by SDEdit)"),
+    ] = "guidance",
+    strength: Annotated[
+        float | None,
+        typer.Option(help="with --layout-mode collage: the share of the steps re-run over the collage "
+                     "[default: 0.5]"),
+    ] = None,
     regions: Annotated[
         str | None,
         typer.Option(help="regional prompts: 'a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1' (each "
@@ -178,6 +188,7 @@ def generate(
         check_boxes(boxes, prompt)
         if plan is not None and Plan.parse(plan).find("layout") is not None:
             raise VelodiffError("--layout adds the plan rule layout with its boxes; drop layout from --plan")
+    collage = check_layout_mode(layout_mode, strength, layout, attention_maps)
     regional = None
     if regions is not None:
         from ..edit.regional import RegionalPrompting, parse_regions
@@ -199,13 +210,19 @@ def generate(
         from ..accel.attention import AttentionMaps
 
         extra.append(capture := AttentionMaps())
-    if boxes is not None:
+    if boxes is not None and not collage:
         from ..edit.layout import LayoutGuidance
 
         extra.append(LayoutGuidance(boxes=boxes))
     if regional is not None:
         extra.append(regional)
-    res = run.run(text2img, prompt, plan=extra, width=width, height=height)
+    if collage:
+        from ..edit.collage import collage as pipeline
+
+        given = {} if strength is None else {"strength": strength}
+        res = run.run(pipeline, prompt, boxes, plan=extra, width=width, height=height, **given)
+    else:
+        res = run.run(text2img, prompt, plan=extra, width=width, height=height)
     save_image_atomic(image_grid(list(res.images)), out, fmt)
     typer.echo(run.summary(out, res))
     if attention_maps is not None:
@@ -216,6 +233,21 @@ def generate(
         sheet = attention_sheet(capture.maps, tokens, res.images[(n - 1) // step * step], scale=2)
         save_image_atomic(sheet, attention_maps)
         typer.echo(f"wrote {attention_maps} (cross-attention per token, mean over the steps)")
+
+
+def check_layout_mode(mode: str, strength: float | None, layout: str | None, maps: Path | None) -> bool:
+    """Whether --layout-mode asks for the collage; one line for a combination that cannot run."""
+    if mode not in ("guidance", "collage"):
+        raise VelodiffError(f"--layout-mode {mode!r}: use guidance or collage")
+    if mode == "collage" and layout is None:
+        raise VelodiffError("--layout-mode collage places the --layout boxes; give --layout too")
+    if strength is not None and mode != "collage":
+        raise VelodiffError("--strength applies to --layout-mode collage (use velodiff img2img for SDEdit)")
+    if strength is not None and not 0 < strength <= 1:
+        raise VelodiffError(f"--strength must be in (0, 1] (the share of the steps re-run), got {strength:g}")
+    if mode == "collage" and maps is not None:
+        raise VelodiffError("--attention-maps records one generation; the collage runs one per object")
+    return mode == "collage"
 
 
 EXAMPLE = o.example(

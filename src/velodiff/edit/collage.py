@@ -1,0 +1,156 @@
+"""Layout by collage (after Sarukkai et al. 2024, 'Collage Diffusion', in its simplest form): each boxed
+object is generated alone, cut out, scaled into its box on a plain canvas, and the collage is
+harmonised by SDEdit (Meng et al. 2022) under the whole prompt, which keeps the layout it is started from.
+
+    result = collage(model, "a red circle", {"red circle": (0.05, 0.05, 0.5, 0.5)}, seeds=[0])
+
+1. Object k of the layout is drawn from its own phrase of the prompt ("a red circle above a blue square",
+   box "blue square" -> "a blue square") with seed ``seed + k``, capturing the cross-attention maps.
+2. Cut-out (:func:`cut_out`): the background is the median colour of the image's border; the foreground,
+   the pixels farther than ``threshold`` from it (RGB distance in [0, 1] units); the object, the
+   connected foreground region holding the most cross-attention of the phrase's tokens and the end
+   token (mean over the steps). An object drawn on a textured background has no such region: one
+   clear line.
+3. Paste (:func:`paste`): the object's bounding box is scaled to its layout box (its aspect follows the
+   box, as GLIGEN's boxes fix both sides) and only its mask's pixels are pasted, in layout order, on a
+   canvas of the first object's background colour.
+4. Harmonise: ``img2img`` of the collage under the whole prompt at ``strength`` (the share of the steps
+   re-run; SDEdit's t0): the seams and scaling blur go, the layout stays.
+
+Cost: one generation per object plus ``strength`` of one (``bench/edit/README.md`` measures it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import VelodiffError
+from .layout import Box, check_boxes, object_words, spatial_parts
+
+RELATIONS = r"\s+(?:above|below|to the left of|to the right of)\s+"
+
+
+def object_prompt(prompt: str, words: str) -> str:
+    """The phrase of ``prompt`` that names ``words`` ("a red circle above two blue squares", "blue
+    squares" -> "two blue squares"); ``words`` itself if no one phrase holds them all."""
+    text = prompt.lower().strip().rstrip(".")
+    parts = [p for p, _ in spatial_parts(text)] or [text]
+    phrases = [q.strip() for p in parts for q in re.split(r"\s*,\s*|\s+and\s+|" + RELATIONS, p)]
+    wanted = words.lower().split()
+    for phrase in phrases:
+        if all(w in object_words(phrase).split() for w in wanted):
+            return phrase
+    return words
+
+
+def background_colour(image: np.ndarray) -> np.ndarray:
+    """The median colour of the image's one-pixel border, (3,) in the image's units."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    return np.median(border, axis=0)
+
+
+def cut_out(image: np.ndarray, attention: np.ndarray | None = None, threshold: float = 0.25) -> np.ndarray:
+    """The object's mask (H, W) bool in ``image`` (H, W, 3) in [0, 1]: of the connected regions farther
+    than ``threshold`` from the background colour, the one with the most ``attention`` mass ((H, W), any
+    scale), or the largest without it."""
+    from scipy import ndimage
+
+    distance = np.linalg.norm(image - background_colour(image), axis=-1)
+    regions, n = ndimage.label(distance > threshold)
+    if n == 0:
+        raise VelodiffError(
+            "collage: an object's image has no region that stands out from its background; "
+            "use the layout guidance instead (--layout-mode guidance)"
+        )
+    weight = np.ones(image.shape[:2]) if attention is None else np.clip(attention, 0, None)
+    mass = ndimage.sum(weight, regions, index=np.arange(1, n + 1))
+    return regions == 1 + int(np.argmax(mass))
+
+
+def paste(canvas: np.ndarray, image: np.ndarray, mask: np.ndarray, box: Box) -> np.ndarray:
+    """``canvas`` (H, W, 3) with the masked object of ``image`` scaled from its bounding box into ``box``
+    (fractions x0, y0, x1, y1 of the canvas, y down); a new array."""
+    from PIL import Image
+
+    h, w = canvas.shape[:2]
+    ys, xs = np.nonzero(mask)
+    crop = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    x0, y0 = round(box[0] * w), round(box[1] * h)
+    x1, y1 = max(x0 + 1, round(box[2] * w)), max(y0 + 1, round(box[3] * h))
+    size = (x1 - x0, y1 - y0)
+    obj = np.stack([np.asarray(Image.fromarray(c.astype(np.float32)).resize(size, Image.BICUBIC))
+                    for c in np.moveaxis(image[crop], -1, 0)], axis=-1)
+    alpha = np.asarray(Image.fromarray(mask[crop].astype(np.float32)).resize(size, Image.BILINEAR))
+    out = canvas.copy()
+    region = out[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] = region + alpha[..., None].clip(0, 1) * (obj.clip(0, 1) - region)
+    return out
+
+
+def _token_weights(model: Any, phrase: str) -> list[int]:
+    """Map indices of the phrase's tokens and its end token (index 0 is the start token)."""
+    tok = model.components.get("tokenizer")
+    n = len(tok.tokenize(phrase)) if tok is not None else len(phrase.split())
+    return list(range(1, n + 2))
+
+
+def collage(
+    model: Any,
+    prompt: str,
+    boxes: dict[str, Box],
+    *,
+    strength: float = 0.5,
+    seeds: Sequence[int] = (0,),
+    threshold: float = 0.25,
+    **options: Any,
+) -> Any:
+    """Images of ``prompt`` with each ``boxes`` object (words of the prompt -> (x0, y0, x1, y1) in [0, 1])
+    in its box (module docstring); ``options`` as :func:`velodiff.pipelines.text2img` (steps, solver,
+    guidance, plan, ...), used for the objects and the harmonising pass. Returns img2img's result with ``nfe``
+    and ``evals`` counting the whole pipeline and ``info["collages"]`` (the pasted canvases, PIL) and
+    ``info["objects"]`` (each object's own images) added."""
+    import dataclasses
+
+    import torch
+
+    from ..accel.attention import AttentionMaps
+    from ..pipelines import img2img, text2img
+
+    if not boxes:
+        raise VelodiffError("collage: give at least one box, e.g. {'red circle': (0.1, 0.1, 0.5, 0.5)}")
+    check_boxes(boxes, prompt)
+    if not 0 < strength <= 1:
+        raise VelodiffError(f"collage: strength must be in (0, 1] (the share of steps run), not {strength}")
+    if "latents" in options:
+        raise VelodiffError("collage: latents apply to one generation; give seeds instead")
+    plan = options.pop("plan", None)
+    rules = [] if plan is None else list(plan) if isinstance(plan, list | tuple) else [plan]
+    seeds = list(seeds)
+    canvases: list[np.ndarray | None] = [None] * len(seeds)
+    objects, nfe, evals = [], 0, 0
+    for k, (words, box) in enumerate(boxes.items()):
+        phrase = object_prompt(prompt, words)
+        maps = AttentionMaps()
+        res = text2img(model, phrase, seeds=[s + k for s in seeds], plan=[*rules, maps], **options)
+        objects.append(res.images)
+        nfe, evals = nfe + res.nfe, evals + res.evals
+        ids = _token_weights(model, phrase)
+        mean = torch.stack([m[:, ids].sum(1) for m in maps.maps.values()]).mean(0)  # (B, h, w)
+        for i, img in enumerate(res.images):
+            pixels = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            h, w = pixels.shape[:2]
+            att = torch.nn.functional.interpolate(mean[i][None, None], size=(h, w), mode="bilinear")
+            mask = cut_out(pixels, att[0, 0].numpy(), threshold)
+            if canvases[i] is None:
+                canvases[i] = np.broadcast_to(background_colour(pixels), pixels.shape).copy()
+            canvases[i] = paste(canvases[i], pixels, mask, box)
+    from PIL import Image
+
+    pictures = [Image.fromarray((c * 255).round().astype(np.uint8)) for c in canvases]  # type: ignore[operator]
+    result = img2img(model, prompt, pictures, strength, seeds=seeds, plan=rules, **options)
+    info = {**result.info, "collages": pictures, "objects": objects}
+    return dataclasses.replace(result, nfe=nfe + result.nfe, evals=evals + result.evals, info=info)

@@ -1,0 +1,111 @@
+"""Layout by collage: the cut-out finds a rendered object's exact mask, chosen by attention among several;
+the paste puts the object's pixels exactly in its box; on the shipped model every object of a two-object
+prompt lands in its box (detector IoU), the evaluations of the whole pipeline are counted; bad input is
+one line."""
+
+import numpy as np
+import pytest
+import torch
+
+import velodiff
+from velodiff import VelodiffError
+from velodiff.data.shapes import ShapesWorld
+from velodiff.edit.collage import collage, cut_out, object_prompt, paste
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    from velodiff.default_model import default_model_path
+
+    return velodiff.load(default_model_path())
+
+
+def scene(caption: str, seed: int = 0):
+    s = ShapesWorld(size=64).render(caption, seed=seed)
+    return s, s.image.astype(np.float32) / 255.0
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_object_prompt_is_the_phrase_that_names_the_words():
+    prompt = "a red circle above two blue squares"
+    assert object_prompt(prompt, "red circle") == "a red circle"
+    assert object_prompt(prompt, "blue squares") == "two blue squares"
+    listed = "a white cross and a green triangle, a red square"
+    assert object_prompt(listed, "green triangle") == "a green triangle"
+    assert object_prompt("a cat on a sofa", "cat") == "a cat on a sofa"
+    assert object_prompt("a red circle", "circle red") == "a red circle"
+
+
+def test_cut_out_finds_the_rendered_object_and_attention_picks_among_several():
+    s, pixels = scene("a red circle")
+    mask = cut_out(pixels)
+    (obj,) = s.objects
+    assert box_of(mask) == obj.box
+    assert (mask & obj.mask).sum() >= 0.9 * obj.mask.sum()
+    s, pixels = scene("a large red circle above a small blue square")
+    big, small = s.objects
+    assert box_of(cut_out(pixels)) == big.box  # no attention: the largest region
+    attention = small.mask.astype(np.float32)  # all the attention on the small object
+    assert box_of(cut_out(pixels, attention)) == small.box
+
+
+def test_paste_puts_the_object_exactly_in_its_box():
+    s, pixels = scene("a large red square")
+    mask = cut_out(pixels)
+    canvas = np.zeros_like(pixels)
+    box = (0.25, 0.5, 0.75, 0.875)  # 32 x 24 pixels at 64 x 64: the square is stretched into it
+    out = paste(canvas, pixels, mask, box)
+    fg = np.linalg.norm(out, axis=-1) > 0.25
+    assert box_of(fg) == (16, 32, 48, 56)
+    assert np.allclose(out[~fg], 0.0)
+    assert np.abs(out[40, 32] - pixels[s.objects[0].mask].mean(0)).max() < 0.05  # the object's colour
+
+
+def test_collage_places_each_object_in_its_box(model):
+    from velodiff.eval.shapes_eval import detect
+
+    prompt = "a red circle to the left of a blue square"
+    boxes = {"red circle": (0.05, 0.5, 0.45, 0.9), "blue square": (0.55, 0.05, 0.95, 0.45)}
+    res = collage(model, prompt, boxes, strength=0.5, seeds=[0, 1], steps=10, guidance=2.5)
+    assert len(res.images) == 2 and len(res.info["collages"]) == 2 and len(res.info["objects"]) == 2
+    assert res.nfe == 10 + 10 + 5 and res.evals == 2 * res.nfe  # two objects + half the steps, CFG pairs
+    for image in res.images:
+        dets = detect(np.asarray(image))
+        for words, box in boxes.items():
+            mine = [d for d in dets if f"{d.color} {d.shape}" == words]
+            assert mine, f"no {words} in the collage"
+            x0, y0, x1, y1 = (v / 64 for v in max(mine, key=lambda d: d.area).box)
+            inter = max(0, min(x1, box[2]) - max(x0, box[0])) * max(0, min(y1, box[3]) - max(y0, box[1]))
+            union = (x1 - x0) * (y1 - y0) + (box[2] - box[0]) * (box[3] - box[1]) - inter
+            assert inter / union >= 0.6, (words, inter / union)
+
+
+def test_bad_input_is_one_line(model, tmp_path, capsys):
+    from test_invert import cli
+
+    flat = np.full((64, 64, 3), 0.1, dtype=np.float32)
+    with pytest.raises(VelodiffError, match="stands out from its background"):
+        cut_out(flat)
+    box = {"red circle": (0.1, 0.1, 0.5, 0.5)}
+    with pytest.raises(VelodiffError, match="strength must be in"):
+        collage(model, "a red circle", box, strength=0, steps=2)
+    with pytest.raises(VelodiffError, match="'red' is not in the prompt"):
+        collage(model, "a blue circle", box, steps=2)
+    out = str(tmp_path / "c.png")
+    for args, message in [
+        (("--layout-mode", "collage"), "give --layout too"),
+        (("--layout-mode", "paste"), "use guidance or collage"),
+        (("--strength", "0.3"), "applies to --layout-mode collage"),
+        (("--layout", "red circle: 0,0,1,1", "--layout-mode", "collage", "--strength", "2"), "(0, 1]"),
+    ]:
+        assert cli("generate", "a red circle", "-o", out, *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    args = ("--layout", "red circle: 0.5,0.5,0.95,0.95", "--layout-mode", "collage", "--steps", "4")
+    assert cli("generate", "a red circle", "-o", out, *args) == 0
+    assert "6 NFE" in capsys.readouterr().out  # 4 steps for the object, 2 for the harmonising pass
