@@ -108,3 +108,64 @@ def test_two_time_scale_rule_updates_the_generator_every_nth_step(tmp_path) -> N
     assert any(not torch.equal(one[k], plain[k]) for k in one)
     logs = [row[-1] for row in list(csv.reader((tmp_path / "ttur" / "dmd" / "loss.csv").open()))[1:]]
     assert '"dm": 0.0' in logs[1] and '"dm": 0.0' not in logs[0]
+
+
+class _ToyUNet(torch.nn.Module):
+    """A UNet-shaped toy: down conv, mid block, up conv; ``forward(x, k, ctx).sample``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv2d(2, 8, 3, padding=1)
+        self.mid_block = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.up = torch.nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x, k, ctx):
+        from types import SimpleNamespace
+
+        h = self.mid_block(torch.tanh(self.down(x) + ctx.mean() + k.view(-1, 1, 1, 1) / 1000))
+        return SimpleNamespace(sample=self.up(h))
+
+
+def test_gan_terms_train_the_generator_through_its_sample_and_the_discriminator_apart() -> None:
+    """DMD2's GAN: the generator's term moves only the sample x, by exactly the gradient of
+    softplus(-D(alpha x + sigma eps)); the discriminator's term trains the network and its head, never x;
+    the up blocks are not run."""
+    from velodiff.distill.dmd import DiscriminatorHead, bottleneck_logits, gan_losses
+
+    sched, gen = _sched(), torch.Generator().manual_seed(0)
+    unet, head = _ToyUNet(), DiscriminatorHead(8)
+    b = 3
+    x = torch.randn(b, 2, 4, 4, generator=gen, requires_grad=True)
+    real = torch.randn(b, 2, 4, 4, generator=gen)
+    ctx, real_ctx = torch.randn(b, 5, 6, generator=gen), torch.randn(b, 5, 6, generator=gen)
+    t = 0.1 + 0.8 * torch.rand(2 * b, generator=gen)
+    eps = torch.randn(2 * b, 2, 4, 4, generator=gen)
+    g_gan, d_loss = gan_losses(unet, head, sched, x, ctx, real, real_ctx, t, eps, True)
+    g_gan.backward()
+    assert all(p.grad is None for p in [*unet.parameters(), *head.parameters()])
+    a = sched.alpha(t[b:]).float().view(-1, 1, 1, 1)
+    s = sched.sigma(t[b:]).float().view(-1, 1, 1, 1)
+    x2 = x.detach().clone().requires_grad_(True)
+    logits = bottleneck_logits(unet, head, a * x2 + s * eps[b:], t[b:], ctx, sched)
+    direct = torch.nn.functional.softplus(-logits)
+    direct.mean().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6) and float(x.grad.abs().max()) > 0
+    assert abs(float(g_gan.detach()) - float(direct.mean().detach())) < 1e-6
+    x.grad = None
+    d_loss.backward()
+    assert x.grad is None
+    assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in head.parameters())
+    assert unet.down.weight.grad is not None and unet.up.weight.grad is None  # the up blocks never ran
+    g_off, _ = gan_losses(unet, head, sched, x.detach(), ctx, real, real_ctx, t, eps, False)
+    assert torch.equal(g_off, torch.zeros(()))  # not a generator step: no generator term
+
+
+def test_gan_run_resumes_bit_exactly(tmp_path) -> None:
+    gan = ("--student-steps", "2", "--gan-weight", "0.01", "--real-images", "4")
+    assert _dmd(tmp_path, "full", 2, *gan) == 0
+    assert _dmd(tmp_path, "split", 1, *gan) == 0
+    assert _dmd(tmp_path, "split", 2, *gan) == 0
+    a, b = _unet_state(tmp_path / "full-student"), _unet_state(tmp_path / "split-student")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [row[-1] for row in list(csv.reader((tmp_path / "full" / "dmd" / "loss.csv").open()))[1:]]
+    assert all('"gan":' in r and '"disc":' in r for r in logs)

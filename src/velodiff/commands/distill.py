@@ -263,6 +263,9 @@ def dmd(
     regression_weight: float = typer.Option(0.25, min=0.0, help="weight of the regression on the pairs"),
     real_guidance: float = typer.Option(None, min=0.0, help="CFG of the real score (default: --guidance)"),
     fake_updates: int = typer.Option(1, min=1, help="fake-score updates per generator update (DMD2: 5)"),
+    gan_weight: float = typer.Option(0.0, min=0.0, help="DMD2 GAN loss weight of the generator (0: off)"),
+    disc_weight: float = typer.Option(1e-2, min=0.0, help="the discriminator's GAN loss weight (DMD2: 1e-2)"),
+    real_images: int = typer.Option(1024, min=1, help="rendered shapes-world scenes the GAN takes as real"),
     batch: Batch = 8,
     lr: float = typer.Option(1e-5, min=0.0),
     warmup: Warmup = 10,
@@ -283,7 +286,8 @@ def dmd(
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     dcfg = DMDConfig(steps=steps, batch=batch, student_steps=student_steps,
                      regression_weight=regression_weight, ema=ema, real_guidance=real_guidance,
-                     fake_updates=fake_updates)
+                     fake_updates=fake_updates, gan_weight=gan_weight, disc_weight=disc_weight,
+                     real_images=real_images)
     res = distill_dmd(teacher, init, out, run, cfg, pcfg, dcfg, quiet=quiet, device=dev)
     if res["out"] is not None:
         typer.echo(f"held-out {student_steps}-step error vs the teacher's samples: {res['held_out']:.4g}")

@@ -27,7 +27,16 @@ clipped on its own. With ``fake_updates`` = N > 1 (DMD2, Yin et al. 2024b, "Impr
 Matching Distillation for Fast Image Synthesis", Sec. 4.1, the two time-scale update rule; the paper
 uses 5), only steps 0, N, 2N, ... update G; the others train the fake score alone on G's
 current samples, so it tracks G's distribution more closely (G's parameters get no gradient there, and
-AdamW leaves them as they are)."""
+AdamW leaves them as they are).
+
+With ``gan_weight`` > 0, DMD2's GAN term (Sec. 4.2): a discriminator D, a small head on the fake score
+network's bottleneck (its mid block's output, :class:`DiscriminatorHead`), reads diffused samples at
+t ~ U[0.02, 0.98] with their captions. *Real* samples are the shapes world's own rendered scenes
+(VAE-encoded, ``real_images`` of them, as the teacher was trained on), so G can learn from the data and
+not only from the teacher. D (with the fake network) minimises the non-saturating loss
+softplus(-D(real_t)) + softplus(D(G_t)) at weight ``disc_weight`` (DMD2: 1e-2); G, on its update
+steps, softplus(-D(G_t)) at ``gan_weight`` (DMD2: 3e-3 to 5e-3), its gradient taken with respect to
+G's sample only (the surrogate of :func:`dm_loss`), so the GAN's generator term never trains D."""
 
 from __future__ import annotations
 
@@ -62,6 +71,50 @@ class DMDConfig:
     ema: float = 0.0
     real_guidance: float | None = None
     fake_updates: int = 1
+    gan_weight: float = 0.0
+    disc_weight: float = 1e-2
+    real_images: int = 1024
+
+
+class DiscriminatorHead(torch.nn.Module):
+    """DMD2's classification branch on the fake network's bottleneck features (B, C, h, w) -> (B,)
+    logits: conv 3x3, GroupNorm, SiLU, conv 1x1 to one channel, mean over positions."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1),
+            torch.nn.GroupNorm(min(32, channels), channels),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, 1, 1),
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features).mean(dim=(1, 2, 3))
+
+
+def bottleneck_logits(
+    unet: Any, head: DiscriminatorHead, x: Tensor, t: Tensor, ctx: Tensor, sched: Any
+) -> Tensor:
+    """D(x_t): the head on ``unet``'s mid-block output for (x_t, t, ctx); the up blocks are not run."""
+    from .run import _velocity
+
+    def stop(module: Any, inputs: Any, output: Tensor) -> None:
+        raise _Bottleneck(output)
+
+    hook = unet.mid_block.register_forward_hook(stop)
+    try:
+        _velocity(unet, x, t, ctx, sched)
+    except _Bottleneck as b:
+        return head(b.features)
+    finally:
+        hook.remove()
+    raise VelodiffError("the discriminator's UNet never ran its mid block")  # pragma: no cover
+
+
+class _Bottleneck(Exception):
+    def __init__(self, features: Tensor) -> None:
+        self.features = features
 
 
 def dm_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
@@ -76,6 +129,31 @@ def dm_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
 def dm_loss(x: Tensor, grad: Tensor) -> Tensor:
     """The surrogate whose gradient in ``x`` is ``grad`` / x.numel() (mean reduction)."""
     return 0.5 * (x - (x - grad).detach()).pow(2).mean()
+
+
+def gan_losses(
+    unet: Any, head: DiscriminatorHead, sched: Any, x: Tensor, ctx: Tensor, real_x: Tensor, real_ctx: Tensor,
+    t: Tensor, eps: Tensor, update_g: bool,
+) -> tuple[Tensor, Tensor]:
+    """DMD2's GAN terms for B generated samples ``x`` and B real ones, diffused at the 2B times ``t``
+    with ``eps`` (real first): the generator's term softplus(-D(G_t)), a surrogate whose gradient reaches
+    ``x`` alone (zero when not ``update_g``), and the discriminator's softplus(-D(real_t)) + softplus(D(G_t))
+    on detached samples (its gradient reaches ``unet`` and ``head``)."""
+    b = len(x)
+    a, s = sched.alpha(t).view(-1, 1, 1, 1).float(), sched.sigma(t).view(-1, 1, 1, 1).float()
+    noisy = a * torch.cat([real_x, x.detach()]) + s * eps
+    logits = bottleneck_logits(unet, head, noisy, t, torch.cat([real_ctx, ctx]), sched)
+    softplus = torch.nn.functional.softplus
+    d_loss = softplus(-logits[:b]).mean() + softplus(logits[b:]).mean()
+    g_gan = torch.zeros((), device=x.device)
+    if update_g:  # d softplus(-D(a x + s eps)) / dx = a grad, pushed into x alone
+        xg = noisy[b:].detach().requires_grad_(True)
+        with torch.enable_grad():
+            g = softplus(-bottleneck_logits(unet, head, xg, t[b:], ctx, sched)).mean()
+            (grad,) = torch.autograd.grad(g, xg)
+        c = (a[b:] * grad).detach()
+        g_gan = g.detach() + (x * c).sum() - (x.detach() * c).sum()
+    return g_gan, d_loss
 
 
 def distill_dmd(
@@ -97,6 +175,8 @@ def distill_dmd(
         raise VelodiffError("--regression-weight must be >= 0")
     if dcfg.fake_updates < 1:
         raise VelodiffError("--fake-updates must be at least 1")
+    if dcfg.gan_weight < 0 or dcfg.disc_weight < 0:
+        raise VelodiffError("--gan-weight and --disc-weight must be >= 0")
     tpath = teacher_folder(teacher)
     ipath = teacher_folder(init) if init else None
     tmodel = load_teacher(tpath)
@@ -112,6 +192,18 @@ def distill_dmd(
     fake = copy.deepcopy(real).train().requires_grad_(True)
     init_unet = load_teacher(ipath).components["unet"] if ipath else real
     student = copy.deepcopy(init_unet).to(device).train().requires_grad_(True)
+    gan = dcfg.gan_weight > 0
+    if gan and getattr(fake, "mid_block", None) is None:
+        raise VelodiffError("--gan-weight needs a teacher UNet with a mid block (the discriminator reads it)")
+    modules: dict[str, torch.nn.Module] = {"unet": student, "fake": fake}
+    if gan:
+        from .teacher import training_data
+
+        real_data = training_data(tmodel, dcfg.real_images, pcfg.data_seed, device)[0]
+        with torch.random.fork_rng(devices=[]):  # the same head for every run of one seed
+            torch.manual_seed(cfg.seed)
+            head = DiscriminatorHead(fake.mid_block.resnets[-1].out_channels).to(device)
+        modules["head"] = head
     n = pcfg.pairs
     z_all, x_all, ids_all = pairs["z"].to(device), pairs["x"].to(device), pairs["ids"].to(device)
     k_grid = student_grid(sched, dcfg.student_steps).to(torch.float32).to(device)
@@ -154,9 +246,19 @@ def distill_dmd(
         snr = (a2 / s2).pow(2).view(-1).clamp_min(1.0)
         fake_loss = (snr * (pred - x.detach()).pow(2).mean(dim=(1, 2, 3))).mean()
         loss = dm + dcfg.regression_weight * reg + fake_loss
-        return loss, {"dm": dm.detach(), "reg": reg.detach(), "fake": fake_loss.detach()}
+        logs = {"dm": dm.detach(), "reg": reg.detach(), "fake": fake_loss.detach()}
+        if gan:
+            real_x, real_ids = real_data.get(torch.randint(0, dcfg.real_images, (b,), generator=gen))
+            with torch.no_grad():
+                real_ctx = text(real_ids).last_hidden_state
+            t3 = (lo + (hi - lo) * torch.rand(2 * b, generator=gen)).to(device)
+            eps3 = torch.randn((2 * b, *x.shape[1:]), generator=gen).to(device)
+            g_gan, d_loss = gan_losses(fake, head, sched, x, ctx, real_x, real_ctx, t3, eps3, update_g)
+            loss = loss + dcfg.gan_weight * g_gan + dcfg.disc_weight * d_loss
+            logs.update(gan=g_gan.detach(), disc=d_loss.detach())
+        return loss, logs
 
-    summary = run_loop(run / "dmd", cfg, {"unet": student, "fake": fake}, step_fn, desc="dmd", quiet=quiet)
+    summary = run_loop(run / "dmd", cfg, modules, step_fn, desc="dmd", quiet=quiet)
     emas = summary.pop("emas")
     if not summary["completed"]:
         return {"summary": summary, "out": None}
