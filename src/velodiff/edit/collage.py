@@ -117,7 +117,7 @@ def collage(
 
     import torch
 
-    from ..accel.attention import AttentionMaps
+    from ..accel.attention import AttentionMaps, attention_modules
     from ..pipelines import img2img, text2img
 
     if not boxes:
@@ -132,19 +132,26 @@ def collage(
     seeds = list(seeds)
     canvases: list[np.ndarray | None] = [None] * len(seeds)
     objects, nfe, evals = [], 0, 0
+    # DiTs (SD3, Flux) have no plain cross-attention to read: their cut-out is the largest region
+    readable = any(m.norm_q is None for _, m in attention_modules(model.network, True))
     for k, (words, box) in enumerate(boxes.items()):
         phrase = object_prompt(prompt, words)
-        maps = AttentionMaps()
-        res = text2img(model, phrase, seeds=[s + k for s in seeds], plan=[*rules, maps], **options)
+        maps = AttentionMaps() if readable else None
+        res = text2img(model, phrase, seeds=[s + k for s in seeds], plan=[*rules, *filter(None, [maps])],
+                       **options)
         objects.append(res.images)
         nfe, evals = nfe + res.nfe, evals + res.evals
-        ids = _token_weights(model, phrase)
-        mean = torch.stack([m[:, ids].sum(1) for m in maps.maps.values()]).mean(0)  # (B, h, w)
+        if maps is not None:
+            ids = _token_weights(model, phrase)
+            mean = torch.stack([m[:, ids].sum(1) for m in maps.maps.values()]).mean(0)  # (B, h, w)
         for i, img in enumerate(res.images):
             pixels = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
             h, w = pixels.shape[:2]
-            att = torch.nn.functional.interpolate(mean[i][None, None], size=(h, w), mode="bilinear")
-            mask = cut_out(pixels, att[0, 0].numpy(), threshold)
+            att = None
+            if maps is not None:
+                up = torch.nn.functional.interpolate(mean[i][None, None], size=(h, w), mode="bilinear")
+                att = up[0, 0].numpy()
+            mask = cut_out(pixels, att, threshold)
             if canvases[i] is None:
                 canvases[i] = np.broadcast_to(background_colour(pixels), pixels.shape).copy()
             canvases[i] = paste(canvases[i], pixels, mask, box)
