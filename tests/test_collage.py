@@ -10,7 +10,7 @@ import torch
 import velodiff
 from velodiff import VelodiffError
 from velodiff.data.shapes import ShapesWorld
-from velodiff.edit.collage import collage, cut_out, object_prompt, paste
+from velodiff.edit.collage import boxes_from_prompt, collage, cut_out, object_prompt, paste
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,16 @@ def scene(caption: str, seed: int = 0):
 def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
     ys, xs = np.nonzero(mask)
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_boxes_from_the_prompt_are_object_squares_in_their_halves():
+    assert boxes_from_prompt("a red circle above a blue square") == {
+        "red circle": pytest.approx((0.3, 0.05, 0.7, 0.45)),
+        "blue square": pytest.approx((0.3, 0.55, 0.7, 0.95)),
+    }
+    right = boxes_from_prompt("a white cross to the right of a green triangle", side=0.3)
+    assert right["white cross"] == pytest.approx((0.6, 0.35, 0.9, 0.65))
+    assert boxes_from_prompt("two red circles") == {}
 
 
 def test_object_prompt_is_the_phrase_that_names_the_words():
@@ -98,7 +108,7 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         collage(model, "a blue circle", box, steps=2)
     out = str(tmp_path / "c.png")
     for args, message in [
-        (("--layout-mode", "collage"), "give --layout too"),
+        (("--layout-mode", "collage"), "needs --layout boxes or a prompt with a spatial relation"),
         (("--layout-mode", "paste"), "use guidance or collage"),
         (("--strength", "0.3"), "applies to --layout-mode collage"),
         (("--layout", "red circle: 0,0,1,1", "--layout-mode", "collage", "--strength", "2"), "(0, 1]"),
@@ -109,6 +119,9 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
     args = ("--layout", "red circle: 0.5,0.5,0.95,0.95", "--layout-mode", "collage", "--steps", "4")
     assert cli("generate", "a red circle", "-o", out, *args) == 0
     assert "6 NFE" in capsys.readouterr().out  # 4 steps for the object, 2 for the harmonising pass
+    args = ("--layout-mode", "collage", "--steps", "4")  # boxes from the relation: two objects
+    assert cli("generate", "a red circle above a blue square", "-o", out, *args) == 0
+    assert "10 NFE" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["sd3", "pixart-sigma"])

@@ -1,11 +1,13 @@
-"""Layout control (plan rules `layout` and `regional`, regions from the prompt's spatial words) on the
-ShapesEval v1 position prompts (25 prompts x the given seed bases, 20 steps, guidance 2.5) against no
-control; the other categories have no spatial relation, so the rules leave them unchanged. Writes the
-rows to --out (default bench/edit/layout.json).
+"""Layout control (plan rules `layout` and `regional`, regions from the prompt's spatial words; and
+`collage[:strength=S]`, velodiff.edit.collage with its boxes from the prompt) on the ShapesEval v1
+position prompts (25 prompts x the given seed bases, 20 steps, guidance 2.5) against no control; the
+other categories have no spatial relation, so the rules leave them unchanged. Writes the rows to --out
+(default bench/edit/layout.json).
 
     python bench/edit/layout_bench.py "layout:scale=0.05,iters=3" "layout:scale=0.1,iters=3,steps=0.8"
     python bench/edit/layout_bench.py --seeds 0,3000,6000,7000 --out bench/edit/regional.json regional
     python bench/edit/layout_bench.py --seeds 0 --sheet docs/regional.png regional    # contact sheet only
+    python bench/edit/layout_bench.py --seeds 0,3000,6000,7000 --out bench/edit/collage.json collage
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ from pathlib import Path
 import torch
 
 import velodiff
+from velodiff.edit.collage import collage
 from velodiff.eval.shapes_eval import evaluate, load_prompts
 from velodiff.pipelines import text2img
+
+
+def generate(model, texts: list[str], seed: int, plan: str) -> list:
+    """Image j of prompt j with seed seed + j, under a plan or (``collage[:strength=S]``) by collage."""
+    if not plan.startswith("collage"):
+        return list(text2img(model, texts, seeds=seed, steps=20, guidance=2.5, plan=plan).images)
+    strength = float(plan.partition("strength=")[2] or 0.5)
+    return [collage(model, t, None, strength=strength, seeds=[seed + j], steps=20, guidance=2.5).images[0]
+            for j, t in enumerate(texts)]
 
 
 def main() -> None:
@@ -40,16 +52,14 @@ def main() -> None:
 
         images, captions = [], []
         for plan in ["none", *args.plans]:
-            images += text2img(model, texts[:8], seeds=seeds[0], steps=20, guidance=2.5, plan=plan).images
+            images += generate(model, texts[:8], seeds[0], plan)
             captions += [f"{plan}: {t}" for t in texts[:8]]
         image_grid(images, cols=8, scale=2, captions=captions).save(args.sheet)
         return
     rows = []
     for plan in ["none", *args.plans]:
         t0 = time.perf_counter()
-        per_seed = [
-            list(text2img(model, texts, seeds=s, steps=20, guidance=2.5, plan=plan).images) for s in seeds
-        ]
+        per_seed = [generate(model, texts, s, plan) for s in seeds]
         seconds = time.perf_counter() - t0
         ordered = [im[j] for j in range(len(texts)) for im in per_seed]  # prompt-major
         score = evaluate(ordered, prompts, keep_detections=False)["by_category"][args.category]

@@ -158,7 +158,8 @@ def generate(
     layout_mode: Annotated[
         str,
         typer.Option(help="how --layout places the objects: guidance (steer the attention) or collage "
-                     "(draw each object, paste it into its box, harmonise by SDEdit)"),
+                     "(draw each object, paste it into its box, harmonise by SDEdit; without --layout "
+                     "the boxes come from the prompt's spatial words)"),
     ] = "guidance",
     strength: Annotated[
         float | None,
@@ -188,7 +189,16 @@ def generate(
         check_boxes(boxes, prompt)
         if plan is not None and Plan.parse(plan).find("layout") is not None:
             raise VelodiffError("--layout adds the plan rule layout with its boxes; drop layout from --plan")
-    collage = check_layout_mode(layout_mode, strength, layout, attention_maps)
+    collage = check_layout_mode(layout_mode, strength, attention_maps)
+    if collage and boxes is None:
+        from ..edit.collage import boxes_from_prompt
+
+        boxes = boxes_from_prompt(prompt)
+        if not boxes:
+            raise VelodiffError(
+                "--layout-mode collage needs --layout boxes or a prompt with a spatial relation "
+                "(A above / below / to the left of / to the right of B)"
+            )
     regional = None
     if regions is not None:
         from ..edit.regional import RegionalPrompting, parse_regions
@@ -235,12 +245,10 @@ def generate(
         typer.echo(f"wrote {attention_maps} (cross-attention per token, mean over the steps)")
 
 
-def check_layout_mode(mode: str, strength: float | None, layout: str | None, maps: Path | None) -> bool:
+def check_layout_mode(mode: str, strength: float | None, maps: Path | None) -> bool:
     """Whether --layout-mode asks for the collage; one line for a combination that cannot run."""
     if mode not in ("guidance", "collage"):
         raise VelodiffError(f"--layout-mode {mode!r}: use guidance or collage")
-    if mode == "collage" and layout is None:
-        raise VelodiffError("--layout-mode collage places the --layout boxes; give --layout too")
     if strength is not None and mode != "collage":
         raise VelodiffError("--strength applies to --layout-mode collage (use velodiff img2img for SDEdit)")
     if strength is not None and not 0 < strength <= 1:

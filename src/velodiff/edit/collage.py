@@ -47,6 +47,17 @@ def object_prompt(prompt: str, words: str) -> str:
     return words
 
 
+def boxes_from_prompt(prompt: str, side: float = 0.4) -> dict[str, Box]:
+    """Object boxes from the prompt's spatial relation: each side's object a square of ``side`` (of the
+    image) centred in its half ("a red circle above a blue square" -> the circle centred in the top half,
+    the square in the bottom one); empty without a relation."""
+    boxes = {}
+    for part, (x0, y0, x1, y1) in spatial_parts(prompt):
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, side / 2
+        boxes[object_words(part)] = (cx - r, cy - r, cx + r, cy + r)
+    return boxes
+
+
 def background_colour(image: np.ndarray) -> np.ndarray:
     """The median colour of the image's one-pixel border, (3,) in the image's units."""
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
@@ -101,18 +112,19 @@ def _token_weights(model: Any, phrase: str) -> list[int]:
 def collage(
     model: Any,
     prompt: str,
-    boxes: dict[str, Box],
+    boxes: dict[str, Box] | None = None,
     *,
     strength: float = 0.5,
     seeds: Sequence[int] = (0,),
     threshold: float = 0.25,
     **options: Any,
 ) -> Any:
-    """Images of ``prompt`` with each ``boxes`` object (words of the prompt -> (x0, y0, x1, y1) in [0, 1])
-    in its box (module docstring); ``options`` as :func:`velodiff.pipelines.text2img` (steps, solver,
-    guidance, plan, ...), used for the objects and the harmonising pass. Returns img2img's result with ``nfe``
-    and ``evals`` counting the whole pipeline and ``info["collages"]`` (the pasted canvases, PIL) and
-    ``info["objects"]`` (each object's own images) added."""
+    """Images of ``prompt`` with each ``boxes`` object (words of the prompt -> (x0, y0, x1, y1) in
+    [0, 1]; default :func:`boxes_from_prompt`) in its box (module docstring). ``options`` as
+    :func:`velodiff.pipelines.text2img` (steps, solver, guidance, plan, ...), used for the objects and
+    the harmonising pass. Returns img2img's result with ``nfe`` and ``evals`` counting the whole
+    pipeline, ``info["collages"]`` (the pasted canvases, PIL) and ``info["objects"]`` (each object's
+    own images) added."""
     import dataclasses
 
     import torch
@@ -120,8 +132,12 @@ def collage(
     from ..accel.attention import AttentionMaps, attention_modules
     from ..pipelines import img2img, text2img
 
+    boxes = boxes_from_prompt(prompt) if boxes is None else boxes
     if not boxes:
-        raise VelodiffError("collage: give at least one box, e.g. {'red circle': (0.1, 0.1, 0.5, 0.5)}")
+        raise VelodiffError(
+            "collage: give the boxes, e.g. {'red circle': (0.1, 0.1, 0.5, 0.5)}, or a prompt with a spatial "
+            "relation ('A above / below / to the left of / to the right of B')"
+        )
     check_boxes(boxes, prompt)
     if not 0 < strength <= 1:
         raise VelodiffError(f"collage: strength must be in (0, 1] (the share of steps run), not {strength}")
