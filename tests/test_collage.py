@@ -135,3 +135,17 @@ def test_collage_runs_on_transformer_families(tmp_path, kind):
     model.max_sequence_length = 32
     res = collage(model, "a photo of a red cat", {"red cat": (0.1, 0.1, 0.6, 0.6)}, steps=2)
     assert res.nfe == 3 and res.images[0].size == res.info["collages"][0].size
+
+
+def test_eval_collage_leaves_prompts_without_a_relation_alone(model):
+    """`velodiff eval shapes --layout-mode collage`: a prompt with a relation is collaged, one without is
+    generated exactly as without the mode (same seed, same image)."""
+    from velodiff.commands.eval_shapes import generate_for_prompts
+
+    texts = ["a red circle", "a red circle above a blue square"]
+    kw = dict(seed=5, batch=4, steps=6, guidance=2.5, solver="dpmpp_2m")
+    plain, _, _ = generate_for_prompts(model, texts, 1, **kw)
+    mixed, _, info = generate_for_prompts(model, texts, 1, collage=0.5, **kw)
+    assert np.array_equal(np.asarray(plain[0]), np.asarray(mixed[0]))
+    assert not np.array_equal(np.asarray(plain[1]), np.asarray(mixed[1]))
+    assert info["evals"] == (12 + (12 + 12 + 6)) / 2  # CFG pairs: 6 steps; two objects + half the steps

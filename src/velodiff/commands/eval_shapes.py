@@ -38,9 +38,13 @@ def parse_scales(text: str | None, default: float | None) -> list[float | None]:
 
 
 def generate_for_prompts(
-    model: Any, texts: list[str], k: int, *, seed: int, batch: int, **kw: Any
+    model: Any, texts: list[str], k: int, *, seed: int, batch: int, collage: float | None = None, **kw: Any
 ) -> tuple[list[Any], float, dict[str, Any]]:
-    """k images per prompt (prompt-major), seeds seed + j*k + i; returns images, seconds, last result info."""
+    """k images per prompt (prompt-major), seeds seed + j*k + i; returns images, seconds, last result info.
+    ``collage`` (a strength): prompts with a spatial relation are drawn by collage with the boxes from
+    the relation (``velodiff.edit.collage``), one image at a time; the others as without it."""
+    from ..edit.collage import boxes_from_prompt
+    from ..edit.collage import collage as draw_collage
     from ..pipelines import text2img
 
     prompts = [t for t in texts for _ in range(k)]
@@ -50,9 +54,22 @@ def generate_for_prompts(
     info: dict[str, Any] = {}
     evals = 0.0
     for i in range(0, len(prompts), batch):
-        res = text2img(model, prompts[i : i + batch], seeds=seeds[i : i + batch], **kw)
-        images.extend(res.images)
-        evals += res.evals * len(res.images)
+        chunk, chunk_seeds = prompts[i : i + batch], seeds[i : i + batch]
+        collaged = [j for j, p in enumerate(chunk) if collage is not None and boxes_from_prompt(p)]
+        plain = [j for j in range(len(chunk)) if j not in collaged]
+        out: dict[int, Any] = {}
+        results = []
+        if plain:
+            res = text2img(model, [chunk[j] for j in plain], seeds=[chunk_seeds[j] for j in plain], **kw)
+            out.update(zip(plain, res.images, strict=True))
+            results.append(res)
+        for j in collaged:
+            res = draw_collage(model, chunk[j], None, strength=collage, seeds=[chunk_seeds[j]], **kw)
+            out[j] = res.images[0]
+            results.append(res)
+        images.extend(out[j] for j in range(len(chunk)))
+        evals += sum(r.evals * len(r.images) for r in results)
+        res = results[0]
         info = {
             "nfe": res.nfe,
             "evals": round(evals / len(images), 4),  # per image, over every batch
@@ -60,7 +77,7 @@ def generate_for_prompts(
             "solver": res.solver,
             "guidance": res.guidance,
             "embedded_guidance": model.embedded_guidance,
-            "plan": res.plan,
+            "plan": res.plan if collage is None else f"{res.plan} (collage:strength={collage:g})",
         }
     return images, time.perf_counter() - t0, info
 
@@ -150,6 +167,10 @@ def shapes(
         None, min=1, help="use only this many prompts, spread over the set (quick checks)"
     ),
     speed_runs: int = typer.Option(0, min=0, help="also time this many single-image generations (median)"),
+    layout_mode: str = typer.Option(
+        "guidance", help="collage: prompts with a spatial relation drawn by collage (velodiff generate's)"
+    ),
+    strength: float = typer.Option(0.5, help="with --layout-mode collage: its SDEdit strength"),
 ) -> None:
     """Generate for a fixed prompt set and report ShapesEval accuracy (JSON, markdown, contact sheet)."""
     from .generate import check_output_path, load_model, quiet_libraries
@@ -158,6 +179,11 @@ def shapes(
         from ..plan import Plan
 
         plan = str(Plan.parse(plan))  # refused in one line before any work
+    from .generate import check_layout_mode
+
+    collage = strength if check_layout_mode(layout_mode, None, None) else None
+    if collage is not None and not 0 < collage <= 1:
+        raise VelodiffError(f"--strength must be in (0, 1] (the share of the steps re-run), got {collage:g}")
 
     for p in (json_out, markdown, sheet):
         if p is not None and not (p.parent if str(p.parent) else Path(".")).is_dir():
@@ -188,7 +214,7 @@ def shapes(
     sweep, best = [], None
     for g in scales:
         images, secs, info = generate_for_prompts(
-            loaded, texts, images_per_prompt, seed=seed, batch=batch, guidance=g, **kw
+            loaded, texts, images_per_prompt, seed=seed, batch=batch, guidance=g, collage=collage, **kw
         )
         res = evaluate(images, plist)
         row = {
