@@ -83,6 +83,9 @@ def test_collage_places_each_object_in_its_box(model):
     boxes = {"red circle": (0.05, 0.5, 0.45, 0.9), "blue square": (0.55, 0.05, 0.95, 0.45)}
     res = collage(model, prompt, boxes, strength=0.5, seeds=[0, 1], steps=10, guidance=2.5)
     assert len(res.images) == 2 and len(res.info["collages"]) == 2 and len(res.info["objects"]) == 2
+    tensor = collage(model, prompt, boxes, strength=0.5, seeds=[0], steps=10, guidance=2.5, output="tensor")
+    pil = torch.from_numpy(np.asarray(res.images[0])).float()
+    assert torch.allclose(tensor.images[0].permute(1, 2, 0) * 255, pil, atol=0.51)  # the same image
     assert res.nfe == 10 + 10 + 5 and res.evals == 2 * res.nfe  # two objects + half the steps, CFG pairs
     for image in res.images:
         dets = detect(np.asarray(image))

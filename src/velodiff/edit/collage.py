@@ -153,8 +153,9 @@ def collage(
     for k, (words, box) in enumerate(boxes.items()):
         phrase = object_prompt(prompt, words)
         maps = AttentionMaps() if readable else None
+        drawn = {**options, "output": "pil"}  # the cut-out reads pictures; ``output`` is for the result
         res = text2img(model, phrase, seeds=[s + k for s in seeds], plan=[*rules, *filter(None, [maps])],
-                       **options)
+                       **drawn)
         objects.append(res.images)
         nfe, evals = nfe + res.nfe, evals + res.evals
         if maps is not None:
