@@ -170,7 +170,7 @@ def shapes(
     layout_mode: str = typer.Option(
         "guidance", help="collage: prompts with a spatial relation drawn by collage (velodiff generate's)"
     ),
-    strength: float = typer.Option(0.5, help="with --layout-mode collage: its SDEdit strength"),
+    strength: float = typer.Option(None, help="with --layout-mode collage: its SDEdit strength (0.5)"),
 ) -> None:
     """Generate for a fixed prompt set and report ShapesEval accuracy (JSON, markdown, contact sheet)."""
     from .generate import check_output_path, load_model, quiet_libraries
@@ -179,11 +179,12 @@ def shapes(
         from ..plan import Plan
 
         plan = str(Plan.parse(plan))  # refused in one line before any work
+    from ..edit.collage import DEFAULT_STRENGTH
     from .generate import check_layout_mode
 
-    collage = strength if check_layout_mode(layout_mode, None, None) else None
-    if collage is not None and not 0 < collage <= 1:
-        raise VelodiffError(f"--strength must be in (0, 1] (the share of the steps re-run), got {collage:g}")
+    collage = None  # the collage's strength when the mode is on
+    if check_layout_mode(layout_mode, strength, None):
+        collage = DEFAULT_STRENGTH if strength is None else strength
 
     for p in (json_out, markdown, sheet):
         if p is not None and not (p.parent if str(p.parent) else Path(".")).is_dir():

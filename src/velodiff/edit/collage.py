@@ -32,6 +32,8 @@ from ..errors import VelodiffError
 from .layout import Box, check_boxes, object_words, spatial_parts
 
 RELATIONS = r"\s+(?:above|below|to the left of|to the right of)\s+"
+#: the harmonising pass's SDEdit strength (chosen on seeds 1000 / 2000, bench/edit/README.md)
+DEFAULT_STRENGTH = 0.5
 
 
 def object_prompt(prompt: str, words: str) -> str:
@@ -114,7 +116,7 @@ def collage(
     prompt: str,
     boxes: dict[str, Box] | None = None,
     *,
-    strength: float = 0.5,
+    strength: float = DEFAULT_STRENGTH,
     seeds: Sequence[int] = (0,),
     threshold: float = 0.25,
     **options: Any,
