@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import velodiff
-from velodiff.edit.collage import collage
+from velodiff.edit.collage import DEFAULT_STRENGTH, collage
 from velodiff.eval.shapes_eval import evaluate, load_prompts
 from velodiff.pipelines import text2img
 
@@ -29,7 +29,7 @@ def generate(model, texts: list[str], seed: int, plan: str) -> list:
     """Image j of prompt j with seed seed + j, under a plan or (``collage[:strength=S]``) by collage."""
     if not plan.startswith("collage"):
         return list(text2img(model, texts, seeds=seed, steps=20, guidance=2.5, plan=plan).images)
-    strength = float(plan.partition("strength=")[2] or 0.5)
+    strength = float(plan.partition("strength=")[2] or DEFAULT_STRENGTH)
     return [collage(model, t, None, strength=strength, seeds=[seed + j], steps=20, guidance=2.5).images[0]
             for j, t in enumerate(texts)]
 

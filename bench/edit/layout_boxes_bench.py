@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import velodiff
-from velodiff.edit.collage import collage
+from velodiff.edit.collage import DEFAULT_STRENGTH, collage
 from velodiff.edit.layout import LayoutGuidance, object_words, spatial_parts
 from velodiff.eval.shapes_eval import detect, load_prompts, score_prompt
 from velodiff.pipelines import text2img
@@ -63,7 +63,7 @@ def layout(prompt, k: int) -> dict:
 
 def generate(model, plan: str, text: str, boxes: dict, seed: int):
     if plan.startswith("collage"):
-        strength = float(plan.partition("strength=")[2] or 0.3)
+        strength = float(plan.partition("strength=")[2] or DEFAULT_STRENGTH)
         return collage(model, text, boxes, strength=strength, seeds=[seed], steps=20, guidance=2.5)
     rules = []
     if plan != "none":

@@ -104,7 +104,7 @@ def paste(canvas: np.ndarray, image: np.ndarray, mask: np.ndarray, box: Box) -> 
     return out
 
 
-def _token_weights(model: Any, phrase: str) -> list[int]:
+def _phrase_token_indices(model: Any, phrase: str) -> list[int]:
     """Map indices of the phrase's tokens and its end token (index 0 is the start token)."""
     tok = model.components.get("tokenizer")
     n = len(tok.tokenize(phrase)) if tok is not None else len(phrase.split())
@@ -161,7 +161,7 @@ def collage(
         objects.append(res.images)
         nfe, evals = nfe + res.nfe, evals + res.evals
         if maps is not None:
-            ids = _token_weights(model, phrase)
+            ids = _phrase_token_indices(model, phrase)
             mean = torch.stack([m[:, ids].sum(1) for m in maps.maps.values()]).mean(0)  # (B, h, w)
         for i, img in enumerate(res.images):
             pixels = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
