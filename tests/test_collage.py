@@ -10,7 +10,15 @@ import torch
 import velodiff
 from velodiff import VelodiffError
 from velodiff.data.shapes import ShapesWorld
-from velodiff.edit.collage import boxes_from_prompt, collage, cut_out, object_prompt, paste
+from velodiff.edit.collage import (
+    boxes_from_prompt,
+    collage,
+    cut_out,
+    grid_boxes,
+    object_prompt,
+    paste,
+    singular,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,38 @@ def test_boxes_from_the_prompt_are_object_squares_in_their_halves():
     }
     right = boxes_from_prompt("a white cross to the right of a green triangle", side=0.3)
     assert right["white cross"] == pytest.approx((0.6, 0.35, 0.9, 0.65))
-    assert boxes_from_prompt("two red circles") == {}
+    assert boxes_from_prompt("a red circle") == {}
+    assert boxes_from_prompt("two red circles") == {
+        "red circles": [pytest.approx((0.1, 0.35, 0.4, 0.65)), pytest.approx((0.6, 0.35, 0.9, 0.65))]
+    }
+    above = boxes_from_prompt("three red circles above a blue square")  # three in the top half's row
+    assert [(b[1] + b[3]) / 2 for b in above["red circles"]] == pytest.approx([0.25] * 3)
+    assert [(b[0] + b[2]) / 2 for b in above["red circles"]] == pytest.approx([1 / 6, 1 / 2, 5 / 6])
+    assert above["blue square"] == pytest.approx((0.3, 0.55, 0.7, 0.95))
+
+
+def test_grid_boxes_fit_the_region_without_overlap():
+    for region in [(0, 0, 1, 1), (0, 0, 1, 0.5), (0.5, 0, 1, 1)]:
+        for n in range(1, 8):
+            boxes = grid_boxes(region, n, side=0.3)
+            assert len(boxes) == n
+            for k, (x0, y0, x1, y1) in enumerate(boxes):
+                assert region[0] <= x0 < x1 <= region[2] and region[1] <= y0 < y1 <= region[3]
+                assert x1 - x0 == pytest.approx(y1 - y0) and x1 - x0 <= 0.3 + 1e-9
+                for a0, b0, a1, b1 in boxes[k + 1 :]:
+                    assert min(x1, a1) <= max(x0, a0) or min(y1, b1) <= max(y0, b0), (region, n)
+    (x0, _, x1, _), = grid_boxes((0, 0, 1, 1), 1, side=0.4)
+    assert (x0, x1) == pytest.approx((0.3, 0.7))
+    three = grid_boxes((0, 0, 1, 1), 3, side=0.3)  # two above, the third centred below
+    assert (three[2][0] + three[2][2]) / 2 == pytest.approx(0.5)
+
+
+def test_singular_names_one_object_of_a_counted_group():
+    assert singular("three blue crosses") == "a blue cross"
+    assert singular("two red circles") == "a red circle"
+    assert singular("2 puppies") == "a puppy"
+    assert singular("four wooden boxes") == "a wooden box"
+    assert singular("a red circle") == "a red circle"
 
 
 def test_object_prompt_is_the_phrase_that_names_the_words():
@@ -98,6 +137,17 @@ def test_collage_places_each_object_in_its_box(model):
             assert inter / union >= 0.6, (words, inter / union)
 
 
+def test_collage_of_a_counted_group_draws_exactly_the_count(model):
+    """A counted group is drawn one object per box: the collage holds exactly the count, and the
+    harmonised images show it (the model alone merges or drops objects of a group)."""
+    from velodiff.eval.shapes_eval import detect
+
+    res = collage(model, "three red circles", seeds=[0, 1], steps=10, guidance=2.5)
+    assert len(res.info["objects"]) == 3 and res.nfe == 3 * 10 + 5
+    for image in [*res.info["collages"], *res.images]:
+        assert sorted((d.color, d.shape) for d in detect(np.asarray(image))) == [("red", "circle")] * 3
+
+
 def test_bad_input_is_one_line(model, tmp_path, capsys):
     from test_invert import cli
 
@@ -111,7 +161,7 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         collage(model, "a blue circle", box, steps=2)
     out = str(tmp_path / "c.png")
     for args, message in [
-        (("--layout-mode", "collage"), "needs --layout boxes or a prompt with a spatial relation"),
+        (("--layout-mode", "collage"), "needs --layout boxes or a prompt with a spatial relation or a count"),
         (("--layout-mode", "paste"), "use guidance or collage"),
         (("--strength", "0.3"), "applies to --layout-mode collage"),
         (("--layout", "red circle: 0,0,1,1", "--layout-mode", "collage", "--strength", "2"), "(0, 1]"),
@@ -124,6 +174,10 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
     assert "6 NFE" in capsys.readouterr().out  # 4 steps for the object, 2 for the harmonising pass
     args = ("--layout-mode", "collage", "--steps", "4")  # boxes from the relation: two objects
     assert cli("generate", "a red circle above a blue square", "-o", out, *args) == 0
+    assert "10 NFE" in capsys.readouterr().out
+    boxes = "red circles: 0.05,0.3,0.45,0.7; red circles: 0.55,0.3,0.95,0.7"  # a box per circle
+    args = ("--layout", boxes, "--layout-mode", "collage", "--steps", "4")
+    assert cli("generate", "two red circles", "-o", out, *args) == 0
     assert "10 NFE" in capsys.readouterr().out
 
 
@@ -140,15 +194,18 @@ def test_collage_runs_on_transformer_families(tmp_path, kind):
     assert res.nfe == 3 and res.images[0].size == res.info["collages"][0].size
 
 
-def test_eval_collage_leaves_prompts_without_a_relation_alone(model):
-    """`velodiff eval shapes --layout-mode collage`: a prompt with a relation is collaged, one without is
-    generated exactly as without the mode (same seed, same image)."""
+def test_eval_collage_leaves_prompts_without_a_relation_or_count_alone(model):
+    """`velodiff eval shapes --layout-mode collage`: a prompt with a relation or a count is collaged, one
+    without is generated exactly as without the mode (same seed, same image)."""
     from velodiff.commands.eval_shapes import generate_for_prompts
 
-    texts = ["a red circle", "a red circle above a blue square"]
+    texts = ["a red circle", "a red circle above a blue square", "two red circles"]
     kw = dict(seed=5, batch=4, steps=6, guidance=2.5, solver="dpmpp_2m")
     plain, _, _ = generate_for_prompts(model, texts, 1, **kw)
     mixed, _, info = generate_for_prompts(model, texts, 1, collage=0.5, **kw)
     assert np.array_equal(np.asarray(plain[0]), np.asarray(mixed[0]))
     assert not np.array_equal(np.asarray(plain[1]), np.asarray(mixed[1]))
-    assert info["evals"] == (12 + (12 + 12 + 6)) / 2  # CFG pairs: 6 steps; two objects + half the steps
+    assert not np.array_equal(np.asarray(plain[2]), np.asarray(mixed[2]))
+    # CFG pairs of 6 steps: the plain one; two objects + half the steps (twice)
+    assert info["evals"] == (12 + 2 * (12 + 12 + 6)) / 3
+    assert info["steps"] == 6  # the plain generation's, not the harmonising pass's

@@ -135,6 +135,9 @@ def test_generate_layout_option(tmp_path, capsys):
         "red circle": (0.0, 0.5, 1.0, 1.0),
         "blue square": (0.0, 0.0, 1.0, 0.5),
     }
+    assert parse_layout("red circles: 0,0,0.4,0.4; Red circles: 0.5,0,0.9,0.4") == {  # a box per circle
+        "red circles": [(0.0, 0.0, 0.4, 0.4), (0.5, 0.0, 0.9, 0.4)]
+    }
     out = tmp_path / "l.png"
     prompt = "a red circle above a blue square"
     assert cli("generate", prompt, "-o", str(out), "--steps", "3", "--layout", "red circle: 0,0.5,1,1") == 0

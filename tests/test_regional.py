@@ -37,6 +37,7 @@ def test_regions_parse_and_masks():
         ("a red circle: 0,0,1.5,1", "must satisfy"),
         (": 0,0,1,1", "write 'prompt"),
         (" ; ", "no region given"),
+        ("a red circle: 0,0,0.5,1; a red circle: 0.5,0,1,1", "given twice"),
     ]:
         with pytest.raises(VelodiffError, match=match):
             parse_regions(bad)

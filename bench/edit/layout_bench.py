@@ -1,13 +1,15 @@
 """Layout control (plan rules `layout` and `regional`, regions from the prompt's spatial words; and
-`collage[:strength=S]`, velodiff.edit.collage with its boxes from the prompt) on the ShapesEval v1
-position prompts (25 prompts x the given seed bases, 20 steps, guidance 2.5) against no control; the
-other categories have no spatial relation, so the rules leave them unchanged. Writes the rows to --out
+`collage[:strength=S,group_side=G]`, velodiff.edit.collage with its boxes from the prompt) on the
+ShapesEval v1 position prompts, or --category's (25 prompts x the given seed bases, 20 steps, guidance
+2.5), against no control; the rules leave prompts without a relation (or, the collage, a count)
+unchanged. Writes the rows to --out
 (default bench/edit/layout.json).
 
     python bench/edit/layout_bench.py "layout:scale=0.05,iters=3" "layout:scale=0.1,iters=3,steps=0.8"
     python bench/edit/layout_bench.py --seeds 0,3000,6000,7000 --out bench/edit/regional.json regional
     python bench/edit/layout_bench.py --seeds 0 --sheet docs/regional.png regional    # contact sheet only
     python bench/edit/layout_bench.py --seeds 0,3000,6000,7000 --out bench/edit/collage.json collage
+    python bench/edit/layout_bench.py --category counting --seeds 1000,2000 collage collage:group_side=0.4
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 import velodiff
-from velodiff.edit.collage import DEFAULT_STRENGTH, collage
+from velodiff.edit.collage import DEFAULT_STRENGTH, boxes_from_prompt, collage
 from velodiff.eval.shapes_eval import evaluate, load_prompts
 from velodiff.pipelines import text2img
 
@@ -29,9 +31,11 @@ def generate(model, texts: list[str], seed: int, plan: str) -> list:
     """Image j of prompt j with seed seed + j, under a plan or (``collage[:strength=S]``) by collage."""
     if not plan.startswith("collage"):
         return list(text2img(model, texts, seeds=seed, steps=20, guidance=2.5, plan=plan).images)
-    strength = float(plan.partition("strength=")[2] or DEFAULT_STRENGTH)
-    return [collage(model, t, None, strength=strength, seeds=[seed + j], steps=20, guidance=2.5).images[0]
-            for j, t in enumerate(texts)]
+    opts = dict(kv.split("=") for kv in plan.partition(":")[2].split(",") if kv)
+    strength = float(opts.get("strength", DEFAULT_STRENGTH))
+    side = {"group_side": float(opts["group_side"])} if "group_side" in opts else {}
+    return [collage(model, t, boxes_from_prompt(t, **side), strength=strength, seeds=[seed + j], steps=20,
+                    guidance=2.5).images[0] for j, t in enumerate(texts)]
 
 
 def main() -> None:

@@ -41,8 +41,9 @@ def generate_for_prompts(
     model: Any, texts: list[str], k: int, *, seed: int, batch: int, collage: float | None = None, **kw: Any
 ) -> tuple[list[Any], float, dict[str, Any]]:
     """k images per prompt (prompt-major), seeds seed + j*k + i; returns images, seconds, last result info.
-    ``collage`` (a strength): prompts with a spatial relation are drawn by collage with the boxes from
-    the relation (``velodiff.edit.collage``), one image at a time; the others as without it."""
+    ``collage`` (a strength): prompts with a spatial relation or a counted group are drawn by collage
+    with the boxes from the prompt (``velodiff.edit.collage``), one image at a time; the others as
+    without it."""
     from ..edit.collage import boxes_from_prompt
     from ..edit.collage import collage as draw_collage
     from ..pipelines import text2img
@@ -53,6 +54,7 @@ def generate_for_prompts(
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     evals = 0.0
+    shown = None  # the result the info describes: a plain generation's where there is one
     for i in range(0, len(prompts), batch):
         chunk, chunk_seeds = prompts[i : i + batch], seeds[i : i + batch]
         collaged = [j for j, p in enumerate(chunk) if collage is not None and boxes_from_prompt(p)]
@@ -69,7 +71,8 @@ def generate_for_prompts(
             results.append(res)
         images.extend(out[j] for j in range(len(chunk)))
         evals += sum(r.evals * len(r.images) for r in results)
-        res = results[0]
+        shown = results[0] if plain or shown is None else shown
+        res = shown
         info = {
             "nfe": res.nfe,
             "evals": round(evals / len(images), 4),  # per image, over every batch
@@ -168,7 +171,8 @@ def shapes(
     ),
     speed_runs: int = typer.Option(0, min=0, help="also time this many single-image generations (median)"),
     layout_mode: str = typer.Option(
-        "guidance", help="collage: prompts with a spatial relation drawn by collage (velodiff generate's)"
+        "guidance", help="collage: prompts with a spatial relation or a count drawn by collage (velodiff "
+        "generate's)"
     ),
     strength: float = typer.Option(None, help="with --layout-mode collage: its SDEdit strength (0.5)"),
 ) -> None:

@@ -10,7 +10,8 @@ A_u is the conditional pass's cross-attention (heads averaged, every plain cross
 object's colour and shape tokens at position u. The paper scales the gradient by eta sigma_t^2; the
 normalized step here makes ``scale`` a fraction of the noise level, the same for every model and prompt.
 
-Regions come from explicit boxes (``boxes``: words -> (x0, y0, x1, y1) in [0, 1], y down) or from the
+Regions come from explicit boxes (``boxes``: words -> (x0, y0, x1, y1) in [0, 1], y down, or a list of
+boxes whose union is the region: one per object of a counted group) or from the
 prompt's spatial words: "A above B", "A below B", "A to the left of B", "A to the right of B" give A and
 B the two halves of the image. A prompt with no such relation is sampled unguided, unless one of the
 A-STAR terms is on.
@@ -48,13 +49,18 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 Box = tuple[float, float, float, float]
+#: words -> a box, or a list of boxes (one per object of a counted group: "red circles" of "two red circles")
+Boxes = dict[str, "Box | list[Box]"]
 HALVES: dict[str, tuple[Box, Box]] = {
     "above": ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)),
     "below": ((0.0, 0.5, 1.0, 1.0), (0.0, 0.0, 1.0, 0.5)),
     "to the left of": ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)),
     "to the right of": ((0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 1.0)),
 }
-ARTICLES = {"a", "an", "the", "one", "two", "three"}
+#: the count words a phrase may start with ("two red circles")
+COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+          "eight": 8, "nine": 9, "ten": 10}
+ARTICLES = {"the", *COUNTS}
 
 
 def spatial_parts(prompt: str) -> list[tuple[str, Box]]:
@@ -70,7 +76,14 @@ def spatial_parts(prompt: str) -> list[tuple[str, Box]]:
 
 
 def object_words(part: str) -> str:
-    return " ".join(w for w in part.split() if w not in ARTICLES)
+    return " ".join(w for w in part.split() if w not in ARTICLES and not w.isdigit())
+
+
+def count_of(phrase: str) -> int:
+    """How many objects a phrase names by its first word ("three blue squares" -> 3, "2 cats" -> 2); 1
+    without a count word."""
+    first = (phrase.lower().split() or [""])[0]
+    return int(first) if first.isdigit() else COUNTS.get(first, 1)
 
 
 def concepts(prompt: str) -> list[str]:
@@ -85,10 +98,16 @@ def regions_from_prompt(prompt: str) -> dict[str, Box]:
     return {object_words(part): box for part, box in spatial_parts(prompt)}
 
 
-def parse_boxes(text: str, what: str, example: str) -> dict[str, Box]:
+def box_list(value: Box | list[Box]) -> list[Box]:
+    """A layout value as a list of boxes (one box, or one per object of a counted group)."""
+    return [value] if isinstance(value[0], int | float) else list(value)  # type: ignore[list-item]
+
+
+def parse_boxes(text: str, what: str, example: str, repeat: bool = False) -> dict[str, Any]:
     """'NAME: x0,y0,x1,y1; NAME: ...' -> {NAME: box}, each box checked (one line if malformed); ``what``
-    names an item in the messages ("layout", "region"), ``example`` shows one."""
-    boxes: dict[str, Box] = {}
+    names an item in the messages ("layout", "region"), ``example`` shows one. A name given twice is
+    refused, or with ``repeat`` collects its boxes in a list (one per object)."""
+    boxes: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in text.split(";"))):
         name, colon, coords = item.rpartition(":")
         try:
@@ -97,16 +116,20 @@ def parse_boxes(text: str, what: str, example: str) -> dict[str, Box]:
             box = ()
         if not colon or not name.strip() or len(box) != 4:
             raise VelodiffError(f"{what} {item!r}: write '{example}' with four numbers in [0, 1]")
-        check_region_box(name.strip(), box)  # type: ignore[arg-type]
-        boxes[name.strip()] = box  # type: ignore[assignment]
+        name = name.strip()
+        check_region_box(name, box)  # type: ignore[arg-type]
+        if name in boxes and not repeat:
+            raise VelodiffError(f"{what} {name!r} is given twice; give each {what} once")
+        boxes[name] = [*box_list(boxes[name]), box] if name in boxes else box
     if not boxes:
         raise VelodiffError(f"no {what} given; write '{example}; ...'")
     return boxes
 
 
-def parse_layout(text: str) -> dict[str, Box]:
-    """'red circle: 0.1,0.1,0.45,0.45; blue square: 0.55,0.5,0.95,0.95' -> {words: box}."""
-    return {k.lower(): v for k, v in parse_boxes(text, "layout", "words: x0,y0,x1,y1").items()}
+def parse_layout(text: str) -> Boxes:
+    """'red circle: 0.1,0.1,0.45,0.45; blue square: 0.55,0.5,0.95,0.95' -> {words: box}; words given
+    again add a box to their list ('red circles: ...; red circles: ...': one box per circle)."""
+    return parse_boxes(text.lower(), "layout", "words: x0,y0,x1,y1", repeat=True)
 
 
 def check_region_box(name: str, box: Box) -> None:
@@ -116,10 +139,11 @@ def check_region_box(name: str, box: Box) -> None:
         )
 
 
-def check_boxes(boxes: dict[str, Box], prompt: str) -> None:
+def check_boxes(boxes: Boxes, prompt: str) -> None:
     words = set(prompt.lower().replace(",", " ").split())
-    for name, box in boxes.items():
-        check_region_box(name, box)
+    for name, value in boxes.items():
+        for box in box_list(value):
+            check_region_box(name, box)
         missing = [w for w in name.lower().split() if w not in words]
         if missing:
             raise VelodiffError(f"layout object {name!r}: {missing[0]!r} is not in the prompt {prompt!r}")
@@ -171,7 +195,8 @@ def region_mask(box: Box, h: int, w: int) -> Tensor:
 
 @register_rule
 class LayoutGuidance(Accelerator):
-    """Layout guidance (module docstring); ``boxes`` (Python only): words -> box, for every image."""
+    """Layout guidance (module docstring); ``boxes`` (Python only): words -> box or list of boxes, for
+    every image."""
 
     name = "layout"
     layer = 0
@@ -190,7 +215,7 @@ class LayoutGuidance(Accelerator):
                             hi=100),
     }
 
-    def __init__(self, boxes: dict[str, Box] | None = None, **values: Any) -> None:
+    def __init__(self, boxes: Boxes | None = None, **values: Any) -> None:
         super().__init__(**values)
         self.boxes = dict(boxes or {})
 
@@ -216,9 +241,9 @@ class LayoutGuidance(Accelerator):
         self.swap.install(mods, lambda name, mod, orig: GradCapture(orig, self.state, self.maps.append))
         prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts))) if run.prompts else []
         astar = self.segregation > 0 or self.retention > 0
-        self.objects: list[list[tuple[Tensor, Box | None]]] = []
+        self.objects: list[list[tuple[Tensor, Box | list[Box] | None]]] = []
         for p in prompts[: run.batch]:
-            regions: dict[str, Box | None] = {**(self.boxes or regions_from_prompt(p))}
+            regions: dict[str, Box | list[Box] | None] = {**(self.boxes or regions_from_prompt(p))}
             if not regions and astar:
                 regions = dict.fromkeys(concepts(p))
             objs = []
@@ -276,8 +301,8 @@ class LayoutGuidance(Accelerator):
                 normed = []
                 for pos, box in objs:
                     att = a[b][:, pos.to(a.device)].mean(-1)  # (N,)
-                    if box is not None:
-                        m = box_mask(box, att.shape[0]).to(att)
+                    if box is not None:  # the union of the object's boxes
+                        m = torch.stack([box_mask(b, att.shape[0]) for b in box_list(box)]).amax(0).to(att)
                         total = total + (1 - (att * m).sum() / att.sum().clamp_min(1e-12)) ** 2
                     normed.append(att / att.max().clamp_min(1e-12))
                 total = total + self.astar(normed, self.previous.get((layer, b)))
