@@ -78,3 +78,12 @@ def test_bad_input_is_one_line(server, body, status, needle):
     assert r.status_code == status and needle in r.json()["error"] and "\n" not in r.json()["error"]
     ok = httpx.post(f"{server}/api/brush", json={"job": job["id"], "layers": []}, timeout=120)
     assert ok.status_code == 200  # the canvas is usable after the refusal
+
+
+def test_a_layout_job_is_refused_in_one_line(server):
+    """A layout job's image is not the plain generation a brush canvas re-runs: refused."""
+    body = {"prompt": "two red circles", "layout_mode": "collage", "seed": 5, "steps": 4}
+    job = httpx.post(f"{server}/api/jobs", json=body).json()
+    httpx.get(f"{server}/api/jobs/{job['id']}/result", timeout=120)
+    r = httpx.post(f"{server}/api/brush", json={"job": job["id"], "layers": []}, timeout=120)
+    assert r.status_code == 400 and "drawn with a layout (collage)" in r.json()["error"]

@@ -1,6 +1,7 @@
 """velodiff's own jobs API: a job runs once and gives the images its seed gives; progress streams over
 SSE; bad input is a 4xx with one line and the server keeps serving; a full queue is a 429 with
-Retry-After; cancelling frees the slot; a job past its timeout fails."""
+Retry-After; cancelling frees the slot; layout jobs (guidance and collage) give the library's images;
+a job past its timeout fails."""
 
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ LONG = "red " * 100
         ({"prompt": ""}, "prompt is empty"),
         ({"prompt": "x", "steps": "many"}, "steps"),
         ({"prompt": "x", "colour": "red"}, "unknown field 'colour'"),
+        ({"prompt": "a red circle", "layout_mode": "paste"}, "use guidance or collage"),
+        ({"prompt": "a red circle", "layout_mode": "collage"}, "needs layout boxes or a prompt with a"),
+        ({"prompt": "a red circle", "layout": "green circle: 0,0,1,1"}, "'green' is not in the prompt"),
+        ({"prompt": "a red circle", "layout": "red circle: 0,0,2,1"}, "must satisfy"),
     ],
 )
 def test_bad_input_is_one_line_4xx_and_the_server_goes_on(server, body, needle):
@@ -130,6 +135,42 @@ def test_full_queue_429_and_cancel_frees_the_slot(server):
         job = wait_state(url, i, ("cancelled", "done"))
         assert job["state"] == "cancelled" and job["completions"] == 0 and job["images"] == []
     assert httpx.get(f"{url}/api/health").json()["active"] == 0
+
+
+def test_layout_jobs_run_the_library_and_a_collage_stops_when_cancelled(server):
+    """layout_mode collage runs velodiff.edit.collage (the same image as the Python call), with boxes
+    from the prompt's count; layout boxes in guidance mode add layout guidance; a running collage is
+    cancelled between any two of its steps."""
+    import numpy as np
+
+    from velodiff.edit.collage import collage
+    from velodiff.edit.layout import LayoutGuidance
+    from velodiff.pipelines import text2img
+
+    url, srv = server
+    job = run_job(url, prompt="two red circles", layout_mode="collage", seed=3, steps=4)
+    assert job["state"] == "done" and job["params"]["kind"] == "collage" and len(job["images"]) == 1
+    model, _ = srv.engine.model(None)
+    want = collage(model, "two red circles", seeds=[3], steps=4, guidance=job["params"]["guidance"])
+    got = np.asarray(png(url, job["images"][0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - np.asarray(want.images[0], dtype=np.int16)).max() <= 2
+    boxes = "red circle: 0.05,0.05,0.45,0.45"
+    job = run_job(url, prompt="a red circle", layout=boxes, seed=3, steps=4)
+    assert job["state"] == "done" and job["params"]["layout"] == {"red circle": [0.05, 0.05, 0.45, 0.45]}
+    plan = [LayoutGuidance(boxes={"red circle": (0.05, 0.05, 0.45, 0.45)})]
+    want = text2img(model, "a red circle", seeds=[3], steps=4, guidance=job["params"]["guidance"], plan=plan)
+    got = np.asarray(png(url, job["images"][0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - np.asarray(want.images[0], dtype=np.int16)).max() <= 2
+    slow = {"prompt": "three red circles", "layout_mode": "collage", "steps": 200, "solver": "heun"}
+    job = httpx.post(f"{url}/api/jobs", json=slow).json()
+    wait_state(url, job["id"], ("running",))
+    httpx.post(f"{url}/api/jobs/{job['id']}/cancel")
+    job = wait_state(url, job["id"], ("cancelled", "done"))
+    assert job["state"] == "cancelled" and job["images"] == []
+    job = run_job(url, prompt="a red circle", seed=3, steps=4)  # the worker goes on, its model intact
+    want = text2img(model, "a red circle", seeds=[3], steps=4, guidance=job["params"]["guidance"])
+    got = np.asarray(png(url, job["images"][0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - np.asarray(want.images[0], dtype=np.int16)).max() <= 2
 
 
 def test_a_job_past_its_timeout_fails(server):

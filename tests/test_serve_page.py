@@ -107,6 +107,16 @@ def test_page_submits_shows_progress_and_the_image(tmp_path):
             assert int(info.split()[0]) < 60 and "(a generation: 60)" in info, info  # a fraction of the steps
             assert page.locator("#brush-layers li").count() == 1
             page.wait_for_function(f"{canvas_png} !== {before!r}")
+            # a layout by collage: the count from the prompt, no brush on its image
+            page.fill("#prompt", "two red circles")
+            page.fill("#steps", "8")
+            page.select_option("#layout_mode", "collage")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('#gallery figure.result').length === 2",
+                                   timeout=120_000)
+            newest = page.locator("#gallery figure.result").first
+            assert "layout collage" in newest.locator("figcaption").inner_text()
+            assert newest.locator("button.brush-open").count() == 0
             assert not errors
             assert all(r.startswith(url) or r.startswith("data:") for r in requests)  # no CDN
             shot = tmp_path / "page.png"

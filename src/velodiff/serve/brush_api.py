@@ -89,6 +89,11 @@ class Brushes:
         p = job.params
         if not 0 <= index < p["n"]:
             raise VelodiffError(f"job {job_id} has images 0..{p['n'] - 1}, not {index}")
+        if p.get("layout"):
+            raise VelodiffError(
+                f"job {job_id} was drawn with a layout ({p['kind']}); brushes repaint a plain generation's "
+                "cached steps"
+            )
         model, _ = self.srv.engine.model(p["model"])
         if (p["height"], p["width"]) != tuple(model.default_size):
             h, w = model.default_size

@@ -1,5 +1,6 @@
 """The models a server holds and what it runs with them: a request's checks (one line each, before it is
-queued) and one batch of compatible jobs through ``velodiff.pipelines.text2img``.
+queued) and one batch of compatible jobs through ``velodiff.pipelines.text2img`` (with layout guidance
+on a job's boxes), or one collage job alone through ``velodiff.edit.collage``.
 
 A model is loaded once, on first use (the served one at start-up). Requests name it by the name the
 server was started with (``--model``), or by a shipped name (``default``). A job's parameters are
@@ -20,7 +21,8 @@ from typing import Any
 from ..errors import VelodiffError, unknown_name
 
 #: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
-BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "grid", "guidance", "negative", "plan")
+BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "grid", "guidance", "negative", "plan",
+                "layout")
 
 
 @dataclass
@@ -39,12 +41,24 @@ class Request:
     grid: str | None = None
     guidance: float | None = None
     plan: str | None = None
+    #: object boxes, "red circle: 0.1,0.1,0.45,0.45; ..." (``velodiff generate --layout``'s)
+    layout: str | None = None
+    #: "guidance" (layout guidance steers attention into the boxes) or "collage" (velodiff.edit.collage)
+    layout_mode: str = "guidance"
     timeout_s: float | None = None
     preview: bool = False
 
 
 def batch_key(params: dict[str, Any]) -> str:
+    if params.get("kind") == "collage":  # drawn one job at a time (an object at a time): never batched
+        import uuid
+
+        return f"collage:{uuid.uuid4().hex}"
     return json.dumps({k: params.get(k) for k in BATCH_FIELDS}, sort_keys=True)
+
+
+class Stopped(Exception):
+    """Raised from a collage's callbacks when the worker stops the run (its job cancelled or timed out)."""
 
 
 def png_bytes(image: Any) -> bytes:
@@ -150,8 +164,9 @@ class Engine:
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         if not 0 <= seed < 2**63:
             raise VelodiffError(f"seed must be in [0, 2**63), got {seed}")
+        layout = self.check_layout(req)
         return dict(
-            kind="text2img",
+            kind="collage" if req.layout_mode == "collage" else "text2img",
             model=name,
             prompt=req.prompt,
             negative=req.negative or None,
@@ -164,8 +179,30 @@ class Engine:
             grid=req.grid,
             guidance=guidance,
             plan=plan,
+            layout=layout,
             preview=bool(req.preview),
         )
+
+    @staticmethod
+    def check_layout(req: Request) -> dict[str, Any] | None:
+        """The request's boxes ({words: box or list of boxes}), checked against its prompt; a collage
+        without boxes takes them from the prompt's relation or count (None: guidance without boxes)."""
+        from ..edit.collage import boxes_from_prompt
+        from ..edit.layout import check_boxes, parse_layout
+
+        if req.layout_mode not in ("guidance", "collage"):
+            raise VelodiffError(f"layout_mode {req.layout_mode!r}: use guidance or collage")
+        boxes = parse_layout(req.layout) if req.layout else None
+        if boxes is not None:
+            check_boxes(boxes, req.prompt)
+        elif req.layout_mode == "collage":
+            boxes = boxes_from_prompt(req.prompt)
+            if not boxes:
+                raise VelodiffError(
+                    "layout_mode collage needs layout boxes or a prompt with a spatial relation or a count "
+                    "(A above / below / to the left of / to the right of B; two red circles)"
+                )
+        return boxes
 
     @staticmethod
     def check_tokens(m: Any, what: str, text: str) -> None:
@@ -190,6 +227,8 @@ class Engine:
 
         p = jobs[0].params
         m, _ = self.model(p["model"])
+        if p.get("kind") == "collage":
+            return [self.collage(m, j.params, on_step) for j in jobs]
         prompts, seeds = [], []
         for j in jobs:
             prompts += [j.params["prompt"]] * j.params["n"]
@@ -211,7 +250,7 @@ class Engine:
                 grid=p["grid"],
                 guidance=p["guidance"],
                 negative=p["negative"],
-                plan=p["plan"] or None,
+                plan=self.plan_rules(p),
                 callback=callback,
             )
         out, i = [], 0
@@ -219,6 +258,50 @@ class Engine:
             out.append(list(res.images[i : i + j.params["n"]]))
             i += j.params["n"]
         return out
+
+    @staticmethod
+    def plan_rules(p: dict[str, Any]) -> list[Any]:
+        """The job's plan, with layout guidance on its boxes when it has some."""
+        from ..edit.layout import LayoutGuidance
+
+        return [*filter(None, [p["plan"]]), *([LayoutGuidance(boxes=p["layout"])] if p.get("layout") else [])]
+
+    def collage(self, m: Any, p: dict[str, Any], on_step: Callable[..., bool | None] | None) -> list[Any]:
+        """One collage job's images; progress counts every step of its runs (each object's generation,
+        then the harmonising pass)."""
+        from ..edit.collage import DEFAULT_STRENGTH, collage
+        from ..edit.layout import box_list
+
+        objects = sum(len(box_list(v)) for v in p["layout"].values())
+        total = objects * p["steps"] + max(1, round(DEFAULT_STRENGTH * p["steps"]))
+        done = 0
+
+        def callback(info: Any) -> None:
+            nonlocal done
+            done += 1
+            if on_step is not None and on_step(min(done, total) - 1, total, info.x0):
+                raise Stopped
+
+        try:
+            with self.run_lock:
+                res = collage(
+                    m,
+                    p["prompt"],
+                    p["layout"],
+                    seeds=[p["seed"] + i for i in range(p["n"])],
+                    height=p["height"],
+                    width=p["width"],
+                    steps=p["steps"],
+                    solver=p["solver"],
+                    grid=p["grid"],
+                    guidance=p["guidance"],
+                    negative=p["negative"],
+                    plan=[p["plan"]] if p["plan"] else None,
+                    callback=callback,
+                )
+        except Stopped:
+            return []
+        return list(res.images)
 
     def preview(self, model: str | None, x0: Any, index: int) -> bytes:
         """A PNG of the clean-image prediction ``x0[index]`` (decoded by the model's VAE)."""

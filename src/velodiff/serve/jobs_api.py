@@ -38,6 +38,17 @@ class JobBody(BaseModel):
     grid: str | None = Field(None, description="a time-grid name")
     guidance: float | None = Field(None, description="classifier-free guidance scale")
     plan: str | None = Field(None, description="a velodiff step plan, e.g. ag:threshold=0.99")
+    layout: str | None = Field(
+        None,
+        description="object boxes, 'red circle: 0.1,0.1,0.45,0.45; blue square: 0.55,0.5,0.95,0.95' "
+        "(fractions x0,y0,x1,y1, y down; words given again: one box per object of a counted group)",
+    )
+    layout_mode: str = Field(
+        "guidance",
+        description="guidance (layout guidance steers each object's attention into its boxes) or collage "
+        "(each object drawn alone, pasted into its box, harmonised by SDEdit; without layout the boxes "
+        "come from the prompt's relation or count; one job at a time)",
+    )
     timeout_s: float | None = Field(
         None, description="fail the job if it runs longer (default: the server's)"
     )

@@ -52,6 +52,8 @@ class ImagesGenerate(BaseModel):
     guidance: float | None = None
     negative_prompt: str | None = None
     plan: str | None = Field(None, description="a velodiff step plan")
+    layout: str | None = Field(None, description="object boxes (velodiff's jobs API's layout)")
+    layout_mode: str = Field("guidance", description="guidance or collage (velodiff's jobs API's)")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -84,6 +86,8 @@ async def generations(body: ImagesGenerate, request: Request) -> dict[str, Any]:
         guidance=body.guidance,
         negative=body.negative_prompt,
         plan=body.plan,
+        layout=body.layout,
+        layout_mode=body.layout_mode,
     )
     job = await srv.submit(req, meta={"api": "openai"})
     job = await srv.wait(job.id)

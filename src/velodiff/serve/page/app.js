@@ -44,6 +44,7 @@ function body() {
     prompt: $("prompt").value, model: $("model").value, plan: $("plan").value || null,
     solver: $("solver").value, steps: num("steps"), guidance: num("guidance"), seed: num("seed"),
     n: num("n"), width: num("width"), height: num("height"), preview: true,
+    layout: $("layout").value || null, layout_mode: $("layout_mode").value,
   };
 }
 
@@ -56,11 +57,13 @@ function addToGallery(job) {
     img.src = url; img.alt = p.prompt;
     const cap = document.createElement("figcaption");
     cap.textContent = `${p.prompt} | ${p.model} ${p.width}x${p.height} seed ${p.seed + i}, ${p.solver}, ` +
-      `${p.steps} steps, guidance ${p.guidance}, plan ${p.plan || "none"}`;
+      `${p.steps} steps, guidance ${p.guidance}, plan ${p.plan || "none"}` +
+      (p.layout ? `, layout ${p.kind === "collage" ? "collage" : "guidance"}` : "");
     const edit = document.createElement("button");
     edit.type = "button"; edit.className = "brush-open"; edit.textContent = "Brush";
     edit.addEventListener("click", () => openBrush(job, i, url));
-    fig.append(img, cap, edit);
+    fig.append(img, cap);
+    if (!p.layout) fig.append(edit);  // brushes repaint a plain generation's steps
     $("gallery").prepend(fig);
   });
 }
