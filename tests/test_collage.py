@@ -47,6 +47,11 @@ def test_boxes_from_the_prompt_are_object_squares_in_their_halves():
     right = boxes_from_prompt("a white cross to the right of a green triangle", side=0.3)
     assert right["white cross"] == pytest.approx((0.6, 0.35, 0.9, 0.65))
     assert boxes_from_prompt("a red circle") == {}
+    listed = boxes_from_prompt("a red circle, a blue square and two green crosses")  # two rows of two
+    assert listed["red circle"] == pytest.approx((0.1, 0.1, 0.4, 0.4))
+    assert listed["blue square"] == pytest.approx((0.6, 0.1, 0.9, 0.4))
+    crosses = [pytest.approx((0.1, 0.6, 0.4, 0.9)), pytest.approx((0.6, 0.6, 0.9, 0.9))]
+    assert listed["green crosses"] == crosses
     assert boxes_from_prompt("two red circles") == {
         "red circles": [pytest.approx((0.1, 0.35, 0.4, 0.65)), pytest.approx((0.6, 0.35, 0.9, 0.65))]
     }
@@ -161,7 +166,7 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         collage(model, "a blue circle", box, steps=2)
     out = str(tmp_path / "c.png")
     for args, message in [
-        (("--layout-mode", "collage"), "needs --layout boxes or a prompt with a spatial relation or a count"),
+        (("--layout-mode", "collage"), "needs --layout boxes or a prompt naming several objects"),
         (("--layout-mode", "paste"), "use guidance or collage"),
         (("--strength", "0.3"), "applies to --layout-mode collage"),
         (("--layout", "red circle: 0,0,1,1", "--layout-mode", "collage", "--strength", "2"), "(0, 1]"),
@@ -194,8 +199,8 @@ def test_collage_runs_on_transformer_families(tmp_path, kind):
     assert res.nfe == 3 and res.images[0].size == res.info["collages"][0].size
 
 
-def test_eval_collage_leaves_prompts_without_a_relation_or_count_alone(model):
-    """`velodiff eval shapes --layout-mode collage`: a prompt with a relation or a count is collaged, one
+def test_eval_collage_leaves_one_object_prompts_alone(model):
+    """`velodiff eval shapes --layout-mode collage`: a prompt naming several objects is collaged, one
     without is generated exactly as without the mode (same seed, same image)."""
     from velodiff.commands.eval_shapes import generate_for_prompts
 

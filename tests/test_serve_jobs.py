@@ -89,7 +89,7 @@ LONG = "red " * 100
         ({"prompt": "x", "steps": "many"}, "steps"),
         ({"prompt": "x", "colour": "red"}, "unknown field 'colour'"),
         ({"prompt": "a red circle", "layout_mode": "paste"}, "use guidance or collage"),
-        ({"prompt": "a red circle", "layout_mode": "collage"}, "needs layout boxes or a prompt with a"),
+        ({"prompt": "a red circle", "layout_mode": "collage"}, "needs layout boxes or a prompt"),
         ({"prompt": "a red circle", "layout": "green circle: 0,0,1,1"}, "'green' is not in the prompt"),
         ({"prompt": "a red circle", "layout": "red circle: 0,0,2,1"}, "must satisfy"),
     ],

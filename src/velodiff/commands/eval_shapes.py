@@ -41,9 +41,9 @@ def generate_for_prompts(
     model: Any, texts: list[str], k: int, *, seed: int, batch: int, collage: float | None = None, **kw: Any
 ) -> tuple[list[Any], float, dict[str, Any]]:
     """k images per prompt (prompt-major), seeds seed + j*k + i; returns images, seconds, last result info.
-    ``collage`` (a strength): prompts with a spatial relation or a counted group are drawn by collage
-    with the boxes from the prompt (``velodiff.edit.collage``), one image at a time; the others as
-    without it."""
+    ``collage`` (a strength): prompts naming several objects (a relation, a count, a list) are drawn by
+    collage with the boxes from the prompt (``velodiff.edit.collage``), one image at a time; the others
+    as without it."""
     from ..edit.collage import boxes_from_prompt
     from ..edit.collage import collage as draw_collage
     from ..pipelines import text2img
@@ -171,7 +171,7 @@ def shapes(
     ),
     speed_runs: int = typer.Option(0, min=0, help="also time this many single-image generations (median)"),
     layout_mode: str = typer.Option(
-        "guidance", help="collage: prompts with a spatial relation or a count drawn by collage (velodiff "
+        "guidance", help="collage: prompts naming several objects drawn by collage (velodiff "
         "generate's)"
     ),
     strength: float = typer.Option(None, help="with --layout-mode collage: its SDEdit strength (0.5)"),

@@ -159,7 +159,7 @@ def generate(
         str,
         typer.Option(help="how --layout places the objects: guidance (steer the attention) or collage "
                      "(draw each object, paste it into its box, harmonise by SDEdit; without --layout "
-                     "the boxes come from the prompt's spatial words and counts)"),
+                     "the boxes come from the prompt's relation, counts and lists)"),
     ] = "guidance",
     strength: Annotated[
         float | None,
@@ -196,8 +196,8 @@ def generate(
         boxes = boxes_from_prompt(prompt)
         if not boxes:
             raise VelodiffError(
-                "--layout-mode collage needs --layout boxes or a prompt with a spatial relation or a count "
-                "(A above / below / to the left of / to the right of B; two red circles)"
+                "--layout-mode collage needs --layout boxes or a prompt naming several objects "
+                "(A above / below / to the left of / to the right of B; two red circles; A and B)"
             )
     regional = None
     if regions is not None:

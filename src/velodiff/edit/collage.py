@@ -20,6 +20,9 @@ harmonised by SDEdit (Meng et al. 2022) under the whole prompt, which keeps the 
 4. Harmonise: ``img2img`` of the collage under the whole prompt at ``strength`` (the share of the steps
    re-run; SDEdit's t0): the seams and scaling blur go, the layout stays.
 
+Without boxes, :func:`boxes_from_prompt` lays the prompt's objects out: a relation's two sides in their
+halves, a counted group's objects and a list's phrases in a row or grid.
+
 Cost: one generation per object plus ``strength`` of one (``bench/edit/README.md`` measures it).
 """
 
@@ -89,22 +92,31 @@ def grid_boxes(region: Box, n: int, side: float = 0.4) -> list[Box]:
 
 
 def boxes_from_prompt(prompt: str, side: float = 0.4, group_side: float = 0.3) -> Boxes:
-    """Object boxes from the prompt's spatial relation and counts: each side of a relation in its half
-    of the image ("a red circle above a blue square": the circle a square of ``side`` centred in the top
-    half), the objects of a counted group in a row or grid of squares of ``group_side`` (:func:`grid_boxes`;
-    "two red circles": two squares side by side, a list of boxes); empty for a prompt with neither.
-    The sides were chosen on ShapesEval seeds the benches do not report (``bench/edit/README.md``)."""
+    """Object boxes from the prompt's spatial relation, counts and lists: each side of a relation in its
+    half of the image ("a red circle above a blue square": the circle a square of ``side`` centred in the
+    top half); the objects of a counted group, or of a list of phrases ("a red circle and two blue
+    squares"), in a row or grid of squares of ``group_side`` (:func:`grid_boxes`), a counted group's
+    boxes a list; empty for a prompt naming one object with no relation. The sides were chosen on
+    ShapesEval seeds the benches do not report (``bench/edit/README.md``)."""
     text = prompt.lower().strip().rstrip(".")
-    parts = spatial_parts(text)
-    if not parts:
-        if count_of(text) < 2:
-            return {}
-        parts = [(text, (0.0, 0.0, 1.0, 1.0))]
     boxes: Boxes = {}
-    for part, region in parts:
-        n = count_of(part)
-        grid = grid_boxes(region, n, group_side if n > 1 else side)
-        boxes[object_words(part)] = grid if n > 1 else grid[0]
+    parts = spatial_parts(text)
+    if parts:
+        for part, region in parts:
+            n = count_of(part)
+            grid = grid_boxes(region, n, group_side if n > 1 else side)
+            boxes[object_words(part)] = grid if n > 1 else grid[0]
+        return boxes
+    phrases = [q for q in (q.strip() for q in re.split(r"\s*,\s*|\s+and\s+", text)) if object_words(q)]
+    counts = [count_of(q) for q in phrases]
+    if sum(counts) < 2:
+        return {}
+    grid = iter(grid_boxes((0.0, 0.0, 1.0, 1.0), sum(counts), group_side))
+    for phrase, n in zip(phrases, counts, strict=True):
+        words, mine = object_words(phrase), [next(grid) for _ in range(n)]
+        if words in boxes:  # the same object named twice: one group
+            mine = [*box_list(boxes[words]), *mine]
+        boxes[words] = mine if len(mine) > 1 else mine[0]
     return boxes
 
 
@@ -185,8 +197,8 @@ def collage(
     boxes = boxes_from_prompt(prompt) if boxes is None else boxes
     if not boxes:
         raise VelodiffError(
-            "collage: give the boxes, e.g. {'red circle': (0.1, 0.1, 0.5, 0.5)}, or a prompt with a spatial "
-            "relation ('A above / below / to the left of / to the right of B')"
+            "collage: give the boxes, e.g. {'red circle': (0.1, 0.1, 0.5, 0.5)}, or a prompt naming several "
+            "objects ('A above / below / to the left of / to the right of B', 'two red circles', 'A and B')"
         )
     # (words, box, whether the box holds one object of a counted group: drawn as "a <object>")
     items = [(words, box, not isinstance(value[0], int | float)) for words, value in boxes.items()

@@ -186,7 +186,7 @@ class Engine:
     @staticmethod
     def check_layout(req: Request) -> dict[str, Any] | None:
         """The request's boxes ({words: box or list of boxes}), checked against its prompt; a collage
-        without boxes takes them from the prompt's relation or count (None: guidance without boxes)."""
+        without boxes takes them from the prompt's objects (None: guidance without boxes)."""
         from ..edit.collage import boxes_from_prompt
         from ..edit.layout import check_boxes, parse_layout
 
@@ -199,8 +199,8 @@ class Engine:
             boxes = boxes_from_prompt(req.prompt)
             if not boxes:
                 raise VelodiffError(
-                    "layout_mode collage needs layout boxes or a prompt with a spatial relation or a count "
-                    "(A above / below / to the left of / to the right of B; two red circles)"
+                    "layout_mode collage needs layout boxes or a prompt naming several objects "
+                    "(A above / below / to the left of / to the right of B; two red circles; A and B)"
                 )
         return boxes
 

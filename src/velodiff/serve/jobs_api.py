@@ -47,7 +47,7 @@ class JobBody(BaseModel):
         "guidance",
         description="guidance (layout guidance steers each object's attention into its boxes) or collage "
         "(each object drawn alone, pasted into its box, harmonised by SDEdit; without layout the boxes "
-        "come from the prompt's relation or count; one job at a time)",
+        "come from the prompt's relation, counts and lists; one job at a time)",
     )
     timeout_s: float | None = Field(
         None, description="fail the job if it runs longer (default: the server's)"
