@@ -149,6 +149,8 @@ def test_collage_of_a_counted_group_draws_exactly_the_count(model):
 
     res = collage(model, "three red circles", seeds=[0, 1], steps=10, guidance=2.5)
     assert len(res.info["objects"]) == 3 and res.nfe == 3 * 10 + 5
+    drawn = [np.asarray(im).tobytes() for images in res.info["objects"] for im in images]
+    assert len(set(drawn)) == 6  # consecutive image seeds never draw one object twice
     for image in [*res.info["collages"], *res.images]:
         assert sorted((d.color, d.shape) for d in detect(np.asarray(image))) == [("red", "circle")] * 3
 

@@ -5,7 +5,8 @@ harmonised by SDEdit (Meng et al. 2022) under the whole prompt, which keeps the 
     result = collage(model, "a red circle", {"red circle": (0.05, 0.05, 0.5, 0.5)}, seeds=[0])
 
 1. Object k of the layout is drawn from its own phrase of the prompt ("a red circle above a blue square",
-   box "blue square" -> "a blue square") with seed ``seed + k``, capturing the cross-attention maps. A
+   box "blue square" -> "a blue square") with seed :func:`object_seed` (``seed + k * 2**32``: the objects
+   of images with consecutive seeds never share a draw), capturing the cross-attention maps. A
    counted group has a list of boxes, one object each, drawn singular ("two red circles", "red circles"
    -> "a red circle" twice): the count is fixed by the collage, where the model alone merges or drops
    objects.
@@ -40,6 +41,12 @@ from .layout import Box, Boxes, box_list, check_boxes, count_of, object_words, s
 RELATIONS = r"\s+(?:above|below|to the left of|to the right of)\s+"
 #: the harmonising pass's SDEdit strength (chosen on seeds 1000 / 2000, bench/edit/README.md)
 DEFAULT_STRENGTH = 0.5
+
+
+def object_seed(seed: int, k: int) -> int:
+    """The seed object k of an image with seed ``seed`` is drawn with: ``seed + k * 2**32`` (mod 2**63),
+    so image seeds s, s + 1, ... (a batch, an eval set) never draw one object twice."""
+    return (int(seed) + k * 2**32) % 2**63
 
 
 def object_prompt(prompt: str, words: str) -> str:
@@ -221,8 +228,8 @@ def collage(
         phrase = singular(phrase) if one_of_group else phrase
         maps = AttentionMaps() if readable else None
         drawn = {**options, "output": "pil"}  # the cut-out reads pictures; ``output`` is for the result
-        res = text2img(model, phrase, seeds=[s + k for s in seeds], plan=[*rules, *filter(None, [maps])],
-                       **drawn)
+        own = [object_seed(s, k) for s in seeds]
+        res = text2img(model, phrase, seeds=own, plan=[*rules, *filter(None, [maps])], **drawn)
         objects.append(res.images)
         nfe, evals = nfe + res.nfe, evals + res.evals
         if maps is not None:
