@@ -178,7 +178,7 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         assert message in err and "\n" not in err
     args = ("--layout", "red circle: 0.5,0.5,0.95,0.95", "--layout-mode", "collage", "--steps", "4")
     assert cli("generate", "a red circle", "-o", out, *args) == 0
-    assert "6 NFE" in capsys.readouterr().out  # 4 steps for the object, 2 for the harmonising pass
+    assert "4 steps, 6 NFE" in capsys.readouterr().out  # 4 steps for the object, 2 for the harmonising pass
     args = ("--layout-mode", "collage", "--steps", "4")  # boxes from the relation: two objects
     assert cli("generate", "a red circle above a blue square", "-o", out, *args) == 0
     assert "10 NFE" in capsys.readouterr().out

@@ -191,9 +191,9 @@ def collage(
     """Images of ``prompt`` with each ``boxes`` object (words of the prompt -> (x0, y0, x1, y1) in
     [0, 1]; default :func:`boxes_from_prompt`) in its box (module docstring). ``options`` as
     :func:`velodiff.pipelines.text2img` (steps, solver, guidance, plan, ...), used for the objects and
-    the harmonising pass. Returns img2img's result with ``nfe`` and ``evals`` counting the whole
-    pipeline, ``info["collages"]`` (the pasted canvases, PIL) and ``info["objects"]`` (each object's
-    own images) added."""
+    the harmonising pass. Returns img2img's result with ``steps`` the objects' steps, ``nfe`` and
+    ``evals`` counting the whole pipeline, ``info["collages"]`` (the pasted canvases, PIL) and
+    ``info["objects"]`` (each object's own images) added."""
     import dataclasses
 
     import torch
@@ -251,4 +251,6 @@ def collage(
     pictures = [Image.fromarray((c * 255).round().astype(np.uint8)) for c in canvases]  # type: ignore[operator]
     result = img2img(model, prompt, pictures, strength, seeds=seeds, plan=rules, **options)
     info = {**result.info, "collages": pictures, "objects": objects}
-    return dataclasses.replace(result, nfe=nfe + result.nfe, evals=evals + result.evals, info=info)
+    # steps: the objects' (the requested ones; the harmonising pass runs ``strength`` of them)
+    return dataclasses.replace(result, steps=res.steps, nfe=nfe + result.nfe, evals=evals + result.evals,
+                               info=info)
