@@ -120,6 +120,18 @@ def test_paste_puts_the_object_exactly_in_its_box():
     assert np.abs(out[40, 32] - pixels[s.objects[0].mask].mean(0)).max() < 0.05  # the object's colour
 
 
+def test_paste_into_a_mask_stays_inside_it():
+    """A layout mask: the object fills the region's bounding box and shows only inside the region."""
+    _, pixels = scene("a large red square")
+    region = np.zeros((32, 32), dtype=np.float32)  # any size: stretched over the canvas
+    rr, cc = np.mgrid[:32, :32]
+    region[(rr - 16) ** 2 + (cc - 16) ** 2 <= 8**2] = 1.0  # a disc of radius 16 px on the 64 px canvas
+    out = paste(np.zeros_like(pixels), pixels, cut_out(pixels), region)
+    fg = np.linalg.norm(out, axis=-1) > 0.25
+    disc = np.kron(region, np.ones((2, 2))) > 0.5
+    assert fg[disc].mean() > 0.95 and not fg[~disc].any()  # the square, cut to the disc
+
+
 def test_collage_places_each_object_in_its_box(model):
     from velodiff.eval.shapes_eval import detect
 
@@ -182,6 +194,13 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
     args = ("--layout-mode", "collage", "--steps", "4")  # boxes from the relation: two objects
     assert cli("generate", "a red circle above a blue square", "-o", out, *args) == 0
     assert "10 NFE" in capsys.readouterr().out
+    from PIL import Image
+
+    square = np.zeros((64, 64), dtype=np.uint8)
+    square[8:40, 8:40] = 255
+    Image.fromarray(square).save(tmp_path / "m.png")
+    args = ("--layout", f"red circle: {tmp_path / 'm.png'}", "--layout-mode", "collage", "--steps", "4")
+    assert cli("generate", "a red circle", "-o", out, *args) == 0  # a mask image as the region
     boxes = "red circles: 0.05,0.3,0.45,0.7; red circles: 0.55,0.3,0.95,0.7"  # a box per circle
     args = ("--layout", boxes, "--layout-mode", "collage", "--steps", "4")
     assert cli("generate", "two red circles", "-o", out, *args) == 0

@@ -7,7 +7,8 @@ import torch
 import velodiff
 from velodiff import VelodiffError
 from velodiff.accel.attention import AttentionMaps
-from velodiff.edit.layout import LayoutGuidance, check_boxes, concepts, regions_from_prompt
+from velodiff.edit.layout import LayoutGuidance, check_boxes, concepts, parse_layout, regions_from_prompt
+from velodiff.pipelines import text2img
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,36 @@ def test_generate_layout_option(tmp_path, capsys):
         assert match in err and "\n" not in err
     assert cli("generate", prompt, "-o", str(out), "--layout", "red circle: 0,0,1,1", "--plan", "layout") == 2
     assert "drop layout from --plan" in capsys.readouterr().err
+
+
+def test_a_mask_region_is_the_box_it_draws_and_bad_masks_are_one_line(model, tmp_path):
+    """A layout mask (an image, white = the region) is read from a path on the command line only, its
+    cells on any attention grid are the box's it draws, and layout guidance on it is guidance on the box
+    (the same images); a black mask or an unreadable file is one line."""
+    import numpy as np
+    from PIL import Image
+
+    from velodiff.edit.layout import region_mask
+
+    left = np.zeros((64, 64), dtype=np.uint8)
+    left[:, :32] = 255
+    path = tmp_path / "Left Half.PNG"  # the path's case is kept, the words are lower-cased
+    Image.fromarray(left).save(path)
+    boxes = parse_layout(f"Red Circle: {path}", masks=True)
+    mask = boxes["red circle"]
+    assert mask.shape == (64, 64) and mask.max() == 1.0
+    for h, w in [(8, 8), (16, 16), (4, 6)]:
+        assert torch.equal(region_mask(mask, h, w), region_mask((0.0, 0.0, 0.5, 1.0), h, w))
+    with pytest.raises(VelodiffError, match="four numbers in"):
+        parse_layout(f"red circle: {path}")  # masks off (the server's): paths are not read
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(tmp_path / "black.png")
+    with pytest.raises(VelodiffError, match="covers nothing"):
+        parse_layout(f"red circle: {tmp_path / 'black.png'}", masks=True)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(VelodiffError, match="cannot be read as an image"):
+        parse_layout(f"red circle: {tmp_path / 'bad.png'}", masks=True)
+    kw = dict(seeds=[0], steps=3, guidance=2.5, output="latent")
+    box = LayoutGuidance(boxes={"red circle": (0, 0, 0.5, 1)})
+    by_box = text2img(model, "a red circle", plan=[box], **kw)
+    by_mask = text2img(model, "a red circle", plan=[LayoutGuidance(boxes={"red circle": mask})], **kw)
+    assert torch.equal(by_box.latents, by_mask.latents)

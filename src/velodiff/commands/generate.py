@@ -153,7 +153,8 @@ def generate(
     layout: Annotated[
         str | None,
         typer.Option(help="layout guidance boxes: 'red circle: 0.1,0.1,0.45,0.45; blue square: ...' "
-                     "(fractions x0,y0,x1,y1, y down; plan rule layout)"),
+                     "(fractions x0,y0,x1,y1, y down; or a mask image's path, white = the region; plan "
+                     "rule layout)"),
     ] = None,
     layout_mode: Annotated[
         str,
@@ -169,7 +170,7 @@ def generate(
     regions: Annotated[
         str | None,
         typer.Option(help="regional prompts: 'a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1' (each "
-                     "region its own prompt; plan rule regional)"),
+                     "region its own prompt, a box or a mask image's path; plan rule regional)"),
     ] = None,
 ) -> None:
     """Generate images from a text prompt. Offline; the shipped model unless --model says otherwise, on
@@ -185,7 +186,7 @@ def generate(
         from ..edit.layout import check_boxes, parse_layout
         from ..plan import Plan
 
-        boxes = parse_layout(layout)
+        boxes = parse_layout(layout, masks=True)
         check_boxes(boxes, prompt)
         if plan is not None and Plan.parse(plan).find("layout") is not None:
             raise VelodiffError("--layout adds the plan rule layout with its boxes; drop layout from --plan")

@@ -36,7 +36,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import VelodiffError
-from .layout import Box, Boxes, box_list, check_boxes, count_of, object_words, spatial_parts
+from .layout import (
+    Box,
+    Boxes,
+    box_list,
+    check_boxes,
+    count_of,
+    is_mask,
+    object_words,
+    region_mask,
+    spatial_parts,
+)
 
 RELATIONS = r"\s+(?:above|below|to the left of|to the right of)\s+"
 #: the harmonising pass's SDEdit strength (chosen on seeds 1000 / 2000, bench/edit/README.md)
@@ -151,12 +161,18 @@ def cut_out(image: np.ndarray, attention: np.ndarray | None = None, threshold: f
     return regions == 1 + int(np.argmax(mass))
 
 
-def paste(canvas: np.ndarray, image: np.ndarray, mask: np.ndarray, box: Box) -> np.ndarray:
+def paste(canvas: np.ndarray, image: np.ndarray, mask: np.ndarray, box: Any) -> np.ndarray:
     """``canvas`` (H, W, 3) with the masked object of ``image`` scaled from its bounding box into ``box``
-    (fractions x0, y0, x1, y1 of the canvas, y down); a new array."""
+    (fractions x0, y0, x1, y1 of the canvas, y down; or a layout mask, a 2-D array: the object fills
+    the region's bounding box and shows only inside the region); a new array."""
     from PIL import Image
 
     h, w = canvas.shape[:2]
+    region = None
+    if is_mask(box):
+        region = region_mask(box, h, w).numpy()
+        rows, cols = np.nonzero(region)
+        box = (cols.min() / w, rows.min() / h, (cols.max() + 1) / w, (rows.max() + 1) / h)
     ys, xs = np.nonzero(mask)
     crop = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     x0, y0 = round(box[0] * w), round(box[1] * h)
@@ -166,9 +182,9 @@ def paste(canvas: np.ndarray, image: np.ndarray, mask: np.ndarray, box: Box) -> 
                     for c in np.moveaxis(image[crop], -1, 0)], axis=-1)
     alpha = np.asarray(Image.fromarray(mask[crop].astype(np.float32)).resize(size, Image.BILINEAR))
     out = canvas.copy()
-    region = out[y0:y1, x0:x1]
-    out[y0:y1, x0:x1] = region + alpha[..., None].clip(0, 1) * (obj.clip(0, 1) - region)
-    return out
+    under = out[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] = under + alpha[..., None].clip(0, 1) * (obj.clip(0, 1) - under)
+    return out if region is None else canvas + region[..., None] * (out - canvas)
 
 
 def _phrase_token_indices(model: Any, phrase: str) -> list[int]:
@@ -208,8 +224,8 @@ def collage(
             "objects ('A above / below / to the left of / to the right of B', 'two red circles', 'A and B')"
         )
     # (words, box, whether the box holds one object of a counted group: drawn as "a <object>")
-    items = [(words, box, not isinstance(value[0], int | float)) for words, value in boxes.items()
-             for box in box_list(value)]
+    items = [(words, box, isinstance(value, list | tuple) and not isinstance(value[0], int | float))
+             for words, value in boxes.items() for box in box_list(value)]
     for words, box, _ in items:
         check_boxes({words: box}, prompt)
     if not 0 < strength <= 1:

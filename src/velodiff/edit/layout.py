@@ -32,6 +32,7 @@ Gaussian smoothing of the maps is left out (the maps here are 8x8 to 16x16).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..accel.attention import (
@@ -49,8 +50,9 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 Box = tuple[float, float, float, float]
-#: words -> a box, or a list of boxes (one per object of a counted group: "red circles" of "two red circles")
-Boxes = dict[str, "Box | list[Box]"]
+#: words -> a box, a list of boxes (one per object of a counted group: "red circles" of "two red circles"),
+#: or a mask: a 2-D array (any size, stretched over the image) whose values >= 0.5 are the region
+Boxes = dict[str, Any]
 HALVES: dict[str, tuple[Box, Box]] = {
     "above": ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)),
     "below": ((0.0, 0.5, 1.0, 1.0), (0.0, 0.0, 1.0, 0.5)),
@@ -98,41 +100,70 @@ def regions_from_prompt(prompt: str) -> dict[str, Box]:
     return {object_words(part): box for part, box in spatial_parts(prompt)}
 
 
-def box_list(value: Box | list[Box]) -> list[Box]:
-    """A layout value as a list of boxes (one box, or one per object of a counted group)."""
-    return [value] if isinstance(value[0], int | float) else list(value)  # type: ignore[list-item]
+def is_mask(region: Any) -> bool:
+    """Whether a region is a mask (a 2-D array) rather than a box."""
+    return getattr(region, "ndim", None) == 2
 
 
-def parse_boxes(text: str, what: str, example: str, repeat: bool = False) -> dict[str, Any]:
+def box_list(value: Any) -> list[Any]:
+    """A layout value as a list of regions (one box or mask, or one box per object of a counted group)."""
+    return [value] if is_mask(value) or isinstance(value[0], int | float) else list(value)
+
+
+def read_mask(path: str, what: str) -> Any:
+    """A mask image (white = the region) as a float array in [0, 1]; one line if it cannot be read."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as e:
+        raise VelodiffError(f"{what} mask {path!r} cannot be read as an image: {e}") from None
+
+
+def parse_boxes(
+    text: str, what: str, example: str, repeat: bool = False, masks: bool = False, lower: bool = False
+) -> dict[str, Any]:
     """'NAME: x0,y0,x1,y1; NAME: ...' -> {NAME: box}, each box checked (one line if malformed); ``what``
     names an item in the messages ("layout", "region"), ``example`` shows one. A name given twice is
-    refused, or with ``repeat`` collects its boxes in a list (one per object)."""
+    refused, or with ``repeat`` collects its boxes in a list (one per object). With ``masks``, a path to
+    an image file in place of the numbers is a mask (white = the region); ``lower`` lower-cases names."""
     boxes: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in text.split(";"))):
         name, colon, coords = item.rpartition(":")
+        region: Any = ()
         try:
-            box = tuple(float(v) for v in coords.split(","))
+            region = tuple(float(v) for v in coords.split(","))
         except ValueError:
-            box = ()
-        if not colon or not name.strip() or len(box) != 4:
-            raise VelodiffError(f"{what} {item!r}: write '{example}' with four numbers in [0, 1]")
-        name = name.strip()
-        check_region_box(name, box)  # type: ignore[arg-type]
+            if masks and colon and Path(coords.strip()).is_file():
+                region = read_mask(coords.strip(), what)
+        if not colon or not name.strip() or not (is_mask(region) or len(region) == 4):
+            paths = " or a mask image's path" if masks else ""
+            raise VelodiffError(f"{what} {item!r}: write '{example}' with four numbers in [0, 1]{paths}")
+        name = name.strip().lower() if lower else name.strip()
+        check_region_box(name, region)
         if name in boxes and not repeat:
             raise VelodiffError(f"{what} {name!r} is given twice; give each {what} once")
-        boxes[name] = [*box_list(boxes[name]), box] if name in boxes else box
+        boxes[name] = [*box_list(boxes[name]), region] if name in boxes else region
     if not boxes:
         raise VelodiffError(f"no {what} given; write '{example}; ...'")
     return boxes
 
 
-def parse_layout(text: str) -> Boxes:
+def parse_layout(text: str, masks: bool = False) -> Boxes:
     """'red circle: 0.1,0.1,0.45,0.45; blue square: 0.55,0.5,0.95,0.95' -> {words: box}; words given
-    again add a box to their list ('red circles: ...; red circles: ...': one box per circle)."""
-    return parse_boxes(text.lower(), "layout", "words: x0,y0,x1,y1", repeat=True)
+    again add a box to their list ('red circles: ...; red circles: ...': one box per circle); with
+    ``masks``, 'red circle: circle.png' reads a mask image."""
+    return parse_boxes(text, "layout", "words: x0,y0,x1,y1", repeat=True, masks=masks, lower=True)
 
 
-def check_region_box(name: str, box: Box) -> None:
+def check_region_box(name: str, box: Any) -> None:
+    """One line for a box outside the image or a mask that covers nothing."""
+    if is_mask(box):
+        if not float(box.max()) >= 0.5:
+            raise VelodiffError(f"layout mask {name!r} covers nothing (white, >= 0.5, is the region)")
+        return
     if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
         raise VelodiffError(
             f"layout box {name!r} {tuple(box)} must satisfy 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
@@ -174,18 +205,23 @@ class GradCapture(RowProcessor):
         return _from_tokens(attn, out, residual, shape)
 
 
-def box_mask(box: Box, n: int, aspect: float = 1.0) -> Tensor:
+def box_mask(box: Any, n: int, aspect: float = 1.0) -> Tensor:
     """A (n,) mask over a row-major grid of n cells (h x w, w / h = aspect): 1 where the cell centre is in
-    the box."""
+    the box (or, for a mask, where the cell is at least half region)."""
     import math
 
     h = max(1, round(math.sqrt(n / aspect)))
     return region_mask(box, h, n // h).reshape(-1)
 
 
-def region_mask(box: Box, h: int, w: int) -> Tensor:
-    """A (h, w) float mask on a grid: 1 where the cell centre lies in the box."""
+def region_mask(box: Any, h: int, w: int) -> Tensor:
+    """A (h, w) float mask on a grid: 1 where the cell centre lies in the box; for a mask (any size,
+    stretched over the grid), where the cell's mean of it is at least 0.5."""
     import torch
+
+    if is_mask(box):
+        m = torch.as_tensor(box, dtype=torch.float32)[None, None]
+        return (torch.nn.functional.interpolate(m, size=(h, w), mode="area")[0, 0] >= 0.5).float()
 
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w

@@ -53,8 +53,9 @@ N_COLOURS = 8
 
 
 def parse_regions(text: str) -> dict[str, Box]:
-    """'a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1' -> {region prompt: box}."""
-    return parse_boxes(text, "region", "prompt: x0,y0,x1,y1")
+    """'a red circle: 0,0,0.5,1; a blue square: 0.5,0,1,1' -> {region prompt: box}; a mask image's path
+    in place of the numbers is a mask (white = the region)."""
+    return parse_boxes(text, "region", "prompt: x0,y0,x1,y1", masks=True)
 
 
 def finest_layers(network: Any) -> tuple[str, ...]:
@@ -110,8 +111,8 @@ class RegionalCrossAttention(RowProcessor):
 
 @register_rule
 class RegionalPrompting(Accelerator):
-    """Regional prompting (module docstring); ``regions`` (Python only): region prompt -> box, for every
-    image."""
+    """Regional prompting (module docstring); ``regions`` (Python only): region prompt -> box or mask (a
+    2-D array, values >= 0.5 the region), for every image."""
 
     name = "regional"
     layer = TERM
