@@ -11,9 +11,11 @@ branches to evaluate and combine their predictions, each reporting the passes it
     pag        Perturbed-Attention Guidance                        (guidance/pag.py)
     compose    composable multi-prompt guidance                    (guidance/compose.py)
     classifier off-the-shelf classifier guidance on x0 (EluCD)       (guidance/classifier.py)
+    reward     reward steering of the state through x0 (FlowChef)  (guidance/reward.py)
 
 Rules that combine cond and uncond claim the ``uncond`` branch (one per plan); PAG and compose add
-terms on top; rescale acts after them, classifier guidance last.
+terms on top; rescale acts after them, classifier guidance last; reward steering moves the state
+after each step.
 """
 
 from .adaptive import AdaptiveGuidance, LinearAG
@@ -24,6 +26,7 @@ from .cfgpp import CFGPlusPlus
 from .classifier import ClassifierGuidance
 from .compose import ComposableGuidance, split_prompt
 from .pag import PerturbedAttentionGuidance
+from .reward import RewardSteering
 
 __all__ = [
     "AdaptiveGuidance",
@@ -37,5 +40,6 @@ __all__ = [
     "GuidedCond",
     "LinearAG",
     "PerturbedAttentionGuidance",
+    "RewardSteering",
     "split_prompt",
 ]
