@@ -6,6 +6,7 @@ from the border's median colour, a soft step), so steering should draw larger ob
 64x64), ShapesEval single accuracy, and seconds per image, the rows of one run one after another.
 
     python bench/guidance/reward_bench.py --seed 0        # writes bench/guidance/reward.json
+    python bench/guidance/reward_bench.py --sheet docs/reward.png    # sheet only: 8 prompts, a row a scale
 """
 
 from __future__ import annotations
@@ -37,14 +38,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="image j has seed seed + j")
     ap.add_argument("--scales", default="0,0.05,0.1,0.2")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("reward.json"))
+    ap.add_argument("--sheet", type=Path, help="only a contact sheet: the first 8 prompts, a row a scale")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = velodiff.load("default")
     prompts = [p for p in load_prompts("v1") if p.category == "single"]
     texts = [p.text for p in prompts for _ in range(2)]
     seeds = [args.seed + j for j in range(len(texts))]
+    scales = [float(s) for s in args.scales.split(",")]
+    if args.sheet:
+        from velodiff.images import image_grid
+
+        images, captions = [], []
+        for scale in scales:
+            plan = [RewardSteering(reward=coverage, scale=scale)] if scale else None
+            eight = [p.text for p in prompts[:8]]
+            images += text2img(model, eight, seeds=args.seed, steps=20, guidance=2.5, plan=plan).images
+            captions += [f"scale {scale:g}: {t}" for t in eight]
+        image_grid(images, cols=8, scale=2, captions=captions).save(args.sheet)
+        return
     rows = []
-    for scale in [float(s) for s in args.scales.split(",")]:
+    for scale in scales:
         plan = [RewardSteering(reward=coverage, scale=scale)] if scale else None
         t0 = time.perf_counter()
         res = text2img(model, texts, seeds=seeds, steps=20, guidance=2.5, plan=plan, output="tensor")
