@@ -172,6 +172,8 @@ def paste(canvas: np.ndarray, image: np.ndarray, mask: np.ndarray, box: Any) -> 
     if is_mask(box):
         region = region_mask(box, h, w).numpy()
         rows, cols = np.nonzero(region)
+        if not len(rows):
+            raise VelodiffError(f"collage: a layout mask covers no pixel of the {w}x{h} image; enlarge it")
         box = (cols.min() / w, rows.min() / h, (cols.max() + 1) / w, (rows.max() + 1) / h)
     ys, xs = np.nonzero(mask)
     crop = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
@@ -204,8 +206,9 @@ def collage(
     threshold: float = 0.25,
     **options: Any,
 ) -> Any:
-    """Images of ``prompt`` with each ``boxes`` object (words of the prompt -> (x0, y0, x1, y1) in
-    [0, 1]; default :func:`boxes_from_prompt`) in its box (module docstring). ``options`` as
+    """Images of ``prompt`` with each ``boxes`` object (words of the prompt -> a box (x0, y0, x1, y1) in
+    [0, 1], a list of boxes, one object each, or a mask; default :func:`boxes_from_prompt`) in its box
+    (module docstring). ``options`` as
     :func:`velodiff.pipelines.text2img` (steps, solver, guidance, plan, ...), used for the objects and
     the harmonising pass. Returns img2img's result with ``steps`` the objects' steps, ``nfe`` and
     ``evals`` counting the whole pipeline, ``info["collages"]`` (the pasted canvases, PIL) and
@@ -223,11 +226,10 @@ def collage(
             "collage: give the boxes, e.g. {'red circle': (0.1, 0.1, 0.5, 0.5)}, or a prompt naming several "
             "objects ('A above / below / to the left of / to the right of B', 'two red circles', 'A and B')"
         )
-    # (words, box, whether the box holds one object of a counted group: drawn as "a <object>")
+    check_boxes(boxes, prompt)
+    # (words, region, whether it holds one object of a counted group: drawn as "a <object>")
     items = [(words, box, isinstance(value, list | tuple) and not isinstance(value[0], int | float))
              for words, value in boxes.items() for box in box_list(value)]
-    for words, box, _ in items:
-        check_boxes({words: box}, prompt)
     if not 0 < strength <= 1:
         raise VelodiffError(f"collage: strength must be in (0, 1] (the share of steps run), not {strength}")
     if "latents" in options:

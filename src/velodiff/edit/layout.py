@@ -10,8 +10,9 @@ A_u is the conditional pass's cross-attention (heads averaged, every plain cross
 object's colour and shape tokens at position u. The paper scales the gradient by eta sigma_t^2; the
 normalized step here makes ``scale`` a fraction of the noise level, the same for every model and prompt.
 
-Regions come from explicit boxes (``boxes``: words -> (x0, y0, x1, y1) in [0, 1], y down, or a list of
-boxes whose union is the region: one per object of a counted group) or from the
+Regions come from explicit boxes (``boxes``: words -> (x0, y0, x1, y1) in [0, 1], y down, a list of
+boxes whose union is the region: one per object of a counted group, or a mask: a 2-D array, the cells
+at least half covered by its values >= 0.5) or from the
 prompt's spatial words: "A above B", "A below B", "A to the left of B", "A to the right of B" give A and
 B the two halves of the image. A prompt with no such relation is sampled unguided, unless one of the
 A-STAR terms is on.
