@@ -180,7 +180,7 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         collage(model, "a blue circle", box, steps=2)
     out = str(tmp_path / "c.png")
     for args, message in [
-        (("--layout-mode", "collage"), "needs --layout boxes or a prompt naming several objects"),
+        (("--layout-mode", "collage"), "needs layout boxes or a prompt naming several objects"),
         (("--layout-mode", "paste"), "use guidance or collage"),
         (("--strength", "0.3"), "applies to --layout-mode collage"),
         (("--layout", "red circle: 0,0,1,1", "--layout-mode", "collage", "--strength", "2"), "(0, 1]"),

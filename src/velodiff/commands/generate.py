@@ -191,15 +191,10 @@ def generate(
         if plan is not None and Plan.parse(plan).find("layout") is not None:
             raise VelodiffError("--layout adds the plan rule layout with its boxes; drop layout from --plan")
     collage = check_layout_mode(layout_mode, strength, attention_maps)
-    if collage and boxes is None:
-        from ..edit.collage import boxes_from_prompt
+    if collage:
+        from ..edit.collage import collage_boxes
 
-        boxes = boxes_from_prompt(prompt)
-        if not boxes:
-            raise VelodiffError(
-                "--layout-mode collage needs --layout boxes or a prompt naming several objects "
-                "(A above / below / to the left of / to the right of B; two red circles; A and B)"
-            )
+        boxes = collage_boxes(prompt, boxes)  # checked before the model loads
     regional = None
     if regions is not None:
         from ..edit.regional import RegionalPrompting, parse_regions

@@ -137,6 +137,17 @@ def boxes_from_prompt(prompt: str, side: float = 0.4, group_side: float = 0.3) -
     return boxes
 
 
+def collage_boxes(prompt: str, boxes: Boxes | None = None) -> Boxes:
+    """``boxes``, or else :func:`boxes_from_prompt`'s; one line when there are none."""
+    boxes = boxes_from_prompt(prompt) if boxes is None else boxes
+    if not boxes:
+        raise VelodiffError(
+            "the collage needs layout boxes or a prompt naming several objects "
+            "(A above / below / to the left of / to the right of B; two red circles; A and B)"
+        )
+    return boxes
+
+
 def background_colour(image: np.ndarray) -> np.ndarray:
     """The median colour of the image's one-pixel border, (3,) in the image's units."""
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
@@ -220,12 +231,7 @@ def collage(
     from ..accel.attention import AttentionMaps, attention_modules
     from ..pipelines import img2img, text2img
 
-    boxes = boxes_from_prompt(prompt) if boxes is None else boxes
-    if not boxes:
-        raise VelodiffError(
-            "collage: give the boxes, e.g. {'red circle': (0.1, 0.1, 0.5, 0.5)}, or a prompt naming several "
-            "objects ('A above / below / to the left of / to the right of B', 'two red circles', 'A and B')"
-        )
+    boxes = collage_boxes(prompt, boxes)
     check_boxes(boxes, prompt)
     # (words, region, whether it holds one object of a counted group: drawn as "a <object>")
     items = [(words, box, isinstance(value, list | tuple) and not isinstance(value[0], int | float))

@@ -187,7 +187,7 @@ class Engine:
     def check_layout(req: Request) -> dict[str, Any] | None:
         """The request's boxes ({words: box or list of boxes}), checked against its prompt; a collage
         without boxes takes them from the prompt's objects (None: guidance without boxes)."""
-        from ..edit.collage import boxes_from_prompt
+        from ..edit.collage import collage_boxes
         from ..edit.layout import check_boxes, parse_layout
 
         if req.layout_mode not in ("guidance", "collage"):
@@ -196,12 +196,7 @@ class Engine:
         if boxes is not None:
             check_boxes(boxes, req.prompt)
         elif req.layout_mode == "collage":
-            boxes = boxes_from_prompt(req.prompt)
-            if not boxes:
-                raise VelodiffError(
-                    "layout_mode collage needs layout boxes or a prompt naming several objects "
-                    "(A above / below / to the left of / to the right of B; two red circles; A and B)"
-                )
+            boxes = collage_boxes(req.prompt)
         return boxes
 
     @staticmethod
