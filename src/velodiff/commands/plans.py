@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import typer
 
 
@@ -22,7 +24,8 @@ def plans() -> None:
             for o in r["options"]
         )
         table.add_row(r["name"], r["cost"], opts or "-", r["summary"])
-    Console(width=160).print(table)
+    # the terminal's width (COLUMNS first); piped to a file or grep, 160 columns so rows stay whole
+    Console(width=shutil.get_terminal_size((160, 24)).columns).print(table)
     typer.echo("Plan string: name[:key=value,...] joined by '+', e.g. ag:threshold=0.99+pag:scale=3; "
                "'none' is the empty plan. 'run' defaults come from the run (--guidance).")
 
