@@ -11,7 +11,10 @@ J = dx0 / dx_t:
   backward pass through the conditional network evaluation (one extra forward + backward per step);
 * ``through=x0`` (EluCD: the gradient on the detached x0, no network backward): J of the denoiser of
   unit-variance Gaussian data, alpha / (alpha^2 + sigma^2), so x0 <- x0 + s sigma^2 / (alpha^2 + sigma^2) g
-  (the plain sigma^2 / alpha step with J = 1 explodes at high noise, where alpha -> 0).
+  (the plain sigma^2 / alpha step with J = 1 explodes at high noise, where alpha -> 0);
+* ``through=noisy`` (Dhariwal & Nichol's own classifier guidance): a noise-aware classifier reads x_t and
+  its log-SNR itself, g = grad_{x_t} log p(y | x_t) directly (no decode, no network backward); the shipped
+  one is the noise-aware pair counter (``head=pair_counts``, ``velodiff.guidance.noisy_counter``).
 
 Both steps are weighted by EluCD's time factor w(t) below. The log-likelihood is EluCD's calibration of the
 off-the-shelf classifier (Sec. 4.2, their code's 'joint' and 'margin' temperatures):
@@ -27,8 +30,9 @@ The classifier (plan string): the shipped FD-shapes encoder's heads (``velodiff.
 on clean and blurred renders, never on noisy images); the target comes from the prompt (the shapes
 world's grammar): ``count`` the number of objects it names, ``colors`` / ``shapes`` / ``pairs`` the
 colours, shapes and colour-shape pairs it names (the others absent), ``scene`` the four heads summed. A
-prompt outside that grammar is sampled unguided. From Python, ``classifier`` (images in [0, 1] -> logits)
-and ``targets`` (one class index per image) take any softmax classifier.
+prompt outside that grammar is sampled unguided. From Python, ``classifier`` (images in [0, 1] -> logits;
+with ``through=noisy``, (x_t, log-SNR) -> logits) and ``targets`` (one class index per image) take any
+softmax classifier.
 """
 
 from __future__ import annotations
@@ -107,8 +111,9 @@ class ClassifierGuidance(GuidanceRule):
                          aliases=("margin_temperature_discount",)),
         "gamma": Option(0.0, "EluCD's sine schedule factor: w(t) = 1 + gamma sin(pi t / t_max)", lo=0.0,
                         aliases=("gamma_factor",)),
-        "through": Option("x0", "differentiate w.r.t. the denoised x0 (EluCD) or through the network to x_t "
-                          "(universal guidance)", kind=str, choices=("x0", "network")),
+        "through": Option("x0", "differentiate w.r.t. the denoised x0 (EluCD), through the network to x_t "
+                          "(universal guidance), or a noise-aware classifier of x_t itself (noisy: D&N)",
+                          kind=str, choices=("x0", "network", "noisy")),
         "start": START,
         "stop": STOP,
     }
@@ -131,6 +136,11 @@ class ClassifierGuidance(GuidanceRule):
             raise VelodiffError(
                 "plan rule 'classifier' needs the run's prompts (or a classifier= and its targets=)"
             )
+        if self.through == "noisy" and self.classifier is None and self.head != "pair_counts":
+            raise VelodiffError(
+                f"plan rule 'classifier': through=noisy needs a noise-aware classifier; the shipped one is "
+                f"head=pair_counts, not head={self.head} (or pass classifier=, reading x_t and its log-SNR)"
+            )
         if self.targets is not None and len(self.targets) != run.batch:
             raise VelodiffError(
                 f"plan rule 'classifier': {len(self.targets)} targets for a batch of {run.batch} images"
@@ -142,9 +152,13 @@ class ClassifierGuidance(GuidanceRule):
             self.read, self.goals = self.classifier, list(self.targets or [])
             return
         from ..eval.features import load_encoder
+        from .noisy_counter import load_noisy_counter
         from .pair_counter import load_counter
 
-        self.read = (load_counter() if self.head == "pair_counts" else load_encoder()).logits
+        if self.through == "noisy":
+            self.read = load_noisy_counter(run.model).to(run.model.device).logits
+        else:
+            self.read = (load_counter() if self.head == "pair_counts" else load_encoder()).logits
         prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts)))
         self.goals = [prompt_target(p, self.head) for p in prompts[: run.batch]]
 
@@ -162,16 +176,24 @@ class ClassifierGuidance(GuidanceRule):
         a, sig = sched.alpha(t), sched.sigma(t)
         # x0 <- x0 + s w sigma^2 / alpha grad_x; grad_x = J^T g with J = dx0/dx_t (network), or
         # J = alpha / (alpha^2 + sigma^2), the denoiser of unit-variance Gaussian data (x0)
-        step = self.scale * w * sig**2 * (1 / a if self.through == "network" else 1 / (a**2 + sig**2))
+        step = self.scale * w * sig**2 * (1 / (a**2 + sig**2) if self.through == "x0" else 1 / a)
         r.x0 = r.x0 + step.to(r.x0.dtype) * self.gradient(req, r.x0).to(r.x0.dtype)
         return r
 
     def gradient(self, req: EvalRequest, x0: Tensor) -> Tensor:
         """g = grad sum_i log p_T(y_i | decode(x0_i)) w.r.t. x0 (EluCD) or, through the conditional
-        pass, w.r.t. x_t (zero for images without a target)."""
+        pass, w.r.t. x_t; or grad sum_i log p_T(y_i | x_t) of a noise-aware classifier (zero for images
+        without a target)."""
         import torch
 
         with torch.inference_mode(False), torch.enable_grad():
+            if self.through == "noisy":
+                wrt = req.x.detach().clone().requires_grad_(True)
+                log_snr = self.run.schedule.log_snr(torch.as_tensor(req.t, dtype=torch.float64).flatten())
+                logits = self.read(wrt, log_snr)
+                terms = [self.log_likelihood(logits, i, y) for i, y in enumerate(self.goals) if y is not None]
+                (g,) = torch.autograd.grad(torch.stack(terms).sum(), wrt)
+                return g.detach()
             if self.through == "x0":
                 z = wrt = x0.detach().clone().requires_grad_(True)
             else:

@@ -120,19 +120,25 @@ def load_counter(path: str | Path | None = None) -> PairCounter:
     return _load(str(p.resolve()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="train the shapes-world pair counter")
+def training_cli(argv: list[str] | None, description: str, train_fn: Any, n_train: int, epochs: int) -> int:
+    """``python -m`` entry of a small classifier: --out, --n-train, --epochs, --seed, --threads; prints the
+    training info as JSON."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--n-train", type=int, default=24000)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--n-train", type=int, default=n_train)
+    ap.add_argument("--epochs", type=int, default=epochs)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, info = train(args.out, n_train=args.n_train, epochs=args.epochs, seed=args.seed)
+    _, info = train_fn(args.out, n_train=args.n_train, epochs=args.epochs, seed=args.seed)
     print(json.dumps(info))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training_cli(argv, "train the shapes-world pair counter", train, n_train=24000, epochs=12)
 
 
 if __name__ == "__main__":
