@@ -155,3 +155,17 @@ def test_console_exit_keeps_code_output_and_atexit(tmp_path, argv, code, stream,
     assert text in getattr(p, stream)
     assert p.stdout.startswith("before")
     assert marker.read_text() == "ran"
+
+
+def test_commands_are_registered_once_per_process(capsys):
+    """`main` called again in one process (tests, scripts) does not add every command again: typer would
+    rebuild them all on each call, and the help would list each twice."""
+    from velodiff import cli
+
+    counts = []
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+        counts.append((len(cli.app.registered_commands), len(cli.app.registered_groups)))
+    assert counts[0] == counts[1], counts
+    assert capsys.readouterr().out.count("  generate ") == 2  # one listing per call, each command once

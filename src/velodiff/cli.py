@@ -51,10 +51,18 @@ COMMAND_MODULES = [
     "velodiff.commands.serve",
 ]
 
+_registered = False
+
 
 def _register() -> None:
+    """Add every module's subcommands, once per process (calling ``main`` again in the same process,
+    as tests and scripts do, must not register them twice: typer would build every command again)."""
+    global _registered
+    if _registered:
+        return
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app, bench)
+    _registered = True
 
 
 def main(argv: list[str] | None = None) -> int:
