@@ -174,8 +174,9 @@ class ClassifierGuidance(GuidanceRule):
         t = broadcast_time(req.t, r.x0)
         w = 1.0 + self.gamma * torch.sin(math.pi * t / float(sched.t_max))
         a, sig = sched.alpha(t), sched.sigma(t)
-        # x0 <- x0 + s w sigma^2 / alpha grad_x; grad_x = J^T g with J = dx0/dx_t (network), or
-        # J = alpha / (alpha^2 + sigma^2), the denoiser of unit-variance Gaussian data (x0)
+        # x0 <- x0 + s w sigma^2 / alpha grad_x (D&N Eq. 14 on x0); grad_x = J^T g with J = dx0/dx_t
+        # (network), or J = alpha / (alpha^2 + sigma^2), the denoiser of unit-variance Gaussian data (x0), or
+        # grad_x itself from a classifier of x_t (noisy)
         step = self.scale * w * sig**2 * (1 / (a**2 + sig**2) if self.through == "x0" else 1 / a)
         r.x0 = r.x0 + step.to(r.x0.dtype) * self.gradient(req, r.x0).to(r.x0.dtype)
         return r
@@ -187,19 +188,14 @@ class ClassifierGuidance(GuidanceRule):
         import torch
 
         with torch.inference_mode(False), torch.enable_grad():
-            if self.through == "noisy":
-                wrt = req.x.detach().clone().requires_grad_(True)
-                log_snr = self.run.schedule.log_snr(torch.as_tensor(req.t, dtype=torch.float64).flatten())
-                logits = self.read(wrt, log_snr)
-                terms = [self.log_likelihood(logits, i, y) for i, y in enumerate(self.goals) if y is not None]
-                (g,) = torch.autograd.grad(torch.stack(terms).sum(), wrt)
-                return g.detach()
-            if self.through == "x0":
-                z = wrt = x0.detach().clone().requires_grad_(True)
-            else:
-                wrt = req.x.detach().clone().requires_grad_(True)
-                z = self.run.model.denoiser(wrt, req.t, req.conds["cond"])
-            logits = self.read(self.run.model.decode(z, grad=True))
+            wrt = (x0 if self.through == "x0" else req.x).detach().clone().requires_grad_(True)
+            if self.through == "noisy":  # a classifier of x_t and its log-SNR
+                t = torch.as_tensor(req.t, dtype=torch.float64)
+                logits = self.read(wrt, self.run.schedule.log_snr(t))
+            else:  # a classifier of the decoded x0, for "network" through the conditional pass
+                network = self.through == "network"
+                z = self.run.model.denoiser(wrt, req.t, req.conds["cond"]) if network else wrt
+                logits = self.read(self.run.model.decode(z, grad=True))
             terms = [self.log_likelihood(logits, i, y) for i, y in enumerate(self.goals) if y is not None]
             (g,) = torch.autograd.grad(torch.stack(terms).sum(), wrt)
         return g.detach()
