@@ -38,7 +38,7 @@ def test_concurrent_compatible_jobs_share_a_batch(tmp_path):
         batched = image(url, jobs[2]["images"][0])
     with running_server(tmp_path, max_batch=1, batch_wait=0.0) as (url, srv):
         alone = result(url, submit(url, bodies[2]).json()["id"])
-        assert srv.worker.batches == [1]
+        assert list(srv.worker.batches) == [1]
         diff = ImageChops.difference(batched, image(url, alone["images"][0]))
         assert max(hi for _, hi in diff.getextrema()) <= 2
 

@@ -208,5 +208,5 @@ async def health(request: Request) -> dict[str, Any]:
         "max_queue": srv.store.max_queue,
         "max_batch": srv.worker.max_batch,
         "recovered": srv.recovered,
-        "batches": srv.worker.batches[-100:],
+        "batches": list(srv.worker.batches),
     }

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from ..errors import VelodiffError
@@ -30,6 +31,8 @@ log = logging.getLogger("velodiff.serve")
 
 #: who runs a job (stored with it): this process, e.g. one of several Ray Serve replicas
 RUNNER = f"{socket.gethostname()}:{os.getpid()}"
+#: how many of the last batch sizes a worker keeps
+BATCH_HISTORY = 100
 
 
 def filenames(job: Job) -> list[str]:
@@ -55,8 +58,9 @@ class Worker:
         self.timeout_s = timeout_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="velodiff-worker", daemon=True)
-        #: sizes of the batches run (the bench and tests read it)
-        self.batches: list[int] = []
+        #: sizes of the last batches run (the bench, tests and /api/health read it); bounded, so a
+        #: long-running server does not grow
+        self.batches: deque[int] = deque(maxlen=BATCH_HISTORY)
         self.running: list[str] = []
 
     def start(self) -> None:
