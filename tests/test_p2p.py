@@ -89,6 +89,26 @@ def test_alignment():
         alignment([1, 5, 2], [1, 7, 5, 2], 6, "replace")
 
 
+def test_word_positions_count_punctuation_as_the_tokenizer_does(model):
+    """A comma or a full stop is a token of its own: the words after it keep their true positions."""
+    from types import SimpleNamespace
+
+    from velodiff.edit.p2p import word_positions
+
+    run = SimpleNamespace(model=model)
+    tok = model.components["tokenizer"]
+    cases = {("a red circle, a blue square", "square"): [7], ("a red circle above a square.", "square"): [6],
+             ("red, red circle", "red"): [1, 3], ("a t-shirt", "t-shirt"): [2, 3, 4]}
+    for (prompt, word), expected in cases.items():
+        assert word_positions(run, prompt, word) == expected, prompt
+        ids = tok(prompt)["input_ids"]
+        assert "".join(tok.decode([ids[q]]).strip() for q in expected) == word.replace(" ", "") * (
+            2 if prompt.startswith("red,") else 1)
+    assert word_positions(run, "a blue square", "circle", required=False) == []
+    with pytest.raises(VelodiffError, match="plan rule 'layout': the word 'circle' is not in"):
+        word_positions(run, "a blue square", "circle", rule="layout")
+
+
 def test_refusals_are_one_line(model):
     for kw, match in [
         (dict(targets="a big blue circle", mode="replace"), "same token length"),

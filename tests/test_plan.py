@@ -146,6 +146,26 @@ def test_lifecycle_order_and_end_on_failure():
     assert log[-1] == ("outer", "end")  # hooks come off however the run ends
 
 
+def test_a_rule_whose_begin_fails_is_ended_too():
+    """A begin that raises half-way (after installing something) is undone at once, the rules begun
+    before it too, and the begin's error is the one raised even if that end fails."""
+    log = []
+
+    class HalfBegun(Recorder):
+        def begin(self, run):
+            super().begin(run)  # "installed"
+            raise VelodiffError("begin failed")
+
+        def end(self):
+            super().end()
+            raise RuntimeError("nothing to undo")
+
+    outer, failing = Recorder(log, "outer", layer=5), HalfBegun(log, "failing", layer=1)
+    with pytest.raises(VelodiffError, match="begin failed"):
+        sample(ORACLE, X, make_grid("uniform", SCHED, 2), "ddim", plan=[outer, failing])
+    assert log == [("outer", "begin"), ("failing", "begin"), ("failing", "end"), ("outer", "end")]
+
+
 class Skipper(Accelerator):
     """Answers odd steps without the network (a cache would): free, and not exact."""
 

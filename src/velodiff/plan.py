@@ -210,7 +210,7 @@ class Accelerator:
         return None
 
     def end(self) -> None:
-        pass
+        """Undo what ``begin`` installed; also called after a ``begin`` that raised half-way."""
 
 
 def unknown_option(rule: str, key: str, options: Iterable[str]) -> VelodiffError:

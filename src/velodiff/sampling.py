@@ -240,11 +240,18 @@ def _loop(
 @contextlib.contextmanager
 def running(plan: Plan, run: RunInfo):
     """The rules' lifecycle around a run: begin each (outermost first), end those begun (innermost
-    first) however the run ends."""
+    first) however the run ends. A rule whose ``begin`` raises is ended at once (what it installed before
+    the error, hooks or processors, must not stay on the network); an error of that ``end`` is dropped
+    for the ``begin``'s own."""
     started: list[Accelerator] = []
     try:
         for rule in plan.rules:
-            rule.begin(run)
+            try:
+                rule.begin(run)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    rule.end()
+                raise
             started.append(rule)
         yield
     finally:

@@ -285,7 +285,7 @@ class LayoutGuidance(Accelerator):
                 regions = dict.fromkeys(concepts(p))
             objs = []
             for words, box in regions.items():
-                pos = [q for w in words.split() for q in word_positions(run, p, w)]
+                pos = [q for w in words.split() for q in word_positions(run, p, w, rule="layout")]
                 objs.append((torch.tensor(pos), box))
             self.objects.append(objs)
         self.guided = int(self.steps * run.steps)

@@ -22,6 +22,7 @@ and get their processors back at its end.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -58,19 +59,27 @@ def token_ids(run: RunInfo, prompt: str) -> list[int]:
     return list(tok(prompt, truncation=True, max_length=tok.model_max_length)["input_ids"])
 
 
-def word_positions(run: RunInfo, prompt: str, word: str) -> list[int]:
-    """Token positions of ``word`` in ``prompt`` (every token of it), or one line if it is absent."""
+#: a prompt's pieces as CLIP's tokenizer splits them: runs of letters and digits, and of punctuation
+PIECES = re.compile(r"\w+|[^\w\s]+")
+
+
+def word_positions(
+    run: RunInfo, prompt: str, word: str, rule: str = "p2p", required: bool = True
+) -> list[int]:
+    """Token positions of ``word`` in ``prompt`` (every token of every occurrence; punctuation is its own
+    token, as the tokenizer has it), or one line if it is absent (``required=False``: none)."""
     tok = run.model.components["tokenizer"]
-    words = prompt.lower().replace(",", " ").split()
-    if word.lower() not in words:
-        raise VelodiffError(f"plan rule 'p2p': the word {word!r} is not in the prompt {prompt!r}")
-    ids, out, pos = token_ids(run, prompt), [], 1
-    for w in words:
-        n = len(tok(w, add_special_tokens=False)["input_ids"])
-        if w == word.lower():
-            out += list(range(pos, pos + n))
-        pos += n
-    return [p for p in out if p < len(ids)]
+    pieces, target = PIECES.findall(prompt.lower()), PIECES.findall(word.lower())
+    starts = [1]  # after the start token
+    for piece in pieces:
+        starts.append(starts[-1] + len(tok(piece, add_special_tokens=False)["input_ids"]))
+    n = len(target)
+    out = [q for i in range(len(pieces) - n + 1) if n and pieces[i : i + n] == target
+           for q in range(starts[i], starts[i + n])]
+    if not out and required:
+        raise VelodiffError(f"plan rule {rule!r}: the word {word!r} is not in the prompt {prompt!r}")
+    length = len(token_ids(run, prompt))
+    return [q for q in out if q < length]
 
 
 def alignment(src: list[int], tgt: list[int], length: int, mode: str) -> tuple[list[int], list[float]]:
@@ -184,9 +193,8 @@ class PromptToPrompt(Accelerator):
             self.scale.append(scale)
         self.blend_pos = []
         for prompt in run.prompts:
-            words = set(prompt.lower().replace(",", " ").split())
-            pos = [q for w in self.blend if w.lower() in words for q in word_positions(run, prompt, w)]
-            self.blend_pos.append(pos)
+            found = [word_positions(run, prompt, w, required=False) for w in self.blend]
+            self.blend_pos.append([q for pos in found for q in pos])
         if self.blend and not any(self.blend_pos):
             raise VelodiffError(
                 f"plan rule 'p2p': the blend words {list(self.blend)} are in none of the prompts"
