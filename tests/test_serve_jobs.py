@@ -93,6 +93,7 @@ LONG = "red " * 100
         ({"prompt": "a red circle", "layout": "green circle: 0,0,1,1"}, "'green' is not in the prompt"),
         ({"prompt": "a red circle", "layout": "red circle: 0,0,2,1"}, "must satisfy"),
         ({"prompt": "a red circle", "layout": "red circle: /etc/hostname"}, "four numbers"),  # no paths
+        ({"prompt": "x", "plan": "@/etc/hostname"}, "reads no plan file"),  # nor plan files
     ],
 )
 def test_bad_input_is_one_line_4xx_and_the_server_goes_on(server, body, needle):

@@ -155,6 +155,8 @@ class Engine:
         )
         if not 0 <= guidance <= 100:
             raise VelodiffError(f"guidance must be in [0, 100], got {guidance}")
+        if req.plan and req.plan.strip().startswith("@"):  # Plan.parse would read a file of the server's
+            raise VelodiffError("the server reads no plan file (@FILE); send the plan string itself")
         plan = str(Plan.parse(req.plan)) if req.plan else None
         for what, text in (("prompt", req.prompt), ("negative prompt", req.negative)):
             if text:
