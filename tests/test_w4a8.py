@@ -54,3 +54,18 @@ def test_a_run_is_close_to_float_and_leaves_the_float_network():
     assert 0 < float((quant - plain).abs().max()) < 0.5 * float(plain.abs().max())
     assert all(m.weight is before[n] for n, m in linear_layers(model.network))
     assert torch.equal(text2img(model, "a red circle", **kw).latents, plain)
+
+
+def test_one_set_of_quantized_weights_per_network():
+    """Runs at different group sizes keep only the last size's weights (a server takes any size from a
+    request); a size used again is quantized again, to the same values."""
+    from velodiff.accel import w4a8
+
+    model = velodiff.load("default")
+    kw = dict(steps=2, seeds=[0], output="latent")
+    first = text2img(model, "a red circle", plan="w4a8:group_size=32", **kw).latents
+    for g in (8, 16, 64):
+        text2img(model, "a red circle", plan=f"w4a8:group_size={g}", **kw)
+    assert w4a8._WEIGHTS[model.network][0] == 64
+    assert sum(1 for net in w4a8._WEIGHTS if net is model.network) == 1
+    assert torch.equal(text2img(model, "a red circle", plan="w4a8:group_size=32", **kw).latents, first)

@@ -32,8 +32,9 @@ from .quantize import linear_layers
 if TYPE_CHECKING:
     from torch import Tensor
 
-#: (group_size) -> {network: {Linear name: dequantized 4-bit weight}}
-_WEIGHTS: dict[int, weakref.WeakKeyDictionary] = {}
+#: network -> (group_size, {Linear name: dequantized 4-bit weight}): the last group size used on each
+#: network only (a server taking any group size from requests must not keep a copy per size)
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def quantize_weight_groups(w: Tensor, group_size: int, bits: int = 4) -> Tensor:
@@ -91,14 +92,14 @@ class W4A8(Accelerator):
     def weights(self, network: Any) -> dict[str, Tensor]:
         import torch
 
-        per_network = _WEIGHTS.setdefault(int(self.group_size), weakref.WeakKeyDictionary())
-        if network not in per_network:
+        size = int(self.group_size)
+        if network not in _WEIGHTS or _WEIGHTS[network][0] != size:
             with torch.no_grad():
-                per_network[network] = {
-                    name: torch.nn.Parameter(quantize_weight_groups(m.weight, int(self.group_size)), False)
+                _WEIGHTS[network] = (size, {
+                    name: torch.nn.Parameter(quantize_weight_groups(m.weight, size), False)
                     for name, m in linear_layers(network)
-                }
-        return per_network[network]
+                })
+        return _WEIGHTS[network][1]
 
     def begin(self, run: RunInfo) -> None:
         super().begin(run)
