@@ -192,3 +192,29 @@ def test_bench_reports_are_listed_and_served(tmp_path):
         assert [r["path"] for r in listed] == ["pareto.png", "serve/README.md"]
         assert httpx.get(f"{url}/reports/serve/README.md").text.startswith("| a | b |")
         assert httpx.get(f"{url}/reports/%2e%2e/jobs.sqlite").status_code == 404
+
+
+def test_a_job_cancelled_elsewhere_leaves_no_progress_behind(tmp_path):
+    """A running job cancelled through the shared store by another process (a second replica) gets no
+    final event here; its last progress must not stay in the broker of a long-running server."""
+    from velodiff.serve.engine import Request
+    from velodiff.serve.queue import JobStore
+    from velodiff.serve.state import ServeConfig, Server
+
+    srv = Server(ServeConfig(db=tmp_path / "jobs.sqlite", batch_wait=0.0, timeout_s=None))
+    srv.start()
+    other = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        job = srv.submit_sync(Request(prompt="a red circle", steps=60, seed=0))
+        deadline = time.monotonic() + 60
+        while job.id not in srv.broker.progress and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert job.id in srv.broker.progress
+        other.finish(job.id, "cancelled", "cancelled by another replica")
+        while srv.worker.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.store.get(job.id).state == "cancelled"
+        assert srv.broker.progress == {}
+    finally:
+        srv.stop()
+        other.close()

@@ -473,10 +473,11 @@ async def ws(socket: WebSocket) -> None:
                     return
             ev = getter.result()
             jid = ev["job"]
-            job = None
-            if jid not in owners or ev["type"] in FINAL_EVENTS:
+            final, job = ev["type"] in FINAL_EVENTS, None
+            if jid not in owners or final:
                 job = await mine(jid)
-            if not owners.get(jid):
+            owned = owners.pop(jid, False) if final else owners.get(jid)  # a finished job is forgotten
+            if not owned:
                 if ev["type"] in ("queued", "done", "failed", "cancelled"):
                     await socket.send_json(await status())
                 continue

@@ -141,6 +141,7 @@ class Worker:
                 timeout = j.timeout_s or self.timeout_s
                 if jid in gone:
                     del alive[jid]
+                    self.broker.progress.pop(jid, None)  # cancelled elsewhere: no final event comes here
                 elif timeout and now - starts[jid] > timeout:
                     del alive[jid]
                     self._fail(j, f"timed out after {timeout:g} s (the job's timeout)")
@@ -160,6 +161,8 @@ class Worker:
             return
         finally:
             self.running = []
+            for j in jobs:  # a progress event may have raced a cancel's removal of the entry
+                self.broker.progress.pop(j.id, None)
         for j, images in zip(jobs, results, strict=True):
             if j.id not in alive:
                 continue
