@@ -218,3 +218,28 @@ def test_a_job_cancelled_elsewhere_leaves_no_progress_behind(tmp_path):
     finally:
         srv.stop()
         other.close()
+
+
+def test_the_history_is_bounded_and_keeps_the_newest(tmp_path):
+    """Beyond max_history finished jobs the oldest go, images and all, in the transaction that finishes
+    another; queued and running jobs are never touched."""
+    from velodiff.serve.queue import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite", max_queue=100, max_history=3)
+    try:
+        ids = [store.submit({"n": 1}, "k", 1).id for _ in range(7)]
+        for i, job in enumerate(store.claim(5)):  # the first five run; two stay queued
+            if i % 2 == 0:
+                assert store.complete(job.id, [b"png"], [f"img-{i}.png"])
+            else:
+                assert store.finish(job.id, "failed", "boom")
+        kept = [j.id for j in store.jobs(("done", "failed", "cancelled"))]
+        assert kept == ids[2:5]
+        assert [j.id for j in store.jobs(("queued",))] == ids[5:]
+        assert store.get(ids[0]) is None and store.get(ids[4]).filenames == ["img-4.png"]
+        rows = store._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        assert rows == 2  # images of jobs 2 and 4; job 0's went with it
+        assert store.clear_queued() == 2
+        assert [j.id for j in store.jobs(("done", "failed", "cancelled"))] == ids[4:]
+    finally:
+        store.close()

@@ -22,6 +22,9 @@ def serve(
         "velodiff-jobs.sqlite"
     ),
     max_queue: Annotated[int, typer.Option(min=1, help="jobs queued or running before 429")] = 64,
+    max_history: Annotated[
+        int, typer.Option(min=1, help="finished jobs kept with their images (older ones are deleted)")
+    ] = 10_000,
     max_batch: Annotated[
         int, typer.Option(min=1, help="images per batched network call (1: no batching)")
     ] = 8,
@@ -77,6 +80,7 @@ def serve(
         port=port,
         db=db,
         max_queue=max_queue,
+        max_history=max_history,
         max_batch=max_batch,
         batch_wait=batch_wait,
         max_n=max_n,

@@ -9,6 +9,9 @@ same images.
 
 The bound counts the jobs queued or running: a submission beyond it raises :class:`QueueFull` (the
 HTTP layer answers 429 with ``Retry-After``). A cancelled or finished job leaves the count at once.
+The history is bounded too: beyond ``max_history`` finished jobs (ComfyUI keeps 10 000), the oldest are
+deleted with their images in the transaction that finishes another, so a long-running server's file
+stops growing.
 """
 
 from __future__ import annotations
@@ -94,9 +97,10 @@ class Job:
 class JobStore:
     """The queue in ``path`` (one connection, serialized by a lock; callers are threads)."""
 
-    def __init__(self, path: str | Path, max_queue: int = 64) -> None:
+    def __init__(self, path: str | Path, max_queue: int = 64, max_history: int = 10_000) -> None:
         self.path = Path(path)
         self.max_queue = int(max_queue)
+        self.max_history = int(max_history)
         self._lock = threading.RLock()
         #: notified on every submission and state change (the worker waits on it)
         self.changed = threading.Condition(self._lock)
@@ -227,6 +231,7 @@ class JobStore:
                     for i, (f, p) in enumerate(zip(filenames, pngs, strict=True))
                 ],
             )
+            self._prune(db)
             return True
 
         return self._tx(done)
@@ -234,25 +239,37 @@ class JobStore:
     def finish(self, job_id: str, state: str, error: str | None = None) -> bool:
         """Move an active job to ``failed`` or ``cancelled`` (False if it had already finished)."""
         assert state in ("failed", "cancelled")
-        return self._tx(
-            lambda db: (
-                db.execute(
-                    "UPDATE jobs SET state = ?, finished = ?, error = ? "
-                    "WHERE id = ? AND state IN ('queued', 'running')",
-                    (state, time.time(), error, job_id),
-                ).rowcount
-                == 1
-            )
-        )
+
+        def end(db: sqlite3.Connection) -> bool:
+            ended = db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, error = ? "
+                "WHERE id = ? AND state IN ('queued', 'running')",
+                (state, time.time(), error, job_id),
+            ).rowcount == 1
+            self._prune(db)
+            return ended
+
+        return self._tx(end)
 
     def clear_queued(self) -> int:
         """Cancel every queued job (ComfyUI's ``POST /queue {"clear": true}``)."""
-        return self._tx(
-            lambda db: db.execute(
+
+        def clear(db: sqlite3.Connection) -> int:
+            n = db.execute(
                 "UPDATE jobs SET state = 'cancelled', finished = ?, error = 'cleared' WHERE state = 'queued'",
                 (time.time(),),
-            )
-        ).rowcount
+            ).rowcount
+            self._prune(db)
+            return n
+
+        return self._tx(clear)
+
+    def _prune(self, db: sqlite3.Connection) -> None:
+        """Delete the finished jobs older than the newest ``max_history``, with their images."""
+        old = ("SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') "
+               "ORDER BY seq DESC LIMIT -1 OFFSET ?")
+        db.execute(f"DELETE FROM images WHERE job_id IN ({old})", (self.max_history,))
+        db.execute(f"DELETE FROM jobs WHERE id IN ({old})", (self.max_history,))
 
     # --- reads ------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ def serve_with_ray(config: ServeConfig, address: str, replicas: int) -> None:
 
     from .queue import JobStore
 
-    store = JobStore(config.db, max_queue=config.max_queue)
+    store = JobStore(config.db, max_queue=config.max_queue, max_history=config.max_history)
     recovered = store.recover()
     store.close()
     local = address == "local"

@@ -26,6 +26,8 @@ class ServeConfig:
     port: int = 8188
     db: Path = Path("velodiff-jobs.sqlite")
     max_queue: int = 64
+    #: finished jobs kept (with their images); older ones are deleted
+    max_history: int = 10_000
     max_batch: int = 8
     batch_wait: float = 0.2
     max_n: int = 8
@@ -45,7 +47,7 @@ class Server:
         self.engine = engine or Engine(
             config.model, device=config.device, threads=config.threads, max_n=config.max_n
         )
-        self.store = JobStore(config.db, max_queue=config.max_queue)
+        self.store = JobStore(config.db, max_queue=config.max_queue, max_history=config.max_history)
         self.broker = Broker()
         self.worker = Worker(
             self.store,
