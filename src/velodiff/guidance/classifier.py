@@ -79,6 +79,16 @@ def prompt_target(prompt: str, head: str) -> Any:
     return sorted({classes.index(key(o)) for o in objects})
 
 
+def logits_where_it_lives(net: Any) -> Callable[..., Any]:
+    """``net.logits`` for inputs on any device: the shipped readers are shared and cached, so they stay
+    where they are (moving one would move it for every other user) and the inputs go to them; the
+    gradient flows back across the move."""
+    import torch
+
+    here = next(net.parameters()).device
+    return lambda *xs: net.logits(*(x.to(here) if torch.is_tensor(x) else x for x in xs))
+
+
 def log_likelihood(
     logits: Tensor, target: Any, temperature: float, margin: float, multilabel: bool
 ) -> Tensor:
@@ -156,9 +166,10 @@ class ClassifierGuidance(GuidanceRule):
         from .pair_counter import load_counter
 
         if self.through == "noisy":
-            self.read = load_noisy_counter(run.model).to(run.model.device).logits
+            net = load_noisy_counter(run.model)
         else:
-            self.read = (load_counter() if self.head == "pair_counts" else load_encoder()).logits
+            net = load_counter() if self.head == "pair_counts" else load_encoder()
+        self.read = logits_where_it_lives(net)
         prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts)))
         self.goals = [prompt_target(p, self.head) for p in prompts[: run.batch]]
 

@@ -66,8 +66,9 @@ class RewardSteering(GuidanceRule):
         self.goals: list[Any] = []
         if self.reward is None:
             from ..eval.features import load_encoder
+            from .classifier import logits_where_it_lives
 
-            self.read = load_encoder().logits
+            self.read = logits_where_it_lives(load_encoder())
             prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts)))
             self.goals = [prompt_target(p, self.target) for p in prompts[: run.batch]]
 
