@@ -79,7 +79,8 @@ class Quantize(Accelerator):
         raise NotImplementedError
 
     def scheme(self) -> str:
-        return self.spec()
+        """The cache key: every option's effective value (``int8`` and ``int8:activations=none`` share)."""
+        return self.name + "".join(f":{k}={getattr(self, k)}" for k in sorted(self.options))
 
     def check(self, run: RunInfo) -> None:
         if run.network is None or not linear_layers(run.network):
