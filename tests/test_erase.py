@@ -157,3 +157,13 @@ def test_cli_writes_a_folder_and_refuses_in_one_line(tmp_path, capsys):
     assert cli("erase", "--concept", "giraffe", "--out", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown concept word" in err and "\n" not in err
+
+
+def test_the_concept_token_is_the_whole_word_where_it_is():
+    """With a custom template the concept need not end the prompt, and may sit inside another word."""
+    from velodiff.edit.erase import _concept_ends
+
+    tok = velodiff.load("default").components["tokenizer"]
+    assert _concept_ends(tok, "a ring on a string", "ring", "circle") == (2, 2)  # not 'string'
+    assert _concept_ends(tok, "a ring on a table", "ring", "") == (2, 1)  # the token before it
+    assert _concept_ends(tok, "a photo of a red triangle", "triangle", "") == (6, 5)

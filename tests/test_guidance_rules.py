@@ -350,3 +350,17 @@ def test_pag_and_attention_maps_on_dits(tiny_dits):
     assert len(maps.maps) == 2
     with pytest.raises(VelodiffError, match="SD3 and Flux have joint attention only"):
         text2img(tiny_dits["sd3"], "a red cube", steps=2, plan="pag")
+
+
+def test_attention_sheet_captions_only_the_prompts_tokens(monkeypatch):
+    """A prompt past the token limit: a heat map per token the encoder kept (75 of 77 positions: not the
+    start and end tokens), each under its own token."""
+    from PIL import Image
+
+    import velodiff.images
+    from velodiff.accel.attention import attention_sheet
+
+    seen = {}
+    monkeypatch.setattr(velodiff.images, "image_grid", lambda cells, **kw: seen.update(kw, n=len(cells)))
+    attention_sheet({0: torch.rand(1, 77, 4, 4)}, [f"w{i}" for i in range(80)], Image.new("RGB", (8, 8)))
+    assert seen["n"] == 1 + 75 and seen["captions"][-1] == "w74"

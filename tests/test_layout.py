@@ -31,6 +31,20 @@ def test_regions_from_spatial_words():
         check_boxes({"red circle": (0.1, 0.1, 1.2, 0.5)}, "a red circle")
     with pytest.raises(VelodiffError, match="'green' is not in the prompt"):
         check_boxes({"green circle": (0.1, 0.1, 0.5, 0.5)}, "a red circle")
+    check_boxes({"blue square": (0.5, 0.5, 1, 1)}, "a red circle and a blue square.")  # punctuation
+
+
+def test_each_object_guides_its_own_words(model):
+    """'a red circle and a red square': each box pulls on its own phrase's tokens, not on every 'red';
+    an object the token limit cut off is one line."""
+    from velodiff.pipelines import text2img
+
+    rule = LayoutGuidance(boxes={"red circle": (0, 0, 0.5, 1), "red square": (0.5, 0, 1, 1)})
+    text2img(model, "a red circle and a red square", seeds=[0], steps=2, plan=[rule], output="latent")
+    assert [pos.tolist() for pos, _ in rule.objects[0]] == [[2, 3], [6, 7]]
+    with pytest.raises(VelodiffError, match="past the prompt's token limit"):
+        text2img(model, "circle " * 76 + "and a blue square", steps=2, output="latent",
+                 plan=[LayoutGuidance(boxes={"blue square": (0.5, 0.5, 1, 1)})])
 
 
 def inside_share(maps, model, prompt, regions):

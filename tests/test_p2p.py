@@ -98,12 +98,15 @@ def test_word_positions_count_punctuation_as_the_tokenizer_does(model):
     run = SimpleNamespace(model=model)
     tok = model.components["tokenizer"]
     cases = {("a red circle, a blue square", "square"): [7], ("a red circle above a square.", "square"): [6],
-             ("red, red circle", "red"): [1, 3], ("a t-shirt", "t-shirt"): [2, 3, 4]}
+             ("red, red circle", "red"): [1, 3], ("a t-shirt", "t-shirt"): [2, 3, 4],
+             ("the cat's red hat", "red"): [4]}
     for (prompt, word), expected in cases.items():
         assert word_positions(run, prompt, word) == expected, prompt
         ids = tok(prompt)["input_ids"]
         assert "".join(tok.decode([ids[q]]).strip() for q in expected) == word.replace(" ", "") * (
             2 if prompt.startswith("red,") else 1)
+    # a word the 77-token limit cut off has no position (not the end token's)
+    assert word_positions(run, "circle " * 74 + "red square", "square", required=False) == []
     assert word_positions(run, "a blue square", "circle", required=False) == []
     with pytest.raises(VelodiffError, match="plan rule 'layout': the word 'circle' is not in"):
         word_positions(run, "a blue square", "circle", rule="layout")

@@ -126,6 +126,10 @@ def test_parse_rejects_words_outside_the_vocabulary():
     for bad in ("a red hexagon", "four red circles", "a crimson circle", "a red circle left of"):
         with pytest.raises(ValueError):
             parse_caption(bad)
+    # a sentence's closing punctuation is not a word
+    plain = "two red circles and a blue square"
+    assert parse_caption("Two red circles and a blue square.") == parse_caption(plain)
+    assert parse_caption("a red circle!") == parse_caption("a red circle")
 
 
 def test_batch_tensor_layout():

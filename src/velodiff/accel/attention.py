@@ -246,7 +246,7 @@ def attention_sheet(maps: dict[int, Tensor], tokens: list[str], image: Any, scal
     mean = torch.stack([m[0] for m in maps.values()]).mean(0)  # (T, h, w), first image
     size = image.size
     cells, captions = [image], ["image"]
-    for k, tok in enumerate(tokens[: mean.shape[0] - 1]):
+    for k, tok in enumerate(tokens[: mean.shape[0] - 2]):  # the maps of the prompt's tokens (not start, end)
         m = mean[k + 1]
         m = ((m - m.min()) / (m.max() - m.min()).clamp_min(1e-12) * 255).round().to(torch.uint8).numpy()
         cells.append(Image.fromarray(m, mode="L").resize(size, Image.BILINEAR).convert("RGB"))

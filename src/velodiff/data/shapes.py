@@ -297,7 +297,7 @@ def _parse_phrase(words: list[str], text: str) -> dict[str, Any]:
 
 def parse_caption(text: str) -> dict[str, Any]:
     """Parse a caption of this world's closed grammar back into a spec (raises ShapesSpecError otherwise)."""
-    t = " ".join(text.lower().replace(",", " , ").split())
+    t = " ".join(text.lower().strip().rstrip(".!;").replace(",", " , ").split())  # "a red circle." too
     for p in ("a photo of ", *PREFIXES[1:]):
         if t.startswith(p):
             t = t[len(p):]

@@ -107,12 +107,19 @@ def _embed(model: Any, prompts: list[str]) -> Tensor:
     return cond["encoder_hidden_states"].detach().to("cpu", torch.float64)
 
 
-def _last_token(tokenizer: Any, prompt: str, word: str) -> int:
-    """Index (with BOS) of the last token of the last occurrence of ``word`` in ``prompt``; of the token
-    before the place where it was when ``word`` is empty."""
-    head = prompt[: prompt.rfind(word) + len(word)] if word else prompt
-    ids = tokenizer(head.strip(), add_special_tokens=True).input_ids
-    return len(ids) - 2  # drop EOS; index of the last real token
+def _last_token(tokenizer: Any, head: str) -> int:
+    """Index (with BOS) of the last token of ``head``."""
+    return len(tokenizer(" ".join(head.split()), add_special_tokens=True).input_ids) - 2  # drop EOS
+
+
+def _concept_ends(tokenizer: Any, prompt: str, concept: str, target: str) -> tuple[int, int]:
+    """The index of the last token of the concept's last occurrence (a whole word) in ``prompt``, and of
+    the target's in the same prompt with the concept replaced (an empty target: the token before the
+    place where the concept was)."""
+    word = rf"\b{re.escape(concept)}\b"
+    last = [*re.finditer(word, prompt)][-1]
+    before = re.sub(word, target, prompt[: last.start()])
+    return _last_token(tokenizer, prompt[: last.end()]), _last_token(tokenizer, before + target)
 
 
 def edit_vectors(
@@ -131,8 +138,8 @@ def edit_vectors(
         targets_ = [" ".join(re.sub(rf"\b{re.escape(concept)}\b", target, p).split()) for p in prompts]
         e_old, e_new = _embed(model, prompts), _embed(model, targets_)
         n_tok = e_old.shape[1]
-        for k, (p, q) in enumerate(zip(prompts, targets_, strict=True)):
-            a, b = _last_token(tok, p, concept), _last_token(tok, q, target)
+        for k, p in enumerate(prompts):
+            a, b = _concept_ends(tok, p, concept, target)
             length = n_tok - max(a, b)
             cs.append(e_old[k, a : a + length])
             cts.append(e_new[k, b : b + length])

@@ -172,11 +172,13 @@ def check_region_box(name: str, box: Any) -> None:
 
 
 def check_boxes(boxes: Boxes, prompt: str) -> None:
-    words = set(prompt.lower().replace(",", " ").split())
+    from .p2p import PIECES
+
+    words = set(PIECES.findall(prompt.lower()))
     for name, value in boxes.items():
         for box in box_list(value):
             check_region_box(name, box)
-        missing = [w for w in name.lower().split() if w not in words]
+        missing = [w for w in PIECES.findall(name.lower()) if w not in words]
         if missing:
             raise VelodiffError(f"layout object {name!r}: {missing[0]!r} is not in the prompt {prompt!r}")
 
@@ -285,8 +287,15 @@ class LayoutGuidance(Accelerator):
                 regions = dict.fromkeys(concepts(p))
             objs = []
             for words, box in regions.items():
-                pos = [q for w in words.split() for q in word_positions(run, p, w, rule="layout")]
-                objs.append((torch.tensor(pos), box))
+                # the phrase where it occurs ("a red circle and a red square": each "red" to its object),
+                # else each of its words wherever it is
+                pos = word_positions(run, p, words, rule="layout", required=False) or [
+                    q for w in words.split() for q in word_positions(run, p, w, rule="layout")]
+                if not pos:
+                    raise VelodiffError(
+                        f"plan rule 'layout': {words!r} is past the prompt's token limit; shorten the prompt"
+                    )
+                objs.append((torch.tensor(pos, dtype=torch.long), box))
             self.objects.append(objs)
         self.guided = int(self.steps * run.steps)
         #: A-STAR's B_m: (layer, image) -> each object's binarized map at the last guided step

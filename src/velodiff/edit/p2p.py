@@ -59,8 +59,9 @@ def token_ids(run: RunInfo, prompt: str) -> list[int]:
     return list(tok(prompt, truncation=True, max_length=tok.model_max_length)["input_ids"])
 
 
-#: a prompt's pieces as CLIP's tokenizer splits them: runs of letters and digits, and of punctuation
-PIECES = re.compile(r"\w+|[^\w\s]+")
+#: a prompt's pieces as CLIP's tokenizer splits them before BPE (its pattern: contractions, runs of
+#: letters, single digits, runs of anything else but spaces)
+PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\w\s]|_)+")
 
 
 def word_positions(
@@ -78,8 +79,8 @@ def word_positions(
            for q in range(starts[i], starts[i + n])]
     if not out and required:
         raise VelodiffError(f"plan rule {rule!r}: the word {word!r} is not in the prompt {prompt!r}")
-    length = len(token_ids(run, prompt))
-    return [q for q in out if q < length]
+    end = len(token_ids(run, prompt)) - 1  # the end token's position: words past it were truncated
+    return [q for q in out if q < end]
 
 
 def alignment(src: list[int], tgt: list[int], length: int, mode: str) -> tuple[list[int], list[float]]:
