@@ -87,6 +87,10 @@ def test_existing_output_is_never_half_written(tmp_path, monkeypatch, capsys):
 
 def test_bad_inputs_give_one_line(tmp_path, capsys):
     out = str(tmp_path / "o.png")
+    not_utf8, bad_json = tmp_path / "latin1.txt", tmp_path / "bad.json"
+    not_utf8.write_bytes(b"ag\n\xff\xfe cfg\n")
+    bad_json.write_text("{bad")
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
     cases = [
         (["generate", "", "--out", out], "prompt is empty"),
         (["generate", "   ", "--out", out], "prompt is empty"),
@@ -95,6 +99,11 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["generate", "a red circle", "--out", out, "--model", str(tmp_path / "nowhere")], "does not exist"),
         (["generate", "a red circle", "--out", out, "--solver", "nope"], "unknown solver"),
         (["generate", "a red circle", "--out", str(tmp_path / "o.xyz")], "unknown image type"),
+        (["generate", "a red circle", "--out", out, "--plan", f"@{not_utf8}"], "line 2 is not UTF-8 text"),
+        (["classify", str(tmp_path / "x.png"), "--labels-file", str(not_utf8)], "line 2 is not UTF-8"),
+        (["bench", "--out", str(tmp_path / "b"), "--prompts", str(not_utf8)], "line 2 is not UTF-8 text"),
+        (["bench", "--out", str(tmp_path / "b"), "--sweep", str(not_utf8)], "line 2 is not UTF-8 text"),
+        (["bench", "--out", str(tmp_path / "b"), "--prompts", str(bad_json)], "invalid JSON at line 1"),
     ]
     for args, needle in cases:
         code, _, err = run_cli(capsys, *args)

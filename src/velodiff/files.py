@@ -90,3 +90,17 @@ def save_image_atomic(image: Any, path: str | os.PathLike[str], fmt: str | None 
         if fmt is None:
             raise VelodiffError(f"cannot write {path}: unknown image type {Path(path).suffix!r}")
     _write_with(path, lambda f: image.save(f, format=fmt))
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """A user's UTF-8 text file, or one line naming the file and what is wrong with it."""
+    p = Path(path).expanduser()
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise VelodiffError(f"cannot read the {what} {str(p)!r}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise VelodiffError(f"the {what} {str(p)!r}: line {line} is not UTF-8 text") from None

@@ -338,11 +338,10 @@ def read_plan_file(path: str) -> str:
     are skipped."""
     from pathlib import Path
 
+    from .files import read_text
+
     p = Path(path).expanduser()
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise VelodiffError(f"cannot read the plan file {str(p)!r}: {e.strerror or e}") from None
+    text = read_text(p, "plan file")
     items = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     plan = "+".join(i for i in items if i)
     if not plan:

@@ -49,7 +49,9 @@ def classify_cmd(
     if labels_file is not None:
         if not labels_file.is_file():
             raise VelodiffError(f"--labels-file {str(labels_file)!r} does not exist")
-        cands = [ln.strip() for ln in labels_file.read_text().splitlines() if ln.strip()]
+        from ..files import read_text
+
+        cands = [ln.strip() for ln in read_text(labels_file, "labels file").splitlines() if ln.strip()]
     else:
         cands = [s.strip() for s in (labels or "").split(",")]
     cands = check_labels(cands)

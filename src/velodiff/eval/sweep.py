@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError, unknown_name
-from ..files import write_atomic
+from ..files import read_text, write_atomic
 from . import tables
 
 RESULTS = "results.json"
@@ -103,7 +103,7 @@ def load_sweep_file(path: str | Path, keys: Iterable[str] = (), what: str = "swe
     p = Path(path)
     if not p.is_file():
         raise VelodiffError(f"{what} file {str(p)!r} not found")
-    text = p.read_text()
+    text = read_text(p, f"{what} file")
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -227,12 +227,9 @@ def resolve_prompts(spec: str | Sequence[str], limit: int | None = None) -> list
                 raise VelodiffError(
                     f"prompts {spec!r}: not a prompt set ({', '.join(PROMPT_SETS)}) nor an existing file"
                 )
-            if p.suffix.lower() == ".json":
-                data = json.loads(p.read_text())
-                data = data.get("prompts", data) if isinstance(data, dict) else data
-                texts = [d["text"] if isinstance(d, dict) else str(d) for d in data]
-            else:
-                texts = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+            from ..sets.prompts import load_prompt_file  # text or JSON; bad bytes and JSON in one line
+
+            texts = [q.text for q in load_prompt_file(p)]
     else:
         texts = [str(t) for t in spec]
     if not texts:
