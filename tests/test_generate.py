@@ -104,6 +104,10 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["bench", "--out", str(tmp_path / "b"), "--prompts", str(not_utf8)], "line 2 is not UTF-8 text"),
         (["bench", "--out", str(tmp_path / "b"), "--sweep", str(not_utf8)], "line 2 is not UTF-8 text"),
         (["bench", "--out", str(tmp_path / "b"), "--prompts", str(bad_json)], "invalid JSON at line 1"),
+        (["bench", "--out", str(tmp_path / "b"), "--guidance", "nan"], "finite numbers >= 0"),
+        (["bench", "--out", str(tmp_path / "b"), "--solvers", ""], "solvers is empty"),
+        (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--lamb", "nan"], "lamb finite"),
+        (["generate", "a red circle", "--out", out, "--clip-skip", "1000"], "has 4 layers; skip fewer"),
     ]
     for args, needle in cases:
         code, _, err = run_cli(capsys, *args)

@@ -110,6 +110,13 @@ class ImageRun:
         if self.clip_skip:
             if not hasattr(m, "clip_skip"):
                 raise VelodiffError(f"--clip-skip: this {m.family} model has no CLIP text encoder")
+            layers = [getattr(getattr(c, "config", None), "num_hidden_layers", None)
+                      for k, c in m.components.items() if k.startswith("text_encoder")]
+            fewest = min((n for n in layers if n), default=None)
+            if fewest is not None and self.clip_skip >= fewest:
+                raise VelodiffError(
+                    f"--clip-skip {self.clip_skip}: the text encoder has {fewest} layers; skip fewer"
+                )
             m.clip_skip = self.clip_skip
         if self.embedded_guidance is not None:
             set_embedded_guidance(m, self.embedded_guidance)

@@ -24,6 +24,7 @@ one ``d x d`` matrix ``Q`` computed once in float64.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -226,8 +227,8 @@ def erase_concept(
     bad = [p for p in projections if p not in PROJECTIONS]
     if bad or not projections:
         raise VelodiffError(f"projections must be among {', '.join(PROJECTIONS)}; got {list(projections)}")
-    if min(erase_scale, preserve_scale) < 0 or lamb <= 0:
-        raise VelodiffError("erase_scale and preserve_scale must be >= 0 and lamb > 0")
+    if not (0 <= erase_scale < math.inf and 0 <= preserve_scale < math.inf and 0 < lamb < math.inf):
+        raise VelodiffError("erase_scale and preserve_scale must be finite numbers >= 0 and lamb finite > 0")
     if "tokenizer" not in getattr(model, "components", {}):
         raise VelodiffError(
             f"concept erasure needs a text encoder with a CLIP tokenizer; {model.family} has none"

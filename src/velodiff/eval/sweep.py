@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -159,8 +160,11 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
         raise VelodiffError("nfe takes integers and guidance takes numbers (comma-separated)") from None
     if not s.nfe or min(s.nfe) < 1:
         raise VelodiffError("nfe must be a list of integers >= 1")
-    if any(g is not None and g < 0 for g in s.guidance):
-        raise VelodiffError("guidance scales must be >= 0")
+    if any(g is not None and not 0 <= g < math.inf for g in s.guidance):
+        raise VelodiffError(f"guidance scales must be finite numbers >= 0, got {s.guidance}")
+    for k in ("solvers", "grids", "guidance"):
+        if not getattr(s, k):
+            raise VelodiffError(f"{k} is empty: give at least one")
     if s.metrics is not None and s.metrics != [None]:
         for m in s.metrics:
             if m not in METRICS:
