@@ -91,6 +91,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     not_utf8.write_bytes(b"ag\n\xff\xfe cfg\n")
     bad_json.write_text("{bad")
     Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "sentinel").write_text("mine")
     cases = [
         (["generate", "", "--out", out], "prompt is empty"),
         (["generate", "   ", "--out", out], "prompt is empty"),
@@ -108,12 +111,17 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["bench", "--out", str(tmp_path / "b"), "--solvers", ""], "solvers is empty"),
         (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--lamb", "nan"], "lamb finite"),
         (["generate", "a red circle", "--out", out, "--clip-skip", "1000"], "has 4 layers; skip fewer"),
+        # every output checked before the work: nothing written, nothing replaced
+        (["erase", "--concept", "triangle", "--out", str(kept), "--json", str(tmp_path / "no" / "e.json")],
+         "'" + str(tmp_path / "no") + "' does not exist"),
+        (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--markdown", str(kept)], "is a folder"),
     ]
     for args, needle in cases:
         code, _, err = run_cli(capsys, *args)
         assert code == 2, (args, err)
         assert needle in one_error_line(err), (args, err)
-    assert not (tmp_path / "o.png").exists()
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "r.json").exists()
+    assert [p.name for p in kept.iterdir()] == ["sentinel"]
 
 
 def test_bad_weights_are_refused_without_unpickling(tmp_path, capsys):

@@ -64,6 +64,10 @@ def erase_cmd(
         raise VelodiffError("every --templates entry needs {concept}, e.g. 'a photo of a {concept}'")
     if out.exists() and not out.is_dir():
         raise VelodiffError(f"--out {str(out)!r} is a file; give a folder")
+    if json_out is not None:  # checked before the model is written
+        from .generate import check_output_file
+
+        check_output_file(json_out)
     run = ImageRun.of(locals())
     run.check()
     m = run.load()

@@ -177,7 +177,7 @@ def shapes(
     strength: float = typer.Option(None, help="with --layout-mode collage: its SDEdit strength (0.5)"),
 ) -> None:
     """Generate for a fixed prompt set and report ShapesEval accuracy (JSON, markdown, contact sheet)."""
-    from .generate import check_output_path, load_model, quiet_libraries
+    from .generate import check_output_file, check_output_path, load_model, quiet_libraries
 
     if plan is not None:
         from ..plan import Plan
@@ -190,11 +190,10 @@ def shapes(
     if check_layout_mode(layout_mode, strength, None):
         collage = DEFAULT_STRENGTH if strength is None else strength
 
-    for p in (json_out, markdown, sheet):
-        if p is not None and not (p.parent if str(p.parent) else Path(".")).is_dir():
-            raise VelodiffError(f"output folder {str(p.parent)!r} does not exist; create it first")
     markdown = markdown or json_out.with_suffix(".md")
     sheet = sheet or json_out.with_suffix(".png")
+    for p in (json_out, markdown):  # every output, before the run: a failed write must not come last
+        check_output_file(p)
     check_output_path(sheet)
     from ..eval.shapes_eval import evaluate, load_prompts
 

@@ -65,12 +65,17 @@ def check_output_path(out: Path) -> str:
         raise VelodiffError(
             f"output {str(out)!r}: unknown image type; use one of {', '.join(IMAGE_SUFFIXES)}"
         )
+    check_output_file(out, "like out.png")
+    return fmt
+
+
+def check_output_file(out: Path, example: str = "") -> None:
+    """Refuse, before any work, an output file whose folder is missing or that is a folder."""
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise VelodiffError(f"output folder {str(parent)!r} does not exist; create it first")
     if out.is_dir():
-        raise VelodiffError(f"output {str(out)!r} is a folder; give a file name like out.png")
-    return fmt
+        raise VelodiffError(f"output {str(out)!r} is a folder; give a file name {example}".rstrip())
 
 
 @contextmanager
