@@ -111,6 +111,10 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["bench", "--out", str(tmp_path / "b"), "--solvers", ""], "solvers is empty"),
         (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--lamb", "nan"], "lamb finite"),
         (["generate", "a red circle", "--out", out, "--clip-skip", "1000"], "has 4 layers; skip fewer"),
+        (["generate", "a red circle", "--out", out, "--width", "1000000000"], "in [1, 8192]"),
+        (["generate", "a red circle", "--out", out, "--steps", "1000000000"], "is more than 1000"),
+        (["serve", "--db", str(kept), "--port", "0"], "is a folder"),
+        (["serve", "--host", "nosuch.invalid", "--port", "0"], "not an address here"),
         # every output checked before the work: nothing written, nothing replaced
         (["erase", "--concept", "triangle", "--out", str(kept), "--json", str(tmp_path / "no" / "e.json")],
          "'" + str(tmp_path / "no") + "' does not exist"),

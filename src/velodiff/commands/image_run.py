@@ -12,6 +12,11 @@ from typing import Any
 
 from ..errors import VelodiffError
 
+#: the largest image side and step count the command line accepts (8K images; a discrete schedule has
+#: 1000 timesteps): beyond them a run only exhausts memory or time
+MAX_SIDE = 8192
+MAX_STEPS = 1000
+
 
 @dataclass
 class ImageRun:
@@ -66,8 +71,11 @@ class ImageRun:
         if not 0 <= self.guidance_rescale <= 1:
             raise VelodiffError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
         for name, value in (("--width", self.width), ("--height", self.height)):
-            if value is not None and value <= 0:
-                raise VelodiffError(f"{name} must be a positive number of pixels, got {value}")
+            if value is not None and not 0 < value <= MAX_SIDE:
+                raise VelodiffError(f"{name} must be a number of pixels in [1, {MAX_SIDE}], got {value}")
+        for name, value in (("--steps", self.steps), ("--nfe", self.nfe)):
+            if value is not None and value > MAX_STEPS:
+                raise VelodiffError(f"{name} {value} is more than {MAX_STEPS}; no sampler needs that many")
         if self.clip_skip is not None and self.clip_skip < 0:
             raise VelodiffError(f"--clip-skip must be >= 0, got {self.clip_skip}")
         if self.solver is not None:

@@ -74,6 +74,15 @@ def serve(
         raise VelodiffError(f"--reports {str(reports)!r} is not a folder")
     if not db.parent.is_dir():
         raise VelodiffError(f"--db folder {str(db.parent)!r} does not exist; create it first")
+    if db.is_dir():
+        raise VelodiffError(f"--db {str(db)!r} is a folder; give a file such as jobs.sqlite")
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port)
+    except (OSError, UnicodeError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise VelodiffError(f"--host {host!r}: not an address here ({why})") from None
     config = ServeConfig(
         model=model or "default",
         host=host,
