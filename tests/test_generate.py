@@ -115,6 +115,12 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["generate", "a red circle", "--out", out, "--steps", "1000000000"], "is more than 1000"),
         (["serve", "--db", str(kept), "--port", "0"], "is a folder"),
         (["serve", "--host", "nosuch.invalid", "--port", "0"], "not an address here"),
+        (["distill", "progressive", "--out", str(tmp_path / "x.png"), "--run", str(tmp_path / "r")],
+         "is a file; give a folder"),
+        (["distill", "progressive", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"),
+          "--max-minutes", "nan"], "--max-minutes must be a finite number > 0"),
+        (["distill", "dmd", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"), "--guidance", "inf"],
+         "--guidance must be a finite number >= 0"),
         # every output checked before the work: nothing written, nothing replaced
         (["erase", "--concept", "triangle", "--out", str(kept), "--json", str(tmp_path / "no" / "e.json")],
          "'" + str(tmp_path / "no") + "' does not exist"),
@@ -125,6 +131,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         assert code == 2, (args, err)
         assert needle in one_error_line(err), (args, err)
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "r.json").exists()
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
     assert [p.name for p in kept.iterdir()] == ["sentinel"]
 
 

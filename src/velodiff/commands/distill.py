@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..errors import VelodiffError
 from .options import example
 
 distill_app = typer.Typer(
@@ -22,10 +23,21 @@ distill_app = typer.Typer(
 
 def loop_config(
     steps: int, lr: float, warmup: int, seed: int, checkpoint_every: int, max_minutes: float | None,
-    ema: float = 0.0,
+    ema: float = 0.0, *, out: Path | None = None, guidance: float | None = None,
 ) -> Any:
-    """The training loop's settings every distillation shares: no weight decay, a loss row per step."""
+    """The training loop's settings every distillation shares: no weight decay, a loss row per step.
+    The shared options are checked here, before any work: ``--out`` a folder, the numbers finite."""
+    import math
+
     from ..train.loop import LoopConfig
+
+    if out is not None and out.exists() and not out.is_dir():
+        raise VelodiffError(f"--out {str(out)!r} is a file; give a folder")
+    for name, value in (("--lr", lr), ("--max-minutes", max_minutes)):
+        if value is not None and not 0 < value < math.inf:
+            raise VelodiffError(f"{name} must be a finite number > 0, got {value}")
+    if guidance is not None and not 0 <= guidance < math.inf:
+        raise VelodiffError(f"--guidance must be a finite number >= 0, got {guidance}")
 
     return LoopConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema, seed=seed,
                       checkpoint_every=checkpoint_every, max_minutes=max_minutes, log_every=1)
@@ -99,7 +111,8 @@ def progressive(
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
+                      guidance=guidance)
     pcfg = ProgressiveConfig(
         teacher_steps=teacher_steps, rounds=rounds, guidance=guidance, batch=batch, cache_size=cache_size
     )
@@ -136,7 +149,8 @@ def guided(
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
+                      guidance=guidance)
     gcfg = GuidedConfig(w_min=w_min, w_max=w_max, guidance=guidance, batch=batch, cache_size=cache_size)
     res = distill_guided(teacher, out, run, cfg, gcfg, quiet=quiet, device=dev)
     report(res, run)
@@ -177,7 +191,8 @@ def lcm(
 
     dev = _threads(threads, device)
     lr = lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5)
-    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
+                      guidance=guidance)
     lcfg = LCMConfig(
         origin_steps=origin_steps,
         guidance=guidance,
@@ -229,7 +244,8 @@ def reflow(
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema)
+    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out,
+                      guidance=guidance)
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     rcfg = ReflowConfig(
         reflow_steps=reflow_steps, distill_steps=distill_steps, batch=batch, ema=ema, ode_steps=ode_steps,
@@ -282,7 +298,8 @@ def dmd(
     from .train import _threads
 
     dev = _threads(threads, device)
-    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema)
+    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out,
+                      guidance=guidance)
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     dcfg = DMDConfig(steps=steps, batch=batch, student_steps=student_steps,
                      regression_weight=regression_weight, ema=ema, real_guidance=real_guidance,
@@ -330,7 +347,8 @@ def prune(
     check_target(target_flops)
     quiet_libraries()
     dev = _threads(threads, device)
-    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes)
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
+                      guidance=guidance)
     pcfg = PruneConfig(
         method=method, target_flops=target_flops, feature_weight=feature_weight, guidance=guidance,
         calib_prompts=calib_prompts, calib_steps=calib_steps, batch=batch, cache_size=cache_size,
