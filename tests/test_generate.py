@@ -109,6 +109,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["bench", "--out", str(tmp_path / "b"), "--prompts", str(bad_json)], "invalid JSON at line 1"),
         (["bench", "--out", str(tmp_path / "b"), "--guidance", "nan"], "finite numbers >= 0"),
         (["bench", "--out", str(tmp_path / "b"), "--solvers", ""], "solvers is empty"),
+        (["bench", "--out", str(tmp_path / "b"), "--nfe", "1000000000"], "integers in [1, 1000]"),
         (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--lamb", "nan"], "lamb finite"),
         (["generate", "a red circle", "--out", out, "--clip-skip", "1000"], "has 4 layers; skip fewer"),
         (["generate", "a red circle", "--out", out, "--width", "1000000000"], "in [1, 8192]"),

@@ -155,7 +155,7 @@ def shapes(
     prompts: str = typer.Option("v1", help="prompt set: v1 or v1-holdout"),
     images_per_prompt: int = typer.Option(2, min=1),
     solver: str = typer.Option(None, help="solver (default dpmpp_2m)"),
-    steps: int = typer.Option(None, min=1, help="solver steps (default 20 for the default model)"),
+    steps: int = typer.Option(None, min=1, max=1000, help="solver steps (default 20 for the default model)"),
     grid: str = typer.Option(None, help="time grid name (default: the model's)"),
     guidance: str = typer.Option(None, help="guidance scale, or a comma list to sweep"),
     embedded_guidance: float = typer.Option(

@@ -30,7 +30,9 @@ def generate_set_cmd(
     images_per_prompt: Annotated[
         int | None, typer.Option(min=1, help="images per prompt (default 1)")
     ] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="solver steps (default: the model's)")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, max=1000, help="solver steps (default: the model's)")
+    ] = None,
     solver: Annotated[
         str | None, typer.Option(help="a solver of `velodiff solvers` (default: the model's)")
     ] = None,

@@ -158,8 +158,8 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
         s.guidance = [None if g in (None, "default", "") else float(g) for g in s.guidance]
     except (TypeError, ValueError):
         raise VelodiffError("nfe takes integers and guidance takes numbers (comma-separated)") from None
-    if not s.nfe or min(s.nfe) < 1:
-        raise VelodiffError("nfe must be a list of integers >= 1")
+    if not s.nfe or min(s.nfe) < 1 or max(s.nfe) > 1000:
+        raise VelodiffError(f"nfe must be a list of integers in [1, 1000], got {s.nfe}")
     if any(g is not None and not 0 <= g < math.inf for g in s.guidance):
         raise VelodiffError(f"guidance scales must be finite numbers >= 0, got {s.guidance}")
     for k in ("solvers", "grids", "guidance"):
