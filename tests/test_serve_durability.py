@@ -45,7 +45,8 @@ def test_sigkill_and_restart_finish_every_accepted_job_once_with_the_same_bytes(
     with server_process(db, port, *ARGS):
         assert httpx.get(f"{url}/api/health").json()["recovered"] == 1  # the job that was running
         jobs = [httpx.get(f"{url}/api/jobs/{i}/result", timeout=300).json() for i in ids]
-        assert all(j["state"] == "done" and j["completions"] == 1 for j in jobs)
+        assert all(j["state"] == "done" and j["completions"] == 1 for j in jobs), [
+            {k: j.get(k) for k in ("state", "completions", "attempts", "error")} for j in jobs]
         assert jobs[1]["attempts"] == 2 and jobs[0]["attempts"] == 1
         assert len(httpx.get(f"{url}/api/jobs").json()) == len(ids)  # no job twice
         got = [httpx.get(f"{url}{j['images'][0]}").content for j in jobs]
