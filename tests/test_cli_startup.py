@@ -5,6 +5,7 @@ torch loaded); the lazy package keeps its public names; the CLI's own exit keeps
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -155,6 +156,31 @@ def test_console_exit_keeps_code_output_and_atexit(tmp_path, argv, code, stream,
     assert text in getattr(p, stream)
     assert p.stdout.startswith("before")
     assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["generate", "x", "--steps", "0"], "error: Invalid value for '--steps'"),
+    (["generate", "x", "--guidance", "abc"], "error: Invalid value for '--guidance'"),
+    (["generate"], "error: Missing argument"),
+    (["generate", "x", "--no-such-option"], "error: No such option: --no-such-option"),
+    (["generat", "x"], "error: No such command 'generat'"),
+    (["bench", "solvers", "--nfe"], "error: Option '--nfe' requires an argument"),
+    # more threads than CPUs: 100 000 crashed the OpenMP runtime (a segmentation fault)
+    (["generate", "x", "--threads", str((os.cpu_count() or 1) + 1)], "error: Invalid value for '--threads'"),
+    (["train", "ldm", "--threads", "100000"], "error: Invalid value for '--threads'"),
+])
+def test_usage_errors_print_one_line(capsys, argv, text):
+    """click's usage errors (bad values, missing or unknown options and commands) print one line, as
+    every other user error does, naming the help to read; exit status 2 as click's."""
+    from velodiff import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    assert done.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith(text) and out.err.count("\n") == 1, out.err
+    assert "--help'" in out.err
 
 
 def test_commands_are_registered_once_per_process(capsys):

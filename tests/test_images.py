@@ -1,8 +1,35 @@
-"""velodiff.images: the one image-grid helper (generate's grid, contact sheets)."""
+"""velodiff.images: reading users' pictures in 8 bits, and the one image-grid helper (generate's grid,
+contact sheets)."""
 
+import numpy as np
+import pytest
 from PIL import Image
 
-from velodiff.images import image_grid, wrap_caption
+from velodiff.errors import VelodiffError
+from velodiff.images import image_grid, open_image, wrap_caption
+
+
+def test_open_image_scales_16_bit_grayscale_and_refuses_float(tmp_path):
+    """A 16-bit grayscale PNG (a picture or a mask) keeps its tones: PIL's own conversion clips at 255
+    and turned it white (mean 254 for a ramp whose mean is 128 in 8 bits). Float images: one line."""
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65 520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as raw:
+        assert raw.mode.startswith("I") and np.asarray(raw.convert("L")).mean() > 250  # the clipping
+    for source in (tmp_path / "g16.png", (tmp_path / "g16.png").read_bytes()):
+        rgb = np.asarray(open_image(source).convert("RGB"), dtype=np.float64)
+        assert np.abs(rgb[..., 0] - ramp / 257.0).max() <= 0.5 and np.array_equal(rgb[..., 0], rgb[..., 2])
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(VelodiffError, match="floating-point image"):
+        open_image(tmp_path / "f.tiff", "mask")
+    Image.fromarray(np.full((8, 8), 70_000, np.int32)).save(tmp_path / "i32.tiff")
+    with pytest.raises(VelodiffError, match="32-bit image"):
+        open_image(tmp_path / "i32.tiff")
+    with pytest.raises(VelodiffError, match=r"^a frame is not an image PIL can read"):
+        open_image(b"not an image", "a frame")
+    rgb8 = Image.new("RGB", (4, 4), (10, 20, 30))
+    rgb8.save(tmp_path / "rgb.png")
+    assert open_image(tmp_path / "rgb.png").getpixel((0, 0)) == (10, 20, 30)  # 8-bit: as it is
 
 
 def _solid(color, size=(5, 3)):

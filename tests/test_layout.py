@@ -193,7 +193,7 @@ def test_a_mask_region_is_the_box_it_draws_and_bad_masks_are_one_line(model, tmp
     with pytest.raises(VelodiffError, match="covers nothing"):
         parse_layout(f"red circle: {tmp_path / 'black.png'}", masks=True)
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(VelodiffError, match="cannot be read as an image"):
+    with pytest.raises(VelodiffError, match="is not an image PIL can read"):
         parse_layout(f"red circle: {tmp_path / 'bad.png'}", masks=True)
     kw = dict(seeds=[0], steps=3, guidance=2.5, output="latent")
     box = LayoutGuidance(boxes={"red circle": (0, 0, 0.5, 1)})

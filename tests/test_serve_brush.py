@@ -61,7 +61,7 @@ def test_layers_repaint_their_mask_and_restack_at_a_fraction_of_the_steps(server
     [
         ({"job": "nope", "layers": []}, 404, "no job"),
         ({"job": "JOB", "layers": [{"mask": mask_png((0, 0, 0, 0)), "prompt": "x"}]}, 400, "covers nothing"),
-        ({"job": "JOB", "layers": [{"mask": "bm90IGEgcG5n", "prompt": "x"}]}, 400, "not a PNG"),
+        ({"job": "JOB", "layers": [{"mask": "bm90IGEgcG5n", "prompt": "x"}]}, 400, "not an image"),
         (
             {"job": "JOB", "layers": [{"mask": mask_png((0, 0, 8, 8)), "prompt": "x", "strength": 2}]},
             400,

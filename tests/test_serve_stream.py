@@ -131,7 +131,7 @@ def test_websocket_frames_in_frames_out(tmp_path, frames):
                 out = Image.open(io.BytesIO(ws.recv()))
                 assert meta["type"] == "frame" and meta["index"] == i and out.size == (64, 64)
             ws.send(b"not an image")
-            assert "image file" in json.loads(ws.recv())["error"]
+            assert "not an image" in json.loads(ws.recv())["error"]
             ws.send(png(torch.zeros(1, 3, 32, 32)))
             assert "32x32" in json.loads(ws.recv())["error"]
         with ws_client.connect(f"ws://{address}/api/stream") as ws:

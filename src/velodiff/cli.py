@@ -66,8 +66,9 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` and return its exit code (usage errors and ``--help`` raise
-    SystemExit, as typer does). With ``argv=None`` (the console script, ``python -m velodiff.cli``)
+    """Run the command line ``argv``: a command that ends raises SystemExit with its code, as typer's
+    standalone mode does; a user error prints one line (``error: ...``) and returns (or, for a usage
+    error, exits with) status 2. With ``argv=None`` (the console script, ``python -m velodiff.cli``)
     it reads ``sys.argv`` and ends the process itself (see :func:`_exit`)."""
     if argv is not None:
         return _run(argv)
@@ -81,9 +82,26 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     from .errors import VelodiffError
 
+    # click's exceptions, from the click typer uses (recent typers carry their own copy of it)
+    click = importlib.import_module(typer.BadParameter.__module__)
+    no_args_help = getattr(click, "NoArgsIsHelpError", ())  # click >= 8.2
     _register()
     try:
-        app(args=argv, prog_name="velodiff")  # standalone: usage errors print themselves and exit
+        # not standalone: click's usage errors come here, to be printed as one line
+        result = app(args=argv, prog_name="velodiff", standalone_mode=False)
+    except no_args_help as e:  # `velodiff bench` alone: its help, as click does
+        e.show()
+        raise SystemExit(e.exit_code) from None
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "velodiff"
+        typer.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
+        raise SystemExit(e.exit_code) from None
+    except click.ClickException as e:  # a bad file for a click.Path / click.File argument
+        typer.echo(f"error: {e.format_message()}", err=True)
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
     except VelodiffError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
@@ -93,7 +111,8 @@ def _run(argv: list[str] | None) -> int:
     except FileNotFoundError as e:
         typer.echo(f"error: file not found: {e.filename or e}", err=True)
         return 2
-    return 0
+    # as click's standalone mode: the end of a command (or its typer.Exit / --help) exits the process
+    raise SystemExit(result if isinstance(result, int) else 0)
 
 
 def _exit(code: object) -> NoReturn:

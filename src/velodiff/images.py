@@ -1,6 +1,6 @@
-"""Image grids: many PIL images as one sheet, the one helper behind ``velodiff generate --n``'s grid,
-the sweep's and ``velodiff eval shapes``' contact sheets, the shapes world's preview sheets and the
-autoencoder's reconstruction sheet.
+"""Images: reading the pictures users give (``open_image``), and grids: many PIL images as one sheet,
+the one helper behind ``velodiff generate --n``'s grid, the sweep's and ``velodiff eval shapes``' contact
+sheets, the shapes world's preview sheets and the autoencoder's reconstruction sheet.
 
 Images sit in ``cols`` columns, row by row, ``gap`` pixels apart and ``margin`` pixels from the edge,
 on white. Optionally each is upscaled (nearest neighbour, pixels stay crisp), marked by a coloured
@@ -10,12 +10,41 @@ to the cell width, at most ``caption_lines`` lines, in ``caption_height`` pixels
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import VelodiffError
+
 #: height of a mark bar under an image, in pixels
 MARK_HEIGHT = 3
+
+
+def open_image(source: str | bytes | Any, what: str = "image") -> Any:
+    """An image file (a path or its bytes) as a loaded PIL image in an 8-bit mode, ready for
+    ``convert("RGB")`` or ``convert("L")``; one line when it is not an image PIL can read.
+
+    16-bit grayscale (PNG, TIFF: PIL's ``I;16`` modes, or ``I`` with values in [0, 65535]) is scaled
+    to 8 bits: PIL's own conversion clips at 255, which turns a 16-bit picture or mask white.
+    Floating-point and other 32-bit images are refused rather than guessed."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    what = what if isinstance(source, bytes) else f"{what} {str(source)!r}"
+    try:
+        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        im.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise VelodiffError(f"{what} is not an image PIL can read ({type(e).__name__})") from None
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise VelodiffError(f"{what} is a 32-bit image; save it with 8 or 16 bits per channel")
+        return Image.fromarray((a / 257.0).round().astype(np.uint8), "L")
+    if im.mode == "F":
+        raise VelodiffError(f"{what} is a floating-point image; save it with 8 or 16 bits per channel")
+    return im
 
 
 def wrap_caption(text: str, chars: int) -> list[str]:

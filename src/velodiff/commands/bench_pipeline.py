@@ -16,7 +16,7 @@ import typer
 
 from ..files import write_atomic
 from .bench_solvers import _command_line, _names, _output
-from .options import example
+from .options import check_threads, example
 
 DEFAULT_JSON = Path("out/bench_pipeline.json")
 
@@ -39,7 +39,9 @@ def bench_pipeline(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     cache: Annotated[Path, typer.Option(help="where the tiny models are built")] = Path("out/tiny-models"),
     seed: Annotated[int, typer.Option(help="seed of the starting noise")] = 0,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, callback=check_threads, help="torch CPU threads (default: torch's)")
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """End-to-end seconds per image (median of paired, alternating runs), peak memory and max abs

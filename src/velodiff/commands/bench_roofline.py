@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .options import example
+from .options import check_threads, example
 
 
 def bench_roofline(
@@ -28,7 +28,9 @@ def bench_roofline(
         int, typer.Option(min=1, help="timed runs per plan (alternating, after a warm-up)")
     ] = 7,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: the best available)")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: 1)")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(min=1, callback=check_threads, help="torch CPU threads (default: 1)")
+    ] = 1,
 ) -> None:
     """Milliseconds per evaluation row, GFLOP per row, matmul peak, limit, x limit, per plan and batch."""
     import json

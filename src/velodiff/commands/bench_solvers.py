@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from ..files import write_atomic
+from .options import check_threads
 
 DEFAULT_JSON = Path("out/bench_solvers.json")
 
@@ -94,7 +95,9 @@ def bench_solvers(
     schedulers: Annotated[str, typer.Option(help="diffusers schedulers, comma-separated, or 'none'")] = (
         "DPMSolverMultistep,UniPCMultistep,DEISMultistep,DDIM,Euler,Heun"),
     seed: Annotated[int, typer.Option(help="seed of the starting noise")] = 0,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads (tiny tensors: 1 is fastest)")] = 1,
+    threads: Annotated[
+        int, typer.Option(min=1, callback=check_threads, help="torch threads (tiny tensors: 1 is fastest)")
+    ] = 1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Error against an exact reference for every solver x grid x NFE on the mixture oracle, with

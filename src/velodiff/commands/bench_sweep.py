@@ -20,8 +20,9 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
+from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS
 from . import options as o
-from .options import THREADS_HELP
+from .options import THREADS_HELP, check_threads
 
 
 def bench_sweep(
@@ -36,9 +37,11 @@ def bench_sweep(
     plans: str = typer.Option(None, "--plans", help="step plans, ;-separated [default: none]"),
     prompts: str = typer.Option(None, "--prompts", help="v1, v1-holdout, or a .txt/.json file [default: v1]"),
     limit: int = typer.Option(None, "--limit", min=1, help="prompts used, spread over the set [default: 16]"),
-    images_per_prompt: int = typer.Option(None, "--images-per-prompt", min=1),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt", min=1, max=MAX_IMAGES_PER_PROMPT),
     seed: int = typer.Option(None, "--seed", help="seed of the first image (image j uses seed + j)"),
-    repeat: int = typer.Option(None, "--repeat", min=1, help="timed runs per configuration (median)"),
+    repeat: int = typer.Option(
+        None, "--repeat", min=1, max=MAX_RUNS, help="timed runs per configuration (median)"
+    ),
     batch: int = typer.Option(None, "--batch", min=1, help="images per batched call"),
     metrics: str = typer.Option(None, "--metrics",
                                 help="comma list of shapes,fd,reference,clip [default: all that apply]"),
@@ -48,7 +51,9 @@ def bench_sweep(
                                     help="'fd-shapes' or an Inception TorchScript file for FID"),
     clip: Path = typer.Option(None, "--clip", help="local CLIP folder (transformers) for CLIP score"),
     quality: str = typer.Option(None, "--quality", help="quality axis of the Pareto plot"),
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help=THREADS_HELP)] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, callback=check_threads, help=THREADS_HELP)
+    ] = None,
     device: str = typer.Option(None, "--device", help="cpu or cuda [default: cuda when available]"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:

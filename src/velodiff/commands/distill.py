@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
-from .options import example
+from .options import check_threads, example
 
 distill_app = typer.Typer(
     no_args_is_help=True,
@@ -52,7 +52,7 @@ Seed = Annotated[int, typer.Option()]
 CheckpointEvery = Annotated[int, typer.Option(min=1)]
 MaxMinutes = Annotated[float | None, typer.Option(help="stop (with a checkpoint) after this much time")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")]
-Threads = Annotated[int, typer.Option(min=1)]
+Threads = Annotated[int, typer.Option(min=1, callback=check_threads)]
 Quiet = Annotated[bool, typer.Option()]
 # the teacher pairs (``distill.reflow.PairCache``) that reflow and dmd train on
 Init = Annotated[str, typer.Option(help="initialise the student from this model (default: the teacher)")]

@@ -16,8 +16,9 @@ import typer
 from ..errors import VelodiffError
 from ..eval import tables
 from ..files import save_image_atomic, write_atomic
+from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS
 from . import options as o
-from .options import THREADS_HELP
+from .options import THREADS_HELP, check_threads
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")  # example: on its callback
 
@@ -153,9 +154,11 @@ def shapes(
     ] = None,
     model: o.Model = None,
     prompts: str = typer.Option("v1", help="prompt set: v1 or v1-holdout"),
-    images_per_prompt: int = typer.Option(2, min=1),
+    images_per_prompt: int = typer.Option(2, min=1, max=MAX_IMAGES_PER_PROMPT),
     solver: str = typer.Option(None, help="solver (default dpmpp_2m)"),
-    steps: int = typer.Option(None, min=1, max=1000, help="solver steps (default 20 for the default model)"),
+    steps: int = typer.Option(
+        None, min=1, max=MAX_STEPS, help="solver steps (default 20 for the default model)"
+    ),
     grid: str = typer.Option(None, help="time grid name (default: the model's)"),
     guidance: str = typer.Option(None, help="guidance scale, or a comma list to sweep"),
     embedded_guidance: float = typer.Option(
@@ -164,12 +167,14 @@ def shapes(
     plan: str = typer.Option(None, help="step plan, e.g. ag:threshold=0.99 (velodiff plans)"),
     seed: int = typer.Option(0),
     batch: int = typer.Option(16, min=1, help="images per batched call"),
-    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
+    threads: Annotated[int | None, typer.Option(min=1, callback=check_threads, help=THREADS_HELP)] = None,
     device: str = typer.Option("cpu", help="cpu or cuda"),
     limit: int = typer.Option(
         None, min=1, help="use only this many prompts, spread over the set (quick checks)"
     ),
-    speed_runs: int = typer.Option(0, min=0, help="also time this many single-image generations (median)"),
+    speed_runs: int = typer.Option(
+        0, min=0, max=MAX_RUNS, help="also time this many single-image generations (median)"
+    ),
     layout_mode: str = typer.Option(
         "guidance", help="collage: prompts naming several objects drawn by collage (velodiff "
         "generate's)"

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
+from ..limits import MAX_SET_IMAGES_PER_PROMPT, MAX_STEPS
 
 
 def generate_set_cmd(
@@ -28,10 +29,10 @@ def generate_set_cmd(
     )] = None,
     seed: Annotated[int | None, typer.Option(help="base seed; image i uses seed + i (default 0)")] = None,
     images_per_prompt: Annotated[
-        int | None, typer.Option(min=1, help="images per prompt (default 1)")
+        int | None, typer.Option(min=1, max=MAX_SET_IMAGES_PER_PROMPT, help="images per prompt (default 1)")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(min=1, max=1000, help="solver steps (default: the model's)")
+        int | None, typer.Option(min=1, max=MAX_STEPS, help="solver steps (default: the model's)")
     ] = None,
     solver: Annotated[
         str | None, typer.Option(help="a solver of `velodiff solvers` (default: the model's)")

@@ -11,11 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
-
-#: the largest image side and step count the command line accepts (8K images; a discrete schedule has
-#: 1000 timesteps): beyond them a run only exhausts memory or time
-MAX_SIDE = 8192
-MAX_STEPS = 1000
+from ..limits import MAX_SIDE, MAX_STEPS
 
 
 @dataclass
@@ -214,18 +210,12 @@ def check_cpu_dtype(dtype: str) -> None:
 
 
 def read_image(path: Path, what: str = "image") -> Any:
-    """An image file as PIL RGB (one line if it is missing or not an image)."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as a loaded 8-bit PIL image (one line if it is missing or not an image)."""
+    from ..images import open_image
 
     if not path.is_file():
         raise VelodiffError(f"{what} {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except (UnidentifiedImageError, OSError) as e:
-        kind = type(e).__name__
-        raise VelodiffError(f"{what} {str(path)!r} is not an image PIL can read ({kind})") from None
+    return open_image(path, what)
 
 
 def fit_size(run: ImageRun, image: Any, what: str = "image") -> tuple[int, int]:

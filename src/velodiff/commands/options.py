@@ -4,6 +4,7 @@ apart; ``velodiff.commands.image_run`` turns the values into a loaded model and 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -43,7 +44,18 @@ Dtype = Annotated[
     typer.Option(help="weights' precision: float32, float16 or bfloat16 (default: float32 on the CPU, "
                  "float16 on a GPU)"),
 ]
-Threads = Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)]
+
+
+def check_threads(value: int | None) -> int | None:
+    """--threads at most the machine's CPUs: more threads only wait on each other, and a huge number
+    crashes the OpenMP runtime (100 000: 'Thread creation failed', then a segmentation fault)."""
+    cpus = os.cpu_count() or 1
+    if value is not None and value > cpus:
+        raise typer.BadParameter(f"{value} is more than this machine's {cpus} CPUs")
+    return value
+
+
+Threads = Annotated[int | None, typer.Option(min=1, callback=check_threads, help=THREADS_HELP)]
 Width = Annotated[
     int | None,
     typer.Option(help="image width in pixels, a multiple of the model's latent factor (8 for SD) "

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .options import example
+from .options import check_threads, example
 
 train_app = typer.Typer(
     no_args_is_help=True,
@@ -23,12 +23,15 @@ train_app = typer.Typer(
 )
 
 
-def _threads(threads: int, device: str) -> str:
+def _threads(threads: int | None, device: str) -> str:
+    """Set torch's CPU threads (None: 2, or the machine's CPUs if fewer) and resolve ``device``."""
+    import os
+
     import torch
 
     from ..errors import VelodiffError
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -59,7 +62,9 @@ def autoencoder(
     decoder_only: bool = typer.Option(False, help="freeze the encoder, fine-tune the decoder"),
     max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much training time"),
     checkpoint_every: int = typer.Option(100, min=1),
-    threads: int = typer.Option(2, min=1),
+    threads: int | None = typer.Option(
+        None, min=1, callback=check_threads, help="CPU threads (default: 2, or the CPUs if fewer)"
+    ),
     quiet: bool = typer.Option(False),
 ) -> None:
     """Train the AutoencoderKL (64x64x3 <-> 16x16x4) on ShapesWorld images."""
@@ -140,7 +145,9 @@ def ldm(
     out: Annotated[
         Path | None, typer.Option(help="export the EMA model as a diffusers folder here when done")
     ] = None,
-    threads: int = typer.Option(2, min=1),
+    threads: int | None = typer.Option(
+        None, min=1, callback=check_threads, help="CPU threads (default: 2, or the CPUs if fewer)"
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     workers: int = typer.Option(1, min=1, help="processes that render the training scenes (once, up front)"),
     init: Annotated[

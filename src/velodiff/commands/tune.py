@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from ..errors import VelodiffError
+from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS
 from . import options as o
 
 
@@ -29,10 +30,14 @@ def tune(
     beam: int = typer.Option(3, "--beam", min=1, help="plans kept after each stage"),
     calibration: str = typer.Option("v1-holdout", "--calibration", help="calibration prompt set or file"),
     holdout: str = typer.Option("v1", "--holdout", help="held-out prompt set or file"),
-    calibration_images: int = typer.Option(4, "--calibration-images", min=1, help="images per prompt"),
-    images_per_prompt: int = typer.Option(2, "--images-per-prompt", min=1, help="held-out images per prompt"),
+    calibration_images: int = typer.Option(
+        4, "--calibration-images", min=1, max=MAX_IMAGES_PER_PROMPT, help="images per prompt"
+    ),
+    images_per_prompt: int = typer.Option(
+        2, "--images-per-prompt", min=1, max=MAX_IMAGES_PER_PROMPT, help="held-out images per prompt"
+    ),
     limit: int = typer.Option(1000, "--limit", min=1, help="prompts used from each set"),
-    repeat: int = typer.Option(1, "--repeat", min=1, help="timed runs per plan (median)"),
+    repeat: int = typer.Option(1, "--repeat", min=1, max=MAX_RUNS, help="timed runs per plan (median)"),
     rank: str = typer.Option("evals", "--rank", help="fastest by: evals (counted per image) or time"),
     threads: o.Threads = None,
     progress: bool = typer.Option(True, "--progress/--no-progress"),

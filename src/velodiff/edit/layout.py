@@ -114,13 +114,12 @@ def box_list(value: Any) -> list[Any]:
 def read_mask(path: str, what: str) -> Any:
     """A mask image (white = the region) as a float array in [0, 1]; one line if it cannot be read."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as e:
-        raise VelodiffError(f"{what} mask {path!r} cannot be read as an image: {e}") from None
+    from ..images import open_image
+
+    if not Path(path).is_file():
+        raise VelodiffError(f"{what} mask {path!r} does not exist")
+    return np.asarray(open_image(path, f"{what} mask").convert("L"), dtype=np.float32) / 255.0
 
 
 def parse_boxes(

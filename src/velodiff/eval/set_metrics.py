@@ -23,13 +23,9 @@ def _batches(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
 
 
 def _open_rgb(paths: Sequence[Path]) -> list[Any]:
-    from PIL import Image
+    from ..images import open_image
 
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
+    return [open_image(p, "real image").convert("RGB") for p in paths]
 
 
 def real_image_batches(real: str | os.PathLike[str], prompts: Sequence[str], seeds: Sequence[int],

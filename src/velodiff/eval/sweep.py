@@ -29,6 +29,7 @@ import torch
 
 from ..errors import VelodiffError, unknown_name
 from ..files import read_text, write_atomic
+from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS
 from . import tables
 
 RESULTS = "results.json"
@@ -158,8 +159,8 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
         s.guidance = [None if g in (None, "default", "") else float(g) for g in s.guidance]
     except (TypeError, ValueError):
         raise VelodiffError("nfe takes integers and guidance takes numbers (comma-separated)") from None
-    if not s.nfe or min(s.nfe) < 1 or max(s.nfe) > 1000:
-        raise VelodiffError(f"nfe must be a list of integers in [1, 1000], got {s.nfe}")
+    if not s.nfe or min(s.nfe) < 1 or max(s.nfe) > MAX_STEPS:
+        raise VelodiffError(f"nfe must be a list of integers in [1, {MAX_STEPS}], got {s.nfe}")
     if any(g is not None and not 0 <= g < math.inf for g in s.guidance):
         raise VelodiffError(f"guidance scales must be finite numbers >= 0, got {s.guidance}")
     for k in ("solvers", "grids", "guidance"):
@@ -177,6 +178,9 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
     for k in ("repeat", "batch", "images_per_prompt", "reference_steps", "fd_real_per_prompt"):
         if int(getattr(s, k)) < 1:
             raise VelodiffError(f"{k} must be >= 1")
+    for k, most in (("repeat", MAX_RUNS), ("images_per_prompt", MAX_IMAGES_PER_PROMPT)):
+        if int(getattr(s, k)) > most:
+            raise VelodiffError(f"{k} {getattr(s, k)} is more than {most}")
     return s
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import threading
 import time
 from collections import OrderedDict
@@ -55,15 +54,14 @@ class BrushBody(BaseModel):
 
 def decode_mask(data: str) -> Any:
     """A PNG from a data URL or plain base64, as a grayscale PIL image; one line when it is not one."""
-    from PIL import Image, UnidentifiedImageError
+    from ..images import open_image
 
     raw = data.split(",", 1)[1] if data.startswith("data:") else data
     try:
-        img = Image.open(io.BytesIO(base64.b64decode(raw, validate=True)))
-        img.load()
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        png = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
         raise VelodiffError("a layer's mask is not a PNG (a data URL or base64 of one)") from None
-    return img.convert("L")
+    return open_image(png, "a layer's mask").convert("L")
 
 
 class Brushes:

@@ -10,7 +10,6 @@ frame gets ``{"type": "error", "error": one line}``; the socket stays open after
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
@@ -24,14 +23,10 @@ router = APIRouter(tags=["stream"])
 
 
 def read_frame(data: bytes, size: tuple[int, int] | None) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
+    from ..images import open_image
     from ..pipelines.common import image_tensor
 
-    try:
-        im = Image.open(io.BytesIO(data)).convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise VelodiffError("a frame must be an image file (PNG, JPEG, WebP)") from None
+    im = open_image(data, "a frame").convert("RGB")
     if size is not None and im.size != size:
         raise VelodiffError(
             f"frame is {im.size[0]}x{im.size[1]}; this stream's frames are {size[0]}x{size[1]}"

@@ -1,0 +1,13 @@
+"""The bounds on the numbers a user types. Past them a run only exhausts memory or time (a billion steps
+or images allocated their lists until memory ran out), so every command refuses them in one line."""
+
+#: the largest image side in pixels (8K images)
+MAX_SIDE = 8192
+#: the most solver steps or network evaluations per image (a discrete schedule has 1000 timesteps)
+MAX_STEPS = 1000
+#: the most images per prompt a scoring run (eval shapes, bench, tune) makes
+MAX_IMAGES_PER_PROMPT = 1000
+#: the most images per prompt `generate-set` makes (FID sets from one prompt)
+MAX_SET_IMAGES_PER_PROMPT = 100_000
+#: the most timed runs a measurement repeats
+MAX_RUNS = 1000
