@@ -59,6 +59,9 @@ def test_boxes_from_the_prompt_are_object_squares_in_their_halves():
     assert [(b[1] + b[3]) / 2 for b in above["red circles"]] == pytest.approx([0.25] * 3)
     assert [(b[0] + b[2]) / 2 for b in above["red circles"]] == pytest.approx([1 / 6, 1 / 2, 5 / 6])
     assert above["blue square"] == pytest.approx((0.3, 0.55, 0.7, 0.95))
+    twice = boxes_from_prompt("a red circle above a red circle")  # one box in each half, not one in all
+    halves = [pytest.approx((0.3, 0.05, 0.7, 0.45)), pytest.approx((0.3, 0.55, 0.7, 0.95))]
+    assert twice == {"red circle": halves}
 
 
 def test_grid_boxes_fit_the_region_without_overlap():

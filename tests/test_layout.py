@@ -27,6 +27,13 @@ def test_regions_from_spatial_words():
     left = regions_from_prompt("a white cross to the left of a blue triangle")
     assert left["white cross"] == (0.0, 0.0, 0.5, 1.0) and left["blue triangle"] == (0.5, 0.0, 1.0, 1.0)
     assert regions_from_prompt("two green crosses") == {}
+    assert regions_from_prompt("a red circle, above a blue square.") == regions_from_prompt(
+        "a red circle above a blue square"
+    )  # a comma before the relation is not part of the object's words
+    # one object named on both sides: a group with both halves, not only the last side's
+    assert regions_from_prompt("a red circle above a red circle") == {
+        "red circle": [(0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)]
+    }
     with pytest.raises(VelodiffError, match="must satisfy"):
         check_boxes({"red circle": (0.1, 0.1, 1.2, 0.5)}, "a red circle")
     with pytest.raises(VelodiffError, match="'green' is not in the prompt"):

@@ -39,6 +39,7 @@ from ..errors import VelodiffError
 from .layout import (
     Box,
     Boxes,
+    add_regions,
     box_list,
     check_boxes,
     count_of,
@@ -121,8 +122,7 @@ def boxes_from_prompt(prompt: str, side: float = 0.4, group_side: float = 0.3) -
     if parts:
         for part, region in parts:
             n = count_of(part)
-            grid = grid_boxes(region, n, group_side if n > 1 else side)
-            boxes[object_words(part)] = grid if n > 1 else grid[0]
+            add_regions(boxes, object_words(part), grid_boxes(region, n, group_side if n > 1 else side))
         return boxes
     phrases = [q for q in (q.strip() for q in re.split(r"\s*,\s*|\s+and\s+", text)) if object_words(q)]
     counts = [count_of(q) for q in phrases]
@@ -130,10 +130,7 @@ def boxes_from_prompt(prompt: str, side: float = 0.4, group_side: float = 0.3) -
         return {}
     grid = iter(grid_boxes((0.0, 0.0, 1.0, 1.0), sum(counts), group_side))
     for phrase, n in zip(phrases, counts, strict=True):
-        words, mine = object_words(phrase), [next(grid) for _ in range(n)]
-        if words in boxes:  # the same object named twice: one group
-            mine = [*box_list(boxes[words]), *mine]
-        boxes[words] = mine if len(mine) > 1 else mine[0]
+        add_regions(boxes, object_words(phrase), [next(grid) for _ in range(n)])
     return boxes
 
 

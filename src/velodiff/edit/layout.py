@@ -72,7 +72,7 @@ def spatial_parts(prompt: str) -> list[tuple[str, Box]]:
     if the prompt has no such relation."""
     text = prompt.lower().strip().rstrip(".")
     for rel, boxes in HALVES.items():
-        parts = [p.strip() for p in re.split(rf"\s+{rel}\s+", text)]
+        parts = [p.strip().strip(",;:").strip() for p in re.split(rf"\s+{rel}\s+", text)]  # "x, above y"
         if len(parts) == 2 and all(object_words(p) for p in parts):
             return list(zip(parts, boxes, strict=True))
     return []
@@ -96,9 +96,21 @@ def concepts(prompt: str) -> list[str]:
     return [w for w in (object_words(p) for p in parts) if w]
 
 
-def regions_from_prompt(prompt: str) -> dict[str, Box]:
+def regions_from_prompt(prompt: str) -> Boxes:
     """Object words -> box from the prompt's spatial relation (empty if it has none)."""
-    return {object_words(part): box for part, box in spatial_parts(prompt)}
+    boxes: Boxes = {}
+    for part, box in spatial_parts(prompt):
+        add_regions(boxes, object_words(part), [box])
+    return boxes
+
+
+def add_regions(boxes: Boxes, words: str, regions: list[Any]) -> None:
+    """Put ``regions`` (one per object) under ``words`` in ``boxes``: one region as itself, several as a
+    list; an object named twice ("a red circle above a red circle") becomes one group holding both
+    sides' regions, not only the last side's."""
+    if words in boxes:
+        regions = [*box_list(boxes[words]), *regions]
+    boxes[words] = regions if len(regions) > 1 else regions[0]
 
 
 def is_mask(region: Any) -> bool:
