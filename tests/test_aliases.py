@@ -398,6 +398,13 @@ def test_ays_is_diffusers_published_schedule():
     assert SCHED.timestep(sdxl[:-1]).round().tolist() == AysSchedules["StableDiffusionXLTimesteps"]
     with pytest.raises(VelodiffError, match="unknown ays model 'sd3'"):
         make_grid("ays", SCHED, 10, model="sd3")
+    from velodiff.schedules import EDM
+
+    svd = make_grid("ays", EDM(t_max=700.0), 10)  # SVD's published noise levels (EDM: t = sigma)
+    published = torch.tensor(AysSchedules["StableDiffusionVideoSigmas"][:-1], dtype=svd.dtype)
+    assert torch.allclose(svd[:-1], published)
+    with pytest.raises(VelodiffError, match="spans noise levels .* outside this schedule's"):
+        make_grid("ays", EDM(), 10)  # sigma_max 80: the list cannot be placed on it
 
 
 def test_karras_and_exponential_take_explicit_sigma_bounds():

@@ -448,7 +448,7 @@ def ays(
     else:
         sig = torch.tensor(AYS_SIGMAS[model], dtype=F64)
         top, bottom = float(sched.sigma_ve(sched.t_max)), float(sched.sigma_ve(sched.t_min))
-        if not bottom <= float(sig.min()) and float(sig.max()) <= top:
+        if not (bottom * (1 - 1e-9) <= float(sig.min()) and float(sig.max()) <= top * (1 + 1e-9)):
             raise VelodiffError(
                 f"grid 'ays' model={model!r} spans noise levels {float(sig.min()):g}..{float(sig.max()):g}, "
                 f"outside this schedule's {bottom:.4g}..{top:.4g}"
