@@ -202,6 +202,8 @@ def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, ca
 
     art = load_solver_calibration(model_hash(model.path), 2.5)
     assert res.ts.tolist() == find(art, "unipc", 4)["ts"] and res.nfe == 4
+    gits = text2img(model, "a red circle", nfe=4, guidance=2.5, grid="gits", solver="unipc", output="latent")
+    assert torch.equal(gits.latents, res.latents)  # ComfyUI's name for the model's own GITS grid
     v3 = text2img(model, "a red circle", nfe=4, guidance=2.5, solver="dpm_solver_v3", output="latent")
     assert v3.nfe == 4 and bool(torch.isfinite(v3.latents).all())
     with pytest.raises(VelodiffError, match="at guidance 7.5"):

@@ -44,8 +44,6 @@ class Alias:
     solver_options: Mapping[str, Any] = field(default_factory=dict)
     grid_options: Mapping[str, Any] = field(default_factory=dict)
     final: str | None = None
-    #: who provides the target where velodiff does not yet (the grid ``gits``)
-    provided_by: str = ""
     note: str = ""
 
     def target(self) -> str:
@@ -71,7 +69,6 @@ KD_COMFY = "k-diffusion / ComfyUI"
 NO_LOF = {"lower_order_final": False}  # k-diffusion's multistep samplers keep their order to the end
 SDE_HEUN = {**NO_LOF, "solver_type": "heun"}  # k-diffusion's dpmpp_2m_sde(solver_type="heun")
 KD_3M = {"variant": "k-diffusion"}  # k-diffusion's 3M SDE halves the x0'' term (sde_dpm_solver_pp.py)
-CALIBRATED = "the calibrated-solver work (issue 11, items 1-4)"
 
 
 def _s(name: str, source: str, solver: str, grid: str | None = None, note: str = "", **kw: Any) -> Alias:
@@ -131,7 +128,7 @@ _COMFY_SCHEDULERS = [
     _g("kl_optimal", COMFY, "kl_optimal"),
     _g("align_your_steps", COMFY, "ays", note="SD 1.5 levels by default; grid option model=sdxl|svd"),
     _g("linear_quadratic", COMFY, "linear_quadratic", note="rectified flows (Movie Gen / Mochi)"),
-    _g("gits", COMFY, "gits", provided_by=CALIBRATED),
+    _g("gits", COMFY, "calibrated", note="the model's own GITS grid, refined: velodiff calibrate solver"),
 ]
 
 #: AUTOMATIC1111's sampler labels (before 1.9 they carried the schedule: "... Karras") and schedule types
@@ -307,12 +304,6 @@ def resolve_grid(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     alias = find(name, SCHEDULER)
     if alias is None:
         raise _unknown("grid", name, own)
-    if alias.provided_by and alias.grid not in own:
-        raise VelodiffError(
-            f"grid {name!r} ({alias.source}) maps to velodiff's {alias.grid!r}, which {alias.provided_by} "
-            "provides; it is not in this build (a GITS-fitted grid for your model: velodiff calibrate "
-            "solver, then --grid calibrated)"
-        )
     return Resolved(grid=alias.grid, grid_options=dict(alias.grid_options), alias=alias)
 
 

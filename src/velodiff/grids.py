@@ -526,9 +526,14 @@ def make_grid(
         if name not in GRIDS:  # another tool's scheduler name (velodiff.aliases), or refused
             from .aliases import resolve_grid
 
-            r = resolve_grid(name, tuple(GRIDS))
+            r = resolve_grid(name, (*GRIDS, "calibrated"))
             assert r.grid is not None
             name, options = r.grid, {**r.grid_options, **options}
+        if name == "calibrated":  # ComfyUI's "gits" too
+            raise VelodiffError(
+                "the calibrated grid is fitted to a model (velodiff calibrate solver): pass "
+                "grid='calibrated' to a pipeline or --grid calibrated, not to make_grid"
+            )
         if steps is None or steps < 1:
             raise VelodiffError(f"grid {name!r} needs steps >= 1, got {steps}")
         ts = GRIDS[name](sched, steps, final=final, **options)

@@ -20,8 +20,7 @@ def solvers(
 
         table = Table("name", "from", "kind", "velodiff", "note")
         for a in ALIASES:
-            note = f"provided by {a.provided_by}" if a.provided_by else a.note
-            table.add_row(a.name, a.source, a.kind, a.target(), note)
+            table.add_row(a.name, a.source, a.kind, a.target(), a.note)
         Console(width=200).print(table)
         return
 

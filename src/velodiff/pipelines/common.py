@@ -212,6 +212,8 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     guidance = float(model.default_guidance if opts.guidance is None else opts.guidance)
     plan = resolve_plan(given, guidance, opts.guidance_rescale, opts.guidance_interval)
     grid = opts.grid
+    if isinstance(grid, str) and grid != CALIBRATED and _grid_name(grid) == CALIBRATED:  # ComfyUI's gits
+        grid, opts = CALIBRATED, replace(opts, grid=CALIBRATED)
     options = dict(opts.solver_options or {})
     if grid == CALIBRATED or (spec.name == "dpm_solver_v3" and options.get("ems") is None):
         return calibrated_setup(model, opts, spec, guidance, plan, options)
@@ -285,7 +287,7 @@ def _grid_name(name: str) -> str | None:
     from ..aliases import resolve_grid
     from ..grids import GRIDS
 
-    return resolve_grid(name, tuple(GRIDS)).grid
+    return resolve_grid(name, (*GRIDS, CALIBRATED)).grid
 
 
 def _alias_grid(opts: Sampling) -> Sampling:

@@ -49,10 +49,12 @@ def comfy_sampling(sampler_name: str, scheduler: str) -> tuple[str, str | None]:
     the pipelines resolve from these same names); a KeyError names what has no counterpart."""
     from ..aliases import COMFY, KD_COMFY, SAMPLER, SCHEDULER, find, table
 
+    def comfy(a: Any) -> bool:  # not gits: velodiff's is the model's own calibrated grid, not ComfyUI's table
+        return a is not None and a.source in (COMFY, KD_COMFY) and a.grid != "calibrated"
+
     for kind, name, label in ((SAMPLER, sampler_name, "sampler_name"), (SCHEDULER, scheduler, "scheduler")):
-        alias = find(name, kind)
-        if alias is None or alias.source not in (COMFY, KD_COMFY) or alias.provided_by:
-            valid = sorted(a.name for a in table(kind) if a.source in (COMFY, KD_COMFY) and not a.provided_by)
+        if not comfy(find(name, kind)):
+            valid = sorted(a.name for a in table(kind) if comfy(a))
             raise KeyError((label, name, valid))
     return sampler_name, scheduler
 
