@@ -40,7 +40,7 @@ def test_shipped_model_is_small_safetensors_only():
 
 
 def test_generate_writes_png_and_grid(tmp_path, capsys):
-    out = tmp_path / "out.png"
+    out = tmp_path / "out" / "out.png"  # `-o out/x.png` in a fresh clone: the one missing folder is made
     code, o, err = run_cli(capsys, "generate", "a red circle above a blue square", "--out", str(out), *FAST)
     assert code == 0, err
     assert Image.open(out).size == (64, 64) and "wrote" in o
@@ -67,7 +67,7 @@ def test_generate_writes_png_and_grid(tmp_path, capsys):
     )
     assert code == 0, err
     assert Image.open(out).size == (130, 130)  # 2x2 grid with 2 px gaps
-    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary left behind
+    assert [p.name for p in out.parent.iterdir()] == ["out.png"]  # no temporary left behind
 
 
 def test_existing_output_is_never_half_written(tmp_path, monkeypatch, capsys):
@@ -97,7 +97,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     cases = [
         (["generate", "", "--out", out], "prompt is empty"),
         (["generate", "   ", "--out", out], "prompt is empty"),
-        (["generate", "a red circle", "--out", str(tmp_path / "missing" / "o.png")], "does not exist"),
+        # a missing folder is made only when its parent exists: a typo two folders deep is one line
+        (["generate", "a red circle", "--out", str(tmp_path / "missing" / "a" / "o.png")], "does not exist"),
         (["generate", "a red circle", "--out", out, "--guidance", "-1"], "guidance"),
         (["generate", "a red circle", "--out", out, "--model", str(tmp_path / "nowhere")], "does not exist"),
         (["generate", "a red circle", "--out", out, "--solver", "nope"], "unknown solver"),
@@ -123,7 +124,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["distill", "dmd", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"), "--guidance", "inf"],
          "--guidance must be a finite number >= 0"),
         # every output checked before the work: nothing written, nothing replaced
-        (["erase", "--concept", "triangle", "--out", str(kept), "--json", str(tmp_path / "no" / "e.json")],
+        (["erase", "--concept", "triangle", "--out", str(kept), "--json", str(tmp_path / "no/a/e.json")],
          "'" + str(tmp_path / "no") + "' does not exist"),
         (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--markdown", str(kept)], "is a folder"),
     ]
@@ -133,6 +134,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         assert needle in one_error_line(err), (args, err)
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "r.json").exists()
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "no").exists()
     assert [p.name for p in kept.iterdir()] == ["sentinel"]
 
 

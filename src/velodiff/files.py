@@ -35,6 +35,29 @@ def files_under(root: Path) -> list[Path]:
     return sorted(Path(d) / f for d, _, names in os.walk(root, followlinks=True) for f in names)
 
 
+def make_parent(path: Path, what: str) -> Path:
+    """Make sure ``path``'s folder exists before any work: a missing folder is created when its own
+    parent exists (``--json out/x.json`` in a fresh clone), so a mistyped path, two folders deep, still
+    fails in one line. Returns ``path``."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise VelodiffError(f"{what}: the folder {str(folder.parent)!r} does not exist; create it first")
+        folder.mkdir()
+    if not folder.is_dir():
+        raise VelodiffError(f"{what}: {str(folder)!r} is not a folder")
+    return path
+
+
+def output_file(path: Path, what: str, example: str = "") -> Path:
+    """``path`` as an output file, checked before any work: its folder made as :func:`make_parent`
+    does, and the path itself not a folder."""
+    make_parent(path, what)
+    if path.is_dir():
+        raise VelodiffError(f"{what}: {str(path)!r} is a folder; give a file name {example}".rstrip())
+    return path
+
+
 #: the suffix of temporary files (a set folder's resume removes stale ones: ``.*.tmp``)
 TEMP_SUFFIX = ".tmp"
 

@@ -47,21 +47,10 @@ def _ints(value: str, option: str) -> list[int]:
 
 
 def _output(path: Path, option: str) -> Path:
-    """Make sure ``path`` can be written: its folder is created if missing, but only when the
-    folder's own parent exists (a mistyped path fails at once, in one line, before any work)."""
-    from ..errors import VelodiffError
+    """``files.output_file``: the folder made if only it is missing, before any work."""
+    from ..files import output_file
 
-    folder = path.parent
-    if not folder.exists():
-        if not folder.parent.is_dir():
-            raise VelodiffError(
-                f"{option}: the folder {folder.parent} does not exist; create it or choose another path")
-        folder.mkdir()
-    if not folder.is_dir():
-        raise VelodiffError(f"{option}: {folder} is not a folder")
-    if path.is_dir():
-        raise VelodiffError(f"{option}: {path} is a folder; give a file name")
-    return path
+    return output_file(path, option)
 
 
 def _command_line(ctx: typer.Context) -> str:

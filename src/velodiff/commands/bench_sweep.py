@@ -74,8 +74,9 @@ def bench_sweep(
     }
     values.update({k: v for k, v in cli.items() if v is not None})
     sw = make_sweep(values)
-    if not out.parent.is_dir() and str(out.parent) not in ("", "."):
-        raise VelodiffError(f"--out: the folder {out.parent} does not exist; create it or choose another")
+    from ..files import make_parent
+
+    make_parent(out, "--out")
     if out.exists() and not out.is_dir():
         raise VelodiffError(f"--out: {out} is a file; give a folder")
     from .generate import load_model, quiet_libraries

@@ -70,12 +70,11 @@ def check_output_path(out: Path) -> str:
 
 
 def check_output_file(out: Path, example: str = "") -> None:
-    """Refuse, before any work, an output file whose folder is missing or that is a folder."""
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise VelodiffError(f"output folder {str(parent)!r} does not exist; create it first")
-    if out.is_dir():
-        raise VelodiffError(f"output {str(out)!r} is a folder; give a file name {example}".rstrip())
+    """Check an output file before any work (``files.output_file``: its folder made if only that one is
+    missing; not a folder itself)."""
+    from ..files import output_file
+
+    output_file(out, "output", example)
 
 
 @contextmanager

@@ -154,10 +154,9 @@ def eval_manifest_cmd(
     result = evaluate_set(manifest, real=real, features=features, clip=clip, reference=reference)
     text = json.dumps(result, indent=1)
     if json_out is not None:
-        from ..files import write_atomic
+        from ..files import output_file, write_atomic
 
-        if not (json_out.parent if str(json_out.parent) else Path(".")).is_dir():
-            raise VelodiffError(f"output folder {str(json_out.parent)!r} does not exist; create it first")
+        output_file(json_out, "--json")
         write_atomic(json_out, (text + "\n").encode())
     typer.echo(text)
 

@@ -72,8 +72,9 @@ def serve(
         resolve_model(model)  # refused in one line before anything binds
     if reports is not None and not reports.is_dir():
         raise VelodiffError(f"--reports {str(reports)!r} is not a folder")
-    if not db.parent.is_dir():
-        raise VelodiffError(f"--db folder {str(db.parent)!r} does not exist; create it first")
+    from ..files import make_parent
+
+    make_parent(db, "--db")
     if db.is_dir():
         raise VelodiffError(f"--db {str(db)!r} is a folder; give a file such as jobs.sqlite")
     import socket
