@@ -215,7 +215,7 @@ def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, ca
         main([*args, "--grid", "calibrated", "--nfe", "4"])
     except SystemExit as e:
         assert not e.code
-    assert "unipc, 4 steps, 4 NFE" in capsys.readouterr().out and out_png.is_file()
+    assert "unipc on calibrated, 4 steps, 4 NFE" in capsys.readouterr().out and out_png.is_file()
     assert main([*args, "--steps", "2", "--nfe", "4"]) == 2
     assert "give --steps or --nfe, not both" in capsys.readouterr().err
 

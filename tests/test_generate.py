@@ -190,7 +190,11 @@ def test_a_plan_file_sets_the_run(tmp_path, capsys):
     code, o, err = run_cli(capsys, "generate", "a red circle", "--out", str(out), "--steps", "7",
                            "--solver", "unipc", "--plan", f"@{plan}")
     assert code == 0, err
-    assert "ddim, 3 steps, 3 NFE" in o and "guidance 1.5" in o
+    assert "ddim on karras, 3 steps, 3 NFE" in o and "guidance 1.5" in o  # the model's grid
     assert "plan solver=ddim+steps=3+guidance=1.5+ag" in o
+    # the line reports the scale the run guides with (the plan's cfg scale) and the grid it ran on
+    code, o, err = run_cli(capsys, "generate", "a red circle", "--out", str(out), "--steps", "2",
+                           "--grid", "trailing", "--plan", "cfg:scale=4,t_lo=0.2")
+    assert code == 0 and "on trailing, 2 steps" in o and "guidance 4," in o, (o, err)
     code, o, err = run_cli(capsys, "generate", "a red circle", "--out", str(out), "--plan", "@missing.txt")
     assert code == 2 and one_error_line(err).startswith("error: cannot read the plan file")

@@ -171,9 +171,9 @@ class ImageRun:
         batches = f" in {calls} batches" if calls > 1 else ""
         return (
             f"wrote {out} ({self.n} image{'s' if self.n > 1 else ''}{batches}, {w}x{h}, {m.family} "
-            f"{str(m.dtype).removeprefix('torch.')} on {m.device}, {res.solver}, {res.steps} steps, "
-            f"{res.nfe} NFE, {res.evals:g} evals/image, guidance {res.guidance:g}, plan {res.plan}) "
-            f"in {time.perf_counter() - self.started:.2f} s"
+            f"{str(m.dtype).removeprefix('torch.')} on {m.device}, {res.solver} on {res.grid}, "
+            f"{res.steps} steps, {res.nfe} NFE, {res.evals:g} evals/image, guidance {res.guidance:g}, "
+            f"plan {res.plan}) in {time.perf_counter() - self.started:.2f} s"
         )
 
 

@@ -48,6 +48,8 @@ class GenerationResult:
     ts: Tensor
     solver: str
     guidance: float
+    #: velodiff's name of the grid the run sampled on
+    grid: str = ""
     stopped: bool = False
     #: the canonical string of the plan that ran (implicit CFG included)
     plan: str = "none"
@@ -181,6 +183,8 @@ class Setup:
     plan: Plan
     #: the solver options of the run (the call's, over what a calibration fitted)
     options: dict[str, Any] = field(default_factory=dict)
+    #: velodiff's name of the grid ("explicit" for a list of times), for the run's report
+    grid: str = ""
 
     def from_step(self, start: int) -> Setup:
         """The run from step ``start`` of the grid on (img2img, inpainting): the grid's suffix, with the
@@ -219,7 +223,7 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
         return calibrated_setup(model, opts, spec, guidance, plan, options)
     if grid is not None and not isinstance(grid, str):
         ts = make_grid(grid, model.schedule)
-        return Setup(spec, ts, len(ts) - 1, guidance, plan, options)
+        return Setup(spec, ts, len(ts) - 1, guidance, plan, options, grid="explicit")
     final = opts.final or model.default_final
     steps, nfe = opts.steps, opts.nfe
     if steps is not None and nfe is not None:
@@ -250,7 +254,7 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     if getattr(model, "family", None) == "sdxl" and _grid_name(name) == "ays":
         grid_opts.setdefault("model", "sdxl")  # AYS published SDXL's own schedule
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
-    return Setup(spec, ts, steps, guidance, plan, options)
+    return Setup(spec, ts, steps, guidance, plan, options, grid=_grid_name(name) or str(name))
 
 
 #: the grid name that asks for the model's calibrated grid (``velodiff calibrate solver``)
@@ -279,7 +283,7 @@ def calibrated_setup(
     nfe = opts.nfe if opts.nfe is not None else spec.nfe(int(opts.steps or model.default_steps))
     entry = find_entry(art, spec.name, int(nfe))
     ts = torch.tensor(entry["ts"], dtype=torch.float64)
-    return Setup(spec, ts, len(ts) - 1, guidance, plan, {**entry_options(entry), **options})
+    return Setup(spec, ts, len(ts) - 1, guidance, plan, {**entry_options(entry), **options}, grid=CALIBRATED)
 
 
 def _grid_name(name: str) -> str | None:
@@ -307,6 +311,14 @@ def _alias_grid(opts: Sampling) -> Sampling:
         grid_options={**r.grid_options, **(opts.grid_options or {})},
         final=opts.final or r.final,
     )
+
+
+def guided_scale(plan: Plan, guidance: float) -> float:
+    """The scale a run guides with, as it reports it: that of the rule owning the unconditional branch
+    where the plan sets one (``cfg:scale=4``), else the run's ``guidance``."""
+    owner = next((r for r in plan.rules if "uncond" in r.claims), None)
+    scale = getattr(owner, "scale", None)
+    return guidance if scale is None else float(scale)
 
 
 def resolve_plan(
@@ -403,7 +415,8 @@ def finish(model: Any, res: Any, setup: Setup, seeds: list[int], output: str, ts
         seeds=seeds,
         ts=ts,
         solver=setup.solver.name,
-        guidance=setup.guidance,
+        guidance=guided_scale(setup.plan, setup.guidance),
+        grid=setup.grid,
         stopped=res.stopped,
         plan=str(setup.plan),
         info=info,
