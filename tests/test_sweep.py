@@ -68,6 +68,12 @@ def test_sweep_values_are_validated(tmp_path):
     assert s.plans == ["none", "ag:threshold=0.99+pag:scale=2"] and len(s.configs()) == 2
     assert {config_id(c) for c in s.configs()} == {"ddim_default_nfe4_gdefault",
                                                   "ddim_default_nfe4_gdefault_ag-threshold-0.99-pag-scale-2"}
+    # a plan that sets the solver and NFE runs once, under its own values, not once per solver x NFE
+    fixed = make_sweep({"plans": "none;solver=ddim+nfe=6+ag:threshold=0.999", "solvers": "dpmpp_2m,unipc",
+                        "nfe": "4,8"}).configs()
+    assert len(fixed) == 2 * 2 + 1
+    assert fixed[-1] == {"solver": "ddim", "grid": None, "nfe_budget": 6, "guidance": None,
+                         "plan": "solver=ddim+nfe=6+ag:threshold=0.999"}
     for bad in ("agg", "ag:threshold=2", "ag+cfg"):
         with pytest.raises(VelodiffError):
             make_sweep({"plans": [bad]})

@@ -88,10 +88,25 @@ class Sweep:
     quality: str | None = None  # the Pareto plot's quality axis (default: the first that applies)
 
     def configs(self) -> list[dict[str, Any]]:
-        out = []
+        """Every combination of the axes, with what a plan sets (``solver=ddim+nfe=6+...``) in place of
+        the axes' values, each distinct run once (such a plan is not rerun per solver and NFE)."""
+        from ..plan import Plan
+
+        out, seen = [], set()
         axes = (self.guidance, self.plans, self.solvers, self.grids, self.nfe)
         for g, p, s, grid, n in itertools.product(*axes):
-            out.append({"solver": s, "grid": grid, "nfe_budget": int(n), "guidance": g, "plan": p})
+            fixed = Plan.parse(p).settings
+            c = {
+                "solver": fixed.get("solver", s),
+                "grid": fixed.get("grid", grid),
+                "nfe_budget": int(fixed.get("nfe", fixed.get("steps", n))),
+                "guidance": fixed.get("guidance", g),
+                "plan": p,
+            }
+            key = json.dumps(c, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
         return out
 
 
