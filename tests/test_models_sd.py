@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -404,6 +405,28 @@ def test_generation_errors(models):
         inpaint(m, PROMPT, image, torch.ones(1, 1, 8, 8))
     with pytest.raises(VelodiffError, match="mode 'P'"):
         inpaint(m, PROMPT, image, Image.new("P", (W, H)))
+    with pytest.raises(VelodiffError, match=r"array must be \(H, W, 3\)"):
+        img2img(m, PROMPT, np.zeros((H, W, 4), np.float32), 0.5)
+
+
+def test_numpy_images_and_masks_as_diffusers_takes_them():
+    """(H, W, 3) arrays (floats in [0, 1] or uint8) and (H, W) masks (floats, bool, uint8) read as the
+    same tensors the PIL and tensor paths give."""
+    from velodiff.pipelines.common import image_tensor, mask_tensor
+
+    rgb = torch.rand(1, 3, 4, 6)
+    hwc = rgb[0].permute(1, 2, 0).numpy()
+    assert torch.equal(image_tensor(hwc), rgb)
+    assert torch.equal(image_tensor(hwc[None]), rgb)
+    u8 = (hwc * 255).round().astype(np.uint8)
+    assert torch.allclose(image_tensor(u8), rgb, atol=0.5 / 255 + 1e-6)
+    holes = np.zeros((4, 6), bool)
+    holes[1:3, 2:5] = True
+    want = torch.from_numpy(holes).float()[None, None]
+    for m in (holes, holes.astype(np.float32), holes.astype(np.uint8) * 255):
+        assert torch.equal(mask_tensor(m), want)
+    with pytest.raises(VelodiffError, match=r"values in \[0, 1\]"):
+        mask_tensor(holes.astype(np.float32) * 3)
 
 
 def test_long_prompt_truncated_with_warning(models):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from serve_fixtures import engine, running_server
+from velodiff.errors import VelodiffError
 from velodiff.pipelines import img2img, text2img
 from velodiff.serve.stream import StreamConfig, StreamImg2Img
 
@@ -108,6 +109,12 @@ def test_similarity_filter_skips_only_near_identical_frames(model, frames):
     assert torch.equal(same[0][0], first)  # a skip repeats the last output
     other = [s(frames[i % 2 : i % 2 + 1])[1] for i in range(1, 7)]  # alternating, dissimilar frames
     assert not any(other)
+    from velodiff.pipelines.common import to_pil
+
+    out, _ = s(to_pil(frames[:1])[0])  # a PIL frame, as a camera library gives it
+    assert out.shape == frames[:1].shape
+    with pytest.raises(VelodiffError, match="one frame at a time"):
+        s(frames)
 
 
 def png(t: torch.Tensor) -> bytes:

@@ -465,10 +465,17 @@ def to_pil(images: Tensor) -> list[Any]:
 
 
 def image_tensor(image: Any, what: str = "init image") -> Tensor:
-    """A PIL image (RGB, RGBA without transparency, L), a list of them, or a float tensor in [0, 1]
-    of shape (3, H, W) / (B, 3, H, W) -> float32 (B, 3, H, W)."""
+    """A PIL image (RGB, RGBA without transparency, L), a list of them, a float tensor in [0, 1] of shape
+    (3, H, W) / (B, 3, H, W), or a numpy array as diffusers takes one ((H, W, 3) / (B, H, W, 3), floats
+    in [0, 1] or uint8) -> float32 (B, 3, H, W)."""
     import numpy as np
 
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (3, 4) or image.shape[-1] != 3:
+            raise VelodiffError(f"the {what} array must be (H, W, 3) or (B, H, W, 3), got {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image)).float()
+        x = x / 255.0 if image.dtype == np.uint8 else x
+        return image_tensor(x.movedim(-1, -3), what)
     if isinstance(image, (list, tuple)):
         parts = [image_tensor(im, what) for im in image]
         if len({p.shape[-2:] for p in parts}) > 1:
@@ -486,7 +493,9 @@ def image_tensor(image: Any, what: str = "init image") -> Tensor:
         return x.cpu()
     mode = getattr(image, "mode", None)
     if mode is None:
-        raise VelodiffError(f"the {what} must be a PIL image or a tensor, got {type(image).__name__}")
+        raise VelodiffError(
+            f"the {what} must be a PIL image, a tensor or a numpy array, got {type(image).__name__}"
+        )
     if mode == "RGBA":
         alpha = np.asarray(image.getchannel("A"))
         if alpha.min() < 255:
@@ -503,9 +512,14 @@ def image_tensor(image: Any, what: str = "init image") -> Tensor:
 
 
 def mask_tensor(mask: Any) -> Tensor:
-    """A mask (white / 1 = repaint): PIL L or 1 (or RGB, read as luminance), or a tensor in [0, 1] of shape
-    (H, W), (1, H, W) or (B, 1, H, W) -> float32 (B, 1, H, W)."""
+    """A mask (white / 1 = repaint): PIL L or 1 (or RGB, read as luminance), a tensor in [0, 1] of shape
+    (H, W), (1, H, W) or (B, 1, H, W), or a numpy array of those shapes (floats in [0, 1], bool or
+    uint8) -> float32 (B, 1, H, W)."""
     import numpy as np
+
+    if isinstance(mask, np.ndarray):
+        m = torch.from_numpy(np.ascontiguousarray(mask)).float()
+        return mask_tensor(m / 255.0 if mask.dtype == np.uint8 else m)
 
     if isinstance(mask, (list, tuple)):
         return torch.cat([mask_tensor(m) for m in mask])
@@ -521,7 +535,9 @@ def mask_tensor(mask: Any) -> Tensor:
         return m.cpu()
     mode = getattr(mask, "mode", None)
     if mode is None:
-        raise VelodiffError(f"the mask must be a PIL image or a tensor, got {type(mask).__name__}")
+        raise VelodiffError(
+            f"the mask must be a PIL image, a tensor or a numpy array, got {type(mask).__name__}"
+        )
     if mode not in ("L", "1", "RGB"):
         raise VelodiffError(f"the mask has mode {mode!r}; give a grayscale (L) image, white = repaint")
     arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0

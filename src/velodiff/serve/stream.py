@@ -101,8 +101,15 @@ class StreamImg2Img:
         return False
 
     @torch.inference_mode()
-    def __call__(self, frame: Tensor) -> tuple[Tensor, bool]:
-        """One input frame (1, 3, H, W) in [0, 1] -> (an output frame (1, 3, H, W), skipped?)."""
+    def __call__(self, frame: Any) -> tuple[Tensor, bool]:
+        """One input frame (a PIL image, a numpy array or a (1, 3, H, W) tensor in [0, 1]) -> (an
+        output frame (1, 3, H, W), skipped?)."""
+        from ..pipelines.common import image_tensor
+
+        if not isinstance(frame, Tensor) or frame.device.type == "cpu":
+            frame = image_tensor(frame, "frame")
+        if frame.shape[0] != 1:
+            raise VelodiffError(f"a stream takes one frame at a time, got a batch of {frame.shape[0]}")
         if self._skip(frame):
             assert self.last is not None
             return self.last, True
