@@ -68,7 +68,7 @@ def test_deepcache_budget_schedule_uses_the_models_calibration(tmp_path, monkeyp
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
     model = velodiff.load(path)
     rule = DeepCache(interval=3, schedule="budget")
-    with pytest.raises(VelodiffError, match="velodiff calibrate cache --model"):
+    with pytest.raises(VelodiffError, match="velodiff calibrate cache --model default$"):
         text2img(model, "a red circle", steps=12, plan=[rule])
     try:
         main(["calibrate", "cache", "--limit", "2", "--steps", "12"])

@@ -187,10 +187,12 @@ def load_cache_calibration(model: Any, path: str | Path | None = None) -> dict[s
     """The model's cache calibration (``path``, or the one saved for its hash); one line when missing
     or made for another model."""
     from ..eval.reference import model_hash
+    from ..shipped import model_name
 
     want = model_hash(model.path)
     p = Path(path) if path is not None else cache_calibration_path(want)
-    return read_artefact(p, "cache", VERSION, want, f"velodiff calibrate cache --model {model.path}")
+    hint = f"velodiff calibrate cache --model {model_name(model.path)}"
+    return read_artefact(p, "cache", VERSION, want, hint)
 
 
 def read_artefact(
