@@ -318,19 +318,22 @@ def test_help_fits_80_columns_with_an_example(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("columns", [80, 200])
-def test_plans_table_fits_the_terminal(monkeypatch, capsys, columns):
-    """`velodiff plans` lays its table out at the terminal's width, not a fixed one."""
+@pytest.mark.parametrize("command", [["plans"], ["solvers"], ["solvers", "--aliases"], ["models"]])
+def test_tables_fit_the_terminal(monkeypatch, capsys, columns, command):
+    """`velodiff plans`, `solvers` and `models` lay their tables out at the terminal's width, not a fixed
+    one, and fold long cells rather than cutting option names with '…'."""
     from velodiff import cli
 
     monkeypatch.setenv("COLUMNS", str(columns))
     cli._register()
     with pytest.raises(SystemExit) as done:
-        cli.main(["plans"])
+        cli.main(command)
     assert not done.value.code
     lines = capsys.readouterr().out.splitlines()
     table = [line for line in lines if line[:1] in "┃│┏┡└┗┣├"]
     assert table and max(len(line) for line in table) <= columns
-    assert columns == 80 or max(len(line) for line in table) > 160
+    assert "…" not in "\n".join(table)
+    assert columns == 80 or command == ["models"] or max(len(line) for line in table) > 160
 
 
 def test_new_early_errors_import_no_torch(tmp_path):

@@ -9,10 +9,10 @@ import typer
 
 def models() -> None:
     """List the shipped models and what each runs by default."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..shipped import SHIPPED, asset_path
+    from .options import print_table
 
     table = Table("name", "base", "solver", "steps", "guidance", "MB", "summary")
     for name, entry in SHIPPED.items():
@@ -29,7 +29,7 @@ def models() -> None:
             f"{size:.1f}",
             entry.summary,
         )
-    Console(width=200).print(table)
+    print_table(table)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -44,6 +44,20 @@ Dtype = Annotated[
     typer.Option(help="weights' precision: float32, float16 or bfloat16 (default: float32 on the CPU, "
                  "float16 on a GPU)"),
 ]
+
+
+def print_table(table: Any) -> None:
+    """Print a rich table at the terminal's width (COLUMNS first; 160 columns when piped to a file or
+    grep, so rows stay whole), folding long cells onto more lines instead of cutting them with '…';
+    the first column (the names) is never broken."""
+    import shutil
+
+    from rich.console import Console
+
+    for k, column in enumerate(table.columns):
+        column.overflow = "fold"
+        column.no_wrap = k == 0
+    Console(width=shutil.get_terminal_size((160, 24)).columns).print(table)
 
 
 def check_threads(value: int | None) -> int | None:

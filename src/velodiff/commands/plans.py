@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-
 import typer
 
 
 def plans() -> None:
     """List plan rules: name, what it costs, options (default, help). Write a plan as
     name[:key=value,...] joined by '+', e.g. ag:threshold=0.99+pag:scale=3."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..plan import format_value, rule_table
+    from .options import print_table
 
     table = Table("rule", "cost", "options (default)", "what it does", show_lines=True)
     for r in rule_table():
@@ -24,8 +22,7 @@ def plans() -> None:
             for o in r["options"]
         )
         table.add_row(r["name"], r["cost"], opts or "-", r["summary"])
-    # the terminal's width (COLUMNS first); piped to a file or grep, 160 columns so rows stay whole
-    Console(width=shutil.get_terminal_size((160, 24)).columns).print(table)
+    print_table(table)
     typer.echo("Plan string: name[:key=value,...] joined by '+', e.g. ag:threshold=0.99+pag:scale=3; "
                "'none' is the empty plan. 'run' defaults come from the run (--guidance).")
 

@@ -12,8 +12,9 @@ def solvers(
     ),
 ) -> None:
     """List solvers: name, order, NFE per step, noise, options."""
-    from rich.console import Console
     from rich.table import Table
+
+    from .options import print_table
 
     if aliases:
         from ..aliases import ALIASES
@@ -21,7 +22,7 @@ def solvers(
         table = Table("name", "from", "kind", "velodiff", "note")
         for a in ALIASES:
             table.add_row(a.name, a.source, a.kind, a.target(), a.note)
-        Console(width=200).print(table)
+        print_table(table)
         return
 
     from ..solvers import SOLVERS
@@ -32,7 +33,7 @@ def solvers(
         table.add_row(
             s.name, str(s.order), str(s.nfe_per_step), "yes" if s.stochastic else "no", opts, s.description
         )
-    Console(width=200).print(table)
+    print_table(table)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
