@@ -195,3 +195,21 @@ def test_commands_are_registered_once_per_process(capsys):
         counts.append((len(cli.app.registered_commands), len(cli.app.registered_groups)))
     assert counts[0] == counts[1], counts
     assert capsys.readouterr().out.count("  generate ") == 2  # one listing per call, each command once
+
+
+def test_load_in_python_is_quiet_and_leaves_logging_as_it_was():
+    """`velodiff.load` in a script: diffusers' import of torchao (installed with velodiff[quant]) printed
+    torchao's notes on GPU kernels and torch's enum deprecations; they stay below ERROR while the
+    family builds, and the loggers' levels are the user's again afterwards."""
+    p = run_python(
+        """
+        import logging
+        import velodiff
+        velodiff.load("default")
+        print([logging.getLogger(n).level for n in ("torchao", "torch.utils._pytree")])
+        """
+    )
+    assert p.returncode == 0, p.stderr
+    assert "Failed to load" not in p.stderr and "_pytree" not in p.stderr, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "[0, 0]"
+

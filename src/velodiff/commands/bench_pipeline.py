@@ -52,7 +52,9 @@ def bench_pipeline(
     from tqdm import tqdm
 
     from ..eval import pipeline_bench as pb
+    from .generate import quiet_libraries
 
+    quiet_libraries()
     if threads is not None:
         torch.set_num_threads(threads)
     names = _names(models, pb.MODELS, "model") or list(pb.MODELS)

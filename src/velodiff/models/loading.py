@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,26 @@ from ..errors import VelodiffError, unknown_name
 from ..shipped import SHIPPED, no_such_model, sampling_defaults, shipped_path
 from .base import FAMILIES, LoadedModel, families_by_priority, resolve_device, resolve_dtype
 from .weights import CONVERT_HINT, PICKLE_SUFFIXES, check_safetensors, safe_open
+
+
+@contextmanager
+def quiet_imports() -> Iterator[None]:
+    """While the families build (diffusers imports torchao when it is installed): torchao's notes on
+    its GPU-only kernels it cannot load here, and torch's deprecation lines about the enums it
+    registers, which no velodiff user asked for, stay below ERROR; the loggers' levels are restored."""
+    import logging
+
+    from ..accel.quantize import TORCHAO_LOGGERS
+
+    loggers = [logging.getLogger(n) for n in TORCHAO_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def offline() -> None:
@@ -177,7 +198,7 @@ def load(
     name = family or detect_family(source)
     if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction", "sample", "flow"):
         raise unknown_name("prediction type", prediction_type, ["epsilon", "v_prediction", "sample", "flow"])
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), quiet_imports():
         model = FAMILIES[name].build(
             source,
             dtype=torch_dtype,
