@@ -62,7 +62,7 @@ def test_help_and_early_errors_import_no_torch(tmp_path):
     errors = [
         ["generate", "a red circle", "--out", str(tmp_path / "x.png"), "--solver", "nope"],
         ["generate", "  ", "--out", str(tmp_path / "x.png")],
-        ["generate", "a red circle", "--out", str(tmp_path / "missing" / "x.png")],
+        ["generate", "a red circle", "--out", str(tmp_path / "missing" / "a" / "x.png")],
         ["generate", "a red circle", "--out", str(tmp_path / "x.gif")],
         ["generate", "a red circle", "--out", str(tmp_path / "x.png"), "--guidance", "-1"],
         ["generate", "a red circle", "--out", str(tmp_path / "x.png"), "--plan", "agg"],
@@ -71,7 +71,7 @@ def test_help_and_early_errors_import_no_torch(tmp_path):
         ["eval", "shapes", "--json", str(tmp_path / "r.json"), "--plan", "pag:scale=x"],
         ["generate-set", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "set")],
         ["generate-set", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "set"), "--solver", "nope"],
-        ["eval", "shapes", "--json", str(tmp_path / "missing" / "r.json")],
+        ["eval", "shapes", "--json", str(tmp_path / "missing" / "a" / "r.json")],
         ["report", str(tmp_path / "missing")],
     ]
     rows = probe(errors)
