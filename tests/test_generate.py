@@ -85,7 +85,7 @@ def test_existing_output_is_never_half_written(tmp_path, monkeypatch, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
 
 
-def test_bad_inputs_give_one_line(tmp_path, capsys):
+def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "o.png")
     not_utf8, bad_json = tmp_path / "latin1.txt", tmp_path / "bad.json"
     not_utf8.write_bytes(b"ag\n\xff\xfe cfg\n")
@@ -124,10 +124,18 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         (["distill", "dmd", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"), "--guidance", "inf"],
          "--guidance must be a finite number >= 0"),
         # every output checked before the work: nothing written, nothing replaced
-        (["erase", "--concept", "triangle", "--out", str(kept), "--json", str(tmp_path / "no/a/e.json")],
+        (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--json", str(tmp_path / "no/a/j")],
          "'" + str(tmp_path / "no") + "' does not exist"),
         (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--markdown", str(kept)], "is a folder"),
+        # a model is written by replacing its folder: never a folder of the user's own files
+        (["erase", "--concept", "triangle", "--out", str(kept)], "holds files that are not a model"),
+        (["distill", "guided", "--out", str(kept), "--run", str(tmp_path / "r")], "not a model"),
+        (["train", "export", "--vae", "v", "--ldm", "l", "--out", str(kept)], "not a model"),
+        (["erase", "--concept", "triangle", "--out", ".."], "the current folder or one above it"),
+        (["distill", "lcm", "--out", ".", "--run", str(tmp_path / "r")], "the current folder or one above"),
     ]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # '..' is tmp_path, which holds everything above
     for args, needle in cases:
         code, _, err = run_cli(capsys, *args)
         assert code == 2, (args, err)

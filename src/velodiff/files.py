@@ -58,6 +58,27 @@ def output_file(path: Path, what: str, example: str = "") -> Path:
     return path
 
 
+def check_model_out(out: Path, what: str = "--out") -> Path:
+    """A folder a command writes a model into, checked before any work. Writing the model replaces the
+    folder whole, so it must be absent, empty, or a model folder (``model_index.json``) from an
+    earlier run; a file, a folder holding anything else, or the current folder or one above it is
+    refused in one line (``--out ..`` emptied the user's folder). Its parent is made as
+    :func:`make_parent` does."""
+    p = Path(out)
+    here = Path.cwd().resolve()
+    if p.resolve() == here or p.resolve() in here.parents:
+        raise VelodiffError(f"{what} {str(p)!r} is the current folder or one above it; give a new folder")
+    if p.exists():
+        if not p.is_dir():
+            raise VelodiffError(f"{what} {str(p)!r} is a file; give a folder")
+        if any(p.iterdir()) and not (p / "model_index.json").is_file():
+            raise VelodiffError(
+                f"{what} {str(p)!r} holds files that are not a model, which writing the model would "
+                "replace; give a new or empty folder"
+            )
+    return make_parent(p, what)
+
+
 #: the suffix of temporary files (a set folder's resume removes stale ones: ``.*.tmp``)
 TEMP_SUFFIX = ".tmp"
 

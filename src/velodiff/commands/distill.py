@@ -31,8 +31,10 @@ def loop_config(
 
     from ..train.loop import LoopConfig
 
-    if out is not None and out.exists() and not out.is_dir():
-        raise VelodiffError(f"--out {str(out)!r} is a file; give a folder")
+    if out is not None:
+        from ..files import check_model_out
+
+        check_model_out(out)
     for name, value in (("--lr", lr), ("--max-minutes", max_minutes)):
         if value is not None and not 0 < value < math.inf:
             raise VelodiffError(f"{name} must be a finite number > 0, got {value}")

@@ -62,8 +62,9 @@ def erase_cmd(
     tpl = [t.strip() for t in templates.split("|") if t.strip()] if templates is not None else None
     if tpl is not None and (not tpl or any("{concept}" not in t for t in tpl)):
         raise VelodiffError("every --templates entry needs {concept}, e.g. 'a photo of a {concept}'")
-    if out.exists() and not out.is_dir():
-        raise VelodiffError(f"--out {str(out)!r} is a file; give a folder")
+    from ..files import check_model_out
+
+    check_model_out(out)
     if json_out is not None:  # checked before the model is written
         from .generate import check_output_file
 

@@ -156,8 +156,12 @@ def ldm(
     quiet: bool = typer.Option(False),
 ) -> None:
     """Train the UNet and the CLIP text encoder from scratch on the autoencoder's latents."""
+    from ..files import check_model_out
     from ..train.loop import LoopConfig
     from ..train.trainer import LDMConfig, train_ldm
+
+    if out is not None:
+        check_model_out(out)  # before the training, not after
 
     device = _threads(threads, device)
     cfg = LoopConfig(
@@ -202,6 +206,8 @@ def export(
     ),
 ) -> None:
     """Write the latest checkpoint as a diffusers Stable Diffusion folder (safetensors)."""
+    from ..files import check_model_out
     from ..train.export import export_model
 
+    check_model_out(out)
     typer.echo(f"exported {export_model(vae, ldm, out, ema=not raw, half=half)}")

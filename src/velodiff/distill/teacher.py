@@ -60,7 +60,11 @@ def training_data(
 def save_student(teacher: Path, unet: Any | None, out: Path, sampling: dict[str, Any], card: str) -> Path:
     """A diffusers folder: the teacher's components with the student's UNet (float32 safetensors) and
     its own sampling defaults (``unet=None``: the teacher's UNet files as they are, e.g. under a LoRA).
-    Written to a sibling and swapped in."""
+    Written to a sibling and swapped in; ``out`` must be new, empty or a model folder
+    (``files.check_model_out``)."""
+    from ..files import check_model_out
+
+    out = check_model_out(Path(out), "the student's folder")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(teacher, tmp)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..default_model import PIPELINE_CLASS, scheduler_config, write_tokenizer
+from ..files import check_model_out
 from .loop import load_run_weights, run_meta
 from .trainer import build_models, load_vae
 
@@ -63,7 +64,7 @@ def export_model(
     unet, text = build_models(size)
     unet.load_state_dict(load_run_weights(ldm_run, "unet", ema))
     text.load_state_dict(load_run_weights(ldm_run, "text_encoder", ema))
-    out = Path(out)
+    out = check_model_out(Path(out), "the model folder")
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
