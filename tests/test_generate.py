@@ -127,6 +127,11 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--json", str(tmp_path / "no/a/j")],
          "'" + str(tmp_path / "no") + "' does not exist"),
         (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--markdown", str(kept)], "is a folder"),
+        (["generate", "a red circle", "--out", out, "--plan", "nfe=999999999"], "must be in [1, 1000]"),
+        (["generate", "a red circle", "--out", out, "--plan", "@/dev/zero"], "is not a regular file"),
+        (["generate", "a \udcff red circle", "--out", out], "is not UTF-8 text"),  # argv's bad bytes
+        (["generate", "a red circle", "--out", out, "--noise", "torch", "--seed", str(10**23)],
+         "outside torch's seed range"),
         # a model is written by replacing its folder: never a folder of the user's own files
         (["erase", "--concept", "triangle", "--out", str(kept)], "holds files that are not a model"),
         (["distill", "guided", "--out", str(kept), "--run", str(tmp_path / "r")], "not a model"),

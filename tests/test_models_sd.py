@@ -388,6 +388,10 @@ def test_generation_errors(models):
     m = models["sd1"]
     with pytest.raises(VelodiffError, match="multiples of 2"):
         text2img(m, PROMPT, height=15, steps=1)
+    with pytest.raises(VelodiffError, match=r"height must be a number of pixels in \[1, 8192\], got 0"):
+        text2img(m, PROMPT, height=0, steps=1)  # not the model's default size
+    with pytest.raises(VelodiffError, match="is not UTF-8 text"):
+        text2img(m, "a \udcff cube", steps=1)
     with pytest.raises(VelodiffError, match="empty"):
         text2img(m, "  ", steps=1)
     with pytest.raises(VelodiffError, match="no prompt"):

@@ -94,6 +94,8 @@ LONG = "red " * 100
         ({"prompt": "a red circle", "layout": "red circle: 0,0,2,1"}, "must satisfy"),
         ({"prompt": "a red circle", "layout": "red circle: /etc/hostname"}, "four numbers"),  # no paths
         ({"prompt": "x", "plan": "@/etc/hostname"}, "reads no plan file"),  # nor plan files
+        ({"prompt": "x", "plan": "steps=500"}, "steps must be between 1 and 200"),  # a plan's steps too
+        ({"prompt": "x", "width": 0}, "not a positive multiple"),  # 0 is not "the default"
     ],
 )
 def test_bad_input_is_one_line_4xx_and_the_server_goes_on(server, body, needle):

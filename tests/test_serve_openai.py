@@ -61,6 +61,7 @@ def test_url_response_and_size(server):
         ({"size": "63x64"}, "not a positive multiple of 4"),
         ({"n": 50}, "n must be between 1 and 8"),
         ({"size": "big"}, "WIDTHxHEIGHT"),
+        ({"size": "0x0"}, "not a positive multiple"),
     ],
 )
 def test_openai_errors_reach_the_client_as_bad_requests(server, kw, needle):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class VelodiffError(Exception):
@@ -16,3 +17,17 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> VelodiffError:
     near = difflib.get_close_matches(str(name), valid, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
     return VelodiffError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}{hint}")
+
+
+def check_text(texts: Any, what: str) -> None:
+    """Refuse text that is not valid Unicode (a command-line argument with bytes that are not UTF-8
+    reaches Python as lone surrogates, which the tokenizers reject with a TypeError)."""
+    for t in [texts] if isinstance(texts, str) else list(texts or []):
+        if isinstance(t, str):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise VelodiffError(
+                    f"the {what} {t.encode('utf-8', 'replace').decode()!r} is not UTF-8 text "
+                    f"(character {e.start})"
+                ) from None

@@ -136,9 +136,19 @@ def save_image_atomic(image: Any, path: str | os.PathLike[str], fmt: str | None 
     _write_with(path, lambda f: image.save(f, format=fmt))
 
 
+#: the largest text file a user hands a command (prompt lists, plans, sweeps, labels)
+MAX_TEXT_BYTES = 256 << 20
+
+
 def read_text(path: str | os.PathLike[str], what: str) -> str:
-    """A user's UTF-8 text file, or one line naming the file and what is wrong with it."""
+    """A user's UTF-8 text file, or one line naming the file and what is wrong with it. Only a regular
+    file of at most ``MAX_TEXT_BYTES`` is read (``--plan @/dev/zero`` read until memory ran out; a
+    FIFO would wait for ever)."""
     p = Path(path).expanduser()
+    if p.exists() and not p.is_file():
+        raise VelodiffError(f"the {what} {str(p)!r} is not a regular file")
+    if p.is_file() and p.stat().st_size > MAX_TEXT_BYTES:
+        raise VelodiffError(f"the {what} {str(p)!r} is larger than {MAX_TEXT_BYTES >> 20} MB")
     try:
         data = p.read_bytes()
     except OSError as e:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import VelodiffError, unknown_name
+from .limits import MAX_STEPS
 
 if TYPE_CHECKING:  # torch loads with the first evaluation, so plan strings parse without it (CLI errors)
     from torch import Tensor
@@ -322,8 +323,8 @@ def parse_setting(text: str) -> tuple[str, Any]:
         raise VelodiffError(f"plan setting {key}={raw!r}: not {what}") from None
     if kind is str and not value:
         raise VelodiffError(f"plan setting {key!r} is empty")
-    if key in ("steps", "nfe") and value < 1:
-        raise VelodiffError(f"plan setting {key} must be >= 1, got {value}")
+    if key in ("steps", "nfe") and not 1 <= value <= MAX_STEPS:
+        raise VelodiffError(f"plan setting {key} must be in [1, {MAX_STEPS}], got {value}")
     if key == "guidance" and not (math.isfinite(value) and value >= 0):
         raise VelodiffError(f"plan setting guidance must be >= 0, got {raw}")
     if key == "solver":

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import VelodiffError
+from ..errors import VelodiffError, check_text
 
 #: (samples per candidate by the end of the round, candidates kept after it)
 ROUNDS: tuple[tuple[int, int], ...] = ((4, 6), (16, 2), (48, 1))
@@ -80,6 +80,7 @@ def _van_der_corput(n: int) -> list[float]:
 
 def check_labels(labels: Sequence[str]) -> list[str]:
     labels = [str(s).strip() for s in labels]
+    check_text(labels, "candidate label")
     if not labels or not any(labels):
         raise VelodiffError(
             'no candidate labels; give at least two, e.g. --labels "a red circle,a blue square"'

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..denoisers import Cond
-from ..errors import VelodiffError, unknown_name
+from ..errors import VelodiffError, check_text, unknown_name
 from ..grids import make_grid
 from ..guidance import ClassifierFreeGuidance, GuidanceRescale, GuidedCond
 from ..noise import BrownianNoise, GaussianNoise, randn
@@ -94,6 +94,8 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], mode: str = "velodif
     if mode == "velodiff":
         return torch.cat([randn((1, *shape[1:]), s) for s in seeds])
     if mode == "torch":
+        if not -(2**63) <= int(seeds[0]) < 2**64:  # what a torch.Generator takes (64 bits, either sign)
+            raise VelodiffError(f"seed {seeds[0]} is outside torch's seed range [-2**63, 2**64)")
         return torch.randn(shape, generator=torch.Generator().manual_seed(int(seeds[0])), dtype=torch.float32)
     raise unknown_name("noise mode", mode, NOISE_MODES)
 
@@ -426,6 +428,8 @@ def finish(model: Any, res: Any, setup: Setup, seeds: list[int], output: str, ts
 def prepare_cond(
     model: Any, prompts: list[str], negative: Any, guided: bool, height: int, width: int
 ) -> Cond:
+    check_text(prompts, "prompt")
+    check_text(negative, "negative prompt")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         return model.encode_prompt(prompts, negative, guided=guided, height=height, width=width)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import VelodiffError
+from ..limits import MAX_SIDE
 from ..noise import prior_sample
 from .common import (
     GenerationResult,
@@ -34,8 +35,11 @@ def text2img(
     seeds, negative, output, ...)."""
     opts = Sampling.of("text2img", options)
     ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), opts.seeds)
-    h = int(height or model.default_size[0])
-    w = int(width or model.default_size[1])
+    h = int(height if height is not None else model.default_size[0])  # 0 is refused, not the default
+    w = int(width if width is not None else model.default_size[1])
+    for what, v in (("height", h), ("width", w)):
+        if not 0 < v <= MAX_SIDE:
+            raise VelodiffError(f"{what} must be a number of pixels in [1, {MAX_SIDE}], got {v}")
     shape = model.latent_shape(len(ps), h, w)
     setup = make_setup(model, opts, size=(h, w))
     if opts.latents is None:

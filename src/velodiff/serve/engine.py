@@ -130,8 +130,8 @@ class Engine:
             raise VelodiffError(f"n must be between 1 and {self.max_n} (this server's bound), got {req.n}")
         name = req.model or self.served
         m, defaults = self.model(name)
-        h = int(req.height or m.default_size[0])
-        w = int(req.width or m.default_size[1])
+        h = int(req.height if req.height is not None else m.default_size[0])  # 0 is refused, not the default
+        w = int(req.width if req.width is not None else m.default_size[1])
         f = m.vae_scale_factor
         for what, v in (("width", w), ("height", h)):
             if v <= 0 or v % f:
@@ -143,7 +143,12 @@ class Engine:
             raise VelodiffError(
                 f"{w}x{h} is more than this server's bound of {self.max_pixels} pixels per image"
             )
+        if req.plan and req.plan.strip().startswith("@"):  # Plan.parse would read a file of the server's
+            raise VelodiffError("the server reads no plan file (@FILE); send the plan string itself")
+        parsed = Plan.parse(req.plan) if req.plan else None
         steps = req.steps if req.steps is not None else defaults.get("steps", m.default_steps)
+        fixed = parsed.settings if parsed is not None else {}
+        steps = fixed.get("steps", fixed.get("nfe", steps))  # what the plan sets, the run does
         if not 1 <= int(steps) <= self.max_steps:
             raise VelodiffError(f"steps must be between 1 and {self.max_steps}, got {steps}")
         solver = req.solver or defaults.get("solver") or m.default_solver
@@ -155,9 +160,7 @@ class Engine:
         )
         if not 0 <= guidance <= 100:
             raise VelodiffError(f"guidance must be in [0, 100], got {guidance}")
-        if req.plan and req.plan.strip().startswith("@"):  # Plan.parse would read a file of the server's
-            raise VelodiffError("the server reads no plan file (@FILE); send the plan string itself")
-        plan = str(Plan.parse(req.plan)) if req.plan else None
+        plan = str(parsed) if parsed is not None else None
         for what, text in (("prompt", req.prompt), ("negative prompt", req.negative)):
             if text:
                 self.check_tokens(m, what, text)
