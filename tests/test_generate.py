@@ -132,6 +132,10 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["generate", "a \udcff red circle", "--out", out], "is not UTF-8 text"),  # argv's bad bytes
         (["generate", "a red circle", "--out", out, "--noise", "torch", "--seed", str(10**23)],
          "outside torch's seed range"),
+        # two of a command's files that are one: the last write replaced the other
+        (["bench", "solvers", "--json", str(tmp_path / "b.md")], "--json and --markdown are the same file"),
+        (["eval", "shapes", "--json", str(tmp_path / "e.md")], "--json and --markdown are the same file"),
+        (["invert", str(tmp_path / "x.png"), "--prompt", "red", "--json", out, "--out", out], "same file"),
         # a model is written by replacing its folder: never a folder of the user's own files
         (["erase", "--concept", "triangle", "--out", str(kept)], "holds files that are not a model"),
         (["distill", "guided", "--out", str(kept), "--run", str(tmp_path / "r")], "not a model"),

@@ -219,5 +219,7 @@ def test_eval_manifest_partial_set_and_missing_weights(reference, tmp_path, caps
     assert "Inception" in line
     line = one_error_line(capsys, "eval", "--manifest", str(part), "--clip", str(tmp_path / "clip"))
     assert "CLIP" in line
+    line = one_error_line(capsys, "eval", "--manifest", str(part), "--json", str(part / "manifest.json"))
+    assert "is inside the set" in line  # it replaced the set's manifest, and the set was lost
     assert sorted(p.name for p in part.rglob("*")) == before
     assert "not a folder made by" in one_error_line(capsys, "eval", "--manifest", str(tmp_path / "nope"))

@@ -79,6 +79,20 @@ def check_model_out(out: Path, what: str = "--out") -> Path:
     return make_parent(p, what)
 
 
+def distinct_files(**paths: Path | None) -> None:
+    """Refuse, before any work, two of a command's files that are one file (``--json r.md`` when the
+    markdown goes beside it as ``r.md``; an output over the command's own input): the last write
+    silently replaced the other. Keyword names are the options, as the message says them."""
+    seen: dict[Path, str] = {}
+    for name, p in paths.items():
+        if p is None:
+            continue
+        key = Path(p).expanduser().resolve()
+        if key in seen:
+            raise VelodiffError(f"{seen[key]} and {name} are the same file {str(p)!r}; give each its own")
+        seen[key] = name
+
+
 #: the suffix of temporary files (a set folder's resume removes stale ones: ``.*.tmp``)
 TEMP_SUFFIX = ".tmp"
 

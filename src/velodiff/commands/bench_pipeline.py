@@ -60,6 +60,9 @@ def bench_pipeline(
     names = _names(models, pb.MODELS, "model") or list(pb.MODELS)
     json_path = _output(json_path, "--json")
     md_path = _output(markdown or json_path.with_suffix(".md"), "--markdown")
+    from ..files import distinct_files
+
+    distinct_files(**{"--json": json_path, "--markdown": md_path})
     cache.mkdir(parents=True, exist_ok=True)
     folders = pb.model_folders(names, cache)
     skipped = [n for n in names if n not in folders]

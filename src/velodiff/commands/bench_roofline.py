@@ -55,6 +55,8 @@ def bench_roofline(
     if not batches or min(batches) < 1:
         raise VelodiffError(f"--batch must list positive integers, got {batch!r}")
     json_path = _output(json_path, "--json")
+    if json_path.suffix.lower() == ".md":
+        raise VelodiffError(f"--json {str(json_path)!r}: the markdown table goes beside it as .md; use .json")
     quiet_libraries()
     from ..models.base import resolve_device
 

@@ -115,9 +115,12 @@ def bench_solvers(
     if not shape or min(shape) < 1:
         raise VelodiffError(f"--image-shape takes sizes joined by 'x', e.g. 3x8x8; got {image_shape!r}")
 
+    from ..files import distinct_files
+
     json_path = _output(json_path, "--json")
     md_path = _output(markdown or json_path.with_suffix(".md"), "--markdown")
     png_path = _output(plot or json_path.with_suffix(".png"), "--plot")
+    distinct_files(**{"--json": json_path, "--markdown": md_path, "--plot": png_path})
 
     torch.set_num_threads(threads)
     oracles = sb.make_oracles(datas, samples, image_samples, shape, seed)

@@ -197,9 +197,12 @@ def shapes(
 
     markdown = markdown or json_out.with_suffix(".md")
     sheet = sheet or json_out.with_suffix(".png")
+    from ..files import distinct_files
+
     for p in (json_out, markdown):  # every output, before the run: a failed write must not come last
         check_output_file(p)
     check_output_path(sheet)
+    distinct_files(**{"--json": json_out, "--markdown": markdown, "--sheet": sheet})
     from ..eval.shapes_eval import evaluate, load_prompts
 
     try:

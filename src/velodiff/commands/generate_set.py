@@ -150,13 +150,18 @@ def eval_manifest_cmd(
         typer.echo(ctx.get_help())
         return
     from ..eval.set_metrics import evaluate_set
+    from ..files import output_file, write_atomic
 
+    if json_out is not None:  # before the metrics; never inside a set (its manifest, its images)
+        output_file(json_out, "--json")
+        for folder in (manifest, reference):
+            if folder is not None and folder.resolve() in json_out.resolve().parents:
+                raise VelodiffError(
+                    f"--json {str(json_out)!r} is inside the set {str(folder)!r}; write it elsewhere"
+                )
     result = evaluate_set(manifest, real=real, features=features, clip=clip, reference=reference)
     text = json.dumps(result, indent=1)
     if json_out is not None:
-        from ..files import output_file, write_atomic
-
-        output_file(json_out, "--json")
         write_atomic(json_out, (text + "\n").encode())
     typer.echo(text)
 

@@ -76,11 +76,13 @@ def invert_cmd(
         raise VelodiffError("nothing to write: give --json and/or --out")
     run = ImageRun.of(locals())
     run.check()
-    fmt = None
-    if out is not None:
-        from .generate import check_output_path
+    from ..files import distinct_files, output_file
+    from .generate import check_output_path
 
-        fmt = check_output_path(out)
+    fmt = check_output_path(out) if out is not None else None
+    if json_out is not None:
+        output_file(json_out, "--json")  # before the inversion, not after
+    distinct_files(IMAGE=image, **{"--json": json_out, "--out": out})
     picture = read_image(image).convert("RGB")
     run.load()
     size = fit_size(run, picture)
