@@ -11,3 +11,7 @@ MAX_IMAGES_PER_PROMPT = 1000
 MAX_SET_IMAGES_PER_PROMPT = 100_000
 #: the most timed runs a measurement repeats
 MAX_RUNS = 1000
+#: the most samples (images, mixture points, training examples) in one batch
+MAX_BATCH = 65_536
+#: the most elements of one sample of the solver bench's image mixture
+MAX_SAMPLE_ELEMENTS = 1 << 20

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from ..limits import MAX_BATCH, MAX_STEPS
 from .options import check_threads, example
 
 
@@ -23,7 +24,7 @@ def bench_roofline(
     model: Annotated[str | None, typer.Option(help="a shipped name or a model path")] = None,
     plans: Annotated[str, typer.Option(help="';'-separated plans ('none': no plan)")] = "none;compile",
     batch: Annotated[str, typer.Option(help="comma list of images per call")] = "1,8",
-    steps: Annotated[int, typer.Option(min=1, help="sampling steps per timed run")] = 10,
+    steps: Annotated[int, typer.Option(min=1, max=MAX_STEPS, help="sampling steps per timed run")] = 10,
     rounds: Annotated[
         int, typer.Option(min=1, help="timed runs per plan (alternating, after a warm-up)")
     ] = 7,
@@ -52,8 +53,8 @@ def bench_roofline(
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise VelodiffError(f"--batch must be a comma list of integers, got {batch!r}") from None
-    if not batches or min(batches) < 1:
-        raise VelodiffError(f"--batch must list positive integers, got {batch!r}")
+    if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
+        raise VelodiffError(f"--batch must list integers in [1, {MAX_BATCH}], got {batch!r}")
     json_path = _output(json_path, "--json")
     if json_path.suffix.lower() == ".md":
         raise VelodiffError(f"--json {str(json_path)!r}: the markdown table goes beside it as .md; use .json")

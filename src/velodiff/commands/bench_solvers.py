@@ -7,6 +7,7 @@ See ``velodiff.eval.solver_bench`` for what is measured and how."""
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated
 import typer
 
 from ..files import write_atomic
+from ..limits import MAX_BATCH, MAX_SAMPLE_ELEMENTS, MAX_STEPS
 from .options import check_threads
 
 DEFAULT_JSON = Path("out/bench_solvers.json")
@@ -41,8 +43,8 @@ def _ints(value: str, option: str) -> list[int]:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise VelodiffError(f"{option} takes comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise VelodiffError(f"{option} takes comma-separated integers >= 1, got {value!r}")
+    if not out or min(out) < 1 or max(out) > MAX_STEPS:
+        raise VelodiffError(f"{option} takes comma-separated integers in [1, {MAX_STEPS}], got {value!r}")
     return sorted(set(out))
 
 
@@ -77,8 +79,12 @@ def bench_solvers(
     solvers: Annotated[str | None, typer.Option(help="comma-separated (default: all deterministic)")] = None,
     grids: Annotated[str | None, typer.Option(help="comma-separated (default: all but duplicates)")] = None,
     nfe: Annotated[str, typer.Option(help="comma-separated NFE budgets")] = "3,4,5,6,8,10,12,15,20",
-    samples: Annotated[int, typer.Option(min=1, help="starting samples of the 2-D mixture")] = 512,
-    image_samples: Annotated[int, typer.Option(min=1, help="starting samples of the image mixture")] = 64,
+    samples: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH, help="starting samples of the 2-D mixture")
+    ] = 512,
+    image_samples: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH, help="starting samples of the image mixture")
+    ] = 64,
     image_shape: Annotated[str, typer.Option(help="shape of the image mixture, CxHxW")] = "3x8x8",
     data: Annotated[str, typer.Option(help="which mixtures: 2d, image")] = "2d,image",
     schedulers: Annotated[str, typer.Option(help="diffusers schedulers, comma-separated, or 'none'")] = (
@@ -112,8 +118,11 @@ def bench_solvers(
         shape = tuple(int(v) for v in image_shape.lower().split("x"))
     except ValueError:
         shape = ()
-    if not shape or min(shape) < 1:
-        raise VelodiffError(f"--image-shape takes sizes joined by 'x', e.g. 3x8x8; got {image_shape!r}")
+    if not shape or min(shape) < 1 or math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+        raise VelodiffError(
+            f"--image-shape takes sizes joined by 'x' (at most {MAX_SAMPLE_ELEMENTS} elements), e.g. 3x8x8; "
+            f"got {image_shape!r}"
+        )
 
     from ..files import distinct_files
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
-from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS
+from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS
 from . import options as o
 from .options import THREADS_HELP, check_threads
 
@@ -46,7 +46,9 @@ def bench_sweep(
     metrics: str = typer.Option(None, "--metrics",
                                 help="comma list of shapes,fd,reference,clip [default: all that apply]"),
     reference_solver: str = typer.Option(None, "--reference-solver", help="[default: dpmpp_3m]"),
-    reference_steps: int = typer.Option(None, "--reference-steps", min=1, help="[default: 100]"),
+    reference_steps: int = typer.Option(
+        None, "--reference-steps", min=1, max=MAX_STEPS, help="[default: 100]"
+    ),
     fd_features: str = typer.Option(None, "--fd-features",
                                     help="'fd-shapes' or an Inception TorchScript file for FID"),
     clip: Path = typer.Option(None, "--clip", help="local CLIP folder (transformers) for CLIP score"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from ..limits import MAX_STEPS
 from . import options as o
 
 calibrate_app = typer.Typer(no_args_is_help=True)
@@ -105,7 +106,9 @@ def calibrate_solver(
     seed: int = typer.Option(1000, "--seed", help="seed of the first image"),
     max_runs: int = typer.Option(20, "--max-runs", min=1, help="runs of each grid descent"),
     objective: str = typer.Option("geomean", "--objective", help="geomean (of each image's MSE) or mse"),
-    reference_steps: int = typer.Option(200, "--reference-steps", min=10, help="steps of the reference"),
+    reference_steps: int = typer.Option(
+        200, "--reference-steps", min=10, max=MAX_STEPS, help="steps of the reference"
+    ),
     out: Path | None = typer.Option(None, "--out", help="write the artefact here instead of the cache"),
     beside_model: bool = typer.Option(False, "--beside-model", help="write it beside the model (it travels)"),
     threads: o.Threads = None,
@@ -118,6 +121,8 @@ def calibrate_solver(
         nfes = [int(v) for v in nfe.split(",") if v.strip()]
     except ValueError:
         raise VelodiffError(f"--nfe takes integers separated by commas, got {nfe!r}") from None
+    if nfes and max(nfes) > MAX_STEPS:
+        raise VelodiffError(f"--nfe {max(nfes)} is more than {MAX_STEPS}")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     solver_list = [s.strip() for s in solvers.split(",") if s.strip()]
     from .names import check_solver

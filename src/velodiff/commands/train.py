@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from ..limits import MAX_BATCH
 from .options import check_threads, example
 
 train_app = typer.Typer(
@@ -51,7 +52,7 @@ def autoencoder(
         ..., help="run folder (checkpoints, loss.csv); resumes when it has a checkpoint"
     ),  # noqa: B008
     steps: int = typer.Option(600, min=1),
-    batch: int = typer.Option(16, min=1),
+    batch: int = typer.Option(16, min=1, max=MAX_BATCH),
     lr: float = typer.Option(1e-3, min=0.0),
     warmup: int = typer.Option(50, min=0),
     kl_weight: float = typer.Option(1e-6, min=0.0),
@@ -129,7 +130,7 @@ def ldm(
         ..., help="run folder (checkpoints, loss.csv); resumes when it has a checkpoint"
     ),  # noqa: B008
     steps: int = typer.Option(3000, min=1),
-    batch: int = typer.Option(32, min=1),
+    batch: int = typer.Option(32, min=1, max=MAX_BATCH),
     lr: float = typer.Option(5e-4, min=0.0),
     warmup: int = typer.Option(200, min=0),
     prediction: str = typer.Option("v_prediction", help="epsilon or v_prediction"),

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import VelodiffError, unknown_name
 from ..files import read_text, write_atomic
-from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS
+from ..limits import MAX_BATCH, MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS
 from . import tables
 
 RESULTS = "results.json"
@@ -193,7 +193,8 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
     for k in ("repeat", "batch", "images_per_prompt", "reference_steps", "fd_real_per_prompt"):
         if int(getattr(s, k)) < 1:
             raise VelodiffError(f"{k} must be >= 1")
-    for k, most in (("repeat", MAX_RUNS), ("images_per_prompt", MAX_IMAGES_PER_PROMPT)):
+    for k, most in (("repeat", MAX_RUNS), ("images_per_prompt", MAX_IMAGES_PER_PROMPT),
+                    ("reference_steps", MAX_STEPS), ("batch", MAX_BATCH)):
         if int(getattr(s, k)) > most:
             raise VelodiffError(f"{k} {getattr(s, k)} is more than {most}")
     return s
