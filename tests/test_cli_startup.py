@@ -168,6 +168,10 @@ def test_console_exit_keeps_code_output_and_atexit(tmp_path, argv, code, stream,
     # more threads than CPUs: 100 000 crashed the OpenMP runtime (a segmentation fault)
     (["generate", "x", "--threads", str((os.cpu_count() or 1) + 1)], "error: Invalid value for '--threads'"),
     (["train", "ldm", "--threads", "100000"], "error: Invalid value for '--threads'"),
+    # counts that allocated until memory ran out (velodiff.limits)
+    (["bench", "solvers", "--samples", "100000000000"], "error: Invalid value for '--samples'"),
+    (["train", "autoencoder", "--run", "r", "--batch", "100000000"], "error: Invalid value for '--batch'"),
+    (["eval", "shapes", "--images-per-prompt", "1000000000"], "error: Invalid value for '--images-per"),
 ])
 def test_usage_errors_print_one_line(capsys, argv, text):
     """click's usage errors (bad values, missing or unknown options and commands) print one line, as
