@@ -461,3 +461,28 @@ def test_bundled_single_file_configs(tmp_path, monkeypatch):
         assert abs(sum(p.numel() for p in unet.parameters()) / 1e6 - millions) < 1.0
         assert (folder / "tokenizer" / "tokenizer.json").is_file()
     assert published_folder("sdxl") == folder  # written once
+
+
+def test_a_damaged_model_folder_is_one_line(tmp_path):
+    """A folder missing its tokenizer (transformers built an empty one: a 10 000-token ValueError at the
+    first prompt) or with a config value the class cannot build from (an IndexError deep in diffusers)
+    is refused when it loads, naming the component."""
+    import json
+    import shutil
+
+    from velodiff.default_model import default_model_path
+
+    src = default_model_path()
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(src, no_tok)
+    shutil.rmtree(no_tok / "tokenizer")
+    with pytest.raises(VelodiffError, match="cannot load tokenizer/ .* the folder is missing"):
+        load(no_tok)
+    bad_vae = tmp_path / "bad-vae"
+    shutil.copytree(src, bad_vae)
+    cfg = json.loads((bad_vae / "vae" / "config.json").read_text())
+    cfg["block_out_channels"] = []
+    (bad_vae / "vae" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(VelodiffError, match="cannot load vae/ from"):
+        load(bad_vae)
+

@@ -42,6 +42,8 @@ SD2_TEXT_KEY = "cond_stage_model.model.transformer.resblocks."
 def load_clip_tokenizer(path: Path, subfolder: str = "tokenizer", max_length: int | None = None) -> Any:
     from transformers import CLIPTokenizer
 
+    if not (Path(path) / subfolder).is_dir():  # transformers would build an empty tokenizer instead
+        raise VelodiffError(f"cannot load {subfolder}/ from {path}: the folder is missing")
     tok = from_pretrained(CLIPTokenizer, path, subfolder, weights=False)
     if max_length is not None:
         tok.model_max_length = max_length

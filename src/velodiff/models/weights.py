@@ -93,7 +93,8 @@ def from_pretrained(cls: Any, path: str | os.PathLike[str], subfolder: str | Non
         kwargs["subfolder"] = subfolder
     try:
         return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged folder fails in the libraries in many ways
+        # (a config's bad value: IndexError, a dataclass validation error; a broken vocab: Exception)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         what = f"{subfolder}/" if subfolder else "the model"
         raise VelodiffError(f"cannot load {what} from {path}: {msg}") from None
