@@ -122,6 +122,23 @@ def test_lora_round_trip_through_the_folder_and_the_lora_option(tmp_path) -> Non
     assert not getattr(fused, "peft_config", None)
     assert not any("lora_" in k for k in fused.state_dict())
     torch.testing.assert_close(_unet_out(fused), expected, rtol=1e-4, atol=1e-4)
+    # an adapter without its lora_B halves loaded and changed nothing; a bad target pattern raised re.error
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half"
+    shutil.copytree(folder / "lora", half)
+    state = load_file(half / "adapter_model.safetensors")
+    save_file({k: v for k, v in state.items() if "lora_B" not in k}, half / "adapter_model.safetensors")
+    with pytest.raises(VelodiffError, match="is incomplete: it has no .*lora_B"):
+        velodiff.load("default", lora=half)
+    bad = tmp_path / "bad-pattern"
+    shutil.copytree(folder / "lora", bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": "("}))
+    with pytest.raises(VelodiffError, match="does not fit"):
+        velodiff.load("default", lora=bad)
 
 
 def test_lora_for_another_architecture_is_one_line(tmp_path, capsys) -> None:

@@ -62,6 +62,9 @@ def test_plan_strings_canonical_and_errors():
         ("feature_change+feature_change", "plan rules 'feature_change' and 'feature_change' are both the"),
         ("linear_ag:every=1", "plan rule 'linear_ag' option 'every' must be in [2, 1000], got 1"),
         ("cfg:scale=nan", "plan rule 'cfg' option 'scale' must be finite"),
+        ("pag:applied_layers=mid|[", "plan rule 'pag' option 'applied_layers': '[' is not a regular expr"),
+        ("feature_change:blocks=(", "plan rule 'feature_change' option 'blocks': '(' is not a regular"),
+        ("steps=100000000+ag", "plan setting steps must be in [1, 1000], got 100000000"),
     ]:
         with pytest.raises(VelodiffError) as e:
             Plan.parse(bad)

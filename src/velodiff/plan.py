@@ -28,6 +28,7 @@ NFE, and as many network-sample evaluations per image as there are branches.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -158,6 +159,8 @@ class Option:
     hi: float | None = None
     choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    #: a tuple of regular expressions (layer or block names), each checked to compile
+    patterns: bool = False
 
 
 class Accelerator:
@@ -264,6 +267,11 @@ def check_option(rule: str, key: str, opt: Option, value: Any) -> Any:
             raise VelodiffError(f"{where} must be in [{lo}, {hi}], got {value:g}")
     if opt.choices and value not in opt.choices:
         raise unknown_name(f"value of {where}", str(value), opt.choices)
+    for p in value if opt.patterns else ():
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise VelodiffError(f"{where}: {p!r} is not a regular expression ({e})") from None
     return value
 
 

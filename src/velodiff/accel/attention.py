@@ -194,7 +194,8 @@ class AttentionMaps(Accelerator):
     options = {
         "every": Option(1, "capture every k-th step", kind=int, lo=1, hi=10000),
         "layers": Option(
-            (), "regular expressions of layer names (default: every cross-attention layer)", kind=tuple
+            (), "regular expressions of layer names (default: every cross-attention layer)", kind=tuple,
+            patterns=True,
         ),
     }
 

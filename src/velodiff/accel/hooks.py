@@ -87,7 +87,11 @@ class FeatureChange(Accelerator):
     exclusive = "the feature-change instrument"
     summary = "instrument: relative change of each block's output from step to step (cache calibration)"
     cost = "free"
-    options = {"blocks": Option((), "regular expressions of block names (default: every block)", kind=tuple)}
+    options = {
+        "blocks": Option(
+            (), "regular expressions of block names (default: every block)", kind=tuple, patterns=True
+        )
+    }
 
     def check(self, run: RunInfo) -> None:
         if not network_blocks(run.network, self.blocks):

@@ -124,7 +124,7 @@ class RegionalPrompting(Accelerator):
         "base_ratio": Option(0.4, "the whole prompt's share inside a region (Regional Prompter's base ratio)",
                              lo=0, hi=1),
         "layers": Option(("finest",), "attention mode: regular expressions of the cross-attention layers, "
-                         "or 'finest' (those at the finest resolution)", kind=tuple),
+                         "or 'finest' (those at the finest resolution)", kind=tuple, patterns=True),
         "stop": STOP,
         "bootstrap": Option(0.2, "latent mode: share of the steps with bootstrapping (MultiDiffusion: 0.2)",
                             lo=0, hi=1),

@@ -30,6 +30,7 @@ class PerturbedAttentionGuidance(GuidanceRule):
             ("mid",),
             "self-attention layers to perturb (regular expressions, '|'-separated)",
             kind=tuple,
+            patterns=True,
             aliases=("pag_applied_layers",),
         ),
         "start": START,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def apply_lora(unet: Any, path: str | os.PathLike[str], adapter: str = "default"
     dtype = next(unet.parameters()).dtype
     try:
         unet.add_adapter(config, adapter_name=adapter)
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (ValueError, RuntimeError, KeyError, re.error) as e:  # re.error: a bad target_modules pattern
         raise VelodiffError(
             f"LoRA {name!r} does not fit this model's UNet ({str(e).splitlines()[0][:160]})"
         ) from None
@@ -120,4 +121,9 @@ def apply_lora(unet: Any, path: str | os.PathLike[str], adapter: str = "default"
     if unexpected:
         unet.delete_adapters(adapter)
         raise VelodiffError(f"LoRA {name!r} does not fit this model's UNet (unexpected {unexpected[0]!r})")
+    missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k and f".{adapter}." in k]
+    if missing:  # e.g. lora_A without lora_B: the adapter would load and change nothing
+        unet.delete_adapters(adapter)
+        key = missing[0].replace(f".{adapter}", "")
+        raise VelodiffError(f"LoRA {name!r} is incomplete: it has no {key!r}")
     return unet
