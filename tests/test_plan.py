@@ -84,7 +84,7 @@ def test_plan_settings_and_plan_files(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     for bad, message in [
         ("solver=nope", "unknown solver 'nope'"),
-        ("steps=0", "plan setting steps must be >= 1, got 0"),
+        ("steps=0", "plan setting steps must be in [1, 1000], got 0"),
         ("nfe=x", "plan setting nfe='x': not an integer"),
         ("guidance=-1", "plan setting guidance must be >= 0"),
         ("sampler=ddim", "unknown plan setting 'sampler'; valid: grid, guidance, nfe, solver, steps"),
