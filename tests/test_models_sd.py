@@ -409,6 +409,10 @@ def test_generation_errors(models):
         inpaint(m, PROMPT, image, torch.ones(1, 1, 8, 8))
     with pytest.raises(VelodiffError, match="mode 'P'"):
         inpaint(m, PROMPT, image, Image.new("P", (W, H)))
+    with pytest.raises(VelodiffError, match="the mask covers nothing"):  # the picture came back unchanged
+        inpaint(m, PROMPT, image, Image.new("L", (W, H)))
+    with pytest.raises(VelodiffError, match=r"values in \[0, 1\]"):
+        inpaint(m, PROMPT, image, torch.full((1, 1, H, W), float("nan")))
     with pytest.raises(VelodiffError, match=r"array must be \(H, W, 3\)"):
         img2img(m, PROMPT, np.zeros((H, W, 4), np.float32), 0.5)
 

@@ -62,6 +62,13 @@ def erase_cmd(
     tpl = [t.strip() for t in templates.split("|") if t.strip()] if templates is not None else None
     if tpl is not None and (not tpl or any("{concept}" not in t for t in tpl)):
         raise VelodiffError("every --templates entry needs {concept}, e.g. 'a photo of a {concept}'")
+    for t in tpl or ():
+        try:
+            t.format(concept="x")
+        except (KeyError, IndexError, ValueError):
+            raise VelodiffError(
+                f"--templates entry {t!r}: only {{concept}} may stand in braces (write others as {{{{ }}}})"
+            ) from None
     from ..files import check_model_out
 
     check_model_out(out)

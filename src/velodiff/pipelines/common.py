@@ -468,6 +468,11 @@ def to_pil(images: Tensor) -> list[Any]:
     return [Image.fromarray(a) for a in arr]
 
 
+def _in_unit_range(x: Tensor) -> bool:
+    """Every value finite and in [0, 1] (to float round-off); NaN fails, as no comparison would say."""
+    return bool(x.isfinite().all()) and -1e-6 <= float(x.min()) and float(x.max()) <= 1 + 1e-6
+
+
 def image_tensor(image: Any, what: str = "init image") -> Tensor:
     """A PIL image (RGB, RGBA without transparency, L), a list of them, a float tensor in [0, 1] of shape
     (3, H, W) / (B, 3, H, W), or a numpy array as diffusers takes one ((H, W, 3) / (B, H, W, 3), floats
@@ -492,7 +497,7 @@ def image_tensor(image: Any, what: str = "init image") -> Tensor:
             raise VelodiffError(
                 f"the {what} tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}"
             )
-        if x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
+        if x.numel() and not _in_unit_range(x):
             raise VelodiffError(f"the {what} tensor must hold values in [0, 1]")
         return x.cpu()
     mode = getattr(image, "mode", None)
@@ -534,7 +539,7 @@ def mask_tensor(mask: Any) -> Tensor:
             raise VelodiffError(
                 f"the mask tensor must be (H, W), (1, H, W) or (B, 1, H, W), got {tuple(mask.shape)}"
             )
-        if m.numel() and (float(m.min()) < -1e-6 or float(m.max()) > 1 + 1e-6):
+        if m.numel() and not _in_unit_range(m):
             raise VelodiffError("the mask tensor must hold values in [0, 1] (1 = repaint)")
         return m.cpu()
     mode = getattr(mask, "mode", None)

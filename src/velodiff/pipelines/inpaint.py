@@ -82,6 +82,8 @@ def inpaint(
         if n not in (1, b):
             raise VelodiffError(f"{n} {name}s for {b} images; give one, or one per image")
     m = (m >= 0.5).float()
+    if not bool(m.flatten(1).amax(1).all()):  # the run would return the picture unchanged
+        raise VelodiffError("the mask covers nothing (no pixel >= 0.5): white marks what to repaint")
     m_lat = F.interpolate(m, size=shape[-2:]).to(model.device)  # nearest, as diffusers
     m_lat = m_lat.expand(b, -1, -1, -1) if m_lat.shape[0] == 1 else m_lat
 
