@@ -132,6 +132,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["generate", "a \udcff red circle", "--out", out], "is not UTF-8 text"),  # argv's bad bytes
         (["generate", "a red circle", "--out", out, "--noise", "torch", "--seed", str(10**23)],
          "outside torch's seed range"),
+        (["train", "autoencoder", "--run", str(tmp_path / "t"), "--lr", "inf"], "--lr must be a finite"),
+        (["train", "ldm", "--run", str(tmp_path / "t"), "--vae", "v", "--size", "big"], "unknown size 'big'"),
+        (["train", "ldm", "--run", str(tmp_path / "x.png"), "--vae", "v"], "is a file; give a folder"),
         # two of a command's files that are one: the last write replaced the other
         (["bench", "solvers", "--json", str(tmp_path / "b.md")], "--json and --markdown are the same file"),
         (["eval", "shapes", "--json", str(tmp_path / "e.md")], "--json and --markdown are the same file"),

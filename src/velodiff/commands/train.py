@@ -24,6 +24,25 @@ train_app = typer.Typer(
 )
 
 
+#: the architecture sizes of the shipped model's family (velodiff.default_model)
+SIZES = ("default", "micro")
+
+
+def _check(run: Path, size: str, lr: float, max_minutes: float | None) -> None:
+    """What every training checks before any work, each in one line."""
+    import math
+
+    from ..errors import VelodiffError, unknown_name
+
+    if size not in SIZES:
+        raise unknown_name("size", size, SIZES)
+    if run.exists() and not run.is_dir():
+        raise VelodiffError(f"--run {str(run)!r} is a file; give a folder")
+    for name, value in (("--lr", lr), ("--max-minutes", max_minutes)):
+        if value is not None and not 0 < value < math.inf:  # NaN, inf: a NaN model, or no time limit
+            raise VelodiffError(f"{name} must be a finite number > 0, got {value}")
+
+
 def _threads(threads: int | None, device: str) -> str:
     """Set torch's CPU threads (None: 2, or the machine's CPUs if fewer) and resolve ``device``."""
     import os
@@ -72,6 +91,7 @@ def autoencoder(
     from ..train.autoencoder import build_vae, recon_sheet, train_autoencoder
     from ..train.loop import LoopConfig, load_run_weights
 
+    _check(run, size, lr, max_minutes)
     _threads(threads, "cpu")
     cfg = LoopConfig(
         steps=steps,
@@ -164,6 +184,7 @@ def ldm(
     if out is not None:
         check_model_out(out)  # before the training, not after
 
+    _check(run, size, lr, max_minutes)
     device = _threads(threads, device)
     cfg = LoopConfig(
         steps=steps,

@@ -96,6 +96,12 @@ def run_loop(
                     f"run {run} was started with {key}={saved_cfg[key]}, not {getattr(cfg, key)}; "
                     "use a new --run folder"
                 )
+        saved_size = saved_cfg.get("extra", {}).get("size")  # another architecture: its tensors do not fit
+        if saved_size is not None and saved_size != cfg.extra.get("size", saved_size):
+            raise VelodiffError(
+                f"run {run} was started with size={saved_size}, not {cfg.extra['size']}; "
+                "use a new --run folder"
+            )
         for name, m in modules.items():
             m.load_state_dict(split_prefix(tensors, f"model.{name}."))
             emas[name].load_state_dict(split_prefix(tensors, f"ema.{name}."), meta["ema_updates"])
