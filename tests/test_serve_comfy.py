@@ -153,6 +153,9 @@ def test_queue_history_and_interrupt(server):
     assert [item[1] for item in q["queue_pending"]] == [second["prompt_id"]]
     assert httpx.get(f"{url}/prompt").json()["exec_info"]["queue_remaining"] == 2
     assert httpx.get(f"{url}/history/{first['prompt_id']}").json() == {}  # not finished yet
+    for bad in (None, "x", {"delete": "abc"}):  # a 500 and a traceback in the log, or silently nothing
+        r = httpx.post(f"{url}/queue", json=bad)
+        assert r.status_code == 400 and '{"clear": true}' in r.json()["error"]["message"], r.text
     httpx.post(f"{url}/queue", json={"delete": [second["prompt_id"]]})
     httpx.post(f"{url}/interrupt", json={})
     deadline = time.monotonic() + 30

@@ -297,10 +297,16 @@ async def get_queue(request: Request) -> dict[str, Any]:
 @router.post("/queue", summary="ComfyUI queue edits: {clear: true} or {delete: [ids]}")
 async def post_queue(request: Request) -> dict[str, Any]:
     srv = server(request)
-    body = await request.json()
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    delete = body.get("delete", []) if isinstance(body, dict) else None
+    if not isinstance(delete, list) or not all(isinstance(p, str) for p in delete):
+        raise VelodiffError('a queue edit is {"clear": true} or {"delete": ["prompt id", ...]}')
     if body.get("clear"):
         await run_in_threadpool(srv.store.clear_queued)
-    for pid in body.get("delete", []):
+    for pid in delete:
         job = await run_in_threadpool(srv.store.get, pid)
         if job is not None and job.state == "queued":
             await run_in_threadpool(srv.worker.cancel, pid, "deleted from the queue")
