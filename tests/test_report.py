@@ -73,3 +73,14 @@ def test_eval_report_and_errors(tmp_path, capsys):
     assert cli("report", str(empty)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no bench results.json" in err[0]
+    # a results.json of another kind (bench solvers' list) or damaged, an eval JSON with a bad field
+    for text, needle in (("[1, 2]", "is not a `velodiff bench` result"),
+                         ('{"kind": "bench"}', "a field is missing or malformed")):
+        (empty / "results.json").write_text(text)
+        assert cli("report", str(empty)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    (empty / "results.json").unlink()
+    (empty / "e.json").write_text('{"overall": 0.5, "by_category": "x"}')
+    assert cli("report", str(empty)) == 2 and "no bench results.json" in capsys.readouterr().err
+

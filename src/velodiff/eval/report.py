@@ -99,7 +99,12 @@ def _eval_files(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
             d = json.loads(p.read_text())
         except (ValueError, OSError):
             continue
-        if isinstance(d, dict) and "overall" in d and "by_category" in d:
+        if (
+            isinstance(d, dict)
+            and isinstance(d.get("overall"), (int, float))
+            and isinstance(d.get("by_category"), dict)
+            and all(isinstance(v, (int, float)) for v in d["by_category"].values())
+        ):
             out.append((p, d))
     return out
 
@@ -143,9 +148,12 @@ def build_report(folder: str | Path) -> Path:
             result = json.loads(res_path.read_text())
         except ValueError:
             raise VelodiffError(f"{res_path} is not valid JSON") from None
-        if result.get("kind") != "bench":
+        if not isinstance(result, dict) or result.get("kind") != "bench":
             raise VelodiffError(f"{res_path} is not a `velodiff bench` result")
-        text = bench_report(folder, result)
+        try:
+            text = bench_report(folder, result)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # a damaged or hand-edited file
+            raise VelodiffError(f"{res_path}: a field is missing or malformed ({type(e).__name__})") from None
     else:
         evals = _eval_files(folder)
         if not evals:
