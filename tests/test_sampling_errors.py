@@ -160,7 +160,7 @@ def test_callback_true_stops_and_returns_x0(solver):
     (["--solvers", "nope"], "error: unknown solver 'nope'; valid: "),
     (["--grids", "karas"], "error: unknown grid 'karas'; valid: "),
     (["--solvers", "euler_ancestral"], "error: solver 'euler_ancestral' is stochastic"),
-    (["--nfe", "0"], "error: --nfe takes comma-separated integers >= 1"),
+    (["--nfe", "0"], "error: --nfe takes comma-separated integers in [1, 1000]"),
 ])
 def test_cli_bench_solvers_bad_input_is_one_line(args, message, tmp_path, capsys):
     from velodiff.cli import main
