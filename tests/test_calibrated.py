@@ -146,6 +146,12 @@ def test_artefact_refusals(tmp_path, monkeypatch):
     assert find_entry(loaded, "unipc", 6)["method"] == "grid"
     with pytest.raises(VelodiffError, match=r"calibrated: unipc@6\)"):
         find_entry(loaded, "unipc", 5)
+    with pytest.raises(VelodiffError, match="is damaged"):  # a hand-edited file: TypeError before
+        find_entry({**loaded, "entries": [1, 2]}, "unipc", 6)
+    path.write_text("[1, 2]")
+    with pytest.raises(VelodiffError, match="is not a velodiff solver calibration"):
+        load_solver_calibration("abc", 2.5)
+    path = save_solver_calibration(art, None)
     with pytest.raises(VelodiffError, match="another model"):
         load_solver_calibration("xyz", 2.5, path=path)
     with pytest.raises(VelodiffError, match="made at guidance 2.5, not 7.5"):
@@ -216,6 +222,13 @@ def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, ca
     except SystemExit as e:
         assert not e.code
     assert "unipc on calibrated, 4 steps, 4 NFE" in capsys.readouterr().out and out_png.is_file()
+    # a damaged entry whose grid has other steps than its NFE is refused, not silently run
+    damaged = json.loads(Path(art["_path"]).read_text())
+    damaged["entries"] = [{**e, "ts": [1.0, 0.0]} if (e["solver"], e["nfe"]) == ("unipc", 4) else e
+                          for e in damaged["entries"]]
+    Path(art["_path"]).write_text(json.dumps(damaged))
+    with pytest.raises(VelodiffError, match="has 1 steps, not 4; calibrate again"):
+        text2img(model, "a red circle", nfe=4, guidance=2.5, grid="calibrated", solver="unipc")
     assert main([*args, "--steps", "2", "--nfe", "4"]) == 2
     assert "give --steps or --nfe, not both" in capsys.readouterr().err
 

@@ -207,7 +207,7 @@ def read_artefact(
         data = json.loads(p.read_text())
     except ValueError as e:
         raise VelodiffError(f"{kind} calibration {p} is not valid JSON: {e}") from None
-    if data.get("kind") != kind or data.get("version") != version:
+    if not isinstance(data, dict) or data.get("kind") != kind or data.get("version") != version:
         raise VelodiffError(f"{p} is not a velodiff {kind} calibration (version {version})")
     if data.get("model_hash") != model_hash:
         raise VelodiffError(

@@ -104,8 +104,22 @@ def load_statistics(artefact: dict[str, Any]) -> ModelStatistics:
 
 
 def find_entry(artefact: dict[str, Any], solver: str, nfe: int) -> dict[str, Any]:
-    """The calibrated configuration of ``solver`` at ``nfe``; one line listing what there is if none."""
-    for e in artefact.get("entries", []):
+    """The calibrated configuration of ``solver`` at ``nfe``; one line listing what there is if none,
+    or saying the file is damaged (a hand-edited or truncated artefact)."""
+    entries = artefact.get("entries", [])
+    well_formed = isinstance(entries, list) and all(
+        isinstance(e, dict)
+        and isinstance(e.get("solver"), str)
+        and isinstance(e.get("nfe"), int)
+        and isinstance(e.get("ts"), list)
+        and all(isinstance(t, (int, float)) for t in e["ts"])
+        and isinstance(e.get("options", {}), dict)
+        for e in entries
+    )
+    if not well_formed:
+        raise VelodiffError(f"solver calibration {artefact.get('_path')} is damaged (malformed entries); "
+                            "calibrate again")
+    for e in entries:
         if e["solver"] == solver and int(e["nfe"]) == int(nfe):
             return e
     have = sorted({(e["solver"], int(e["nfe"])) for e in artefact.get("entries", [])})

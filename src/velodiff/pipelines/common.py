@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..denoisers import Cond
 from ..errors import VelodiffError, check_text, unknown_name
-from ..grids import make_grid
+from ..grids import check_grid, make_grid
 from ..guidance import ClassifierFreeGuidance, GuidanceRescale, GuidedCond
 from ..noise import BrownianNoise, GaussianNoise, randn
 from ..plan import Plan
@@ -285,6 +285,12 @@ def calibrated_setup(
     nfe = opts.nfe if opts.nfe is not None else spec.nfe(int(opts.steps or model.default_steps))
     entry = find_entry(art, spec.name, int(nfe))
     ts = torch.tensor(entry["ts"], dtype=torch.float64)
+    if len(ts) - 1 != spec.steps_for_nfe(int(nfe)):  # a damaged entry would silently run other steps
+        raise VelodiffError(
+            f"solver calibration {art.get('_path')}: its {spec.name} grid at {nfe} NFE has {len(ts) - 1} "
+            f"steps, not {spec.steps_for_nfe(int(nfe))}; calibrate again"
+        )
+    check_grid(model.schedule, ts)
     return Setup(spec, ts, len(ts) - 1, guidance, plan, {**entry_options(entry), **options}, grid=CALIBRATED)
 
 
