@@ -65,6 +65,8 @@ def test_plan_strings_canonical_and_errors():
         ("pag:applied_layers=mid|[", "plan rule 'pag' option 'applied_layers': '[' is not a regular expr"),
         ("feature_change:blocks=(", "plan rule 'feature_change' option 'blocks': '(' is not a regular"),
         ("steps=100000000+ag", "plan setting steps must be in [1, 1000], got 100000000"),
+        ("rescale+rescale", "plan rule 'rescale' given twice; keep one"),  # it was applied twice
+        ("steps=2+ag+steps=5", "plan setting 'steps' given twice; keep one"),  # the last silently won
     ]:
         with pytest.raises(VelodiffError) as e:
             Plan.parse(bad)

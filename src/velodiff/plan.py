@@ -405,8 +405,17 @@ class Plan:
             if text in ("", "none"):
                 return cls()
             items = [p.strip() for p in text.split("+")]
-            settings = dict(parse_setting(p) for p in items if _is_setting(p))
-            return cls((parse_rule(p) for p in items if not _is_setting(p) and p != "none"), settings)
+            pairs = [parse_setting(p) for p in items if _is_setting(p)]
+            settings = dict(pairs)
+            if len(settings) < len(pairs):  # steps=2+steps=5: the last silently won
+                twice = next(k for k, _ in pairs if [q for q, _ in pairs].count(k) > 1)
+                raise VelodiffError(f"plan setting {twice!r} given twice; keep one")
+            rules = [parse_rule(p) for p in items if not _is_setting(p) and p != "none"]
+            names = [r.name for r in rules]
+            for name in names:  # in a plan string, a typo (rescale+rescale applied it twice)
+                if names.count(name) > 1 and not rules[names.index(name)].exclusive:
+                    raise VelodiffError(f"plan rule {name!r} given twice; keep one (with all its options)")
+            return cls(rules, settings)
         rules, settings = [], {}
         for r in plan:
             if isinstance(r, Accelerator):
