@@ -135,6 +135,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["train", "autoencoder", "--run", str(tmp_path / "t"), "--lr", "inf"], "--lr must be a finite"),
         (["train", "ldm", "--run", str(tmp_path / "t"), "--vae", "v", "--size", "big"], "unknown size 'big'"),
         (["train", "ldm", "--run", str(tmp_path / "x.png"), "--vae", "v"], "is a file; give a folder"),
+        (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--guidance", "1,1"], "lists a scale twice"),
+        (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--guidance", "1,,2"], "comma list of num"),
         # two of a command's files that are one: the last write replaced the other
         (["bench", "solvers", "--json", str(tmp_path / "b.md")], "--json and --markdown are the same file"),
         (["eval", "shapes", "--json", str(tmp_path / "e.md")], "--json and --markdown are the same file"),

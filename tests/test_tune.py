@@ -95,7 +95,8 @@ def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys
 
 def test_tune_bad_input_is_one_line(tmp_path, capsys):
     for args, message in [
-        (["--budget", "-0.1"], "--budget must be >= 0"),
+        (["--budget", "-0.1"], "--budget must be a finite number >= 0"),
+        (["--budget", "inf"], "--budget must be a finite number >= 0"),
         (["--budget", "0.02", "--metric", "speed"], "--metric 'speed'"),
     ]:
         assert cli("tune", *args, "--out", str(tmp_path / "t"), "--no-progress") == 2

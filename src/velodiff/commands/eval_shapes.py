@@ -7,6 +7,7 @@ best scale's, and every scale's are under ``sweep``."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,14 +28,14 @@ def parse_scales(text: str | None, default: float | None) -> list[float | None]:
     if text is None:
         return [default]
     try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
+        scales = [float(s) for s in text.split(",")]  # an empty item (1,,2) is not a number either
     except ValueError:
         raise VelodiffError(f"--guidance must be a number or a comma list of numbers, got {text!r}") from None
-    if not scales:
-        raise VelodiffError("--guidance is empty")
     for s in scales:
-        if not s >= 0:
-            raise VelodiffError(f"guidance must be >= 0, got {s}")
+        if not 0 <= s < math.inf:
+            raise VelodiffError(f"guidance must be a finite number >= 0, got {s}")
+    if len(set(scales)) < len(scales):
+        raise VelodiffError(f"--guidance {text!r} lists a scale twice; each is one run")
     return scales
 
 

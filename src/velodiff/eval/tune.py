@@ -29,6 +29,7 @@ sweep in its own folder, so an interrupted tune resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -125,8 +126,8 @@ class TuneConfig:
 
 
 def check_config(cfg: TuneConfig) -> None:
-    if not cfg.budget >= 0:
-        raise VelodiffError(f"--budget must be >= 0 (a quality loss), got {cfg.budget}")
+    if not 0 <= cfg.budget < math.inf:
+        raise VelodiffError(f"--budget must be a finite number >= 0 (a quality loss), got {cfg.budget}")
     if cfg.metric not in QUALITY:
         raise VelodiffError(f"--metric {cfg.metric!r}: use one of {', '.join(QUALITY)}")
     if cfg.rank not in ("evals", "time"):
