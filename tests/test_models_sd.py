@@ -392,6 +392,10 @@ def test_generation_errors(models):
         text2img(m, PROMPT, height=0, steps=1)  # not the model's default size
     with pytest.raises(VelodiffError, match="is not UTF-8 text"):
         text2img(m, "a \udcff cube", steps=1)
+    with pytest.raises(VelodiffError, match="prompts must be a string or a list"):
+        text2img(m, None, steps=1)
+    with pytest.raises(VelodiffError, match=r"must be a loaded model, got str: pass velodiff.load\('default"):
+        text2img("default", PROMPT, steps=1)
     with pytest.raises(VelodiffError, match="empty"):
         text2img(m, "  ", steps=1)
     with pytest.raises(VelodiffError, match="no prompt"):

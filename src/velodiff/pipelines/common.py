@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,7 +57,20 @@ class GenerationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def check_model(model: Any) -> None:
+    """A pipeline's model must be loaded (``velodiff.load``): a name or a path is one line, not an
+    AttributeError from deep inside."""
+    from ..models.base import LoadedModel
+
+    if not isinstance(model, LoadedModel):
+        named = isinstance(model, (str, Path))
+        hint = f"velodiff.load({str(model)!r})" if named else "velodiff.load(...)"
+        raise VelodiffError(f"the model must be a loaded model, got {type(model).__name__}: pass {hint}")
+
+
 def normalize_prompts(prompts: str | Sequence[str]) -> list[str]:
+    if not isinstance(prompts, (str, list, tuple)):
+        raise VelodiffError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
     ps = [prompts] if isinstance(prompts, str) else list(prompts)
     if not ps:
         raise VelodiffError("no prompt given; pass at least one prompt")

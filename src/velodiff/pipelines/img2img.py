@@ -21,6 +21,7 @@ from .common import (
     GenerationResult,
     Sampling,
     batch_prompts_and_seeds,
+    check_model,
     encode_batch_prompts,
     finish,
     image_tensor,
@@ -87,6 +88,7 @@ def img2img(
     noise added to the image (standard normal, default from the seeds); ``image_latents`` skips the VAE
     encoder; ``nfe`` counts the whole grid, of which the last ``strength`` fraction runs."""
     opts = Sampling.of("img2img", options)
+    check_model(model)
     s = check_strength(strength)
     ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), opts.seeds)
     z0, h, w = init_image_latents(model, image, len(ps), height, width, image_latents)

@@ -29,6 +29,7 @@ from .common import (
     GenerationResult,
     Sampling,
     batch_prompts_and_seeds,
+    check_model,
     encode_batch_prompts,
     finish,
     image_tensor,
@@ -66,6 +67,7 @@ def inpaint(
     ``image_latents`` / ``masked_image_latents`` skip the VAE encoder (for exact comparisons).
     ``options`` as :func:`text2img` (:class:`velodiff.pipelines.common.Sampling`)."""
     opts = Sampling.of("inpaint", options)
+    check_model(model)
     s = check_strength(strength)
     ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), opts.seeds)
     b = len(ps)

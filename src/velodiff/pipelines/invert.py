@@ -26,6 +26,7 @@ from ..sampling import SampleResult
 from .common import (
     GenerationResult,
     Sampling,
+    check_model,
     encode_batch_prompts,
     finish,
     image_tensor,
@@ -180,6 +181,7 @@ def invert(
     ``eta`` / ``stop``: RF-Inversion's reverse controller when measuring. Returns an :class:`Inversion`
     whose ``metrics`` hold the round trip's error (unless ``measure=False``)."""
     opts = Sampling.of("invert", options)
+    check_model(model)
     if opts.latents is not None or opts.seeds is not None or opts.callback is not None:
         raise VelodiffError("invert() takes no latents, seeds or callback; the image gives the start")
     ps = normalize_prompts(prompts)

@@ -12,6 +12,7 @@ from .common import (
     GenerationResult,
     Sampling,
     batch_prompts_and_seeds,
+    check_model,
     encode_batch_prompts,
     finish,
     initial_noise,
@@ -34,6 +35,7 @@ def text2img(
     pipeline shares (:class:`velodiff.pipelines.common.Sampling`: steps, solver, grid, guidance, plan,
     seeds, negative, output, ...)."""
     opts = Sampling.of("text2img", options)
+    check_model(model)
     ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), opts.seeds)
     h = int(height if height is not None else model.default_size[0])  # 0 is refused, not the default
     w = int(width if width is not None else model.default_size[1])
