@@ -137,6 +137,10 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["train", "ldm", "--run", str(tmp_path / "x.png"), "--vae", "v"], "is a file; give a folder"),
         (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--guidance", "1,1"], "lists a scale twice"),
         (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--guidance", "1,,2"], "comma list of num"),
+        # outputs checked before the work, not after it (classify, calibrate: minutes)
+        (["classify", str(tmp_path / "x.png"), "--labels", "a,b", "--json", str(tmp_path / "no/a/c.json")],
+         "does not exist"),
+        (["calibrate", "solver", "--guidance", "2.5", "--out", str(kept)], "is a folder; give a file name"),
         # two of a command's files that are one: the last write replaced the other
         (["bench", "solvers", "--json", str(tmp_path / "b.md")], "--json and --markdown are the same file"),
         (["eval", "shapes", "--json", str(tmp_path / "e.md")], "--json and --markdown are the same file"),

@@ -51,6 +51,7 @@ def bench_pipeline(
     import torch
     from tqdm import tqdm
 
+    from ..errors import VelodiffError
     from ..eval import pipeline_bench as pb
     from .generate import quiet_libraries
 
@@ -63,6 +64,8 @@ def bench_pipeline(
     from ..files import distinct_files
 
     distinct_files(**{"--json": json_path, "--markdown": md_path})
+    if cache.exists() and not cache.is_dir():
+        raise VelodiffError(f"--cache {str(cache)!r} is a file; give a folder")
     cache.mkdir(parents=True, exist_ok=True)
     folders = pb.model_folders(names, cache)
     skipped = [n for n in names if n not in folders]

@@ -132,6 +132,10 @@ def calibrate_solver(
     from ..eval.sweep import resolve_prompts
 
     texts = resolve_prompts(prompts, limit)
+    if out is not None:  # before the minutes of calibration, not after
+        from ..files import output_file
+
+        output_file(out, "--out")
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()

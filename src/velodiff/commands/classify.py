@@ -56,6 +56,10 @@ def classify_cmd(
         cands = [s.strip() for s in (labels or "").split(",")]
     cands = check_labels(cands)
     pruning = check_rounds(parse_rounds(rounds))
+    if json_out is not None:  # before the model runs, not after
+        from ..files import output_file
+
+        output_file(json_out, "--json")
     picture = read_image(image)
     run = ImageRun.of(locals())
     run.check()
