@@ -1,4 +1,6 @@
-"""Writing a file whole or not at all: the one atomic writer every command uses.
+"""Files a command reads and writes: the one atomic writer every command uses, the checks of its
+outputs before any work (:func:`output_file`, :func:`check_model_out`, :func:`distinct_files`) and the
+reading of a user's text files (:func:`read_text`).
 
 :func:`write_atomic` (bytes or text) and :func:`save_image_atomic` (a PIL image) write to a temporary
 file in the destination's folder (``.NAME.XXXXXXXX.tmp``), flush and fsync it, then rename it over
