@@ -34,6 +34,19 @@ def test_unknown_solver_lists_valid_ones():
         get_solver("Hune")
 
 
+def test_values_of_the_wrong_type_or_size_are_one_line():
+    """The Python API's entry points name what they take (they raised AttributeError / TypeError from
+    inside, or allocated a grid of 10**11 steps)."""
+    from velodiff.plan import Plan
+
+    with pytest.raises(VelodiffError, match="a solver is a name such as 'dpmpp_2m', got int"):
+        get_solver(3)
+    with pytest.raises(VelodiffError, match="a plan rule or a list of them, got int"):
+        Plan.parse(5)
+    with pytest.raises(VelodiffError, match=r"needs steps in \[1, 1000000\], got 100000000000"):
+        make_grid("uniform", DiscreteVP.scaled_linear(), 10**11)
+
+
 def test_plain_callable_denoiser_is_refused_in_one_line():
     """A function of (x, t) has no noise schedule: one clear line, not an AttributeError."""
     with pytest.raises(VelodiffError, match="noise schedule.*'eps_net'.*ModelDenoiser") as e:

@@ -18,6 +18,9 @@ from torch import Tensor
 from .errors import VelodiffError, unknown_name
 from .schedules import F64, DiscreteVP, NoiseSchedule, RectifiedFlow
 
+#: the most steps a grid has (fine references included; 10**11 allocated until memory ran out)
+MAX_GRID_STEPS = 1_000_000
+
 FINALS = ("zero", "t_min")
 
 
@@ -534,8 +537,8 @@ def make_grid(
                 "the calibrated grid is fitted to a model (velodiff calibrate solver): pass "
                 "grid='calibrated' to a pipeline or --grid calibrated, not to make_grid"
             )
-        if steps is None or steps < 1:
-            raise VelodiffError(f"grid {name!r} needs steps >= 1, got {steps}")
+        if steps is None or not 1 <= steps <= MAX_GRID_STEPS:
+            raise VelodiffError(f"grid {name!r} needs steps in [1, {MAX_GRID_STEPS}], got {steps}")
         ts = GRIDS[name](sched, steps, final=final, **options)
     else:
         ts = torch.as_tensor(list(name), dtype=F64)

@@ -416,6 +416,10 @@ class Plan:
                 if names.count(name) > 1 and not rules[names.index(name)].exclusive:
                     raise VelodiffError(f"plan rule {name!r} given twice; keep one (with all its options)")
             return cls(rules, settings)
+        if not isinstance(plan, (list, tuple)):
+            raise VelodiffError(
+                f"a plan is a plan string, a plan rule or a list of them, got {type(plan).__name__}"
+            )
         rules, settings = [], {}
         for r in plan:
             if isinstance(r, Accelerator):

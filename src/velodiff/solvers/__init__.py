@@ -42,6 +42,8 @@ def get_solver(name: str | SolverSpec) -> SolverSpec:
     alias's options as its defaults. An unknown name is refused with the nearest names."""
     if isinstance(name, SolverSpec):
         return name
+    if not isinstance(name, str):
+        raise VelodiffError(f"a solver is a name such as 'dpmpp_2m', got {type(name).__name__}")
     if name in SOLVERS:
         return SOLVERS[name]
     from ..aliases import resolve_solver
