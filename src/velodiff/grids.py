@@ -16,10 +16,8 @@ import torch
 from torch import Tensor
 
 from .errors import VelodiffError, unknown_name
+from .limits import MAX_GRID_STEPS
 from .schedules import F64, DiscreteVP, NoiseSchedule, RectifiedFlow
-
-#: the most steps a grid has (fine references included; 10**11 allocated until memory ran out)
-MAX_GRID_STEPS = 1_000_000
 
 FINALS = ("zero", "t_min")
 

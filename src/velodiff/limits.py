@@ -9,6 +9,8 @@ MAX_STEPS = 1000
 MAX_IMAGES_PER_PROMPT = 1000
 #: the most images per prompt `generate-set` makes (FID sets from one prompt)
 MAX_SET_IMAGES_PER_PROMPT = 100_000
+#: the most steps of any time grid (fine references included: 10**11 allocated until memory ran out)
+MAX_GRID_STEPS = 1_000_000
 #: the most timed runs a measurement repeats
 MAX_RUNS = 1000
 #: the most samples (images, mixture points, training examples) in one batch

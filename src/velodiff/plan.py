@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -406,16 +407,14 @@ class Plan:
                 return cls()
             items = [p.strip() for p in text.split("+")]
             pairs = [parse_setting(p) for p in items if _is_setting(p)]
-            settings = dict(pairs)
-            if len(settings) < len(pairs):  # steps=2+steps=5: the last silently won
-                twice = next(k for k, _ in pairs if [q for q, _ in pairs].count(k) > 1)
-                raise VelodiffError(f"plan setting {twice!r} given twice; keep one")
+            for key, n in Counter(k for k, _ in pairs).items():
+                if n > 1:  # steps=2+steps=5: the last silently won
+                    raise VelodiffError(f"plan setting {key!r} given twice; keep one")
             rules = [parse_rule(p) for p in items if not _is_setting(p) and p != "none"]
-            names = [r.name for r in rules]
-            for name in names:  # in a plan string, a typo (rescale+rescale applied it twice)
-                if names.count(name) > 1 and not rules[names.index(name)].exclusive:
-                    raise VelodiffError(f"plan rule {name!r} given twice; keep one (with all its options)")
-            return cls(rules, settings)
+            for rule in rules:  # a typo: rescale+rescale applied it twice (a group's rules: its own line)
+                if not rule.exclusive and sum(r.name == rule.name for r in rules) > 1:
+                    raise VelodiffError(f"plan rule {rule.name!r} given twice; keep one (with its options)")
+            return cls(rules, dict(pairs))
         if not isinstance(plan, (list, tuple)):
             raise VelodiffError(
                 f"a plan is a plan string, a plan rule or a list of them, got {type(plan).__name__}"
