@@ -190,6 +190,13 @@ def test_refuses_to_mix_and_keeps_what_is_there(tiny, prompt_file, reference, tm
             capsys, "generate-set", str(prompt_file), "--out", str(out))
     finally:
         lock.close()
+    header = json.loads((out / "manifest.json").read_text())
+    for damage, expect in ((dict(config=[]), "'config' must be an object"),
+                           (dict(config={**header["config"], "batch": "2"}), "batch='2'"),
+                           (dict(model="m"), "'model' must be an object")):
+        (out / "manifest.json").write_text(json.dumps({**header, **damage}))
+        assert expect in one_error_line(capsys, "generate-set", str(prompt_file), "--out", str(out))
+    assert (out / LINES).read_bytes() == before
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")

@@ -66,7 +66,37 @@ def read_header(folder: Path) -> dict[str, Any] | None:
         raise VelodiffError(f"{p}: not a readable manifest header ({e})") from None
     if not isinstance(h, dict) or h.get("format") != FORMAT:
         raise VelodiffError(f"{p}: not a velodiff image-set manifest (format {FORMAT!r})")
+    damaged = _header_damage(h)
+    if damaged:
+        raise VelodiffError(f"{p}: damaged manifest header ({damaged}); use another --out")
     return h
+
+
+def _header_damage(h: dict[str, Any]) -> str | None:
+    """What is wrong with a header's structure (None when nothing): a hand-edited or damaged file
+    must give one line, not a traceback deep in a resume."""
+    model, prompts, config = h.get("model"), h.get("prompts"), h.get("config")
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("path", "fingerprint")):
+        return "'model' must be an object with 'path' and 'fingerprint' strings"
+    if not isinstance(prompts, dict) or not isinstance(prompts.get("sha256"), str):
+        return "'prompts' must be an object with a 'sha256' string"
+    if not isinstance(config, dict):
+        return "'config' must be an object"
+    for k in ("seed", "images_per_prompt", "batch", "threads", "steps", "height", "width"):
+        v = config.get(k)
+        if k in config and not (v is None and k in ("steps", "height", "width")) and (
+            not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1)
+        ):
+            return f"config {k}={v!r} is not a {'non-negative' if k == 'seed' else 'positive'} integer"
+    if "batch" not in config:
+        return "config lacks 'batch'"
+    for k in ("solver", "grid", "plan", "negative", "noise"):
+        if config.get(k) is not None and not isinstance(config[k], str):
+            return f"config {k}={config[k]!r} is not a string"
+    g = config.get("guidance")
+    if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool) or not g >= 0):
+        return f"config guidance={g!r} is not a number >= 0"
+    return None
 
 
 def read_records(folder: Path) -> tuple[dict[int, dict[str, Any]], int]:
