@@ -419,6 +419,25 @@ def test_generation_errors(models):
         inpaint(m, PROMPT, image, torch.full((1, 1, H, W), float("nan")))
     with pytest.raises(VelodiffError, match=r"array must be \(H, W, 3\)"):
         img2img(m, PROMPT, np.zeros((H, W, 4), np.float32), 0.5)
+    z = torch.zeros(1, 4, H // 2, W // 2)  # the tiny models' VAE halves the size
+    with pytest.raises(VelodiffError, match=r"image_latents have shape \(1, 4, 8, 8\); expected .* 32x32"):
+        img2img(m, PROMPT, None, 0.5, image_latents=z, height=32, width=32)  # was: a 16x16 image
+    with pytest.raises(VelodiffError, match=r"image_latents have shape \(1, 3, 8, 8\)"):
+        img2img(m, PROMPT, None, 0.5, image_latents=z[:, :3])
+    with pytest.raises(VelodiffError, match=r"masked_image_latents must be a tensor .*, got list"):
+        inpaint(models["sd1-inpaint"], PROMPT, image, torch.ones(1, 1, H, W), masked_image_latents=[1])
+    for bad, expect in (
+        (dict(guidance_interval=(1,)), r"guidance_interval must be a pair of times .*, got \(1,\)"),
+        (dict(seeds=1.5), "seeds must be an integer or a list of integers, got 1.5"),
+        (dict(latents=[[1.0]]), r"latents must be a tensor"),
+        (dict(negative=5), "negative must be a string or a list of strings"),
+        (dict(callback=5), "callback must be a function"),
+        (dict(grid_options={"bogus": 1}), "grid 'karras' has no option 'bogus'; its options: t_start, rho"),
+        (dict(grid_options={"rho": "x"}), r"grid 'karras' with options \{'rho': 'x'\}"),
+        (dict(grid=5), r"a grid is a name or a list of times \(numbers\), got int"),
+    ):
+        with pytest.raises(VelodiffError, match=expect):
+            text2img(m, PROMPT, steps=1, **{"grid": "karras", **bad})
 
 
 def test_numpy_images_and_masks_as_diffusers_takes_them():

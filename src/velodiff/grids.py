@@ -9,8 +9,10 @@ in sigma_ve = sigma / alpha, the k-diffusion convention.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -537,11 +539,29 @@ def make_grid(
             )
         if steps is None or not 1 <= steps <= MAX_GRID_STEPS:
             raise VelodiffError(f"grid {name!r} needs steps in [1, {MAX_GRID_STEPS}], got {steps}")
-        ts = GRIDS[name](sched, steps, final=final, **options)
+        ts = _call_grid(name, sched, steps, final, options)
     else:
-        ts = torch.as_tensor(list(name), dtype=F64)
+        try:
+            ts = torch.as_tensor(list(name), dtype=F64)
+        except (TypeError, ValueError, RuntimeError):
+            what = type(name).__name__
+            raise VelodiffError(f"a grid is a name or a list of times (numbers), got {what}") from None
     check_grid(sched, ts)
     return ts
+
+
+def _call_grid(name: str, sched: NoiseSchedule, steps: int, final: str, options: dict[str, Any]) -> Tensor:
+    """``GRIDS[name]`` with ``options``; an option it does not have, or a value of the wrong type, is
+    one line naming the grid's options."""
+    fn = GRIDS[name]
+    known = [p for p in inspect.signature(fn).parameters if p not in ("sched", "steps", "final")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise VelodiffError(f"grid {name!r} has no option {unknown[0]!r}; its options: {', '.join(known)}")
+    try:
+        return fn(sched, steps, final=final, **options)
+    except (TypeError, ValueError) as e:
+        raise VelodiffError(f"grid {name!r} with options {options}: {e}") from None
 
 
 def check_grid(sched: NoiseSchedule, ts: Tensor) -> None:

@@ -12,6 +12,7 @@ seed (and from CPU noise); velodiff never draws on the device.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -181,7 +182,51 @@ class Sampling:
             )
         opts = cls(**options)
         check_output(opts.output)
+        opts.check_types()
         return opts
+
+    def check_types(self) -> None:
+        """One line for a keyword of the wrong type (a traceback deep in the run otherwise)."""
+
+        def number(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        def integer(v: Any) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def texts(v: Any) -> bool:
+            return isinstance(v, str) or (isinstance(v, Sequence) and all(isinstance(t, str) for t in v))
+
+        checks = {
+            "negative": (texts, "a string or a list of strings"),
+            "steps": (integer, "an integer"),
+            "nfe": (integer, "an integer"),
+            "guidance": (number, "a number"),
+            "guidance_rescale": (number, "a number"),
+            "guidance_interval": (
+                lambda v: isinstance(v, Sequence) and len(v) == 2 and all(number(x) for x in v),
+                "a pair of times (t_lo, t_hi)",
+            ),
+            "seeds": (
+                lambda v: integer(v) or (isinstance(v, Sequence) and all(integer(s) for s in v)),
+                "an integer or a list of integers",
+            ),
+            "callback": (callable, "a function of StepInfo"),
+            "latents": (lambda v: isinstance(v, Tensor), "a tensor (B, C, h, w)"),
+            "solver_options": (lambda v: isinstance(v, dict), "a dict of option names to values"),
+            "grid_options": (lambda v: isinstance(v, dict), "a dict of option names to values"),
+            "grad": (lambda v: isinstance(v, bool), "True or False"),
+        }
+        for name, (ok, what) in checks.items():
+            v = getattr(self, name)
+            if v is not None and not ok(v):
+                raise VelodiffError(f"{name} must be {what}, got {_shown(v)}")
+
+
+def _shown(v: Any) -> str:
+    """A value for an error line: its repr when short, else its type."""
+    r = repr(v)
+    return r if len(r) <= 40 else type(v).__name__
 
 
 #: solver options that hold one value per step (index = step of the grid)
@@ -538,6 +583,30 @@ def image_tensor(image: Any, what: str = "init image") -> Tensor:
         raise VelodiffError(f"the {what} has mode {mode!r}; give an RGB (or grayscale L) image")
     arr = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]
+
+
+def given_latents(
+    model: Any, z: Any, name: str, batch: int, height: int | None, width: int | None
+) -> tuple[Tensor, int, int]:
+    """Latents a caller passes instead of encoding an image (``image_latents``,
+    ``masked_image_latents``): one, or one per image, of the model's latent shape for ``height`` x
+    ``width`` (default: the size they hold); float32 on the model's device, expanded to ``batch``,
+    with the image size."""
+    if not isinstance(z, Tensor) or z.ndim != 4:
+        got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise VelodiffError(f"{name} must be a tensor (B, C, h, w), got {got}")
+    f = model.vae_scale_factor
+    h, w = height or int(z.shape[-2]) * f, width or int(z.shape[-1]) * f
+    want = model.latent_shape(1, h, w)[1:]  # the size check, with its error message
+    if tuple(z.shape[1:]) != tuple(want) or z.shape[0] not in (1, batch):
+        raise VelodiffError(
+            f"{name} have shape {tuple(z.shape)}; expected (1 or {batch}, {', '.join(map(str, want))}) "
+            f"for {w}x{h} images"
+        )
+    if not bool(torch.isfinite(z).all()):
+        raise VelodiffError(f"{name} contain NaN or inf")
+    z = z.to(model.device, torch.float32)
+    return (z.expand(batch, *z.shape[1:]) if z.shape[0] == 1 else z), h, w
 
 
 def mask_tensor(mask: Any) -> Tensor:

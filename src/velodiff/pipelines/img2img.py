@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
@@ -24,6 +23,7 @@ from .common import (
     check_model,
     encode_batch_prompts,
     finish,
+    given_latents,
     image_tensor,
     initial_noise,
     make_setup,
@@ -54,18 +54,16 @@ def init_image_latents(
 ) -> tuple[Tensor, int, int]:
     """Encode the init image(s) and check their size; one image serves the whole batch."""
     if image_latents is not None:
-        z0 = image_latents.to(model.device, torch.float32)
-        h, w = z0.shape[-2] * model.vae_scale_factor, z0.shape[-1] * model.vae_scale_factor
-    else:
-        img = image_tensor(image, "init image")
-        h, w = int(img.shape[-2]), int(img.shape[-1])
-        if (height and height != h) or (width and width != w):
-            raise VelodiffError(
-                f"the init image is {w}x{h} (width x height) but {width or w}x{height or h} was asked for; "
-                "resize the image or leave height/width out"
-            )
-        model.latent_shape(1, h, w)  # the size check, with its error message
-        z0 = model.encode(img)
+        return given_latents(model, image_latents, "image_latents", batch, height, width)
+    img = image_tensor(image, "init image")
+    h, w = int(img.shape[-2]), int(img.shape[-1])
+    if (height and height != h) or (width and width != w):
+        raise VelodiffError(
+            f"the init image is {w}x{h} (width x height) but {width or w}x{height or h} was asked for; "
+            "resize the image or leave height/width out"
+        )
+    model.latent_shape(1, h, w)  # the size check, with its error message
+    z0 = model.encode(img)
     if z0.shape[0] not in (1, batch):
         raise VelodiffError(f"{z0.shape[0]} init images for {batch} images; give one, or one per image")
     return z0.expand(batch, *z0.shape[1:]) if z0.shape[0] == 1 else z0, h, w

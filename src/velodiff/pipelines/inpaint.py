@@ -32,6 +32,7 @@ from .common import (
     check_model,
     encode_batch_prompts,
     finish,
+    given_latents,
     image_tensor,
     initial_noise,
     make_setup,
@@ -89,8 +90,11 @@ def inpaint(
     m_lat = F.interpolate(m, size=shape[-2:]).to(model.device)  # nearest, as diffusers
     m_lat = m_lat.expand(b, -1, -1, -1) if m_lat.shape[0] == 1 else m_lat
 
-    z0 = image_latents.to(model.device, torch.float32) if image_latents is not None else model.encode(img)
-    z0 = z0.expand(b, *z0.shape[1:]) if z0.shape[0] == 1 else z0
+    if image_latents is None:
+        z0 = model.encode(img)
+        z0 = z0.expand(b, *z0.shape[1:]) if z0.shape[0] == 1 else z0
+    else:
+        z0, _, _ = given_latents(model, image_latents, "image_latents", b, h, w)
     setup = make_setup(model, opts, size=(h, w))
     setup = setup.from_step(start_index(setup.steps, s))
     ts = setup.ts
@@ -114,9 +118,10 @@ def inpaint(
         if masked_image_latents is None:
             # diffusers: masked image = image * (mask < 0.5) in [-1, 1], i.e. gray 0.5 where repainted
             masked = img * (1 - m) + 0.5 * m
-            masked_image_latents = model.encode(masked)
-        mz = masked_image_latents.to(model.device, torch.float32)
-        mz = mz.expand(b, *mz.shape[1:]) if mz.shape[0] == 1 else mz
+            mz = model.encode(masked)
+            mz = mz.expand(b, *mz.shape[1:]) if mz.shape[0] == 1 else mz
+        else:
+            mz, _, _ = given_latents(model, masked_image_latents, "masked_image_latents", b, h, w)
         extra = torch.cat([m_lat, mz], dim=1).to(model.dtype)
         cond = _with_concat(cond, extra)
 
