@@ -150,6 +150,17 @@ def test_zero_snr_via_get_schedule_and_errors():
         get_schedule("nope")
     with pytest.raises(VelodiffError, match="betas"):
         DiscreteVP(torch.tensor([0.1, 1.5]))
+    for bad, expect in (
+        (lambda: DiscreteVP.linear(beta_start=float("nan")), "betas must be"),
+        (lambda: RectifiedFlow(t_max=5), r"RectifiedFlow: needs 0 < t_min < t_max <= 1, .*t_max=5"),
+        (lambda: RectifiedFlow(shift=0), "shift must be a finite number > 0"),
+        (lambda: EDM(t_min=90), r"EDM: needs 0 < t_min < t_max \(finite\)"),
+        (lambda: EDM(t_max=float("inf")), "t_max=inf"),
+        (lambda: ContinuousVP(beta_0=0.1, beta_1=0.05), "0 <= beta_0 < beta_1"),
+        (lambda: get_schedule("edm", rho=7), "schedule 'edm': .*'rho'"),
+    ):
+        with pytest.raises(VelodiffError, match=expect):
+            bad()
 
 
 def test_zero_snr_floor_keeps_log_snr_strictly_decreasing():

@@ -79,6 +79,18 @@ class NoiseSchedule(ABC):
     def t_from_sigma_ve(self, sigma: Tensor | float) -> Tensor:
         return self.t_from_log_snr(-torch.log(_as_t(sigma)))
 
+    def _check_params(self, t_max_limit: float = math.inf, **positive: float) -> None:
+        """Refuse parameters the formulas cannot use (NaN, t_min >= t_max, a negative rate)."""
+        for name, v in positive.items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise VelodiffError(f"{type(self).__name__}: {name} must be a finite number > 0, got {v!r}")
+        if not self.t_min < self.t_max <= t_max_limit or not math.isfinite(self.t_max):
+            raise VelodiffError(
+                f"{type(self).__name__}: needs 0 < t_min < t_max "
+                f"{f'<= {t_max_limit:g}' if math.isfinite(t_max_limit) else '(finite)'}, "
+                f"got t_min={self.t_min!r}, t_max={self.t_max!r}"
+            )
+
     def check_range(self, t: Tensor) -> None:
         lo, hi = float(t.min()), float(t.max())
         if lo < 0 or hi > self.t_max * (1 + 1e-9):
@@ -103,7 +115,7 @@ class DiscreteVP(NoiseSchedule):
 
     def __post_init__(self) -> None:
         betas = self.betas.to(F64)
-        if betas.ndim != 1 or len(betas) < 2 or bool((betas <= 0).any()) or bool((betas > 1).any()):
+        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas <= 1)).all()):  # NaN too
             raise VelodiffError("betas must be a 1-D sequence of values in (0, 1]")
         alphas_cumprod = torch.cumprod(1.0 - betas, 0)
         # alpha = 0 (zero terminal SNR) is stored as diffusers' 2^-24, or below half the smallest
@@ -225,6 +237,13 @@ class ContinuousVP(NoiseSchedule):
     t_max: float = 1.0
     kind: str = "vp"
 
+    def __post_init__(self) -> None:
+        self._check_params(t_min=self.t_min)
+        if not 0 <= self.beta_0 < self.beta_1 < math.inf:  # t(lambda) divides by beta_1 - beta_0
+            raise VelodiffError(
+                f"ContinuousVP: needs 0 <= beta_0 < beta_1, got {self.beta_0!r} and {self.beta_1!r}"
+            )
+
     def log_alpha(self, t: Tensor | float) -> Tensor:
         t = _as_t(t)
         return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
@@ -254,6 +273,9 @@ class EDM(NoiseSchedule):
     t_min: float = 0.002
     t_max: float = 80.0
     kind: str = "edm"
+
+    def __post_init__(self) -> None:
+        self._check_params(t_min=self.t_min)
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return torch.ones_like(_as_t(t))
@@ -285,6 +307,9 @@ class RectifiedFlow(NoiseSchedule):
     t_min: float = 1e-3
     t_max: float = 1.0
     kind: str = "flow"
+
+    def __post_init__(self) -> None:  # sigma = t: past t = 1, alpha = 1 - t turns negative
+        self._check_params(1.0, t_min=self.t_min, shift=self.shift)
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return 1.0 - _as_t(t)
@@ -318,7 +343,10 @@ def get_schedule(name: str, **kwargs: float) -> NoiseSchedule:
     zero_snr = bool(kwargs.pop("zero_snr", False))
     if name not in SCHEDULES:
         raise unknown_name("schedule", name, SCHEDULES)
-    sched = SCHEDULES[name](**kwargs)
+    try:
+        sched = SCHEDULES[name](**kwargs)
+    except TypeError as e:  # an option the schedule does not have
+        raise VelodiffError(f"schedule {name!r}: {e}") from None
     if zero_snr:
         if not isinstance(sched, DiscreteVP):
             raise VelodiffError(f"zero_snr rescaling applies to discrete schedules, not {name!r}")
