@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 import velodiff
-from velodiff.commands.names import SOLVER_NAMES
+from velodiff.commands.names import GRID_NAMES, SOLVER_NAMES
 from velodiff.errors import VelodiffError
 
 HEAVY = ("torch", "diffusers", "transformers")
@@ -108,6 +108,15 @@ def test_solver_names_match_the_registry():
     assert SOLVER_NAMES == tuple(SOLVERS), (
         "velodiff/commands/names.py: SOLVER_NAMES must list velodiff.solvers.SOLVERS (the CLI checks "
         "--solver against it without importing torch)"
+    )
+
+
+def test_grid_names_match_the_registry():
+    from velodiff.grids import GRIDS
+
+    assert GRID_NAMES == tuple(GRIDS), (
+        "velodiff/commands/names.py: GRID_NAMES must list velodiff.grids.GRIDS (the CLI checks --grid "
+        "against it without importing torch)"
     )
 
 

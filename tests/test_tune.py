@@ -106,6 +106,19 @@ def test_tune_bad_input_is_one_line(tmp_path, capsys):
     space.write_text("solver: [ddim]\n")
     assert cli("tune", "--budget", "0.02", "--out", str(tmp_path / "t"), "--space", str(space)) == 2
     assert "unknown search space key 'solver'" in capsys.readouterr().err
+    for text, message in [
+        ("solvers: 5\n", "solvers must be a non-empty list of solver names, got 5"),
+        ("nfe: [a]\n", "nfe must be a non-empty list of integers, got ['a']"),
+        ("grids: [nope]\n", "search space: unknown grid 'nope'"),
+        ("solvers: [nope]\n", "search space: unknown solver 'nope'"),
+        ("nfe: [0]\n", "search space: plan setting nfe must be in [1, 1000], got 0"),
+        ("axes: {cache: [deepcache:intervl=2]}\n", "axes.cache 'deepcache:intervl=2'"),
+    ]:
+        space.write_text(text)
+        assert cli("tune", "--budget", "0.02", "--out", str(tmp_path / "t"), "--space", str(space)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "t").exists()
 
 
 def test_the_space_drops_rules_this_installation_lacks():

@@ -336,10 +336,10 @@ def parse_setting(text: str) -> tuple[str, Any]:
         raise VelodiffError(f"plan setting {key} must be in [1, {MAX_STEPS}], got {value}")
     if key == "guidance" and not (math.isfinite(value) and value >= 0):
         raise VelodiffError(f"plan setting guidance must be >= 0, got {raw}")
-    if key == "solver":
-        from .commands.names import check_solver
+    if key in ("solver", "grid"):
+        from .commands.names import check_grid, check_solver
 
-        check_solver(value)
+        (check_solver if key == "solver" else check_grid)(value)
     return key, value
 
 

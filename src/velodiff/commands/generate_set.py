@@ -60,10 +60,12 @@ def generate_set_cmd(
 
     if guidance is not None and not guidance >= 0:
         raise VelodiffError(f"--guidance must be >= 0, got {guidance}")
-    if solver is not None:
-        from .names import check_solver
+    from .names import check_grid, check_solver
 
+    if solver is not None:
         check_solver(solver)
+    if grid is not None:
+        check_grid(grid)
     if plan is not None:
         from ..plan import Plan
 

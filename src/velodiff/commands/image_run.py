@@ -56,7 +56,7 @@ class ImageRun:
     def check(self) -> None:
         """Refuse what is wrong without importing torch (one line each)."""
         from ..shipped import resolve_model
-        from .names import DTYPE_NAMES, NOISE_MODES, check_name, check_solver
+        from .names import DTYPE_NAMES, NOISE_MODES, check_grid, check_name, check_solver
 
         if self.steps is not None and self.nfe is not None:
             raise VelodiffError("give --steps or --nfe, not both")
@@ -76,6 +76,8 @@ class ImageRun:
             raise VelodiffError(f"--clip-skip must be >= 0, got {self.clip_skip}")
         if self.solver is not None:
             check_solver(self.solver)
+        if self.grid is not None:
+            check_grid(self.grid)
         check_name("noise mode", self.noise, NOISE_MODES)
         if self.dtype is not None:
             check_name("dtype", self.dtype, DTYPE_NAMES)

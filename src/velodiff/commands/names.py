@@ -30,6 +30,22 @@ def check_solver(name: str) -> None:
         resolve_solver(name, SOLVER_NAMES)  # another tool's name ("DPM++ 2M Karras"), or refused
 
 
+#: the names of ``velodiff.grids.GRIDS``, in its order, and the model-fitted ``calibrated``
+GRID_NAMES = (
+    "uniform", "logsnr", "karras", "exponential", "polyexponential", "linspace", "leading", "trailing",
+    "flow-shifted", "normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "kl_optimal", "ays",
+    "linear_quadratic", "lcm",
+)
+
+
+def check_grid(name: str) -> None:
+    """Refuse an unknown grid name (``--grid``, a plan's ``grid=``) as the pipelines would, before any
+    model loads: velodiff's names, ``calibrated`` and other tools' scheduler names (ComfyUI's, A1111's)."""
+    from ..aliases import resolve_grid
+
+    resolve_grid(name, (*GRID_NAMES, "calibrated"))
+
+
 #: ``velodiff.pipelines.common.NOISE_MODES``
 NOISE_MODES = ("velodiff", "torch")
 #: the weight dtypes the CLI offers (``velodiff.models.base.DTYPES`` also takes fp32 / bf16 / fp16)

@@ -67,9 +67,37 @@ class SearchSpace:
                 f"search space: unknown key {sorted(unknown)[0]!r}; keys: solvers, nfe, grids, axes"
             )
         space = cls(**values)
-        if not space.solvers or not space.nfe:
-            raise VelodiffError("search space: give at least one solver and one NFE")
+        space.check()
         return space
+
+    def check(self) -> None:
+        """One line for what a hand-written space gets wrong (a type, a name, a plan)."""
+        from ..plan import Plan, parse_setting
+
+        def listed(key: str, v: Any, ok: Callable[[Any], bool], what: str, empty: bool = False) -> None:
+            if not isinstance(v, list) or not (v or empty) or not all(ok(x) for x in v):
+                need = "a list" if empty else "a non-empty list"
+                raise VelodiffError(f"search space: {key} must be {need} of {what}, got {v!r}")
+
+        listed("solvers", self.solvers, lambda x: isinstance(x, str), "solver names")
+        listed("nfe", self.nfe, lambda x: isinstance(x, int) and not isinstance(x, bool), "integers")
+        listed("grids", self.grids, lambda x: x is None or isinstance(x, str), "grid names or null")
+        try:
+            for key, values in (("solver", self.solvers), ("nfe", self.nfe), ("grid", self.grids)):
+                for v in values:
+                    if v is not None:
+                        parse_setting(f"{key}={v}")
+        except VelodiffError as e:
+            raise VelodiffError(f"search space: {e}") from None
+        if not isinstance(self.axes, dict):
+            raise VelodiffError(f"search space: axes must map names to lists of plans, got {self.axes!r}")
+        for axis, options in self.axes.items():
+            listed(f"axes.{axis}", options, lambda x: isinstance(x, str), "plan strings", empty=True)
+            for opt in options:
+                try:
+                    Plan.parse(opt)
+                except VelodiffError as e:
+                    raise VelodiffError(f"search space: axes.{axis} {opt!r}: {e}") from None
 
     def needs_calibration(self) -> bool:
         """Whether some combination runs on a solver calibration (the calibrated grid, DPM-Solver-v3)."""
