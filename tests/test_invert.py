@@ -180,6 +180,9 @@ def test_cli_writes_the_metrics_and_refuses_in_one_line(tmp_path, capsys):
         (["--method", "rf", "--json", str(out)], "needs a flow model"),
         (["--method", "fixed-point", "--solver", "ddpm", "--json", str(out)], "stochastic"),
         (["--method", "edict"], "nothing to write"),
+        (["--method", "edict", "--eta", "0.5", "--json", str(out)], "--eta is read only with --method rf"),
+        (["--method", "ddim", "--iters", "2", "--json", str(out)], "--iters is read only with"),
+        (["--method", "fixed-point", "--p", "0.9", "--json", str(out)], "--p is read only with --method e"),
     ]:
         capsys.readouterr()
         assert cli(*args, *bad) == 2

@@ -153,6 +153,12 @@ def test_cli_edit_writes_the_grid_and_refuses_in_one_line(tmp_path, capsys):
         cli("edit", "a red circle", "--to", "x", "-o", str(out), "--image", str(out), "--method", "edict")
         == 2
     )
+    for ignored, line in ((["--weight", "2"], "--weight is read only with --word"),
+                          (["--threshold", "0.5"], "--threshold is read only with --blend"),
+                          (["--method", "ddim"], "--method is read only with --image")):
+        capsys.readouterr()
+        assert cli("edit", "a red circle", "--to", "x", "-o", str(out), *ignored) == 2
+        assert capsys.readouterr().err.strip() == f"error: {line}; this run would ignore it"
 
 
 def test_local_blend_keeps_the_source_outside_its_region(model):

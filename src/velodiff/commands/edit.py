@@ -22,6 +22,7 @@ EXAMPLE = o.example(
 
 
 def edit_cmd(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="the source prompt")],
     out: o.Out,
     to: Annotated[list[str], typer.Option("--to", help="an edited prompt (repeat for several)")],
@@ -62,6 +63,8 @@ def edit_cmd(
         raise VelodiffError(
             f"--method {method!r}: prompt-to-prompt starts from one noise; use fixed-point or ddim inversion"
         )
+    o.refuse_ignored(ctx, {"weight": (bool(words), "--word"), "threshold": (bool(blend), "--blend"),
+                      "method": (image is not None, "--image")})
     run = ImageRun.of(locals())
     run.check()
     from .generate import check_output_path

@@ -26,6 +26,7 @@ EXAMPLE = o.example(
 
 
 def invert_cmd(
+    ctx: typer.Context,
     image: Annotated[
         Path, typer.Argument(help="the image to invert (its sides multiples of the latent factor)")
     ],
@@ -74,6 +75,9 @@ def invert_cmd(
         raise VelodiffError("--edit is empty; give the prompt to regenerate under")
     if out is None and json_out is None:
         raise VelodiffError("nothing to write: give --json and/or --out")
+    rf, fixed = (method == "rf", "--method rf"), (method == "fixed-point", "--method fixed-point")
+    o.refuse_ignored(ctx, {"p": (method == "edict", "--method edict"), "iters": fixed, "sweeps": fixed,
+                      "gamma": rf, "eta": rf, "stop": rf})
     run = ImageRun.of(locals())
     run.check()
     from ..files import distinct_files, output_file

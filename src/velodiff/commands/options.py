@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..errors import VelodiffError
+
 #: help text of every --threads that loads a model through load_model
 THREADS_HELP = "CPU threads (default: 1 for the shipped tiny model, torch's default for others)"
 
@@ -124,3 +126,14 @@ def example(*lines: str) -> str:
     """A command's help epilog: one example, kept as written (click's \\b: no re-wrapping), each line
     short enough for an 80-column terminal (tests/test_cli_checkpoint.py checks)."""
     return "\b\nExample:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def refuse_ignored(ctx: typer.Context, applies: dict[str, tuple[bool, str]]) -> None:
+    """Refuse an option typed on the command line that this run would ignore: ``applies`` maps a
+    parameter name to (whether the run reads it, when it does), e.g. ``{"eta": (method == "rf",
+    "--method rf")}`` -> ``--eta is read only with --method rf``."""
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    for name, (read, when) in applies.items():
+        source = ctx.get_parameter_source(name)
+        if not read and source is not None and source.name == "COMMANDLINE":
+            raise VelodiffError(f"{flags[name]} is read only with {when}; this run would ignore it")
