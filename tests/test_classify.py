@@ -103,6 +103,7 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         (img, [], "no candidate labels"),
         (img, ["a red circle"], "one candidate"),
         (img, ["a red circle", "a red circle"], "repeat"),
+        (img, ["A red circle", "a red  circle", "a cross"], r"repeat \(ignoring case and spacing\): 'A red"),
         (img, ["a red circle", ""], "empty"),
     ]
     for image, labels, match in cases:

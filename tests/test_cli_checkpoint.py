@@ -273,6 +273,9 @@ def test_bad_input_one_line_each(picture, tiny_single_file, tmp_path, capsys):
     )
     assert "does not exist" in one_error_line(capsys, "img2img", "a cube", "--image", tmp_path / "no.png",
                                               "--out", out)
+    (tmp_path / "folder.png").mkdir()
+    assert "is a folder; give an image file" in one_error_line(capsys, "img2img", "a cube", "--image",
+                                                               tmp_path / "folder.png", "--out", out)
     Image.new("RGB", (30, 30)).save(tmp_path / "odd.png")
     assert "--width 28 --height 28" in one_error_line(capsys, "img2img", "a cube", "--image",
                                                       tmp_path / "odd.png", "--out", out)

@@ -215,8 +215,11 @@ def read_image(path: Path, what: str = "image") -> Any:
     """An image file as a loaded 8-bit PIL image (one line if it is missing or not an image)."""
     from ..images import open_image
 
+    if path.is_dir():
+        raise VelodiffError(f"{what} {str(path)!r} is a folder; give an image file")
     if not path.is_file():
-        raise VelodiffError(f"{what} {str(path)!r} does not exist")
+        problem = "is not a regular file" if path.exists() else "does not exist"
+        raise VelodiffError(f"{what} {str(path)!r} {problem}")
     return open_image(path, what)
 
 

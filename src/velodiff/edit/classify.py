@@ -87,9 +87,13 @@ def check_labels(labels: Sequence[str]) -> list[str]:
         )
     if any(not s for s in labels):
         raise VelodiffError("a candidate label is empty; remove the empty entry (a doubled comma?)")
-    dup = sorted({s for s in labels if labels.count(s) > 1})
+    # CLIP's tokenizer lowercases and splits on whitespace: labels differing only there are one prompt
+    keys = [" ".join(s.lower().split()) for s in labels]
+    dup = [s for s, k in zip(labels, keys, strict=True) if keys.count(k) > 1]
     if dup:
-        raise VelodiffError(f"candidate labels repeat: {', '.join(repr(s) for s in dup)}")
+        raise VelodiffError(
+            f"candidate labels repeat (ignoring case and spacing): {', '.join(repr(s) for s in dup)}"
+        )
     if len(labels) < 2:
         raise VelodiffError("one candidate label only; give at least two to choose between")
     return labels
