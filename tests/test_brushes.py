@@ -85,6 +85,10 @@ def test_cli_brush(tmp_path, capsys):
         == 0
     )
     assert out.is_file() and "layers: 2 NFE" in capsys.readouterr().out
+    negated = tmp_path / "n.png"  # the negative prompt reaches the base and every layer
+    assert cli("brush", "a red circle above a blue square", "--layer", layer, "-o", str(negated),
+               "--steps", "4", "--negative", "a red circle") == 0
+    assert negated.read_bytes() != out.read_bytes()
     for bad, match in [
         ("box=0,0.5,1.2,1;a;1;0.5", "the box must satisfy"),
         ("a;b", "4 fields"),

@@ -191,6 +191,9 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         assert cli("generate", "a red circle", "-o", out, *args) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+    assert cli("generate", "a red circle above a blue square", "-o", out, "--layout-mode", "collage",
+               "--layout", "red circle: 0,0,0.5,0.5") == 2  # the square would be dropped without a word
+    assert "no box for 'blue square', which the prompt names" in capsys.readouterr().err
     args = ("--layout", "red circle: 0.5,0.5,0.95,0.95", "--layout-mode", "collage", "--steps", "4")
     assert cli("generate", "a red circle", "-o", out, *args) == 0
     assert "4 steps, 6 NFE" in capsys.readouterr().out  # 4 steps for the object, 2 for the harmonising pass

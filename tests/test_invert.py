@@ -115,6 +115,7 @@ def test_rf_inversion_on_a_tiny_flow_model(tmp_path):
     controlled = invert(flux, img, "a red cube", "rf", steps=8, gamma=0.0, eta=0.9, stop=0.5)
     # the reverse controller pulls the regeneration toward the image (Rout et al. 2024)
     assert controlled.metrics["latent_max_error"] < plain.metrics["latent_max_error"]
+    assert (controlled.metrics["eta"], controlled.metrics["stop"]) == (0.9, 0.5)  # the JSON tells them apart
     # gamma = 1 drives the inversion onto the drawn noise y1 (the conditional field's endpoint)
     to_noise = invert(flux, img, "a red cube", "rf", steps=8, gamma=1.0, measure=False)
     from velodiff.noise import randn

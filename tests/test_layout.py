@@ -172,8 +172,13 @@ def test_generate_layout_option(tmp_path, capsys):
         assert cli("generate", prompt, "-o", str(out), "--layout", bad) == 2
         err = capsys.readouterr().err.strip()
         assert match in err and "\n" not in err
-    assert cli("generate", prompt, "-o", str(out), "--layout", "red circle: 0,0,1,1", "--plan", "layout") == 2
-    assert "drop layout from --plan" in capsys.readouterr().err
+    # --plan layout:... gives --layout's boxes their options (as --plan regional:... does --regions')
+    assert cli("generate", prompt, "-o", str(out), "--steps", "3", "--layout", "red circle: 0,0,1,1",
+               "--plan", "layout:iters=1,retention=0.5") == 0
+    assert "plan layout:iters=1,retention=0.5+cfg" in capsys.readouterr().out
+    assert cli("generate", prompt, "-o", str(out), "--layout", "red circle: 0,0,1,1", "--plan", "layout",
+               "--layout-mode", "collage") == 2
+    assert "collage places the objects itself; drop layout from --plan" in capsys.readouterr().err
 
 
 def test_a_mask_region_is_the_box_it_draws_and_bad_masks_are_one_line(model, tmp_path):

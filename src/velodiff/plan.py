@@ -456,6 +456,10 @@ class Plan:
     def with_rules(self, extra: Iterable[Accelerator]) -> Plan:
         return Plan([*reversed(self.rules), *extra], self.settings)
 
+    def without(self, rule: Accelerator) -> Plan:
+        """The plan less ``rule`` (a command that gives the rule its own input takes it out)."""
+        return Plan([r for r in reversed(self.rules) if r is not rule], self.settings)
+
     def without_settings(self) -> Plan:
         """The rules alone (what the sampling loop runs once a pipeline has applied the settings)."""
         return Plan(list(reversed(self.rules)))

@@ -67,6 +67,7 @@ def brush_cmd(
     solver: o.Solver = None,
     grid: o.Grid = None,
     guidance: o.Guidance = None,
+    negative: o.Negative = None,
     plan: o.PlanOpt = None,
     config: o.Config = None,
     threads: o.Threads = None,
@@ -85,7 +86,7 @@ def brush_cmd(
     layers = [parse_layer(t, tuple(m.default_size)) for t in layer]
     from ..edit.brushes import Canvas
 
-    kw = {k: v for k, v in run.sampling().items() if v is not None and k not in ("noise", "negative")}
+    kw = {k: v for k, v in run.sampling().items() if v is not None and k != "noise"}
     canvas = Canvas(
         m, prompt, seed=seed, plan=plan, **{k: v for k, v in kw.items() if k != "guidance_rescale"}
     )

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import VelodiffError
 from . import options as o
-from .image_run import ImageRun, read_image
+from .image_run import ImageRun, read_rgb
 
 EXAMPLE = o.example(
     'velodiff classify scene.png --labels "a red circle,a blue cross"',
@@ -60,7 +60,7 @@ def classify_cmd(
         from ..files import output_file
 
         output_file(json_out, "--json")
-    picture = read_image(image)
+    picture = read_rgb(image)
     run = ImageRun.of(locals())
     run.check()
     m = run.load()

@@ -13,7 +13,7 @@ from ..errors import VelodiffError
 from ..files import save_image_atomic
 from ..images import image_grid
 from . import options as o
-from .image_run import ImageRun, fit_size, read_image
+from .image_run import ImageRun, fit_size, read_rgb
 
 EXAMPLE = o.example(
     'velodiff edit "a red circle" --to "a blue circle" --to "a green circle" \\',
@@ -38,7 +38,9 @@ def edit_cmd(
     ] = None,
     threshold: Annotated[float, typer.Option(help="local blend: share of a map's maximum inside")] = 0.3,
     image: Annotated[Path | None, typer.Option(help="edit this image: invert it under SOURCE first")] = None,
-    method: Annotated[str, typer.Option(help="inversion for --image: fixed-point or ddim")] = "fixed-point",
+    method: Annotated[
+        str, typer.Option(help="inversion for --image: fixed-point (of --solver, default ddim) or ddim")
+    ] = "fixed-point",
     model: o.Model = None,
     width: o.Width = None,
     height: o.Height = None,
@@ -63,14 +65,19 @@ def edit_cmd(
         raise VelodiffError(
             f"--method {method!r}: prompt-to-prompt starts from one noise; use fixed-point or ddim inversion"
         )
-    o.refuse_ignored(ctx, {"weight": (bool(words), "--word"), "threshold": (bool(blend), "--blend"),
-                      "method": (image is not None, "--image")})
+    o.refuse_ignored(ctx, {
+        "weight": (bool(words), "--word"),
+        "threshold": (bool(blend), "--blend"),
+        "method": (image is not None, "--image"),
+        "seed": (image is None, "a generated source (an --image starts from its inversion)"),
+        "solver": (image is None or method == "fixed-point", "a generated source or --method fixed-point"),
+    })
     run = ImageRun.of(locals())
     run.check()
     from .generate import check_output_path
 
     fmt = check_output_path(out)
-    picture = read_image(image).convert("RGB") if image is not None else None
+    picture = read_rgb(image) if image is not None else None
     m = run.load()
     kw = {k: v for k, v in run.sampling().items() if v is not None and k != "noise"}
     latents, size = None, (height, width)
@@ -82,10 +89,11 @@ def edit_cmd(
             picture = picture.resize(w_h, Image.Resampling.LANCZOS)
         from ..pipelines.invert import invert
 
-        inv_kw = dict(kw)
-        if method == "ddim":
-            inv_kw.pop("solver", None)
+        if method == "ddim" or solver is None:
+            # fixed-point inversion converges best on DDIM's step under guidance (bench/edit: 25.5 dB
+            # against 16.9 for DPM-Solver++ 2M at guidance 2.5); the edit samples with the same solver
             kw["solver"] = "ddim"
+        inv_kw = {k: v for k, v in kw.items() if not (method == "ddim" and k == "solver")}
         inv = invert(m, picture, source, method, measure=False, plan=plan, **inv_kw)
         latents, size = inv.latents, inv.size
     from ..edit.p2p import edit_prompt
@@ -109,9 +117,18 @@ def edit_cmd(
         **kw,
     )
     save_image_atomic(image_grid(list(res.images)), out, fmt)
+    rebuilt = ""
+    if picture is not None:  # the grid's source is the inverted noise regenerated: the round trip
+        import numpy as np
+        import torch
+
+        from ..pipelines.invert import psnr
+
+        a, b = (torch.from_numpy(np.asarray(im, dtype=np.float32) / 255) for im in (res.images[0], picture))
+        rebuilt = f"; source rebuilt at {psnr(a, b):.1f} dB PSNR"
     typer.echo(
         f"wrote {out} (source + {len(to)} edit{'s' if len(to) > 1 else ''}, {res.solver}, {res.steps} steps, "
-        f"plan {res.plan})"
+        f"plan {res.plan}{rebuilt})"
     )
 
 

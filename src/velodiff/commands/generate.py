@@ -157,8 +157,8 @@ def generate(
     layout: Annotated[
         str | None,
         typer.Option(help="layout guidance boxes: 'red circle: 0.1,0.1,0.45,0.45; blue square: ...' "
-                     "(fractions x0,y0,x1,y1, y down; or a mask image's path, white = the region; plan "
-                     "rule layout)"),
+                     "(fractions x0,y0,x1,y1, y down; or a mask image's path, white = the region; its "
+                     "options: --plan layout:scale=...)"),
     ] = None,
     layout_mode: Annotated[
         str,
@@ -186,15 +186,16 @@ def generate(
     run = ImageRun.of(locals())
     run.check()
     boxes = None
+    collage = check_layout_mode(layout_mode, strength, attention_maps)
+    layout_options: dict[str, Any] | None = None
     if layout is not None:
         from ..edit.layout import check_boxes, parse_layout
-        from ..plan import Plan
 
         boxes = parse_layout(layout, masks=True)
         check_boxes(boxes, prompt)
-        if plan is not None and Plan.parse(plan).find("layout") is not None:
-            raise VelodiffError("--layout adds the plan rule layout with its boxes; drop layout from --plan")
-    collage = check_layout_mode(layout_mode, strength, attention_maps)
+        layout_options = take_rule(run, "layout")  # --plan layout:scale=... sets the options of --layout
+        if collage and layout_options is not None:
+            raise VelodiffError("--layout-mode collage places the objects itself; drop layout from --plan")
     if collage:
         from ..edit.collage import collage_boxes
 
@@ -202,13 +203,8 @@ def generate(
     regional = None
     if regions is not None:
         from ..edit.regional import RegionalPrompting, parse_regions
-        from ..plan import Plan
 
-        parsed = Plan.parse(run.plan)
-        given = parsed.find("regional")  # its options stay; --regions gives its regions
-        regional = RegionalPrompting(regions=parse_regions(regions), **(given.values if given else {}))
-        if given is not None:
-            run.plan = str(Plan([r for r in reversed(parsed.rules) if r is not given], parsed.settings))
+        regional = RegionalPrompting(regions=parse_regions(regions), **(take_rule(run, "regional") or {}))
     fmt = check_output_path(out)
     if attention_maps is not None:
         check_output_path(attention_maps)
@@ -223,7 +219,7 @@ def generate(
     if boxes is not None and not collage:
         from ..edit.layout import LayoutGuidance
 
-        extra.append(LayoutGuidance(boxes=boxes))
+        extra.append(LayoutGuidance(boxes=boxes, **(layout_options or {})))
     if regional is not None:
         extra.append(regional)
     if collage:
@@ -243,6 +239,19 @@ def generate(
         sheet = attention_sheet(capture.maps, tokens, res.images[(n - 1) // step * step], scale=2)
         save_image_atomic(sheet, attention_maps)
         typer.echo(f"wrote {attention_maps} (cross-attention per token, mean over the steps)")
+
+
+def take_rule(run: ImageRun, name: str) -> dict[str, Any] | None:
+    """The options of the rule ``name`` in --plan, the rule taken out of the plan: an option such as
+    --layout or --regions gives the rule its input, the plan its options (None: the plan has none)."""
+    from ..plan import Plan
+
+    parsed = Plan.parse(run.plan)
+    given = parsed.find(name)
+    if given is None:
+        return None
+    run.plan = str(parsed.without(given))
+    return dict(given.values)
 
 
 def check_layout_mode(mode: str, strength: float | None, maps: Path | None) -> bool:

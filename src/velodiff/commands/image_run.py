@@ -223,6 +223,20 @@ def read_image(path: Path, what: str = "image") -> Any:
     return open_image(path, what)
 
 
+def read_rgb(path: Path, what: str = "image") -> Any:
+    """An image file as an RGB PIL image: palette, grayscale and CMYK files converted, one with
+    transparent pixels refused (as the Python API refuses it: what is behind them is not in the file)."""
+    import numpy as np
+
+    im = read_image(path, what)
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        if int(np.asarray(im.convert("RGBA").getchannel("A")).min()) < 255:
+            raise VelodiffError(
+                f"{what} {str(path)!r} has transparent pixels; flatten it onto a background first"
+            )
+    return im.convert("RGB")
+
+
 def fit_size(run: ImageRun, image: Any, what: str = "image") -> tuple[int, int]:
     """The output size (w, h): --width/--height if given (the image is resized to it), else the
     image's own, which must then be a multiple of the model's latent factor."""

@@ -13,7 +13,7 @@ from ..files import save_image_atomic
 from ..images import image_grid
 from . import options as o
 from .generate import check_output_path
-from .image_run import ImageRun, fit_size, read_image
+from .image_run import ImageRun, fit_size, read_rgb
 
 EXAMPLE = o.example(
     'velodiff img2img "a watercolor lighthouse" --image photo.png \\',
@@ -66,7 +66,7 @@ def img2img_cmd(
     run = ImageRun.of(locals())
     run.check()
     fmt = check_output_path(out)
-    picture = read_image(image).convert("RGB")
+    picture = read_rgb(image)
     run.load()
     size = fit_size(run, picture)
     if size != picture.size:

@@ -14,7 +14,7 @@ from ..files import save_image_atomic
 from ..images import image_grid
 from . import options as o
 from .generate import check_output_path
-from .image_run import ImageRun, fit_size, read_image
+from .image_run import ImageRun, fit_size, read_image, read_rgb
 from .img2img import check_strength
 
 EXAMPLE = o.example(
@@ -72,7 +72,7 @@ def inpaint_cmd(
     run = ImageRun.of(locals())
     run.check()
     fmt = check_output_path(out)
-    picture = read_image(image).convert("RGB")
+    picture = read_rgb(image)
     holes = read_image(mask, "mask").convert("L")
     if holes.size != picture.size:
         raise VelodiffError(

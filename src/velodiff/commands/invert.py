@@ -15,7 +15,7 @@ from ..errors import VelodiffError
 from ..files import save_image_atomic, write_atomic
 from ..images import image_grid
 from . import options as o
-from .image_run import ImageRun, fit_size, read_image
+from .image_run import ImageRun, fit_size, read_rgb
 
 METHODS = ("ddim", "edict", "fixed-point", "rf")
 
@@ -76,8 +76,9 @@ def invert_cmd(
     if out is None and json_out is None:
         raise VelodiffError("nothing to write: give --json and/or --out")
     rf, fixed = (method == "rf", "--method rf"), (method == "fixed-point", "--method fixed-point")
+    controller = (method == "rf" and eta > 0, "--method rf and --eta > 0")
     o.refuse_ignored(ctx, {"p": (method == "edict", "--method edict"), "iters": fixed, "sweeps": fixed,
-                      "gamma": rf, "eta": rf, "stop": rf})
+                           "gamma": rf, "eta": rf, "stop": controller})
     run = ImageRun.of(locals())
     run.check()
     from ..files import distinct_files, output_file
@@ -87,7 +88,7 @@ def invert_cmd(
     if json_out is not None:
         output_file(json_out, "--json")  # before the inversion, not after
     distinct_files(IMAGE=image, **{"--json": json_out, "--out": out})
-    picture = read_image(image).convert("RGB")
+    picture = read_rgb(image)
     run.load()
     size = fit_size(run, picture)
     if size != picture.size:

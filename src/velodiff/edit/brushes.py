@@ -204,8 +204,8 @@ class Canvas:
             xs.append(blended)
             return blended
 
-        cond = encode_batch_prompts(m, [prompt], None, setup.plan.needs("uncond"), h, w)
         opts = Sampling.of("Canvas", self.options)
+        cond = encode_batch_prompts(m, [prompt], opts.negative, setup.plan.needs("uncond"), h, w)
         res = run(m, setup, opts, x, cond, [seed], [prompt], (h, w), ts=ts[k:], callback=keep_outside)
         x0s.append(None)
         self.last_nfe += res.nfe

@@ -136,7 +136,16 @@ def boxes_from_prompt(prompt: str, side: float = 0.4, group_side: float = 0.3) -
 
 def collage_boxes(prompt: str, boxes: Boxes | None = None) -> Boxes:
     """``boxes``, or else :func:`boxes_from_prompt`'s; one line when there are none."""
-    boxes = boxes_from_prompt(prompt) if boxes is None else boxes
+    named = boxes_from_prompt(prompt)
+    if boxes is not None:  # the collage draws only boxed objects: one the prompt names must have a box
+        given = [set(k.split()) for k in boxes]
+        missing = [k for k in named if not any(g <= set(k.split()) or set(k.split()) <= g for g in given)]
+        if missing:
+            raise VelodiffError(
+                f"the layout has no box for {', '.join(repr(k) for k in missing)}, which the prompt names; "
+                "the collage draws only the boxed objects: add a box for each"
+            )
+    boxes = named if boxes is None else boxes
     if not boxes:
         raise VelodiffError(
             "the collage needs layout boxes or a prompt naming several objects "

@@ -137,6 +137,8 @@ class Inversion:
             "regenerate_nfe": back.nfe,
             **{k: v for k, v in self.result.info.items() if k != "iterations"},
         }
+        if self.method == "rf":  # RF-Inversion's reverse controller decides the regeneration
+            self.metrics.update(eta=eta, stop=stop)
         if self.image is not None:
             self.metrics["psnr_input"] = psnr(back.images.cpu(), self.image.cpu())
         return self.metrics
