@@ -107,7 +107,10 @@ def test_comfyui_example_client_runs_the_default_graph(server):
     client_id = str(uuid.uuid4())
     seen: list[dict] = []
     with ws_client.connect(f"ws://{address}/ws?clientId={client_id}") as ws:
+        ws.send(b"\x00binary")  # ComfyUI ignores what clients send; so does velodiff (the socket stays)
         prompt_id, images = get_images(ws, address, GRAPH, client_id, seen)
+    with ws_client.connect(f"ws://{address}/ws") as ws:  # no clientId: ComfyUI makes up a sid
+        assert len(json.loads(ws.recv())["data"]["sid"]) == 32
     assert list(images) == ["9"] and len(images["9"]) == 1
     im = Image.open(io.BytesIO(images["9"][0]))
     assert im.format == "PNG" and im.size == (64, 64)
@@ -140,8 +143,9 @@ def test_queue_history_and_interrupt(server):
     g = copy.deepcopy(GRAPH)
     g["3"]["inputs"].update(steps=200, sampler_name="heun")
     first = httpx.post(f"{url}/prompt", json={"prompt": g, "client_id": "c1"}).json()
+    other = httpx.post(f"{url}/api/jobs", json={"prompt": "not a ComfyUI prompt", "steps": 2}).json()
     second = httpx.post(f"{url}/prompt", json={"prompt": g, "client_id": "c1"}).json()
-    assert first["node_errors"] == {} and second["number"] == first["number"] + 1
+    assert first["node_errors"] == {} and second["number"] == first["number"] + 2  # the jobs API's between
     deadline = time.monotonic() + 30
     while not (q := httpx.get(f"{url}/queue").json())["queue_running"]:
         assert time.monotonic() < deadline
@@ -150,8 +154,8 @@ def test_queue_history_and_interrupt(server):
         q["queue_running"][0][1] == first["prompt_id"]
         and q["queue_running"][0][2]["3"]["class_type"] == "KSampler"
     )
-    assert [item[1] for item in q["queue_pending"]] == [second["prompt_id"]]
-    assert httpx.get(f"{url}/prompt").json()["exec_info"]["queue_remaining"] == 2
+    assert [item[1] for item in q["queue_pending"]] == [second["prompt_id"]]  # ComfyUI's prompts only
+    assert httpx.get(f"{url}/prompt").json()["exec_info"]["queue_remaining"] == 3
     assert httpx.get(f"{url}/history/{first['prompt_id']}").json() == {}  # not finished yet
     for bad in (None, "x", {"delete": "abc"}):  # a 500 and a traceback in the log, or silently nothing
         r = httpx.post(f"{url}/queue", json=bad)
@@ -164,6 +168,11 @@ def test_queue_history_and_interrupt(server):
         time.sleep(0.02)
     status = h[first["prompt_id"]]["status"]
     assert status["completed"] is False and status["status_str"] == "error"
+    assert status["messages"][-1][0] == "execution_interrupted"
+    httpx.post(f"{url}/queue", json={"clear": True})  # the jobs API's job is not ComfyUI's to clear
+    job = httpx.get(f"{url}/api/jobs/{other['id']}/result", timeout=60).json()
+    assert job["state"] == "done"
+    assert httpx.get(f"{url}/history/{other['id']}").json() == {}
     assert httpx.get(f"{url}/queue").json() == {"queue_running": [], "queue_pending": []}
 
 
@@ -185,6 +194,24 @@ def test_unsupported_node_is_refused_with_node_errors(server):
     assert err["class_type"] == "LoraLoader" and err["errors"][0]["type"] == "node_not_supported"
     assert err["dependent_outputs"] == ["9"]
     assert httpx.get(f"{url}/api/health").json()["ok"]
+
+
+def test_nodes_velodiff_cannot_read_are_named(server):
+    """A PreviewImage output (a common output node) and inputs that are not an object are refused with
+    the node named in node_errors, not as 'no outputs' or a 500."""
+    url, _ = server
+    g = copy.deepcopy(GRAPH)
+    g["9"]["class_type"] = "PreviewImage"
+    err = refused(url, g)["node_errors"]["9"]
+    assert err["class_type"] == "PreviewImage" and err["errors"][0]["type"] == "node_not_supported"
+    g = copy.deepcopy(GRAPH)
+    g["8"]["inputs"] = [1, 2]
+    err = refused(url, g)["node_errors"]["8"]["errors"][0]
+    assert err["message"] == "A node's inputs must be an object"
+    g = copy.deepcopy(GRAPH)
+    g["3"]["inputs"]["scheduler"] = "linear_quadratic"  # ComfyUI's name, for flow models only
+    err = refused(url, g)["node_errors"]["3"]["errors"][0]
+    assert "rectified flows" in err["message"]
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,12 @@ LONG = "red " * 100
         ({"prompt": "x", "plan": "@/etc/hostname"}, "reads no plan file"),  # nor plan files
         ({"prompt": "x", "plan": "steps=500"}, "steps must be between 1 and 200"),  # a plan's steps too
         ({"prompt": "x", "width": 0}, "not a positive multiple"),  # 0 is not "the default"
+        # accepted, then failed in the worker: refused at submission by the rules' own checks
+        ({"prompt": "x", "grid": "linear_quadratic"}, "rectified flows"),
+        ({"prompt": "x", "plan": "fp8"}, "needs a cuda device"),
+        ({"prompt": "x", "plan": "cfg_zero"}, "for flow-matching models"),
+        ({"prompt": "x", "plan": "fbcache"}, "for diffusion transformers"),
+        ({"prompt": "x", "plan": "cfgpp"}, "use solver ddim"),
     ],
 )
 def test_bad_input_is_one_line_4xx_and_the_server_goes_on(server, body, needle):
@@ -182,6 +188,31 @@ def test_a_job_past_its_timeout_fails(server):
     job = run_job(url, prompt="slow", steps=200, solver="heun", timeout_s=0.3)
     assert job["state"] == "failed" and "timed out after 0.3 s" in job["error"]
     assert job["images"] == []
+
+
+def test_a_job_cannot_ask_for_more_time_than_the_server_gives(tmp_path):
+    with running_server(tmp_path, timeout_s=0.3) as (url, _):
+        job = run_job(url, prompt="slow", steps=200, solver="heun", timeout_s=1e9)
+        assert job["state"] == "failed" and "timed out after 0.3 s" in job["error"]
+
+
+def test_a_page_of_another_site_cannot_drive_the_server(server):
+    """A cross-site form or text/plain POST needs no CORS preflight and the server reads any body as
+    JSON: a request whose Origin is not the server's is refused (403), as ComfyUI refuses it; the page's
+    own requests (same origin) and clients that send no Origin go through."""
+    url, srv = server
+    before = srv.store.count(("queued", "running", "done", "failed", "cancelled"))
+    evil = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    for path, body in (("/api/jobs", {"prompt": "x", "steps": 2}), ("/queue", {"clear": True}),
+                       ("/interrupt", {}), ("/v1/images/generations", {"prompt": "x"})):
+        r = httpx.post(f"{url}{path}", content=json.dumps(body), headers=evil)
+        error = r.json()["error"]  # in the shape of the API called (OpenAI's and ComfyUI's: an object)
+        assert r.status_code == 403 and "cross-origin request" in str(error), (path, r.text)
+    assert srv.store.count(("queued", "running", "done", "failed", "cancelled")) == before
+    same = {"Origin": url, "Content-Type": "text/plain"}
+    r = httpx.post(f"{url}/api/jobs", content=json.dumps({"prompt": "x", "steps": 1}), headers=same)
+    assert r.status_code == 202
+    wait_state(url, r.json()["id"], ("done",))
 
 
 def test_bench_reports_are_listed_and_served(tmp_path):

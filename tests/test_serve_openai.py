@@ -62,6 +62,7 @@ def test_url_response_and_size(server):
         ({"n": 50}, "n must be between 1 and 8"),
         ({"size": "big"}, "WIDTHxHEIGHT"),
         ({"size": "0x0"}, "not a positive multiple"),
+        ({"extra_body": {"plan": "fp8"}}, "needs a cuda device"),  # was a 500, retried twice by the client
     ],
 )
 def test_openai_errors_reach_the_client_as_bad_requests(server, kw, needle):

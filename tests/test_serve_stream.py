@@ -141,6 +141,27 @@ def test_websocket_frames_in_frames_out(tmp_path, frames):
             assert "not an image" in json.loads(ws.recv())["error"]
             ws.send(png(torch.zeros(1, 3, 32, 32)))
             assert "32x32" in json.loads(ws.recv())["error"]
-        with ws_client.connect(f"ws://{address}/api/stream") as ws:
-            ws.send(json.dumps({"prompt": "x", "cfg": "double"}))
-            assert "unknown cfg 'double'" in json.loads(ws.recv())["error"]
+            ws.send("a text frame")  # one line; the socket stays open
+            assert "a frame is a binary message" in json.loads(ws.recv())["error"]
+            ws.send(png(frames[0:1]))
+            assert json.loads(ws.recv())["index"] == 5
+            ws.recv()
+        for settings, needle in (
+            ({"prompt": "x", "cfg": "double"}, "unknown cfg 'double'"),
+            ("hello", "the first message is JSON text"),
+            ([1, 2], "the first message is a JSON object"),
+            ({"prompt": "x", "colour": "red"}, "unknown setting 'colour'"),
+            ({"prompt": "x", "steps": "ten"}, "steps must be an integer, got 'ten'"),
+            ({"steps": 4}, "the settings need a prompt"),
+            ({"prompt": 5}, "the settings need a prompt"),
+            ({"prompt": "x", "guidance": "x"}, "guidance must be a number"),
+        ):
+            with ws_client.connect(f"ws://{address}/api/stream") as ws:
+                ws.send(settings if isinstance(settings, str) else json.dumps(settings))
+                error = json.loads(ws.recv())["error"]
+                assert needle in error and "\n" not in error, error
+        with ws_client.connect(f"ws://{address}/api/stream") as ws:  # a frame is bounded as a job's image
+            ws.send(json.dumps({"prompt": "a blue square", "steps": 10, "strength": 0.4}))
+            assert json.loads(ws.recv())["type"] == "ready"
+            ws.send(png(torch.zeros(1, 3, 1024, 1032)))
+            assert "more than this server's bound of 1048576 pixels" in json.loads(ws.recv())["error"]

@@ -107,6 +107,47 @@ def check_denoiser(denoiser: object) -> None:
         )
 
 
+def check_run(
+    denoiser: Denoiser,
+    ts: Tensor,
+    spec: SolverSpec,
+    plan: Plan,
+    batch: int,
+    conds: Mapping[str, Cond],
+    context: Mapping[str, Any] | None = None,
+    options: Mapping[str, object] | None = None,
+) -> RunInfo:
+    """What :func:`sample` refuses before its first step (the solver's options and minimum steps, the
+    grid, each plan rule's ``check`` on this run), without sampling; returns the run's RunInfo. A
+    server calls it when a job is submitted, so a run that cannot start is refused there."""
+    unknown = set(options or {}) - set(spec.defaults)
+    if unknown:
+        raise VelodiffError(
+            f"solver {spec.name!r} has no option {sorted(unknown)[0]!r}; "
+            f"options: {sorted(spec.defaults) or 'none'}"
+        )
+    check_grid(denoiser.schedule, ts)
+    if len(ts) - 1 < spec.min_steps:
+        raise VelodiffError(f"solver {spec.name!r} needs at least {spec.min_steps} steps, got {len(ts) - 1}")
+    if plan.settings:
+        raise VelodiffError(
+            f"plan settings ({', '.join(plan.settings)}) choose the solver and grid of a pipeline run "
+            "(text2img, img2img, inpaint, the CLI); sample() takes its solver and ts as arguments"
+        )
+    run = RunInfo(
+        schedule=denoiser.schedule,
+        ts=ts,
+        solver=spec,
+        batch=batch,
+        conds=conds,
+        prediction_type=getattr(denoiser, "prediction_type", None),
+        **dict(context or {}),
+    )
+    for rule in plan.rules:
+        rule.check(run)
+    return run
+
+
 def sample(
     denoiser: Denoiser,
     x: Tensor,
@@ -131,37 +172,11 @@ def sample(
     ``torch.inference_mode``."""
     spec = get_solver(solver)
     check_denoiser(denoiser)
-    unknown = set(options) - set(spec.defaults)
-    if unknown:
-        raise VelodiffError(
-            f"solver {spec.name!r} has no option {sorted(unknown)[0]!r}; "
-            f"options: {sorted(spec.defaults) or 'none'}"
-        )
-    sched = denoiser.schedule
     ts = torch.as_tensor(ts, dtype=F64).cpu()
-    check_grid(sched, ts)
-    if len(ts) - 1 < spec.min_steps:
-        raise VelodiffError(f"solver {spec.name!r} needs at least {spec.min_steps} steps, got {len(ts) - 1}")
     if not bool(torch.isfinite(x).all()):
         raise VelodiffError("the initial sample contains NaN or inf")
     plan = Plan.parse(plan)
-    if plan.settings:
-        raise VelodiffError(
-            f"plan settings ({', '.join(plan.settings)}) choose the solver and grid of a pipeline run "
-            "(text2img, img2img, inpaint, the CLI); sample() takes its solver and ts as arguments"
-        )
-    conds = branches_of(cond)
-    run = RunInfo(
-        schedule=sched,
-        ts=ts,
-        solver=spec,
-        batch=x.shape[0],
-        conds=conds,
-        prediction_type=getattr(denoiser, "prediction_type", None),
-        **dict(context or {}),
-    )
-    for rule in plan.rules:
-        rule.check(run)
+    run = check_run(denoiser, ts, spec, plan, x.shape[0], branches_of(cond), context, options)
     grad = grad or plan.needs_grad
     mode = contextlib.nullcontext() if grad else torch.inference_mode()
     with mode:

@@ -434,18 +434,7 @@ def run(
     noise = None
     if setup.solver.noise != "none":
         noise = PerImageNoise(x, seeds, setup.solver.noise, ts)
-    h, w = size
-
-    def encode_plain(texts: list[str]) -> Cond:
-        return prepare_cond(model, texts, None, False, h, w)
-
-    context = {
-        "model": model,
-        "network": model.network,
-        "encode": encode or encode_plain,
-        "prompts": tuple(prompts),
-        "guidance": setup.guidance,
-    }
+    context = run_context(model, setup, prompts, size, encode)
     return sample(
         model.denoiser,
         x,
@@ -459,6 +448,48 @@ def run(
         context=context,
         grad=opts.grad,
         **setup.options,
+    )
+
+
+def run_context(
+    model: Any,
+    setup: Setup,
+    prompts: list[str],
+    size: tuple[int, int],
+    encode: Callable[[list[str]], Cond] | None = None,
+) -> dict[str, Any]:
+    """What the plan's rules may know of a pipeline run (``RunInfo``'s model, network, encode,
+    prompts, guidance)."""
+    h, w = size
+
+    def encode_plain(texts: list[str]) -> Cond:
+        return prepare_cond(model, texts, None, False, h, w)
+
+    return {
+        "model": model,
+        "network": model.network,
+        "encode": encode or encode_plain,
+        "prompts": tuple(prompts),
+        "guidance": setup.guidance,
+    }
+
+
+def check_setup(model: Any, setup: Setup, prompts: list[str], size: tuple[int, int]) -> None:
+    """Refuse now what text2img with this setup would refuse before its first step (the grid on the
+    model's schedule, the solver's steps and options, each plan rule's check on this model and batch),
+    without encoding or sampling: a server checks a job with it when the job is submitted."""
+    from ..sampling import check_run
+
+    branches: dict[str, Any] = dict.fromkeys(("cond", "uncond") if setup.plan.needs("uncond") else ("cond",))
+    check_run(
+        model.denoiser,
+        setup.ts,
+        setup.solver,
+        setup.plan.without_settings(),
+        len(prompts),
+        branches,
+        run_context(model, setup, prompts, size),
+        setup.options,
     )
 
 

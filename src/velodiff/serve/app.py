@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,6 +70,30 @@ class JSONBodies:
         await self.app(scope, receive, send)
 
 
+class SameOrigin:
+    """ASGI middleware: a request a browser sends from another site (an ``Origin`` header that is not
+    this server's ``Host``) is refused with 403, as ComfyUI refuses it. A page elsewhere could otherwise
+    queue, clear or interrupt work on a server on the user's machine: a cross-site ``text/plain`` or
+    form POST needs no CORS preflight, and JSONBodies reads any body as JSON. Clients that are not
+    browsers (curl, the ``openai`` client, ComfyUI scripts) send no Origin and are not affected."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = dict(scope["headers"])
+            origin, host = headers.get(b"origin"), headers.get(b"host", b"")
+            if origin is not None and urlsplit(origin.decode("latin-1")).netloc != host.decode("latin-1"):
+                if scope["type"] == "websocket":  # closing before accepting answers the handshake 403
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                message = f"cross-origin request from {origin.decode('latin-1')!r} refused"
+                await error_response(Request(scope), 403, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(config: ServeConfig | None = None, server: Server | None = None) -> FastAPI:
     srv = server or Server(config or ServeConfig())
 
@@ -86,6 +111,7 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None) 
     )
     app.state.velodiff = srv
     app.add_middleware(JSONBodies)
+    app.add_middleware(SameOrigin)  # added last: runs first
 
     @app.exception_handler(VelodiffError)
     async def _user_error(request: Request, exc: VelodiffError) -> JSONResponse:

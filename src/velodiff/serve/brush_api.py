@@ -42,6 +42,10 @@ class LayerBody(BaseModel):
     strength: float = Field(0.6, description="share of the steps the layer re-runs, in (0, 1]")
 
 
+#: layers one request may hold (each re-renders part of the steps under the model's lock)
+MAX_LAYERS = 32
+
+
 class BrushBody(BaseModel):
     """Layers over image ``index`` of finished job ``job``, bottom first."""
 
@@ -49,7 +53,9 @@ class BrushBody(BaseModel):
 
     job: str = Field(..., description="a finished job's id")
     index: int = Field(0, description="which of the job's images")
-    layers: list[LayerBody] = Field(..., description="the brush layers, bottom first (may be empty)")
+    layers: list[LayerBody] = Field(
+        ..., max_length=MAX_LAYERS, description="the brush layers, bottom first (may be empty)"
+    )
 
 
 def decode_mask(data: str) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
@@ -142,6 +143,10 @@ def read_graph(graph: Any, models: list[str]) -> tuple[GenRequest, dict[str, Any
                 f"Node type {ct!r} is not supported by velodiff serve",
                 f"supported: {', '.join(SUPPORTED)}",
             )
+        elif not isinstance(node.get("inputs", {}), dict):
+            g.error(nid, "invalid_prompt", "A node's inputs must be an object", "inputs: {name: value}")
+    if g.errors:  # a node velodiff cannot read (PreviewImage, inputs that are not an object): named
+        raise ComfyRefusal(refusal(graph, g, g.outputs[:1]))
     if not g.outputs:
         raise ComfyRefusal(error_body("Prompt has no outputs", "prompt_no_outputs"))
     if len(g.outputs) > 1:
@@ -208,19 +213,7 @@ def read_graph(graph: Any, models: list[str]) -> tuple[GenRequest, dict[str, Any
                 guidance=cfg,
             )
     if g.errors or req is None:
-        body = error_body("Prompt outputs failed validation", "prompt_outputs_failed_validation")
-        body["node_errors"] = {
-            nid: {
-                "errors": errs,
-                "dependent_outputs": [save],
-                "class_type": graph[nid].get("class_type") if isinstance(graph[nid], dict) else None,
-            }
-            for nid, errs in g.errors.items()
-        }
-        body["error"]["details"] = "; ".join(
-            f"#{n} {e['message']}: {e['details']}" for n, es in g.errors.items() for e in es
-        )
-        raise ComfyRefusal(body)
+        raise ComfyRefusal(refusal(graph, g, [save]))
     meta = {
         "api": "comfy",
         "prompt": graph,
@@ -229,6 +222,28 @@ def read_graph(graph: Any, models: list[str]) -> tuple[GenRequest, dict[str, Any
         "filename_prefix": prefix,
     }
     return req, meta
+
+
+def refusal(graph: dict[str, Any], g: Graph, outputs: list[str]) -> dict[str, Any]:
+    """ComfyUI's answer to a graph that failed validation: the errors per node."""
+    body = error_body("Prompt outputs failed validation", "prompt_outputs_failed_validation")
+    body["node_errors"] = {
+        nid: {
+            "errors": errs,
+            "dependent_outputs": outputs,
+            "class_type": graph[nid].get("class_type") if isinstance(graph[nid], dict) else None,
+        }
+        for nid, errs in g.errors.items()
+    }
+    body["error"]["details"] = "; ".join(
+        f"#{n} {e['message']}: {e['details']}" for n, es in g.errors.items() for e in es
+    )
+    return body
+
+
+def comfy(jobs: list[Job]) -> list[Job]:
+    """The jobs queued through this API (the jobs and OpenAI APIs' are not ComfyUI prompts)."""
+    return [j for j in jobs if j.meta.get("api") == "comfy"]
 
 
 def server(request: Request | WebSocket) -> Server:
@@ -289,8 +304,8 @@ async def get_queue(request: Request) -> dict[str, Any]:
     running = await run_in_threadpool(store.jobs, ("running",))
     pending = await run_in_threadpool(store.jobs, ("queued",))
     return {
-        "queue_running": [queue_item(j) for j in running],
-        "queue_pending": [queue_item(j) for j in pending],
+        "queue_running": [queue_item(j) for j in comfy(running)],
+        "queue_pending": [queue_item(j) for j in comfy(pending)],
     }
 
 
@@ -304,11 +319,12 @@ async def post_queue(request: Request) -> dict[str, Any]:
     delete = body.get("delete", []) if isinstance(body, dict) else None
     if not isinstance(delete, list) or not all(isinstance(p, str) for p in delete):
         raise VelodiffError('a queue edit is {"clear": true} or {"delete": ["prompt id", ...]}')
-    if body.get("clear"):
-        await run_in_threadpool(srv.store.clear_queued)
+    if body.get("clear"):  # ComfyUI's prompts only: the other APIs' clients did not ask
+        for job in comfy(await run_in_threadpool(srv.store.jobs, ("queued",))):
+            await run_in_threadpool(srv.worker.cancel, job.id, "cleared")
     for pid in delete:
         job = await run_in_threadpool(srv.store.get, pid)
-        if job is not None and job.state == "queued":
+        if job is not None and job.state == "queued" and comfy([job]):
             await run_in_threadpool(srv.worker.cancel, pid, "deleted from the queue")
     return {}
 
@@ -321,8 +337,9 @@ async def interrupt(request: Request) -> dict[str, Any]:
     except ValueError:
         body = {}
     want = body.get("prompt_id") if isinstance(body, dict) else None
-    for jid in list(srv.worker.running):
-        if want is None or want == jid:
+    for jid in list(srv.worker.running):  # the running ComfyUI prompt(s), not a batch-mate of another API
+        job = await run_in_threadpool(srv.store.get, jid)
+        if job is not None and comfy([job]) and want in (None, jid):
             await run_in_threadpool(srv.worker.cancel, jid, "interrupted")
     return {}
 
@@ -330,6 +347,8 @@ async def interrupt(request: Request) -> dict[str, Any]:
 def history_item(job: Job) -> dict[str, Any]:
     images = [{"filename": f, "subfolder": "", "type": "output"} for f in job.filenames]
     ok = job.state == "done"
+    ends = {"done": "execution_success", "cancelled": "execution_interrupted"}
+    end = ends.get(job.state, "execution_error")
     return {
         "prompt": queue_item(job),
         "outputs": {job.meta.get("save_node"): {"images": images}} if ok else {},
@@ -339,7 +358,7 @@ def history_item(job: Job) -> dict[str, Any]:
             "messages": [
                 ["execution_start", {"prompt_id": job.id, "timestamp": int((job.started or 0) * 1000)}],
                 [
-                    "execution_success" if ok else "execution_error",
+                    end,
                     {"prompt_id": job.id, "timestamp": int((job.finished or 0) * 1000)}
                     | ({} if ok else {"exception_message": job.error}),
                 ],
@@ -359,13 +378,13 @@ def history_item(job: Job) -> dict[str, Any]:
 @router.get("/history", summary="ComfyUI history of finished prompts")
 async def history_all(request: Request, max_items: int = 200) -> dict[str, Any]:
     jobs = await run_in_threadpool(server(request).store.jobs, FINAL_EVENTS, max_items)
-    return {j.id: history_item(j) for j in jobs if j.meta.get("api") == "comfy"}
+    return {j.id: history_item(j) for j in comfy(jobs)}
 
 
 @router.get("/history/{prompt_id}", summary="ComfyUI history of one prompt ({} until it finishes)")
 async def history(prompt_id: str, request: Request) -> dict[str, Any]:
     job = await run_in_threadpool(server(request).store.get, prompt_id)
-    if job is None or job.state not in FINAL_EVENTS:
+    if job is None or job.state not in FINAL_EVENTS or not comfy([job]):
         return {}
     return {job.id: history_item(job)}
 
@@ -449,13 +468,14 @@ async def ws(socket: WebSocket) -> None:
     """ComfyUI's progress messages for the prompts this client (``clientId``) queued."""
     srv = server(socket)
     client = socket.query_params.get("clientId")
+    sid = client or uuid.uuid4().hex  # ComfyUI makes one up; clients read it as their client_id
     await socket.accept()
     q = srv.broker.subscribe()
     owners: dict[str, bool] = {}
 
     async def status() -> dict[str, Any]:
         n = await run_in_threadpool(srv.store.count)
-        return {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": n}}, "sid": client}}
+        return {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": n}}, "sid": sid}}
 
     async def mine(jid: str) -> Job | None:
         job = await run_in_threadpool(srv.store.get, jid)
@@ -467,18 +487,22 @@ async def ws(socket: WebSocket) -> None:
 
     try:
         await socket.send_json(await status())
-        closed = asyncio.ensure_future(socket.receive_text())
+        closed = asyncio.ensure_future(socket.receive())
         while True:
             getter = asyncio.ensure_future(q.get())
             done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
             if closed in done:
-                getter.cancel()
                 try:
-                    closed.result()
-                    closed = asyncio.ensure_future(socket.receive_text())  # clients may send; ignore it
-                    continue
+                    message = closed.result()
                 except (WebSocketDisconnect, RuntimeError):
+                    message = {"type": "websocket.disconnect"}
+                if message["type"] == "websocket.disconnect":
+                    getter.cancel()
                     return
+                closed = asyncio.ensure_future(socket.receive())  # clients may send (text or bytes); ignored
+                if getter not in done:
+                    getter.cancel()
+                    continue
             ev = getter.result()
             jid = ev["job"]
             final, job = ev["type"] in FINAL_EVENTS, None

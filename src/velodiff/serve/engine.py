@@ -170,7 +170,7 @@ class Engine:
         if not 0 <= seed < 2**63:
             raise VelodiffError(f"seed must be in [0, 2**63), got {seed}")
         layout = self.check_layout(req)
-        return dict(
+        params = dict(
             kind="collage" if req.layout_mode == "collage" else "text2img",
             model=name,
             prompt=req.prompt,
@@ -187,6 +187,20 @@ class Engine:
             layout=layout,
             preview=bool(req.preview),
         )
+        self.check_can_run(m, params)
+        return params
+
+    def check_can_run(self, m: Any, p: dict[str, Any]) -> None:
+        """Refuse now (400) what the worker would refuse before the first step: a grid the model's
+        schedule has not (linear_quadratic on a VP model), a plan rule this model or device cannot run
+        (fp8 on a CPU, tome on a DiT, cfg_zero on a VP model); a job never fails for its settings."""
+        from ..pipelines.common import Sampling, check_setup, make_setup
+
+        plan = ([p["plan"]] if p["plan"] else []) if p["kind"] == "collage" else self.plan_rules(p)
+        opts = Sampling.of("serve", dict(steps=p["steps"], solver=p["solver"], grid=p["grid"],
+                                         guidance=p["guidance"], plan=plan))
+        size = (p["height"], p["width"])
+        check_setup(m, make_setup(m, opts, size=size), [p["prompt"]] * p["n"], size)
 
     @staticmethod
     def check_layout(req: Request) -> dict[str, Any] | None:

@@ -50,7 +50,7 @@ class JobBody(BaseModel):
         "come from the prompt's relation, counts and lists; one job at a time)",
     )
     timeout_s: float | None = Field(
-        None, description="fail the job if it runs longer (default: the server's)"
+        None, description="fail the job if it runs longer (at most, and by default, the server's --timeout)"
     )
     preview: bool = Field(False, description="send a preview image with each progress event")
 

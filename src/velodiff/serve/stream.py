@@ -42,6 +42,30 @@ class StreamConfig:
     max_skip: int = 10
     seed: int = 0
 
+    @classmethod
+    def of(cls, settings: Any) -> StreamConfig:
+        """The settings a client sent (a JSON object), checked: unknown names and wrong types are one
+        line, not an exception from deep inside the stream."""
+        if not isinstance(settings, dict):
+            raise VelodiffError('the first message is a JSON object of settings: {"prompt": "a red circle"}')
+        fields = cls.__dataclass_fields__
+        unknown = sorted(set(settings) - set(fields))
+        if unknown:
+            raise VelodiffError(f"unknown setting {unknown[0]!r}; valid: model, {', '.join(fields)}")
+        if not isinstance(settings.get("prompt"), str) or not settings["prompt"].strip():
+            raise VelodiffError("the settings need a prompt (a non-empty string)")
+        if not isinstance(settings.get("cfg", "self"), str):
+            raise VelodiffError(f"cfg must be one of {', '.join(CFG_TYPES)}, got {settings['cfg']!r}")
+        for name in ("steps", "max_skip", "seed", "strength", "guidance", "similarity"):
+            v, integer = settings.get(name), name in ("steps", "max_skip", "seed")
+            if name not in settings or (v is None and name == "similarity"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+                raise VelodiffError(f"{name} must be {'an integer' if integer else 'a number'}, got {v!r}")
+        config = cls(**settings)
+        config.check()
+        return config
+
     def check(self) -> None:
         if self.cfg not in CFG_TYPES:
             raise VelodiffError(f"unknown cfg {self.cfg!r}; valid: {', '.join(CFG_TYPES)}")
@@ -53,6 +77,11 @@ class StreamConfig:
             )
         if self.similarity is not None and not 0 <= self.similarity < 1:
             raise VelodiffError(f"similarity threshold must be in [0, 1), got {self.similarity}")
+        if not 0 <= self.guidance <= 100 or self.max_skip < 0 or not 0 <= self.seed < 2**63:
+            raise VelodiffError(
+                f"guidance must be in [0, 100], max_skip >= 0 and seed in [0, 2**63); got {self.guidance}, "
+                f"{self.max_skip}, {self.seed}"
+            )
 
 
 class StreamImg2Img:

@@ -10,6 +10,7 @@ frame gets ``{"type": "error", "error": one line}``; the socket stays open after
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from .engine import png_bytes
 router = APIRouter(tags=["stream"])
 
 
-def read_frame(data: bytes, size: tuple[int, int] | None) -> Any:
+def read_frame(data: bytes, size: tuple[int, int] | None, max_pixels: int) -> Any:
     from ..images import open_image
     from ..pipelines.common import image_tensor
 
@@ -31,7 +32,17 @@ def read_frame(data: bytes, size: tuple[int, int] | None) -> Any:
         raise VelodiffError(
             f"frame is {im.size[0]}x{im.size[1]}; this stream's frames are {size[0]}x{size[1]}"
         )
+    if im.size[0] * im.size[1] > max_pixels:  # one frame holds the model: bounded like a job's image
+        raise VelodiffError(
+            f"frame is {im.size[0]}x{im.size[1]}, more than this server's bound of {max_pixels} pixels"
+        )
     return image_tensor(im)
+
+
+async def receive(socket: WebSocket) -> dict[str, Any] | None:
+    """The next message (its ``text`` or ``bytes``), None once the client is gone."""
+    message = await socket.receive()
+    return None if message["type"] == "websocket.disconnect" else message
 
 
 @router.websocket("/api/stream")
@@ -41,28 +52,41 @@ async def stream(socket: WebSocket) -> None:
 
     srv = socket.app.state.velodiff
     await socket.accept()
+
+    async def error(message: str) -> None:
+        await socket.send_json({"type": "error", "error": message.splitlines()[0]})
+
     try:
-        settings = await socket.receive_json()
+        first = await receive(socket)
+        if first is None:
+            return
         try:
-            model = settings.pop("model", None)
+            try:
+                settings = json.loads(first.get("text") or "")
+            except ValueError:
+                raise VelodiffError('the first message is JSON text: {"prompt": "...", ...}') from None
+            model = settings.pop("model", None) if isinstance(settings, dict) else None
+            if model is not None and not isinstance(model, str):
+                raise VelodiffError(f"model must be a name, got {model!r}")
             m, _ = srv.engine.model(model)
-            config = StreamConfig(**settings)
+            config = StreamConfig.of(settings)
             srv.engine.check_tokens(m, "prompt", config.prompt)
             st = await run_in_threadpool(StreamImg2Img, m, config)
-        except (VelodiffError, TypeError) as e:
-            await socket.send_json({"type": "error", "error": str(e).splitlines()[0]})
+        except VelodiffError as e:
+            await error(str(e))
             await socket.close(code=1008)
             return
         await socket.send_json({"type": "ready", "delay": st.k - 1, "batch": st.k, "cfg": config.cfg})
         size: tuple[int, int] | None = None
         index = 0
-        while True:
-            data = await socket.receive_bytes()
+        while (message := await receive(socket)) is not None:
             t = time.perf_counter()
             try:
-                frame = read_frame(data, size)
+                if message.get("bytes") is None:
+                    raise VelodiffError("a frame is a binary message (an image file); text is not a frame")
+                frame = read_frame(message["bytes"], size, srv.engine.max_pixels)
             except VelodiffError as e:
-                await socket.send_json({"type": "error", "error": str(e)})
+                await error(str(e))
                 continue
             size = size or (int(frame.shape[-1]), int(frame.shape[-2]))
 

@@ -138,7 +138,8 @@ class Worker:
             now = time.monotonic()
             gone = self.store.not_running(list(alive))  # cancelled here or by another process
             for jid, j in list(alive.items()):
-                timeout = j.timeout_s or self.timeout_s
+                limits = [t for t in (j.timeout_s, self.timeout_s) if t]
+                timeout = min(limits) if limits else None  # a job may ask for less than the server's
                 if jid in gone:
                     del alive[jid]
                     self.broker.progress.pop(jid, None)  # cancelled elsewhere: no final event comes here
