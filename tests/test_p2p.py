@@ -62,6 +62,13 @@ def test_the_attention_control_is_what_makes_the_edit(model):
         assert float((controlled - plain).pow(2).mean().sqrt()) > 0.05
 
 
+def test_the_reference_codes_option_names_are_aliases():
+    from velodiff.plan import Plan
+
+    plan = Plan.parse("p2p:cross_replace_steps=0.5,self_replace_steps=0.2")
+    assert str(plan) == "p2p:cross_steps=0.5,self_steps=0.2"
+
+
 def test_cli_edits_a_real_image(tmp_path, capsys):
     """edit --image: inverted under the source prompt (fixed-point DDIM), the grid's source is the round
     trip (its PSNR printed) and the edit recolours."""

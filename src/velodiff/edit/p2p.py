@@ -153,8 +153,10 @@ class PromptToPrompt(Accelerator):
     cost = "free in evaluations; the hooked layers use explicit attention"
     options = {
         "mode": Option("auto", "replace (word swap), refine (added words) or auto", kind=str, choices=MODES),
-        "cross_steps": Option(0.8, "share of the steps with the source's cross-attention maps", lo=0, hi=1),
-        "self_steps": Option(0.4, "share of the steps with the source's self-attention maps", lo=0, hi=1),
+        "cross_steps": Option(0.8, "share of the steps with the source's cross-attention maps", lo=0, hi=1,
+                              aliases=("cross_replace_steps",)),  # the reference code's names
+        "self_steps": Option(0.4, "share of the steps with the source's self-attention maps", lo=0, hi=1,
+                             aliases=("self_replace_steps",)),
         "words": Option((), "words of the edited prompts whose attention is re-weighted", kind=tuple),
         "weight": Option(1.0, "the re-weighting factor c of those words", lo=-10, hi=10),
         "uncond": Option(
