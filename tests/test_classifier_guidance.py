@@ -69,6 +69,9 @@ def test_guidance_raises_the_classifier_likelihood(model, through):
     before, after = scene_score(plain.images, prompts), scene_score(guided.images, prompts)
     # (one image may lose a little; the mean gains 1.5 for both routes)
     assert np.mean(after) > np.mean(before) + 0.75, (before, after)
+    # the route through the network costs a second conditional pass per guided evaluation, counted
+    extra = (guided.nfe - plain.nfe, guided.evals - plain.evals)
+    assert extra == ((0, 0) if through == "x0" else (plain.nfe, plain.nfe)), extra
 
 
 def test_images_without_a_target_are_left_alone(model):

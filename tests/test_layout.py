@@ -137,6 +137,19 @@ def test_astar_concepts_and_segregation_separates_the_objects_maps(model):
     assert torch.isfinite(out.latents).all()
 
 
+def test_the_guidance_passes_are_counted_in_the_cost(model):
+    """Layout guidance's gradient passes run outside the solver's evaluations (after the step); the
+    reported cost holds them: 8 steps, guidance after steps 0-2 (those ending before half the run), 2
+    iterations each -> 6 more calls."""
+    from velodiff.pipelines import text2img
+
+    kw = dict(seeds=[0], steps=8, output="latent")
+    plain = text2img(model, "a red circle above a blue square", **kw)
+    guided = text2img(model, "a red circle above a blue square", plan="layout:iters=2", **kw)
+    assert (plain.nfe, plain.evals) == (8, 16)  # CFG: one batched call, two evaluations per step
+    assert (guided.nfe, guided.evals) == (8 + 3 * 2, 16 + 3 * 2)
+
+
 def test_no_relation_no_change_and_refusals(model):
     from velodiff.pipelines import text2img
 

@@ -214,6 +214,12 @@ class Accelerator:
     def after_step(self, info: Any) -> Tensor | None:
         return None
 
+    def extra_cost(self) -> Cost:
+        """Network evaluations the rule ran itself since the last call, outside ``evaluate`` (layout
+        guidance's gradient passes in ``after_step``); the loop adds them to the run's counts after
+        each step, so the reported cost is what was spent."""
+        return Cost(0, 0)
+
     def end(self) -> None:
         """Undo what ``begin`` installed; also called after a ``begin`` that raised half-way."""
 

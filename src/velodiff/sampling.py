@@ -241,6 +241,9 @@ def _loop(
                 edited = rule.after_step(info)
                 if edited is not None:
                     info = replace(info, x=_edited(edited, x, f"plan rule {rule.name!r}"))
+                extra = rule.extra_cost()
+                counts["nfe"] += extra.nfe
+                counts["evals"] += extra.evals
             x = info.x
             reply = callback(info) if callback is not None else None
             if isinstance(reply, Tensor):

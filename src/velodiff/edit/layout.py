@@ -45,7 +45,7 @@ from ..accel.attention import (
     attention_modules,
 )
 from ..errors import VelodiffError
-from ..plan import Accelerator, Option, RunInfo, register_rule
+from ..plan import Accelerator, Cost, Option, RunInfo, register_rule
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -309,6 +309,7 @@ class LayoutGuidance(Accelerator):
                 objs.append((torch.tensor(pos, dtype=torch.long), box))
             self.objects.append(objs)
         self.guided = int(self.steps * run.steps)
+        self.spent = Cost(0, 0)
         #: A-STAR's B_m: (layer, image) -> each object's binarized map at the last guided step
         self.previous: dict[tuple[int, int], list[Tensor]] = {}
         self.current: dict[tuple[int, int], list[Tensor]] = {}
@@ -335,6 +336,7 @@ class LayoutGuidance(Accelerator):
                 self.state.rows = slice(0, x.shape[0])
                 try:
                     run.model.denoiser(x, info.t, cond)
+                    self.spent += Cost(1, 1)  # a forward pass (and its backward) per iteration
                 finally:
                     self.state.rows = None
                 energy = self.energy(self.maps)
@@ -346,6 +348,10 @@ class LayoutGuidance(Accelerator):
                 x = (x - self.scale * sigma * g / rms).detach()
         self.previous, self.current = self.current, {}
         return x.detach()
+
+    def extra_cost(self) -> Cost:
+        spent, self.spent = self.spent, Cost(0, 0)
+        return spent
 
     def energy(self, maps: list[Tensor]) -> Tensor:
         """Chen et al. 2024, Eq. 3 (objects with a box), plus A-STAR's Eqs. 2 and 3 at their weights;

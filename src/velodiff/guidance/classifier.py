@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VelodiffError
-from ..plan import EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
+from ..plan import Cost, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
 from .cfg import POST, START, STOP, GuidanceRule
 
 if TYPE_CHECKING:
@@ -190,6 +190,8 @@ class ClassifierGuidance(GuidanceRule):
         # grad_x itself from a classifier of x_t (noisy)
         step = self.scale * w * sig**2 * (1 / (a**2 + sig**2) if self.through == "x0" else 1 / a)
         r.x0 = r.x0 + step.to(r.x0.dtype) * self.gradient(req, r.x0).to(r.x0.dtype)
+        if self.through == "network":  # the conditional pass again, with its backward
+            r.cost = r.cost + Cost(1, 1)
         return r
 
     def gradient(self, req: EvalRequest, x0: Tensor) -> Tensor:
