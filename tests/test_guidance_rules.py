@@ -240,6 +240,42 @@ def test_compose_sums_the_parts_terms(model):
     assert torch.allclose(r1.x0, u + (c0 - u) + 0.5 * (c1 - u), atol=1e-4)
 
 
+def test_sld_is_diffusers_safe_guidance_on_eps(model):
+    """Safe Latent Diffusion (Schramowski et al. 2023, Eqs. 3-6) as diffusers' StableDiffusionPipelineSafe
+    computes it on the noise predictions, at the first (momentum-free) evaluation after the warm-up; with
+    the gate always open (mu = 1) it is guidance away from the concept's prediction: u + w (c - S)."""
+    from velodiff.denoisers import broadcast_time, eps_from_x0
+    from velodiff.pipelines.common import prepare_cond
+
+    prompt = "a green triangle"
+    cond = prepare_cond(model, [prompt], None, True, 64, 64)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    def encode(texts):
+        return prepare_cond(model, texts, None, False, 64, 64)
+
+    ctx = {"network": model.components["unet"], "guidance": 3.0, "prompts": (prompt,), "encode": encode}
+    t = torch.tensor(0.5, dtype=F64)
+    with torch.inference_mode():
+        c, u, s = (model.denoiser(x, t, k) for k in (cond.cond, cond.uncond, encode(["triangle"])))
+    eps_c, eps_u, eps_s = (eps_from_x0(model.schedule, x, t, v) for v in (c, u, s))
+    r = denoise_once(model.denoiser, x, 0.5, cond, "cfg+sld:concept=triangle,sld_warmup_steps=0", context=ctx)
+    assert r.cost == Cost(1, 3)  # the concept's branch in the same batched call
+    scale = torch.clamp((eps_c - eps_s).abs() * 1000, max=1.0)  # diffusers' defaults (MEDIUM)
+    mu = torch.where(eps_c - eps_s >= 0.01, torch.zeros_like(scale), scale)
+    eps = eps_u + 3.0 * (eps_c - eps_u - mu * (eps_s - eps_u))
+    tb = broadcast_time(t, x)
+    want = (x - model.schedule.sigma(tb).float() * eps) / model.schedule.alpha(tb).float()  # x = a x0 + s eps
+    assert torch.allclose(r.x0, want, atol=1e-4)
+    open_gate = "cfg+sld:concept=triangle,sld_warmup_steps=0,sld_guidance_scale=1e9,sld_threshold=1e9"
+    r = denoise_once(model.denoiser, x, 0.5, cond, open_gate + ",sld_momentum_scale=0", context=ctx)
+    assert torch.allclose(r.x0, u + 3.0 * (c - s), atol=1e-4)
+    warm = denoise_once(model.denoiser, x, 0.5, cond, "cfg+sld:concept=triangle", context=ctx)
+    assert torch.allclose(warm.x0, u + 3.0 * (c - u), atol=1e-4)  # step 0 < the warm-up's 10: CFG alone
+    with pytest.raises(VelodiffError, match="needs the concept to avoid"):
+        denoise_once(model.denoiser, x, 0.5, cond, "cfg+sld", context=ctx)
+
+
 def test_compose_stacks_with_per_image_adaptive_guidance(model):
     from velodiff.pipelines import text2img
 
