@@ -196,6 +196,19 @@ def test_a_job_cannot_ask_for_more_time_than_the_server_gives(tmp_path):
         assert job["state"] == "failed" and "timed out after 0.3 s" in job["error"]
 
 
+def test_openapi_documents_the_errors_sent_and_docs_need_no_cdn(server):
+    url, _ = server
+    doc = httpx.get(f"{url}/openapi.json").json()
+    submit = doc["paths"]["/api/jobs"]["post"]["responses"]
+    assert "422" not in submit and {"400", "403", "429"} <= set(submit)
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    r = httpx.post(f"{url}/api/jobs", json={"prompt": "x", "steps": "many"})
+    assert r.status_code == 400 and set(r.json()) == {"error"}  # what the document says
+    page = httpx.get(f"{url}/docs").text
+    assert "cdn." not in page and "/docs-assets/swagger-ui-bundle.js" in page
+    assert httpx.get(f"{url}/docs-assets/swagger-ui-bundle.js").status_code == 200
+
+
 def test_a_page_of_another_site_cannot_drive_the_server(server):
     """A cross-site form or text/plain POST needs no CORS preflight and the server reads any body as
     JSON: a request whose Origin is not the server's is refused (403), as ComfyUI refuses it; the page's

@@ -108,6 +108,7 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None) 
         description="velodiff's jobs API, an OpenAI-compatible images API and ComfyUI's prompt API.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN; velodiff serves it itself (below)
     )
     app.state.velodiff = srv
     app.add_middleware(JSONBodies)
@@ -144,6 +145,8 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None) 
         return FileResponse(PAGE / "index.html")
 
     app.mount("/page", StaticFiles(directory=PAGE), name="page")
+    add_docs(app)
+    app.openapi = lambda: documented_errors(app)  # type: ignore[method-assign]
     reports = srv.config.reports
 
     @app.get("/api/reports", tags=["jobs"], summary="The bench reports the server shows (--reports)")
@@ -163,6 +166,55 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None) 
     if reports is not None:
         app.mount("/reports", StaticFiles(directory=reports), name="reports")
     return app
+
+
+def documented_errors(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document with the errors the server really answers: FastAPI declares a 422
+    validation error on every route, but velodiff answers bad input with 400 and one line (in the
+    shape of the API called), a cross-site browser request with 403, a full queue with 429."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, item in schema.get("paths", {}).items():
+        for method, op in item.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            responses["400"] = {"description": "bad input, in one line", **error}
+            responses["403"] = {"description": "a browser request from another site (Origin)", **error}
+            if method == "post" and path in ("/api/jobs", "/v1/images/generations", "/prompt"):
+                responses["429"] = {"description": "the queue is full; see the Retry-After header", **error}
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    schemas["Error"] = {
+        "type": "object",
+        "properties": {"error": {"description": "one line; OpenAI's and ComfyUI's routes: their object"}},
+        "required": ["error"],
+    }
+    app.openapi_schema = schema
+    return schema
+
+
+def add_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI over ``/openapi.json`` from the files of the ``swagger-ui-bundle`` package,
+    served here (no CDN at run time: the server may have no internet)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Any:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="velodiff serve - API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
 
 #: what /api/reports lists (served as files: markdown shows as text, plots as images)
