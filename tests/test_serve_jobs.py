@@ -96,6 +96,8 @@ LONG = "red " * 100
         ({"prompt": "x", "plan": "@/etc/hostname"}, "reads no plan file"),  # nor plan files
         ({"prompt": "x", "plan": "steps=500"}, "steps must be between 1 and 200"),  # a plan's steps too
         ({"prompt": "x", "width": 0}, "not a positive multiple"),  # 0 is not "the default"
+        ({"prompt": "x", "n": "2"}, "n: Input should be a valid integer"),  # JSON types as declared
+        ({"prompt": "x", "steps": True}, "steps: Input should be a valid integer"),
         # accepted, then failed in the worker: refused at submission by the rules' own checks
         ({"prompt": "x", "grid": "linear_quadratic"}, "rectified flows"),
         ({"prompt": "x", "plan": "fp8"}, "needs a cuda device"),

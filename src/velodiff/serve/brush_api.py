@@ -34,7 +34,7 @@ CANVASES = 8
 
 
 class LayerBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: "2" is not 2
 
     mask: str = Field(..., description="PNG data URL (or base64) at the image's size, white = repaint")
     prompt: str = Field(..., description="what the brush paints")
@@ -49,7 +49,7 @@ MAX_LAYERS = 32
 class BrushBody(BaseModel):
     """Layers over image ``index`` of finished job ``job``, bottom first."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: "2" is not 2
 
     job: str = Field(..., description="a finished job's id")
     index: int = Field(0, description="which of the job's images")

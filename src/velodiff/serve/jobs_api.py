@@ -24,7 +24,7 @@ class JobBody(BaseModel):
     """A text-to-image job. Omitted fields take the model's defaults; ``seed`` omitted draws one (kept
     with the job, so a rerun gives the same images)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: "2" is not 2
 
     prompt: str = Field(..., description="what to draw")
     model: str | None = Field(None, description="a served or shipped model name (default: the served one)")

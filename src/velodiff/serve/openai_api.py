@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 class ImagesGenerate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as declared: "2" is not 2
 
     prompt: str
     model: str | None = None
