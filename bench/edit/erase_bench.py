@@ -60,12 +60,17 @@ def main() -> None:
     ap.add_argument("--seeds", default="2,3,4,5")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--negation", type=float, nargs="*", help="only measure the compose negation route")
+    ap.add_argument("--sld", nargs="*", choices=sorted(SLD_PRESETS),
+                    help="only measure Safe Latent Diffusion (plan rule sld) at diffusers' presets")
     ap.add_argument("--sheet", type=Path, help="only draw a contact sheet")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("erase.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.sheet:
         sheet(args)
+        return
+    if args.sld:
+        sld(args)
         return
     if args.negation:
         negation(args)
@@ -144,6 +149,39 @@ def negation(args) -> None:
     for k, r in report.items():
         print(f"| {k} | {r['named_images']} | {r['concept_rate']:.3f} | {r['other_single']:.3f} "
               f"({r['other_images']} images) |")
+
+
+#: diffusers' SafetyConfig presets (Schramowski et al. 2023), for its 50 steps; the warm-up is scaled to
+#: this bench's 20 steps (the same share of the run)
+SLD_PRESETS = {
+    "medium": dict(sld_guidance_scale=1000, sld_warmup_steps=10, sld_threshold=0.01, sld_momentum_scale=0.3,
+                   sld_mom_beta=0.4),
+    "strong": dict(sld_guidance_scale=2000, sld_warmup_steps=7, sld_threshold=0.025, sld_momentum_scale=0.5,
+                   sld_mom_beta=0.7),
+    "max": dict(sld_guidance_scale=5000, sld_warmup_steps=0, sld_threshold=1.0, sld_momentum_scale=0.5,
+                sld_mom_beta=0.7),
+}
+
+
+def sld(args, steps: int = 20) -> None:
+    """Sampling-time steering with Safe Latent Diffusion (plan rule ``sld``, concept = the shape's word)
+    at diffusers' presets, unedited model; the other shapes' prompts are steered too (a user who always
+    steers away from the concept)."""
+    model = velodiff.load("default")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t0 = time.perf_counter()
+    report = {}
+    for name in args.sld:
+        cfg = dict(SLD_PRESETS[name], sld_warmup_steps=round(SLD_PRESETS[name]["sld_warmup_steps"] * steps / 50))
+        plan = f"sld:concept={args.concept}," + ",".join(f"{k}={v:g}" for k, v in cfg.items())
+        report[f"sld {name}"] = {"plan": plan, **measure(model, args.concept, seeds, steps=steps, guidance=2.5,
+                                                         plan=plan)}
+    out = {"settings": vars(args) | {"out": str(args.out)}, "seconds": round(time.perf_counter() - t0, 1),
+           "report": report}
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    for k, r in report.items():
+        print(f"| {k} (`{r['plan']}`) | {r['named_images']} | {r['concept_rate']:.3f} | "
+              f"{r['other_single']:.3f} ({r['other_images']} images) |")
 
 
 if __name__ == "__main__":
