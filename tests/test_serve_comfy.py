@@ -196,6 +196,21 @@ def test_unsupported_node_is_refused_with_node_errors(server):
     assert httpx.get(f"{url}/api/health").json()["ok"]
 
 
+def test_the_api_prefix_and_object_info_as_comfyui_serves_them(server):
+    """ComfyUI serves its routes under /api/ too (its current frontend uses them); /object_info lists
+    every KSampler name /prompt accepts."""
+    from velodiff.serve.comfy_api import comfy_names
+
+    url, _ = server
+    info = httpx.get(f"{url}/api/object_info").json()
+    assert info == httpx.get(f"{url}/object_info").json()
+    assert info["KSampler"]["input"]["required"]["sampler_name"][0] == comfy_names("sampler")
+    assert {"dpmpp_sde", "lcm", "uni_pc"} <= set(comfy_names("sampler"))
+    assert httpx.get(f"{url}/api/queue").json() == httpx.get(f"{url}/queue").json()
+    r = httpx.post(f"{url}/api/prompt", json={"prompt": {}})
+    assert r.status_code == 400 and r.json()["error"]["type"]  # ComfyUI's error shape under /api/ too
+
+
 def test_nodes_velodiff_cannot_read_are_named(server):
     """A PreviewImage output (a common output node) and inputs that are not an object are refused with
     the node named in node_errors, not as 'no outputs' or a 500."""

@@ -137,6 +137,7 @@ def create_app(config: ServeConfig | None = None, server: Server | None = None) 
     app.include_router(jobs_api.router)
     app.include_router(openai_api.router)
     app.include_router(comfy_api.router)
+    app.include_router(comfy_api.router, prefix="/api", include_in_schema=False)  # ComfyUI serves both
     app.include_router(stream_api.router)
     app.include_router(brush_api.router)
 

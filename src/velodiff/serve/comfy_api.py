@@ -31,8 +31,8 @@ from .state import Server
 
 router = APIRouter(tags=["comfyui"])
 
-#: paths whose errors take ComfyUI's shape
-PATHS = ("/prompt", "/queue", "/interrupt", "/view")
+#: paths whose errors take ComfyUI's shape (also under /api/, where ComfyUI's own frontend calls them)
+PATHS = tuple(f"{prefix}{p}" for prefix in ("", "/api") for p in ("/prompt", "/queue", "/interrupt", "/view"))
 
 SUPPORTED = (
     "CheckpointLoaderSimple",
@@ -48,16 +48,23 @@ def comfy_sampling(sampler_name: str, scheduler: str) -> tuple[str, str | None]:
     """ComfyUI's KSampler ``sampler_name`` and ``scheduler``, checked against velodiff's alias table
     (``velodiff.aliases``: each maps to the velodiff solver, grid and options that reproduce it, which
     the pipelines resolve from these same names); a KeyError names what has no counterpart."""
-    from ..aliases import COMFY, KD_COMFY, SAMPLER, SCHEDULER, find, table
+    from ..aliases import SAMPLER, SCHEDULER, find
 
-    def comfy(a: Any) -> bool:  # not gits: velodiff's is the model's own calibrated grid, not ComfyUI's table
-        return a is not None and a.source in (COMFY, KD_COMFY) and a.grid != "calibrated"
+    def comfy(a: Any) -> bool:
+        return a is not None and a.name in comfy_names(a.kind)
 
     for kind, name, label in ((SAMPLER, sampler_name, "sampler_name"), (SCHEDULER, scheduler, "scheduler")):
         if not comfy(find(name, kind)):
-            valid = sorted(a.name for a in table(kind) if comfy(a))
-            raise KeyError((label, name, valid))
+            raise KeyError((label, name, comfy_names(kind)))
     return sampler_name, scheduler
+
+
+def comfy_names(kind: str) -> list[str]:
+    """ComfyUI's KSampler names of ``kind`` (sampler / scheduler) velodiff runs: the alias table's
+    ComfyUI rows (not gits: velodiff's is the model's own calibrated grid, not ComfyUI's table)."""
+    from ..aliases import COMFY, KD_COMFY, table
+
+    return sorted(a.name for a in table(kind) if a.source in (COMFY, KD_COMFY) and a.grid != "calibrated")
 
 
 class ComfyRefusal(Exception):
@@ -399,23 +406,9 @@ async def view(request: Request, filename: str, subfolder: str = "", type: str =
 
 @router.get("/object_info", summary="The nodes velodiff accepts, with KSampler's names")
 async def object_info(request: Request) -> dict[str, Any]:
-    samplers = [
-        "euler",
-        "euler_ancestral",
-        "heun",
-        "dpm_2",
-        "lms",
-        "dpmpp_2m",
-        "dpmpp_2m_sde",
-        "dpmpp_3m_sde",
-        "ddim",
-        "ddpm",
-        "uni_pc",
-        "uni_pc_bh2",
-        "ipndm",
-        "deis",
-    ]
-    schedulers = ["normal", "karras", "exponential", "simple", "ddim_uniform", "sgm_uniform"]
+    from ..aliases import SAMPLER, SCHEDULER
+
+    samplers, schedulers = comfy_names(SAMPLER), comfy_names(SCHEDULER)
     models = server(request).engine.names()
     req = {
         "CheckpointLoaderSimple": {"ckpt_name": [models]},
