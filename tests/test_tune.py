@@ -77,6 +77,9 @@ def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys
     held = sorted(res["holdout"], key=speed)
     assert {r["plan"] for r in held} == {r["plan"] for r in calibrated[:3]}
     assert res["plan"] == held[0]["plan"] and res["speedup"] > 1
+    tm = res["timing"]  # the speed-up of two timings taken in one round (here the first, the baseline's)
+    assert tm["round"] == "holdout-1"
+    assert res["speedup"] == pytest.approx(tm["baseline_seconds_per_image"] / tm["plan_seconds_per_image"])
     written = (out / "plan.txt").read_text()
     assert written.startswith("# velodiff tune") and str(Plan.parse(f"@{out / 'plan.txt'}")) == res["plan"]
     for f in ("report.md", "pareto.png"):
