@@ -212,6 +212,9 @@ def test_bad_input_is_one_line(model, tmp_path):
     for plan, message in [
         ("deepcache:branch=6", "plan rule 'deepcache' option 'branch' must be in [0, 5] for this UNet"),
         ("deepcache:start=0.8,stop=0.2", "plan rule 'deepcache': start (0.8) must not exceed stop (0.2)"),
+        ("deepcache:center=0.9", "plan rule 'deepcache': center is read only with schedule=nonuniform"),
+        ("deepcache:calibration=x.json",
+         "plan rule 'deepcache': calibration is read only with schedule=budget"),
     ]:
         with pytest.raises(VelodiffError) as e:
             text2img(model, PROMPTS[0], steps=2, plan=plan)

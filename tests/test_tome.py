@@ -74,6 +74,12 @@ def test_merge_keeps_every_destination_and_unmerge_restores_the_shape():
 def test_bad_settings_are_one_line(model, tmp_path):
     with pytest.raises(velodiff.VelodiffError, match="merges nothing on this UNet.*max_downsample=2"):
         text2img(model, TEXTS, plan="tome", **KW)  # tomesd's default: full resolution, none here
+    with pytest.raises(velodiff.VelodiffError, match="seed is read only with use_rand=true"):
+        text2img(model, TEXTS, plan="tome:max_downsample=2,use_rand=false,seed=7", **KW)
+    from velodiff.plan import Plan
+
+    with pytest.raises(velodiff.VelodiffError, match="'p2p' and 'tome' are both attention processors"):
+        Plan.parse("p2p+tome:max_downsample=2")  # tome reorders tokens: copied self-attention would not align
     from velodiff.models.tiny import save_tiny
 
     dit = velodiff.load(save_tiny("pixart-sigma", tmp_path / "pixart"))

@@ -180,8 +180,8 @@ class Accelerator:
     #: True when the rule differentiates through the network (sampling runs with gradients)
     needs_grad: ClassVar[bool] = False
     #: rules that change or hook the same part of the network share a group; a plan holds at most one
-    #: of each ("" = no group)
-    exclusive: ClassVar[str] = ""
+    #: of each ("" = no group; a tuple: every group named)
+    exclusive: ClassVar[str | tuple[str, ...]] = ""
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(self.options)
@@ -204,6 +204,16 @@ class Accelerator:
 
     def check(self, run: RunInfo) -> None:
         """Refuse a run this rule cannot serve (one line); called before ``begin``."""
+
+    def refuse_ignored(self, applies: Mapping[str, tuple[bool, str]]) -> None:
+        """Refuse an option given in the plan that this run would ignore: ``applies`` maps an option to
+        (whether the rule reads it, with what), e.g. ``{"center": (schedule == "nonuniform",
+        "schedule=nonuniform")}``."""
+        for name, (read, when) in applies.items():
+            if name in self.values and not read:
+                raise VelodiffError(
+                    f"plan rule {self.name!r}: {name} is read only with {when}; this run would ignore it"
+                )
 
     def begin(self, run: RunInfo) -> None:
         self.run = run
@@ -390,12 +400,13 @@ class Plan:
                 claimed[b] = r.name
         groups: dict[str, str] = {}
         for r in self.rules:
-            if r.exclusive and r.exclusive in groups:
-                raise VelodiffError(
-                    f"plan rules {groups[r.exclusive]!r} and {r.name!r} are both {r.exclusive}; keep one"
-                )
-            if r.exclusive:
-                groups[r.exclusive] = r.name
+            for group in (r.exclusive,) if isinstance(r.exclusive, str) else r.exclusive:
+                if group and group in groups:
+                    raise VelodiffError(
+                        f"plan rules {groups[group]!r} and {r.name!r} are both {group}; keep one"
+                    )
+                if group:
+                    groups[group] = r.name
 
     @classmethod
     def parse(cls, plan: str | Plan | Accelerator | Sequence[Accelerator | str] | None) -> Plan:

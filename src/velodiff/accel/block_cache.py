@@ -54,7 +54,7 @@ class DiffusersCache(Accelerator):
         if run.network is None or len(transformer_blocks(run.network)) < 2:
             what = type(run.network).__name__ if run.network is not None else "no network"
             raise VelodiffError(
-                f"plan rule {self.name!r} is for diffusion transformers (Flux, PixArt); "
+                f"plan rule {self.name!r} is for diffusion transformers (Flux, PixArt, SD3); "
                 f"this model has {what}"
                 + (" (use deepcache on a UNet)" if hasattr(run.network, "up_blocks") else "")
             )
@@ -131,6 +131,7 @@ class FirstBlockCache(DiffusersCache):
             "(diffusers' FirstBlockCacheConfig.threshold; 0: never reuse)",
             lo=0.0,
             hi=10.0,
+            aliases=("residual_diff_threshold",),  # cache-dit's name for the same test
         ),
         "reuse": Option(
             None,
@@ -146,6 +147,12 @@ class FirstBlockCache(DiffusersCache):
 
     def check(self, run: RunInfo) -> None:
         super().check(run)
+        if getattr(transformer_blocks(run.network)[-1], "context_pre_only", False):
+            raise VelodiffError(
+                f"plan rule {self.name!r}: this model's last block returns no text stream (SD3), which "
+                "diffusers' first-block cache cannot cache; use taylorseer"
+            )
+        self.refuse_ignored({"calibration": (self.reuse is not None, "reuse=F")})
         if self.reuse is not None:
             from .calibration import fbcache_threshold, load_cache_calibration
 
@@ -155,11 +162,6 @@ class FirstBlockCache(DiffusersCache):
                 raise VelodiffError("plan rule 'fbcache': reuse needs a loaded model (its calibration)")
             self.threshold = fbcache_threshold(load_cache_calibration(run.model, self.calibration or None),
                                                self.reuse)
-        if getattr(transformer_blocks(run.network)[-1], "context_pre_only", False):
-            raise VelodiffError(
-                f"plan rule {self.name!r}: this model's last block returns no text stream (SD3), which "
-                "diffusers' first-block cache cannot cache"
-            )
 
     def apply(self, network: Any) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache

@@ -279,6 +279,9 @@ class DeepCache(Accelerator):
     def check(self, run: RunInfo) -> None:
         if run.network is None:
             raise VelodiffError("plan rule 'deepcache' needs a UNet to hook; this denoiser has no network")
+        nonuniform = (self.schedule == "nonuniform", "schedule=nonuniform")
+        self.refuse_ignored({"center": nonuniform, "power": nonuniform,
+                             "calibration": (self.schedule == "budget", "schedule=budget")})
         cached = cached_modules(run.network, self.branch)
         if self.schedule == "budget":
             from .calibration import load_cache_calibration, step_changes

@@ -153,7 +153,8 @@ def attention_downsamples(unet: Any) -> set[int]:
 class ToMe(Accelerator):
     name = "tome"
     layer = 0
-    exclusive = "token merging"
+    # its processors reorder tokens per image: prompt-to-prompt's copied self-attention maps would not align
+    exclusive = ("token merging", "attention processors")
     summary = "Token Merging for SD (Bolya & Hoffman 2023): self-attention on merged tokens"
     cost = "same evaluations; self-attention on (1 - ratio) of the tokens where it applies"
     options = {
@@ -179,6 +180,7 @@ class ToMe(Accelerator):
             )
         if not self_attention_blocks(run.network):
             raise VelodiffError("plan rule 'tome': this UNet has no self-attention blocks to merge tokens in")
+        self.refuse_ignored({"seed": (self.use_rand, "use_rand=true")})
         levels = attention_downsamples(run.network)
         if levels and min(levels) > self.max_downsample:
             raise VelodiffError(
