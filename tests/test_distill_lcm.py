@@ -223,3 +223,16 @@ def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path,
 
     res = text2img(model, "a red circle", seeds=[0])
     assert res.steps == 4 and res.evals == 4
+
+
+def test_a_lora_student_of_a_lora_teacher_keeps_the_teachers_adapter(tmp_path) -> None:
+    """The new adapter is trained on the teacher with its adapter fused: the student folder carries that
+    fused UNet (not the base one under the teacher's lora/), so after one step it samples as the teacher."""
+    from velodiff.pipelines import text2img
+
+    assert _distill(tmp_path, "on-lcm", 1, "--teacher", "default-lcm", "--lora-rank", "2") == 0
+    kw = dict(seeds=[0], steps=4, output="latent", solver="lcm", grid="lcm", guidance=1.0)
+    teacher, base = (text2img(velodiff.load(m), "a red circle", **kw).latents
+                     for m in ("default-lcm", "default"))
+    student = text2img(velodiff.load(tmp_path / "on-lcm-student"), "a red circle", **kw).latents
+    assert float((student - teacher).abs().max()) < 0.1 < float((base - teacher).abs().max())

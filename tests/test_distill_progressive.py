@@ -134,6 +134,24 @@ def test_bad_teacher_is_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1 and "not a diffusers model folder" in err
+    # a teacher the trainers would misread (they take the UNet's output for a velocity): refused
+    import shutil
+
+    from velodiff.default_model import default_model_path
+
+    eps = tmp_path / "eps-teacher"
+    shutil.copytree(default_model_path(), eps)
+    config = eps / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"v_prediction"', '"epsilon"'))
+    assert _distill(tmp_path, "eps", 1, "--teacher", str(eps)) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a sd1 model predicting epsilon" in err
+    import sd_tiny
+
+    xl = sd_tiny.save_sd(tmp_path / "xl", "sdxl")
+    assert _distill(tmp_path, "xl", 1, "--teacher", str(xl)) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a sdxl model" in err, err
 
 
 def test_steps_that_cannot_be_halved_are_refused(tmp_path, capsys) -> None:

@@ -24,17 +24,31 @@ distill_app = typer.Typer(
 def loop_config(
     steps: int, lr: float, warmup: int, seed: int, checkpoint_every: int, max_minutes: float | None,
     ema: float = 0.0, *, out: Path | None = None, guidance: float | None = None,
+    sources: tuple[str | None, ...] = (),
 ) -> Any:
     """The training loop's settings every distillation shares: no weight decay, a loss row per step.
-    The shared options are checked here, before any work: ``--out`` a folder, the numbers finite."""
+    The shared options are checked here, before any work: ``--out`` a folder that is none of the
+    models the student is made from (``sources``: the teacher, --init), the numbers finite. Also
+    quiets the libraries' loading bars."""
     import math
 
     from ..train.loop import LoopConfig
+    from .generate import quiet_libraries
 
+    quiet_libraries()
     if out is not None:
         from ..files import check_model_out
+        from ..shipped import resolve_model
 
         check_model_out(out)
+        for source in filter(None, sources):
+            try:
+                path = resolve_model(source)
+            except VelodiffError:
+                continue  # refused with its own line where it is loaded
+            if path.resolve() == out.expanduser().resolve():
+                raise VelodiffError(f"--out {str(out)!r} is the folder of {source!r}, which the student is "
+                                    "made from; the student would replace it: give another --out")
     for name, value in (("--lr", lr), ("--max-minutes", max_minutes)):
         if value is not None and not 0 < value < math.inf:
             raise VelodiffError(f"{name} must be a finite number > 0, got {value}")
@@ -114,7 +128,7 @@ def progressive(
 
     dev = _threads(threads, device)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
-                      guidance=guidance)
+                      guidance=guidance, sources=(teacher,))
     pcfg = ProgressiveConfig(
         teacher_steps=teacher_steps, rounds=rounds, guidance=guidance, batch=batch, cache_size=cache_size
     )
@@ -152,7 +166,7 @@ def guided(
 
     dev = _threads(threads, device)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
-                      guidance=guidance)
+                      guidance=guidance, sources=(teacher,))
     gcfg = GuidedConfig(w_min=w_min, w_max=w_max, guidance=guidance, batch=batch, cache_size=cache_size)
     res = distill_guided(teacher, out, run, cfg, gcfg, quiet=quiet, device=dev)
     report(res, run)
@@ -194,7 +208,7 @@ def lcm(
     dev = _threads(threads, device)
     lr = lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
-                      guidance=guidance)
+                      guidance=guidance, sources=(teacher,))
     lcfg = LCMConfig(
         origin_steps=origin_steps,
         guidance=guidance,
@@ -247,7 +261,7 @@ def reflow(
 
     dev = _threads(threads, device)
     cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out,
-                      guidance=guidance)
+                      guidance=guidance, sources=(teacher, init))
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     rcfg = ReflowConfig(
         reflow_steps=reflow_steps, distill_steps=distill_steps, batch=batch, ema=ema, ode_steps=ode_steps,
@@ -301,7 +315,7 @@ def dmd(
 
     dev = _threads(threads, device)
     cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out,
-                      guidance=guidance)
+                      guidance=guidance, sources=(teacher, init))
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     dcfg = DMDConfig(steps=steps, batch=batch, student_steps=student_steps,
                      regression_weight=regression_weight, ema=ema, real_guidance=real_guidance,
@@ -350,7 +364,7 @@ def prune(
     quiet_libraries()
     dev = _threads(threads, device)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
-                      guidance=guidance)
+                      guidance=guidance, sources=(teacher,))
     pcfg = PruneConfig(
         method=method, target_flops=target_flops, feature_weight=feature_weight, guidance=guidance,
         calib_prompts=calib_prompts, calib_steps=calib_steps, batch=batch, cache_size=cache_size,

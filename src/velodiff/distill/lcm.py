@@ -201,8 +201,11 @@ def distill_lcm(
     )
     student.eval()
     if lcfg.r > 0:
-        save_student(tpath, None, out, sampling, card)  # the teacher's UNet files ...
-        save_lora(student, out / "lora")  # ... and the adapter, applied by velodiff.load
+        # the teacher's UNet files (a LoRA teacher's: its UNet with its adapter fused, which the new
+        # adapter was trained on) and the adapter, applied by velodiff.load
+        base = teacher_unet if (tpath / "lora").is_dir() else None
+        save_student(tpath, base, out, sampling, card)
+        save_lora(student, out / "lora")
     else:
         save_student(tpath, student, out, sampling, card)
     (run / "summary.json").write_text(json.dumps({**summary, "wall_s": wall, "out": str(out)}, indent=1))

@@ -34,6 +34,13 @@ def load_teacher(path: Path) -> Any:
     for name in ("unet", "text_encoder", "vae", "tokenizer"):
         if name not in model.components:
             raise VelodiffError(f"teacher {str(path)!r} has no {name} (expected an SD1-family model)")
+    # the trainers read the UNet's output as a velocity (x0 = alpha x - sigma v) and feed it CLIP's
+    # last hidden state: anything else would train without an error and give a wrong student
+    if model.family != "sd1" or model.prediction_type != "v_prediction":
+        raise VelodiffError(
+            f"teacher {str(path)!r} is a {model.family} model predicting {model.prediction_type}; velodiff "
+            "distill trains v-prediction SD1-family teachers (the shipped models, velodiff train's)"
+        )
     return model
 
 
