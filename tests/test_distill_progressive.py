@@ -97,7 +97,7 @@ def _losses(run) -> list[str]:
     return [r[1] for r in csv.reader((run / "round-0" / "loss.csv").open())][1:]
 
 
-def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path) -> None:
+def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path, capsys) -> None:
     assert _distill(tmp_path, "full", 3) == 0
     assert _distill(tmp_path, "split", 1) == 0  # "killed" after one step, then rerun
     assert _distill(tmp_path, "split", 3) == 0
@@ -106,6 +106,25 @@ def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "full") == _losses(tmp_path / "split")
     assert len(_losses(tmp_path / "full")) == 3
+    # resumed with settings that change what it learns: refused (it went on with the loss x 2000)
+    for changed, line in ((["--guidance", "4"], "guidance=2.5, not 4.0"),
+                          (["--batch", "3"], "batch=2, not 3"),
+                          (["--teacher", "default-4step"], "teacher='default', not 'default-4step'")):
+        capsys.readouterr()
+        assert _distill(tmp_path, "split", 4, *changed) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and line in err and "use a new --run folder" in err, err
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")  # nothing trained, nothing lost
+    src = tmp_path / "teacher-copy"
+    import shutil
+
+    from velodiff.default_model import default_model_path
+
+    shutil.copytree(default_model_path(), src)
+    capsys.readouterr()
+    assert _main(["distill", "progressive", "--teacher", str(src), "--out", str(src), "--run",
+                  str(tmp_path / "r2"), "--steps", "1", "--rounds", "1", "--teacher-steps", "4"]) == 2
+    assert "which the student is made from" in capsys.readouterr().err
 
     import velodiff
     from velodiff.shipped import shipped_path

@@ -32,23 +32,26 @@ def loop_config(
     quiets the libraries' loading bars."""
     import math
 
+    from ..shipped import resolve_model
     from ..train.loop import LoopConfig
     from .generate import quiet_libraries
 
     quiet_libraries()
     if out is not None:
         from ..files import check_model_out
-        from ..shipped import resolve_model
 
         check_model_out(out)
-        for source in filter(None, sources):
-            try:
-                path = resolve_model(source)
-            except VelodiffError:
-                continue  # refused with its own line where it is loaded
-            if path.resolve() == out.expanduser().resolve():
-                raise VelodiffError(f"--out {str(out)!r} is the folder of {source!r}, which the student is "
-                                    "made from; the student would replace it: give another --out")
+    made_from: dict[str, str | None] = {}  # recorded with the run: resuming it from other models is refused
+    for name, source in zip(("teacher", "init"), sources, strict=False):
+        try:
+            path = resolve_model(source).resolve() if source else None
+        except VelodiffError:
+            path = None  # refused with its own line where it is loaded
+        shipped = source is not None and not Path(source).expanduser().exists()  # a name, e.g. default
+        made_from[name] = source if shipped else str(path) if path is not None else None
+        if out is not None and path is not None and path == out.expanduser().resolve():
+            raise VelodiffError(f"--out {str(out)!r} is the folder of {source!r}, which the student is made "
+                                "from; the student would replace it: give another --out")
     for name, value in (("--lr", lr), ("--max-minutes", max_minutes)):
         if value is not None and not 0 < value < math.inf:
             raise VelodiffError(f"{name} must be a finite number > 0, got {value}")
@@ -56,7 +59,8 @@ def loop_config(
         raise VelodiffError(f"--guidance must be a finite number >= 0, got {guidance}")
 
     return LoopConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema, seed=seed,
-                      checkpoint_every=checkpoint_every, max_minutes=max_minutes, log_every=1)
+                      checkpoint_every=checkpoint_every, max_minutes=max_minutes, log_every=1,
+                      extra=made_from)
 
 
 # the options every method shares (defaults stay in each command's signature)

@@ -60,6 +60,12 @@ def lr_at(cfg: LoopConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
+#: settings (``LoopConfig.extra``) a resumed run may change: how long it trains, how many pairs it
+#: caches, what its student samples with by default; any other change (the teacher, the guidance, the
+#: batch, the method, the architecture) is refused, since the run would go on learning something else
+GROWS = frozenset({"steps", "reflow_steps", "distill_steps", "pairs", "eval_pairs", "sample_steps", "rounds"})
+
+
 def run_loop(
     run: Path,
     cfg: LoopConfig,
@@ -96,12 +102,13 @@ def run_loop(
                     f"run {run} was started with {key}={saved_cfg[key]}, not {getattr(cfg, key)}; "
                     "use a new --run folder"
                 )
-        saved_size = saved_cfg.get("extra", {}).get("size")  # another architecture: its tensors do not fit
-        if saved_size is not None and saved_size != cfg.extra.get("size", saved_size):
-            raise VelodiffError(
-                f"run {run} was started with size={saved_size}, not {cfg.extra['size']}; "
-                "use a new --run folder"
-            )
+        saved_extra, extra = (json.loads(json.dumps(e)) for e in (saved_cfg.get("extra", {}), cfg.extra))
+        for key in sorted(set(saved_extra) & set(extra) - GROWS):  # what the run learns from and how
+            if saved_extra[key] != extra[key]:
+                raise VelodiffError(
+                    f"run {run} was started with {key}={saved_extra[key]!r}, not {extra[key]!r}; "
+                    "use a new --run folder (or the run's own settings)"
+                )
         for name, m in modules.items():
             m.load_state_dict(split_prefix(tensors, f"model.{name}."))
             emas[name].load_state_dict(split_prefix(tensors, f"ema.{name}."), meta["ema_updates"])
