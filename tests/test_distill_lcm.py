@@ -236,3 +236,9 @@ def test_a_lora_student_of_a_lora_teacher_keeps_the_teachers_adapter(tmp_path) -
                      for m in ("default-lcm", "default"))
     student = text2img(velodiff.load(tmp_path / "on-lcm-student"), "a red circle", **kw).latents
     assert float((student - teacher).abs().max()) < 0.1 < float((base - teacher).abs().max())
+
+
+def test_sampling_steps_past_the_teachers_grid_are_refused_before_training(tmp_path, capsys) -> None:
+    assert _distill(tmp_path, "too-many", 1, "--origin-steps", "4", "--sample-steps", "8") == 2
+    assert "--sample-steps 8 exceeds --origin-steps 4" in capsys.readouterr().err
+    assert not (tmp_path / "too-many").exists()

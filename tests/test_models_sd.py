@@ -403,6 +403,8 @@ def test_generation_errors(models):
     image = torch.rand(1, 3, H, W)
     with pytest.raises(VelodiffError, match=r"strength must be in \[0, 1\]"):
         img2img(m, PROMPT, image, 1.5)
+    with pytest.raises(VelodiffError, match=r"strength 0.4 of 2 steps runs no step.*0.5 or more"):
+        img2img(m, PROMPT, image, 0.4, steps=2)  # diffusers refuses it too; strength 0 is the VAE round trip
     with pytest.raises(VelodiffError, match="init image is 16x16"):
         img2img(m, PROMPT, image, 0.5, height=32)
     from PIL import Image

@@ -78,7 +78,7 @@ Quiet = Annotated[bool, typer.Option()]
 Init = Annotated[str, typer.Option(help="initialise the student from this model (default: the teacher)")]
 PairPlan = Annotated[str, typer.Option(help="the teacher's plan for the pairs (default: none)")]
 PairSolver = Annotated[str, typer.Option(help="the teacher's solver for the pairs (default: its own)")]
-TeacherSteps = Annotated[int, typer.Option(help="the teacher's steps for the pairs (default: its own)")]
+TeacherSteps = Annotated[int, typer.Option(min=1, help="the teacher's steps for pairs (default: its own)")]
 PairGuidance = Annotated[float, typer.Option(help="the teacher's CFG scale (default: its own)")]
 StudentSteps = Annotated[int, typer.Option(min=1, help="DDIM steps the distilled student samples with")]
 
@@ -209,6 +209,11 @@ def lcm(
     from ..distill.lcm import LCMConfig, distill_lcm
     from .train import _threads
 
+    if sample_steps > origin_steps:  # the lcm grid picks the sampling steps among the teacher's grid
+        raise VelodiffError(
+            f"--sample-steps {sample_steps} exceeds --origin-steps {origin_steps}: the student samples on "
+            "the teacher's skipping-step grid; lower --sample-steps or raise --origin-steps"
+        )
     dev = _threads(threads, device)
     lr = lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,

@@ -186,7 +186,7 @@ def distill_dmd(
     pairs = make_pairs(tpath, run / "pairs", pcfg, device, quiet)
     tok, text = comps["tokenizer"], comps["text_encoder"].to(device).eval().requires_grad_(False)
     uncond = tokenize(tok, [""])[0].to(device)
-    w_pairs = float(pcfg.guidance) if pcfg.guidance else float(tmodel.default_guidance)
+    w_pairs = float(pcfg.guidance) if pcfg.guidance is not None else float(tmodel.default_guidance)
     w_real = float(dcfg.real_guidance) if dcfg.real_guidance is not None else w_pairs
     real = comps["unet"].to(device).eval().requires_grad_(False)
     fake = copy.deepcopy(real).train().requires_grad_(True)

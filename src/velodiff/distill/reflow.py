@@ -84,7 +84,7 @@ class PairCache:
                 diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
                 raise VelodiffError(
                     f"pair cache {self.folder} was made with other settings ({', '.join(diff)}); "
-                    "use a new --pairs-dir"
+                    "use a new --run folder (the pairs live in its pairs/)"
                 )
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,8 @@ def make_pairs(tpath: Path, folder: Path, pcfg: PairConfig, device: str, quiet: 
         world = ShapesWorld(seed=pcfg.data_seed, size=64, holdout=True)
         tok = model.components["tokenizer"]
         shape = model.latent_shape(1, *model.default_size)[1:]
-        opts = {k: getattr(pcfg, k) for k in ("plan", "solver", "steps", "guidance") if getattr(pcfg, k)}
+        given = {k: getattr(pcfg, k) for k in ("plan", "solver", "steps", "guidance")}
+        opts = {k: v for k, v in given.items() if v is not None}  # (guidance 0 is a value, not "unset")
 
         def gen(a: int, b: int) -> dict[str, Tensor]:
             caps = [world.scene(i).caption for i in range(a, b)]
@@ -273,7 +274,7 @@ def distill_reflow(
     tok, text = comps["tokenizer"], comps["text_encoder"].to(device).eval().requires_grad_(False)
     uncond = tokenize(tok, [""])[0].to(device)
     n = pcfg.pairs
-    w_teacher = float(pcfg.guidance) if pcfg.guidance else float(tmodel.default_guidance)
+    w_teacher = float(pcfg.guidance) if pcfg.guidance is not None else float(tmodel.default_guidance)
     report: dict[str, Any] = {"pairs_s": gen_s}
     rep_file = run / "straightness.json"
     if rep_file.is_file():

@@ -44,6 +44,16 @@ def start_index(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
+def check_runs_a_step(steps: int, strength: float) -> None:
+    """A strength above 0 that runs no step is refused, as diffusers refuses it (the image would come
+    back unchanged); strength 0 asks for exactly that (the image back through the VAE)."""
+    if strength > 0 and int(steps * strength) < 1:
+        raise VelodiffError(
+            f"strength {strength:g} of {steps} steps runs no step (int(steps x strength) = 0); raise "
+            f"the strength to {1 / steps:.3g} or more, or the steps"
+        )
+
+
 def init_image_latents(
     model: Any,
     image: Any,
@@ -92,6 +102,7 @@ def img2img(
     z0, h, w = init_image_latents(model, image, len(ps), height, width, image_latents)
     shape = model.latent_shape(len(ps), h, w)
     setup = make_setup(model, opts, size=(h, w))
+    check_runs_a_step(setup.steps, s)
     setup = setup.from_step(start_index(setup.steps, s))
     ts = setup.ts
     if len(ts) < 2:  # strength 0 (or too small for one step): the image back through the VAE

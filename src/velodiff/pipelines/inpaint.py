@@ -41,7 +41,7 @@ from .common import (
     prepare_cond,
     run,
 )
-from .img2img import check_strength, start_index
+from .img2img import check_runs_a_step, check_strength, start_index
 
 
 def _with_concat(cond: Cond, extra: Tensor) -> Cond:
@@ -96,6 +96,7 @@ def inpaint(
     else:
         z0, _, _ = given_latents(model, image_latents, "image_latents", b, h, w)
     setup = make_setup(model, opts, size=(h, w))
+    check_runs_a_step(setup.steps, s)
     setup = setup.from_step(start_index(setup.steps, s))
     ts = setup.ts
     if len(ts) < 2:
