@@ -125,6 +125,11 @@ def test_killed_run_resumes_bit_exactly(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     for phase in ("reflow", "distill"):
         assert _losses(tmp_path / "full", phase) == _losses(tmp_path / "split", phase)
+    import json
+
+    # the straightness report of the extended run is measured again, not the one after its first step
+    full, split = (json.loads((tmp_path / r / "straightness.json").read_text()) for r in ("full", "split"))
+    assert split["after_reflow"] == full["after_reflow"] and full["after_reflow"]["trained_steps"] == 2
     for k in range(1):  # the teacher pairs, made twice from scratch, are the same bytes
         name = f"pairs/chunk-{k:05d}.safetensors"
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "split" / name).read_bytes()

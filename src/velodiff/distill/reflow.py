@@ -326,8 +326,9 @@ def distill_reflow(
         if rcfg.ema > 0:
             emas["unet"].copy_to(student)
         key = f"after_{phase}"
-        if key not in report:
-            report[key] = measure(student.eval(), sched, text, uncond, pairs, n, 1.0, rcfg.ode_steps)
+        if report.get(key, {}).get("trained_steps") != steps:  # measured again when a run was extended
+            report[key] = {**measure(student.eval(), sched, text, uncond, pairs, n, 1.0, rcfg.ode_steps),
+                           "trained_steps": steps}
             rep_file.write_text(json.dumps(report, indent=1))
         student.train()
         if phase == "reflow":
