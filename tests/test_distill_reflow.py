@@ -140,6 +140,9 @@ def test_killed_run_resumes_bit_exactly(tmp_path) -> None:
     assert velodiff.load(tmp_path / "full-student-2steps").default_steps == 2
     assert _reflow(tmp_path, "two", 0, 1, "--student-steps", "2") == 0  # distilled to its 2-step sampler
     assert velodiff.load(tmp_path / "two-student").default_steps == 2
+    assert _reflow(tmp_path, "no-distill", 1, 0) == 0  # no distillation phase: the reflow student, 2 steps
+    assert velodiff.load(tmp_path / "no-distill-student").default_steps == 2
+    assert (tmp_path / "no-distill-student" / "MODEL_CARD.md").read_text().startswith("# 2-rectified flow")
 
 
 def test_bad_input_is_one_line(tmp_path, capsys) -> None:

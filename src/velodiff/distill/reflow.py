@@ -336,9 +336,11 @@ def distill_reflow(
             save_student(tpath, copy.deepcopy(student), out.with_name(f"{out.name}-2steps"), sampling,
                          _card("2-rectified flow (reflow) student, 2 steps", tpath, ipath, pcfg, rcfg, log,
                                report, sampling))
-    k = rcfg.student_steps
+    distilled = rcfg.distill_steps > 0  # without the distillation phase the student is the reflow one
+    k = rcfg.student_steps if distilled else 2
     sampling = {"solver": "ddim", "steps": k, "guidance": 1.0, "grid": "trailing", "trained_steps": k}
-    card = _card(f"reflow + {k}-step distilled student", tpath, ipath, pcfg, rcfg, log, report, sampling)
+    title = f"reflow + {k}-step distilled student" if distilled else "2-rectified flow (reflow) student"
+    card = _card(title, tpath, ipath, pcfg, rcfg, log, report, sampling)
     save_student(tpath, student.eval(), out, sampling, card)
     res = {"phases": log, "out": str(out), "report": report, "wall_s": time.perf_counter() - t0}
     (run / "summary.json").write_text(json.dumps(res, indent=1))
