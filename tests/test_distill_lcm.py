@@ -141,6 +141,38 @@ def test_lora_round_trip_through_the_folder_and_the_lora_option(tmp_path) -> Non
         velodiff.load("default", lora=bad)
 
 
+def test_lora_files_of_diffusers_and_kohya_load_as_the_same_adapter(tmp_path) -> None:
+    """The LoRA files users have: diffusers' save_lora_weights layout and kohya / A1111's (converted by
+    diffusers' own loaders) give the peft adapter's function; a text-encoder part is applied and fused."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    folder, mem = _folder_with_lora(tmp_path)
+    expected = _unet_out(mem)
+    unet_layers = get_peft_model_state_dict(mem)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "diffusers", unet_lora_layers=unet_layers)
+    diffusers_file = tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"
+    kohya_file = tmp_path / "kohya.safetensors"
+    kohya = convert_state_dict_to_kohya(load_file(str(diffusers_file)))
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(kohya_file))
+    for lora in (diffusers_file, tmp_path / "diffusers", kohya_file):
+        got = _unet_out(velodiff.load("default", lora=lora, fuse_lora=False).components["unet"])
+        assert torch.equal(got, expected), lora
+    te_config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    te = inject_adapter_in_model(te_config, velodiff.load("default").components["text_encoder"])
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "with-te", unet_lora_layers=unet_layers,
+                                              text_encoder_lora_layers=get_peft_model_state_dict(te))
+    ids = torch.tensor([[49406, 320, 736, 2445, 49407]])
+    plain_te = velodiff.load("default").components["text_encoder"]
+    loaded = velodiff.load("default", lora=tmp_path / "with-te").components["text_encoder"]
+    assert not any("lora" in name for name, _ in loaded.named_modules())  # fused: a plain encoder again
+    with torch.no_grad():
+        assert (loaded(ids).last_hidden_state - plain_te(ids).last_hidden_state).abs().max() > 1e-3
+
+
 def test_lora_for_another_architecture_is_one_line(tmp_path, capsys) -> None:
     other = UNet2DConditionModel(
         sample_size=8,

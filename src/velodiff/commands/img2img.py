@@ -56,6 +56,7 @@ def img2img_cmd(
     clip_skip: o.ClipSkip = None,
     noise: o.Noise = "velodiff",
     config: o.Config = None,
+    lora: o.Lora = None,
     threads: o.Threads = None,
 ) -> None:
     """Re-draw an image toward a prompt (SDEdit). --steps counts the whole grid, of which the last

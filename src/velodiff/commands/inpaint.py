@@ -62,6 +62,7 @@ def inpaint_cmd(
     clip_skip: o.ClipSkip = None,
     noise: o.Noise = "velodiff",
     config: o.Config = None,
+    lora: o.Lora = None,
     threads: o.Threads = None,
 ) -> None:
     """Repaint the white part of a mask toward a prompt. An inpainting checkpoint gets the mask as

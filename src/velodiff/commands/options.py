@@ -34,8 +34,8 @@ Config = Annotated[
 Lora = Annotated[
     Path | None,
     typer.Option(
-        help="a peft LoRA for the model's UNet: a folder with adapter_config.json + "
-        "adapter_model.safetensors, or the .safetensors file (safetensors only)"
+        help="a LoRA: a peft folder (adapter_config.json + adapter_model.safetensors), its .safetensors, "
+        "or a diffusers / kohya (A1111) LoRA file; safetensors only"
     ),
 ]
 Device = Annotated[

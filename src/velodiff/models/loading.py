@@ -215,16 +215,32 @@ def load(
         _apply_lora(model, Path(lora).expanduser(), "user")
         if own.is_dir():  # both adapters active, each at its own scale
             model.components["unet"].set_adapters(["folder_0", "user"])
-    unet = model.components.get("unet")
-    if fuse_lora and getattr(unet, "peft_config", None):
+    if fuse_lora:
         with torch.inference_mode(False):
-            unet.fuse_lora()
-            unet.unload_lora()
+            for name in ("unet", "text_encoder", "text_encoder_2"):  # the text encoders: a kohya LoRA's
+                _fuse(model.components.get(name))
     return model
 
 
+def _fuse(module: Any) -> None:
+    """Merge a module's peft adapters into its weights and drop the layers (a plain module again)."""
+    if not getattr(module, "peft_config", None) and not getattr(module, "_hf_peft_config_loaded", False):
+        return
+    if hasattr(module, "fuse_lora"):  # diffusers' models
+        module.fuse_lora()
+        module.unload_lora()
+        return
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers  # transformers' text encoders
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+    recurse_remove_peft_layers(module)
+
+
 def _apply_lora(model: LoadedModel, path: Path, adapter: str) -> None:
-    from .lora import apply_lora
+    from .lora import apply_foreign_lora, apply_lora, is_foreign, peek_keys
 
     unet = model.components.get("unet")
     if unet is None:
@@ -232,7 +248,10 @@ def _apply_lora(model: LoadedModel, path: Path, adapter: str) -> None:
     if not path.exists():
         raise VelodiffError(f"LoRA {str(path)!r} does not exist")
     with torch.inference_mode(False):
-        apply_lora(unet, path, adapter)
+        if is_foreign(peek_keys(path)):  # diffusers' save_lora_weights layout, or kohya / A1111's
+            apply_foreign_lora(model, path, adapter)
+        else:
+            apply_lora(unet, path, adapter)
 
 
 def _apply_sampling_file(model: LoadedModel, path: Path) -> None:

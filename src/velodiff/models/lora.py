@@ -55,6 +55,23 @@ def _adapter_files(path: Path) -> tuple[Path, Path]:
     return path.with_name(CONFIG_FILE), path
 
 
+def peek_keys(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The tensor names of a LoRA (its folder's single .safetensors, or the file), without reading the
+    tensors; {} when there is no such file (the loader that follows says why in one line)."""
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    folder = p / LORA_DIR if (p / LORA_DIR).is_dir() else p
+    files = [p] if p.is_file() else sorted(folder.glob("*.safetensors"))
+    if len(files) != 1 or files[0].suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(files[0]), "pt") as f:
+            return dict.fromkeys(f.keys())
+    except Exception:  # noqa: BLE001 - not a safetensors file: read_lora refuses it in one line
+        return {}
+
+
 def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(LoraConfig fields, tensors) of a LoRA folder (or its ``.safetensors`` with the config beside it)."""
     from .weights import check_safetensors, load_file
@@ -77,6 +94,52 @@ def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, t
         targets = sorted({k.split(".lora_A.")[0].split(".", 1)[-1] for k in downs})
         cfg = {"r": r, "lora_alpha": r, "target_modules": targets}
     return cfg, state
+
+
+#: key prefixes of the LoRA files other tools write: diffusers' ``save_lora_weights`` (``unet.``,
+#: ``text_encoder.``) and kohya / A1111 (``lora_unet_``, ``lora_te_``, ``lora_te1_``, ``lora_te2_``)
+FOREIGN_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "lora_unet_", "lora_te_", "lora_te1_",
+                    "lora_te2_")
+
+
+def is_foreign(state: dict[str, Any]) -> bool:
+    """Whether ``state`` is a diffusers or kohya LoRA file rather than a peft UNet adapter."""
+    return any(k.startswith(FOREIGN_PREFIXES) for k in state)
+
+
+def apply_foreign_lora(model: Any, path: str | os.PathLike[str], adapter: str) -> None:
+    """A LoRA file in diffusers' ``save_lora_weights`` layout or kohya / A1111's, onto the UNet and the
+    text encoder(s), converted by diffusers' own loaders (``lora_state_dict``, ``load_lora_into_unet``,
+    ``load_lora_into_text_encoder``); the tensors are read by velodiff's safetensors-only reader."""
+    from .weights import check_safetensors, load_file
+
+    weights = Path(path).expanduser()
+    if weights.is_dir():
+        files = sorted(weights.glob("*.safetensors"))
+        if len(files) != 1:
+            raise VelodiffError(f"LoRA {str(path)!r}: expected one .safetensors file in the folder")
+        weights = files[0]
+    check_safetensors(weights)
+    state = load_file(str(weights))
+    if model.family in ("sd1", "sd2"):
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin as loader
+    elif model.family == "sdxl":
+        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as loader
+    else:
+        raise VelodiffError(f"LoRA {str(path)!r}: diffusers / kohya LoRA files are read for SD 1.x, 2.x and "
+                            f"SDXL models, not {model.family}")
+    c = model.components
+    try:
+        converted, alphas = loader.lora_state_dict(state)
+        loader.load_lora_into_unet(converted, alphas, c["unet"], adapter_name=adapter)
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in c and any(k.startswith(f"{name}.") for k in converted):
+                loader.load_lora_into_text_encoder(converted, alphas, c[name], prefix=name,
+                                                   adapter_name=adapter)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise VelodiffError(
+            f"LoRA {str(path)!r} does not fit this model ({str(e).splitlines()[0][:160]})"
+        ) from None
 
 
 def apply_lora(unet: Any, path: str | os.PathLike[str], adapter: str = "default") -> Any:
