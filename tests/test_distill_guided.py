@@ -99,7 +99,13 @@ def test_resumed_run_is_bit_identical(tmp_path) -> None:
     assert a["time_embedding.cond_proj.weight"].abs().max() > 0  # the guidance input learned
     losses = [[r[1] for r in csv.reader((tmp_path / r / "loss.csv").open())][1:] for r in ("full", "split")]
     assert losses[0] == losses[1] and len(losses[0]) == 3
-    assert velodiff.load(tmp_path / "full-student").embedded_guidance == 2.5
+    student = velodiff.load(tmp_path / "full-student")
+    assert student.embedded_guidance == 2.5 and student.trained_guidance == (1.0, 4.0)
+    from velodiff.pipelines import text2img
+
+    student.embedded_guidance = 12.0  # outside the scales it was trained for: warn, run
+    with pytest.warns(UserWarning, match=r"embedded guidance in \[1, 4\]; 12 is outside"):
+        text2img(student, "a red circle", steps=1, output="latent")
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,8 @@ def distill_guided(
     wall = time.perf_counter() - t0
     if not summary["completed"]:
         return {**summary, "wall_s": wall, "out": None}
-    sampling = {"solver": "dpmpp_2m", "steps": 20, "guidance": 1.0, "embedded_guidance": gcfg.guidance}
+    sampling = {"solver": "dpmpp_2m", "steps": 20, "guidance": 1.0, "embedded_guidance": gcfg.guidance,
+                "trained_guidance": [gcfg.w_min, gcfg.w_max]}
     card = (
         "# guidance-distilled student (one pass per step)\n\n"
         f"Teacher: {tpath}\nTrained: {summary['steps']} steps x batch {gcfg.batch}, w in "

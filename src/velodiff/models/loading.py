@@ -266,3 +266,5 @@ def _apply_sampling_file(model: LoadedModel, path: Path) -> None:
         model.embedded_guidance = float(d["embedded_guidance"])
     if "trained_steps" in d:
         model.trained_steps = int(d["trained_steps"])  # type: ignore[attr-defined]
+    if "trained_guidance" in d:  # the [w_min, w_max] a guidance-distilled student was trained for
+        model.trained_guidance = tuple(float(w) for w in d["trained_guidance"])  # type: ignore[attr-defined]

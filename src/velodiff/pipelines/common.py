@@ -307,6 +307,13 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
             "for (the result may be worse, not better)",
             stacklevel=3,
         )
+    w_range, w = getattr(model, "trained_guidance", None), getattr(model, "embedded_guidance", None)
+    if w_range is not None and w is not None and not w_range[0] <= w <= w_range[1]:
+        warnings.warn(
+            f"this student was distilled for embedded guidance in [{w_range[0]:g}, {w_range[1]:g}]; "
+            f"{w:g} is outside what it was trained for",
+            stacklevel=3,
+        )
     name = grid or model.default_grid
     grid_opts = {}
     if grid is None:
