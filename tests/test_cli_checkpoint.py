@@ -83,6 +83,15 @@ def test_single_file_size_dtype_from_cli(tiny_single_file, tmp_path, capsys):
     assert code == 0, err
     assert Image.open(out).size == (256, 384)
     assert "256x384" in o and "bfloat16 on cpu" in o  # the device it ran on is said
+    # --family and --prediction-type reach the loader (a single file's config cannot say v-prediction)
+    v_out = tmp_path / "v.png"
+    code, o, err = run_cli(
+        capsys, "generate", "a photo of a red cube", "--model", f, "--config", config, "--family", "sd1",
+        "--prediction-type", "v_prediction", "--width", "256", "--height", "384", "--dtype", "bfloat16",
+        *FAST, "--out", v_out,
+    )
+    assert code == 0, err
+    assert v_out.read_bytes() != out.read_bytes()
 
 
 @pytest.mark.skipif(not os.environ.get("VELODIFF_FULL_SIZE"), reason="a 4.3 GB file: VELODIFF_FULL_SIZE=1")
@@ -282,6 +291,10 @@ def test_bad_input_one_line_each(picture, tiny_single_file, tmp_path, capsys):
     assert "--guidance-rescale" in one_error_line(capsys, "generate", "a cube", "--guidance-rescale", "2",
                                                   "--out", out)
     assert "noise mode" in one_error_line(capsys, "generate", "a cube", "--noise", "numpy", "--out", out)
+    assert "unknown prediction type 'eps'" in one_error_line(
+        capsys, "generate", "a cube", "--prediction-type", "eps", "--out", out)
+    assert "unknown model family 'sd9'" in one_error_line(capsys, "generate", "a cube", "--family", "sd9",
+                                                          "--out", out)
 
 
 # --- help ---------------------------------------------------------------------------------------

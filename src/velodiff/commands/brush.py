@@ -70,6 +70,8 @@ def brush_cmd(
     negative: o.Negative = None,
     plan: o.PlanOpt = None,
     config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     threads: o.Threads = None,
 ) -> None:
     """Paint regions over a base image with layered brushes.

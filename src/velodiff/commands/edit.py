@@ -54,6 +54,8 @@ def edit_cmd(
     negative: o.Negative = None,
     plan: o.PlanOpt = None,
     config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     threads: o.Threads = None,
 ) -> None:
     """Edit by prompt, keeping the layout (prompt-to-prompt).

@@ -97,6 +97,8 @@ def load_model(
     dtype: str = "float32",
     config: Path | None = None,
     lora: Path | None = None,
+    family: str | None = None,
+    prediction_type: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The model (a shipped name, a path; default: the shipped one) and its sampling defaults.
     ``threads=None``: one thread for a shipped model (a second saves ~15% on an idle 2-core machine, but
@@ -115,7 +117,8 @@ def load_model(
     from ..models import load
 
     with user_errors(f"cannot load model {str(path)!r}"):
-        loaded = load(path, device=device, dtype=dtype, config=config, lora=lora)
+        loaded = load(path, device=device, dtype=dtype, config=config, lora=lora, family=family,
+                      prediction_type=prediction_type)
     defaults = (
         {"steps": loaded.default_steps, "solver": loaded.default_solver, "guidance": loaded.default_guidance}
         if shipped
@@ -147,6 +150,8 @@ def generate(
     clip_skip: o.ClipSkip = None,
     noise: o.Noise = "velodiff",
     config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     lora: o.Lora = None,
     threads: o.Threads = None,
     attention_maps: Annotated[

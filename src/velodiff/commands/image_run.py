@@ -20,6 +20,8 @@ class ImageRun:
 
     model: str | None = None
     config: Path | None = None
+    family: str | None = None
+    prediction_type: str | None = None
     lora: Path | None = None
     device: str | None = None
     dtype: str | None = None
@@ -79,6 +81,8 @@ class ImageRun:
         if self.grid is not None:
             check_grid(self.grid)
         check_name("noise mode", self.noise, NOISE_MODES)
+        if self.prediction_type is not None:
+            check_name("prediction type", self.prediction_type, ("epsilon", "v_prediction", "sample", "flow"))
         if self.dtype is not None:
             check_name("dtype", self.dtype, DTYPE_NAMES)
             if self.device == "cpu":
@@ -110,7 +114,8 @@ class ImageRun:
         if device.type == "cpu":
             check_cpu_dtype(dtype)
         self.loaded, self.defaults = load_model(
-            self.model, self.threads, str(device), dtype=dtype, config=self.config, lora=self.lora
+            self.model, self.threads, str(device), dtype=dtype, config=self.config, lora=self.lora,
+            family=self.family, prediction_type=self.prediction_type,
         )
         m = self.loaded
         if self.clip_skip:

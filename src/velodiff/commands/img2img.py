@@ -56,6 +56,8 @@ def img2img_cmd(
     clip_skip: o.ClipSkip = None,
     noise: o.Noise = "velodiff",
     config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     lora: o.Lora = None,
     threads: o.Threads = None,
 ) -> None:

@@ -62,6 +62,8 @@ def inpaint_cmd(
     clip_skip: o.ClipSkip = None,
     noise: o.Noise = "velodiff",
     config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     lora: o.Lora = None,
     threads: o.Threads = None,
 ) -> None:

@@ -62,6 +62,8 @@ def invert_cmd(
     negative: o.Negative = None,
     plan: o.PlanOpt = None,
     config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     threads: o.Threads = None,
 ) -> None:
     """Invert an image to noise; report the round trip's error.

@@ -24,6 +24,16 @@ Model = Annotated[
         "(default: the shipped model)",
     ),
 ]
+Family = Annotated[
+    str | None,
+    typer.Option(help="the model family (sd1, sd2, sdxl, sd3, flux, pixart, ...) instead of detecting it "
+                 "from the file"),
+]
+PredictionType = Annotated[
+    str | None,
+    typer.Option("--prediction-type", help="override the scheduler config's: epsilon, v_prediction, sample "
+                 "(e.g. an SD 2.x 768 v-model as a single file)"),
+]
 Config = Annotated[
     Path | None,
     typer.Option(
