@@ -92,6 +92,12 @@ def test_single_file_size_dtype_from_cli(tiny_single_file, tmp_path, capsys):
     )
     assert code == 0, err
     assert v_out.read_bytes() != out.read_bytes()
+    eta_out = tmp_path / "eta.png"  # DDIM's eta (diffusers' pipeline argument) reaches the solver
+    for eta, target in (("0", v_out), ("1", eta_out)):
+        code, o, err = run_cli(capsys, "generate", "a photo of a red cube", "--model", f, "--config", config,
+                               "--solver", "ddim", "--eta", eta, *FAST, "--out", target)
+        assert code == 0, err
+    assert eta_out.read_bytes() != v_out.read_bytes()
 
 
 @pytest.mark.skipif(not os.environ.get("VELODIFF_FULL_SIZE"), reason="a 4.3 GB file: VELODIFF_FULL_SIZE=1")
@@ -293,6 +299,8 @@ def test_bad_input_one_line_each(picture, tiny_single_file, tmp_path, capsys):
     assert "noise mode" in one_error_line(capsys, "generate", "a cube", "--noise", "numpy", "--out", out)
     assert "unknown prediction type 'eps'" in one_error_line(
         capsys, "generate", "a cube", "--prediction-type", "eps", "--out", out)
+    assert "solver 'heun' has no option 'eta'" in one_error_line(
+        capsys, "generate", "a cube", "--solver", "heun", "--eta", "1", "--out", out)
     assert "unknown model family 'sd9'" in one_error_line(capsys, "generate", "a cube", "--family", "sd9",
                                                           "--out", out)
 

@@ -37,6 +37,7 @@ class ImageRun:
     grid: str | None = None
     guidance: float | None = None
     guidance_rescale: float = 0.0
+    eta: float | None = None
     embedded_guidance: float | None = None
     negative: str | None = None
     plan: str | None = None
@@ -152,6 +153,7 @@ class ImageRun:
             guidance=self.guidance if self.guidance is not None else d.get("guidance"),
             guidance_rescale=self.guidance_rescale,
             noise=self.noise,
+            solver_options={"eta": self.eta} if self.eta is not None else None,
         )
 
     def run(self, pipeline: Callable[..., Any], *args: Any, plan: list[Any] | None = None, **kw: Any) -> Any:

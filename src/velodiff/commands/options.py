@@ -24,6 +24,11 @@ Model = Annotated[
         "(default: the shipped model)",
     ),
 ]
+Eta = Annotated[
+    float | None,
+    typer.Option(min=0.0, help="the solver's noise per step (diffusers' eta: 0 for DDIM, 1 for DDPM; "
+                 "ancestral samplers' eta); only solvers that take it"),
+]
 Family = Annotated[
     str | None,
     typer.Option(help="the model family (sd1, sd2, sdxl, sd3, flux, pixart, ...) instead of detecting it "
