@@ -37,7 +37,8 @@ class ImageRun:
     grid: str | None = None
     guidance: float | None = None
     guidance_rescale: float = 0.0
-    eta: float | None = None
+    #: --eta (the solver's; a command's own ``eta`` is another thing, e.g. RF-Inversion's controller)
+    solver_eta: float | None = None
     embedded_guidance: float | None = None
     negative: str | None = None
     plan: str | None = None
@@ -153,7 +154,7 @@ class ImageRun:
             guidance=self.guidance if self.guidance is not None else d.get("guidance"),
             guidance_rescale=self.guidance_rescale,
             noise=self.noise,
-            solver_options={"eta": self.eta} if self.eta is not None else None,
+            solver_options={"eta": self.solver_eta} if self.solver_eta is not None else None,
         )
 
     def run(self, pipeline: Callable[..., Any], *args: Any, plan: list[Any] | None = None, **kw: Any) -> Any:

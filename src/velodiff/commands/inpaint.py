@@ -55,7 +55,7 @@ def inpaint_cmd(
     solver: o.Solver = None,
     grid: o.Grid = None,
     guidance: o.Guidance = None,
-    eta: o.Eta = None,
+    solver_eta: o.Eta = None,
     guidance_rescale: o.GuidanceRescale = 0.0,
     embedded_guidance: o.EmbeddedGuidance = None,
     negative: o.Negative = None,

@@ -26,8 +26,8 @@ Model = Annotated[
 ]
 Eta = Annotated[
     float | None,
-    typer.Option(min=0.0, help="the solver's noise per step (diffusers' eta: 0 for DDIM, 1 for DDPM; "
-                 "ancestral samplers' eta); only solvers that take it"),
+    typer.Option("--eta", min=0.0, help="the solver's noise per step (diffusers' eta: 0 for DDIM, 1 for "
+                 "DDPM; ancestral samplers' eta); only solvers that take it"),
 ]
 Family = Annotated[
     str | None,

@@ -58,7 +58,7 @@ def _adapter_files(path: Path) -> tuple[Path, Path]:
 def peek_keys(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The tensor names of a LoRA (its folder's single .safetensors, or the file), without reading the
     tensors; {} when there is no such file (the loader that follows says why in one line)."""
-    from safetensors import safe_open
+    from .weights import safe_open
 
     p = Path(path).expanduser()
     folder = p / LORA_DIR if (p / LORA_DIR).is_dir() else p
@@ -66,7 +66,7 @@ def peek_keys(path: str | os.PathLike[str]) -> dict[str, Any]:
     if len(files) != 1 or files[0].suffix.lower() != ".safetensors":
         return {}
     try:
-        with safe_open(str(files[0]), "pt") as f:
+        with safe_open(files[0]) as f:
             return dict.fromkeys(f.keys())
     except Exception:  # noqa: BLE001 - not a safetensors file: read_lora refuses it in one line
         return {}
