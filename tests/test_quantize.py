@@ -95,3 +95,23 @@ def test_int4_quantizes_the_linears_its_groups_divide_and_refuses_a_network_with
     assert len(str(e.value).splitlines()) == 1
     Int4(group_size=32).check(RunInfo(schedule=None, ts=torch.tensor([1.0, 0.0]), solver=None, batch=1,
                                       conds={}, network=torch.nn.Sequential(torch.nn.Linear(64, 64))))
+
+
+def test_cli_reports_each_rules_single_evaluation_error(tmp_path, capsys):
+    import json
+
+    from velodiff.cli import main
+
+    def cli(*args):
+        try:
+            return main(list(args))
+        except SystemExit as e:
+            return int(e.code or 0)
+
+    out = tmp_path / "q.json"
+    assert cli("bench", "quantize", "--prompts", "1", "--plans", "int8;w4a8", "--json", str(out)) == 0
+    records = {r["plan"]: r for r in json.loads(out.read_text())["records"]}
+    assert 0 < records["int8"]["median"] < records["w4a8"]["median"] < 0.1  # 4-bit weights err more
+    assert records["int8"]["n"] == 5 and "| `w4a8` |" in capsys.readouterr().out
+    assert cli("bench", "quantize", "--plans", "deepcache") == 2
+    assert "is not one quantization rule" in capsys.readouterr().err

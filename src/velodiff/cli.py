@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "velodiff.commands.bench_solvers",
     "velodiff.commands.bench_pipeline",
     "velodiff.commands.bench_roofline",
+    "velodiff.commands.bench_quantize",
     "velodiff.commands.train",
     "velodiff.commands.distill",
     "velodiff.commands.generate",
