@@ -143,11 +143,17 @@ def negation(args) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     report = {f"negation {w:g}": measure(model, args.concept, seeds, negation=w) for w in args.negation}
+    write_report(args, report, t0)
+
+
+def write_report(args, report: dict, t0: float) -> None:
+    """A sampling-time route's report: the JSON file and a markdown row per setting."""
     out = {"settings": vars(args) | {"out": str(args.out)}, "seconds": round(time.perf_counter() - t0, 1),
            "report": report}
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     for k, r in report.items():
-        print(f"| {k} | {r['named_images']} | {r['concept_rate']:.3f} | {r['other_single']:.3f} "
+        label = f"{k} (`{r['plan']}`)" if "plan" in r else k
+        print(f"| {label} | {r['named_images']} | {r['concept_rate']:.3f} | {r['other_single']:.3f} "
               f"({r['other_images']} images) |")
 
 
@@ -176,12 +182,7 @@ def sld(args, steps: int = 20) -> None:
         plan = f"sld:concept={args.concept}," + ",".join(f"{k}={v:g}" for k, v in cfg.items())
         report[f"sld {name}"] = {"plan": plan, **measure(model, args.concept, seeds, steps=steps, guidance=2.5,
                                                          plan=plan)}
-    out = {"settings": vars(args) | {"out": str(args.out)}, "seconds": round(time.perf_counter() - t0, 1),
-           "report": report}
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    for k, r in report.items():
-        print(f"| {k} (`{r['plan']}`) | {r['named_images']} | {r['concept_rate']:.3f} | "
-              f"{r['other_single']:.3f} ({r['other_images']} images) |")
+    write_report(args, report, t0)
 
 
 if __name__ == "__main__":
