@@ -178,10 +178,11 @@ def sld(args, steps: int = 20) -> None:
     t0 = time.perf_counter()
     report = {}
     for name in args.sld:
-        cfg = dict(SLD_PRESETS[name], sld_warmup_steps=round(SLD_PRESETS[name]["sld_warmup_steps"] * steps / 50))
+        preset = SLD_PRESETS[name]
+        cfg = dict(preset, sld_warmup_steps=round(preset["sld_warmup_steps"] * steps / 50))
         plan = f"sld:concept={args.concept}," + ",".join(f"{k}={v:g}" for k, v in cfg.items())
-        report[f"sld {name}"] = {"plan": plan, **measure(model, args.concept, seeds, steps=steps, guidance=2.5,
-                                                         plan=plan)}
+        rates = measure(model, args.concept, seeds, steps=steps, guidance=2.5, plan=plan)
+        report[f"sld {name}"] = {"plan": plan, **rates}
     write_report(args, report, t0)
 
 
