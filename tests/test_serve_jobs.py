@@ -192,6 +192,14 @@ def test_a_job_past_its_timeout_fails(server):
     assert job["images"] == []
 
 
+def test_waiting_for_a_result_takes_a_positive_timeout(server):
+    url, _ = server
+    job = httpx.post(f"{url}/api/jobs", json={"prompt": "x", "steps": 1}).json()
+    r = httpx.get(f"{url}/api/jobs/{job['id']}/result", params={"timeout": -5})
+    assert r.status_code == 400 and "timeout must be in (0, 86400]" in r.json()["error"]  # was a 504 at once
+    assert httpx.get(f"{url}/api/jobs/{job['id']}/result", timeout=60).json()["state"] == "done"
+
+
 def test_a_job_cannot_ask_for_more_time_than_the_server_gives(tmp_path):
     with running_server(tmp_path, timeout_s=0.3) as (url, _):
         job = run_job(url, prompt="slow", steps=200, solver="heun", timeout_s=1e9)

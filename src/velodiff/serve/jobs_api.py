@@ -12,6 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..errors import VelodiffError
 from .engine import Request as GenRequest
 from .events import FINAL_EVENTS
 from .queue import Job
@@ -124,6 +125,8 @@ async def delete(job_id: str, request: Request) -> dict[str, Any]:
 @router.get("/jobs/{job_id}/result", summary="Wait for the job to finish; its final state")
 async def result(job_id: str, request: Request, timeout: float = 600) -> dict[str, Any]:
     srv = server(request)
+    if not 0 < timeout <= 86_400:  # a wait, in seconds (a day at most)
+        raise VelodiffError(f"timeout must be in (0, 86400] seconds, got {timeout:g}")
     await get_job(srv, job_id)
     try:
         job = await srv.wait(job_id, timeout)
