@@ -206,6 +206,10 @@ def test_the_api_prefix_and_object_info_as_comfyui_serves_them(server):
     assert info == httpx.get(f"{url}/object_info").json()
     assert info["KSampler"]["input"]["required"]["sampler_name"][0] == comfy_names("sampler")
     assert {"dpmpp_sde", "lcm", "uni_pc"} <= set(comfy_names("sampler"))
+    ck = info["CheckpointLoaderSimple"]  # the fields ComfyUI's frontend and clients read
+    assert ck["output"] == ["MODEL", "CLIP", "VAE"] and ck["input_order"] == {"required": ["ckpt_name"]}
+    assert httpx.get(f"{url}/object_info/KSampler").json() == {"KSampler": info["KSampler"]}
+    assert httpx.get(f"{url}/object_info/LoraLoader").json() == {}
     assert httpx.get(f"{url}/api/queue").json() == httpx.get(f"{url}/queue").json()
     r = httpx.post(f"{url}/api/prompt", json={"prompt": {}})
     assert r.status_code == 400 and r.json()["error"]["type"]  # ComfyUI's error shape under /api/ too

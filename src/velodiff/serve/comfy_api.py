@@ -434,9 +434,37 @@ async def object_info(request: Request) -> dict[str, Any]:
         "SaveImage": {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]},
     }
     return {
-        k: {"input": {"required": v}, "name": k, "display_name": k, "output_node": k == "SaveImage"}
+        k: {
+            "input": {"required": v},
+            "input_order": {"required": list(v)},
+            "output": list(NODE_OUTPUTS[k][0]),
+            "output_is_list": [False] * len(NODE_OUTPUTS[k][0]),
+            "output_name": list(NODE_OUTPUTS[k][0]),
+            "name": k,
+            "display_name": k,
+            "description": "",
+            "category": NODE_OUTPUTS[k][1],
+            "output_node": k == "SaveImage",
+        }
         for k, v in req.items()
     }
+
+
+@router.get("/object_info/{node_class}", summary="One node's entry of /object_info (ComfyUI)")
+async def object_info_one(node_class: str, request: Request) -> dict[str, Any]:
+    info = await object_info(request)
+    return {node_class: info[node_class]} if node_class in info else {}
+
+
+#: each supported node's outputs and category, as ComfyUI declares them
+NODE_OUTPUTS = {
+    "CheckpointLoaderSimple": (("MODEL", "CLIP", "VAE"), "loaders"),
+    "CLIPTextEncode": (("CONDITIONING",), "conditioning"),
+    "EmptyLatentImage": (("LATENT",), "latent"),
+    "KSampler": (("LATENT",), "sampling"),
+    "VAEDecode": (("IMAGE",), "latent"),
+    "SaveImage": ((), "image"),
+}
 
 
 @router.get("/system_stats", summary="ComfyUI system stats (minimal)")
