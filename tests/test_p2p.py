@@ -123,6 +123,12 @@ def test_same_prompt_is_the_source_and_reweighting_changes_the_edit(model):
     )
     assert torch.allclose(w.latents[0], r.latents[0], atol=1e-5)  # the source row is never edited
     assert not torch.allclose(w.latents[1], r.latents[1], atol=1e-3)
+    # a factor per word (the paper's c per token): "red=3" is the same edit as weight 3 on "red"
+    own = edit_prompt(model, "a red circle", "a red circle", seed=0, steps=4, words=["red=3"],
+                      output="tensor")
+    assert torch.equal(own.latents, w.latents)
+    with pytest.raises(VelodiffError, match=r"re-weighted word 'red=x': write word=c"):
+        edit_prompt(model, "a red circle", "a red circle", steps=2, words=["red=x"])
 
 
 def test_alignment():
@@ -198,7 +204,7 @@ def test_cli_edit_writes_the_grid_and_refuses_in_one_line(tmp_path, capsys):
         cli("edit", "a red circle", "--to", "x", "-o", str(out), "--image", str(out), "--method", "edict")
         == 2
     )
-    for ignored, line in ((["--weight", "2"], "--weight is read only with --word"),
+    for ignored, line in ((["--weight", "2"], "--weight is read only with a --word without its own factor"),
                           (["--threshold", "0.5"], "--threshold is read only with --blend"),
                           (["--method", "ddim"], "--method is read only with --image")):
         capsys.readouterr()

@@ -31,7 +31,9 @@ def edit_cmd(
         float, typer.Option(help="share of steps with the source's cross-attention")
     ] = 0.8,
     self_steps: Annotated[float, typer.Option(help="share of steps with the source's self-attention")] = 0.4,
-    words: Annotated[list[str] | None, typer.Option("--word", help="a word to re-weight (repeat)")] = None,
+    words: Annotated[
+        list[str] | None, typer.Option("--word", help="a word to re-weight, or word=c: its own c (repeat)")
+    ] = None,
     weight: Annotated[float, typer.Option(help="the re-weighting factor of --word")] = 1.0,
     blend: Annotated[
         list[str] | None, typer.Option("--blend", help="local blend: a word bounding the edit (repeat)")
@@ -68,7 +70,7 @@ def edit_cmd(
             f"--method {method!r}: prompt-to-prompt starts from one noise; use fixed-point or ddim inversion"
         )
     o.refuse_ignored(ctx, {
-        "weight": (bool(words), "--word"),
+        "weight": (any("=" not in w for w in words or ()), "a --word without its own factor"),
         "threshold": (bool(blend), "--blend"),
         "method": (image is not None, "--image"),
         "seed": (image is None, "a generated source (an --image starts from its inversion)"),

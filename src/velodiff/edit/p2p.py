@@ -157,8 +157,9 @@ class PromptToPrompt(Accelerator):
                               aliases=("cross_replace_steps",)),  # the reference code's names
         "self_steps": Option(0.4, "share of the steps with the source's self-attention maps", lo=0, hi=1,
                              aliases=("self_replace_steps",)),
-        "words": Option((), "words of the edited prompts whose attention is re-weighted", kind=tuple),
-        "weight": Option(1.0, "the re-weighting factor c of those words", lo=-10, hi=10),
+        "words": Option((), "words of the edited prompts whose attention is re-weighted (word=c: its own "
+                        "factor)", kind=tuple),
+        "weight": Option(1.0, "the re-weighting factor c of the words without their own", lo=-10, hi=10),
         "uncond": Option(
             False, "edit the unconditional branch's maps too (the reference code: no)", kind=bool
         ),
@@ -171,6 +172,10 @@ class PromptToPrompt(Accelerator):
     def check(self, run: RunInfo) -> None:
         if not attention_modules(run.network, True):
             raise VelodiffError("plan rule 'p2p': the model has no plain cross-attention layers (SD family)")
+        for w in self.words:
+            word, _, factor = w.partition("=")
+            if factor:
+                _factor(w, factor)
         if run.batch < 2 or len(run.prompts) != run.batch:
             raise VelodiffError(
                 "plan rule 'p2p' needs a batch of the source prompt then the edited prompts, one image each"
@@ -188,9 +193,10 @@ class PromptToPrompt(Accelerator):
             mode = self.mode if self.mode != "auto" else ("replace" if len(tgt) == len(src) else "refine")
             index, alpha = alignment(src, tgt, length, mode)
             scale = torch.ones(length)
-            for w in self.words:
-                for pos in word_positions(run, prompt, w):
-                    scale[pos] = self.weight
+            for w in self.words:  # "word" at the rule's weight, or "word=c" at its own (the paper's c)
+                word, _, factor = w.partition("=")
+                for pos in word_positions(run, prompt, word.strip()):
+                    scale[pos] = self.weight if not factor else _factor(w, factor)
             self.index.append(torch.tensor(index))
             self.alpha.append(torch.tensor(alpha))
             self.scale.append(scale)
@@ -323,3 +329,14 @@ def edit_prompt(
     return text2img(
         model, prompts, height=h, width=w, seeds=[seed] * len(prompts), latents=z, plan=rules, **options
     )
+
+
+def _factor(item: str, factor: str) -> float:
+    """The c of a re-weighted word ``word=c``, in the option's range [-10, 10]."""
+    try:
+        c = float(factor)
+    except ValueError:
+        raise VelodiffError(f"plan rule 'p2p': re-weighted word {item!r}: write word=c, c a number") from None
+    if not -10 <= c <= 10:
+        raise VelodiffError(f"plan rule 'p2p': re-weighted word {item!r}: c must be in [-10, 10]")
+    return c
