@@ -276,6 +276,28 @@ def test_sld_is_diffusers_safe_guidance_on_eps(model):
         denoise_once(model.denoiser, x, 0.5, cond, "cfg+sld", context=ctx)
 
 
+def test_a_runs_recorded_plan_string_reproduces_it(model):
+    """Rules of one layer stack in the plan string's order (read inner to outer), str() writes that
+    order, and the plan a pipeline adds CFG to keeps it: rerunning result.plan gives the same latents
+    (pag+compose: PAG perturbs the whole prompt or compose's first part, depending on which wraps)."""
+    from velodiff.pipelines import text2img
+
+    for text in ("pag+compose", "compose+pag", "ag:threshold=0.99+pag", "deepcache+attention_maps"):
+        plan = Plan.parse(text)
+        names = [r.name for r in plan.rules]
+        assert str(plan) == text and [r.name for r in Plan.parse(str(plan)).rules] == names
+        assert [r.name for r in plan.without_settings().rules] == names
+        assert [r.name for r in plan.with_rules([]).rules] == names
+    prompts = ["a red circle AND a blue square", "a red circle AND a blue square"]
+    for guidance in (2.5, 1.0):
+        kw = dict(guidance=guidance, steps=3, seeds=[1, 2], output="latent")
+        first = text2img(model, prompts, plan="pag+compose", **kw)
+        again = text2img(model, prompts, plan=first.plan, **kw)
+        assert torch.equal(first.latents, again.latents), (guidance, first.plan)
+    other = text2img(model, prompts, plan="compose+pag", **kw)
+    assert not torch.allclose(other.latents, first.latents, atol=1e-3)  # the order is the user's to choose
+
+
 def test_compose_stacks_with_per_image_adaptive_guidance(model):
     from velodiff.pipelines import text2img
 
@@ -400,3 +422,41 @@ def test_attention_sheet_captions_only_the_prompts_tokens(monkeypatch):
     monkeypatch.setattr(velodiff.images, "image_grid", lambda cells, **kw: seen.update(kw, n=len(cells)))
     attention_sheet({0: torch.rand(1, 77, 4, 4)}, [f"w{i}" for i in range(80)], Image.new("RGB", (8, 8)))
     assert seen["n"] == 1 + 75 and seen["captions"][-1] == "w74"
+
+
+def test_grad_is_honoured_inside_no_grad_and_every_rule_is_ended():
+    """grad=True samples with gradients even inside a caller's no_grad / inference_mode (it inherited
+    them silently); a rule whose end() raises neither keeps the others on the network nor hides the
+    run's own error."""
+    from velodiff.plan import Accelerator
+
+    ts = make_grid("uniform", SCHED, 3)
+    x = X.clone().requires_grad_(True)
+    for outer in (torch.no_grad, torch.inference_mode):
+        with outer():
+            out = sample(TOY, x, ts, "ddim", cond=COND, grad=True).x
+        assert out.requires_grad and not out.is_inference()
+
+    ended: list[str] = []
+
+    class Ends(Accelerator):
+        name, layer = "ends", 0
+
+        def end(self) -> None:
+            ended.append("ends")
+
+    class BadEnd(Accelerator):
+        name, layer = "bad_end", 1
+
+        def end(self) -> None:
+            raise RuntimeError("end failed")
+
+    def stop(info):
+        raise ValueError("the run's own error")
+
+    with pytest.raises(ValueError, match="the run's own error"):
+        sample(TOY, X, ts, "ddim", cond=COND, plan=[Ends(), BadEnd()], callback=stop)
+    assert ended == ["ends"]
+    with pytest.raises(RuntimeError, match="end failed"):  # a run that went well: the end's error
+        sample(TOY, X, ts, "ddim", cond=COND, plan=[Ends(), BadEnd()])
+    assert ended == ["ends", "ends"]

@@ -16,8 +16,10 @@ A :class:`Plan` is one string and one object: ``name[:key=value,...]`` joined by
 (``solver=unipc+nfe=8+grid=karras+guidance=2.5+ag``: :data:`SETTINGS`), overriding the command's or
 the sweep's own values for that run, so one plan is a whole recipe (``velodiff tune`` writes such a
 plan); ``@FILE`` reads a plan from a file (one item per line or joined by ``+``, ``#`` comments).
-Rules stack by their declared ``layer`` (lower = closer to the network; the plan string's order
-breaks ties), so a guidance rule always combines what the caches below it returned. Two rules may not
+Rules stack by their declared ``layer`` (lower = closer to the network; among rules of one layer the
+plan string's order, read inner to outer: in ``pag+compose`` compose wraps pag; ``str(plan)`` writes the
+same order, so a run's recorded plan string reproduces it), so a guidance rule always combines what the
+caches below it returned. Two rules may not
 claim the same branch.
 
 The base evaluator at the bottom of the stack batches the requested branches of one request into a
@@ -388,10 +390,11 @@ class Plan:
         for r in rules:
             if not isinstance(r, Accelerator):
                 raise VelodiffError(f"a plan holds plan rules, got {type(r).__name__}")
-        # outermost first: higher layer outside; among equals, the given order (outer first)
-        self.rules = sorted(rules, key=lambda r: -r.layer)
+        # kept outermost first: higher layer outside; among equals, the given order read inner to outer,
+        # as the plan string is written ("cfg+pag": pag wraps cfg), so str() and parse() round-trip
+        self.rules = sorted(reversed(rules), key=lambda r: -r.layer)
         claimed: dict[str, str] = {}
-        for r in self.rules:
+        for r in rules:  # (conflicts named in the order given)
             for b in r.claims:
                 if b in claimed:
                     raise VelodiffError(
@@ -399,7 +402,7 @@ class Plan:
                     )
                 claimed[b] = r.name
         groups: dict[str, str] = {}
-        for r in self.rules:
+        for r in rules:
             for group in (r.exclusive,) if isinstance(r.exclusive, str) else r.exclusive:
                 if group and group in groups:
                     raise VelodiffError(

@@ -178,8 +178,12 @@ def sample(
     plan = Plan.parse(plan)
     run = check_run(denoiser, ts, spec, plan, x.shape[0], branches_of(cond), context, options)
     grad = grad or plan.needs_grad
-    mode = contextlib.nullcontext() if grad else torch.inference_mode()
-    with mode:
+    with contextlib.ExitStack() as mode:
+        if grad:  # also inside a caller's no_grad or inference_mode: grad=True is asked for explicitly
+            mode.enter_context(torch.inference_mode(False))
+            mode.enter_context(torch.enable_grad())
+        else:
+            mode.enter_context(torch.inference_mode())
         return _loop(denoiser, x, ts, spec, plan, run, seed, noise, callback, options)
 
 
@@ -260,7 +264,8 @@ def running(plan: Plan, run: RunInfo):
     """The rules' lifecycle around a run: begin each (outermost first), end those begun (innermost
     first) however the run ends. A rule whose ``begin`` raises is ended at once (what it installed before
     the error, hooks or processors, must not stay on the network); an error of that ``end`` is dropped
-    for the ``begin``'s own."""
+    for the ``begin``'s own. Every begun rule is ended even when another's ``end`` raises, and an error
+    of the run itself propagates, not one of an ``end``."""
     started: list[Accelerator] = []
     try:
         for rule in plan.rules:
@@ -272,9 +277,23 @@ def running(plan: Plan, run: RunInfo):
                 raise
             started.append(rule)
         yield
-    finally:
-        for rule in reversed(started):
+    except BaseException:
+        _end(started)  # the run's own error propagates, not an end's
+        raise
+    errors = _end(started)
+    if errors:
+        raise errors[0]
+
+
+def _end(rules: list[Accelerator]) -> list[Exception]:
+    """End every rule (innermost first), each even if another's ``end`` raised; their errors."""
+    errors: list[Exception] = []
+    for rule in reversed(rules):
+        try:
             rule.end()
+        except Exception as e:  # noqa: BLE001 - the other rules must still come off the network
+            errors.append(e)
+    return errors
 
 
 def _edited(new: Tensor, old: Tensor, who: str) -> Tensor:
