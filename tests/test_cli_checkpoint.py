@@ -145,11 +145,13 @@ def test_device_and_dtype_rules(monkeypatch):
 
 
 def test_light_name_lists_match_the_library():
-    from velodiff.commands.names import DTYPE_NAMES, NOISE_MODES
+    from velodiff.commands.names import DTYPE_NAMES, NOISE_MODES, PREDICTION_TYPES
+    from velodiff.denoisers import PREDICTION_TYPES as DENOISER_PREDICTION_TYPES
     from velodiff.models.base import DTYPES
     from velodiff.pipelines.common import NOISE_MODES as PIPELINE_NOISE_MODES
 
     assert NOISE_MODES == PIPELINE_NOISE_MODES
+    assert PREDICTION_TYPES == DENOISER_PREDICTION_TYPES
     assert set(DTYPE_NAMES) <= set(DTYPES)
 
 

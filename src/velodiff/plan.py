@@ -19,8 +19,7 @@ plan); ``@FILE`` reads a plan from a file (one item per line or joined by ``+``,
 Rules stack by their declared ``layer`` (lower = closer to the network; among rules of one layer the
 plan string's order, read inner to outer: in ``pag+compose`` compose wraps pag; ``str(plan)`` writes the
 same order, so a run's recorded plan string reproduces it), so a guidance rule always combines what the
-caches below it returned. Two rules may not
-claim the same branch.
+caches below it returned. Two rules may not claim the same branch.
 
 The base evaluator at the bottom of the stack batches the requested branches of one request into a
 single network call, in request order, one block of B rows per branch (``EvalRequest.rows``): one

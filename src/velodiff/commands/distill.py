@@ -366,11 +366,9 @@ def prune(
     """Remove the UNet units that change the output least until the FLOPs target is met; repair."""
     from ..distill.prune import PruneConfig, check_target
     from ..distill.prune import prune as run_prune
-    from .generate import quiet_libraries
     from .train import _threads
 
     check_target(target_flops)
-    quiet_libraries()
     dev = _threads(threads, device)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
                       guidance=guidance, sources=(teacher,))

@@ -60,7 +60,7 @@ class ImageRun:
     def check(self) -> None:
         """Refuse what is wrong without importing torch (one line each)."""
         from ..shipped import resolve_model
-        from .names import DTYPE_NAMES, NOISE_MODES, check_grid, check_name, check_solver
+        from .names import DTYPE_NAMES, NOISE_MODES, PREDICTION_TYPES, check_grid, check_name, check_solver
 
         if self.steps is not None and self.nfe is not None:
             raise VelodiffError("give --steps or --nfe, not both")
@@ -84,7 +84,7 @@ class ImageRun:
             check_grid(self.grid)
         check_name("noise mode", self.noise, NOISE_MODES)
         if self.prediction_type is not None:
-            check_name("prediction type", self.prediction_type, ("epsilon", "v_prediction", "sample", "flow"))
+            check_name("prediction type", self.prediction_type, PREDICTION_TYPES)
         if self.dtype is not None:
             check_name("dtype", self.dtype, DTYPE_NAMES)
             if self.device == "cpu":

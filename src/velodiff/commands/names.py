@@ -46,6 +46,8 @@ def check_grid(name: str) -> None:
     resolve_grid(name, (*GRID_NAMES, "calibrated"))
 
 
+#: ``velodiff.denoisers.PREDICTION_TYPES``
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 #: ``velodiff.pipelines.common.NOISE_MODES``
 NOISE_MODES = ("velodiff", "torch")
 #: the weight dtypes the CLI offers (``velodiff.models.base.DTYPES`` also takes fp32 / bf16 / fp16)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..denoisers import PREDICTION_TYPES
 from ..errors import VelodiffError, unknown_name
 from ..shipped import SHIPPED, no_such_model, sampling_defaults, shipped_path
 from .base import FAMILIES, LoadedModel, families_by_priority, resolve_device, resolve_dtype
@@ -196,8 +197,8 @@ def load(
     if family is not None and family not in FAMILIES:
         raise unknown_name("model family", family, FAMILIES)
     name = family or detect_family(source)
-    if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction", "sample", "flow"):
-        raise unknown_name("prediction type", prediction_type, ["epsilon", "v_prediction", "sample", "flow"])
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise unknown_name("prediction type", prediction_type, PREDICTION_TYPES)
     with torch.inference_mode(False), quiet_imports():
         model = FAMILIES[name].build(
             source,

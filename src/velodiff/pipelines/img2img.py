@@ -105,7 +105,7 @@ def img2img(
     check_runs_a_step(setup.steps, s)
     setup = setup.from_step(start_index(setup.steps, s))
     ts = setup.ts
-    if len(ts) < 2:  # strength 0 (or too small for one step): the image back through the VAE
+    if len(ts) < 2:  # strength 0: the image back through the VAE
         res = SampleResult(z0.clone(), 0, 0, 0)
         return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)
     eps = (initial_noise(shape, seeds_l, opts.noise) if opts.latents is None else opts.latents.float())
