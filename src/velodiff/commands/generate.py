@@ -96,7 +96,8 @@ def load_model(
     *,
     dtype: str = "float32",
     config: Path | None = None,
-    lora: Path | None = None,
+    lora: list[Path] | None = None,
+    lora_scale: list[float] | None = None,
     family: str | None = None,
     prediction_type: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
@@ -117,8 +118,8 @@ def load_model(
     from ..models import load
 
     with user_errors(f"cannot load model {str(path)!r}"):
-        loaded = load(path, device=device, dtype=dtype, config=config, lora=lora, family=family,
-                      prediction_type=prediction_type)
+        loaded = load(path, device=device, dtype=dtype, config=config, lora=lora,
+                      lora_scale=lora_scale or 1.0, family=family, prediction_type=prediction_type)
     defaults = (
         {"steps": loaded.default_steps, "solver": loaded.default_solver, "guidance": loaded.default_guidance}
         if shipped
@@ -154,6 +155,7 @@ def generate(
     family: o.Family = None,
     prediction_type: o.PredictionType = None,
     lora: o.Lora = None,
+    lora_scale: o.LoraScale = None,
     threads: o.Threads = None,
     attention_maps: Annotated[
         Path | None,

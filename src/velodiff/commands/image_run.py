@@ -4,6 +4,7 @@ keywords to the pipeline in batches of ``--batch`` images, and describe the run 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ class ImageRun:
     config: Path | None = None
     family: str | None = None
     prediction_type: str | None = None
-    lora: Path | None = None
+    lora: list[Path] | None = None
+    lora_scale: list[float] | None = None
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
@@ -76,6 +78,15 @@ class ImageRun:
         for name, value in (("--steps", self.steps), ("--nfe", self.nfe)):
             if value is not None and value > MAX_STEPS:
                 raise VelodiffError(f"{name} {value} is more than {MAX_STEPS}; no sampler needs that many")
+        if self.lora_scale:
+            if not self.lora:
+                raise VelodiffError("--lora-scale needs a --lora")
+            if len(self.lora_scale) not in (1, len(self.lora)):
+                raise VelodiffError(f"{len(self.lora_scale)} --lora-scale values for {len(self.lora)} "
+                                    "--lora: give one for all, or one per --lora")
+            bad = [s for s in self.lora_scale if not math.isfinite(s)]
+            if bad:
+                raise VelodiffError(f"--lora-scale must be a finite number, got {bad[0]}")
         if self.clip_skip is not None and self.clip_skip < 0:
             raise VelodiffError(f"--clip-skip must be >= 0, got {self.clip_skip}")
         if self.solver is not None:
@@ -117,6 +128,7 @@ class ImageRun:
             check_cpu_dtype(dtype)
         self.loaded, self.defaults = load_model(
             self.model, self.threads, str(device), dtype=dtype, config=self.config, lora=self.lora,
+            lora_scale=self.lora_scale,
             family=self.family, prediction_type=self.prediction_type,
         )
         m = self.loaded

@@ -60,6 +60,7 @@ def img2img_cmd(
     family: o.Family = None,
     prediction_type: o.PredictionType = None,
     lora: o.Lora = None,
+    lora_scale: o.LoraScale = None,
     threads: o.Threads = None,
 ) -> None:
     """Re-draw an image toward a prompt (SDEdit). --steps counts the whole grid, of which the last

@@ -66,6 +66,7 @@ def inpaint_cmd(
     family: o.Family = None,
     prediction_type: o.PredictionType = None,
     lora: o.Lora = None,
+    lora_scale: o.LoraScale = None,
     threads: o.Threads = None,
 ) -> None:
     """Repaint the white part of a mask toward a prompt. An inpainting checkpoint gets the mask as

@@ -47,10 +47,17 @@ Config = Annotated[
     ),
 ]
 Lora = Annotated[
-    Path | None,
+    list[Path] | None,
     typer.Option(
         help="a LoRA: a peft folder (adapter_config.json + adapter_model.safetensors), its .safetensors, "
-        "or a diffusers / kohya (A1111) LoRA file; safetensors only"
+        "or a diffusers / kohya (A1111) LoRA file; safetensors only; repeat for several"
+    ),
+]
+LoraScale = Annotated[
+    list[float] | None,
+    typer.Option(
+        help="the LoRA's strength (diffusers' lora_scale, ComfyUI's strength, A1111's <lora:name:S>): one "
+        "for every --lora, or one per --lora in their order [default: 1]"
     ),
 ]
 Device = Annotated[

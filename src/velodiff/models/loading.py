@@ -10,8 +10,9 @@ Pickle checkpoints (.ckpt, .bin, .pt, .pth) are refused; they can run code when 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -168,8 +169,9 @@ def load(
     family: str | None = None,
     prediction_type: str | None = None,
     config: str | os.PathLike[str] | None = None,
-    lora: str | os.PathLike[str] | None = None,
+    lora: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     fuse_lora: bool = True,
+    lora_scale: float | Sequence[float] = 1.0,
 ) -> LoadedModel:
     """Load a model for velodiff's sampling core.
 
@@ -180,9 +182,13 @@ def load(
     * ``device``: "cpu", "cuda", "cuda:N", "mps", or None for the best one available.
     * ``family``: force a family ("sd1", "sd2", "sdxl", ... see ``FAMILIES``) instead of detecting it.
     * ``prediction_type``: override the scheduler config's ("epsilon", "v_prediction", "sample").
-    * ``lora``: a peft LoRA (a folder with ``adapter_config.json`` + ``adapter_model.safetensors``, or
-      the ``.safetensors`` itself) applied to the UNet; a folder's own ``lora/`` is applied first.
-    * ``fuse_lora``: merge the adapters into the UNet's weights (diffusers' ``fuse_lora`` then
+    * ``lora``: a LoRA, or a list of them, applied to the UNet (and the text encoders where the file has
+      theirs): a peft folder (``adapter_config.json`` + ``adapter_model.safetensors``), its
+      ``.safetensors``, or a diffusers / kohya (A1111) LoRA file; a folder's own ``lora/`` is applied first.
+    * ``lora_scale``: each LoRA's strength (diffusers' ``lora_scale`` / ``set_adapters`` weights, ComfyUI's
+      LoraLoader strength, A1111's ``<lora:name:S>``): one number for all, or one per LoRA; 0 turns a
+      LoRA off. A folder's own ``lora/`` keeps scale 1.
+    * ``fuse_lora``: merge the adapters, at their scales, into the weights (diffusers' ``fuse_lora`` then
       ``unload_lora``: a plain UNet, as fast as one without them); False keeps peft's layers (to train
       them further or change their scale).
     """
@@ -199,6 +205,7 @@ def load(
     name = family or detect_family(source)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise unknown_name("prediction type", prediction_type, PREDICTION_TYPES)
+    loras, scales = _lora_list(lora, lora_scale)
     with torch.inference_mode(False), quiet_imports():
         model = FAMILIES[name].build(
             source,
@@ -212,15 +219,57 @@ def load(
     own = Path(source.path) / "lora"
     for i, adapter in enumerate([own] if source.kind == "folder" and own.is_dir() else []):
         _apply_lora(model, adapter, f"folder_{i}")
-    if lora is not None:
-        _apply_lora(model, Path(lora).expanduser(), "user")
-        if own.is_dir():  # both adapters active, each at its own scale
-            model.components["unet"].set_adapters(["folder_0", "user"])
+    for i, path_i in enumerate(loras):
+        _apply_lora(model, path_i, f"user_{i}")
+    if loras:  # every adapter active, each at its own scale
+        adapters = (["folder_0"] if source.kind == "folder" and own.is_dir() else []) + [
+            f"user_{i}" for i in range(len(loras))
+        ]
+        weights = [1.0] * (len(adapters) - len(loras)) + scales
+        _set_lora_scales(model, adapters, weights)
     if fuse_lora:
         with torch.inference_mode(False):
             for name in ("unet", "text_encoder", "text_encoder_2"):  # the text encoders: a kohya LoRA's
                 _fuse(model.components.get(name))
     return model
+
+
+def _lora_list(
+    lora: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None, scale: float | Sequence[float]
+) -> tuple[list[Path], list[float]]:
+    """The LoRA paths and one scale per path (one scale given: the same for all), checked."""
+    paths = [] if lora is None else [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)
+    scales = [scale] if isinstance(scale, (int, float)) else list(scale)
+    if not paths:
+        if scales != [1.0]:
+            raise VelodiffError("a LoRA scale was given without a LoRA")
+        return [], []
+    if len(scales) == 1:
+        scales = scales * len(paths)
+    if len(scales) != len(paths):
+        raise VelodiffError(
+            f"{len(scales)} LoRA scales for {len(paths)} LoRAs: give one for all, or one per LoRA"
+        )
+    for s in scales:
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+            raise VelodiffError(f"a LoRA scale must be a finite number, got {s!r}")
+    return [Path(p).expanduser() for p in paths], [float(s) for s in scales]
+
+
+def _set_lora_scales(model: LoadedModel, adapters: list[str], weights: list[float]) -> None:
+    """Activate ``adapters`` at ``weights`` on the UNet (diffusers' ``set_adapters``) and on each text
+    encoder that holds some of them (diffusers' ``set_weights_and_activate_adapters``, as its pipelines'
+    ``set_adapters`` do)."""
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    with torch.inference_mode(False):
+        model.components["unet"].set_adapters(adapters, weights)
+        for name in ("text_encoder", "text_encoder_2"):
+            module = model.components.get(name)
+            held = getattr(module, "peft_config", None) or {}
+            pairs = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in held]
+            if pairs:
+                set_weights_and_activate_adapters(module, [a for a, _ in pairs], [w for _, w in pairs])
 
 
 def _fuse(module: Any) -> None:

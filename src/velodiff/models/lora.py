@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,9 @@ def apply_lora(unet: Any, path: str | os.PathLike[str], adapter: str = "default"
     dev = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     try:
-        unet.add_adapter(config, adapter_name=adapter)
+        with warnings.catch_warnings():  # a second adapter is meant: peft's note on it is noise here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.add_adapter(config, adapter_name=adapter)
     except (ValueError, RuntimeError, KeyError, re.error) as e:  # re.error: a bad target_modules pattern
         raise VelodiffError(
             f"LoRA {name!r} does not fit this model's UNet ({str(e).splitlines()[0][:160]})"
