@@ -115,6 +115,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["generate", "a red circle", "--out", out, "--clip-skip", "1000"], "has 4 layers; skip fewer"),
         (["generate", "a red circle", "--out", out, "--width", "1000000000"], "in [1, 8192]"),
         (["generate", "a red circle", "--out", out, "--steps", "1000000000"], "is more than 1000"),
+        (["generate", "a red circle", "--out", out, "--seed", str(2**64 - 1), "--n", "2"], "seed range"),
         (["serve", "--db", str(kept), "--port", "0"], "is a folder"),
         (["serve", "--host", "nosuch.invalid", "--port", "0"], "not an address here"),
         (["distill", "progressive", "--out", str(tmp_path / "x.png"), "--run", str(tmp_path / "r")],

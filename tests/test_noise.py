@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import velodiff
-from velodiff.noise import GaussianNoise, _generator, randn
+from velodiff.noise import GaussianNoise, _generator, check_seed, randn
 
 SHAPE = (2, 4, 8, 8)
 
@@ -27,6 +27,20 @@ def test_randn_in_a_dtype_is_the_float32_draw_cast(dtype):
     assert torch.equal(z64.float(), randn(SHAPE, 5))
     fresh = torch.randn(SHAPE, generator=_generator(5), dtype=torch.float64)  # same generator, float64 draw
     assert not torch.equal(z64, fresh)
+
+
+def test_a_seed_is_torchs_64_bit_seed() -> None:
+    """Negative seeds wrap to 64 bits as torch's manual_seed does (-1 is 2**64 - 1, -3 is not 3); a seed
+    outside [-2**63, 2**64) is refused in one line."""
+    assert torch.equal(randn(SHAPE, -1), randn(SHAPE, 2**64 - 1))
+    assert not torch.equal(randn(SHAPE, -3), randn(SHAPE, 3))
+    for bad in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="outside torch's seed range"):
+            check_seed(bad)
+    from velodiff.pipelines.common import initial_noise
+
+    with pytest.raises(velodiff.VelodiffError, match="outside torch's seed range"):
+        initial_noise((2, 4, 8, 8), [2**64 - 1, 2**64])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

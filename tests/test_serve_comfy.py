@@ -259,6 +259,22 @@ def test_a_size_the_model_refuses_is_a_node_error_too(server):
     assert "not a positive multiple of 4" in body["node_errors"]["3"]["errors"][0]["message"]
 
 
+def test_a_seed_takes_comfyuis_whole_64_bit_range(server):
+    """ComfyUI's KSampler seed is any unsigned 64-bit int (API scripts draw random.randint(0, 2**64 - 1));
+    the last seed of the batch must stay in it."""
+    url, _ = server
+    g = copy.deepcopy(GRAPH)
+    g["3"]["inputs"].update(seed=2**64 - 1, steps=1)
+    prompt_id = queue_prompt(url.removeprefix("http://"), g, str(uuid.uuid4()))["prompt_id"]
+    deadline = time.monotonic() + 60
+    while prompt_id not in (history := get_history(url.removeprefix("http://"), prompt_id)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert history[prompt_id]["status"]["status_str"] == "success"
+    g["5"]["inputs"]["batch_size"] = 2  # its second image would take seed 2**64
+    assert "2**64" in json.dumps(refused(url, g)["node_errors"])
+
+
 def test_every_comfy_name_resolves_to_a_velodiff_solver_and_grid():
     """Every ComfyUI sampler and scheduler name the alias table knows is accepted and runs through the
     pipelines' own resolution; one it does not know is refused with ComfyUI's list."""

@@ -12,9 +12,20 @@ from torch import Tensor
 
 from .schedules import NoiseSchedule
 
+#: the seeds velodiff takes: torch's (``Generator.manual_seed``: 64 bits, either sign; -1 is 2**64 - 1)
+SEED_MIN, SEED_END = -(2**63), 2**64
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` as an int, refused in one line outside torch's seed range [-2**63, 2**64)."""
+    if isinstance(seed, bool) or not SEED_MIN <= int(seed) < SEED_END:
+        raise ValueError(f"seed {seed} is outside torch's seed range [-2**63, 2**64)")
+    return int(seed)
+
 
 def _generator(*key: int) -> torch.Generator:
-    state = np.random.SeedSequence([abs(int(k)) for k in key]).generate_state(2, dtype=np.uint64)
+    # a negative key wraps to 64 bits as torch's manual_seed does (so -3 is not 3's alias)
+    state = np.random.SeedSequence([int(k) % SEED_END for k in key]).generate_state(2, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 

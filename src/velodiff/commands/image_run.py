@@ -78,6 +78,10 @@ class ImageRun:
         for name, value in (("--steps", self.steps), ("--nfe", self.nfe)):
             if value is not None and value > MAX_STEPS:
                 raise VelodiffError(f"{name} {value} is more than {MAX_STEPS}; no sampler needs that many")
+        if not -(2**63) <= self.seed or not self.seed + self.n - 1 < 2**64:
+            last = self.seed + self.n - 1
+            seeds = f"{self.seed}" if self.n == 1 else f"{self.seed} (with --n {self.n}: .. {last})"
+            raise VelodiffError(f"--seed {seeds} is outside torch's seed range [-2**63, 2**64)")
         if self.lora_scale:
             if not self.lora:
                 raise VelodiffError("--lora-scale needs a --lora")

@@ -26,7 +26,7 @@ from ..denoisers import Cond
 from ..errors import VelodiffError, check_text, unknown_name
 from ..grids import check_grid, make_grid
 from ..guidance import ClassifierFreeGuidance, GuidanceRescale, GuidedCond
-from ..noise import BrownianNoise, GaussianNoise, randn
+from ..noise import BrownianNoise, GaussianNoise, check_seed, randn
 from ..plan import Plan
 from ..sampling import StepInfo, sample
 from ..solvers import SolverSpec, get_solver
@@ -105,12 +105,16 @@ def batch_prompts_and_seeds(
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int], mode: str = "velodiff") -> Tensor:
-    """Standard normal starting noise (B, C, h, w) on the CPU, float32 (see the module's contract)."""
+    """Standard normal starting noise (B, C, h, w) on the CPU, float32 (see the module's contract); a seed
+    outside torch's range [-2**63, 2**64) is refused in one line."""
+    for s in seeds:
+        try:
+            check_seed(s)
+        except ValueError as e:
+            raise VelodiffError(str(e)) from None
     if mode == "velodiff":
         return torch.cat([randn((1, *shape[1:]), s) for s in seeds])
     if mode == "torch":
-        if not -(2**63) <= int(seeds[0]) < 2**64:  # what a torch.Generator takes (64 bits, either sign)
-            raise VelodiffError(f"seed {seeds[0]} is outside torch's seed range [-2**63, 2**64)")
         return torch.randn(shape, generator=torch.Generator().manual_seed(int(seeds[0])), dtype=torch.float32)
     raise unknown_name("noise mode", mode, NOISE_MODES)
 

@@ -420,7 +420,7 @@ async def object_info(request: Request) -> dict[str, Any]:
         },
         "KSampler": {
             "model": ["MODEL"],
-            "seed": ["INT"],
+            "seed": ["INT", {"default": 0, "min": 0, "max": 2**64 - 1}],
             "steps": ["INT"],
             "cfg": ["FLOAT"],
             "sampler_name": [samplers],

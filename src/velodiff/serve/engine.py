@@ -167,8 +167,10 @@ class Engine:
         if req.timeout_s is not None and not req.timeout_s > 0:
             raise VelodiffError(f"timeout_s must be > 0, got {req.timeout_s}")
         seed = req.seed if req.seed is not None else random.randrange(2**31)
-        if not 0 <= seed < 2**63:
-            raise VelodiffError(f"seed must be in [0, 2**63), got {seed}")
+        if not 0 <= seed or not seed + int(req.n) - 1 < 2**64:  # ComfyUI's KSampler seed range
+            raise VelodiffError(
+                f"seed must be in [0, 2**64) for each of the n images, got {seed} with n {req.n}"
+            )
         layout = self.check_layout(req)
         params = dict(
             kind="collage" if req.layout_mode == "collage" else "text2img",
