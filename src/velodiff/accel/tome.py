@@ -208,8 +208,22 @@ class ToMe(Accelerator):
             raise
 
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
-        self.state.size = (int(req.x.shape[-2]), int(req.x.shape[-1]))
+        size = (int(req.x.shape[-2]), int(req.x.shape[-1]))
+        if size != self.state.size:
+            self.check_size(size)
+        self.state.size = size
         return inner(req)
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        """Refuse a ratio > 0 that merges no token at this latent size (r = int(ratio * N) is 0 at every
+        level); ratio=0 is the plain run on purpose."""
+        levels = [d for d in attention_downsamples(self.run.network) if d <= self.max_downsample] or [1]
+        n = math.ceil(size[0] / min(levels)) * math.ceil(size[1] / min(levels))
+        if self.ratio > 0 and int(n * self.ratio) < 1:
+            raise VelodiffError(
+                f"plan rule 'tome' merges nothing here: ratio={self.ratio:g} of the {n} tokens of this "
+                f"{size[0]}x{size[1]} latent is less than one token; use ratio >= {1 / n:.3g}"
+            )
 
     def end(self) -> None:
         for attn, processor in reversed(getattr(self, "restore", [])):
