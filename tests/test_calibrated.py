@@ -171,6 +171,65 @@ def test_artefact_refusals(tmp_path, monkeypatch):
         load_solver_calibration(h, 2.5)
     with pytest.raises(VelodiffError, match="below the calibration's minimum"):
         calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [2])
+    with pytest.raises(VelodiffError, match="no NFE to calibrate"):
+        calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [])
+    with pytest.raises(VelodiffError, match="velodiff.ModelDenoiser"):  # a plain function: not AttributeError
+        denoiser_problem(lambda x, t: x, _noise(4, (2, 3, 3), 0))
+    with pytest.raises(VelodiffError, match=r"made at guidance 2.5, not 2.5000001;.*--guidance 2.5000001"):
+        load_solver_calibration("abc", 2.5000001, path=path)  # its file name rounds; the message does not
+    # statistics are named by their content and written before the JSON that names them: a kill between
+    # the two leaves the old JSON naming the old statistics; the ones no JSON names are removed after
+    lam = torch.linspace(-5.0, 5.0, 4, dtype=F64)
+    stats = [ModelStatistics(lam, torch.full((4, 1), v, dtype=F64), torch.zeros(4, 1, dtype=F64),
+                             torch.zeros(4, 1, dtype=F64)) for v in (1.0, 0.5)]
+    first = json.loads(save_solver_calibration(art, stats[0]).read_text())["ems"]
+    second = json.loads(save_solver_calibration(art, stats[1]).read_text())["ems"]
+    assert first != second
+    assert sorted(p.name for p in path.parent.glob("*.safetensors")) == [second]
+
+
+def test_bench_takes_the_calibrated_grid_and_other_tools_names():
+    from velodiff.eval.sweep import make_sweep
+
+    s = make_sweep({"solvers": "DPM++ 2M,uni_pc", "grids": "calibrated,gits,align_your_steps"})
+    assert s.solvers == ["DPM++ 2M", "uni_pc"] and s.grids == ["calibrated", "gits", "align_your_steps"]
+    with pytest.raises(VelodiffError, match="unknown grid"):
+        make_sweep({"grids": "nope"})
+
+
+def test_calibration_of_an_alias_is_stored_under_its_velodiff_solver():
+    problem = denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0))
+    res = calibrate_solver(problem, [3], methods=["grid"], solvers=["DPM++ 2M"], max_runs=2)
+    assert [e["solver"] for e in res["entries"]] == ["dpmpp_2m"]
+
+
+def test_the_cache_artefact_never_hides_the_one_beside_the_model(tmp_path, monkeypatch, capsys):
+    """A calibration of one more NFE (what the missing-entry line tells the user to run) writes the cache's
+    artefact; the entries and statistics beside the shipped model still run. A plan's cfg:scale is the
+    scale the artefact is looked up by."""
+    import velodiff
+    from velodiff.cli import main
+    from velodiff.eval.reference import model_hash
+    from velodiff.pipelines import text2img
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+    model = velodiff.load("default")
+    kw = dict(guidance=2.5, output="latent", seeds=[0])
+    before = text2img(model, "a red circle", nfe=6, grid="calibrated", solver="unipc", **kw)
+    with pytest.raises(VelodiffError, match="solver --model default --guidance 2.5 --nfe 4 --solvers"):
+        text2img(model, "a red circle", nfe=4, grid="calibrated", solver="unipc", **kw)
+    four = make_grid("karras", model.schedule, 4).tolist()
+    entry = {"solver": "unipc", "nfe": 4, "method": "grid", "ts": four, "options": {}}
+    save_solver_calibration({"version": 1, "kind": "solver", "model_hash": model_hash(model.path),
+                             "guidance": 2.5, "entries": [entry]}, None)
+    assert text2img(model, "a red circle", nfe=4, grid="calibrated", solver="unipc", **kw).ts.tolist() == four
+    again = text2img(model, "a red circle", nfe=6, grid="calibrated", solver="unipc", **kw)
+    assert torch.equal(again.latents, before.latents)  # the shipped entry, not hidden by the cache's file
+    assert text2img(model, "a red circle", nfe=6, solver="dpm_solver_v3", **kw).nfe == 6  # its statistics
+    with pytest.raises(VelodiffError, match="at guidance 4"):  # not the --guidance default's artefact
+        text2img(model, "a red circle", nfe=6, grid="calibrated", solver="unipc", plan="cfg:scale=4", **kw)
+    code = main(["calibrate", "solver", "--nfe", ",", "--guidance", "2.5"])
+    assert code == 2 and "names no NFE" in capsys.readouterr().err
 
 
 def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, capsys):

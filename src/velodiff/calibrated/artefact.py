@@ -4,13 +4,17 @@ scale, found again by the model's hash.
 ``$VELODIFF_CACHE/calibration/solver-<model hash>-cfg<guidance>.json`` holds, per (solver, NFE), the best
 calibrated configuration (``method``: grid, dc or search; its grid ``ts``; its fitted solver
 ``options``; its error and the best uncalibrated error on the calibration batch) and, when measured,
-the name of a safetensors file beside it with DPM-Solver-v3's model statistics. Both are written
-atomically (a killed calibration leaves the previous artefact or none, never half of one). A file made
-for another model or guidance scale is refused with the reason.
+the name of a safetensors file beside it with DPM-Solver-v3's model statistics (named by its content, so
+the JSON, written last and atomically, never names statistics of another run: a killed calibration
+leaves the previous artefact or none, never half of one). A copy beside the model
+(``--beside-model``) travels with it; a run looks an entry up in the cache's artefact first, then in
+that one, so a calibration of one more NFE never hides the others. A file made for another model or
+guidance scale is refused with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -52,11 +56,15 @@ def save_solver_calibration(
     p.parent.mkdir(parents=True, exist_ok=True)
     artefact = dict(artefact)
     if ems is not None:
-        ems_path = p.with_suffix(".ems.safetensors")
         tensors = {"lambdas": ems.raw["lambdas"], "l": ems.raw["l"], "s": ems.raw["s"], "b": ems.raw["b"]}
-        write_atomic(ems_path, save({k: v.contiguous() for k, v in tensors.items()}))
+        data = save({k: v.contiguous() for k, v in tensors.items()})
+        ems_path = p.with_name(f"{p.stem}.ems-{hashlib.sha256(data).hexdigest()[:12]}.safetensors")
+        write_atomic(ems_path, data)
         artefact["ems"] = ems_path.name
     write_atomic(p, json.dumps(artefact, indent=1) + "\n")
+    for old in p.parent.glob(f"{p.stem}.ems*.safetensors"):  # the statistics no artefact names now
+        if old.name != artefact.get("ems"):
+            old.unlink(missing_ok=True)
     return p
 
 
@@ -79,11 +87,25 @@ def load_solver_calibration(
     data = read_artefact(p, "solver", VERSION, model_hash, hint, f" at guidance {float(guidance):g}")
     if abs(float(data.get("guidance", float("nan"))) - float(guidance)) > 1e-9:
         raise VelodiffError(
-            f"solver calibration {p} was made at guidance {data.get('guidance')}, not {float(guidance):g}; "
-            f"make one with: {hint}"
+            f"solver calibration {p} was made at guidance {data.get('guidance')!r}, not {float(guidance)!r}; "
+            f"make one with: {hint.replace(f'{float(guidance):g}', repr(float(guidance)))}"
         )
     data["_path"] = str(p)
     return data
+
+
+def load_solver_calibrations(
+    model_hash: str, guidance: float, model_name: str = "M", model_path: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Every artefact for this model hash and guidance scale, the cache's first, then the one beside the
+    model; one line when there is none, or one is made for another model or scale."""
+    paths = [solver_calibration_path(model_hash, guidance)]
+    if model_path is not None:
+        paths.append(beside_model_path(model_path, guidance))
+    found = [p for p in paths if p.is_file()]
+    if not found:
+        return [load_solver_calibration(model_hash, guidance, model_name)]  # says which command to run
+    return [load_solver_calibration(model_hash, guidance, model_name, path=p) for p in found]
 
 
 def load_statistics(artefact: dict[str, Any]) -> ModelStatistics:
@@ -106,25 +128,37 @@ def load_statistics(artefact: dict[str, Any]) -> ModelStatistics:
 def find_entry(artefact: dict[str, Any], solver: str, nfe: int) -> dict[str, Any]:
     """The calibrated configuration of ``solver`` at ``nfe``; one line listing what there is if none,
     or saying the file is damaged (a hand-edited or truncated artefact)."""
-    entries = artefact.get("entries", [])
-    well_formed = isinstance(entries, list) and all(
-        isinstance(e, dict)
-        and isinstance(e.get("solver"), str)
-        and isinstance(e.get("nfe"), int)
-        and isinstance(e.get("ts"), list)
-        and all(isinstance(t, (int, float)) for t in e["ts"])
-        and isinstance(e.get("options", {}), dict)
-        for e in entries
-    )
-    if not well_formed:
-        raise VelodiffError(f"solver calibration {artefact.get('_path')} is damaged (malformed entries); "
-                            "calibrate again")
-    for e in entries:
-        if e["solver"] == solver and int(e["nfe"]) == int(nfe):
-            return e
-    have = sorted({(e["solver"], int(e["nfe"])) for e in artefact.get("entries", [])})
+    return find_entry_in([artefact], solver, nfe)[0]
+
+
+def find_entry_in(
+    artefacts: list[dict[str, Any]], solver: str, nfe: int, model_name: str = "M"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(entry, the artefact holding it): the first of ``artefacts`` that calibrated ``solver`` at
+    ``nfe``; one line listing what they hold if none does."""
+    for art in artefacts:
+        entries = art.get("entries", [])
+        well_formed = isinstance(entries, list) and all(
+            isinstance(e, dict)
+            and isinstance(e.get("solver"), str)
+            and isinstance(e.get("nfe"), int)
+            and isinstance(e.get("ts"), list)
+            and all(isinstance(t, (int, float)) for t in e["ts"])
+            and isinstance(e.get("options", {}), dict)
+            for e in entries
+        )
+        if not well_formed:
+            raise VelodiffError(f"solver calibration {art.get('_path')} is damaged (malformed entries); "
+                                "calibrate again")
+        for e in entries:
+            if e["solver"] == solver and int(e["nfe"]) == int(nfe):
+                return e, art
+    have = sorted({(e["solver"], int(e["nfe"])) for a in artefacts for e in a.get("entries", [])})
     listed = ", ".join(f"{s}@{n}" for s, n in have) or "none"
+    where = " and ".join(str(a.get("_path")) for a in artefacts)
+    guidance = artefacts[0].get("guidance") if artefacts else None
+    at = f" --guidance {float(guidance):g}" if isinstance(guidance, (int, float)) else ""
     raise VelodiffError(
-        f"no calibrated grid for solver {solver!r} at {nfe} NFE in {artefact.get('_path')} (calibrated: "
-        f"{listed}); run velodiff calibrate solver with --nfe {nfe} --solvers {solver}"
+        f"no calibrated grid for solver {solver!r} at {nfe} NFE in {where} (calibrated: {listed}); run "
+        f"velodiff calibrate solver --model {model_name}{at} --nfe {nfe} --solvers {solver}"
     )

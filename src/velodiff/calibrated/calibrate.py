@@ -137,12 +137,15 @@ def calibrate_solver(
             raise VelodiffError(
                 f"solver {s!r}: calibrated grids are for deterministic one-call-per-step solvers"
             )
+    # another tool's name calibrates its velodiff solver, under the name runs look it up by
+    solvers = list(dict.fromkeys(get_solver(s).name for s in solvers))
+    if not nfes:
+        raise VelodiffError("no NFE to calibrate; give one or more, e.g. 5,6,8")
     for n in nfes:
         if int(n) < MIN_NFE:
             raise VelodiffError(f"NFE {n} is below the calibration's minimum of {MIN_NFE}")
     problem.reference()
     ems = None
-    solvers = list(solvers)
     if "dpm_solver_v3" in methods:
         ems = measure_statistics(problem, points=ems_points, progress=_tick(progress, "statistics"))
         if "dpm_solver_v3" not in solvers:

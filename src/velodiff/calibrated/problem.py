@@ -168,7 +168,9 @@ def model_problem(
 def denoiser_problem(denoiser: Any, x: Tensor, cond: Any = None) -> Problem:
     """The calibration batch of any denoiser (``velodiff.sampling.sample``'s contract): the samples
     ``x`` at t_max, with ``cond`` (a GuidedCond applies CFG through the default plan)."""
-    from ..sampling import denoise_once, sample
+    from ..sampling import check_denoiser, denoise_once, sample
+
+    check_denoiser(denoiser)  # a plain function: one line naming velodiff.ModelDenoiser
 
     def runner(ts: Tensor, spec: SolverSpec, options: Mapping[str, Any], callback: Any) -> Tensor:
         return sample(denoiser, x, ts, spec, cond=cond, callback=callback, **options).x

@@ -121,7 +121,11 @@ def calibrate_solver(
         nfes = [int(v) for v in nfe.split(",") if v.strip()]
     except ValueError:
         raise VelodiffError(f"--nfe takes integers separated by commas, got {nfe!r}") from None
-    if nfes and max(nfes) > MAX_STEPS:
+    if not nfes:
+        raise VelodiffError(f"--nfe {nfe!r} names no NFE; give one or more, e.g. 5,6,8")
+    if len(set(nfes)) != len(nfes):
+        raise VelodiffError(f"--nfe {nfe!r} names an NFE twice")
+    if max(nfes) > MAX_STEPS:
         raise VelodiffError(f"--nfe {max(nfes)} is more than {MAX_STEPS}")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     solver_list = [s.strip() for s in solvers.split(",") if s.strip()]

@@ -148,9 +148,6 @@ def _split(v: Any) -> list[Any]:
 
 def make_sweep(values: dict[str, Any]) -> Sweep:
     """Validate and normalise sweep values (from a file and/or the command line) into a Sweep."""
-    from ..grids import GRIDS
-    from ..solvers import SOLVERS
-
     v = dict(values)
     for k in ("solvers", "grids", "nfe", "guidance", "metrics"):
         if k in v:
@@ -162,13 +159,14 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
     from ..plan import Plan
 
     s.plans = [str(Plan.parse(p)) for p in s.plans if p] or ["none"]  # canonical; bad ones refused
-    for n in s.solvers:
-        if n not in SOLVERS:
-            raise unknown_name("solver", n, SOLVERS)
+    from ..commands.names import check_grid, check_solver
+
+    for n in s.solvers:  # velodiff's names and other tools' ("DPM++ 2M Karras", "uni_pc")
+        check_solver(str(n))
     s.grids = [None if g in (None, "default", "") else str(g) for g in s.grids]
-    for g in s.grids:
-        if g is not None and g not in GRIDS:
-            raise unknown_name("grid", g, GRIDS)
+    for g in s.grids:  # with "calibrated" and other tools' scheduler names ("gits", "align_your_steps")
+        if g is not None:
+            check_grid(g)
     try:
         s.nfe = [int(n) for n in s.nfe]
         s.guidance = [None if g in (None, "default", "") else float(g) for g in s.guidance]

@@ -189,22 +189,22 @@ def calibration_check(
     solvers and NFE its solver calibration at ``guidance`` holds, ``dpm_solver_v3`` where it holds the
     model statistics, anything else always. A model without a calibration loses the first two (said in
     one line)."""
-    from ..calibrated.artefact import load_solver_calibration
+    from ..calibrated.artefact import load_solver_calibrations
     from ..pipelines.common import CALIBRATED
     from .reference import model_hash
 
     g = float(guidance if guidance is not None else getattr(model, "default_guidance", 1.0))
     try:
-        art = load_solver_calibration(model_hash(model.path), g, name or "M", model_path=model.path)
+        arts = load_solver_calibrations(model_hash(model.path), g, name or "M", model_path=model.path)
     except VelodiffError as e:
         log(f"tune: the calibrated grid and dpm_solver_v3 are left out: {e}")
-        art = {}
-    entries = {(e["solver"], int(e["nfe"])) for e in art.get("entries", [])}
+        arts = []
+    entries = {(e["solver"], int(e["nfe"])) for a in arts for e in a.get("entries", [])}
 
     def runs(solver: str, grid: str | None, nfe: int) -> bool:
         if grid == CALIBRATED:
             return (solver, int(nfe)) in entries
-        return solver != "dpm_solver_v3" or bool(art.get("ems"))
+        return solver != "dpm_solver_v3" or any(a.get("ems") for a in arts)
 
     return runs
 

@@ -339,21 +339,26 @@ def calibrated_setup(
     """A run on what ``velodiff calibrate solver`` fitted for this model and guidance scale: with
     ``grid="calibrated"``, the solver's calibrated grid and fitted options at the run's NFE; for
     ``dpm_solver_v3``, its model statistics (on any grid)."""
-    from ..calibrated.artefact import find_entry, load_solver_calibration, load_statistics
+    from ..calibrated.artefact import find_entry_in, load_solver_calibrations, load_statistics
     from ..calibrated.calibrate import entry_options
     from ..eval.reference import model_hash
     from ..shipped import model_name
 
     name = model_name(model.path)
-    art = load_solver_calibration(model_hash(model.path), guidance, name, model_path=model.path)
-    if spec.name == "dpm_solver_v3" and options.get("ems") is None:
-        options = {**options, "ems": load_statistics(art)}
+    # keyed by the scale the run guides with: a plan's cfg:scale=4 is not the --guidance default's
+    arts = load_solver_calibrations(model_hash(model.path), guided_scale(plan, guidance), name,
+                                    model_path=model.path)
     if opts.grid != CALIBRATED:
+        if spec.name == "dpm_solver_v3" and options.get("ems") is None:
+            art = next((a for a in arts if a.get("ems")), arts[0])
+            options = {**options, "ems": load_statistics(art)}
         return make_setup(model, replace(opts, solver=spec, solver_options=options))
     if opts.steps is not None and opts.nfe is not None:
         raise VelodiffError("give steps or nfe, not both")
     nfe = opts.nfe if opts.nfe is not None else spec.nfe(int(opts.steps or model.default_steps))
-    entry = find_entry(art, spec.name, int(nfe))
+    entry, art = find_entry_in(arts, spec.name, int(nfe), name)
+    if spec.name == "dpm_solver_v3" and options.get("ems") is None:  # the statistics its grid was fitted on
+        options = {**options, "ems": load_statistics(art)}
     ts = torch.tensor(entry["ts"], dtype=torch.float64)
     if len(ts) - 1 != spec.steps_for_nfe(int(nfe)):  # a damaged entry would silently run other steps
         raise VelodiffError(
