@@ -177,6 +177,44 @@ def test_a_pickle_renamed_safetensors_inside_a_folder_is_refused(tiny, tmp_path,
     assert_refused_everywhere(model, marker, capsys, tmp_path, words="holds pickle bytes")
 
 
+def test_a_pickle_in_the_config_folder_of_a_single_file_is_refused(tiny, tmp_path, capsys):
+    """A single file without a text encoder takes it from --config's folder (diffusers' from_single_file
+    reads it there with its own from_pretrained): a pickle there is refused like any other."""
+    from ldm_layout import save_sd1_single_file
+
+    marker = tmp_path / "marker"
+    full = read_state(save_sd1_single_file(tiny, tmp_path / "full.safetensors"))
+    model = tmp_path / "model.safetensors"
+    save_file({k: v for k, v in full.items() if not k.startswith("cond_stage_model.")}, str(model))
+    cfg = pickled_folder(tiny, tmp_path / "cfg", marker, components=("text_encoder",))
+    capsys.readouterr()
+    rc = cli("generate", "a red cube", "--model", str(model), "--config", str(cfg), "--family", "sd1",
+             "--steps", "1", "--out", str(tmp_path / "x.png"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "only as pickles" in err, err
+    with pytest.raises(VelodiffError, match="only as pickles"):
+        velodiff.load(model, config=cfg, family="sd1")
+    assert not marker.exists() and not (tmp_path / "x.png").exists()
+
+
+def test_a_transformer_model_of_pickles_is_refused(tmp_path, capsys):
+    """The DiT families read their transformer and text encoders through the same door."""
+    from velodiff.models.tiny import save_tiny
+
+    marker = tmp_path / "marker"
+    folder = save_tiny("pixart-sigma", tmp_path / "pixart")
+    for comp in ("transformer", "text_encoder"):
+        for st in sorted((folder / comp).glob("*.safetensors")):
+            write_torch_pickle(st.with_suffix(".bin"), marker, read_state(st))
+            st.unlink()
+        capsys.readouterr()
+        with pytest.raises(VelodiffError, match="only as pickles"):
+            velodiff.load(folder)
+        shutil.rmtree(folder)
+        folder = save_tiny("pixart-sigma", tmp_path / "pixart")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin", ".pkl"])
 def test_single_file_pickles_are_refused(tmp_path, capsys, suffix):
     marker = tmp_path / "marker"
@@ -305,8 +343,12 @@ def test_metric_weights_that_are_pickles_are_refused(tmp_path):
 #: attribute calls that read weights (``X.from_pretrained(...)``, ``torch.load(...)``, ...)
 READERS = {"from_pretrained", "from_single_file", "load_file", "safe_open", "load_torchscript"}
 LOADS = {"load", "loads"}
-UNPICKLERS = {("torch", "load"), ("jit", "load"), ("pickle", "load"), ("pickle", "loads"), ("dill", "load"),
-              ("joblib", "load"), ("safetensors", "load")}
+#: modules whose load / loads unpickle (or may: numpy's allow_pickle, torch.serialization's)
+UNPICKLING_MODULES = {"torch", "jit", "serialization", "pickle", "dill", "joblib", "cloudpickle", "marshal",
+                      "safetensors", "np", "numpy", "shelve"}
+#: library functions that read a checkpoint file (diffusers' / transformers' load_state_dict takes a path
+#: and unpickles a .bin; a module's own ``.load_state_dict(dict)`` method is not this)
+FILE_READERS = {"load_state_dict", "load_checkpoint", "load_sharded_checkpoint", "load_model_dict_into_meta"}
 
 
 def weight_reads(source: str, filename: str = "<src>") -> list[str]:
@@ -322,7 +364,10 @@ def weight_reads(source: str, filename: str = "<src>") -> list[str]:
             for a in node.names:
                 if mod.endswith("weights") and mod.split(".")[-2:-1] in (["models"], []):
                     from_choke.add(a.asname or a.name)
-                elif mod.startswith(("safetensors", "torch", "pickle")) and a.name in READERS | LOADS:
+                elif (mod.startswith(("safetensors", "torch", "pickle", "numpy"))
+                      and a.name in READERS | LOADS):
+                    found.append(f"{filename}:{node.lineno}: from {mod} import {a.name}")
+                elif mod.startswith(("diffusers", "transformers", "accelerate")) and a.name in FILE_READERS:
                     found.append(f"{filename}:{node.lineno}: from {mod} import {a.name}")
         elif isinstance(node, ast.Import):
             found += [f"{filename}:{node.lineno}: import {a.name}" for a in node.names
@@ -333,10 +378,19 @@ def weight_reads(source: str, filename: str = "<src>") -> list[str]:
         f = node.func
         if isinstance(f, ast.Attribute):
             base = f.value.attr if isinstance(f.value, ast.Attribute) else getattr(f.value, "id", "")
-            if f.attr in READERS or (base, f.attr) in UNPICKLERS:
+            if f.attr in READERS or (f.attr in LOADS and base in UNPICKLING_MODULES):
+                found.append(f"{filename}:{node.lineno}: {base}.{f.attr}(")
+            elif f.attr in FILE_READERS and base in ("diffusers", "transformers", "modeling_utils"):
                 found.append(f"{filename}:{node.lineno}: {base}.{f.attr}(")
         elif isinstance(f, ast.Name) and f.id in READERS and f.id not in from_choke:
             found.append(f"{filename}:{node.lineno}: {f.id}(")
+        # weights=False skips the folder check: for tokenizers (JSON / vocab files) only
+        if isinstance(f, ast.Name) and f.id == "from_pretrained" and node.args:
+            cls = ast.unparse(node.args[0])
+            skips = any(k.arg == "weights" and not (isinstance(k.value, ast.Constant) and k.value.value)
+                        for k in node.keywords)
+            if skips and "Tokenizer" not in cls:
+                found.append(f"{filename}:{node.lineno}: from_pretrained({cls}, ..., weights=False)")
     return found
 
 
@@ -350,11 +404,17 @@ def test_the_scan_sees_each_way_of_reading_weights():
         "from safetensors import safe_open\nwith safe_open('x', 'pt') as f: pass",
         "from torch import load",
         "def f(cls):\n    return cls.from_single_file('x')",
+        "import torch\ntorch.serialization.load('x.bin')",
+        "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
+        "from diffusers.models.model_loading_utils import load_state_dict\nload_state_dict('x.bin')",
+        "from ..models.weights import from_pretrained\nfrom_pretrained(CLIPTextModel, 'x', weights=False)",
     ]
     for src in bad:
         assert weight_reads(src), src
     good = "from ..models.weights import from_pretrained, load_file\nload_file('x')\nfrom_pretrained(A, 'x')"
     assert weight_reads(good) == []
+    ok = ["unet.load_state_dict(state)", "from_pretrained(CLIPTokenizer, 'x', weights=False)"]
+    assert [weight_reads(f"from ..models.weights import from_pretrained\n{c}") for c in ok] == [[], []]
 
 
 def test_weights_are_read_only_through_the_choke_point():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import velodiff
-from velodiff.noise import GaussianNoise, _generator, check_seed, randn
+from velodiff.noise import BrownianNoise, GaussianNoise, _generator, check_seed, randn
 
 SHAPE = (2, 4, 8, 8)
 
@@ -47,6 +47,18 @@ def test_a_seed_is_torchs_64_bit_seed() -> None:
 def test_step_noise_follows_the_sample_dtype_by_casting(dtype):
     like = torch.zeros(SHAPE, dtype=dtype)
     assert torch.equal(GaussianNoise(like, 3)(4), GaussianNoise(like.float(), 3)(4).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_brownian_step_noise_is_the_float32_path_cast(dtype):
+    """The SDE solvers' Brownian-tree noise: built and drawn in float32, then cast, like the rest; seeds
+    2**31 apart are different paths."""
+    ts = torch.linspace(1.0, 0.0, 6, dtype=torch.float64) * 999
+    like = torch.zeros(SHAPE, dtype=dtype)
+    ours, ref = BrownianNoise(like, 3, ts), BrownianNoise(like.float(), 3, ts)
+    for i in range(5):
+        assert torch.equal(ours(i), ref(i).to(dtype))
+    assert not torch.equal(BrownianNoise(like.float(), 3 + 2**31, ts)(0), ref(0))
 
 
 def devices() -> list[str]:

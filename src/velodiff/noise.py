@@ -66,7 +66,9 @@ class BrownianNoise:
         self.ts, self.device, self.dtype = ts, like.device, like.dtype
         t_hi = float(ts.max())
         self.tree = torchsde.BrownianTree(
-            0.0, torch.zeros(like.shape, dtype=torch.float32), t_hi, entropy=int(seed) % (2**31)
+            # the seed is the entropy (k-diffusion's BrownianTreeNoiseSampler), wrapped to 64 bits as the
+            # other noise is; torchsde takes any such int (seeds 2**31 apart were one path before)
+            0.0, torch.zeros(like.shape, dtype=torch.float32), t_hi, entropy=int(seed) % SEED_END
         )
 
     def __call__(self, i: int) -> Tensor:

@@ -319,7 +319,9 @@ def read_single_file(
             if "XL" not in pipeline_cls.__name__
             else from_single_file(pipeline_cls, src.path, config=str(config_dir), torch_dtype=dtype)
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except VelodiffError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers and transformers fail in many ways (one line each)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         msg = msg.split(". If you want")[0].replace("Cannot load  because ", "")
         raise VelodiffError(

@@ -101,8 +101,15 @@ def from_pretrained(cls: Any, path: str | os.PathLike[str], subfolder: str | Non
 
 
 def from_single_file(pipeline_cls: Any, path: str | os.PathLike[str], **kwargs: Any) -> Any:
-    """diffusers ``from_single_file`` on a checked local ``.safetensors`` file."""
+    """diffusers ``from_single_file`` on a checked local ``.safetensors`` file. diffusers reads what the
+    checkpoint lacks (e.g. a text encoder) from the ``config`` folder with its own ``from_pretrained``,
+    which would take pickle weights there: each of that folder's components is checked first."""
     p = check_safetensors(path)
+    config = kwargs.get("config")
+    if config is not None and Path(config).is_dir():
+        for sub in sorted(Path(config).iterdir()):
+            if sub.is_dir():
+                check_component(sub)
     return pipeline_cls.from_single_file(str(p), local_files_only=True, **kwargs)
 
 
