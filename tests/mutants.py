@@ -54,6 +54,19 @@ MUTANTS = {
         "r = h / ctx.h(i - 1)\n        d = ",
         ["tests/test_convergence.py", "-k", "dpmpp_2m"],
     ),
+    # from the second audit: a --config folder's pickle, Brownian noise in the sample's dtype
+    "config_folder_unchecked": (
+        "models/weights.py",
+        "            if sub.is_dir():\n                check_component(sub)",
+        "            if sub.is_dir():\n                pass",
+        ["tests/test_no_pickle.py", "-k", "config_folder"],
+    ),
+    "brownian_dtype": (
+        "noise.py",
+        "0.0, torch.zeros(like.shape, dtype=torch.float32), t_hi",
+        "0.0, torch.zeros(like.shape, dtype=like.dtype), t_hi",
+        ["tests/test_noise.py", "-k", "brownian"],
+    ),
     "flux_ids_swapped": (
         "models/flux.py",
         "ids[..., 1] = torch.arange(h)[:, None]\n    ids[..., 2] = torch.arange(w)[None, :]",
