@@ -507,6 +507,23 @@ def test_diffusers_class_with_flags(cls, flags, steps):
     assert err < TOL_DIFFUSERS, f"{_typed(cls, flags)}: max |diffusers - velodiff| = {err:.3g}"
 
 
+LONG_CASES = [
+    (UniPCMultistepScheduler, {}),
+    (UniPCMultistepScheduler, {"solver_order": 3}),
+    (UniPCMultistepScheduler, {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    (DPMSolverMultistepScheduler, {"solver_order": 3}),
+    (DEISMultistepScheduler, {}),  # (order 3's closed forms cancel float32 tables to ~3e-5: parity file)
+]
+
+
+@pytest.mark.parametrize("steps", [15, 20])
+@pytest.mark.parametrize("cls, flags", LONG_CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_diffusers_class_with_flags_from_15_steps(cls, flags, steps):
+    """From 15 steps diffusers' DPM-Solver++ and DEIS keep their order to the end, while its UniPC (as
+    UniPC's own code) still lowers the last steps' order (velodiff: lower_order_final="always")."""
+    test_diffusers_class_with_flags(cls, flags, steps)
+
+
 @pytest.mark.parametrize("cls", [EulerAncestralDiscreteScheduler, KDPM2AncestralDiscreteScheduler])
 def test_diffusers_ancestral_same_noise(cls):
     """diffusers draws one randn per step from its generator (randn_tensor, CPU, the sample's dtype)."""

@@ -14,9 +14,10 @@ same schedule the two agree to rounding (1e-10), which shows the equations are t
 Where diffusers (0.42) differs on purpose or by accident, and how the cases avoid it:
 
 * UniPC's code lowers the order of the last steps at every step count (its docstring says only below
-  15 steps, the rule of its DPM-Solver++ and DEIS); velodiff follows the documented rule so that it
-  keeps its order on long grids ending at t_min. The two agree below 15 steps, and at any count for
-  order 2 with a final jump to 0; order 3 is compared below 15 steps.
+  15 steps, the rule of its DPM-Solver++ and DEIS); velodiff's default follows the documented rule so
+  that it keeps its order on long grids ending at t_min, and ``lower_order_final="always"`` is
+  diffusers' code (what the diffusers / ComfyUI / A1111 UniPC aliases set). The default agrees below
+  15 steps, and at any count for order 2 with a final jump to 0; "always" at every count.
 * UniPC with solver_type "bh1" and final_sigmas_type "zero" returns NaN: the final jump has
   B(h) = h = -inf times a zero residual. bh1 is compared on a grid ending at sigma_min.
 * Before the final jump to 0 diffusers computes a UniC correction that the jump discards (it returns
@@ -94,6 +95,10 @@ UNIPC_CASES = [
     ({"disable_corrector": list(range(20))}, 20, "unipc", {"use_corrector": False}),
     ({"timestep_spacing": "leading"}, 20, "unipc", {}),
     ({"timestep_spacing": "trailing", "solver_order": 3}, 12, "unipc_3", {}),
+    ({"solver_order": 3}, 15, "unipc_3", {"lower_order_final": "always"}),
+    ({"solver_order": 3}, 20, "unipc_3", {"lower_order_final": "always"}),
+    ({"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}, 20, "unipc_3",
+     {"solver_type": "bh1", "lower_order_final": "always"}),
 ]
 
 
@@ -141,7 +146,8 @@ def test_ipndm_is_lms_on_a_grid_uniform_in_rho():
 
 @pytest.mark.parametrize(
     "solver,options",
-    [("unipc", {"solver_type": "bh3"}), ("deis", {"interp": "rho"}), ("ipndm", {"order": 5})],
+    [("unipc", {"solver_type": "bh3"}), ("deis", {"interp": "rho"}), ("ipndm", {"order": 5}),
+     ("unipc", {"lower_order_final": "sometimes"})],
 )
 def test_bad_options_are_one_clear_error(solver, options):
     with pytest.raises(VelodiffError):

@@ -69,6 +69,9 @@ KD_COMFY = "k-diffusion / ComfyUI"
 NO_LOF = {"lower_order_final": False}  # k-diffusion's multistep samplers keep their order to the end
 SDE_HEUN = {**NO_LOF, "solver_type": "heun"}  # k-diffusion's dpmpp_2m_sde(solver_type="heun")
 KD_3M = {"variant": "k-diffusion"}  # k-diffusion's 3M SDE halves the x0'' term (sde_dpm_solver_pp.py)
+#: UniPC's code (Zhao et al.'s uni_pc.py, its A1111 / ComfyUI ports, diffusers' UniPCMultistepScheduler)
+#: lowers the last steps' order at every step count, not below 15 steps only (solvers/unipc.py)
+UNIPC_LOF = {"lower_order_final": "always"}
 
 
 def _s(name: str, source: str, solver: str, grid: str | None = None, note: str = "", **kw: Any) -> Alias:
@@ -108,9 +111,9 @@ _KD_SAMPLERS = [
     _s("lcm", COMFY, "lcm", solver_options={"boundary": False},
        note="x0, then fresh noise to the next level (Luo et al. 2023, Alg. 1); the model applies LCM's "
        "boundary condition (ComfyUI's ModelSamplingDiscrete lcm)"),
-    _s("uni_pc", COMFY, "unipc", solver_options={"solver_type": "bh1", "order": 3},
+    _s("uni_pc", COMFY, "unipc", solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3},
        note="ComfyUI ends its last step at sigma 0.001 rather than jumping to 0"),
-    _s("uni_pc_bh2", COMFY, "unipc", solver_options={"order": 3}),
+    _s("uni_pc_bh2", COMFY, "unipc", solver_options={**UNIPC_LOF, "order": 3}),
     _s("ipndm", COMFY, "ipndm"),
     _s("ipndm_v", COMFY, "lms", note="variable-step Adams-Bashforth on eps; differs on the final step"),
     _s("deis", COMFY, "deis_3"),
@@ -161,7 +164,7 @@ _A1111 = [
     _s("DPM adaptive", A1111, "dpm_adaptive", "logsnr", final="t_min"),
     _s("DDIM", A1111, "ddim", "ddim_uniform", final="t_min",
        note="timesteps 1, 1 + c, ... (c = 1000 // steps); the last step lands on alphas_cumprod[0]"),
-    _s("UniPC", A1111, "unipc", "uniform", solver_options={"solver_type": "bh1", "order": 3},
+    _s("UniPC", A1111, "unipc", "uniform", solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3},
        note="A1111's defaults: variant bh1, order 3, time-uniform steps"),
     _s("LCM", A1111, "lcm", solver_options={"boundary": False}),
     _g("Automatic", A1111, "normal", note="the model's own discretization"),
@@ -195,7 +198,8 @@ _DIFFUSERS = [
     _s("DDIMScheduler", DIFFUSERS, "ddim", "leading", grid_options={"steps_offset": 1}, final="t_min",
        note="the SD pipelines' config: steps_offset 1, set_alpha_to_one False (ends at alphas_cumprod[0])"),
     _s("DDPMScheduler", DIFFUSERS, "ddpm", "leading", grid_options={"steps_offset": 1}),
-    _s("UniPCMultistepScheduler", DIFFUSERS, "unipc", "linspace", grid_options=MULTI),
+    _s("UniPCMultistepScheduler", DIFFUSERS, "unipc", "linspace", grid_options=MULTI,
+       solver_options=UNIPC_LOF),
     _s("DEISMultistepScheduler", DIFFUSERS, "deis", "linspace", grid_options=MULTI, final="t_min"),
     _s("DPMSolverSDEScheduler", DIFFUSERS, "dpmpp_sde", "linspace", grid_options=FRAC,
        note="same steps; diffusers' Brownian tree runs over sigma, velodiff's over t"),
@@ -382,8 +386,9 @@ def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 def _unipc(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     opts: dict[str, Any] = {"order": int(cfg.get("solver_order", 2))}
     opts["solver_type"] = str(cfg.get("solver_type", "bh2"))
-    if "lower_order_final" in cfg:
-        opts["lower_order_final"] = _flag(cfg["lower_order_final"])
+    # diffusers' UniPC step lowers the final orders at every step count (min(solver_order,
+    # len(timesteps) - step_index)), unlike its DPM-Solver++ / DEIS (below 15 steps only)
+    opts["lower_order_final"] = "always" if _flag(cfg.get("lower_order_final", True)) else False
     if not _flag(cfg.get("predict_x0", True)):
         raise VelodiffError(
             "UniPCMultistepScheduler: predict_x0=False (noise prediction) has no velodiff solver"
