@@ -447,7 +447,7 @@ def _run_diffusers(sched, steps: int, x_vp: torch.Tensor, seed: int | None = Non
         eps = eps_from_x0(SCHED, x_in, t, DEN(x_in, t))
         kw = {"generator": gen} if gen is not None else {}
         x = sched.step(eps, k, x, **kw).prev_sample
-    return x
+    return x / float((sched.sigmas[-1].double() ** 2 + 1) ** 0.5) if ve else x  # x / alpha -> x
 
 
 def _velodiff_of(sched, steps: int, x_vp: torch.Tensor, noise=None, typed: str | None = None):
@@ -490,7 +490,20 @@ CASES = [
     (UniPCMultistepScheduler, {"solver_order": 3}),
     (DEISMultistepScheduler, {}),
     (DDIMScheduler, {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}),
-]
+    # flags that were once ignored: Karras / exponential bounds, UniPC's disable_corrector
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+    (EulerDiscreteScheduler, {"use_exponential_sigmas": True, "sigma_max": 10.0}),
+    (UniPCMultistepScheduler, {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+    (UniPCMultistepScheduler, {"disable_corrector": [0, 1, 2]}),
+    # sigma grids ending at sigma_min twice: a zero-length last step (grid option repeat_final)
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    (DPMSolverMultistepScheduler, {"use_lu_lambdas": True, "final_sigmas_type": "sigma_min"}),
+    (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min",
+                                   "algorithm_type": "dpmsolver++", "solver_type": "heun"}),
+    (DEISMultistepScheduler, {"use_karras_sigmas": True}),
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    (EulerDiscreteScheduler, {"final_sigmas_type": "sigma_min"}),
+]  # fmt: skip
 
 
 def _typed(cls, flags) -> str:
@@ -513,6 +526,8 @@ LONG_CASES = [
     (UniPCMultistepScheduler, {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
     (DPMSolverMultistepScheduler, {"solver_order": 3}),
     (DEISMultistepScheduler, {}),  # (order 3's closed forms cancel float32 tables to ~3e-5: parity file)
+    (DEISMultistepScheduler, {"use_karras_sigmas": True}),
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
 ]
 
 
@@ -601,3 +616,65 @@ def test_diffusers_object_flags_refused_when_not_reproducible():
         from_diffusers(EulerDiscreteScheduler(**SD, use_beta_sigmas=True))
     with pytest.raises(VelodiffError, match="no velodiff mapping yet"):
         from_diffusers("PNDMScheduler")
+
+
+def test_edm_euler_reads_its_sigma_schedule_and_rho():
+    from diffusers import EDMEulerScheduler
+
+    from velodiff.schedules import EDM
+
+    for flags, grid, opts in (({}, "karras", {}), ({"rho": 3.0}, "karras", {"rho": 3.0}),
+                              ({"sigma_schedule": "exponential"}, "exponential", {}),
+                              ({"sigma_min": 0.01, "sigma_max": 40.0}, "karras",
+                               {"sigma_min": 0.01, "sigma_max": 40.0})):  # fmt: skip
+        sched = EDMEulerScheduler(**flags)
+        r = from_diffusers(sched)
+        assert (r.solver, r.grid, dict(r.grid_options)) == ("euler", grid, opts)
+        t = resolve_solver(_typed(EDMEulerScheduler, flags))
+        assert (t.grid, dict(t.grid_options)) == (grid, opts)
+        sched.set_timesteps(8)
+        ts = make_grid(r.grid, EDM(), 8, final=r.final, **r.grid_options)  # EDM: t = sigma
+        assert torch.allclose(ts, sched.sigmas.double(), rtol=1e-6, atol=0), flags
+
+
+def test_diffusers_repeat_final_grid_is_its_levels():
+    """diffusers' Karras sigmas with final_sigmas_type=sigma_min: N levels, then sigma_min again."""
+    sched = DPMSolverMultistepScheduler(**SD, use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    sched.set_timesteps(10)
+    assert float(sched.sigmas[-1]) == float(sched.sigmas[-2])
+    ts = make_grid("karras", SCHED, 10, final="t_min", repeat_final=True)
+    assert len(ts) == 10 and float(ts[-1]) == SCHED.t_min
+    assert torch.allclose(SCHED.sigma_ve(ts), sched.sigmas[:-1].double(), rtol=5e-5, atol=0)  # float32 tables
+    with pytest.raises(VelodiffError, match="repeat_final needs final='t_min'"):
+        make_grid("karras", SCHED, 10, repeat_final=True)
+
+
+@pytest.mark.parametrize("cls, flags, match", [
+    (EulerDiscreteScheduler, {"interpolation_type": "log_linear"}, "interpolation_type='log_linear'"),
+    (DDPMScheduler, {"variance_type": "fixed_large", "clip_sample": False}, "variance_type='fixed_large'"),
+    (DPMSolverMultistepScheduler, {"variance_type": "learned_range"}, "variance_type='learned_range'"),
+    (DEISMultistepScheduler, {"solver_order": 4}, "solver_order=4"),
+    (UniPCMultistepScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"},
+     "final_sigmas_type=sigma_min with karras"),
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min",
+                                   "solver_order": 3}, "at solver_order=3"),
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min",
+                              "sigma_min": 0.1}, "and sigma_min"),
+])  # fmt: skip
+def test_diffusers_flags_that_change_the_result_are_refused(cls, flags, match):
+    """The same one line for the live object (its config against the class's defaults) and the typed form."""
+    with pytest.raises(VelodiffError, match=match):
+        from_diffusers(cls(**SD, **flags))
+    with pytest.raises(VelodiffError, match=match):
+        resolve_solver(_typed(cls, flags))
+
+
+def test_diffusers_live_object_flags_are_checked():
+    with pytest.raises(VelodiffError, match="UniPCMultistepScheduler: solver_p='DDIMScheduler'"):
+        resolve_solver("UniPCMultistepScheduler:solver_p=DDIMScheduler")
+    with pytest.raises(VelodiffError, match="flag 'foo' has no velodiff equivalent"):
+        from_diffusers(EulerDiscreteScheduler(**SD), {"foo": 1})
+    # another class's entries that from_config carries over are not read by the class: not refused
+    other = {**EulerDiscreteScheduler(**SD).config, "skip_prk_steps": True}
+    sched = DPMSolverMultistepScheduler.from_config(other)
+    assert from_diffusers(sched).solver == "dpmpp_2m"

@@ -267,7 +267,7 @@ def _split(text: str) -> tuple[str, dict[str, str]]:
     """``Name:key=value,key=value`` (a diffusers class with config flags) -> (name, flags)."""
     name, _, rest = text.partition(":")
     flags: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
+    for item in filter(None, (p.strip() for p in re.split(r",(?![^\[]*\])", rest))):  # [0,1] is one value
         key, eq, value = item.partition("=")
         if not eq:
             raise VelodiffError(f"{name}: write its flags as key=value, got {item!r}")
@@ -325,12 +325,20 @@ def _flag(value: Any) -> bool:
     raise VelodiffError(f"expected true or false, got {value!r}")
 
 
+#: diffusers' flags that define the grid in sigma, and velodiff's grid for each
+_SIGMA_GRIDS = (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
+                ("use_lu_lambdas", "logsnr"))  # fmt: skip
+
+
 def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[str, dict[str, Any]]:
-    """The grid a diffusers scheduler's sigma flags choose."""
-    for flag, grid in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
-                       ("use_lu_lambdas", "logsnr")):  # fmt: skip
+    """The grid a diffusers scheduler's sigma flags choose. ``sigma_min`` / ``sigma_max`` (EulerDiscrete,
+    UniPC) bound its Karras / exponential sigmas (diffusers reads them for those only)."""
+    for flag, grid in _SIGMA_GRIDS:
         if _flag(cfg.get(flag, False)):
-            return grid, {}
+            bounds = {k: float(cfg[k]) for k in ("sigma_min", "sigma_max") if cfg.get(k) is not None}
+            if bounds and grid == "logsnr":
+                raise VelodiffError(f"{cls}: sigma_min / sigma_max with use_lu_lambdas has no velodiff grid")
+            return grid, bounds
     if _flag(cfg.get("use_beta_sigmas", False)):
         raise VelodiffError(
             f"{cls}: use_beta_sigmas (beta quantiles in sigma) has no velodiff grid yet; ComfyUI's 'beta' "
@@ -383,23 +391,73 @@ def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     )
 
 
+def _steps_list(cls: str, flag: str, value: Any) -> tuple[int, ...]:
+    """A list of step indices: a list of ints, or typed as ``[0,1,2]`` or ``0|1|2``."""
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[|,\s]+", str(value).strip("[]() "))
+    try:
+        return tuple(int(v) for v in items if str(v).strip() != "")
+    except (TypeError, ValueError):
+        raise VelodiffError(f"{cls}: {flag} is a list of step indices, got {value!r}") from None
+
+
 def _unipc(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    cls = "UniPCMultistepScheduler"
     opts: dict[str, Any] = {"order": int(cfg.get("solver_order", 2))}
+    if opts["order"] < 1:
+        raise VelodiffError(f"{cls}: solver_order must be 1 or more, got {opts['order']}")
     opts["solver_type"] = str(cfg.get("solver_type", "bh2"))
     # diffusers' UniPC step lowers the final orders at every step count (min(solver_order,
     # len(timesteps) - step_index)), unlike its DPM-Solver++ / DEIS (below 15 steps only)
     opts["lower_order_final"] = "always" if _flag(cfg.get("lower_order_final", True)) else False
+    if cfg.get("disable_corrector"):
+        opts["disable_corrector"] = _steps_list(cls, "disable_corrector", cfg["disable_corrector"])
     if not _flag(cfg.get("predict_x0", True)):
-        raise VelodiffError(
-            "UniPCMultistepScheduler: predict_x0=False (noise prediction) has no velodiff solver"
-        )
+        raise VelodiffError(f"{cls}: predict_x0=False (noise prediction) has no velodiff solver")
     return "unipc", opts
 
 
 def _deis(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     order = int(cfg.get("solver_order", 2))
+    if not 1 <= order <= 3:  # diffusers' DEIS has closed forms for orders 1-3 (it runs 3 for more)
+        raise VelodiffError(f"DEISMultistepScheduler: solver_order={order}; diffusers' DEIS has orders 1-3")
     opts = {"lower_order_final": _flag(cfg["lower_order_final"])} if "lower_order_final" in cfg else {}
     return ("deis" if order <= 2 else "deis_3"), {**opts, "order": order}
+
+
+def _edm_euler(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """EDMEulerScheduler's grid: its ``sigma_schedule`` (Karras with ``rho``, or exponential) between
+    ``sigma_min`` and ``sigma_max``; at the class defaults (0.002, 80: EDM's range) the schedule's own
+    range, which for velodiff's EDM schedule is the same."""
+    cls, grid = "EDMEulerScheduler", str(cfg.get("sigma_schedule", "karras"))
+    if grid not in ("karras", "exponential"):
+        raise VelodiffError(f"{cls}: unknown sigma_schedule {grid!r}; valid: exponential, karras")
+    opts: dict[str, Any] = {}
+    for key, default in (("sigma_min", 0.002), ("sigma_max", 80.0)):
+        if float(cfg.get(key, default)) != default:
+            opts[key] = float(cfg[key])
+    if grid == "karras" and float(cfg.get("rho", 7.0)) != 7.0:  # (the exponential sigmas have no rho)
+        opts["rho"] = float(cfg["rho"])
+    return grid, opts
+
+
+def _repeat_final(cls: str, grid: str, solver: str, opts: dict[str, Any], cfg: Mapping[str, Any]) -> None:
+    """diffusers' Karras / exponential / Lu sigmas with final_sigmas_type="sigma_min" (DEIS always):
+    ``steps`` levels ending at sigma_min, then sigma_min again, a zero-length last step (grid option
+    ``repeat_final``, grids.py). That step does not move the sample for Euler, DDIM and DPM-Solver++ /
+    DEIS (orders 1-2); the multistep solvers then keep their order on the real steps (diffusers lowers it
+    on the zero-length one). Not reproduced: order 3 (diffusers lowers the step before, or divides by the
+    zero length) and UniPC (its zero-length step corrects the last real one)."""
+    why = f"{cls}: final_sigmas_type=sigma_min with {grid} sigmas (a zero-length last step)"
+    if cls == "EulerDiscreteScheduler" and "sigma_min" in cfg and cfg["sigma_min"] is not None:
+        raise VelodiffError(f"{why} and sigma_min: its last step runs on to the schedule's smallest sigma, "
+                            "which velodiff's grids do not make; use final_sigmas_type=zero")  # fmt: skip
+    if solver == "unipc":
+        raise VelodiffError(f"{why}: UniPC's correction there is not reproduced; use final_sigmas_type=zero")
+    if solver in ("dpmpp_3m", "deis_3"):  # diffusers lowers the step before it (< 15 steps) or divides by
+        # the zero length (DPM-Solver++ 3M: NaN)
+        raise VelodiffError(f"{why} at solver_order=3 is not reproduced; use final_sigmas_type=zero")
+    if solver in ("dpmpp_2m", "sde_dpmpp_2m", "deis"):
+        opts["lower_order_final"] = False
 
 
 _SIMPLE_SOLVERS = {a.name: a.solver for a in _DIFFUSERS}
@@ -413,22 +471,63 @@ _DIFFUSERS_CLASSES = tuple(_SIMPLE_SOLVERS)
 #: the flags each class's mapping reads (others are refused rather than silently ignored)
 _SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                 "timestep_spacing", "steps_offset", "final_sigmas_type")  # fmt: skip
-#: config entries that describe the model or are shared defaults, not the sampler (read elsewhere or moot)
+#: config entries that describe the model or are shared defaults, not the sampler (read elsewhere or moot:
+#: the shift / flow flags matter only with use_flow_sigmas, which is refused)
 _MODEL_FLAGS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                 "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
                 "dynamic_thresholding_ratio",
-                "sample_max_value", "rescale_betas_zero_snr", "timestep_type", "interpolation_type",
-                "sigma_min", "sigma_max", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
-                "base_image_seq_len", "max_image_seq_len", "set_alpha_to_one", "variance_type",
-                "skip_prk_steps", "_class_name", "_diffusers_version", "disable_corrector", "solver_p",
+                "sample_max_value", "rescale_betas_zero_snr", "timestep_type",
+                "shift", "use_dynamic_shifting", "base_shift", "max_shift", "time_shift_type",
+                "shift_terminal", "base_image_seq_len", "max_image_seq_len", "set_alpha_to_one",
+                "skip_prk_steps", "_class_name", "_diffusers_version",
                 "lambda_min_clipped", "use_flow_sigmas", "flow_shift", "original_inference_steps",
-                "timestep_scaling", "noise_sampler_seed", "sigma_data", "final_sigmas_type")  # fmt: skip
+                "timestep_scaling", "noise_sampler_seed", "sigma_data")  # fmt: skip
 _CLASS_FLAGS = {
     "DPMSolverMultistepScheduler": ("algorithm_type", "solver_order", "solver_type", "lower_order_final",
                                     "euler_at_final", "variance_type"),
-    "UniPCMultistepScheduler": ("solver_order", "solver_type", "lower_order_final", "predict_x0"),
+    "UniPCMultistepScheduler": ("solver_order", "solver_type", "lower_order_final", "predict_x0",
+                                "disable_corrector", "solver_p", "sigma_min", "sigma_max"),
     "DEISMultistepScheduler": ("solver_order", "solver_type", "algorithm_type", "lower_order_final"),
+    "EulerDiscreteScheduler": ("interpolation_type", "sigma_min", "sigma_max"),
+    "DDPMScheduler": ("variance_type",),
+    "EDMEulerScheduler": ("sigma_schedule", "rho", "sigma_min", "sigma_max"),
 }  # fmt: skip
+#: flags read whose other values change the result in ways velodiff does not reproduce: the value it does
+_ONLY = {
+    "EulerDiscreteScheduler": {"interpolation_type": "linear"},
+    "DDPMScheduler": {"variance_type": "fixed_small"},
+    "DPMSolverMultistepScheduler": {"variance_type": None},
+    "UniPCMultistepScheduler": {"solver_p": None},
+    "DEISMultistepScheduler": {"algorithm_type": "deis", "solver_type": "logrho"},
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for config values (None and a typed "none" alike); arrays and the like compare unequal."""
+    if b is None or a is None:
+        return str(a).strip().lower() in ("none", "") if b is None else False
+    try:
+        return bool(a == b) or str(a) == str(b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def _non_default(scheduler: Any) -> dict[str, Any]:
+    """A live scheduler's config entries that its class's ``__init__`` takes and that differ from its
+    defaults: what was set on it. (Other entries, such as another class's keys carried by
+    ``from_config``, are not read by the class.)"""
+    import inspect
+
+    cfg = dict(getattr(scheduler, "config", {}))
+    try:
+        params = inspect.signature(type(scheduler).__init__).parameters
+    except (TypeError, ValueError):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return {
+        k: cfg[k]
+        for k, p in params.items()
+        if k in cfg and (p.default is inspect.Parameter.empty or not _same(cfg[k], p.default))
+    }
 
 
 def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> Resolved:
@@ -436,15 +535,20 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
     name with ``config`` (flags as values or strings: ``{"use_karras_sigmas": "true"}``).
 
     Reproduced: the class's step and its sigma flags (``use_karras_sigmas``, ``use_exponential_sigmas``,
-    ``use_lu_lambdas``, ``timestep_spacing`` with ``steps_offset``, ``final_sigmas_type``); for
-    DPMSolverMultistep ``algorithm_type`` (dpmsolver++, sde-dpmsolver++), ``solver_order``,
-    ``solver_type``, ``lower_order_final``; UniPC's ``solver_order`` / ``solver_type``; DEIS's
-    ``solver_order``. A flag velodiff cannot reproduce is refused, naming it."""
-    strict = isinstance(scheduler, str)  # typed flags are checked; a live config holds every key
+    ``use_lu_lambdas``, ``timestep_spacing`` with ``steps_offset``, ``final_sigmas_type``, and the
+    ``sigma_min`` / ``sigma_max`` bounds of Karras / exponential sigmas); for DPMSolverMultistep
+    ``algorithm_type`` (dpmsolver++, sde-dpmsolver++), ``solver_order``, ``solver_type``,
+    ``lower_order_final``; UniPC's ``solver_order``, ``solver_type``, ``disable_corrector``; DEIS's
+    ``solver_order`` (1-3); EDMEuler's ``sigma_schedule`` and ``rho``. A flag velodiff cannot reproduce
+    is refused in one line naming it: for a scheduler object, every config entry its class takes that
+    differs from the class's default is checked as the typed form's flags are."""
+    strict = isinstance(scheduler, str)
     if strict:
         cls, cfg = scheduler, dict(config or {})
+        given = dict(cfg)
     else:
         cls, cfg = type(scheduler).__name__, {**dict(getattr(scheduler, "config", {})), **dict(config or {})}
+        given = {**_non_default(scheduler), **dict(config or {})}
     if cls not in _SIMPLE_SOLVERS:
         raise VelodiffError(
             f"diffusers scheduler {cls!r} has no velodiff mapping yet; mapped: "
@@ -452,18 +556,21 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
         )
     alias = find(cls, SAMPLER)
     assert alias is not None and alias.solver is not None
-    known = set(_SIGMA_FLAGS) | set(_MODEL_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))
-    unknown = sorted(k for k in cfg if k not in known)
-    if strict and unknown:
+    read = set(_SIGMA_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))
+    unknown = sorted(k for k in given if k not in read | set(_MODEL_FLAGS))
+    if unknown:
         raise VelodiffError(
             f"{cls}: flag {unknown[0]!r} has no velodiff equivalent yet; flags read: "
-            f"{', '.join(sorted(set(_SIGMA_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))))}"
+            f"{', '.join(sorted(read))}"
         )
     if strict:  # a bare class name means the Stable Diffusion pipelines' config of it
         cfg = {**_SD_CONFIG.get(cls, {}), **cfg}
     for flag in ("thresholding", "use_flow_sigmas", "clip_sample"):
         if _flag(cfg.get(flag, False)):
             raise VelodiffError(f"{cls}: {flag}=True has no velodiff equivalent yet")
+    for flag, value in _ONLY.get(cls, {}).items():
+        if flag in cfg and not _same(cfg[flag], value):
+            raise VelodiffError(f"{cls}: {flag}={cfg[flag]!r} has no velodiff equivalent (only {value!r})")
     solver, solver_opts = alias.solver, dict(alias.solver_options)
     if cls == "DPMSolverMultistepScheduler":
         solver, solver_opts = _dpmsolver_multistep(cfg)
@@ -472,11 +579,11 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
     elif cls == "DEISMultistepScheduler":
         solver, solver_opts = _deis(cfg)
     if cls in ("FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler"):
-        grid, grid_opts = alias.grid, {}
         for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                      "stochastic_sampling", "use_dynamic_shifting"):  # fmt: skip
             if _flag(cfg.get(flag, False)):
                 raise VelodiffError(f"{cls}: {flag}=True has no velodiff mapping yet")
+        grid, grid_opts = (_edm_euler(cfg) if cls == "EDMEulerScheduler" else (alias.grid, {}))
     elif cls == "LCMScheduler":  # its own timesteps: the skipping-step grid it was distilled on
         grid, grid_opts = "lcm", {"original_steps": int(cfg.get("original_inference_steps", 50))}
     else:
@@ -491,6 +598,9 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
             raise VelodiffError(f"{cls}: final_sigmas_type must be zero or sigma_min")
     if cls == "DDIMScheduler":
         final = "zero" if _flag(cfg.get("set_alpha_to_one", True)) else "t_min"
+    if final == "t_min" and grid in ("karras", "exponential", "logsnr"):
+        _repeat_final(cls, grid, solver, solver_opts, cfg)
+        grid_opts["repeat_final"] = True
     return Resolved(solver, grid, solver_opts, grid_opts, final, alias)
 
 
