@@ -229,6 +229,24 @@ def _k_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return DEN(float(SCHED.alpha(t)) * x, t)
 
 
+def _a1111_normal(n: int) -> torch.Tensor:
+    """A1111's default discretization, k-diffusion's DiscreteSchedule.get_sigmas(n): n timesteps equally
+    spaced from 999 to 0, log sigma interpolated linearly between trained ones, then 0 (by hand)."""
+    k = np.linspace(999, 0, n)
+    lo = np.floor(k).astype(int)
+    hi = np.ceil(k).astype(int)
+    w = k - lo
+    sig = np.exp((1 - w) * np.log(SIGMAS[lo]) + w * np.log(SIGMAS[hi]))
+    return torch.from_numpy(np.r_[sig, 0.0])
+
+
+def _a1111_sigmas(grid: str | None, steps: int, discard: bool) -> torch.Tensor:
+    """A1111's get_sigmas: with discard_next_to_last_sigma (its DPM2 samplers) steps + 1 sigmas, the one
+    before 0 dropped."""
+    sig = (_a1111_normal if grid == "normal" else lambda n: _k_sigmas(grid, n))(steps + discard)
+    return torch.cat([sig[:-2], sig[-1:]]) if discard else sig
+
+
 def _k_sigmas(grid: str | None, n: int) -> torch.Tensor:
     lo, hi = float(SIGMAS[0]), float(SIGMAS[-1])
     torch.set_default_dtype(F64)  # k-diffusion's get_sigmas_* ramp with the default dtype
@@ -264,11 +282,11 @@ def test_sampler_alias_matches_k_diffusion(alias):
         assert err < 1e-8, err
         return
     steps = 8
-    sigmas = _k_sigmas(alias.grid, steps)
+    sigmas = _a1111_sigmas(alias.grid, steps, bool(alias.grid_options.get("discard_penultimate")))
     if alias.grid is None:
         ts = torch.cat([SCHED.t_from_sigma_ve(sigmas[:-1]), torch.zeros(1, dtype=F64)])
-    else:  # the alias's own grid is k-diffusion's
-        ts = make_grid(alias.grid, SCHED, steps)
+    else:  # the alias's own grid is k-diffusion's (A1111's)
+        ts = make_grid(alias.grid, SCHED, steps, **alias.grid_options)
         assert torch.allclose(SCHED.sigma_ve(ts[:-1]), sigmas[:-1], rtol=1e-12, atol=0)
     a0 = float(SCHED.alpha(ts[0]))
     a, b = Replay(), Replay()
@@ -280,6 +298,20 @@ def test_sampler_alias_matches_k_diffusion(alias):
     err = float((ref - res.x).abs().max())
     assert err < TOL_K * float(ref.abs().max()), f"{alias.name}: max |k-diffusion - velodiff| = {err:.3g}"
     assert a.k == b.k
+
+
+@pytest.mark.parametrize("name", ["DPM2", "DPM2 a", "DPM2 Karras", "DPM2 a Karras"])
+@pytest.mark.parametrize("steps", [2, 8, 20])
+def test_a1111_dpm2_labels_discard_the_penultimate_sigma(name, steps):
+    """A1111's DPM2 samplers build steps + 1 sigmas and drop the one before 0 (discard_next_to_last_sigma):
+    the alias's grid is that list (written here from A1111's rule over diffusers' beta table)."""
+    alias = find(name, SAMPLER)
+    ts = make_grid(alias.grid, SCHED, steps, final=alias.final or "zero", **alias.grid_options)
+    want = _a1111_sigmas(alias.grid, steps, discard=True)
+    assert len(ts) == steps + 1 and float(ts[-1]) == 0.0
+    assert torch.allclose(SCHED.sigma_ve(ts[:-1]), want[:-1], rtol=1e-9, atol=0)
+    res = sample(DEN, X, ts, name, noise=Replay())
+    assert res.nfe == get_solver(name).nfe(steps)
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])

@@ -134,6 +134,9 @@ _COMFY_SCHEDULERS = [
     _g("gits", COMFY, "calibrated", note="the model's own GITS grid, refined: velodiff calibrate solver"),
 ]
 
+#: A1111's discard_next_to_last_sigma, set for its DPM2 labels: steps + 1 levels, the one before 0 dropped
+DISCARD = {"discard_penultimate": True}
+_DISCARD_NOTE = "A1111 drops the last level before 0 (discard_next_to_last_sigma); bare: the model's own grid"
 #: AUTOMATIC1111's sampler labels (before 1.9 they carried the schedule: "... Karras") and schedule types
 _A1111 = [
     _s("Euler", A1111, "euler"),
@@ -141,10 +144,10 @@ _A1111 = [
     _s("Heun", A1111, "heun"),
     _s("LMS", A1111, "lms"),
     _s("LMS Karras", A1111, "lms", "karras"),
-    _s("DPM2", A1111, "dpm_2"),
-    _s("DPM2 Karras", A1111, "dpm_2", "karras"),
-    _s("DPM2 a", A1111, "dpm_2_ancestral"),
-    _s("DPM2 a Karras", A1111, "dpm_2_ancestral", "karras"),
+    _s("DPM2", A1111, "dpm_2", "normal", grid_options=DISCARD, note=_DISCARD_NOTE),
+    _s("DPM2 Karras", A1111, "dpm_2", "karras", grid_options=DISCARD, note=_DISCARD_NOTE),
+    _s("DPM2 a", A1111, "dpm_2_ancestral", "normal", grid_options=DISCARD, note=_DISCARD_NOTE),
+    _s("DPM2 a Karras", A1111, "dpm_2_ancestral", "karras", grid_options=DISCARD, note=_DISCARD_NOTE),
     _s("DPM++ 2S a", A1111, "dpmpp_2s_ancestral"),
     _s("DPM++ 2S a Karras", A1111, "dpmpp_2s_ancestral", "karras"),
     _s("DPM++ 2M", A1111, "dpmpp_2m", solver_options=NO_LOF),

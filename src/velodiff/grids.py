@@ -578,13 +578,26 @@ def _call_grid(name: str, sched: NoiseSchedule, steps: int, final: str, options:
     one line naming the grid's options."""
     fn = GRIDS[name]
     known = [p for p in inspect.signature(fn).parameters if p not in ("sched", "steps", "final")]
+    known.append("discard_penultimate")  # any grid's (discard_penultimate below)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise VelodiffError(f"grid {name!r} has no option {unknown[0]!r}; its options: {', '.join(known)}")
+    options = dict(options)
+    discard = bool(options.pop("discard_penultimate", False))
+    if discard and final != "zero":
+        raise VelodiffError(f"grid {name!r}: discard_penultimate needs final='zero'")
     try:
-        return fn(sched, steps, final=final, **options)
+        ts = fn(sched, steps + 1 if discard else steps, final=final, **options)
     except (TypeError, ValueError) as e:
         raise VelodiffError(f"grid {name!r} with options {options}: {e}") from None
+    return discard_penultimate(ts) if discard else ts
+
+
+def discard_penultimate(ts: Tensor) -> Tensor:
+    """AUTOMATIC1111's ``discard_next_to_last_sigma`` (modules/sd_samplers_kdiffusion.py, set for its DPM2
+    samplers): the grid is built with one step more and its last level before 0 is dropped, so the last
+    step jumps from the level above it straight to 0 (grid option ``discard_penultimate``)."""
+    return torch.cat([ts[:-2], ts[-1:]])
 
 
 def check_grid(sched: NoiseSchedule, ts: Tensor) -> None:
