@@ -710,3 +710,18 @@ def test_diffusers_live_object_flags_are_checked():
     other = {**EulerDiscreteScheduler(**SD).config, "skip_prk_steps": True}
     sched = DPMSolverMultistepScheduler.from_config(other)
     assert from_diffusers(sched).solver == "dpmpp_2m"
+
+
+@pytest.mark.parametrize("typed, match", [
+    ("DPMSolverMultistepScheduler:solver_order=two",
+     "^DPMSolverMultistepScheduler: solver_order must be an integer, got 'two'$"),
+    ("UniPCMultistepScheduler:solver_order=2.5",
+     "^UniPCMultistepScheduler: solver_order must be an integer, got '2.5'$"),
+    ("DEISMultistepScheduler:solver_order=", "DEISMultistepScheduler: solver_order must be an integer"),
+    ("EulerDiscreteScheduler:timestep_spacing=leading,steps_offset=one", "steps_offset must be an integer"),
+    ("DPMSolverMultistepScheduler:solver_order=5", "algorithm_type='dpmsolver\\+\\+', solver_order=5"),
+])  # fmt: skip
+def test_diffusers_integer_flags_are_one_line(typed, match):
+    with pytest.raises(VelodiffError, match=match):
+        resolve_solver(typed)
+    assert resolve_solver("UniPCMultistepScheduler:solver_order=3").solver_options["order"] == 3

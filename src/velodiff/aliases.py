@@ -354,7 +354,7 @@ def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[st
         )
     opts: dict[str, Any] = {}
     if spacing == "leading" and "steps_offset" in cfg:
-        opts["steps_offset"] = int(cfg["steps_offset"])
+        opts["steps_offset"] = _int(cls, cfg, "steps_offset", 0)
     row = find(cls, SAMPLER)
     if row is not None and spacing != "trailing":
         if row.grid_options.get("drop_last"):
@@ -364,9 +364,24 @@ def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[st
     return spacing, opts
 
 
+def _int(cls: str, cfg: Mapping[str, Any], flag: str, default: int) -> int:
+    """The integer flag ``flag`` of ``cfg`` (a typed "2" or 2; "two", "2.5" or True refused in one line)."""
+    value = cfg.get(flag, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if not isinstance(value, bool) and re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    raise VelodiffError(f"{cls}: {flag} must be an integer, got {value!r}")
+
+
 def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    algo = normalize(str(cfg.get("algorithm_type", "dpmsolver++")))
-    order = int(cfg.get("solver_order", 2))
+    cls = "DPMSolverMultistepScheduler"
+    algo_name = str(cfg.get("algorithm_type", "dpmsolver++"))
+    algo = normalize(algo_name)
+    order = _int(cls, cfg, "solver_order", 2)
     solver_type = normalize(str(cfg.get("solver_type", "midpoint")))
     opts: dict[str, Any] = {}
     if "lower_order_final" in cfg:
@@ -388,7 +403,7 @@ def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if algo == "sde_dpmsolverpp" and order == 2:
         return "sde_dpmpp_2m", {**opts, "solver_type": solver_type}
     raise VelodiffError(
-        f"DPMSolverMultistepScheduler: algorithm_type={cfg.get('algorithm_type')!r}, solver_order={order}, "
+        f"{cls}: algorithm_type={algo_name!r}, solver_order={order}, "
         f"solver_type={cfg.get('solver_type', 'midpoint')!r} has no velodiff solver yet; provided: "
         "dpmsolver++ orders 1-3 and sde-dpmsolver++ orders 1-2"
     )
@@ -405,7 +420,7 @@ def _steps_list(cls: str, flag: str, value: Any) -> tuple[int, ...]:
 
 def _unipc(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     cls = "UniPCMultistepScheduler"
-    opts: dict[str, Any] = {"order": int(cfg.get("solver_order", 2))}
+    opts: dict[str, Any] = {"order": _int(cls, cfg, "solver_order", 2)}
     if opts["order"] < 1:
         raise VelodiffError(f"{cls}: solver_order must be 1 or more, got {opts['order']}")
     opts["solver_type"] = str(cfg.get("solver_type", "bh2"))
@@ -420,7 +435,7 @@ def _unipc(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _deis(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    order = int(cfg.get("solver_order", 2))
+    order = _int("DEISMultistepScheduler", cfg, "solver_order", 2)
     if not 1 <= order <= 3:  # diffusers' DEIS has closed forms for orders 1-3 (it runs 3 for more)
         raise VelodiffError(f"DEISMultistepScheduler: solver_order={order}; diffusers' DEIS has orders 1-3")
     opts = {"lower_order_final": _flag(cfg["lower_order_final"])} if "lower_order_final" in cfg else {}
@@ -588,7 +603,7 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
                 raise VelodiffError(f"{cls}: {flag}=True has no velodiff mapping yet")
         grid, grid_opts = (_edm_euler(cfg) if cls == "EDMEulerScheduler" else (alias.grid, {}))
     elif cls == "LCMScheduler":  # its own timesteps: the skipping-step grid it was distilled on
-        grid, grid_opts = "lcm", {"original_steps": int(cfg.get("original_inference_steps", 50))}
+        grid, grid_opts = "lcm", {"original_steps": _int(cls, cfg, "original_inference_steps", 50)}
     else:
         spacing = {"DDIMScheduler": "leading", "DDPMScheduler": "leading"}.get(
             cls, "linspace"
