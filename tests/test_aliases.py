@@ -113,6 +113,21 @@ def test_names_are_matched_normalized_and_exact_spelling_first():
     assert torch.equal(make_grid("align_your_steps", SCHED, 8), make_grid("ays", SCHED, 8))
 
 
+def test_own_names_match_case_insensitively_and_win():
+    """velodiff's own names are matched normalized too, before other tools' rows (README): DPMPP_2M is
+    velodiff's dpmpp_2m (lower_order_final on), while A1111's exact "DPM++ 2M" stays A1111's."""
+    assert get_solver("DPMPP_2M").defaults == get_solver("dpmpp_2m").defaults
+    assert get_solver("DPMPP_2M").defaults["lower_order_final"] is True
+    assert get_solver("DPM++ 2M").defaults["lower_order_final"] is False
+    assert resolve_solver("UNIPC").alias is None and resolve_solver("UniPC").alias.source == "A1111"
+    for name, own in (("AYS", "ays"), ("LOGSNR", "logsnr"), ("Trailing", "trailing"), ("KARRAS", "karras")):
+        assert torch.equal(make_grid(name, SCHED, 8), make_grid(own, SCHED, 8))
+    from velodiff.commands.names import check_grid, check_solver
+
+    check_grid("AYS")
+    check_solver("Euler_Ancestral")
+
+
 def test_unknown_names_list_near_matches():
     with pytest.raises(VelodiffError) as e:
         get_solver("dpmpp_2m_sdee")

@@ -245,9 +245,21 @@ def _own_solvers() -> tuple[str, ...]:
 def _own_grids() -> tuple[str, ...]:
     import sys
 
+    from .commands.names import GRID_NAMES  # torch-free copy of the registry's names
+
     if "velodiff.grids" in sys.modules:
         return tuple(sys.modules["velodiff.grids"].GRIDS)
-    return ()
+    return GRID_NAMES
+
+
+def _own(name: str, own: tuple[str, ...], kind: str) -> str | None:
+    """velodiff's own name ``name`` stands for: spelled exactly, else (when no other tool spells it so
+    exactly: A1111's "DPM++ 2M" stays A1111's) matched after normalization ("DPMPP_2M" = dpmpp_2m)."""
+    if name in own:
+        return name
+    if (kind, name) in _BY_NAME:
+        return None
+    return {normalize(n): n for n in own}.get(normalize(name))
 
 
 def _unknown(kind: str, name: str, own: tuple[str, ...]) -> VelodiffError:
@@ -288,8 +300,9 @@ def resolve_solver(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     """A solver name as velodiff reads it: its own, or a sampler alias, or a diffusers class with flags
     (``DPMSolverMultistepScheduler:use_karras_sigmas=true,algorithm_type=sde-dpmsolver++``)."""
     own = _own_solvers() if own is None else own
-    if name in own:
-        return Resolved(solver=name)
+    mine = _own(name, own, SAMPLER)
+    if mine is not None:
+        return Resolved(solver=mine)
     base, flags = _split(name)
     if base in _DIFFUSERS_CLASSES:
         return from_diffusers(base, flags)
@@ -306,8 +319,9 @@ def resolve_solver(name: str, own: tuple[str, ...] | None = None) -> Resolved:
 def resolve_grid(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     """A grid name as velodiff reads it: its own, or a scheduler alias (ComfyUI's, A1111's)."""
     own = _own_grids() if own is None else own
-    if name in own:
-        return Resolved(grid=name)
+    mine = _own(name, own, SCHEDULER)
+    if mine is not None:
+        return Resolved(grid=mine)
     alias = find(name, SCHEDULER)
     if alias is None:
         raise _unknown("grid", name, own)
