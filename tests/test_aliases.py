@@ -16,10 +16,12 @@ References, per row of the table:
   Karras / exponential / polyexponential), and diffusers' published AYS schedules.
 
 Not compared, and why: ComfyUI-only samplers without a k-diffusion or diffusers implementation
-(``lcm``: checked against its definition; ``ipndm``, ``ipndm_v``, ``deis``, ``uni_pc``: the solvers'
-own parity tests cover the steps, tests/test_multistep_parity.py); diffusers' DPMSolverSDEScheduler,
-whose Brownian tree cannot be given a noise source (its steps are k-diffusion's sample_dpmpp_sde, compared
-with injected noise); LCMScheduler (its boundary condition belongs to an LCM network's denoiser).
+(``lcm``: checked against its definition; ``ipndm``, ``ipndm_v``, ``uni_pc``: the solvers' own parity
+tests cover the steps, tests/test_multistep_parity.py, ipndm_v against diff-solvers' iPNDM_v weights;
+``deis`` is marked approximate: ComfyUI's is diff-solvers' t-AB, not diffusers' DEIS); diffusers'
+DPMSolverSDEScheduler, whose Brownian tree cannot be given a noise source (its steps are k-diffusion's
+sample_dpmpp_sde, compared with injected noise); LCMScheduler (its boundary condition belongs to an LCM
+network's denoiser).
 """
 
 from __future__ import annotations
