@@ -16,10 +16,12 @@ References, per row of the table:
   Karras / exponential / polyexponential), and diffusers' published AYS schedules.
 
 Not compared, and why: ComfyUI-only samplers without a k-diffusion or diffusers implementation
-(``lcm``: checked against its definition; ``ipndm``, ``ipndm_v``, ``deis``, ``uni_pc``: the solvers'
-own parity tests cover the steps, tests/test_multistep_parity.py); diffusers' DPMSolverSDEScheduler,
-whose Brownian tree cannot be given a noise source (its steps are k-diffusion's sample_dpmpp_sde, compared
-with injected noise); LCMScheduler (its boundary condition belongs to an LCM network's denoiser).
+(``lcm``: checked against its definition; ``ipndm``, ``ipndm_v``, ``uni_pc``: the solvers' own parity
+tests cover the steps, tests/test_multistep_parity.py, ipndm_v against diff-solvers' iPNDM_v weights;
+``deis`` is marked approximate: ComfyUI's is diff-solvers' t-AB, not diffusers' DEIS); diffusers'
+DPMSolverSDEScheduler, whose Brownian tree cannot be given a noise source (its steps are k-diffusion's
+sample_dpmpp_sde, compared with injected noise); LCMScheduler (its boundary condition belongs to an LCM
+network's denoiser).
 """
 
 from __future__ import annotations
@@ -111,6 +113,21 @@ def test_names_are_matched_normalized_and_exact_spelling_first():
     assert plan.settings["solver"] == "dpmpp_2m_sde_karras"
     assert get_solver(plan.settings["solver"]).name == "sde_dpmpp_2m"
     assert torch.equal(make_grid("align_your_steps", SCHED, 8), make_grid("ays", SCHED, 8))
+
+
+def test_own_names_match_case_insensitively_and_win():
+    """velodiff's own names are matched normalized too, before other tools' rows (README): DPMPP_2M is
+    velodiff's dpmpp_2m (lower_order_final on), while A1111's exact "DPM++ 2M" stays A1111's."""
+    assert get_solver("DPMPP_2M").defaults == get_solver("dpmpp_2m").defaults
+    assert get_solver("DPMPP_2M").defaults["lower_order_final"] is True
+    assert get_solver("DPM++ 2M").defaults["lower_order_final"] is False
+    assert resolve_solver("UNIPC").alias is None and resolve_solver("UniPC").alias.source == "A1111"
+    for name, own in (("AYS", "ays"), ("LOGSNR", "logsnr"), ("Trailing", "trailing"), ("KARRAS", "karras")):
+        assert torch.equal(make_grid(name, SCHED, 8), make_grid(own, SCHED, 8))
+    from velodiff.commands.names import check_grid, check_solver
+
+    check_grid("AYS")
+    check_solver("Euler_Ancestral")
 
 
 def test_unknown_names_list_near_matches():
@@ -229,6 +246,24 @@ def _k_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return DEN(float(SCHED.alpha(t)) * x, t)
 
 
+def _a1111_normal(n: int) -> torch.Tensor:
+    """A1111's default discretization, k-diffusion's DiscreteSchedule.get_sigmas(n): n timesteps equally
+    spaced from 999 to 0, log sigma interpolated linearly between trained ones, then 0 (by hand)."""
+    k = np.linspace(999, 0, n)
+    lo = np.floor(k).astype(int)
+    hi = np.ceil(k).astype(int)
+    w = k - lo
+    sig = np.exp((1 - w) * np.log(SIGMAS[lo]) + w * np.log(SIGMAS[hi]))
+    return torch.from_numpy(np.r_[sig, 0.0])
+
+
+def _a1111_sigmas(grid: str | None, steps: int, discard: bool) -> torch.Tensor:
+    """A1111's get_sigmas: with discard_next_to_last_sigma (its DPM2 samplers) steps + 1 sigmas, the one
+    before 0 dropped."""
+    sig = (_a1111_normal if grid == "normal" else lambda n: _k_sigmas(grid, n))(steps + discard)
+    return torch.cat([sig[:-2], sig[-1:]]) if discard else sig
+
+
 def _k_sigmas(grid: str | None, n: int) -> torch.Tensor:
     lo, hi = float(SIGMAS[0]), float(SIGMAS[-1])
     torch.set_default_dtype(F64)  # k-diffusion's get_sigmas_* ramp with the default dtype
@@ -264,11 +299,11 @@ def test_sampler_alias_matches_k_diffusion(alias):
         assert err < 1e-8, err
         return
     steps = 8
-    sigmas = _k_sigmas(alias.grid, steps)
+    sigmas = _a1111_sigmas(alias.grid, steps, bool(alias.grid_options.get("discard_penultimate")))
     if alias.grid is None:
         ts = torch.cat([SCHED.t_from_sigma_ve(sigmas[:-1]), torch.zeros(1, dtype=F64)])
-    else:  # the alias's own grid is k-diffusion's
-        ts = make_grid(alias.grid, SCHED, steps)
+    else:  # the alias's own grid is k-diffusion's (A1111's)
+        ts = make_grid(alias.grid, SCHED, steps, **alias.grid_options)
         assert torch.allclose(SCHED.sigma_ve(ts[:-1]), sigmas[:-1], rtol=1e-12, atol=0)
     a0 = float(SCHED.alpha(ts[0]))
     a, b = Replay(), Replay()
@@ -280,6 +315,20 @@ def test_sampler_alias_matches_k_diffusion(alias):
     err = float((ref - res.x).abs().max())
     assert err < TOL_K * float(ref.abs().max()), f"{alias.name}: max |k-diffusion - velodiff| = {err:.3g}"
     assert a.k == b.k
+
+
+@pytest.mark.parametrize("name", ["DPM2", "DPM2 a", "DPM2 Karras", "DPM2 a Karras"])
+@pytest.mark.parametrize("steps", [2, 8, 20])
+def test_a1111_dpm2_labels_discard_the_penultimate_sigma(name, steps):
+    """A1111's DPM2 samplers build steps + 1 sigmas and drop the one before 0 (discard_next_to_last_sigma):
+    the alias's grid is that list (written here from A1111's rule over diffusers' beta table)."""
+    alias = find(name, SAMPLER)
+    ts = make_grid(alias.grid, SCHED, steps, final=alias.final or "zero", **alias.grid_options)
+    want = _a1111_sigmas(alias.grid, steps, discard=True)
+    assert len(ts) == steps + 1 and float(ts[-1]) == 0.0
+    assert torch.allclose(SCHED.sigma_ve(ts[:-1]), want[:-1], rtol=1e-9, atol=0)
+    res = sample(DEN, X, ts, name, noise=Replay())
+    assert res.nfe == get_solver(name).nfe(steps)
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
@@ -447,7 +496,7 @@ def _run_diffusers(sched, steps: int, x_vp: torch.Tensor, seed: int | None = Non
         eps = eps_from_x0(SCHED, x_in, t, DEN(x_in, t))
         kw = {"generator": gen} if gen is not None else {}
         x = sched.step(eps, k, x, **kw).prev_sample
-    return x
+    return x / float((sched.sigmas[-1].double() ** 2 + 1) ** 0.5) if ve else x  # x / alpha -> x
 
 
 def _velodiff_of(sched, steps: int, x_vp: torch.Tensor, noise=None, typed: str | None = None):
@@ -490,7 +539,20 @@ CASES = [
     (UniPCMultistepScheduler, {"solver_order": 3}),
     (DEISMultistepScheduler, {}),
     (DDIMScheduler, {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}),
-]
+    # flags that were once ignored: Karras / exponential bounds, UniPC's disable_corrector
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+    (EulerDiscreteScheduler, {"use_exponential_sigmas": True, "sigma_max": 10.0}),
+    (UniPCMultistepScheduler, {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+    (UniPCMultistepScheduler, {"disable_corrector": [0, 1, 2]}),
+    # sigma grids ending at sigma_min twice: a zero-length last step (grid option repeat_final)
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    (DPMSolverMultistepScheduler, {"use_lu_lambdas": True, "final_sigmas_type": "sigma_min"}),
+    (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min",
+                                   "algorithm_type": "dpmsolver++", "solver_type": "heun"}),
+    (DEISMultistepScheduler, {"use_karras_sigmas": True}),
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+    (EulerDiscreteScheduler, {"final_sigmas_type": "sigma_min"}),
+]  # fmt: skip
 
 
 def _typed(cls, flags) -> str:
@@ -505,6 +567,25 @@ def test_diffusers_class_with_flags(cls, flags, steps):
     res, ts = _velodiff_of(sched, steps, X, typed=_typed(cls, flags))
     err = float((ref - res.x).abs().max())
     assert err < TOL_DIFFUSERS, f"{_typed(cls, flags)}: max |diffusers - velodiff| = {err:.3g}"
+
+
+LONG_CASES = [
+    (UniPCMultistepScheduler, {}),
+    (UniPCMultistepScheduler, {"solver_order": 3}),
+    (UniPCMultistepScheduler, {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    (DPMSolverMultistepScheduler, {"solver_order": 3}),
+    (DEISMultistepScheduler, {}),  # (order 3's closed forms cancel float32 tables to ~3e-5: parity file)
+    (DEISMultistepScheduler, {"use_karras_sigmas": True}),
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+]
+
+
+@pytest.mark.parametrize("steps", [15, 20])
+@pytest.mark.parametrize("cls, flags", LONG_CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_diffusers_class_with_flags_from_15_steps(cls, flags, steps):
+    """From 15 steps diffusers' DPM-Solver++ and DEIS keep their order to the end, while its UniPC (as
+    UniPC's own code) still lowers the last steps' order (velodiff: lower_order_final="always")."""
+    test_diffusers_class_with_flags(cls, flags, steps)
 
 
 @pytest.mark.parametrize("cls", [EulerAncestralDiscreteScheduler, KDPM2AncestralDiscreteScheduler])
@@ -584,3 +665,80 @@ def test_diffusers_object_flags_refused_when_not_reproducible():
         from_diffusers(EulerDiscreteScheduler(**SD, use_beta_sigmas=True))
     with pytest.raises(VelodiffError, match="no velodiff mapping yet"):
         from_diffusers("PNDMScheduler")
+
+
+def test_edm_euler_reads_its_sigma_schedule_and_rho():
+    from diffusers import EDMEulerScheduler
+
+    from velodiff.schedules import EDM
+
+    for flags, grid, opts in (({}, "karras", {}), ({"rho": 3.0}, "karras", {"rho": 3.0}),
+                              ({"sigma_schedule": "exponential"}, "exponential", {}),
+                              ({"sigma_min": 0.01, "sigma_max": 40.0}, "karras",
+                               {"sigma_min": 0.01, "sigma_max": 40.0})):  # fmt: skip
+        sched = EDMEulerScheduler(**flags)
+        r = from_diffusers(sched)
+        assert (r.solver, r.grid, dict(r.grid_options)) == ("euler", grid, opts)
+        t = resolve_solver(_typed(EDMEulerScheduler, flags))
+        assert (t.grid, dict(t.grid_options)) == (grid, opts)
+        sched.set_timesteps(8)
+        ts = make_grid(r.grid, EDM(), 8, final=r.final, **r.grid_options)  # EDM: t = sigma
+        assert torch.allclose(ts, sched.sigmas.double(), rtol=1e-6, atol=0), flags
+
+
+def test_diffusers_repeat_final_grid_is_its_levels():
+    """diffusers' Karras sigmas with final_sigmas_type=sigma_min: N levels, then sigma_min again."""
+    sched = DPMSolverMultistepScheduler(**SD, use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    sched.set_timesteps(10)
+    assert float(sched.sigmas[-1]) == float(sched.sigmas[-2])
+    ts = make_grid("karras", SCHED, 10, final="t_min", repeat_final=True)
+    assert len(ts) == 10 and float(ts[-1]) == SCHED.t_min
+    assert torch.allclose(SCHED.sigma_ve(ts), sched.sigmas[:-1].double(), rtol=5e-5, atol=0)  # float32 tables
+    with pytest.raises(VelodiffError, match="repeat_final needs final='t_min'"):
+        make_grid("karras", SCHED, 10, repeat_final=True)
+
+
+@pytest.mark.parametrize("cls, flags, match", [
+    (EulerDiscreteScheduler, {"interpolation_type": "log_linear"}, "interpolation_type='log_linear'"),
+    (DDPMScheduler, {"variance_type": "fixed_large", "clip_sample": False}, "variance_type='fixed_large'"),
+    (DPMSolverMultistepScheduler, {"variance_type": "learned_range"}, "variance_type='learned_range'"),
+    (DEISMultistepScheduler, {"solver_order": 4}, "solver_order=4"),
+    (UniPCMultistepScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"},
+     "final_sigmas_type=sigma_min with karras"),
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min",
+                                   "solver_order": 3}, "at solver_order=3"),
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min",
+                              "sigma_min": 0.1}, "and sigma_min"),
+])  # fmt: skip
+def test_diffusers_flags_that_change_the_result_are_refused(cls, flags, match):
+    """The same one line for the live object (its config against the class's defaults) and the typed form."""
+    with pytest.raises(VelodiffError, match=match):
+        from_diffusers(cls(**SD, **flags))
+    with pytest.raises(VelodiffError, match=match):
+        resolve_solver(_typed(cls, flags))
+
+
+def test_diffusers_live_object_flags_are_checked():
+    with pytest.raises(VelodiffError, match="UniPCMultistepScheduler: solver_p='DDIMScheduler'"):
+        resolve_solver("UniPCMultistepScheduler:solver_p=DDIMScheduler")
+    with pytest.raises(VelodiffError, match="flag 'foo' has no velodiff equivalent"):
+        from_diffusers(EulerDiscreteScheduler(**SD), {"foo": 1})
+    # another class's entries that from_config carries over are not read by the class: not refused
+    other = {**EulerDiscreteScheduler(**SD).config, "skip_prk_steps": True}
+    sched = DPMSolverMultistepScheduler.from_config(other)
+    assert from_diffusers(sched).solver == "dpmpp_2m"
+
+
+@pytest.mark.parametrize("typed, match", [
+    ("DPMSolverMultistepScheduler:solver_order=two",
+     "^DPMSolverMultistepScheduler: solver_order must be an integer, got 'two'$"),
+    ("UniPCMultistepScheduler:solver_order=2.5",
+     "^UniPCMultistepScheduler: solver_order must be an integer, got '2.5'$"),
+    ("DEISMultistepScheduler:solver_order=", "DEISMultistepScheduler: solver_order must be an integer"),
+    ("EulerDiscreteScheduler:timestep_spacing=leading,steps_offset=one", "steps_offset must be an integer"),
+    ("DPMSolverMultistepScheduler:solver_order=5", "algorithm_type='dpmsolver\\+\\+', solver_order=5"),
+])  # fmt: skip
+def test_diffusers_integer_flags_are_one_line(typed, match):
+    with pytest.raises(VelodiffError, match=match):
+        resolve_solver(typed)
+    assert resolve_solver("UniPCMultistepScheduler:solver_order=3").solver_options["order"] == 3

@@ -14,9 +14,10 @@ same schedule the two agree to rounding (1e-10), which shows the equations are t
 Where diffusers (0.42) differs on purpose or by accident, and how the cases avoid it:
 
 * UniPC's code lowers the order of the last steps at every step count (its docstring says only below
-  15 steps, the rule of its DPM-Solver++ and DEIS); velodiff follows the documented rule so that it
-  keeps its order on long grids ending at t_min. The two agree below 15 steps, and at any count for
-  order 2 with a final jump to 0; order 3 is compared below 15 steps.
+  15 steps, the rule of its DPM-Solver++ and DEIS); velodiff's default follows the documented rule so
+  that it keeps its order on long grids ending at t_min, and ``lower_order_final="always"`` is
+  diffusers' code (what the diffusers / ComfyUI / A1111 UniPC aliases set). The default agrees below
+  15 steps, and at any count for order 2 with a final jump to 0; "always" at every count.
 * UniPC with solver_type "bh1" and final_sigmas_type "zero" returns NaN: the final jump has
   B(h) = h = -inf times a zero residual. bh1 is compared on a grid ending at sigma_min.
 * Before the final jump to 0 diffusers computes a UniC correction that the jump discards (it returns
@@ -94,6 +95,10 @@ UNIPC_CASES = [
     ({"disable_corrector": list(range(20))}, 20, "unipc", {"use_corrector": False}),
     ({"timestep_spacing": "leading"}, 20, "unipc", {}),
     ({"timestep_spacing": "trailing", "solver_order": 3}, 12, "unipc_3", {}),
+    ({"solver_order": 3}, 15, "unipc_3", {"lower_order_final": "always"}),
+    ({"solver_order": 3}, 20, "unipc_3", {"lower_order_final": "always"}),
+    ({"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}, 20, "unipc_3",
+     {"solver_type": "bh1", "lower_order_final": "always"}),
 ]
 
 
@@ -139,9 +144,76 @@ def test_ipndm_is_lms_on_a_grid_uniform_in_rho():
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def _ipndm_v_by_hand(hs):
+    """iPNDM_v's weights (solvers/ipndm.py's docstring) in exact arithmetic, term by term."""
+    from fractions import Fraction as Fr
+
+    hs = [Fr(h) for h in hs]
+    h = hs[0]
+    if len(hs) == 1:
+        return [Fr(1)]
+    h1 = hs[1]
+    w = [1 + h / (2 * h1), -h / (2 * h1), Fr(0), Fr(0)]
+    if len(hs) > 2:
+        h2 = hs[2]
+        a = h1 / h2
+        w3 = (1 - h**2 / (3 * h1 * (h1 + h2))) / 2
+        w = [w[0] + w3, w[1] - (1 + a) * w3, a * w3, Fr(0)]
+    if len(hs) > 3:
+        h3 = hs[3]
+        b, q = h2 / h3, h1 * (h1 + h2) / (h2 * (h2 + h3))
+        s1, s2 = h + h1, h + h1 + h2
+        w4 = ((1 - h / (3 * s1)) / 2 + (1 - h / (2 * s1)) * h / (6 * s2)) * h * s1 * s2
+        w4 /= h1 * (h1 + h2) * (h1 + h2 + h3)
+        w = [w[0] + w4, w[1] - (1 + a + q) * w4, w[2] + (a + q * (1 + b)) * w4, -q * a * w4]
+    return w[: len(hs)]
+
+
+def test_ipndm_v_weights():
+    """diff-solvers' / ComfyUI's iPNDM_v: AB2 on any spacing; on equal steps AB3 at order 3 and its own
+    (57, -65, 43, -11) / 24 at order 4."""
+    from velodiff.solvers.ipndm import AB_COEFFS, ipndm_v_weights
+
+    assert ipndm_v_weights((-1.0, -1.0, -1.0)) == pytest.approx(AB_COEFFS[2], rel=1e-14)
+    assert ipndm_v_weights((-1.0,) * 4) == pytest.approx([57 / 24, -65 / 24, 43 / 24, -11 / 24], rel=1e-14)
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 2, 3, 4):
+        for _ in range(5):
+            hs = tuple(-float(v) for v in torch.rand(k, generator=gen, dtype=F64) * 3 + 0.1)
+            want = [float(w) for w in _ipndm_v_by_hand(hs)]
+            assert ipndm_v_weights(hs) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_ipndm_v_runs_its_weights(order):
+    """The run, written here in k-diffusion's variables (x / alpha and sigma / alpha = rho) on a Karras
+    grid, with the weights by hand: ComfyUI's ipndm_v sampler loop; order 2 is also lms's AB2."""
+    ts = make_grid("karras", SCHED, 9)
+    rho = SCHED.sigma_ve(ts[:-1]).tolist() + [0.0]
+    alpha = SCHED.alpha(ts).tolist()
+    z, hist = X / alpha[0], []
+    for i in range(len(ts) - 1):
+        x0 = DEN(z * alpha[i], float(ts[i]))
+        hist.append((z - x0) / rho[i])
+        if rho[i + 1] == 0.0:
+            z = x0
+            break
+        k = min(order, len(hist))
+        w = _ipndm_v_by_hand([rho[i + 1 - j] - rho[i - j] for j in range(k)])
+        z = z + (rho[i + 1] - rho[i]) * sum(float(c) * e for c, e in zip(w, reversed(hist[-k:]), strict=True))
+    res = sample(DEN, X, ts, "ipndm_v", order=order).x
+    torch.testing.assert_close(res, z, rtol=1e-12, atol=1e-12)
+    if order == 2:  # (on a grid ending at t_min: lms integrates its polynomial down to 0 on a final jump)
+        ts = make_grid("karras", SCHED, 9, final="t_min")
+        a, b = sample(DEN, X, ts, "ipndm_v", order=2).x, sample(DEN, X, ts, "lms", order=2).x
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "solver,options",
-    [("unipc", {"solver_type": "bh3"}), ("deis", {"interp": "rho"}), ("ipndm", {"order": 5})],
+    [("unipc", {"solver_type": "bh3"}), ("deis", {"interp": "rho"}), ("ipndm", {"order": 5}),
+     ("ipndm", {"variant": "w"}),
+     ("unipc", {"lower_order_final": "sometimes"})],
 )
 def test_bad_options_are_one_clear_error(solver, options):
     with pytest.raises(VelodiffError):

@@ -69,6 +69,9 @@ KD_COMFY = "k-diffusion / ComfyUI"
 NO_LOF = {"lower_order_final": False}  # k-diffusion's multistep samplers keep their order to the end
 SDE_HEUN = {**NO_LOF, "solver_type": "heun"}  # k-diffusion's dpmpp_2m_sde(solver_type="heun")
 KD_3M = {"variant": "k-diffusion"}  # k-diffusion's 3M SDE halves the x0'' term (sde_dpm_solver_pp.py)
+#: UniPC's code (Zhao et al.'s uni_pc.py, its A1111 / ComfyUI ports, diffusers' UniPCMultistepScheduler)
+#: lowers the last steps' order at every step count, not below 15 steps only (solvers/unipc.py)
+UNIPC_LOF = {"lower_order_final": "always"}
 
 
 def _s(name: str, source: str, solver: str, grid: str | None = None, note: str = "", **kw: Any) -> Alias:
@@ -108,12 +111,15 @@ _KD_SAMPLERS = [
     _s("lcm", COMFY, "lcm", solver_options={"boundary": False},
        note="x0, then fresh noise to the next level (Luo et al. 2023, Alg. 1); the model applies LCM's "
        "boundary condition (ComfyUI's ModelSamplingDiscrete lcm)"),
-    _s("uni_pc", COMFY, "unipc", solver_options={"solver_type": "bh1", "order": 3},
+    _s("uni_pc", COMFY, "unipc", solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3},
        note="ComfyUI ends its last step at sigma 0.001 rather than jumping to 0"),
-    _s("uni_pc_bh2", COMFY, "unipc", solver_options={"order": 3}),
+    _s("uni_pc_bh2", COMFY, "unipc", solver_options={**UNIPC_LOF, "order": 3}),
     _s("ipndm", COMFY, "ipndm"),
-    _s("ipndm_v", COMFY, "lms", note="variable-step Adams-Bashforth on eps; differs on the final step"),
-    _s("deis", COMFY, "deis_3"),
+    _s("ipndm_v", COMFY, "ipndm", solver_options={"variant": "v"},
+       note="diff-solvers' iPNDM_v weights (solvers/ipndm.py), as ComfyUI runs them"),
+    _s("deis", COMFY, "deis_3",
+       note="APPROXIMATE: ComfyUI's deis is t-AB in a VP time fitted to sigma 0.002-80 (diff-solvers' "
+       "'tab'); this is diffusers' log-rho DEIS-3 (rel. diff. ~2e-2 at 6 steps, 2e-3 at 20)"),
 ]  # fmt: skip
 
 #: ComfyUI's SCHEDULER_NAMES (and its AlignYourSteps / GITS nodes)
@@ -131,6 +137,9 @@ _COMFY_SCHEDULERS = [
     _g("gits", COMFY, "calibrated", note="the model's own GITS grid, refined: velodiff calibrate solver"),
 ]
 
+#: A1111's discard_next_to_last_sigma, set for its DPM2 labels: steps + 1 levels, the one before 0 dropped
+DISCARD = {"discard_penultimate": True}
+_DISCARD_NOTE = "A1111 drops the last level before 0 (discard_next_to_last_sigma); bare: the model's own grid"
 #: AUTOMATIC1111's sampler labels (before 1.9 they carried the schedule: "... Karras") and schedule types
 _A1111 = [
     _s("Euler", A1111, "euler"),
@@ -138,10 +147,10 @@ _A1111 = [
     _s("Heun", A1111, "heun"),
     _s("LMS", A1111, "lms"),
     _s("LMS Karras", A1111, "lms", "karras"),
-    _s("DPM2", A1111, "dpm_2"),
-    _s("DPM2 Karras", A1111, "dpm_2", "karras"),
-    _s("DPM2 a", A1111, "dpm_2_ancestral"),
-    _s("DPM2 a Karras", A1111, "dpm_2_ancestral", "karras"),
+    _s("DPM2", A1111, "dpm_2", "normal", grid_options=DISCARD, note=_DISCARD_NOTE),
+    _s("DPM2 Karras", A1111, "dpm_2", "karras", grid_options=DISCARD, note=_DISCARD_NOTE),
+    _s("DPM2 a", A1111, "dpm_2_ancestral", "normal", grid_options=DISCARD, note=_DISCARD_NOTE),
+    _s("DPM2 a Karras", A1111, "dpm_2_ancestral", "karras", grid_options=DISCARD, note=_DISCARD_NOTE),
     _s("DPM++ 2S a", A1111, "dpmpp_2s_ancestral"),
     _s("DPM++ 2S a Karras", A1111, "dpmpp_2s_ancestral", "karras"),
     _s("DPM++ 2M", A1111, "dpmpp_2m", solver_options=NO_LOF),
@@ -161,7 +170,7 @@ _A1111 = [
     _s("DPM adaptive", A1111, "dpm_adaptive", "logsnr", final="t_min"),
     _s("DDIM", A1111, "ddim", "ddim_uniform", final="t_min",
        note="timesteps 1, 1 + c, ... (c = 1000 // steps); the last step lands on alphas_cumprod[0]"),
-    _s("UniPC", A1111, "unipc", "uniform", solver_options={"solver_type": "bh1", "order": 3},
+    _s("UniPC", A1111, "unipc", "uniform", solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3},
        note="A1111's defaults: variant bh1, order 3, time-uniform steps"),
     _s("LCM", A1111, "lcm", solver_options={"boundary": False}),
     _g("Automatic", A1111, "normal", note="the model's own discretization"),
@@ -195,7 +204,8 @@ _DIFFUSERS = [
     _s("DDIMScheduler", DIFFUSERS, "ddim", "leading", grid_options={"steps_offset": 1}, final="t_min",
        note="the SD pipelines' config: steps_offset 1, set_alpha_to_one False (ends at alphas_cumprod[0])"),
     _s("DDPMScheduler", DIFFUSERS, "ddpm", "leading", grid_options={"steps_offset": 1}),
-    _s("UniPCMultistepScheduler", DIFFUSERS, "unipc", "linspace", grid_options=MULTI),
+    _s("UniPCMultistepScheduler", DIFFUSERS, "unipc", "linspace", grid_options=MULTI,
+       solver_options=UNIPC_LOF),
     _s("DEISMultistepScheduler", DIFFUSERS, "deis", "linspace", grid_options=MULTI, final="t_min"),
     _s("DPMSolverSDEScheduler", DIFFUSERS, "dpmpp_sde", "linspace", grid_options=FRAC,
        note="same steps; diffusers' Brownian tree runs over sigma, velodiff's over t"),
@@ -238,9 +248,21 @@ def _own_solvers() -> tuple[str, ...]:
 def _own_grids() -> tuple[str, ...]:
     import sys
 
+    from .commands.names import GRID_NAMES  # torch-free copy of the registry's names
+
     if "velodiff.grids" in sys.modules:
         return tuple(sys.modules["velodiff.grids"].GRIDS)
-    return ()
+    return GRID_NAMES
+
+
+def _own(name: str, own: tuple[str, ...], kind: str) -> str | None:
+    """velodiff's own name ``name`` stands for: spelled exactly, else (when no other tool spells it so
+    exactly: A1111's "DPM++ 2M" stays A1111's) matched after normalization ("DPMPP_2M" = dpmpp_2m)."""
+    if name in own:
+        return name
+    if (kind, name) in _BY_NAME:
+        return None
+    return {normalize(n): n for n in own}.get(normalize(name))
 
 
 def _unknown(kind: str, name: str, own: tuple[str, ...]) -> VelodiffError:
@@ -263,7 +285,7 @@ def _split(text: str) -> tuple[str, dict[str, str]]:
     """``Name:key=value,key=value`` (a diffusers class with config flags) -> (name, flags)."""
     name, _, rest = text.partition(":")
     flags: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
+    for item in filter(None, (p.strip() for p in re.split(r",(?![^\[]*\])", rest))):  # [0,1] is one value
         key, eq, value = item.partition("=")
         if not eq:
             raise VelodiffError(f"{name}: write its flags as key=value, got {item!r}")
@@ -281,8 +303,9 @@ def resolve_solver(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     """A solver name as velodiff reads it: its own, or a sampler alias, or a diffusers class with flags
     (``DPMSolverMultistepScheduler:use_karras_sigmas=true,algorithm_type=sde-dpmsolver++``)."""
     own = _own_solvers() if own is None else own
-    if name in own:
-        return Resolved(solver=name)
+    mine = _own(name, own, SAMPLER)
+    if mine is not None:
+        return Resolved(solver=mine)
     base, flags = _split(name)
     if base in _DIFFUSERS_CLASSES:
         return from_diffusers(base, flags)
@@ -299,8 +322,9 @@ def resolve_solver(name: str, own: tuple[str, ...] | None = None) -> Resolved:
 def resolve_grid(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     """A grid name as velodiff reads it: its own, or a scheduler alias (ComfyUI's, A1111's)."""
     own = _own_grids() if own is None else own
-    if name in own:
-        return Resolved(grid=name)
+    mine = _own(name, own, SCHEDULER)
+    if mine is not None:
+        return Resolved(grid=mine)
     alias = find(name, SCHEDULER)
     if alias is None:
         raise _unknown("grid", name, own)
@@ -321,12 +345,20 @@ def _flag(value: Any) -> bool:
     raise VelodiffError(f"expected true or false, got {value!r}")
 
 
+#: diffusers' flags that define the grid in sigma, and velodiff's grid for each
+_SIGMA_GRIDS = (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
+                ("use_lu_lambdas", "logsnr"))  # fmt: skip
+
+
 def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[str, dict[str, Any]]:
-    """The grid a diffusers scheduler's sigma flags choose."""
-    for flag, grid in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
-                       ("use_lu_lambdas", "logsnr")):  # fmt: skip
+    """The grid a diffusers scheduler's sigma flags choose. ``sigma_min`` / ``sigma_max`` (EulerDiscrete,
+    UniPC) bound its Karras / exponential sigmas (diffusers reads them for those only)."""
+    for flag, grid in _SIGMA_GRIDS:
         if _flag(cfg.get(flag, False)):
-            return grid, {}
+            bounds = {k: float(cfg[k]) for k in ("sigma_min", "sigma_max") if cfg.get(k) is not None}
+            if bounds and grid == "logsnr":
+                raise VelodiffError(f"{cls}: sigma_min / sigma_max with use_lu_lambdas has no velodiff grid")
+            return grid, bounds
     if _flag(cfg.get("use_beta_sigmas", False)):
         raise VelodiffError(
             f"{cls}: use_beta_sigmas (beta quantiles in sigma) has no velodiff grid yet; ComfyUI's 'beta' "
@@ -339,7 +371,7 @@ def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[st
         )
     opts: dict[str, Any] = {}
     if spacing == "leading" and "steps_offset" in cfg:
-        opts["steps_offset"] = int(cfg["steps_offset"])
+        opts["steps_offset"] = _int(cls, cfg, "steps_offset", 0)
     row = find(cls, SAMPLER)
     if row is not None and spacing != "trailing":
         if row.grid_options.get("drop_last"):
@@ -349,9 +381,24 @@ def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[st
     return spacing, opts
 
 
+def _int(cls: str, cfg: Mapping[str, Any], flag: str, default: int) -> int:
+    """The integer flag ``flag`` of ``cfg`` (a typed "2" or 2; "two", "2.5" or True refused in one line)."""
+    value = cfg.get(flag, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if not isinstance(value, bool) and re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    raise VelodiffError(f"{cls}: {flag} must be an integer, got {value!r}")
+
+
 def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    algo = normalize(str(cfg.get("algorithm_type", "dpmsolver++")))
-    order = int(cfg.get("solver_order", 2))
+    cls = "DPMSolverMultistepScheduler"
+    algo_name = str(cfg.get("algorithm_type", "dpmsolver++"))
+    algo = normalize(algo_name)
+    order = _int(cls, cfg, "solver_order", 2)
     solver_type = normalize(str(cfg.get("solver_type", "midpoint")))
     opts: dict[str, Any] = {}
     if "lower_order_final" in cfg:
@@ -373,28 +420,79 @@ def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if algo == "sde_dpmsolverpp" and order == 2:
         return "sde_dpmpp_2m", {**opts, "solver_type": solver_type}
     raise VelodiffError(
-        f"DPMSolverMultistepScheduler: algorithm_type={cfg.get('algorithm_type')!r}, solver_order={order}, "
+        f"{cls}: algorithm_type={algo_name!r}, solver_order={order}, "
         f"solver_type={cfg.get('solver_type', 'midpoint')!r} has no velodiff solver yet; provided: "
         "dpmsolver++ orders 1-3 and sde-dpmsolver++ orders 1-2"
     )
 
 
+def _steps_list(cls: str, flag: str, value: Any) -> tuple[int, ...]:
+    """A list of step indices: a list of ints, or typed as ``[0,1,2]`` or ``0|1|2``."""
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[|,\s]+", str(value).strip("[]() "))
+    try:
+        return tuple(int(v) for v in items if str(v).strip() != "")
+    except (TypeError, ValueError):
+        raise VelodiffError(f"{cls}: {flag} is a list of step indices, got {value!r}") from None
+
+
 def _unipc(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    opts: dict[str, Any] = {"order": int(cfg.get("solver_order", 2))}
+    cls = "UniPCMultistepScheduler"
+    opts: dict[str, Any] = {"order": _int(cls, cfg, "solver_order", 2)}
+    if opts["order"] < 1:
+        raise VelodiffError(f"{cls}: solver_order must be 1 or more, got {opts['order']}")
     opts["solver_type"] = str(cfg.get("solver_type", "bh2"))
-    if "lower_order_final" in cfg:
-        opts["lower_order_final"] = _flag(cfg["lower_order_final"])
+    # diffusers' UniPC step lowers the final orders at every step count (min(solver_order,
+    # len(timesteps) - step_index)), unlike its DPM-Solver++ / DEIS (below 15 steps only)
+    opts["lower_order_final"] = "always" if _flag(cfg.get("lower_order_final", True)) else False
+    if cfg.get("disable_corrector"):
+        opts["disable_corrector"] = _steps_list(cls, "disable_corrector", cfg["disable_corrector"])
     if not _flag(cfg.get("predict_x0", True)):
-        raise VelodiffError(
-            "UniPCMultistepScheduler: predict_x0=False (noise prediction) has no velodiff solver"
-        )
+        raise VelodiffError(f"{cls}: predict_x0=False (noise prediction) has no velodiff solver")
     return "unipc", opts
 
 
 def _deis(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    order = int(cfg.get("solver_order", 2))
+    order = _int("DEISMultistepScheduler", cfg, "solver_order", 2)
+    if not 1 <= order <= 3:  # diffusers' DEIS has closed forms for orders 1-3 (it runs 3 for more)
+        raise VelodiffError(f"DEISMultistepScheduler: solver_order={order}; diffusers' DEIS has orders 1-3")
     opts = {"lower_order_final": _flag(cfg["lower_order_final"])} if "lower_order_final" in cfg else {}
     return ("deis" if order <= 2 else "deis_3"), {**opts, "order": order}
+
+
+def _edm_euler(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """EDMEulerScheduler's grid: its ``sigma_schedule`` (Karras with ``rho``, or exponential) between
+    ``sigma_min`` and ``sigma_max``; at the class defaults (0.002, 80: EDM's range) the schedule's own
+    range, which for velodiff's EDM schedule is the same."""
+    cls, grid = "EDMEulerScheduler", str(cfg.get("sigma_schedule", "karras"))
+    if grid not in ("karras", "exponential"):
+        raise VelodiffError(f"{cls}: unknown sigma_schedule {grid!r}; valid: exponential, karras")
+    opts: dict[str, Any] = {}
+    for key, default in (("sigma_min", 0.002), ("sigma_max", 80.0)):
+        if float(cfg.get(key, default)) != default:
+            opts[key] = float(cfg[key])
+    if grid == "karras" and float(cfg.get("rho", 7.0)) != 7.0:  # (the exponential sigmas have no rho)
+        opts["rho"] = float(cfg["rho"])
+    return grid, opts
+
+
+def _repeat_final(cls: str, grid: str, solver: str, opts: dict[str, Any], cfg: Mapping[str, Any]) -> None:
+    """diffusers' Karras / exponential / Lu sigmas with final_sigmas_type="sigma_min" (DEIS always):
+    ``steps`` levels ending at sigma_min, then sigma_min again, a zero-length last step (grid option
+    ``repeat_final``, grids.py). That step does not move the sample for Euler, DDIM and DPM-Solver++ /
+    DEIS (orders 1-2); the multistep solvers then keep their order on the real steps (diffusers lowers it
+    on the zero-length one). Not reproduced: order 3 (diffusers lowers the step before, or divides by the
+    zero length) and UniPC (its zero-length step corrects the last real one)."""
+    why = f"{cls}: final_sigmas_type=sigma_min with {grid} sigmas (a zero-length last step)"
+    if cls == "EulerDiscreteScheduler" and "sigma_min" in cfg and cfg["sigma_min"] is not None:
+        raise VelodiffError(f"{why} and sigma_min: its last step runs on to the schedule's smallest sigma, "
+                            "which velodiff's grids do not make; use final_sigmas_type=zero")  # fmt: skip
+    if solver == "unipc":
+        raise VelodiffError(f"{why}: UniPC's correction there is not reproduced; use final_sigmas_type=zero")
+    if solver in ("dpmpp_3m", "deis_3"):  # diffusers lowers the step before it (< 15 steps) or divides by
+        # the zero length (DPM-Solver++ 3M: NaN)
+        raise VelodiffError(f"{why} at solver_order=3 is not reproduced; use final_sigmas_type=zero")
+    if solver in ("dpmpp_2m", "sde_dpmpp_2m", "deis"):
+        opts["lower_order_final"] = False
 
 
 _SIMPLE_SOLVERS = {a.name: a.solver for a in _DIFFUSERS}
@@ -408,22 +506,63 @@ _DIFFUSERS_CLASSES = tuple(_SIMPLE_SOLVERS)
 #: the flags each class's mapping reads (others are refused rather than silently ignored)
 _SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                 "timestep_spacing", "steps_offset", "final_sigmas_type")  # fmt: skip
-#: config entries that describe the model or are shared defaults, not the sampler (read elsewhere or moot)
+#: config entries that describe the model or are shared defaults, not the sampler (read elsewhere or moot:
+#: the shift / flow flags matter only with use_flow_sigmas, which is refused)
 _MODEL_FLAGS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                 "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
                 "dynamic_thresholding_ratio",
-                "sample_max_value", "rescale_betas_zero_snr", "timestep_type", "interpolation_type",
-                "sigma_min", "sigma_max", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
-                "base_image_seq_len", "max_image_seq_len", "set_alpha_to_one", "variance_type",
-                "skip_prk_steps", "_class_name", "_diffusers_version", "disable_corrector", "solver_p",
+                "sample_max_value", "rescale_betas_zero_snr", "timestep_type",
+                "shift", "use_dynamic_shifting", "base_shift", "max_shift", "time_shift_type",
+                "shift_terminal", "base_image_seq_len", "max_image_seq_len", "set_alpha_to_one",
+                "skip_prk_steps", "_class_name", "_diffusers_version",
                 "lambda_min_clipped", "use_flow_sigmas", "flow_shift", "original_inference_steps",
-                "timestep_scaling", "noise_sampler_seed", "sigma_data", "final_sigmas_type")  # fmt: skip
+                "timestep_scaling", "noise_sampler_seed", "sigma_data")  # fmt: skip
 _CLASS_FLAGS = {
     "DPMSolverMultistepScheduler": ("algorithm_type", "solver_order", "solver_type", "lower_order_final",
                                     "euler_at_final", "variance_type"),
-    "UniPCMultistepScheduler": ("solver_order", "solver_type", "lower_order_final", "predict_x0"),
+    "UniPCMultistepScheduler": ("solver_order", "solver_type", "lower_order_final", "predict_x0",
+                                "disable_corrector", "solver_p", "sigma_min", "sigma_max"),
     "DEISMultistepScheduler": ("solver_order", "solver_type", "algorithm_type", "lower_order_final"),
+    "EulerDiscreteScheduler": ("interpolation_type", "sigma_min", "sigma_max"),
+    "DDPMScheduler": ("variance_type",),
+    "EDMEulerScheduler": ("sigma_schedule", "rho", "sigma_min", "sigma_max"),
 }  # fmt: skip
+#: flags read whose other values change the result in ways velodiff does not reproduce: the value it does
+_ONLY = {
+    "EulerDiscreteScheduler": {"interpolation_type": "linear"},
+    "DDPMScheduler": {"variance_type": "fixed_small"},
+    "DPMSolverMultistepScheduler": {"variance_type": None},
+    "UniPCMultistepScheduler": {"solver_p": None},
+    "DEISMultistepScheduler": {"algorithm_type": "deis", "solver_type": "logrho"},
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for config values (None and a typed "none" alike); arrays and the like compare unequal."""
+    if b is None or a is None:
+        return str(a).strip().lower() in ("none", "") if b is None else False
+    try:
+        return bool(a == b) or str(a) == str(b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def _non_default(scheduler: Any) -> dict[str, Any]:
+    """A live scheduler's config entries that its class's ``__init__`` takes and that differ from its
+    defaults: what was set on it. (Other entries, such as another class's keys carried by
+    ``from_config``, are not read by the class.)"""
+    import inspect
+
+    cfg = dict(getattr(scheduler, "config", {}))
+    try:
+        params = inspect.signature(type(scheduler).__init__).parameters
+    except (TypeError, ValueError):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return {
+        k: cfg[k]
+        for k, p in params.items()
+        if k in cfg and (p.default is inspect.Parameter.empty or not _same(cfg[k], p.default))
+    }
 
 
 def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> Resolved:
@@ -431,15 +570,20 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
     name with ``config`` (flags as values or strings: ``{"use_karras_sigmas": "true"}``).
 
     Reproduced: the class's step and its sigma flags (``use_karras_sigmas``, ``use_exponential_sigmas``,
-    ``use_lu_lambdas``, ``timestep_spacing`` with ``steps_offset``, ``final_sigmas_type``); for
-    DPMSolverMultistep ``algorithm_type`` (dpmsolver++, sde-dpmsolver++), ``solver_order``,
-    ``solver_type``, ``lower_order_final``; UniPC's ``solver_order`` / ``solver_type``; DEIS's
-    ``solver_order``. A flag velodiff cannot reproduce is refused, naming it."""
-    strict = isinstance(scheduler, str)  # typed flags are checked; a live config holds every key
+    ``use_lu_lambdas``, ``timestep_spacing`` with ``steps_offset``, ``final_sigmas_type``, and the
+    ``sigma_min`` / ``sigma_max`` bounds of Karras / exponential sigmas); for DPMSolverMultistep
+    ``algorithm_type`` (dpmsolver++, sde-dpmsolver++), ``solver_order``, ``solver_type``,
+    ``lower_order_final``; UniPC's ``solver_order``, ``solver_type``, ``disable_corrector``; DEIS's
+    ``solver_order`` (1-3); EDMEuler's ``sigma_schedule`` and ``rho``. A flag velodiff cannot reproduce
+    is refused in one line naming it: for a scheduler object, every config entry its class takes that
+    differs from the class's default is checked as the typed form's flags are."""
+    strict = isinstance(scheduler, str)
     if strict:
         cls, cfg = scheduler, dict(config or {})
+        given = dict(cfg)
     else:
         cls, cfg = type(scheduler).__name__, {**dict(getattr(scheduler, "config", {})), **dict(config or {})}
+        given = {**_non_default(scheduler), **dict(config or {})}
     if cls not in _SIMPLE_SOLVERS:
         raise VelodiffError(
             f"diffusers scheduler {cls!r} has no velodiff mapping yet; mapped: "
@@ -447,18 +591,21 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
         )
     alias = find(cls, SAMPLER)
     assert alias is not None and alias.solver is not None
-    known = set(_SIGMA_FLAGS) | set(_MODEL_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))
-    unknown = sorted(k for k in cfg if k not in known)
-    if strict and unknown:
+    read = set(_SIGMA_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))
+    unknown = sorted(k for k in given if k not in read | set(_MODEL_FLAGS))
+    if unknown:
         raise VelodiffError(
             f"{cls}: flag {unknown[0]!r} has no velodiff equivalent yet; flags read: "
-            f"{', '.join(sorted(set(_SIGMA_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))))}"
+            f"{', '.join(sorted(read))}"
         )
     if strict:  # a bare class name means the Stable Diffusion pipelines' config of it
         cfg = {**_SD_CONFIG.get(cls, {}), **cfg}
     for flag in ("thresholding", "use_flow_sigmas", "clip_sample"):
         if _flag(cfg.get(flag, False)):
             raise VelodiffError(f"{cls}: {flag}=True has no velodiff equivalent yet")
+    for flag, value in _ONLY.get(cls, {}).items():
+        if flag in cfg and not _same(cfg[flag], value):
+            raise VelodiffError(f"{cls}: {flag}={cfg[flag]!r} has no velodiff equivalent (only {value!r})")
     solver, solver_opts = alias.solver, dict(alias.solver_options)
     if cls == "DPMSolverMultistepScheduler":
         solver, solver_opts = _dpmsolver_multistep(cfg)
@@ -467,13 +614,13 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
     elif cls == "DEISMultistepScheduler":
         solver, solver_opts = _deis(cfg)
     if cls in ("FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler"):
-        grid, grid_opts = alias.grid, {}
         for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                      "stochastic_sampling", "use_dynamic_shifting"):  # fmt: skip
             if _flag(cfg.get(flag, False)):
                 raise VelodiffError(f"{cls}: {flag}=True has no velodiff mapping yet")
+        grid, grid_opts = (_edm_euler(cfg) if cls == "EDMEulerScheduler" else (alias.grid, {}))
     elif cls == "LCMScheduler":  # its own timesteps: the skipping-step grid it was distilled on
-        grid, grid_opts = "lcm", {"original_steps": int(cfg.get("original_inference_steps", 50))}
+        grid, grid_opts = "lcm", {"original_steps": _int(cls, cfg, "original_inference_steps", 50)}
     else:
         spacing = {"DDIMScheduler": "leading", "DDPMScheduler": "leading"}.get(
             cls, "linspace"
@@ -486,6 +633,9 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
             raise VelodiffError(f"{cls}: final_sigmas_type must be zero or sigma_min")
     if cls == "DDIMScheduler":
         final = "zero" if _flag(cfg.get("set_alpha_to_one", True)) else "t_min"
+    if final == "t_min" and grid in ("karras", "exponential", "logsnr"):
+        _repeat_final(cls, grid, solver, solver_opts, cfg)
+        grid_opts["repeat_final"] = True
     return Resolved(solver, grid, solver_opts, grid_opts, final, alias)
 
 

@@ -49,15 +49,34 @@ def uniform_t(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: fl
     return _finish(sched, torch.linspace(hi, lo, steps if final == "zero" else steps + 1, dtype=F64), final)
 
 
+def _n_points(steps: int, final: str, repeat_final: bool = False) -> int:
+    """How many levels a grid defined by its two ends spaces: ``steps`` before a final 0, ``steps + 1``
+    to t_min, and with ``repeat_final`` ``steps`` to t_min. That option is diffusers' grid for
+    final_sigmas_type="sigma_min" with its Karras / exponential / Lu sigmas: its ``steps`` levels end at
+    t_min and it appends t_min again, a last step of length zero that does not move the sample (its
+    evaluation is spent and discarded); velodiff drops that step, so the grid is the ``steps`` levels,
+    ``steps - 1`` steps with the same result."""
+    if not repeat_final:
+        return steps if final == "zero" else steps + 1
+    if final != "t_min" or steps < 2:
+        raise VelodiffError(f"repeat_final needs final='t_min' and steps >= 2, got final={final!r}, {steps}")
+    return steps
+
+
 def uniform_log_snr(
-    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    repeat_final: bool = False,
 ) -> Tensor:
-    """Equally spaced in lambda = log-SNR (DPM-Solver's 'logSNR'; Lu et al. 2022, Sec. 3.3)."""
+    """Equally spaced in lambda = log-SNR (DPM-Solver's 'logSNR'; Lu et al. 2022, Sec. 3.3; diffusers'
+    use_lu_lambdas). ``repeat_final``: diffusers' final_sigmas_type="sigma_min" form (``_n_points``)."""
     hi, lo = _span(sched, t_start)
     lam_hi, lam_lo = sched.log_snr(hi), sched.log_snr(lo)
     if not torch.isfinite(lam_hi):  # alpha(t_max) = 0 (flow, zero-SNR): start from the next finite value
         lam_hi = sched.log_snr(hi - 1e-3 * (hi - lo))
-    lams = torch.linspace(float(lam_hi), float(lam_lo), steps if final == "zero" else steps + 1, dtype=F64)
+    lams = torch.linspace(float(lam_hi), float(lam_lo), _n_points(steps, final, repeat_final), dtype=F64)
     ts = sched.t_from_log_snr(lams)
     ts[-1] = lo
     ts[0] = hi  # after ts[-1]: a one-point grid (steps=1, final="zero") starts at hi
@@ -109,12 +128,14 @@ def karras(
     rho: float = 7.0,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
+    repeat_final: bool = False,
 ) -> Tensor:
     """Karras et al. 2022, Eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
 
-    ``sigma_min`` / ``sigma_max`` (sigma / alpha) default to the schedule's range."""
+    ``sigma_min`` / ``sigma_max`` (sigma / alpha) default to the schedule's range; ``repeat_final``:
+    diffusers' final_sigmas_type="sigma_min" form (``_n_points``)."""
     hi, lo, s_max, s_min = _sigma_span(sched, t_start, sigma_min, sigma_max)
-    n = steps if final == "zero" else steps + 1
+    n = _n_points(steps, final, repeat_final)
     ramp = torch.linspace(0, 1, n, dtype=F64)
     sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return _from_sigmas(sched, sigmas, hi, lo, final)
@@ -127,11 +148,13 @@ def exponential(
     t_start: float | None = None,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
+    repeat_final: bool = False,
 ) -> Tensor:
     """Equally spaced in log sigma_ve (k-diffusion's get_sigmas_exponential); ``sigma_min`` /
-    ``sigma_max`` (sigma / alpha) default to the schedule's range."""
+    ``sigma_max`` (sigma / alpha) default to the schedule's range; ``repeat_final``: diffusers'
+    final_sigmas_type="sigma_min" form (``_n_points``)."""
     hi, lo, s_max, s_min = _sigma_span(sched, t_start, sigma_min, sigma_max)
-    n = steps if final == "zero" else steps + 1
+    n = _n_points(steps, final, repeat_final)
     sigmas = torch.exp(torch.linspace(math.log(s_max), math.log(s_min), n, dtype=F64))
     return _from_sigmas(sched, sigmas, hi, lo, final)
 
@@ -555,13 +578,26 @@ def _call_grid(name: str, sched: NoiseSchedule, steps: int, final: str, options:
     one line naming the grid's options."""
     fn = GRIDS[name]
     known = [p for p in inspect.signature(fn).parameters if p not in ("sched", "steps", "final")]
+    known.append("discard_penultimate")  # any grid's (discard_penultimate below)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise VelodiffError(f"grid {name!r} has no option {unknown[0]!r}; its options: {', '.join(known)}")
+    options = dict(options)
+    discard = bool(options.pop("discard_penultimate", False))
+    if discard and final != "zero":
+        raise VelodiffError(f"grid {name!r}: discard_penultimate needs final='zero'")
     try:
-        return fn(sched, steps, final=final, **options)
+        ts = fn(sched, steps + 1 if discard else steps, final=final, **options)
     except (TypeError, ValueError) as e:
         raise VelodiffError(f"grid {name!r} with options {options}: {e}") from None
+    return discard_penultimate(ts) if discard else ts
+
+
+def discard_penultimate(ts: Tensor) -> Tensor:
+    """AUTOMATIC1111's ``discard_next_to_last_sigma`` (modules/sd_samplers_kdiffusion.py, set for its DPM2
+    samplers): the grid is built with one step more and its last level before 0 is dropped, so the last
+    step jumps from the level above it straight to 0 (grid option ``discard_penultimate``)."""
+    return torch.cat([ts[:-2], ts[-1:]])
 
 
 def check_grid(sched: NoiseSchedule, ts: Tensor) -> None:

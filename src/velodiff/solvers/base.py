@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import VelodiffError
 from ..schedules import NoiseSchedule
 
 #: ``denoise(x, t) -> x0`` with the conditioning already bound; every call is counted.
@@ -107,14 +108,24 @@ def usable_order(ctx: StepContext, i: int, order: int) -> int:
     return max(1, min(order, run))
 
 
+#: the values of the ``lower_order_final`` option: off, diffusers' documented rule, or "always"
+LOWER_ORDER_FINAL = (False, True, "always")
+
+
 def lower_order_final(ctx: StepContext, i: int, order: int) -> int:
     """The order a multistep step may use: 1 for the final jump to t = 0; at most the run of exact
-    evaluations ending at step i (:func:`usable_order`); and diffusers' documented rule, near the end
-    of grids shorter than 15 steps, at most steps - i (``lower_order_final`` option, default on)."""
+    evaluations ending at step i (:func:`usable_order`); and near the end of the grid at most
+    steps - i, per the ``lower_order_final`` option: True (default) is diffusers' documented rule,
+    grids shorter than 15 steps only (its DPM-Solver++ and DEIS code); "always" lowers at every step
+    count, as UniPC's code does (Zhao et al.'s uni_pc.py, which A1111 and ComfyUI port, and diffusers'
+    UniPCMultistepScheduler.step: min(solver_order, len(timesteps) - step_index)); False never."""
     if ctx.ends_at_zero(i):
         return 1
     order = usable_order(ctx, i, order)
-    if ctx.options.get("lower_order_final", True) and ctx.steps < 15:
+    lof = ctx.options.get("lower_order_final", True)
+    if lof not in LOWER_ORDER_FINAL:  # (1 == True: an int 0 / 1 is accepted as the bool)
+        raise VelodiffError(f"lower_order_final must be true, false or 'always', got {lof!r}")
+    if lof == "always" or (lof and ctx.steps < 15):
         order = min(order, ctx.steps - i)
     return order
 

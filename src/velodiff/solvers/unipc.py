@@ -24,9 +24,11 @@ predictor order (a per-step solver choice, as USF / S3 search it); ``dc_ratios``
 dynamic compensation (Zhao et al. 2024, Eq. 11): the new evaluation x0_i is replaced by the Lagrange
 polynomial through the last ``dc_order`` + 1 evaluations taken at t_i + (rho_i - 1)(t_i - t_{i-1}), with
 rho_i = ``dc_ratios[i]`` (1 = no change); the predictor and the corrector both use the compensated value.
-``lower_order_final`` follows diffusers' documented rule (grids below 15 steps); diffusers' UniPC code
-lowers the last steps' order at every step count, which costs an order of accuracy on grids that end
-at t_min, so velodiff does not copy that.
+``lower_order_final`` (True) follows diffusers' documented rule (grids below 15 steps), which keeps the
+order on long grids that end at t_min. UniPC's own code (Zhao et al.'s uni_pc.py: step_order =
+min(order, steps + 1 - step); the ports in A1111 and ComfyUI) and diffusers' UniPCMultistepScheduler
+lower the last steps' order at every step count: ``lower_order_final="always"``, which the aliases of
+those tools set so that they reproduce them at 15 steps and more.
 """
 
 from __future__ import annotations
