@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from velodiff.calibrated import (
     calibrate_solver,
@@ -166,6 +167,14 @@ def test_artefact_refusals(tmp_path, monkeypatch):
     beside = save_solver_calibration({**art, "model_hash": h}, None, beside_model_path(folder, 2.5))
     assert beside == folder / "velodiff" / "solver-cfg2.5.json"
     assert model_hash(folder) == h  # the artefact beside the model is not part of its fingerprint
+    single = tmp_path / "a.safetensors"
+    save_file({"w": torch.arange(4.0)}, str(single))
+    renamed = single.rename(tmp_path / "b.safetensors")
+    other = tmp_path / "c.safetensors"
+    save_file({"w": torch.arange(4.0) + 1}, str(other))
+    hb = model_hash(renamed)
+    save_file({"w": torch.arange(4.0)}, str(single))
+    assert model_hash(single) == hb != model_hash(other)  # a single file's content, not its name
     assert load_solver_calibration(h, 2.5, model_path=folder)["_path"] == str(beside)  # found beside it
     with pytest.raises(VelodiffError, match="no solver calibration"):
         load_solver_calibration(h, 2.5)

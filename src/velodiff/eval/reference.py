@@ -65,10 +65,12 @@ def _hash_folder(path: str, stamp: tuple) -> str:
             continue
         if p.name == SAMPLING_FILE and p.parent == root:  # sampling defaults, not the network
             continue
-        if p.parent != root and p.relative_to(root).parts[0] == ARTEFACTS:  # made for the model, not it
+        if p != root and p.parent != root and p.relative_to(root).parts[0] == ARTEFACTS:  # made for it
             continue
         size = p.stat().st_size
-        h.update(f"{p.relative_to(root) if p != root else p.name}:{size}\n".encode())
+        # a folder's files by their place in it; a single file by its content only (renaming a checkpoint
+        # keeps its calibrations and cached references)
+        h.update(f"{p.relative_to(root) if p != root else ''}:{size}\n".encode())
         with open(p, "rb") as f:
             h.update(f.read(HASH_CHUNK))
             if size > 2 * HASH_CHUNK:
