@@ -50,7 +50,16 @@ from diffusers.schedulers.scheduling_utils import AysSchedules
 
 from kdiffusion import load_k_sampling
 from velodiff import GRIDS, SOLVERS, DiscreteVP, RectifiedFlow, VelodiffError, get_solver, make_grid, sample
-from velodiff.aliases import ALIASES, SAMPLER, SCHEDULER, find, from_diffusers, normalize, resolve_solver
+from velodiff.aliases import (
+    ALIASES,
+    DISCARD,
+    SAMPLER,
+    SCHEDULER,
+    find,
+    from_diffusers,
+    normalize,
+    resolve_solver,
+)
 from velodiff.denoisers import eps_from_x0
 from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
 from velodiff.plan import Plan
@@ -192,6 +201,17 @@ def test_pipeline_setup_takes_the_alias_grid():
     assert s.solver.name == "sde_dpmpp_2m" and torch.equal(s.ts, make_grid("karras", SCHED, 6))
     s = make_setup(model, Sampling(solver="euler_ancestral", steps=6))
     assert torch.equal(s.ts, make_grid("trailing", SCHED, 6))  # no alias grid: the model's
+    # A1111 1.9+: a bare label runs its sampler's default schedule type, as does "Automatic"; the DPM2 and
+    # DPM++ 3M SDE samplers drop the penultimate level on any schedule type
+    for solver, grid, opts in (("DPM++ 2M", "karras", {}), ("DPM++ 2M SDE", "exponential", {}),
+                               ("Euler a", "normal", {}), ("DPM++ 3M SDE", "exponential", DISCARD)):
+        for named in (None, "Automatic"):
+            s = make_setup(model, Sampling(solver=solver, steps=8, grid=named))
+            assert torch.equal(s.ts, make_grid(grid, SCHED, 8, **opts)), (solver, named)
+    s = make_setup(model, Sampling(solver="DPM++ 3M SDE", steps=8, grid="Karras"))
+    assert torch.equal(s.ts, make_grid("karras", SCHED, 8, discard_penultimate=True))
+    s = make_setup(model, Sampling(solver="euler", steps=6, grid="Automatic"))
+    assert torch.equal(s.ts, make_grid("trailing", SCHED, 6))  # velodiff's solver: the model's grid
     s = make_setup(model, Sampling(solver="DPM fast", nfe=10))  # the budget plans dpm_fast's orders
     assert s.steps == 4 and s.solver.defaults["nfe"] == 10
     assert torch.equal(s.ts, make_grid("logsnr", SCHED, 4, final="t_min"))

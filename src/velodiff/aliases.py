@@ -137,35 +137,42 @@ _COMFY_SCHEDULERS = [
     _g("gits", COMFY, "calibrated", note="the model's own GITS grid, refined: velodiff calibrate solver"),
 ]
 
-#: A1111's discard_next_to_last_sigma, set for its DPM2 labels: steps + 1 levels, the one before 0 dropped
+#: A1111's discard_next_to_last_sigma (its DPM2 and DPM++ 3M SDE samplers): steps + 1 levels, the one
+#: before 0 dropped; a sampler's option, so it holds on any schedule type the call names
 DISCARD = {"discard_penultimate": True}
-_DISCARD_NOTE = "A1111 drops the last level before 0 (discard_next_to_last_sigma); bare: the model's own grid"
-#: AUTOMATIC1111's sampler labels (before 1.9 they carried the schedule: "... Karras") and schedule types
+_DISCARD_NOTE = "A1111 drops the last level before 0 (discard_next_to_last_sigma), on any schedule type"
+#: AUTOMATIC1111's sampler labels as 1.9+ (and Forge) define them (modules/sd_samplers_kdiffusion.py):
+#: a bare label runs its sampler's default schedule type ("Automatic": karras for DPM++ 2M, exponential
+#: for the 2M / 3M SDE, the model's own discretization, "normal", where it has none); the labels before
+#: 1.9 carried the schedule ("DPM++ 2M Karras") and stay its aliases
 _A1111 = [
-    _s("Euler", A1111, "euler"),
-    _s("Euler a", A1111, "euler_ancestral"),
-    _s("Heun", A1111, "heun"),
-    _s("LMS", A1111, "lms"),
+    _s("Euler", A1111, "euler", "normal"),
+    _s("Euler a", A1111, "euler_ancestral", "normal"),
+    _s("Heun", A1111, "heun", "normal"),
+    _s("LMS", A1111, "lms", "normal"),
     _s("LMS Karras", A1111, "lms", "karras"),
-    _s("DPM2", A1111, "dpm_2", "normal", grid_options=DISCARD, note=_DISCARD_NOTE),
+    _s("DPM2", A1111, "dpm_2", "karras", grid_options=DISCARD, note=_DISCARD_NOTE),
     _s("DPM2 Karras", A1111, "dpm_2", "karras", grid_options=DISCARD, note=_DISCARD_NOTE),
-    _s("DPM2 a", A1111, "dpm_2_ancestral", "normal", grid_options=DISCARD, note=_DISCARD_NOTE),
+    _s("DPM2 a", A1111, "dpm_2_ancestral", "karras", grid_options=DISCARD, note=_DISCARD_NOTE),
     _s("DPM2 a Karras", A1111, "dpm_2_ancestral", "karras", grid_options=DISCARD, note=_DISCARD_NOTE),
-    _s("DPM++ 2S a", A1111, "dpmpp_2s_ancestral"),
+    _s("DPM++ 2S a", A1111, "dpmpp_2s_ancestral", "karras"),
     _s("DPM++ 2S a Karras", A1111, "dpmpp_2s_ancestral", "karras"),
-    _s("DPM++ 2M", A1111, "dpmpp_2m", solver_options=NO_LOF),
+    _s("DPM++ 2M", A1111, "dpmpp_2m", "karras", solver_options=NO_LOF),
     _s("DPM++ 2M Karras", A1111, "dpmpp_2m", "karras", solver_options=NO_LOF),
-    _s("DPM++ SDE", A1111, "dpmpp_sde"),
+    _s("DPM++ SDE", A1111, "dpmpp_sde", "karras"),
     _s("DPM++ SDE Karras", A1111, "dpmpp_sde", "karras"),
-    _s("DPM++ 2M SDE", A1111, "sde_dpmpp_2m", solver_options=NO_LOF),
+    _s("DPM++ 2M SDE", A1111, "sde_dpmpp_2m", "exponential", solver_options=NO_LOF),
     _s("DPM++ 2M SDE Karras", A1111, "sde_dpmpp_2m", "karras", solver_options=NO_LOF),
     _s("DPM++ 2M SDE Exponential", A1111, "sde_dpmpp_2m", "exponential", solver_options=NO_LOF),
-    _s("DPM++ 2M SDE Heun", A1111, "sde_dpmpp_2m", solver_options=SDE_HEUN),
+    _s("DPM++ 2M SDE Heun", A1111, "sde_dpmpp_2m", "exponential", solver_options=SDE_HEUN),
     _s("DPM++ 2M SDE Heun Karras", A1111, "sde_dpmpp_2m", "karras", solver_options=SDE_HEUN),
     _s("DPM++ 2M SDE Heun Exponential", A1111, "sde_dpmpp_2m", "exponential", solver_options=SDE_HEUN),
-    _s("DPM++ 3M SDE", A1111, "sde_dpmpp_3m", solver_options=KD_3M),
-    _s("DPM++ 3M SDE Karras", A1111, "sde_dpmpp_3m", "karras", solver_options=KD_3M),
-    _s("DPM++ 3M SDE Exponential", A1111, "sde_dpmpp_3m", "exponential", solver_options=KD_3M),
+    _s("DPM++ 3M SDE", A1111, "sde_dpmpp_3m", "exponential", solver_options=KD_3M, grid_options=DISCARD,
+       note=_DISCARD_NOTE),
+    _s("DPM++ 3M SDE Karras", A1111, "sde_dpmpp_3m", "karras", solver_options=KD_3M, grid_options=DISCARD,
+       note=_DISCARD_NOTE),
+    _s("DPM++ 3M SDE Exponential", A1111, "sde_dpmpp_3m", "exponential", solver_options=KD_3M,
+       grid_options=DISCARD, note=_DISCARD_NOTE),
     _s("DPM fast", A1111, "dpm_fast", "logsnr", final="t_min"),
     _s("DPM adaptive", A1111, "dpm_adaptive", "logsnr", final="t_min"),
     _s("DDIM", A1111, "ddim", "ddim_uniform", final="t_min",
@@ -173,7 +180,8 @@ _A1111 = [
     _s("UniPC", A1111, "unipc", "uniform", solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3},
        note="A1111's defaults: variant bh1, order 3, time-uniform steps"),
     _s("LCM", A1111, "lcm", solver_options={"boundary": False}),
-    _g("Automatic", A1111, "normal", note="the model's own discretization"),
+    _g("Automatic", A1111, "normal",
+       note="with a sampler label: that sampler's default (its own grid); else the model's default grid"),
     _g("Uniform", A1111, "normal"),
     _g("Karras", A1111, "karras"),
     _g("Exponential", A1111, "exponential"),

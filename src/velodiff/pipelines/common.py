@@ -377,15 +377,30 @@ def _grid_name(name: str) -> str | None:
     return resolve_grid(name, (*GRIDS, CALIBRATED)).grid
 
 
+#: A1111's schedule type that leaves the grid to the sampler (its default, else the model's)
+AUTOMATIC = "automatic"
+#: grid options that belong to a sampler label, kept on any grid the call names (A1111's
+#: discard_next_to_last_sigma is its DPM2 / DPM++ 3M SDE samplers' option, whatever the schedule type)
+SAMPLER_GRID_OPTIONS = ("discard_penultimate",)
+
+
 def _alias_grid(opts: Sampling) -> Sampling:
     """A solver named by another tool's label that fixes a grid too ("DPM++ 2M Karras", A1111's "DDIM")
-    gives the run that grid (and its final point) unless the call names its own."""
-    if not isinstance(opts.solver, str) or opts.grid is not None:
+    gives the run that grid (and its final point) unless the call names its own ("Automatic", A1111's,
+    names none); a grid the call names keeps the label's sampler-level options."""
+    if isinstance(opts.grid, str) and opts.grid.strip().lower() == AUTOMATIC:
+        opts = replace(opts, grid=None)
+    if not isinstance(opts.solver, str):
         return opts
     from ..aliases import resolve_solver
     from ..solvers import SOLVERS
 
     r = resolve_solver(opts.solver, tuple(SOLVERS))
+    if opts.grid is not None:
+        sticky = {k: v for k, v in r.grid_options.items() if k in SAMPLER_GRID_OPTIONS}
+        if not sticky or not isinstance(opts.grid, str) or _grid_name(opts.grid) == CALIBRATED:
+            return opts
+        return replace(opts, grid_options={**sticky, **(opts.grid_options or {})})
     if r.grid is None:
         return opts
     return replace(
