@@ -365,6 +365,48 @@ def test_ipndm_is_lms_only_on_grids_uniform_in_rho(order):
     assert torch.allclose(a, b, rtol=0, atol=1e-9) == (order == 1)
 
 
+@pytest.mark.parametrize("steps", [3, 6, 10])
+def test_comfyui_deis_is_the_tab_deis_of_its_definition(steps):
+    """ComfyUI's deis (diff-solvers' 'tab' DEIS, Zhang & Chen's tAB): eps as a Lagrange polynomial in the
+    time tau of a VP-SDE fitted to sigma 0.002-80, integrated against d sigma; written here from that
+    definition with scipy's adaptive quadrature in tau (velodiff integrates in log-SNR)."""
+    from scipy.integrate import quad
+
+    row = find("deis", SAMPLER)
+    eps_s, lo, hi = 1e-3, 0.002, 80.0
+    beta_d = 2 * (math.log1p(lo**2) / eps_s - math.log1p(hi**2)) / (eps_s - 1)
+    beta_min = math.log1p(hi**2) - 0.5 * beta_d
+
+    def tau(sig: float) -> float:
+        return (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(sig**2)) - beta_min) / beta_d
+
+    def dsigma(t: float) -> float:  # sigma(tau) = sqrt(exp(beta_min tau + beta_d tau^2 / 2) - 1)
+        e = math.exp(beta_min * t + 0.5 * beta_d * t * t)
+        return (beta_min + beta_d * t) * e / (2 * math.sqrt(e - 1))
+
+    ts = make_grid("karras", SCHED, steps)
+    sig = [float(v) for v in SCHED.sigma_ve(ts[:-1])] + [0.0]
+    x, ds = X / float(SCHED.alpha(ts[0])), []  # the VE state x / alpha
+    for i in range(steps):
+        t_i = SCHED.t_from_sigma_ve(torch.tensor(sig[i], dtype=F64))
+        d = (x - DEN(x * SCHED.alpha(t_i), t_i)) / sig[i]
+        ds.append(d)
+        order = 1 if sig[i + 1] == 0 else min(3, i + 1)
+        if order == 1:
+            x = x + (sig[i + 1] - sig[i]) * d
+            continue
+        nodes = [tau(sig[i - j]) for j in range(order)]
+
+        def basis(t: float, j: int, nodes=nodes) -> float:
+            return math.prod((t - nodes[m]) / (nodes[j] - nodes[m]) for m in range(len(nodes)) if m != j)
+
+        c = [quad(lambda t, j=j: dsigma(t) * basis(t, j), tau(sig[i]), tau(sig[i + 1]), epsabs=0,
+                  epsrel=1e-13)[0] for j in range(order)]
+        x = x + sum(cj * ds[-1 - j] for j, cj in enumerate(c))
+    res = sample(DEN, X, ts, row.solver, **row.solver_options)
+    assert torch.allclose(res.x, x, rtol=0, atol=1e-9 * float(x.abs().max())), float((res.x - x).abs().max())
+
+
 def test_lcm_is_its_definition():
     ts = make_grid("leading", SCHED, 4, steps_offset=1)
     z = Replay()

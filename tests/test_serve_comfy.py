@@ -288,11 +288,13 @@ def test_every_comfy_name_resolves_to_a_velodiff_solver_and_grid():
     schedulers.remove("gits")  # refused below
     assert {"dpmpp_2m_sde", "uni_pc", "euler_ancestral"} <= set(samplers) and "karras" in schedulers
     for s in samplers:
-        solver, _ = comfy_sampling(s, "karras")
+        solver, options, _ = comfy_sampling(s, "karras")
         get_solver(resolve_solver(solver).solver)
     for sched in schedulers:
-        _, grid = comfy_sampling("euler", sched)
+        _, _, grid = comfy_sampling("euler", sched)
         assert resolve_grid(grid).grid in GRIDS
+    # ComfyUI's row, not velodiff's own solver of the same name: its deis is the 'tab' DEIS-3
+    assert comfy_sampling("deis", "karras")[:2] == ("deis_3", {"interp": "vp_t", "lower_order_final": False})
     with pytest.raises(KeyError):
         comfy_sampling("res_multistep", "normal")
     with pytest.raises(KeyError):

@@ -44,10 +44,11 @@ SUPPORTED = (
 )
 
 
-def comfy_sampling(sampler_name: str, scheduler: str) -> tuple[str, str | None]:
-    """ComfyUI's KSampler ``sampler_name`` and ``scheduler``, checked against velodiff's alias table
-    (``velodiff.aliases``: each maps to the velodiff solver, grid and options that reproduce it, which
-    the pipelines resolve from these same names); a KeyError names what has no counterpart."""
+def comfy_sampling(sampler_name: str, scheduler: str) -> tuple[str, dict[str, Any], str]:
+    """ComfyUI's KSampler ``sampler_name`` and ``scheduler`` as (velodiff solver, its options, grid name)
+    from velodiff's alias table's ComfyUI rows (``velodiff.aliases``: each maps to the velodiff solver,
+    grid and options that reproduce it; the row, not velodiff's own solver of the same name, so ComfyUI's
+    ``deis`` or ``dpmpp_2m`` run as ComfyUI runs them); a KeyError names what has no counterpart."""
     from ..aliases import SAMPLER, SCHEDULER, find
 
     def comfy(a: Any) -> bool:
@@ -56,7 +57,8 @@ def comfy_sampling(sampler_name: str, scheduler: str) -> tuple[str, str | None]:
     for kind, name, label in ((SAMPLER, sampler_name, "sampler_name"), (SCHEDULER, scheduler, "scheduler")):
         if not comfy(find(name, kind)):
             raise KeyError((label, name, comfy_names(kind)))
-    return sampler_name, scheduler
+    row = find(sampler_name, SAMPLER)
+    return row.solver, dict(row.solver_options), scheduler
 
 
 def comfy_names(kind: str) -> list[str]:
@@ -181,10 +183,10 @@ def read_graph(graph: Any, models: list[str]) -> tuple[GenRequest, dict[str, Any
             g.error(
                 kid, "value_not_supported", "denoise < 1 is not supported", f"denoise: {denoise} (use 1.0)"
             )
-        solver = grid = None
+        solver = grid = options = None
         if sampler is not None and sched is not None:
             try:
-                solver, grid = comfy_sampling(sampler, sched)
+                solver, options, grid = comfy_sampling(sampler, sched)
             except KeyError as e:
                 name, v, valid = e.args[0]
                 g.error(kid, "value_not_in_list", "Value not in list", f"{name}: {v!r} not in {valid}")
@@ -216,6 +218,7 @@ def read_graph(graph: Any, models: list[str]) -> tuple[GenRequest, dict[str, Any
                 seed=seed,
                 steps=steps,
                 solver=solver,
+                solver_options=options or None,
                 grid=grid,
                 guidance=cfg,
             )

@@ -21,8 +21,8 @@ from typing import Any
 from ..errors import VelodiffError, unknown_name
 
 #: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
-BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "grid", "guidance", "negative", "plan",
-                "layout")
+BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "solver_options", "grid", "guidance",
+                "negative", "plan", "layout")
 
 
 @dataclass
@@ -38,6 +38,8 @@ class Request:
     seed: int | None = None
     steps: int | None = None
     solver: str | None = None
+    #: the solver's options (set by an API whose sampler names carry them, as ComfyUI's rows do)
+    solver_options: dict[str, Any] | None = None
     grid: str | None = None
     guidance: float | None = None
     plan: str | None = None
@@ -183,6 +185,7 @@ class Engine:
             seed=int(seed),
             steps=int(steps),
             solver=solver,
+            solver_options=dict(req.solver_options) if req.solver_options else None,
             grid=req.grid,
             guidance=guidance,
             plan=plan,
@@ -200,7 +203,8 @@ class Engine:
 
         plan = ([p["plan"]] if p["plan"] else []) if p["kind"] == "collage" else self.plan_rules(p)
         opts = Sampling.of("serve", dict(steps=p["steps"], solver=p["solver"], grid=p["grid"],
-                                         guidance=p["guidance"], plan=plan))
+                                         solver_options=p.get("solver_options"), guidance=p["guidance"],
+                                         plan=plan))
         size = (p["height"], p["width"])
         check_setup(m, make_setup(m, opts, size=size), [p["prompt"]] * p["n"], size)
 
@@ -263,6 +267,7 @@ class Engine:
                 width=p["width"],
                 steps=steps,
                 solver=p["solver"],
+                solver_options=p.get("solver_options"),
                 grid=p["grid"],
                 guidance=p["guidance"],
                 negative=p["negative"],
@@ -309,6 +314,7 @@ class Engine:
                     width=p["width"],
                     steps=p["steps"],
                     solver=p["solver"],
+                    solver_options=p.get("solver_options"),
                     grid=p["grid"],
                     guidance=p["guidance"],
                     negative=p["negative"],
