@@ -195,6 +195,10 @@ def test_artefact_refusals(tmp_path, monkeypatch):
     second = json.loads(save_solver_calibration(art, stats[1]).read_text())["ems"]
     assert first != second
     assert sorted(p.name for p in path.parent.glob("*.safetensors")) == [second]
+    # another model's statistics are not "stale": sd[12]'s file names are no glob pattern over sd1's
+    sd1 = save_solver_calibration(art, stats[0], tmp_path / "sd1.solver-cfg2.5.json")
+    save_solver_calibration(art, stats[1], tmp_path / "sd[12].solver-cfg2.5.json")
+    assert (tmp_path / json.loads(sd1.read_text())["ems"]).is_file()
 
 
 def test_bench_takes_the_calibrated_grid_and_other_tools_names():

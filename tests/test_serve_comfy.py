@@ -259,6 +259,21 @@ def test_a_size_the_model_refuses_is_a_node_error_too(server):
     assert "not a positive multiple of 4" in body["node_errors"]["3"]["errors"][0]["message"]
 
 
+def test_a_served_file_is_found_by_the_name_object_info_lists_and_by_its_file_name():
+    from velodiff.serve.comfy_api import ComfyRefusal, read_graph
+
+    models = ["/models/my-sd15.safetensors", "default"]
+    for name in ("/models/my-sd15.safetensors", "my-sd15.safetensors"):
+        g = copy.deepcopy(GRAPH)
+        g["4"]["inputs"]["ckpt_name"] = name
+        assert read_graph(g, models)[0].model == "/models/my-sd15.safetensors", name
+    assert read_graph(GRAPH, models)[0].model == "default"  # "default.safetensors", as ComfyUI writes it
+    g = copy.deepcopy(GRAPH)
+    g["4"]["inputs"]["ckpt_name"] = "other.safetensors"
+    with pytest.raises(ComfyRefusal):
+        read_graph(g, models)
+
+
 def test_a_seed_takes_comfyuis_whole_64_bit_range(server):
     """ComfyUI's KSampler seed is any unsigned 64-bit int (API scripts draw random.randint(0, 2**64 - 1));
     the last seed of the batch must stay in it."""

@@ -14,6 +14,7 @@ guidance scale is refused with the reason.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 from pathlib import Path
@@ -62,7 +63,7 @@ def save_solver_calibration(
         write_atomic(ems_path, data)
         artefact["ems"] = ems_path.name
     write_atomic(p, json.dumps(artefact, indent=1) + "\n")
-    for old in p.parent.glob(f"{p.stem}.ems*.safetensors"):  # the statistics no artefact names now
+    for old in p.parent.glob(f"{glob.escape(p.stem)}.ems*.safetensors"):  # statistics no artefact names now
         if old.name != artefact.get("ems"):
             old.unlink(missing_ok=True)
     return p

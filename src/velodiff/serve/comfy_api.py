@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
@@ -198,8 +199,9 @@ def read_graph(graph: Any, models: list[str]) -> tuple[GenRequest, dict[str, Any
         model = None
         if ck:
             ckpt = g.value(ck[0], ck[1], "ckpt_name", str)
-            if ckpt is not None:
-                model = ckpt.removesuffix(".safetensors")
+            if ckpt is not None:  # as /object_info lists it, its file name, or a name with ComfyUI's suffix
+                by_name = {**{Path(m).name: m for m in models}, **{m: m for m in models}}
+                model = by_name.get(ckpt, by_name.get(ckpt.removesuffix(".safetensors"), ckpt))
                 if model not in models:
                     g.error(
                         ck[0],
