@@ -231,3 +231,24 @@ def test_bench_fd_kid_ordered_and_equal_to_a_direct_computation(tmp_path, monkey
     values = direct.compute()
     assert values["fd"] == pytest.approx(fd["trained", 8], rel=1e-3)
     assert values["kid"] == pytest.approx(kid["trained", 8], rel=1e-3, abs=1e-6)
+
+
+def test_one_image_per_configuration_skips_fd_before_sampling_and_inf_psnr_is_no_point(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """FD needs two images: asked for, it is refused before any sampling; by default it is left out and
+    the rest runs. A configuration equal to the reference (PSNR inf) is left off the Pareto plot."""
+    from velodiff.eval.plots import pareto_png
+
+    recs = [{"solver": "ddim", "nfe": 3, "seconds_per_image": 0.1, "psnr": float("inf"), "pareto": True},
+            {"solver": "ddim", "nfe": 2, "seconds_per_image": 0.05, "psnr": 30.0, "pareto": True}]
+    assert pareto_png(recs, "psnr", "PSNR")[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    args = ["bench", "--solvers", "ddim", "--nfe", "2", "--limit", "1", "--out", str(out), "--no-progress"]
+    capsys.readouterr()
+    assert cli(*args, "--metrics", "fd") == 2
+    assert "FD needs at least 2 images per configuration" in capsys.readouterr().err
+    assert not list(out.rglob("*.png"))  # refused before sampling
+    assert cli(*args) == 0
+    (rec,) = json.loads((out / "results.json").read_text())["records"]
+    assert "fd_shapes" not in rec and 0 <= rec["shapes_eval"] <= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +20,9 @@ def pareto_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [r for r in records if "error" not in r and r.get(quality) is not None]
+    # a configuration equal to the reference has PSNR inf: no point on a plot (the table says so)
+    recs = [r for r in records if "error" not in r and r.get(quality) is not None
+            and math.isfinite(float(r[quality])) and math.isfinite(float(r.get("seconds_per_image", 0.0)))]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     solvers = list(dict.fromkeys(r[group] for r in recs))
     cmap = plt.get_cmap("tab10")

@@ -385,6 +385,11 @@ def run_sweep(
         raise VelodiffError("ShapesEval needs prompts of the shapes world; some are outside its grammar")
     clip = ClipScore(sweep.clip) if use_clip else None
 
+    if use_fd and len(jobs) < 2:  # before any sampling, not after it
+        if sweep.metrics and "fd" in sweep.metrics:
+            raise VelodiffError(f"FD needs at least 2 images per configuration, got {len(jobs)}; raise "
+                                "--limit or --images-per-prompt")
+        use_fd = False  # the default metrics: the others still run
     fd = None
     if use_fd:
         fd = DistributionMetrics(sweep.fd_features)

@@ -115,7 +115,10 @@ def img2img(
     t0 = float(ts[0])
     x = float(model.schedule.alpha(t0)) * z0 + float(model.schedule.sigma(t0)) * eps
     if model.is_inpainting:
-        raise VelodiffError(f"{model.family} model at {model.path} is an inpainting model; use inpaint(...)")
+        raise VelodiffError(
+            f"{model.family} model at {model.path} is an inpainting model; use inpaint() "
+            "(CLI: velodiff inpaint)"
+        )
     cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.needs("uncond"), h, w)
     res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w), ts=ts)
     return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)

@@ -53,7 +53,10 @@ def text2img(
                 f"latents have shape {tuple(z.shape)}; expected {shape} for {len(ps)} images of {h}x{w}"
             )
     if model.is_inpainting:
-        raise VelodiffError(f"{model.family} model at {model.path} is an inpainting model; use inpaint(...)")
+        raise VelodiffError(
+            f"{model.family} model at {model.path} is an inpainting model; use inpaint() "
+            "(CLI: velodiff inpaint)"
+        )
     cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.needs("uncond"), h, w)
     x = prior_sample(model.schedule, float(setup.ts[0]), z.to(model.device))
     res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w))
