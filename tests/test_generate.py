@@ -93,6 +93,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
     Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
     kept = tmp_path / "kept"
     kept.mkdir()
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
     (kept / "sentinel").write_text("mine")
     cases = [
         (["generate", "", "--out", out], "prompt is empty"),
@@ -118,6 +121,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["generate", "a red circle", "--out", out, "--seed", str(2**64 - 1), "--n", "2"], "seed range"),
         (["serve", "--db", str(kept), "--port", "0"], "is a folder"),
         (["serve", "--host", "nosuch.invalid", "--port", "0"], "not an address here"),
+        # a model that does not load: one line before anything binds (was uvicorn's 60-line traceback)
+        (["serve", "--model", str(broken), "--port", "0", "--db", str(tmp_path / "j.sqlite")], "no known family"),
         (["distill", "progressive", "--out", str(tmp_path / "x.png"), "--run", str(tmp_path / "r")],
          "is a file; give a folder"),
         (["distill", "progressive", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"),

@@ -65,7 +65,7 @@ def serve(
             "velodiff serve needs FastAPI and uvicorn: pip install 'velodiff[serve]'"
         ) from None
     from ..serve.app import create_app
-    from ..serve.state import ServeConfig
+    from ..serve.state import ServeConfig, Server
     from ..shipped import resolve_model
 
     if model is not None:
@@ -108,10 +108,12 @@ def serve(
 
         serve_with_ray(config, ray, replicas)
         return
+    server = Server(config)
+    server.engine.model(None)  # a model that does not load is one line here, not a server's traceback
     typer.echo(
         f"velodiff serve: {config.model} on http://{host}:{port}/ (docs /docs, jobs in {db})", err=True
     )
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(config, server=server), host=host, port=port, log_level="warning")
 
 
 EXAMPLE = o.example(
