@@ -384,3 +384,32 @@ def test_new_early_errors_import_no_torch(tmp_path):
     for r in rows:
         assert r["code"] == 2, r
         assert r["heavy"] == [], f"`velodiff {' '.join(r['argv'])}` imported {r['heavy']} (of {HEAVY})"
+
+
+def test_a_single_file_runs_every_model_command_with_its_config(tiny_single_file, tmp_path, capsys,
+                                                                monkeypatch):
+    """bench, tune, calibrate, eval take --config / --family / --prediction-type as generate does (a file
+    outside the bundled configs could only be generated from); the model's identity, which calibrations
+    and cached references are keyed by, includes the config and a forced prediction type; --config on a
+    folder and erase of a single file are one line each, before any work."""
+    import velodiff
+    from velodiff.eval.reference import model_identity
+
+    f, folder = tiny_single_file
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    how = ["--model", f, "--config", folder, "--family", "sd1"]
+    code, _, err = run_cli(capsys, "bench", *how, "--solvers", "ddim", "--nfe", "1", "--limit", "2",
+                           "--metrics", "reference", "--reference-steps", "2", "--no-progress",
+                           "--out", tmp_path / "bench")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "calibrate", "cache", *how, "--steps", "3", "--limit", "1")
+    assert code == 0, err
+    eps = velodiff.load(f, config=folder, family="sd1")
+    v = velodiff.load(f, config=folder, family="sd1", prediction_type="v_prediction")
+    assert model_identity(eps) == model_identity(velodiff.load(f, config=folder, family="sd1"))
+    assert len({model_identity(eps), model_identity(v), model_identity(velodiff.load(folder))}) == 3
+    line = one_error_line(capsys, "generate", "x", "--model", folder, "--config", folder, "--out",
+                          tmp_path / "x.png")
+    assert "is for single-file checkpoints" in line
+    line = one_error_line(capsys, "erase", "--concept", "triangle", *how, "--out", tmp_path / "erased")
+    assert "single file" in line and not (tmp_path / "erased").exists()

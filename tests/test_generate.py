@@ -122,7 +122,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["serve", "--db", str(kept), "--port", "0"], "is a folder"),
         (["serve", "--host", "nosuch.invalid", "--port", "0"], "not an address here"),
         # a model that does not load: one line before anything binds (was uvicorn's 60-line traceback)
-        (["serve", "--model", str(broken), "--port", "0", "--db", str(tmp_path / "j.sqlite")], "no known family"),
+        (["serve", "--model", str(broken), "--port", "0", "--db", str(tmp_path / "j.sqlite")],
+         "no known family"),
         (["distill", "progressive", "--out", str(tmp_path / "x.png"), "--run", str(tmp_path / "r")],
          "is a file; give a folder"),
         (["distill", "progressive", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"),

@@ -57,7 +57,7 @@ def calibrate_cache(
     every block; return the artefact (rates per block at each step's middle time)."""
     import numpy as np
 
-    from ..eval.reference import model_hash
+    from ..eval.reference import model_identity
     from ..pipelines import text2img
     from .hooks import FeatureChange
 
@@ -92,7 +92,7 @@ def calibrate_cache(
     return {
         "version": VERSION,
         "kind": "cache",
-        "model_hash": model_hash(model.path),
+        "model_hash": model_identity(model),
         "model": str(model.path),
         "solver": solver,
         "steps": steps,
@@ -186,10 +186,10 @@ def save_cache_calibration(artefact: dict[str, Any]) -> Path:
 def load_cache_calibration(model: Any, path: str | Path | None = None) -> dict[str, Any]:
     """The model's cache calibration (``path``, or the one saved for its hash); one line when missing
     or made for another model."""
-    from ..eval.reference import model_hash
+    from ..eval.reference import model_identity
     from ..shipped import model_name
 
-    want = model_hash(model.path)
+    want = model_identity(model)
     p = Path(path) if path is not None else cache_calibration_path(want)
     hint = f"velodiff calibrate cache --model {model_name(model.path)}"
     return read_artefact(p, "cache", VERSION, want, hint)

@@ -29,6 +29,9 @@ def bench_sweep(
     ctx: typer.Context,
     out: Path = typer.Option(Path("bench/sweep"), "--out", "-o", help="output folder"),
     model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     sweep_file: Path = typer.Option(None, "--sweep", help="YAML/JSON file of sweep keys (options override)"),
     solvers: str = typer.Option(None, "--solvers", help="comma list [default: dpmpp_2m,unipc,ddim]"),
     grids: str = typer.Option(None, "--grids", help="comma list of grid names [default: the model's]"),
@@ -84,11 +87,12 @@ def bench_sweep(
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()
-    loaded, defaults = load_model(model, threads, device or "cpu")
-    from ..eval.reference import model_hash
+    loaded, defaults = load_model(model, threads, device or "cpu",
+                                  config=config, family=family, prediction_type=prediction_type)
+    from ..eval.reference import model_identity
 
     res = run_sweep(
-        loaded, sw, out, model_id=model_hash(loaded.path), model_name=str(model) if model else "default",
+        loaded, sw, out, model_id=model_identity(loaded), model_name=str(model) if model else "default",
         defaults=defaults, progress=progress, log=lambda m: typer.echo(m, err=True),
         command="velodiff " + shlex.join(sys.argv[1:]),
     )

@@ -36,6 +36,9 @@ def calibrate() -> None:
 )
 def calibrate_cache(
     model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     prompts: str = typer.Option("v1-holdout", "--prompts", help="prompt set or file to calibrate on"),
     limit: int = typer.Option(16, "--limit", min=1, help="prompts used, spread over the set"),
     steps: int = typer.Option(50, "--steps", min=3, help="steps of the fine calibration run"),
@@ -57,7 +60,8 @@ def calibrate_cache(
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()
-    loaded, defaults = load_model(model, threads)
+    loaded, defaults = load_model(model, threads,
+                                  config=config, family=family, prediction_type=prediction_type)
     from ..accel.calibration import calibrate_cache as measure
     from ..accel.calibration import save_cache_calibration
 
@@ -93,6 +97,9 @@ def calibrate_cache(
 )
 def calibrate_solver(
     model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     nfe: str = typer.Option("5,6,8,10", "--nfe", help="NFE values to calibrate, comma-separated"),
     guidance: float = typer.Option(..., "--guidance", min=0.0, help="guidance scale the runs will use"),
     methods: str = typer.Option(
@@ -143,12 +150,13 @@ def calibrate_solver(
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()
-    loaded, _ = load_model(model, threads)
+    loaded, _ = load_model(model, threads,
+                           config=config, family=family, prediction_type=prediction_type)
     from tqdm import tqdm
 
     from ..calibrated import calibrate_solver as fit
     from ..calibrated import model_problem, save_solver_calibration
-    from ..eval.reference import model_hash
+    from ..eval.reference import model_identity
 
     problem = model_problem(loaded, texts, [seed + i for i in range(len(texts))], guidance)
     problem.reference_steps = reference_steps
@@ -169,7 +177,7 @@ def calibrate_solver(
     artefact = {
         "version": 1,
         "kind": "solver",
-        "model_hash": model_hash(loaded.path),
+        "model_hash": model_identity(loaded),
         "model": model or "default",  # as given (a shipped name or a path), not this machine's folder
         "guidance": float(guidance),
         "size": list(loaded.default_size),

@@ -54,6 +54,9 @@ def erase_cmd(
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write what was done")] = None,
     model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     device: o.Device = None,
     threads: o.Threads = None,
 ) -> None:
@@ -78,6 +81,11 @@ def erase_cmd(
         check_output_file(json_out)
     run = ImageRun.of(locals())
     run.check()
+    if run.path is not None and Path(run.path).is_file():  # before the load and the solve, not after
+        raise VelodiffError(
+            f"erase writes a diffusers folder that shares the model's other components; {run.path} is a "
+            "single file: give its diffusers folder (e.g. saved by diffusers' save_pretrained)"
+        )
     m = run.load()
     from ..edit.erase import SHAPES_TEMPLATES, erase_concept, save_erased
 

@@ -154,6 +154,9 @@ def shapes(
         Path | None, typer.Option(help="contact sheet PNG of samples (default: beside --json, .png)")
     ] = None,
     model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     prompts: str = typer.Option("v1", help="prompt set: v1 or v1-holdout"),
     images_per_prompt: int = typer.Option(2, min=1, max=MAX_IMAGES_PER_PROMPT),
     solver: str = typer.Option(None, help="solver (default dpmpp_2m)"),
@@ -213,7 +216,8 @@ def shapes(
     if limit is not None and limit < len(plist):
         plist = [plist[int(i * len(plist) / limit)] for i in range(limit)]
     quiet_libraries()
-    loaded, defaults = load_model(model, threads, device)
+    loaded, defaults = load_model(model, threads, device,
+                                  config=config, family=family, prediction_type=prediction_type)
     if embedded_guidance is not None:
         from .image_run import set_embedded_guidance
 

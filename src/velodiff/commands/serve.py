@@ -14,6 +14,9 @@ from . import options as o
 
 def serve(
     model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     host: Annotated[
         str, typer.Option(help="address to bind (loopback by default; 0.0.0.0 exposes it)")
     ] = "127.0.0.1",
@@ -97,6 +100,8 @@ def serve(
         timeout_s=timeout or None,
         device=device,
         threads=threads,
+        load_options={k: v for k, v in (("config", config), ("family", family),
+                                        ("prediction_type", prediction_type)) if v is not None},
         reports=reports.resolve() if reports is not None else None,
     )
     if ray is not None:

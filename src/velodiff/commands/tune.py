@@ -23,6 +23,9 @@ def tune(
         "shapes_eval", "--metric", help="shapes_eval, fd_shapes, clip_score, psnr, ..."
     ),
     model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     baseline_model: str = typer.Option(
         None, "--baseline-model", help="the baseline's model, if not --model (e.g. a student's teacher)"
     ),
@@ -70,21 +73,22 @@ def tune(
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()
-    loaded, defaults = load_model(model, threads)
-    from ..eval.reference import model_hash
+    loaded, defaults = load_model(model, threads,
+                                  config=config, family=family, prediction_type=prediction_type)
+    from ..eval.reference import model_identity
     from ..eval.tune import tune as run_tune
 
     base = None
     if baseline_model is not None:
         bm, bdefaults = load_model(baseline_model, threads)
-        base = (bm, model_hash(bm.path), baseline_model, bdefaults)
+        base = (bm, model_identity(bm), baseline_model, bdefaults)
 
     res = run_tune(
         loaded,
         cfg,
         sp,
         out,
-        model_id=model_hash(loaded.path),
+        model_id=model_identity(loaded),
         model_name=model or "default",
         defaults=defaults,
         progress=progress,

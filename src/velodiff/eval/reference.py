@@ -93,6 +93,19 @@ def model_hash(path: str | Path) -> str:
     return _hash_folder(str(p.resolve()), stamp)
 
 
+def model_identity(model: Any) -> str:
+    """The identity of a loaded model, which calibrations and cached references are keyed by: its files'
+    hash (``model_hash``), and where it was loaded with them, the ``config`` folder's files and a forced
+    family or prediction type (the same file under another config is another network)."""
+    base = model_hash(model.path)
+    how = dict(getattr(model, "loaded_with", None) or {})
+    if not how:
+        return base
+    if "config" in how:
+        how["config"] = model_hash(how["config"])
+    return hashlib.sha256(json.dumps({"files": base, **how}, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def entry_key(model_id: str, prompt: str, seed: int, config: ReferenceConfig, size: Sequence[int]) -> str:
     """The cache key: (model hash, prompt, seed, reference config, image size); the noise is velodiff's
     per-image noise, so a key does not depend on batching."""
@@ -150,7 +163,7 @@ def reference_runs(
     if len(prompts) != len(seeds):
         raise VelodiffError(f"{len(prompts)} prompts for {len(seeds)} seeds; give one seed per prompt")
     cache = ReferenceCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
-    mid = model_id or model_hash(model.path)
+    mid = model_id or model_identity(model)
     size = tuple(model.default_size)
     keys = [entry_key(mid, p, s, config, size) for p, s in zip(prompts, seeds, strict=True)]
     found: dict[int, tuple[Tensor, Tensor]] = {}

@@ -191,11 +191,11 @@ def calibration_check(
     one line)."""
     from ..calibrated.artefact import load_solver_calibrations
     from ..pipelines.common import CALIBRATED
-    from .reference import model_hash
+    from .reference import model_identity
 
     g = float(guidance if guidance is not None else getattr(model, "default_guidance", 1.0))
     try:
-        arts = load_solver_calibrations(model_hash(model.path), g, name or "M", model_path=model.path)
+        arts = load_solver_calibrations(model_identity(model), g, name or "M", model_path=model.path)
     except VelodiffError as e:
         log(f"tune: the calibrated grid and dpm_solver_v3 are left out: {e}")
         arts = []

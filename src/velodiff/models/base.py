@@ -193,6 +193,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     path: str = ""
+    #: how it was loaded where that changes the network beyond its files: a single file's ``config``
+    #: folder, a forced ``family`` or ``prediction_type`` (its identity: ``eval.reference.model_identity``)
+    loaded_with: dict[str, str] = field(default_factory=dict)
     #: options for the default grid (e.g. diffusers' ``steps_offset`` for "leading")
     default_grid_options: dict[str, Any] = field(default_factory=dict)
     #: "zero": the last step jumps to clean data (diffusers' final_sigmas_type="zero")

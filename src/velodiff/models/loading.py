@@ -206,6 +206,11 @@ def load(
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise unknown_name("prediction type", prediction_type, PREDICTION_TYPES)
     loras, scales = _lora_list(lora, lora_scale)
+    if config is not None and source.kind == "folder":
+        raise VelodiffError(
+            f"config= (CLI: --config) is for single-file checkpoints; {source.path} is a diffusers folder "
+            "with its own configs"
+        )
     with torch.inference_mode(False), quiet_imports():
         model = FAMILIES[name].build(
             source,
@@ -215,6 +220,9 @@ def load(
             config=Path(config).expanduser() if config is not None else None,
         )
     model.path = str(source.path)
+    given = {"config": str(Path(config).expanduser().resolve()) if config is not None else None,
+             "family": family, "prediction_type": prediction_type}
+    model.loaded_with = {k: v for k, v in given.items() if v is not None}
     _apply_sampling_file(model, Path(source.path))
     own = Path(source.path) / "lora"
     for i, adapter in enumerate([own] if source.kind == "folder" and own.is_dir() else []):

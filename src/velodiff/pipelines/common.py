@@ -341,12 +341,12 @@ def calibrated_setup(
     ``dpm_solver_v3``, its model statistics (on any grid)."""
     from ..calibrated.artefact import find_entry_in, load_solver_calibrations, load_statistics
     from ..calibrated.calibrate import entry_options
-    from ..eval.reference import model_hash
+    from ..eval.reference import model_identity
     from ..shipped import model_name
 
     name = model_name(model.path)
     # keyed by the scale the run guides with: a plan's cfg:scale=4 is not the --guidance default's
-    arts = load_solver_calibrations(model_hash(model.path), guided_scale(plan, guidance), name,
+    arts = load_solver_calibrations(model_identity(model), guided_scale(plan, guidance), name,
                                     model_path=model.path)
     if opts.grid != CALIBRATED:
         if spec.name == "dpm_solver_v3" and options.get("ems") is None:

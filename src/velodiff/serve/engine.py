@@ -81,8 +81,11 @@ class Engine:
         max_n: int = 8,
         max_steps: int = 200,
         max_pixels: int = 1024 * 1024,
+        load_options: dict[str, Any] | None = None,
     ) -> None:
         self.served = model
+        #: how the served model loads (a single file's config, a forced family / prediction type)
+        self.load_options = dict(load_options or {})
         self.device = device
         self.threads = threads
         self.max_n = max_n
@@ -113,7 +116,9 @@ class Engine:
 
                 quiet_libraries()
                 device = resolve_device(self.device)
-                self._models[name] = load_model(name, self.threads, str(device), dtype=default_dtype(device))
+                how = self.load_options if name == self.served else {}
+                self._models[name] = load_model(name, self.threads, str(device), dtype=default_dtype(device),
+                                                **how)
             return self._models[name]
 
     # --- checks -----------------------------------------------------------------------------------
@@ -155,8 +160,10 @@ class Engine:
             raise VelodiffError(f"steps must be between 1 and {self.max_steps}, got {steps}")
         solver = req.solver or defaults.get("solver") or m.default_solver
         get_solver(solver)  # unknown: "unknown solver 'x'; valid: ..."
-        if req.grid is not None and req.grid not in GRIDS:
-            raise unknown_name("grid", req.grid, GRIDS)
+        if req.grid is not None:  # velodiff's grids, other tools' names and the model's calibrated one
+            from ..aliases import resolve_grid
+
+            resolve_grid(req.grid, (*GRIDS, "calibrated"))
         guidance = float(
             req.guidance if req.guidance is not None else defaults.get("guidance", m.default_guidance)
         )

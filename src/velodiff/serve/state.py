@@ -4,7 +4,7 @@ worker; and the two things every API does with them (submit a request, wait for 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class ServeConfig:
     timeout_s: float | None = 600.0
     device: str | None = None
     threads: int | None = None
+    #: how the served model loads: ``velodiff.load``'s config / family / prediction_type
+    load_options: dict[str, Any] = field(default_factory=dict)
     #: put the jobs a killed server left running back in the queue at start (off for Ray Serve replicas:
     #: the driver recovers once, before any replica runs)
     recover: bool = True
@@ -45,7 +47,8 @@ class Server:
     def __init__(self, config: ServeConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.engine = engine or Engine(
-            config.model, device=config.device, threads=config.threads, max_n=config.max_n
+            config.model, device=config.device, threads=config.threads, max_n=config.max_n,
+            load_options=config.load_options,
         )
         self.store = JobStore(config.db, max_queue=config.max_queue, max_history=config.max_history)
         self.broker = Broker()
