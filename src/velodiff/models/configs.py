@@ -274,7 +274,7 @@ def single_file_config(family: str, src: Source, config: Path | None) -> Path:
     name = published_name(family, src)
     if name is None:
         raise VelodiffError(
-            f"{src.path.name} is a single-file {family} checkpoint that velodiff has no bundled config for; "
+            f"{src.path.name}: velodiff has no bundled {family} config for this single file; "
             "pass config= (CLI: --config) a local diffusers folder of the same architecture "
             "(its JSON configs and tokenizer; weights not needed)"
         )

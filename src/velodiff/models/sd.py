@@ -303,7 +303,8 @@ def read_folder_modules(
 
 
 def read_single_file(
-    src: Source, pipeline_cls: Any, config_dir: Path, dtype: torch.dtype, device: torch.device
+    src: Source, pipeline_cls: Any, config_dir: Path, dtype: torch.dtype, device: torch.device,
+    given: bool = False,
 ) -> dict[str, Any]:
     """A single original-layout checkpoint through diffusers' from_single_file, configs from config_dir."""
     try:
@@ -324,11 +325,15 @@ def read_single_file(
     except Exception as e:  # noqa: BLE001 - diffusers and transformers fail in many ways (one line each)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         msg = msg.split(". If you want")[0].replace("Cannot load  because ", "")
-        raise VelodiffError(
-            f"cannot load {src.path.name} with the configs in {config_dir} ({msg}); if it is not a "
-            "standard checkpoint of that architecture, pass config= (CLI: --config) a local diffusers folder "
-            "of its own"
-        ) from None
+        if isinstance(e, KeyError):  # a weight the configs' architecture has and the file has not
+            msg = f"the configs' architecture needs the weight {e.args[0]!r}, which the file has not"
+        advice = (
+            "the file is of another architecture than that folder (or --family)" if given else
+            "if it is not a standard checkpoint of that architecture, pass config= (CLI: --config) a local "
+            "diffusers folder of its own"
+        )
+        raise VelodiffError(f"cannot load {src.path.name} with the configs in {config_dir} ({msg}); {advice}"
+                            ) from None
     c: dict[str, Any] = {
         k: v
         for k, v in pipe.components.items()
@@ -374,7 +379,7 @@ def build_sd(
         from .configs import single_file_config
 
         cfg_dir = single_file_config(family, src, config)
-        c = read_single_file(src, StableDiffusionPipeline, cfg_dir, dtype, device)
+        c = read_single_file(src, StableDiffusionPipeline, cfg_dir, dtype, device, given=config is not None)
         if prediction_type is None:
             prediction_type = single_file_prediction_type(src, c["scheduler_config"])
     schedule, ptype = scheduler_setup(c["scheduler_config"], prediction_type)

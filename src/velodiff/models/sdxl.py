@@ -183,7 +183,7 @@ def build_sdxl(
         cfg_dir = single_file_config("sdxl", src, config)
         refiner = not src.has_key(SDXL_TEXT2_KEY)
         cls = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
-        c = read_single_file(src, cls, cfg_dir, dtype, device)
+        c = read_single_file(src, cls, cfg_dir, dtype, device, given=config is not None)
         flags = {"requires_aesthetics_score": refiner, "force_zeros_for_empty_prompt": not refiner}
         import json
 
