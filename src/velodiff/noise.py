@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import VelodiffError
 from .schedules import NoiseSchedule
 
 #: the seeds velodiff takes: torch's (``Generator.manual_seed``: 64 bits, either sign; -1 is 2**64 - 1)
@@ -19,7 +20,7 @@ SEED_MIN, SEED_END = -(2**63), 2**64
 def check_seed(seed: int) -> int:
     """``seed`` as an int, refused in one line outside torch's seed range [-2**63, 2**64)."""
     if isinstance(seed, bool) or not SEED_MIN <= int(seed) < SEED_END:
-        raise ValueError(f"seed {seed} is outside torch's seed range [-2**63, 2**64)")
+        raise VelodiffError(f"seed {seed} is outside torch's seed range [-2**63, 2**64)")
     return int(seed)
 
 

@@ -108,10 +108,7 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], mode: str = "velodif
     """Standard normal starting noise (B, C, h, w) on the CPU, float32 (see the module's contract); a seed
     outside torch's range [-2**63, 2**64) is refused in one line."""
     for s in seeds:
-        try:
-            check_seed(s)
-        except ValueError as e:
-            raise VelodiffError(str(e)) from None
+        check_seed(s)
     if mode == "velodiff":
         return torch.cat([randn((1, *shape[1:]), s) for s in seeds])
     if mode == "torch":
