@@ -780,6 +780,13 @@ def test_diffusers_flags_that_change_the_result_are_refused(cls, flags, match):
         resolve_solver(_typed(cls, flags))
 
 
+@pytest.mark.parametrize("typed", ["EulerDiscreteScheduler:use_karras_sigmas=true,sigma_min=abc",
+                                   "EDMEulerScheduler:rho=x", "EDMEulerScheduler:sigma_min=none"])
+def test_diffusers_number_flags_are_one_line(typed):
+    with pytest.raises(VelodiffError, match="must be a finite number"):
+        resolve_solver(typed)
+
+
 def test_diffusers_live_object_flags_are_checked():
     with pytest.raises(VelodiffError, match="UniPCMultistepScheduler: solver_p='DDIMScheduler'"):
         resolve_solver("UniPCMultistepScheduler:solver_p=DDIMScheduler")

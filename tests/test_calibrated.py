@@ -241,6 +241,16 @@ def test_the_cache_artefact_never_hides_the_one_beside_the_model(tmp_path, monke
     assert text2img(model, "a red circle", nfe=6, solver="dpm_solver_v3", **kw).nfe == 6  # its statistics
     with pytest.raises(VelodiffError, match="at guidance 4"):  # not the --guidance default's artefact
         text2img(model, "a red circle", nfe=6, grid="calibrated", solver="unipc", plan="cfg:scale=4", **kw)
+    # loaded with options that are the files' own (the shipped model is an sd1 v-prediction model): the
+    # same identity, the shipped calibration; with another prediction type, another network, and the
+    # line that says how to calibrate it names the option
+    for how in ({"family": "sd1"}, {"prediction_type": "v_prediction"}):
+        same = velodiff.load("default", **how)
+        res = text2img(same, "a red circle", nfe=6, grid="calibrated", solver="unipc", **kw)
+        assert torch.equal(res.latents, before.latents)
+    eps = velodiff.load("default", prediction_type="epsilon")
+    with pytest.raises(VelodiffError, match="--model default --prediction-type epsilon --guidance 2.5"):
+        text2img(eps, "a red circle", nfe=6, grid="calibrated", solver="unipc", **kw)
     code = main(["calibrate", "solver", "--nfe", ",", "--guidance", "2.5"])
     assert code == 2 and "names no NFE" in capsys.readouterr().err
 

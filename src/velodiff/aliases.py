@@ -22,6 +22,7 @@ module imports no torch: the CLI checks names before any model work.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -363,7 +364,7 @@ def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[st
     UniPC) bound its Karras / exponential sigmas (diffusers reads them for those only)."""
     for flag, grid in _SIGMA_GRIDS:
         if _flag(cfg.get(flag, False)):
-            bounds = {k: float(cfg[k]) for k in ("sigma_min", "sigma_max") if cfg.get(k) is not None}
+            bounds = {k: _float(cls, cfg, k) for k in ("sigma_min", "sigma_max") if cfg.get(k) is not None}
             if bounds and grid == "logsnr":
                 raise VelodiffError(f"{cls}: sigma_min / sigma_max with use_lu_lambdas has no velodiff grid")
             return grid, bounds
@@ -400,6 +401,21 @@ def _int(cls: str, cfg: Mapping[str, Any], flag: str, default: int) -> int:
     if not isinstance(value, bool) and re.fullmatch(r"[+-]?\d+", text):
         return int(text)
     raise VelodiffError(f"{cls}: {flag} must be an integer, got {value!r}")
+
+
+def _float(cls: str, cfg: Mapping[str, Any], flag: str, default: float | None = None) -> float:
+    """The number flag ``flag`` of ``cfg`` (a typed "0.1" or 0.1; "abc", "none" or a bool refused in one
+    line)."""
+    value = cfg.get(flag, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = float(value)
+        if not math.isfinite(out):
+            raise ValueError
+        return out
+    except (TypeError, ValueError):
+        raise VelodiffError(f"{cls}: {flag} must be a finite number, got {value!r}") from None
 
 
 def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -476,10 +492,10 @@ def _edm_euler(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         raise VelodiffError(f"{cls}: unknown sigma_schedule {grid!r}; valid: exponential, karras")
     opts: dict[str, Any] = {}
     for key, default in (("sigma_min", 0.002), ("sigma_max", 80.0)):
-        if float(cfg.get(key, default)) != default:
-            opts[key] = float(cfg[key])
-    if grid == "karras" and float(cfg.get("rho", 7.0)) != 7.0:  # (the exponential sigmas have no rho)
-        opts["rho"] = float(cfg["rho"])
+        if _float(cls, cfg, key, default) != default:
+            opts[key] = _float(cls, cfg, key)
+    if grid == "karras" and _float(cls, cfg, "rho", 7.0) != 7.0:  # (the exponential sigmas have no rho)
+        opts["rho"] = _float(cls, cfg, "rho")
     return grid, opts
 
 

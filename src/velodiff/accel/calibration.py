@@ -186,12 +186,11 @@ def save_cache_calibration(artefact: dict[str, Any]) -> Path:
 def load_cache_calibration(model: Any, path: str | Path | None = None) -> dict[str, Any]:
     """The model's cache calibration (``path``, or the one saved for its hash); one line when missing
     or made for another model."""
-    from ..eval.reference import model_identity
-    from ..shipped import model_name
+    from ..eval.reference import model_command_name, model_identity
 
     want = model_identity(model)
     p = Path(path) if path is not None else cache_calibration_path(want)
-    hint = f"velodiff calibrate cache --model {model_name(model.path)}"
+    hint = f"velodiff calibrate cache --model {model_command_name(model)}"
     return read_artefact(p, "cache", VERSION, want, hint)
 
 

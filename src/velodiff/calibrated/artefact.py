@@ -99,14 +99,23 @@ def load_solver_calibrations(
     model_hash: str, guidance: float, model_name: str = "M", model_path: str | Path | None = None
 ) -> list[dict[str, Any]]:
     """Every artefact for this model hash and guidance scale, the cache's first, then the one beside the
-    model; one line when there is none, or one is made for another model or scale."""
+    model; one made for another model (e.g. the files beside it, loaded with another config) is passed
+    over; one line when none fits, saying why."""
     paths = [solver_calibration_path(model_hash, guidance)]
     if model_path is not None:
         paths.append(beside_model_path(model_path, guidance))
     found = [p for p in paths if p.is_file()]
     if not found:
         return [load_solver_calibration(model_hash, guidance, model_name)]  # says which command to run
-    return [load_solver_calibration(model_hash, guidance, model_name, path=p) for p in found]
+    fits, first_error = [], None
+    for p in found:
+        try:
+            fits.append(load_solver_calibration(model_hash, guidance, model_name, path=p))
+        except VelodiffError as e:
+            first_error = first_error or e
+    if not fits:
+        raise first_error  # type: ignore[misc]
+    return fits
 
 
 def load_statistics(artefact: dict[str, Any]) -> ModelStatistics:

@@ -93,6 +93,16 @@ def model_hash(path: str | Path) -> str:
     return _hash_folder(str(p.resolve()), stamp)
 
 
+def model_command_name(model: Any) -> str:
+    """How a command names ``model``: ``--model`` and the load options its identity includes (for the
+    lines that tell the user which command makes its calibration)."""
+    from ..shipped import model_name
+
+    how = getattr(model, "loaded_with", None) or {}
+    opts = "".join(f" --{k.replace('_', '-')} {v}" for k, v in how.items())
+    return model_name(model.path) + opts
+
+
 def model_identity(model: Any) -> str:
     """The identity of a loaded model, which calibrations and cached references are keyed by: its files'
     hash (``model_hash``), and where it was loaded with them, the ``config`` folder's files and a forced

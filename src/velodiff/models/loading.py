@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -220,9 +221,7 @@ def load(
             config=Path(config).expanduser() if config is not None else None,
         )
     model.path = str(source.path)
-    given = {"config": str(Path(config).expanduser().resolve()) if config is not None else None,
-             "family": family, "prediction_type": prediction_type}
-    model.loaded_with = {k: v for k, v in given.items() if v is not None}
+    model.loaded_with = _loaded_with(source, config, family, prediction_type)
     _apply_sampling_file(model, Path(source.path))
     own = Path(source.path) / "lora"
     for i, adapter in enumerate([own] if source.kind == "folder" and own.is_dir() else []):
@@ -242,12 +241,38 @@ def load(
     return model
 
 
+def _loaded_with(
+    source: Source, config: Any, family: str | None, prediction_type: str | None
+) -> dict[str, str]:
+    """What makes the files another network (``LoadedModel.loaded_with``): a single file's config folder,
+    a family or prediction type other than the files' own. (A LoRA on top keeps the base model's
+    identity: it runs the base model's calibrations, as other tools keep their sampler settings.)"""
+    out: dict[str, str] = {}
+    if config is not None:
+        out["config"] = str(Path(config).expanduser().resolve())
+    if family is not None:
+        try:
+            own = detect_family(source)
+        except VelodiffError:
+            own = None
+        if family != own:
+            out["family"] = family
+    folder = source.kind == "folder"
+    files_say = source.config("scheduler").get("prediction_type", "epsilon") if folder else None
+    if prediction_type is not None and prediction_type != files_say:
+        out["prediction_type"] = prediction_type
+    return out
+
+
 def _lora_list(
     lora: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None, scale: float | Sequence[float]
 ) -> tuple[list[Path], list[float]]:
     """The LoRA paths and one scale per path (one scale given: the same for all), checked."""
     paths = [] if lora is None else [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)
-    scales = [scale] if isinstance(scale, (int, float)) else list(scale)
+    if isinstance(scale, str):
+        raise VelodiffError(f"a LoRA scale must be a number, got {scale!r}")
+    one = isinstance(scale, numbers.Real) or getattr(scale, "ndim", None) == 0  # 0.5, np.float32, tensor(0.5)
+    scales = [scale] if one else list(scale)
     if not paths:
         if scales != [1.0]:
             raise VelodiffError("a LoRA scale was given without a LoRA")
@@ -258,10 +283,17 @@ def _lora_list(
         raise VelodiffError(
             f"{len(scales)} LoRA scales for {len(paths)} LoRAs: give one for all, or one per LoRA"
         )
+    out = []
     for s in scales:
-        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+        try:
+            if isinstance(s, (bool, str)):
+                raise TypeError
+            out.append(float(s))
+        except (TypeError, ValueError):
+            raise VelodiffError(f"a LoRA scale must be a finite number, got {s!r}") from None
+        if not math.isfinite(out[-1]):
             raise VelodiffError(f"a LoRA scale must be a finite number, got {s!r}")
-    return [Path(p).expanduser() for p in paths], [float(s) for s in scales]
+    return [Path(p).expanduser() for p in paths], out
 
 
 def _set_lora_scales(model: LoadedModel, adapters: list[str], weights: list[float]) -> None:

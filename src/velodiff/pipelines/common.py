@@ -338,10 +338,9 @@ def calibrated_setup(
     ``dpm_solver_v3``, its model statistics (on any grid)."""
     from ..calibrated.artefact import find_entry_in, load_solver_calibrations, load_statistics
     from ..calibrated.calibrate import entry_options
-    from ..eval.reference import model_identity
-    from ..shipped import model_name
+    from ..eval.reference import model_command_name, model_identity
 
-    name = model_name(model.path)
+    name = model_command_name(model)
     # keyed by the scale the run guides with: a plan's cfg:scale=4 is not the --guidance default's
     arts = load_solver_calibrations(model_identity(model), guided_scale(plan, guidance), name,
                                     model_path=model.path)
