@@ -17,3 +17,6 @@ MAX_RUNS = 1000
 MAX_BATCH = 65_536
 #: the most elements of one sample of the solver bench's image mixture
 MAX_SAMPLE_ELEMENTS = 1 << 20
+#: the seeds velodiff takes: torch's (``Generator.manual_seed``: 64 bits, either sign; -1 is 2**64 - 1);
+#: the servers take ComfyUI's KSampler range, [0, SEED_END)
+SEED_MIN, SEED_END = -(2**63), 2**64

@@ -11,10 +11,8 @@ import torch
 from torch import Tensor
 
 from .errors import VelodiffError
+from .limits import SEED_END, SEED_MIN
 from .schedules import NoiseSchedule
-
-#: the seeds velodiff takes: torch's (``Generator.manual_seed``: 64 bits, either sign; -1 is 2**64 - 1)
-SEED_MIN, SEED_END = -(2**63), 2**64
 
 
 def check_seed(seed: int) -> int:

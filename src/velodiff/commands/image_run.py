@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
-from ..limits import MAX_SIDE, MAX_STEPS
+from ..limits import MAX_SIDE, MAX_STEPS, SEED_END, SEED_MIN
 
 
 @dataclass
@@ -78,7 +78,7 @@ class ImageRun:
         for name, value in (("--steps", self.steps), ("--nfe", self.nfe)):
             if value is not None and value > MAX_STEPS:
                 raise VelodiffError(f"{name} {value} is more than {MAX_STEPS}; no sampler needs that many")
-        if not -(2**63) <= self.seed or not self.seed + self.n - 1 < 2**64:
+        if not SEED_MIN <= self.seed or not self.seed + self.n - 1 < SEED_END:
             last = self.seed + self.n - 1
             seeds = f"{self.seed}" if self.n == 1 else f"{self.seed} (with --n {self.n}: .. {last})"
             raise VelodiffError(f"--seed {seeds} is outside torch's seed range [-2**63, 2**64)")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import VelodiffError, unknown_name
+from ..limits import SEED_END
 
 #: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
 BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "solver_options", "grid", "guidance",
@@ -176,7 +177,7 @@ class Engine:
         if req.timeout_s is not None and not req.timeout_s > 0:
             raise VelodiffError(f"timeout_s must be > 0, got {req.timeout_s}")
         seed = req.seed if req.seed is not None else random.randrange(2**31)
-        if not 0 <= seed or not seed + int(req.n) - 1 < 2**64:  # ComfyUI's KSampler seed range
+        if not 0 <= seed or not seed + int(req.n) - 1 < SEED_END:  # ComfyUI's KSampler seed range
             raise VelodiffError(
                 f"seed must be in [0, 2**64) for each of the n images, got {seed} with n {req.n}"
             )

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..limits import SEED_END
 
 CFG_TYPES = ("self", "full", "none")
 
@@ -77,7 +78,7 @@ class StreamConfig:
             )
         if self.similarity is not None and not 0 <= self.similarity < 1:
             raise VelodiffError(f"similarity threshold must be in [0, 1), got {self.similarity}")
-        if not 0 <= self.guidance <= 100 or self.max_skip < 0 or not 0 <= self.seed < 2**64:
+        if not 0 <= self.guidance <= 100 or self.max_skip < 0 or not 0 <= self.seed < SEED_END:
             raise VelodiffError(
                 f"guidance must be in [0, 100], max_skip >= 0 and seed in [0, 2**64); got {self.guidance}, "
                 f"{self.max_skip}, {self.seed}"
