@@ -204,6 +204,64 @@ def test_refuses_to_mix_and_keeps_what_is_there(tiny, prompt_file, reference, tm
         capsys, "generate-set", str(prompt_file), "--out", str(junk), "--model", str(tiny))
 
 
+def test_load_options_and_size_are_the_sets_and_resume_from_it(tiny, prompt_file, tmp_path, capsys):
+    """A single file with its --config folder, at another size: the options are recorded (paths absolute),
+    a resume without them takes the set's, another value or changed config files are refused, and the
+    images are the folder's own (the same weights)."""
+    import ldm_layout
+
+    file = ldm_layout.save_sd1_single_file(tiny, tmp_path / "tiny.safetensors")
+    base = ["generate-set", str(prompt_file), "--limit", "2", "--width", "32", "--height", "48", *FAST]
+    out, ref = tmp_path / "set", tmp_path / "from-folder"
+    assert cli(*base, "--out", str(out), "--model", str(file), "--config", str(tiny)) == 0
+    assert cli(*base, "--out", str(ref), "--model", str(tiny)) == 0
+    capsys.readouterr()
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["config"] == str(tiny.resolve()) and (config["width"], config["height"]) == (32, 48)
+    assert (config["device"], config["dtype"], config["lora"]) == ("cpu", "float32", None)
+    assert cli("generate-set", str(prompt_file), "--limit", "2", "--out", str(out)) == 0
+    assert "(2 already there, 0 generated now)" in capsys.readouterr().out
+    for r in read_set(out).records:
+        from PIL import Image
+
+        assert Image.open(out / r["file"]).size == (32, 48)
+        assert (out / r["file"]).read_bytes() == (ref / r["file"]).read_bytes()
+    other = tmp_path / "other-config"
+    shutil.copytree(tiny, other)
+    line = one_error_line(capsys, *base, "--out", str(out), "--model", str(file), "--config", str(other))
+    assert "config=" in line and "refusing to mix" in line
+    (tiny / "unet" / "config.json").write_text((tiny / "unet" / "config.json").read_text() + "\n")
+    try:
+        line = one_error_line(capsys, "generate-set", str(prompt_file), "--limit", "2", "--out", str(out))
+        assert "another model" in line
+    finally:
+        (tiny / "unet" / "config.json").write_text((tiny / "unet" / "config.json").read_text()[:-1])
+    assert "--width 33 is not a multiple" in one_error_line(
+        capsys, *base[:4], "--width", "33", "--out", str(tmp_path / "w"), "--model", str(tiny))
+    assert "seed range" in one_error_line(
+        capsys, *base[:4], "--seed", str(2**64 - 1), "--out", str(tmp_path / "s"), "--model", str(tiny))
+    assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_set_from_before_the_load_options_and_a_negative_seed_resume(
+    tiny, reference, prompt_file, tmp_path, capsys
+):
+    out = tmp_path / "set"
+    shutil.copytree(reference, out)
+    header = json.loads((out / "manifest.json").read_text())
+    for k in ("config", "family", "prediction_type", "lora", "lora_scale", "device", "dtype"):
+        del header["config"][k]
+    (out / "manifest.json").write_text(json.dumps(header))
+    assert cli("generate-set", str(prompt_file), "--out", str(out)) == 0
+    assert f"({N} already there, 0 generated now)" in capsys.readouterr().out
+    neg = tmp_path / "negative"
+    args = ["generate-set", str(prompt_file), "--limit", "2", "--out", str(neg), "--model", str(tiny),
+            *FAST[:4], "--seed", "-3"]
+    assert cli(*args) == 0 and cli("generate-set", str(prompt_file), "--limit", "2", "--out", str(neg)) == 0
+    assert "(2 already there, 0 generated now)" in capsys.readouterr().out.splitlines()[-1]
+    assert [r["seed"] for r in read_set(neg).records] == [-3, -2]
+
+
 # --- eval --manifest -----------------------------------------------------------------------------
 
 

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
-from ..limits import MAX_SET_IMAGES_PER_PROMPT, MAX_STEPS
+from ..limits import MAX_SET_IMAGES_PER_PROMPT, MAX_STEPS, SEED_END, SEED_MIN
+from . import options as o
 
 
 def generate_set_cmd(
@@ -41,6 +42,19 @@ def generate_set_cmd(
     guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
     plan: Annotated[str | None, typer.Option(help="step plan (see velodiff plans)")] = None,
     negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
+    width: o.Width = None,
+    height: o.Height = None,
+    noise: Annotated[str | None, typer.Option(
+        help="velodiff: noise per image from its own seed (default); torch: one CPU generator per batch, "
+        "as diffusers"
+    )] = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
+    lora: o.Lora = None,
+    lora_scale: o.LoraScale = None,
+    device: o.Device = None,
+    dtype: o.Dtype = None,
     limit: Annotated[int | None, typer.Option(min=1, help="use only the first N prompts")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="images per batched call (default 4)")] = None,
     threads: Annotated[
@@ -52,47 +66,51 @@ def generate_set_cmd(
     ] = None,
 ) -> None:
     """Generate an image set from a prompt file; killed and run again, it finishes what is missing."""
-    from ..sets.fingerprint import model_fingerprint
+    from ..plan import Plan
+    from ..sets.fingerprint import load_fingerprint
     from ..sets.prompts import load_prompt_file
     from ..sets.run import generate_set
     from ..sets.store import CONFIG_KEYS, read_header, resolve_config
+    from ..shipped import resolve_model, sampling_defaults
     from .generate import quiet_libraries
+    from .image_run import ImageRun
 
-    if guidance is not None and not guidance >= 0:
-        raise VelodiffError(f"--guidance must be >= 0, got {guidance}")
-    from .names import check_grid, check_solver
-
-    if solver is not None:
-        check_solver(solver)
-    if grid is not None:
-        check_grid(grid)
-    if plan is not None:
-        from ..plan import Plan
-
-        plan = str(Plan.parse(plan))  # canonical: the set's config compares plans as strings
-    plist = load_prompt_file(prompts, limit)
     header = read_header(out) if out.is_dir() else None
     previous = header["config"] if header else None
-    if model is None and header is not None:
-        model_path = Path(header["model"]["path"])
-    else:
-        from ..shipped import resolve_model
-
-        model_path = resolve_model(model)
-    from ..shipped import sampling_defaults
-
+    resumed = model is None and header is not None
+    model_path = Path(header["model"]["path"]) if resumed else resolve_model(model)
+    given = {k: v for k, v in locals().items() if v is not None and k not in ("model", "seed")}
+    ImageRun.of({**given, "model": str(model_path)}).check()  # generate's checks, before any model work
+    if plan is not None:
+        plan = str(Plan.parse(plan))  # canonical: the set's config compares plans as strings
+    plist = load_prompt_file(prompts, limit)
     defaults: dict[str, Any] = dict(
         seed=0, images_per_prompt=1, batch=4, threads=1, noise="velodiff", plan="none"
     )
+    if previous is None:  # a new set records the device and precision it is drawn with
+        from ..models.base import default_dtype, resolve_device
 
+        dev = resolve_device(device)
+        defaults.update(device=str(dev), dtype=default_dtype(dev))
     own = sampling_defaults(model_path) if model_path.is_dir() else {}
     defaults.update({k: own[k] for k in ("steps", "solver", "guidance") if k in own})
-    requested = dict(seed=seed, images_per_prompt=images_per_prompt, steps=steps, solver=solver, grid=grid,
-                     guidance=guidance, plan=plan, negative=negative, batch=batch, threads=threads)
+    requested = dict(
+        seed=seed, images_per_prompt=images_per_prompt, steps=steps, solver=solver, grid=grid,
+        guidance=guidance, plan=plan, negative=negative, batch=batch, threads=threads, height=height,
+        width=width, noise=noise, config=_absolute(config), family=family, prediction_type=prediction_type,
+        lora=[_absolute(p) for p in lora] if lora else None, lora_scale=lora_scale or None, device=device,
+        dtype=dtype,
+    )
     config = resolve_config(requested, previous, defaults)
     assert set(config) >= set(CONFIG_KEYS)
+    total = len(plist) * int(config["images_per_prompt"])
+    if not SEED_MIN <= config["seed"] or not config["seed"] + total - 1 < SEED_END:
+        raise VelodiffError(
+            f"--seed {config['seed']} (.. {config['seed'] + total - 1} for {total} images) is outside "
+            "torch's seed range [-2**63, 2**64)"
+        )
     quiet_libraries()
-    fingerprint = model_fingerprint(model_path)
+    fingerprint = load_fingerprint(model_path, config["config"], config["lora"])
     bar = Progress()
     try:
         summary = generate_set(plist, out, model_path=model_path, config=config, prompt_file=str(prompts),
@@ -103,6 +121,11 @@ def generate_set_cmd(
         typer.echo(f"note: dropped {summary.dropped_lines} unreadable manifest line(s) (a killed run); "
                    "their images were checked or made again", err=True)
     typer.echo("wrote " + summary.line())
+
+
+def _absolute(path: Path | None) -> str | None:
+    """A path as the set's config records it (absolute: a resume may run from another folder)."""
+    return None if path is None else str(path.expanduser().resolve())
 
 
 class Progress:

@@ -44,3 +44,22 @@ def model_fingerprint(path: str | os.PathLike[str]) -> str:
         rel = f.name if f == p else f.relative_to(p).as_posix()
         h.update(f"{rel}\0{file_digest(f)}\n".encode())
     return h.hexdigest()
+
+
+def load_fingerprint(
+    path: str | os.PathLike[str],
+    config: str | os.PathLike[str] | None = None,
+    lora: list[str] | None = None,
+) -> str:
+    """The fingerprint of what a set's images are drawn with: the model's own, or, with a single file's
+    config folder or LoRA files on top, sha256 over each one's fingerprint (a set made before these
+    options existed keeps its model's fingerprint)."""
+    own = model_fingerprint(path)
+    if config is None and not lora:
+        return own
+    h = hashlib.sha256(f"model\0{own}\n".encode())
+    if config is not None:
+        h.update(f"config\0{model_fingerprint(config)}\n".encode())
+    for p in lora or []:
+        h.update(f"lora\0{model_fingerprint(p)}\n".encode())
+    return h.hexdigest()

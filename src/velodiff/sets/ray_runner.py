@@ -101,7 +101,7 @@ class ShardWorker:
         quiet_libraries()
         self.config, self.error, self.model = config, None, None
         try:
-            self.model = load_model_checked(model_path, fingerprint, int(config["threads"]))
+            self.model = load_model_checked(model_path, fingerprint, config)
         except VelodiffError as e:
             self.error = str(e)
 

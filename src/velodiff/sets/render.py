@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import VelodiffError
-from .fingerprint import model_fingerprint
+from .fingerprint import load_fingerprint
 from .items import Item
 
 
@@ -50,15 +50,25 @@ def render_chunk(model: Any, chunk: Sequence[Item], config: dict[str, Any]) -> l
     return [(it.index, png_bytes(im)) for it, im in zip(chunk, res.images, strict=True)]
 
 
-def load_model_checked(model_path: str | os.PathLike[str], fingerprint: str, threads: int) -> Any:
-    """The model, after checking it is the one the set was made with; threads and determinism set."""
+def load_model_checked(model_path: str | os.PathLike[str], fingerprint: str, config: dict[str, Any]) -> Any:
+    """The model, loaded with the set's load options (``store.LOAD_KEYS``), after checking it (and its
+    config folder and LoRA files) is what the set was made with; threads and determinism set."""
     from ..models import load
 
-    set_determinism(threads)
-    if model_fingerprint(model_path) != fingerprint:
+    set_determinism(int(config["threads"]))
+    if load_fingerprint(model_path, config.get("config"), config.get("lora")) != fingerprint:
         raise VelodiffError(f"model at {model_path} is not the one this set was made with")
     try:
-        return load(model_path)
+        return load(
+            model_path,
+            device=config.get("device") or "cpu",
+            dtype=config.get("dtype") or "float32",
+            config=config.get("config"),
+            family=config.get("family"),
+            prediction_type=config.get("prediction_type"),
+            lora=config.get("lora"),
+            lora_scale=config.get("lora_scale") or 1.0,
+        )
     except VelodiffError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:

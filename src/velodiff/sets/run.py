@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
-from .fingerprint import model_fingerprint
+from .fingerprint import load_fingerprint
 from .items import IMAGES, Item, chunks, plan_items
 from .prompts import Prompt, prompts_digest
 from .render import load_model_checked, render_chunk
@@ -26,6 +26,7 @@ from .store import (
     FORMAT,
     HEADER,
     LINES,
+    LOAD_KEYS,
     LOCK,
     SetWriter,
     compact,
@@ -69,7 +70,8 @@ def generate_set(
     fingerprint: str | None = None,
 ) -> SetSummary:
     """Generate every missing image of the set in ``folder`` (resuming a partial one), in this process
-    or over Ray (``ray="local"`` or an address). ``config`` has every key of CONFIG_KEYS."""
+    or over Ray (``ray="local"`` or an address). ``config`` has every key of CONFIG_KEYS (those of
+    LOAD_KEYS may be left out: the loader's defaults)."""
     import time
 
     t0 = time.perf_counter()
@@ -80,6 +82,7 @@ def generate_set(
         p.name not in (IMAGES, LOCK) for p in folder.iterdir()
     ):
         raise VelodiffError(f"{folder} is not empty and holds no image set ({HEADER}); use a new folder")
+    config = {**dict.fromkeys(LOAD_KEYS), **config}  # no load options: the loader's defaults
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise VelodiffError(f"config lacks {', '.join(missing)}")
@@ -87,7 +90,7 @@ def generate_set(
         from .ray_runner import check_address
 
         check_address(ray)
-    fingerprint = fingerprint or model_fingerprint(model_path)
+    fingerprint = fingerprint or load_fingerprint(model_path, config["config"], config["lora"])
     header = {
         "format": FORMAT,
         "model": {"path": str(Path(model_path).expanduser().resolve()), "fingerprint": fingerprint},
@@ -138,7 +141,7 @@ def _run_local(
     todo = list(todo)
     if not todo:
         return
-    model = load_model_checked(model_path, fingerprint, int(config["threads"]))
+    model = load_model_checked(model_path, fingerprint, config)
     for chunk in todo:
         for index, data in render_chunk(model, chunk, config):
             writer.write(index, data)

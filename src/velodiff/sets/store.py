@@ -34,6 +34,11 @@ HEADER = "manifest.json"
 LINES = "manifest.jsonl"
 LOCK = ".lock"
 
+#: how the model is loaded (``velodiff.load``'s options; a single file's config folder and the LoRA
+#: files as absolute paths, their contents in the header's fingerprint). None: the loader's default (the
+#: CPU and float32 for device and dtype); a header from before these keys reads them as None
+LOAD_KEYS = ("config", "family", "prediction_type", "lora", "lora_scale", "device", "dtype")
+
 #: config keys that decide the pixels; a resume that asks for another value is refused
 CONFIG_KEYS = (
     "seed",
@@ -49,6 +54,7 @@ CONFIG_KEYS = (
     "batch",
     "threads",
     "noise",
+    *LOAD_KEYS,
 )
 
 
@@ -69,6 +75,8 @@ def read_header(folder: Path) -> dict[str, Any] | None:
     damaged = _header_damage(h)
     if damaged:
         raise VelodiffError(f"{p}: damaged manifest header ({damaged}); use another --out")
+    for k in LOAD_KEYS:  # a set made before the load options: the loader's defaults
+        h["config"].setdefault(k, None)
     return h
 
 
@@ -82,17 +90,29 @@ def _header_damage(h: dict[str, Any]) -> str | None:
         return "'prompts' must be an object with a 'sha256' string"
     if not isinstance(config, dict):
         return "'config' must be an object"
-    for k in ("seed", "images_per_prompt", "batch", "threads", "steps", "height", "width"):
+    seed = config.get("seed")
+    if "seed" in config and (not isinstance(seed, int) or isinstance(seed, bool)):
+        return f"config seed={seed!r} is not an integer"
+    for k in ("images_per_prompt", "batch", "threads", "steps", "height", "width"):
         v = config.get(k)
         if k in config and not (v is None and k in ("steps", "height", "width")) and (
-            not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "seed" else 1)
+            not isinstance(v, int) or isinstance(v, bool) or v < 1
         ):
-            return f"config {k}={v!r} is not a {'non-negative' if k == 'seed' else 'positive'} integer"
+            return f"config {k}={v!r} is not a positive integer"
     if "batch" not in config:
         return "config lacks 'batch'"
-    for k in ("solver", "grid", "plan", "negative", "noise"):
+    for k in ("solver", "grid", "plan", "negative", "noise", "config", "family", "prediction_type", "device",
+              "dtype"):
         if config.get(k) is not None and not isinstance(config[k], str):
             return f"config {k}={config[k]!r} is not a string"
+    lora, scales = config.get("lora"), config.get("lora_scale")
+    if lora is not None and not (isinstance(lora, list) and all(isinstance(x, str) for x in lora)):
+        return f"config lora={lora!r} is not a list of paths"
+    numbers = isinstance(scales, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in scales
+    )
+    if scales is not None and not numbers:
+        return f"config lora_scale={scales!r} is not a list of numbers"
     g = config.get("guidance")
     if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool) or not g >= 0):
         return f"config guidance={g!r} is not a number >= 0"
