@@ -68,6 +68,11 @@ def test_layers_repaint_their_mask_and_restack_at_a_fraction_of_the_steps(server
             "strength",
         ),
         ({"job": "JOB", "index": 3, "layers": []}, 400, "has images 0..0"),
+        *(
+            ({"job": "JOB", "layers": [{"mask": mask_png((0, 0, 8, 8)), "prompt": "x", "seed": seed}]},
+             400, "seed")
+            for seed in (-1, 2**64)
+        ),
     ],
 )
 def test_bad_input_is_one_line(server, body, status, needle):

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import VelodiffError
+from ..limits import SEED_END
 from .engine import png_bytes
 from .state import Server
 
@@ -38,7 +39,7 @@ class LayerBody(BaseModel):
 
     mask: str = Field(..., description="PNG data URL (or base64) at the image's size, white = repaint")
     prompt: str = Field(..., description="what the brush paints")
-    seed: int = Field(0, description="seed of the layer's noise")
+    seed: int = Field(0, ge=0, lt=SEED_END, description="seed of the layer's noise, in [0, 2**64)")
     strength: float = Field(0.6, description="share of the steps the layer re-runs, in (0, 1]")
 
 
