@@ -388,10 +388,11 @@ def test_new_early_errors_import_no_torch(tmp_path):
 
 def test_a_single_file_runs_every_model_command_with_its_config(tiny_single_file, tmp_path, capsys,
                                                                 monkeypatch):
-    """bench, tune, calibrate, eval take --config / --family / --prediction-type as generate does (a file
-    outside the bundled configs could only be generated from); the model's identity, which calibrations
-    and cached references are keyed by, includes the config and a forced prediction type; --config on a
-    folder and erase of a single file are one line each, before any work."""
+    """bench (sweeps, quantize, roofline), tune, calibrate, eval take --config / --family /
+    --prediction-type as generate does (a file outside the bundled configs could only be generated from);
+    the model's identity, which calibrations and cached references are keyed by, includes the config and
+    a forced prediction type; --config on a folder and erase of a single file are one line each, before
+    any work."""
     import velodiff
     from velodiff.eval.reference import model_identity
 
@@ -403,6 +404,11 @@ def test_a_single_file_runs_every_model_command_with_its_config(tiny_single_file
                            "--out", tmp_path / "bench")
     assert code == 0, err
     code, _, err = run_cli(capsys, "calibrate", "cache", *how, "--steps", "3", "--limit", "1")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "bench", "quantize", *how, "--plans", "int8", "--prompts", "1")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "bench", "roofline", *how, "--plans", "none", "--batch", "1",
+                           "--steps", "1", "--rounds", "1", "--json", tmp_path / "roofline.json")
     assert code == 0, err
     eps = velodiff.load(f, config=folder, family="sd1")
     v = velodiff.load(f, config=folder, family="sd1", prediction_type="v_prediction")

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from . import options as o
 from .options import check_threads, example
 
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -23,7 +24,10 @@ TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 def bench_quantize(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Option(help="a shipped name or a model path")] = None,
+    model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     plans: Annotated[str, typer.Option(help="';'-separated quantization rules")] = "int8;w4a8",
     prompts: Annotated[int, typer.Option(min=1, max=100, help="ShapesEval v1 prompts, a seed each")] = 4,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the records as JSON")] = None,
@@ -57,7 +61,8 @@ def bench_quantize(
     quiet_libraries()
     from ..models.base import resolve_device
 
-    loaded, _ = load_model(model, threads, str(resolve_device(device)))
+    loaded, _ = load_model(model, threads, str(resolve_device(device)), config=config, family=family,
+                           prediction_type=prediction_type)
     texts = [p.text for p in load_prompts("v1")][:prompts]
     records = []
     for text, rule in rules:

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from ..limits import MAX_BATCH, MAX_STEPS
+from . import options as o
 from .options import check_threads, example
 
 
@@ -21,7 +22,10 @@ def bench_roofline(
     json_path: Annotated[Path, typer.Option("--json", help="JSON records (a list)")] = Path(
         "out/roofline.json"
     ),
-    model: Annotated[str | None, typer.Option(help="a shipped name or a model path")] = None,
+    model: o.Model = None,
+    config: o.Config = None,
+    family: o.Family = None,
+    prediction_type: o.PredictionType = None,
     plans: Annotated[str, typer.Option(help="';'-separated plans ('none': no plan)")] = "none;compile",
     batch: Annotated[str, typer.Option(help="comma list of images per call")] = "1,8",
     steps: Annotated[int, typer.Option(min=1, max=MAX_STEPS, help="sampling steps per timed run")] = 10,
@@ -61,7 +65,8 @@ def bench_roofline(
     quiet_libraries()
     from ..models.base import resolve_device
 
-    loaded, _ = load_model(model, threads, str(resolve_device(device)))
+    loaded, _ = load_model(model, threads, str(resolve_device(device)), config=config, family=family,
+                           prediction_type=prediction_type)
     records = [r for b in batches for r in roofline(loaded, names, batch=b, steps=steps, rounds=rounds)]
     command = _command_line(ctx)
     write_atomic(json_path, (json.dumps({"command": command, "records": records}, indent=1) + "\n").encode())
