@@ -103,6 +103,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         # a missing folder is made only when its parent exists: a typo two folders deep is one line
         (["generate", "a red circle", "--out", str(tmp_path / "missing" / "a" / "o.png")], "does not exist"),
         (["generate", "a red circle", "--out", out, "--guidance", "-1"], "guidance"),
+        # an infinite scale is the user's input, not "the model returned NaN" after loading it
+        (["generate", "a red circle", "--out", out, "--guidance", "inf"], "--guidance must be a finite"),
+        (["img2img", "x", "--image", out, "--out", out, "--embedded-guidance", "inf"], "finite number >= 0"),
         (["generate", "a red circle", "--out", out, "--model", str(tmp_path / "nowhere")], "does not exist"),
         (["generate", "a red circle", "--out", out, "--solver", "nope"], "unknown solver"),
         (["generate", "a red circle", "--out", str(tmp_path / "o.xyz")], "unknown image type"),

@@ -88,7 +88,7 @@ def test_plan_settings_and_plan_files(tmp_path):
         ("solver=nope", "unknown solver 'nope'"),
         ("steps=0", "plan setting steps must be in [1, 1000], got 0"),
         ("nfe=x", "plan setting nfe='x': not an integer"),
-        ("guidance=-1", "plan setting guidance must be >= 0"),
+        ("guidance=-1", "plan setting guidance must be a finite number >= 0"),
         ("sampler=ddim", "unknown plan setting 'sampler'; valid: grid, guidance, nfe, solver, steps"),
         ("steps=4+nfe=8", "a plan sets steps or nfe, not both"),
         (f"@{tmp_path / 'missing.txt'}", "cannot read the plan file"),

@@ -1,6 +1,10 @@
 """The bounds on the numbers a user types. Past them a run only exhausts memory or time (a billion steps
 or images allocated their lists until memory ran out), so every command refuses them in one line."""
 
+import math
+
+from .errors import VelodiffError
+
 #: the largest image side in pixels (8K images)
 MAX_SIDE = 8192
 #: the most solver steps or network evaluations per image (a discrete schedule has 1000 timesteps)
@@ -20,3 +24,12 @@ MAX_SAMPLE_ELEMENTS = 1 << 20
 #: the seeds velodiff takes: torch's (``Generator.manual_seed``: 64 bits, either sign; -1 is 2**64 - 1);
 #: the servers take ComfyUI's KSampler range, [0, SEED_END)
 SEED_MIN, SEED_END = -(2**63), 2**64
+
+
+def check_guidance(scale: float, what: str = "guidance scale", high: float = math.inf) -> float:
+    """A guidance scale, refused in one line unless a finite number in [0, ``high``] (an infinite scale
+    turns CFG's w * (c - u) into NaN where c = u, which would read as the model's fault)."""
+    if isinstance(scale, bool) or not (math.isfinite(scale) and 0 <= scale <= high):
+        bound = ">= 0" if high == math.inf else f"in [0, {high:g}]"
+        raise VelodiffError(f"{what} must be a finite number {bound}, got {scale}")
+    return float(scale)

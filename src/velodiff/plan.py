@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import VelodiffError, unknown_name
-from .limits import MAX_STEPS
+from .limits import MAX_STEPS, check_guidance
 
 if TYPE_CHECKING:  # torch loads with the first evaluation, so plan strings parse without it (CLI errors)
     from torch import Tensor
@@ -351,8 +351,8 @@ def parse_setting(text: str) -> tuple[str, Any]:
         raise VelodiffError(f"plan setting {key!r} is empty")
     if key in ("steps", "nfe") and not 1 <= value <= MAX_STEPS:
         raise VelodiffError(f"plan setting {key} must be in [1, {MAX_STEPS}], got {value}")
-    if key == "guidance" and not (math.isfinite(value) and value >= 0):
-        raise VelodiffError(f"plan setting guidance must be >= 0, got {raw}")
+    if key == "guidance":
+        check_guidance(value, "plan setting guidance")
     if key in ("solver", "grid"):
         from .commands.names import check_grid, check_solver
 

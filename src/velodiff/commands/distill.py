@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
+from ..limits import check_guidance
 from .options import check_threads, example
 
 distill_app = typer.Typer(
@@ -55,8 +56,8 @@ def loop_config(
     for name, value in (("--lr", lr), ("--max-minutes", max_minutes)):
         if value is not None and not 0 < value < math.inf:
             raise VelodiffError(f"{name} must be a finite number > 0, got {value}")
-    if guidance is not None and not 0 <= guidance < math.inf:
-        raise VelodiffError(f"--guidance must be a finite number >= 0, got {guidance}")
+    if guidance is not None:
+        check_guidance(guidance, "--guidance")
 
     return LoopConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=0.0, ema_decay=ema, seed=seed,
                       checkpoint_every=checkpoint_every, max_minutes=max_minutes, log_every=1,

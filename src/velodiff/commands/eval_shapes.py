@@ -7,7 +7,6 @@ best scale's, and every scale's are under ``sweep``."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +16,7 @@ import typer
 from ..errors import VelodiffError
 from ..eval import tables
 from ..files import save_image_atomic, write_atomic
-from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS
+from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS, check_guidance
 from . import options as o
 from .options import THREADS_HELP, check_threads
 
@@ -32,8 +31,7 @@ def parse_scales(text: str | None, default: float | None) -> list[float | None]:
     except ValueError:
         raise VelodiffError(f"--guidance must be a number or a comma list of numbers, got {text!r}") from None
     for s in scales:
-        if not 0 <= s < math.inf:
-            raise VelodiffError(f"guidance must be a finite number >= 0, got {s}")
+        check_guidance(s, "guidance")
     if len(set(scales)) < len(scales):
         raise VelodiffError(f"--guidance {text!r} lists a scale twice; each is one run")
     return scales

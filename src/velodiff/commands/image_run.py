@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
-from ..limits import MAX_SIDE, MAX_STEPS, SEED_END, SEED_MIN
+from ..limits import MAX_SIDE, MAX_STEPS, SEED_END, SEED_MIN, check_guidance
 
 
 @dataclass
@@ -66,10 +66,9 @@ class ImageRun:
 
         if self.steps is not None and self.nfe is not None:
             raise VelodiffError("give --steps or --nfe, not both")
-        if self.guidance is not None and not self.guidance >= 0:
-            raise VelodiffError(f"--guidance must be >= 0, got {self.guidance}")
-        if self.embedded_guidance is not None and not self.embedded_guidance >= 0:
-            raise VelodiffError(f"--embedded-guidance must be >= 0, got {self.embedded_guidance}")
+        for name, value in (("--guidance", self.guidance), ("--embedded-guidance", self.embedded_guidance)):
+            if value is not None:
+                check_guidance(value, name)
         if not 0 <= self.guidance_rescale <= 1:
             raise VelodiffError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
         for name, value in (("--width", self.width), ("--height", self.height)):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import VelodiffError
+from ..limits import check_guidance
 from ..plan import Accelerator, Cond, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
 
 if TYPE_CHECKING:
@@ -72,9 +73,7 @@ class UncondCombiner(GuidanceRule):
 
     def begin(self, run: RunInfo) -> None:
         super().begin(run)
-        self.w = float(self.scale if self.scale is not None else run.guidance)
-        if not self.w >= 0:
-            raise VelodiffError(f"guidance scale must be >= 0, got {self.w}")
+        self.w = check_guidance(float(self.scale if self.scale is not None else run.guidance))
 
     def active(self, req: EvalRequest) -> bool:
         return self.w != 1.0 and self.in_range(req.step)

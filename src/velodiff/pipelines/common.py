@@ -26,6 +26,7 @@ from ..denoisers import Cond
 from ..errors import VelodiffError, check_text, unknown_name
 from ..grids import check_grid, make_grid
 from ..guidance import ClassifierFreeGuidance, GuidanceRescale, GuidedCond
+from ..limits import check_guidance
 from ..noise import BrownianNoise, GaussianNoise, check_seed, randn
 from ..plan import Plan
 from ..sampling import StepInfo, sample
@@ -423,8 +424,7 @@ def resolve_plan(
     p = Plan.parse(plan)
     if not 0.0 <= rescale <= 1.0:
         raise VelodiffError(f"guidance rescale must be in [0, 1], got {rescale}")
-    if not guidance >= 0:
-        raise VelodiffError(f"guidance scale must be >= 0, got {guidance}")
+    check_guidance(guidance)
     extra: list[Any] = []
     if guidance != 1.0 and not p.claims("uncond"):
         lo_hi = {} if interval is None else {"t_lo": float(interval[0]), "t_hi": float(interval[1])}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import VelodiffError, unknown_name
-from ..limits import SEED_END
+from ..limits import SEED_END, check_guidance
 
 #: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
 BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "solver_options", "grid", "guidance",
@@ -168,8 +168,7 @@ class Engine:
         guidance = float(
             req.guidance if req.guidance is not None else defaults.get("guidance", m.default_guidance)
         )
-        if not 0 <= guidance <= 100:
-            raise VelodiffError(f"guidance must be in [0, 100], got {guidance}")
+        check_guidance(guidance, "guidance", high=100)
         plan = str(parsed) if parsed is not None else None
         for what, text in (("prompt", req.prompt), ("negative prompt", req.negative)):
             if text:
