@@ -127,6 +127,19 @@ def test_sizes_are_checked(models):
     with pytest.raises(VelodiffError, match="multiples of 8 for sd3"):
         models["sd3"].latent_shape(1, 64, 36)
     assert models["pixart-sigma"].latent_shape(2, 40, 64) == (2, 4, 10, 16)
+    assert models["flux"].size_factor == 2 * models["flux"].vae_scale_factor  # its 2x2 patches
+
+
+def test_the_server_refuses_a_size_the_patches_do_not_divide_before_queueing(folders):
+    """Flux packs 2x2 latent pixels per token: a width the VAE's factor divides but the patch does not is
+    refused when the job is checked, not in the worker after it was accepted."""
+    from velodiff.serve.engine import Engine, Request
+
+    engine = Engine(str(folders["flux"]), device="cpu")
+    f = engine.model(None)[0].vae_scale_factor
+    with pytest.raises(VelodiffError, match=f"not a positive multiple of {2 * f}"):
+        engine.check(Request(prompt="a red circle", width=3 * f, height=2 * f, steps=2))
+    engine.check(Request(prompt="a red circle", width=4 * f, height=2 * f, steps=2))
 
 
 # --- parity with diffusers ----------------------------------------------------------------------

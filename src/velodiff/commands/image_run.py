@@ -148,7 +148,7 @@ class ImageRun:
             m.clip_skip = self.clip_skip
         if self.embedded_guidance is not None:
             set_embedded_guidance(m, self.embedded_guidance)
-        f = m.vae_scale_factor
+        f = m.size_factor
         for name, value in (("--width", self.width), ("--height", self.height)):
             if value is not None and value % f:
                 raise VelodiffError(
@@ -265,7 +265,7 @@ def fit_size(run: ImageRun, image: Any, what: str = "image") -> tuple[int, int]:
     """The output size (w, h): --width/--height if given (the image is resized to it), else the
     image's own, which must then be a multiple of the model's latent factor."""
     w, h = image.size
-    f = run.loaded.vae_scale_factor
+    f = run.loaded.size_factor
     tw, th = run.width or w, run.height or h
     if (run.width is None and w % f) or (run.height is None and h % f):
         raise VelodiffError(

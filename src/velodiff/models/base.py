@@ -206,6 +206,13 @@ class LoadedModel:
     #: ``time_cond_proj_dim``: ``velodiff distill guided``, LCM): one pass per step; None for others.
     #: ``guidance`` stays true classifier-free guidance (two passes), 1 by default for such models.
     embedded_guidance: float | None = None
+    #: latent pixels per token side: a transformer's patch size (Flux's 2x2 packing), 1 for a UNet
+    patch_size: int = 1
+
+    @property
+    def size_factor(self) -> int:
+        """What image sides must be multiples of: the VAE's factor times the patch size."""
+        return self.vae_scale_factor * self.patch_size
 
     def grid_options(self, height: int, width: int) -> dict[str, Any]:
         """Options of the default grid for images of this size (resolution-dependent shifts override)."""
@@ -256,13 +263,17 @@ class LoadedModel:
         return self.network_in_channels == 2 * self.latent_channels + 1
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
-        f = self.vae_scale_factor
+        f = self.size_factor
         if height <= 0 or width <= 0 or height % f or width % f:
-            raise VelodiffError(
-                f"height and width must be positive multiples of {f} for {self.family} "
-                f"(the latent factor), got {height}x{width}"
+            why = "the latent factor" if self.patch_size == 1 else (
+                f"latent factor {self.vae_scale_factor} x patch size {self.patch_size}"
             )
-        return (batch, self.latent_channels, height // f, width // f)
+            raise VelodiffError(
+                f"height and width must be positive multiples of {f} for {self.family} ({why}), "
+                f"got {height}x{width}"
+            )
+        v = self.vae_scale_factor
+        return (batch, self.latent_channels, height // v, width // v)
 
     def describe(self) -> str:
         h, w = self.default_size

@@ -160,20 +160,8 @@ class DiTModel(SDModel):
 
     #: T5's sequence length (diffusers' ``max_sequence_length``)
     max_sequence_length: int = 256
-    #: latent pixels per token side (the transformer's patch size; Flux's 2x2 packing)
-    patch_size: int = 1
     #: mu at max_image_seq_len when the scheduler config has none (diffusers: SD3 1.16, Flux 1.15)
     max_shift: float = 1.16
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
-        f = self.vae_scale_factor * self.patch_size
-        if height <= 0 or width <= 0 or height % f or width % f:
-            raise VelodiffError(
-                f"height and width must be positive multiples of {f} for {self.family} "
-                f"(latent factor {self.vae_scale_factor} x patch size {self.patch_size}), "
-                f"got {height}x{width}"
-            )
-        return super().latent_shape(batch, height, width)
 
     def grid_options(self, height: int, width: int) -> dict[str, Any]:
         """The default grid's options for images of this size: a scheduler with
@@ -181,7 +169,7 @@ class DiTModel(SDModel):
         cfg = self.components.get("scheduler_config") or {}
         if not cfg.get("use_dynamic_shifting"):
             return dict(self.default_grid_options)
-        f = self.vae_scale_factor * self.patch_size
+        f = self.size_factor
         return {
             **self.default_grid_options,
             "shift": dynamic_shift(cfg, (height // f) * (width // f), self.max_shift),

@@ -140,7 +140,7 @@ class Engine:
         m, defaults = self.model(name)
         h = int(req.height if req.height is not None else m.default_size[0])  # 0 is refused, not the default
         w = int(req.width if req.width is not None else m.default_size[1])
-        f = m.vae_scale_factor
+        f = m.size_factor
         for what, v in (("width", w), ("height", h)):
             if v <= 0 or v % f:
                 raise VelodiffError(

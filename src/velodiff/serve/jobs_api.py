@@ -197,7 +197,7 @@ async def options(request: Request) -> dict[str, Any]:
             "guidance": defaults.get("guidance", m.default_guidance),
         },
         "max_n": srv.engine.max_n,
-        "latent_factor": m.vae_scale_factor,
+        "latent_factor": m.size_factor,
     }
 
 
