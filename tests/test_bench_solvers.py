@@ -73,6 +73,23 @@ def test_reference_is_not_the_solver():
     assert e40 < e10 / 8  # second order: (40/10)^2 = 16
 
 
+def test_every_solver_spends_its_budget_as_the_pipeline_plans_it():
+    """A record at NFE n is what `generate --nfe n` runs (one planner, ``SolverSpec.plan_nfe``): dpm_fast
+    plans its orders from the budget (Lu et al. 2022, Sec. 3.4), its final jump to t = 0 one evaluation."""
+    from velodiff.solvers import get_solver
+
+    oracle = sb.make_oracles(("2d",), samples=8)[0]
+    for nfe in (5, 8, 10):
+        (rec,) = sb.velodiff_records(oracle, ["dpm_fast"], ["logsnr"], [nfe])
+        steps, options = get_solver("dpm_fast").plan_nfe(nfe)
+        assert rec["steps"] == steps and options == {"nfe": nfe} and rec["nfe_used"] <= nfe
+        ts = make_grid("logsnr", oracle.schedule, steps)
+        x = sb.prior_sample(oracle.schedule, float(ts[0]), oracle.noise)
+        planned = sample(oracle.denoiser, x, ts, "dpm_fast", nfe=nfe).x
+        assert rec["error"] == oracle.error(planned, rec["final"] == "zero")
+    assert get_solver("dpmpp_2m").plan_nfe(8) == (8, {})
+
+
 def test_markdown_and_plot(small_records):
     md = sb.markdown_report(small_records, command="velodiff bench solvers")
     assert "## mixture-2d" in md and "## mixture-1x4x4" in md and "DPMSolverMultistep" in md

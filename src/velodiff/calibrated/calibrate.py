@@ -158,8 +158,8 @@ def calibrate_solver(
         tick = _tick(progress, f"NFE {nfe}")
         for solver in solvers:
             spec = get_solver(solver)
-            steps = spec.steps_for_nfe(int(nfe))
-            base_opts = {"ems": ems} if solver == "dpm_solver_v3" else {}
+            steps, planned = spec.plan_nfe(int(nfe))
+            base_opts = {**planned, **({"ems": ems} if solver == "dpm_solver_v3" else {})}
             named = [(g, ts, problem.score(ts, solver, base_opts)) for g, ts in _named_grids(problem, steps)]
             for g, _, e in named:
                 if solver != "dpm_solver_v3":  # uncalibrated baselines: fixed solvers on named grids

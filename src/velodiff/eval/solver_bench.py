@@ -195,7 +195,7 @@ def velodiff_records(
     nfes: Iterable[int],
     progress: Progress | None = None,
 ) -> list[Record]:
-    """One record per (solver, grid, NFE) that fits: ``steps = SolverSpec.steps_for_nfe(nfe)``,
+    """One record per (solver, grid, NFE) that fits: steps and options from ``SolverSpec.plan_nfe(nfe)``,
     skipped when even the fewest steps cost more than the NFE or fall below the solver's minimum."""
     sched = oracle.schedule
     records: list[Record] = []
@@ -206,14 +206,15 @@ def velodiff_records(
             for nfe in nfes:
                 if progress:
                     progress()
-                steps = spec.steps_for_nfe(nfe)
-                if spec.stochastic or steps < spec.min_steps or spec.nfe(steps) > nfe:
+                steps, planned = spec.plan_nfe(nfe)
+                if spec.stochastic or steps < spec.min_steps or (not planned and spec.nfe(steps) > nfe):
                     continue
                 try:
                     ts = make_grid(grid, sched, steps)
                 except VelodiffError:
                     continue
-                res = sample(oracle.denoiser, prior_sample(sched, float(ts[0]), oracle.noise), ts, spec)
+                x = prior_sample(sched, float(ts[0]), oracle.noise)
+                res = sample(oracle.denoiser, x, ts, spec, **planned)
                 t_last, jump = _ending(ts)
                 records.append({
                     "source": "velodiff", "solver": name, "grid": grid, "nfe": nfe,

@@ -294,11 +294,11 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     if nfe is not None:
         if nfe < 1:
             raise VelodiffError(f"nfe must be >= 1, got {nfe}")
-        steps = spec.steps_for_nfe(int(nfe), ends_at_zero=final == "zero")
-        if "nfe" in spec.defaults and not (opts.solver_options or {}).get("nfe"):
-            # a solver that plans its orders from the budget (dpm_fast, Lu et al. 2022, Sec. 3.4)
-            steps = int(nfe) // 3 + 1
-            spec = replace(spec, defaults={**spec.defaults, "nfe": int(nfe)})
+        steps, planned = spec.plan_nfe(int(nfe), ends_at_zero=final == "zero")
+        if planned and not (opts.solver_options or {}).get("nfe"):  # the budget as the solver plans it
+            spec = replace(spec, defaults={**spec.defaults, **planned})
+        elif planned:
+            steps = spec.steps_for_nfe(int(nfe), ends_at_zero=final == "zero")
     steps = int(model.default_steps if steps is None else steps)
     if steps < 1:
         raise VelodiffError(f"steps must be >= 1, got {steps}")

@@ -165,6 +165,14 @@ class SolverSpec:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0
         return self.nfe_per_step * steps - saved
 
+    def plan_nfe(self, nfe: int, ends_at_zero: bool = True) -> tuple[int, dict[str, Any]]:
+        """Steps, and the options that go with them, spending at most ``nfe`` evaluations: the most
+        steps that fit, or, for a solver that plans its orders from the budget (an ``nfe`` option:
+        DPM-Solver-fast, Lu et al. 2022, Sec. 3.4), floor(nfe / nfe_per_step) + 1 steps and the budget."""
+        if "nfe" in self.defaults:
+            return int(nfe) // self.nfe_per_step + 1, {"nfe": int(nfe)}
+        return self.steps_for_nfe(int(nfe), ends_at_zero), {}
+
     def steps_for_nfe(self, nfe: int, ends_at_zero: bool = True) -> int:
         """The most steps whose NFE does not exceed ``nfe`` (at least ``min_steps``)."""
         steps = max(1, nfe // self.nfe_per_step)
