@@ -100,10 +100,12 @@ class SearchSpace:
                     raise VelodiffError(f"search space: axes.{axis} {opt!r}: {e}") from None
 
     def needs_calibration(self) -> bool:
-        """Whether some combination runs on a solver calibration (the calibrated grid, DPM-Solver-v3)."""
+        """Whether some combination runs on a solver calibration (the calibrated grid, a solver that
+        requires fitted options: DPM-Solver-v3)."""
         from ..pipelines.common import CALIBRATED
+        from ..solvers import get_solver
 
-        return CALIBRATED in self.grids or "dpm_solver_v3" in self.solvers
+        return CALIBRATED in self.grids or any(get_solver(s).requires for s in self.solvers)
 
     def available(self) -> SearchSpace:
         """The space without the rules this installation does not have (e.g. int8 without torchao)."""
@@ -191,6 +193,7 @@ def calibration_check(
     one line)."""
     from ..calibrated.artefact import load_solver_calibrations
     from ..pipelines.common import CALIBRATED
+    from ..solvers import get_solver
     from .reference import model_identity
 
     g = float(guidance if guidance is not None else getattr(model, "default_guidance", 1.0))
@@ -204,7 +207,7 @@ def calibration_check(
     def runs(solver: str, grid: str | None, nfe: int) -> bool:
         if grid == CALIBRATED:
             return (solver, int(nfe)) in entries
-        return solver != "dpm_solver_v3" or any(a.get("ems") for a in arts)
+        return not get_solver(solver).requires or any(a.get("ems") for a in arts)
 
     return runs
 

@@ -282,7 +282,7 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     if isinstance(grid, str) and grid != CALIBRATED and _grid_name(grid) == CALIBRATED:  # ComfyUI's gits
         grid, opts = CALIBRATED, replace(opts, grid=CALIBRATED)
     options = dict(opts.solver_options or {})
-    if grid == CALIBRATED or (spec.name == "dpm_solver_v3" and options.get("ems") is None):
+    if grid == CALIBRATED or spec.missing(options):  # what the model's calibration fitted
         return calibrated_setup(model, opts, spec, guidance, plan, options)
     if grid is not None and not isinstance(grid, str):
         ts = make_grid(grid, model.schedule)
@@ -335,9 +335,10 @@ def calibrated_setup(
     model: Any, opts: Sampling, spec: SolverSpec, guidance: float, plan: Plan, options: dict[str, Any]
 ) -> Setup:
     """A run on what ``velodiff calibrate solver`` fitted for this model and guidance scale: with
-    ``grid="calibrated"``, the solver's calibrated grid and fitted options at the run's NFE; for
-    ``dpm_solver_v3``, its model statistics (on any grid)."""
-    from ..calibrated.artefact import find_entry_in, load_solver_calibrations, load_statistics
+    ``grid="calibrated"``, the solver's calibrated grid and fitted options at the run's NFE; for a
+    solver that requires fitted options (``SolverSpec.requires``: DPM-Solver-v3's model statistics
+    ``ems``), those (on any grid)."""
+    from ..calibrated.artefact import find_entry_in, load_solver_calibrations
     from ..calibrated.calibrate import entry_options
     from ..eval.reference import model_command_name, model_identity
 
@@ -346,16 +347,15 @@ def calibrated_setup(
     arts = load_solver_calibrations(model_identity(model), guided_scale(plan, guidance), name,
                                     model_path=model.path)
     if opts.grid != CALIBRATED:
-        if spec.name == "dpm_solver_v3" and options.get("ems") is None:
+        if spec.missing(options):
             art = next((a for a in arts if a.get("ems")), arts[0])
-            options = {**options, "ems": load_statistics(art)}
+            options = {**options, **_fitted(spec, options, art)}
         return make_setup(model, replace(opts, solver=spec, solver_options=options))
     if opts.steps is not None and opts.nfe is not None:
         raise VelodiffError("give steps or nfe, not both")
     nfe = opts.nfe if opts.nfe is not None else spec.nfe(int(opts.steps or model.default_steps))
     entry, art = find_entry_in(arts, spec.name, int(nfe), name)
-    if spec.name == "dpm_solver_v3" and options.get("ems") is None:  # the statistics its grid was fitted on
-        options = {**options, "ems": load_statistics(art)}
+    options = {**options, **_fitted(spec, options, art)}  # the statistics its grid was fitted on
     ts = torch.tensor(entry["ts"], dtype=torch.float64)
     if len(ts) - 1 != spec.steps_for_nfe(int(nfe)):  # a damaged entry would silently run other steps
         raise VelodiffError(
@@ -364,6 +364,14 @@ def calibrated_setup(
         )
     check_grid(model.schedule, ts)
     return Setup(spec, ts, len(ts) - 1, guidance, plan, {**entry_options(entry), **options}, grid=CALIBRATED)
+
+
+def _fitted(spec: SolverSpec, options: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
+    """What a solver requires and ``options`` lack, from a solver calibration: the model statistics
+    (DPM-Solver-v3's ``ems``, the one fitted option a calibration holds)."""
+    from ..calibrated.artefact import load_statistics
+
+    return {"ems": load_statistics(art)} if "ems" in spec.missing(options) else {}
 
 
 def _grid_name(name: str) -> str | None:

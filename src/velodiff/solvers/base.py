@@ -165,6 +165,10 @@ class SolverSpec:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0
         return self.nfe_per_step * steps - saved
 
+    def missing(self, options: Mapping[str, Any]) -> list[str]:
+        """The required options (``requires``) that ``options`` leave unset."""
+        return [k for k in self.requires if options.get(k) is None]
+
     def plan_nfe(self, nfe: int, ends_at_zero: bool = True) -> tuple[int, dict[str, Any]]:
         """Steps, and the options that go with them, spending at most ``nfe`` evaluations: the most
         steps that fit, or, for a solver that plans its orders from the budget (an ``nfe`` option:
