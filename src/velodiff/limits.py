@@ -33,3 +33,16 @@ def check_guidance(scale: float, what: str = "guidance scale", high: float = mat
         bound = ">= 0" if high == math.inf else f"in [0, {high:g}]"
         raise VelodiffError(f"{what} must be a finite number {bound}, got {scale}")
     return float(scale)
+
+
+def check_strength(strength: float, what: str = "strength", zero: bool = True) -> float:
+    """An image-to-image strength (diffusers' ``strength``: the share of the steps re-run from the noised
+    image), refused in one line outside [0, 1]; ``zero=False`` where a run must re-run something (a
+    collage's harmonising pass, a brush layer): (0, 1]."""
+    s = float(strength)
+    if not (math.isfinite(s) and (s >= 0 if zero else s > 0) and s <= 1):
+        bounds = "[0, 1] (0 returns the image, 1 ignores it)" if zero else (
+            "(0, 1] (the share of the steps re-run)"
+        )
+        raise VelodiffError(f"{what} must be in {bounds}, got {strength:g}")
+    return s

@@ -15,6 +15,7 @@ import typer
 from ..errors import VelodiffError
 from ..files import save_image_atomic
 from ..images import image_grid
+from ..limits import check_strength
 from . import options as o
 from .image_run import ImageRun
 
@@ -268,8 +269,8 @@ def check_layout_mode(mode: str, strength: float | None, maps: Path | None) -> b
         raise VelodiffError(f"--layout-mode {mode!r}: use guidance or collage")
     if strength is not None and mode != "collage":
         raise VelodiffError("--strength applies to --layout-mode collage (use velodiff img2img for SDEdit)")
-    if strength is not None and not 0 < strength <= 1:
-        raise VelodiffError(f"--strength must be in (0, 1] (the share of the steps re-run), got {strength:g}")
+    if strength is not None:
+        check_strength(strength, "--strength", zero=False)
     if mode == "collage" and maps is not None:
         raise VelodiffError("--attention-maps records one generation; the collage runs one per object")
     return mode == "collage"

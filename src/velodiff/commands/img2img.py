@@ -11,6 +11,7 @@ import typer
 from ..errors import VelodiffError
 from ..files import save_image_atomic
 from ..images import image_grid
+from ..limits import check_strength
 from . import options as o
 from .generate import check_output_path
 from .image_run import ImageRun, fit_size, read_rgb
@@ -19,13 +20,6 @@ EXAMPLE = o.example(
     'velodiff img2img "a watercolor lighthouse" --image photo.png \\',
     "    --strength 0.6 --out watercolor.png",
 )
-
-
-def check_strength(strength: float) -> None:
-    if not 0 <= strength <= 1:
-        raise VelodiffError(
-            f"--strength must be in [0, 1] (0 returns the image, 1 ignores it), got {strength:g}"
-        )
 
 
 def img2img_cmd(
@@ -67,7 +61,7 @@ def img2img_cmd(
     --strength part runs."""
     if not prompt.strip():
         raise VelodiffError('the prompt is empty; describe the image, e.g. "a watercolor lighthouse"')
-    check_strength(strength)
+    check_strength(strength, "--strength")
     run = ImageRun.of(locals())
     run.check()
     fmt = check_output_path(out)

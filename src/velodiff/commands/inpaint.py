@@ -12,10 +12,10 @@ import typer
 from ..errors import VelodiffError
 from ..files import save_image_atomic
 from ..images import image_grid
+from ..limits import check_strength
 from . import options as o
 from .generate import check_output_path
 from .image_run import ImageRun, fit_size, read_image, read_rgb
-from .img2img import check_strength
 
 EXAMPLE = o.example(
     'velodiff inpaint "a red sailboat" --image sea.png --mask boat-mask.png \\',
@@ -73,7 +73,7 @@ def inpaint_cmd(
     input; any other model inpaints by masked re-noising."""
     if not prompt.strip():
         raise VelodiffError('the prompt is empty; describe what to paint, e.g. "a red sailboat"')
-    check_strength(strength)
+    check_strength(strength, "--strength")
     run = ImageRun.of(locals())
     run.check()
     fmt = check_output_path(out)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..limits import check_strength
 
 
 @dataclass
@@ -101,8 +102,7 @@ class Canvas:
     def _checked(self, layer: Layer) -> Layer:
         if not isinstance(layer.prompt, str) or not layer.prompt.strip():
             raise VelodiffError("a layer's prompt is empty; describe what the brush paints")
-        if not 0.0 < float(layer.strength) <= 1.0:
-            raise VelodiffError(f"a layer's strength must be in (0, 1], got {layer.strength}")
+        check_strength(layer.strength, "a layer's strength", zero=False)
         return layer
 
     # -- rendering --

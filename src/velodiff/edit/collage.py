@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VelodiffError
+from ..limits import check_strength
 from .layout import (
     Box,
     Boxes,
@@ -242,8 +243,7 @@ def collage(
     # (words, region, whether it holds one object of a counted group: drawn as "a <object>")
     items = [(words, box, isinstance(value, list | tuple) and not isinstance(value[0], int | float))
              for words, value in boxes.items() for box in box_list(value)]
-    if not 0 < strength <= 1:
-        raise VelodiffError(f"collage: strength must be in (0, 1] (the share of steps run), not {strength}")
+    check_strength(strength, "collage: strength", zero=False)
     if "latents" in options:
         raise VelodiffError("collage: latents apply to one generation; give seeds instead")
     plan = options.pop("plan", None)

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..limits import check_strength
 from ..sampling import SampleResult
 from .common import (
     GenerationResult,
@@ -30,13 +31,6 @@ from .common import (
     normalize_prompts,
     run,
 )
-
-
-def check_strength(strength: float) -> float:
-    s = float(strength)
-    if not 0.0 <= s <= 1.0:
-        raise VelodiffError(f"strength must be in [0, 1] (0 keeps the image, 1 ignores it), got {strength}")
-    return s
 
 
 def start_index(steps: int, strength: float) -> int:

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..denoisers import Cond
 from ..errors import VelodiffError
 from ..guidance import GuidedCond
+from ..limits import check_strength
 from ..sampling import SampleResult, StepInfo
 from .common import (
     GenerationResult,
@@ -41,7 +42,7 @@ from .common import (
     prepare_cond,
     run,
 )
-from .img2img import check_runs_a_step, check_strength, start_index
+from .img2img import check_runs_a_step, start_index
 
 
 def _with_concat(cond: Cond, extra: Tensor) -> Cond:
