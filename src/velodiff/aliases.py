@@ -65,7 +65,7 @@ def normalize(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", key).strip("_")
 
 
-KD, COMFY, A1111, DIFFUSERS = "k-diffusion", "ComfyUI", "A1111", "diffusers"
+COMFY, A1111, DIFFUSERS = "ComfyUI", "A1111", "diffusers"
 KD_COMFY = "k-diffusion / ComfyUI"
 NO_LOF = {"lower_order_final": False}  # k-diffusion's multistep samplers keep their order to the end
 SDE_HEUN = {**NO_LOF, "solver_type": "heun"}  # k-diffusion's dpmpp_2m_sde(solver_type="heun")

@@ -27,10 +27,6 @@ def ddim_step(x: Tensor, x0: Tensor, a: Tensor, s: Tensor, a2: Tensor, s2: Tenso
     return a2 * x0 + s2 * eps
 
 
-def x0_from_v(x: Tensor, v: Tensor, a: Tensor, s: Tensor) -> Tensor:
-    return a * x - s * v
-
-
 def student_target(x: Tensor, x2: Tensor, a: Tensor, s: Tensor, a2: Tensor, s2: Tensor) -> Tensor:
     """The x0 one DDIM step from (a, s) must predict to reach x2 at (a2, s2) from x."""
     r = s2 / s

@@ -259,15 +259,6 @@ def _ddim_invert(ev: Evaluator, z0: Tensor, ts: Tensor, progress: Any) -> Tensor
     return x
 
 
-def ddim_regenerate(ev: Evaluator, x: Tensor, ts: Tensor) -> Tensor:
-    """Deterministic DDIM from ts[0] down (what ``ddim`` inverts), in the same eps form."""
-    sched = ev.run.schedule
-    for i in range(len(ts) - 1):
-        a, b = _coeffs(sched, float(ts[i]), float(ts[i + 1]))
-        x = a * x + b * ev.eps(x, float(ts[i]), i)
-    return x
-
-
 def _edict_invert(ev: Evaluator, z0: Tensor, ts: Tensor, p: float, progress: Any) -> tuple[Tensor, Tensor]:
     sched = ev.run.schedule
     x, y = z0, z0.clone()

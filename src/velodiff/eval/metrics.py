@@ -214,14 +214,6 @@ class DistributionMetrics:
         return out
 
 
-def frechet_distance(real: Any, fake: Any, extractor: Any = FD_SHAPES, kid: bool = False) -> dict[str, Any]:
-    """One-shot FD (and KID) between two image sets."""
-    m = DistributionMetrics(extractor, kid=kid)
-    m.add_real(real)
-    m.add_fake(fake)
-    return m.compute()
-
-
 # --- CLIP score -----------------------------------------------------------------------------------
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

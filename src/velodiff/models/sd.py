@@ -39,15 +39,12 @@ SD1_TEXT_KEY = "cond_stage_model.transformer."
 SD2_TEXT_KEY = "cond_stage_model.model.transformer.resblocks."
 
 
-def load_clip_tokenizer(path: Path, subfolder: str = "tokenizer", max_length: int | None = None) -> Any:
+def load_clip_tokenizer(path: Path, subfolder: str = "tokenizer") -> Any:
     from transformers import CLIPTokenizer
 
     if not (Path(path) / subfolder).is_dir():  # transformers would build an empty tokenizer instead
         raise VelodiffError(f"cannot load {subfolder}/ from {path}: the folder is missing")
-    tok = from_pretrained(CLIPTokenizer, path, subfolder, weights=False)
-    if max_length is not None:
-        tok.model_max_length = max_length
-    return tok
+    return from_pretrained(CLIPTokenizer, path, subfolder, weights=False)
 
 
 @dataclass

@@ -251,19 +251,6 @@ class JobStore:
 
         return self._tx(end)
 
-    def clear_queued(self) -> int:
-        """Cancel every queued job (ComfyUI's ``POST /queue {"clear": true}``)."""
-
-        def clear(db: sqlite3.Connection) -> int:
-            n = db.execute(
-                "UPDATE jobs SET state = 'cancelled', finished = ?, error = 'cleared' WHERE state = 'queued'",
-                (time.time(),),
-            ).rowcount
-            self._prune(db)
-            return n
-
-        return self._tx(clear)
-
     def _prune(self, db: sqlite3.Connection) -> None:
         """Delete the finished jobs older than the newest ``max_history``, with their images."""
         old = ("SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') "
