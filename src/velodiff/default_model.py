@@ -7,25 +7,17 @@ The shipped weights are a diffusers folder inside the package (``assets/default-
 
 from __future__ import annotations
 
-import gzip
 import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import VelodiffError
-
 #: the CLIP context length (tokens, incl. start and end)
 MAX_TOKENS = 77
 IMAGE_SIZE = 64
 #: diffusers' SD1.x/2.x pipeline component names in model_index.json
 PIPELINE_CLASS = "StableDiffusionPipeline"
-
-#: where open_clip's wheel keeps CLIP's BPE file (the source of the vocabulary we ship)
-#: CLIP's BPE merges, bundled in the package (velodiff/assets/clip, MIT licence)
-CLIP_BPE_FILE = Path(__file__).parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
-
 
 def default_model_path() -> Path:
     """The shipped default model (a diffusers folder inside the package)."""
@@ -115,27 +107,13 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
 # --- tokenizer ---------------------------------------------------------------------------------
 
 
-def clip_vocab_and_merges(bpe_gz: str | Path) -> tuple[dict[str, int], list[str]]:
-    """CLIP's vocabulary and merges, built from its BPE file exactly as CLIP's SimpleTokenizer does."""
-    from .models.configs import bytes_to_unicode  # imports velodiff.models (torch): only when needed
+def write_tokenizer(folder: str | Path) -> Path:
+    """Write a transformers CLIPTokenizer (vocab.json + merges.txt, 77 tokens, pad = <|endoftext|>) from
+    the CLIP vocabulary bundled with velodiff (``models.configs.clip_vocab``)."""
+    from .models.configs import clip_vocab  # imports velodiff.models (torch): only when needed
 
-    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    if len(vocab) != 49408:
-        raise VelodiffError(f"unexpected CLIP vocabulary size {len(vocab)} from {bpe_gz}")
-    return {tok: i for i, tok in enumerate(vocab)}, merges
-
-
-def write_tokenizer(folder: str | Path, bpe_gz: str | Path | None = None) -> Path:
-    """Write a transformers CLIPTokenizer (vocab.json + merges.txt, 77 tokens, pad = <|endoftext|>)."""
-    bpe_gz = CLIP_BPE_FILE if bpe_gz is None else bpe_gz
-    if not Path(bpe_gz).exists():
-        raise VelodiffError(f"CLIP's BPE file not found: {bpe_gz}")
-    vocab, merges = clip_vocab_and_merges(bpe_gz)
+    vocab, pairs = clip_vocab()
+    merges = [" ".join(m) for m in pairs]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))

@@ -23,6 +23,7 @@ from ..errors import VelodiffError
 from .loading import Source
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: CLIP's BPE merges, bundled in the package (velodiff/assets/clip, MIT licence)
 BPE_FILE = ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 CONFIG_VERSION = 1
 
@@ -211,6 +212,8 @@ def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
         + ["".join(m) for m in merges]
         + ["<|startoftext|>", "<|endoftext|>"]
     )
+    if len(vocab) != 49408:
+        raise VelodiffError(f"CLIP vocabulary of {len(vocab)} tokens from {BPE_FILE}; reinstall velodiff")
     return {t: i for i, t in enumerate(vocab)}, merges  # type: ignore[return-value]
 
 
