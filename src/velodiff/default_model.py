@@ -88,17 +88,14 @@ def unet_config(size: str = "default") -> dict[str, Any]:
 
 def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
     """SD's scaled-linear 1000-step schedule, DPM-Solver++ 2M as the diffusers default."""
+    from .schedules import SD_SCHEDULER  # torch: only when a model is written
+
     return {
         "_class_name": "DPMSolverMultistepScheduler",
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
+        **SD_SCHEDULER,
         "prediction_type": prediction_type,
         "algorithm_type": "dpmsolver++",
         "solver_order": 2,
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
         "set_alpha_to_one": False,
         "clip_sample": False,
     }

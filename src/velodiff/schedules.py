@@ -25,6 +25,17 @@ from .errors import VelodiffError, unknown_name
 
 F64 = torch.float64
 
+#: Stable Diffusion's DDPM schedule (1.x, 2.x, XL), as its diffusers scheduler configs give it; a config
+#: built from it adds its own scheduler's keys
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
 
 def _as_t(t: Tensor | float) -> Tensor:
     return torch.as_tensor(t, dtype=F64)

@@ -45,7 +45,7 @@ from ..grids import GRIDS, make_grid
 from ..noise import prior_sample
 from ..oracle import GaussianMixture, MixtureDenoiser, reference_sample, starting_noise
 from ..sampling import sample
-from ..schedules import F64, DiscreteVP
+from ..schedules import F64, SD_SCHEDULER, DiscreteVP
 from ..solvers import SOLVERS
 from .tables import markdown_table
 
@@ -56,13 +56,10 @@ BAR_BASELINE = "DPMSolverMultistep"
 BAR_MAX_RATIO = 0.5
 RECORD_KEYS = ("source", "solver", "grid", "nfe", "error", "t_start", "data")
 
-#: Stable Diffusion 1.x's scheduler config; everything else stays at each scheduler's default.
+#: Stable Diffusion 1.x's scheduler config; everything else (the timestep spacing too) stays at each
+#: scheduler's default.
 SD_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
+    **{k: v for k, v in SD_SCHEDULER.items() if k != "timestep_spacing"},
     "clip_sample": False,
     "set_alpha_to_one": False,
 }

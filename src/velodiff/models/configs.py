@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
+from ..schedules import SD_SCHEDULER
 from .loading import Source
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -28,17 +29,12 @@ BPE_FILE = ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 CONFIG_VERSION = 1
 
 _SD_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "steps_offset": 1,
+    **SD_SCHEDULER,
     "clip_sample": False,
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
     "trained_betas": None,
     "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
 }
 _VAE = {
     "_class_name": "AutoencoderKL",

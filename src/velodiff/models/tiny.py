@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..schedules import SD_SCHEDULER
 from .configs import bytes_to_unicode as _bytes_to_unicode
 
 #: words with whole-word tokens in both tokenizers (anything else is spelled out)
@@ -189,15 +190,6 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.n
     return module.eval()
 
 
-#: Stable Diffusion's DDPM schedule, as its scheduler configs give it
-SD_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    timestep_spacing="leading",
-)
 
 
 def sd15() -> Any:
