@@ -152,13 +152,31 @@ class IdentitySelfAttention(RowProcessor):
         return torch.cat([out_rest[: rows.start], out_sel, out_rest[rows.start :]])
 
 
-class CaptureCrossAttention(RowProcessor):
-    """Cross-attention computed with an explicit attention map (diffusers' classic AttnProcessor math),
-    handing the selected rows' maps, averaged over heads, (rows, HW, tokens), to ``sink``."""
+def explicit_attention(
+    attn: Any, h: Tensor, encoder_hidden_states: Tensor | None, attention_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """diffusers' classic ``AttnProcessor`` math with the attention map kept, for tokens ``h`` (B, N, C):
+    the map (B * heads, N, T), softmax over the T keys, and the values (B * heads, T, d); self-attention
+    when ``encoder_hidden_states`` is None. The output is ``attn.batch_to_head_dim(bmm(map, values))``."""
+    context = h if encoder_hidden_states is None else encoder_hidden_states
+    mask = attn.prepare_attention_mask(attention_mask, context.shape[1], h.shape[0])
+    if attn.norm_cross and encoder_hidden_states is not None:
+        context = attn.norm_encoder_hidden_states(context)
+    q = attn.head_to_batch_dim(attn.to_q(h))
+    k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+    return attn.get_attention_scores(q, k, mask), v
 
-    def __init__(self, original: Any, state: RowState, sink: Callable[[Tensor], None]) -> None:
+
+class CaptureCrossAttention(RowProcessor):
+    """Cross-attention computed with an explicit attention map, handing the selected rows' maps,
+    averaged over heads, (rows, HW, tokens), to ``sink``: detached, or with their graph (``detach=False``:
+    layout guidance differentiates an energy of them)."""
+
+    def __init__(
+        self, original: Any, state: RowState, sink: Callable[[Tensor], None], detach: bool = True
+    ) -> None:
         super().__init__(original, state)
-        self.sink = sink
+        self.sink, self.detach = sink, detach
 
     def act(self, attn, rows, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
         import torch
@@ -167,15 +185,10 @@ class CaptureCrossAttention(RowProcessor):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         h, residual, shape = _to_tokens(attn, hidden_states, temb)
         b, n, _ = h.shape
-        mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
-        context = encoder_hidden_states
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q = attn.head_to_batch_dim(attn.to_q(h))
-        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(q, k, mask)  # (B * heads, N, T), softmax over tokens
+        probs, v = explicit_attention(attn, h, encoder_hidden_states, attention_mask)
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        self.sink(probs.view(b, attn.heads, n, -1).mean(1)[rows].detach())
+        maps = probs.view(b, attn.heads, n, -1).mean(1)[rows]
+        self.sink(maps.detach() if self.detach else maps)
         return _from_tokens(attn, out, residual, shape)
 
 

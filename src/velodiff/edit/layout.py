@@ -36,14 +36,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..accel.attention import (
-    ProcessorSwap,
-    RowProcessor,
-    RowState,
-    _from_tokens,
-    _to_tokens,
-    attention_modules,
-)
+from ..accel.attention import CaptureCrossAttention, ProcessorSwap, RowState, attention_modules
 from ..errors import VelodiffError
 from ..plan import Accelerator, Cost, Option, RunInfo, register_rule
 
@@ -194,31 +187,6 @@ def check_boxes(boxes: Boxes, prompt: str) -> None:
             raise VelodiffError(f"layout object {name!r}: {missing[0]!r} is not in the prompt {prompt!r}")
 
 
-class GradCapture(RowProcessor):
-    """Cross-attention with an explicit map, handing the selected rows' head-averaged maps (rows, N, T)
-    to ``sink`` with their graph (for the energy's gradient)."""
-
-    def __init__(self, original: Any, state: RowState, sink: Any) -> None:
-        super().__init__(original, state)
-        self.sink = sink
-
-    def act(self, attn, rows, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs):
-        import torch
-
-        h, residual, shape = _to_tokens(attn, hidden_states, temb)
-        b, n, _ = h.shape
-        mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
-        context = encoder_hidden_states
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q = attn.head_to_batch_dim(attn.to_q(h))
-        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(q, k, mask)
-        self.sink(probs.view(b, attn.heads, n, -1).mean(1)[rows])
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return _from_tokens(attn, out, residual, shape)
-
-
 def box_mask(box: Any, n: int, aspect: float = 1.0) -> Tensor:
     """A (n,) mask over a row-major grid of n cells (h x w, w / h = aspect): 1 where the cell centre is in
     the box (or, for a mask, where the cell is at least half region)."""
@@ -288,7 +256,8 @@ class LayoutGuidance(Accelerator):
         super().begin(run)
         self.state, self.swap, self.maps = RowState(), ProcessorSwap(), []
         mods = [m for m in attention_modules(run.network, True) if m[1].norm_q is None]
-        self.swap.install(mods, lambda name, mod, orig: GradCapture(orig, self.state, self.maps.append))
+        state, sink = self.state, self.maps.append  # maps with their graph: the energy's gradient
+        self.swap.install(mods, lambda _name, _mod, orig: CaptureCrossAttention(orig, state, sink, False))
         prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts))) if run.prompts else []
         astar = self.segregation > 0 or self.retention > 0
         self.objects: list[list[tuple[Tensor, Box | list[Box] | None]]] = []

@@ -27,7 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..accel.attention import ProcessorSwap, RowProcessor, _from_tokens, _to_tokens, attention_modules
+from ..accel.attention import (
+    ProcessorSwap,
+    RowProcessor,
+    _from_tokens,
+    _to_tokens,
+    attention_modules,
+    explicit_attention,
+)
 from ..errors import VelodiffError
 from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
 
@@ -124,13 +131,7 @@ class EditAttention(RowProcessor):
         b, n, _ = h.shape
         if not self.cross and n > SELF_MAX_TOKENS:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        context = h if encoder_hidden_states is None else encoder_hidden_states
-        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], b)
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
-        q = attn.head_to_batch_dim(attn.to_q(h))
-        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(q, k, mask)  # (B * heads, N, T)
+        probs, v = explicit_attention(attn, h, encoder_hidden_states, attention_mask)  # (B * heads, N, T)
         p = probs.view(b, attn.heads, n, -1).clone()
         if collect:  # the conditional rows' maps, heads averaged, for the local blend
             self.rule.blend_maps.append(p[st.groups[0]].mean(1).detach())
