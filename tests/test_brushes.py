@@ -90,7 +90,7 @@ def test_cli_brush(tmp_path, capsys):
                "--steps", "4", "--negative", "a red circle") == 0
     assert negated.read_bytes() != out.read_bytes()
     for bad, match in [
-        ("box=0,0.5,1.2,1;a;1;0.5", "the box must satisfy"),
+        ("box=0,0.5,1.2,1;a;1;0.5", "must satisfy 0 <= x0 < x1 <= 1"),
         ("a;b", "4 fields"),
         ("box=0,0,1,1;a;x;0.5", "SEED must be an integer"),
     ]:

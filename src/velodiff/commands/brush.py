@@ -37,16 +37,10 @@ def parse_layer(text: str, size: tuple[int, int]) -> tuple[Any, str, int, float]
             x0, y0, x1, y1 = (float(v) for v in region[4:].split(","))
         except ValueError:
             raise VelodiffError(f"--layer {text!r}: write the box as box=x0,y0,x1,y1 in [0, 1]") from None
-        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-            raise VelodiffError(
-                f"--layer {text!r}: the box must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
-            )
-        import torch
+        from ..edit.layout import check_region_box, region_mask
 
-        h, w = size
-        mask = torch.zeros(h, w)
-        mask[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = 1
-        return mask, prompt, seed_i, strength_f
+        check_region_box(text, (x0, y0, x1, y1), "--layer")
+        return region_mask((x0, y0, x1, y1), *size), prompt, seed_i, strength_f
     from pathlib import Path
 
     return read_image(Path(region), "mask").convert("L"), prompt, seed_i, strength_f

@@ -147,7 +147,7 @@ def parse_boxes(
             paths = " or a mask image's path" if masks else ""
             raise VelodiffError(f"{what} {item!r}: write '{example}' with four numbers in [0, 1]{paths}")
         name = name.strip().lower() if lower else name.strip()
-        check_region_box(name, region)
+        check_region_box(name, region, what)
         if name in boxes and not repeat:
             raise VelodiffError(f"{what} {name!r} is given twice; give each {what} once")
         boxes[name] = [*box_list(boxes[name]), region] if name in boxes else region
@@ -163,15 +163,16 @@ def parse_layout(text: str, masks: bool = False) -> Boxes:
     return parse_boxes(text, "layout", "words: x0,y0,x1,y1", repeat=True, masks=masks, lower=True)
 
 
-def check_region_box(name: str, box: Any) -> None:
-    """One line for a box outside the image or a mask that covers nothing."""
+def check_region_box(name: str, box: Any, what: str = "layout") -> None:
+    """One line for a box outside the image or a mask that covers nothing (``what``: whose region, e.g.
+    "region" for regional prompting's, "--layer" for a brush's)."""
     if is_mask(box):
         if not float(box.max()) >= 0.5:
-            raise VelodiffError(f"layout mask {name!r} covers nothing (white, >= 0.5, is the region)")
+            raise VelodiffError(f"{what} mask {name!r} covers nothing (white, >= 0.5, is the region)")
         return
     if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
         raise VelodiffError(
-            f"layout box {name!r} {tuple(box)} must satisfy 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
+            f"{what} box {name!r} {tuple(box)} must satisfy 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
         )
 
 

@@ -138,7 +138,7 @@ class RegionalPrompting(Accelerator):
         for text, box in self.regions.items():
             if not text.strip():
                 raise VelodiffError("a region's prompt is empty; write 'a red circle: 0,0,0.5,1'")
-            check_region_box(text, box)
+            check_region_box(text, box, "region")
 
     def check(self, run: RunInfo) -> None:
         if run.model is None or run.encode is None or not run.prompts:
