@@ -115,3 +115,11 @@ def test_cli_reports_each_rules_single_evaluation_error(tmp_path, capsys):
     assert records["int8"]["n"] == 5 and "| `w4a8` |" in capsys.readouterr().out
     assert cli("bench", "quantize", "--plans", "deepcache") == 2
     assert "is not one quantization rule" in capsys.readouterr().err
+
+
+def test_weights_quantized_by_a_plain_run_serve_a_later_run_with_gradients(model):
+    """The quantized weights are kept per network; made during an inference-mode run, they must not be
+    inference tensors, or a later gradient rule (layout guidance) fails to save them for backward."""
+    r = run(model, "int8")  # quantizes, under inference mode
+    guided = run(model, "int8+layout:steps=0.5,iters=1")
+    assert guided.plan.startswith("int8+layout") and not torch.equal(guided.images, r.images)

@@ -69,3 +69,11 @@ def test_one_set_of_quantized_weights_per_network():
     assert w4a8._WEIGHTS[model.network][0] == 64
     assert sum(1 for net in w4a8._WEIGHTS if net is model.network) == 1
     assert torch.equal(text2img(model, "a red circle", plan="w4a8:group_size=32", **kw).latents, first)
+
+
+def test_weights_made_by_a_plain_run_serve_a_later_run_with_gradients():
+    model = velodiff.load("default")
+    kw = dict(steps=2, seeds=[0], output="latent")
+    text2img(model, "three blue squares", plan="w4a8", **kw)  # quantizes, under inference mode
+    steered = text2img(model, "three blue squares", plan="w4a8+classifier:head=colors,through=network", **kw)
+    assert "classifier" in steered.plan

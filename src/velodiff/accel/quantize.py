@@ -93,25 +93,32 @@ class Quantize(Accelerator):
             )
 
     def quantized_weights(self, network: Any) -> dict[str, Tensor]:
-        """Each quantizable Linear's weight, quantized (made on first use, then kept for the network)."""
+        """Each quantizable Linear's weight, quantized (made on first use, then kept for the network; made
+        outside inference mode, so a later run with gradients, e.g. layout guidance, can use them)."""
         import torch
 
         per_network = _CACHE.setdefault(self.scheme(), weakref.WeakKeyDictionary())
         if network not in per_network:
-            q = _torchao()
-            weights = {}
-            dtype = getattr(torch, self.weight_dtype) if self.weight_dtype else None
-            for name, m in linear_layers(network):
-                if not self.quantizable(m):
-                    continue
-                weight = m.weight.detach().to(dtype or m.weight.dtype, copy=True)
-                holder = torch.nn.Linear(m.in_features, m.out_features, bias=False, device=weight.device,
-                                         dtype=weight.dtype)
-                holder.weight = torch.nn.Parameter(weight, requires_grad=False)
-                q.quantize_(holder, self.config())
-                weights[name] = holder.weight
-            per_network[network] = weights
+            with torch.inference_mode(False), torch.no_grad():
+                per_network[network] = self._quantize(network)
         return per_network[network]
+
+    def _quantize(self, network: Any) -> dict[str, Tensor]:
+        import torch
+
+        q = _torchao()
+        weights = {}
+        dtype = getattr(torch, self.weight_dtype) if self.weight_dtype else None
+        for name, m in linear_layers(network):
+            if not self.quantizable(m):
+                continue
+            weight = m.weight.detach().to(dtype or m.weight.dtype, copy=True)
+            holder = torch.nn.Linear(m.in_features, m.out_features, bias=False, device=weight.device,
+                                     dtype=weight.dtype)
+            holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+            q.quantize_(holder, self.config())
+            weights[name] = holder.weight
+        return weights
 
     def begin(self, run: RunInfo) -> None:
         super().begin(run)

@@ -94,7 +94,7 @@ class W4A8(Accelerator):
 
         size = int(self.group_size)
         if network not in _WEIGHTS or _WEIGHTS[network][0] != size:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # usable by a later run with gradients
                 _WEIGHTS[network] = (size, {
                     name: torch.nn.Parameter(quantize_weight_groups(m.weight, size), False)
                     for name, m in linear_layers(network)
