@@ -94,6 +94,25 @@ def test_regions_move_the_objects(model):
     assert scores["regional"] >= scores["none"] + 0.25, scores
 
 
+def test_the_attention_map_instrument_observes_regional_without_changing_it(model):
+    """attention_maps wraps regional's cross-attention processors: the sample is regional's own and the
+    maps are captured (the instrument used to compute the layers itself and switch regional off)."""
+    from velodiff.accel.attention import AttentionMaps
+    from velodiff.plan import Plan
+
+    kw = dict(steps=4, seeds=[0], output="latent")
+    prompt = "a red circle above a blue square"
+    plain, regional = (text2img(model, prompt, plan=p, **kw).latents for p in (None, "regional"))
+    maps = AttentionMaps()
+    observed = text2img(model, prompt, plan=[maps, "regional"], **kw).latents
+    assert (observed - regional).abs().max() < 1e-4 < (regional - plain).abs().max()
+    assert len(maps.maps) == 4
+    for other in ("p2p", "layout"):  # each computes its cross-attention itself: one line, not a silent loss
+        with pytest.raises(VelodiffError, match="both cross-attention processors"):
+            Plan.parse(f"{other}+regional")
+    Plan.parse("p2p+regional:mode=latent")  # the latent fusion uses no attention processor
+
+
 def test_refusals(model):
     from velodiff.sampling import sample
 

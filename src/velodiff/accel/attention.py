@@ -186,9 +186,11 @@ class CaptureCrossAttention(RowProcessor):
         h, residual, shape = _to_tokens(attn, hidden_states, temb)
         b, n, _ = h.shape
         probs, v = explicit_attention(attn, h, encoder_hidden_states, attention_mask)
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
         maps = probs.view(b, attn.heads, n, -1).mean(1)[rows]
         self.sink(maps.detach() if self.detach else maps)
+        if isinstance(self.original, RowProcessor):  # another rule's processor (regional): it has the output
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
         return _from_tokens(attn, out, residual, shape)
 
 

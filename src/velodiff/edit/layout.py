@@ -219,7 +219,7 @@ class LayoutGuidance(Accelerator):
 
     name = "layout"
     layer = 0
-    exclusive = "attention processors"
+    exclusive = ("attention processors", "cross-attention processors")
     needs_grad = True
     summary = ("layout guidance from cross-attention (Chen et al. 2024; A-STAR's segregation / retention "
                "terms), regions from boxes or spatial words")

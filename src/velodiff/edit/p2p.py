@@ -149,7 +149,7 @@ class PromptToPrompt(Accelerator):
 
     name = "p2p"
     layer = 0
-    exclusive = "attention processors"
+    exclusive = ("attention processors", "cross-attention processors")
     summary = "prompt-to-prompt (Hertz et al. 2022): edit by prompt, the source's attention maps injected"
     cost = "free in evaluations; the hooked layers use explicit attention"
     options = {

@@ -132,6 +132,12 @@ class RegionalPrompting(Accelerator):
                         lo=0.0),
     }
 
+    @property
+    def exclusive(self) -> str:  # type: ignore[override]
+        """attention mode fuses cross-attention outputs: one rule of that kind (p2p and layout compute
+        theirs themselves, so regional's would be bypassed or edited)."""
+        return "cross-attention processors" if self.mode == "attention" else ""
+
     def __init__(self, regions: dict[str, Box] | None = None, **values: Any) -> None:
         super().__init__(**values)
         self.regions = dict(regions or {})
