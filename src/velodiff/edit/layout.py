@@ -215,7 +215,8 @@ def region_mask(box: Any, h: int, w: int) -> Tensor:
 @register_rule
 class LayoutGuidance(Accelerator):
     """Layout guidance (module docstring); ``boxes`` (Python only): words -> box or list of boxes, for
-    every image."""
+    every image. Its normalised gradient steps amplify float rounding, so an image in a batch differs
+    from the same seed drawn alone (README: run one image per call to reproduce it)."""
 
     name = "layout"
     layer = 0
