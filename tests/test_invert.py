@@ -142,6 +142,27 @@ def test_edict_on_the_shipped_model_is_exact_and_edits(model):
     assert math.isfinite(m["psnr_input"])
 
 
+def test_fixed_point_runs_what_the_models_calibration_holds(model, monkeypatch):
+    """The inversion and its regeneration sample with the run's solver options as the other pipelines
+    resolve them: DPM-Solver-v3's shipped statistics, a calibrated grid's fitted per-step options."""
+    from velodiff.pipelines import invert as inv_module
+
+    seen = []
+
+    def spy(real):
+        return lambda *a, **kw: seen.append(set(kw)) or real(*a, **kw)
+
+    for name in ("invert_latents", "regenerate_latents"):
+        monkeypatch.setattr(inv_module, name, spy(getattr(inv_module, name)))
+    img = torch.rand(1, 3, 64, 64)
+    inv = inv_module.invert(model, img, "a red circle", "fixed-point", solver="dpm_solver_v3", steps=4)
+    assert inv.metrics["latent_max_error"] < 10 and "ems" in seen[-1]
+    inv = inv_module.invert(model, img, "a red circle", "fixed-point", solver="unipc", grid="calibrated",
+                            steps=8)
+    inv.regenerate("a blue circle")
+    assert all({"dc_ratios", "orders", "disable_corrector"} <= kw for kw in seen[-2:])
+
+
 def test_pipeline_refusals(model):
     from velodiff.pipelines.invert import invert
 

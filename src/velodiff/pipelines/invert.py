@@ -102,7 +102,7 @@ class Inversion:
             eta=eta,
             stop=stop,
             callback=callback,
-            **dict(opts.solver_options or {}),
+            **setup.options,
         )
         res = SampleResult(z.float(), nfe, evals, len(self.result.ts) - 1, plan=str(setup.plan))
         return finish(
@@ -223,7 +223,7 @@ def invert(
         tol=tol,
         sweeps=sweeps,
         gamma=gamma,
-        **dict(opts.solver_options or {}),
+        **setup.options,
     )
     inv = Inversion(
         model,
