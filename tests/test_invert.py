@@ -97,6 +97,9 @@ def test_bad_input_is_one_line(tiny64):
         (dict(method="fixed-point", solver="euler_ancestral"), "stochastic"),
         (dict(method="fixed-point", solver="ddim", eta=0.5), "stochastic"),
         (dict(method="edict", solver="dpmpp_2m"), "inverts its own sampler"),
+        # a rule deciding each step from the ones before (AG's per-image switch) breaks EDICT's exactness
+        (dict(method="edict", plan="ag:scale=3"), "'ag:scale=3' carries state from step to step"),
+        (dict(method="fixed-point", plan="apg:momentum=-0.5"), "carries state"),
     ]:
         with pytest.raises(VelodiffError, match=match) as e:
             kw = dict(kw)
@@ -137,6 +140,7 @@ def test_edict_on_the_shipped_model_is_exact_and_edits(model):
     assert m["latent_max_error"] <= 1e-5 and m["psnr"] > 80
     assert ddim.metrics["latent_max_error"] > 100 * max(m["latent_max_error"], 1e-7)
     assert {"method", "steps", "latent_max_error", "latent_rms_error", "psnr"} <= set(m)
+    assert m["plan"] == "cfg"  # what the round trip ran with
     edited = edict.regenerate("a blue circle", output="tensor")
     assert not torch.allclose(edited.latents, edict.z0)
     assert math.isfinite(m["psnr_input"])

@@ -183,6 +183,9 @@ class Accelerator:
     #: rules that change or hook the same part of the network share a group; a plan holds at most one
     #: of each ("" = no group; a tuple: every group named)
     exclusive: ClassVar[str | tuple[str, ...]] = ""
+    #: True when the rule's effect at a step depends on the steps before it (a feature cache, adaptive
+    #: guidance's switch, a momentum): an inversion runs the steps the other way and cannot undo it exactly
+    stateful: ClassVar[bool] = False
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(self.options)

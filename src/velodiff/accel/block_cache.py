@@ -40,6 +40,7 @@ class DiffusersCache(Accelerator):
 
     layer = 0
     exclusive = "a feature cache"
+    stateful = True
     cost = "1 eval on full evaluations; the measured FLOP share on cached ones (approximate)"
     hook_names: tuple[str, ...] = ()
 

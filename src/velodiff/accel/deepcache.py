@@ -248,6 +248,7 @@ def _hook(state: _State, name: str) -> Any:
 @register_rule
 class DeepCache(Accelerator):
     name = "deepcache"
+    stateful = True
     layer = 0
     exclusive = "a feature cache"
     summary = "DeepCache (Ma et al. 2024): reuse the UNet's deep features on cached steps (1:N, branch)"

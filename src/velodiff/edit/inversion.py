@@ -225,6 +225,12 @@ def invert_latents(
     unknown = set(solver_options) - set(spec.defaults)
     if unknown:
         raise VelodiffError(f"solver {spec.name!r} has no option {sorted(unknown)[0]!r}")
+    stateful = [r.spec() for r in Plan.parse(plan).rules if r.stateful]
+    if stateful:
+        raise VelodiffError(
+            f"plan rule {stateful[0]!r} carries state from step to step; an inversion runs the steps the "
+            "other way and could not be undone exactly: leave it out of the inversion's plan"
+        )
     z0 = z0.detach()
     with Evaluator(denoiser, ts, cond, plan, z0.shape[0], context, spec.name) as ev:
         info: dict[str, Any] = {}

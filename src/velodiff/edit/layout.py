@@ -219,6 +219,7 @@ class LayoutGuidance(Accelerator):
     from the same seed drawn alone (README: run one image per call to reproduce it)."""
 
     name = "layout"
+    stateful = True
     layer = 0
     exclusive = ("attention processors", "cross-attention processors")
     needs_grad = True

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 @register_rule
 class AdaptiveGuidance(UncondCombiner):
     name = "ag"
+    stateful = True
     summary = (
         "Adaptive Guidance (Castillo et al. 2023): CFG until cos(x0_c, x0_u) > threshold, then cond only"
     )
@@ -75,6 +76,7 @@ class AdaptiveGuidance(UncondCombiner):
 @register_rule
 class LinearAG(UncondCombiner):
     name = "linear_ag"
+    stateful = True
     summary = (
         "LinearAG (Castillo et al. 2023): estimate u from past predictions on every k-th step (online fit)"
     )

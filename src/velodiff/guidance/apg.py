@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 @register_rule
 class AdaptiveProjectedGuidance(UncondCombiner):
     name = "apg"
+
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        """The momentum carries the update from step to step."""
+        return self.momentum != 0.0
+
     summary = "Adaptive Projected Guidance (Sadat et al. 2024): CFG without the oversaturating parallel part"
     cost = "as cfg: 2 evals per step"
     options = {

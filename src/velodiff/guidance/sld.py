@@ -28,6 +28,7 @@ from .cfg import TERM, GuidanceRule
 @register_rule
 class SafeLatentDiffusion(GuidanceRule):
     name = "sld"
+    stateful = True
     layer = TERM
     claims = ("safety",)
     uses = ("uncond",)

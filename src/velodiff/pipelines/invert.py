@@ -130,6 +130,7 @@ class Inversion:
             "solver": self.result.solver,
             "steps": len(self.result.ts) - 1,
             "guidance": self.guidance,
+            "plan": back.plan,
             "latent_max_error": float(err.max()),
             "latent_rms_error": float(err.pow(2).mean().sqrt()),
             "psnr": psnr(back.images.cpu(), source.cpu()),
