@@ -366,3 +366,19 @@ def test_a_grid_suffix_keeps_each_steps_fitted_options():
     tail = setup.from_step(2)
     assert tail.ts.tolist() == [0.5, 0.25, 0.0]
     assert tail.options == {"dc_ratios": (1.1, 1.0), "orders": (3, 2), "disable_corrector": (0,), "x": 1}
+
+
+def test_a_guidance_sweep_missing_one_scales_calibration_is_refused_before_any_image(tmp_path, capsys):
+    """eval shapes checks every scale's run first: a scale without a calibration no longer ends the sweep
+    after the others ran, with nothing written."""
+    from velodiff.cli import main
+
+    out = tmp_path / "r.json"
+    try:
+        code = main(["eval", "shapes", "--json", str(out), "--solver", "dpm_solver_v3",
+                     "--guidance", "2.5,1.7", "--limit", "1", "--steps", "2", "--threads", "1"])
+    except SystemExit as e:
+        code = int(e.code or 0)
+    o, err = capsys.readouterr()
+    assert code == 2 and "no solver calibration for this model at guidance 1.7" in err
+    assert "guidance 2.5:" not in o and not out.exists()

@@ -226,6 +226,11 @@ def shapes(
     texts = [p.text for p in plist]
     kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid,
               plan=plan)
+    from ..pipelines.common import Sampling, check_setup, make_setup
+
+    for g in scales:  # every scale's run checked (its calibration found) before the first image is drawn
+        setup = make_setup(loaded, Sampling.of("eval shapes", {**kw, "guidance": g}))
+        check_setup(loaded, setup, texts[:1], loaded.default_size)
     sweep, best = [], None
     for g in scales:
         images, secs, info = generate_for_prompts(
