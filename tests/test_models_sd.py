@@ -384,6 +384,18 @@ def test_load_errors(tmp_path):
         load(odd, family="sd9")
 
 
+def test_a_budget_planned_solver_runs_the_part_of_the_grid_img2img_keeps(models):
+    """dpm_fast plans its orders from --nfe over the whole grid; img2img and inpainting run the grid's
+    last steps with the orders planned there (the whole budget on the shorter grid was refused)."""
+    m = models["sd1"]
+    image = torch.rand(1, 3, H, W)
+    res = img2img(m, PROMPT, image, 0.8, solver="dpm_fast", nfe=9, output="latent")
+    assert res.nfe <= 6 and res.steps == 3  # orders 3, 3, 2, 1 over 4 steps; the last 3 run (its jump: 1)
+    res = inpaint(m, PROMPT, image, torch.ones(1, 1, H, W), strength=0.8, solver="dpm_fast", nfe=9,
+                  output="latent")
+    assert res.steps == 3
+
+
 def test_generation_errors(models):
     m = models["sd1"]
     with pytest.raises(VelodiffError, match="multiples of 2"):

@@ -252,8 +252,12 @@ class Setup:
     def from_step(self, start: int) -> Setup:
         """The run from step ``start`` of the grid on (img2img, inpainting): the grid's suffix, with the
         per-step solver options (a calibration's ``dc_ratios``, ``orders``, ``disable_corrector``)
-        shifted so each remaining step keeps its own."""
+        shifted so each remaining step keeps its own, and a budget-planned solver's budget cut to them."""
         opts = dict(self.options)
+        if self.solver.suffix is not None:
+            whole = {**self.solver.defaults, **opts}
+            opts.update({k: v for k, v in self.solver.suffix(whole, len(self.ts) - 1, start).items()
+                         if whole.get(k) != v})
         for key in set(PER_STEP_OPTIONS) & set(opts):
             values = tuple(opts[key])
             # disable_corrector lists step indices; the others hold one value per step

@@ -160,6 +160,9 @@ class SolverSpec:
     adaptive: bool = False
     #: options with no usable default, fitted to the model (DPM-Solver-v3's statistics ``ems``)
     requires: tuple[str, ...] = ()
+    #: a solver that plans its steps from the whole grid (an NFE budget): ``suffix(options, steps, start)``
+    #: gives the options of the grid's last steps from ``start`` on (img2img and inpainting run those)
+    suffix: Callable[[dict[str, Any], int, int], dict[str, Any]] | None = None
 
     def nfe(self, steps: int, ends_at_zero: bool = True) -> int:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0

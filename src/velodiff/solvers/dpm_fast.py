@@ -180,9 +180,16 @@ def dpm_adaptive_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[
     return ctx.a(i + 1) * x_ve, x0, state
 
 
+def fast_suffix(options: dict[str, Any], steps: int, start: int) -> dict[str, Any]:
+    """The budget of the grid's last steps from ``start`` on: the orders the whole grid planned there."""
+    nfe = int(options.get("nfe") or 0)
+    return {**options, "nfe": sum(fast_orders(steps, nfe)[start:])} if nfe else options
+
+
 DPM_FAST = SolverSpec(
     name="dpm_fast",
     step=dpm_fast_step,
+    suffix=fast_suffix,
     order=3,
     nfe_per_step=3,
     saves_final_eval=True,
