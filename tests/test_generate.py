@@ -146,6 +146,11 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["train", "ldm", "--run", str(tmp_path / "t"), "--vae", "v", "--size", "big"], "unknown size 'big'"),
         (["train", "ldm", "--run", str(tmp_path / "x.png"), "--vae", "v"], "is a file; give a folder"),
         (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--guidance", "1,1"], "lists a scale twice"),
+        # a plan fixing its scale under a guidance sweep ran once per scale, at its own, named as the others
+        (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--guidance", "1.5,3", "--plan",
+          "cfg:scale=2"], "fixes the guidance scale at 2"),
+        (["bench", "--out", str(tmp_path / "b"), "--guidance", "1.5,3", "--plans", "none;guidance=2"],
+         "fixes the guidance scale at 2"),
         (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--guidance", "1,,2"], "comma list of num"),
         # outputs checked before the work, not after it (classify, calibrate: minutes)
         (["classify", str(tmp_path / "x.png"), "--labels", "a,b", "--json", str(tmp_path / "no/a/c.json")],

@@ -475,6 +475,15 @@ class Plan:
     def needs_grad(self) -> bool:
         return any(r.needs_grad for r in self.rules)
 
+    def fixed_guidance(self) -> float | None:
+        """The guidance scale the plan itself fixes, whatever the run's: that of the rule owning the
+        unconditional branch (``cfg:scale=4``), else a ``guidance=`` setting; None when it fixes none."""
+        owner = next((r for r in self.rules if "uncond" in r.claims), None)
+        scale = getattr(owner, "scale", None)
+        if scale is None:
+            scale = self.settings.get("guidance")
+        return None if scale is None else float(scale)
+
     def with_rules(self, extra: Iterable[Accelerator]) -> Plan:
         return Plan([*reversed(self.rules), *extra], self.settings)
 

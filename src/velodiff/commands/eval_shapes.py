@@ -223,6 +223,10 @@ def shapes(
     import torch
 
     scales = parse_scales(guidance, defaults.get("guidance"))
+    if len(scales) > 1:
+        from ..eval.sweep import check_fixed_guidance
+
+        check_fixed_guidance([plan], scales)
     texts = [p.text for p in plist]
     kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid,
               plan=plan)

@@ -146,6 +146,21 @@ def _split(v: Any) -> list[Any]:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def check_fixed_guidance(plans: list[str | None], scales: list[float | None]) -> None:
+    """Refuse a sweep over guidance scales with a plan that fixes its own (it would run once per scale, at
+    its own, under the other scales' names)."""
+    from ..plan import Plan
+
+    for p in plans:
+        fixed = Plan.parse(p).fixed_guidance()
+        if fixed is not None:
+            listed = ", ".join("default" if g is None else f"{g:g}" for g in scales)
+            raise VelodiffError(
+                f"plan {p!r} fixes the guidance scale at {fixed:g}; a sweep over guidance {listed} would "
+                f"run it at {fixed:g} each time: give one guidance value, or drop the scale from the plan"
+            )
+
+
 def make_sweep(values: dict[str, Any]) -> Sweep:
     """Validate and normalise sweep values (from a file and/or the command line) into a Sweep."""
     v = dict(values)
@@ -176,6 +191,8 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
         raise VelodiffError(f"nfe must be a list of integers in [1, {MAX_STEPS}], got {s.nfe}")
     if any(g is not None and not 0 <= g < math.inf for g in s.guidance):
         raise VelodiffError(f"guidance scales must be finite numbers >= 0, got {s.guidance}")
+    if len(s.guidance) > 1:
+        check_fixed_guidance(s.plans, s.guidance)
     for k in ("solvers", "grids", "guidance"):
         if not getattr(s, k):
             raise VelodiffError(f"{k} is empty: give at least one")

@@ -423,9 +423,8 @@ def _alias_grid(opts: Sampling) -> Sampling:
 def guided_scale(plan: Plan, guidance: float) -> float:
     """The scale a run guides with, as it reports it: that of the rule owning the unconditional branch
     where the plan sets one (``cfg:scale=4``), else the run's ``guidance``."""
-    owner = next((r for r in plan.rules if "uncond" in r.claims), None)
-    scale = getattr(owner, "scale", None)
-    return guidance if scale is None else float(scale)
+    scale = plan.fixed_guidance()
+    return guidance if scale is None else scale
 
 
 def resolve_plan(
