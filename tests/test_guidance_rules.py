@@ -320,6 +320,9 @@ def test_pipeline_plan_errors_are_one_line(model):
         ({"plan": "cfgpp"}, "plan rule 'cfgpp' re-noises inside the solver step"),
         ({"plan": "cfg_zero"}, "plan rule 'cfg_zero' is for flow-matching models"),
         ({"plans": "ag"}, "text2img() got an unknown keyword 'plans'"),
+        # at scale 1 (a student's) a CFG variant would only be reported, never act
+        ({"plan": "ag", "guidance": 1.0}, "plan rule 'ag' acts on classifier-free guidance, which is off"),
+        ({"plan": "cfg:stop=0.5", "guidance": 1.0}, "which is off at scale 1"),
     ]:
         with pytest.raises(VelodiffError) as e:
             text2img(model, PROMPTS[0], steps=2, **kw)
@@ -332,6 +335,9 @@ def test_pipeline_result_names_the_plan_that_ran(model):
     r = text2img(model, PROMPTS[0], steps=3, guidance=2.0, guidance_rescale=0.5, plan="pag", output="latent")
     assert r.plan == "cfg+pag+rescale:phi=0.5" and r.evals == 9
     assert text2img(model, PROMPTS[0], steps=3, guidance=1.0, output="latent").plan == "none"
+    assert text2img(model, PROMPTS[0], steps=2, plan="ag:scale=2", guidance=1.0, output="latent").evals > 2
+    with pytest.warns(UserWarning, match="the negative prompt acts on classifier-free guidance"):
+        text2img(model, PROMPTS[0], steps=2, guidance=1.0, negative="blue", output="latent")
     assert str(Plan.parse(r.plan)) == r.plan
 
 

@@ -70,6 +70,12 @@ class UncondCombiner(GuidanceRule):
             )
         if self.scale is None and run.guidance is None:
             raise VelodiffError(f"plan rule {self.name!r} needs a guidance scale: give scale=W")
+        if self.scale is None and float(run.guidance) == 1.0:  # it would be reported, never act
+            raise VelodiffError(
+                f"plan rule {self.spec()!r} acts on classifier-free guidance, which is off at scale 1 (this "
+                "run's; a student with guidance folded in runs at 1): give --guidance W or scale=W, or "
+                "leave the rule out"
+            )
 
     def begin(self, run: RunInfo) -> None:
         super().begin(run)

@@ -462,6 +462,15 @@ def run(
     encode: Callable[[list[str]], Cond] | None = None,
 ) -> Any:
     """Sample from x at ts[0] (the setup's grid unless ``ts``) under the setup's plan."""
+    if not setup.plan.needs("uncond"):  # diffusers drops them silently at scale <= 1
+        given = [what for what, on in (("the negative prompt", opts.negative),
+                                        ("guidance rescale", opts.guidance_rescale)) if on]
+        if given:
+            warnings.warn(
+                f"{' and '.join(given)} {'acts' if len(given) == 1 else 'act'} on classifier-free guidance, "
+                "which is off at scale 1 here (a student with guidance folded in runs at 1): no effect",
+                stacklevel=3,
+            )
     if setup.plan.find("compose") is None and any(" AND " in p for p in prompts):
         warnings.warn(
             "the prompt joins parts with AND, which the text encoder reads as 'and'; "
