@@ -147,3 +147,18 @@ def test_resumed_repair_is_bit_identical_and_loads(teacher, tmp_path) -> None:
     model = velodiff.load(tmp_path / "full-student")
     assert (model.default_solver, model.default_steps, model.default_guidance) == ("dpmpp_2m", 20, 2.5)
     assert flops_per_eval(model.components["unet"]) <= 0.8 * flops_per_eval(teacher)
+
+
+def test_rules_the_shipped_pruned_unet_cannot_run_say_why() -> None:
+    """default-pruned lost its first down block's resnets and its mid block: deepcache names the block,
+    pag names where the self-attention layers are (and that setting runs)."""
+    import velodiff
+    from velodiff.errors import VelodiffError
+    from velodiff.pipelines import text2img
+
+    m = velodiff.load("default-pruned")
+    with pytest.raises(VelodiffError, match=r"its down_blocks.0 \(DownBlock2D\) has no resnets"):
+        text2img(m, "a red circle", steps=2, plan="deepcache", output="latent")
+    with pytest.raises(VelodiffError, match=r"are in down_blocks, up_blocks \(e.g. applied_layers=up\)"):
+        text2img(m, "a red circle", steps=2, plan="pag", output="latent")
+    assert "pag" in text2img(m, "a red circle", steps=2, plan="pag:applied_layers=up", output="latent").plan

@@ -412,8 +412,10 @@ def test_pag_and_attention_maps_on_dits(tiny_dits):
     maps = AttentionMaps()
     text2img(pixart, "a red cube", steps=2, plan=[maps], output="latent")
     assert len(maps.maps) == 2
-    with pytest.raises(VelodiffError, match="SD3 and Flux have joint attention only"):
-        text2img(tiny_dits["sd3"], "a red cube", steps=2, plan="pag")
+    with pytest.raises(VelodiffError, match=r"model's are in transformer_blocks \(e.g. applied_layers="):
+        text2img(tiny_dits["sd3"], "a red cube", steps=2, plan="pag")  # no mid block; its dual attention's
+    assert text2img(tiny_dits["sd3"], "a red cube", steps=2, plan="pag:applied_layers=transformer",
+                    output="latent").plan.endswith("pag:applied_layers=transformer")
 
 
 def test_attention_sheet_captions_only_the_prompts_tokens(monkeypatch):

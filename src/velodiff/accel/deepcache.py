@@ -83,6 +83,13 @@ def _modules(module: Any, name: str) -> list[Any]:
     return list(part) if part is not None else []
 
 
+def _uncuttable(name: str, block: Any, res: list, att: list, what: str) -> str:
+    """Why DeepCache cannot cut a block: one line naming it."""
+    why = "has no resnets (a pruned block?)" if not res else f"has {len(res)} resnets, {len(att)} attentions"
+    return (f"plan rule 'deepcache' cannot cut this {what}: its {name} ({type(block).__name__}) {why}, "
+            "where DeepCache's skip branches need one resnet (and attention) per branch")
+
+
 def skip_branches(unet: Any) -> int:
     """How many skip branches the UNet has (the length of diffusers' ``down_block_res_samples``); a
     VelodiffError when its blocks do not have the resnets / attentions / resamplers layout DeepCache
@@ -95,20 +102,16 @@ def skip_branches(unet: Any) -> int:
             f"this model's network is a {what}"
         )
     n = 1
-    for block in downs:
+    for i, block in enumerate(downs):
         res, att = _modules(block, "resnets"), _modules(block, "attentions")
         if not res or len(att) not in (0, len(res)):
-            raise VelodiffError(
-                f"plan rule 'deepcache' cannot cut the {type(block).__name__} blocks of this {what}"
-            )
+            raise VelodiffError(_uncuttable(f"down_blocks.{i}", block, res, att, what))
         n += len(res) + (1 if _modules(block, "downsamplers") else 0)
     used = 0
-    for block in ups:
+    for i, block in enumerate(ups):
         res, att = _modules(block, "resnets"), _modules(block, "attentions")
         if not res or len(att) not in (0, len(res)):
-            raise VelodiffError(
-                f"plan rule 'deepcache' cannot cut the {type(block).__name__} blocks of this {what}"
-            )
+            raise VelodiffError(_uncuttable(f"up_blocks.{i}", block, res, att, what))
         used += len(res)
     if used != n:
         raise VelodiffError(f"plan rule 'deepcache': this {what}'s up path takes {used} skips of {n}")

@@ -43,9 +43,15 @@ class PerturbedAttentionGuidance(GuidanceRule):
     def check(self, run: RunInfo) -> None:
         if not self.modules(run):
             what = "plain self-attention layers" if run.network is not None else "a network to hook"
+            blocks = list(dict.fromkeys(n.split(".")[0] for n, _ in attention_modules(run.network, False)))
+            where = (
+                f"this model's are in {', '.join(blocks)} (e.g. applied_layers="
+                f"{blocks[-1].removesuffix('_blocks')})"
+                if blocks else "this model has none (SD3 and Flux have joint attention only)"
+            )
             raise VelodiffError(
                 f"plan rule 'pag' needs {what} matching applied_layers={'|'.join(self.applied_layers)}; "
-                f"this model has none (SD3 and Flux have joint attention only)"
+                f"{where}"
             )
 
     def begin(self, run: RunInfo) -> None:
