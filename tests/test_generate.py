@@ -151,6 +151,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
           "cfg:scale=2"], "fixes the guidance scale at 2"),
         (["bench", "--out", str(tmp_path / "b"), "--guidance", "1.5,3", "--plans", "none;guidance=2"],
          "fixes the guidance scale at 2"),
+        # a student run at the reference's 100 steps is no reference for it
+        (["bench", "--out", str(tmp_path / "b"), "--model", "default-4step", "--metrics", "reference",
+          "--limit", "1", "--solvers", "ddim", "--nfe", "2"], "distilled for 4, so that is no reference"),
         (["eval", "shapes", "--json", str(tmp_path / "r.json"), "--guidance", "1,,2"], "comma list of num"),
         # outputs checked before the work, not after it (classify, calibrate: minutes)
         (["classify", str(tmp_path / "x.png"), "--labels", "a,b", "--json", str(tmp_path / "no/a/c.json")],

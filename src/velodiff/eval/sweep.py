@@ -401,6 +401,15 @@ def run_sweep(
     if sweep.metrics and "shapes" in sweep.metrics and specs is None:
         raise VelodiffError("ShapesEval needs prompts of the shapes world; some are outside its grammar")
     clip = ClipScore(sweep.clip) if use_clip else None
+    trained = getattr(model, "trained_steps", None)  # a few-step student: many steps leave its training
+    if use_ref and trained is not None and sweep.reference_steps > trained:
+        why = (f"the reference runs this model at {sweep.reference_steps} steps; it was distilled for "
+               f"{trained}, so that is no reference for it")
+        if sweep.metrics and "reference" in sweep.metrics:
+            raise VelodiffError(f"{why}: score it against its teacher (velodiff tune --baseline-model) or "
+                                "with the shapes / fd metrics")
+        log(f"bench: no reference metric: {why}")
+        use_ref = False
 
     if use_fd and len(jobs) < 2:  # before any sampling, not after it
         if sweep.metrics and "fd" in sweep.metrics:
