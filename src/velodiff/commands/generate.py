@@ -24,16 +24,20 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 def quiet_libraries() -> None:
     """Keep diffusers / transformers chatter (and their Python warnings) off the CLI; velodiff's own
-    warnings print as one ``warning:`` line each."""
+    warnings print as one ``warning:`` line each, a message once (an inversion and its regeneration, or a
+    brush's layers, set up the same run more than once)."""
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+    shown: set[str] = set()
+
     def show(
         message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
     ) -> None:
-        if issubclass(category, UserWarning) and "velodiff" in filename:
+        if issubclass(category, UserWarning) and "velodiff" in filename and str(message) not in shown:
+            shown.add(str(message))
             print(f"warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show
