@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,10 @@ IMAGE_SIZE = 64
 PIPELINE_CLASS = "StableDiffusionPipeline"
 
 def default_model_path() -> Path:
-    """The shipped default model (a diffusers folder inside the package)."""
-    return Path(str(resources.files("velodiff") / "assets" / "default-model"))
+    """The shipped default model (a diffusers folder inside the package; ``shipped_path("default")``)."""
+    from .shipped import shipped_path
+
+    return shipped_path("default")
 
 
 # --- architecture configs ----------------------------------------------------------------------

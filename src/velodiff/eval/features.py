@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import time
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,9 @@ ENCODER_VERSION = "fd-shapes-v2"
 
 
 def default_encoder_path() -> Path:
-    return Path(str(resources.files("velodiff") / "assets" / "fd-shapes" / "encoder.safetensors"))
+    from ..shipped import asset_path
+
+    return asset_path("fd-shapes") / "encoder.safetensors"
 
 
 def _pairs() -> list[tuple[str, str]]:

@@ -46,7 +46,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -457,8 +457,10 @@ def paired_standard_error(a: dict[str, str], b: dict[str, str]) -> float:
 
 # ------------------------------------------------------------------------------------------ prompt sets
 
-def _prompt_path(name: str):
-    return resources.files("velodiff") / "assets" / "prompts" / f"shapes_{name}.json"
+def _prompt_path(name: str) -> Path:
+    from ..shipped import asset_path
+
+    return asset_path("prompts") / f"shapes_{name}.json"
 
 
 def load_prompts(name: str = "v1") -> list[Prompt]:

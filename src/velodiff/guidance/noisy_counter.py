@@ -23,7 +23,6 @@ import json
 import math
 import time
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,9 @@ LAMBDA_MAX = 10.0
 
 
 def default_path() -> Path:
-    return Path(str(resources.files("velodiff") / "assets" / "pair-counter" / "noisy-counter.safetensors"))
+    from ..shipped import asset_path
+
+    return asset_path("pair-counter") / "noisy-counter.safetensors"
 
 
 def vae_hash(model: Any) -> str:

@@ -17,7 +17,6 @@ import argparse
 import json
 import time
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,9 @@ VERSION = "pair-counter-v1"
 
 
 def default_path() -> Path:
-    return Path(str(resources.files("velodiff") / "assets" / "pair-counter" / "counter.safetensors"))
+    from ..shipped import asset_path
+
+    return asset_path("pair-counter") / "counter.safetensors"
 
 
 class PairCounter(nn.Module):

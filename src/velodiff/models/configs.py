@@ -21,11 +21,11 @@ from typing import Any
 
 from ..errors import VelodiffError
 from ..schedules import SD_SCHEDULER
+from ..shipped import asset_path
 from .loading import Source
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: CLIP's BPE merges, bundled in the package (velodiff/assets/clip, MIT licence)
-BPE_FILE = ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+BPE_FILE = asset_path("clip") / "bpe_simple_vocab_16e6.txt.gz"
 CONFIG_VERSION = 1
 
 _SD_SCHEDULER = {
