@@ -123,13 +123,9 @@ def edit_cmd(
     save_image_atomic(image_grid(list(res.images)), out, fmt)
     rebuilt = ""
     if picture is not None:  # the grid's source is the inverted noise regenerated: the round trip
-        import numpy as np
-        import torch
+        from ..eval.metrics import psnr
 
-        from ..pipelines.invert import psnr
-
-        a, b = (torch.from_numpy(np.asarray(im, dtype=np.float32) / 255) for im in (res.images[0], picture))
-        rebuilt = f"; source rebuilt at {psnr(a, b):.1f} dB PSNR"
+        rebuilt = f"; source rebuilt at {float(psnr([res.images[0]], [picture])[0]):.1f} dB PSNR"
     typer.echo(
         f"wrote {out} (source + {len(to)} edit{'s' if len(to) > 1 else ''}, {res.solver}, {res.steps} steps, "
         f"plan {res.plan}{rebuilt})"

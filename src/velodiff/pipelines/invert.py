@@ -12,7 +12,6 @@ The methods (``ddim``, ``edict``, ``fixed-point``, ``rf``) and their math are in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,9 +37,10 @@ from .img2img import init_image_latents
 
 
 def psnr(a: Tensor, b: Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of two images in [0, 1] (inf when equal)."""
-    mse = float(((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    """PSNR in dB of two images (or batches: the mean of each image's) in [0, 1]; inf when equal."""
+    from ..eval.metrics import psnr as per_image
+
+    return float(per_image(a, b).double().mean())
 
 
 @dataclass
