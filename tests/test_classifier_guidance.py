@@ -25,7 +25,7 @@ def brightness(images):
 
 
 def test_targets_from_the_prompt():
-    from velodiff.eval.features import _pairs
+    from velodiff.data.shapes import color_shape_pairs as _pairs
 
     assert prompt_target("three blue squares", "count") == 2
     assert prompt_target("a red circle and two green crosses", "count") == 2
@@ -124,7 +124,7 @@ def test_any_softmax_classifier_from_python(model):
 
 def test_the_shipped_pair_counter_reads_clean_renders():
     """The classifier trained on clean renders counts each colour-shape pair of scenes it never saw."""
-    from velodiff.eval.features import _pairs
+    from velodiff.data.shapes import color_shape_pairs as _pairs
     from velodiff.guidance.pair_counter import accuracy, load_counter, make_dataset
 
     x, t = make_dataset(200, seed=9000, degrade_fraction=0.0)

@@ -69,6 +69,14 @@ RELATION_WORDS: dict[str, str] = {
     "left_of": "to the left of", "right_of": "to the right of", "above": "above", "below": "below",
 }
 HOLDOUT_PAIRS: tuple[tuple[str, str], ...] = (("purple", "triangle"),)   # (colour, shape)
+
+
+def color_shape_pairs(exclude_holdout: bool = False) -> list[tuple[str, str]]:
+    """Every (colour, shape) of the world, colour-major (the classifiers' head order); without the
+    held-out pairs if ``exclude_holdout``."""
+    return [(c, s) for c in COLORS for s in SHAPES if not (exclude_holdout and (c, s) in HOLDOUT_PAIRS)]
+
+
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
 
 REF = 64.0            # lengths below are in pixels at 64x64 and scale with the world's size

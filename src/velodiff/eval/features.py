@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data.shapes import color_shape_pairs
 from ..errors import VelodiffError
 
 NUM_FEATURES = 64
@@ -55,16 +56,11 @@ def default_encoder_path() -> Path:
     return asset_path("fd-shapes") / "encoder.safetensors"
 
 
-def _pairs() -> list[tuple[str, str]]:
-    from ..data.shapes import COLORS, SHAPES
-
-    return [(c, s) for c in COLORS for s in SHAPES]
-
 
 def head_sizes() -> dict[str, int]:
     from ..data.shapes import COLORS, SHAPES
 
-    return {"pairs": len(_pairs()), "colors": len(COLORS), "shapes": len(SHAPES), "sizes": 2,
+    return {"pairs": len(color_shape_pairs()), "colors": len(COLORS), "shapes": len(SHAPES), "sizes": 2,
             "count": MAX_OBJECTS, "occupancy": GRID * GRID}
 
 
@@ -154,7 +150,7 @@ def scene_targets(scene: Any) -> dict[str, np.ndarray]:
     """What the encoder learns to read off a scene (from the generator's ground truth)."""
     from ..data.shapes import COLORS, SHAPES, SIZES
 
-    idx = {p: i for i, p in enumerate(_pairs())}
+    idx = {p: i for i, p in enumerate(color_shape_pairs())}
     pairs = np.zeros(len(idx), np.float32)
     colors = np.zeros(len(COLORS), np.float32)
     shapes = np.zeros(len(SHAPES), np.float32)

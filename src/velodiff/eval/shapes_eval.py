@@ -67,6 +67,7 @@ from ..data.shapes import (
     ShapesWorld,
     caption_from_spec,
     category_of,
+    color_shape_pairs,
     normalize_spec,
     relation_components,
 )
@@ -473,10 +474,6 @@ def load_prompts(name: str = "v1") -> list[Prompt]:
             for p in data["prompts"]]
 
 
-def _pairs(exclude_holdout: bool) -> list[tuple[str, str]]:
-    return [(c, s) for c in COLORS for s in SHAPES if not (exclude_holdout and (c, s) in HOLDOUT_PAIRS)]
-
-
 def build_prompt_set(name: str) -> dict[str, Any]:
     """Deterministically build a prompt set (the JSON files under assets/prompts were written by this;
     a test checks they still agree)."""
@@ -493,7 +490,7 @@ def build_prompt_set(name: str) -> dict[str, Any]:
 
     if name == "v1":
         n = 25
-        pairs = _pairs(exclude_holdout=True)
+        pairs = color_shape_pairs(exclude_holdout=True)
         # single: 25 of the 27 allowed pairs
         for j in rng.permutation(len(pairs))[:n]:
             add("single", {"objects": [obj(pairs[j])]})
@@ -514,7 +511,7 @@ def build_prompt_set(name: str) -> dict[str, Any]:
     elif name == "v1-holdout":
         (hc, hs), = HOLDOUT_PAIRS
         held = (hc, hs)
-        others = [p for p in _pairs(exclude_holdout=True) if p[0] != hc and p[1] != hs]
+        others = [p for p in color_shape_pairs(exclude_holdout=True) if p[0] != hc and p[1] != hs]
         variants = [(size, prefix) for size in (None, "small", "large") for prefix in PREFIXES]
         for size, prefix in variants:
             add("single", {"objects": [obj(held, **({"size": size} if size else {}))]}, prefix)

@@ -56,8 +56,8 @@ def prompt_target(prompt: str, head: str) -> Any:
     """What ``head`` should read off an image of ``prompt``: the class index of the number of objects
     (count), the indices of the colours / shapes / colour-shape pairs named (the others should be absent),
     or for "scene" a dict of all four; None for a prompt outside the shapes world's grammar."""
-    from ..data.shapes import COLORS, SHAPES, ShapesSpecError, parse_caption
-    from ..eval.features import MAX_OBJECTS, _pairs
+    from ..data.shapes import COLORS, SHAPES, ShapesSpecError, color_shape_pairs, parse_caption
+    from ..eval.features import MAX_OBJECTS
 
     try:
         objects = parse_caption(prompt)["objects"]
@@ -75,7 +75,7 @@ def prompt_target(prompt: str, head: str) -> Any:
         return n - 1 if 1 <= n <= MAX_OBJECTS else None
     key = {"colors": lambda o: o["color"], "shapes": lambda o: o["shape"],
            "pairs": lambda o: (o["color"], o["shape"])}[head]
-    classes = {"colors": list(COLORS), "shapes": list(SHAPES), "pairs": _pairs()}[head]
+    classes = {"colors": list(COLORS), "shapes": list(SHAPES), "pairs": color_shape_pairs()}[head]
     return sorted({classes.index(key(o)) for o in objects})
 
 

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..data.shapes import color_shape_pairs
 from ..errors import VelodiffError
-from ..eval.features import _pairs, fit, load_versioned, save_encoder
+from ..eval.features import fit, load_versioned, save_encoder
 from .pair_counter import COUNTS, make_dataset, training_cli
 
 VERSION = "noisy-pair-counter-v1"
@@ -85,7 +86,7 @@ class NoisyPairCounter(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(
             nn.GroupNorm(8, widths[-1]), nn.SiLU(), nn.Flatten(),
-            nn.Linear(widths[-1] * 4 * 4, 256), nn.SiLU(), nn.Linear(256, len(_pairs()) * COUNTS),
+            nn.Linear(widths[-1] * 4 * 4, 256), nn.SiLU(), nn.Linear(256, len(color_shape_pairs()) * COUNTS),
         )
 
     def logits(self, x: Tensor, log_snr: Tensor | float) -> dict[str, Tensor]:
@@ -97,7 +98,7 @@ class NoisyPairCounter(nn.Module):
         for b in self.blocks:
             h = b(h, temb) if isinstance(b, Block) else b(h)
         h = nn.functional.adaptive_avg_pool2d(h, 4)  # 16x16 latents give 4x4; other sizes are pooled to it
-        return {"pair_counts": self.head(h).view(-1, len(_pairs()), COUNTS)}
+        return {"pair_counts": self.head(h).view(-1, len(color_shape_pairs()), COUNTS)}
 
 
 def encode_dataset(model: Any, n: int, seed: int) -> tuple[Tensor, Tensor]:

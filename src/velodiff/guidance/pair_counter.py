@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data.shapes import color_shape_pairs
 from ..errors import VelodiffError
-from ..eval.features import WIDTHS, _pairs, conv_body, fit, load_versioned, prepare, read_out, save_encoder
+from ..eval.features import WIDTHS, conv_body, fit, load_versioned, prepare, read_out, save_encoder
 
 #: counts 0, 1, 2 and 3-or-more
 COUNTS = 4
@@ -46,17 +47,19 @@ class PairCounter(nn.Module):
         super().__init__()
         self.body = conv_body()
         self.head = nn.Sequential(
-            nn.Linear(WIDTHS[-1] * (4 * 4 + 1), 128), nn.SiLU(), nn.Linear(128, len(_pairs()) * COUNTS)
+            nn.Linear(WIDTHS[-1] * (4 * 4 + 1), 128),
+            nn.SiLU(),
+            nn.Linear(128, len(color_shape_pairs()) * COUNTS),
         )
 
     def logits(self, images: Tensor) -> dict[str, Tensor]:
         out = self.head(read_out(self.body(prepare(images))))
-        return {"pair_counts": out.view(-1, len(_pairs()), COUNTS)}
+        return {"pair_counts": out.view(-1, len(color_shape_pairs()), COUNTS)}
 
 
 def pair_counts(objects: list[Any]) -> np.ndarray:
     """(28,) counts per colour-shape pair (capped at 3) of objects with .color/.shape or dicts."""
-    index = {p: i for i, p in enumerate(_pairs())}
+    index = {p: i for i, p in enumerate(color_shape_pairs())}
     out = np.zeros(len(index), np.int64)
     for o in objects:
         c, s = (o["color"], o["shape"]) if isinstance(o, dict) else (o.color, o.shape)
