@@ -354,9 +354,10 @@ def test_a_grid_suffix_keeps_each_steps_fitted_options():
     """img2img and inpainting run the grid from a later step: the per-step options a calibration fitted
     move with their steps."""
     from velodiff.pipelines.common import Setup
+    from velodiff.solvers import get_solver
 
     setup = Setup(
-        None,
+        get_solver("unipc"),
         torch.linspace(1, 0, 5),
         4,
         2.5,
