@@ -366,7 +366,7 @@ def test_img2img_runs_from_noised_image(models, kind):
 
 def test_bench_pipeline_records(folders, tmp_path):
     """`velodiff bench pipeline`'s measurement on one model: both records, equal outputs."""
-    from velodiff.eval.pipeline_bench import bench_model, markdown_table
+    from velodiff.eval.pipeline_bench import bench_model, pipeline_table
 
     recs = bench_model("sd3-no-t5", folders["sd3-no-t5"], nfe=2, runs=1, device="cpu", dtype="float32")
     assert [r["impl"] for r in recs] == ["velodiff", "diffusers"]
@@ -374,4 +374,4 @@ def test_bench_pipeline_records(folders, tmp_path):
         assert {"model", "impl", "nfe", "seconds_median", "peak_mb", "max_abs_diff"} <= set(r)
         assert r["nfe"] == 2 and r["seconds_median"] > 0 and r["peak_mb"] > 0
     assert recs[0]["max_abs_diff"] <= recs[0]["tolerance"]
-    assert "| sd3-no-t5 (sd3) | cpu / float32 | 2 |" in markdown_table(recs)
+    assert "| sd3-no-t5 (sd3) | cpu / float32 | 2 |" in pipeline_table(recs)

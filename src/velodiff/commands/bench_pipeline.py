@@ -79,7 +79,7 @@ def bench_pipeline(
             )
             write_atomic(json_path, json.dumps(records, indent=1) + "\n")  # partial results survive
     command = _command_line(ctx)
-    table = pb.markdown_table(records, command=command)
+    table = pb.pipeline_table(records, command=command)
     write_atomic(md_path, table)
     typer.echo(table)
     if skipped:

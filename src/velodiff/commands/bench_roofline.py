@@ -41,7 +41,7 @@ def bench_roofline(
     import json
 
     from ..errors import VelodiffError
-    from ..eval.roofline import markdown_table, roofline
+    from ..eval.roofline import roofline, roofline_table
     from ..files import write_atomic
     from ..plan import Plan
     from .bench_solvers import _command_line, _output
@@ -70,7 +70,7 @@ def bench_roofline(
     records = [r for b in batches for r in roofline(loaded, names, batch=b, steps=steps, rounds=rounds)]
     command = _command_line(ctx)
     write_atomic(json_path, (json.dumps({"command": command, "records": records}, indent=1) + "\n").encode())
-    table = markdown_table(records)
+    table = roofline_table(records)
     write_atomic(json_path.with_suffix(".md"), (table + f"\n    {command}\n").encode())
     typer.echo(table)
 

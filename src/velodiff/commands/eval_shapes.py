@@ -111,7 +111,7 @@ def measure_speed(model: Any, runs: int, **kw: Any) -> dict[str, Any]:
     }
 
 
-def markdown_table(result: dict[str, Any]) -> str:
+def shapes_table(result: dict[str, Any]) -> str:
     cats = list(result["by_category"])
     rows = []
     for row in result["sweep"]:
@@ -286,7 +286,7 @@ def shapes(
         "per_prompt": [{k: v for k, v in r.items() if k != "detections"} for r in res["per_prompt"]],
     }
     write_atomic(json_out, (json.dumps(result, indent=1) + "\n").encode())
-    write_atomic(markdown, markdown_table(result).encode())
+    write_atomic(markdown, shapes_table(result).encode())
     k = images_per_prompt
     pick = list(range(0, len(images), k))  # the first image of every prompt
     sheet_img = contact_sheet([images[i] for i in pick], [res["per_prompt"][i] for i in pick])

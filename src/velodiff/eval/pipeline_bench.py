@@ -264,7 +264,7 @@ def bench_model(
     ]
 
 
-def markdown_table(records: Sequence[dict[str, Any]], command: str = "") -> str:
+def pipeline_table(records: Sequence[dict[str, Any]], command: str = "") -> str:
     """One row per model: seconds per image, the paired ratio, peak memory, output difference."""
     by_model: dict[str, dict[str, dict[str, Any]]] = {}
     for r in records:

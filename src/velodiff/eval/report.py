@@ -60,8 +60,7 @@ def bench_contact_sheet(folder: Path, records: list[dict[str, Any]], max_rows: i
 
 
 def bench_report(folder: Path, result: dict[str, Any]) -> str:
-    from .sweep import PLOT
-    from .sweep import markdown_table as sweep_table
+    from .sweep import PLOT, sweep_table
 
     recs = result["records"]
     ok = [r for r in recs if "error" not in r]

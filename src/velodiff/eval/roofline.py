@@ -105,16 +105,13 @@ def roofline(
     return records
 
 
-def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-    head = (
-        "| plan | batch | ms / eval row | GFLOP / eval row | peak GFLOP/s | limit ms | x limit | max diff |"
-    )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in records:
-        lines.append(
-            f"| `{r['plan']}` | {r['batch']} | {1e3 * r['s_per_eval_row']:.2f} "
-            f"| {r['gflop_per_eval_row']:.3f} | {r['peak_gflops']:.1f} | {1e3 * r['limit_s']:.2f} "
-            f"| {r['x_limit']:.2f} "
-            f"| {r['max_abs_diff_to_plain']:.1e} |"
-        )
-    return "\n".join(lines) + "\n"
+def roofline_table(records: Sequence[dict[str, Any]]) -> str:
+    """The roofline records as a markdown table (one row per plan and batch)."""
+    from .tables import markdown_table
+
+    headers = ["plan", "batch", "ms / eval row", "GFLOP / eval row", "peak GFLOP/s", "limit ms", "x limit",
+               "max diff"]
+    rows = [[f"`{r['plan']}`", r["batch"], f"{1e3 * r['s_per_eval_row']:.2f}",
+             f"{r['gflop_per_eval_row']:.3f}", f"{r['peak_gflops']:.1f}", f"{1e3 * r['limit_s']:.2f}",
+             f"{r['x_limit']:.2f}", f"{r['max_abs_diff_to_plain']:.1e}"] for r in records]
+    return markdown_table(headers, rows, align="lrrrrrrr") + "\n"

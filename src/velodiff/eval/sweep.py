@@ -578,7 +578,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
-def markdown_table(result: dict[str, Any]) -> str:
+def sweep_table(result: dict[str, Any]) -> str:
     recs = result["records"]
     cols = [("solver", "solver"), ("grid", "grid"), ("guidance", "guidance"), ("nfe", "NFE"),
             ("steps", "steps"), ("seconds_per_image", "s / image")]
@@ -628,6 +628,6 @@ def finish(result: dict[str, Any], out: Path, quality: str | None = None) -> Non
 
     q = mark_pareto(result, quality)
     write_atomic(out / RESULTS, json.dumps(result, indent=1) + "\n")
-    write_atomic(out / TABLE, markdown_table(result))
+    write_atomic(out / TABLE, sweep_table(result))
     if q is not None:
         write_atomic(out / PLOT, pareto_png(result["records"], q, LABELS[q], QUALITY.get(q, True)))

@@ -1,5 +1,5 @@
 """Markdown tables: the one helper behind every table velodiff writes (bench solvers / pipeline /
-sweep, ``velodiff eval shapes``, ``velodiff report``)."""
+sweep / roofline, ``velodiff eval shapes``, ``velodiff report``, ``velodiff tune``)."""
 
 from __future__ import annotations
 
