@@ -110,8 +110,26 @@ class NoiseSchedule(ABC):
             )
 
 
+class VariancePreserving(NoiseSchedule):
+    """A VP schedule, sigma^2 = 1 - alpha^2, given by log alpha(t): alpha, sigma and the log-SNR
+    lambda = log alpha - log sigma follow from it (computed in log space, accurate near t = 0)."""
+
+    @abstractmethod
+    def log_alpha(self, t: Tensor | float) -> Tensor: ...
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return torch.exp(_log_sigma_from_log_alpha(self.log_alpha(t)))
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        la = self.log_alpha(t)
+        return la - _log_sigma_from_log_alpha(la)
+
+
 @dataclass(frozen=True, eq=False)
-class DiscreteVP(NoiseSchedule):
+class DiscreteVP(VariancePreserving):
     """A DDPM schedule of N trained timesteps k = 0..N-1 (diffusers' betas).
 
     Times follow DPM-Solver's discrete convention: trained step k sits at t = (k + 1) / N, and
@@ -158,16 +176,6 @@ class DiscreteVP(NoiseSchedule):
 
     def log_alpha(self, t: Tensor | float) -> Tensor:
         return _interp(_as_t(t), self.knots, self.log_alphas)
-
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t: Tensor | float) -> Tensor:
-        return torch.exp(_log_sigma_from_log_alpha(self.log_alpha(t)))
-
-    def log_snr(self, t: Tensor | float) -> Tensor:
-        la = self.log_alpha(t)
-        return la - _log_sigma_from_log_alpha(la)
 
     def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
         la = _log_alpha_from_log_snr(_as_t(lam))
@@ -238,7 +246,7 @@ class DiscreteVP(NoiseSchedule):
 
 
 @dataclass(frozen=True, eq=False)
-class ContinuousVP(NoiseSchedule):
+class ContinuousVP(VariancePreserving):
     """ScoreSDE's continuous VP-SDE with linear beta(t) (Song et al. 2021, Eq. 33):
     log alpha(t) = -(beta_1 - beta_0) t^2 / 4 - beta_0 t / 2."""
 
@@ -258,16 +266,6 @@ class ContinuousVP(NoiseSchedule):
     def log_alpha(self, t: Tensor | float) -> Tensor:
         t = _as_t(t)
         return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
-
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t: Tensor | float) -> Tensor:
-        return torch.exp(_log_sigma_from_log_alpha(self.log_alpha(t)))
-
-    def log_snr(self, t: Tensor | float) -> Tensor:
-        la = self.log_alpha(t)
-        return la - _log_sigma_from_log_alpha(la)
 
     def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
         # Solve the quadratic for t (Lu et al. 2022, App. D.1, the closed-form inverse).
