@@ -120,12 +120,7 @@ def check_run(
     """What :func:`sample` refuses before its first step (the solver's options and minimum steps, the
     grid, each plan rule's ``check`` on this run), without sampling; returns the run's RunInfo. A
     server calls it when a job is submitted, so a run that cannot start is refused there."""
-    unknown = set(options or {}) - set(spec.defaults)
-    if unknown:
-        raise VelodiffError(
-            f"solver {spec.name!r} has no option {sorted(unknown)[0]!r}; "
-            f"options: {sorted(spec.defaults) or 'none'}"
-        )
+    spec.check_options(options or {})
     check_grid(denoiser.schedule, ts)
     if len(ts) - 1 < spec.min_steps:
         raise VelodiffError(f"solver {spec.name!r} needs at least {spec.min_steps} steps, got {len(ts) - 1}")

@@ -222,9 +222,7 @@ def invert_latents(
     name = OWN_SAMPLER.get(method) or get_solver(solver or "dpmpp_2m").name
     spec = get_solver(name)
     check_deterministic(spec, solver_options)
-    unknown = set(solver_options) - set(spec.defaults)
-    if unknown:
-        raise VelodiffError(f"solver {spec.name!r} has no option {sorted(unknown)[0]!r}")
+    spec.check_options(solver_options)
     stateful = [r.spec() for r in Plan.parse(plan).rules if r.stateful]
     if stateful:
         raise VelodiffError(

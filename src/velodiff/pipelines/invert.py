@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..edit.inversion import InversionResult, check_method, invert_latents, regenerate_latents
+from ..edit.inversion import OWN_SAMPLER, InversionResult, check_method, invert_latents, regenerate_latents
 from ..errors import VelodiffError
 from ..sampling import SampleResult
 from .common import (
@@ -192,8 +192,8 @@ def invert(
     check_method(method, model.schedule, solver)
     if method == "fixed-point" and solver is None:
         opts = replace(opts, solver=model.default_solver)
-    elif method in ("ddim", "edict", "rf"):
-        opts = replace(opts, solver="euler" if method == "rf" else "ddim")
+    elif method in OWN_SAMPLER:  # the method inverts its own sampler
+        opts = replace(opts, solver=OWN_SAMPLER[method])
     if image_latents is None:
         img = image_tensor(image, "image to invert")
         if img.shape[0] > 1 and len(ps) == 1:

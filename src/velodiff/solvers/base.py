@@ -168,6 +168,15 @@ class SolverSpec:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0
         return self.nfe_per_step * steps - saved
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse, in one line, an option this solver does not have (listing those it has)."""
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise VelodiffError(
+                f"solver {self.name!r} has no option {sorted(unknown)[0]!r}; "
+                f"options: {sorted(self.defaults) or 'none'}"
+            )
+
     def missing(self, options: Mapping[str, Any]) -> list[str]:
         """The required options (``requires``) that ``options`` leave unset."""
         return [k for k in self.requires if options.get(k) is None]
