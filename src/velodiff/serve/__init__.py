@@ -10,5 +10,9 @@
     jobs_api.py     velodiff's JSON jobs API (/api)
     openai_api.py   OpenAI-compatible POST /v1/images/generations
     comfy_api.py    ComfyUI's /prompt, /queue, /history, /view, /interrupt, /ws
+    brush_api.py    region brushes on a finished job's image (POST /api/brush)
+    stream.py       streaming image-to-image after StreamDiffusion (one network call per frame)
+    stream_api.py   /api/stream, the stream over a websocket
+    ray_serve.py    the same application as a Ray Serve deployment (--ray, --replicas)
     page/           the web page at /
 """
