@@ -133,10 +133,10 @@ def test_own_names_match_case_insensitively_and_win():
     assert resolve_solver("UNIPC").alias is None and resolve_solver("UniPC").alias.source == "A1111"
     for name, own in (("AYS", "ays"), ("LOGSNR", "logsnr"), ("Trailing", "trailing"), ("KARRAS", "karras")):
         assert torch.equal(make_grid(name, SCHED, 8), make_grid(own, SCHED, 8))
-    from velodiff.commands.names import check_grid, check_solver
+    from velodiff.commands.names import check_grid_name, check_solver_name
 
-    check_grid("AYS")
-    check_solver("Euler_Ancestral")
+    check_grid_name("AYS")
+    check_solver_name("Euler_Ancestral")
 
 
 def test_unknown_names_list_near_matches():
@@ -158,12 +158,12 @@ def test_unknown_names_list_near_matches():
 
 
 def test_cli_check_and_table(capsys):
-    from velodiff.commands.names import check_solver
+    from velodiff.commands.names import check_solver_name
     from velodiff.commands.solvers import solvers
 
-    check_solver("DPM++ 2M SDE Karras")
+    check_solver_name("DPM++ 2M SDE Karras")
     with pytest.raises(VelodiffError, match="did you mean"):
-        check_solver("dpmpp_3m_sd")
+        check_solver_name("dpmpp_3m_sd")
     solvers(aliases=True)
     out = capsys.readouterr().out
     assert "DPM++ 2M Karras" in out and "align_your_steps" in out and "DPMSolverMultistepScheduler" in out

@@ -357,9 +357,9 @@ def parse_setting(text: str) -> tuple[str, Any]:
     if key == "guidance":
         check_guidance(value, "plan setting guidance")
     if key in ("solver", "grid"):
-        from .commands.names import check_grid, check_solver
+        from .commands.names import check_grid_name, check_solver_name
 
-        (check_solver if key == "solver" else check_grid)(value)
+        (check_solver_name if key == "solver" else check_grid_name)(value)
     return key, value
 
 

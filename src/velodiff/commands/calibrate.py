@@ -51,9 +51,9 @@ def calibrate_cache(
     The feature changes fit cache schedules (deepcache:schedule=budget); on a transformer the reuse
     table maps fbcache:reuse=F to this model's threshold."""
     t0 = time.perf_counter()
-    from .names import check_solver
+    from .names import check_solver_name
 
-    check_solver(solver)
+    check_solver_name(solver)
     from ..eval.sweep import resolve_prompts
 
     texts = resolve_prompts(prompts, limit)
@@ -136,10 +136,10 @@ def calibrate_solver(
         raise VelodiffError(f"--nfe {max(nfes)} is more than {MAX_STEPS}")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     solver_list = [s.strip() for s in solvers.split(",") if s.strip()]
-    from .names import check_solver
+    from .names import check_solver_name
 
     for s in solver_list:
-        check_solver(s)
+        check_solver_name(s)
     from ..eval.sweep import resolve_prompts
 
     texts = resolve_prompts(prompts, limit)

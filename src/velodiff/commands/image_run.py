@@ -62,7 +62,14 @@ class ImageRun:
     def check(self) -> None:
         """Refuse what is wrong without importing torch (one line each)."""
         from ..shipped import resolve_model
-        from .names import DTYPE_NAMES, NOISE_MODES, PREDICTION_TYPES, check_grid, check_name, check_solver
+        from .names import (
+            DTYPE_NAMES,
+            NOISE_MODES,
+            PREDICTION_TYPES,
+            check_grid_name,
+            check_name,
+            check_solver_name,
+        )
 
         if self.steps is not None and self.nfe is not None:
             raise VelodiffError("give --steps or --nfe, not both")
@@ -93,9 +100,9 @@ class ImageRun:
         if self.clip_skip is not None and self.clip_skip < 0:
             raise VelodiffError(f"--clip-skip must be >= 0, got {self.clip_skip}")
         if self.solver is not None:
-            check_solver(self.solver)
+            check_solver_name(self.solver)
         if self.grid is not None:
-            check_grid(self.grid)
+            check_grid_name(self.grid)
         check_name("noise mode", self.noise, NOISE_MODES)
         if self.prediction_type is not None:
             check_name("prediction type", self.prediction_type, PREDICTION_TYPES)

@@ -17,7 +17,7 @@ SOLVER_NAMES = (
 )
 
 
-def check_solver(name: str) -> None:
+def check_solver_name(name: str) -> None:
     """Refuse an unknown solver name with the registry's own message (``unknown solver 'x'; valid:
     ...``). When the registry is already imported (velodiff used as a library), it decides."""
     if "velodiff.solvers" in sys.modules:
@@ -38,7 +38,7 @@ GRID_NAMES = (
 )
 
 
-def check_grid(name: str) -> None:
+def check_grid_name(name: str) -> None:
     """Refuse an unknown grid name (``--grid``, a plan's ``grid=``) as the pipelines would, before any
     model loads: velodiff's names, ``calibrated`` and other tools' scheduler names (ComfyUI's, A1111's)."""
     from ..aliases import resolve_grid

@@ -174,14 +174,14 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
     from ..plan import Plan
 
     s.plans = [str(Plan.parse(p)) for p in s.plans if p] or ["none"]  # canonical; bad ones refused
-    from ..commands.names import check_grid, check_solver
+    from ..commands.names import check_grid_name, check_solver_name
 
     for n in s.solvers:  # velodiff's names and other tools' ("DPM++ 2M Karras", "uni_pc")
-        check_solver(str(n))
+        check_solver_name(str(n))
     s.grids = [None if g in (None, "default", "") else str(g) for g in s.grids]
     for g in s.grids:  # with "calibrated" and other tools' scheduler names ("gits", "align_your_steps")
         if g is not None:
-            check_grid(g)
+            check_grid_name(g)
     try:
         s.nfe = [int(n) for n in s.nfe]
         s.guidance = [None if g in (None, "default", "") else float(g) for g in s.guidance]

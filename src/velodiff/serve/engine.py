@@ -126,7 +126,6 @@ class Engine:
 
     def check(self, req: Request) -> dict[str, Any]:
         """The job's normalized parameters, or one VelodiffError line saying what is wrong."""
-        from ..grids import GRIDS
         from ..plan import Plan
         from ..solvers import get_solver
 
@@ -162,9 +161,9 @@ class Engine:
         solver = req.solver or defaults.get("solver") or m.default_solver
         get_solver(solver)  # unknown: "unknown solver 'x'; valid: ..."
         if req.grid is not None:  # velodiff's grids, other tools' names and the model's calibrated one
-            from ..aliases import resolve_grid
+            from ..commands.names import check_grid_name
 
-            resolve_grid(req.grid, (*GRIDS, "calibrated"))
+            check_grid_name(req.grid)
         guidance = float(
             req.guidance if req.guidance is not None else defaults.get("guidance", m.default_guidance)
         )
