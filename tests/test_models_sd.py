@@ -384,6 +384,20 @@ def test_load_errors(tmp_path):
         load(odd, family="sd9")
 
 
+def test_ays_on_sdxl_takes_sdxls_published_schedule(models):
+    """A named grid's per-model default (LoadedModel.grid_defaults): AYS on SDXL is its SDXL list; a
+    call's own model= wins."""
+    from velodiff.grids import make_grid
+    from velodiff.pipelines.common import Sampling, make_setup
+
+    m = models["sdxl"]
+    ts = make_setup(m, Sampling.of("t", dict(grid="ays", steps=10))).ts
+    assert torch.equal(ts, make_grid("ays", m.schedule, 10, model="sdxl"))
+    assert not torch.equal(ts, make_grid("ays", m.schedule, 10, model="sd"))
+    own = make_setup(m, Sampling.of("t", dict(grid="ays", steps=10, grid_options={"model": "sd"}))).ts
+    assert torch.equal(own, make_grid("ays", m.schedule, 10, model="sd"))
+
+
 def test_a_budget_planned_solver_runs_the_part_of_the_grid_img2img_keeps(models):
     """dpm_fast plans its orders from --nfe over the whole grid; img2img and inpainting run the grid's
     last steps with the orders planned there (the whole budget on the shorter grid was refused)."""

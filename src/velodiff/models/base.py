@@ -208,6 +208,8 @@ class LoadedModel:
     embedded_guidance: float | None = None
     #: latent pixels per token side: a transformer's patch size (Flux's 2x2 packing), 1 for a UNet
     patch_size: int = 1
+    #: options a named grid takes by default on this model, under the call's (SDXL: AYS's SDXL schedule)
+    grid_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def size_factor(self) -> int:

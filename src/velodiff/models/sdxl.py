@@ -210,6 +210,7 @@ def build_sdxl(
         default_solver="dpmpp_2m",
         default_grid=grid,
         default_grid_options=grid_opts,
+        grid_defaults={"ays": {"model": "sdxl"}},  # AYS published SDXL's own schedule
         components=c,
         device=device,
         dtype=dtype,
