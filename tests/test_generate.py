@@ -133,6 +133,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
           "--max-minutes", "nan"], "--max-minutes must be a finite number > 0"),
         (["distill", "dmd", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"), "--guidance", "inf"],
          "--guidance must be a finite number >= 0"),
+        (["distill", "dmd", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"), "--device", "gpu"],
+         "unknown device 'gpu'; use cpu, cuda, cuda:N"),
         # every output checked before the work: nothing written, nothing replaced
         (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--json", str(tmp_path / "no/a/j")],
          "'" + str(tmp_path / "no") + "' does not exist"),

@@ -129,9 +129,9 @@ def progressive(
 ) -> None:
     """Each round's student learns two teacher DDIM steps in one, and teaches the next round."""
     from ..distill.run import ProgressiveConfig, distill_progressive
-    from .train import _threads
+    from .train import training_device
 
-    dev = _threads(threads, device)
+    dev = training_device(threads, device)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
                       guidance=guidance, sources=(teacher,))
     pcfg = ProgressiveConfig(
@@ -167,9 +167,9 @@ def guided(
 ) -> None:
     """The student takes w as an input and matches the teacher's CFG output in one pass per step."""
     from ..distill.guided import GuidedConfig, distill_guided
-    from .train import _threads
+    from .train import training_device
 
-    dev = _threads(threads, device)
+    dev = training_device(threads, device)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
                       guidance=guidance, sources=(teacher,))
     gcfg = GuidedConfig(w_min=w_min, w_max=w_max, guidance=guidance, batch=batch, cache_size=cache_size)
@@ -208,14 +208,14 @@ def lcm(
     """The student learns the consistency function of the teacher's guided ODE (skipping-step DDIM
     teacher, pseudo-Huber loss); sample it with the lcm solver in a few steps."""
     from ..distill.lcm import LCMConfig, distill_lcm
-    from .train import _threads
+    from .train import training_device
 
     if sample_steps > origin_steps:  # the lcm grid picks the sampling steps among the teacher's grid
         raise VelodiffError(
             f"--sample-steps {sample_steps} exceeds --origin-steps {origin_steps}: the student samples on "
             "the teacher's skipping-step grid; lower --sample-steps or raise --origin-steps"
         )
-    dev = _threads(threads, device)
+    dev = training_device(threads, device)
     lr = lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
                       guidance=guidance, sources=(teacher,))
@@ -267,9 +267,9 @@ def reflow(
 ) -> None:
     """Pairs z -> teacher ODE(z), cached; the student learns the straight coupling, then K steps."""
     from ..distill.reflow import ReflowConfig, distill_reflow
-    from .train import _threads
+    from .train import training_device
 
-    dev = _threads(threads, device)
+    dev = training_device(threads, device)
     cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out,
                       guidance=guidance, sources=(teacher, init))
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
@@ -321,9 +321,9 @@ def dmd(
 ) -> None:
     """A K-step student whose samples match the teacher's distribution (DMD) and its pairs."""
     from ..distill.dmd import DMDConfig, distill_dmd
-    from .train import _threads
+    from .train import training_device
 
-    dev = _threads(threads, device)
+    dev = training_device(threads, device)
     cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out,
                       guidance=guidance, sources=(teacher, init))
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
@@ -367,10 +367,10 @@ def prune(
     """Remove the UNet units that change the output least until the FLOPs target is met; repair."""
     from ..distill.prune import PruneConfig, check_target
     from ..distill.prune import prune as run_prune
-    from .train import _threads
+    from .train import training_device
 
     check_target(target_flops)
-    dev = _threads(threads, device)
+    dev = training_device(threads, device)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
                       guidance=guidance, sources=(teacher,))
     pcfg = PruneConfig(

@@ -43,22 +43,24 @@ def _check(run: Path, size: str, lr: float, max_minutes: float | None) -> None:
             raise VelodiffError(f"{name} must be a finite number > 0, got {value}")
 
 
-def _threads(threads: int | None, device: str) -> str:
-    """Set torch's CPU threads (None: 2, or the machine's CPUs if fewer) and resolve ``device``."""
+def training_device(threads: int | None, device: str) -> str:
+    """Set torch's CPU threads (None: 2, or the machine's CPUs if fewer) and resolve a training run's
+    ``device``: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N
+    (``models.base.resolve_device``'s checks)."""
     import os
 
     import torch
 
     from ..errors import VelodiffError
+    from ..models.base import resolve_device
 
     torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise VelodiffError(f"unknown device {device!r}; valid: auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise VelodiffError("--device cuda but no CUDA GPU is available")
-    return device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise VelodiffError(f"--device {device!r}: training runs on cpu or cuda (or auto)")
+    return str(dev)
 
 
 @train_app.command(
@@ -92,7 +94,7 @@ def autoencoder(
     from ..train.loop import LoopConfig, load_run_weights
 
     _check(run, size, lr, max_minutes)
-    _threads(threads, "cpu")
+    training_device(threads, "cpu")
     cfg = LoopConfig(
         steps=steps,
         lr=lr,
@@ -185,7 +187,7 @@ def ldm(
         check_model_out(out)  # before the training, not after
 
     _check(run, size, lr, max_minutes)
-    device = _threads(threads, device)
+    device = training_device(threads, device)
     cfg = LoopConfig(
         steps=steps,
         lr=lr,
