@@ -216,7 +216,7 @@ def test_pipeline_setup_takes_the_alias_grid():
     assert s.steps == 4 and s.solver.defaults["nfe"] == 10
     assert torch.equal(s.ts, make_grid("logsnr", SCHED, 4, final="t_min"))
     assert sample(DEN, X, s.ts, s.solver).nfe == 10
-    sdxl = SimpleNamespace(**{**vars(model), "family": "sdxl"})
+    sdxl = SimpleNamespace(**{**vars(model), "family": "sdxl", "grid_defaults": {"ays": {"model": "sdxl"}}})
     s = make_setup(sdxl, Sampling(grid="align_your_steps", steps=10))
     assert SCHED.timestep(s.ts[:-1]).round().tolist() == AysSchedules["StableDiffusionXLTimesteps"]
 

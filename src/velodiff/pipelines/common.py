@@ -324,7 +324,7 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     grid_opts = {}
     if grid is None:
         grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
-    grid_opts = {**model.grid_defaults.get(_grid_name(name) or str(name), {}), **grid_opts,
+    grid_opts = {**getattr(model, "grid_defaults", {}).get(_grid_name(name) or str(name), {}), **grid_opts,
                  **(opts.grid_options or {})}
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
     return Setup(spec, ts, steps, guidance, plan, options, grid=_grid_name(name) or str(name))
