@@ -103,6 +103,14 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         # a missing folder is made only when its parent exists: a typo two folders deep is one line
         (["generate", "a red circle", "--out", str(tmp_path / "missing" / "a" / "o.png")], "does not exist"),
         (["generate", "a red circle", "--out", out, "--guidance", "-1"], "guidance"),
+        # an output over an input (or over another output) is refused before the work: nothing lost
+        (["generate", "a red circle", "--out", out, "--attention-maps", out], "are the same file"),
+        (["img2img", "x", "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "x.png")],
+         "--image and --out are the same file"),
+        (["inpaint", "x", "--image", str(tmp_path / "x.png"), "--mask", str(tmp_path / "x.png"), "--out",
+          str(tmp_path / "x.png")], "are the same file"),
+        (["edit", "x", "--to", "y", "--image", str(tmp_path / "x.png"), "--out", str(tmp_path / "x.png")],
+         "--image and --out are the same file"),
         # an infinite scale is the user's input, not "the model returned NaN" after loading it
         (["generate", "a red circle", "--out", out, "--guidance", "inf"], "--guidance must be a finite"),
         (["img2img", "x", "--image", out, "--out", out, "--embedded-guidance", "inf"], "finite number >= 0"),

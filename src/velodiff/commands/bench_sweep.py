@@ -59,7 +59,7 @@ def bench_sweep(
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, callback=check_threads, help=THREADS_HELP)
     ] = None,
-    device: str = typer.Option(None, "--device", help="cpu or cuda [default: cuda when available]"),
+    device: o.Device = None,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Quality vs speed of every plan x solver x grid x NFE x guidance configuration, from the same seeds."""
@@ -87,7 +87,9 @@ def bench_sweep(
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()
-    loaded, defaults = load_model(model, threads, device or "cpu",
+    from ..models.base import resolve_device
+
+    loaded, defaults = load_model(model, threads, str(resolve_device(device)),
                                   config=config, family=family, prediction_type=prediction_type)
     from ..eval.reference import model_identity
 

@@ -78,9 +78,11 @@ def edit_cmd(
     })
     run = ImageRun.of(locals())
     run.check()
+    from ..files import distinct_files
     from .generate import check_output_path
 
     fmt = check_output_path(out)
+    distinct_files(**{"--image": image, "--out": out})
     picture = read_rgb(image) if image is not None else None
     m = run.load()
     kw = {k: v for k, v in run.sampling().items() if v is not None and k != "noise"}

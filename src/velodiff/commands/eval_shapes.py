@@ -170,7 +170,7 @@ def shapes(
     seed: int = typer.Option(0),
     batch: int = typer.Option(16, min=1, help="images per batched call"),
     threads: Annotated[int | None, typer.Option(min=1, callback=check_threads, help=THREADS_HELP)] = None,
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: o.Device = None,
     limit: int = typer.Option(
         None, min=1, help="use only this many prompts, spread over the set (quick checks)"
     ),
@@ -214,6 +214,9 @@ def shapes(
     if limit is not None and limit < len(plist):
         plist = [plist[int(i * len(plist) / limit)] for i in range(limit)]
     quiet_libraries()
+    from ..models.base import resolve_device
+
+    device = str(resolve_device(device))
     loaded, defaults = load_model(model, threads, device,
                                   config=config, family=family, prediction_type=prediction_type)
     if embedded_guidance is not None:

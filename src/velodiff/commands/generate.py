@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
-from ..files import save_image_atomic
+from ..files import distinct_files, save_image_atomic
 from ..images import image_grid
 from ..limits import check_strength
 from . import options as o
@@ -221,6 +221,7 @@ def generate(
     fmt = check_output_path(out)
     if attention_maps is not None:
         check_output_path(attention_maps)
+        distinct_files(**{"--out": out, "--attention-maps": attention_maps})
     loaded = run.load()
     from ..pipelines import text2img
 

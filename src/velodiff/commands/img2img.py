@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import VelodiffError
-from ..files import save_image_atomic
+from ..files import distinct_files, save_image_atomic
 from ..images import image_grid
 from ..limits import check_strength
 from . import options as o
@@ -31,8 +31,8 @@ def img2img_cmd(
         typer.Option(help="how much to change: 0 returns the image, 1 draws anew (diffusers' strength)"),
     ] = 0.8,
     model: o.Model = None,
-    width: o.Width = None,
-    height: o.Height = None,
+    width: o.InputWidth = None,
+    height: o.InputHeight = None,
     device: o.Device = None,
     dtype: o.Dtype = None,
     seed: o.Seed = 0,
@@ -65,6 +65,7 @@ def img2img_cmd(
     run = ImageRun.of(locals())
     run.check()
     fmt = check_output_path(out)
+    distinct_files(**{"--image": image, "--out": out})
     picture = read_rgb(image)
     run.load()
     size = fit_size(run, picture)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import VelodiffError
-from ..files import save_image_atomic
+from ..files import distinct_files, save_image_atomic
 from ..images import image_grid
 from ..limits import check_strength
 from . import options as o
@@ -43,8 +43,8 @@ def inpaint_cmd(
         ),
     ] = True,
     model: o.Model = None,
-    width: o.Width = None,
-    height: o.Height = None,
+    width: o.InputWidth = None,
+    height: o.InputHeight = None,
     device: o.Device = None,
     dtype: o.Dtype = None,
     seed: o.Seed = 0,
@@ -77,6 +77,8 @@ def inpaint_cmd(
     run = ImageRun.of(locals())
     run.check()
     fmt = check_output_path(out)
+    for given in (image, mask):  # the output over an input (image and mask may be one file)
+        distinct_files(**{"--image" if given is image else "--mask": given, "--out": out})
     picture = read_rgb(image)
     holes = read_image(mask, "mask").convert("L")
     if holes.size != picture.size:

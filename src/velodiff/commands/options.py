@@ -100,6 +100,15 @@ Width = Annotated[
                  "(default: the model's)"),
 ]
 Height = Annotated[int | None, typer.Option(help="image height in pixels, as --width (default: the model's)")]
+#: img2img and inpaint: the output size, the input resized to it
+InputWidth = Annotated[
+    int | None,
+    typer.Option("--width", help="output width in pixels, the input resized to it; a multiple of the model's "
+                 "latent factor (default: the input image's)"),
+]
+InputHeight = Annotated[
+    int | None, typer.Option("--height", help="output height, as --width (default: the input image's)")
+]
 Seed = Annotated[int, typer.Option(help="seed of the first image (image i uses seed + i)")]
 N = Annotated[int, typer.Option("--n", min=1, max=64, help="number of images, saved as one grid image")]
 Batch = Annotated[
