@@ -53,7 +53,9 @@ def x0_from_alpha_sigma(
 ) -> Tensor:
     """Convert a network output of the given type (diffusers' names) into x0, given alpha(t) and
     sigma(t): tensors broadcastable against x, or Python floats for a time shared by the batch (so no
-    per-step tensor is made on the device). The one place the prediction types are converted."""
+    per-step tensor is made on the device). The one place sampling converts the prediction types; the
+    distillers' losses (``velodiff.distill``) write v -> x0 as alpha x - sigma v, which is this on a VP
+    schedule (alpha^2 + sigma^2 = 1), and keep it so that their runs stay bit-identical."""
     a, s = alpha, sigma
     if prediction_type == "epsilon":
         return (x - s * out) / a
