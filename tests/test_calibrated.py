@@ -212,8 +212,15 @@ def test_bench_takes_the_calibrated_grid_and_other_tools_names():
 
 def test_calibration_of_an_alias_is_stored_under_its_velodiff_solver():
     problem = denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0))
-    res = calibrate_solver(problem, [3], methods=["grid"], solvers=["DPM++ 2M"], max_runs=2)
+    heun = "DPMSolverMultistepScheduler:solver_type=heun"
+    res = calibrate_solver(problem, [3], methods=["grid"], solvers=[heun], max_runs=2)
     assert [e["solver"] for e in res["entries"]] == ["dpmpp_2m"]
+    # fitted with the alias's options, and saved with them: a run of the plain name reproduces the fit
+    assert res["entries"][0]["options"]["solver_type"] == "heun"
+    ts = torch.tensor(res["entries"][0]["ts"], dtype=F64)
+    assert problem.score(ts, "dpmpp_2m", {"solver_type": "heun"}) == res["entries"][0]["error"]
+    with pytest.raises(VelodiffError, match="'dpmpp_2m' twice with different options"):
+        calibrate_solver(problem, [3], methods=["grid"], solvers=["dpmpp_2m", "DPM++ 2M"], max_runs=2)
 
 
 def test_the_cache_artefact_never_hides_the_one_beside_the_model(tmp_path, monkeypatch, capsys):

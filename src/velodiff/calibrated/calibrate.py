@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import VelodiffError, unknown_name
 from ..grids import make_grid
-from ..solvers import get_solver
+from ..solvers import SOLVERS, get_solver
 from .ems import measure_statistics
 from .grids import gits_grid, refine_grid
 from .problem import Problem
@@ -131,14 +131,23 @@ def calibrate_solver(
     for m in methods:
         if m not in METHODS:
             raise unknown_name("calibration method", m, METHODS)
+    # another tool's name calibrates its velodiff solver, under the name runs look it up by, with the
+    # alias's options (saved in the entry, so a run of the plain name reproduces them)
+    aliased: dict[str, dict[str, Any]] = {}
     for s in solvers:
         spec = get_solver(s)
         if spec.nfe_per_step != 1 or spec.stochastic:
             raise VelodiffError(
                 f"solver {s!r}: calibrated grids are for deterministic one-call-per-step solvers"
             )
-    # another tool's name calibrates its velodiff solver, under the name runs look it up by
-    solvers = list(dict.fromkeys(get_solver(s).name for s in solvers))
+        own = SOLVERS[spec.name].defaults
+        extra = {k: v for k, v in spec.defaults.items() if k not in own or own[k] != v}
+        if aliased.setdefault(spec.name, extra) != extra:
+            raise VelodiffError(
+                f"solvers {', '.join(map(repr, solvers))} name {spec.name!r} twice with different options; "
+                "a calibration keeps one configuration per solver: calibrate them separately"
+            )
+    solvers = list(aliased)
     if not nfes:
         raise VelodiffError("no NFE to calibrate; give one or more, e.g. 5,6,8")
     for n in nfes:
@@ -159,7 +168,9 @@ def calibrate_solver(
         for solver in solvers:
             spec = get_solver(solver)
             steps, planned = spec.plan_nfe(int(nfe))
-            base_opts = {**planned, **({"ems": ems} if solver == "dpm_solver_v3" else {})}
+            base_opts = {**aliased.get(solver, {}), **planned}
+            if solver == "dpm_solver_v3":
+                base_opts["ems"] = ems
             named = [(g, ts, problem.score(ts, solver, base_opts)) for g, ts in _named_grids(problem, steps)]
             for g, _, e in named:
                 if solver != "dpm_solver_v3":  # uncalibrated baselines: fixed solvers on named grids
