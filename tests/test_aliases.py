@@ -184,7 +184,7 @@ def test_pipeline_setup_takes_the_alias_grid():
     the solver gets the alias's options."""
     from types import SimpleNamespace
 
-    from velodiff.pipelines.common import Sampling, make_setup
+    from velodiff.pipelines.setup import Sampling, make_setup
 
     model = SimpleNamespace(
         schedule=SCHED, default_solver="dpmpp_2m", default_guidance=1.0, default_final="zero",

@@ -360,7 +360,7 @@ def test_a_killed_calibration_writes_nothing_and_keeps_the_last_artefact(tmp_pat
 def test_a_grid_suffix_keeps_each_steps_fitted_options():
     """img2img and inpainting run the grid from a later step: the per-step options a calibration fitted
     move with their steps."""
-    from velodiff.pipelines.common import Setup
+    from velodiff.pipelines.setup import Setup
     from velodiff.solvers import get_solver
 
     setup = Setup(

@@ -178,7 +178,7 @@ def test_batch_clip_skip_noise_rescale(tiny_single_file, tmp_path, capsys):
 
 def test_img2img_sizes_and_strength_zero(picture, tmp_path, capsys):
     from velodiff import load
-    from velodiff.pipelines.common import image_tensor, to_pil
+    from velodiff.pipelines.images import image_tensor, to_pil
 
     out = tmp_path / "out.png"
     code, o, err = run_cli(capsys, "img2img", "a blue circle", "--image", picture, "--strength", "0.5",

@@ -388,7 +388,7 @@ def test_ays_on_sdxl_takes_sdxls_published_schedule(models):
     """A named grid's per-model default (LoadedModel.grid_defaults): AYS on SDXL is its SDXL list; a
     call's own model= wins."""
     from velodiff.grids import make_grid
-    from velodiff.pipelines.common import Sampling, make_setup
+    from velodiff.pipelines.setup import Sampling, make_setup
 
     m = models["sdxl"]
     ts = make_setup(m, Sampling.of("t", dict(grid="ays", steps=10))).ts
@@ -471,7 +471,7 @@ def test_generation_errors(models):
 def test_numpy_images_and_masks_as_diffusers_takes_them():
     """(H, W, 3) arrays (floats in [0, 1] or uint8) and (H, W) masks (floats, bool, uint8) read as the
     same tensors the PIL and tensor paths give."""
-    from velodiff.pipelines.common import image_tensor, mask_tensor
+    from velodiff.pipelines.images import image_tensor, mask_tensor
 
     rgb = torch.rand(1, 3, 4, 6)
     hwc = rgb[0].permute(1, 2, 0).numpy()

@@ -109,7 +109,7 @@ def test_similarity_filter_skips_only_near_identical_frames(model, frames):
     assert torch.equal(same[0][0], first)  # a skip repeats the last output
     other = [s(frames[i % 2 : i % 2 + 1])[1] for i in range(1, 7)]  # alternating, dissimilar frames
     assert not any(other)
-    from velodiff.pipelines.common import to_pil
+    from velodiff.pipelines.images import to_pil
 
     out, _ = s(to_pil(frames[:1])[0])  # a PIL frame, as a camera library gives it
     assert out.shape == frames[:1].shape
@@ -118,7 +118,7 @@ def test_similarity_filter_skips_only_near_identical_frames(model, frames):
 
 
 def png(t: torch.Tensor) -> bytes:
-    from velodiff.pipelines.common import to_pil
+    from velodiff.pipelines.images import to_pil
 
     buf = io.BytesIO()
     to_pil(t)[0].save(buf, format="PNG")

@@ -237,7 +237,7 @@ def sheet(rows: list[tuple[str, torch.Tensor]], path: Path, cols: int = 8, scale
     """A contact sheet: one row of `cols` images per labelled configuration (label on the first)."""
     from velodiff.files import save_image_atomic
     from velodiff.images import image_grid
-    from velodiff.pipelines.common import to_pil
+    from velodiff.pipelines.images import to_pil
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pils, caps = [], []

@@ -124,7 +124,8 @@ def model_problem(
     model's), sampled with classifier-free guidance at ``guidance``."""
     from ..noise import prior_sample
     from ..pipelines import text2img
-    from ..pipelines.common import encode_batch_prompts, initial_noise, resolve_plan
+    from ..pipelines.common import encode_batch_prompts, initial_noise
+    from ..pipelines.setup import resolve_plan
     from ..sampling import denoise_once
 
     if len(prompts) != len(seeds):

@@ -233,7 +233,8 @@ def shapes(
     texts = [p.text for p in plist]
     kw = dict(steps=steps or defaults.get("steps"), solver=solver or defaults.get("solver"), grid=grid,
               plan=plan)
-    from ..pipelines.common import Sampling, check_setup, make_setup
+    from ..pipelines.common import check_setup
+    from ..pipelines.setup import Sampling, make_setup
 
     for g in scales:  # every scale's run checked (its calibration found) before the first image is drawn
         setup = make_setup(loaded, Sampling.of("eval shapes", {**kw, "guidance": g}))

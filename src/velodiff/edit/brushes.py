@@ -58,7 +58,7 @@ class Canvas:
     layers: list[Layer] = field(default_factory=list)
 
     def __init__(self, model: Any, prompt: str, seed: int = 0, **options: Any) -> None:
-        from ..pipelines.common import Sampling, check_output
+        from ..pipelines.setup import Sampling, check_output
 
         self.model, self.prompt, self.seed, self.layers = model, prompt, seed, []
         for k in ("seeds", "latents", "callback", "output"):
@@ -137,7 +137,7 @@ class Canvas:
         )
 
     def _setup(self) -> tuple[Any, int, int]:
-        from ..pipelines.common import Sampling, make_setup
+        from ..pipelines.setup import Sampling, make_setup
 
         opts = Sampling.of("Canvas", self.options)
         h, w = self.model.default_size
@@ -147,7 +147,7 @@ class Canvas:
         return setup, h, w
 
     def _mask(self, mask: Any, shape: tuple[int, ...]) -> Tensor:
-        from ..pipelines.common import mask_tensor
+        from ..pipelines.images import mask_tensor
 
         m = mask_tensor(mask)[:1]
         lh, lw = shape[-2:]
@@ -173,8 +173,9 @@ class Canvas:
         size: tuple[int, int] | None,
     ) -> Trajectory:
         from ..noise import prior_sample
-        from ..pipelines.common import Sampling, encode_batch_prompts, initial_noise, run
+        from ..pipelines.common import encode_batch_prompts, initial_noise, run
         from ..pipelines.img2img import start_index
+        from ..pipelines.setup import Sampling
 
         m = self.model
         h, w = m.default_size

@@ -342,7 +342,7 @@ def _sheet(images: torch.Tensor, cols: int = 8) -> bytes:
     import io
 
     from ..images import image_grid
-    from ..pipelines.common import to_pil
+    from ..pipelines.images import to_pil
 
     pils = to_pil(images)
     buf = io.BytesIO()

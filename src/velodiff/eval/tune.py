@@ -102,7 +102,7 @@ class SearchSpace:
     def needs_calibration(self) -> bool:
         """Whether some combination runs on a solver calibration (the calibrated grid, a solver that
         requires fitted options: DPM-Solver-v3)."""
-        from ..pipelines.common import CALIBRATED
+        from ..pipelines.setup import CALIBRATED
         from ..solvers import get_solver
 
         return CALIBRATED in self.grids or any(get_solver(s).requires for s in self.solvers)
@@ -192,7 +192,7 @@ def calibration_check(
     model statistics, anything else always. A model without a calibration loses the first two (said in
     one line)."""
     from ..calibrated.artefact import load_solver_calibrations
-    from ..pipelines.common import CALIBRATED
+    from ..pipelines.setup import CALIBRATED
     from ..solvers import get_solver
     from .reference import model_identity
 

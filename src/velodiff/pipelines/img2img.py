@@ -19,18 +19,16 @@ from ..limits import check_strength
 from ..sampling import SampleResult
 from .common import (
     GenerationResult,
-    Sampling,
     batch_prompts_and_seeds,
     check_model,
     encode_batch_prompts,
     finish,
-    given_latents,
-    image_tensor,
     initial_noise,
-    make_setup,
     normalize_prompts,
     run,
 )
+from .images import given_latents, image_tensor
+from .setup import Sampling, make_setup
 
 
 def start_index(steps: int, strength: float) -> int:
@@ -86,7 +84,7 @@ def img2img(
 ) -> GenerationResult:
     """Re-generate ``image`` (PIL, list, or (B, 3, H, W) in [0, 1]) toward ``prompts``.
 
-    ``options`` as :func:`text2img` (:class:`velodiff.pipelines.common.Sampling`); ``latents`` is the
+    ``options`` as :func:`text2img` (:class:`velodiff.pipelines.setup.Sampling`); ``latents`` is the
     noise added to the image (standard normal, default from the seeds); ``image_latents`` skips the VAE
     encoder; ``nfe`` counts the whole grid, of which the last ``strength`` fraction runs."""
     opts = Sampling.of("img2img", options)

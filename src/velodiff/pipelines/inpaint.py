@@ -28,21 +28,18 @@ from ..limits import check_strength
 from ..sampling import SampleResult, StepInfo
 from .common import (
     GenerationResult,
-    Sampling,
     batch_prompts_and_seeds,
     check_model,
     encode_batch_prompts,
     finish,
-    given_latents,
-    image_tensor,
     initial_noise,
-    make_setup,
-    mask_tensor,
     normalize_prompts,
     prepare_cond,
     run,
 )
+from .images import given_latents, image_tensor, mask_tensor
 from .img2img import check_runs_a_step, start_index
+from .setup import Sampling, make_setup
 
 
 def _with_concat(cond: Cond, extra: Tensor) -> Cond:
@@ -67,7 +64,7 @@ def inpaint(
     ``image``: PIL / list / (B, 3, H, W) in [0, 1]; ``mask``: PIL L / tensor in [0, 1], same size.
     ``strength`` < 1 starts from the noised original instead of pure noise (as img2img).
     ``image_latents`` / ``masked_image_latents`` skip the VAE encoder (for exact comparisons).
-    ``options`` as :func:`text2img` (:class:`velodiff.pipelines.common.Sampling`)."""
+    ``options`` as :func:`text2img` (:class:`velodiff.pipelines.setup.Sampling`)."""
     opts = Sampling.of("inpaint", options)
     check_model(model)
     s = check_strength(strength)

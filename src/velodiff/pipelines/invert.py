@@ -24,16 +24,15 @@ from ..errors import VelodiffError
 from ..sampling import SampleResult
 from .common import (
     GenerationResult,
-    Sampling,
     check_model,
     encode_batch_prompts,
     finish,
-    image_tensor,
-    make_setup,
     normalize_prompts,
     prepare_cond,
 )
+from .images import image_tensor
 from .img2img import init_image_latents
+from .setup import Sampling, make_setup
 
 
 def psnr(a: Tensor, b: Tensor) -> float:

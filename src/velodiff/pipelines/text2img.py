@@ -10,16 +10,15 @@ from ..limits import MAX_SIDE
 from ..noise import prior_sample
 from .common import (
     GenerationResult,
-    Sampling,
     batch_prompts_and_seeds,
     check_model,
     encode_batch_prompts,
     finish,
     initial_noise,
-    make_setup,
     normalize_prompts,
     run,
 )
+from .setup import Sampling, make_setup
 
 
 def text2img(
@@ -32,7 +31,7 @@ def text2img(
 ) -> GenerationResult:
     """Generate one image per (prompt, seed) with ``model`` (a :class:`velodiff.models.LoadedModel`),
     ``height`` x ``width`` pixels (default: the model's size). ``options`` are the keywords every
-    pipeline shares (:class:`velodiff.pipelines.common.Sampling`: steps, solver, grid, guidance, plan,
+    pipeline shares (:class:`velodiff.pipelines.setup.Sampling`: steps, solver, grid, guidance, plan,
     seeds, negative, output, ...)."""
     opts = Sampling.of("text2img", options)
     check_model(model)

@@ -205,7 +205,8 @@ class Engine:
         """Refuse now (400) what the worker would refuse before the first step: a grid the model's
         schedule has not (linear_quadratic on a VP model), a plan rule this model or device cannot run
         (fp8 on a CPU, tome on a DiT, cfg_zero on a VP model); a job never fails for its settings."""
-        from ..pipelines.common import Sampling, check_setup, make_setup
+        from ..pipelines.common import check_setup
+        from ..pipelines.setup import Sampling, make_setup
 
         plan = ([p["plan"]] if p["plan"] else []) if p["kind"] == "collage" else self.plan_rules(p)
         opts = Sampling.of("serve", dict(steps=p["steps"], solver=p["solver"], grid=p["grid"],
@@ -333,7 +334,7 @@ class Engine:
 
     def preview(self, model: str | None, x0: Any, index: int) -> bytes:
         """A PNG of the clean-image prediction ``x0[index]`` (decoded by the model's VAE)."""
-        from ..pipelines.common import to_pil
+        from ..pipelines.images import to_pil
 
         m, _ = self.model(model)
         return png_bytes(to_pil(m.decode(x0[index : index + 1]))[0])

@@ -134,7 +134,7 @@ class StreamImg2Img:
     def __call__(self, frame: Any) -> tuple[Tensor, bool]:
         """One input frame (a PIL image, a numpy array or a (1, 3, H, W) tensor in [0, 1]) -> (an
         output frame (1, 3, H, W), skipped?)."""
-        from ..pipelines.common import image_tensor
+        from ..pipelines.images import image_tensor
 
         if not isinstance(frame, Tensor) or frame.device.type == "cpu":
             frame = image_tensor(frame, "frame")

@@ -25,7 +25,7 @@ router = APIRouter(tags=["stream"])
 
 def read_frame(data: bytes, size: tuple[int, int] | None, max_pixels: int) -> Any:
     from ..images import open_image
-    from ..pipelines.common import image_tensor
+    from ..pipelines.images import image_tensor
 
     im = open_image(data, "a frame").convert("RGB")
     if size is not None and im.size != size:
@@ -47,7 +47,7 @@ async def receive(socket: WebSocket) -> dict[str, Any] | None:
 
 @router.websocket("/api/stream")
 async def stream(socket: WebSocket) -> None:
-    from ..pipelines.common import to_pil
+    from ..pipelines.images import to_pil
     from .stream import StreamConfig, StreamImg2Img
 
     srv = socket.app.state.velodiff
