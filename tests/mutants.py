@@ -73,6 +73,50 @@ MUTANTS = {
         "ids[..., 1] = torch.arange(w)[:, None]\n    ids[..., 2] = torch.arange(h)[None, :]",
         ["tests/test_models_dit.py", "-k", "flux"],
     ),
+    # from the third audit (plan seam, guidance, accelerators, editing, serving, sets, tune)
+    "cfg_steps_of_grid_points": (
+        "guidance/cfg.py",
+        "self.first, self.last = int(self.start * run.steps), int(self.stop * run.steps)",
+        "self.first, self.last = int(self.start * len(run.ts)), int(self.stop * len(run.ts))",
+        ["tests/test_guidance_rules.py", "-k", "start_stop"],
+    ),
+    "apg_momentum_raw": (
+        "guidance/apg.py",
+        "            self.running = d\n",
+        "            self.running = c - u\n",
+        ["tests/test_guidance_rules.py", "-k", "apg"],
+    ),
+    "apg_cap_always": (
+        "guidance/apg.py",
+        "d = d * torch.clamp(self.norm_threshold / d.norm(p=2, dim=dims, keepdim=True), max=1.0)",
+        "d = d * (self.norm_threshold / d.norm(p=2, dim=dims, keepdim=True))",
+        ["tests/test_guidance_rules.py", "-k", "apg"],
+    ),
+    "sld_betas_swapped": (
+        "guidance/sld.py",
+        "self.momentum = self.sld_mom_beta * self.momentum + (1 - self.sld_mom_beta) * g_s",
+        "self.momentum = (1 - self.sld_mom_beta) * self.momentum + self.sld_mom_beta * g_s",
+        ["tests/test_guidance_rules.py", "-k", "sld_momentum"],
+    ),
+    "sld_no_momentum_term": (
+        "guidance/sld.py",
+        "g_s = g_s + self.sld_momentum_scale * self.momentum  # Eq. 7",
+        "g_s = g_s  # Eq. 7",
+        ["tests/test_guidance_rules.py", "-k", "sld_momentum"],
+    ),
+    "cfgpp_always_active": (
+        "guidance/cfgpp.py",
+        "    def active(self, req: EvalRequest) -> bool:\n        return self.in_range(req.step)",
+        "    def active(self, req: EvalRequest) -> bool:\n        return True",
+        ["tests/test_guidance_rules.py", "-k", "start_stop"],
+    ),
+    "linear_ag_stale_history": (
+        "guidance/adaptive.py",
+        "            r.x0, r.exact = u + self.w * (c - u), not self.lower_order\n"
+        "            self.prev = (req.step, c, u)\n",
+        "            r.x0, r.exact = u + self.w * (c - u), not self.lower_order\n",
+        ["tests/test_guidance_rules.py", "-k", "linear_ag"],
+    ),
 }
 
 

@@ -87,6 +87,25 @@ def test_linear_ag_fit_recovers_an_affine_law_and_estimates_are_marked():
     assert keep.evals == lower.evals and not torch.allclose(keep.x, lower.x)  # the solver was told
 
 
+def test_linear_ag_fits_on_the_latest_step_the_estimated_one_included(monkeypatch):
+    """LinearAG (Eq. 8) regresses u_i on (c_i, c_{i-1}, u_{i-1}): after an estimated step, the previous
+    pair is that step's conditional prediction and its estimate, not the last full step's."""
+    import velodiff.guidance.adaptive as adaptive
+    from velodiff.guidance.adaptive import LinearAG
+
+    rule = LinearAG(scale=3.0, every=2, warmup=3)
+    fitted_after = []
+
+    def spy(c, c_prev, u_prev, u):
+        fitted_after.append(rule.prev[0])  # the step (c_prev, u_prev) come from
+        return fit_affine(c, c_prev, u_prev, u)
+
+    monkeypatch.setattr(adaptive, "fit_affine", spy)
+    sample(TOY, X, make_grid("uniform", SCHED, 10), "ddim", cond=BOTH, plan=[rule])
+    # full steps 1, 2, 4, 6, 8 fit on their previous step; 3, 5, 7, 9 are estimated
+    assert fitted_after == [0, 1, 3, 5, 7]
+
+
 # --- APG, CFG++, CFG-Zero*, interval ------------------------------------------------------------------
 
 
@@ -101,6 +120,26 @@ def test_apg_is_cfg_at_eta_1_and_drops_the_parallel_part_at_eta_0():
     assert inner.abs().max() < 1e-10  # Sadat et al. 2024, Sec. 4.1: only the orthogonal update remains
     capped = denoise_once(TOY, X, 0.6, BOTH, "apg:scale=4,eta=1,norm_threshold=0.1").x0 - c
     assert torch.allclose(capped.flatten(1).norm(dim=1), torch.full((B,), 3 * 0.1, dtype=F64))
+    # the cap only shrinks: an update whose norm is below r is left as it is (min(1, r / |D|))
+    loose = denoise_once(TOY, X, 0.6, BOTH, "apg:scale=4,eta=1,norm_threshold=1000").x0
+    assert torch.allclose(loose, cfg, rtol=1e-12, atol=1e-12)
+
+
+def test_apg_momentum_accumulates_the_update():
+    """APG's momentum (Sadat et al. 2024, Alg. 1; diffusers' MomentumBuffer):
+    D_k = (c_k - u_k) + beta D_{k-1}, the guided prediction c + (w - 1) D at eta 1."""
+    from velodiff.guidance.apg import AdaptiveProjectedGuidance
+    from velodiff.plan import RunInfo
+
+    rule = AdaptiveProjectedGuidance(scale=4.0, momentum=-0.5, eta=1.0)
+    rule.begin(RunInfo(SCHED, make_grid("uniform", SCHED, 3), None, B, {}, guidance=4.0))
+    g = torch.Generator().manual_seed(5)
+    d = None
+    for _ in range(3):
+        c, u = (torch.randn(B, 4, 5, generator=g, dtype=F64) for _ in range(2))
+        d = (c - u) if d is None else (c - u) - 0.5 * d
+        assert torch.allclose(rule.combine(None, c, u, None), c + 3 * d, rtol=1e-12, atol=1e-12)
+    rule.end()
 
 
 def test_cfgpp_renoises_with_the_unconditional_noise():
@@ -141,6 +180,9 @@ def test_start_stop_and_interval_decide_the_guided_steps():
     ts = make_grid("uniform", SCHED, 10)
     assert sample(TOY, X, ts, "ddim", cond=BOTH, plan="cfg:scale=3,start=0.2,stop=0.7").evals == 10 + 5
     assert sample(TOY, X, ts, "ddim", cond=BOTH, plan="apg:scale=3,stop=0.3").evals == 10 + 3
+    # a fraction of the steps, not of the grid's points: int(0.95 * 10) = 9 guided steps
+    assert sample(TOY, X, ts, "ddim", cond=BOTH, plan="cfg:scale=3,stop=0.95").evals == 10 + 9
+    assert sample(TOY, X, ts, "ddim", cond=BOTH, plan="cfgpp:scale=0.4,stop=0.5").evals == 10 + 5
     with pytest.raises(VelodiffError, match="start .* must not exceed stop"):
         sample(TOY, X, ts, "ddim", cond=BOTH, plan="cfg:scale=3,start=0.8,stop=0.2")
 
@@ -274,6 +316,31 @@ def test_sld_is_diffusers_safe_guidance_on_eps(model):
     assert torch.allclose(warm.x0, u + 3.0 * (c - u), atol=1e-4)  # step 0 < the warm-up's 10: CFG alone
     with pytest.raises(VelodiffError, match="needs the concept to avoid"):
         denoise_once(model.denoiser, x, 0.5, cond, "cfg+sld", context=ctx)
+
+
+def test_sld_momentum_builds_over_the_steps():
+    """SLD's momentum (Schramowski et al. 2023, Eqs. 7-8, as diffusers' StableDiffusionPipelineSafe
+    updates it): g_S + s_m nu_k, then nu_{k+1} = beta nu_k + (1 - beta) (g_S + s_m nu_k), over DDIM steps."""
+    from velodiff.denoisers import eps_from_x0
+
+    safety = torch.randn(B, 4, 5, generator=torch.Generator().manual_seed(6), dtype=F64)
+    ts = make_grid("uniform", SCHED, 4)
+    opts = ("sld_warmup_steps=1,sld_guidance_scale=50,sld_threshold=0.2,"
+            "sld_momentum_scale=0.3,sld_mom_beta=0.4")
+    got = sample(TOY, X, ts, "ddim", cond=BOTH, plan=f"cfg:scale=3+sld:concept=x,{opts}",
+                 context={"encode": lambda texts: safety, "guidance": 3.0}).x
+    x, nu = X.clone(), torch.zeros_like(X)
+    for i in range(4):
+        t, tn = ts[i], ts[i + 1]
+        c, u, s = (TOY(x, t, k) for k in (COND, UNCOND, safety))
+        eps_c, eps_u, eps_s = (eps_from_x0(SCHED, x, t, v) for v in (c, u, s))
+        mu = ((eps_c - eps_s).abs() * 50).clamp(max=1.0).masked_fill(eps_c - eps_s >= 0.2, 0.0)
+        g_s = mu * (eps_s - eps_u) + 0.3 * nu
+        nu = 0.4 * nu + 0.6 * g_s
+        x0 = u + 3 * (c - u) + (3 * SCHED.sigma(t) / SCHED.alpha(t) * g_s if i >= 1 else 0)
+        eps = (x - SCHED.alpha(t) * x0) / SCHED.sigma(t)
+        x = SCHED.alpha(tn) * x0 + SCHED.sigma(tn) * eps if tn > 0 else x0
+    assert torch.allclose(got, x, rtol=1e-10, atol=1e-10)
 
 
 def test_a_runs_recorded_plan_string_reproduces_it(model):
