@@ -117,6 +117,18 @@ MUTANTS = {
         "            r.x0, r.exact = u + self.w * (c - u), not self.lower_order\n",
         ["tests/test_guidance_rules.py", "-k", "linear_ag"],
     ),
+    "end_error_swallowed": (
+        "sampling.py",
+        "    errors = _end(started)\n    if errors:\n        raise errors[0]",
+        "    errors = _end(started)",
+        ["tests/test_plan.py", "-k", "end_that_fails"],
+    ),
+    "branch_narrowed": (
+        "plan.py",
+        "        if rows is not None and not (name in self.branches and name not in self.subsets):",
+        "        if rows is not None:",
+        ["tests/test_plan.py", "-k", "own_input_and_rows"],
+    ),
 }
 
 

@@ -151,6 +151,22 @@ def test_lifecycle_order_and_end_on_failure():
     assert log[-1] == ("outer", "end")  # hooks come off however the run ends
 
 
+def test_an_end_that_fails_after_a_good_run_is_raised_and_the_others_still_end():
+    """A rule that cannot take its hooks off would leave the next run on that network altered: its
+    error is raised, after every other rule has ended."""
+    log = []
+
+    class StuckEnd(Recorder):
+        def end(self):
+            super().end()
+            raise RuntimeError("hooks stuck")
+
+    outer, stuck = Recorder(log, "outer", layer=5), StuckEnd(log, "stuck", layer=1)
+    with pytest.raises(RuntimeError, match="hooks stuck"):
+        sample(ORACLE, X, make_grid("uniform", SCHED, 2), "ddim", plan=[outer, stuck])
+    assert log[-2:] == [("stuck", "end"), ("outer", "end")]
+
+
 def test_a_rule_whose_begin_fails_is_ended_too():
     """A begin that raises half-way (after installing something) is undone at once, the rules begun
     before it too, and the begin's error is the one raised even if that end fails."""
@@ -369,3 +385,6 @@ def test_a_branch_with_its_own_input_and_rows():
     assert torch.allclose(r.parts["own"], TOY(other[1:], t, COND.flip(0)[1:]))
     with pytest.raises(VelodiffError, match="own input needs a new branch"):
         req.with_branch("cond", x=other)
+    # a branch a rule above asked for on every row stays whole when a rule below asks for some rows
+    whole = EvalRequest(0, 0, t, X, {"cond": COND, "uncond": UNCOND}).with_branch("uncond")
+    assert whole.with_branch("uncond", rows=torch.tensor([0])).size("uncond") == X.shape[0]
