@@ -129,6 +129,44 @@ MUTANTS = {
         "        if rows is not None:",
         ["tests/test_plan.py", "-k", "own_input_and_rows"],
     ),
+    "deepcache_center_not_scaled": (
+        "accel/deepcache.py",
+        "inside = nonuniform_steps(m, math.ceil(m / self.interval), self.center * m, self.power)",
+        "inside = nonuniform_steps(m, math.ceil(m / self.interval), self.center, self.power)",
+        ["tests/test_deepcache.py", "-k", "schedules_start"],
+    ),
+    "deepcache_budget_unsliced": (
+        "accel/deepcache.py",
+        "chosen = budgeted_schedule(self.changes[first:last], math.ceil(m / self.interval))",
+        "chosen = budgeted_schedule(self.changes, math.ceil(m / self.interval))",
+        ["tests/test_deepcache.py", "-k", "budgeted_schedule_reads"],
+    ),
+    "deepcache_flops_one_branch": (
+        "accel/deepcache.py",
+        "        shape = (self.branch, tuple(req.x.shape[1:]), "
+        "None if ehs is None else tuple(ehs.shape[1:]))",
+        "        shape = (tuple(req.x.shape[1:]), None if ehs is None else tuple(ehs.shape[1:]))",
+        ["tests/test_deepcache.py", "-k", "flop_share"],
+    ),
+    "step_changes_at_step_end": (
+        "accel/calibration.py",
+        "        m = (t[i - 1] + t[i]) / 2\n",
+        "        m = t[i]\n",
+        ["tests/test_cache_schedule.py", "-k", "midpoint"],
+    ),
+    "fbcache_threshold_shifted": (
+        "accel/calibration.py",
+        "return float(np.exp(logs[j - 1] + w * (logs[j] - logs[j - 1])))",
+        "return float(np.exp(logs[j] + w * (logs[j] - logs[j - 1])))",
+        ["tests/test_block_cache.py", "-k", "log_linearly"],
+    ),
+    "cache_calibration_by_file_hash": (
+        "accel/calibration.py",
+        "    want = model_identity(model)\n",
+        "    want = model_identity(model)\n"
+        "    from ..eval.reference import model_hash\n    want = model_hash(model.path)\n",
+        ["tests/test_cli_checkpoint.py", "-k", "every_model_command_with_its_config"],
+    ),
 }
 
 

@@ -83,6 +83,17 @@ def test_taylorseer_forecasts_between_full_evaluations_and_cleans_up(models, kin
         run(m, "taylorseer+fbcache")
 
 
+def test_fbcache_reuse_interpolates_the_calibrated_thresholds_log_linearly():
+    from velodiff.accel.calibration import fbcache_threshold
+
+    art = {"fbcache": {"thresholds": [0.01, 0.02, 0.04], "reuse": [0.1, 0.3, 0.5]}}
+    assert fbcache_threshold(art, 0.3) == pytest.approx(0.02)
+    assert fbcache_threshold(art, 0.2) == pytest.approx((0.01 * 0.02) ** 0.5)
+    assert fbcache_threshold(art, 0.4) == pytest.approx((0.02 * 0.04) ** 0.5)
+    assert fbcache_threshold(art, 0.05) == pytest.approx(0.005)  # below the table: linear to 0
+    assert fbcache_threshold(art, 0.9) == 0.04  # beyond it: the largest calibrated
+
+
 def test_fbcache_reuse_takes_the_threshold_from_the_models_calibration(models, tmp_path, monkeypatch):
     from velodiff.accel.calibration import calibrate_cache, fbcache_threshold, save_cache_calibration
 

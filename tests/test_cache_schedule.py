@@ -96,3 +96,15 @@ def test_deepcache_budget_schedule_uses_the_models_calibration(tmp_path, monkeyp
     other.write_text(artefact.read_text().replace(model_hash(path), "0" * 16))
     with pytest.raises(VelodiffError, match="made for another model"):
         text2img(model, "a red circle", steps=12, plan=f"deepcache:schedule=budget,calibration={other}")
+
+
+def test_step_changes_integrate_the_calibrated_rate_at_each_steps_midpoint():
+    """A step's expected change is the calibrated rate at the middle of the step times its length."""
+    from velodiff.accel.calibration import step_changes
+
+    mids = [0.1 * k for k in range(1, 10)]
+    # rate(t) = t and 2t, listed from the noisiest time as a calibration writes them
+    art = {"t_mid": mids[::-1], "rate": {"a": mids[::-1], "b": [2 * m for m in mids[::-1]]}}
+    got = step_changes(art, [1.0, 0.5, 0.2, 0.0], ["a"])
+    assert got == pytest.approx([0.0, 0.75 * 0.5, 0.35 * 0.3])
+    assert step_changes(art, [1.0, 0.5, 0.2, 0.0], ["a", "b"]) == pytest.approx([1.5 * v for v in got])

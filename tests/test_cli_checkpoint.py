@@ -414,6 +414,13 @@ def test_a_single_file_runs_every_model_command_with_its_config(tiny_single_file
     v = velodiff.load(f, config=folder, family="sd1", prediction_type="v_prediction")
     assert model_identity(eps) == model_identity(velodiff.load(f, config=folder, family="sd1"))
     assert len({model_identity(eps), model_identity(v), model_identity(velodiff.load(folder))}) == 3
+    # the cache calibration made with --config is found by that identity, not by the file's hash alone
+    from velodiff.accel.calibration import load_cache_calibration
+    from velodiff.errors import VelodiffError
+
+    assert load_cache_calibration(eps)["model_hash"] == model_identity(eps)
+    with pytest.raises(VelodiffError, match="no cache calibration for this model"):
+        load_cache_calibration(v)
     line = one_error_line(capsys, "generate", "x", "--model", folder, "--config", folder, "--out",
                           tmp_path / "x.png")
     assert "is for single-file checkpoints" in line

@@ -135,6 +135,36 @@ def test_schedules_start_and_stop():
         assert gaps[min(near, len(gaps) - 1)] <= min(gaps[0], gaps[-1])  # densest around the centre
     dc = DeepCache(interval=3, schedule="nonuniform")
     assert len(dc.plan_steps(20)) == 7
+    # the centre is a fraction of the steps (the paper's 15 of 50 is 0.3), densest there
+    assert dc.plan_steps(20) == set(nonuniform_steps(20, 7, 0.3 * 20, 1.4))
+    assert DeepCache(interval=3, schedule="nonuniform", center=0.7).plan_steps(20) == set(
+        nonuniform_steps(20, 7, 0.7 * 20, 1.4)) != dc.plan_steps(20)
+
+
+def test_the_budgeted_schedule_reads_the_stretch_it_covers():
+    """With start / stop, the dynamic program places the full steps by the calibrated changes of the
+    steps it covers (steps 3-11 of 12 at start=0.25), not by the first ones of the run."""
+    from velodiff.accel.cache_schedule import budgeted_schedule
+
+    dc = DeepCache(interval=3, schedule="budget", start=0.25)
+    dc.changes = [0.0, 5.0, 5.0, 0.1, 0.1, 0.1, 3.0, 4.0, 0.2, 0.2, 0.1, 0.1]
+    inside = budgeted_schedule(dc.changes[3:], 3)
+    assert dc.plan_steps(12) == {0, 1, 2} | {3 + i for i, full in enumerate(inside) if full}
+    unsliced = budgeted_schedule(dc.changes, 3)
+    assert dc.plan_steps(12) != {0, 1, 2} | {3 + i for i, full in enumerate(unsliced) if full}
+
+
+def test_the_flop_share_is_measured_per_branch(model):
+    """The FLOP share of a cached evaluation (the cost bench, Pareto and tune rank by) is measured per
+    skip branch: a deeper branch caches less and costs more, also after a run with another branch."""
+    from velodiff.pipelines import text2img
+
+    shares = []
+    for branch in (0, 3):
+        rule = DeepCache(interval=2, branch=branch)
+        text2img(model, PROMPTS[:1], steps=4, seeds=SEEDS[:1], output="latent", plan=[rule])
+        shares.append(rule.share)
+    assert 0 < shares[0] < shares[1] < 1
 
 
 def test_works_with_img2img_and_inpainting(model):
