@@ -167,6 +167,30 @@ MUTANTS = {
         "    from ..eval.reference import model_hash\n    want = model_hash(model.path)\n",
         ["tests/test_cli_checkpoint.py", "-k", "every_model_command_with_its_config"],
     ),
+    "w4a8_outliers_signed": (
+        "accel/w4a8.py",
+        "keep[flat.abs().amax(0).topk(k).indices] = True",
+        "keep[flat.amax(0).topk(k).indices] = True",
+        ["tests/test_w4a8.py", "-k", "outlier"],
+    ),
+    "w4a8_padding_widens": (
+        "accel/w4a8.py",
+        "        g[:, -1, group_size - pad :] = g[:, -1, :1]\n",
+        "        pass\n",
+        ["tests/test_w4a8.py", "-k", "levels"],
+    ),
+    "int8_schemes_share_weights": (
+        "accel/quantize.py",
+        'return self.name + "".join(f":{k}={getattr(self, k)}" for k in sorted(self.options))',
+        "return self.name",
+        ["tests/test_quantize.py", "-k", "own_quantized"],
+    ),
+    "tome_random_on_odd_batches": (
+        "accel/tome.py",
+        "gen = st.generator if rule.use_rand and hidden_states.shape[0] % 2 == 0 else None",
+        "gen = st.generator if rule.use_rand else None",
+        ["tests/test_tome.py", "-k", "odd_batch"],
+    ),
 }
 
 

@@ -54,6 +54,18 @@ def test_int8_runs_quantized_then_restores_the_weights(model):
     assert quantized.plan == "int8+cfg" and quantized.nfe == plain.nfe
 
 
+def test_each_scheme_keeps_its_own_quantized_weights(model):
+    """int8 and int8:activations=dynamic on one network (a server, a sweep) each run their own weights;
+    spellings of one scheme share them."""
+    from velodiff import Plan
+
+    weight_only, dynamic, spelled = (Plan.parse(s).rules[0] for s in
+                                     ("int8", "int8:activations=dynamic", "int8:activations=none"))
+    a, d = weight_only.quantized_weights(model.network), dynamic.quantized_weights(model.network)
+    assert a.keys() == d.keys() and all(a[k] is not d[k] for k in a)
+    assert spelled.quantized_weights(model.network) is a
+
+
 @pytest.mark.parametrize(("activations", "bound"), [("none", 0.01), ("dynamic", 0.02)])
 def test_one_evaluation_error_is_small(model, activations, bound):
     """Measured on the shipped UNet: 0.0024 (weight-only) and 0.0048 (dynamic int8 activations)."""

@@ -40,6 +40,22 @@ def test_equals_tomesd_on_the_same_unet(ratio, max_downsample):
     torch.testing.assert_close(ours.latents, peer, rtol=0, atol=1e-6)
 
 
+def test_an_odd_batch_takes_the_first_destination_as_tomesd_does():
+    """tomesd draws random destinations only for even batches (a CFG pair per image); one image without
+    CFG takes the first token of each window even with use_rand, and so does tome."""
+    tomesd = pytest.importorskip("tomesd")
+    model = velodiff.load("default")
+    unet = model.components["unet"]
+    kw = dict(steps=4, seeds=[0], output="latent", guidance=1.0)
+    tomesd.apply_patch(unet, ratio=0.5, max_downsample=8, use_rand=True)
+    try:
+        peer = text2img(model, TEXTS[:1], **kw).latents
+    finally:
+        tomesd.remove_patch(unet)
+    ours = text2img(model, TEXTS[:1], plan="tome:ratio=0.5,max_downsample=8,use_rand=true", **kw)
+    torch.testing.assert_close(ours.latents, peer, rtol=0, atol=1e-6)
+
+
 def test_no_merging_is_the_plain_run_and_nothing_outlives_a_run(model):
     unet = model.components["unet"]
     before = {n: type(m.attn1.processor) for n, m in unet.named_modules() if hasattr(m, "attn1")}

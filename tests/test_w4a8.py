@@ -18,11 +18,14 @@ def test_weight_groups_have_16_levels_and_half_a_step_of_error():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 70, generator=g)  # 70 = 64 + a short last group
     q = quantize_weight_groups(w, 64)
-    for group in (slice(0, 64), slice(64, 70)):
-        block = w[:, group]
-        step = (block.amax(1) - block.amin(1)) / 15
-        assert all(len(torch.unique(row)) <= 16 for row in q[:, group])
-        assert ((q[:, group] - block).abs() <= step[:, None] / 2 + 1e-6).all()
+    # all of one sign: the short group's padding must not stretch its range to 0
+    positive = torch.rand(6, 70, generator=g) + 1
+    for ws, qs in ((w, q), (positive, quantize_weight_groups(positive, 64))):
+        for group in (slice(0, 64), slice(64, 70)):
+            block = ws[:, group]
+            step = (block.amax(1) - block.amin(1)) / 15
+            assert all(len(torch.unique(row)) <= 16 for row in qs[:, group])
+            assert ((qs[:, group] - block).abs() <= step[:, None] / 2 + 1e-6).all()
     assert (
         torch.equal(quantize_weight_groups(q, 64), q)
         or (quantize_weight_groups(q, 64) - q).abs().max() < 1e-5
@@ -35,6 +38,9 @@ def test_activations_keep_the_outlier_channels_and_round_the_rest():
     x[..., 7] *= 50  # an outlier channel
     q = quantize_activations(x, 0.01)
     assert torch.equal(q[..., 7], x[..., 7])
+    neg = x.clone()
+    neg[..., 3] = -50 * neg[..., 3].abs()  # outliers by magnitude: a large negative channel is kept too
+    assert torch.equal(quantize_activations(neg, 0.02)[..., 3], neg[..., 3])
     rest = torch.cat([x[..., :7], x[..., 8:]], -1)
     qr = torch.cat([q[..., :7], q[..., 8:]], -1)
     step = rest.abs().amax(-1, keepdim=True) / 127
