@@ -191,6 +191,30 @@ MUTANTS = {
         "gen = st.generator if rule.use_rand else None",
         ["tests/test_tome.py", "-k", "odd_batch"],
     ),
+    "edict_regenerate_default_p": (
+        "edit/inversion.py",
+        'out, _ = edict_regenerate(ev, x, y, inv.ts, float(inv.info.get("p", 0.93)))',
+        "out, _ = edict_regenerate(ev, x, y, inv.ts, 0.93)",
+        ["tests/test_invert.py", "-k", "mixing_weight"],
+    ),
+    "ddim_inversion_evaluates_high": (
+        "edit/inversion.py",
+        "        t_eval = t_lo if float(sched.sigma(t_lo)) > 0 else t_hi\n",
+        "        t_eval = t_hi\n",
+        ["tests/test_invert.py", "-k", "does_not_change"],
+    ),
+    "ddim_inversion_coefficients_swapped": (
+        "edit/inversion.py",
+        "        a, b = _coeffs(sched, t_hi, t_lo)\n        x = (x - b * eps) / a",
+        "        a, b = _coeffs(sched, t_lo, t_hi)\n        x = (x - b * eps) / a",
+        ["tests/test_invert.py", "-k", "does_not_change"],
+    ),
+    "uce_erase_scale_dropped": (
+        "edit/erase.py",
+        "    den = erase_scale * c.T @ c + keep + lamb * eye",
+        "    den = c.T @ c + keep + lamb * eye",
+        ["tests/test_erase.py", "-k", "minimises"],
+    ),
 }
 
 

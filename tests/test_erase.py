@@ -48,6 +48,21 @@ def test_closed_form_is_exact_when_the_constraints_fit():
     assert torch.allclose(w @ closed_form(c, c_star, keep, lamb=1e9), w, atol=1e-6)
 
 
+
+def test_closed_form_minimises_the_weighted_objective():
+    """UCE (Gandikota et al. 2024, Eq. 5): W_new minimises e sum |W c_i - W_old c*_i|^2 +
+    p sum |W c_j - W_old c_j|^2 + lamb |W - W_old|^2; its gradient vanishes there at any weights."""
+    g = torch.Generator().manual_seed(1)
+    d = 12
+    w_old = torch.randn(20, d, generator=g, dtype=torch.float64)
+    c, c_star, keep = (torch.randn(n, d, generator=g, dtype=torch.float64) for n in (4, 4, 6))
+    e, p, lamb = 3.0, 0.5, 0.1
+    w = w_old @ closed_form(c, c_star, keep, erase_scale=e, preserve_scale=p, lamb=lamb)
+    grad = (e * (w @ c.T - w_old @ c_star.T) @ c + p * (w @ keep.T - w_old @ keep.T) @ keep
+            + lamb * (w - w_old))
+    assert grad.abs().max() < 1e-9
+
+
 def test_erasure_on_the_shipped_model_preserves_and_maps(model):
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     e = erase_concept(model, "triangle", PRESERVE, target="circle")

@@ -61,6 +61,30 @@ def test_edict_mixing_weight_matters_and_is_checked(tiny64):
     assert not torch.allclose(a, b)
     with pytest.raises(VelodiffError, match="mixing weight"):
         invert_latents(den, z0, ts, "edict", cond=cond, p=1.0)
+    _, err = round_trip(den, cond, z0, ts, "edict", p=0.8)  # exact at any p: regeneration uses the same
+    assert err < 1e-10
+
+
+def test_ddim_inversion_is_exact_when_the_prediction_does_not_change():
+    """A DDIM inversion step (Song et al. 2021, Eq. 13 run backwards) evaluates at the step's lower
+    time and re-noises along that prediction: with a constant x0 prediction it is exact,
+    alpha(t0) x0 + sigma(t0) eps from alpha(tN) x0 + sigma(tN) eps."""
+    from velodiff import ModelDenoiser
+
+    sched = DiscreteVP.scaled_linear()
+    g = torch.Generator().manual_seed(2)
+    x0, eps = (torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    calls = []
+
+    def constant(x, timestep, cond):
+        calls.append(float(timestep.reshape(-1)[0]))
+        return x0.expand_as(x).clone()
+
+    ts = make_grid("uniform", sched, 6)[:-1]  # ends above t = 0, so the clean end still holds eps
+    z = sched.alpha(ts[-1]) * x0 + sched.sigma(ts[-1]) * eps
+    inv = invert_latents(ModelDenoiser(constant, sched, "sample"), z, ts, "ddim")
+    assert torch.allclose(inv.latents, sched.alpha(ts[0]) * x0 + sched.sigma(ts[0]) * eps, atol=1e-10)
+    assert calls[0] == pytest.approx(float(sched.timestep(ts[-1])))  # the first call at the low end
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m"])
