@@ -215,6 +215,12 @@ MUTANTS = {
         "    den = c.T @ c + keep + lamb * eye",
         ["tests/test_erase.py", "-k", "minimises"],
     ),
+    "brush_layer_seed_ignored": (
+        "edit/brushes.py",
+        "            eps = initial_noise(shape, [seed]).to(m.device)",
+        "            eps = initial_noise(shape, [self.seed]).to(m.device)",
+        ["tests/test_brushes.py", "-k", "region_only"],
+    ),
 }
 
 

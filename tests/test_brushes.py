@@ -47,8 +47,11 @@ def test_layers_change_their_region_only_and_cost_a_fraction(model):
     lm2 = latent_mask(left)
     assert torch.equal(two.latents[..., lm2 == 0], one.latents[..., lm2 == 0])
     c.update(0, seed=5)
-    c.render(output="latent")
+    five = c.render(output="latent")
     assert c.last_nfe == 6 + 3
+    # the layer's own seed draws its noise: another seed, another object inside its mask only
+    assert float((five.latents - two.latents)[..., lm == 1].abs().max()) > 0.1
+    assert torch.equal(five.latents[..., (lm == 0) & (lm2 == 0)], two.latents[..., (lm == 0) & (lm2 == 0)])
     c.move(1, 0)
     c.render(output="latent")
     assert c.last_nfe == 3 + 6 and [layer.prompt for layer in c.layers] == [
