@@ -221,6 +221,36 @@ MUTANTS = {
         "            eps = initial_noise(shape, [self.seed]).to(m.device)",
         ["tests/test_brushes.py", "-k", "region_only"],
     ),
+    "job_completed_from_any_state": (
+        "serve/queue.py",
+        "\"WHERE id = ? AND state = 'running'\",\n                (time.time(), job_id),",
+        "\"WHERE id = ?\",\n                (time.time(), job_id),",
+        ["tests/test_serve_jobs.py", "-k", "at_most_once"],
+    ),
+    "exactly_full_batch_split": (
+        "serve/queue.py",
+        '            if total + row["images"] > max_images:',
+        '            if total + row["images"] >= max_images:',
+        ["tests/test_serve_jobs.py", "-k", "exactly_fill"],
+    ),
+    "openai_without_created": (
+        "serve/openai_api.py",
+        '    return {"created": int(time.time()), "data": data}',
+        '    return {"data": data}',
+        ["tests/test_serve_openai.py", "-k", "url_response"],
+    ),
+    "openai_429_not_rate_limit": (
+        "serve/openai_api.py",
+        '    kind = {429: "rate_limit_error", 404: "not_found_error"}.get(status, "invalid_request_error")',
+        '    kind = {404: "not_found_error"}.get(status, "invalid_request_error")',
+        ["tests/test_serve_openai.py", "-k", "rate_limit"],
+    ),
+    "cancelled_job_kept_in_batch": (
+        "serve/worker.py",
+        "                if jid in gone:\n                    del alive[jid]\n",
+        "                if False:\n                    del alive[jid]\n",
+        ["tests/test_serve_jobs.py", "-k", "leaves_its_batch"],
+    ),
 }
 
 

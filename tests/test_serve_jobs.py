@@ -276,6 +276,71 @@ def test_a_job_cancelled_elsewhere_leaves_no_progress_behind(tmp_path):
         other.close()
 
 
+def test_a_job_moves_to_done_at_most_once_and_only_from_running(tmp_path):
+    """Every move is one conditional UPDATE: a job cancelled (or timed out) while its batch ran is not
+    completed afterwards, and a job completes once."""
+    from velodiff.serve.queue import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        cancelled = store.submit({"n": 1}, "k", 1)
+        store.claim(4)
+        assert store.finish(cancelled.id, "cancelled", "by the user")
+        assert not store.complete(cancelled.id, [b"png"], ["a.png"])
+        assert store.get(cancelled.id).state == "cancelled" and store.get(cancelled.id).filenames == []
+        job = store.submit({"n": 1}, "k", 1)
+        store.claim(4)
+        assert store.complete(job.id, [b"png"], ["b.png"])
+        assert not store.complete(job.id, [b"png"], ["c.png"])
+        assert store.get(job.id).filenames == ["b.png"]
+    finally:
+        store.close()
+
+
+def test_a_batch_takes_the_compatible_jobs_that_exactly_fill_it(tmp_path):
+    from velodiff.serve.queue import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        ids = [store.submit({"n": 2}, "k", 2).id for _ in range(3)]
+        other = store.submit({"n": 1}, "other", 1).id
+        assert [j.id for j in store.claim(4)] == ids[:2]  # 2 + 2 images fill a batch of 4
+        assert [j.id for j in store.claim(4)] == ids[2:]  # another batch key never joins
+        assert [j.id for j in store.claim(4)] == [other]
+    finally:
+        store.close()
+
+
+def test_a_job_cancelled_while_running_leaves_its_batch_at_the_next_step(tmp_path):
+    """The worker reads the batch's states every step: a job cancelled while it runs is dropped, and a
+    batch with no job left stops instead of running to its last step."""
+    from velodiff.serve.events import Broker
+    from velodiff.serve.queue import JobStore
+    from velodiff.serve.worker import Worker
+
+    class Engine:
+        steps_run = 0
+
+        def run(self, jobs, on_step):
+            for i in range(10):
+                self.steps_run += 1
+                if i == 2:
+                    worker.cancel(jobs[0].id)
+                if on_step(i, 10, None):
+                    break
+            return [[] for _ in jobs]
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    engine = Engine()
+    worker = Worker(store, engine, Broker())
+    try:
+        job = store.submit({"n": 1, "steps": 10}, "k", 1)
+        worker._run(store.claim(1))
+        assert engine.steps_run == 3 and store.get(job.id).state == "cancelled"
+    finally:
+        store.close()
+
+
 def test_the_history_is_bounded_and_keeps_the_newest(tmp_path):
     """Beyond max_history finished jobs the oldest go, images and all, in the transaction that finishes
     another; queued and running jobs are never touched."""

@@ -50,6 +50,7 @@ def test_url_response_and_size(server):
         model="default", prompt="a green triangle", size="64x64", extra_body={"steps": 3}
     )
     assert len(r.data) == 1 and r.data[0].url.startswith(url)
+    assert isinstance(r.created, int) and r.created > 0  # the response's Unix time, as OpenAI's
     got = httpx.get(r.data[0].url)
     assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size == (64, 64)
 
@@ -71,3 +72,12 @@ def test_openai_errors_reach_the_client_as_bad_requests(server, kw, needle):
         client(url).images.generate(prompt="x", **{"model": "default", **kw})
     assert needle in e.value.body["message"]
     assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_a_full_queue_is_a_rate_limit_error():
+    """OpenAI clients back off on a 429 whose error type is rate_limit_error."""
+    from velodiff.serve.openai_api import error_body
+
+    assert error_body("the queue is full", 429)["error"]["type"] == "rate_limit_error"
+    assert error_body("no such job", 404)["error"]["type"] == "not_found_error"
+    assert error_body("boom", 500)["error"]["type"] == "server_error"
