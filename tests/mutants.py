@@ -251,6 +251,18 @@ MUTANTS = {
         "                if False:\n                    del alive[jid]\n",
         ["tests/test_serve_jobs.py", "-k", "leaves_its_batch"],
     ),
+    "set_fingerprint_without_lora": (
+        "sets/fingerprint.py",
+        '    for p in lora or []:\n        h.update(f"lora\\0{model_fingerprint(p)}\\n".encode())\n',
+        "",
+        ["tests/test_generate_set.py", "-k", "lora_files_by_content"],
+    ),
+    "set_plan_not_checked": (
+        "sets/store.py",
+        '    "plan",\n    "negative",',
+        '    "negative",',
+        ["tests/test_generate_set.py", "-k", "refuses_to_mix"],
+    ),
 }
 
 

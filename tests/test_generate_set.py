@@ -174,6 +174,9 @@ def test_refuses_to_mix_and_keeps_what_is_there(tiny, prompt_file, reference, tm
     before = (out / LINES).read_bytes()
     line = one_error_line(capsys, "generate-set", str(prompt_file), "--out", str(out), "--steps", "3")
     assert "steps=2" in line and "steps=3" in line and "refusing to mix" in line
+    line = one_error_line(capsys, "generate-set", str(prompt_file), "--out", str(out), *FAST,
+                          "--plan", "cfg:stop=0.5")
+    assert "plan='none'" in line and "plan='cfg:stop=0.5'" in line and "refusing to mix" in line
     other = tmp_path / "other-model"
     shutil.copytree(tiny, other)
     idx = other / "model_index.json"
@@ -202,6 +205,18 @@ def test_refuses_to_mix_and_keeps_what_is_there(tiny, prompt_file, reference, tm
     (junk / "notes.txt").write_text("mine")
     assert "holds no image set" in one_error_line(
         capsys, "generate-set", str(prompt_file), "--out", str(junk), "--model", str(tiny))
+
+
+def test_the_fingerprint_covers_the_lora_files_by_content(tiny, tmp_path):
+    """A LoRA retrained in place is another set's adapter: the fingerprint follows its bytes."""
+    from velodiff.sets.fingerprint import load_fingerprint
+
+    lora = tmp_path / "adapter.safetensors"
+    lora.write_bytes(b"first weights")
+    plain, with_lora = load_fingerprint(tiny), load_fingerprint(tiny, lora=[str(lora)])
+    assert plain != with_lora == load_fingerprint(tiny, lora=[str(lora)])
+    lora.write_bytes(b"other weights")
+    assert load_fingerprint(tiny, lora=[str(lora)]) not in (plain, with_lora)
 
 
 def test_load_options_and_size_are_the_sets_and_resume_from_it(tiny, prompt_file, tmp_path, capsys):
