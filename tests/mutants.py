@@ -263,6 +263,18 @@ MUTANTS = {
         '    "negative",',
         ["tests/test_generate_set.py", "-k", "refuses_to_mix"],
     ),
+    "tune_beam_forgets_earlier_plans": (
+        "eval/tune.py",
+        "        beam = fastest_within(beam + rows)",
+        "        beam = fastest_within(rows)",
+        ["tests/test_tune.py", "-k", "fastest_plan_within_budget"],
+    ),
+    "tune_holdout_against_calibration_baseline": (
+        "eval/tune.py",
+        '        held = score(recs, "holdout", base_held)',
+        '        held = score(recs, "holdout", baseline_cal)',
+        ["tests/test_tune.py", "-k", "held_out_baseline"],
+    ),
 }
 
 

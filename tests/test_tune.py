@@ -32,7 +32,8 @@ def _needs_model():
 def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
     space = tmp_path / "space.yaml"
-    space.write_text("solvers: [ddim]\nnfe: [3, 6]\ngrids: [null]\naxes:\n  guidance: ['cfg:stop=0.5']\n")
+    space.write_text("solvers: [ddim]\nnfe: [3, 6]\ngrids: [null]\naxes:\n  guidance: ['cfg:stop=0.5']\n"
+                     "  cache: ['deepcache:interval=2']\n")
     out = tmp_path / "tuned"
     args = [
         "tune",
@@ -59,6 +60,7 @@ def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys
         "solver=ddim+nfe=3",
         "solver=ddim+nfe=6",
         "solver=ddim+nfe=3+cfg:stop=0.5",
+        "solver=ddim+nfe=3+deepcache:interval=2",  # a plan the guidance axis left as it was goes on
     }
     assert all(
         r["loss"]
@@ -177,3 +179,27 @@ def test_the_calibrated_grid_and_v3_join_the_space_only_where_the_model_has_a_ca
 def test_a_loss_of_exactly_the_budget_is_within_it():
     assert 0.825 - 0.8049999999999999 > 0.02 and within(0.825 - 0.8049999999999999, 0.02)  # round-off
     assert within(0.0, 0.0) and within(-0.01, 0.0) and not within(0.0201, 0.02)
+
+
+def test_held_out_losses_are_against_the_held_out_baseline(tmp_path, monkeypatch):
+    """The held-out check compares each plan with the baseline on the held-out prompts and seeds, not
+    with the calibration's (other prompts: another level). Sweeps stubbed: the baseline scores 0.9 on
+    calibration and 0.7 held out, every plan 0.01 below it."""
+    import velodiff.eval.tune as tune_mod
+    from velodiff.eval.tune import TuneConfig
+
+    def fake_sweep(model, sw, out, **kw):
+        base = 0.7 if sw.prompts == "v1" else 0.9
+        return {"records": [
+            {"plan": plan, "shapes_eval": base if plan == "none" else base - 0.01,
+             "seconds_per_image": 1.0 if plan == "none" else 0.2, "evals": 40 if plan == "none" else 6}
+            for plan in sw.plans
+        ]}
+
+    monkeypatch.setattr(tune_mod, "run_sweep", fake_sweep)
+    space = SearchSpace(solvers=["ddim"], nfe=[3], grids=[None], axes={})
+    res = tune_mod.tune(None, TuneConfig(budget=0.02), space, tmp_path, model_id="m", progress=False,
+                        log=lambda line: None)
+    assert res["baseline"]["holdout"]["shapes_eval"] == 0.7
+    assert [r["loss"] for r in res["holdout"]] == [pytest.approx(0.01)]
+    assert res["plan"] == "solver=ddim+nfe=3"
