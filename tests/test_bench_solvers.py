@@ -146,3 +146,32 @@ def test_bar_at_small_scale():
     records += sb.diffusers_records(oracle, [sb.BAR_BASELINE], sb.BAR_NFES)
     rows = sb.bar_ratios(records)
     assert sb.bar_met(rows), sb.bar_table(rows)
+
+
+def test_the_oracle_denoiser_is_the_posterior_mean():
+    """GaussianMixture.x0, the exact denoiser every solver error here is measured with, equals E[x0 | x_t]
+    computed independently: Bayes' rule by quadrature over a fine grid of x0 (1-D, three components;
+    2-D, two components with unequal variances per axis)."""
+    from velodiff.oracle import GaussianMixture
+
+    def t(values):
+        return torch.tensor(values, dtype=torch.float64)
+
+    F64 = torch.float64
+    for mix, lim, n in [
+        (GaussianMixture(t([0.2, 0.5, 0.3]), t([[-1.5], [0.3], [2.0]]), t([[0.05], [0.2], [0.1]])),
+         5.0, 200001),
+        (GaussianMixture(t([0.6, 0.4]), t([[-1.0, 0.5], [1.0, -0.5]]), t([[0.1, 0.3], [0.2, 0.05]])),
+         4.0, 1201),
+    ]:
+        d = mix.means.shape[1]
+        axis = torch.linspace(-lim, lim, n, dtype=F64)
+        pts = torch.cartesian_prod(*[axis] * d).reshape(-1, d)  # the grid of x0
+        prior = sum(w * torch.exp(-0.5 * ((pts - m) ** 2 / v).sum(-1)) / torch.sqrt((2 * torch.pi * v).prod())
+                    for w, m, v in zip(mix.weights, mix.means, mix.variances, strict=True))
+        for a, s in [(0.9, 0.4), (0.5, 0.85)]:
+            x = torch.tensor([[0.3] * d, [-0.8] * d], dtype=F64)
+            like = torch.exp(-0.5 * ((x[:, None] - a * pts[None]) ** 2).sum(-1) / s**2)  # N(x; a x0, s^2)
+            post = prior[None] * like
+            want = (post[..., None] * pts[None]).sum(1) / post.sum(1, keepdim=True)
+            assert torch.allclose(mix.x0(x, torch.tensor(a), torch.tensor(s)), want, atol=1e-6)

@@ -81,6 +81,15 @@ def test_grid_contract(grid, name, steps, final, u):
     shift = getattr(sched, "shift", 1.0) if grid == "flow-shifted" else 1.0
     if final == "t_min" or steps > 1:
         assert end == pytest.approx(float(flow_shift(torch.tensor(sched.t_min, dtype=F64), shift)), rel=1e-9)
+    # the defining spacing of the two simplest grids (the final point aside): even in log-SNR / in t
+    # (a flow's t = 1 has log-SNR -inf: its grid starts from the schedule's finite end, so only the
+    # finite points are compared)
+    inner = ts if final == "t_min" else ts[:-1]
+    values = sched.log_snr(inner) if grid == "logsnr" else inner
+    values = values[values.isfinite()]
+    if len(values) > 2 and grid in ("logsnr", "uniform"):
+        d = torch.diff(values)
+        assert torch.allclose(d, d[0].expand_as(d), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)

@@ -2,6 +2,8 @@
 implementation, or an independent computation), the passes it reports, and its one-line refusals.
 Network-level rules (PAG, attention maps, composable prompts) run on the shipped default model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -434,7 +436,17 @@ def test_cli_plan(tmp_path, capsys):
         assert im.size[0] == 4 * 128 + 3 * 2
     assert cli("plans") == 0
     listing = capsys.readouterr().out
-    assert all(n in listing for n in ("cfg", "ag", "linear_ag", "pag", "apg", "cfgpp", "cfg_zero", "compose"))
+    from velodiff.plan import rule_table
+
+    names = [r["name"] for r in rule_table()]
+    assert len(names) >= 26
+    first_column = {line.split("│")[1].strip() for line in listing.splitlines() if line.count("│") > 2}
+    assert set(names) <= first_column  # every registered rule is listed
+    # and has its row in the README's rule table (int4 and fp8 in int8's row)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}
+    assert set(names) - {"int4", "fp8"} <= rows
+    assert "`int4`" in readme and "`fp8`" in readme
 
 
 # --- per-block hooks (diffusers.hooks.HookRegistry) on the UNet and the DiT families --------------------
