@@ -390,3 +390,23 @@ def test_a_guidance_sweep_missing_one_scales_calibration_is_refused_before_any_i
     o, err = capsys.readouterr()
     assert code == 2 and "no solver calibration for this model at guidance 1.7" in err
     assert "guidance 2.5:" not in o and not out.exists()
+
+
+def test_the_objectives_geometric_mean_of_each_images_mse_and_the_mean():
+    """geomean (the default): exp(mean_i log MSE_i), which one chaotic image cannot own; mse: the
+    latent MSE the bars use. An outlier image moves the mean far more than the geometric mean."""
+    problem = denoiser_problem(_mixture(2, 1), _noise(3, (2, 3, 3), 0))
+    problem.reference_steps = 10
+    ref = problem.reference().final
+    g = torch.Generator().manual_seed(2)
+    x = ref + 0.1 * torch.randn(ref.shape, generator=g, dtype=F64)
+    per = ((x - ref) ** 2).flatten(1).mean(1)
+    assert problem.objective == "geomean"
+    assert problem.error(x) == pytest.approx(float(per.log().mean().exp()), rel=1e-12)
+    problem.objective = "mse"
+    assert problem.error(x) == pytest.approx(float(((x - ref) ** 2).mean()), rel=1e-12)
+    outlier = x.clone()
+    outlier[0] += 3.0
+    mse_ratio = problem.error(outlier) / problem.error(x)
+    problem.objective = "geomean"
+    assert mse_ratio > 10 * problem.error(outlier) / problem.error(x)

@@ -244,6 +244,12 @@ def test_bench_by_name(tmp_path, capsys):
                            "--no-progress", "--json", tmp_path / "b.json")
     assert code == 0, err
     assert "| default" in o
+    import json
+
+    records = json.loads((tmp_path / "b.json").read_text())
+    runs = {r["impl"]: r for r in records if r["model"] == "default"}
+    assert set(runs) == {"velodiff", "diffusers"} and runs["velodiff"]["nfe"] == runs["diffusers"]["nfe"] == 2
+    assert runs["velodiff"]["max_abs_diff"] <= runs["velodiff"]["tolerance"]  # the same image as diffusers'
     # the quality-vs-speed sweep (`velodiff bench`), by name too
     code, o, err = run_cli(capsys, "bench", "--model", "default", "--solvers", "ddim", "--nfe", "2",
                            "--limit", "1", "--images-per-prompt", "1", "--metrics", "shapes", "--no-progress",

@@ -181,25 +181,47 @@ def test_a_loss_of_exactly_the_budget_is_within_it():
     assert within(0.0, 0.0) and within(-0.01, 0.0) and not within(0.0201, 0.02)
 
 
-def test_held_out_losses_are_against_the_held_out_baseline(tmp_path, monkeypatch):
-    """The held-out check compares each plan with the baseline on the held-out prompts and seeds, not
-    with the calibration's (other prompts: another level). Sweeps stubbed: the baseline scores 0.9 on
-    calibration and 0.7 held out, every plan 0.01 below it."""
+def stub_sweeps(monkeypatch, seconds=None):
+    """Replace tune's sweeps: the baseline scores 0.9 on calibration and 0.7 held out (other prompts,
+    another level), every plan 0.01 below it; a plan's evals are 2 per NFE, its seconds ``seconds[plan]``
+    (default 0.2)."""
     import velodiff.eval.tune as tune_mod
-    from velodiff.eval.tune import TuneConfig
 
     def fake_sweep(model, sw, out, **kw):
         base = 0.7 if sw.prompts == "v1" else 0.9
-        return {"records": [
-            {"plan": plan, "shapes_eval": base if plan == "none" else base - 0.01,
-             "seconds_per_image": 1.0 if plan == "none" else 0.2, "evals": 40 if plan == "none" else 6}
-            for plan in sw.plans
-        ]}
+
+        def record(plan):
+            if plan == "none":
+                return {"plan": plan, "shapes_eval": base, "seconds_per_image": 1.0, "evals": 40}
+            nfe = int(plan.split("nfe=")[1].split("+")[0])
+            return {"plan": plan, "shapes_eval": base - 0.01, "evals": 2 * nfe,
+                    "seconds_per_image": (seconds or {}).get(plan, 0.2)}
+
+        return {"records": [record(p) for p in sw.plans]}
 
     monkeypatch.setattr(tune_mod, "run_sweep", fake_sweep)
+    return tune_mod
+
+
+def test_held_out_losses_are_against_the_held_out_baseline(tmp_path, monkeypatch):
+    """The held-out check compares each plan with the baseline on the held-out prompts and seeds, not
+    with the calibration's (other prompts: another level)."""
+    tune_mod = stub_sweeps(monkeypatch)
     space = SearchSpace(solvers=["ddim"], nfe=[3], grids=[None], axes={})
-    res = tune_mod.tune(None, TuneConfig(budget=0.02), space, tmp_path, model_id="m", progress=False,
+    res = tune_mod.tune(None, tune_mod.TuneConfig(budget=0.02), space, tmp_path, model_id="m", progress=False,
                         log=lambda line: None)
     assert res["baseline"]["holdout"]["shapes_eval"] == 0.7
     assert [r["loss"] for r in res["holdout"]] == [pytest.approx(0.01)]
     assert res["plan"] == "solver=ddim+nfe=3"
+
+
+def test_rank_by_evaluations_or_by_measured_time(tmp_path, monkeypatch):
+    """rank=evals (the default): the fewest evaluations per image win, whatever the clock says;
+    rank=time: the fewest measured seconds."""
+    tune_mod = stub_sweeps(monkeypatch, {"solver=ddim+nfe=3": 0.5, "solver=ddim+nfe=6": 0.1})
+    space = SearchSpace(solvers=["ddim"], nfe=[3, 6], grids=[None], axes={})
+    for rank, want in (("evals", "solver=ddim+nfe=3"), ("time", "solver=ddim+nfe=6")):
+        cfg = tune_mod.TuneConfig(budget=0.02, beam=1, rank=rank)
+        res = tune_mod.tune(None, cfg, space, tmp_path / rank, model_id="m", progress=False,
+                            log=lambda line: None)
+        assert res["plan"] == want
