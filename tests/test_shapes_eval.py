@@ -189,3 +189,36 @@ def test_canonical_prompt_text_roundtrip():
     for p in load_prompts("v1-holdout"):
         spec = parse_caption(p.text)
         assert parse_caption(caption_from_spec(spec)) == spec
+
+
+def test_eval_shapes_command_scores_the_images_it_draws(tmp_path):
+    """`velodiff eval shapes`: k images per prompt, prompt-major, image j with seed SEED + j; its verdicts are
+    evaluate()'s on text2img's images of the same prompts and seeds (the command adds nothing of its own)."""
+    import json
+
+    import torch
+
+    import velodiff
+    from velodiff.cli import main
+    from velodiff.pipelines import text2img
+    from velodiff.pipelines.images import to_pil
+
+    out = tmp_path / "r.json"
+    try:
+        main(["eval", "shapes", "--limit", "4", "--images-per-prompt", "2", "--steps", "6", "--seed", "5",
+              "--threads", "1", "--json", str(out)])
+    except SystemExit as e:
+        assert not e.code
+    r = json.loads(out.read_text())
+    assert r["config"]["nfe"] == 6 and r["config"]["evals"] == 12.0 and len(r["per_prompt"]) == 8
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+    texts = [p["text"] for p in r["per_prompt"]]
+    assert len(set(r["by_category"])) > 1  # the limit spreads over the categories
+    torch.set_num_threads(1)
+    res = text2img(velodiff.load("default"), texts, seeds=[5 + j for j in range(8)], steps=6, guidance=2.5,
+                   output="tensor")
+    want = evaluate(res.images, texts[::2], value_range=(0, 1))  # a pipeline's tensors are in [0, 1]
+    assert [p["correct"] for p in r["per_prompt"]] == [p["correct"] for p in want["per_prompt"]]
+    assert r["overall"] == pytest.approx(want["overall"])
+    assert evaluate([to_pil(res.images[j : j + 1])[0] for j in range(8)], texts[::2])["per_prompt"] == \
+        want["per_prompt"]

@@ -112,7 +112,7 @@ def shapes(images: torch.Tensor, js: list[Job]) -> dict[str, Any]:
     category, and the per-image 0/1 vector (for paired statistics)."""
     from velodiff.eval.shapes_eval import evaluate
 
-    res = evaluate(images * 2 - 1, [j.spec_text for j in js], keep_detections=False)
+    res = evaluate(images, [j.spec_text for j in js], keep_detections=False, value_range=(0, 1))
     correct = np.array([bool(r["correct"]) for r in res["per_prompt"]])
     cats = sorted({j.category for j in js}, key=["single", "binding", "counting", "position"].index)
     by_cat = {c: float(correct[[j.category == c for j in js]].mean()) for c in cats}

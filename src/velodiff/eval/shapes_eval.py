@@ -231,9 +231,13 @@ def classify_shape(features: dict[str, float]) -> tuple[str, float]:
     return (best if best_d <= SHAPE_MAX_DIST else "unknown"), best_d
 
 
-def _to_uint8_images(images: Any) -> list[np.ndarray]:
-    """Accept a list of uint8 HxWx3 arrays (or PIL images), or a float tensor/array (N, 3, H, W) in
-    [-1, 1] as ``ShapesWorld.batch`` makes, or a uint8 (N, H, W, 3) array."""
+def _to_uint8_images(images: Any, value_range: tuple[float, float] = (-1.0, 1.0)) -> list[np.ndarray]:
+    """Accept a list of uint8 HxWx3 arrays (or PIL images), or a float tensor/array (N, 3, H, W) with
+    values in ``value_range`` ([-1, 1] as ``ShapesWorld.batch`` makes them; a pipeline's
+    ``output="tensor"`` is in [0, 1]), or a uint8 (N, H, W, 3) array."""
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ShapesSpecError(f"value_range must be (low, high) with low < high, got {value_range}")
     if hasattr(images, "detach"):   # torch tensor
         images = images.detach().cpu().float().numpy() if images.is_floating_point() else images.cpu().numpy()
     if isinstance(images, np.ndarray):
@@ -253,7 +257,7 @@ def _to_uint8_images(images: Any) -> list[np.ndarray]:
         if a.ndim != 3 or a.shape[-1] != 3:
             raise ShapesSpecError(f"expected an RGB image (H, W, 3), got shape {a.shape}")
         if a.dtype != np.uint8:
-            a = np.clip(np.rint((a.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            a = np.clip(np.rint((a.astype(np.float32) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
         out.append(a)
     return out
 
@@ -394,8 +398,12 @@ def _as_prompt(p: Any) -> Prompt:
 
 
 def evaluate(images: Any, prompts: Sequence[Any], strict: bool = False,
-             keep_detections: bool = True) -> dict[str, Any]:
+             keep_detections: bool = True, value_range: tuple[float, float] = (-1.0, 1.0)) -> dict[str, Any]:
     """Score images against prompts (Prompt objects, spec dicts or captions of the world's grammar).
+
+    ``images``: PIL images or uint8 arrays, or float tensors / arrays with values in ``value_range``:
+    [-1, 1] by default (the shapes world's renders); pass ``value_range=(0, 1)`` for a pipeline's
+    ``output="tensor"`` images.
 
     ``images`` holds ``k * len(prompts)`` images, prompt-major (images ``j*k .. j*k+k-1`` belong to prompt
     ``j``; k = 1 for one image per prompt). Returns ``overall`` (mean of the per-category accuracies),
@@ -403,7 +411,7 @@ def evaluate(images: Any, prompts: Sequence[Any], strict: bool = False,
     ``per_prompt`` (one record per image: text, category, correct, checks, detections).
     """
     prompts = [_as_prompt(p) for p in prompts]
-    imgs = _to_uint8_images(images)
+    imgs = _to_uint8_images(images, value_range)
     if not prompts:
         raise ShapesSpecError("no prompts to evaluate")
     if len(imgs) % len(prompts) != 0 or not imgs:

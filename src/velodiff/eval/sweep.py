@@ -506,7 +506,7 @@ def run_sweep(
             from .shapes_eval import correct_by_category, evaluate
 
             # text2img gives [0, 1]; ShapesEval reads float tensors in [-1, 1] (ShapesWorld.batch's range)
-            ev = evaluate(imgs * 2 - 1, texts, keep_detections=False)
+            ev = evaluate(imgs, texts, keep_detections=False, value_range=(0, 1))
             rec["shapes_eval"] = ev["overall"]
             rec["shapes_by_category"] = ev["by_category"]
             rec["shapes_correct"] = correct_by_category(ev)  # per image: paired errors against a baseline
