@@ -119,3 +119,27 @@ def test_impossible_settings_are_one_line(tmp_path, capsys, extra, message) -> N
     code = _distill(tmp_path, "bad", 1, *extra)
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and message in err
+
+
+def test_the_teachers_target_is_the_guided_prediction_the_sampler_uses():
+    """What the distillers regress on (``make_x0_fn``: the teacher's classifier-free-guided x0, at one
+    scale or one per sample) is the x0 that sampling with CFG at that scale computes."""
+    from velodiff.distill.run import make_x0_fn
+    from velodiff.pipelines.common import prepare_cond
+    from velodiff.sampling import denoise_once
+
+    torch.set_num_threads(1)
+    model = velodiff.load("default")
+    cond = prepare_cond(model, ["a red circle", "two green crosses"], None, True, 64, 64)
+    ctx, uctx = cond.cond["encoder_hidden_states"], cond.uncond["encoder_hidden_states"]
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.6, 0.6], dtype=torch.float64)
+    unet = model.components["unet"]
+    with torch.no_grad():
+        for w in (1.0, 2.5, 4.0):
+            want = denoise_once(model.denoiser, x, 0.6, cond, f"cfg:scale={w}").x0
+            assert torch.allclose(make_x0_fn(unet, model.schedule, ctx, uctx, w)(x, t), want, atol=1e-4)
+        per_sample = make_x0_fn(unet, model.schedule, ctx, uctx, torch.tensor([1.5, 4.0]))(x, t)
+        for i, w in enumerate((1.5, 4.0)):
+            want = denoise_once(model.denoiser, x, 0.6, cond, f"cfg:scale={w}").x0[i]
+            assert torch.allclose(per_sample[i], want, atol=1e-4)

@@ -480,6 +480,27 @@ def test_feature_change_hooks_every_family_and_comes_off(model, tiny_dits):
                                    for n in fc.curves()), kind
 
 
+def test_feature_change_is_the_relative_l1_change_of_each_blocks_output(model):
+    """The values the cache calibration fits schedules to: per step, each image's |y_i - y_(i-1)|_1 /
+    |y_(i-1)|_1 of the block's output, averaged over the batch (checked on the mid block with a plain
+    forward hook; guidance 1, so every row is the conditional branch)."""
+    from velodiff.accel.hooks import FeatureChange
+    from velodiff.pipelines import text2img
+
+    outputs = []
+    mid = model.components["unet"].mid_block
+    handle = mid.register_forward_hook(lambda m, i, out: outputs.append(out.detach().flatten(1).float()))
+    fc = FeatureChange(blocks=("mid_block",))
+    try:
+        text2img(model, PROMPTS, steps=4, solver="ddim", guidance=1.0, plan=[fc], output="latent")
+    finally:
+        handle.remove()
+    assert len(outputs) == 4
+    pairs = zip(outputs, outputs[1:], strict=False)
+    want = [float(((b - a).abs().sum(1) / a.abs().sum(1)).mean()) for a, b in pairs]
+    assert fc.curves()["mid_block"] == pytest.approx(want, rel=1e-6)
+
+
 def test_pag_and_attention_maps_on_dits(tiny_dits):
     from velodiff.accel.attention import AttentionMaps
     from velodiff.pipelines import text2img

@@ -44,6 +44,33 @@ def test_openai_client_gets_two_decodable_64x64_pngs(server):
     assert images[0] != images[1]  # two seeds, two images
 
 
+def test_velodiffs_extras_reach_the_sampler(server):
+    """seed, steps, solver, guidance, negative_prompt and plan in extra_body make the image text2img
+    makes with them (to the PNG's rounding); another step count makes another image."""
+    import numpy as np
+    import torch
+
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    url, _ = server
+    extras = {"seed": 3, "steps": 6, "solver": "ddim", "guidance": 4.0, "negative_prompt": "a blue square",
+              "plan": "ag:threshold=0.99"}
+
+    def served(**override):
+        r = client(url).images.generate(model="default", prompt="a red circle", response_format="b64_json",
+                                        extra_body={**extras, **override})
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
+
+    got = served()
+    torch.set_num_threads(1)
+    want = text2img(velodiff.load("default"), "a red circle", seeds=[3], steps=6, solver="ddim", guidance=4.0,
+                    negative="a blue square", plan="ag:threshold=0.99", output="tensor").images[0]
+    want = (want.permute(1, 2, 0).numpy() * 255).round()
+    assert np.abs(got.astype(float) - want).max() <= 1
+    assert np.abs(served(steps=3).astype(float) - want).max() > 10
+
+
 def test_url_response_and_size(server):
     url, _ = server
     r = client(url).images.generate(

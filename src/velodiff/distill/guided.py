@@ -24,6 +24,7 @@ from ..errors import VelodiffError
 from ..models.base import guidance_embedding
 from ..train.loop import LoopConfig, run_loop
 from ..train.trainer import batch_indices
+from .run import make_x0_fn
 from .teacher import load_teacher, save_student, teacher_folder, training_data
 
 #: width of the student's guidance embedding (diffusers' LCM UNets use 256)
@@ -97,10 +98,7 @@ def distill_guided(
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
             uctx = text(uncond[None].expand(b, -1)).last_hidden_state
-            both = teacher_unet(torch.cat([x, x]), torch.cat([k, k]), torch.cat([uctx, ctx])).sample
-            vu, vc = both.chunk(2)
-            wv = w.view(-1, 1, 1, 1).to(device)
-            target = a * x - s * (vu + wv * (vc - vu))  # the guided x0 (classifier-free guidance)
+            target = make_x0_fn(teacher_unet, sched, ctx, uctx, w)(x, t)  # the teacher's guided x0
         v = student(x, k, ctx, timestep_cond=student_cond(w).to(device)).sample
         per = (a * x - s * v - target).pow(2).mean(dim=(1, 2, 3))
         snr = (a / s).pow(2).view(-1).clamp_min(1.0)

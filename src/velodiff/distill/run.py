@@ -31,22 +31,25 @@ class ProgressiveConfig:
 
 
 def _velocity(unet: Any, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, sched: Any) -> torch.Tensor:
-    k = sched.timestep(t).to(x.dtype)
+    k = sched.timestep(t).to(x)
     return unet(x, k, ctx).sample
 
 
-def make_x0_fn(unet: Any, sched: Any, ctx: torch.Tensor, uctx: torch.Tensor | None, w: float):
-    """x0(x, t) of a v-prediction UNet, classifier-free guided at scale w when uctx is given."""
+def make_x0_fn(unet: Any, sched: Any, ctx: torch.Tensor, uctx: torch.Tensor | None, w: float | torch.Tensor):
+    """x0(x, t) of a v-prediction UNet, classifier-free guided at scale w (a number, or one per sample)
+    when uctx is given: a x - s (v_u + w (v_c - v_u)) (Ho & Salimans 2022, Eq. 6, on v)."""
+    per_sample = isinstance(w, torch.Tensor)
 
     def x0(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = sched.alpha(t).view(-1, 1, 1, 1).to(x.dtype)
-        s = sched.sigma(t).view(-1, 1, 1, 1).to(x.dtype)
-        if uctx is None or w == 1.0:
+        a = sched.alpha(t).view(-1, 1, 1, 1).to(x)
+        s = sched.sigma(t).view(-1, 1, 1, 1).to(x)
+        if uctx is None or (not per_sample and w == 1.0):
             v = _velocity(unet, x, t, ctx, sched)
         else:
             both = _velocity(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uctx, ctx]), sched)
             vu, vc = both.chunk(2)
-            v = vu + w * (vc - vu)
+            scale = w.view(-1, 1, 1, 1).to(x.device) if per_sample else w
+            v = vu + scale * (vc - vu)
         return a * x - s * v
 
     return x0
