@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from velodiff.errors import VelodiffError
-from velodiff.eval.sweep import Sweep, config_id, load_sweep_file, make_sweep, pareto_front, resolve_prompts
+from velodiff.eval.sweep import (
+    Sweep,
+    config_id,
+    load_sweep_file,
+    make_sweep,
+    pareto_front,
+    resolve_prompts,
+    run_sweep,
+)
 
 
 def cli(*args: str) -> int:
@@ -252,3 +260,38 @@ def test_one_image_per_configuration_skips_fd_before_sampling_and_inf_psnr_is_no
     assert cli(*args) == 0
     (rec,) = json.loads((out / "results.json").read_text())["records"]
     assert "fd_shapes" not in rec and 0 <= rec["shapes_eval"] <= 1
+
+
+def test_repeat_times_each_configuration_n_times_and_reports_the_median(tmp_path, monkeypatch):
+    """``repeat`` (``velodiff bench --repeat N``): N timed generations per configuration after one
+    warm-up; seconds per image is the median's share (a clock that advances 3, 1, 2 s gives 2 s)."""
+    import velodiff
+    import velodiff.eval.metrics as metrics
+    import velodiff.eval.sweep as sweep_mod
+    from velodiff.eval.reference import model_identity
+
+    model = velodiff.load("default")
+    calls = []
+    real = sweep_mod._generate
+
+    def counted(*a, **kw):
+        calls.append(kw.get("solver"))
+        return real(*a, **kw)
+
+    ticks = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return next(ticks)
+
+    monkeypatch.setattr(sweep_mod, "_generate", counted)
+    monkeypatch.setattr(metrics, "time", Clock)
+    sw = make_sweep({"solvers": "unipc", "nfe": "2", "limit": 2, "images_per_prompt": 1, "repeat": 3,
+                     "metrics": []})
+    res = run_sweep(model, sw, tmp_path / "s", model_id=model_identity(model), progress=False,
+                    log=lambda line: None)
+    (rec,) = res["records"]
+    assert calls == ["ddim", "unipc", "unipc", "unipc"]  # the warm-up, then three timed runs
+    assert rec["seconds"] == [3.0, 1.0, 2.0] and rec["seconds_per_image"] == pytest.approx(2.0 / 2)
+    assert res["sweep"]["repeat"] == 3
