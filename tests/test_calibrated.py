@@ -320,6 +320,20 @@ def test_calibrate_command_then_calibrated_grid_and_v3(tmp_path, monkeypatch, ca
         text2img(model, "a red circle", nfe=4, guidance=2.5, grid="calibrated", solver="unipc")
     assert main([*args, "--steps", "2", "--nfe", "4"]) == 2
     assert "give --steps or --nfe, not both" in capsys.readouterr().err
+    # --beside-model: the artefact travels in the model's folder (its hash unchanged), not the cache
+    cached = sorted((tmp_path / "cache").rglob("*"))
+    hash_before = model_hash(bare)
+    args = f"calibrate solver --model {bare} --beside-model --nfe 3 --guidance 2.5 --methods grid".split()
+    try:
+        main([*args, *"--solvers ddim --limit 2 --max-runs 1 --reference-steps 20".split()])
+    except SystemExit as e:
+        assert not e.code
+    beside = bare / "velodiff" / "solver-cfg2.5.json"
+    assert beside.is_file() and f"wrote {beside}" in capsys.readouterr().out
+    assert model_hash(bare) == hash_before and sorted((tmp_path / "cache").rglob("*")) == cached
+    ran = text2img(velodiff.load(bare), "a red circle", nfe=3, guidance=2.5, grid="calibrated", solver="ddim",
+                   output="latent")
+    assert ran.ts.tolist() == json.loads(beside.read_text())["entries"][0]["ts"]
 
 
 def test_a_killed_calibration_writes_nothing_and_keeps_the_last_artefact(tmp_path, monkeypatch, capsys):
