@@ -146,6 +146,20 @@ def test_ldm_init_starts_from_an_exported_model(tmp_path, vae_run):
     ema = load_file(str(latest_checkpoint(tmp_path / "r") / "state.safetensors"))
     for k, v in unet.state_dict().items():
         assert torch.equal(v, ema[f"ema.unet.{k}"]), k
+    # `velodiff train export` writes the same folder (the EMA weights), which velodiff.load runs
+    from velodiff.cli import main
+
+    try:
+        main(["train", "export", "--vae", str(vae_run), "--ldm", str(tmp_path / "r"),
+              "--out", str(tmp_path / "m2"), "--no-half"])
+    except SystemExit as e:
+        assert not e.code
+    unet2, text2 = build_models("micro")
+    load_init_weights(unet2, text2, tmp_path / "m2")
+    assert all(torch.equal(v, unet2.state_dict()[k]) for k, v in unet.state_dict().items())
+    import velodiff
+
+    assert velodiff.load(tmp_path / "m2").family == "sd1"
     # a fine-tune run logs its first loss from those weights, and a wrong folder is one clear error
     _ldm_run(tmp_path / "ft", vae_run, 1, init=str(tmp_path / "m"))
     with pytest.raises(VelodiffError, match="--init: .* is not a diffusers model folder"):
