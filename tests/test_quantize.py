@@ -127,6 +127,13 @@ def test_cli_reports_each_rules_single_evaluation_error(tmp_path, capsys):
     assert records["int8"]["n"] == 5 and "| `w4a8` |" in capsys.readouterr().out
     assert cli("bench", "quantize", "--plans", "deepcache") == 2
     assert "is not one quantization rule" in capsys.readouterr().err
+    # the command's records are the Python API's
+    import velodiff
+    from velodiff.accel.quantize import evaluation_report
+    from velodiff.eval.shapes_eval import load_prompts
+
+    same = evaluation_report(velodiff.load("default"), ["int8", "w4a8"], [load_prompts("v1")[0].text])
+    assert same == list(records.values())
 
 
 def test_weights_quantized_by_a_plain_run_serve_a_later_run_with_gradients(model):

@@ -19,6 +19,7 @@ by the quantization bench (``bench/quantize``).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VelodiffError
@@ -228,3 +229,42 @@ def evaluation_error(model: Any, rule: Quantize, *, t: float = 0.5, seed: int = 
         finally:
             rule.end()
     return float((out - ref).flatten().norm() / ref.flatten().norm())
+
+
+#: the times a single-evaluation report samples (``evaluation_report``)
+REPORT_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def quantization_rules(plans: Sequence[str]) -> list[tuple[str, Any]]:
+    """(plan string, rule) for plan strings that are one quantization rule each (int8, fp8, int4,
+    w4a8); one line for one that is not, or for none."""
+    from ..plan import Plan
+    from .w4a8 import W4A8
+
+    rules = []
+    for text in plans:
+        parsed = Plan.parse(text).rules
+        if len(parsed) != 1 or not isinstance(parsed[0], (Quantize, W4A8)):
+            raise VelodiffError(f"{text!r} is not one quantization rule (int8, fp8, int4, w4a8)")
+        rules.append((text, parsed[0]))
+    if not rules:
+        raise VelodiffError("no quantization rule to report; give one, e.g. int8")
+    return rules
+
+
+def evaluation_report(
+    model: Any, plans: Sequence[str], prompts: Sequence[str], times: Sequence[float] = REPORT_TIMES
+) -> list[dict[str, Any]]:
+    """Each quantization rule's :func:`evaluation_error` over ``prompts`` x ``times`` (prompt i with noise
+    seed i): ``{"plan", "median", "max", "n"}`` per rule (``velodiff bench quantize``). Each plan string is
+    one quantization rule (int8, fp8, int4, w4a8), or one line says it is not."""
+    import statistics
+
+    records = []
+    for text, rule in quantization_rules(plans):
+        errors = [evaluation_error(model, rule, t=t, seed=i, prompt=p)
+                  for i, p in enumerate(prompts) for t in times]
+        records.append(
+            {"plan": text, "median": statistics.median(errors), "max": max(errors), "n": len(errors)}
+        )
+    return records

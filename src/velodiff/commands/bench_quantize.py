@@ -4,13 +4,12 @@ user reads before trusting a quantized plan on their own weights.
     velodiff bench quantize --model default --plans "int8;int8:activations=dynamic;w4a8"
 
 Relative L2 error |f_q(x) - f(x)| / |f(x)| of one conditional network evaluation (x0) of the quantized
-network against the float one (``velodiff.accel.quantize.evaluation_error``), over prompts x times t x
-noise seeds; median and max per rule. End-to-end quality goes through ``velodiff bench --sweep`` or
-``velodiff tune`` with the same plans."""
+network against the float one, over prompts x times t x noise seeds; median and max per rule
+(in Python: ``velodiff.accel.quantize.evaluation_report``). End-to-end quality goes through
+``velodiff bench --sweep`` or ``velodiff tune`` with the same plans."""
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +17,6 @@ import typer
 
 from . import options as o
 from .options import check_threads, example
-
-TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def bench_quantize(
@@ -39,23 +36,18 @@ def bench_quantize(
     """Median and max relative error of one network evaluation per quantization rule."""
     import json
 
-    from ..accel.quantize import Quantize, evaluation_error
-    from ..accel.w4a8 import W4A8
+    from ..accel.quantize import evaluation_report, quantization_rules
     from ..errors import VelodiffError
     from ..eval.shapes_eval import load_prompts
     from ..files import write_atomic
-    from ..plan import Plan
     from .bench_solvers import _command_line, _output
     from .generate import load_model, quiet_libraries
 
-    rules = []
-    for text in (p.strip() for p in plans.split(";") if p.strip()):
-        parsed = Plan.parse(text).rules
-        if len(parsed) != 1 or not isinstance(parsed[0], (Quantize, W4A8)):
-            raise VelodiffError(f"--plans: {text!r} is not one quantization rule (int8, fp8, int4, w4a8)")
-        rules.append((text, parsed[0]))
-    if not rules:
-        raise VelodiffError("--plans needs at least one quantization rule, e.g. int8")
+    texts_of_plans = [p.strip() for p in plans.split(";") if p.strip()]
+    try:
+        quantization_rules(texts_of_plans)  # one line before the model loads
+    except VelodiffError as e:
+        raise VelodiffError(f"--plans: {e}") from None
     if json_path is not None:
         json_path = _output(json_path, "--json")
     quiet_libraries()
@@ -64,12 +56,7 @@ def bench_quantize(
     loaded, _ = load_model(model, threads, str(resolve_device(device)), config=config, family=family,
                            prediction_type=prediction_type)
     texts = [p.text for p in load_prompts("v1")][:prompts]
-    records = []
-    for text, rule in rules:
-        errors = [evaluation_error(loaded, rule, t=t, seed=i, prompt=p)
-                  for i, p in enumerate(texts) for t in TIMES]
-        records.append({"plan": text, "median": statistics.median(errors), "max": max(errors),
-                        "n": len(errors)})
+    records = evaluation_report(loaded, texts_of_plans, texts)
     lines = ["| plan | relative error of one evaluation: median | max | evaluations |",
              "|---|---:|---:|---:|"]
     lines += [f"| `{r['plan']}` | {r['median']:.4f} | {r['max']:.4f} | {r['n']} |" for r in records]
