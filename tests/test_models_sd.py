@@ -541,3 +541,38 @@ def test_a_damaged_model_folder_is_one_line(tmp_path):
     with pytest.raises(VelodiffError, match="cannot load vae/ from"):
         load(bad_vae)
 
+
+
+def test_a_registered_family_is_asked_by_priority_and_built_with_the_load_options(tmp_path):
+    """README's "Adding a family": ``register_family(name, detect, build, priority=)``; load asks the
+    families' detect in priority order and builds with dtype, device, prediction_type and config; the
+    family= option forces one; an unregistered name is refused."""
+    from pathlib import Path
+
+    from velodiff.default_model import default_model_path
+    from velodiff.models import register_family
+    from velodiff.models.sd import build_sd
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for part in Path(default_model_path()).iterdir():
+        (folder / part.name).symlink_to(part)
+    (folder / "MINE").write_text("a marker only this family detects")
+    built = []
+
+    def build(src, **kw):
+        built.append(sorted(kw))
+        model = build_sd(src, family="sd1", **kw)
+        model.family = "mine"
+        return model
+
+    register_family("mine", lambda src: (Path(src.path) / "MINE").is_file(), build, priority=100)
+    try:
+        assert load(folder).family == "mine"
+        assert built == [["config", "device", "dtype", "prediction_type"]]
+        assert load(folder, family="sd1").family == "sd1"  # forced: the marker is not asked
+        assert load(default_model_path()).family == "sd1" and len(built) == 1
+    finally:
+        FAMILIES.pop("mine")
+    with pytest.raises(VelodiffError, match="unknown model family 'mine'"):
+        load(folder, family="mine")
