@@ -303,3 +303,51 @@ def test_eval_manifest_partial_set_and_missing_weights(reference, tmp_path, caps
     assert "is inside the set" in line  # it replaced the set's manifest, and the set was lost
     assert sorted(p.name for p in part.rglob("*")) == before
     assert "not a folder made by" in one_error_line(capsys, "eval", "--manifest", str(tmp_path / "nope"))
+
+
+def test_eval_manifest_real_and_reference_are_the_direct_computations(tiny, prompt_file, reference, tmp_path):
+    """`eval --manifest`'s FD / KID (against another set, or the shapes world drawn for the set's own
+    prompts and seeds) and PSNR / SSIM against a reference set are DistributionMetrics' and psnr / ssim's
+    numbers on the same images."""
+    from PIL import Image
+
+    from velodiff.data.shapes import ShapesWorld
+    from velodiff.eval.metrics import DistributionMetrics, psnr, ssim
+    from velodiff.sets.store import read_set
+
+    def images(folder):
+        s = read_set(folder)
+        return [Image.open(s.folder / r["file"]).convert("RGB") for r in s.records], s.records
+
+    other = tmp_path / "other"  # the same prompts and seeds, 3 steps instead of 2
+    assert cli("generate-set", str(prompt_file), "--out", str(other), "--model", str(tiny), "--steps", "3",
+               "--batch", "2", "--seed", "7") == 0
+    out = tmp_path / "m.json"
+    assert cli("eval", "--manifest", str(reference), "--real", str(other), "--reference", str(other),
+               "--json", str(out)) == 0
+    res = json.loads(out.read_text())
+    mine, _ = images(reference)
+    theirs, _ = images(other)
+    dist = DistributionMetrics("fd-shapes", kid=True)
+    dist.add_real(theirs)
+    dist.add_fake(mine)
+    want = dist.compute()
+    assert res["distribution"]["fd"] == pytest.approx(want["fd"]) and res["distribution"]["fd"] > 0
+    assert res["distribution"]["kid"] == pytest.approx(want["kid"])
+    p = psnr(mine, theirs)
+    ref = res["reference"]
+    assert ref["n"] == N and ref["psnr"] == pytest.approx(float(p[p.isfinite()].mean()))
+    assert ref["ssim"] == pytest.approx(float(ssim(mine, theirs).mean())) and ref["ssim"] < 1
+    # --real shapes: the world's renders of the set's own prompts and seeds
+    shapes = tmp_path / "shapes.txt"
+    shapes.write_text("a red circle\ntwo blue squares\n")
+    drawn = tmp_path / "drawn"
+    assert cli("generate-set", str(shapes), "--out", str(drawn), "--steps", "2", "--seed", "3") == 0
+    assert cli("eval", "--manifest", str(drawn), "--real", "shapes", "--json", str(out)) == 0
+    res = json.loads(out.read_text())
+    fake, records = images(drawn)
+    world = ShapesWorld()
+    dist = DistributionMetrics("fd-shapes", kid=True)
+    dist.add_real([world.render(r["prompt"], seed=r["seed"]).image for r in records])
+    dist.add_fake(fake)
+    assert res["distribution"]["fd"] == pytest.approx(dist.compute()["fd"])
