@@ -105,6 +105,32 @@ def _unet_out(unet) -> torch.Tensor:
         return unet(x, torch.tensor([999.0, 259.0]), ctx).sample
 
 
+def test_the_consistency_target_is_a_teacher_ddim_step_then_the_target_network() -> None:
+    """LCM's target (Alg. 1): from x = a z0 + s eps at t, one DDIM step of the teacher's x0 to the
+    earlier time t' (exact when the teacher knows z0: a' z0 + s' eps), then the target network's
+    consistency function at (x', t', k'); at k' = 0 the boundary condition leaves x' itself."""
+    from velodiff.distill.lcm import consistency_target
+
+    sched = DiscreteVP.scaled_linear()
+    g = torch.Generator().manual_seed(0)
+    z0, eps = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(2))
+    k, kp = torch.tensor([499.0, 499.0]), torch.tensor([449.0, 449.0])
+    t, tp = sched.t_from_timestep(k), sched.t_from_timestep(kp)
+    a, s, ap, sp = (v.float().view(-1, 1, 1, 1) for v in (sched.alpha(t), sched.sigma(t), sched.alpha(tp),
+                                                          sched.sigma(tp)))
+    seen = []
+
+    def target_f(x, t_, k_):
+        seen.append((t_, k_))
+        return x
+
+    got = consistency_target(lambda x, t_: z0, target_f, a * z0 + s * eps, (t, a, s), (tp, kp, ap, sp))
+    assert torch.allclose(got, ap * z0 + sp * eps, atol=1e-5)
+    assert torch.equal(seen[0][0], tp) and torch.equal(seen[0][1], kp)
+    c_skip, c_out = boundary_scalings(torch.zeros(1))  # at k' = 0 the consistency function is x'
+    assert float(c_skip) == pytest.approx(1.0) and float(c_out) == 0.0
+
+
 def test_lora_round_trip_through_the_folder_and_the_lora_option(tmp_path) -> None:
     folder, mem = _folder_with_lora(tmp_path)
     expected = _unet_out(mem)

@@ -108,6 +108,18 @@ def consistency_fn(unet: Any, sched: Any, ctx: Tensor):
     return f
 
 
+def consistency_target(
+    teacher_x0: Any, target_f: Any, x: Tensor, at: tuple[Tensor, Tensor, Tensor], to: tuple[Tensor, ...]
+) -> Tensor:
+    """LCM's regression target (Luo et al. 2023, Alg. 1, the skipping-step teacher): one DDIM step of the
+    teacher's guided x0 from ``at`` = (t, alpha, sigma) to the earlier ``to`` = (t', k', alpha', sigma'),
+    then the target network's consistency function at (x', t', k')."""
+    t, a, s = at
+    tp, kp, ap, sp = to
+    xp = ddim_step(x, teacher_x0(x, t), a, s, ap, sp)
+    return target_f(xp, tp, kp)
+
+
 def pseudo_huber(p: Tensor, q: Tensor, c: float) -> Tensor:
     return ((p.float() - q.float()).pow(2) + c * c).sqrt().sub(c).mean(dim=(1, 2, 3))
 
@@ -173,9 +185,9 @@ def distill_lcm(
         with torch.no_grad():
             ctx = text(ids).last_hidden_state
             uctx = text(uncond[None].expand(b, -1)).last_hidden_state
-            x0_t = make_x0_fn(teacher_unet, sched, ctx, uctx, lcfg.guidance)(x, t)
-            xp = ddim_step(x, x0_t, a, s, ap, sp)
-            tgt = consistency_fn(target, sched, ctx)(xp, tp, kp)
+            teacher_x0 = make_x0_fn(teacher_unet, sched, ctx, uctx, lcfg.guidance)
+            target_f = consistency_fn(target, sched, ctx)
+            tgt = consistency_target(teacher_x0, target_f, x, (t, a, s), (tp, kp, ap, sp))
         pred = consistency_fn(student, sched, ctx)(x, t, k)
         per = pseudo_huber(pred, tgt, lcfg.huber_c)
         return per.mean(), {"mse": (pred.detach() - tgt).pow(2).mean()}
