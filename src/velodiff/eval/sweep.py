@@ -505,7 +505,7 @@ def run_sweep(
         if use_shapes:
             from .shapes_eval import correct_by_category, evaluate
 
-            # text2img gives [0, 1]; ShapesEval reads float tensors in [-1, 1] (ShapesWorld.batch's range)
+            # text2img's tensors are in [0, 1] (ShapesEval's own default is the world's [-1, 1])
             ev = evaluate(imgs, texts, keep_detections=False, value_range=(0, 1))
             rec["shapes_eval"] = ev["overall"]
             rec["shapes_by_category"] = ev["by_category"]
