@@ -811,3 +811,41 @@ def test_diffusers_integer_flags_are_one_line(typed, match):
     with pytest.raises(VelodiffError, match=match):
         resolve_solver(typed)
     assert resolve_solver("UniPCMultistepScheduler:solver_order=3").solver_options["order"] == 3
+
+
+def test_grid_options_change_the_grid_as_their_definitions_say():
+    """The options beyond the defaults: polyexponential's rho (k-diffusion's), beta's unequal alpha and beta
+    (the quantiles of Beta(alpha, beta), not of Beta(beta, alpha)), AYS ending at t_min when asked,
+    linear_quadratic's linear_steps."""
+    from scipy.stats import beta as beta_dist
+
+    if K is not None:
+        torch.set_default_dtype(F64)
+        try:
+            want = K.get_sigmas_polyexponential(8, float(SIGMAS[0]), float(SIGMAS[-1]), rho=2.0)[:-1].numpy()
+        finally:
+            torch.set_default_dtype(torch.float32)
+        got = SCHED.sigma_ve(make_grid("polyexponential", SCHED, 8, rho=2.0)[:-1]).numpy()
+        assert np.allclose(got, want, rtol=1e-9, atol=0)
+    ks = SCHED.timestep(make_grid("beta", SCHED, 8, alpha=0.4, beta=0.9)[:-1]).round().numpy()
+    want = np.unique(np.round(beta_dist.ppf(1 - np.arange(8) / 8, 0.4, 0.9) * 999))[::-1]
+    assert np.array_equal(ks, want)
+    ays = make_grid("ays", SCHED, 10, final="t_min")
+    assert len(ays) == 11 and float(ays[-1]) == pytest.approx(SCHED.t_min)
+    assert torch.equal(ays[:-1], make_grid("ays", SCHED, 10)[:-1])
+    u = 1.0 - make_grid("linear_quadratic", FLOW, 10, linear_steps=3).numpy()
+    assert np.allclose(u[:3], 0.025 * np.arange(3) / 3, rtol=0, atol=1e-15)
+    assert not np.allclose(u[:5], 0.025 * np.arange(5) / 5, rtol=0, atol=1e-12)  # not the default L = 5
+
+
+def test_comfyuis_two_unipc_samplers_are_its_two_variants():
+    """ComfyUI's uni_pc runs UniPC's B(h) = h variant (bh1), uni_pc_bh2 B(h) = e^h - 1 (bh2), both order 3,
+    and the two differ on a run."""
+    from velodiff.solvers import get_solver
+
+    one, two = get_solver("uni_pc"), get_solver("uni_pc_bh2")
+    assert (one.name, one.defaults["solver_type"], one.defaults["order"]) == ("unipc", "bh1", 3)
+    assert (two.name, two.defaults["solver_type"], two.defaults["order"]) == ("unipc", "bh2", 3)
+    ts = make_grid("karras", SCHED, 6)
+    x = starting_noise(SHAPE, 2, seed=0)
+    assert not torch.allclose(sample(DEN, x, ts, "uni_pc").x, sample(DEN, x, ts, "uni_pc_bh2").x)

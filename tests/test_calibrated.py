@@ -56,6 +56,23 @@ def test_dpm_solver_v3_with_degenerate_statistics_is_ddim():
     assert float((ddim - sample(den, x, ts, "dpmpp_2m").x).abs().max()) > 1e-2  # the check can fail
 
 
+def test_dpm_solver_v3_half_corrects_only_the_noisier_half():
+    """``half``: the corrector runs only at steps above half the schedule's time (the official code's
+    option): a grid below it runs as without the corrector, one above it as with it everywhere."""
+    den = _mixture(4, 3)
+    x = _noise(8, (2, 3, 3), 0)
+    ems = ModelStatistics.degenerate(SCHED.log_snr(make_grid("logsnr", SCHED, 30)[:-1]))
+    low = make_grid("logsnr", SCHED, 6, t_start=0.45)
+    high = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.55], dtype=F64)
+
+    def run(ts, **kw):
+        return sample(den, x, ts, "dpm_solver_v3", ems=ems, order=2, **kw).x
+
+    assert torch.equal(run(low, half=True), run(low, use_corrector=False))
+    assert torch.equal(run(high, half=True), run(high, use_corrector=True))
+    assert not torch.equal(run(high, use_corrector=True), run(high, use_corrector=False))
+
+
 def test_statistics_of_a_gaussian_are_exact_and_make_v3_exact():
     """For Gaussian data N(mu, diag(v)) the denoiser is linear, so dN/dx is diagonal, sigma^2 / (alpha^2 v
     + sigma^2), and Hutchinson's estimate of its diagonal is exact; f = -l mu is the same for every

@@ -140,7 +140,11 @@ def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path,
 
     rows: list[int] = []
     hook = model.components["unet"].register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
-    res = text2img(model, "a red circle", seeds=[0])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*distilled for")  # its own steps: no warning
+        res = text2img(model, "a red circle", seeds=[0])
     hook.remove()
     assert res.steps == 2 and res.evals == 2 and sum(rows) == 2
     with pytest.warns(UserWarning, match="distilled for 2 steps"):

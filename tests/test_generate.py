@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 
+import torch
 from PIL import Image
 
 from velodiff.cli import main
@@ -252,3 +253,55 @@ def test_a_plan_file_sets_the_run(tmp_path, capsys):
     assert code == 0 and "on trailing, 2 steps" in o and "guidance 4," in o, (o, err)
     code, o, err = run_cli(capsys, "generate", "a red circle", "--out", str(out), "--plan", "@missing.txt")
     assert code == 2 and one_error_line(err).startswith("error: cannot read the plan file")
+
+
+def test_generate_options_reach_the_pipeline(tmp_path, capsys):
+    """--negative, --clip-skip, --guidance-rescale, --noise and the solver settings make the image the
+    Python API makes with them (the same pixels)."""
+    import numpy as np
+
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    out = tmp_path / "x.png"
+    args = ["generate", "a red circle", "--out", str(out), "--seed", "3", "--steps", "4", "--solver", "ddim",
+            "--guidance", "4", "--negative", "a blue square", "--clip-skip", "1", "--guidance-rescale", "0.5",
+            "--noise", "torch", "--threads", "1"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    m = velodiff.load("default")
+    m.clip_skip = 1
+    kw = dict(seeds=[3], steps=4, solver="ddim", guidance=4.0, negative="a blue square", guidance_rescale=0.5,
+              noise="torch")
+    want = text2img(m, "a red circle", **kw).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))
+    m.clip_skip = 0
+    other = text2img(m, "a red circle", **kw).images[0]
+    assert not np.array_equal(np.asarray(other), np.asarray(want))  # clip skip changes the image
+
+
+def test_a_labels_grid_end_yields_to_the_calls():
+    """A1111's "DPM fast" fixes its grid's end (t_min, k-diffusion's); a call's own final= wins."""
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    m = velodiff.load("default")
+    kw = dict(solver="DPM fast", nfe=6, output="latent")
+    assert float(text2img(m, "a red circle", **kw).ts[-1]) == m.schedule.t_min
+    assert float(text2img(m, "a red circle", final="zero", **kw).ts[-1]) == 0.0
+
+
+def test_seeds_and_per_image_negatives_stay_per_image():
+    """An int seed s gives images s, s + 1, ...; one prompt repeated with a negative prompt per image
+    keeps each image's own negative (the prompt is encoded once, its negatives are not merged)."""
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    m = velodiff.load("default")
+    kw = dict(steps=3, guidance=4.0, output="latent")
+    r = text2img(m, ["a red circle", "two green crosses"], seeds=7, **kw)
+    assert r.seeds == [7, 8]
+    pair = text2img(m, ["a red circle"] * 2, seeds=[0, 0], negative=["a blue square", "a green cross"], **kw)
+    one = text2img(m, "a red circle", seeds=[0], negative="a green cross", **kw)
+    assert not torch.equal(pair.latents[0], pair.latents[1])
+    torch.testing.assert_close(pair.latents[1:], one.latents, rtol=0, atol=1e-5)

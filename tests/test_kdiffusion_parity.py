@@ -161,3 +161,44 @@ def test_dpm_adaptive(sched, order):
     res = sample(s.den, s.x, s.ts, "dpm_adaptive", order=order)
     _close(ref, s.velodiff_ve(res), 1e-8)
     assert res.nfe == s.calls == info["nfe"]
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+@pytest.mark.parametrize(
+    "name, solver, options",
+    [("sample_dpmpp_sde", "dpmpp_sde", {"r": 1 / 3}),  # the midpoint's place: r = 1/2 hides 1/(2r) = 2r
+     ("sample_euler_ancestral", "euler_ancestral", {"eta": 4.0}),
+     # eta 4: sigma_down = 0 at every step, the step is x0 plus all the noise: Euler-ancestral's step.
+     # (k-diffusion's own sample_dpm_2_ancestral adds no noise there: its noise line sits in the DPM-2
+     # branch; velodiff keeps the ancestral step's definition)
+     ("sample_euler_ancestral", "dpm_2_ancestral", {"eta": 4.0})],
+)  # fmt: skip
+def test_stochastic_options_off_their_defaults(sched, name, solver, options):
+    s = Setup(sched)
+    a, b = Replay(40), Replay(40)
+    kw = dict(disable=True, noise_sampler=a.sampler, **options)
+    ref = getattr(K, name)(s.model, s.x_ve.clone(), s.sigmas, **kw)
+    res = sample(s.den, s.x, s.ts, solver, noise=b, **options)
+    _close(ref, s.velodiff_ve(res))
+    assert a.k == b.k and res.nfe == s.calls
+
+
+def test_churn_above_the_schedules_top_stays_at_its_top():
+    """EDM churn raises sigma by (1 + gamma); on a VP schedule no sigma lies above sigma(t_max), so a step
+    just below the top is churned to the top (k-diffusion's VE sigmas are unbounded; the VP model has no
+    such noise level): x_hat = x + sqrt(sigma_max^2 - sigma^2) z, then the Euler step from t_max."""
+    sched = SCHEDS["sd"]
+    den = MixtureDenoiser(MIX, sched)
+    ts = torch.tensor([0.99, 0.5], dtype=F64)
+    z = starting_noise(SHAPE, 4, seed=9)
+    x = X * float((sched.alpha(ts[0]) ** 2 + sched.sigma(ts[0]) ** 2) ** 0.5)
+    res = sample(den, x, ts, "euler", noise=lambda i: z, s_churn=100.0)
+    a, sig = float(sched.alpha(ts[0])), float(sched.sigma(ts[0]) / sched.alpha(ts[0]))
+    top = torch.tensor(sched.t_max, dtype=F64)
+    sig_hat = float(sched.sigma_ve(top))
+    assert sig * 2**0.5 > sig_hat  # the churned sigma would be above the top
+    x_hat = x / a + (sig_hat**2 - sig**2) ** 0.5 * z
+    x0 = den(float(sched.alpha(top)) * x_hat, top)
+    sig_next = float(sched.sigma_ve(ts[1]))
+    want = float(sched.alpha(ts[1])) * (x_hat + (sig_next - sig_hat) * (x_hat - x0) / sig_hat)
+    _close(want, res.x)

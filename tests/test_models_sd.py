@@ -576,3 +576,35 @@ def test_a_registered_family_is_asked_by_priority_and_built_with_the_load_option
         FAMILIES.pop("mine")
     with pytest.raises(VelodiffError, match="unknown model family 'mine'"):
         load(folder, family="mine")
+
+
+def test_inpainting_reads_its_mask_and_makes_its_masked_image_as_diffusers_does(models):
+    """A mask value of exactly 0.5 repaints (diffusers binarizes mask >= 0.5); an inpainting UNet's
+    masked image is the image with the repainted pixels gray (diffusers: image * (mask < 0.5) in
+    [-1, 1]), encoded after the image itself."""
+    m = models["sd1-inpaint"]
+    h, w = m.default_size
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(2))
+    half = torch.zeros(1, 1, h, w)
+    half[..., : w // 2] = 0.5
+    binary = (half >= 0.5).float()
+    seen, encode = [], m.encode
+    m.encode = lambda x: (seen.append(x.clone()), encode(x))[1]
+    try:
+        a = inpaint(m, PROMPT, image, half, steps=2, seeds=[0], output="latent")
+    finally:
+        del m.encode
+    assert torch.equal(seen[0], image) and torch.equal(seen[1], image * (1 - binary) + 0.5 * binary)
+    b = inpaint(m, PROMPT, image, binary, steps=2, seeds=[0], output="latent")
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_strength_keeps_diffusers_share_of_the_steps(models):
+    """diffusers' get_timesteps: int(steps * strength) steps run (truncated, not rounded), from the step
+    steps - that; img2img at 10 steps and strength 0.55 runs 5."""
+    from velodiff.pipelines.img2img import start_index
+
+    assert [start_index(10, s) for s in (0.0, 0.29, 0.55, 0.99, 1.0)] == [10, 8, 5, 1, 0]
+    image = torch.rand(1, 3, *models["sd1"].default_size, generator=torch.Generator().manual_seed(1))
+    r = img2img(models["sd1"], PROMPT, image, strength=0.55, steps=10, solver="ddim", output="latent")
+    assert r.steps == 5

@@ -218,3 +218,22 @@ def test_ipndm_v_runs_its_weights(order):
 def test_bad_options_are_one_clear_error(solver, options):
     with pytest.raises(VelodiffError):
         sample(DEN, X, make_grid("logsnr", SCHED, 5), solver, **options)
+
+
+def test_lower_order_final_is_diffusers_rule_below_15_steps():
+    """``lower_order_final=True`` (diffusers' DPM-Solver++ / DEIS rule) lowers the order near the end of
+    grids shorter than 15 steps only; "always" at every length; False never; the final jump to 0 is
+    first order whatever the option."""
+    from types import SimpleNamespace
+
+    from velodiff.solvers.base import lower_order_final
+
+    def order(steps, i, lof, ends_at_zero=False):
+        ctx = SimpleNamespace(steps=steps, options={"lower_order_final": lof}, exact=lambda j: True,
+                              ends_at_zero=lambda j: ends_at_zero)
+        return lower_order_final(ctx, i, 3)
+
+    assert order(14, 13, True) == 1 and order(14, 12, True) == 2 and order(14, 11, True) == 3
+    assert order(15, 13, True) == 3 and order(15, 14, True) == 3  # 15 steps: diffusers keeps the order
+    assert order(15, 13, "always") == 2 and order(14, 12, False) == 3
+    assert order(30, 5, False, ends_at_zero=True) == 1

@@ -73,3 +73,26 @@ def test_bad_input_is_one_line(model):
     ts = make_grid("uniform", model.schedule, 4)
     with pytest.raises(VelodiffError, match="needs a loaded model"):
         sample(model.denoiser, torch.randn(1, 4, 8, 8), ts, "ddim", plan=[RewardSteering(reward=redness)])
+
+
+@pytest.mark.parametrize("rule", ["reward:target=count,scale=0.2",
+                                  "classifier:head=colors,scale=3,through=network",
+                                  "compose:scale=3"])
+def test_start_and_stop_confine_the_steering_to_their_steps(model, rule):
+    """Every steering rule's start / stop (diffusers guiders' fractions of the steps): the steps before
+    start are the plain run's, and a rule active on no step is the plain run (its passes uncounted).
+    (Composable prompts outside their steps are the first part's plain run.)"""
+    xs: dict[str, list[torch.Tensor]] = {}
+
+    def run(prompt, plan, key):
+        xs[key] = []
+        return text2img(model, prompt, plan=plan, callback=lambda info: xs[key].append(info.x.clone()),
+                        seeds=[3], steps=6, guidance=2.5, output="latent")
+
+    prompt = "two red circles AND a blue square" if rule.startswith("compose") else "two red circles"
+    plain = run("two red circles", None, "plain")
+    never = run(prompt, f"{rule},start=0.5,stop=0.5", "never")
+    assert torch.equal(never.latents, plain.latents) and never.evals == plain.evals
+    late = run(prompt, f"{rule},start=0.5", "late")
+    assert all(torch.equal(a, b) for a, b in zip(xs["late"][:3], xs["plain"][:3], strict=True))
+    assert not torch.equal(late.latents, plain.latents)

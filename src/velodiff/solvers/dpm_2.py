@@ -69,6 +69,9 @@ def dpm_2_ancestral_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tup
     sig, sig_next = ctx.s(i) / a_i, s_next / a_next
     down, up = ancestral_split(sig, sig_next, float(ctx.options["eta"]))
     x_ve = x0 if down == 0.0 else dpm2_ve(ctx, x / a_i, x0, sig, down)
+    # the noise of the ancestral step, also where sigma_down = 0 (eta well above 1: the step is then
+    # Euler-ancestral's); k-diffusion's sample_dpm_2_ancestral adds none there (its noise line sits in
+    # the DPM-2 branch), so the two agree for eta up to where sigma_down reaches 0
     if up > 0:
         assert ctx.noise is not None
         x_ve = x_ve + (float(ctx.options["s_noise"]) * up) * ctx.noise(i)
