@@ -408,6 +408,72 @@ MUTANTS = {
         "",
         ["tests/test_reward.py", "-k", "confine"],
     ),
+    "psnr_range_not_squared": (
+        "eval/metrics.py",
+        "return (10.0 * torch.log10(data_range**2 / mse)).float()",
+        "return (10.0 * torch.log10(data_range / mse)).float()",
+        ["tests/test_metrics.py", "-k", "pixel_and_latent"],
+    ),
+    "psnr_batch_pooled": (
+        "eval/metrics.py",
+        "mse = ((a - b) ** 2).flatten(1).mean(1).double()",
+        "mse = ((a - b) ** 2).mean().double().expand(a.shape[0])",
+        ["tests/test_metrics.py", "-k", "pixel_and_latent"],
+    ),
+    "kid_seed_not_fixed": (
+        "eval/metrics.py",
+        "                torch.manual_seed(self.seed)\n",
+        "                pass\n",
+        ["tests/test_metrics.py", "-k", "kid_is"],
+    ),
+    "ref_psnr_inf_kept": (
+        "eval/metrics.py",
+        "    fin = p[torch.isfinite(p)]\n",
+        "    fin = p\n",
+        ["tests/test_metrics.py", "-k", "pixel_and_latent"],
+    ),
+    "overall_image_mean": (
+        "eval/shapes_eval.py",
+        "\"overall\": float(np.mean(list(ordered.values()))),",
+        "\"overall\": float(np.mean([x for v in hits.values() for x in v])),",
+        ["tests/test_shapes_eval.py", "-k", "mean_of_the_categories"],
+    ),
+    "search_steps_err_not_updated": (
+        "calibrated/calibrate.py",
+        "                orders, off, err, best = cand_orders, cand_off, e, opts",
+        "                orders, off, best = cand_orders, cand_off, opts",
+        ["tests/test_calibrated.py", "-k", "returns_the_error"],
+    ),
+    "dc_ratio_index_shift": (
+        "solvers/unipc.py",
+        "        x0 = compensate(ctx, i, x0s, x0, float(ratios[i]), k)",
+        "        x0 = compensate(ctx, i, x0s, x0, float(ratios[i - 1]) if i else 1.0, k)",
+        ["tests/test_calibrated.py", "-k", "own_step"],
+    ),
+    "classifier_gamma_sign": (
+        "guidance/classifier.py",
+        "w = 1.0 + self.gamma * torch.sin(math.pi * t / float(sched.t_max))",
+        "w = 1.0 - self.gamma * torch.sin(math.pi * t / float(sched.t_max))",
+        ["tests/test_classifier_guidance.py", "-k", "elucds"],
+    ),
+    "classifier_x0_network_step_swapped": (
+        "guidance/classifier.py",
+        "(1 / (a**2 + sig**2) if self.through == \"x0\" else 1 / a)",
+        "(1 / (a**2 + sig**2) if self.through == \"network\" else 1 / a)",
+        ["tests/test_classifier_guidance.py", "-k", "elucds"],
+    ),
+    "reward_rms_batch_coupled": (
+        "guidance/reward.py",
+        "rms = g.pow(2).mean(dim=tuple(range(1, g.ndim)), keepdim=True).sqrt().clamp_min(1e-12)",
+        "rms = g.pow(2).mean().sqrt().clamp_min(1e-12)",
+        ["tests/test_reward.py", "-k", "own_gradient"],
+    ),
+    "p2p_uncond_option_ignored": (
+        "edit/p2p.py",
+        "        if self.uncond and \"uncond\" in req.branches",
+        "        if False and \"uncond\" in req.branches",
+        ["tests/test_p2p.py", "-k", "attention_control_is"],
+    ),
 }
 
 

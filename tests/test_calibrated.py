@@ -441,3 +441,32 @@ def test_the_objectives_geometric_mean_of_each_images_mse_and_the_mean():
     mse_ratio = problem.error(outlier) / problem.error(x)
     problem.objective = "geomean"
     assert mse_ratio > 10 * problem.error(outlier) / problem.error(x)
+
+
+def test_the_per_step_search_returns_the_error_of_what_it_returns():
+    """search_steps keeps a change only when it beats the best so far, and reports that best's error."""
+    from velodiff.calibrated.calibrate import search_steps
+
+    problem = denoiser_problem(_mixture(3, 2), _noise(6, (2, 3, 3), 0))
+    problem.reference_steps = 60
+    ts = make_grid("karras", SCHED, 6)
+    start = {"order": 2}
+    err0 = problem.score(ts, "unipc", start)
+    best, err = search_steps(problem, ts, start, err0)
+    assert err < err0 and err == problem.score(ts, "unipc", best)
+
+
+def test_dc_ratios_compensate_at_their_own_step():
+    """DC-Solver's ratio i moves step i's prediction (Zhao et al. 2024): with one ratio off 1, the run
+    equals the plain one up to that step and differs from it on."""
+    den, x = _mixture(3, 4), _noise(4, (2, 3, 3), 1)
+    ts = make_grid("karras", SCHED, 8)
+
+    def xs(**opts):
+        seen = []
+        sample(den, x, ts, "unipc", callback=lambda info: seen.append(info.x.clone()), **opts)
+        return seen
+
+    plain, dc = xs(), xs(dc_ratios=(1.0, 1.0, 1.0, 1.3, 1.0, 1.0, 1.0, 1.0))
+    assert all(torch.equal(a, b) for a, b in zip(plain[:3], dc[:3], strict=True))
+    assert not torch.allclose(plain[3], dc[3])

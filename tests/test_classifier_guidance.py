@@ -133,3 +133,34 @@ def test_the_shipped_pair_counter_reads_clean_renders():
     target = prompt_target("two blue squares and a red circle", "pair_counts")
     named = {_pairs()[i]: n for i, n in enumerate(target) if n}
     assert named == {("blue", "square"): 2, ("red", "circle"): 1}
+
+
+@pytest.mark.parametrize("through", ["x0", "network"])
+def test_the_guidance_step_is_elucds_on_x0_and_universal_guidances_through_the_network(model, through):
+    """The step added to x0 is s w(t) sigma^2 g times 1 / (alpha^2 + sigma^2) through x0 (the Gaussian
+    denoiser's Jacobian) or 1 / alpha through the network, w(t) = 1 + gamma sin(pi t / t_max) (EluCD's
+    schedule); checked with the gradient g fixed, at the first steered step."""
+    import math
+
+    from velodiff.pipelines import text2img
+
+    def x0s(plan):
+        seen = []
+        res = text2img(model, "two red circles", seeds=[0], steps=4, guidance=2.5, output="latent", plan=plan,
+                       callback=lambda info: seen.append(info.x0.clone()))
+        return seen, res.ts
+
+    plain, ts = x0s(None)
+    sched = model.schedule
+    t = ts[1]
+    a, sig = float(sched.alpha(t)), float(sched.sigma(t))
+    for gamma in (0.0, 0.5):
+        rule = ClassifierGuidance(lambda images: images.mean(dim=(2, 3)), [0], scale=2.0, gamma=gamma,
+                                  through=through, start=0.25)
+        rule.gradient = lambda req, x0: torch.ones_like(x0)  # a known g: only the step is checked
+        steered, _ = x0s([rule])
+        assert torch.equal(steered[0], plain[0])  # step 0 is before start
+        w = 1 + gamma * math.sin(math.pi * float(t) / sched.t_max)
+        factor = 1 / (a**2 + sig**2) if through == "x0" else 1 / a
+        want = torch.full_like(plain[1], 2.0 * w * sig**2 * factor)
+        torch.testing.assert_close(steered[1] - plain[1], want, rtol=1e-4, atol=1e-5)

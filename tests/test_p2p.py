@@ -60,6 +60,10 @@ def test_the_attention_control_is_what_makes_the_edit(model):
     assert torch.allclose(edits[0, 0], plain, atol=1e-4)
     for controlled in (edits[0.8, 0], edits[0, 0.4]):
         assert float((controlled - plain).pow(2).mean().sqrt()) > 0.05
+    # uncond: the unconditional branch's maps are injected too (the reference code leaves them)
+    both = edit_prompt(model, "a red circle", "a blue circle", cross_steps=0.8, self_steps=0, uncond=True,
+                       **kw)
+    assert float((both.latents[1] - edits[0.8, 0]).pow(2).mean().sqrt()) > 1e-3
 
 
 def test_the_reference_codes_option_names_are_aliases():

@@ -96,3 +96,13 @@ def test_start_and_stop_confine_the_steering_to_their_steps(model, rule):
     late = run(prompt, f"{rule},start=0.5", "late")
     assert all(torch.equal(a, b) for a, b in zip(xs["late"][:3], xs["plain"][:3], strict=True))
     assert not torch.equal(late.latents, plain.latents)
+
+
+def test_each_image_is_steered_by_its_own_gradient():
+    """The step is the reward's gradient normalised by its RMS per image (FlowChef's step size per sample):
+    an image steers the same alone or beside another whose gradient is of another size."""
+    m = velodiff.load("default")
+    kw = dict(steps=6, guidance=2.5, output="latent", plan=[RewardSteering(reward=redness, scale=0.3)])
+    alone = text2img(m, ["a blue square"], seeds=[0], **kw).latents
+    pair = text2img(m, ["a blue square", "three white crosses"], seeds=[0, 1], **kw).latents
+    torch.testing.assert_close(pair[:1], alone, rtol=0, atol=1e-4)

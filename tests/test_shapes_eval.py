@@ -222,3 +222,15 @@ def test_eval_shapes_command_scores_the_images_it_draws(tmp_path):
     assert r["overall"] == pytest.approx(want["overall"])
     assert evaluate([to_pil(res.images[j : j + 1])[0] for j in range(8)], texts[::2])["per_prompt"] == \
         want["per_prompt"]
+
+
+def test_overall_is_the_mean_of_the_categories_not_of_the_images():
+    """ShapesEval's overall weighs every category equally, whatever its number of images: three single
+    objects (one drawn wrong) and one count right give (2/3 + 1) / 2, not 3/4."""
+    w = ShapesWorld(seed=0)
+    prompts = ["a red circle", "a blue square", "a green triangle", "two yellow crosses"]
+    drawn = ["a red circle", "a blue square", "a white cross", "two yellow crosses"]
+    r = evaluate([w.render(p, seed=i).image for i, p in enumerate(drawn)], prompts)
+    assert r["counts"] == {"single": 3, "counting": 1}
+    assert r["by_category"] == pytest.approx({"single": 2 / 3, "counting": 1.0})
+    assert r["overall"] == pytest.approx((2 / 3 + 1.0) / 2)
