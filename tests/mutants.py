@@ -474,6 +474,54 @@ MUTANTS = {
         "        if False and \"uncond\" in req.branches",
         ["tests/test_p2p.py", "-k", "attention_control_is"],
     ),
+    "comfy_negative_dropped": (
+        "serve/comfy_api.py",
+        "                negative=negative or None,",
+        "                negative=None,",
+        ["tests/test_serve_comfy.py", "-k", "become_the_request"],
+    ),
+    "comfy_denoise_above_one_accepted": (
+        "serve/comfy_api.py",
+        "        if denoise is not None and denoise != 1.0:",
+        "        if denoise is not None and denoise < 1.0:",
+        ["tests/test_serve_comfy.py", "-k", "become_the_request"],
+    ),
+    "comfy_wh_swapped": (
+        "serve/comfy_api.py",
+        "                width=w,\n                height=h,",
+        "                width=h,\n                height=w,",
+        ["tests/test_serve_comfy.py", "-k", "become_the_request"],
+    ),
+    "comfy_cfg_ignored": (
+        "serve/comfy_api.py",
+        "                guidance=cfg,",
+        "                guidance=None,",
+        ["tests/test_serve_comfy.py", "-k", "become_the_request"],
+    ),
+    "layout_segregation_max": (
+        "edit/layout.py",
+        "overlap = a_m.minimum(a_n).sum() / (a_m + a_n).sum().clamp_min(1e-12)",
+        "overlap = a_m.maximum(a_n).sum() / (a_m + a_n).sum().clamp_min(1e-12)",
+        ["tests/test_layout.py", "-k", "its_equations"],
+    ),
+    "layout_retention_never_remembers": (
+        "edit/layout.py",
+        "        self.previous, self.current = self.current, {}\n",
+        "        self.previous, self.current = {}, {}\n",
+        ["tests/test_layout.py", "-k", "segregation_separates"],
+    ),
+    "regional_latent_unguided_scaled": (
+        "edit/regional.py",
+        "w = self.w if \"uncond\" in r.parts else 1.0",
+        "w = self.w",
+        ["tests/test_regional.py", "-k", "not_scaled"],
+    ),
+    "layout_mask_cells_half_rule": (
+        "edit/layout.py",
+        "return (torch.nn.functional.interpolate(m, size=(h, w), mode=\"area\")[0, 0] >= 0.5).float()",
+        "return (torch.nn.functional.interpolate(m, size=(h, w), mode=\"area\")[0, 0] > 0.0).float()",
+        ["tests/test_regional.py", "-k", "at_least_half"],
+    ),
 }
 
 

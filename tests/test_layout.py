@@ -135,6 +135,24 @@ def test_astar_concepts_and_segregation_separates_the_objects_maps(model):
     # retention alone on one object: runs (its first guided step has no previous map to keep)
     out = text2img(model, "two green crosses", seeds=[0], steps=4, output="latent", plan="layout:retention=1")
     assert torch.isfinite(out.latents).all()
+    # retention remembers each guided step's binarized maps for the next one: it changes the run
+    kw = dict(seeds=[0], steps=4, guidance=2.5, output="latent")
+    plans = (f"layout:scale=0.5,steps=1,retention={r},segregation=0" for r in (1, 0))
+    kept, without = (text2img(model, prompt, plan=plan, **kw) for plan in plans)
+    assert not torch.allclose(kept.latents, without.latents)
+
+
+def test_astar_terms_are_its_equations():
+    """Segregation (A-STAR Eq. 2): w_s sum(min(a_m, a_n)) / sum(a_m + a_n) over pairs of normalized maps;
+    retention (Eq. 3): w_r (1 - IoU(a_m, B_m)) against the previous step's binarized maps B_m."""
+    from velodiff import Plan
+
+    rule = Plan.parse("layout:segregation=2,retention=3").rules[0]
+    a, b = torch.tensor([1.0, 0.5, 0.0, 0.0]), torch.tensor([0.0, 0.5, 1.0, 0.0])
+    assert float(rule.astar([a, b], None)) == pytest.approx(2 * 0.5 / 3.0)
+    previous = [torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])]
+    # IoU(a, B_0) = 1.5 / 2, IoU(b, B_1) = 1 / 2.5
+    assert float(rule.astar([a, b], previous)) == pytest.approx(2 * 0.5 / 3.0 + 3 * ((1 - 0.75) + (1 - 0.4)))
 
 
 def test_the_guidance_passes_are_counted_in_the_cost(model):

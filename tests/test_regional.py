@@ -168,3 +168,23 @@ def test_a_mask_region_is_its_box(model, mode, tmp_path):
     runs = [text2img(model, "a red circle", plan=[RegionalPrompting(regions={prompt: r}, mode=mode)], **kw)
             for r in (mask, (0.0, 0.0, 0.5, 1.0))]
     assert torch.equal(runs[0].latents, runs[1].latents)
+
+
+def test_latent_fusion_without_cfg_is_not_scaled(model):
+    """Latent mode adds the regions' fused prediction at the guidance scale where CFG runs; at guidance 1
+    (no unconditional pass) it is the fused prediction itself, whatever scale= says."""
+    from velodiff.pipelines import text2img
+
+    kw = dict(seeds=[0], steps=4, guidance=1.0, output="latent")
+    prompt = "a red circle above a blue square"
+    one, three = (text2img(model, prompt, plan=f"regional:mode=latent,scale={s}", **kw) for s in (1, 3))
+    assert torch.equal(one.latents, three.latents)
+
+
+def test_a_mask_cell_is_in_the_region_when_at_least_half_of_it_is():
+    from velodiff.edit.layout import region_mask
+
+    mask = torch.zeros(4, 4)
+    mask[0, :2] = 1.0  # the top-left 2x2 cell: half covered
+    mask[2, 2] = 1.0  # the bottom-right cell: a quarter
+    assert region_mask(mask, 2, 2).tolist() == [[1.0, 0.0], [0.0, 0.0]]

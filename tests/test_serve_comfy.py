@@ -274,6 +274,27 @@ def test_a_served_file_is_found_by_the_name_object_info_lists_and_by_its_file_na
         read_graph(g, models)
 
 
+def test_the_graphs_values_become_the_request():
+    """The default workflow's KSampler, CLIPTextEncode and EmptyLatentImage values are what the job
+    runs: prompt and negative, width x height as given (not swapped), batch, seed, steps, cfg, and the
+    sampler / scheduler names resolved; a denoise other than 1 (below or above) is refused."""
+    from velodiff.serve.comfy_api import ComfyRefusal, comfy_sampling, read_graph
+
+    g = copy.deepcopy(GRAPH)
+    g["7"]["inputs"]["text"] = "a green triangle"
+    g["5"]["inputs"].update(width=96, height=64, batch_size=2)
+    g["3"]["inputs"].update(cfg=4.5, seed=11, steps=7, sampler_name="dpmpp_2m", scheduler="exponential")
+    req = read_graph(g, ["default"])[0]
+    solver, options, grid = comfy_sampling("dpmpp_2m", "exponential")
+    assert (req.prompt, req.negative) == ("a red circle above a blue square", "a green triangle")
+    assert (req.width, req.height, req.n, req.seed, req.steps, req.guidance) == (96, 64, 2, 11, 7, 4.5)
+    assert (req.solver, req.grid, req.solver_options) == (solver, grid, options or None)
+    for denoise in (0.5, 1.5):
+        g["3"]["inputs"]["denoise"] = denoise
+        with pytest.raises(ComfyRefusal):
+            read_graph(g, ["default"])
+
+
 def test_a_seed_takes_comfyuis_whole_64_bit_range(server):
     """ComfyUI's KSampler seed is any unsigned 64-bit int (API scripts draw random.randint(0, 2**64 - 1));
     the last seed of the batch must stay in it."""
