@@ -522,6 +522,12 @@ MUTANTS = {
         "return (torch.nn.functional.interpolate(m, size=(h, w), mode=\"area\")[0, 0] > 0.0).float()",
         ["tests/test_regional.py", "-k", "at_least_half"],
     ),
+    "a1111_unipc_bh2": (
+        "aliases.py",
+        '"unipc", "uniform", solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3}',
+        '"unipc", "uniform", solver_options={**UNIPC_LOF, "order": 3}',
+        ["tests/test_aliases.py", "-k", "two_unipc"],
+    ),
 }
 
 

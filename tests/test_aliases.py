@@ -845,6 +845,8 @@ def test_comfyuis_two_unipc_samplers_are_its_two_variants():
 
     one, two = get_solver("uni_pc"), get_solver("uni_pc_bh2")
     assert (one.name, one.defaults["solver_type"], one.defaults["order"]) == ("unipc", "bh1", 3)
+    a1111 = get_solver("UniPC")  # A1111's defaults: bh1, order 3
+    assert (a1111.name, a1111.defaults["solver_type"], a1111.defaults["order"]) == ("unipc", "bh1", 3)
     assert (two.name, two.defaults["solver_type"], two.defaults["order"]) == ("unipc", "bh2", 3)
     ts = make_grid("karras", SCHED, 6)
     x = starting_noise(SHAPE, 2, seed=0)
