@@ -528,6 +528,12 @@ MUTANTS = {
         '"unipc", "uniform", solver_options={**UNIPC_LOF, "order": 3}',
         ["tests/test_aliases.py", "-k", "two_unipc"],
     ),
+    "layout_masks_square_on_wide_latents": (
+        "edit/layout.py",
+        "    h, w = token_grid(n, *(latent_hw or (1, 1)))",
+        "    h, w = token_grid(n, 1, 1)",
+        ["tests/test_layout.py", "-k", "any_aspect"],
+    ),
 }
 
 

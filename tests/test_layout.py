@@ -243,3 +243,18 @@ def test_a_mask_region_is_the_box_it_draws_and_bad_masks_are_one_line(model, tmp
     by_box = text2img(model, "a red circle", plan=[box], **kw)
     by_mask = text2img(model, "a red circle", plan=[LayoutGuidance(boxes={"red circle": mask})], **kw)
     assert torch.equal(by_box.latents, by_mask.latents)
+
+
+def test_layout_guidance_runs_on_images_of_any_aspect(model):
+    """The attention maps of a wide latent are wide: a box's mask is laid on that grid (8 x 16 tokens for
+    16 x 32 latents: the left half is the first 8 of each row), and layout guidance runs at 128 x 64."""
+    from velodiff.edit.layout import box_mask
+    from velodiff.pipelines import text2img
+
+    left = box_mask((0.0, 0.0, 0.5, 1.0), 8 * 16, (16, 32))
+    assert left.reshape(8, 16).tolist() == [[1.0] * 8 + [0.0] * 8] * 8
+    plain = text2img(model, "a red circle to the left of a blue square", seeds=[0], steps=4, height=64,
+                     width=128, output="latent")
+    guided = text2img(model, "a red circle to the left of a blue square", seeds=[0], steps=4, height=64,
+                      width=128, output="latent", plan="layout:steps=1")
+    assert guided.latents.shape == (1, 4, 16, 32) and not torch.equal(guided.latents, plain.latents)

@@ -188,13 +188,16 @@ def check_boxes(boxes: Boxes, prompt: str) -> None:
             raise VelodiffError(f"layout object {name!r}: {missing[0]!r} is not in the prompt {prompt!r}")
 
 
-def box_mask(box: Any, n: int, aspect: float = 1.0) -> Tensor:
-    """A (n,) mask over a row-major grid of n cells (h x w, w / h = aspect): 1 where the cell centre is in
-    the box (or, for a mask, where the cell is at least half region)."""
-    import math
+def box_mask(box: Any, n: int, latent_hw: tuple[int, int] | None = None) -> Tensor:
+    """A (n,) mask over the row-major grid of a layer's n tokens, downsampled from a latent of size
+    ``latent_hw`` (default: square): 1 where the cell centre is in the box (or, for a mask, where the
+    cell is at least half region)."""
+    from ..accel.attention import token_grid
 
-    h = max(1, round(math.sqrt(n / aspect)))
-    return region_mask(box, h, n // h).reshape(-1)
+    h, w = token_grid(n, *(latent_hw or (1, 1)))
+    if h * w != n:
+        raise VelodiffError(f"{n} attention tokens do not make a grid of a {latent_hw} latent's shape")
+    return region_mask(box, h, w).reshape(-1)
 
 
 def region_mask(box: Any, h: int, w: int) -> Tensor:
@@ -298,6 +301,7 @@ class LayoutGuidance(Accelerator):
         if info.i + 1 >= self.guided or info.t <= 0 or not any(self.objects):
             return None
         run, x = self.run, info.x
+        self.latent_hw = tuple(x.shape[-2:])  # the attention maps' grids keep the latent's aspect
         sigma = float(run.schedule.sigma(info.t))
         cond = run.conds["cond"]
         with torch.inference_mode(False), torch.enable_grad():
@@ -337,7 +341,8 @@ class LayoutGuidance(Accelerator):
                 for pos, box in objs:
                     att = a[b][:, pos.to(a.device)].mean(-1)  # (N,)
                     if box is not None:  # the union of the object's boxes
-                        m = torch.stack([box_mask(b, att.shape[0]) for b in box_list(box)]).amax(0).to(att)
+                        masks = [box_mask(b, att.shape[0], self.latent_hw) for b in box_list(box)]
+                        m = torch.stack(masks).amax(0).to(att)
                         total = total + (1 - (att * m).sum() / att.sum().clamp_min(1e-12)) ** 2
                     normed.append(att / att.max().clamp_min(1e-12))
                 total = total + self.astar(normed, self.previous.get((layer, b)))
