@@ -534,6 +534,30 @@ MUTANTS = {
         "    h, w = token_grid(n, 1, 1)",
         ["tests/test_layout.py", "-k", "any_aspect"],
     ),
+    "p2p_blend_edit_region_only": (
+        "edit/p2p.py",
+        "mask = torch.maximum(region[0], region[k]).to(x)",
+        "mask = region[k].to(x)",
+        ["tests/test_p2p.py", "-k", "union_of_the_source"],
+    ),
+    "clip_score_negative_kept": (
+        "eval/metrics.py",
+        "s = (100.0 * cos.clamp(min=0)).tolist()",
+        "s = (100.0 * cos).tolist()",
+        ["tests/test_metrics.py", "-k", "clamps_negative"],
+    ),
+    "lcm_boundary_k_unrounded": (
+        "solvers/lcm.py",
+        "k = round(float(ctx.schedule.timestep(ctx.t(i))))",
+        "k = float(ctx.schedule.timestep(ctx.t(i)))",
+        ["tests/test_distill_lcm.py", "-k", "integer_timestep"],
+    ),
+    "v3_corrector_choice_inverted": (
+        "calibrated/calibrate.py",
+        "                if e < start[1]:\n                    base_opts, start = plain, (start[0], e)",
+        "                if e > start[1]:\n                    base_opts, start = plain, (start[0], e)",
+        ["tests/test_calibrated.py", "-k", "smaller_error"],
+    ),
 }
 
 

@@ -470,3 +470,19 @@ def test_dc_ratios_compensate_at_their_own_step():
     plain, dc = xs(), xs(dc_ratios=(1.0, 1.0, 1.0, 1.3, 1.0, 1.0, 1.0, 1.0))
     assert all(torch.equal(a, b) for a, b in zip(plain[:3], dc[:3], strict=True))
     assert not torch.allclose(plain[3], dc[3])
+
+
+@pytest.mark.parametrize("seed", [21, 5])
+def test_v3_calibration_keeps_the_corrector_setting_with_the_smaller_error(seed):
+    from test_calibrated import _mixture, _noise
+    from velodiff.calibrated import calibrate_solver, denoiser_problem
+
+    problem = denoiser_problem(_mixture(6, seed), _noise(16, (2, 3, 3), 10))
+    res = calibrate_solver(problem, [5], methods=("dpm_solver_v3",), solvers=("dpmpp_2m",), max_runs=1,
+                           ems_points=20)
+    (v3,) = [e for e in res["entries"] if e["solver"] == "dpm_solver_v3"]
+    ts = torch.tensor(v3["ts"], dtype=torch.float64)
+    on = problem.score(ts, "dpm_solver_v3", {"ems": res["ems"], "use_corrector": True})
+    off = problem.score(ts, "dpm_solver_v3", {"ems": res["ems"], "use_corrector": False})
+    assert v3["error"] == pytest.approx(min(on, off))
+    assert v3["options"].get("use_corrector", True) == (on <= off)

@@ -348,3 +348,20 @@ def test_sampling_steps_past_the_teachers_grid_are_refused_before_training(tmp_p
     assert _distill(tmp_path, "too-many", 1, "--origin-steps", "4", "--sample-steps", "8") == 2
     assert "--sample-steps 8 exceeds --origin-steps 4" in capsys.readouterr().err
     assert not (tmp_path / "too-many").exists()
+
+
+def test_lcm_boundary_scalings_use_the_integer_timestep_on_any_grid():
+    from velodiff import DiscreteVP, sample
+    from velodiff.distill.lcm import boundary_scalings  # noqa: F401  (the student's own, for reference)
+    from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
+
+    sched = DiscreteVP.scaled_linear()
+    mix = GaussianMixture.random((2,), components=3, seed=1, min_var=0.05, max_var=0.3)
+    den = MixtureDenoiser(mix, sched)
+    t0 = float(sched.t_from_timestep(torch.tensor(2.4, dtype=torch.float64)))
+    ts = torch.tensor([t0, 0.0], dtype=torch.float64)  # one step from a fractional timestep to 0
+    x = starting_noise((2,), 4, seed=0)
+    got = sample(den, x, ts, "lcm").x
+    sk = 2 * 10.0
+    c_skip, c_out = 0.25 / (sk**2 + 0.25), sk / (sk**2 + 0.25) ** 0.5
+    torch.testing.assert_close(got, c_skip * x + c_out * den(x, t0), rtol=1e-5, atol=1e-6)

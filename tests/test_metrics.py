@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -205,3 +206,18 @@ def test_fd_shapes_orders_real_good_degraded_random():
     assert fd["model"] < 1.5 * fd["real"]
     assert fd["model"] < fd["2nfe"] < fd["random"]
     assert min(fd["2nfe"], fd["random"]) > 1.5 * max(fd["model"], fd["real"])
+
+
+def test_clip_score_clamps_negative_cosines_to_zero():
+    from velodiff.eval.metrics import ClipScore
+
+    cs = ClipScore.__new__(ClipScore)
+    cs.size, cs.device, cs.scores = 8, "cpu", []
+    cs.model = SimpleNamespace(
+        config=SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=8)),
+        get_image_features=lambda pixel_values: torch.tensor([[1.0, 0.0]]),
+        get_text_features=lambda input_ids, attention_mask: torch.tensor([[-1.0, 0.0]]),
+    )
+    cs.tokenizer = lambda texts, **kw: {"input_ids": torch.zeros(1, 2, dtype=torch.long),
+                                        "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    assert cs.update(torch.rand(1, 3, 8, 8), ["a red cube"]) == [0.0]

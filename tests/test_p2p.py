@@ -227,3 +227,21 @@ def test_local_blend_keeps_the_source_outside_its_region(model):
     assert torch.allclose(full.latents, plain.latents, atol=1e-3)  # explicit attention vs SDPA round-off
     with pytest.raises(VelodiffError, match="in none of the prompts"):
         edit_prompt(model, "a red circle", "a blue circle", blend=["green"], steps=2)
+
+
+def test_local_blend_region_is_the_union_of_the_source_and_the_edit():
+    from types import SimpleNamespace
+
+    from velodiff.edit.p2p import PromptToPrompt
+
+    rule = PromptToPrompt(blend=("circle",), threshold=0.5)
+    rule.blend_pos = [[1], [1]]
+    maps = torch.zeros(2, 16, 2)  # (B, N = 4 x 4 tokens, T)
+    maps[0, [0, 4], 1] = 1.0  # the source's word attends to the left column
+    maps[1, [3, 7], 1] = 1.0  # the edit's to the right column
+    rule.blend_maps = [maps]
+    x = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
+    out = rule.after_step(SimpleNamespace(x=x))
+    assert float(out[1, 0, 0, 0]) == 1.0  # inside the source's region: the edit's own sample
+    assert float(out[1, 0, 0, 3]) == 1.0  # inside the edit's region too
+    assert float(out[1, 0, 3, 1]) == 0.0  # outside both: the source's
