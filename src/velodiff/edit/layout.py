@@ -285,6 +285,7 @@ class LayoutGuidance(Accelerator):
             self.objects.append(objs)
         self.guided = int(self.steps * run.steps)
         self.spent = Cost(0, 0)
+        self.latent_hw: tuple[int, int] | None = None  # the sample's (h, w), set at each guided step
         #: A-STAR's B_m: (layer, image) -> each object's binarized map at the last guided step
         self.previous: dict[tuple[int, int], list[Tensor]] = {}
         self.current: dict[tuple[int, int], list[Tensor]] = {}
@@ -301,7 +302,7 @@ class LayoutGuidance(Accelerator):
         if info.i + 1 >= self.guided or info.t <= 0 or not any(self.objects):
             return None
         run, x = self.run, info.x
-        self.latent_hw = tuple(x.shape[-2:])  # the attention maps' grids keep the latent's aspect
+        self.latent_hw = (int(x.shape[-2]), int(x.shape[-1]))  # the maps' grids keep its aspect
         sigma = float(run.schedule.sigma(info.t))
         cond = run.conds["cond"]
         with torch.inference_mode(False), torch.enable_grad():
