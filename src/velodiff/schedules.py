@@ -42,7 +42,9 @@ def _as_t(t: Tensor | float) -> Tensor:
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """Piecewise-linear interpolation of (xp, fp) at x; xp increasing; linear extrapolation."""
+    """Piecewise-linear interpolation of (xp, fp) at x; xp increasing; linear extrapolation. On x's
+    device (the tables live on the CPU; a GPU training loop asks with times on the GPU)."""
+    xp, fp = xp.to(x.device), fp.to(x.device)
     idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1])).clamp(1, len(xp) - 1)
     x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)

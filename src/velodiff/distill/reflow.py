@@ -138,7 +138,7 @@ def straightness(x0_fn: Any, x: Tensor, grid: Tensor, sched: Any) -> dict[str, f
         return sched.alpha(t).float(), sched.sigma(t).float()
 
     d = x[0].numel()
-    ts = [grid[i].reshape(1) for i in range(len(grid))]
+    ts = [grid[i].reshape(1).to(x.device) for i in range(len(grid))]
     x_T = x
     x0s, epss, sbars = [], [], []
     for i in range(len(ts) - 1):
@@ -153,7 +153,7 @@ def straightness(x0_fn: Any, x: Tensor, grid: Tensor, sched: Any) -> dict[str, f
     a_T, s_T = coef(ts[0])
     sbar_T = float(s_T / a_T)
     chord = x_T / a_T - out
-    S = torch.zeros(x.shape[0])
+    S = torch.zeros(x.shape[0], device=x.device)
     for i, eps in enumerate(epss):
         du = (sbars[i] - (sbars[i + 1] if i + 1 < len(sbars) else 0.0)) / sbar_T
         S += du * (chord - sbar_T * eps).pow(2).flatten(1).sum(1) / d
@@ -236,7 +236,8 @@ def measure(unet: Any, sched: Any, text: Any, uncond: Tensor, pairs: dict[str, T
             w: float, ode_steps: int) -> dict[str, float]:
     """Straightness of ``unet``'s DDIM ODE (guidance ``w``) from the held-out pairs' noise, and its
     one-step error against the teacher's samples of those pairs."""
-    z, x, ids = pairs["z"][lo:], pairs["x"][lo:], pairs["ids"][lo:]
+    dev = uncond.device  # the text encoder's and the UNet's (the pair cache loads on the CPU)
+    z, x, ids = (pairs[k][lo:].to(dev) for k in ("z", "x", "ids"))
     with torch.no_grad():
         ctx = text(ids).last_hidden_state
         uctx = text(uncond[None].expand(len(ids), -1)).last_hidden_state if w != 1.0 else None
