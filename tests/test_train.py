@@ -219,3 +219,20 @@ def test_nan_loss_stops_before_any_checkpoint_holds_it(tmp_path):
     state = _state(tmp_path / "r")
     assert latest_checkpoint(tmp_path / "r").name == "step-0000002"
     assert all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
+def test_a_run_resumed_already_complete_reports_its_last_loss(tmp_path):
+    """Extending --steps to the step a stopped run reached exports it at once: its summary's final loss
+    is the logged loss of that step, not nan."""
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step_fn(step, gen):
+        return lin(torch.randn(4, 2, generator=gen)).pow(2).mean(), {}
+
+    cfg = LoopConfig(steps=3, lr=1e-2, warmup=1, checkpoint_every=1, log_every=1)
+    first = run_loop(tmp_path / "r", cfg, {"lin": lin}, step_fn, quiet=True)
+    again = run_loop(tmp_path / "r", cfg, {"lin": lin}, step_fn, quiet=True)
+    assert again["completed"] and again["steps"] == 3
+    assert again["final_loss"] == pytest.approx(first["final_loss"], abs=1e-6)

@@ -90,6 +90,7 @@ def run_loop(
     clip_groups = [[p for p in m.parameters() if p.requires_grad] for m in modules.values()]
     clip_groups = [g for g in clip_groups if g] if cfg.clip_per_module else [params]
     step, wall = 0, 0.0
+    resumed_loss = float("nan")
     log_path = run / "loss.csv"
 
     ck = latest_checkpoint(run)
@@ -114,7 +115,7 @@ def run_loop(
             emas[name].load_state_dict(split_prefix(tensors, f"ema.{name}."), meta["ema_updates"])
         load_optimizer_tensors(opt, split_prefix(tensors, "opt."), meta["optimizer"])
         step, wall = int(meta["step"]), float(meta["wall_s"])
-        _truncate_log(log_path, step)
+        resumed_loss = _truncate_log(log_path, step)
         if not quiet:
             print(f"resumed {run} at step {step} ({wall / 60:.1f} min trained)", flush=True)
 
@@ -157,7 +158,7 @@ def run_loop(
         bar = tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=5.0, dynamic_ncols=True)
     t_start = time.perf_counter() - wall
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    last = float("nan")
+    last = resumed_loss
     smooth = None
     try:
         for m in modules.values():
@@ -220,14 +221,17 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop loss rows after the resumed step (written after the last checkpoint of a killed run)."""
+def _truncate_log(path: Path, step: int) -> float:
+    """Drop loss rows after the resumed step (written after the last checkpoint of a killed run); returns
+    the last loss kept (nan if none), the run's final loss when it resumes already complete."""
     if not path.exists():
-        return
+        return float("nan")
     rows = list(csv.reader(path.open()))
     keep = [r for r in rows if not r or r[0] == "step" or int(r[0]) <= step]
     with path.open("w", newline="") as f:
         csv.writer(f).writerows(keep)
+    losses = [float(r[1]) for r in keep if r and r[0] != "step"]
+    return losses[-1] if losses else float("nan")
 
 
 def load_run_weights(run: Path, name: str, ema: bool = True) -> dict[str, torch.Tensor]:
