@@ -21,6 +21,8 @@ METHODS = {
     "guided": ["--steps", "2", "--cache-size", "4"],
     "progressive": ["--steps", "2", "--rounds", "1", "--teacher-steps", "4", "--cache-size", "4"],
     "prune": ["--method", "magnitude", "--target-flops", "0.8", "--steps", "2", "--cache-size", "4"],
+    "prune-ld": ["--method", "ld", "--calib-prompts", "2", "--calib-steps", "2", "--target-flops", "0.8",
+                 "--steps", "2", "--cache-size", "4"],
 }
 
 
@@ -30,7 +32,8 @@ def test_a_method_trains_on_cuda_and_its_student_loads(method: str, tmp_path) ->
     from velodiff.pipelines.text2img import text2img
 
     out = tmp_path / "student"
-    argv = ["distill", method, "--out", str(out), "--run", str(tmp_path / "run"), *METHODS[method], *TINY]
+    argv = ["distill", method.split("-")[0], "--out", str(out), "--run", str(tmp_path / "run"),
+            *METHODS[method], *TINY]
     try:
         code = main(argv)
     except SystemExit as e:

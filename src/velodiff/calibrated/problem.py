@@ -176,8 +176,8 @@ def denoiser_problem(denoiser: Any, x: Tensor, cond: Any = None) -> Problem:
     def runner(ts: Tensor, spec: SolverSpec, options: Mapping[str, Any], callback: Any) -> Tensor:
         return sample(denoiser, x, ts, spec, cond=cond, callback=callback, **options).x
 
-    def denoise(xx: Tensor, t: float) -> Tensor:
+    def denoise(xx: Tensor, t: float) -> Tensor:  # the statistics' batches are on the CPU, the model need not
         with torch.inference_mode():
-            return denoise_once(denoiser, xx, t, cond).x0.double()
+            return denoise_once(denoiser, xx.to(x.device), t, cond).x0.double().cpu()
 
     return Problem(denoiser.schedule, x, runner, denoise)

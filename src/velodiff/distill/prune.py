@@ -188,7 +188,7 @@ def output_latents(unet: Any, sched: Any, ctx: torch.Tensor, uctx: torch.Tensor,
     for i in range(steps):
         t = grid[i].expand(len(x))
         t2 = grid[i + 1]
-        a, s = sched.alpha(t).float().view(-1, 1, 1, 1), sched.sigma(t).float().view(-1, 1, 1, 1)
+        a, s = (f(t).float().view(-1, 1, 1, 1).to(x.device) for f in (sched.alpha, sched.sigma))
         if float(t2) > 0:
             a2, s2 = float(sched.alpha(t2)), float(sched.sigma(t2))
         else:

@@ -455,7 +455,7 @@ def regenerate_latents(
     ``cond`` (the inversion's, or another prompt's: an edit) and ``plan``; returns (x at ts[-1], NFE,
     network-sample evaluations per image). ``eta`` / ``stop``: RF-Inversion's reverse controller toward
     the inverted image (0: plain flow)."""
-    x = inv.latents if latents is None else latents
+    x = inv.latents if latents is None else latents.to(inv.latents.device)  # a caller's copy: maybe the CPU
     if inv.method in ("ddim", "fixed-point"):
         from ..sampling import sample
 

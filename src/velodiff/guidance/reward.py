@@ -93,7 +93,9 @@ class RewardSteering(GuidanceRule):
             )
 
         none = images.sum() * 0.0  # an image without a target: no reward, no gradient
-        return torch.stack([none if y is None else log_p(i, y) for i, y in enumerate(self.goals)])
+        # the scoring network may run on another device than the images (the shipped one on the CPU)
+        return torch.stack([none if y is None else log_p(i, y).to(none.device)
+                            for i, y in enumerate(self.goals)])
 
     def after_step(self, info: Any) -> Tensor | None:
         if self.scale == 0 or info.t <= 0 or not self.in_range(info.i):
