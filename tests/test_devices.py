@@ -34,3 +34,14 @@ def test_reward_of_a_batch_with_and_without_targets_stays_on_the_images_device()
     rule.read = lambda images: {"colors": torch.zeros(len(images), 8)}
     out = rule.rewards(torch.zeros(2, 3, 64, 64, device=META))
     assert out.device == META and out.shape == (2,)
+
+
+def test_model_denoiser_keeps_its_output_on_the_networks_device() -> None:
+    """For a shared time (its coefficients CPU scalars) and for per-sample times (interpolated on the
+    device)."""
+    from velodiff.denoisers import ModelDenoiser
+
+    den = ModelDenoiser(lambda x, ts, cond: torch.zeros_like(x), DiscreteVP.scaled_linear(), "epsilon")
+    x = torch.zeros(2, 4, 8, 8, device=META)
+    for t in (0.5, torch.tensor(0.5), torch.tensor([0.3, 0.7])):
+        assert den(x, t).device == META

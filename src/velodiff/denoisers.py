@@ -105,7 +105,9 @@ class ModelDenoiser:
         out = self.network(x, ts.to(x.device), cond)
         if out.shape != x.shape:
             raise VelodiffError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-        return x0_from_prediction(self.prediction_type, self.schedule, x, t.to(x.device), out)
+        # a shared time stays on the CPU (its coefficients are scalars); per-sample times go to x's device
+        t = t if t.ndim == 0 else t.to(x.device)
+        return x0_from_prediction(self.prediction_type, self.schedule, x, t, out)
 
 
 def index_cond(cond: Cond, rows: Tensor) -> Cond:
