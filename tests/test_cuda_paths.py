@@ -23,7 +23,7 @@ def test_the_diffusion_classifier_reads_a_cuda_models_latents(model) -> None:
 
     img = text2img(model, "a red circle", seeds=[0], steps=8, output="tensor").images
     result = classify(model, img, ["a red circle", "a blue square"], rounds=((4, 1),))
-    assert result is not None
+    assert result.evaluations == 8 and all(e == e for e in result.errors)  # finite, every pair scored
 
 
 def test_reward_steering_of_a_batch_with_and_without_a_target(model) -> None:
