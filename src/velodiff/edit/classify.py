@@ -182,7 +182,7 @@ def classify(
     weight = {"eps": (alpha / sigma) ** 2, "v": 1.0 / sigma**2, "x0": torch.ones_like(sigma)}[weighting]
     x0d = x0.to(model.device)
     # noise and schedule live on the CPU (the draw is the same on every device); the latents may not
-    xt = (alpha.view(-1, 1, 1, 1) * x0.cpu().float() + sigma.view(-1, 1, 1, 1) * noise).to(model.device)
+    xt = (alpha.view(-1, 1, 1, 1) * x0.cpu() + sigma.view(-1, 1, 1, 1) * noise).to(model.device)
     emb = model.encode_prompt(labels, guided=False)["encoder_hidden_states"]
 
     sums = [0.0] * len(labels)
