@@ -158,6 +158,23 @@ def test_bench_shapes_eval_reads_images_as_eval_shapes_does(tmp_path, monkeypatc
     assert rec["shapes_eval"] == 1.0
 
 
+def test_bench_records_what_another_tools_sampler_name_ran(tmp_path, monkeypatch, capsys):
+    """A1111's "Euler" is velodiff's euler on the 'normal' grid: the record says what ran (not the
+    model's default grid) and what was asked, and the table shows both."""
+    path = _model_path()
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no default model at {path}")
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    code = cli("bench", "--solvers", "Euler,euler", "--nfe", "3", "--limit", "1", "--metrics", "shapes",
+               "--out", str(out), "--model", str(path), "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    alias, own = json.loads((out / "results.json").read_text())["records"]
+    assert (alias["solver"], alias["grid"], alias["requested"]) == ("euler", "normal", {"solver": "Euler"})
+    assert own["solver"] == "euler" and own["grid"] != "normal" and "requested" not in own
+    assert "| Euler (euler) | normal |" in (out / "results.md").read_text()
+
+
 def test_bench_plans_records_and_distance_to_plain(tmp_path, monkeypatch, capsys):
     """Plans are a sweep axis: each record carries its canonical plan, its evaluations per image, and
     for a plan other than none the distance to the plain run of the same seeds, also when a resumed

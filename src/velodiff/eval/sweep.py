@@ -498,7 +498,13 @@ def run_sweep(
             continue
         # a plan that sets the solver or guidance ran with its own (velodiff.plan.SETTINGS); its
         # distance to the plain run is to the sweep's own configuration (for velodiff tune: the baseline)
-        rec.update(solver=res.solver, guidance=float(res.guidance), nfe_budget=_planned_nfe(c))
+        # and another tool's sampler name ("DPM++ 2M Karras") ran velodiff's solver on its grid: the record
+        # says what ran, and what was asked where that differs
+        ran = {"solver": res.solver, "grid": res.grid or c["grid"]}
+        asked = {k: c[k] for k in ran if c[k] is not None and c[k] != ran[k]}
+        if asked:
+            rec["requested"] = asked
+        rec.update(ran, guidance=float(res.guidance), nfe_budget=_planned_nfe(c))
         rec.update(steps=res.steps, nfe=res.nfe, evals=res.evals,
                    seconds_per_image=median(times) / len(jobs), seconds=[round(t, 4) for t in times],
                    peak_memory_mb=round(mem["peak_memory_mb"], 1), memory_kind=mem["memory_kind"])
@@ -601,6 +607,8 @@ def sweep_table(result: dict[str, Any]) -> str:
             v = r.get(key)
             if key == "grid":
                 v = v or "default"
+            if key in ("solver", "grid") and key in r.get("requested", {}):
+                v = f"{r['requested'][key]} ({v})"  # another tool's name, and what it ran
             if key == "seconds_per_image":
                 v = f"{v:.3f}"
             cells.append(_fmt(v, 2) if key in ("psnr", "psnr_vs_plain") and isinstance(v, float) else _fmt(v))
