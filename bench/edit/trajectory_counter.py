@@ -7,6 +7,7 @@ This bench fine-tunes it on what it will guide: the default model's own sampling
 trajectory labelled with the pair counts ShapesEval's detector reads off that trajectory's final image
 (a value classifier: will this x_t end as a correct image). Then it steers with it
 (``ClassifierGuidance(classifier=..., through="noisy")``) on the v1 counting prompts at seeds it never saw.
+``search`` uses it instead as the verifier of a noise search (rejection among a few seeds).
 
     python bench/edit/trajectory_counter.py data --start 1000 --n 2000 --out traj-1000.pt  # 10 min
     python bench/edit/trajectory_counter.py data --start 5000 --n 2000 --out traj-5000.pt
@@ -154,6 +155,48 @@ def sweep(args: argparse.Namespace, model) -> None:
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def search(args: argparse.Namespace, model) -> None:
+    """Noise search with the counter as verifier (rejection among a few seeds): per prompt and seed base,
+    ``--candidates`` trajectories (candidate c has seed base + j + 100000 c; candidate 0 is the unsearched
+    image), the counter's log-likelihood of the prompt's counts read at step k, the best candidate kept
+    (its image is a plain generation of its seed). Reports counting for each k, against candidate 0 and
+    against an oracle that keeps any right candidate."""
+    counters = {"shipped": load_noisy_counter(model)}
+    if args.weights:
+        counters[Path(args.weights).name] = load_versioned(args.weights, NoisyPairCounter, VERSION)
+    prompts = [p for p in load_prompts("v1") if p.category == "counting"]
+    texts = [p.text for p in prompts]
+    target = torch.tensor([prompt_target(t, "pair_counts") for t in texts])
+    bases, n = [int(s) for s in args.seeds.split(",")], args.candidates
+    states, right = {}, {}
+    for base in bases:
+        for c in range(n):
+            xs: list[torch.Tensor] = []
+            res = text2img(model, texts, seeds=[base + j + 100000 * c for j in range(len(texts))], steps=20,
+                           guidance=2.5, callback=lambda info, xs=xs: xs.append(info.x.clone()))
+            states[base, c] = torch.stack(xs, 1)
+            right[base, c] = [score_prompt(detect(np.asarray(im)), p.spec)["correct"]
+                              for im, p in zip(res.images, prompts, strict=True)]
+    grid = res.ts.double()  # the grid that was run
+    row = {"candidates": n, "seeds": bases, "images": len(texts) * len(bases),
+           "unsearched": float(np.mean([right[b, 0] for b in bases])),
+           "oracle": float(np.mean([[any(right[b, c][j] for c in range(n)) for j in range(len(texts))]
+                                    for b in bases]))}
+    for name, net in counters.items():
+        for k in (int(s) for s in args.steps.split(",")):  # the state after step k, at time grid[k]
+            lam = model.schedule.log_snr(grid[k].double()).float()
+            kept = []
+            for b in bases:
+                with torch.no_grad():
+                    logits = [net.logits(states[b, c][:, k - 1], lam)["pair_counts"] for c in range(n)]
+                    ll = torch.stack([torch.log_softmax(lg, -1).gather(-1, target[..., None])
+                                      .squeeze(-1).sum(1) for lg in logits])
+                kept += [right[b, int(c)][j] for j, c in enumerate(ll.argmax(0))]
+            row[f"{name}, step {k}"] = float(np.mean(kept))
+    print(json.dumps(row, indent=1), flush=True)
+    Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -171,11 +214,17 @@ def main() -> None:
     s.add_argument("--seeds", default="4000,5000,6000")
     s.add_argument("--out", default=str(Path(__file__).with_name("trajectory_counter.json")))
     s.add_argument("settings", nargs="+", help="scale[:start]")
+    r = sub.add_parser("search")
+    r.add_argument("--weights", help="a fine-tuned counter, besides the shipped one")
+    r.add_argument("--seeds", default="7000,8000,9000,10000,11000,12000")
+    r.add_argument("--candidates", type=int, default=4)
+    r.add_argument("--steps", default="3,4,6,8,10,12,14,16", help="steps (of 20) the counter reads after")
+    r.add_argument("--out", default=str(Path(__file__).with_name("noise_search.json")))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = velodiff.load("default")
-    {"data": data, "finetune": finetune, "sweep": sweep}[args.cmd](args, model)
+    {"data": data, "finetune": finetune, "sweep": sweep, "search": search}[args.cmd](args, model)
 
 
 if __name__ == "__main__":
