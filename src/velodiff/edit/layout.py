@@ -267,6 +267,7 @@ class LayoutGuidance(Accelerator):
         prompts = list(run.prompts) * (run.batch // max(1, len(run.prompts))) if run.prompts else []
         astar = self.segregation > 0 or self.retention > 0
         self.objects: list[list[tuple[Tensor, Box | list[Box] | None]]] = []
+        device = getattr(run.model, "device", None)  # where the maps are: no copy per attention call
         for p in prompts[: run.batch]:
             regions: dict[str, Box | list[Box] | None] = {**(self.boxes or regions_from_prompt(p))}
             if not regions and astar:
@@ -281,7 +282,7 @@ class LayoutGuidance(Accelerator):
                     raise VelodiffError(
                         f"plan rule 'layout': {words!r} is past the prompt's token limit; shorten the prompt"
                     )
-                objs.append((torch.tensor(pos, dtype=torch.long), box))
+                objs.append((torch.tensor(pos, dtype=torch.long, device=device), box))
             self.objects.append(objs)
         self.guided = int(self.steps * run.steps)
         self.spent = Cost(0, 0)

@@ -189,6 +189,7 @@ class PromptToPrompt(Accelerator):
         src = token_ids(run, run.prompts[0])
         length = int(run.model.components["tokenizer"].model_max_length)
         self.index, self.alpha, self.scale = [], [], []
+        device = getattr(run.model, "device", None)  # where the attention runs: no copy per call there
         for prompt in run.prompts[1:]:
             tgt = token_ids(run, prompt)
             mode = self.mode if self.mode != "auto" else ("replace" if len(tgt) == len(src) else "refine")
@@ -198,9 +199,9 @@ class PromptToPrompt(Accelerator):
                 word, _, factor = w.partition("=")
                 for pos in word_positions(run, prompt, word.strip()):
                     scale[pos] = self.weight if not factor else _factor(w, factor)
-            self.index.append(torch.tensor(index))
-            self.alpha.append(torch.tensor(alpha))
-            self.scale.append(scale)
+            self.index.append(torch.tensor(index, device=device))
+            self.alpha.append(torch.tensor(alpha, device=device))
+            self.scale.append(scale.to(device))
         self.blend_pos = []
         for prompt in run.prompts:
             found = [word_positions(run, prompt, w, required=False) for w in self.blend]
