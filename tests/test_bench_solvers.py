@@ -90,6 +90,19 @@ def test_every_solver_spends_its_budget_as_the_pipeline_plans_it():
     assert get_solver("dpmpp_2m").plan_nfe(8) == (8, {})
 
 
+def test_a_grid_that_gives_another_step_count_is_left_out_not_an_error():
+    """Regression (`make demo`'s `velodiff bench solvers` stopped with an error): ComfyUI's ddim_uniform
+    gives 7 steps where 6 are asked; dpm_fast's budget planned for 6 no longer fits, so that record is
+    left out, and a solver it would push over its budget too; where the grid fits, both are measured."""
+    oracle = sb.make_oracles(("2d",), samples=8)[0]
+    assert len(make_grid("ddim_uniform", oracle.schedule, 6)) - 1 == 7
+    recs = sb.velodiff_records(oracle, ["dpm_fast", "ddim"], ["ddim_uniform", "logsnr"], [6, 15])
+    got = {(r["solver"], r["grid"], r["nfe"]) for r in recs}
+    assert ("dpm_fast", "ddim_uniform", 15) not in got and ("ddim", "ddim_uniform", 6) not in got
+    assert {("dpm_fast", "logsnr", 15), ("ddim", "logsnr", 6)} <= got
+    assert all(r["nfe_used"] <= r["nfe"] for r in recs)
+
+
 def test_markdown_and_plot(small_records):
     md = sb.markdown_report(small_records, command="velodiff bench solvers")
     assert "## mixture-2d" in md and "## mixture-1x4x4" in md and "DPMSolverMultistep" in md

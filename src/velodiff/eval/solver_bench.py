@@ -210,6 +210,10 @@ def velodiff_records(
                     ts = make_grid(grid, sched, steps)
                 except VelodiffError:
                     continue
+                # a grid may give another number of steps (ComfyUI's ddim_uniform can give one more): the
+                # budget no longer fits a planned solver's orders, and more steps may spend more than it
+                if len(ts) - 1 != steps and (planned or spec.nfe(len(ts) - 1) > nfe):
+                    continue
                 x = prior_sample(sched, float(ts[0]), oracle.noise)
                 res = sample(oracle.denoiser, x, ts, spec, **planned)
                 t_last, jump = _ending(ts)
