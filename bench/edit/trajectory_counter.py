@@ -34,7 +34,7 @@ from velodiff.eval.features import load_versioned, save_encoder
 from velodiff.eval.shapes_eval import detect, evaluate, load_prompts, normalize_spec, score_prompt
 from velodiff.guidance.classifier import ClassifierGuidance, prompt_target
 from velodiff.guidance.noisy_counter import VERSION, NoisyPairCounter, load_noisy_counter, vae_hash
-from velodiff.guidance.pair_counter import COUNTS
+from velodiff.guidance.pair_counter import COUNTS, pair_counts
 from velodiff.pipelines import text2img
 
 
@@ -42,7 +42,7 @@ def data(args: argparse.Namespace, model) -> None:
     """Trajectories on captions of ShapesWorld(seed=8000) (half of the non-counting scenes skipped, so
     counting scenes weigh more), seeds 900000 + start + j; every state after each step, float16."""
     world, rng = ShapesWorld(seed=8000), np.random.default_rng(args.start)
-    index = {p: i for i, p in enumerate(color_shape_pairs())}
+    pairs = set(color_shape_pairs())
     caps, i = [], 0
     while len(caps) < args.n:
         scene = world.scene(args.start * 10 + i)
@@ -63,11 +63,7 @@ def data(args: argparse.Namespace, model) -> None:
                            nfe=20, callback=record)
         for text, image in zip(texts, res.images, strict=True):
             dets = detect(np.asarray(image))
-            c = np.zeros(len(index), np.int64)
-            for d in dets:
-                if (d.color, d.shape) in index:
-                    c[index[(d.color, d.shape)]] += 1
-            labels.append(np.minimum(c, COUNTS - 1))
+            labels.append(pair_counts([d for d in dets if (d.color, d.shape) in pairs]))  # not "unknown"
             correct.append(score_prompt(dets, normalize_spec(text))["correct"])
         xs.append(torch.stack([x for _, x in states], 1))  # (B, steps, C, H, W)
         ts = [t for t, _ in states]
