@@ -16,10 +16,11 @@ from velodiff import DiscreteVP, VelodiffError, make_grid, sample
 from velodiff.aliases import resolve_solver
 from velodiff.cli import main
 from velodiff.denoisers import eps_from_x0
-from velodiff.distill.lcm import add_lora, boundary_scalings
+from velodiff.distill.lcm import add_lora
 from velodiff.models.lora import save_lora
 from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
 from velodiff.shipped import shipped_path
+from velodiff.solvers.lcm import boundary_scalings
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -352,7 +353,6 @@ def test_sampling_steps_past_the_teachers_grid_are_refused_before_training(tmp_p
 
 def test_lcm_boundary_scalings_use_the_integer_timestep_on_any_grid():
     from velodiff import DiscreteVP, sample
-    from velodiff.distill.lcm import boundary_scalings  # noqa: F401  (the student's own, for reference)
     from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
 
     sched = DiscreteVP.scaled_linear()

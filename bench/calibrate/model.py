@@ -29,7 +29,7 @@ import velodiff
 from velodiff.calibrated import entry_options, load_solver_calibration, load_statistics, model_problem
 from velodiff.eval.reference import model_hash
 from velodiff.eval.shapes_eval import evaluate, load_prompts
-from velodiff.eval.solver_bench import default_grids, deterministic_solvers
+from velodiff.eval.solver_bench import SD_SCHEDULER_CONFIG, default_grids, deterministic_solvers
 from velodiff.grids import make_grid
 from velodiff.pipelines import text2img
 from velodiff.solvers import get_solver
@@ -56,8 +56,6 @@ DIFFUSERS = [
     ("Heun karras", "HeunDiscreteScheduler", {"use_karras_sigmas": True}),
     ("LMS karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
 ]
-SD_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
 
 
 def ays_timesteps(steps: int, sigma_table: np.ndarray) -> list[int]:
@@ -81,7 +79,7 @@ def run_diffusers(problem, cls_name: str, overrides: dict, nfe: int) -> torch.Te
     cls = getattr(diffusers, cls_name)
     ok = inspect.signature(cls.__init__).parameters
     over = {k: v for k, v in overrides.items() if not k.startswith("_")}
-    sched = cls(**{k: v for k, v in {**SD_CONFIG, **over}.items() if k in ok})
+    sched = cls(**{k: v for k, v in {**SD_SCHEDULER_CONFIG, **over}.items() if k in ok})
     abar = sched.alphas_cumprod.double()
     table = ((1 - abar) / abar).sqrt().numpy()
     steps = None

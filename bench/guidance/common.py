@@ -229,6 +229,16 @@ def score_cells(r: dict[str, Any]) -> list[str]:
     return [f3(r["evals"]), f3(r["shapes"]), *cats, f3(r.get("fd_shapes"))]
 
 
+def rows_of(recs: dict[str, Any], psnr: bool = False) -> list[list[str]]:
+    """A table row per record: its label, plan, scores and paired difference to the baseline (and, with
+    ``psnr``, its PSNR to the plain run of the same seeds)."""
+    return [
+        [r["label"], r["plan"], *score_cells(r), fmt_paired(r.get("paired_vs_baseline")),
+         *([f3(r.get("psnr_vs_plain"))] if psnr else [])]
+        for r in recs.values()
+    ]
+
+
 def f3(x: Any) -> str:
     return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 

@@ -23,8 +23,8 @@ from common import (
     jobs,
     model,
     paired,
+    rows_of,
     run_configs,
-    score_cells,
     sheet,
     table,
     write,
@@ -71,18 +71,6 @@ HEAD = [
     *SCORE_HEAD,
     "paired diff vs full CFG (chosen w) [95% CI] (wins/losses, p)",
 ]
-
-
-def rows_of(recs: dict) -> list[list]:
-    return [
-        [
-            r["label"],
-            r["plan"],
-            *score_cells(r),
-            fmt_paired(r.get("paired_vs_baseline")),
-        ]
-        for r in recs.values()
-    ]
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ DPM-Solver++(2M), 20 steps. Run: .venv/bin/python bench/guidance/pag.py
 
 from __future__ import annotations
 
-from common import HERE, SCORE_HEAD, f3, fmt_paired, run_configs, score_cells, sheet, table, write
+from common import HERE, SCORE_HEAD, rows_of, run_configs, sheet, table, write
 
 OUT = HERE / "pag"
 BASE = {"steps": 20, "solver": "dpmpp_2m"}
@@ -20,21 +20,6 @@ LAYERS = list(SCALES)
 
 def plan(s: float, layers: str) -> str:
     return f"pag:scale={s:g},applied_layers={layers}"
-
-
-def rows_of(recs: dict) -> list[list]:
-    out = []
-    for r in recs.values():
-        out.append(
-            [
-                r["label"],
-                r["plan"],
-                *score_cells(r),
-                fmt_paired(r.get("paired_vs_baseline")),
-                f3(r.get("psnr_vs_plain")),
-            ]
-        )
-    return out
 
 
 HEAD = [
@@ -88,9 +73,9 @@ def main() -> None:
         [
             "Calibration set (v1 x1 from seed 1000 + v1-holdout x1 from seed 1100, 136 images); chosen scales: "
             + ", ".join(f"guidance {g:g} / {lay}: s={s:g}" for (g, lay), s in chosen.items()),
-            table(HEAD, rows_of(cal)),
+            table(HEAD, rows_of(cal, psnr=True)),
             "Report set (v1, 100 prompts x 2 images, seeds 0-199), same seeds for every row:",
-            table(HEAD, rows_of(rep)),
+            table(HEAD, rows_of(rep, psnr=True)),
             "![sheet](sheet.png) (one image per prompt group, every 25th image; rows as the report table)",
         ],
         {"chosen": {f"{g:g}/{lay}": s for (g, lay), s in chosen.items()}, "calibration": cal, "report": rep},

@@ -11,6 +11,13 @@ class VelodiffError(Exception):
     """An error caused by the user's input or environment; the CLI prints it as one line."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): how a foreign
+    library's error is quoted inside velodiff's one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> VelodiffError:
     """`unknown solver 'x'; valid: a, b, c; did you mean 'y'?` (the hint when there are near matches)."""
     valid = sorted(valid)

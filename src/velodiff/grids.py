@@ -24,7 +24,7 @@ from .schedules import F64, DiscreteVP, NoiseSchedule, RectifiedFlow
 FINALS = ("zero", "t_min")
 
 
-def _finish(sched: NoiseSchedule, ts: Tensor, final: str) -> Tensor:
+def _finish(ts: Tensor, final: str) -> Tensor:
     """Append the clean endpoint t = 0 when final == 'zero'."""
     if final not in FINALS:
         raise unknown_name("final", final, FINALS)
@@ -46,7 +46,7 @@ def _span(sched: NoiseSchedule, t_start: float | None) -> tuple[float, float]:
 def uniform_t(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None) -> Tensor:
     """Equally spaced in t from t_start to t_min (DPM-Solver's 'time_uniform')."""
     hi, lo = _span(sched, t_start)
-    return _finish(sched, torch.linspace(hi, lo, steps if final == "zero" else steps + 1, dtype=F64), final)
+    return _finish(torch.linspace(hi, lo, steps if final == "zero" else steps + 1, dtype=F64), final)
 
 
 def _n_points(steps: int, final: str, repeat_final: bool = False) -> int:
@@ -80,7 +80,7 @@ def uniform_log_snr(
     ts = sched.t_from_log_snr(lams)
     ts[-1] = lo
     ts[0] = hi  # after ts[-1]: a one-point grid (steps=1, final="zero") starts at hi
-    return _finish(sched, ts, final)
+    return _finish(ts, final)
 
 
 def _sigma_span(
@@ -117,7 +117,7 @@ def _from_sigmas(sched: NoiseSchedule, sigmas: Tensor, hi: float, lo: float, fin
     ts = sched.t_from_sigma_ve(sigmas)
     ts[-1] = lo
     ts[0] = hi  # after ts[-1]: a one-point grid (steps=1, final="zero") starts at hi
-    return _finish(sched, ts, final)
+    return _finish(ts, final)
 
 
 def karras(
@@ -230,7 +230,7 @@ def _spacing(spacing: str) -> Callable[..., Tensor]:
             ts = sched.t_from_timestep(ks)
         if final == "t_min" and float(ts[-1]) != sched.t_min:
             ts = torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
-        return _finish(sched, ts, final) if final == "zero" else ts
+        return _finish(ts, final) if final == "zero" else ts
 
     grid.__doc__ = (
         f"diffusers' timestep_spacing='{spacing}' over the trained integer timesteps"
@@ -263,7 +263,7 @@ def flow_shifted(
     u_hi = hi / (s - (s - 1.0) * hi)  # inverse of flow_shift; = hi for t_start None (hi = 1) or s = 1
     ts = flow_shift(torch.linspace(u_hi, lo, n, dtype=F64), s)
     ts[0] = hi
-    return _finish(sched, ts, final)
+    return _finish(ts, final)
 
 
 # --- grids as other tools' schedulers define them ------------------------------------------------
@@ -304,7 +304,7 @@ def _end(sched: NoiseSchedule, ts: Tensor, final: str) -> Tensor:
     """ComfyUI's grids end with sigma = 0; final="t_min" ends at the smallest level instead."""
     if final == "t_min" and float(ts[-1]) > sched.t_min:
         ts = torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
-    return _finish(sched, ts, final)
+    return _finish(ts, final)
 
 
 def _no_start(name: str, t_start: float | None) -> None:
@@ -485,7 +485,7 @@ def ays(
         sig = loglinear_interp(sched.sigma_ve(levels), steps + 1)
         levels = sched.t_from_sigma_ve(sig)
         levels[0], levels[-1] = points[0], sched.t_min
-    return _finish(sched, levels[:-1] if final == "zero" else levels, final)
+    return _finish(levels[:-1] if final == "zero" else levels, final)
 
 
 def lcm(
@@ -508,7 +508,7 @@ def lcm(
         raise VelodiffError(f"grid 'lcm': {steps} steps exceed its {m} original steps")
     origin = (torch.arange(m, 0, -1, dtype=F64) * (n // m) - 1)
     idx = torch.floor(torch.arange(steps, dtype=F64) * (m / steps)).long()
-    return _finish(sched, sched.t_from_timestep(origin[idx]), final)
+    return _finish(sched.t_from_timestep(origin[idx]), final)
 
 
 GRIDS: dict[str, Callable[..., Tensor]] = {

@@ -1,6 +1,6 @@
-"""Images: reading the pictures users give (``open_image``), and grids: many PIL images as one sheet,
-the one helper behind ``velodiff generate --n``'s grid, the sweep's and ``velodiff eval shapes``' contact
-sheets, the shapes world's preview sheets and the autoencoder's reconstruction sheet.
+"""Images: reading the pictures users give (``open_image``), PNG bytes of a PIL image (``png_bytes``), and
+grids: many PIL images as one sheet, the one helper behind ``velodiff generate --n``'s grid, the sweep's
+and ``velodiff eval shapes``' contact sheets and the autoencoder's reconstruction sheet.
 
 Images sit in ``cols`` columns, row by row, ``gap`` pixels apart and ``margin`` pixels from the edge,
 on white. Optionally each is upscaled (nearest neighbour, pixels stay crisp), marked by a coloured
@@ -19,6 +19,13 @@ from .errors import VelodiffError
 
 #: height of a mark bar under an image, in pixels
 MARK_HEIGHT = 3
+
+
+def png_bytes(image: Any) -> bytes:
+    """A PIL image encoded as PNG."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def open_image(source: str | bytes | Any, what: str = "image") -> Any:

@@ -39,6 +39,7 @@ def bench_quantize(
     from ..accel.quantize import evaluation_report, quantization_rules
     from ..errors import VelodiffError
     from ..eval.shapes_eval import load_prompts
+    from ..eval.tables import markdown_table
     from ..files import write_atomic
     from .bench_solvers import _command_line, _output
     from .generate import load_model, quiet_libraries
@@ -57,13 +58,15 @@ def bench_quantize(
                            prediction_type=prediction_type)
     texts = [p.text for p in load_prompts("v1")][:prompts]
     records = evaluation_report(loaded, texts_of_plans, texts)
-    lines = ["| plan | relative error of one evaluation: median | max | evaluations |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| `{r['plan']}` | {r['median']:.4f} | {r['max']:.4f} | {r['n']} |" for r in records]
+    table = markdown_table(
+        ["plan", "relative error of one evaluation: median", "max", "evaluations"],
+        [[f"`{r['plan']}`", f"{r['median']:.4f}", f"{r['max']:.4f}", r["n"]] for r in records],
+        align="lrrr",
+    )
     if json_path is not None:
         body = json.dumps({"command": _command_line(ctx), "records": records}, indent=1) + "\n"
         write_atomic(json_path, body)
-    typer.echo("\n".join(lines))
+    typer.echo(table)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import VelodiffError
+from ..errors import VelodiffError, first_line
 from ..files import distinct_files, save_image_atomic
 from ..images import image_grid
 from ..limits import check_strength
@@ -90,7 +90,7 @@ def user_errors(what: str):
     except VelodiffError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise VelodiffError(f"{what}: {msg}") from None
 
 

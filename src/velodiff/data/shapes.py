@@ -44,7 +44,7 @@ from ..errors import VelodiffError, unknown_name
 __all__ = [
     "BACKGROUND", "COLORS", "HOLDOUT_PAIRS", "PALETTE", "RELATIONS", "SHAPES", "SIZES", "SIZE_PX",
     "ObjectSpec", "Scene", "ShapesSpecError", "ShapesWorld", "caption_from_spec", "category_of",
-    "contact_sheet", "normalize_spec", "parse_caption", "relation_components",
+    "normalize_spec", "parse_caption", "relation_components",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -509,15 +509,3 @@ class ShapesWorld:
         image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
         return Scene(image=image, caption=caption_from_spec(spec, prefix), objects=objects,
                      spec=normalize_spec(spec), index=index)
-
-
-def contact_sheet(scenes: Sequence[Scene], cols: int = 4, scale: int = 3,
-                  captions: bool = True) -> Image.Image:
-    """A grid of scenes (upscaled, nearest) with their captions underneath, for eyeballing."""
-    if not scenes:
-        raise ShapesSpecError("no scenes to show")
-    from ..images import image_grid
-
-    return image_grid([Image.fromarray(s.image) for s in scenes], cols, gap=4, margin=4, scale=scale,
-                      captions=[s.caption for s in scenes] if captions else None, caption_lines=3,
-                      caption_height=28)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..solvers.lcm import boundary_scalings
 from ..train.loop import LoopConfig, run_loop
 from ..train.trainer import batch_indices
 from .progressive import ddim_step
@@ -43,10 +44,6 @@ LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 )  # fmt: skip
-
-SIGMA_DATA = 0.5
-TIMESTEP_SCALING = 10.0
-
 
 @dataclass
 class LCMConfig:
@@ -63,14 +60,6 @@ class LCMConfig:
     data_seed: int = 0
     #: the student's default sampling steps
     sample_steps: int = 4
-
-
-def boundary_scalings(k: Tensor, sigma_data: float = SIGMA_DATA, scaling: float = TIMESTEP_SCALING):
-    """diffusers' LCMScheduler.get_scalings_for_boundary_condition_discrete at integer timesteps k."""
-    sk = k * scaling
-    c_skip = sigma_data**2 / (sk**2 + sigma_data**2)
-    c_out = sk / (sk**2 + sigma_data**2) ** 0.5
-    return c_skip, c_out
 
 
 def origin_timesteps(n_train: int, origin_steps: int) -> Tensor:

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
-from ..train.loop import LoopConfig, run_loop
+from ..train.loop import LoopConfig, run_loop, step_generator
 from ..train.trainer import batch_indices, tokenize
 from .progressive import ddim_step, student_grid
 from .run import make_x0_fn
@@ -66,8 +66,7 @@ class PairConfig:
 
 def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
     """The standard normal noise of pair ``index``: a pure function of (seed, index)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
-    return torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=step_generator(seed, index))
 
 
 class PairCache:

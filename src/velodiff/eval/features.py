@@ -87,7 +87,7 @@ def read_out(h: Tensor) -> Tensor:
     return torch.cat([h.flatten(1), h.amax(dim=(2, 3))], dim=1)
 
 
-def fit(model: nn.Module, loss_fn: Any, x: Tensor, targets: Any, *, epochs: int, batch: int, lr: float,
+def fit(model: nn.Module, loss_fn: Any, x: Tensor, *, epochs: int, batch: int, lr: float,
         seed: int, desc: str, progress: bool) -> None:
     """AdamW with a one-cycle learning rate over shuffled minibatches (deterministic for a seed and thread
     count); ``loss_fn(model, images, index)`` gives a minibatch's loss."""
@@ -259,7 +259,7 @@ def train_encoder(
 
         state = {k: v for k, v in load_file(init).items() if not k.startswith("feat_")}
         model.load_state_dict(state, strict=False)
-    fit(model, lambda m, xs, j: _loss(m.logits(xs[j]), {k: v[j] for k, v in t.items()}), x, t,
+    fit(model, lambda m, xs, j: _loss(m.logits(xs[j]), {k: v[j] for k, v in t.items()}), x,
         epochs=epochs, batch=batch, lr=lr, seed=seed, desc="fd-shapes encoder", progress=progress)
     calibrate(model)
     info = {

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import VelodiffError
+from ..errors import VelodiffError, first_line
 
 FD_SHAPES = "fd-shapes"
 
@@ -92,7 +92,7 @@ class InceptionTorchScript(nn.Module):
         except VelodiffError:
             raise
         except Exception as e:  # noqa: BLE001 - any load failure is the user's file
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise VelodiffError(f"cannot load Inception weights {str(path)!r} (TorchScript): {msg}") from None
 
     def forward(self, images: Tensor) -> Tensor:

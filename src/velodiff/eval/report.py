@@ -81,11 +81,9 @@ def bench_report(folder: Path, result: dict[str, Any]) -> str:
         lines += ["## Quality vs time", "", f"![quality vs time]({PLOT})", ""]
     sheet = bench_contact_sheet(folder, recs)
     if sheet is not None:
-        import io
+        from ..images import png_bytes
 
-        buf = io.BytesIO()
-        sheet.save(buf, format="PNG")
-        write_atomic(folder / SHEET, buf.getvalue())
+        write_atomic(folder / SHEET, png_bytes(sheet))
         lines += ["## Samples", "", "First samples of each configuration (* = on the Pareto front), "
                   "the same seeds in every row.", "", f"![samples]({SHEET})", ""]
     return "\n".join(lines)

@@ -75,7 +75,7 @@ from ..errors import unknown_name
 
 __all__ = [
     "CATEGORIES", "PROMPT_SETS", "Detection", "Prompt", "build_prompt_set", "calibration",
-    "classify_pixels", "degrade", "detect", "evaluate", "load_prompts", "prompt_set_json", "score_prompt",
+    "degrade", "detect", "evaluate", "load_prompts", "prompt_set_json", "score_prompt",
     "shape_features", "smooth_noise_image",
 ]
 
@@ -136,11 +136,6 @@ _HUES = {c: colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] * 360.0
          for c, rgb in PALETTE.items() if c != "white"}
 _HUE_NAMES = list(_HUES)
 _HUE_VALUES = np.array([_HUES[c] for c in _HUE_NAMES], dtype=np.float32)
-
-
-def classify_pixels(image: np.ndarray) -> np.ndarray:
-    """Colour class per pixel: index into COLORS, or -1 for background/unassigned."""
-    return _classify(image)[0]
 
 
 _LEVELS = np.array([max(PALETTE[c]) for c in COLORS], dtype=np.float32) / 255.0   # each colour's V

@@ -339,15 +339,12 @@ def _generate(model: Any, texts: list[str], seeds: list[int], batch: int, **kw: 
 
 
 def _sheet(images: torch.Tensor, cols: int = 8) -> bytes:
-    import io
 
-    from ..images import image_grid
+    from ..images import image_grid, png_bytes
     from ..pipelines.images import to_pil
 
     pils = to_pil(images)
-    buf = io.BytesIO()
-    image_grid(pils, cols=min(cols, len(pils))).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(image_grid(pils, cols=min(cols, len(pils))))
 
 
 def sweep_key(sweep: Sweep, model_id: str) -> str:

@@ -156,7 +156,7 @@ def train(
         logits = m.logits(x, lam)["pair_counts"]
         return nn.functional.cross_entropy(logits.reshape(-1, COUNTS), counts[j].reshape(-1))
 
-    fit(counter, loss, z, counts, epochs=epochs, batch=batch, lr=lr, seed=seed, desc="noisy pair counter",
+    fit(counter, loss, z, epochs=epochs, batch=batch, lr=lr, seed=seed, desc="noisy pair counter",
         progress=progress)
     counter.eval()
     val = {f"t={f:g}": accuracy(counter, zv, cv, schedule, f) for f in (0.0, 0.25, 0.5, 0.75, 1.0)}

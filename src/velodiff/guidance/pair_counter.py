@@ -98,7 +98,7 @@ def train(
         logits = m.logits(xs[j])["pair_counts"]
         return nn.functional.cross_entropy(logits.reshape(-1, COUNTS), t[j].reshape(-1))
 
-    fit(model, loss, x, t, epochs=epochs, batch=batch, lr=lr, seed=seed, desc="pair counter",
+    fit(model, loss, x, epochs=epochs, batch=batch, lr=lr, seed=seed, desc="pair counter",
         progress=progress)
     model.eval()
     info = {"version": VERSION, "n_train": n_train, "epochs": epochs, "batch": batch, "lr": lr, "seed": seed,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..denoisers import Cond
-from ..errors import VelodiffError
+from ..errors import VelodiffError, first_line
 from ..schedules import DiscreteVP
 from .base import LoadedModel, NetworkDenoiser, UNetNetwork, as_guided, guidance_embedding, register_family
 from .loading import Source
@@ -320,7 +320,7 @@ def read_single_file(
     except VelodiffError:
         raise
     except Exception as e:  # noqa: BLE001 - diffusers and transformers fail in many ways (one line each)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         msg = msg.split(". If you want")[0].replace("Cannot load  because ", "")
         if isinstance(e, KeyError):  # a weight the configs' architecture has and the file has not
             msg = f"the configs' architecture needs the weight {e.args[0]!r}, which the file has not"
@@ -378,7 +378,7 @@ def build_sd(
         cfg_dir = single_file_config(family, src, config)
         c = read_single_file(src, StableDiffusionPipeline, cfg_dir, dtype, device, given=config is not None)
         if prediction_type is None:
-            prediction_type = single_file_prediction_type(src, c["scheduler_config"])
+            prediction_type = single_file_prediction_type(src)
     schedule, ptype = scheduler_setup(c["scheduler_config"], prediction_type)
     unet, vae = c["unet"], c["vae"]
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -404,7 +404,7 @@ def build_sd(
     )
 
 
-def single_file_prediction_type(src: Source, sched_cfg: dict[str, Any]) -> str | None:
+def single_file_prediction_type(src: Source) -> str | None:
     """A single file's prediction type from its ModelSpec metadata, if it states one."""
     meta = src.metadata.get("modelspec.prediction_type", "")
     return {"v": "v_prediction", "epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction"}.get(

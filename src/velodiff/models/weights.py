@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import VelodiffError
+from ..errors import VelodiffError, first_line
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -95,7 +95,7 @@ def from_pretrained(cls: Any, path: str | os.PathLike[str], subfolder: str | Non
         return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - a damaged folder fails in the libraries in many ways
         # (a config's bad value: IndexError, a dataclass validation error; a broken vocab: Exception)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         what = f"{subfolder}/" if subfolder else "the model"
         raise VelodiffError(f"cannot load {what} from {path}: {msg}") from None
 

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import VelodiffError
+from ..images import png_bytes
 from ..limits import SEED_END
-from .engine import png_bytes
 from .state import Server
 
 router = APIRouter(prefix="/api", tags=["brush"])

@@ -10,7 +10,6 @@ alike share one ``batch_key`` and run as one batch.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import threading
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import VelodiffError, unknown_name
+from ..images import png_bytes
 from ..limits import SEED_END, check_guidance
 
 #: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
@@ -62,12 +62,6 @@ def batch_key(params: dict[str, Any]) -> str:
 
 class Stopped(Exception):
     """Raised from a collage's callbacks when the worker stops the run (its job cancelled or timed out)."""
-
-
-def png_bytes(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class Engine:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import VelodiffError
-from .engine import png_bytes
+from ..images import png_bytes
 
 router = APIRouter(tags=["stream"])
 

@@ -23,7 +23,8 @@ from collections import deque
 from typing import Any
 
 from ..errors import VelodiffError
-from .engine import Engine, png_bytes
+from ..images import png_bytes
+from .engine import Engine
 from .events import Broker
 from .queue import Job, JobStore
 

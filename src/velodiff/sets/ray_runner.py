@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import VelodiffError
+from ..errors import VelodiffError, first_line
 from .items import Item
 from .store import SetWriter
 
@@ -74,20 +74,15 @@ def connect(address: str, workers: int | None) -> tuple[Any, int]:
         try:
             ray.init(num_cpus=n, object_store_memory=256 * 2**20, **common)
         except Exception as e:  # noqa: BLE001 - any start failure is one line for the user
-            raise VelodiffError(f"cannot start a local Ray cluster: {_first_line(e)}") from None
+            raise VelodiffError(f"cannot start a local Ray cluster: {first_line(e)}") from None
         return ray, n
     check_address(address)
     try:
         ray.init(address=address, **common)
     except Exception as e:  # noqa: BLE001
-        raise VelodiffError(f"cannot connect to Ray at {address}: {_first_line(e)}") from None
+        raise VelodiffError(f"cannot connect to Ray at {address}: {first_line(e)}") from None
     n = int(workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
     return ray, n
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ShardWorker:
@@ -186,7 +181,7 @@ def _retry(chunk: list[Item], tries: dict[int, int], pending: deque, e: BaseExce
     if tries[key] >= MAX_SHARD_TRIES:
         raise VelodiffError(
             f"shard of images {chunk[0].index}-{chunk[-1].index} failed {tries[key]} times on Ray workers: "
-            f"{_first_line(e)}; images finished so far are kept, run again to resume"
+            f"{first_line(e)}; images finished so far are kept, run again to resume"
         )
     pending.appendleft(chunk)
     return None

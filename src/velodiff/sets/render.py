@@ -6,12 +6,12 @@ bytes do not depend on which process renders it.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import VelodiffError
+from ..errors import VelodiffError, first_line
+from ..images import png_bytes
 from .fingerprint import load_fingerprint
 from .items import Item
 
@@ -21,12 +21,6 @@ def set_determinism(threads: int) -> None:
 
     torch.set_num_threads(int(threads))
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def png_bytes(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def render_chunk(model: Any, chunk: Sequence[Item], config: dict[str, Any]) -> list[tuple[int, bytes]]:
@@ -72,5 +66,5 @@ def load_model_checked(model_path: str | os.PathLike[str], fingerprint: str, con
     except VelodiffError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise VelodiffError(f"cannot load model {str(model_path)!r}: {msg}") from None

@@ -25,15 +25,26 @@ from ..schedules import DiscreteVP
 from .base import SolverSpec, StepContext
 
 SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+
+
+def boundary_scalings(
+    k: Any, sigma_data: float = SIGMA_DATA, scaling: float = TIMESTEP_SCALING
+) -> tuple[Any, Any]:
+    """diffusers' LCMScheduler.get_scalings_for_boundary_condition_discrete at integer timesteps k (a
+    number or a tensor): c_skip = sd^2 / ((s k)^2 + sd^2), c_out = s k / sqrt((s k)^2 + sd^2)."""
+    sk = k * scaling
+    c_skip = sigma_data**2 / (sk**2 + sigma_data**2)
+    c_out = sk / (sk**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
 
 
 def lcm_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
     x0 = ctx.denoise(x, ctx.t(i))
     if ctx.options.get("boundary", True) and isinstance(ctx.schedule, DiscreteVP):
         k = round(float(ctx.schedule.timestep(ctx.t(i))))  # diffusers' integer timestep
-        sk = k * float(ctx.options.get("timestep_scaling", 10.0))
-        c_skip = SIGMA_DATA**2 / (sk**2 + SIGMA_DATA**2)
-        c_out = sk / (sk**2 + SIGMA_DATA**2) ** 0.5
+        scaling = float(ctx.options.get("timestep_scaling", TIMESTEP_SCALING))
+        c_skip, c_out = boundary_scalings(k, scaling=scaling)
         x0 = c_skip * x + c_out * x0
     if ctx.ends_at_zero(i):
         return x0, x0, state
@@ -47,7 +58,7 @@ LCM = SolverSpec(
     order=1,
     noise="gaussian",
     stochastic=True,
-    defaults={"boundary": True, "timestep_scaling": 10.0},
+    defaults={"boundary": True, "timestep_scaling": TIMESTEP_SCALING},
     description="LCM / consistency multistep sampling: x0, then fresh noise to the next level",
 )
 
