@@ -311,15 +311,21 @@ def _load(path: str) -> ShapesEncoder:
     return load_versioned(path, ShapesEncoder, ENCODER_VERSION)  # type: ignore[return-value]
 
 
-def load_encoder(path: str | Path | None = None) -> ShapesEncoder:
-    """The shipped FD-shapes encoder (or one trained by ``train_encoder``), in eval mode."""
-    p = Path(path) if path is not None else default_encoder_path()
+def weights_file(path: str | Path | None, default: Path, what: str, module: str) -> str:
+    """The resolved weights file of one of the small shipped networks (``path``, or ``default`` when
+    None); one line naming the command that trains it when there is none."""
+    p = Path(path) if path is not None else default
     if not p.is_file():
         raise VelodiffError(
-            f"FD-shapes encoder weights not found at {p}; train them with "
-            "`python -m velodiff.eval.features --out <file>` or reinstall velodiff"
+            f"{what} weights not found at {p}; train them with `python -m {module} --out <file>` "
+            "or reinstall velodiff"
         )
-    return _load(str(p.resolve()))
+    return str(p.resolve())
+
+
+def load_encoder(path: str | Path | None = None) -> ShapesEncoder:
+    """The shipped FD-shapes encoder (or one trained by ``train_encoder``), in eval mode."""
+    return _load(weights_file(path, default_encoder_path(), "FD-shapes encoder", "velodiff.eval.features"))
 
 
 def encoder_info(path: str | Path | None = None) -> dict[str, Any]:

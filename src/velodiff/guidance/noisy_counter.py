@@ -19,7 +19,6 @@ the prompt's counts as right in the unguided samples ShapesEval counts wrong, so
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from functools import lru_cache
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from ..data.shapes import color_shape_pairs
 from ..errors import VelodiffError
-from ..eval.features import fit, load_versioned, save_encoder
+from ..eval.features import encoder_info, fit, load_versioned, save_encoder, weights_file
 from .pair_counter import COUNTS, make_dataset, training_cli
 
 VERSION = "noisy-pair-counter-v1"
@@ -170,23 +169,15 @@ def train(
 
 @lru_cache(maxsize=2)
 def _load(path: str) -> tuple[NoisyPairCounter, str]:
-    from ..models.weights import safe_open
-
-    with safe_open(path) as f:
-        info = json.loads((f.metadata() or {}).get("velodiff", "{}"))
-    return load_versioned(path, NoisyPairCounter, VERSION), str(info.get("vae_hash", ""))  # type: ignore[return-value]
+    trained_on = str(encoder_info(path).get("vae_hash", ""))
+    return load_versioned(path, NoisyPairCounter, VERSION), trained_on  # type: ignore[return-value]
 
 
 def load_noisy_counter(model: Any, path: str | Path | None = None) -> NoisyPairCounter:
     """The shipped noise-aware counter (or one ``train`` wrote), in eval mode; refused for a model whose
     VAE is not the one it was trained on (its latents mean something else)."""
-    p = Path(path) if path is not None else default_path()
-    if not p.is_file():
-        raise VelodiffError(
-            f"noise-aware pair-counter weights not found at {p}; train them with "
-            "`python -m velodiff.guidance.noisy_counter --out <file>` or reinstall velodiff"
-        )
-    counter, trained_on = _load(str(p.resolve()))
+    file = weights_file(path, default_path(), "noise-aware pair-counter", "velodiff.guidance.noisy_counter")
+    counter, trained_on = _load(file)
     if getattr(model, "path", "") and trained_on != vae_hash(model):
         raise VelodiffError(
             f"the noise-aware pair counter reads the latents of VAE {trained_on}, not this model's "

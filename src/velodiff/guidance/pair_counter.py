@@ -25,8 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from ..data.shapes import color_shape_pairs
-from ..errors import VelodiffError
-from ..eval.features import WIDTHS, conv_body, fit, load_versioned, prepare, read_out, save_encoder
+from ..eval.features import (
+    WIDTHS,
+    conv_body,
+    fit,
+    load_versioned,
+    prepare,
+    read_out,
+    save_encoder,
+    weights_file,
+)
 
 #: counts 0, 1, 2 and 3-or-more
 COUNTS = 4
@@ -115,13 +123,7 @@ def _load(path: str) -> PairCounter:
 
 def load_counter(path: str | Path | None = None) -> PairCounter:
     """The shipped pair counter (or one trained by ``train``), in eval mode."""
-    p = Path(path) if path is not None else default_path()
-    if not p.is_file():
-        raise VelodiffError(
-            f"pair-counter weights not found at {p}; train them with "
-            "`python -m velodiff.guidance.pair_counter --out <file>` or reinstall velodiff"
-        )
-    return _load(str(p.resolve()))
+    return _load(weights_file(path, default_path(), "pair-counter", "velodiff.guidance.pair_counter"))
 
 
 def training_cli(argv: list[str] | None, description: str, train_fn: Any, n_train: int, epochs: int) -> int:
