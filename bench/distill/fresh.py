@@ -1,0 +1,95 @@
+"""Every shipped model on 1 600 images no model or plan was chosen on: ShapesEval v1 prompts x 16 images
+from seed 20000 (seeds 20000-21599; the bars' protocol is v1 x 2 from seed 0, 200 images, where one
+model's score moves by up to 0.06 between seed sets). Each row beside the teacher (DPM-Solver++ 2M, 20
+steps, CFG 2.5) on the same prompts and seeds: the ratio of the overall scores and their paired
+difference with its standard error (``shapes_eval.paired_standard_error``).
+
+    python bench/distill/fresh.py --out bench/distill/fresh        # ~25 min on two CPU threads
+
+Each row is one ``velodiff eval shapes`` run, one torch thread, ``--jobs`` of them side by side, its
+output in ``--out/raw`` (not kept in git); ``fresh.json`` keeps each row's per-image verdicts, and a
+rerun reuses a row found in either, so the table can be rebuilt or extended."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SEED, PER_PROMPT = 20000, 16
+#: row name -> (what it is, extra ``velodiff eval shapes`` arguments); "teacher" is the baseline
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "teacher": ("teacher, dpmpp_2m 20 steps CFG 2.5 (40 evals)", ["--model", "default"]),
+    "unipc12": ("teacher, unipc 12 steps (velodiff tune at 0.02 on the teacher; 24 evals)",
+                ["--model", "default", "--solver", "unipc", "--steps", "12"]),
+    "pruned": ("default-pruned (0.70x FLOPs; 40 evals)", ["--model", "default-pruned"]),
+    "guided20": ("default-guided, its 20 steps (20 evals)", ["--model", "default-guided"]),
+    "guided8": ("default-guided, dpmpp_2m 8 trailing (velodiff tune at 0.02; 8 evals)",
+                ["--model", "default-guided", "--solver", "dpmpp_2m", "--steps", "8", "--grid", "trailing"]),
+    "4step": ("default-4step (4 evals)", ["--model", "default-4step"]),
+    "lcm": ("default-lcm (4 evals)", ["--model", "default-lcm"]),
+    "2step": ("default-2step (2 evals)", ["--model", "default-2step"]),
+}
+
+
+def run(out: Path, name: str, args: list[str], known: dict) -> None:
+    path = out / "raw" / f"{name}.json"
+    if path.is_file() or known.get(name, {}).get("args") == args:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["velodiff", "eval", "shapes", "--images-per-prompt", str(PER_PROMPT), "--seed", str(SEED),
+           "--threads", "1", "--json", str(path), *args]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def main() -> None:
+    from velodiff.eval.shapes_eval import correct_by_category, paired_standard_error
+    from velodiff.eval.tables import markdown_table
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = args.out / "fresh.json"
+    known = json.loads(summary.read_text())["records"] if summary.is_file() else {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda kv: run(args.out, kv[0], kv[1][1], known), ROWS.items()))
+
+    def verdicts_of(name: str) -> dict[str, str]:
+        raw = args.out / "raw" / f"{name}.json"
+        if raw.is_file():
+            return correct_by_category(json.loads(raw.read_text()))
+        return known[name]["verdicts"]
+
+    verdicts = {n: verdicts_of(n) for n in ROWS}
+    base = verdicts["teacher"]
+
+    def overall(v: dict[str, str]) -> float:
+        return sum(s.count("1") / len(s) for s in v.values()) / len(v)
+
+    records, rows = {}, []
+    for name, (label, extra) in ROWS.items():
+        v = verdicts[name]
+        cats = {c: s.count("1") / len(s) for c, s in v.items()}
+        rec = {"label": label, "args": extra, "overall": overall(v), "ratio": overall(v) / overall(base),
+               "difference": overall(v) - overall(base), "paired_se": paired_standard_error(v, base),
+               "by_category": cats, "images": sum(len(s) for s in v.values()), "verdicts": v}
+        records[name] = rec
+        diff = f"{rec['difference']:+.3f} ± {rec['paired_se']:.3f}"
+        scores = [f"{rec['overall']:.3f}", f"{rec['ratio']:.3f}", diff, *(f"{x:.3f}" for x in cats.values())]
+        rows.append([label, *scores])
+    table = markdown_table(["model / plan", "ShapesEval", "x teacher", "paired difference", *base],
+                           rows, align="lrrrrrrr")
+    summary.write_text(json.dumps({"seed": SEED, "images_per_prompt": PER_PROMPT,
+                                                     "records": records}, indent=1) + "\n")
+    (args.out / "fresh.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
