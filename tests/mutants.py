@@ -290,8 +290,8 @@ MUTANTS = {
     ),
     "ays_t_min_drops_last": (
         "grids.py",
-        "return _finish(sched, levels[:-1] if final == \"zero\" else levels, final)",
-        "return _finish(sched, levels[:-1], final)",
+        "return _finish(levels[:-1] if final == \"zero\" else levels, final)",
+        "return _finish(levels[:-1], final)",
         ["tests/test_aliases.py", "-k", "grid_options_change"],
     ),
     "lq_linear_steps_ignored": (

@@ -123,7 +123,7 @@ def flux_grid(
     ts = flow_shift(torch.linspace(hi, 0.0, steps + 1, dtype=F64)[:-1], shift)
     if final == "t_min":
         return torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
-    return _finish(sched, ts, final)
+    return _finish(ts, final)
 
 
 @dataclass
