@@ -169,7 +169,11 @@ def test_bench_records_what_another_tools_sampler_name_ran(tmp_path, monkeypatch
     code = cli("bench", "--solvers", "Euler,euler", "--nfe", "3", "--limit", "1", "--metrics", "shapes",
                "--out", str(out), "--model", str(path), "--no-progress")
     assert code == 0, capsys.readouterr().err
-    alias, own = json.loads((out / "results.json").read_text())["records"]
+    result = json.loads((out / "results.json").read_text())
+    # the command as typed (not the test runner's argv)
+    command = result["command"]
+    assert command.startswith("velodiff bench ") and "--solvers Euler,euler" in command, command
+    alias, own = result["records"]
     assert (alias["solver"], alias["grid"], alias["requested"]) == ("euler", "normal", {"solver": "Euler"})
     assert own["solver"] == "euler" and own["grid"] != "normal" and "requested" not in own
     assert "| Euler (euler) | normal |" in (out / "results.md").read_text()

@@ -11,8 +11,6 @@ solvers`` and the other subcommands keep working. See ``velodiff.eval.sweep``.""
 from __future__ import annotations
 
 # ruff: noqa: B008  (typer declares options as argument defaults)
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -92,11 +90,12 @@ def bench_sweep(
     loaded, defaults = load_model(model, threads, str(resolve_device(device)),
                                   config=config, family=family, prediction_type=prediction_type)
     from ..eval.reference import model_identity
+    from .bench_solvers import _command_line
 
     res = run_sweep(
         loaded, sw, out, model_id=model_identity(loaded), model_name=str(model) if model else "default",
         defaults=defaults, progress=progress, log=lambda m: typer.echo(m, err=True),
-        command="velodiff " + shlex.join(sys.argv[1:]),
+        command=_command_line(ctx),
     )
     ok = [r for r in res["records"] if "error" not in r]
     front = [r["id"] for r in ok if r.get("pareto")]
