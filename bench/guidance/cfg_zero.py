@@ -26,7 +26,7 @@ import torch
 from common import HERE, log, table, write
 
 from velodiff.guidance.cfg import UncondCombiner
-from velodiff.guidance.cfg_zero import CFGZeroStar
+from velodiff.guidance.cfg_zero import CFGZeroStar, s_star
 from velodiff.plan import register_rule
 
 OUT = HERE / "cfg_zero"
@@ -71,9 +71,7 @@ class SStarProbe(CFGZeroStar):
 
     def combine(self, req, c, u, r):  # noqa: ANN001
         t = self.run.schedule.sigma(req.t).reshape(-1, *([1] * (c.ndim - 1))).to(c.device, c.dtype)
-        v_c, v_u = (req.x - c) / t, (req.x - u) / t
-        dims = list(range(1, c.ndim))
-        s = (v_c * v_u).sum(dim=dims) / ((v_u * v_u).sum(dim=dims) + 1e-8)
+        s = s_star((req.x - c) / t, (req.x - u) / t).flatten()
         SStarProbe.log.append(
             (req.step, float(t.flatten()[0]), float(s.mean()), float(s.min()), float(s.max()))
         )

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
+def s_star(v_c: Tensor, v_u: Tensor) -> Tensor:
+    """The optimized scale of Eq. 8 per image, <v_c, v_u> / ||v_u||^2, shaped to broadcast over v_u."""
+    dims = list(range(1, v_c.ndim))
+    return (v_c * v_u).sum(dim=dims, keepdim=True) / ((v_u * v_u).sum(dim=dims, keepdim=True) + 1e-8)
+
+
 @register_rule
 class CFGZeroStar(UncondCombiner):
     name = "cfg_zero"
@@ -50,7 +56,6 @@ class CFGZeroStar(UncondCombiner):
     def combine(self, req: EvalRequest, c: Tensor, u: Tensor, r: EvalResult) -> Tensor:
         t = self.run.schedule.sigma(req.t).reshape(-1, *([1] * (c.ndim - 1))).to(c.device, c.dtype)
         v_c, v_u = (req.x - c) / t, (req.x - u) / t
-        dims = list(range(1, c.ndim))
-        s = (v_c * v_u).sum(dim=dims, keepdim=True) / ((v_u * v_u).sum(dim=dims, keepdim=True) + 1e-8)
+        s = s_star(v_c, v_u)
         v = s * v_u + self.w * (v_c - s * v_u)
         return req.x - t * v
