@@ -69,15 +69,19 @@ def main() -> None:
     verdicts = {n: verdicts_of(n) for n in ROWS}
     base = verdicts["teacher"]
 
-    def overall(v: dict[str, str]) -> float:
-        return sum(s.count("1") / len(s) for s in v.values()) / len(v)
+    def categories(v: dict[str, str]) -> dict[str, float]:
+        return {c: s.count("1") / len(s) for c, s in v.items()}
 
+    def overall(v: dict[str, str]) -> float:  # ShapesEval's overall: the mean of the categories
+        return sum(categories(v).values()) / len(v)
+
+    teacher = overall(base)
     records, rows = {}, []
     for name, (label, extra) in ROWS.items():
         v = verdicts[name]
-        cats = {c: s.count("1") / len(s) for c, s in v.items()}
-        rec = {"label": label, "args": extra, "overall": overall(v), "ratio": overall(v) / overall(base),
-               "difference": overall(v) - overall(base), "paired_se": paired_standard_error(v, base),
+        cats, score = categories(v), overall(v)
+        rec = {"label": label, "args": extra, "overall": score, "ratio": score / teacher,
+               "difference": score - teacher, "paired_se": paired_standard_error(v, base),
                "by_category": cats, "images": sum(len(s) for s in v.values()), "verdicts": v}
         records[name] = rec
         diff = f"{rec['difference']:+.3f} ± {rec['paired_se']:.3f}"
@@ -85,8 +89,8 @@ def main() -> None:
         rows.append([label, *scores])
     table = markdown_table(["model / plan", "ShapesEval", "x teacher", "paired difference", *base],
                            rows, align="lrrrrrrr")
-    summary.write_text(json.dumps({"seed": SEED, "images_per_prompt": PER_PROMPT,
-                                                     "records": records}, indent=1) + "\n")
+    body = {"seed": SEED, "images_per_prompt": PER_PROMPT, "records": records}
+    summary.write_text(json.dumps(body, indent=1) + "\n")
     (args.out / "fresh.md").write_text(table + "\n")
     print(table)
 
