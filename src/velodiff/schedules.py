@@ -41,13 +41,15 @@ def _as_t(t: Tensor | float) -> Tensor:
     return torch.as_tensor(t, dtype=F64)
 
 
-def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """Piecewise-linear interpolation of (xp, fp) at x; xp increasing; linear extrapolation. On x's
-    device (the tables live on the CPU; a GPU training loop asks with times on the GPU)."""
+def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x; xp increasing; linear extrapolation. ``fp``'s
+    first dimension runs along xp (further dimensions are interpolated alike). On x's device (the
+    tables live on the CPU; a GPU training loop asks with times on the GPU)."""
     xp, fp = xp.to(x.device), fp.to(x.device)
     idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1])).clamp(1, len(xp) - 1)
     x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
-    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+    w = ((x - x0) / (x1 - x0)).reshape(x.shape + (1,) * (fp.ndim - 1))
+    return f0 + w * (f1 - f0)
 
 
 def _log_sigma_from_log_alpha(log_alpha: Tensor) -> Tensor:
@@ -177,12 +179,12 @@ class DiscreteVP(VariancePreserving):
         return 1.0
 
     def log_alpha(self, t: Tensor | float) -> Tensor:
-        return _interp(_as_t(t), self.knots, self.log_alphas)
+        return interp(_as_t(t), self.knots, self.log_alphas)
 
     def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
         la = _log_alpha_from_log_snr(_as_t(lam))
         # log_alphas decrease with t: interpolate on the flipped (increasing) arrays.
-        return _interp(la, self.log_alphas.flip(0), self.knots.flip(0))
+        return interp(la, self.log_alphas.flip(0), self.knots.flip(0))
 
     def timestep(self, t: Tensor | float) -> Tensor:
         """diffusers' integer timestep k for t = (k + 1) / N (fractional between)."""

@@ -18,7 +18,6 @@ default each statistic is shared per channel (``share="channel"``: the fit pools
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,16 +56,8 @@ def measure_statistics(
         raise VelodiffError(f"model statistics need at least 4 points, got {points}")
     sched = problem.schedule
     grid = make_grid("logsnr", sched, points)  # points times t_max .. t_min, then 0
-    xs: list[Tensor] = [problem.x.double().cpu()]
-    x0s: list[Tensor] = []
-
-    def record(info: Any) -> None:
-        x0s.append(info.x0.detach().double().cpu())
-        xs.append(info.x.detach().double().cpu())
-        if progress is not None:
-            progress()
-
-    problem.run(grid, "dpmpp_2m", {}, record)
+    trajectory = problem.trajectory(grid, "dpmpp_2m", progress)
+    xs, x0s = trajectory.xs, trajectory.x0s
     ts = grid[:-1]
     lams = sched.log_snr(ts)
     alphas, sigmas = sched.alpha(ts), sched.sigma(ts)

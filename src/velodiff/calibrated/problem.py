@@ -79,15 +79,22 @@ class Problem:
         grid uniform in log-SNR that ends with the jump from t_min to 0."""
         if self._reference is None:
             ts = make_grid("logsnr", self.schedule, self.reference_steps)
-            xs, x0s = [self.x.double().cpu()], []
-
-            def record(info: Any) -> None:
-                x0s.append(info.x0.detach().double().cpu())
-                xs.append(info.x.detach().double().cpu())
-
-            self.run(ts, self.reference_solver, {}, record)
-            self._reference = Trajectory(ts, xs, x0s)
+            self._reference = self.trajectory(ts, self.reference_solver)
         return self._reference
+
+    def trajectory(self, ts: Tensor, solver: str | SolverSpec, progress: Any = None) -> Trajectory:
+        """The batch solved over ``ts`` with every step's sample and prediction kept (float64, CPU);
+        ``progress()`` is called after each step."""
+        xs, x0s = [self.x.double().cpu()], []
+
+        def record(info: Any) -> None:
+            x0s.append(info.x0.detach().double().cpu())
+            xs.append(info.x.detach().double().cpu())
+            if progress is not None:
+                progress()
+
+        self.run(ts, solver, {}, record)
+        return Trajectory(torch.as_tensor(ts, dtype=F64), xs, x0s)
 
     def mse(self, x: Tensor) -> float:
         """Latent MSE of ``x`` to the reference's final samples (the bars' measure)."""

@@ -98,6 +98,14 @@ class StepContext:
     def ends_at_zero(self, i: int) -> bool:
         return float(self.sigmas[i + 1]) == 0.0
 
+    def ddim(self, i: int, x: Tensor, x0: Tensor) -> Tensor:
+        """The deterministic first-order step from ts[i] to ts[i + 1] given the clean estimate x0
+        (DDIM, Song et al. 2021, Eq. 12 with eta = 0): x0 itself where the step ends at t = 0. The
+        step every solver takes where its higher-order formula has no finite h."""
+        if self.ends_at_zero(i):
+            return x0
+        return self.a(i + 1) * x0 + self.s(i + 1) * (x - self.a(i) * x0) / self.s(i)
+
 
 def usable_order(ctx: StepContext, i: int, order: int) -> int:
     """``order`` limited to the run of exact evaluations ending at step i (at least 1); see the

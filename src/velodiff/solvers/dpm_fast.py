@@ -93,9 +93,7 @@ def _boundary(ctx: StepContext, i: int, x: Tensor) -> tuple[Tensor, Tensor] | No
     if not (ctx.ends_at_zero(i) or ctx.a(i) == 0.0):
         return None
     x0 = ctx.denoise(x, ctx.t(i))
-    if ctx.ends_at_zero(i):
-        return x0, x0
-    return ctx.a(i + 1) * x0 + ctx.s(i + 1) * (x - ctx.a(i) * x0) / ctx.s(i), x0
+    return ctx.ddim(i, x, x0), x0
 
 
 def fast_orders(steps: int, nfe: int) -> list[int]:

@@ -85,10 +85,8 @@ def _eps(ctx: StepContext, x: Tensor, t: float, a: float, s: float) -> Tensor:
 
 def _boundary(ctx: StepContext, i: int, x: Tensor, x0: Tensor) -> Tensor | None:
     """The first-order step where h is infinite (the jump to t = 0, or a start at alpha = 0)."""
-    if ctx.ends_at_zero(i):
-        return x0
-    if not math.isfinite(ctx.h(i)):
-        return ctx.a(i + 1) * x0 + ctx.s(i + 1) * (x - ctx.a(i) * x0) / ctx.s(i)
+    if ctx.ends_at_zero(i) or not math.isfinite(ctx.h(i)):
+        return ctx.ddim(i, x, x0)
     return None
 
 

@@ -42,9 +42,8 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..schedules import F64, interp
 from .base import SolverSpec, StepContext, lower_order_final
-
-F64 = torch.float64
 
 
 def _cumtrapz(y: Tensor, x: Tensor) -> Tensor:
@@ -57,13 +56,6 @@ def _cumtrapz(y: Tensor, x: Tensor) -> Tensor:
 
 #: points of the fine log-SNR grid the integrals are tabulated on
 FINE = 4001
-
-
-def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-    """fp (first dim along the increasing xp) linearly interpolated at x."""
-    j = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
-    w = ((x - xp[j - 1]) / (xp[j] - xp[j - 1])).reshape((-1,) + (1,) * (fp.ndim - 1))
-    return fp[j - 1] * (1 - w) + fp[j] * w
 
 
 @dataclass
@@ -89,7 +81,7 @@ class ModelStatistics:
         self.raw = {"lambdas": lam, "l": self.l.to(F64), "s": self.s.to(F64), "b": self.b.to(F64)}
         fine = torch.linspace(float(lam[0]), float(lam[-1]), FINE, dtype=F64)
         self.lambdas = fine
-        self.l, self.s, self.b = (_interp(fine, lam, getattr(self, n).to(F64)) for n in ("l", "s", "b"))
+        self.l, self.s, self.b = (interp(fine, lam, getattr(self, n).to(F64)) for n in ("l", "s", "b"))
         self.L = _cumtrapz(self.l, fine)
         self.S = _cumtrapz(self.s, fine)
         self.B = _cumtrapz(torch.exp(-self.S) * self.b, fine)

@@ -41,12 +41,10 @@ from .churn import CHURN_DEFAULTS, churn
 
 
 def heun_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
-    a_i, s_i = ctx.a(i), ctx.s(i)
-    t_next, a_next, s_next = ctx.t(i + 1), ctx.a(i + 1), ctx.s(i + 1)
-
-    if a_i == 0.0:  # sigma_i = inf: Euler step in x (see the module docstring)
+    if ctx.a(i) == 0.0:  # sigma_i = inf: Euler step in x (see the module docstring)
         x0 = ctx.denoise(x, ctx.t(i))
-        return (x0 if s_next == 0.0 else a_next * x0 + s_next * (x - a_i * x0) / s_i), x0, state
+        return ctx.ddim(i, x, x0), x0, state
+    t_next, a_next, s_next = ctx.t(i + 1), ctx.a(i + 1), ctx.s(i + 1)
 
     # Churn: raise the noise level to sigma^ by adding fresh noise (Alg. 2, lines 4-6).
     c = churn(ctx, i, x)
