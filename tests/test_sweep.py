@@ -69,6 +69,13 @@ def test_sweep_values_are_validated(tmp_path):
     (tmp_path / "bad.yaml").write_text("solverz: [ddim]\n")
     with pytest.raises(VelodiffError, match="sweep key"):
         load_sweep_file(tmp_path / "bad.yaml")
+    # a file's values of the wrong type or range: one line naming the key, not a failure deep in the run
+    for text, key in (("seed: abc", "seed"), ("batch: 1.5", "batch"), ("clip: 5", "clip"),
+                      ("limit: -5", "limit"), ("limit: 0", "limit"), ("repeat: true", "repeat"),
+                      ("prompts: [1, 2]", "prompts")):
+        (tmp_path / "t.yaml").write_text(text + "\n")
+        with pytest.raises(VelodiffError, match=key):
+            make_sweep(load_sweep_file(tmp_path / "t.yaml"))
     assert Sweep().configs()[0] == {"solver": "dpmpp_2m", "grid": None, "nfe_budget": 4, "guidance": None,
                                     "plan": "none"}
     # plans: a ';'-separated string or a list, canonicalised; a bad one refused before any work

@@ -161,9 +161,32 @@ def check_fixed_guidance(plans: list[str | None], scales: list[float | None]) ->
             )
 
 
+#: the sweep's single-valued keys, by the type a file must give them (None: the default)
+INT_KEYS = ("limit", "images_per_prompt", "seed", "repeat", "batch", "reference_steps", "fd_real_per_prompt")
+STR_KEYS = ("reference_solver", "reference_grid", "fd_features", "clip", "quality")
+
+
+def _check_types(v: dict[str, Any]) -> None:
+    """One line for a value of the wrong type (a file's ``seed: abc``), before it fails deep in a run."""
+    for k in INT_KEYS:
+        if v.get(k) is not None and (isinstance(v[k], bool) or not isinstance(v[k], int)):
+            raise VelodiffError(f"sweep key {k} takes an integer, got {v[k]!r}")
+    for k in STR_KEYS:
+        if v.get(k) is not None and not isinstance(v[k], str):
+            raise VelodiffError(f"sweep key {k} takes a name or path, got {v[k]!r}")
+    prompts = v.get("prompts")
+    if prompts is not None and not (
+        isinstance(prompts, str) or (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts))
+    ):
+        raise VelodiffError(
+            f"sweep key prompts takes a prompt set's name, a file or a list of prompts, got {prompts!r}"
+        )
+
+
 def make_sweep(values: dict[str, Any]) -> Sweep:
     """Validate and normalise sweep values (from a file and/or the command line) into a Sweep."""
     v = dict(values)
+    _check_types(v)
     for k in ("solvers", "grids", "nfe", "guidance", "metrics"):
         if k in v:
             v[k] = _split(v[k])
@@ -205,6 +228,8 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
     if s.quality is not None and s.quality not in QUALITY:
         raise unknown_name("quality metric", s.quality, QUALITY)
     check_weights(s)
+    if s.limit is not None and s.limit < 1:
+        raise VelodiffError(f"limit must be >= 1 (or absent: every prompt), got {s.limit}")
     for k in ("repeat", "batch", "images_per_prompt", "reference_steps", "fd_real_per_prompt"):
         if int(getattr(s, k)) < 1:
             raise VelodiffError(f"{k} must be >= 1")
