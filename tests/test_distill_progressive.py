@@ -195,3 +195,16 @@ def test_steps_that_cannot_be_halved_are_refused(tmp_path, capsys) -> None:
     )
     assert code != 0
     assert "cannot be halved" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["progressive", "guided", "lcm", "reflow", "dmd", "prune"])
+def test_a_run_folder_that_is_a_file_or_the_out_folder_is_refused(tmp_path, capsys, method) -> None:
+    """Every distillation checks --run before any work: a file, or the --out folder (writing the student
+    would replace the run's checkpoints), gets one line and nothing is written."""
+    (tmp_path / "in.png").write_bytes(b"not a folder")
+    for run, out, says in ((tmp_path / "in.png", tmp_path / "s", "is a file"),
+                           (tmp_path / "same", tmp_path / "same", "one folder")):
+        code = _main(["distill", method, "--out", str(out), "--run", str(run), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and len(err.splitlines()) == 1 and says in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]

@@ -364,3 +364,19 @@ def test_the_history_is_bounded_and_keeps_the_newest(tmp_path):
         assert [j.id for j in store.jobs(("done", "failed", "cancelled"))] == ids[4:]
     finally:
         store.close()
+
+
+def test_a_job_store_that_is_not_a_database_is_refused_and_left_as_it_was(tmp_path):
+    """--db naming a file that is not SQLite (a typo for another file) or a folder: one line, and the file
+    is not touched (no -wal / -shm beside it)."""
+    from velodiff.errors import VelodiffError
+    from velodiff.serve.queue import JobStore
+
+    other = tmp_path / "notes.txt"
+    other.write_bytes(b"my notes, not a database\n" * 100)
+    with pytest.raises(VelodiffError, match="cannot be used: file is not a database"):
+        JobStore(other)
+    assert other.read_bytes() == b"my notes, not a database\n" * 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(VelodiffError, match="is a folder"):
+        JobStore(tmp_path)

@@ -140,6 +140,9 @@ def test_ldm_init_starts_from_an_exported_model(tmp_path, vae_run):
     from velodiff.train.trainer import build_models, load_init_weights
 
     _ldm_run(tmp_path / "r", vae_run, 2)
+    with pytest.raises(VelodiffError, match="--vae .* is a run of `velodiff train ldm`"):
+        export_model(tmp_path / "r", vae_run, tmp_path / "m", half=False)  # the two runs swapped
+    assert not (tmp_path / "m").exists()
     export_model(vae_run, tmp_path / "r", tmp_path / "m", half=False)
     unet, text = build_models("micro")
     load_init_weights(unet, text, tmp_path / "m")

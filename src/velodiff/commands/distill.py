@@ -24,7 +24,7 @@ distill_app = typer.Typer(
 
 def loop_config(
     steps: int, lr: float, warmup: int, seed: int, checkpoint_every: int, max_minutes: float | None,
-    ema: float = 0.0, *, out: Path | None = None, guidance: float | None = None,
+    ema: float = 0.0, *, out: Path | None = None, run: Path | None = None, guidance: float | None = None,
     sources: tuple[str | None, ...] = (),
 ) -> Any:
     """The training loop's settings every distillation shares: no weight decay, a loss row per step.
@@ -42,6 +42,12 @@ def loop_config(
         from ..files import check_model_out
 
         check_model_out(out)
+    if run is not None:
+        if run.exists() and not run.is_dir():
+            raise VelodiffError(f"--run {str(run)!r} is a file; give a folder (the run's checkpoints)")
+        if out is not None and run.expanduser().resolve() == out.expanduser().resolve():
+            raise VelodiffError(f"--run and --out are one folder ({str(run)!r}); writing the student would "
+                                "replace the run's checkpoints: give two folders")
     made_from: dict[str, str | None] = {}  # recorded with the run: resuming it from other models is refused
     for name, source in zip(("teacher", "init"), sources, strict=False):
         try:
@@ -132,7 +138,7 @@ def progressive(
     from .train import training_device
 
     dev = training_device(threads, device)
-    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out, run=run,
                       guidance=guidance, sources=(teacher,))
     pcfg = ProgressiveConfig(
         teacher_steps=teacher_steps, rounds=rounds, guidance=guidance, batch=batch, cache_size=cache_size
@@ -170,7 +176,7 @@ def guided(
     from .train import training_device
 
     dev = training_device(threads, device)
-    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out, run=run,
                       guidance=guidance, sources=(teacher,))
     gcfg = GuidedConfig(w_min=w_min, w_max=w_max, guidance=guidance, batch=batch, cache_size=cache_size)
     res = distill_guided(teacher, out, run, cfg, gcfg, quiet=quiet, device=dev)
@@ -217,7 +223,7 @@ def lcm(
         )
     dev = training_device(threads, device)
     lr = lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5)
-    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out, run=run,
                       guidance=guidance, sources=(teacher,))
     lcfg = LCMConfig(
         origin_steps=origin_steps,
@@ -270,7 +276,7 @@ def reflow(
     from .train import training_device
 
     dev = training_device(threads, device)
-    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out,
+    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out, run=run,
                       guidance=guidance, sources=(teacher, init))
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     rcfg = ReflowConfig(
@@ -324,7 +330,7 @@ def dmd(
     from .train import training_device
 
     dev = training_device(threads, device)
-    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out,
+    cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out, run=run,
                       guidance=guidance, sources=(teacher, init))
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     dcfg = DMDConfig(steps=steps, batch=batch, student_steps=student_steps,
@@ -371,7 +377,7 @@ def prune(
 
     check_target(target_flops)
     dev = training_device(threads, device)
-    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out,
+    cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out, run=run,
                       guidance=guidance, sources=(teacher,))
     pcfg = PruneConfig(
         method=method, target_flops=target_flops, feature_weight=feature_weight, guidance=guidance,

@@ -105,7 +105,6 @@ def autoencoder(
         checkpoint_every=checkpoint_every,
         max_minutes=max_minutes,
         extra={
-            "stage": "autoencoder",
             "batch": batch,
             "kl_weight": kl_weight,
             "size": size,

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import VelodiffError
+
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 
@@ -104,11 +106,20 @@ class JobStore:
         self._lock = threading.RLock()
         #: notified on every submission and state change (the worker waits on it)
         self.changed = threading.Condition(self._lock)
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        if self.path.is_dir():
+            raise VelodiffError(f"job store {str(self.path)!r} is a folder; give a database file")
+        try:
+            self._db = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:  # a file that is not SQLite (or not velodiff's) is left as it is
+            raise VelodiffError(
+                f"job store {str(self.path)!r} cannot be used: {e}; give a new file or velodiff's job store"
+            ) from None
 
     def close(self) -> None:
         with self._lock:

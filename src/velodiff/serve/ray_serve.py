@@ -46,7 +46,14 @@ def serve_with_ray(config: ServeConfig, address: str, replicas: int) -> None:
             _node_ip_address="127.0.0.1",
         )
     else:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ValueError, ConnectionError) as e:  # a malformed address, or no cluster there
+            from ..errors import VelodiffError, first_line
+
+            raise VelodiffError(
+                f"--ray {address!r}: {first_line(e)} (give 'local' or a cluster's HOST:PORT)"
+            ) from None
     serve.start(http_options={"host": config.host, "port": config.port})
     replica = replace(config, recover=False, db=config.db.resolve())
     deployment = serve.deployment(

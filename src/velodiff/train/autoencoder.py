@@ -35,11 +35,13 @@ def train_autoencoder(
     ``decoder_only``: freeze the encoder (its latent space stays fixed, so a latent-diffusion run on
     it can train at the same time) and fine-tune the decoder only."""
     from ..data.shapes import ShapesWorld
-    from .loop import load_run_weights
+    from .loop import load_run_weights, run_meta
 
+    cfg.extra = {**cfg.extra, "stage": "autoencoder"}  # what train export checks its --vae run by
     world = ShapesWorld(seed=data_seed, size=64, holdout=True)
     vae = build_vae(size)
     if init is not None:
+        run_meta(init, "autoencoder", "--init")
         vae.load_state_dict(load_run_weights(init, "vae"))
     if decoder_only:
         for m in (vae.encoder, vae.quant_conv):

@@ -55,7 +55,8 @@ def export_model(
     autoencoder stays float32."""
     from diffusers import DPMSolverMultistepScheduler
 
-    meta = run_meta(ldm_run)
+    run_meta(vae_run, "autoencoder", "--vae")
+    meta = run_meta(ldm_run, "ldm", "--ldm")
     extra = meta["config"]["extra"]
     size, prediction = extra["size"], extra["prediction_type"]
     vae, _ = load_vae(vae_run, size)

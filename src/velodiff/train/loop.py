@@ -243,8 +243,15 @@ def load_run_weights(run: Path, name: str, ema: bool = True) -> dict[str, torch.
     return split_prefix(tensors, f"{'ema' if ema else 'model'}.{name}.")
 
 
-def run_meta(run: Path) -> dict[str, Any]:
+def run_meta(run: Path, stage: str | None = None, what: str = "run") -> dict[str, Any]:
+    """The latest checkpoint's metadata; with ``stage`` ("autoencoder", "ldm"), refused in one line
+    when the run trained another stage (the two runs of ``train export`` given the wrong way round)."""
     ck = latest_checkpoint(run)
     if ck is None:
         raise VelodiffError(f"no checkpoint in {run}")
-    return json.loads((ck / "state.json").read_text())
+    meta = json.loads((ck / "state.json").read_text())
+    found = meta.get("config", {}).get("extra", {}).get("stage")
+    if stage is not None and found != stage:
+        made = f"`velodiff train {found}`" if found else "another tool"
+        raise VelodiffError(f"{what} {str(run)!r} is a run of {made}, not of `velodiff train {stage}`")
+    return meta
