@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,22 @@ def test_ldm_init_starts_from_an_exported_model(tmp_path, vae_run):
     _ldm_run(tmp_path / "r", vae_run, 2)
     with pytest.raises(VelodiffError, match="--vae .* is a run of `velodiff train ldm`"):
         export_model(tmp_path / "r", vae_run, tmp_path / "m", half=False)  # the two runs swapped
+    # from the command line, in a fresh process (the libraries' import chatter included): one line
+    import subprocess
+    import sys
+
+    argv = ["train", "export", "--vae", str(vae_run), "--ldm", str(vae_run), "--out", str(tmp_path / "m")]
+    code = "import sys; from velodiff.cli import main; sys.argv = ['velodiff', *sys.argv[1:]]; main()"
+    cli = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert cli.returncode != 0 and cli.stderr.strip().splitlines() == [
+        f"error: --ldm {str(vae_run)!r} is a run of `velodiff train autoencoder`, not of `velodiff train ldm`"
+    ], cli.stderr
     assert not (tmp_path / "m").exists()
+    argv[5] = str(tmp_path / "r")  # the right way round: the model, and nothing on stderr
+    cli = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and cli.stderr == "", cli.stderr
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    shutil.rmtree(tmp_path / "m")
     export_model(vae_run, tmp_path / "r", tmp_path / "m", half=False)
     unet, text = build_models("micro")
     load_init_weights(unet, text, tmp_path / "m")

@@ -24,6 +24,14 @@ train_app = typer.Typer(
 )
 
 
+@train_app.callback()
+def _quiet() -> None:
+    # the libraries' import chatter (torchao's kernels, diffusers) off the CLI, as in every other command
+    from .generate import quiet_libraries
+
+    quiet_libraries()
+
+
 #: the architecture sizes of the shipped model's family (velodiff.default_model)
 SIZES = ("default", "micro")
 
