@@ -114,6 +114,18 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         classify(model, img, ["a", "b"], weighting="l1")
     with pytest.raises(VelodiffError, match="rounds"):
         classify(model, img, ["a", "b"], rounds=((8, 2), (4, 1)))
+    with pytest.raises(VelodiffError, match="at most 1000 samples"):
+        classify(model, img, ["a", "b"], rounds=((100_000, 1),))
+
+    class NaNModel:  # a model whose weights went NaN: no confident label out of NaN errors
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def denoiser(self, x, t, cond):
+            return model.denoiser(x, t, cond) * float("nan")
+
+    with pytest.raises(VelodiffError, match="returned NaN or inf while classifying"):
+        classify(NaNModel(), img, ["a red circle", "a blue cross"], rounds=((2, 1),))
 
     def cli(*args: str) -> int:
         try:
@@ -123,16 +135,22 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
 
     path = tmp_path / "s.png"
     Image.new("RGB", (32, 32)).save(path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a red circle\na blue square\n")
+    before = path.read_bytes(), labels.read_bytes()
     for args, match in [
         (["--labels", "a red circle,a blue square"], "trained at 64x64"),
         (["--labels", ""], "no candidate labels"),
         (["--labels-file", str(tmp_path / "missing.txt")], "does not exist"),
         ([], "--labels or --labels-file"),
+        (["--labels", "a,b", "--json", str(path)], "IMAGE and --json are the same file"),  # the input kept
+        (["--labels-file", str(labels), "--json", str(labels)], "--labels-file and --json are the same file"),
     ]:
         capsys.readouterr()
         assert cli("classify", str(path), "--threads", "1", *args) == 2
         err = capsys.readouterr().err.strip()
         assert match in err and "\n" not in err
+    assert (path.read_bytes(), labels.read_bytes()) == before
 
 
 def test_cli_json(tmp_path):

@@ -172,6 +172,28 @@ def test_cli_writes_a_folder_and_refuses_in_one_line(tmp_path, capsys):
     assert cli("erase", "--concept", "giraffe", "--out", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown concept word" in err and "\n" not in err
+    # the erased model written over the model it is made from: refused, the source untouched
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert cli(*args, "--model", str(out), "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is the folder of the model being edited" in err and "\n" not in err
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+def test_a_model_with_nan_weights_is_refused_and_nothing_written(model):
+    import copy
+
+    network = copy.deepcopy(model.network)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.fill_(float("nan"))
+
+    class Broken:  # the shipped model with its UNet's weights gone NaN
+        def __getattr__(self, name):
+            return network if name == "network" else getattr(model, name)
+
+    with pytest.raises(VelodiffError, match="erased weights are not finite"):
+        erase_concept(Broken(), "triangle", ["circle"], "circle")
 
 
 def test_the_concept_token_is_the_whole_word_where_it_is():

@@ -60,9 +60,10 @@ def classify_cmd(
     cands = check_labels(cands)
     pruning = check_rounds(parse_rounds(rounds))
     if json_out is not None:  # before the model runs, not after
-        from ..files import output_file
+        from ..files import distinct_files, output_file
 
         output_file(json_out, "--json")
+        distinct_files(**{"IMAGE": image, "--labels-file": labels_file, "--json": json_out})
     picture = read_rgb(image)
     run = ImageRun.of(locals())
     run.check()

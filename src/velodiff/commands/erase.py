@@ -81,6 +81,9 @@ def erase_cmd(
         check_output_file(json_out)
     run = ImageRun.of(locals())
     run.check()
+    if run.path is not None and Path(run.path).expanduser().resolve() == out.expanduser().resolve():
+        raise VelodiffError(f"--out {str(out)!r} is the folder of the model being edited, which writing the "
+                            "erased model would replace: give another --out")
     if run.path is not None and Path(run.path).is_file():  # before the load and the solve, not after
         raise VelodiffError(
             f"erase writes a diffusers folder that shares the model's other components; {run.path} is a "

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError, check_text
+from ..limits import MAX_STEPS
 
 #: (samples per candidate by the end of the round, candidates kept after it)
 ROUNDS: tuple[tuple[int, int], ...] = ((4, 6), (16, 2), (48, 1))
@@ -103,6 +104,8 @@ def check_rounds(rounds: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     out = [(int(n), int(k)) for n, k in rounds]
     if not out or any(n < 1 or k < 1 for n, k in out):
         raise VelodiffError("each pruning round needs samples >= 1 and keep >= 1")
+    if (most := max(n for n, _ in out)) > MAX_STEPS:  # the samples are network evaluations per label
+        raise VelodiffError(f"a pruning round takes at most {MAX_STEPS} samples, got {most}")
     if any(b[0] <= a[0] or b[1] > a[1] for a, b in zip(out, out[1:], strict=False)):
         raise VelodiffError(
             "pruning rounds must have growing samples and non-growing keep, e.g. 4:6,16:2,48:1"
@@ -198,6 +201,8 @@ def classify(
             ki = torch.tensor([k for _, k in part])
             pred = model.denoiser(xt[ki], ts[ki], {"encoder_hidden_states": emb[ci.to(emb.device)]})
             err = ((pred.float() - x0d) ** 2).mean(dim=(1, 2, 3)).cpu() * weight[ki]
+            if not bool(err.isfinite().all()):  # a ranking of NaNs would still name a label
+                raise VelodiffError("the model returned NaN or inf while classifying; check its weights")
             for (c, _), e in zip(part, err.tolist(), strict=True):
                 sums[c] += e
             evals += len(part)

@@ -242,6 +242,9 @@ def erase_concept(
         for mod in layers.values():
             w_old = mod.weight.detach().to("cpu", torch.float64)
             w_new = w_old @ q
+            if not bool(w_new.isfinite().all()):  # never written: it would replace a good folder with NaNs
+                raise VelodiffError("the erased weights are not finite (the model's cross-attention "
+                                    "projections or text embeddings hold NaN or inf); check the model")
             num_e += float(((c @ w_new.T - c_star @ w_old.T) ** 2).sum())
             den_e += float(((c_star @ w_old.T) ** 2).sum())
             num_p += float(((c_keep @ (w_new - w_old).T) ** 2).sum())
