@@ -133,6 +133,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["generate", "a red circle", "--out", out, "--seed", str(2**64 - 1), "--n", "2"], "seed range"),
         (["serve", "--db", str(kept), "--port", "0"], "is a folder"),
         (["serve", "--host", "nosuch.invalid", "--port", "0"], "not an address here"),
+        # a wait the worker's condition cannot take (it died on the first job and requests hung)
+        (["serve", "--batch-wait", "inf", "--port", "0"], "--batch-wait takes seconds from 0 to 60"),
+        (["serve", "--timeout", "inf", "--port", "0"], "--timeout takes seconds from 0 to 604800"),
         # a model that does not load: one line before anything binds (was uvicorn's 60-line traceback)
         (["serve", "--model", str(broken), "--port", "0", "--db", str(tmp_path / "j.sqlite")],
          "no known family"),

@@ -73,6 +73,10 @@ def serve(
 
     if model is not None:
         resolve_model(model)  # refused in one line before anything binds
+
+    for name, value, most in (("--batch-wait", batch_wait, 60.0), ("--timeout", timeout, 7 * 86400.0)):
+        if not 0 <= value <= most:  # NaN and inf included: the worker's waits cannot take them
+            raise VelodiffError(f"{name} takes seconds from 0 to {most:g}, got {value}")
     if reports is not None and not reports.is_dir():
         raise VelodiffError(f"--reports {str(reports)!r} is not a folder")
     from ..files import make_parent
