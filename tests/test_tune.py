@@ -103,6 +103,9 @@ def test_tune_bad_input_is_one_line(tmp_path, capsys):
         (["--budget", "-0.1"], "--budget must be a finite number >= 0"),
         (["--budget", "inf"], "--budget must be a finite number >= 0"),
         (["--budget", "0.02", "--metric", "speed"], "--metric 'speed'"),
+        # prompt sets read before the calibration, not after it
+        (["--budget", "0.02", "--holdout", "v2"], "--holdout: prompts 'v2': not a prompt set"),
+        (["--budget", "0.02", "--calibration", str(tmp_path / "none.txt")], "--calibration: prompts"),
     ]:
         assert cli("tune", *args, "--out", str(tmp_path / "t"), "--no-progress") == 2
         err = capsys.readouterr().err.strip()

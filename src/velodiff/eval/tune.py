@@ -164,6 +164,13 @@ def check_config(cfg: TuneConfig) -> None:
         raise VelodiffError(f"--rank {cfg.rank!r}: use evals or time")
     if cfg.beam < 1:
         raise VelodiffError(f"--beam must be >= 1, got {cfg.beam}")
+    from .sweep import resolve_prompts
+
+    for option, prompts in (("--calibration", cfg.calibration_prompts), ("--holdout", cfg.holdout_prompts)):
+        try:  # read now: an unknown set or a missing file, before hours of calibration, not after
+            resolve_prompts(prompts)
+        except VelodiffError as e:
+            raise VelodiffError(f"{option}: {e}") from None
 
 
 def _metrics_for(metric: str) -> list[str]:
