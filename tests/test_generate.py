@@ -133,6 +133,10 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["generate", "a red circle", "--out", out, "--seed", str(2**64 - 1), "--n", "2"], "seed range"),
         (["serve", "--db", str(kept), "--port", "0"], "is a folder"),
         (["serve", "--host", "nosuch.invalid", "--port", "0"], "not an address here"),
+        (["distill", "lcm", "--out", str(tmp_path / "l"), "--run", str(tmp_path / "lr"),
+          "--lora-alpha", "nan"], "--lora-alpha must be a finite number > 0"),  # was: "lower --lr"
+        (["calibrate", "solver", "--guidance", "2.5", "--out", str(tmp_path / "c.json"), "--beside-model"],
+         "give --out or --beside-model, not both"),
         # a wait the worker's condition cannot take (it died on the first job and requests hung)
         (["serve", "--batch-wait", "inf", "--port", "0"], "--batch-wait takes seconds from 0 to 60"),
         (["serve", "--timeout", "inf", "--port", "0"], "--timeout takes seconds from 0 to 604800"),

@@ -143,6 +143,8 @@ def calibrate_solver(
     from ..eval.sweep import resolve_prompts
 
     texts = resolve_prompts(prompts, limit)
+    if out is not None and beside_model:
+        raise VelodiffError("give --out or --beside-model, not both (the artefact goes to one place)")
     if out is not None:  # before the minutes of calibration, not after
         from ..files import output_file
 
@@ -191,7 +193,7 @@ def calibrate_solver(
         "entries": res["entries"],
         "baselines": res["baselines"],
     }
-    if beside_model and out is None:
+    if beside_model:
         from ..calibrated.artefact import beside_model_path
 
         out = beside_model_path(loaded.path, guidance)

@@ -6,6 +6,7 @@ Rerunning the same command resumes each round from its latest checkpoint (bit-ex
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,8 +32,6 @@ def loop_config(
     The shared options are checked here, before any work: ``--out`` a folder that is none of the
     models the student is made from (``sources``: the teacher, --init), the numbers finite. Also
     quiets the libraries' loading bars."""
-    import math
-
     from ..shipped import resolve_model
     from ..train.loop import LoopConfig
     from .generate import quiet_libraries
@@ -221,6 +220,8 @@ def lcm(
             f"--sample-steps {sample_steps} exceeds --origin-steps {origin_steps}: the student samples on "
             "the teacher's skipping-step grid; lower --sample-steps or raise --origin-steps"
         )
+    if lora_alpha is not None and not 0 < lora_alpha < math.inf:
+        raise VelodiffError(f"--lora-alpha must be a finite number > 0, got {lora_alpha}")
     dev = training_device(threads, device)
     lr = lr if lr is not None else (1e-4 if lora_rank > 0 else 2e-5)
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out, run=run,
