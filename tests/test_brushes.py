@@ -67,6 +67,7 @@ def test_bad_layers_are_one_line(model):
         (dict(mask=torch.ones(30, 30)), "give it at the image's size"),
         (dict(mask=torch.ones(64, 64), strength=0), "strength must be in"),
         (dict(mask=torch.ones(64, 64), prompt=" "), "prompt is empty"),
+        (dict(mask=torch.ones(64, 64), strength=0.2), "strength 0.2 of 4 steps runs no step"),  # as img2img
     ]:
         with pytest.raises(VelodiffError, match=match) as e:
             c.layers.clear()

@@ -238,6 +238,10 @@ def test_a_mask_region_is_the_box_it_draws_and_bad_masks_are_one_line(model, tmp
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(VelodiffError, match="is not an image PIL can read"):
         parse_layout(f"red circle: {tmp_path / 'bad.png'}", masks=True)
+    with pytest.raises(VelodiffError, match=r"layout 'red circle': mask '.*nomask.png' does not exist"):
+        parse_layout(f"red circle: {tmp_path / 'nomask.png'}", masks=True)  # the file named, not the syntax
+    with pytest.raises(VelodiffError, match="four numbers in"):
+        parse_layout("red circle: 0.1,0.2,x,0.5", masks=True)
     kw = dict(seeds=[0], steps=3, guidance=2.5, output="latent")
     box = LayoutGuidance(boxes={"red circle": (0, 0, 0.5, 1)})
     by_box = text2img(model, "a red circle", plan=[box], **kw)

@@ -103,6 +103,9 @@ class Canvas:
         if not isinstance(layer.prompt, str) or not layer.prompt.strip():
             raise VelodiffError("a layer's prompt is empty; describe what the brush paints")
         check_strength(layer.strength, "a layer's strength", zero=False)
+        from ..pipelines.img2img import check_runs_a_step
+
+        check_runs_a_step(self._setup()[0].steps, float(layer.strength))  # as img2img: no silent round-up
         return layer
 
     # -- rendering --
@@ -186,7 +189,7 @@ class Canvas:
             x = prior_sample(m.schedule, float(ts[0]), initial_noise(shape, [self.seed]).to(m.device))
         else:
             assert layer is not None
-            k = min(start_index(n, float(layer.strength)), n - 1)
+            k = start_index(n, float(layer.strength))  # < n: _checked refused strengths that run no step
             mask = self._mask(layer.mask, shape)
             eps = initial_noise(shape, [seed]).to(m.device)
             a, s = float(m.schedule.alpha(ts[k])), float(m.schedule.sigma(ts[k]))

@@ -141,8 +141,11 @@ def parse_boxes(
         try:
             region = tuple(float(v) for v in coords.split(","))
         except ValueError:
-            if masks and colon and Path(coords.strip()).is_file():
+            path = Path(coords.strip())
+            if masks and colon and path.is_file():
                 region = read_mask(coords.strip(), what)
+            elif masks and colon and (path.suffix[1:].isalpha() or "/" in coords):  # a path: name the file
+                raise VelodiffError(f"{what} {name.strip()!r}: mask {str(path)!r} does not exist") from None
         if not colon or not name.strip() or not (is_mask(region) or len(region) == 4):
             paths = " or a mask image's path" if masks else ""
             raise VelodiffError(f"{what} {item!r}: write '{example}' with four numbers in [0, 1]{paths}")
