@@ -24,14 +24,6 @@ train_app = typer.Typer(
 )
 
 
-@train_app.callback()
-def _quiet() -> None:
-    # the libraries' import chatter (torchao's kernels, diffusers) off the CLI, as in every other command
-    from .generate import quiet_libraries
-
-    quiet_libraries()
-
-
 #: the architecture sizes of the shipped model's family (velodiff.default_model)
 SIZES = ("default", "micro")
 
@@ -49,6 +41,9 @@ def _check(run: Path, size: str, lr: float, max_minutes: float | None) -> None:
     for name, value in (("--lr", lr), ("--max-minutes", max_minutes)):
         if value is not None and not 0 < value < math.inf:  # NaN, inf: a NaN model, or no time limit
             raise VelodiffError(f"{name} must be a finite number > 0, got {value}")
+    from .generate import quiet_libraries  # the libraries' import chatter off the CLI, as every command
+
+    quiet_libraries()
 
 
 def training_device(threads: int | None, device: str) -> str:
@@ -239,6 +234,8 @@ def export(
     """Write the latest checkpoint as a diffusers Stable Diffusion folder (safetensors)."""
     from ..files import check_model_out
     from ..train.export import export_model
+    from .generate import quiet_libraries
 
     check_model_out(out)
+    quiet_libraries()
     typer.echo(f"exported {export_model(vae, ldm, out, ema=not raw, half=half)}")

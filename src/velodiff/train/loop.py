@@ -234,11 +234,19 @@ def _truncate_log(path: Path, step: int) -> float:
     return losses[-1] if losses else float("nan")
 
 
-def load_run_weights(run: Path, name: str, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The (EMA) weights of module ``name`` from a run's latest checkpoint."""
+def _latest(run: Path) -> Path:
+    """A finished or interrupted run's latest checkpoint; one line when there is none."""
+    if not Path(run).is_dir():
+        raise VelodiffError(f"run folder {str(run)!r} does not exist")
     ck = latest_checkpoint(run)
     if ck is None:
         raise VelodiffError(f"no checkpoint in {run}")
+    return ck
+
+
+def load_run_weights(run: Path, name: str, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The (EMA) weights of module ``name`` from a run's latest checkpoint."""
+    ck = _latest(run)
     tensors, _ = load_checkpoint(ck)
     return split_prefix(tensors, f"{'ema' if ema else 'model'}.{name}.")
 
@@ -246,9 +254,7 @@ def load_run_weights(run: Path, name: str, ema: bool = True) -> dict[str, torch.
 def run_meta(run: Path, stage: str | None = None, what: str = "run") -> dict[str, Any]:
     """The latest checkpoint's metadata; with ``stage`` ("autoencoder", "ldm"), refused in one line
     when the run trained another stage (the two runs of ``train export`` given the wrong way round)."""
-    ck = latest_checkpoint(run)
-    if ck is None:
-        raise VelodiffError(f"no checkpoint in {run}")
+    ck = _latest(run)
     meta = json.loads((ck / "state.json").read_text())
     found = meta.get("config", {}).get("extra", {}).get("stage")
     if stage is not None and found != stage:
