@@ -29,7 +29,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "guided20": ("default-guided, its 20 steps (20 evals)", ["--model", "default-guided"]),
     "guided8": ("default-guided, dpmpp_2m 8 trailing (velodiff tune at 0.02; 8 evals)",
                 ["--model", "default-guided", "--solver", "dpmpp_2m", "--steps", "8", "--grid", "trailing"]),
-    "4step": ("default-4step (4 evals)", ["--model", "default-4step"]),
+    "4step": ("default-4step (progressive, then DMD; 4 evals)", ["--model", "default-4step"]),
     "lcm": ("default-lcm (4 evals)", ["--model", "default-lcm"]),
     "2step": ("default-2step (2 evals)", ["--model", "default-2step"]),
 }

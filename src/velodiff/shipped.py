@@ -40,7 +40,7 @@ SHIPPED: dict[str, Shipped] = {
         "default-model", "the teacher: SD1-family latent UNet on ShapesWorld, 64x64 (20 steps, CFG 2.5)"
     ),
     "default-4step": Shipped(
-        "default-4step", "progressive-distilled student of default: 4 steps, guidance folded in", "default"
+        "default-4step", "progressive + DMD student of default: 4 steps, guidance folded in", "default"
     ),
     "default-lcm": Shipped(
         "default-lcm", "latent consistency LoRA of default (peft): 4 steps of the lcm solver", "default"
