@@ -83,3 +83,39 @@ def test_missing_folder_and_unknown_suffix_are_one_line(tmp_path):
     with pytest.raises(VelodiffError, match="unknown image type"):
         save_image_atomic(Image.new("RGB", (2, 2)), tmp_path / "a.xyz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_results_folder_replaces_only_its_own_commands_files(tmp_path):
+    """bench and tune write into a folder that is new or holds none of their file names, or is their
+    own earlier run (resumed); a folder where they would replace another command's or the user's file
+    is refused before any work, naming it (a tune overwrote a bench's pareto.png). Other files stay."""
+    import json
+
+    from velodiff.eval.sweep import BENCH_FILES, is_bench_folder
+    from velodiff.eval.tune import TUNE_FILES, is_tune_folder
+    from velodiff.files import check_results_folder
+
+    bench, tune = tmp_path / "bench", tmp_path / "tune"
+    assert check_results_folder(bench, "--out", BENCH_FILES, is_bench_folder) == bench  # new
+    bench.mkdir()
+    (bench / "README.md").write_text("notes beside the results")
+    check_results_folder(bench, "--out", BENCH_FILES, is_bench_folder)  # none of its names there
+    (bench / "pareto.png").write_text("the user's")
+    with pytest.raises(VelodiffError, match="holds a 'pareto.png' this command did not write"):
+        check_results_folder(bench, "--out", BENCH_FILES, is_bench_folder)
+    (bench / "results.json").write_text(json.dumps({"kind": "bench"}))
+    check_results_folder(bench, "--out", BENCH_FILES, is_bench_folder)  # its own earlier run
+    with pytest.raises(VelodiffError, match="holds a 'report.md'|holds a 'pareto.png'"):
+        check_results_folder(bench, "--out", TUNE_FILES, is_tune_folder)  # a bench's folder is no tune's
+    (bench / "results.json").write_text(json.dumps({"kind": "eval"}))
+    with pytest.raises(VelodiffError, match="holds a 'results.json'"):
+        check_results_folder(bench, "--out", BENCH_FILES, is_bench_folder)
+    tune.mkdir()
+    (tune / "tune.json").write_text("{}")
+    (tune / "pareto.png").write_text("x")
+    check_results_folder(tune, "--out", TUNE_FILES, is_tune_folder)
+    with pytest.raises(VelodiffError, match="holds a 'pareto.png'"):
+        check_results_folder(tune, "--out", BENCH_FILES, is_bench_folder)  # a tune's folder is no bench's
+    with pytest.raises(VelodiffError, match="is a file; give a folder"):
+        check_results_folder(tune / "tune.json", "--out", TUNE_FILES, is_tune_folder)
+    assert (bench / "README.md").read_text() == "notes beside the results"

@@ -98,6 +98,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
     broken.mkdir()
     (broken / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
     (kept / "sentinel").write_text("mine")
+    theirs = tmp_path / "theirs"  # a picture of the user's, named as a bench's plot
+    theirs.mkdir()
+    (theirs / "pareto.png").write_text("mine")
     cases = [
         (["generate", "", "--out", out], "prompt is empty"),
         (["generate", "   ", "--out", out], "prompt is empty"),
@@ -185,6 +188,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["erase", "--concept", "triangle", "--out", str(kept)], "holds files that are not a model"),
         (["distill", "guided", "--out", str(kept), "--run", str(tmp_path / "r")], "not a model"),
         (["train", "export", "--vae", "v", "--ldm", "l", "--out", str(kept)], "not a model"),
+        # results are written beside the user's files in no folder (a tune replaced a bench's pareto.png)
+        (["bench", "--out", str(theirs)], "holds a 'pareto.png' this command did not write"),
+        (["tune", "--budget", "0.02", "--out", str(theirs)], "holds a 'pareto.png' this command did not"),
         (["erase", "--concept", "triangle", "--out", ".."], "the current folder or one above it"),
         (["distill", "lcm", "--out", ".", "--run", str(tmp_path / "r")], "the current folder or one above"),
     ]
@@ -198,6 +204,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
     assert not (tmp_path / "missing").exists() and not (tmp_path / "no").exists()
     assert [p.name for p in kept.iterdir()] == ["sentinel"]
+    assert [p.name for p in theirs.iterdir()] == ["pareto.png"]
 
 
 def test_bad_weights_are_refused_without_unpickling(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Files a command reads and writes: the one atomic writer every command uses, the checks of its
-outputs before any work (:func:`output_file`, :func:`check_model_out`, :func:`distinct_files`) and the
+outputs before any work (:func:`output_file`, :func:`check_model_out`, :func:`check_results_folder`,
+:func:`distinct_files`) and the
 reading of a user's text files (:func:`read_text`).
 
 :func:`write_atomic` (bytes or text) and :func:`save_image_atomic` (a PIL image) write to a temporary
@@ -17,7 +18,7 @@ plainly written file (``tempfile.mkstemp`` would leave 0o600, owner-only).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,6 +78,29 @@ def check_model_out(out: Path, what: str = "--out") -> Path:
             raise VelodiffError(
                 f"{what} {str(p)!r} holds files that are not a model, which writing the model would "
                 "replace; give a new or empty folder"
+            )
+    return make_parent(p, what)
+
+
+def check_results_folder(
+    out: Path, what: str, writes: Iterable[str], own: Callable[[Path], bool]
+) -> Path:
+    """A folder a command writes its results into (``velodiff bench``, ``velodiff tune``), checked
+    before any work: writing there may replace only what the command itself wrote. If any of the names
+    it ``writes`` is there already, the folder must be the command's own (``own(folder)``: an earlier
+    or interrupted run, which it resumes or replaces); otherwise, e.g. a bench's ``pareto.png`` under a
+    tune (it was overwritten once), it is refused in one line naming the file. Other files (notes, a
+    README beside the results) stay and are no reason to refuse. A file instead of a folder is refused;
+    the folder's parent is made as :func:`make_parent` does."""
+    p = Path(out)
+    if p.exists():
+        if not p.is_dir():
+            raise VelodiffError(f"{what} {str(p)!r} is a file; give a folder")
+        taken = [name for name in writes if (p / name).exists()]
+        if taken and not own(p):
+            raise VelodiffError(
+                f"{what} {str(p)!r} holds a {taken[0]!r} this command did not write, which it would "
+                "replace; give a new folder"
             )
     return make_parent(p, what)
 

@@ -17,7 +17,6 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import VelodiffError
 from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS
 from . import options as o
 from .options import THREADS_HELP, check_threads
@@ -63,7 +62,7 @@ def bench_sweep(
     """Quality vs speed of every plan x solver x grid x NFE x guidance configuration, from the same seeds."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..eval.sweep import load_sweep_file, make_sweep, run_sweep
+    from ..eval.sweep import BENCH_FILES, is_bench_folder, load_sweep_file, make_sweep, run_sweep
 
     t0 = time.perf_counter()
     values: dict[str, Any] = load_sweep_file(sweep_file) if sweep_file is not None else {}
@@ -77,11 +76,9 @@ def bench_sweep(
     }
     values.update({k: v for k, v in cli.items() if v is not None})
     sw = make_sweep(values)
-    from ..files import make_parent
+    from ..files import check_results_folder
 
-    make_parent(out, "--out")
-    if out.exists() and not out.is_dir():
-        raise VelodiffError(f"--out: {out} is a file; give a folder")
+    check_results_folder(out, "--out", BENCH_FILES, is_bench_folder)
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()

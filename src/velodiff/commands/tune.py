@@ -11,7 +11,6 @@ from pathlib import Path
 
 import typer
 
-from ..errors import VelodiffError
 from ..limits import MAX_IMAGES_PER_PROMPT, MAX_RUNS
 from . import options as o
 
@@ -47,7 +46,7 @@ def tune(
 ) -> None:
     """Find the fastest plan within a quality budget."""
     t0 = time.perf_counter()
-    from ..eval.tune import SearchSpace, TuneConfig, check_config
+    from ..eval.tune import TUNE_FILES, SearchSpace, TuneConfig, check_config, is_tune_folder
 
     cfg = TuneConfig(
         budget=budget,
@@ -68,8 +67,9 @@ def tune(
 
         values = load_sweep_file(space, SearchSpace.__dataclass_fields__, "search space")
     sp = SearchSpace.of(values)
-    if out.exists() and not out.is_dir():
-        raise VelodiffError(f"--out: {out} is a file; give a folder")
+    from ..files import check_results_folder
+
+    check_results_folder(out, "--out", TUNE_FILES, is_tune_folder)
     from .generate import load_model, quiet_libraries
 
     quiet_libraries()

@@ -37,6 +37,19 @@ TABLE = "results.md"
 PLOT = "pareto.png"
 SAMPLES = "samples"
 
+
+#: what a bench writes into its folder that another command or the user may have there (its sample
+#: sheets are named by configuration: samples/<id>.png)
+BENCH_FILES = (RESULTS, TABLE, PLOT)
+
+
+def is_bench_folder(folder: Path) -> bool:
+    """A bench wrote this folder: its results file says so (:func:`velodiff.files.check_results_folder`)."""
+    try:
+        return json.loads((folder / RESULTS).read_text()).get("kind") == "bench"
+    except (OSError, ValueError, AttributeError):
+        return False
+
 #: quality metrics and whether higher is better
 QUALITY: dict[str, bool] = {
     "shapes_eval": True,
@@ -406,7 +419,7 @@ def run_sweep(
     from .reference import ReferenceConfig, reference_runs
 
     out = Path(out_dir)
-    (out / SAMPLES).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     defaults = dict(defaults or {})
     texts = resolve_prompts(sweep.prompts, sweep.limit)
     k = sweep.images_per_prompt
@@ -564,6 +577,7 @@ def run_sweep(
             clip.update(imgs, jobs)
             rec["clip_score"] = clip.compute()["clip_score"]
         sheet = f"{SAMPLES}/{cid}.png"
+        (out / SAMPLES).mkdir(exist_ok=True)
         write_atomic(out / sheet, _sheet(imgs[:16]))
         rec["sheet"], rec["sheet_cell"] = sheet, int(imgs.shape[-2])
         result["records"].append(rec)

@@ -415,6 +415,15 @@ def tune(
     return result
 
 
+#: what a tune writes beside its stage folders
+TUNE_FILES = ("tune.json", "plan.txt", "report.md", "pareto.png")
+
+
+def is_tune_folder(folder: Path) -> bool:
+    """A tune wrote this folder (:func:`velodiff.files.check_results_folder`)."""
+    return (folder / "tune.json").is_file()
+
+
 def _write(out: Path, result: dict[str, Any], cfg: TuneConfig) -> None:
     from .plots import pareto_png
     from .sweep import mark_pareto
