@@ -146,6 +146,15 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     assert cli(*args) == 0
     again = json.loads((out / "results.json").read_text())["records"]
     assert [r["seconds"] for r in again] == [r["seconds"] for r in recs]
+    # a record of an older velodiff, without the per-image verdicts a tune's paired errors need, is
+    # measured again; the others still resume
+    stale = json.loads((out / "results.json").read_text())
+    del stale["records"][0]["shapes_correct"]
+    (out / "results.json").write_text(json.dumps(stale))
+    assert cli(*args) == 0
+    redone = json.loads((out / "results.json").read_text())["records"]
+    assert "shapes_correct" in redone[0] and redone[0]["seconds"] != recs[0]["seconds"]
+    assert [r["seconds"] for r in redone[1:]] == [r["seconds"] for r in recs[1:]]
 
 
 def test_bench_shapes_eval_reads_images_as_eval_shapes_does(tmp_path, monkeypatch, capsys):

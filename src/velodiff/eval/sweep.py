@@ -474,7 +474,10 @@ def run_sweep(
         try:
             old = json.loads(results_path.read_text())
             if old.get("sweep_key") == key:
-                done = {r["id"]: r for r in old.get("records", []) if "error" not in r}
+                # a record of an older velodiff without the per-image verdicts is measured again: a
+                # tune's paired standard errors need them on both sides
+                needed = {"shapes_correct"} if use_shapes else set()
+                done = {r["id"]: r for r in old.get("records", []) if "error" not in r and needed <= r.keys()}
         except (ValueError, KeyError):
             done = {}
 
