@@ -37,7 +37,6 @@ TABLE = "results.md"
 PLOT = "pareto.png"
 SAMPLES = "samples"
 
-
 #: what a bench writes into its folder that another command or the user may have there (its sample
 #: sheets are named by configuration: samples/<id>.png)
 BENCH_FILES = (RESULTS, TABLE, PLOT)
@@ -49,6 +48,7 @@ def is_bench_folder(folder: Path) -> bool:
         return json.loads((folder / RESULTS).read_text()).get("kind") == "bench"
     except (OSError, ValueError, AttributeError):
         return False
+
 
 #: quality metrics and whether higher is better
 QUALITY: dict[str, bool] = {
