@@ -416,19 +416,20 @@ def tune(
 
 
 #: what a tune writes beside its stage folders
-TUNE_FILES = ("tune.json", "plan.txt", "report.md", "pareto.png")
+TUNE_JSON = "tune.json"
+TUNE_FILES = (TUNE_JSON, "plan.txt", "report.md", "pareto.png")
 
 
 def is_tune_folder(folder: Path) -> bool:
     """A tune wrote this folder (:func:`velodiff.files.check_results_folder`)."""
-    return (folder / "tune.json").is_file()
+    return (folder / TUNE_JSON).is_file()
 
 
 def _write(out: Path, result: dict[str, Any], cfg: TuneConfig) -> None:
     from .plots import pareto_png
     from .sweep import mark_pareto
 
-    write_atomic(out / "tune.json", json.dumps(result, indent=1) + "\n")
+    write_atomic(out / TUNE_JSON, json.dumps(result, indent=1) + "\n")
     if result.get("plan"):
         write_atomic(
             out / "plan.txt",
