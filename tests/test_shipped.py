@@ -44,9 +44,10 @@ def test_every_student_assembles_into_a_whole_folder_with_its_own_weights(cache)
     assert unet.resolve() != (base / "unet" / "diffusion_pytorch_model.safetensors").resolve()
 
 
-def test_a_student_loads_with_its_own_defaults_and_runs_one_pass_per_step(cache) -> None:
-    model = velodiff.load("default-4step")
-    sampling = json.loads((shipped.asset_path("default-4step") / "sampling.json").read_text())
+@pytest.mark.parametrize("name", ["default-2step", "default-4step", "default-6step"])
+def test_a_student_loads_with_its_own_defaults_and_runs_one_pass_per_step(cache, name) -> None:
+    model = velodiff.load(name)
+    sampling = json.loads((shipped.asset_path(SHIPPED[name].folder) / "sampling.json").read_text())
     assert (model.default_solver, model.default_steps, model.default_guidance) == (
         sampling["solver"],
         sampling["steps"],

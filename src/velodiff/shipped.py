@@ -58,6 +58,9 @@ SHIPPED: dict[str, Shipped] = {
         "pruned student of default: 0.70x FLOPs (magnitude-ranked blocks removed), distillation repair",
         "default",
     ),
+    "default-6step": Shipped(
+        "default-6step", "DMD of default-4step's 6-step sampler: 6 steps, guidance folded in", "default"
+    ),
 }
 
 
