@@ -49,29 +49,13 @@ FD_SHAPES = "fd-shapes"
 
 
 def as_images(images: Any) -> Tensor:
-    """Any accepted image batch -> float32 (B, 3, H, W) in [0, 1] on the CPU."""
-    if isinstance(images, Tensor):
-        x = images.detach()
-        x = x[None] if x.ndim == 3 else x
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise VelodiffError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).cpu()
-    if isinstance(images, np.ndarray):
-        a = images[None] if images.ndim == 3 else images
-        if a.ndim != 4 or a.shape[-1] != 3:
-            raise VelodiffError(f"image arrays must be (H, W, 3) or (B, H, W, 3), got {images.shape}")
-        x = torch.from_numpy(np.array(a)).permute(0, 3, 1, 2)
-        return x.float() / 255.0 if a.dtype == np.uint8 else x.float()
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise VelodiffError("no images given")
-        parts = []
-        for im in images:
-            if hasattr(im, "convert"):  # PIL
-                im = np.asarray(im.convert("RGB"))
-            parts.append(as_images(im))
-        return torch.cat(parts)
-    raise VelodiffError(f"cannot read images from a {type(images).__name__}")
+    """Any accepted image batch -> float32 (B, 3, H, W) in [0, 1] on the CPU: what the pipelines read
+    (:func:`velodiff.pipelines.images.image_tensor`), plus uint8 tensors."""
+    from ..pipelines.images import image_tensor
+
+    if isinstance(images, Tensor) and images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    return image_tensor(images, "image")
 
 
 # --- feature extractors ---------------------------------------------------------------------------
