@@ -97,10 +97,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for lab, ov, s, _, _ in table:
-        ax.scatter(s, ov, marker="o" if "teacher" in lab else "*", s=60)
-        ax.annotate(lab, (s, ov), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for lab, ov, s, _, _ in table:  # a legend, not labels at the points: close points' labels overlap
+        ax.scatter(s, ov, marker="o" if "teacher" in lab else "*", s=60, label=lab)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("seconds per image, end to end (one CPU thread, median)")
     ax.set_ylabel("ShapesEval overall (v1 x 2)")
