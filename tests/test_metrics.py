@@ -105,6 +105,8 @@ def test_image_inputs_agree():
         M.as_images(torch.zeros(2, 4, 8, 8))
     with pytest.raises(VelodiffError, match=r"\[0, 1\]"):  # e.g. a decoder's [-1, 1] output
         M.as_images(torch.full((1, 3, 8, 8), -1.0))
+    with pytest.raises(VelodiffError, match="empty"):
+        M.as_images([])
 
 
 def test_absent_weights_are_one_clear_error(tmp_path, capsys):

@@ -39,6 +39,8 @@ def image_tensor(image: Any, what: str = "init image") -> Tensor:
         x = x / 255.0 if image.dtype == np.uint8 else x
         return image_tensor(x.movedim(-1, -3), what)
     if isinstance(image, (list, tuple)):
+        if not image:
+            raise VelodiffError(f"no {what} given (an empty list)")
         parts = [image_tensor(im, what) for im in image]
         if len({p.shape[-2:] for p in parts}) > 1:
             raise VelodiffError(f"the {what}s have different sizes")
