@@ -558,6 +558,25 @@ MUTANTS = {
         "                if e > start[1]:\n                    base_opts, start = plain, (start[0], e)",
         ["tests/test_calibrated.py", "-k", "smaller_error"],
     ),
+    # self-recurrence: the forward process's variance, the retaken step's history, per-image noise
+    "recur_variance_without_ratio": (
+        "guidance/recurrence.py",
+        " - ratio**2 * float(sched.sigma(info.t)) ** 2",
+        " - float(sched.sigma(info.t)) ** 2",
+        ["tests/test_recurrence.py"],
+    ),
+    "recur_keeps_the_old_history": (
+        "sampling.py",
+        'start, history = _edited(again[1], start, f"plan rule {again[0].name!r}"), None',
+        'start = _edited(again[1], start, f"plan rule {again[0].name!r}")',
+        ["tests/test_recurrence.py"],
+    ),
+    "recur_noise_per_batch": (
+        "guidance/recurrence.py",
+        "if len(seeds) == like.shape[0]:",
+        "if False:",
+        ["tests/test_recurrence.py"],
+    ),
 }
 
 

@@ -9,6 +9,8 @@ lifecycle::
     begin(run)               fresh state for this run (nothing leaks from one run to the next)
     evaluate(req, inner)     call inner (the rest of the stack), reuse, add or drop a branch, combine
     after_step(info)         optionally return an edited x (inpainting, layout steering)
+    redo(info)               optionally return an x at the step's start to take the step again from
+                             (universal guidance's self-recurrence)
     end()                    remove hooks, release state (also when the run fails)
 
 A :class:`Plan` is one string and one object: ``name[:key=value,...]`` joined by ``+``, e.g.
@@ -140,6 +142,10 @@ class RunInfo:
     prompts: tuple[str, ...] = ()
     #: the run's classifier-free guidance scale (the default of the rules' ``scale``)
     guidance: float | None = None
+    #: the seeds a rule draws its own noise from: one per image (pipelines), or one for the batch
+    seeds: tuple[int, ...] = ()
+    #: the solver's options for this run
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -226,6 +232,11 @@ class Accelerator:
         return inner(req)
 
     def after_step(self, info: Any) -> Tensor | None:
+        return None
+
+    def redo(self, info: Any) -> Tensor | None:
+        """After step ``info.i`` (and every rule's ``after_step``): an x at ``info.t_from`` to take the
+        step again from, or None to go on (the loop asks until every rule says None)."""
         return None
 
     def extra_cost(self) -> Cost:

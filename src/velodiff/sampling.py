@@ -6,8 +6,9 @@ Every evaluation the solver asks for goes through the plan's stack of accelerato
 (``velodiff.plan``) down to one batched call of the denoiser per request; NFE and network-sample
 evaluations are counted from what each evaluation reports after the call. The loop stops with the
 step index on NaN/inf or a shape mismatch. After every step the plan's rules may edit x
-(``after_step``), then ``callback(StepInfo)`` is called: it may return an edited x (a tensor) or
-True to stop the run, which then returns the latest x0 estimate.
+(``after_step``) or have the step taken again from a new x (``redo``: self-recurrence), then
+``callback(StepInfo)`` is called: it may return an edited x (a tensor) or True to stop the run, which
+then returns the latest x0 estimate.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def check_run(
         batch=batch,
         conds=conds,
         prediction_type=getattr(denoiser, "prediction_type", None),
+        options=dict(options or {}),
         **dict(context or {}),
     )
     for rule in plan.rules:
@@ -171,6 +173,7 @@ def sample(
     if not bool(torch.isfinite(x).all()):
         raise VelodiffError("the initial sample contains NaN or inf")
     plan = Plan.parse(plan)
+    context = {"seeds": (seed,), **dict(context or {})}
     run = check_run(denoiser, ts, spec, plan, x.shape[0], branches_of(cond), context, options)
     grad = grad or plan.needs_grad
     with contextlib.ExitStack() as mode:
@@ -232,18 +235,26 @@ def _loop(
     with running(plan, run):
         state = None
         for i in range(ctx.steps):
-            counts["step"], counts["stage"] = i, 0
-            x, x0, state = spec.step(ctx, i, x, state)
-            check(x, f"the sample became NaN or inf at step {i} (t={ctx.t(i):.4g})")
-            info = StepInfo(i, ctx.t(i + 1), x, x0, ctx.t(i))
-            for rule in reversed(plan.rules):  # innermost first, as the evaluations ran
-                edited = rule.after_step(info)
-                if edited is not None:
-                    info = replace(info, x=_edited(edited, x, f"plan rule {rule.name!r}"))
-                extra = rule.extra_cost()
-                counts["nfe"] += extra.nfe
-                counts["evals"] += extra.evals
-            x = info.x
+            counts["step"] = i
+            start, history = x, state
+            while True:  # once, or again from the x a rule's redo gives (self-recurrence)
+                counts["stage"] = 0
+                x, x0, taken = spec.step(ctx, i, start, history)
+                check(x, f"the sample became NaN or inf at step {i} (t={ctx.t(i):.4g})")
+                info = StepInfo(i, ctx.t(i + 1), x, x0, ctx.t(i))
+                for rule in reversed(plan.rules):  # innermost first, as the evaluations ran
+                    edited = rule.after_step(info)
+                    if edited is not None:
+                        info = replace(info, x=_edited(edited, x, f"plan rule {rule.name!r}"))
+                    extra = rule.extra_cost()
+                    counts["nfe"] += extra.nfe
+                    counts["evals"] += extra.evals
+                again = next(((rule, y) for rule in plan.rules if (y := rule.redo(info)) is not None), None)
+                if again is None:
+                    break
+                # a new trajectory through the new x: the solver takes it without history, as a first step
+                start, history = _edited(again[1], start, f"plan rule {again[0].name!r}"), None
+            x, state = info.x, taken
             reply = callback(info) if callback is not None else None
             if isinstance(reply, Tensor):
                 x = _edited(reply, x, "the callback")

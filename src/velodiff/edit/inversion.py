@@ -172,8 +172,7 @@ def check_method(method: str, schedule: Any, solver: str | None) -> str:
 
 
 def check_deterministic(spec: SolverSpec, options: Mapping[str, Any]) -> None:
-    opts = {**spec.defaults, **options}
-    if spec.stochastic or any(float(opts.get(k, 0) or 0) > 0 for k in ("eta", "s_churn", "s_noise_eta")):
+    if spec.draws_noise(options):
         raise VelodiffError(
             f"solver {spec.name!r} is stochastic (with these options) and cannot be inverted; "
             "use a deterministic one (ddim, euler, dpmpp_2m, unipc, heun, ...)"
@@ -226,8 +225,8 @@ def invert_latents(
     stateful = [r.spec() for r in Plan.parse(plan).rules if r.stateful]
     if stateful:
         raise VelodiffError(
-            f"plan rule {stateful[0]!r} carries state from step to step; an inversion runs the steps the "
-            "other way and could not be undone exactly: leave it out of the inversion's plan"
+            f"plan rule {stateful[0]!r} carries state from step to step (or retakes steps from fresh "
+            "noise); an inversion runs the steps the other way and cannot undo it: leave it out of its plan"
         )
     z0 = z0.detach()
     with Evaluator(denoiser, ts, cond, plan, z0.shape[0], context, spec.name) as ev:

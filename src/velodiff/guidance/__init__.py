@@ -13,6 +13,7 @@ branches to evaluate and combine their predictions, each reporting the passes it
     classifier off-the-shelf classifier guidance on x0 (EluCD)       (guidance/classifier.py)
     reward     reward steering of the state through x0 (FlowChef)  (guidance/reward.py)
     sld        Safe Latent Diffusion: steer away from a concept    (guidance/sld.py)
+    recur      universal guidance's self-recurrence                (guidance/recurrence.py)
 
 Rules that combine cond and uncond claim the ``uncond`` branch (one per plan); PAG and compose add
 terms on top; rescale acts after them, classifier guidance last; reward steering moves the state
@@ -27,6 +28,7 @@ from .cfgpp import CFGPlusPlus
 from .classifier import ClassifierGuidance
 from .compose import ComposableGuidance, split_prompt
 from .pag import PerturbedAttentionGuidance
+from .recurrence import SelfRecurrence
 from .reward import RewardSteering
 from .sld import SafeLatentDiffusion
 
@@ -44,5 +46,6 @@ __all__ = [
     "PerturbedAttentionGuidance",
     "RewardSteering",
     "SafeLatentDiffusion",
+    "SelfRecurrence",
     "split_prompt",
 ]

@@ -166,7 +166,7 @@ def run(
     noise = None
     if setup.solver.noise != "none":
         noise = PerImageNoise(x, seeds, setup.solver.noise, ts)
-    context = run_context(model, setup, prompts, size, encode)
+    context = {**run_context(model, setup, prompts, size, encode), "seeds": tuple(seeds)}
     return sample(
         model.denoiser,
         x,

@@ -141,6 +141,10 @@ def lower_order_final(ctx: StepContext, i: int, order: int) -> int:
 StepFn = Callable[[StepContext, int, Tensor, Any], tuple[Tensor, Tensor, Any]]
 
 
+#: options that make a deterministic solver draw step noise when above 0
+NOISE_OPTIONS = ("eta", "s_churn", "s_noise_eta")
+
+
 @dataclass(frozen=True)
 class SolverSpec:
     """A registered solver: its step function and what it promises.
@@ -184,6 +188,12 @@ class SolverSpec:
                 f"solver {self.name!r} has no option {sorted(unknown)[0]!r}; "
                 f"options: {sorted(self.defaults) or 'none'}"
             )
+
+    def draws_noise(self, options: Mapping[str, Any]) -> bool:
+        """True when a run with these options draws step noise (an ancestral or SDE solver, or eta,
+        s_churn or s_noise_eta above 0)."""
+        opts = {**self.defaults, **options}
+        return self.stochastic or any(float(opts.get(k, 0) or 0) > 0 for k in NOISE_OPTIONS)
 
     def missing(self, options: Mapping[str, Any]) -> list[str]:
         """The required options (``requires``) that ``options`` leave unset."""
