@@ -28,8 +28,8 @@ def test_renoising_is_the_forward_process(kind):
     n, i = 200_000, 6
     x0 = MIX.sample(n, seed=2)
     t_from, t = float(ts[i]), float(ts[i + 1])
-    x_s = sched.alpha(t) * x0 + sched.sigma(t) * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3),
-                                                              dtype=F64)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    x_s = sched.alpha(t) * x0 + sched.sigma(t) * eps
     rule = SelfRecurrence(k=2)
     rule.begin(RunInfo(schedule=sched, ts=ts, solver=get_solver("ddim"), batch=n, conds={}, seeds=(7,)))
     x_t = rule.redo(StepInfo(i, t, x_s, x0, t_from))
