@@ -22,14 +22,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VelodiffError
-from ..noise import randn
 from ..plan import Option, RunInfo, register_rule
 from .cfg import START, STOP, GuidanceRule
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-#: the key under which the recurrence's noise is drawn (velodiff.noise: 1 is the solvers' step noise)
+#: the key under which the recurrence's noise is drawn (velodiff.noise: 1 is the solvers' step noise;
+#: imported when drawn, so plan strings parse without torch)
 NOISE_KEY = 2
 
 
@@ -75,6 +75,8 @@ class SelfRecurrence(GuidanceRule):
         """Standard normal noise for repetition ``repeat`` of ``step``: per image from the run's seeds
         (one per image), or for the whole batch from its one seed."""
         import torch
+
+        from ..noise import randn
 
         seeds = self.run.seeds or (0,)
         key = (NOISE_KEY, step, repeat)
