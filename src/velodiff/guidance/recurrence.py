@@ -28,8 +28,7 @@ from .cfg import START, STOP, GuidanceRule
 if TYPE_CHECKING:
     from torch import Tensor
 
-#: the key under which the recurrence's noise is drawn (velodiff.noise: 1 is the solvers' step noise;
-#: imported when drawn, so plan strings parse without torch)
+#: the key under which the recurrence's noise is drawn (velodiff.noise: 1 is the solvers' step noise)
 NOISE_KEY = 2
 
 
@@ -76,7 +75,7 @@ class SelfRecurrence(GuidanceRule):
         (one per image), or for the whole batch from its one seed."""
         import torch
 
-        from ..noise import randn
+        from ..noise import randn  # here, not at the top: plan strings parse without torch (CLI start-up)
 
         seeds = self.run.seeds or (0,)
         key = (NOISE_KEY, step, repeat)
