@@ -8,7 +8,8 @@ difference with its standard error (``shapes_eval.paired_standard_error``).
 
 Each row is one ``velodiff eval shapes`` run, one torch thread, ``--jobs`` of them side by side, its
 output in ``--out/raw`` (not kept in git); ``fresh.json`` keeps each row's per-image verdicts, and a
-rerun reuses a row found in either, so the table can be rebuilt or extended."""
+rerun reuses a row found in either while its model's files are unchanged (``stamp.py``), so the table
+can be rebuilt or extended."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from stamp import model_stamp
 
 SEED, PER_PROMPT = 20000, 16
 #: row name -> (what it is, extra ``velodiff eval shapes`` arguments); "teacher" is the baseline
@@ -40,14 +43,22 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 
 
 def run(out: Path, name: str, args: list[str], known: dict) -> None:
-    path = out / "raw" / f"{name}.json"
-    if path.is_file() or known.get(name, {}).get("args") == args:
+    path, stamp = out / "raw" / f"{name}.json", model_stamp(args)
+    if _fresh_raw(out, name, stamp) or (known.get(name, {}).get("args") == args
+                                         and known[name].get("model_hash") == stamp):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["velodiff", "eval", "shapes", "--images-per-prompt", str(PER_PROMPT), "--seed", str(SEED),
            "--threads", "1", "--json", str(path), *args]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    path.with_suffix(".hash").write_text(stamp)
+
+
+def _fresh_raw(out: Path, name: str, stamp: str) -> bool:
+    """Whether ``raw/NAME.json`` was measured on the model's present weights."""
+    h = out / "raw" / f"{name}.hash"
+    return (out / "raw" / f"{name}.json").is_file() and h.is_file() and h.read_text() == stamp
 
 
 def main() -> None:
@@ -64,10 +75,11 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda kv: run(args.out, kv[0], kv[1][1], known), ROWS.items()))
 
+    stamps = {n: model_stamp(extra) for n, (_, extra) in ROWS.items()}
+
     def verdicts_of(name: str) -> dict[str, str]:
-        raw = args.out / "raw" / f"{name}.json"
-        if raw.is_file():
-            return correct_by_category(json.loads(raw.read_text()))
+        if _fresh_raw(args.out, name, stamps[name]):
+            return correct_by_category(json.loads((args.out / "raw" / f"{name}.json").read_text()))
         return known[name]["verdicts"]
 
     verdicts = {n: verdicts_of(n) for n in ROWS}
@@ -84,9 +96,10 @@ def main() -> None:
     for name, (label, extra) in ROWS.items():
         v = verdicts[name]
         cats, score = categories(v), overall(v)
-        rec = {"label": label, "args": extra, "overall": score, "ratio": score / teacher,
-               "difference": score - teacher, "paired_se": paired_standard_error(v, base),
-               "by_category": cats, "images": sum(len(s) for s in v.values()), "verdicts": v}
+        rec = {"label": label, "args": extra, "model_hash": stamps[name], "overall": score,
+               "ratio": score / teacher, "difference": score - teacher,
+               "paired_se": paired_standard_error(v, base), "by_category": cats,
+               "images": sum(len(s) for s in v.values()), "verdicts": v}
         records[name] = rec
         diff = f"{rec['difference']:+.3f} ± {rec['paired_se']:.3f}"
         scores = [f"{rec['overall']:.3f}", f"{rec['ratio']:.3f}", diff, *(f"{x:.3f}" for x in cats.values())]

@@ -4,8 +4,9 @@ at 20 steps, the teacher with the fastest training-free plans, and every shipped
 
     python bench/distill/pareto.py --out bench/distill/pareto        # ~6 min on one CPU thread
 
-Each row is one ``velodiff eval shapes`` run (its JSON is kept in --out and reused on a rerun); the
-rows run one after another in one process, so the timings are side by side on the same machine."""
+Each row is one ``velodiff eval shapes`` run (its JSON is kept in --out and reused on a rerun while its
+model's files are unchanged: ``stamp.py``); the rows run one after another in one process, so the
+timings are side by side on the same machine (delete --out's rows to time them all again)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from stamp import model_stamp
 
 #: label -> extra ``velodiff eval shapes`` arguments
 ROWS: dict[str, list[str]] = {
@@ -61,8 +64,9 @@ def main() -> None:
     rows = {**ROWS, **shipped_students()}
     table = []
     for i, (label, extra) in enumerate(rows.items()):
-        js = args.out / f"row-{i:02d}.json"
-        if not js.is_file() or json.loads(js.read_text()).get("label") != label:
+        js, stamp = args.out / f"row-{i:02d}.json", model_stamp(extra)
+        kept = json.loads(js.read_text()) if js.is_file() else {}
+        if (kept.get("label"), kept.get("model_hash")) != (label, stamp):
             cmd = [
                 sys.executable,
                 "-m",
@@ -82,7 +86,7 @@ def main() -> None:
             print(" ".join(cmd[2:]), flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             d = json.loads(js.read_text())
-            d["label"], d["command"] = label, "velodiff " + " ".join(cmd[3:])
+            d["label"], d["command"], d["model_hash"] = label, "velodiff " + " ".join(cmd[3:]), stamp
             js.write_text(json.dumps(d, indent=1))
         d = json.loads(js.read_text())
         table.append((label, d["overall"], d["speed"]["median_s"], d["config"].get("evals"), d["command"]))
@@ -96,12 +100,16 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
     for lab, ov, s, _, _ in table:  # a legend, not labels at the points: close points' labels overlap
         ax.scatter(s, ov, marker="o" if "teacher" in lab else "*", s=60, label=lab)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.05, not 5 x 10^-2
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([0.03, 0.05, 0.1, 0.2, 0.3, 0.5])
     ax.set_xlabel("seconds per image, end to end (one CPU thread, median)")
     ax.set_ylabel("ShapesEval overall (v1 x 2)")
     ax.set_title("default model: students vs training-free plans")
