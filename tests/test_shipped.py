@@ -44,7 +44,7 @@ def test_every_student_assembles_into_a_whole_folder_with_its_own_weights(cache)
     assert unet.resolve() != (base / "unet" / "diffusion_pytorch_model.safetensors").resolve()
 
 
-@pytest.mark.parametrize("name", ["default-2step", "default-4step", "default-6step"])
+@pytest.mark.parametrize("name", ["default-1step", "default-2step", "default-4step", "default-6step"])
 def test_a_student_loads_with_its_own_defaults_and_runs_one_pass_per_step(cache, name) -> None:
     model = velodiff.load(name)
     sampling = json.loads((shipped.asset_path(SHIPPED[name].folder) / "sampling.json").read_text())

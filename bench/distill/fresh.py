@@ -39,6 +39,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "4step": ("default-4step (progressive, then DMD; 4 evals)", ["--model", "default-4step"]),
     "lcm": ("default-lcm (4 evals)", ["--model", "default-lcm"]),
     "2step": ("default-2step (2 evals)", ["--model", "default-2step"]),
+    "1step": ("default-1step (1 eval)", ["--model", "default-1step"]),
 }
 
 

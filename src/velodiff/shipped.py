@@ -61,6 +61,11 @@ SHIPPED: dict[str, Shipped] = {
     "default-6step": Shipped(
         "default-6step", "DMD of default-4step's 6-step sampler: 6 steps, guidance folded in", "default"
     ),
+    "default-1step": Shipped(
+        "default-1step",
+        "reflow + DMD student of default: 1 step, guidance folded in; 0.69x the teacher (bar 0.80x)",
+        "default",
+    ),
 }
 
 
