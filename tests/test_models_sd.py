@@ -431,6 +431,8 @@ def test_generation_errors(models):
         img2img(m, PROMPT, image, 1.5)
     with pytest.raises(VelodiffError, match=r"strength 0.4 of 2 steps runs no step.*0.5 or more"):
         img2img(m, PROMPT, image, 0.4, steps=2)  # diffusers refuses it too; strength 0 is the VAE round trip
+    with pytest.raises(VelodiffError, match=r"0.5 of 1 step runs no step.*strength to 1, or"):
+        img2img(m, PROMPT, image, 0.5, steps=1)  # a 1-step student: only strength 1 runs its step
     with pytest.raises(VelodiffError, match="init image is 16x16"):
         img2img(m, PROMPT, image, 0.5, height=32)
     from PIL import Image

@@ -41,8 +41,8 @@ def check_runs_a_step(steps: int, strength: float) -> None:
     back unchanged); strength 0 asks for exactly that (the image back through the VAE)."""
     if strength > 0 and int(steps * strength) < 1:
         raise VelodiffError(
-            f"strength {strength:g} of {steps} steps runs no step (int(steps x strength) = 0); raise "
-            f"the strength to {1 / steps:.3g} or more, or the steps"
+            f"strength {strength:g} of {steps} step{'s' * (steps != 1)} runs no step (int(steps x strength) "
+            f"= 0); raise the strength to {1 / steps:.3g}{' or more' * (steps != 1)}, or the steps"
         )
 
 

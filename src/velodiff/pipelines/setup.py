@@ -205,8 +205,8 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     trained = getattr(model, "trained_steps", None)  # a distilled student's (its sampling.json)
     if trained is not None and steps > trained:
         warnings.warn(
-            f"this student was distilled for {trained} steps; {steps} steps leave what it was trained "
-            "for (the result may be worse, not better)",
+            f"this student was distilled for {trained} step{'s' * (trained != 1)}; {steps} steps leave "
+            "what it was trained for (the result may be worse, not better)",
             stacklevel=3,
         )
     w_range, w = getattr(model, "trained_guidance", None), getattr(model, "embedded_guidance", None)
