@@ -43,8 +43,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run(out: Path, name: str, args: list[str], known: dict) -> None:
-    path, stamp = out / "raw" / f"{name}.json", model_stamp(args)
+def run(out: Path, name: str, args: list[str], stamp: str, known: dict) -> None:
+    path = out / "raw" / f"{name}.json"
     if _fresh_raw(out, name, stamp) or (known.get(name, {}).get("args") == args
                                          and known[name].get("model_hash") == stamp):
         return
@@ -73,10 +73,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = args.out / "fresh.json"
     known = json.loads(summary.read_text())["records"] if summary.is_file() else {}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda kv: run(args.out, kv[0], kv[1][1], known), ROWS.items()))
-
     stamps = {n: model_stamp(extra) for n, (_, extra) in ROWS.items()}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda kv: run(args.out, kv[0], kv[1][1], stamps[kv[0]], known), ROWS.items()))
 
     def verdicts_of(name: str) -> dict[str, str]:
         if _fresh_raw(args.out, name, stamps[name]):
