@@ -122,6 +122,34 @@ def test_cached_steps_cost_their_flop_share_and_may_lower_the_order(model):
     assert not torch.equal(keep.latents, r.latents)  # the solver kept its second order on cached steps
 
 
+def test_an_outer_guidance_rule_keeps_a_cached_evaluation_approximate(model):
+    """linear_ag's estimated steps are exact only if what it estimated from was: under DeepCache with
+    lower_order its steps on cached features stay approximate (the solver lowers its order there)."""
+    from velodiff.pipelines import text2img
+
+    spy = Spy()
+    plan = [spy, "linear_ag:every=2,warmup=3", DeepCache(interval=2, lower_order=True)]
+    text2img(model, PROMPTS[:1], steps=8, seeds=SEEDS[:1], guidance=2.5, output="latent", plan=plan)
+    assert [s for s, exact, _ in spy.log if not exact] == [1, 3, 5, 7]  # the cached steps, 3-7 estimated
+
+
+def test_the_flop_share_is_counted_per_plan(model):
+    """A cached evaluation's share depends on the other rules on the network (ToMe's merging): what a
+    plan reports does not depend on which plan ran before it."""
+    from velodiff.pipelines import text2img
+
+    kw = {"steps": 6, "seeds": SEEDS[:1], "output": "latent"}
+    plan = "deepcache:interval=3+tome:ratio=0.9,max_downsample=2"
+    first = text2img(model, PROMPTS[:1], plan="deepcache:interval=3", **kw)
+    after = text2img(model, PROMPTS[:1], plan=plan, **kw)
+    assert after.evals != first.evals  # ToMe changes the share
+    from velodiff.accel import deepcache
+
+    deepcache._FLOPS.clear()
+    alone = text2img(model, PROMPTS[:1], plan=plan, **kw)
+    assert after.evals == alone.evals and torch.equal(after.latents, alone.latents)
+
+
 def test_schedules_start_and_stop():
     dc = DeepCache(interval=3)
     assert dc.plan_steps(10) == {0, 3, 6, 9}
@@ -424,3 +452,11 @@ def test_first_order_forecast_extrapolates_the_last_two_full_steps(model):
     text2img(model, PROMPTS, steps=7, seeds=SEEDS, output="latent", plan=[Watch(interval=3, order=1)])
     weights = {step: w for step, w in seen}
     assert weights == {1: None, 2: None, 4: 1 / 3, 5: 2 / 3}
+    # Heun: a full step keeps its stage-1 features at t_{s+1}, where the next step's stage 0 runs (no
+    # extrapolation there), and each stage is forecast to its own time on the grid
+    seen.clear()
+    text2img(model, PROMPTS, steps=7, seeds=SEEDS, output="latent", solver="heun",
+             plan=[Watch(interval=3, order=1)])
+    assert seen[0] == (1, 0.0) and seen[-1][0] == 5
+    weights = sorted(set(seen))
+    assert weights == [(1, 0.0), (1, 1.0), (2, 1.0), (2, 2.0), (4, 0.0), (4, 1.0), (5, 1.0), (5, 2.0)]

@@ -102,6 +102,34 @@ def test_fixed_point_beats_ddim_inversion(tiny64, solver):
         assert inv.info["sweeps"] > 1  # a multistep solver's history is replayed
 
 
+@pytest.mark.parametrize("method", ["ddim", "edict"])
+def test_each_step_numbers_its_evaluations_from_stage_0(tiny64, method):
+    """Rules that act once per step read ``stage == 0`` (attention capture, adaptive guidance): the
+    evaluations of every step, inverting and regenerating, are its stages 0, 1, ... (they ran on)."""
+    from velodiff.plan import Accelerator
+
+    class Spy(Accelerator):
+        name, layer = "spy", 100
+
+        def begin(self, run):
+            super().begin(run)
+            self.log = []
+
+        def evaluate(self, req, inner):
+            self.log.append((req.step, req.stage))
+            return inner(req)
+
+    den, cond, z0 = tiny64
+    ts = make_grid("uniform", den.schedule, 3)
+    per_step = 2 if method == "edict" else 1
+    spy = Spy()
+    inv = invert_latents(den, z0, ts, method, cond=cond, plan=["cfg:scale=3", spy])
+    assert spy.log == [(i, k) for i in reversed(range(3)) for k in range(per_step)]
+    if method == "edict":
+        regenerate_latents(den, inv, cond=cond, plan=["cfg:scale=3", spy])
+        assert spy.log == [(i, k) for i in range(3) for k in range(per_step)]
+
+
 def test_fixed_point_regenerates_with_its_solver(tiny64):
     """The round trip runs the solver the user samples with: regenerate is sample() with that solver."""
     den, cond, z0 = tiny64

@@ -67,10 +67,29 @@ def test_plan_strings_canonical_and_errors():
         ("steps=100000000+ag", "plan setting steps must be in [1, 1000], got 100000000"),
         ("rescale+rescale", "plan rule 'rescale' given twice; keep one"),  # it was applied twice
         ("steps=2+ag+steps=5", "plan setting 'steps' given twice; keep one"),  # the last silently won
+        ("cfg:start=0.9,stop=0.1", "plan rule 'cfg': start (0.9) must not exceed stop (0.1)"),  # at parse
+        (["rescale", "rescale:phi=0.3"], "plan rule 'rescale' given twice; keep one"),  # a list, too
+        (["steps=8", "steps=5"], "plan setting 'steps' given twice; keep one"),
     ]:
         with pytest.raises(VelodiffError) as e:
             Plan.parse(bad)
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_canonical_strings_keep_every_digit_and_parse_back():
+    """str(plan) is what a server, a sweep and a set store and run again: the same values, exactly,
+    and never an exponent's '+' (which joins plan items); a typed '1e+3' is a number."""
+    for text, key, value in [
+        ("ag:threshold=0.9999995", "threshold", 0.9999995),  # was written 'threshold=1'
+        ("cfg:scale=7.1234567", "scale", 7.1234567),
+        ("cfg:t_hi=1000000", "t_hi", 1e6),  # was written 't_hi=1e+06', which did not parse
+        ("cfg:scale=1e+3", "scale", 1000.0),
+        ("cfg:scale=2.5e-1", "scale", 0.25),
+    ]:
+        written = str(Plan.parse(text))
+        assert "e+" not in written
+        assert Plan.parse(written).rules[0].values[key] == value, (text, written)
+    assert str(Plan.parse("cfg:scale=2.5+pag:scale=3")) == "cfg:scale=2.5+pag:scale=3"  # short as before
 
 
 def test_plan_settings_and_plan_files(tmp_path):

@@ -54,6 +54,36 @@ def test_int8_runs_quantized_then_restores_the_weights(model):
     assert quantized.plan == "int8+cfg" and quantized.nfe == plain.nfe
 
 
+def test_runs_of_one_network_from_two_threads_take_turns(model):
+    """A run's rules swap the shared network's weights (int8) for that run: a run of the same network
+    from another thread waits for it to end, so it neither runs on the int8 weights nor leaves them on."""
+    import threading
+
+    inside, release, out, seen = threading.Event(), threading.Event(), {}, []
+
+    def hold(info):  # run A stops in its first step until released
+        if info.i == 0:
+            inside.set()
+            release.wait(timeout=60)
+
+    def watch(info):  # run B: was run A holding the network when this step ran?
+        seen.append(inside.is_set() and not release.is_set())
+
+    plain = run(model, None)
+    a = threading.Thread(target=lambda: out.update(a=run(model, "int8", callback=hold)))
+    a.start()
+    assert inside.wait(timeout=60)
+    b = threading.Thread(target=lambda: out.update(b=run(model, None, callback=watch)))
+    b.start()
+    b.join(timeout=2)  # without the turn-taking, B runs to its end here, during A's run
+    release.set()
+    a.join()
+    b.join()
+    assert seen and not any(seen)
+    assert torch.equal(out["b"].images, plain.images)
+    assert torch.equal(run(model, None).images, plain.images)  # nothing left on the network
+
+
 def test_each_scheme_keeps_its_own_quantized_weights(model):
     """int8 and int8:activations=dynamic on one network (a server, a sweep) each run their own weights;
     spellings of one scheme share them."""

@@ -146,6 +146,8 @@ class RunInfo:
     seeds: tuple[int, ...] = ()
     #: the solver's options for this run
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: the run's whole plan, as its canonical string (given by the loop when the rules begin)
+    plan: str = ""
 
     @property
     def steps(self) -> int:
@@ -256,8 +258,9 @@ def unknown_option(rule: str, key: str, options: Iterable[str]) -> VelodiffError
 def format_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, float):
-        return f"{v:g}"
+    if isinstance(v, float):  # short where exact, else every digit; no "e+": "+" joins plan items
+        text = f"{v:g}" if float(f"{v:g}") == v else repr(v)
+        return text.replace("e+", "e")
     if isinstance(v, (tuple, list)):
         return "|".join(format_value(x) for x in v)
     return str(v)
@@ -438,28 +441,30 @@ class Plan:
                 text = read_plan_file(text[1:])
             if text in ("", "none"):
                 return cls()
-            items = [p.strip() for p in text.split("+")]
+            items = [p.strip() for p in _ITEMS.split(text)]
             pairs = [parse_setting(p) for p in items if _is_setting(p)]
             for key, n in Counter(k for k, _ in pairs).items():
                 if n > 1:  # steps=2+steps=5: the last silently won
                     raise VelodiffError(f"plan setting {key!r} given twice; keep one")
             rules = [parse_rule(p) for p in items if not _is_setting(p) and p != "none"]
-            for rule in rules:  # a typo: rescale+rescale applied it twice (a group's rules: its own line)
-                if not rule.exclusive and sum(r.name == rule.name for r in rules) > 1:
-                    raise VelodiffError(f"plan rule {rule.name!r} given twice; keep one (with its options)")
+            _refuse_twice(rules)
             return cls(rules, dict(pairs))
         if not isinstance(plan, (list, tuple)):
             raise VelodiffError(
                 f"a plan is a plan string, a plan rule or a list of them, got {type(plan).__name__}"
             )
-        rules, settings = [], {}
+        rules, settings, named = [], {}, []
         for r in plan:
             if isinstance(r, Accelerator):
-                rules.append(r)
+                rules.append(r)  # objects may repeat a rule (two classifiers to steer by)
             else:
                 sub = cls.parse(r)
                 rules += list(reversed(sub.rules))
+                named += sub.rules
+                for key in sub.settings.keys() & settings.keys():
+                    raise VelodiffError(f"plan setting {key!r} given twice; keep one")
                 settings.update(sub.settings)
+        _refuse_twice(named)
         return cls(rules, settings)
 
     def __str__(self) -> str:
@@ -513,6 +518,17 @@ class Plan:
         for r in reversed(self.rules):
             fn = _bind(r, fn)
         return fn
+
+
+def _refuse_twice(rules: list[Accelerator]) -> None:
+    """A rule named twice is a typo (rescale+rescale applied it twice); a group's rules: its own line."""
+    for rule in rules:
+        if not rule.exclusive and sum(r.name == rule.name for r in rules) > 1:
+            raise VelodiffError(f"plan rule {rule.name!r} given twice; keep one (with its options)")
+
+
+#: "+" joins plan items, but not the "+" of an exponent ("scale=1e+3")
+_ITEMS = re.compile(r"(?<!\d[eE])\+")
 
 
 def _is_setting(item: str) -> bool:

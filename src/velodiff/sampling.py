@@ -14,6 +14,8 @@ then returns the latest x0 estimate.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -271,24 +273,40 @@ def running(plan: Plan, run: RunInfo):
     first) however the run ends. A rule whose ``begin`` raises is ended at once (what it installed before
     the error, hooks or processors, must not stay on the network); an error of that ``end`` is dropped
     for the ``begin``'s own. Every begun rule is ended even when another's ``end`` raises, and an error
-    of the run itself propagates, not one of an ``end``."""
+    of the run itself propagates, not one of an ``end``. Runs of one network take turns (a lock)."""
     started: list[Accelerator] = []
-    try:
-        for rule in plan.rules:
-            try:
-                rule.begin(run)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    rule.end()
-                raise
-            started.append(rule)
-        yield
-    except BaseException:
-        _end(started)  # the run's own error propagates, not an end's
-        raise
-    errors = _end(started)
-    if errors:
-        raise errors[0]
+    run = replace(run, plan=str(plan))
+    with _network_lock(run.network):
+        try:
+            for rule in plan.rules:
+                try:
+                    rule.begin(run)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        rule.end()
+                    raise
+                started.append(rule)
+            yield
+        except BaseException:
+            _end(started)  # the run's own error propagates, not an end's
+            raise
+        errors = _end(started)
+        if errors:
+            raise errors[0]
+
+
+#: one lock per network: a run's rules swap weights, processors and hooks on the network it shares with
+#: every other run of the model, so runs of one network (other threads) take turns; re-entrant for the
+#: runs a rule starts inside its own (weakly keyed: a dropped model drops its lock)
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _network_lock(network: Any) -> contextlib.AbstractContextManager:
+    if network is None:
+        return contextlib.nullcontext()
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(network, threading.RLock())
 
 
 def _end(rules: list[Accelerator]) -> list[Exception]:

@@ -74,8 +74,8 @@ if TYPE_CHECKING:
 
 SCHEDULES = ("uniform", "nonuniform", "budget")
 
-#: per network, (branch, sample shape, conditioning shape) -> (full, cached) FLOPs per image row
-_FLOPS: weakref.WeakKeyDictionary[Any, dict[tuple, list[float | None]]] = weakref.WeakKeyDictionary()
+#: per network and plan string, (branch, sample shape, conditioning shape) -> (full, cached) FLOPs per row
+_FLOPS: weakref.WeakKeyDictionary[Any, dict[str, dict[tuple, list]]] = weakref.WeakKeyDictionary()
 
 
 def _modules(module: Any, name: str) -> list[Any]:
@@ -306,7 +306,8 @@ class DeepCache(Accelerator):
         self.state = _State()
         self.layout: dict[tuple[str, int], int] = {}  # (branch, image) -> row of the kept outputs
         self.full_steps = self.plan_steps(run.steps)
-        self.full_at: list[int] = []  # the steps of the latest full evaluations with the same rows
+        #: the grid positions (see ``position``) of the latest full evaluations with the same rows
+        self.full_at: list[float] = []
         self.cached_evals = 0
         #: the FLOP share of the latest cached evaluation (None before one ran)
         self.share: float | None = None
@@ -319,7 +320,15 @@ class DeepCache(Accelerator):
         except BaseException:
             self.hooks.remove()
             raise
-        self.flops = _FLOPS.setdefault(run.network, {})
+        # the share depends on the other rules on the network (tome, pag): counted per plan
+        self.flops = _FLOPS.setdefault(run.network, {}).setdefault(run.plan, {})
+
+    def position(self, t: Any) -> float:
+        """The position of time t on the run's grid: i at ts[i], fractional between two times."""
+        import numpy as np
+
+        falling = self.run.ts.double().cpu().numpy()
+        return float(np.interp(-float(t), -falling, np.arange(len(falling))))
 
     def plan_steps(self, steps: int) -> set[int]:
         """The full steps of an N-step run."""
@@ -355,9 +364,10 @@ class DeepCache(Accelerator):
             st.index = None if rows == list(range(len(self.layout))) else torch.tensor(rows)
             if self.order and len(self.full_at) == 2 and st.previous:
                 # TaylorSeer's first-order forecast in the step index (Liu et al. 2025, Eq. 8):
-                # F(s) = F(s1) + (s - s1) (F(s1) - F(s0)) / (s1 - s0)
+                # F(s) = F(s1) + (s - s1) (F(s1) - F(s0)) / (s1 - s0), s the position of the evaluation's
+                # time on the grid (a later stage of a step, Heun's at t_{i+1}, is at its own time)
                 s0, s1 = self.full_at
-                st.weight = (req.step - s1) / (s1 - s0)
+                st.weight = (self.position(req.t) - s1) / (s1 - s0)
         cond = req.conds.get(req.branches[0])
         ehs = cond.get("encoder_hidden_states") if isinstance(cond, dict) else None
         shape = (self.branch, tuple(req.x.shape[1:]), None if ehs is None else tuple(ehs.shape[1:]))
@@ -379,10 +389,11 @@ class DeepCache(Accelerator):
             if len(st.kept) == len(self.names):
                 layout = {k: i for i, k in enumerate(keys)}
                 same = self.order > 0 and before[1] == layout and len(before[0]) == len(self.names)
-                if same and self.full_at and self.full_at[-1] != req.step:
-                    st.previous, self.full_at = before[0], [self.full_at[-1], req.step]
+                at = self.position(req.t)
+                if same and self.full_at and self.full_at[-1] != at:
+                    st.previous, self.full_at = before[0], [self.full_at[-1], at]
                 elif not same:
-                    st.previous, self.full_at = {}, [req.step]
+                    st.previous, self.full_at = {}, [at]
                 self.layout = layout
             else:  # a hooked module did not run (another code path): never reuse
                 self.layout, st.kept, st.previous, self.full_at = {}, {}, {}, []

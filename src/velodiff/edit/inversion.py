@@ -111,7 +111,8 @@ class Evaluator:
         for rule in self.plan.rules:
             rule.check(self.run)
         self.evaluate = self.plan.chain(branch_evaluator(denoiser))
-        self.nfe, self.evals, self.stage = 0, 0.0, 0
+        #: the stage of the next evaluation within its step (0 again at each new step)
+        self.nfe, self.evals, self.stage, self._step = 0, 0.0, 0, None
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Evaluator:
@@ -122,10 +123,12 @@ class Evaluator:
         self._stack.enter_context(running(self.plan, self.run))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
+    def __exit__(self, *exc: Any) -> bool:
+        return self._stack.__exit__(*exc)  # the rules see the run's own error, which propagates
 
     def x0(self, x: Tensor, t: float, step: int) -> Tensor:
+        if step != self._step:
+            self.stage, self._step = 0, step
         res = self.evaluate(EvalRequest(step, self.stage, torch.as_tensor(t, dtype=F64), x, self.run.conds))
         self.stage += 1
         self.nfe += res.cost.nfe

@@ -110,7 +110,7 @@ class LinearAG(UncondCombiner):
             _, c_prev, u_prev = self.prev
             feats = torch.stack([c, c_prev, u_prev], dim=-1).flatten(1, -2)  # (B, D, 3)
             u = (feats @ self.coef.to(c.dtype).unsqueeze(-1)).squeeze(-1).reshape(c.shape)
-            r.x0, r.exact = u + self.w * (c - u), not self.lower_order
+            r.x0, r.exact = u + self.w * (c - u), r.exact and not self.lower_order  # a cached inner stays so
             self.prev = (req.step, c, u)
             return r
         r = inner(req.with_branch("uncond"))

@@ -9,7 +9,7 @@ needs another space (rescale: eps; CFG-Zero*: velocity).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VelodiffError
 from ..limits import check_guidance
@@ -43,12 +43,15 @@ class GuidanceRule(Accelerator):
 
     options = {"start": START, "stop": STOP}
 
-    def begin(self, run: RunInfo) -> None:
-        super().begin(run)
-        if not self.start <= self.stop:
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**values)
+        if not self.start <= self.stop:  # refused with the plan string, before any run
             raise VelodiffError(
                 f"plan rule {self.name!r}: start ({self.start:g}) must not exceed stop ({self.stop:g})"
             )
+
+    def begin(self, run: RunInfo) -> None:
+        super().begin(run)
         self.first, self.last = int(self.start * run.steps), int(self.stop * run.steps)
 
     def in_range(self, step: int) -> bool:
