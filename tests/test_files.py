@@ -119,3 +119,34 @@ def test_a_results_folder_replaces_only_its_own_commands_files(tmp_path):
     with pytest.raises(VelodiffError, match="is a file; give a folder"):
         check_results_folder(tune / "tune.json", "--out", TUNE_FILES, is_tune_folder)
     assert (bench / "README.md").read_text() == "notes beside the results"
+
+
+def test_a_model_folder_is_replaced_only_when_it_holds_nothing_but_a_model(tmp_path):
+    """A command writing a model (train, distill, erase) replaces its --out folder whole: an earlier
+    run's model folder may go, but not a note or a folder of LoRAs the user put into it (erase deleted
+    both without a word), and never a folder that holds no model."""
+    import json
+
+    from velodiff.files import check_model_out
+
+    out = tmp_path / "erased"
+    assert check_model_out(out) == out  # new
+    out.mkdir()
+    check_model_out(out)  # empty
+    index = {"_class_name": "X", "unet": ["d", "U"], "vae": ["d", "V"]}
+    (out / "model_index.json").write_text(json.dumps(index))
+    for name in ("unet", "vae", "velodiff", "lora"):
+        (out / name).mkdir()
+    (out / "MODEL_CARD.md").write_text("card")
+    (out / "sampling.json").write_text("{}")
+    check_model_out(out)  # an earlier run's model
+    (out / "my-loras").mkdir()
+    with pytest.raises(VelodiffError, match="holds 'my-loras', which is not part of the model"):
+        check_model_out(out)
+    (out / "my-loras").rmdir()
+    (out / "NOTES.md").write_text("mine")
+    with pytest.raises(VelodiffError, match="holds 'NOTES.md', which is not part of the model"):
+        check_model_out(out)
+    (out / "model_index.json").unlink()
+    with pytest.raises(VelodiffError, match="holds files that are not a model"):
+        check_model_out(out)

@@ -86,6 +86,24 @@ def test_existing_output_is_never_half_written(tmp_path, monkeypatch, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
 
 
+def test_ctrl_c_says_interrupted_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """typer turns a KeyboardInterrupt inside a command into status 130 without a word: the user is
+    told, and an interrupted set is told it resumes."""
+    import velodiff.pipelines
+
+    def interrupt(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(velodiff.pipelines, "text2img", interrupt)
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--out", str(tmp_path / "o.png"), *FAST)
+    assert (code, err.strip()) == (130, "interrupted") and not any(tmp_path.iterdir())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    code, _, err = run_cli(capsys, "generate-set", str(prompts), "--out", str(tmp_path / "set"), *FAST)
+    resumes = "interrupted (the set resumes: run the same command again)"
+    assert code == 130 and err.strip().splitlines()[-1] == resumes
+
+
 def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "o.png")
     not_utf8, bad_json = tmp_path / "latin1.txt", tmp_path / "bad.json"
@@ -129,7 +147,14 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["bench", "--out", str(tmp_path / "b"), "--guidance", "nan"], "finite numbers >= 0"),
         (["bench", "--out", str(tmp_path / "b"), "--solvers", ""], "solvers is empty"),
         (["bench", "--out", str(tmp_path / "b"), "--nfe", "1000000000"], "integers in [1, 1000]"),
-        (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--lamb", "nan"], "lamb finite"),
+        (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--lamb", "nan"], "--lamb must"),
+        (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--lamb", "0"], "--lamb must"),
+        (["erase", "--concept", "triangle", "--out", str(tmp_path / "e"), "--erase-scale", "inf"],
+         "--erase-scale must be a finite number >= 0, got inf"),
+        # nan or inf where a range is checked: said as such (it said "should be >= 0")
+        (["generate", "a red circle", "--out", out, "--eta", "nan"], "--eta must be a finite number, got n"),
+        (["generate", "a red circle", "--out", out, "--eta", "inf"], "--eta must be a finite number, got"),
+        (["serve", "--batch-wait=nan"], "--batch-wait must be a finite number, got nan"),
         (["generate", "a red circle", "--out", out, "--clip-skip", "1000"], "has 4 layers; skip fewer"),
         (["generate", "a red circle", "--out", out, "--width", "1000000000"], "in [1, 8192]"),
         (["generate", "a red circle", "--out", out, "--steps", "1000000000"], "is more than 1000"),

@@ -66,6 +66,10 @@ def _register() -> None:
     _registered = True
 
 
+#: the exit status of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv``: a command that ends raises SystemExit with its code, as typer's
     standalone mode does; a user error prints one line (``error: ...``) and returns (or, for a usage
@@ -95,25 +99,43 @@ def _run(argv: list[str] | None) -> int:
         raise SystemExit(e.exit_code) from None
     except click.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "velodiff"
-        typer.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
+        message = _not_finite(e, sys.argv[1:] if argv is None else argv) or e.format_message()
+        typer.echo(f"error: {message} (see '{where} --help')", err=True)
         raise SystemExit(e.exit_code) from None
     except click.ClickException as e:  # a bad file for a click.Path / click.File argument
         typer.echo(f"error: {e.format_message()}", err=True)
         raise SystemExit(e.exit_code) from None
     except typer.Abort:
         typer.echo("interrupted", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(INTERRUPTED) from None
     except VelodiffError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        return 130
+        return INTERRUPTED
     except FileNotFoundError as e:
         typer.echo(f"error: file not found: {e.filename or e}", err=True)
         return 2
+    if result == INTERRUPTED:  # typer turns Ctrl-C in a command into this status, silently
+        command = (sys.argv[1:] if argv is None else argv)[:1]
+        resume = " (the set resumes: run the same command again)" if command == ["generate-set"] else ""
+        typer.echo(f"interrupted{resume}", err=True)
     # as click's standalone mode: the end of a command (or its typer.Exit / --help) exits the process
     raise SystemExit(result if isinstance(result, int) else 0)
+
+
+def _not_finite(error: Exception, argv: list[str]) -> str | None:
+    """A range-checked number given as nan or inf: typer's range message ("should be greater than or
+    equal to 0") hides that the value is no number at all; say so, as the unchecked options do."""
+    opts = getattr(getattr(error, "param", None), "opts", ())
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in opts:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                return f"{name} must be a finite number, got {value}"
+    return None
 
 
 def _exit(code: object) -> NoReturn:

@@ -17,6 +17,7 @@ plainly written file (``tempfile.mkstemp`` would leave 0o600, owner-only).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -79,7 +80,27 @@ def check_model_out(out: Path, what: str = "--out") -> Path:
                 f"{what} {str(p)!r} holds files that are not a model, which writing the model would "
                 "replace; give a new or empty folder"
             )
+        others = sorted(e.name for e in p.iterdir() if e.name not in _model_entries(p))
+        if others:  # a note or a folder of LoRAs put into an earlier run's model: deleted with it once
+            raise VelodiffError(
+                f"{what} {str(p)!r} holds {others[0]!r}, which is not part of the model and writing the "
+                "model would delete; move it out or give a new folder"
+            )
     return make_parent(p, what)
+
+
+#: what a model folder holds besides the components its model_index.json names: the card, the
+#: sampling defaults, a LoRA student's adapter, velodiff's calibration artefacts beside the model
+MODEL_FOLDER_EXTRAS = ("model_index.json", "MODEL_CARD.md", "sampling.json", "lora", "velodiff")
+
+
+def _model_entries(folder: Path) -> set[str]:
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    named = {k for k in index if not k.startswith("_")} if isinstance(index, dict) else set()
+    return named | set(MODEL_FOLDER_EXTRAS)
 
 
 def check_results_folder(

@@ -4,6 +4,7 @@ model's cross-attention in closed form (UCE, ``velodiff.edit.erase``) and write 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -72,6 +73,11 @@ def erase_cmd(
             raise VelodiffError(
                 f"--templates entry {t!r}: only {{concept}} may stand in braces (write others as {{{{ }}}})"
             ) from None
+    for flag, value in (("--erase-scale", erase_scale), ("--preserve-scale", preserve_scale)):
+        if not 0 <= value < math.inf:  # before the model loads (inf passed typer's min)
+            raise VelodiffError(f"{flag} must be a finite number >= 0, got {value}")
+    if not 0 < lamb < math.inf:
+        raise VelodiffError(f"--lamb must be a finite number > 0, got {lamb}")
     from ..files import check_model_out
 
     check_model_out(out)

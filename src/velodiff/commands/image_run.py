@@ -97,6 +97,8 @@ class ImageRun:
             bad = [s for s in self.lora_scale if not math.isfinite(s)]
             if bad:
                 raise VelodiffError(f"--lora-scale must be a finite number, got {bad[0]}")
+        if self.solver_eta is not None and not math.isfinite(self.solver_eta):  # inf passes typer's min=0
+            raise VelodiffError(f"--eta must be a finite number, got {self.solver_eta}")
         if self.clip_skip is not None and self.clip_skip < 0:
             raise VelodiffError(f"--clip-skip must be >= 0, got {self.clip_skip}")
         if self.solver is not None:
