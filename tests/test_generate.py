@@ -155,6 +155,14 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["generate", "a red circle", "--out", out, "--eta", "nan"], "--eta must be a finite number, got n"),
         (["generate", "a red circle", "--out", out, "--eta", "inf"], "--eta must be a finite number, got"),
         (["serve", "--batch-wait=nan"], "--batch-wait must be a finite number, got nan"),
+        # edit's flags named as typed, before the model loads (it said "plan rule 'p2p' option ...")
+        (["edit", "x", "--to", "y", "--out", out, "--cross-steps", "2"], "--cross-steps must be in [0, 1]"),
+        (["edit", "x", "--to", "y", "--out", out, "--mode", "foo"], "unknown value of --mode 'foo'"),
+        # what is wrong, not what a right input looks like
+        (["report", str(tmp_path / "nowhere")], "does not exist"),
+        (["eval", "--manifest", str(tmp_path / "nowhere"), "--real", "shapes"], "does not exist"),
+        (["classify", str(tmp_path / "x.png"), "--labels-file", str(kept)], "is a folder; give a text file"),
+        (["generate", "a red circle", "--out", out, "--layout", "missing.png"], "name what the mask is for"),
         (["generate", "a red circle", "--out", out, "--clip-skip", "1000"], "has 4 layers; skip fewer"),
         (["generate", "a red circle", "--out", out, "--width", "1000000000"], "in [1, 8192]"),
         (["generate", "a red circle", "--out", out, "--steps", "1000000000"], "is more than 1000"),
@@ -227,6 +235,7 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         assert needle in one_error_line(err), (args, err)
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "r.json").exists()
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+    assert not (tmp_path / "b").exists()  # a refused bench made its --out folder
     assert not (tmp_path / "missing").exists() and not (tmp_path / "no").exists()
     assert [p.name for p in kept.iterdir()] == ["sentinel"]
     assert [p.name for p in theirs.iterdir()] == ["pareto.png"]

@@ -186,6 +186,11 @@ def test_refuses_to_mix_and_keeps_what_is_there(tiny, prompt_file, reference, tm
     fewer = tmp_path / "fewer.txt"
     fewer.write_text("\n".join(prompt_file.read_text().splitlines()[:5]))
     assert "other prompts" in one_error_line(capsys, "generate-set", str(fewer), "--out", str(out))
+    limited = tmp_path / "limited"
+    assert cli("generate-set", str(prompt_file), "--out", str(limited), "--model", str(tiny), "--limit", "1",
+               *FAST) == 0
+    line = one_error_line(capsys, "generate-set", str(prompt_file), "--out", str(limited), "--limit", "3")
+    assert "generated from 1 prompts of" in line and "this run reads 3 (another --limit, or the file" in line
     assert (out / LINES).read_bytes() == before
     lock = lock_folder(out)
     try:

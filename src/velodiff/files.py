@@ -206,6 +206,8 @@ def read_text(path: str | os.PathLike[str], what: str) -> str:
     file of at most ``MAX_TEXT_BYTES`` is read (``--plan @/dev/zero`` read until memory ran out; a
     FIFO would wait for ever)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise VelodiffError(f"the {what} {str(p)!r} is a folder; give a text file")
     if p.exists() and not p.is_file():
         raise VelodiffError(f"the {what} {str(p)!r} is not a regular file")
     if p.is_file() and p.stat().st_size > MAX_TEXT_BYTES:

@@ -50,7 +50,7 @@ def classify_cmd(
     if (labels is None) == (labels_file is None):
         raise VelodiffError("give the candidates with --labels or --labels-file (one of them)")
     if labels_file is not None:
-        if not labels_file.is_file():
+        if not labels_file.exists():
             raise VelodiffError(f"--labels-file {str(labels_file)!r} does not exist")
         from ..files import read_text
 

@@ -76,6 +76,8 @@ def edit_cmd(
         "seed": (image is None, "a generated source (an --image starts from its inversion)"),
         "solver": (image is None or method == "fixed-point", "a generated source or --method fixed-point"),
     })
+    check_rule_flags(mode=mode, cross_steps=cross_steps, self_steps=self_steps, weight=weight,
+                     threshold=threshold)
     run = ImageRun.of(locals())
     run.check()
     from ..files import distinct_files
@@ -136,3 +138,17 @@ def edit_cmd(
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("edit", epilog=EXAMPLE)(edit_cmd)
+
+
+def check_rule_flags(**values: object) -> None:
+    """The p2p rule's options the flags set, checked before the model loads and named as typed
+    (``--cross-steps``, not the plan rule's ``cross_steps``)."""
+    from ..edit.p2p import PromptToPrompt
+    from ..plan import check_option
+
+    for key, value in values.items():
+        try:
+            check_option(PromptToPrompt.name, key, PromptToPrompt.options[key], value)
+        except VelodiffError as e:
+            flag = "--" + key.replace("_", "-")
+            raise VelodiffError(str(e).replace(f"plan rule 'p2p' option {key!r}", flag)) from None

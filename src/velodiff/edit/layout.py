@@ -146,6 +146,8 @@ def parse_boxes(
                 region = read_mask(coords.strip(), what)
             elif masks and colon and (path.suffix[1:].isalpha() or "/" in coords):  # a path: name the file
                 raise VelodiffError(f"{what} {name.strip()!r}: mask {str(path)!r} does not exist") from None
+        if masks and not colon and (Path(item).suffix[1:].isalpha() or "/" in item):  # a bare mask path
+            raise VelodiffError(f"{what} {item!r}: name what the mask is for, e.g. 'red circle: {item}'")
         if not colon or not name.strip() or not (is_mask(region) or len(region) == 4):
             paths = " or a mask image's path" if masks else ""
             raise VelodiffError(f"{what} {item!r}: write '{example}' with four numbers in [0, 1]{paths}")

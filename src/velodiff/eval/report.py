@@ -137,6 +137,8 @@ def eval_report(folder: Path, evals: list[tuple[Path, dict[str, Any]]]) -> str:
 def build_report(folder: str | Path) -> Path:
     """Write ``folder/report.md`` for a bench or eval folder; return its path."""
     folder = Path(folder)
+    if not folder.exists():
+        raise VelodiffError(f"{str(folder)!r} does not exist; give a bench or eval output folder")
     if not folder.is_dir():
         raise VelodiffError(f"{str(folder)!r} is not a folder; give a bench or eval output folder")
     res_path = folder / "results.json"

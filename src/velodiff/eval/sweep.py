@@ -419,7 +419,6 @@ def run_sweep(
     from .reference import ReferenceConfig, reference_runs
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     defaults = dict(defaults or {})
     texts = resolve_prompts(sweep.prompts, sweep.limit)
     k = sweep.images_per_prompt
@@ -467,6 +466,7 @@ def run_sweep(
     kid_key = "kid_shapes" if fd_key == "fd_shapes" else "kid"
 
     configs = sweep.configs()
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder
     results_path = out / RESULTS
     key = sweep_key(sweep, model_id)
     done: dict[str, dict[str, Any]] = {}

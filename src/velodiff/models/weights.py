@@ -152,10 +152,14 @@ def load_torchscript(path: str | os.PathLike[str]) -> Any:
             head = f.read(4)
     except OSError as e:
         raise VelodiffError(f"cannot read {p}: {e.strerror or e}") from None
+    export = "give the Inception as TorchScript (torch.jit.save of the scripted network), or fd-shapes"
     if not head.startswith(ZIP_MAGIC):
-        raise _pickle_refusal(p, "is not a TorchScript archive")
+        raise VelodiffError(f"{p} is not a TorchScript archive; {export}")
     if _is_torch_save_zip(p):
-        raise _pickle_refusal(p, "is a torch.save pickle archive, not TorchScript")
+        raise VelodiffError(
+            f"{p} is a torch.save pickle archive, not TorchScript, which velodiff never loads (unpickling "
+            f"can run code); {export}"
+        )
     return torch.jit.load(str(p), map_location="cpu")
 
 

@@ -213,6 +213,11 @@ def check_compatible(header: dict[str, Any], want: dict[str, Any], folder: Path)
             f"{header['model']['fingerprint'][:12]}); refusing to mix; use another --out"
         )
     hp, wp = header["prompts"], want["prompts"]
+    if hp["sha256"] != wp["sha256"] and hp.get("file") == wp.get("file") and hp["count"] != wp["count"]:
+        raise VelodiffError(
+            f"{folder} was generated from {hp['count']} prompts of {hp['file']}, this run reads "
+            f"{wp['count']} (another --limit, or the file changed); refusing to mix; use another --out"
+        )
     if hp["sha256"] != wp["sha256"]:
         raise VelodiffError(
             f"{folder} was generated from other prompts ({hp['count']} prompts from {hp['file']}); "
@@ -301,6 +306,8 @@ class ImageSet:
 def read_set(folder: str | os.PathLike[str]) -> ImageSet:
     """A finished or partial set: the header and the records whose files are present and intact."""
     folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise VelodiffError(f"the set folder {str(folder)!r} does not exist")
     if not folder.is_dir():
         raise VelodiffError(f"{str(folder)!r} is not a folder made by velodiff generate-set")
     header = read_header(folder)
