@@ -149,6 +149,8 @@ def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path,
     assert res.steps == 2 and res.evals == 2 and sum(rows) == 2
     with pytest.warns(UserWarning, match="distilled for 2 steps"):
         text2img(model, "a red circle", seeds=[0], steps=4)  # more steps than it supports: warn, run
+    with pytest.warns(UserWarning, match="has guidance distilled in .* guidance 5 adds classifier-free"):
+        assert text2img(model, "a red circle", seeds=[0], guidance=5).evals == 4  # CFG on top: said
 
 
 def test_bad_teacher_is_one_line(tmp_path, capsys) -> None:

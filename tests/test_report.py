@@ -75,7 +75,7 @@ def test_eval_report_and_errors(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "no bench results.json" in err[0]
     # a results.json of another kind (bench solvers' list) or damaged, an eval JSON with a bad field
     for text, needle in (("[1, 2]", "is not a `velodiff bench` result"),
-                         ('{"kind": "bench"}', "a field is missing or malformed")):
+                         ('{"kind": "bench"}', "'records' must be a list")):
         (empty / "results.json").write_text(text)
         assert cli("report", str(empty)) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -83,4 +83,22 @@ def test_eval_report_and_errors(tmp_path, capsys):
     (empty / "results.json").unlink()
     (empty / "e.json").write_text('{"overall": 0.5, "by_category": "x"}')
     assert cli("report", str(empty)) == 2 and "no bench results.json" in capsys.readouterr().err
+
+
+def test_a_damaged_bench_result_names_the_field(tmp_path, capsys):
+    """A hand-edited results.json: the record and field are named, and a NaN time is refused (it was put
+    first on the Pareto front)."""
+    out = _bench_folder(tmp_path)
+    res = json.loads((out / "results.json").read_text())
+    for field, value, needle in (("seconds_per_image", float("nan"), "records[1].seconds_per_image must be a "
+                                  "finite number, got nan"),
+                                 ("seconds_per_image", "fast", "got 'fast'"),
+                                 ("solver", None, "records[1].solver must be a name, got None")):
+        damaged = json.loads(json.dumps(res))
+        damaged["records"][1][field] = value
+        (out / "results.json").write_text(json.dumps(damaged))
+        capsys.readouterr()
+        assert cli("report", str(out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
 

@@ -71,7 +71,7 @@ def test_layers_repaint_their_mask_and_restack_at_a_fraction_of_the_steps(server
         *(
             ({"job": "JOB", "layers": [{"mask": mask_png((0, 0, 8, 8)), "prompt": "x", "seed": seed}]},
              400, "seed")
-            for seed in (-1, 2**64)
+            for seed in (-(2**63) - 1, 2**64)
         ),
     ],
 )

@@ -50,6 +50,9 @@ def test_job_runs_once_and_its_seed_fixes_its_images(server):
     c = run_job(url, prompt="a red circle", n=1, seed=8, steps=4)  # image i of a job is seed + i's image
     diff = ImageChops.difference(png(url, c["images"][0]).convert("RGB"), ims[1].convert("RGB"))
     assert max(hi for _, hi in diff.getextrema()) <= 2  # a batch of 1 vs 2: float sums in another order
+    # the CLI's seed range: a negative seed is torch's 64-bit one (-1 is 2**64 - 1), as `--seed -1` gives
+    d, e = (run_job(url, prompt="a red circle", n=1, seed=s, steps=4) for s in (-1, 2**64 - 1))
+    assert httpx.get(f"{url}{d['images'][0]}").content == httpx.get(f"{url}{e['images'][0]}").content
 
 
 def test_progress_streams_over_sse(server):
@@ -96,6 +99,7 @@ LONG = "red " * 100
         ({"prompt": "x", "plan": "@/etc/hostname"}, "reads no plan file"),  # nor plan files
         ({"prompt": "x", "plan": "steps=500"}, "steps must be between 1 and 200"),  # a plan's steps too
         ({"prompt": "x", "width": 0}, "not a positive multiple"),  # 0 is not "the default"
+        ({"prompt": "x", "seed": -(2**63) - 1}, "seed must be in [-2**63, 2**64)"),
         ({"prompt": "x", "n": "2"}, "n: Input should be a valid integer"),  # JSON types as declared
         ({"prompt": "x", "steps": True}, "steps: Input should be a valid integer"),
         # accepted, then failed in the worker: refused at submission by the rules' own checks

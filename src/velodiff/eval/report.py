@@ -10,6 +10,7 @@ relative path; attach the PNGs beside it).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,29 @@ def eval_report(folder: Path, evals: list[tuple[Path, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def check_bench_result(result: dict[str, Any], where: Path) -> None:
+    """The fields the page ranks and prints, each named with its record when it is missing or no
+    finite number (a NaN time was put first on the Pareto front)."""
+    recs = result.get("records")
+    if not isinstance(recs, list):
+        raise VelodiffError(f"{where}: 'records' must be a list")
+    if not isinstance(result.get("n_images"), int):
+        raise VelodiffError(f"{where}: 'n_images' must be an integer, got {result.get('n_images')!r}")
+    q = result.get("quality")
+    numbers = ("nfe", "guidance", "seconds_per_image", *((q,) if isinstance(q, str) else ()))
+    for i, r in enumerate(recs):
+        if not isinstance(r, dict):
+            raise VelodiffError(f"{where}: records[{i}] must be an object")
+        if "error" in r:
+            continue
+        if not isinstance(r.get("solver"), str):
+            raise VelodiffError(f"{where}: records[{i}].solver must be a name, got {r.get('solver')!r}")
+        for key in numbers:
+            v = r.get(key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise VelodiffError(f"{where}: records[{i}].{key} must be a finite number, got {v!r}")
+
+
 def build_report(folder: str | Path) -> Path:
     """Write ``folder/report.md`` for a bench or eval folder; return its path."""
     folder = Path(folder)
@@ -149,10 +173,13 @@ def build_report(folder: str | Path) -> Path:
             raise VelodiffError(f"{res_path} is not valid JSON") from None
         if not isinstance(result, dict) or result.get("kind") != "bench":
             raise VelodiffError(f"{res_path} is not a `velodiff bench` result")
+        check_bench_result(result, res_path)
         try:
             text = bench_report(folder, result)
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # a damaged or hand-edited file
-            raise VelodiffError(f"{res_path}: a field is missing or malformed ({type(e).__name__})") from None
+            raise VelodiffError(
+                f"{res_path}: a field is missing or malformed ({type(e).__name__}: {e})"
+            ) from None
     else:
         evals = _eval_files(folder)
         if not evals:

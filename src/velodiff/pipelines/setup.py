@@ -210,6 +210,14 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
             stacklevel=3,
         )
     w_range, w = getattr(model, "trained_guidance", None), getattr(model, "embedded_guidance", None)
+    folded = trained is not None or w_range is not None  # a student that runs unguided, guidance inside
+    if folded and float(model.default_guidance) == 1.0 and guidance != 1.0 and plan.claims("uncond"):
+        how = "; its own scale is --embedded-guidance" if w_range is not None else ""
+        warnings.warn(
+            f"this student has guidance distilled in (it runs at guidance 1); guidance {guidance:g} adds "
+            f"classifier-free guidance on top, at twice the network evaluations{how}",
+            stacklevel=3,
+        )
     if w_range is not None and w is not None and not w_range[0] <= w <= w_range[1]:
         warnings.warn(
             f"this student was distilled for embedded guidance in [{w_range[0]:g}, {w_range[1]:g}]; "

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import VelodiffError
 from ..images import png_bytes
-from ..limits import SEED_END
+from ..limits import SEED_END, SEED_MIN
 from .state import Server
 
 router = APIRouter(prefix="/api", tags=["brush"])
@@ -39,7 +39,8 @@ class LayerBody(BaseModel):
 
     mask: str = Field(..., description="PNG data URL (or base64) at the image's size, white = repaint")
     prompt: str = Field(..., description="what the brush paints")
-    seed: int = Field(0, ge=0, lt=SEED_END, description="seed of the layer's noise, in [0, 2**64)")
+    seed: int = Field(0, ge=SEED_MIN, lt=SEED_END,
+                      description="seed of the layer's noise, in [-2**63, 2**64) as the CLI's --seed")
     strength: float = Field(0.6, description="share of the steps the layer re-runs, in (0, 1]")
 
 

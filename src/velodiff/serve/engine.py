@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import VelodiffError, unknown_name
 from ..images import png_bytes
-from ..limits import SEED_END, check_guidance
+from ..limits import SEED_END, SEED_MIN, check_guidance
 
 #: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
 BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "solver_options", "grid", "guidance",
@@ -169,9 +169,9 @@ class Engine:
         if req.timeout_s is not None and not req.timeout_s > 0:
             raise VelodiffError(f"timeout_s must be > 0, got {req.timeout_s}")
         seed = req.seed if req.seed is not None else random.randrange(2**31)
-        if not 0 <= seed or not seed + int(req.n) - 1 < SEED_END:  # ComfyUI's KSampler seed range
+        if not SEED_MIN <= seed or not seed + int(req.n) - 1 < SEED_END:  # the CLI's: torch's seed range
             raise VelodiffError(
-                f"seed must be in [0, 2**64) for each of the n images, got {seed} with n {req.n}"
+                f"seed must be in [-2**63, 2**64) for each of the n images, got {seed} with n {req.n}"
             )
         layout = self.check_layout(req)
         params = dict(
