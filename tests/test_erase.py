@@ -115,8 +115,15 @@ def test_several_words_at_once_reach_the_plural(model):
 def test_saved_folder_loads_with_the_edited_network(model, tmp_path):
     e = erase_concept(model, "triangle", PRESERVE, target="", projections=("to_v",))
     out = save_erased(model, e, tmp_path / "erased")
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert "triangle" in (out / "MODEL_CARD.md").read_text()
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file() and "triangle" in (out / "MODEL_CARD.md").read_text()
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes == {0o666 & ~mask}  # diffusers left the weights owner-only (0o600)
     loaded = velodiff.load(str(out))
     for k, v in e.unet.state_dict().items():
         assert torch.allclose(loaded.network.state_dict()[k].float(), v.float()), k

@@ -273,6 +273,9 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", prompt, "--out", str(tmp_path / "o.png"), *FAST)
     assert code == 0
     assert "warning:" in err and "dropped" in err and "zebra" in err
+    code, _, err = run_cli(capsys, "generate", "a red circle " * 500, "--out", str(tmp_path / "o.png"), *FAST)
+    warning = next(ln for ln in err.splitlines() if "dropped" in ln)
+    assert code == 0 and len(warning) < 300 and "more characters)" in warning  # was 7 KB of words
 
 
 def test_shipped_model_loads_in_diffusers():

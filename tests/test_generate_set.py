@@ -307,7 +307,7 @@ def test_eval_manifest_partial_set_and_missing_weights(reference, tmp_path, caps
     line = one_error_line(capsys, "eval", "--manifest", str(part), "--json", str(part / "manifest.json"))
     assert "is inside the set" in line  # it replaced the set's manifest, and the set was lost
     assert sorted(p.name for p in part.rglob("*")) == before
-    assert "not a folder made by" in one_error_line(capsys, "eval", "--manifest", str(tmp_path / "nope"))
+    assert "does not exist" in one_error_line(capsys, "eval", "--manifest", str(tmp_path / "nope"))
 
 
 def test_eval_manifest_real_and_reference_are_the_direct_computations(tiny, prompt_file, reference, tmp_path):

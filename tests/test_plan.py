@@ -68,6 +68,7 @@ def test_plan_strings_canonical_and_errors():
         ("rescale+rescale", "plan rule 'rescale' given twice; keep one"),  # it was applied twice
         ("steps=2+ag+steps=5", "plan setting 'steps' given twice; keep one"),  # the last silently won
         ("cfg:start=0.9,stop=0.1", "plan rule 'cfg': start (0.9) must not exceed stop (0.1)"),  # at parse
+        ("ag+", "plan item '' names no rule (a '+' with nothing after it?)"),
         (["rescale", "rescale:phi=0.3"], "plan rule 'rescale' given twice; keep one"),  # a list, too
         (["steps=8", "steps=5"], "plan setting 'steps' given twice; keep one"),
     ]:

@@ -18,6 +18,14 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def shorten(text: str, width: int = 80) -> str:
+    """``text`` quoted, cut after ``width`` characters with how many were left out (a message about a
+    long prompt stays one readable line)."""
+    if len(text) <= width:
+        return repr(text)
+    return f"{text[:width]!r}... ({len(text) - width} more characters)"
+
+
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> VelodiffError:
     """`unknown solver 'x'; valid: a, b, c; did you mean 'y'?` (the hint when there are near matches)."""
     valid = sorted(valid)

@@ -12,7 +12,9 @@ becomes one :class:`~velodiff.errors.VelodiffError` line naming the file.
 
 The temporary file is created with mode 0o666 and the kernel applies the process umask (and a
 folder's default ACL), as for ``open(path, "w")``: the result is readable by whoever could read a
-plainly written file (``tempfile.mkstemp`` would leave 0o600, owner-only).
+plainly written file (``tempfile.mkstemp`` would leave 0o600, owner-only). A model folder written by
+diffusers' ``save_pretrained`` (whose weight files come out 0o600) is given the same modes by
+:func:`plain_modes`.
 """
 
 from __future__ import annotations
@@ -138,6 +140,29 @@ def distinct_files(**paths: Path | None) -> None:
         if key in seen:
             raise VelodiffError(f"{seen[key]} and {name} are the same file {str(p)!r}; give each its own")
         seen[key] = name
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where it can be, without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open(path, "w")`` gives (0o666 less the
+    umask): diffusers' ``save_pretrained`` leaves its weight files owner-only (0o600), so a shared
+    model folder was unreadable to the others its card and configs were readable by."""
+    mode = 0o666 & ~_umask()
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            p.chmod(mode)
 
 
 #: the suffix of temporary files (a set folder's resume removes stale ones: ``.*.tmp``)

@@ -331,6 +331,8 @@ def parse_rule(text: str) -> Accelerator:
     _load_rules()
     name, _, rest = text.strip().partition(":")
     name = name.strip()
+    if not name:
+        raise VelodiffError(f"plan item {text.strip()!r} names no rule (a '+' with nothing after it?)")
     if name not in RULES:
         raise unknown_name("plan rule", name, [*RULES, "none"])
     cls = RULES[name]

@@ -69,7 +69,7 @@ def save_student(teacher: Path, unet: Any | None, out: Path, sampling: dict[str,
     its own sampling defaults (``unet=None``: the teacher's UNet files as they are, e.g. under a LoRA).
     Written to a sibling and swapped in; ``out`` must be new, empty or a model folder
     (``files.check_model_out``)."""
-    from ..files import check_model_out
+    from ..files import check_model_out, plain_modes
 
     out = check_model_out(Path(out), "the student's folder")
     tmp = out.with_name(out.name + ".tmp")
@@ -81,6 +81,7 @@ def save_student(teacher: Path, unet: Any | None, out: Path, sampling: dict[str,
         unet.to(torch.float32).save_pretrained(tmp / "unet", safe_serialization=True)
     (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=1))
     (tmp / "MODEL_CARD.md").write_text(card)
+    plain_modes(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -218,11 +218,15 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
     for g in s.grids:  # with "calibrated" and other tools' scheduler names ("gits", "align_your_steps")
         if g is not None:
             check_grid_name(g)
-    try:
-        s.nfe = [int(n) for n in s.nfe]
-        s.guidance = [None if g in (None, "default", "") else float(g) for g in s.guidance]
-    except (TypeError, ValueError):
-        raise VelodiffError("nfe takes integers and guidance takes numbers (comma-separated)") from None
+    for key, parse in (("nfe", int), ("guidance", float)):
+        values = []
+        for v in getattr(s, key):
+            try:
+                values.append(None if key == "guidance" and v in (None, "default", "") else parse(v))
+            except (TypeError, ValueError):
+                kind = "integers" if parse is int else "numbers"
+                raise VelodiffError(f"{key} takes {kind} (comma-separated), got {v!r}") from None
+        setattr(s, key, values)
     if not s.nfe or min(s.nfe) < 1 or max(s.nfe) > MAX_STEPS:
         raise VelodiffError(f"nfe must be a list of integers in [1, {MAX_STEPS}], got {s.nfe}")
     if any(g is not None and not 0 <= g < math.inf for g in s.guidance):

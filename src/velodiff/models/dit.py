@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..denoisers import Cond
-from ..errors import VelodiffError
+from ..errors import VelodiffError, shorten
 from ..grids import flow_shift
 from ..schedules import RectifiedFlow
 from .base import NetworkDenoiser, as_guided
@@ -150,7 +150,7 @@ class DiTModel(SDModel):
             if len(row) > n:
                 warnings.warn(
                     f"prompt {i} has {len(row)} T5 tokens; the model reads {n} (max_sequence_length), "
-                    f"so the end was dropped: {tok.decode(row[n - 1 : -1]).strip()!r}",
+                    f"so the end was dropped: {shorten(tok.decode(row[n - 1 : -1]).strip())}",
                     UserWarning,
                     stacklevel=4,
                 )

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..denoisers import Cond
-from ..errors import VelodiffError, first_line
+from ..errors import VelodiffError, first_line, shorten
 from ..schedules import DiscreteVP
 from .base import LoadedModel, NetworkDenoiser, UNetNetwork, as_guided, guidance_embedding, register_family
 from .loading import Source
@@ -75,8 +75,7 @@ class SDModel(LoadedModel):
                 dropped = tokenizer.decode(row[n - 1 : -1]).strip()
                 warnings.warn(
                     f"prompt {i} has {len(row)} tokens; the text encoder reads {n}, "
-                    f"so these words were dropped: "
-                    f"{dropped!r}",
+                    f"so these words were dropped: {shorten(dropped)}",
                     UserWarning,
                     stacklevel=4,
                 )

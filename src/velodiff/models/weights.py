@@ -153,13 +153,12 @@ def load_torchscript(path: str | os.PathLike[str]) -> Any:
     except OSError as e:
         raise VelodiffError(f"cannot read {p}: {e.strerror or e}") from None
     export = "give the Inception as TorchScript (torch.jit.save of the scripted network), or fd-shapes"
+    never = "which velodiff never loads (unpickling can run code)"
     if not head.startswith(ZIP_MAGIC):
-        raise VelodiffError(f"{p} is not a TorchScript archive; {export}")
+        what = f"is a pickle, not TorchScript, {never}" if looks_like_pickle(head) else "is not TorchScript"
+        raise VelodiffError(f"{p} {what}; {export}")
     if _is_torch_save_zip(p):
-        raise VelodiffError(
-            f"{p} is a torch.save pickle archive, not TorchScript, which velodiff never loads (unpickling "
-            f"can run code); {export}"
-        )
+        raise VelodiffError(f"{p} is a torch.save pickle archive, not TorchScript, {never}; {export}")
     return torch.jit.load(str(p), map_location="cpu")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..default_model import PIPELINE_CLASS, scheduler_config, write_tokenizer
-from ..files import check_model_out
+from ..files import check_model_out, plain_modes
 from .loop import load_run_weights, run_meta
 from .trainer import build_models, load_vae
 
@@ -89,6 +89,7 @@ def export_model(
     for p in tmp.rglob("*"):  # drop anything not safetensors/json/txt/md (no pickles ever)
         if p.is_file() and p.suffix not in (".safetensors", ".json", ".txt", ".md"):
             p.unlink()
+    plain_modes(tmp)
     old = out.with_name(out.name + ".old-export")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
