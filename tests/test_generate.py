@@ -158,6 +158,12 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         # edit's flags named as typed, before the model loads (it said "plan rule 'p2p' option ...")
         (["edit", "x", "--to", "y", "--out", out, "--cross-steps", "2"], "--cross-steps must be in [0, 1]"),
         (["edit", "x", "--to", "y", "--out", out, "--mode", "foo"], "unknown value of --mode 'foo'"),
+        # refused before the model loads (each took 6-8 s): eta on a solver without it, a weighting
+        (["generate", "x", "--out", out, "--solver", "dpmpp_2m", "--eta", "0.5"], "has no option 'eta'"),
+        (["classify", str(tmp_path / "x.png"), "--labels", "a,b", "--weighting", "foo"], "unknown weighting"),
+        (["brush", "x", "--layer", "box=0,0,1,1;y;z;w", "--out", out], "SEED must be an integer"),
+        (["inpaint", "x", "--image", str(tmp_path / "x.png"), "--mask", str(tmp_path / "x.png"), "--out",
+          str(tmp_path / "i.png")], "the mask covers nothing"),
         # what is wrong, not what a right input looks like
         (["report", str(tmp_path / "nowhere")], "does not exist"),
         (["eval", "--manifest", str(tmp_path / "nowhere"), "--real", "shapes"], "does not exist"),
@@ -229,8 +235,18 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
     ]
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # '..' is tmp_path, which holds everything above
+    import velodiff.commands.image_run as image_run
+
+    early = ("has no option 'eta'", "unknown weighting", "SEED must be", "covers nothing", "--cross-steps")
+
+    def no_load(self):  # what is refused before the model loads must not need it
+        raise AssertionError("the model was loaded")
+
     for args, needle in cases:
-        code, _, err = run_cli(capsys, *args)
+        with monkeypatch.context() as mp:
+            if any(e in needle for e in early):
+                mp.setattr(image_run.ImageRun, "load", no_load)
+            code, _, err = run_cli(capsys, *args)
         assert code == 2, (args, err)
         assert needle in one_error_line(err), (args, err)
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "r.json").exists()

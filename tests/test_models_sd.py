@@ -115,6 +115,16 @@ def test_text2img_images_and_counts(models):
     assert (one.nfe, one.evals, one.images) == (2, 2, None)
 
 
+def test_a_size_far_beyond_the_models_warns(models):
+    """8192x8192 on the 64x64 model ran for minutes without a word: a size over 16x the trained area
+    is said before the run (here the run then stops at latents of another shape)."""
+    from velodiff import VelodiffError
+
+    with pytest.warns(UserWarning, match=r"128x64 is 32x the area this model was trained at \(16x16\)"):
+        with pytest.raises(VelodiffError, match="latents have shape"):
+            text2img(models["sd1"], PROMPT, height=64, width=128, latents=torch.zeros(1, 4, 2, 2))
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_single_file_equals_folder(models, tmp_path, monkeypatch, kind):
     """An original-layout .safetensors (diffusers' from_single_file, configs from a local folder) gives

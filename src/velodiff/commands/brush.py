@@ -22,8 +22,9 @@ EXAMPLE = o.example(
 )
 
 
-def parse_layer(text: str, size: tuple[int, int]) -> tuple[Any, str, int, float]:
-    """'REGION;PROMPT;SEED;STRENGTH' with REGION a mask image or box=x0,y0,x1,y1 (fractions of the image)."""
+def parse_layer(text: str) -> tuple[Any, str, int, float]:
+    """'REGION;PROMPT;SEED;STRENGTH' with REGION a mask image or box=x0,y0,x1,y1 (fractions of the image),
+    checked before the model loads: the region as a box (a tuple) or the mask (an image)."""
     parts = [p.strip() for p in text.split(";")]
     if len(parts) != 4:
         raise VelodiffError(f"--layer {text!r}: write REGION;PROMPT;SEED;STRENGTH (4 fields, ';' between)")
@@ -37,13 +38,20 @@ def parse_layer(text: str, size: tuple[int, int]) -> tuple[Any, str, int, float]
             x0, y0, x1, y1 = (float(v) for v in region[4:].split(","))
         except ValueError:
             raise VelodiffError(f"--layer {text!r}: write the box as box=x0,y0,x1,y1 in [0, 1]") from None
-        from ..edit.layout import check_region_box, region_mask
+        from ..edit.layout import check_region_box
 
         check_region_box(text, (x0, y0, x1, y1), "--layer")
-        return region_mask((x0, y0, x1, y1), *size), prompt, seed_i, strength_f
+        return (x0, y0, x1, y1), prompt, seed_i, strength_f
     from pathlib import Path
 
     return read_image(Path(region), "mask").convert("L"), prompt, seed_i, strength_f
+
+
+def layer_mask(region: Any, size: tuple[int, int]) -> Any:
+    """A parsed layer's region as its mask at the image's size (h, w)."""
+    from ..edit.layout import region_mask
+
+    return region_mask(region, *size) if isinstance(region, tuple) else region
 
 
 def brush_cmd(
@@ -78,8 +86,9 @@ def brush_cmd(
     from .generate import check_output_path
 
     fmt = check_output_path(out)
+    parsed = [parse_layer(t) for t in layer]
     m = run.load()
-    layers = [parse_layer(t, tuple(m.default_size)) for t in layer]
+    layers = [(layer_mask(region, tuple(m.default_size)), *rest) for region, *rest in parsed]
     from ..edit.brushes import Canvas
 
     kw = {k: v for k, v in run.sampling().items() if v is not None and k != "noise"}

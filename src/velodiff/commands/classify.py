@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import VelodiffError
+from ..errors import VelodiffError, unknown_name
 from . import options as o
 from .image_run import ImageRun, read_rgb
 
@@ -64,11 +64,14 @@ def classify_cmd(
 
         output_file(json_out, "--json")
         distinct_files(**{"IMAGE": image, "--labels-file": labels_file, "--json": json_out})
+    from ..edit.classify import WEIGHTINGS, classify
+
+    if weighting not in WEIGHTINGS:  # before the model loads
+        raise unknown_name("weighting", weighting, WEIGHTINGS)
     picture = read_rgb(image)
     run = ImageRun.of(locals())
     run.check()
     m = run.load()
-    from ..edit.classify import classify
 
     r = classify(m, picture, cands, rounds=pruning, weighting=weighting, seed=seed)
     info = r.as_dict() | {"image": str(image), "model": str(run.path)}

@@ -86,6 +86,8 @@ def inpaint_cmd(
             f"the mask is {holes.size[0]}x{holes.size[1]} but the image is "
             f"{picture.size[0]}x{picture.size[1]}; give a mask of the image's size"
         )
+    if holes.getextrema()[1] < 128:  # the pipeline's rule (>= 0.5 repaints), before the model loads
+        raise VelodiffError("the mask covers nothing (no pixel >= 0.5): white marks what to repaint")
     run.load()
     size = fit_size(run, picture)
     if size != picture.size:

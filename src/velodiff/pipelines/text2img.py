@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,13 @@ def text2img(
     for what, v in (("height", h), ("width", w)):
         if not 0 < v <= MAX_SIDE:
             raise VelodiffError(f"{what} must be a number of pixels in [1, {MAX_SIDE}], got {v}")
+    dh, dw = model.default_size
+    if h * w > 16 * dh * dw:  # 8192x8192 on the 64x64 model ran for minutes without a word
+        warnings.warn(
+            f"{w}x{h} is {h * w / (dh * dw):.0f}x the area this model was trained at ({dw}x{dh}): slow, and "
+            "far from the images it knows",
+            stacklevel=2,
+        )
     shape = model.latent_shape(len(ps), h, w)
     setup = make_setup(model, opts, size=(h, w))
     if opts.latents is None:
