@@ -92,3 +92,18 @@ def test_a_layout_job_is_refused_in_one_line(server):
     httpx.get(f"{server}/api/jobs/{job['id']}/result", timeout=120)
     r = httpx.post(f"{server}/api/brush", json={"job": job["id"], "layers": []}, timeout=120)
     assert r.status_code == 400 and "drawn with a layout (collage)" in r.json()["error"]
+
+
+def test_the_canvas_of_a_job_with_solver_options_is_its_image(tmp_path):
+    """A job whose sampler carries options (ComfyUI's rows: uni_pc, deis, ...): the brush canvas re-runs
+    the base with them, so no layer gives the job's own image (it drew another picture without them)."""
+    from velodiff.serve.engine import Request
+
+    with running_server(tmp_path, max_batch=1) as (url, srv):
+        job = srv.submit_sync(Request(prompt="a red circle", seed=4, steps=6, solver="unipc",
+                                      solver_options={"solver_type": "bh1", "lower_order_final": False}))
+        done = httpx.get(f"{url}/api/jobs/{job.id}/result", timeout=120).json()
+        stored = np.asarray(Image.open(io.BytesIO(httpx.get(url + done["images"][0]).content)).convert("RGB"))
+        r = httpx.post(f"{url}/api/brush", json={"job": job.id, "layers": []}, timeout=120).json()
+        assert np.abs(decode(r["image"]) - stored.astype(np.float32) / 255).max() <= 1 / 255 + 1e-6
+

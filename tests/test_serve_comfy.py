@@ -101,6 +101,21 @@ def get_images(ws, server_address, prompt, client_id, seen):
     return prompt_id, output_images
 
 
+def test_a_socket_sees_its_own_prompts_and_those_queued_for_everyone(server):
+    """As ComfyUI sends them: a prompt's messages go to the client that queued it (a socket without
+    clientId is another client, with a sid made up), and to every socket when it named no client."""
+    url, _ = server
+    address = url.removeprefix("http://")
+    with ws_client.connect(f"ws://{address}/ws") as anonymous, \
+            ws_client.connect(f"ws://{address}/ws?clientId=alice") as alice:
+        json.loads(anonymous.recv())  # its status: subscribed before alice's prompt
+        mine, _ = get_images(alice, address, GRAPH, "alice", [])
+        seen: list[dict] = []
+        everyone, _ = get_images(anonymous, address, GRAPH, None, seen)  # ends at this prompt's end
+    ids = {m["data"].get("prompt_id") for m in seen if isinstance(m.get("data"), dict)}
+    assert everyone in ids and mine not in ids  # alice's execution_start, progress, executed: hers
+
+
 def test_comfyui_example_client_runs_the_default_graph(server):
     url, _ = server
     address = url.removeprefix("http://")

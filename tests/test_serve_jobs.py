@@ -366,6 +366,12 @@ def test_the_history_is_bounded_and_keeps_the_newest(tmp_path):
         assert rows == 2  # images of jobs 2 and 4; job 0's went with it
         assert all(store.finish(j, "cancelled", "cleared") for j in ids[5:])
         assert [j.id for j in store.jobs(("done", "failed", "cancelled"))] == ids[4:]
+        # an old job finishing after newer ones is the newest in the history, not pruned as it finishes
+        old, *newer = [store.submit({"n": 1}, "k", 1).id for _ in range(4)]
+        store.claim(4)
+        assert all(store.finish(j, "cancelled", "cleared") for j in newer)
+        assert store.complete(old, [b"png"], ["old.png"]) and store.get(old).filenames == ["old.png"]
+        assert {j.id for j in store.jobs(("done", "failed", "cancelled"))} == {old, *newer[1:]}
     finally:
         store.close()
 

@@ -106,7 +106,7 @@ class Brushes:
             raise VelodiffError(
                 f"brushes paint at the model's own size ({w}x{h}); this job is {p['width']}x{p['height']}"
             )
-        keys = ("steps", "solver", "grid", "guidance", "negative")
+        keys = ("steps", "solver", "solver_options", "grid", "guidance", "negative")  # as Engine.run
         options = {k: p[k] for k in keys if p.get(k) is not None}
         if p.get("plan"):
             options["plan"] = p["plan"]

@@ -506,9 +506,9 @@ async def ws(socket: WebSocket) -> None:
     async def mine(jid: str) -> Job | None:
         job = await run_in_threadpool(srv.store.get, jid)
         if job is not None:
-            owners[jid] = job.meta.get("api") == "comfy" and (
-                client is None or job.meta.get("client_id") == client
-            )
+            # as ComfyUI sends them: to the client that queued the prompt, to every socket when the
+            # prompt named none (a socket without clientId does not see the other clients' prompts)
+            owners[jid] = job.meta.get("api") == "comfy" and job.meta.get("client_id") in (None, sid)
         return job
 
     try:

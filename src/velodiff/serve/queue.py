@@ -263,9 +263,11 @@ class JobStore:
         return self._tx(end)
 
     def _prune(self, db: sqlite3.Connection) -> None:
-        """Delete the finished jobs older than the newest ``max_history``, with their images."""
+        """Delete the finished jobs but the ``max_history`` last finished, with their images. By finish
+        time, not submission: ranked by submission, an old job finishing after newer ones was deleted in
+        the transaction that completed it, and its waiting request lost its result."""
         old = ("SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') "
-               "ORDER BY seq DESC LIMIT -1 OFFSET ?")
+               "ORDER BY finished DESC, seq DESC LIMIT -1 OFFSET ?")
         db.execute(f"DELETE FROM images WHERE job_id IN ({old})", (self.max_history,))
         db.execute(f"DELETE FROM jobs WHERE id IN ({old})", (self.max_history,))
 

@@ -105,5 +105,8 @@ class Server:
         finally:
             self.broker.unsubscribe(q)
         job = await run_in_threadpool(self.store.get, job_id)
-        assert job is not None
+        if job is None:  # removed meanwhile (deleted through the API, or pruned from the history)
+            from fastapi import HTTPException
+
+            raise HTTPException(404, f"no job {job_id!r} (it left the job history)")
         return job
