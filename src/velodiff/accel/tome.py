@@ -15,8 +15,10 @@ latent's, the tokens entering self-attention are merged before it and unmerged a
   destination's output.
 
 The random destinations come from a generator seeded by ``seed`` at the start of every run (tomesd draws
-from a process-wide one), so a run is a pure function of its inputs; with an odd batch they are the
-first of each window, as tomesd forces (a batch of CFG pairs then merges cond and uncond alike). The rule
+from a process-wide one), one draw per call shared by every row, so a run is a pure function of its
+inputs and an image is the same alone or batched with others (cond and uncond of a CFG pair merge alike).
+tomesd takes the first token of each window for an odd batch instead (to keep a CFG pair alike, which the
+shared draw does anyway); velodiff does not: there an image at guidance 1 changed with its batch. The rule
 installs its processor on each block's ``attn1`` (``Attention.set_processor``, wrapping the one there)
 and a diffusers hook that reads the block's input, and restores both at the end of the run.
 """
@@ -129,7 +131,7 @@ class ToMeProcessor:
         h, w = int(math.ceil(big_h / down)), int(math.ceil(big_w / down))
         if down > rule.max_downsample or h * w != n:
             return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        gen = st.generator if rule.use_rand and hidden_states.shape[0] % 2 == 0 else None
+        gen = st.generator if rule.use_rand else None
         merge, unmerge = bipartite_soft_matching_2d(metric, h, w, rule.sx, rule.sy, int(n * rule.ratio), gen)
         st.merged_calls += 1
         return unmerge(self.inner(attn, merge(hidden_states), None, *args, **kwargs))
