@@ -89,6 +89,13 @@ def test_sweep_values_are_validated(tmp_path):
     assert len(fixed) == 2 * 2 + 1
     assert fixed[-1] == {"solver": "ddim", "grid": None, "nfe_budget": 6, "guidance": None,
                          "plan": "solver=ddim+nfe=6+ag:threshold=0.999"}
+    # ... and is compared with the sweep's plain run (its first solver and NFE: a tune's baseline), not
+    # with its own solver and NFE without rules (a settings-only plan was its own plain run: PSNR inf)
+    sw = make_sweep({"plans": "none;solver=ddim+nfe=6+ag:threshold=0.999", "solvers": "dpmpp_2m,unipc",
+                     "nfe": "4,8"})
+    assert sw.plain_config(fixed[-1]) == {"solver": "dpmpp_2m", "grid": None, "nfe_budget": 4,
+                                          "guidance": None, "plan": "none"}
+    assert sw.plain_config(fixed[1]) == {**fixed[1], "plan": "none"}  # no settings: its own axes
     for bad in ("agg", "ag:threshold=2", "ag+cfg"):
         with pytest.raises(VelodiffError):
             make_sweep({"plans": [bad]})
@@ -213,9 +220,10 @@ def test_bench_plans_records_and_distance_to_plain(tmp_path, monkeypatch, capsys
     assert recs["none"]["evals"] == 8 and "psnr_vs_plain" not in recs["none"]
     assert recs["ag:threshold=-1"]["evals"] == 2 + 3  # CFG on the first step only
     assert 10 < recs["ag:threshold=-1"]["psnr_vs_plain"] < 100
-    sweep.write_text(base + 'plans: ["none", "ag:threshold=-1", "cfg:stop=0.5"]\n')
+    sweep.write_text(base + 'plans: ["none", "ag:threshold=-1", "cfg:stop=0.5", "nfe=2"]\n')
     assert cli(*args) == 0
     recs2 = {r["plan"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert 0 < recs2["nfe=2"]["psnr_vs_plain"] < 100  # against the 4-NFE plain run, not itself (inf)
     def kept(r):  # the Pareto mark is recomputed over all records
         return {k: v for k, v in r.items() if k != "pareto"}
 

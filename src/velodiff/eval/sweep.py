@@ -123,6 +123,20 @@ class Sweep:
         return out
 
 
+    def plain_config(self, c: dict[str, Any]) -> dict[str, Any]:
+        """The plain run a configuration is compared with (``*_vs_plain``): the same solver, grid, NFE
+        and guidance with no plan; where its plan sets one of them (``solver=ddim+nfe=6``), the sweep's
+        own (its first value on that axis: for ``velodiff tune``, the baseline), not the plan's."""
+        from ..plan import Plan
+
+        fixed = Plan.parse(c["plan"]).settings
+        first = {"solver": self.solvers[0], "grid": self.grids[0], "nfe_budget": self.nfe[0],
+                 "guidance": self.guidance[0]}
+        given = {"solver": "solver" in fixed, "grid": "grid" in fixed,
+                 "nfe_budget": "nfe" in fixed or "steps" in fixed, "guidance": "guidance" in fixed}
+        return {**{k: first[k] if given[k] else c[k] for k in first}, "plan": "none"}
+
+
 SWEEP_KEYS = {f for f in Sweep.__dataclass_fields__}
 
 
@@ -509,6 +523,9 @@ def run_sweep(
         mark_pareto(result, sweep.quality)
         write_atomic(results_path, json.dumps(result, indent=1) + "\n")
 
+    def guidance_of(value: float | None) -> float:
+        return value if value is not None else defaults.get("guidance", model.default_guidance)
+
     weights = [_planned_nfe(c) * sweep.repeat for c in configs]
     refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     plain: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the "none" plan's outputs
@@ -522,7 +539,7 @@ def run_sweep(
             result["records"].append(done[cid])
             bar.update(w)
             continue
-        g = c["guidance"] if c["guidance"] is not None else defaults.get("guidance", model.default_guidance)
+        g = guidance_of(c["guidance"])
         kw = {"solver": c["solver"], "grid": c["grid"], "nfe": c["nfe_budget"], "guidance": g,
               "plan": c["plan"]}
         rec: dict[str, Any] = {"id": cid, **c, "guidance": float(g)}
@@ -571,13 +588,18 @@ def run_sweep(
                 rl, ri, info = reference_runs(model, jobs, seeds, rc, model_id=model_id, batch=sweep.batch)
                 refs[gk] = (rl, ri)
             rec.update(reference_distances(lat, imgs, *refs[gk]))
-        # an accelerated plan beside the plain run of the same seeds (same solver, grid, NFE, guidance)
-        same = (c["solver"], c["grid"], c["nfe_budget"], float(g))
+        # an accelerated plan beside the plain run of the same seeds (same solver, grid, NFE, guidance;
+        # for a plan setting them, the sweep's own: Sweep.plain_config)
+        base = sweep.plain_config(c)
+        gb = guidance_of(base["guidance"])
+        same = (base["solver"], base["grid"], base["nfe_budget"], float(gb))
         if c["plan"] == "none":
             plain[same] = (lat, imgs)
         elif "none" in sweep.plans:
-            if same not in plain:  # a resumed sweep: the plain run again, untimed
-                plain[same] = _generate(model, jobs, seeds, sweep.batch, **{**kw, "plan": "none"})[:2]
+            if same not in plain:  # not run in this sweep (a resumed one): the plain run again, untimed
+                plain_kw = {"solver": base["solver"], "grid": base["grid"], "nfe": base["nfe_budget"],
+                            "guidance": gb, "plan": "none"}
+                plain[same] = _generate(model, jobs, seeds, sweep.batch, **plain_kw)[:2]
             rec.update({f"{k}_vs_plain": v for k, v in reference_distances(lat, imgs, *plain[same]).items()})
         if clip is not None:
             clip.scores = []
