@@ -96,6 +96,13 @@ def test_sweep_values_are_validated(tmp_path):
     assert sw.plain_config(fixed[-1]) == {"solver": "dpmpp_2m", "grid": None, "nfe_budget": 4,
                                           "guidance": None, "plan": "none"}
     assert sw.plain_config(fixed[1]) == {**fixed[1], "plan": "none"}  # no settings: its own axes
+    # a resumed sweep keeps records timed on the same machine only; its axes may grow
+    from velodiff.eval.sweep import sweep_key
+
+    one = {"device": "cpu", "dtype": "torch.float32", "threads": 1}
+    assert sweep_key(sw, "m", one) != sweep_key(sw, "m", {**one, "threads": 2})
+    assert sweep_key(sw, "m", one) != sweep_key(sw, "m", {**one, "device": "cuda:0"})
+    assert sweep_key(sw, "m", one) == sweep_key(make_sweep({"solvers": "ddim", "nfe": "2"}), "m", one)
     for bad in ("agg", "ag:threshold=2", "ag+cfg"):
         with pytest.raises(VelodiffError):
             make_sweep({"plans": [bad]})

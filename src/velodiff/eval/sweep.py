@@ -403,11 +403,14 @@ def _sheet(images: torch.Tensor, cols: int = 8) -> bytes:
     return png_bytes(image_grid(pils, cols=min(cols, len(pils))))
 
 
-def sweep_key(sweep: Sweep, model_id: str) -> str:
+def sweep_key(sweep: Sweep, model_id: str, machine: dict[str, Any] | None = None) -> str:
+    """What a resumed sweep's records must share to be kept: the model, the images asked and the
+    ``machine`` they were timed on (device, dtype, threads: records timed on one thread were reused
+    beside two-thread ones, and the header then said two); the axes may grow."""
     d = asdict(sweep)
     for k in ("solvers", "nfe", "grids", "guidance", "plans", "repeat", "quality"):
         d.pop(k)
-    return hashlib.sha256(json.dumps([model_id, d], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([model_id, d, machine or {}], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_sweep(
@@ -486,7 +489,8 @@ def run_sweep(
     configs = sweep.configs()
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder
     results_path = out / RESULTS
-    key = sweep_key(sweep, model_id)
+    machine = {"device": str(model.device), "dtype": str(model.dtype), "threads": torch.get_num_threads()}
+    key = sweep_key(sweep, model_id, machine)
     done: dict[str, dict[str, Any]] = {}
     if results_path.is_file():
         try:
