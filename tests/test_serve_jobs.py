@@ -376,6 +376,26 @@ def test_the_history_is_bounded_and_keeps_the_newest(tmp_path):
         store.close()
 
 
+def test_a_job_the_server_died_running_three_times_fails_instead_of_running_again(tmp_path):
+    """recover() requeues what a killed server was running; a job it was running at each of three
+    deaths (one that takes the server down, out of memory) fails with the reason, so the next start
+    serves the others."""
+    from velodiff.serve.queue import MAX_ATTEMPTS, JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        poison, other = (store.submit({"n": 1}, k, 1).id for k in ("a", "b"))
+        for death in range(1, MAX_ATTEMPTS + 1):
+            claimed = [j.id for j in store.claim(1)]
+            assert claimed == [poison]  # the oldest first, again after each recovery
+            assert store.recover() == (1 if death < MAX_ATTEMPTS else 0)
+        job = store.get(poison)
+        assert job.state == "failed" and f"stopped {MAX_ATTEMPTS} times" in job.error
+        assert [j.id for j in store.claim(1)] == [other]
+    finally:
+        store.close()
+
+
 def test_a_job_store_that_is_not_a_database_is_refused_and_left_as_it_was(tmp_path):
     """--db naming a file that is not SQLite (a typo for another file) or a folder: one line, and the file
     is not touched (no -wal / -shm beside it)."""

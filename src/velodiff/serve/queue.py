@@ -96,6 +96,10 @@ class Job:
         return cls(**d)
 
 
+#: runs of a job a dying server may leave unfinished before recover() fails it
+MAX_ATTEMPTS = 3
+
+
 class JobStore:
     """The queue in ``path`` (one connection, serialized by a lock; callers are threads)."""
 
@@ -187,10 +191,22 @@ class JobStore:
         return max(1, math.ceil(mean * max(1, active) / 4))
 
     def recover(self) -> int:
-        """Put the jobs left running by a killed server back in the queue; returns how many."""
-        return self._tx(
-            lambda db: db.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE state = 'running'")
-        ).rowcount
+        """Put the jobs left running by a killed server back in the queue; returns how many. A job the
+        server was running ``MAX_ATTEMPTS`` times when it died fails instead: one that kills the server
+        (out of memory) would otherwise run again, and kill it again, at every restart."""
+
+        def requeue(db: sqlite3.Connection) -> int:
+            db.execute(
+                "UPDATE jobs SET state = 'failed', finished = ?, error = ? "
+                "WHERE state = 'running' AND attempts >= ?",
+                (time.time(), f"the server stopped {MAX_ATTEMPTS} times while running this job "
+                 "(out of memory?); it is not run again", MAX_ATTEMPTS),
+            )
+            return db.execute(
+                "UPDATE jobs SET state = 'queued', started = NULL WHERE state = 'running'"
+            ).rowcount
+
+        return self._tx(requeue)
 
     def claim(self, max_images: int, runner: str | None = None) -> list[Job]:
         """Take the oldest queued job and, behind it, the queued jobs with the same batch key while their
