@@ -66,6 +66,21 @@ def test_the_attention_control_is_what_makes_the_edit(model):
     assert float((both.latents[1] - edits[0.8, 0]).pow(2).mean().sqrt()) > 1e-3
 
 
+def test_maps_of_every_layer_at_a_size_whose_halving_changes_the_aspect(model):
+    """36 x 100 pixels: a 9 x 25 latent, halved (rounding up) to 5 x 13 and 3 x 7 tokens, where the
+    aspect alone guessed 3 x 8 and the local blend failed with a reshape error; regional prompting on
+    every layer too."""
+    from velodiff.accel.attention import token_grid
+    from velodiff.pipelines import text2img
+
+    assert [token_grid(n, 9, 25) for n in (225, 65, 21)] == [(9, 25), (5, 13), (3, 7)]
+    assert token_grid(256, 16, 16) == (16, 16) and token_grid(64, 16, 16) == (8, 8)
+    kw = dict(seed=1, steps=3, height=36, width=100)
+    r = edit_prompt(model, "a red circle", "a blue circle", blend=("circle",), **kw)
+    assert r.images[1].size == (100, 36)
+    text2img(model, "a red circle", steps=3, height=36, width=100, plan="regional:layers=.*")
+
+
 def test_the_reference_codes_option_names_are_aliases():
     from velodiff.plan import Plan
 

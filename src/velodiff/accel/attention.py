@@ -283,6 +283,13 @@ def _spatial(probs: Tensor, h: int, w: int) -> Tensor:
 
 
 def token_grid(n: int, h: int, w: int) -> tuple[int, int]:
-    """The (h', w') grid of a layer's n tokens, downsampled from the latent's h x w with its aspect."""
+    """The (h', w') grid of a layer's n tokens, downsampled from the latent's h x w: halved with
+    rounding up until it holds n tokens, as a UNet's (and a DiT's 2x2 patches) downsample it (9 x 25
+    -> 5 x 13 -> 3 x 7: the aspect alone gave 3 x 8 there); else the aspect's nearest grid."""
+    hh, ww = h, w
+    while hh * ww > n:
+        hh, ww = -(-hh // 2), -(-ww // 2)
+    if hh * ww == n:
+        return hh, ww
     f = math.sqrt(h * w / n)
     return round(h / f), round(w / f)

@@ -3,8 +3,10 @@ sample from there.
 
 ``strength`` in [0, 1] picks the start as diffusers does: of the grid for ``steps`` steps, the last
 ``int(steps * strength)`` steps are run, from the image latents noised to that grid time
-(x = alpha(t) z0 + sigma(t) eps, diffusers' ``add_noise``). strength 1 starts from pure noise at
-the top of the grid; strength 0 returns the image through the VAE, with no network call.
+(x = alpha(t) z0 + sigma(t) eps, diffusers' ``add_noise``). strength 1 starts at the top of the grid,
+where the image still weighs alpha(t_max) (0.07 on SD's schedule: the result keeps a trace of it, as in
+diffusers; ``inpaint`` at strength 1 starts from pure noise); strength 0 returns the image through the
+VAE, with no network call.
 """
 
 from __future__ import annotations
