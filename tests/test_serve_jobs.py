@@ -341,6 +341,16 @@ def test_a_job_cancelled_while_running_leaves_its_batch_at_the_next_step(tmp_pat
         job = store.submit({"n": 1, "steps": 10}, "k", 1)
         worker._run(store.claim(1))
         assert engine.steps_run == 3 and store.get(job.id).state == "cancelled"
+        # cancelled between its claim and its run: no 'started' after its 'cancelled', one step at most
+        published = []
+        worker.broker.publish = published.append
+        job = store.submit({"n": 1, "steps": 10}, "k", 1)
+        claimed = store.claim(1)
+        worker.cancel(job.id)
+        engine.steps_run = 0
+        worker._run(claimed)
+        assert [e["type"] for e in published if e.get("job") == job.id] == ["cancelled"]
+        assert engine.steps_run == 1
     finally:
         store.close()
 

@@ -125,11 +125,14 @@ class Worker:
         self.batches.append(sum(j.params["n"] for j in jobs))
         alive = {j.id: j for j in jobs}
         starts = {j.id: time.monotonic() for j in jobs}
+        for jid in self.store.not_running(list(alive)):  # cancelled since the claim: no 'started' after
+            del alive[jid]  # its 'cancelled' (ComfyUI clients saw execution_start after the interrupt)
         self.running = list(alive)
         for j in jobs:
-            self.broker.publish(
-                {"type": "started", "job": j.id, "steps": j.params["steps"], "batch": len(jobs)}
-            )
+            if j.id in alive:
+                self.broker.publish(
+                    {"type": "started", "job": j.id, "steps": j.params["steps"], "batch": len(jobs)}
+                )
         offsets, i = {}, 0
         for j in jobs:
             offsets[j.id] = i
