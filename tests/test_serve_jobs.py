@@ -301,6 +301,19 @@ def test_a_job_moves_to_done_at_most_once_and_only_from_running(tmp_path):
         store.close()
 
 
+def test_jobs_whose_plan_decides_for_the_whole_batch_are_never_batched():
+    """FBCache skips the blocks for every row of a call or none: a job's image would change with the jobs
+    beside it, so such jobs (and collages) get a key of their own; other plans share keys."""
+    from velodiff.serve.engine import batch_key
+
+    params = {"model": "m", "width": 64, "height": 64, "steps": 4, "n": 1}
+    for plan in ("fbcache", "fbcache:threshold=0.1+cfg"):
+        assert batch_key({**params, "plan": plan}) != batch_key({**params, "plan": plan})
+    assert batch_key({**params, "kind": "collage"}) != batch_key({**params, "kind": "collage"})
+    for plan in (None, "deepcache:interval=3", "tome:max_downsample=2"):
+        assert batch_key({**params, "plan": plan}) == batch_key({**params, "plan": plan})
+
+
 def test_a_batch_takes_the_compatible_jobs_that_exactly_fill_it(tmp_path):
     from velodiff.serve.queue import JobStore
 

@@ -194,6 +194,9 @@ class Accelerator:
     #: True when the rule's effect at a step depends on the steps before it (a feature cache, adaptive
     #: guidance's switch, a momentum): an inversion runs the steps the other way and cannot undo it exactly
     stateful: ClassVar[bool] = False
+    #: True when one decision covers the whole batch (FBCache skips the blocks for every row or none):
+    #: an image then depends on the others batched with it, so a server never batches such jobs
+    couples_batch: ClassVar[bool] = False
 
     def __init__(self, **values: Any) -> None:
         unknown = set(values) - set(self.options)

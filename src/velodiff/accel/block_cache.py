@@ -124,6 +124,7 @@ class DiffusersCache(Accelerator):
 @register_rule
 class FirstBlockCache(DiffusersCache):
     name = "fbcache"
+    couples_batch = True  # diffusers' hook compares the residual of the whole batch
     summary = "First-Block Cache (FBCache, TeaCache's idea), DiTs: skip the rest while block 1 barely changes"
     options = {
         "threshold": Option(

@@ -53,10 +53,16 @@ class Request:
 
 
 def batch_key(params: dict[str, Any]) -> str:
-    if params.get("kind") == "collage":  # drawn one job at a time (an object at a time): never batched
+    """Jobs of one key may share a network call. A collage (drawn an object at a time) and a plan whose
+    rule decides for the whole batch (``Accelerator.couples_batch``: an image would change with the jobs
+    beside it) get a key of their own."""
+    from ..plan import Plan
+
+    coupled = any(r.couples_batch for r in Plan.parse(params.get("plan")).rules)
+    if params.get("kind") == "collage" or coupled:
         import uuid
 
-        return f"collage:{uuid.uuid4().hex}"
+        return f"alone:{uuid.uuid4().hex}"
     return json.dumps({k: params.get(k) for k in BATCH_FIELDS}, sort_keys=True)
 
 
