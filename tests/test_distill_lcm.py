@@ -168,6 +168,26 @@ def test_lora_round_trip_through_the_folder_and_the_lora_option(tmp_path) -> Non
         velodiff.load("default", lora=bad)
 
 
+def test_a_lora_student_is_written_whole_before_it_replaces_the_folder(tmp_path, monkeypatch) -> None:
+    """The adapter is written into the new folder before the swap: a failure while writing it leaves the
+    previous student (the teacher's UNet under LCM defaults, with no adapter, was left in its place)."""
+    import velodiff.models.lora as lora_module
+    from velodiff.distill.teacher import save_student
+
+    _, unet = _folder_with_lora(tmp_path)
+    out = tmp_path / "student"
+    save_student(shipped_path("default"), None, out, {"solver": "lcm", "steps": 4}, "first", lora=unet)
+    assert (out / "lora" / "adapter_model.safetensors").is_file()
+
+    def disk_full(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora_module, "save_lora", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_student(shipped_path("default"), None, out, {"solver": "lcm", "steps": 4}, "second", lora=unet)
+    assert (out / "MODEL_CARD.md").read_text() == "first" and (out / "lora").is_dir()
+
+
 def test_lora_scale_scales_each_adapters_change_and_several_loras_add(tmp_path, capsys) -> None:
     """lora_scale multiplies a LoRA's weight change (diffusers' set_adapters weights, then fuse_lora), 0
     turns it off, several LoRAs add at their own scales; unfused peft layers compute the same function."""

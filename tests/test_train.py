@@ -255,3 +255,46 @@ def test_a_run_resumed_already_complete_reports_its_last_loss(tmp_path):
     again = run_loop(tmp_path / "r", cfg, {"lin": lin}, step_fn, quiet=True)
     assert again["completed"] and again["steps"] == 3
     assert again["final_loss"] == pytest.approx(first["final_loss"], abs=1e-6)
+
+
+def test_a_spent_time_budget_trains_no_more_steps(tmp_path):
+    """--max-minutes counts the run's training time over its resumes: a rerun past it stops before a
+    step (each rerun trained, and checkpointed, one more)."""
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step_fn(step, gen):
+        return lin(torch.randn(4, 2, generator=gen)).pow(2).mean(), {}
+
+    cfg = LoopConfig(steps=10, lr=1e-2, warmup=1, checkpoint_every=5, log_every=1, max_minutes=1e-9)
+    first = run_loop(tmp_path / "r", cfg, {"lin": lin}, step_fn, quiet=True)
+    again = run_loop(tmp_path / "r", cfg, {"lin": lin}, step_fn, quiet=True)
+    assert first["steps"] == again["steps"] == 1 and not again["completed"]
+
+
+def test_an_unfinished_or_other_size_autoencoder_is_refused_in_one_line(tmp_path, vae_run, capsys):
+    """train ldm / export on an autoencoder run of another --size (was a 180-line state-dict error) or
+    one stopped early (its partly trained latents were used); train ldm --out after a stop exports
+    nothing (a half-trained model replaced the one there)."""
+    from velodiff.cli import main
+    from velodiff.train.autoencoder import train_autoencoder
+    from velodiff.train.trainer import load_vae
+
+    with pytest.raises(VelodiffError, match="is not of size 'default'; give the --size it was trained"):
+        load_vae(vae_run, "default")
+    stopped = tmp_path / "stopped"
+    cfg = LoopConfig(steps=5, lr=1e-3, warmup=1, ema_decay=0.9, checkpoint_every=100, max_minutes=1e-9)
+    train_autoencoder(stopped, cfg, batch=2, size="micro", quiet=True)
+    with pytest.raises(VelodiffError, match="the autoencoder run stopped at step 1; rerun"):
+        load_vae(stopped, "micro")
+    out = tmp_path / "model"
+    args = ["train", "ldm", "--vae", str(vae_run), "--run", str(tmp_path / "ldm"), "--size", "micro",
+            "--steps", "5", "--batch", "2", "--cache-size", "4", "--max-minutes", "0.0000001", "--out",
+            str(out), "--quiet", "--threads", "1"]
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code or 0
+    assert code == 0 and not out.exists()
+    assert "nothing exported" in capsys.readouterr().out

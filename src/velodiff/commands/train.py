@@ -85,7 +85,9 @@ def autoencoder(
     size: str = typer.Option("default", help="architecture size: default or micro"),
     init: Annotated[Path | None, typer.Option(help="start from this autoencoder run's weights")] = None,
     decoder_only: bool = typer.Option(False, help="freeze the encoder, fine-tune the decoder"),
-    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much training time"),
+    max_minutes: float = typer.Option(
+        None, help="stop (with a checkpoint) after this much training time, counted over the run's resumes"
+    ),
     checkpoint_every: int = typer.Option(100, min=1),
     threads: int | None = typer.Option(
         None, min=1, callback=check_threads, help="CPU threads (default: 2, or the CPUs if fewer)"
@@ -165,7 +167,9 @@ def ldm(
     cache_size: int = typer.Option(16384, min=1, help="number of distinct training scenes"),
     seed: int = typer.Option(0),
     size: str = typer.Option("default", help="architecture size: default or micro"),
-    max_minutes: float = typer.Option(None, help="stop (with a checkpoint) after this much training time"),
+    max_minutes: float = typer.Option(
+        None, help="stop (with a checkpoint) after this much training time, counted over the run's resumes"
+    ),
     checkpoint_every: int = typer.Option(100, min=1),
     out: Annotated[
         Path | None, typer.Option(help="export the EMA model as a diffusers folder here when done")
@@ -211,7 +215,10 @@ def ldm(
     )
     s = train_ldm(run, vae, cfg, lcfg, quiet=quiet, device=device, workers=workers)
     typer.echo(f"ldm: {s['steps']} steps, {s['wall_s'] / 60:.1f} min, loss {s['final_loss']:.4f}")
-    if out is not None:
+    if out is not None and not s["completed"]:  # a half-trained model would replace the one at --out
+        typer.echo(f"stopped before the last step: nothing exported to {out}; rerun the same command "
+                   "to resume and export")
+    elif out is not None:
         from ..train.export import export_model
 
         typer.echo(f"exported {export_model(vae, run, out)}")

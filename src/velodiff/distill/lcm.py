@@ -122,8 +122,6 @@ def distill_lcm(
     quiet: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    from ..models.lora import save_lora
-
     if lcfg.r < 0:
         raise VelodiffError(f"--lora-rank must be >= 0 (0: full fine-tune), got {lcfg.r}")
     if not 0.0 <= lcfg.ema < 1.0:
@@ -205,8 +203,7 @@ def distill_lcm(
         # the teacher's UNet files (a LoRA teacher's: its UNet with its adapter fused, which the new
         # adapter was trained on) and the adapter, applied by velodiff.load
         base = teacher_unet if (tpath / "lora").is_dir() else None
-        save_student(tpath, base, out, sampling, card)
-        save_lora(student, out / "lora")
+        save_student(tpath, base, out, sampling, card, lora=student)
     else:
         save_student(tpath, student, out, sampling, card)
     (run / "summary.json").write_text(json.dumps({**summary, "wall_s": wall, "out": str(out)}, indent=1))

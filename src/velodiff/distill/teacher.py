@@ -64,11 +64,18 @@ def training_data(
     return cache, text, uncond, unet
 
 
-def save_student(teacher: Path, unet: Any | None, out: Path, sampling: dict[str, Any], card: str) -> Path:
+def save_student(
+    teacher: Path,
+    unet: Any | None,
+    out: Path,
+    sampling: dict[str, Any],
+    card: str,
+    lora: Any | None = None,
+) -> Path:
     """A diffusers folder: the teacher's components with the student's UNet (float32 safetensors) and
-    its own sampling defaults (``unet=None``: the teacher's UNet files as they are, e.g. under a LoRA).
-    Written to a sibling and swapped in; ``out`` must be new, empty or a model folder
-    (``files.check_model_out``)."""
+    its own sampling defaults (``unet=None``: the teacher's UNet files as they are, e.g. under a LoRA;
+    ``lora``: a peft-adapted UNet whose adapter goes to ``lora/``). Written whole to a sibling and
+    swapped in; ``out`` must be new, empty or a model folder (``files.check_model_out``)."""
     from ..files import check_model_out, plain_modes
 
     out = check_model_out(Path(out), "the student's folder")
@@ -81,6 +88,10 @@ def save_student(teacher: Path, unet: Any | None, out: Path, sampling: dict[str,
         unet.to(torch.float32).save_pretrained(tmp / "unet", safe_serialization=True)
     (tmp / SAMPLING_FILE).write_text(json.dumps(sampling, indent=1))
     (tmp / "MODEL_CARD.md").write_text(card)
+    if lora is not None:  # before the swap: a kill after it left the teacher's UNet under LCM defaults
+        from ..models.lora import save_lora
+
+        save_lora(lora, tmp / "lora")
     plain_modes(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

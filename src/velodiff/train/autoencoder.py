@@ -36,13 +36,14 @@ def train_autoencoder(
     it can train at the same time) and fine-tune the decoder only."""
     from ..data.shapes import ShapesWorld
     from .loop import load_run_weights, run_meta
+    from .trainer import fit_weights
 
     cfg.extra = {**cfg.extra, "stage": "autoencoder"}  # what train export checks its --vae run by
     world = ShapesWorld(seed=data_seed, size=64, holdout=True)
     vae = build_vae(size)
     if init is not None:
         run_meta(init, "autoencoder", "--init")
-        vae.load_state_dict(load_run_weights(init, "vae"))
+        fit_weights(vae, load_run_weights(init, "vae"), f"--init {init}: its autoencoder", size)
     if decoder_only:
         for m in (vae.encoder, vae.quant_conv):
             if m is not None:

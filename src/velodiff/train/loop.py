@@ -158,6 +158,8 @@ def run_loop(
         bar = tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=5.0, dynamic_ncols=True)
     t_start = time.perf_counter() - wall
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    if wall >= budget:  # the run's training time (over its resumes) is spent: not one more step
+        stop["flag"] = True
     last = resumed_loss
     smooth = None
     try:

@@ -61,6 +61,14 @@ def load_init_weights(unet: Any, text: Any, folder: Path) -> None:
             raise VelodiffError(f"--init {folder}: weights do not fit this architecture: {first}") from None
 
 
+def fit_weights(module: Any, state: dict[str, Any], what: str, size: str) -> None:
+    """Load ``state`` into ``module`` (built for ``size``), or one line: a run of another --size."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError:
+        raise VelodiffError(f"{what} is not of size {size!r}; give the --size it was trained with") from None
+
+
 def load_vae(vae_run: Path, size: str) -> tuple[Any, float]:
     from diffusers import AutoencoderKL
 
@@ -69,9 +77,15 @@ def load_vae(vae_run: Path, size: str) -> tuple[Any, float]:
         raise VelodiffError(
             f"{vae_run} has no finished autoencoder run (summary.json); run `velodiff train autoencoder`"
         )
-    scaling = float(json.loads(summary.read_text())["scaling_factor"])
+    done = json.loads(summary.read_text())
+    if not done.get("completed", True):  # stopped by --max-minutes or a signal: a partly trained VAE
+        raise VelodiffError(
+            f"{vae_run}: the autoencoder run stopped at step {done.get('steps')}; rerun `velodiff train "
+            "autoencoder` with the same --run to finish it"
+        )
+    scaling = float(done["scaling_factor"])
     vae = AutoencoderKL(**{**vae_config(size), "scaling_factor": scaling})
-    vae.load_state_dict(load_run_weights(vae_run, "vae"))
+    fit_weights(vae, load_run_weights(vae_run, "vae"), f"{vae_run}: its autoencoder", size)
     vae.eval().requires_grad_(False)
     return vae, scaling
 
