@@ -52,6 +52,9 @@ def save_checkpoint(
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**meta, "step": step}, indent=1))
+    for f in (tmp / "state.safetensors", tmp / "state.json"):  # on disk before `latest` names them
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_atomic(run / "latest", final.name)
