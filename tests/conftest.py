@@ -16,4 +16,4 @@ def required_options(name: str, schedule) -> dict:
     if "ems" not in get_solver(name).requires:
         return {}
     lams = schedule.log_snr(make_grid("logsnr", schedule, 50)[:-1])
-    return {"ems": ModelStatistics.degenerate(lams)}
+    return {"ems": ModelStatistics.degenerate(lams[lams.isfinite()])}  # (a flow's t = 1: lambda = -inf)

@@ -263,6 +263,24 @@ def test_finite_on_zero_snr_and_flow(solver, schedule, grid):
     assert bool(torch.isfinite(res.x).all())
 
 
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+@pytest.mark.parametrize(
+    "schedule,grid",
+    [(RectifiedFlow(shift=3.0), "flow-shifted"),
+     (DiscreteVP.scaled_linear().rescale_zero_terminal_snr(), "trailing")],
+)
+def test_every_solver_starts_from_pure_noise(solver, schedule, grid):
+    """A flow's default grid and a zero-terminal-SNR schedule start where alpha = 0 (rho and lambda
+    infinite): every solver takes that step as DDIM does and keeps it out of its multistep history (LMS,
+    iPNDM, DEIS, UniPC-bh1 and -3 and DPM-Solver-v3 divided by zero or returned NaN there)."""
+    from conftest import required_options
+
+    ts = make_grid(grid, schedule, 6)
+    assert float(schedule.alpha(ts[0])) < 1e-3  # 0 for the flow; diffusers' zero-SNR keeps 2.4e-4
+    res = sample(MixtureDenoiser(MIX, schedule), X, ts, solver, **required_options(solver, schedule))
+    assert bool(torch.isfinite(res.x).all())
+
+
 @pytest.mark.parametrize(
     "solver,options",
     [("dpm_solver_3", {"variant": "taylor"}), ("dpmpp_3m", {"variant": "paper"}),

@@ -230,7 +230,7 @@ def test_lower_order_final_is_diffusers_rule_below_15_steps():
 
     def order(steps, i, lof, ends_at_zero=False):
         ctx = SimpleNamespace(steps=steps, options={"lower_order_final": lof}, exact=lambda j: True,
-                              ends_at_zero=lambda j: ends_at_zero)
+                              ends_at_zero=lambda j: ends_at_zero, a=lambda j: 1.0)
         return lower_order_final(ctx, i, 3)
 
     assert order(14, 13, True) == 1 and order(14, 12, True) == 2 and order(14, 11, True) == 3

@@ -2,6 +2,8 @@
 approximate evaluations and the solvers' answer to them, callbacks that edit x, gradients; and that
 the seam changes nothing without a plan (bit-identical to the loop as it was before the seam)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -272,9 +274,15 @@ def test_usable_order_restarts_after_an_estimate():
     record = EvalRecord()
     for step, exact in enumerate([True, True, False, True, True, True]):
         record.note(step, exact, None)
-    ctx = StepContext(denoise=None, schedule=SCHED, ts=torch.zeros(7), alphas=None, sigmas=None,
+    ctx = StepContext(denoise=None, schedule=SCHED, ts=torch.zeros(7), alphas=torch.ones(7), sigmas=None,
                       lambdas=None, noise=None, record=record)
     assert [usable_order(ctx, i, 3) for i in range(6)] == [1, 2, 1, 1, 2, 3]
+    # an evaluation at alpha = 0 (pure noise: infinite rho and lambda) joins no multistep formula
+    exact = EvalRecord()
+    for step in range(6):
+        exact.note(step, True, None)
+    ctx = replace(ctx, alphas=torch.tensor([0.0, 1, 1, 1, 1, 1, 1]), record=exact)
+    assert [usable_order(ctx, i, 3) for i in range(5)] == [1, 1, 2, 3, 3]
 
 
 # --- callbacks edit x; rules edit x; gradients ---------------------------------------------------------

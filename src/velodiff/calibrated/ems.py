@@ -57,8 +57,9 @@ def measure_statistics(
     sched = problem.schedule
     grid = make_grid("logsnr", sched, points)  # points times t_max .. t_min, then 0
     trajectory = problem.trajectory(grid, "dpmpp_2m", progress)
-    xs, x0s = trajectory.xs, trajectory.x0s
-    ts = grid[:-1]
+    finite = [k for k in range(len(grid) - 1) if float(sched.alpha(grid[k])) > 0]  # not a flow's t = 1
+    xs, x0s = [trajectory.xs[k] for k in finite], [trajectory.x0s[k] for k in finite]
+    ts = grid[finite]
     lams = sched.log_snr(ts)
     alphas, sigmas = sched.alpha(ts), sched.sigma(ts)
     dims = _reduce_dims(xs[0], share)

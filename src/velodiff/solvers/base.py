@@ -110,8 +110,8 @@ class StepContext:
 def usable_order(ctx: StepContext, i: int, order: int) -> int:
     """``order`` limited to the run of exact evaluations ending at step i (at least 1); see the
     module docstring."""
-    run = 0
-    while run < order and i - run >= 0 and ctx.exact(i - run):
+    run = 0  # an evaluation at alpha = 0 (a flow's or a zero-SNR schedule's t_max) has no finite
+    while run < order and i - run >= 0 and ctx.exact(i - run) and ctx.a(i - run) > 0:  # rho or lambda
         run += 1
     return max(1, min(order, run))
 

@@ -87,8 +87,8 @@ def deis_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, 
     x0 = ctx.denoise(x, ctx.t(i))
     eps = (x - ctx.a(i) * x0) / ctx.s(i)
     epss = (*(state or ()), eps)[-int(ctx.options["order"]) :]
-    if ctx.ends_at_zero(i):
-        return x0, x0, epss
+    if ctx.ends_at_zero(i) or ctx.a(i) == 0.0:  # (from pure noise, lambda = -inf: DDIM's step)
+        return ctx.ddim(i, x, x0), x0, epss
     p = lower_order_final(ctx, i, len(epss))
     coeffs = deis_coefficients(ctx, i, p, ctx.options["interp"])  # Eq. 15
     eps_sum = sum(c * e for c, e in zip(coeffs, reversed(epss[-p:]), strict=True))

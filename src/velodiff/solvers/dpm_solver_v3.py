@@ -72,6 +72,8 @@ class ModelStatistics:
         lam = self.lambdas.to(F64)
         if lam.ndim != 1 or len(lam) < 2 or not bool((lam[1:] > lam[:-1]).all()):
             raise VelodiffError("model statistics need an increasing log-SNR grid of at least two points")
+        if not bool(torch.isfinite(lam).all()):  # a flow's t = 1 (lambda = -inf) has no statistics
+            raise VelodiffError("model statistics need finite log-SNR times (leave out alpha = 0)")
         for name in ("l", "s", "b"):
             v = getattr(self, name)
             if v.shape[0] != len(lam) or not bool(torch.isfinite(v).all()):
@@ -172,8 +174,8 @@ def dpm_solver_v3_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple
             "velodiff.calibrated.measure_statistics or: velodiff calibrate solver --methods dpm_solver_v3"
         )
     x0 = ctx.denoise(x, ctx.t(i))
-    if ctx.ends_at_zero(i):
-        return x0, x0, None
+    if ctx.ends_at_zero(i) or ctx.a(i) == 0.0:  # (from pure noise: no statistic at lambda = -inf)
+        return ctx.ddim(i, x, x0), x0, None
     lam, a_i = ctx.lam(i), ctx.a(i)
     l_i = _move(ems.at("l", lam), x)
     f = ((1 - l_i) * x) / a_i - x0  # (N - l x) / alpha with N = x - alpha x0

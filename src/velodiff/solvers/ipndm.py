@@ -81,8 +81,8 @@ def ipndm_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor,
     if not 1 <= order <= len(AB_COEFFS):
         raise VelodiffError(f"iPNDM order must be 1 to {len(AB_COEFFS)}, got {order}")
     epss = (*(state or ()), eps)[-order:]
-    if ctx.ends_at_zero(i):
-        return x0, x0, epss
+    if ctx.ends_at_zero(i) or ctx.a(i) == 0.0:  # (from pure noise, rho = inf: DDIM's step)
+        return ctx.ddim(i, x, x0), x0, epss
     k = usable_order(ctx, i, len(epss))
     rho, rho_next = ctx.s(i) / ctx.a(i), ctx.s(i + 1) / ctx.a(i + 1)
     variant = ctx.options["variant"]

@@ -34,6 +34,8 @@ def lms_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tensor, T
     x0 = ctx.denoise(x, ctx.t(i))
     eps = (x - ctx.a(i) * x0) / ctx.s(i)
     epss = (*(state or ()), eps)[-int(ctx.options["order"]) :]
+    if ctx.a(i) == 0.0:  # pure noise (a flow's t = 1): rho is infinite, the first step is DDIM's
+        return ctx.ddim(i, x, x0), x0, epss
     k = usable_order(ctx, i, len(epss))
     coeffs = lms_coefficients(ctx, i, k)
     eps_sum = sum(c * e for c, e in zip(coeffs, reversed(epss[-k:]), strict=True))

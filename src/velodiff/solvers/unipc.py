@@ -61,7 +61,7 @@ def _uni_update(
         rks.append(1.0)
         ds.append(x0_new - m0)
     x_next = (ctx.s(i + 1) / ctx.s(i)) * x - ctx.a(i + 1) * math.expm1(hh) * m0
-    if not ds:
+    if not ds or not math.isfinite(b_h):  # B(h) = h from pure noise (h = inf): the first-order step
         return x_next
     if len(ds) == 1:
         rhos = [0.5]
