@@ -847,6 +847,11 @@ def test_comfyuis_two_unipc_samplers_are_its_two_variants():
     assert (one.name, one.defaults["solver_type"], one.defaults["order"]) == ("unipc", "bh1", 3)
     a1111 = get_solver("UniPC")  # A1111's defaults: bh1, order 3
     assert (a1111.name, a1111.defaults["solver_type"], a1111.defaults["order"]) == ("unipc", "bh1", 3)
+    # ... on A1111's grid: S time-uniform steps from t = 1 to 1/N, no jump to 0 (denoise_to_zero=False)
+    r = resolve_solver("UniPC")
+    vp = DiscreteVP.scaled_linear()
+    a1111_ts = torch.linspace(1.0, 1.0 / vp.num_train_timesteps, 11, dtype=torch.float64)
+    torch.testing.assert_close(make_grid(r.grid, vp, 10, final=r.final), a1111_ts, rtol=0, atol=1e-12)
     assert (two.name, two.defaults["solver_type"], two.defaults["order"]) == ("unipc", "bh2", 3)
     ts = make_grid("karras", SCHED, 6)
     x = starting_noise(SHAPE, 2, seed=0)

@@ -178,8 +178,10 @@ _A1111 = [
     _s("DPM adaptive", A1111, "dpm_adaptive", "logsnr", final="t_min"),
     _s("DDIM", A1111, "ddim", "ddim_uniform", final="t_min",
        note="timesteps 1, 1 + c, ... (c = 1000 // steps); the last step lands on alphas_cumprod[0]"),
-    _s("UniPC", A1111, "unipc", "uniform", solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3},
-       note="A1111's defaults: variant bh1, order 3, time-uniform steps"),
+    _s("UniPC", A1111, "unipc", "uniform", final="t_min",
+       solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3},
+       note="A1111's defaults: variant bh1, order 3, time-uniform steps from t = 1 to 1/N, no step to 0 "
+       "(uni_pc.sample with denoise_to_zero=False)"),
     _s("LCM", A1111, "lcm", solver_options={"boundary": False}),
     _g("Automatic", A1111, "normal",
        note="with a sampler label: that sampler's default (its own grid); else the model's default grid"),
