@@ -171,6 +171,11 @@ def test_flow_shifted_equals_diffusers_flow_match():
     sched = RectifiedFlow(shift=3.0, t_min=ref.sigma_min)
     ts = make_grid("flow-shifted", sched, 12)
     assert torch.allclose(ts, ref.sigmas.to(F64), rtol=1e-6, atol=1e-7)
+    # a shift below 1 (the schedule takes any shift > 0) would end below t_min: it ends at t_min
+    low = RectifiedFlow(shift=0.5)
+    for final in ("zero", "t_min"):
+        ts = make_grid("flow-shifted", low, 10, final=final)
+        assert float(ts[-1 if final == "t_min" else -2]) == pytest.approx(low.t_min, rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -261,7 +261,9 @@ def flow_shifted(
     s = shift if shift is not None else (sched.shift if isinstance(sched, RectifiedFlow) else 1.0)
     n = steps if final == "zero" else steps + 1
     u_hi = hi / (s - (s - 1.0) * hi)  # inverse of flow_shift; = hi for t_start None (hi = 1) or s = 1
-    ts = flow_shift(torch.linspace(u_hi, lo, n, dtype=F64), s)
+    # a shift below 1 moves t_min below itself: the ramp then ends at its inverse, the grid at t_min
+    u_lo = lo if s >= 1.0 else lo / (s - (s - 1.0) * lo)
+    ts = flow_shift(torch.linspace(u_hi, u_lo, n, dtype=F64), s)
     ts[0] = hi
     return _finish(ts, final)
 
