@@ -215,8 +215,9 @@ def _spacing(spacing: str) -> Callable[..., Tensor]:
             raise VelodiffError(f"grid {spacing!r} always starts where diffusers starts it; use another grid")
         if fractional and spacing != "linspace":
             raise VelodiffError(f"grid {spacing!r}: fractional applies to 'linspace' only")
+        if fractional and not isinstance(sched, DiscreteVP):
+            raise VelodiffError(f"grid {spacing!r}: fractional interpolates a discrete schedule's table")
         if fractional:  # diffusers' Euler family: k unrounded, sigma interpolated linearly in k
-            assert isinstance(sched, DiscreteVP)
             n = sched.num_train_timesteps
             ks = torch.linspace(0, n - 1, steps, dtype=F64).flip(0)
             table = sched.sigma_ve(sched.t_from_timestep(torch.arange(n, dtype=F64)))
