@@ -119,6 +119,12 @@ def test_grids_are_diffusers(models):
         torch.testing.assert_close(ts, pipe.scheduler.sigmas.double(), atol=1e-6, rtol=0)
     big = models["flux"].grid_options(1024, 1024)["shift"]
     assert big > models["flux"].grid_options(256, 256)["shift"] > 1.0  # the shift grows with resolution
+    # the default grid named (--grid flow-shifted) keeps that shift (it sampled an unshifted grid)
+    from velodiff.pipelines.setup import Sampling, make_setup
+
+    m = models["flux"]
+    named = make_setup(m, Sampling.of("t", {"grid": m.default_grid, "steps": 4}), size=(H, W)).ts
+    torch.testing.assert_close(named, make_setup(m, Sampling.of("t", {"steps": 4}), size=(H, W)).ts)
 
 
 def test_sizes_are_checked(models):

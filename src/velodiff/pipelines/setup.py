@@ -226,7 +226,8 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
         )
     name = grid or model.default_grid
     grid_opts = {}
-    if grid is None:
+    if grid is None or _grid_name(grid) == _grid_name(model.default_grid):  # named as the model's own:
+        # its options too (Flux's resolution-dependent shift lives there; named, it sampled unshifted)
         grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
     grid_opts = {**getattr(model, "grid_defaults", {}).get(_grid_name(name) or str(name), {}), **grid_opts,
                  **(opts.grid_options or {})}
