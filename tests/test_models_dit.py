@@ -381,3 +381,17 @@ def test_bench_pipeline_records(folders, tmp_path):
         assert r["nfe"] == 2 and r["seconds_median"] > 0 and r["peak_mb"] > 0
     assert recs[0]["max_abs_diff"] <= recs[0]["tolerance"]
     assert "| sd3-no-t5 (sd3) | cpu / float32 | 2 |" in pipeline_table(recs)
+
+
+def test_flow_scheduler_keys_velodiff_does_not_build_are_refused():
+    """A FlowMatchEulerDiscreteScheduler config with a linear time shift, a shift_terminal or karras /
+    exponential / beta sigmas asks for another grid than velodiff builds: refused in one line (it sampled
+    the default grid, up to 0.6 away in sigma)."""
+    from velodiff.models.dit import flow_schedule
+
+    base = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+    assert flow_schedule({**base, "time_shift_type": "exponential", "use_karras_sigmas": False}).shift == 3.0
+    for key, value in (("time_shift_type", "linear"), ("shift_terminal", 0.1), ("use_karras_sigmas", True),
+                       ("use_beta_sigmas", True), ("invert_sigmas", True)):
+        with pytest.raises(VelodiffError, match=f"scheduler config {key}="):
+            flow_schedule({**base, key: value})

@@ -207,6 +207,15 @@ def flow_schedule(sched_cfg: dict[str, Any]) -> RectifiedFlow:
     smallest of its shifted training sigmas (so the default grid reproduces diffusers')."""
     if sched_cfg and "FlowMatch" not in str(sched_cfg.get("_class_name", "FlowMatch")):
         raise VelodiffError(f"scheduler {sched_cfg.get('_class_name')} is not a flow-matching scheduler")
+    unread = {"time_shift_type": "exponential", "shift_terminal": None, "use_karras_sigmas": False,
+              "use_exponential_sigmas": False, "use_beta_sigmas": False, "invert_sigmas": False}
+    for key, default in unread.items():  # a grid velodiff does not build: refused, not run another way
+        value = sched_cfg.get(key)
+        if value is not None and value != default:
+            raise VelodiffError(
+                f"scheduler config {key}={value!r}: velodiff builds FlowMatchEulerDiscreteScheduler's "
+                "default grid (exponential time shift) only; remove the key to sample on that grid"
+            )
     n = int(sched_cfg.get("num_train_timesteps", 1000))
     shift = float(sched_cfg.get("shift", 1.0))
     if sched_cfg.get("use_dynamic_shifting"):  # Flux: the shift depends on the image size (see flux.py)
