@@ -395,3 +395,18 @@ def test_flow_scheduler_keys_velodiff_does_not_build_are_refused():
                        ("use_beta_sigmas", True), ("invert_sigmas", True)):
         with pytest.raises(VelodiffError, match=f"scheduler config {key}="):
             flow_schedule({**base, key: value})
+
+
+def test_clip_skip_is_refused_where_the_prompt_encoder_does_not_take_it(folders):
+    """PixArt (T5 alone) and Flux read no CLIP layer count: --clip-skip is one line there (it was
+    accepted and ignored); SD3's CLIP encoders take it."""
+    from velodiff.commands.image_run import ImageRun
+
+    for kind in ("pixart-sigma", "flux"):
+        run = ImageRun(model=str(folders[kind]), device="cpu", dtype="float32", clip_skip=1)
+        run.check()
+        with pytest.raises(VelodiffError, match="--clip-skip: this .* model's prompt encoder does not take"):
+            run.load()
+    run = ImageRun(model=str(folders["sd3"]), device="cpu", dtype="float32", clip_skip=1)
+    run.check()
+    assert run.load().clip_skip == 1

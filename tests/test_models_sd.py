@@ -103,6 +103,20 @@ def test_families_detected(models):
     assert m.latent_channels == 4 and m.vae_scale_factor == 2 and m.default_size == (16, 16)
 
 
+def test_an_lcm_pipeline_folder_is_detected(models, tmp_path):
+    """diffusers' LCM folders (model_index LatentConsistencyModelPipeline, an SD 1.x UNet) load as sd1
+    without --family (they were refused as no known family)."""
+    import json
+    import shutil
+
+    lcm = tmp_path / "lcm"
+    shutil.copytree(models.folder("sd1"), lcm)
+    index = json.loads((lcm / "model_index.json").read_text())
+    index["_class_name"] = "LatentConsistencyModelPipeline"
+    (lcm / "model_index.json").write_text(json.dumps(index))
+    assert load(lcm).family == "sd1"
+
+
 def test_text2img_images_and_counts(models):
     r = text2img(models["sd1"], PROMPT, steps=3, seeds=[1, 2])
     assert len(r.images) == 2 and r.images[0].size == (W, H) and r.images[0].mode == "RGB"

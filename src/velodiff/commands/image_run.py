@@ -149,8 +149,8 @@ class ImageRun:
         )
         m = self.loaded
         if self.clip_skip:
-            if not hasattr(m, "clip_skip"):
-                raise VelodiffError(f"--clip-skip: this {m.family} model has no CLIP text encoder")
+            if not getattr(m, "uses_clip_skip", False):  # PixArt, Flux: it was ignored without a word
+                raise VelodiffError(f"--clip-skip: this {m.family} model's prompt encoder does not take it")
             layers = [getattr(getattr(c, "config", None), "num_hidden_layers", None)
                       for k, c in m.components.items() if k.startswith("text_encoder")]
             fewest = min((n for n in layers if n), default=None)

@@ -16,7 +16,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -91,6 +91,8 @@ class DiTModel(SDModel):
     """A transformer family: the VAE codecs and tokenization of :class:`SDModel`, a ``transformer``
     component instead of a UNet. ``components``: transformer, vae, text encoders and tokenizers,
     scheduler_config."""
+
+    uses_clip_skip: ClassVar[bool] = False  # SD3 reads it; PixArt (T5) and Flux do not
 
     @property
     def transformer(self) -> Any:

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,6 +31,8 @@ SD_PIPELINES = {
     "StableDiffusionInpaintPipeline",
     "StableDiffusionInpaintPipelineLegacy",
     "AltDiffusionPipeline",
+    "LatentConsistencyModelPipeline",  # an LCM-distilled SD 1.x UNet (time_cond_proj_dim)
+    "LatentConsistencyModelImg2ImgPipeline",
 }
 
 # tensor names in original (CompVis / Stability) single-file checkpoints
@@ -52,6 +54,9 @@ class SDModel(LoadedModel):
     """Stable Diffusion 1.x / 2.x. ``components``: unet, vae, text_encoder, tokenizer, scheduler_config."""
 
     clip_skip: int = 0
+    #: whether the text encoders are CLIP's, whose layers ``clip_skip`` counts (T5 alone: PixArt, Flux's
+    #: prompt encoder is CLIP-pooled only)
+    uses_clip_skip: ClassVar[bool] = True
 
     @property
     def unet(self) -> Any:

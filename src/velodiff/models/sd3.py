@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -49,6 +49,8 @@ SD3_PIPELINES = {
 class SD3Model(DiTModel):
     """SD3 / SD3.5. ``components``: transformer, vae, text_encoder(_2) (CLIP with projection),
     text_encoder_3 (T5, or None), their tokenizers, scheduler_config."""
+
+    uses_clip_skip: ClassVar[bool] = True
 
     def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
         c = self.components
