@@ -385,3 +385,30 @@ def test_lcm_boundary_scalings_use_the_integer_timestep_on_any_grid():
     sk = 2 * 10.0
     c_skip, c_out = 0.25 / (sk**2 + 0.25), sk / (sk**2 + 0.25) ** 0.5
     torch.testing.assert_close(got, c_skip * x + c_out * den(x, t0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_peft_lora_without_its_config_loads_onto_exactly_its_modules(tmp_path) -> None:
+    """No adapter_config.json: the targets and rank come from the tensors, each module by its whole
+    name (cut short, 'attentions.0...to_q' matched other blocks too and the LoRA was refused); the result
+    is the configured adapter's. Modules of different ranks need the config (refused in one line)."""
+    from peft import LoraConfig
+
+    unet = velodiff.load("default").components["unet"]
+    targets = ["mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+               "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"]
+    with torch.inference_mode(False):
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    save_lora(unet, tmp_path / "lora")
+    expected = _unet_out(velodiff.load("default", lora=tmp_path / "lora", fuse_lora=False).components["unet"])
+    (tmp_path / "lora" / "adapter_config.json").unlink()
+    got = velodiff.load("default", lora=tmp_path / "lora", fuse_lora=False).components["unet"]
+    assert torch.equal(_unet_out(got), expected)
+    assert (expected - _unet_out(velodiff.load("default").components["unet"])).abs().max() > 1e-4
+    mixed = velodiff.load("default").components["unet"]
+    with torch.inference_mode(False):
+        mixed.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets,
+                                     rank_pattern={"attn2.to_k": 2}))
+    save_lora(mixed, tmp_path / "mixed")
+    (tmp_path / "mixed" / "adapter_config.json").unlink()
+    with pytest.raises(VelodiffError, match=r"its modules have ranks \[2, 4\] and no adapter_config.json"):
+        velodiff.load("default", lora=tmp_path / "mixed")

@@ -20,7 +20,10 @@ LORA_DIR = "lora"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 #: the LoraConfig fields velodiff writes and reads back
-CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights")
+#: the LoraConfig fields a LoRA folder keeps (per-module ranks and alphas too: a LoRA of mixed ranks
+#: written without them did not load)
+CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights",
+               "rank_pattern", "alpha_pattern")
 
 
 def lora_config_dict(unet: Any, adapter: str = "default") -> dict[str, Any]:
@@ -73,6 +76,14 @@ def peek_keys(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
+def _module_name(key: str) -> str:
+    """The module a peft tensor key belongs to, without the prefixes peft or diffusers add."""
+    name = key.split(".lora_A.")[0]
+    for prefix in ("base_model.model.", "unet.", "transformer."):
+        name = name.removeprefix(prefix)
+    return name
+
+
 def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(LoraConfig fields, tensors) of a LoRA folder (or its ``.safetensors`` with the config beside it)."""
     from .weights import check_safetensors, load_file
@@ -91,9 +102,16 @@ def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, t
         downs = {k: v for k, v in state.items() if ".lora_A." in k}
         if not downs:
             raise VelodiffError(f"LoRA {str(path)!r}: no lora_A tensors and no {CONFIG_FILE}")
-        r = int(next(iter(downs.values())).shape[0])
-        targets = sorted({k.split(".lora_A.")[0].split(".", 1)[-1] for k in downs})
-        cfg = {"r": r, "lora_alpha": r, "target_modules": targets}
+        ranks = {_module_name(k): int(v.shape[0]) for k, v in downs.items()}
+        if len(set(ranks.values())) > 1:
+            raise VelodiffError(
+                f"LoRA {str(path)!r}: its modules have ranks {sorted(set(ranks.values()))} and no "
+                f"{CONFIG_FILE} says each one's scale; give the adapter's config beside its weights"
+            )
+        r = next(iter(ranks.values()))
+        # each module by its whole name: peft matches target names as suffixes, so a name cut short
+        # ("attentions.0...to_q" of "mid_block.attentions.0...to_q") put adapters in other blocks too
+        cfg = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks)}
     return cfg, state
 
 

@@ -226,9 +226,13 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
         )
     name = grid or model.default_grid
     grid_opts = {}
-    if grid is None or _grid_name(grid) == _grid_name(model.default_grid):  # named as the model's own:
-        # its options too (Flux's resolution-dependent shift lives there; named, it sampled unshifted)
+    if grid is None:
         grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
+    elif size is not None and _grid_name(grid) == _grid_name(model.default_grid):
+        # the model's own grid named: what depends on the image's size still applies (Flux's shift;
+        # named, it sampled an unshifted grid), the other defaults only when the grid is not named
+        sized = model.grid_options(*size)
+        grid_opts = {k: v for k, v in sized.items() if model.default_grid_options.get(k) != v}
     grid_opts = {**getattr(model, "grid_defaults", {}).get(_grid_name(name) or str(name), {}), **grid_opts,
                  **(opts.grid_options or {})}
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
