@@ -117,6 +117,23 @@ def test_an_lcm_pipeline_folder_is_detected(models, tmp_path):
     assert load(lcm).family == "sd1"
 
 
+def test_a_text_encoder_with_an_attention_mask_encodes_as_diffusers(models, tmp_path):
+    """A CLIP text encoder configured with use_attention_mask: the mask is the tokenizer's, which
+    attends the end token CLIP also pads with (ids != pad masked it: 0.9 off diffusers' embeddings)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "masked"
+    shutil.copytree(models.folder("sd1"), folder)
+    cfg = folder / "text_encoder" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "use_attention_mask": True}))
+    m = load(folder)
+    c = m.encode_prompt(["a red cube"], negative=["blurry"], guided=True)
+    pe, ne = m.to_diffusers().encode_prompt("a red cube", "cpu", 1, True, negative_prompt="blurry")
+    torch.testing.assert_close(c.cond["encoder_hidden_states"], pe, rtol=0, atol=1e-6)
+    torch.testing.assert_close(c.uncond["encoder_hidden_states"], ne, rtol=0, atol=1e-6)
+
+
 def test_text2img_images_and_counts(models):
     r = text2img(models["sd1"], PROMPT, steps=3, seeds=[1, 2])
     assert len(r.images) == 2 and r.images[0].size == (W, H) and r.images[0].mode == "RGB"

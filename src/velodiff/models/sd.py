@@ -96,8 +96,12 @@ class SDModel(LoadedModel):
         final_norm: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
-            mask = (ids != getattr(encoder.config, "pad_token_id", -1)).long().to(self.device)
+        if getattr(encoder.config, "use_attention_mask", False):  # the tokenizer's attention_mask:
+            pad, eos = (getattr(encoder.config, k, -1) for k in ("pad_token_id", "eos_token_id"))
+            padding = ids == pad
+            if pad == eos:  # CLIP pads with its end token: the first one ends the prompt and is attended
+                padding = padding & (padding.cumsum(dim=1) > 1)
+            mask = (~padding).long().to(self.device)
         want_hidden = layer_from_end > 0
         out = encoder(ids.to(self.device), attention_mask=mask, output_hidden_states=want_hidden)
         if want_hidden:
