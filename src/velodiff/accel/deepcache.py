@@ -308,6 +308,7 @@ class DeepCache(Accelerator):
         self.full_steps = self.plan_steps(run.steps)
         #: the grid positions (see ``position``) of the latest full evaluations with the same rows
         self.full_at: list[float] = []
+        self.rising = -run.ts.double().cpu().numpy()  # the grid's times negated, for position()
         self.cached_evals = 0
         #: the FLOP share of the latest cached evaluation (None before one ran)
         self.share: float | None = None
@@ -327,8 +328,7 @@ class DeepCache(Accelerator):
         """The position of time t on the run's grid: i at ts[i], fractional between two times."""
         import numpy as np
 
-        falling = self.run.ts.double().cpu().numpy()
-        return float(np.interp(-float(t), -falling, np.arange(len(falling))))
+        return float(np.interp(-float(t), self.rising, np.arange(len(self.rising))))
 
     def plan_steps(self, steps: int) -> set[int]:
         """The full steps of an N-step run."""
