@@ -22,7 +22,7 @@ MAX_BATCH = 65_536
 #: the most elements of one sample of the solver bench's image mixture
 MAX_SAMPLE_ELEMENTS = 1 << 20
 #: the seeds velodiff takes: torch's (``Generator.manual_seed``: 64 bits, either sign; -1 is 2**64 - 1);
-#: the servers take ComfyUI's KSampler range, [0, SEED_END)
+#: the server's jobs and brush APIs take the same range, its ComfyUI API ComfyUI's KSampler one, [0, SEED_END)
 SEED_MIN, SEED_END = -(2**63), 2**64
 
 

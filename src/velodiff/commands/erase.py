@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import VelodiffError
+from ..limits import check_guidance
 from . import options as o
 from .image_run import ImageRun
 
@@ -73,9 +74,8 @@ def erase_cmd(
             raise VelodiffError(
                 f"--templates entry {t!r}: only {{concept}} may stand in braces (write others as {{{{ }}}})"
             ) from None
-    for flag, value in (("--erase-scale", erase_scale), ("--preserve-scale", preserve_scale)):
-        if not 0 <= value < math.inf:  # before the model loads (inf passed typer's min)
-            raise VelodiffError(f"{flag} must be a finite number >= 0, got {value}")
+    check_guidance(erase_scale, "--erase-scale")  # before the model loads (inf passed typer's min)
+    check_guidance(preserve_scale, "--preserve-scale")
     if not 0 < lamb < math.inf:
         raise VelodiffError(f"--lamb must be a finite number > 0, got {lamb}")
     from ..files import check_model_out
