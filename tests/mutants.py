@@ -408,10 +408,10 @@ MUTANTS = {
         "",
         ["tests/test_reward.py", "-k", "confine"],
     ),
-    "psnr_range_not_squared": (
+    "psnr_amplitude_db": (
         "eval/metrics.py",
-        "return (10.0 * torch.log10(data_range**2 / mse)).float()",
-        "return (10.0 * torch.log10(data_range / mse)).float()",
+        "return (10.0 * torch.log10(1.0 / mse)).float()",
+        "return (20.0 * torch.log10(1.0 / mse)).float()",
         ["tests/test_metrics.py", "-k", "pixel_and_latent"],
     ),
     "psnr_batch_pooled": (

@@ -275,13 +275,14 @@ def latent_mse(x: Tensor, ref: Tensor) -> Tensor:
     return d.flatten(1).mean(1)
 
 
-def psnr(images: Any, ref: Any, data_range: float = 1.0) -> Tensor:
-    """Per-sample PSNR in dB: 10 log10(R^2 / MSE) over pixels in [0, 1] (inf for identical images)."""
+def psnr(images: Any, ref: Any) -> Tensor:
+    """Per-sample PSNR in dB: 10 log10(1 / MSE) over pixels in [0, 1] (the data range 1; inf for identical
+    images)."""
     a, b = as_images(images).clamp(0, 1), as_images(ref).clamp(0, 1)
     if a.shape != b.shape:
         raise VelodiffError(f"PSNR: image shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
     mse = ((a - b) ** 2).flatten(1).mean(1).double()
-    return (10.0 * torch.log10(data_range**2 / mse)).float()
+    return (10.0 * torch.log10(1.0 / mse)).float()
 
 
 def ssim(images: Any, ref: Any) -> Tensor:
