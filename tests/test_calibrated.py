@@ -218,6 +218,31 @@ def test_artefact_refusals(tmp_path, monkeypatch):
     assert (tmp_path / json.loads(sd1.read_text())["ems"]).is_file()
 
 
+def test_the_model_hash_sees_an_edit_in_the_middle_of_a_weight_file(tmp_path, monkeypatch):
+    """Calibrations and cached references are keyed by the model's hash: an edit of one layer in the
+    middle of a large weight file (what ``velodiff erase`` makes of the cross-attention) is another model.
+    A large file's digest is remembered by path, size and modification time, so rewriting it is seen."""
+    import os
+
+    from velodiff.eval import reference
+    from velodiff.eval.reference import model_hash
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(reference, "MEMO_MIN_BYTES", 1)
+    weights = {f"block{i}.weight": torch.full((256, 1024), float(i)) for i in range(5)}  # 5 MiB
+    base, edited = tmp_path / "base" / "unet", tmp_path / "edited" / "unet"
+    for folder in (base, edited):
+        folder.mkdir(parents=True)
+        save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
+    assert model_hash(base.parent) == model_hash(edited.parent)
+    f = edited / "diffusion_pytorch_model.safetensors"
+    stamp = f.stat()
+    save_file({**weights, "block2.weight": weights["block2.weight"] * 0.5}, str(f))
+    os.utime(f, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    assert model_hash(edited.parent) != model_hash(base.parent)
+    assert len(list((tmp_path / "cache" / "hashes").iterdir())) >= 2  # remembered per file version
+
+
 def test_bench_takes_the_calibrated_grid_and_other_tools_names():
     from velodiff.eval.sweep import make_sweep
 

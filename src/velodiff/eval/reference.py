@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
-from ..files import cache_root, files_under
+from ..files import cache_root, files_under, write_atomic
 from ..shipped import SAMPLING_FILE
 
-#: bytes read from the start and the end of each weight file for the model fingerprint
-HASH_CHUNK = 1 << 20
+#: files at least this large have their digest remembered in the cache (``_file_digest``)
+MEMO_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,34 @@ def default_cache_dir() -> Path:
 ARTEFACTS = "velodiff"
 
 
+def _file_digest(p: Path) -> str:
+    """SHA-256 of a file's whole content. A large file's digest is remembered in the cache, keyed by its
+    path, size and modification time (as A1111 remembers its checkpoints' hashes), so a 7 GB checkpoint is
+    read once per version, not once per process."""
+    st = p.stat()
+    version = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+    memo = cache_root() / "hashes" / hashlib.sha256(version).hexdigest()[:32]
+    if st.st_size >= MEMO_MIN_BYTES:
+        try:
+            known = memo.read_text().strip()
+            if len(known) == 64:
+                return known
+        except OSError:
+            pass
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    digest = h.hexdigest()
+    if st.st_size >= MEMO_MIN_BYTES:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(memo, digest)
+        except OSError:  # a read-only cache costs a re-read next time, nothing else
+            pass
+    return digest
+
+
 @lru_cache(maxsize=16)
 def _hash_folder(path: str, stamp: tuple) -> str:
     h = hashlib.sha256()
@@ -67,24 +95,16 @@ def _hash_folder(path: str, stamp: tuple) -> str:
             continue
         if p != root and p.parent != root and p.relative_to(root).parts[0] == ARTEFACTS:  # made for it
             continue
-        size = p.stat().st_size
         # a folder's files by their place in it; a single file by its content only (renaming a checkpoint
         # keeps its calibrations and cached references)
-        h.update(f"{p.relative_to(root) if p != root else ''}:{size}\n".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(HASH_CHUNK))
-            if size > 2 * HASH_CHUNK:
-                f.seek(size - HASH_CHUNK)
-                h.update(f.read(HASH_CHUNK))
-            elif size > HASH_CHUNK:
-                h.update(f.read())
+        h.update(f"{p.relative_to(root) if p != root else ''}:{_file_digest(p)}\n".encode())
     return h.hexdigest()[:16]
 
 
 def model_hash(path: str | Path) -> str:
-    """A fingerprint of a model folder or file: names, sizes and the first and last MiB of every weight
-    and config file but ``sampling.json`` and the ``velodiff/`` artefacts folder (changes when the
-    weights change; reads at most 2 MiB per file)."""
+    """A fingerprint of a model folder or file: the names and whole contents (SHA-256) of every weight
+    and config file but ``sampling.json`` and the ``velodiff/`` artefacts folder; any change to the
+    weights changes it (an edit of a few layers, as ``velodiff erase`` makes, included)."""
     p = Path(path)
     if not p.exists():
         raise VelodiffError(f"cannot hash model {str(p)!r}: it does not exist")
