@@ -15,7 +15,8 @@ FluxPipeline), is :func:`flux_grid`, which pass as ``grid=`` to reproduce diffus
 
 Guidance. Flux-dev is guidance-distilled: the guidance scale is an input of the network
 (``embedded_guidance``, diffusers' ``guidance_scale``, default 3.5), not a second pass. velodiff's
-``guidance`` is true classifier-free guidance (diffusers' ``true_cfg_scale``), 1.0 by default;
+``guidance`` is true classifier-free guidance (diffusers' ``true_cfg_scale``), 1.0 by default, against
+the empty prompt when no negative is given (FluxPipeline applies it only with a ``negative_prompt``);
 Flux-schnell (no guidance input) defaults to 4 steps.
 """
 
