@@ -149,8 +149,14 @@ def test_unknown_names_list_near_matches():
         get_solver("DPM++ 2M Karas")
     with pytest.raises(VelodiffError, match="unknown grid 'sgm_unifrom'.*did you mean 'sgm_uniform'"):
         make_grid("sgm_unifrom", SCHED, 10)
-    with pytest.raises(VelodiffError, match="flag 'use_karas_sigmas' has no velodiff equivalent"):
+    with pytest.raises(VelodiffError, match="flag 'use_karas_sigmas'; did you mean 'use_karras_sigmas'"):
         get_solver("DPMSolverMultistepScheduler:use_karas_sigmas=true")
+    with pytest.raises(VelodiffError, match="flag 'foo' has no velodiff equivalent yet"):
+        get_solver("DPMSolverMultistepScheduler:foo=1")
+    with pytest.raises(VelodiffError, match="class name only; did you mean 'DPMSolverMultistepScheduler'"):
+        get_solver("DPMSolverMultistepSchedular:use_karras_sigmas=true")
+    lower = resolve_solver("dpmsolvermultistepscheduler:use_karras_sigmas=true")  # as the bare name resolves
+    assert lower == resolve_solver("DPMSolverMultistepScheduler:use_karras_sigmas=true")
     with pytest.raises(VelodiffError, match="sde-dpmsolver.*solver_order=3.*no velodiff solver"):
         get_solver("DPMSolverMultistepScheduler:algorithm_type=sde-dpmsolver++,solver_order=3")
     with pytest.raises(VelodiffError, match="flags follow a diffusers scheduler class"):

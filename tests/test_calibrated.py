@@ -199,6 +199,16 @@ def test_artefact_refusals(tmp_path, monkeypatch):
         calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [2])
     with pytest.raises(VelodiffError, match="no NFE to calibrate"):
         calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [])
+    with pytest.raises(VelodiffError, match=r"minimum \(by method: dc 4\)"):  # DC fits from the third step
+        calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [3], methods=["dc"])
+    with pytest.raises(VelodiffError, match="add dpm_solver_v3 to the methods"):  # no statistics to run on
+        calibrate_solver(denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0)), [4], methods=["grid"],
+                         solvers=["dpm_solver_v3"])
+    few = denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0))
+    few.reference_steps = 10
+    with pytest.raises(VelodiffError, match="unipc takes 12 steps; a calibration on a 10-step reference"):
+        calibrate_solver(few, [12], methods=["grid"], solvers=["unipc"])
+    assert few.evaluations == 0  # refused before the reference is solved
     with pytest.raises(VelodiffError, match="velodiff.ModelDenoiser"):  # a plain function: not AttributeError
         denoiser_problem(lambda x, t: x, _noise(4, (2, 3, 3), 0))
     with pytest.raises(VelodiffError, match=r"made at guidance 2.5, not 2.5000001;.*--guidance 2.5000001"):
@@ -216,6 +226,70 @@ def test_artefact_refusals(tmp_path, monkeypatch):
     sd1 = save_solver_calibration(art, stats[0], tmp_path / "sd1.solver-cfg2.5.json")
     save_solver_calibration(art, stats[1], tmp_path / "sd[12].solver-cfg2.5.json")
     assert (tmp_path / json.loads(sd1.read_text())["ems"]).is_file()
+
+
+def test_a_calibration_adds_to_the_artefact_for_the_same_model_and_scale(tmp_path, monkeypatch):
+    """Calibrating one more NFE (what the missing-entry line tells the user to run) keeps the entries and
+    statistics already there; what it fits again replaces the old; new statistics retire the old
+    DPM-Solver-v3 entries (fitted on the old ones). Two scales never share a file."""
+    from velodiff.calibrated.artefact import solver_calibration_path
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+
+    def entry(solver: str, nfe: int, error: float) -> dict:
+        return {"solver": solver, "nfe": nfe, "method": "grid", "ts": [1.0, 0.0], "options": {},
+                "error": error}
+
+    def art(*entries: dict) -> dict:
+        return {"version": 1, "kind": "solver", "model_hash": "abc", "guidance": 2.5,
+                "entries": list(entries)}
+
+    lam = torch.linspace(-5.0, 5.0, 4, dtype=F64)
+    stats = [ModelStatistics(lam, torch.full((4, 1), v, dtype=F64), torch.zeros(4, 1, dtype=F64),
+                             torch.zeros(4, 1, dtype=F64)) for v in (1.0, 0.5)]
+    path = save_solver_calibration(art(entry("unipc", 6, 0.1), entry("dpm_solver_v3", 6, 0.2)), stats[0])
+    ems = json.loads(path.read_text())["ems"]
+    save_solver_calibration(art(entry("unipc", 5, 0.3), entry("unipc", 6, 0.05)), None)
+    now = json.loads(path.read_text())
+    assert [(e["solver"], e["nfe"], e["error"]) for e in now["entries"]] == [
+        ("unipc", 5, 0.3), ("dpm_solver_v3", 6, 0.2), ("unipc", 6, 0.05)]
+    assert now["ems"] == ems and (path.parent / ems).is_file()
+    save_solver_calibration(art(entry("dpm_solver_v3", 8, 0.01)), stats[1])
+    now = json.loads(path.read_text())
+    assert [(e["solver"], e["nfe"]) for e in now["entries"]] == [
+        ("unipc", 5), ("unipc", 6), ("dpm_solver_v3", 8)]
+    assert now["ems"] != ems and not (path.parent / ems).exists()
+    assert solver_calibration_path("abc", 7.5) != solver_calibration_path("abc", 7.5000001)
+    assert solver_calibration_path("abc", 7.0).name == "solver-abc-cfg7.json"
+
+
+def test_a_calibrated_entry_runs_only_with_the_options_it_was_fitted_for(tmp_path, monkeypatch):
+    """The shipped entries were fitted for velodiff's UniPC (B(h) = e^h - 1); ComfyUI's uni_pc (B(h) = h)
+    asking for them is refused with the command that fits its own, which then runs beside them. An
+    entry whose options the solver would not take (a damaged file) is refused in one line."""
+    import velodiff
+    from velodiff.eval.reference import model_hash
+    from velodiff.pipelines import text2img
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+    model = velodiff.load("default")
+    kw = dict(guidance=2.5, output="latent", seeds=[0], nfe=6, grid="calibrated")
+    mine = text2img(model, "a red circle", solver="unipc", **kw)
+    with pytest.raises(VelodiffError, match=r"fitted for unipc with its own default options, not "
+                       r"lower_order_final=always, order=3, solver_type=bh1; .*--nfe 6 --solvers 'uni_pc'"):
+        text2img(model, "a red circle", solver="uni_pc", **kw)
+    six = make_grid("karras", model.schedule, 6).tolist()
+    fitted = {"solver": "unipc", "nfe": 6, "method": "grid", "ts": six, "options": {},
+              "configuration": {"lower_order_final": "always", "order": 3, "solver_type": "bh1"}}
+    art = {"version": 1, "kind": "solver", "model_hash": model_hash(model.path), "guidance": 2.5,
+           "entries": [fitted]}
+    save_solver_calibration(art, None)
+    assert text2img(model, "a red circle", solver="uni_pc", **kw).ts.tolist() == six
+    assert torch.equal(text2img(model, "a red circle", solver="unipc", **kw).latents, mine.latents)
+    damaged = {**fitted, "configuration": {}, "options": {"dc_ratios": [1.0, None, 1.0, 1.0, 1.0, 1.0]}}
+    save_solver_calibration({**art, "entries": [damaged]}, None)
+    with pytest.raises(VelodiffError, match=r"is damaged \(unipc option dc_ratios=\[1.0, None"):
+        text2img(model, "a red circle", solver="unipc", **kw)
 
 
 def test_the_model_hash_sees_an_edit_in_the_middle_of_a_weight_file(tmp_path, monkeypatch):

@@ -172,6 +172,7 @@ def test_the_calibrated_grid_and_v3_join_the_space_only_where_the_model_has_a_ca
     assert not said
     assert runs("unipc", "calibrated", 8) and runs("dpmpp_2m", "calibrated", 5)
     assert not runs("ddim", "calibrated", 8) and not runs("unipc", "calibrated", 12)  # not calibrated
+    assert not runs("uni_pc", "calibrated", 8)  # ComfyUI's UniPC (B(h) = h): not what was fitted
     assert runs("dpm_solver_v3", None, 7) and runs("ddim", "trailing", 7)
     runs = calibration_check(model, "default", 7.5, said.append)  # no calibration at this scale
     assert len(said) == 1 and "velodiff calibrate solver --model default --guidance 7.5" in said[0]

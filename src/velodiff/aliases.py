@@ -318,10 +318,13 @@ def resolve_solver(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     if mine is not None:
         return Resolved(solver=mine)
     base, flags = _split(name)
-    if base in _DIFFUSERS_CLASSES:
-        return from_diffusers(base, flags)
+    cls = {c.lower(): c for c in _DIFFUSERS_CLASSES}.get(base.lower())
+    if cls is not None:
+        return from_diffusers(cls, flags)
     if flags:
-        raise VelodiffError(f"{base!r}: key=value flags follow a diffusers scheduler class name only")
+        near = difflib.get_close_matches(base, _DIFFUSERS_CLASSES, n=2, cutoff=0.6)
+        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+        raise VelodiffError(f"{base!r}: key=value flags follow a diffusers scheduler class name only{hint}")
     alias = find(name, SAMPLER)
     if alias is None:
         raise _unknown("solver", name, own)
@@ -620,6 +623,10 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
     read = set(_SIGMA_FLAGS) | set(_CLASS_FLAGS.get(cls, ()))
     unknown = sorted(k for k in given if k not in read | set(_MODEL_FLAGS))
     if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(read | set(_MODEL_FLAGS)), n=2, cutoff=0.75)
+        if near:
+            hint = ", ".join(map(repr, near))
+            raise VelodiffError(f"{cls}: unknown flag {unknown[0]!r}; did you mean {hint}?")
         raise VelodiffError(
             f"{cls}: flag {unknown[0]!r} has no velodiff equivalent yet; flags read: "
             f"{', '.join(sorted(read))}"

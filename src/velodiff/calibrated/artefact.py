@@ -8,8 +8,10 @@ the name of a safetensors file beside it with DPM-Solver-v3's model statistics (
 the JSON, written last and atomically, never names statistics of another run: a killed calibration
 leaves the previous artefact or none, never half of one). A copy beside the model
 (``--beside-model``) travels with it; a run looks an entry up in the cache's artefact first, then in
-that one, so a calibration of one more NFE never hides the others. A file made for another model or
-guidance scale is refused with the reason.
+that one, so a calibration of one more NFE never hides the others, and a calibration adds to the
+artefact already at its path for the same model and scale. Entries are matched on the solver, the NFE and
+the options they were fitted for (``configuration``). A file made for another model or guidance scale is
+refused with the reason.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ from ..solvers.dpm_solver_v3 import ModelStatistics
 VERSION = 1
 
 
+def guidance_tag(guidance: float) -> str:
+    """The guidance scale as artefact names spell it: short (``2.5``, ``7``), exact where that is not
+    (``7.5000001``), so two scales never share a file."""
+    g = float(guidance)
+    return f"{g:g}" if float(f"{g:g}") == g else repr(g)
+
+
 def solver_calibration_path(model_hash: str, guidance: float) -> Path:
     from ..accel.calibration import calibration_dir
 
-    return calibration_dir() / f"solver-{model_hash}-cfg{float(guidance):g}.json"
+    return calibration_dir() / f"solver-{model_hash}-cfg{guidance_tag(guidance)}.json"
 
 
 def beside_model_path(model_path: str | Path, guidance: float) -> Path:
@@ -39,7 +48,7 @@ def beside_model_path(model_path: str | Path, guidance: float) -> Path:
     from ..eval.reference import ARTEFACTS
 
     p = Path(model_path)
-    name = f"solver-cfg{float(guidance):g}.json"
+    name = f"solver-cfg{guidance_tag(guidance)}.json"
     return p / ARTEFACTS / name if p.is_dir() else p.with_name(f"{p.stem}.{name}")
 
 
@@ -55,7 +64,7 @@ def save_solver_calibration(
         else solver_calibration_path(artefact["model_hash"], artefact["guidance"])
     )
     p.parent.mkdir(parents=True, exist_ok=True)
-    artefact = dict(artefact)
+    artefact = _merged(dict(artefact), p, new_statistics=ems is not None)
     if ems is not None:
         tensors = {"lambdas": ems.raw["lambdas"], "l": ems.raw["l"], "s": ems.raw["s"], "b": ems.raw["b"]}
         data = save({k: v.contiguous() for k, v in tensors.items()})
@@ -67,6 +76,36 @@ def save_solver_calibration(
         if old.name != artefact.get("ems"):
             old.unlink(missing_ok=True)
     return p
+
+
+def _entry_key(e: dict[str, Any]) -> str:
+    return json.dumps([e.get("solver"), e.get("nfe"), e.get("configuration", {})], sort_keys=True)
+
+
+def _merged(artefact: dict[str, Any], p: Path, new_statistics: bool) -> dict[str, Any]:
+    """``artefact`` with what the artefact already at ``p`` holds for the same model and guidance scale
+    and this run did not fit again (a calibration of one more NFE or solver adds to the file); the old
+    DPM-Solver-v3 entries go when new statistics are measured (their grids were fitted on the old)."""
+    try:
+        old = json.loads(p.read_text())
+        same = all(old.get(k) == artefact.get(k) for k in ("kind", "version", "model_hash", "guidance"))
+    except (OSError, ValueError, AttributeError):
+        return artefact
+    if not same or not isinstance(old.get("entries"), list):
+        return artefact
+    fitted = {_entry_key(e) for e in artefact["entries"]}
+    kept = [
+        e for e in old["entries"]
+        if isinstance(e, dict) and _entry_key(e) not in fitted
+        and not (new_statistics and e.get("solver") == "dpm_solver_v3")
+    ]
+    merged = {**artefact, "entries": kept + list(artefact["entries"])}
+    merged["entries"].sort(key=lambda e: (int(e.get("nfe", 0)), str(e.get("solver"))))
+    if isinstance(old.get("baselines"), dict):
+        merged["baselines"] = {**old["baselines"], **artefact.get("baselines", {})}
+    if not new_statistics and old.get("ems"):
+        merged["ems"] = old["ems"]
+    return merged
 
 
 def load_solver_calibration(
@@ -84,12 +123,12 @@ def load_solver_calibration(
             p = beside_model_path(model_path, guidance)
     from ..accel.calibration import read_artefact
 
-    hint = f"velodiff calibrate solver --model {model_name} --guidance {float(guidance):g}"
-    data = read_artefact(p, "solver", VERSION, model_hash, hint, f" at guidance {float(guidance):g}")
+    hint = f"velodiff calibrate solver --model {model_name} --guidance {guidance_tag(guidance)}"
+    data = read_artefact(p, "solver", VERSION, model_hash, hint, f" at guidance {guidance_tag(guidance)}")
     if abs(float(data.get("guidance", float("nan"))) - float(guidance)) > 1e-9:
         raise VelodiffError(
             f"solver calibration {p} was made at guidance {data.get('guidance')!r}, not {float(guidance)!r}; "
-            f"make one with: {hint.replace(f'{float(guidance):g}', repr(float(guidance)))}"
+            f"make one with: {hint}"
         )
     data["_path"] = str(p)
     return data
@@ -135,17 +174,30 @@ def load_statistics(artefact: dict[str, Any]) -> ModelStatistics:
     return ModelStatistics(d["lambdas"], d["l"], d["s"], d["b"])
 
 
-def find_entry(artefact: dict[str, Any], solver: str, nfe: int) -> dict[str, Any]:
+def find_entry(
+    artefact: dict[str, Any], solver: str, nfe: int, configuration: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The calibrated configuration of ``solver`` at ``nfe``; one line listing what there is if none,
     or saying the file is damaged (a hand-edited or truncated artefact)."""
-    return find_entry_in([artefact], solver, nfe)[0]
+    return find_entry_in([artefact], solver, nfe, configuration=configuration)[0]
+
+
+def _described(configuration: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in configuration.items()) or "its own default options"
 
 
 def find_entry_in(
-    artefacts: list[dict[str, Any]], solver: str, nfe: int, model_name: str = "M"
+    artefacts: list[dict[str, Any]],
+    solver: str,
+    nfe: int,
+    model_name: str = "M",
+    configuration: dict[str, Any] | None = None,
+    asked: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(entry, the artefact holding it): the first of ``artefacts`` that calibrated ``solver`` at
-    ``nfe``; one line listing what they hold if none does."""
+    ``nfe`` for ``configuration`` (``calibrate.configuration``: velodiff's own options when ``{}``; any
+    when None); one line listing what they hold if none does, or naming the configuration an entry was
+    fitted for when only another's is there (``asked``: the solver as the run named it)."""
     for art in artefacts:
         entries = art.get("entries", [])
         well_formed = isinstance(entries, list) and all(
@@ -162,12 +214,23 @@ def find_entry_in(
                                 "calibrate again")
         for e in entries:
             if e["solver"] == solver and int(e["nfe"]) == int(nfe):
-                return e, art
+                if configuration is None or e.get("configuration", {}) == configuration:
+                    return e, art
+    other = next((e for a in artefacts for e in a.get("entries", [])
+                  if e["solver"] == solver and int(e["nfe"]) == int(nfe)), None)
+    if other is not None:
+        guidance = artefacts[0].get("guidance")
+        raise VelodiffError(
+            f"the calibrated {solver} grid at {nfe} NFE was fitted for {solver} with "
+            f"{_described(other.get('configuration', {}))}, not {_described(configuration or {})}; run "
+            f"velodiff calibrate solver --model {model_name} --guidance {guidance_tag(guidance)} --nfe {nfe} "
+            f"--solvers '{asked or solver}'"
+        )
     have = sorted({(e["solver"], int(e["nfe"])) for a in artefacts for e in a.get("entries", [])})
     listed = ", ".join(f"{s}@{n}" for s, n in have) or "none"
     where = " and ".join(str(a.get("_path")) for a in artefacts)
     guidance = artefacts[0].get("guidance") if artefacts else None
-    at = f" --guidance {float(guidance):g}" if isinstance(guidance, (int, float)) else ""
+    at = f" --guidance {guidance_tag(guidance)}" if isinstance(guidance, (int, float)) else ""
     raise VelodiffError(
         f"no calibrated grid for solver {solver!r} at {nfe} NFE in {where} (calibrated: {listed}); run "
         f"velodiff calibrate solver --model {model_name}{at} --nfe {nfe} --solvers {solver}"

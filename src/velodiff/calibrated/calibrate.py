@@ -19,23 +19,43 @@ in runs and network evaluations (``Problem.evaluations``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from ..errors import VelodiffError, unknown_name
 from ..grids import make_grid
-from ..solvers import SOLVERS, get_solver
+from ..solvers import SOLVERS, SolverSpec, get_solver
 from .ems import measure_statistics
-from .grids import gits_grid, refine_grid
+from .grids import gits_grid, gits_max_steps, refine_grid
 from .problem import Problem
 
 METHODS = ("grid", "dpm_solver_v3", "dc", "search")
 #: the grids every calibration scores first (those that apply to the schedule); the best starts the descent
 NAMED_GRIDS = ("karras", "logsnr", "uniform", "trailing", "sgm_uniform", "beta", "ays")
-#: the fewest steps each method can fit
-MIN_NFE = 3
+#: the fewest NFE each method can fit at (DC's compensation starts at the third step and leaves the last
+#: alone, so it needs four); below a method's minimum the method is skipped at that NFE
+MIN_NFE = {"grid": 3, "dpm_solver_v3": 3, "dc": 4, "search": 3}
+#: solver options a calibration fits (an entry's own result); the others are the configuration it fits
+FITTED_OPTIONS = ("ems", "dc_ratios", "orders", "disable_corrector", "use_corrector")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def configuration(spec: SolverSpec, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The options a calibrated entry is fitted for (JSON-shaped): the solver's options, an alias's
+    defaults (ComfyUI's ``uni_pc`` is UniPC with B(h) = h) and ``options``, that differ from velodiff's
+    defaults for the solver, fitted ones aside. A run takes an entry only for the same configuration."""
+    own = SOLVERS[spec.name].defaults
+    merged = {**spec.defaults, **dict(options or {})}
+    return {
+        k: _plain(v)
+        for k, v in sorted(merged.items())
+        if k not in FITTED_OPTIONS and (k not in own or _plain(own[k]) != _plain(v))
+    }
 
 
 def _named_grids(problem: Problem, steps: int) -> list[tuple[str, Tensor]]:
@@ -140,8 +160,12 @@ def calibrate_solver(
             raise VelodiffError(
                 f"solver {s!r}: calibrated grids are for deterministic one-call-per-step solvers"
             )
-        own = SOLVERS[spec.name].defaults
-        extra = {k: v for k, v in spec.defaults.items() if k not in own or own[k] != v}
+        if spec.name == "dpm_solver_v3" and "dpm_solver_v3" not in methods:
+            raise VelodiffError(
+                f"solver {s!r} runs on the model statistics the dpm_solver_v3 method measures: add "
+                "dpm_solver_v3 to the methods"
+            )
+        extra = configuration(spec)
         if aliased.setdefault(spec.name, extra) != extra:
             raise VelodiffError(
                 f"solvers {', '.join(map(repr, solvers))} name {spec.name!r} twice with different options; "
@@ -151,8 +175,18 @@ def calibrate_solver(
     if not nfes:
         raise VelodiffError("no NFE to calibrate; give one or more, e.g. 5,6,8")
     for n in nfes:
-        if int(n) < MIN_NFE:
-            raise VelodiffError(f"NFE {n} is below the calibration's minimum of {MIN_NFE}")
+        if not any(int(n) >= MIN_NFE[m] for m in methods):
+            least = ", ".join(f"{m} {MIN_NFE[m]}" for m in methods)
+            raise VelodiffError(f"NFE {n} is below the calibration's minimum (by method: {least})")
+    most = gits_max_steps(problem.reference_steps)
+    for n in nfes:
+        for s in [*solvers, *(["unipc"] if {"dc", "search"} & set(methods) else [])]:
+            steps = get_solver(s).plan_nfe(int(n))[0]
+            if steps > most:
+                raise VelodiffError(
+                    f"NFE {n}: {s} takes {steps} steps; a calibration on a {problem.reference_steps}-step "
+                    f"reference fits at most {most} (its GITS grid picks times among the reference's)"
+                )
     problem.reference()
     ems = None
     if "dpm_solver_v3" in methods:
@@ -191,7 +225,7 @@ def calibrate_solver(
             ts, err = start
             if "grid" in methods or solver == "dpm_solver_v3":
                 ts, err = refine_grid(problem, solver, start[0], base_opts, max_runs=max_runs, progress=tick)
-            if solver == "unipc" and "dc" in methods:
+            if solver == "unipc" and "dc" in methods and int(nfe) >= MIN_NFE["dc"]:
                 o, e = fit_ratios(problem, ts, options, err, progress=tick)
                 if e < err:
                     method, options, err = "dc", o, e
@@ -206,7 +240,8 @@ def calibrate_solver(
                     "nfe": int(nfe),
                     "method": method,
                     "ts": ts.tolist(),
-                    "options": {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()},
+                    "options": {k: _plain(v) for k, v in saved.items()},
+                    "configuration": aliased.get(solver, {}),
                     "error": err,
                 }
             )

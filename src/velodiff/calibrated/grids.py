@@ -24,16 +24,30 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import VelodiffError
 from ..schedules import F64
 from .problem import Problem, Trajectory
 
+#: about how many of the reference's times a GITS grid picks its times among
+GITS_POINTS = 100
 
-def gits_costs(problem: Problem, traj: Trajectory, points: int = 100) -> tuple[Tensor, Tensor]:
-    """The fine times (about ``points``, always with t_max, t_min and 0) and the cost matrix C[i, j]
-    (inf where j <= i) of one DDIM step between them."""
-    n = len(traj.ts)
+
+def gits_indices(n: int, points: int = GITS_POINTS) -> list[int]:
+    """The indices, among a reference trajectory's ``n`` times, of the fine times a GITS grid is picked
+    from: about ``points``, always with t_max, t_min and 0."""
     stride = max(1, (n - 1) // points)
-    idx = sorted(set(range(0, n - 1, stride)) | {n - 2, n - 1})
+    return sorted(set(range(0, n - 1, stride)) | {n - 2, n - 1})
+
+
+def gits_max_steps(reference_steps: int, points: int = GITS_POINTS) -> int:
+    """The most steps a GITS grid can have on a reference of ``reference_steps`` steps."""
+    return len(gits_indices(reference_steps + 1, points)) - 1
+
+
+def gits_costs(problem: Problem, traj: Trajectory, points: int = GITS_POINTS) -> tuple[Tensor, Tensor]:
+    """The fine times (``gits_indices``) and the cost matrix C[i, j] (inf where j <= i) of one DDIM step
+    between them."""
+    idx = gits_indices(len(traj.ts), points)
     ts = traj.ts[idx]
     sched = problem.schedule
     a, s = sched.alpha(ts), sched.sigma(ts)
@@ -48,13 +62,13 @@ def gits_costs(problem: Problem, traj: Trajectory, points: int = 100) -> tuple[T
     return ts, cost
 
 
-def gits_grid(problem: Problem, steps: int, points: int = 100) -> Tensor:
+def gits_grid(problem: Problem, steps: int, points: int = GITS_POINTS) -> Tensor:
     """The N-step grid from t_max to 0 with the least summed GITS cost (a shortest path of exactly
     ``steps`` edges through the fine times)."""
     ts, cost = gits_costs(problem, problem.reference(), points)
     m = len(ts)
     if steps >= m:
-        raise ValueError(f"{steps} steps need a finer reference than {m} points")
+        raise VelodiffError(f"a GITS grid of {steps} steps needs a finer reference than its {m} times")
     best = torch.full((steps + 1, m), math.inf, dtype=F64)
     back = torch.zeros((steps + 1, m), dtype=torch.long)
     best[0, 0] = 0.0

@@ -199,11 +199,10 @@ def calibrate_solver(
         out = beside_model_path(loaded.path, guidance)
     path = save_solver_calibration(artefact, res["ems"], out)
     for e in res["entries"]:
-        b = res["baselines"][str(e["nfe"])]
-        typer.echo(
-            f"  {e['solver']:>13} NFE {e['nfe']:>2}: {e['method']:<10} {objective} {e['error']:.3g} "
-            f"(best uncalibrated {b['solver']}/{b['grid']}: {b['error']:.3g})"
-        )
+        b = res["baselines"].get(str(e["nfe"]))  # none when DPM-Solver-v3 alone was calibrated
+        versus = f" (best uncalibrated {b['solver']}/{b['grid']}: {b['error']:.3g})" if b else ""
+        fit = f"{e['method']:<10} {objective} {e['error']:.3g}"
+        typer.echo(f"  {e['solver']:>13} NFE {e['nfe']:>2}: {fit}{versus}")
     typer.echo(
         f"wrote {path} ({len(texts)} images, {res['evaluations']} batch evaluations) in {seconds:.0f} s"
     )

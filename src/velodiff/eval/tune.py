@@ -199,6 +199,7 @@ def calibration_check(
     model statistics, anything else always. A model without a calibration loses the first two (said in
     one line)."""
     from ..calibrated.artefact import load_solver_calibrations
+    from ..calibrated.calibrate import configuration
     from ..pipelines.setup import CALIBRATED
     from ..solvers import get_solver
     from .reference import model_identity
@@ -209,12 +210,17 @@ def calibration_check(
     except VelodiffError as e:
         log(f"tune: the calibrated grid and dpm_solver_v3 are left out: {e}")
         arts = []
-    entries = {(e["solver"], int(e["nfe"])) for a in arts for e in a.get("entries", [])}
+    def key(solver: str, nfe: int, fitted_for: dict[str, Any]) -> tuple[str, int, str]:
+        return solver, int(nfe), json.dumps(fitted_for, sort_keys=True)
+
+    entries = {key(e["solver"], e["nfe"], e.get("configuration", {}))
+               for a in arts for e in a.get("entries", [])}
 
     def runs(solver: str, grid: str | None, nfe: int) -> bool:
+        spec = get_solver(solver)  # another tool's name runs an entry fitted for its own options only
         if grid == CALIBRATED:
-            return (solver, int(nfe)) in entries
-        return not get_solver(solver).requires or any(a.get("ems") for a in arts)
+            return key(spec.name, nfe, configuration(spec)) in entries
+        return not spec.requires or any(a.get("ems") for a in arts)
 
     return runs
 

@@ -5,6 +5,7 @@ guidance scale and the step plan with classifier-free guidance added."""
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
@@ -251,7 +252,7 @@ def calibrated_setup(
     solver that requires fitted options (``SolverSpec.requires``: DPM-Solver-v3's model statistics
     ``ems``), those (on any grid)."""
     from ..calibrated.artefact import find_entry_in, load_solver_calibrations
-    from ..calibrated.calibrate import entry_options
+    from ..calibrated.calibrate import configuration, entry_options
     from ..eval.reference import model_command_name, model_identity
 
     name = model_command_name(model)
@@ -266,7 +267,9 @@ def calibrated_setup(
     if opts.steps is not None and opts.nfe is not None:
         raise VelodiffError("give steps or nfe, not both")
     nfe = opts.nfe if opts.nfe is not None else spec.nfe(int(opts.steps or model.default_steps))
-    entry, art = find_entry_in(arts, spec.name, int(nfe), name)
+    asked = opts.solver if isinstance(opts.solver, str) else spec.name
+    entry, art = find_entry_in(arts, spec.name, int(nfe), name, configuration(spec, options), asked)
+    _check_entry_options(spec, entry, art)
     options = {**options, **_fitted(spec, options, art)}  # the statistics its grid was fitted on
     ts = torch.tensor(entry["ts"], dtype=torch.float64)
     if len(ts) - 1 != spec.steps_for_nfe(int(nfe)):  # a damaged entry would silently run other steps
@@ -276,6 +279,32 @@ def calibrated_setup(
         )
     check_grid(model.schedule, ts)
     return Setup(spec, ts, len(ts) - 1, guidance, plan, {**entry_options(entry), **options}, grid=CALIBRATED)
+
+
+def _check_entry_options(spec: SolverSpec, entry: dict[str, Any], art: dict[str, Any]) -> None:
+    """Refuse, in one line, a calibrated entry whose options the solver would not take: a name it does
+    not have, or a value of another kind than its default's (a hand-edited or damaged artefact)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for k, v in entry.get("options", {}).items():
+        default = spec.defaults.get(k, ...)
+        if isinstance(default, tuple):
+            fits = isinstance(v, list) and all(number(x) for x in v)
+        elif isinstance(default, bool):
+            fits = isinstance(v, (bool, str))  # lower_order_final also takes "always"
+        elif isinstance(default, (int, float)):
+            fits = number(v) and (isinstance(v, int) or not isinstance(default, int))
+        elif isinstance(default, str):
+            fits = isinstance(v, str)
+        else:
+            fits = False
+        if not fits:
+            raise VelodiffError(
+                f"solver calibration {art.get('_path')} is damaged ({spec.name} option {k}={v!r}); "
+                "calibrate again"
+            )
 
 
 def _fitted(spec: SolverSpec, options: dict[str, Any], art: dict[str, Any]) -> dict[str, Any]:
