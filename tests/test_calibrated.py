@@ -298,11 +298,11 @@ def test_the_model_hash_sees_an_edit_in_the_middle_of_a_weight_file(tmp_path, mo
     A large file's digest is remembered by path, size and modification time, so rewriting it is seen."""
     import os
 
-    from velodiff.eval import reference
+    from velodiff import files
     from velodiff.eval.reference import model_hash
 
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(reference, "MEMO_MIN_BYTES", 1)
+    monkeypatch.setattr(files, "MEMO_MIN_BYTES", 1)
     weights = {f"block{i}.weight": torch.full((256, 1024), float(i)) for i in range(5)}  # 5 MiB
     base, edited = tmp_path / "base" / "unet", tmp_path / "edited" / "unet"
     for folder in (base, edited):

@@ -239,6 +239,28 @@ def test_bench_plans_records_and_distance_to_plain(tmp_path, monkeypatch, capsys
     assert "| plan |" in (out / "results.md").read_text()
 
 
+def test_a_plan_that_sets_its_own_scale_is_measured_against_the_reference_at_that_scale(
+    tmp_path, monkeypatch, capsys
+):
+    """The reference is solved at the scale that ran: a plan's cfg:scale=4 at that scale, not the
+    sweep's (with the reference ddim at 3 steps on the model's grid, both runs are their references)."""
+    path = _model_path()
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no default model at {path}")
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("solvers: [ddim]\nnfe: [3]\nguidance: [2]\nlimit: 2\nmetrics: [reference]\n"
+                     "reference_solver: ddim\nreference_steps: 3\nreference_grid: null\n"
+                     'plans: ["none", "cfg:scale=4"]\n')
+    out = tmp_path / "bench"
+    args = ["bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress"]
+    assert cli(*args) == 0, capsys.readouterr().err
+    recs = {r["plan"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    assert recs["cfg:scale=4"]["guidance"] == 4.0 and recs["none"]["guidance"] == 2.0
+    assert recs["cfg:scale=4"]["latent_mse"] == 0.0 and recs["none"]["latent_mse"] == 0.0
+    assert recs["cfg:scale=4"]["latent_mse_vs_plain"] > 0  # its distance to the plain run stays
+
+
 def test_bench_fd_kid_ordered_and_equal_to_a_direct_computation(tmp_path, monkeypatch, capsys):
     """The sweep's FD / KID are the numbers DistributionMetrics gives on the same images (regenerated
     here from the recorded prompts and seeds), and they order as they must: the trained model at 8 NFE
@@ -347,3 +369,24 @@ def test_repeat_times_each_configuration_n_times_and_reports_the_median(tmp_path
     assert calls == ["ddim", "unipc", "unipc", "unipc"]  # the warm-up, then three timed runs
     assert rec["seconds"] == [3.0, 1.0, 2.0] and rec["seconds_per_image"] == pytest.approx(2.0 / 2)
     assert res["sweep"]["repeat"] == 3
+
+
+def test_cached_references_are_keyed_by_what_makes_the_images(tmp_path):
+    """A reference made with a LoRA on top, or in another dtype, is another picture: neither is served
+    for the base model in float32 (calibrations, keyed by ``model_identity``, stay shared with a LoRA)."""
+    import velodiff
+    from velodiff.eval.reference import ReferenceConfig, model_identity, network_identity, reference_runs
+    from velodiff.shipped import asset_path
+
+    base = velodiff.load("default")
+    lora = velodiff.load("default", lora=asset_path("default-lcm") / "lora", lora_scale=0.5)
+    assert model_identity(lora) == model_identity(base) and network_identity(lora) != network_identity(base)
+    rc = ReferenceConfig("ddim", 2, None, 2.0)
+
+    def made(model):
+        return reference_runs(model, ["a red circle"], [0], rc, cache_dir=tmp_path)[2]
+
+    assert made(base) == {"hits": 0, "computed": 1}
+    assert made(lora) == {"hits": 0, "computed": 1}
+    assert made(velodiff.load("default", dtype="bfloat16")) == {"hits": 0, "computed": 1}
+    assert made(base) == {"hits": 1, "computed": 0}

@@ -33,6 +33,41 @@ def cache_root() -> Path:
     return Path(os.environ.get("VELODIFF_CACHE") or Path.home() / ".cache" / "velodiff").expanduser()
 
 
+#: files at least this large have their digest remembered in the cache (:func:`file_sha256`)
+MEMO_MIN_BYTES = 64 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's whole content. A large file's digest is remembered in the cache, keyed
+    by its path, size and modification time (as A1111 remembers its checkpoints' hashes), so a 7 GB
+    checkpoint is read once per version, not once per process."""
+    import hashlib
+
+    st = path.stat()
+    version = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+    memo = cache_root() / "hashes" / hashlib.sha256(version).hexdigest()[:32]
+    remember = st.st_size >= MEMO_MIN_BYTES
+    if remember:
+        try:
+            known = memo.read_text().strip()
+            if len(known) == 64:
+                return known
+        except OSError:
+            pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    digest = h.hexdigest()
+    if remember:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(memo, digest)
+        except (OSError, VelodiffError):  # a read-only cache costs a re-read next time, nothing else
+            pass
+    return digest
+
+
 def files_under(root: Path) -> list[Path]:
     """Every file in a folder, sorted, following symbolic links (an assembled shipped student links to
     its base's folders); ``[root]`` for a file."""

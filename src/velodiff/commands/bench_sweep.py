@@ -86,11 +86,11 @@ def bench_sweep(
 
     loaded, defaults = load_model(model, threads, str(resolve_device(device)),
                                   config=config, family=family, prediction_type=prediction_type)
-    from ..eval.reference import model_identity
+    from ..eval.reference import network_identity
     from .bench_solvers import _command_line
 
     res = run_sweep(
-        loaded, sw, out, model_id=model_identity(loaded), model_name=str(model) if model else "default",
+        loaded, sw, out, model_id=network_identity(loaded), model_name=str(model) if model else "default",
         defaults=defaults, progress=progress, log=lambda m: typer.echo(m, err=True),
         command=_command_line(ctx),
     )

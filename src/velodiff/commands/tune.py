@@ -75,20 +75,20 @@ def tune(
     quiet_libraries()
     loaded, defaults = load_model(model, threads,
                                   config=config, family=family, prediction_type=prediction_type)
-    from ..eval.reference import model_identity
+    from ..eval.reference import network_identity
     from ..eval.tune import tune as run_tune
 
     base = None
     if baseline_model is not None:
         bm, bdefaults = load_model(baseline_model, threads)
-        base = (bm, model_identity(bm), baseline_model, bdefaults)
+        base = (bm, network_identity(bm), baseline_model, bdefaults)
 
     res = run_tune(
         loaded,
         cfg,
         sp,
         out,
-        model_id=model_identity(loaded),
+        model_id=network_identity(loaded),
         model_name=model or "default",
         defaults=defaults,
         progress=progress,

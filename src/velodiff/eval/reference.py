@@ -24,11 +24,8 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
-from ..files import cache_root, files_under, write_atomic
+from ..files import cache_root, file_sha256, files_under
 from ..shipped import SAMPLING_FILE
-
-#: files at least this large have their digest remembered in the cache (``_file_digest``)
-MEMO_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -56,34 +53,6 @@ def default_cache_dir() -> Path:
 ARTEFACTS = "velodiff"
 
 
-def _file_digest(p: Path) -> str:
-    """SHA-256 of a file's whole content. A large file's digest is remembered in the cache, keyed by its
-    path, size and modification time (as A1111 remembers its checkpoints' hashes), so a 7 GB checkpoint is
-    read once per version, not once per process."""
-    st = p.stat()
-    version = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
-    memo = cache_root() / "hashes" / hashlib.sha256(version).hexdigest()[:32]
-    if st.st_size >= MEMO_MIN_BYTES:
-        try:
-            known = memo.read_text().strip()
-            if len(known) == 64:
-                return known
-        except OSError:
-            pass
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    digest = h.hexdigest()
-    if st.st_size >= MEMO_MIN_BYTES:
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(memo, digest)
-        except OSError:  # a read-only cache costs a re-read next time, nothing else
-            pass
-    return digest
-
-
 @lru_cache(maxsize=16)
 def _hash_folder(path: str, stamp: tuple) -> str:
     h = hashlib.sha256()
@@ -97,7 +66,7 @@ def _hash_folder(path: str, stamp: tuple) -> str:
             continue
         # a folder's files by their place in it; a single file by its content only (renaming a checkpoint
         # keeps its calibrations and cached references)
-        h.update(f"{p.relative_to(root) if p != root else ''}:{_file_digest(p)}\n".encode())
+        h.update(f"{p.relative_to(root) if p != root else ''}:{file_sha256(p)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -136,11 +105,25 @@ def model_identity(model: Any) -> str:
     return hashlib.sha256(json.dumps({"files": base, **how}, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def entry_key(model_id: str, prompt: str, seed: int, config: ReferenceConfig, size: Sequence[int]) -> str:
-    """The cache key: (model hash, prompt, seed, reference config, image size); the noise is velodiff's
-    per-image noise, so a key does not depend on batching."""
+def network_identity(model: Any) -> str:
+    """What a model's outputs are keyed by (cached references, resumed sweeps): its identity
+    (:func:`model_identity`) and the LoRA files merged on top at their scales, which its calibrations
+    share with the base model but its images do not."""
+    base = model_identity(model)
+    loras = getattr(model, "loras", ())
+    if not loras:
+        return base
+    blob = {"model": base, "loras": [[model_hash(p), float(s)] for p, s in loras]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def entry_key(
+    model_id: str, prompt: str, seed: int, config: ReferenceConfig, size: Sequence[int], dtype: str
+) -> str:
+    """The cache key: (model's network identity, prompt, seed, reference config, image size, the dtype it
+    ran in); the noise is velodiff's per-image noise, so a key does not depend on batching."""
     blob = json.dumps({"model": model_id, "prompt": prompt, "seed": int(seed), "config": config.key(),
-                       "size": [int(s) for s in size], "noise": "velodiff"}, sort_keys=True)
+                       "size": [int(s) for s in size], "noise": "velodiff", "dtype": dtype}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -193,9 +176,10 @@ def reference_runs(
     if len(prompts) != len(seeds):
         raise VelodiffError(f"{len(prompts)} prompts for {len(seeds)} seeds; give one seed per prompt")
     cache = ReferenceCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
-    mid = model_id or model_identity(model)
+    mid = model_id or network_identity(model)
     size = tuple(model.default_size)
-    keys = [entry_key(mid, p, s, config, size) for p, s in zip(prompts, seeds, strict=True)]
+    dtype = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")
+    keys = [entry_key(mid, p, s, config, size, dtype) for p, s in zip(prompts, seeds, strict=True)]
     found: dict[int, tuple[Tensor, Tensor]] = {}
     for i, k in enumerate(keys):
         hit = cache.get(k)

@@ -585,7 +585,7 @@ def run_sweep(
             m = fd.compute()
             rec[fd_key], rec[kid_key] = m["fd"], m.get("kid")
         if use_ref:
-            gk = float(g)
+            gk = float(res.guidance)  # the scale that ran: a plan's cfg:scale=4 is compared at 4
             if gk not in refs:
                 bar.set_description(f"bench reference (guidance {gk:g})")
                 rc = ReferenceConfig(sweep.reference_solver, sweep.reference_steps, sweep.reference_grid, gk)

@@ -196,6 +196,9 @@ class LoadedModel:
     #: how it was loaded where that changes the network beyond its files: a single file's ``config``
     #: folder, a forced ``family`` or ``prediction_type`` (its identity: ``eval.reference.model_identity``)
     loaded_with: dict[str, str] = field(default_factory=dict)
+    #: the LoRA files merged on top at load and their scales (resolved paths); calibrations stay the base
+    #: model's, outputs do not (``eval.reference.network_identity``)
+    loras: tuple[tuple[str, float], ...] = ()
     #: options for the default grid (e.g. diffusers' ``steps_offset`` for "leading")
     default_grid_options: dict[str, Any] = field(default_factory=dict)
     #: "zero": the last step jumps to clean data (diffusers' final_sigmas_type="zero")

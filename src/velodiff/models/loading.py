@@ -228,6 +228,7 @@ def load(
         _apply_lora(model, adapter, f"folder_{i}")
     for i, path_i in enumerate(loras):
         _apply_lora(model, path_i, f"user_{i}")
+    model.loras = tuple((str(Path(p).expanduser().resolve()), s) for p, s in zip(loras, scales, strict=True))
     if loras:  # every adapter active, each at its own scale
         adapters = (["folder_0"] if source.kind == "folder" and own.is_dir() else []) + [
             f"user_{i}" for i in range(len(loras))

@@ -1,7 +1,7 @@
 """A model's fingerprint: sha256 over a model folder's (or file's) relative file names and contents,
 recorded in a set's header so that a resume, a Ray worker or ``velodiff eval --manifest`` can tell
-the model is the one the set was made with. Huge weight files are hashed by size plus their first
-and last 16 MiB (a different checkpoint differs there).
+the model is the one the set was made with. Every file is hashed whole (``files.file_sha256``: a large
+one once per version, remembered in the cache), so an edit of a few layers is another model.
 """
 
 from __future__ import annotations
@@ -11,26 +11,7 @@ import os
 from pathlib import Path
 
 from ..errors import VelodiffError
-from ..files import files_under
-
-#: files hashed whole up to this size; larger ones by size plus their first and last 16 MiB
-FULL_HASH_LIMIT = 256 * 2**20
-SAMPLE_BYTES = 16 * 2**20
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= FULL_HASH_LIMIT:
-            for block in iter(lambda: f.read(2**20), b""):
-                h.update(block)
-        else:  # huge weights: size + head + tail (a different checkpoint differs there)
-            h.update(str(size).encode())
-            h.update(f.read(SAMPLE_BYTES))
-            f.seek(size - SAMPLE_BYTES)
-            h.update(f.read(SAMPLE_BYTES))
-    return h.hexdigest()
+from ..files import file_sha256, files_under
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -42,7 +23,7 @@ def model_fingerprint(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     for f in files:
         rel = f.name if f == p else f.relative_to(p).as_posix()
-        h.update(f"{rel}\0{file_digest(f)}\n".encode())
+        h.update(f"{rel}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 
