@@ -77,6 +77,16 @@ def test_taylorseer_forecasts_between_full_evaluations_and_cleans_up(models, kin
     assert plain.evals == 12 and 6 < fore.evals < 12  # 3 full calls x 2 rows, the rest at their FLOP share
     reuse = run(m, "taylorseer:interval=3,warmup=1,order=0")  # order 0: plain reuse of the outputs
     assert not torch.equal(reuse.latents, fore.latents)
+    # the FLOP shares are counted once per shape for the process, not again in every run
+    import torch.utils.flop_counter as counter
+
+    counted = []
+    real = counter.FlopCounterMode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(counter, "FlopCounterMode", lambda *a, **k: counted.append(1) or real(*a, **k))
+        assert run(m, "taylorseer:interval=3,warmup=1").evals == fore.evals and not counted
+    with pytest.raises(VelodiffError, match="warmup"):  # a forecast needs a full evaluation before it
+        run(m, "taylorseer:warmup=0")
     assert "taylorseer_cache" not in hook_names(m.components["transformer"])
     assert torch.equal(run(m).latents, plain.latents)
     with pytest.raises(VelodiffError, match="a feature cache"):

@@ -96,6 +96,15 @@ def test_deepcache_budget_schedule_uses_the_models_calibration(tmp_path, monkeyp
     other.write_text(artefact.read_text().replace(model_hash(path), "0" * 16))
     with pytest.raises(VelodiffError, match="made for another model"):
         text2img(model, "a red circle", steps=12, plan=f"deepcache:schedule=budget,calibration={other}")
+    good = json.loads(artefact.read_text())
+    block = next(iter(good["rate"]))
+    negative = {**good["rate"], block: [-1.0] * len(good["t_mid"])}
+    short = {**good["rate"], block: good["rate"][block][:2]}
+    for damaged, what in (({"rate": None}, "rate is not a table"), ({"rate": negative}, f"curve of {block}"),
+                          ({"rate": short}, f"curve of {block}")):
+        other.write_text(json.dumps({**good, **damaged}))
+        with pytest.raises(VelodiffError, match=f"is damaged \\(.*{what}.*velodiff calibrate cache"):
+            text2img(model, "a red circle", steps=12, plan=f"deepcache:schedule=budget,calibration={other}")
 
 
 def test_step_changes_integrate_the_calibrated_rate_at_each_steps_midpoint():

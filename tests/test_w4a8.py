@@ -83,3 +83,27 @@ def test_weights_made_by_a_plain_run_serve_a_later_run_with_gradients():
     text2img(model, "three blue squares", plan="w4a8", **kw)  # quantizes, under inference mode
     steered = text2img(model, "three blue squares", plan="w4a8+classifier:head=colors,through=network", **kw)
     assert "classifier" in steered.plan
+
+
+def test_an_image_is_the_same_alone_and_in_a_batch():
+    """The outlier channels are picked per sample: another image in the batch (or CFG's unconditional
+    row) does not change which channels of this one stay in float, so a server may batch w4a8 jobs."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 10, 100, generator=g)
+    x[1, :, 5] *= 80  # an outlier in the second sample only
+    both = quantize_activations(x, 0.01)
+    for i in range(3):
+        assert torch.equal(both[i : i + 1], quantize_activations(x[i : i + 1], 0.01))
+    # (through the whole network the batched matmuls' round-off can still flip a rounding: differences of
+    # a quantization step, not the other image's outliers)
+
+
+def test_gradients_pass_straight_through_the_rounding():
+    """The straight-through estimator: the slope of the quantized activations is the identity's, where
+    the rounding alone would give zero (and guidance through a w4a8 network would see no gradient)."""
+    x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    q = quantize_activations(x, 0.05)
+    (q * torch.arange(64.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(64.0).expand(2, 4, 64))
+    with torch.no_grad():
+        assert torch.equal(quantize_activations(x, 0.05), q.detach())  # the values are the rounded ones

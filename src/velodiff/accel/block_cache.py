@@ -12,8 +12,10 @@ evaluation in a cache context named after its batch composition (branches and ro
 cond + uncond call, AG's cond-only call and PAG's three-branch call each keep their own state, as
 diffusers' pipelines keep "cond" and "uncond"). A probe hook on the last block, registered beneath the
 cache's, tells whether an evaluation ran in full; one that did not is reported approximate
-(``exact=False``) and counted at its FLOP share of a full one (``torch.utils.flop_counter``, once per
-shape). ``fbcache:threshold=0`` reuses nothing and equals the plain run.
+(``exact=False``) and counted at its FLOP share of a full one: the full call's FLOPs less those of the
+blocks a cached call skips (``torch.utils.flop_counter`` on the first full call of each batch
+composition and shape, remembered per network for the process). ``fbcache:threshold=0`` reuses nothing
+and equals the plain run.
 
 ``taylorseer``: TaylorSeer (Liu et al. 2025): the blocks' outputs forecast by a Taylor series between
 full evaluations (diffusers' ``apply_taylorseer_cache``), with the same contexts, probe and costs.
@@ -21,6 +23,7 @@ full evaluations (diffusers' ``apply_taylorseer_cache``), with the same contexts
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from ..errors import VelodiffError
@@ -29,6 +32,10 @@ from .hooks import HookSet
 
 #: the transformer block lists diffusers' cache hooks walk
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+#: network -> {(rule, batch composition, shape): a cached call's FLOPs over a full call's}
+_SHARES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def transformer_blocks(network: Any) -> list[Any]:
@@ -50,6 +57,18 @@ class DiffusersCache(Accelerator):
     def cached_blocks(self, network: Any) -> list[tuple[str, Any]]:
         """(name, block) of the blocks the cache may skip; the probe watches the last one."""
         return [(f"{n}.{i}", b) for n in BLOCK_LISTS for i, b in enumerate(getattr(network, n, None) or [])]
+
+    def skipped_blocks(self, network: Any) -> list[str]:
+        """The names of the blocks a cached call does not run."""
+        return [name for name, _ in self.cached_blocks(network)]
+
+    def cached_share(self, network: Any, flops: dict[str, dict[Any, int]]) -> float:
+        """A cached call's FLOPs over a full call's, from the full call's per-module counts (keys as
+        ``FlopCounterMode.get_flop_counts`` names them: the root's class, then the module path)."""
+        total = sum(flops.get("Global", {}).values())
+        root = type(network).__name__
+        skipped = sum(sum(flops.get(f"{root}.{name}", {}).values()) for name in self.skipped_blocks(network))
+        return (total - skipped) / total if total else 1.0
 
     def check(self, run: RunInfo) -> None:
         if run.network is None or len(transformer_blocks(run.network)) < 2:
@@ -76,7 +95,7 @@ class DiffusersCache(Accelerator):
             self.end()
             raise
         self.registry.invalidate_child_registries_cache()
-        self.flops: dict[tuple, list[float | None]] = {}
+        self.shares = _SHARES.setdefault(run.network, {})
         self.cached_evals = 0
 
     def _ran(self, output: Any) -> None:
@@ -87,26 +106,25 @@ class DiffusersCache(Accelerator):
 
         rows = ";".join(f"{b}:{req.subsets[b].tolist() if b in req.subsets else 'all'}" for b in req.branches)
         self.ran = False
-        shape = (rows, tuple(req.x.shape))
-        counts = self.flops.setdefault(shape, [None, None])
+        key = (self.name, rows, tuple(req.x.shape))
         # CacheMixin.cache_context sets the context on every stateful hook under the module; it only needs
         # the module, so it serves the transformers without the mixin too
         with CacheMixin.cache_context(
             self.run.network, rows, step_index=req.step, num_inference_steps=self.run.steps
         ):
-            if None in counts:
+            if key not in self.shares:
                 from torch.utils.flop_counter import FlopCounterMode
 
                 with FlopCounterMode(display=False) as fc:
                     r = inner(req)
-                counts[0 if self.ran else 1] = counts[0 if self.ran else 1] or fc.get_total_flops()
+                if self.ran:
+                    self.shares[key] = self.cached_share(self.run.network, fc.get_flop_counts())
             else:
                 r = inner(req)
         if self.ran:
             return r
         self.cached_evals += 1
-        share = counts[1] / counts[0] if counts[0] and counts[1] else 1.0
-        r.cost = Cost(r.cost.nfe, r.cost.evals * share)
+        r.cost = Cost(r.cost.nfe, r.cost.evals * self.shares.get(key, 1.0))
         r.exact = False
         return r
 
@@ -146,6 +164,9 @@ class FirstBlockCache(DiffusersCache):
                               kind=str),
     }
     hook_names = ("fbc_leader_block_hook", "fbc_block_hook")
+
+    def skipped_blocks(self, network: Any) -> list[str]:
+        return super().skipped_blocks(network)[1:]  # the first block runs on every call
 
     def check(self, run: RunInfo) -> None:
         super().check(run)
@@ -187,7 +208,8 @@ class TaylorSeer(DiffusersCache):
             kind=int, lo=1, aliases=("cache_interval",),
         ),
         "warmup": Option(
-            3, "full evaluations before the first forecast (disable_cache_before_step)", kind=int, lo=0,
+            3, "full evaluations before the first forecast (disable_cache_before_step; at least 1: a "
+            "forecast needs one)", kind=int, lo=1,
             aliases=("disable_cache_before_step",),
         ),
         "order": Option(1, "Taylor order of the forecast (max_order; 0: reuse)", kind=int, lo=0, hi=4,

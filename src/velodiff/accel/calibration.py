@@ -21,6 +21,7 @@ The artefact lives in ``$VELODIFF_CACHE/calibration/cache-<model hash>.json`` (d
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,37 @@ def load_cache_calibration(model: Any, path: str | Path | None = None) -> dict[s
     want = model_identity(model)
     p = Path(path) if path is not None else cache_calibration_path(want)
     hint = f"velodiff calibrate cache --model {model_command_name(model)}"
-    return read_artefact(p, "cache", VERSION, want, hint)
+    data = read_artefact(p, "cache", VERSION, want, hint)
+    damage = _cache_damage(data)
+    if damage:
+        raise VelodiffError(f"cache calibration {p} is damaged ({damage}); make one with: {hint}")
+    return data
+
+
+def _numbers(values: Any, lo: float = -math.inf) -> bool:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
+
+    return isinstance(values, list) and bool(values) and all(number(v) for v in values)
+
+
+def _cache_damage(data: dict[str, Any]) -> str:
+    """What is wrong with a cache calibration's curves and table (a hand-edited or truncated file), or ""."""
+    mids, rate = data.get("t_mid"), data.get("rate")
+    if not _numbers(mids):
+        return "t_mid is not a list of finite numbers"
+    if not isinstance(rate, dict) or not rate:
+        return "rate is not a table of curves"
+    for block, curve in rate.items():
+        if not _numbers(curve, 0.0) or len(curve) != len(mids):
+            return f"the rate curve of {block} is not {len(mids)} finite non-negative numbers"
+    table = data.get("fbcache")
+    if table is not None:
+        ok = isinstance(table, dict) and _numbers(table.get("thresholds"), 0.0)
+        ok = ok and _numbers(table.get("reuse"), 0.0)
+        if not ok or len(table["thresholds"]) != len(table["reuse"]) or min(table["thresholds"]) <= 0:
+            return "the first-block-cache table is not lists of positive thresholds and reuse fractions"
+    return ""
 
 
 def read_artefact(

@@ -11,8 +11,9 @@ path), so velodiff does it in its own code, to measure what such a kernel would 
   ``s = (max - min) / 15``, ``z = round(-min / s)``, then dequantized (once per network, swapped in for
   the run as quantize.py does);
 * activations: each Linear's input is quantized symmetrically to 8 bits per token (row), except the
-  ``outliers`` fraction of its channels with the largest magnitude in that input, which stay in float
-  (the outlier-preserving split of LLM.int8() and DGQ's outlier-aware activation quantization).
+  ``outliers`` fraction of its channels with the largest magnitude in each sample's input, which stay in
+  float (the outlier-preserving split of LLM.int8() and DGQ's outlier-aware activation quantization);
+  the rounding passes gradients straight through.
 
 A simulated evaluation costs more than a float one (it adds the rounding), so the rule reports quality,
 not speed: its single-evaluation error and end-to-end change are in ``bench/quantize``. Convolutions
@@ -56,21 +57,27 @@ def quantize_weight_groups(w: Tensor, group_size: int, bits: int = 4) -> Tensor:
 
 
 def quantize_activations(x: Tensor, outliers: float, bits: int = 8) -> Tensor:
-    """``x`` (..., channels) quantized symmetrically to ``bits`` per token, the ``outliers`` fraction of
-    channels with the largest magnitude over this input kept in float."""
+    """``x`` (batch, ..., channels) quantized symmetrically to ``bits`` per token, the ``outliers``
+    fraction of channels with the largest magnitude in each sample kept in float (chosen per sample, so
+    an image's result does not depend on the others in its batch). Gradients pass straight through the
+    rounding (the straight-through estimator, Bengio et al. 2013), so a rule that differentiates the
+    network (layout, classifier guidance through it) sees the quantized network's slope, not zero."""
     import torch
 
     c = x.shape[-1]
-    flat = x.reshape(-1, c).float()
-    keep = torch.zeros(c, dtype=torch.bool, device=x.device)
+    rows = x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, c).float()
+    keep = torch.zeros(rows.shape[0], 1, c, dtype=torch.bool, device=x.device)
     k = int(round(outliers * c))
     if k > 0:
-        keep[flat.abs().amax(0).topk(k).indices] = True
-    inner = flat.masked_fill(keep, 0.0)
+        keep.scatter_(-1, rows.abs().amax(1, keepdim=True).topk(k, dim=-1).indices, True)
+    inner = rows.masked_fill(keep, 0.0)
     qmax = 2 ** (bits - 1) - 1
     scale = (inner.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-12)
     q = torch.clamp(torch.round(inner / scale), -qmax, qmax) * scale
-    return torch.where(keep, flat, q).view(x.shape).to(x.dtype)
+    out = torch.where(keep, rows, q)
+    if out.requires_grad:
+        out = rows + (out - rows).detach()
+    return out.view(x.shape).to(x.dtype)
 
 
 @register_rule
