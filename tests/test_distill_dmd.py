@@ -92,6 +92,11 @@ def test_bad_input_is_one_line(tmp_path, capsys) -> None:
     code = _dmd(tmp_path, "bad", 1, "--init", str(tmp_path / "notamodel"))
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "not a diffusers model folder" in err
+    code = _dmd(tmp_path, "guided", 1, "--init", "default-guided")  # refused before any pair is made
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and err.startswith("error: --init ")
+    assert "guidance-distilled" in err
+    assert not (tmp_path / "guided" / "pairs").exists()
     code = _dmd(tmp_path, "bad2", 1, "--pairs", "0")
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "--pairs" in err

@@ -153,6 +153,33 @@ def test_resumed_run_is_bit_identical_and_student_carries_its_defaults(tmp_path,
         assert text2img(model, "a red circle", seeds=[0], guidance=5).evals == 4  # CFG on top: said
 
 
+def test_a_round_resumes_only_from_the_student_it_was_trained_from(tmp_path, capsys) -> None:
+    """Lengthening a finished two-round run trains round 0 further; round 1, trained from the old round-0
+    student, is then refused in one line (not resumed against a teacher it never saw), and runs again
+    once its folder is deleted. A rerun of the same length resumes."""
+    import shutil
+
+    assert _distill(tmp_path, "two", 1, "--rounds", "2") == 0
+    assert _distill(tmp_path, "two", 1, "--rounds", "2") == 0  # the same run again: resumed, nothing new
+    capsys.readouterr()
+    assert _distill(tmp_path, "two", 2, "--rounds", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "round-1 was trained from other weights" in err, err
+    shutil.rmtree(tmp_path / "two" / "round-1")
+    assert _distill(tmp_path, "two", 2, "--rounds", "2") == 0
+    assert _distill(tmp_path, "fresh", 2, "--rounds", "2") == 0
+    a, b = _unet_state(tmp_path / "two-student"), _unet_state(tmp_path / "fresh-student")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # as a run of that length from the start
+
+
+def test_a_spent_time_budget_says_how_to_go_on(tmp_path, capsys) -> None:
+    """--max-minutes counts the training time over every resume: the same command would stop again at
+    once, so the line says to raise it."""
+    capsys.readouterr()
+    assert _distill(tmp_path, "mm", 50, "--max-minutes", "0.0001") == 0
+    assert "rerun with a larger --max-minutes" in capsys.readouterr().out
+
+
 def test_bad_teacher_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "notamodel").mkdir()
     code = _distill(tmp_path, "bad", 1, "--teacher", str(tmp_path / "notamodel"))
@@ -177,6 +204,9 @@ def test_bad_teacher_is_one_line(tmp_path, capsys) -> None:
     assert _distill(tmp_path, "xl", 1, "--teacher", str(xl)) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a sdxl model" in err, err
+    assert _distill(tmp_path, "guided", 1, "--teacher", "default-guided") != 0  # its w input: not given
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is guidance-distilled" in err, err
 
 
 def test_steps_that_cannot_be_halved_are_refused(tmp_path, capsys) -> None:

@@ -125,6 +125,9 @@ def test_killed_run_resumes_bit_exactly(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     for phase in ("reflow", "distill"):
         assert _losses(tmp_path / "full", phase) == _losses(tmp_path / "split", phase)
+    # lengthening the reflow phase of a finished run: its distillation, trained from the shorter
+    # phase's student, is not resumed from the longer one's
+    assert _reflow(tmp_path, "longer", 1, 1) == 0 and _reflow(tmp_path, "longer", 2, 1) == 2
     import json
 
     # the straightness report of the extended run is measured again, not the one after its first step
@@ -150,6 +153,14 @@ def test_bad_input_is_one_line(tmp_path, capsys) -> None:
     code = _reflow(tmp_path, "bad", 1, 1, "--teacher", str(tmp_path / "notamodel"))
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "not a diffusers model folder" in err
+    import shutil
+
+    from velodiff.default_model import default_model_path
+
+    shutil.copytree(default_model_path(), tmp_path / "rf-student-2steps")  # an earlier run's 2-step student
+    code = _reflow(tmp_path, "rf", 1, 1, "--init", str(tmp_path / "rf-student-2steps"))
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "writes" in err and "which the student is made" in err
     code = _reflow(tmp_path, "bad2", 1, 1, "--pairs", "0")
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "--pairs" in err

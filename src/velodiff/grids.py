@@ -508,7 +508,8 @@ def lcm(
     if not 1 <= m <= n:
         raise VelodiffError(f"grid 'lcm': original_steps must be in [1, {n}], got {m}")
     if steps > m:
-        raise VelodiffError(f"grid 'lcm': {steps} steps exceed its {m} original steps")
+        raise VelodiffError(f"grid 'lcm': {steps} steps exceed its {m} original steps (the timesteps the "
+                            f"consistency model was distilled on); give at most {m}")
     origin = (torch.arange(m, 0, -1, dtype=F64) * (n // m) - 1)
     idx = torch.floor(torch.arange(steps, dtype=F64) * (m / steps)).long()
     return _finish(sched.t_from_timestep(origin[idx]), final)

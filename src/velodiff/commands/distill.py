@@ -26,21 +26,24 @@ distill_app = typer.Typer(
 def loop_config(
     steps: int, lr: float, warmup: int, seed: int, checkpoint_every: int, max_minutes: float | None,
     ema: float = 0.0, *, out: Path | None = None, run: Path | None = None, guidance: float | None = None,
-    sources: tuple[str | None, ...] = (),
+    sources: tuple[str | None, ...] = (), beside: tuple[str, ...] = (),
 ) -> Any:
     """The training loop's settings every distillation shares: no weight decay, a loss row per step.
-    The shared options are checked here, before any work: ``--out`` a folder that is none of the
-    models the student is made from (``sources``: the teacher, --init), the numbers finite. Also
-    quiets the libraries' loading bars."""
+    The shared options are checked here, before any work: ``--out`` and the students written beside it
+    (``beside``: suffixes, e.g. ``-2steps`` for ``OUT-2steps``) folders that are none of the models the
+    student is made from (``sources``: the teacher, --init), the numbers finite. Also quiets the
+    libraries' loading bars."""
     from ..shipped import resolve_model
     from ..train.loop import LoopConfig
     from .generate import quiet_libraries
 
     quiet_libraries()
-    if out is not None:
+    written = [out, *(out.with_name(out.name + suffix) for suffix in beside)] if out is not None else []
+    if written:
         from ..files import check_model_out
 
-        check_model_out(out)
+        for folder in written:
+            check_model_out(folder, "--out" if folder == out else f"{folder} (written beside --out)")
     if run is not None:
         if run.exists() and not run.is_dir():
             raise VelodiffError(f"--run {str(run)!r} is a file; give a folder (the run's checkpoints)")
@@ -55,9 +58,11 @@ def loop_config(
             path = None  # refused with its own line where it is loaded
         shipped = source is not None and not Path(source).expanduser().exists()  # a name, e.g. default
         made_from[name] = source if shipped else str(path) if path is not None else None
-        if out is not None and path is not None and path == out.expanduser().resolve():
-            raise VelodiffError(f"--out {str(out)!r} is the folder of {source!r}, which the student is made "
-                                "from; the student would replace it: give another --out")
+        for folder in written:
+            if path is not None and path == folder.expanduser().resolve():
+                what = "is" if folder == out else f"writes {str(folder)!r} beside it, which is"
+                raise VelodiffError(f"--out {str(out)!r} {what} the folder of {source!r}, which the student "
+                                    "is made from; the student would replace it: give another --out")
     for name, value in (("--lr", lr), ("--max-minutes", max_minutes)):
         if value is not None and not 0 < value < math.inf:
             raise VelodiffError(f"{name} must be a finite number > 0, got {value}")
@@ -97,8 +102,11 @@ def pair_config(pairs: int, eval_pairs: int, seed: int, plan: str | None, solver
                       steps=teacher_steps, guidance=guidance)
 
 
-def report(res: dict[str, Any], run: Path) -> None:
-    if res["out"] is None:
+def report(res: dict[str, Any], run: Path, max_minutes: float | None = None) -> None:
+    if res["out"] is None and max_minutes:  # the budget counts the time trained over every resume
+        typer.echo(f"stopped with a checkpoint in {run}: --max-minutes {max_minutes:g} counts the training "
+                   "time over every resume; rerun with a larger --max-minutes (or none) to go on")
+    elif res["out"] is None:
         typer.echo(f"stopped with a checkpoint in {run}; rerun the same command to resume")
     else:
         typer.echo(f"student: {res['out']} ({res['wall_s']:.0f} s)")
@@ -137,13 +145,14 @@ def progressive(
     from .train import training_device
 
     dev = training_device(threads, device)
+    rounds_beside = tuple(f"-{teacher_steps // 2 ** (r + 1)}steps" for r in range(rounds - 1))  # OUT-<n>steps
     cfg = loop_config(steps, lr, warmup, seed, checkpoint_every, max_minutes, out=out, run=run,
-                      guidance=guidance, sources=(teacher,))
+                      guidance=guidance, sources=(teacher,), beside=rounds_beside)
     pcfg = ProgressiveConfig(
         teacher_steps=teacher_steps, rounds=rounds, guidance=guidance, batch=batch, cache_size=cache_size
     )
     res = distill_progressive(teacher, out, run, cfg, pcfg, quiet=quiet, device=dev)
-    report(res, run)
+    report(res, run, max_minutes)
 
 
 @distill_app.command(
@@ -179,7 +188,7 @@ def guided(
                       guidance=guidance, sources=(teacher,))
     gcfg = GuidedConfig(w_min=w_min, w_max=w_max, guidance=guidance, batch=batch, cache_size=cache_size)
     res = distill_guided(teacher, out, run, cfg, gcfg, quiet=quiet, device=dev)
-    report(res, run)
+    report(res, run, max_minutes)
 
 
 @distill_app.command(
@@ -238,7 +247,7 @@ def lcm(
         sample_steps=sample_steps,
     )
     res = distill_lcm(teacher, out, run, cfg, lcfg, quiet=quiet, device=dev)
-    report(res, run)
+    report(res, run, max_minutes)
 
 
 @distill_app.command(
@@ -278,7 +287,7 @@ def reflow(
 
     dev = training_device(threads, device)
     cfg = loop_config(1, lr, warmup, seed, checkpoint_every, max_minutes, ema=ema, out=out, run=run,
-                      guidance=guidance, sources=(teacher, init))
+                      guidance=guidance, sources=(teacher, init), beside=("-2steps",) if reflow_steps else ())
     pcfg = pair_config(pairs, eval_pairs, seed, plan, solver, teacher_steps, guidance)
     rcfg = ReflowConfig(
         reflow_steps=reflow_steps, distill_steps=distill_steps, batch=batch, ema=ema, ode_steps=ode_steps,
@@ -288,7 +297,7 @@ def reflow(
     for k, v in res["report"].items():
         if isinstance(v, dict):
             typer.echo(f"{k}: " + ", ".join(f"{m} {x:.4g}" for m, x in v.items()))
-    report(res, run)
+    report(res, run, max_minutes)
 
 
 @distill_app.command(
@@ -341,7 +350,7 @@ def dmd(
     res = distill_dmd(teacher, init, out, run, cfg, pcfg, dcfg, quiet=quiet, device=dev)
     if res["out"] is not None:
         typer.echo(f"held-out {student_steps}-step error vs the teacher's samples: {res['held_out']:.4g}")
-    report(res, run)
+    report(res, run, max_minutes)
 
 
 @distill_app.command(
@@ -390,4 +399,4 @@ def prune(
         f"removed {', '.join(res['removed']) or 'nothing'}: {kept[0]:.2f} of the parameters, "
         f"{kept[1]:.2f} of the FLOPs per evaluation"
     )
-    report(res, run)
+    report(res, run, max_minutes)

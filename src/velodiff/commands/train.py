@@ -215,9 +215,10 @@ def ldm(
     )
     s = train_ldm(run, vae, cfg, lcfg, quiet=quiet, device=device, workers=workers)
     typer.echo(f"ldm: {s['steps']} steps, {s['wall_s'] / 60:.1f} min, loss {s['final_loss']:.4f}")
+    again = ("rerun with a larger --max-minutes (it counts the training time over every resume)"
+             if max_minutes else "rerun the same command")
     if out is not None and not s["completed"]:  # a half-trained model would replace the one at --out
-        typer.echo(f"stopped before the last step: nothing exported to {out}; rerun the same command "
-                   "to resume and export")
+        typer.echo(f"stopped before the last step: nothing exported to {out}; {again} to resume and export")
     elif out is not None:
         from ..train.export import export_model
 

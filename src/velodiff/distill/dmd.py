@@ -180,6 +180,7 @@ def distill_dmd(
     tpath = teacher_folder(teacher)
     ipath = teacher_folder(init) if init else None
     tmodel = load_teacher(tpath)
+    init_model = load_teacher(ipath, "--init") if ipath else None  # refused before the pairs are made
     comps = dict(tmodel.components)
     sched = tmodel.schedule
     t0 = time.perf_counter()
@@ -190,7 +191,7 @@ def distill_dmd(
     w_real = float(dcfg.real_guidance) if dcfg.real_guidance is not None else w_pairs
     real = comps["unet"].to(device).eval().requires_grad_(False)
     fake = copy.deepcopy(real).train().requires_grad_(True)
-    init_unet = load_teacher(ipath).components["unet"] if ipath else real
+    init_unet = init_model.components["unet"] if init_model is not None else real
     student = copy.deepcopy(init_unet).to(device).train().requires_grad_(True)
     gan = dcfg.gan_weight > 0
     if gan and getattr(fake, "mid_block", None) is None:

@@ -39,10 +39,12 @@ from .progressive import ddim_step
 from .run import make_x0_fn
 from .teacher import load_teacher, save_student, teacher_folder, training_data
 
-#: diffusers' LCM-LoRA target modules (train_lcm_distill_lora_sd_wds.py) that an SD1 UNet has
+#: the LoRA's target modules: diffusers' LCM-LoRA list (train_lcm_distill_lora_sd_wds.py) without its
+#: feed-forward (ff.net.0.proj, ff.net.2) and resampler (downsamplers.0.conv, upsamplers.0.conv) layers,
+#: which the shipped default-lcm was trained without (its card's command reproduces it bit for bit)
 LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
+    "time_emb_proj",
 )  # fmt: skip
 
 @dataclass
@@ -74,10 +76,8 @@ def add_lora(unet: Any, r: int, lora_alpha: float, seed: int = 0) -> Any:
     """peft LoRA adapters on ``unet``'s LCM-LoRA modules (lora_A drawn from ``seed``, lora_B zero)."""
     from peft import LoraConfig
 
-    own = {n.split(".")[-1] for n, _ in unet.named_modules()} | {
-        ".".join(n.split(".")[-2:]) for n, _ in unet.named_modules()
-    }
-    targets = [t for t in LORA_TARGETS if t in own]
+    names = [n for n, _ in unet.named_modules()]
+    targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
     unet.requires_grad_(False)
     cfg = LoraConfig(r=r, lora_alpha=lora_alpha, init_lora_weights="gaussian", target_modules=targets)
     with torch.random.fork_rng(devices=[]):  # the initial adapter is a function of the seed

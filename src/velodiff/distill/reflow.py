@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
-from ..train.loop import LoopConfig, run_loop, step_generator
+from ..train.checkpoint import weights_digest
+from ..train.loop import START, LoopConfig, run_loop, step_generator
 from ..train.trainer import batch_indices, tokenize
 from .progressive import ddim_step, student_grid
 from .run import make_x0_fn
@@ -266,6 +267,7 @@ def distill_reflow(
     tpath = teacher_folder(teacher)
     ipath = teacher_folder(init) if init else tpath
     tmodel = load_teacher(tpath)
+    init_model = load_teacher(ipath, "--init") if init else None  # refused before the pairs are made
     comps = dict(tmodel.components)
     sched = tmodel.schedule
     t0 = time.perf_counter()
@@ -282,7 +284,7 @@ def distill_reflow(
     if "teacher" not in report:
         report["teacher"] = measure(comps["unet"].to(device).eval(), sched, text, uncond, pairs, n,
                                     w_teacher, rcfg.ode_steps)
-    init_unet = load_teacher(ipath).components["unet"] if init else comps["unet"]
+    init_unet = init_model.components["unet"] if init_model is not None else comps["unet"]
     if "init" not in report and init:
         report["init"] = measure(init_unet.to(device).eval(), sched, text, uncond, pairs, n, 1.0,
                                  rcfg.ode_steps)
@@ -300,6 +302,8 @@ def distill_reflow(
         pc = copy.deepcopy(cfg)
         pc.steps, pc.ema_decay = steps, rcfg.ema
         pc.extra = {**cfg.extra, **asdict(pcfg), **asdict(rcfg), "phase": phase, "method": "reflow"}
+        if phase == "distill" and rcfg.reflow_steps:  # from the reflow phase's student: resumed only from it
+            pc.extra[START] = weights_digest(student)
 
         def step_fn(step: int, gen: torch.Generator, phase=phase) -> tuple[Tensor, dict[str, Any]]:
             idx = batch_indices(step, rcfg.batch, n, cfg.seed)

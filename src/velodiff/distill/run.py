@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError
-from ..train.loop import LoopConfig, run_loop
+from ..train.checkpoint import weights_digest
+from ..train.loop import START, LoopConfig, run_loop
 from ..train.trainer import batch_indices
 from .progressive import student_grid, student_target, teacher_two_steps
 from .teacher import load_teacher, save_student, teacher_folder, training_data
@@ -80,6 +81,8 @@ def distill_progressive(
         student = copy.deepcopy(teacher_unet).train().requires_grad_(True)
         rcfg = copy.deepcopy(cfg)
         rcfg.extra = {**cfg.extra, **vars(pcfg), "round": r, "student_steps": n, "method": "progressive"}
+        if r > 0:  # trained from the round before's student: resumed only from the same one
+            rcfg.extra[START] = weights_digest(teacher_unet)
 
         def step_fn(
             step: int, gen: torch.Generator, student=student, teacher=teacher_unet, grid=grid, w=w, n=n

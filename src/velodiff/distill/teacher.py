@@ -22,24 +22,32 @@ def teacher_folder(teacher: str) -> Path:
     return path
 
 
-def load_teacher(path: Path) -> Any:
-    """The teacher as a loaded model (its schedule, defaults and components: unet, text encoder, VAE,
-    tokenizer), refused in one line if it is not an SD1-family model."""
+def load_teacher(path: Path, role: str = "teacher") -> Any:
+    """The teacher (or, ``role="--init"``, the model a student starts from) as a loaded model (its
+    schedule, defaults and components: unet, text encoder, VAE, tokenizer), refused in one line if it is
+    not a plain SD1-family v-prediction model."""
     from ..models import load
 
     try:
         model = load(path)
     except VelodiffError as e:
-        raise VelodiffError(f"teacher {str(path)!r}: {e}") from None
+        raise VelodiffError(f"{role} {str(path)!r}: {e}") from None
     for name in ("unet", "text_encoder", "vae", "tokenizer"):
         if name not in model.components:
-            raise VelodiffError(f"teacher {str(path)!r} has no {name} (expected an SD1-family model)")
+            raise VelodiffError(f"{role} {str(path)!r} has no {name} (expected an SD1-family model)")
     # the trainers read the UNet's output as a velocity (x0 = alpha x - sigma v) and feed it CLIP's
     # last hidden state: anything else would train without an error and give a wrong student
     if model.family != "sd1" or model.prediction_type != "v_prediction":
         raise VelodiffError(
-            f"teacher {str(path)!r} is a {model.family} model predicting {model.prediction_type}; velodiff "
+            f"{role} {str(path)!r} is a {model.family} model predicting {model.prediction_type}; velodiff "
             "distill trains v-prediction SD1-family teachers (the shipped models, velodiff train's)"
+        )
+    # a guidance-distilled UNet takes w as an input the trainers do not give it (they would run it on a
+    # conditioning it never saw, and its student would inherit the input)
+    if getattr(model.components["unet"].config, "time_cond_proj_dim", None):
+        raise VelodiffError(
+            f"{role} {str(path)!r} is guidance-distilled (its UNet takes the guidance scale as an input); "
+            "distill from a model without one (e.g. the one it was distilled from)"
         )
     return model
 

@@ -203,6 +203,19 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     steps = int(model.default_steps if steps is None else steps)
     if steps < 1:
         raise VelodiffError(f"steps must be >= 1, got {steps}")
+    name = grid or model.default_grid
+    grid_opts = {}
+    if grid is None:
+        grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
+    elif size is not None and _grid_name(grid) == _grid_name(model.default_grid):
+        # the model's own grid named: what depends on the image's size still applies (Flux's shift;
+        # named, it sampled an unshifted grid), the other defaults only when the grid is not named
+        sized = model.grid_options(*size)
+        grid_opts = {k: v for k, v in sized.items() if model.default_grid_options.get(k) != v}
+    grid_opts = {**getattr(model, "grid_defaults", {}).get(_grid_name(name) or str(name), {}), **grid_opts,
+                 **(opts.grid_options or {})}
+    ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
+    # what a distilled student was trained for, said once the grid is known to run (not before a refusal)
     trained = getattr(model, "trained_steps", None)  # a distilled student's (its sampling.json)
     if trained is not None and steps > trained:
         warnings.warn(
@@ -225,18 +238,6 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
             f"{w:g} is outside what it was trained for",
             stacklevel=3,
         )
-    name = grid or model.default_grid
-    grid_opts = {}
-    if grid is None:
-        grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
-    elif size is not None and _grid_name(grid) == _grid_name(model.default_grid):
-        # the model's own grid named: what depends on the image's size still applies (Flux's shift;
-        # named, it sampled an unshifted grid), the other defaults only when the grid is not named
-        sized = model.grid_options(*size)
-        grid_opts = {k: v for k, v in sized.items() if model.default_grid_options.get(k) != v}
-    grid_opts = {**getattr(model, "grid_defaults", {}).get(_grid_name(name) or str(name), {}), **grid_opts,
-                 **(opts.grid_options or {})}
-    ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
     return Setup(spec, ts, steps, guidance, plan, options, grid=_grid_name(name) or str(name))
 
 

@@ -23,6 +23,19 @@ from ..files import write_atomic
 from ..models.weights import load_file
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short digest of a module's weights (names, dtypes, shapes and values): what a stage of a chain of
+    runs starts from, so that a resumed stage can tell the stage before it trained further since."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """AdamW state as flat tensors plus JSON-able hyper-parameters."""
     sd = opt.state_dict()

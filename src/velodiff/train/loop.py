@@ -64,6 +64,10 @@ def lr_at(cfg: LoopConfig, step: int) -> float:
 #: caches, what its student samples with by default; any other change (the teacher, the guidance, the
 #: batch, the method, the architecture) is refused, since the run would go on learning something else
 GROWS = frozenset({"steps", "reflow_steps", "distill_steps", "pairs", "eval_pairs", "sample_steps", "rounds"})
+#: the ``LoopConfig.extra`` key a stage of a chain (a progressive round, reflow's distillation phase) holds
+#: the digest of the weights it starts from in (``checkpoint.weights_digest``): a resume from other ones,
+#: because the stage before was trained further, is refused
+START = "start"
 
 
 def run_loop(
@@ -105,6 +109,12 @@ def run_loop(
                 )
         saved_extra, extra = (json.loads(json.dumps(e)) for e in (saved_cfg.get("extra", {}), cfg.extra))
         for key in sorted(set(saved_extra) & set(extra) - GROWS):  # what the run learns from and how
+            if key == START and saved_extra[key] != extra[key]:
+                raise VelodiffError(
+                    f"run {run} was trained from other weights than this stage starts from now (the stage "
+                    f"before it trained further since); delete {run} to train this stage again from them, "
+                    "or use a new --run folder"
+                )
             if saved_extra[key] != extra[key]:
                 raise VelodiffError(
                     f"run {run} was started with {key}={saved_extra[key]!r}, not {extra[key]!r}; "
