@@ -188,3 +188,14 @@ def test_the_oracle_denoiser_is_the_posterior_mean():
             post = prior[None] * like
             want = (post[..., None] * pts[None]).sum(1) / post.sum(1, keepdim=True)
             assert torch.allclose(mix.x0(x, torch.tensor(a), torch.tensor(s)), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver,why", [("dpm_adaptive", "error control needs"), ("dpm_solver_v3", "fitted"),
+                                        ("euler_ancestral", "stochastic")])
+def test_solvers_that_cannot_run_at_a_given_nfe_are_refused(tmp_path, capsys, solver, why):
+    """An adaptive solver spends what its error controller needs (25 evaluations credited to NFE 5
+    would win the column), DPM-Solver-v3 needs a model's statistics, an ancestral one draws noise."""
+    rc = _velodiff(["bench", "solvers", "--json", str(tmp_path / "b.json"), "--solvers", solver,
+                    "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and why in err and err.count("\n") == 1

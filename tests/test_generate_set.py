@@ -356,3 +356,11 @@ def test_eval_manifest_real_and_reference_are_the_direct_computations(tiny, prom
     dist.add_real([world.render(r["prompt"], seed=r["seed"]).image for r in records])
     dist.add_fake(fake)
     assert res["distribution"]["fd"] == pytest.approx(dist.compute()["fd"])
+    # a folder of real images of several sizes (as COCO's are): each is resized by the extractor
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    reals = [world.render(r["prompt"], seed=r["seed"]).image for r in records]
+    for i, (im, size) in enumerate(zip(reals, [(64, 64), (80, 60)], strict=True)):
+        Image.fromarray(im).resize(size).save(mixed / f"{i}.png")
+    assert cli("eval", "--manifest", str(drawn), "--real", str(mixed), "--json", str(out)) == 0
+    assert json.loads(out.read_text())["distribution"]["fd"] > 0

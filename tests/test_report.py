@@ -54,6 +54,19 @@ def test_bench_report(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_plan_bench_names_each_records_plan(tmp_path):
+    """Two plans of one solver, NFE and grid are told apart on the page (the front and the labels)."""
+    out = _bench_folder(tmp_path)
+    res = json.loads((out / "results.json").read_text())
+    for r, plan in zip(res["records"], ["none", "none", "none", "pag"], strict=True):
+        r["plan"] = plan
+    res["records"][3]["seconds_per_image"] = 0.05  # the plan is on the front
+    finish(res, out)
+    assert cli("report", str(out)) == 0
+    front = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("Pareto"))
+    assert "`unipc` 4 NFE plan `pag` (" in front and "`ddim` 4 NFE (" in front
+
+
 def test_eval_report_and_errors(tmp_path, capsys):
     ev = tmp_path / "eval"
     ev.mkdir()

@@ -324,6 +324,13 @@ def test_one_image_per_configuration_skips_fd_before_sampling_and_inf_psnr_is_no
     recs = [{"solver": "ddim", "nfe": 3, "seconds_per_image": 0.1, "psnr": float("inf"), "pareto": True},
             {"solver": "ddim", "nfe": 2, "seconds_per_image": 0.05, "psnr": 30.0, "pareto": True}]
     assert pareto_png(recs, "psnr", "PSNR")[:8] == b"\x89PNG\r\n\x1a\n"
+    from velodiff.eval.report import check_bench_result
+
+    check_bench_result({"records": [{**r, "guidance": 2.0} for r in recs], "n_images": 1, "quality": "psnr"},
+                       tmp_path)  # velodiff report takes what velodiff bench writes
+    with pytest.raises(VelodiffError, match=r"records\[0\].psnr must be a finite number"):
+        check_bench_result({"records": [{**recs[0], "psnr": float("nan"), "guidance": 2.0}], "n_images": 1,
+                            "quality": "psnr"}, tmp_path)
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench"
     args = ["bench", "--solvers", "ddim", "--nfe", "2", "--limit", "1", "--out", str(out), "--no-progress"]
@@ -369,6 +376,15 @@ def test_repeat_times_each_configuration_n_times_and_reports_the_median(tmp_path
     assert calls == ["ddim", "unipc", "unipc", "unipc"]  # the warm-up, then three timed runs
     assert rec["seconds"] == [3.0, 1.0, 2.0] and rec["seconds_per_image"] == pytest.approx(2.0 / 2)
     assert res["sweep"]["repeat"] == 3
+    # resumed with a larger repeat, a record timed fewer times is timed again; one timed enough is kept
+    monkeypatch.undo()
+    once = make_sweep({"solvers": "unipc", "nfe": "2", "limit": 2, "images_per_prompt": 1, "metrics": []})
+    twice = make_sweep({"solvers": "unipc", "nfe": "2", "limit": 2, "images_per_prompt": 1, "repeat": 2,
+                        "metrics": []})
+    kw = dict(model_id=model_identity(model), progress=False, log=lambda line: None)
+    assert len(run_sweep(model, once, tmp_path / "r", **kw)["records"][0]["seconds"]) == 1
+    again = run_sweep(model, twice, tmp_path / "r", **kw)["records"][0]["seconds"]
+    assert len(again) == 2 and run_sweep(model, twice, tmp_path / "r", **kw)["records"][0]["seconds"] == again
 
 
 def test_cached_references_are_keyed_by_what_makes_the_images(tmp_path):

@@ -109,6 +109,12 @@ def bench_solvers(
     for n in solver_names or ():
         if SOLVERS[n].stochastic:
             raise VelodiffError(f"solver {n!r} is stochastic; the benchmark compares deterministic solvers")
+        if SOLVERS[n].adaptive:
+            raise VelodiffError(f"solver {n!r} spends the evaluations its error control needs; the benchmark "
+                                "compares solvers at equal NFE")
+        if SOLVERS[n].requires:
+            raise VelodiffError(f"solver {n!r} runs on fitted options ({', '.join(SOLVERS[n].requires)}); "
+                                "the benchmark compares solvers that run without them")
     grid_names = _names(grids, GRIDS, "grid")
     sched_names = [] if schedulers.strip() == "none" else _names(schedulers, sb.DIFFUSERS_SCHEDULERS,
                                                                  "scheduler")

@@ -39,7 +39,8 @@ def pareto_png(
         several = len({x.get("guidance") for x in recs}) > 1
 
         def default_name(r: dict[str, Any]) -> str:
-            return f"{r['solver']} {r['nfe']}" + (f" g{r['guidance']:g}" if several else "")
+            plan = f" {r['plan']}" if r.get("plan", "none") != "none" else ""
+            return f"{r['solver']} {r['nfe']}" + (f" g{r['guidance']:g}" if several else "") + plan
 
         for r in front:
             ax.annotate((name or default_name)(r), (r["seconds_per_image"], r[quality]),

@@ -32,6 +32,11 @@ def _label_strip(label: str, image: Any, width: int = 120) -> Any:
     return strip
 
 
+def plan_suffix(r: dict[str, Any]) -> str:
+    """`` plan `pag```, or nothing for the plain plan: how a page names a record's plan."""
+    return f" plan `{r['plan']}`" if r.get("plan", "none") != "none" else ""
+
+
 def bench_contact_sheet(folder: Path, records: list[dict[str, Any]], max_rows: int = 12) -> Any | None:
     """One row per configuration (Pareto-optimal first): its label and the first row of its samples."""
     from PIL import Image
@@ -48,6 +53,8 @@ def bench_contact_sheet(folder: Path, records: list[dict[str, Any]], max_rows: i
             first = first.resize((first.width * s, first.height * s), Image.NEAREST)
         star = " *" if r.get("pareto") else ""
         label = f"{r['solver']}{star}\n{r['nfe']} NFE, g {r['guidance']:g}\n{r['grid'] or 'default grid'}"
+        if r.get("plan", "none") != "none":
+            label += f"\n{r['plan']}"
         rows.append(_label_strip(label, first))
     if not rows:
         return None
@@ -74,7 +81,7 @@ def bench_report(folder: Path, result: dict[str, Any]) -> str:
     if q and ok:
         front = sorted((r for r in ok if r.get("pareto")), key=lambda r: r["seconds_per_image"])
         lines.append("Pareto front (fastest first): " + ", ".join(
-            f"`{r['solver']}` {r['nfe']} NFE ({r['seconds_per_image']:.3f} s, {q} {r[q]:.3g})"
+            f"`{r['solver']}` {r['nfe']} NFE{plan_suffix(r)} ({r['seconds_per_image']:.3f} s, {q} {r[q]:.3g})"
             for r in front))
         lines.append("")
     lines += ["## Results", "", sweep_table(result)]
@@ -137,7 +144,8 @@ def eval_report(folder: Path, evals: list[tuple[Path, dict[str, Any]]]) -> str:
 
 def check_bench_result(result: dict[str, Any], where: Path) -> None:
     """The fields the page ranks and prints, each named with its record when it is missing or no
-    finite number (a NaN time was put first on the Pareto front)."""
+    finite number (a NaN time was put first on the Pareto front); the quality may be +inf (the PSNR of a
+    configuration equal to its reference, which velodiff bench writes as Infinity)."""
     recs = result.get("records")
     if not isinstance(recs, list):
         raise VelodiffError(f"{where}: 'records' must be a list")
@@ -154,6 +162,8 @@ def check_bench_result(result: dict[str, Any], where: Path) -> None:
             raise VelodiffError(f"{where}: records[{i}].solver must be a name, got {r.get('solver')!r}")
         for key in numbers:
             v = r.get(key)
+            if key == q and v == math.inf:
+                continue
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise VelodiffError(f"{where}: records[{i}].{key} must be a finite number, got {v!r}")
 

@@ -51,8 +51,11 @@ def real_image_batches(real: str | os.PathLike[str], prompts: Sequence[str], see
         raise VelodiffError(f"--real {str(p)!r} is not a folder of images, a set, or 'shapes'")
     if not paths:
         raise VelodiffError(f"--real {str(p)!r} holds no images ({', '.join(IMAGE_GLOBS)})")
-    for part in _batches(paths, batch):
-        yield _open_rgb(part)
+    for part in _batches(paths, batch):  # a real set of mixed sizes (COCO's): each size its own batch,
+        by_size: dict[tuple[int, int], list[Any]] = {}  # the feature extractors resize every one
+        for im in _open_rgb(part):
+            by_size.setdefault(im.size, []).append(im)
+        yield from by_size.values()
 
 
 def evaluate_set(

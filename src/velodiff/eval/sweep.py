@@ -499,7 +499,10 @@ def run_sweep(
                 # a record of an older velodiff without the per-image verdicts is measured again: a
                 # tune's paired standard errors need them on both sides
                 needed = {"shapes_correct"} if use_shapes else set()
-                done = {r["id"]: r for r in old.get("records", []) if "error" not in r and needed <= r.keys()}
+                # a record timed fewer times than this sweep's repeat is timed again (its median would
+                # stand for a count it does not have)
+                done = {r["id"]: r for r in old.get("records", []) if "error" not in r and needed <= r.keys()
+                        and len(r.get("seconds", ())) >= sweep.repeat}
         except (ValueError, KeyError):
             done = {}
 
