@@ -275,6 +275,8 @@ def test_a_calibrated_entry_runs_only_with_the_options_it_was_fitted_for(tmp_pat
     model = velodiff.load("default")
     kw = dict(guidance=2.5, output="latent", seeds=[0], nfe=6, grid="calibrated")
     mine = text2img(model, "a red circle", solver="unipc", **kw)
+    with pytest.warns(UserWarning, match="fitted on 64x64 images; this run makes 64x96"):
+        text2img(model, "a red circle", solver="unipc", height=64, width=96, **kw)
     with pytest.raises(VelodiffError, match=r"fitted for unipc with its own default options, not "
                        r"lower_order_final=always, order=3, solver_type=bh1; .*--nfe 6 --solvers 'uni_pc'"):
         text2img(model, "a red circle", solver="uni_pc", **kw)

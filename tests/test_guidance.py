@@ -108,3 +108,27 @@ def test_guidance_errors():
         sample(den, X, ts, cond=COND, plan="cfg:scale=5")
     with pytest.raises(VelodiffError, match="needs a guidance scale"):
         sample(den, X, ts, cond=GuidedCond(COND, UNCOND), plan="cfg")
+
+
+def test_rescale_on_a_v_prediction_model_equals_diffusers_guidance_rescale():
+    """diffusers rescales the pipeline's noise_pred, which is v on a v-prediction model (as Lin et al.
+    rescale theirs): the shipped model at phi 0.7 against StableDiffusionPipeline, DDIM, its own steps."""
+    from diffusers import DDIMScheduler
+
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    m = velodiff.load("default")
+    assert m.prediction_type == "v_prediction"
+    ddim = DDIMScheduler.from_config(m.components["scheduler_config"])
+    ddim.set_timesteps(3)
+    ts = m.schedule.t_from_timestep(ddim.timesteps.double()).tolist() + [m.schedule.t_min]
+    z = torch.randn(1, *m.latent_shape(1, 64, 64)[1:], generator=torch.Generator().manual_seed(0))
+    prompt = "a red circle above a blue square"
+    pipe = m.to_diffusers(DDIMScheduler.from_config(m.components["scheduler_config"]))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt, num_inference_steps=3, guidance_scale=6.0, guidance_rescale=0.7, latents=z.clone(),
+               output_type="latent", height=64, width=64).images
+    r = text2img(m, prompt, grid=ts, solver="ddim", guidance=6.0, guidance_rescale=0.7, latents=z,
+                 output="latent")
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)

@@ -156,6 +156,8 @@ def test_cfgpp_renoises_with_the_unconditional_noise():
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(VelodiffError, match="use solver ddim, euler or ddpm, not 'dpmpp_2m'"):
         sample(TOY, X, ts, "dpmpp_2m", cond=BOTH, plan="cfgpp")
+    with pytest.raises(VelodiffError, match="use s_churn=0"):  # it would be plain CFG at w = lambda
+        sample(TOY, X, ts, "euler", cond=BOTH, plan="cfgpp", s_churn=1.0)
 
 
 def test_cfg_zero_star_matches_diffusers_and_zero_init_costs_nothing():
@@ -174,6 +176,10 @@ def test_cfg_zero_star_matches_diffusers_and_zero_init_costs_nothing():
     assert res.evals == 2 * 3 and res.nfe == 3  # step 0 is zero velocity: no network call
     zero = denoise_once(den, X, 1.0, BOTH, "cfg_zero:scale=4")
     assert torch.equal(zero.x0, X) and zero.cost == Cost(0, 0)
+    # every asked branch answered (zero velocity): rules above it (compose, sld) read cond and uncond
+    ctx = {"guidance": 4.0, "prompts": ("a AND b",) * B, "encode": lambda texts: COND}
+    composed = denoise_once(den, X, 1.0, BOTH, "cfg_zero:scale=4+compose", context=ctx)
+    assert torch.equal(composed.x0, X) and {"cond", "uncond", "part1"} <= set(composed.parts)
     with pytest.raises(VelodiffError, match="for flow-matching models"):
         sample(TOY, X, make_grid("uniform", SCHED, 3), cond=BOTH, plan="cfg_zero:scale=3")
 
@@ -347,11 +353,13 @@ def test_sld_momentum_builds_over_the_steps():
 
 def test_a_runs_recorded_plan_string_reproduces_it(model):
     """Rules of one layer stack in the plan string's order (read inner to outer), str() writes that
-    order, and the plan a pipeline adds CFG to keeps it: rerunning result.plan gives the same latents
-    (pag+compose: PAG perturbs the whole prompt or compose's first part, depending on which wraps)."""
+    order, and the plan a pipeline adds CFG to keeps it: rerunning result.plan gives the same latents.
+    compose wraps the other terms whatever the order (PAG's perturbed branch copies part 0's
+    conditioning, as its conditional prediction is part 0's)."""
     from velodiff.pipelines import text2img
 
-    for text in ("pag+compose", "compose+pag", "ag:threshold=0.99+pag", "deepcache+attention_maps"):
+    assert str(Plan.parse("compose+pag")) == "pag+compose"
+    for text in ("pag+compose", "sld:concept=x+pag", "ag:threshold=0.99+pag", "deepcache+attention_maps"):
         plan = Plan.parse(text)
         names = [r.name for r in plan.rules]
         assert str(plan) == text and [r.name for r in Plan.parse(str(plan)).rules] == names
@@ -364,7 +372,7 @@ def test_a_runs_recorded_plan_string_reproduces_it(model):
         again = text2img(model, prompts, plan=first.plan, **kw)
         assert torch.equal(first.latents, again.latents), (guidance, first.plan)
     other = text2img(model, prompts, plan="compose+pag", **kw)
-    assert not torch.allclose(other.latents, first.latents, atol=1e-3)  # the order is the user's to choose
+    assert torch.equal(other.latents, first.latents)
 
 
 def test_compose_stacks_with_per_image_adaptive_guidance(model):
@@ -408,6 +416,14 @@ def test_pipeline_result_names_the_plan_that_ran(model):
     with pytest.warns(UserWarning, match="the negative prompt acts on classifier-free guidance"):
         text2img(model, PROMPTS[0], steps=2, guidance=1.0, negative="blue", output="latent")
     assert str(Plan.parse(r.plan)) == r.plan
+    # the call's interval and rescale configure the CFG velodiff adds: dropped only with a word
+    with pytest.warns(UserWarning, match="the plan's own rule guides .*: no effect"):
+        text2img(model, PROMPTS[0], steps=2, plan="cfg:scale=3", guidance_interval=(0.2, 0.8),
+                 output="latent")
+    with pytest.warns(UserWarning, match="guidance is 1: no effect"):
+        text2img(model, PROMPTS[0], steps=2, guidance=1.0, guidance_interval=(0.2, 0.8), output="latent")
+    with pytest.warns(UserWarning, match="the plan's rescale:phi=0.3 is used, not guidance rescale 0.7"):
+        text2img(model, PROMPTS[0], steps=2, plan="rescale:phi=0.3", guidance_rescale=0.7, output="latent")
 
 
 def cli(*args: object) -> int:

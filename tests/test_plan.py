@@ -93,6 +93,13 @@ def test_canonical_strings_keep_every_digit_and_parse_back():
         assert "e+" not in written
         assert Plan.parse(written).rules[0].values[key] == value, (text, written)
     assert str(Plan.parse("cfg:scale=2.5+pag:scale=3")) == "cfg:scale=2.5+pag:scale=3"  # short as before
+    # a text option holding the plan's separators (given from Python) has no string: refused when set
+    from velodiff.plan import parse_rule
+
+    assert str(Plan.parse("sld:concept=red triangle")) == "sld:concept=red triangle"
+    for text in ("red, big triangle", "circle+square", "a # b"):
+        with pytest.raises(VelodiffError, match="could not be written back as a string"):
+            Plan([type(parse_rule("sld"))(concept=text)])
 
 
 def test_plan_settings_and_plan_files(tmp_path):

@@ -71,6 +71,23 @@ def x0_from_alpha_sigma(
     raise unknown_name("prediction type", prediction_type, PREDICTION_TYPES)
 
 
+def prediction_from_x0(
+    prediction_type: str, x: Tensor, x0: Tensor, alpha: Tensor | float, sigma: Tensor | float
+) -> Tensor:
+    """The network output of the given type that :func:`x0_from_alpha_sigma` turns into ``x0`` (its
+    inverse; eps = (x - alpha x0) / sigma)."""
+    a, s = alpha, sigma
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "epsilon":
+        return (x - a * x0) / s
+    if prediction_type == "v_prediction":
+        return a * (x - a * x0) / s - s * x0  # v = alpha eps - sigma x0
+    if prediction_type == "flow":
+        return (x - x0) / s  # x0 = x - sigma v
+    raise unknown_name("prediction type", prediction_type, PREDICTION_TYPES)
+
+
 def x0_from_prediction(
     prediction_type: str, schedule: NoiseSchedule, x: Tensor, t: Tensor | float, out: Tensor
 ) -> Tensor:

@@ -303,6 +303,11 @@ def check_option(rule: str, key: str, opt: Option, value: Any) -> Any:
             lo = "-inf" if opt.lo is None else f"{opt.lo:g}"
             hi = "inf" if opt.hi is None else f"{opt.hi:g}"
             raise VelodiffError(f"{where} must be in [{lo}, {hi}], got {value:g}")
+    if opt.kind is str or opt.kind is tuple:  # the plan string's own separators: no canonical string
+        bad = next((c for c in "+,#" for v in ((value,) if opt.kind is str else value) if c in v), None)
+        if bad is not None:
+            raise VelodiffError(f"{where}: {value!r} holds {bad!r}, which separates a plan's rules, options "
+                                "or comments; the plan could not be written back as a string")
     if opt.choices and value not in opt.choices:
         raise unknown_name(f"value of {where}", str(value), opt.choices)
     for p in value if opt.patterns else ():

@@ -129,9 +129,10 @@ class ClassifierFreeGuidance(UncondCombiner):
 @register_rule
 class GuidanceRescale(Accelerator):
     """Guidance rescale (Lin et al. 2023, 'Common Diffusion Noise Schedules and Sample Steps Are Flawed',
-    Sec. 3.4, Eq. 15-16), computed on eps like diffusers' ``rescale_noise_cfg``:
-    eps_r = eps_g * std(eps_c) / std(eps_g), eps = phi eps_r + (1 - phi) eps_g, applied to whatever the
-    guidance rules below it made of the conditional prediction (nothing to do where they left it)."""
+    Sec. 3.4, Eq. 15-16) on the network's own prediction (eps, v, ...) as diffusers' ``rescale_noise_cfg``
+    takes the pipeline's ``noise_pred``: p_r = p_g * std(p_c) / std(p_g), p = phi p_r + (1 - phi) p_g,
+    applied to whatever the guidance rules below it made of the conditional prediction (nothing to do
+    where they left it). A bare denoiser without a prediction type is rescaled on eps."""
 
     name = "rescale"
     layer = POST
@@ -145,20 +146,22 @@ class GuidanceRescale(Accelerator):
         r = inner(req)
         c = r.parts.get("cond")
         if self.phi > 0 and c is not None and r.x0 is not c:
-            r.x0 = rescaled(self.run.schedule, req.x, req.t, r.x0, c, self.phi)
+            kind = self.run.prediction_type or "epsilon"
+            r.x0 = rescaled(self.run.schedule, req.x, req.t, r.x0, c, self.phi, kind)
         return r
 
 
-def rescaled(sched, x: Tensor, t: Tensor, x0: Tensor, x0_c: Tensor, phi: float) -> Tensor:
-    from ..denoisers import broadcast_time, eps_from_x0
+def rescaled(
+    sched, x: Tensor, t: Tensor, x0: Tensor, x0_c: Tensor, phi: float, prediction_type: str = "epsilon"
+) -> Tensor:
+    from ..denoisers import broadcast_time, prediction_from_x0, x0_from_alpha_sigma
 
-    eps_cfg, eps_c = eps_from_x0(sched, x, t, x0), eps_from_x0(sched, x, t, x0_c)
-    dims = list(range(1, x.ndim))
-    eps_r = eps_cfg * eps_c.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True)
-    eps = phi * eps_r + (1 - phi) * eps_cfg
     tb = broadcast_time(t, x)
     a, s = sched.alpha(tb).to(x.dtype), sched.sigma(tb).to(x.dtype)
-    return (x - s * eps) / a
+    p_cfg, p_c = (prediction_from_x0(prediction_type, x, v, a, s) for v in (x0, x0_c))
+    dims = list(range(1, x.ndim))
+    p_r = p_cfg * p_c.std(dim=dims, keepdim=True) / p_cfg.std(dim=dims, keepdim=True)
+    return x0_from_alpha_sigma(prediction_type, x, phi * p_r + (1 - phi) * p_cfg, a, s)
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:

@@ -49,8 +49,8 @@ class CFGZeroStar(UncondCombiner):
             )
 
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
-        if req.step < self.zero_init_steps:
-            return EvalResult(req.x, {}, Cost(0, 0))
+        if req.step < self.zero_init_steps:  # zero velocity, for every branch a rule above asked for
+            return EvalResult(req.x, {b: req.x for b in req.branches}, Cost(0, 0))
         return super().evaluate(req, inner)
 
     def combine(self, req: EvalRequest, c: Tensor, u: Tensor, r: EvalResult) -> Tensor:

@@ -35,6 +35,11 @@ class CFGPlusPlus(UncondCombiner):
                 f"plan rule 'cfgpp' re-noises inside the solver step; use solver ddim, euler or ddpm, "
                 f"not {run.solver.name!r}"
             )
+        if float({**run.solver.defaults, **run.options}.get("s_churn", 0) or 0) > 0:
+            raise VelodiffError(  # euler's churned step re-noises from its own noise, not the uncond's
+                "plan rule 'cfgpp' re-noises with the unconditional prediction, which euler's s_churn step "
+                "does not take; use s_churn=0"
+            )
 
     def active(self, req: EvalRequest) -> bool:
         return self.in_range(req.step)

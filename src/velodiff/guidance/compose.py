@@ -39,7 +39,7 @@ def split_prompt(prompt: str) -> list[tuple[str, float]]:
 @register_rule
 class ComposableGuidance(GuidanceRule):
     name = "compose"
-    layer = TERM
+    layer = TERM + 1  # outside the other terms: PAG's and SLD's branches copy part 0's conditioning
     claims = ("parts",)
     uses = ("uncond",)
     summary = "composable diffusion (Liu et al. 2022): prompts 'a AND b :w' combined (negative w: negation)"

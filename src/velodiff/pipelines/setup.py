@@ -184,7 +184,7 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
         grid, opts = CALIBRATED, replace(opts, grid=CALIBRATED)
     options = dict(opts.solver_options or {})
     if grid == CALIBRATED or spec.missing(options):  # what the model's calibration fitted
-        return calibrated_setup(model, opts, spec, guidance, plan, options)
+        return calibrated_setup(model, opts, spec, guidance, plan, options, size)
     if grid is not None and not isinstance(grid, str):
         ts = make_grid(grid, model.schedule)
         return Setup(spec, ts, len(ts) - 1, guidance, plan, options, grid="explicit")
@@ -246,7 +246,13 @@ CALIBRATED = "calibrated"
 
 
 def calibrated_setup(
-    model: Any, opts: Sampling, spec: SolverSpec, guidance: float, plan: Plan, options: dict[str, Any]
+    model: Any,
+    opts: Sampling,
+    spec: SolverSpec,
+    guidance: float,
+    plan: Plan,
+    options: dict[str, Any],
+    size: tuple[int, int] | None = None,
 ) -> Setup:
     """A run on what ``velodiff calibrate solver`` fitted for this model and guidance scale: with
     ``grid="calibrated"``, the solver's calibrated grid and fitted options at the run's NFE; for a
@@ -279,6 +285,13 @@ def calibrated_setup(
             f"steps, not {spec.steps_for_nfe(int(nfe))}; calibrate again"
         )
     check_grid(model.schedule, ts)
+    fitted_at = art.get("size")
+    if size is not None and isinstance(fitted_at, list) and [int(v) for v in size] != fitted_at:
+        warnings.warn(
+            f"the calibrated grid was fitted on {fitted_at[0]}x{fitted_at[1]} images; this run makes "
+            f"{size[0]}x{size[1]} (a size-dependent schedule, as SD3's and Flux's, shifts the best grid)",
+            stacklevel=3,
+        )
     return Setup(spec, ts, len(ts) - 1, guidance, plan, {**entry_options(entry), **options}, grid=CALIBRATED)
 
 
@@ -380,6 +393,13 @@ def resolve_plan(
         if interval is not None and not lo_hi["t_lo"] <= lo_hi["t_hi"]:
             raise VelodiffError(f"guidance interval must have t_lo <= t_hi, got {tuple(interval)}")
         extra.append(ClassifierFreeGuidance(**lo_hi))
+    elif interval is not None:  # said, as the negative prompt is at scale 1 (pipelines.common)
+        why = "guidance is 1" if guidance == 1.0 else "the plan's own rule guides (give it t_lo / t_hi)"
+        warnings.warn(f"the guidance interval configures the classifier-free guidance velodiff adds, and "
+                      f"{why}: no effect", stacklevel=4)
     if rescale > 0 and p.find("rescale") is None:
         extra.append(GuidanceRescale(phi=rescale))
+    elif rescale > 0 and p.find("rescale").phi != rescale:
+        warnings.warn(f"the plan's rescale:phi={p.find('rescale').phi:g} is used, not guidance rescale "
+                      f"{rescale:g}", stacklevel=4)
     return p.with_rules(extra) if extra else p
