@@ -263,13 +263,39 @@ def test_load_options_and_size_are_the_sets_and_resume_from_it(tiny, prompt_file
     assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
 
 
+def test_eta_rescale_and_clip_skip_are_the_sets_as_generate_takes_them(tiny, prompt_file, tmp_path, capsys):
+    """generate's --eta, --guidance-rescale and --clip-skip: recorded, taken on a resume, and each image
+    is text2img's with them (as velodiff generate makes it)."""
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    out = tmp_path / "set"
+    args = ["generate-set", str(prompt_file), "--limit", "2", "--out", str(out), "--model", str(tiny),
+            "--steps", "2", "--solver", "ddim", "--guidance", "4", "--eta", "1", "--guidance-rescale", "0.5",
+            "--clip-skip", "1"]
+    assert cli(*args) == 0 and cli("generate-set", str(prompt_file), "--limit", "2", "--out", str(out)) == 0
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["eta"], config["guidance_rescale"], config["clip_skip"]) == (1.0, 0.5, 1)
+    model = velodiff.load(tiny)
+    model.clip_skip = 1
+    r = read_set(out).records[1]
+    want = text2img(model, r["prompt"], seeds=[r["seed"]], steps=2, solver="ddim", guidance=4.0,
+                    guidance_rescale=0.5, solver_options={"eta": 1.0})
+    from velodiff.images import png_bytes
+
+    assert (out / r["file"]).read_bytes() == png_bytes(want.images[0])
+    assert "eta=1.0, this run asks eta=0.5" in one_error_line(
+        capsys, "generate-set", str(prompt_file), "--limit", "2", "--out", str(out), "--eta", "0.5")
+
+
 def test_a_set_from_before_the_load_options_and_a_negative_seed_resume(
     tiny, reference, prompt_file, tmp_path, capsys
 ):
     out = tmp_path / "set"
     shutil.copytree(reference, out)
     header = json.loads((out / "manifest.json").read_text())
-    for k in ("config", "family", "prediction_type", "lora", "lora_scale", "device", "dtype"):
+    for k in ("config", "family", "prediction_type", "lora", "lora_scale", "device", "dtype", "eta",
+              "guidance_rescale", "clip_skip"):
         del header["config"][k]
     (out / "manifest.json").write_text(json.dumps(header))
     assert cli("generate-set", str(prompt_file), "--out", str(out)) == 0

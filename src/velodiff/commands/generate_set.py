@@ -42,6 +42,10 @@ def generate_set_cmd(
     guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None,
     plan: Annotated[str | None, typer.Option(help="step plan (see velodiff plans)")] = None,
     negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
+    solver_eta: o.Eta = None,
+    guidance_rescale: Annotated[float | None, typer.Option(
+        help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for v-prediction)")] = None,
+    clip_skip: o.ClipSkip = None,
     width: o.Width = None,
     height: o.Height = None,
     noise: Annotated[str | None, typer.Option(
@@ -96,7 +100,9 @@ def generate_set_cmd(
     defaults.update({k: own[k] for k in ("steps", "solver", "guidance") if k in own})
     requested = dict(
         seed=seed, images_per_prompt=images_per_prompt, steps=steps, solver=solver, grid=grid,
-        guidance=guidance, plan=plan, negative=negative, batch=batch, threads=threads, height=height,
+        guidance=guidance, plan=plan, negative=negative, eta=solver_eta,
+        guidance_rescale=guidance_rescale or None, clip_skip=clip_skip or None, batch=batch, threads=threads,
+        height=height,
         width=width, noise=noise, config=_absolute(config), family=family, prediction_type=prediction_type,
         lora=[_absolute(p) for p in lora] if lora else None, lora_scale=lora_scale or None, device=device,
         dtype=dtype,

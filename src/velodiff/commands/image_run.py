@@ -149,16 +149,9 @@ class ImageRun:
         )
         m = self.loaded
         if self.clip_skip:
-            if not getattr(m, "uses_clip_skip", False):  # PixArt, Flux: it was ignored without a word
-                raise VelodiffError(f"--clip-skip: this {m.family} model's prompt encoder does not take it")
-            layers = [getattr(getattr(c, "config", None), "num_hidden_layers", None)
-                      for k, c in m.components.items() if k.startswith("text_encoder")]
-            fewest = min((n for n in layers if n), default=None)
-            if fewest is not None and self.clip_skip >= fewest:
-                raise VelodiffError(
-                    f"--clip-skip {self.clip_skip}: the text encoder has {fewest} layers; skip fewer"
-                )
-            m.clip_skip = self.clip_skip
+            from ..models.loading import set_clip_skip
+
+            set_clip_skip(m, self.clip_skip)
         if self.embedded_guidance is not None:
             set_embedded_guidance(m, self.embedded_guidance)
         f = m.size_factor

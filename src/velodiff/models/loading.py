@@ -359,3 +359,18 @@ def _apply_sampling_file(model: LoadedModel, path: Path) -> None:
         model.trained_steps = int(d["trained_steps"])  # type: ignore[attr-defined]
     if "trained_guidance" in d:  # the [w_min, w_max] a guidance-distilled student was trained for
         model.trained_guidance = tuple(float(w) for w in d["trained_guidance"])  # type: ignore[attr-defined]
+
+
+def set_clip_skip(m: Any, clip_skip: int) -> None:
+    """``--clip-skip K`` on a loaded model, refused in one line where its prompt encoder does not take it
+    (PixArt, Flux: it was ignored without a word) or has K layers or fewer."""
+    if not clip_skip:
+        return
+    if not getattr(m, "uses_clip_skip", False):
+        raise VelodiffError(f"--clip-skip: this {m.family} model's prompt encoder does not take it")
+    layers = [getattr(getattr(c, "config", None), "num_hidden_layers", None)
+              for k, c in m.components.items() if k.startswith("text_encoder")]
+    fewest = min((n for n in layers if n), default=None)
+    if fewest is not None and clip_skip >= fewest:
+        raise VelodiffError(f"--clip-skip {clip_skip}: the text encoder has {fewest} layers; skip fewer")
+    m.clip_skip = clip_skip

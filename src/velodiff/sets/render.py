@@ -27,6 +27,7 @@ def render_chunk(model: Any, chunk: Sequence[Item], config: dict[str, Any]) -> l
     """PNG bytes of one chunk's images, rendered as one batch."""
     from ..pipelines import text2img
 
+    eta = config.get("eta")
     res = text2img(
         model,
         [it.prompt for it in chunk],
@@ -36,6 +37,8 @@ def render_chunk(model: Any, chunk: Sequence[Item], config: dict[str, Any]) -> l
         solver=config.get("solver"),
         grid=config.get("grid"),
         guidance=config.get("guidance"),
+        guidance_rescale=float(config.get("guidance_rescale") or 0.0),
+        solver_options={"eta": float(eta)} if eta is not None else None,
         plan=config.get("plan"),
         height=config.get("height"),
         width=config.get("width"),
@@ -53,7 +56,7 @@ def load_model_checked(model_path: str | os.PathLike[str], fingerprint: str, con
     if load_fingerprint(model_path, config.get("config"), config.get("lora")) != fingerprint:
         raise VelodiffError(f"model at {model_path} is not the one this set was made with")
     try:
-        return load(
+        model = load(
             model_path,
             device=config.get("device") or "cpu",
             dtype=config.get("dtype") or "float32",
@@ -68,3 +71,7 @@ def load_model_checked(model_path: str | os.PathLike[str], fingerprint: str, con
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         msg = first_line(e)
         raise VelodiffError(f"cannot load model {str(model_path)!r}: {msg}") from None
+    from ..models.loading import set_clip_skip
+
+    set_clip_skip(model, int(config.get("clip_skip") or 0))
+    return model

@@ -28,6 +28,7 @@ from .store import (
     LINES,
     LOAD_KEYS,
     LOCK,
+    SAMPLING_KEYS,
     SetWriter,
     compact,
     lock_folder,
@@ -71,7 +72,7 @@ def generate_set(
 ) -> SetSummary:
     """Generate every missing image of the set in ``folder`` (resuming a partial one), in this process
     or over Ray (``ray="local"`` or an address). ``config`` has every key of CONFIG_KEYS (those of
-    LOAD_KEYS may be left out: the loader's defaults)."""
+    LOAD_KEYS and SAMPLING_KEYS may be left out: their defaults)."""
     import time
 
     t0 = time.perf_counter()
@@ -82,7 +83,7 @@ def generate_set(
         p.name not in (IMAGES, LOCK) for p in folder.iterdir()
     ):
         raise VelodiffError(f"{folder} is not empty and holds no image set ({HEADER}); use a new folder")
-    config = {**dict.fromkeys(LOAD_KEYS), **config}  # no load options: the loader's defaults
+    config = {**dict.fromkeys((*LOAD_KEYS, *SAMPLING_KEYS)), **config}  # not given: the defaults
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise VelodiffError(f"config lacks {', '.join(missing)}")

@@ -38,6 +38,8 @@ LOCK = ".lock"
 #: files as absolute paths, their contents in the header's fingerprint). None: the loader's default (the
 #: CPU and float32 for device and dtype); a header from before these keys reads them as None
 LOAD_KEYS = ("config", "family", "prediction_type", "lora", "lora_scale", "device", "dtype")
+#: sampling options newer than the first sets (None in an older set's header: off, as it was drawn)
+SAMPLING_KEYS = ("eta", "guidance_rescale", "clip_skip")
 
 #: config keys that decide the pixels; a resume that asks for another value is refused
 CONFIG_KEYS = (
@@ -49,6 +51,7 @@ CONFIG_KEYS = (
     "guidance",
     "plan",
     "negative",
+    *SAMPLING_KEYS,
     "height",
     "width",
     "batch",
@@ -75,7 +78,7 @@ def read_header(folder: Path) -> dict[str, Any] | None:
     damaged = _header_damage(h)
     if damaged:
         raise VelodiffError(f"{p}: damaged manifest header ({damaged}); use another --out")
-    for k in LOAD_KEYS:  # a set made before the load options: the loader's defaults
+    for k in (*LOAD_KEYS, *SAMPLING_KEYS):  # a set made before these options: their defaults
         h["config"].setdefault(k, None)
     return h
 
