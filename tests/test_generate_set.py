@@ -288,6 +288,34 @@ def test_eta_rescale_and_clip_skip_are_the_sets_as_generate_takes_them(tiny, pro
         capsys, "generate-set", str(prompt_file), "--limit", "2", "--out", str(out), "--eta", "0.5")
 
 
+def test_a_set_on_the_calibrated_grid_is_not_finished_on_a_new_calibration(tmp_path, capsys, monkeypatch):
+    """The calibrated grid comes from an artefact outside the set: one made (or made again) between a
+    set's runs would finish it on another grid, so the calibrations it read are in its header."""
+    from velodiff.calibrated import save_solver_calibration
+    from velodiff.eval.reference import model_hash
+    from velodiff.shipped import shipped_path
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    out = tmp_path / "set"
+    args = ["generate-set", str(prompts), "--out", str(out), "--limit", "1", "--grid", "calibrated",
+            "--solver", "unipc", "--steps", "5", "--guidance", "2.5"]
+    assert cli(*args) == 0
+    assert json.loads((out / "manifest.json").read_text())["calibration"]
+    assert cli(*args) == 0  # the same calibrations: resumed
+    entry = {"solver": "unipc", "nfe": 5, "method": "grid", "ts": [1.0, 0.8, 0.6, 0.4, 0.2, 0.0],
+             "options": {}}
+    default = model_hash(shipped_path("default"))
+    save_solver_calibration({"version": 1, "kind": "solver", "model_hash": default, "guidance": 2.5,
+                             "entries": [entry]}, None)
+    line = one_error_line(capsys, "generate-set", str(prompts), "--out", str(out), "--limit", "1")
+    assert "other calibrations of the model" in line
+    plain = tmp_path / "plain"  # a set that reads no calibration records none
+    assert cli("generate-set", str(prompts), "--out", str(plain), "--limit", "1", "--steps", "2") == 0
+    assert "calibration" not in json.loads((plain / "manifest.json").read_text())
+
+
 def test_a_set_from_before_the_load_options_and_a_negative_seed_resume(
     tiny, reference, prompt_file, tmp_path, capsys
 ):

@@ -117,10 +117,15 @@ def generate_set_cmd(
         )
     quiet_libraries()
     fingerprint = load_fingerprint(model_path, config["config"], config["lora"])
+    from ..sets.fingerprint import calibration_fingerprint, uses_calibration
+
+    calibration = (calibration_fingerprint(model_path, config)
+                   if uses_calibration(config, own.get("solver")) else None)
     bar = Progress()
     try:
         summary = generate_set(plist, out, model_path=model_path, config=config, prompt_file=str(prompts),
-                               ray=ray, workers=workers, progress=bar, fingerprint=fingerprint)
+                               ray=ray, workers=workers, progress=bar, fingerprint=fingerprint,
+                               calibration=calibration)
     finally:
         bar.close()
     if summary.dropped_lines:

@@ -96,8 +96,14 @@ def model_identity(model: Any) -> str:
     """The identity of a loaded model, which calibrations and cached references are keyed by: its files'
     hash (``model_hash``), and where it was loaded with them, the ``config`` folder's files and a forced
     family or prediction type (the same file under another config is another network)."""
-    base = model_hash(model.path)
-    how = dict(getattr(model, "loaded_with", None) or {})
+    return identity_of(model.path, getattr(model, "loaded_with", None) or {})
+
+
+def identity_of(path: str | Path, loaded_with: dict[str, str]) -> str:
+    """:func:`model_identity` of the model files at ``path`` loaded with ``loaded_with`` (the options that
+    make them another network: ``models.loading.loaded_with``), without loading them."""
+    base = model_hash(path)
+    how = dict(loaded_with)
     if not how:
         return base
     if "config" in how:

@@ -221,7 +221,7 @@ def load(
             config=Path(config).expanduser() if config is not None else None,
         )
     model.path = str(source.path)
-    model.loaded_with = _loaded_with(source, config, family, prediction_type)
+    model.loaded_with = loaded_with(source, config, family, prediction_type)
     _apply_sampling_file(model, Path(source.path))
     own = Path(source.path) / "lora"
     for i, adapter in enumerate([own] if source.kind == "folder" and own.is_dir() else []):
@@ -242,7 +242,7 @@ def load(
     return model
 
 
-def _loaded_with(
+def loaded_with(
     source: Source, config: Any, family: str | None, prediction_type: str | None
 ) -> dict[str, str]:
     """What makes the files another network (``LoadedModel.loaded_with``): a single file's config folder,

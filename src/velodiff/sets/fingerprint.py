@@ -44,3 +44,43 @@ def load_fingerprint(
     for p in lora or []:
         h.update(f"lora\0{model_fingerprint(p)}\n".encode())
     return h.hexdigest()
+
+
+def uses_calibration(config: dict, default_solver: str | None = None) -> bool:
+    """Whether a set's config draws on the model's calibrations (``velodiff calibrate``): the calibrated
+    grid, a solver that runs on fitted options (DPM-Solver-v3), or a plan rule that reads a cache
+    calibration (``deepcache:schedule=budget``, ``fbcache:reuse=F``)."""
+    from ..pipelines.setup import CALIBRATED, _grid_name
+    from ..plan import Plan
+    from ..solvers import get_solver
+
+    plan = Plan.parse(config.get("plan"))
+    settings = dict(plan.settings)
+    grid, solver = settings.get("grid", config.get("grid")), settings.get("solver", config.get("solver"))
+    if isinstance(grid, str) and _grid_name(grid) == CALIBRATED:
+        return True
+    if (solver or default_solver) and get_solver(solver or default_solver).requires:
+        return True
+    return any(getattr(r, "reuse", None) is not None or getattr(r, "schedule", None) == "budget"
+               for r in plan.rules)
+
+
+def calibration_fingerprint(path: str | os.PathLike[str], config: dict) -> str:
+    """sha256 over the calibration artefacts a set's images may read: the model's solver and cache
+    calibrations in the velodiff cache (keyed by its identity under the set's load options) and those
+    that travel beside it; a calibration run again between a set's runs changes it."""
+    from ..accel.calibration import calibration_dir
+    from ..eval.reference import ARTEFACTS, identity_of
+    from ..models.loading import inspect_source, loaded_with
+
+    source = inspect_source(path)
+    how = loaded_with(source, config.get("config"), config.get("family"), config.get("prediction_type"))
+    ident = identity_of(source.path, how)
+    folder = calibration_dir()
+    files = sorted(folder.glob(f"solver-{ident}-*")) + sorted(folder.glob(f"cache-{ident}.*"))
+    p = Path(source.path)
+    files += sorted((p / ARTEFACTS).glob("*")) if p.is_dir() else sorted(p.parent.glob(f"{p.stem}.solver-*"))
+    h = hashlib.sha256()
+    for f in (f for f in files if f.is_file()):
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()

@@ -69,9 +69,12 @@ def generate_set(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     fingerprint: str | None = None,
+    calibration: str | None = None,
 ) -> SetSummary:
     """Generate every missing image of the set in ``folder`` (resuming a partial one), in this process
-    or over Ray (``ray="local"`` or an address). ``config`` has every key of CONFIG_KEYS (those of
+    or over Ray (``ray="local"`` or an address); ``calibration``: the fingerprint of the model's
+    calibrations the images read (``fingerprint.calibration_fingerprint``), recorded and checked on a
+    resume. ``config`` has every key of CONFIG_KEYS (those of
     LOAD_KEYS and SAMPLING_KEYS may be left out: their defaults)."""
     import time
 
@@ -98,6 +101,7 @@ def generate_set(
         "prompts": {"file": str(prompt_file), "count": len(prompts), "sha256": prompts_digest(prompts)},
         "config": {k: config[k] for k in CONFIG_KEYS},
         "total": len(prompts) * int(config["images_per_prompt"]),
+        **({"calibration": calibration} if calibration is not None else {}),
     }
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(folder)

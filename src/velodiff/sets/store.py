@@ -232,6 +232,11 @@ def check_compatible(header: dict[str, Any], want: dict[str, Any], folder: Path)
                 f"{folder} was generated with {k}={header['config'].get(k)!r}, this run asks "
                 f"{k}={want['config'].get(k)!r}; refusing to mix; use another --out"
             )
+    if header.get("calibration") != want.get("calibration"):
+        raise VelodiffError(
+            f"{folder} was generated with other calibrations of the model (velodiff calibrate was run again "
+            "since, or the set did not use them); refusing to mix; use another --out"
+        )
 
 
 def open_set(folder: Path, header: dict[str, Any]) -> dict[str, Any]:
