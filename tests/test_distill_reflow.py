@@ -140,7 +140,10 @@ def test_killed_run_resumes_bit_exactly(tmp_path) -> None:
 
     model = velodiff.load(tmp_path / "full-student")
     assert (model.default_solver, model.default_steps, model.default_guidance) == ("ddim", 1, 1.0)
-    assert velodiff.load(tmp_path / "full-student-2steps").default_steps == 2
+    reflowed = velodiff.load(tmp_path / "full-student-2steps")
+    assert reflowed.default_steps == 2
+    assert getattr(reflowed, "trained_steps", None) is None  # trained on every t: more steps are no misuse
+    assert velodiff.load(tmp_path / "full-student").trained_steps == 1  # the distilled one is a 1-step map
     assert _reflow(tmp_path, "two", 0, 1, "--student-steps", "2") == 0  # distilled to its 2-step sampler
     assert velodiff.load(tmp_path / "two-student").default_steps == 2
     assert _reflow(tmp_path, "no-distill", 1, 0) == 0  # no distillation phase: the reflow student, 2 steps

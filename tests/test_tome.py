@@ -86,6 +86,8 @@ def test_merge_keeps_every_destination_and_unmerge_restores_the_shape():
 def test_bad_settings_are_one_line(model, tmp_path):
     with pytest.raises(velodiff.VelodiffError, match="merges nothing on this UNet.*max_downsample=2"):
         text2img(model, TEXTS, plan="tome", **KW)  # tomesd's default: full resolution, none here
+    with pytest.raises(velodiff.VelodiffError, match="'max_downsample' is 1, 2, 4 or 8, got 3"):
+        text2img(model, TEXTS, plan="tome:max_downsample=3", **KW)
     with pytest.raises(velodiff.VelodiffError, match=r"ratio=0.01 of the 64 tokens .* use ratio >= 0.0156"):
         text2img(model, TEXTS, plan="tome:max_downsample=8,ratio=0.01", **KW)  # merges no token at 8x8
     with pytest.raises(velodiff.VelodiffError, match="seed is read only with use_rand=true"):

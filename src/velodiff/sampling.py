@@ -91,8 +91,8 @@ class FiniteCheck:
 
 
 def branches_of(cond: Cond) -> dict[str, Cond]:
-    """The named conditionings of a run: a GuidedCond gives ``cond`` and ``uncond``; a mapping of
-    branch names is taken as is; anything else is the single ``cond`` branch."""
+    """The named conditionings of a run: a GuidedCond gives ``cond`` and ``uncond``; anything else (a
+    tensor, or a mapping such as SDXL's embeddings and added conditions) is the single ``cond`` branch."""
     if isinstance(cond, GuidedCond):
         return {"cond": cond.cond, "uncond": cond.uncond}
     return {"cond": cond}

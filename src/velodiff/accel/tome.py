@@ -183,6 +183,10 @@ class ToMe(Accelerator):
         if not self_attention_blocks(run.network):
             raise VelodiffError("plan rule 'tome': this UNet has no self-attention blocks to merge tokens in")
         self.refuse_ignored({"seed": (self.use_rand, "use_rand=true")})
+        if self.max_downsample not in (1, 2, 4, 8):  # a UNet's levels halve: 3 would mean 2 at some sizes
+            raise VelodiffError(
+                f"plan rule 'tome' option 'max_downsample' is 1, 2, 4 or 8, got {self.max_downsample}"
+            )
         levels = attention_downsamples(run.network)
         if levels and min(levels) > self.max_downsample:
             raise VelodiffError(
