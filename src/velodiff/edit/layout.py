@@ -236,7 +236,8 @@ class LayoutGuidance(Accelerator):
     cost = "a forward and backward conditional pass per guided step and iteration"
     options = {
         "scale": Option(0.05, "step size, a fraction of sigma_t per iteration", lo=0, hi=10),
-        "steps": Option(0.5, "share of the steps that are guided", lo=0, hi=1),
+        "steps": Option(0.5, "share of the steps that are guided: the samples after the first "
+                        "int(steps x N) - 1 steps are steered (the starting noise is not)", lo=0, hi=1),
         "iters": Option(3, "gradient iterations per guided step", kind=int, lo=1, hi=20),
         "segregation": Option(0.0, "A-STAR's segregation term's weight (overlap of the objects' maps)",
                               lo=0, hi=100),
