@@ -160,6 +160,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
         (["edit", "x", "--to", "y", "--out", out, "--mode", "foo"], "unknown value of --mode 'foo'"),
         # refused before the model loads (each took 6-8 s): eta on a solver without it, a weighting
         (["generate", "x", "--out", out, "--solver", "dpmpp_2m", "--eta", "0.5"], "has no option 'eta'"),
+        (["generate", "x", "--out", out, "--n", "4", "--batch", "2", "--noise", "torch"],
+         "would draw images 3.. from other seeds"),
         (["classify", str(tmp_path / "x.png"), "--labels", "a,b", "--weighting", "foo"], "unknown weighting"),
         (["brush", "x", "--layer", "box=0,0,1,1;y;z;w", "--out", out], "SEED must be an integer"),
         (["inpaint", "x", "--image", str(tmp_path / "x.png"), "--mask", str(tmp_path / "x.png"), "--out",

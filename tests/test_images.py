@@ -32,6 +32,19 @@ def test_open_image_scales_16_bit_grayscale_and_refuses_float(tmp_path):
     assert open_image(tmp_path / "rgb.png").getpixel((0, 0)) == (10, 20, 30)  # 8-bit: as it is
 
 
+def test_open_image_turns_a_photo_as_it_is_displayed_and_refuses_a_bomb_in_one_line(tmp_path, monkeypatch):
+    """A phone's JPEG stored sideways with EXIF orientation 6 is read as displayed (diffusers' load_image
+    does the same), so a mask drawn on the picture fits it; an image past PIL's pixel limit is one line."""
+    stored = Image.new("RGB", (64, 32), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "photo.jpg", exif=exif)
+    assert open_image(tmp_path / "photo.jpg").size == (32, 64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(VelodiffError, match="too large to open safely"):
+        open_image(tmp_path / "photo.jpg", "--image")
+
+
 def _solid(color, size=(5, 3)):
     return Image.new("RGB", size, color)
 

@@ -486,6 +486,14 @@ def test_generation_errors(models):
         inpaint(m, PROMPT, image, Image.new("P", (W, H)))
     with pytest.raises(VelodiffError, match="the mask covers nothing"):  # the picture came back unchanged
         inpaint(m, PROMPT, image, Image.new("L", (W, H)))
+    thin = torch.zeros(1, 1, H, W)
+    thin[..., :, 1] = 1.0  # one pixel wide, off the latent grid's sample points: nothing to repaint
+    with pytest.raises(VelodiffError, match="thinner than the latent grid"):
+        inpaint(m, PROMPT, image, thin)
+    with pytest.raises(VelodiffError, match=r"the init image's width must be a number of pixels in"):
+        img2img(m, PROMPT, torch.zeros(1, 3, 2, 8200), 0.5)
+    with pytest.raises(VelodiffError, match="unknown noise mode 'bogus'"):  # also where it is not read
+        img2img(m, PROMPT, image, 0.0, noise="bogus")
     with pytest.raises(VelodiffError, match=r"values in \[0, 1\]"):
         inpaint(m, PROMPT, image, torch.full((1, 1, H, W), float("nan")))
     with pytest.raises(VelodiffError, match=r"array must be \(H, W, 3\)"):

@@ -235,6 +235,8 @@ def _write_with(path: str | os.PathLike[str], fill: Callable[[IO[bytes]], Any]) 
             pass
         if isinstance(e, OSError):
             raise VelodiffError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, ValueError):  # an encoder's limit: PIL's WebP past 16383 pixels a side
+            raise VelodiffError(f"cannot write {path}: {e}") from None
         raise
 
 

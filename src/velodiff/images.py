@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import VelodiffError
+from .errors import VelodiffError, first_line
 
 #: height of a mark bar under an image, in pixels
 MARK_HEIGHT = 3
@@ -36,12 +36,15 @@ def open_image(source: str | bytes | Any, what: str = "image") -> Any:
     to 8 bits: PIL's own conversion clips at 255, which turns a 16-bit picture or mask white.
     Floating-point and other 32-bit images are refused rather than guessed."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     what = what if isinstance(source, bytes) else f"{what} {str(source)!r}"
     try:
         im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         im.load()
+        im = ImageOps.exif_transpose(im)  # as it is displayed (a phone's photo), as diffusers' load_image
+    except Image.DecompressionBombError as e:
+        raise VelodiffError(f"{what} is too large to open safely: {first_line(e)}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise VelodiffError(f"{what} is not an image PIL can read ({type(e).__name__})") from None
     if im.mode.startswith("I;16") or im.mode == "I":

@@ -102,6 +102,23 @@ def batch_prompts_and_seeds(
     return prompts, seeds
 
 
+def check_image_size(model: Any, h: int, w: int, what: str = "") -> None:
+    """A run's size: each side in [1, MAX_SIDE] pixels (one line), and a word when its area is far
+    beyond what the model was trained at (8192x8192 on the 64x64 model ran for minutes without one)."""
+    from ..limits import MAX_SIDE
+
+    for side, v in (("height", h), ("width", w)):
+        if not 0 < v <= MAX_SIDE:
+            raise VelodiffError(f"{what}{side} must be a number of pixels in [1, {MAX_SIDE}], got {v}")
+    dh, dw = model.default_size
+    if h * w > 16 * dh * dw:
+        warnings.warn(
+            f"{w}x{h} is {h * w / (dh * dw):.0f}x the area this model was trained at ({dw}x{dh}): slow, and "
+            "far from the images it knows",
+            stacklevel=3,
+        )
+
+
 def initial_noise(shape: tuple[int, ...], seeds: list[int], mode: str = "velodiff") -> Tensor:
     """Standard normal starting noise (B, C, h, w) on the CPU, float32 (see the module's contract); a seed
     outside torch's range [-2**63, 2**64) is refused in one line."""

@@ -22,6 +22,7 @@ from ..sampling import SampleResult
 from .common import (
     GenerationResult,
     batch_prompts_and_seeds,
+    check_image_size,
     check_model,
     encode_batch_prompts,
     finish,
@@ -66,6 +67,7 @@ def init_image_latents(
             f"the init image is {w}x{h} (width x height) but {width or w}x{height or h} was asked for; "
             "resize the image or leave height/width out"
         )
+    check_image_size(model, h, w, "the init image's ")
     model.latent_shape(1, h, w)  # the size check, with its error message
     z0 = model.encode(img)
     if z0.shape[0] not in (1, batch):

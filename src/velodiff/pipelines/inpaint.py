@@ -29,6 +29,7 @@ from ..sampling import SampleResult, StepInfo
 from .common import (
     GenerationResult,
     batch_prompts_and_seeds,
+    check_image_size,
     check_model,
     encode_batch_prompts,
     finish,
@@ -72,6 +73,7 @@ def inpaint(
     b = len(ps)
     img = image_tensor(image, "init image")
     h, w = int(img.shape[-2]), int(img.shape[-1])
+    check_image_size(model, h, w, "the init image's ")
     shape = model.latent_shape(b, h, w)
     m = mask_tensor(mask)
     if tuple(m.shape[-2:]) != (h, w):
@@ -86,6 +88,11 @@ def inpaint(
     if not bool(m.flatten(1).amax(1).all()):  # the run would return the picture unchanged
         raise VelodiffError("the mask covers nothing (no pixel >= 0.5): white marks what to repaint")
     m_lat = F.interpolate(m, size=shape[-2:]).to(model.device)  # nearest, as diffusers
+    if not bool(m_lat.flatten(1).amax(1).all()):  # no latent cell to repaint: the picture, unchanged
+        raise VelodiffError(
+            f"the mask is thinner than the latent grid ({w // shape[-1]} pixels a cell) and repaints no cell "
+            "of it; widen the mask"
+        )
     m_lat = m_lat.expand(b, -1, -1, -1) if m_lat.shape[0] == 1 else m_lat
 
     if image_latents is None:

@@ -82,6 +82,10 @@ class Sampling:
         opts = cls(**options)
         check_output(opts.output)
         opts.check_types()
+        from .common import NOISE_MODES
+
+        if opts.noise not in NOISE_MODES:  # also where it is not read (latents given, strength 0)
+            raise unknown_name("noise mode", opts.noise, NOISE_MODES)
         return opts
 
     def check_types(self) -> None:

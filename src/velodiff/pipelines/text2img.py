@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from ..errors import VelodiffError
-from ..limits import MAX_SIDE
 from ..noise import prior_sample
 from .common import (
     GenerationResult,
     batch_prompts_and_seeds,
+    check_image_size,
     check_model,
     encode_batch_prompts,
     finish,
@@ -39,16 +38,7 @@ def text2img(
     ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), opts.seeds)
     h = int(height if height is not None else model.default_size[0])  # 0 is refused, not the default
     w = int(width if width is not None else model.default_size[1])
-    for what, v in (("height", h), ("width", w)):
-        if not 0 < v <= MAX_SIDE:
-            raise VelodiffError(f"{what} must be a number of pixels in [1, {MAX_SIDE}], got {v}")
-    dh, dw = model.default_size
-    if h * w > 16 * dh * dw:  # 8192x8192 on the 64x64 model ran for minutes without a word
-        warnings.warn(
-            f"{w}x{h} is {h * w / (dh * dw):.0f}x the area this model was trained at ({dw}x{dh}): slow, and "
-            "far from the images it knows",
-            stacklevel=2,
-        )
+    check_image_size(model, h, w)
     shape = model.latent_shape(len(ps), h, w)
     setup = make_setup(model, opts, size=(h, w))
     if opts.latents is None:
