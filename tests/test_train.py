@@ -298,3 +298,73 @@ def test_an_unfinished_or_other_size_autoencoder_is_refused_in_one_line(tmp_path
         code = e.code or 0
     assert code == 0 and not out.exists()
     assert "nothing exported" in capsys.readouterr().out
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    """Killed before any checkpoint, a rerun starts again at step 0: the rows it had logged go (they
+    were written twice), and a half-written last row is dropped."""
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step_fn(step, gen):
+        return lin(torch.randn(4, 2, generator=gen)).pow(2).mean(), {}
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "loss.csv").write_text("step,loss,lr,grad_norm,wall_s,extra\n1,0.5,0.01,1.0,0.1,{}\n2,0.4")
+    cfg = LoopConfig(steps=3, lr=1e-2, warmup=1, checkpoint_every=100, log_every=1)
+    run_loop(run, cfg, {"lin": lin}, step_fn, quiet=True)
+    steps = [line.split(",")[0] for line in (run / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3"]
+
+
+def test_bad_training_inputs_are_refused_before_the_work(tmp_path, vae_run, capsys):
+    """An LDM run given as --vae (it has a summary.json too), an overlapping --out and --run, a mistyped
+    --prediction (it was found after the scenes were rendered), --decoder-only without --init."""
+    from velodiff.cli import main
+    from velodiff.train.autoencoder import train_autoencoder
+    from velodiff.train.trainer import load_vae
+
+    ldm = tmp_path / "ldm"
+    _ldm_run(ldm, vae_run, 1)
+    with pytest.raises(VelodiffError, match="is a run of `velodiff train ldm`, not of `velodiff train auto"):
+        load_vae(ldm, "micro")
+    base = ["train", "ldm", "--vae", str(vae_run), "--size", "micro", "--steps", "1", "--quiet",
+            "--threads", "1", "--cache-size", "2", "--batch", "2"]
+    same, p = str(tmp_path / "same"), str(tmp_path / "p")
+    for extra, line in ((["--run", same, "--out", same], "overlap"),
+                        (["--run", p, "--prediction", "v-prediction"], "unknown --prediction")):
+        try:
+            code = main([*base, *extra])
+        except SystemExit as e:
+            code = e.code or 0
+        err = capsys.readouterr().err
+        assert code == 2 and line in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "same").exists()
+    cfg = LoopConfig(steps=1, lr=1e-3, warmup=1, checkpoint_every=100)
+    with pytest.raises(VelodiffError, match="give its run as --init"):
+        train_autoencoder(tmp_path / "dec", cfg, batch=2, size="micro", decoder_only=True, quiet=True)
+
+
+def test_a_resume_with_other_cpu_threads_is_said(tmp_path):
+    """CPU sums depend on the thread count: a resume with another one goes on, with a word that it is
+    not bit-exact (the CLI's default threads differ from the model card's --threads 1)."""
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step_fn(step, gen):
+        return lin(torch.randn(4, 2, generator=gen)).pow(2).mean(), {}
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run_loop(tmp_path / "r", LoopConfig(steps=1, lr=1e-2, warmup=1, checkpoint_every=1), {"lin": lin},
+                 step_fn, quiet=True)
+        torch.set_num_threads(2)
+        with pytest.warns(UserWarning, match="trained with 1 CPU threads, this resume with 2: .*--threads 1"):
+            run_loop(tmp_path / "r", LoopConfig(steps=2, lr=1e-2, warmup=1, checkpoint_every=1), {"lin": lin},
+                     step_fn, quiet=True)
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import VelodiffError, unknown_name
 from ..limits import MAX_BATCH
 from .options import check_threads, example
 
@@ -109,13 +110,6 @@ def autoencoder(
         seed=seed,
         checkpoint_every=checkpoint_every,
         max_minutes=max_minutes,
-        extra={
-            "batch": batch,
-            "kl_weight": kl_weight,
-            "size": size,
-            "init": str(init) if init else None,
-            "decoder_only": decoder_only,
-        },
     )
     s = train_autoencoder(
         run,
@@ -191,7 +185,14 @@ def ldm(
 
     if out is not None:
         check_model_out(out)  # before the training, not after
+        o, r = out.expanduser().resolve(), run.expanduser().resolve()
+        if o == r or o in r.parents or r in o.parents:
+            raise VelodiffError(f"--out {str(out)!r} and --run {str(run)!r} overlap; the export would "
+                                "replace the run's checkpoints: give two separate folders")
+    from ..train.objectives import PREDICTIONS
 
+    if prediction not in PREDICTIONS:  # before the scenes are rendered, not at the first step
+        raise unknown_name("--prediction", prediction, PREDICTIONS)
     _check(run, size, lr, max_minutes)
     device = training_device(threads, device)
     cfg = LoopConfig(

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from ..default_model import vae_config
+from ..errors import VelodiffError
+from ..files import write_atomic
 from .loop import LoopConfig, run_loop
 
 
@@ -38,7 +40,14 @@ def train_autoencoder(
     from .loop import load_run_weights, run_meta
     from .trainer import fit_weights
 
-    cfg.extra = {**cfg.extra, "stage": "autoencoder"}  # what train export checks its --vae run by
+    if decoder_only and init is None:
+        raise VelodiffError(
+            "--decoder-only fine-tunes the decoder of a trained autoencoder: give its run as --init"
+        )
+    # what train export checks its --vae run by (stage), and what a resume must share (the rest)
+    cfg.extra = {**cfg.extra, "stage": "autoencoder", "batch": batch, "size": size, "kl_weight": kl_weight,
+                 "data_seed": data_seed, "init": str(init) if init is not None else None,
+                 "decoder_only": decoder_only}
     world = ShapesWorld(seed=data_seed, size=64, holdout=True)
     vae = build_vae(size)
     if init is not None:
@@ -69,7 +78,8 @@ def train_autoencoder(
     vae.eval()
     summary["scaling_factor"] = measure_scaling_factor(vae, world)
     summary["recon_mse"] = recon_error(vae, world)
-    (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "emas"}, indent=1))
+    kept = {k: v for k, v in summary.items() if k != "emas"}
+    write_atomic(run / "summary.json", json.dumps(kept, indent=1))
     return summary
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +126,14 @@ def run_loop(
             emas[name].load_state_dict(split_prefix(tensors, f"ema.{name}."), meta["ema_updates"])
         load_optimizer_tensors(opt, split_prefix(tensors, "opt."), meta["optimizer"])
         step, wall = int(meta["step"]), float(meta["wall_s"])
-        resumed_loss = _truncate_log(log_path, step)
+        threads = meta.get("torch_threads")
+        if threads is not None and int(threads) != torch.get_num_threads() and not fused:  # CPU sums
+            warnings.warn(f"run {run} was trained with {threads} CPU threads, this resume with "
+                          f"{torch.get_num_threads()}: it goes on, but not bit-exactly as one uninterrupted "
+                          f"run (give --threads {threads})", stacklevel=2)
         if not quiet:
             print(f"resumed {run} at step {step} ({wall / 60:.1f} min trained)", flush=True)
+    resumed_loss = _truncate_log(log_path, step)  # rows after the checkpoint (or all: killed before one)
 
     def checkpoint() -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -239,7 +245,17 @@ def _truncate_log(path: Path, step: int) -> float:
     if not path.exists():
         return float("nan")
     rows = list(csv.reader(path.open()))
-    keep = [r for r in rows if not r or r[0] == "step" or int(r[0]) <= step]
+
+    def kept(r: list[str]) -> bool:  # a row half written when the run was killed goes too
+        if not r or r[0] == "step":
+            return True
+        try:
+            float(r[1])
+            return int(r[0]) <= step
+        except (ValueError, IndexError):
+            return False
+
+    keep = [r for r in rows if kept(r)]
     with path.open("w", newline="") as f:
         csv.writer(f).writerows(keep)
     losses = [float(r[1]) for r in keep if r and r[0] != "step"]

@@ -17,7 +17,8 @@ import torch
 
 from ..default_model import scheduler_config, text_encoder_config, unet_config, vae_config, write_tokenizer
 from ..errors import VelodiffError
-from .loop import LoopConfig, load_run_weights, run_loop
+from ..files import write_atomic
+from .loop import LoopConfig, load_run_weights, run_loop, run_meta
 from .objectives import alphas_cumprod, loss_weights, noisy_and_target
 
 
@@ -77,13 +78,18 @@ def load_vae(vae_run: Path, size: str) -> tuple[Any, float]:
         raise VelodiffError(
             f"{vae_run} has no finished autoencoder run (summary.json); run `velodiff train autoencoder`"
         )
-    done = json.loads(summary.read_text())
+    run_meta(vae_run, "autoencoder", "--vae")  # an LDM or distill run has a summary.json too
+    try:
+        done = json.loads(summary.read_text())
+        scaling = float(done["scaling_factor"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VelodiffError(f"{summary} is damaged ({type(e).__name__}); rerun `velodiff train autoencoder` "
+                            "with the same --run to write it again") from None
     if not done.get("completed", True):  # stopped by --max-minutes or a signal: a partly trained VAE
         raise VelodiffError(
             f"{vae_run}: the autoencoder run stopped at step {done.get('steps')}; rerun `velodiff train "
             "autoencoder` with the same --run to finish it"
         )
-    scaling = float(done["scaling_factor"])
     vae = AutoencoderKL(**{**vae_config(size), "scaling_factor": scaling})
     fit_weights(vae, load_run_weights(vae_run, "vae"), f"{vae_run}: its autoencoder", size)
     vae.eval().requires_grad_(False)
@@ -224,5 +230,5 @@ def train_ldm(
     cfg.extra = {**cfg.extra, **vars(lcfg), "stage": "ldm", "scaling_factor": scaling}
     summary = run_loop(run, cfg, {"unet": unet, "text_encoder": text}, step_fn, desc="ldm", quiet=quiet)
     summary.pop("emas")
-    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(run / "summary.json", json.dumps(summary, indent=1))
     return summary
