@@ -266,7 +266,7 @@ def vae_run(tmp_path) -> Path:
 
     vae = AutoencoderKL(**vae_config("micro"))
     tensors = {f"ema.vae.{k}": v for k, v in vae.state_dict().items()}
-    run = fake_run(tmp_path / "vae", tensors, tmp_path / "unused")
+    run = fake_run(tmp_path / "vae", tensors, tmp_path / "unused", config={"extra": {"stage": "autoencoder"}})
     (run / "summary.json").write_text(json.dumps({"scaling_factor": 1.0}))
     return run
 
