@@ -524,8 +524,8 @@ MUTANTS = {
     ),
     "a1111_unipc_bh2": (
         "aliases.py",
-        '"unipc", "uniform", solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3}',
-        '"unipc", "uniform", solver_options={**UNIPC_LOF, "order": 3}',
+        '       solver_options={**UNIPC_LOF, "solver_type": "bh1", "order": 3},\n       note="A1111',
+        '       solver_options={**UNIPC_LOF, "order": 3},\n       note="A1111',
         ["tests/test_aliases.py", "-k", "two_unipc"],
     ),
     "layout_masks_square_on_wide_latents": (
