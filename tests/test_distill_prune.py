@@ -127,6 +127,15 @@ def test_a_teacher_that_is_not_a_model_is_one_line(tmp_path, capsys) -> None:
     assert code != 0 and len(err.splitlines()) == 1 and "not a diffusers model folder" in err
 
 
+def test_a_ranking_is_not_reused_for_another_teacher(tmp_path, capsys) -> None:
+    """The removed units are the teacher's ranking (kept in the run's plan.json): the same run folder
+    with another teacher of the same architecture is refused, not pruned by the first one's scores."""
+    assert _prune(tmp_path, "r", 0) == 0
+    code = _prune(tmp_path, "r", 0, "--teacher", "default-4step")
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "ranked the units of another teacher" in err and len(err.splitlines()) == 1, err
+
+
 def _unet(folder) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError
+from ..train.checkpoint import weights_digest
 from ..train.loop import LoopConfig, run_loop
 from ..train.trainer import LatentCache, batch_indices
 from .progressive import ddim_step, student_grid
@@ -279,10 +280,13 @@ def prune(
     t0 = time.perf_counter()
     plan_file = run / "plan.json"
     keys = ("method", "target_flops", "guidance", "calib_prompts", "calib_steps", "data_seed")
+    made_from = weights_digest(teacher_unet)  # the ranking is the teacher's: kept only for the same one
     if plan_file.is_file():
         plan = json.loads(plan_file.read_text())
         if any(plan["config"][k] != getattr(pcfg, k) for k in keys):
             raise VelodiffError(f"run {run} was started with {plan['config']}; use a new --run folder")
+        if plan["config"].get("teacher", made_from) != made_from:
+            raise VelodiffError(f"run {run} ranked the units of another teacher; use a new --run folder")
     else:
         units = usable_units(teacher_unet)
         if pcfg.method == "magnitude":
@@ -298,7 +302,7 @@ def prune(
             scores = ld_scores(teacher_unet, units, sched, ctx, uctx, noise, pcfg.guidance, pcfg.calib_steps)
         removed, flops, full = select(teacher_unet, scores, pcfg.target_flops)
         plan = {
-            "config": {k: getattr(pcfg, k) for k in keys},
+            "config": {**{k: getattr(pcfg, k) for k in keys}, "teacher": made_from},
             "scores": scores,
             "removed": removed,
             "flops": flops,
