@@ -317,6 +317,15 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
     run_loop(run, cfg, {"lin": lin}, step_fn, quiet=True)
     steps = [line.split(",")[0] for line in (run / "loss.csv").read_text().splitlines()[1:]]
     assert steps == ["1", "2", "3"]
+    # stopped off the log grid (a shorter --steps) and resumed: the log of one run of the full length
+    for folder, parts in (("whole", (6,)), ("split", (3, 6))):
+        for steps_i in parts:
+            torch.manual_seed(0)  # the same starting weights (a resume loads its own over them)
+            lin = torch.nn.Linear(2, 1)
+            cfg = LoopConfig(steps=steps_i, lr=1e-2, warmup=1, checkpoint_every=100, log_every=2)
+            run_loop(tmp_path / folder, cfg, {"lin": lin}, step_fn, quiet=True)
+    rows = [(tmp_path / f / "loss.csv").read_text().splitlines()[1:] for f in ("whole", "split")]
+    assert [r.split(",")[:2] for r in rows[0]] == [r.split(",")[:2] for r in rows[1]]
 
 
 def test_bad_training_inputs_are_refused_before_the_work(tmp_path, vae_run, capsys):

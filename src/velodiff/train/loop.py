@@ -133,7 +133,10 @@ def run_loop(
                           f"run (give --threads {threads})", stacklevel=2)
         if not quiet:
             print(f"resumed {run} at step {step} ({wall / 60:.1f} min trained)", flush=True)
-    resumed_loss = _truncate_log(log_path, step)  # rows after the checkpoint (or all: killed before one)
+    # rows after the checkpoint go (all of them: killed before one), and the checkpoint's own row when
+    # only a stop logged it (a time budget, a signal, a shorter --steps): one run's log, however split
+    logged = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step >= cfg.steps
+    resumed_loss = _truncate_log(log_path, step if logged else step - 1)
 
     def checkpoint() -> None:
         tensors: dict[str, torch.Tensor] = {}
