@@ -396,6 +396,7 @@ def test_eval_manifest_real_and_reference_are_the_direct_computations(tiny, prom
     p = psnr(mine, theirs)
     ref = res["reference"]
     assert ref["n"] == N and ref["psnr"] == pytest.approx(float(p[p.isfinite()].mean()))
+    assert ref["identical"] == int((~p.isfinite()).sum())
     assert ref["ssim"] == pytest.approx(float(ssim(mine, theirs).mean())) and ref["ssim"] < 1
     # --real shapes: the world's renders of the set's own prompts and seeds
     shapes = tmp_path / "shapes.txt"

@@ -127,7 +127,9 @@ def evaluate_set(
             "set": str(reference),
             "n": len(ssims),
             "unmatched": mismatched,
+            # the mean over the images that differ; identical ones (PSNR inf) are counted on their own
             "psnr": sum(psnrs) / len(psnrs) if psnrs else float("inf"),
+            "identical": len(ssims) - len(psnrs),
             "ssim": sum(ssims) / len(ssims),
         }
     return out
