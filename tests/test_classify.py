@@ -116,6 +116,11 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         classify(model, img, ["a", "b"], rounds=((8, 2), (4, 1)))
     with pytest.raises(VelodiffError, match="at most 1000 samples"):
         classify(model, img, ["a", "b"], rounds=((100_000, 1),))
+    from velodiff.edit.classify import check_rounds
+
+    assert check_rounds("4:6,16:2,48:1") == [(4, 6), (16, 2), (48, 1)]  # the CLI's form, in Python too
+    with pytest.raises(VelodiffError, match="give samples:keep pairs"):
+        classify(model, img, ["a", "b"], rounds="4-6,16-2")
 
     class NaNModel:  # a model whose weights went NaN: no confident label out of NaN errors
         def __getattr__(self, name):

@@ -88,7 +88,7 @@ def bench_solvers(
     image_shape: Annotated[str, typer.Option(help="shape of the image mixture, CxHxW")] = "3x8x8",
     data: Annotated[str, typer.Option(help="which mixtures: 2d, image")] = "2d,image",
     schedulers: Annotated[str, typer.Option(help="diffusers schedulers, comma-separated, or 'none'")] = (
-        "DPMSolverMultistep,UniPCMultistep,DEISMultistep,DDIM,Euler,Heun"),
+        "DPMSolverMultistep, UniPCMultistep, DEISMultistep, DDIM, Euler, Heun"),  # wraps at the commas
     seed: Annotated[int, typer.Option(help="seed of the starting noise")] = 0,
     threads: Annotated[
         int, typer.Option(min=1, callback=check_threads, help="torch threads (tiny tensors: 1 is fastest)")

@@ -19,13 +19,6 @@ EXAMPLE = o.example(
 )
 
 
-def parse_rounds(text: str) -> list[tuple[int, int]]:
-    try:
-        return [(int(a), int(b)) for a, b in (r.split(":") for r in text.split(","))]
-    except ValueError:
-        raise VelodiffError(f"--rounds {text!r}: give samples:keep pairs, e.g. 4:6,16:2,48:1") from None
-
-
 def classify_cmd(
     image: Annotated[Path, typer.Argument(help="the image to classify (the model's size, RGB)")],
     labels: Annotated[str | None, typer.Option(help="comma-separated candidate prompts")] = None,
@@ -58,7 +51,7 @@ def classify_cmd(
     else:
         cands = [s.strip() for s in (labels or "").split(",")]
     cands = check_labels(cands)
-    pruning = check_rounds(parse_rounds(rounds))
+    pruning = check_rounds(rounds)
     if json_out is not None:  # before the model runs, not after
         from ..files import distinct_files, output_file
 

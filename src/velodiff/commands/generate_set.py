@@ -44,7 +44,7 @@ def generate_set_cmd(
     negative: Annotated[str | None, typer.Option(help="negative prompt")] = None,
     solver_eta: o.Eta = None,
     guidance_rescale: Annotated[float | None, typer.Option(
-        help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for v-prediction)")] = None,
+        help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0.7 for v-prediction)")] = None,
     clip_skip: o.ClipSkip = None,
     width: o.Width = None,
     height: o.Height = None,

@@ -130,7 +130,7 @@ EmbeddedGuidance = Annotated[
     typer.Option(help="the scale a guidance-distilled model takes as input (one pass; Flux-dev, students)"),
 ]
 GuidanceRescale = Annotated[
-    float, typer.Option(help="guidance rescale phi in [0, 1] (Lin et al. 2024; 0.7 for v-prediction)")
+    float, typer.Option(help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0.7 for v-prediction)")
 ]
 Negative = Annotated[
     str | None, typer.Option(help="negative prompt (replaces the unconditional branch of CFG)")

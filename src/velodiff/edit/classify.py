@@ -100,8 +100,13 @@ def check_labels(labels: Sequence[str]) -> list[str]:
     return labels
 
 
-def check_rounds(rounds: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    out = [(int(n), int(k)) for n, k in rounds]
+def check_rounds(rounds: Sequence[Sequence[int]] | str) -> list[tuple[int, int]]:
+    """The pruning rounds as (samples, keep) pairs: a list of pairs, or the CLI's text "4:6,16:2,48:1"."""
+    try:
+        pairs = [r.split(":") for r in rounds.split(",")] if isinstance(rounds, str) else rounds
+        out = [(int(n), int(k)) for n, k in pairs]
+    except (TypeError, ValueError):
+        raise VelodiffError(f"rounds {rounds!r}: give samples:keep pairs, e.g. 4:6,16:2,48:1") from None
     if not out or any(n < 1 or k < 1 for n, k in out):
         raise VelodiffError("each pruning round needs samples >= 1 and keep >= 1")
     if (most := max(n for n, _ in out)) > MAX_STEPS:  # the samples are network evaluations per label
