@@ -123,18 +123,25 @@ def _model_path() -> Path:
     return Path(os.environ.get("VELODIFF_TEST_MODEL") or default_model_path())
 
 
-def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys):
+def _bench_args(tmp_path, monkeypatch, sweep_text: str) -> tuple[list[str], Path, Path]:
+    """``velodiff bench`` of a sweep file on the shipped model, in a fresh cache: (args, sweep file,
+    out folder); skipped where the model is missing."""
     path = _model_path()
     if not (path / "model_index.json").is_file():
         pytest.skip(f"no default model at {path}")
     monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
-    sweep = tmp_path / "sweep.yaml"
-    # the reference is ddim at 3 steps on the model's grid: the ddim/3 configuration must match it exactly
-    sweep.write_text("solvers: [ddim, dpmpp_2m, unipc]\nnfe: [1, 2, 3]\nguidance: [2]\nlimit: 2\n"
-                     "reference_solver: ddim\nreference_steps: 3\nreference_grid: null\n"
-                     "fd_real_per_prompt: 2\n")
-    out = tmp_path / "bench"
+    sweep, out = tmp_path / "sweep.yaml", tmp_path / "bench"
+    sweep.write_text(sweep_text)
     args = ["bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress"]
+    return args, sweep, out
+
+
+def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys):
+    # the reference is ddim at 3 steps on the model's grid: the ddim/3 configuration must match it exactly
+    args, _, out = _bench_args(tmp_path, monkeypatch,
+                               "solvers: [ddim, dpmpp_2m, unipc]\nnfe: [1, 2, 3]\nguidance: [2]\nlimit: 2\n"
+                               "reference_solver: ddim\nreference_steps: 3\nreference_grid: null\n"
+                               "fd_real_per_prompt: 2\n")
     code = cli(*args)
     o, err = capsys.readouterr()
     assert code == 0, err
@@ -174,16 +181,9 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
 def test_bench_shapes_eval_reads_images_as_eval_shapes_does(tmp_path, monkeypatch, capsys):
     """Regression: the sweep once passed [0, 1] images to ShapesEval (which reads [-1, 1] tensors) and
     scored every record 0. The shipped model draws v1's first prompt (one object) right at 10 NFE."""
-    path = _model_path()
-    if not (path / "model_index.json").is_file():
-        pytest.skip(f"no default model at {path}")
-    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("solvers: [dpmpp_2m]\nnfe: [10]\nguidance: [2.5]\nlimit: 1\nimages_per_prompt: 2\n"
-                     "metrics: [shapes]\n")
-    out = tmp_path / "bench"
-    code = cli("bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress")
-    assert code == 0, capsys.readouterr().err
+    args, _, out = _bench_args(tmp_path, monkeypatch, "solvers: [dpmpp_2m]\nnfe: [10]\nguidance: [2.5]\n"
+                               "limit: 1\nimages_per_prompt: 2\nmetrics: [shapes]\n")
+    assert cli(*args) == 0, capsys.readouterr().err
     (rec,) = json.loads((out / "results.json").read_text())["records"]
     assert rec["shapes_eval"] == 1.0
 
@@ -213,15 +213,8 @@ def test_bench_plans_records_and_distance_to_plain(tmp_path, monkeypatch, capsys
     """Plans are a sweep axis: each record carries its canonical plan, its evaluations per image, and
     for a plan other than none the distance to the plain run of the same seeds, also when a resumed
     sweep adds the plan later (the plain run is then made again, untimed)."""
-    path = _model_path()
-    if not (path / "model_index.json").is_file():
-        pytest.skip(f"no default model at {path}")
-    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
-    sweep = tmp_path / "sweep.yaml"
     base = "solvers: [dpmpp_2m]\nnfe: [4]\nguidance: [2.5]\nlimit: 2\nmetrics: [shapes]\n"
-    sweep.write_text(base + 'plans: ["none", "ag:threshold=-1"]\n')
-    out = tmp_path / "bench"
-    args = ["bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress"]
+    args, sweep, out = _bench_args(tmp_path, monkeypatch, base + 'plans: ["none", "ag:threshold=-1"]\n')
     assert cli(*args) == 0, capsys.readouterr().err
     recs = {r["plan"]: r for r in json.loads((out / "results.json").read_text())["records"]}
     assert recs["none"]["evals"] == 8 and "psnr_vs_plain" not in recs["none"]
@@ -244,16 +237,10 @@ def test_a_plan_that_sets_its_own_scale_is_measured_against_the_reference_at_tha
 ):
     """The reference is solved at the scale that ran: a plan's cfg:scale=4 at that scale, not the
     sweep's (with the reference ddim at 3 steps on the model's grid, both runs are their references)."""
-    path = _model_path()
-    if not (path / "model_index.json").is_file():
-        pytest.skip(f"no default model at {path}")
-    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("solvers: [ddim]\nnfe: [3]\nguidance: [2]\nlimit: 2\nmetrics: [reference]\n"
-                     "reference_solver: ddim\nreference_steps: 3\nreference_grid: null\n"
-                     'plans: ["none", "cfg:scale=4"]\n')
-    out = tmp_path / "bench"
-    args = ["bench", "--sweep", str(sweep), "--out", str(out), "--model", str(path), "--no-progress"]
+    args, _, out = _bench_args(tmp_path, monkeypatch,
+                               "solvers: [ddim]\nnfe: [3]\nguidance: [2]\nlimit: 2\nmetrics: [reference]\n"
+                               "reference_solver: ddim\nreference_steps: 3\nreference_grid: null\n"
+                               'plans: ["none", "cfg:scale=4"]\n')
     assert cli(*args) == 0, capsys.readouterr().err
     recs = {r["plan"]: r for r in json.loads((out / "results.json").read_text())["records"]}
     assert recs["cfg:scale=4"]["guidance"] == 4.0 and recs["none"]["guidance"] == 2.0
