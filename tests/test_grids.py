@@ -38,7 +38,8 @@ SCHEDULES = {
     "flow_shift3": RectifiedFlow(shift=3.0),
 }
 SPACINGS = ("linspace", "leading", "trailing")
-CONTINUOUS_GRIDS = [g for g in GRIDS if g not in SPACINGS + TOOL_GRIDS]  # tests/test_aliases.py: TOOL_GRIDS
+# tests/test_aliases.py: TOOL_GRIDS; "flux" (flows only) below
+CONTINUOUS_GRIDS = [g for g in GRIDS if g not in (*SPACINGS, *TOOL_GRIDS, "flux")]
 SD = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -176,6 +177,26 @@ def test_flow_shifted_equals_diffusers_flow_match():
     for final in ("zero", "t_min"):
         ts = make_grid("flow-shifted", low, 10, final=final)
         assert float(ts[-1 if final == "t_min" else -2]) == pytest.approx(low.t_min, rel=1e-12)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
+def test_flux_grid_is_flux_pipelines(shift):
+    """FluxPipeline's sigmas: linspace(1, 1/N, N), shifted, then 0 (its last time is the shift of 1/N,
+    not t_min); from a t_start it starts there; flows only."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = RectifiedFlow(shift=shift)
+    for steps in (1, 4, 28):
+        ref = FlowMatchEulerDiscreteScheduler(shift=shift)
+        ref.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist())
+        ts = make_grid("flux", sched, steps)
+        assert torch.allclose(ts, ref.sigmas.to(F64), rtol=1e-6, atol=1e-7)
+        with_t_min = make_grid("flux", sched, steps, final="t_min")
+        assert torch.equal(with_t_min[:-1], ts[:-1]) and float(with_t_min[-1]) == sched.t_min
+        start = make_grid("flux", sched, steps, t_start=0.7)
+        assert float(start[0]) == 0.7 and bool((start.diff() < 0).all())
+    with pytest.raises(VelodiffError, match="rectified flow's grid"):
+        make_grid("flux", DiscreteVP.scaled_linear(), 4)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import torch
 from velodiff.errors import VelodiffError
 from velodiff.grids import make_grid
 from velodiff.models import FAMILIES, load
-from velodiff.models.flux import flux_grid, pack, unpack
+from velodiff.models.flux import pack, unpack
 from velodiff.models.tiny import save_tiny
 from velodiff.pipelines import img2img, text2img
 from velodiff.schedules import DiscreteVP, RectifiedFlow
@@ -96,7 +96,7 @@ def stop_after_first_step(pipe, i, t, kwargs):
 
 def test_grids_are_diffusers(models):
     """SD3's default grid is FlowMatchEulerDiscreteScheduler's (shift 3, twice-shifted sigma_min);
-    flux_grid at the image's resolution-dependent shift is FluxPipeline's."""
+    Flux's ("flux") at the image's resolution-dependent shift is FluxPipeline's."""
     for kind, steps in (("sd3", 28), ("flux", 28), ("flux", 3)):
         m = models[kind]
         pipe = m.to_diffusers()
@@ -111,20 +111,27 @@ def test_grids_are_diffusers(models):
             guidance_scale=1.0,
             callback_on_step_end=stop_after_first_step,
         )
-        if kind == "sd3":
-            ts = make_grid(m.default_grid, m.schedule, steps, **m.grid_options(H, W))
-        else:
-            ts = flux_grid(m.schedule, steps, **m.grid_options(H, W))
-            assert m.default_grid == "flow-shifted"  # velodiff's default: the same shift, ends at t_min
+        ts = make_grid(m.default_grid, m.schedule, steps, **m.grid_options(H, W))
         torch.testing.assert_close(ts, pipe.scheduler.sigmas.double(), atol=1e-6, rtol=0)
+    assert models["flux"].default_grid == "flux"
     big = models["flux"].grid_options(1024, 1024)["shift"]
     assert big > models["flux"].grid_options(256, 256)["shift"] > 1.0  # the shift grows with resolution
-    # the default grid named (--grid flow-shifted) keeps that shift (it sampled an unshifted grid)
+    # a named grid that takes a shift keeps the size's (it sampled an unshifted grid); others get none
     from velodiff.pipelines.setup import Sampling, make_setup
 
     m = models["flux"]
-    named = make_setup(m, Sampling.of("t", {"grid": m.default_grid, "steps": 4}), size=(H, W)).ts
-    torch.testing.assert_close(named, make_setup(m, Sampling.of("t", {"steps": 4}), size=(H, W)).ts)
+    sized = m.grid_options(H, W)
+
+    def ts_of(**sampling):
+        return make_setup(m, Sampling.of("t", {"steps": 4, **sampling}), size=(H, W)).ts
+
+    torch.testing.assert_close(ts_of(grid="flux"), ts_of())
+    torch.testing.assert_close(ts_of(grid="flow-shifted"), make_grid("flow-shifted", m.schedule, 4, **sized))
+    assert not torch.allclose(ts_of(grid="flow-shifted"), make_grid("flow-shifted", m.schedule, 4))
+    torch.testing.assert_close(ts_of(grid="karras"), make_grid("karras", m.schedule, 4))
+    # img2img's start: the flux grid starts at t_start itself, not at its shift
+    start = make_grid("flux", m.schedule, 4, t_start=0.6, **sized)
+    assert float(start[0]) == 0.6 and bool((start[:-1].diff() < 0).all())
 
 
 def test_sizes_are_checked(models):

@@ -269,6 +269,30 @@ def flow_shifted(
     return _finish(ts, final)
 
 
+def flux(
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    shift: float | None = None,
+) -> Tensor:
+    """Flux's grid (the reference code's ``get_schedule``, diffusers' FluxPipeline sigmas
+    linspace(1, 1/N, N) + [0]): ``steps`` times uniform from t_start (default 1) towards 0, then
+    time-shifted; unlike "flow-shifted" the ramp runs to 0, so its last time is the shift of 1/N, not
+    t_min. ``shift`` defaults to the schedule's own, else 1 (Flux's grows with the image's size:
+    ``model.grid_options(height, width)``)."""
+    if not isinstance(sched, RectifiedFlow):
+        raise VelodiffError(f"grid 'flux' is a rectified flow's grid, not for a {sched.kind!r} schedule")
+    hi, _ = _span(sched, t_start)
+    s = sched.shift if shift is None else shift
+    u_hi = hi / (s - (s - 1.0) * hi)  # inverse of flow_shift: the grid starts at t_start itself
+    ts = flow_shift(torch.linspace(u_hi, 0.0, steps + 1, dtype=F64)[:-1], s)
+    ts[0] = hi
+    if final == "t_min":
+        return torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
+    return _finish(ts, final)
+
+
 # --- grids as other tools' schedulers define them ------------------------------------------------
 #
 # ComfyUI's schedulers index the model's table of N trained noise levels (timesteps k = 0..N-1, sigma
@@ -525,6 +549,7 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
     "leading": _spacing("leading"),
     "trailing": _spacing("trailing"),
     "flow-shifted": flow_shifted,
+    "flux": flux,
 }
 #: the grids defined by another tool's table of levels (ComfyUI's schedulers, AYS): they start at the
 #: schedule's top (no ``t_start``) and may end above t_min before the final point
@@ -577,11 +602,19 @@ def make_grid(
     return ts
 
 
+def grid_parameters(name: str) -> tuple[str, ...]:
+    """The options grid ``name`` takes (none for a name that is not one of ``GRIDS``)."""
+    fn = GRIDS.get(name)
+    if fn is None:
+        return ()
+    return tuple(p for p in inspect.signature(fn).parameters if p not in ("sched", "steps", "final"))
+
+
 def _call_grid(name: str, sched: NoiseSchedule, steps: int, final: str, options: dict[str, Any]) -> Tensor:
     """``GRIDS[name]`` with ``options``; an option it does not have, or a value of the wrong type, is
     one line naming the grid's options."""
     fn = GRIDS[name]
-    known = [p for p in inspect.signature(fn).parameters if p not in ("sched", "steps", "final")]
+    known = list(grid_parameters(name))
     known.append("discard_penultimate")  # any grid's (discard_penultimate below)
     unknown = sorted(set(options) - set(known))
     if unknown:

@@ -33,7 +33,7 @@ def check_solver_name(name: str) -> None:
 #: the names of ``velodiff.grids.GRIDS``, in its order, and the model-fitted ``calibrated``
 GRID_NAMES = (
     "uniform", "logsnr", "karras", "exponential", "polyexponential", "linspace", "leading", "trailing",
-    "flow-shifted", "normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "kl_optimal", "ays",
+    "flow-shifted", "flux", "normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "kl_optimal", "ays",
     "linear_quadratic", "lcm",
 )
 

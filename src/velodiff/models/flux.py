@@ -8,10 +8,10 @@ transformer, and unpacks the velocity.
 
 Time. The transformer receives t = sigma (it multiplies by 1000 itself). The schedule is
 RectifiedFlow with shift = exp(mu), mu linear in the image's token count (diffusers'
-``calculate_shift``): the shift grows with resolution (Esser et al. 2024, Sec. 5.3.2). velodiff's
-default grid is "flow-shifted" with that shift (ending at the shifted t_min, then 0); Flux's own grid,
-N + 1 times uniform from 1 to 0 then shifted (the reference code's ``get_schedule``, diffusers'
-FluxPipeline), is :func:`flux_grid`, which pass as ``grid=`` to reproduce diffusers' time steps.
+``calculate_shift``): the shift grows with resolution (Esser et al. 2024, Sec. 5.3.2). The
+default grid is Flux's own, "flux" (:func:`velodiff.grids.flux`): N + 1 times uniform from 1 to 0,
+the last dropped, then shifted (the reference code's ``get_schedule``, diffusers' FluxPipeline);
+"flow-shifted" (SD3's) takes the same size-dependent shift.
 
 Guidance. Flux-dev is guidance-distilled: the guidance scale is an input of the network
 (``embedded_guidance``, diffusers' ``guidance_scale``, default 3.5), not a second pass. velodiff's
@@ -32,8 +32,6 @@ from torch import Tensor
 
 from ..denoisers import Cond
 from ..errors import VelodiffError
-from ..grids import _finish, _span, flow_shift
-from ..schedules import F64, NoiseSchedule
 from .base import register_family
 from .dit import (
     DiTModel,
@@ -115,18 +113,6 @@ def flux_timestep(t: Tensor) -> Tensor:
     return (t * 1000.0).to(torch.float32) / 1000.0
 
 
-def flux_grid(
-    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None, shift: float = 1.0
-) -> Tensor:
-    """Flux's grid: t uniform from t_start (default 1) to 0 in ``steps`` steps, then time-shifted
-    (diffusers' FluxPipeline sigmas linspace(1, 1/N, N) + [0])."""
-    hi, _ = _span(sched, t_start)
-    ts = flow_shift(torch.linspace(hi, 0.0, steps + 1, dtype=F64)[:-1], shift)
-    if final == "t_min":
-        return torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
-    return _finish(ts, final)
-
-
 @dataclass
 class FluxModel(DiTModel):
     """Flux.1. ``components``: transformer, vae, text_encoder (CLIP-L), tokenizer, text_encoder_2 (T5),
@@ -205,7 +191,7 @@ def build_flux(
         steps=28 if distilled else 4,
         guidance=1.0,
         solver="euler",
-        grid="flow-shifted",
+        grid="flux",
         network=FluxNetwork(c["transformer"]),
         timestep=flux_timestep,
         max_sequence_length=512,

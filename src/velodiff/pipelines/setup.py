@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError, unknown_name
-from ..grids import check_grid, make_grid
+from ..grids import check_grid, grid_parameters, make_grid
 from ..guidance import ClassifierFreeGuidance, GuidanceRescale
 from ..limits import check_guidance
 from ..plan import Plan
@@ -211,11 +211,12 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     grid_opts = {}
     if grid is None:
         grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
-    elif size is not None and _grid_name(grid) == _grid_name(model.default_grid):
-        # the model's own grid named: what depends on the image's size still applies (Flux's shift;
-        # named, it sampled an unshifted grid), the other defaults only when the grid is not named
+    elif size is not None and isinstance(grid, str):
+        # what depends on the image's size (Flux's shift) applies to every named grid that takes it
+        # ("flux", "flow-shifted"); the model's other defaults only when no grid is named
         sized = model.grid_options(*size)
-        grid_opts = {k: v for k, v in sized.items() if model.default_grid_options.get(k) != v}
+        takes = grid_parameters(_grid_name(grid) or grid)
+        grid_opts = {k: v for k, v in sized.items() if model.default_grid_options.get(k) != v and k in takes}
     grid_opts = {**getattr(model, "grid_defaults", {}).get(_grid_name(name) or str(name), {}), **grid_opts,
                  **(opts.grid_options or {})}
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
