@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ldm_layout
 import sd_tiny
@@ -401,6 +402,40 @@ def test_parity_inpaint(models, kind, size):
         keep = torch.ones(1, 1, h // 2, w // 2, dtype=torch.bool)
         keep[..., 2:6, 1:5] = False
         torch.testing.assert_close(r.latents[keep.expand_as(r.latents)], z0[keep.expand_as(z0)])
+
+
+def test_inpainting_puts_the_known_part_back_before_a_step_is_retaken(models):
+    """Masked re-noising is the outermost rule's after_step: the plan rules' redo (self-recurrence,
+    i.e. RePaint's resampling) and the callback see the blended sample, whose kept part is the
+    original noised to that time, at every take of every step."""
+    from velodiff.plan import Accelerator
+
+    m = models["sd1"]
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(4))
+    mask = _mask(H, W)
+    z0, z = m.encode(image), noise(5)
+    keep = F.interpolate(mask, size=z0.shape[-2:]) < 0.5
+    keep = keep.expand_as(z0)
+    seen = []
+
+    class Spy(Accelerator):  # outside recur: asked before it, at every take
+        name, layer = "spy", 5000
+
+        def redo(self, info):
+            seen.append(("redo", info.i, info.t, info.x.clone()))
+
+    def callback(info):
+        seen.append(("callback", info.i, info.t, info.x.clone()))
+
+    steps = 4
+    r = inpaint(m, PROMPT, image, mask, steps=steps, solver="ddim", latents=z, image_latents=z0,
+                plan=[Spy(), "recur:k=2"], callback=callback, output="latent")
+    assert [w for w, *_ in seen].count("redo") == 2 * steps and len(seen) == 3 * steps
+    sched = m.schedule
+    for _, i, t, x in seen:
+        known = z0 if i == steps - 1 else float(sched.alpha(t)) * z0 + float(sched.sigma(t)) * z
+        torch.testing.assert_close(x[keep], known[keep])
+    torch.testing.assert_close(r.latents[keep], z0[keep])
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..denoisers import Cond
 from ..errors import VelodiffError, check_text, unknown_name
 from ..guidance import GuidedCond
 from ..noise import BrownianNoise, GaussianNoise, check_seed, randn
+from ..plan import Accelerator
 from ..sampling import StepInfo, sample
 from .images import to_pil
 from .setup import Sampling, Setup, guided_scale
@@ -162,8 +163,10 @@ def run(
     ts: Tensor | None = None,
     callback: Callable[[StepInfo], Any] | None = None,
     encode: Callable[[list[str]], Cond] | None = None,
+    rules: Sequence[Accelerator] = (),
 ) -> Any:
-    """Sample from x at ts[0] (the setup's grid unless ``ts``) under the setup's plan."""
+    """Sample from x at ts[0] (the setup's grid unless ``ts``) under the setup's plan, with the
+    pipeline's own ``rules`` added (inpainting's masked re-noising; not part of the plan's label)."""
     if not setup.plan.needs("uncond"):  # diffusers drops them silently at scale <= 1
         given = [what for what, on in (("the negative prompt", opts.negative),
                                         ("guidance rescale", opts.guidance_rescale)) if on]
@@ -193,7 +196,7 @@ def run(
         seed=seeds[0],
         noise=noise,
         callback=opts.callback if callback is None else callback,
-        plan=setup.plan.without_settings(),
+        plan=setup.plan.without_settings().with_rules(rules),
         context=context,
         grad=opts.grad,
         **setup.options,

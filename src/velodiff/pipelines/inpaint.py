@@ -6,15 +6,15 @@
 * Any other model inpaints by masked re-noising (RePaint without resampling, Lugmayr et al. 2022,
   Eq. 8; diffusers' legacy inpainting): after every step, x = m x + (1 - m) x_known(t_next), with
   x_known(t) = alpha(t) z0 + sigma(t) eps the original's latents noised with the starting noise to the
-  next time (clean after the last step). It runs as a sampling callback steering x.
+  next time (clean after the last step). It runs as the outermost plan rule (:class:`MaskedRenoising`),
+  so the plan rule ``recur`` on top of it is RePaint with resampling.
 
 The mask is binarized at 0.5 and downsampled (nearest) to the latent grid, as diffusers does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from ..denoisers import Cond
 from ..errors import VelodiffError
 from ..guidance import GuidedCond
 from ..limits import check_strength
+from ..plan import Accelerator
 from ..sampling import SampleResult, StepInfo
 from .common import (
     GenerationResult,
@@ -119,7 +120,8 @@ def inpaint(
         else float((sched.alpha(t0) ** 2 + sched.sigma(t0) ** 2).sqrt()) * eps
     )
     cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.needs("uncond"), h, w)
-    steer, encode = opts.callback, None
+    rules: list[Accelerator] = []
+    encode = None
     if model.is_inpainting:
         if masked_image_latents is None:
             # diffusers: masked image = image * (mask < 0.5) in [-1, 1], i.e. gray 0.5 where repainted
@@ -139,27 +141,28 @@ def inpaint(
             f"the network takes {model.network_in_channels} input channels; cannot inpaint with it"
         )
     else:
-        steer = masked_renoising(sched, ts, z0, eps, m_lat, opts.callback)
-    res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w), ts=ts, callback=steer, encode=encode)
+        rules.append(MaskedRenoising(sched, ts, z0, eps, m_lat))
+    res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w), ts=ts, encode=encode, rules=rules)
     return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)
 
 
-def masked_renoising(
-    sched: Any, ts: Tensor, z0: Tensor, eps: Tensor, m_lat: Tensor, callback: Callable[[StepInfo], Any] | None
-) -> Callable[[StepInfo], Any]:
-    """The callback of masked re-noising: after the step to time t, x = m x + (1 - m) x_known(t), with
-    x_known(t) = alpha(t) z0 + sigma(t) eps (clean after the last step); then the user's callback sees
-    the edited x (and may edit it further, or stop)."""
-    keep = 1 - m_lat
-    last = len(ts) - 2
+class MaskedRenoising(Accelerator):
+    """Masked re-noising as the outermost plan rule of an inpainting run: after the step to time t,
+    x = m x + (1 - m) x_known(t), with x_known(t) = alpha(t) z0 + sigma(t) eps (clean after the last
+    step). As a rule's ``after_step`` it runs after every other rule's (steering moves x, then the known
+    part is put back) and before a rule's ``redo``: self-recurrence (``recur``) re-noises the blended
+    sample, which is RePaint's resampling (Lugmayr et al. 2022, Alg. 1, jump length 1); the callback
+    sees the blended x. Not a plan rule a user names (the inpainting pipeline adds it)."""
 
-    def steer(info: StepInfo) -> Any:
-        tn = info.t
-        known = z0 if info.i == last else float(sched.alpha(tn)) * z0 + float(sched.sigma(tn)) * eps
-        x = info.x * m_lat + keep * known
-        if callback is None:
-            return x
-        reply = callback(replace(info, x=x))
-        return x if reply is None else reply
+    name = "masked-renoising"
+    layer = 10_000  # outermost: its after_step is the last
 
-    return steer
+    def __init__(self, schedule: Any, ts: Tensor, z0: Tensor, eps: Tensor, m_lat: Tensor) -> None:
+        super().__init__()
+        self.schedule, self.ts, self.z0, self.eps, self.m_lat = schedule, ts, z0, eps, m_lat
+
+    def after_step(self, info: StepInfo) -> Tensor:
+        known, t = self.z0, info.t  # clean after the last step
+        if info.i < len(self.ts) - 2:
+            known = float(self.schedule.alpha(t)) * self.z0 + float(self.schedule.sigma(t)) * self.eps
+        return info.x * self.m_lat + (1 - self.m_lat) * known
