@@ -116,7 +116,10 @@ def calibrate_solver(
     reference_steps: int = typer.Option(
         200, "--reference-steps", min=10, max=MAX_STEPS, help="steps of the reference"
     ),
-    out: Path | None = typer.Option(None, "--out", help="write the artefact here instead of the cache"),
+    out: Path | None = typer.Option(
+        None, "--out", help="write the artefact here instead of the cache, to compare or inspect: runs find "
+        "only the cache's and the one beside the model (Python: load_solver_calibration(path=))"
+    ),
     beside_model: bool = typer.Option(False, "--beside-model", help="write it beside the model (it travels)"),
     threads: o.Threads = None,
 ) -> None:
