@@ -92,6 +92,10 @@ def test_deepcache_budget_schedule_uses_the_models_calibration(tmp_path, monkeyp
         4,
     )
     assert sorted(rule.full_steps) == [i for i, f in enumerate(expected) if f] and len(rule.full_steps) == 4
+    made_at = json.loads(artefact.read_text())["guidance"]
+    assert made_at == model.default_guidance == 2.5  # the run above was at the calibration's scale
+    with pytest.warns(UserWarning, match=r"made at guidance 2\.5, this run is at 6.*--guidance 6$"):
+        text2img(model, "a red circle", steps=12, guidance=6.0, plan=[rule], output="latent")
     other = tmp_path / "other.json"
     other.write_text(artefact.read_text().replace(model_hash(path), "0" * 16))
     with pytest.raises(VelodiffError, match="made for another model"):

@@ -183,8 +183,8 @@ class FirstBlockCache(DiffusersCache):
                 raise VelodiffError("plan rule 'fbcache': give threshold or reuse, not both")
             if run.model is None:
                 raise VelodiffError("plan rule 'fbcache': reuse needs a loaded model (its calibration)")
-            self.threshold = fbcache_threshold(load_cache_calibration(run.model, self.calibration or None),
-                                               self.reuse)
+            artefact = load_cache_calibration(run.model, self.calibration or None, run.guidance)
+            self.threshold = fbcache_threshold(artefact, self.reuse)
 
     def apply(self, network: Any) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache

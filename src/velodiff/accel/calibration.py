@@ -184,9 +184,13 @@ def save_cache_calibration(artefact: dict[str, Any]) -> Path:
     return path
 
 
-def load_cache_calibration(model: Any, path: str | Path | None = None) -> dict[str, Any]:
+def load_cache_calibration(
+    model: Any, path: str | Path | None = None, guidance: float | None = None
+) -> dict[str, Any]:
     """The model's cache calibration (``path``, or the one saved for its hash); one line when missing
-    or made for another model."""
+    or made for another model. A run at another guidance scale than the calibration's (``guidance``)
+    is warned: the features change at another pace there, so a schedule or threshold fitted to the
+    calibration reuses more or less than it planned."""
     from ..eval.reference import model_command_name, model_identity
 
     want = model_identity(model)
@@ -196,6 +200,15 @@ def load_cache_calibration(model: Any, path: str | Path | None = None) -> dict[s
     damage = _cache_damage(data)
     if damage:
         raise VelodiffError(f"cache calibration {p} is damaged ({damage}); make one with: {hint}")
+    made_at = data.get("guidance")
+    if guidance is not None and isinstance(made_at, (int, float)) and abs(float(made_at) - guidance) > 1e-9:
+        import warnings
+
+        warnings.warn(
+            f"cache calibration {p} was made at guidance {made_at:g}, this run is at {guidance:g}: its "
+            f"reuse may differ from the calibrated one; to fit this scale: {hint} --guidance {guidance:g}",
+            stacklevel=2,
+        )
     return data
 
 

@@ -292,7 +292,7 @@ class DeepCache(Accelerator):
 
             if run.model is None:
                 raise VelodiffError("plan rule 'deepcache': schedule=budget needs a loaded model")
-            artefact = load_cache_calibration(run.model, self.calibration or None)
+            artefact = load_cache_calibration(run.model, self.calibration or None, run.guidance)
             # the deep features the cached steps reuse: the mid block and the whole up blocks skipped
             blocks = [n for n, _ in cached if n == "mid_block" or n.count(".") == 1 and n.startswith("up_")]
             self.changes = step_changes(artefact, run.ts.tolist(), blocks or ["mid_block"])

@@ -44,6 +44,7 @@ def calibrate_cache(
     steps: int = typer.Option(50, "--steps", min=3, help="steps of the fine calibration run"),
     solver: str = typer.Option("dpmpp_2m", "--solver", help="solver of the calibration run"),
     seed: int = typer.Option(1000, "--seed", help="seed of the first image"),
+    guidance: o.Guidance = None,
     threads: o.Threads = None,
 ) -> None:
     """Measure feature changes and fbcache reuse for cache rules.
@@ -71,7 +72,7 @@ def calibrate_cache(
         [seed + i for i in range(len(texts))],
         steps=steps,
         solver=solver,
-        guidance=defaults.get("guidance"),
+        guidance=defaults.get("guidance") if guidance is None else guidance,
     )
     path = save_cache_calibration(art)
     fb = art.get("fbcache")
