@@ -377,6 +377,41 @@ def test_img2img_runs_from_noised_image(models, kind):
     assert r.steps == 2 and r.images.shape == (1, 3, H, W)
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_img2img_keeps_the_fraction_of_the_steps_as_diffusers_sd3_and_flux_pipelines(models, kind):
+    """SD3's and Flux's img2img pipelines start at int(steps - steps x strength) (one step more than
+    SD's int(steps x strength) when that is not whole): the same steps, times and latents here, on the
+    default grid, for strengths that round either way."""
+    import diffusers
+
+    from velodiff.models.flux import unpack
+
+    m = models[kind]
+    cls = diffusers.StableDiffusion3Img2ImgPipeline if kind == "sd3" else diffusers.FluxImg2ImgPipeline
+    pipe = cls(**m.to_diffusers().components)
+    pipe.set_progress_bar_config(disable=True)
+    shape = m.latent_shape(1, H, W)
+    z0 = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    for steps, strength in ((4, 0.3), (7, 0.6), (5, 0.4)):
+        times: list[float] = []
+
+        def record(p, i, t, kwargs, times=times):
+            times.append(float(t))
+            return kwargs
+
+        ref = pipe(PROMPT, image=z0, strength=strength, num_inference_steps=steps, height=H, width=W,
+                   max_sequence_length=SEQ, generator=torch.Generator().manual_seed(7), output_type="latent",
+                   guidance_scale=2.0 if kind == "sd3" else 3.5,
+                   callback_on_step_end=record).images
+        ref = unpack(ref, shape[-2], shape[-1]) if kind == "flux" else ref
+        eps = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+        r = img2img(m, PROMPT, None, strength, image_latents=z0, steps=steps, latents=eps, output="latent",
+                    guidance=2.0 if kind == "sd3" else 1.0, height=H, width=W)
+        assert r.steps == len(times) == steps - int(steps - steps * strength)
+        assert float(r.ts[0]) == pytest.approx(times[0] / 1000, abs=1e-6)
+        close(r.latents, ref)
+
+
 def test_bench_pipeline_records(folders, tmp_path):
     """`velodiff bench pipeline`'s measurement on one model: both records, equal outputs."""
     from velodiff.eval.pipeline_bench import bench_model, pipeline_table

@@ -105,7 +105,8 @@ class Canvas:
         check_strength(layer.strength, "a layer's strength", zero=False)
         from ..pipelines.img2img import check_runs_a_step
 
-        check_runs_a_step(self._setup()[0].steps, float(layer.strength))  # as img2img: no silent round-up
+        # as img2img: no silent round-up
+        check_runs_a_step(self._setup()[0].steps, float(layer.strength), self.model)
         return layer
 
     # -- rendering --
@@ -189,7 +190,7 @@ class Canvas:
             x = prior_sample(m.schedule, float(ts[0]), initial_noise(shape, [self.seed]).to(m.device))
         else:
             assert layer is not None
-            k = start_index(n, float(layer.strength))  # < n: _checked refused strengths that run no step
+            k = start_index(n, float(layer.strength), m)  # < n: _checked refused strengths that run no step
             mask = self._mask(layer.mask, shape)
             eps = initial_noise(shape, [seed]).to(m.device)
             a, s = float(m.schedule.alpha(ts[k])), float(m.schedule.sigma(ts[k]))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -213,6 +213,9 @@ class LoadedModel:
     patch_size: int = 1
     #: options a named grid takes by default on this model, under the call's (SDXL: AYS's SDXL schedule)
     grid_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: img2img's steps as the family's diffusers pipeline counts them (``pipelines.img2img.start_index``):
+    #: False runs int(steps x strength) (SD, SDXL), True keeps the fraction (SD3, Flux)
+    strength_keeps_fraction: ClassVar[bool] = False
 
     @property
     def size_factor(self) -> int:

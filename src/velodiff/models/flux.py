@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -120,6 +120,7 @@ class FluxModel(DiTModel):
     transformer (None when it has none), read by ``encode_prompt``."""
 
     embedded_guidance: float | None = 3.5
+    strength_keeps_fraction: ClassVar[bool] = True  # diffusers' Flux img2img / inpaint get_timesteps
 
     def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
         c = self.components

@@ -51,6 +51,7 @@ class SD3Model(DiTModel):
     text_encoder_3 (T5, or None), their tokenizers, scheduler_config."""
 
     uses_clip_skip: ClassVar[bool] = True
+    strength_keeps_fraction: ClassVar[bool] = True  # diffusers' SD3 img2img / inpaint get_timesteps
 
     def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
         c = self.components

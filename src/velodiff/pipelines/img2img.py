@@ -34,15 +34,20 @@ from .images import given_latents, image_tensor
 from .setup import Sampling, make_setup
 
 
-def start_index(steps: int, strength: float) -> int:
-    """diffusers' get_timesteps: run the last int(steps * strength) of the grid's steps."""
+def start_index(steps: int, strength: float, model: Any = None) -> int:
+    """The grid step img2img starts from, by the rule of the model family's diffusers pipeline
+    (``get_timesteps``): SD and SDXL run the last int(steps * strength) steps; SD3 and Flux
+    (``model.strength_keeps_fraction``) start at int(steps - steps * strength), one step more whenever
+    steps * strength is not whole."""
+    if getattr(model, "strength_keeps_fraction", False):
+        return int(max(steps - min(steps * strength, steps), 0))
     return steps - min(int(steps * strength), steps)
 
 
-def check_runs_a_step(steps: int, strength: float) -> None:
+def check_runs_a_step(steps: int, strength: float, model: Any = None) -> None:
     """A strength above 0 that runs no step is refused, as diffusers refuses it (the image would come
     back unchanged); strength 0 asks for exactly that (the image back through the VAE)."""
-    if strength > 0 and int(steps * strength) < 1:
+    if strength > 0 and start_index(steps, strength, model) >= steps:
         raise VelodiffError(
             f"strength {strength:g} of {steps} step{'s' * (steps != 1)} runs no step (int(steps x strength) "
             f"= 0); raise the strength to {1 / steps:.3g}{' or more' * (steps != 1)}, or the steps"
@@ -98,8 +103,8 @@ def img2img(
     z0, h, w = init_image_latents(model, image, len(ps), height, width, image_latents)
     shape = model.latent_shape(len(ps), h, w)
     setup = make_setup(model, opts, size=(h, w))
-    check_runs_a_step(setup.steps, s)
-    setup = setup.from_step(start_index(setup.steps, s))
+    check_runs_a_step(setup.steps, s, model)
+    setup = setup.from_step(start_index(setup.steps, s, model))
     ts = setup.ts
     if len(ts) < 2:  # strength 0: the image back through the VAE
         res = SampleResult(z0.clone(), 0, 0, 0)

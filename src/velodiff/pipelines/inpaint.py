@@ -102,8 +102,8 @@ def inpaint(
     else:
         z0, _, _ = given_latents(model, image_latents, "image_latents", b, h, w)
     setup = make_setup(model, opts, size=(h, w))
-    check_runs_a_step(setup.steps, s)
-    setup = setup.from_step(start_index(setup.steps, s))
+    check_runs_a_step(setup.steps, s, model)
+    setup = setup.from_step(start_index(setup.steps, s, model))
     ts = setup.ts
     if len(ts) < 2:
         res = SampleResult(z0.clone(), 0, 0, 0)

@@ -95,7 +95,8 @@ class StreamImg2Img:
         config.check()
         self.m, self.c = model, config
         ts = make_grid(model.default_grid, model.schedule, config.steps, **dict(model.default_grid_options))
-        self.ts = ts[start_index(config.steps, config.strength) : -1].to(torch.float64)  # tau_0 .. tau_{k-1}
+        start = start_index(config.steps, config.strength)  # the SD rule, whatever the family (config.check)
+        self.ts = ts[start:-1].to(torch.float64)  # tau_0 .. tau_{k-1}
         self.k = len(self.ts)
         self.alpha = model.schedule.alpha(self.ts).float().to(model.device).view(-1, 1, 1, 1)
         self.sigma = model.schedule.sigma(self.ts).float().to(model.device).view(-1, 1, 1, 1)
