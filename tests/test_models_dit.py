@@ -315,6 +315,20 @@ def test_parity_pixart(models, kind, solver, size):
     close(r.latents, ref)
 
 
+def test_pixart_defaults_are_its_pipelines(models):
+    """Nothing given (solver, grid, steps, guidance): the PixArt pipeline's own defaults, its
+    DPMSolverMultistepScheduler's linspace timesteps included (20 steps: 999 ... 50, then 0)."""
+    m = models["pixart-sigma"]
+    pipe = m.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    z = noise(m, seed=1)
+    ref = pipe(PROMPT, latents=z.clone(), output_type="latent", height=H, width=W, max_sequence_length=SEQ,
+               use_resolution_binning=False).images
+    r = text2img(m, PROMPT, latents=z, output="latent", height=H, width=W)
+    assert m.schedule.timestep(r.ts[:-1]).round().tolist() == pipe.scheduler.timesteps.tolist()
+    close(r.latents, ref)
+
+
 def test_pixart_alpha_conditions_on_size(models):
     """The 1024-px alpha model's output depends on the (height, width) it is told; sigma's does not."""
     for kind, depends in (("pixart-alpha", True), ("pixart-sigma", False)):

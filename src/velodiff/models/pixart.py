@@ -11,7 +11,8 @@ ratio height / width (its micro-conditioning); velodiff passes the size it gener
 does with ``use_resolution_binning=False`` (velodiff does not snap sizes to the training buckets).
 
 Time. Trained step k of the N-step schedule sits at t = (k + 1) / N (``DiscreteVP``); the network
-receives k. The default plan is diffusers': DPM-Solver++(2M), 20 steps, guidance 4.5.
+receives k. The default plan is diffusers': DPM-Solver++(2M) on DPMSolverMultistepScheduler's linspace
+timesteps (999 ... 50 at 20 steps: ``drop_last``), 20 steps, guidance 4.5.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def build_pixart(
         guidance=4.5,
         solver="dpmpp_2m",
         grid="linspace",
+        default_grid_options={"drop_last": True},  # DPMSolverMultistepScheduler's linspace: ends at k = 50
         max_sequence_length=max_seq,
         pipeline_class=pipeline,
     )
