@@ -620,6 +620,14 @@ CASES = [
     (DEISMultistepScheduler, {"use_karras_sigmas": True}),
     (EulerDiscreteScheduler, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
     (EulerDiscreteScheduler, {"final_sigmas_type": "sigma_min"}),
+    # Euler-type sigmas span the spaced timesteps' range (SDXL's "leading" config + use_karras_sigmas)
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "timestep_spacing": "leading", "steps_offset": 1}),
+    (EulerDiscreteScheduler, {"use_exponential_sigmas": True, "timestep_spacing": "trailing"}),
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True, "timestep_spacing": "leading", "sigma_max": 3.0}),
+    (HeunDiscreteScheduler, {"use_karras_sigmas": True, "timestep_spacing": "trailing"}),
+    (KDPM2DiscreteScheduler, {"use_karras_sigmas": True, "timestep_spacing": "leading", "steps_offset": 1}),
+    (LMSDiscreteScheduler, {"use_karras_sigmas": True, "timestep_spacing": "leading"}),
+    (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "timestep_spacing": "leading"}),  # whole table
 ]  # fmt: skip
 
 

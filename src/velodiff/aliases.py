@@ -362,26 +362,38 @@ def _flag(value: Any) -> bool:
 #: diffusers' flags that define the grid in sigma, and velodiff's grid for each
 _SIGMA_GRIDS = (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
                 ("use_lu_lambdas", "logsnr"))  # fmt: skip
+#: the schedulers whose Karras / exponential sigmas span their spaced timesteps' range, not the whole
+#: table (they interpolate the spaced sigmas first; the multistep ones convert the whole table)
+_SPACED_SIGMAS = (
+    "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
+)  # fmt: skip
 
 
 def _grid_of(cls: str, cfg: Mapping[str, Any], default_spacing: str) -> tuple[str, dict[str, Any]]:
     """The grid a diffusers scheduler's sigma flags choose. ``sigma_min`` / ``sigma_max`` (EulerDiscrete,
     UniPC) bound its Karras / exponential sigmas (diffusers reads them for those only)."""
+    spacing = str(cfg.get("timestep_spacing", default_spacing))
+    if spacing not in ("linspace", "leading", "trailing"):
+        raise VelodiffError(
+            f"{cls}: unknown timestep_spacing {spacing!r}; valid: leading, linspace, trailing"
+        )
     for flag, grid in _SIGMA_GRIDS:
         if _flag(cfg.get(flag, False)):
-            bounds = {k: _float(cls, cfg, k) for k in ("sigma_min", "sigma_max") if cfg.get(k) is not None}
+            bounds: dict[str, Any] = {
+                k: _float(cls, cfg, k) for k in ("sigma_min", "sigma_max") if cfg.get(k) is not None
+            }
             if bounds and grid == "logsnr":
                 raise VelodiffError(f"{cls}: sigma_min / sigma_max with use_lu_lambdas has no velodiff grid")
+            if cls in _SPACED_SIGMAS and spacing != "linspace":  # the range of the spaced timesteps
+                bounds["timestep_spacing"] = spacing
+                if spacing == "leading" and _int(cls, cfg, "steps_offset", 0):
+                    bounds["steps_offset"] = _int(cls, cfg, "steps_offset", 0)
             return grid, bounds
     if _flag(cfg.get("use_beta_sigmas", False)):
         raise VelodiffError(
             f"{cls}: use_beta_sigmas (beta quantiles in sigma) has no velodiff grid yet; ComfyUI's 'beta' "
             "(quantiles in timestep) is grid 'beta'"
-        )
-    spacing = str(cfg.get("timestep_spacing", default_spacing))
-    if spacing not in ("linspace", "leading", "trailing"):
-        raise VelodiffError(
-            f"{cls}: unknown timestep_spacing {spacing!r}; valid: leading, linspace, trailing"
         )
     opts: dict[str, Any] = {}
     if spacing == "leading" and "steps_offset" in cfg:

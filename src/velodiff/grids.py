@@ -120,6 +120,27 @@ def _from_sigmas(sched: NoiseSchedule, sigmas: Tensor, hi: float, lo: float, fin
     return _finish(ts, final)
 
 
+def _spaced_bounds(
+    sched: NoiseSchedule,
+    steps: int,
+    spacing: str | None,
+    steps_offset: int,
+    sigma_min: float | None,
+    sigma_max: float | None,
+) -> tuple[float | None, float | None]:
+    """The sigma range of diffusers' Euler-type schedulers (Euler, Heun, LMS, KDPM2, DPMSolverSDE) with
+    Karras or exponential sigmas: they convert the sigmas of their ``timestep_spacing``'s timesteps at
+    this step count, so the range is those timesteps' (``leading`` at 6 steps: k = 1 ... 834, sigma_max
+    5.9 on SD, not 14.6); explicit bounds win, as there. None: the schedule's range."""
+    if spacing is None:
+        return sigma_min, sigma_max
+    if spacing not in ("linspace", "leading", "trailing"):
+        raise unknown_name("timestep_spacing", spacing, ("linspace", "leading", "trailing"))
+    ks = _discrete_timesteps(sched, spacing, steps, int(steps_offset))
+    top, bottom = (float(sched.sigma_ve(sched.t_from_timestep(ks[j : j + 1]))) for j in (0, len(ks) - 1))
+    return (bottom if sigma_min is None else sigma_min), (top if sigma_max is None else sigma_max)
+
+
 def karras(
     sched: NoiseSchedule,
     steps: int,
@@ -129,11 +150,16 @@ def karras(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     repeat_final: bool = False,
+    timestep_spacing: str | None = None,
+    steps_offset: int = 0,
 ) -> Tensor:
     """Karras et al. 2022, Eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
 
-    ``sigma_min`` / ``sigma_max`` (sigma / alpha) default to the schedule's range; ``repeat_final``:
-    diffusers' final_sigmas_type="sigma_min" form (``_n_points``)."""
+    ``sigma_min`` / ``sigma_max`` (sigma / alpha) default to the schedule's range, or with
+    ``timestep_spacing`` (and ``steps_offset``) to that of diffusers' spaced timesteps at this step
+    count (Euler-type schedulers, ``_spaced_bounds``); ``repeat_final``: diffusers'
+    final_sigmas_type="sigma_min" form (``_n_points``)."""
+    sigma_min, sigma_max = _spaced_bounds(sched, steps, timestep_spacing, steps_offset, sigma_min, sigma_max)
     hi, lo, s_max, s_min = _sigma_span(sched, t_start, sigma_min, sigma_max)
     n = _n_points(steps, final, repeat_final)
     ramp = torch.linspace(0, 1, n, dtype=F64)
@@ -149,10 +175,13 @@ def exponential(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     repeat_final: bool = False,
+    timestep_spacing: str | None = None,
+    steps_offset: int = 0,
 ) -> Tensor:
     """Equally spaced in log sigma_ve (k-diffusion's get_sigmas_exponential); ``sigma_min`` /
-    ``sigma_max`` (sigma / alpha) default to the schedule's range; ``repeat_final``: diffusers'
-    final_sigmas_type="sigma_min" form (``_n_points``)."""
+    ``sigma_max`` (sigma / alpha) default to the schedule's range, or to that of ``timestep_spacing``
+    as :func:`karras`; ``repeat_final``: diffusers' final_sigmas_type="sigma_min" form (``_n_points``)."""
+    sigma_min, sigma_max = _spaced_bounds(sched, steps, timestep_spacing, steps_offset, sigma_min, sigma_max)
     hi, lo, s_max, s_min = _sigma_span(sched, t_start, sigma_min, sigma_max)
     n = _n_points(steps, final, repeat_final)
     sigmas = torch.exp(torch.linspace(math.log(s_max), math.log(s_min), n, dtype=F64))
