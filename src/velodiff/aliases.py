@@ -222,7 +222,8 @@ _DIFFUSERS = [
        note="same steps; diffusers' Brownian tree runs over sigma, velodiff's over t"),
     _s("LCMScheduler", DIFFUSERS, "lcm", "lcm", grid_options={"original_steps": 50},
        note="the lcm solver applies LCM's boundary condition c_skip x + c_out F on discrete schedules"),
-    _s("FlowMatchEulerDiscreteScheduler", DIFFUSERS, "euler", "flow-shifted"),
+    _s("FlowMatchEulerDiscreteScheduler", DIFFUSERS, "euler", "flow-shifted",
+       note="its own grid (SD3's pipeline); FluxPipeline passes its sigmas: Flux's default, grid flux"),
     _s("EDMEulerScheduler", DIFFUSERS, "euler", "karras"),
 ]  # fmt: skip
 

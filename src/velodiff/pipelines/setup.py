@@ -22,6 +22,7 @@ from ..limits import check_guidance
 from ..plan import Plan
 from ..sampling import StepInfo
 from ..solvers import SolverSpec, get_solver
+from ..solvers.base import LOWER_ORDER_FINAL_BELOW
 
 #: what a pipeline returns: PIL images, a (B, 3, H, W) tensor in [0, 1], or the latents alone
 OUTPUTS = ("pil", "tensor", "latent")
@@ -153,12 +154,16 @@ class Setup:
     def from_step(self, start: int) -> Setup:
         """The run from step ``start`` of the grid on (img2img, inpainting): the grid's suffix, with the
         per-step solver options (a calibration's ``dc_ratios``, ``orders``, ``disable_corrector``)
-        shifted so each remaining step keeps its own, and a budget-planned solver's budget cut to them."""
+        shifted so each remaining step keeps its own, a budget-planned solver's budget cut to them, and
+        ``lower_order_final`` decided on the whole grid's length as diffusers' schedulers decide it."""
         opts = dict(self.options)
         if self.solver.suffix is not None:
             whole = {**self.solver.defaults, **opts}
             opts.update({k: v for k, v in self.solver.suffix(whole, len(self.ts) - 1, start).items()
                          if whole.get(k) != v})
+        lof = {**self.solver.defaults, **opts}.get("lower_order_final")
+        if start > 0 and lof and not isinstance(lof, str) and len(self.ts) - 1 >= LOWER_ORDER_FINAL_BELOW:
+            opts["lower_order_final"] = False  # diffusers' rule reads the whole grid's length
         for key in set(PER_STEP_OPTIONS) & set(opts):
             values = tuple(opts[key])
             # disable_corrector lists step indices; the others hold one value per step

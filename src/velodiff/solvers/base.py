@@ -118,6 +118,8 @@ def usable_order(ctx: StepContext, i: int, order: int) -> int:
 
 #: the values of the ``lower_order_final`` option: off, diffusers' documented rule, or "always"
 LOWER_ORDER_FINAL = (False, True, "always")
+#: diffusers' rule lowers the last steps' order of grids shorter than this
+LOWER_ORDER_FINAL_BELOW = 15
 
 
 def lower_order_final(ctx: StepContext, i: int, order: int) -> int:
@@ -133,7 +135,7 @@ def lower_order_final(ctx: StepContext, i: int, order: int) -> int:
     lof = ctx.options.get("lower_order_final", True)
     if lof not in LOWER_ORDER_FINAL:  # (1 == True: an int 0 / 1 is accepted as the bool)
         raise VelodiffError(f"lower_order_final must be true, false or 'always', got {lof!r}")
-    if lof == "always" or (lof and ctx.steps < 15):
+    if lof == "always" or (lof and ctx.steps < LOWER_ORDER_FINAL_BELOW):
         order = min(order, ctx.steps - i)
     return order
 
