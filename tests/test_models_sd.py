@@ -372,6 +372,21 @@ def test_img2img_lowers_the_final_orders_by_the_whole_grids_length(models):
     torch.testing.assert_close(r.latents, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
 
 
+def test_a_float16_sdxl_as_a_diffusers_pipeline_decodes_as_velodiff_does(models):
+    """velodiff keeps SDXL's force_upcast VAE in float32 beside a float16 UNet; the diffusers pipeline of
+    those modules gets a float16 copy, which it upcasts at decode (a float32 VAE got float16 latents)."""
+    m = load(models.folder("sdxl"), dtype="float16")
+    assert m.components["vae"].dtype == torch.float32 and m.components["unet"].dtype == torch.float16
+    pipe = m.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    z = noise(3).half()
+    ref = pipe(PROMPT, num_inference_steps=2, latents=z, guidance_scale=1.0, output_type="pt").images
+    assert pipe.vae is not m.components["vae"] and m.components["vae"].dtype == torch.float32
+    r = text2img(m, PROMPT, steps=2, grid=diffusers_times(m, scheduler(m, "ddim"), 2, "t_min"), solver="ddim",
+                 guidance=1.0, latents=z.float(), output="tensor")
+    torch.testing.assert_close(r.images.float(), ref.float(), atol=2e-2, rtol=0)
+
+
 def _mask(height: int = H, width: int = W) -> torch.Tensor:
     mask = torch.zeros(1, 1, height, width)
     mask[..., 4:12, 2:10] = 1.0

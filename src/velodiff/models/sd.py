@@ -182,7 +182,7 @@ class SDModel(LoadedModel):
         sched = scheduler or DDIMScheduler.from_config(c["scheduler_config"])
         cls = StableDiffusionInpaintPipeline if self.is_inpainting else StableDiffusionPipeline
         return cls(
-            vae=c["vae"],
+            vae=diffusers_vae(c["vae"], c["unet"].dtype),
             text_encoder=c["text_encoder"],
             tokenizer=c["tokenizer"],
             unet=c["unet"],
@@ -191,6 +191,17 @@ class SDModel(LoadedModel):
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+
+def diffusers_vae(vae: Any, dtype: torch.dtype) -> Any:
+    """The VAE a diffusers pipeline of these modules gets: velodiff keeps a force_upcast VAE in float32
+    beside a float16 network (``vae_dtype_for``), but diffusers upcasts only a float16 VAE at decode and
+    would feed float16 latents to it; such a pipeline gets a float16 copy, which it upcasts as its own."""
+    if vae.dtype == dtype or vae_dtype_for(vae.config, dtype) != vae.dtype:
+        return vae
+    import copy
+
+    return copy.deepcopy(vae).to(dtype)
 
 
 def _negatives(prompts: list[str], negative: Sequence[str] | str | None) -> list[str]:

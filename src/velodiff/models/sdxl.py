@@ -22,7 +22,15 @@ from ..denoisers import Cond
 from ..errors import VelodiffError
 from .base import NetworkDenoiser, UNetNetwork, as_guided, register_family
 from .loading import Source
-from .sd import SDModel, _negatives, default_grid_for, read_folder_modules, read_single_file, scheduler_setup
+from .sd import (
+    SDModel,
+    _negatives,
+    default_grid_for,
+    diffusers_vae,
+    read_folder_modules,
+    read_single_file,
+    scheduler_setup,
+)
 
 SDXL_PIPELINES = {
     "StableDiffusionXLPipeline",
@@ -123,7 +131,7 @@ class SDXLModel(SDModel):
         c = self.components
         sched = scheduler or DDIMScheduler.from_config(c["scheduler_config"])
         kw = dict(
-            vae=c["vae"],
+            vae=diffusers_vae(c["vae"], c["unet"].dtype),
             text_encoder=c.get("text_encoder"),
             text_encoder_2=c["text_encoder_2"],
             tokenizer=c.get("tokenizer"),
