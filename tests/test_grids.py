@@ -199,6 +199,21 @@ def test_flux_grid_is_flux_pipelines(shift):
         make_grid("flux", DiscreteVP.scaled_linear(), 4)
 
 
+def test_comfyui_levels_of_a_flow_take_a_shift():
+    """ComfyUI's schedulers index a flow's levels shift((k + 1) / N): with ``shift`` the levels of that
+    shift (ModelSamplingFlux's exp(mu)) instead of the schedule's; a shift on another schedule is refused."""
+    from velodiff.grids import _level
+
+    flow = RectifiedFlow(shift=1.0)
+    ts = make_grid("simple", flow, 4, shift=3.0)
+    assert torch.allclose(ts, make_grid("simple", RectifiedFlow(shift=3.0), 4))
+    ks = torch.tensor([999.0, 749.0, 499.0, 249.0], dtype=F64)
+    assert torch.allclose(ts[:-1], flow_shift((ks + 1) / 1000, 3.0))
+    assert torch.equal(_level(flow, ks), flow_shift((ks + 1) / 1000, 1.0))
+    with pytest.raises(VelodiffError, match="shift is a rectified flow's option"):
+        make_grid("simple", DiscreteVP.scaled_linear(), 4, shift=3.0)
+
+
 @pytest.mark.parametrize(
     "times, match",
     [

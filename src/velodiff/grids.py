@@ -338,10 +338,11 @@ def _n_levels(sched: NoiseSchedule) -> int:
     return sched.num_train_timesteps if isinstance(sched, DiscreteVP) else LEVELS
 
 
-def _level(sched: NoiseSchedule, k: Tensor) -> Tensor:
+def _level(sched: NoiseSchedule, k: Tensor, shift: float | None = None) -> Tensor:
     """The time of (fractional) level k in [0, N - 1]. Between trained levels of a discrete schedule
     log sigma_ve is interpolated linearly in k (ComfyUI's ModelSamplingDiscrete.sigma); a flow's and the
-    generic levels are linear in k before the shift."""
+    generic levels are linear in k before the shift (a flow's ``shift``, default its schedule's: Flux's
+    grows with the image, ComfyUI's ModelSamplingFlux)."""
     n = _n_levels(sched)
     k = k.to(F64).clamp(0, n - 1)
     if isinstance(sched, DiscreteVP):
@@ -352,7 +353,8 @@ def _level(sched: NoiseSchedule, k: Tensor) -> Tensor:
         exact = w == 0  # trained levels exactly, not through the sigma round trip
         return torch.where(exact, sched.t_from_timestep(lo), ts)
     if isinstance(sched, RectifiedFlow):
-        return flow_shift((k + 1) / n, sched.shift).clamp(sched.t_min, sched.t_max)
+        s = sched.shift if shift is None else shift
+        return flow_shift((k + 1) / n, s).clamp(sched.t_min, sched.t_max)
     return sched.t_min + (sched.t_max - sched.t_min) * k / (n - 1)
 
 
@@ -363,49 +365,74 @@ def _end(sched: NoiseSchedule, ts: Tensor, final: str) -> Tensor:
     return _finish(ts, final)
 
 
-def _no_start(name: str, t_start: float | None) -> None:
+def _no_start(name: str, t_start: float | None, sched: NoiseSchedule, shift: float | None = None) -> None:
+    """Refuse what a grid of ComfyUI's levels does not take: a start (it starts at the top level) and a
+    shift on a schedule that is not a flow."""
     if t_start is not None:
         raise VelodiffError(f"grid {name!r} starts at the schedule's top, as defined; use another grid")
+    if shift is not None and not isinstance(sched, RectifiedFlow):
+        raise VelodiffError(f"grid {name!r}: shift is a rectified flow's option, not for {sched.kind}")
 
 
-def normal(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None) -> Tensor:
+def normal(
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    shift: float | None = None,
+) -> Tensor:
     """ComfyUI's "normal" scheduler: ``steps`` levels equally spaced in (fractional) timestep from the
     top level N - 1 down to 0, then sigma = 0."""
-    _no_start("normal", t_start)
+    _no_start("normal", t_start, sched, shift)
     n = _n_levels(sched)
-    return _end(sched, _level(sched, torch.linspace(n - 1, 0, steps, dtype=F64)), final)
+    return _end(sched, _level(sched, torch.linspace(n - 1, 0, steps, dtype=F64), shift), final)
 
 
 def sgm_uniform(
-    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    shift: float | None = None,
 ) -> Tensor:
     """ComfyUI's "sgm_uniform" (Stability's generative-models discretization): ``steps + 1`` levels
     equally spaced in timestep from N - 1 to 0, the last (level 0) replaced by sigma = 0."""
-    _no_start("sgm_uniform", t_start)
+    _no_start("sgm_uniform", t_start, sched, shift)
     n = _n_levels(sched)
-    return _end(sched, _level(sched, torch.linspace(n - 1, 0, steps + 1, dtype=F64)[:-1]), final)
+    ks = torch.linspace(n - 1, 0, steps + 1, dtype=F64)[:-1]
+    return _end(sched, _level(sched, ks, shift), final)
 
 
-def simple(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None) -> Tensor:
+def simple(
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    shift: float | None = None,
+) -> Tensor:
     """ComfyUI's "simple": every (N / steps)-th trained level from the top, level N - 1 - floor(i N /
     steps) for i = 0..steps-1, then sigma = 0."""
-    _no_start("simple", t_start)
+    _no_start("simple", t_start, sched, shift)
     n = _n_levels(sched)
     ks = torch.tensor([n - 1 - math.floor(i * n / steps) for i in range(steps)], dtype=F64)
-    return _end(sched, _level(sched, ks), final)
+    return _end(sched, _level(sched, ks, shift), final)
 
 
 def ddim_uniform(
-    sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None
+    sched: NoiseSchedule,
+    steps: int,
+    final: str = "zero",
+    t_start: float | None = None,
+    shift: float | None = None,
 ) -> Tensor:
     """ComfyUI's "ddim_uniform": levels 1, 1 + c, 1 + 2c, ... below N with c = max(N // steps, 1),
     from the top, then sigma = 0. As in ComfyUI the count can differ from ``steps`` where c does not
     divide N - 1 well (SD, 7 steps: 8)."""
-    _no_start("ddim_uniform", t_start)
+    _no_start("ddim_uniform", t_start, sched, shift)
     n = _n_levels(sched)
     c = max(n // steps, 1)
     ks = torch.arange(1, n, c, dtype=F64).flip(0)
-    return _end(sched, _level(sched, ks), final)
+    return _end(sched, _level(sched, ks, shift), final)
 
 
 def beta(
@@ -415,6 +442,7 @@ def beta(
     t_start: float | None = None,
     alpha: float = 0.6,
     beta: float = 0.6,
+    shift: float | None = None,
 ) -> Tensor:
     """Beta sampling (Lee et al. 2024, "Beta Sampling is All You Need", Sec. 3; ComfyUI's "beta"):
     levels at the Beta(alpha, beta) quantiles, k_i = round(F^-1(1 - i / steps) (N - 1)) for
@@ -422,14 +450,14 @@ def beta(
     levels dropped, then sigma = 0."""
     from scipy.stats import beta as beta_dist
 
-    _no_start("beta", t_start)
+    _no_start("beta", t_start, sched, shift)
     if not (alpha > 0 and beta > 0):
         raise VelodiffError(f"grid 'beta' needs alpha > 0 and beta > 0, got {alpha:g}, {beta:g}")
     n = _n_levels(sched)
     qs = 1.0 - torch.arange(steps, dtype=F64) / steps
     ks = torch.from_numpy(beta_dist.ppf(qs.numpy(), alpha, beta)).to(F64).mul(n - 1).round()
     ks = torch.unique_consecutive(ks)
-    return _end(sched, _level(sched, ks), final)
+    return _end(sched, _level(sched, ks, shift), final)
 
 
 def kl_optimal(sched: NoiseSchedule, steps: int, final: str = "zero", t_start: float | None = None) -> Tensor:
@@ -459,7 +487,7 @@ def linear_quadratic(
 
     the quadratic that continues the line with the same value and slope at i = L and reaches u_N = 1
     (a = (L - theta N) / (L (N - L)^2), b = theta / L - 2 a L, c = a L^2); t_i = 1 - u_i."""
-    _no_start("linear_quadratic", t_start)
+    _no_start("linear_quadratic", t_start, sched)
     if not isinstance(sched, RectifiedFlow):
         raise VelodiffError(f"grid 'linear_quadratic' is defined for rectified flows, not {sched.kind!r}")
     n = steps
@@ -515,7 +543,7 @@ def ays(
     counts: the 11 levels (the 10 points and the schedule's smallest, as the authors' lists end) are
     interpolated log-linearly in sigma / alpha over their index to ``steps + 1`` (the authors' and
     ComfyUI's AlignYourStepsScheduler rule) and the last becomes the final point."""
-    _no_start("ays", t_start)
+    _no_start("ays", t_start, sched)
     variants = (*AYS_TIMESTEPS, *AYS_SIGMAS)
     model = model or ("svd" if sched.kind == "edm" else "sd")
     if model not in variants:
@@ -554,7 +582,7 @@ def lcm(
     """diffusers' LCMScheduler timesteps: ``steps`` of the skipping-step grid k = c - 1, 2c - 1, ...,
     N - 1 (c = N // original_steps) the consistency model was distilled on, at indices
     floor(linspace(0, original_steps, steps, endpoint=False)) from the top."""
-    _no_start("lcm", t_start)
+    _no_start("lcm", t_start, sched)
     if not isinstance(sched, DiscreteVP):
         raise VelodiffError(f"grid 'lcm' needs a discrete schedule, not {sched.kind!r}")
     n, m = sched.num_train_timesteps, int(original_steps)
