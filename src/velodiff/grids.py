@@ -275,6 +275,11 @@ def flow_shift(t: Tensor, shift: float) -> Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def flow_unshift(t: float, shift: float) -> float:
+    """The inverse of :func:`flow_shift`: t = t' / (s - (s - 1) t')."""
+    return t / (shift - (shift - 1.0) * t)
+
+
 def flow_shifted(
     sched: NoiseSchedule,
     steps: int,
@@ -290,9 +295,9 @@ def flow_shifted(
     hi, lo = _span(sched, t_start)
     s = shift if shift is not None else (sched.shift if isinstance(sched, RectifiedFlow) else 1.0)
     n = steps if final == "zero" else steps + 1
-    u_hi = hi / (s - (s - 1.0) * hi)  # inverse of flow_shift; = hi for t_start None (hi = 1) or s = 1
+    u_hi = flow_unshift(hi, s)  # = hi for t_start None (hi = 1) or s = 1
     # a shift below 1 moves t_min below itself: the ramp then ends at its inverse, the grid at t_min
-    u_lo = lo if s >= 1.0 else lo / (s - (s - 1.0) * lo)
+    u_lo = lo if s >= 1.0 else flow_unshift(lo, s)
     ts = flow_shift(torch.linspace(u_hi, u_lo, n, dtype=F64), s)
     ts[0] = hi
     return _finish(ts, final)
@@ -314,8 +319,7 @@ def flux(
         raise VelodiffError(f"grid 'flux' is a rectified flow's grid, not for a {sched.kind!r} schedule")
     hi, _ = _span(sched, t_start)
     s = sched.shift if shift is None else shift
-    u_hi = hi / (s - (s - 1.0) * hi)  # inverse of flow_shift: the grid starts at t_start itself
-    ts = flow_shift(torch.linspace(u_hi, 0.0, steps + 1, dtype=F64)[:-1], s)
+    ts = flow_shift(torch.linspace(flow_unshift(hi, s), 0.0, steps + 1, dtype=F64)[:-1], s)
     ts[0] = hi
     if final == "t_min":
         return torch.cat([ts, torch.tensor([sched.t_min], dtype=F64)])
@@ -374,65 +378,53 @@ def _no_start(name: str, t_start: float | None, sched: NoiseSchedule, shift: flo
         raise VelodiffError(f"grid {name!r}: shift is a rectified flow's option, not for {sched.kind}")
 
 
-def normal(
-    sched: NoiseSchedule,
-    steps: int,
-    final: str = "zero",
-    t_start: float | None = None,
-    shift: float | None = None,
-) -> Tensor:
+def _level_grid(name: str, levels: Callable[[int, int], Tensor]) -> Callable[..., Tensor]:
+    """A ComfyUI scheduler that picks ``levels(N, steps)`` (fractional level indices, top first) of the
+    model's N levels, then sigma = 0; its docstring is ``levels``'."""
+
+    def grid(
+        sched: NoiseSchedule,
+        steps: int,
+        final: str = "zero",
+        t_start: float | None = None,
+        shift: float | None = None,
+    ) -> Tensor:
+        _no_start(name, t_start, sched, shift)
+        return _end(sched, _level(sched, levels(_n_levels(sched), steps), shift), final)
+
+    grid.__name__, grid.__doc__ = name, levels.__doc__
+    return grid
+
+
+def _normal(n: int, steps: int) -> Tensor:
     """ComfyUI's "normal" scheduler: ``steps`` levels equally spaced in (fractional) timestep from the
     top level N - 1 down to 0, then sigma = 0."""
-    _no_start("normal", t_start, sched, shift)
-    n = _n_levels(sched)
-    return _end(sched, _level(sched, torch.linspace(n - 1, 0, steps, dtype=F64), shift), final)
+    return torch.linspace(n - 1, 0, steps, dtype=F64)
 
 
-def sgm_uniform(
-    sched: NoiseSchedule,
-    steps: int,
-    final: str = "zero",
-    t_start: float | None = None,
-    shift: float | None = None,
-) -> Tensor:
+def _sgm_uniform(n: int, steps: int) -> Tensor:
     """ComfyUI's "sgm_uniform" (Stability's generative-models discretization): ``steps + 1`` levels
     equally spaced in timestep from N - 1 to 0, the last (level 0) replaced by sigma = 0."""
-    _no_start("sgm_uniform", t_start, sched, shift)
-    n = _n_levels(sched)
-    ks = torch.linspace(n - 1, 0, steps + 1, dtype=F64)[:-1]
-    return _end(sched, _level(sched, ks, shift), final)
+    return torch.linspace(n - 1, 0, steps + 1, dtype=F64)[:-1]
 
 
-def simple(
-    sched: NoiseSchedule,
-    steps: int,
-    final: str = "zero",
-    t_start: float | None = None,
-    shift: float | None = None,
-) -> Tensor:
+def _simple(n: int, steps: int) -> Tensor:
     """ComfyUI's "simple": every (N / steps)-th trained level from the top, level N - 1 - floor(i N /
     steps) for i = 0..steps-1, then sigma = 0."""
-    _no_start("simple", t_start, sched, shift)
-    n = _n_levels(sched)
-    ks = torch.tensor([n - 1 - math.floor(i * n / steps) for i in range(steps)], dtype=F64)
-    return _end(sched, _level(sched, ks, shift), final)
+    return torch.tensor([n - 1 - math.floor(i * n / steps) for i in range(steps)], dtype=F64)
 
 
-def ddim_uniform(
-    sched: NoiseSchedule,
-    steps: int,
-    final: str = "zero",
-    t_start: float | None = None,
-    shift: float | None = None,
-) -> Tensor:
+def _ddim_uniform(n: int, steps: int) -> Tensor:
     """ComfyUI's "ddim_uniform": levels 1, 1 + c, 1 + 2c, ... below N with c = max(N // steps, 1),
     from the top, then sigma = 0. As in ComfyUI the count can differ from ``steps`` where c does not
     divide N - 1 well (SD, 7 steps: 8)."""
-    _no_start("ddim_uniform", t_start, sched, shift)
-    n = _n_levels(sched)
-    c = max(n // steps, 1)
-    ks = torch.arange(1, n, c, dtype=F64).flip(0)
-    return _end(sched, _level(sched, ks, shift), final)
+    return torch.arange(1, n, max(n // steps, 1), dtype=F64).flip(0)
+
+
+normal = _level_grid("normal", _normal)
+sgm_uniform = _level_grid("sgm_uniform", _sgm_uniform)
+simple = _level_grid("simple", _simple)
+ddim_uniform = _level_grid("ddim_uniform", _ddim_uniform)
 
 
 def beta(
