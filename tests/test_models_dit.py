@@ -470,3 +470,22 @@ def test_clip_skip_is_refused_where_the_prompt_encoder_does_not_take_it(folders)
     run = ImageRun(model=str(folders["sd3"]), device="cpu", dtype="float32", clip_skip=1)
     run.check()
     assert run.load().clip_skip == 1
+
+
+def test_quantization_error_is_measured_at_a_flows_noise_scale(models):
+    """One evaluation's quantization error is taken at x_t of the prior's scale at t (a flow's x at
+    t = 0.5 has std sqrt(0.5^2 + 0.5^2) for unit data, not 1)."""
+    pytest.importorskip("torchao")
+    from velodiff.accel.quantize import Int8, evaluation_error
+    from velodiff.noise import randn
+
+    m = models["sd3"]
+    seen, den = [], m.denoiser
+    m.denoiser = lambda x, t, cond: (seen.append(x.clone()), den(x, t, cond))[1]
+    try:
+        err = evaluation_error(m, Int8(), t=0.5, seed=3)
+    finally:
+        m.denoiser = den
+    assert 0 < err < 0.1
+    z = randn(m.latent_shape(1, *m.default_size), 3)
+    torch.testing.assert_close(seen[0], z * 0.5**0.5)

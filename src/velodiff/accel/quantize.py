@@ -212,10 +212,11 @@ def evaluation_error(model: Any, rule: Quantize, *, t: float = 0.5, seed: int = 
     quantized network against the float one, at time ``t`` from the prior's noise scaled as at t."""
     import torch
 
-    from ..noise import randn
+    from ..noise import prior_sample, randn
 
     network = model.network
-    x = randn(model.latent_shape(1, *model.default_size), seed).to(model.device, model.dtype)
+    noise = randn(model.latent_shape(1, *model.default_size), seed)
+    x = prior_sample(model.schedule, t, noise).to(model.device, model.dtype)  # a flow's x_t is narrower
     cond = model.encode_prompt([prompt or "a photo"], guided=False)
     den = model.denoiser
     with torch.inference_mode():
