@@ -96,6 +96,28 @@ def test_each_scheme_keeps_its_own_quantized_weights(model):
     assert spelled.quantized_weights(model.network) is a
 
 
+def test_a_network_edited_in_place_is_quantized_again(model):
+    """The kept quantized weights belong to the weights they were made from: an in-place edit of the
+    network (apply_erasure, a fused LoRA) makes int8 and w4a8 quantize it again."""
+    from velodiff.accel.quantize import linear_layers
+    from velodiff.accel.w4a8 import W4A8
+
+    rule, w4 = Int8(), W4A8()
+    before, before4 = rule.quantized_weights(model.network), w4.weights(model.network)
+    assert rule.quantized_weights(model.network) is before and w4.weights(model.network) is before4
+    name, layer = linear_layers(model.network)[0]
+    saved = layer.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        after, after4 = rule.quantized_weights(model.network), w4.weights(model.network)
+        assert after is not before and after4 is not before4
+        assert not torch.equal(after[name].dequantize(), before[name].dequantize())
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(saved)
+
+
 @pytest.mark.parametrize(("activations", "bound"), [("none", 0.01), ("dynamic", 0.02)])
 def test_one_evaluation_error_is_small(model, activations, bound):
     """Measured on the shipped UNet: 0.0024 (weight-only) and 0.0048 (dynamic int8 activations)."""

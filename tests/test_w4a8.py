@@ -72,7 +72,7 @@ def test_one_set_of_quantized_weights_per_network():
     first = text2img(model, "a red circle", plan="w4a8:group_size=32", **kw).latents
     for g in (8, 16, 64):
         text2img(model, "a red circle", plan=f"w4a8:group_size={g}", **kw)
-    assert w4a8._WEIGHTS[model.network][0] == 64
+    assert w4a8._WEIGHTS[model.network][0][0] == 64
     assert sum(1 for net in w4a8._WEIGHTS if net is model.network) == 1
     assert torch.equal(text2img(model, "a red circle", plan="w4a8:group_size=32", **kw).latents, first)
 

@@ -28,7 +28,7 @@ from ..plan import Accelerator, Option, RunInfo, register_rule
 if TYPE_CHECKING:
     from torch import Tensor
 
-#: scheme -> the weight-swaps of each network it was applied to: {network: {module name: weight}}
+#: scheme -> the weight-swaps of each network it was applied to: {network: (state, {module name: weight})}
 _CACHE: dict[str, weakref.WeakKeyDictionary] = {}
 
 
@@ -59,6 +59,13 @@ def linear_layers(network: Any, min_features: int = 16) -> list[tuple[str, Any]]
         and min(m.in_features, m.out_features) >= min_features
         and m.in_features % 16 == 0
     ]
+
+
+def weights_state(network: Any) -> tuple[tuple[str, int, int], ...]:
+    """What quantized copies of the network's weights are valid for: each quantizable Linear's weight
+    object and its in-place version (torch's counter, bumped by an in-place edit such as
+    ``edit.erase.apply_erasure`` or fusing a LoRA), so a changed network is quantized again."""
+    return tuple((n, id(m.weight), m.weight._version) for n, m in linear_layers(network))
 
 
 class Quantize(Accelerator):
@@ -99,10 +106,11 @@ class Quantize(Accelerator):
         import torch
 
         per_network = _CACHE.setdefault(self.scheme(), weakref.WeakKeyDictionary())
-        if network not in per_network:
+        state = weights_state(network)
+        if network not in per_network or per_network[network][0] != state:
             with torch.inference_mode(False), torch.no_grad():
-                per_network[network] = self._quantize(network)
-        return per_network[network]
+                per_network[network] = (state, self._quantize(network))
+        return per_network[network][1]
 
     def _quantize(self, network: Any) -> dict[str, Tensor]:
         import torch

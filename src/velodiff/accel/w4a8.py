@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import VelodiffError
 from ..plan import Accelerator, Option, RunInfo, register_rule
 from .hooks import HookSet
-from .quantize import linear_layers
+from .quantize import linear_layers, weights_state
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -99,11 +99,11 @@ class W4A8(Accelerator):
     def weights(self, network: Any) -> dict[str, Tensor]:
         import torch
 
-        size = int(self.group_size)
-        if network not in _WEIGHTS or _WEIGHTS[network][0] != size:
+        key = (int(self.group_size), weights_state(network))  # a changed network is quantized again
+        if network not in _WEIGHTS or _WEIGHTS[network][0] != key:
             with torch.inference_mode(False), torch.no_grad():  # usable by a later run with gradients
-                _WEIGHTS[network] = (size, {
-                    name: torch.nn.Parameter(quantize_weight_groups(m.weight, size), False)
+                _WEIGHTS[network] = (key, {
+                    name: torch.nn.Parameter(quantize_weight_groups(m.weight, key[0]), False)
                     for name, m in linear_layers(network)
                 })
         return _WEIGHTS[network][1]
