@@ -370,7 +370,8 @@ class DeepCache(Accelerator):
                 st.weight = (self.position(req.t) - s1) / (s1 - s0)
         cond = req.conds.get(req.branches[0])
         ehs = cond.get("encoder_hidden_states") if isinstance(cond, dict) else None
-        shape = (self.branch, tuple(req.x.shape[1:]), None if ehs is None else tuple(ehs.shape[1:]))
+        # (the counts are kept per plan string, which names the branch)
+        shape = (tuple(req.x.shape[1:]), None if ehs is None else tuple(ehs.shape[1:]))
         counts = self.flops.setdefault(shape, [None, None])
         slot = 0 if full else 1
         st.mode = "full" if full else "cached"
