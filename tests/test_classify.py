@@ -26,6 +26,7 @@ class PointMassModel:
     default_size: tuple[int, int] = (8, 8)
     device: torch.device = torch.device("cpu")
     calls: int = 0
+    times: list = field(default_factory=list)  # the t of every evaluation, in order
 
     def encode(self, images):
         return images * 2 - 1
@@ -36,14 +37,29 @@ class PointMassModel:
 
     def denoiser(self, x, t, cond):
         self.calls += x.shape[0]
+        self.times += t.tolist()
         k = cond["encoder_hidden_states"][:, 0].argmax(-1)
         return self.protos[k]
 
 
-def toy(k=10, seed=0):
+@dataclass
+class GaussianModel(PointMassModel):
+    """Data of label k = N(mu_k, s^2 I): the exact conditional denoiser E[x0 | x_t] = mu_k + c_t (x_t -
+    alpha_t mu_k), c_t = alpha_t s^2 / (alpha_t^2 s^2 + sigma_t^2), depends on x_t, so the scores depend
+    on the drawn noise."""
+
+    spread: float = 0.3
+
+    def denoiser(self, x, t, cond):
+        mu = super().denoiser(x, t, cond)
+        a, s = (f(t).float().view(-1, 1, 1, 1) for f in (self.schedule.alpha, self.schedule.sigma))
+        return mu + a * self.spread**2 / (a**2 * self.spread**2 + s**2) * (x - a * mu)
+
+
+def toy(k=10, seed=0, model=PointMassModel):
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(k, 3, 8, 8, generator=g) * 2 - 1
-    return PointMassModel(protos), [f"class {i}" for i in range(k)]
+    return model(protos), [f"class {i}" for i in range(k)]
 
 
 def test_exact_toy_picks_the_true_label_and_pruning_keeps_it():
@@ -68,6 +84,81 @@ def test_weightings_agree_on_the_toy_and_shared_noise_is_seeded():
     a = classify(m, image, labels, weighting="eps", seed=4)
     assert a.label == classify(m, image, labels, weighting="v").label == "class 3"
     assert a.errors == classify(m, image, labels, weighting="eps", seed=4).errors
+
+
+def test_pairs_are_stratified_over_t_range():
+    """The times are a van der Corput sequence over the t_range share of the schedule: 2^m - 1 pairs are
+    exactly its interior points j / 2^m, none at an end (at t_min the eps weight (alpha / sigma)^2 would
+    swamp the score), and every candidate is scored on the same times."""
+    m, labels = toy(k=3)
+    image = (m.protos[0] + 1) / 2
+    t_min, t_max = m.schedule.t_min, m.schedule.t_max
+    for lo, hi in ((0.0, 1.0), (0.5, 1.0), (0.25, 0.75)):
+        m.times = []
+        classify(m, image, labels, rounds=((7, 1),), t_range=(lo, hi))
+        per_label = [sorted(m.times[c * 7 : (c + 1) * 7]) for c in range(3)]
+        expected = [t_min + (t_max - t_min) * (lo + (hi - lo) * j / 8) for j in range(1, 8)]
+        for ts in per_label:
+            assert ts == pytest.approx(expected, rel=1e-12)
+
+
+def test_each_weighting_is_its_elbo_weight_of_the_x0_error():
+    """On the point masses the x0 error of label k is d_k = ||x0 - mu_k||^2 (mean) at every time, so each
+    score is d_k times the weighting's mean over the pairs' times: (alpha / sigma)^2 for eps, 1 / sigma^2
+    for v (||v - v_theta||^2, alpha^2 + sigma^2 = 1), 1 for x0."""
+    m, labels = toy(k=4, seed=2)
+    image = (m.protos[1] + 0.2 * torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)) + 1) / 2
+    d = [float(((m.encode(image) - p) ** 2).mean()) for p in m.protos]
+    m.times = []
+    classify(m, image, labels, rounds=((7, 1),))
+    t = torch.tensor(m.times[:7], dtype=torch.float64)
+    alpha, sigma = m.schedule.alpha(t), m.schedule.sigma(t)
+    weights = {"eps": (alpha / sigma) ** 2, "v": 1 / sigma**2, "x0": torch.ones_like(t)}
+    for name, w in weights.items():
+        r = classify(m, image, labels, rounds=((7, 1),), weighting=name)
+        assert r.errors == pytest.approx([dk * float(w.mean()) for dk in d], rel=1e-5), name
+
+
+def test_the_seed_draws_the_shared_noise():
+    """On a model whose prediction depends on x_t, the scores are a Monte Carlo estimate over the seeded
+    noise: the same seed repeats them, another seed changes them (and the label stays right)."""
+    m, labels = toy(k=5, seed=1, model=GaussianModel)
+    image = (m.protos[3] + 1) / 2
+    runs = {s: classify(m, image, labels, rounds=((4, 1),), seed=s) for s in (4, 5)}
+    assert runs[4].errors == classify(m, image, labels, rounds=((4, 1),), seed=4).errors
+    assert runs[4].errors != pytest.approx(runs[5].errors, rel=1e-3)
+    assert runs[4].label == runs[5].label == "class 3"
+
+
+def test_rounds_may_keep_as_many_and_stop_at_one_candidate():
+    """Rounds need growing samples and non-growing keep: an equal keep is valid and runs every round;
+    once one candidate is left the later rounds are not run (no evaluations spent for nothing)."""
+    from velodiff.edit.classify import check_rounds
+
+    assert check_rounds("4:2,16:2,48:1") == [(4, 2), (16, 2), (48, 1)]
+    m, labels = toy()
+    image = (m.protos[6] + 1) / 2
+    r = classify(m, image, labels, rounds=((2, 2), (6, 2), (12, 1)))
+    assert r.label == "class 6" and len(r.rounds) == 3 and r.evaluations == 10 * 2 + 2 * 4 + 2 * 6
+    m.calls = 0
+    r = classify(m, image, labels, rounds=((2, 1), (6, 1), (12, 1)))
+    assert r.label == "class 6" and r.rounds == [labels]
+    assert r.evaluations == m.calls == 10 * 2 and r.samples[6] == 2
+
+
+def test_rgba_is_read_only_without_transparency():
+    """An opaque RGBA image is its RGB image; one with any transparent pixel is refused (its
+    transparency would be silently dropped)."""
+    from PIL import Image
+
+    m, labels = toy(k=3)
+    rgb = Image.fromarray(((m.protos[2] + 1) / 2 * 255).byte().permute(1, 2, 0).numpy())
+    opaque = rgb.convert("RGBA")
+    assert classify(m, opaque, labels).errors == classify(m, rgb, labels).errors
+    partly = opaque.copy()
+    partly.putpixel((0, 0), (0, 0, 0, 128))
+    with pytest.raises(VelodiffError, match=r"mode is 'RGBA'; give an RGB image \(or L, or RGBA without tr"):
+        classify(m, partly, labels)
 
 
 @pytest.fixture(scope="module")

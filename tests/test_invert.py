@@ -59,8 +59,9 @@ def test_edict_mixing_weight_matters_and_is_checked(tiny64):
     a = invert_latents(den, z0, ts, "edict", cond=cond, p=0.93).latents
     b = invert_latents(den, z0, ts, "edict", cond=cond, p=0.8).latents
     assert not torch.allclose(a, b)
-    with pytest.raises(VelodiffError, match="mixing weight"):
-        invert_latents(den, z0, ts, "edict", cond=cond, p=1.0)
+    for bad in (0.0, 1.0, -0.5):  # p = 0 would divide by zero in the inverted mixing layers
+        with pytest.raises(VelodiffError, match=r"EDICT's mixing weight p must be in \(0, 1\), got"):
+            invert_latents(den, z0, ts, "edict", cond=cond, p=bad)
     _, err = round_trip(den, cond, z0, ts, "edict", p=0.8)  # exact at any p: regeneration uses the same
     assert err < 1e-10
 
@@ -268,3 +269,146 @@ def test_cli_writes_the_metrics_and_refuses_in_one_line(tmp_path, capsys):
         assert match in err and "\n" not in err
     Image.new("RGB", (62, 64)).save(tmp_path / "odd.png")
     assert cli("invert", str(tmp_path / "odd.png"), "--prompt", "x", "--json", str(out)) == 2
+
+
+def linear_eps(k):
+    """A model whose eps prediction is linear in x: eps = k x on channels 0-1, -k x on channels 2-3, so
+    every DDIM step is linear with two slopes; the eps Jacobian k stands in for a guided model's, which
+    grows with the guidance scale."""
+    from velodiff import ModelDenoiser
+
+    kk = torch.tensor([k, k, -k, -k], dtype=torch.float64).view(1, 4, 1, 1)
+    return ModelDenoiser(lambda x, timestep, cond: kk * x, DiscreteVP.scaled_linear(), "epsilon")
+
+
+def clean_latents(seed=3):
+    return torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_fixed_point_gain_inverts_an_x_independent_step_in_one_iteration():
+    """AIDI's gain g_i = alpha_i / alpha_{i+1}: with an eps prediction that does not depend on x, a DDIM
+    step is x_{i+1} = (alpha_{i+1} / alpha_i) x_i + const, whose inverse slope is g_i, so one iteration
+    x_i <- x_i + g_i (x_{i+1} - step_i(x_i)) per step inverts it exactly, from a first guess far off."""
+    from velodiff import ModelDenoiser
+
+    z0 = clean_latents()
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    den = ModelDenoiser(lambda x, timestep, cond: eps.expand_as(x).clone(), DiscreteVP.scaled_linear())
+    ts = make_grid("uniform", den.schedule, 4)
+    inv, err = round_trip(den, None, z0, ts, "fixed-point", plan=None, solver="ddim", iters=1)
+    assert inv.info["iterations"] == 4 and inv.info["residual"] > 1  # the one update did all the work
+    assert err < 1e-12
+
+
+def test_fixed_point_anderson_converges_where_the_plain_iteration_diverges():
+    """The plain iteration's error factor on a linear step is k (sigma_i - alpha_i sigma_{i+1} /
+    alpha_{i+1}) (module docstring): above 1 near t_max here, so it diverges; Anderson mixing (depth 3,
+    as AIDI) converges to the tolerance and the round trip is exact to round-off."""
+    k = 2.0
+    den, z0 = linear_eps(k), clean_latents()
+    ts = make_grid("uniform", den.schedule, 4)
+    a, s = den.schedule.alpha(ts), den.schedule.sigma(ts)
+    assert max(k * float(s[i] - a[i] * s[i + 1] / a[i + 1]) for i in range(4)) > 1  # plain: expansive
+    inv, err = round_trip(den, None, z0, ts, "fixed-point", plan=None, solver="ddim", iters=8, tol=1e-9)
+    assert inv.info["residual"] <= 1e-9
+    assert err < 1e-10
+
+
+def test_fixed_point_keeps_its_best_sweep():
+    """With a multistep solver a sweep can make the trajectory worse (here the two after the best, which end
+    the iteration); the noise returned is the best sweep's: its own solver run lands at the forward error
+    reported, and it is the noise a run stopped at that sweep returns."""
+    den, z0 = linear_eps(0.25), clean_latents()
+    ts = make_grid("logsnr", den.schedule, 8)
+    inv, err = round_trip(den, None, z0, ts, "fixed-point", plan=None, solver="dpmpp_2m", iters=2)
+    kept = inv.info["kept_sweep"]
+    assert inv.info["sweeps"] == kept + 2  # two worse sweeps in a row end it
+    assert err == pytest.approx(inv.info["forward_error"], rel=1e-9)
+    stopped = invert_latents(den, z0, ts, "fixed-point", solver="dpmpp_2m", iters=2, sweeps=kept)
+    assert torch.equal(inv.latents, stopped.latents)
+
+
+def test_regenerate_starts_from_the_given_latents():
+    """regenerate_latents(latents=edited) runs the inverted sampler from the edited latents (a latent
+    edit), not from the inversion's own."""
+    den, z0 = linear_eps(0.5), clean_latents()
+    ts = make_grid("uniform", den.schedule, 4)
+    inv = invert_latents(den, z0, ts, "ddim")
+    edited = inv.latents.flip(0)  # the two images' noises swapped
+    back, _, _ = regenerate_latents(den, inv, latents=edited)
+    assert torch.equal(back, velodiff.sample(den, edited, ts, "ddim").x)
+    assert not torch.allclose(back, regenerate_latents(den, inv)[0])
+
+
+def gaussian_flow():
+    """The exact flow denoiser of data N(0, I): x_t = (1 - t) x0 + t eps, E[x0 | x_t] = (1 - t) x_t /
+    ((1 - t)^2 + t^2)."""
+    from velodiff import ModelDenoiser, RectifiedFlow
+
+    def net(x, t, cond):
+        t = t.view(-1, 1, 1, 1)
+        return (1 - t) * x / ((1 - t) ** 2 + t**2)
+
+    return ModelDenoiser(net, RectifiedFlow(), "sample", timestep=lambda t: t)
+
+
+def test_rf_batch_inverts_each_image_toward_its_own_noise():
+    """RF-Inversion of a batch: image k is steered toward its own target noise y1 = randn(seed + k) (the
+    same image twice gives two noises), so row k is image k inverted alone with seed + k; at gamma = 1
+    the inversion lands on that noise."""
+    from velodiff.noise import randn
+
+    flow, z = gaussian_flow(), clean_latents()[:1]
+    ts = make_grid("uniform", flow.schedule, 4)
+    pair = torch.cat([z, z])
+    both = invert_latents(flow, pair, ts, "rf", gamma=0.5, seed=7).latents
+    for k in range(2):
+        alone = invert_latents(flow, z, ts, "rf", gamma=0.5, seed=7 + k).latents
+        assert torch.allclose(both[k : k + 1], alone, atol=1e-12)
+    assert not torch.allclose(both[0], both[1], atol=1e-3)
+    to_noise = invert_latents(flow, pair, ts, "rf", gamma=1.0, seed=7).latents
+    for k in range(2):
+        assert torch.allclose(to_noise[k : k + 1], randn((1, *z.shape[1:]), 7 + k).double(), atol=1e-12)
+
+
+def test_rf_reverse_controller_acts_on_the_first_stop_share_of_the_steps():
+    """The controlled reverse field v + eta ((x - y0) / t - v) (Rout et al. 2024, Eq. 15) runs on the
+    first ``stop`` share of the steps: stop = 0 is the plain flow; at eta = 1 a controlled step to t = 0
+    lands on the image y0, so stop = 1 returns it, and stop = (n - 1) / n is the controlled run to the
+    last time, then one plain step."""
+    from dataclasses import replace
+
+    flow, z0 = gaussian_flow(), clean_latents()
+    n = 4
+    ts = make_grid("uniform", flow.schedule, n)
+    inv = invert_latents(flow, z0, ts, "rf", gamma=0.5)
+    plain, _, _ = regenerate_latents(flow, inv)
+    assert float((plain - z0).abs().max()) > 0.1  # the plain flow alone does not return the image
+    assert torch.equal(regenerate_latents(flow, inv, eta=1.0, stop=0.0)[0], plain)
+    assert torch.allclose(regenerate_latents(flow, inv, eta=1.0, stop=1.0)[0], z0, atol=1e-12)
+    head, _, _ = regenerate_latents(flow, replace(inv, ts=ts[:-1]), eta=1.0, stop=1.0)
+    tail, _, _ = regenerate_latents(flow, replace(inv, ts=ts[-2:], latents=head, reference=None))
+    out, _, _ = regenerate_latents(flow, inv, eta=1.0, stop=(n - 1) / n)
+    assert torch.allclose(out, tail, atol=1e-12) and not torch.allclose(out, z0, atol=1e-6)
+
+
+def test_rf_settings_and_a_nan_model_are_refused_in_one_line():
+    """gamma, eta and stop outside [0, 1] are refused (the CLI relies on these checks), and a model
+    returning NaN during an inversion stops it with one line instead of NaN noise."""
+    from velodiff import ModelDenoiser
+
+    flow, z0 = gaussian_flow(), clean_latents()
+    ts = make_grid("uniform", flow.schedule, 2)
+    cases = [(lambda g=g: invert_latents(flow, z0, ts, "rf", gamma=g), r"gamma must be in \[0, 1\]")
+             for g in (-0.1, 1.5)]
+    inv = invert_latents(flow, z0, ts, "rf")
+    cases += [(lambda kw=kw: regenerate_latents(flow, inv, **kw), r"eta and stop must be in \[0, 1\]")
+              for kw in (dict(eta=1.5), dict(eta=-0.5), dict(eta=0.5, stop=1.5), dict(eta=0.5, stop=-0.1))]
+    nan = ModelDenoiser(lambda x, t, c: torch.full_like(x, math.nan), DiscreteVP.scaled_linear())
+    for method in ("ddim", "edict", "fixed-point"):
+        cases.append((lambda m=method: invert_latents(nan, z0, make_grid("uniform", nan.schedule, 2), m),
+                      "the model returned NaN or inf during inversion"))
+    for call, match in cases:
+        with pytest.raises(VelodiffError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)

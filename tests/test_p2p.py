@@ -148,6 +148,9 @@ def test_same_prompt_is_the_source_and_reweighting_changes_the_edit(model):
     assert torch.equal(own.latents, w.latents)
     with pytest.raises(VelodiffError, match=r"re-weighted word 'red=x': write word=c"):
         edit_prompt(model, "a red circle", "a red circle", steps=2, words=["red=x"])
+    for c in ("50", "-10.5"):  # the option's range [-10, 10] holds for a word's own factor too
+        with pytest.raises(VelodiffError, match=rf"re-weighted word 'red={c}': c must be in \[-10, 10\]"):
+            edit_prompt(model, "a red circle", "a red circle", steps=2, words=[f"red={c}"])
 
 
 def test_alignment():
@@ -260,3 +263,83 @@ def test_local_blend_region_is_the_union_of_the_source_and_the_edit():
     assert float(out[1, 0, 0, 0]) == 1.0  # inside the source's region: the edit's own sample
     assert float(out[1, 0, 0, 3]) == 1.0  # inside the edit's region too
     assert float(out[1, 0, 3, 1]) == 0.0  # outside both: the source's
+
+
+def test_auto_mode_is_replace_for_a_word_swap_and_refine_for_added_words(model):
+    """mode=auto (the default) replaces the maps token for token when the prompts tokenize to the same
+    length (a word swap: the swapped word takes the source word's map) and refines otherwise; the two
+    modes differ on a word swap, so the choice is visible."""
+    kw = dict(seed=0, steps=2, output="latent")
+    runs = {
+        (target, mode): edit_prompt(model, "a red circle", target, mode=mode, **kw).latents[1]
+        for target in ("a blue circle", "a big red circle")
+        for mode in ("auto", "replace", "refine")
+        if (target, mode) != ("a big red circle", "replace")  # not the same length: refused
+    }
+    assert torch.equal(runs["a blue circle", "auto"], runs["a blue circle", "replace"])
+    assert not torch.allclose(runs["a blue circle", "replace"], runs["a blue circle", "refine"], atol=1e-3)
+    assert torch.equal(runs["a big red circle", "auto"], runs["a big red circle", "refine"])
+
+
+def test_refine_maps_aligned_tokens_from_the_source_and_added_ones_from_their_own():
+    """Refine (a phrase added): target token i takes the map of the source token j(i) it is aligned to
+    (shifted past the added word), an added token keeps the edited row's own map."""
+    from velodiff.edit.p2p import PromptToPrompt
+
+    src_ids, tgt_ids, length = [1, 5, 6, 2], [1, 5, 9, 6, 2], 7  # word 9 added between 5 and 6
+    index, alpha = alignment(src_ids, tgt_ids, length, "refine")
+    rule = PromptToPrompt(mode="refine")
+    rule.index, rule.alpha, rule.scale = [torch.tensor(index)], [torch.tensor(alpha)], [torch.ones(length)]
+    g = torch.Generator().manual_seed(0)
+    src, own = (torch.rand(2, 4, length, generator=g) for _ in range(2))  # (heads, N, T)
+    out = rule.edited(src, own, 1, cross=True)
+    added = 2
+    assert torch.equal(out[..., added], own[..., added])
+    kept = [i for i in range(length) if i != added]
+    source_of = [0, 1, 2, 3, 4, 5]  # BOS, 5, 6, EOS, then the padding end to end
+    assert torch.equal(out[..., kept], src[..., source_of])
+
+
+def test_self_attention_is_injected_on_layers_of_up_to_32x32_tokens():
+    """Self-attention maps are the source's on layers of at most 32 x 32 tokens (the reference code's
+    limit; the shipped model's largest, 16 x 16, included); a larger layer keeps its own attention."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from velodiff.edit.p2p import EditAttention, EditState, PromptToPrompt
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4).eval()
+    state = EditState(rows=slice(0, 2), groups=(slice(0, 2),), self_attn=True)
+    proc = EditAttention(AttnProcessor(), state, PromptToPrompt(), cross=False)
+    for side, injected in ((16, 16), True), ((32, 32), True), ((32, 33), False):
+        h = torch.randn(2, 8, *side)
+        out, ref = proc(attn, h), AttnProcessor()(attn, h)
+        assert torch.allclose(out[0], ref[0], atol=1e-5)  # the source row is its own
+        if not injected:
+            assert torch.allclose(out, ref, atol=1e-5)
+            continue
+        tokens = h.flatten(2).transpose(1, 2)
+        q, k = (attn.head_to_batch_dim(f(tokens[:1])) for f in (attn.to_q, attn.to_k))
+        v = attn.head_to_batch_dim(attn.to_v(tokens[1:]))
+        mixed = attn.to_out[0](attn.batch_to_head_dim(attn.get_attention_scores(q, k) @ v))
+        assert torch.allclose(out[1], mixed[0].transpose(0, 1).reshape(8, *side), atol=1e-5), side
+        assert not torch.allclose(out[1], ref[1], atol=1e-3)
+
+
+def test_local_blend_region_is_dilated_by_one_token():
+    """The blend words' map is max-pooled 3 x 3 before thresholding (the reference LocalBlend): a single
+    attended token makes a 3 x 3 region around it, not the token alone."""
+    from types import SimpleNamespace
+
+    from velodiff.edit.p2p import PromptToPrompt
+
+    rule = PromptToPrompt(blend=("circle",), threshold=0.5)
+    rule.blend_pos = [[1], [1]]
+    maps = torch.zeros(2, 25, 2)  # (B, N = 5 x 5 tokens, T): only the source's word attends, to (1, 3)
+    maps[0, 1 * 5 + 3, 1] = 1.0
+    rule.blend_maps = [maps]
+    x = torch.stack([torch.zeros(1, 5, 5), torch.ones(1, 5, 5)])
+    out = rule.after_step(SimpleNamespace(x=x))
+    expected = torch.zeros(5, 5)
+    expected[0:3, 2:5] = 1.0  # rows 0-2, columns 2-4: the 3 x 3 neighbourhood, clipped at the edge
+    assert torch.equal(out[1, 0], expected)
