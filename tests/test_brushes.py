@@ -101,3 +101,48 @@ def test_cli_brush(tmp_path, capsys):
         assert cli("brush", "a red circle", "--layer", bad, "-o", str(out)) == 2
         err = capsys.readouterr().err.strip()
         assert match in err and "\n" not in err
+
+
+def test_moved_and_removed_layers_render_the_new_stack(model):
+    """After move() or remove() the render is what a fresh canvas with the resulting layer order gives:
+    no composite cached for the old order (moving the bottom layer up), nor one that still holds a removed
+    layer, is reused; what no layer changed stays cached (remove costs nothing to re-render)."""
+    low, left = torch.zeros(64, 64), torch.zeros(64, 64)
+    low[32:] = 1
+    left[:, :24] = 1
+    steps = 4
+    triangle = (low, "a green triangle", 1, 0.5)  # runs 2 of the 4 steps
+    cross = (left, "a yellow cross", 2, 0.75)  # runs 3
+
+    def canvas(*layers):
+        c = Canvas(model, "a red circle above a blue square", seed=0, steps=steps, guidance=2.5)
+        for layer in layers:
+            c.add(*layer)
+        return c
+
+    def latents(c):
+        return c.render(output="latent").latents
+
+    c = canvas(triangle, cross)
+    latents(c)
+    c.move(0, 1)  # the bottom layer to the top: both layers re-render
+    assert [layer.prompt for layer in c.layers] == ["a yellow cross", "a green triangle"]
+    moved, nfe = latents(c), c.last_nfe
+    assert torch.equal(moved, latents(canvas(cross, triangle))) and nfe == 3 + 2
+    c.remove(1)
+    assert torch.equal(latents(c), latents(canvas(cross))) and c.last_nfe == 0
+    c.remove(0)
+    assert torch.equal(latents(c), latents(canvas())) and c.last_nfe == 0
+
+
+def test_bad_canvases_are_one_line(model):
+    """The base is one image of the canvas's own seed: per-run keywords (seeds, latents, callback, output)
+    are refused in one line, not silently ignored; so is a stochastic solver, which brushes do not run
+    (they need a deterministic one)."""
+    for key, value in [("seeds", [5]), ("latents", torch.zeros(1, 4, 16, 16)), ("callback", print),
+                       ("output", "latent")]:
+        with pytest.raises(VelodiffError, match=f"Canvas takes no '{key}'; the base is one image of seed 0"):
+            Canvas(model, "a red circle", **{key: value})
+    c = Canvas(model, "a red circle", steps=4, solver="euler_ancestral")
+    with pytest.raises(VelodiffError, match="brushes need a deterministic solver; 'euler_ancestral' is"):
+        c.render(output="latent")

@@ -164,3 +164,31 @@ def test_the_guidance_step_is_elucds_on_x0_and_universal_guidances_through_the_n
         factor = 1 / (a**2 + sig**2) if through == "x0" else 1 / a
         want = torch.full_like(plain[1], 2.0 * w * sig**2 * factor)
         torch.testing.assert_close(steered[1] - plain[1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_pair_count_head_is_a_softmax_per_pair():
+    """head=pair_counts reads a count class per colour-shape pair (the counter's (pairs, counts) logits):
+    its log-likelihood is the sum over the pairs of log softmax(pair k's logits)[target count of pair k],
+    not a multi-label head over named classes."""
+    from velodiff.guidance.pair_counter import COUNTS
+
+    target = prompt_target("two blue squares and a red circle", "pair_counts")
+    logits = torch.randn(2, len(target), COUNTS, generator=torch.Generator().manual_seed(0))
+    rule = ClassifierGuidance(head="pair_counts")
+    got = rule.log_likelihood({"pair_counts": logits}, 1, target)
+    want = torch.log_softmax(logits[1], -1)[torch.arange(len(target)), torch.tensor(target)].sum()
+    assert torch.allclose(got, want)
+
+
+def test_a_run_without_prompts_or_a_classifier_is_refused(model):
+    """The plan string's classifier reads its target off the prompts: a bare sample() with a model but no
+    prompts (and no classifier= with targets=) is one line, not a silently unguided run."""
+    from velodiff import make_grid
+    from velodiff.sampling import sample
+
+    ts = make_grid("uniform", model.schedule, 2)
+    cond = model.encode_prompt(["two red circles"], guided=False)
+    with pytest.raises(VelodiffError, match=r"'classifier' needs the run's prompts \(or a classifier=") as e:
+        sample(model.denoiser, torch.randn(1, 4, 16, 16), ts, "ddim", cond=cond, plan="classifier",
+               context={"model": model})
+    assert "\n" not in str(e.value)

@@ -19,6 +19,7 @@ from velodiff.edit.collage import (
     paste,
     singular,
 )
+from velodiff.plan import Accelerator
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +242,45 @@ def test_eval_collage_leaves_one_object_prompts_alone(model):
     # CFG pairs of 6 steps: the plain one; two objects + half the steps (twice)
     assert info["evals"] == (12 + 2 * (12 + 12 + 6)) / 3
     assert info["steps"] == 6  # the plain generation's, not the harmonising pass's
+
+
+def test_the_cut_out_reads_the_phrase_and_end_tokens_attention_not_the_start_tokens(model):
+    """The attention that picks an object's region is its phrase's tokens' and the end token's: the start
+    token (index 0 of the maps), which attends everywhere and would favour the largest region, is not read."""
+    from velodiff.edit.collage import _phrase_token_indices
+
+    tok = model.components["tokenizer"]
+    ids = tok("a red circle").input_ids  # start, a, red, circle, end
+    read = _phrase_token_indices(model, "a red circle")
+    assert [tok.convert_ids_to_tokens(ids[i]) for i in read] == ["a</w>", "red</w>", "circle</w>",
+                                                                "<|endoftext|>"]
+    assert ids[0] == tok.bos_token_id and 0 not in read
+
+
+class Seen(Accelerator):
+    """A plan rule recording the prompts of every run it takes part in."""
+
+    name = "seen"
+
+    def __init__(self):
+        super().__init__()
+        self.prompts: list[list[str]] = []
+
+    def begin(self, run):
+        super().begin(run)
+        self.prompts.append(list(run.prompts))
+
+
+def test_the_plan_runs_in_the_objects_and_the_harmonising_pass_and_latents_are_refused(model):
+    """The user's plan applies to every generation of the collage: each object's (under its phrase) and
+    the harmonising img2img pass (under the whole prompt); caller latents, which would make every object
+    the same draw, are refused in one line."""
+    prompt = "a red circle above a blue square"
+    boxes = {"red circle": (0.3, 0.05, 0.7, 0.45), "blue square": (0.3, 0.55, 0.7, 0.95)}
+    rule = Seen()
+    collage(model, prompt, boxes, seeds=[0], steps=4, guidance=2.5, plan=[rule])
+    assert rule.prompts == [["a red circle"], ["a blue square"], [prompt]]
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(VelodiffError, match="collage: latents apply to one generation; give seeds") as e:
+        collage(model, prompt, boxes, steps=4, latents=noise)
+    assert "\n" not in str(e.value)

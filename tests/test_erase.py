@@ -150,6 +150,9 @@ def model_path(model):
         ({"concept": "triangle", "preserve": ["kangaroo"]}, "unknown preserved concept word"),
         ({"concept": "triangle", "projections": ("to_q",)}, "projections"),
         ({"concept": "triangle", "lamb": 0.0}, "lamb"),
+        ({"concept": "triangle", "erase_scale": -1.0}, "erase_scale and preserve_scale must be finite"),
+        ({"concept": "triangle", "preserve_scale": -0.5}, "erase_scale and preserve_scale must be finite"),
+        ({"concept": "triangle", "erase_scale": float("inf")}, "erase_scale and preserve_scale must be"),
         ({"concept": "triangle,triangles", "target": "circle,circles,crosses"}, "one target or one per word"),
     ],
 )
@@ -204,10 +207,55 @@ def test_a_model_with_nan_weights_is_refused_and_nothing_written(model):
 
 
 def test_the_concept_token_is_the_whole_word_where_it_is():
-    """With a custom template the concept need not end the prompt, and may sit inside another word."""
+    """With a custom template the concept need not end the prompt, may sit inside another word, and may be
+    named twice: its vectors start at its last occurrence (the docstring's rule)."""
     from velodiff.edit.erase import _concept_ends
 
     tok = velodiff.load("default").components["tokenizer"]
     assert _concept_ends(tok, "a ring on a string", "ring", "circle") == (2, 2)  # not 'string'
     assert _concept_ends(tok, "a ring on a table", "ring", "") == (2, 1)  # the token before it
     assert _concept_ends(tok, "a photo of a red triangle", "triangle", "") == (6, 5)
+    # BOS a ring on a ring: the last 'ring' is token 5; with it replaced, the target's ('circle') too, and
+    # with it dropped, the token before it (the second 'a', 3)
+    assert _concept_ends(tok, "a ring on a ring", "ring", "circle") == (5, 5)
+    assert _concept_ends(tok, "a ring on a ring", "ring", "") == (5, 3)
+
+
+def test_only_the_chosen_projections_are_edited(model):
+    """projections=("to_v",) edits the cross-attention value projections only: every key projection keeps
+    the model's weights, and every value projection is changed."""
+    e = erase_concept(model, "triangle", PRESERVE, target="circle", projections=("to_v",))
+    new = cross_attention_projections(e.unet)
+    for name, old in cross_attention_projections(model.network).items():
+        same = torch.equal(new[name].weight, old.weight)
+        assert same == name.endswith("to_k"), name
+    assert e.layers and all(name.endswith("attn2.to_v") for name in e.layers)
+
+
+def test_apply_erasure_puts_every_edited_projection_in_the_model(model):
+    """apply_erasure changes the given model in place to carry the erasure's network: afterwards every
+    weight (every edited key and value projection, and the untouched rest) is the erased copy's."""
+    import copy
+    from types import SimpleNamespace
+
+    from velodiff.edit.erase import apply_erasure
+
+    e = erase_concept(model, "triangle", PRESERVE, target="circle")
+    target = SimpleNamespace(network=copy.deepcopy(model.network))  # the shared model stays as it is
+    assert apply_erasure(target, e) is target
+    erased = e.unet.state_dict()
+    differ = [k for k, v in target.network.state_dict().items() if not torch.equal(v, erased[k])]
+    assert not differ, differ[:3]
+
+
+def test_the_empty_prompt_stays_preserved_next_to_the_named_concepts(model):
+    """The empty prompt (classifier-free guidance's unconditional branch) is preserved also when words
+    to preserve are given: in every edited projection its keys and values move as little as the
+    preserved concepts' do (under the same 5% bar as they)."""
+    e = erase_concept(model, "triangle", PRESERVE, target="circle")
+    empty = model.encode_prompt([""], guided=False)["encoder_hidden_states"][0].detach().double()
+    new = cross_attention_projections(e.unet)
+    for name, old in cross_attention_projections(model.network).items():
+        w0, w1 = old.weight.double(), new[name].weight.double()
+        moved = (empty @ w1.T - empty @ w0.T).norm() / (empty @ w0.T).norm()
+        assert moved < 0.05, (name, float(moved))

@@ -262,3 +262,59 @@ def test_layout_guidance_runs_on_images_of_any_aspect(model):
     guided = text2img(model, "a red circle to the left of a blue square", seeds=[0], steps=4, height=64,
                       width=128, output="latent", plan="layout:steps=1")
     assert guided.latents.shape == (1, 4, 16, 32) and not torch.equal(guided.latents, plain.latents)
+
+
+class Stepped(LayoutGuidance):
+    """The rule, recording each guided step's move of every image, in units of that step's sigma_t."""
+
+    def begin(self, run):
+        super().begin(run)
+        self.moves: list[list[float]] = []
+
+    def after_step(self, info):
+        out = super().after_step(info)
+        if out is not None:
+            sigma = float(self.run.schedule.sigma(info.t))
+            rms = (out - info.x).pow(2).mean(dim=tuple(range(1, out.ndim))).sqrt() / sigma
+            self.moves.append(rms.tolist())
+        return out
+
+
+def test_each_guided_step_moves_each_image_by_scale_sigma(model):
+    """Eq. 4 with the normalized step: one iteration moves the sample by scale * sigma_t in RMS, at every
+    guided step (its noise level, not a fixed size) and for every image of a batch on its own (its
+    gradient's RMS, not the batch's)."""
+    rule = Stepped(scale=0.05, iters=1, steps=1.0)
+    text2img(model, "a red circle above a blue square", seeds=[0, 1], steps=4, guidance=2.5,
+             output="latent", plan=[rule])
+    assert len(rule.moves) == 3  # after steps 0, 1 and 2 of 4 (the last one ends at t = 0)
+    for moves in rule.moves:
+        assert moves == pytest.approx([0.05, 0.05], rel=1e-3), rule.moves
+
+
+class Retained(LayoutGuidance):
+    """The rule, recording what A-STAR's terms get at every (layer, image): the normalized maps and B_m."""
+
+    def begin(self, run):
+        super().begin(run)
+        self.calls: list[tuple[list[torch.Tensor], list[torch.Tensor] | None]] = []
+
+    def astar(self, maps, previous):
+        self.calls.append(([m.detach().clone() for m in maps], previous))
+        return super().astar(maps, previous)
+
+
+def test_retention_keeps_the_previous_maps_binarized_at_half_their_maximum(model):
+    """A-STAR's B_m (Eq. 3) at a guided step is object m's map of the previous guided step (same layer
+    and image) binarized at half its maximum: 1 where a_m >= 0.5, else 0."""
+    rule = Retained(scale=0.5, iters=1, steps=1.0, retention=1)
+    text2img(model, "a red cross and a white triangle", seeds=[0], steps=3, guidance=2.5, output="latent",
+             plan=[rule])
+    guided = 2  # after steps 0 and 1 of 3; one energy per guided step (iters=1), one image
+    assert len(rule.calls) % guided == 0
+    layers = len(rule.calls) // guided
+    assert all(previous is None for _, previous in rule.calls[:layers])  # nothing to keep yet
+    for (maps, _), (_, kept) in zip(rule.calls[:layers], rule.calls[layers:], strict=True):
+        assert len(kept) == len(maps) == 2
+        for a, b in zip(maps, kept, strict=True):
+            assert torch.equal(b, (a >= 0.5).to(a)) and 0 < float(b.sum()) < b.numel()

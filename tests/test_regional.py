@@ -188,3 +188,54 @@ def test_a_mask_cell_is_in_the_region_when_at_least_half_of_it_is():
     mask[0, :2] = 1.0  # the top-left 2x2 cell: half covered
     mask[2, 2] = 1.0  # the bottom-right cell: a quarter
     assert region_mask(mask, 2, 2).tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+def test_overlapping_regions_are_normalised_by_their_total_weight(model):
+    """Attention mode divides the fused output by W_bg + sum_i W_i: two regions over the whole image with
+    the same prompt (the CLIP tokenizer lower-cases, so both encode alike) and no base share, i.e. weights
+    summing to 2 everywhere, sample that prompt exactly, as one such region does."""
+    kw = dict(seeds=[3], steps=4, guidance=2.5, output="latent")
+    want = text2img(model, "a blue square", **kw).latents
+    regions = {"a blue square": (0, 0, 1, 1), "A blue square": (0, 0, 1, 1)}
+    rule = RegionalPrompting(regions=regions, base_ratio=0.0, layers=("attn2",))
+    got = text2img(model, "a red circle", plan=[rule], **kw).latents
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def trajectory(model, plan, **kw):
+    """The sample after every step of a run of the position prompt."""
+    xs = []
+    text2img(model, "a red circle above a blue square", seeds=[0], guidance=2.5, output="latent", plan=plan,
+             callback=lambda info: xs.append(info.x.clone()), **kw)
+    return xs
+
+
+def test_the_fusion_stops_after_its_share_of_the_steps(model):
+    """stop=s fuses the regions in the first int(s N) steps only: with stop=0 the run is the plain one,
+    and with stop=0.5 of 4 steps the first two steps are the full rule's and the third is not."""
+    plain, full, none, half = (trajectory(model, p, steps=4)
+                               for p in (None, "regional", "regional:stop=0", "regional:stop=0.5"))
+    assert all(torch.equal(a, b) for a, b in zip(none, plain, strict=True))
+    assert torch.equal(half[0], full[0]) and torch.equal(half[1], full[1])
+    assert (half[2] - full[2]).abs().max() > 0.1
+
+
+def test_latent_fusion_uses_its_own_scale_under_cfg(model):
+    """Latent mode's fusion is added at scale= where CFG runs, the run's guidance only by default: scale=0
+    leaves the plain guided run (up to batching round-off), scale equal to the guidance is the default."""
+    kw = dict(seeds=[0], steps=4, guidance=2.5, output="latent")
+    prompt = "a red circle above a blue square"
+    plain, off, default, same = (text2img(model, prompt, plan=p, **kw).latents for p in (
+        None, "regional:mode=latent,scale=0", "regional:mode=latent", "regional:mode=latent,scale=2.5"))
+    assert torch.allclose(off, plain, atol=1e-5), (off - plain).abs().max()
+    assert torch.equal(default, same) and (default - plain).abs().max() > 0.1
+
+
+def test_bootstrapping_runs_in_its_share_of_the_steps(model):
+    """Latent mode's bootstrapping (MultiDiffusion Sec. 4.2) changes the run when it covers a step:
+    bootstrap=0.5 of 4 steps (steps 0 and 1) differs from bootstrap=0 from the first step on, while
+    bootstrap=0.2 of 4 steps covers none (int(0.8) = 0) and is the run without it."""
+    without, none, half = (trajectory(model, f"regional:mode=latent,bootstrap={b}", steps=4)
+                           for b in (0, 0.2, 0.5))
+    assert all(torch.equal(a, b) for a, b in zip(none, without, strict=True))
+    assert (half[0] - without[0]).abs().max() > 0.01
