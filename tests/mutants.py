@@ -731,8 +731,8 @@ MUTANTS = {
     ),
     "brush_stochastic_solver_accepted": (
         "edit/brushes.py",
-        "        if setup.solver.stochastic:\n",
-        "        if False:\n",
+        "        if setup.solver.draws_noise(setup.options):",
+        "        if setup.solver.stochastic:",
         ["tests/test_brushes.py", "-k", "bad_canvases"],
     ),
     "canvas_accepts_seeds": (

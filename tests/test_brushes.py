@@ -143,6 +143,7 @@ def test_bad_canvases_are_one_line(model):
                        ("output", "latent")]:
         with pytest.raises(VelodiffError, match=f"Canvas takes no '{key}'; the base is one image of seed 0"):
             Canvas(model, "a red circle", **{key: value})
-    c = Canvas(model, "a red circle", steps=4, solver="euler_ancestral")
-    with pytest.raises(VelodiffError, match="brushes need a deterministic solver; 'euler_ancestral' is"):
-        c.render(output="latent")
+    for solver, options in (("euler_ancestral", {}), ("ddim", {"eta": 1.0})):  # stochastic by its options too
+        c = Canvas(model, "a red circle", steps=4, solver=solver, solver_options=options)
+        with pytest.raises(VelodiffError, match=f"need a deterministic solver; '{solver}' draws step noise"):
+            c.render(output="latent")

@@ -146,8 +146,10 @@ class Canvas:
         opts = Sampling.of("Canvas", self.options)
         h, w = self.model.default_size
         setup = make_setup(self.model, opts, size=(h, w))
-        if setup.solver.stochastic:
-            raise VelodiffError(f"brushes need a deterministic solver; {setup.solver.name!r} is stochastic")
+        if setup.solver.draws_noise(setup.options):  # an ancestral / SDE solver, or eta / s_churn above 0
+            name = setup.solver.name
+            raise VelodiffError(f"brushes need a deterministic solver; {name!r} draws step noise here (use "
+                                "ddim, dpmpp_2m, unipc, ... with eta 0)")
         return setup, h, w
 
     def _mask(self, mask: Any, shape: tuple[int, ...]) -> Tensor:
