@@ -226,3 +226,16 @@ def test_load_in_python_is_quiet_and_leaves_logging_as_it_was():
     assert "Failed to load" not in p.stderr and "_pytree" not in p.stderr, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "[0, 0]"
 
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """A path under a regular file (or a read-only folder, a full disk: the OS's error) is one line and
+    status 2, not a traceback, in every command that writes (here a training run's folder)."""
+    from velodiff.cli import main
+
+    (tmp_path / "afile").write_text("")
+    code = main(["train", "autoencoder", "--run", str(tmp_path / "afile" / "r"), "--steps", "1", "--size",
+                 "micro", "--threads", "1", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: Not a directory: {tmp_path / 'afile' / 'r'}"

@@ -117,6 +117,10 @@ def _run(argv: list[str] | None) -> int:
     except FileNotFoundError as e:
         typer.echo(f"error: file not found: {e.filename or e}", err=True)
         return 2
+    except OSError as e:  # an unwritable folder, a path under a file, a full disk: one line, as above
+        where = f": {e.filename}" if e.filename else ""
+        typer.echo(f"error: {e.strerror or e}{where}", err=True)
+        return 2
     if result == INTERRUPTED:  # typer turns Ctrl-C in a command into this status, silently
         command = (sys.argv[1:] if argv is None else argv)[:1]
         resume = " (the set resumes: run the same command again)" if command == ["generate-set"] else ""
