@@ -17,9 +17,10 @@ import pytest
 
 from velodiff.cli import main
 from velodiff.errors import VelodiffError
+from velodiff.files import lock_folder
 from velodiff.sets.prompts import load_prompt_file
 from velodiff.sets.run import generate_set
-from velodiff.sets.store import LINES, lock_folder, read_records, read_set
+from velodiff.sets.store import LINES, read_records, read_set
 
 N = 16
 CONFIG = dict(seed=7, images_per_prompt=1, steps=2, solver=None, grid=None, guidance=None, negative=None,

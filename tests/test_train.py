@@ -257,6 +257,28 @@ def test_a_run_resumed_already_complete_reports_its_last_loss(tmp_path):
     assert again["final_loss"] == pytest.approx(first["final_loss"], abs=1e-6)
 
 
+def test_a_run_folder_has_one_trainer_at_a_time(tmp_path):
+    """A second process training the same --run folder (it would delete the first's checkpoints) is one
+    line while the first holds it; the lock goes with the first (here: released, then the run trains)."""
+    from velodiff.files import lock_folder
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step_fn(step, gen):
+        return lin(torch.randn(4, 2, generator=gen)).pow(2).mean(), {}
+
+    cfg = LoopConfig(steps=2, lr=1e-2, warmup=1, checkpoint_every=1, log_every=1)
+    run = tmp_path / "r"
+    run.mkdir()
+    held = lock_folder(run, "--run")  # another trainer's (an flock is per open file, so per process too)
+    with pytest.raises(VelodiffError, match=f"another velodiff process is writing {run}; .* another --run$"):
+        run_loop(run, cfg, {"lin": lin}, step_fn, quiet=True)
+    assert not (run / "loss.csv").exists()
+    held.close()
+    assert run_loop(run, cfg, {"lin": lin}, step_fn, quiet=True)["completed"]
+
+
 def test_a_spent_time_budget_trains_no_more_steps(tmp_path):
     """--max-minutes counts the run's training time over its resumes: a rerun past it stops before a
     step (each rerun trained, and checkpointed, one more)."""

@@ -240,6 +240,26 @@ def _write_with(path: str | os.PathLike[str], fill: Callable[[IO[bytes]], Any]) 
         raise
 
 
+#: the lock file a writer holds in its folder (a set's --out, a training --run)
+LOCK = ".lock"
+
+
+def lock_folder(folder: str | os.PathLike[str], option: str = "--out") -> Any:
+    """An exclusive lock on ``folder`` for this process (released by the OS if it is killed; close the
+    returned file to release it); a second writer of the same folder is one line naming ``option``."""
+    import fcntl
+
+    fh = open(Path(folder) / LOCK, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise VelodiffError(
+            f"another velodiff process is writing {folder}; wait for it or use another {option}"
+        ) from None
+    return fh
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
     """Write ``data`` (text is UTF-8 encoded) to ``path``, replacing it whole or not at all."""
     blob = data.encode() if isinstance(data, str) else data

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
+from ..files import LOCK, lock_folder
 from .fingerprint import load_fingerprint
 from .items import IMAGES, Item, chunks, plan_items
 from .prompts import Prompt, prompts_digest
@@ -27,11 +28,9 @@ from .store import (
     HEADER,
     LINES,
     LOAD_KEYS,
-    LOCK,
     SAMPLING_KEYS,
     SetWriter,
     compact,
-    lock_folder,
     open_set,
     read_header,
     read_records,

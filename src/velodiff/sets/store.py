@@ -12,7 +12,7 @@ A set folder holds
 Killed at any moment (SIGKILL), the folder stays consistent: a torn last manifest line is dropped, an
 image without a line (or whose hash does not match its line) is rendered again, stale temporary
 files are removed, and the manifest is rewritten (atomically) sorted with each index once.
-:class:`SetWriter` is a set's only writer; :func:`lock_folder` keeps a second process out.
+:class:`SetWriter` is a set's only writer; ``files.lock_folder`` keeps a second process out.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from .items import IMAGES, Item
 FORMAT = "velodiff-image-set/1"
 HEADER = "manifest.json"
 LINES = "manifest.jsonl"
-LOCK = ".lock"
 
 #: how the model is loaded (``velodiff.load``'s options; a single file's config folder and the LoRA
 #: files as absolute paths, their contents in the header's fingerprint). None: the loader's default (the
@@ -191,21 +190,6 @@ class SetWriter:
 
     def close(self) -> None:
         self.fh.close()
-
-
-def lock_folder(folder: Path) -> Any:
-    """An exclusive lock on the folder (released by the OS if the process is killed)."""
-    import fcntl
-
-    fh = open(folder / LOCK, "a+")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise VelodiffError(
-            f"another velodiff process is writing {folder}; wait for it or use another --out"
-        ) from None
-    return fh
 
 
 def check_compatible(header: dict[str, Any], want: dict[str, Any], folder: Path) -> None:

@@ -4,6 +4,7 @@ time budget, and checkpoints that resume bit-exactly."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import signal
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import VelodiffError
+from ..files import lock_folder, write_atomic
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -84,8 +86,25 @@ def run_loop(
     latest checkpoint when there is one. Returns a summary (steps, wall seconds, final loss).
 
     The modules train on the device they are on; the loss is read back to the host only every
-    ``cfg.log_every`` steps (a GPU runs ahead in between)."""
+    ``cfg.log_every`` steps (a GPU runs ahead in between). The run folder is this process's while it
+    trains: a second run of the same folder is one line (they would delete each other's checkpoints)."""
     run.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(run, "--run")
+    try:
+        return _run_loop(run, cfg, modules, step_fn, desc=desc, quiet=quiet)
+    finally:
+        lock.close()
+
+
+def _run_loop(
+    run: Path,
+    cfg: LoopConfig,
+    modules: dict[str, nn.Module],
+    step_fn: StepFn,
+    *,
+    desc: str,
+    quiet: bool,
+) -> dict[str, Any]:
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     fused = bool(params) and params[0].is_cuda
     opt = torch.optim.AdamW(
@@ -259,8 +278,9 @@ def _truncate_log(path: Path, step: int) -> float:
             return False
 
     keep = [r for r in rows if kept(r)]
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows(keep)
+    text = io.StringIO()
+    csv.writer(text).writerows(keep)
+    write_atomic(path, text.getvalue())  # whole or not at all: a full disk keeps the old log
     losses = [float(r[1]) for r in keep if r and r[0] != "step"]
     return losses[-1] if losses else float("nan")
 
