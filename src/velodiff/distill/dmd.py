@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 from ..train.loop import LoopConfig, run_loop
 from ..train.trainer import batch_indices, tokenize
 from .progressive import student_grid
@@ -275,7 +276,7 @@ def distill_dmd(
     )
     save_student(tpath, student.eval(), out, sampling, card)
     res = {**report, "out": str(out), "wall_s": time.perf_counter() - t0}
-    (run / "summary.json").write_text(json.dumps(res, indent=1))
+    write_atomic(run / "summary.json", json.dumps(res, indent=1))
     return res
 
 

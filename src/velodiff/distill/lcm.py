@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 from ..solvers.lcm import boundary_scalings
 from ..train.loop import LoopConfig, run_loop
 from ..train.trainer import batch_indices
@@ -206,5 +207,5 @@ def distill_lcm(
         save_student(tpath, base, out, sampling, card, lora=student)
     else:
         save_student(tpath, student, out, sampling, card)
-    (run / "summary.json").write_text(json.dumps({**summary, "wall_s": wall, "out": str(out)}, indent=1))
+    write_atomic(run / "summary.json", json.dumps({**summary, "wall_s": wall, "out": str(out)}, indent=1))
     return {**summary, "wall_s": wall, "out": str(out)}

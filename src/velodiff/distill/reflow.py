@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 from ..train.checkpoint import weights_digest
 from ..train.loop import START, LoopConfig, run_loop, step_generator
 from ..train.trainer import batch_indices, tokenize
@@ -88,7 +89,7 @@ class PairCache:
                 )
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
-            mf.write_text(json.dumps(meta, indent=1, sort_keys=True))
+            write_atomic(mf, json.dumps(meta, indent=1, sort_keys=True))
 
     def chunk_path(self, k: int) -> Path:
         return self.folder / f"chunk-{k:05d}.safetensors"
@@ -279,7 +280,7 @@ def distill_reflow(
     w_teacher = float(pcfg.guidance) if pcfg.guidance is not None else float(tmodel.default_guidance)
     report: dict[str, Any] = {"pairs_s": gen_s}
     rep_file = run / "straightness.json"
-    if rep_file.is_file():
+    if rep_file.is_file():  # measurements kept from a killed run (written whole or not at all)
         report = json.loads(rep_file.read_text())
     if "teacher" not in report:
         report["teacher"] = measure(comps["unet"].to(device).eval(), sched, text, uncond, pairs, n,
@@ -289,7 +290,7 @@ def distill_reflow(
         report["init"] = measure(init_unet.to(device).eval(), sched, text, uncond, pairs, n, 1.0,
                                  rcfg.ode_steps)
     rep_file.parent.mkdir(parents=True, exist_ok=True)
-    rep_file.write_text(json.dumps(report, indent=1))
+    write_atomic(rep_file, json.dumps(report, indent=1))
     del comps["unet"]
     student = copy.deepcopy(init_unet).to(device).train().requires_grad_(True)
     z_all, x_all, ids_all = pairs["z"].to(device), pairs["x"].to(device), pairs["ids"].to(device)
@@ -333,7 +334,7 @@ def distill_reflow(
         if report.get(key, {}).get("trained_steps") != steps:  # measured again when a run was extended
             report[key] = {**measure(student.eval(), sched, text, uncond, pairs, n, 1.0, rcfg.ode_steps),
                            "trained_steps": steps}
-            rep_file.write_text(json.dumps(report, indent=1))
+            write_atomic(rep_file, json.dumps(report, indent=1))
         student.train()
         if phase == "reflow":
             # trained on every t (not on a step count): more steps only follow its straighter ODE closer
@@ -349,7 +350,7 @@ def distill_reflow(
     card = _card(title, tpath, ipath, pcfg, rcfg, log, report, sampling)
     save_student(tpath, student.eval(), out, sampling, card)
     res = {"phases": log, "out": str(out), "report": report, "wall_s": time.perf_counter() - t0}
-    (run / "summary.json").write_text(json.dumps(res, indent=1))
+    write_atomic(run / "summary.json", json.dumps(res, indent=1))
     return res
 
 

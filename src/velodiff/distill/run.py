@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 from ..train.checkpoint import weights_digest
 from ..train.loop import START, LoopConfig, run_loop
 from ..train.trainer import batch_indices
@@ -143,5 +144,5 @@ def distill_progressive(
         f"Sampling: {json.dumps(sampling)} (guidance {pcfg.guidance} folded in by round 0)\n"
     )
     save_student(tpath, teacher_unet, out, sampling, card)
-    (run / "summary.json").write_text(json.dumps({"rounds": log, "wall_s": wall, "out": str(out)}, indent=1))
+    write_atomic(run / "summary.json", json.dumps({"rounds": log, "wall_s": wall, "out": str(out)}, indent=1))
     return {"rounds": log, "wall_s": wall, "out": str(out)}
