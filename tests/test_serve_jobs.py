@@ -433,3 +433,50 @@ def test_a_job_store_that_is_not_a_database_is_refused_and_left_as_it_was(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     with pytest.raises(VelodiffError, match="is a folder"):
         JobStore(tmp_path)
+
+
+def test_a_failing_job_store_stops_no_worker_and_its_jobs_run_when_it_works_again(tmp_path, monkeypatch):
+    """A job store that cannot be written (a full disk: SQLite's 'database or disk is full') keeps the
+    worker alive: it says why (/api/health's store_error), waits, and once the store works again puts the
+    job it could not record back in the queue and runs it to the end."""
+    import sqlite3
+
+    from velodiff.serve import worker as worker_module
+    from velodiff.serve.events import Broker
+    from velodiff.serve.queue import JobStore
+    from velodiff.serve.worker import Worker
+
+    class Engine:
+        def run(self, jobs, on_step):
+            return [[Image.new("RGB", (8, 8))] * j.params["n"] for j in jobs]
+
+    monkeypatch.setattr(worker_module, "STORE_RETRY_S", 0.05)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    worker = Worker(store, Engine(), Broker(), batch_wait=0.0)
+    full = {"on": True}
+    complete, finish = store.complete, store.finish
+
+    def disk_full(real):
+        def call(*args, **kwargs):
+            if full["on"]:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(store, "complete", disk_full(complete))
+    monkeypatch.setattr(store, "finish", disk_full(finish))
+    try:
+        job = store.submit({"n": 1, "steps": 2}, "k", 1)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while worker.store_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.store_error == "OperationalError: database or disk is full"
+        assert worker._thread.is_alive()
+        full["on"] = False
+        while store.get(job.id).state != "done" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.get(job.id).state == "done" and worker.store_error is None
+    finally:
+        worker.stop()
+        store.close()

@@ -205,7 +205,8 @@ async def options(request: Request) -> dict[str, Any]:
 async def health(request: Request) -> dict[str, Any]:
     srv = server(request)
     return {
-        "ok": True,
+        "ok": srv.worker.store_error is None,
+        "store_error": srv.worker.store_error,  # why the worker cannot record jobs now (a full disk)
         "model": srv.engine.served,
         "active": await run_in_threadpool(srv.store.count),
         "max_queue": srv.store.max_queue,

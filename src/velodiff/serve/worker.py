@@ -36,6 +36,10 @@ RUNNER = f"{socket.gethostname()}:{os.getpid()}"
 BATCH_HISTORY = 100
 
 
+#: seconds the worker waits before trying a failed job store again
+STORE_RETRY_S = 1.0
+
+
 def filenames(job: Job) -> list[str]:
     """The job's image names (ComfyUI's SaveImage style: ``prefix_<job>_00001_.png``)."""
     prefix = str(job.meta.get("filename_prefix") or "velodiff").replace("/", "_")
@@ -63,6 +67,8 @@ class Worker:
         #: long-running server does not grow
         self.batches: deque[int] = deque(maxlen=BATCH_HISTORY)
         self.running: list[str] = []
+        #: why the job store last failed (a full disk), until it works again; /api/health says it
+        self.store_error: str | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -85,20 +91,32 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            first = self.store.oldest_queued()
-            if first is None:
-                with self.store.changed:
-                    self.store.changed.wait(0.5)
-                continue
-            self._gather(first.batch_key)
-            jobs = self.store.claim(self.max_batch, RUNNER)
-            if jobs:
-                try:
-                    self._run(jobs)
-                except Exception as e:  # noqa: BLE001 - a failed batch fails its jobs, the server goes on
-                    log.exception("batch failed")
-                    for j in jobs:
-                        self._fail(j, f"internal error: {type(e).__name__}: {e}")
+            try:
+                if self.store_error is not None:  # the jobs the failure left running go back in the queue
+                    self.store.recover()
+                    self.store_error = None
+                self._next()
+            except Exception as e:  # noqa: BLE001 - the job store failed (a full disk): wait, try again
+                self.store_error = f"{type(e).__name__}: {e}"
+                log.exception("the job store failed; trying again in %g s", STORE_RETRY_S)
+                self._stop.wait(STORE_RETRY_S)
+
+    def _next(self) -> None:
+        """Run the next batch of queued jobs, or wait a moment for one."""
+        first = self.store.oldest_queued()
+        if first is None:
+            with self.store.changed:
+                self.store.changed.wait(0.5)
+            return
+        self._gather(first.batch_key)
+        jobs = self.store.claim(self.max_batch, RUNNER)
+        if jobs:
+            try:
+                self._run(jobs)
+            except Exception as e:  # noqa: BLE001 - a failed batch fails its jobs, the server goes on
+                log.exception("batch failed")
+                for j in jobs:
+                    self._fail(j, f"internal error: {type(e).__name__}: {e}")
 
     def _gather(self, key: str) -> None:
         """Wait for compatible jobs: until their images fill ``max_batch``, no new one came for a
