@@ -480,3 +480,40 @@ def test_a_failing_job_store_stops_no_worker_and_its_jobs_run_when_it_works_agai
     finally:
         worker.stop()
         store.close()
+
+
+def test_a_server_stopping_puts_its_running_job_back_in_the_queue_at_once(tmp_path):
+    """Stopping the server (Ctrl-C) stops the running batch at its next step, not after it: the job goes
+    back in the queue as never started (no attempt counted, so restarts never fail it as a crash) and
+    runs at the next start."""
+    import threading
+
+    from velodiff.serve.events import Broker
+    from velodiff.serve.queue import JobStore
+    from velodiff.serve.worker import Worker
+
+    class Engine:
+        steps_run = 0
+
+        def run(self, jobs, on_step):
+            for i in range(1000):
+                self.steps_run += 1
+                if i == 2:
+                    threading.Thread(target=worker.stop).start()
+                time.sleep(0.01)
+                if on_step(i, 1000, None):
+                    break
+            return [[Image.new("RGB", (8, 8))] * j.params["n"] for j in jobs]
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    engine = Engine()
+    worker = Worker(store, engine, Broker(), batch_wait=0.0)
+    try:
+        job = store.submit({"n": 1, "steps": 1000}, "k", 1)
+        worker.start()
+        worker._thread.join(timeout=30)
+        assert not worker._thread.is_alive() and engine.steps_run < 100
+        back = store.get(job.id)
+        assert back.state == "queued" and back.attempts == 0
+    finally:
+        store.close()

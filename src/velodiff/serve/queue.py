@@ -208,6 +208,20 @@ class JobStore:
 
         return self._tx(requeue)
 
+    def release(self, ids: list[str]) -> int:
+        """Put running jobs back in the queue as if never started (a server stopping on purpose stops
+        them between steps: not an attempt); returns how many."""
+        marks = ",".join("?" * len(ids))
+
+        def back(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE jobs SET state = 'queued', started = NULL, attempts = MAX(attempts - 1, 0) "
+                f"WHERE state = 'running' AND id IN ({marks})",
+                ids,
+            ).rowcount
+
+        return self._tx(back) if ids else 0
+
     def claim(self, max_images: int, runner: str | None = None) -> list[Job]:
         """Take the oldest queued job and, behind it, the queued jobs with the same batch key while their
         images fit in ``max_images`` (the first job is taken whatever its size); mark them running."""

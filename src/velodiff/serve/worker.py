@@ -174,7 +174,7 @@ class Worker:
                     png = self.engine.preview(j.params["model"], x0, offsets[jid])
                     ev["preview"] = "data:image/png;base64," + base64.b64encode(png).decode()
                 self.broker.publish(ev)
-            return True if not alive else None
+            return True if not alive or self._stop.is_set() else None
 
         try:
             results = self.engine.run(jobs, on_step)
@@ -186,6 +186,9 @@ class Worker:
             self.running = []
             for j in jobs:  # a progress event may have raced a cancel's removal of the entry
                 self.broker.progress.pop(j.id, None)
+        if self._stop.is_set():  # the server stops (Ctrl-C): the batch stopped between steps; run again
+            self.store.release(list(alive))  # at the next start, not as a crash's attempt
+            return
         for j, images in zip(jobs, results, strict=True):
             if j.id not in alive:
                 continue
