@@ -399,3 +399,27 @@ def test_a_resume_with_other_cpu_threads_is_said(tmp_path):
                      step_fn, quiet=True)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_latest_checkpoint_damaged_since_is_refused_not_restarted(tmp_path):
+    """`latest` names a checkpoint whose state.json was lost since: one line naming the intact older one
+    to resume from, not a fresh start from step 0 (which would prune that one and the loss log)."""
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step_fn(step, gen):
+        return lin(torch.randn(4, 2, generator=gen)).pow(2).mean(), {}
+
+    run = tmp_path / "r"
+    run_loop(run, LoopConfig(steps=2, lr=1e-2, warmup=1, checkpoint_every=1, log_every=1), {"lin": lin},
+             step_fn, quiet=True)
+    (run / "step-0000002" / "state.json").unlink()
+    log = (run / "loss.csv").read_text()
+    with pytest.raises(VelodiffError, match=r"step-0000002 has no state\.json; write 'step-0000001' into"):
+        run_loop(run, LoopConfig(steps=4, lr=1e-2, warmup=1, checkpoint_every=1, log_every=1),
+                 {"lin": lin}, step_fn, quiet=True)
+    assert (run / "step-0000001" / "state.json").is_file() and (run / "loss.csv").read_text() == log
+    (run / "latest").write_text("step-0000001")
+    assert run_loop(run, LoopConfig(steps=4, lr=1e-2, warmup=1, checkpoint_every=1, log_every=1),
+                    {"lin": lin}, step_fn, quiet=True)["steps"] == 4

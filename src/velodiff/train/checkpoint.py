@@ -78,11 +78,22 @@ def save_checkpoint(
 
 
 def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint ``run/latest`` names; None for a run that has none yet. One that is named but
+    incomplete (its files deleted or damaged since) is one line, not a fresh start that would prune the
+    intact older checkpoints and the loss log."""
     marker = run / "latest"
     if not marker.exists():
         return None
     p = run / marker.read_text().strip()
-    return p if (p / "state.json").exists() else None
+    missing = [f for f in ("state.safetensors", "state.json") if not (p / f).is_file()]
+    if missing:
+        intact = sorted(q.name for q in run.glob("step-*") if (q / "state.json").is_file() and q != p)
+        hint = f"write {intact[-1]!r} into {marker} to resume from it, " if intact else ""  # (zero-padded)
+        raise VelodiffError(
+            f"run {run}: its latest checkpoint {p.name} has no {' or '.join(missing)}; {hint}"
+            "or use a new --run"
+        )
+    return p
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
