@@ -96,6 +96,12 @@ def test_tune_writes_the_fastest_plan_within_budget_and_resumes(tmp_path, capsys
     assert cli(*args) == 0
     again = json.loads((out / "tune.json").read_text())
     assert again["plan"] == res["plan"] and again["holdout"] == res["holdout"]
+    # a later tune here that finds no plan within its budget: the earlier tune's plan.txt is removed,
+    # not left to be run as this one's
+    from velodiff.eval.tune import TuneConfig, _write
+
+    _write(out, {**again, "plan": None}, TuneConfig(budget=0.01))
+    assert not (out / "plan.txt").exists() and json.loads((out / "tune.json").read_text())["plan"] is None
 
 
 def test_tune_bad_input_is_one_line(tmp_path, capsys):

@@ -446,6 +446,8 @@ def _write(out: Path, result: dict[str, Any], cfg: TuneConfig) -> None:
                 f"confirmed on {cfg.holdout_prompts}); run it with --plan @plan.txt\n{result['plan']}\n"
             ),
         )
+    else:  # no plan met the budget: a plan.txt of an earlier tune here must not be run as this one's
+        (out / "plan.txt").unlink(missing_ok=True)
     write_atomic(out / "report.md", report(result, cfg))
     cal = result["baseline"]["calibration"]
     records = [{"stage": "baseline", "plan": "baseline", "nfe": cal["evals"], **cal}]
