@@ -292,6 +292,13 @@ def test_a_calibrated_entry_runs_only_with_the_options_it_was_fitted_for(tmp_pat
     save_solver_calibration({**art, "entries": [damaged]}, None)
     with pytest.raises(VelodiffError, match=r"is damaged \(unipc option dc_ratios=\[1.0, None"):
         text2img(model, "a red circle", solver="unipc", **kw)
+    # a cache file damaged from outside (truncated): the shipped one beside the model runs, and it is said
+    from velodiff.calibrated.artefact import solver_calibration_path
+
+    path = solver_calibration_path(model_hash(model.path), 2.5)
+    path.write_text(path.read_text()[:100])
+    with pytest.warns(UserWarning, match=r"is not valid JSON.*\(passed over: the run uses .*default-model"):
+        assert torch.equal(text2img(model, "a red circle", solver="unipc", **kw).latents, mine.latents)
 
 
 def test_the_model_hash_sees_an_edit_in_the_middle_of_a_weight_file(tmp_path, monkeypatch):

@@ -238,6 +238,10 @@ def _cache_damage(data: dict[str, Any]) -> str:
     return ""
 
 
+class ForeignArtefact(VelodiffError):
+    """A calibration artefact made for another model (passed over where another one fits)."""
+
+
 def read_artefact(
     p: Path, kind: str, version: int, model_hash: str, hint: str, what: str = ""
 ) -> dict[str, Any]:
@@ -253,7 +257,7 @@ def read_artefact(
     if not isinstance(data, dict) or data.get("kind") != kind or data.get("version") != version:
         raise VelodiffError(f"{p} is not a velodiff {kind} calibration (version {version})")
     if data.get("model_hash") != model_hash:
-        raise VelodiffError(
+        raise ForeignArtefact(
             f"{kind} calibration {p} was made for another model (hash {data.get('model_hash')}, this one "
             f"{model_hash}); make one with: {hint}"
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +147,19 @@ def load_solver_calibrations(
     found = [p for p in paths if p.is_file()]
     if not found:
         return [load_solver_calibration(model_hash, guidance, model_name)]  # says which command to run
-    fits, first_error = [], None
+    from ..accel.calibration import ForeignArtefact
+
+    fits, errors = [], []
     for p in found:
         try:
             fits.append(load_solver_calibration(model_hash, guidance, model_name, path=p))
         except VelodiffError as e:
-            first_error = first_error or e
+            errors.append(e)
     if not fits:
-        raise first_error  # type: ignore[misc]
+        raise errors[0]
+    for e in errors:  # another model's is expected beside a model loaded otherwise; damage is said
+        if not isinstance(e, ForeignArtefact):
+            warnings.warn(f"{e} (passed over: the run uses {fits[0]['_path']})", stacklevel=3)
     return fits
 
 
