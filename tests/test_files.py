@@ -150,3 +150,23 @@ def test_a_model_folder_is_replaced_only_when_it_holds_nothing_but_a_model(tmp_p
     (out / "model_index.json").unlink()
     with pytest.raises(VelodiffError, match="holds files that are not a model"):
         check_model_out(out)
+
+
+def test_an_output_in_a_read_only_folder_is_refused_before_the_work(tmp_path, monkeypatch):
+    """A command's output file in a folder it may not write is one line when the command starts, not a
+    traceback after minutes of work (as root the mode bits do not bind: the OS's answer is simulated
+    only where the process could not write)."""
+    import velodiff.files as files
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root: ask as a process that may not write there would be answered
+            real = os.access
+            monkeypatch.setattr(files.os, "access", lambda p, m: False if str(p) == str(ro) else real(p, m))
+        with pytest.raises(VelodiffError, match=f"--json: the folder '{ro}' is not writable"):
+            files.output_file(ro / "x.json", "--json")
+        assert files.output_file(tmp_path / "x.json", "--json") == tmp_path / "x.json"
+    finally:
+        ro.chmod(0o755)

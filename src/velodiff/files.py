@@ -77,9 +77,9 @@ def files_under(root: Path) -> list[Path]:
 
 
 def make_parent(path: Path, what: str) -> Path:
-    """Make sure ``path``'s folder exists before any work: a missing folder is created when its own
-    parent exists (``--json out/x.json`` in a fresh clone), so a mistyped path, two folders deep, still
-    fails in one line. Returns ``path``."""
+    """Make sure ``path``'s folder exists and is writable before any work: a missing folder is created
+    when its own parent exists (``--json out/x.json`` in a fresh clone), so a mistyped path, two folders
+    deep, still fails in one line. Returns ``path``."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.exists():
         if not folder.parent.is_dir():
@@ -87,6 +87,8 @@ def make_parent(path: Path, what: str) -> Path:
         folder.mkdir()
     if not folder.is_dir():
         raise VelodiffError(f"{what}: {str(folder)!r} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):  # read-only: said now, not after the work
+        raise VelodiffError(f"{what}: the folder {str(folder)!r} is not writable")
     return path
 
 
