@@ -477,6 +477,7 @@ def test_a_failing_job_store_stops_no_worker_and_its_jobs_run_when_it_works_agai
         while store.get(job.id).state != "done" and time.monotonic() < deadline:
             time.sleep(0.01)
         assert store.get(job.id).state == "done" and worker.store_error is None
+        assert store.get(job.id).attempts == 1  # the store's failure was not counted as the job's
     finally:
         worker.stop()
         store.close()

@@ -69,6 +69,8 @@ class Worker:
         self.running: list[str] = []
         #: why the job store last failed (a full disk), until it works again; /api/health says it
         self.store_error: str | None = None
+        #: the jobs of the batch in hand (put back in the queue if the store fails before they finish)
+        self.claimed: list[str] = []
 
     def start(self) -> None:
         self._thread.start()
@@ -93,8 +95,8 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if self.store_error is not None:  # the jobs the failure left running go back in the queue
-                    self.store.recover()
-                    self.store_error = None
+                    self.store.release(self.claimed)  # (not an attempt: the store failed, not the job)
+                    self.claimed, self.store_error = [], None
                 self._next()
             except Exception as e:  # noqa: BLE001 - the job store failed (a full disk): wait, try again
                 self.store_error = f"{type(e).__name__}: {e}"
@@ -110,6 +112,7 @@ class Worker:
             return
         self._gather(first.batch_key)
         jobs = self.store.claim(self.max_batch, RUNNER)
+        self.claimed = [j.id for j in jobs]
         if jobs:
             try:
                 self._run(jobs)
@@ -117,6 +120,7 @@ class Worker:
                 log.exception("batch failed")
                 for j in jobs:
                     self._fail(j, f"internal error: {type(e).__name__}: {e}")
+        self.claimed = []
 
     def _gather(self, key: str) -> None:
         """Wait for compatible jobs: until their images fill ``max_batch``, no new one came for a
