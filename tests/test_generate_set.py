@@ -211,6 +211,13 @@ def test_refuses_to_mix_and_keeps_what_is_there(tiny, prompt_file, reference, tm
     (junk / "notes.txt").write_text("mine")
     assert "holds no image set" in one_error_line(
         capsys, "generate-set", str(prompt_file), "--out", str(junk), "--model", str(tiny))
+    # killed while it wrote its header: the folder holds that header's temporary alone, and is its own
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".manifest.json.0a1b2c3d.tmp").write_text('{"format": "velodiff-ima')
+    assert cli("generate-set", str(prompt_file), "--out", str(killed), "--model", str(tiny), "--limit", "1",
+               *FAST) == 0
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith(".manifest")) == []
 
 
 def test_the_fingerprint_covers_the_lora_files_by_content(tiny, tmp_path):

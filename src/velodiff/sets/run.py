@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
-from ..files import LOCK, lock_folder
+from ..files import LOCK, TEMP_SUFFIX, lock_folder
 from .fingerprint import load_fingerprint
 from .items import IMAGES, Item, chunks, plan_items
 from .prompts import Prompt, prompts_digest
@@ -57,6 +57,12 @@ class SetSummary:
         )
 
 
+def _before_header(name: str) -> bool:
+    """What a set's folder may hold before its header: the images folder, the lock, and the temporary
+    of a header a killed run was writing (``.manifest.json.*.tmp``)."""
+    return name in (IMAGES, LOCK) or (name.startswith(f".{HEADER}.") and name.endswith(TEMP_SUFFIX))
+
+
 def generate_set(
     prompts: Sequence[Prompt],
     folder: str | os.PathLike[str],
@@ -81,9 +87,8 @@ def generate_set(
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise VelodiffError(f"--out {str(folder)!r} is a file; give a folder")
-    if folder.is_dir() and read_header(folder) is None and any(
-        p.name not in (IMAGES, LOCK) for p in folder.iterdir()
-    ):
+    stray = folder.is_dir() and not all(_before_header(p.name) for p in folder.iterdir())
+    if stray and read_header(folder) is None:
         raise VelodiffError(f"{folder} is not empty and holds no image set ({HEADER}); use a new folder")
     config = {**dict.fromkeys((*LOAD_KEYS, *SAMPLING_KEYS)), **config}  # not given: the defaults
     missing = [k for k in CONFIG_KEYS if k not in config]
