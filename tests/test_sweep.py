@@ -176,6 +176,14 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     redone = json.loads((out / "results.json").read_text())["records"]
     assert "shapes_correct" in redone[0] and redone[0]["seconds"] != recs[0]["seconds"]
     assert [r["seconds"] for r in redone[1:]] == [r["seconds"] for r in recs[1:]]
+    # a sweep asking for fewer configurations in the same folder says which finished ones it replaces
+    capsys.readouterr()
+    sweep = Path(args[args.index("--sweep") + 1])
+    sweep.write_text(sweep.read_text().replace("solvers: [ddim, dpmpp_2m, unipc]", "solvers: [ddim]"))
+    assert cli(*args) == 0
+    said = "".join(capsys.readouterr())
+    assert f"bench: {out} holds 6 finished configurations this sweep does not ask for (dpmpp_2m" in said
+    assert len(json.loads((out / "results.json").read_text())["records"]) == 3
 
 
 def test_bench_shapes_eval_reads_images_as_eval_shapes_does(tmp_path, monkeypatch, capsys):

@@ -492,6 +492,7 @@ def run_sweep(
     machine = {"device": str(model.device), "dtype": str(model.dtype), "threads": torch.get_num_threads()}
     key = sweep_key(sweep, model_id, machine)
     done: dict[str, dict[str, Any]] = {}
+    old: dict[str, Any] = {}
     if results_path.is_file():
         try:
             old = json.loads(results_path.read_text())
@@ -503,8 +504,14 @@ def run_sweep(
                 # stand for a count it does not have)
                 done = {r["id"]: r for r in old.get("records", []) if "error" not in r and needed <= r.keys()
                         and len(r.get("seconds", ())) >= sweep.repeat}
-        except (ValueError, KeyError):
-            done = {}
+        except (ValueError, KeyError, AttributeError):
+            done, old = {}, {}
+    records = old.get("records") if isinstance(old, dict) else None
+    gone = {str(r.get("id")) for r in records or [] if isinstance(r, dict)} - {config_id(c) for c in configs}
+    if gone:  # said before they are replaced, not found missing afterwards
+        log(f"bench: {out} holds {len(gone)} finished configuration{'s' * (len(gone) != 1)} this sweep "
+            f"does not ask for ({', '.join(sorted(gone)[:3])}{', ...' * (len(gone) > 3)}); this sweep's "
+            "results replace them: use another --out to keep both")
 
     result: dict[str, Any] = {
         "kind": "bench",
