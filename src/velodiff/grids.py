@@ -313,8 +313,8 @@ def flux(
     """Flux's grid (the reference code's ``get_schedule``, diffusers' FluxPipeline sigmas
     linspace(1, 1/N, N) + [0]): ``steps`` times uniform from t_start (default 1) towards 0, then
     time-shifted; unlike "flow-shifted" the ramp runs to 0, so its last time is the shift of 1/N, not
-    t_min. ``shift`` defaults to the schedule's own, else 1 (Flux's grows with the image's size:
-    ``model.grid_options(height, width)``)."""
+    t_min. ``shift`` defaults to the schedule's own (Flux's grows with the image's size:
+    ``model.grid_options(height, width)``); flows only."""
     if not isinstance(sched, RectifiedFlow):
         raise VelodiffError(f"grid 'flux' is a rectified flow's grid, not for a {sched.kind!r} schedule")
     hi, _ = _span(sched, t_start)
