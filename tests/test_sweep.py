@@ -401,3 +401,20 @@ def test_cached_references_are_keyed_by_what_makes_the_images(tmp_path):
     assert made(lora) == {"hits": 0, "computed": 1}
     assert made(velodiff.load("default", dtype="bfloat16")) == {"hits": 0, "computed": 1}
     assert made(base) == {"hits": 1, "computed": 0}
+
+
+def test_a_bench_folder_has_one_writer_at_a_time(tmp_path, monkeypatch, capsys):
+    """A second bench of the same --out (the two would replace each other's records) is one line while
+    the first holds the folder, and writes nothing; the lock goes with the first."""
+    from velodiff.files import lock_folder
+
+    sweep = "solvers: [ddim]\nnfe: [1]\nlimit: 1\nmetrics: [shapes]\n"
+    args, _, out = _bench_args(tmp_path, monkeypatch, sweep)
+    out.mkdir()
+    held = lock_folder(out)  # another bench's (an flock is per open file, so per process too)
+    assert cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"another velodiff process is writing {out}; " in err, err
+    assert err.endswith("another --out") and not (out / "results.json").exists()
+    held.close()
+    assert cli(*args) == 0 and (out / "results.json").is_file()

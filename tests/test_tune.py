@@ -235,3 +235,20 @@ def test_rank_by_evaluations_or_by_measured_time(tmp_path, monkeypatch):
         res = tune_mod.tune(None, cfg, space, tmp_path / rank, model_id="m", progress=False,
                             log=lambda line: None)
         assert res["plan"] == want
+
+
+def test_a_tune_folder_has_one_tuner_at_a_time(tmp_path, capsys):
+    """A second tune of the same --out (the two would replace each other's stages and plan) is one line
+    while the first holds the folder, before any sampling."""
+    from velodiff.files import lock_folder
+
+    out = tmp_path / "t"
+    out.mkdir()
+    held = lock_folder(out)
+    try:
+        assert cli("tune", "--budget", "0.02", "--out", str(out), "--no-progress", "--limit", "1") == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"another velodiff process is writing {out}; " in err, err
+    assert [p.name for p in out.iterdir()] == [".lock"]

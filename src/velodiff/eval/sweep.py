@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError, unknown_name
-from ..files import read_text, write_atomic
+from ..files import lock_folder, read_text, write_atomic
 from ..limits import MAX_BATCH, MAX_IMAGES_PER_PROMPT, MAX_RUNS, MAX_STEPS
 from . import tables
 
@@ -488,147 +488,157 @@ def run_sweep(
 
     configs = sweep.configs()
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder
-    results_path = out / RESULTS
-    machine = {"device": str(model.device), "dtype": str(model.dtype), "threads": torch.get_num_threads()}
-    key = sweep_key(sweep, model_id, machine)
-    done: dict[str, dict[str, Any]] = {}
-    old: dict[str, Any] = {}
-    if results_path.is_file():
-        try:
-            old = json.loads(results_path.read_text())
-            if old.get("sweep_key") == key:
-                # a record of an older velodiff without the per-image verdicts is measured again: a
-                # tune's paired standard errors need them on both sides
-                needed = {"shapes_correct"} if use_shapes else set()
-                # a record timed fewer times than this sweep's repeat is timed again (its median would
-                # stand for a count it does not have)
-                done = {r["id"]: r for r in old.get("records", []) if "error" not in r and needed <= r.keys()
-                        and len(r.get("seconds", ())) >= sweep.repeat}
-        except (ValueError, KeyError, AttributeError):
-            done, old = {}, {}
-    records = old.get("records") if isinstance(old, dict) else None
-    gone = {str(r.get("id")) for r in records or [] if isinstance(r, dict)} - {config_id(c) for c in configs}
-    if gone:  # said before they are replaced, not found missing afterwards
-        log(f"bench: {out} holds {len(gone)} finished configuration{'s' * (len(gone) != 1)} this sweep "
-            f"does not ask for ({', '.join(sorted(gone)[:3])}{', ...' * (len(gone) > 3)}); this sweep's "
-            "results replace them: use another --out to keep both")
+    lock = lock_folder(out, "--out")  # one writer: two benches of one folder replace each other
+    try:
+        results_path = out / RESULTS
+        machine = {"device": str(model.device), "dtype": str(model.dtype), "threads": torch.get_num_threads()}
+        key = sweep_key(sweep, model_id, machine)
+        done: dict[str, dict[str, Any]] = {}
+        old: dict[str, Any] = {}
+        if results_path.is_file():
+            try:
+                old = json.loads(results_path.read_text())
+                if old.get("sweep_key") == key:
+                    # a record of an older velodiff without the per-image verdicts is measured again: a
+                    # tune's paired standard errors need them on both sides
+                    needed = {"shapes_correct"} if use_shapes else set()
+                    # a record timed fewer times than this sweep's repeat is timed again (its median would
+                    # stand for a count it does not have)
+                    done = {r["id"]: r for r in old.get("records", [])
+                            if "error" not in r and needed <= r.keys()
+                            and len(r.get("seconds", ())) >= sweep.repeat}
+            except (ValueError, KeyError, AttributeError):
+                done, old = {}, {}
+        records = old.get("records") if isinstance(old, dict) else None
+        gone = ({str(r.get("id")) for r in records or [] if isinstance(r, dict)}
+                - {config_id(c) for c in configs})
+        if gone:  # said before they are replaced, not found missing afterwards
+            log(f"bench: {out} holds {len(gone)} finished configuration{'s' * (len(gone) != 1)} this sweep "
+                f"does not ask for ({', '.join(sorted(gone)[:3])}{', ...' * (len(gone) > 3)}); this sweep's "
+                "results replace them: use another --out to keep both")
 
-    result: dict[str, Any] = {
-        "kind": "bench",
-        "sweep_key": key,
-        "command": command,
-        "model": model_name or model.path,
-        "model_hash": model_id,
-        "model_info": model.describe(),
-        "device": str(model.device),
-        "threads": torch.get_num_threads(),
-        "sweep": asdict(sweep),
-        "prompts": texts,
-        "seeds": seeds,
-        "n_images": len(jobs),
-        "metrics": {"shapes_eval": use_shapes, fd_key: use_fd, "reference": use_ref, "clip_score": use_clip},
-        "records": [],
-    }
-    if use_ref:
-        result["reference"] = {"solver": sweep.reference_solver, "steps": sweep.reference_steps,
-                               "grid": sweep.reference_grid}
+        result: dict[str, Any] = {
+            "kind": "bench",
+            "sweep_key": key,
+            "command": command,
+            "model": model_name or model.path,
+            "model_hash": model_id,
+            "model_info": model.describe(),
+            "device": str(model.device),
+            "threads": torch.get_num_threads(),
+            "sweep": asdict(sweep),
+            "prompts": texts,
+            "seeds": seeds,
+            "n_images": len(jobs),
+            "metrics": {"shapes_eval": use_shapes, fd_key: use_fd, "reference": use_ref,
+                        "clip_score": use_clip},
+            "records": [],
+        }
+        if use_ref:
+            result["reference"] = {"solver": sweep.reference_solver, "steps": sweep.reference_steps,
+                                   "grid": sweep.reference_grid}
 
-    def save() -> None:  # after every configuration: the JSON only (the table and plot at the end)
-        mark_pareto(result, sweep.quality)
-        write_atomic(results_path, json.dumps(result, indent=1) + "\n")
+        def save() -> None:  # after every configuration: the JSON only (the table and plot at the end)
+            mark_pareto(result, sweep.quality)
+            write_atomic(results_path, json.dumps(result, indent=1) + "\n")
 
-    def guidance_of(value: float | None) -> float:
-        return value if value is not None else defaults.get("guidance", model.default_guidance)
+        def guidance_of(value: float | None) -> float:
+            return value if value is not None else defaults.get("guidance", model.default_guidance)
 
-    weights = [_planned_nfe(c) * sweep.repeat for c in configs]
-    refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-    plain: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the "none" plan's outputs
-    # warm-up (first-call costs stay out of the timings)
-    _generate(model, jobs[:1], seeds[:1], 1, steps=1, solver="ddim", guidance=1.0)
-    bar = tqdm(total=sum(weights), desc="bench", unit="nfe", disable=not progress, dynamic_ncols=True)
-    for c, w in zip(configs, weights, strict=True):
-        cid = config_id(c)
-        bar.set_description(f"bench {cid}")
-        if cid in done:
-            result["records"].append(done[cid])
-            bar.update(w)
-            continue
-        g = guidance_of(c["guidance"])
-        kw = {"solver": c["solver"], "grid": c["grid"], "nfe": c["nfe_budget"], "guidance": g,
-              "plan": c["plan"]}
-        rec: dict[str, Any] = {"id": cid, **c, "guidance": float(g)}
-        try:
-            with peak_memory(model.device) as mem:
-                (lat, imgs, res), times = time_repeats(
-                    lambda kw=kw: _generate(model, jobs, seeds, sweep.batch, **kw), sweep.repeat
-                )
-        except VelodiffError as e:
-            rec["error"] = str(e)
-            log(f"warning: {cid}: {e}")
+        weights = [_planned_nfe(c) * sweep.repeat for c in configs]
+        refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        plain: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the "none" plan's outputs
+        # warm-up (first-call costs stay out of the timings)
+        _generate(model, jobs[:1], seeds[:1], 1, steps=1, solver="ddim", guidance=1.0)
+        bar = tqdm(total=sum(weights), desc="bench", unit="nfe", disable=not progress, dynamic_ncols=True)
+        for c, w in zip(configs, weights, strict=True):
+            cid = config_id(c)
+            bar.set_description(f"bench {cid}")
+            if cid in done:
+                result["records"].append(done[cid])
+                bar.update(w)
+                continue
+            g = guidance_of(c["guidance"])
+            kw = {"solver": c["solver"], "grid": c["grid"], "nfe": c["nfe_budget"], "guidance": g,
+                  "plan": c["plan"]}
+            rec: dict[str, Any] = {"id": cid, **c, "guidance": float(g)}
+            try:
+                with peak_memory(model.device) as mem:
+                    (lat, imgs, res), times = time_repeats(
+                        lambda kw=kw: _generate(model, jobs, seeds, sweep.batch, **kw), sweep.repeat
+                    )
+            except VelodiffError as e:
+                rec["error"] = str(e)
+                log(f"warning: {cid}: {e}")
+                result["records"].append(rec)
+                bar.update(w)
+                save()
+                continue
+            # a plan that sets the solver or guidance ran with its own (velodiff.plan.SETTINGS); its
+            # distance to the plain run is to the sweep's own configuration (for velodiff tune: the
+            # baseline) and another tool's sampler name ("DPM++ 2M Karras") ran velodiff's solver on its
+            # grid: the record says what ran, and what was asked where that differs
+            ran = {"solver": res.solver, "grid": res.grid or c["grid"]}
+            asked = {k: c[k] for k in ran if c[k] is not None and c[k] != ran[k]}
+            if asked:
+                rec["requested"] = asked
+            rec.update(ran, guidance=float(res.guidance), nfe_budget=_planned_nfe(c))
+            rec.update(steps=res.steps, nfe=res.nfe, evals=res.evals,
+                       seconds_per_image=median(times) / len(jobs), seconds=[round(t, 4) for t in times],
+                       peak_memory_mb=round(mem["peak_memory_mb"], 1), memory_kind=mem["memory_kind"])
+            if use_shapes:
+                from .shapes_eval import correct_by_category, evaluate
+
+                # text2img's tensors are in [0, 1] (ShapesEval's own default is the world's [-1, 1])
+                ev = evaluate(imgs, texts, keep_detections=False, value_range=(0, 1))
+                rec["shapes_eval"] = ev["overall"]
+                rec["shapes_by_category"] = ev["by_category"]
+                rec["shapes_correct"] = correct_by_category(ev)  # per image: paired errors against a baseline
+            if fd is not None:
+                fd.reset_fake()
+                fd.add_fake(imgs)
+                m = fd.compute()
+                rec[fd_key], rec[kid_key] = m["fd"], m.get("kid")
+            if use_ref:
+                gk = float(res.guidance)  # the scale that ran: a plan's cfg:scale=4 is compared at 4
+                if gk not in refs:
+                    bar.set_description(f"bench reference (guidance {gk:g})")
+                    rc = ReferenceConfig(sweep.reference_solver, sweep.reference_steps,
+                                         sweep.reference_grid, gk)
+                    rl, ri, info = reference_runs(model, jobs, seeds, rc, model_id=model_id,
+                                                  batch=sweep.batch)
+                    refs[gk] = (rl, ri)
+                rec.update(reference_distances(lat, imgs, *refs[gk]))
+            # an accelerated plan beside the plain run of the same seeds (same solver, grid, NFE, guidance;
+            # for a plan setting them, the sweep's own: Sweep.plain_config)
+            base = sweep.plain_config(c)
+            gb = guidance_of(base["guidance"])
+            same = (base["solver"], base["grid"], base["nfe_budget"], float(gb))
+            if c["plan"] == "none":
+                plain[same] = (lat, imgs)
+            elif "none" in sweep.plans:
+                if same not in plain:  # not run in this sweep (a resumed one): the plain run again, untimed
+                    plain_kw = {"solver": base["solver"], "grid": base["grid"], "nfe": base["nfe_budget"],
+                                "guidance": gb, "plan": "none"}
+                    plain[same] = _generate(model, jobs, seeds, sweep.batch, **plain_kw)[:2]
+                dist = reference_distances(lat, imgs, *plain[same])
+                rec.update({f"{k}_vs_plain": v for k, v in dist.items()})
+            if clip is not None:
+                clip.scores = []
+                clip.update(imgs, jobs)
+                rec["clip_score"] = clip.compute()["clip_score"]
+            sheet = f"{SAMPLES}/{cid}.png"
+            (out / SAMPLES).mkdir(exist_ok=True)
+            write_atomic(out / sheet, _sheet(imgs[:16]))
+            rec["sheet"], rec["sheet_cell"] = sheet, int(imgs.shape[-2])
             result["records"].append(rec)
             bar.update(w)
             save()
-            continue
-        # a plan that sets the solver or guidance ran with its own (velodiff.plan.SETTINGS); its
-        # distance to the plain run is to the sweep's own configuration (for velodiff tune: the baseline)
-        # and another tool's sampler name ("DPM++ 2M Karras") ran velodiff's solver on its grid: the record
-        # says what ran, and what was asked where that differs
-        ran = {"solver": res.solver, "grid": res.grid or c["grid"]}
-        asked = {k: c[k] for k in ran if c[k] is not None and c[k] != ran[k]}
-        if asked:
-            rec["requested"] = asked
-        rec.update(ran, guidance=float(res.guidance), nfe_budget=_planned_nfe(c))
-        rec.update(steps=res.steps, nfe=res.nfe, evals=res.evals,
-                   seconds_per_image=median(times) / len(jobs), seconds=[round(t, 4) for t in times],
-                   peak_memory_mb=round(mem["peak_memory_mb"], 1), memory_kind=mem["memory_kind"])
-        if use_shapes:
-            from .shapes_eval import correct_by_category, evaluate
-
-            # text2img's tensors are in [0, 1] (ShapesEval's own default is the world's [-1, 1])
-            ev = evaluate(imgs, texts, keep_detections=False, value_range=(0, 1))
-            rec["shapes_eval"] = ev["overall"]
-            rec["shapes_by_category"] = ev["by_category"]
-            rec["shapes_correct"] = correct_by_category(ev)  # per image: paired errors against a baseline
-        if fd is not None:
-            fd.reset_fake()
-            fd.add_fake(imgs)
-            m = fd.compute()
-            rec[fd_key], rec[kid_key] = m["fd"], m.get("kid")
-        if use_ref:
-            gk = float(res.guidance)  # the scale that ran: a plan's cfg:scale=4 is compared at 4
-            if gk not in refs:
-                bar.set_description(f"bench reference (guidance {gk:g})")
-                rc = ReferenceConfig(sweep.reference_solver, sweep.reference_steps, sweep.reference_grid, gk)
-                rl, ri, info = reference_runs(model, jobs, seeds, rc, model_id=model_id, batch=sweep.batch)
-                refs[gk] = (rl, ri)
-            rec.update(reference_distances(lat, imgs, *refs[gk]))
-        # an accelerated plan beside the plain run of the same seeds (same solver, grid, NFE, guidance;
-        # for a plan setting them, the sweep's own: Sweep.plain_config)
-        base = sweep.plain_config(c)
-        gb = guidance_of(base["guidance"])
-        same = (base["solver"], base["grid"], base["nfe_budget"], float(gb))
-        if c["plan"] == "none":
-            plain[same] = (lat, imgs)
-        elif "none" in sweep.plans:
-            if same not in plain:  # not run in this sweep (a resumed one): the plain run again, untimed
-                plain_kw = {"solver": base["solver"], "grid": base["grid"], "nfe": base["nfe_budget"],
-                            "guidance": gb, "plan": "none"}
-                plain[same] = _generate(model, jobs, seeds, sweep.batch, **plain_kw)[:2]
-            rec.update({f"{k}_vs_plain": v for k, v in reference_distances(lat, imgs, *plain[same]).items()})
-        if clip is not None:
-            clip.scores = []
-            clip.update(imgs, jobs)
-            rec["clip_score"] = clip.compute()["clip_score"]
-        sheet = f"{SAMPLES}/{cid}.png"
-        (out / SAMPLES).mkdir(exist_ok=True)
-        write_atomic(out / sheet, _sheet(imgs[:16]))
-        rec["sheet"], rec["sheet_cell"] = sheet, int(imgs.shape[-2])
-        result["records"].append(rec)
-        bar.update(w)
-        save()
-    bar.close()
-    finish(result, out, sweep.quality)
-    return result
+        bar.close()
+        finish(result, out, sweep.quality)
+        return result
+    finally:
+        lock.close()
 
 
 def quality_metric(result: dict[str, Any], quality: str | None = None) -> str | None:

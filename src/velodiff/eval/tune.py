@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VelodiffError
-from ..files import write_atomic
+from ..files import lock_folder, write_atomic
 from .sweep import LABELS, QUALITY, make_sweep, run_sweep
 
 
@@ -240,10 +240,32 @@ def tune(
 ) -> dict[str, Any]:
     """Search ``space`` for the fastest plan within ``cfg.budget``; write the results under ``out``.
     ``baseline_model``: (model, hash, name, defaults) whose plain run is the baseline instead of
-    ``model``'s (a student's plans against its teacher's 20 steps)."""
+    ``model``'s (a student's plans against its teacher's 20 steps). The folder is this process's while
+    it tunes: a second tune of it is one line (they would replace each other's stages)."""
     check_config(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(out, "--out")
+    try:
+        return _tune(model, cfg, space, out, model_id=model_id, model_name=model_name, defaults=defaults,
+                     progress=progress, log=log, baseline_model=baseline_model)
+    finally:
+        lock.close()
+
+
+def _tune(
+    model: Any,
+    cfg: TuneConfig,
+    space: SearchSpace,
+    out: Path,
+    *,
+    model_id: str,
+    model_name: str,
+    defaults: dict[str, Any] | None,
+    progress: bool,
+    log: Callable[[str], None],
+    baseline_model: tuple[Any, str, str, dict[str, Any]] | None,
+) -> dict[str, Any]:
     space = space.available()
     stages: list[dict[str, Any]] = []
 
