@@ -170,3 +170,29 @@ def test_an_output_in_a_read_only_folder_is_refused_before_the_work(tmp_path, mo
         assert files.output_file(tmp_path / "x.json", "--json") == tmp_path / "x.json"
     finally:
         ro.chmod(0o755)
+
+
+def test_a_calibration_into_a_read_only_cache_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """`velodiff calibrate cache|solver` with a cache (or --beside-model folder) it may not write is one
+    line before the minutes of calibration, not after them (mode bits simulated as in the test above)."""
+    from pathlib import Path
+
+    import velodiff.files as files
+    from velodiff.cli import main
+    from velodiff.default_model import default_model_path
+
+    if not (Path(default_model_path()) / "model_index.json").is_file():
+        pytest.skip("no shipped default model")
+    ro = tmp_path / "cache"
+    monkeypatch.setenv("VELODIFF_CACHE", str(ro))
+    real = os.access
+    monkeypatch.setattr(files.os, "access", lambda p, m: False if str(p).startswith(str(ro)) else real(p, m))
+    for args in (["cache"], ["solver", "--guidance", "2.5"]):
+        try:
+            code = main(["calibrate", *args, "--limit", "2"])
+        except SystemExit as e:
+            code = int(e.code or 0)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"the calibration cache: the folder '{ro / 'calibration'}' is not writable" in err
+        assert not list((ro / "calibration").iterdir())

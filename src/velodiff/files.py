@@ -92,6 +92,18 @@ def make_parent(path: Path, what: str) -> Path:
     return path
 
 
+def writable_folder(folder: Path, what: str) -> Path:
+    """A folder velodiff owns (its cache, a model's artefacts folder), made with its parents and checked
+    writable before any work, not found unwritable after minutes of it. Returns ``folder``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VelodiffError(f"{what}: cannot make the folder {str(folder)!r} ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VelodiffError(f"{what}: the folder {str(folder)!r} is not writable")
+    return folder
+
+
 def output_file(path: Path, what: str, example: str = "") -> Path:
     """``path`` as an output file, checked before any work: its folder made as :func:`make_parent`
     does, and the path itself not a folder."""

@@ -63,9 +63,12 @@ def calibrate_cache(
     quiet_libraries()
     loaded, defaults = load_model(model, threads,
                                   config=config, family=family, prediction_type=prediction_type)
+    from ..accel.calibration import cache_calibration_path, save_cache_calibration
     from ..accel.calibration import calibrate_cache as measure
-    from ..accel.calibration import save_cache_calibration
+    from ..eval.reference import model_identity
+    from ..files import writable_folder
 
+    writable_folder(cache_calibration_path(model_identity(loaded)).parent, "the calibration cache")
     art = measure(
         loaded,
         texts,
@@ -162,8 +165,16 @@ def calibrate_solver(
 
     from ..calibrated import calibrate_solver as fit
     from ..calibrated import model_problem, save_solver_calibration
+    from ..calibrated.artefact import beside_model_path, solver_calibration_path
     from ..eval.reference import model_identity
+    from ..files import writable_folder
 
+    if beside_model:
+        out = beside_model_path(loaded.path, guidance)
+    writable_folder(
+        (out or solver_calibration_path(model_identity(loaded), guidance)).parent,
+        "--beside-model" if beside_model else "--out" if out is not None else "the calibration cache",
+    )
     problem = model_problem(loaded, texts, [seed + i for i in range(len(texts))], guidance)
     problem.reference_steps = reference_steps
     if objective not in ("geomean", "mse"):
@@ -197,10 +208,6 @@ def calibrate_solver(
         "entries": res["entries"],
         "baselines": res["baselines"],
     }
-    if beside_model:
-        from ..calibrated.artefact import beside_model_path
-
-        out = beside_model_path(loaded.path, guidance)
     path = save_solver_calibration(artefact, res["ems"], out)
     for e in res["entries"]:
         b = res["baselines"].get(str(e["nfe"]))  # none when DPM-Solver-v3 alone was calibrated
