@@ -115,3 +115,19 @@ def test_a_damaged_bench_result_names_the_field(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
 
+
+
+def test_a_stopped_bench_is_reported_as_unfinished(tmp_path):
+    """A bench killed part way leaves the records it finished; its page says how many of the
+    configurations asked for they are, instead of showing them as the whole bench."""
+    out = _bench_folder(tmp_path)
+    res = json.loads((out / "results.json").read_text())
+    res["configurations"] = 4
+    finish(res, out)
+    assert cli("report", str(out)) == 0
+    assert "Unfinished" not in (out / "report.md").read_text()
+    res["configurations"] = 6
+    finish(res, out)
+    assert cli("report", str(out)) == 0
+    text = (out / "report.md").read_text()
+    assert "**Unfinished**: 4 of the 6 configurations asked for were measured" in text

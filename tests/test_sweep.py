@@ -147,7 +147,7 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     recs = res["records"]
-    assert len(recs) == 9 and not [r for r in recs if "error" in r]
+    assert len(recs) == 9 == res["configurations"] and not [r for r in recs if "error" in r]
     want = {(s, n) for s in ("ddim", "dpmpp_2m", "unipc") for n in (1, 2, 3)}
     assert {(r["solver"], r["nfe_budget"]) for r in recs} == want
     for r in recs:

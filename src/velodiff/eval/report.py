@@ -78,6 +78,10 @@ def bench_report(folder: Path, result: dict[str, Any]) -> str:
         lines += ["```", result["command"], "```", ""]
     n_img = result["n_images"]
     lines += [f"{len(ok)} configurations ({len(recs) - len(ok)} failed), {n_img} images each.", ""]
+    asked = result.get("configurations")
+    if isinstance(asked, int) and len(recs) < asked:  # the bench was stopped (killed, Ctrl-C) part way
+        lines += [f"**Unfinished**: {len(recs)} of the {asked} configurations asked for were measured; "
+                  "rerun the bench's command with this folder as --out to finish it.", ""]
     if q and ok:
         front = sorted((r for r in ok if r.get("pareto")), key=lambda r: r["seconds_per_image"])
         lines.append("Pareto front (fastest first): " + ", ".join(

@@ -530,6 +530,7 @@ def run_sweep(
             "prompts": texts,
             "seeds": seeds,
             "n_images": len(jobs),
+            "configurations": len(configs),  # asked for: a killed bench's file holds fewer records
             "metrics": {"shapes_eval": use_shapes, fd_key: use_fd, "reference": use_ref,
                         "clip_score": use_clip},
             "records": [],
