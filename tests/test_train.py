@@ -423,3 +423,51 @@ def test_a_latest_checkpoint_damaged_since_is_refused_not_restarted(tmp_path):
     (run / "latest").write_text("step-0000001")
     assert run_loop(run, LoopConfig(steps=4, lr=1e-2, warmup=1, checkpoint_every=1, log_every=1),
                     {"lin": lin}, step_fn, quiet=True)["steps"] == 4
+
+
+def test_sigterm_checkpoints_ends_as_the_signal_would_and_resumes_bit_exactly(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler preempting the job) ends training after the current step and its
+    checkpoint, raising Stopped; the CLI exits 128 + 15 (a Kubernetes Job or Slurm sees an interrupted
+    run, not a finished one, whose exit 0 it would never restart); the rerun ends where an
+    uninterrupted run does."""
+    import os
+    import signal
+    import threading
+
+    from velodiff.errors import Stopped
+    from velodiff.train.loop import run_loop
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed in the main thread only")
+
+    def trained(run, term_at=None):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(2, 1)
+
+        def step_fn(step, gen):
+            if step == term_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return lin(torch.randn(4, 2, generator=gen)).pow(2).mean(), {}
+
+        cfg = LoopConfig(steps=5, lr=1e-2, warmup=1, checkpoint_every=10, log_every=1)
+        return run_loop(run, cfg, {"lin": lin}, step_fn, quiet=True), lin
+
+    with pytest.raises(Stopped, match=r"^train: stopped by SIGTERM at step 2 of 5; rerun the same") as info:
+        trained(tmp_path / "r", term_at=1)
+    assert info.value.signum == signal.SIGTERM
+    assert latest_checkpoint(tmp_path / "r").name == "step-0000002"  # saved though not a checkpoint step
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handler before the run is back
+    summary, lin = trained(tmp_path / "r")
+    whole, lin_whole = trained(tmp_path / "whole")
+    assert summary["completed"] and summary["steps"] == 5
+    assert torch.equal(lin.weight, lin_whole.weight) and summary["final_loss"] == whole["final_loss"]
+
+    from velodiff.cli import main
+
+    def stopped(*args, **kwargs):
+        raise Stopped("ldm: stopped by SIGTERM at step 2 of 5; rerun the same command to resume", 15)
+
+    monkeypatch.setattr("velodiff.train.trainer.train_ldm", stopped)
+    code = main(["train", "ldm", "--run", str(tmp_path / "ldm"), "--vae", str(tmp_path / "vae")])
+    err = capsys.readouterr().err.strip()
+    assert code == 143 and err == "ldm: stopped by SIGTERM at step 2 of 5; rerun the same command to resume"

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    from .errors import VelodiffError
+    from .errors import Stopped, VelodiffError
 
     # click's exceptions, from the click typer uses (recent typers carry their own copy of it)
     click = importlib.import_module(typer.BadParameter.__module__)
@@ -111,6 +111,9 @@ def _run(argv: list[str] | None) -> int:
     except VelodiffError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
+    except Stopped as e:
+        typer.echo(str(e), err=True)
+        return 128 + e.signum
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return INTERRUPTED

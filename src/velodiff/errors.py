@@ -11,6 +11,16 @@ class VelodiffError(Exception):
     """An error caused by the user's input or environment; the CLI prints it as one line."""
 
 
+class Stopped(Exception):
+    """A long run (training) stopped by a signal after saving what resumes it: the CLI says so in one
+    line and exits with 128 + the signal's number, as a process the signal ended would, so a scheduler
+    (Slurm, a Kubernetes Job) sees an interrupted run to start again, not a finished one."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none): how a foreign
     library's error is quoted inside velodiff's one-line errors."""

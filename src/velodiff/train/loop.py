@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import VelodiffError
+from ..errors import Stopped, VelodiffError
 from ..files import lock_folder, write_atomic
 from .checkpoint import (
     latest_checkpoint,
@@ -87,7 +87,9 @@ def run_loop(
 
     The modules train on the device they are on; the loss is read back to the host only every
     ``cfg.log_every`` steps (a GPU runs ahead in between). The run folder is this process's while it
-    trains: a second run of the same folder is one line (they would delete each other's checkpoints)."""
+    trains: a second run of the same folder is one line (they would delete each other's checkpoints).
+    SIGTERM (in the main thread) ends the run after the current step and its checkpoint, raising
+    :class:`velodiff.errors.Stopped`; ``--max-minutes`` ends it the same way but returns (not completed)."""
     run.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(run, "--run")
     try:
@@ -178,10 +180,10 @@ def _run_loop(
             },
         )
 
-    stop = {"flag": False}
+    stop = {"flag": False, "signal": 0}
 
     def on_term(signum: int, frame: Any) -> None:
-        stop["flag"] = True
+        stop["flag"], stop["signal"] = True, signum
 
     old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     new_log = not log_path.exists()
@@ -245,6 +247,10 @@ def _run_loop(
             bar.close()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+    if stop["signal"] and step < cfg.steps:  # checkpointed above (a stop saves): end as the signal would
+        name = signal.Signals(stop["signal"]).name
+        raise Stopped(f"{desc}: stopped by {name} at step {step} of {cfg.steps}; rerun the same command to "
+                      f"resume from {run}", stop["signal"])
     return {
         "steps": step,
         "wall_s": wall,

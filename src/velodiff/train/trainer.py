@@ -85,7 +85,7 @@ def load_vae(vae_run: Path, size: str) -> tuple[Any, float]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise VelodiffError(f"{summary} is damaged ({type(e).__name__}); rerun `velodiff train autoencoder` "
                             "with the same --run to write it again") from None
-    if not done.get("completed", True):  # stopped by --max-minutes or a signal: a partly trained VAE
+    if not done.get("completed", True):  # stopped by --max-minutes: a partly trained VAE
         raise VelodiffError(
             f"{vae_run}: the autoencoder run stopped at step {done.get('steps')}; rerun `velodiff train "
             "autoencoder` with the same --run to finish it"
