@@ -518,3 +518,35 @@ def test_a_server_stopping_puts_its_running_job_back_in_the_queue_at_once(tmp_pa
         assert back.state == "queued" and back.attempts == 0
     finally:
         store.close()
+
+
+def test_a_job_store_has_one_recovering_server_at_a_time(tmp_path, capsys):
+    """A second server recovering the same --db would requeue the jobs the first is running (they would
+    run twice): it is refused in one line while the first holds the store, and may start once the
+    first has closed it; a process sharing the store without recovering it (a Ray Serve replica) is
+    not refused."""
+    from velodiff.cli import main
+    from velodiff.errors import VelodiffError
+    from velodiff.serve.queue import JobStore
+
+    db = tmp_path / "jobs.sqlite"
+    first, second, replica = JobStore(db), JobStore(db), JobStore(db)
+    try:
+        job = first.submit({"n": 1}, "k", 1).id
+        assert first.recover() == 0 and [j.id for j in first.claim(1)] == [job]
+        with pytest.raises(VelodiffError, match=f"^another velodiff serve is using the job store {db}; "):
+            second.recover()
+        assert first.get(job).state == "running"  # not requeued under the first
+        assert replica.submit({"n": 1}, "k", 1).state == "queued"
+        try:
+            code = main(["serve", "--db", str(db), "--port", "1"])
+        except SystemExit as e:
+            code = int(e.code or 0)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == (f"error: another velodiff serve is using the job store {db}; stop it "
+                                     "or give another --db"), err
+        first.close()
+        assert second.recover() == 1 and second.get(job).state == "queued"  # as after the first was killed
+    finally:
+        for s in (first, second, replica):
+            s.close()

@@ -261,16 +261,21 @@ LOCK = ".lock"
 def lock_folder(folder: str | os.PathLike[str], option: str = "--out") -> Any:
     """An exclusive lock on ``folder`` for this process (released by the OS if it is killed; close the
     returned file to release it); a second writer of the same folder is one line naming ``option``."""
+    return lock_file(Path(folder) / LOCK, f"another velodiff process is writing {folder}; wait for it or use "
+                     f"another {option}")
+
+
+def lock_file(path: str | os.PathLike[str], refusal: str) -> Any:
+    """An exclusive lock on the file ``path`` (made if missing) for this process, released by the OS if
+    it is killed (close the returned file to release it); held elsewhere, ``refusal`` as one line."""
     import fcntl
 
-    fh = open(Path(folder) / LOCK, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
+    fh = open(path, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fh.close()
-        raise VelodiffError(
-            f"another velodiff process is writing {folder}; wait for it or use another {option}"
-        ) from None
+        raise VelodiffError(refusal) from None
     return fh
 
 

@@ -119,6 +119,7 @@ def serve(
         return
     server = Server(config)
     server.engine.model(None)  # a model that does not load is one line here, not a server's traceback
+    server.store.own()  # and so is another server on this --db
     typer.echo(
         f"velodiff serve: {config.model} on http://{host}:{port}/ (docs /docs, jobs in {db})", err=True
     )

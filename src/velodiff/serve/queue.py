@@ -110,6 +110,7 @@ class JobStore:
         self._lock = threading.RLock()
         #: notified on every submission and state change (the worker waits on it)
         self.changed = threading.Condition(self._lock)
+        self._owner: Any = None  # the lock of the process that recovered the store (recover())
         if self.path.is_dir():
             raise VelodiffError(f"job store {str(self.path)!r} is a folder; give a database file")
         try:
@@ -128,6 +129,9 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owner is not None:
+                self._owner.close()
+                self._owner = None
 
     # --- writes: each one transaction -------------------------------------------------------------
 
@@ -190,10 +194,25 @@ class JobStore:
         mean = row[0] or 1.0
         return max(1, math.ceil(mean * max(1, active) / 4))
 
+    def own(self) -> None:
+        """Make the store this process's until it closes it: the process that recovers it at start owns
+        it, and another one that would (a second ``velodiff serve`` on the same --db, whose recovery
+        would requeue the jobs this one is running) is refused in one line. Processes sharing the store
+        without recovering it (Ray Serve replicas under their driver) do not own it."""
+        if self._owner is None:
+            from ..files import lock_file
+
+            self._owner = lock_file(
+                f"{self.path}.lock",
+                f"another velodiff serve is using the job store {self.path}; stop it or give another --db",
+            )
+
     def recover(self) -> int:
         """Put the jobs left running by a killed server back in the queue; returns how many. A job the
         server was running ``MAX_ATTEMPTS`` times when it died fails instead: one that kills the server
-        (out of memory) would otherwise run again, and kill it again, at every restart."""
+        (out of memory) would otherwise run again, and kill it again, at every restart. The store
+        becomes this process's first (:meth:`own`)."""
+        self.own()
 
         def requeue(db: sqlite3.Connection) -> int:
             db.execute(

@@ -35,8 +35,7 @@ def serve_with_ray(config: ServeConfig, address: str, replicas: int) -> None:
     from .queue import JobStore
 
     store = JobStore(config.db, max_queue=config.max_queue, max_history=config.max_history)
-    recovered = store.recover()
-    store.close()
+    recovered = store.recover()  # held (the store's owner) until the replicas are shut down
     local = address == "local"
     if local:
         ray.init(
@@ -51,6 +50,7 @@ def serve_with_ray(config: ServeConfig, address: str, replicas: int) -> None:
         except (ValueError, ConnectionError) as e:  # a malformed address, or no cluster there
             from ..errors import VelodiffError, first_line
 
+            store.close()
             raise VelodiffError(
                 f"--ray {address!r}: {first_line(e)} (give 'local' or a cluster's HOST:PORT)"
             ) from None
@@ -79,3 +79,4 @@ def serve_with_ray(config: ServeConfig, address: str, replicas: int) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        store.close()
