@@ -870,3 +870,25 @@ def test_comfyuis_two_unipc_samplers_are_its_two_variants():
     ts = make_grid("karras", SCHED, 6)
     x = starting_noise(SHAPE, 2, seed=0)
     assert not torch.allclose(sample(DEN, x, ts, "uni_pc").x, sample(DEN, x, ts, "uni_pc_bh2").x)
+
+
+MULTISTEP = [DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler]
+
+
+@pytest.mark.parametrize("source", [*MULTISTEP, EulerDiscreteScheduler])
+@pytest.mark.parametrize("cls", [*MULTISTEP, EulerDiscreteScheduler, DDIMScheduler])
+def test_a_class_name_on_a_models_config_maps_as_from_config_makes_it(source, cls):
+    """A class name with a model's scheduler config is what ``cls.from_config(config)`` builds: the
+    config's spacing and flags the class takes, the values its __init__ rewrites rewritten (a DPM-Solver
+    config's solver_type "midpoint" is UniPC's "bh2", DEIS's "logrho"), the rest dropped. What the config
+    does not set is the Stable Diffusion pipelines' config of the class (DDIM: no x0 clipping, ending at
+    the first trained step), not the class's own defaults."""
+    config = dict(source(**SD, timestep_spacing="leading", steps_offset=1, use_karras_sigmas=False).config)
+    sd = {"clip_sample": False, "set_alpha_to_one": False} if cls is DDIMScheduler else {}
+    built = from_diffusers(cls.from_config(config, **sd))
+    named = resolve_solver(cls.__name__, model_config=config)
+    assert (named.solver, named.grid, named.grid_options, named.final) == (
+        built.solver, built.grid, built.grid_options, built.final)
+    defaults = SOLVERS[named.solver].defaults
+    assert {**defaults, **named.solver_options} == {**defaults, **built.solver_options}
+    assert named.grid == "leading"

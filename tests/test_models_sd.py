@@ -732,3 +732,19 @@ def test_strength_keeps_diffusers_share_of_the_steps(models):
     image = torch.rand(1, 3, *models["sd1"].default_size, generator=torch.Generator().manual_seed(1))
     r = img2img(models["sd1"], PROMPT, image, strength=0.55, steps=10, solver="ddim", output="latent")
     assert r.steps == 5
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler"])
+def test_a_diffusers_class_name_runs_as_from_config_of_the_models_scheduler(models, name):
+    """``--solver DPMSolverMultistepScheduler`` on a model is diffusers' ``pipe.scheduler =
+    DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``: the model's timestep_spacing
+    ("leading") and steps_offset come with it, where the class alone spaces by "linspace"."""
+    m = models["sd1"]
+    assert m.components["scheduler_config"]["timestep_spacing"] == "leading"
+    sched = scheduler(m, name)
+    z = noise(4)
+    ref = m.to_diffusers(sched)(PROMPT, num_inference_steps=5, guidance_scale=7.5, latents=z.clone(),
+                                output_type="latent").images
+    r = text2img(m, PROMPT, steps=5, solver=type(sched).__name__, guidance=7.5, latents=z, output="latent")
+    assert r.grid == "leading"
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)

@@ -201,8 +201,10 @@ _A1111 = [
 MULTI = {"drop_last": True}  # DPMSolverMultistep / UniPC / DEIS space steps + 1 points, drop the last
 FRAC = {"fractional": True}  # the Euler family's 'linspace' keeps fractional timesteps
 
-#: diffusers' scheduler classes with their default config (flags: :func:`from_diffusers`)
-_DIFFUSERS_DEFAULT_NOTE = "default config; flags: DPMSolverMultistepScheduler:use_karras_sigmas=true,..."
+#: diffusers' scheduler classes with their default config (flags: :func:`from_diffusers`); named for a
+#: model, on the model's scheduler config as ``Class.from_config`` (:func:`resolve_solver`)
+_DIFFUSERS_DEFAULT_NOTE = ("default config, or the model's (from_config); flags: "
+                           "DPMSolverMultistepScheduler:use_karras_sigmas=true,...")
 _DIFFUSERS = [
     _s("DPMSolverMultistepScheduler", DIFFUSERS, "dpmpp_2m", "linspace", grid_options=MULTI,
        note=_DIFFUSERS_DEFAULT_NOTE),
@@ -311,9 +313,13 @@ def find(name: str, kind: str) -> Alias | None:
     return _BY_NAME.get((kind, name)) or _BY_KEY.get((kind, normalize(name)))
 
 
-def resolve_solver(name: str, own: tuple[str, ...] | None = None) -> Resolved:
+def resolve_solver(
+    name: str, own: tuple[str, ...] | None = None, model_config: Mapping[str, Any] | None = None
+) -> Resolved:
     """A solver name as velodiff reads it: its own, or a sampler alias, or a diffusers class with flags
-    (``DPMSolverMultistepScheduler:use_karras_sigmas=true,algorithm_type=sde-dpmsolver++``)."""
+    (``DPMSolverMultistepScheduler:use_karras_sigmas=true,algorithm_type=sde-dpmsolver++``). With a
+    model's own scheduler config (``model_config``), a class is that config made into the class, as
+    diffusers' ``Class.from_config(pipe.scheduler.config)`` does, under the flags the name gives."""
     own = _own_solvers() if own is None else own
     mine = _own(name, own, SAMPLER)
     if mine is not None:
@@ -321,7 +327,7 @@ def resolve_solver(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     base, flags = _split(name)
     cls = {c.lower(): c for c in _DIFFUSERS_CLASSES}.get(base.lower())
     if cls is not None:
-        return from_diffusers(cls, flags)
+        return from_diffusers(cls, {**_carried(cls, model_config or {}), **flags})
     if flags:
         near = difflib.get_close_matches(base, _DIFFUSERS_CLASSES, n=2, cutoff=0.6)
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
@@ -569,6 +575,15 @@ _CLASS_FLAGS = {
     "DDPMScheduler": ("variance_type",),
     "EDMEulerScheduler": ("sigma_schedule", "rho", "sigma_min", "sigma_max"),
 }  # fmt: skip
+#: what each class's ``__init__`` rewrites another class's value to (``UniPCMultistepScheduler.from_config``
+#: of a DPM-Solver config has solver_type "midpoint": UniPC runs it as "bh2")
+_COERCED = {
+    "UniPCMultistepScheduler": {"solver_type": (("midpoint", "heun", "logrho"), "bh2")},
+    "DEISMultistepScheduler": {"algorithm_type": (("dpmsolver", "dpmsolver++"), "deis"),
+                               "solver_type": (("midpoint", "heun", "bh1", "bh2"), "logrho")},
+    "DPMSolverMultistepScheduler": {"algorithm_type": (("deis",), "dpmsolver++"),
+                                    "solver_type": (("logrho", "bh1", "bh2"), "midpoint")},
+}  # fmt: skip
 #: flags read whose other values change the result in ways velodiff does not reproduce: the value it does
 _ONLY = {
     "EulerDiscreteScheduler": {"interpolation_type": "linear"},
@@ -587,6 +602,22 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b) or str(a) == str(b)
     except (TypeError, ValueError, RuntimeError):
         return False
+
+
+def _carried(cls: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``cls.from_config(config)`` takes from another scheduler's ``config`` that the mapping
+    reads: the entries the class's ``__init__`` accepts (diffusers drops the others), set (not None),
+    among its sigma and class flags and DDIM's end point (SDXL's ``timestep_spacing="leading"`` and
+    ``steps_offset=1``, a model's ``use_karras_sigmas``)."""
+    import inspect
+
+    import diffusers
+
+    if not config:
+        return {}
+    takes = inspect.signature(getattr(diffusers, cls).__init__).parameters
+    read = (*_SIGMA_FLAGS, *_CLASS_FLAGS.get(cls, ()), "set_alpha_to_one", "original_inference_steps")
+    return {k: config[k] for k in read if k in takes and config.get(k) is not None}
 
 
 def _non_default(scheduler: Any) -> dict[str, Any]:
@@ -646,6 +677,9 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
         )
     if strict:  # a bare class name means the Stable Diffusion pipelines' config of it
         cfg = {**_SD_CONFIG.get(cls, {}), **cfg}
+    for flag, (values, to) in _COERCED.get(cls, {}).items():  # as the class's __init__ rewrites them
+        if flag in cfg and str(cfg[flag]) in values:
+            cfg[flag] = to
     for flag in ("thresholding", "use_flow_sigmas", "clip_sample"):
         if _flag(cfg.get(flag, False)):
             raise VelodiffError(f"{cls}: {flag}=True has no velodiff equivalent yet")

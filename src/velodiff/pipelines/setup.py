@@ -184,8 +184,9 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
         if "steps" in fixed or "nfe" in fixed:
             fixed = {"steps": None, "nfe": None, **fixed}
         opts = replace(opts, **fixed)
-    spec = get_solver(opts.solver or model.default_solver)
-    opts = _alias_grid(opts)
+    own_config = getattr(model, "components", {}).get("scheduler_config")  # what Class.from_config reads
+    spec = get_solver(opts.solver or model.default_solver, own_config)
+    opts = _alias_grid(opts, own_config)
     guidance = float(model.default_guidance if opts.guidance is None else opts.guidance)
     plan = resolve_plan(given, guidance, opts.guidance_rescale, opts.guidance_interval)
     grid = opts.grid
@@ -354,10 +355,11 @@ AUTOMATIC = "automatic"
 SAMPLER_GRID_OPTIONS = ("discard_penultimate",)
 
 
-def _alias_grid(opts: Sampling) -> Sampling:
-    """A solver named by another tool's label that fixes a grid too ("DPM++ 2M Karras", A1111's "DDIM")
-    gives the run that grid (and its final point) unless the call names its own ("Automatic", A1111's,
-    names none); a grid the call names keeps the label's sampler-level options."""
+def _alias_grid(opts: Sampling, model_config: dict[str, Any] | None = None) -> Sampling:
+    """A solver named by another tool's label that fixes a grid too ("DPM++ 2M Karras", A1111's "DDIM",
+    a diffusers class on the model's scheduler config) gives the run that grid (and its final point)
+    unless the call names its own ("Automatic", A1111's, names none); a grid the call names keeps the
+    label's sampler-level options."""
     if isinstance(opts.grid, str) and opts.grid.strip().lower() == AUTOMATIC:
         opts = replace(opts, grid=None)
     if not isinstance(opts.solver, str):
@@ -365,7 +367,7 @@ def _alias_grid(opts: Sampling) -> Sampling:
     from ..aliases import resolve_solver
     from ..solvers import SOLVERS
 
-    r = resolve_solver(opts.solver, tuple(SOLVERS))
+    r = resolve_solver(opts.solver, tuple(SOLVERS), model_config)
     if opts.grid is not None:
         sticky = {k: v for k, v in r.grid_options.items() if k in SAMPLER_GRID_OPTIONS}
         if not sticky or not isinstance(opts.grid, str) or _grid_name(opts.grid) == CALIBRATED:

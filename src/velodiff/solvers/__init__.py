@@ -4,7 +4,9 @@ Each is a :class:`SolverSpec` whose ``step`` is a pure function (see ``base``)."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from ..errors import VelodiffError
 from .base import SolverSpec, StepContext
@@ -36,10 +38,11 @@ SOLVERS.update(
 )
 
 
-def get_solver(name: str | SolverSpec) -> SolverSpec:
+def get_solver(name: str | SolverSpec, model_config: Mapping[str, Any] | None = None) -> SolverSpec:
     """A registered solver by name, or the solver another tool's name stands for (``velodiff.aliases``:
     "dpmpp_2m_sde", "DPM++ 2M Karras", "DPMSolverMultistepScheduler:solver_order=3", ...) with the
-    alias's options as its defaults. An unknown name is refused with the nearest names."""
+    alias's options as its defaults; a diffusers class on a model's scheduler ``model_config`` as
+    ``Class.from_config`` makes it. An unknown name is refused with the nearest names."""
     if isinstance(name, SolverSpec):
         return name
     if not isinstance(name, str):
@@ -48,7 +51,7 @@ def get_solver(name: str | SolverSpec) -> SolverSpec:
         return SOLVERS[name]
     from ..aliases import resolve_solver
 
-    r = resolve_solver(name, tuple(SOLVERS))
+    r = resolve_solver(name, tuple(SOLVERS), model_config)
     if r.solver is None or r.solver not in SOLVERS:
         raise VelodiffError(f"solver {name!r} maps to {r.solver!r}, which this build does not provide")
     spec = SOLVERS[r.solver]
