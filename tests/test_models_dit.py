@@ -489,3 +489,18 @@ def test_quantization_error_is_measured_at_a_flows_noise_scale(models):
     assert 0 < err < 0.1
     z = randn(m.latent_shape(1, *m.default_size), 3)
     torch.testing.assert_close(seen[0], z * 0.5**0.5)
+
+
+def test_the_flow_match_class_named_for_a_flow_model_runs_its_pipelines_grid(models):
+    """``FlowMatchEulerDiscreteScheduler`` on a model whose own scheduler it is runs as that model's
+    diffusers pipeline does with it: SD3's lets the scheduler space the steps (flow-shifted), FluxPipeline
+    passes its own sigmas at the image's shift (flux); the times equal the default run's."""
+    from velodiff.pipelines.setup import Sampling, make_setup
+
+    for kind, grid in (("sd3", "flow-shifted"), ("flux", "flux")):
+        m = models[kind]
+        named = make_setup(m, Sampling.of("t", {"steps": 4, "solver": "FlowMatchEulerDiscreteScheduler"}),
+                           size=(H, W))
+        own = make_setup(m, Sampling.of("t", {"steps": 4, "solver": "euler"}), size=(H, W))
+        assert named.grid == grid == m.default_grid and named.solver.name == "euler"
+        torch.testing.assert_close(named.ts, own.ts, atol=0, rtol=0)

@@ -25,7 +25,7 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import VelodiffError
@@ -225,7 +225,8 @@ _DIFFUSERS = [
     _s("LCMScheduler", DIFFUSERS, "lcm", "lcm", grid_options={"original_steps": 50},
        note="the lcm solver applies LCM's boundary condition c_skip x + c_out F on discrete schedules"),
     _s("FlowMatchEulerDiscreteScheduler", DIFFUSERS, "euler", "flow-shifted",
-       note="its own grid (SD3's pipeline); FluxPipeline passes its sigmas: Flux's default, grid flux"),
+       note="named for a flow model whose scheduler it is: that model's pipeline grid (SD3's: "
+       "flow-shifted; FluxPipeline passes its sigmas: flux); else its own (flow-shifted)"),
     _s("EDMEulerScheduler", DIFFUSERS, "euler", "karras"),
 ]  # fmt: skip
 
@@ -327,7 +328,12 @@ def resolve_solver(
     base, flags = _split(name)
     cls = {c.lower(): c for c in _DIFFUSERS_CLASSES}.get(base.lower())
     if cls is not None:
-        return from_diffusers(cls, {**_carried(cls, model_config or {}), **flags})
+        r = from_diffusers(cls, {**_carried(cls, model_config or {}), **flags})
+        if cls == FLOW_MATCH and (model_config or {}).get("_class_name") == cls and r.grid == "flow-shifted":
+            # a flow model's own scheduler: its pipeline's grid, the model's default (SD3's pipeline lets
+            # the scheduler space its steps: flow-shifted; FluxPipeline passes its own sigmas: flux)
+            return replace(r, grid=None, grid_options={})
+        return r
     if flags:
         near = difflib.get_close_matches(base, _DIFFUSERS_CLASSES, n=2, cutoff=0.6)
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
@@ -544,6 +550,7 @@ def _repeat_final(cls: str, grid: str, solver: str, opts: dict[str, Any], cfg: M
 
 
 _SIMPLE_SOLVERS = {a.name: a.solver for a in _DIFFUSERS}
+FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
 #: what a bare class name stands for: the config the Stable Diffusion pipelines give it
 _SD_CONFIG = {
     "DDIMScheduler": {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False},
