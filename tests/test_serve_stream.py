@@ -165,3 +165,12 @@ def test_websocket_frames_in_frames_out(tmp_path, frames):
             assert json.loads(ws.recv())["type"] == "ready"
             ws.send(png(torch.zeros(1, 3, 1024, 1032)))
             assert "more than this server's bound of 1048576 pixels" in json.loads(ws.recv())["error"]
+
+
+def test_the_stream_runs_the_steps_the_families_img2img_runs(model, monkeypatch):
+    """A stream over a model whose diffusers img2img keeps the fraction of the steps (SD3, Flux: 4 steps
+    at strength 0.6 run 3) runs as many as its img2img, not the SD rule's 2."""
+    config = StreamConfig(prompt="a blue square", cfg="none", guidance=1.0, steps=4, strength=0.6, seed=3)
+    assert StreamImg2Img(model, config).k == 2  # the SD rule: int(4 x 0.6)
+    monkeypatch.setattr(type(model), "strength_keeps_fraction", True)
+    assert StreamImg2Img(model, config).k == 3

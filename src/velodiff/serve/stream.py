@@ -95,7 +95,8 @@ class StreamImg2Img:
         config.check()
         self.m, self.c = model, config
         ts = make_grid(model.default_grid, model.schedule, config.steps, **dict(model.default_grid_options))
-        start = start_index(config.steps, config.strength)  # the SD rule, whatever the family (config.check)
+        # the family's img2img rule (SD3 / Flux keep the fraction: never fewer steps than config.check's)
+        start = start_index(config.steps, config.strength, model)
         self.ts = ts[start:-1].to(torch.float64)  # tau_0 .. tau_{k-1}
         self.k = len(self.ts)
         self.alpha = model.schedule.alpha(self.ts).float().to(model.device).view(-1, 1, 1, 1)
