@@ -129,3 +129,112 @@ def test_fbcache_reuse_takes_the_threshold_from_the_models_calibration(models, t
     with pytest.raises(VelodiffError, match="another model"):
         run(models["pixart-sigma"], f"fbcache:reuse=0.5,calibration={saved}")
     assert "fbcache" not in calibrate_cache(load("default"), ["a red circle"], [1], steps=3)  # a UNet
+
+
+def test_a_cached_call_costs_the_flops_of_the_blocks_it_still_runs(models):
+    """fbcache's cached call still runs the first block; TaylorSeer's forecasts every block: fbcache's
+    FLOP share is the larger of the two, both below a full call's, and a run costs its full calls plus its
+    cached calls at that share."""
+    from velodiff.accel import block_cache
+    from velodiff.accel.block_cache import FirstBlockCache, TaylorSeer
+
+    m = models["flux-schnell"]
+    block_cache._SHARES.pop(m.components["transformer"], None)  # only this test's batch composition
+    fb, ts = FirstBlockCache(threshold=5.0), TaylorSeer(interval=3, warmup=1)
+    fb_run, ts_run = run(m, [fb]), run(m, [ts])
+    (fb_share,) = [v for k, v in fb.shares.items() if k[0] == "fbcache"]
+    (ts_share,) = [v for k, v in ts.shares.items() if k[0] == "taylorseer"]
+    assert 0 < ts_share < fb_share < 1
+    assert fb.cached_evals == 5 and fb_run.evals == pytest.approx(2 * 1 + 2 * 5 * fb_share)
+    assert ts_run.evals == pytest.approx(2 * (6 - ts.cached_evals) + 2 * ts.cached_evals * ts_share)
+
+
+def test_a_rule_counts_the_cached_evaluations_of_each_run_anew(models):
+    """The same rule object run twice reports each run's own cached evaluations (as calibration reads
+    them per threshold), not a running total."""
+    from velodiff.accel.block_cache import FirstBlockCache
+
+    rule = FirstBlockCache(threshold=5.0)
+    run(models["pixart-sigma"], [rule])
+    first = rule.cached_evals
+    run(models["pixart-sigma"], [rule])
+    assert first == rule.cached_evals == 5
+
+
+def test_a_calibration_file_without_reuse_is_refused(models):
+    with pytest.raises(VelodiffError) as e:
+        run(models["flux-schnell"], "fbcache:threshold=0.1,calibration=x.json")
+    assert str(e.value).startswith("plan rule 'fbcache': calibration is read only with reuse=F")
+
+
+def test_each_per_image_batch_composition_starts_its_own_cache(models):
+    """Adaptive guidance drops one image's unconditional row (steps 1-2 here, then every unconditional
+    row): each composition's first call is a full evaluation, never a reuse of a call with other rows."""
+    from velodiff.plan import Accelerator
+
+    class Spy(Accelerator):
+        name, layer = "spy", 5  # between AG (a combiner) and the cache
+
+        def begin(self, run):
+            super().begin(run)
+            self.log = []
+
+        def evaluate(self, req, inner):
+            r = inner(req)
+            self.log.append((req.step, {b: v.tolist() for b, v in req.subsets.items()}, r.exact))
+            return r
+
+    spy = Spy()
+    m = models["flux-schnell"]
+    res = text2img(m, ["a cat", "a red dog"], steps=6, guidance=3.0, seeds=[1, 2], output="latent",
+                   plan=["ag:threshold=0.999", "fbcache:threshold=5", spy], **SIZE)
+    assert torch.isfinite(res.latents).all()
+    first = {}
+    for step, subsets, exact in spy.log:
+        first.setdefault(str(subsets) + str(step >= 3), (step, exact))
+    assert [s for s, _ in first.values()] == [0, 1, 3]  # composition changes at steps 1 and 3
+    assert all(exact for _, exact in first.values())
+
+
+def test_the_flop_share_is_measured_per_latent_size(models):
+    """A cached call's share is measured for each input shape: what a run at one size reports does not
+    depend on a run at another size before it."""
+    from velodiff.accel import block_cache
+
+    m = models["pixart-sigma"]
+    net = m.components["transformer"]
+    run(m, "fbcache:threshold=5")  # 64x64 first
+    big = {"height": 128, "width": 128}
+    kw = dict(steps=6, guidance=3.0, seeds=[1], output="latent", plan="fbcache:threshold=5", **big)
+    after = text2img(m, "a cat", **kw)
+    block_cache._SHARES.pop(net, None)
+    alone = text2img(m, "a cat", **kw)
+    assert after.evals == alone.evals
+
+
+def test_reuse_reads_a_calibration_whose_reuse_dips_as_its_running_maximum():
+    """A measured reuse fraction can dip at a larger threshold (noise): the map takes the running maximum,
+    so a larger reuse never maps to a smaller threshold."""
+    import numpy as np
+
+    from velodiff.accel.calibration import fbcache_threshold
+
+    art = {"fbcache": {"thresholds": [0.01, 0.02, 0.04, 0.08], "reuse": [0.1, 0.4, 0.3, 0.6]}}
+    assert fbcache_threshold(art, 0.5) == pytest.approx((0.04 * 0.08) ** 0.5)  # between 0.4 and 0.6
+    ths = [fbcache_threshold(art, float(r)) for r in np.linspace(0.0, 0.7, 36)]
+    assert ths == sorted(ths)
+
+
+def test_the_fbcache_table_records_each_thresholds_reuse_and_rms_distance_to_the_plain_run(models):
+    from velodiff.accel.block_cache import FirstBlockCache
+    from velodiff.accel.calibration import fbcache_table
+
+    m = models["pixart-sigma"]
+    table = fbcache_table(m, ["a cat"], [1], guidance=3.0, thresholds=(5.0,))
+    kw = dict(steps=int(m.default_steps), guidance=3.0, seeds=[1], output="latent")
+    plain = text2img(m, ["a cat"], **kw).latents
+    rule = FirstBlockCache(threshold=5.0)
+    cached = text2img(m, ["a cat"], plan=[rule], **kw)
+    assert table["steps"] == m.default_steps and rule.cached_evals > 0
+    assert table["rms_to_plain"] == pytest.approx([float((cached.latents - plain).pow(2).mean().sqrt())])
+    assert table["reuse"] == pytest.approx([rule.cached_evals / cached.nfe])

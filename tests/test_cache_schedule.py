@@ -121,3 +121,103 @@ def test_step_changes_integrate_the_calibrated_rate_at_each_steps_midpoint():
     got = step_changes(art, [1.0, 0.5, 0.2, 0.0], ["a"])
     assert got == pytest.approx([0.0, 0.75 * 0.5, 0.35 * 0.3])
     assert step_changes(art, [1.0, 0.5, 0.2, 0.0], ["a", "b"]) == pytest.approx([1.5 * v for v in got])
+
+
+def test_the_calibration_stores_each_measured_change_as_a_rate_at_its_steps_midpoint():
+    """calibrate cache's artefact: the change measured at step i (from the evaluation at ts[i-1] to the
+    one at ts[i]) is stored as a rate at the step's middle time, so rate * step length gives the change
+    back, averaged over every image whatever the batches (here of 2 and 1); made at the model's
+    default guidance when none is given."""
+    import numpy as np
+
+    import velodiff
+    from velodiff.accel.calibration import calibrate_cache
+    from velodiff.accel.hooks import FeatureChange
+    from velodiff.pipelines import text2img
+
+    model = velodiff.load("default")
+    prompts, seeds = ["a red circle", "two blue squares", "a green cross"], [0, 1, 2]
+    art = calibrate_cache(model, prompts, seeds, steps=3, batch=2)
+    probe = FeatureChange()
+    res = text2img(model, prompts, seeds=seeds, steps=3, plan=[probe], output="latent")
+    ts = res.ts.double().numpy()
+    assert art["t_mid"] == pytest.approx(((ts[:-2] + ts[1:-1]) / 2).tolist())
+    dt = ts[:-2] - ts[1:-1]
+    curves = probe.curves()
+    assert set(art["rate"]) == set(curves) and len(curves["mid_block"]) == 2
+    for block, curve in curves.items():
+        assert (np.asarray(art["rate"][block]) * dt).tolist() == pytest.approx(curve, rel=1e-3)
+    assert art["guidance"] == model.default_guidance and art["images"] == 3
+
+
+def test_feature_change_is_the_conditional_rows_change_between_the_steps_first_evaluations():
+    """The instrument's curve at step i is |y_i - y_(i-1)|_1 / |y_(i-1)|_1 of the block's output on the
+    conditional rows, mean over the images, between the first-stage evaluations of steps i-1 and i (a
+    two-stage solver's second evaluation and CFG's unconditional rows are not part of it)."""
+    import velodiff
+    from velodiff.accel.hooks import FeatureChange, HookSet, output_hook
+    from velodiff.pipelines import text2img
+    from velodiff.plan import Accelerator
+
+    class Spy(Accelerator):
+        name, layer = "spy", 100
+
+        def begin(self, run):
+            super().begin(run)
+            self.log = []
+
+        def evaluate(self, req, inner):
+            self.log.append((req.stage, req.rows("cond")))
+            return inner(req)
+
+    model = velodiff.load("default")
+    outputs, spy, probe = [], Spy(), FeatureChange(blocks=("mid_block",))
+    hooks = HookSet("test_mid_block_outputs")
+    hooks.add(model.network.mid_block, output_hook(lambda out: outputs.append(out.detach().clone())))
+    try:
+        text2img(model, ["a red circle", "two blue squares"], seeds=[0, 1], steps=4, solver="heun",
+                 guidance=2.5, plan=[spy, probe], output="latent")
+    finally:
+        hooks.remove()
+    assert len(outputs) == len(spy.log) > 4  # one network call per evaluation, some of them second stages
+    firsts = [out[rows].flatten(1) for out, (stage, rows) in zip(outputs, spy.log, strict=True) if stage == 0]
+    pairs = zip(firsts[:-1], firsts[1:], strict=True)
+    expected = [float(((b - a).abs().sum(1) / a.abs().sum(1)).mean()) for a, b in pairs]
+    assert probe.curves()["mid_block"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_damaged_or_foreign_cache_calibration_is_one_line(tmp_path):
+    """Another kind or version of artefact, a first-block-cache table with a zero threshold or lists of
+    two lengths, and a block the calibration has no curve for are refused in one line."""
+    import json
+
+    import velodiff
+    from velodiff.accel.calibration import load_cache_calibration, step_changes
+    from velodiff.errors import VelodiffError
+    from velodiff.eval.reference import model_identity
+
+    model = velodiff.load("default")
+    good = {"version": 1, "kind": "cache", "model_hash": model_identity(model), "guidance": 2.5,
+            "t_mid": [0.8, 0.5, 0.2], "rate": {"mid_block": [1.0, 2.0, 3.0]},
+            "fbcache": {"thresholds": [0.01, 0.02], "reuse": [0.1, 0.5]}}
+    p = tmp_path / "c.json"
+    kind = r"is not a velodiff cache calibration \(version 1\)"
+    table = "is damaged .the first-block-cache table is not lists of positive thresholds"
+    for damaged, what in [({"kind": "solver"}, kind), ({"version": 2}, kind),
+                          ({"fbcache": {"thresholds": [0.0, 0.02], "reuse": [0.1, 0.5]}}, table),
+                          ({"fbcache": {"thresholds": [0.01, 0.02, 0.04], "reuse": [0.1, 0.5]}}, table)]:
+        p.write_text(json.dumps({**good, **damaged}))
+        with pytest.raises(VelodiffError, match=what) as e:
+            load_cache_calibration(model, p)
+        assert "\n" not in str(e.value)
+    p.write_text(json.dumps(good))
+    art = load_cache_calibration(model, p)
+    with pytest.raises(VelodiffError, match="no curve for up_blocks.0; calibrate the model again"):
+        step_changes(art, [1.0, 0.5, 0.0], ["mid_block", "up_blocks.0"])
+
+
+def test_step_0_is_full_whatever_the_budget():
+    """Step 0 has no earlier feature to reuse: it is full even when the budget asks for none."""
+    changes = [0.0, 0.3, 0.1, 0.2]
+    for full in (0, -2):
+        assert budgeted_schedule(changes, full) == [True, False, False, False]

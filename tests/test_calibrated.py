@@ -594,3 +594,294 @@ def test_v3_calibration_keeps_the_corrector_setting_with_the_smaller_error(seed)
     off = problem.score(ts, "dpm_solver_v3", {"ems": res["ems"], "use_corrector": False})
     assert v3["error"] == pytest.approx(min(on, off))
     assert v3["options"].get("use_corrector", True) == (on <= off)
+
+
+def _artefact(model_hash: str = "abc", guidance: float = 2.5, *entries: dict, **extra) -> dict:
+    return {"version": 1, "kind": "solver", "model_hash": model_hash, "guidance": guidance,
+            "entries": list(entries), **extra}
+
+
+def _entry(solver: str = "unipc", nfe: int = 6, error: float = 0.1, **extra) -> dict:
+    return {"solver": solver, "nfe": nfe, "method": "grid", "ts": [1.0, 0.0], "options": {}, "error": error,
+            **extra}
+
+
+def test_a_calibration_adds_only_to_an_artefact_of_its_own_model_and_scale(tmp_path):
+    """An artefact written at a given path (--beside-model) replaces one made there for other weights or
+    another guidance scale instead of merging their entries, fitted for something else, into it."""
+    path = tmp_path / "solver.json"
+    save_solver_calibration(_artefact("abc", 2.5, _entry(nfe=5)), None, path)
+    save_solver_calibration(_artefact("xyz", 2.5, _entry(nfe=6)), None, path)  # the weights changed
+    assert [(e["nfe"]) for e in json.loads(path.read_text())["entries"]] == [6]
+    save_solver_calibration(_artefact("xyz", 7.0, _entry(nfe=8)), None, path)
+    assert [(e["nfe"]) for e in json.loads(path.read_text())["entries"]] == [8]
+
+
+def test_entries_of_one_solver_and_nfe_for_two_configurations_are_both_kept(tmp_path, monkeypatch):
+    """velodiff's UniPC and ComfyUI's uni_pc (another configuration of the same solver) at one NFE are two
+    entries: calibrating one keeps the other; a new calibration's baselines replace the old ones."""
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path))
+    mine = _entry(error=0.1)
+    comfy = _entry(error=0.2, configuration={"lower_order_final": "always", "order": 3, "solver_type": "bh1"})
+    save_solver_calibration(_artefact("abc", 2.5, mine, baselines={"6": {"error": 0.5}}), None)
+    path = save_solver_calibration(_artefact("abc", 2.5, comfy, baselines={"6": {"error": 0.4}}), None)
+    art = load_solver_calibration("abc", 2.5)
+    assert find_entry(art, "unipc", 6, {})["error"] == 0.1
+    assert find_entry(art, "unipc", 6, comfy["configuration"])["error"] == 0.2
+    assert json.loads(path.read_text())["baselines"] == {"6": {"error": 0.4}}
+
+
+def test_the_cache_artefact_is_looked_up_before_the_one_beside_the_model(tmp_path, monkeypatch):
+    """Both hold unipc at 6 NFE: the cache's (the user's own, newer calibration) is the one a run takes."""
+    from velodiff.calibrated.artefact import beside_model_path, find_entry_in, load_solver_calibrations
+    from velodiff.eval.reference import model_hash
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "my-model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    h = model_hash(folder)
+    save_solver_calibration(_artefact(h, 2.5, _entry(error=0.3)), None, beside_model_path(folder, 2.5))
+    cache = save_solver_calibration(_artefact(h, 2.5, _entry(error=0.1)), None)
+    arts = load_solver_calibrations(h, 2.5, model_path=folder)
+    assert arts[0]["_path"] == str(cache) and len(arts) == 2
+    entry, _ = find_entry_in(arts, "unipc", 6)
+    assert entry["error"] == 0.1
+
+
+@pytest.mark.parametrize("field", [{"ts": ["1.0", 0.0]}, {"nfe": "6"}, {"nfe": 6.0}])
+def test_an_entry_with_a_malformed_field_is_refused_as_damaged(field):
+    art = {**_artefact("abc", 2.5, {**_entry(), **field}), "_path": "x.json"}
+    with pytest.raises(VelodiffError, match=r"x.json is damaged \(malformed entries\)") as e:
+        find_entry(art, "unipc", 6)
+    assert "\n" not in str(e.value)
+
+
+def test_statistics_need_four_points():
+    problem = denoiser_problem(_mixture(1, 5), _noise(4, (2, 3, 3), 1))
+    with pytest.raises(VelodiffError, match="at least 4 points, got 3"):
+        measure_statistics(problem, points=3)
+    assert problem.evaluations == 0
+
+
+def test_statistics_shared_per_channel_are_the_channel_mean_of_the_exact_diagonal():
+    """share="channel" (the default): one l per channel and time, for Gaussian data the spatial mean of
+    the exact Jacobian diagonal sigma^2 / (alpha^2 v + sigma^2)."""
+    den = _mixture(1, 5)
+    problem = denoiser_problem(den, _noise(8, (2, 3, 3), 1))
+    problem.reference_steps = 20
+    raw = measure_statistics(problem, points=12).raw
+    assert raw["l"].shape[1:] == raw["s"].shape[1:] == raw["b"].shape[1:] == (2, 1, 1)
+    ts = SCHED.t_from_log_snr(raw["lambdas"])
+    a, s = SCHED.alpha(ts).reshape(-1, 1, 1, 1), SCHED.sigma(ts).reshape(-1, 1, 1, 1)
+    exact = (s**2 / (a**2 * den.mixture.variances[0] + s**2)).mean(dim=(2, 3), keepdim=True)
+    assert float((raw["l"] - exact).abs().max()) < 1e-6
+
+
+def test_gits_fine_times_always_hold_t_max_t_min_and_zero():
+    from velodiff.calibrated.grids import gits_indices
+
+    for n in (11, 50, 201, 202, 301):
+        idx = gits_indices(n)
+        assert idx[0] == 0 and idx[-2:] == [n - 2, n - 1] and idx == sorted(set(idx))
+
+
+def test_a_gits_step_costs_the_rms_error_of_a_ddim_step_from_the_reference():
+    """C[i, j] (Chen et al. 2024, Sec. 4) is the RMS distance from the reference's x_j of one DDIM step
+    from the reference's x_i at t_i to t_j, as velodiff's own DDIM takes it."""
+    from velodiff.calibrated.grids import gits_costs, gits_indices
+
+    den = _mixture(3, 4)
+    problem = denoiser_problem(den, _noise(6, (2, 3, 3), 2))
+    problem.reference_steps = 30
+    traj = problem.reference()
+    ts, cost = gits_costs(problem, traj)
+    idx = gits_indices(len(traj.ts))
+    for i, j in [(0, 1), (0, 7), (3, 12), (10, len(idx) - 2), (5, len(idx) - 1)]:
+        step = sample(den, traj.xs[idx[i]], ts[[i, j]], "ddim").x
+        rms = float(((step - traj.xs[idx[j]]) ** 2).mean().sqrt())
+        assert float(cost[i, j]) == pytest.approx(rms, rel=1e-6, abs=1e-12)
+    assert bool(torch.isinf(cost[3, :4]).all())
+
+
+def test_the_grid_descent_spends_at_most_its_runs():
+    den = _mixture(3, 4)
+    problem = denoiser_problem(den, _noise(6, (2, 3, 3), 2))
+    problem.reference_steps = 30
+    problem.reference()
+    for max_runs in (1, 4, 7):
+        before = problem.evaluations
+        refine_grid(problem, "dpmpp_2m", make_grid("uniform", SCHED, 5), max_runs=max_runs)
+        assert problem.evaluations - before <= max_runs * 5
+
+
+def test_a_problem_is_one_line_on_a_grid_off_t_max_solves_its_reference_once_and_scores_nan_as_inf():
+    problem = denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0))
+    problem.reference_steps = 10
+    with pytest.raises(VelodiffError, match="a calibration grid starts at t_max=1, not 0.5"):
+        problem.run(torch.tensor([0.5, 0.0], dtype=F64), "ddim")
+    problem.reference()
+    spent = problem.evaluations
+    assert problem.reference() is problem.reference() and problem.evaluations == spent
+    from velodiff.calibrated import Problem
+
+    nan = Problem(SCHED, problem.x, lambda ts, spec, o, cb: torch.full_like(problem.x, float("nan")),
+                  problem.denoise)
+    nan._reference = problem.reference()
+    assert nan.score(make_grid("karras", SCHED, 4), "ddim") == float("inf")
+    from velodiff.calibrated import model_problem
+
+    with pytest.raises(VelodiffError, match="2 prompts but 1 seeds"):
+        model_problem(None, ["a", "b"], [1], 2.5)
+
+
+class _ScoreAnything:
+    """A problem whose every change lowers the error: shows which choices a fit tries."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, ts, solver, options):
+        self.calls += 1
+        return 1.0 / (1 + self.calls)
+
+
+def test_dc_ratios_leave_the_first_two_steps_and_the_last_alone_and_the_search_leaves_the_last():
+    """DC's compensation needs two earlier points and none applies on the final jump to 0 (MIN_NFE's
+    reason); the per-step search chooses for every step but the last (the jump)."""
+    from velodiff.calibrated.calibrate import fit_ratios, search_steps
+
+    ts = make_grid("karras", SCHED, 6)
+    opts, _ = fit_ratios(_ScoreAnything(), ts, {}, 1.0, max_runs=40)
+    ratios = opts["dc_ratios"]
+    assert len(ratios) == 6 and ratios[:2] == (1.0, 1.0) and ratios[-1] == 1.0 and ratios[2:5] != (1.0,) * 3
+    best, _ = search_steps(_ScoreAnything(), ts, {"order": 2}, 1.0)
+    assert best["order"] == 3  # choices up to order 3 are tried, so the cap is 3
+    assert best["orders"][-1] == 2 and 5 not in best["disable_corrector"]
+
+
+def test_a_stochastic_solver_is_refused_before_anything_runs():
+    problem = denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0))
+    with pytest.raises(VelodiffError, match="deterministic one-call-per-step"):
+        calibrate_solver(problem, [4], methods=["grid"], solvers=["euler_a"])
+    assert problem.evaluations == 0
+
+
+def test_the_baseline_is_the_best_uncalibrated_named_grid_and_entries_keep_their_configuration():
+    """The baseline an NFE's entries are compared with is the least error of the plain solvers on the
+    named grids (not DPM-Solver-v3, which runs on calibrated statistics); an alias's entry records the
+    configuration it was fitted for; the dc method calibrates UniPC even when not listed."""
+    from velodiff.calibrated.calibrate import _named_grids
+
+    problem = denoiser_problem(_mixture(3, 2), _noise(6, (2, 3, 3), 0))
+    problem.reference_steps = 40
+    heun = "DPMSolverMultistepScheduler:solver_type=heun"
+    res = calibrate_solver(problem, [4], methods=["grid", "dpm_solver_v3", "dc"], solvers=[heun], max_runs=2,
+                           ems_points=12)
+    assert sorted(e["solver"] for e in res["entries"]) == ["dpm_solver_v3", "dpmpp_2m", "unipc"]
+    (fitted,) = [e for e in res["entries"] if e["solver"] == "dpmpp_2m"]
+    assert fitted["configuration"] == {"solver_type": "heun"}
+    errors = [(problem.score(ts, s, o), s) for s, o in (("dpmpp_2m", {"solver_type": "heun"}), ("unipc", {}))
+              for _, ts in _named_grids(problem, 4)]
+    best = min(errors)
+    assert res["baselines"]["4"]["error"] == best[0] and res["baselines"]["4"]["solver"] == best[1]
+
+
+class _Target:
+    """A problem whose error is the distance of one grid time to a target (the descent's own view)."""
+
+    schedule = SCHED
+
+    def __init__(self, k: int, target: float):
+        self.k, self.target = k, target
+
+    def score(self, ts, solver, options):
+        return abs(float(ts[self.k]) - self.target)
+
+
+@pytest.mark.parametrize(("k", "target"), [(1, 0.4), (1, 0.97), (3, 0.2)])
+def test_the_grid_descent_follows_the_error_towards_either_neighbour(k, target):
+    """Each interior time moves towards the earlier or the later neighbour (t_min for the last), and the
+    step keeps its size while it gains: a time the error wants elsewhere gets near it."""
+    start = make_grid("uniform", SCHED, 4)  # 1, 0.667, 0.334, 0.001, 0
+    ts, err = refine_grid(_Target(k, target), "ddim", start, max_runs=60)
+    assert err < 0.02 and abs(float(ts[k]) - target) == err
+    assert float(ts[0]) == 1.0 and float(ts[-1]) == 0.0 and bool((ts[1:] < ts[:-1]).all())
+
+
+def test_an_image_that_matches_the_reference_exactly_does_not_zero_every_candidates_error():
+    """geomean: an image at MSE 0 (a point of the reference itself) counts at a floor, so candidates
+    still differ by their other images' errors instead of all scoring 0."""
+    problem = denoiser_problem(_mixture(2, 1), _noise(3, (2, 3, 3), 0))
+    problem.reference_steps = 10
+    ref = problem.reference().final
+    near, far = ref.clone(), ref.clone()
+    near[1:] += 0.01
+    far[1:] += 0.1
+    assert 0 < problem.error(near) < problem.error(far)
+
+
+def test_dpm_solver_v3_gets_its_grid_descent_without_the_grid_method(monkeypatch):
+    """The dpm_solver_v3 method fits v3's grid too (its statistics and grid go together); the other
+    solvers' grids descend only with the grid method."""
+    import velodiff.calibrated.calibrate as cal
+
+    seen, real = [], cal.refine_grid
+    monkeypatch.setattr(cal, "refine_grid", lambda problem, solver, *a, **k: seen.append(solver)
+                        or real(problem, solver, *a, **k))
+    problem = denoiser_problem(_mixture(3, 2), _noise(6, (2, 3, 3), 0))
+    problem.reference_steps = 40
+    calibrate_solver(problem, [4], methods=["dpm_solver_v3"], solvers=["dpmpp_2m"], max_runs=2, ems_points=12)
+    assert seen == ["dpm_solver_v3"]
+
+
+def test_an_entry_fitted_by_dc_then_the_search_says_both(monkeypatch):
+    import velodiff.calibrated.calibrate as cal
+
+    monkeypatch.setattr(cal, "fit_ratios", lambda problem, ts, options, err, **k: (
+        {**options, "dc_ratios": (1.0,) * (len(ts) - 1)}, err / 2))
+    monkeypatch.setattr(cal, "search_steps", lambda problem, ts, options, err, **k: (
+        {**options, "orders": (2,) * (len(ts) - 1)}, err / 2))
+    problem = denoiser_problem(_mixture(2, 1), _noise(4, (2, 3, 3), 0))
+    problem.reference_steps = 40
+    res = calibrate_solver(problem, [4], methods=["grid", "dc", "search"], solvers=["unipc"], max_runs=1)
+    (entry,) = res["entries"]
+    assert entry["method"] == "dc+search" and {"dc_ratios", "orders"} <= set(entry["options"])
+
+
+def test_a_configuration_leaves_out_the_options_a_calibration_fits():
+    """An entry is matched on the options it was fitted for, not on those it fitted (a run passing its
+    own dc_ratios or orders still takes velodiff's UniPC entry)."""
+    from velodiff.calibrated.calibrate import configuration
+    from velodiff.solvers import get_solver
+
+    fitted = {"dc_ratios": (1.0, 0.9), "orders": (1, 2), "disable_corrector": (0,), "use_corrector": False}
+    assert configuration(get_solver("unipc"), fitted) == {}
+    assert configuration(get_solver("unipc"), {**fitted, "order": 3}) == {"order": 3}
+
+
+def test_dc_ratios_keep_only_moves_that_lower_the_error():
+    """On a flat error no move is kept: the ratios stay 1 (no compensation) and the error is the start's."""
+    from velodiff.calibrated.calibrate import fit_ratios
+
+    class Flat:
+        def score(self, ts, solver, options):
+            return 0.5
+
+    opts, err = fit_ratios(Flat(), make_grid("karras", SCHED, 6), {}, 0.5, max_runs=20)
+    assert opts["dc_ratios"] == (1.0,) * 6 and err == 0.5
+
+
+def test_the_descent_starts_from_the_best_of_the_named_grids_and_gits():
+    """With no run left for the descent, the entry is its start: the least error among the named grids
+    and the GITS grid (here GITS's)."""
+    from velodiff.calibrated.calibrate import _named_grids
+
+    problem = denoiser_problem(_mixture(4, 1), _noise(6, (2, 3, 3), 1))
+    problem.reference_steps = 60
+    gits = gits_grid(problem, 3)
+    named = min(problem.score(ts, "dpmpp_2m") for _, ts in _named_grids(problem, 3))
+    assert problem.score(gits, "dpmpp_2m") < named
+    res = calibrate_solver(problem, [3], methods=["grid"], solvers=["dpmpp_2m"], max_runs=1)
+    (entry,) = res["entries"]
+    assert entry["ts"] == gits.tolist() and entry["error"] == problem.score(gits, "dpmpp_2m")

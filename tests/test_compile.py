@@ -62,3 +62,34 @@ def test_roofline_counts_flops_per_row_and_relates_time_to_the_limit(model) -> N
     assert rec["evals_per_image"] == 4 and rec["max_abs_diff_to_plain"] == 0.0  # CFG: 2 per step
     assert rec["limit_s"] == pytest.approx(rec["gflop_per_eval_row"] * 1e9 / (rec["peak_gflops"] * 1e9))
     assert rec["x_limit"] == pytest.approx(rec["s_per_eval_row"] / rec["limit_s"])
+
+
+def test_a_network_the_user_compiled_is_compiled_again_after_the_run() -> None:
+    """The rule puts back the network's own compiled call (a torch.compile the user made before), not the
+    eager one."""
+    from velodiff.accel.compile import Compile
+    from velodiff.plan import RunInfo
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    net.compile(backend="eager")
+    users = net._compiled_call_impl
+    run = RunInfo(schedule=None, ts=torch.tensor([1.0, 0.0]), solver=None, batch=1, conds={}, network=net)
+    rule = Compile(backend="eager")
+    rule.check(run)
+    rule.begin(run)
+    assert net._compiled_call_impl is not users
+    rule.end()
+    assert net._compiled_call_impl is users
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_every_cuda_graph_mode_is_refused_on_a_cpu(mode) -> None:
+    from velodiff.accel.compile import Compile
+    from velodiff.plan import RunInfo
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    run = RunInfo(schedule=None, ts=torch.tensor([1.0, 0.0]), solver=None, batch=1, conds={}, network=net)
+    with pytest.raises(velodiff.VelodiffError, match=f"mode '{mode}' uses CUDA graphs; on cpu use") as e:
+        Compile(mode=mode).check(run)
+    assert "\n" not in str(e.value)
+    Compile(mode="max-autotune-no-cudagraphs").check(run)

@@ -460,3 +460,68 @@ def test_first_order_forecast_extrapolates_the_last_two_full_steps(model):
     assert seen[0] == (1, 0.0) and seen[-1][0] == 5
     weights = sorted(set(seen))
     assert weights == [(1, 0.0), (1, 1.0), (2, 1.0), (2, 2.0), (4, 0.0), (4, 1.0), (5, 1.0), (5, 2.0)]
+
+
+def test_start_and_stop_cover_the_steps_a_guidance_rules_start_and_stop_do():
+    """As the guidance rules' start / stop (int(start * N) <= i < int(stop * N)), the cached stretch of
+    an N-step run starts at step int(start * N) and every step from int(stop * N) on is full."""
+    dc = DeepCache(interval=1000, start=0.25, stop=0.75)
+    assert dc.plan_steps(10) == {0, 1, 2, 7, 8, 9}  # 2.5 -> 2, 7.5 -> 7
+    assert DeepCache(interval=1000, stop=0.35).plan_steps(10) == {0, 3, 4, 5, 6, 7, 8, 9}  # 3.5 -> 3
+
+
+def test_the_flop_share_is_per_row_whatever_the_rows_of_the_first_calls(model):
+    """The share compares a cached call with a full one per row: under AG the first full call has both
+    branches (4 rows) and the first cached one the conditional rows only; the share is the plain CFG
+    run's, where both have 4 rows."""
+    from velodiff.pipelines import text2img
+
+    kw = {"steps": 4, "seeds": SEEDS, "output": "latent", "guidance": 2.5}
+    cfg_rule, ag_rule = DeepCache(interval=2), DeepCache(interval=2)
+    text2img(model, PROMPTS, plan=[cfg_rule], **kw)
+    r = text2img(model, PROMPTS, plan=["ag:threshold=0.5", ag_rule], **kw)
+    assert ag_rule.cached_evals == 2 and r.evals < 4 * 2 * 2  # AG dropped the unconditional rows
+    assert ag_rule.share == pytest.approx(cfg_rule.share, rel=1e-6)
+
+
+def test_the_forecast_state_does_not_outlive_a_run(model):
+    """order=1 keeps two full steps' features during the run; none of them is held after it."""
+    from velodiff.pipelines import text2img
+
+    rule = DeepCache(interval=2, order=1)
+    text2img(model, PROMPTS, steps=6, seeds=SEEDS, output="latent", plan=[rule])
+    assert not rule.state.kept and not rule.state.previous and not rule.layout
+
+
+def test_a_full_evaluation_that_did_not_run_the_network_leaves_nothing_to_reuse():
+    """When a full step's evaluation did not go through the hooked modules (another code path served
+    it), the next step has no deep features to reuse: it runs in full instead of recalling nothing."""
+    from diffusers import UNet2DConditionModel
+
+    from velodiff.plan import EvalResult, RunInfo
+    from velodiff.solvers import get_solver
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
+        "CrossAttnUpBlock2D"), cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4).eval()
+    ehs = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    rule = DeepCache(interval=3)
+    run = RunInfo(schedule=None, ts=torch.linspace(1, 0, 4), solver=get_solver("ddim"), batch=1,
+                  conds={"cond": {"encoder_hidden_states": ehs}}, network=unet)
+    rule.check(run)
+
+    def network(req):
+        return EvalResult(unet(req.x, torch.tensor(500), encoder_hidden_states=ehs).sample)
+
+    with torch.inference_mode():
+        rule.begin(run)
+        try:
+            rule.evaluate(EvalRequest(0, 0, torch.tensor(1.0), x, run.conds), lambda req: EvalResult(req.x))
+            out = rule.evaluate(EvalRequest(1, 0, torch.tensor(0.6), x, run.conds), network)
+        finally:
+            rule.end()
+        plain = network(EvalRequest(1, 0, torch.tensor(0.6), x, run.conds))
+    assert rule.cached_evals == 0 and out.exact and torch.equal(out.x0, plain.x0)

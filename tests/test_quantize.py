@@ -194,3 +194,42 @@ def test_weights_quantized_by_a_plain_run_serve_a_later_run_with_gradients(model
     r = run(model, "int8")  # quantizes, under inference mode
     guided = run(model, "int8+layout:steps=0.5,iters=1")
     assert guided.plan.startswith("int8+layout") and not torch.equal(guided.images, r.images)
+
+
+def test_linear_layers_are_those_at_least_16_wide_with_an_input_width_divisible_by_16():
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(24, 32), torch.nn.Linear(32, 8),
+                              torch.nn.Linear(48, 64))
+    assert [n for n, _ in linear_layers(net)] == ["0", "3"]
+
+
+def test_a_weight_replaced_by_a_new_tensor_is_quantized_again():
+    """Loading or unloading a LoRA may put new weight tensors in place (each at in-place version 0): the
+    kept quantized copies follow the weights the network holds now (int8 and w4a8)."""
+    from velodiff.accel.w4a8 import W4A8, quantize_weight_groups
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    int8, w4 = Int8(), W4A8(group_size=16)
+    for scale in (2.0, 3.0):
+        net[0].weight = torch.nn.Parameter(torch.randn(32, 32) * scale)
+        q = int8.quantized_weights(net)["0"].dequantize()
+        torch.testing.assert_close(q, net[0].weight.detach(), rtol=0, atol=0.05 * scale)
+        assert torch.equal(w4.weights(net)["0"], quantize_weight_groups(net[0].weight.detach(), 16))
+
+
+def test_the_report_draws_each_prompts_own_noise(model):
+    """Prompt i is evaluated from noise seed i: the same prompt twice is two samples of the error."""
+    from velodiff.accel.quantize import evaluation_report
+
+    (rec,) = evaluation_report(model, ["int8"], [PROMPT, PROMPT], times=(0.5,))
+    assert rec["n"] == 2 and rec["max"] > rec["median"]
+
+
+def test_a_report_plan_is_one_quantization_rule_alone():
+    from velodiff.accel.quantize import quantization_rules
+
+    for plans in (["int8+pag"], ["tome+int8"], ["pag+w4a8"], ["pag"], []):
+        with pytest.raises(VelodiffError, match="quantization rule"):
+            quantization_rules(plans)
+    plans = ["int8", "w4a8:group_size=32"]
+    assert [t for t, _ in quantization_rules(plans)] == plans

@@ -107,3 +107,57 @@ def test_gradients_pass_straight_through_the_rounding():
     assert torch.equal(x.grad, torch.arange(64.0).expand(2, 4, 64))
     with torch.no_grad():
         assert torch.equal(quantize_activations(x, 0.05), q.detach())  # the values are the rounded ones
+
+
+def test_activations_are_multiples_of_each_tokens_max_over_127():
+    """Symmetric 8 bits: each token's rounded values are whole multiples of its largest (non-outlier)
+    magnitude over 127, from -127 to 127, and that largest value is kept exactly."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 40, generator=g)
+    q = quantize_activations(x, 0.0)
+    amax = x.abs().amax(-1, keepdim=True)
+    k = q * 127 / amax
+    assert (k - k.round()).abs().max() < 1e-4 and k.abs().max() <= 127 + 1e-4
+    at = x.abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(q.gather(-1, at), x.gather(-1, at), rtol=1e-6, atol=0)
+
+
+def test_weight_groups_dequantize_onto_an_integer_zero_point_grid():
+    """Asymmetric 4 bits with an integer zero point (what a kernel stores): every dequantized value of a
+    group is a whole multiple of its step, so 0 is exactly representable."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 32, generator=g) + 0.3
+    q = quantize_weight_groups(w, 16)
+    for group in (slice(0, 16), slice(16, 32)):
+        block, qs = w[:, group], q[:, group]
+        step = (block.amax(1, keepdim=True) - block.amin(1, keepdim=True)) / 15
+        k = qs / step
+        assert (k - k.round()).abs().max() < 1e-4
+
+
+def test_the_rule_runs_each_linear_on_its_4_bit_weights_and_8_bit_inputs_with_its_options():
+    """On a network of one Linear: w4a8:group_size=G,outliers=F computes Linear(quantize_activations(x, F))
+    with the weight quantize_weight_groups(w, G), and the float layer after the run."""
+    import torch.nn.functional as F
+
+    from velodiff.plan import RunInfo
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    x = torch.randn(2, 5, 64)
+    x[..., 3] *= 40
+    plain = net(x)
+    for group_size, outliers in ((16, 0.0), (32, 0.1)):
+        rule = W4A8(group_size=group_size, outliers=outliers)
+        info = RunInfo(schedule=None, ts=torch.tensor([1.0, 0.0]), solver=None, batch=2, conds={},
+                       network=net)
+        rule.check(info)
+        rule.begin(info)
+        try:
+            got = net(x)
+        finally:
+            rule.end()
+        want = F.linear(quantize_activations(x, outliers), quantize_weight_groups(net[0].weight, group_size),
+                        net[0].bias)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(net(x), plain)
