@@ -233,3 +233,22 @@ def test_a_report_plan_is_one_quantization_rule_alone():
             quantization_rules(plans)
     plans = ["int8", "w4a8:group_size=32"]
     assert [t for t, _ in quantization_rules(plans)] == plans
+
+
+def test_a_weight_replaced_after_the_old_one_was_freed_is_quantized_again():
+    """Unloading a LoRA (or load_state_dict(assign=True)) frees a weight and puts a new tensor in its
+    place, often at the freed one's address and at version 0: the quantized copies kept for the old
+    weight must not serve the new one (an id and a version alone matched in 19 of 20 swaps)."""
+    from velodiff.accel.quantize import Int8
+    from velodiff.accel.w4a8 import W4A8, quantize_weight_groups
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    w4, i8 = W4A8(group_size=16), Int8()
+    for trial in range(10):
+        i8.quantized_weights(net), w4.weights(net)  # kept for the weight of this round
+        del net[0].weight
+        net[0].weight = torch.nn.Parameter(torch.randn(32, 32) * (trial + 2))
+        w = net[0].weight.detach()
+        assert torch.equal(w4.weights(net)["0"], quantize_weight_groups(w, 16)), trial
+        assert torch.allclose(i8.quantized_weights(net)["0"].dequantize(), w, atol=0.05 * (trial + 2)), trial

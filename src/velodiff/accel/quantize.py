@@ -61,11 +61,20 @@ def linear_layers(network: Any, min_features: int = 16) -> list[tuple[str, Any]]
     ]
 
 
-def weights_state(network: Any) -> tuple[tuple[str, int, int], ...]:
+def weights_state(network: Any) -> tuple[tuple[str, Any, int], ...]:
     """What quantized copies of the network's weights are valid for: each quantizable Linear's weight
-    object and its in-place version (torch's counter, bumped by an in-place edit such as
-    ``edit.erase.apply_erasure`` or fusing a LoRA), so a changed network is quantized again."""
-    return tuple((n, id(m.weight), m.weight._version) for n, m in linear_layers(network))
+    object (a weak reference: an ``id`` is reused by a new tensor once the old one is freed) and its
+    in-place version (torch's counter, bumped by an in-place edit such as ``edit.erase.apply_erasure``
+    or fusing a LoRA), so a changed network is quantized again. Compare two with :func:`same_state`."""
+    return tuple((n, weakref.ref(m.weight), m.weight._version) for n, m in linear_layers(network))
+
+
+def same_state(a: tuple, b: tuple) -> bool:
+    """Whether two :func:`weights_state` name the same live weight objects at the same versions."""
+    return len(a) == len(b) and all(
+        na == nb and va == vb and ra() is not None and ra() is rb()
+        for (na, ra, va), (nb, rb, vb) in zip(a, b, strict=True)
+    )
 
 
 class Quantize(Accelerator):
@@ -107,7 +116,7 @@ class Quantize(Accelerator):
 
         per_network = _CACHE.setdefault(self.scheme(), weakref.WeakKeyDictionary())
         state = weights_state(network)
-        if network not in per_network or per_network[network][0] != state:
+        if network not in per_network or not same_state(per_network[network][0], state):
             with torch.inference_mode(False), torch.no_grad():
                 per_network[network] = (state, self._quantize(network))
         return per_network[network][1]

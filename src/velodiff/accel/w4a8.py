@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import VelodiffError
 from ..plan import Accelerator, Option, RunInfo, register_rule
 from .hooks import HookSet
-from .quantize import linear_layers, weights_state
+from .quantize import linear_layers, same_state, weights_state
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -100,7 +100,8 @@ class W4A8(Accelerator):
         import torch
 
         key = (int(self.group_size), weights_state(network))  # a changed network is quantized again
-        if network not in _WEIGHTS or _WEIGHTS[network][0] != key:
+        old = _WEIGHTS.get(network)
+        if old is None or old[0][0] != key[0] or not same_state(old[0][1], key[1]):
             with torch.inference_mode(False), torch.no_grad():  # usable by a later run with gradients
                 _WEIGHTS[network] = (key, {
                     name: torch.nn.Parameter(quantize_weight_groups(m.weight, key[0]), False)
