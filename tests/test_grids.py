@@ -251,3 +251,6 @@ def test_grid_errors():
         make_grid("trailing", sched, 1001)
     with pytest.raises(VelodiffError, match="valid: "):
         make_grid("karras", sched, 10, final="nope")
+    for rho in (0.0, -7.0, float("nan")):  # 0 divided by zero; -7 made a grid of another shape silently
+        with pytest.raises(VelodiffError, match="^grid .karras. with options .*: rho must be a number"):
+            make_grid("karras", sched, 10, rho=rho)

@@ -1,5 +1,7 @@
 """User errors in the sampling core and the CLI: one clear VelodiffError line; callbacks stop."""
 
+import re
+
 import pytest
 import torch
 
@@ -151,6 +153,46 @@ def test_unknown_solver_option():
         sample(DEN, X, TS, "ddim", order=2)
     with pytest.raises(VelodiffError, match="has no option 'eta'"):
         sample(DEN, X, TS, "heun", eta=1.0)
+
+
+@pytest.mark.parametrize(
+    ("solver", "options", "message"),
+    [
+        ("ddim", {"eta": float("nan")}, "option eta must be a number in [0, 100], got nan"),  # ran as eta 0
+        ("ddim", {"eta": -1.0}, "option eta must be a number in [0, 100], got -1.0"),
+        ("ddim", {"eta": 1e9}, "option eta must be a number in [0, 100]"),
+        ("sde_dpmpp_2m", {"eta": float("inf")}, "option eta must be a number"),
+        ("euler", {"s_churn": -5.0}, "option s_churn must be a number in [0, inf]"),
+        ("unipc", {"order": 0}, "option order must be an integer in [1, 10], got 0"),  # ran as order 1
+        ("unipc", {"order": 2.5}, "option order must be an integer"),
+        ("lms", {"order": 0}, "option order must be an integer in [1, 10]"),  # kept the whole history
+        ("deis", {"order": 9}, "option order must be an integer in [1, 3], got 9"),  # ran as order 3
+        ("unipc", {"orders": [2, 0]}, "option orders's entry must be an integer in [1, 10], got 0"),
+        ("unipc", {"disable_corrector": [-1]}, "option disable_corrector's entry must be an integer in [0"),
+        ("unipc", {"use_corrector": "no"}, "option use_corrector must be true or false, got 'no'"),
+        ("dpm_adaptive", {"rtol": float("nan")}, "option rtol must be a number in [0, 1], got nan"),  # hung
+        ("dpm_adaptive", {"atol": -1.0}, "option atol must be a number in [0, 1]"),
+        ("dpm_adaptive", {"accept_safety": 10.0}, "option accept_safety must be a number in (0, 1]"),
+        ("dpm_adaptive", {"h_init": 1e-300}, "option h_init must be a number in [1e-06, 10]"),
+        ("dpm_adaptive", {"rtol": 0.0, "atol": 0.0}, "rtol and atol are both 0"),  # hung
+        ("dpm_adaptive", {"order": 4}, "option order must be an integer in [2, 3], got 4"),
+    ],
+)
+def test_an_option_value_a_solver_cannot_run_is_one_line(solver, options, message):
+    """Option values are checked as their names are: a NaN, a negative eta or an order out of range ran
+    silently as another setting, and a tolerance dpm_adaptive can never meet looped forever."""
+    with pytest.raises(VelodiffError, match=f"^(solver {solver!r}|{solver}): {re.escape(message)}"):
+        sample(DEN, X, TS, solver, **options)
+
+
+def test_dpm_adaptive_gives_up_on_an_interval_it_cannot_cross(monkeypatch):
+    """The adaptive controller's tries per grid interval are bounded (k-diffusion's are not): a step it
+    never accepts is one line naming the step, not a run that never ends."""
+    import velodiff.solvers.dpm_fast as dpm_fast
+
+    monkeypatch.setattr(dpm_fast, "MAX_ATTEMPTS", 3)
+    with pytest.raises(VelodiffError, match=r"^dpm_adaptive: step 0 reached only log-SNR .* in 3 tries"):
+        sample(DEN, X, TS, "dpm_adaptive", rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))

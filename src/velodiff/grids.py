@@ -159,6 +159,8 @@ def karras(
     ``timestep_spacing`` (and ``steps_offset``) to that of diffusers' spaced timesteps at this step
     count (Euler-type schedulers, ``_spaced_bounds``); ``repeat_final``: diffusers'
     final_sigmas_type="sigma_min" form (``_n_points``)."""
+    if not (isinstance(rho, int | float) and 0 < rho < math.inf):
+        raise ValueError(f"rho must be a number above 0, got {rho!r}")
     sigma_min, sigma_max = _spaced_bounds(sched, steps, timestep_spacing, steps_offset, sigma_min, sigma_max)
     hi, lo, s_max, s_min = _sigma_span(sched, t_start, sigma_min, sigma_max)
     n = _n_points(steps, final, repeat_final)
@@ -674,7 +676,7 @@ def _call_grid(name: str, sched: NoiseSchedule, steps: int, final: str, options:
         raise VelodiffError(f"grid {name!r}: discard_penultimate needs final='zero'")
     try:
         ts = fn(sched, steps + 1 if discard else steps, final=final, **options)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:  # (a division by an option of 0)
         raise VelodiffError(f"grid {name!r} with options {options}: {e}") from None
     return discard_penultimate(ts) if discard else ts
 

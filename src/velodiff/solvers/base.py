@@ -20,7 +20,9 @@ With no plan every evaluation is exact and nothing changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +148,61 @@ StepFn = Callable[[StepContext, int, Tensor, Any], tuple[Tensor, Tensor, Any]]
 #: options that make a deterministic solver draw step noise when above 0
 NOISE_OPTIONS = ("eta", "s_churn", "s_noise_eta")
 
+#: the values a solver option may take, by name, whatever the solver (``SolverSpec.limits`` narrows
+#: them): (kind, lo, hi, lo excluded); "real" is finite (inf allowed where hi is inf), "int" an integer,
+#: "bool" True or False. A value outside is one line, never a silently other run (eta = nan ran as 0).
+OPTION_VALUES: dict[str, tuple[str, float, float, bool]] = {
+    "eta": ("real", 0.0, 100.0, False),  # ComfyUI's bound for its samplers' eta
+    "s_noise": ("real", 0.0, 100.0, False),
+    "s_churn": ("real", 0.0, math.inf, False),
+    "s_tmin": ("real", 0.0, math.inf, False),
+    "s_tmax": ("real", 0.0, math.inf, False),
+    "r": ("real", 0.0, 1.0, True),  # DPM++ SDE's intermediate point (DPM-Solver's r1 / r2: its _r)
+    "rtol": ("real", 0.0, 1.0, False),
+    "atol": ("real", 0.0, 1.0, False),
+    "h_init": ("real", 1e-6, 10.0, False),
+    "accept_safety": ("real", 0.0, 1.0, True),
+    "pcoeff": ("real", -10.0, 10.0, False),
+    "icoeff": ("real", -10.0, 10.0, False),
+    "dcoeff": ("real", -10.0, 10.0, False),
+    "timestep_scaling": ("real", 0.0, 1e4, True),
+    "order": ("int", 1, 10, False),
+    "dc_order": ("int", 1, 10, False),
+    "use_corrector": ("bool", 0, 1, False),
+    "boundary": ("bool", 0, 1, False),
+    "half": ("bool", 0, 1, False),
+    "corrector_pseudo": ("bool", 0, 1, False),
+    "predictor_pseudo": ("bool", 0, 1, False),
+    "orders": ("ints", 1, 10, False),  # per step
+    "disable_corrector": ("ints", 0, math.inf, False),  # step indices
+    "dc_ratios": ("reals", -10.0, 10.0, False),  # per step
+}
+
+
+def _check_value(solver: str, key: str, value: Any, rule: tuple[str, float, float, bool]) -> None:
+    """One line unless ``value`` is of the rule's kind in [lo, hi] (lo excluded when the rule says)."""
+    kind, lo, hi, open_lo = rule
+    if kind in ("ints", "reals"):  # a list of such numbers
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise VelodiffError(f"solver {solver!r}: option {key} must be a list of numbers, got {value!r}")
+        for v in value:
+            _check_value(solver, f"{key}'s entry", v, (kind[:-1], lo, hi, open_lo))
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise VelodiffError(f"solver {solver!r}: option {key} must be true or false, got {value!r}")
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "int":
+        ok = ok and float(value).is_integer()
+    else:
+        ok = ok and (math.isfinite(value) or (value == math.inf and hi == math.inf))
+    ok = ok and (lo < value if open_lo else lo <= value) and value <= hi
+    if not ok:
+        what = "an integer" if kind == "int" else "a number"
+        bounds = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise VelodiffError(f"solver {solver!r}: option {key} must be {what} in {bounds}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class SolverSpec:
@@ -177,6 +234,8 @@ class SolverSpec:
     #: a solver that plans its steps from the whole grid (an NFE budget): ``suffix(options, steps, start)``
     #: gives the options of the grid's last steps from ``start`` on (img2img and inpainting run those)
     suffix: Callable[[dict[str, Any], int, int], dict[str, Any]] | None = None
+    #: this solver's narrower (lo, hi) of an option of :data:`OPTION_VALUES` (DEIS: orders 1-3)
+    limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def nfe(self, steps: int, ends_at_zero: bool = True) -> int:
         saved = self.nfe_per_step - 1 if self.saves_final_eval and ends_at_zero else 0
@@ -190,6 +249,10 @@ class SolverSpec:
                 f"solver {self.name!r} has no option {sorted(unknown)[0]!r}; "
                 f"options: {sorted(self.defaults) or 'none'}"
             )
+        for key, value in options.items():  # and the values (OPTION_VALUES)
+            if key in OPTION_VALUES:
+                kind, lo, hi, open_lo = OPTION_VALUES[key]
+                _check_value(self.name, key, value, (kind, *self.limits.get(key, (lo, hi)), open_lo))
 
     def draws_noise(self, options: Mapping[str, Any]) -> bool:
         """True when a run with these options draws step noise (an ancestral or SDE solver, or eta,

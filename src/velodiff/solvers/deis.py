@@ -101,6 +101,7 @@ DEIS = SolverSpec(
     step=deis_step,
     order=2,
     defaults={"order": 2, "interp": "log_rho", "lower_order_final": True},
+    limits={"order": (1, 3)},  # the closed forms of Eq. 15 velodiff (and diffusers) has
     description="DEIS-2 multistep exponential integrator (Zhang & Chen 2023), eps in log rho as diffusers",
 )
 DEIS_3 = SolverSpec(
@@ -108,5 +109,6 @@ DEIS_3 = SolverSpec(
     step=deis_step,
     order=3,
     defaults={"order": 3, "interp": "log_rho", "lower_order_final": True},
+    limits={"order": (1, 3)},  # the closed forms of Eq. 15 velodiff (and diffusers) has
     description="DEIS-3 multistep exponential integrator (Zhang & Chen 2023), eps in log rho as diffusers",
 )

@@ -33,6 +33,7 @@ offered.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -154,12 +155,19 @@ def dpm_adaptive_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[
         return b[0], b[1], state
     a, lam, lam_end = ctx.a(i), ctx.lam(i), ctx.lam(i + 1)
     atol, rtol = float(o["atol"]), float(o["rtol"])
+    if atol == 0 and rtol == 0:
+        raise VelodiffError("dpm_adaptive: rtol and atol are both 0, a tolerance no step meets; raise one")
     pid = PIDController(abs(float(o["h_init"])), float(o["pcoeff"]), float(o["icoeff"]), float(o["dcoeff"]),
                         order, float(o["accept_safety"]))  # fmt: skip
     stepper = _Stepper(ctx)
     x_ve = x / a
     x_prev, s, x0 = x_ve, lam, None
-    while s < lam_end - 1e-5:
+    for attempt in itertools.count():
+        if s >= lam_end - 1e-5:
+            break
+        if attempt == MAX_ATTEMPTS:  # k-diffusion has no bound: a tolerance never met looped forever
+            raise VelodiffError(f"dpm_adaptive: step {i} reached only log-SNR {s:.4g} of {lam_end:.4g} in "
+                                f"{MAX_ATTEMPTS} tries; raise rtol / atol or lower accept_safety")
         t = min(lam_end, s + pid.h)
         cache: Cache = {}
         eps = stepper.eps(cache, "eps", x_ve, s, ctx.t(i) if s == lam else None)
@@ -194,6 +202,9 @@ DPM_FAST = SolverSpec(
     defaults={"nfe": 0},
     description="DPM-Solver-fast: orders 3,..,3 then N mod 3 for an NFE budget N (Lu et al. 2022, Sec. 3.4)",
 )
+#: the tries (each 2-3 evaluations) dpm_adaptive makes to cross one grid interval before giving up
+MAX_ATTEMPTS = 1000
+
 DPM_ADAPTIVE = SolverSpec(
     name="dpm_adaptive",
     step=dpm_adaptive_step,
@@ -211,6 +222,7 @@ DPM_ADAPTIVE = SolverSpec(
         "dcoeff": 0.0,
         "accept_safety": 0.81,
     },  # fmt: skip
+    limits={"order": (2, 3)},
     description="DPM-Solver-12/23 with adaptive step size per grid interval (Lu et al. 2022, Sec. 3.5)",
 )
 
