@@ -528,7 +528,7 @@ def test_generation_errors(models):
     m = models["sd1"]
     with pytest.raises(VelodiffError, match="multiples of 2"):
         text2img(m, PROMPT, height=15, steps=1)
-    with pytest.raises(VelodiffError, match=r"height must be a number of pixels in \[1, 8192\], got 0"):
+    with pytest.raises(VelodiffError, match=r"height must be a number of pixels in \[1, 8192\] .*, got 0"):
         text2img(m, PROMPT, height=0, steps=1)  # not the model's default size
     with pytest.raises(VelodiffError, match="is not UTF-8 text"):
         text2img(m, "a \udcff cube", steps=1)
@@ -581,15 +581,27 @@ def test_generation_errors(models):
     for bad, expect in (
         (dict(guidance_interval=(1,)), r"guidance_interval must be a pair of times .*, got \(1,\)"),
         (dict(seeds=1.5), "seeds must be an integer or a list of integers, got 1.5"),
-        (dict(latents=[[1.0]]), r"latents must be a tensor"),
+        (dict(latents=[[1.0]]), r"latents must be a floating-point tensor"),
         (dict(negative=5), "negative must be a string or a list of strings"),
         (dict(callback=5), "callback must be a function"),
         (dict(grid_options={"bogus": 1}), "grid 'karras' has no option 'bogus'; its options: t_start, rho"),
         (dict(grid_options={"rho": "x"}), r"grid 'karras' with options \{'rho': 'x'\}"),
         (dict(grid=5), r"a grid is a name or a list of times \(numbers\), got int"),
+        # the Python keywords as the commands and plan settings bound them, and of their kind: a size of
+        # 64.9 ran at 64, bool latents ran as 0 / 1 noise, 999 999 steps ran for hours
+        (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.bool)), "latents must be a floating-point tensor"),
+        (dict(height=16.5), r"height must be a number of pixels in \[1, 8192\] \(an integer\), got 16.5"),
+        (dict(width="16"), r"width must be a number of pixels in \[1, 8192\] \(an integer\), got '16'"),
+        (dict(steps=1001), r"steps must be in \[1, 1000\], got 1001"),
+        (dict(nfe=5000, steps=None), r"nfe must be in \[1, 1000\], got 5000"),
+        (dict(seeds=list(range(70_000))), "70000 images in one call; at most 65536"),
     ):
         with pytest.raises(VelodiffError, match=expect):
-            text2img(m, PROMPT, steps=1, **{"grid": "karras", **bad})
+            text2img(m, PROMPT, **{"steps": 1, "grid": "karras", **bad})
+    assert text2img(m, PROMPT, steps=1, seeds=np.int64(3), output="latent").seeds == [3]  # numpy's ints too
+    for strength in (None, torch.tensor([0.5, 0.6])):
+        with pytest.raises(VelodiffError, match="strength must be a number, got"):
+            img2img(m, PROMPT, image, strength, steps=2)
 
 
 def test_numpy_images_and_masks_as_diffusers_takes_them():

@@ -227,3 +227,34 @@ def test_cli_bench_solvers_bad_input_is_one_line(args, message, tmp_path, capsys
     assert len(lines) == 1 and lines[0].startswith(message), out.err
     assert "Traceback" not in out.err + out.out
     assert not list(tmp_path.iterdir())  # refused before any work or output
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"x": X.numpy()}, "x is a torch tensor, got ndarray"),
+        ({"x": X > 0}, "x is a floating-point tensor with a batch axis, got torch.bool"),
+        ({"x": torch.complex(X, X)}, "x is a floating-point tensor with a batch axis, got torch.complex128"),
+        ({"x": torch.tensor(1.0)}, "x is a floating-point tensor with a batch axis"),
+        ({"ts": None}, "ts is a list or tensor of times, got NoneType"),
+        ({"seed": 2**64}, "seed 18446744073709551616 is outside torch's seed range"),  # ran as seed 0
+        ({"seed": 1.5}, "a seed is an integer, got 1.5"),  # ran as seed 1
+        ({"seed": "1"}, "a seed is an integer, got '1'"),
+        ({"grad": "no"}, "grad is True or False, got 'no'"),  # ran with gradients
+        ({"callback": 5}, "callback is a function of the step, got int"),
+        ({"noise": 3}, "noise is a function of the step, got int"),
+        ({"noise": lambda i: torch.zeros(1)}, "noise(0) returned (1,); a step's noise has the sample's"),
+        ({"callback": lambda info: "no"}, "the callback returns None or False (go on), True (stop) or a"),
+        ({"callback": lambda info: 1}, "the callback returns None or False"),  # stopped the run
+        ({"context": 5}, "context maps RunInfo fields to values, got int"),
+        ({"context": {"bogus": 1}}, "context has no field 'bogus'; RunInfo's fields: schedule, ts"),
+    ],
+)
+def test_sample_arguments_are_checked_before_the_run(kwargs, message):
+    """sample() is the documented core: an argument of the wrong kind is one line naming it, not a
+    traceback from torch, a noise broadcast over the batch, or a run as something else (seed 2**64 as 0,
+    a truthy callback reply as a stop, grad='no' with gradients)."""
+    args = {"x": X, "ts": TS, "solver": "euler_ancestral", **kwargs}
+    with pytest.raises(VelodiffError, match=f"^{re.escape(message)}"):
+        sample(DEN, **args)
+    assert sample(DEN, X, TS, "euler_ancestral", callback=lambda info: False).steps == len(TS) - 1

@@ -2,6 +2,7 @@
 or images allocated their lists until memory ran out), so every command refuses them in one line."""
 
 import math
+import numbers
 
 from .errors import VelodiffError
 
@@ -39,6 +40,8 @@ def check_strength(strength: float, what: str = "strength", zero: bool = True) -
     """An image-to-image strength (diffusers' ``strength``: the share of the steps re-run from the noised
     image), refused in one line outside [0, 1]; ``zero=False`` where a run must re-run something (a
     collage's harmonising pass, a brush layer): (0, 1]."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise VelodiffError(f"{what} must be a number, got {type(strength).__name__}")
     s = float(strength)
     if not (math.isfinite(s) and (s >= 0 if zero else s > 0) and s <= 1):
         bounds = "[0, 1] (0 returns the image, 1 ignores it)" if zero else (

@@ -17,7 +17,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -110,6 +110,26 @@ def check_denoiser(denoiser: object) -> None:
         )
 
 
+def check_arguments(x: Any, seed: Any, noise: Any, callback: Any, grad: Any) -> None:
+    """:func:`sample`'s own arguments, refused in one line: a sample that is no floating-point tensor
+    with a batch axis (a bool or complex one ran), a seed that is no integer in torch's range (2**64 ran
+    as 0), a noise or callback that cannot be called, a ``grad`` that is not True or False ("no" ran
+    with gradients)."""
+    from .noise import check_seed
+
+    if not isinstance(x, Tensor):
+        raise VelodiffError(f"x is a torch tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.ndim < 1 or x.is_meta:
+        what = "a meta tensor" if x.is_meta else f"{x.dtype} of shape {tuple(x.shape)}"
+        raise VelodiffError(f"x is a floating-point tensor with a batch axis, got {what}")
+    check_seed(seed)
+    for name, fn in (("noise", noise), ("callback", callback)):
+        if fn is not None and not callable(fn):
+            raise VelodiffError(f"{name} is a function of the step, got {type(fn).__name__}")
+    if not isinstance(grad, bool):
+        raise VelodiffError(f"grad is True or False, got {grad!r}")
+
+
 def check_run(
     denoiser: Denoiser,
     ts: Tensor,
@@ -132,6 +152,10 @@ def check_run(
             f"plan settings ({', '.join(plan.settings)}) choose the solver and grid of a pipeline run "
             "(text2img, img2img, inpaint, the CLI); sample() takes its solver and ts as arguments"
         )
+    known = [f.name for f in fields(RunInfo)]
+    unknown = sorted(set(context or {}) - set(known))
+    if unknown:
+        raise VelodiffError(f"context has no field {unknown[0]!r}; RunInfo's fields: {', '.join(known)}")
     run = RunInfo(
         schedule=denoiser.schedule,
         ts=ts,
@@ -171,7 +195,13 @@ def sample(
     ``torch.inference_mode``."""
     spec = get_solver(solver)
     check_denoiser(denoiser)
-    ts = torch.as_tensor(ts, dtype=F64).cpu()
+    check_arguments(x, seed, noise, callback, grad)
+    if context is not None and not isinstance(context, Mapping):
+        raise VelodiffError(f"context maps RunInfo fields to values, got {type(context).__name__}")
+    try:
+        ts = torch.as_tensor(ts, dtype=F64).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise VelodiffError(f"ts is a list or tensor of times, got {type(ts).__name__}") from None
     if not bool(torch.isfinite(x).all()):
         raise VelodiffError("the initial sample contains NaN or inf")
     plan = Plan.parse(plan)
@@ -222,6 +252,8 @@ def _loop(
 
     if noise is None and spec.noise != "none":
         noise = BrownianNoise(x, seed, ts) if spec.noise == "brownian" else GaussianNoise(x, seed)
+    elif noise is not None:  # the caller's: one draw of the sample's shape per step (not broadcast)
+        noise = _ShapedNoise(noise, x.shape)
     sched = run.schedule
     ctx = StepContext(
         denoise=denoise,
@@ -260,6 +292,9 @@ def _loop(
             reply = callback(info) if callback is not None else None
             if isinstance(reply, Tensor):
                 x = _edited(reply, x, "the callback")
+            elif reply is not None and not isinstance(reply, bool):  # "no" or 1 stopped the run
+                raise VelodiffError(f"the callback returns None or False (go on), True (stop) or a tensor "
+                                    f"(the new x); got {type(reply).__name__} at step {i}")
             elif reply:
                 check.raise_first()
                 return SampleResult(x0, counts["nfe"], counts["evals"], i + 1, stopped=True, plan=str(plan))
@@ -276,7 +311,7 @@ def running(plan: Plan, run: RunInfo):
     of the run itself propagates, not one of an ``end``. Runs of one network take turns (a lock)."""
     started: list[Accelerator] = []
     run = replace(run, plan=str(plan))
-    with _network_lock(run.network):
+    with network_lock(run.network):
         try:
             for rule in plan.rules:
                 try:
@@ -302,7 +337,9 @@ _LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDiction
 _LOCKS_GUARD = threading.Lock()
 
 
-def _network_lock(network: Any) -> contextlib.AbstractContextManager:
+def network_lock(network: Any) -> contextlib.AbstractContextManager:
+    """The lock runs of ``network`` take turns with (also taken by what reads or copies the network
+    outside a run: the diffusion classifier, concept erasure), re-entrant."""
     if network is None:
         return contextlib.nullcontext()
     with _LOCKS_GUARD:
@@ -318,6 +355,26 @@ def _end(rules: list[Accelerator]) -> list[Exception]:
         except Exception as e:  # noqa: BLE001 - the other rules must still come off the network
             errors.append(e)
     return errors
+
+
+class _ShapedNoise:
+    """A caller's noise source whose draws are checked to have the sample's shape (one of another shape
+    was broadcast over the batch); its ``between`` (a Brownian source's) too where it has one."""
+
+    def __init__(self, noise: Callable[[int], Tensor], shape: torch.Size) -> None:
+        self.noise, self.shape = noise, shape
+        if hasattr(noise, "between"):
+            self.between = lambda t_from, t_to: self._checked(noise.between(t_from, t_to), "between()")
+
+    def __call__(self, i: int) -> Tensor:
+        return self._checked(self.noise(i), f"noise({i})")
+
+    def _checked(self, z: Any, call: str) -> Tensor:
+        if not isinstance(z, Tensor) or z.shape != self.shape:
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise VelodiffError(f"{call} returned {got}; a step's noise has the sample's shape "
+                                f"{tuple(self.shape)}")
+        return z
 
 
 def _edited(new: Tensor, old: Tensor, who: str) -> Tensor:

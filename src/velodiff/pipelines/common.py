@@ -13,6 +13,7 @@ seed (and from CPU noise); velodiff never draws on the device.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,18 @@ def check_model(model: Any) -> None:
         raise VelodiffError(f"the model must be a loaded model, got {type(model).__name__}: pass {hint}")
 
 
+def check_model_like(model: Any, needs: Sequence[str]) -> None:
+    """What an editing API takes as a model: a loaded model, or any object with the attributes it uses
+    (``needs``: a toy model in a test, a wrapper); a name or a path is one line, as :func:`check_model`."""
+    from ..models.base import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        return
+    missing = [a for a in needs if not hasattr(model, a)]
+    if isinstance(model, (str, Path)) or missing:
+        check_model(model)
+
+
 def normalize_prompts(prompts: str | Sequence[str]) -> list[str]:
     if not isinstance(prompts, (str, list, tuple)):
         raise VelodiffError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
@@ -87,13 +100,17 @@ def batch_prompts_and_seeds(
 ) -> tuple[list[str], list[int]]:
     """One image per (prompt, seed): a single prompt repeats over a seed list; an int seed s gives
     s, s+1, ... per prompt; None means 0, 1, ... ."""
+    from ..limits import MAX_BATCH
+
     if seeds is None:
         seeds = 0
-    if isinstance(seeds, int):
-        return prompts, [seeds + i for i in range(len(prompts))]
+    if isinstance(seeds, numbers.Integral):  # (numpy's integers too)
+        return prompts, [int(seeds) + i for i in range(len(prompts))]
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise VelodiffError("seeds is an empty list")
+    if max(len(seeds), len(prompts)) > MAX_BATCH:
+        raise VelodiffError(f"{max(len(seeds), len(prompts))} images in one call; at most {MAX_BATCH}")
     if len(prompts) == 1:
         return prompts * len(seeds), seeds
     if len(seeds) != len(prompts):
@@ -109,8 +126,9 @@ def check_image_size(model: Any, h: int, w: int, what: str = "") -> None:
     from ..limits import MAX_SIDE
 
     for side, v in (("height", h), ("width", w)):
-        if not 0 < v <= MAX_SIDE:
-            raise VelodiffError(f"{what}{side} must be a number of pixels in [1, {MAX_SIDE}], got {v}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 < v <= MAX_SIDE:
+            raise VelodiffError(f"{what}{side} must be a number of pixels in [1, {MAX_SIDE}] (an integer), "
+                                f"got {v!r}")
     dh, dw = model.default_size
     if h * w > 16 * dh * dw:
         warnings.warn(

@@ -46,6 +46,8 @@ def image_tensor(image: Any, what: str = "init image") -> Tensor:
             raise VelodiffError(f"the {what}s have different sizes")
         return torch.cat(parts)
     if isinstance(image, Tensor):
+        if not image.is_floating_point():  # 0-255 by convention: read as [0, 1] it is another picture
+            raise VelodiffError(f"the {what} tensor is {image.dtype}; give floats in [0, 1] (divide by 255)")
         x = image.detach().float()
         x = x[None] if x.ndim == 3 else x
         if x.ndim != 4 or x.shape[1] != 3:

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..errors import VelodiffError, unknown_name
 from ..grids import check_grid, grid_parameters, make_grid
 from ..guidance import ClassifierFreeGuidance, GuidanceRescale
-from ..limits import check_guidance
+from ..limits import MAX_STEPS, check_guidance
 from ..plan import Plan
 from ..sampling import StepInfo
 from ..solvers import SolverSpec, get_solver
@@ -116,7 +116,8 @@ class Sampling:
                 "an integer or a list of integers",
             ),
             "callback": (callable, "a function of StepInfo"),
-            "latents": (lambda v: isinstance(v, Tensor), "a tensor (B, C, h, w)"),
+            "latents": (lambda v: isinstance(v, Tensor) and v.is_floating_point() and not v.is_meta,
+                        "a floating-point tensor (B, C, h, w)"),
             "solver_options": (lambda v: isinstance(v, dict), "a dict of option names to values"),
             "grid_options": (lambda v: isinstance(v, dict), "a dict of option names to values"),
             "grad": (lambda v: isinstance(v, bool), "True or False"),
@@ -203,16 +204,16 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     if steps is not None and nfe is not None:
         raise VelodiffError("give steps or nfe, not both")
     if nfe is not None:
-        if nfe < 1:
-            raise VelodiffError(f"nfe must be >= 1, got {nfe}")
+        if not 1 <= nfe <= MAX_STEPS:
+            raise VelodiffError(f"nfe must be in [1, {MAX_STEPS}], got {nfe}")
         steps, planned = spec.plan_nfe(int(nfe), ends_at_zero=final == "zero")
         if planned and not (opts.solver_options or {}).get("nfe"):  # the budget as the solver plans it
             spec = replace(spec, defaults={**spec.defaults, **planned})
         elif planned:
             steps = spec.steps_for_nfe(int(nfe), ends_at_zero=final == "zero")
     steps = int(model.default_steps if steps is None else steps)
-    if steps < 1:
-        raise VelodiffError(f"steps must be >= 1, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:  # (a plan setting's bound; 999 999 steps ran for hours)
+        raise VelodiffError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
     name = grid or model.default_grid
     grid_opts = {}
     if grid is None:

@@ -36,9 +36,10 @@ def text2img(
     opts = Sampling.of("text2img", options)
     check_model(model)
     ps, seeds_l = batch_prompts_and_seeds(normalize_prompts(prompts), opts.seeds)
-    h = int(height if height is not None else model.default_size[0])  # 0 is refused, not the default
-    w = int(width if width is not None else model.default_size[1])
-    check_image_size(model, h, w)
+    h = height if height is not None else model.default_size[0]  # 0 is refused, not the default
+    w = width if width is not None else model.default_size[1]
+    check_image_size(model, h, w)  # (integers: 64.9 ran at 64)
+    h, w = int(h), int(w)
     shape = model.latent_shape(len(ps), h, w)
     setup = make_setup(model, opts, size=(h, w))
     if opts.latents is None:
