@@ -378,8 +378,8 @@ MUTANTS = {
     ),
     "batch_seeds_same": (
         "pipelines/common.py",
-        "        return prompts, [seeds + i for i in range(len(prompts))]",
-        "        return prompts, [seeds for i in range(len(prompts))]",
+        "        return prompts, [int(seeds) + i for i in range(len(prompts))]",
+        "        return prompts, [int(seeds) for i in range(len(prompts))]",
         ["tests/test_generate.py", "-k", "per_image_negatives"],
     ),
     "dedup_prompts_ignores_negative_list": (
@@ -754,8 +754,8 @@ MUTANTS = {
     ),
     "apply_erasure_first_layer_only": (
         "edit/erase.py",
-        "            if name in erasure.layers:\n",
-        "            if name in erasure.layers[:1]:\n",
+        "        if name in erasure.layers:\n",
+        "        if name in erasure.layers[:1]:\n",
         ["tests/test_erase.py", "-k", "apply_erasure_puts"],
     ),
     "erase_projections_ignored": (
@@ -1358,6 +1358,49 @@ MUTANTS = {
         "                if e < err:\n                    ratios, err, improved = cand, e, True",
         "                if e <= err:\n                    ratios, err, improved = cand, e, True",
         ["tests/test_calibrated.py", "-k", "keep_only_moves"],
+    ),
+    # the Python API audit (review19): refusals that leave the state as it was
+    "canvas_move_pops_before_checking": (
+        "edit/brushes.py",
+        "        self._index(to)  # both checked before the stack changes (a refused move lost the layer)\n",
+        "",
+        ["tests/test_brushes.py", "-k", "refused_change"],
+    ),
+    "solver_option_values_unchecked": (
+        "solvers/base.py",
+        "            if key in OPTION_VALUES:\n",
+        "            if False:\n",
+        ["tests/test_sampling_errors.py", "-k", "option_value"],
+    ),
+    "sample_seed_unchecked": (
+        "sampling.py",
+        "    check_seed(seed)\n    for name, fn in",
+        "    for name, fn in",
+        ["tests/test_sampling_errors.py", "-k", "arguments_are"],
+    ),
+    "sample_noise_broadcast": (
+        "sampling.py",
+        "        noise = _ShapedNoise(noise, x.shape)\n",
+        "        noise = noise\n",
+        ["tests/test_sampling_errors.py", "-k", "arguments_are"],
+    ),
+    "classify_batch_size_unchecked": (
+        "edit/classify.py",
+        "    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:",
+        "    if False:",
+        ["tests/test_classify.py", "-k", "bad_input"],
+    ),
+    "image_tensor_takes_0_255": (
+        "pipelines/images.py",
+        "        if not image.is_floating_point():  # 0-255",
+        "        if False:  # 0-255",
+        ["tests/test_classify.py", "-k", "bad_input"],
+    ),
+    "apply_erasure_shape_unchecked": (
+        "edit/erase.py",
+        " or own.weight.shape != mod.weight.shape:",
+        ":",
+        ["tests/test_erase.py", "-k", "another_network"],
     ),
 }
 

@@ -3,6 +3,7 @@ last strength share of the steps; changing one layer re-renders it and the layer
 
 import pytest
 import torch
+from PIL import Image
 
 import velodiff
 from velodiff import VelodiffError
@@ -147,3 +148,36 @@ def test_bad_canvases_are_one_line(model):
         c = Canvas(model, "a red circle", steps=4, solver=solver, solver_options=options)
         with pytest.raises(VelodiffError, match=f"need a deterministic solver; '{solver}' draws step noise"):
             c.render(output="latent")
+
+
+def test_a_refused_change_leaves_the_canvas_as_it_was(model):
+    """Layers are checked whole when added or changed, and moves check both places first: a bad mask, seed
+    or field, or a move to no layer, is one line and the stack, its masks and its render stay (a refused
+    move had dropped the layer; a refused mask had replaced the good one, every later render failing)."""
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 40))
+    c = Canvas(model, "a red circle above a blue square", steps=4)
+    c.add(mask, "a green triangle", seed=1)
+    c.add(mask, "a yellow cross", seed=2)
+    first = c.render(output="latent").latents
+    layers = [dict(vars(layer)) for layer in c.layers]
+    for call, message in [
+        (lambda: c.move(0, 5), "no layer 5; the canvas has 2 layers"),
+        (lambda: c.update(0, mask=None), "the mask must be a PIL image"),
+        (lambda: c.update(0, mask=Image.new("L", (64, 64), 0)), "a layer's mask covers nothing"),
+        (lambda: c.update(1, mask=mask.resize((32, 32))), "a layer's mask is 32x32"),
+        (lambda: c.update(0, seed="x"), "a seed is an integer, got 'x'"),
+        (lambda: c.update(0, colour="red"), "a layer has no 'colour'"),
+        (lambda: c.add(Image.new("L", (64, 64), 0), "a red circle"), "a layer's mask covers nothing"),
+    ]:
+        with pytest.raises(VelodiffError, match=message):
+            call()
+        assert [dict(vars(layer)) for layer in c.layers] == layers
+    again = c.render(output="latent")
+    assert again.nfe == 0 and torch.equal(again.latents, first)
+    for prompt, seed, message in (("", 0, "the canvas's prompt is a non-empty string"),
+                                  ("a red circle", 1.5, "a seed is an integer")):
+        with pytest.raises(VelodiffError, match=message):
+            Canvas(model, prompt, seed=seed)
+    with pytest.raises(VelodiffError, match="the model must be a loaded model, got str"):
+        Canvas("default", "a red circle")

@@ -65,7 +65,7 @@ def toy(k=10, seed=0, model=PointMassModel):
 def test_exact_toy_picks_the_true_label_and_pruning_keeps_it():
     m, labels = toy()
     for y in range(len(labels)):
-        image = ((m.protos[y] + 0.1 * torch.randn(3, 8, 8)) + 1) / 2  # near prototype y
+        image = (((m.protos[y] + 0.1 * torch.randn(3, 8, 8)) + 1) / 2).clamp(0, 1)  # near prototype y
         m.calls = 0
         r = classify(m, image, labels, rounds=((2, 4), (6, 2), (12, 1)), batch_size=7)
         assert r.label == labels[y] and r.index == y
@@ -107,7 +107,8 @@ def test_each_weighting_is_its_elbo_weight_of_the_x0_error():
     score is d_k times the weighting's mean over the pairs' times: (alpha / sigma)^2 for eps, 1 / sigma^2
     for v (||v - v_theta||^2, alpha^2 + sigma^2 = 1), 1 for x0."""
     m, labels = toy(k=4, seed=2)
-    image = (m.protos[1] + 0.2 * torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)) + 1) / 2
+    jitter = 0.2 * torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    image = ((m.protos[1] + jitter + 1) / 2).clamp(0, 1)  # (an image: in [0, 1])
     d = [float(((m.encode(image) - p) ** 2).mean()) for p in m.protos]
     m.times = []
     classify(m, image, labels, rounds=((7, 1),))
@@ -196,6 +197,11 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         (img, ["a red circle", "a red circle"], "repeat"),
         (img, ["A red circle", "a red  circle", "a cross"], r"repeat \(ignoring case and spacing\): 'A red"),
         (img, ["a red circle", ""], "empty"),
+        (img, ["a red circle", None], "labels is a list of prompts"),  # ran with the label 'None'
+        (img, "a red circle", "labels is a list of prompts"),
+        # a tensor as img2img takes it, in [0, 1]: one of 0-255 read as another label
+        (torch.full((3, 64, 64), 200.0), ["a", "b"], r"the image tensor must hold values in \[0, 1\]"),
+        (torch.zeros(3, 64, 64, dtype=torch.uint8), ["a", "b"], r"is torch.uint8; give floats in \[0, 1\]"),
     ]
     for image, labels, match in cases:
         with pytest.raises(VelodiffError, match=match) as err:
@@ -203,6 +209,15 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         assert "\n" not in str(err.value)
     with pytest.raises(VelodiffError, match="weighting"):
         classify(model, img, ["a", "b"], weighting="l1")
+    with pytest.raises(VelodiffError, match="the model must be a loaded model"):
+        classify("default", img, ["a", "b"])
+    for size in (-1, 0, 2.5):  # -1 ran no evaluation and named the first label
+        with pytest.raises(VelodiffError, match=f"batch_size must be an integer >= 1, got {size}"):
+            classify(model, img, ["a", "b"], batch_size=size)
+    with pytest.raises(VelodiffError, match="seed 1180591620717411303424 is outside"):
+        classify(model, img, ["a", "b"], seed=2**70)
+    with pytest.raises(VelodiffError, match="t_range is a pair"):
+        classify(model, img, ["a", "b"], t_range=(0, 0.5, 1))
     with pytest.raises(VelodiffError, match="rounds"):
         classify(model, img, ["a", "b"], rounds=((8, 2), (4, 1)))
     with pytest.raises(VelodiffError, match="at most 1000 samples"):

@@ -154,6 +154,13 @@ def model_path(model):
         ({"concept": "triangle", "preserve_scale": -0.5}, "erase_scale and preserve_scale must be finite"),
         ({"concept": "triangle", "erase_scale": float("inf")}, "erase_scale and preserve_scale must be"),
         ({"concept": "triangle,triangles", "target": "circle,circles,crosses"}, "one target or one per word"),
+        ({"concept": None}, "a concept, target or preserved word is a string"),
+        ({"concept": "triangle", "preserve": None}, "a concept, target or preserved word is a string"),
+        ({"concept": "triangle", "lamb": "0.1"}, "lamb must be a number"),
+        ({"concept": "triangle", "templates": []}, "non-empty list of prompt templates"),
+        ({"concept": "triangle", "templates": "a {concept}"}, "non-empty list of prompt templates"),
+        ({"concept": "triangle", "templates": ["a picture"]}, "every templates entry needs {concept}"),
+        ({"concept": "triangle", "templates": ["a {bogus} {concept}"]}, "only {concept}, {color}, {size}"),
     ],
 )
 def test_bad_input_is_one_line(model, kw, match):
@@ -259,3 +266,31 @@ def test_the_empty_prompt_stays_preserved_next_to_the_named_concepts(model):
         w0, w1 = old.weight.double(), new[name].weight.double()
         moved = (empty @ w1.T - empty @ w0.T).norm() / (empty @ w0.T).norm()
         assert moved < 0.05, (name, float(moved))
+
+
+def test_an_erasure_for_another_network_is_refused_and_writes_nothing():
+    """apply_erasure checks every layer it would write first: a network without one of them (a pruned
+    student) or with another shape is one line and keeps all its weights (4 were overwritten before)."""
+    from types import SimpleNamespace
+
+    from velodiff.edit.erase import Erasure, apply_erasure
+
+    def net(width):
+        torch.manual_seed(width)
+        return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, width))
+
+    edited = net(4)
+    erasure = Erasure(unet=edited, concept="x", target="", preserve=(), layers=["0", "1"], erase_residual=0.0,
+                      preserve_residual=0.0)
+    for other in (torch.nn.Sequential(net(4)[0]), net(3)):  # no layer "1"; layers of another shape
+        model = SimpleNamespace(network=other)
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(VelodiffError, match="^this erasure was made for another network: the model has"):
+            apply_erasure(model, erasure)
+        assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    same = net(5)
+    same[0], same[1] = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    apply_erasure(SimpleNamespace(network=same), erasure)
+    assert all(torch.equal(same[k].weight, edited[k].weight) for k in (0, 1))  # (the weights: UCE's edit)
+    with pytest.raises(VelodiffError, match="apply_erasure takes erase_concept's Erasure, got str"):
+        apply_erasure(SimpleNamespace(network=same), "x")

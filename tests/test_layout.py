@@ -178,6 +178,18 @@ def test_no_relation_no_change_and_refusals(model):
         text2img(
             model, "a red circle", steps=2, plan=[LayoutGuidance(boxes={"blue square": (0, 0, 0.5, 0.5)})]
         )
+    # boxes without their words: one line naming the form, not a ValueError from dict()
+    from velodiff.edit.collage import collage
+    from velodiff.edit.regional import RegionalPrompting
+
+    form = r"maps the words of the prompt to boxes \(x0, y0, x1, y1\) in \[0, 1\]"
+    for make in (lambda: LayoutGuidance(boxes=[(0, 0, 1, 1)]),
+                 lambda: RegionalPrompting(regions={5: (0, 0, 1, 1)}),
+                 lambda: collage(model, "a red circle", boxes=[(0, 0, 0.5, 0.5)], steps=2)):
+        with pytest.raises(VelodiffError, match=form):
+            make()
+    with pytest.raises(VelodiffError, match="collage draws one prompt"):
+        collage(model, 5)
 
 
 def test_generate_layout_option(tmp_path, capsys):

@@ -65,15 +65,10 @@ def erase_cmd(
     """Erase a concept in closed form (UCE)."""
     words = [w.strip() for w in preserve.split(",") if w.strip()]
     tpl = [t.strip() for t in templates.split("|") if t.strip()] if templates is not None else None
-    if tpl is not None and (not tpl or any("{concept}" not in t for t in tpl)):
-        raise VelodiffError("every --templates entry needs {concept}, e.g. 'a photo of a {concept}'")
-    for t in tpl or ():
-        try:
-            t.format(concept="x")
-        except (KeyError, IndexError, ValueError):
-            raise VelodiffError(
-                f"--templates entry {t!r}: only {{concept}} may stand in braces (write others as {{{{ }}}})"
-            ) from None
+    if tpl is not None:
+        from ..edit.erase import check_templates
+
+        check_templates(tpl, "--templates")
     check_guidance(erase_scale, "--erase-scale")  # before the model loads (inf passed typer's min)
     check_guidance(preserve_scale, "--preserve-scale")
     if not 0 < lamb < math.inf:

@@ -58,8 +58,14 @@ class Canvas:
     layers: list[Layer] = field(default_factory=list)
 
     def __init__(self, model: Any, prompt: str, seed: int = 0, **options: Any) -> None:
+        from ..noise import check_seed
+        from ..pipelines.common import check_model
         from ..pipelines.setup import Sampling, check_output
 
+        check_model(model)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise VelodiffError(f"the canvas's prompt is a non-empty string, got {prompt!r}")
+        check_seed(seed)
         self.model, self.prompt, self.seed, self.layers = model, prompt, seed, []
         for k in ("seeds", "latents", "callback", "output"):
             if k in options:
@@ -78,8 +84,12 @@ class Canvas:
         return len(self.layers) - 1
 
     def update(self, index: int, **changes: Any) -> None:
-        """Change layer ``index`` (mask, prompt, seed, strength); it and the layers above re-render."""
+        """Change layer ``index`` (mask, prompt, seed, strength); it and the layers above re-render. A
+        change refused leaves the layer as it was."""
         layer = self.layers[self._index(index)]
+        unknown = sorted(set(changes) - set(layer.__dict__))
+        if unknown:
+            raise VelodiffError(f"a layer has no {unknown[0]!r}; change its mask, prompt, seed or strength")
         self.layers[index] = self._checked(Layer(**{**layer.__dict__, **changes}))
         del self._cache[index + 1 :]
 
@@ -89,24 +99,32 @@ class Canvas:
 
     def move(self, index: int, to: int) -> None:
         """Move layer ``index`` to position ``to`` (the stack order)."""
+        self._index(to)  # both checked before the stack changes (a refused move lost the layer)
         layer = self.layers.pop(self._index(index))
-        self.layers.insert(self._index(to, len(self.layers) + 1), layer)
+        self.layers.insert(to, layer)
         del self._cache[min(index, to) + 1 :]
 
-    def _index(self, i: int, n: int | None = None) -> int:
-        n = len(self.layers) if n is None else n
-        if not 0 <= i < n:
+    def _index(self, i: int) -> int:
+        n = len(self.layers)
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
             raise VelodiffError(f"no layer {i}; the canvas has {len(self.layers)} layers")
         return i
 
     def _checked(self, layer: Layer) -> Layer:
+        """The layer, checked whole when it is added or changed (not at the next render, after the good
+        layer it replaced was gone)."""
+        from ..noise import check_seed
+
         if not isinstance(layer.prompt, str) or not layer.prompt.strip():
             raise VelodiffError("a layer's prompt is empty; describe what the brush paints")
         check_strength(layer.strength, "a layer's strength", zero=False)
+        check_seed(layer.seed)
         from ..pipelines.img2img import check_runs_a_step
 
         # as img2img: no silent round-up
         check_runs_a_step(self._setup()[0].steps, float(layer.strength), self.model)
+        h, w = self.model.default_size
+        self._mask(layer.mask, self.model.latent_shape(1, h, w))
         return layer
 
     # -- rendering --

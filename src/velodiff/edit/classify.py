@@ -123,14 +123,13 @@ def image_latents(model: Any, image: Any) -> Tensor:
     wrong mode or size."""
     import numpy as np
 
-    if isinstance(image, Tensor):
-        x = image.float()
-        if x.ndim == 4 and x.shape[0] == 1:
-            x = x[0]
-        if x.ndim != 3 or x.shape[0] != 3:
-            raise VelodiffError(
-                f"the image tensor has shape {tuple(image.shape)}; expected (3, H, W) in [0, 1]"
-            )
+    if isinstance(image, Tensor | np.ndarray):  # in [0, 1], as img2img's (0-255 read as another label)
+        from ..pipelines.images import image_tensor
+
+        x = image_tensor(image, "image")
+        if x.shape[0] != 1:
+            raise VelodiffError(f"classify takes one image; the tensor holds {x.shape[0]}")
+        x = x[0]
     else:
         mode = getattr(image, "mode", None)
         if mode == "RGBA" and image.getextrema()[3][0] == 255:
@@ -152,7 +151,6 @@ def image_latents(model: Any, image: Any) -> Tensor:
     return model.encode(x[None])
 
 
-@torch.no_grad()
 def classify(
     model: Any,
     image: Any,
@@ -166,14 +164,44 @@ def classify(
 ) -> Classification:
     """Classify ``image`` among ``labels`` (prompts) by the model's denoising error (Li et al. 2023) with
     the paper's adaptive pruning (``rounds``: (samples, keep) per round). ``t_range``: the share of the
-    schedule's time range the pairs are drawn from. Returns a :class:`Classification`."""
+    schedule's time range the pairs are drawn from. Returns a :class:`Classification`. Takes turns with
+    the runs of the model's network in other threads (their rules change it while they run)."""
+    from ..pipelines.common import check_model_like
+    from ..sampling import network_lock
+
+    check_model_like(model, ("schedule", "denoiser", "encode", "encode_prompt"))
+    with network_lock(getattr(model, "network", None)), torch.no_grad():
+        return _classify(model, image, labels, rounds, weighting, t_range, seed, batch_size)
+
+
+def _classify(
+    model: Any,
+    image: Any,
+    labels: Sequence[str],
+    rounds: Sequence[Sequence[int]],
+    weighting: str,
+    t_range: tuple[float, float],
+    seed: int,
+    batch_size: int,
+) -> Classification:
+    from ..noise import check_seed
+
     t0 = time.perf_counter()
+    texts = isinstance(labels, Sequence) and not isinstance(labels, str)
+    if not texts or any(not isinstance(s, str) for s in labels):
+        raise VelodiffError(f"labels is a list of prompts, got {labels!r:.60}")
     labels = check_labels(labels)
     rounds = check_rounds(rounds)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise VelodiffError(f"batch_size must be an integer >= 1, got {batch_size!r}")  # -1 ran nothing
+    check_seed(seed)
     if weighting not in WEIGHTINGS:
         from ..errors import unknown_name
 
         raise unknown_name("weighting", weighting, WEIGHTINGS)
+    if not (isinstance(t_range, Sequence) and len(t_range) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in t_range)):
+        raise VelodiffError(f"t_range is a pair (lo, hi) of shares of the time range, got {t_range!r}")
     lo, hi = (float(v) for v in t_range)
     if not 0.0 <= lo < hi <= 1.0:
         raise VelodiffError(f"t_range must satisfy 0 <= lo < hi <= 1; got {t_range}")

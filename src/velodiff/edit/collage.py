@@ -45,6 +45,7 @@ from .layout import (
     check_boxes,
     count_of,
     is_mask,
+    named_regions,
     object_words,
     region_mask,
     spatial_parts,
@@ -139,6 +140,7 @@ def collage_boxes(prompt: str, boxes: Boxes | None = None) -> Boxes:
     """``boxes``, or else :func:`boxes_from_prompt`'s; one line when there are none."""
     named = boxes_from_prompt(prompt)
     if boxes is not None:  # the collage draws only boxed objects: one the prompt names must have a box
+        boxes = named_regions(boxes, "collage boxes")
         given = [set(k.split()) for k in boxes]
         missing = [k for k in named if not any(g <= set(k.split()) or set(k.split()) <= g for g in given)]
         if missing:
@@ -237,7 +239,13 @@ def collage(
 
     from ..accel.attention import AttentionMaps, attention_modules
     from ..pipelines import img2img, text2img
+    from ..pipelines.common import check_model
 
+    check_model(model)
+    if not isinstance(prompt, str):
+        raise VelodiffError(f"collage draws one prompt (a string), got {type(prompt).__name__}")
+    if isinstance(seeds, str) or not isinstance(seeds, Sequence):
+        raise VelodiffError(f"seeds is a list of integers, got {seeds!r}")
     boxes = collage_boxes(prompt, boxes)
     check_boxes(boxes, prompt)
     # (words, region, whether it holds one object of a counted group: drawn as "a <object>")

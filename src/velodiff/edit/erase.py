@@ -85,6 +85,26 @@ def _check_word(model: Any, word: str, what: str, allow_empty: bool = False) -> 
     return word
 
 
+def check_templates(templates: Any, what: str = "templates") -> list[str]:
+    """Prompt templates: a non-empty list of strings, each with ``{concept}``, other braces only the
+    fields :func:`expand_templates` fills (``{color}``, ``{size}``, ``{count}``); one line otherwise."""
+    if isinstance(templates, str) or not isinstance(templates, Sequence) or not templates:
+        raise VelodiffError(f"{what} is a non-empty list of prompt templates with {{concept}}, "
+                            f"got {templates!r}")
+    for t in templates:
+        if not isinstance(t, str) or "{concept}" not in t:
+            raise VelodiffError(f"every {what} entry needs {{concept}}, e.g. 'a photo of a {{concept}}'; "
+                                f"got {t!r}")
+        try:
+            t.format(concept="x", color="red", size="small", count="a")
+        except (KeyError, IndexError, ValueError):
+            raise VelodiffError(
+                f"{what} entry {t!r}: only {{concept}}, {{color}}, {{size}} and {{count}} may stand in "
+                "braces (write others as {{ }})"
+            ) from None
+    return list(templates)
+
+
 def expand_templates(templates: Sequence[str], word: str) -> list[str]:
     """The prompts of ``templates`` for one concept word (``{color}``, ``{size}``, ``{count}`` expand
     over the world)."""
@@ -150,7 +170,11 @@ def edit_vectors(
 
 
 def _words(text: str | Sequence[str]) -> list[str]:
-    return [w.strip() for w in (text.split(",") if isinstance(text, str) else text)]
+    words = text.split(",") if isinstance(text, str) else text
+    if not isinstance(words, Sequence) or any(not isinstance(w, str) for w in words):
+        raise VelodiffError(f"a concept, target or preserved word is a string (or a list of them), "
+                            f"got {text!r}")
+    return [w.strip() for w in words]
 
 
 def closed_form(
@@ -210,6 +234,13 @@ def erase_concept(
     :func:`save_erased`)."""
     import copy
 
+    from ..pipelines.common import check_model_like
+    from ..sampling import network_lock
+
+    check_model_like(model, ("network", "encode_prompt"))
+    for name, v in (("erase_scale", erase_scale), ("preserve_scale", preserve_scale), ("lamb", lamb)):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise VelodiffError(f"{name} must be a number, got {v!r}")
     concepts = [_check_word(model, w, "concept") for w in _words(concept)]
     targets = [_check_word(model, w, "target", allow_empty=True) for w in _words(target)]
     if len(targets) == 1:
@@ -218,7 +249,8 @@ def erase_concept(
         raise VelodiffError(
             f"{len(concepts)} concept words and {len(targets)} targets; give one target or one per word"
         )
-    preserve = tuple(dict.fromkeys(_check_word(model, w, "preserved concept") for w in preserve))
+    preserve = tuple(dict.fromkeys(_check_word(model, w, "preserved concept") for w in _words(preserve)))
+    templates = check_templates(templates)
     for c, t in zip(concepts, targets, strict=True):
         if c in preserve:
             raise VelodiffError(f"{c!r} is both erased and preserved; drop it from --preserve")
@@ -235,7 +267,8 @@ def erase_concept(
         )
     c, c_star, c_keep = edit_vectors(model, concepts, targets, preserve, templates)
     q = closed_form(c, c_star, c_keep, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb)
-    unet = copy.deepcopy(model.network)
+    with network_lock(model.network):  # not a copy of another thread's run, its rules' weights and hooks
+        unet = copy.deepcopy(model.network)
     layers = cross_attention_projections(unet, projections)
     num_e = den_e = num_p = den_p = 0.0
     with torch.no_grad():
@@ -271,12 +304,30 @@ def erase_concept(
 
 
 def apply_erasure(model: Any, erasure: Erasure) -> Any:
-    """``model`` with the edited network in place of its own (the same object, changed)."""
+    """``model`` with the edited network in place of its own (the same object, changed). An erasure
+    made for another network (a layer it does not have, or of another shape) is one line, and nothing
+    is written (a pruned student's weights were half overwritten before the error)."""
+    from ..pipelines.common import check_model_like
+    from ..sampling import network_lock
+
+    check_model_like(model, ("network",))
+    if not isinstance(erasure, Erasure):
+        raise VelodiffError(f"apply_erasure takes erase_concept's Erasure, got {type(erasure).__name__}")
     net = model.network
-    with torch.no_grad():
-        for name, mod in erasure.unet.named_modules():
-            if name in erasure.layers:
-                net.get_submodule(name).weight.copy_(mod.weight)
+    pairs = []
+    for name, mod in erasure.unet.named_modules():
+        if name in erasure.layers:
+            try:
+                own = net.get_submodule(name)
+            except AttributeError:
+                own = None
+            if own is None or getattr(own, "weight", None) is None or own.weight.shape != mod.weight.shape:
+                raise VelodiffError(f"this erasure was made for another network: the model has no layer "
+                                    f"{name} of shape {tuple(mod.weight.shape)}; erase from this model")
+            pairs.append((own, mod))
+    with network_lock(net), torch.no_grad():
+        for own, mod in pairs:
+            own.weight.copy_(mod.weight)
     return model
 
 

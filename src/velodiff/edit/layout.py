@@ -181,8 +181,19 @@ def check_region_box(name: str, box: Any, what: str = "layout") -> None:
         )
 
 
+def named_regions(value: Any, what: str) -> dict[str, Any]:
+    """``value`` as a dict of words (or region prompts) to boxes, masks or lists of them; a list of boxes
+    without their words, or a key that is no text, is one line."""
+    if not isinstance(value, dict) or any(not isinstance(k, str) for k in value):
+        raise VelodiffError(f"{what} maps the words of the prompt to boxes (x0, y0, x1, y1) in [0, 1], e.g. "
+                            f"{{'red circle': (0.1, 0.1, 0.45, 0.45)}}; got {value!r:.80}")
+    return dict(value)
+
+
 def check_boxes(boxes: Boxes, prompt: str) -> None:
     from .p2p import PIECES
+
+    named_regions(boxes, "layout boxes")
 
     words = set(PIECES.findall(prompt.lower()))
     for name, value in boxes.items():
@@ -247,7 +258,7 @@ class LayoutGuidance(Accelerator):
 
     def __init__(self, boxes: Boxes | None = None, **values: Any) -> None:
         super().__init__(**values)
-        self.boxes = dict(boxes or {})
+        self.boxes = named_regions(boxes or {}, "layout boxes")
 
     def check(self, run: RunInfo) -> None:
         if not [m for m in attention_modules(run.network, True) if m[1].norm_q is None]:

@@ -302,12 +302,22 @@ def edit_prompt(
     (1, C, h, w) starting sample, e.g. an inversion's ``inv.latents`` with the same steps and grid) under
     prompt-to-prompt; returns the pipeline's GenerationResult, images[0] the source, then the edits.
     ``options`` as :func:`velodiff.pipelines.text2img`."""
-    from ..pipelines import text2img
-    from ..pipelines.common import initial_noise
+    import torch
 
-    ts = [targets] if isinstance(targets, str) else list(targets)
+    from ..pipelines import text2img
+    from ..pipelines.common import check_image_size, check_model, initial_noise
+
+    check_model(model)
+    ts = [targets] if isinstance(targets, str) else targets
+    if not isinstance(ts, list | tuple) or not all(isinstance(t, str) for t in ts):
+        raise VelodiffError(f"targets is an edited prompt or a list of them, got {type(targets).__name__}")
     if not ts:
         raise VelodiffError("no edited prompt given")
+    if "seeds" in options:
+        raise VelodiffError("edit_prompt takes one seed (seed=), shared by the source and its edits")
+    if latents is not None and not (isinstance(latents, torch.Tensor) and latents.is_floating_point()):
+        got = type(latents).__name__
+        raise VelodiffError(f"latents must be a floating-point tensor (1, C, h, w), got {got}")
     prompts = [source, *ts]
     given = dict(
         mode=mode,
@@ -320,8 +330,9 @@ def edit_prompt(
         threshold=threshold,
     )
     rule = PromptToPrompt(**{k: v for k, v in given.items() if v != PromptToPrompt.options[k].default})
-    h = options.pop("height", None) or model.default_size[0]
-    w = options.pop("width", None) or model.default_size[1]
+    h, w = options.pop("height", None), options.pop("width", None)
+    h, w = model.default_size[0] if h is None else h, model.default_size[1] if w is None else w
+    check_image_size(model, h, w)  # (0 ran at the default size)
     if latents is None:
         latents = initial_noise(model.latent_shape(1, h, w), [seed])
     if latents.shape[0] != 1:

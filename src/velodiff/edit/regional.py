@@ -43,7 +43,7 @@ from ..accel.attention import ProcessorSwap, RowProcessor, RowState, attention_m
 from ..errors import VelodiffError
 from ..guidance.cfg import STOP, TERM
 from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
-from .layout import Box, check_region_box, parse_boxes, region_mask, spatial_parts
+from .layout import Box, check_region_box, named_regions, parse_boxes, region_mask, spatial_parts
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -140,7 +140,7 @@ class RegionalPrompting(Accelerator):
 
     def __init__(self, regions: dict[str, Box] | None = None, **values: Any) -> None:
         super().__init__(**values)
-        self.regions = dict(regions or {})
+        self.regions = named_regions(regions or {}, "regions")
         for text, box in self.regions.items():
             if not text.strip():
                 raise VelodiffError("a region's prompt is empty; write 'a red circle: 0,0,0.5,1'")
