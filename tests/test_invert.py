@@ -207,7 +207,7 @@ def test_fixed_point_runs_what_the_models_calibration_holds(model, monkeypatch):
     seen = []
 
     def spy(real):
-        return lambda *a, **kw: seen.append(set(kw)) or real(*a, **kw)
+        return lambda *a, **kw: seen.append(set(kw) | set(kw.get("solver_options") or {})) or real(*a, **kw)
 
     for name in ("invert_latents", "regenerate_latents"):
         monkeypatch.setattr(inv_module, name, spy(getattr(inv_module, name)))
@@ -229,6 +229,35 @@ def test_pipeline_refusals(model):
         invert(model, torch.rand(1, 3, 64, 64), "a red circle", "rf", steps=2)
     with pytest.raises(VelodiffError, match="stochastic"):
         invert(model, torch.rand(1, 3, 64, 64), "a red circle", "fixed-point", solver="ddpm", steps=2)
+    image = torch.rand(1, 3, 64, 64)
+    for kw, message in ((dict(p="0.5"), "p must be a number, got '0.5'"),
+                        (dict(iters=2.5), "iters must be an integer, got 2.5")):
+        with pytest.raises(VelodiffError, match=message):
+            invert(model, image, "a red circle", "fixed-point" if "iters" in kw else "edict", steps=2, **kw)
+
+
+def test_regenerate_keeps_solver_options_apart_and_honours_or_refuses_a_callback(model):
+    """A solver's own eta reaches the fixed-point regeneration beside RF-Inversion's (it failed with 'got
+    multiple values for eta', after the inversion's work); a callback that stops a ddim regeneration is
+    reported as a stop after that step; EDICT, whose coupled steps take no callback, refuses one instead
+    of never calling it; latents of another shape and an unknown output are one line."""
+    from velodiff.pipelines.invert import invert
+
+    image = torch.rand(1, 3, 64, 64)
+    inv = invert(model, image, "a red circle", "fixed-point", solver="ddim", solver_options={"eta": 0.0},
+                 steps=3, measure=False)
+    assert inv.regenerate(output="latent").nfe == 3
+    ddim = invert(model, image, "a red circle", "ddim", steps=3, measure=False)
+    calls = []
+    r = ddim.regenerate(output="latent", callback=lambda info: calls.append(info.i) or True)
+    assert calls == [0] and r.stopped and r.steps == 1 and r.nfe == 1
+    edict = invert(model, image, "a red circle", "edict", steps=2, measure=False)
+    with pytest.raises(VelodiffError, match="^a callback runs with the ddim and fixed-point regenerations"):
+        edict.regenerate(callback=lambda info: None)
+    with pytest.raises(VelodiffError, match=r"latents must be a tensor of the inverted latents' shape"):
+        ddim.regenerate(latents=torch.zeros(1, 4, 8, 8))
+    with pytest.raises(VelodiffError, match="unknown output 'bogus'"):
+        ddim.regenerate(output="bogus")
 
 
 def cli(*args: str) -> int:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,6 +216,11 @@ def invert_latents(
     ts = torch.as_tensor(ts, dtype=F64).cpu()
     if len(ts) < 2:
         raise VelodiffError("inversion needs at least one step")
+    for name, v, integral in (("p", p, False), ("gamma", gamma, False), ("tol", tol, False),
+                              ("iters", iters, True), ("sweeps", 1 if sweeps is None else sweeps, True)):
+        kind = numbers.Integral if integral else numbers.Real
+        if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v):
+            raise VelodiffError(f"{name} must be {'an integer' if integral else 'a number'}, got {v!r}")
     if not 0.0 < p < 1.0:
         raise VelodiffError(f"EDICT's mixing weight p must be in (0, 1), got {p}")
     if not 0.0 <= gamma <= 1.0:
@@ -451,13 +457,23 @@ def regenerate_latents(
     eta: float = 0.0,
     stop: float = 0.25,
     callback: Any = None,
-    **solver_options: Any,
+    solver_options: Mapping[str, Any] | None = None,
 ) -> tuple[Tensor, int, float]:
     """Run the sampler ``inv`` inverts from its latents (or ``latents``, e.g. an edited copy), with
     ``cond`` (the inversion's, or another prompt's: an edit) and ``plan``; returns (x at ts[-1], NFE,
     network-sample evaluations per image). ``eta`` / ``stop``: RF-Inversion's reverse controller toward
-    the inverted image (0: plain flow)."""
+    the inverted image (0: plain flow), apart from the solver's own options (its ``eta`` too). A
+    ``callback`` (the sampling loop's contract) runs with the ddim and fixed-point regenerations; EDICT
+    and RF-Inversion run their own coupled steps, which take none (refused, not silently skipped)."""
+    solver_options = dict(solver_options or {})
+    if latents is not None and not (isinstance(latents, Tensor) and latents.shape == inv.latents.shape):
+        got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+        raise VelodiffError(f"latents must be a tensor of the inverted latents' shape "
+                            f"{tuple(inv.latents.shape)}, got {got}")
     x = inv.latents if latents is None else latents.to(inv.latents.device)  # a caller's copy: maybe the CPU
+    if callback is not None and inv.method not in ("ddim", "fixed-point"):
+        raise VelodiffError(f"a callback runs with the ddim and fixed-point regenerations; {inv.method} "
+                            "regenerates with its own coupled steps, which take none")
     if inv.method in ("ddim", "fixed-point"):
         from ..sampling import sample
 

@@ -32,7 +32,7 @@ from .common import (
 )
 from .images import image_tensor
 from .img2img import init_image_latents
-from .setup import Sampling, make_setup
+from .setup import Sampling, check_output, make_setup
 
 
 def psnr(a: Tensor, b: Tensor) -> float:
@@ -82,6 +82,7 @@ class Inversion:
         the inversion's; another prompt is an edit) and ``plan`` (default: the inversion's). ``eta`` /
         ``stop``: RF-Inversion's reverse controller toward the source image (method rf)."""
         m = self.model
+        check_output(output)
         ps = self.prompts if prompts is None else normalize_prompts(prompts)
         if len(ps) == 1 and len(self.prompts) > 1:
             ps = ps * len(self.prompts)
@@ -91,6 +92,14 @@ class Inversion:
         setup = make_setup(m, opts, size=self.size)
         h, w = self.size
         cond = encode_batch_prompts(m, ps, opts.negative, setup.plan.needs("uncond"), h, w)
+        stopped: list[int] = []  # the step a callback stopped after, reported as the run's
+
+        def watched(info: Any) -> Any:
+            reply = callback(info)
+            if reply is True:
+                stopped.append(info.i + 1)
+            return reply
+
         z, nfe, evals = regenerate_latents(
             m.denoiser,
             self.result,
@@ -100,10 +109,11 @@ class Inversion:
             latents=latents,
             eta=eta,
             stop=stop,
-            callback=callback,
-            **setup.options,
+            callback=None if callback is None else watched,
+            solver_options=setup.options,
         )
-        res = SampleResult(z.float(), nfe, evals, len(self.result.ts) - 1, plan=str(setup.plan))
+        steps = stopped[0] if stopped else len(self.result.ts) - 1
+        res = SampleResult(z.float(), nfe, evals, steps, stopped=bool(stopped), plan=str(setup.plan))
         return finish(
             m,
             res,
