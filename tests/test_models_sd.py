@@ -676,6 +676,23 @@ def test_a_damaged_model_folder_is_one_line(tmp_path):
     (bad_vae / "vae" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(VelodiffError, match="cannot load vae/ from"):
         load(bad_vae)
+    # a config that is no JSON object (an AttributeError on 'list'), weights without one of the module's
+    # tensors (torch's "Cannot copy out of meta tensor" when the model moved)
+    listed = tmp_path / "listed-config"
+    shutil.copytree(src, listed)
+    (listed / "unet" / "config.json").write_text("[]")
+    with pytest.raises(VelodiffError, match=r"unet/config.json is damaged: a config is a JSON object"):
+        load(listed)
+    short = tmp_path / "short-weights"
+    shutil.copytree(src, short)
+    from safetensors.torch import load_file, save_file
+
+    weights = next((short / "unet").glob("*.safetensors"))
+    state = load_file(str(weights))
+    del state["conv_in.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(VelodiffError, match=r"^cannot load unet/ from .*: its weights lack conv_in.weight$"):
+        load(short)
 
 
 

@@ -108,9 +108,12 @@ class Source:
 
 def _read_json(p: Path) -> dict[str, Any]:
     try:
-        return json.loads(p.read_text())
+        data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise VelodiffError(f"cannot read {p}: {e}") from None
+    if not isinstance(data, dict):
+        raise VelodiffError(f"{p} is damaged: a config is a JSON object, this holds a {type(data).__name__}")
+    return data
 
 
 def inspect_source(path: str | os.PathLike[str]) -> Source:

@@ -91,13 +91,20 @@ def from_pretrained(cls: Any, path: str | os.PathLike[str], subfolder: str | Non
         kwargs["use_safetensors"] = True
     if subfolder:
         kwargs["subfolder"] = subfolder
+    what = f"{subfolder}/" if subfolder else "the model"
     try:
-        return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+        loaded = cls.from_pretrained(str(path), local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - a damaged folder fails in the libraries in many ways
         # (a config's bad value: IndexError, a dataclass validation error; a broken vocab: Exception)
-        msg = first_line(e)
-        what = f"{subfolder}/" if subfolder else "the model"
-        raise VelodiffError(f"cannot load {what} from {path}: {msg}") from None
+        raise VelodiffError(f"cannot load {what} from {path}: {first_line(e)}") from None
+    # a weights file without one of the module's tensors leaves it on the meta device (no data): said
+    # here, not as torch's "Cannot copy out of meta tensor" when the model moves
+    named = getattr(loaded, "named_parameters", None)
+    missing = [n for n, t in (named() if callable(named) else ()) if t.is_meta]
+    if missing:
+        raise VelodiffError(f"cannot load {what} from {path}: its weights lack {missing[0]}"
+                            f"{f' and {len(missing) - 1} more tensors' if len(missing) > 1 else ''}")
+    return loaded
 
 
 def from_single_file(pipeline_cls: Any, path: str | os.PathLike[str], **kwargs: Any) -> Any:
