@@ -254,3 +254,8 @@ def test_grid_errors():
     for rho in (0.0, -7.0, float("nan")):  # 0 divided by zero; -7 made a grid of another shape silently
         with pytest.raises(VelodiffError, match="^grid .karras. with options .*: rho must be a number"):
             make_grid("karras", sched, 10, rho=rho)
+    with pytest.raises(VelodiffError, match="make_grid's schedule is a NoiseSchedule .*, got str"):
+        make_grid("karras", "scaled_linear", 10)
+    for steps in ("5", 2.5, True):  # (torch's linspace signature quoted in full before)
+        with pytest.raises(VelodiffError, match=r"grid 'karras' needs steps in \[1, "):
+            make_grid("karras", sched, steps)

@@ -693,6 +693,14 @@ def test_a_damaged_model_folder_is_one_line(tmp_path):
     save_file(state, str(weights))
     with pytest.raises(VelodiffError, match=r"^cannot load unet/ from .*: its weights lack conv_in.weight$"):
         load(short)
+    with pytest.raises(VelodiffError, match="prediction_type 'flow' does not fit this model: its schedule"):
+        load(src, prediction_type="flow")  # (it ran, making wrong images)
+    for name in ("", 5, None):
+        with pytest.raises(VelodiffError, match="load takes a shipped model's name"):
+            load(name)
+    from pathlib import Path
+
+    assert load(Path("default")).path == load("default").path  # a Path of the name names it too
 
 
 

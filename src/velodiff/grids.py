@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -628,6 +629,9 @@ def make_grid(
     """A grid by name (see ``GRIDS``; other tools' scheduler names, ComfyUI's "align_your_steps" or
     A1111's "SGM Uniform", resolve through ``velodiff.aliases``), or an explicit decreasing list of
     times, validated."""
+    if not all(hasattr(sched, a) for a in ("alpha", "sigma", "t_min", "t_max")):
+        raise VelodiffError(f"make_grid's schedule is a NoiseSchedule (velodiff.DiscreteVP.scaled_linear(), "
+                            f"model.schedule), got {type(sched).__name__}")
     if isinstance(name, str):
         if name not in GRIDS:  # another tool's scheduler name (velodiff.aliases), or refused
             from .aliases import resolve_grid
@@ -640,7 +644,8 @@ def make_grid(
                 "the calibrated grid is fitted to a model (velodiff calibrate solver): pass "
                 "grid='calibrated' to a pipeline or --grid calibrated, not to make_grid"
             )
-        if steps is None or not 1 <= steps <= MAX_GRID_STEPS:
+        whole = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
+        if not whole or not 1 <= steps <= MAX_GRID_STEPS:
             raise VelodiffError(f"grid {name!r} needs steps in [1, {MAX_GRID_STEPS}], got {steps}")
         ts = _call_grid(name, sched, steps, final, options)
     else:

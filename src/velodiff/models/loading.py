@@ -200,8 +200,11 @@ def load(
 
     _register_builtin()
     offline()
-    if isinstance(path, str) and path in SHIPPED:
-        path = shipped_path(path)
+    if not isinstance(path, str | os.PathLike) or not str(path).strip():  # ("" read as the current folder)
+        raise VelodiffError(f"load takes a shipped model's name ({', '.join(SHIPPED)}), a diffusers folder "
+                            f"or a .safetensors file, got {path!r}")
+    if str(path) in SHIPPED and (isinstance(path, str) or not Path(path).exists()):  # Path("default") too
+        path = shipped_path(str(path))
     source = inspect_source(path)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     if family is not None and family not in FAMILIES:
@@ -223,6 +226,14 @@ def load(
             prediction_type=prediction_type,
             config=Path(config).expanduser() if config is not None else None,
         )
+    from ..schedules import RectifiedFlow
+
+    flow = isinstance(model.schedule, RectifiedFlow)
+    if prediction_type is not None and (prediction_type == "flow") != flow:  # ran, making wrong images
+        kind = "a rectified flow" if flow else "a diffusion (VP) schedule"
+        fits = "flow" if flow else "epsilon, v_prediction or sample"
+        raise VelodiffError(f"prediction_type {prediction_type!r} does not fit this model: its schedule is "
+                            f"{kind}, which takes {fits}")
     model.path = str(source.path)
     model.loaded_with = loaded_with(source, config, family, prediction_type)
     _apply_sampling_file(model, Path(source.path))
