@@ -246,6 +246,7 @@ def test_cli_bench_solvers_bad_input_is_one_line(args, message, tmp_path, capsys
         ({"noise": lambda i: torch.zeros(1)}, "noise(0) returned (1,); a step's noise has the sample's"),
         ({"callback": lambda info: "no"}, "the callback returns None or False (go on), True (stop) or a"),
         ({"callback": lambda info: 1}, "the callback returns None or False"),  # stopped the run
+        ({"callback": lambda info: info.x * float("nan")}, "the callback returned an x holding NaN or inf"),
         ({"context": 5}, "context maps RunInfo fields to values, got int"),
         ({"context": {"bogus": 1}}, "context has no field 'bogus'; RunInfo's fields: schedule, ts"),
     ],

@@ -292,6 +292,8 @@ def _loop(
             reply = callback(info) if callback is not None else None
             if isinstance(reply, Tensor):
                 x = _edited(reply, x, "the callback")
+                if not bool(torch.isfinite(x).all()):  # named here, not later as "the model returned NaN"
+                    raise VelodiffError(f"the callback returned an x holding NaN or inf at step {i}")
             elif reply is not None and not isinstance(reply, bool):  # "no" or 1 stopped the run
                 raise VelodiffError(f"the callback returns None or False (go on), True (stop) or a tensor "
                                     f"(the new x); got {type(reply).__name__} at step {i}")

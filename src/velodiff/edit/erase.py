@@ -256,6 +256,7 @@ def erase_concept(
             raise VelodiffError(f"{c!r} is both erased and preserved; drop it from --preserve")
         if c == t:
             raise VelodiffError(f"the target {t!r} is the erased concept itself; pick another word or ''")
+    projections = (projections,) if isinstance(projections, str) else tuple(projections)  # not its letters
     bad = [p for p in projections if p not in PROJECTIONS]
     if bad or not projections:
         raise VelodiffError(f"projections must be among {', '.join(PROJECTIONS)}; got {list(projections)}")

@@ -323,10 +323,10 @@ def edit_prompt(
         mode=mode,
         cross_steps=cross_steps,
         self_steps=self_steps,
-        words=tuple(words),
+        words=(words,) if isinstance(words, str) else tuple(words),  # one word, not its letters
         weight=weight,
         uncond=uncond,
-        blend=tuple(blend),
+        blend=(blend,) if isinstance(blend, str) else tuple(blend),  # one word, not its letters
         threshold=threshold,
     )
     rule = PromptToPrompt(**{k: v for k, v in given.items() if v != PromptToPrompt.options[k].default})
