@@ -785,3 +785,18 @@ def test_a_diffusers_class_name_runs_as_from_config_of_the_models_scheduler(mode
     r = text2img(m, PROMPT, steps=5, solver=type(sched).__name__, guidance=7.5, latents=z, output="latent")
     assert r.grid == "leading"
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_a_truncated_prompt_warns_at_every_call_under_the_callers_filters(models):
+    """The truncation warning comes at every call (not only the first, Python's default), yet the caller's
+    own filters still decide: under simplefilter('error') it raises (it was forced to 'always')."""
+    import warnings
+
+    m, long = models["sd1"], "a red circle " * 40
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="tokens; the text encoder reads 77"):
+            text2img(m, long, steps=1, output="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="tokens; the text encoder reads 77"):
+            text2img(m, long, steps=1, output="latent")

@@ -291,8 +291,8 @@ def prepare_cond(
 ) -> Cond:
     check_text(prompts, "prompt")
     check_text(negative, "negative prompt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():  # every call's truncation warned, not only the first: after (appended
+        warnings.simplefilter("always", append=True)  # to) the caller's filters, which still decide
         return model.encode_prompt(prompts, negative, guided=guided, height=height, width=width)
 
 
