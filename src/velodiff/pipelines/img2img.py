@@ -64,6 +64,9 @@ def init_image_latents(
 ) -> tuple[Tensor, int, int]:
     """Encode the init image(s) and check their size; one image serves the whole batch."""
     if image_latents is not None:
+        if image is not None:  # both: the latents are the image's, at its size (not silently the latents')
+            img = image_tensor(image, "init image")
+            height, width = height or int(img.shape[-2]), width or int(img.shape[-1])
         return given_latents(model, image_latents, "image_latents", batch, height, width)
     img = image_tensor(image, "init image")
     h, w = int(img.shape[-2]), int(img.shape[-1])
