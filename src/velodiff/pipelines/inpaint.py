@@ -122,9 +122,6 @@ def inpaint(
     cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.needs("uncond"), h, w)
     rules: list[Accelerator] = []
     encode = None
-    if masked_image_latents is not None and not model.is_inpainting:  # (it was ignored)
-        raise VelodiffError("masked_image_latents are an inpainting UNet's extra input; this model inpaints "
-                            "by re-noising the masked region and takes none")
     if model.is_inpainting:
         if masked_image_latents is None:
             # diffusers: masked image = image * (mask < 0.5) in [-1, 1], i.e. gray 0.5 where repainted
