@@ -18,12 +18,12 @@ def test_weight_groups_have_16_levels_and_half_a_step_of_error():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 70, generator=g)  # 70 = 64 + a short last group
     q = quantize_weight_groups(w, 64)
-    # all of one sign: the short group's padding must not stretch its range to 0
+    # all of one sign: the range holds 0 (a storable zero point), the short group's too
     positive = torch.rand(6, 70, generator=g) + 1
     for ws, qs in ((w, q), (positive, quantize_weight_groups(positive, 64))):
         for group in (slice(0, 64), slice(64, 70)):
             block = ws[:, group]
-            step = (block.amax(1) - block.amin(1)) / 15
+            step = (block.amax(1).clamp(min=0) - block.amin(1).clamp(max=0)) / 15
             assert all(len(torch.unique(row)) <= 16 for row in qs[:, group])
             assert ((qs[:, group] - block).abs() <= step[:, None] / 2 + 1e-6).all()
     assert (
@@ -161,3 +161,22 @@ def test_the_rule_runs_each_linear_on_its_4_bit_weights_and_8_bit_inputs_with_it
                         net[0].bias)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert torch.equal(net(x), plain)
+
+
+def test_every_dequantized_weight_is_a_4_bit_code_with_a_storable_zero_point():
+    """What a W4A8 kernel stores: per group a scale s and a zero point z in [0, 15], per weight a code q in
+    [0, 15]; each dequantized weight is (q - z) s. A group all of one sign (here all positive) needs 0
+    inside its range for z to be storable (unclamped, z was about -150: a result no kernel gives)."""
+    from velodiff.accel.w4a8 import quantize_weight_groups
+
+    torch.manual_seed(0)
+    w = torch.cat([1 + 0.1 * torch.rand(4, 16), torch.randn(4, 16), -2 - torch.rand(4, 16)])
+    dq = quantize_weight_groups(w, 16)
+    lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+    s = (hi - lo) / 15
+    z = torch.round(-lo / s)
+    codes = dq / s + z
+    assert bool(((z >= 0) & (z <= 15)).all())
+    torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
+    assert bool(((codes.round() >= 0) & (codes.round() <= 15)).all())
+    assert float((dq - w).abs().max()) <= float(s.max()) / 2 + 1e-6  # round to nearest within the range

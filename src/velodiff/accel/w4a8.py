@@ -8,7 +8,8 @@ path), so velodiff does it in its own code, to measure what such a kernel would 
 
 * weights: each Linear's weight is cut along its input channels into groups of ``group_size`` and
   quantized asymmetrically to 4 bits per group, ``q = clamp(round(w / s) + z, 0, 15)``,
-  ``s = (max - min) / 15``, ``z = round(-min / s)``, then dequantized (once per network, swapped in for
+  ``s = (max - min) / 15``, ``z = round(-min / s)`` (the range widened to hold 0, so z is a 4-bit
+  integer as a kernel stores it), then dequantized (once per network, swapped in for
   the run as quantize.py does);
 * activations: each Linear's input is quantized symmetrically to 8 bits per token (row), except the
   ``outliers`` fraction of its channels with the largest magnitude in each sample's input, which stay in
@@ -46,10 +47,10 @@ def quantize_weight_groups(w: Tensor, group_size: int, bits: int = 4) -> Tensor:
     out_f, in_f = w.shape
     levels = 2**bits - 1
     pad = (-in_f) % group_size
-    g = torch.nn.functional.pad(w.float(), (0, pad)).view(out_f, -1, group_size)
-    if pad:  # the padding must not widen the last group's range: repeat its first value
-        g[:, -1, group_size - pad :] = g[:, -1, :1]
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    g = torch.nn.functional.pad(w.float(), (0, pad)).view(out_f, -1, group_size)  # (0s: inside the range)
+    # the range holds 0 (as torch.ao's observers), so the zero point z = round(-lo / s) is an integer in
+    # [0, 2**bits - 1] a kernel can store (a group all of one sign gave z far outside it: unstorable)
+    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / levels).clamp_min(1e-12)
     zero = torch.round(-lo / scale)
     q = torch.clamp(torch.round(g / scale) + zero, 0, levels)
