@@ -626,6 +626,13 @@ def test_numpy_images_and_masks_as_diffusers_takes_them():
         assert torch.equal(mask_tensor(m), want)
     with pytest.raises(VelodiffError, match=r"values in \[0, 1\]"):
         mask_tensor(holes.astype(np.float32) * 3)
+    import warnings
+
+    read_only = u8.copy()
+    read_only.flags.writeable = False  # np.asarray(pil_image) is: torch warned 'not writable'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(image_tensor(read_only), image_tensor(u8))
 
 
 def test_long_prompt_truncated_with_warning(models):

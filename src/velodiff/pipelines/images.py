@@ -35,7 +35,7 @@ def image_tensor(image: Any, what: str = "init image") -> Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim not in (3, 4) or image.shape[-1] != 3:
             raise VelodiffError(f"the {what} array must be (H, W, 3) or (B, H, W, 3), got {image.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(image)).float()
+        x = torch.from_numpy(np.array(image, copy=True)).float()  # (a read-only array too)
         x = x / 255.0 if image.dtype == np.uint8 else x
         return image_tensor(x.movedim(-1, -3), what)
     if isinstance(image, (list, tuple)):
@@ -108,7 +108,7 @@ def mask_tensor(mask: Any) -> Tensor:
     import numpy as np
 
     if isinstance(mask, np.ndarray):
-        m = torch.from_numpy(np.ascontiguousarray(mask)).float()
+        m = torch.from_numpy(np.array(mask, copy=True)).float()
         return mask_tensor(m / 255.0 if mask.dtype == np.uint8 else m)
 
     if isinstance(mask, (list, tuple)):
