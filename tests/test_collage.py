@@ -182,6 +182,12 @@ def test_bad_input_is_one_line(model, tmp_path, capsys):
         collage(model, "a red circle", box, strength=0, steps=2)
     with pytest.raises(VelodiffError, match="'red' is not in the prompt"):
         collage(model, "a blue circle", box, steps=2)
+    for threshold in (float("nan"), 5, 0):
+        with pytest.raises(VelodiffError, match=r"collage: threshold is an RGB distance in \(0, 1\)"):
+            collage(model, "a red circle", box, threshold=threshold, steps=2)
+    # a box outside the image is named as itself (it was reported as the square's missing box)
+    with pytest.raises(VelodiffError, match=r"layout box 'red circle' \(0, 0, 2, 2\) must satisfy"):
+        collage(model, "a red circle above a blue square", {"red circle": (0, 0, 2, 2)}, steps=2)
     out = str(tmp_path / "c.png")
     for args, message in [
         (("--layout-mode", "collage"), "needs layout boxes or a prompt naming several objects"),

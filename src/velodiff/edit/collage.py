@@ -43,6 +43,7 @@ from .layout import (
     add_regions,
     box_list,
     check_boxes,
+    check_region_box,
     count_of,
     is_mask,
     named_regions,
@@ -141,6 +142,9 @@ def collage_boxes(prompt: str, boxes: Boxes | None = None) -> Boxes:
     named = boxes_from_prompt(prompt)
     if boxes is not None:  # the collage draws only boxed objects: one the prompt names must have a box
         boxes = named_regions(boxes, "collage boxes")
+        for name, value in boxes.items():  # a bad box named as itself, not as another object's missing one
+            for box in box_list(value):
+                check_region_box(name, box)
         given = [set(k.split()) for k in boxes]
         missing = [k for k in named if not any(g <= set(k.split()) or set(k.split()) <= g for g in given)]
         if missing:
@@ -252,6 +256,9 @@ def collage(
     items = [(words, box, isinstance(value, list | tuple) and not isinstance(value[0], int | float))
              for words, value in boxes.items() for box in box_list(value)]
     check_strength(strength, "collage: strength", zero=False)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+        raise VelodiffError(f"collage: threshold is an RGB distance in (0, 1) from the background, "
+                            f"got {threshold!r}")
     if "latents" in options:
         raise VelodiffError("collage: latents apply to one generation; give seeds instead")
     plan = options.pop("plan", None)
