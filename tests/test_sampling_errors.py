@@ -259,3 +259,19 @@ def test_sample_arguments_are_checked_before_the_run(kwargs, message):
     with pytest.raises(VelodiffError, match=f"^{re.escape(message)}"):
         sample(DEN, **args)
     assert sample(DEN, X, TS, "euler_ancestral", callback=lambda info: False).steps == len(TS) - 1
+
+
+def test_denoise_once_checks_its_time_and_sample():
+    """denoise_once (one evaluation, for tests and notebooks) refuses what sample() refuses: a time that
+    is not finite or outside the schedule (a NaN time gave a NaN prediction, t = 5 one of 1e11), a sample
+    holding NaN, a time per sample of another count."""
+    from velodiff.sampling import denoise_once
+
+    for t, message in ((float("nan"), "t must be finite"), (-1.0, "time -1 is outside the schedule's range"),
+                       (5.0, "time 5 is outside the schedule's range"),
+                       (torch.tensor([0.5, 0.5, 0.5]), r"t is one time or one per sample \(2\)")):
+        with pytest.raises(VelodiffError, match=message):
+            denoise_once(DEN, X, t)
+    with pytest.raises(VelodiffError, match="x contains NaN or inf"):
+        denoise_once(DEN, X * float("nan"), 0.5)
+    assert denoise_once(DEN, X, 0.5).x0.shape == X.shape

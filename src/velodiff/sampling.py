@@ -399,8 +399,16 @@ def denoise_once(
     """One evaluation at (x, t) through ``plan``, as step ``step`` of a run over ``ts`` (default: the
     one step from t to 0) would get it: the rules begin, evaluate once and end."""
     check_denoiser(denoiser)
+    check_arguments(x, 0, None, None, False)
+    if not bool(torch.isfinite(x).all()):
+        raise VelodiffError("x contains NaN or inf")
     plan = Plan.parse(plan)
     t = torch.as_tensor(t, dtype=F64)
+    if t.ndim > 1 or (t.ndim == 1 and len(t) not in (1, x.shape[0])):
+        raise VelodiffError(f"t is one time or one per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):  # (a NaN time gave a NaN prediction, 5.0 one of 1e11)
+        raise VelodiffError("t must be finite")
+    denoiser.schedule.check_range(t.reshape(-1))
     ts = torch.tensor([float(t.max()), 0.0], dtype=F64) if ts is None else torch.as_tensor(ts, dtype=F64)
     run = RunInfo(
         schedule=denoiser.schedule,
