@@ -275,3 +275,16 @@ def test_denoise_once_checks_its_time_and_sample():
     with pytest.raises(VelodiffError, match="x contains NaN or inf"):
         denoise_once(DEN, X * float("nan"), 0.5)
     assert denoise_once(DEN, X, 0.5).x0.shape == X.shape
+
+
+def test_an_unknown_name_of_any_length_is_one_short_line():
+    """A pasted 10 000-character name is quoted cut, with how much was left out (the line repeated it
+    whole: 10 255 characters); near names are still suggested for short ones."""
+    from velodiff import Plan
+
+    cut = r"^unknown plan rule 'x{80}'\.\.\. \(9920 more characters\); valid: "
+    with pytest.raises(VelodiffError, match=cut) as e:
+        Plan.parse("x" * 10_000)
+    assert len(str(e.value)) < 1000
+    with pytest.raises(VelodiffError, match="did you mean 'pag'"):
+        Plan.parse("pga")

@@ -39,9 +39,10 @@ def shorten(text: str, width: int = 80) -> str:
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> VelodiffError:
     """`unknown solver 'x'; valid: a, b, c; did you mean 'y'?` (the hint when there are near matches)."""
     valid = sorted(valid)
-    near = difflib.get_close_matches(str(name), valid, n=3, cutoff=0.6)
+    near = difflib.get_close_matches(str(name)[:200], valid, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-    return VelodiffError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}{hint}")
+    shown = shorten(name) if isinstance(name, str) else repr(name)  # (a 10 000-character name: cut)
+    return VelodiffError(f"unknown {kind} {shown}; valid: {', '.join(valid)}{hint}")
 
 
 def check_text(texts: Any, what: str) -> None:
