@@ -194,6 +194,7 @@ def test_refusals_are_one_line(model):
         (dict(targets=None), "targets is an edited prompt or a list of them"),
         (dict(targets="a blue circle", words="green", weight=2), "'green' is not in the prompt"),  # not 'g'
         (dict(targets="a blue circle", seeds=[1]), "edit_prompt takes one seed"),
+        (dict(targets="a blue circle", seed="1"), "a seed is an integer, got '1'"),
         (dict(targets="a blue circle", height=0), r"height must be a number of pixels in \[1"),  # ran at 64
         (dict(targets="a blue circle", latents=[[0.0]]), "latents must be a floating-point tensor"),
     ]:

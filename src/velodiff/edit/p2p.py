@@ -304,10 +304,12 @@ def edit_prompt(
     ``options`` as :func:`velodiff.pipelines.text2img`."""
     import torch
 
+    from ..noise import check_seed
     from ..pipelines import text2img
     from ..pipelines.common import check_image_size, check_model, initial_noise
 
     check_model(model)
+    check_seed(seed)  # named as the one seed it is (not as a list of seeds)
     ts = [targets] if isinstance(targets, str) else targets
     if not isinstance(ts, list | tuple) or not all(isinstance(t, str) for t in ts):
         raise VelodiffError(f"targets is an edited prompt or a list of them, got {type(targets).__name__}")
