@@ -1386,7 +1386,7 @@ MUTANTS = {
     ),
     "classify_batch_size_unchecked": (
         "edit/classify.py",
-        "    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:",
+        "    if not is_integer(batch_size) or batch_size < 1:",
         "    if False:",
         ["tests/test_classify.py", "-k", "bad_input"],
     ),

@@ -1,5 +1,6 @@
 """User errors in the sampling core and the CLI: one clear VelodiffError line; callbacks stop."""
 
+import math
 import re
 
 import pytest
@@ -288,3 +289,20 @@ def test_an_unknown_name_of_any_length_is_one_short_line():
     assert len(str(e.value)) < 1000
     with pytest.raises(VelodiffError, match="did you mean 'pag'"):
         Plan.parse("pga")
+
+
+def test_numbers_are_pythons_or_numpys_and_never_bools() -> None:
+    """One rule for every number a user passes (velodiff.limits): numpy scalars count, True does not, and
+    a guidance scale that is not a number is one line, not torch's or math's TypeError."""
+    import numpy as np
+
+    from velodiff.limits import check_guidance, check_strength, is_integer, is_number
+
+    assert all(is_number(v) for v in (1, 2.5, np.float32(0.5), np.int64(3), math.inf))
+    assert not any(is_number(v) for v in (True, "2", None, [1.0], torch.tensor(1.0)))
+    assert all(is_integer(v) for v in (0, -7, np.int64(3), np.uint8(2)))
+    assert not any(is_integer(v) for v in (False, 2.0, np.float64(2.0), "2"))
+    assert check_guidance(np.float32(2.5)) == 2.5 and check_strength(np.float64(0.5)) == 0.5
+    for bad in ("2", None, True, math.nan, -1):
+        with pytest.raises(VelodiffError, match="guidance scale must be a finite number >= 0"):
+            check_guidance(bad)

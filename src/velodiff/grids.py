@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import VelodiffError, unknown_name
-from .limits import MAX_GRID_STEPS
+from .limits import MAX_GRID_STEPS, is_integer
 from .schedules import F64, DiscreteVP, NoiseSchedule, RectifiedFlow
 
 FINALS = ("zero", "t_min")
@@ -644,7 +643,7 @@ def make_grid(
                 "the calibrated grid is fitted to a model (velodiff calibrate solver): pass "
                 "grid='calibrated' to a pipeline or --grid calibrated, not to make_grid"
             )
-        whole = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
+        whole = is_integer(steps)
         if not whole or not 1 <= steps <= MAX_GRID_STEPS:
             raise VelodiffError(f"grid {name!r} needs steps in [1, {MAX_GRID_STEPS}], got {steps}")
         ts = _call_grid(name, sched, steps, final, options)

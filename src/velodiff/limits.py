@@ -27,10 +27,20 @@ MAX_SAMPLE_ELEMENTS = 1 << 20
 SEED_MIN, SEED_END = -(2**63), 2**64
 
 
+def is_number(v: object) -> bool:
+    """A real number a user may pass: Python's or numpy's, not a bool (True would read as 1)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def is_integer(v: object) -> bool:
+    """An integer a user may pass: Python's or numpy's, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def check_guidance(scale: float, what: str = "guidance scale", high: float = math.inf) -> float:
     """A guidance scale, refused in one line unless a finite number in [0, ``high``] (an infinite scale
     turns CFG's w * (c - u) into NaN where c = u, which would read as the model's fault)."""
-    if isinstance(scale, bool) or not (math.isfinite(scale) and 0 <= scale <= high):
+    if not (is_number(scale) and math.isfinite(scale) and 0 <= scale <= high):
         bound = ">= 0" if high == math.inf else f"in [0, {high:g}]"
         raise VelodiffError(f"{what} must be a finite number {bound}, got {scale}")
     return float(scale)
@@ -40,7 +50,7 @@ def check_strength(strength: float, what: str = "strength", zero: bool = True) -
     """An image-to-image strength (diffusers' ``strength``: the share of the steps re-run from the noised
     image), refused in one line outside [0, 1]; ``zero=False`` where a run must re-run something (a
     collage's harmonising pass, a brush layer): (0, 1]."""
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+    if not is_number(strength):
         raise VelodiffError(f"{what} must be a number, got {type(strength).__name__}")
     s = float(strength)
     if not (math.isfinite(s) and (s >= 0 if zero else s > 0) and s <= 1):

@@ -6,21 +6,19 @@ moved to the sample's device and dtype, so the same seed gives the same images o
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import VelodiffError
-from .limits import SEED_END, SEED_MIN
+from .limits import SEED_END, SEED_MIN, is_integer
 from .schedules import NoiseSchedule
 
 
 def check_seed(seed: int) -> int:
     """``seed`` as an int, refused in one line when it is no integer (1.5 ran as 1) or outside torch's
     seed range [-2**63, 2**64) (2**64 ran as seed 0)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not is_integer(seed):
         raise VelodiffError(f"a seed is an integer, got {seed!r}")
     if not SEED_MIN <= int(seed) < SEED_END:
         raise VelodiffError(f"seed {seed} is outside torch's seed range [-2**63, 2**64)")

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import VelodiffError
 from ..files import write_atomic
+from ..limits import is_number
 
 VERSION = 1
 
@@ -214,7 +215,7 @@ def load_cache_calibration(
 
 def _numbers(values: Any, lo: float = -math.inf) -> bool:
     def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
+        return is_number(v) and math.isfinite(v) and v >= lo
 
     return isinstance(values, list) and bool(values) and all(number(v) for v in values)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
-from ..limits import check_strength
+from ..limits import check_strength, is_integer
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Canvas:
 
     def _index(self, i: int) -> int:
         n = len(self.layers)
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+        if not is_integer(i) or not 0 <= i < n:
             raise VelodiffError(f"no layer {i}; the canvas has {len(self.layers)} layers")
         return i
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError, check_text
-from ..limits import MAX_STEPS
+from ..limits import MAX_STEPS, is_integer, is_number
 
 #: (samples per candidate by the end of the round, candidates kept after it)
 ROUNDS: tuple[tuple[int, int], ...] = ((4, 6), (16, 2), (48, 1))
@@ -192,7 +192,7 @@ def _classify(
         raise VelodiffError(f"labels is a list of prompts, got {labels!r:.60}")
     labels = check_labels(labels)
     rounds = check_rounds(rounds)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_integer(batch_size) or batch_size < 1:
         raise VelodiffError(f"batch_size must be an integer >= 1, got {batch_size!r}")  # -1 ran nothing
     check_seed(seed)
     if weighting not in WEIGHTINGS:
@@ -200,7 +200,7 @@ def _classify(
 
         raise unknown_name("weighting", weighting, WEIGHTINGS)
     if not (isinstance(t_range, Sequence) and len(t_range) == 2
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in t_range)):
+            and all(is_number(v) for v in t_range)):
         raise VelodiffError(f"t_range is a pair (lo, hi) of shares of the time range, got {t_range!r}")
     lo, hi = (float(v) for v in t_range)
     if not 0.0 <= lo < hi <= 1.0:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VelodiffError
-from ..limits import check_strength
+from ..limits import check_strength, is_number
 from .layout import (
     Box,
     Boxes,
@@ -256,7 +256,7 @@ def collage(
     items = [(words, box, isinstance(value, list | tuple) and not isinstance(value[0], int | float))
              for words, value in boxes.items() for box in box_list(value)]
     check_strength(strength, "collage: strength", zero=False)
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+    if not is_number(threshold) or not 0 < threshold < 1:
         raise VelodiffError(f"collage: threshold is an RGB distance in (0, 1) from the background, "
                             f"got {threshold!r}")
     if "latents" in options:

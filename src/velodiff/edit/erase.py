@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..limits import is_number
 
 #: prompt templates per concept word (``{concept}``; ``{color}`` / ``{size}`` expand over the shapes world,
 #: ``{count}`` to "a", or to "two" and "three" for a plural the world knows: "two red triangles")
@@ -239,7 +240,7 @@ def erase_concept(
 
     check_model_like(model, ("network", "encode_prompt"))
     for name, v in (("erase_scale", erase_scale), ("preserve_scale", preserve_scale), ("lamb", lamb)):
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if not is_number(v):
             raise VelodiffError(f"{name} must be a number, got {v!r}")
     concepts = [_check_word(model, w, "concept") for w in _words(concept)]
     targets = [_check_word(model, w, "target", allow_empty=True) for w in _words(target)]

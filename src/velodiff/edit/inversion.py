@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +50,7 @@ from torch import Tensor
 
 from ..denoisers import Cond, Denoiser
 from ..errors import VelodiffError, unknown_name
+from ..limits import is_integer, is_number
 from ..plan import EvalRequest, Plan, RunInfo, branch_evaluator
 from ..schedules import F64
 from ..solvers import SolverSpec, StepContext, get_solver
@@ -218,8 +218,7 @@ def invert_latents(
         raise VelodiffError("inversion needs at least one step")
     for name, v, integral in (("p", p, False), ("gamma", gamma, False), ("tol", tol, False),
                               ("iters", iters, True), ("sweeps", 1 if sweeps is None else sweeps, True)):
-        kind = numbers.Integral if integral else numbers.Real
-        if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v):
+        if not (is_integer(v) if integral else is_number(v)) or not math.isfinite(v):
             raise VelodiffError(f"{name} must be {'an integer' if integral else 'a number'}, got {v!r}")
     if not 0.0 < p < 1.0:
         raise VelodiffError(f"EDICT's mixing weight p must be in (0, 1), got {p}")

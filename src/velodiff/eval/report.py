@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import VelodiffError
 from ..files import write_atomic
+from ..limits import is_number
 from .tables import markdown_table
 
 REPORT = "report.md"
@@ -168,7 +169,7 @@ def check_bench_result(result: dict[str, Any], where: Path) -> None:
             v = r.get(key)
             if key == q and v == math.inf:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            if not is_number(v) or not math.isfinite(v):
                 raise VelodiffError(f"{where}: records[{i}].{key} must be a finite number, got {v!r}")
 
 

@@ -123,10 +123,10 @@ def batch_prompts_and_seeds(
 def check_image_size(model: Any, h: int, w: int, what: str = "") -> None:
     """A run's size: each side in [1, MAX_SIDE] pixels (one line), and a word when its area is far
     beyond what the model was trained at (8192x8192 on the 64x64 model ran for minutes without one)."""
-    from ..limits import MAX_SIDE
+    from ..limits import MAX_SIDE, is_integer
 
     for side, v in (("height", h), ("width", w)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 < v <= MAX_SIDE:
+        if not is_integer(v) or not 0 < v <= MAX_SIDE:
             raise VelodiffError(f"{what}{side} must be a number of pixels in [1, {MAX_SIDE}] (an integer), "
                                 f"got {v!r}")
     dh, dw = model.default_size

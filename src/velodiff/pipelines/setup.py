@@ -6,7 +6,6 @@ guidance scale and the step plan with classifier-free guidance added."""
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,7 +17,7 @@ from torch import Tensor
 from ..errors import VelodiffError, unknown_name
 from ..grids import check_grid, grid_parameters, make_grid
 from ..guidance import ClassifierFreeGuidance, GuidanceRescale
-from ..limits import MAX_STEPS, check_guidance
+from ..limits import MAX_STEPS, check_guidance, is_integer, is_number
 from ..plan import Plan
 from ..sampling import StepInfo
 from ..solvers import SolverSpec, get_solver
@@ -92,27 +91,21 @@ class Sampling:
     def check_types(self) -> None:
         """One line for a keyword of the wrong type (a traceback deep in the run otherwise)."""
 
-        def number(v: Any) -> bool:
-            return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-        def integer(v: Any) -> bool:
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
         def texts(v: Any) -> bool:
             return isinstance(v, str) or (isinstance(v, Sequence) and all(isinstance(t, str) for t in v))
 
         checks = {
             "negative": (texts, "a string or a list of strings"),
-            "steps": (integer, "an integer"),
-            "nfe": (integer, "an integer"),
-            "guidance": (number, "a number"),
-            "guidance_rescale": (number, "a number"),
+            "steps": (is_integer, "an integer"),
+            "nfe": (is_integer, "an integer"),
+            "guidance": (is_number, "a number"),
+            "guidance_rescale": (is_number, "a number"),
             "guidance_interval": (
-                lambda v: isinstance(v, Sequence) and len(v) == 2 and all(number(x) for x in v),
+                lambda v: isinstance(v, Sequence) and len(v) == 2 and all(is_number(x) for x in v),
                 "a pair of times (t_lo, t_hi)",
             ),
             "seeds": (
-                lambda v: integer(v) or (isinstance(v, Sequence) and all(integer(s) for s in v)),
+                lambda v: is_integer(v) or (isinstance(v, Sequence) and all(is_integer(s) for s in v)),
                 "an integer or a list of integers",
             ),
             "callback": (callable, "a function of StepInfo"),
@@ -312,7 +305,7 @@ def _check_entry_options(spec: SolverSpec, entry: dict[str, Any], art: dict[str,
     not have, or a value of another kind than its default's (a hand-edited or damaged artefact)."""
 
     def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return is_number(v) and math.isfinite(v)
 
     for k, v in entry.get("options", {}).items():
         default = spec.defaults.get(k, ...)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
-from ..limits import SEED_END
+from ..limits import SEED_END, is_integer, is_number
 
 CFG_TYPES = ("self", "full", "none")
 
@@ -61,7 +61,7 @@ class StreamConfig:
             v, integer = settings.get(name), name in ("steps", "max_skip", "seed")
             if name not in settings or (v is None and name == "similarity"):
                 continue
-            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+            if not (is_integer(v) if integer else is_number(v)):
                 raise VelodiffError(f"{name} must be {'an integer' if integer else 'a number'}, got {v!r}")
         config = cls(**settings)
         config.check()

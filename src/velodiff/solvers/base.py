@@ -21,7 +21,6 @@ With no plan every evaluation is exact and nothing changes.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import VelodiffError
+from ..limits import is_number
 from ..schedules import NoiseSchedule
 
 #: ``denoise(x, t) -> x0`` with the conditioning already bound; every call is counted.
@@ -192,7 +192,7 @@ def _check_value(solver: str, key: str, value: Any, rule: tuple[str, float, floa
         if not isinstance(value, bool):
             raise VelodiffError(f"solver {solver!r}: option {key} must be true or false, got {value!r}")
         return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = is_number(value)
     if kind == "int":
         ok = ok and float(value).is_integer()
     else:
