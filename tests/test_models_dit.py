@@ -504,3 +504,11 @@ def test_the_flow_match_class_named_for_a_flow_model_runs_its_pipelines_grid(mod
         own = make_setup(m, Sampling.of("t", {"steps": 4, "solver": "euler"}), size=(H, W))
         assert named.grid == grid == m.default_grid and named.solver.name == "euler"
         torch.testing.assert_close(named.ts, own.ts, atol=0, rtol=0)
+
+
+def test_a_prompt_past_t5s_length_warns_with_its_text_and_what_was_dropped(models):
+    """SEQ T5 tokens are read; the rest is named, and so is the text it was cut from."""
+    long = "a red circle " * 10 + "and a green triangle"
+    with pytest.warns(UserWarning, match=rf"the text 'a red circle .*T5 tokens; the model reads {SEQ} ") as w:
+        text2img(models["pixart-sigma"], long, steps=1, output="latent")
+    assert any("green triangle" in str(m.message) for m in w)

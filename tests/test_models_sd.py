@@ -811,3 +811,11 @@ def test_a_truncated_prompt_warns_at_every_call_under_the_callers_filters(models
         warnings.simplefilter("error")
         with pytest.raises(UserWarning, match="tokens; the text encoder reads 77"):
             text2img(m, long, steps=1, output="latent")
+
+
+def test_a_truncated_negative_prompt_is_named_by_its_text(models):
+    """The warning quotes the text it cut: a long negative prompt was reported as "prompt 1"."""
+    m = models["sd1"]
+    with pytest.warns(UserWarning, match="the text 'a blurry square a blurry square ") as got:
+        text2img(m, "a red circle", negative="a blurry square " * 40, steps=1, output="latent")
+    assert not any("red circle" in str(w.message) for w in got)

@@ -148,11 +148,12 @@ class DiTModel(SDModel):
             add_special_tokens=True,
             return_tensors="pt",
         )
-        for i, row in enumerate(tok(texts, truncation=False).input_ids):
+        for text, row in zip(texts, tok(texts, truncation=False).input_ids, strict=True):
             if len(row) > n:
+                dropped = shorten(tok.decode(row[n - 1 : -1]).strip())
                 warnings.warn(
-                    f"prompt {i} has {len(row)} T5 tokens; the model reads {n} (max_sequence_length), "
-                    f"so the end was dropped: {shorten(tok.decode(row[n - 1 : -1]).strip())}",
+                    f"the text {shorten(text, 40)} has {len(row)} T5 tokens; the model reads {n} "
+                    f"(max_sequence_length), so the end was dropped: {dropped}",
                     UserWarning,
                     stacklevel=4,
                 )

@@ -75,11 +75,11 @@ class SDModel(LoadedModel):
             list(texts), padding="max_length", max_length=n, truncation=True, return_tensors="pt"
         ).input_ids
         full = tokenizer(list(texts), truncation=False).input_ids
-        for i, row in enumerate(full):
+        for text, row in zip(texts, full, strict=True):  # named by its text: a negative is no "prompt 1"
             if len(row) > n:
                 dropped = tokenizer.decode(row[n - 1 : -1]).strip()
                 warnings.warn(
-                    f"prompt {i} has {len(row)} tokens; the text encoder reads {n}, "
+                    f"the text {shorten(text, 40)} has {len(row)} tokens; the text encoder reads {n}, "
                     f"so these words were dropped: {shorten(dropped)}",
                     UserWarning,
                     stacklevel=4,
