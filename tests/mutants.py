@@ -1402,6 +1402,19 @@ MUTANTS = {
         ":",
         ["tests/test_erase.py", "-k", "another_network"],
     ),
+    # session 2026-11-29b: NaN blame, number rule
+    "nan_branch_not_named": (
+        "sampling.py",
+        "            check(part, f\"the model returned NaN or inf {where}{branch}\")",
+        "            pass",
+        ["tests/test_sampling_errors.py", "-k", "blamed"],
+    ),
+    "check_guidance_type_unchecked": (
+        "limits.py",
+        "    if not (is_number(scale) and math.isfinite(scale) and 0 <= scale <= high):",
+        "    if not (math.isfinite(scale) and 0 <= scale <= high):",
+        ["tests/test_sampling_errors.py", "-k", "numbers_are"],
+    ),
 }
 
 

@@ -306,3 +306,22 @@ def test_numbers_are_pythons_or_numpys_and_never_bools() -> None:
     for bad in ("2", None, True, math.nan, -1):
         with pytest.raises(VelodiffError, match="guidance scale must be a finite number >= 0"):
             check_guidance(bad)
+
+
+def test_nan_is_blamed_on_the_branch_or_on_the_rules_that_made_it():
+    """A guidance scale that overflows w * (c - u) made NaN of finite predictions: the plan's rules are named,
+    not the model; a NaN in one branch names that branch."""
+    from velodiff import GuidedCond
+
+    cond = GuidedCond(torch.ones(2, 1, 1, dtype=F64), -torch.ones(2, 1, 1, dtype=F64))
+
+    def net(x, timestep, c):  # cond and uncond rows differ by 2 * 1e300: finite, but not once scaled
+        return 1e300 * c.expand_as(x)
+
+    den = ModelDenoiser(net, SCHED)
+    with pytest.raises(VelodiffError, match=r"the plan's rules \(guidance scale 1e\+300\) made NaN or inf of "
+                                            r"finite predictions at step 0"):
+        sample(den, X, TS, "ddim", cond=cond, plan="cfg:scale=1e300")
+    nan_uncond = ModelDenoiser(lambda x, timestep, c: torch.where(c < 0, math.nan, x), SCHED)
+    with pytest.raises(VelodiffError, match="the model returned NaN or inf at step 0 .* for branch 'uncond'"):
+        sample(nan_uncond, X, TS, "ddim", cond=cond, plan="cfg:scale=2")

@@ -234,6 +234,9 @@ def _loop(
     record = EvalRecord()
     evaluate = plan.chain(branch_evaluator(denoiser))
 
+    w = plan.fixed_guidance()
+    w = w if w is not None else run.guidance
+
     def denoise(x_in: Tensor, t: float) -> Tensor:
         step = counts["step"]
         req = EvalRequest(step, counts["stage"], torch.as_tensor(t, dtype=F64), x_in, run.conds)
@@ -247,7 +250,15 @@ def _loop(
             raise VelodiffError(
                 f"the model returned shape {tuple(x0.shape)} for input {tuple(x_in.shape)} at step {step}"
             )
-        check(x0, f"the model returned NaN or inf at step {step} (t={float(t):.4g})")
+        where = f"at step {step} (t={float(t):.4g})"
+        for name, part in res.parts.items():  # each branch's prediction, then what the rules made of them
+            branch = f" for branch {name!r}" if name != "cond" else ""
+            check(part, f"the model returned NaN or inf {where}{branch}")
+        scale = f" (guidance scale {w:g})" if w is not None else ""
+        made = f"the plan's rules{scale} made NaN or inf of finite predictions" if res.parts else (
+            "the model returned NaN or inf"
+        )
+        check(x0, f"{made} {where}")
         return x0
 
     if noise is None and spec.noise != "none":
