@@ -17,3 +17,24 @@ def required_options(name: str, schedule) -> dict:
         return {}
     lams = schedule.log_snr(make_grid("logsnr", schedule, 50)[:-1])
     return {"ems": ModelStatistics.degenerate(lams[lams.isfinite()])}  # (a flow's t = 1: lambda = -inf)
+
+
+def spy_rule(record=lambda req, result: (req.step, result.exact, result.cost), layer: int = 100):
+    """A plan rule that only watches: its ``log`` holds ``record(request, result)`` for each evaluation it
+    sees, from its layer (100: outermost; lower to sit between two rules). A fresh log per run."""
+    from velodiff.plan import Accelerator
+
+    class Spy(Accelerator):
+        name = "spy"
+
+        def begin(self, run):
+            super().begin(run)
+            self.log = []
+
+        def evaluate(self, req, inner):
+            result = inner(req)
+            self.log.append(record(req, result))
+            return result
+
+    Spy.layer = layer
+    return Spy()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import spy_rule
 from velodiff.errors import VelodiffError
 from velodiff.models import load
 from velodiff.models.tiny import save_tiny
@@ -170,21 +171,9 @@ def test_a_calibration_file_without_reuse_is_refused(models):
 def test_each_per_image_batch_composition_starts_its_own_cache(models):
     """Adaptive guidance drops one image's unconditional row (steps 1-2 here, then every unconditional
     row): each composition's first call is a full evaluation, never a reuse of a call with other rows."""
-    from velodiff.plan import Accelerator
 
-    class Spy(Accelerator):
-        name, layer = "spy", 5  # between AG (a combiner) and the cache
-
-        def begin(self, run):
-            super().begin(run)
-            self.log = []
-
-        def evaluate(self, req, inner):
-            r = inner(req)
-            self.log.append((req.step, {b: v.tolist() for b, v in req.subsets.items()}, r.exact))
-            return r
-
-    spy = Spy()
+    spy = spy_rule(lambda req, r: (req.step, {b: v.tolist() for b, v in req.subsets.items()}, r.exact),
+                       layer=5)  # between AG (a combiner) and the cache
     m = models["flux-schnell"]
     res = text2img(m, ["a cat", "a red dog"], steps=6, guidance=3.0, seeds=[1, 2], output="latent",
                    plan=["ag:threshold=0.999", "fbcache:threshold=5", spy], **SIZE)

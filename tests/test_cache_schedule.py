@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from conftest import spy_rule
 from velodiff.accel.cache_schedule import budgeted_schedule, schedule_drift
 
 
@@ -157,21 +158,10 @@ def test_feature_change_is_the_conditional_rows_change_between_the_steps_first_e
     import velodiff
     from velodiff.accel.hooks import FeatureChange, HookSet, output_hook
     from velodiff.pipelines import text2img
-    from velodiff.plan import Accelerator
-
-    class Spy(Accelerator):
-        name, layer = "spy", 100
-
-        def begin(self, run):
-            super().begin(run)
-            self.log = []
-
-        def evaluate(self, req, inner):
-            self.log.append((req.stage, req.rows("cond")))
-            return inner(req)
 
     model = velodiff.load("default")
-    outputs, spy, probe = [], Spy(), FeatureChange(blocks=("mid_block",))
+    outputs, probe = [], FeatureChange(blocks=("mid_block",))
+    spy = spy_rule(lambda req, r: (req.stage, req.rows("cond")))
     hooks = HookSet("test_mid_block_outputs")
     hooks.add(model.network.mid_block, output_hook(lambda out: outputs.append(out.detach().clone())))
     try:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import velodiff
+from conftest import spy_rule
 from velodiff import Plan, VelodiffError
 from velodiff.accel.deepcache import DeepCache, cached_modules, nonuniform_steps, skip_branches
-from velodiff.plan import Accelerator, EvalRequest
+from velodiff.plan import EvalRequest
 from velodiff.sampling import running
 
 PROMPTS = ["a red circle above a blue square", "two green crosses"]
@@ -26,22 +27,6 @@ def model():
 
 def _rms(a, b):
     return float((a - b).pow(2).mean().sqrt())
-
-
-class Spy(Accelerator):
-    """Outermost: records each evaluation's step, exactness and cost."""
-
-    name = "spy"
-    layer = 100
-
-    def begin(self, run):
-        super().begin(run)
-        self.log = []
-
-    def evaluate(self, req, inner):
-        r = inner(req)
-        self.log.append((req.step, r.exact, r.cost))
-        return r
 
 
 def _hooked(unet):
@@ -107,7 +92,7 @@ def test_a_cached_evaluation_with_a_fresh_cache_is_the_full_one(model, branch):
 def test_cached_steps_cost_their_flop_share_and_may_lower_the_order(model):
     from velodiff.pipelines import text2img
 
-    spy = Spy()
+    spy = spy_rule()
     rule = DeepCache(interval=3, lower_order=True)
     r = text2img(model, PROMPTS, steps=7, seeds=SEEDS, output="latent", plan=[spy, rule], solver="dpmpp_2m")
     assert sorted(rule.full_steps) == [0, 3, 6]
@@ -116,7 +101,7 @@ def test_cached_steps_cost_their_flop_share_and_may_lower_the_order(model):
     assert 0.01 < share < 0.5  # conv_in, one up resnet and conv_out of the default UNet
     assert all(c.evals == (2 if exact else pytest.approx(2 * share)) for _, exact, c in spy.log)
     assert r.evals == pytest.approx(3 * 2 + 4 * 2 * share) and r.nfe == 7
-    spy = Spy()
+    spy = spy_rule()
     keep = text2img(model, PROMPTS, steps=7, seeds=SEEDS, output="latent", plan=[spy, DeepCache(interval=3)])
     assert all(exact for _, exact, _ in spy.log) and keep.evals == pytest.approx(r.evals)
     assert not torch.equal(keep.latents, r.latents)  # the solver kept its second order on cached steps
@@ -127,7 +112,7 @@ def test_an_outer_guidance_rule_keeps_a_cached_evaluation_approximate(model):
     lower_order its steps on cached features stay approximate (the solver lowers its order there)."""
     from velodiff.pipelines import text2img
 
-    spy = Spy()
+    spy = spy_rule()
     plan = [spy, "linear_ag:every=2,warmup=3", DeepCache(interval=2, lower_order=True)]
     text2img(model, PROMPTS[:1], steps=8, seeds=SEEDS[:1], guidance=2.5, output="latent", plan=plan)
     assert [s for s, exact, _ in spy.log if not exact] == [1, 3, 5, 7]  # the cached steps, 3-7 estimated

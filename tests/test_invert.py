@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import velodiff
+from conftest import spy_rule
 from velodiff import DiscreteVP, GuidedCond, VelodiffError, make_grid
 from velodiff.edit.inversion import invert_latents, regenerate_latents
 from velodiff.models.base import NetworkDenoiser, UNetNetwork
@@ -107,23 +108,11 @@ def test_fixed_point_beats_ddim_inversion(tiny64, solver):
 def test_each_step_numbers_its_evaluations_from_stage_0(tiny64, method):
     """Rules that act once per step read ``stage == 0`` (attention capture, adaptive guidance): the
     evaluations of every step, inverting and regenerating, are its stages 0, 1, ... (they ran on)."""
-    from velodiff.plan import Accelerator
-
-    class Spy(Accelerator):
-        name, layer = "spy", 100
-
-        def begin(self, run):
-            super().begin(run)
-            self.log = []
-
-        def evaluate(self, req, inner):
-            self.log.append((req.step, req.stage))
-            return inner(req)
 
     den, cond, z0 = tiny64
     ts = make_grid("uniform", den.schedule, 3)
     per_step = 2 if method == "edict" else 1
-    spy = Spy()
+    spy = spy_rule(lambda req, r: (req.step, req.stage))
     inv = invert_latents(den, z0, ts, method, cond=cond, plan=["cfg:scale=3", spy])
     assert spy.log == [(i, k) for i in reversed(range(3)) for k in range(per_step)]
     if method == "edict":
