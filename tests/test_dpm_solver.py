@@ -339,3 +339,113 @@ def test_brownian_paths_agree_across_step_counts(solver):
         same = (coarse[i] - fine[2 * i]).norm(dim=1).median()
         apart = (coarse[i] - other[i]).norm(dim=1).median()
         assert same < 0.05 * apart, (i, float(same), float(apart))
+
+
+# --- review20: boundary steps and dpm_fast's budget -----------------------------------------------
+
+
+@pytest.mark.parametrize("solver", sorted(n for n, s in SOLVERS.items() if not s.stochastic))
+def test_every_deterministic_first_step_from_alpha_zero_is_ddims(solver):
+    """From a flow's t = 1 (alpha = 0, sigma = 1) every deterministic solver's first step is DDIM's,
+    x_1 = alpha_1 x0 + sigma_1 eps with eps = x (the module docstrings' boundary step), exactly."""
+    from conftest import required_options
+
+    sched = RectifiedFlow(shift=3.0)
+    den = MixtureDenoiser(MIX, sched)
+    ts = make_grid("flow-shifted", sched, 6)
+    assert float(ts[0]) == 1.0 and float(sched.alpha(ts[0])) == 0.0
+    seen = []
+    sample(den, X, ts, solver, callback=lambda info: seen.append(info.x), **required_options(solver, sched))
+    want = float(sched.alpha(ts[1])) * den(X, 1.0) + float(sched.sigma(ts[1])) * X
+    torch.testing.assert_close(seen[0], want, rtol=1e-12, atol=1e-12)
+
+
+def test_dpm_fast_default_budget_and_its_suffix_continue_the_whole_plan():
+    """nfe = 0 plans N = 3 K - 2 on K steps (orders 3, ..., 3, 1; Lu et al. 2022, Sec. 3.4), and the
+    options ``suffix`` gives the grid's last steps from ``start`` on (img2img, inpainting) keep the
+    whole run's orders there: run from the whole run's sample at ts[start], they finish it exactly."""
+    sched = ContinuousVP()
+    den = MixtureDenoiser(MIX, sched)
+    ts = make_grid("logsnr", sched, 5, final="t_min")
+    spec = SOLVERS["dpm_fast"]
+    plain = sample(den, X, ts, "dpm_fast")
+    assert plain.nfe == 3 * 5 - 2
+    assert torch.equal(plain.x, sample(den, X, ts, "dpm_fast", nfe=13).x)
+    for nfe in (12, 13, 14):
+        seen = [X]
+        whole = sample(den, X, ts, "dpm_fast", nfe=nfe, callback=lambda info, seen=seen: seen.append(info.x))
+        assert whole.nfe == nfe
+        for start in range(1, 5):
+            opts = spec.suffix({"nfe": nfe}, 5, start)
+            rest = sample(den, seen[start], ts[start:], "dpm_fast", **opts)
+            torch.testing.assert_close(rest.x, whole.x, rtol=1e-12, atol=1e-12)
+            assert rest.nfe == opts["nfe"]
+
+
+def test_dpmpp_sde_stage_one_noise_is_the_brownian_increment_to_its_midpoint():
+    """DPM++ SDE's first stage adds W(sigma_i, sigma_s), the increment over the first part of the step
+    (sigma_s = sqrt(sigma_i sigma_{i+1}) for r = 1/2), the second W(sigma_i, sigma_{i+1}) of the whole
+    step: one Brownian path, so the stage-one increment is part of the step's."""
+    asked = []
+
+    class Intervals:
+        def __call__(self, i):
+            raise AssertionError("dpmpp_sde draws interval increments only")
+
+        def between(self, t_from, t_to):
+            asked.append((float(t_from), float(t_to)))
+            return torch.zeros_like(X)
+
+    ts = make_grid("karras", SCHED, 5)
+    sample(DEN, X, ts, "dpmpp_sde", noise=Intervals())
+    sig = SCHED.sigma_ve(ts[:-1])
+    for i in range(4):
+        (a, mid), (b, end) = asked[2 * i : 2 * i + 2]
+        assert a == b == float(ts[i]) and end == float(ts[i + 1])
+        want = (float(sig[i]) * float(SCHED.sigma_ve(ts[i + 1]))) ** 0.5
+        assert float(SCHED.sigma_ve(torch.tensor(mid, dtype=F64))) == pytest.approx(want, rel=1e-9)
+
+
+def test_dpmpp_sde_first_step_from_alpha_zero_is_euler_ancestrals():
+    """From a flow's t = 1 (sigma / alpha infinite) DPM++ SDE takes Euler ancestral's step with the
+    whole step's increment: the same x for the same noise."""
+    sched = RectifiedFlow(shift=3.0)
+    den = MixtureDenoiser(MIX, sched)
+    ts = make_grid("flow-shifted", sched, 6)
+    z = starting_noise((2,), 16, seed=8)
+
+    class Same:
+        def __call__(self, i):
+            return z
+
+        def between(self, t_from, t_to):
+            return z
+
+    firsts = []
+    for solver in ("dpmpp_sde", "euler_ancestral"):
+        seen = []
+        sample(den, X, ts, solver, noise=Same(), callback=lambda info, seen=seen: seen.append(info.x))
+        firsts.append(seen[0])
+    torch.testing.assert_close(firsts[0], firsts[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_dpmpp_2m_heun_matches_diffusers(steps):
+    """solver_type="heun" (the exact integral of a linear x0): diffusers' flag, on its uneven log-SNR
+    steps (its step-size ratio weighs the difference)."""
+    sched = _scheduler(DPMSolverMultistepScheduler, solver_order=2, solver_type="heun")
+    ts, ref = _diffusers(sched, steps)
+    traj, res = _velodiff(ts, "dpmpp_2m", solver_type="heun")
+    assert res.nfe == steps
+    assert _worst(traj, ref) < 2e-6
+
+
+@pytest.mark.parametrize("solver", ["dpm_fast", "dpm_adaptive", "dpm_solver_3", "dpmpp_2m"])
+def test_a_steps_x0_is_the_prediction_at_its_start(solver):
+    """StepInfo.x0 is D(x_i, t_i) in data units (dpm_fast and dpm_adaptive reported alpha(t_i) D: off by
+    0.35 on this schedule, hidden on EDM's where alpha = 1)."""
+    ts = make_grid("logsnr", SCHED, 6)
+    seen = []
+    sample(DEN, X, ts, solver, callback=seen.append)
+    for i in range(1, 5):
+        torch.testing.assert_close(seen[i].x0, DEN(seen[i - 1].x, float(ts[i])), rtol=1e-12, atol=1e-12)

@@ -146,7 +146,7 @@ StepFn = Callable[[StepContext, int, Tensor, Any], tuple[Tensor, Tensor, Any]]
 
 
 #: options that make a deterministic solver draw step noise when above 0
-NOISE_OPTIONS = ("eta", "s_churn", "s_noise_eta")
+NOISE_OPTIONS = ("eta", "s_churn")
 
 #: the values a solver option may take, by name, whatever the solver (``SolverSpec.limits`` narrows
 #: them): (kind, lo, hi, lo excluded); "real" is finite (inf allowed where hi is inf), "int" an integer,
@@ -255,8 +255,8 @@ class SolverSpec:
                 _check_value(self.name, key, value, (kind, *self.limits.get(key, (lo, hi)), open_lo))
 
     def draws_noise(self, options: Mapping[str, Any]) -> bool:
-        """True when a run with these options draws step noise (an ancestral or SDE solver, or eta,
-        s_churn or s_noise_eta above 0)."""
+        """True when a run with these options draws step noise (an ancestral or SDE solver, or eta or
+        s_churn above 0)."""
         opts = {**self.defaults, **options}
         return self.stochastic or any(float(opts.get(k, 0) or 0) > 0 for k in NOISE_OPTIONS)
 
@@ -273,7 +273,8 @@ class SolverSpec:
         return self.steps_for_nfe(int(nfe), ends_at_zero), {}
 
     def steps_for_nfe(self, nfe: int, ends_at_zero: bool = True) -> int:
-        """The most steps whose NFE does not exceed ``nfe`` (at least ``min_steps``)."""
+        """The most steps whose NFE does not exceed ``nfe``, at least 1 (a budget below one step's NFE
+        gets one step; ``sample`` then refuses a solver whose ``min_steps`` is more)."""
         steps = max(1, nfe // self.nfe_per_step)
         while self.nfe(steps + 1, ends_at_zero) <= nfe:
             steps += 1

@@ -119,7 +119,7 @@ def dpm_fast_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[Tens
     stepper, cache = _Stepper(ctx), {}
     x_ve = x / a
     eps = stepper.eps(cache, "eps", x_ve, lam, ctx.t(i))
-    x0 = a * (x_ve - math.exp(-lam) * eps)
+    x0 = x_ve - math.exp(-lam) * eps  # x~ - sigma~ eps is D itself (data units; no alpha)
     step = {1: stepper.order1, 2: stepper.order2, 3: stepper.order3}[order]
     return ctx.a(i + 1) * step(x_ve, lam, lam_next, cache), x0, state
 
@@ -172,7 +172,7 @@ def dpm_adaptive_step(ctx: StepContext, i: int, x: Tensor, state: Any) -> tuple[
         cache: Cache = {}
         eps = stepper.eps(cache, "eps", x_ve, s, ctx.t(i) if s == lam else None)
         if x0 is None:
-            x0 = a * (x_ve - math.exp(-s) * eps)
+            x0 = x_ve - math.exp(-s) * eps
         if order == 2:
             low, high = stepper.order1(x_ve, s, t, cache), stepper.order2(x_ve, s, t, cache)
         else:
