@@ -427,3 +427,98 @@ def test_eval_manifest_real_and_reference_are_the_direct_computations(tiny, prom
         Image.fromarray(im).resize(size).save(mixed / f"{i}.png")
     assert cli("eval", "--manifest", str(drawn), "--real", str(mixed), "--json", str(out)) == 0
     assert json.loads(out.read_text())["distribution"]["fd"] > 0
+
+
+# --- review21: images per prompt, the negative prompt and noise mode of a set, the writer, the header --
+
+
+def test_images_per_prompt_negative_and_noise_are_the_sets(tiny, tmp_path):
+    """With k images per prompt, image i is prompt i // k's with seed seed + i; the set's total counts
+    them all; each chunk is text2img's batch of its images with the set's negative prompt and noise."""
+    import velodiff
+    from velodiff.images import png_bytes
+    from velodiff.pipelines import text2img
+    from velodiff.sets.prompts import Prompt
+
+    prompts = [Prompt(f"a {c} cube", {"line": i + 1}) for i, c in enumerate(("red", "blue", "green"))]
+    config = {**CONFIG, "images_per_prompt": 2, "batch": 4, "negative": "a dog", "noise": "torch"}
+    out = tmp_path / "set"
+    summary = generate_set(prompts, out, model_path=tiny, config=config)
+    assert (summary.total, summary.generated) == (6, 6)
+    s = read_set(out)
+    assert s.total == 6 and s.complete
+    assert [(r["prompt"], r["seed"]) for r in s.records] == [
+        (prompts[i // 2].text, 7 + i) for i in range(6)]
+    model = velodiff.load(tiny)
+    for chunk in ([0, 1, 2, 3], [4, 5]):
+        want = text2img(model, [prompts[i // 2].text for i in chunk], seeds=[7 + i for i in chunk], steps=2,
+                        negative="a dog", noise="torch")
+        for i, im in zip(chunk, want.images, strict=True):
+            assert (out / s.records[i]["file"]).read_bytes() == png_bytes(im), i
+
+
+def test_the_writer_writes_an_index_once(tmp_path):
+    """A retried shard's images are not written again: the first write stays, with one manifest line."""
+    from velodiff.sets.items import IMAGES, plan_items
+    from velodiff.sets.prompts import Prompt
+    from velodiff.sets.store import SetWriter, sha256_bytes
+
+    (tmp_path / IMAGES).mkdir()
+    items = plan_items([Prompt("a red cube"), Prompt("a blue cube")], {"seed": 0, "images_per_prompt": 1})
+    writer = SetWriter(tmp_path, items, {})
+    try:
+        assert writer.write(1, b"first") and not writer.write(1, b"second")
+    finally:
+        writer.close()
+    records, bad = read_records(tmp_path)
+    assert bad == 0 and list(records) == [1] and records[1]["sha256"] == sha256_bytes(b"first")
+    assert len((tmp_path / LINES).read_bytes().splitlines()) == 1
+    assert (tmp_path / items[1].file).read_bytes() == b"first"
+
+
+@pytest.mark.parametrize("key", ["batch", "images_per_prompt", "threads"])
+def test_a_header_with_a_zero_count_is_damaged(tmp_path, key):
+    from velodiff.sets.store import FORMAT, HEADER, read_header
+
+    header = {"format": FORMAT, "model": {"path": "m", "fingerprint": "f"}, "prompts": {"sha256": "p"},
+              "config": {"seed": 0, "images_per_prompt": 1, "batch": 2, "threads": 1, key: 0}}
+    (tmp_path / HEADER).write_text(json.dumps(header))
+    with pytest.raises(VelodiffError, match=f"config {key}=0 is not a positive integer"):
+        read_header(tmp_path)
+
+
+def test_a_text_file_whose_first_prompt_starts_with_a_bracket_is_text(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("[red] a cube\n{blue} a sphere\n")
+    assert [q.text for q in load_prompt_file(p)] == ["[red] a cube", "{blue} a sphere"]
+
+
+def test_the_fingerprint_covers_file_names_and_ignores_hidden_files(tmp_path):
+    """The same bytes under another name (a weight file of another component) are another model; a hidden
+    file beside the weights (.DS_Store, a lock) is not part of it."""
+    from velodiff.sets.fingerprint import model_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "unet").mkdir(parents=True)
+    (b / "vae").mkdir(parents=True)
+    (a / "unet" / "weights.bin").write_bytes(b"weights")
+    (b / "vae" / "weights.bin").write_bytes(b"weights")
+    before = model_fingerprint(a)
+    assert before != model_fingerprint(b)
+    (a / ".DS_Store").write_bytes(b"finder")
+    (a / "unet" / ".lock").write_bytes(b"")
+    assert model_fingerprint(a) == before
+
+
+def test_a_set_read_back_holds_only_its_intact_images(reference, tmp_path):
+    """read_set (what eval --manifest reads) keeps the records whose file is there with the recorded
+    hash: an image damaged or removed after its line was written is not part of the set."""
+    part = tmp_path / "part"
+    shutil.copytree(reference, part)
+    recs = read_set(part).records
+    assert len(recs) == N
+    (part / recs[0]["file"]).write_bytes(b"not a png")
+    (part / recs[1]["file"]).unlink()
+    s = read_set(part)
+    assert [r["index"] for r in s.records] == list(range(2, N)) and s.total == N and not s.complete
+    assert s.paths() == [part / r["file"] for r in recs[2:]]

@@ -80,3 +80,32 @@ def test_unreachable_ray_address_is_one_error_line(setup, tmp_path, capsys):
     _, err = capsys.readouterr()
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "unreachable" in lines[0] and "Traceback" not in err, err
+
+
+def test_a_ray_scheme_address_is_checked_at_its_host_and_port():
+    """ray://host:port (Ray Client) and host:port reach the same socket: a listening port is accepted in
+    either form (no cluster is started)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        port = s.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"ray://127.0.0.1:{port}/"):
+            ray_runner.check_address(address)
+
+
+def test_a_failing_shard_is_tried_three_times_then_named():
+    from collections import deque
+
+    from velodiff.errors import VelodiffError
+    from velodiff.sets.items import Item
+
+    chunk = [Item(i, "p", i, f"images/{i:06d}.png", {}) for i in (4, 5)]
+    pending, tries = deque(), {}
+    for _ in range(ray_runner.MAX_SHARD_TRIES - 1):
+        assert ray_runner._retry(chunk, tries, pending, RuntimeError("worker died")) is None
+        assert pending.popleft() == chunk and not pending
+    with pytest.raises(VelodiffError, match="shard of images 4-5 failed 3 times on Ray workers: worker died"):
+        ray_runner._retry(chunk, tries, pending, RuntimeError("worker died"))
+    assert not pending

@@ -107,3 +107,43 @@ def test_the_canvas_of_a_job_with_solver_options_is_its_image(tmp_path):
         r = httpx.post(f"{url}/api/brush", json={"job": job.id, "layers": []}, timeout=120).json()
         assert np.abs(decode(r["image"]) - stored.astype(np.float32) / 255).max() <= 1 / 255 + 1e-6
 
+
+
+def test_the_canvas_of_image_i_is_that_image(server):
+    """Image i of a job of n is seed + i's: the brush canvas of index 1 with no layer is the job's image 1."""
+    body = {"prompt": "a red circle", "seed": 4, "steps": 4, "n": 2}
+    job = httpx.post(f"{server}/api/jobs", json=body).json()
+    done = httpx.get(f"{server}/api/jobs/{job['id']}/result", timeout=120).json()
+    stored = [np.asarray(Image.open(io.BytesIO(httpx.get(server + p).content)).convert("RGB"), np.float32)
+              for p in done["images"]]
+    body = {"job": job["id"], "index": 1, "layers": []}
+    r = httpx.post(f"{server}/api/brush", json=body, timeout=120).json()
+    assert np.abs(decode(r["image"]) - stored[1] / 255).max() <= 1 / 255 + 1e-6
+    assert np.abs(stored[1] - stored[0]).max() > 10
+
+
+def test_the_canvas_being_painted_is_the_last_one_dropped(monkeypatch):
+    """Beyond CANVASES the least recently painted canvas goes: one painted again is kept (with its cached
+    trajectories), however early it was opened."""
+    from types import SimpleNamespace
+
+    from velodiff.edit import brushes as brushes_module
+    from velodiff.serve import brush_api
+
+    class Canvas:
+        def __init__(self, model, prompt, seed, **options):
+            self.seed = seed
+
+    params = dict(n=1, model="m", height=64, width=64, prompt="p", seed=0, steps=4, layout=None)
+    srv = SimpleNamespace(
+        store=SimpleNamespace(get=lambda job_id: SimpleNamespace(state="done", params=params)),
+        engine=SimpleNamespace(model=lambda name: (SimpleNamespace(default_size=(64, 64)), {})),
+    )
+    monkeypatch.setattr(brushes_module, "Canvas", Canvas)
+    monkeypatch.setattr(brush_api, "CANVASES", 2)
+    b = brush_api.Brushes(srv)
+    first = b.canvas("a", 0)
+    b.canvas("b", 0)
+    assert b.canvas("a", 0) is first
+    b.canvas("c", 0)
+    assert list(b.canvases) == [("a", 0), ("c", 0)] and b.canvas("a", 0) is first

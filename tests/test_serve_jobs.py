@@ -550,3 +550,303 @@ def test_a_job_store_has_one_recovering_server_at_a_time(tmp_path, capsys):
     finally:
         for s in (first, second, replica):
             s.close()
+
+
+# --- review21: the store's state moves, the worker's events, the engine's bounds --------------------
+
+
+def test_only_running_jobs_go_back_in_the_queue_and_as_never_started(tmp_path):
+    """release() (a store failure, a stop) and recover() (a kill) move only the jobs still running: a job
+    of the batch that was done, failed or cancelled before keeps its state and images; a job put back is
+    queued as never started."""
+    from velodiff.serve.queue import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        done, cancelled, running = (store.submit({"n": 1}, "k", 1).id for _ in range(3))
+        assert [j.id for j in store.claim(3)] == [done, cancelled, running]
+        assert store.complete(done, [b"png"], ["done.png"])
+        assert store.finish(cancelled, "cancelled", "by the user")
+        assert store.release([done, cancelled, running]) == 1
+        assert store.get(done).state == "done" and store.get(done).filenames == ["done.png"]
+        assert store.get(cancelled).state == "cancelled"
+        back = store.get(running)
+        assert (back.state, back.started, back.attempts) == ("queued", None, 0)
+        assert [j.id for j in store.claim(1)] == [running] and store.get(running).started is not None
+        assert store.recover() == 1
+        back = store.get(running)
+        assert (back.state, back.started, back.attempts) == ("queued", None, 1)  # a kill counts an attempt
+        assert store.get(done).state == "done" and store.get(cancelled).state == "cancelled"
+    finally:
+        store.close()
+
+
+def test_a_batch_takes_compatible_jobs_in_their_order_and_stops_at_the_first_that_does_not_fit(tmp_path):
+    """Jobs run in submission order: a small job behind a large one that does not fit never overtakes
+    it (it would starve large jobs under a stream of small ones)."""
+    from velodiff.serve.queue import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        big1, big2, small = (store.submit({"n": n}, "k", n).id for n in (3, 3, 1))
+        assert [j.id for j in store.claim(4)] == [big1]
+        assert [j.id for j in store.claim(4)] == [big2, small]
+    finally:
+        store.close()
+
+
+def test_a_finished_job_cannot_be_cancelled_and_says_so(tmp_path):
+    """Cancelling a job that is done (or failed) leaves it as it is, images and all: the store refuses
+    the move, the worker answers False and publishes no 'cancelled' event (a ComfyUI client or an SSE
+    stream would read the finished job as interrupted)."""
+    from velodiff.serve.events import Broker
+    from velodiff.serve.queue import JobStore
+    from velodiff.serve.worker import Worker
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    worker = Worker(store, None, Broker())
+    published = []
+    worker.broker.publish = published.append
+    try:
+        done, failed = (store.submit({"n": 1}, "k", 1).id for _ in range(2))
+        store.claim(2)
+        assert store.complete(done, [b"png"], ["done.png"]) and store.finish(failed, "failed", "boom")
+        assert not store.finish(done, "cancelled", "too late") and not worker.cancel(done)
+        assert not worker.cancel(failed)
+        assert store.get(done).state == "done" and store.get(done).filenames == ["done.png"]
+        assert store.get(done).error is None
+        assert (store.get(failed).state, store.get(failed).error) == ("failed", "boom")
+        assert published == []
+    finally:
+        store.close()
+
+
+def test_the_store_lists_the_newest_jobs_and_counts_only_queued_images(tmp_path):
+    """jobs(limit=k) is the last k jobs (oldest first), as GET /api/jobs's 'newest 200'; queued_images
+    counts the queued jobs of a batch key only (what the worker waits to fill a batch with)."""
+    from velodiff.serve.queue import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        ids = [store.submit({"n": 2}, "k", 2).id for _ in range(4)]
+        other = store.submit({"n": 1}, "other", 1).id
+        assert [j.id for j in store.jobs(("queued",), limit=3)] == [*ids[2:], other]
+        assert store.queued_images("k") == 8
+        first = store.claim(2)[0]
+        assert store.queued_images("k") == 6
+        assert store.complete(first.id, [b"a", b"b"], ["a.png", "b.png"])
+        assert store.queued_images("k") == 6 and store.queued_images("other") == 1
+    finally:
+        store.close()
+
+
+def test_a_stopped_batch_leaves_no_progress_behind(tmp_path):
+    """A batch stopped between steps (the server stopping) goes back in the queue; the progress it
+    published must not stay in the broker (status would report it for the queued job)."""
+    from velodiff.serve.events import Broker
+    from velodiff.serve.queue import JobStore
+    from velodiff.serve.worker import Worker
+
+    class Engine:
+        def run(self, jobs, on_step):
+            on_step(0, 10, None)
+            worker._stop.set()
+            assert on_step(1, 10, None)
+            return [[Image.new("RGB", (8, 8))] * j.params["n"] for j in jobs]
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    worker = Worker(store, Engine(), Broker())
+    try:
+        job = store.submit({"n": 1, "steps": 10, "model": "m"}, "k", 1)
+        worker._run(store.claim(1))
+        assert store.get(job.id).state == "queued"
+        assert worker.broker.progress == {}
+    finally:
+        store.close()
+
+
+def test_each_job_of_a_batch_previews_its_own_first_image(tmp_path):
+    """Images i..i+n of a batch are job k's: the preview of a job is the prediction of its own first
+    image, also behind a job of several images."""
+    import base64
+
+    from velodiff.serve.events import Broker
+    from velodiff.serve.queue import JobStore
+    from velodiff.serve.worker import Worker
+
+    class Engine:
+        def run(self, jobs, on_step):
+            on_step(0, 1, "x0")
+            return [[Image.new("RGB", (8, 8))] * j.params["n"] for j in jobs]
+
+        def preview(self, model, x0, index):
+            return f"image {index}".encode()
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    worker = Worker(store, Engine(), Broker())
+    published = []
+    worker.broker.publish = published.append
+    try:
+        params = {"steps": 1, "model": "m", "preview": True}
+        a, b, c = (store.submit({**params, "n": n}, "k", n).id for n in (2, 3, 1))
+        worker._run(store.claim(8))
+        got = {e["job"]: base64.b64decode(e["preview"].split(",", 1)[1]).decode()
+               for e in published if e["type"] == "progress"}
+        assert got == {a: "image 0", b: "image 2", c: "image 5"}
+    finally:
+        store.close()
+
+
+def test_a_failed_batch_fails_its_running_jobs_and_leaves_a_cancelled_one_cancelled(tmp_path):
+    """An internal error fails the jobs of its batch (one 'failed' event each); a job cancelled during
+    the run stays cancelled, with no 'failed' event after its 'cancelled'."""
+    from velodiff.serve.events import Broker
+    from velodiff.serve.queue import JobStore
+    from velodiff.serve.worker import Worker
+
+    class Engine:
+        def run(self, jobs, on_step):
+            worker.cancel(jobs[0].id)
+            on_step(0, 2, None)
+            raise RuntimeError("boom")
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    worker = Worker(store, Engine(), Broker(), batch_wait=0.0)
+    published = []
+    worker.broker.publish = published.append
+    try:
+        a, b = (store.submit({"n": 1, "steps": 2}, "k", 1).id for _ in range(2))
+        worker._next()
+        assert store.get(a).state == "cancelled"
+        assert store.get(b).state == "failed" and store.get(b).error == "internal error: RuntimeError: boom"
+        finals = [(e["type"], e["job"]) for e in published if e["type"] in ("done", "failed", "cancelled")]
+        assert finals == [("cancelled", a), ("failed", b)]
+    finally:
+        store.close()
+
+
+def test_a_request_is_checked_against_the_servers_bounds_at_their_edges():
+    """n in [1, max_n], at most max_pixels pixels, a timeout > 0, seeds seed..seed+n-1 in the CLI's range
+    [-2**63, 2**64), a guidance scale in [0, 100], and a prompt of up to the model's token limit: the
+    edges are accepted, one past them refused in one line."""
+    from serve_fixtures import engine
+    from velodiff.errors import VelodiffError
+    from velodiff.serve.engine import Engine, Request
+
+    eng = engine()
+    small = Engine("default", max_n=3, max_pixels=64 * 64)
+    small._models = eng._models  # the loaded model, shared
+    ok = dict(prompt="a red circle", steps=2)
+    assert small.check(Request(**ok, n=3))["n"] == 3
+    assert small.check(Request(**ok, width=64, height=64))["width"] == 64
+    assert small.check(Request(**ok, seed=-(2**63)))["seed"] == -(2**63)
+    assert small.check(Request(**ok, seed=2**64 - 2, n=2))["seed"] == 2**64 - 2
+    assert small.check(Request(**ok, guidance=100.0))["guidance"] == 100.0
+    m, _ = eng.model(None)
+    tok = m.components["tokenizer"]
+    words = next(k for k in range(1, 200) if len(tok("red " * k, truncation=False).input_ids) >= m.max_tokens)
+    assert len(tok("red " * words, truncation=False).input_ids) == m.max_tokens
+    assert small.check(Request(prompt="red " * words, steps=2))["steps"] == 2
+    for bad, needle in (
+        (dict(n=4), "n must be between 1 and 3"),
+        (dict(n=0), "n must be between 1 and 3"),
+        (dict(width=64, height=68), "more than this server's bound of 4096 pixels"),
+        (dict(timeout_s=0.0), "timeout_s must be > 0"),
+        (dict(seed=2**64 - 1, n=2), "seed must be in [-2**63, 2**64) for each of the n images"),
+        (dict(guidance=-1.0), "guidance must be a finite number in [0, 100]"),
+        (dict(guidance=101.0), "guidance must be a finite number in [0, 100]"),
+        (dict(prompt="red " * (words + 1)), "tokens long"),
+    ):
+        with pytest.raises(VelodiffError) as e:
+            small.check(Request(**{**ok, **bad}))
+        assert needle in str(e.value), (bad, str(e.value))
+
+
+def test_jobs_that_sample_differently_never_share_a_batch():
+    """Jobs share a network call only when everything but prompt, seed and n agrees: another guidance
+    scale, negative prompt, solver options or layout is another batch (its images would be drawn with
+    the first job's settings)."""
+    from serve_fixtures import engine
+    from velodiff.serve.engine import Request, batch_key
+
+    eng = engine()
+    base = dict(prompt="a red circle", steps=2, seed=1)
+    key = batch_key(eng.check(Request(**base)))
+    assert batch_key(eng.check(Request(**{**base, "prompt": "a blue square", "seed": 9, "n": 2}))) == key
+    for other in (dict(guidance=5.0), dict(negative="a blue square"), dict(solver="unipc"),
+                  dict(solver_options={"lower_order_final": False}), dict(width=32),
+                  dict(layout="red circle: 0.1,0.1,0.5,0.5"), dict(plan="cfg:stop=0.5")):
+        assert batch_key(eng.check(Request(**{**base, **other}))) != key, other
+
+
+def test_a_preview_is_the_prediction_of_the_image_asked_for():
+    import torch
+
+    from serve_fixtures import engine
+
+    eng = engine()
+    m, _ = eng.model(None)
+    x0 = torch.randn(m.latent_shape(3, 64, 64), generator=torch.Generator().manual_seed(0))
+    assert eng.preview(None, x0, 1) == eng.preview(None, x0[1:2], 0) != eng.preview(None, x0, 0)
+
+
+def test_a_collage_job_of_n_images_draws_seeds_seed_to_seed_plus_n(server):
+    import numpy as np
+
+    from velodiff.edit.collage import collage
+
+    url, srv = server
+    job = run_job(url, prompt="two red circles", layout_mode="collage", seed=3, steps=2, n=2)
+    assert job["state"] == "done" and len(job["images"]) == 2
+    model, _ = srv.engine.model(None)
+    want = collage(model, "two red circles", seeds=[3, 4], steps=2, guidance=job["params"]["guidance"])
+    for path, im in zip(job["images"], want.images, strict=True):
+        got = np.asarray(png(url, path).convert("RGB"), dtype=np.int16)
+        assert np.abs(got - np.asarray(im, dtype=np.int16)).max() <= 2
+
+
+def test_listing_waiting_and_streaming_a_finished_job(server):
+    """GET /api/jobs?state= lists that state only; a result wait takes a timeout in (0, 86400]; the event
+    stream of a finished job is its status, once, and ends."""
+    url, _ = server
+    job = run_job(url, prompt="a red circle", steps=1, seed=1)
+    assert job["state"] == "done"
+    for state in ("done", "cancelled", "queued"):
+        listed = httpx.get(f"{url}/api/jobs", params={"state": state}).json()
+        assert {j["state"] for j in listed} <= {state}
+        assert (job["id"] in [j["id"] for j in listed]) == (state == "done")
+    r = httpx.get(f"{url}/api/jobs", params={"state": "finished"})  # a typo listed no job, as if none were
+    assert r.status_code == 400
+    assert "unknown state 'finished'; valid: queued, running, done" in r.json()["error"]
+    r = httpx.get(f"{url}/api/jobs/{job['id']}/result", params={"timeout": 0})
+    assert r.status_code == 400 and "timeout must be in (0, 86400]" in r.json()["error"]
+    with httpx.stream("GET", f"{url}/api/jobs/{job['id']}/events", timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [(e["type"], e["state"]) for e in events] == [("status", "done")]
+
+
+def test_a_subscriber_of_one_job_gets_its_events_only():
+    import asyncio
+
+    from velodiff.serve.events import Broker
+
+    async def main():
+        broker = Broker()
+        mine, every = broker.subscribe("a"), broker.subscribe()
+        for job in ("b", "a", "c"):
+            broker.publish({"type": "queued", "job": job})
+        await asyncio.sleep(0)
+        got = [mine.get_nowait()["job"] for _ in range(mine.qsize())]
+        return got, [every.get_nowait()["job"] for _ in range(every.qsize())]
+
+    assert asyncio.run(main()) == (["a"], ["b", "a", "c"])
+
+
+def test_image_names_count_from_one_as_comfyuis_saveimage():
+    """prefix_<job>_00001_.png, ..._00002_.png: ComfyUI's SaveImage numbering (its clients read it)."""
+    from velodiff.serve.queue import Job
+    from velodiff.serve.worker import filenames
+
+    job = Job(1, "0123456789abcdef", "done", {"n": 2}, "k", 2, {"filename_prefix": "out/cats"}, None, 0.0,
+              None, None, 1, 1, None)
+    assert filenames(job) == ["out_cats_0123456789ab_00001_.png", "out_cats_0123456789ab_00002_.png"]

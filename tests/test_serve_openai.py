@@ -108,3 +108,21 @@ def test_a_full_queue_is_a_rate_limit_error():
     assert error_body("the queue is full", 429)["error"]["type"] == "rate_limit_error"
     assert error_body("no such job", 404)["error"]["type"] == "not_found_error"
     assert error_body("boom", 500)["error"]["type"] == "server_error"
+
+
+def test_size_is_width_by_height(server):
+    """OpenAI's size is WIDTHxHEIGHT: 32x64 is an image 32 wide and 64 tall."""
+    url, _ = server
+    r = client(url).images.generate(model="default", prompt="a red circle", size="32x64",
+                                    response_format="b64_json", extra_body={"steps": 2, "seed": 1})
+    assert Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).size == (32, 64)
+
+
+def test_a_job_that_fails_is_a_server_error(tmp_path):
+    """A job that fails (here: past the server's timeout) answers 500 with OpenAI's server_error, not a
+    4xx the client would read as its own mistake."""
+    with running_server(tmp_path, timeout_s=0.3) as (url, _):
+        with pytest.raises(openai.InternalServerError) as e:
+            client(url).images.generate(model="default", prompt="slow",
+                                        extra_body={"steps": 200, "solver": "heun"})
+        assert "timed out after 0.3 s" in e.value.body["message"] and e.value.body["type"] == "server_error"

@@ -174,3 +174,99 @@ def test_the_stream_runs_the_steps_the_families_img2img_runs(model, monkeypatch)
     assert StreamImg2Img(model, config).k == 2  # the SD rule: int(4 x 0.6)
     monkeypatch.setattr(type(model), "strength_keeps_fraction", True)
     assert StreamImg2Img(model, config).k == 3
+
+
+# --- review21: the similarity filter's state, residual CFG against a frame-by-frame reference, settings
+
+
+def test_the_filter_skips_again_after_a_processed_frame_and_compares_to_it(model, frames):
+    """At most max_skip skips in a row, and the count starts again after a processed frame; the
+    similarity is to the last frame processed (a slow drift is processed once it is far enough from it,
+    however close each frame is to the one before)."""
+    s = StreamImg2Img(model, StreamConfig(prompt="a blue square", similarity=0.98, max_skip=2, steps=4,
+                                          strength=0.5))
+    same = [s(frames[:1])[1] for _ in range(7)]
+    assert same == [False, True, True, False, True, True, False]
+    threshold = 0.995
+    s = StreamImg2Img(model, StreamConfig(prompt="a blue square", similarity=threshold, max_skip=100,
+                                          steps=4, strength=0.5))
+    a, b = frames[:1], frames[1:2]
+    last, processed = None, 0
+    for i in range(41):
+        frame = (1 - i / 40) * a + (i / 40) * b  # a slow cross-fade from a to b
+        cos = None if last is None else float(torch.nn.functional.cosine_similarity(
+            frame.flatten(), last.flatten(), dim=0))
+        _, skipped = s(frame)
+        if cos is not None and cos <= threshold:  # skip probability 0: always processed
+            assert not skipped, (i, cos)
+        if not skipped:
+            last, processed = frame, processed + 1
+    assert processed >= 3
+
+
+def reference_rcfg(model, prompt, frame, eps, s, guidance):
+    """One frame through the stream's k times alone, self-negative residual CFG with the frame's own
+    noise ``eps`` as the stock: eps = stock + w (eps_cond - stock), then DDIM one time down."""
+    cond = model.encode_prompt([prompt], guided=False)
+    z = model.encode(frame)
+    x = s.alpha[0] * z + s.sigma[0] * eps
+    for i in range(s.k):
+        a, sg = s.alpha[i], s.sigma[i]
+        x0_c = model.denoiser(x, s.ts[i : i + 1], cond)
+        e = (x - a * x0_c) / sg
+        e = eps + guidance * (e - eps)
+        x0 = (x - sg * e) / a
+        if i + 1 < s.k:
+            x = s.alpha[i + 1] * x0 + s.sigma[i + 1] * e
+    return model.decode(x0).clamp(0, 1)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_self_negative_rcfg_is_each_frames_own_run_with_its_own_stock_noise(model, frames, guidance):
+    """cfg="self": every output frame is its input's k steps run alone with residual CFG over the noise
+    that entered with it (at guidance 1 that is plain eps_cond, i.e. cfg="none")."""
+    config = StreamConfig(prompt="a blue square", cfg="self", guidance=guidance, steps=10, strength=0.4,
+                          seed=5)
+    s = StreamImg2Img(model, config)
+    assert s.k == 4
+    inputs = [frames[i % 2 : i % 2 + 1] for i in range(5)]
+    with torch.inference_mode():
+        outs = [s(f)[0] for f in inputs]
+        g = torch.Generator().manual_seed(5)
+        z = model.encode(inputs[0])
+        eps = [torch.randn(z.shape, generator=g) for _ in range(len(inputs) + s.k - 1)]
+        for i, out in enumerate(outs):
+            src = i - (s.k - 1)
+            frame = inputs[0] if src <= 0 else inputs[src]
+            ref = reference_rcfg(model, "a blue square", frame, eps[i], s, guidance)
+            assert (ref - out).abs().max() < 1e-4, i
+    if guidance == 1.0:
+        plain = StreamImg2Img(model, StreamConfig(**{**config.__dict__, "cfg": "none"}))
+        assert all((plain(f)[0] - o).abs().max() < 1e-5 for f, o in zip(inputs, outs, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"similarity": 1.0}, "similarity threshold must be in [0, 1)"),
+        ({"similarity": -0.1}, "similarity threshold must be in [0, 1)"),
+        ({"steps": 10, "strength": 0.05}, "runs no step of 10"),
+        ({"steps": True}, "steps must be an integer, got True"),
+        ({"seed": False}, "seed must be an integer"),
+        ({"max_skip": -1}, "max_skip >= 0"),
+        ({"seed": 2**64}, "seed in [-2**63, 2**64)"),
+        ({"seed": -(2**63) - 1}, "seed in [-2**63, 2**64)"),
+        ({"guidance": 101}, "guidance must be in [0, 100]"),
+    ],
+)
+def test_stream_settings_out_of_range_are_one_line(settings, needle):
+    with pytest.raises(VelodiffError) as e:
+        StreamConfig.of({"prompt": "a blue square", **settings})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_stream_takes_the_seeds_every_other_route_takes():
+    """torch's seed range, either sign, as jobs, brushes, the OpenAI route and the CLI (a negative seed was
+    refused here alone)."""
+    for seed in (-1, -(2**63), 2**64 - 1):
+        assert StreamConfig.of({"prompt": "a blue square", "seed": seed}).seed == seed

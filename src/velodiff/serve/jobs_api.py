@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import VelodiffError
 from .engine import Request as GenRequest
 from .events import FINAL_EVENTS
-from .queue import Job
+from .queue import ACTIVE, FINAL, Job
 from .state import Server
 
 router = APIRouter(prefix="/api", tags=["jobs"])
@@ -99,7 +99,9 @@ async def submit(body: JobBody, request: Request) -> dict[str, Any]:
 @router.get("/jobs", summary="List jobs (newest 200), optionally of one state")
 async def list_jobs(request: Request, state: str | None = None) -> list[dict[str, Any]]:
     srv = server(request)
-    states = (state,) if state else ("queued", "running", "done", "failed", "cancelled")
+    if state is not None and state not in ACTIVE + FINAL:  # a typo listed every job as none
+        raise HTTPException(400, f"unknown state {state!r}; valid: {', '.join(ACTIVE + FINAL)}")
+    states = (state,) if state else ACTIVE + FINAL
     return [job_json(j, srv) for j in await run_in_threadpool(srv.store.jobs, states)]
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import VelodiffError
-from ..limits import SEED_END, is_integer, is_number
+from ..limits import SEED_END, SEED_MIN, is_integer, is_number
 
 CFG_TYPES = ("self", "full", "none")
 
@@ -78,10 +78,10 @@ class StreamConfig:
             )
         if self.similarity is not None and not 0 <= self.similarity < 1:
             raise VelodiffError(f"similarity threshold must be in [0, 1), got {self.similarity}")
-        if not 0 <= self.guidance <= 100 or self.max_skip < 0 or not 0 <= self.seed < SEED_END:
-            raise VelodiffError(
-                f"guidance must be in [0, 100], max_skip >= 0 and seed in [0, 2**64); got {self.guidance}, "
-                f"{self.max_skip}, {self.seed}"
+        if not 0 <= self.guidance <= 100 or self.max_skip < 0 or not SEED_MIN <= self.seed < SEED_END:
+            raise VelodiffError(  # the seeds of every other route: torch's, either sign
+                f"guidance must be in [0, 100], max_skip >= 0 and seed in [-2**63, 2**64); got "
+                f"{self.guidance}, {self.max_skip}, {self.seed}"
             )
 
 
