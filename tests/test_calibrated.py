@@ -885,3 +885,137 @@ def test_the_descent_starts_from_the_best_of_the_named_grids_and_gits():
     res = calibrate_solver(problem, [3], methods=["grid"], solvers=["dpmpp_2m"], max_runs=1)
     (entry,) = res["entries"]
     assert entry["ts"] == gits.tolist() and entry["error"] == problem.score(gits, "dpmpp_2m")
+
+
+# --- review20: exact identities of UniPC's calibrated options and of DPM-Solver-v3 ---------------------
+
+
+class _TimeOnly:
+    """A denoiser whose x0 depends on the time alone: x0(t) = sum_k c_k u(t)^k, u = t or the log-SNR."""
+
+    def __init__(self, schedule, coeffs, in_log_snr: bool) -> None:
+        self.schedule, self.coeffs, self.in_log_snr = schedule, coeffs, in_log_snr
+
+    def value(self, t: float) -> torch.Tensor:
+        u = float(self.schedule.log_snr(torch.tensor(t, dtype=F64))) if self.in_log_snr else float(t)
+        return sum(c * u**k for k, c in enumerate(self.coeffs))
+
+    def __call__(self, x, t, cond=None):
+        return self.value(float(t)).expand_as(x).clone()
+
+
+_C = [torch.tensor([0.3, -0.2]), torch.tensor([0.5, 0.1]), torch.tensor([-0.04, 0.03]),
+      torch.tensor([0.2, -0.1])]
+
+
+def test_dc_compensation_of_a_higher_order_than_the_solver_is_exact_on_a_polynomial():
+    """dc_order 3 on UniPC-2 keeps the four evaluations its Lagrange polynomial needs: where x0 is a cubic
+    in t, the compensated x0 of a step is that cubic at t_i + (rho_i - 1)(t_i - t_{i-1}), exactly."""
+    den = _TimeOnly(SCHED, _C, in_log_snr=False)
+    x = _noise(3, (2,), 4)
+    ts = make_grid("logsnr", SCHED, 8)
+    ratios = (1.0,) * 4 + (0.8,) + (1.0,) * 3
+    seen = []
+    sample(den, x, ts, "unipc", dc_ratios=ratios, dc_order=3, callback=lambda info: seen.append(info.x0))
+    t4, t3 = float(ts[4]), float(ts[3])
+    torch.testing.assert_close(seen[4][0], den.value(0.8 * t4 + 0.2 * t3), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(seen[3][0], den.value(t3), rtol=0, atol=0)  # ratio 1: as evaluated
+
+
+def _exact_step(den, x, t_s: float, t_t: float) -> torch.Tensor:
+    """The probability-flow ODE's exact step for an x0 that is a polynomial in the log-SNR lambda:
+    x_t = (sigma_t / sigma_s) x_s + sigma_t int e^lambda x0(lambda) dlambda (Lu et al. 2022b, Eq. 9)."""
+    import math
+
+    sched = den.schedule
+    lam_s, lam_t = (float(sched.log_snr(torch.tensor(v, dtype=F64))) for v in (t_s, t_t))
+    sig_s, sig_t = (float(sched.sigma(torch.tensor(v, dtype=F64))) for v in (t_s, t_t))
+
+    def antiderivative(lam):  # of e^lam sum_k c_k lam^k (integrating by parts k times)
+        return math.exp(lam) * sum(
+            c * sum((-1) ** j * math.perm(k, j) * lam ** (k - j) for j in range(k + 1))
+            for k, c in enumerate(den.coeffs)
+        )
+
+    return (sig_t / sig_s) * x + sig_t * (antiderivative(lam_t) - antiderivative(lam_s))
+
+
+def test_unipc_per_step_orders_cap_their_own_step():
+    """``orders[i]`` caps step i's predictor: UniP-3 is exact where x0 is quadratic in the log-SNR (its
+    order conditions), UniP-2 (rho = 1/2) is not, so with one step capped to 2 exactly that step and the
+    two warm-up steps leave the exact solution."""
+    den = _TimeOnly(SCHED, _C[:3], in_log_snr=True)
+    x = _noise(3, (2,), 5)
+    ts = make_grid("logsnr", SCHED, 8, final="t_min")
+    for j in (3, 5):
+        orders = tuple(2 if i == j else 3 for i in range(8))
+        seen = [x]
+        sample(den, x, ts, "unipc_3", orders=orders, use_corrector=False, lower_order_final=False,
+               callback=lambda info, seen=seen: seen.append(info.x))  # fmt: skip
+        off = [i for i in range(8)
+               if float((seen[i + 1] - _exact_step(den, seen[i], float(ts[i]), float(ts[i + 1]))).abs().max())
+               > 1e-6]  # fmt: skip (exact to ~1e-7 of e^lambda's cancellation; off by > 1e-3)
+        assert off == [0, 1, j], (j, off)
+
+
+def test_dpm_solver_v3_converges_under_any_statistics():
+    """Eq. 10 is the exact solution for any l, s, b (they only choose what is extrapolated), so with
+    arbitrary smooth statistics DPM-Solver-v3 still converges to the ODE's solution at its order
+    (predictor alone: order 2, measured 2.0; with the corrector 2.7; order 1 alone 0.95)."""
+    import math as m
+
+    from velodiff.oracle import reference_sample, starting_noise
+    from velodiff.schedules import ContinuousVP
+
+    sched = ContinuousVP()
+    den = MixtureDenoiser(GaussianMixture.random((2,), components=3, seed=1, min_var=0.2, max_var=0.5), sched)
+    x = starting_noise((2,), 32, seed=3)
+    lams = sched.log_snr(make_grid("logsnr", sched, 40, final="t_min"))
+    u = lams.reshape(-1, 1)
+    ems = ModelStatistics(lams, 1 + 0.3 * torch.sin(u) + torch.tensor([0.0, 0.2]),
+                          0.2 * torch.cos(0.7 * u) - torch.tensor([0.1, 0.0]),
+                          0.1 * u + torch.tensor([0.05, -0.1]))
+    for opts, order in (({}, 2), ({"use_corrector": False}, 2), ({"order": 1, "use_corrector": False}, 1)):
+        errs = []
+        for n in (24, 48):
+            ts = make_grid("logsnr", sched, n, final="t_min")
+            out = sample(den, x, ts, "dpm_solver_v3", ems=ems, **opts).x
+            errs.append(float((out - reference_sample(den, x, ts)).norm(dim=1).mean()))
+        assert m.log2(errs[0] / errs[1]) > order - 0.3, (opts, errs)
+
+
+def test_dpm_solver_v3_derivative_estimates():
+    """g's derivatives at lams[0]: the Taylor conditions give a quadratic's g', g'' exactly; pseudo-order
+    gives the divided differences times k!: (g0 - g1) / (l0 - l1) and 2 g[l0, l1, l2] (= g'' for a
+    quadratic) on unequal spacings."""
+    from velodiff.solvers.dpm_solver_v3 import _derivatives
+
+    lams = [0.4, 0.9, -0.3]  # base point, the newer point, an older point (the corrector's order)
+    a, b, c = 0.7, -1.3, 2.1
+
+    def g(v):
+        return torch.tensor([a + b * (v - lams[0]) + c * (v - lams[0]) ** 2], dtype=F64)
+
+    gs = [g(v) for v in lams]
+    d1, d2 = _derivatives(lams, gs, pseudo=False)
+    torch.testing.assert_close(d1, torch.tensor([b], dtype=F64))
+    torch.testing.assert_close(d2, torch.tensor([2 * c], dtype=F64))
+    p1, p2 = _derivatives(lams, gs, pseudo=True)
+    torch.testing.assert_close(p1, (gs[0] - gs[1]) / (lams[0] - lams[1]))
+    torch.testing.assert_close(p2, torch.tensor([2 * c], dtype=F64))
+
+
+def test_dpm_solver_v3_of_order_p_is_exact_on_a_polynomial_of_degree_p_minus_1():
+    """With l = 1, s = b = 0 (g = -x0) the Taylor-condition predictor of order p integrates x0 exactly
+    where it is a polynomial of degree p - 1 in the log-SNR (E_k of the module docstring): order 4 on a
+    cubic is exact from its fourth step on, to its integral tables' accuracy (7e-5 at the end)."""
+    den = _TimeOnly(SCHED, _C, in_log_snr=True)
+    x = _noise(3, (2,), 6)
+    ts = make_grid("logsnr", SCHED, 10, final="t_min")
+    ems = ModelStatistics.degenerate(SCHED.log_snr(make_grid("logsnr", SCHED, 30, final="t_min")))
+    seen = [x]
+    sample(den, x, ts, "dpm_solver_v3", ems=ems, order=4, use_corrector=False, lower_order_final=False,
+           callback=lambda info: seen.append(info.x))  # fmt: skip
+    errs = [float((seen[i + 1] - _exact_step(den, seen[i], float(ts[i]), float(ts[i + 1]))).abs().max())
+            for i in range(10)]  # fmt: skip
+    assert max(errs[3:]) < 3e-4 and min(errs[:3]) > 1e-2, errs  # (order 3 there: off by > 4e-3)

@@ -412,3 +412,28 @@ def test_a_peft_lora_without_its_config_loads_onto_exactly_its_modules(tmp_path)
     (tmp_path / "mixed" / "adapter_config.json").unlink()
     with pytest.raises(VelodiffError, match=r"its modules have ranks \[2, 4\] and no adapter_config.json"):
         velodiff.load("default", lora=tmp_path / "mixed")
+
+
+def test_lcm_timestep_scaling_is_diffusers_timestep_scaling() -> None:
+    """The ``timestep_scaling`` option is LCMScheduler's: at 0.01 its boundary condition weighs x_i
+    (c_skip 0.0025 to 0.9 over the grid), and the steps are still diffusers' with the same setting."""
+    x = starting_noise((2,), 16, seed=3)
+    sch = LCMScheduler(**SD, original_inference_steps=50, timestep_scaling=0.01)
+    sch.set_timesteps(4)
+    ts = make_grid("lcm", SCHED, 4, original_steps=50)
+    gd = torch.Generator().manual_seed(7)
+    xd, traj_d = x.clone(), []
+    for i, k in enumerate(sch.timesteps):
+        t = float(ts[i])
+        xd = sch.step(eps_from_x0(SCHED, xd, t, DEN(xd, t)), k, xd, generator=gd).prev_sample
+        traj_d.append(xd)
+
+    def run(**options):
+        gv, traj = torch.Generator().manual_seed(7), []
+        sample(DEN, x, ts, "lcm", noise=lambda i: torch.randn(x.shape, generator=gv, dtype=x.dtype),
+               callback=lambda info: traj.append(info.x), **options)  # fmt: skip
+        return traj
+
+    for a, b in zip(run(timestep_scaling=0.01), traj_d, strict=True):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5)
+    assert float((run()[-1] - traj_d[-1]).abs().max()) > 1e-2  # the default scaling is another run

@@ -132,3 +132,47 @@ def test_rescale_on_a_v_prediction_model_equals_diffusers_guidance_rescale():
     r = text2img(m, prompt, grid=ts, solver="ddim", guidance=6.0, guidance_rescale=0.7, latents=z,
                  output="latent")
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow"])
+@pytest.mark.parametrize("alpha, sigma", [(0.6, 0.8), (1.0, 3.0), (0.25, 0.75), (0.9, 0.05)])
+def test_prediction_conversions_invert_each_other_on_any_schedule(prediction_type, alpha, sigma):
+    """prediction_from_x0 is x0_from_alpha_sigma's inverse for any alpha, sigma: VP (alpha^2 + sigma^2
+    = 1), EDM (alpha = 1) and flows (alpha + sigma = 1); v = alpha eps - sigma x0 whatever the schedule."""
+    from velodiff.denoisers import prediction_from_x0, x0_from_alpha_sigma
+
+    g = torch.Generator().manual_seed(0)
+    x, x0 = torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, 4, generator=g, dtype=F64)
+    out = prediction_from_x0(prediction_type, x, x0, alpha, sigma)
+    torch.testing.assert_close(x0_from_alpha_sigma(prediction_type, x, out, alpha, sigma), x0)
+    eps = (x - alpha * x0) / sigma
+    want = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0, "flow": eps - x0}
+    if prediction_type != "flow" or alpha + sigma == 1.0:  # a flow's velocity is defined on a flow
+        torch.testing.assert_close(out, want[prediction_type])
+
+
+def test_model_denoiser_gives_the_network_its_own_timestep_map():
+    seen = []
+
+    def net(x, timestep, cond):
+        seen.append(timestep)
+        return torch.zeros_like(x)
+
+    sched = DiscreteVP.scaled_linear()
+    x = torch.ones(2, 3, dtype=F64)
+    ModelDenoiser(net, sched, timestep=lambda t: t * 7.0)(x, 0.5)
+    ModelDenoiser(net, sched)(x, 0.5)
+    assert torch.allclose(seen[0], torch.full((2,), 3.5, dtype=F64))
+    assert torch.allclose(seen[1], torch.full((2,), 499.0, dtype=F64))  # diffusers' k for t = (k + 1) / N
+
+
+def test_conditionings_with_other_keys_are_not_batched():
+    """cond and uncond mappings batch key by key; a key one of them lacks (or adds) is one line, never
+    a KeyError or a key silently dropped from the batch."""
+    from velodiff.denoisers import concat_cond
+
+    t = torch.zeros(1, 3)
+    assert concat_cond({"a": t}, {"a": t})["a"].shape == (2, 3)
+    for a, b in (({"a": t}, {"a": t, "b": t}), ({"a": t, "b": t}, {"a": t})):
+        with pytest.raises(VelodiffError, match="different keys"):
+            concat_cond(a, b)

@@ -202,3 +202,17 @@ def test_churn_above_the_schedules_top_stays_at_its_top():
     sig_next = float(sched.sigma_ve(ts[1]))
     want = float(sched.alpha(ts[1])) * (x_hat + (sig_next - sig_hat) * (x_hat - x0) / sig_hat)
     _close(want, res.x)
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+def test_dpm_adaptive_pid_coefficients(sched):
+    """The PID controller off its defaults (proportional and derivative terms on; the defaults make it
+    pure integral, where its error history is unused) takes k-diffusion's steps."""
+    s = Setup(sched, grid="logsnr", steps=1, final="t_min")
+    kw = dict(pcoeff=0.3, icoeff=0.6, dcoeff=0.2, rtol=0.02, atol=0.005)
+    ref, info = K.sample_dpm_adaptive(
+        s.model, s.x_ve.clone(), s.sigmas[-1], s.sigmas[0], order=3, disable=True, return_info=True, **kw
+    )
+    res = sample(s.den, s.x, s.ts, "dpm_adaptive", order=3, **kw)
+    _close(ref, s.velodiff_ve(res), 1e-8)
+    assert res.nfe == s.calls == info["nfe"]

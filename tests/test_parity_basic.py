@@ -241,3 +241,25 @@ def test_heun_from_alpha_zero():
     euler = sample(den, x, ts_euler, "euler")
     assert heun.nfe == euler.nfe == 23
     assert float((heun.x - ref).norm()) < 0.5 * float((euler.x - ref).norm())
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpm_2"])
+def test_churn_window_includes_its_ends(solver):
+    """EDM Alg. 2 line 4 churns where s_tmin <= sigma_i <= s_tmax (k-diffusion's test too): a window
+    that is one grid level churns exactly that step."""
+    from velodiff import EDM
+
+    sched = EDM()
+    den = MixtureDenoiser(MIX, sched)
+    ts = make_grid("karras", sched, 8)
+    calls = []
+
+    def noise(i):
+        calls.append(i)
+        return starting_noise(SHAPE, 4, seed=100 + i)
+
+    for j in (2, 5):
+        calls.clear()
+        level = float(ts[j])  # sigma / alpha on EDM is t itself
+        sample(den, X, ts, solver, s_churn=10.0, s_tmin=level, s_tmax=level, noise=noise)
+        assert calls == [j]

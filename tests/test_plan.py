@@ -423,3 +423,17 @@ def test_a_branch_with_its_own_input_and_rows():
     # a branch a rule above asked for on every row stays whole when a rule below asks for some rows
     whole = EvalRequest(0, 0, t, X, {"cond": COND, "uncond": UNCOND}).with_branch("uncond")
     assert whole.with_branch("uncond", rows=torch.tensor([0])).size("uncond") == X.shape[0]
+
+
+@pytest.mark.parametrize("solver", ["sde_dpmpp_2m", "sde_dpmpp_3m", "dpm_solver_v3"])
+def test_the_other_multistep_solvers_drop_to_first_order_on_approximate_evaluations(solver):
+    """As above for the SDE multistep solvers without noise (eta 0) and DPM-Solver-v3 with degenerate
+    statistics (its corrector skipped too): DDIM's steps, v3's to its integral tables' accuracy."""
+    ts = make_grid("logsnr", SCHED, 8)
+    opts = {"eta": 0.0} if solver.startswith("sde") else required_options(solver, SCHED)
+    tol = 1e-9 if solver.startswith("sde") else 1e-4
+    got = sample(ORACLE, X, ts, solver, plan=[AllApproximate()], **opts).x
+    ddim = sample(ORACLE, X, ts, "ddim").x
+    exact = sample(ORACLE, X, ts, solver, **opts).x
+    assert torch.allclose(got, ddim, rtol=tol, atol=tol)
+    assert not torch.allclose(exact, ddim, rtol=1e-2, atol=1e-2)

@@ -98,3 +98,13 @@ def test_bad_input_is_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(VelodiffError, match="retakes steps from fresh noise"):
         invert_latents(den, x, ts, "ddim", plan="recur:k=2")
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpm_2"])
+def test_churn_is_step_noise_recur_refuses(solver):
+    """EDM churn (s_churn > 0) draws noise at each churned step as eta does: 'recur' refuses it."""
+    sched = DiscreteVP.scaled_linear()
+    den, x, ts = MixtureDenoiser(MIX, sched), starting_noise((2,), 2, seed=4).to(F64), uniform_t(sched, 4)
+    assert get_solver(solver).draws_noise({"s_churn": 1.0}) and not get_solver(solver).draws_noise({})
+    with pytest.raises(VelodiffError, match=f"'{solver}' draws step noise"):
+        sample(den, x, ts, solver, plan="recur", s_churn=1.0)

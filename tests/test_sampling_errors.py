@@ -325,3 +325,25 @@ def test_nan_is_blamed_on_the_branch_or_on_the_rules_that_made_it():
     nan_uncond = ModelDenoiser(lambda x, timestep, c: torch.where(c < 0, math.nan, x), SCHED)
     with pytest.raises(VelodiffError, match="the model returned NaN or inf at step 0 .* for branch 'uncond'"):
         sample(nan_uncond, X, TS, "ddim", cond=cond, plan="cfg:scale=2")
+
+
+@pytest.mark.parametrize(
+    ("solver", "options", "message"),
+    [
+        ("lcm", {"timestep_scaling": 0.0}, "option timestep_scaling must be a number in (0, 10000], got 0.0"),
+        ("dpm_adaptive", {"accept_safety": 0.0}, "option accept_safety must be a number in (0, 1], got 0.0"),
+        ("dpmpp_sde", {"r": 0.0}, "option r must be a number in (0, 1], got 0.0"),
+    ],
+)
+def test_an_open_lower_bound_refuses_its_end(solver, options, message):
+    """OPTION_VALUES' open bounds exclude their end before the run (timestep_scaling 0 made LCM return
+    its input as x0; accept_safety 0 accepted every step)."""
+    with pytest.raises(VelodiffError, match=f"^solver {solver!r}: {re.escape(message)}"):
+        sample(DEN, X, TS, solver, **options)
+
+
+def test_a_grid_just_above_the_schedules_top_is_refused():
+    """Times above t_max are outside the schedule, to rounding (a grid from 1.001 on a discrete schedule
+    asked the network for an untrained timestep)."""
+    with pytest.raises(VelodiffError, match="outside the schedule's range"):
+        sample(DEN, X, torch.tensor([1.001, 0.5, 0.0], dtype=F64), "ddim")

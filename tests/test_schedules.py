@@ -172,3 +172,18 @@ def test_zero_snr_floor_keeps_log_snr_strictly_decreasing():
     assert bool((sched.log_alphas[1:] < sched.log_alphas[:-1]).all())
     assert float(acp[-1]) == pytest.approx(0.5 * float(acp[-2])) and float(acp[-2]) < 2.0**-24
     assert torch.allclose(acp[:-1], torch.cumprod(1.0 - sched.betas, 0)[:-1], rtol=1e-13, atol=0)
+
+
+def test_schedule_edges_and_conventions():
+    """ContinuousVP refuses beta_0 = beta_1 (t(lambda) divides by their difference); EDM's network time
+    is c_noise = ln(sigma) / 4 (Karras et al. 2022, Table 1); a config's trained_betas are the schedule
+    (diffusers' DDPMScheduler with the same trained_betas has the same alphas_cumprod)."""
+    with pytest.raises(VelodiffError, match="0 <= beta_0 < beta_1"):
+        ContinuousVP(beta_0=1.0, beta_1=1.0)
+    sig = torch.tensor([0.002, 1.0, 80.0], dtype=F64)
+    assert torch.allclose(EDM().timestep(sig), torch.log(sig) / 4, rtol=1e-15, atol=0)
+    betas = torch.linspace(2e-4, 0.03, 100, dtype=F64) ** 1.1
+    sched = DiscreteVP.from_diffusers_config({"trained_betas": betas.tolist(), "beta_schedule": "linear"})
+    ref = DDPMScheduler(num_train_timesteps=100, trained_betas=betas.tolist())
+    assert torch.allclose(sched.alphas_cumprod, ref.alphas_cumprod.to(F64), rtol=1e-5, atol=0)
+    assert torch.equal(sched.betas, betas)
