@@ -148,7 +148,7 @@ class DiTModel(SDModel):
             add_special_tokens=True,
             return_tensors="pt",
         )
-        for text, row in zip(texts, tok(texts, truncation=False).input_ids, strict=True):
+        for text, row in zip(texts, tok(texts, truncation=False, verbose=False).input_ids, strict=True):
             if len(row) > n:
                 dropped = shorten(tok.decode(row[n - 1 : -1]).strip())
                 warnings.warn(

@@ -74,7 +74,7 @@ class SDModel(LoadedModel):
         ids = tokenizer(
             list(texts), padding="max_length", max_length=n, truncation=True, return_tensors="pt"
         ).input_ids
-        full = tokenizer(list(texts), truncation=False).input_ids
+        full = tokenizer(list(texts), truncation=False, verbose=False).input_ids  # our warning, not its log
         for text, row in zip(texts, full, strict=True):  # named by its text: a negative is no "prompt 1"
             if len(row) > n:
                 dropped = tokenizer.decode(row[n - 1 : -1]).strip()

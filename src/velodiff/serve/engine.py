@@ -237,7 +237,7 @@ class Engine:
         limit = getattr(m, "max_tokens", None)
         if tok is None or limit is None:
             return
-        n = len(tok(text, truncation=False).input_ids)
+        n = len(tok(text, truncation=False, verbose=False).input_ids)
         if n > limit:
             raise VelodiffError(
                 f"the {what} is {n} tokens long; this model reads at most {limit} (start and end included)"
