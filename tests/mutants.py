@@ -2492,6 +2492,13 @@ MUTANTS = {
         "not 0 <= self.seed < SEED_END:",
         ["tests/test_serve_stream.py", "-k", "seeds_every_other_route"],
     ),
+    # session 2026-11-29b: Flux's shift on a named grid at the default size (found by review23)
+    "named_grid_shift_dropped_at_default_size": (
+        "pipelines/setup.py",
+        "        grid_opts = {k: v for k, v in sized.items() if k in takes}",
+        "        grid_opts = {k: v for k, v in sized.items() if k in takes and model.default_grid_options.get(k) != v}",  # noqa: E501
+        ["tests/test_models_dit.py", "-k", "grids_are_diffusers"],
+    ),
 }
 
 

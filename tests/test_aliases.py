@@ -194,7 +194,8 @@ def test_pipeline_setup_takes_the_alias_grid():
 
     model = SimpleNamespace(
         schedule=SCHED, default_solver="dpmpp_2m", default_guidance=1.0, default_final="zero",
-        default_steps=10, default_grid="trailing", default_grid_options={},
+        default_steps=10, default_grid="trailing", default_grid_options={}, default_size=(64, 64),
+        sized_grid_options=lambda height, width: {},
     )  # fmt: skip
     s = make_setup(model, Sampling(solver="DPM++ 2M Karras", steps=8))
     assert s.solver.name == "dpmpp_2m" and s.solver.defaults["lower_order_final"] is False

@@ -120,19 +120,22 @@ def test_grids_are_diffusers(models):
     from velodiff.pipelines.setup import Sampling, make_setup
 
     m = models["flux"]
+    for size in ((H, W), m.default_size):  # at the default size too (the shift was dropped there alone)
+        sized = m.grid_options(*size)
+
+        def ts_of(size=size, **sampling):
+            return make_setup(m, Sampling.of("t", {"steps": 4, **sampling}), size=size).ts
+
+        torch.testing.assert_close(ts_of(grid="flux"), ts_of())
+        shifted = make_grid("flow-shifted", m.schedule, 4, **sized)
+        torch.testing.assert_close(ts_of(grid="flow-shifted"), shifted)
+        assert not torch.allclose(ts_of(grid="flow-shifted"), make_grid("flow-shifted", m.schedule, 4))
+        torch.testing.assert_close(ts_of(grid="karras"), make_grid("karras", m.schedule, 4))
+        # ComfyUI's schedulers over a flow's levels take it too (its ModelSamplingFlux shift)
+        for name in ("simple", "sgm_uniform", "normal", "beta", "ddim_uniform"):
+            torch.testing.assert_close(ts_of(grid=name), make_grid(name, m.schedule, 4, **sized))
+            assert not torch.allclose(ts_of(grid=name), make_grid(name, m.schedule, 4))
     sized = m.grid_options(H, W)
-
-    def ts_of(**sampling):
-        return make_setup(m, Sampling.of("t", {"steps": 4, **sampling}), size=(H, W)).ts
-
-    torch.testing.assert_close(ts_of(grid="flux"), ts_of())
-    torch.testing.assert_close(ts_of(grid="flow-shifted"), make_grid("flow-shifted", m.schedule, 4, **sized))
-    assert not torch.allclose(ts_of(grid="flow-shifted"), make_grid("flow-shifted", m.schedule, 4))
-    torch.testing.assert_close(ts_of(grid="karras"), make_grid("karras", m.schedule, 4))
-    # ComfyUI's schedulers over a flow's levels take it too (its ModelSamplingFlux shift)
-    for name in ("simple", "sgm_uniform", "normal", "beta", "ddim_uniform"):
-        torch.testing.assert_close(ts_of(grid=name), make_grid(name, m.schedule, 4, **sized))
-        assert not torch.allclose(ts_of(grid=name), make_grid(name, m.schedule, 4))
     # img2img's start: the flux grid starts at t_start itself, not at its shift
     start = make_grid("flux", m.schedule, 4, t_start=0.6, **sized)
     assert float(start[0]) == 0.6 and bool((start[:-1].diff() < 0).all())

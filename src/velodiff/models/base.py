@@ -223,8 +223,14 @@ class LoadedModel:
         return self.vae_scale_factor * self.patch_size
 
     def grid_options(self, height: int, width: int) -> dict[str, Any]:
-        """Options of the default grid for images of this size (resolution-dependent shifts override)."""
-        return dict(self.default_grid_options)
+        """Options of the default grid for images of this size: the model's defaults, with what depends
+        on the size (:meth:`sized_grid_options`) over them."""
+        return {**self.default_grid_options, **self.sized_grid_options(height, width)}
+
+    def sized_grid_options(self, height: int, width: int) -> dict[str, Any]:
+        """The grid options that depend on the image's size (Flux's dynamic shift): every grid that takes
+        them gets them, named or the default; none here."""
+        return {}
 
     # -- codecs (filled by the family) --
 

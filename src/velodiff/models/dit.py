@@ -166,17 +166,14 @@ class DiTModel(SDModel):
     #: mu at max_image_seq_len when the scheduler config has none (diffusers: SD3 1.16, Flux 1.15)
     max_shift: float = 1.16
 
-    def grid_options(self, height: int, width: int) -> dict[str, Any]:
-        """The default grid's options for images of this size: a scheduler with
-        ``use_dynamic_shifting`` (Flux, some SD3.5) shifts by exp(mu), mu linear in the token count."""
+    def sized_grid_options(self, height: int, width: int) -> dict[str, Any]:
+        """A scheduler with ``use_dynamic_shifting`` (Flux, some SD3.5) shifts by exp(mu), mu linear in
+        the image's token count (diffusers' ``calculate_shift``)."""
         cfg = self.components.get("scheduler_config") or {}
         if not cfg.get("use_dynamic_shifting"):
-            return dict(self.default_grid_options)
+            return {}
         f = self.size_factor
-        return {
-            **self.default_grid_options,
-            "shift": dynamic_shift(cfg, (height // f) * (width // f), self.max_shift),
-        }
+        return {"shift": dynamic_shift(cfg, (height // f) * (width // f), self.max_shift)}
 
 
 def calculate_shift(

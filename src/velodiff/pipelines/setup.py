@@ -211,12 +211,13 @@ def make_setup(model: Any, opts: Sampling, size: tuple[int, int] | None = None) 
     grid_opts = {}
     if grid is None:
         grid_opts = model.grid_options(*size) if size is not None else dict(model.default_grid_options)
-    elif size is not None and isinstance(grid, str):
+    elif isinstance(grid, str):
         # what depends on the image's size (Flux's shift) applies to every named grid that takes it
-        # ("flux", "flow-shifted"); the model's other defaults only when no grid is named
-        sized = model.grid_options(*size)
+        # ("flux", "flow-shifted"), at the default size too; the model's other defaults only when no
+        # grid is named
+        sized = model.sized_grid_options(*(size or model.default_size))
         takes = grid_parameters(_grid_name(grid) or grid)
-        grid_opts = {k: v for k, v in sized.items() if model.default_grid_options.get(k) != v and k in takes}
+        grid_opts = {k: v for k, v in sized.items() if k in takes}
     grid_opts = {**getattr(model, "grid_defaults", {}).get(_grid_name(name) or str(name), {}), **grid_opts,
                  **(opts.grid_options or {})}
     ts = make_grid(name, model.schedule, steps, final=final, **grid_opts)
@@ -275,7 +276,7 @@ def calibrated_setup(
         if spec.missing(options):
             art = next((a for a in arts if a.get("ems")), arts[0])
             options = {**options, **_fitted(spec, options, art)}
-        return make_setup(model, replace(opts, solver=spec, solver_options=options))
+        return make_setup(model, replace(opts, solver=spec, solver_options=options), size=size)
     if opts.steps is not None and opts.nfe is not None:
         raise VelodiffError("give steps or nfe, not both")
     nfe = opts.nfe if opts.nfe is not None else spec.nfe(int(opts.steps or model.default_steps))
