@@ -515,3 +515,78 @@ def test_a_prompt_past_t5s_length_warns_with_its_text_and_what_was_dropped(model
     with pytest.warns(UserWarning, match=rf"the text 'a red circle .*T5 tokens; the model reads {SEQ} ") as w:
         text2img(models["pixart-sigma"], long, steps=1, output="latent")
     assert any("green triangle" in str(m.message) for m in w)
+
+
+# --- review23: img2img from pixels, default grids at non-square sizes, strength 1 ----------------
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_img2img_from_pixels_is_diffusers_with_the_posterior_mode(models, kind, monkeypatch):
+    """The image goes through the VAE as diffusers' SD3 / Flux img2img pipelines put it, (mode - shift_factor)
+    x scaling_factor, at a non-square size: diffusers samples the posterior, velodiff takes its mode, so
+    diffusers' sample is made the mode here and the final latents must agree."""
+    import diffusers
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    m = models[kind]
+    cls = diffusers.StableDiffusion3Img2ImgPipeline if kind == "sd3" else diffusers.FluxImg2ImgPipeline
+    pipe = cls(**m.to_diffusers().components)
+    pipe.set_progress_bar_config(disable=True)
+    h, w = SIZES[1]
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(5))
+    shape = m.latent_shape(1, h, w)
+    steps, strength = 4, 0.5
+    ref = pipe(PROMPT, image=image, strength=strength, num_inference_steps=steps, height=h, width=w,
+               max_sequence_length=SEQ, generator=torch.Generator().manual_seed(7), output_type="latent",
+               guidance_scale=1.0 if kind == "sd3" else 3.5).images
+    ref = unpack(ref, shape[-2], shape[-1]) if kind == "flux" else ref
+    eps = torch.randn(shape, generator=torch.Generator().manual_seed(7))  # both draw it before packing
+    r = img2img(m, PROMPT, image, strength, steps=steps, latents=eps, guidance=1.0, output="latent")
+    close(r.latents, ref)
+
+
+@pytest.mark.parametrize("size", SIZES[1:])
+def test_flux_default_grid_at_a_non_square_size_is_fluxpipelines(models, size):
+    """FluxPipeline's shift grows with the image's token count, (h / 16) x (w / 16): at 64x96 and 96x64 the
+    default grid is its sigmas (a height read for the width shifts by the wrong count)."""
+    from velodiff.pipelines.setup import Sampling, make_setup
+
+    m = models["flux"]
+    h, w = size
+    pipe = m.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    pipe(PROMPT, num_inference_steps=4, height=h, width=w, output_type="latent", max_sequence_length=SEQ,
+         guidance_scale=1.0, callback_on_step_end=stop_after_first_step)
+    ts = make_setup(m, Sampling.of("t", {"steps": 4}), size=(h, w)).ts
+    torch.testing.assert_close(ts, pipe.scheduler.sigmas.double(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_img2img_at_strength_1_runs_every_step_as_diffusers(models, kind):
+    """Strength 1 on SD3 / Flux: diffusers' get_timesteps starts at int(max(steps - steps, 0)) = 0, every
+    step runs, from the top of the grid."""
+    import diffusers
+
+    m = models[kind]
+    cls = diffusers.StableDiffusion3Img2ImgPipeline if kind == "sd3" else diffusers.FluxImg2ImgPipeline
+    pipe = cls(**m.to_diffusers().components)
+    pipe.set_progress_bar_config(disable=True)
+    shape = m.latent_shape(1, H, W)
+    z0 = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    times: list[float] = []
+
+    def record(p, i, t, kwargs):
+        times.append(float(t))
+        return kwargs
+
+    steps = 3
+    ref = pipe(PROMPT, image=z0, strength=1.0, num_inference_steps=steps, height=H, width=W,
+               max_sequence_length=SEQ, generator=torch.Generator().manual_seed(7), output_type="latent",
+               guidance_scale=1.0 if kind == "sd3" else 3.5, callback_on_step_end=record).images
+    ref = unpack(ref, shape[-2], shape[-1]) if kind == "flux" else ref
+    eps = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    r = img2img(m, PROMPT, None, 1.0, image_latents=z0, steps=steps, latents=eps, guidance=1.0,
+                output="latent", height=H, width=W)
+    assert r.steps == len(times) == steps and float(r.ts[0]) == pytest.approx(times[0] / 1000, abs=1e-6)
+    close(r.latents, ref)

@@ -830,3 +830,279 @@ def test_a_truncated_negative_prompt_is_named_by_its_text(models):
         logging.getLogger("transformers").removeHandler(handler)
     assert not any("red circle" in str(w.message) for w in got)
     assert not [line for line in logged if "sequence length" in line]
+
+
+# --- review23: prompt encoding, refiner conditioning, partial-strength inpainting ----------------
+
+
+def test_sdxl_prompt_encoding_is_diffusers_with_and_without_a_negative_prompt(models):
+    """SDXL as StableDiffusionXLPipeline.encode_prompt: a negative prompt given is encoded (both encoders'
+    penultimate states and the projected pooled output), even with force_zeros_for_empty_prompt, which
+    zeros the unconditional embeddings only when no negative prompt is given; clip_skip counts from the
+    penultimate layer (diffusers reads the negative prompt's at the penultimate layer whatever clip_skip
+    is, velodiff as ComfyUI and A1111 at the same layer as the prompt's: only the prompt's is compared)."""
+    m = models["sdxl"]
+    assert m.force_zeros_for_empty_prompt
+    pipe = m.to_diffusers()
+    for negative, clip_skip in (("blurry ugly painting", 0), (None, 0), ("blurry", 1)):
+        m.clip_skip = clip_skip
+        try:
+            c = m.encode_prompt([PROMPT], None if negative is None else [negative], guided=True)
+        finally:
+            m.clip_skip = 0
+        with torch.no_grad():
+            pe, ne, pp, npp = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                                 do_classifier_free_guidance=True, negative_prompt=negative,
+                                                 clip_skip=clip_skip or None)
+        pairs = [(c.cond["encoder_hidden_states"], pe), (c.cond["text_embeds"], pp),
+                 (c.uncond["text_embeds"], npp)]
+        if not clip_skip:
+            pairs.append((c.uncond["encoder_hidden_states"], ne))
+        for got, want in pairs:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert bool(ne.abs().amax() > 0) == (negative is not None)
+
+
+def test_inpainting_below_full_strength_starts_from_the_noised_image_as_diffusers(models):
+    """strength < 1 on a plain UNet: the run starts from the original's latents noised to the first kept
+    step (diffusers' add_noise with the same noise the re-noising uses), not from pure noise, and keeps
+    diffusers' int(steps x strength) steps."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    m = models["sd1"]
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(4))
+    mask = _mask(H, W)
+    z0, masked = m.encode(image), m.encode(image * (1 - mask) + 0.5 * mask)
+    steps, strength = 5, 0.6
+    pipe = StableDiffusionInpaintPipeline(**m.to_diffusers(scheduler(m, "ddim")).components)
+    ref = pipe(PROMPT, image=z0, mask_image=mask, masked_image_latents=masked, strength=strength,
+               num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(7),
+               output_type="latent", height=H, width=W).images
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(7))
+    ts = diffusers_times(m, scheduler(m, "ddim"), steps, "t_min")
+    r = inpaint(m, PROMPT, image, mask, strength, grid=ts, solver="ddim", guidance=7.5, latents=eps,
+                image_latents=z0, output="latent")
+    assert r.steps == int(steps * strength)
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_parity_sdxl_refiner_conditions_on_the_aesthetic_scores(models, tmp_path):
+    """An SDXL refiner folder (one projected text encoder, requires_aesthetics_score) loads as sdxl and
+    runs img2img as diffusers' StableDiffusionXLImg2ImgPipeline: time_ids carry the aesthetic score 6 for
+    the prompt and 2.5 for the negative in place of the target size, and its empty negative prompt is
+    encoded (force_zeros_for_empty_prompt false)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        norm_num_groups=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=5 * 8 + 32, cross_attention_dim=48,
+    )
+    sd_tiny._scale_weights(unet, 1)
+    tok = sd_tiny.clip_tokenizer()
+    StableDiffusionXLImg2ImgPipeline(
+        vae=sd_tiny.vae(force_upcast=True), text_encoder=None, tokenizer=None,
+        text_encoder_2=sd_tiny.text_encoder(tok, hidden=48, projection=32, seed=2), tokenizer_2=tok,
+        unet=unet.eval(), scheduler=DDIMScheduler(**sd_tiny.SD_SCHEDULER), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    ).save_pretrained(str(tmp_path / "refiner"))
+    m = load(tmp_path / "refiner")
+    assert (m.family, m.requires_aesthetics_score, m.force_zeros_for_empty_prompt) == ("sdxl", True, False)
+    pipe = m.to_diffusers(scheduler(m, "ddim"))
+    z0 = torch.randn(1, 4, H // 2, W * 3 // 4, generator=torch.Generator().manual_seed(3))
+    steps, strength = 5, 0.6
+    ref = pipe(PROMPT, image=z0, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(7), output_type="latent").images
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(7))
+    ts = diffusers_times(m, scheduler(m, "ddim"), steps, "t_min")
+    r = img2img(m, PROMPT, None, strength, image_latents=z0, grid=ts, solver="ddim", guidance=5.0,
+                latents=eps,
+                output="latent", height=H, width=W * 3 // 2)
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_loaded_with_records_only_what_differs_from_the_files(models, tmp_path):
+    """LoadedModel.loaded_with (a model's identity: its calibrations' key) holds a forced family or
+    prediction type only where it is not the files' own; a scheduler config without prediction_type is
+    diffusers' default, epsilon."""
+    import json
+    import shutil
+
+    from velodiff.models.loading import inspect_source, loaded_with
+
+    sd2 = inspect_source(models.folder("sd2"))  # v_prediction in its scheduler config
+    assert loaded_with(sd2, None, None, None) == {}
+    assert loaded_with(sd2, None, "sd2", "v_prediction") == {}
+    assert loaded_with(sd2, None, "sd1", "epsilon") == {"family": "sd1", "prediction_type": "epsilon"}
+    bare = tmp_path / "bare"
+    shutil.copytree(models.folder("sd1"), bare)
+    cfg = bare / "scheduler" / "scheduler_config.json"
+    kept = {k: v for k, v in json.loads(cfg.read_text()).items() if k != "prediction_type"}
+    cfg.write_text(json.dumps(kept))
+    assert loaded_with(inspect_source(bare), None, None, "epsilon") == {}
+    v = loaded_with(inspect_source(bare), None, None, "v_prediction")
+    assert v == {"prediction_type": "v_prediction"}
+
+
+def test_dtype_names_take_the_short_aliases():
+    """load(dtype=...) takes float32 / bfloat16 / float16 and the short names fp32 / bf16 / fp16 of each."""
+    from velodiff.models.base import resolve_dtype
+
+    for names, dtype in ((("float32", "fp32"), torch.float32), (("bfloat16", "bf16"), torch.bfloat16),
+                         (("float16", "fp16"), torch.float16)):
+        assert all(resolve_dtype(n) is dtype for n in names)
+    assert resolve_dtype(torch.bfloat16) is torch.bfloat16
+    with pytest.raises(VelodiffError, match="unknown dtype 'half'"):
+        resolve_dtype("half")
+
+
+def test_clip_skip_is_bounded_by_the_shallowest_text_encoder(models):
+    """--clip-skip K reads the K-th layer from the end of every CLIP encoder: refused where an encoder has
+    K layers or fewer (SDXL's CLIP-L has 12 beside bigG's 32: K = 12 fails on CLIP-L), taken below."""
+    from types import SimpleNamespace
+
+    from velodiff.models.loading import set_clip_skip
+
+    def encoder(layers):
+        return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers))
+
+    xl = SimpleNamespace(family="sdxl", uses_clip_skip=True, clip_skip=0,
+                         components={"text_encoder": encoder(12), "text_encoder_2": encoder(32)})
+    with pytest.raises(VelodiffError, match="--clip-skip 12: the text encoder has 12 layers; skip fewer"):
+        set_clip_skip(xl, 12)
+    set_clip_skip(xl, 11)
+    assert xl.clip_skip == 11
+    m = models["sd1"]  # 2 layers
+    with pytest.raises(VelodiffError, match="--clip-skip 2: the text encoder has 2 layers"):
+        set_clip_skip(m, 2)
+    assert m.clip_skip == 0
+
+
+def test_img2img_from_pixels_is_diffusers_with_the_posterior_mode(models, monkeypatch):
+    """The init image goes through the VAE as diffusers' img2img puts it ([0, 1] -> [-1, 1], posterior,
+    x scaling_factor): diffusers samples the posterior and velodiff takes its mode, so diffusers' sample is
+    made the mode here and the final latents must agree (the parity tests above pass latents to both)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    m = models["sd1"]
+    h, w = SIZES[2]
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(3))
+    steps, strength = 4, 0.5
+    pipe = StableDiffusionImg2ImgPipeline(**m.to_diffusers(scheduler(m, "ddim")).components)
+    ref = pipe(PROMPT, image=image, strength=strength, num_inference_steps=steps, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(7), output_type="latent").images
+    eps = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7))
+    ts = diffusers_times(m, scheduler(m, "ddim"), steps, "t_min")
+    r = img2img(m, PROMPT, image, strength, grid=ts, solver="ddim", guidance=7.5, latents=eps,
+                output="latent")
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_a_users_lora_on_a_folder_with_its_own_keeps_each_adapters_scale(tmp_path):
+    """load(folder, lora=X, lora_scale=s) on a folder with its own lora/ (the shipped LCM student): the
+    folder's adapter stays at scale 1 and X's change of the fused weights is s times what X changes alone."""
+    from peft import LoraConfig
+
+    import velodiff
+    from velodiff.models.lora import save_lora
+
+    unet = velodiff.load("default", fuse_lora=False).components["unet"]
+    with torch.inference_mode(False):
+        unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    save_lora(unet, tmp_path / "mine")
+
+    def weights(name, **kw):
+        return velodiff.load(name, **kw).components["unet"].state_dict()
+
+    base, alone = weights("default"), weights("default", lora=tmp_path / "mine")
+    own, both = weights("default-lcm"), weights("default-lcm", lora=tmp_path / "mine", lora_scale=0.5)
+    assert max(float((alone[k] - base[k]).abs().max()) for k in base) > 1e-3
+    assert max(float((own[k] - base[k]).abs().max()) for k in base) > 1e-3  # the student's own adapter
+    for k in base:
+        torch.testing.assert_close(both[k] - own[k], 0.5 * (alone[k] - base[k]), rtol=0, atol=1e-5)
+
+
+def test_one_negative_prompt_in_a_list_serves_every_prompt(models):
+    """negative=[n] for several prompts is n for each (as a string is); another count than 1 or one per
+    prompt is refused in one line."""
+    m = models["sd1"]
+    prompts = ["a red cube", "a blue sphere"]
+    listed = m.encode_prompt(prompts, ["blurry"], guided=True)
+    each = m.encode_prompt(prompts, ["blurry", "blurry"], guided=True)
+    torch.testing.assert_close(listed.uncond["encoder_hidden_states"], each.uncond["encoder_hidden_states"])
+    torch.testing.assert_close(listed.cond["encoder_hidden_states"], each.cond["encoder_hidden_states"])
+    with pytest.raises(VelodiffError, match="3 negative prompts for 2 prompts; give one or one per prompt"):
+        m.encode_prompt(prompts, ["blurry"] * 3, guided=True)
+
+
+def test_the_truncation_warning_names_exactly_the_words_dropped(models):
+    """CLIP keeps 75 tokens between its start and end tokens: of 75 one-token words and one more, the last
+    word is what is dropped, and named (whatever its tokens)."""
+    text = " ".join(["red"] * 75 + ["green"])
+    with pytest.warns(UserWarning, match=r"the text encoder reads 77, so these words were dropped: 'green'$"):
+        models["sd1"].encode_prompt([text], guided=False)
+
+
+def test_a_guidance_distilled_unet_gets_the_lcm_embedding_of_its_scale_minus_one():
+    """A UNet with time_cond_proj_dim (the shipped guidance-distilled student) takes the embedded scale w as
+    diffusers' LatentConsistencyModelPipeline gives it: get_guidance_scale_embedding(w - 1), in the prompt's
+    and the negative's conditioning alike."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    import velodiff
+
+    m = velodiff.load("default-guided")
+    dim = m.unet.config.time_cond_proj_dim
+    assert dim and m.embedded_guidance == 2.5
+    for w in (2.5, 4.0):
+        m.embedded_guidance = w
+        c = m.encode_prompt(["a red circle"], guided=True)
+        want = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([w - 1.0]), dim)
+        torch.testing.assert_close(c.cond["timestep_cond"], want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c.uncond["timestep_cond"], want, rtol=0, atol=1e-6)
+
+
+def test_only_a_force_upcast_vae_is_kept_in_float32_and_only_beside_float16(models):
+    """As diffusers: a float16 model keeps its VAE in float16 unless the VAE's config says force_upcast
+    (SDXL's), which then runs in float32; bfloat16 does not overflow, so no VAE is upcast beside it."""
+    sd1 = load(models.folder("sd1"), dtype="float16").components
+    assert sd1["vae"].dtype == sd1["unet"].dtype == torch.float16
+    xl = load(models.folder("sdxl"), dtype="bfloat16").components
+    assert xl["vae"].dtype == xl["unet"].dtype == torch.bfloat16
+
+
+def test_family_prediction_type_and_default_grid_read_from_the_folders_configs(models, tmp_path):
+    """A UNet of 1024-wide cross-attention is SD2's (OpenCLIP ViT-H) even without linear projections (SD 2.0
+    base); a prediction_type given to load wins over the scheduler config's; a zero-terminal-SNR scheduler
+    samples on diffusers' trailing spacing, others on Karras times."""
+    import json
+
+    from velodiff.models.loading import Source
+    from velodiff.models.sd import default_grid_for, detect_sd1, detect_sd2
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 1024}))
+    src = Source(tmp_path, "folder", model_index={"_class_name": "StableDiffusionPipeline"})
+    assert detect_sd2(src) and not detect_sd1(src)
+    assert load(models.folder("sd1"), prediction_type="v_prediction").prediction_type == "v_prediction"
+    assert default_grid_for({"rescale_betas_zero_snr": True}) == ("trailing", {})
+    assert default_grid_for({"rescale_betas_zero_snr": False}) == ("karras", {})
+
+
+def test_the_families_defaults_are_the_readmes(models):
+    """README, Defaults per model: 25 steps of DPM-Solver++(2M) on Karras times, guidance 7.5 (SDXL 5.0)."""
+    for kind, guidance in (("sd1", 7.5), ("sd2", 7.5), ("sdxl", 5.0)):
+        m = models[kind]
+        assert (m.default_steps, m.default_solver, m.default_grid, m.default_guidance) == (
+            25, "dpmpp_2m", "karras", guidance), kind

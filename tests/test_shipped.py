@@ -85,3 +85,24 @@ def test_models_lists_every_shipped_model(capsys) -> None:
     assert code == 0
     for name, entry in SHIPPED.items():
         assert name in out and (entry.base is None or entry.base in out)
+
+
+@pytest.mark.parametrize("name", ["default", "default-lcm", "default-guided", "default-pruned"])
+def test_every_key_of_a_shipped_models_sampling_file_is_its_default(cache, name) -> None:
+    """sampling.json's solver, steps, guidance, grid, grid_options, embedded_guidance, trained_steps and
+    trained_guidance are the loaded model's (the LCM student's lcm grid over 20 original steps, the
+    guidance-distilled student's embedded scale and its trained range)."""
+    model = velodiff.load(name)
+    sampling = json.loads((shipped_path(name) / "sampling.json").read_text())
+    got = {
+        "solver": model.default_solver,
+        "steps": model.default_steps,
+        "guidance": model.default_guidance,
+        "grid": model.default_grid,
+        "grid_options": model.default_grid_options,
+        "embedded_guidance": model.embedded_guidance,
+        "trained_steps": getattr(model, "trained_steps", None),
+        "trained_guidance": getattr(model, "trained_guidance", None),
+    }
+    for key, value in sampling.items():
+        assert got[key] == (tuple(value) if key == "trained_guidance" else value), key
