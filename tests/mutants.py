@@ -2704,6 +2704,13 @@ MUTANTS = {
         "dynamic_shift(cfg, (height // f) * (height // f), self.max_shift)",
         ["tests/test_models_dit.py", "-k", "non_square_size"],
     ),
+    # session 2026-11-29b: a plan rule's prompt on an inpainting UNet (left by review23)
+    "inpaint_rule_prompts_without_channels": (
+        "pipelines/inpaint.py",
+        "            return _with_concat(prepare_cond(model, texts, None, False, h, w), extra)",
+        "            return prepare_cond(model, texts, None, False, h, w)",
+        ["tests/test_models_sd.py", "-k", "plan_rules_own_prompt"],
+    ),
 }
 
 

@@ -1106,3 +1106,15 @@ def test_the_families_defaults_are_the_readmes(models):
         m = models[kind]
         assert (m.default_steps, m.default_solver, m.default_grid, m.default_guidance) == (
             25, "dpmpp_2m", "karras", guidance), kind
+
+
+def test_a_plan_rules_own_prompt_on_an_inpainting_unet_gets_the_mask_channels(models):
+    """SLD's concept prompt is one more branch of the same call: on an inpainting UNet (9 input channels) it
+    carries the mask and the masked image's latents as the run's prompts do (without them the call fails)."""
+    m = models["sd1-inpaint"]
+    h, w = m.default_size
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(2))
+    plain = inpaint(m, PROMPT, image, _mask(h, w), steps=3, seeds=[0], guidance=3.0, output="latent")
+    safe = inpaint(m, PROMPT, image, _mask(h, w), steps=3, seeds=[0], guidance=3.0, output="latent",
+                   plan="sld:concept=triangle,sld_warmup_steps=0")
+    assert torch.isfinite(safe.latents).all() and not torch.equal(safe.latents, plain.latents)
