@@ -55,7 +55,7 @@ from ..files import write_atomic
 from ..train.loop import LoopConfig, run_loop
 from ..train.trainer import batch_indices, tokenize
 from .progressive import student_grid
-from .reflow import PairConfig, make_pairs, sample_steps
+from .reflow import PairConfig, make_pairs, pairs_guidance, sample_steps
 from .run import make_x0_fn
 from .teacher import load_teacher, save_student, teacher_folder
 
@@ -169,7 +169,8 @@ def distill_dmd(
     device: str = "cpu",
 ) -> dict[str, Any]:
     if pcfg.pairs < 1 or pcfg.eval_pairs < 0:
-        raise VelodiffError("--pairs must be at least 1")
+        raise VelodiffError(f"--pairs must be at least 1 and --eval-pairs at least 0, got {pcfg.pairs} and "
+                            f"{pcfg.eval_pairs}")
     if dcfg.student_steps < 1:
         raise VelodiffError("--student-steps must be at least 1")
     if dcfg.regression_weight < 0:
@@ -188,7 +189,7 @@ def distill_dmd(
     pairs = make_pairs(tpath, run / "pairs", pcfg, device, quiet)
     tok, text = comps["tokenizer"], comps["text_encoder"].to(device).eval().requires_grad_(False)
     uncond = tokenize(tok, [""])[0].to(device)
-    w_pairs = float(pcfg.guidance) if pcfg.guidance is not None else float(tmodel.default_guidance)
+    w_pairs = pairs_guidance(pcfg, tmodel)
     w_real = float(dcfg.real_guidance) if dcfg.real_guidance is not None else w_pairs
     real = comps["unet"].to(device).eval().requires_grad_(False)
     fake = copy.deepcopy(real).train().requires_grad_(True)

@@ -66,6 +66,17 @@ class PairConfig:
     guidance: float | None = None
 
 
+def pairs_guidance(pcfg: PairConfig, model: Any) -> float:
+    """The scale the pairs are sampled with, as ``text2img`` resolves it: the plan's own (``cfg:scale=4``,
+    ``guidance=4``) over ``--guidance`` over the teacher's default. What measures or matches the teacher
+    (reflow's straightness, DMD's real score) guides at the same scale."""
+    from ..pipelines.setup import guided_scale
+    from ..plan import Plan
+
+    given = float(pcfg.guidance) if pcfg.guidance is not None else float(model.default_guidance)
+    return guided_scale(Plan.parse(pcfg.plan), given)
+
+
 def pair_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
     """The standard normal noise of pair ``index``: a pure function of (seed, index)."""
     return torch.randn(shape, generator=step_generator(seed, index))
@@ -277,7 +288,7 @@ def distill_reflow(
     tok, text = comps["tokenizer"], comps["text_encoder"].to(device).eval().requires_grad_(False)
     uncond = tokenize(tok, [""])[0].to(device)
     n = pcfg.pairs
-    w_teacher = float(pcfg.guidance) if pcfg.guidance is not None else float(tmodel.default_guidance)
+    w_teacher = pairs_guidance(pcfg, tmodel)
     report: dict[str, Any] = {"pairs_s": gen_s}
     rep_file = run / "straightness.json"
     if rep_file.is_file():  # measurements kept from a killed run (written whole or not at all)
