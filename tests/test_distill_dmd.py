@@ -100,6 +100,9 @@ def test_bad_input_is_one_line(tmp_path, capsys) -> None:
     code = _dmd(tmp_path, "bad2", 1, "--pairs", "0")
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "--pairs" in err
+    code = _dmd(tmp_path, "bad3", 1, "--eval-pairs", "-1")  # named as itself, not as --pairs
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "--eval-pairs" in err
 
 
 def test_two_time_scale_rule_updates_the_generator_every_nth_step(tmp_path) -> None:
@@ -174,3 +177,101 @@ def test_gan_run_resumes_bit_exactly(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [row[-1] for row in list(csv.reader((tmp_path / "full" / "dmd" / "loss.csv").open()))[1:]]
     assert all('"gan":' in r and '"disc":' in r for r in logs)
+
+
+# --- review22: the gradient's normalisation, one DMD step's three losses -----------------------------
+
+
+def test_dm_gradient_is_the_score_difference_normalised_per_sample() -> None:
+    """(fake - real) / mean|x - real| with the mean over each sample's own elements (DMD Eq. 8)."""
+    g = torch.Generator().manual_seed(0)
+    x, real, fake = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    x[1] = real[1] + 10 * (x[1] - real[1])  # one sample far from the real estimate
+    norm = (x - real).abs().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
+    torch.testing.assert_close(dm_gradient(x, real, fake), (fake - real) / norm)
+    x.requires_grad_(True)
+    grad = dm_gradient(x.detach(), real, fake)
+    dm_loss(x, grad).backward()
+    torch.testing.assert_close(x.grad, grad / x.numel())
+
+
+def _dmd_step(tmp_path, monkeypatch, name: str, **dmd) -> dict:
+    """One distill_dmd step (fake pairs, batch 2, one student step): every x0 call, the loss, its logs."""
+    import velodiff
+    import velodiff.distill.dmd as dm
+    from velodiff.distill.reflow import PairCache, PairConfig, _pair_meta
+    from velodiff.distill.teacher import teacher_folder
+    from velodiff.train.loop import LoopConfig
+    from velodiff.train.trainer import tokenize
+
+    seen: dict = {"x0": []}
+    real_x0, real_loop = dm.make_x0_fn, dm.run_loop
+
+    def x0_spied(unet, sched, ctx, uctx, w):
+        fn = real_x0(unet, sched, ctx, uctx, w)
+
+        def f(x, t):
+            out = fn(x, t)
+            seen["x0"].append({"unet": unet, "guided": uctx is not None, "w": w, "t": t, "out": out.detach()})
+            return out
+
+        return f
+
+    def loop_spied(run, cfg, modules, step_fn, **kw):
+        seen["cfg"], seen["modules"] = cfg, modules
+
+        def wrapped(step, gen):
+            loss, logs = step_fn(step, gen)
+            seen.update(loss=float(loss.detach()), logs={k: float(v) for k, v in logs.items()})
+            return loss, logs
+
+        return real_loop(run, cfg, modules, wrapped, **kw)
+
+    monkeypatch.setattr(dm, "make_x0_fn", x0_spied)
+    monkeypatch.setattr(dm, "run_loop", loop_spied)
+    tok = velodiff.load("default").components["tokenizer"]
+
+    def fake_pairs(a: int, b: int) -> dict[str, torch.Tensor]:  # (the teacher's would take a minute)
+        g = torch.Generator().manual_seed(a)
+        z, x = torch.randn(b - a, 4, 16, 16, generator=g), 0.5 * torch.randn(b - a, 4, 16, 16, generator=g)
+        return {"z": z, "x": x, "ids": tokenize(tok, ["a red circle"] * (b - a)), "index": torch.arange(a, b)}
+
+    pcfg = PairConfig(pairs=2, eval_pairs=1, steps=2)
+    run = tmp_path / name
+    PairCache(run / "pairs", _pair_meta(teacher_folder("default"), pcfg), 3).fill(fake_pairs)
+    dcfg = dm.DMDConfig(steps=1, batch=2, **dmd)
+    dm.distill_dmd("default", None, tmp_path / f"{name}-s", run, LoopConfig(steps=1, lr=1e-5, warmup=1), pcfg,
+                   dcfg, quiet=True)
+    return seen
+
+
+def test_one_dmd_step_sums_its_three_losses_as_documented(tmp_path, monkeypatch) -> None:
+    """The fake score starts as the teacher: with the real score unguided (--real-guidance 1) the first
+    distribution-matching loss is 0, with CFG (the pairs' 2.5) it is not. The loss is dm + regression_weight
+    reg + fake, the fake score's term max(snr, 1) |mu_fake(x_t') - x|^2 on G's sample; each network's
+    gradient is clipped on its own; with --ema the student written is the EMA."""
+    import pytest
+    from safetensors.torch import load_file
+
+    same = _dmd_step(tmp_path, monkeypatch, "same", real_guidance=1.0)
+    assert same["logs"]["dm"] == 0.0
+    seen = _dmd_step(tmp_path, monkeypatch, "cfg", regression_weight=0.25, ema=0.5)
+    logs = seen["logs"]
+    assert logs["dm"] > 0 and logs["reg"] > 0 and logs["fake"] > 0
+    assert seen["loss"] == pytest.approx(logs["dm"] + 0.25 * logs["reg"] + logs["fake"], rel=1e-5)
+    student, fake = seen["modules"]["unet"], seen["modules"]["fake"]
+    calls = seen["x0"][:4]
+    assert [c["unet"] is student for c in calls] == [True, False, False, False]
+    assert calls[1]["guided"] and calls[1]["w"] == 2.5 and calls[1]["unet"] is not fake
+    assert [c["unet"] is fake and not c["guided"] for c in calls[2:]] == [True, True]
+    x, last = calls[0]["out"], calls[3]
+    sched = _sched()
+    t2 = last["t"].double()
+    snr = (sched.alpha(t2) / sched.sigma(t2)).pow(2).clamp_min(1.0).float()
+    want = (snr * (last["out"] - x).pow(2).mean(dim=(1, 2, 3))).mean()
+    assert logs["fake"] == pytest.approx(float(want), rel=1e-4)
+    assert seen["cfg"].clip_per_module
+    ema = load_file(str(tmp_path / "cfg" / "dmd" / "step-0000001" / "state.safetensors"))
+    written = _unet_state(tmp_path / "cfg-s")
+    assert all(torch.equal(v, ema[f"ema.unet.{k}"]) for k, v in written.items())
+    assert any(not torch.equal(v, ema[f"model.unet.{k}"]) for k, v in written.items())

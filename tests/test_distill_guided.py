@@ -143,3 +143,64 @@ def test_the_teachers_target_is_the_guided_prediction_the_sampler_uses():
         for i, w in enumerate((1.5, 4.0)):
             want = denoise_once(model.denoiser, x, 0.6, cond, f"cfg:scale={w}").x0[i]
             assert torch.allclose(per_sample[i], want, atol=1e-4)
+
+
+# --- review22: the w input the student learns is the one sampling feeds it; one training step ------
+
+
+def test_the_students_guidance_input_is_the_one_sampling_feeds_it(tmp_path) -> None:
+    """student_cond(w), what the student is trained with, is the timestep_cond a loaded guided model's
+    UNet gets at embedded guidance w."""
+    from velodiff.pipelines.common import prepare_cond
+
+    student = guided_student(velodiff.load("default").components["unet"])
+    sampling = {"solver": "ddim", "steps": 3, "guidance": 1.0, "embedded_guidance": 2.5}
+    folder = save_student(shipped_path("default"), student, tmp_path / "g", sampling, "# test\n")
+    model = velodiff.load(folder)
+    for w in (1.5, 3.0):
+        model.embedded_guidance = w
+        cond = prepare_cond(model, ["a red circle", "a blue square"], None, False, 64, 64)
+        torch.testing.assert_close(cond["timestep_cond"].float(), student_cond(torch.tensor([w, w])))
+
+
+def _guided_step(tmp_path, monkeypatch, name: str, w: float) -> dict:
+    """One distill_guided step at batch 1 with w_min = w_max = w: its teacher calls, t, loss and mse."""
+    import velodiff.distill.guided as guided
+    from velodiff.train.loop import LoopConfig
+
+    seen: dict = {"w": [], "t": []}
+    real_x0, real_loop = guided.make_x0_fn, guided.run_loop
+
+    def x0_spied(unet, sched, ctx, uctx, w_):
+        seen["w"].append(w_.clone())
+        fn = real_x0(unet, sched, ctx, uctx, w_)
+        return lambda x, t: (seen["t"].append(t.clone()), fn(x, t))[1]
+
+    def loop_spied(run, cfg, modules, step_fn, **kw):
+        def wrapped(step, gen):
+            loss, logs = step_fn(step, gen)
+            seen.update(loss=float(loss.detach()), mse=float(logs["mse"]))
+            return loss, logs
+
+        return real_loop(run, cfg, modules, wrapped, **kw)
+
+    monkeypatch.setattr(guided, "make_x0_fn", x0_spied)
+    monkeypatch.setattr(guided, "run_loop", loop_spied)
+    gcfg = guided.GuidedConfig(w_min=w, w_max=w, guidance=w, batch=1, cache_size=2)
+    guided.distill_guided("default", tmp_path / f"{name}-s", tmp_path / name,
+                          LoopConfig(steps=1, lr=1e-5, warmup=1), gcfg, quiet=True)
+    return seen
+
+
+def test_one_guided_step_regresses_the_students_x0_on_the_teachers_guided_x0(tmp_path, monkeypatch) -> None:
+    """The student starts as the teacher's conditional model: at w = 1 its first loss is 0; at w = 3 (w
+    drawn from [w_min, w_max]) the loss is the max(snr, 1)-weighted MSE of its x0 against the teacher's
+    guided x0 at that w."""
+    one = _guided_step(tmp_path, monkeypatch, "w1", 1.0)
+    assert one["loss"] < 1e-9 and one["mse"] < 1e-9
+    three = _guided_step(tmp_path, monkeypatch, "w3", 3.0)
+    assert [float(w) for w in three["w"][0]] == [3.0]
+    sched = velodiff.load("default").schedule
+    t = three["t"][0].double()
+    snr = float(sched.alpha(t) / sched.sigma(t)) ** 2
+    assert three["mse"] > 1e-6 and three["loss"] == pytest.approx(max(snr, 1.0) * three["mse"], rel=1e-4)

@@ -437,3 +437,112 @@ def test_lcm_timestep_scaling_is_diffusers_timestep_scaling() -> None:
     for a, b in zip(run(timestep_scaling=0.01), traj_d, strict=True):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5)
     assert float((run()[-1] - traj_d[-1]).abs().max()) > 1e-2  # the default scaling is another run
+
+
+# --- review22: the skipping-step teacher, the target network, the loss -------------------------------
+
+
+def test_the_teachers_skipping_steps_are_diffusers_and_hold_the_students_sampling_grid() -> None:
+    """origin_timesteps is diffusers' skipping-step grid ((n + 1) c - 1, c = N // origin_steps, the
+    DDIMSolver of train_lcm_distill_sd_wds.py), and the ``lcm`` grid the student samples with at any step
+    count runs on those timesteps only (what it was trained on)."""
+    from velodiff.distill.lcm import origin_timesteps
+
+    for origin in (50, 20, 10, 3):
+        c = 1000 // origin
+        ks = origin_timesteps(1000, origin)
+        assert torch.equal(ks, torch.arange(1, origin + 1, dtype=F64) * c - 1)
+        for steps in (1, 2, 4):
+            if steps <= origin:
+                grid = make_grid("lcm", SCHED, steps, original_steps=origin)
+                used = SCHED.timestep(grid[:-1]).round()
+                assert set(used.tolist()) <= set(ks.tolist()), (origin, steps)
+
+
+def test_pseudo_huber_is_lcms_distance() -> None:
+    """d(p, q) = mean(sqrt((p - q)^2 + c^2) - c) per sample (diffusers' LCM training script)."""
+    from velodiff.distill.lcm import pseudo_huber
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    for c in (0.001, 0.5, 2.0):
+        want = (torch.sqrt((p - q) ** 2 + c**2) - c).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(pseudo_huber(p, q, c), want)
+
+
+def test_one_consistency_step_is_lcms_algorithm(tmp_path, monkeypatch) -> None:
+    """Per step (Luo et al. 2023, Alg. 1): k on the teacher's skipping-step grid, k' = max(k - c, 0); the
+    teacher (CFG at --guidance) steps x from k to k'; the target network's f at (x', t', k') is the target
+    and the online student's f at (x, t, k) the prediction. With --ema the target network follows the
+    student: target <- ema target + (1 - ema) student before each step after the first."""
+    from safetensors.torch import load_file
+
+    import velodiff.distill.lcm as lcm
+    from velodiff.train.loop import LoopConfig
+
+    seen: dict[str, list] = {"x0": [], "f": [], "target": []}
+    real_x0, real_f, real_target = lcm.make_x0_fn, lcm.consistency_fn, lcm.consistency_target
+    real_loop = lcm.run_loop
+
+    def x0_spied(unet, sched, ctx, uctx, w):
+        seen["x0"].append((unet, uctx is not None, w))
+        return real_x0(unet, sched, ctx, uctx, w)
+
+    def f_spied(unet, sched, ctx):
+        f = real_f(unet, sched, ctx)
+
+        def g(x, t, k):
+            seen["f"].append((unet, t.clone(), k.clone()))
+            return f(x, t, k)
+
+        return g
+
+    def target_spied(teacher_x0, target_f, x, at, to):
+        seen["target"].append((at, to))
+        return real_target(teacher_x0, target_f, x, at, to)
+
+    def loop_spied(run, cfg, modules, step_fn, **kw):
+        seen["modules"] = modules
+        return real_loop(run, cfg, modules, step_fn, **kw)
+
+    for name, fn in (("make_x0_fn", x0_spied), ("consistency_fn", f_spied),
+                     ("consistency_target", target_spied), ("run_loop", loop_spied)):
+        monkeypatch.setattr(lcm, name, fn)
+    cfg = LoopConfig(steps=2, lr=1e-3, warmup=1, checkpoint_every=1)
+    lcfg = lcm.LCMConfig(origin_steps=10, guidance=3.0, r=2, lora_alpha=2.0, ema=0.9, batch=2, cache_size=4)
+    lcm.distill_lcm("default", tmp_path / "s", tmp_path / "run", cfg, lcfg, quiet=True)
+    student, target = seen["modules"]["unet"], seen["modules"]["target"]
+    ks = lcm.origin_timesteps(1000, 10)
+    teacher_calls = [c for c in seen["x0"] if c[1]]
+    assert len(teacher_calls) == 2 and all(w == 3.0 for _, _, w in teacher_calls)
+    assert all(u is not student and u is not target for u, _, _ in teacher_calls)
+    for step in range(2):
+        (t, a, s), (tp, kp, ap, sp) = seen["target"][step]
+        (u_tgt, t_tgt, k_tgt), (u_pred, t_pred, k_pred) = seen["f"][2 * step : 2 * step + 2]
+        assert u_tgt is target and u_pred is student
+        k = SCHED.timestep(t.double()).round()
+        assert set(k.tolist()) <= set(ks.tolist())
+        assert torch.equal(kp.double(), (k - 100).clamp_min(0))
+        assert torch.equal(t_pred, t) and torch.equal(k_pred.double(), k)
+        assert torch.equal(t_tgt, tp) and torch.equal(k_tgt, kp)
+        torch.testing.assert_close(SCHED.timestep(tp.double()).round(), kp.double())
+    one, two = (load_file(str(tmp_path / "run" / f"step-000000{i}" / "state.safetensors")) for i in (1, 2))
+    lora = [k for k in one if k.startswith("model.target.") and "lora" in k]
+    assert lora
+    for key in lora:
+        want = 0.9 * one[key] + 0.1 * one[key.replace("model.target.", "model.unet.")]
+        torch.testing.assert_close(two[key], want, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(two[k], one[k]) for k in lora)
+
+
+def test_a_full_student_of_a_lora_teacher_does_not_carry_the_teachers_adapter(tmp_path) -> None:
+    """A student whose whole UNet is written (trained from the teacher with its adapter fused) replaces
+    the teacher's lora/: loaded, it is its UNet alone, not that UNet with the adapter applied again."""
+    from velodiff.distill.teacher import save_student
+
+    folder, _ = _folder_with_lora(tmp_path)
+    fused = velodiff.load(folder).components["unet"]  # the teacher's UNet with its adapter fused
+    sampling = {"solver": "ddim", "steps": 2, "guidance": 1.0}
+    out = save_student(folder, fused, tmp_path / "student", sampling, "# test\n")
+    assert not (out / "lora").exists()
+    torch.testing.assert_close(_unet_out(velodiff.load(out).components["unet"]), _unet_out(fused))

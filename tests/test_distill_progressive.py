@@ -240,3 +240,76 @@ def test_a_run_folder_that_is_a_file_or_the_out_folder_is_refused(tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert code != 0 and len(err.splitlines()) == 1 and says in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+# --- review22: what one training step of each round computes -----------------------------------------
+
+
+def test_each_round_learns_two_steps_of_its_own_teacher_in_one(tmp_path, monkeypatch) -> None:
+    """Per step of round r (student of n steps): t, the midpoint and t'' are consecutive points of the
+    teacher's 2n-step trailing grid, t on the student's grid; the first round's teacher is guided at
+    --guidance, the second is the first round's student at guidance 1; one student DDIM step with the
+    target lands on the teacher's two-step result (at t'' = 0: on it exactly); the loss is the
+    max(snr, 1)-weighted MSE."""
+    import velodiff
+    import velodiff.distill.run as pd
+    from velodiff.train.checkpoint import weights_digest
+    from velodiff.train.loop import LoopConfig
+
+    calls: list[dict] = []
+    real_two, real_target, real_x0 = pd.teacher_two_steps, pd.student_target, pd.make_x0_fn
+    real_loop = pd.run_loop
+
+    def two_spied(teacher_x0, x, t, tm, t2, sched):
+        x2 = real_two(teacher_x0, x, t, tm, t2, sched)
+        calls.append({"x": x, "t": t, "tm": tm, "t2": t2, "x2": x2})
+        return x2
+
+    def target_spied(x, x2, a, s, a2, s2):
+        calls[-1]["target"] = real_target(x, x2, a, s, a2, s2)
+        return calls[-1]["target"]
+
+    def x0_spied(unet, sched, ctx, uctx, w):
+        if uctx is not None:
+            calls.append({"teacher": unet, "w": w})
+        return real_x0(unet, sched, ctx, uctx, w)
+
+    def loop_spied(run, cfg, modules, step_fn, **kw):
+        def wrapped(step, gen):
+            loss, logs = step_fn(step, gen)
+            calls.append({"loss": float(loss.detach()), "mse": float(logs["mse"]),
+                          "student": modules["unet"]})
+            return loss, logs
+
+        return real_loop(run, cfg, modules, wrapped, **kw)
+
+    monkeypatch.setattr(pd, "teacher_two_steps", two_spied)
+    monkeypatch.setattr(pd, "student_target", target_spied)
+    monkeypatch.setattr(pd, "make_x0_fn", x0_spied)
+    monkeypatch.setattr(pd, "run_loop", loop_spied)
+    cfg = LoopConfig(steps=1, lr=1e-5, warmup=1, checkpoint_every=1)
+    pcfg = pd.ProgressiveConfig(teacher_steps=4, rounds=2, guidance=2.5, batch=1, cache_size=2)
+    pd.distill_progressive("default", tmp_path / "s", tmp_path / "run", cfg, pcfg, quiet=True)
+    guided, steps, losses = calls[0::3], calls[1::3], calls[2::3]
+    assert len(guided) == len(steps) == len(losses) == 2
+    sched = velodiff.load("default").schedule
+
+    def coef(tt):
+        if float(tt) == 0:
+            return torch.ones(()), torch.zeros(())
+        return sched.alpha(tt).float(), sched.sigma(tt).float()
+
+    for r, (g, st, lo) in enumerate(zip(guided, steps, losses, strict=True)):
+        n = 2 // 2**r
+        fine = student_grid(sched, 2 * n).float()
+        i = int(torch.nonzero(torch.isclose(fine, st["t"][0])).flatten()[0])
+        assert i % 2 == 0 and i + 2 < len(fine) + 1
+        torch.testing.assert_close(torch.stack([st["t"][0], st["tm"][0], st["t2"][0]]), fine[i : i + 3])
+        (a, s), (a2, s2) = coef(st["t"][0]), coef(st["t2"][0])
+        landed = ddim_step(st["x"], st["target"], a, s, a2, s2)
+        torch.testing.assert_close(landed, st["x2"], rtol=1e-4, atol=1e-4)
+        assert lo["loss"] == pytest.approx(max(float(a / s) ** 2, 1.0) * lo["mse"], rel=1e-4)
+        assert g["w"] == (2.5 if r == 0 else 1.0)
+    assert float(steps[1]["t2"][0]) == 0.0  # the second round's one step ends on clean data
+    assert guided[1]["teacher"] is losses[0]["student"]  # round 1 is taught by round 0's student
+    assert weights_digest(guided[1]["teacher"]) != weights_digest(guided[0]["teacher"])

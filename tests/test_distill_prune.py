@@ -171,3 +171,91 @@ def test_rules_the_shipped_pruned_unet_cannot_run_say_why() -> None:
     with pytest.raises(VelodiffError, match=r"are in down_blocks, up_blocks \(e.g. applied_layers=up\)"):
         text2img(m, "a red circle", steps=2, plan="pag", output="latent")
     assert "pag" in text2img(m, "a red circle", steps=2, plan="pag:applied_layers=up", output="latent").plan
+
+
+# --- review22: scores, the selection, the final DDIM step, the plan's key ------------------------------
+
+
+def test_magnitude_score_is_the_mean_absolute_weight_of_the_unit(teacher) -> None:
+    """The L1 criterion per unit: the mean |w| over the parameters the unit's removal drops (the mid block:
+    every mid_block parameter)."""
+    params = [p for n, p in teacher.named_parameters() if n.startswith("mid_block.")]
+    want = float(sum(p.abs().double().sum() for p in params)) / sum(p.numel() for p in params)
+    assert magnitude_scores(teacher, ["mid"])["mid"] == pytest.approx(want, rel=1e-9)
+
+
+def test_ld_score_is_the_distance_of_means_plus_that_of_standard_deviations() -> None:
+    from velodiff.distill.prune import ld_score
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 2, 3, 3, generator=g)
+    shift = torch.randn(2, 3, 3, generator=g)
+    assert ld_score(a, a + shift) == pytest.approx(float(shift.norm()), rel=1e-5)  # same spread
+    m = a.mean(0)
+    wider = m + 3 * (a - m)  # same means, three times the deviations
+    assert ld_score(a, wider) == pytest.approx(float((2 * a.std(0)).norm()), rel=1e-5)
+
+
+def test_select_takes_the_feasible_set_of_least_score(monkeypatch) -> None:
+    """Up to 12 units: the set of least total score whose FLOPs meet the target (a budget met exactly
+    counts); beyond: units in ascending score order until the target is met."""
+    import itertools
+
+    import velodiff.distill.prune as pr
+
+    cost = {"a": 30, "b": 10, "c": 10, "d": 20, "e": 5}
+    score = {"a": 1.0, "b": 0.8, "c": 0.9, "d": 0.6, "e": 0.01}
+    monkeypatch.setattr(pr, "pruned_unet", lambda teacher, removed: list(removed))
+    monkeypatch.setattr(pr, "flops_per_eval", lambda u: 100 - sum(cost[k] for k in u) if isinstance(u, list)
+                        else 100)
+    for target in (0.8, 0.75, 0.7, 0.6, 1.0):
+        ok = [s for r in range(6) for s in itertools.combinations(sorted(cost), r)
+              if 100 - sum(cost[k] for k in s) <= target * 100]
+        best = min(ok, key=lambda s: sum(score[k] for k in s))
+        removed, flops, full = pr.select(object(), score, target)
+        assert sorted(removed) == sorted(best) and flops == 100 - sum(cost[k] for k in best) and full == 100
+    many = {f"u{i:02d}": 0.1 * i for i in range(14)}
+    cost = {u: 5 for u in many}
+    removed, flops, _ = pr.select(object(), many, 0.8)  # greedy: the four lowest reach 80 exactly
+    assert removed == ["u00", "u01", "u02", "u03"] and flops == 80
+
+
+def test_calibration_latents_are_the_ddim_sampler_ending_on_its_clean_estimate() -> None:
+    """output_latents is the deterministic DDIM sampler of the trailing grid (the sampler the
+    distillations train, checked against the ddim solver in test_distill_reflow)."""
+    from types import SimpleNamespace
+
+    from velodiff.distill.progressive import student_grid
+    from velodiff.distill.prune import output_latents
+    from velodiff.distill.reflow import sample_steps
+    from velodiff.distill.run import make_x0_fn
+    from velodiff.schedules import DiscreteVP
+
+    class Toy(torch.nn.Module):
+        def forward(self, x, k, ctx):
+            shift = ctx.mean((1, 2)).view(-1, 1, 1, 1)
+            return SimpleNamespace(sample=torch.tanh(x + shift) * (1 + k.view(-1, 1, 1, 1) / 1000))
+
+    sched = DiscreteVP.scaled_linear()
+    g = torch.Generator().manual_seed(0)
+    noise, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 3, generator=g)
+    uctx = torch.zeros(2, 5, 3)
+    for steps in (1, 3):
+        grid = student_grid(sched, steps).float()
+        want = sample_steps(make_x0_fn(Toy(), sched, ctx, uctx, 2.5), noise, grid, sched)
+        torch.testing.assert_close(output_latents(Toy(), sched, ctx, uctx, noise, 2.5, steps), want,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_every_resnet_pair_is_a_unit_and_a_plan_is_not_reused_for_another_target(teacher, tmp_path,
+                                                                                 capsys) -> None:
+    from velodiff.distill.prune import candidate_units
+
+    n = len(teacher.config.down_block_types)
+    assert {f"block{i}.resnet" for i in range(n)} <= set(candidate_units(teacher.config))  # one layer each
+    assert "block0.resnet" in usable_units(teacher)  # (the shipped default-pruned dropped it)
+    assert _prune(tmp_path, "r", 0) == 0
+    capsys.readouterr()
+    assert _prune(tmp_path, "r", 0, "--target-flops", "0.9") != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was started with" in err and "new --run" in err, err

@@ -167,3 +167,120 @@ def test_bad_input_is_one_line(tmp_path, capsys) -> None:
     code = _reflow(tmp_path, "bad2", 1, 1, "--pairs", "0")
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "--pairs" in err
+
+
+# --- review22: the straightness value, the pair cache's key, one reflow step --------------------------
+
+
+def test_straightness_of_a_path_that_turns_once_is_its_closed_form() -> None:
+    """x0 = A at the first grid time and B after it: in DDIM's coordinates the path runs straight toward A
+    for the first step, then straight to B, so with u1 = sbar(t1) / sbar(T) Liu et al.'s S is
+    (1 / u1 - 1) |A - B|^2 / d, x0_dev |A - B|^2 / (N d) and one_step_err |A - B|^2 / d."""
+    sched = _sched()
+    g = torch.Generator().manual_seed(0)
+    x, A, B = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    for n in (2, 5):
+        grid = student_grid(sched, n).float()
+        t_first = float(grid[0])
+        r = straightness(lambda x_, t, t_first=t_first: A if float(t[0]) == t_first else B, x, grid, sched)
+        sbar = [float(sched.sigma(grid[i]) / sched.alpha(grid[i])) for i in (0, 1)]
+        u1 = sbar[1] / sbar[0]
+        dist = float((A - B).pow(2).flatten(1).mean(1).mean())
+        assert r["S"] == pytest.approx((1 / u1 - 1) * dist, rel=1e-4)
+        assert r["x0_dev"] == pytest.approx(dist / n, rel=1e-4)
+        assert r["one_step_err"] == pytest.approx(dist, rel=1e-4)
+        torch.testing.assert_close(r["out"], B)
+
+
+def test_pairs_of_another_seed_or_teacher_plan_are_another_cache(tmp_path) -> None:
+    """What a chunk holds depends on the teacher, its plan and the noise seed, not on how many pairs the
+    cache has: another seed is refused, more pairs extend it."""
+    from velodiff.distill.reflow import PairConfig, _pair_meta
+
+    base = _pair_meta(tmp_path, PairConfig())
+    assert _pair_meta(tmp_path, PairConfig(pairs=9, eval_pairs=3)) == base
+    for changed in (dict(seed=1), dict(data_seed=1), dict(solver="ddim"), dict(steps=3), dict(guidance=1.0),
+                    dict(plan="cfg:scale=2")):
+        assert _pair_meta(tmp_path, PairConfig(**changed)) != base, changed
+    PairCache(tmp_path / "p", base, 1)
+    with pytest.raises(VelodiffError, match=r"other settings \(seed\)"):
+        PairCache(tmp_path / "p", _pair_meta(tmp_path, PairConfig(seed=1)), 1)
+
+
+def test_one_reflow_step_regresses_on_the_coupled_interpolation(tmp_path, monkeypatch) -> None:
+    """The reflow phase feeds the student x_t = alpha_t x + sigma_t z of its batch's pair (z noise, x the
+    teacher's sample) and weighs the x0 error by max(snr, 1)."""
+    import velodiff.distill.reflow as rf
+    from velodiff.train.loop import LoopConfig, step_generator
+    from velodiff.train.trainer import batch_indices
+
+    seen: dict = {"fed": []}
+    real_x0, real_loop, real_pairs = rf.make_x0_fn, rf.run_loop, rf.make_pairs
+
+    def x0_spied(unet, sched, ctx, uctx, w):
+        fn = real_x0(unet, sched, ctx, uctx, w)
+        return lambda x, t: (seen["fed"].append((unet, x.detach().clone(), t.clone())), fn(x, t))[1]
+
+    def loop_spied(run, cfg, modules, step_fn, **kw):
+        def wrapped(step, gen):
+            seen["fed"].clear()
+            loss, logs = step_fn(step, gen)
+            seen.update(loss=float(loss.detach()), mse=float(logs["mse"]), student=modules["unet"],
+                        step_fed=list(seen["fed"]))
+            return loss, logs
+
+        return real_loop(run, cfg, modules, wrapped, **kw)
+
+    def pairs_spied(*args, **kwargs):
+        seen["pairs"] = real_pairs(*args, **kwargs)
+        return seen["pairs"]
+
+    monkeypatch.setattr(rf, "make_x0_fn", x0_spied)
+    monkeypatch.setattr(rf, "run_loop", loop_spied)
+    monkeypatch.setattr(rf, "make_pairs", pairs_spied)
+    cfg = LoopConfig(steps=1, lr=1e-5, warmup=1, seed=3)
+    pcfg = rf.PairConfig(pairs=3, eval_pairs=1, steps=2)
+    rcfg = rf.ReflowConfig(reflow_steps=1, distill_steps=0, batch=1, ode_steps=2)
+    import velodiff
+    from velodiff.distill.teacher import teacher_folder
+    from velodiff.train.trainer import tokenize
+
+    tok = velodiff.load("default").components["tokenizer"]
+
+    def fake_pairs(a: int, b: int) -> dict[str, torch.Tensor]:  # (the teacher's would take a minute)
+        g = torch.Generator().manual_seed(a)
+        z, x = torch.randn(b - a, 4, 16, 16, generator=g), 0.5 * torch.randn(b - a, 4, 16, 16, generator=g)
+        return {"z": z, "x": x, "ids": tokenize(tok, ["a red circle"] * (b - a)), "index": torch.arange(a, b)}
+
+    PairCache(tmp_path / "run" / "pairs", rf._pair_meta(teacher_folder("default"), pcfg), 4).fill(fake_pairs)
+    rf.distill_reflow("default", None, tmp_path / "s", tmp_path / "run", cfg, pcfg, rcfg, quiet=True)
+    ((unet, fed, t),) = [f for f in seen["step_fed"] if f[0] is seen["student"]]
+    i = int(batch_indices(0, 1, 3, 3)[0])
+    z, x = seen["pairs"]["z"][i : i + 1], seen["pairs"]["x"][i : i + 1]
+    sched = velodiff_load_schedule()
+    a, s = sched.alpha(t).float().view(-1, 1, 1, 1), sched.sigma(t).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(fed, a * x + s * z, rtol=1e-5, atol=1e-5)
+    assert float(t[0]) == pytest.approx(sched.t_min + (1 - sched.t_min) * (1 - float(
+        torch.rand(1, generator=step_generator(3, 0))[0])), rel=1e-6)
+    snr = float(a.flatten()[0] / s.flatten()[0]) ** 2
+    assert seen["loss"] == pytest.approx(max(snr, 1.0) * seen["mse"], rel=1e-4)
+
+
+def velodiff_load_schedule():
+    import velodiff
+
+    return velodiff.load("default").schedule
+
+
+def test_the_teachers_scale_is_the_one_the_pairs_are_sampled_with():
+    """A plan's own scale (cfg:scale=4, guidance=5) is what text2img samples the pairs with, so it is also
+    what reflow's straightness and DMD's real score guide with (they took --guidance or 2.5)."""
+    from types import SimpleNamespace
+
+    from velodiff.distill.reflow import PairConfig, pairs_guidance
+
+    teacher = SimpleNamespace(default_guidance=2.5)
+    assert pairs_guidance(PairConfig(), teacher) == 2.5
+    assert pairs_guidance(PairConfig(guidance=3.0), teacher) == 3.0
+    assert pairs_guidance(PairConfig(plan="cfg:scale=4"), teacher) == 4.0
+    assert pairs_guidance(PairConfig(plan="guidance=5+ag", guidance=3.0), teacher) == 5.0

@@ -471,3 +471,258 @@ def test_sigterm_checkpoints_ends_as_the_signal_would_and_resumes_bit_exactly(tm
     code = main(["train", "ldm", "--run", str(tmp_path / "ldm"), "--vae", str(tmp_path / "vae")])
     err = capsys.readouterr().err.strip()
     assert code == 143 and err == "ldm: stopped by SIGTERM at step 2 of 5; rerun the same command to resume"
+
+
+# --- review22: the objectives' weights, EMA warm-up, LR warm-up, clipping, resume refusals, batches ----
+
+
+def test_min_snr_gamma_zero_is_off():
+    """gamma 0 is 'off' (the CLI's --min-snr-gamma 0, LDMConfig(min_snr_gamma=0) in Python): weights 1,
+    not min(snr, 0) = 0, which would train nothing."""
+    from velodiff.train.objectives import loss_weights
+
+    abar = torch.tensor([0.99, 0.5, 0.01])
+    for prediction in ("epsilon", "v_prediction"):
+        assert torch.equal(loss_weights(torch.arange(3), abar, prediction, 0.0), torch.ones(3))
+
+
+def test_ema_follows_its_documented_warmup_and_resumes_it():
+    """shadow = d shadow + (1 - d) param with d = min(decay, (1 + n) / (10 + n)), n the updates so far;
+    integer buffers are copied; a loaded EMA goes on from its update count."""
+    from velodiff.train.ema import EMA
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+            self.register_buffer("count", torch.tensor(0))
+
+    g = torch.Generator().manual_seed(0)
+    net = Net()
+    ema = EMA(net, decay=0.2)
+    want = {k: v.clone().double() for k, v in net.state_dict().items() if v.is_floating_point()}
+    for n in range(4):
+        assert ema.current_decay() == pytest.approx(min(0.2, (1 + n) / (10 + n)))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+            net.count.fill_(n + 7)
+        ema.update(net)
+        d = min(0.2, (1 + n) / (10 + n))  # 0.1, 0.18, 0.2, 0.2
+        for k, p in net.state_dict().items():
+            if k in want:
+                want[k] = d * want[k] + (1 - d) * p.double()
+                torch.testing.assert_close(ema.shadow[k].double(), want[k], rtol=1e-6, atol=1e-6)
+        assert int(ema.shadow["count"]) == n + 7
+    assert ema.updates == 4
+    again = EMA(Net(), decay=0.9)
+    again.load_state_dict(ema.state_dict(), ema.updates)
+    assert again.current_decay() == pytest.approx(min(0.9, 5 / 14))
+
+
+def _lin_step(lin):
+    def step_fn(step, gen):
+        return lin(torch.randn(4, 2, generator=gen)).pow(2).mean() + lin.bias.sum(), {}
+
+    return step_fn
+
+
+def test_lr_warms_up_linearly_and_the_optimizer_uses_it(tmp_path):
+    """lr_at(step) = lr min(1, (step + 1) / warmup): logged per step, and what AdamW steps with (its first
+    step moves each weight by the step's lr, here lr / warmup)."""
+    import csv
+
+    from velodiff.train.loop import lr_at, run_loop
+
+    cfg = LoopConfig(steps=5, lr=0.08, warmup=4, weight_decay=0.0, grad_clip=0.0, log_every=1)
+    assert [lr_at(cfg, s) for s in range(6)] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.08, 0.08])
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 1)
+    before = lin.weight.detach().clone()
+    first = LoopConfig(**{**vars(cfg), "steps": 1})
+    run_loop(tmp_path / "r", first, {"lin": lin}, _lin_step(lin), quiet=True)
+    moved = (lin.weight.detach() - before).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, 0.02), rtol=1e-4, atol=1e-6)
+    run_loop(tmp_path / "r", cfg, {"lin": lin}, _lin_step(lin), quiet=True)
+    rows = list(csv.DictReader((tmp_path / "r" / "loss.csv").open()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.08])
+    assert [float(r["grad_norm"]) for r in rows] == [0.0] * 5  # grad_clip 0: not clipped, trained
+
+
+def test_the_ema_averages_the_weights_after_each_optimizer_step(tmp_path):
+    """After one step the checkpoint's EMA is 0.1 x the initial weights + 0.9 x the stepped ones (the first
+    update's decay is 1/10)."""
+    from velodiff.train.loop import run_loop
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 1)
+    before = {k: v.detach().clone() for k, v in lin.state_dict().items()}
+    cfg = LoopConfig(steps=1, lr=0.05, warmup=1, ema_decay=0.999)
+    run_loop(tmp_path / "r", cfg, {"lin": lin}, _lin_step(lin), quiet=True)
+    state = _state(tmp_path / "r")
+    for k, v in lin.state_dict().items():
+        assert not torch.equal(v, before[k])
+        torch.testing.assert_close(state[f"ema.lin.{k}"], 0.1 * before[k] + 0.9 * v, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("key", ["lr", "seed", "warmup", "weight_decay", "grad_clip", "ema_decay"])
+def test_every_changed_optimisation_setting_is_refused_on_resume(tmp_path, key):
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+    cfg = LoopConfig(steps=1, lr=0.01, warmup=2, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9, seed=0)
+    run_loop(tmp_path / "r", cfg, {"lin": lin}, _lin_step(lin), quiet=True)
+    changed = LoopConfig(**{**vars(cfg), "steps": 2, key: getattr(cfg, key) + 1})
+    with pytest.raises(VelodiffError, match=f"was started with {key}="):
+        run_loop(tmp_path / "r", changed, {"lin": lin}, _lin_step(lin), quiet=True)
+
+
+def test_a_resume_may_grow_the_run_but_not_change_what_it_learns(tmp_path):
+    """The GROWS settings (steps, pairs, rounds, ...) may change between a run and its resume; any other
+    ``extra`` setting (the batch, the teacher) is refused."""
+    from velodiff.train.loop import GROWS, run_loop
+
+    lin = torch.nn.Linear(2, 1)
+    grows = {"steps", "reflow_steps", "distill_steps", "pairs", "eval_pairs", "sample_steps", "rounds"}
+    assert grows <= GROWS
+    run = tmp_path / "r"
+    extra = {k: 1 for k in sorted(GROWS)} | {"batch": 2}
+    run_loop(run, LoopConfig(steps=1, lr=0.01, extra=extra), {"lin": lin}, _lin_step(lin), quiet=True)
+    grown = {k: 3 for k in sorted(GROWS)} | {"batch": 2}
+    assert run_loop(run, LoopConfig(steps=2, lr=0.01, extra=grown), {"lin": lin}, _lin_step(lin),
+                    quiet=True)["steps"] == 2
+    with pytest.raises(VelodiffError, match="was started with batch=2, not 3"):
+        run_loop(run, LoopConfig(steps=3, lr=0.01, extra={**grown, "batch": 3}), {"lin": lin},
+                 _lin_step(lin), quiet=True)
+
+
+@pytest.mark.parametrize("per_module", [False, True])
+def test_the_logged_gradient_norm_is_the_clipped_groups(tmp_path, per_module):
+    """clip_per_module: each module's gradient is clipped on its own and the logged norm is the first
+    module's; otherwise the norm of all modules' gradients together."""
+    import csv
+
+    from velodiff.train.loop import run_loop, step_generator
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+
+    def step_fn(step, gen):
+        x = torch.randn(5, 3, generator=gen)
+        return 3 * a(x).pow(2).mean() + 2 * b(x).pow(2).mean(), {}
+
+    ref = (torch.nn.Linear(3, 1), torch.nn.Linear(3, 1))
+    ref[0].load_state_dict(a.state_dict())
+    ref[1].load_state_dict(b.state_dict())
+    x = torch.randn(5, 3, generator=step_generator(0, 0))
+    (3 * ref[0](x).pow(2).mean() + 2 * ref[1](x).pow(2).mean()).backward()
+    norms = [torch.cat([p.grad.flatten() for p in m.parameters()]).norm() for m in ref]
+    want = float(norms[0]) if per_module else float(torch.stack(norms).norm())
+    cfg = LoopConfig(steps=1, lr=0.01, warmup=1, log_every=1, grad_clip=1.0, clip_per_module=per_module)
+    run_loop(tmp_path / "r", cfg, {"a": a, "b": b}, step_fn, quiet=True)
+    row = next(csv.DictReader((tmp_path / "r" / "loss.csv").open()))
+    assert float(row["grad_norm"]) == pytest.approx(want, abs=2e-4) and want > 1.0
+    assert abs(float(norms[0]) - float(norms[1])) > 1e-2  # the first module's norm is not the last's
+
+
+def test_two_seeds_draw_no_step_the_same():
+    """step_generator(seed, step) seeds every draw of a step: the runs of seeds 0-3 share no step's noise
+    (a seed is not the run of another one shifted by some steps)."""
+    from velodiff.train.loop import step_generator
+
+    seeds = {step_generator(seed, step).initial_seed() for seed in range(4) for step in range(200)}
+    assert len(seeds) == 4 * 200
+
+
+def test_a_run_keeps_its_two_newest_checkpoints(tmp_path):
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+    run_loop(tmp_path / "r", LoopConfig(steps=5, lr=0.01, checkpoint_every=1), {"lin": lin}, _lin_step(lin),
+             quiet=True)
+    assert sorted(p.name for p in (tmp_path / "r").glob("step-*")) == ["step-0000004", "step-0000005"]
+
+
+def test_batches_walk_each_epoch_once_in_a_fresh_order():
+    """batch_indices: consecutive steps take consecutive positions of the epoch-wise shuffled scenes, so
+    every epoch sees each scene once (batches crossing an epoch's end included), each epoch in its own
+    order."""
+    from velodiff.train.trainer import batch_indices
+
+    n = 12
+    for batch in (3, 5, 12, 13):
+        seq = torch.cat([batch_indices(s, batch, n, seed=0) for s in range(12)])
+        assert all(len(batch_indices(s, batch, n, 0)) == batch for s in range(12))
+        epochs = [seq[e * n : (e + 1) * n] for e in range(len(seq) // n)]
+        assert len(epochs) >= 2
+        for e in epochs:
+            assert sorted(e.tolist()) == list(range(n))
+        assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_the_ldm_step_drops_the_condition_and_weighs_the_loss_as_configured(tmp_path, vae_run, monkeypatch):
+    """One train_ldm step: cond_dropout 1 feeds the text encoder the empty prompt for every sample, 0
+    never; the loss is the min-SNR-weighted mean of the per-sample MSE (the v-form weights)."""
+    import velodiff.train.trainer as trainer
+    from velodiff.default_model import load_tokenizer
+    from velodiff.train.objectives import loss_weights
+
+    seen: dict[str, list] = {"ids": [], "k": [], "target": [], "pred": [], "loss": []}
+    build, real_loop, real_target = trainer.build_models, trainer.run_loop, trainer.noisy_and_target
+
+    def build_spied(size):
+        unet, text = build(size)
+        text.register_forward_pre_hook(lambda m, args: seen["ids"].append(args[0].clone()))
+        unet.register_forward_hook(lambda m, args, out: seen["pred"].append(out.sample.detach()))
+        return unet, text
+
+    def target_spied(z0, k, eps, abar, prediction):
+        x, target = real_target(z0, k, eps, abar, prediction)
+        seen["k"].append(k.clone())
+        seen["target"].append(target)
+        return x, target
+
+    def loop_spied(run, cfg, modules, step_fn, **kw):
+        def wrapped(step, gen):
+            loss, logs = step_fn(step, gen)
+            seen["loss"].append(float(loss))
+            return loss, logs
+
+        return real_loop(run, cfg, modules, wrapped, **kw)
+
+    monkeypatch.setattr(trainer, "build_models", build_spied)
+    monkeypatch.setattr(trainer, "noisy_and_target", target_spied)
+    monkeypatch.setattr(trainer, "run_loop", loop_spied)
+    _ldm_run(tmp_path / "drop", vae_run, 1, cond_dropout=1.0, min_snr_gamma=2.0)
+    tok = trainer.tokenize(load_tokenizer(str(tmp_path / "drop" / "tokenizer")), [""])[0]
+    assert all(torch.equal(row, tok) for row in seen["ids"][0])
+    per = (seen["pred"][0] - seen["target"][0]).pow(2).mean(dim=(1, 2, 3))
+    abar = trainer.alphas_cumprod(trainer.scheduler_config("v_prediction"))
+    w = loss_weights(seen["k"][0], abar, "v_prediction", 2.0)
+    assert float(w.max()) < 1.0
+    assert seen["loss"][0] == pytest.approx(float((w * per).mean()), rel=1e-5)
+    seen["ids"].clear()
+    _ldm_run(tmp_path / "keep", vae_run, 1, cond_dropout=0.0)
+    assert not any(torch.equal(row, tok) for row in seen["ids"][0])
+
+
+def test_the_autoencoders_scaling_factor_is_that_of_the_weights_it_ships(vae_run):
+    """summary.json's scaling_factor is measured on the EMA weights load_vae returns: their latent means,
+    times it, have unit standard deviation over the held-aside scenes."""
+    from velodiff.data.shapes import ShapesWorld
+    from velodiff.train.trainer import load_vae
+
+    vae, scaling = load_vae(vae_run, "micro")
+    x, _ = ShapesWorld(seed=0, size=64, holdout=True).batch(10_000_000, 256)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    assert float((z * scaling).std()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_an_exported_model_predicts_what_its_run_was_trained_to(tmp_path, vae_run):
+    import velodiff
+    from velodiff.train.export import export_model
+
+    _ldm_run(tmp_path / "eps", vae_run, 1, prediction_type="epsilon")
+    model = velodiff.load(export_model(vae_run, tmp_path / "eps", tmp_path / "m"))
+    assert model.prediction_type == "epsilon"
