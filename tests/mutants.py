@@ -2642,7 +2642,7 @@ MUTANTS = {
         "pipelines/img2img.py",
         "return int(max(steps - min(steps * strength, steps), 0))",
         "return int(max(steps - min(steps * strength, steps), 1))",
-        ["tests/test_models_dit.py", "-k", "strength_1"],
+        ["tests/test_models_dit.py", "-k", "keeps_the_fraction"],
     ),
     "r23_default_dtype_gpu_bf16": (
         "models/base.py",
