@@ -236,6 +236,8 @@ def _loop(
 
     w = plan.fixed_guidance()
     w = w if w is not None else run.guidance
+    scale = f" (guidance scale {w:g})" if w is not None else ""
+    made = f"the plan's rules{scale} made NaN or inf of finite predictions"
 
     def denoise(x_in: Tensor, t: float) -> Tensor:
         step = counts["step"]
@@ -254,11 +256,8 @@ def _loop(
         for name, part in res.parts.items():  # each branch's prediction, then what the rules made of them
             branch = f" for branch {name!r}" if name != "cond" else ""
             check(part, f"the model returned NaN or inf {where}{branch}")
-        scale = f" (guidance scale {w:g})" if w is not None else ""
-        made = f"the plan's rules{scale} made NaN or inf of finite predictions" if res.parts else (
-            "the model returned NaN or inf"
-        )
-        check(x0, f"{made} {where}")
+        if not any(x0 is part for part in res.parts.values()):  # (a part itself is checked above)
+            check(x0, f"{made if res.parts else 'the model returned NaN or inf'} {where}")
         return x0
 
     if noise is None and spec.noise != "none":
