@@ -3211,6 +3211,43 @@ MUTANTS = {
         "    return given",
         ["tests/test_distill_reflow.py", "-k", "teachers_scale"],
     ),
+    # review23's late survivors: per-image step noise, the reported scale, a sweep's negative, img2img checks
+    "r23_step_noise_first_seed": (
+        "pipelines/common.py",
+        'else GaussianNoise(one, s) for s in seeds',
+        'else GaussianNoise(one, seeds[0]) for s in seeds',
+        ["tests/test_generate.py", "-k", "step_noise_is"],
+    ),
+    "r23_brownian_first_seed": (
+        "pipelines/common.py",
+        'BrownianNoise(one, s, ts) if kind',
+        'BrownianNoise(one, seeds[0], ts) if kind',
+        ["tests/test_generate.py", "-k", "step_noise_is"],
+    ),
+    "r23_finish_reports_call_guidance": (
+        "pipelines/common.py",
+        "guidance=guided_scale(setup.plan, setup.guidance),",
+        "guidance=setup.guidance,",
+        ["tests/test_generate.py", "-k", "reported_guidance"],
+    ),
+    "r23_sweep_drops_negative": (
+        "pipelines/common.py",
+        "prepare_cond(model, prompts[:1], negative, guided, height, width)",
+        "prepare_cond(model, prompts[:1], None, guided, height, width)",
+        ["tests/test_generate.py", "-k", "sweep_of_one"],
+    ),
+    "r23_init_images_count_unchecked": (
+        "pipelines/img2img.py",
+        "    if z0.shape[0] not in (1, batch):\n        raise",
+        "    if False:\n        raise",
+        ["tests/test_models_sd.py", "-k", "generation_errors"],
+    ),
+    "r23_img2img_size_unchecked": (
+        "pipelines/img2img.py",
+        "    if (height and height != h) or (width and width != w):",
+        "    if height and height != h:",
+        ["tests/test_models_sd.py", "-k", "generation_errors"],
+    ),
 }
 
 

@@ -374,3 +374,41 @@ def test_seeds_and_per_image_negatives_stay_per_image():
     one = text2img(m, "a red circle", seeds=[0], negative="a green cross", **kw)
     assert not torch.equal(pair.latents[0], pair.latents[1])
     torch.testing.assert_close(pair.latents[1:], one.latents, rtol=0, atol=1e-5)
+
+
+def test_a_seed_sweep_of_one_prompt_keeps_its_negative():
+    """One prompt for several seeds is encoded once, with its negative prompt (not without it)."""
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    m = velodiff.load("default")
+    kw = dict(steps=3, guidance=4.0, output="latent", negative="a green cross")
+    sweep = text2img(m, ["a red circle"] * 2, seeds=[0, 1], **kw)
+    one = text2img(m, "a red circle", seeds=[1], **kw)
+    torch.testing.assert_close(sweep.latents[1:], one.latents, rtol=0, atol=1e-5)
+
+
+def test_step_noise_is_drawn_per_image_from_its_seed():
+    """A stochastic solver's step noise (fresh Gaussian, or a Brownian tree) comes from each image's own
+    seed: an image is the same alone as second in a batch."""
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    m = velodiff.load("default")
+    for solver in ("euler_ancestral", "dpmpp_sde"):
+        kw = dict(steps=3, guidance=2.0, output="latent", solver=solver)
+        both = text2img(m, ["a red circle", "a blue square"], seeds=[0, 1], **kw)
+        alone = text2img(m, "a blue square", seeds=[1], **kw)
+        torch.testing.assert_close(both.latents[1:], alone.latents, rtol=0, atol=1e-5, msg=solver)
+
+
+def test_the_reported_guidance_is_the_plans_scale():
+    """A plan that fixes its own scale (cfg:scale=5) guides with it, and the result says so."""
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    m = velodiff.load("default")
+    kw = dict(steps=2, output="latent", seeds=[0])
+    r = text2img(m, "a red circle", guidance=2.0, plan="cfg:scale=5", **kw)
+    assert r.guidance == 5.0
+    torch.testing.assert_close(r.latents, text2img(m, "a red circle", guidance=5.0, **kw).latents)

@@ -549,6 +549,10 @@ def test_generation_errors(models):
         img2img(m, PROMPT, image, 0.5, steps=1)  # a 1-step student: only strength 1 runs its step
     with pytest.raises(VelodiffError, match="init image is 16x16"):
         img2img(m, PROMPT, image, 0.5, height=32)
+    with pytest.raises(VelodiffError, match=r"init image is 16x16 \(width x height\) but 32x16"):
+        img2img(m, PROMPT, image, 0.5, width=32)
+    with pytest.raises(VelodiffError, match="2 init images for 3 images; give one, or one per image"):
+        img2img(m, [PROMPT] * 3, image.expand(2, -1, -1, -1), 0.5)
     from PIL import Image
 
     with pytest.raises(VelodiffError, match="mode 'CMYK'"):
