@@ -3248,6 +3248,13 @@ MUTANTS = {
         "    if height and height != h:",
         ["tests/test_models_sd.py", "-k", "generation_errors"],
     ),
+    # session 2026-11-29c: a failed job told the OpenAI client (2 retries by default) to run it again
+    "openai_failed_job_retried": (
+        "serve/openai_api.py",
+        'headers={"x-should-retry": "false"},',
+        "headers=None,",
+        ["tests/test_serve_openai.py", "-k", "fails"],
+    ),
 }
 
 

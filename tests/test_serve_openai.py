@@ -118,11 +118,14 @@ def test_size_is_width_by_height(server):
     assert Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).size == (32, 64)
 
 
-def test_a_job_that_fails_is_a_server_error(tmp_path):
+def test_a_job_that_fails_is_a_server_error_not_run_again(tmp_path):
     """A job that fails (here: past the server's timeout) answers 500 with OpenAI's server_error, not a
-    4xx the client would read as its own mistake."""
+    4xx the client would read as its own mistake, and tells the client (which retries a 500 twice by
+    default) not to submit it again: one job ran."""
     with running_server(tmp_path, timeout_s=0.3) as (url, _):
+        default_client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")  # max_retries=2
         with pytest.raises(openai.InternalServerError) as e:
-            client(url).images.generate(model="default", prompt="slow",
-                                        extra_body={"steps": 200, "solver": "heun"})
+            default_client.images.generate(model="default", prompt="slow",
+                                           extra_body={"steps": 200, "solver": "heun"})
         assert "timed out after 0.3 s" in e.value.body["message"] and e.value.body["type"] == "server_error"
+        assert len(httpx.get(f"{url}/api/jobs").json()) == 1

@@ -91,8 +91,13 @@ async def generations(body: ImagesGenerate, request: Request) -> dict[str, Any]:
     )
     job = await srv.submit(req, meta={"api": "openai"})
     job = await srv.wait(job.id)
-    if job.state != "done":
-        raise HTTPException(500 if job.state == "failed" else 409, f"job {job.id} {job.state}: {job.error}")
+    if job.state != "done":  # the job ran out its attempts (or was cancelled): OpenAI's clients retry a 5xx
+        # or 409 twice by default, which would run it again; their non-standard header says not to
+        raise HTTPException(
+            500 if job.state == "failed" else 409,
+            f"job {job.id} {job.state}: {job.error}",
+            headers={"x-should-retry": "false"},
+        )
     data: list[dict[str, Any]] = []
     for i in range(len(job.filenames)):
         if body.response_format == "b64_json":
