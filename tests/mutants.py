@@ -1646,8 +1646,8 @@ MUTANTS = {
     ),
     "r21_e_run_slices_not_advanced": (
         "serve/engine.py",
-        "            out.append(list(res.images[i : i + j.params[\"n\"]]))\n            i += j.params[\"n\"]",
-        "            out.append(list(res.images[i : i + j.params[\"n\"]]))",
+        "            out.append(list(res.images[i : i + q[\"n\"]]))\n            i += q[\"n\"]",
+        "            out.append(list(res.images[i : i + q[\"n\"]]))",
         ["tests/test_serve_batching.py", "-k", "concurrent"],
     ),
     "r21_e_preview_first_image": (
@@ -3254,6 +3254,37 @@ MUTANTS = {
         'headers={"x-should-retry": "false"},',
         "headers=None,",
         ["tests/test_serve_openai.py", "-k", "fails"],
+    ),
+    # the generation parameters inside the image (infotext): quoting, per-image seeds, img2img's grid steps
+    "infotext_colon_unquoted": (
+        "infotext.py",
+        'for c in ",:\\n")',
+        'for c in ",\\n")',
+        ["tests/test_infotext.py", "-k", "reads_back"],
+    ),
+    "infotext_negative_line_dropped": (
+        "infotext.py",
+        'in_negative, line = True, line[len("Negative prompt:"):].strip()',
+        'in_negative, line = False, line[len("Negative prompt:"):].strip()',
+        ["tests/test_infotext.py", "-k", "reads_back"],
+    ),
+    "infotext_served_seed_of_the_job": (
+        "serve/engine.py",
+        'seed = q["seed"] + k',
+        'seed = q["seed"]',
+        ["tests/test_serve_openai.py", "-k", "says_how"],
+    ),
+    "infotext_img2img_steps_run": (
+        "infotext.py",
+        '"Steps": res.info.get("grid_steps", res.steps),',
+        '"Steps": res.steps,',
+        ["tests/test_cli_checkpoint.py", "-k", "img2img_sizes"],
+    ),
+    "infotext_exif_little_endian": (
+        "infotext.py",
+        'UNICODE + text.encode("utf-16-be")',
+        'UNICODE + text.encode("utf-16-le")',
+        ["tests/test_infotext.py", "-k", "rides_in"],
     ),
 }
 

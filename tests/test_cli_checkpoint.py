@@ -170,6 +170,15 @@ def test_batch_clip_skip_noise_rescale(tiny_single_file, tmp_path, capsys):
     code, o, err = run_cli(capsys, "generate", *common, *opts, "--out", two)
     assert code == 0, err
     assert "rescale" in o  # the plan that ran: cfg + rescale
+    import hashlib
+    from pathlib import Path
+
+    from velodiff.infotext import image_infotext, parse_infotext
+
+    said = parse_infotext(image_infotext(Image.open(two)))  # inside the file, A1111's hash of the checkpoint
+    assert said["Model hash"] == hashlib.sha256(Path(f).read_bytes()).hexdigest()[:10]
+    assert (said["Clip skip"], said["Noise"], said["Negative prompt"]) == ("1", "torch", "blurry")
+    assert said["Plan"] == "cfg+rescale:phi=0.7" and said["Batch size"] == "3"
     assert not np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(two)))
 
 
@@ -185,6 +194,10 @@ def test_img2img_sizes_and_strength_zero(picture, tmp_path, capsys):
                            *FAST, "--out", out)
     assert code == 0, err
     assert Image.open(out).size == (64, 64)
+    from velodiff.infotext import image_infotext, parse_infotext
+
+    said = parse_infotext(image_infotext(Image.open(out)))  # A1111's field for img2img's strength
+    assert (said["Prompt"], said["Denoising strength"], said["Steps"]) == ("a blue circle", "0.5", "2")
     code, o, err = run_cli(capsys, "img2img", "a blue circle", "--image", picture, "--width", "96",
                            "--height", "64", *FAST, "--out", out)
     assert code == 0, err

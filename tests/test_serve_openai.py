@@ -129,3 +129,17 @@ def test_a_job_that_fails_is_a_server_error_not_run_again(tmp_path):
                                            extra_body={"steps": 200, "solver": "heun"})
         assert "timed out after 0.3 s" in e.value.body["message"] and e.value.body["type"] == "server_error"
         assert len(httpx.get(f"{url}/api/jobs").json()) == 1
+
+
+def test_each_served_png_says_how_it_was_made(server):
+    """A served image carries its own parameters (A1111's infotext): the prompt, and its own seed of the
+    job's seed, seed + 1, ..."""
+    from velodiff.infotext import image_infotext, parse_infotext
+
+    url, _ = server
+    r = client(url).images.generate(model="default", prompt="a red circle, small", n=2,
+                                    response_format="b64_json", extra_body={"steps": 2, "seed": 11})
+    pngs = [io.BytesIO(base64.b64decode(d.b64_json)) for d in r.data]
+    got = [parse_infotext(image_infotext(Image.open(png))) for png in pngs]
+    assert [g["Seed"] for g in got] == ["11", "12"]
+    assert {(g["Prompt"], g["Steps"], g["Model"]) for g in got} == {("a red circle, small", "2", "default")}

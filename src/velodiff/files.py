@@ -285,9 +285,12 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
     _write_with(path, lambda f: f.write(blob))
 
 
-def save_image_atomic(image: Any, path: str | os.PathLike[str], fmt: str | None = None) -> None:
+def save_image_atomic(
+    image: Any, path: str | os.PathLike[str], fmt: str | None = None, parameters: str | None = None
+) -> None:
     """``image.save(path, format=fmt)`` for a PIL image, replacing ``path`` whole or not at all (``fmt``
-    defaults to the format PIL gives the suffix: PNG for .png, JPEG for .jpg ...)."""
+    defaults to the format PIL gives the suffix: PNG for .png, JPEG for .jpg ...), with ``parameters``
+    (how it was made, ``velodiff.infotext``) inside where the format has a place for it."""
     if fmt is None:
         from PIL import Image
 
@@ -295,7 +298,9 @@ def save_image_atomic(image: Any, path: str | os.PathLike[str], fmt: str | None 
         fmt = Image.EXTENSION.get(Path(path).suffix.lower())
         if fmt is None:
             raise VelodiffError(f"cannot write {path}: unknown image type {Path(path).suffix!r}")
-    _write_with(path, lambda f: image.save(f, format=fmt))
+    from .infotext import save_options
+
+    _write_with(path, lambda f: image.save(f, format=fmt, **save_options(fmt, parameters)))
 
 
 #: the largest text file a user hands a command (prompt lists, plans, sweeps, labels)

@@ -22,9 +22,12 @@ MARK_HEIGHT = 3
 
 
 def png_bytes(image: Any) -> bytes:
-    """A PIL image encoded as PNG."""
+    """A PIL image encoded as PNG, with how it was made inside when ``image.info`` has it (its
+    ``parameters``, where A1111 keeps them too: ``velodiff.infotext``)."""
+    from .infotext import PNG_KEY, save_options
+
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", **save_options("PNG", image.info.get(PNG_KEY)))
     return buf.getvalue()
 
 

@@ -243,7 +243,9 @@ def generate(
         res = run.run(pipeline, prompt, boxes, plan=extra, width=width, height=height, **given)
     else:
         res = run.run(text2img, prompt, plan=extra, width=width, height=height)
-    save_image_atomic(image_grid(list(res.images)), out, fmt)
+    asked = {"Layout": layout, "Layout mode": layout_mode if collage else None, "Strength": strength,
+             "Regions": regions}
+    save_image_atomic(image_grid(list(res.images)), out, fmt, run.infotext(prompt, res, asked))
     typer.echo(run.summary(out, res))
     if attention_maps is not None:
         from ..accel.attention import attention_sheet

@@ -200,6 +200,23 @@ class ImageRun:
         first.images = images
         return first
 
+    def infotext(self, prompt: str, res: Any, extra: dict[str, Any] | None = None) -> str:
+        """How the images were made, written into the file (A1111's infotext, ``velodiff.infotext``):
+        what the run used (its plan says the guidance rescale) and the options that changed it, then
+        ``extra``."""
+        from ..infotext import run_infotext
+
+        asked = {
+            "Eta": self.solver_eta,
+            "Embedded guidance": self.embedded_guidance,
+            "Clip skip": self.clip_skip,
+            "Noise": self.noise,
+            **(extra or {}),
+        }
+        assert self.path is not None
+        loras = getattr(self.loaded, "loras", ())
+        return run_infotext(prompt, self.negative, res, self.seed, self.path, loras, self.n, asked)
+
     def summary(self, out: Path, res: Any, size: tuple[int, int] | None = None) -> str:
         """`wrote out.png (1 image, 256x384, sd1 bfloat16 on cpu, dpmpp_2m, ...) in 3.1 s`."""
         m = self.loaded

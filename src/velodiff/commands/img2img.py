@@ -76,7 +76,8 @@ def img2img_cmd(
     from ..pipelines import img2img
 
     res = run.run(img2img, prompt, picture, strength)
-    save_image_atomic(image_grid(list(res.images)), out, fmt)
+    strength_field = {"Denoising strength": f"{strength:g}"}  # A1111's name
+    save_image_atomic(image_grid(list(res.images)), out, fmt, run.infotext(prompt, res, strength_field))
     typer.echo(run.summary(out, res) + f" (strength {strength:g})")
 
 

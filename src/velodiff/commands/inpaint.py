@@ -100,7 +100,8 @@ def inpaint_cmd(
     res = run.run(inpaint, prompt, picture, holes, strength)
     if keep:
         res.images = [paste_outside(im, picture, holes) for im in res.images]
-    save_image_atomic(image_grid(list(res.images)), out, fmt)
+    strength_field = {"Denoising strength": f"{strength:g}"}  # A1111's name
+    save_image_atomic(image_grid(list(res.images)), out, fmt, run.infotext(prompt, res, strength_field))
     typer.echo(run.summary(out, res) + f" (strength {strength:g})")
 
 

@@ -109,9 +109,10 @@ def img2img(
     check_runs_a_step(setup.steps, s, model)
     setup = setup.from_step(start_index(setup.steps, s, model))
     ts = setup.ts
+    info = dict(prompts=ps, height=h, width=w, strength=s, grid_steps=setup.steps)  # (the whole grid's)
     if len(ts) < 2:  # strength 0: the image back through the VAE
         res = SampleResult(z0.clone(), 0, 0, 0)
-        return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)
+        return finish(model, res, setup, seeds_l, opts.output, ts, **info)
     eps = (initial_noise(shape, seeds_l, opts.noise) if opts.latents is None else opts.latents.float())
     eps = eps.to(model.device)
     if tuple(eps.shape) != shape:
@@ -125,4 +126,4 @@ def img2img(
         )
     cond = encode_batch_prompts(model, ps, opts.negative, setup.plan.needs("uncond"), h, w)
     res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w), ts=ts)
-    return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)
+    return finish(model, res, setup, seeds_l, opts.output, ts, **info)

@@ -105,9 +105,10 @@ def inpaint(
     check_runs_a_step(setup.steps, s, model)
     setup = setup.from_step(start_index(setup.steps, s, model))
     ts = setup.ts
+    info = dict(prompts=ps, height=h, width=w, strength=s, grid_steps=setup.steps)  # (the whole grid's)
     if len(ts) < 2:
         res = SampleResult(z0.clone(), 0, 0, 0)
-        return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, strength=s)
+        return finish(model, res, setup, seeds_l, opts.output, ts, **info)
     eps = (initial_noise(shape, seeds_l, opts.noise) if opts.latents is None else opts.latents.float())
     eps = eps.to(model.device)
     if tuple(eps.shape) != shape:
@@ -143,7 +144,7 @@ def inpaint(
     else:
         rules.append(MaskedRenoising(sched, ts, z0, eps, m_lat))
     res = run(model, setup, opts, x, cond, seeds_l, ps, (h, w), ts=ts, encode=encode, rules=rules)
-    return finish(model, res, setup, seeds_l, opts.output, ts, prompts=ps, height=h, width=w, strength=s)
+    return finish(model, res, setup, seeds_l, opts.output, ts, **info)
 
 
 class MaskedRenoising(Accelerator):

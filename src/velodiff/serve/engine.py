@@ -281,10 +281,16 @@ class Engine:
                 plan=self.plan_rules(p),
                 callback=callback,
             )
+        from ..infotext import PNG_KEY, run_infotext
+
         out, i = [], 0
         for j in jobs:
-            out.append(list(res.images[i : i + j.params["n"]]))
-            i += j.params["n"]
+            q = j.params
+            for k, image in enumerate(res.images[i : i + q["n"]]):  # how it was made, inside its PNG
+                seed = q["seed"] + k
+                image.info[PNG_KEY] = run_infotext(q["prompt"], q["negative"], res, seed, m.path, m.loras)
+            out.append(list(res.images[i : i + q["n"]]))
+            i += q["n"]
         return out
 
     @staticmethod

@@ -1,0 +1,157 @@
+"""Generation parameters inside the image file, as AUTOMATIC1111's web UI writes them ("infotext").
+
+Every image ``velodiff generate`` / ``img2img`` / ``inpaint`` writes, and every text-to-image picture
+the server returns, carries how it was made in the format A1111's "PNG Info" tab, ComfyUI's
+and Civitai's readers and most image browsers understand::
+
+    a red circle above a blue square
+    Negative prompt: blurry
+    Steps: 8, Sampler: dpmpp_2m, Schedule type: karras, CFG scale: 2.5, Seed: 0, Size: 64x64, ...
+
+(the prompt, an optional ``Negative prompt:`` line, then ``Key: value`` pairs; a value holding a comma,
+colon or newline is a JSON string). In a PNG it is the ``parameters`` text chunk; in a JPEG or WebP the
+EXIF UserComment (UTF-16, "UNICODE" prefix), both as A1111 stores them. Sampler and schedule are
+velodiff's solver and grid names, which velodiff reads back (``--solver``, ``--grid``, ComfyUI's
+KSampler); ``Model hash`` is A1111's: the first 10 hex digits of the SHA-256 of a single-file
+checkpoint (the same for a folder: of its files, ``eval.reference.model_hash``).
+
+:func:`format_infotext` writes the text, :func:`parse_infotext` reads it back into a dict (the inverse),
+:func:`image_infotext` finds it in an image file, :func:`save_options` gives ``PIL.Image.save`` the
+keywords that embed it. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+#: the PNG text chunk's key (A1111's, read by its PNG Info tab and by Civitai)
+PNG_KEY = "parameters"
+#: EXIF UserComment (in the Exif IFD) and the 8-byte character code that starts it (EXIF 2.3, 4.6.5)
+USER_COMMENT, EXIF_IFD, UNICODE = 0x9286, 0x8769, b"UNICODE\0"
+
+# one "Key: value" pair of the last line; the value is a JSON string or runs to the next comma
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def format_infotext(prompt: str, negative: str | None, fields: Mapping[str, Any]) -> str:
+    """The text A1111 writes: the prompt, ``Negative prompt: ...`` when there is one, then the fields
+    (``None`` values left out) as ``Key: value`` pairs joined by ", "."""
+    pairs = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
+    negative_line = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{prompt}{negative_line}\n{pairs}".strip()
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """``format_infotext``'s inverse: ``{"Prompt": ..., "Negative prompt": ..., key: value, ...}`` with
+    the values as strings (quoted ones decoded). Text without a parameters line is all prompt."""
+    lines = text.strip().split("\n")
+    pairs = _PAIR.findall(lines[-1])
+    if len(pairs) < 3:  # A1111's rule: a last line with fewer pairs is part of the prompt
+        pairs = []
+    else:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out: dict[str, Any] = {"Prompt": "\n".join(prompt)}
+    if in_negative:
+        out["Negative prompt"] = "\n".join(negative)
+    for key, value in pairs:
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"') and len(value) > 1:
+            value = json.loads(value)
+        out[key.strip()] = value
+    return out
+
+
+def save_options(fmt: str, text: str | None) -> dict[str, Any]:
+    """``PIL.Image.save`` keywords that embed ``text`` in an image of format ``fmt`` (PNG: the
+    ``parameters`` chunk; JPEG / WebP: EXIF UserComment); ``{}`` for no text or another format."""
+    if not text:
+        return {}
+    from PIL import Image, PngImagePlugin
+
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_KEY, text)  # (PIL writes an iTXt chunk for text beyond Latin-1)
+        return {"pnginfo": info}
+    if fmt in ("JPEG", "WEBP"):
+        exif = Image.Exif()
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE + text.encode("utf-16-be")
+        return {"exif": exif.tobytes()}
+    return {}
+
+
+def run_infotext(
+    prompt: str,
+    negative: str | None,
+    res: Any,
+    seed: int,
+    model_path: str | Path,
+    loras: Any = (),
+    n: int = 1,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """The infotext of a pipeline result ``res`` (``GenerationResult``): the solver, grid, scale and plan
+    it ran, the first ``seed`` of ``n`` images, their size, the model's name and short hash, its LoRAs
+    ``(file, scale)`` and ``extra`` fields (None ones left out)."""
+    from . import __version__
+    from .shipped import model_name
+
+    w, h = res.images[0].size
+    files = [(Path(f), float(scale)) for f, scale in loras]
+    fields: dict[str, Any] = {
+        "Steps": res.info.get("grid_steps", res.steps),  # img2img: the grid's, of which strength ran
+        "Sampler": res.solver,
+        "Schedule type": res.grid,
+        "CFG scale": f"{res.guidance:g}",
+        "Seed": seed % 2**64,  # torch's: -1 is 2**64 - 1 (in A1111, -1 would ask for a random one)
+        "Size": f"{w}x{h}",
+        "Batch size": n if n > 1 else None,
+        "Model hash": model_short_hash(model_path),
+        "Model": Path(model_name(model_path)).name,
+        "Lora hashes": ", ".join(f"{f.stem}: {model_short_hash(f)}" for f, _ in files) or None,
+        "Lora scales": ", ".join(f"{f.stem}: {scale:g}" for f, scale in files) or None,
+        "NFE": res.nfe,
+        "Plan": res.plan,
+        **(extra or {}),
+        "Version": f"velodiff {__version__}",
+    }
+    return format_infotext(prompt, negative, fields)
+
+
+def model_short_hash(path: str | Path) -> str:
+    """A1111's model hash: the first 10 hex digits of a checkpoint file's SHA-256 (remembered per file
+    version, as A1111 does); for a folder, of velodiff's hash of its files (``eval.reference.model_hash``)."""
+    p = Path(path)
+    if p.is_file():
+        from .files import file_sha256
+
+        return file_sha256(p)[:10]
+    from .eval.reference import model_hash
+
+    return model_hash(p)[:10]
+
+
+def image_infotext(image: Any) -> str | None:
+    """The parameters text of an opened PIL image (its PNG chunk, else its EXIF UserComment), or None."""
+    text = getattr(image, "info", {}).get(PNG_KEY)
+    if isinstance(text, str):
+        return text
+    raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(raw, bytes) and raw.startswith(UNICODE):
+        return raw[len(UNICODE):].decode("utf-16-be", "replace")
+    if isinstance(raw, bytes):  # "ASCII\0\0\0" or an undefined character code
+        return raw[8:].decode("utf-8", "replace").strip("\0") or None
+    return None
