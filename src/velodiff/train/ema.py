@@ -1,4 +1,6 @@
-"""Exponential moving average of parameters with diffusers-style warm-up of the decay."""
+"""Exponential moving average of parameters, with the warm-up of the decay of diffusers' ``EMAModel``
+(``min(decay, (1 + n) / (10 + n))`` at the n-th update, counted from 0), but for the first update, where
+diffusers copies the weights (decay 0) and velodiff averages at 1/10."""
 
 from __future__ import annotations
 
