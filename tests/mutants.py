@@ -3286,6 +3286,12 @@ MUTANTS = {
         'UNICODE + text.encode("utf-16-le")',
         ["tests/test_infotext.py", "-k", "rides_in"],
     ),
+    "comfy_png_without_workflow": (
+        "serve/worker.py",
+        'pairs = {"prompt": job.meta.get("prompt"), **(extra if isinstance(extra, dict) else {})}',
+        'pairs = {"prompt": job.meta.get("prompt")}',
+        ["tests/test_serve_comfy.py", "-k", "holds_its_graph"],
+    ),
 }
 
 

@@ -137,7 +137,8 @@ def test_comfyui_example_client_runs_the_default_graph(server):
     )
     executed = next(m for m in seen if m["type"] == "executed")
     assert executed["data"]["node"] == "9" and executed["data"]["prompt_id"] == prompt_id
-    # the graph is velodiff's euler solver on its karras grid: the jobs API gives the same bytes
+    # the graph is velodiff's euler solver on its karras grid: the jobs API gives the same pixels and
+    # parameters (the comfy PNG holds its graph too)
     r = httpx.post(
         f"{url}/api/jobs",
         json={
@@ -150,7 +151,9 @@ def test_comfyui_example_client_runs_the_default_graph(server):
         },
     )
     job = httpx.get(f"{url}/api/jobs/{r.json()['id']}/result", timeout=60).json()
-    assert httpx.get(f"{url}{job['images'][0]}").content == images["9"][0]
+    pngs = (httpx.get(f"{url}{job['images'][0]}").content, images["9"][0])
+    own, comfy = (Image.open(io.BytesIO(b)) for b in pngs)
+    assert own.tobytes() == comfy.tobytes() and own.info["parameters"] == comfy.info["parameters"]
 
 
 def test_queue_history_and_interrupt(server):
@@ -350,3 +353,28 @@ def test_every_comfy_name_resolves_to_a_velodiff_solver_and_grid():
         comfy_sampling("res_multistep", "normal")
     with pytest.raises(KeyError):
         comfy_sampling("euler", "gits")  # a calibrated grid in velodiff, not a fixed ComfyUI table
+
+
+def test_a_comfy_png_holds_its_graph_as_comfyuis_saveimage_writes_it(server):
+    """The image of a ComfyUI job carries the graph (``prompt``) and the UI's ``extra_pnginfo`` entries as
+    JSON text chunks, as ComfyUI's SaveImage writes them (dropped on ComfyUI, it loads the graph), and
+    A1111's ``parameters`` beside them."""
+    from velodiff.infotext import image_infotext, parse_infotext
+
+    url, _ = server
+    address = url.removeprefix("http://")
+    g = copy.deepcopy(GRAPH)
+    g["3"]["inputs"].update(seed=77, steps=1)
+    workflow = {"last_node_id": 9, "nodes": [{"id": 3, "type": "KSampler"}]}
+    body = {"prompt": g, "client_id": "c1", "extra_data": {"extra_pnginfo": {"workflow": workflow}}}
+    req = urllib.request.Request(f"{url}/prompt", data=json.dumps(body).encode())
+    prompt_id = json.loads(urllib.request.urlopen(req).read())["prompt_id"]
+    deadline = time.monotonic() + 60
+    while prompt_id not in (history := get_history(address, prompt_id)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    image = history[prompt_id]["outputs"]["9"]["images"][0]
+    png = Image.open(io.BytesIO(get_image(address, image["filename"], image["subfolder"], image["type"])))
+    assert json.loads(png.info["prompt"]) == g and json.loads(png.info["workflow"]) == workflow
+    said = parse_infotext(image_infotext(png))
+    assert (said["Prompt"], said["Seed"]) == ("a red circle above a blue square", "77")

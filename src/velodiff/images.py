@@ -22,12 +22,16 @@ MARK_HEIGHT = 3
 
 
 def png_bytes(image: Any) -> bytes:
-    """A PIL image encoded as PNG, with how it was made inside when ``image.info`` has it (its
-    ``parameters``, where A1111 keeps them too: ``velodiff.infotext``)."""
-    from .infotext import PNG_KEY, save_options
+    """A PIL image encoded as PNG, with the text entries of ``image.info`` as text chunks: how it was
+    made (A1111's ``parameters``, ``velodiff.infotext``; a ComfyUI job's ``prompt`` graph)."""
+    from PIL import PngImagePlugin
 
+    text = PngImagePlugin.PngInfo()
+    for key, value in image.info.items():
+        if isinstance(value, str):
+            text.add_text(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", **save_options("PNG", image.info.get(PNG_KEY)))
+    image.save(buf, format="PNG", pnginfo=text)
     return buf.getvalue()
 
 

@@ -14,6 +14,7 @@ of the batch is left. A dropped job's images are discarded (the store refuses to
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import socket
@@ -197,5 +198,18 @@ class Worker:
             if j.id not in alive:
                 continue
             names = filenames(j)
+            for im in images:
+                im.info.update(comfy_chunks(j))
             if self.store.complete(j.id, [png_bytes(im) for im in images], names):
                 self.broker.publish({"type": "done", "job": j.id, "filenames": names})
+
+
+def comfy_chunks(job: Job) -> dict[str, str]:
+    """What ComfyUI's SaveImage writes into its PNGs, for a job of ComfyUI's API: the graph (``prompt``)
+    and each ``extra_data.extra_pnginfo`` entry (the UI sends its ``workflow``), as JSON, so that the
+    image dropped on ComfyUI loads the graph that made it; nothing for other jobs."""
+    if job.meta.get("api") != "comfy":
+        return {}
+    extra = job.meta.get("extra_data", {}).get("extra_pnginfo", {})
+    pairs = {"prompt": job.meta.get("prompt"), **(extra if isinstance(extra, dict) else {})}
+    return {str(k): json.dumps(v) for k, v in pairs.items()}
