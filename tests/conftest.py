@@ -1,8 +1,34 @@
+import os
+import shutil
+import tempfile
+
 import torch
 
 # `make test` runs two xdist workers on two cores: one torch thread each avoids oversubscription,
 # which slows small-tensor work by orders of magnitude on a busy machine.
 torch.set_num_threads(1)
+
+_session_cache: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    """The tests never read or write the user's velodiff cache (~/.cache/velodiff): a reference, a
+    calibration or a hash remembered there by an earlier run (or another version) would decide what a test
+    sees. One fresh cache per test session, shared by its xdist workers (they inherit the environment)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        _session_cache["before"] = os.environ.get("VELODIFF_CACHE")
+        root = tempfile.mkdtemp(prefix="velodiff-test-cache-")
+        _session_cache["root"] = os.environ["VELODIFF_CACHE"] = root
+
+
+def pytest_unconfigure(config):
+    if "root" in _session_cache:
+        shutil.rmtree(_session_cache.pop("root"), ignore_errors=True)
+        before = _session_cache.pop("before")
+        if before is None:
+            os.environ.pop("VELODIFF_CACHE", None)
+        else:
+            os.environ["VELODIFF_CACHE"] = before
 
 
 def required_options(name: str, schedule) -> dict:

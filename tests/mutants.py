@@ -3292,6 +3292,31 @@ MUTANTS = {
         'pairs = {"prompt": job.meta.get("prompt")}',
         ["tests/test_serve_comfy.py", "-k", "holds_its_graph"],
     ),
+    # review24's findings: a single file's hash by its suffix's case, a failed tune baseline, metrics []
+    "hash_suffix_case_sensitive": (
+        "eval/reference.py",
+        "p.suffix.lower() not in WEIGHT_AND_CONFIG_SUFFIXES",
+        "p.suffix not in WEIGHT_AND_CONFIG_SUFFIXES",
+        ["tests/test_calibrated.py", "-k", "whatever_the_case"],
+    ),
+    "hash_single_file_filtered": (
+        "eval/reference.py",
+        "if p != root and (p.name.startswith",
+        "if (p.name.startswith",
+        ["tests/test_calibrated.py", "-k", "whatever_the_case"],
+    ),
+    "tune_failed_baseline_keyerror": (
+        "eval/tune.py",
+        "        if base_rec.get(cfg.metric) is None:",
+        "        if False:",
+        ["tests/test_tune.py", "-k", "failed_baseline"],
+    ),
+    "sweep_empty_metrics_all": (
+        "eval/sweep.py",
+        "wanted = set(METRICS if sweep.metrics is None else sweep.metrics)",
+        "wanted = set(sweep.metrics or METRICS)",
+        ["tests/test_sweep.py", "-k", "repeat_times"],
+    ),
 }
 
 

@@ -326,6 +326,25 @@ def test_the_model_hash_sees_an_edit_in_the_middle_of_a_weight_file(tmp_path, mo
     assert len(list((tmp_path / "cache" / "hashes").iterdir())) >= 2  # remembered per file version
 
 
+def test_a_single_file_is_hashed_whatever_the_case_of_its_suffix(tmp_path):
+    """model.SAFETENSORS loads as model.safetensors does: two such files with other weights are two models
+    (their hashes once both were the empty digest: they shared calibrations and cached references)."""
+    from velodiff.eval.reference import model_hash
+
+    for name, value in (("a.SAFETENSORS", 0.0), ("b.SafeTensors", 1.0), ("c.safetensors", 1.0)):
+        save_file({"w": torch.full((2,), value)}, str(tmp_path / name))
+    a, b, c = (model_hash(tmp_path / n) for n in ("a.SAFETENSORS", "b.SafeTensors", "c.safetensors"))
+    assert a != b and b == c  # a file's hash is its content's; renaming it keeps its calibrations
+    for name, value in ((".hidden.safetensors", 0.0), (".other.safetensors", 1.0)):  # whatever its name
+        save_file({"w": torch.full((2,), value)}, str(tmp_path / name))
+    assert model_hash(tmp_path / ".hidden.safetensors") == a != model_hash(tmp_path / ".other.safetensors")
+    (tmp_path / "folder" / "unet").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "folder" / "unet" / "MODEL.SAFETENSORS"))
+    empty = tmp_path / "empty"
+    (empty / "unet").mkdir(parents=True)
+    assert model_hash(tmp_path / "folder") != model_hash(empty)
+
+
 def test_bench_takes_the_calibrated_grid_and_other_tools_names():
     from velodiff.eval.sweep import make_sweep
 

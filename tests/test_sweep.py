@@ -371,6 +371,8 @@ def test_repeat_times_each_configuration_n_times_and_reports_the_median(tmp_path
     assert calls == ["ddim", "unipc", "unipc", "unipc"]  # the warm-up, then three timed runs
     assert rec["seconds"] == [3.0, 1.0, 2.0] and rec["seconds_per_image"] == pytest.approx(2.0 / 2)
     assert res["sweep"]["repeat"] == 3
+    assert not any(res["metrics"].values()) and "reference" not in res  # metrics []: none, time only
+    assert make_sweep({"metrics": "none"}).metrics == [] and make_sweep({}).metrics is None
     # resumed with a larger repeat, a record timed fewer times is timed again; one timed enough is kept
     monkeypatch.undo()
     once = make_sweep({"solvers": "unipc", "nfe": "2", "limit": 2, "images_per_prompt": 1, "metrics": []})

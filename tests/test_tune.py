@@ -237,6 +237,27 @@ def test_rank_by_evaluations_or_by_measured_time(tmp_path, monkeypatch):
         assert res["plan"] == want
 
 
+def test_a_failed_baseline_is_one_line(tmp_path, monkeypatch):
+    """A baseline run that failed (its record holds the error, no metric) stops the search in one line that
+    says why, not with a KeyError."""
+    tune_mod = stub_sweeps(monkeypatch)
+    real = tune_mod.run_sweep
+
+    def failing_baseline(model, sw, out, **kw):
+        res = real(model, sw, out, **kw)
+        res["records"] = [{"plan": "none", "error": "the model returned NaN or inf at step 3"}
+                          if r["plan"] == "none" else r for r in res["records"]]
+        return res
+
+    monkeypatch.setattr(tune_mod, "run_sweep", failing_baseline)
+    space = SearchSpace(solvers=["ddim"], nfe=[3], grids=[None], axes={})
+    from velodiff.errors import VelodiffError
+
+    with pytest.raises(VelodiffError, match=r"baseline run failed \(the model returned NaN or inf at"):
+        tune_mod.tune(None, tune_mod.TuneConfig(budget=0.02), space, tmp_path, model_id="m", progress=False,
+                      log=lambda line: None)
+
+
 def test_a_tune_folder_has_one_tuner_at_a_time(tmp_path, capsys):
     """A second tune of the same --out (the two would replace each other's stages and plan) is one line
     while the first holds the folder, before any sampling."""

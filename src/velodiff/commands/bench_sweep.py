@@ -44,7 +44,8 @@ def bench_sweep(
     ),
     batch: int = typer.Option(None, "--batch", min=1, help="images per batched call"),
     metrics: str = typer.Option(None, "--metrics",
-                                help="comma list of shapes,fd,reference,clip [default: all that apply]"),
+                                help="comma list of shapes,fd,reference,clip, or none (time only) "
+                                "[default: all that apply]"),
     reference_solver: str = typer.Option(None, "--reference-solver", help="[default: dpmpp_3m]"),
     reference_steps: int = typer.Option(
         None, "--reference-steps", min=1, max=MAX_STEPS, help="[default: 100]"

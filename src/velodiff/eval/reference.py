@@ -53,13 +53,17 @@ def default_cache_dir() -> Path:
 ARTEFACTS = "velodiff"
 
 
+#: the files of a model folder its hash reads (case-insensitive, as the loader reads ``UNET.SAFETENSORS``)
+WEIGHT_AND_CONFIG_SUFFIXES = (".safetensors", ".json", ".txt", ".bin", ".ckpt")
+
+
 @lru_cache(maxsize=16)
 def _hash_folder(path: str, stamp: tuple) -> str:
     h = hashlib.sha256()
     root = Path(path)
     for p in files_under(root):
-        if p.name.startswith(".") or p.suffix not in (".safetensors", ".json", ".txt", ".bin", ".ckpt"):
-            continue
+        if p != root and (p.name.startswith(".") or p.suffix.lower() not in WEIGHT_AND_CONFIG_SUFFIXES):
+            continue  # (a single file is its own content, whatever its name: model.SAFETENSORS loads)
         if p.name == SAMPLING_FILE and p.parent == root:  # sampling defaults, not the network
             continue
         if p != root and p.parent != root and p.relative_to(root).parts[0] == ARTEFACTS:  # made for it

@@ -91,7 +91,7 @@ class Sweep:
     seed: int = 0
     repeat: int = 1
     batch: int = 16
-    metrics: list[str] | None = None  # None: every metric that applies
+    metrics: list[str] | None = None  # None: every metric that applies; []: none (time and cost only)
     reference_solver: str = "dpmpp_3m"
     reference_steps: int = 100
     reference_grid: str | None = "logsnr"
@@ -217,6 +217,8 @@ def make_sweep(values: dict[str, Any]) -> Sweep:
     for k in ("solvers", "grids", "nfe", "guidance", "metrics"):
         if k in v:
             v[k] = _split(v[k])
+    if v.get("metrics") == ["none"]:  # time and cost only
+        v["metrics"] = []
     if "plans" in v:  # plan strings hold commas: a list, or one string of plans separated by ';'
         plans = v["plans"]
         v["plans"] = [p.strip() for p in plans.split(";")] if isinstance(plans, str) else list(plans)
@@ -446,7 +448,7 @@ def run_sweep(
     jobs = [t for t in texts for _ in range(k)]
     seeds = [sweep.seed + j for j in range(len(jobs))]
     specs = shapes_specs(texts)
-    wanted = set(sweep.metrics or METRICS)
+    wanted = set(METRICS if sweep.metrics is None else sweep.metrics)
     use_shapes = "shapes" in wanted and specs is not None
     use_fd = "fd" in wanted and (specs is not None or sweep.fd_features != "fd-shapes")
     use_ref = "reference" in wanted
@@ -473,9 +475,9 @@ def run_sweep(
         use_fd = False  # the default metrics: the others still run
     fd = None
     if use_fd:
-        fd = DistributionMetrics(sweep.fd_features)
-        if specs is None:
+        if specs is None:  # (before the feature network loads)
             raise VelodiffError("FD needs a real image set; only the shapes world provides one here")
+        fd = DistributionMetrics(sweep.fd_features)
         from ..data.shapes import ShapesWorld
 
         world = ShapesWorld(size=int(model.default_size[0]))

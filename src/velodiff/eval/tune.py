@@ -319,6 +319,9 @@ def _tune(
         from .shapes_eval import paired_standard_error
 
         base_rec = base_record or records["none"]
+        if base_rec.get(cfg.metric) is None:  # nothing to measure a loss against
+            why = base_rec.get("error") or f"it has no {cfg.metric}"
+            raise VelodiffError(f"the baseline run failed ({why}); no plan can be scored against it")
         base = base_rec[cfg.metric]
         rows = []
         for plan, r in records.items():
