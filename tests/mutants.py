@@ -3317,6 +3317,19 @@ MUTANTS = {
         "wanted = set(sweep.metrics or METRICS)",
         ["tests/test_sweep.py", "-k", "repeat_times"],
     ),
+    # an image's settings as a request (POST /api/parameters, the page's loader)
+    "infotext_size_swapped": (
+        "infotext.py",
+        'out["width"], out["height"] = int(w), int(h)',
+        'out["width"], out["height"] = int(h), int(w)',
+        ["tests/test_serve_jobs.py", "-k", "settings_come_back"],
+    ),
+    "infotext_request_drops_negative": (
+        "infotext.py",
+        '"Negative prompt": "negative", ',
+        "",
+        ["tests/test_serve_jobs.py", "-k", "settings_come_back"],
+    ),
 }
 
 

@@ -850,3 +850,38 @@ def test_image_names_count_from_one_as_comfyuis_saveimage():
     job = Job(1, "0123456789abcdef", "done", {"n": 2}, "k", 2, {"filename_prefix": "out/cats"}, None, 0.0,
               None, None, 1, 1, None)
     assert filenames(job) == ["out_cats_0123456789ab_00001_.png", "out_cats_0123456789ab_00002_.png"]
+
+
+def test_an_images_settings_come_back_as_a_job_that_makes_it_again(server):
+    """POST /api/parameters reads the settings inside an image (A1111's infotext: velodiff's own, A1111's
+    in a JPEG's EXIF) and gives them as job fields; a served image's fields, submitted, make it again."""
+    import base64
+
+    from velodiff.infotext import format_infotext, save_options
+
+    url, _ = server
+    job = run_job(url, prompt="a blue square", negative="a red circle", seed=21, steps=3, grid="trailing",
+                  guidance=3.0, solver="euler_ancestral")
+    made = httpx.get(f"{url}{job['images'][0]}").content
+    r = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(made).decode()})
+    assert r.status_code == 200, r.text
+    q = r.json()["request"]
+    assert {k: q[k] for k in ("prompt", "negative", "seed", "steps", "grid", "guidance", "solver")} == {
+        "prompt": "a blue square", "negative": "a red circle", "seed": 21, "steps": 3, "grid": "trailing",
+        "guidance": 3.0, "solver": "euler_ancestral"}
+    again = run_job(url, **{k: v for k, v in q.items() if k != "noise"})
+    assert png(url, again["images"][0]).tobytes() == Image.open(io.BytesIO(made)).tobytes()
+    # A1111's own text, in a JPEG: its labels kept for velodiff to read; a picture without settings
+    text = format_infotext("a lighthouse", None, {"Steps": 20, "Sampler": "DPM++ 2M Karras", "CFG scale": 7,
+                                                  "Seed": 5, "Size": "512x768"})
+    jpeg, plain = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG", **save_options("JPEG", text))
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")
+    as_url = "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode()
+    q = httpx.post(f"{url}/api/parameters", json={"image": as_url}).json()["request"]
+    assert q == {"prompt": "a lighthouse", "solver": "DPM++ 2M Karras", "steps": 20, "guidance": 7.0,
+                 "seed": 5, "width": 512, "height": 768}
+    none = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(plain.getvalue()).decode()})
+    assert none.json() == {"parameters": None, "fields": {}, "request": {}}
+    bad = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(b"not an image").decode()})
+    assert bad.status_code == 400 and "not an image file" in bad.json()["error"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_fixtures import running_server
+from serve_fixtures import httpx, running_server
 
 FLAGS = [
     "--headless",
@@ -82,6 +82,18 @@ def test_page_submits_shows_progress_and_the_image(tmp_path):
             caption = page.inner_text("#gallery figure.result figcaption")
             assert "seed 11" in caption and "60 steps" in caption and "dpmpp_2m" in caption
             assert page.inner_text("#progress-text") == "done"
+            # the settings inside that image, loaded back into the form (what A1111's PNG Info does)
+            src = page.get_attribute("#gallery figure.result img", "src")
+            made = httpx.get(src if src.startswith("http") else url + src).content
+            page.fill("#prompt", "something else")
+            page.fill("#seed", "3")
+            page.fill("#steps", "5")
+            page.set_input_files("#load", files=[{"name": "made.png", "mimeType": "image/png",
+                                                  "buffer": made}])
+            page.wait_for_function("document.getElementById('load-info').textContent.includes('loaded')")
+            assert page.input_value("#prompt") == "a red circle above a blue square"
+            assert (page.input_value("#seed"), page.input_value("#steps")) == ("11", "60")
+            assert page.input_value("#solver") == "dpmpp_2m" and page.input_value("#grid") == "karras"
             assert page.locator("#reports li").count() >= 3  # bench/serve's README, JSON, screenshot
             # the brush editor: paint a stroke over the new image, apply it as a layer
             page.click("#gallery figure.result button.brush-open")

@@ -35,6 +35,18 @@ def png_bytes(image: Any) -> bytes:
     return buf.getvalue()
 
 
+def data_url_bytes(data: str, what: str = "image") -> bytes:
+    """The file inside a data URL (``data:image/png;base64,...``) or plain base64; one line otherwise."""
+    import base64
+    import binascii
+
+    raw = data.split(",", 1)[1] if data.startswith("data:") else data
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise VelodiffError(f"the {what} is not a data URL or base64 of an image file") from None
+
+
 def open_image(source: str | bytes | Any, what: str = "image") -> Any:
     """An image file (a path or its bytes) as a loaded PIL image in an 8-bit mode, ready for
     ``convert("RGB")`` or ``convert("L")``; one line when it is not an image PIL can read.

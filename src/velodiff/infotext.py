@@ -16,8 +16,8 @@ KSampler); ``Model hash`` is A1111's: the first 10 hex digits of the SHA-256 of 
 checkpoint (the same for a folder: of its files, ``eval.reference.model_hash``).
 
 :func:`format_infotext` writes the text, :func:`parse_infotext` reads it back into a dict (the inverse),
-:func:`image_infotext` finds it in an image file, :func:`save_options` gives ``PIL.Image.save`` the
-keywords that embed it. No torch here.
+:func:`generation_request` turns that into a request's keywords, :func:`image_infotext` finds the text in
+an image file, :func:`save_options` gives ``PIL.Image.save`` the keywords that embed it. No torch here.
 """
 
 from __future__ import annotations
@@ -72,6 +72,36 @@ def parse_infotext(text: str) -> dict[str, Any]:
         if value.startswith('"') and value.endswith('"') and len(value) > 1:
             value = json.loads(value)
         out[key.strip()] = value
+    return out
+
+
+#: infotext fields that are a generation request's keywords as they are (text), and those that are numbers
+_TEXT_KEYS = {"Prompt": "prompt", "Negative prompt": "negative", "Sampler": "solver", "Schedule type": "grid",
+              "Plan": "plan", "Model": "model", "Noise": "noise"}
+_NUMBER_KEYS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
+                "Denoising strength": ("strength", float)}
+
+
+def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
+    """What a generation request (``text2img``'s keywords, the server's job fields) takes from an image's
+    parsed parameters: prompt, negative, steps, solver, grid, guidance, seed, width and height (``Size``),
+    plan, model, noise, strength; absent fields are absent here. A1111's sampler and schedule labels
+    ("DPM++ 2M Karras", "Karras") are kept as written: velodiff reads them (``velodiff.aliases``). A
+    number that does not read as one is one line."""
+    from .errors import VelodiffError
+
+    out: dict[str, Any] = {key: fields[name] for name, key in _TEXT_KEYS.items() if fields.get(name)}
+    for name, (key, kind) in _NUMBER_KEYS.items():
+        if name in fields:
+            try:
+                out[key] = kind(fields[name])
+            except ValueError:
+                raise VelodiffError(f"the image's {name} {fields[name]!r} is not a number") from None
+    if "Size" in fields:
+        w, sep, h = fields["Size"].partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise VelodiffError(f"the image's Size {fields['Size']!r} is not WIDTHxHEIGHT")
+        out["width"], out["height"] = int(w), int(h)
     return out
 
 

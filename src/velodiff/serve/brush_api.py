@@ -13,7 +13,6 @@ generation. Renders hold the engine's run lock (one network user at a time, as t
 from __future__ import annotations
 
 import base64
-import binascii
 import threading
 import time
 from collections import OrderedDict
@@ -62,14 +61,9 @@ class BrushBody(BaseModel):
 
 def decode_mask(data: str) -> Any:
     """A PNG from a data URL or plain base64, as a grayscale PIL image; one line when it is not one."""
-    from ..images import open_image
+    from ..images import data_url_bytes, open_image
 
-    raw = data.split(",", 1)[1] if data.startswith("data:") else data
-    try:
-        png = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        raise VelodiffError("a layer's mask is not a PNG (a data URL or base64 of one)") from None
-    return open_image(png, "a layer's mask").convert("L")
+    return open_image(data_url_bytes(data, "layer's mask"), "a layer's mask").convert("L")
 
 
 class Brushes:

@@ -203,6 +203,33 @@ async def options(request: Request) -> dict[str, Any]:
     }
 
 
+class ParametersBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str = Field(..., description="an image file (PNG, JPEG, WebP) as a data URL or base64")
+
+
+@router.post("/parameters", summary="The generation settings inside an image, as a job's fields")
+async def parameters(body: ParametersBody) -> dict[str, Any]:
+    """An image's A1111 infotext (what velodiff, A1111 and most UIs write into their images): the text,
+    its fields, and the job fields they make (``request``: prompt, negative, steps, solver, grid,
+    guidance, seed, width, height, plan, model). An image without one answers ``parameters: null``."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..images import data_url_bytes
+    from ..infotext import generation_request, image_infotext, parse_infotext
+
+    try:
+        image = Image.open(io.BytesIO(data_url_bytes(body.image)))
+    except (UnidentifiedImageError, OSError):
+        raise VelodiffError("the image is not an image file PIL can read (PNG, JPEG, WebP)") from None
+    text = image_infotext(image)
+    fields = parse_infotext(text) if text else {}
+    return {"parameters": text, "fields": fields, "request": generation_request(fields)}
+
+
 @router.get("/health", summary="Queue depth and the worker's batches")
 async def health(request: Request) -> dict[str, Any]:
     srv = server(request)

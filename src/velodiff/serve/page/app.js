@@ -1,6 +1,7 @@
 // velodiff serve's page: fill the pickers from /api/options, submit /api/jobs, follow the job's
-// server-sent events (progress bar, step previews), add finished images to the gallery, and paint brush
-// layers over a gallery image (/api/brush). No framework.
+// server-sent events (progress bar, step previews), add finished images to the gallery, paint brush
+// layers over a gallery image (/api/brush), and fill the form from an image's settings (/api/parameters).
+// No framework.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let current = null;
@@ -15,6 +16,7 @@ async function init() {
   const opts = await r.json();
   opts.models.forEach((m) => option($("model"), m));
   opts.solvers.forEach((s) => option($("solver"), s));
+  opts.grids.forEach((g) => option($("grids"), g));
   opts.plans.forEach((p) => option($("plans"), p.name, `${p.name}: ${p.summary}`));
   const d = opts.defaults;
   $("solver").value = d.solver; $("steps").value = d.steps; $("guidance").value = d.guidance;
@@ -41,8 +43,9 @@ async function init() {
 function body() {
   const num = (id) => ($(id).value === "" ? null : Number($(id).value));
   return {
-    prompt: $("prompt").value, model: $("model").value, plan: $("plan").value || null,
-    solver: $("solver").value, steps: num("steps"), guidance: num("guidance"), seed: num("seed"),
+    prompt: $("prompt").value, negative: $("negative").value || null, model: $("model").value,
+    plan: $("plan").value || null, solver: $("solver").value, grid: $("grid").value || null,
+    steps: num("steps"), guidance: num("guidance"), seed: num("seed"),
     n: num("n"), width: num("width"), height: num("height"), preview: true,
     layout: $("layout").value || null, layout_mode: $("layout_mode").value,
   };
@@ -104,6 +107,36 @@ $("form").addEventListener("submit", async (e) => {
   const job = await r.json();
   if (!r.ok) { $("error").textContent = job.error; return; }
   follow(job);
+});
+
+// --- settings from an image: its A1111 infotext, read by the server (/api/parameters) ----------------
+async function loadSettings(file) {
+  const url = await new Promise((ok) => {
+    const reader = new FileReader();
+    reader.onload = () => ok(reader.result);
+    reader.readAsDataURL(file);
+  });
+  const r = await fetch("/api/parameters", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ image: url }),
+  });
+  const got = await r.json();
+  if (!r.ok) { $("load-info").textContent = got.error; return; }
+  if (!got.parameters) { $("load-info").textContent = `no generation settings in ${file.name}`; return; }
+  const q = got.request;
+  const known = (select, v) => [...select.options].some((o) => o.value === v);
+  if (q.solver && !known($("solver"), q.solver)) option($("solver"), q.solver);  // another tool's label
+  if (q.model && !known($("model"), q.model)) delete q.model;  // a model this server does not serve
+  ["prompt", "negative", "model", "plan", "solver", "grid", "steps", "guidance", "seed", "width", "height"]
+    .forEach((k) => { if (k in q) $(k).value = q[k]; });
+  $("n").value = 1;
+  $("load-info").textContent = `settings of ${file.name} loaded`;
+}
+
+$("load").addEventListener("change", (e) => { if (e.target.files[0]) loadSettings(e.target.files[0]); });
+$("form").addEventListener("dragover", (e) => e.preventDefault());
+$("form").addEventListener("drop", (e) => {
+  e.preventDefault();
+  if (e.dataTransfer.files[0]) loadSettings(e.dataTransfer.files[0]);
 });
 
 $("cancel").addEventListener("click", () => {
