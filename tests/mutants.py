@@ -3330,6 +3330,12 @@ MUTANTS = {
         "",
         ["tests/test_serve_jobs.py", "-k", "settings_come_back"],
     ),
+    "parameters_command_without_n": (
+        "commands/parameters.py",
+        '"n": "--n", ',
+        "",
+        ["tests/test_infotext.py", "-k", "same_image"],
+    ),
 }
 
 

@@ -4,6 +4,7 @@ written, in A1111's own examples too, and they are enough to make the same image
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -74,15 +75,16 @@ def test_the_text_rides_in_png_jpeg_and_webp(tmp_path, suffix):
 
 
 def test_generate_writes_what_makes_the_same_image_again(tmp_path, capsys):
-    """`velodiff generate` writes its parameters into the PNG; run again with only what the file says
-    (its prompt, negative, steps, sampler, schedule, scale, seed, size, plan, noise), it gives the same
-    pixels. The model hash is A1111's short hash of the model."""
+    """`velodiff generate` writes its parameters into the PNG; `velodiff parameters` shows them and the
+    command that makes the file again, which gives the same pixels. The model hash is A1111's short hash
+    of the model."""
+    import shlex
+
     first, again = tmp_path / "first.png", tmp_path / "again.png"
     code, _, err = run_cli(capsys, "generate", "two red circles, a blue square",
                            "--negative", "a green cross", "--steps", "3", "--solver", "euler_ancestral",
-                           "--grid", "trailing",
-                           "--guidance", "3.5", "--seed", "41", "--n", "2", "--guidance-rescale", "0.5",
-                           "--threads", "2", "--out", first)
+                           "--grid", "trailing", "--guidance", "3.5", "--seed", "41", "--n", "2",
+                           "--guidance-rescale", "0.5", "--threads", "2", "--out", first)
     assert code == 0, err
     got = parse_infotext(image_infotext(Image.open(first)))
     assert got["Prompt"] == "two red circles, a blue square" and got["Negative prompt"] == "a green cross"
@@ -90,13 +92,16 @@ def test_generate_writes_what_makes_the_same_image_again(tmp_path, capsys):
         "3", "euler_ancestral", "trailing", "3.5")
     assert (got["Seed"], got["Batch size"], got["Size"], got["Model"]) == ("41", "2", "64x64", "default")
     assert got["Model hash"] == model_short_hash(default_model_path()) and len(got["Model hash"]) == 10
-    w, h = got["Size"].split("x")
-    code, _, err = run_cli(
-        capsys, "generate", got["Prompt"], "--negative", got["Negative prompt"], "--steps", got["Steps"],
-        "--solver", got["Sampler"], "--grid", got["Schedule type"], "--guidance", got["CFG scale"],
-        "--seed", got["Seed"], "--n", got["Batch size"], "--width", w, "--height", h, "--plan", got["Plan"],
-        "--noise", got["Noise"], "--threads", "2", "--out", again,
-    )
+    code, out, err = run_cli(capsys, "parameters", first)
+    assert code == 0, err
+    command = shlex.split(out.strip().splitlines()[-1])
+    assert command[:3] == ["velodiff", "generate", got["Prompt"]] and command[-2:] == ["--out", "again.png"]
+    code, _, err = run_cli(capsys, *command[1:-1], str(again), "--threads", "2")
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
-    assert parse_infotext(image_infotext(Image.open(again)))["Plan"] == got["Plan"]
+    code, out, err = run_cli(capsys, "parameters", first, "--json")
+    assert code == 0 and json.loads(out)["request"]["n"] == 2, err
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    code, _, err = run_cli(capsys, "parameters", plain)
+    assert code == 2 and err.strip().startswith("error: ") and "holds no generation settings" in err

@@ -38,6 +38,7 @@ COMMAND_MODULES = [
     "velodiff.commands.generate",
     "velodiff.commands.img2img",
     "velodiff.commands.inpaint",
+    "velodiff.commands.parameters",
     "velodiff.commands.invert",
     "velodiff.commands.edit",
     "velodiff.commands.brush",

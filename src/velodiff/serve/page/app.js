@@ -128,7 +128,7 @@ async function loadSettings(file) {
   if (q.model && !known($("model"), q.model)) delete q.model;  // a model this server does not serve
   ["prompt", "negative", "model", "plan", "solver", "grid", "steps", "guidance", "seed", "width", "height"]
     .forEach((k) => { if (k in q) $(k).value = q[k]; });
-  $("n").value = 1;
+  $("n").value = q.n || 1;
   $("load-info").textContent = `settings of ${file.name} loaded`;
 }
 
