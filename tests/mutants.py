@@ -3336,6 +3336,12 @@ MUTANTS = {
         "",
         ["tests/test_infotext.py", "-k", "same_image"],
     ),
+    "prune_square_of_first_side": (
+        "distill/prune.py",
+        "else (int(size[0]), int(size[1]))",
+        "else (int(size[0]), int(size[0]))",
+        ["tests/test_distill_prune.py", "-k", "non_square"],
+    ),
 }
 
 

@@ -259,3 +259,22 @@ def test_every_resnet_pair_is_a_unit_and_a_plan_is_not_reused_for_another_target
     assert _prune(tmp_path, "r", 0, "--target-flops", "0.9") != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "was started with" in err and "new --run" in err, err
+
+
+def test_flops_are_counted_at_a_non_square_sample_size() -> None:
+    """diffusers' sample_size may be (h, w): the FLOPs of one evaluation are counted on that latent, not on
+    a square of its first side."""
+    from diffusers import UNet2DConditionModel
+
+    from velodiff.distill.prune import flops_per_eval
+
+    def unet(size):
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            sample_size=size, in_channels=4, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), norm_num_groups=8,
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        )
+
+    small, wide, big = (flops_per_eval(unet(s)) for s in (8, [8, 16], 16))
+    assert small < wide < big

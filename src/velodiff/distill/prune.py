@@ -136,14 +136,19 @@ def removed_params(teacher: Any, removed: list[str]) -> list[str]:
     return [k for k, _ in teacher.named_parameters() if k not in kept]
 
 
+def latent_size(config: Any) -> tuple[int, int]:
+    """(h, w) of a UNet config's ``sample_size`` (diffusers allows an int or a pair)."""
+    size = config.sample_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def flops_per_eval(unet: Any) -> int:
     """FLOPs of one UNet evaluation on one latent (``torch.utils.flop_counter.FlopCounterMode``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     c = unet.config
     p = next(unet.parameters())
-    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    x = torch.zeros(1, c.in_channels, size, size, device=p.device, dtype=p.dtype)
+    x = torch.zeros(1, c.in_channels, *latent_size(c), device=p.device, dtype=p.dtype)
     ctx = torch.zeros(1, 77, c.cross_attention_dim, device=p.device, dtype=p.dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as m:
         unet(x, torch.tensor([500.0], device=p.device), ctx)
@@ -298,7 +303,7 @@ def prune(
             uctx = text(uncond[None].expand(n, -1)).last_hidden_state
             c = teacher_unet.config
             gen = torch.Generator().manual_seed(pcfg.data_seed)
-            noise = torch.randn(n, c.in_channels, c.sample_size, c.sample_size, generator=gen).to(device)
+            noise = torch.randn(n, c.in_channels, *latent_size(c), generator=gen).to(device)
             scores = ld_scores(teacher_unet, units, sched, ctx, uctx, noise, pcfg.guidance, pcfg.calib_steps)
         removed, flops, full = select(teacher_unet, scores, pcfg.target_flops)
         plan = {
