@@ -3342,6 +3342,18 @@ MUTANTS = {
         "else (int(size[0]), int(size[0]))",
         ["tests/test_distill_prune.py", "-k", "non_square"],
     ),
+    "resume_after_training_keys_ignored": (
+        "train/loop.py",
+        'free = GROWS | AFTER_TRAINING.get(saved_extra.get("method"), frozenset())',
+        "free = GROWS",
+        ["tests/test_train.py", "-k", "only_decides"],
+    ),
+    "resume_after_training_keys_any_method": (
+        "train/loop.py",
+        'AFTER_TRAINING.get(saved_extra.get("method"), frozenset())',
+        "frozenset().union(*AFTER_TRAINING.values())",
+        ["tests/test_train.py", "-k", "only_decides"],
+    ),
 }
 
 

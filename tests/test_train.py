@@ -596,6 +596,25 @@ def test_a_resume_may_grow_the_run_but_not_change_what_it_learns(tmp_path):
                  _lin_step(lin), quiet=True)
 
 
+def test_a_resume_may_change_what_only_decides_the_students_defaults(tmp_path):
+    """A guided student's default scale and reflow's straightness ODE steps change nothing it learns: a
+    resume may change them; the same key where it is learned from (reflow's pairs' guidance) is refused."""
+    from velodiff.train.loop import run_loop
+
+    lin = torch.nn.Linear(2, 1)
+    for method, key, refused in (("guided", "guidance", False), ("reflow", "ode_steps", False),
+                                 ("reflow", "guidance", True)):
+        run = tmp_path / f"{method}-{key}"
+        first = LoopConfig(steps=1, lr=0.01, extra={"method": method, key: 2})
+        run_loop(run, first, {"lin": lin}, _lin_step(lin), quiet=True)
+        again = LoopConfig(steps=2, lr=0.01, extra={"method": method, key: 3})
+        if refused:
+            with pytest.raises(VelodiffError, match=f"was started with {key}=2, not 3"):
+                run_loop(run, again, {"lin": lin}, _lin_step(lin), quiet=True)
+        else:
+            assert run_loop(run, again, {"lin": lin}, _lin_step(lin), quiet=True)["steps"] == 2
+
+
 @pytest.mark.parametrize("per_module", [False, True])
 def test_the_logged_gradient_norm_is_the_clipped_groups(tmp_path, per_module):
     """clip_per_module: each module's gradient is clipped on its own and the logged norm is the first

@@ -67,6 +67,10 @@ def lr_at(cfg: LoopConfig, step: int) -> float:
 #: caches, what its student samples with by default; any other change (the teacher, the guidance, the
 #: batch, the method, the architecture) is refused, since the run would go on learning something else
 GROWS = frozenset({"steps", "reflow_steps", "distill_steps", "pairs", "eval_pairs", "sample_steps", "rounds"})
+#: per method, settings that only decide how its student is measured or samples by default, so a resume
+#: may change them too: a guided student's default scale (it learns every scale in [w_min, w_max]), the
+#: ODE steps reflow measures straightness with
+AFTER_TRAINING = {"guided": frozenset({"guidance"}), "reflow": frozenset({"ode_steps"})}
 #: the ``LoopConfig.extra`` key a stage of a chain (a progressive round, reflow's distillation phase) holds
 #: the digest of the weights it starts from in (``checkpoint.weights_digest``): a resume from other ones,
 #: because the stage before was trained further, is refused
@@ -130,7 +134,8 @@ def _run_loop(
                     "use a new --run folder"
                 )
         saved_extra, extra = (json.loads(json.dumps(e)) for e in (saved_cfg.get("extra", {}), cfg.extra))
-        for key in sorted(set(saved_extra) & set(extra) - GROWS):  # what the run learns from and how
+        free = GROWS | AFTER_TRAINING.get(saved_extra.get("method"), frozenset())
+        for key in sorted(set(saved_extra) & set(extra) - free):  # what the run learns from and how
             if key == START and saved_extra[key] != extra[key]:
                 raise VelodiffError(
                     f"run {run} was trained from other weights than this stage starts from now (the stage "
