@@ -2912,8 +2912,8 @@ MUTANTS = {
     ),
     "r22_batch_pos_not_scaled": (
         "train/trainer.py",
-        "pos = step * batch",
-        "pos = step",
+        "out, pos, need = [], step * batch, batch",
+        "out, pos, need = [], step, batch",
         ["tests/test_train.py", "-k", "each_epoch"],
     ),
     "r22_epoch_perm_same": (

@@ -166,17 +166,13 @@ def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     """Positions step*batch .. of the epoch-wise shuffled sequence of scenes 0..n-1."""
-    out = []
-    pos = step * batch
-    while len(out) < batch:
+    out, pos, need = [], step * batch, batch
+    while need > 0:  # a batch may run over the end of an epoch (or several, when batch > n)
         epoch, off = divmod(pos, n)
-        perm = _epoch_permutation(n, seed, epoch)
-        take = min(batch - len(out), n - off)
-        out.append(perm[off : off + take])
-        pos += take
-        if sum(len(o) for o in out) >= batch:
-            break
-    return torch.cat(out)[:batch]
+        take = min(need, n - off)
+        out.append(_epoch_permutation(n, seed, epoch)[off : off + take])
+        pos, need = pos + take, need - take
+    return torch.cat(out)
 
 
 @lru_cache(maxsize=2)
