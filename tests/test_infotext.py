@@ -105,3 +105,20 @@ def test_generate_writes_what_makes_the_same_image_again(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(plain)
     code, _, err = run_cli(capsys, "parameters", plain)
     assert code == 2 and err.strip().startswith("error: ") and "holds no generation settings" in err
+
+
+def test_a_layout_generation_comes_back_with_its_boxes(tmp_path, capsys):
+    """--layout's boxes are inside the file, and the command `velodiff parameters` gives makes it again."""
+    import shlex
+
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    layout = "red circle: 0.1,0.05,0.6,0.45; blue square: 0.3,0.55,0.9,0.95"
+    code, _, err = run_cli(capsys, "generate", "a red circle above a blue square", "--layout", layout,
+                           "--steps", "2", "--threads", "2", "--out", first)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "parameters", first)
+    command = shlex.split(out.strip().splitlines()[-1])
+    assert command[command.index("--layout") + 1] == layout
+    code, _, err = run_cli(capsys, *command[1:-1], str(again), "--threads", "2")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))

@@ -77,18 +77,20 @@ def parse_infotext(text: str) -> dict[str, Any]:
 
 #: infotext fields that are a generation request's keywords as they are (text), and those that are numbers
 _TEXT_KEYS = {"Prompt": "prompt", "Negative prompt": "negative", "Sampler": "solver", "Schedule type": "grid",
-              "Plan": "plan", "Model": "model", "Noise": "noise"}
+              "Plan": "plan", "Model": "model", "Noise": "noise", "Layout": "layout",
+              "Layout mode": "layout_mode", "Regions": "regions"}
 _NUMBER_KEYS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
-                "Batch size": ("n", int), "Denoising strength": ("strength", float)}
+                "Batch size": ("n", int), "Denoising strength": ("strength", float),
+                "Collage strength": ("collage_strength", float)}
 
 
 def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     """What a generation request (``text2img``'s keywords, the server's job fields) takes from an image's
     parsed parameters: prompt, negative, steps, solver, grid, guidance, seed, n (``Batch size``: images
-    seed, seed + 1, ... in one file), width and height (``Size``), plan, model, noise, strength; absent
-    fields are absent here. A1111's sampler and schedule labels
-    ("DPM++ 2M Karras", "Karras") are kept as written: velodiff reads them (``velodiff.aliases``). A
-    number that does not read as one is one line."""
+    seed, seed + 1, ... in one file), width and height (``Size``), plan, model, noise, layout, layout_mode,
+    regions, collage_strength, strength (img2img's); absent fields are absent here. A1111's sampler and
+    schedule labels ("DPM++ 2M Karras", "Karras") are kept as written: velodiff reads them
+    (``velodiff.aliases``). A number that does not read as one is one line."""
     from .errors import VelodiffError
 
     out: dict[str, Any] = {key: fields[name] for name, key in _TEXT_KEYS.items() if fields.get(name)}

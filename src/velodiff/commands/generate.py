@@ -243,7 +243,7 @@ def generate(
         res = run.run(pipeline, prompt, boxes, plan=extra, width=width, height=height, **given)
     else:
         res = run.run(text2img, prompt, plan=extra, width=width, height=height)
-    asked = {"Layout": layout, "Layout mode": layout_mode if collage else None, "Strength": strength,
+    asked = {"Layout": layout, "Layout mode": layout_mode if collage else None, "Collage strength": strength,
              "Regions": regions}
     save_image_atomic(image_grid(list(res.images)), out, fmt, run.infotext(prompt, res, asked))
     typer.echo(run.summary(out, res))

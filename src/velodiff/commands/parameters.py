@@ -15,7 +15,8 @@ from ..errors import VelodiffError
 #: request keys -> `velodiff generate` options, in the order the command line shows them
 OPTIONS = {"negative": "--negative", "model": "--model", "width": "--width", "height": "--height",
            "seed": "--seed", "n": "--n", "steps": "--steps", "solver": "--solver", "grid": "--grid",
-           "guidance": "--guidance", "plan": "--plan", "noise": "--noise"}
+           "guidance": "--guidance", "plan": "--plan", "noise": "--noise", "layout": "--layout",
+           "layout_mode": "--layout-mode", "collage_strength": "--strength", "regions": "--regions"}
 
 
 def generate_command(request: dict[str, Any]) -> str:
