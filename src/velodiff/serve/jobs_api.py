@@ -223,7 +223,7 @@ async def parameters(body: ParametersBody) -> dict[str, Any]:
 
     try:
         image = Image.open(io.BytesIO(data_url_bytes(body.image)))
-    except (UnidentifiedImageError, OSError):
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise VelodiffError("the image is not an image file PIL can read (PNG, JPEG, WebP)") from None
     text = image_infotext(image)
     fields = parse_infotext(text) if text else {}
