@@ -94,6 +94,9 @@ def test_page_submits_shows_progress_and_the_image(tmp_path):
             assert page.input_value("#prompt") == "a red circle above a blue square"
             assert (page.input_value("#seed"), page.input_value("#steps")) == ("11", "60")
             assert page.input_value("#solver") == "dpmpp_2m" and page.input_value("#grid") == "karras"
+            page.fill("#seed", "4")  # a gallery image's own button does the same
+            page.click("#gallery figure.result button.reuse")
+            page.wait_for_function("document.getElementById('seed').value === '11'")
             assert page.locator("#reports li").count() >= 3  # bench/serve's README, JSON, screenshot
             # the brush editor: paint a stroke over the new image, apply it as a layer
             page.click("#gallery figure.result button.brush-open")

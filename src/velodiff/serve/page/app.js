@@ -65,7 +65,13 @@ function addToGallery(job) {
     const edit = document.createElement("button");
     edit.type = "button"; edit.className = "brush-open"; edit.textContent = "Brush";
     edit.addEventListener("click", () => openBrush(job, i, url));
-    fig.append(img, cap);
+    const reuse = document.createElement("button");
+    reuse.type = "button"; reuse.className = "reuse"; reuse.textContent = "Reuse settings";
+    reuse.addEventListener("click", async () => {
+      const blob = await (await fetch(url)).blob();
+      loadSettings(new File([blob], url.split("/").pop(), { type: blob.type }));
+    });
+    fig.append(img, cap, reuse);
     if (!p.layout) fig.append(edit);  // brushes repaint a plain generation's steps
     $("gallery").prepend(fig);
   });
