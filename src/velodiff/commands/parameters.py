@@ -34,7 +34,10 @@ def parameters(
         bool, typer.Option("--json", help="the text, its fields and the request as JSON")
     ] = False,
 ) -> None:
-    """Show the generation settings inside an image, and the command that makes it again."""
+    """Show the settings an image was made with.
+
+    They are read from the image (its PNG parameters chunk or EXIF comment: velodiff's, A1111's), with
+    the `velodiff generate` command that makes a text-to-image file again."""
     from ..infotext import generation_request, image_infotext, parse_infotext
     from .image_run import read_image
 
