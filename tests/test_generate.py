@@ -181,6 +181,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
           "--lora-alpha", "nan"], "--lora-alpha must be a finite number > 0"),  # was: "lower --lr"
         (["calibrate", "solver", "--guidance", "2.5", "--out", str(tmp_path / "c.json"), "--beside-model"],
          "give --out or --beside-model, not both"),
+        (["calibrate", "solver", "--guidance", "2.5", "--objective", "median"], "unknown objective 'median'"),
+        (["calibrate", "solver", "--guidance", "2.5", "--methods", "grid,gits"],
+         "unknown calibration method 'gits'"),
         # a wait the worker's condition cannot take (it died on the first job and requests hung)
         (["serve", "--batch-wait", "inf", "--port", "0"], "--batch-wait takes seconds from 0 to 60"),
         (["serve", "--timeout", "inf", "--port", "0"], "--timeout takes seconds from 0 to 604800"),
@@ -237,17 +240,20 @@ def test_bad_inputs_give_one_line(tmp_path, capsys, monkeypatch):
     ]
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # '..' is tmp_path, which holds everything above
+    import velodiff.commands.generate as generate_cmd
     import velodiff.commands.image_run as image_run
 
-    early = ("has no option 'eta'", "unknown weighting", "SEED must be", "covers nothing", "--cross-steps")
+    early = ("has no option 'eta'", "unknown weighting", "SEED must be", "covers nothing", "--cross-steps",
+             "unknown objective", "unknown calibration method")
 
-    def no_load(self):  # what is refused before the model loads must not need it
+    def no_load(*args, **kwargs):  # what is refused before the model loads must not need it
         raise AssertionError("the model was loaded")
 
     for args, needle in cases:
         with monkeypatch.context() as mp:
             if any(e in needle for e in early):
                 mp.setattr(image_run.ImageRun, "load", no_load)
+                mp.setattr(generate_cmd, "load_model", no_load)
             code, _, err = run_cli(capsys, *args)
         assert code == 2, (args, err)
         assert needle in one_error_line(err), (args, err)
@@ -412,3 +418,109 @@ def test_the_reported_guidance_is_the_plans_scale():
     r = text2img(m, "a red circle", guidance=2.0, plan="cfg:scale=5", **kw)
     assert r.guidance == 5.0
     torch.testing.assert_close(r.latents, text2img(m, "a red circle", guidance=5.0, **kw).latents)
+
+
+def test_shared_options_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Before the model loads: --steps with --nfe (a run would drop one of them), a side that is no multiple
+    of the model's latent factor (named: 4 for the shipped model), a zero side, --n images whose last
+    seed is past torch's range, and --strength without the collage (it would be ignored)."""
+    import velodiff.commands.image_run as image_run
+
+    def no_load(self):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(image_run.ImageRun, "load", no_load)
+    out = str(tmp_path / "o.png")
+    for args, said in (
+        (["--steps", "3", "--nfe", "5"], "give --steps or --nfe, not both"),
+        (["--width", "30"], "--width 30 is not a multiple of 4,"),
+        (["--height", "66"], "--height 66 is not a multiple of 4,"),
+        (["--width", "0"], "--width must be a number of pixels in [1, 8192], got 0"),
+        (["--seed", str(2**64 - 1), "--n", "2"], "outside torch's seed range"),
+        (["--strength", "0.5"], "--strength applies to --layout-mode collage"),
+    ):
+        code, _, err = run_cli(capsys, "generate", "a red circle", "--out", out, *args)
+        assert code == 2 and said in one_error_line(err), (args, err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_generate_seeds_guidance_zero_size_and_format_are_the_apis(tmp_path, capsys):
+    """--n 2 --seed 5 is the API's images of seeds 5 and 6 as one grid (--clip-skip 0, the default, is
+    allowed); --guidance 0 guides at 0 (not at the model's default); a width that is a multiple of the
+    latent factor 4 but not of 8 runs; .jpg, .JPG and .webp files are written in their formats."""
+    import numpy as np
+
+    import velodiff
+    from velodiff.images import image_grid
+    from velodiff.pipelines import text2img
+
+    out = tmp_path / "grid.png"
+    one = ["--steps", "2", "--threads", "1"]
+    code, o, err = run_cli(capsys, "generate", "a red circle", "--out", str(out), "--n", "2", "--seed", "5",
+                           "--guidance", "0", "--width", "36", "--clip-skip", "0", *one)
+    assert code == 0, err
+    assert "36x64" in o and "guidance 0," in o, o
+    torch.set_num_threads(1)
+    want = text2img(velodiff.load("default"), "a red circle", seeds=[5, 6], steps=2, guidance=0.0, width=36)
+    grid = image_grid(list(want.images))
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(grid))
+    for name, fmt in (("x.jpg", "JPEG"), ("x.JPG", "JPEG"), ("x.webp", "WEBP")):
+        code, _, err = run_cli(capsys, "generate", "a red circle", "--out", str(tmp_path / name), *one)
+        assert code == 0, err
+        assert Image.open(tmp_path / name).format == fmt, name
+
+
+def test_generate_eta_nfe_and_embedded_guidance_reach_the_pipeline(tmp_path, capsys):
+    """--eta is the solver's eta (DDIM at eta 1: the API's image with that option); --nfe 3 runs 3 network
+    calls, not the model's 20 steps (--noise torch with --batch equal to --n is allowed: one call);
+    --embedded-guidance is a guidance-distilled model's input (its image at that scale, not at its
+    default), and on a model without that input, even at 0, one line."""
+    import numpy as np
+
+    import velodiff
+    from velodiff.pipelines import text2img
+
+    out = tmp_path / "x.png"
+    torch.set_num_threads(1)
+
+    def image():
+        return np.asarray(Image.open(out).convert("RGB"))
+
+    one = ["--threads", "1", "--out", str(out)]
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--solver", "ddim", "--eta", "1", "--steps",
+                           "2", *one)
+    assert code == 0, err
+    m = velodiff.load("default")
+    want = text2img(m, "a red circle", seeds=[0], steps=2, solver="ddim", solver_options={"eta": 1.0})
+    assert np.array_equal(image(), np.asarray(want.images[0]))
+    code, o, err = run_cli(capsys, "generate", "a red circle", "--nfe", "3", "--n", "2", "--batch", "2",
+                           "--noise", "torch", *one)  # --batch equal to --n: one call, one generator
+    assert code == 0 and ", 3 NFE," in o, (o, err)
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--model", "default-guided", "--steps", "2",
+                           "--embedded-guidance", "4", *one)
+    assert code == 0, err
+    guided = velodiff.load("default-guided")
+    guided.embedded_guidance = 4.0
+    assert np.array_equal(image(), np.asarray(text2img(guided, "a red circle", seeds=[0], steps=2).images[0]))
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--embedded-guidance", "0", *one)
+    assert code == 2 and "has no guidance input" in one_error_line(err)
+
+
+def test_threads_up_to_the_machines_cpus_are_taken(tmp_path, capsys, monkeypatch):
+    """--threads equal to the machine's CPU count is allowed (it gets to the model load), one more is
+    refused in one line: the limit is the CPUs, on any machine."""
+    import pytest
+
+    import velodiff.commands.image_run as image_run
+
+    def no_load(self):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(image_run.ImageRun, "load", no_load)
+    cpus = os.cpu_count() or 1
+    out = str(tmp_path / "o.png")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run_cli(capsys, "generate", "a red circle", "--out", out, "--threads", str(cpus))
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--out", out, "--threads", str(cpus + 1))
+    assert code == 2 and f"is more than this machine's {cpus} CPUs" in one_error_line(err)

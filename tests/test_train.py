@@ -745,3 +745,19 @@ def test_an_exported_model_predicts_what_its_run_was_trained_to(tmp_path, vae_ru
     _ldm_run(tmp_path / "eps", vae_run, 1, prediction_type="epsilon")
     model = velodiff.load(export_model(vae_run, tmp_path / "eps", tmp_path / "m"))
     assert model.prediction_type == "epsilon"
+
+
+def test_ldm_out_inside_or_around_the_run_is_refused_before_the_work(tmp_path, capsys):
+    """--out inside --run, or --run inside --out: the export would be written into the run's checkpoints
+    (or replace them); one line before any work."""
+    from velodiff.cli import main
+
+    for run, out in ((tmp_path / "a", tmp_path / "a" / "model"), (tmp_path / "b" / "run", tmp_path / "b")):
+        try:
+            code = main(["train", "ldm", "--vae", str(tmp_path / "no-vae"), "--run", str(run),
+                         "--out", str(out), "--quiet"])
+        except SystemExit as e:
+            code = e.code or 0
+        err = capsys.readouterr().err
+        assert code == 2 and "overlap" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "a").exists()  # refused before --out's parent folder was made

@@ -143,7 +143,13 @@ def calibrate_solver(
         raise VelodiffError(f"--nfe {max(nfes)} is more than {MAX_STEPS}")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     solver_list = [s.strip() for s in solvers.split(",") if s.strip()]
-    from .names import check_solver_name
+    if objective not in ("geomean", "mse"):  # what is refused, before the model loads
+        raise VelodiffError(f"unknown objective {objective!r}; valid: geomean, mse")
+    from ..calibrated import METHODS
+    from .names import check_name, check_solver_name
+
+    for m in method_list:
+        check_name("calibration method", m, METHODS)
 
     for s in solver_list:
         check_solver_name(s)
@@ -177,8 +183,6 @@ def calibrate_solver(
     )
     problem = model_problem(loaded, texts, [seed + i for i in range(len(texts))], guidance)
     problem.reference_steps = reference_steps
-    if objective not in ("geomean", "mse"):
-        raise VelodiffError(f"unknown objective {objective!r}; valid: geomean, mse")
     problem.objective = objective
     bar = tqdm(unit="run", file=sys.stderr, disable=None, leave=False)
 

@@ -184,11 +184,11 @@ def ldm(
     from ..train.trainer import LDMConfig, train_ldm
 
     if out is not None:
-        check_model_out(out)  # before the training, not after
         o, r = out.expanduser().resolve(), run.expanduser().resolve()
-        if o == r or o in r.parents or r in o.parents:
+        if o == r or o in r.parents or r in o.parents:  # (before check_model_out makes a parent folder)
             raise VelodiffError(f"--out {str(out)!r} and --run {str(run)!r} overlap; the export would "
                                 "replace the run's checkpoints: give two separate folders")
+        check_model_out(out)  # before the training, not after
     from ..train.objectives import PREDICTIONS
 
     if prediction not in PREDICTIONS:  # before the scenes are rendered, not at the first step
