@@ -199,3 +199,64 @@ def test_solvers_that_cannot_run_at_a_given_nfe_are_refused(tmp_path, capsys, so
                     "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and why in err and err.count("\n") == 1
+
+
+# --- review24: the error's definition, the summaries' choices, the records' ends, Euler's start --------
+
+
+def test_rms_error_is_the_rms_per_coordinate_over_samples():
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    ref = torch.tensor([[1.0] * 4, [3.0] * 4], dtype=torch.float64)
+    assert sb.rms_error(x, ref) == pytest.approx(5.0**0.5)  # sqrt(mean(4 * 1, 4 * 9) / 4)
+
+
+def _rec(solver, grid, nfe, error, source="velodiff"):
+    return {"source": source, "solver": solver, "grid": grid, "nfe": nfe, "error": error, "t_start": 1.0,
+            "data": sb.BAR_DATA}
+
+
+def test_summaries_pick_the_smallest_errors_and_the_bar_needs_every_nfe():
+    recs = [_rec("ddim", "logsnr", 5, 0.4), _rec("ddim", "logsnr", 6, 0.2), _rec("ddim", "karras", 5, 0.1),
+            _rec("ddim", "karras", 6, 0.3), _rec("dpmpp_2m", "logsnr", 5, 0.05),
+            _rec("dpmpp_2m", "logsnr", 6, 0.5),
+            _rec(sb.BAR_BASELINE, "linspace", 5, 0.2, "diffusers"),
+            _rec(sb.BAR_BASELINE, "linspace", 6, 0.4, "diffusers")]
+    # ddim: geometric means sqrt(0.4 * 0.2) on logsnr, sqrt(0.1 * 0.3) on karras
+    assert sb.best_grids(recs, sb.BAR_DATA) == {"ddim": "karras", "dpmpp_2m": "logsnr"}
+    rows = sb.bar_ratios(recs, nfes=(5, 6))
+    assert [(r["solver"], r["grid"], r["ratio"]) for r in rows] == [
+        ("dpmpp_2m", "logsnr", pytest.approx(0.25)), ("ddim", "logsnr", pytest.approx(0.5))]
+    assert sb.bar_met(rows, 0.5) and not sb.bar_met(rows, 0.4)
+
+
+def test_a_record_ends_where_its_grid_jumps_to_zero_and_euler_starts_from_its_own_noise_scale():
+    """A velodiff record that jumps to t = 0 names the time it jumps from; diffusers' Euler (its sigma-space
+    state, initial noise times ``init_noise_sigma``) fed the oracle's eps is velodiff's Euler on Euler's own
+    timesteps (fractional ones interpolated a little differently: 1e-3 apart)."""
+    oracle = sb.make_oracles(("2d",), samples=16)[0]
+    (rec,) = sb.velodiff_records(oracle, ["ddim"], ["logsnr"], [5])
+    ts = make_grid("logsnr", oracle.schedule, 5)
+    assert rec["final"] == "zero" and rec["t_last"] == pytest.approx(float(ts[-2])) and rec["t_last"] > 0
+    x_d, info = sb.run_diffusers(oracle, "Euler", 6)
+    sched = sb.diffusers_scheduler("Euler")
+    sched.set_timesteps(info["steps"])
+    ts = oracle.schedule.t_from_timestep(sched.timesteps.to(torch.float64))
+    ts = torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
+    x_v = sample(oracle.denoiser, oracle.noise, make_grid(ts.tolist(), oracle.schedule), "euler").x
+    assert info["final"] == "zero"
+    assert sb.rms_error(x_d, x_v) < 1e-2 * sb.rms_error(x_v, torch.zeros_like(x_v))
+
+
+def test_the_report_writes_the_command_as_typed_and_nfe_zero_is_refused(tmp_path, capsys):
+    """The markdown report's command line is the command as typed: an off switch as its --no- form;
+    --nfe 0 (no run spends no evaluation) is refused in one line before any work."""
+    out = tmp_path / "b.json"
+    args = ["bench", "solvers", "--json", str(out), "--solvers", "ddim", "--grids", "logsnr", "--nfe", "3",
+            "--samples", "8", "--data", "2d", "--schedulers", "none"]
+    assert _velodiff([*args, "--no-progress"]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert " --no-progress" in md and " --progress" not in md
+    capsys.readouterr()
+    assert _velodiff([*args[:8], "--nfe", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nfe takes comma-separated integers in [1, 1000], got '0'" in err

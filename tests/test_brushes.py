@@ -181,3 +181,23 @@ def test_a_refused_change_leaves_the_canvas_as_it_was(model):
             Canvas(model, prompt, seed=seed)
     with pytest.raises(VelodiffError, match="the model must be a loaded model, got str"):
         Canvas("default", "a red circle")
+
+
+def test_cli_brush_is_the_canvas_of_the_api(model, tmp_path, capsys):
+    """brush --seed 2 with a layer of seed 7: the base and the layer's composite are the API's canvas
+    (base seed 2, the layer at its own seed 7 and strength) side by side."""
+    import numpy as np
+
+    from test_invert import cli
+    from velodiff.edit.layout import region_mask
+    from velodiff.images import image_grid
+
+    out = tmp_path / "b.png"
+    prompt, box = "a red circle above a blue square", (0.0, 0.5, 1.0, 1.0)
+    assert cli("brush", prompt, "--layer", "box=0,0.5,1,1;a green triangle;7;0.5", "--seed", "2", "--steps",
+               "4", "--threads", "1", "-o", str(out)) == 0
+    canvas = Canvas(model, prompt, seed=2, steps=4)
+    images = [canvas.render().images[0]]
+    canvas.add(region_mask(box, 64, 64), "a green triangle", seed=7, strength=0.5)
+    images.append(canvas.render().images[0])
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(image_grid(images)))

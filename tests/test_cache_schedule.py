@@ -211,3 +211,28 @@ def test_step_0_is_full_whatever_the_budget():
     changes = [0.0, 0.3, 0.1, 0.2]
     for full in (0, -2):
         assert budgeted_schedule(changes, full) == [True, False, False, False]
+
+
+def test_calibrate_cache_options_reach_the_measurement(tmp_path, monkeypatch, capsys):
+    """calibrate cache's --guidance, --steps, --solver, --limit and --seed are what the measurement runs
+    with (prompts spread over the set, seeds from --seed); without --guidance, the model's default."""
+    import velodiff.accel.calibration as calibration
+    from velodiff.cli import main
+
+    seen = []
+
+    def measure(model, prompts, seeds, *, steps=50, solver="dpmpp_2m", guidance=None, batch=16):
+        seen.append(dict(prompts=len(prompts), seeds=list(seeds), steps=steps, solver=solver,
+                         guidance=guidance))
+        return {"images": len(prompts), "rate": [[0.0]]}
+
+    monkeypatch.setattr(calibration, "calibrate_cache", measure)
+    monkeypatch.setattr(calibration, "save_cache_calibration", lambda art: tmp_path / "cache.json")
+    for extra in (["--guidance", "4"], []):
+        try:
+            main(["calibrate", "cache", "--limit", "3", "--steps", "5", "--solver", "ddim", "--seed", "9",
+                  *extra])
+        except SystemExit as e:
+            assert not e.code
+    want = [dict(prompts=3, seeds=[9, 10, 11], steps=5, solver="ddim", guidance=g) for g in (4.0, 2.5)]
+    assert seen == want

@@ -1038,3 +1038,36 @@ def test_dpm_solver_v3_of_order_p_is_exact_on_a_polynomial_of_degree_p_minus_1()
     errs = [float((seen[i + 1] - _exact_step(den, seen[i], float(ts[i]), float(ts[i + 1]))).abs().max())
             for i in range(10)]  # fmt: skip
     assert max(errs[3:]) < 3e-4 and min(errs[:3]) > 1e-2, errs  # (order 3 there: off by > 4e-3)
+
+
+def test_calibrate_solver_options_reach_the_calibration_problem(tmp_path, monkeypatch):
+    """calibrate solver's --reference-steps, --objective, --limit, --seed, --nfe, --methods and --solvers
+    are what the fit is given (its batch: the noise of seeds 7 and 8), recorded in the artefact."""
+    import velodiff
+    import velodiff.calibrated as calibrated
+    from velodiff.cli import main
+    from velodiff.noise import prior_sample
+    from velodiff.pipelines.common import initial_noise
+
+    seen = {}
+
+    def fit(problem, nfes, methods, solvers, **kw):
+        seen.update(reference_steps=problem.reference_steps, objective=problem.objective, x=problem.x,
+                    nfes=list(nfes), methods=list(methods), solvers=list(solvers))
+        return {"entries": [], "baselines": {}, "ems": None, "evaluations": 0}
+
+    monkeypatch.setattr(calibrated, "calibrate_solver", fit)
+    out = tmp_path / "c.json"
+    try:
+        main(["calibrate", "solver", "--guidance", "2.5", "--nfe", "5,6", "--methods", "grid", "--solvers",
+              "ddim", "--reference-steps", "40", "--objective", "mse", "--limit", "2", "--seed", "7",
+              "--out", str(out)])
+    except SystemExit as e:
+        assert not e.code
+    assert (seen["reference_steps"], seen["objective"]) == (40, "mse")
+    assert (seen["nfes"], seen["methods"], seen["solvers"]) == ([5, 6], ["grid"], ["ddim"])
+    m = velodiff.load("default")
+    z = initial_noise(m.latent_shape(2, *m.default_size), [7, 8])
+    torch.testing.assert_close(seen["x"], prior_sample(m.schedule, m.schedule.t_max, z).double())
+    art = json.loads(out.read_text())
+    assert (art["reference_steps"], art["seed"], art["images"], art["guidance"]) == (40, 7, 2, 2.5)

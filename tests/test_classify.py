@@ -284,3 +284,26 @@ def test_cli_json(tmp_path):
     out = json.loads((tmp_path / "c.json").read_text())
     assert out["label"] == "a blue square" and out["evaluations"] == 3 * 4 + 2 * 4
     assert [r["label"] for r in out["ranking"]][0] == "a blue square"
+
+
+def test_cli_seed_draws_the_shared_noise(model, tmp_path):
+    """classify --seed 5: the ranking (each label's error) is the API's classification with seed 5."""
+    import json
+
+    from PIL import Image
+
+    from velodiff.cli import main
+    from velodiff.data.shapes import ShapesWorld
+    from velodiff.edit.classify import check_rounds
+
+    path = tmp_path / "s.png"
+    Image.fromarray(ShapesWorld(seed=0).render("a blue square", seed=1).image).save(path)
+    labels = ["a red circle", "a blue square"]
+    try:
+        main(["classify", str(path), "--labels", ",".join(labels), "--rounds", "4:2,8:1", "--seed", "5",
+              "--threads", "1", "--json", str(tmp_path / "c.json")])
+    except SystemExit as e:
+        assert not e.code
+    got = json.loads((tmp_path / "c.json").read_text())
+    want = classify(model, Image.open(path).convert("RGB"), labels, rounds=check_rounds("4:2,8:1"), seed=5)
+    assert got["ranking"] == want.as_dict()["ranking"]

@@ -445,3 +445,70 @@ def test_a_single_file_runs_every_model_command_with_its_config(tiny_single_file
     assert "is for single-file checkpoints" in line
     line = one_error_line(capsys, "erase", "--concept", "triangle", *how, "--out", tmp_path / "erased")
     assert "single file" in line and not (tmp_path / "erased").exists()
+
+
+def test_inpaint_keeps_what_the_pipeline_kept_and_resizes_the_mask(picture, tmp_path, capsys):
+    """--keep pastes the input back exactly where the pipeline keeps it: a mask of gray 128 (>= 0.5, the
+    pipeline's binarization) is repainted there as with --no-keep; with --width / --height the mask is
+    resized with the image (nearest), and the input's pixels outside it are the resized input's."""
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(128, (16, 16, 48, 40))
+    mask.save(tmp_path / "mask.png")
+    common = ["inpaint", "a green triangle", "--image", picture, "--mask", tmp_path / "mask.png", *FAST]
+    got = {}
+    for keep in ("--keep", "--no-keep"):
+        code, o, err = run_cli(capsys, *common, keep, "--out", tmp_path / f"{keep}.png")
+        assert code == 0, err
+        got[keep] = np.asarray(Image.open(tmp_path / f"{keep}.png").convert("RGB"), dtype=int)
+    before = np.asarray(Image.open(picture).convert("RGB"), dtype=int)
+    gray = np.asarray(mask) == 128
+    assert np.array_equal(got["--keep"][gray], got["--no-keep"][gray])
+    assert np.array_equal(got["--keep"][~gray], before[~gray])
+    code, o, err = run_cli(capsys, *common, "--width", "96", "--height", "64", "--out", tmp_path / "wide.png")
+    assert code == 0, err
+    wide = np.asarray(Image.open(tmp_path / "wide.png").convert("RGB"), dtype=int)
+    resized = Image.open(picture).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS)
+    outside = np.asarray(mask.resize((96, 64), Image.Resampling.NEAREST)) < 128
+    assert wide.shape == (64, 96, 3)
+    assert np.array_equal(wide[outside], np.asarray(resized, dtype=int)[outside])
+
+
+def test_img2img_resizes_an_input_whose_sides_are_no_multiple_of_the_factor(picture, tmp_path, capsys):
+    """An input of 66x62 (no multiple of the latent factor) runs when --width / --height give the size
+    it is resized to (the API's image from the resized input), and alone is refused naming that fix; an
+    input with transparent pixels is refused in one line."""
+    from velodiff import load
+    from velodiff.pipelines import img2img
+
+    odd = Image.open(picture).convert("RGB").resize((66, 62))
+    odd.save(tmp_path / "odd.png")
+    out = tmp_path / "out.png"
+    code, o, err = run_cli(capsys, "img2img", "a blue circle", "--image", tmp_path / "odd.png", "--width",
+                           "64", "--height", "64", "--strength", "0.5", *FAST, "--threads", "1", "--out", out)
+    assert code == 0, err
+    torch.set_num_threads(1)
+    resized = odd.resize((64, 64), Image.Resampling.LANCZOS)
+    want = img2img(load("default"), "a blue circle", resized, 0.5, steps=2, seeds=[0]).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))
+    msg = one_error_line(capsys, "img2img", "a blue circle", "--image", tmp_path / "odd.png", "--out", out)
+    assert "pass --width 64 --height 60" in msg
+    clear = Image.open(picture).convert("RGBA")
+    clear.putpixel((0, 0), (0, 0, 0, 128))  # what is behind a transparent pixel is not in the file
+    clear.save(tmp_path / "clear.png")
+    msg = one_error_line(capsys, "img2img", "a blue circle", "--image", tmp_path / "clear.png", "--out", out)
+    assert "has transparent pixels" in msg
+
+
+def test_roofline_refuses_a_markdown_json_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """bench roofline writes its table beside --json as .md: a --json ending in .md (the table would
+    replace the records) is refused in one line before the model loads, and nothing is written."""
+    import velodiff.commands.generate as generate
+
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(generate, "load_model", no_load)
+    msg = one_error_line(capsys, "bench", "roofline", "--json", tmp_path / "r.md", "--plans", "none",
+                         "--batch", "1")
+    assert "the markdown table goes beside it as .md; use .json" in msg
+    assert not any(tmp_path.iterdir())

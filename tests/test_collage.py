@@ -290,3 +290,21 @@ def test_the_plan_runs_in_the_objects_and_the_harmonising_pass_and_latents_are_r
     with pytest.raises(VelodiffError, match="collage: latents apply to one generation; give seeds") as e:
         collage(model, prompt, boxes, steps=4, latents=noise)
     assert "\n" not in str(e.value)
+
+
+def test_generate_layout_mode_collage_takes_its_strength(model, tmp_path, capsys):
+    """generate --layout-mode collage --strength 0.25: the harmonising pass re-runs that share of the steps
+    (4 + 4 object steps and 1 of 4 harmonising: 9 NFE) and the image is the API's collage at that
+    strength, with the boxes from the prompt."""
+    from PIL import Image
+
+    from test_invert import cli
+
+    prompt = "a red circle above a blue square"
+    out = tmp_path / "c.png"
+    capsys.readouterr()
+    assert cli("generate", prompt, "--layout-mode", "collage", "--strength", "0.25", "--steps", "4",
+               "--threads", "1", "--out", str(out)) == 0
+    assert ", 9 NFE," in capsys.readouterr().out
+    want = collage(model, prompt, None, strength=0.25, seeds=[0], steps=4).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))

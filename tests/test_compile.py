@@ -93,3 +93,21 @@ def test_every_cuda_graph_mode_is_refused_on_a_cpu(mode) -> None:
         Compile(mode=mode).check(run)
     assert "\n" not in str(e.value)
     Compile(mode="max-autotune-no-cudagraphs").check(run)
+
+
+def test_roofline_divides_the_time_by_every_image_rows_evaluations(model, monkeypatch) -> None:
+    """A batch of 2 evaluates 2 image rows per evaluation: with a clock that spends 1 s on each timed run,
+    seconds per evaluation row are 1 / (evaluations per image x 2)."""
+    import velodiff.eval.roofline as rl
+
+    ticks = iter(float(i) for i in range(10_000))
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return next(ticks)
+
+    monkeypatch.setattr(rl, "time", Clock)
+    (rec,) = roofline(model, ["none"], batch=2, steps=2, rounds=1, peak_size=64)
+    assert rec["evals_per_image"] == 4
+    assert rec["s_per_eval_row"] == pytest.approx(1.0 / (4 * 2))

@@ -546,3 +546,41 @@ def test_a_full_student_of_a_lora_teacher_does_not_carry_the_teachers_adapter(tm
     out = save_student(folder, fused, tmp_path / "student", sampling, "# test\n")
     assert not (out / "lora").exists()
     torch.testing.assert_close(_unet_out(velodiff.load(out).components["unet"]), _unet_out(fused))
+
+
+def test_one_lora_scale_on_the_command_line_applies_to_every_lora(tmp_path) -> None:
+    """One --lora-scale for several --lora is every LoRA's scale (the option's help: 'one for every
+    --lora'): the image the API makes with that scale for both."""
+    from PIL import Image
+
+    from velodiff.pipelines import text2img
+
+    a, _ = _folder_with_lora(tmp_path, seed=0, name="a")
+    b, _ = _folder_with_lora(tmp_path, seed=1, name="b")
+    out = tmp_path / "x.png"
+    assert _main(["generate", "a red circle", "--out", str(out), "--steps", "2", "--threads", "1",
+                  "--lora", str(a / "lora"), "--lora", str(b / "lora"), "--lora-scale", "0.5"]) == 0
+    torch.set_num_threads(1)
+    m = velodiff.load("default", lora=[a / "lora", b / "lora"], lora_scale=0.5)
+    want = text2img(m, "a red circle", steps=2, seeds=[0]).images[0]
+    assert list(Image.open(out).convert("RGB").getdata()) == list(want.convert("RGB").getdata())
+
+
+def test_the_command_defaults_lr_and_lora_alpha_by_rank(tmp_path, monkeypatch) -> None:
+    """distill lcm without --lr: 1e-4 for a LoRA student, 2e-5 for a full fine-tune (the option's help);
+    without --lora-alpha: the rank (scale 1), 1 for a full student; --sample-steps equal to --origin-steps
+    is the whole teacher grid, allowed."""
+    import velodiff.distill.lcm as lcm_module
+
+    seen = []
+
+    def spy(teacher, out, run, cfg, lcfg, **kw):
+        seen.append((cfg.lr, lcfg.r, lcfg.lora_alpha, lcfg.sample_steps, lcfg.origin_steps))
+        return {"out": None}
+
+    monkeypatch.setattr(lcm_module, "distill_lcm", spy)
+    for i, extra in enumerate((["--lora-rank", "8"], ["--lora-rank", "0", "--origin-steps", "4",
+                                                      "--sample-steps", "4"])):
+        assert _main(["distill", "lcm", "--out", str(tmp_path / f"s{i}"), "--run", str(tmp_path / f"r{i}"),
+                      "--quiet", *extra]) == 0
+    assert seen == [(1e-4, 8, 8.0, 4, 50), (2e-5, 0, 1.0, 4, 4)]

@@ -313,3 +313,37 @@ def test_each_round_learns_two_steps_of_its_own_teacher_in_one(tmp_path, monkeyp
     assert float(steps[1]["t2"][0]) == 0.0  # the second round's one step ends on clean data
     assert guided[1]["teacher"] is losses[0]["student"]  # round 1 is taught by round 0's student
     assert weights_digest(guided[1]["teacher"]) != weights_digest(guided[0]["teacher"])
+
+
+def test_the_students_written_beside_out_are_checked_before_any_work(tmp_path, capsys) -> None:
+    """--teacher-steps 20 --rounds 3 writes the 10- and 5-step students beside --out (OUT-10steps,
+    OUT-5steps): a folder of the user's own files under one of those names is refused in one line before
+    any work, and nothing is written."""
+    mine = tmp_path / "s-5steps"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    code = _main(["distill", "progressive", "--out", str(tmp_path / "s"), "--run", str(tmp_path / "r"),
+                  "--teacher-steps", "20", "--rounds", "3", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "s-5steps" in err and "not a model" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-5steps"]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_out_named_another_way_than_the_teacher_is_the_teacher(tmp_path, capsys, monkeypatch) -> None:
+    """--out spelled relative to the current folder, --teacher the same folder spelled absolute: the student
+    would replace the teacher it is made from, refused in one line before any work, the teacher untouched."""
+    from velodiff.shipped import shipped_path
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    for p in shipped_path("default").iterdir():
+        (teacher / p.name).symlink_to(p.resolve(), target_is_directory=p.is_dir())
+    before = sorted(p.name for p in teacher.iterdir())
+    monkeypatch.chdir(tmp_path)
+    code = _main(["distill", "progressive", "--teacher", str(teacher), "--out", "teacher", "--run", "r",
+                  "--teacher-steps", "4", "--rounds", "1", "--steps", "1", "--batch", "1",
+                  "--cache-size", "1", "--quiet"])  # a run that would be short, were it not refused
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "which the student is made from" in err, err
+    assert sorted(p.name for p in teacher.iterdir()) == before and not (tmp_path / "r").exists()

@@ -294,3 +294,37 @@ def test_an_erasure_for_another_network_is_refused_and_writes_nothing():
     assert all(torch.equal(same[k].weight, edited[k].weight) for k in (0, 1))  # (the weights: UCE's edit)
     with pytest.raises(VelodiffError, match="apply_erasure takes erase_concept's Erasure, got str"):
         apply_erasure(SimpleNamespace(network=same), "x")
+
+
+def test_cli_scales_and_projections_are_the_apis(model, tmp_path, monkeypatch, capsys):
+    """erase's --erase-scale, --preserve-scale and --projections reach the solve: the recorded settings and
+    the residuals are the API's erasure with the same values. The written model erased again into its own
+    folder, named one way by --model and another by --out, is refused (it would replace its source)."""
+    import json
+
+    from velodiff.cli import main
+
+    js = tmp_path / "e.json"
+    try:
+        main(["erase", "--concept", "triangle", "--preserve", "circle,square", "--erase-scale", "2",
+              "--preserve-scale", "3", "--projections", "to_v", "--threads", "1",
+              "--out", str(tmp_path / "m"), "--json", str(js)])
+    except SystemExit as e:
+        assert not e.code
+    info = json.loads(js.read_text())
+    s = info["settings"]
+    assert (s["erase_scale"], s["preserve_scale"], s["projections"]) == (2.0, 3.0, ["to_v"])
+    want = erase_concept(model, "triangle", ["circle", "square"], erase_scale=2.0, preserve_scale=3.0,
+                         projections=["to_v"])
+    assert info["erase_residual"] == pytest.approx(want.erase_residual, rel=1e-5)
+    assert info["preserve_residual"] == pytest.approx(want.preserve_residual, rel=1e-5)
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    capsys.readouterr()
+    try:
+        code = main(["erase", "--concept", "circle", "--model", "m", "--out", str(tmp_path / "m")])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is the folder of the model being edited" in err and "\n" not in err
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before

@@ -522,3 +522,21 @@ def test_a_set_read_back_holds_only_its_intact_images(reference, tmp_path):
     s = read_set(part)
     assert [r["index"] for r in s.records] == list(range(2, N)) and s.total == N and not s.complete
     assert s.paths() == [part / r["file"] for r in recs[2:]]
+
+
+# --- review24: eval --manifest pairs reference images by index, prompt and seed ------------------------
+
+
+def test_eval_manifest_pairs_reference_images_by_prompt_and_seed(reference, tmp_path):
+    """Against itself every image is identical (PSNR inf, each counted as identical); a reference of the
+    same prompts drawn from other seeds holds no image of this set's (index, prompt, seed)."""
+    from velodiff.eval.set_metrics import evaluate_set
+
+    same = evaluate_set(reference, reference=reference)["reference"]
+    assert (same["n"], same["identical"], same["unmatched"], same["psnr"]) == (N, N, 0, float("inf"))
+    other = tmp_path / "reseeded"
+    shutil.copytree(reference, other)
+    recs = [json.loads(line) for line in (other / LINES).read_text().splitlines() if line.strip()]
+    (other / LINES).write_text("".join(json.dumps({**r, "seed": r["seed"] + 1000}) + "\n" for r in recs))
+    with pytest.raises(VelodiffError, match="no image of this set's index, prompt, seed"):
+        evaluate_set(reference, reference=other)

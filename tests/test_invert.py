@@ -430,3 +430,32 @@ def test_rf_settings_and_a_nan_model_are_refused_in_one_line():
         with pytest.raises(VelodiffError, match=match) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_cli_p_and_edit_are_the_apis(tmp_path):
+    """--p with --method edict is EDICT's mixing weight (the API's inversion at that p, taken, not refused),
+    and --edit regenerates the inversion under the edit prompt: the metrics and the image written are
+    the API's, and the metrics file is strict JSON (an infinite PSNR is written as null)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from velodiff.pipelines.invert import invert
+
+    src = tmp_path / "scene.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src)
+    out, js = tmp_path / "e.png", tmp_path / "m.json"
+    assert cli("invert", str(src), "--prompt", "a red square", "--method", "edict", "--p", "0.8", "--steps",
+               "3", "--edit", "a blue square", "--threads", "1", "--json", str(js), "-o", str(out)) == 0
+    torch.set_num_threads(1)
+    inv = invert(velodiff.load("default"), Image.open(src).convert("RGB"), "a red square", "edict", p=0.8,
+                 steps=3)
+    def no_constant(name):
+        raise AssertionError(f"{name} in the metrics file: not JSON")
+
+    m = json.loads(js.read_text(), parse_constant=no_constant)  # an exact round trip's PSNR is null
+    assert m["edit"] == "a blue square" and m["out"] == str(out) and m["p"] == 0.8
+    assert m["latent_rms_error"] == pytest.approx(inv.metrics["latent_rms_error"], rel=1e-6)
+    want = inv.regenerate("a blue square").images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))

@@ -223,3 +223,215 @@ def test_clip_score_clamps_negative_cosines_to_zero():
     cs.tokenizer = lambda texts, **kw: {"input_ids": torch.zeros(1, 2, dtype=torch.long),
                                         "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     assert cs.update(torch.rand(1, 3, 8, 8), ["a red cube"]) == [0.0]
+
+
+# --- review24: the streaming state, KID's exact value, CLIP's crop, per-image distances, timing --------
+
+
+def _mmd2_unbiased(x, y):
+    """KID's exact value on whole sets: the unbiased MMD^2 with the kernel (x.y / d + 1)^3."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (a @ b.T / d + 1.0) ** 3
+
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    n, m = len(x), len(y)
+    return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def test_kid_is_the_unbiased_mmd_and_fits_the_smaller_set():
+    """With subsets as large as both sets every subset is the whole set: KID is exactly the unbiased MMD^2
+    (Binkowski et al. 2018) with zero spread. Sets of unequal sizes draw subsets of the smaller's size; a
+    set of fewer than 2 images is refused on either side; kid=False reports FD only."""
+    real, fake = _images(10, 5), _images(10, 6) * 0.8
+    m = M.DistributionMetrics(ChannelMeans(), kid=True, kid_subset_size=1000)
+    m.add_real(real)
+    m.add_fake(fake[:1])
+    with pytest.raises(VelodiffError, match="at least 2 real and 2 generated"):
+        m.compute()
+    m.add_fake(fake[1:])
+    out = m.compute()
+    feats = lambda x: x.double().mean(dim=(2, 3))  # noqa: E731
+    assert out["kid"] == pytest.approx(_mmd2_unbiased(feats(real), feats(fake)), rel=1e-5, abs=1e-9)
+    assert out["kid"] > 0 and out["kid_std"] <= 1e-3 * out["kid"]  # one subset, drawn 50 times
+    uneven = M.DistributionMetrics(ChannelMeans(), kid=True, kid_subset_size=1000)
+    uneven.add_real(_images(12, 7))
+    uneven.add_fake(fake[:6])
+    assert uneven.compute()["n_fake"] == 6  # subsets of 6, not of 12 (more than the fakes)
+    no_kid = M.DistributionMetrics(ChannelMeans(), kid=False)
+    no_kid.add_real(real)
+    no_kid.add_fake(real + 0.1)
+    r = no_kid.compute()
+    assert "kid" not in r and r["fd"] == pytest.approx(3 * 0.1**2, rel=1e-4)
+
+
+def test_reset_fake_starts_the_generated_count_again_and_fd_is_never_negative():
+    real = _images(40, 0)
+    m = M.DistributionMetrics(ChannelMeans(), kid=False)
+    m.add_real(real)
+    m.add_fake(real[:30] + 0.1)
+    m.reset_fake()
+    m.add_fake(real[:5])
+    assert m.compute()["n_fake"] == 5 and m.compute()["n_real"] == 40
+    for seed in range(6):  # identical sets: FD 0, not a round-off below it
+        x = _images(40, seed)
+        same = M.DistributionMetrics(ChannelMeans(), kid=False)
+        same.add_real(x)
+        same.add_fake(x)
+        assert 0.0 <= same.compute()["fd"] < 1e-8
+
+
+def test_an_extractor_without_num_features_is_probed():
+    """A module without ``num_features`` gets its feature size from one probe call: the same FD as the
+    same module declaring it."""
+
+    class NoDim(nn.Module):
+        def forward(self, x):
+            return x.float().mean(dim=(2, 3))
+
+    real = _images(20, 0)
+    values = []
+    for net in (NoDim(), ChannelMeans()):
+        m = M.DistributionMetrics(net, kid=False)
+        m.add_real(real)
+        m.add_fake(real + 0.05)
+        values.append(m.compute()["fd"])
+    assert values[0] == pytest.approx(values[1]) == pytest.approx(3 * 0.05**2, rel=1e-4)
+
+
+def test_kid_subsets_follow_the_metrics_own_seed():
+    real, fake = _images(30, 1), _images(30, 2) * 0.9
+
+    def kid(seed):
+        m = M.DistributionMetrics(ChannelMeans(), kid=True, kid_subsets=5, kid_subset_size=6, seed=seed)
+        m.add_real(real)
+        m.add_fake(fake)
+        return m.compute()["kid"]
+
+    assert kid(3) == kid(3) and kid(3) != kid(0)
+
+
+def _stub_clip(size=8, image_features=None):
+    cs = M.ClipScore.__new__(M.ClipScore)
+    cs.size, cs.device, cs.scores = size, "cpu", []
+    cs.model = SimpleNamespace(
+        config=SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=8)),
+        get_image_features=image_features or (lambda pixel_values: torch.ones(len(pixel_values), 2)),
+        get_text_features=lambda input_ids, attention_mask: torch.ones(len(input_ids), 2),
+    )
+    cs.tokenizer = lambda texts, **kw: {"input_ids": torch.zeros(len(texts), 2, dtype=torch.long),
+                                        "attention_mask": torch.ones(len(texts), 2, dtype=torch.long)}
+    return cs
+
+
+def test_clip_pixels_are_the_centre_crop_of_the_shorter_side_normalised():
+    """CLIP's preprocessing: the shorter side resized to the model's size, the centre square cropped,
+    then (x - mean) / std per channel. A wide or tall image in thirds (0, 0.5, 1) keeps only its middle
+    third."""
+    cs = _stub_clip(size=8)
+    mean = torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(M.CLIP_STD).view(1, 3, 1, 1)
+    wide = torch.zeros(1, 3, 8, 24)
+    wide[..., 8:16], wide[..., 16:] = 0.5, 1.0
+    for img in (wide, wide.transpose(-1, -2).contiguous()):
+        px = cs._pixels(img)
+        assert px.shape == (1, 3, 8, 8)
+        assert torch.allclose(px * std + mean, torch.full((1, 3, 8, 8), 0.5), atol=1e-4)
+    flat = cs._pixels(torch.full((2, 3, 8, 8), 0.5))
+    assert torch.allclose(flat, ((0.5 - mean) / std).expand(2, 3, 8, 8), atol=1e-5)
+
+
+def test_clip_score_refuses_a_prompt_count_other_than_the_image_count():
+    cs = _stub_clip(image_features=lambda pixel_values: torch.ones(1, 2))
+    with pytest.raises(VelodiffError, match="2 images for 1 prompts"):
+        cs.update(torch.rand(2, 3, 8, 8), ["a red cube"])
+
+
+def test_distances_are_per_image_and_shapes_must_agree():
+    """latent MSE, PSNR and SSIM are one value per sample (each that sample's own); the reference run's
+    images must have the same shape (no broadcasting of one image over a batch); a run identical to its
+    reference has PSNR inf."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    z = torch.zeros(3, 4, 2, 2)
+    assert M.latent_mse(z, z + torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1)).tolist() == [0.0, 1.0, 4.0]
+    a = _images(3, 1)
+    b = (a + torch.randn_like(a) * torch.tensor([0.02, 0.1, 0.3]).view(3, 1, 1, 1)).clamp(0, 1)
+    s = M.ssim(a, b)
+    assert s.shape == (3,)
+    for i in range(3):
+        alone = tm_ssim(b[i : i + 1], a[i : i + 1], data_range=1.0)
+        assert float(s[i]) == pytest.approx(float(alone), abs=1e-5)
+    for fn in (M.psnr, M.ssim):
+        with pytest.raises(VelodiffError, match="shapes differ"):
+            fn(a[:2], a[:1])
+    d = M.reference_distances(z, a, z, a)
+    assert d["psnr"] == float("inf") and d["latent_mse"] == 0.0
+
+
+def test_time_repeats_warms_up_then_times_and_returns_the_first_timed_result():
+    calls = []
+
+    def fn():
+        calls.append(len(calls))
+        return len(calls)
+
+    first, times = M.time_repeats(fn, repeat=3, warmup=2)
+    assert len(calls) == 5 and len(times) == 3 and first == 3
+
+
+def test_features_of_uint8_and_float_images_agree_and_are_standardised():
+    """The FD-shapes encoder reads uint8 images as x / 255; its features are standardised by clean real
+    scenes' statistics (``calibrate``: 2000 scenes of seed 3000), so on the first 256 of those scenes every
+    feature is about mean 0, standard deviation 1."""
+    from velodiff.eval.features import load_encoder, make_dataset
+
+    enc = load_encoder()
+    x, _ = make_dataset(256, seed=3000, degrade_fraction=0.0)
+    with torch.no_grad():
+        f = enc(x)
+        assert torch.allclose(f, enc(x.float() / 255.0), atol=1e-5)
+    assert float(f.mean(0).abs().max()) < 0.3
+    assert 0.85 < float(f.std(0).min()) and float(f.std(0).max()) < 1.15
+
+
+def test_calibrate_standardises_the_features_of_its_own_scenes(tmp_path):
+    from velodiff.errors import VelodiffError as Err
+    from velodiff.eval.features import ShapesEncoder, calibrate, load_encoder, make_dataset, save_encoder
+
+    torch.manual_seed(0)
+    enc = calibrate(ShapesEncoder(), n=48, seed=5)
+    x, _ = make_dataset(48, seed=5, degrade_fraction=0.0)
+    with torch.no_grad():
+        f = enc(x).double()
+    assert float(f.mean(0).abs().max()) < 1e-4 and torch.allclose(f.std(0), torch.ones(64, dtype=f.dtype),
+                                                                   atol=1e-4)
+    save_encoder(enc, tmp_path / "other.safetensors", {"version": "fd-shapes-v1"})
+    with pytest.raises(Err, match="is not a fd-shapes-v2 network"):
+        load_encoder(tmp_path / "other.safetensors")
+
+
+def test_inception_torchscript_reads_uint8_and_float_images_alike(tmp_path):
+    """The FID network is fed 0-255 floats: a uint8 image as it is, a float image in [0, 1] times 255."""
+
+    class Means(nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return x.mean(dim=(2, 3))
+
+    f = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(Means()), str(f))
+    net, name = M.feature_extractor(f)
+    assert name == "FID"
+    u8 = (torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    want = u8.float().mean(dim=(2, 3))
+    assert torch.allclose(net(u8), want, atol=1e-3) and torch.allclose(net(u8.float() / 255), want, atol=1e-3)
+
+
+def test_clip_score_summary_is_the_mean_and_spread_of_the_image_scores():
+    cs = _stub_clip()
+    cs.scores = [10.0, 20.0, 30.0]
+    out = cs.compute()
+    assert out["clip_score"] == pytest.approx(20.0) and out["n"] == 3
+    assert out["clip_score_std"] == pytest.approx(float(np.std([10.0, 20.0, 30.0])))

@@ -560,3 +560,26 @@ def test_flux_default_grid_at_a_non_square_size_is_fluxpipelines(models, size):
          guidance_scale=1.0, callback_on_step_end=stop_after_first_step)
     ts = make_setup(m, Sampling.of("t", {"steps": 4}), size=(h, w)).ts
     torch.testing.assert_close(ts, pipe.scheduler.sigmas.double(), atol=1e-6, rtol=0)
+
+
+def test_bench_pipeline_ratio_is_velodiffs_time_over_diffusers_and_the_bar_needs_equal_outputs(folders,
+                                                                                              monkeypatch):
+    """ratio_median is the median over pairs of velodiff's seconds / diffusers' (velodiff twice as slow: 2);
+    the table's bar fails a model whose outputs differ beyond the tolerance, however fast it is."""
+    import velodiff.eval.pipeline_bench as pb
+
+    real = pb.timed
+
+    def timed(fn, device):
+        _, _, mb, out = real(fn, device)
+        slow = fn.__name__ == "run_velodiff"
+        return (2.0 if slow else 1.0), (6.0 if slow else 2.0), mb, out
+
+    monkeypatch.setattr(pb, "timed", timed)
+    recs = pb.bench_model("sd3-no-t5", folders["sd3-no-t5"], nfe=2, runs=1, device="cpu", dtype="float32")
+    assert recs[0]["ratio_median"] == pytest.approx(2.0) and recs[0]["cpu_ratio_median"] == pytest.approx(3.0)
+    assert "FAIL" in pb.pipeline_table(recs)  # too slow
+    fast = [{**r, "ratio_median": 0.9} for r in recs]
+    assert pb.pipeline_table(fast).rstrip().endswith("| pass |")
+    off = [{**r, "ratio_median": 0.9, "max_abs_diff": 10 * r["tolerance"]} for r in recs]
+    assert pb.pipeline_table(off).rstrip().endswith("| FAIL |")

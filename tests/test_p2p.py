@@ -349,3 +349,16 @@ def test_local_blend_region_is_dilated_by_one_token():
     expected = torch.zeros(5, 5)
     expected[0:3, 2:5] = 1.0  # rows 0-2, columns 2-4: the 3 x 3 neighbourhood, clipped at the edge
     assert torch.equal(out[1, 0], expected)
+
+
+def test_cli_edit_at_a_size_that_is_not_square(tmp_path):
+    """edit --width 96 --height 64: the source and the edit are 96 wide and 64 high, as generate's sizes
+    (the grid: two images side by side with a 2-pixel gap)."""
+    from PIL import Image
+
+    from test_invert import cli
+
+    out = tmp_path / "e.png"
+    assert cli("edit", "a red circle", "--to", "a blue circle", "--width", "96", "--height", "64", "--steps",
+               "2", "--threads", "1", "-o", str(out)) == 0
+    assert Image.open(out).size == (96 + 2 + 96, 64)

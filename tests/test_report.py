@@ -131,3 +131,18 @@ def test_a_stopped_bench_is_reported_as_unfinished(tmp_path):
     assert cli("report", str(out)) == 0
     text = (out / "report.md").read_text()
     assert "**Unfinished**: 4 of the 6 configurations asked for were measured" in text
+
+
+def test_the_front_is_listed_fastest_first_and_the_contact_sheet_puts_the_front_on_top(tmp_path):
+    """The page's Pareto line lists the front by time; the contact sheet's rows are the front's records
+    (fastest first), then the others (fastest first): row colours 80, 40 (front), 0, 120."""
+    from velodiff.eval.report import bench_contact_sheet
+
+    out = _bench_folder(tmp_path)
+    assert cli("report", str(out)) == 0
+    front = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("Pareto"))
+    assert front.index("`unipc` 2 NFE") < front.index("`ddim` 4 NFE")
+    records = json.loads((out / "results.json").read_text())["records"]
+    sheet = bench_contact_sheet(out, records)
+    row = sheet.height // 4
+    assert [sheet.getpixel((121, k * row + 2))[0] for k in range(4)] == [80, 40, 0, 120]

@@ -234,3 +234,162 @@ def test_overall_is_the_mean_of_the_categories_not_of_the_images():
     assert r["counts"] == {"single": 3, "counting": 1}
     assert r["by_category"] == pytest.approx({"single": 2 / 3, "counting": 1.0})
     assert r["overall"] == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+# --- review24: the shape features' definitions, exact boxes, sizes at other resolutions, bad input ----
+
+def _canvas(size=64):
+    from velodiff.data.shapes import BACKGROUND
+
+    img = np.zeros((size, size, 3), np.uint8)
+    img[:] = BACKGROUND
+    return img
+
+
+def test_shape_features_of_known_masks():
+    """extent = area / box area, solidity = area / hull area of the pixel squares, corners = mean fill of
+    the four quarter-side corner cells (rows: a quarter of the height, columns: of the width), ycent = the
+    centroid's offset below the box centre in box heights, aspect = width / height."""
+    from velodiff.eval.shapes_eval import shape_features
+
+    rect = np.zeros((32, 32), bool)
+    rect[5:15, 3:9] = True  # 6 wide, 10 tall
+    assert shape_features(rect) == pytest.approx(
+        {"corners": 1.0, "extent": 1.0, "solidity": 1.0, "ycent": 0.0, "aspect": 0.6})
+    tri = np.zeros((32, 32), bool)
+    for y in range(10):  # 20 wide, 10 tall; row y holds 2 (y + 1) pixels from the left: mean row 6
+        tri[10 + y, 4 : 4 + 2 * (y + 1)] = True
+    f = shape_features(tri)
+    assert f["extent"] == pytest.approx(110 / 200) and f["aspect"] == pytest.approx(2.0)
+    assert f["ycent"] == pytest.approx((6 + 0.5 - 5) / 10)
+    notch = np.zeros((32, 32), bool)
+    notch[4:20, 6:10] = True  # 4 wide, 16 tall: corner cells of 4 rows x 1 column
+    notch[4:8, 6] = False  # the top-left cell empty, the box unchanged
+    assert shape_features(notch)["corners"] == pytest.approx(0.75)
+
+
+def test_a_drawn_square_is_detected_with_its_exact_box():
+    """Detection boxes are (x0, y0, x1, y1), end-exclusive: a 16 x 16 red square at x 10-25, y 20-35 on the
+    world's background is (10, 20, 26, 36), area 256."""
+    from velodiff.data.shapes import PALETTE
+
+    img = _canvas()
+    img[20:36, 10:26] = PALETTE["red"]
+    (d,) = detect(img)
+    assert (d.shape, d.color, d.box, d.area) == ("square", "red", (10, 20, 26, 36), 256)
+    bar = _canvas()
+    bar[20:30, 10:34] = PALETTE["red"]  # 24 x 10: large by its longest side (the cut is 21 px)
+    (d,) = detect(bar)
+    assert d.box == (10, 20, 34, 30) and d.size == "large"
+    w = ShapesWorld(seed=5, holdout=False)
+    for s in w.stream(0, 10):  # the renders' own boxes, exactly
+        assert sorted(d.box for d in detect(s.image)) == sorted(tuple(o.box) for o in s.objects)
+
+
+def test_sizes_are_judged_at_every_resolution():
+    """Object sizes scale with the image: at 128 px a small object is small and a large one large."""
+    for size in (64, 128):
+        w = ShapesWorld(seed=3, size=size, holdout=False)
+        for k, text in enumerate(["a small red circle", "a large blue square", "a small green triangle",
+                                  "a large yellow cross"]):
+            (d,) = detect(w.render(text, seed=k).image)
+            assert d.size == text.split()[1], (size, text)
+
+
+def test_bad_images_and_value_ranges_are_refused():
+    prompts = load_prompts("v1")[:2]
+    with pytest.raises(ValueError, match="images"):
+        evaluate([], prompts)
+    with pytest.raises(ValueError, match="value_range"):
+        evaluate(np.zeros((2, 3, 64, 64), np.float32), prompts, value_range=(1.0, 0.0))
+    w = ShapesWorld(seed=0)
+    imgs = [w.render(p.spec, seed=0).image for p in prompts]
+    as_range = [im.astype(np.float32) / 255.0 * 4.0 + 2.0 for im in imgs]  # values in [2, 6]
+    assert evaluate(as_range, prompts, value_range=(2.0, 6.0))["overall"] == 1.0
+
+
+def test_the_detectors_pixel_and_area_rules():
+    """Foreground: value at least 45% of the way from the background's to the colour's (a 47% blend of red
+    into the background at the square's edge is part of it, a 40% one is not); intermediate saturation
+    (0.25) is no colour; groups smaller than 30 px at 64x64 (120 px at 128x128) or covering half the image
+    are no objects."""
+    from velodiff.data.shapes import BACKGROUND, PALETTE
+
+    red = np.array(PALETTE["red"], np.float32)
+    bg = np.array(BACKGROUND, np.float32)
+    for a, box in ((0.47, (10, 20, 27, 36)), (0.40, (10, 20, 26, 36))):
+        img = _canvas()
+        img[20:36, 10:26] = PALETTE["red"]
+        img[20:36, 26] = np.rint(bg + a * (red - bg)).astype(np.uint8)
+        (d,) = detect(img)
+        assert (d.color, d.box) == ("red", box), a
+    pale = _canvas()
+    pale[20:36, 10:26] = (200, 150, 150)  # saturation 0.25: between white's 0.22 and a colour's 0.32
+    assert detect(pale) == []
+    for size, small, kept in ((64, 5, 6), (128, 10, 12)):
+        for side, n in ((small, 0), (kept, 1)):
+            img = _canvas(size)
+            img[20 : 20 + side, 30 : 30 + side] = PALETTE["red"]
+            assert len(detect(img)) == n, (size, side)
+    big = _canvas()
+    big[7:57, 7:57] = PALETTE["red"]  # 2500 px of 4096, on the background
+    assert detect(big) == []
+
+
+def test_a_relation_at_exactly_the_threshold_does_not_hold():
+    """GenEval's rule is strict (> 0.5): centres 12 left and 16 up of each other, boxes 10 wide, give a
+    left-of component of exactly (12 - 2) / 20 = 0.5, which is not "to the left"."""
+    a, b = _det("circle", "red", (0, 0, 10, 10)), _det("square", "blue", (12, 16, 22, 26))
+    spec = parse_caption("a red circle to the left of a blue square")
+    res = score_prompt([a, b], spec)
+    assert res["relation_ok"] is False and not res["correct"]
+    b2 = _det("square", "blue", (13, 16, 23, 26))  # one pixel further right: (13 - 2) / sqrt(13^2 + 16^2)
+    assert score_prompt([a, b2], spec)["correct"]
+
+
+def test_a_blob_far_from_every_shape_prototype_is_unknown():
+    """A 24 x 10 bar is none of the four shapes: beyond SHAPE_MAX_DIST from every prototype it is "unknown"
+    (and so matches no named shape)."""
+    from velodiff.data.shapes import PALETTE
+    from velodiff.eval.shapes_eval import SHAPE_MAX_DIST
+
+    bar = _canvas()
+    bar[20:30, 10:34] = PALETTE["red"]
+    (d,) = detect(bar)
+    assert d.features["shape_distance"] > SHAPE_MAX_DIST and d.shape == "unknown"
+    assert not score_prompt([d], parse_caption("a red square"))["correct"]
+
+
+def test_eval_shapes_sweep_reports_the_best_scale_its_seed_and_each_prompts_first_image(tmp_path):
+    """A guidance sweep's top-level result is its best scale's (the highest overall in ``sweep``), the
+    config records the seed it ran, and the contact sheet shows the first image of every prompt (image
+    j * k, prompt-major) with its verdict."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    import velodiff
+    from velodiff.cli import main
+    from velodiff.commands.eval_shapes import contact_sheet
+    from velodiff.pipelines import text2img
+
+    out = tmp_path / "r.json"
+    try:
+        main(["eval", "shapes", "--limit", "4", "--images-per-prompt", "2", "--steps", "4", "--seed", "3",
+              "--guidance", "0,2.5", "--threads", "1", "--json", str(out)])
+    except SystemExit as e:
+        assert not e.code
+    r = json.loads(out.read_text())
+    best = max(r["sweep"], key=lambda row: row["overall"])
+    assert [row["guidance"] for row in r["sweep"]] == [0.0, 2.5] and best["overall"] > min(
+        row["overall"] for row in r["sweep"])  # the scales score apart, so the best one is the pick
+    assert r["overall"] == best["overall"] and r["config"]["guidance"] == best["guidance"]
+    assert r["config"]["seed"] == 3
+    texts = [p["text"] for p in r["per_prompt"]]
+    torch.set_num_threads(1)
+    res = text2img(velodiff.load("default"), texts, seeds=[3 + j for j in range(8)], steps=4,
+                   guidance=best["guidance"])
+    firsts = [0, 2, 4, 6]
+    want = contact_sheet([res.images[i] for i in firsts], [r["per_prompt"][i] for i in firsts])
+    assert np.array_equal(np.asarray(Image.open(out.with_suffix(".png")).convert("RGB")), np.asarray(want))

@@ -420,3 +420,184 @@ def test_a_bench_folder_has_one_writer_at_a_time(tmp_path, monkeypatch, capsys):
     assert err.endswith("another --out") and not (out / "results.json").exists()
     held.close()
     assert cli(*args) == 0 and (out / "results.json").is_file()
+
+
+# --- review24: plan settings on the axes, the limits' edges, the resume key, Pareto's direction, batching --
+
+
+def test_a_plan_that_sets_its_steps_is_run_and_compared_like_one_that_sets_its_nfe():
+    """``steps=6`` in a plan fixes the run's budget as ``nfe=6`` does: one configuration at 6, compared with
+    the sweep's own plain run (its first NFE), not with itself."""
+    sw = make_sweep({"plans": "none;steps=6", "solvers": "ddim", "nfe": "4,8"})
+    configs = sw.configs()
+    assert [c["nfe_budget"] for c in configs] == [4, 8, 6]
+    assert sw.plain_config(configs[-1]) == {"solver": "ddim", "grid": None, "nfe_budget": 4, "guidance": None,
+                                            "plan": "none"}
+
+
+def test_sweep_limits_take_their_edges():
+    from velodiff.limits import MAX_RUNS, MAX_STEPS
+
+    s = make_sweep({"nfe": f"1,{MAX_STEPS}", "guidance": "0,7.5", "repeat": MAX_RUNS, "limit": 1})
+    assert s.nfe == [1, MAX_STEPS] and s.guidance == [0.0, 7.5] and s.repeat == MAX_RUNS
+    for bad in ({"repeat": 0}, {"repeat": MAX_RUNS + 1}, {"nfe": str(MAX_STEPS + 1)}):
+        with pytest.raises(VelodiffError):
+            make_sweep(bad)
+    with pytest.raises(VelodiffError, match="fixes the guidance scale at 4"):
+        make_sweep({"plans": "cfg:scale=4", "guidance": "1,3"})
+
+
+def test_a_limit_spreads_over_the_set_and_world_prompts_are_new_and_distinct():
+    from velodiff.data.shapes import category_of, normalize_spec
+    from velodiff.eval.shapes_eval import CATEGORIES, PROMPT_SETS, load_prompts
+    from velodiff.eval.sweep import world_prompts
+
+    four = resolve_prompts("v1", limit=4)  # v1 lists its 25 prompts of each category in turn
+    assert [category_of(normalize_spec(t)) for t in four] == list(CATEGORIES)
+    texts = world_prompts(120)  # the world's own captions repeat from its 100th scene on
+    fixed = {p.text for name in PROMPT_SETS for p in load_prompts(name)}
+    assert len(texts) == len(set(texts)) == 120 and not set(texts) & fixed
+
+
+def test_the_pareto_quality_skips_a_constant_metric_and_lower_is_better_where_it_is():
+    from velodiff.eval.sweep import mark_pareto, quality_metric
+
+    recs = [{"seconds_per_image": 1.0, "shapes_eval": 0.5, "psnr": 20.0, "latent_mse": 0.1},
+            {"seconds_per_image": 2.0, "shapes_eval": 0.5, "psnr": 25.0, "latent_mse": 0.2}]
+    assert quality_metric({"records": recs}) == "psnr"  # ShapesEval ranks nothing here
+    result = {"records": [dict(r) for r in recs]}
+    assert mark_pareto(result, "latent_mse") == "latent_mse"
+    assert [r["pareto"] for r in result["records"]] == [True, False]  # slower and a larger error
+
+
+def test_the_resume_key_holds_what_makes_the_images_not_the_axes_or_the_repeat():
+    from velodiff.eval.sweep import sweep_key
+
+    base = {"solvers": "ddim", "nfe": "4", "limit": 2}
+    machine = {"device": "cpu", "dtype": "torch.float32", "threads": 1}
+
+    def key(**kw):
+        return sweep_key(make_sweep({**base, **kw}), "m", machine)
+
+    assert key() == key(repeat=3) == key(quality="psnr") == key(nfe="4,8", solvers="ddim,unipc")
+    for other in ({"seed": 1}, {"images_per_prompt": 2}, {"limit": 3}, {"prompts": "v1-holdout"},
+                  {"reference_steps": 50}, {"fd_real_per_prompt": 2}):
+        assert key(**other) != key(), other
+
+
+def _default_model():
+    path = _model_path()
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no default model at {path}")
+    import velodiff
+
+    return velodiff.load(path)
+
+
+def test_generating_in_batches_is_generating_the_set_at_once():
+    """The sweep's generation in chunks of ``batch``: each image keeps its own seed, and ``evals`` is the
+    mean per image over every chunk."""
+    import torch
+
+    from velodiff.eval.sweep import _generate
+
+    model = _default_model()
+    texts, seeds = ["a red circle", "two blue squares", "a green triangle"], [4, 5, 6]
+    lat3, _, res3 = _generate(model, texts, seeds, 3, steps=2, solver="ddim", guidance=2.0)
+    lat2, _, res2 = _generate(model, texts, seeds, 2, steps=2, solver="ddim", guidance=2.0)
+    assert torch.allclose(lat3, lat2, atol=1e-4) and res3.evals == res2.evals == 4
+
+
+def test_a_sweep_draws_its_images_prompt_major_and_times_them_per_image(tmp_path, monkeypatch):
+    """k images per prompt are prompt j's images j*k .. j*k+k-1 (as ShapesEval reads them), seeds from the
+    sweep's; seconds per image is a timed run's seconds over every image, not over the prompts."""
+    import velodiff.eval.metrics as metrics
+    import velodiff.eval.sweep as sweep_mod
+    from velodiff.eval.reference import model_identity
+
+    model = _default_model()
+    seen = []
+    real = sweep_mod._generate
+
+    def spy(m, texts, seeds, batch, **kw):
+        seen.append((list(texts), list(seeds)))
+        return real(m, texts, seeds, batch, **kw)
+
+    ticks = iter([0.0, 6.0, 100.0, 200.0])
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return next(ticks)
+
+    monkeypatch.setattr(sweep_mod, "_generate", spy)
+    monkeypatch.setattr(metrics, "time", Clock)
+    sw = make_sweep({"solvers": "ddim", "nfe": "1", "limit": 2, "images_per_prompt": 2, "seed": 10,
+                     "metrics": ["shapes"]})
+    res = run_sweep(model, sw, tmp_path / "s", model_id=model_identity(model), progress=False,
+                    log=lambda line: None)
+    a, b = res["prompts"]
+    assert seen[-1] == ([a, a, b, b], [10, 11, 12, 13])
+    (rec,) = res["records"]
+    assert rec["seconds"] == [6.0] and rec["seconds_per_image"] == pytest.approx(6.0 / 4)
+
+
+def test_each_configurations_clip_score_is_its_own_images(tmp_path):
+    """The CLIP score of a record is the score of that configuration's images alone (a tiny local CLIP),
+    not a running mean over the configurations before it."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from sd_tiny import clip_tokenizer
+    from velodiff.eval.metrics import ClipScore
+    from velodiff.eval.reference import model_identity
+    from velodiff.pipelines import text2img
+
+    model = _default_model()
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    tok = clip_tokenizer()
+    cfg.text_config.vocab_size = len(tok)
+    clip = tmp_path / "clip"
+    CLIPModel(cfg).save_pretrained(clip)
+    tok.save_pretrained(clip)
+    sw = make_sweep({"solvers": "ddim", "nfe": "1,3", "guidance": "2", "limit": 2, "metrics": ["clip"],
+                     "clip": str(clip)})
+    res = run_sweep(model, sw, tmp_path / "s", model_id=model_identity(model), progress=False,
+                    log=lambda line: None)
+    for rec in res["records"]:
+        imgs = text2img(model, res["prompts"], seeds=res["seeds"], nfe=rec["nfe_budget"], solver="ddim",
+                        guidance=2.0, output="tensor").images
+        direct = ClipScore(clip)
+        direct.update(imgs, res["prompts"])
+        assert rec["clip_score"] == pytest.approx(direct.compute()["clip_score"], rel=1e-4, abs=1e-4)
+
+
+def test_bench_options_override_the_sweep_file(tmp_path, monkeypatch, capsys):
+    """`velodiff bench --sweep FILE` with options: an option given wins over the file's key (--solvers,
+    --seed, --batch), the file's other keys stay (nfe, limit)."""
+    import velodiff.eval.sweep as sweep_module
+    from velodiff.cli import main
+
+    seen = {}
+
+    def run_sweep(model, sw, out, **kw):
+        seen["sweep"] = sw
+        return {"records": []}
+
+    monkeypatch.setattr(sweep_module, "run_sweep", run_sweep)
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps({"solvers": "ddim", "nfe": "4,6", "seed": 3, "batch": 2, "limit": 2}))
+    try:
+        main(["bench", "--sweep", str(f), "--solvers", "unipc", "--seed", "5", "--batch", "4",
+              "--no-progress", "--out", str(tmp_path / "b")])
+    except SystemExit as e:
+        assert not e.code
+    sw = seen["sweep"]
+    assert (sw.solvers, sw.seed, sw.batch, sw.nfe, sw.limit) == (["unipc"], 5, 4, [4, 6], 2)

@@ -273,3 +273,118 @@ def test_a_tune_folder_has_one_tuner_at_a_time(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"another velodiff process is writing {out}; " in err, err
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+# --- review24: lower-is-better losses, the config's checks, the beam, later held-out rounds -----------
+
+
+def test_a_loss_is_positive_when_quality_gets_worse_in_either_direction():
+    assert loss("shapes_eval", 0.8, 0.7) == pytest.approx(0.1)
+    assert loss("fd_shapes", 1.0, 1.5) == pytest.approx(0.5)
+    assert loss("latent_mse", 0.1, 0.05) == pytest.approx(-0.05)
+
+
+def test_a_tune_config_is_checked_before_any_work():
+    from velodiff.errors import VelodiffError
+    from velodiff.eval.tune import TuneConfig, check_config
+
+    check_config(TuneConfig(budget=0.02, beam=1, rank="time"))
+    for bad, message in (({"rank": "speed"}, "--rank 'speed'"), ({"beam": 0}, "--beam must be >= 1")):
+        with pytest.raises(VelodiffError, match=message):
+            check_config(TuneConfig(budget=0.02, **bad))
+
+
+def test_the_beam_keeps_its_width_and_every_beam_plan_gets_each_option(tmp_path, monkeypatch):
+    """After a stage the beam is the ``beam`` fastest plans within the budget; the next axis adds each of
+    its options to every one of them. The metric's sweep measures what that metric needs."""
+    tune_mod = stub_sweeps(monkeypatch)
+    asked = []
+    fake = tune_mod.run_sweep
+
+    def spy(model, sw, out, **kw):
+        asked.append(sw.metrics)
+        return fake(model, sw, out, **kw)
+
+    monkeypatch.setattr(tune_mod, "run_sweep", spy)
+    space = SearchSpace(solvers=["ddim"], nfe=[3, 4, 5], grids=[None],
+                        axes={"cache": ["deepcache:interval=2"]})
+    res = tune_mod.tune(None, tune_mod.TuneConfig(budget=0.02, beam=2), space, tmp_path, model_id="m",
+                        progress=False, log=lambda line: None)
+    solvers, cache = res["stages"]
+    assert solvers["beam"] == ["solver=ddim+nfe=3", "solver=ddim+nfe=4"]
+    assert {r["plan"] for r in cache["rows"]} == {"solver=ddim+nfe=3+deepcache:interval=2",
+                                                  "solver=ddim+nfe=4+deepcache:interval=2"}
+    assert len(cache["beam"]) == 2
+    assert res["speedup"] == pytest.approx(1.0 / 0.2)  # the baseline's 1 s over the plan's 0.2 s
+    assert all(a == ["shapes"] for a in asked)
+
+    class Stop(Exception):
+        pass
+
+    def first_sweep(model, sw, out, **kw):
+        asked.append(sw.metrics)
+        raise Stop
+
+    asked.clear()
+    monkeypatch.setattr(tune_mod, "run_sweep", first_sweep)
+    with pytest.raises(Stop):  # KID comes with FD: the fd metric's sweep
+        tune_mod.tune(None, tune_mod.TuneConfig(budget=1.0, metric="kid_shapes"), space, tmp_path / "kid",
+                      model_id="m", progress=False, log=lambda line: None)
+    assert asked == [["fd"]]
+
+
+def test_a_winner_of_a_later_held_out_round_is_timed_again_beside_the_baseline(tmp_path, monkeypatch):
+    """The fastest plan on calibration fails the held-out check; the next round's winner is then timed again
+    side by side with the baseline (the baseline ran in the first round only)."""
+    import velodiff.eval.tune as tune_mod
+
+    folders = []
+
+    def fake_sweep(model, sw, out, **kw):
+        folders.append(out.name)
+        held = sw.prompts == "v1"
+        base = 0.7 if held else 0.9
+
+        def record(plan):
+            if plan == "none":
+                secs = 1.0 if held else 1.1
+                return {"plan": plan, "shapes_eval": base, "seconds_per_image": secs, "evals": 40}
+            nfe = int(plan.split("nfe=")[1].split("+")[0])
+            lost = 0.1 if (held and nfe == 3) else 0.01
+            secs = 0.25 if out.name == "holdout-timing" else 0.2
+            return {"plan": plan, "shapes_eval": base - lost, "evals": 2 * nfe, "seconds_per_image": secs}
+
+        return {"records": [record(p) for p in sw.plans]}
+
+    monkeypatch.setattr(tune_mod, "run_sweep", fake_sweep)
+    space = SearchSpace(solvers=["ddim"], nfe=[3, 6], grids=[None], axes={})
+    res = tune_mod.tune(None, tune_mod.TuneConfig(budget=0.02, beam=1), space, tmp_path, model_id="m",
+                        progress=False, log=lambda line: None)
+    assert res["plan"] == "solver=ddim+nfe=6" and folders[-1] == "holdout-timing"
+    assert res["timing"]["round"] == "holdout-timing" and res["speedup"] == pytest.approx(1.0 / 0.25)
+
+
+def test_the_command_hands_its_options_to_the_tune(tmp_path, monkeypatch, capsys):
+    """tune's --images-per-prompt (held out) and --calibration-images are the config's two counts, not
+    each other's; --budget, --beam, --rank, --limit, --repeat and the prompt sets reach it too."""
+    import velodiff.eval.tune as tune_module
+    from velodiff.cli import main
+
+    seen = {}
+
+    def run_tune(model, cfg, space, out, **kw):
+        seen["cfg"], seen["name"] = cfg, kw["model_name"]
+        return {"plan": "none", "speedup": 1.0}
+
+    monkeypatch.setattr(tune_module, "tune", run_tune)
+    try:
+        main(["tune", "--budget", "0.05", "--out", str(tmp_path / "t"), "--images-per-prompt", "3",
+              "--calibration-images", "1", "--beam", "2", "--rank", "time", "--limit", "5", "--repeat", "2",
+              "--calibration", "v1", "--holdout", "v1-holdout", "--no-progress"])
+    except SystemExit as e:
+        assert not e.code
+    c = seen["cfg"]
+    assert (c.images_per_prompt, c.calibration_images, c.budget, c.beam) == (3, 1, 0.05, 2)
+    assert (c.rank, c.limit, c.repeat, c.calibration_prompts, c.holdout_prompts) == (
+        "time", 5, 2, "v1", "v1-holdout")
+    assert seen["name"] == "default"
