@@ -76,6 +76,25 @@ def text_encoder(tok, hidden: int = 32, projection: int | None = None, seed: int
     return cls(cfg).eval()
 
 
+def save_clip(folder, seed: int = 0):
+    """A tiny CLIP (text and vision towers, 32 px images) with the tokenizer, saved as a transformers folder
+    (what ``--clip PATH`` / ``ClipScore`` read); returns the folder."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    CLIPModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def vae(seed: int = 0, force_upcast: bool = False):
     from diffusers import AutoencoderKL
 

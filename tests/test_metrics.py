@@ -127,23 +127,9 @@ def test_absent_weights_are_one_clear_error(tmp_path, capsys):
 
 
 def test_clip_score_with_a_tiny_local_clip(tmp_path):
-    from transformers import CLIPConfig, CLIPModel
+    from sd_tiny import save_clip
 
-    from sd_tiny import clip_tokenizer
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8,
-    )
-    tok = clip_tokenizer()
-    cfg.text_config.vocab_size = len(tok)
-    CLIPModel(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    cs = M.ClipScore(tmp_path)
+    cs = M.ClipScore(save_clip(tmp_path))
     imgs = _images(3, 2)
     s = cs.update(imgs, ["a red cube", "a blue sphere", "a red cube"])
     assert len(s) == 3 and all(0.0 <= v <= 100.0 for v in s)

@@ -545,28 +545,13 @@ def test_a_sweep_draws_its_images_prompt_major_and_times_them_per_image(tmp_path
 def test_each_configurations_clip_score_is_its_own_images(tmp_path):
     """The CLIP score of a record is the score of that configuration's images alone (a tiny local CLIP),
     not a running mean over the configurations before it."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
-    from sd_tiny import clip_tokenizer
+    from sd_tiny import save_clip
     from velodiff.eval.metrics import ClipScore
     from velodiff.eval.reference import model_identity
     from velodiff.pipelines import text2img
 
     model = _default_model()
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8,
-    )
-    tok = clip_tokenizer()
-    cfg.text_config.vocab_size = len(tok)
-    clip = tmp_path / "clip"
-    CLIPModel(cfg).save_pretrained(clip)
-    tok.save_pretrained(clip)
+    clip = save_clip(tmp_path / "clip")
     sw = make_sweep({"solvers": "ddim", "nfe": "1,3", "guidance": "2", "limit": 2, "metrics": ["clip"],
                      "clip": str(clip)})
     res = run_sweep(model, sw, tmp_path / "s", model_id=model_identity(model), progress=False,
