@@ -338,11 +338,24 @@ def test_one_image_per_configuration_skips_fd_before_sampling_and_inf_psnr_is_no
     assert "fd_shapes" not in rec and 0 <= rec["shapes_eval"] <= 1
 
 
+def fake_clock(monkeypatch, ticks):
+    """The timing's clock (``velodiff.eval.metrics.time.perf_counter``) reads ``ticks`` in turn."""
+    import velodiff.eval.metrics as metrics
+
+    it = iter(ticks)
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return next(it)
+
+    monkeypatch.setattr(metrics, "time", Clock)
+
+
 def test_repeat_times_each_configuration_n_times_and_reports_the_median(tmp_path, monkeypatch):
     """``repeat`` (``velodiff bench --repeat N``): N timed generations per configuration after one
     warm-up; seconds per image is the median's share (a clock that advances 3, 1, 2 s gives 2 s)."""
     import velodiff
-    import velodiff.eval.metrics as metrics
     import velodiff.eval.sweep as sweep_mod
     from velodiff.eval.reference import model_identity
 
@@ -354,15 +367,8 @@ def test_repeat_times_each_configuration_n_times_and_reports_the_median(tmp_path
         calls.append(kw.get("solver"))
         return real(*a, **kw)
 
-    ticks = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])
-
-    class Clock:
-        @staticmethod
-        def perf_counter():
-            return next(ticks)
-
     monkeypatch.setattr(sweep_mod, "_generate", counted)
-    monkeypatch.setattr(metrics, "time", Clock)
+    fake_clock(monkeypatch, [0.0, 3.0, 10.0, 11.0, 20.0, 22.0])
     sw = make_sweep({"solvers": "unipc", "nfe": "2", "limit": 2, "images_per_prompt": 1, "repeat": 3,
                      "metrics": []})
     res = run_sweep(model, sw, tmp_path / "s", model_id=model_identity(model), progress=False,
@@ -511,7 +517,6 @@ def test_generating_in_batches_is_generating_the_set_at_once():
 def test_a_sweep_draws_its_images_prompt_major_and_times_them_per_image(tmp_path, monkeypatch):
     """k images per prompt are prompt j's images j*k .. j*k+k-1 (as ShapesEval reads them), seeds from the
     sweep's; seconds per image is a timed run's seconds over every image, not over the prompts."""
-    import velodiff.eval.metrics as metrics
     import velodiff.eval.sweep as sweep_mod
     from velodiff.eval.reference import model_identity
 
@@ -523,15 +528,8 @@ def test_a_sweep_draws_its_images_prompt_major_and_times_them_per_image(tmp_path
         seen.append((list(texts), list(seeds)))
         return real(m, texts, seeds, batch, **kw)
 
-    ticks = iter([0.0, 6.0, 100.0, 200.0])
-
-    class Clock:
-        @staticmethod
-        def perf_counter():
-            return next(ticks)
-
     monkeypatch.setattr(sweep_mod, "_generate", spy)
-    monkeypatch.setattr(metrics, "time", Clock)
+    fake_clock(monkeypatch, [0.0, 6.0, 100.0, 200.0])
     sw = make_sweep({"solvers": "ddim", "nfe": "1", "limit": 2, "images_per_prompt": 2, "seed": 10,
                      "metrics": ["shapes"]})
     res = run_sweep(model, sw, tmp_path / "s", model_id=model_identity(model), progress=False,
