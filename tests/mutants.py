@@ -1646,8 +1646,8 @@ MUTANTS = {
     ),
     "r21_e_run_slices_not_advanced": (
         "serve/engine.py",
-        "            out.append(list(res.images[i : i + q[\"n\"]]))\n            i += q[\"n\"]",
-        "            out.append(list(res.images[i : i + q[\"n\"]]))",
+        "            i += j.params[\"n\"]\n        return out",
+        "        return out",
         ["tests/test_serve_batching.py", "-k", "concurrent"],
     ),
     "r21_e_preview_first_image": (
@@ -4387,6 +4387,19 @@ MUTANTS = {
         "    return counter.get_total_flops() / batch",
         "    return counter.get_total_flops()",
         ["tests/test_compile.py", "-k", "test_roofline_counts_flops_per_row_and_relates_time_to_the_limit"],
+    ),
+    # a served layout job's own plan and boxes inside its PNG (what /api/jobs takes back)
+    "served_layout_plan_of_the_run": (
+        "serve/engine.py",
+        '"Plan": q["plan"] or "none", ',
+        "",
+        ["tests/test_serve_jobs.py", "-k", "layout_jobs_settings"],
+    ),
+    "layout_text_rounded": (
+        "edit/layout.py",
+        "','.join(repr(float(v)) for v in box)",
+        "','.join(f'{float(v):.2f}' for v in box)",
+        ["tests/test_serve_jobs.py", "-k", "layout_jobs_settings"],
     ),
 }
 

@@ -885,3 +885,20 @@ def test_an_images_settings_come_back_as_a_job_that_makes_it_again(server):
     assert none.json() == {"parameters": None, "fields": {}, "request": {}}
     bad = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(b"not an image").decode()})
     assert bad.status_code == 400 and "not an image file" in bad.json()["error"]
+
+
+@pytest.mark.parametrize("mode", ["guidance", "collage"])
+def test_a_layout_jobs_settings_make_it_again(server, mode):
+    """A job with boxes (layout guidance, or a collage) writes its boxes, mode and own plan into its PNG;
+    POST /api/parameters gives them back as job fields that make the same image."""
+    import base64
+
+    url, _ = server
+    job = run_job(url, prompt="a red circle above a blue square", seed=3, steps=2, layout_mode=mode,
+                  layout="red circle: 0.1,0.05,0.6,0.45; blue square: 0.3,0.55,0.9,0.95")
+    made = httpx.get(f"{url}{job['images'][0]}").content
+    q = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(made).decode()}).json()["request"]
+    assert q["layout"] == "red circle: 0.1,0.05,0.6,0.45; blue square: 0.3,0.55,0.9,0.95"
+    assert q.get("layout_mode", "guidance") == mode and q["plan"] == "none"
+    again = run_job(url, **{k: v for k, v in q.items() if k != "noise"})
+    assert png(url, again["images"][0]).tobytes() == Image.open(io.BytesIO(made)).tobytes()

@@ -168,6 +168,13 @@ def parse_layout(text: str, masks: bool = False) -> Boxes:
     return parse_boxes(text, "layout", "words: x0,y0,x1,y1", repeat=True, masks=masks, lower=True)
 
 
+def layout_text(boxes: Boxes) -> str:
+    """:func:`parse_layout`'s inverse for boxes (a mask has no text form): 'words: x0,y0,x1,y1; ...', the
+    words once per object of a counted group, each number as Python writes it (read back exactly)."""
+    items = [(words, box) for words, value in boxes.items() for box in box_list(value)]
+    return "; ".join(f"{words}: {','.join(repr(float(v)) for v in box)}" for words, box in items)
+
+
 def check_region_box(name: str, box: Any, what: str = "layout") -> None:
     """One line for a box outside the image or a mask that covers nothing (``what``: whose region, e.g.
     "region" for regional prompting's, "--layer" for a brush's)."""

@@ -281,17 +281,29 @@ class Engine:
                 plan=self.plan_rules(p),
                 callback=callback,
             )
-        from ..infotext import PNG_KEY, run_infotext
-
         out, i = [], 0
         for j in jobs:
-            q = j.params
-            for k, image in enumerate(res.images[i : i + q["n"]]):  # how it was made, inside its PNG
-                seed = q["seed"] + k
-                image.info[PNG_KEY] = run_infotext(q["prompt"], q["negative"], res, seed, m.path, m.loras)
-            out.append(list(res.images[i : i + q["n"]]))
-            i += q["n"]
+            out.append(self.with_infotext(m, j.params, res, res.images[i : i + j.params["n"]]))
+            i += j.params["n"]
         return out
+
+    @staticmethod
+    def with_infotext(m: Any, q: dict[str, Any], res: Any, images: list[Any]) -> list[Any]:
+        """A job's images, each with how it was made inside (``velodiff.infotext``): its own seed; a job
+        with boxes, its own plan and its layout (what POST /api/jobs takes back: the run's plan string
+        would name the layout rule a second time)."""
+        from ..edit.layout import layout_text
+        from ..infotext import PNG_KEY, run_infotext
+
+        extra = None
+        if q.get("layout"):
+            mode = "collage" if q.get("kind") == "collage" else None
+            extra = {"Plan": q["plan"] or "none", "Layout": layout_text(q["layout"]), "Layout mode": mode}
+        prompt, negative = q["prompt"], q["negative"]
+        for k, image in enumerate(images):
+            seed = q["seed"] + k
+            image.info[PNG_KEY] = run_infotext(prompt, negative, res, seed, m.path, m.loras, 1, extra)
+        return list(images)
 
     @staticmethod
     def plan_rules(p: dict[str, Any]) -> list[Any]:
@@ -336,7 +348,7 @@ class Engine:
                 )
         except Stopped:
             return []
-        return list(res.images)
+        return self.with_infotext(m, p, res, res.images)
 
     def preview(self, model: str | None, x0: Any, index: int) -> bytes:
         """A PNG of the clean-image prediction ``x0[index]`` (decoded by the model's VAE)."""
