@@ -4401,6 +4401,31 @@ MUTANTS = {
         "','.join(f'{float(v):.2f}' for v in box)",
         ["tests/test_serve_jobs.py", "-k", "layout_jobs_settings"],
     ),
+    # review26's findings in the settings inside an image
+    "infotext_bad_json_raises": (
+        "infotext.py",
+        "            except ValueError:  # a hand-edited",
+        "            except KeyError:  # a hand-edited",
+        ["tests/test_infotext.py", "-k", "foreign"],
+    ),
+    "infotext_hires_strength_kept": (
+        "infotext.py",
+        'out.pop("strength", None)',
+        "pass",
+        ["tests/test_infotext.py", "-k", "foreign"],
+    ),
+    "infotext_seed_always_unsigned": (
+        "infotext.py",
+        "return unsigned if unsigned + n - 1 < 2**64 else unsigned - 2**64",
+        "return unsigned",
+        ["tests/test_infotext.py", "-k", "written_seed"],
+    ),
+    "infotext_jpeg_exif_unbounded": (
+        "infotext.py",
+        'if fmt == "JPEG" and len(comment) > JPEG_EXIF_MAX:',
+        "if False:",
+        ["tests/test_infotext.py", "-k", "too_long"],
+    ),
 }
 
 

@@ -122,3 +122,136 @@ def test_a_layout_generation_comes_back_with_its_boxes(tmp_path, capsys):
     code, _, err = run_cli(capsys, *command[1:-1], str(again), "--threads", "2")
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+# review26: quoting as A1111 writes it, multi-line negatives, bad numbers, EXIF comments, the command's notes
+
+
+def test_quoted_values_multiline_negatives_and_an_empty_negative_read_back():
+    """A value with quotes, commas, colons, a newline or non-ASCII text is a JSON string readable as written
+    (A1111's quote: ensure_ascii=False) and reads back exactly; a negative keeps its lines; an empty negative
+    writes no ``Negative prompt:`` line (as A1111)."""
+    fields = {"Steps": 2, "Model": 'my "best", model\\v2', "Layout": "ein Würfel: 0,0,1,1\nzwei", "Seed": 3}
+    text = format_infotext("a cat", "blurry\nlow quality", fields)
+    assert '"ein Würfel: 0,0,1,1\\nzwei"' in text and len(text.splitlines()) == 4
+    assert parse_infotext(text) == {"Prompt": "a cat", "Negative prompt": "blurry\nlow quality", "Steps": "2",
+                                    "Model": 'my "best", model\\v2', "Layout": "ein Würfel: 0,0,1,1\nzwei",
+                                    "Seed": "3"}
+    assert "Negative prompt" not in format_infotext("a cat", "", fields)
+
+
+def test_an_images_bad_numbers_are_one_line_and_empty_texts_are_no_request_fields():
+    """A number or size that does not read as one is a VelodiffError naming the field; an empty prompt or
+    negative is left out of the request (no ``velodiff generate ''``)."""
+    from velodiff.errors import VelodiffError
+    from velodiff.infotext import generation_request
+
+    for fields, needle in [({"Steps": "many"}, "Steps"), ({"Seed": "1.5"}, "Seed"),
+                           ({"CFG scale": "high"}, "CFG scale"), ({"Size": "512 x 768"}, "WIDTHxHEIGHT"),
+                           ({"Size": "512x"}, "WIDTHxHEIGHT"), ({"Size": "512"}, "WIDTHxHEIGHT")]:
+        with pytest.raises(VelodiffError, match=needle):
+            generation_request(fields)
+    got = generation_request(parse_infotext("Negative prompt: \nSteps: 1, Seed: 2, Size: 8x16"))
+    assert got == {"steps": 1, "seed": 2, "width": 8, "height": 16}
+
+
+def test_an_exif_comment_in_ascii_or_cut_short_still_reads(tmp_path):
+    """EXIF UserComment with the ASCII character code (other tools) reads as text; a UNICODE one with an
+    odd byte count (a cut file) reads what is there instead of raising."""
+    said = "a dog\nSteps: 3, Seed: 4, Size: 8x8"
+    for name, raw in [("ascii.jpg", b"ASCII\0\0\0" + said.encode()),
+                      ("odd.jpg", b"UNICODE\0" + said.encode("utf-16-be") + b"\0")]:
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = raw
+        Image.new("RGB", (8, 8)).save(tmp_path / name, exif=exif.tobytes())
+        with Image.open(tmp_path / name) as im:
+            assert image_infotext(im).startswith(said)
+
+
+def test_a_runs_text_holds_torchs_seed_and_a_batch_size_only_for_several():
+    """run_infotext: seed -1 is written as torch takes it (2**64 - 1, not A1111's "random"); one image has
+    no Batch size field, n images have it."""
+    from types import SimpleNamespace
+
+    from velodiff.infotext import run_infotext
+
+    res = SimpleNamespace(images=[Image.new("RGB", (16, 8))], info={}, steps=2, solver="euler", grid="karras",
+                          guidance=2.0, nfe=4, plan="cfg")
+    one = parse_infotext(run_infotext("a cat", None, res, -1, default_model_path()))
+    assert (one["Seed"], one["Size"], one["Steps"]) == (str(2**64 - 1), "16x8", "2")
+    assert "Batch size" not in one
+    several = parse_infotext(run_infotext("a cat", None, res, 5, default_model_path(), n=3))
+    assert (several["Seed"], several["Batch size"]) == ("5", "3")
+
+
+def test_parameters_says_an_img2img_file_needs_its_input_and_a_text_without_prompt_is_shown(tmp_path, capsys):
+    """`velodiff parameters`: an img2img / inpaint file (Denoising strength) gets a note, not a generate
+    command that would make another picture; a text without a prompt is shown with no command."""
+    from velodiff.infotext import save_options
+
+    made = tmp_path / "img2img.png"
+    text = format_infotext("a cat", None, {"Steps": 4, "Seed": 1, "Size": "8x8", "Denoising strength": "0.6"})
+    Image.new("RGB", (8, 8)).save(made, **save_options("PNG", text))
+    code, out, err = run_cli(capsys, "parameters", made)
+    assert code == 0, err
+    assert "img2img or inpaint at strength 0.6" in out and "velodiff generate" not in out
+    bare = tmp_path / "bare.png"
+    Image.new("RGB", (8, 8)).save(bare, **save_options("PNG", "Steps: 4, Seed: 1, Size: 8x8"))
+    code, out, err = run_cli(capsys, "parameters", bare)
+    assert code == 0 and out.strip() == "Steps: 4, Seed: 1, Size: 8x8", err
+
+
+def test_a_torch_noise_generation_says_so_and_its_command_asks_for_it(tmp_path, capsys):
+    """--noise torch (one tensor for the batch: other pixels than velodiff's per-image noise) is inside the
+    file, and the command `velodiff parameters` gives asks for it again."""
+    import shlex
+
+    first = tmp_path / "torch.png"
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--noise", "torch", "--steps", "1", "--n", "2",
+                           "--threads", "2", "--out", first)
+    assert code == 0, err
+    assert parse_infotext(image_infotext(Image.open(first)))["Noise"] == "torch"
+    code, out, err = run_cli(capsys, "parameters", first)
+    command = shlex.split(out.strip().splitlines()[-1])
+    assert code == 0 and command[command.index("--noise") + 1] == "torch", err
+
+
+def test_foreign_or_broken_texts_read_as_far_as_they_go():
+    """A1111's rules where a text is not velodiff's: a quoted value that is not JSON is kept as written (one
+    bad pair does not lose the others); a Size that is not ASCII digits is one line; a hires-fix txt2img's
+    Denoising strength (its second pass) is no img2img strength."""
+    from velodiff.errors import VelodiffError
+    from velodiff.infotext import generation_request
+
+    got = parse_infotext('a cat\nSteps: 4, Sampler: "\\q", Seed: 2, Note: "a" b"')
+    assert (got["Steps"], got["Sampler"], got["Seed"], got["Note"]) == ("4", '"\\q"', "2", '"a" b"')
+    for size in ("²x3", "1" * 5000 + "x2", "64 x 64"):
+        with pytest.raises(VelodiffError, match="is not WIDTHxHEIGHT"):
+            generation_request({"Size": size})
+    hires = {"Size": "512x512", "Denoising strength": "0.7", "Hires upscale": "2", "Steps": "20"}
+    assert generation_request(hires) == {"steps": 20, "width": 512, "height": 512}
+    assert generation_request({"Denoising strength": "0.7"}) == {"strength": 0.7}
+
+
+def test_the_written_seed_is_one_the_command_takes_back():
+    """The first seed of n as the file says it: unsigned (-1 is 2**64 - 1, which A1111 would not read as
+    "random"), unless its n-th image would pass 2**64; always a seed velodiff takes with that n, of the
+    same images (seeds are taken modulo 2**64)."""
+    from velodiff.infotext import written_seed
+    from velodiff.limits import SEED_END, SEED_MIN
+
+    assert written_seed(-1, 1) == 2**64 - 1 and written_seed(7, 4) == 7
+    for seed, n in ((-1, 2), (-5, 8), (2**64 - 2, 2), (-(2**63), 3), (0, 1)):
+        w = written_seed(seed, n)
+        assert SEED_MIN <= w and w + n - 1 < SEED_END and w % 2**64 == seed % 2**64
+
+
+def test_settings_too_long_for_a_jpeg_leave_the_image_written(tmp_path):
+    """A JPEG's EXIF is one 64 KiB segment: settings longer than that are left out with a warning, the image
+    is still written (PNG and WebP hold any length)."""
+    text = format_infotext("x" * 40_000, None, {"Steps": 1, "Seed": 1, "Size": "8x8"})
+    with pytest.warns(UserWarning, match="do not fit a JPEG's EXIF"):
+        save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "long.jpg", parameters=text)
+    assert image_infotext(Image.open(tmp_path / "long.jpg")) is None
+    save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "long.webp", parameters=text)
+    assert image_infotext(Image.open(tmp_path / "long.webp")) == text

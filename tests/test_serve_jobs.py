@@ -869,7 +869,7 @@ def test_an_images_settings_come_back_as_a_job_that_makes_it_again(server):
     assert {k: q[k] for k in ("prompt", "negative", "seed", "steps", "grid", "guidance", "solver")} == {
         "prompt": "a blue square", "negative": "a red circle", "seed": 21, "steps": 3, "grid": "trailing",
         "guidance": 3.0, "solver": "euler_ancestral"}
-    again = run_job(url, **{k: v for k, v in q.items() if k != "noise"})
+    again = run_job(url, **q)  # a job body as it is
     assert png(url, again["images"][0]).tobytes() == Image.open(io.BytesIO(made)).tobytes()
     # A1111's own text, in a JPEG: its labels kept for velodiff to read; a picture without settings
     text = format_infotext("a lighthouse", None, {"Steps": 20, "Sampler": "DPM++ 2M Karras", "CFG scale": 7,
@@ -882,7 +882,7 @@ def test_an_images_settings_come_back_as_a_job_that_makes_it_again(server):
     assert q == {"prompt": "a lighthouse", "solver": "DPM++ 2M Karras", "steps": 20, "guidance": 7.0,
                  "seed": 5, "width": 512, "height": 768}
     none = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(plain.getvalue()).decode()})
-    assert none.json() == {"parameters": None, "fields": {}, "request": {}}
+    assert none.json() == {"parameters": None, "fields": {}, "request": {}, "not_job_fields": {}}
     bad = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(b"not an image").decode()})
     assert bad.status_code == 400 and "not an image file" in bad.json()["error"]
 
@@ -900,5 +900,26 @@ def test_a_layout_jobs_settings_make_it_again(server, mode):
     q = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(made).decode()}).json()["request"]
     assert q["layout"] == "red circle: 0.1,0.05,0.6,0.45; blue square: 0.3,0.55,0.9,0.95"
     assert q.get("layout_mode", "guidance") == mode and q["plan"] == "none"
-    again = run_job(url, **{k: v for k, v in q.items() if k != "noise"})
+    again = run_job(url, **q)  # a job body as it is
     assert png(url, again["images"][0]).tobytes() == Image.open(io.BytesIO(made)).tobytes()
+
+
+def test_parameters_refuses_a_bomb_in_one_line_and_a_jobs_png_holds_no_comfy_graph(server):
+    """POST /api/parameters: an image whose header claims 10**10 pixels is a 400 with one line (PIL's
+    DecompressionBombError, not a 500); a job of velodiff's API has A1111's parameters in its PNG but no
+    ComfyUI ``prompt`` graph (only ComfyUI's API writes one)."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+    bomb += chunk(b"IEND", b"")
+    url, _ = server
+    r = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(bomb).decode()})
+    assert r.status_code == 400 and "\n" not in r.json()["error"], r.text
+    job = run_job(url, prompt="a red circle", seed=2, steps=1)
+    info = png(url, job["images"][0]).info
+    assert "parameters" in info and "prompt" not in info and "workflow" not in info

@@ -32,6 +32,8 @@ from typing import Any
 PNG_KEY = "parameters"
 #: EXIF UserComment (in the Exif IFD) and the 8-byte character code that starts it (EXIF 2.3, 4.6.5)
 USER_COMMENT, EXIF_IFD, UNICODE = 0x9286, 0x8769, b"UNICODE\0"
+#: the longest comment a JPEG's EXIF segment (64 KiB with its headers) holds here
+JPEG_EXIF_MAX = 65_000
 
 # one "Key: value" pair of the last line; the value is a JSON string or runs to the next comma
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -70,7 +72,10 @@ def parse_infotext(text: str) -> dict[str, Any]:
     for key, value in pairs:
         value = value.strip()
         if value.startswith('"') and value.endswith('"') and len(value) > 1:
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except ValueError:  # a hand-edited or foreign value: kept as written, as A1111 keeps it
+                pass
         out[key.strip()] = value
     return out
 
@@ -101,10 +106,12 @@ def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
             except ValueError:
                 raise VelodiffError(f"the image's {name} {fields[name]!r} is not a number") from None
     if "Size" in fields:
-        w, sep, h = fields["Size"].partition("x")
-        if not (sep and w.isdigit() and h.isdigit()):
-            raise VelodiffError(f"the image's Size {fields['Size']!r} is not WIDTHxHEIGHT")
-        out["width"], out["height"] = int(w), int(h)
+        size = re.fullmatch(r"(\d{1,6})x(\d{1,6})", fields["Size"], re.ASCII)
+        if size is None:
+            raise VelodiffError(f"the image's Size {fields['Size'][:40]!r} is not WIDTHxHEIGHT")
+        out["width"], out["height"] = int(size[1]), int(size[2])
+    if any(name.startswith("Hires ") for name in fields):  # A1111's hires fix: a second pass velodiff lacks;
+        out.pop("strength", None)  # its Denoising strength is that pass's, not an input image's
     return out
 
 
@@ -120,8 +127,15 @@ def save_options(fmt: str, text: str | None) -> dict[str, Any]:
         info.add_text(PNG_KEY, text)  # (PIL writes an iTXt chunk for text beyond Latin-1)
         return {"pnginfo": info}
     if fmt in ("JPEG", "WEBP"):
+        comment = UNICODE + text.encode("utf-16-be")
+        if fmt == "JPEG" and len(comment) > JPEG_EXIF_MAX:  # a JPEG's EXIF is one 64 KiB segment
+            import warnings
+
+            warnings.warn(f"the settings ({len(text)} characters) do not fit a JPEG's EXIF; the image is "
+                          "saved without them (a PNG or WebP holds them)", stacklevel=2)
+            return {}
         exif = Image.Exif()
-        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE + text.encode("utf-16-be")
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = comment
         return {"exif": exif.tobytes()}
     return {}
 
@@ -149,7 +163,7 @@ def run_infotext(
         "Sampler": res.solver,
         "Schedule type": res.grid,
         "CFG scale": f"{res.guidance:g}",
-        "Seed": seed % 2**64,  # torch's: -1 is 2**64 - 1 (in A1111, -1 would ask for a random one)
+        "Seed": written_seed(seed, n),
         "Size": f"{w}x{h}",
         "Batch size": n if n > 1 else None,
         "Model hash": model_short_hash(model_path),
@@ -162,6 +176,14 @@ def run_infotext(
         "Version": f"velodiff {__version__}",
     }
     return format_infotext(prompt, negative, fields)
+
+
+def written_seed(seed: int, n: int) -> int:
+    """The first of ``n`` seeds as the file says it: torch's unsigned form (-1 is 2**64 - 1, where in A1111
+    -1 would ask for a random seed), unless its last image would pass 2**64; then the signed one, which
+    velodiff takes back (the same images: seeds are taken modulo 2**64)."""
+    unsigned = seed % 2**64
+    return unsigned if unsigned + n - 1 < 2**64 else unsigned - 2**64
 
 
 def model_short_hash(path: str | Path) -> str:

@@ -212,8 +212,10 @@ class ParametersBody(BaseModel):
 @router.post("/parameters", summary="The generation settings inside an image, as a job's fields")
 async def parameters(body: ParametersBody) -> dict[str, Any]:
     """An image's A1111 infotext (what velodiff, A1111 and most UIs write into their images): the text,
-    its fields, and the job fields they make (``request``: prompt, negative, steps, solver, grid,
-    guidance, seed, width, height, plan, model). An image without one answers ``parameters: null``."""
+    its fields, the job they make (``request``, a body for POST /api/jobs: prompt, negative, steps,
+    solver, grid, guidance, seed, n, width, height, plan, model, layout, layout_mode) and the settings a
+    job cannot take (``not_job_fields``: e.g. the CLI's noise mode, an img2img strength). An image
+    without one answers ``parameters: null``."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -227,7 +229,10 @@ async def parameters(body: ParametersBody) -> dict[str, Any]:
         raise VelodiffError("the image is not an image file PIL can read (PNG, JPEG, WebP)") from None
     text = image_infotext(image)
     fields = parse_infotext(text) if text else {}
-    return {"parameters": text, "fields": fields, "request": generation_request(fields)}
+    asked = generation_request(fields)
+    job = {k: v for k, v in asked.items() if k in JobBody.model_fields}
+    rest = {k: v for k, v in asked.items() if k not in job}
+    return {"parameters": text, "fields": fields, "request": job, "not_job_fields": rest}
 
 
 @router.get("/health", summary="Queue depth and the worker's batches")

@@ -135,7 +135,10 @@ async function loadSettings(file) {
   ["prompt", "negative", "model", "plan", "solver", "grid", "steps", "guidance", "seed", "width", "height"]
     .forEach((k) => { if (k in q) $(k).value = q[k]; });
   $("n").value = q.n || 1;
-  $("load-info").textContent = `settings of ${file.name} loaded`;
+  const skipped = Object.entries(got.not_job_fields)  // what this page cannot run (velodiff noise: its own)
+    .filter(([k, v]) => !(k === "noise" && v === "velodiff")).map(([k, v]) => `${k} ${v}`);
+  $("load-info").textContent = `settings of ${file.name} loaded` +
+    (skipped.length ? ` (not applied here: ${skipped.join(", ")})` : "");
 }
 
 $("load").addEventListener("change", (e) => { if (e.target.files[0]) loadSettings(e.target.files[0]); });
