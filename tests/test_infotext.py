@@ -228,8 +228,9 @@ def test_foreign_or_broken_texts_read_as_far_as_they_go():
     for size in ("²x3", "1" * 5000 + "x2", "64 x 64"):
         with pytest.raises(VelodiffError, match="is not WIDTHxHEIGHT"):
             generation_request({"Size": size})
-    hires = {"Size": "512x512", "Denoising strength": "0.7", "Hires upscale": "2", "Steps": "20"}
-    assert generation_request(hires) == {"steps": 20, "width": 512, "height": 512}
+    hires = {"Size": "512x512", "Denoising strength": "0.7", "Hires upscale": "1.5", "Steps": "20"}
+    assert generation_request(hires) == {"steps": 20, "width": 768, "height": 768}  # the image's size
+    assert generation_request({**hires, "Hires resize": "1024x640"})["width"] == 1024
     assert generation_request({"Denoising strength": "0.7"}) == {"strength": 0.7}
 
 
@@ -255,3 +256,15 @@ def test_settings_too_long_for_a_jpeg_leave_the_image_written(tmp_path):
     assert image_infotext(Image.open(tmp_path / "long.jpg")) is None
     save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "long.webp", parameters=text)
     assert image_infotext(Image.open(tmp_path / "long.webp")) == text
+
+
+def test_an_exif_comment_little_endian_or_empty(tmp_path):
+    """A UTF-16 comment in little-endian order (exiftool writes the TIFF header's) reads as text; a comment
+    that is only its character code holds no settings."""
+    text = "a cat\nSteps: 4, Seed: 1, Size: 8x8"
+    for body, want in ((text.encode("utf-16-le"), text), (b"", None)):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + body
+        path = tmp_path / "c.jpg"
+        Image.new("RGB", (8, 8)).save(path, exif=exif.tobytes())
+        assert image_infotext(Image.open(path)) == want

@@ -141,3 +141,42 @@ def test_page_submits_shows_progress_and_the_image(tmp_path):
                 shutil.copy(shot, Path(os.environ["VELODIFF_SCREENSHOT"]))
         finally:
             browser.close()
+
+
+def test_loading_an_a1111_image_keeps_the_forms_model_and_sets_one_image(tmp_path):
+    """The page's loader on another tool's image: a model this server does not serve leaves the model as
+    it was, A1111's sampler label becomes a choice, n goes back to 1 (no Batch size); an image without
+    settings says so."""
+    import io
+
+    from PIL import Image
+
+    from velodiff.infotext import format_infotext, save_options
+
+    exe = chromium()
+    from playwright.sync_api import sync_playwright
+
+    text = format_infotext("a lighthouse", None, {"Steps": 7, "Sampler": "DPM++ 2M Karras", "CFG scale": 6,
+                                                  "Seed": 5, "Size": "64x64", "Model": "v1-5-pruned"})
+    a1111, plain = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8)).save(a1111, format="PNG", **save_options("PNG", text))
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")
+    with running_server(tmp_path, max_batch=1) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').options.length > 0")
+            page.fill("#n", "3")
+            page.set_input_files("#load", files=[{"name": "a.png", "mimeType": "image/png",
+                                                  "buffer": a1111.getvalue()}])
+            page.wait_for_function("document.getElementById('load-info').textContent.includes('loaded')")
+            assert (page.input_value("#prompt"), page.input_value("#seed"), page.input_value("#n")) == (
+                "a lighthouse", "5", "1")
+            assert page.input_value("#model") == "default"
+            assert page.input_value("#solver") == "DPM++ 2M Karras"
+            page.set_input_files("#load", files=[{"name": "plain.png", "mimeType": "image/png",
+                                                  "buffer": plain.getvalue()}])
+            page.wait_for_function("document.getElementById('load-info').textContent.startsWith('no gen')")
+        finally:
+            browser.close()

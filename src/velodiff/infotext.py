@@ -99,19 +99,28 @@ def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     from .errors import VelodiffError
 
     out: dict[str, Any] = {key: fields[name] for name, key in _TEXT_KEYS.items() if fields.get(name)}
+    def number(name: str, kind: type) -> Any:
+        try:
+            return kind(fields[name])
+        except ValueError:
+            raise VelodiffError(f"the image's {name} {fields[name][:40]!r} is not a number") from None
+
     for name, (key, kind) in _NUMBER_KEYS.items():
         if name in fields:
-            try:
-                out[key] = kind(fields[name])
-            except ValueError:
-                raise VelodiffError(f"the image's {name} {fields[name]!r} is not a number") from None
+            out[key] = number(name, kind)
     if "Size" in fields:
         size = re.fullmatch(r"(\d{1,6})x(\d{1,6})", fields["Size"], re.ASCII)
         if size is None:
             raise VelodiffError(f"the image's Size {fields['Size'][:40]!r} is not WIDTHxHEIGHT")
         out["width"], out["height"] = int(size[1]), int(size[2])
     if any(name.startswith("Hires ") for name in fields):  # A1111's hires fix: a second pass velodiff lacks;
-        out.pop("strength", None)  # its Denoising strength is that pass's, not an input image's
+        out.pop("strength", None)  # its Denoising strength is that pass's, not an input image's, and its
+        final = re.fullmatch(r"(\d{1,6})x(\d{1,6})", fields.get("Hires resize", ""), re.ASCII)  # Size the
+        if final is not None:  # first pass's: the image is Hires resize, else Size x Hires upscale
+            out["width"], out["height"] = int(final[1]), int(final[2])
+        elif "width" in out and "Hires upscale" in fields:
+            scale = number("Hires upscale", float)
+            out["width"], out["height"] = int(out["width"] * scale), int(out["height"] * scale)
     return out
 
 
@@ -206,7 +215,9 @@ def image_infotext(image: Any) -> str | None:
         return text
     raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
     if isinstance(raw, bytes) and raw.startswith(UNICODE):
-        return raw[len(UNICODE):].decode("utf-16-be", "replace")
+        body = raw[len(UNICODE):]  # A1111 (piexif) writes big-endian; exiftool, the TIFF header's order
+        little = len(body) > 1 and body[0] != 0 and body[1] == 0
+        return body.decode("utf-16-le" if little else "utf-16-be", "replace") or None
     if isinstance(raw, bytes):  # "ASCII\0\0\0" or an undefined character code
         return raw[8:].decode("utf-8", "replace").strip("\0") or None
     return None
