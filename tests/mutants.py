@@ -4673,6 +4673,12 @@ MUTANTS = {
         "",
         ["tests/test_serve_page.py", "-k", "a1111_image"],
     ),
+    "infotext_batch_pos_ignored": (
+        "infotext.py",
+        '    if "Batch pos" in fields:',
+        "    if False:",
+        ["tests/test_infotext.py", "-k", "foreign"],
+    ),
 }
 
 

@@ -232,6 +232,8 @@ def test_foreign_or_broken_texts_read_as_far_as_they_go():
     assert generation_request(hires) == {"steps": 20, "width": 768, "height": 768}  # the image's size
     assert generation_request({**hires, "Hires resize": "1024x640"})["width"] == 1024
     assert generation_request({"Denoising strength": "0.7"}) == {"strength": 0.7}
+    one_of_four = {"Seed": "1237", "Batch size": "4", "Batch pos": "2"}  # an older A1111's single image
+    assert generation_request(one_of_four) == {"seed": 1237}
 
 
 def test_the_written_seed_is_one_the_command_takes_back():

@@ -108,6 +108,8 @@ def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     for name, (key, kind) in _NUMBER_KEYS.items():
         if name in fields:
             out[key] = number(name, kind)
+    if "Batch pos" in fields:  # an older A1111's single image of a batch: its own seed, one image
+        out.pop("n", None)
     if "Size" in fields:
         size = re.fullmatch(r"(\d{1,6})x(\d{1,6})", fields["Size"], re.ASCII)
         if size is None:
