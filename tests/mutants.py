@@ -4679,6 +4679,49 @@ MUTANTS = {
         "    if False:",
         ["tests/test_infotext.py", "-k", "foreign"],
     ),
+    # A1111's CPU noise source (--noise a1111-cpu)
+    "a1111_noise_no_starting_draw_skipped": (
+        "noise.py",
+        "        self.start = self._draw()  # the starting noise's draw comes first\n",
+        "        self.start = torch.cat([torch.randn(self.shape, generator=torch.Generator().manual_seed(0))] * len(seeds))\n",  # noqa: E501
+        ["tests/test_kdiffusion_parity.py", "-k", "a1111"],
+    ),
+    "a1111_noise_steps_per_ask": (
+        "noise.py",
+        "        while len(self.steps) <= i:\n            self.steps.append(self._draw())\n        return self.steps[i]",  # noqa: E501
+        "        self.steps.append(self._draw())\n        return self.steps[-1]",
+        ["tests/test_kdiffusion_parity.py", "-k", "a1111_cpu_noise"],
+    ),
+    "a1111_brownian_sign": (
+        "noise.py",
+        "a, b, sign = (s_from, s_to, 1.0) if s_from < s_to else (s_to, s_from, -1.0)",
+        "a, b, sign = (s_from, s_to, 1.0) if s_from < s_to else (s_to, s_from, 1.0)",
+        ["tests/test_kdiffusion_parity.py", "-k", "a1111_cpu_brownian"],
+    ),
+    "a1111_brownian_range_top": (
+        "noise.py",
+        "self.lo, self.hi = float(sig.min()), float(sig.max())",
+        "self.lo, self.hi = float(sig.min()), float(sig.max()) * 2",
+        ["tests/test_kdiffusion_parity.py", "-k", "a1111_cpu_brownian"],
+    ),
+    "a1111_noise_steps_velodiffs": (
+        "pipelines/common.py",
+        'if setup.solver.noise != "none" and opts.noise == "a1111-cpu":',
+        'if setup.solver.noise != "none" and opts.noise == "a1111":',
+        ["tests/test_models_sd.py", "-k", "a1111"],
+    ),
+    "a1111_rng_cpu_unread": (
+        "infotext.py",
+        'if fields.get("RNG") == "CPU" and "noise" not in out:',
+        'if fields.get("RNG") == "cpu" and "noise" not in out:',
+        ["tests/test_infotext.py", "-k", "a1111_cpu"],
+    ),
+    "a1111_rng_cpu_overrides_noise": (
+        "infotext.py",
+        'if fields.get("RNG") == "CPU" and "noise" not in out:',
+        'if fields.get("RNG") == "CPU":',
+        ["tests/test_infotext.py", "-k", "a1111_cpu"],
+    ),
 }
 
 

@@ -270,3 +270,27 @@ def test_an_exif_comment_little_endian_or_empty(tmp_path):
         path = tmp_path / "c.jpg"
         Image.new("RGB", (8, 8)).save(path, exif=exif.tobytes())
         assert image_infotext(Image.open(path)) == want
+
+
+def test_a1111_cpu_noise_is_written_as_a1111s_rng_and_read_back(tmp_path, capsys):
+    """--noise a1111-cpu (a CPU generator per image: no --batch rule) writes A1111's own field "RNG: CPU",
+    which A1111's paste applies; read back, an A1111 text's "RNG: CPU" asks for that noise, its default
+    GPU source (no field, or "RNG: GPU") for none velodiff can draw, and velodiff's own Noise field wins."""
+    import shlex
+
+    from velodiff.infotext import generation_request
+
+    out = tmp_path / "a1111.png"
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--noise", "a1111-cpu", "--solver", "Euler a",
+                           "--steps", "2", "--n", "2", "--batch", "1", "--threads", "2", "--out", out)
+    assert code == 0, err
+    fields = parse_infotext(image_infotext(Image.open(out)))
+    assert (fields["Noise"], fields["RNG"]) == ("a1111-cpu", "CPU")
+    code, said, err = run_cli(capsys, "parameters", out)
+    command = shlex.split(said.strip().splitlines()[-1])
+    assert code == 0 and command[command.index("--noise") + 1] == "a1111-cpu", err
+    a1111 = "a cat\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 3, Size: 64x64"
+    assert generation_request(parse_infotext(a1111 + ", RNG: CPU"))["noise"] == "a1111-cpu"
+    assert "noise" not in generation_request(parse_infotext(a1111))
+    assert "noise" not in generation_request(parse_infotext(a1111 + ", RNG: GPU"))
+    assert generation_request(parse_infotext(a1111 + ", RNG: CPU, Noise: torch"))["noise"] == "torch"

@@ -216,3 +216,71 @@ def test_dpm_adaptive_pid_coefficients(sched):
     res = sample(s.den, s.x, s.ts, "dpm_adaptive", order=3, **kw)
     _close(ref, s.velodiff_ve(res), 1e-8)
     assert res.nfe == s.calls == info["nfe"]
+
+
+class _A1111Torch:
+    """A1111's TorchHijack: k-diffusion's ``torch`` module with ``randn_like`` replaced by the next draw of
+    each image's own CPU generator (its ``ImageRNG`` with "RNG: CPU"), after the starting noise's."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...]) -> None:
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.shape = shape
+        self.start = self.next()
+
+    def next(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(F64)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.next()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+@pytest.mark.parametrize(
+    "name, solver, kw",
+    [("sample_euler_ancestral", "euler_ancestral", {}), ("sample_dpm_2_ancestral", "dpm_2_ancestral", {}),
+     ("sample_dpmpp_2s_ancestral", "dpmpp_2s_ancestral", {}),
+     ("sample_euler", "euler", {"s_churn": 2.0, "s_tmin": 0.1})],
+)  # fmt: skip
+def test_a1111_cpu_noise_is_what_a1111_gives_k_diffusion(sched, name, solver, kw, monkeypatch):
+    """noise a1111-cpu (``TorchStreams``): the starting noise and every step's noise as A1111 draws them
+    with "RNG: CPU" (per image generator, replayed into k-diffusion's randn_like), including Euler's
+    churn, for which k-diffusion draws on every step but uses the draw only where gamma > 0."""
+    from velodiff.noise import TorchStreams
+
+    seeds = [5, 2**40 + 3, 9, 11]
+    s = Setup(sched)
+    hijack = _A1111Torch(seeds, SHAPE)
+    monkeypatch.setattr(K, "torch", hijack)
+    scale = (float(s.sched.alpha(s.ts[0])) ** 2 + float(s.sched.sigma(s.ts[0])) ** 2) ** 0.5
+    a0 = float(s.sched.alpha(s.ts[0]))
+    if "s_tmin" in kw:
+        kw = {**kw, "s_tmax": float(s.sigmas[1]) * 1.01}  # churn on some steps, not on all
+    ref = getattr(K, name)(s.model, hijack.start * scale / a0, s.sigmas, disable=True, **kw)
+    streams = TorchStreams((4, *SHAPE), seeds, dtype=F64)
+    assert torch.equal(streams.first().to(F64), hijack.start)
+    res = sample(s.den, streams.first().to(F64) * scale, s.ts, solver, noise=streams, **kw)
+    _close(ref, s.velodiff_ve(res))
+
+
+@pytest.mark.parametrize("sched", SCHEDS)
+@pytest.mark.parametrize(
+    "name, solver", [("sample_dpmpp_sde", "dpmpp_sde"), ("sample_dpmpp_2m_sde", "sde_dpmpp_2m")]
+)
+def test_a1111_cpu_brownian_noise_is_k_diffusions_tree_per_image(sched, name, solver):
+    """noise a1111-cpu's Brownian steps (``SigmaBrownianNoise``): k-diffusion's BrownianTreeNoiseSampler
+    with one tree per image seeded by the image's seed, over sigma in [the grid's least positive sigma,
+    its largest], as A1111 builds it for DPM++ SDE and DPM++ 2M SDE."""
+    from velodiff.noise import SigmaBrownianNoise
+
+    seeds = [5, 2**40 + 3, 9, 11]
+    s = Setup(sched)
+    sig = s.sigmas
+    kd_noise = K.BrownianTreeNoiseSampler(s.x_ve, sig[sig > 0].min(), sig.max(), seed=seeds)
+    ref = getattr(K, name)(s.model, s.x_ve.clone(), s.sigmas, disable=True, noise_sampler=kd_noise)
+    opts = {"lower_order_final": False} if solver == "sde_dpmpp_2m" else {}
+    noise = SigmaBrownianNoise(s.x, seeds, s.ts, s.sched)
+    res = sample(s.den, s.x, s.ts, solver, noise=noise, **opts)
+    _close(ref, s.velodiff_ve(res), 1e-6)

@@ -1122,3 +1122,29 @@ def test_a_plan_rules_own_prompt_on_an_inpainting_unet_gets_the_mask_channels(mo
     safe = inpaint(m, PROMPT, image, _mask(h, w), steps=3, seeds=[0], guidance=3.0, output="latent",
                    plan="sld:concept=triangle,sld_warmup_steps=0")
     assert torch.isfinite(safe.latents).all() and not torch.equal(safe.latents, plain.latents)
+
+
+def test_a1111_cpu_noise_is_diffusers_with_a_generator_per_image(models):
+    """noise="a1111-cpu": each image's own CPU generator gives its starting noise and then each ancestral
+    step's noise, draw after draw: diffusers with a list of CPU generators (one per image) draws the same
+    (prepare_latents, then EulerAncestralDiscreteScheduler.step), as A1111 does with "RNG: CPU"."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    m = models["sd1"]
+    sched = EulerAncestralDiscreteScheduler.from_config(m.components["scheduler_config"])
+    ref = m.to_diffusers(sched)(
+        [PROMPT] * 2,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(s) for s in (42, 7)],
+        output_type="latent",
+        height=H,
+        width=W,
+    ).images
+    ts = diffusers_times(m, EulerAncestralDiscreteScheduler.from_config(m.components["scheduler_config"]), 4,
+                         "zero")
+    kw = dict(grid=ts, solver="euler_ancestral", guidance=7.5, output="latent", height=H, width=W)
+    r = text2img(m, [PROMPT] * 2, seeds=[42, 7], noise="a1111-cpu", **kw)
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    alone = text2img(m, PROMPT, seeds=[7], noise="a1111-cpu", **kw)  # an image's noise is its own seed's
+    torch.testing.assert_close(alone.latents, r.latents[1:], atol=1e-4 * float(ref.abs().max()), rtol=0)

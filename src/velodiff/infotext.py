@@ -92,7 +92,8 @@ _NUMBER_KEYS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed
 def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     """What a generation request (``text2img``'s keywords, the server's job fields) takes from an image's
     parsed parameters: prompt, negative, steps, solver, grid, guidance, seed, n (``Batch size``: images
-    seed, seed + 1, ... in one file), width and height (``Size``), plan, model, noise, layout, layout_mode,
+    seed, seed + 1, ... in one file), width and height (``Size``), plan, model, noise (also A1111's
+    ``RNG: CPU``: ``a1111-cpu``), layout, layout_mode,
     regions, collage_strength, strength (img2img's); absent fields are absent here. A1111's sampler and
     schedule labels ("DPM++ 2M Karras", "Karras") are kept as written: velodiff reads them
     (``velodiff.aliases``). A number that does not read as one is one line."""
@@ -108,6 +109,8 @@ def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     for name, (key, kind) in _NUMBER_KEYS.items():
         if name in fields:
             out[key] = number(name, kind)
+    if fields.get("RNG") == "CPU" and "noise" not in out:  # A1111's CPU noise source ("GPU": its default,
+        out["noise"] = "a1111-cpu"  # device-made noise velodiff cannot draw; "NV": its GPU emulation)
     if "Batch pos" in fields:  # an older A1111's single image of a batch: its own seed, one image
         out.pop("n", None)
     if "Size" in fields:

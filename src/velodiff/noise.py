@@ -6,6 +6,8 @@ moved to the sample's device and dtype, so the same seed gives the same images o
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -80,4 +82,68 @@ class BrownianNoise:
         """The normalized increment over [t_to, t_from] of the same path (a solver stage's noise)."""
         t0, t1 = min(t_from, t_to), max(t_from, t_to)
         w = self.tree(t0, t1) / (t1 - t0) ** 0.5
+        return w.to(device=self.device, dtype=self.dtype)
+
+
+class TorchStreams:
+    """A1111's CPU random number source (its ``modules/rng.py`` ``ImageRNG`` with "RNG: CPU"), which is
+    also diffusers' with a list of CPU generators, one per image: image k's torch generator is seeded
+    with its seed, its first draw (of one image's shape) is the starting noise (``first``), and draw
+    i + 1 is step i's noise, as k-diffusion's samplers consume A1111's replayed ``torch.randn_like``
+    (one draw per step: the churn samplers on every step, the ancestral ones on every step but a last
+    one to sigma 0) and diffusers' ancestral schedulers draw per step. Draws are made in order and kept,
+    so step i's noise is the same however often and in whatever order it is asked for."""
+
+    def __init__(self, shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.shape, self.device, self.dtype = (1, *shape[1:]), device, dtype
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.start = self._draw()  # the starting noise's draw comes first
+        self.steps: list[Tensor] = []
+
+    def _draw(self) -> Tensor:
+        return torch.cat([torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators])
+
+    def first(self) -> Tensor:
+        """The starting noise (float32, on the CPU)."""
+        return self.start
+
+    def __call__(self, i: int) -> Tensor:
+        while len(self.steps) <= i:
+            self.steps.append(self._draw())
+        return self.steps[i].to(device=self.device, dtype=self.dtype)
+
+
+class SigmaBrownianNoise:
+    """A1111's Brownian noise for its SDE samplers (k-diffusion's ``BrownianTreeNoiseSampler`` with one
+    tree per image, entropy = the image's seed), over k-diffusion's sigma = sigma_t / alpha_t between the
+    grid's smallest positive sigma and its largest: increments (W(sigma_to) - W(sigma_from)) /
+    sqrt(|sigma_to - sigma_from|) per image. A query beyond that range (a flow model's sigma = inf at
+    t = 1, a last step to 0, which the SDE samplers never draw for) reads at the range's end."""
+
+    def __init__(self, like: Tensor, seeds: list[int], ts: Tensor, schedule: NoiseSchedule) -> None:
+        import torchsde
+
+        self.schedule, self.ts, self.device, self.dtype = schedule, ts, like.device, like.dtype
+        self.shape = (len(seeds), *like.shape[1:])
+        sig = schedule.sigma_ve(ts.double())
+        sig = sig[(sig > 0) & torch.isfinite(sig)]
+        if sig.numel() == 0:
+            raise VelodiffError("A1111's Brownian noise needs a grid with a finite sigma above 0")
+        self.lo, self.hi = float(sig.min()), float(sig.max())
+        w0 = torch.zeros(like.shape[1:], dtype=torch.float32)
+        self.trees = [torchsde.BrownianTree(self.lo, w0, self.hi, entropy=int(s) % SEED_END) for s in seeds]
+
+    def __call__(self, i: int) -> Tensor:
+        return self.between(float(self.ts[i]), float(self.ts[i + 1]))
+
+    def between(self, t_from: float, t_to: float) -> Tensor:
+        """The normalized increment from t_from to t_to (times of the schedule), per image."""
+        s_from, s_to = (min(max(float(self.schedule.sigma_ve(t)), self.lo), self.hi) for t in (t_from, t_to))
+        if s_from == s_to:
+            return torch.zeros(self.shape, device=self.device, dtype=self.dtype)
+        a, b, sign = (s_from, s_to, 1.0) if s_from < s_to else (s_to, s_from, -1.0)
+        with warnings.catch_warnings():  # torchsde keeps its ends to 6 decimals and clamps the query to
+            warnings.filterwarnings("ignore", message="Should have")  # them, saying so each time
+            w = torch.stack([tree(a, b) for tree in self.trees]) * (sign / (b - a) ** 0.5)
         return w.to(device=self.device, dtype=self.dtype)

@@ -211,6 +211,7 @@ class ImageRun:
             "Embedded guidance": self.embedded_guidance,
             "Clip skip": self.clip_skip,
             "Noise": self.noise,
+            "RNG": "CPU" if self.noise == "a1111-cpu" else None,  # A1111's name, which its paste applies
             **(extra or {}),
         }
         assert self.path is not None

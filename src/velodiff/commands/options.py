@@ -146,7 +146,9 @@ ClipSkip = Annotated[
 Noise = Annotated[
     str,
     typer.Option(help="velodiff: noise per image from its own seed (same on every device and batch); "
-                 "torch: one CPU generator for the batch, as diffusers and ComfyUI"),
+                 "torch: one CPU generator for the batch, as diffusers and ComfyUI; a1111-cpu: one CPU "
+                 "generator per image, its starting and step noise, as A1111's 'RNG: CPU' and diffusers with "
+                 "a generator per image"),
 ]
 Image = Annotated[
     Path, typer.Option("--image", help="the input image (resized to --width / --height if given)")

@@ -46,8 +46,9 @@ class Sampling:
     * ``seeds``: an int s (images get s, s+1, ...), a list (one prompt repeats over it), or None (0, 1, ...).
     * ``latents``: the starting noise (B, C, h, w), standard normal, instead of drawing it from the seeds.
     * ``output``: "pil" (PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" (no decode).
-    * ``noise``: "velodiff" (per-image seed) or "torch" (one CPU generator for the batch, as diffusers'
-      CPU generator and ComfyUI).
+    * ``noise``: "velodiff" (per-image seed), "torch" (one CPU generator for the batch, as diffusers'
+      CPU generator and ComfyUI) or "a1111-cpu" (a CPU generator per image for its starting and step
+      noise, as A1111's "RNG: CPU" and diffusers with a generator per image).
     * ``callback(StepInfo)``: after every step; may return an edited x, or True to stop.
     * ``grad``: sample with gradients enabled (off: inference mode; a rule that needs them turns it on).
     """
