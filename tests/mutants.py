@@ -4706,21 +4706,63 @@ MUTANTS = {
     ),
     "a1111_noise_steps_velodiffs": (
         "pipelines/common.py",
-        'if setup.solver.noise != "none" and opts.noise == "a1111-cpu":',
-        'if setup.solver.noise != "none" and opts.noise == "a1111":',
+        'if setup.solver.noise != "none" and opts.noise.startswith("a1111-"):',
+        'if setup.solver.noise != "none" and opts.noise.startswith("a1111:"):',
         ["tests/test_models_sd.py", "-k", "a1111"],
     ),
     "a1111_rng_cpu_unread": (
         "infotext.py",
-        'if fields.get("RNG") == "CPU" and "noise" not in out:',
-        'if fields.get("RNG") == "cpu" and "noise" not in out:',
-        ["tests/test_infotext.py", "-k", "a1111_cpu"],
+        'out["noise"] = "a1111-cpu" if rng == "CPU" else "a1111-nv"',
+        'out["noise"] = "a1111-nv"',
+        ["tests/test_infotext.py", "-k", "a1111_noise"],
     ),
-    "a1111_rng_cpu_overrides_noise": (
+    "a1111_rng_overrides_noise": (
         "infotext.py",
-        'if fields.get("RNG") == "CPU" and "noise" not in out:',
-        'if fields.get("RNG") == "CPU":',
-        ["tests/test_infotext.py", "-k", "a1111_cpu"],
+        '    if "noise" not in out:  # A1111\'s noise source',
+        '    if True:  # A1111\'s noise source',
+        ["tests/test_infotext.py", "-k", "a1111_noise"],
+    ),
+    "a1111_gpu_default_unread": (
+        "infotext.py",
+        'rng = fields.get("RNG") or ("NV" if re.match(r"[vf]\\d", fields.get("Version", "")) else "")',
+        'rng = fields.get("RNG") or ""',
+        ["tests/test_infotext.py", "-k", "a1111_noise"],
+    ),
+    "a1111_nv_written_as_cpu": (
+        "commands/image_run.py",
+        '"RNG": self.noise[6:].upper() if self.noise.startswith("a1111-") else None,',
+        '"RNG": "CPU" if self.noise.startswith("a1111-") else None,',
+        ["tests/test_infotext.py", "-k", "a1111_noise"],
+    ),
+    "philox_key_words_swapped": (
+        "philox.py",
+        "self.key = (seed & 0xFFFFFFFF, seed >> 32)",
+        "self.key = (seed >> 32, seed & 0xFFFFFFFF)",
+        ["tests/test_noise.py", "-k", "nv or a1111"],
+    ),
+    "philox_one_round_short": (
+        "philox.py",
+        "def philox4x32(counter: list[np.ndarray], key: tuple[int, int], rounds: int = 10)",
+        "def philox4x32(counter: list[np.ndarray], key: tuple[int, int], rounds: int = 9)",
+        ["tests/test_noise.py", "-k", "random123"],
+    ),
+    "philox_box_muller_cos": (
+        "philox.py",
+        "return (np.sqrt(-2.0 * np.log(u)) * np.sin(v))",
+        "return (np.sqrt(-2.0 * np.log(u)) * np.cos(v))",
+        ["tests/test_noise.py", "-k", "nv"],
+    ),
+    "philox_offset_stays": (
+        "philox.py",
+        "        self.offset += 1\n",
+        "",
+        ["tests/test_noise.py", "-k", "nv"],
+    ),
+    "a1111_nv_is_cpu": (
+        "noise.py",
+        'torch.Generator().manual_seed(int(s)) if source == "CPU" else PhiloxGenerator(s) for s in seeds',
+        'torch.Generator().manual_seed(int(s)) for s in seeds',
+        ["tests/test_noise.py", "-k", "a1111"],
     ),
 }
 

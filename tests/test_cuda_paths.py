@@ -55,3 +55,18 @@ def test_edict_regenerates_from_a_callers_cpu_latents(model) -> None:
     inv = invert(model, img, "a red circle", "edict", steps=4)
     out = inv.regenerate("a blue circle", latents=inv.result.latents.cpu(), output="tensor")
     assert bool(torch.isfinite(out.latents).all())
+
+
+def test_nv_noise_is_this_gpus_own() -> None:
+    """velodiff.philox draws what this GPU's torch.randn draws for a tensor no larger than its resident
+    threads (an SD latent), on the first call of a generator and on the next (A1111's NV = its GPU)."""
+    import numpy as np
+
+    from velodiff.philox import PhiloxGenerator
+
+    gpu = torch.Generator(DEVICE).manual_seed(1234)
+    ours = PhiloxGenerator(1234)
+    for _ in range(2):
+        want = torch.randn((1, 4, 64, 64), generator=gpu, device=DEVICE).cpu()
+        got = torch.from_numpy(np.asarray(ours.randn((1, 4, 64, 64))))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

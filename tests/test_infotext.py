@@ -272,25 +272,31 @@ def test_an_exif_comment_little_endian_or_empty(tmp_path):
         assert image_infotext(Image.open(path)) == want
 
 
-def test_a1111_cpu_noise_is_written_as_a1111s_rng_and_read_back(tmp_path, capsys):
-    """--noise a1111-cpu (a CPU generator per image: no --batch rule) writes A1111's own field "RNG: CPU",
-    which A1111's paste applies; read back, an A1111 text's "RNG: CPU" asks for that noise, its default
-    GPU source (no field, or "RNG: GPU") for none velodiff can draw, and velodiff's own Noise field wins."""
+def test_a1111_noise_is_written_as_a1111s_rng_and_read_back(tmp_path, capsys):
+    """--noise a1111-cpu / a1111-nv (a generator per image: no --batch rule) write A1111's own field "RNG:
+    CPU" / "RNG: NV", which A1111's paste applies; read back, an A1111 or Forge text's noise source is
+    asked for: its RNG field, else its default GPU source (as an NVIDIA card draws it: a1111-nv), while a
+    text of no known maker says nothing of its noise and velodiff's own Noise field wins."""
     import shlex
 
     from velodiff.infotext import generation_request
 
-    out = tmp_path / "a1111.png"
-    code, _, err = run_cli(capsys, "generate", "a red circle", "--noise", "a1111-cpu", "--solver", "Euler a",
-                           "--steps", "2", "--n", "2", "--batch", "1", "--threads", "2", "--out", out)
-    assert code == 0, err
-    fields = parse_infotext(image_infotext(Image.open(out)))
-    assert (fields["Noise"], fields["RNG"]) == ("a1111-cpu", "CPU")
-    code, said, err = run_cli(capsys, "parameters", out)
-    command = shlex.split(said.strip().splitlines()[-1])
-    assert code == 0 and command[command.index("--noise") + 1] == "a1111-cpu", err
-    a1111 = "a cat\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 3, Size: 64x64"
-    assert generation_request(parse_infotext(a1111 + ", RNG: CPU"))["noise"] == "a1111-cpu"
-    assert "noise" not in generation_request(parse_infotext(a1111))
-    assert "noise" not in generation_request(parse_infotext(a1111 + ", RNG: GPU"))
-    assert generation_request(parse_infotext(a1111 + ", RNG: CPU, Noise: torch"))["noise"] == "torch"
+    for mode, rng in (("a1111-cpu", "CPU"), ("a1111-nv", "NV")):
+        out = tmp_path / f"{mode}.png"
+        code, _, err = run_cli(capsys, "generate", "a red circle", "--noise", mode, "--solver", "Euler a",
+                               "--steps", "2", "--n", "2", "--batch", "1", "--threads", "2", "--out", out)
+        assert code == 0, err
+        fields = parse_infotext(image_infotext(Image.open(out)))
+        assert (fields["Noise"], fields["RNG"]) == (mode, rng)
+        code, said, err = run_cli(capsys, "parameters", out)
+        command = shlex.split(said.strip().splitlines()[-1])
+        assert code == 0 and command[command.index("--noise") + 1] == mode, err
+    text = "a cat\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 3, Size: 64x64"
+    def noise(extra: str) -> str | None:
+        return generation_request(parse_infotext(text + extra)).get("noise")
+
+    assert noise(", RNG: CPU") == noise(", RNG: CPU, Version: v1.10.1") == "a1111-cpu"
+    assert noise(", Version: v1.10.1") == noise(", Version: f2.0.1v1.10.1") == "a1111-nv"
+    assert noise(", RNG: NV") == noise(", RNG: GPU") == "a1111-nv"
+    assert noise("") is None and noise(", Version: velodiff 0.1.0") is None
+    assert noise(", RNG: CPU, Noise: torch") == "torch"

@@ -156,3 +156,74 @@ def test_a_gpu_gives_the_cpu_image(device):
     d = (images["cpu"] - images[device]).abs()
     print(f"{device} vs cpu: max {d.max().item():.4g}, mean {d.mean().item():.4g}")
     assert d.max().item() < 0.4 and d.mean().item() < 0.03
+
+
+def test_philox4x32_10_gives_random123s_known_answers():
+    """Philox4x32-10 against the known-answer vectors of Random123 (Salmon et al.; tests/kat_vectors)."""
+    import numpy as np
+
+    from velodiff.philox import philox4x32
+
+    cases = [((0, 0, 0, 0), (0, 0), "6627e8d5 e169c58d bc57ac4c 9b00dbd8"),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, "408f276d 41c83b0e a20bc7c6 6d5451fd"),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              "d16cfe09 94fdcceb 5001e420 24126ea1")]
+    for counter, key, want in cases:
+        out = philox4x32([np.array([c], dtype=np.uint64) for c in counter], key)
+        assert " ".join(f"{int(w[0]):08x}" for w in out) == want
+
+
+def test_nv_noise_is_what_torch_draws_on_an_nvidia_gpu():
+    """``torch.manual_seed(0); torch.randn(3, 4, device="cuda")`` on NVIDIA cards (the values A1111's
+    rng_philox.py documents), to float32 round-off (the GPU's fast single-precision sin and log); a
+    generator's next call moves the Philox offset by one block, as torch's does for a tensor of this size."""
+    from velodiff.philox import PhiloxGenerator
+
+    cuda = torch.tensor([[-0.92466259, -0.42534415, -2.6438457, 0.14518388],
+                         [-0.12086647, -0.57972564, -0.62285122, -0.32838709],
+                         [-1.07454231, -0.36314407, -1.67105067, 2.26550497]])
+    g = PhiloxGenerator(0)
+    torch.testing.assert_close(torch.from_numpy(g.randn((3, 4))), cuda, atol=1e-6, rtol=0)
+    again = torch.from_numpy(g.randn((3, 4)))
+    assert not torch.allclose(again, cuda, atol=0.1)
+    assert (PhiloxGenerator(0).randn((3, 4)) == PhiloxGenerator(2**64).randn((3, 4))).all()  # seeds mod 2**64
+
+
+@pytest.mark.parametrize("mode", ["a1111-cpu", "a1111-nv"])
+def test_a1111_starting_noise_is_each_images_first_draw(mode):
+    """A1111's starting noise: image i's own generator (seed i), its first draw of one image's shape, so
+    an image's noise does not depend on the batch; the NV source differs from the CPU one."""
+    from velodiff.noise import A1111Noise
+    from velodiff.philox import PhiloxGenerator
+    from velodiff.pipelines.common import initial_noise
+
+    shape = (3, 4, 8, 6)
+    z = initial_noise(shape, [11, 12, 2**40], mode)
+    for k, s in enumerate([11, 12, 2**40]):
+        first = (torch.randn((1, 4, 8, 6), generator=torch.Generator().manual_seed(s)) if mode == "a1111-cpu"
+                 else torch.from_numpy(PhiloxGenerator(s).randn((1, 4, 8, 6))))
+        assert torch.equal(z[k : k + 1], first)
+    assert not torch.equal(initial_noise(shape, [11], "a1111-cpu"), initial_noise(shape, [11], "a1111-nv"))
+    with pytest.raises(velodiff.VelodiffError, match="CPU, NV"):
+        A1111Noise(shape, [1], "GPU")
+
+
+def test_nv_noise_is_a1111s_nv_source_to_the_bit():
+    """Draws of A1111's NV source (modules/rng_philox.py, run once to make these numbers) for a seed below
+    2**32 and one above (the seed's two 32-bit words are Philox's key, low first), first call and next."""
+    from velodiff.philox import PhiloxGenerator
+
+    a1111 = {
+        123456789: ([1.784683346748352, -1.0230505466461182, 0.34125426411628723, 0.6574200391769409,
+                     0.7365415096282959, 0.002613071585074067],
+                    [0.03261640667915344, -0.44882893562316895, -0.7612088322639465, 0.9849835634231567,
+                     -0.20761464536190033, -1.2576748132705688]),
+        2**40 + 5: ([1.0671086311340332, -1.1719361543655396, 0.7128459215164185, 0.028116507455706596,
+                     -0.6532652378082275, 0.14947544038295746],
+                    [-1.500787377357483, 1.5850324630737305, -0.5683088898658752, -0.5756992697715759,
+                     0.9272921085357666, 0.5100623369216919]),
+    }
+    for seed, draws in a1111.items():
+        g = PhiloxGenerator(seed)
+        for want in draws:
+            assert g.randn((2, 3)).ravel().tolist() == want

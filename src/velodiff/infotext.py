@@ -92,8 +92,9 @@ _NUMBER_KEYS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed
 def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     """What a generation request (``text2img``'s keywords, the server's job fields) takes from an image's
     parsed parameters: prompt, negative, steps, solver, grid, guidance, seed, n (``Batch size``: images
-    seed, seed + 1, ... in one file), width and height (``Size``), plan, model, noise (also A1111's
-    ``RNG: CPU``: ``a1111-cpu``), layout, layout_mode,
+    seed, seed + 1, ... in one file), width and height (``Size``), plan, model, noise (an A1111 or
+    Forge text's noise source: ``RNG: CPU`` is ``a1111-cpu``; ``NV``, ``GPU`` or none, ``a1111-nv``, the
+    draws of an NVIDIA card), layout, layout_mode,
     regions, collage_strength, strength (img2img's); absent fields are absent here. A1111's sampler and
     schedule labels ("DPM++ 2M Karras", "Karras") are kept as written: velodiff reads them
     (``velodiff.aliases``). A number that does not read as one is one line."""
@@ -109,8 +110,10 @@ def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     for name, (key, kind) in _NUMBER_KEYS.items():
         if name in fields:
             out[key] = number(name, kind)
-    if fields.get("RNG") == "CPU" and "noise" not in out:  # A1111's CPU noise source ("GPU": its default,
-        out["noise"] = "a1111-cpu"  # device-made noise velodiff cannot draw; "NV": its GPU emulation)
+    if "noise" not in out:  # A1111's noise source: its RNG field, else (an A1111 or Forge text, Version
+        rng = fields.get("RNG") or ("NV" if re.match(r"[vf]\d", fields.get("Version", "")) else "")
+        if rng in ("CPU", "NV", "GPU"):  # v... / f...) its default GPU source, an NVIDIA card's draws
+            out["noise"] = "a1111-cpu" if rng == "CPU" else "a1111-nv"
     if "Batch pos" in fields:  # an older A1111's single image of a batch: its own seed, one image
         out.pop("n", None)
     if "Size" in fields:

@@ -7,6 +7,7 @@ moved to the sample's device and dtype, so the same seed gives the same images o
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,24 +86,37 @@ class BrownianNoise:
         return w.to(device=self.device, dtype=self.dtype)
 
 
-class TorchStreams:
-    """A1111's CPU random number source (its ``modules/rng.py`` ``ImageRNG`` with "RNG: CPU"), which is
-    also diffusers' with a list of CPU generators, one per image: image k's torch generator is seeded
+class A1111Noise:
+    """AUTOMATIC1111's per-image noise (its ``modules/rng.py`` ``ImageRNG``): image k's generator is seeded
     with its seed, its first draw (of one image's shape) is the starting noise (``first``), and draw
-    i + 1 is step i's noise, as k-diffusion's samplers consume A1111's replayed ``torch.randn_like``
-    (one draw per step: the churn samplers on every step, the ancestral ones on every step but a last
-    one to sigma 0) and diffusers' ancestral schedulers draw per step. Draws are made in order and kept,
-    so step i's noise is the same however often and in whatever order it is asked for."""
+    i + 1 is step i's noise, as k-diffusion's samplers consume A1111's replayed ``torch.randn_like`` (one
+    draw per step: the churn samplers on every step, the ancestral ones on every step but a last one to
+    sigma 0). ``source`` is A1111's "RNG" setting: "CPU", a torch CPU generator (also diffusers with a list
+    of CPU generators, one per image, whose ancestral schedulers draw per step), or "NV", the Philox
+    draws of an NVIDIA GPU computed here (``velodiff.philox``; A1111's default "GPU" source on such a card
+    draws the same). Draws are made in order and kept, so step i's noise is the same however often and
+    in whatever order it is asked for."""
 
-    def __init__(self, shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+    SOURCES = ("CPU", "NV")
+
+    def __init__(self, shape: tuple[int, ...], seeds: list[int], source: str = "CPU",
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        from .philox import PhiloxGenerator
+
+        if source not in self.SOURCES:
+            raise VelodiffError(f"A1111's noise source is one of {', '.join(self.SOURCES)}, got {source!r}")
         self.shape, self.device, self.dtype = (1, *shape[1:]), device, dtype
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.generators: list[Any] = [
+            torch.Generator().manual_seed(int(s)) if source == "CPU" else PhiloxGenerator(s) for s in seeds
+        ]
         self.start = self._draw()  # the starting noise's draw comes first
         self.steps: list[Tensor] = []
 
     def _draw(self) -> Tensor:
-        return torch.cat([torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators])
+        return torch.cat([
+            torch.randn(self.shape, generator=g, dtype=torch.float32) if isinstance(g, torch.Generator)
+            else torch.from_numpy(g.randn(self.shape)) for g in self.generators
+        ])
 
     def first(self) -> Tensor:
         """The starting noise (float32, on the CPU)."""

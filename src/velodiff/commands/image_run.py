@@ -211,7 +211,8 @@ class ImageRun:
             "Embedded guidance": self.embedded_guidance,
             "Clip skip": self.clip_skip,
             "Noise": self.noise,
-            "RNG": "CPU" if self.noise == "a1111-cpu" else None,  # A1111's name, which its paste applies
+            # A1111's name and values for its noise source, which its paste applies
+            "RNG": self.noise[6:].upper() if self.noise.startswith("a1111-") else None,
             **(extra or {}),
         }
         assert self.path is not None

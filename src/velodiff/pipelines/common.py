@@ -11,9 +11,11 @@ noise. diffusers with a CUDA generator draws on the GPU and gives different nois
 seed (and from CPU noise); velodiff never draws on the device. ``noise="a1111-cpu"`` is A1111's CPU
 source ("RNG: CPU" in its infotext) and diffusers' with one CPU generator per image: each image's own
 ``torch.Generator("cpu").manual_seed(seed)`` gives its starting noise and then, draw after draw, its
-stochastic steps' noise (``velodiff.noise.TorchStreams``); Brownian steps come from k-diffusion's
-per-image trees over sigma, as A1111 seeds them (``SigmaBrownianNoise``). The other modes draw step
-noise per image from velodiff's seeds.
+stochastic steps' noise (``velodiff.noise.A1111Noise``); ``noise="a1111-nv"`` the same from A1111's
+"NV" source, the Philox draws of an NVIDIA GPU (``velodiff.philox``), which is what A1111's default
+"GPU" source draws on such a card. Brownian steps come from k-diffusion's per-image trees over sigma,
+as A1111 seeds them (``SigmaBrownianNoise``). The other modes draw step noise per image from
+velodiff's seeds.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from torch import Tensor
 from ..denoisers import Cond
 from ..errors import VelodiffError, check_text, unknown_name
 from ..guidance import GuidedCond
-from ..noise import BrownianNoise, GaussianNoise, SigmaBrownianNoise, TorchStreams, check_seed, randn
+from ..noise import A1111Noise, BrownianNoise, GaussianNoise, SigmaBrownianNoise, check_seed, randn
 from ..plan import Accelerator
 from ..sampling import StepInfo, sample
 from .images import to_pil
 from .setup import Sampling, Setup, guided_scale
 
-NOISE_MODES = ("velodiff", "torch", "a1111-cpu")
+NOISE_MODES = ("velodiff", "torch", "a1111-cpu", "a1111-nv")
 
 
 @dataclass
@@ -152,8 +154,8 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], mode: str = "velodif
         return torch.cat([randn((1, *shape[1:]), s) for s in seeds])
     if mode == "torch":
         return torch.randn(shape, generator=torch.Generator().manual_seed(int(seeds[0])), dtype=torch.float32)
-    if mode == "a1111-cpu":
-        return TorchStreams(shape, seeds).first()
+    if mode in ("a1111-cpu", "a1111-nv"):
+        return A1111Noise(shape, seeds, mode[6:].upper()).first()
     raise unknown_name("noise mode", mode, NOISE_MODES)
 
 
@@ -209,9 +211,9 @@ def run(
         )
     ts = setup.ts if ts is None else ts
     noise: Any = None
-    if setup.solver.noise != "none" and opts.noise == "a1111-cpu":
+    if setup.solver.noise != "none" and opts.noise.startswith("a1111-"):
         noise = (SigmaBrownianNoise(x, seeds, ts, model.schedule) if setup.solver.noise == "brownian"
-                 else TorchStreams(tuple(x.shape), seeds, x.device, x.dtype))
+                 else A1111Noise(tuple(x.shape), seeds, opts.noise[6:].upper(), x.device, x.dtype))
     elif setup.solver.noise != "none":
         noise = PerImageNoise(x, seeds, setup.solver.noise, ts)
     context = {**run_context(model, setup, prompts, size, encode), "seeds": tuple(seeds)}
