@@ -1622,8 +1622,8 @@ MUTANTS = {
     ),
     "r21_e_key_without_negative": (
         "serve/engine.py",
-        "                \"negative\", \"plan\", \"layout\")",
-        "                \"plan\", \"layout\")",
+        "                \"negative\", \"plan\", \"layout\", \"noise\")",
+        "                \"plan\", \"layout\", \"noise\")",
         ["tests/test_serve_jobs.py", "-k", "sample_differently"],
     ),
     "r21_e_key_without_solver_options": (
@@ -1634,8 +1634,8 @@ MUTANTS = {
     ),
     "r21_e_key_without_layout": (
         "serve/engine.py",
-        "\"negative\", \"plan\", \"layout\")",
-        "\"negative\", \"plan\")",
+        "\"negative\", \"plan\", \"layout\", \"noise\")",
+        "\"negative\", \"plan\", \"noise\")",
         ["tests/test_serve_jobs.py", "-k", "sample_differently"],
     ),
     "r21_e_run_same_seed": (
@@ -4621,7 +4621,7 @@ MUTANTS = {
     ),
     "r26_noise_not_written": (
         "commands/image_run.py",
-        "            \"Noise\": self.noise,\n",
+        "            **noise_fields(self.noise),\n",
         "",
         ["tests/test_infotext.py", "-k", "torch_noise"],
     ),
@@ -4729,9 +4729,9 @@ MUTANTS = {
         ["tests/test_infotext.py", "-k", "a1111_noise"],
     ),
     "a1111_nv_written_as_cpu": (
-        "commands/image_run.py",
-        '"RNG": self.noise[6:].upper() if self.noise.startswith("a1111-") else None,',
-        '"RNG": "CPU" if self.noise.startswith("a1111-") else None,',
+        "infotext.py",
+        '"RNG": noise[6:].upper() if noise.startswith("a1111-") else None}',
+        '"RNG": "CPU" if noise.startswith("a1111-") else None}',
         ["tests/test_infotext.py", "-k", "a1111_noise"],
     ),
     "philox_key_words_swapped": (
@@ -4763,6 +4763,42 @@ MUTANTS = {
         'torch.Generator().manual_seed(int(s)) if source == "CPU" else PhiloxGenerator(s) for s in seeds',
         'torch.Generator().manual_seed(int(s)) for s in seeds',
         ["tests/test_noise.py", "-k", "a1111"],
+    ),
+    "serve_noise_unchecked": (
+        "serve/engine.py",
+        "        if req.noise not in JOB_NOISE:\n",
+        "        if False:\n",
+        ["tests/test_serve_jobs.py", "-k", "noise_mode"],
+    ),
+    "serve_noise_not_run": (
+        "serve/engine.py",
+        '                plan=self.plan_rules(p),\n                noise=p.get("noise", "velodiff"),\n',
+        "                plan=self.plan_rules(p),\n",
+        ["tests/test_serve_jobs.py", "-k", "noise_mode"],
+    ),
+    "serve_noise_not_written": (
+        "serve/engine.py",
+        'extra = noise_fields(q.get("noise", "velodiff"))',
+        'extra = noise_fields("velodiff")',
+        ["tests/test_serve_jobs.py", "-k", "noise_mode"],
+    ),
+    "serve_parameters_torch_noise_a_job_field": (
+        "serve/jobs_api.py",
+        "        del job[\"noise\"]\n",
+        "        pass\n",
+        ["tests/test_serve_jobs.py", "-k", "noise_comes_back"],
+    ),
+    "page_noise_not_loaded": (
+        "serve/page/app.js",
+        '  $("noise").value = q.noise || "velodiff";',
+        "",
+        ["tests/test_serve_page.py", "-k", "noise_source"],
+    ),
+    "page_noise_not_sent": (
+        "serve/page/app.js",
+        ', noise: $("noise").value,',
+        ",",
+        ["tests/test_serve_page.py", "-k", "noise_source"],
     ),
 }
 

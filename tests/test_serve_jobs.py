@@ -923,3 +923,52 @@ def test_parameters_refuses_a_bomb_in_one_line_and_a_jobs_png_holds_no_comfy_gra
     job = run_job(url, prompt="a red circle", seed=2, steps=1)
     info = png(url, job["images"][0]).info
     assert "parameters" in info and "prompt" not in info and "workflow" not in info
+
+
+def test_a_jobs_noise_mode_draws_its_images_and_is_written_into_them():
+    """A job's noise (velodiff, a1111-cpu, a1111-nv: each image's noise from its own seed) draws what
+    text2img draws with it, is another batch, and is written as velodiff's Noise and A1111's RNG; torch (one
+    generator for a whole call) is refused in one line."""
+    from types import SimpleNamespace
+
+    from serve_fixtures import engine
+    from velodiff.errors import VelodiffError
+    from velodiff.infotext import PNG_KEY, parse_infotext
+    from velodiff.pipelines import text2img
+    from velodiff.serve.engine import Request, batch_key
+
+    eng = engine()
+    m, _ = eng.model(None)
+    base = dict(prompt="a red circle", steps=2, seed=3, n=2, solver="euler_ancestral")
+    p = eng.check(Request(**base, noise="a1111-nv"))
+    assert batch_key(p) != batch_key(eng.check(Request(**base)))
+    images = eng.run([SimpleNamespace(params=p)])[0]
+    want = text2img(m, [p["prompt"]] * 2, seeds=[3, 4], steps=2, solver=p["solver"], grid=p["grid"],
+                    guidance=p["guidance"], noise="a1111-nv").images
+    assert [a.tobytes() for a in images] == [b.tobytes() for b in want]
+    fields = parse_infotext(images[1].info[PNG_KEY])
+    assert (fields["Noise"], fields["RNG"], fields["Seed"]) == ("a1111-nv", "NV", "4")
+    own = eng.run([SimpleNamespace(params=eng.check(Request(**base)))])[0]
+    assert own[0].tobytes() != images[0].tobytes() and "RNG" not in parse_infotext(own[0].info[PNG_KEY])
+    with pytest.raises(VelodiffError, match="noise 'torch': a job takes velodiff, a1111-cpu, a1111-nv"):
+        eng.check(Request(**base, noise="torch"))
+
+
+def test_an_a1111_images_noise_comes_back_as_a_job_field(server):
+    """POST /api/parameters: an A1111 text's noise source (its GPU default, as an NVIDIA card draws it) is a
+    job field; the CLI's torch noise, which a job cannot take, is among the fields it cannot."""
+    import base64
+
+    from velodiff.infotext import format_infotext, save_options
+
+    url, _ = server
+    fields = {"Steps": 20, "Sampler": "Euler a", "CFG scale": 7, "Seed": 5, "Size": "64x64"}
+    for extra, job, rest in (({"Version": "v1.10.1"}, {"noise": "a1111-nv"}, {}),
+                             ({"RNG": "CPU"}, {"noise": "a1111-cpu"}, {}),
+                             ({"Noise": "torch"}, {}, {"noise": "torch"})):
+        made = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(made, format="PNG",
+                                      **save_options("PNG", format_infotext("a cat", None, fields | extra)))
+        r = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(made.getvalue()).decode()})
+        got = r.json()
+        assert (got["request"].get("noise"), got["not_job_fields"]) == (job.get("noise"), rest), extra

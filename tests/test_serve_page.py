@@ -180,3 +180,39 @@ def test_loading_an_a1111_image_keeps_the_forms_model_and_sets_one_image(tmp_pat
             page.wait_for_function("document.getElementById('load-info').textContent.startsWith('no gen')")
         finally:
             browser.close()
+
+
+def test_an_a1111_images_noise_source_is_set_and_sent(tmp_path):
+    """Loading an A1111 image sets the page's noise to its source (its GPU default: a1111-nv), and the job
+    the page then submits asks for it (the job's PNG says RNG: NV)."""
+    import io
+
+    from PIL import Image
+
+    from velodiff.infotext import format_infotext, image_infotext, parse_infotext, save_options
+
+    exe = chromium()
+    from playwright.sync_api import sync_playwright
+
+    text = format_infotext("a red circle", None, {"Steps": 2, "Sampler": "euler", "CFG scale": 2.5, "Seed": 5,
+                                                  "Size": "64x64", "Version": "v1.10.1"})
+    a1111 = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(a1111, format="PNG", **save_options("PNG", text))
+    with running_server(tmp_path, max_batch=1) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').options.length > 0")
+            assert page.input_value("#noise") == "velodiff"
+            page.set_input_files("#load", files=[{"name": "a.png", "mimeType": "image/png",
+                                                  "buffer": a1111.getvalue()}])
+            page.wait_for_function("document.getElementById('load-info').textContent.includes('loaded')")
+            assert page.input_value("#noise") == "a1111-nv"
+            page.click("#generate")
+            page.wait_for_selector("#gallery img", timeout=60_000)
+            src = page.get_attribute("#gallery img", "src")
+        finally:
+            browser.close()
+        made = Image.open(io.BytesIO(httpx.get(url + src, timeout=30).content))
+        assert parse_infotext(image_infotext(made))["RNG"] == "NV"

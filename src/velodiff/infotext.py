@@ -195,6 +195,12 @@ def run_infotext(
     return format_infotext(prompt, negative, fields)
 
 
+def noise_fields(noise: str) -> dict[str, str | None]:
+    """A run's noise mode as fields: velodiff's ``Noise`` and, for A1111's modes, A1111's own ``RNG`` (its
+    noise source, which A1111's paste applies: ``a1111-cpu`` is "CPU", ``a1111-nv`` "NV")."""
+    return {"Noise": noise, "RNG": noise[6:].upper() if noise.startswith("a1111-") else None}
+
+
 def written_seed(seed: int, n: int) -> int:
     """The first of ``n`` seeds as the file says it: torch's unsigned form (-1 is 2**64 - 1, where in A1111
     -1 would ask for a random seed), unless its last image would pass 2**64; then the signed one, which

@@ -204,15 +204,13 @@ class ImageRun:
         """How the images were made, written into the file (A1111's infotext, ``velodiff.infotext``):
         what the run used (its plan says the guidance rescale) and the options that changed it, then
         ``extra``."""
-        from ..infotext import run_infotext
+        from ..infotext import noise_fields, run_infotext
 
         asked = {
             "Eta": self.solver_eta,
             "Embedded guidance": self.embedded_guidance,
             "Clip skip": self.clip_skip,
-            "Noise": self.noise,
-            # A1111's name and values for its noise source, which its paste applies
-            "RNG": self.noise[6:].upper() if self.noise.startswith("a1111-") else None,
+            **noise_fields(self.noise),
             **(extra or {}),
         }
         assert self.path is not None

@@ -23,7 +23,10 @@ from ..limits import SEED_END, SEED_MIN, check_guidance
 
 #: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
 BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "solver_options", "grid", "guidance",
-                "negative", "plan", "layout")
+                "negative", "plan", "layout", "noise")
+#: the noise modes a job takes: each image's noise from its own seed, whatever shares its batch (not
+#: "torch", one generator for a whole network call)
+JOB_NOISE = ("velodiff", "a1111-cpu", "a1111-nv")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Request:
     layout: str | None = None
     #: "guidance" (layout guidance steers attention into the boxes) or "collage" (velodiff.edit.collage)
     layout_mode: str = "guidance"
+    #: the starting and step noise per image (``JOB_NOISE``; ``velodiff generate --noise``)
+    noise: str = "velodiff"
     timeout_s: float | None = None
     preview: bool = False
 
@@ -179,6 +184,12 @@ class Engine:
             raise VelodiffError(
                 f"seed must be in [-2**63, 2**64) for each of the n images, got {seed} with n {req.n}"
             )
+        if req.noise not in JOB_NOISE:
+            raise VelodiffError(
+                f"noise {req.noise!r}: a job takes {', '.join(JOB_NOISE)} (each image's noise from its own "
+                "seed; torch draws a whole batch from one generator, so a job's images would depend on the "
+                "jobs beside it)"
+            )
         layout = self.check_layout(req)
         params = dict(
             kind="collage" if req.layout_mode == "collage" else "text2img",
@@ -196,6 +207,7 @@ class Engine:
             guidance=guidance,
             plan=plan,
             layout=layout,
+            noise=req.noise,
             preview=bool(req.preview),
         )
         self.check_can_run(m, params)
@@ -279,6 +291,7 @@ class Engine:
                 guidance=p["guidance"],
                 negative=p["negative"],
                 plan=self.plan_rules(p),
+                noise=p.get("noise", "velodiff"),
                 callback=callback,
             )
         out, i = [], 0
@@ -289,16 +302,16 @@ class Engine:
 
     @staticmethod
     def with_infotext(m: Any, q: dict[str, Any], res: Any, images: list[Any]) -> list[Any]:
-        """A job's images, each with how it was made inside (``velodiff.infotext``): its own seed; a job
-        with boxes, its own plan and its layout (what POST /api/jobs takes back: the run's plan string
-        would name the layout rule a second time)."""
+        """A job's images, each with how it was made inside (``velodiff.infotext``): its own seed, its noise
+        mode; a job with boxes, its own plan and its layout (what POST /api/jobs takes back: the run's plan
+        string would name the layout rule a second time)."""
         from ..edit.layout import layout_text
-        from ..infotext import PNG_KEY, run_infotext
+        from ..infotext import PNG_KEY, noise_fields, run_infotext
 
-        extra = None
+        extra = noise_fields(q.get("noise", "velodiff"))
         if q.get("layout"):
             mode = "collage" if q.get("kind") == "collage" else None
-            extra = {"Plan": q["plan"] or "none", "Layout": layout_text(q["layout"]), "Layout mode": mode}
+            extra |= {"Plan": q["plan"] or "none", "Layout": layout_text(q["layout"]), "Layout mode": mode}
         prompt, negative = q["prompt"], q["negative"]
         for k, image in enumerate(images):
             seed = q["seed"] + k
@@ -344,6 +357,7 @@ class Engine:
                     guidance=p["guidance"],
                     negative=p["negative"],
                     plan=[p["plan"]] if p["plan"] else None,
+                    noise=p.get("noise", "velodiff"),
                     callback=callback,
                 )
         except Stopped:

@@ -47,7 +47,7 @@ function body() {
     plan: $("plan").value || null, solver: $("solver").value, grid: $("grid").value || null,
     steps: num("steps"), guidance: num("guidance"), seed: num("seed"),
     n: num("n"), width: num("width"), height: num("height"), preview: true,
-    layout: $("layout").value || null, layout_mode: $("layout_mode").value,
+    layout: $("layout").value || null, layout_mode: $("layout_mode").value, noise: $("noise").value,
   };
 }
 
@@ -135,8 +135,9 @@ async function loadSettings(file) {
   ["prompt", "negative", "model", "plan", "solver", "grid", "steps", "guidance", "seed", "width", "height"]
     .forEach((k) => { if (k in q) $(k).value = q[k]; });
   $("n").value = q.n || 1;
-  const skipped = Object.entries(got.not_job_fields)  // what this page cannot run (velodiff noise: its own)
-    .filter(([k, v]) => !(k === "noise" && v === "velodiff")).map(([k, v]) => `${k} ${v}`);
+  $("noise").value = q.noise || "velodiff";  // an image that says nothing of its noise: velodiff's
+  const skipped = Object.entries(got.not_job_fields)  // what this page cannot run
+    .map(([k, v]) => `${k} ${v}`);
   $("load-info").textContent = `settings of ${file.name} loaded` +
     (skipped.length ? ` (not applied here: ${skipped.join(", ")})` : "");
 }
