@@ -4766,7 +4766,7 @@ MUTANTS = {
     ),
     "serve_noise_unchecked": (
         "serve/engine.py",
-        "        if req.noise not in JOB_NOISE:\n",
+        "        if req.noise not in NOISE_MODES:\n",
         "        if False:\n",
         ["tests/test_serve_jobs.py", "-k", "noise_mode"],
     ),
@@ -4782,11 +4782,23 @@ MUTANTS = {
         'extra = noise_fields("velodiff")',
         ["tests/test_serve_jobs.py", "-k", "noise_mode"],
     ),
-    "serve_parameters_torch_noise_a_job_field": (
-        "serve/jobs_api.py",
-        "        del job[\"noise\"]\n",
-        "        pass\n",
-        ["tests/test_serve_jobs.py", "-k", "noise_comes_back"],
+    "serve_torch_noise_shares_a_batch": (
+        "serve/engine.py",
+        ' or coupled or params.get("noise") == "torch":',
+        " or coupled:",
+        ["tests/test_serve_jobs.py", "-k", "noise_mode"],
+    ),
+    "serve_torch_noise_files_name_one_image": (
+        "serve/engine.py",
+        'whole = q.get("noise") == "torch"',
+        "whole = False",
+        ["tests/test_serve_jobs.py", "-k", "noise_mode"],
+    ),
+    "comfy_noise_velodiffs": (
+        "serve/comfy_api.py",
+        '                noise="torch",  # ComfyUI\'s starting noise',
+        '                noise="velodiff",  # ComfyUI\'s starting noise',
+        ["tests/test_serve_comfy.py", "-k", "example_client"],
     ),
     "page_noise_not_loaded": (
         "serve/page/app.js",

@@ -137,8 +137,9 @@ def test_comfyui_example_client_runs_the_default_graph(server):
     )
     executed = next(m for m in seen if m["type"] == "executed")
     assert executed["data"]["node"] == "9" and executed["data"]["prompt_id"] == prompt_id
-    # the graph is velodiff's euler solver on its karras grid: the jobs API gives the same pixels and
-    # parameters (the comfy PNG holds its graph too)
+    # the graph is velodiff's euler solver on its karras grid, from ComfyUI's starting noise (one CPU
+    # generator for the batch: noise torch): the jobs API gives the same pixels and parameters (the comfy
+    # PNG holds its graph too)
     r = httpx.post(
         f"{url}/api/jobs",
         json={
@@ -148,6 +149,7 @@ def test_comfyui_example_client_runs_the_default_graph(server):
             "solver": "euler",
             "grid": "karras",
             "guidance": 2.5,
+            "noise": "torch",
         },
     )
     job = httpx.get(f"{url}/api/jobs/{r.json()['id']}/result", timeout=60).json()

@@ -926,9 +926,8 @@ def test_parameters_refuses_a_bomb_in_one_line_and_a_jobs_png_holds_no_comfy_gra
 
 
 def test_a_jobs_noise_mode_draws_its_images_and_is_written_into_them():
-    """A job's noise (velodiff, a1111-cpu, a1111-nv: each image's noise from its own seed) draws what
-    text2img draws with it, is another batch, and is written as velodiff's Noise and A1111's RNG; torch (one
-    generator for a whole call) is refused in one line."""
+    """A job's noise mode draws what text2img draws with it, is another batch, and is written as
+    velodiff's Noise and A1111's RNG; an unknown one is one line."""
     from types import SimpleNamespace
 
     from serve_fixtures import engine
@@ -950,13 +949,23 @@ def test_a_jobs_noise_mode_draws_its_images_and_is_written_into_them():
     assert (fields["Noise"], fields["RNG"], fields["Seed"]) == ("a1111-nv", "NV", "4")
     own = eng.run([SimpleNamespace(params=eng.check(Request(**base)))])[0]
     assert own[0].tobytes() != images[0].tobytes() and "RNG" not in parse_infotext(own[0].info[PNG_KEY])
-    with pytest.raises(VelodiffError, match="noise 'torch': a job takes velodiff, a1111-cpu, a1111-nv"):
-        eng.check(Request(**base, noise="torch"))
+    # torch: one generator for the job's images (ComfyUI's starting noise), so the job runs alone and its
+    # files name the call (its seed and n)
+    p = eng.check(Request(**base, noise="torch"))
+    assert batch_key(p).startswith("alone:") and batch_key(p) != batch_key(p)
+    images = eng.run([SimpleNamespace(params=p)])[0]
+    want = text2img(m, [p["prompt"]] * 2, seeds=[3, 4], steps=2, solver=p["solver"], grid=p["grid"],
+                    guidance=p["guidance"], noise="torch").images
+    assert [a.tobytes() for a in images] == [b.tobytes() for b in want]
+    fields = parse_infotext(images[1].info[PNG_KEY])
+    assert (fields["Noise"], fields["Seed"], fields["Batch size"]) == ("torch", "3", "2")
+    with pytest.raises(VelodiffError, match="noise mode 'numpy'"):
+        eng.check(Request(**base, noise="numpy"))
 
 
 def test_an_a1111_images_noise_comes_back_as_a_job_field(server):
-    """POST /api/parameters: an A1111 text's noise source (its GPU default, as an NVIDIA card draws it) is a
-    job field; the CLI's torch noise, which a job cannot take, is among the fields it cannot."""
+    """POST /api/parameters: an A1111 text's noise source (its GPU default, as an NVIDIA card draws it) and
+    a velodiff file's noise mode are job fields."""
     import base64
 
     from velodiff.infotext import format_infotext, save_options
@@ -965,7 +974,7 @@ def test_an_a1111_images_noise_comes_back_as_a_job_field(server):
     fields = {"Steps": 20, "Sampler": "Euler a", "CFG scale": 7, "Seed": 5, "Size": "64x64"}
     for extra, job, rest in (({"Version": "v1.10.1"}, {"noise": "a1111-nv"}, {}),
                              ({"RNG": "CPU"}, {"noise": "a1111-cpu"}, {}),
-                             ({"Noise": "torch"}, {}, {"noise": "torch"})):
+                             ({"Noise": "torch"}, {"noise": "torch"}, {})):
         made = io.BytesIO()
         Image.new("RGB", (8, 8)).save(made, format="PNG",
                                       **save_options("PNG", format_infotext("a cat", None, fields | extra)))

@@ -223,6 +223,7 @@ def read_graph(graph: Any, models: list[str]) -> tuple[GenRequest, dict[str, Any
                 solver_options=options or None,
                 grid=grid,
                 guidance=cfg,
+                noise="torch",  # ComfyUI's starting noise: one CPU generator seeded by the KSampler's seed
             )
     if g.errors or req is None:
         raise ComfyRefusal(refusal(graph, g, [save]))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..commands.names import NOISE_MODES
 from ..errors import VelodiffError, unknown_name
 from ..images import png_bytes
 from ..limits import SEED_END, SEED_MIN, check_guidance
@@ -24,9 +25,6 @@ from ..limits import SEED_END, SEED_MIN, check_guidance
 #: the parameters that must agree for jobs to share a batch (prompt, seed and n may differ)
 BATCH_FIELDS = ("model", "width", "height", "steps", "solver", "solver_options", "grid", "guidance",
                 "negative", "plan", "layout", "noise")
-#: the noise modes a job takes: each image's noise from its own seed, whatever shares its batch (not
-#: "torch", one generator for a whole network call)
-JOB_NOISE = ("velodiff", "a1111-cpu", "a1111-nv")
 
 
 @dataclass
@@ -51,20 +49,21 @@ class Request:
     layout: str | None = None
     #: "guidance" (layout guidance steers attention into the boxes) or "collage" (velodiff.edit.collage)
     layout_mode: str = "guidance"
-    #: the starting and step noise per image (``JOB_NOISE``; ``velodiff generate --noise``)
+    #: the noise mode (``velodiff generate --noise``); torch (one generator for the job's images, as
+    #: ComfyUI draws a batch's starting noise) runs the job in a batch of its own
     noise: str = "velodiff"
     timeout_s: float | None = None
     preview: bool = False
 
 
 def batch_key(params: dict[str, Any]) -> str:
-    """Jobs of one key may share a network call. A collage (drawn an object at a time) and a plan whose
-    rule decides for the whole batch (``Accelerator.couples_batch``: an image would change with the jobs
-    beside it) get a key of their own."""
+    """Jobs of one key may share a network call. A collage (drawn an object at a time), a plan whose rule
+    decides for the whole batch (``Accelerator.couples_batch``) and torch noise (one generator for the
+    call's images) would make an image change with the jobs beside it: they get a key of their own."""
     from ..plan import Plan
 
     coupled = any(r.couples_batch for r in Plan.parse(params.get("plan")).rules)
-    if params.get("kind") == "collage" or coupled:
+    if params.get("kind") == "collage" or coupled or params.get("noise") == "torch":
         import uuid
 
         return f"alone:{uuid.uuid4().hex}"
@@ -184,12 +183,8 @@ class Engine:
             raise VelodiffError(
                 f"seed must be in [-2**63, 2**64) for each of the n images, got {seed} with n {req.n}"
             )
-        if req.noise not in JOB_NOISE:
-            raise VelodiffError(
-                f"noise {req.noise!r}: a job takes {', '.join(JOB_NOISE)} (each image's noise from its own "
-                "seed; torch draws a whole batch from one generator, so a job's images would depend on the "
-                "jobs beside it)"
-            )
+        if req.noise not in NOISE_MODES:
+            raise unknown_name("noise mode", req.noise, NOISE_MODES)
         layout = self.check_layout(req)
         params = dict(
             kind="collage" if req.layout_mode == "collage" else "text2img",
@@ -302,9 +297,9 @@ class Engine:
 
     @staticmethod
     def with_infotext(m: Any, q: dict[str, Any], res: Any, images: list[Any]) -> list[Any]:
-        """A job's images, each with how it was made inside (``velodiff.infotext``): its own seed, its noise
-        mode; a job with boxes, its own plan and its layout (what POST /api/jobs takes back: the run's plan
-        string would name the layout rule a second time)."""
+        """A job's images, each with how it was made inside (``velodiff.infotext``): its own seed (torch
+        noise: the job's seed and n), its noise mode; a job with boxes, its own plan and its layout (what
+        POST /api/jobs takes back: the run's plan string would name the layout rule a second time)."""
         from ..edit.layout import layout_text
         from ..infotext import PNG_KEY, noise_fields, run_infotext
 
@@ -313,9 +308,10 @@ class Engine:
             mode = "collage" if q.get("kind") == "collage" else None
             extra |= {"Plan": q["plan"] or "none", "Layout": layout_text(q["layout"]), "Layout mode": mode}
         prompt, negative = q["prompt"], q["negative"]
+        whole = q.get("noise") == "torch"  # one generator made the job's images: the file names the call
         for k, image in enumerate(images):
-            seed = q["seed"] + k
-            image.info[PNG_KEY] = run_infotext(prompt, negative, res, seed, m.path, m.loras, 1, extra)
+            seed, n = (q["seed"], q["n"]) if whole else (q["seed"] + k, 1)
+            image.info[PNG_KEY] = run_infotext(prompt, negative, res, seed, m.path, m.loras, n, extra)
         return list(images)
 
     @staticmethod

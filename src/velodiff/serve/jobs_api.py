@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import VelodiffError
-from .engine import JOB_NOISE
 from .engine import Request as GenRequest
 from .events import FINAL_EVENTS
 from .queue import ACTIVE, FINAL, Job
@@ -53,9 +52,10 @@ class JobBody(BaseModel):
     )
     noise: str = Field(
         "velodiff",
-        description="each image's starting and step noise from its own seed: velodiff (the same on every "
-        "device), a1111-cpu (A1111's 'RNG: CPU', diffusers with a CPU generator per image) or a1111-nv (what "
-        "an NVIDIA GPU draws: A1111's default)",
+        description="velodiff (each image's noise from its seed, the same on every device), torch (one CPU "
+        "generator for the job's images, as ComfyUI and diffusers: the job runs alone), a1111-cpu (A1111's "
+        "'RNG: CPU', diffusers with a CPU generator per image) or a1111-nv (what an NVIDIA GPU draws: "
+        "A1111's default)",
     )
     timeout_s: float | None = Field(
         None, description="fail the job if it runs longer (at most, and by default, the server's --timeout)"
@@ -221,7 +221,7 @@ async def parameters(body: ParametersBody) -> dict[str, Any]:
     """An image's A1111 infotext (what velodiff, A1111 and most UIs write into their images): the text,
     its fields, the job they make (``request``, a body for POST /api/jobs: prompt, negative, steps,
     solver, grid, guidance, seed, n, width, height, plan, model, layout, layout_mode) and the settings a
-    job cannot take (``not_job_fields``: e.g. the CLI's noise torch, an img2img strength). An image
+    job cannot take (``not_job_fields``: e.g. an img2img strength). An image
     without one answers ``parameters: null``."""
     import io
 
@@ -238,8 +238,6 @@ async def parameters(body: ParametersBody) -> dict[str, Any]:
     fields = parse_infotext(text) if text else {}
     asked = generation_request(fields)
     job = {k: v for k, v in asked.items() if k in JobBody.model_fields}
-    if job.get("noise", "velodiff") not in JOB_NOISE:  # the CLI's torch: one generator for a call
-        del job["noise"]
     rest = {k: v for k, v in asked.items() if k not in job}
     return {"parameters": text, "fields": fields, "request": job, "not_job_fields": rest}
 
