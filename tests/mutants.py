@@ -3270,8 +3270,8 @@ MUTANTS = {
     ),
     "infotext_served_seed_of_the_job": (
         "serve/engine.py",
-        'seed = q["seed"] + k',
-        'seed = q["seed"]',
+        'seed, n = (q["seed"], q["n"]) if whole else (q["seed"] + k, 1)',
+        'seed, n = (q["seed"], q["n"]) if whole else (q["seed"], 1)',
         ["tests/test_serve_openai.py", "-k", "says_how"],
     ),
     "infotext_img2img_steps_run": (
@@ -3393,8 +3393,8 @@ MUTANTS = {
     ),
     "r25_torch_noise_batch_equal_refused": (
         "commands/image_run.py",
-        "if self.noise == \"torch\" and self.batch and self.batch < self.n:",
-        "if self.noise == \"torch\" and self.batch and self.batch <= self.n:",
+        "if self.noise in (\"torch\", \"cuda\") and self.batch and self.batch < self.n:",
+        "if self.noise in (\"torch\", \"cuda\") and self.batch and self.batch <= self.n:",
         ["tests/test_generate.py", "-k", "eta_nfe_and_embedded"],
     ),
     "r25_eta_checked_only_late": (
@@ -4706,9 +4706,9 @@ MUTANTS = {
     ),
     "a1111_noise_steps_velodiffs": (
         "pipelines/common.py",
-        'if setup.solver.noise != "none" and opts.noise.startswith("a1111-"):',
-        'if setup.solver.noise != "none" and opts.noise.startswith("a1111:"):',
-        ["tests/test_models_sd.py", "-k", "a1111"],
+        'if setup.solver.noise == "gaussian" and opts.noise in GENERATOR_MODES:',
+        'if setup.solver.noise == "gaussian" and opts.noise.startswith("a1111-"):',
+        ["tests/test_models_sd.py", "-k", "one_generator_for_the_batch"],
     ),
     "a1111_rng_cpu_unread": (
         "infotext.py",
@@ -4760,9 +4760,21 @@ MUTANTS = {
     ),
     "a1111_nv_is_cpu": (
         "noise.py",
-        'torch.Generator().manual_seed(int(s)) if source == "CPU" else PhiloxGenerator(s) for s in seeds',
-        'torch.Generator().manual_seed(int(s)) for s in seeds',
+        'torch.Generator().manual_seed(int(s)) if source == "CPU" else PhiloxGenerator(s)',
+        'torch.Generator().manual_seed(int(s))',
         ["tests/test_noise.py", "-k", "a1111"],
+    ),
+    "generator_noise_one_per_image_always": (
+        "noise.py",
+        "for s in (seeds if per_image else seeds[:1])",
+        "for s in seeds",
+        ["tests/test_noise.py", "-k", "cuda"],
+    ),
+    "cuda_noise_on_the_cpu": (
+        "pipelines/common.py",
+        '"cuda": ("NV", False)',
+        '"cuda": ("CPU", False)',
+        ["tests/test_noise.py", "-k", "cuda"],
     ),
     "serve_noise_unchecked": (
         "serve/engine.py",
@@ -4784,13 +4796,13 @@ MUTANTS = {
     ),
     "serve_torch_noise_shares_a_batch": (
         "serve/engine.py",
-        ' or coupled or params.get("noise") == "torch":',
+        ' or coupled or params.get("noise") in ("torch", "cuda"):',
         " or coupled:",
         ["tests/test_serve_jobs.py", "-k", "noise_mode"],
     ),
     "serve_torch_noise_files_name_one_image": (
         "serve/engine.py",
-        'whole = q.get("noise") == "torch"',
+        'whole = q.get("noise") in ("torch", "cuda")',
         "whole = False",
         ["tests/test_serve_jobs.py", "-k", "noise_mode"],
     ),

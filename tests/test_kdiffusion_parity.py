@@ -245,10 +245,10 @@ class _A1111Torch:
      ("sample_euler", "euler", {"s_churn": 2.0, "s_tmin": 0.1})],
 )  # fmt: skip
 def test_a1111_cpu_noise_is_what_a1111_gives_k_diffusion(sched, name, solver, kw, monkeypatch):
-    """noise a1111-cpu (``A1111Noise``): the starting noise and every step's noise as A1111 draws them
-    with "RNG: CPU" (per image generator, replayed into k-diffusion's randn_like), including Euler's
+    """noise a1111-cpu (``GeneratorNoise``, a generator per image): the starting noise and every step's
+    noise as A1111 draws them with "RNG: CPU" (replayed into k-diffusion's randn_like), including Euler's
     churn, for which k-diffusion draws on every step but uses the draw only where gamma > 0."""
-    from velodiff.noise import A1111Noise
+    from velodiff.noise import GeneratorNoise
 
     seeds = [5, 2**40 + 3, 9, 11]
     s = Setup(sched)
@@ -259,7 +259,7 @@ def test_a1111_cpu_noise_is_what_a1111_gives_k_diffusion(sched, name, solver, kw
     if "s_tmin" in kw:
         kw = {**kw, "s_tmax": float(s.sigmas[1]) * 1.01}  # churn on some steps, not on all
     ref = getattr(K, name)(s.model, hijack.start * scale / a0, s.sigmas, disable=True, **kw)
-    streams = A1111Noise((4, *SHAPE), seeds, dtype=F64)
+    streams = GeneratorNoise((4, *SHAPE), seeds, dtype=F64)
     assert torch.equal(streams.first().to(F64), hijack.start)
     res = sample(s.den, streams.first().to(F64) * scale, s.ts, solver, noise=streams, **kw)
     _close(ref, s.velodiff_ve(res))

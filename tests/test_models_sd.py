@@ -1148,3 +1148,22 @@ def test_a1111_cpu_noise_is_diffusers_with_a_generator_per_image(models):
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
     alone = text2img(m, PROMPT, seeds=[7], noise="a1111-cpu", **kw)  # an image's noise is its own seed's
     torch.testing.assert_close(alone.latents, r.latents[1:], atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_torch_noise_is_diffusers_with_one_generator_for_the_batch_and_its_steps(models):
+    """noise="torch": one CPU generator draws the batch's starting noise and then each ancestral step's
+    noise for the whole batch, as diffusers does with one CPU generator (prepare_latents, then
+    EulerAncestralDiscreteScheduler.step from the same generator)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    m = models["sd1"]
+    sched = EulerAncestralDiscreteScheduler.from_config(m.components["scheduler_config"])
+    ref = m.to_diffusers(sched)(
+        [PROMPT] * 2, num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(42),
+        output_type="latent", height=H, width=W,
+    ).images
+    ts = diffusers_times(m, EulerAncestralDiscreteScheduler.from_config(m.components["scheduler_config"]), 4,
+                         "zero")
+    r = text2img(m, [PROMPT] * 2, seeds=[42, 43], noise="torch", grid=ts, solver="euler_ancestral",
+                 guidance=7.5, output="latent", height=H, width=W)
+    torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)

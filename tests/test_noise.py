@@ -193,7 +193,7 @@ def test_nv_noise_is_what_torch_draws_on_an_nvidia_gpu():
 def test_a1111_starting_noise_is_each_images_first_draw(mode):
     """A1111's starting noise: image i's own generator (seed i), its first draw of one image's shape, so
     an image's noise does not depend on the batch; the NV source differs from the CPU one."""
-    from velodiff.noise import A1111Noise
+    from velodiff.noise import GeneratorNoise
     from velodiff.philox import PhiloxGenerator
     from velodiff.pipelines.common import initial_noise
 
@@ -205,7 +205,7 @@ def test_a1111_starting_noise_is_each_images_first_draw(mode):
         assert torch.equal(z[k : k + 1], first)
     assert not torch.equal(initial_noise(shape, [11], "a1111-cpu"), initial_noise(shape, [11], "a1111-nv"))
     with pytest.raises(velodiff.VelodiffError, match="CPU, NV"):
-        A1111Noise(shape, [1], "GPU")
+        GeneratorNoise(shape, [1], "GPU")
 
 
 def test_nv_noise_is_a1111s_nv_source_to_the_bit():
@@ -227,3 +227,19 @@ def test_nv_noise_is_a1111s_nv_source_to_the_bit():
         g = PhiloxGenerator(seed)
         for want in draws:
             assert g.randn((2, 3)).ravel().tolist() == want
+
+
+def test_cuda_noise_is_one_nvidia_generator_for_the_batch():
+    """noise cuda: what diffusers draws with one CUDA generator, computed here: the batch's starting noise
+    is the generator's first call over the whole batch, step i's noise its call i + 1."""
+    from velodiff.noise import GeneratorNoise
+    from velodiff.philox import PhiloxGenerator
+    from velodiff.pipelines.common import initial_noise
+
+    shape = (2, 4, 8, 6)
+    g = PhiloxGenerator(77)
+    first, second, third = (torch.from_numpy(g.randn(shape)) for _ in range(3))
+    assert torch.equal(initial_noise(shape, [77, 78], "cuda"), first)
+    streams = GeneratorNoise(shape, [77, 78], "NV", per_image=False)
+    assert torch.equal(streams(1), third) and torch.equal(streams(0), second)
+    assert not torch.equal(initial_noise(shape, [77, 78], "a1111-nv")[1], first[1])  # image 2: seed 78's

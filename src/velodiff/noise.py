@@ -86,28 +86,31 @@ class BrownianNoise:
         return w.to(device=self.device, dtype=self.dtype)
 
 
-class A1111Noise:
-    """AUTOMATIC1111's per-image noise (its ``modules/rng.py`` ``ImageRNG``): image k's generator is seeded
-    with its seed, its first draw (of one image's shape) is the starting noise (``first``), and draw
-    i + 1 is step i's noise, as k-diffusion's samplers consume A1111's replayed ``torch.randn_like`` (one
-    draw per step: the churn samplers on every step, the ancestral ones on every step but a last one to
-    sigma 0). ``source`` is A1111's "RNG" setting: "CPU", a torch CPU generator (also diffusers with a list
-    of CPU generators, one per image, whose ancestral schedulers draw per step), or "NV", the Philox
-    draws of an NVIDIA GPU computed here (``velodiff.philox``; A1111's default "GPU" source on such a card
-    draws the same). Draws are made in order and kept, so step i's noise is the same however often and
-    in whatever order it is asked for."""
+class GeneratorNoise:
+    """Noise as other tools draw it from torch-style generators. ``per_image`` (AUTOMATIC1111's
+    ``modules/rng.py`` ``ImageRNG``, diffusers with a list of generators): image k's own generator, seeded
+    with its seed, draws one image's shape; otherwise one generator seeded with the first seed draws the
+    whole batch (diffusers with one generator; ComfyUI's starting noise). ``source`` "CPU" is a torch CPU
+    generator, "NV" the Philox draws of an NVIDIA GPU computed here (``velodiff.philox``: A1111's "NV" and,
+    on such a card, its "GPU" source and diffusers' CUDA generator). Draw 0 is the starting noise
+    (``first``) and draw i + 1 step i's noise, as k-diffusion's samplers consume A1111's replayed
+    ``torch.randn_like`` (one draw per step: the churn samplers on every step, the ancestral ones on every
+    step but a last one to sigma 0) and diffusers' schedulers draw from the pipeline's generator per step.
+    Draws are made in order and kept, so step i's noise is the same however often and in whatever order
+    it is asked for."""
 
     SOURCES = ("CPU", "NV")
 
-    def __init__(self, shape: tuple[int, ...], seeds: list[int], source: str = "CPU",
+    def __init__(self, shape: tuple[int, ...], seeds: list[int], source: str = "CPU", per_image: bool = True,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         from .philox import PhiloxGenerator
 
         if source not in self.SOURCES:
-            raise VelodiffError(f"A1111's noise source is one of {', '.join(self.SOURCES)}, got {source!r}")
-        self.shape, self.device, self.dtype = (1, *shape[1:]), device, dtype
+            raise VelodiffError(f"a generator's source is one of {', '.join(self.SOURCES)}, got {source!r}")
+        self.shape, self.device, self.dtype = ((1, *shape[1:]) if per_image else tuple(shape)), device, dtype
         self.generators: list[Any] = [
-            torch.Generator().manual_seed(int(s)) if source == "CPU" else PhiloxGenerator(s) for s in seeds
+            torch.Generator().manual_seed(int(s)) if source == "CPU" else PhiloxGenerator(s)
+            for s in (seeds if per_image else seeds[:1])
         ]
         self.start = self._draw()  # the starting noise's draw comes first
         self.steps: list[Tensor] = []

@@ -110,11 +110,11 @@ class ImageRun:
         if self.grid is not None:
             check_grid_name(self.grid)
         check_name("noise mode", self.noise, NOISE_MODES)
-        if self.noise == "torch" and self.batch and self.batch < self.n:  # a generator per call
+        if self.noise in ("torch", "cuda") and self.batch and self.batch < self.n:  # a generator per call
             raise VelodiffError(
-                f"--noise torch draws the noise of one call from its first seed, as diffusers: --batch "
-                f"{self.batch} below --n {self.n} would draw images {self.batch + 1}.. from other seeds; "
-                "leave --batch out or use --noise velodiff"
+                f"--noise {self.noise} draws the noise of one call from its first seed, as diffusers: "
+                f"--batch {self.batch} below --n {self.n} would draw images {self.batch + 1}.. from other "
+                "seeds; leave --batch out or use --noise velodiff"
             )
         if self.prediction_type is not None:
             check_name("prediction type", self.prediction_type, PREDICTION_TYPES)

@@ -49,7 +49,7 @@ def check_grid_name(name: str) -> None:
 #: ``velodiff.denoisers.PREDICTION_TYPES``
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 #: ``velodiff.pipelines.common.NOISE_MODES``
-NOISE_MODES = ("velodiff", "torch", "a1111-cpu", "a1111-nv")
+NOISE_MODES = ("velodiff", "torch", "cuda", "a1111-cpu", "a1111-nv")
 #: the weight dtypes the CLI offers (``velodiff.models.base.DTYPES`` also takes fp32 / bf16 / fp16)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 

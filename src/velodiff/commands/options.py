@@ -146,7 +146,8 @@ ClipSkip = Annotated[
 Noise = Annotated[
     str,
     typer.Option(help="velodiff: noise per image from its own seed (same on every device and batch); "
-                 "torch: one CPU generator for the batch, as diffusers and ComfyUI; a1111-cpu: one CPU "
+                 "torch: one CPU generator for the batch, as diffusers and ComfyUI; cuda: the same as an "
+                 "NVIDIA GPU draws it (diffusers with a CUDA generator); a1111-cpu: one CPU "
                  "generator per image, its starting and step noise, as A1111's 'RNG: CPU' and diffusers with "
                  "a generator per image; a1111-nv: the same drawn as an NVIDIA GPU draws it (A1111's "
                  "default GPU and its NV source)"),

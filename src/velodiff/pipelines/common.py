@@ -4,18 +4,16 @@
 
 Noise contract. Each image's initial latents come from ``velodiff.noise.randn`` on the CPU, seeded
 by that image's own seed (``noise="velodiff"``): the same seed gives the same image on every device
-and in every batch composition. ``noise="torch"`` instead draws the whole batch with one
-``torch.Generator("cpu").manual_seed(seeds[0])`` call, which is what diffusers does with a CPU
-generator and what ComfyUI does (it always draws on the CPU), so a seed reproduces their starting
-noise. diffusers with a CUDA generator draws on the GPU and gives different noise from the same
-seed (and from CPU noise); velodiff never draws on the device. ``noise="a1111-cpu"`` is A1111's CPU
-source ("RNG: CPU" in its infotext) and diffusers' with one CPU generator per image: each image's own
-``torch.Generator("cpu").manual_seed(seed)`` gives its starting noise and then, draw after draw, its
-stochastic steps' noise (``velodiff.noise.A1111Noise``); ``noise="a1111-nv"`` the same from A1111's
-"NV" source, the Philox draws of an NVIDIA GPU (``velodiff.philox``), which is what A1111's default
-"GPU" source draws on such a card. Brownian steps come from k-diffusion's per-image trees over sigma,
-as A1111 seeds them (``SigmaBrownianNoise``). The other modes draw step noise per image from
-velodiff's seeds.
+and in every batch composition, and a stochastic solver's step noise is drawn per image the same way.
+The other modes draw as other tools do, from torch-style generators (``velodiff.noise.GeneratorNoise``:
+the starting noise, then one draw per step of a stochastic solver): ``noise="torch"`` one
+``torch.Generator("cpu").manual_seed(seeds[0])`` for the whole batch (diffusers with a CPU generator;
+ComfyUI's starting noise), ``noise="cuda"`` the same as an NVIDIA GPU's generator draws it (diffusers
+with a CUDA generator, computed on any device by ``velodiff.philox``), ``noise="a1111-cpu"`` /
+``"a1111-nv"`` one such generator per image, seeded with the image's seed (A1111's "RNG: CPU" / its
+"NV" and, on an NVIDIA card, its default "GPU" source; diffusers with a list of generators). Brownian
+steps (the SDE solvers) come from k-diffusion's per-image trees over sigma in the A1111 modes, as A1111
+seeds them (``SigmaBrownianNoise``), and from velodiff's per-image trees otherwise.
 """
 
 from __future__ import annotations
@@ -33,13 +31,16 @@ from torch import Tensor
 from ..denoisers import Cond
 from ..errors import VelodiffError, check_text, unknown_name
 from ..guidance import GuidedCond
-from ..noise import A1111Noise, BrownianNoise, GaussianNoise, SigmaBrownianNoise, check_seed, randn
+from ..noise import BrownianNoise, GaussianNoise, GeneratorNoise, SigmaBrownianNoise, check_seed, randn
 from ..plan import Accelerator
 from ..sampling import StepInfo, sample
 from .images import to_pil
 from .setup import Sampling, Setup, guided_scale
 
-NOISE_MODES = ("velodiff", "torch", "a1111-cpu", "a1111-nv")
+NOISE_MODES = ("velodiff", "torch", "cuda", "a1111-cpu", "a1111-nv")
+#: the modes that draw from other tools' generators: (source, one generator per image)
+GENERATOR_MODES = {"torch": ("CPU", False), "cuda": ("NV", False), "a1111-cpu": ("CPU", True),
+                   "a1111-nv": ("NV", True)}
 
 
 @dataclass
@@ -152,10 +153,8 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], mode: str = "velodif
         check_seed(s)
     if mode == "velodiff":
         return torch.cat([randn((1, *shape[1:]), s) for s in seeds])
-    if mode == "torch":
-        return torch.randn(shape, generator=torch.Generator().manual_seed(int(seeds[0])), dtype=torch.float32)
-    if mode in ("a1111-cpu", "a1111-nv"):
-        return A1111Noise(shape, seeds, mode[6:].upper()).first()
+    if mode in GENERATOR_MODES:
+        return GeneratorNoise(shape, seeds, *GENERATOR_MODES[mode]).first()
     raise unknown_name("noise mode", mode, NOISE_MODES)
 
 
@@ -211,9 +210,10 @@ def run(
         )
     ts = setup.ts if ts is None else ts
     noise: Any = None
-    if setup.solver.noise != "none" and opts.noise.startswith("a1111-"):
-        noise = (SigmaBrownianNoise(x, seeds, ts, model.schedule) if setup.solver.noise == "brownian"
-                 else A1111Noise(tuple(x.shape), seeds, opts.noise[6:].upper(), x.device, x.dtype))
+    if setup.solver.noise == "gaussian" and opts.noise in GENERATOR_MODES:
+        noise = GeneratorNoise(tuple(x.shape), seeds, *GENERATOR_MODES[opts.noise], x.device, x.dtype)
+    elif setup.solver.noise == "brownian" and opts.noise.startswith("a1111-"):
+        noise = SigmaBrownianNoise(x, seeds, ts, model.schedule)
     elif setup.solver.noise != "none":
         noise = PerImageNoise(x, seeds, setup.solver.noise, ts)
     context = {**run_context(model, setup, prompts, size, encode), "seeds": tuple(seeds)}

@@ -47,9 +47,10 @@ class Sampling:
     * ``latents``: the starting noise (B, C, h, w), standard normal, instead of drawing it from the seeds.
     * ``output``: "pil" (PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" (no decode).
     * ``noise``: "velodiff" (per-image seed), "torch" (one CPU generator for the batch, as diffusers'
-      CPU generator and ComfyUI), "a1111-cpu" (a CPU generator per image for its starting and step
-      noise, as A1111's "RNG: CPU" and diffusers with a generator per image) or "a1111-nv" (the same as an
-      NVIDIA GPU draws it: A1111's default and its "NV" source).
+      CPU generator and ComfyUI), "cuda" (the same as an NVIDIA GPU draws it), "a1111-cpu" (a CPU
+      generator per image for its starting and step noise, as A1111's "RNG: CPU" and diffusers with a
+      generator per image) or "a1111-nv" (the same as an NVIDIA GPU draws it: A1111's default and its
+      "NV" source).
     * ``callback(StepInfo)``: after every step; may return an edited x, or True to stop.
     * ``grad``: sample with gradients enabled (off: inference mode; a rule that needs them turns it on).
     """

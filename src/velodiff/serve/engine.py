@@ -49,7 +49,7 @@ class Request:
     layout: str | None = None
     #: "guidance" (layout guidance steers attention into the boxes) or "collage" (velodiff.edit.collage)
     layout_mode: str = "guidance"
-    #: the noise mode (``velodiff generate --noise``); torch (one generator for the job's images, as
+    #: the noise mode (``velodiff generate --noise``); torch or cuda (one generator for the job's images, as
     #: ComfyUI draws a batch's starting noise) runs the job in a batch of its own
     noise: str = "velodiff"
     timeout_s: float | None = None
@@ -58,12 +58,12 @@ class Request:
 
 def batch_key(params: dict[str, Any]) -> str:
     """Jobs of one key may share a network call. A collage (drawn an object at a time), a plan whose rule
-    decides for the whole batch (``Accelerator.couples_batch``) and torch noise (one generator for the
-    call's images) would make an image change with the jobs beside it: they get a key of their own."""
+    decides for the whole batch (``Accelerator.couples_batch``) and torch or cuda noise (one generator for
+    the call's images) would make an image change with the jobs beside it: they get a key of their own."""
     from ..plan import Plan
 
     coupled = any(r.couples_batch for r in Plan.parse(params.get("plan")).rules)
-    if params.get("kind") == "collage" or coupled or params.get("noise") == "torch":
+    if params.get("kind") == "collage" or coupled or params.get("noise") in ("torch", "cuda"):
         import uuid
 
         return f"alone:{uuid.uuid4().hex}"
@@ -297,8 +297,8 @@ class Engine:
 
     @staticmethod
     def with_infotext(m: Any, q: dict[str, Any], res: Any, images: list[Any]) -> list[Any]:
-        """A job's images, each with how it was made inside (``velodiff.infotext``): its own seed (torch
-        noise: the job's seed and n), its noise mode; a job with boxes, its own plan and its layout (what
+        """A job's images, each with how it was made inside (``velodiff.infotext``): its own seed (torch or
+        cuda noise: the job's seed and n), its noise mode; a job with boxes, its own plan and its layout (what
         POST /api/jobs takes back: the run's plan string would name the layout rule a second time)."""
         from ..edit.layout import layout_text
         from ..infotext import PNG_KEY, noise_fields, run_infotext
@@ -308,7 +308,7 @@ class Engine:
             mode = "collage" if q.get("kind") == "collage" else None
             extra |= {"Plan": q["plan"] or "none", "Layout": layout_text(q["layout"]), "Layout mode": mode}
         prompt, negative = q["prompt"], q["negative"]
-        whole = q.get("noise") == "torch"  # one generator made the job's images: the file names the call
+        whole = q.get("noise") in ("torch", "cuda")  # one generator made the job's images: name the call
         for k, image in enumerate(images):
             seed, n = (q["seed"], q["n"]) if whole else (q["seed"] + k, 1)
             image.info[PNG_KEY] = run_infotext(prompt, negative, res, seed, m.path, m.loras, n, extra)

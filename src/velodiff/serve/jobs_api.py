@@ -53,7 +53,8 @@ class JobBody(BaseModel):
     noise: str = Field(
         "velodiff",
         description="velodiff (each image's noise from its seed, the same on every device), torch (one CPU "
-        "generator for the job's images, as ComfyUI and diffusers: the job runs alone), a1111-cpu (A1111's "
+        "generator for the job's images, as ComfyUI and diffusers: the job runs alone), cuda (the same as an "
+        "NVIDIA GPU draws it), a1111-cpu (A1111's "
         "'RNG: CPU', diffusers with a CPU generator per image) or a1111-nv (what an NVIDIA GPU draws: "
         "A1111's default)",
     )

@@ -54,7 +54,7 @@ class ImagesGenerate(BaseModel):
     plan: str | None = Field(None, description="a velodiff step plan")
     layout: str | None = Field(None, description="object boxes (velodiff's jobs API's layout)")
     layout_mode: str = Field("guidance", description="guidance or collage (velodiff's jobs API's)")
-    noise: str = Field("velodiff", description="velodiff, torch, a1111-cpu or a1111-nv (the jobs API's)")
+    noise: str = Field("velodiff", description="velodiff, torch, cuda, a1111-cpu or a1111-nv (jobs API)")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
