@@ -49,8 +49,8 @@ def generate_set_cmd(
     width: o.Width = None,
     height: o.Height = None,
     noise: Annotated[str | None, typer.Option(
-        help="velodiff: noise per image from its own seed (default); torch: one CPU generator per batch, "
-        "as diffusers"
+        help="velodiff: noise per image from its own seed (default); torch / cuda: one CPU / NVIDIA "
+        "generator per batch, as diffusers; a1111-cpu / a1111-nv: one per image, as A1111"
     )] = None,
     config: o.Config = None,
     family: o.Family = None,
