@@ -893,3 +893,78 @@ def test_a_class_name_on_a_models_config_maps_as_from_config_makes_it(source, cl
     defaults = SOLVERS[named.solver].defaults
     assert {**defaults, **named.solver_options} == {**defaults, **built.solver_options}
     assert named.grid == "leading"
+
+
+# --- review28 ---------------------------------------------------------------------------------------------
+
+
+def test_diffusers_sde_dpmsolver_order_1_same_noise():
+    """DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=1) is a stochastic first-
+    order step (DDIM with eta = 1): from the same noise velodiff's mapping gives diffusers' sample."""
+    sched = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", solver_order=1)
+    sched.set_timesteps(8)
+    z = starting_noise(SHAPE, 32, seed=9).reshape(8, 4, *SHAPE)
+    x = X.clone()
+    for i, k in enumerate(sched.timesteps):
+        t = SCHED.t_from_sigma_ve(sched.sigmas[i].double())
+        x = sched.step(eps_from_x0(SCHED, x, t, DEN(x, t)), k, x, variance_noise=z[i]).prev_sample
+    typed = _typed(type(sched), {"algorithm_type": "sde-dpmsolver++", "solver_order": 1})
+    res, _ = _velodiff_of(sched, 8, X, noise=lambda i: z[i], typed=typed)
+    err = float((x - res.x).abs().max())
+    assert err < TOL_DIFFUSERS, err
+
+
+#: A1111's modules/sd_samplers_kdiffusion.py: label -> (k-diffusion function, the options it passes)
+A1111_K_CALLS = {
+    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", {}),
+    "DPM++ 2M SDE Heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+    "DPM++ 2M SDE Heun Karras": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+    "DPM++ 2M SDE Heun Exponential": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+}
+
+
+@needs_k
+@pytest.mark.parametrize("label", A1111_K_CALLS)
+def test_a1111_sde_labels_make_a1111s_k_diffusion_call(label):
+    """Each label runs the k-diffusion call A1111 makes for it (its options written here, not read from
+    the alias), on the label's grid and from the same noise."""
+    fn_name, kw = A1111_K_CALLS[label]
+    r = resolve_solver(label)
+    ts = make_grid(r.grid, SCHED, 8, **r.grid_options)
+    sigmas = torch.cat([SCHED.sigma_ve(ts[:-1]), torch.zeros(1, dtype=F64)])
+    a, b = Replay(), Replay()
+    ref = getattr(K, fn_name)(_k_model, X / float(SCHED.alpha(ts[0])), sigmas, disable=True,
+                              noise_sampler=a.sampler, **kw)
+    res = sample(DEN, X, ts, label, noise=b)
+    err = float((ref - res.x).abs().max())
+    assert err < TOL_K * float(ref.abs().max()), f"{label}: max |k-diffusion - velodiff| = {err:.3g}"
+
+
+def test_a_bare_ddim_class_name_is_the_sd_pipelines_ddim():
+    """"DDIMScheduler" alone means the config the Stable Diffusion pipelines give it (steps_offset 1, no
+    alpha set to one, no clipping): diffusers' sample from that scheduler, timesteps 901 ... 1 at 10 steps."""
+    sched = DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    ref = _run_diffusers(sched, 10, X)
+    r = resolve_solver("DDIMScheduler")
+    ts = make_grid(r.grid, SCHED, 10, final=r.final or "zero", **r.grid_options)
+    assert SCHED.timestep(ts[:10]).round().tolist() == sched.timesteps.tolist()
+    res = sample(DEN, X, ts, r.solver, **r.solver_options)
+    err = float((ref - res.x).abs().max())
+    assert err < TOL_DIFFUSERS, err
+
+
+def test_diffusers_number_flags_read_from_json_and_refused_when_infinite():
+    """A config read from JSON may hold 3.0 for an integer flag: it is 3 (2.5 is refused above); a bound
+    that is not finite is refused in one line, not turned into a grid."""
+    cls = "DPMSolverMultistepScheduler"
+    assert from_diffusers(cls, {"solver_order": 3.0}) == from_diffusers(cls, {"solver_order": 3})
+    for typed in ("EulerDiscreteScheduler:use_karras_sigmas=true,sigma_max=inf", "EDMEulerScheduler:rho=nan"):
+        with pytest.raises(VelodiffError, match="must be a finite number"):
+            resolve_solver(typed)
+
+
+def test_unknown_names_list_near_matches_two_edits_away():
+    """A name two or three edits from a solver's still gets its near match (difflib's ratio 0.6 rule)."""
+    for typo, want in (("eulr_anc", "euler_ancestral"), ("dpmpp2msd", "dpmpp_2m_sde")):
+        with pytest.raises(VelodiffError, match=f"did you mean .*'{want}'"):
+            get_solver(typo)

@@ -212,3 +212,68 @@ def test_deis_interpolation_variables_keep_its_order(name, interp):
         errs.append(float((out - _refs[key]).flatten(1).norm(dim=1).mean()))
     slope = -np.polyfit(np.log(NFES), np.log(errs), 1)[0]
     assert slope >= spec.order - 0.5, f"{name} interp={interp}: slope {slope:.2f}, errors {errs}"
+
+
+# --- review28: the oracle itself, against references that do not share its formulas --------------------
+
+
+def test_oracle_denoiser_is_tweedies_formula_of_the_mixture_density():
+    """E[x0 | x_t] = (x_t + sigma^2 grad log p_t(x_t)) / alpha (Tweedie), with p_t the mixture of
+    N(alpha mu_k, alpha^2 v_k + sigma^2) written here with torch.distributions and differentiated by
+    autograd: unequal weights and variances, several times, on a VP and a flow schedule."""
+    from velodiff import RectifiedFlow
+
+    mix = GaussianMixture.random((3,), components=4, seed=11, min_var=0.05, max_var=0.6)
+    x = starting_noise((3,), 6, seed=5) * 1.5
+    for sched in (SCHED, RectifiedFlow()):
+        den = MixtureDenoiser(mix, sched)
+        for t in (0.05, 0.4, 0.9):
+            a, s = sched.alpha(t).to(torch.float64), sched.sigma(t).to(torch.float64)
+            xt = x.clone().requires_grad_(True)
+            comp = torch.distributions.Normal(a * mix.means, (a * a * mix.variances + s * s).sqrt())
+            logp = torch.logsumexp(comp.log_prob(xt[:, None]).sum(-1) + mix.weights.log(), dim=1)
+            (score,) = torch.autograd.grad(logp.sum(), xt)
+            want = (x + s * s * score) / a
+            got = den(x, torch.tensor(t, dtype=torch.float64))
+            assert torch.allclose(got, want, rtol=0, atol=1e-10), (t, float((got - want).abs().max()))
+
+
+def test_oracle_samples_have_the_mixtures_mean_and_covariance():
+    """GaussianMixture.sample draws from the mixture: over 200 000 draws the sample mean and covariance
+    match mean() and covariance() (the law of total covariance) within a few standard errors."""
+    mix = GaussianMixture.random((3,), components=4, seed=5)
+    xs = mix.sample(200_000, seed=1)
+    assert xs.shape == (200_000, 3) and xs.dtype == torch.float64
+    assert torch.allclose(xs.mean(0), mix.mean(), rtol=0, atol=0.02)
+    cov = torch.from_numpy(np.cov(xs.numpy(), rowvar=False))
+    assert torch.allclose(cov, mix.covariance(), rtol=0, atol=0.03), cov - mix.covariance()
+    w = mix.weights
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-12) and bool((w > 0).all())
+
+
+def test_reference_solution_of_one_gaussian_is_its_closed_form():
+    """For Gaussian data N(mu, v) the probability-flow ODE keeps (x - alpha mu) / sqrt(alpha^2 v + sigma^2)
+    fixed, so its solution is known exactly: reference_solution matches it from a VP time and from a
+    flow's t = 1 (alpha = 0), and reference_sample ends on a grid's last positive time, then jumps to
+    x0 there when the grid ends at 0."""
+    from velodiff import RectifiedFlow
+
+    mu = torch.tensor([[0.7, -1.2]], dtype=torch.float64)
+    v = torch.tensor([[0.3, 0.08]], dtype=torch.float64)
+    mix = GaussianMixture(torch.ones(1, dtype=torch.float64), mu, v)
+    x = starting_noise((2,), 4, seed=9)
+
+    def exact(sched, x, t0, t1):
+        a0, s0, a1, s1 = (float(f(t)) for t in (t0, t1) for f in (sched.alpha, sched.sigma))
+        return a1 * mu + ((a1 * a1 * v + s1 * s1) / (a0 * a0 * v + s0 * s0)).sqrt() * (x - a0 * mu)
+
+    for sched, t0 in ((SCHED, 0.8), (RectifiedFlow(), 1.0)):
+        den = MixtureDenoiser(mix, sched)
+        for t1 in (0.3, 0.01):
+            got = reference_solution(den, x, t0, t1)
+            assert torch.allclose(got, exact(sched, x, t0, t1), rtol=0, atol=1e-8)
+        ts = torch.tensor([t0, 0.5, 0.05], dtype=torch.float64)
+        assert torch.allclose(reference_sample(den, x, ts), exact(sched, x, t0, 0.05), rtol=0, atol=1e-8)
+        ts0 = torch.tensor([t0, 0.5, 0.05, 0.0], dtype=torch.float64)
+        want = den(exact(sched, x, t0, 0.05), 0.05)
+        assert torch.allclose(reference_sample(den, x, ts0), want, rtol=0, atol=1e-8)

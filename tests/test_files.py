@@ -196,3 +196,120 @@ def test_a_calibration_into_a_read_only_cache_is_refused_before_the_work(tmp_pat
         assert code == 2 and len(err.splitlines()) == 1, err
         assert f"the calibration cache: the folder '{ro / 'calibration'}' is not writable" in err
         assert not list((ro / "calibration").iterdir())
+
+
+# --- review27: the digest memo, output checks, locks, modes, users' text files ------------------------
+
+
+def test_a_large_files_digest_is_remembered_per_version(tmp_path, monkeypatch):
+    """file_sha256 remembers a large file's digest per (path, size, mtime): a file rewritten in place
+    with the same size gets its new digest, and a memo that is not a digest is not trusted."""
+    import hashlib
+
+    import velodiff.files as files
+
+    monkeypatch.setenv("VELODIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "MEMO_MIN_BYTES", 0)  # every file is "large"
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    assert files.file_sha256(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    (memo,) = (tmp_path / "cache" / "hashes").iterdir()
+    f.write_bytes(b"b" * 1000)  # the same size, another version
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert files.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest()
+    for p in (tmp_path / "cache" / "hashes").iterdir():
+        p.write_text("not a digest\n")
+    assert files.file_sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_the_cache_root_expands_the_home_folder(monkeypatch, tmp_path):
+    from velodiff.files import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("VELODIFF_CACHE", "~/vc")
+    assert cache_root() == tmp_path / "vc"
+    monkeypatch.delenv("VELODIFF_CACHE")
+    assert cache_root() == tmp_path / ".cache" / "velodiff"
+
+
+def test_outputs_are_checked_before_the_work(tmp_path, monkeypatch):
+    """An output two missing folders deep, an output that is a folder, a model --out above the current
+    folder, and two options naming one file (written another way) are each one line."""
+    from velodiff.files import check_model_out, distinct_files, output_file
+
+    with pytest.raises(VelodiffError, match="does not exist; create it first"):
+        output_file(tmp_path / "a" / "b" / "x.json", "--json")
+    assert not (tmp_path / "a").exists()
+    assert output_file(tmp_path / "a" / "x.json", "--json") == tmp_path / "a" / "x.json"  # one deep: made
+    with pytest.raises(VelodiffError, match="is a folder; give a file name"):
+        output_file(tmp_path / "a", "--json")
+    (tmp_path / "w" / "run").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "w" / "run")
+    for above in (".", "..", str(tmp_path)):
+        with pytest.raises(VelodiffError, match="is the current folder or one above it"):
+            check_model_out(above)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VelodiffError, match="^json and md are the same file"):
+        distinct_files(json=tmp_path / "r.md", md="r.md")
+    with pytest.raises(VelodiffError, match="^json and md are the same file"):
+        distinct_files(json=tmp_path / "a" / ".." / "r.md", md=tmp_path / "r.md")
+    distinct_files(json=tmp_path / "r.json", md=tmp_path / "r.md", csv=None)
+
+
+def test_plain_modes_leave_the_targets_of_links_alone(tmp_path):
+    """A model folder assembled from links (a shipped student) has its own files' modes set; the files
+    its links point to (the base model's, in the package) are not changed through them."""
+    from velodiff.files import plain_modes
+
+    outside = tmp_path / "base.bin"
+    outside.write_bytes(b"w")
+    outside.chmod(0o600)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "own.bin").write_bytes(b"o")
+    (folder / "own.bin").chmod(0o600)
+    (folder / "base.bin").symlink_to(outside)
+    plain_modes(folder)
+    assert _mode(outside) == 0o600
+    (tmp_path / "plain").write_bytes(b"p")  # what a plain open() gives under this umask
+    assert _mode(folder / "own.bin") == _mode(tmp_path / "plain")
+
+
+def test_an_encoders_value_error_is_one_line(tmp_path):
+    class TooWide:
+        def save(self, fp, format=None, **kw):
+            raise ValueError("encoder limit exceeded")
+
+    with pytest.raises(VelodiffError, match=r"cannot write .*x\.webp: encoder limit exceeded"):
+        save_image_atomic(TooWide(), tmp_path / "x.webp", "WEBP")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_locked_folder_refuses_a_second_writer(tmp_path):
+    """lock_folder is exclusive (a second writer of the folder, here another open of the lock file, is
+    refused in one line naming the option) until the first closes it."""
+    from velodiff.files import lock_folder
+
+    first = lock_folder(tmp_path, "--run")
+    try:
+        with pytest.raises(VelodiffError, match=f"another velodiff process is writing {tmp_path}.*--run"):
+            lock_folder(tmp_path, "--run")
+    finally:
+        first.close()
+    lock_folder(tmp_path, "--run").close()
+
+
+def test_a_users_text_file_is_read_as_utf8_or_one_line(tmp_path):
+    """read_text: a byte-order mark is not part of the text (Notepad writes one), a file that is not
+    UTF-8 names the line, and what is not a regular file (a FIFO would wait for ever) is refused."""
+    from velodiff.files import read_text
+
+    f = tmp_path / "plan.txt"
+    f.write_bytes(b"\xef\xbb\xbfag\n")
+    assert read_text(f, "plan file") == "ag\n"
+    f.write_bytes(b"ok\nok\n\xff\n")
+    with pytest.raises(VelodiffError, match="line 3 is not UTF-8 text"):
+        read_text(f, "plan file")
+    with pytest.raises(VelodiffError, match="is not a regular file"):  # a device (or a FIFO: not read)
+        read_text(os.devnull, "plan file")

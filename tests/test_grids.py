@@ -259,3 +259,109 @@ def test_grid_errors():
     for steps in ("5", 2.5, True):  # (torch's linspace signature quoted in full before)
         with pytest.raises(VelodiffError, match=r"grid 'karras' needs steps in \[1, "):
             make_grid("karras", sched, steps)
+
+
+# --- review28: behaviours no test pinned ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid", ["normal", "sgm_uniform", "simple", "ddim_uniform", "beta", "ays"])
+@pytest.mark.parametrize("steps", [1, 4, 10, 25])
+def test_comfyui_grids_end_at_the_smallest_level_once_with_final_t_min(grid, steps):
+    """final="t_min": a ComfyUI scheduler's levels without its final sigma = 0, ending at the smallest
+    level; t_min is appended only where the levels stop above it ("normal" ends at level 0 itself)."""
+    sched = SCHEDULES["scaled_linear"]
+    zero = make_grid(grid, sched, steps)
+    ts = make_grid(grid, sched, steps, final="t_min")
+    _check_shape(ts, steps, "t_min", sched)
+    want = zero[:-1]
+    if float(want[-1]) > sched.t_min:
+        want = torch.cat([want, torch.tensor([sched.t_min], dtype=F64)])
+    assert torch.equal(ts, want)
+    assert float(ts[-1]) == sched.t_min and float(ts[-2]) > sched.t_min
+
+
+@pytest.mark.parametrize("name", ["edm", "vp"])
+@pytest.mark.parametrize("steps", [1, 5, 12])
+def test_comfyui_levels_of_a_schedule_without_a_table_are_equally_spaced_in_t(name, steps):
+    """A schedule with no trained table and no flow shift gets N = 1000 levels equally spaced in t, level
+    0 at t_min and level N - 1 at t_max: "normal" is linspace(t_max, t_min, steps), "sgm_uniform" the
+    first ``steps`` of steps + 1 such points."""
+    sched = SCHEDULES[name]
+    normal = make_grid("normal", sched, steps)
+    assert torch.allclose(normal[:-1], torch.linspace(sched.t_max, sched.t_min, steps, dtype=F64),
+                          rtol=1e-12, atol=0)
+    sgm = make_grid("sgm_uniform", sched, steps)
+    want = torch.linspace(sched.t_max, sched.t_min, steps + 1, dtype=F64)[:-1]
+    assert torch.allclose(sgm[:-1], want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_spacings_take_as_many_steps_as_trained_timesteps(spacing):
+    """As many steps as the schedule's trained timesteps is allowed (diffusers' set_timesteps(1000)):
+    every timestep 999 ... 0 once, as diffusers' DDIMScheduler gives them; one more is refused."""
+    sched = SCHEDULES["scaled_linear"]
+    ts = make_grid(spacing, sched, 1000)
+    assert len(ts) == 1001 and float(ts[-1]) == 0.0
+    ddim = DDIMScheduler(**{**SD, "steps_offset": 0}, timestep_spacing=spacing)
+    ddim.set_timesteps(1000)
+    assert sched.timestep(ts[:-1]).round().tolist() == ddim.timesteps.tolist() == list(range(999, -1, -1))
+    with pytest.raises(VelodiffError, match="exceed"):
+        make_grid(spacing, sched, 1001)
+
+
+def test_repeat_final_needs_final_t_min_and_two_steps():
+    """diffusers' final_sigmas_type="sigma_min" form repeats the last of ``steps`` levels: it needs
+    final="t_min" and at least two levels, else one line saying so (not a one-point grid's error)."""
+    sched = SCHEDULES["scaled_linear"]
+    for grid in ("karras", "exponential", "logsnr"):
+        assert len(make_grid(grid, sched, 2, final="t_min", repeat_final=True)) == 2
+        for steps, final in ((1, "t_min"), (4, "zero")):
+            with pytest.raises(VelodiffError, match="repeat_final needs final='t_min' and steps >= 2"):
+                make_grid(grid, sched, steps, final=final, repeat_final=True)
+
+
+@pytest.mark.parametrize("steps, original", [(50, 50), (20, 20), (7, 50), (1, 1)])
+def test_lcm_grid_is_diffusers_lcm_timesteps_up_to_the_original_steps(steps, original):
+    """LCMScheduler takes as many steps as the original ones it was distilled on (not one more)."""
+    from diffusers import LCMScheduler
+
+    sched = SCHEDULES["scaled_linear"]
+    table = {k: SD[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    lcm = LCMScheduler(**table, original_inference_steps=original)
+    lcm.set_timesteps(steps)
+    ts = make_grid("lcm", sched, steps, original_steps=original)
+    assert sched.timestep(ts[:-1]).round().tolist() == lcm.timesteps.tolist()
+    with pytest.raises(VelodiffError, match="exceed its"):
+        make_grid("lcm", sched, original + 1, original_steps=original)
+
+
+def test_linear_quadratic_starts_at_the_top_of_a_flow_below_t_1():
+    """linear_quadratic starts at the schedule's top: a flow whose t_max is below 1 starts there, the
+    rest of the schedule as defined (t_i = 1 - u_i)."""
+    flow = RectifiedFlow(t_max=0.999)
+    ts = make_grid("linear_quadratic", flow, 10)
+    assert float(ts[0]) == 0.999
+    assert torch.equal(ts[1:], make_grid("linear_quadratic", RectifiedFlow(), 10)[1:])
+
+
+def test_beta_grid_drops_repeated_levels():
+    """ComfyUI's beta scheduler rounds the Beta(0.6, 0.6) quantiles to trained levels and drops repeats
+    (at 200 steps two quantiles near the ends round to one level): one level fewer, still a valid grid."""
+    import numpy as np
+    from scipy.stats import beta
+
+    sched = SCHEDULES["scaled_linear"]
+    ks = np.rint(beta.ppf(1 - np.arange(200) / 200, 0.6, 0.6) * 999)
+    want = ks[np.r_[True, ks[1:] != ks[:-1]]]
+    assert len(want) < 200
+    ts = make_grid("beta", sched, 200)
+    assert sched.timestep(ts[:-1]).round().tolist() == want.tolist() and float(ts[-1]) == 0.0
+
+
+def test_discard_penultimate_needs_final_zero():
+    """A1111's discard_next_to_last_sigma drops the level before 0: with final="t_min" there is no 0 to
+    jump to, so it is refused in one line rather than dropping a real level."""
+    sched = SCHEDULES["scaled_linear"]
+    assert len(make_grid("karras", sched, 8, discard_penultimate=True)) == 9
+    with pytest.raises(VelodiffError, match="discard_penultimate needs final='zero'"):
+        make_grid("karras", sched, 8, final="t_min", discard_penultimate=True)

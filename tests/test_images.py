@@ -70,3 +70,31 @@ def test_marks_and_captions_sit_under_each_image():
     assert g.getpixel((4, 4 + 12)) == (0, 200, 0) and g.getpixel((20, 4 + 14)) == (200, 0, 0)
     assert wrap_caption("a red circle above a blue square", 12) == ["a red circle", "above a blue", "square"]
     assert wrap_caption("translucent cube", 8) == ["translucent", "cube"]  # no empty first line
+
+
+# --- review28 ---------------------------------------------------------------------------------------------
+
+
+def test_a_single_image_is_decorated_when_asked():
+    """One image comes back as it is only without decoration: upscaled, framed or marked it is a sheet."""
+    im = _solid((0, 0, 255), (4, 4))
+    big = image_grid([im], scale=2)
+    assert big is not im and big.size == (8, 8) and big.getpixel((7, 7)) == (0, 0, 255)
+    framed = image_grid([im], margin=3)
+    assert framed.size == (10, 10) and framed.getpixel((0, 0)) == (255, 255, 255)
+    assert framed.getpixel((3, 3)) == (0, 0, 255)
+    marked = image_grid([im], marks=[(0, 200, 0)], caption_height=6)
+    assert marked.size == (4, 10) and marked.getpixel((0, 4)) == (0, 200, 0)
+
+
+def test_captions_keep_at_most_caption_lines_lines():
+    """A caption longer than ``caption_lines`` wrapped lines is cut to them: with caption_lines=1 the sheet
+    is the one whose caption is its first line alone."""
+    ims = [_solid((0, 0, 255), (36, 36)) for _ in range(2)]  # 36 px: 6 characters a line
+    text = "red circle above blue square"
+    assert wrap_caption(text, 6)[0] == "red"
+    cut = image_grid(ims, 2, captions=[text, text], caption_lines=1, caption_height=40)
+    first = image_grid(ims, 2, captions=["red", "red"], caption_lines=1, caption_height=40)
+    assert np.array_equal(np.asarray(cut), np.asarray(first))
+    full = image_grid(ims, 2, captions=[text, text], caption_lines=5, caption_height=40)
+    assert not np.array_equal(np.asarray(full), np.asarray(first))

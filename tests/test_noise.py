@@ -243,3 +243,63 @@ def test_cuda_noise_is_one_nvidia_generator_for_the_batch():
     streams = GeneratorNoise(shape, [77, 78], "NV", per_image=False)
     assert torch.equal(streams(1), third) and torch.equal(streams(0), second)
     assert not torch.equal(initial_noise(shape, [77, 78], "a1111-nv")[1], first[1])  # image 2: seed 78's
+
+
+# --- review28 ---------------------------------------------------------------------------------------------
+
+
+def test_prior_sample_has_the_marginal_std_of_unit_variance_data():
+    """x_T = noise * sqrt(alpha^2 + sigma^2): 1 for VP and for a flow at t = 1, sqrt(1 + sigma^2) for EDM
+    (about sigma), sqrt(alpha^2 + sigma^2) for a flow's intermediate time."""
+    from velodiff import EDM, DiscreteVP, RectifiedFlow
+    from velodiff.noise import prior_sample
+
+    z = randn(SHAPE, 0, dtype=torch.float64)
+    vp = DiscreteVP.scaled_linear()
+    assert torch.allclose(prior_sample(vp, 1.0, z), z, rtol=1e-12, atol=0)
+    assert torch.allclose(prior_sample(RectifiedFlow(), 1.0, z), z, rtol=1e-12, atol=0)
+    assert torch.allclose(prior_sample(EDM(), 80.0, z), z * (1 + 80.0**2) ** 0.5, rtol=1e-12, atol=0)
+    flow = prior_sample(RectifiedFlow(), 0.3, z)
+    assert torch.allclose(flow, z * (0.7**2 + 0.3**2) ** 0.5, rtol=1e-12, atol=0)
+
+
+def test_step_noise_is_fresh_per_step_and_not_the_initial_noise():
+    """A stochastic solver's noise is a fresh draw per step, none of them the initial noise of the seed."""
+    like = torch.zeros(SHAPE)
+    g = GaussianNoise(like, 3)
+    draws = [g(i) for i in range(4)] + [randn(SHAPE, 3)]
+    for a in range(len(draws)):
+        for b in range(a):
+            assert not torch.allclose(draws[a], draws[b]), (a, b)
+    assert torch.equal(GaussianNoise(like, 3)(2), draws[2])  # a pure function of (seed, step)
+
+
+def test_brownian_increments_are_unit_normal_and_one_path_across_step_counts():
+    """BrownianNoise's increments are normalized to unit variance, and they are increments of one path:
+    two steps of a finer grid add up (sqrt-weighted) to the one step of a coarser grid over the same
+    interval, for the same seed (k-diffusion's BrownianTreeNoiseSampler)."""
+    like = torch.zeros(64, 64, 4)
+    fine = BrownianNoise(like, 3, torch.tensor([1.0, 0.75, 0.5, 0.0], dtype=torch.float64))
+    coarse = BrownianNoise(like, 3, torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+    for w in (fine(0), fine(1), fine(2), coarse(1)):
+        assert abs(float(w.std()) - 1.0) < 0.03 and abs(float(w.mean())) < 0.03
+    joined = (fine(0) + fine(1)) * 0.5  # sqrt(.25) (n0 + n1) = W(1) - W(.5) = sqrt(.5) n
+    assert torch.allclose(joined, coarse(0) * 0.5**0.5, rtol=0, atol=1e-5)
+    assert torch.allclose(fine(2), coarse(1), rtol=0, atol=1e-5)
+
+
+def test_a_64_bit_seed_is_not_a_32_bit_seed_with_a_key():
+    """(seed, *key) -> noise is one-to-one where a part has 64 bits: seed s + 2**32 is not seed s with key
+    (1,) (a stochastic solver's step 0 at seed s was once the starting noise of s + 2**32), nor s + 2**32
+    with key (3,) the step 3 of s; seeds and keys below 2**32 keep the draws they always had."""
+    import numpy as np
+
+    shape, s = (1, 4, 8, 8), 12345
+    assert not torch.equal(GaussianNoise(torch.zeros(shape), s)(0), randn(shape, s + 2**32))
+    assert not torch.equal(GaussianNoise(torch.zeros(shape), s)(3), randn(shape, s + 2**32, 3))
+    assert not torch.equal(randn(shape, 2**32), randn(shape, 0, 1))
+    assert torch.equal(randn(shape, -1), randn(shape, 2**64 - 1))
+    for key in [(5,), (5, 1, 3), (2**32 - 1, 7)]:
+        state = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint64)
+        want = torch.randn(shape, generator=torch.Generator().manual_seed(int(state[0] >> np.uint64(1))))
+        assert torch.equal(randn(shape, *key), want), key

@@ -126,7 +126,7 @@ def test_plan_settings_and_plan_files(tmp_path):
         with pytest.raises(VelodiffError) as e:
             Plan.parse(bad)
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
-    with pytest.raises(VelodiffError, match="sample\\(\\) takes its solver"):
+    with pytest.raises(VelodiffError, match="sample\\(\\) and denoise_once\\(\\) take them"):
         sample(TOY, X, make_grid("logsnr", SCHED, 4), "ddim", cond=COND, plan="solver=euler")
 
 
@@ -437,3 +437,266 @@ def test_the_other_multistep_solvers_drop_to_first_order_on_approximate_evaluati
     exact = sample(ORACLE, X, ts, solver, **opts).x
     assert torch.allclose(got, ddim, rtol=tol, atol=tol)
     assert not torch.allclose(exact, ddim, rtol=1e-2, atol=1e-2)
+
+
+# --- review27: option parsing, plan composition, the batched call's rows ------------------------------
+
+
+def test_option_values_parse_and_bounds_are_inclusive():
+    """An option's string parses as documented (bools: true/false/1/0/yes/no), an int option refuses a
+    fraction and a bool (2.5 ran as 2, True as 1), and its range [lo, hi] includes both ends."""
+    from velodiff.plan import RULES, check_option
+
+    flag = Option(False, "a flag", kind=bool)
+    pairs = [("yes", True), ("no", False), ("1", True), ("0", False), ("TRUE", True), ("False", False)]
+    for text, value in pairs:
+        assert check_option("r", "flag", flag, text) is value, text
+
+    @register_rule
+    class Tmp(Accelerator):
+        name = "tmp_rule_for_review27"
+        options = {"k": Option(2, "an int", kind=int, lo=1, hi=4),
+                   "f": Option(0.5, "a float", lo=0.0, hi=1.0)}
+
+    try:
+        assert (Tmp(k=1).k, Tmp(k=4).k, Tmp(k=3.0).k) == (1, 4, 3)
+        assert (Tmp(f=0.0).f, Tmp(f=1).f) == (0.0, 1.0)
+        assert Plan.parse("tmp_rule_for_review27:k=4,f=1").rules[0].values == {"k": 4, "f": 1.0}
+        for bad, message in [({"k": 2.5}, "is not a int"), ({"k": True}, "is not a int"),
+                             ({"k": 0}, r"must be in \[1, 4\]"), ({"f": 1.5}, r"must be in \[0, 1\]")]:
+            with pytest.raises(VelodiffError, match=message):
+                Tmp(**bad)
+    finally:
+        RULES.pop("tmp_rule_for_review27")
+
+
+def test_an_empty_setting_is_named():
+    for text in ("solver=", "grid= "):
+        with pytest.raises(VelodiffError, match=f"^plan setting '{text.split('=')[0]}' is empty$"):
+            Plan.parse(text)
+
+
+def test_rules_of_one_layer_stack_in_the_order_written():
+    """Among rules of one layer the plan string is read inner to outer ("pag+sld": sld wraps pag), as
+    objects, as a string, as a list holding a string; str() writes the same order back, and a plan's
+    derived plans (with_rules, without, without_settings) keep it, settings included where they should."""
+    log = []
+    a, b = Recorder(log, "a"), Recorder(log, "b")
+    sample(ORACLE, X, make_grid("uniform", SCHED, 1), "ddim", plan=[a, b])
+    assert [e[0] for e in log if e[1] in ("begin", "eval")] == ["b", "a", "b", "a"]
+    assert [e[0] for e in log if e[1] == "end"] == ["a", "b"]
+    text = "pag+sld:concept=nudity"
+    p = Plan.parse(text)
+    assert str(p) == text and [r.name for r in p.rules] == ["sld", "pag"]
+    assert str(Plan.parse([text, "ag"])) == str(Plan.parse(text + "+ag")) == "ag+pag+sld:concept=nudity"
+    full = Plan.parse("nfe=8+" + text)
+    assert str(full.with_rules([])) == str(full) == "nfe=8+" + text
+    assert str(full.without_settings()) == text
+    assert str(full.without(full.find("sld"))) == "nfe=8+pag"
+    assert str(full.without(full.find("pag"))) == "nfe=8+sld:concept=nudity"
+
+
+def test_what_a_plan_fixes_and_needs():
+    """fixed_guidance: the scale of the rule owning the unconditional branch, else the guidance setting;
+    needs: a branch a rule owns or reads; a plan of settings alone is a plan (not 'none')."""
+    assert Plan.parse("guidance=3+cfg:scale=4").fixed_guidance() == 4.0
+    assert Plan.parse("guidance=3+pag").fixed_guidance() == 3.0
+    assert Plan.parse("guidance=3+cfg").fixed_guidance() == 3.0  # cfg without a scale: the setting's
+    assert Plan.parse("pag").fixed_guidance() is None
+    assert Plan.parse("compose").needs("uncond") and Plan.parse("sld:concept=nudity").needs("uncond")
+    assert not Plan.parse("compose").claims("uncond") and not Plan.parse("pag").needs("uncond")
+    for text in ("nfe=8", "guidance=2", "ag", "none"):
+        p = Plan.parse(text)
+        assert bool(p) == (str(p) != "none"), text
+
+
+def test_cost_adds_up():
+    assert Cost(1, 2) + Cost(3, 0.5) == Cost(4, 2.5)
+    assert Cost(0, 0) + Cost(2, 1.5) == Cost(2, 1.5)
+
+
+def test_rows_name_each_branchs_block_of_the_batched_call():
+    """req.rows(name): the rows of the branch in the one network call, blocks in request order (a branch
+    evaluated for some rows is that many rows long)."""
+    from velodiff.plan import EvalRequest, branch_evaluator
+
+    seen = []
+
+    def recording(x, timestep, cond):
+        seen.append(x.clone())
+        return network(x, timestep, cond)
+
+    t = torch.tensor(500.0, dtype=F64)
+    req = EvalRequest(0, 0, t, X, {"cond": COND, "uncond": UNCOND})
+    req = req.with_branch("uncond", rows=torch.tensor([1]))
+    req = req.with_branch("own", COND.flip(0), x=X + 0.5)
+    branch_evaluator(ModelDenoiser(recording, SCHED))(req)
+    assert [req.rows(b) for b in req.branches] == [slice(0, 2), slice(2, 3), slice(3, 5)]
+    (batch,) = seen
+    assert len(batch) == 5
+    assert torch.equal(batch[req.rows("uncond")], batch[req.rows("cond")][1:])  # the same x, row 1 only
+    assert not torch.equal(batch[req.rows("own")], batch[req.rows("cond")])  # its own input
+
+
+def test_a_time_per_sample_reaches_every_branch():
+    """A per-sample t (one time per image) is each row's time in every branch of the batched call, for
+    branches of every row and of some rows: each part is the denoiser alone at that row's time."""
+    from velodiff.plan import EvalRequest, branch_evaluator
+
+    t = torch.tensor([300.0, 700.0], dtype=F64)
+    base = EvalRequest(0, 0, t, X, {"cond": COND, "uncond": UNCOND})
+    alone = [TOY(X[k : k + 1], t[k : k + 1], COND[k : k + 1]) for k in range(2)]
+    r = branch_evaluator(TOY)(base.with_branch("uncond"))
+    assert torch.allclose(r.parts["cond"], torch.cat(alone))
+    assert torch.allclose(r.parts["uncond"][1:], TOY(X[1:], t[1:], UNCOND[1:]))
+    r = branch_evaluator(TOY)(base.with_branch("uncond", rows=torch.tensor([1])))
+    assert torch.allclose(r.parts["cond"], torch.cat(alone))
+    assert torch.allclose(r.parts["uncond"], TOY(X[1:], t[1:], UNCOND[1:]))
+
+
+# --- review27: the loop around the rules (edits carried on, extra cost, the run's options and seeds) ---
+
+
+class Reset(Accelerator):
+    """After step 0, puts the sample at ``start`` (an inpainting rule's edit, in its simplest form)."""
+
+    name = "reset"
+
+    def __init__(self, start):
+        super().__init__()
+        self.start = start
+
+    def after_step(self, info):
+        return self.start if info.i == 0 else None
+
+
+def test_a_rules_edit_is_the_x_the_run_goes_on_from():
+    ts = make_grid("uniform", SCHED, 5)
+    start = torch.full_like(X, 0.3)
+    edited = sample(TOY, X, ts, "ddim", cond=COND, plan=[Reset(start)]).x
+    assert torch.equal(edited, sample(TOY, start, ts[1:], "ddim", cond=COND).x)
+
+
+class SideCost(Accelerator):
+    """Runs one network-sample evaluation of its own per step (layout guidance's gradient pass)."""
+
+    name = "side_cost"
+
+    def after_step(self, info):
+        self.spent = True
+
+    def extra_cost(self):
+        spent, self.spent = getattr(self, "spent", False), False
+        return Cost(1, 1.5) if spent else Cost(0, 0)
+
+
+def test_a_rules_own_evaluations_are_counted():
+    ts = make_grid("uniform", SCHED, 4)
+    res = sample(TOY, X, ts, "ddim", cond=COND, plan=[SideCost()])
+    assert res.nfe == 4 + 4 and res.evals == 4 + 4 * 1.5
+
+
+def test_a_rule_sees_the_runs_options_and_seeds():
+    """The solver's options reach the rules' checks (recur refuses a step that draws noise: ddim with eta
+    > 0); the per-image seeds a pipeline gives in ``context`` are the ones a rule draws from, so image k
+    of a batch is the image a run of it alone with seed k makes."""
+    ts = make_grid("uniform", SCHED, 4)
+    with pytest.raises(VelodiffError, match="plan rule 'recur' retakes the steps of a deterministic solver"):
+        sample(TOY, X, ts, "ddim", cond=COND, plan="recur", eta=0.5)
+    batch = sample(TOY, X, ts, "ddim", cond=COND, plan="recur", context={"seeds": (5, 6)}).x
+    alone = sample(TOY, X[1:], ts, "ddim", cond=COND[1:], plan="recur", seed=6).x
+    assert torch.allclose(batch[1:], alone, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(batch, sample(TOY, X, ts, "ddim", cond=COND, plan="recur").x)
+
+
+def test_the_seed_draws_the_step_noise():
+    ts = make_grid("uniform", SCHED, 4)
+    got = sample(TOY, X, ts, "euler_ancestral", cond=COND, seed=7).x
+    assert torch.equal(got, sample(TOY, X, ts, "euler_ancestral", cond=COND, noise=GaussianNoise(X, 7)).x)
+    assert not torch.allclose(got, sample(TOY, X, ts, "euler_ancestral", cond=COND, seed=0).x)
+
+
+class Probe(Accelerator):
+    """Notes, at begin, the run's plan string and whether another thread could take the network's lock."""
+
+    name = "probe"
+
+    def begin(self, run):
+        import threading
+
+        from velodiff.sampling import network_lock
+
+        super().begin(run)
+        self.plan, self.other_could_lock = run.plan, None
+        if run.network is None:
+            return
+        lock, got = network_lock(run.network), []
+
+        def other():
+            ok = lock.acquire(blocking=False)
+            if ok:
+                lock.release()
+            got.append(ok)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        self.other_could_lock = got[0] if got else None
+
+
+def test_a_run_holds_its_networks_lock_and_tells_the_rules_its_plan():
+    """Runs of one network take turns (its rules swap weights and hooks on it): while one runs, another
+    thread cannot take the network's lock; the rules are told the run's canonical plan string."""
+    from velodiff.sampling import network_lock
+
+    net = torch.nn.Linear(1, 1)
+    assert network_lock(net) is network_lock(net) is not network_lock(torch.nn.Linear(1, 1))
+    probe = Probe()
+    sample(TOY, X, make_grid("uniform", SCHED, 2), "ddim", cond=GuidedCond(COND, UNCOND),
+           plan=[probe, "cfg:scale=2"], context={"network": net})
+    assert probe.other_could_lock is False and probe.plan == "probe+cfg:scale=2"
+    assert network_lock(net).acquire(blocking=False)  # released after the run (re-entrant: this thread's)
+    network_lock(net).release()
+
+
+def test_denoise_once_is_the_evaluation_of_that_step_of_the_run():
+    """denoise_once(..., step=k, ts=grid) is what step k of a run over the grid gets (cfg stopped after
+    half the steps guides step 0, not step 3); without ts the run is the one step from the largest t to 0."""
+    from velodiff.sampling import denoise_once
+
+    ts = make_grid("uniform", SCHED, 4)
+    t = torch.tensor(float(ts[0]) * 0.9, dtype=F64)
+    cond = GuidedCond(COND, UNCOND)
+    c, u = TOY(X, t, COND), TOY(X, t, UNCOND)
+    plan = "cfg:scale=3,stop=0.5"
+    assert torch.allclose(denoise_once(TOY, X, t, cond, plan, step=0, ts=ts).x0, u + 3 * (c - u))
+    assert torch.allclose(denoise_once(TOY, X, t, cond, plan, step=3, ts=ts).x0, c)
+    probe = Probe()
+    denoise_once(TOY, X, torch.tensor([0.3, 0.7], dtype=F64), COND, [probe])
+    assert probe.run.ts.tolist() == [0.7, 0.0]
+
+
+def test_the_rule_table_describes_each_rule():
+    """rule_table (``velodiff plans``, the docs): every registered rule with its layer, the branches it
+    claims and its options' defaults."""
+    from velodiff.plan import RULES, rule_table
+
+    table = {row["name"]: row for row in rule_table()}
+    assert set(table) == set(RULES)
+    assert table["cfg"]["claims"] == ["uncond"] and table["pag"]["claims"] == ["perturbed"]
+    assert table["compose"]["claims"] == ["parts"] and table["rescale"]["claims"] == []
+    for name, row in table.items():
+        cls = RULES[name]
+        assert row["layer"] == cls.layer and [o["name"] for o in row["options"]] == list(cls.options)
+        assert all(o["default"] == cls.options[o["name"]].default for o in row["options"])
+
+
+def test_a_text_option_ending_in_a_digit_and_e_keeps_the_plan_string_round_trip():
+    """"+" joins items except inside an exponent (scale=1e+3): a text value ending in a digit and e
+    ("type 1e") followed by another rule still reads back as the plan that wrote it."""
+    from velodiff.plan import parse_rule
+
+    sld = type(parse_rule("sld"))
+    p = Plan([sld(concept="type 1e"), parse_rule("pag")])
+    assert str(Plan.parse(str(p))) == str(p) == "sld:concept=type 1e+pag"
+    assert str(Plan.parse("cfg:scale=1e+3+pag")) == "cfg:scale=1000+pag"

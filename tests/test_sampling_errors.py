@@ -347,3 +347,77 @@ def test_a_grid_just_above_the_schedules_top_is_refused():
     asked the network for an untrained timestep)."""
     with pytest.raises(VelodiffError, match="outside the schedule's range"):
         sample(DEN, X, torch.tensor([1.001, 0.5, 0.0], dtype=F64), "ddim")
+
+
+# --- review27: a stop on the accelerator path, the rules' checks in denoise_once --------------------
+
+
+def test_a_stopped_run_still_raises_the_nan_it_met(monkeypatch):
+    """On an accelerator the checks are read after the loop: a callback that stops the run after a NaN
+    (here at step 0, stopped at step 1) still gets the error naming the step, not the NaN as x0."""
+    from velodiff.sampling import FiniteCheck
+
+    init = FiniteCheck.__init__
+    monkeypatch.setattr(FiniteCheck, "__init__", lambda self, lazy: init(self, True))
+    with pytest.raises(VelodiffError, match=r"NaN or inf at step 0\b"):
+        sample(ModelDenoiser(NaNAt(0), SCHED), X, TS, "ddim", callback=lambda info: info.i == 1)
+
+
+def test_denoise_once_refuses_what_a_rule_refuses():
+    from velodiff import GuidedCond
+    from velodiff.sampling import denoise_once
+
+    cond = GuidedCond(torch.ones(2, 3, 4, dtype=F64), torch.zeros(2, 3, 4, dtype=F64))
+    with pytest.raises(VelodiffError, match="plan rule 'compose' needs prompts"):
+        denoise_once(DEN, X, 0.5, cond, "compose")
+
+
+def test_a_callers_brownian_noise_is_checked_too():
+    """A caller's noise source with ``between`` (a Brownian one, for dpmpp_sde) has those draws checked to
+    have the sample's shape as well, not broadcast over the batch."""
+
+    class Source:
+        def __call__(self, i):
+            return torch.zeros_like(X)
+
+        def between(self, t_from, t_to):
+            return torch.zeros_like(X[:1])
+
+    with pytest.raises(VelodiffError, match=r"^between\(\) returned \(1, 3, 4\); a step's noise has the"):
+        sample(DEN, X, TS, "dpmpp_sde", noise=Source())
+
+
+def test_limits_include_their_ends_and_errors_read_well():
+    """check_guidance takes [0, high] (0 is a valid scale: unconditional), check_strength [0, 1] or, with
+    zero=False, (0, 1]; a foreign error is quoted by its first line (its type's name when empty); the
+    valid names of an unknown one are listed sorted."""
+    from velodiff.errors import first_line, unknown_name
+    from velodiff.limits import check_guidance, check_strength
+
+    assert check_guidance(0) == 0.0 and check_guidance(3, high=3) == 3.0
+    with pytest.raises(VelodiffError, match=r"must be a finite number in \[0, 3\], got 3.5"):
+        check_guidance(3.5, high=3)
+    assert (check_strength(0), check_strength(1), check_strength(1, zero=False)) == (0.0, 1.0, 1.0)
+    for value, zero, message in ((0, False, r"must be in \(0, 1\]"), (-0.1, True, r"must be in \[0, 1\]"),
+                                 (1.5, False, r"must be in \(0, 1\]")):
+        with pytest.raises(VelodiffError, match=message):
+            check_strength(value, zero=zero)
+    assert first_line(RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")) == "CUDA out of memory."
+    assert first_line(KeyError()) == "KeyError"
+    assert str(unknown_name("solver", "zzz", ["b", "c", "a"])) == "unknown solver 'zzz'; valid: a, b, c"
+
+
+def test_denoise_once_checks_its_run_as_sample_does():
+    """denoise_once refuses in one line what sample() refuses of a run: a context that is no mapping or
+    names no RunInfo field, and plan settings (a pipeline's solver and steps)."""
+    from velodiff.sampling import denoise_once
+
+    den = ModelDenoiser(lambda x, t, c: 0.5 * x, DiscreteVP.scaled_linear())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for kw, said in (({"context": {"bogus": 1}}, "context has no field 'bogus'"),
+                     ({"context": 5}, "context maps RunInfo fields to values, got int"),
+                     ({"plan": "nfe=8"}, "plan settings (nfe)")):
+        with pytest.raises(VelodiffError) as e:
+            denoise_once(den, x, 0.5, **kw)
+        assert str(e.value).startswith(said) and "\n" not in str(e.value)
+    assert denoise_once(den, x, 0.5).x0.shape == (2, 3)

@@ -146,3 +146,99 @@ def test_other_resolutions_scale():
     s = ShapesWorld(seed=0, size=128).scene(0)
     assert s.image.shape == (128, 128, 3)
     assert all(o.mask.shape == (128, 128) for o in s.objects)
+
+
+# --- review28 ---------------------------------------------------------------------------------------------
+
+
+def test_relation_components_are_genevals_rule():
+    """GenEval's rule on known boxes: the centre offset, each axis shrunk by 0.1 x the two boxes' extents
+    on it, over the raw offset's length; a shrink past zero leaves 0 on that axis."""
+    comp = relation_components((0, 0, 10, 10), (30, 0, 40, 10))  # a 30 px left of b, same row
+    assert comp["left_of"] == pytest.approx((30 - 0.1 * 20) / 30, abs=1e-12)
+    assert comp["right_of"] == pytest.approx(-(30 - 0.1 * 20) / 30, abs=1e-12)
+    assert comp["above"] == 0.0 and comp["below"] == 0.0
+    comp = relation_components((0, 0, 10, 10), (1, 20, 11, 36))  # a above b, 1 px to the left
+    norm = (1**2 + 23**2) ** 0.5
+    assert comp["above"] == pytest.approx((23 - 0.1 * 26) / norm, abs=1e-12)
+    assert comp["left_of"] == 0.0 and comp["right_of"] == 0.0  # |1| - 0.1 x 20 < 0
+    assert relation_components((0, 0, 10, 10), (0, 0, 10, 10)) == dict.fromkeys(comp, 0.0)
+
+
+def test_specs_hold_at_most_three_objects_and_relate_two_single_groups():
+    from velodiff.data.shapes import normalize_spec
+
+    for bad in ("two red circles and two blue squares", "three red circles and a blue square"):
+        with pytest.raises(ValueError, match="at most 3 objects"):
+            parse_caption(bad)
+    spec = {"objects": [{"shape": "circle", "color": "red", "count": 2},
+                        {"shape": "square", "color": "blue"}], "relation": {"type": "above", "a": 0, "b": 1}}
+    with pytest.raises(ValueError, match="two single objects"):
+        normalize_spec(spec)
+    spec["objects"] = spec["objects"][::-1]  # the counted group second
+    spec["relation"] = {"type": "above", "a": 0, "b": 1}
+    with pytest.raises(ValueError, match="two single objects"):
+        normalize_spec(spec)
+    spec["relation"] = {"type": "above", "a": 1, "b": 1}
+    with pytest.raises(ValueError, match="do not name two object groups"):
+        normalize_spec(spec)
+
+
+def test_captions_with_a_relation_and_a_third_group_round_trip_and_are_multi():
+    """A relation between two groups and a third group: the caption names all three and parses back, and
+    its category is "multi" (position is two related objects alone)."""
+    from velodiff.data.shapes import category_of
+
+    text = "a red circle above a blue square and a green cross"
+    spec = parse_caption(text)
+    assert [o["shape"] for o in spec["objects"]] == ["circle", "square", "cross"]
+    assert spec["relation"] == {"type": "above", "a": 0, "b": 1}
+    assert caption_from_spec(spec) == text
+    s = ShapesWorld(seed=0).render(spec, seed=0)
+    assert s.caption == text and len(s.objects) == 3
+    cases = {"a red circle": "single", "two red circles": "counting",
+             "a red circle and a blue square": "binding", "a red circle above a blue square": "position",
+             text: "multi", "a red circle, a blue square and a green cross": "multi",
+             "two red circles and a blue square": "multi"}
+    assert {t: category_of(parse_caption(t)) for t in cases} == cases
+
+
+def test_geneval_style_prompts_parse():
+    """GenEval's prompts read "a photo of ...": the prefix is not part of the spec, as the world's own
+    prefixes ("an image of ", "a picture of ") are not."""
+    want = parse_caption("a red circle to the left of a blue square")
+    for prefix in ("a photo of ", "an image of ", "a picture of ", "A photo of "):
+        assert parse_caption(prefix + "a red circle to the left of a blue square") == want
+
+
+def test_masks_are_the_pixels_at_least_half_covered():
+    """The ground-truth mask is the set of pixels at least half covered by the shape (module docstring):
+    read back from the antialiased image (coverage = the pixel's step from the background towards the
+    object's colour, in 1/16 steps of the 4x4 supersampling), pixels exactly half covered included."""
+    bg = np.array([20.0, 20.0, 20.0])
+    halves = 0
+    for s in ShapesWorld(seed=0).stream(0, 60):
+        for o in s.objects:
+            col = np.array(PALETTE[o.color], dtype=float)
+            c = int(np.argmax(np.abs(col - bg)))
+            x0, y0, x1, y1 = o.box
+            win = (slice(max(y0 - 2, 0), y1 + 2), slice(max(x0 - 2, 0), x1 + 2))
+            cov = (s.image[..., c][win] - bg[c]) / (col[c] - bg[c])
+            assert np.array_equal(o.mask[win], cov >= 0.5 - 1 / 32)
+            assert o.mask[win].sum() == o.mask.sum()
+            halves += int(np.isclose(cov, 0.5, atol=1 / 64).sum())
+    assert halves > 0  # the rule's edge case occurs
+
+
+@pytest.mark.parametrize("shape, fraction", [
+    ("square", 1.0), ("circle", np.pi / 4), ("triangle", 0.5), ("cross", 2 * 0.36 - 0.36**2),
+])
+def test_each_shape_covers_its_geometric_area(shape, fraction):
+    """A shape's mask covers its geometric area in its box: all of a square, pi / 4 of a circle, half of a
+    triangle, and for a cross of two bars 0.36 of the side wide 2 x 0.36 - 0.36^2 (within edge pixels)."""
+    w = ShapesWorld(seed=0, size=128)
+    for size in SIZES:
+        s = w.render({"objects": [{"shape": shape, "color": "red", "size": size}]}, seed=1)
+        (o,) = s.objects
+        side = SIZE_PX[size] * 2
+        assert abs(o.area - fraction * side**2) <= 2 * side, (shape, size, o.area, fraction * side**2)

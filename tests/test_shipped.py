@@ -106,3 +106,65 @@ def test_every_key_of_a_shipped_models_sampling_file_is_its_default(cache, name)
     }
     for key, value in sampling.items():
         assert got[key] == (tuple(value) if key == "trained_guidance" else value), key
+
+
+# --- review27: names and paths, a user's sampling file, an assembled copy, the default's architecture ---
+
+
+def test_names_paths_and_sampling_files(cache, tmp_path, monkeypatch) -> None:
+    """None is the default model; only the package's asset folder is named by its shipped name (a user's
+    folder of the same name is its path); a path may start with ~; a sampling.json that is no JSON object
+    is one line naming the file."""
+    assert shipped.is_shipped(None) and shipped.is_shipped("default") and not shipped.is_shipped("./default")
+    assert shipped.resolve_model(None) == shipped_path("default")
+    assert model_name(shipped_path("default")) == "default"
+    mine = tmp_path / "default-model"
+    mine.mkdir()
+    assert model_name(mine) == str(mine)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert shipped.resolve_model("~/default-model") == mine
+    assert shipped.sampling_defaults(mine) == {}
+    for text, message in (("[1, 2]", "expected a JSON object, got list"), ("{", "not valid JSON")):
+        (mine / "sampling.json").write_text(text)
+        with pytest.raises(velodiff.VelodiffError, match=message):
+            shipped.sampling_defaults(mine)
+
+
+def test_an_assembled_copy_follows_a_changed_file(cache, tmp_path, monkeypatch) -> None:
+    """Where links fail, a student is assembled from copies, keyed by its files' versions: the student's
+    own entries over its base's, and a student file changed in place (same size) gives a new assembly."""
+    import os
+
+    def no_links(*args, **kwargs):
+        raise OSError("symbolic links are not permitted here")
+
+    monkeypatch.setattr(Path, "symlink_to", no_links)
+    base, own = tmp_path / "base", tmp_path / "own"
+    files = ((base / "unet", "base-unet"), (base / "vae", "base-vae"), (own / "unet", "own-unet-1"))
+    for folder, text in files:
+        folder.mkdir(parents=True)
+        (folder / "w.bin").write_text(text)
+    (base / "model_index.json").write_text("{}")
+    out = shipped._assemble("student", own, base)
+    assert (out / "unet" / "w.bin").read_text() == "own-unet-1"
+    assert (out / "vae" / "w.bin").read_text() == "base-vae"
+    f = own / "unet" / "w.bin"
+    f.write_text("own-unet-2")
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert (shipped._assemble("student", own, base) / "unet" / "w.bin").read_text() == "own-unet-2"
+
+
+def test_the_shipped_default_model_has_the_architecture_of_its_configs() -> None:
+    """default_model's configs are the ones the shipped model was written with (the VAE's scaling factor
+    is measured after training): a model trained from them is the default's architecture."""
+    from velodiff import default_model as dm
+
+    root = shipped_path("default")
+    for sub, cfg in (("unet/config.json", dm.unet_config()), ("vae/config.json", dm.vae_config()),
+                     ("text_encoder/config.json", dm.text_encoder_config()),
+                     ("scheduler/scheduler_config.json", dm.scheduler_config())):
+        written = json.loads((root / sub).read_text())
+        for key, value in cfg.items():
+            if key != "scaling_factor":
+                assert written[key] == (list(value) if isinstance(value, tuple) else value), (sub, key)

@@ -60,7 +60,8 @@ class Alias:
 
 
 def normalize(name: str) -> str:
-    """The key an alias is matched by: lower case, ``++`` -> ``pp``, runs of other characters -> ``_``."""
+    """The key an alias is matched by: lower case, ``++`` -> ``pp`` (a single ``+`` -> ``p``), runs of
+    other characters -> ``_``."""
     key = name.strip().lower().replace("++", "pp").replace("+", "p")
     return re.sub(r"[^a-z0-9]+", "_", key).strip("_")
 

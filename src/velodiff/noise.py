@@ -28,9 +28,20 @@ def check_seed(seed: int) -> int:
     return int(seed)
 
 
+#: the last entropy word of a (seed, key) with a 64-bit part (_generator)
+_WIDE = 0xFFFFFFFF
+
+
 def _generator(*key: int) -> torch.Generator:
-    # a negative key wraps to 64 bits as torch's manual_seed does (so -3 is not 3's alias)
-    state = np.random.SeedSequence([int(k) % SEED_END for k in key]).generate_state(2, dtype=np.uint64)
+    """The generator of (seed, *key). Each part wraps to 64 bits as torch's manual_seed does (-3 is not
+    3's alias). numpy's SeedSequence reads an int as however many 32-bit words it needs and pads with
+    zeros, so where every part fits 32 bits the parts are its words (trailing zeros add nothing: key
+    (1, 0) is key (1,), which no draw uses); a part of 64 bits makes the words fixed, two per part, then
+    the count and a marker, so seed s + 2**32 is not seed s with key (1,)."""
+    words = [int(k) % SEED_END for k in key]
+    if any(w >> 32 for w in words):
+        words = [half for w in words for half in (w & 0xFFFFFFFF, w >> 32)] + [len(key), _WIDE]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 

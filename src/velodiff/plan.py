@@ -537,8 +537,9 @@ def _refuse_twice(rules: list[Accelerator]) -> None:
             raise VelodiffError(f"plan rule {rule.name!r} given twice; keep one (with its options)")
 
 
-#: "+" joins plan items, but not the "+" of an exponent ("scale=1e+3")
-_ITEMS = re.compile(r"(?<!\d[eE])\+")
+#: "+" joins plan items, but not the "+" of an exponent ("scale=1e+3": after a digit and e, before a
+#: digit); a text value ending in a digit and e ("concept=type 1e+pag") ends its item
+_ITEMS = re.compile(r"(?<!\d[eE])\+|\+(?!\d)")
 
 
 def _is_setting(item: str) -> bool:
@@ -575,7 +576,7 @@ def branch_evaluator(denoiser: Denoiser) -> Evaluate:
         for name in names:
             rows, x = req.subsets.get(name), req.inputs.get(name, req.x)
             xs.append(x if rows is None else x[rows.to(x.device)])
-            ts.append(req.t if rows is None or not req.t.ndim else req.t[rows])
+            ts.append(req.t if rows is None or not req.t.ndim else req.t[rows.to(req.t.device)])
             conds.append(req.conds[name] if rows is None else index_cond(req.conds[name], rows))
         cond = conds[0]
         for c in conds[1:]:

@@ -130,6 +130,12 @@ def check_arguments(x: Any, seed: Any, noise: Any, callback: Any, grad: Any) -> 
         raise VelodiffError(f"grad is True or False, got {grad!r}")
 
 
+def check_context(context: Any) -> None:
+    """A run's ``context``: None or a mapping of ``RunInfo`` fields (one line otherwise)."""
+    if context is not None and not isinstance(context, Mapping):
+        raise VelodiffError(f"context maps RunInfo fields to values, got {type(context).__name__}")
+
+
 def check_run(
     denoiser: Denoiser,
     ts: Tensor,
@@ -143,6 +149,7 @@ def check_run(
     """What :func:`sample` refuses before its first step (the solver's options and minimum steps, the
     grid, each plan rule's ``check`` on this run), without sampling; returns the run's RunInfo. A
     server calls it when a job is submitted, so a run that cannot start is refused there."""
+    check_context(context)
     spec.check_options(options or {})
     check_grid(denoiser.schedule, ts)
     if len(ts) - 1 < spec.min_steps:
@@ -150,7 +157,7 @@ def check_run(
     if plan.settings:
         raise VelodiffError(
             f"plan settings ({', '.join(plan.settings)}) choose the solver and grid of a pipeline run "
-            "(text2img, img2img, inpaint, the CLI); sample() takes its solver and ts as arguments"
+            "(text2img, img2img, inpaint, the CLI); sample() and denoise_once() take them as arguments"
         )
     known = [f.name for f in fields(RunInfo)]
     unknown = sorted(set(context or {}) - set(known))
@@ -196,8 +203,6 @@ def sample(
     spec = get_solver(solver)
     check_denoiser(denoiser)
     check_arguments(x, seed, noise, callback, grad)
-    if context is not None and not isinstance(context, Mapping):
-        raise VelodiffError(f"context maps RunInfo fields to values, got {type(context).__name__}")
     try:
         ts = torch.as_tensor(ts, dtype=F64).cpu()
     except (TypeError, ValueError, RuntimeError):
@@ -205,6 +210,7 @@ def sample(
     if not bool(torch.isfinite(x).all()):
         raise VelodiffError("the initial sample contains NaN or inf")
     plan = Plan.parse(plan)
+    check_context(context)
     context = {"seeds": (seed,), **dict(context or {})}
     run = check_run(denoiser, ts, spec, plan, x.shape[0], branches_of(cond), context, options)
     grad = grad or plan.needs_grad
@@ -420,16 +426,7 @@ def denoise_once(
         raise VelodiffError("t must be finite")
     denoiser.schedule.check_range(t.reshape(-1))
     ts = torch.tensor([float(t.max()), 0.0], dtype=F64) if ts is None else torch.as_tensor(ts, dtype=F64)
-    run = RunInfo(
-        schedule=denoiser.schedule,
-        ts=ts,
-        solver=get_solver("ddim"),
-        batch=x.shape[0],
-        conds=branches_of(cond),
-        prediction_type=getattr(denoiser, "prediction_type", None),
-        **dict(context or {}),
-    )
-    for rule in plan.rules:
-        rule.check(run)
+    # sample()'s checks of a run: the context's fields, no plan settings, each rule's own check
+    run = check_run(denoiser, ts, get_solver("ddim"), plan, x.shape[0], branches_of(cond), context)
     with running(plan, run):
         return plan.chain(branch_evaluator(denoiser))(EvalRequest(step, 0, t, x, run.conds))
