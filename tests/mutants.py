@@ -3393,8 +3393,8 @@ MUTANTS = {
     ),
     "r25_torch_noise_batch_equal_refused": (
         "commands/image_run.py",
-        "if self.noise in (\"torch\", \"cuda\") and self.batch and self.batch < self.n:",
-        "if self.noise in (\"torch\", \"cuda\") and self.batch and self.batch <= self.n:",
+        "if self.noise in BATCH_NOISE and self.batch and self.batch < self.n:",
+        "if self.noise in BATCH_NOISE and self.batch and self.batch <= self.n:",
         ["tests/test_generate.py", "-k", "eta_nfe_and_embedded"],
     ),
     "r25_eta_checked_only_late": (
@@ -4796,13 +4796,13 @@ MUTANTS = {
     ),
     "serve_torch_noise_shares_a_batch": (
         "serve/engine.py",
-        ' or coupled or params.get("noise") in ("torch", "cuda"):',
+        ' or coupled or params.get("noise") in BATCH_NOISE:',
         " or coupled:",
         ["tests/test_serve_jobs.py", "-k", "noise_mode"],
     ),
     "serve_torch_noise_files_name_one_image": (
         "serve/engine.py",
-        'whole = q.get("noise") in ("torch", "cuda")',
+        'whole = q.get("noise") in BATCH_NOISE',
         "whole = False",
         ["tests/test_serve_jobs.py", "-k", "noise_mode"],
     ),

@@ -63,6 +63,7 @@ class ImageRun:
         """Refuse what is wrong without importing torch (one line each)."""
         from ..shipped import resolve_model
         from .names import (
+            BATCH_NOISE,
             DTYPE_NAMES,
             NOISE_MODES,
             PREDICTION_TYPES,
@@ -110,7 +111,7 @@ class ImageRun:
         if self.grid is not None:
             check_grid_name(self.grid)
         check_name("noise mode", self.noise, NOISE_MODES)
-        if self.noise in ("torch", "cuda") and self.batch and self.batch < self.n:  # a generator per call
+        if self.noise in BATCH_NOISE and self.batch and self.batch < self.n:  # a generator per call
             raise VelodiffError(
                 f"--noise {self.noise} draws the noise of one call from its first seed, as diffusers: "
                 f"--batch {self.batch} below --n {self.n} would draw images {self.batch + 1}.. from other "

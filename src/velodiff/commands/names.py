@@ -50,6 +50,8 @@ def check_grid_name(name: str) -> None:
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 #: ``velodiff.pipelines.common.NOISE_MODES``
 NOISE_MODES = ("velodiff", "torch", "cuda", "a1111-cpu", "a1111-nv")
+#: the modes that draw a whole call's images from one generator (an image depends on its batch)
+BATCH_NOISE = ("torch", "cuda")
 #: the weight dtypes the CLI offers (``velodiff.models.base.DTYPES`` also takes fp32 / bf16 / fp16)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 

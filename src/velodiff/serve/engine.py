@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..commands.names import NOISE_MODES
+from ..commands.names import BATCH_NOISE, NOISE_MODES
 from ..errors import VelodiffError, unknown_name
 from ..images import png_bytes
 from ..limits import SEED_END, SEED_MIN, check_guidance
@@ -63,7 +63,7 @@ def batch_key(params: dict[str, Any]) -> str:
     from ..plan import Plan
 
     coupled = any(r.couples_batch for r in Plan.parse(params.get("plan")).rules)
-    if params.get("kind") == "collage" or coupled or params.get("noise") in ("torch", "cuda"):
+    if params.get("kind") == "collage" or coupled or params.get("noise") in BATCH_NOISE:
         import uuid
 
         return f"alone:{uuid.uuid4().hex}"
@@ -308,7 +308,7 @@ class Engine:
             mode = "collage" if q.get("kind") == "collage" else None
             extra |= {"Plan": q["plan"] or "none", "Layout": layout_text(q["layout"]), "Layout mode": mode}
         prompt, negative = q["prompt"], q["negative"]
-        whole = q.get("noise") in ("torch", "cuda")  # one generator made the job's images: name the call
+        whole = q.get("noise") in BATCH_NOISE  # one generator made the job's images: name the call
         for k, image in enumerate(images):
             seed, n = (q["seed"], q["n"]) if whole else (q["seed"] + k, 1)
             image.info[PNG_KEY] = run_infotext(prompt, negative, res, seed, m.path, m.loras, n, extra)
