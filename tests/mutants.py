@@ -4682,8 +4682,8 @@ MUTANTS = {
     # A1111's CPU noise source (--noise a1111-cpu)
     "a1111_noise_no_starting_draw_skipped": (
         "noise.py",
-        "        self.start = self._draw()  # the starting noise's draw comes first\n",
-        "        self.start = torch.cat([torch.randn(self.shape, generator=torch.Generator().manual_seed(0))] * len(seeds))\n",  # noqa: E501
+        "        self.start = self._draw() if start else None  # the starting noise's draw comes first\n",
+        "        self.start = torch.cat([torch.randn(self.shape, generator=torch.Generator().manual_seed(0))] * len(seeds)) if start else None\n",  # noqa: E501
         ["tests/test_kdiffusion_parity.py", "-k", "a1111"],
     ),
     "a1111_noise_steps_per_ask": (
@@ -4706,8 +4706,8 @@ MUTANTS = {
     ),
     "a1111_noise_steps_velodiffs": (
         "pipelines/common.py",
-        'if setup.solver.noise == "gaussian" and opts.noise in GENERATOR_MODES:',
-        'if setup.solver.noise == "gaussian" and opts.noise.startswith("a1111-"):',
+        '    elif kind != "none" and opts.noise in GENERATOR_MODES:\n',
+        '    elif kind != "none" and opts.noise.startswith("a1111-"):\n',
         ["tests/test_models_sd.py", "-k", "one_generator_for_the_batch"],
     ),
     "a1111_rng_cpu_unread": (
@@ -6194,6 +6194,18 @@ MUTANTS = {
         "_ITEMS = re.compile(r\"(?<!\\d[eE])\\+|\\+(?!\\d)\")",
         "_ITEMS = re.compile(r\"(?<!\\d[eE])\\+\")",
         ["tests/test_plan.py", "-k", "digit_and_e"],
+    ),
+    "generator_noise_start_drawn_for_latents": (
+        "pipelines/common.py",
+        "start=opts.latents is None, brownian=tree)",
+        "start=True, brownian=tree)",
+        ["tests/test_models_sd.py", "-k", "given_latents"],
+    ),
+    "generator_noise_sde_per_image_tree": (
+        "pipelines/common.py",
+        '    elif kind != "none" and opts.noise in GENERATOR_MODES:\n',
+        '    elif kind == "gaussian" and opts.noise in GENERATOR_MODES:\n',
+        ["tests/test_models_sd.py", "-k", "given_latents"],
     ),
     "noise_wide_words_as_narrow": (
         "noise.py",

@@ -1167,3 +1167,173 @@ def test_torch_noise_is_diffusers_with_one_generator_for_the_batch_and_its_steps
     r = text2img(m, [PROMPT] * 2, seeds=[42, 43], noise="torch", grid=ts, solver="euler_ancestral",
                  guidance=7.5, output="latent", height=H, width=W)
     torch.testing.assert_close(r.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+# --- review29: the generator noise modes against more of diffusers' stochastic schedulers -----------------
+
+#: diffusers schedulers that draw step noise from the pipeline's generator(s), with the pipeline's call
+#: keywords: (class name, from_config flags, pipeline keywords)
+_R29_STOCHASTIC = {
+    "ddpm": ("DDPMScheduler", {}, {}),
+    "ddim-eta": ("DDIMScheduler", {}, {"eta": 1.0}),
+    "kdpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}, {}),
+    "lcm": ("LCMScheduler", {}, {}),
+}
+
+
+def _r29_diffusers_and_velodiff(m, name, mode, seeds, steps=4, **velodiff_kw):
+    """(diffusers' latents, velodiff's latents) of one stochastic scheduler: diffusers with one CPU
+    generator seeded seeds[0] (mode "torch") or a list of CPU generators, one per seed (A1111's modes);
+    velodiff with the solver, grid and options ``from_diffusers`` maps the scheduler to."""
+    import diffusers
+
+    from velodiff.aliases import from_diffusers
+
+    cls, flags, call = _R29_STOCHASTIC[name]
+
+    def make():
+        return getattr(diffusers, cls).from_config(m.components["scheduler_config"], **flags)
+
+    gen = (torch.Generator().manual_seed(seeds[0]) if mode == "torch"
+           else [torch.Generator().manual_seed(s) for s in seeds])
+    ref = m.to_diffusers(make())([PROMPT] * len(seeds), num_inference_steps=steps, guidance_scale=7.5,
+                                 generator=gen, output_type="latent", height=H, width=W, **call).images
+    r = from_diffusers(make())
+    options = {**dict(r.solver_options), **({"eta": call["eta"]} if "eta" in call else {})}
+    out = text2img(m, [PROMPT] * len(seeds), seeds=seeds, noise=mode, steps=steps, solver=r.solver,
+                   grid=r.grid, grid_options=dict(r.grid_options) or None, final=r.final,
+                   solver_options=options or None, guidance=7.5, output="latent", height=H, width=W,
+                   **velodiff_kw)
+    return ref, out.latents
+
+
+@pytest.mark.parametrize("mode", ["torch", "a1111-cpu"])
+@pytest.mark.parametrize("name", list(_R29_STOCHASTIC))
+def test_r29_generator_noise_is_diffusers_for_each_stochastic_scheduler(models, name, mode):
+    """noise="torch" is diffusers with one CPU generator and "a1111-cpu" diffusers with a list of CPU
+    generators, for every scheduler that draws step noise from it: DDPM (no draw at t = 0), DDIM with
+    eta (a draw on every step), KDPM2 ancestral (one draw per step, in its second-order half) and LCM
+    (no draw on its last step): starting noise, then step i's noise as draw i + 1."""
+    m = models["sd1"]
+    ref, got = _r29_diffusers_and_velodiff(m, name, mode, [42, 7])
+    torch.testing.assert_close(got, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    if mode == "a1111-cpu":  # per image: image 2 alone is image 2 of the batch
+        _, alone = _r29_diffusers_and_velodiff(m, name, mode, [7])
+        torch.testing.assert_close(alone, got[1:], atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+
+@pytest.mark.parametrize("flags", [{}, {"use_karras_sigmas": True}], ids=["leading", "karras"])
+def test_r29_a1111_sde_noise_is_diffusers_dpmsolver_sde_with_a_tree_per_image(models, flags):
+    """noise="a1111-cpu" / "a1111-nv" on DPM++ SDE: per-image Brownian trees over [least positive sigma,
+    largest sigma] seeded with the images' seeds, what diffusers' DPMSolverSDEScheduler draws with
+    noise_sampler_seed = the list of seeds (k-diffusion's BrownianTreeNoiseSampler, as A1111 seeds it);
+    the trees do not depend on the source (CPU or NV), and velodiff's own trees are another image. The
+    tolerance is the trees' float32 ends in diffusers (4e-4 of the latents' scale measured)."""
+    from diffusers import DPMSolverSDEScheduler
+
+    from velodiff.aliases import from_diffusers
+
+    m = models["sd1"]
+    latents = noise(1, batch=2)
+    cfg = m.components["scheduler_config"]
+    ref = m.to_diffusers(DPMSolverSDEScheduler.from_config(cfg, noise_sampler_seed=[42, 7], **flags))(
+        [PROMPT] * 2, num_inference_steps=4, guidance_scale=7.5, latents=latents, output_type="latent",
+        height=H, width=W,
+    ).images
+    r = from_diffusers(DPMSolverSDEScheduler.from_config(cfg, **flags))
+    kw = dict(steps=4, solver=r.solver, grid=r.grid, grid_options=dict(r.grid_options) or None, final=r.final,
+              guidance=7.5, output="latent", height=H, width=W)
+    got = {mode: text2img(m, [PROMPT] * 2, seeds=[42, 7], noise=mode, latents=latents, **kw).latents
+           for mode in ("a1111-cpu", "a1111-nv", "velodiff")}
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(got["a1111-cpu"], ref, atol=2e-3 * scale, rtol=0)
+    assert torch.equal(got["a1111-nv"], got["a1111-cpu"])
+    assert float((got["velodiff"] - ref).abs().max()) > 0.1 * scale
+    alone = text2img(m, PROMPT, seeds=[7], noise="a1111-cpu", latents=latents[1:], **kw).latents
+    torch.testing.assert_close(alone, got["a1111-cpu"][1:], atol=1e-4 * scale, rtol=0)
+
+
+def test_r29_a1111_brownian_range_in_img2img_is_the_grid_that_runs(models, monkeypatch):
+    """img2img with an A1111 mode on an SDE sampler: the per-image trees span the sigmas of the steps that
+    run (A1111's sample_img2img builds its noise sampler over sigma_sched, the grid from the denoising
+    strength on), not the whole grid of the step count."""
+    import velodiff.noise
+    from velodiff.pipelines import common
+
+    spans = []
+
+    class Spy(velodiff.noise.SigmaBrownianNoise):
+        def __init__(self, like, seeds, ts, schedule):
+            super().__init__(like, seeds, ts, schedule)
+            spans.append((self.lo, self.hi, ts.clone()))
+
+    monkeypatch.setattr(common, "SigmaBrownianNoise", Spy)
+    m = models["sd1"]
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(3))
+    r = img2img(m, PROMPT, image, strength=0.5, steps=6, solver="dpmpp_sde", seeds=[4], noise="a1111-cpu",
+                guidance=3.0, output="latent")
+    (lo, hi, ts), = spans
+    assert torch.equal(ts, r.ts) and len(r.ts) < 7
+    sig = m.schedule.sigma_ve(r.ts.double())
+    assert hi == float(sig[0]) and lo == float(sig[sig > 0].min())
+
+
+def test_torch_noise_feeds_diffusers_sde_solver_and_given_latents_draw_no_start(models):
+    """noise="torch" with DPM-Solver++ SDE: diffusers' sde-dpmsolver++ draws each step's Gaussian from the
+    pipeline's generator, and velodiff's sde_dpmpp_2m takes the same draws (its Brownian tree is A1111's
+    way, not diffusers'); with latents given, diffusers draws no starting noise from the generator, so
+    neither does velodiff: step i takes draw i."""
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    from velodiff.aliases import from_diffusers
+
+    m = models["sd1"]
+    kw = dict(guidance_scale=7.5, output_type="latent", height=H, width=W)
+    make = lambda: DPMSolverMultistepScheduler.from_config(  # noqa: E731
+        m.components["scheduler_config"], algorithm_type="sde-dpmsolver++")
+    gen = torch.Generator().manual_seed(42)
+    ref = m.to_diffusers(make())([PROMPT] * 2, num_inference_steps=4, generator=gen, **kw).images
+    r = from_diffusers(make())
+    out = text2img(m, [PROMPT] * 2, seeds=[42, 43], noise="torch", steps=4, grid=r.grid, final=r.final,
+                   grid_options=dict(r.grid_options) or None, solver=r.solver,
+                   solver_options=dict(r.solver_options) or None, guidance=7.5, output="latent", height=H,
+                   width=W)
+    torch.testing.assert_close(out.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    z = noise(3)
+    sched = EulerAncestralDiscreteScheduler.from_config(m.components["scheduler_config"])
+    ref = m.to_diffusers(sched)(PROMPT, num_inference_steps=4, latents=z.clone(),
+                                generator=torch.Generator().manual_seed(5), **kw).images
+    ts = diffusers_times(m, EulerAncestralDiscreteScheduler.from_config(m.components["scheduler_config"]), 4,
+                         "zero")
+    got = text2img(m, PROMPT, seeds=[5], noise="torch", latents=z, grid=ts, solver="euler_ancestral",
+                   guidance=7.5, output="latent", height=H, width=W)
+    torch.testing.assert_close(got.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+
+
+def test_r29_torch_sde_noise_with_given_latents_and_dpmpp_sde_trees(models):
+    """noise="torch" on the SDE solvers with latents given: DPM++ 2M SDE takes step i's Gaussian as draw i of
+    the generator (diffusers' sde-dpmsolver++ with latents= and generator=, nothing drawn for the start),
+    with a list of seeds only the first seeding it; DPM++ SDE's part-step increments are velodiff's own
+    per-image trees (diffusers' DPMSolverSDEScheduler seeds its tree apart from the generator), so it is
+    noise="velodiff"'s image."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from velodiff.aliases import from_diffusers
+
+    m = models["sd1"]
+    z = noise(2, batch=2)
+    cfg = m.components["scheduler_config"]
+    ref = m.to_diffusers(DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++"))(
+        [PROMPT] * 2, num_inference_steps=4, latents=z.clone(), generator=torch.Generator().manual_seed(42),
+        guidance_scale=7.5, output_type="latent", height=H, width=W,
+    ).images
+    r = from_diffusers(DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++"))
+    kw = dict(steps=4, grid=r.grid, final=r.final, grid_options=dict(r.grid_options) or None, guidance=7.5,
+              output="latent", height=H, width=W, latents=z)
+    got = text2img(m, [PROMPT] * 2, seeds=[42, 99], noise="torch", solver=r.solver,
+                   solver_options=dict(r.solver_options) or None, **kw).latents
+    torch.testing.assert_close(got, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    sde = {mode: text2img(m, [PROMPT] * 2, seeds=[42, 43], noise=mode, solver="dpmpp_sde", **kw).latents
+           for mode in ("torch", "velodiff")}
+    torch.testing.assert_close(sde["torch"], sde["velodiff"], atol=1e-5 * float(ref.abs().max()), rtol=0)

@@ -108,12 +108,15 @@ class GeneratorNoise:
     ``torch.randn_like`` (one draw per step: the churn samplers on every step, the ancestral ones on every
     step but a last one to sigma 0) and diffusers' schedulers draw from the pipeline's generator per step.
     Draws are made in order and kept, so step i's noise is the same however often and in whatever order
-    it is asked for."""
+    it is asked for. ``start=False``: a caller's latents stood for the starting noise, so the generators
+    drew none (diffusers draws nothing for given ``latents``) and step i is draw i. ``brownian``: a
+    Brownian source whose ``between`` gives a solver's increments over part of a step (DPM++ SDE)."""
 
     SOURCES = ("CPU", "NV")
 
     def __init__(self, shape: tuple[int, ...], seeds: list[int], source: str = "CPU", per_image: bool = True,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
+                 start: bool = True, brownian: Any = None) -> None:
         from .philox import PhiloxGenerator
 
         if source not in self.SOURCES:
@@ -123,8 +126,10 @@ class GeneratorNoise:
             torch.Generator().manual_seed(int(s)) if source == "CPU" else PhiloxGenerator(s)
             for s in (seeds if per_image else seeds[:1])
         ]
-        self.start = self._draw()  # the starting noise's draw comes first
+        self.start = self._draw() if start else None  # the starting noise's draw comes first
         self.steps: list[Tensor] = []
+        if brownian is not None:
+            self.between = brownian.between
 
     def _draw(self) -> Tensor:
         return torch.cat([
@@ -134,6 +139,7 @@ class GeneratorNoise:
 
     def first(self) -> Tensor:
         """The starting noise (float32, on the CPU)."""
+        assert self.start is not None, "made with start=False: the caller's latents are the starting noise"
         return self.start
 
     def __call__(self, i: int) -> Tensor:

@@ -11,9 +11,12 @@ the starting noise, then one draw per step of a stochastic solver): ``noise="tor
 ComfyUI's starting noise), ``noise="cuda"`` the same as an NVIDIA GPU's generator draws it (diffusers
 with a CUDA generator, computed on any device by ``velodiff.philox``), ``noise="a1111-cpu"`` /
 ``"a1111-nv"`` one such generator per image, seeded with the image's seed (A1111's "RNG: CPU" / its
-"NV" and, on an NVIDIA card, its default "GPU" source; diffusers with a list of generators). Brownian
-steps (the SDE solvers) come from k-diffusion's per-image trees over sigma in the A1111 modes, as A1111
-seeds them (``SigmaBrownianNoise``), and from velodiff's per-image trees otherwise.
+"NV" and, on an NVIDIA card, its default "GPU" source; diffusers with a list of generators, but for the
+SDE solvers). The SDE solvers' noise in the A1111 modes comes from k-diffusion's per-image Brownian
+trees over sigma, as A1111 seeds them (``SigmaBrownianNoise``); in torch and cuda, from the generator,
+as diffusers' DPM-Solver++ SDE draws it, with DPM++ SDE's part-step increments from velodiff's trees
+(diffusers' DPMSolverSDEScheduler seeds its tree apart from the generator). Given latents stand for the
+starting noise: the generators draw none, as diffusers' do.
 """
 
 from __future__ import annotations
@@ -210,12 +213,17 @@ def run(
         )
     ts = setup.ts if ts is None else ts
     noise: Any = None
-    if setup.solver.noise == "gaussian" and opts.noise in GENERATOR_MODES:
-        noise = GeneratorNoise(tuple(x.shape), seeds, *GENERATOR_MODES[opts.noise], x.device, x.dtype)
-    elif setup.solver.noise == "brownian" and opts.noise.startswith("a1111-"):
+    kind = setup.solver.noise
+    if kind == "brownian" and opts.noise.startswith("a1111-"):  # A1111's k-diffusion trees per image
         noise = SigmaBrownianNoise(x, seeds, ts, model.schedule)
-    elif setup.solver.noise != "none":
-        noise = PerImageNoise(x, seeds, setup.solver.noise, ts)
+    elif kind != "none" and opts.noise in GENERATOR_MODES:
+        # diffusers' SDE solvers draw Gaussians from the generator too; DPM++ SDE's part-step increments
+        # come from velodiff's trees (diffusers' DPMSolverSDEScheduler seeds its tree apart from it)
+        tree = PerImageNoise(x, seeds, kind, ts) if kind == "brownian" else None
+        noise = GeneratorNoise(tuple(x.shape), seeds, *GENERATOR_MODES[opts.noise], x.device, x.dtype,
+                               start=opts.latents is None, brownian=tree)
+    elif kind != "none":
+        noise = PerImageNoise(x, seeds, kind, ts)
     context = {**run_context(model, setup, prompts, size, encode), "seeds": tuple(seeds)}
     return sample(
         model.denoiser,
