@@ -6219,6 +6219,121 @@ MUTANTS = {
         "    spec.check_options(options or {})",
         ["tests/test_sampling_errors.py", "-k", "denoise_once_checks"],
     ),
+    # review29: the noise modes against diffusers, A1111 and k-diffusion
+    "r29_a1111_nv_brownian_is_velodiffs": (
+        "pipelines/common.py",
+        "if kind == \"brownian\" and opts.noise.startswith(\"a1111-\"):",
+        "if kind == \"brownian\" and opts.noise == \"a1111-cpu\":",
+        ["tests/test_models_sd.py", "-k", "a1111_sde"],
+    ),
+    "r29_a1111_brownian_range_bottom_halved": (
+        "noise.py",
+        "self.lo, self.hi = float(sig.min()), float(sig.max())",
+        "self.lo, self.hi = float(sig.min()) / 2, float(sig.max())",
+        ["tests/test_noise.py", "-k", "a1111_brownian"],
+    ),
+    "r29_a1111_brownian_range_from_zero": (
+        "noise.py",
+        "sig = sig[(sig > 0) & torch.isfinite(sig)]",
+        "sig = sig[torch.isfinite(sig)]",
+        ["tests/test_noise.py", "-k", "a1111_brownian"],
+    ),
+    "r29_a1111_brownian_one_seed_for_the_batch": (
+        "noise.py",
+        "self.hi, entropy=int(s) % SEED_END) for s in seeds]",
+        "self.hi, entropy=int(seeds[0]) % SEED_END) for s in seeds]",
+        ["tests/test_noise.py", "-k", "a1111_brownian"],
+    ),
+    "r29_a1111_brownian_empty_interval_drawn": (
+        "noise.py",
+        "        if s_from == s_to:\n            return torch.zeros(self.shape, device=self.device, dtype=self.dtype)\n",  # noqa: E501
+        "        if s_from == s_to:\n            s_to = s_from * 0.5\n",
+        ["tests/test_noise.py", "-k", "a1111_brownian"],
+    ),
+    "r29_a1111_brownian_not_normalized": (
+        "noise.py",
+        "w = torch.stack([tree(a, b) for tree in self.trees]) * (sign / (b - a) ** 0.5)",
+        "w = torch.stack([tree(a, b) for tree in self.trees]) * sign",
+        ["tests/test_models_sd.py", "-k", "a1111_sde"],
+    ),
+    "r29_generator_noise_dtype_ignored": (
+        "noise.py",
+        "        return self.steps[i].to(device=self.device, dtype=self.dtype)",
+        "        return self.steps[i].to(device=self.device)",
+        ["tests/test_noise.py", "-k", "one_generator"],
+    ),
+    "r29_one_generator_seeded_with_the_last_seed": (
+        "noise.py",
+        "for s in (seeds if per_image else seeds[:1])",
+        "for s in (seeds if per_image else seeds[-1:])",
+        ["tests/test_noise.py", "-k", "one_generator"],
+    ),
+    "r29_generator_draws_in_the_sample_dtype": (
+        "noise.py",
+        "torch.randn(self.shape, generator=g, dtype=torch.float32) if isinstance(g, torch.Generator)",
+        "torch.randn(self.shape, generator=g, dtype=self.dtype) if isinstance(g, torch.Generator)",
+        ["tests/test_kdiffusion_parity.py", "-k", "churn_on_some_steps_and_both_sources or drives_dpmpp_3m"],
+    ),
+    "r29_a1111_cpu_one_generator": (
+        "pipelines/common.py",
+        "\"a1111-cpu\": (\"CPU\", True)",
+        "\"a1111-cpu\": (\"CPU\", False)",
+        ["tests/test_models_sd.py", "-k", "generator_noise and a1111"],
+    ),
+    "r29_philox_offset_in_word_1": (
+        "philox.py",
+        "philox4x32([zero + np.uint64(self.offset), zero, index, zero], self.key)",
+        "philox4x32([zero, zero + np.uint64(self.offset), index, zero], self.key)",
+        ["tests/test_noise.py", "-k", "nv"],
+    ),
+    "r29_philox_uses_words_z_w": (
+        "philox.py",
+        "x, y, _, _ = philox4x32(",
+        "_, _, x, y = philox4x32(",
+        ["tests/test_noise.py", "-k", "nv"],
+    ),
+    "r29_philox_u_full_offset": (
+        "philox.py",
+        "u = x.astype(np.float64) * _INV + _INV / 2",
+        "u = x.astype(np.float64) * _INV + _INV",
+        ["tests/test_noise.py", "-k", "nv or a1111 or cuda"],
+    ),
+    "r29_philox_float32_pipeline": (
+        "philox.py",
+        "u = x.astype(np.float64) * _INV + _INV / 2",
+        "u = x.astype(np.float32) * np.float32(_INV) + np.float32(_INV / 2)",
+        ["tests/test_noise.py", "-k", "nv or a1111 or cuda"],
+    ),
+    "r29_generator_steps_only_for_ancestral_and_churn_solvers": (
+        "pipelines/common.py",
+        "elif kind != \"none\" and opts.noise in GENERATOR_MODES:",
+        "elif kind != \"none\" and opts.noise in GENERATOR_MODES and setup.solver.name in (\"euler_ancestral\", \"dpm_2_ancestral\", \"dpmpp_2s_ancestral\", \"euler\", \"heun\", \"dpm_2\"):",  # noqa: E501
+        ["tests/test_models_sd.py", "-k", "generator_noise"],
+    ),
+    "r29_generator_steps_start_at_draw_0": (
+        "noise.py",
+        "        self.steps: list[Tensor] = []\n",
+        "        self.steps: list[Tensor] = [] if self.start is None else [self.start]\n",
+        ["tests/test_models_sd.py", "-k", "generator_noise and (lcm or ddpm)"],
+    ),
+    "r29_given_latents_still_draw_a_start": (
+        "pipelines/common.py",
+        "start=opts.latents is None, brownian=tree)",
+        "start=True, brownian=tree)",
+        ["tests/test_models_sd.py", "-k", "torch_sde"],
+    ),
+    "r29_dpmpp_sde_torch_without_trees": (
+        "pipelines/common.py",
+        "tree = PerImageNoise(x, seeds, kind, ts) if kind == \"brownian\" else None",
+        "tree = None",
+        ["tests/test_models_sd.py", "-k", "torch_sde"],
+    ),
+    "r29_torch_sde_on_a1111_trees": (
+        "pipelines/common.py",
+        "if kind == \"brownian\" and opts.noise.startswith(\"a1111-\"):",
+        "if kind == \"brownian\" and opts.noise != \"velodiff\":",
+        ["tests/test_models_sd.py", "-k", "torch_sde"],
+    ),
 }
 
 

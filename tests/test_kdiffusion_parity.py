@@ -284,3 +284,60 @@ def test_a1111_cpu_brownian_noise_is_k_diffusions_tree_per_image(sched, name, so
     noise = SigmaBrownianNoise(s.x, seeds, s.ts, s.sched)
     res = sample(s.den, s.x, s.ts, solver, noise=noise, **opts)
     _close(ref, s.velodiff_ve(res), 1e-6)
+
+
+class _R29A1111NV(_A1111Torch):
+    """A1111's TorchHijack with "RNG: NV": each image's own Philox generator (A1111's rng_philox, which
+    tests/test_noise.py checks velodiff.philox against to the bit), one offset per call."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...]) -> None:
+        from velodiff.philox import PhiloxGenerator
+
+        self.philox = [PhiloxGenerator(s) for s in seeds]
+        self.shape = shape
+        self.start = self.next()
+
+    def next(self) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(g.randn(self.shape)) for g in self.philox]).to(F64)
+
+
+@pytest.mark.parametrize("source", ["CPU", "NV"])
+@pytest.mark.parametrize(
+    "name, solver",
+    [("sample_heun", "heun"), ("sample_dpm_2", "dpm_2"), ("sample_euler", "euler"),
+     ("sample_dpm_2_ancestral", "dpm_2_ancestral")],
+)  # fmt: skip
+def test_a1111_noise_with_churn_on_some_steps_and_both_sources(name, solver, source, monkeypatch):
+    """A1111's step noise through k-diffusion for the churn samplers (Heun, DPM2, Euler: k-diffusion draws
+    eps on every step, also where gamma = 0, so step i takes draw i + 1 even when earlier steps had no
+    churn) and DPM2 a, with "RNG: CPU" and "RNG: NV": velodiff's GeneratorNoise per image gives the same."""
+    from velodiff.noise import GeneratorNoise
+
+    seeds = [5, 2**40 + 3, 9, 11]
+    s = Setup("sd")
+    hijack = (_A1111Torch if source == "CPU" else _R29A1111NV)(seeds, SHAPE)
+    monkeypatch.setattr(K, "torch", hijack)
+    kw = {} if "ancestral" in name else {"s_churn": 2.0, "s_tmin": 0.1, "s_tmax": float(s.sigmas[3]) * 1.01}
+    scale = (float(s.sched.alpha(s.ts[0])) ** 2 + float(s.sched.sigma(s.ts[0])) ** 2) ** 0.5
+    a0 = float(s.sched.alpha(s.ts[0]))
+    ref = getattr(K, name)(s.model, hijack.start * scale / a0, s.sigmas, disable=True, **kw)
+    streams = GeneratorNoise((4, *SHAPE), seeds, source, dtype=F64)
+    assert torch.equal(streams.first().to(F64), hijack.start)
+    res = sample(s.den, streams.first().to(F64) * scale, s.ts, solver, noise=streams, **kw)
+    _close(ref, s.velodiff_ve(res))
+
+
+def test_a1111_brownian_noise_drives_dpmpp_3m_sde_as_k_diffusion():
+    """DPM++ 3M SDE (A1111 marks it brownian_noise too): k-diffusion's per-image Brownian trees over
+    [least positive sigma, largest sigma], as velodiff's SigmaBrownianNoise, with the k-diffusion variant
+    of the third-order correction."""
+    from velodiff.noise import SigmaBrownianNoise
+
+    seeds = [5, 2**40 + 3, 9, 11]
+    s = Setup("sd")
+    sig = s.sigmas
+    kd_noise = K.BrownianTreeNoiseSampler(s.x_ve, sig[sig > 0].min(), sig.max(), seed=seeds)
+    ref = K.sample_dpmpp_3m_sde(s.model, s.x_ve.clone(), s.sigmas, disable=True, noise_sampler=kd_noise)
+    noise = SigmaBrownianNoise(s.x, seeds, s.ts, s.sched)
+    res = sample(s.den, s.x, s.ts, "sde_dpmpp_3m", noise=noise, variant="k-diffusion")
+    _close(ref, s.velodiff_ve(res), 1e-6)

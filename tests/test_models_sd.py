@@ -1209,7 +1209,7 @@ def _r29_diffusers_and_velodiff(m, name, mode, seeds, steps=4, **velodiff_kw):
 
 @pytest.mark.parametrize("mode", ["torch", "a1111-cpu"])
 @pytest.mark.parametrize("name", list(_R29_STOCHASTIC))
-def test_r29_generator_noise_is_diffusers_for_each_stochastic_scheduler(models, name, mode):
+def test_generator_noise_is_diffusers_for_each_stochastic_scheduler(models, name, mode):
     """noise="torch" is diffusers with one CPU generator and "a1111-cpu" diffusers with a list of CPU
     generators, for every scheduler that draws step noise from it: DDPM (no draw at t = 0), DDIM with
     eta (a draw on every step), KDPM2 ancestral (one draw per step, in its second-order half) and LCM
@@ -1224,7 +1224,7 @@ def test_r29_generator_noise_is_diffusers_for_each_stochastic_scheduler(models, 
 
 
 @pytest.mark.parametrize("flags", [{}, {"use_karras_sigmas": True}], ids=["leading", "karras"])
-def test_r29_a1111_sde_noise_is_diffusers_dpmsolver_sde_with_a_tree_per_image(models, flags):
+def test_a1111_sde_noise_is_diffusers_dpmsolver_sde_with_a_tree_per_image(models, flags):
     """noise="a1111-cpu" / "a1111-nv" on DPM++ SDE: per-image Brownian trees over [least positive sigma,
     largest sigma] seeded with the images' seeds, what diffusers' DPMSolverSDEScheduler draws with
     noise_sampler_seed = the list of seeds (k-diffusion's BrownianTreeNoiseSampler, as A1111 seeds it);
@@ -1254,7 +1254,7 @@ def test_r29_a1111_sde_noise_is_diffusers_dpmsolver_sde_with_a_tree_per_image(mo
     torch.testing.assert_close(alone, got["a1111-cpu"][1:], atol=1e-4 * scale, rtol=0)
 
 
-def test_r29_a1111_brownian_range_in_img2img_is_the_grid_that_runs(models, monkeypatch):
+def test_a1111_brownian_range_in_img2img_is_the_grid_that_runs(models, monkeypatch):
     """img2img with an A1111 mode on an SDE sampler: the per-image trees span the sigmas of the steps that
     run (A1111's sample_img2img builds its noise sampler over sigma_sched, the grid from the denoising
     strength on), not the whole grid of the step count."""
@@ -1311,7 +1311,7 @@ def test_torch_noise_feeds_diffusers_sde_solver_and_given_latents_draw_no_start(
     torch.testing.assert_close(got.latents, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
 
 
-def test_r29_torch_sde_noise_with_given_latents_and_dpmpp_sde_trees(models):
+def test_torch_sde_noise_with_given_latents_and_dpmpp_sde_trees(models):
     """noise="torch" on the SDE solvers with latents given: DPM++ 2M SDE takes step i's Gaussian as draw i of
     the generator (diffusers' sde-dpmsolver++ with latents= and generator=, nothing drawn for the start),
     with a list of seeds only the first seeding it; DPM++ SDE's part-step increments are velodiff's own

@@ -303,3 +303,56 @@ def test_a_64_bit_seed_is_not_a_32_bit_seed_with_a_key():
         state = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint64)
         want = torch.randn(shape, generator=torch.Generator().manual_seed(int(state[0] >> np.uint64(1))))
         assert torch.equal(randn(shape, *key), want), key
+
+
+# --- review29 ---------------------------------------------------------------------------------------------
+
+
+def test_one_generator_modes_seed_with_the_first_seed_only_and_cast_step_noise():
+    """noise torch / cuda: one generator seeded with the first seed draws the batch (the other seeds say
+    nothing, as diffusers' single generator); step noise comes on the sample's dtype, the float32 draw
+    cast (diffusers' CPU draws in float16 / bfloat16 are the float32 ones cast too)."""
+    from velodiff.noise import GeneratorNoise
+    from velodiff.pipelines.common import initial_noise
+
+    shape = (2, 4, 8, 6)
+    for mode in ("torch", "cuda"):
+        assert torch.equal(initial_noise(shape, [42, 43], mode), initial_noise(shape, [42, 999], mode))
+        assert not torch.equal(initial_noise(shape, [42, 43], mode), initial_noise(shape, [41, 43], mode))
+    g = torch.Generator().manual_seed(42)
+    draws = [torch.randn(shape, generator=g) for _ in range(3)]
+    assert torch.equal(initial_noise(shape, [42, 43], "torch"), draws[0])
+    half = GeneratorNoise(shape, [42, 43], "CPU", per_image=False, dtype=torch.float16)
+    assert half(1).dtype == torch.float16 and torch.equal(half(1), draws[2].half())
+    g16 = torch.Generator().manual_seed(42)
+    assert torch.equal(torch.randn(shape, generator=g16, dtype=torch.float16), draws[0].half())
+
+
+def test_a1111_brownian_noise_spans_the_grids_sigmas_and_is_one_signed_path():
+    """SigmaBrownianNoise: its trees span [least positive sigma, largest sigma] of the grid (A1111's
+    create_noise_sampler); an increment backwards is minus the forward one, increments over two halves add
+    up to the whole (one path per image), an empty interval is zero, a query past the range (a last step to
+    sigma 0) reads at its end (an empty interval there), and image k's path is its own seed's whatever the
+    batch."""
+    from velodiff import DiscreteVP, make_grid
+    from velodiff.noise import SigmaBrownianNoise
+
+    sched = DiscreteVP.scaled_linear()
+    ts = make_grid("karras", sched, 6, final="zero")
+    like = torch.zeros(2, 4, 8, 8)
+    w = SigmaBrownianNoise(like, [5, 9], ts, sched)
+    sig = sched.sigma_ve(ts[:-1].double())
+    assert (w.lo, w.hi) == (float(sig.min()), float(sig.max()))
+    t0, t1, t2 = (float(ts[k]) for k in (0, 2, 4))
+    s0, s1, s2 = (float(sched.sigma_ve(t)) for t in (t0, t1, t2))
+    torch.testing.assert_close(w.between(t2, t0), -w.between(t0, t2), atol=1e-6, rtol=0)
+    whole = w.between(t0, t2) * (s0 - s2) ** 0.5
+    parts = w.between(t0, t1) * (s0 - s1) ** 0.5 + w.between(t1, t2) * (s1 - s2) ** 0.5
+    torch.testing.assert_close(parts, whole, atol=1e-4, rtol=0)
+    assert torch.equal(w.between(t1, t1), torch.zeros_like(like))
+    # the last step, from the least positive sigma to 0: 0 reads at the range's low end, an empty interval
+    assert torch.equal(w(5), torch.zeros_like(like)) and float(sched.sigma_ve(float(ts[5]))) == w.lo
+    torch.testing.assert_close(w(4), w.between(float(ts[4]), float(ts[5])), atol=0, rtol=0)
+    alone = SigmaBrownianNoise(like[1:], [9], ts, sched)
+    torch.testing.assert_close(alone.between(t0, t2), w.between(t0, t2)[1:], atol=1e-6, rtol=0)
+    assert not torch.allclose(w.between(t0, t2)[0], w.between(t0, t2)[1])
