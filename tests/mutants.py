@@ -6334,6 +6334,24 @@ MUTANTS = {
         "if kind == \"brownian\" and opts.noise != \"velodiff\":",
         ["tests/test_models_sd.py", "-k", "torch_sde"],
     ),
+    "parameters_not_drawn_unsaid": (
+        "commands/parameters.py",
+        "    if missing:  # the command still runs; its noise is not the image's\n",
+        "    if False:  # the command still runs; its noise is not the image's\n",
+        ["tests/test_infotext.py", "-k", "does_not_draw"],
+    ),
+    "serve_parameters_not_drawn_unsaid": (
+        "serve/jobs_api.py",
+        " | not_drawn(fields)",
+        "",
+        ["tests/test_serve_jobs.py", "-k", "ensd"],
+    ),
+    "not_drawn_ensd_zero_counted": (
+        "infotext.py",
+        'if fields.get(k, "0").strip() not in ("0", "")}',
+        'if k in fields}',
+        ["tests/test_infotext.py", "-k", "does_not_draw"],
+    ),
 }
 
 

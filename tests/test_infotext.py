@@ -300,3 +300,23 @@ def test_a1111_noise_is_written_as_a1111s_rng_and_read_back(tmp_path, capsys):
     assert noise(", RNG: NV") == noise(", RNG: GPU") == "a1111-nv"
     assert noise("") is None and noise(", Version: velodiff 0.1.0") is None
     assert noise(", RNG: CPU, Noise: torch") == "torch"
+
+
+def test_a1111_noise_settings_velodiff_does_not_draw_are_said(tmp_path, capsys):
+    """An A1111 image whose noise also depends on ENSD, a variation seed or a seed resize: `velodiff
+    parameters` says so beside the command (which still runs: another picture), and they are among the
+    fields a server job cannot take; zero ENSD and a variation seed at strength 0 change nothing."""
+    from velodiff.infotext import not_drawn
+
+    base = {"Steps": 20, "Sampler": "Euler a", "CFG scale": 7, "Seed": 5, "Size": "64x64"}
+    assert not_drawn(base | {"ENSD": "0", "Variation seed": "9", "Variation seed strength": "0"}) == {}
+    assert not_drawn(base | {"ENSD": "31337", "Seed resize from": "512x512"}) == {
+        "ENSD": "31337", "Seed resize from": "512x512"}
+    assert not_drawn(base | {"Variation seed": "9", "Variation seed strength": "0.3"}) == {
+        "Variation seed": "9", "Variation seed strength": "0.3"}
+    out = tmp_path / "a1111.png"
+    text = format_infotext("a red circle", None, {**base, "ENSD": 31337, "Version": "v1.10.1"})
+    Image.new("RGB", (8, 8)).save(out, **save_options("PNG", text))
+    code, said, err = run_cli(capsys, "parameters", out)
+    assert code == 0 and "ENSD: 31337, which velodiff does not draw" in said, err
+    assert said.strip().splitlines()[-1].startswith("velodiff generate")

@@ -981,3 +981,20 @@ def test_an_a1111_images_noise_comes_back_as_a_job_field(server):
         r = httpx.post(f"{url}/api/parameters", json={"image": base64.b64encode(made.getvalue()).decode()})
         got = r.json()
         assert (got["request"].get("noise"), got["not_job_fields"]) == (job.get("noise"), rest), extra
+
+
+def test_an_a1111_images_ensd_is_among_the_fields_a_job_cannot_take(server):
+    """POST /api/parameters: A1111's ENSD (its step noise re-seeded at seed + ENSD), which velodiff does not
+    draw, is named among not_job_fields beside the job it gives."""
+    import base64
+
+    from velodiff.infotext import format_infotext, save_options
+
+    url, _ = server
+    text = format_infotext("a cat", None, {"Steps": 20, "Sampler": "Euler a", "CFG scale": 7, "Seed": 5,
+                                           "Size": "64x64", "ENSD": 31337})
+    made = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(made, format="PNG", **save_options("PNG", text))
+    body = {"image": base64.b64encode(made.getvalue()).decode()}
+    got = httpx.post(f"{url}/api/parameters", json=body).json()
+    assert got["not_job_fields"] == {"ENSD": "31337"} and got["request"]["seed"] == 5

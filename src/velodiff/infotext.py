@@ -132,6 +132,16 @@ def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def not_drawn(fields: Mapping[str, str]) -> dict[str, str]:
+    """A1111 settings an image was made with that change its noise and that velodiff does not apply, so
+    the request from :func:`generation_request` makes another picture: a nonzero ``ENSD`` (its step
+    noise re-seeded at seed + ENSD), a variation seed at a nonzero strength, ``Seed resize from``."""
+    out = {k: fields[k] for k in ("ENSD", "Seed resize from") if fields.get(k, "0").strip() not in ("0", "")}
+    if fields.get("Variation seed") and fields.get("Variation seed strength", "0").strip() not in ("0", ""):
+        out |= {k: fields[k] for k in ("Variation seed", "Variation seed strength")}
+    return out
+
+
 def save_options(fmt: str, text: str | None) -> dict[str, Any]:
     """``PIL.Image.save`` keywords that embed ``text`` in an image of format ``fmt`` (PNG: the
     ``parameters`` chunk; JPEG / WebP: EXIF UserComment); ``{}`` for no text or another format."""

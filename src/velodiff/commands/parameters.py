@@ -38,7 +38,7 @@ def parameters(
 
     They are read from the image (its PNG parameters chunk or EXIF comment: velodiff's, A1111's), with
     the `velodiff generate` command that makes a text-to-image file again."""
-    from ..infotext import generation_request, image_infotext, parse_infotext
+    from ..infotext import generation_request, image_infotext, not_drawn, parse_infotext
     from .image_run import read_image
 
     text = image_infotext(read_image(image))
@@ -57,6 +57,10 @@ def parameters(
     if "strength" in request:  # made from an input image the file does not hold
         typer.echo(f"\n(made from an input image by img2img or inpaint at strength {request['strength']:g})")
         return
+    missing = not_drawn(fields)
+    if missing:  # the command still runs; its noise is not the image's
+        said = ", ".join(f"{k}: {v}" for k, v in missing.items())
+        typer.echo(f"\n(its noise also depends on {said}, which velodiff does not draw: another picture)")
     typer.echo("\n" + generate_command(request))
 
 

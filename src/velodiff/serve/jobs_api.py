@@ -222,14 +222,14 @@ async def parameters(body: ParametersBody) -> dict[str, Any]:
     """An image's A1111 infotext (what velodiff, A1111 and most UIs write into their images): the text,
     its fields, the job they make (``request``, a body for POST /api/jobs: prompt, negative, steps,
     solver, grid, guidance, seed, n, width, height, plan, model, layout, layout_mode) and the settings a
-    job cannot take (``not_job_fields``: e.g. an img2img strength). An image
-    without one answers ``parameters: null``."""
+    job cannot take (``not_job_fields``: e.g. an img2img strength, A1111's ENSD or variation seed, which
+    change its noise and velodiff does not draw). An image without one answers ``parameters: null``."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     from ..images import data_url_bytes
-    from ..infotext import generation_request, image_infotext, parse_infotext
+    from ..infotext import generation_request, image_infotext, not_drawn, parse_infotext
 
     try:
         image = Image.open(io.BytesIO(data_url_bytes(body.image)))
@@ -239,7 +239,7 @@ async def parameters(body: ParametersBody) -> dict[str, Any]:
     fields = parse_infotext(text) if text else {}
     asked = generation_request(fields)
     job = {k: v for k, v in asked.items() if k in JobBody.model_fields}
-    rest = {k: v for k, v in asked.items() if k not in job}
+    rest = {k: v for k, v in asked.items() if k not in job} | not_drawn(fields)
     return {"parameters": text, "fields": fields, "request": job, "not_job_fields": rest}
 
 
