@@ -2,11 +2,22 @@ import os
 import shutil
 import tempfile
 
+import pytest
 import torch
 
 # `make test` runs two xdist workers on two cores: one torch thread each avoids oversubscription,
 # which slows small-tensor work by orders of magnitude on a busy machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """A command run in-process with ``--threads N`` (or the trainer's default of 2) sets torch's
+    threads for the whole worker: back to one after each test, so later tests do not oversubscribe."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
 
 _session_cache: dict[str, str | None] = {}
 
