@@ -423,6 +423,17 @@ def test_a_latest_checkpoint_damaged_since_is_refused_not_restarted(tmp_path):
     (run / "latest").write_text("step-0000001")
     assert run_loop(run, LoopConfig(steps=4, lr=1e-2, warmup=1, checkpoint_every=1, log_every=1),
                     {"lin": lin}, step_fn, quiet=True)["steps"] == 4
+    # damaged rather than lost (cut short, as a full disk leaves it): the same way out, in one line
+    for name, cut in (("state.json", b'{"step": 4,'), ("state.safetensors", b"\x00" * 100)):
+        (run / "step-0000004" / name).write_bytes(cut)
+        with pytest.raises(VelodiffError) as e:
+            run_loop(run, LoopConfig(steps=6, lr=1e-2, warmup=1, checkpoint_every=1, log_every=1),
+                     {"lin": lin}, step_fn, quiet=True)
+        msg = str(e.value)
+        assert msg.startswith(f"cannot read checkpoint {run / 'step-0000004'}") and "\n" not in msg
+        latest = run / "latest"
+        assert msg.endswith(f"write 'step-0000003' into {latest} to resume from it, or use a new --run")
+        shutil.copy(run / "step-0000003" / name, run / "step-0000004" / name)
 
 
 def test_sigterm_checkpoints_ends_as_the_signal_would_and_resumes_bit_exactly(tmp_path, monkeypatch, capsys):

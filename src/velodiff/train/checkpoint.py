@@ -87,13 +87,19 @@ def latest_checkpoint(run: Path) -> Path | None:
     p = run / marker.read_text().strip()
     missing = [f for f in ("state.safetensors", "state.json") if not (p / f).is_file()]
     if missing:
-        intact = sorted(q.name for q in run.glob("step-*") if (q / "state.json").is_file() and q != p)
-        hint = f"write {intact[-1]!r} into {marker} to resume from it, " if intact else ""  # (zero-padded)
         raise VelodiffError(
-            f"run {run}: its latest checkpoint {p.name} has no {' or '.join(missing)}; {hint}"
-            "or use a new --run"
+            f"run {run}: its latest checkpoint {p.name} has no {' or '.join(missing)}; {_resume_hint(p)}"
         )
     return p
+
+
+def _resume_hint(bad: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the newest other one, or start a new run."""
+    run = bad.parent
+    intact = sorted(q.name for q in run.glob("step-*") if (q / "state.json").is_file() and q != bad)
+    # (names are zero-padded: the last sorted is the newest)
+    hint = f"write {intact[-1]!r} into {run / 'latest'} to resume from it, " if intact else ""
+    return f"{hint}or use a new --run"
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -101,7 +107,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         tensors = load_file(path / "state.safetensors")
         meta = json.loads((path / "state.json").read_text())
     except (VelodiffError, SafetensorError, OSError, ValueError) as e:
-        raise VelodiffError(f"cannot read checkpoint {path}: {e}") from None
+        # a damaged file gets the same way out as a missing one (latest_checkpoint)
+        raise VelodiffError(f"cannot read checkpoint {path}: {e}; {_resume_hint(path)}") from None
     return tensors, meta
 
 
