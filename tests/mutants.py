@@ -4264,8 +4264,8 @@ MUTANTS = {
     ),
     "r24_bar_met_any": (
         "eval/solver_bench.py",
-        "return bool(rows) and all(r[\"ratio\"] is not None and float(r[\"ratio\"]) <= max_ratio for r in rows)",  # noqa: E501
-        "return bool(rows) and any(r[\"ratio\"] is not None and float(r[\"ratio\"]) <= max_ratio for r in rows)",  # noqa: E501
+        "if any(r[\"ratio\"] is not None and float(r[\"ratio\"]) > max_ratio for r in rows):",
+        "if all(r[\"ratio\"] is not None and float(r[\"ratio\"]) > max_ratio for r in rows):",
         ["tests/test_bench_solvers.py", "-k", "smallest_errors"],
     ),
     "r24_diffusers_t_start_offset": (

@@ -160,6 +160,7 @@ def bench_solvers(
         ratio = "not measured" if r["ratio"] is None else f"{float(r['ratio']):.3f}"
         which = f"  ({r['solver']} / {r['grid']})" if r["solver"] else ""
         typer.echo(f"  NFE {r['nfe']:>2}: {ratio}{which}")
+    typer.echo(f"  {sb.bar_verdict(rows)}")
     typer.echo(f"wrote {json_path}, {md_path} (full tables), {png_path}")
 
 

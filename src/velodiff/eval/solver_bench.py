@@ -399,8 +399,15 @@ def bar_ratios(
     return out
 
 
-def bar_met(rows: Sequence[dict[str, object]], max_ratio: float = BAR_MAX_RATIO) -> bool:
-    return bool(rows) and all(r["ratio"] is not None and float(r["ratio"]) <= max_ratio for r in rows)
+def bar_verdict(rows: Sequence[dict[str, object]], max_ratio: float = BAR_MAX_RATIO) -> str:
+    """The bar's line: "met", "NOT met" (a measured NFE above the ratio), or, for a run that left out
+    some of the bar's NFEs (``--nfe 5,10``), which ones it could not judge."""
+    if any(r["ratio"] is not None and float(r["ratio"]) > max_ratio for r in rows):
+        return "NOT met"
+    missing = [str(r["nfe"]) for r in rows if r["ratio"] is None]
+    if missing or not rows:
+        return f"not judged (NFE {', '.join(missing)} not measured)" if missing else "not judged"
+    return "met"
 
 
 def _fmt(e: float | None) -> str:
@@ -463,7 +470,7 @@ def markdown_report(records: Sequence[Record], command: str = "", best_only: boo
         parts += ["", f"Command: `{command}`"]
     parts += ["", f"## Bar: best velodiff vs diffusers {BAR_BASELINE} ({BAR_DATA})", "", bar_table(rows), "",
               f"Bar (ratio <= {BAR_MAX_RATIO} at NFE {', '.join(map(str, BAR_NFES))}): "
-              + ("met" if bar_met(rows) else "NOT met")]
+              + bar_verdict(rows)]
     for d in datas:
         parts += ["", f"## {d}" + (" (each velodiff solver's best grid)" if best_only else ""), "",
                   results_table(records, d, best_only=best_only)]
