@@ -40,8 +40,21 @@ def test_every_student_assembles_into_a_whole_folder_with_its_own_weights(cache)
         assert (folder / "sampling.json").read_text() == (own / "sampling.json").read_text()
         assert shipped_path(name) == folder  # assembled once
         assert model_hash(folder) != model_hash(base)  # the hash reads through the links
+        # the base's solver calibration was made for the base's network, not the student's
+        assert (base / "velodiff").is_dir() and not (folder / "velodiff").exists()
     unet = shipped_path("default-4step") / "unet" / "diffusion_pytorch_model.safetensors"
     assert unet.resolve() != (base / "unet" / "diffusion_pytorch_model.safetensors").resolve()
+
+
+def test_a_student_without_its_own_calibration_is_told_to_make_one(cache) -> None:
+    """Not "made for another model" (the base's file, which the user never made): the plain line."""
+    from velodiff.pipelines import text2img
+
+    with pytest.raises(velodiff.VelodiffError) as e:
+        text2img(velodiff.load("default-lcm"), "a red circle", solver="unipc", grid="calibrated", steps=6,
+                 guidance=2.5)
+    assert "another model" not in str(e.value)
+    assert "velodiff calibrate solver --model default-lcm --guidance 2.5" in str(e.value), e.value
 
 
 @pytest.mark.parametrize("name", ["default-1step", "default-2step", "default-4step", "default-6step"])

@@ -108,10 +108,12 @@ def shipped_path(name: str) -> Path:
 
 
 def _assemble(name: str, own: Path, base: Path) -> Path:
-    """``own``'s entries over ``base``'s as one folder in the cache, keyed by both folders' files."""
+    """``own``'s entries over ``base``'s as one folder in the cache, keyed by both folders' files. The
+    base's calibrations (its ``velodiff`` folder) stay the base's: they were made for its network."""
+    from .eval.reference import ARTEFACTS
     from .files import cache_root
 
-    entries = {p.name: p for p in base.iterdir()}
+    entries = {p.name: p for p in base.iterdir() if p.name != ARTEFACTS}
     entries.update({p.name: p for p in own.iterdir()})
     digest = hashlib.sha256()
     for key in sorted(entries):
