@@ -597,7 +597,8 @@ def test_generation_errors(models):
         (dict(grid=5), r"a grid is a name or a list of times \(numbers\), got int"),
         # the Python keywords as the commands and plan settings bound them, and of their kind: a size of
         # 64.9 ran at 64, bool latents ran as 0 / 1 noise, 999 999 steps ran for hours
-        (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.bool)), "latents must be a floating-point tensor"),
+        (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.bool)),
+         r"latents must be a floating-point tensor \(B, C, h, w\), got a bool tensor of shape \(1, 4, 8, 8"),
         (dict(height=16.5), r"height must be a number of pixels in \[1, 8192\] \(an integer\), got 16.5"),
         (dict(width="16"), r"width must be a number of pixels in \[1, 8192\] \(an integer\), got '16'"),
         (dict(steps=1001), r"steps must be in \[1, 1000\], got 1001"),

@@ -125,7 +125,9 @@ class Sampling:
 
 
 def _shown(v: Any) -> str:
-    """A value for an error line: its repr when short, else its type."""
+    """A value for an error line: its repr when short, a tensor's dtype and shape, else its type."""
+    if isinstance(v, Tensor):
+        return f"a {str(v.dtype).removeprefix('torch.')} tensor of shape {tuple(v.shape)}"
     r = repr(v)
     return r if len(r) <= 40 else type(v).__name__
 

@@ -245,9 +245,14 @@ class SolverSpec:
         """Refuse, in one line, an option this solver does not have (listing those it has)."""
         unknown = set(options) - set(self.defaults)
         if unknown:
+            from . import SOLVERS
+
+            key = sorted(unknown)[0]
+            takers = sorted(name for name, s in SOLVERS.items() if key in s.defaults)
+            where = f"; {key!r} is an option of {', '.join(takers)}" if takers else ""
             raise VelodiffError(
-                f"solver {self.name!r} has no option {sorted(unknown)[0]!r}; "
-                f"options: {sorted(self.defaults) or 'none'}"
+                f"solver {self.name!r} has no option {key!r} (its options: "
+                f"{', '.join(sorted(self.defaults)) or 'none'}){where}"
             )
         for key, value in options.items():  # and the values (OPTION_VALUES)
             if key in OPTION_VALUES:
