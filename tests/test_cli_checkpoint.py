@@ -366,19 +366,30 @@ def test_help_fits_80_columns_with_an_example(monkeypatch, capsys):
 @pytest.mark.parametrize("command", [["plans"], ["solvers"], ["solvers", "--aliases"], ["models"]])
 def test_tables_fit_the_terminal(monkeypatch, capsys, columns, command):
     """`velodiff plans`, `solvers` and `models` lay their tables out at the terminal's width, not a fixed
-    one, and fold long cells rather than cutting option names with '…'."""
+    one, and fold long cells rather than cutting option names with '…'; at 80 columns, where a table's
+    columns would be a few characters wide, each row is a block of ``header: value`` lines wrapped at
+    spaces, so no word is broken."""
     from velodiff import cli
+    from velodiff.solvers import SOLVERS
 
     monkeypatch.setenv("COLUMNS", str(columns))
     cli._register()
     with pytest.raises(SystemExit) as done:
         cli.main(command)
     assert not done.value.code
-    lines = capsys.readouterr().out.splitlines()
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines and max(len(line) for line in lines) <= columns and "…" not in text
     table = [line for line in lines if line[:1] in "┃│┏┡└┗┣├"]
-    assert table and max(len(line) for line in table) <= columns
-    assert "…" not in "\n".join(table)
-    assert columns == 80 or command == ["models"] or max(len(line) for line in table) > 160
+    if columns == 80:
+        assert not table
+        if command == ["solvers"]:  # each description whole, its words unbroken
+            flat = " ".join(text.split())
+            for s in SOLVERS.values():
+                assert f"{s.name} order: {s.order}, NFE/step: {s.nfe_per_step}" in flat, s.name
+                assert f"description: {' '.join(s.description.split())}" in flat, s.name
+    else:
+        assert table and (command == ["models"] or max(len(line) for line in table) > 160)
 
 
 def test_new_early_errors_import_no_torch(tmp_path):

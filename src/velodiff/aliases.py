@@ -121,7 +121,7 @@ _KD_SAMPLERS = [
        note="diff-solvers' iPNDM_v weights (solvers/ipndm.py), as ComfyUI runs them"),
     _s("deis", COMFY, "deis_3", solver_options={"interp": "vp_t", "lower_order_final": False},
        note="diff-solvers' 'tab' DEIS (t-AB in a VP time fitted to sigma 0.002-80); ComfyUI sums its "
-       "coefficients' integrals on 10 000 points: ~1e-4 relative apart"),
+       "coefficients' integrals on 10 000 points: ~1e-4 relative apart in them"),
 ]  # fmt: skip
 
 #: ComfyUI's SCHEDULER_NAMES (and its AlignYourSteps / GITS nodes)

@@ -70,18 +70,53 @@ Dtype = Annotated[
 ]
 
 
+#: below this many columns a table too wide for the terminal is printed as one block per row
+NARROW_TERMINAL = 120
+
+
 def print_table(table: Any) -> None:
     """Print a rich table at the terminal's width (COLUMNS first; 160 columns when piped to a file or
     grep, so rows stay whole), folding long cells onto more lines instead of cutting them with '…';
-    the first column (the names) is never broken."""
+    the first column (the names) is never broken. In a narrow terminal (80 columns) a table that does not
+    fit is printed as one block per row instead: the name, then each cell as ``header: value``, wrapped
+    at spaces (a column a few characters wide would break every word)."""
     import shutil
+    import textwrap
 
     from rich.console import Console
+    from rich.measure import Measurement
 
     for k, column in enumerate(table.columns):
         column.overflow = "fold"
         column.no_wrap = k == 0
-    Console(width=shutil.get_terminal_size((160, 24)).columns).print(table)
+    console = Console(width=shutil.get_terminal_size((160, 24)).columns)
+    width = console.width
+    natural = Measurement.get(console, console.options.update(max_width=10**6), table).maximum
+    if width >= NARROW_TERMINAL or natural <= width:
+        console.print(table)
+        return
+    def fill(text: str, indent: str) -> str:
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + "  ",
+                             break_long_words=False, break_on_hyphens=False)
+
+    cells = [[str(c) for c in column.cells] for column in table.columns]
+    headers = [str(column.header) for column in table.columns]
+    for i, title in enumerate(cells[0]):
+        print(title)
+        short = [f"{h}: {v[i]}" for h, v in zip(headers[1:], cells[1:], strict=True) if _short(v[i])]
+        if short:  # the one-word cells on one line: "order: 1, NFE/step: 1, stochastic: no"
+            print(fill(", ".join(short), "  "))
+        for header, values in zip(headers[1:], cells[1:], strict=True):
+            value = values[i]
+            if value and not _short(value):
+                lines = value.splitlines()  # a cell of several lines (one option per line) keeps them
+                print(fill(f"{header}: {lines[0]}", "  "))
+                for line in lines[1:]:
+                    print(fill(line, "    "))
+
+
+def _short(cell: str) -> bool:
+    return 0 < len(cell) <= 16 and "\n" not in cell
 
 
 def check_threads(value: int | None) -> int | None:

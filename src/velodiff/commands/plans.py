@@ -23,8 +23,14 @@ def plans() -> None:
         )
         table.add_row(r["name"], r["cost"], opts or "-", r["summary"])
     print_table(table)
-    typer.echo("Plan string: name[:key=value,...] joined by '+', e.g. ag:threshold=0.99+pag:scale=3; "
-               "'none' is the empty plan. 'run' defaults come from the run (--guidance).")
+    import shutil
+    import textwrap
+
+    typer.echo(textwrap.fill(
+        "Plan string: name[:key=value,...] joined by '+', e.g. ag:threshold=0.99+pag:scale=3; 'none' is the "
+        "empty plan. 'run' defaults come from the run (--guidance).",
+        shutil.get_terminal_size((160, 24)).columns, break_long_words=False, break_on_hyphens=False,
+    ))
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
