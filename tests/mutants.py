@@ -6352,6 +6352,44 @@ MUTANTS = {
         'if k in fields}',
         ["tests/test_infotext.py", "-k", "does_not_draw"],
     ),
+    # review30: the guidance rules against diffusers' guiders and pipelines (tests/test_guidance_parity.py)
+    "r30_apg_momentum_keeps_capped": (
+        "guidance/apg.py",
+        "            self.running = d\n        if self.norm_threshold > 0:\n            d = d * torch.clamp(self.norm_threshold / d.norm(p=2, dim=dims, keepdim=True), max=1.0)\n",  # noqa: E501
+        "        if self.norm_threshold > 0:\n            d = d * torch.clamp(self.norm_threshold / d.norm(p=2, dim=dims, keepdim=True), max=1.0)\n        if self.momentum != 0.0:\n            self.running = d\n",  # noqa: E501
+        ["tests/test_guidance_parity.py", "-k", "apg_is_diffusers_guider"],
+    ),
+    "r30_pag_default_scale_2": (
+        "guidance/pag.py",
+        "\"scale\": Option(3.0, \"PAG scale s\"",
+        "\"scale\": Option(2.0, \"PAG scale s\"",
+        ["tests/test_guidance_parity.py", "-k", "pag_on_sdxl"],
+    ),
+    "r30_pag_first_layer_only": (
+        "guidance/pag.py",
+        "return attention_modules(run.network, False, self.applied_layers)",
+        "return attention_modules(run.network, False, self.applied_layers)[:1]",
+        ["tests/test_guidance_parity.py", "-k", "pag_is_diffusers_pag_pipeline or pag_on_sdxl"],
+    ),
+    "r30_cfg_zero_init_only_in_range": (
+        "guidance/cfg_zero.py",
+        "if req.step < self.zero_init_steps:",
+        "if req.step < self.zero_init_steps and self.in_range(req.step):",
+        ["tests/test_guidance_parity.py", "-k", "cfg_zero_star_run"],
+    ),
+    "r30_linear_ag_no_guidance_on_estimate": (
+        "guidance/adaptive.py",
+        "r.x0, r.exact = u + self.w * (c - u), r.exact and not self.lower_order",
+        "r.x0, r.exact = c, r.exact and not self.lower_order",
+        ["tests/test_guidance_parity.py", "-k", "linear_ag_estimate"],
+    ),
+    # lead: guidance rescale only where the run guides with the unconditional branch (review30 M1)
+    "r30_rescale_without_cfg": (
+        "pipelines/setup.py",
+        "if rescale > 0 and own is None and guided.needs(\"uncond\"):",
+        "if rescale > 0 and own is None:",
+        ["tests/test_guidance_parity.py", "-k", "pag_is_diffusers_pag_pipeline"],
+    ),
 }
 
 

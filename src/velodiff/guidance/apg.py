@@ -7,9 +7,13 @@ Guidance Scales in Diffusion Models', Sec. 4 and Alg. 1), on the denoised predic
 
 eta = 0 drops the parallel component that causes oversaturation. Names as diffusers'
 AdaptiveProjectedGuidance (``eta``; its ``adaptive_projected_guidance_rescale`` is the norm threshold r,
-its ``..._momentum`` beta). Two deviations from diffusers, both the paper's: the default eta is 0
-(diffusers: 1, which leaves only the norm threshold), and the update is added to x0_c with weight w - 1
-(diffusers adds w times it to x0_u; the two agree only for eta = 1).
+its ``..._momentum`` beta). ``apg:scale=w`` is that guider with ``use_original_formulation=True`` at
+``guidance_scale = w - 1`` (the paper's Alg. 1; tests/test_guidance_parity.py), fed x0. With diffusers'
+default formulation (w times the update added to x0_u) the two agree only at eta = 1 without momentum
+and without a binding norm cap. Defaults are the paper's: eta 0 (diffusers: 1, which leaves only the
+norm threshold), no norm threshold (diffusers: 15). diffusers' pipelines guide the network's output (eps,
+v); this rule guides x0, the paper's choice (Sec. 4), so a threshold from a diffusers recipe does not
+carry over.
 """
 
 from __future__ import annotations

@@ -394,7 +394,8 @@ def resolve_plan(
     plan: Any, guidance: float, rescale: float = 0.0, interval: tuple[float, float] | None = None
 ) -> Plan:
     """The user's plan, with classifier-free guidance at ``guidance`` (and its interval) added unless a
-    rule claims the unconditional branch, and guidance rescale unless the plan has its own."""
+    rule claims the unconditional branch, and guidance rescale where it guides with that branch, unless
+    the plan has its own."""
     p = Plan.parse(plan)
     if not 0.0 <= rescale <= 1.0:
         raise VelodiffError(f"guidance rescale must be in [0, 1], got {rescale}")
@@ -409,9 +410,14 @@ def resolve_plan(
         why = "guidance is 1" if guidance == 1.0 else "the plan's own rule guides (give it t_lo / t_hi)"
         warnings.warn(f"the guidance interval configures the classifier-free guidance velodiff adds, and "
                       f"{why}: no effect", stacklevel=4)
-    if rescale > 0 and p.find("rescale") is None:
+    guided = p.with_rules(extra) if extra else p
+    # rescale acts on classifier-free guidance: without an unconditional branch (guidance 1, a student,
+    # PAG alone) it is off, as in diffusers' pipelines (StableDiffusionPAGPipeline at guidance_scale 1);
+    # an explicit `rescale` rule in the plan still rescales any guided prediction (diffusers' guiders)
+    own = p.find("rescale")
+    if rescale > 0 and own is None and guided.needs("uncond"):
         extra.append(GuidanceRescale(phi=rescale))
-    elif rescale > 0 and p.find("rescale").phi != rescale:
-        warnings.warn(f"the plan's rescale:phi={p.find('rescale').phi:g} is used, not guidance rescale "
-                      f"{rescale:g}", stacklevel=4)
+    elif rescale > 0 and own is not None and own.phi != rescale:
+        warnings.warn(f"the plan's rescale:phi={own.phi:g} is used, not guidance rescale {rescale:g}",
+                      stacklevel=4)
     return p.with_rules(extra) if extra else p
