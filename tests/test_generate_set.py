@@ -528,12 +528,13 @@ def test_a_set_read_back_holds_only_its_intact_images(reference, tmp_path):
 
 
 def test_eval_manifest_pairs_reference_images_by_prompt_and_seed(reference, tmp_path):
-    """Against itself every image is identical (PSNR inf, each counted as identical); a reference of the
+    """Against itself every image is identical (each counted as identical; no PSNR to average: None, the
+    JSON's null, not the non-JSON Infinity); a reference of the
     same prompts drawn from other seeds holds no image of this set's (index, prompt, seed)."""
     from velodiff.eval.set_metrics import evaluate_set
 
     same = evaluate_set(reference, reference=reference)["reference"]
-    assert (same["n"], same["identical"], same["unmatched"], same["psnr"]) == (N, N, 0, float("inf"))
+    assert (same["n"], same["identical"], same["unmatched"], same["psnr"]) == (N, N, 0, None)
     other = tmp_path / "reseeded"
     shutil.copytree(reference, other)
     recs = [json.loads(line) for line in (other / LINES).read_text().splitlines() if line.strip()]

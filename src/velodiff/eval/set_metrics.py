@@ -127,8 +127,9 @@ def evaluate_set(
             "set": str(reference),
             "n": len(ssims),
             "unmatched": mismatched,
-            # the mean over the images that differ; identical ones (PSNR inf) are counted on their own
-            "psnr": sum(psnrs) / len(psnrs) if psnrs else float("inf"),
+            # the mean over the images that differ; identical ones (PSNR inf) are counted on their own, and
+            # with none differing there is no mean: null in the JSON (as `velodiff invert --json` writes it)
+            "psnr": sum(psnrs) / len(psnrs) if psnrs else None,
             "identical": len(ssims) - len(psnrs),
             "ssim": sum(ssims) / len(ssims),
         }
