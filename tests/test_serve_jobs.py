@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import time
 
 import pytest
@@ -540,12 +541,24 @@ def test_a_job_store_has_one_recovering_server_at_a_time(tmp_path, capsys):
         assert first.get(job).state == "running"  # not requeued under the first
         assert replica.submit({"n": 1}, "k", 1).state == "queued"
         try:
-            code = main(["serve", "--db", str(db), "--port", "1"])
+            code = main(["serve", "--db", str(db), "--port", "0"])
         except SystemExit as e:
             code = int(e.code or 0)
         err = capsys.readouterr().err.strip()
         assert code == 2 and err == (f"error: another velodiff serve is using the job store {db}; stop it "
                                      "or give another --db"), err
+        # a port in use is refused before the model loads, in one line
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            try:
+                code = main(["serve", "--db", str(tmp_path / "other.sqlite"), "--port", str(port)])
+            except SystemExit as e:
+                code = int(e.code or 0)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(f"error: cannot listen on 127.0.0.1:{port} (") and err.endswith(
+            "); give another --port or stop what uses it"), err
         first.close()
         assert second.recover() == 1 and second.get(job).state == "queued"  # as after the first was killed
     finally:

@@ -3,6 +3,7 @@ ComfyUI's prompt API, a web page) over one model loaded once."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -84,10 +85,8 @@ def serve(
     make_parent(db, "--db")
     if db.is_dir():
         raise VelodiffError(f"--db {str(db)!r} is a folder; give a file such as jobs.sqlite")
-    import socket
-
     try:
-        socket.getaddrinfo(host, port)
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (OSError, UnicodeError) as e:
         why = getattr(e, "strerror", None) or e
         raise VelodiffError(f"--host {host!r}: not an address here ({why})") from None
@@ -117,13 +116,36 @@ def serve(
 
         serve_with_ray(config, ray, replicas)
         return
-    server = Server(config)
-    server.engine.model(None)  # a model that does not load is one line here, not a server's traceback
-    server.store.own()  # and so is another server on this --db
+    sock = _listen(address, host, port)  # a port in use is one line before the model loads
+    try:
+        server = Server(config)
+        server.engine.model(None)  # a model that does not load is one line here, not a server's traceback
+        server.store.own()  # and so is another server on this --db
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     typer.echo(
         f"velodiff serve: {config.model} on http://{host}:{port}/ (docs /docs, jobs in {db})", err=True
     )
-    uvicorn.run(create_app(config, server=server), host=host, port=port, log_level="warning")
+    app = create_app(config, server=server)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+
+
+def _listen(address: tuple, host: str, port: int) -> socket.socket:
+    """The server's socket, bound here rather than by uvicorn after the start-up banner (which left a
+    port in use to uvicorn's own log line, after the model had loaded)."""
+    family, kind, proto, _, where = address
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port
+    try:
+        sock.bind(where)
+    except OSError as e:
+        sock.close()
+        raise VelodiffError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); give another --port or stop what uses it"
+        ) from None
+    return sock
 
 
 EXAMPLE = o.example(
