@@ -436,7 +436,8 @@ def cli(*args: object) -> int:
         return int(e.code or 0)
 
 
-def test_cli_plan(tmp_path, capsys):
+def test_cli_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # the table layout (80 columns print a block per rule)
     assert cli("generate", "a red circle", "--out", str(tmp_path / "a.png"), "--plan", "agg") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown plan rule 'agg'; valid: ag, ")
