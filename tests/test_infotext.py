@@ -11,9 +11,17 @@ import pytest
 from PIL import Image
 
 from velodiff.cli import main
+from velodiff.commands.parameters import generate_command
 from velodiff.default_model import default_model_path
 from velodiff.files import save_image_atomic
-from velodiff.infotext import format_infotext, image_infotext, model_short_hash, parse_infotext, save_options
+from velodiff.infotext import (
+    format_infotext,
+    generation_request,
+    image_infotext,
+    model_short_hash,
+    parse_infotext,
+    save_options,
+)
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -84,10 +92,12 @@ def test_generate_writes_what_makes_the_same_image_again(tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", "two red circles, a blue square",
                            "--negative", "a green cross", "--steps", "3", "--solver", "euler_ancestral",
                            "--grid", "trailing", "--guidance", "3.5", "--seed", "41", "--n", "2",
-                           "--guidance-rescale", "0.5", "--threads", "2", "--out", first)
+                           "--guidance-rescale", "0.5", "--eta", "0.5", "--clip-skip", "1", "--threads", "2",
+                           "--out", first)
     assert code == 0, err
     got = parse_infotext(image_infotext(Image.open(first)))
     assert got["Prompt"] == "two red circles, a blue square" and got["Negative prompt"] == "a green cross"
+    assert (got["Eta"], got["Clip skip"]) == ("0.5", "2")  # A1111's count: 2 is the penultimate layer
     assert (got["Steps"], got["Sampler"], got["Schedule type"], got["CFG scale"]) == (
         "3", "euler_ancestral", "trailing", "3.5")
     assert (got["Seed"], got["Batch size"], got["Size"], got["Model"]) == ("41", "2", "64x64", "default")
@@ -320,3 +330,19 @@ def test_a1111_noise_settings_velodiff_does_not_draw_are_said(tmp_path, capsys):
     code, said, err = run_cli(capsys, "parameters", out)
     assert code == 0 and "ENSD: 31337, which velodiff does not draw" in said, err
     assert said.strip().splitlines()[-1].startswith("velodiff generate")
+
+
+def test_a1111s_clip_skip_eta_and_loras_come_back_as_velodiffs():
+    """A1111 counts ``Clip skip`` from 1 (no skip) where diffusers' clip_skip counts the layers skipped;
+    Eta and Embedded guidance are the run's; LoRAs are named (a text holds no paths)."""
+    base = "a cube\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64"
+    assert "clip_skip" not in generation_request(parse_infotext(base + ", Clip skip: 1"))
+    req = generation_request(parse_infotext(
+        base + ', Clip skip: 2, Eta: 0.7, Embedded guidance: 3.5, Lora hashes: "pixel: 1a2b3c4d5e", '
+        'Lora scales: "pixel: 0.8"'))
+    assert (req["clip_skip"], req["eta"], req["embedded_guidance"]) == (1, 0.7, 3.5)
+    assert req["loras"] == "pixel: 1a2b3c4d5e (scales pixel: 0.8)"
+    command = generate_command(req)
+    assert "--clip-skip 1" in command and "--eta 0.7" in command and "--embedded-guidance 3.5" in command
+    assert "pixel" not in command  # named beside the command by `velodiff parameters`, not a path
+

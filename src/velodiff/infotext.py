@@ -86,7 +86,15 @@ _TEXT_KEYS = {"Prompt": "prompt", "Negative prompt": "negative", "Sampler": "sol
               "Layout mode": "layout_mode", "Regions": "regions"}
 _NUMBER_KEYS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
                 "Batch size": ("n", int), "Denoising strength": ("strength", float),
-                "Collage strength": ("collage_strength", float)}
+                "Collage strength": ("collage_strength", float), "Eta": ("eta", float),
+                "Embedded guidance": ("embedded_guidance", float)}
+
+
+def a1111_clip_skip(clip_skip: int | None) -> int | None:
+    """diffusers' ``clip_skip`` (layers skipped from the end: 1 = the penultimate layer; velodiff's
+    ``--clip-skip``) as A1111's ``Clip skip`` field counts it (1 = the last layer, its default: 2 = the
+    penultimate); None for no skip, which A1111 does not write."""
+    return clip_skip + 1 if clip_skip else None
 
 
 def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
@@ -95,7 +103,9 @@ def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     seed, seed + 1, ... in one file), width and height (``Size``), plan, model, noise (an A1111 or
     Forge text's noise source: ``RNG: CPU`` is ``a1111-cpu``; ``NV``, ``GPU`` or none, ``a1111-nv``, the
     draws of an NVIDIA card), layout, layout_mode,
-    regions, collage_strength, strength (img2img's); absent fields are absent here. A1111's sampler and
+    regions, collage_strength, strength (img2img's), eta, embedded_guidance, clip_skip (diffusers' count,
+    from A1111's ``Clip skip``: one less), loras (the ``Lora hashes`` text: names and hashes, no files);
+    absent fields are absent here. A1111's sampler and
     schedule labels ("DPM++ 2M Karras", "Karras") are kept as written: velodiff reads them
     (``velodiff.aliases``). A number that does not read as one is one line."""
     from .errors import VelodiffError
@@ -110,6 +120,11 @@ def generation_request(fields: Mapping[str, str]) -> dict[str, Any]:
     for name, (key, kind) in _NUMBER_KEYS.items():
         if name in fields:
             out[key] = number(name, kind)
+    if "Clip skip" in fields and number("Clip skip", int) > 1:  # A1111's count: 1 is no skip
+        out["clip_skip"] = number("Clip skip", int) - 1
+    if fields.get("Lora hashes"):  # files the request cannot name by path: said, not loaded
+        scales = f" (scales {fields['Lora scales']})" if fields.get("Lora scales") else ""
+        out["loras"] = fields["Lora hashes"] + scales
     if "noise" not in out:  # A1111's noise source: its RNG field, else (an A1111 or Forge text, Version
         rng = fields.get("RNG") or ("NV" if re.match(r"[vf]\d", fields.get("Version", "")) else "")
         if rng in ("CPU", "NV", "GPU"):  # v... / f...) its default GPU source, an NVIDIA card's draws

@@ -205,12 +205,12 @@ class ImageRun:
         """How the images were made, written into the file (A1111's infotext, ``velodiff.infotext``):
         what the run used (its plan says the guidance rescale) and the options that changed it, then
         ``extra``."""
-        from ..infotext import noise_fields, run_infotext
+        from ..infotext import a1111_clip_skip, noise_fields, run_infotext
 
         asked = {
             "Eta": self.solver_eta,
             "Embedded guidance": self.embedded_guidance,
-            "Clip skip": self.clip_skip,
+            "Clip skip": a1111_clip_skip(self.clip_skip),
             **noise_fields(self.noise),
             **(extra or {}),
         }

@@ -16,7 +16,8 @@ from ..errors import VelodiffError
 OPTIONS = {"negative": "--negative", "model": "--model", "width": "--width", "height": "--height",
            "seed": "--seed", "n": "--n", "steps": "--steps", "solver": "--solver", "grid": "--grid",
            "guidance": "--guidance", "plan": "--plan", "noise": "--noise", "layout": "--layout",
-           "layout_mode": "--layout-mode", "collage_strength": "--strength", "regions": "--regions"}
+           "layout_mode": "--layout-mode", "collage_strength": "--strength", "regions": "--regions",
+           "eta": "--eta", "embedded_guidance": "--embedded-guidance", "clip_skip": "--clip-skip"}
 
 
 def generate_command(request: dict[str, Any]) -> str:
@@ -61,6 +62,8 @@ def parameters(
     if missing:  # the command still runs; its noise is not the image's
         said = ", ".join(f"{k}: {v}" for k, v in missing.items())
         typer.echo(f"\n(its noise also depends on {said}, which velodiff does not draw: another picture)")
+    if "loras" in request:  # the file names a text holds are no paths: the user gives them
+        typer.echo(f"\n(made with the LoRAs {request['loras']}: add --lora FILE --lora-scale S for each)")
     typer.echo("\n" + generate_command(request))
 
 
