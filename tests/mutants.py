@@ -6390,6 +6390,25 @@ MUTANTS = {
         "if rescale > 0 and own is None:",
         ["tests/test_guidance_parity.py", "-k", "pag_is_diffusers_pag_pipeline"],
     ),
+    # lead: the infotext's clip skip, eta and LoRAs (review31 F17, F18)
+    "lead_clip_skip_written_in_diffusers_count": (
+        "commands/image_run.py",
+        "\"Clip skip\": a1111_clip_skip(self.clip_skip),",
+        "\"Clip skip\": self.clip_skip,",
+        ["tests/test_infotext.py", "-k", "same_image_again"],
+    ),
+    "lead_clip_skip_read_without_offset": (
+        "infotext.py",
+        "out[\"clip_skip\"] = number(\"Clip skip\", int) - 1",
+        "out[\"clip_skip\"] = number(\"Clip skip\", int)",
+        ["tests/test_infotext.py", "-k", "clip_skip_eta_and_loras"],
+    ),
+    "lead_eta_not_read_back": (
+        "infotext.py",
+        "\"Eta\": (\"eta\", float),",
+        "",
+        ["tests/test_infotext.py", "-k", "clip_skip_eta_and_loras"],
+    ),
 }
 
 
