@@ -184,6 +184,9 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     said = "".join(capsys.readouterr())
     assert f"bench: {out} holds 6 finished configurations this sweep does not ask for (dpmpp_2m" in said
     assert len(json.loads((out / "results.json").read_text())["records"]) == 3
+    # and their sample sheets go with them: the folder's sheets are its records'
+    sheets = sorted(p.name for p in (out / "samples").iterdir())
+    assert sheets == [f"ddim_default_nfe{n}_g2.png" for n in (1, 2, 3)], sheets
 
 
 def test_bench_shapes_eval_reads_images_as_eval_shapes_does(tmp_path, monkeypatch, capsys):

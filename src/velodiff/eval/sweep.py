@@ -544,6 +544,10 @@ def run_sweep(
         def save() -> None:  # after every configuration: the JSON only (the table and plot at the end)
             mark_pareto(result, sweep.quality)
             write_atomic(results_path, json.dumps(result, indent=1) + "\n")
+            for cid in gone:  # the replaced records' sample sheets go with them (once the JSON is new)
+                if re.fullmatch(r"[A-Za-z0-9._-]+", cid) and cid not in (".", ".."):  # (ids read from a file)
+                    (out / SAMPLES / f"{cid}.png").unlink(missing_ok=True)
+            gone.clear()
 
         def guidance_of(value: float | None) -> float:
             return value if value is not None else defaults.get("guidance", model.default_guidance)
@@ -638,6 +642,7 @@ def run_sweep(
             bar.update(w)
             save()
         bar.close()
+        save()  # (a sweep whose every record was there before has not written yet)
         finish(result, out, sweep.quality)
         return result
     finally:
