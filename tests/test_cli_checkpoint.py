@@ -300,6 +300,9 @@ def test_bad_input_one_line_each(picture, tiny_single_file, tmp_path, capsys):
     assert "float16" in one_error_line(capsys, "generate", "a cube", "--device", "cpu", "--dtype", "float16",
                                        "--out", out)
     assert "unknown dtype" in one_error_line(capsys, "generate", "a cube", "--dtype", "half", "--out", out)
+    # the short names velodiff.load takes are the CLI's too: fp16 is float16 (refused on the CPU as such)
+    assert "--dtype float16 is slow" in one_error_line(capsys, "generate", "a cube", "--device", "cpu",
+                                                       "--dtype", "fp16", "--out", out)
     assert "--strength must be in [0, 1]" in one_error_line(
         capsys, "img2img", "a cube", "--image", picture, "--strength", "1.5", "--out", out
     )

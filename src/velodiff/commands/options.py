@@ -63,10 +63,18 @@ LoraScale = Annotated[
 Device = Annotated[
     str | None, typer.Option(help="cpu, cuda, cuda:1 or mps (default: the best available)")
 ]
+#: the short names diffusers users write (``velodiff.load`` takes them too)
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def dtype_name(value: str | None) -> str | None:
+    return DTYPE_ALIASES.get(value, value) if value is not None else None
+
+
 Dtype = Annotated[
     str | None,
-    typer.Option(help="weights' precision: float32, float16 or bfloat16 (default: float32 on the CPU, "
-                 "float16 on a GPU)"),
+    typer.Option(help="weights' precision: float32, float16 or bfloat16 (or fp32, fp16, bf16; default: "
+                 "float32 on the CPU, float16 on a GPU)", callback=dtype_name),
 ]
 
 
