@@ -47,7 +47,7 @@ class PerturbedAttentionGuidance(GuidanceRule):
             where = (
                 f"this model's are in {', '.join(blocks)} (e.g. applied_layers="
                 f"{blocks[-1].removesuffix('_blocks')})"
-                if blocks else "this model has none (SD3 and Flux have joint attention only)"
+                if blocks else "this model has none (SD3.0 and Flux have joint attention only)"
             )
             raise VelodiffError(
                 f"plan rule 'pag' needs {what} matching applied_layers={'|'.join(self.applied_layers)}; "
