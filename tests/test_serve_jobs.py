@@ -1012,3 +1012,14 @@ def test_an_a1111_images_ensd_is_among_the_fields_a_job_cannot_take(server):
     body = {"image": base64.b64encode(made.getvalue()).decode()}
     got = httpx.post(f"{url}/api/parameters", json=body).json()
     assert got["not_job_fields"] == {"ENSD": "31337"} and got["request"]["seed"] == 5
+
+
+def test_options_list_what_a_job_may_name_and_each_runs(server):
+    """GET /api/options (the page's pickers): every grid it lists runs, the model's calibrated grid
+    among them (the shipped model carries a calibration)."""
+    url, _ = server
+    opts = httpx.get(f"{url}/api/options", timeout=30).json()
+    assert "calibrated" in opts["grids"] and "karras" in opts["grids"] and "dpmpp_2m" in opts["solvers"]
+    job = run_job(url, prompt="a red circle", steps=6, solver="unipc", grid="calibrated", guidance=2.5)
+    assert job["state"] == "done", job
+

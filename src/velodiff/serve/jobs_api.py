@@ -197,7 +197,7 @@ async def options(request: Request) -> dict[str, Any]:
     return {
         "models": srv.engine.names(),
         "solvers": list(SOLVERS),
-        "grids": list(GRIDS),
+        "grids": [*GRIDS, "calibrated"],  # (the model's fitted grid: a model without one is a 4xx line)
         "plans": [{"name": r["name"], "summary": r["summary"], "cost": r["cost"]} for r in rule_table()],
         "defaults": {
             "width": m.default_size[1],
