@@ -196,6 +196,20 @@ def test_usage_errors_print_one_line(capsys, argv, text):
     assert "--help'" in out.err
 
 
+@pytest.mark.parametrize("argv, where", [
+    (["bench", "solvers", "--nfe"], "velodiff bench solvers"),  # (click gives no context for these)
+    (["generate", "x", "-o"], "velodiff generate"),
+    (["generate", "x", "--no-such-option"], "velodiff generate"),
+    (["--no-such-option"], "velodiff"),
+])
+def test_a_usage_error_names_the_help_of_its_command(capsys, argv, where):
+    from velodiff import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert capsys.readouterr().err.rstrip().endswith(f"(see '{where} --help')")
+
+
 def test_commands_are_registered_once_per_process(capsys):
     """`main` called again in one process (tests, scripts) does not add every command again: typer would
     rebuild them all on each call, and the help would list each twice."""

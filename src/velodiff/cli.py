@@ -99,8 +99,9 @@ def _run(argv: list[str] | None) -> int:
         e.show()
         raise SystemExit(e.exit_code) from None
     except click.UsageError as e:
-        where = e.ctx.command_path if e.ctx is not None else "velodiff"
-        message = _not_finite(e, sys.argv[1:] if argv is None else argv) or e.format_message()
+        args = sys.argv[1:] if argv is None else argv
+        where = e.ctx.command_path if e.ctx is not None else _command_path(args)
+        message = _not_finite(e, args) or e.format_message()
         typer.echo(f"error: {message} (see '{where} --help')", err=True)
         raise SystemExit(e.exit_code) from None
     except click.ClickException as e:  # a bad file for a click.Path / click.File argument
@@ -131,6 +132,19 @@ def _run(argv: list[str] | None) -> int:
         typer.echo(f"interrupted{resume}", err=True)
     # as click's standalone mode: the end of a command (or its typer.Exit / --help) exits the process
     raise SystemExit(result if isinstance(result, int) else 0)
+
+
+def _command_path(argv: list[str]) -> str:
+    """``velodiff generate``: the command the words name (click leaves the context out of an option that
+    lacks its value, whose help is the command's, not the top level's)."""
+    words, cmd = ["velodiff"], typer.main.get_command(app)
+    for arg in argv:
+        sub = getattr(cmd, "commands", {}).get(arg)
+        if sub is None:
+            break
+        words.append(arg)
+        cmd = sub
+    return " ".join(words)
 
 
 def _not_finite(error: Exception, argv: list[str]) -> str | None:
