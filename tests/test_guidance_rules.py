@@ -265,6 +265,10 @@ def test_split_prompt():
     assert split_prompt("one thing") == [("one thing", 1.0)]
     with pytest.raises(VelodiffError, match="empty part"):
         split_prompt("a red circle AND :2")
+    # a weight that is no number is refused, not read as prompt text at weight 1 (a negation lost)
+    for bad, weight in (("a red triangle AND a triangle :x", "'x'"), ("a AND b :\u22122", "'\u22122'")):
+        with pytest.raises(VelodiffError, match=f"weight {weight} is not a number"):
+            split_prompt(bad)
 
 
 def test_compose_sums_the_parts_terms(model):
