@@ -227,7 +227,7 @@ class ImageRun:
         return (
             f"wrote {out} ({self.n} image{'s' if self.n > 1 else ''}{batches}, {w}x{h}, {m.family} "
             f"{str(m.dtype).removeprefix('torch.')} on {m.device}, {res.solver} on {res.grid}, "
-            f"{res.steps} step{'s' if res.steps != 1 else ''}, {res.nfe} NFE, {res.evals:g} evals/image, "
+            f"{res.steps} step{'s' if res.steps != 1 else ''}, {res.nfe} NFE, {res.evals:.4g} evals/image, "
             f"guidance {res.guidance:g}, "
             f"plan {res.plan}) in {time.perf_counter() - self.started:.2f} s"
         )

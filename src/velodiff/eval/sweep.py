@@ -711,12 +711,13 @@ def sweep_table(result: dict[str, Any]) -> str:
             cells.append(_fmt(v, 2) if key in ("psnr", "psnr_vs_plain") and isinstance(v, float) else _fmt(v))
         rows.append([*cells, "**yes**" if r.get("pareto") else ""])
     ref = result.get("reference")
+    runs, threads = result["sweep"]["repeat"], result["threads"]
     notes = [
         "",
         f"Model `{result['model']}` ({result['model_info']}), {result['n_images']} images "
         f"({len(result['prompts'])} prompts), the same seeds for every configuration; "
-        f"s / image: median over {result['sweep']['repeat']} timed run(s) of the whole set, batch "
-        f"{result['sweep']['batch']}, {result['threads']} threads on {result['device']}.",
+        f"s / image: median over {runs} timed run{'s' * (runs != 1)} of the whole set, batch "
+        f"{result['sweep']['batch']}, {threads} thread{'s' * (threads != 1)} on {result['device']}.",
     ]
     if ref:
         notes.append(f"Reference: `{ref['solver']}`, {ref['steps']} steps, grid `{ref['grid']}`, same noise, "
