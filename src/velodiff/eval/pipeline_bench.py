@@ -286,4 +286,8 @@ def pipeline_table(records: Sequence[dict[str, Any]], command: str = "") -> str:
             f"{v['max_abs_diff']:.2e}", "pass" if ok else "FAIL",
         ])
     lines.append(tables.markdown_table(headers, rows, align="llrrrrrrrl"))
+    if any(pair["velodiff"]["device"].startswith("cpu") for pair in by_model.values()):
+        lines += ["", "Peak MB on the CPU is the whole process's resident set during the call (the two "
+                  "pipelines share its weights and libraries), so it does not tell them apart; on a GPU it "
+                  "is each call's peak allocated memory."]
     return "\n".join(lines) + "\n"
