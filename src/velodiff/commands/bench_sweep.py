@@ -37,18 +37,22 @@ def bench_sweep(
     plans: str = typer.Option(None, "--plans", help="step plans, ;-separated [default: none]"),
     prompts: str = typer.Option(None, "--prompts", help="v1, v1-holdout, or a .txt/.json file [default: v1]"),
     limit: int = typer.Option(None, "--limit", min=1, help="prompts used, spread over the set [default: 16]"),
-    images_per_prompt: int = typer.Option(None, "--images-per-prompt", min=1, max=MAX_IMAGES_PER_PROMPT),
-    seed: int = typer.Option(None, "--seed", help="seed of the first image (image j uses seed + j)"),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt", min=1, max=MAX_IMAGES_PER_PROMPT,
+                                           help="images per prompt, seeds seed, seed + 1, ... [default: 1]"),
+    seed: int = typer.Option(None, "--seed",
+                             help="seed of the first image (image j uses seed + j) [default: 0]"),
     repeat: int = typer.Option(
-        None, "--repeat", min=1, max=MAX_RUNS, help="timed runs per configuration (median)"
+        None, "--repeat", min=1, max=MAX_RUNS, help="timed runs per configuration (median) [default: 1]"
     ),
-    batch: int = typer.Option(None, "--batch", min=1, help="images per batched call"),
+    batch: int = typer.Option(None, "--batch", min=1, help="images per batched call [default: 16]"),
     metrics: str = typer.Option(None, "--metrics",
                                 help="comma list of shapes,fd,reference,clip, or none (time only) "
                                 "[default: all that apply]"),
-    reference_solver: str = typer.Option(None, "--reference-solver", help="[default: dpmpp_3m]"),
+    reference_solver: str = typer.Option(None, "--reference-solver",
+                                         help="solver of the reference images (PSNR, SSIM, latent MSE) "
+                                         "[default: dpmpp_3m]"),
     reference_steps: int = typer.Option(
-        None, "--reference-steps", min=1, max=MAX_STEPS, help="[default: 100]"
+        None, "--reference-steps", min=1, max=MAX_STEPS, help="steps of the reference images [default: 100]"
     ),
     fd_features: str = typer.Option(None, "--fd-features",
                                     help="'fd-shapes' or an Inception TorchScript file for FID"),

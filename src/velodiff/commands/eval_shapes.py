@@ -156,10 +156,10 @@ def shapes(
     family: o.Family = None,
     prediction_type: o.PredictionType = None,
     prompts: str = typer.Option("v1", help="prompt set: v1 or v1-holdout"),
-    images_per_prompt: int = typer.Option(2, min=1, max=MAX_IMAGES_PER_PROMPT),
-    solver: str = typer.Option(None, help="solver (default dpmpp_2m)"),
+    images_per_prompt: int = typer.Option(2, min=1, max=MAX_IMAGES_PER_PROMPT, help="images per prompt"),
+    solver: str = typer.Option(None, help="solver (default: the model's, dpmpp_2m for the default model)"),
     steps: int = typer.Option(
-        None, min=1, max=MAX_STEPS, help="solver steps (default 20 for the default model)"
+        None, min=1, max=MAX_STEPS, help="solver steps (default: the model's, 20 for the default model)"
     ),
     grid: str = typer.Option(None, help="time grid name (default: the model's)"),
     guidance: str = typer.Option(None, help="guidance scale, or a comma list to sweep"),
@@ -167,7 +167,7 @@ def shapes(
         None, min=0.0, help="the scale a guidance-distilled model takes as input (one pass per step)"
     ),
     plan: str = typer.Option(None, help="step plan, e.g. ag:threshold=0.99 (velodiff plans)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the first image (prompt j's image i: seed + j * k + i)"),
     batch: int = typer.Option(16, min=1, help="images per batched call"),
     threads: Annotated[int | None, typer.Option(min=1, callback=check_threads, help=THREADS_HELP)] = None,
     device: o.Device = None,
