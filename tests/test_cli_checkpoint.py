@@ -177,7 +177,8 @@ def test_batch_clip_skip_noise_rescale(tiny_single_file, tmp_path, capsys):
 
     said = parse_infotext(image_infotext(Image.open(two)))  # inside the file, A1111's hash of the checkpoint
     assert said["Model hash"] == hashlib.sha256(Path(f).read_bytes()).hexdigest()[:10]
-    assert (said["Clip skip"], said["Noise"], said["Negative prompt"]) == ("1", "torch", "blurry")
+    # --clip-skip 1 (diffusers' count: the penultimate layer) is A1111's "Clip skip: 2"
+    assert (said["Clip skip"], said["Noise"], said["Negative prompt"]) == ("2", "torch", "blurry")
     assert said["Plan"] == "cfg+rescale:phi=0.7" and said["Batch size"] == "3"
     assert not np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(two)))
 
