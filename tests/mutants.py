@@ -6409,6 +6409,13 @@ MUTANTS = {
         "",
         ["tests/test_infotext.py", "-k", "clip_skip_eta_and_loras"],
     ),
+    # lead: PAG's adaptive scale (diffusers' pag_adaptive_scale)
+    "lead_pag_adaptive_scale_sign": (
+        "guidance/pag.py",
+        "return max(0.0, self.scale - self.adaptive_scale * (1000.0 - k))",
+        "return max(0.0, self.scale - self.adaptive_scale * k)",
+        ["tests/test_guidance_parity.py", "-k", "adaptive_scale"],
+    ),
 }
 
 

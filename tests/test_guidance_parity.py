@@ -237,6 +237,28 @@ def test_pag_is_diffusers_pag_pipeline(models, guidance, pag_scale, layers, phi)
     assert not torch.allclose(plain.latents, ref, atol=1e-3)  # the perturbed branch changes the result
 
 
+@pytest.mark.parametrize("adaptive", [0.002, 0.05])
+def test_pag_adaptive_scale_is_diffusers_pag_adaptive_scale(models, adaptive):
+    """``pag:adaptive_scale=a`` is the PAG pipeline's pag_adaptive_scale: the scale s - a (1000 - t) at
+    each step's timestep, never below 0 (at 0.05 it is 0 after the first step: no perturbed pass there)."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    m = models["sd1"]
+    z = _noise(5)
+    pipe = StableDiffusionPAGPipeline.from_pipe(m.to_diffusers(_scheduler(m, "ddim")))
+    ref = pipe(PROMPT, num_inference_steps=4, guidance_scale=4.0, pag_scale=3.0, pag_adaptive_scale=adaptive,
+               latents=z.clone(), output_type="latent", height=H, width=W).images
+    r = text2img(m, PROMPT, grid=_times(m, "ddim", 4), solver="ddim", guidance=4.0,
+                 plan=f"pag:scale=3,adaptive_scale={adaptive}", latents=z, output="latent", height=H, width=W)
+    _close(r.latents, ref)
+    plain = text2img(m, PROMPT, grid=_times(m, "ddim", 4), solver="ddim", guidance=4.0, plan="pag:scale=3",
+                     latents=z, output="latent", height=H, width=W)
+    assert not torch.allclose(plain.latents, r.latents, atol=1e-4)  # the adaptive scale changed the run
+    # a step whose scale is 0 runs no perturbed pass (at 0.05: none below t = 940)
+    live = sum(3.0 - adaptive * (1000 - float(t)) > 0 for t in pipe.scheduler.timesteps)
+    assert r.evals == 2 * 4 + live and (live == 4 if adaptive == 0.002 else live < 4)
+
+
 def test_pag_on_sdxl_is_diffusers_sdxl_pag_pipeline(models):
     """The default ``pag`` (scale 3, layers 'mid': both of SDXL's mid-block transformer layers) on the
     tiny SDXL with Euler is StableDiffusionXLPAGPipeline's defaults."""

@@ -6,7 +6,9 @@ self-attention layers' maps replaced by the identity, and the prediction moves a
 
 on top of whatever CFG-family rule made x0_guided (x0_c alone without one), as diffusers'
 StableDiffusionPAGPipeline does. The perturbed rows ride in the same batched network call. Names and
-defaults as diffusers: ``pag_scale`` 3.0, ``pag_applied_layers`` ['mid'].
+defaults as diffusers: ``pag_scale`` 3.0, ``pag_applied_layers`` ['mid'], ``pag_adaptive_scale`` 0 (above
+0: the scale falls as the sampler nears the image, s - a (1000 - k) at the network's timestep k, never
+below 0, as diffusers' PAGMixin._get_pag_scale; a step where it reaches 0 runs no perturbed pass).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class PerturbedAttentionGuidance(GuidanceRule):
     cost = "+1 eval per step (the perturbed branch, in the same batched call)"
     options = {
         "scale": Option(3.0, "PAG scale s", lo=0.0, aliases=("pag_scale",)),
+        "adaptive_scale": Option(
+            0.0, "a: the scale at the network's timestep k is max(0, s - a (1000 - k)) (0: s throughout)",
+            lo=0.0, aliases=("pag_adaptive_scale",),
+        ),
         "applied_layers": Option(
             ("mid",),
             "self-attention layers to perturb (regular expressions, '|'-separated)",
@@ -56,11 +62,21 @@ class PerturbedAttentionGuidance(GuidanceRule):
 
     def begin(self, run: RunInfo) -> None:
         super().begin(run)
+        self.schedule = run.schedule
         self.state, self.swap = RowState(), ProcessorSwap()
         self.swap.install(self.modules(run), lambda name, mod, orig: IdentitySelfAttention(orig, self.state))
 
+    def scale_at(self, t) -> float:
+        """The PAG scale at time t: s, or with ``adaptive_scale`` a, s - a (1000 - k) at the network's
+        timestep k of t, at least 0 (diffusers' pag_adaptive_scale)."""
+        if self.adaptive_scale == 0:
+            return self.scale
+        k = float(self.schedule.timestep(t).reshape(-1)[0])
+        return max(0.0, self.scale - self.adaptive_scale * (1000.0 - k))
+
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
-        if self.scale == 0 or not self.in_range(req.step):
+        scale = self.scale_at(req.t) if self.in_range(req.step) else 0.0
+        if scale == 0:
             return inner(req)
         req = req.with_branch("perturbed", cond=req.conds["cond"])
         self.state.rows = req.rows("perturbed")
@@ -69,7 +85,7 @@ class PerturbedAttentionGuidance(GuidanceRule):
         finally:
             self.state.rows = None
         if "perturbed" in r.parts:  # a rule below may have answered without the network
-            r.x0 = r.x0 + self.scale * (r.parts["cond"] - r.parts["perturbed"])
+            r.x0 = r.x0 + scale * (r.parts["cond"] - r.parts["perturbed"])
         return r
 
     def end(self) -> None:
