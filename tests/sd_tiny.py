@@ -220,3 +220,30 @@ def save_sd(
         )
     pipe.save_pretrained(str(path))
     return path
+
+
+class Loaded(dict):
+    """Tiny models saved as diffusers folders under ``root`` and loaded through velodiff, made on first
+    use: ``models["sd1"]`` (a module fixture's cache; ``folder(name)`` the saved folder)."""
+
+    KINDS = {
+        "sd1": dict(kind="sd1"),
+        "sd2": dict(kind="sd2", prediction_type="v_prediction"),
+        "sdxl": dict(kind="sdxl"),
+        "sd1-inpaint": dict(kind="sd1", inpainting=True),
+    }
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root, self.folders = root, {}
+
+    def folder(self, name: str) -> Path:
+        if name not in self.folders:
+            self.folders[name] = save_sd(self.root / name, **self.KINDS[name])
+        return self.folders[name]
+
+    def __missing__(self, name: str):
+        from velodiff.models import load
+
+        self[name] = load(self.folder(name))
+        return self[name]

@@ -38,33 +38,9 @@ PROMPT = "a photo of a red cube"
 H = W = 16  # latents 4 x 8 x 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class _Tiny(dict):
-    KINDS = {
-        "sd1": dict(kind="sd1"),
-        "sd2": dict(kind="sd2", prediction_type="v_prediction"),
-        "sdxl": dict(kind="sdxl"),
-    }
-
-    def __init__(self, root):
-        super().__init__()
-        self.root = root
-
-    def __missing__(self, name):
-        self[name] = load(sd_tiny.save_sd(self.root / name, **self.KINDS[name]))
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return _Tiny(tmp_path_factory.mktemp("sd"))
+    return sd_tiny.Loaded(tmp_path_factory.mktemp("sd"))
 
 
 def _scheduler(model, name: str):

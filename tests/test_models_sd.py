@@ -28,43 +28,9 @@ H = W = 16  # the tiny VAE's factor is 2: latents 4 x 8 x 8
 SIZES = [(H, W), (H, W * 3 // 2), (H * 3 // 2, W)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models gain nothing from threads, and on a busy machine waiting for a second one
-    costs 100x: run this module on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class _Tiny(dict):
-    """Tiny models saved as diffusers folders and loaded through velodiff, made on first use."""
-
-    KINDS = {
-        "sd1": dict(kind="sd1"),
-        "sd2": dict(kind="sd2", prediction_type="v_prediction"),
-        "sdxl": dict(kind="sdxl"),
-        "sd1-inpaint": dict(kind="sd1", inpainting=True),
-    }
-
-    def __init__(self, root):
-        super().__init__()
-        self.root, self.folders = root, {}
-
-    def folder(self, name):
-        if name not in self.folders:
-            self.folders[name] = sd_tiny.save_sd(self.root / name, **self.KINDS[name])
-        return self.folders[name]
-
-    def __missing__(self, name):
-        self[name] = load(self.folder(name))
-        return self[name]
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return _Tiny(tmp_path_factory.mktemp("sd"))
+    return sd_tiny.Loaded(tmp_path_factory.mktemp("sd"))
 
 
 def diffusers_times(model, scheduler, steps: int, final: str) -> list[float]:
