@@ -6416,6 +6416,146 @@ MUTANTS = {
         "return max(0.0, self.scale - self.adaptive_scale * k)",
         ["tests/test_guidance_parity.py", "-k", "adaptive_scale"],
     ),
+    # review32: today's changes (f0e1584..): narrow tables, serve's socket, infotext, compose weights, dtype names, bench plurals and guards  # noqa: E501
+    "r32_bench_solvers_verdict_not_echoed": (
+        "commands/bench_solvers.py",
+        "    typer.echo(f\"  {sb.bar_verdict(rows)}\")\n",
+        "",
+        ["tests/test_bench_solvers.py", "-k", "review32_the_bar_verdict"],
+    ),
+    "r32_bar_verdict_empty_met": (
+        "eval/solver_bench.py",
+        "if missing or not rows:",
+        "if missing:",
+        ["tests/test_bench_solvers.py", "-k", "review32_the_bar_verdict"],
+    ),
+    "r32_serve_sock_not_closed_on_failure": (
+        "commands/serve.py",
+        "    except BaseException:\n        sock.close()\n        raise",
+        "    except BaseException:\n        raise",
+        ["tests/test_serve_jobs.py", "-k", "review32_serve_closes_its_socket"],
+    ),
+    "r32_serve_banner_port_zero": (
+        "commands/serve.py",
+        "    port = sock.getsockname()[1]  # the one the system chose for --port 0\n",
+        "",
+        ["tests/test_serve_jobs.py", "-k", "review32_serve_closes_its_socket"],
+    ),
+    "r32_dtype_alias_bf16_wrong": (
+        "commands/options.py",
+        "\"bf16\": \"bfloat16\"",
+        "\"bf16\": \"float16\"",
+        ["tests/test_cli_checkpoint.py", "-k", "review32_the_clis_short_dtype_names"],
+    ),
+    "r32_narrow_table_even_when_it_fits": (
+        "commands/options.py",
+        "if width >= NARROW_TERMINAL or natural <= width:",
+        "if width >= NARROW_TERMINAL:",
+        ["tests/test_cli_checkpoint.py", "-k", "review32_a_narrow_terminal"],
+    ),
+    "r32_narrow_multiline_cell_loses_lines": (
+        "commands/options.py",
+        "                for line in lines[1:]:\n                    print(fill(line, \"    \"))\n",
+        "",
+        ["tests/test_cli_checkpoint.py", "-k", "review32_a_narrow_terminal"],
+    ),
+    "r32_narrow_short_allows_multiline": (
+        "commands/options.py",
+        "return 0 < len(cell) <= 16 and \"\\n\" not in cell",
+        "return 0 < len(cell) <= 16",
+        ["tests/test_cli_checkpoint.py", "-k", "review32_a_narrow_terminal"],
+    ),
+    "r32_narrow_empty_cell_short": (
+        "commands/options.py",
+        "return 0 < len(cell) <= 16 and",
+        "return 0 <= len(cell) <= 16 and",
+        ["tests/test_cli_checkpoint.py", "-k", "review32_a_narrow_terminal"],
+    ),
+    "r32_parameters_loras_unsaid": (
+        "commands/parameters.py",
+        "    if \"loras\" in request:",
+        "    if False:",
+        ["tests/test_infotext.py", "-k", "review32_parameters_names_a_files_loras"],
+    ),
+    "r32_infotext_clip_skip_zero_written": (
+        "infotext.py",
+        "return clip_skip + 1 if clip_skip else None",
+        "return clip_skip + 1 if clip_skip is not None else 1",
+        ["tests/test_infotext.py", "-k", "review32_parameters_names_a_files_loras"],
+    ),
+    "r32_rescale_warns_when_equal": (
+        "pipelines/setup.py",
+        "own is not None and own.phi != rescale:",
+        "own is not None:",
+        ["tests/test_guidance_rules.py", "-k", "review32_a_plans_own_rescale"],
+    ),
+    "r32_compose_bad_weight_needs_no_space": (
+        "guidance/compose.py",
+        "re.search(r\"\\s:\\s*(\\S*[\\d\\u2212+-]\\S*)\\s*$\", piece)",
+        "re.search(r\"\\s:(\\S*[\\d\\u2212+-]\\S*)\\s*$\", piece)",
+        ["tests/test_guidance_rules.py", "-k", "review32_a_weight_that_is_no_number"],
+    ),
+    "r32_compose_colon_in_text_refused": (
+        "guidance/compose.py",
+        "re.search(r\"\\s:\\s*(\\S*[\\d\\u2212+-]\\S*)\\s*$\", piece)",
+        "re.search(r\":\\s*(\\S*[\\d\\u2212+-]\\S*)\\s*$\", piece)",
+        ["tests/test_guidance_rules.py", "-k", "review32_a_weight_that_is_no_number"],
+    ),
+    "r32_pag_range_ignored": (
+        "guidance/pag.py",
+        "scale = self.scale_at(req.t) if self.in_range(req.step) else 0.0",
+        "scale = self.scale_at(req.t)",
+        ["tests/test_guidance_rules.py", "-k", "review32_pag_runs_its_perturbed_pass"],
+    ),
+    "r32_checkpoint_hint_first_not_newest": (
+        "train/checkpoint.py",
+        "hint = f\"write {intact[-1]!r} into",
+        "hint = f\"write {intact[0]!r} into",
+        ["tests/test_train.py", "-k", "review32_a_damaged_latest_checkpoint"],
+    ),
+    "r32_sweep_table_plural_always": (
+        "eval/sweep.py",
+        "timed run{'s' * (runs != 1)}",
+        "timed runs",
+        ["tests/test_sweep.py", "-k", "review32_the_sweep_table_counts"],
+    ),
+    "r32_sweep_threads_plural_always": (
+        "eval/sweep.py",
+        "{threads} thread{'s' * (threads != 1)}",
+        "{threads} threads",
+        ["tests/test_sweep.py", "-k", "review32_the_sweep_table_counts"],
+    ),
+    "r32_sweep_cid_guard_dropped": (
+        "eval/sweep.py",
+        "if re.fullmatch(r\"[A-Za-z0-9._-]+\", cid) and cid not in (\".\", \"..\"):",
+        "if True:",
+        ["tests/test_sweep.py", "-k", "review32_a_replaced_records_id"],
+    ),
+    "r32_pipeline_cpu_note_always": (
+        "eval/pipeline_bench.py",
+        "if any(pair[\"velodiff\"][\"device\"].startswith(\"cpu\") for pair in by_model.values()):",
+        "if True:",
+        ["tests/test_models_dit.py", "-k", "review32_the_pipeline_tables_cpu_memory_note"],
+    ),
+    "r32_image_run_evals_g": (
+        "commands/image_run.py",
+        "{res.evals:.4g} evals/image",
+        "{res.evals:g} evals/image",
+        ["tests/test_generate.py", "-k", "review32_the_summary_gives_evals"],
+    ),
+    # lead: serve's socket listens from the start and binds as uvicorn does (review32 F1, F2)
+    "lead_serve_socket_not_listening": (
+        "commands/serve.py",
+        "        sock.bind((host, port))\n        sock.listen()\n",
+        "        sock.bind((host, port))\n",
+        ["tests/test_serve_jobs.py", "-k", "port_is_held"],
+    ),
+    "lead_serve_socket_family": (
+        "commands/serve.py",
+        "socket.AF_INET6 if \":\" in host else socket.AF_INET",
+        "socket.AF_INET6",
+        ["tests/test_serve_jobs.py", "-k", "port_is_held"],
+    ),
 }
 
 

@@ -264,3 +264,16 @@ def test_the_report_writes_the_command_as_typed_and_nfe_zero_is_refused(tmp_path
     assert _velodiff([*args[:8], "--nfe", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--nfe takes comma-separated integers in [1, 1000], got '0'" in err
+
+
+def test_review32_the_bar_verdict_is_on_stdout_and_no_rows_is_not_judged(tmp_path, capsys):
+    """review32: a run that measured none of the bar's NFEs says so on stdout (not only in the markdown),
+    and an empty bar table is 'not judged', never 'met'."""
+    out = tmp_path / "b.json"
+    assert _velodiff(["bench", "solvers", "--json", str(out), "--solvers", "ddim", "--grids", "logsnr",
+                      "--nfe", "3", "--samples", "8", "--data", "2d", "--schedulers", "none",
+                      "--no-progress"]) == 0
+    said = "not judged (NFE 5, 6, 8, 10 not measured)"
+    assert f"\n  {said}\n" in capsys.readouterr().out
+    assert f"): {said}" in out.with_suffix(".md").read_text()
+    assert sb.bar_verdict([]) == "not judged"

@@ -527,3 +527,41 @@ def test_roofline_refuses_a_markdown_json_before_the_model_loads(tmp_path, capsy
                          "--batch", "1")
     assert "the markdown table goes beside it as .md; use .json" in msg
     assert not any(tmp_path.iterdir())
+
+
+def test_review32_a_narrow_terminal_prints_a_table_that_fits_as_a_table_and_keeps_a_cells_lines(monkeypatch,
+                                                                                                 capsys):
+    """review32: at 80 columns a table that fits is still a table; one that does not is a block per row in
+    which a cell of several lines keeps them (each option of a plan rule on its own line, a short one
+    too) and an empty cell is left out."""
+    from rich.table import Table
+
+    from velodiff.commands.options import print_table
+
+    monkeypatch.setenv("COLUMNS", "80")
+    small = Table("name", "order")
+    small.add_row("ddim", "1")
+    print_table(small)
+    assert "┃ name ┃ order ┃" in capsys.readouterr().out
+    wide = Table("name", "order", "options", "description")
+    words = "a description long enough that the table cannot fit in eighty columns " * 2
+    wide.add_row("ddim", "1", "eta=0\nx=1", words)
+    wide.add_row("heun", "2", "", "short")
+    wide.add_row("unipc", "3", "order=3: the order, up to 3\nlower_order_final=true: the last steps", "x")
+    print_table(wide)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["ddim", "  order: 1", "  options: eta=0"] and lines[3] == "    x=1"
+    assert lines[lines.index("heun"):lines.index("unipc")] == ["heun", "  order: 2, description: short"]
+    assert lines[lines.index("unipc") + 2:] == ["  options: order=3: the order, up to 3",
+                                                "    lower_order_final=true: the last steps"]
+
+
+def test_review32_the_clis_short_dtype_names_are_velodiff_loads():
+    """review32: --dtype's fp32 / fp16 / bf16 name the dtypes velodiff.load reads them as."""
+    from velodiff.commands.options import DTYPE_ALIASES, dtype_name
+    from velodiff.models.base import DTYPES
+
+    assert sorted(DTYPE_ALIASES) == ["bf16", "fp16", "fp32"]
+    for short in DTYPE_ALIASES:
+        assert getattr(torch, dtype_name(short)) == DTYPES[short] == DTYPES[dtype_name(short)], short
+    assert (dtype_name(None), dtype_name("float16")) == (None, "float16")

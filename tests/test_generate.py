@@ -524,3 +524,16 @@ def test_threads_up_to_the_machines_cpus_are_taken(tmp_path, capsys, monkeypatch
     capsys.readouterr()
     code, _, err = run_cli(capsys, "generate", "a red circle", "--out", out, "--threads", str(cpus + 1))
     assert code == 2 and f"is more than this machine's {cpus} CPUs" in one_error_line(err)
+
+
+def test_review32_the_summary_gives_evals_per_image_to_4_digits(tmp_path):
+    """review32: an adaptive plan's fractional evals per image is said to 4 significant digits."""
+    from types import SimpleNamespace
+
+    from velodiff.commands.image_run import ImageRun
+
+    run = ImageRun(n=2, loaded=SimpleNamespace(family="sd1", dtype=torch.float32, device="cpu"))
+    res = SimpleNamespace(solver="ddim", grid="trailing", steps=6, nfe=6, evals=11.0 / 3.0, guidance=2.0,
+                          plan="ag")
+    line = run.summary(tmp_path / "x.png", res, size=(64, 64))
+    assert ", 6 NFE, 3.667 evals/image, guidance 2, plan ag) in " in line, line

@@ -265,10 +265,13 @@ def test_split_prompt():
     assert split_prompt("one thing") == [("one thing", 1.0)]
     with pytest.raises(VelodiffError, match="empty part"):
         split_prompt("a red circle AND :2")
-    # a weight that is no number is refused, not read as prompt text at weight 1 (a negation lost)
-    for bad, weight in (("a red triangle AND a triangle :x", "'x'"), ("a AND b :\u22122", "'\u22122'")):
+    # a mistyped number is refused, not read as prompt text at weight 1 (a negation lost); other text
+    # after ' :' stays text, as A1111 reads it (an emoticon)
+    for bad, weight in (("a red triangle AND a triangle :x2", "'x2'"), ("a AND b :\u22122", "'\u22122'"),
+                        ("a AND b :1,5", "'1,5'")):
         with pytest.raises(VelodiffError, match=f"weight {weight} is not a number"):
             split_prompt(bad)
+    assert split_prompt("a smiley face :) AND a dog :x") == [("a smiley face :)", 1.0), ("a dog :x", 1.0)]
 
 
 def test_compose_sums_the_parts_terms(model):
@@ -589,3 +592,35 @@ def test_grad_is_honoured_inside_no_grad_and_every_rule_is_ended():
     with pytest.raises(RuntimeError, match="end failed"):  # a run that went well: the end's error
         sample(TOY, X, ts, "ddim", cond=COND, plan=[Ends(), BadEnd()])
     assert ended == ["ends", "ends"]
+
+
+def test_review32_a_plans_own_rescale_at_the_calls_phi_is_no_warning():
+    """review32: the warning that the plan's rescale wins is for a phi other than the call's; the same phi
+    twice is one rescale and no warning."""
+    import warnings
+
+    from velodiff.pipelines.setup import resolve_plan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = resolve_plan("rescale:phi=0.5", 3.0, rescale=0.5)
+    assert str(plan).count("rescale") == 1 and plan.find("rescale").phi == 0.5
+
+
+def test_review32_a_weight_that_is_no_number_is_refused_after_a_space_too():
+    """review32: 'a triangle : x2' (a space after the colon, which a numeric weight may have too) is
+    refused as ':x2' is; a colon inside the text is no weight."""
+    with pytest.raises(VelodiffError, match="weight 'x2' is not a number"):
+        split_prompt("a red circle AND a triangle : x2")
+    assert split_prompt("a sign saying: stop AND a dog :2") == [("a sign saying: stop", 1.0), ("a dog", 2.0)]
+    assert split_prompt("a screen at 4:3x AND a dog") == [("a screen at 4:3x", 1.0), ("a dog", 1.0)]
+
+
+def test_review32_pag_runs_its_perturbed_pass_only_in_its_steps(model):
+    """review32: pag's start / stop still bound the steps that pay the perturbed pass (the scale at a step
+    outside them is 0, adaptive or not)."""
+    from velodiff.pipelines import text2img
+
+    for plan in ("pag:scale=2,stop=0.5", "pag:scale=2,adaptive_scale=0.001,stop=0.5"):
+        r = text2img(model, PROMPTS[0], steps=4, solver="ddim", guidance=2.0, plan=plan, output="latent")
+        assert r.evals == 4 * 2 + 2, (plan, r.evals)  # CFG's 2 a step, then the perturbed row in 2 steps

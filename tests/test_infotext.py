@@ -346,3 +346,21 @@ def test_a1111s_clip_skip_eta_and_loras_come_back_as_velodiffs():
     assert "--clip-skip 1" in command and "--eta 0.7" in command and "--embedded-guidance 3.5" in command
     assert "pixel" not in command  # named beside the command by `velodiff parameters`, not a path
 
+
+
+def test_review32_parameters_names_a_files_loras_and_no_skip_writes_no_clip_skip(tmp_path, capsys):
+    """review32: `velodiff parameters` on a file made with LoRAs names them (hashes and scales) beside the
+    command, which cannot load them; A1111's Clip skip is written only for a skip (1 -> 2, none -> none)."""
+    from velodiff.infotext import a1111_clip_skip
+
+    made = tmp_path / "lora.png"
+    text = format_infotext("a cat", None, {"Steps": 4, "Seed": 1, "Size": "8x8",
+                                           "Lora hashes": "pixel: 1a2b3c4d5e", "Lora scales": "pixel: 0.8"})
+    Image.new("RGB", (8, 8)).save(made, **save_options("PNG", text))
+    code, out, err = run_cli(capsys, "parameters", made)
+    assert code == 0, err
+    assert ("(made with the LoRAs pixel: 1a2b3c4d5e (scales pixel: 0.8): add --lora FILE --lora-scale S for "
+            "each)") in out
+    assert out.strip().splitlines()[-1].startswith("velodiff generate 'a cat'")
+    assert (a1111_clip_skip(None), a1111_clip_skip(0), a1111_clip_skip(1), a1111_clip_skip(2)) == (
+        None, None, 2, 3)

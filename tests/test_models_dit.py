@@ -585,3 +585,19 @@ def test_bench_pipeline_ratio_is_velodiffs_time_over_diffusers_and_the_bar_needs
     assert "Peak MB on the CPU is the whole process's resident set" in pb.pipeline_table(fast)
     off = [{**r, "ratio_median": 0.9, "max_abs_diff": 10 * r["tolerance"]} for r in recs]
     assert "| FAIL |" in pb.pipeline_table(off) and "| pass |" not in pb.pipeline_table(off)
+
+
+def test_review32_the_pipeline_tables_cpu_memory_note_only_for_a_cpu_run():
+    """review32: the note that the CPU's peak MB is the process's resident set is for CPU rows; a table of
+    GPU runs (each call's peak allocated memory) does not carry it."""
+    import velodiff.eval.pipeline_bench as pb
+
+    def pair(device):
+        rec = {"model": "sd3-no-t5", "family": "sd3", "device": device, "dtype": "float16", "nfe": 2,
+               "seconds_median": 1.0, "ratio_median": 0.9, "cpu_ratio_median": 1.0, "peak_mb": 100.0,
+               "max_abs_diff": 0.0, "tolerance": 1e-3}
+        return [{**rec, "impl": "velodiff"}, {**rec, "impl": "diffusers"}]
+
+    note = "Peak MB on the CPU is the whole process's resident set"
+    assert note not in pb.pipeline_table(pair("cuda:0"))
+    assert note in pb.pipeline_table(pair("cpu"))

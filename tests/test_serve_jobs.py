@@ -1023,3 +1023,73 @@ def test_options_list_what_a_job_may_name_and_each_runs(server):
     job = run_job(url, prompt="a red circle", steps=6, solver="unipc", grid="calibrated", guidance=2.5)
     assert job["state"] == "done", job
 
+
+
+def test_review32_serve_closes_its_socket_when_start_up_fails_and_says_the_port_it_got(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """review32: the socket bound before the model loads is closed when the start-up fails after it (a
+    store another server holds), not left bound for the process's life; with --port 0 the banner names
+    the port the system chose, and uvicorn serves on that socket."""
+    import uvicorn
+
+    import velodiff.commands.serve as serve_cmd
+    import velodiff.serve.state as state
+    from velodiff.cli import main
+    from velodiff.serve.queue import JobStore
+
+    bound, made, served = [], [], []
+    listen = serve_cmd._listen
+    monkeypatch.setattr(serve_cmd, "_listen", lambda *a: bound.append(listen(*a)) or bound[-1])
+
+    class Recorded(state.Server):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(state, "Server", Recorded)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.append(sockets))
+
+    def serve(db):
+        try:
+            return main(["serve", "--db", str(db), "--port", "0"])
+        except SystemExit as e:
+            return int(e.code or 0)
+
+    held = JobStore(tmp_path / "held.sqlite")
+    try:
+        held.own()
+        assert serve(tmp_path / "held.sqlite") == 2
+    finally:
+        held.close()
+    assert len(bound) == 1 and bound[0].fileno() == -1  # closed, not waiting for the collector
+    capsys.readouterr()
+    try:
+        assert serve(tmp_path / "free.sqlite") == 0
+        port = bound[1].getsockname()[1]
+        assert port > 0 and served == [[bound[1]]]
+        assert f"on http://127.0.0.1:{port}/ " in capsys.readouterr().err
+    finally:
+        bound[1].close()
+        for server in made:
+            server.store.close()
+
+
+def test_the_port_is_held_from_before_the_model_loads():
+    """A second server on a port the first has bound (still loading its model) is refused in one line,
+    not by uvicorn's log once it loaded (the first socket listens from the start); ``localhost`` binds
+    as uvicorn binds it, IPv4, wherever a resolver lists ::1 first."""
+    from velodiff.commands.serve import _listen
+    from velodiff.errors import VelodiffError
+
+    first = _listen("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(VelodiffError, match=f"^cannot listen on 127.0.0.1:{port} "):
+            _listen("127.0.0.1", port)
+    finally:
+        first.close()
+    local = _listen("localhost", 0)
+    try:
+        assert local.family == socket.AF_INET
+    finally:
+        local.close()

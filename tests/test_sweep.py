@@ -587,3 +587,31 @@ def test_bench_options_override_the_sweep_file(tmp_path, monkeypatch, capsys):
         assert not e.code
     sw = seen["sweep"]
     assert (sw.solvers, sw.seed, sw.batch, sw.nfe, sw.limit) == (["unipc"], 5, 4, [4, 6], 2)
+
+
+def test_review32_the_sweep_table_counts_its_runs_and_threads_in_words():
+    """review32: the table's note says '1 timed run' and '1 thread', and the plural for more."""
+    from velodiff.eval.sweep import sweep_table
+
+    rec = {"id": "ddim_default_nfe2_g2", "solver": "ddim", "grid": None, "nfe_budget": 2, "guidance": 2.0,
+           "steps": 2, "nfe": 2, "evals": 4, "seconds_per_image": 0.1}
+    result = {"model": "default", "model_info": "tiny", "n_images": 2, "prompts": ["a red circle"],
+              "device": "cpu", "records": [rec]}
+    one = sweep_table({**result, "threads": 1, "sweep": {"repeat": 1, "batch": 16}})
+    assert "median over 1 timed run of the whole set, batch 16, 1 thread on cpu." in one
+    more = sweep_table({**result, "threads": 2, "sweep": {"repeat": 3, "batch": 16}})
+    assert "median over 3 timed runs of the whole set, batch 16, 2 threads on cpu." in more
+
+
+def test_review32_a_replaced_records_id_is_no_path_out_of_the_samples_folder(tmp_path, monkeypatch, capsys):
+    """review32: the sample sheets of replaced records are deleted by their ids, which come from a file: an
+    id that walks out of samples/ ('../x') deletes nothing there."""
+    args, _, out = _bench_args(tmp_path, monkeypatch,
+                               "solvers: [ddim]\nnfe: [1]\nguidance: [1]\nlimit: 1\nmetrics: [shapes]\n")
+    (out / "samples").mkdir(parents=True)
+    old = {"kind": "bench", "records": [{"id": "../keep"}, {"id": "gone"}]}  # (a bench's file, edited)
+    (out / "results.json").write_text(json.dumps(old))
+    (out / "keep.png").write_bytes(b"not a sheet of this folder")
+    (out / "samples" / "gone.png").write_bytes(b"a replaced record's sheet")
+    assert cli(*args) == 0, capsys.readouterr().err
+    assert (out / "keep.png").is_file() and not (out / "samples" / "gone.png").exists()

@@ -772,3 +772,19 @@ def test_ldm_out_inside_or_around_the_run_is_refused_before_the_work(tmp_path, c
         err = capsys.readouterr().err
         assert code == 2 and "overlap" in err and err.count("\n") == 1, err
     assert not (tmp_path / "a").exists()  # refused before --out's parent folder was made
+
+
+def test_review32_a_damaged_latest_checkpoint_names_the_newest_intact_one(tmp_path):
+    """review32: of several intact older checkpoints (a --keep above 2, a copy), the one to resume from is
+    the newest, for a lost file and for a damaged one alike."""
+    run = tmp_path / "r"
+    for step in (1, 2, 3):
+        (run / f"step-000000{step}").mkdir(parents=True)
+        (run / f"step-000000{step}" / "state.json").write_text("{}")
+        (run / f"step-000000{step}" / "state.safetensors").write_bytes(b"\x00" * 8)
+    (run / "latest").write_text("step-0000003")
+    (run / "step-0000003" / "state.json").unlink()
+    with pytest.raises(VelodiffError, match=r"has no state\.json; write 'step-0000002' into .*latest"):
+        latest_checkpoint(run)
+    with pytest.raises(VelodiffError, match=r"cannot read checkpoint .*; write 'step-0000002' into"):
+        load_checkpoint(run / "step-0000001")  # (cut short: its safetensors holds no header)

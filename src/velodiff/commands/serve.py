@@ -86,7 +86,7 @@ def serve(
     if db.is_dir():
         raise VelodiffError(f"--db {str(db)!r} is a folder; give a file such as jobs.sqlite")
     try:
-        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        socket.getaddrinfo(host, port)
     except (OSError, UnicodeError) as e:
         why = getattr(e, "strerror", None) or e
         raise VelodiffError(f"--host {host!r}: not an address here ({why})") from None
@@ -116,7 +116,7 @@ def serve(
 
         serve_with_ray(config, ray, replicas)
         return
-    sock = _listen(address, host, port)  # a port in use is one line before the model loads
+    sock = _listen(host, port)  # a port in use is one line before the model loads
     try:
         server = Server(config)
         server.engine.model(None)  # a model that does not load is one line here, not a server's traceback
@@ -132,14 +132,16 @@ def serve(
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
 
 
-def _listen(address: tuple, host: str, port: int) -> socket.socket:
-    """The server's socket, bound here rather than by uvicorn after the start-up banner (which left a
-    port in use to uvicorn's own log line, after the model had loaded)."""
-    family, kind, proto, _, where = address
-    sock = socket.socket(family, kind, proto)
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening here rather than by uvicorn after the start-up banner
+    (which left a port in use to uvicorn's own log line, after the model had loaded). As uvicorn binds
+    it: IPv6 only for an IPv6 address, so ``localhost`` is 127.0.0.1 where a resolver lists ::1 first;
+    listening at once, so a second server on the port is refused here even while this one loads."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port
     try:
-        sock.bind(where)
+        sock.bind((host, port))
+        sock.listen()
     except OSError as e:
         sock.close()
         raise VelodiffError(

@@ -30,8 +30,11 @@ def split_prompt(prompt: str) -> list[tuple[str, float]]:
     for piece in re.split(r"\s+AND\s+", prompt.strip()):
         m = _WEIGHT.match(piece)
         text, weight = (m.group(1), float(m.group(2))) if m else (piece, 1.0)
-        bad = None if m else re.search(r"\s:\s*(\S+)\s*$", piece)  # 'a :x', 'a :−2' (a unicode minus)
-        if bad:  # would be read as prompt text at weight 1: a negation silently an addition
+        # a mistyped number ('a :−2' with a unicode minus, 'a :1,5', 'a :x2') would be read as prompt text
+        # at weight 1, a negation silently an addition; other text after ' :' stays text, as A1111 reads it
+        # ('a smiley :)')
+        bad = None if m else re.search(r"\s:\s*(\S*[\d\u2212+-]\S*)\s*$", piece)
+        if bad:
             raise VelodiffError(f"composable prompt part {piece.strip()!r}: weight {bad.group(1)!r} is not a "
                                 "number (write 'a red circle :1.5' or ':-1')")
         if not text.strip():
