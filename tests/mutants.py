@@ -6012,7 +6012,7 @@ MUTANTS = {
         "aliases.py",
         "if algo == \"sde_dpmsolverpp\" and order == 1:  # = DDIM with eta = 1 (ddim.py)\n        return \"ddpm\", {}",  # noqa: E501
         "if algo == \"sde_dpmsolverpp\" and order == 1:  # = DDIM with eta = 1 (ddim.py)\n        return \"ddim\", {}",  # noqa: E501
-        ["tests/test_aliases.py", "-k", "order_1_same_noise"],
+        ["tests/test_aliases.py", "-k", "sde_dpmsolver_same_noise"],
     ),
     "r28_sd_ddim_offset0": (
         "aliases.py",

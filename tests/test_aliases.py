@@ -677,17 +677,19 @@ def test_diffusers_ancestral_same_noise(cls):
     assert err < TOL_DIFFUSERS, f"{cls.__name__}: max |diffusers - velodiff| = {err:.3g}"
 
 
-@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
-def test_diffusers_sde_dpmsolver_same_noise(solver_type):
+@pytest.mark.parametrize("flags", [{"solver_type": "midpoint"}, {"solver_type": "heun"}, {"solver_order": 1}])
+def test_diffusers_sde_dpmsolver_same_noise(flags):
+    """DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") from the same noise, both solver types
+    and solver_order=1 (a stochastic first-order step: DDIM with eta = 1), is velodiff's mapping of it."""
     # (default spacing: with Karras' float32 sigmas diffusers' noise terms differ from velodiff's by ~5e-5)
-    sched = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", solver_type=solver_type)
+    sched = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", **flags)
     sched.set_timesteps(8)
     z = starting_noise(SHAPE, 32, seed=9).reshape(8, 4, *SHAPE)
     x = X.clone()
     for i, k in enumerate(sched.timesteps):
         t = SCHED.t_from_sigma_ve(sched.sigmas[i].double())
         x = sched.step(eps_from_x0(SCHED, x, t, DEN(x, t)), k, x, variance_noise=z[i]).prev_sample
-    typed = _typed(type(sched), {"algorithm_type": "sde-dpmsolver++", "solver_type": solver_type})
+    typed = _typed(type(sched), {"algorithm_type": "sde-dpmsolver++", **flags})
     res, _ = _velodiff_of(sched, 8, X, noise=lambda i: z[i], typed=typed)
     err = float((x - res.x).abs().max())
     assert err < TOL_DIFFUSERS, err
@@ -896,22 +898,6 @@ def test_a_class_name_on_a_models_config_maps_as_from_config_makes_it(source, cl
 
 
 # --- review28 ---------------------------------------------------------------------------------------------
-
-
-def test_diffusers_sde_dpmsolver_order_1_same_noise():
-    """DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=1) is a stochastic first-
-    order step (DDIM with eta = 1): from the same noise velodiff's mapping gives diffusers' sample."""
-    sched = DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", solver_order=1)
-    sched.set_timesteps(8)
-    z = starting_noise(SHAPE, 32, seed=9).reshape(8, 4, *SHAPE)
-    x = X.clone()
-    for i, k in enumerate(sched.timesteps):
-        t = SCHED.t_from_sigma_ve(sched.sigmas[i].double())
-        x = sched.step(eps_from_x0(SCHED, x, t, DEN(x, t)), k, x, variance_noise=z[i]).prev_sample
-    typed = _typed(type(sched), {"algorithm_type": "sde-dpmsolver++", "solver_order": 1})
-    res, _ = _velodiff_of(sched, 8, X, noise=lambda i: z[i], typed=typed)
-    err = float((x - res.x).abs().max())
-    assert err < TOL_DIFFUSERS, err
 
 
 #: A1111's modules/sd_samplers_kdiffusion.py: label -> (k-diffusion function, the options it passes)
