@@ -603,6 +603,18 @@ def test_review32_the_sweep_table_counts_its_runs_and_threads_in_words():
     assert "median over 3 timed runs of the whole set, batch 16, 2 threads on cpu." in more
 
 
+def test_a_metric_read_back_as_an_integer_is_shown_as_a_number_like_the_others():
+    """results.json read back holds ShapesEval 0 or 1 as a JSON integer: the table shows 0.000, not 0."""
+    from velodiff.eval.sweep import sweep_table
+
+    recs = [{"id": f"r{v}", "solver": "ddim", "grid": None, "nfe_budget": 2, "guidance": 2.0, "steps": 2,
+             "nfe": 2, "evals": 4, "seconds_per_image": 0.1, "shapes_eval": v} for v in (0, 1, 0.5)]
+    table = sweep_table({"model": "default", "model_info": "tiny", "n_images": 2, "prompts": ["a"],
+                         "device": "cpu", "records": recs, "threads": 1, "sweep": {"repeat": 1, "batch": 2}})
+    rows = [line for line in table.splitlines() if line.startswith("| ddim")]
+    assert [row.split("|")[-3].strip() for row in rows] == ["0.000", "1.000", "0.500"]
+
+
 def test_review32_a_replaced_records_id_is_no_path_out_of_the_samples_folder(tmp_path, monkeypatch, capsys):
     """review32: the sample sheets of replaced records are deleted by their ids, which come from a file: an
     id that walks out of samples/ ('../x') deletes nothing there."""

@@ -677,7 +677,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{nd}g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{nd}f}"
+        return f"{v:.{nd}g}" if 0 < abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{nd}f}"
     return str(v)
 
 
@@ -708,6 +708,8 @@ def sweep_table(result: dict[str, Any]) -> str:
                 v = f"{r['requested'][key]} ({v})"  # another tool's name, and what it ran
             if key == "seconds_per_image":
                 v = f"{v:.3f}"
+            elif key in LABELS and type(v) is int:
+                v = float(v)  # a metric read back from JSON as 0 or 1 is shown as the others are
             cells.append(_fmt(v, 2) if key in ("psnr", "psnr_vs_plain") and isinstance(v, float) else _fmt(v))
         rows.append([*cells, "**yes**" if r.get("pareto") else ""])
     ref = result.get("reference")
