@@ -542,18 +542,93 @@ def test_pag_and_attention_maps_on_dits(tiny_dits):
                     output="latent").plan.endswith("pag:applied_layers=transformer")
 
 
+def test_joint_attention_maps_are_the_image_to_text_block_of_diffusers_own_softmax(tiny_dits, monkeypatch):
+    """SD3 and Flux have joint attention only: the captured map of each joint layer is the image-to-text
+    block of the softmax diffusers' own processor computes (recorded at its scaled_dot_product_attention,
+    Flux's rotary embedding included), renormalised over the text; the sample is bit for bit the same."""
+    import torch.nn.functional as F
+
+    from velodiff.accel.attention import CaptureJointAttention, ProcessorSwap, RowState
+    from velodiff.accel.attention import joint_attention_modules as joint
+    from velodiff.pipelines import text2img
+
+    state, real_sdpa, recorded, captured = RowState(rows=slice(0, 2)), F.scaled_dot_product_attention, [], []
+    run = dict(steps=1, guidance=1.0, seeds=[3, 4], output="latent")
+
+    def sdpa(query, key, value, *args, **kwargs):
+        if len(recorded) < len(captured):  # (the joint layers' calls; Flux's single-stream blocks pass)
+            q, k = query.double(), key.double()
+            recorded.append((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
+        return real_sdpa(query, key, value, *args, **kwargs)
+
+    def capture(name, module, original):
+        return CaptureJointAttention(original, state, captured.append)
+
+    for kind, image_first in (("sd3", True), ("flux", False)):
+        dit, swap = tiny_dits[kind], ProcessorSwap()
+        assert (mods := joint(dit.network)), kind
+        swap.install(mods, capture)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+        try:
+            got = text2img(dit, ["a red cube", "a blue ball"], **run)
+        finally:
+            swap.restore()
+            monkeypatch.setattr(F, "scaled_dot_product_attention", real_sdpa)
+        assert len(captured) == len(recorded) == len(mods), kind
+        for maps, probs in zip(captured, recorded, strict=True):
+            n, t = maps.shape[1:]
+            block = probs[:, :, :n, n:] if image_first else probs[:, :, t:, :t]
+            want = (block / block.sum(-1, keepdim=True)).mean(1)
+            assert torch.allclose(maps.double(), want, atol=1e-5), kind
+        captured.clear(), recorded.clear()
+        assert torch.equal(got.latents, text2img(dit, ["a red cube", "a blue ball"], **run).latents), kind
+
+
+def test_attention_maps_on_joint_attention_change_nothing_and_are_restored(tiny_dits):
+    from velodiff.accel.attention import AttentionMaps, joint_attention_modules
+    from velodiff.pipelines import text2img
+
+    for kind in ("sd3", "flux"):
+        dit = tiny_dits[kind]
+        before = [type(m.processor) for _, m in joint_attention_modules(dit.network)]
+        cap = AttentionMaps()
+        kw = dict(steps=2, guidance=2.0, seeds=[1], output="latent", width=64, height=64)
+        got = text2img(dit, "a red cube", plan=[cap], **kw)
+        assert torch.equal(got.latents, text2img(dit, "a red cube", **kw).latents), kind
+        m, (h, w) = cap.maps[1], got.latents.shape[-2:]
+        assert m.shape[0] == 1 and m.shape[2:] == (h, w), kind
+        assert torch.allclose(m.sum(1), torch.ones(1, h, w), atol=1e-5), kind
+        assert [type(m.processor) for _, m in joint_attention_modules(dit.network)] == before, kind
+
+
+def test_context_tokens_are_the_positions_the_network_attends_to(model, tiny_dits):
+    """CLIP's context has its start token at position 0 (SD, SDXL, and the front of SD3's); T5's has none
+    (PixArt, Flux's joint context): the first word is position 1 or 0."""
+    assert model.context_tokens("a red circle") == [(1, "a</w>"), (2, "red</w>"), (3, "circle</w>")]
+    assert tiny_dits["sd3"].context_tokens("a red cube")[0] == (1, "a</w>")
+    for kind in ("flux", "pixart-sigma"):
+        assert tiny_dits[kind].context_tokens("a red cube") == [(0, "\u2581a"), (1, "\u2581red"),
+                                                               (2, "\u2581cube")], kind
+
+
 def test_attention_sheet_captions_only_the_prompts_tokens(monkeypatch):
-    """A prompt past the token limit: a heat map per token the encoder kept (75 of 77 positions: not the
-    start and end tokens), each under its own token."""
+    """A heat map per token at its own position in the context (``context_tokens``' pairs), none for a
+    token past the context the network read (a prompt past the token limit)."""
+    import numpy as np
     from PIL import Image
 
     import velodiff.images
     from velodiff.accel.attention import attention_sheet
 
     seen = {}
-    monkeypatch.setattr(velodiff.images, "image_grid", lambda cells, **kw: seen.update(kw, n=len(cells)))
-    attention_sheet({0: torch.rand(1, 77, 4, 4)}, [f"w{i}" for i in range(80)], Image.new("RGB", (8, 8)))
-    assert seen["n"] == 1 + 75 and seen["captions"][-1] == "w74"
+    monkeypatch.setattr(velodiff.images, "image_grid", lambda cells, **kw: seen.update(kw, cells=cells))
+    maps = torch.zeros(1, 77, 9, 9)
+    maps.view(1, 77, 81)[0, torch.arange(77), torch.arange(77)] = 1  # position p lights pixel p
+    tokens = [(i + 1, f"w{i}") for i in range(80)]  # the 76th word onwards is past the context
+    attention_sheet({0: maps}, tokens, Image.new("RGB", (9, 9)))
+    cells, captions = seen["cells"][1:], seen["captions"][1:]
+    assert len(cells) == 76 and captions[-1] == "w75"
+    assert all(np.asarray(c)[..., 0].argmax() == k + 1 for k, c in enumerate(cells))  # each word its own map
 
 
 def test_grad_is_honoured_inside_no_grad_and_every_rule_is_ended():

@@ -50,6 +50,17 @@ def attention_modules(network: Any, cross: bool, layers: tuple[str, ...] = ()) -
     return out
 
 
+def joint_attention_modules(network: Any, layers: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """(name, module) of the network's joint text-image attention layers (SD3's joint blocks, Flux's
+    double-stream blocks: image and text tokens attend to each other in one softmax; Esser et al. 2024,
+    Sec. 2.2), which project the text to keys of their own (``add_k_proj``); ``layers`` as above."""
+    if network is None:
+        return []
+    return [(name, module) for name, module in network.named_modules()
+            if getattr(module, "add_k_proj", None) is not None and hasattr(module, "set_processor")
+            and (not layers or any(_matches(layer, name) for layer in layers))]
+
+
 def _matches(layer: str, name: str) -> bool:
     last_l, last_n = layer.split(".")[-1], name.split(".")[-1]
     fake_integral = last_l.isnumeric() and last_n.isnumeric() and last_l == last_n
@@ -194,12 +205,62 @@ class CaptureCrossAttention(RowProcessor):
         return _from_tokens(attn, out, residual, shape)
 
 
+def joint_text_attention(attn: Any, h: Tensor, context: Tensor, rotary: Any = None) -> Tensor:
+    """(B, N, T): each of the N image tokens' attention over the T text tokens in a joint attention layer,
+    averaged over heads: the image-to-text block of the joint softmax, renormalised over the text keys
+    (the same as a softmax over the text keys alone), the queries and keys made as diffusers' processors
+    make them: SD3's ``JointAttnProcessor2_0`` (image tokens first) and Flux's ``FluxAttnProcessor``
+    (text first, rotary embedding ``rotary`` over the joint sequence)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    if isinstance(attn, FluxAttention):  # (B, S, heads, d)
+        d = attn.head_dim
+        q = attn.norm_q(attn.to_q(h).unflatten(-1, (-1, d)))
+        k = attn.norm_added_k(attn.add_k_proj(context).unflatten(-1, (-1, d)))
+        if rotary is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            t = context.shape[1]
+            q = apply_rotary_emb(q, tuple(f[t:] for f in rotary), sequence_dim=1)
+            k = apply_rotary_emb(k, tuple(f[:t] for f in rotary), sequence_dim=1)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    else:  # (B, heads, S, d)
+        d = attn.to_k.out_features // attn.heads
+        q = attn.to_q(h).unflatten(-1, (attn.heads, d)).transpose(1, 2)
+        k = attn.add_k_proj(context).unflatten(-1, (attn.heads, d)).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_added_k is not None:
+            k = attn.norm_added_k(k)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * d**-0.5  # scaled dot product (SDPA's scale)
+    return scores.softmax(-1).mean(1)
+
+
+class CaptureJointAttention:
+    """Wraps a joint attention layer's processor, whose output it returns untouched, handing the selected
+    rows' image-to-text maps (:func:`joint_text_attention`, detached) to ``sink``."""
+
+    def __init__(self, original: Any, state: RowState, sink: Callable[[Tensor], None]) -> None:
+        self.original, self.state, self.sink = original, state, sink
+
+    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, image_rotary_emb: Any = None, **kwargs: Any) -> Any:
+        rows = self.state.rows
+        if rows is not None and encoder_hidden_states is not None:
+            h, context = hidden_states[rows], encoder_hidden_states[rows]
+            self.sink(joint_text_attention(attn, h, context, image_rotary_emb).detach())
+        rotary = () if image_rotary_emb is None else (image_rotary_emb,)  # (Flux's processor takes it 5th)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *rotary, **kwargs)
+
+
 @register_rule
 class AttentionMaps(Accelerator):
     """Capture the cross-attention maps of the conditional branch per token per step: after the run,
     ``maps[i]`` is a (B, tokens, h, w) float32 CPU tensor for step i, the head- and layer-averaged
-    softmax over tokens at latent resolution (each layer's map resized bilinearly). Layout guidance and
-    prompt-to-prompt read these; ``velodiff generate --attention-maps FILE`` saves them."""
+    softmax over tokens at latent resolution (each layer's map resized bilinearly); on SD3 and Flux the
+    image-to-text block of their joint attention (:func:`joint_text_attention`; T: the text context's
+    length). Token positions: ``LoadedModel.context_tokens``. Layout guidance and prompt-to-prompt read
+    these (UNets, PixArt); ``velodiff generate --attention-maps FILE`` saves them."""
 
     name = "attention_maps"
     layer = 0
@@ -214,21 +275,24 @@ class AttentionMaps(Accelerator):
         ),
     }
 
+    def _modules(self, run: RunInfo) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        cross = [m for m in attention_modules(run.network, True, self.layers) if m[1].norm_q is None]
+        return cross, joint_attention_modules(run.network, self.layers)
+
     def check(self, run: RunInfo) -> None:
-        mods = [m for m in attention_modules(run.network, True, self.layers) if m[1].norm_q is None]
-        if not mods:
+        if not any(self._modules(run)):
             raise VelodiffError(
-                "plan rule 'attention_maps': the model has no matching cross-attention layers"
+                "plan rule 'attention_maps': the model has no matching cross- or joint attention layers"
             )
 
     def begin(self, run: RunInfo) -> None:
         super().begin(run)
         self.maps: dict[int, Tensor] = {}
         self.state, self.swap, self.pending = RowState(), ProcessorSwap(), []
-        mods = [m for m in attention_modules(run.network, True, self.layers) if m[1].norm_q is None]
-        self.swap.install(
-            mods, lambda name, mod, orig: CaptureCrossAttention(orig, self.state, self.pending.append)
-        )
+        cross, joint = self._modules(run)
+        sink = self.pending.append
+        self.swap.install(cross, lambda name, mod, orig: CaptureCrossAttention(orig, self.state, sink))
+        self.swap.install(joint, lambda name, mod, orig: CaptureJointAttention(orig, self.state, sink))
 
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
         import torch
@@ -240,20 +304,25 @@ class AttentionMaps(Accelerator):
         finally:
             self.state.rows = None
         h, w = req.x.shape[-2:]
-        resized = [_spatial(p, h, w) for p in self.pending]
+        layers: dict[tuple[int, ...], list[Tensor]] = {}  # summed per token grid, resized once (it is linear)
+        for p in self.pending:
+            layers.setdefault(tuple(p.shape), []).append(p)
+        if self.pending:
+            total = sum(_spatial(torch.stack(same).sum(0), h, w) for same in layers.values())
+            self.maps[req.step] = (total / len(self.pending)).float().cpu()
         self.pending.clear()
-        if resized:
-            self.maps[req.step] = torch.stack(resized).mean(0).float().cpu()
         return r
 
     def end(self) -> None:
         self.swap.restore()
 
 
-def attention_sheet(maps: dict[int, Tensor], tokens: list[str], image: Any, scale: int = 1) -> Any:
-    """A PIL sheet: the image, then one heat map per prompt token (token k at map index k + 1, after the
-    start token), each the mean over the captured steps, stretched to its own min..max, at the image's
-    size, captioned with its token."""
+def attention_sheet(
+    maps: dict[int, Tensor], tokens: list[tuple[int, str]], image: Any, scale: int = 1
+) -> Any:
+    """A PIL sheet: the image, then one heat map per prompt token (``tokens``: (map index, token), as
+    ``LoadedModel.context_tokens`` gives them), each the mean over the captured steps, stretched to its
+    own min..max, at the image's size, captioned with its token."""
     import torch
     from PIL import Image
 
@@ -262,11 +331,13 @@ def attention_sheet(maps: dict[int, Tensor], tokens: list[str], image: Any, scal
     mean = torch.stack([m[0] for m in maps.values()]).mean(0)  # (T, h, w), first image
     size = image.size
     cells, captions = [image], ["image"]
-    for k, tok in enumerate(tokens[: mean.shape[0] - 2]):  # the maps of the prompt's tokens (not start, end)
-        m = mean[k + 1]
+    for k, tok in tokens:
+        if k >= mean.shape[0]:  # (past the context the network read)
+            continue
+        m = mean[k]
         m = ((m - m.min()) / (m.max() - m.min()).clamp_min(1e-12) * 255).round().to(torch.uint8).numpy()
         cells.append(Image.fromarray(m, mode="L").resize(size, Image.BILINEAR).convert("RGB"))
-        captions.append(tok.replace("</w>", ""))
+        captions.append(tok.replace("</w>", "").replace("\u2581", ""))
     return image_grid(cells, cols=min(len(cells), 8), scale=scale, captions=captions, caption_lines=1,
                       caption_height=14)
 

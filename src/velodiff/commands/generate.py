@@ -250,9 +250,9 @@ def generate(
     if attention_maps is not None:
         from ..accel.attention import attention_sheet
 
-        tokens = loaded.components["tokenizer"].tokenize(prompt) if "tokenizer" in loaded.components else []
         step = batch or n  # the rule saw each batch in turn: its maps are the last batch's
-        sheet = attention_sheet(capture.maps, tokens, res.images[(n - 1) // step * step], scale=2)
+        image = res.images[(n - 1) // step * step]
+        sheet = attention_sheet(capture.maps, loaded.context_tokens(prompt), image, scale=2)
         save_image_atomic(sheet, attention_maps)
         typer.echo(f"wrote {attention_maps} (cross-attention per token, mean over the steps)")
 

@@ -216,6 +216,9 @@ class LoadedModel:
     #: img2img's steps as the family's diffusers pipeline counts them (``pipelines.img2img.start_index``):
     #: False runs int(steps x strength) (SD, SDXL), True keeps the fraction (SD3, Flux)
     strength_keeps_fraction: ClassVar[bool] = False
+    #: the tokenizer whose tokens the network's text context starts with (its cross-attention keys; SD3's
+    #: joint context begins with CLIP's 77, Flux's is T5's): what an attention map's positions mean
+    context_tokenizer: ClassVar[str] = "tokenizer"
 
     @property
     def size_factor(self) -> int:
@@ -250,6 +253,17 @@ class LoadedModel:
 
     def encode(self, images: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def context_tokens(self, prompt: str) -> list[tuple[int, str]]:
+        """(position in the text context, token) of the prompt's tokens as the network attends to them,
+        the start, end and padding tokens left out (CLIP's start token is position 0; T5 has none)."""
+        tok = self.components.get(self.context_tokenizer)
+        if tok is None:
+            return []
+        ids = tok(prompt, truncation=True, max_length=int(min(tok.model_max_length, 10_000)))["input_ids"]
+        special = set(tok.all_special_ids)
+        return [(i, t) for i, (n, t) in enumerate(zip(ids, tok.convert_ids_to_tokens(ids), strict=True))
+                if n not in special]
 
     # -- what pipelines ask --
 

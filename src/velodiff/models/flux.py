@@ -121,6 +121,7 @@ class FluxModel(DiTModel):
 
     embedded_guidance: float | None = 3.5
     strength_keeps_fraction: ClassVar[bool] = True  # diffusers' Flux img2img / inpaint get_timesteps
+    context_tokenizer: ClassVar[str] = "tokenizer_2"  # the joint attention's text is T5's (CLIP: pooled)
 
     def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
         c = self.components
