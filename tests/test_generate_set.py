@@ -296,6 +296,28 @@ def test_eta_rescale_and_clip_skip_are_the_sets_as_generate_takes_them(tiny, pro
         capsys, "generate-set", str(prompt_file), "--limit", "2", "--out", str(out), "--eta", "0.5")
 
 
+def test_a_plans_solver_and_nfe_are_what_the_set_records_and_resumes_with(tiny, prompt_file, tmp_path,
+                                                                          capsys):
+    """A plan that fixes the solver and the network calls (a tune's plan.txt) draws the images with them, as
+    generate does: the set's config records them (not the command's defaults), a resume that asks for
+    them is accepted, and each image is text2img's with --solver / --nfe."""
+    import velodiff
+    from velodiff.images import png_bytes
+    from velodiff.pipelines import text2img
+
+    out = tmp_path / "set"
+    base = ["generate-set", str(prompt_file), "--limit", "2", "--out", str(out), "--model", str(tiny)]
+    assert cli(*base, "--plan", "solver=ddim+nfe=3+cfg:t_lo=0.5") == 0
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["solver"], config["steps"], config["nfe"]) == ("ddim", None, 3)
+    assert cli(*base, "--plan", "solver=ddim+nfe=3+cfg:t_lo=0.5", "--solver", "ddim", "--nfe", "3") == 0
+    r = read_set(out).records[1]
+    want = text2img(velodiff.load(tiny), r["prompt"], seeds=[r["seed"]], solver="ddim", nfe=3,
+                    plan="cfg:t_lo=0.5")
+    assert want.steps == 3 and (out / r["file"]).read_bytes() == png_bytes(want.images[0])
+    assert "steps=None, this run asks steps=3" in one_error_line(capsys, *base, "--steps", "3")
+
+
 def test_a_set_on_the_calibrated_grid_is_not_finished_on_a_new_calibration(tmp_path, capsys, monkeypatch):
     """The calibrated grid comes from an artefact outside the set: one made (or made again) between a
     set's runs would finish it on another grid, so the calibrations it read are in its header."""

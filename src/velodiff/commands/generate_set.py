@@ -35,6 +35,7 @@ def generate_set_cmd(
     steps: Annotated[
         int | None, typer.Option(min=1, max=MAX_STEPS, help="solver steps (default: the model's)")
     ] = None,
+    nfe: o.Nfe = None,
     solver: Annotated[
         str | None, typer.Option(help="a solver of `velodiff solvers` (default: the model's)")
     ] = None,
@@ -86,7 +87,13 @@ def generate_set_cmd(
     given = {k: v for k, v in locals().items() if v is not None and k not in ("model", "seed")}
     ImageRun.of({**given, "model": str(model_path)}).check()  # generate's checks, before any model work
     if plan is not None:
-        plan = str(Plan.parse(plan))  # canonical: the set's config compares plans as strings
+        parsed = Plan.parse(plan)
+        plan = str(parsed)  # canonical: the set's config compares plans as strings
+        fixed = parsed.settings  # the plan's own solver / grid / steps / guidance win, as in generate:
+        solver, grid, guidance = (fixed.get(k, v) for k, v in  # the set records what draws its images
+                                  (("solver", solver), ("grid", grid), ("guidance", guidance)))
+        if "steps" in fixed or "nfe" in fixed:
+            steps, nfe = fixed.get("steps"), fixed.get("nfe")
     plist = load_prompt_file(prompts, limit)
     defaults: dict[str, Any] = dict(
         seed=0, images_per_prompt=1, batch=4, threads=1, noise="velodiff", plan="none"
@@ -98,8 +105,10 @@ def generate_set_cmd(
         defaults.update(device=str(dev), dtype=default_dtype(dev))
     own = sampling_defaults(model_path) if model_path.is_dir() else {}
     defaults.update({k: own[k] for k in ("steps", "solver", "guidance") if k in own})
+    if nfe is not None:  # network calls instead of steps: the steps follow from them
+        defaults["steps"] = None
     requested = dict(
-        seed=seed, images_per_prompt=images_per_prompt, steps=steps, solver=solver, grid=grid,
+        seed=seed, images_per_prompt=images_per_prompt, steps=steps, nfe=nfe, solver=solver, grid=grid,
         guidance=guidance, plan=plan, negative=negative, eta=solver_eta,
         guidance_rescale=guidance_rescale or None, clip_skip=clip_skip or None, batch=batch, threads=threads,
         height=height,

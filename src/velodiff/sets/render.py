@@ -34,6 +34,7 @@ def render_chunk(model: Any, chunk: Sequence[Item], config: dict[str, Any]) -> l
         seeds=[it.seed for it in chunk],
         negative=config.get("negative"),
         steps=config.get("steps"),
+        nfe=config.get("nfe"),
         solver=config.get("solver"),
         grid=config.get("grid"),
         guidance=config.get("guidance"),

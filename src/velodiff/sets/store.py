@@ -38,7 +38,7 @@ LINES = "manifest.jsonl"
 #: CPU and float32 for device and dtype); a header from before these keys reads them as None
 LOAD_KEYS = ("config", "family", "prediction_type", "lora", "lora_scale", "device", "dtype")
 #: sampling options newer than the first sets (None in an older set's header: off, as it was drawn)
-SAMPLING_KEYS = ("eta", "guidance_rescale", "clip_skip")
+SAMPLING_KEYS = ("eta", "guidance_rescale", "clip_skip", "nfe")
 
 #: config keys that decide the pixels; a resume that asks for another value is refused
 CONFIG_KEYS = (
