@@ -341,11 +341,16 @@ def test_metric_weights_that_are_pickles_are_refused(tmp_path):
 # --- no weight-reading call outside the choke point ---------------------------------------------------
 
 #: attribute calls that read weights (``X.from_pretrained(...)``, ``torch.load(...)``, ...)
-READERS = {"from_pretrained", "from_single_file", "load_file", "safe_open", "load_torchscript"}
+READERS = {"from_pretrained", "from_single_file", "load_file", "safe_open", "load_torchscript",
+           # diffusers' / peft's / torch.hub's loaders that take a file or a hub name (and unpickle a .bin)
+           "load_lora_weights", "load_attn_procs", "load_textual_inversion", "load_ip_adapter",
+           "load_adapter", "load_peft_weights", "load_state_dict_from_url", "load_url"}
+#: loaders that read a file when given a path or name, a state dict already read when given one
+PATH_OR_DICT = {"lora_state_dict"}
 LOADS = {"load", "loads"}
 #: modules whose load / loads unpickle (or may: numpy's allow_pickle, torch.serialization's)
 UNPICKLING_MODULES = {"torch", "jit", "serialization", "pickle", "dill", "joblib", "cloudpickle", "marshal",
-                      "safetensors", "np", "numpy", "shelve"}
+                      "safetensors", "np", "numpy", "shelve", "hub"}
 #: library functions that read a checkpoint file (diffusers' / transformers' load_state_dict takes a path
 #: and unpickles a .bin; a module's own ``.load_state_dict(dict)`` method is not this)
 FILE_READERS = {"load_state_dict", "load_checkpoint", "load_sharded_checkpoint", "load_model_dict_into_meta"}
@@ -382,6 +387,8 @@ def weight_reads(source: str, filename: str = "<src>") -> list[str]:
                 found.append(f"{filename}:{node.lineno}: {base}.{f.attr}(")
             elif f.attr in FILE_READERS and base in ("diffusers", "transformers", "modeling_utils"):
                 found.append(f"{filename}:{node.lineno}: {base}.{f.attr}(")
+            elif f.attr in PATH_OR_DICT and node.args and not isinstance(node.args[0], (ast.Name, ast.Dict)):
+                found.append(f"{filename}:{node.lineno}: {base}.{f.attr}({ast.unparse(node.args[0])}")
         elif isinstance(f, ast.Name) and f.id in READERS and f.id not in from_choke:
             found.append(f"{filename}:{node.lineno}: {f.id}(")
         # weights=False skips the folder check: for tokenizers (JSON / vocab files) only
@@ -408,13 +415,22 @@ def test_the_scan_sees_each_way_of_reading_weights():
         "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
         "from diffusers.models.model_loading_utils import load_state_dict\nload_state_dict('x.bin')",
         "from ..models.weights import from_pretrained\nfrom_pretrained(CLIPTextModel, 'x', weights=False)",
+        "def f(pipe):\n    pipe.load_lora_weights('lora.bin')",
+        "def f(unet):\n    unet.load_attn_procs('x')",
+        "from peft.utils import load_peft_weights\nload_peft_weights('x')",
+        "def f(m):\n    m.load_adapter('x', adapter_name='a')",
+        "import torch\ntorch.hub.load_state_dict_from_url('https://x/y.pth')",
+        "import torch\ntorch.hub.load('repo', 'model')",
+        "def f(loader):\n    loader.lora_state_dict(Path('x.safetensors'))",
+        "def f(loader):\n    loader.lora_state_dict('name/on/the/hub')",
     ]
     for src in bad:
         assert weight_reads(src), src
     good = "from ..models.weights import from_pretrained, load_file\nload_file('x')\nfrom_pretrained(A, 'x')"
     assert weight_reads(good) == []
-    ok = ["unet.load_state_dict(state)", "from_pretrained(CLIPTokenizer, 'x', weights=False)"]
-    assert [weight_reads(f"from ..models.weights import from_pretrained\n{c}") for c in ok] == [[], []]
+    ok = ["unet.load_state_dict(state)", "from_pretrained(CLIPTokenizer, 'x', weights=False)",
+          "loader.lora_state_dict(state)"]
+    assert [weight_reads(f"from ..models.weights import from_pretrained\n{c}") for c in ok] == [[], [], []]
 
 
 def test_weights_are_read_only_through_the_choke_point():
