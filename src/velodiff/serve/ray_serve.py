@@ -9,7 +9,8 @@ server left running once, before the replicas start. The store is a file: the re
 file system (one machine, or a shared volume). Live progress (SSE progress events, ComfyUI's /ws) reaches
 clients connected to the replica that runs the job; final states reach every replica (polled).
 
-``--ray local`` starts a Ray cluster on this machine bound to 127.0.0.1; ``--ray HOST:PORT`` joins one.
+``--ray local`` starts a Ray cluster on this machine (node address 127.0.0.1; Ray 2.60's own gRPC services
+still listen on every interface, README); ``--ray HOST:PORT`` joins one.
 """
 
 from __future__ import annotations
