@@ -10,6 +10,7 @@ PixArt-alpha's resolution and aspect-ratio conditioning read height and width ap
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -444,6 +445,29 @@ def test_bench_pipeline_records(folders, tmp_path):
         assert r["nfe"] == 2 and r["seconds_median"] > 0 and r["peak_mb"] > 0
     assert recs[0]["max_abs_diff"] <= recs[0]["tolerance"]
     assert "| sd3-no-t5 (sd3) | cpu / float32 | 2 |" in pipeline_table(recs)
+
+
+def test_bench_pipeline_takes_a_model_folder_and_shipped_names(folders, tmp_path, capsys):
+    """--model is any model a command takes: a folder (here PixArt, compared at its own size with diffusers'
+    resolution binning off), a shipped model by name; anything else is one line naming the shipped ones."""
+    from velodiff.cli import main
+    from velodiff.eval.pipeline_bench import model_folders
+    from velodiff.shipped import shipped_path
+
+    out = tmp_path / "bp.json"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "pipeline", "--model", str(folders["pixart-sigma"]), "--nfe", "2", "--runs", "1",
+              "--json", str(out), "--no-progress", "--cache", str(tmp_path / "tiny")])
+    assert not e.value.code
+    recs = json.loads(out.read_text())
+    assert {r["model"] for r in recs} == {str(folders["pixart-sigma"])} and recs[0]["family"] == "pixart"
+    assert recs[0]["max_abs_diff"] <= recs[0]["tolerance"]
+    assert model_folders(["default-4step"], tmp_path) == {"default-4step": shipped_path("default-4step")}
+    bad = ["bench", "pipeline", "--model", "default,no-such-model", "--json", str(tmp_path / "x.json")]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model 'no-such-model' does not exist") and "default-4step" in err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_flow_scheduler_keys_velodiff_does_not_build_are_refused():

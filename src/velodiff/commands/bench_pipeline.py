@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from ..files import write_atomic
-from .bench_solvers import _command_line, _names, _output
+from .bench_solvers import _command_line, _output
 from .options import check_threads, example
 
 DEFAULT_JSON = Path("out/bench_pipeline.json")
@@ -30,7 +30,8 @@ def bench_pipeline(
         typer.Option(
             "--models",
             "--model",
-            help="comma-separated: default (the shipped model), sd15, sdxl, sd3, flux (tiny random models)",
+            help="comma-separated: shipped models by name (default, default-4step, ...), model folders or "
+            ".safetensors files, and sd15, sdxl, sd3, flux (tiny random models built into --cache)",
         ),
     ] = "default,sd15,sdxl,sd3,flux",
     nfe: Annotated[int, typer.Option(min=1, help="network calls per image (steps of a 1-call solver)")] = 20,
@@ -58,7 +59,14 @@ def bench_pipeline(
     quiet_libraries()
     if threads is not None:
         torch.set_num_threads(threads)
-    names = _names(models, pb.MODELS, "model") or list(pb.MODELS)
+    names = [n.strip() for n in models.split(",") if n.strip()]
+    if not names:
+        raise VelodiffError("--models needs at least one name")
+    from ..shipped import resolve_model
+
+    for n in names:
+        if n not in pb.TINY:
+            resolve_model(n)  # a shipped name or an existing path, else one line naming the shipped ones
     json_path = _output(json_path, "--json")
     md_path = _output(markdown or json_path.with_suffix(".md"), "--markdown")
     from ..files import distinct_files

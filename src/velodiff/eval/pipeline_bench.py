@@ -35,6 +35,8 @@ from . import tables
 
 #: the models of the benchmark: the shipped default model and tiny random models (velodiff.models.tiny)
 MODELS = ("default", "sd15", "sdxl", "sd3", "flux")
+#: the tiny random models the bench builds (any other name is a shipped model or a path)
+TINY = ("sd15", "sdxl", "sd3", "flux")
 PROMPT = "a photo of a red cat on the table"
 #: outputs must agree within this (max abs difference of images in [0, 1]) per weight dtype
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
@@ -55,21 +57,21 @@ CASES = {
     "sdxl": Case("dpmpp_2m", "DPMSolverMultistepScheduler", 5.0),
     "sd3": Case("euler", "FlowMatchEulerDiscreteScheduler", 7.0),
     "flux": Case("euler", "FlowMatchEulerDiscreteScheduler", 1.0),
+    "pixart": Case("dpmpp_2m", "DPMSolverMultistepScheduler", 4.5),
 }
 
 
 def model_folders(names: Sequence[str], cache: Path) -> dict[str, Path]:
-    """Folders of the named models: the shipped default model (skipped when not installed) and the
-    tiny random ones, built into ``cache`` on first use."""
+    """Where the named models are: the tiny random ones (:data:`TINY`), built into ``cache`` on first
+    use; a shipped model by name (the default one skipped when not installed) or a path."""
     from ..models.tiny import save_tiny
+    from ..shipped import resolve_model
 
     out: dict[str, Path] = {}
     for name in names:
-        if name == "default":
-            from ..default_model import default_model_path
-
-            path = default_model_path()
-            if (path / "model_index.json").is_file():
+        if name not in TINY:
+            path = resolve_model(name)
+            if name != "default" or (path / "model_index.json").is_file():
                 out[name] = path
             continue
         path = cache / name
@@ -153,6 +155,8 @@ def make_callers(
     dkw: dict[str, Any] = {"guidance_scale": case.guidance}
     if model.family == "flux":
         dkw["guidance_scale"] = model.embedded_guidance or 0.0  # the embedded guidance (dev); no true CFG
+    if model.family == "pixart":
+        dkw["use_resolution_binning"] = False  # the size asked for (velodiff does not bin either)
 
     def run_diffusers() -> torch.Tensor:
         g = torch.Generator("cpu").manual_seed(seed)
@@ -209,7 +213,7 @@ def bench_model(
     sched_cls = getattr(diffusers, case.scheduler)
     pipe = model.to_diffusers(sched_cls.from_config(model.components["scheduler_config"]))
     pipe.set_progress_bar_config(disable=True)
-    hw = (size, size) if size else model.default_size if name == "default" else (IMAGE_SIZE, IMAGE_SIZE)
+    hw = (size, size) if size else (IMAGE_SIZE, IMAGE_SIZE) if name in TINY else model.default_size
     steps = nfe  # both solvers make one network call per step
     callers = dict(
         zip(
