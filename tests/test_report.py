@@ -144,5 +144,5 @@ def test_the_front_is_listed_fastest_first_and_the_contact_sheet_puts_the_front_
     assert front.index("`unipc` 2 NFE") < front.index("`ddim` 4 NFE")
     records = json.loads((out / "results.json").read_text())["records"]
     sheet = bench_contact_sheet(out, records)
-    row = sheet.height // 4
+    row = (sheet.height + 4) // 4  # (4 rows, 4 pixels between them)
     assert [sheet.getpixel((121, k * row + 2))[0] for k in range(4)] == [80, 40, 0, 120]

@@ -54,8 +54,7 @@ def x0_from_alpha_sigma(
     """Convert a network output of the given type (diffusers' names) into x0, given alpha(t) and
     sigma(t): tensors broadcastable against x, or Python floats for a time shared by the batch (so no
     per-step tensor is made on the device). The one place sampling converts the prediction types; the
-    distillers' losses (``velodiff.distill``) write v -> x0 as alpha x - sigma v, which is this on a VP
-    schedule (alpha^2 + sigma^2 = 1), and keep it so that their runs stay bit-identical."""
+    distillers' losses use :func:`x0_from_v_vp`, which is this for v on a VP schedule."""
     a, s = alpha, sigma
     if prediction_type == "epsilon":
         return (x - s * out) / a
@@ -69,6 +68,13 @@ def x0_from_alpha_sigma(
         # velocity v = dx/dt = eps - x0 for alpha = 1 - t, sigma = t (Liu et al. 2022)  =>  x0 = x - t v
         return x - s * out
     raise unknown_name("prediction type", prediction_type, PREDICTION_TYPES)
+
+
+def x0_from_v_vp(x: Tensor, v: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+    """x0 = alpha x - sigma v: a v-prediction on a variance-preserving schedule (alpha^2 + sigma^2 = 1;
+    Salimans & Ho 2022, Sec. 4), without :func:`x0_from_alpha_sigma`'s division by it, as the
+    distillers' losses (``velodiff.distill``) have always computed it: their runs stay bit-identical."""
+    return alpha * x - sigma * v
 
 
 def prediction_from_x0(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..denoisers import x0_from_v_vp
 from ..errors import VelodiffError
 from ..models.base import guidance_embedding
 from ..train.loop import LoopConfig, run_loop
@@ -100,7 +101,7 @@ def distill_guided(
             uctx = text(uncond[None].expand(b, -1)).last_hidden_state
             target = make_x0_fn(teacher_unet, sched, ctx, uctx, w)(x, t)  # the teacher's guided x0
         v = student(x, k, ctx, timestep_cond=student_cond(w).to(device)).sample
-        per = (a * x - s * v - target).pow(2).mean(dim=(1, 2, 3))
+        per = (x0_from_v_vp(x, v, a, s) - target).pow(2).mean(dim=(1, 2, 3))
         snr = (a / s).pow(2).view(-1).clamp_min(1.0)
         return (snr * per).mean(), {"mse": per.detach().mean()}
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..errors import VelodiffError
+from ..files import write_atomic
 from ..train.checkpoint import weights_digest
 from ..train.loop import LoopConfig, run_loop
 from ..train.trainer import LatentCache, batch_indices
@@ -315,9 +316,7 @@ def prune(
             "rank_s": time.perf_counter() - t0,
         }
         run.mkdir(parents=True, exist_ok=True)
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan, indent=1))
-        tmp.rename(plan_file)
+        write_atomic(plan_file, json.dumps(plan, indent=1))
     student = pruned_unet(teacher_unet, plan["removed"]).train().requires_grad_(True)
     info = {
         "removed": plan["removed"],

@@ -110,16 +110,16 @@ class PairCache:
         return [k for k in range(n) if not self.chunk_path(k).is_file()]
 
     def fill(self, gen: Any, quiet: bool = True) -> int:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         from tqdm import tqdm
+
+        from ..files import write_atomic
 
         todo = self.missing()
         for k in tqdm(todo, desc="teacher pairs", disable=quiet, unit="chunk"):
             a, b = k * CHUNK, (k + 1) * CHUNK  # always whole chunks: a cache extends by a prefix
             tensors = {name: v.detach().cpu().contiguous() for name, v in gen(a, b).items()}
-            tmp = self.chunk_path(k).with_suffix(".tmp")
-            save_file(tensors, str(tmp))
-            tmp.rename(self.chunk_path(k))
+            write_atomic(self.chunk_path(k), save(tensors))
         return len(todo)
 
     def load(self) -> dict[str, Tensor]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..denoisers import x0_from_v_vp
 from ..errors import VelodiffError
 from ..files import write_atomic
 from ..train.checkpoint import weights_digest
@@ -52,7 +53,7 @@ def make_x0_fn(unet: Any, sched: Any, ctx: torch.Tensor, uctx: torch.Tensor | No
             vu, vc = both.chunk(2)
             scale = w.view(-1, 1, 1, 1).to(x.device) if per_sample else w
             v = vu + scale * (vc - vu)
-        return a * x - s * v
+        return x0_from_v_vp(x, v, a, s)
 
     return x0
 

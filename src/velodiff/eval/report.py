@@ -59,13 +59,15 @@ def bench_contact_sheet(folder: Path, records: list[dict[str, Any]], max_rows: i
         rows.append(_label_strip(label, first))
     if not rows:
         return None
-    w = max(r.width for r in rows)
-    sheet = Image.new("RGB", (w, sum(r.height + 4 for r in rows)), (255, 255, 255))
-    y = 0
-    for r in rows:
-        sheet.paste(r, (0, y))
-        y += r.height + 4
-    return sheet
+    from ..images import image_grid
+
+    size = (max(r.width for r in rows), max(r.height for r in rows))
+    cells = []
+    for r in rows:  # (one size for the grid: each row on white)
+        cell = Image.new("RGB", size, (255, 255, 255))
+        cell.paste(r, (0, 0))
+        cells.append(cell)
+    return image_grid(cells, cols=1, gap=4)
 
 
 def bench_report(folder: Path, result: dict[str, Any]) -> str:
