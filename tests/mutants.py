@@ -3043,10 +3043,10 @@ MUTANTS = {
         ["tests/test_distill_guided.py", "-k", "regresses_the"],
     ),
     "r22_guided_v_sign": (
-        "distill/guided.py",
-        "per = (a * x - s * v - target)",
-        "per = (a * x + s * v - target)",
-        ["tests/test_distill_guided.py", "-k", "regresses_the"],
+        "denoisers.py",
+        "return alpha * x - sigma * v",
+        "return alpha * x + sigma * v",
+        ["tests/test_guidance.py", "-k", "distillers_v_to_x0"],
     ),
     "r22_guided_snr_inverted": (
         "distill/guided.py",

@@ -151,6 +151,17 @@ def test_prediction_conversions_invert_each_other_on_any_schedule(prediction_typ
         torch.testing.assert_close(out, want[prediction_type])
 
 
+def test_the_distillers_v_to_x0_is_the_conversion_on_a_vp_schedule():
+    """x0_from_v_vp (alpha x - sigma v, the distillers' form) is x0_from_alpha_sigma's v-prediction where
+    alpha^2 + sigma^2 = 1."""
+    from velodiff.denoisers import prediction_from_x0, x0_from_v_vp
+
+    g = torch.Generator().manual_seed(1)
+    x, x0 = torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, 4, generator=g, dtype=F64)
+    v = prediction_from_x0("v_prediction", x, x0, 0.6, 0.8)
+    torch.testing.assert_close(x0_from_v_vp(x, v, 0.6, 0.8), x0)
+
+
 def test_model_denoiser_gives_the_network_its_own_timestep_map():
     seen = []
 
