@@ -139,6 +139,10 @@ class DiffusersCache(Accelerator):
             self.probe.remove()
 
 
+#: the fraction of evaluations plain ``fbcache`` reuses, through the model's calibrated threshold
+DEFAULT_REUSE = 0.3
+
+
 @register_rule
 class FirstBlockCache(DiffusersCache):
     name = "fbcache"
@@ -146,9 +150,10 @@ class FirstBlockCache(DiffusersCache):
     summary = "First-Block Cache (FBCache, TeaCache's idea), DiTs: skip the rest while block 1 barely changes"
     options = {
         "threshold": Option(
-            0.05,
+            None,
             "relative change of the first block's residual below which the rest is reused "
-            "(diffusers' FirstBlockCacheConfig.threshold; 0: never reuse)",
+            "(diffusers' FirstBlockCacheConfig.threshold, 0.05 there; 0: never reuse; default: the "
+            f"model's calibrated threshold for reuse={DEFAULT_REUSE:g})",
             lo=0.0,
             hi=10.0,
             aliases=("residual_diff_threshold",),  # cache-dit's name for the same test
@@ -156,7 +161,7 @@ class FirstBlockCache(DiffusersCache):
         "reuse": Option(
             None,
             "instead of a threshold: the fraction of evaluations to reuse, mapped to this model's threshold "
-            "by its calibration (velodiff calibrate cache)",
+            f"by its calibration (velodiff calibrate cache; {DEFAULT_REUSE:g} when neither is given)",
             lo=0.0,
             hi=1.0,
         ),
@@ -175,21 +180,26 @@ class FirstBlockCache(DiffusersCache):
                 f"plan rule {self.name!r}: this model's last block returns no text stream (SD3), which "
                 "diffusers' first-block cache cannot cache; use taylorseer"
             )
-        self.refuse_ignored({"calibration": (self.reuse is not None, "reuse=F")})
-        if self.reuse is not None:
-            from .calibration import fbcache_threshold, load_cache_calibration
-
-            if "threshold" in self.values:
+        if self.threshold is not None:  # given: diffusers' test as it is
+            if self.reuse is not None:
                 raise VelodiffError("plan rule 'fbcache': give threshold or reuse, not both")
-            if run.model is None:
-                raise VelodiffError("plan rule 'fbcache': reuse needs a loaded model (its calibration)")
-            artefact = load_cache_calibration(run.model, self.calibration or None, run.guidance)
-            self.threshold = fbcache_threshold(artefact, self.reuse)
+            self.refuse_ignored({"calibration": (False, "reuse=F, or no threshold")})
+            self.threshold_in_force = self.threshold
+            return
+        # the threshold this model's calibration maps the reuse fraction to (never a constant copied by hand)
+        from .calibration import fbcache_threshold, load_cache_calibration
+
+        if run.model is None:
+            raise VelodiffError("plan rule 'fbcache': without threshold=T it needs a loaded model (its "
+                                "calibration)")
+        artefact = load_cache_calibration(run.model, self.calibration or None, run.guidance)
+        reuse = DEFAULT_REUSE if self.reuse is None else self.reuse
+        self.threshold_in_force = fbcache_threshold(artefact, reuse)
 
     def apply(self, network: Any) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-        apply_first_block_cache(network, FirstBlockCacheConfig(threshold=self.threshold))
+        apply_first_block_cache(network, FirstBlockCacheConfig(threshold=self.threshold_in_force))
 
 
 @register_rule

@@ -111,7 +111,8 @@ def _fbcache_serves(model: Any) -> bool:
     from .block_cache import FirstBlockCache
 
     try:
-        FirstBlockCache().check(RunInfo(None, None, None, 1, {}, model=model, network=model.network))
+        run = RunInfo(None, None, None, 1, {}, model=model, network=model.network)
+        FirstBlockCache(threshold=0.0).check(run)  # (a threshold given: whether it serves, not a calibration)
     except VelodiffError:
         return False
     return True
