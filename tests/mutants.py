@@ -857,7 +857,7 @@ MUTANTS = {
     ),
     "fbc_calibration_without_reuse_accepted": (
         "accel/block_cache.py",
-        "        self.refuse_ignored({\"calibration\": (self.reuse is not None, \"reuse=F\")})\n",
+        "            self.refuse_ignored({\"calibration\": (False, \"reuse=F, or no threshold\")})\n",
         "",
         ["tests/test_block_cache.py", "-k", "calibration_file_without_reuse"],
     ),
