@@ -153,14 +153,14 @@ def test_unknown_names_list_near_matches():
         get_solver("DPMSolverMultistepScheduler:use_karas_sigmas=true")
     with pytest.raises(VelodiffError, match="flag 'foo' has no velodiff equivalent yet"):
         get_solver("DPMSolverMultistepScheduler:foo=1")
-    with pytest.raises(VelodiffError, match="class name only; did you mean 'DPMSolverMultistepScheduler'"):
+    with pytest.raises(VelodiffError, match="no diffusers scheduler class; did you mean 'DPMSolverMultistep"):
         get_solver("DPMSolverMultistepSchedular:use_karras_sigmas=true")
     lower = resolve_solver("dpmsolvermultistepscheduler:use_karras_sigmas=true")  # as the bare name resolves
     assert lower == resolve_solver("DPMSolverMultistepScheduler:use_karras_sigmas=true")
     with pytest.raises(VelodiffError, match="sde-dpmsolver.*solver_order=3.*no velodiff solver"):
         get_solver("DPMSolverMultistepScheduler:algorithm_type=sde-dpmsolver++,solver_order=3")
-    with pytest.raises(VelodiffError, match="flags follow a diffusers scheduler class"):
-        get_solver("euler:eta=1")
+    with pytest.raises(VelodiffError, match="solver 'euler' has no option 'bogus'"):  # its own name: options
+        get_solver("euler:bogus=1")
 
 
 def test_cli_check_and_table(capsys):
@@ -533,6 +533,33 @@ def test_karras_and_exponential_take_explicit_sigma_bounds():
     assert float(SCHED.sigma_ve(ts[-1])) == pytest.approx(0.5, rel=1e-12)
     with pytest.raises(VelodiffError, match="sigma_max=100"):
         make_grid("karras", SCHED, 6, sigma_max=100.0)
+
+
+
+def test_a_name_carries_its_options_as_a_plan_item_does():
+    """'karras:sigma_min=0.1,sigma_max=10' is karras with those options, 'unipc:order=1' unipc with that
+    option as its default, another tool's name keeps its own options under the given ones; an option the
+    grid or solver lacks, or a value it refuses, is one line."""
+    from velodiff.aliases import resolve_solver
+    from velodiff.solvers import get_solver
+
+    want = make_grid("karras", SCHED, 6, sigma_min=0.1, sigma_max=10.0, rho=3)
+    assert torch.equal(make_grid("karras:sigma_min=0.1,sigma_max=10,rho=3", SCHED, 6), want)
+    assert torch.equal(make_grid("Karras:sigma_min=0.1, sigma_max=10.0,rho=3", SCHED, 6), want)
+    assert get_solver("unipc:order=1,use_corrector=false").defaults["order"] == 1
+    assert get_solver("unipc:order=1,use_corrector=false").defaults["use_corrector"] is False
+    assert get_solver("unipc").defaults["order"] != 1  # the registry's own is untouched
+    r = resolve_solver("dpmpp_2m_sde:eta=0.5")  # ComfyUI's name: its solver, its noise option overridden
+    assert r.solver == "sde_dpmpp_2m" and r.solver_options["eta"] == 0.5
+    assert resolve_solver("DPM++ 2M Karras:lower_order_final=false").grid == "karras"
+    for bad, match in (("karras:bogus=1", "grid 'karras' has no option 'bogus'"),
+                       ("karras:rho=x", "rho must be a number above 0, got 'x'")):
+        with pytest.raises(VelodiffError, match=match):
+            make_grid(bad, SCHED, 6)
+    with pytest.raises(VelodiffError, match="solver 'unipc' has no option 'bogus'"):
+        get_solver("unipc:bogus=2")
+    with pytest.raises(VelodiffError, match="unknown solver 'nosuch'"):
+        get_solver("nosuch:order=1")
 
 
 # --- diffusers' scheduler classes ----------------------------------------------------------------------

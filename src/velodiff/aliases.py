@@ -22,6 +22,7 @@ module imports no torch: the CLI checks names before any model work.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -309,6 +310,51 @@ def _split(text: str) -> tuple[str, dict[str, str]]:
     return name.strip(), flags
 
 
+def _typed(flags: Mapping[str, str]) -> dict[str, Any]:
+    """Option values written in a name (``karras:sigma_min=0.1,rho=7``) as Python values: true / false,
+    integers, numbers, a JSON list ``[0,1]``, else the text."""
+    out: dict[str, Any] = {}
+    for key, text in flags.items():
+        low = text.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for parse in (int, float, json.loads):
+            try:
+                out[key] = parse(text)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = text
+    return out
+
+
+def _with_options(name: str, own: tuple[str, ...], kind: str) -> Resolved | None:
+    """``NAME:key=value,...`` where NAME is velodiff's own or another tool's name (not a diffusers
+    class): the name's meaning with those options over its own (a solver's, or a grid's)."""
+    if ":" not in name:
+        return None
+    base, flags = _split(name)
+    if not flags:
+        return None
+    mine = _own(base, own, kind)
+    alias = find(base, kind) if mine is None else None
+    if mine is None and alias is None:
+        return None
+    given = _typed(flags)
+    if kind == SAMPLER:
+        if mine is not None:
+            return Resolved(solver=mine, solver_options=given)
+        assert alias is not None
+        return Resolved(alias.solver, alias.grid, {**alias.solver_options, **given}, dict(alias.grid_options),
+                        alias.final, alias)
+    if mine is not None:
+        return Resolved(grid=mine, grid_options=given)
+    assert alias is not None
+    return Resolved(grid=alias.grid, grid_options={**alias.grid_options, **given}, alias=alias)
+
+
 def find(name: str, kind: str) -> Alias | None:
     """The row of ``name`` ("sampler" or "scheduler"): spelled exactly ("DDIM" is A1111's), else
     normalized ("ddim" is ComfyUI's)."""
@@ -335,10 +381,15 @@ def resolve_solver(
             # the scheduler space its steps: flow-shifted; FluxPipeline passes its own sigmas: flux)
             return replace(r, grid=None, grid_options={})
         return r
+    named = _with_options(name, own, SAMPLER)  # unipc:order=2, dpmpp_2m_sde:eta=0.5
+    if named is not None:
+        return named
     if flags:
         near = difflib.get_close_matches(base, _DIFFUSERS_CLASSES, n=2, cutoff=0.6)
-        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
-        raise VelodiffError(f"{base!r}: key=value flags follow a diffusers scheduler class name only{hint}")
+        if not near:
+            raise _unknown("solver", base, own)
+        names = ", ".join(map(repr, near))
+        raise VelodiffError(f"{base!r} is no diffusers scheduler class; did you mean {names}?")
     alias = find(name, SAMPLER)
     if alias is None:
         raise _unknown("solver", name, own)
@@ -353,6 +404,9 @@ def resolve_grid(name: str, own: tuple[str, ...] | None = None) -> Resolved:
     mine = _own(name, own, SCHEDULER)
     if mine is not None:
         return Resolved(grid=mine)
+    named = _with_options(name, own, SCHEDULER)  # karras:sigma_min=0.1,sigma_max=10
+    if named is not None:
+        return named
     alias = find(name, SCHEDULER)
     if alias is None:
         raise _unknown("grid", name, own)

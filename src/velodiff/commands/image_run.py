@@ -104,10 +104,11 @@ class ImageRun:
             raise VelodiffError(f"--clip-skip must be >= 0, got {self.clip_skip}")
         if self.solver is not None:
             check_solver_name(self.solver)
-            if self.solver_eta is not None:  # a solver without the option: before the model loads
+            if self.solver_eta is not None or ":" in self.solver:  # its options: before the model loads
                 from ..solvers import get_solver
 
-                get_solver(self.solver).check_options({"eta": self.solver_eta})
+                get_solver(self.solver).check_options({"eta": self.solver_eta} if self.solver_eta is not None
+                                                      else {})
         if self.grid is not None:
             check_grid_name(self.grid)
         check_name("noise mode", self.noise, NOISE_MODES)

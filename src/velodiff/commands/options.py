@@ -163,8 +163,10 @@ Steps = Annotated[
 Nfe = Annotated[
     int | None, typer.Option(min=1, help="network calls instead of --steps: the most steps that fit")
 ]
-Solver = Annotated[str | None, typer.Option(help="any solver of `velodiff solvers` (default: the model's)")]
-Grid = Annotated[str | None, typer.Option(help="time grid name (default: the model's)")]
+Solver = Annotated[str | None, typer.Option(
+    help="any solver of `velodiff solvers`, options after a colon: unipc:order=2 (default: the model's)")]
+Grid = Annotated[str | None, typer.Option(
+    help="time grid name, options after a colon: karras:sigma_min=0.1,sigma_max=10 (default: the model's)")]
 Guidance = Annotated[
     float | None, typer.Option(help="classifier-free guidance scale (>= 0; 1 = no guidance)")
 ]

@@ -56,6 +56,7 @@ def get_solver(name: str | SolverSpec, model_config: Mapping[str, Any] | None = 
         raise VelodiffError(f"solver {name!r} maps to {r.solver!r}, which this build does not provide")
     spec = SOLVERS[r.solver]
     if r.solver_options:
+        spec.check_options(r.solver_options)  # (those a name gives, as unipc:order=2)
         spec = replace(spec, defaults={**spec.defaults, **r.solver_options})
     return spec
 
