@@ -3399,8 +3399,8 @@ MUTANTS = {
     ),
     "r25_eta_checked_only_late": (
         "commands/image_run.py",
-        "            if self.solver_eta is not None:  # a solver without the option: before the model loads\n",  # noqa: E501
-        "            if False:  # a solver without the option: before the model loads\n",
+        "            if self.solver_eta is not None or \":\" in self.solver:  # its options: before the model loads\n",  # noqa: E501
+        "            if False:  # its options: before the model loads\n",
         ["tests/test_generate.py", "-k", "test_bad_inputs_give_one_line"],
     ),
     "r25_cpu_dtype_early_check_dropped": (
