@@ -215,6 +215,34 @@ def test_a_transformer_model_of_pickles_is_refused(tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("shape", ["diffusers .bin", "kohya .pt", "peft folder .bin", "renamed pickle"])
+def test_a_lora_that_is_a_pickle_is_refused(tiny, tmp_path, capsys, shape):
+    """A LoRA is weights too: diffusers' pytorch_lora_weights.bin, a kohya .pt, a peft folder whose
+    adapter_model is a .bin, and pickle bytes named adapter_model.safetensors are each refused in one line
+    by the CLI and the API, and nothing is unpickled."""
+    marker = tmp_path / "marker"
+    state = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8)}
+    if shape == "diffusers .bin":
+        lora = write_torch_pickle(tmp_path / "pytorch_lora_weights.bin", marker, state)
+    elif shape == "kohya .pt":
+        lora = write_torch_pickle(tmp_path / "lora.pt", marker, state)
+    else:
+        lora = tmp_path / "adapter"
+        lora.mkdir()
+        (lora / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 4, "target_modules": ["proj_in"]}')
+        name = "adapter_model.bin" if shape == "peft folder .bin" else "adapter_model.safetensors"
+        write_torch_pickle(lora / name, marker, state)
+    capsys.readouterr()
+    rc = cli("generate", "a red cube", "--model", str(tiny), "--lora", str(lora), "--steps", "1",
+             "--out", str(tmp_path / "x.png"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    with pytest.raises(VelodiffError) as e:
+        velodiff.load(tiny, lora=[lora])
+    assert len(str(e.value).splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin", ".pkl"])
 def test_single_file_pickles_are_refused(tmp_path, capsys, suffix):
     marker = tmp_path / "marker"
