@@ -93,6 +93,16 @@ def test_deepcache_budget_schedule_uses_the_models_calibration(tmp_path, monkeyp
         4,
     )
     assert sorted(rule.full_steps) == [i for i, f in enumerate(expected) if f] and len(rule.full_steps) == 4
+    six = DeepCache(full=6, schedule="budget")  # the budget as a number of full evaluations
+    text2img(model, ["a red circle", "two blue squares"], steps=12, seeds=[0, 1], plan=[six], output="latent")
+    chosen = budgeted_schedule(step_changes(json.loads(artefact.read_text()), res.ts.tolist(),
+                                            ["mid_block", "up_blocks.0", "up_blocks.1"]), 6)
+    assert sorted(six.full_steps) == [i for i, f in enumerate(chosen) if f] and len(six.full_steps) == 6
+    assert len(DeepCache(full=5, schedule="nonuniform").plan_steps(20)) == 5
+    for plan, match in (("deepcache:full=6", "full is read only with schedule=budget or nonuniform"),
+                        ("deepcache:schedule=budget,full=6,interval=2", "give interval or full")):
+        with pytest.raises(VelodiffError, match=match):
+            text2img(model, "a red circle", steps=12, plan=plan, output="latent")
     made_at = json.loads(artefact.read_text())["guidance"]
     assert made_at == model.default_guidance == 2.5  # the run above was at the calibration's scale
     with pytest.warns(UserWarning, match=r"made at guidance 2\.5, this run is at 6.*--guidance 6$"):

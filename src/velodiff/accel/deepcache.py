@@ -29,7 +29,8 @@ the step-to-step change peaks at steps 2-10 and falls below a third of its peak 
 ``schedule=budget`` places the same number of full steps where the model's own calibrated feature
 changes (``velodiff calibrate cache``, ``accel/calibration.py``: the mid block and the skipped up
 blocks, mapped onto this run's grid) make reuse cost the most, by the dynamic program of
-``accel/cache_schedule.py`` (CacheQuant's schedule). Steps outside [start, stop) are full. A cached
+``accel/cache_schedule.py`` (CacheQuant's schedule). Both take ``full``, the number of full steps, in
+place of the 1:N count. Steps outside [start, stop) are full. A cached
 evaluation whose rows (branch, image) were not all in the latest full one runs full instead.
 
 Mechanics: diffusers hooks (``HookRegistry`` with a ``ModelHook.new_forward``, as diffusers' own cache
@@ -265,6 +266,8 @@ class DeepCache(Accelerator):
                            "(the paper's, denser around center) or budget (the same number, placed by "
                            "dynamic programming on the model's calibrated feature changes)", kind=str,
                            choices=SCHEDULES, aliases=("skip_mode",)),
+        "full": Option(0, "budget / nonuniform: how many steps in [start, stop) run in full (0: as many "
+                       "as 1:interval gives)", kind=int, lo=0, hi=100000),
         "calibration": Option("", "budget: a cache calibration file (default: the one saved for the "
                               "model by velodiff calibrate cache)", kind=str),
         "center": Option(0.3, "nonuniform: where full steps are densest, as a fraction of the steps",
@@ -285,7 +288,11 @@ class DeepCache(Accelerator):
             raise VelodiffError("plan rule 'deepcache' needs a UNet to hook; this denoiser has no network")
         nonuniform = (self.schedule == "nonuniform", "schedule=nonuniform")
         self.refuse_ignored({"center": nonuniform, "power": nonuniform,
-                             "calibration": (self.schedule == "budget", "schedule=budget")})
+                             "calibration": (self.schedule == "budget", "schedule=budget"),
+                             "full": (self.schedule != "uniform", "schedule=budget or nonuniform")})
+        if "full" in self.values and "interval" in self.values:
+            raise VelodiffError("plan rule 'deepcache': give interval or full (the number of full steps), "
+                                "not both")
         cached = cached_modules(run.network, self.branch)
         if self.schedule == "budget":
             from .calibration import load_cache_calibration, step_changes
@@ -338,13 +345,15 @@ class DeepCache(Accelerator):
         if m > 0:
             if self.schedule == "uniform":
                 inside = list(range(0, m, self.interval))
-            elif self.schedule == "budget":
-                from .cache_schedule import budgeted_schedule
-
-                chosen = budgeted_schedule(self.changes[first:last], math.ceil(m / self.interval))
-                inside = [i for i, full in enumerate(chosen) if full]
             else:
-                inside = nonuniform_steps(m, math.ceil(m / self.interval), self.center * m, self.power)
+                count = self.full or math.ceil(m / self.interval)  # (both schedules keep step 0 full)
+                if self.schedule == "budget":
+                    from .cache_schedule import budgeted_schedule
+
+                    chosen = budgeted_schedule(self.changes[first:last], count)
+                    inside = [i for i, full in enumerate(chosen) if full]
+                else:
+                    inside = nonuniform_steps(m, count, self.center * m, self.power)
         return set(range(first)) | {first + i for i in inside} | set(range(last, steps))
 
     def evaluate(self, req: EvalRequest, inner: Evaluate) -> EvalResult:
