@@ -130,14 +130,14 @@ MUTANTS = {
     ),
     "deepcache_center_not_scaled": (
         "accel/deepcache.py",
-        "inside = nonuniform_steps(m, math.ceil(m / self.interval), self.center * m, self.power)",
-        "inside = nonuniform_steps(m, math.ceil(m / self.interval), self.center, self.power)",
+        "inside = nonuniform_steps(m, count, self.center * m, self.power)",
+        "inside = nonuniform_steps(m, count, self.center, self.power)",
         ["tests/test_deepcache.py", "-k", "schedules_start"],
     ),
     "deepcache_budget_unsliced": (
         "accel/deepcache.py",
-        "chosen = budgeted_schedule(self.changes[first:last], math.ceil(m / self.interval))",
-        "chosen = budgeted_schedule(self.changes, math.ceil(m / self.interval))",
+        "chosen = budgeted_schedule(self.changes[first:last], count)",
+        "chosen = budgeted_schedule(self.changes, count)",
         ["tests/test_deepcache.py", "-k", "budgeted_schedule_reads"],
     ),
     "step_changes_at_step_end": (

@@ -57,8 +57,8 @@ def test_fbcache_reuses_and_cleans_up(models, kind):
 
 
 def test_fbcache_refusals(models):
-    with pytest.raises(VelodiffError, match="returns no text stream") as e:
-        run(models["sd3"], "fbcache")
+    with pytest.raises(VelodiffError, match="needs a first block and at least one more") as e:
+        run(models["sd3"], "fbcache:threshold=0.1")  # (two blocks, the last returning no text stream)
     assert "\n" not in str(e.value)
     import velodiff
     from velodiff.default_model import default_model_path
@@ -103,6 +103,75 @@ def test_fbcache_reuse_interpolates_the_calibrated_thresholds_log_linearly():
     assert fbcache_threshold(art, 0.4) == pytest.approx((0.02 * 0.04) ** 0.5)
     assert fbcache_threshold(art, 0.05) == pytest.approx(0.005)  # below the table: linear to 0
     assert fbcache_threshold(art, 0.9) == 0.04  # beyond it: the largest calibrated
+
+
+def test_fbcache_puts_diffusers_own_hooks_where_apply_first_block_cache_does(models):
+    """On Flux and PixArt the rule's hooks are those diffusers' apply_first_block_cache registers, block for
+    block (the head's on the first, with its threshold; the tail's on the last)."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    from velodiff.accel.block_cache import FirstBlockCache, transformer_blocks
+    from velodiff.plan import RunInfo
+
+    def hooks(network):
+        out = []
+        for block in transformer_blocks(network):
+            reg = block._diffusers_hook
+            h = reg.get_hook("fbc_leader_block_hook") or reg.get_hook("fbc_block_hook")
+            out.append((type(h).__name__, getattr(h, "threshold", None), getattr(h, "is_tail", None)))
+            for name in ("fbc_leader_block_hook", "fbc_block_hook"):
+                reg.remove_hook(name)
+        return out
+
+    for kind in ("flux-schnell", "pixart-sigma"):
+        net = models[kind].network
+        apply_first_block_cache(net, FirstBlockCacheConfig(threshold=0.07))
+        want = hooks(net)
+        rule = FirstBlockCache(threshold=0.07)
+        rule.check(RunInfo(None, None, None, 1, {}, model=models[kind], network=net))
+        rule.apply(net)
+        assert hooks(net) == want and want[0] == ("FBCHeadBlockHook", 0.07, None), kind
+        assert want[-1][2] is True and sum(w[2] is True for w in want) == 1, kind
+
+
+def test_fbcache_on_sd3_skips_the_middle_blocks_and_runs_the_last(tmp_path):
+    """SD3's last block returns no text stream: it runs on every call, the blocks between the first and it
+    are skipped on a cached call (threshold 0: the plain run bit for bit)."""
+    import json
+
+    from diffusers import SD3Transformer2DModel
+
+    folder = save_tiny("sd3", tmp_path / "sd3")
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel.from_config({**config, "num_layers": 4})
+    net.save_pretrained(folder / "transformer", safe_serialization=True)
+    m = load(folder)
+    m.max_sequence_length = 32
+    calls = []
+    handles = [b.attn.register_forward_hook(lambda mod, i, o, k=k: calls.append(k))  # (what a block computes)
+               for k, b in enumerate(m.network.transformer_blocks)]
+    try:
+        plain = run(m)
+        n = len(calls)
+        assert torch.equal(run(m, "fbcache:threshold=0").latents, plain.latents)
+        calls.clear()
+        reused = run(m, "fbcache:threshold=5")
+    finally:
+        for h in handles:
+            h.remove()
+    assert reused.evals < plain.evals and not torch.equal(reused.latents, plain.latents)
+    assert calls.count(3) == n // 4 and calls.count(0) == n // 4  # first and last: every call
+    assert calls.count(1) == calls.count(2) < n // 4  # the middle: full calls only
+    from velodiff.accel.block_cache import FirstBlockCache
+    from velodiff.plan import RunInfo
+
+    rule = FirstBlockCache(threshold=5.0)
+    rule.check(RunInfo(None, None, None, 1, {}, model=m, network=m.network))
+    rule.apply(m.network)  # the tail's hook on the last block that returns both streams
+    regs = [getattr(b, "_diffusers_hook", None) for b in m.network.transformer_blocks]
+    tails = [getattr(r.get_hook("fbc_block_hook"), "is_tail", None) if r else None for r in regs]
+    assert tails == [None, False, True, None]
 
 
 def test_fbcache_reuse_takes_the_threshold_from_the_models_calibration(models, tmp_path, monkeypatch):

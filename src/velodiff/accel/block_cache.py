@@ -1,10 +1,10 @@
-"""Block caches for diffusion transformers (Flux, PixArt) as plan rules, on diffusers' own cache hooks.
+"""Block caches for diffusion transformers (Flux, PixArt, SD3) as plan rules, on diffusers' own cache hooks.
 
 ``fbcache``: First-Block Cache (ParaAttention's FBCache, the TeaCache idea: Liu et al. 2024): every
 evaluation runs the first transformer block; when its residual changed by less than ``threshold``
 (relative mean absolute difference) since the last full evaluation, the remaining blocks are skipped
-and their cached residual is added instead (diffusers' ``apply_first_block_cache``). SD3 is refused:
-its last block returns no text stream, which diffusers' hook cannot cache.
+and their cached residual is added instead (diffusers' first-block-cache hooks, on the blocks its
+``apply_first_block_cache`` takes; SD3's last block, which returns no text stream, runs in full).
 
 The rule applies the hooks for one run and removes them at its end (what ``CacheMixin.enable_cache`` /
 ``disable_cache`` do, on any transformer: SD3's and PixArt's have no ``CacheMixin``), and runs each
@@ -55,8 +55,10 @@ class DiffusersCache(Accelerator):
         raise NotImplementedError
 
     def cached_blocks(self, network: Any) -> list[tuple[str, Any]]:
-        """(name, block) of the blocks the cache may skip; the probe watches the last one."""
-        return [(f"{n}.{i}", b) for n in BLOCK_LISTS for i, b in enumerate(getattr(network, n, None) or [])]
+        """(name, block) of the blocks the cache may skip; the probe watches the last one. A block that
+        returns no text stream (SD3's last: ``context_pre_only``) is left out: it runs in full."""
+        return [(f"{n}.{i}", b) for n in BLOCK_LISTS for i, b in enumerate(getattr(network, n, None) or [])
+                if not getattr(b, "context_pre_only", False)]
 
     def skipped_blocks(self, network: Any) -> list[str]:
         """The names of the blocks a cached call does not run."""
@@ -175,10 +177,11 @@ class FirstBlockCache(DiffusersCache):
 
     def check(self, run: RunInfo) -> None:
         super().check(run)
-        if getattr(transformer_blocks(run.network)[-1], "context_pre_only", False):
+        if len(self.cached_blocks(run.network)) < 2:
             raise VelodiffError(
-                f"plan rule {self.name!r}: this model's last block returns no text stream (SD3), which "
-                "diffusers' first-block cache cannot cache; use taylorseer"
+                f"plan rule {self.name!r} needs a first block and at least one more to skip; this "
+                f"transformer has {len(self.cached_blocks(run.network))} (SD3's last block, which returns "
+                "no text stream, always runs)"
             )
         if self.threshold is not None:  # given: diffusers' test as it is
             if self.reuse is not None:
@@ -197,9 +200,23 @@ class FirstBlockCache(DiffusersCache):
         self.threshold_in_force = fbcache_threshold(artefact, reuse)
 
     def apply(self, network: Any) -> None:
-        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+        """diffusers' ``apply_first_block_cache`` on :meth:`cached_blocks` (its own hooks: the head on the
+        first, the tail's on the last): the same blocks as it takes, but for SD3's last, which it cannot
+        cache (no text stream to add a residual to) and which runs in full here."""
+        from diffusers.hooks import HookRegistry
+        from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook, FBCSharedBlockState
+        from diffusers.hooks.hooks import StateManager
 
-        apply_first_block_cache(network, FirstBlockCacheConfig(threshold=self.threshold_in_force))
+        blocks = [b for _, b in self.cached_blocks(network)]
+        state = StateManager(FBCSharedBlockState, (), {})
+        head, *rest = blocks
+        HookRegistry.check_if_exists_or_initialize(head).register_hook(
+            FBCHeadBlockHook(state, self.threshold_in_force), self.hook_names[0]
+        )
+        for i, block in enumerate(rest):
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(
+                FBCBlockHook(state, is_tail=i == len(rest) - 1), self.hook_names[1]
+            )
 
 
 @register_rule
@@ -226,11 +243,6 @@ class TaylorSeer(DiffusersCache):
                         aliases=("max_order",)),
     }
     hook_names = ("taylorseer_cache",)
-
-    def cached_blocks(self, network: Any) -> list[tuple[str, Any]]:
-        """Every block but one that returns no text stream (SD3's last), which runs in full."""
-        blocks = super().cached_blocks(network)
-        return [(n, b) for n, b in blocks if not getattr(b, "context_pre_only", False)]
 
     def apply(self, network: Any) -> None:
         import re
