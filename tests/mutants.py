@@ -790,8 +790,8 @@ MUTANTS = {
     ),
     "collage_attention_includes_bos": (
         "edit/collage.py",
-        "    return list(range(1, n + 2))\n",
-        "    return list(range(0, n + 2))\n",
+        "    return [q for q, _ in tokens] + [tokens[-1][0] + 1]\n",
+        "    return [tokens[0][0] - 1] + [q for q, _ in tokens] + [tokens[-1][0] + 1]\n",
         ["tests/test_collage.py", "-k", "not_the_start_tokens"],
     ),
     "collage_harmonise_drops_plan": (

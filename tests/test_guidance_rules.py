@@ -609,6 +609,15 @@ def test_context_tokens_are_the_positions_the_network_attends_to(model, tiny_dit
     for kind in ("flux", "pixart-sigma"):
         assert tiny_dits[kind].context_tokens("a red cube") == [(0, "\u2581a"), (1, "\u2581red"),
                                                                (2, "\u2581cube")], kind
+    from velodiff.edit.collage import _phrase_token_indices
+    from velodiff.edit.p2p import word_positions
+    from velodiff.plan import RunInfo
+
+    for m, first in ((model, 1), (tiny_dits["pixart-sigma"], 0)):  # the words layout and p2p steer
+        run = RunInfo(None, None, None, 1, {}, model=m, network=m.network)
+        assert m.context_offset() == first
+        assert word_positions(run, "a red cube", "red") == [first + 1]
+        assert _phrase_token_indices(m, "a red cube") == [first, first + 1, first + 2, first + 3]
 
 
 def test_attention_sheet_captions_only_the_prompts_tokens(monkeypatch):
@@ -699,3 +708,42 @@ def test_review32_pag_runs_its_perturbed_pass_only_in_its_steps(model):
     for plan in ("pag:scale=2,stop=0.5", "pag:scale=2,adaptive_scale=0.001,stop=0.5"):
         r = text2img(model, PROMPTS[0], steps=4, solver="ddim", guidance=2.0, plan=plan, output="latent")
         assert r.evals == 4 * 2 + 2, (plan, r.evals)  # CFG's 2 a step, then the perturbed row in 2 steps
+
+
+def test_review36_the_attention_sheet_captions_t5_tokens_without_the_word_marker(monkeypatch):
+    """review36: a T5 context's tokens (PixArt, Flux: '\u2581red') are captioned as words, as CLIP's
+    ('red</w>') are."""
+    from PIL import Image
+
+    import velodiff.images
+    from velodiff.accel.attention import attention_sheet
+
+    seen = {}
+    monkeypatch.setattr(velodiff.images, "image_grid", lambda cells, **kw: seen.update(kw))
+    tokens = [(0, "\u2581a"), (1, "\u2581red"), (3, "cube</w>")]
+    attention_sheet({0: torch.rand(1, 5, 4, 4)}, tokens, Image.new("RGB", (4, 4)))
+    assert seen["captions"] == ["image", "a", "red", "cube"]
+
+
+def test_review36_attention_maps_layers_select_joint_layers_too(tiny_dits):
+    """review36: attention_maps' layers (regular expressions of layer names) pick SD3's and Flux's joint
+    layers as they pick cross-attention layers: one name is that layer; a name that matches none is one
+    line, not every joint layer."""
+    from velodiff.accel.attention import AttentionMaps, joint_attention_modules
+    from velodiff.pipelines import text2img
+
+    for kind in ("sd3", "flux"):
+        dit = tiny_dits[kind]
+        names = [n for n, _ in joint_attention_modules(dit.network)]
+        assert names, kind
+        assert [n for n, _ in joint_attention_modules(dit.network, (names[-1] + "$",))] == [names[-1]]
+        with pytest.raises(VelodiffError, match="no matching cross- or joint attention layers"):
+            text2img(dit, "a red cube", steps=1, seeds=[1], output="latent",
+                     plan=[AttentionMaps(layers=("no_such_layer",))])
+
+
+def test_review36_context_tokens_stop_at_the_context_the_encoder_reads(model):
+    """review36: a prompt past CLIP's 77 tokens: context_tokens gives the positions the network attends to
+    (1..75), none past the context."""
+    positions = [k for k, _ in model.context_tokens(" ".join(["red"] * 100))]
+    assert positions == list(range(1, 76))

@@ -214,10 +214,11 @@ def paste(canvas: np.ndarray, image: np.ndarray, mask: np.ndarray, box: Any) -> 
 
 
 def _phrase_token_indices(model: Any, phrase: str) -> list[int]:
-    """Map indices of the phrase's tokens and its end token (index 0 is the start token)."""
-    tok = model.components.get("tokenizer")
-    n = len(tok.tokenize(phrase)) if tok is not None else len(phrase.split())
-    return list(range(1, n + 2))
+    """Map indices of the phrase's tokens and its end token (after CLIP's start token; T5 has none)."""
+    tokens = model.context_tokens(phrase)
+    if not tokens:
+        return list(range(1, len(phrase.split()) + 2))
+    return [q for q, _ in tokens] + [tokens[-1][0] + 1]
 
 
 def collage(

@@ -60,7 +60,9 @@ class EditState:
 
 def token_ids(run: RunInfo, prompt: str) -> list[int]:
     """The prompt's token ids as the text encoder reads them (start and end tokens included)."""
-    tok = getattr(run.model, "components", {}).get("tokenizer") if run.model is not None else None
+    model = run.model
+    key = getattr(model, "context_tokenizer", "tokenizer")
+    tok = getattr(model, "components", {}).get(key) if model is not None else None
     if tok is None:
         raise VelodiffError("plan rule 'p2p' needs a model with a CLIP tokenizer (Stable Diffusion family)")
     return list(tok(prompt, truncation=True, max_length=tok.model_max_length)["input_ids"])
@@ -76,9 +78,9 @@ def word_positions(
 ) -> list[int]:
     """Token positions of ``word`` in ``prompt`` (every token of every occurrence; punctuation is its own
     token, as the tokenizer has it), or one line if it is absent (``required=False``: none)."""
-    tok = run.model.components["tokenizer"]
+    tok = run.model.components[run.model.context_tokenizer]
     pieces, target = PIECES.findall(prompt.lower()), PIECES.findall(word.lower())
-    starts = [1]  # after the start token
+    starts = [run.model.context_offset()]  # after CLIP's start token; T5 has none
     for piece in pieces:
         starts.append(starts[-1] + len(tok(piece, add_special_tokens=False)["input_ids"]))
     n = len(target)

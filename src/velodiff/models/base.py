@@ -254,6 +254,13 @@ class LoadedModel:
     def encode(self, images: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def context_offset(self) -> int:
+        """Where a prompt's first token sits in the text context: 1 after CLIP's start token, 0 in T5's
+        (it has none)."""
+        tok = self.components.get(self.context_tokenizer)
+        bos = getattr(tok, "bos_token_id", None)
+        return int(tok is not None and bos is not None and tok("")["input_ids"][:1] == [bos])
+
     def context_tokens(self, prompt: str) -> list[tuple[int, str]]:
         """(position in the text context, token) of the prompt's tokens as the network attends to them,
         the start, end and padding tokens left out (CLIP's start token is position 0; T5 has none)."""
