@@ -296,3 +296,29 @@ def test_the_fbcache_table_records_each_thresholds_reuse_and_rms_distance_to_the
     assert table["steps"] == m.default_steps and rule.cached_evals > 0
     assert table["rms_to_plain"] == pytest.approx([float((cached.latents - plain).pow(2).mean().sqrt())])
     assert table["reuse"] == pytest.approx([rule.cached_evals / cached.nfe])
+
+
+def test_review36_plain_fbcache_runs_the_calibrated_threshold_of_the_default_reuse(models, monkeypatch):
+    """review36: fbcache without threshold=T or reuse=F runs at the threshold its model's calibration maps
+    DEFAULT_REUSE (0.3) to; reuse=F maps F; threshold=T is T as given (no calibration read)."""
+    from velodiff.accel import calibration
+    from velodiff.accel.block_cache import DEFAULT_REUSE, FirstBlockCache
+
+    art = {"fbcache": {"thresholds": [0.01, 0.02, 0.04], "reuse": [0.1, 0.3, 0.5]}}
+    monkeypatch.setattr(calibration, "load_cache_calibration", lambda *a, **k: art)
+    assert DEFAULT_REUSE == 0.3
+    for rule, want in ((FirstBlockCache(), 0.02), (FirstBlockCache(reuse=0.5), 0.04),
+                       (FirstBlockCache(threshold=0.07), 0.07)):
+        run(models["flux-schnell"], [rule])
+        assert rule.threshold_in_force == pytest.approx(want), rule
+
+
+def test_a_set_knows_which_cache_rules_read_the_models_calibration():
+    """A set whose plan reads the model's cache calibration is refused on a resume after a new calibration:
+    plain fbcache (its threshold the calibration's) and deepcache's budget do; a given threshold does not."""
+    from velodiff.sets.fingerprint import uses_calibration
+
+    for plan in ("fbcache", "fbcache:reuse=0.5", "deepcache:schedule=budget", "cfg+fbcache"):
+        assert uses_calibration({"plan": plan}), plan
+    for plan in ("fbcache:threshold=0.1", "deepcache", "deepcache:schedule=nonuniform", "none"):
+        assert not uses_calibration({"plan": plan}), plan

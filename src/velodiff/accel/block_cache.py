@@ -155,15 +155,15 @@ class FirstBlockCache(DiffusersCache):
             None,
             "relative change of the first block's residual below which the rest is reused "
             "(diffusers' FirstBlockCacheConfig.threshold, 0.05 there; 0: never reuse; default: the "
-            f"model's calibrated threshold for reuse={DEFAULT_REUSE:g})",
+            "model's calibrated threshold for reuse)",
             lo=0.0,
             hi=10.0,
             aliases=("residual_diff_threshold",),  # cache-dit's name for the same test
         ),
         "reuse": Option(
-            None,
-            "instead of a threshold: the fraction of evaluations to reuse, mapped to this model's threshold "
-            f"by its calibration (velodiff calibrate cache; {DEFAULT_REUSE:g} when neither is given)",
+            DEFAULT_REUSE,
+            "without a threshold: the fraction of evaluations to reuse, mapped to this model's threshold by "
+            "its calibration (velodiff calibrate cache)",
             lo=0.0,
             hi=1.0,
         ),
@@ -184,7 +184,7 @@ class FirstBlockCache(DiffusersCache):
                 "no text stream, always runs)"
             )
         if self.threshold is not None:  # given: diffusers' test as it is
-            if self.reuse is not None:
+            if "reuse" in self.values:
                 raise VelodiffError("plan rule 'fbcache': give threshold or reuse, not both")
             self.refuse_ignored({"calibration": (False, "reuse=F, or no threshold")})
             self.threshold_in_force = self.threshold
@@ -196,8 +196,12 @@ class FirstBlockCache(DiffusersCache):
             raise VelodiffError("plan rule 'fbcache': without threshold=T it needs a loaded model (its "
                                 "calibration)")
         artefact = load_cache_calibration(run.model, self.calibration or None, run.guidance)
-        reuse = DEFAULT_REUSE if self.reuse is None else self.reuse
-        self.threshold_in_force = fbcache_threshold(artefact, reuse)
+        self.threshold_in_force = fbcache_threshold(artefact, self.reuse)
+
+    @property
+    def reads_cache_calibration(self) -> bool:
+        """Whether a run reads the model's cache calibration (a set made with it depends on it)."""
+        return self.threshold is None
 
     def apply(self, network: Any) -> None:
         """diffusers' ``apply_first_block_cache`` on :meth:`cached_blocks` (its own hooks: the head on the

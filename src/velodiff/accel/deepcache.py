@@ -308,6 +308,11 @@ class DeepCache(Accelerator):
                 f"plan rule 'deepcache': start ({self.start:g}) must not exceed stop ({self.stop:g})"
             )
 
+    @property
+    def reads_cache_calibration(self) -> bool:
+        """Whether a run reads the model's cache calibration (a set made with it depends on it)."""
+        return self.schedule == "budget"
+
     def begin(self, run: RunInfo) -> None:
         super().begin(run)
         self.state = _State()

@@ -49,7 +49,7 @@ def load_fingerprint(
 def uses_calibration(config: dict, default_solver: str | None = None) -> bool:
     """Whether a set's config draws on the model's calibrations (``velodiff calibrate``): the calibrated
     grid, a solver that runs on fitted options (DPM-Solver-v3), or a plan rule that reads a cache
-    calibration (``deepcache:schedule=budget``, ``fbcache:reuse=F``)."""
+    calibration (``deepcache:schedule=budget``, ``fbcache`` without a threshold)."""
     from ..pipelines.setup import CALIBRATED, _grid_name
     from ..plan import Plan
     from ..solvers import get_solver
@@ -61,8 +61,7 @@ def uses_calibration(config: dict, default_solver: str | None = None) -> bool:
         return True
     if (solver or default_solver) and get_solver(solver or default_solver).requires:
         return True
-    return any(getattr(r, "reuse", None) is not None or getattr(r, "schedule", None) == "budget"
-               for r in plan.rules)
+    return any(getattr(r, "reads_cache_calibration", False) for r in plan.rules)
 
 
 def calibration_fingerprint(path: str | os.PathLike[str], config: dict) -> str:
