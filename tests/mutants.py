@@ -6556,6 +6556,127 @@ MUTANTS = {
         "socket.AF_INET6",
         ["tests/test_serve_jobs.py", "-k", "port_is_held"],
     ),
+    # review36: today's changes (joint attention maps, generate-set plan settings, bench pipeline models, fbcache calibration default, names with options, report sheet)  # noqa: E501
+    "r36_a_sheet_t5_marker_kept": (
+        "accel/attention.py",
+        ".replace(\"</w>\", \"\").replace(\"\\u2581\", \"\")",
+        ".replace(\"</w>\", \"\")",
+        ["tests/test_guidance_rules.py", "-k", "review36_the_attention_sheet"],
+    ),
+    "r36_c_default_reuse": (
+        "accel/block_cache.py",
+        "DEFAULT_REUSE = 0.3",
+        "DEFAULT_REUSE = 0.5",
+        ["tests/test_block_cache.py", "-k", "review36"],
+    ),
+    "r36_e_float_before_int": (
+        "aliases.py",
+        "for parse in (int, float, json.loads):",
+        "for parse in (float, int, json.loads):",
+        ["tests/test_aliases.py", "-k", "review36"],
+    ),
+    "r36_e_no_json": (
+        "aliases.py",
+        "for parse in (int, float, json.loads):",
+        "for parse in (int, float):",
+        ["tests/test_aliases.py", "-k", "review36"],
+    ),
+    "r36_e_alias_grid_options_dropped_for_sampler": (
+        "aliases.py",
+        "{**alias.solver_options, **given}, dict(alias.grid_options)",
+        "{**alias.solver_options, **given}, {}",
+        ["tests/test_aliases.py", "-k", "review36"],
+    ),
+    "r36_e_alias_final_dropped": (
+        "aliases.py",
+        "                        alias.final, alias)",
+        "                        None, alias)",
+        ["tests/test_aliases.py", "-k", "review36"],
+    ),
+    "r36_g_colon_early_check_dropped": (
+        "commands/image_run.py",
+        "if self.solver_eta is not None or \":\" in self.solver:",
+        "if self.solver_eta is not None:",
+        ["tests/test_generate.py", "-k", "review36"],
+    ),
+    "r36_h_plan_guidance_ignored": (
+        "commands/generate_set.py",
+        "(\"guidance\", guidance)))",
+        "(\"guidance_\", guidance)))",
+        ["tests/test_generate_set.py", "-k", "review36_a_plans_grid"],
+    ),
+    "r36_h_plan_grid_ignored": (
+        "commands/generate_set.py",
+        "(\"grid\", grid), (\"guidance\"",
+        "(\"grid_\", grid), (\"guidance\"",
+        ["tests/test_generate_set.py", "-k", "review36_a_plans_grid"],
+    ),
+    "r36_h_nfe_default_steps_kept": (
+        "commands/generate_set.py",
+        "        defaults[\"steps\"] = None\n",
+        "        pass\n",
+        ["tests/test_generate_set.py", "-k", "review36_nfe"],
+    ),
+    "r36_i_non_default_needs_index": (
+        "eval/pipeline_bench.py",
+        "if name != \"default\" or (path / \"model_index.json\").is_file():",
+        "if (path / \"model_index.json\").is_file():",
+        ["tests/test_models_dit.py", "-k", "review36"],
+    ),
+    "r36_i_early_resolve_dropped": (
+        "commands/bench_pipeline.py",
+        "            resolve_model(n)  # a shipped",
+        "            pass  # a shipped",
+        ["tests/test_models_dit.py", "-k", "review36"],
+    ),
+    "r36_i_empty_models_accepted": (
+        "commands/bench_pipeline.py",
+        "    if not names:\n        raise VelodiffError(\"--models needs",
+        "    if False:\n        raise VelodiffError(\"--models needs",
+        ["tests/test_models_dit.py", "-k", "review36"],
+    ),
+    "r36_j_sheet_no_gap": (
+        "eval/report.py",
+        "image_grid(cells, cols=1, gap=4)",
+        "image_grid(cells, cols=1, gap=0)",
+        ["tests/test_report.py", "-k", "review36"],
+    ),
+    "r36_a_joint_layers_filter_dropped": (
+        "accel/attention.py",
+        "            and (not layers or any(_matches(layer, name) for layer in layers))]\n\n\ndef _matches",
+        "            ]\n\n\ndef _matches",
+        ["tests/test_guidance_rules.py", "-k", "review36_attention_maps_layers"],
+    ),
+    "r36_b_no_truncation": (
+        "models/base.py",
+        "ids = tok(prompt, truncation=True, max_length=int(min(tok.model_max_length, 10_000)))",
+        "ids = tok(prompt)",
+        ["tests/test_guidance_rules.py", "-k", "review36_context_tokens"],
+    ),
+    "r36_e_alias_solver_options_win": (
+        "aliases.py",
+        "{**alias.solver_options, **given}",
+        "{**given, **alias.solver_options}",
+        ["tests/test_aliases.py", "-k", "review36"],
+    ),
+    "r36_h_render_nfe_dropped": (
+        "sets/render.py",
+        "        nfe=config.get(\"nfe\"),\n",
+        "",
+        ["tests/test_generate_set.py", "-k", "review36_nfe"],
+    ),
+    "r36_c_no_model_check_dropped": (
+        "accel/block_cache.py",
+        "        if run.model is None:\n            raise VelodiffError(\"plan rule 'fbcache': without",
+        "        if False:\n            raise VelodiffError(\"plan rule 'fbcache': without",
+        ["tests/test_block_cache.py", "-k", "review36_fbcache_without"],
+    ),
+    "r36_g_eta_none_checked": (
+        "commands/image_run.py",
+        "{\"eta\": self.solver_eta} if self.solver_eta is not None\n                                                      else {}",  # noqa: E501
+        "{\"eta\": self.solver_eta}",
+        ["tests/test_generate.py", "-k", "review36"],
+    ),
 }
 
 

@@ -981,3 +981,22 @@ def test_unknown_names_list_near_matches_two_edits_away():
     for typo, want in (("eulr_anc", "euler_ancestral"), ("dpmpp2msd", "dpmpp_2m_sde")):
         with pytest.raises(VelodiffError, match=f"did you mean .*'{want}'"):
             get_solver(typo)
+
+
+def test_review36_a_names_options_are_typed_and_an_aliass_own_grid_and_end_are_kept():
+    """review36: an option written in a name is an integer when it is one (order=3, not 3.0) and a JSON
+    list when bracketed (unipc's per-step orders); another tool's sampler name takes the given options over
+    its own (dpmpp_2m_sde's lower_order_final=False) and keeps its own grid options (A1111's DPM2: the
+    penultimate level discarded) and its own final step (dpm_fast)."""
+    from velodiff.aliases import resolve_solver
+
+    given = resolve_solver("dpmpp_2m_sde:lower_order_final=true").solver_options  # given over its own False
+    assert given["lower_order_final"] is True
+    spec = get_solver("unipc:order=3,orders=[1,2],disable_corrector=[0]")
+    assert type(spec.defaults["order"]) is int and spec.defaults["order"] == 3
+    assert list(spec.defaults["orders"]) == [1, 2] and list(spec.defaults["disable_corrector"]) == [0]
+    for label, option in (("DPM2 Karras", "s_noise=1.0"), ("DPM fast", "nfe=0")):
+        bare, named = resolve_solver(label), resolve_solver(f"{label}:{option}")
+        assert bare.grid_options or bare.final, label  # (each has something of its own to keep)
+        assert (named.grid, dict(named.grid_options), named.final) == (bare.grid, dict(bare.grid_options),
+                                                                      bare.final), label

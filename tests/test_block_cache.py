@@ -322,3 +322,16 @@ def test_a_set_knows_which_cache_rules_read_the_models_calibration():
         assert uses_calibration({"plan": plan}), plan
     for plan in ("fbcache:threshold=0.1", "deepcache", "deepcache:schedule=nonuniform", "none"):
         assert not uses_calibration({"plan": plan}), plan
+
+
+def test_review36_fbcache_without_a_threshold_needs_a_loaded_model(models):
+    """review36: fbcache on a bare network (no loaded model: no calibration to read) is one line unless
+    threshold=T is given."""
+    from velodiff.accel.block_cache import FirstBlockCache
+    from velodiff.plan import RunInfo
+
+    net = models["flux-schnell"].network
+    for rule in (FirstBlockCache(), FirstBlockCache(reuse=0.5)):
+        with pytest.raises(VelodiffError, match="without threshold=T it needs a loaded model"):
+            rule.check(RunInfo(None, None, None, 1, {}, model=None, network=net))
+    FirstBlockCache(threshold=0.1).check(RunInfo(None, None, None, 1, {}, model=None, network=net))

@@ -537,3 +537,25 @@ def test_review32_the_summary_gives_evals_per_image_to_4_digits(tmp_path):
                           plan="ag")
     line = run.summary(tmp_path / "x.png", res, size=(64, 64))
     assert ", 6 NFE, 3.667 evals/image, guidance 2, plan ag) in " in line, line
+
+
+def test_review36_a_solvers_option_in_its_name_is_checked_before_loading(tmp_path, capsys, monkeypatch):
+    """review36: --solver unipc:bogus=1 (an option the solver lacks, written in its name) is one line before
+    any model work, as --eta on a solver without eta is."""
+    import velodiff.commands.generate as generate_cmd
+    import velodiff.commands.image_run as image_run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(image_run.ImageRun, "load", no_load)
+    monkeypatch.setattr(generate_cmd, "load_model", no_load)
+    out = str(tmp_path / "o.png")
+    for solver, needle in (("unipc:bogus=1", "solver 'unipc' has no option 'bogus'"),
+                           ("unipc:order=0", "option order must be an integer in [1, 10], got 0")):
+        code, _, err = run_cli(capsys, "generate", "x", "--out", out, "--solver", solver)
+        assert code == 2 and needle in one_error_line(err), (solver, err)
+    assert not (tmp_path / "o.png").exists()
+    monkeypatch.undo()  # a name with options the solver has: drawn as given
+    code, _, err = run_cli(capsys, "generate", "x", "--out", out, "--solver", "unipc:order=1", "--steps", "2")
+    assert code == 0 and (tmp_path / "o.png").is_file(), err

@@ -563,3 +563,33 @@ def test_eval_manifest_pairs_reference_images_by_prompt_and_seed(reference, tmp_
     (other / LINES).write_text("".join(json.dumps({**r, "seed": r["seed"] + 1000}) + "\n" for r in recs))
     with pytest.raises(VelodiffError, match="no image of this set's index, prompt, seed"):
         evaluate_set(reference, reference=other)
+
+
+def test_review36_a_plans_grid_and_guidance_are_what_the_set_records(tiny, prompt_file, tmp_path):
+    """review36: a plan that fixes the grid and the guidance scale (grid=karras+guidance=1.5) draws the set's
+    images with them, so its config records them, not the command's or the model's defaults."""
+    out = tmp_path / "set"
+    assert cli("generate-set", str(prompt_file), "--limit", "1", "--out", str(out), "--model", str(tiny),
+               "--steps", "2", "--plan", "grid=karras+guidance=1.5") == 0
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["grid"], config["guidance"]) == ("karras", 1.5)
+
+
+def test_review36_nfe_on_a_model_with_its_own_steps_records_no_steps(tiny, prompt_file, tmp_path):
+    """review36: --nfe on a model whose sampling.json has steps: the set's steps follow from the network
+    calls (None in its config), not the model's own steps beside them, and its images are drawn so."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    (model / "sampling.json").write_text(json.dumps({"steps": 4, "solver": "ddim"}))
+    out = tmp_path / "set"
+    assert cli("generate-set", str(prompt_file), "--limit", "1", "--out", str(out), "--model", str(model),
+               "--nfe", "2") == 0
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["solver"], config["steps"], config["nfe"]) == ("ddim", None, 2)
+    import velodiff
+    from velodiff.images import png_bytes
+    from velodiff.pipelines import text2img
+
+    r = read_set(out).records[0]  # drawn at 2 network calls, as generate --nfe 2 draws it
+    want = text2img(velodiff.load(model), r["prompt"], seeds=[r["seed"]], solver="ddim", nfe=2)
+    assert want.steps == 2 and (out / r["file"]).read_bytes() == png_bytes(want.images[0])

@@ -625,3 +625,22 @@ def test_review32_the_pipeline_tables_cpu_memory_note_only_for_a_cpu_run():
     note = "Peak MB on the CPU is the whole process's resident set"
     assert note not in pb.pipeline_table(pair("cuda:0"))
     assert note in pb.pipeline_table(pair("cpu"))
+
+
+def test_review36_bench_pipeline_checks_every_name_before_building_a_model(tmp_path, capsys):
+    """review36: --model sd15,no-such-model is one line before the tiny sd15 is built into --cache; an
+    empty list is one line; a .safetensors file is a model as a folder is (not skipped)."""
+    from velodiff.cli import main
+    from velodiff.eval.pipeline_bench import model_folders
+
+    cache = tmp_path / "tiny"
+    for models, needle in (("sd15,no-such-model", "model 'no-such-model' does not exist"),
+                           (",", "--models needs at least one name")):
+        code = main(["bench", "pipeline", "--model", models, "--json", str(tmp_path / "x.json"), "--cache",
+                     str(cache), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: ") and needle in err and "\n" not in err, (models, err)
+    assert not cache.exists() and not (tmp_path / "x.json").exists()
+    single = tmp_path / "m.safetensors"
+    single.write_bytes(b"")
+    assert model_folders([str(single)], cache) == {str(single): single}

@@ -146,3 +146,14 @@ def test_the_front_is_listed_fastest_first_and_the_contact_sheet_puts_the_front_
     sheet = bench_contact_sheet(out, records)
     row = (sheet.height + 4) // 4  # (4 rows, 4 pixels between them)
     assert [sheet.getpixel((121, k * row + 2))[0] for k in range(4)] == [80, 40, 0, 120]
+
+
+def test_review36_the_contact_sheets_rows_are_four_white_pixels_apart(tmp_path):
+    """review36: the bench contact sheet (now images.image_grid) keeps 4 white pixels between its rows."""
+    from velodiff.eval.report import bench_contact_sheet
+
+    out = _bench_folder(tmp_path)
+    records = json.loads((out / "results.json").read_text())["records"]
+    one, two = bench_contact_sheet(out, records[:1]), bench_contact_sheet(out, records[:2])
+    assert one.width == two.width and two.height == 2 * one.height + 4
+    assert all(two.getpixel((x, one.height + 1)) == (255, 255, 255) for x in range(0, two.width, 7))

@@ -627,3 +627,17 @@ def test_review32_a_replaced_records_id_is_no_path_out_of_the_samples_folder(tmp
     (out / "samples" / "gone.png").write_bytes(b"a replaced record's sheet")
     assert cli(*args) == 0, capsys.readouterr().err
     assert (out / "keep.png").is_file() and not (out / "samples" / "gone.png").exists()
+
+
+def test_a_list_of_names_keeps_each_names_options():
+    """--grids / --solvers split at commas, but a name's own options (karras:sigma_min=0.1,sigma_max=10, a
+    list value in brackets) stay with it, as the README's example writes them."""
+    from velodiff.eval.sweep import make_sweep
+
+    sw = make_sweep({"grids": "karras:sigma_min=0.1,sigma_max=10,rho=7, trailing",
+                     "solvers": "unipc:order=1,use_corrector=false,DPMSolverMultistepScheduler:"
+                                "solver_order=2,ddim,unipc:orders=[1,2]", "nfe": "4,8"})
+    assert sw.grids == ["karras:sigma_min=0.1,sigma_max=10,rho=7", "trailing"]
+    assert sw.solvers == ["unipc:order=1,use_corrector=false", "DPMSolverMultistepScheduler:solver_order=2",
+                          "ddim", "unipc:orders=[1,2]"]
+    assert sw.nfe == [4, 8]

@@ -165,12 +165,33 @@ def load_sweep_file(path: str | Path, keys: Iterable[str] = (), what: str = "swe
     return data
 
 
+#: a ``key=value`` option continuing the name before it (``karras:sigma_min=0.1,sigma_max=10``)
+_OPTION = re.compile(r"[A-Za-z_]\w*\s*=")
+
+
 def _split(v: Any) -> list[Any]:
+    """A comma-separated list as its items; a name's options (``karras:sigma_min=0.1,rho=7``, a list value
+    in brackets) stay with their name."""
     if v is None:
         return [None]
-    if isinstance(v, str):
-        return [x.strip() for x in v.split(",") if x.strip()]
-    return list(v) if isinstance(v, (list, tuple)) else [v]
+    if not isinstance(v, str):
+        return list(v) if isinstance(v, (list, tuple)) else [v]
+    pieces, depth, cur = [], 0, ""
+    for ch in v:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth <= 0:
+            pieces.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    pieces.append(cur)
+    out: list[str] = []
+    for piece in (p.strip() for p in pieces):
+        if out and ":" in out[-1] and _OPTION.match(piece):
+            out[-1] += "," + piece
+        elif piece:
+            out.append(piece)
+    return out
 
 
 def check_fixed_guidance(plans: list[str | None], scales: list[float | None]) -> None:
