@@ -52,8 +52,8 @@ def attention_modules(network: Any, cross: bool, layers: tuple[str, ...] = ()) -
 
 def joint_attention_modules(network: Any, layers: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
     """(name, module) of the network's joint text-image attention layers (SD3's joint blocks, Flux's
-    double-stream blocks: image and text tokens attend to each other in one softmax; Esser et al. 2024,
-    Sec. 2.2), which project the text to keys of their own (``add_k_proj``); ``layers`` as above."""
+    double-stream blocks: image and text tokens attend to each other in one softmax, Esser et al. 2024's
+    MM-DiT), which project the text to keys of their own (``add_k_proj``); ``layers`` as above."""
     if network is None:
         return []
     return [(name, module) for name, module in network.named_modules()
