@@ -562,9 +562,12 @@ def run_sweep(
             result["reference"] = {"solver": sweep.reference_solver, "steps": sweep.reference_steps,
                                    "grid": sweep.reference_grid}
 
-        def save() -> None:  # after every configuration: the JSON only (the table and plot at the end)
-            mark_pareto(result, sweep.quality)
-            write_atomic(results_path, json.dumps(result, indent=1) + "\n")
+        def save(final: bool = False) -> None:  # after every configuration: the JSON; at the end all files
+            if final:
+                finish(result, out, sweep.quality)
+            else:
+                mark_pareto(result, sweep.quality)
+                write_atomic(results_path, json.dumps(result, indent=1) + "\n")
             for cid in gone:  # the replaced records' sample sheets go with them (once the JSON is new)
                 if re.fullmatch(r"[A-Za-z0-9._-]+", cid) and cid not in (".", ".."):  # (ids read from a file)
                     (out / SAMPLES / f"{cid}.png").unlink(missing_ok=True)
@@ -663,8 +666,7 @@ def run_sweep(
             bar.update(w)
             save()
         bar.close()
-        save()  # (a sweep whose every record was there before has not written yet)
-        finish(result, out, sweep.quality)
+        save(final=True)  # (a sweep whose every record was there before has written nothing yet)
         return result
     finally:
         lock.close()
