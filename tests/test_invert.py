@@ -138,6 +138,8 @@ def test_bad_input_is_one_line(tiny64):
         (dict(method="rf"), "needs a flow model"),
         (dict(method="fixed-point", solver="euler_ancestral"), "stochastic"),
         (dict(method="fixed-point", solver="ddim", eta=0.5), "stochastic"),
+        (dict(method="fixed-point", solver="ddim:eta=0.5"), "stochastic"),  # options in the name count
+        (dict(method="ddim", solver="euler:s_churn=1"), "inverts its own sampler"),
         (dict(method="edict", solver="dpmpp_2m"), "inverts its own sampler"),
         # a rule deciding each step from the ones before (AG's per-image switch) breaks EDICT's exactness
         (dict(method="edict", plan="ag:scale=3"), "'ag:scale=3' carries state from step to step"),
@@ -186,6 +188,8 @@ def test_edict_on_the_shipped_model_is_exact_and_edits(model):
     edited = edict.regenerate("a blue circle", output="tensor")
     assert not torch.allclose(edited.latents, edict.z0)
     assert math.isfinite(m["psnr_input"])
+    with pytest.raises(VelodiffError, match="stochastic"):  # the pipeline keeps the options of the name
+        invert(model, img, "a red circle", "ddim", solver="ddim:eta=1", steps=8)
 
 
 def test_fixed_point_runs_what_the_models_calibration_holds(model, monkeypatch):

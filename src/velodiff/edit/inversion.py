@@ -154,7 +154,7 @@ def _coeffs(sched: Any, t_from: float, t_to: float) -> tuple[float, float]:
     return at / af, st - at * sf / af
 
 
-def check_method(method: str, schedule: Any, solver: str | None) -> str:
+def check_method(method: str, schedule: Any, solver: str | SolverSpec | None) -> str:
     if method not in METHODS:
         raise unknown_name("inversion method", method, METHODS)
     if method == "rf" and getattr(schedule, "kind", "") != "flow":
@@ -191,7 +191,7 @@ def invert_latents(
     *,
     cond: Cond = None,
     plan: Any = None,
-    solver: str | None = None,
+    solver: str | SolverSpec | None = None,
     context: Mapping[str, Any] | None = None,
     p: float = 0.93,
     iters: int = 8,
@@ -226,8 +226,8 @@ def invert_latents(
         raise VelodiffError(f"RF-Inversion's gamma must be in [0, 1], got {gamma}")
     if iters < 1 or (sweeps is not None and sweeps < 1):
         raise VelodiffError("fixed-point iters and sweeps must be >= 1")
-    name = OWN_SAMPLER.get(method) or get_solver(solver or "dpmpp_2m").name
-    spec = get_solver(name)
+    # the solver as named, with the options its name carries ('ddim:eta=1' draws noise: refused below)
+    spec = get_solver(solver if solver is not None else OWN_SAMPLER.get(method, "dpmpp_2m"))
     check_deterministic(spec, solver_options)
     spec.check_options(solver_options)
     stateful = [r.spec() for r in Plan.parse(plan).rules if r.stateful]

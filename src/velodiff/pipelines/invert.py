@@ -201,7 +201,7 @@ def invert(
     check_method(method, model.schedule, solver)
     if method == "fixed-point" and solver is None:
         opts = replace(opts, solver=model.default_solver)
-    elif method in OWN_SAMPLER:  # the method inverts its own sampler
+    elif method in OWN_SAMPLER and solver is None:  # the method inverts its own sampler
         opts = replace(opts, solver=OWN_SAMPLER[method])
     if image_latents is None:
         img = image_tensor(image, "image to invert")
@@ -226,7 +226,7 @@ def invert(
         method,
         cond=cond,
         plan=setup.plan.without_settings(),
-        solver=setup.solver.name if method == "fixed-point" else None,
+        solver=setup.solver,
         context=_context(model, ps, setup.guidance, h, w),
         p=p,
         iters=iters,
