@@ -39,6 +39,8 @@ def test_regions_from_spatial_words():
     with pytest.raises(VelodiffError, match="'green' is not in the prompt"):
         check_boxes({"green circle": (0.1, 0.1, 0.5, 0.5)}, "a red circle")
     check_boxes({"blue square": (0.5, 0.5, 1, 1)}, "a red circle and a blue square.")  # punctuation
+    with pytest.raises(VelodiffError, match="'blue circle' is not a phrase of the prompt"):
+        check_boxes({"blue circle": (0.1, 0.1, 0.5, 0.5)}, "a red circle above a blue square")  # two objects'
 
 
 def test_each_object_guides_its_own_words(model):

@@ -202,13 +202,21 @@ def check_boxes(boxes: Boxes, prompt: str) -> None:
 
     named_regions(boxes, "layout boxes")
 
-    words = set(PIECES.findall(prompt.lower()))
+    words = PIECES.findall(prompt.lower())
     for name, value in boxes.items():
         for box in box_list(value):
             check_region_box(name, box)
-        missing = [w for w in PIECES.findall(name.lower()) if w not in words]
+        own = PIECES.findall(name.lower())
+        missing = [w for w in own if w not in words]
         if missing:
             raise VelodiffError(f"layout object {name!r}: {missing[0]!r} is not in the prompt {prompt!r}")
+        # its words together and in order, so that they name one object ('blue circle' is no object of
+        # 'a red circle above a blue square', though both words are in it)
+        if not any(words[i : i + len(own)] == own for i in range(len(words) - len(own) + 1)):
+            raise VelodiffError(
+                f"layout object {name!r} is not a phrase of the prompt {prompt!r}: name an object with "
+                "the prompt's own words, together and in order (e.g. 'red circle' in 'a big red circle')"
+            )
 
 
 def box_mask(box: Any, n: int, latent_hw: tuple[int, int] | None = None) -> Tensor:
