@@ -1,12 +1,15 @@
 """The solver calibration on the exact Gaussian-mixture oracle, on three mixtures it was not developed on
-(dimensions 2 and 16, seeds 101, 202, 303), against every diffusers scheduler configuration the solver
-bench runs, at NFE 5, 6, 8 and 10 (issue 11's bar: calibrated error <= 0.6x the best diffusers one).
+(dimensions 2 and 16, seeds 101, 202, 303), against every diffusers scheduler configuration
+(``diffusers_configs.py``: each class with every spacing / sigma / order flag it takes, and the AYS
+timesteps) and every deterministic velodiff solver x named grid, at NFE 5 to 10 (issue 11's bar:
+calibrated error <= 0.6x the best diffusers configuration's).
 
 The calibration sees 256 starting noises (seed 1); every score is on 512 others (seed 0) against the
 exact reference (scipy, as ``velodiff bench solvers``). The calibrated configuration at each NFE is the
-one with the lowest *calibration* error (picked before the test noise is seen).
+one with the lowest *calibration* error (picked before the test noise is seen); the best uncalibrated
+ones are picked on the test noise itself.
 
-    python bench/calibrate/oracle.py [mse|geomean]   # the objective (default mse); writes oracle-<objective>.json
+    python bench/calibrate/oracle.py [mse|geomean]   # the objective (default mse); oracle-<objective>.json
 """
 
 from __future__ import annotations
@@ -17,14 +20,13 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers_configs import configurations, run_diffusers  # bench/calibrate/, the script's own folder
 
 from velodiff.calibrated import calibrate_solver, denoiser_problem, entry_options
 from velodiff.eval.solver_bench import (
-    DIFFUSERS_SCHEDULERS,
     Oracle,
     default_grids,
     deterministic_solvers,
-    run_diffusers,
     sd_schedule,
     velodiff_records,
 )
@@ -32,7 +34,7 @@ from velodiff.noise import prior_sample
 from velodiff.oracle import GaussianMixture, MixtureDenoiser, starting_noise
 from velodiff.sampling import sample
 
-NFES = (5, 6, 8, 10)
+NFES = (5, 6, 7, 8, 9, 10)
 MIXTURES = {
     "2d-seed101": lambda: GaussianMixture.random((2,), components=4, seed=101),
     "16d-seed202": lambda: GaussianMixture.random((16,), components=8, seed=202, spread=0.5),
@@ -54,13 +56,14 @@ def main(objective: str) -> None:
         seconds = time.perf_counter() - t0
         test = Oracle(name, den, starting_noise(mix.shape, 512, seed=0))
         x_start = prior_sample(sched, sched.t_max, test.noise)
+        test_problem = denoiser_problem(den, x_start)  # what the diffusers configurations sample
         rows = {}
         for nfe in NFES:
             dif = {}
-            for d in DIFFUSERS_SCHEDULERS:
-                got = run_diffusers(test, d, nfe)
+            for label, cls, over in configurations():
+                got = run_diffusers(test_problem, cls, over, nfe)
                 if got is not None:
-                    dif[d] = test.error(got[0], got[1]["final"] == "zero")
+                    dif[label] = test.error(*got)
             unc = velodiff_records(test, deterministic_solvers(), default_grids(sched), [nfe])
             best_unc = min(unc, key=lambda r: r["error"])
             entries = [e for e in res["entries"] if e["nfe"] == nfe]
@@ -75,17 +78,21 @@ def main(objective: str) -> None:
                          "best_diffusers": {"scheduler": best_d, "error": dif[best_d]},
                          "best_velodiff_uncalibrated": {k: best_unc[k] for k in ("solver", "grid", "error")},
                          "ratio_to_diffusers": err / dif[best_d],
-                         "ratio_to_velodiff_uncalibrated": err / best_unc["error"]}
-            print(name, nfe, rows[nfe], flush=True)
-        out[name] = {"calibration_seconds": seconds, "calibration_evaluations": res["evaluations"], "nfe": rows}
+                         "ratio_to_velodiff_uncalibrated": err / best_unc["error"],
+                         "diffusers": dict(sorted(dif.items(), key=lambda kv: kv[1])[:10])}
+            print(name, nfe, {k: v for k, v in rows[nfe].items() if k != "diffusers"}, flush=True)
+        out[name] = {"calibration_seconds": seconds, "calibration_evaluations": res["evaluations"],
+                     "nfe": rows}
     Path(__file__).with_name(f"oracle-{objective}.json").write_text(json.dumps(out, indent=1) + "\n")
-    print("| mixture | NFE | calibrated (solver / method) | error | best diffusers | error | ratio |")
-    print("|---|---:|---|---:|---|---:|---:|")
+    print("| mixture | NFE | calibrated (solver / method) | error | best diffusers | error | ratio "
+          "| best velodiff uncalibrated | ratio |")
+    print("|---|---:|---|---:|---|---:|---:|---|---:|")
     for name, r in out.items():
         for nfe, row in r["nfe"].items():
-            c, d = row["calibrated"], row["best_diffusers"]
+            c, d, u = row["calibrated"], row["best_diffusers"], row["best_velodiff_uncalibrated"]
             print(f"| {name} | {nfe} | {c['solver']} / {c['method']} | {c['error']:.3g} | {d['scheduler']} | "
-                  f"{d['error']:.3g} | {row['ratio_to_diffusers']:.2f} |")
+                  f"{d['error']:.3g} | {row['ratio_to_diffusers']:.2f} | {u['solver']} / {u['grid']} "
+                  f"{u['error']:.3g} | {row['ratio_to_velodiff_uncalibrated']:.2f} |")
 
 
 if __name__ == "__main__":
