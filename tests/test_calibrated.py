@@ -513,6 +513,9 @@ def test_a_killed_calibration_writes_nothing_and_keeps_the_last_artefact(tmp_pat
     run()
     assert json.loads(path.read_text())["entries"][0]["solver"] == "ddim"
     capsys.readouterr()
+    args[args.index("grid")] = "grid,dc"  # DC needs 4 NFE: left out at 3, and the output says so
+    run()
+    assert "dc left out at NFE 3 (it needs at least 4)" in capsys.readouterr().out
 
 
 def test_a_grid_suffix_keeps_each_steps_fitted_options():

@@ -218,6 +218,12 @@ def calibrate_solver(
         versus = f" (best uncalibrated {b['solver']}/{b['grid']}: {b['error']:.3g})" if b else ""
         fit = f"{e['method']:<10} {objective} {e['error']:.3g}"
         typer.echo(f"  {e['solver']:>13} NFE {e['nfe']:>2}: {fit}{versus}")
+    from ..calibrated.calibrate import MIN_NFE
+
+    for m in method_list:  # a method below its minimum at some NFE was left out there: say so
+        low = [n for n in nfes if n < MIN_NFE[m]]
+        if low:
+            typer.echo(f"  {m} left out at NFE {', '.join(map(str, low))} (it needs at least {MIN_NFE[m]})")
     typer.echo(
         f"wrote {path} ({len(texts)} images, {res['evaluations']} batch evaluations) in {seconds:.0f} s"
     )
