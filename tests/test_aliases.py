@@ -824,6 +824,18 @@ def test_diffusers_flags_that_change_the_result_are_refused(cls, flags, match):
         resolve_solver(_typed(cls, flags))
 
 
+def test_lambda_min_clipped_is_refused_where_it_drops_timesteps():
+    """On a cosine schedule DPM-Solver's lambda_min_clipped moves diffusers' grid (995, 896, ... instead
+    of 999, 899, ...): refused; on SD's betas it drops nothing and the mapping stands."""
+    cos = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1)
+    cos.set_timesteps(10)
+    assert int(cos.timesteps[0]) == 995
+    with pytest.raises(VelodiffError, match="drops this schedule's 4 noisiest trained timesteps"):
+        from_diffusers(cos)
+    sd = DPMSolverMultistepScheduler(**SD, lambda_min_clipped=-5.1)
+    assert from_diffusers(sd) == from_diffusers(DPMSolverMultistepScheduler(**SD))
+
+
 @pytest.mark.parametrize("typed", ["EulerDiscreteScheduler:use_karras_sigmas=true,sigma_min=abc",
                                    "EDMEulerScheduler:rho=x", "EDMEulerScheduler:sigma_min=none"])
 def test_diffusers_number_flags_are_one_line(typed):

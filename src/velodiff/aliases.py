@@ -700,6 +700,20 @@ def _non_default(scheduler: Any) -> dict[str, Any]:
     }
 
 
+def _clipped_timesteps(cfg: Mapping[str, Any]) -> int:
+    """How many of the noisiest trained timesteps DPM-Solver's ``lambda_min_clipped`` takes out of the
+    grid (diffusers' ``set_timesteps`` then spaces the steps below them; 0: the flag changes nothing,
+    as for SD's scaled-linear betas, whose lowest log-SNR / 2 is -2.7)."""
+    bound = float(cfg.get("lambda_min_clipped", -math.inf))
+    if bound == -math.inf:
+        return 0
+    from .schedules import DiscreteVP
+
+    abar = DiscreteVP.from_diffusers_config(dict(cfg)).alphas_cumprod.float()  # diffusers' lambda_t, float32
+    lam = 0.5 * (abar.log() - (1 - abar).log())
+    return int((lam < bound).sum())
+
+
 def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> Resolved:
     """The velodiff solver, grid and options of a diffusers scheduler: a scheduler object, or its class
     name with ``config`` (flags as values or strings: ``{"use_karras_sigmas": "true"}``).
@@ -739,6 +753,13 @@ def from_diffusers(scheduler: Any, config: Mapping[str, Any] | None = None) -> R
         )
     if strict:  # a bare class name means the Stable Diffusion pipelines' config of it
         cfg = {**_SD_CONFIG.get(cls, {}), **cfg}
+    clipped = _clipped_timesteps(cfg)
+    if clipped:
+        raise VelodiffError(
+            f"{cls}: lambda_min_clipped={cfg['lambda_min_clipped']} drops this schedule's {clipped} noisiest "
+            "trained timesteps from the grid; not reproduced yet (on SD's scaled-linear betas it drops none "
+            "and is accepted)"
+        )
     for flag, (values, to) in _COERCED.get(cls, {}).items():  # as the class's __init__ rewrites them
         if flag in cfg and str(cfg[flag]) in values:
             cfg[flag] = to
