@@ -133,6 +133,8 @@ def test_killed_run_resumes_bit_exactly(tmp_path) -> None:
     # the straightness report of the extended run is measured again, not the one after its first step
     full, split = (json.loads((tmp_path / r / "straightness.json").read_text()) for r in ("full", "split"))
     assert split["after_reflow"] == full["after_reflow"] and full["after_reflow"]["trained_steps"] == 2
+    # without --init the start is the teacher's own UNet at guidance 1, measured as such (not the CFG row)
+    assert full["init"] != full["teacher"] and full["init"] == split["init"]
     for k in range(1):  # the teacher pairs, made twice from scratch, are the same bytes
         name = f"pairs/chunk-{k:05d}.safetensors"
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "split" / name).read_bytes()

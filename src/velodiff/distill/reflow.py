@@ -28,7 +28,10 @@
 
 Straightness (``straightness``): Liu et al. 2023, Eq. 5, S(Z) = int_0^1 E |(Z_1 - Z_0) - v(Z_t, t)|^2 dt,
 measured along the model's own DDIM ODE in DDIM's coordinates, where the velocity is eps and the
-time is sbar / sbar_T; S = 0 exactly for a straight path."""
+time is sbar / sbar_T; S = 0 exactly for a straight path. The report gives it for the teacher (at the
+pairs' guidance), the student's start (``init``: its initial weights at the guidance 1 it samples with;
+the teacher's own UNet without ``--init``, so that before and after differ only by the training) and
+the student after each phase."""
 
 from __future__ import annotations
 
@@ -297,7 +300,7 @@ def distill_reflow(
         report["teacher"] = measure(comps["unet"].to(device).eval(), sched, text, uncond, pairs, n,
                                     w_teacher, rcfg.ode_steps)
     init_unet = init_model.components["unet"] if init_model is not None else comps["unet"]
-    if "init" not in report and init:
+    if "init" not in report:  # the student's start at its guidance 1: what 'after' compares to
         report["init"] = measure(init_unet.to(device).eval(), sched, text, uncond, pairs, n, 1.0,
                                  rcfg.ode_steps)
     rep_file.parent.mkdir(parents=True, exist_ok=True)
