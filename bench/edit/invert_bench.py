@@ -35,9 +35,12 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=[2.5])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("invert.json"))
-    ap.add_argument("--only", nargs="*", help="METHOD:SOLVER rows to run (default: all)")
+    ap.add_argument("--only", nargs="+", action="extend", help="METHOD:SOLVER rows to run (default: all)")
     ap.add_argument("--iters", type=int, default=8, help="fixed-point iterations per step")
     args = ap.parse_args()
+    rows_known = {f"{m}:{kw.get('solver', 'ddim')}" for m, kw in CONFIGS}
+    if args.only and not set(args.only) <= rows_known:
+        ap.error(f"--only {sorted(set(args.only) - rows_known)}: rows are {', '.join(sorted(rows_known))}")
     torch.set_num_threads(args.threads)
     model = velodiff.load("default")
     prompts = [p.text for p in load_prompts("v1")[: args.n]]

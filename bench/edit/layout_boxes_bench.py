@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -109,15 +108,20 @@ def contact_sheet(model, prompts, plans, seed: int, path: Path) -> None:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    seed, two = 0, "--two" in args
-    args = [a for a in args if a != "--two"]
-    sheet = None
-    if "--sheet" in args:
-        i = args.index("--sheet")
-        sheet, args = Path(args[i + 1]), args[:i] + args[i + 2 :]
-    if args[:1] == ["--seed"]:
-        seed, args = int(args[1]), args[2:]
+    import argparse
+
+    from velodiff.plan import Plan
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("plans", nargs="*", help="plans to run beside 'none' (e.g. collage:strength=0.5)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--two", action="store_true", help="the position prompts, a box per object")
+    ap.add_argument("--sheet", type=Path, help="write only a contact sheet here")
+    a = ap.parse_args()
+    seed, two, sheet, args = a.seed, a.two, a.sheet, a.plans
+    for plan in args:  # a typo is refused before the 'none' baseline runs (and rewrites its row)
+        if not plan.startswith("collage"):
+            Plan.parse(plan)
     torch.set_num_threads(1)
     model = velodiff.load("default")
     category = "position" if two else "single"
