@@ -261,6 +261,16 @@ def test_a_mask_region_is_the_box_it_draws_and_bad_masks_are_one_line(model, tmp
     by_box = text2img(model, "a red circle", plan=[box], **kw)
     by_mask = text2img(model, "a red circle", plan=[LayoutGuidance(boxes={"red circle": mask})], **kw)
     assert torch.equal(by_box.latents, by_mask.latents)
+    # white in pixels but on no cell of the 16x16 latent: it would steer nothing, so it is one line
+    dot = np.zeros((64, 64), dtype=np.float32)
+    dot[10:12, 10:12] = 1
+    from velodiff.edit.regional import RegionalPrompting
+
+    for plan, what in [(LayoutGuidance(boxes={"red circle": dot}), "layout mask 'red circle'"),
+                       (LayoutGuidance(boxes={"red circle": (0.1, 0.1, 0.12, 0.12)}), "layout box"),
+                       (RegionalPrompting(regions={"a red circle": dot}), "regional mask")]:
+        with pytest.raises(VelodiffError, match=f"{what}.* covers no cell of the 16x16 latent"):
+            text2img(model, "a red circle", plan=[plan], **{**kw, "steps": 4})  # (3: layout guides none)
 
 
 def test_layout_guidance_runs_on_images_of_any_aspect(model):

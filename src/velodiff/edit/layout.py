@@ -219,6 +219,17 @@ def check_boxes(boxes: Boxes, prompt: str) -> None:
             )
 
 
+def check_covers(what: str, name: str, box: Any, h: int, w: int) -> None:
+    """One line when a region covers no cell of the h x w latent it steers (it would change nothing):
+    a box holds a cell when it holds the cell's centre, a mask when at least half of the cell is white."""
+    if not bool(region_mask(box, h, w).any()):
+        kind = "mask" if is_mask(box) else "box"
+        raise VelodiffError(
+            f"{what} {kind} {name!r} covers no cell of the {w}x{h} latent (a box must hold a cell's centre, "
+            "a mask half of a cell): draw a larger region"
+        )
+
+
 def box_mask(box: Any, n: int, latent_hw: tuple[int, int] | None = None) -> Tensor:
     """A (n,) mask over the row-major grid of a layer's n tokens, downsampled from a latent of size
     ``latent_hw`` (default: square): 1 where the cell centre is in the box (or, for a mask, where the
@@ -335,6 +346,10 @@ class LayoutGuidance(Accelerator):
         if info.i + 1 >= self.guided or info.t <= 0 or not any(self.objects):
             return None
         run, x = self.run, info.x
+        if self.latent_hw is None:  # the first guided step: every explicit region must reach the latent
+            for name, value in (self.boxes or {}).items():
+                for b in box_list(value):
+                    check_covers("layout", name, b, int(x.shape[-2]), int(x.shape[-1]))
         self.latent_hw = (int(x.shape[-2]), int(x.shape[-1]))  # the maps' grids keep its aspect
         sigma = float(run.schedule.sigma(info.t))
         cond = run.conds["cond"]

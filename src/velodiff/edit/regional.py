@@ -43,7 +43,15 @@ from ..accel.attention import ProcessorSwap, RowProcessor, RowState, attention_m
 from ..errors import VelodiffError
 from ..guidance.cfg import STOP, TERM
 from ..plan import Accelerator, EvalRequest, EvalResult, Evaluate, Option, RunInfo, register_rule
-from .layout import Box, check_region_box, named_regions, parse_boxes, region_mask, spatial_parts
+from .layout import (
+    Box,
+    check_covers,
+    check_region_box,
+    named_regions,
+    parse_boxes,
+    region_mask,
+    spatial_parts,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -187,6 +195,8 @@ class RegionalPrompting(Accelerator):
         once per run)."""
         if self.cached is None or self.cached[0].shape != (x.shape[0], 1, *x.shape[-2:]):
             h, w = x.shape[-2:]
+            for text, box in self.regions.items():
+                check_covers("regional", text, box, h, w)
             self.cached = []
             for _, rows, boxes in self.branches:
                 weight = x.new_zeros(x.shape[0], 1, h, w)
