@@ -130,6 +130,16 @@ def test_fixed_point_regenerates_with_its_solver(tiny64):
     assert torch.equal(back, direct.x) and nfe == 6
 
 
+def test_a_solver_names_options_reach_the_inversion(tiny64):
+    """'dpmpp_2m:solver_type=heun' is inverted as that solver, not as plain DPM-Solver++ 2M."""
+    den, cond, z0 = tiny64
+    ts = make_grid("uniform", den.schedule, 4)
+    named = invert_latents(den, z0, ts, "fixed-point", cond=cond.cond, solver="dpmpp_2m:solver_type=heun")
+    given = invert_latents(den, z0, ts, "fixed-point", cond=cond.cond, solver="dpmpp_2m", solver_type="heun")
+    plain = invert_latents(den, z0, ts, "fixed-point", cond=cond.cond, solver="dpmpp_2m")
+    assert torch.equal(named.latents, given.latents) and not torch.equal(named.latents, plain.latents)
+
+
 def test_bad_input_is_one_line(tiny64):
     den, cond, z0 = tiny64
     ts = make_grid("uniform", den.schedule, 4)
