@@ -3,7 +3,9 @@ in turn, each 0.45 of the side), generated without control, with the plan rule `
 with `collage:strength=S` (velodiff.edit.collage) at --seed (20 steps, guidance 2.5); reported: the
 median IoU of the box of the largest detection of the prompt's shape and colour with the asked box (0
 if none), the share of objects whose centre falls inside their box, ShapesEval's verdict, network
-evaluations and seconds per image. Rows are added to bench/edit/layout_boxes.json (keyed by plan and seed).
+evaluations and seconds per image; `regional` (regional prompting with explicit regions: each object's
+phrase the prompt of its box) beside them. Rows are added to bench/edit/layout_boxes.json (keyed by plan
+and seed).
 
     python bench/edit/layout_boxes_bench.py "layout:scale=0.05,iters=3" "layout:scale=0.1,iters=3,steps=0.8"
     python bench/edit/layout_boxes_bench.py --seed 1000 collage:strength=0.3 collage:strength=0.5
@@ -65,7 +67,12 @@ def generate(model, plan: str, text: str, boxes: dict, seed: int):
         strength = float(plan.partition("strength=")[2] or DEFAULT_STRENGTH)
         return collage(model, text, boxes, strength=strength, seeds=[seed], steps=20, guidance=2.5)
     rules = []
-    if plan != "none":
+    if plan.startswith("regional"):  # explicit regions: each object's phrase its own prompt in its box
+        from velodiff.edit.regional import RegionalPrompting
+
+        regions = {f"a {words}": box for words, box in boxes.items()}
+        rules = [RegionalPrompting(regions=regions, **Plan.parse(plan).find("regional").values)]
+    elif plan != "none":
         rules = [LayoutGuidance(boxes=boxes, **Plan.parse(plan).find("layout").values)]
     return text2img(model, text, seeds=[seed], steps=20, guidance=2.5, plan=rules)
 
