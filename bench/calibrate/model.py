@@ -9,8 +9,8 @@ First calibrate (the command whose time and evaluations the report quotes):
 * held-out set: 16 v1 prompts (every sixth) with seeds 0-15; the calibration used 12 shapes-world
   captions that are in no prompt set, seeds 1000-1011;
 * latent MSE to a 200-step DPM-Solver++ 3M reference from the same noise, for every deterministic velodiff
-  solver x grid, every diffusers scheduler configuration below (incl. its AYS timesteps, interpolated
-  log-linearly below 10 steps as the AYS authors describe), and each calibrated configuration; the
+  solver x grid, every diffusers scheduler configuration of ``diffusers_configs.py`` (each class with
+  every spacing / sigma / order flag it takes, and its AYS timesteps), and each calibrated configuration; the
   calibrated one reported per NFE is the one with the lowest *calibration* error;
 * ShapesEval (v1 x 2 images) of that configuration at 6 and 8 NFE against DPM-Solver++ 2M (Karras) at 20.
 """
@@ -18,96 +18,23 @@ First calibrate (the command whose time and evaluations the report quotes):
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from diffusers_configs import configurations, run_diffusers  # bench/calibrate/, the script's own folder
 
 import velodiff
 from velodiff.calibrated import entry_options, load_solver_calibration, load_statistics, model_problem
 from velodiff.eval.reference import model_hash
 from velodiff.eval.shapes_eval import evaluate, load_prompts
-from velodiff.eval.solver_bench import SD_SCHEDULER_CONFIG, default_grids, deterministic_solvers
+from velodiff.eval.solver_bench import default_grids, deterministic_solvers
 from velodiff.grids import make_grid
 from velodiff.pipelines import text2img
 from velodiff.solvers import get_solver
 
 NFES = (5, 6, 8)
 GUIDANCE = 2.5
-#: (label, diffusers class, config overrides)
-DIFFUSERS = [
-    ("DPMSolverMultistep", "DPMSolverMultistepScheduler", {}),
-    ("DPMSolverMultistep karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    ("DPMSolverMultistep trailing", "DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
-    ("DPMSolverMultistep order 3", "DPMSolverMultistepScheduler", {"solver_order": 3}),
-    ("DPMSolverMultistep AYS", "DPMSolverMultistepScheduler", {"_ays": True}),
-    ("UniPCMultistep", "UniPCMultistepScheduler", {}),
-    ("UniPCMultistep karras", "UniPCMultistepScheduler", {"use_karras_sigmas": True}),
-    ("UniPCMultistep trailing", "UniPCMultistepScheduler", {"timestep_spacing": "trailing"}),
-    ("DEISMultistep", "DEISMultistepScheduler", {}),
-    ("DEISMultistep trailing", "DEISMultistepScheduler", {"timestep_spacing": "trailing"}),
-    ("DPMSolverSinglestep", "DPMSolverSinglestepScheduler", {}),
-    ("DDIM", "DDIMScheduler", {}),
-    ("DDIM trailing", "DDIMScheduler", {"timestep_spacing": "trailing"}),
-    ("Euler", "EulerDiscreteScheduler", {}),
-    ("Euler karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-    ("Heun karras", "HeunDiscreteScheduler", {"use_karras_sigmas": True}),
-    ("LMS karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-]
-
-
-def ays_timesteps(steps: int, sigma_table: np.ndarray) -> list[int]:
-    """diffusers' AYS SD timesteps, or their sigmas interpolated log-linearly to ``steps``."""
-    from diffusers.schedulers.scheduling_utils import AysSchedules
-
-    if steps == 10:
-        return list(AysSchedules["StableDiffusionTimesteps"])
-    sig = np.log(np.array(AysSchedules["StableDiffusionSigmas"][:-1]))
-    new = np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(sig)), sig))
-    ks = np.interp(np.log(new), np.log(sigma_table), np.arange(len(sigma_table)))
-    out = sorted({int(round(k)) for k in ks}, reverse=True)
-    return out if len(out) == steps else []
-
-
-def run_diffusers(problem, cls_name: str, overrides: dict, nfe: int) -> torch.Tensor | None:
-    import inspect
-
-    import diffusers
-
-    cls = getattr(diffusers, cls_name)
-    ok = inspect.signature(cls.__init__).parameters
-    over = {k: v for k, v in overrides.items() if not k.startswith("_")}
-    sched = cls(**{k: v for k, v in {**SD_SCHEDULER_CONFIG, **over}.items() if k in ok})
-    abar = sched.alphas_cumprod.double()
-    table = ((1 - abar) / abar).sqrt().numpy()
-    steps = None
-    for n in range(nfe, 0, -1):
-        if overrides.get("_ays"):
-            ts = ays_timesteps(n, table)
-            if not ts:
-                continue
-            sched.set_timesteps(timesteps=ts)
-        else:
-            sched.set_timesteps(n)
-        if len(sched.timesteps) <= nfe:
-            steps = n
-            break
-    if steps is None:
-        return None
-    vp = problem.schedule
-    x = problem.x.clone() * float(sched.init_noise_sigma)
-    for t in sched.timesteps:
-        xin = sched.scale_model_input(x, t)
-        s = float(np.interp(float(t), np.arange(len(table)), table))
-        a = 1.0 / math.sqrt(1.0 + s * s)
-        tv = float(vp.t_from_sigma_ve(torch.tensor(s, dtype=torch.float64)))
-        x0 = problem.denoise(xin.float(), tv)
-        problem.evaluations += 1
-        eps = (xin - a * x0) / (s * a)
-        x = sched.step(eps, t, x).prev_sample
-    return x
 
 
 def shapes_eval(model, **kw) -> float:
@@ -126,26 +53,26 @@ BASELINES = Path(__file__).with_name("model_baselines.json")
 
 def baselines(model, test) -> dict:
     """Every uncalibrated configuration's held-out MSE per NFE (cached in model_baselines.json, which
-    does not depend on any calibration)."""
-    if BASELINES.is_file():
-        return {int(k): v for k, v in json.loads(BASELINES.read_text()).items()}
+    does not depend on any calibration; a configuration missing there is run and added)."""
+    out = {int(k): v for k, v in json.loads(BASELINES.read_text()).items()} if BASELINES.is_file() else {}
     grids = default_grids(model.schedule)
-    out = {}
     for nfe in NFES:
-        unc = {}
+        unc = out.setdefault(nfe, {})
         for s in deterministic_solvers():
             steps = get_solver(s).steps_for_nfe(nfe)
             for g in grids:
+                if f"velodiff {s} / {g}" in unc:
+                    continue
                 try:
                     ts = make_grid(g, model.schedule, steps)
                 except velodiff.VelodiffError:
                     continue
                 unc[f"velodiff {s} / {g}"] = test.score(ts, s)
-        for label, cls, over in DIFFUSERS:
-            x = run_diffusers(test, cls, over, nfe)
-            if x is not None:
-                unc[f"diffusers {label}"] = test.error(x)
-        out[nfe] = unc
+        for label, cls, over in configurations():
+            if f"diffusers {label}" not in unc:
+                got = run_diffusers(test, cls, over, nfe)
+                if got is not None:
+                    unc[f"diffusers {label}"] = test.error(got[0])
         print(nfe, "baselines", min(unc, key=unc.get), min(unc.values()), flush=True)
     BASELINES.write_text(json.dumps(out, indent=1) + "\n")
     return out
@@ -166,9 +93,11 @@ def main() -> None:
     t0 = time.perf_counter()
     test.reference()
     base = baselines(model, test)
-    art = load_solver_calibration(model_hash(model.path), GUIDANCE, "default", path=args.calibration)
+    art = load_solver_calibration(model_hash(model.path), GUIDANCE, "default", path=args.calibration,
+                                  model_path=model.path)  # the cache's, else the one shipped beside it
     ems = load_statistics(art) if art.get("ems") else None
-    report = {"calibration": {k: art.get(k) for k in ("seconds", "evaluations", "images", "prompts", "methods")},
+    keys = ("seconds", "evaluations", "images", "prompts", "methods")
+    report = {"calibration": {k: art.get(k) for k in keys},
               "held_out": {"prompts": "v1[::6][:16]", "seeds": "0-15"}, "nfe": {}}
     runs = {}  # (nfe, calibrated entry) -> its text2img options (the artefact's grid and fitted options)
     for nfe in NFES:
