@@ -6677,6 +6677,55 @@ MUTANTS = {
         "{\"eta\": self.solver_eta}",
         ["tests/test_generate.py", "-k", "review36"],
     ),
+    # session 2026-11-30: invert keeps the solver name's options, layout phrases and cell coverage, lambda_min_clipped, calibrate's skipped-method note, reflow's start row  # noqa: E501
+    "s37_invert_name_options_dropped": (
+        "edit/inversion.py",
+        "spec = get_solver(solver if solver is not None else OWN_SAMPLER.get(method, \"dpmpp_2m\"))",
+        "spec = get_solver(get_solver(solver).name if solver is not None else OWN_SAMPLER.get(method, \"dpmpp_2m\"))",  # noqa: E501
+        ["tests/test_invert.py", "-k", "options_reach or bad_input"],
+    ),
+    "s37_invert_pipeline_bare_name": (
+        "pipelines/invert.py",
+        "        solver=setup.solver,\n",
+        "        solver=setup.solver.name,\n",
+        ["tests/test_invert.py", "-k", "shipped_model_is_exact"],
+    ),
+    "s37_layout_phrase_unchecked": (
+        "edit/layout.py",
+        "if not any(words[i : i + len(own)] == own for i in range(len(words) - len(own) + 1)):",
+        "if False:",
+        ["tests/test_layout.py", "-k", "spatial_words"],
+    ),
+    "s37_layout_covers_unchecked": (
+        "edit/layout.py",
+        "if not bool(region_mask(box, h, w).any()):",
+        "if False:",
+        ["tests/test_layout.py", "-k", "mask_region_is_the_box"],
+    ),
+    "s37_regional_covers_unchecked": (
+        "edit/regional.py",
+        "                check_covers(\"regional\", text, box, h, w)\n",
+        "                pass\n",
+        ["tests/test_layout.py", "-k", "mask_region_is_the_box"],
+    ),
+    "s37_lambda_min_clipped_ignored": (
+        "aliases.py",
+        "return int((lam < bound).sum())",
+        "return 0",
+        ["tests/test_aliases.py", "-k", "lambda_min_clipped"],
+    ),
+    "s37_calibrate_skipped_method_silent": (
+        "commands/calibrate.py",
+        "low = [n for n in nfes if n < MIN_NFE[m]]",
+        "low = []",
+        ["tests/test_calibrated.py", "-k", "killed_calibration"],
+    ),
+    "s37_reflow_init_only_with_init": (
+        "distill/reflow.py",
+        "    if \"init\" not in report:  # the student's start at its guidance 1: what 'after' compares to\n",
+        "    if \"init\" not in report and init:\n",
+        ["tests/test_distill_reflow.py", "-k", "killed"],
+    ),
 }
 
 
