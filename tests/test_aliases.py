@@ -824,6 +824,14 @@ def test_diffusers_flags_that_change_the_result_are_refused(cls, flags, match):
         resolve_solver(_typed(cls, flags))
 
 
+def test_diffusers_third_order_sde_is_refused_with_its_reason():
+    """diffusers' sde-dpmsolver++ order-3 x0'' coefficient tends to -1, not 0, as h -> 0 (the integral of
+    2 e^{-2(h-u)} u^2 / 2 over [0, h], over h^2, is (1 - e^{-2h} - 2h) / (2h)^2 + 1/2; diffusers has
+    - 1/2): refused with the reason, not reproduced."""
+    with pytest.raises(VelodiffError, match="sign of its x0'' term's 1/2 flipped; use sde_dpmpp_3m"):
+        from_diffusers(DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++", solver_order=3))
+
+
 def test_lambda_min_clipped_is_refused_where_it_drops_timesteps():
     """On a cosine schedule DPM-Solver's lambda_min_clipped moves diffusers' grid (995, 896, ... instead
     of 999, 899, ...): refused; on SD's betas it drops nothing and the mapping stands."""

@@ -528,6 +528,14 @@ def _dpmsolver_multistep(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         return "ddpm", {}
     if algo == "sde_dpmsolverpp" and order == 2:
         return "sde_dpmpp_2m", {**opts, "solver_type": solver_type}
+    if algo == "sde_dpmsolverpp" and order == 3:
+        # its x0'' term: alpha_t ((1 - e^{-2h} - 2h) / (2h)^2 - 1/2) D2, where the integral of the SDE's
+        # exponential against the Taylor term gives + 1/2 (as its ODE branch has): the term does not vanish
+        # as h -> 0, so the update is not third order; not reproduced
+        raise VelodiffError(
+            f"{cls}: algorithm_type='sde-dpmsolver++' at solver_order=3 is not reproduced: diffusers' "
+            "third-order SDE update has the sign of its x0'' term's 1/2 flipped; use sde_dpmpp_3m"
+        )
     raise VelodiffError(
         f"{cls}: algorithm_type={algo_name!r}, solver_order={order}, "
         f"solver_type={cfg.get('solver_type', 'midpoint')!r} has no velodiff solver yet; provided: "
