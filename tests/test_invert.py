@@ -237,6 +237,11 @@ def test_pipeline_refusals(model):
                         (dict(iters=2.5), "iters must be an integer, got 2.5")):
         with pytest.raises(VelodiffError, match=message):
             invert(model, image, "a red circle", "fixed-point" if "iters" in kw else "edict", steps=2, **kw)
+    # another method's option would be ignored (eta here is RF-Inversion's controller, not DDIM's eta)
+    for method, kw, owner in (("ddim", dict(eta=0.5), "rf"), ("edict", dict(iters=3), "fixed-point"),
+                              ("fixed-point", dict(p=0.9), "edict")):
+        with pytest.raises(VelodiffError, match=f"{next(iter(kw))} is an option of method '{owner}', not of"):
+            invert(model, image, "a red circle", method, steps=2, **kw)
 
 
 def test_regenerate_keeps_solver_options_apart_and_honours_or_refuses_a_callback(model):

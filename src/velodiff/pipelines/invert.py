@@ -154,6 +154,11 @@ class Inversion:
         return self.metrics
 
 
+#: the options of one inversion method each (eta and stop: RF-Inversion's reverse controller, not a
+#: solver's eta, which would make the sampler stochastic and not invertible)
+METHOD_OPTIONS = {"edict": ("p",), "fixed-point": ("iters", "tol", "sweeps"), "rf": ("gamma", "eta", "stop")}
+
+
 def _context(model: Any, prompts: list[str], guidance: float, h: int, w: int) -> dict[str, Any]:
     def encode(texts: list[str]) -> Any:
         return prepare_cond(model, texts, None, False, h, w)
@@ -194,6 +199,12 @@ def invert(
     whose ``metrics`` hold the round trip's error (unless ``measure=False``)."""
     opts = Sampling.of("invert", options)
     check_model(model)
+    given = {"p": p != 0.93, "iters": iters != 8, "tol": tol != 1e-5, "sweeps": sweeps is not None,
+             "gamma": gamma != 0.5, "eta": eta != 0.0, "stop": stop != 0.25}
+    for name in (k for k, v in given.items() if v):  # another method's option would be ignored: say so
+        owner = next(m for m, names in METHOD_OPTIONS.items() if name in names)
+        if method != owner:
+            raise VelodiffError(f"invert(): {name} is an option of method {owner!r}, not of {method!r}")
     if opts.latents is not None or opts.seeds is not None or opts.callback is not None:
         raise VelodiffError("invert() takes no latents, seeds or callback; the image gives the start")
     ps = normalize_prompts(prompts)
