@@ -6733,6 +6733,19 @@ MUTANTS = {
         "    if False:\n",
         ["tests/test_aliases.py", "-k", "third_order_sde"],
     ),
+    # session 2026-11-30: p2p re-weighting's column, invert()'s foreign options
+    "s37_p2p_reweight_wrong_token": (
+        "edit/p2p.py",
+        "scale[pos] = self.weight if not factor else _factor(w, factor)",
+        "scale[pos + 1] = 1 / (self.weight if not factor else _factor(w, factor))",
+        ["tests/test_p2p.py", "-k", "reweighting_scales"],
+    ),
+    "s37_invert_foreign_option_ignored": (
+        "pipelines/invert.py",
+        "        if method != owner:\n",
+        "        if False:\n",
+        ["tests/test_invert.py", "-k", "pipeline_refusals"],
+    ),
 }
 
 

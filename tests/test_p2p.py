@@ -134,6 +134,26 @@ def test_edited_rows_attend_with_the_source_maps():
     assert not torch.allclose(out[1], ref[1], atol=1e-3)
 
 
+def test_reweighting_scales_the_words_own_attention_column_by_c(model):
+    """The paper's re-weighting (Hertz et al. 2022, Sec. 3.2): the edited row's cross-attention map of
+    each token of the word is multiplied by c, every other token's map is left as it is."""
+    from types import SimpleNamespace
+
+    from velodiff.edit.p2p import PromptToPrompt, word_positions
+
+    run = SimpleNamespace(model=model, prompts=("a red circle", "a red circle"))
+    rule = PromptToPrompt(words=("red=3",))
+    rule._plan(run)
+    red = word_positions(run, "a red circle", "red")
+    expected = torch.ones(len(rule.scale[0]))
+    expected[red] = 3.0
+    assert torch.equal(rule.scale[0].cpu(), expected)
+    src, own = torch.rand(2, 5, 77), torch.rand(2, 5, 77)  # (heads, pixels, tokens)
+    out = rule.edited(src, own, 1, cross=True)  # same prompt: every token maps to itself, alpha 1
+    assert torch.allclose(out[..., red], 3 * src[..., red]) and torch.equal(
+        out[..., [t for t in range(77) if t not in red]], src[..., [t for t in range(77) if t not in red]])
+
+
 def test_same_prompt_is_the_source_and_reweighting_changes_the_edit(model):
     r = edit_prompt(model, "a red circle", "a red circle", seed=0, steps=4, output="tensor")
     assert torch.allclose(r.latents[0], r.latents[1], atol=1e-5)
