@@ -184,20 +184,21 @@ def test_a_refused_change_leaves_the_canvas_as_it_was(model):
 
 
 def test_cli_brush_is_the_canvas_of_the_api(model, tmp_path, capsys):
-    """brush --seed 2 with a layer of seed 7: the base and the layer's composite are the API's canvas
-    (base seed 2, the layer at its own seed 7 and strength) side by side."""
+    """brush --seed 2 with a layer of seed 7: --out is the API's canvas after the layer (base seed 2, the
+    layer at its own seed 7 and strength), --sheet the base and that composite side by side."""
     import numpy as np
 
     from test_invert import cli
     from velodiff.edit.layout import region_mask
     from velodiff.images import image_grid
 
-    out = tmp_path / "b.png"
+    out, sheet = tmp_path / "b.png", tmp_path / "sheet.png"
     prompt, box = "a red circle above a blue square", (0.0, 0.5, 1.0, 1.0)
     assert cli("brush", prompt, "--layer", "box=0,0.5,1,1;a green triangle;7;0.5", "--seed", "2", "--steps",
-               "4", "--threads", "1", "-o", str(out)) == 0
+               "4", "--threads", "1", "-o", str(out), "--sheet", str(sheet)) == 0
     canvas = Canvas(model, prompt, seed=2, steps=4)
     images = [canvas.render().images[0]]
     canvas.add(region_mask(box, 64, 64), "a green triangle", seed=7, strength=0.5)
     images.append(canvas.render().images[0])
-    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(image_grid(images)))
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(images[-1]))  # the picture
+    assert np.array_equal(np.asarray(Image.open(sheet).convert("RGB")), np.asarray(image_grid(images)))

@@ -247,7 +247,10 @@ def test_cli_edit_writes_the_grid_and_refuses_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert cli("edit", "a red circle", "--to", "a blue circle", "-o", str(out), "--word", "green") == 2
     err = capsys.readouterr().err.strip()
-    assert "not in the prompt" in err and "\n" not in err
+    assert "not in the prompt" in err and "\n" not in err and "plan rule" not in err  # the command's words
+    assert cli("edit", "a red circle", "--to", "a big blue circle", "-o", str(out), "--mode", "replace",
+               "--steps", "2") == 2
+    assert "use --mode refine" in capsys.readouterr().err
     assert (
         cli("edit", "a red circle", "--to", "x", "-o", str(out), "--image", str(out), "--method", "edict")
         == 2

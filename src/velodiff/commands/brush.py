@@ -1,11 +1,12 @@
 """`velodiff brush PROMPT --layer "REGION;PROMPT;SEED;STRENGTH" --out OUT`: layered region brushes
 (``velodiff.edit.brushes``): a base image, then each layer re-denoises its region from the cached
-intermediate latents. Writes the base and each layer's composite as one grid, and times the base
-against the layers."""
+intermediate latents. Writes the painted picture (every layer applied); ``--sheet`` also writes the base
+and each layer's composite side by side; times the base against the layers."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,7 +19,7 @@ from .image_run import ImageRun, read_image
 
 EXAMPLE = o.example(
     'velodiff brush "a red circle above a blue square" \\',
-    '    --layer "box=0,0.5,1,1;a green triangle;1;0.8" --out brushed.png',
+    '    --layer "box=0,0.5,1,1;a blue square above a green triangle;1;0.8" --out brushed.png',
 )
 
 
@@ -61,6 +62,10 @@ def brush_cmd(
         list[str],
         typer.Option(help="REGION;PROMPT;SEED;STRENGTH, REGION a mask file or box=x0,y0,x1,y1 (repeat)"),
     ],
+    sheet: Annotated[
+        Path | None,
+        typer.Option(help="also write the base and each layer's composite side by side here"),
+    ] = None,
     model: o.Model = None,
     device: o.Device = None,
     dtype: o.Dtype = None,
@@ -86,6 +91,7 @@ def brush_cmd(
     from .generate import check_output_path
 
     fmt = check_output_path(out)
+    sheet_fmt = check_output_path(sheet) if sheet is not None else None
     parsed = [parse_layer(t) for t in layer]
     m = run.load()
     layers = [(layer_mask(region, tuple(m.default_size)), *rest) for region, *rest in parsed]
@@ -104,8 +110,12 @@ def brush_cmd(
         t0 = time.perf_counter()
         images.append(canvas.render().images[0])
         costs.append(f"{canvas.last_nfe} NFE {time.perf_counter() - t0:.2f} s")
-    save_image_atomic(image_grid(images), out, fmt)
-    typer.echo(f"wrote {out} (base: {base_nfe} NFE {base_s:.2f} s; layers: {'; '.join(costs)})")
+    save_image_atomic(images[-1], out, fmt)
+    also = ""
+    if sheet is not None:
+        save_image_atomic(image_grid(images), sheet, sheet_fmt)
+        also = f" and {sheet} (the base and each layer's composite)"
+    typer.echo(f"wrote {out}{also} (base: {base_nfe} NFE {base_s:.2f} s; layers: {'; '.join(costs)})")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

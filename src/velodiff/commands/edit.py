@@ -106,24 +106,28 @@ def edit_cmd(
         latents, size = inv.latents, inv.size
     from ..edit.p2p import edit_prompt
 
-    res = edit_prompt(
-        m,
-        source,
-        to,
-        seed=seed,
-        mode=mode,
-        cross_steps=cross_steps,
-        self_steps=self_steps,
-        words=tuple(words or ()),
-        weight=weight,
-        blend=tuple(blend or ()),
-        threshold=threshold,
-        latents=latents,
-        plan=plan,
-        height=size[0],
-        width=size[1],
-        **kw,
-    )
+    try:
+        res = edit_prompt(
+            m,
+            source,
+            to,
+            seed=seed,
+            mode=mode,
+            cross_steps=cross_steps,
+            self_steps=self_steps,
+            words=tuple(words or ()),
+            weight=weight,
+            blend=tuple(blend or ()),
+            threshold=threshold,
+            latents=latents,
+            plan=plan,
+            height=size[0],
+            width=size[1],
+            **kw,
+        )
+    except VelodiffError as e:  # the rule's words for its options, as this command's flags
+        text = str(e).replace("plan rule 'p2p': ", "").replace("use mode=refine", "use --mode refine")
+        raise VelodiffError(text) from None
     save_image_atomic(image_grid(list(res.images)), out, fmt)
     rebuilt = ""
     if picture is not None:  # the grid's source is the inverted noise regenerated: the round trip

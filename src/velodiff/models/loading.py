@@ -33,8 +33,11 @@ from .weights import CONVERT_HINT, PICKLE_SUFFIXES, check_safetensors, safe_open
 def quiet_imports() -> Iterator[None]:
     """While the families build (diffusers imports torchao when it is installed): torchao's notes on
     its GPU-only kernels it cannot load here, and torch's deprecation lines about the enums it
-    registers, which no velodiff user asked for, stay below ERROR; the loggers' levels are restored."""
+    registers, which no velodiff user asked for, stay below ERROR, and transformers' weight-loading
+    progress bar stays off; the loggers' levels and the bar's setting are restored."""
     import logging
+
+    from transformers.utils import logging as transformers_logging
 
     from ..accel.quantize import TORCHAO_LOGGERS
 
@@ -42,11 +45,15 @@ def quiet_imports() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(max(lg.level, logging.ERROR))
+    bar = transformers_logging.is_progress_bar_enabled()  # its "Loading weights" bar, per text encoder
+    transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+        if bar:
+            transformers_logging.enable_progress_bar()
 
 
 def offline() -> None:
