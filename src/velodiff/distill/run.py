@@ -71,7 +71,12 @@ def distill_progressive(
     model = load_teacher(tpath)
     steps = pcfg.teacher_steps
     if steps % (2**pcfg.rounds) != 0:
-        raise VelodiffError(f"--teacher-steps {steps} cannot be halved {pcfg.rounds} times")
+        k = 2**pcfg.rounds
+        near = sorted({max(k, steps - steps % k), steps - steps % k + k})
+        raise VelodiffError(
+            f"--teacher-steps {steps} must be a multiple of {k} (2**rounds: each of the {pcfg.rounds} rounds "
+            f"halves it); try {' or '.join(map(str, near))}"
+        )
     sched = model.schedule
     cache, text, uncond, teacher_unet = training_data(model, pcfg.cache_size, pcfg.data_seed, device, quiet)
     log: list[dict[str, Any]] = []

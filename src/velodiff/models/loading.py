@@ -161,7 +161,7 @@ def detect_family(source: Source) -> str:
         raise VelodiffError(
             f"{str(source.path)!r}: pipeline {source.pipeline_class or '(no _class_name)'} "
             f"matches no known family "
-            f"({', '.join(sorted(FAMILIES))}); pass family= to force one"
+            f"({', '.join(sorted(FAMILIES))}); pass family= (CLI: --family) to force one"
         )
     expected = "; ".join(
         f"{s.name}: {', '.join(s.expected_keys)}" for s in families_by_priority() if s.expected_keys
