@@ -163,8 +163,10 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the references were cached: one file per (prompt, seed)
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
-    # a rerun of the same sweep resumes: every record comes back as it was
+    # a rerun of the same sweep resumes: every record comes back as it was, and it says so
+    capsys.readouterr()
     assert cli(*args) == 0
+    assert "bench: resuming" in capsys.readouterr().err
     again = json.loads((out / "results.json").read_text())["records"]
     assert [r["seconds"] for r in again] == [r["seconds"] for r in recs]
     # a record of an older velodiff, without the per-image verdicts a tune's paired errors need, is
@@ -180,9 +182,15 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     capsys.readouterr()
     sweep = Path(args[args.index("--sweep") + 1])
     sweep.write_text(sweep.read_text().replace("solvers: [ddim, dpmpp_2m, unipc]", "solvers: [ddim]"))
-    assert cli(*args) == 0
-    said = "".join(capsys.readouterr())
+    before = (out / "results.json").read_bytes()
+    assert cli(*args) == 2  # refused: nothing lost
+    said = capsys.readouterr().err.strip()
     assert f"bench: {out} holds 6 finished configurations this sweep does not ask for (dpmpp_2m" in said
+    assert said.endswith("give another --out to keep them, or --replace to replace them")
+    assert (out / "results.json").read_bytes() == before
+    assert cli(*args, "--replace") == 0
+    said = "".join(capsys.readouterr())
+    assert "finished configurations this sweep does not ask for" in said and "results replace them" in said
     assert len(json.loads((out / "results.json").read_text())["records"]) == 3
     # and their sample sheets go with them: the folder's sheets are its records'
     sheets = sorted(p.name for p in (out / "samples").iterdir())
@@ -625,7 +633,7 @@ def test_review32_a_replaced_records_id_is_no_path_out_of_the_samples_folder(tmp
     (out / "results.json").write_text(json.dumps(old))
     (out / "keep.png").write_bytes(b"not a sheet of this folder")
     (out / "samples" / "gone.png").write_bytes(b"a replaced record's sheet")
-    assert cli(*args) == 0, capsys.readouterr().err
+    assert cli(*args, "--replace") == 0, capsys.readouterr().err
     assert (out / "keep.png").is_file() and not (out / "samples" / "gone.png").exists()
 
 

@@ -63,6 +63,9 @@ def bench_sweep(
     ] = None,
     device: o.Device = None,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    replace: bool = typer.Option(
+        False, "--replace", help="replace --out's finished configurations this sweep does not ask for"
+    ),
 ) -> None:
     """Quality vs speed of every plan x solver x grid x NFE x guidance configuration, from the same seeds."""
     if ctx.invoked_subcommand is not None:
@@ -97,7 +100,7 @@ def bench_sweep(
     res = run_sweep(
         loaded, sw, out, model_id=network_identity(loaded), model_name=str(model) if model else "default",
         defaults=defaults, progress=progress, log=lambda m: typer.echo(m, err=True),
-        command=_command_line(ctx),
+        command=_command_line(ctx), replace=replace,
     )
     ok = [r for r in res["records"] if "error" not in r]
     front = [r["id"] for r in ok if r.get("pareto")]

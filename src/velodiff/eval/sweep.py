@@ -447,9 +447,11 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] = print,
     command: str = "",
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Run every configuration, write ``results.json``, ``results.md``, ``pareto.png`` and sample
-    sheets under ``out_dir``; return the results dict."""
+    sheets under ``out_dir``; return the results dict. Finished configurations of ``out_dir`` this sweep
+    does not ask for are refused in one line (nothing lost), or replaced with ``replace=True``."""
     from tqdm import tqdm
 
     from .metrics import (
@@ -535,10 +537,13 @@ def run_sweep(
         records = old.get("records") if isinstance(old, dict) else None
         gone = ({str(r.get("id")) for r in records or [] if isinstance(r, dict)}
                 - {config_id(c) for c in configs})
-        if gone:  # said before they are replaced, not found missing afterwards
-            log(f"bench: {out} holds {len(gone)} finished configuration{'s' * (len(gone) != 1)} this sweep "
-                f"does not ask for ({', '.join(sorted(gone)[:3])}{', ...' * (len(gone) > 3)}); this sweep's "
-                "results replace them: use another --out to keep both")
+        if gone:  # refused, or said before they are replaced (not found missing afterwards)
+            some = f"{', '.join(sorted(gone)[:3])}{', ...' * (len(gone) > 3)}"
+            held = (f"bench: {out} holds {len(gone)} finished configuration{'s' * (len(gone) != 1)} this "
+                    f"sweep does not ask for ({some})")
+            if not replace:
+                raise VelodiffError(f"{held}; give another --out to keep them, or --replace to replace them")
+            log(f"{held}; this sweep's results replace them")
 
         result: dict[str, Any] = {
             "kind": "bench",
@@ -579,6 +584,9 @@ def run_sweep(
         weights = [_planned_nfe(c) * sweep.repeat for c in configs]
         refs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         plain: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the "none" plan's outputs
+        kept = sum(config_id(c) in done for c in configs)
+        if kept:
+            log(f"bench: resuming {out}: {kept} of {len(configs)} configurations measured already")
         # warm-up (first-call costs stay out of the timings)
         _generate(model, jobs[:1], seeds[:1], 1, steps=1, solver="ddim", guidance=1.0)
         bar = tqdm(total=sum(weights), desc="bench", unit="nfe", disable=not progress, dynamic_ncols=True)

@@ -297,7 +297,7 @@ def _tune(
             sw_base = replace(sw, plans=["none"])
             base = run_sweep(bm, sw_base, out / f"{name}-baseline", model_id=bid, model_name=bname,
                              defaults=bdefaults, progress=progress, log=log,
-                             command=f"velodiff tune ({name}, baseline {bname})")
+                             command=f"velodiff tune ({name}, baseline {bname})", replace=True)
             records["none"] = base["records"][0]
             sw = replace(sw, plans=plans)
         res = run_sweep(
@@ -310,6 +310,7 @@ def _tune(
             progress=progress,
             log=log,
             command=f"velodiff tune ({name})",
+            replace=True,  # a stage's folder is the tune's own: a resumed tune's stage asks for what it needs
         )
         return {**records, **{r["plan"]: r for r in res["records"]}}
 
