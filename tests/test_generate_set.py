@@ -97,6 +97,8 @@ def test_text_json_and_coco_prompts(tmp_path):
         ("empty.txt", b"\n \n", "has no prompts"),
         ("bad.txt", b"a red cube\na \xff cat\n", "line 2 is not UTF-8"),
         ("bad.json", b'[\n "a",\n "b"\n "c"\n]', "invalid JSON at line 4"),
+        ("ctl.json", b'["a\nb"]', "invalid JSON at line 1 column 4 (invalid control character)"),
+        ("cut.json", b'{"bad json', "invalid JSON at line 1 column 2 (unterminated string starting)"),
         ("num.json", b'[\n "a",\n\n 3\n]', "line 4 (item 1): expected a prompt string, got a number"),
         ("empty.json", b"[]", "has no prompts"),
         ("obj.json", b'{"a": 1}', "expected a JSON list of prompts"),
@@ -392,6 +394,9 @@ def test_eval_manifest_partial_set_and_missing_weights(reference, tmp_path, caps
     assert "is inside the set" in line  # it replaced the set's manifest, and the set was lost
     assert sorted(p.name for p in part.rglob("*")) == before
     assert "does not exist" in one_error_line(capsys, "eval", "--manifest", str(tmp_path / "nope"))
+    assert cli("eval", "--manifest", str(part)) == 0  # the set's state, and how to measure it
+    o, err = capsys.readouterr()
+    assert json.loads(o)["images"] == 5 and err.startswith("no metric asked for: --real shapes")
 
 
 def test_eval_manifest_real_and_reference_are_the_direct_computations(tiny, prompt_file, reference, tmp_path):

@@ -209,6 +209,9 @@ def eval_manifest_cmd(
     if json_out is not None:
         write_atomic(json_out, (text + "\n").encode())
     typer.echo(text)
+    if real is None and clip is None and reference is None:  # the set's state only: say how to measure
+        typer.echo("no metric asked for: --real shapes (FD / KID), --clip DIR (CLIP score) or --reference "
+                   "SET (PSNR, SSIM)", err=True)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

@@ -93,7 +93,8 @@ def _json_prompts(path: Path, data: bytes) -> list[Prompt]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise VelodiffError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        why = e.msg.removesuffix(" at").lower()  # json's own words end with 'at', meant before the position
+        raise VelodiffError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({why})") from None
     starts = _line_starts(text)
 
     def line_of(offset: int) -> int:
