@@ -94,6 +94,14 @@ def test_cli_brush(tmp_path, capsys):
     assert cli("brush", "a red circle above a blue square", "--layer", layer, "-o", str(negated),
                "--steps", "4", "--negative", "a red circle") == 0
     assert negated.read_bytes() != out.read_bytes()
+    mask = tmp_path / "mask.png"  # an output that is an input mask (or the other output) is refused
+    Image.new("L", (64, 64), 255).save(mask)
+    before = mask.read_bytes()
+    for extra, match in [(["-o", str(mask)], "--out and --layer 1's mask are the same file"),
+                         (["-o", str(out), "--sheet", str(out)], "--out and --sheet are the same file")]:
+        assert cli("brush", "a red circle", "--layer", f"{mask};a;1;0.5", *extra) == 2
+        assert match in capsys.readouterr().err
+    assert mask.read_bytes() == before
     for bad, match in [
         ("box=0,0.5,1.2,1;a;1;0.5", "must satisfy 0 <= x0 < x1 <= 1"),
         ("a;b", "4 fields"),

@@ -88,10 +88,14 @@ def brush_cmd(
         raise VelodiffError("the prompt is empty; describe the base image")
     run = ImageRun.of(locals())
     run.check()
+    from ..files import distinct_files
     from .generate import check_output_path
 
     fmt = check_output_path(out)
     sheet_fmt = check_output_path(sheet) if sheet is not None else None
+    masks = {f"--layer {i + 1}'s mask": Path(t.split(";")[0].strip()) for i, t in enumerate(layer)
+             if not t.split(";")[0].strip().startswith("box=")}
+    distinct_files(**{"--out": out, "--sheet": sheet, **masks})  # an output over an input mask destroys it
     parsed = [parse_layer(t) for t in layer]
     m = run.load()
     layers = [(layer_mask(region, tuple(m.default_size)), *rest) for region, *rest in parsed]
