@@ -59,7 +59,7 @@ def test_layers_repaint_their_mask_and_restack_at_a_fraction_of_the_steps(server
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
-        ({"job": "nope", "layers": []}, 404, "no job"),
+        ({"job": "nope", "layers": []}, 404, "no job 'nope'"),  # its closing quote kept
         ({"job": "JOB", "layers": [{"mask": mask_png((0, 0, 0, 0)), "prompt": "x"}]}, 400, "covers nothing"),
         ({"job": "JOB", "layers": [{"mask": "bm90IGEgcG5n", "prompt": "x"}]}, 400, "not an image"),
         (

@@ -250,7 +250,8 @@ def test_self_negative_rcfg_is_each_frames_own_run_with_its_own_stock_noise(mode
     [
         ({"similarity": 1.0}, "similarity threshold must be in [0, 1)"),
         ({"similarity": -0.1}, "similarity threshold must be in [0, 1)"),
-        ({"steps": 10, "strength": 0.05}, "runs no step of 10"),
+        ({"steps": 10, "strength": 0.05}, "runs no step of 10; raise it"),
+        ({"steps": 10, "strength": 1.5}, "strength must be in (0, 1], got 1.5"),  # not 'raise it'
         ({"steps": True}, "steps must be an integer, got True"),
         ({"seed": False}, "seed must be an integer"),
         ({"max_skip": -1}, "max_skip >= 0"),

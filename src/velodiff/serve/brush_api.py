@@ -158,4 +158,4 @@ async def paint(body: BrushBody, request: Request) -> dict[str, Any]:
     try:
         return await run_in_threadpool(brushes(request).paint, body)
     except LookupError as e:
-        raise HTTPException(404, str(e).strip("'\"")) from None
+        raise HTTPException(404, str(e.args[0]) if e.args else "not found") from None

@@ -64,7 +64,8 @@ class QueueFull(Exception):
     """The queue holds its bound of active jobs; try again after ``retry_after`` seconds."""
 
     def __init__(self, bound: int, retry_after: int) -> None:
-        super().__init__(f"the queue is full ({bound} jobs queued or running); retry after {retry_after} s")
+        jobs = "job" if bound == 1 else "jobs"
+        super().__init__(f"the queue is full ({bound} {jobs} queued or running); retry after {retry_after} s")
         self.bound = bound
         self.retry_after = retry_after
 

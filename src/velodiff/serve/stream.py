@@ -72,10 +72,10 @@ class StreamConfig:
             raise VelodiffError(f"unknown cfg {self.cfg!r}; valid: {', '.join(CFG_TYPES)}")
         if not 1 <= self.steps <= 200:
             raise VelodiffError(f"steps must be between 1 and 200, got {self.steps}")
-        if not 0 < self.strength <= 1 or int(self.steps * self.strength) < 1:
-            raise VelodiffError(
-                f"strength {self.strength} runs no step of {self.steps}; raise it (0 < s <= 1)"
-            )
+        if not 0 < self.strength <= 1:
+            raise VelodiffError(f"strength must be in (0, 1], got {self.strength}")
+        if int(self.steps * self.strength) < 1:
+            raise VelodiffError(f"strength {self.strength} runs no step of {self.steps}; raise it")
         if self.similarity is not None and not 0 <= self.similarity < 1:
             raise VelodiffError(f"similarity threshold must be in [0, 1), got {self.similarity}")
         if not 0 <= self.guidance <= 100 or self.max_skip < 0 or not SEED_MIN <= self.seed < SEED_END:

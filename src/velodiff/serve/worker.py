@@ -172,7 +172,8 @@ class Worker:
                     self.broker.progress.pop(jid, None)  # cancelled elsewhere: no final event comes here
                 elif timeout and now - starts[jid] > timeout:
                     del alive[jid]
-                    self._fail(j, f"timed out after {timeout:g} s (the job's timeout)")
+                    whose = "its timeout_s" if timeout == j.timeout_s else "the server's --timeout"
+                    self._fail(j, f"timed out after {timeout:g} s ({whose})")
             for jid, j in alive.items():
                 ev: dict[str, Any] = {"type": "progress", "job": jid, "step": i + 1, "steps": steps}
                 if j.params.get("preview"):
