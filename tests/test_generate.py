@@ -496,9 +496,9 @@ def test_generate_eta_nfe_and_embedded_guidance_reach_the_pipeline(tmp_path, cap
     code, o, err = run_cli(capsys, "generate", "a red circle", "--nfe", "3", "--n", "2", "--batch", "2",
                            "--noise", "torch", *one)  # --batch equal to --n: one call, one generator
     assert code == 0 and ", 3 NFE," in o, (o, err)
-    code, _, err = run_cli(capsys, "generate", "a red circle", "--model", "default-guided", "--steps", "2",
+    code, o, err = run_cli(capsys, "generate", "a red circle", "--model", "default-guided", "--steps", "2",
                            "--embedded-guidance", "4", *one)
-    assert code == 0, err
+    assert code == 0 and "guidance 1, embedded guidance 4, plan" in o, (o, err)  # the scale that acted
     guided = velodiff.load("default-guided")
     guided.embedded_guidance = 4.0
     assert np.array_equal(image(), np.asarray(text2img(guided, "a red circle", seeds=[0], steps=2).images[0]))

@@ -212,6 +212,7 @@ def test_eval_shapes_command_scores_the_images_it_draws(tmp_path):
     r = json.loads(out.read_text())
     assert r["config"]["nfe"] == 6 and r["config"]["evals"] == 12.0 and len(r["per_prompt"]) == 8
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+    assert f"plan `{r['config']['plan']}`" in out.with_suffix(".md").read_text()  # two runs told apart
     texts = [p["text"] for p in r["per_prompt"]]
     assert len(set(r["by_category"])) > 1  # the limit spreads over the categories
     torch.set_num_threads(1)

@@ -124,9 +124,17 @@ def shapes_table(result: dict[str, Any]) -> str:
     lines.append(
         f"Model `{c['model']}`, prompt set `{c['prompts']}` ({c['n_prompts']} prompts x "
         f"{c['images_per_prompt']} images), solver `{c['solver']}`, {c['steps']} steps ({c['nfe']} NFE), "
-        f"grid `{c['grid']}`, seed {c['seed']}."
+        f"grid `{c['grid']}`, seed {c['seed']}{_plan_note(c)}."
     )
     return "\n".join(lines) + "\n"
+
+
+def _plan_note(c: dict[str, Any]) -> str:
+    """The plan (layout mode included) and an embedded guidance scale, which tell two runs apart."""
+    note = f", plan `{c['plan']}`" if c.get("plan") else ""
+    if c.get("embedded_guidance") is not None:
+        note += f", embedded guidance {c['embedded_guidance']:g}"
+    return note
 
 
 def contact_sheet(images: list[Any], records: list[dict[str, Any]], cols: int = 8, scale: int = 2) -> Any:

@@ -229,9 +229,17 @@ class ImageRun:
             f"wrote {out} ({self.n} image{'s' if self.n > 1 else ''}{batches}, {w}x{h}, {m.family} "
             f"{str(m.dtype).removeprefix('torch.')} on {m.device}, {res.solver} on {res.grid}, "
             f"{res.steps} step{'s' if res.steps != 1 else ''}, {res.nfe} NFE, {res.evals:.4g} evals/image, "
-            f"guidance {res.guidance:g}, "
+            f"guidance {res.guidance:g}, {_embedded(m)}"
             f"plan {res.plan}) in {time.perf_counter() - self.started:.2f} s"
         )
+
+
+def _embedded(model: Any) -> str:
+    """'embedded guidance W, ' for a network that takes the scale as an input (Flux-dev, a guided
+    student): the guidance that acts there, beside CFG's."""
+    w = getattr(model, "embedded_guidance", None)
+    takes = getattr(model, "takes_embedded_guidance", False)
+    return f"embedded guidance {float(w):g}, " if w is not None and takes else ""
 
 
 def folder_latent_factor(path: Path) -> int | None:

@@ -54,7 +54,7 @@ def serve(
         typer.Option(
             metavar="local|ADDRESS",
             help="run as a Ray Serve deployment: 'local' starts a cluster here, HOST:PORT joins one "
-            "(pip install 'ray[serve]')",
+            "(pip install 'velodiff[ray]')",
         ),
     ] = None,
     replicas: Annotated[int, typer.Option(min=1, help="Ray Serve replicas (one model each)")] = 2,
@@ -111,7 +111,7 @@ def serve(
         try:
             from ray import serve as _  # noqa: F401 (the parameter `ray` keeps its value)
         except ImportError:
-            raise VelodiffError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
+            raise VelodiffError("--ray needs Ray Serve: pip install 'velodiff[ray]'") from None
         from ..serve.ray_serve import serve_with_ray
 
         serve_with_ray(config, ray, replicas)
