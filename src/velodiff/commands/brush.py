@@ -19,7 +19,8 @@ from .image_run import ImageRun, read_image
 
 EXAMPLE = o.example(
     'velodiff brush "a red circle above a blue square" \\',
-    '    --layer "box=0,0.5,1,1;a blue square above a green triangle;1;0.8" --out brushed.png',
+    '    --layer "box=0,0.5,1,1;a blue square above a green triangle;1;0.8" \\',
+    "    --out brushed.png",
 )
 
 
