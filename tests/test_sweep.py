@@ -178,6 +178,11 @@ def test_bench_three_solvers_three_nfe_end_to_end(tmp_path, monkeypatch, capsys)
     redone = json.loads((out / "results.json").read_text())["records"]
     assert "shapes_correct" in redone[0] and redone[0]["seconds"] != recs[0]["seconds"]
     assert [r["seconds"] for r in redone[1:]] == [r["seconds"] for r in recs[1:]]
+    # the same configurations on other prompts would replace every result: refused, --replace replaces
+    before = (out / "results.json").read_bytes()
+    assert cli(*args, "--limit", "1") == 2
+    assert "results of another sweep" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
     # a sweep asking for fewer configurations in the same folder says which finished ones it replaces
     capsys.readouterr()
     sweep = Path(args[args.index("--sweep") + 1])

@@ -14,12 +14,12 @@ def models() -> None:
     from ..shipped import SHIPPED, asset_path
     from .options import print_table
 
-    table = Table("name", "base", "solver", "steps", "guidance", "MB", "summary")
+    table = Table("name", "base", "solver", "steps", "guidance", "MB", "summary")  # MB: 10**6 bytes
     for name, entry in SHIPPED.items():
         own = asset_path(entry.folder)
         f = own / "sampling.json"
         d = json.loads(f.read_text()) if f.is_file() else {}
-        size = sum(q.stat().st_size for q in own.rglob("*") if q.is_file()) / 2**20 if own.is_dir() else 0.0
+        size = sum(q.stat().st_size for q in own.rglob("*") if q.is_file()) / 1e6 if own.is_dir() else 0.0
         table.add_row(
             name,
             entry.base or "-",

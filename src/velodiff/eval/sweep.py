@@ -537,13 +537,17 @@ def run_sweep(
         records = old.get("records") if isinstance(old, dict) else None
         gone = ({str(r.get("id")) for r in records or [] if isinstance(r, dict)}
                 - {config_id(c) for c in configs})
+        keep = "give another --out to keep them, or --replace to replace them"
         if gone:  # refused, or said before they are replaced (not found missing afterwards)
             some = f"{', '.join(sorted(gone)[:3])}{', ...' * (len(gone) > 3)}"
             held = (f"bench: {out} holds {len(gone)} finished configuration{'s' * (len(gone) != 1)} this "
                     f"sweep does not ask for ({some})")
             if not replace:
-                raise VelodiffError(f"{held}; give another --out to keep them, or --replace to replace them")
+                raise VelodiffError(f"{held}; {keep}")
             log(f"{held}; this sweep's results replace them")
+        elif records and old.get("sweep_key") != key and not replace:  # the same ids, measured otherwise
+            raise VelodiffError(f"bench: {out} holds {len(records)} results of another sweep (other prompts, "
+                                f"seeds, images, model or machine settings); {keep}")
 
         result: dict[str, Any] = {
             "kind": "bench",
