@@ -6746,6 +6746,49 @@ MUTANTS = {
         "        if False:\n",
         ["tests/test_invert.py", "-k", "pipeline_refusals"],
     ),
+    # session 2026-11-30: brush outputs, bench refusals, stream strength, edit's wording, invert's foreign options  # noqa: E501
+    "s37_brush_mask_overwritten": (
+        "commands/brush.py",
+        "    distinct_files(**{\"--out\": out, \"--sheet\": sheet, **masks})",
+        "    distinct_files(**{\"--out\": out})",
+        ["tests/test_brushes.py", "-k", "test_cli_brush and not canvas"],
+    ),
+    "s37_brush_out_is_the_strip": (
+        "commands/brush.py",
+        "    save_image_atomic(images[-1], out, fmt)",
+        "    save_image_atomic(image_grid(images), out, fmt)",
+        ["tests/test_brushes.py", "-k", "canvas_of_the_api"],
+    ),
+    "s37_bench_replaces_silently": (
+        "eval/sweep.py",
+        "            if not replace:\n",
+        "            if False:\n",
+        ["tests/test_sweep.py", "-k", "three_solvers_three_nfe"],
+    ),
+    "s37_stream_strength_advice_backwards": (
+        "serve/stream.py",
+        "        if not 0 < self.strength <= 1:\n",
+        "        if not 0 < self.strength <= 100:\n",
+        ["tests/test_serve_stream.py", "-k", "settings"],
+    ),
+    "s37_edit_errors_in_rule_words": (
+        "commands/edit.py",
+        "        text = str(e).replace(\"plan rule 'p2p': \", \"\").replace(\"use mode=refine\", \"use --mode refine\")",  # noqa: E501
+        "        text = str(e)",
+        ["tests/test_p2p.py", "-k", "cli_edit_writes_the_grid"],
+    ),
+    "s37_invert_other_methods_options": (
+        "pipelines/invert.py",
+        "             \"gamma\": gamma != 0.5, \"eta\": eta != 0.0, \"stop\": stop != 0.25}",
+        "             \"gamma\": gamma != 0.5, \"eta\": False, \"stop\": stop != 0.25}",
+        ["tests/test_invert.py", "-k", "pipeline_refusals"],
+    ),
+    "s37_bench_other_sweep_replaced": (
+        "eval/sweep.py",
+        "        elif records and old.get(\"sweep_key\") != key and not replace:  # the same ids, measured otherwise\n",  # noqa: E501
+        "        elif False:\n",
+        ["tests/test_sweep.py", "-k", "three_solvers_three_nfe"],
+    ),
 }
 
 
