@@ -6742,7 +6742,7 @@ MUTANTS = {
     ),
     "s37_invert_foreign_option_ignored": (
         "pipelines/invert.py",
-        "        if method != owner:\n",
+        "        if given and method != owner:\n",
         "        if False:\n",
         ["tests/test_invert.py", "-k", "pipeline_refusals"],
     ),
@@ -6779,8 +6779,8 @@ MUTANTS = {
     ),
     "s37_invert_other_methods_options": (
         "pipelines/invert.py",
-        "             \"gamma\": gamma != 0.5, \"eta\": eta != 0.0, \"stop\": stop != 0.25}",
-        "             \"gamma\": gamma != 0.5, \"eta\": False, \"stop\": stop != 0.25}",
+        "        given = [n for n in names if values[n] != invert.__kwdefaults__[n]]",
+        "        given = [n for n in names if n != \"eta\" and values[n] != invert.__kwdefaults__[n]]",
         ["tests/test_invert.py", "-k", "pipeline_refusals"],
     ),
     "s37_bench_other_sweep_replaced": (

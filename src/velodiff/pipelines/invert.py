@@ -199,12 +199,11 @@ def invert(
     whose ``metrics`` hold the round trip's error (unless ``measure=False``)."""
     opts = Sampling.of("invert", options)
     check_model(model)
-    given = {"p": p != 0.93, "iters": iters != 8, "tol": tol != 1e-5, "sweeps": sweeps is not None,
-             "gamma": gamma != 0.5, "eta": eta != 0.0, "stop": stop != 0.25}
-    for name in (k for k, v in given.items() if v):  # another method's option would be ignored: say so
-        owner = next(m for m, names in METHOD_OPTIONS.items() if name in names)
-        if method != owner:
-            raise VelodiffError(f"invert(): {name} is an option of method {owner!r}, not of {method!r}")
+    values = {"p": p, "iters": iters, "tol": tol, "sweeps": sweeps, "gamma": gamma, "eta": eta, "stop": stop}
+    for owner, names in METHOD_OPTIONS.items():  # another method's option would be ignored: say so
+        given = [n for n in names if values[n] != invert.__kwdefaults__[n]]
+        if given and method != owner:
+            raise VelodiffError(f"invert(): {given[0]} is an option of method {owner!r}, not of {method!r}")
     if opts.latents is not None or opts.seeds is not None or opts.callback is not None:
         raise VelodiffError("invert() takes no latents, seeds or callback; the image gives the start")
     ps = normalize_prompts(prompts)
