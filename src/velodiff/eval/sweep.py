@@ -451,7 +451,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run every configuration, write ``results.json``, ``results.md``, ``pareto.png`` and sample
     sheets under ``out_dir``; return the results dict. Finished configurations of ``out_dir`` this sweep
-    does not ask for are refused in one line (nothing lost), or replaced with ``replace=True``."""
+    does not ask for, or measured otherwise (another sweep key: prompts, seeds, model, machine), are
+    refused in one line (nothing lost), or replaced with ``replace=True``."""
     from tqdm import tqdm
 
     from .metrics import (
