@@ -94,8 +94,8 @@ def brush_cmd(
 
     fmt = check_output_path(out)
     sheet_fmt = check_output_path(sheet) if sheet is not None else None
-    masks = {f"--layer {i + 1}'s mask": Path(t.split(";")[0].strip()) for i, t in enumerate(layer)
-             if not t.split(";")[0].strip().startswith("box=")}
+    regions = [t.split(";")[0].strip() for t in layer]
+    masks = {f"--layer {i + 1}'s mask": Path(r) for i, r in enumerate(regions) if not r.startswith("box=")}
     distinct_files(**{"--out": out, "--sheet": sheet, **masks})  # an output over an input mask destroys it
     parsed = [parse_layer(t) for t in layer]
     m = run.load()
